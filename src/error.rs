@@ -1,0 +1,128 @@
+//! The library's error type: every failure a user or a file can cause has a variant that names
+//! the file, tensor or value at fault. `anyhow` is used only at the edges (CLI, binaries).
+
+use std::path::PathBuf;
+
+/// Convenience alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a valid safetensors file ({reason})")]
+    CorruptSafetensors { path: PathBuf, reason: String },
+
+    #[error("tensor `{tensor}` is missing from {location}")]
+    MissingTensor { tensor: String, location: String },
+
+    #[error("tensor `{tensor}` in {location} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        tensor: String,
+        location: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor `{tensor}` in {location} has dtype {dtype}, which Parallax does not support (supported: bf16, f16, f32)")]
+    UnsupportedDtype {
+        tensor: String,
+        location: String,
+        dtype: String,
+    },
+
+    #[error("unknown model layout at {path}: {reason}")]
+    UnknownLayout { path: PathBuf, reason: String },
+
+    #[error("missing tokenizer files for {which}: {reason}")]
+    MissingTokenizer { which: String, reason: String },
+
+    #[error("bad config {path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+
+    #[error("invalid setting `{name}` = {value}: {reason}")]
+    InvalidSetting {
+        name: String,
+        value: String,
+        reason: String,
+    },
+
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
+    #[error("image error: {0}")]
+    Image(String),
+
+    #[error("cancelled")]
+    Cancelled,
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn setting(name: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::InvalidSetting {
+            name: name.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Wrap into a candle error (for code that must return `candle_core::Result`, such as a
+    /// `VarBuilder` backend); [`Error::from_candle`] recovers it.
+    pub fn into_candle(self) -> candle_core::Error {
+        candle_core::Error::WrappedContext {
+            wrapped: Box::new(self),
+            context: "parallax".to_string(),
+        }
+    }
+
+    /// Recover a Parallax error that travelled through candle (see [`Error::into_candle`]),
+    /// keeping its variant so callers and tests can match on it.
+    pub fn from_candle(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::WrappedContext { wrapped, context } => {
+                match wrapped.downcast::<Error>() {
+                    Ok(ours) => *ours,
+                    Err(other) => Error::Candle(candle_core::Error::WrappedContext {
+                        wrapped: other,
+                        context,
+                    }),
+                }
+            }
+            candle_core::Error::WithBacktrace { inner, .. } => Self::from_candle(*inner),
+            candle_core::Error::Context { inner, context } => match Self::from_candle(*inner) {
+                Error::Candle(c) => Error::Candle(candle_core::Error::Context {
+                    inner: Box::new(c),
+                    context,
+                }),
+                ours => ours,
+            },
+            other => Error::Candle(other),
+        }
+    }
+}
+
+/// Extension to turn candle results into Parallax results, unwrapping our own errors.
+pub trait CandleResultExt<T> {
+    fn px(self) -> Result<T>;
+}
+
+impl<T> CandleResultExt<T> for candle_core::Result<T> {
+    fn px(self) -> Result<T> {
+        self.map_err(Error::from_candle)
+    }
+}

@@ -1,0 +1,85 @@
+//! The one attention function every FLUX block calls.
+//!
+//! Blocks hand it Q, K and V for the joint text+image sequence, already QK-normed and rotated,
+//! as (batch, heads, tokens, head_dim). A parallel strategy (Ulysses, Ring, ...) replaces the
+//! implementation; the model code never changes.
+
+use candle_core::{Result, Tensor, D};
+
+/// Scaled dot-product attention over (B, H, L, D) tensors, non-causal.
+pub trait Attention: Send + Sync {
+    /// softmax(Q Kᵀ / √d) V, returning (B, H, Lq, D).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// A short name for logs and `info`.
+    fn name(&self) -> &str;
+}
+
+/// Plain attention on one device. Queries are processed in chunks so the score matrix held at
+/// once is at most `query_chunk` x L per head, never L x L.
+#[derive(Debug, Clone)]
+pub struct LocalAttention {
+    pub query_chunk: usize,
+}
+
+impl Default for LocalAttention {
+    fn default() -> Self {
+        Self { query_chunk: 1024 }
+    }
+}
+
+impl Attention for LocalAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        sdpa_chunked(q, k, v, self.query_chunk)
+    }
+    fn name(&self) -> &str {
+        "local"
+    }
+}
+
+/// softmax(Q Kᵀ / √d) V, over chunks of `chunk` queries.
+pub fn sdpa_chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<Tensor> {
+    let (_, _, lq, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let kt = k.transpose(D::Minus2, D::Minus1)?.contiguous()?;
+    let v = v.contiguous()?;
+    let chunk = chunk.max(1);
+    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
+    let mut start = 0;
+    while start < lq {
+        let n = chunk.min(lq - start);
+        let qc = q.narrow(2, start, n)?.contiguous()?;
+        let scores = (qc.matmul(&kt)? * scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(p.matmul(&v)?);
+        start += n;
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
+    }
+    Tensor::cat(&outs, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn chunked_equals_unchunked() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 37, 16), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 37, 16), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 37, 16), &dev)?;
+        let a = sdpa_chunked(&q, &k, &v, 1000)?;
+        let b = sdpa_chunked(&q, &k, &v, 5)?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        // Against the textbook formula.
+        let s = (q.matmul(&k.t()?)? / 4.0)?;
+        let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+        let c = p.matmul(&v)?;
+        let diff = (sdpa_chunked(&q, &k, &v, 8)? - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! Models and their weights: the FLUX.1 transformer, the 16-channel autoencoder, the T5 and CLIP
+//! text encoders, the two on-disk layouts (Black Forest Labs single files and diffusers folders),
+//! and the built-in demo model.
+
+pub mod attention;
+pub mod demo_weights;
+pub mod flux;
+pub mod rng;
+pub mod text;
+pub mod tokenizer;
+pub mod vae;
+pub mod weights;
