@@ -1,8 +1,12 @@
 //! Parallax: FLUX.1 on candle, built to run in parallel across the GPUs of one workstation.
 //!
 //! - [`model`]: the FLUX transformer, autoencoder, text encoders, weight layouts, demo model.
+//! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.
+//! - [`cli`]: the `parallax` command line.
 
+pub mod cli;
 pub mod error;
 pub mod model;
+pub mod pipeline;
 
 pub use error::{Error, Result};

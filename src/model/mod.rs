@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod demo_weights;
 pub mod flux;
+pub mod layout;
 pub mod rng;
 pub mod text;
 pub mod tokenizer;

@@ -1,0 +1,426 @@
+//! The `parallax` command line: `generate`, `bench` and `info`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::layout::{self, ModelSpec, Resolved};
+use crate::model::weights::SafetensorsSet;
+use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Pipeline, Progress};
+
+#[derive(Debug, Parser)]
+#[command(name = "parallax", version, about = "FLUX.1 text-to-image on candle, built for many GPUs")]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate one image and save it as PNG with its settings.
+    Generate(GenerateArgs),
+    /// Time a generation: per-step, total, peak memory, as JSON.
+    Bench(BenchArgs),
+    /// Show which model and layout a --model value resolves to, and why.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// f32 for the demo model, bf16 for real weights.
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// `demo` (built in, no files), `dev`/`schnell` or a repo id (from the Hugging Face cache),
+    /// a BFL `.safetensors` file, or a diffusers/BFL folder.
+    #[arg(long, default_value = "demo")]
+    pub model: String,
+    /// Folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (defaults to the
+    /// model's folder).
+    #[arg(long)]
+    pub text_encoders: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
+    pub dtype: DTypeArg,
+    /// Device: `cpu` (GPU builds arrive with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SampleArgs {
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Reserved for true CFG (stored in the PNG, not used yet).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels, a multiple of 16 (default 256 for the demo, 1024 otherwise).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps (default: 28 for dev, 4 for schnell and the demo).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Noise seed (default: random, printed and stored in the PNG).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Distilled guidance strength for dev-style models (default 3.5).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// First Block Cache residual_diff_threshold; 0 turns it off (FLUX default when on: 0.08).
+    #[arg(long, default_value_t = 0.0)]
+    pub cache_threshold: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Output PNG (default: parallax-<seed>.png).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Timed runs (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Entry point of the binary.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => bail!("unknown device `{other}`: this build supports `cpu` (CUDA comes with the `cuda` feature)"),
+    }
+}
+
+fn dtype_for(arg: DTypeArg, spec: &ModelSpec) -> DType {
+    match (arg, spec) {
+        (DTypeArg::Auto, ModelSpec::Demo) => DType::F32,
+        (DTypeArg::Auto, _) => DType::BF16,
+        (DTypeArg::F32, _) => DType::F32,
+        (DTypeArg::Bf16, _) => DType::BF16,
+        (DTypeArg::F16, _) => DType::F16,
+    }
+}
+
+/// Resolve and load the model named by `args`.
+pub fn load_pipeline(args: &ModelArgs) -> anyhow::Result<Pipeline> {
+    let dev = device(&args.device)?;
+    let resolved = layout::resolve(&args.model, args.text_encoders.as_deref())?;
+    for r in &resolved.reasons {
+        tracing::info!("{r}");
+    }
+    let dtype = dtype_for(args.dtype, &resolved.spec);
+    if matches!(resolved.spec, ModelSpec::Demo) && args.dtype != DTypeArg::Auto && dtype != DType::F32 {
+        tracing::warn!("the demo model always runs in f32");
+    }
+    let t0 = Instant::now();
+    let p = Pipeline::load(&resolved, &args.model, dtype, &dev)
+        .with_context(|| format!("loading model `{}`", args.model))?;
+    tracing::info!("model loaded in {:.2}s", t0.elapsed().as_secs_f64());
+    Ok(p)
+}
+
+fn request_for(p: &Pipeline, s: &SampleArgs) -> GenerateRequest {
+    let default_size = if p.is_demo() { 256 } else { 1024 };
+    GenerateRequest {
+        prompt: s.prompt.clone(),
+        negative_prompt: s.negative_prompt.clone(),
+        width: s.width.unwrap_or(default_size),
+        height: s.height.unwrap_or(default_size),
+        steps: s.steps,
+        seed: s.seed.unwrap_or_else(random_seed),
+        guidance: s.guidance,
+        cache_threshold: s.cache_threshold,
+    }
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::model::rng::SplitMix64::new(nanos ^ std::process::id() as u64).next_u64() >> 11
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let p = load_pipeline(&a.model)?;
+    let req = request_for(&p, &a.sample);
+    // Validate before any work, so bad input fails fast.
+    let settings = p.settings_for(&req)?;
+    if p.is_demo() {
+        eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("parallax-{}.png", req.seed)));
+    if out.is_dir() {
+        bail!("--out {} is a folder; give a file name", out.display());
+    }
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(settings.steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_message("encoding prompt");
+        b
+    };
+    let result = p.generate(&req, &mut |ev| {
+        match ev {
+            Progress::TextEncoded { .. } => bar.set_message("denoising"),
+            Progress::Step(info) => {
+                bar.set_position(info.index as u64 + 1);
+                bar.set_message(format!(
+                    "{:.0} ms{}",
+                    info.elapsed.as_secs_f64() * 1e3,
+                    if info.kind.is_reused() { " (cached)" } else { "" }
+                ));
+            }
+            Progress::Decoded { .. } => {}
+        }
+        Ok(())
+    });
+    bar.finish_and_clear();
+    let g = result?;
+    for n in &g.notes {
+        eprintln!("note: {n}");
+    }
+    image::save_png(&out, &g.image, &g.settings.png_text()?)
+        .with_context(|| format!("saving {}", out.display()))?;
+    println!(
+        "{} ({}x{}, seed {}, {} steps: {}) in {:.2}s{}",
+        out.display(),
+        g.image.width,
+        g.image.height,
+        g.settings.seed,
+        g.settings.steps,
+        describe_cache(&g.stats),
+        g.timings.total_ms / 1e3,
+        if p.is_demo() { " [DEMO model]" } else { "" }
+    );
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident memory of this process in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let load_start = Instant::now();
+    let p = load_pipeline(&a.model)?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let mut req = request_for(&p, &a.sample);
+    if a.sample.seed.is_none() {
+        req.seed = 0;
+    }
+    let settings = p.settings_for(&req)?;
+    let bar = indicatif::ProgressBar::new((a.warmup + a.runs) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("bench [{bar:30}] run {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for _ in 0..a.warmup {
+        p.generate(&req, &mut |_| Ok(()))?;
+        bar.inc(1);
+    }
+    let mut totals = Vec::new();
+    let mut step_medians = Vec::new();
+    let mut all_steps = Vec::new();
+    let mut text = Vec::new();
+    let mut vae = Vec::new();
+    let mut last = None;
+    for _ in 0..a.runs {
+        let g = p.generate(&req, &mut |_| Ok(()))?;
+        totals.push(g.timings.total_ms);
+        step_medians.push(median(&g.timings.steps_ms));
+        all_steps.extend(g.timings.steps_ms.iter().copied());
+        text.push(g.timings.text_ms);
+        vae.push(g.timings.vae_ms);
+        bar.inc(1);
+        bar.set_message(format!("{:.0} ms", g.timings.total_ms));
+        last = Some(g);
+    }
+    bar.finish_and_clear();
+    let stats = last.map(|g| g.stats).unwrap_or_default();
+    let report = serde_json::json!({
+        "model": p.label,
+        "variant": p.variant.name(),
+        "demo": p.is_demo(),
+        "device": a.model.device,
+        "dtype": settings.dtype,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "width": settings.width,
+        "height": settings.height,
+        "steps": settings.steps,
+        "cache_threshold": settings.cache_threshold,
+        "warmup": a.warmup,
+        "runs": a.runs,
+        "load_ms": load_ms,
+        "step_ms": {
+            "median": median(&all_steps),
+            "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": all_steps.iter().copied().fold(0.0, f64::max),
+        },
+        "total_ms": { "median": median(&totals), "all": totals },
+        "text_encode_ms_median": median(&text),
+        "vae_decode_ms_median": median(&vae),
+        "cache": { "computed": stats.computed, "reused": stats.reused, "pattern": step_pattern(&stats.steps) },
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let resolved: Resolved = layout::resolve(&a.model.model, a.model.text_encoders.as_deref())?;
+    println!("model: {}", a.model.model);
+    for r in &resolved.reasons {
+        println!("  why: {r}");
+    }
+    match &resolved.spec {
+        ModelSpec::Demo => {
+            let cfg = crate::model::flux::FluxConfig::tiny();
+            println!("  kind: built-in demo (random weights, FLUX.1 structure at a tiny size)");
+            println!(
+                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks",
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.head_dim(),
+                cfg.depth,
+                cfg.depth_single_blocks
+            );
+        }
+        ModelSpec::Files(f) => {
+            let set = SafetensorsSet::open(&f.transformer)?;
+            let cfg = match &f.transformer_layout {
+                layout::TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
+                    layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))?
+                }
+                l => layout::infer_flux_config(&set, l)?,
+            };
+            println!("  transformer: {} ({:?} layout)", f.transformer.display(), f.transformer_layout);
+            println!(
+                "    {} tensors stored as {:?}; hidden {}, {} heads, {} double + {} single blocks, guidance embedding: {} -> {}",
+                set.len(),
+                set.storage_dtype(),
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.depth,
+                cfg.depth_single_blocks,
+                cfg.guidance_embed,
+                if cfg.guidance_embed { "dev" } else { "schnell" }
+            );
+            println!("  autoencoder: {} ({:?} layout)", f.vae.display(), f.vae_layout);
+            println!("  text encoders: {}", f.text_root.display());
+            for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+                let p = f.text_root.join(sub);
+                println!("    {sub}/: {}", if p.is_dir() { "found" } else { "MISSING" });
+            }
+        }
+    }
+    let cached = layout::list_hf_cache();
+    match layout::hf_cache_dir() {
+        Some(dir) => println!("Hugging Face cache: {}", dir.display()),
+        None => println!("Hugging Face cache: none (HOME unset)"),
+    }
+    if cached.is_empty() {
+        println!("  no FLUX repos cached");
+    }
+    for (repo, path) in cached {
+        println!("  {repo}: {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! Where a model's files are and how they are laid out.
+//!
+//! Two layouts exist in the wild: Black Forest Labs' single files (`flux1-dev.safetensors`,
+//! `ae.safetensors`, BFL tensor names, sometimes below ComfyUI's `model.diffusion_model.` prefix)
+//! and diffusers folders (`transformer/`, `vae/`, `text_encoder/`, `text_encoder_2/`,
+//! `tokenizer/`, `tokenizer_2/`). A Hugging Face cache snapshot of FLUX.1 holds both. This module
+//! resolves what the user named (`demo`, a file, a folder, `dev`/`schnell` or a repo id found in the
+//! Hugging Face cache) into a [`ModelFiles`], recording why, for `parallax info`.
+
+use std::path::{Path, PathBuf};
+
+use super::flux::FluxConfig;
+use super::weights::{KeyMap, SafetensorsSet, Source};
+use crate::error::{Error, Result};
+
+/// Which FLUX.1 variant a model is; sets the sampler's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Guidance-distilled, 28–50 steps, shifted schedule, T5 at 512 tokens.
+    Dev,
+    /// Timestep-distilled, 1–4 steps, unshifted schedule, T5 at 256 tokens.
+    Schnell,
+    /// The built-in demo model (random weights, FLUX's structure, tiny).
+    Demo,
+}
+
+impl Variant {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Variant::Dev => "dev",
+            Variant::Schnell => "schnell",
+            Variant::Demo => "demo",
+        }
+    }
+    pub fn default_steps(&self) -> usize {
+        match self {
+            Variant::Dev => 28,
+            Variant::Schnell | Variant::Demo => 4,
+        }
+    }
+    /// Whether the sampler uses the resolution-dependent time shift.
+    pub fn shifted_schedule(&self) -> bool {
+        !matches!(self, Variant::Schnell)
+    }
+    pub fn t5_max_len(&self) -> usize {
+        match self {
+            Variant::Dev => 512,
+            Variant::Schnell => 256,
+            Variant::Demo => 64,
+        }
+    }
+    pub fn default_guidance(&self) -> f64 {
+        match self {
+            Variant::Schnell => 0.0,
+            _ => 3.5,
+        }
+    }
+}
+
+/// How the transformer's tensors are named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransformerLayout {
+    /// BFL names, below `prefix` (empty, or ComfyUI's `model.diffusion_model.`).
+    Bfl { prefix: String },
+    Diffusers,
+}
+
+/// How the autoencoder's tensors are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeLayout {
+    Bfl,
+    Diffusers,
+}
+
+/// A resolved model: the files of each part and how they are laid out.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub transformer: PathBuf,
+    pub transformer_layout: TransformerLayout,
+    pub vae: PathBuf,
+    pub vae_layout: VaeLayout,
+    /// A diffusers-style folder holding `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
+    /// `tokenizer_2/`.
+    pub text_root: PathBuf,
+}
+
+/// What the user asked for, resolved.
+#[derive(Debug, Clone)]
+pub enum ModelSpec {
+    Demo,
+    Files(ModelFiles),
+}
+
+/// A resolution and the reasons behind it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub spec: ModelSpec,
+    pub reasons: Vec<String>,
+}
+
+/// Resolve `name`: `demo`; `dev`/`schnell`/a repo id (`black-forest-labs/FLUX.1-dev`) looked up in
+/// the Hugging Face cache; a `.safetensors` file (BFL transformer); or a folder (diffusers folder,
+/// HF snapshot, or a folder of BFL files). `text_root` overrides where text encoders are looked for.
+pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
+    let mut reasons = Vec::new();
+    if name.eq_ignore_ascii_case("demo") {
+        reasons.push("`demo`: the built-in demo model (random weights, tiny, not FLUX)".into());
+        return Ok(Resolved {
+            spec: ModelSpec::Demo,
+            reasons,
+        });
+    }
+    let path = PathBuf::from(name);
+    let path = if path.exists() {
+        path
+    } else if let Some(repo) = repo_id_for(name) {
+        let snap = find_in_hf_cache(&repo, &mut reasons)?;
+        reasons.push(format!("`{name}` is {repo}, found in the Hugging Face cache at {}", snap.display()));
+        snap
+    } else {
+        return Err(Error::UnknownLayout {
+            path,
+            reason: "no such file or folder; give a path, `demo`, `dev`, `schnell` or a Hugging Face repo id".into(),
+        });
+    };
+    let files = if path.is_dir() {
+        resolve_dir(&path, text_root, &mut reasons)?
+    } else {
+        resolve_file(&path, text_root, &mut reasons)?
+    };
+    Ok(Resolved {
+        spec: ModelSpec::Files(files),
+        reasons,
+    })
+}
+
+fn repo_id_for(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    match lower.as_str() {
+        "dev" | "flux.1-dev" | "flux1-dev" => Some("black-forest-labs/FLUX.1-dev".into()),
+        "schnell" | "flux.1-schnell" | "flux1-schnell" => {
+            Some("black-forest-labs/FLUX.1-schnell".into())
+        }
+        _ if name.split('/').count() == 2 && !name.starts_with('.') && !name.starts_with('/') => {
+            Some(name.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The Hugging Face hub cache folder: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or
+/// `~/.cache/huggingface/hub`.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache").join("huggingface").join("hub"))
+}
+
+/// Find `repo`'s snapshot in the cache: the one `refs/main` names, else the newest.
+pub fn find_in_hf_cache(repo: &str, reasons: &mut Vec<String>) -> Result<PathBuf> {
+    let cache = hf_cache_dir().ok_or_else(|| Error::UnknownLayout {
+        path: PathBuf::from(repo),
+        reason: "no Hugging Face cache folder (HOME, HF_HOME and HF_HUB_CACHE are unset)".into(),
+    })?;
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let snapshots = folder.join("snapshots");
+    if !snapshots.is_dir() {
+        return Err(Error::UnknownLayout {
+            path: folder,
+            reason: format!("{repo} is not in the Hugging Face cache at {}", cache.display()),
+        });
+    }
+    if let Ok(rev) = std::fs::read_to_string(folder.join("refs").join("main")) {
+        let snap = snapshots.join(rev.trim());
+        if snap.is_dir() {
+            reasons.push(format!("refs/main names snapshot {}", rev.trim()));
+            return Ok(snap);
+        }
+    }
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let rd = std::fs::read_dir(&snapshots).map_err(|e| Error::io(&snapshots, e))?;
+    for entry in rd.flatten() {
+        let p = entry.path();
+        if !p.is_dir() {
+            continue;
+        }
+        let t = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if newest.as_ref().map(|(nt, _)| t > *nt).unwrap_or(true) {
+            newest = Some((t, p));
+        }
+    }
+    match newest {
+        Some((_, p)) => {
+            reasons.push("no usable refs/main; took the newest snapshot".into());
+            Ok(p)
+        }
+        None => Err(Error::UnknownLayout {
+            path: snapshots,
+            reason: format!("{repo} has no snapshot in the Hugging Face cache"),
+        }),
+    }
+}
+
+/// FLUX repos found in the Hugging Face cache (for `info` and the studio's model picker).
+pub fn list_hf_cache() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let Some(cache) = hf_cache_dir() else {
+        return out;
+    };
+    let Ok(rd) = std::fs::read_dir(&cache) else {
+        return out;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(rest) = name.strip_prefix("models--") {
+            let repo = rest.replacen("--", "/", 1);
+            if repo.to_ascii_lowercase().contains("flux") {
+                out.push((repo, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn resolve_dir(dir: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) -> Result<ModelFiles> {
+    let text_root = text_root.map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+    let transformer_dir = dir.join("transformer");
+    if transformer_dir.is_dir() {
+        reasons.push(format!(
+            "{} has a transformer/ folder: diffusers layout",
+            dir.display()
+        ));
+        let vae = dir.join("vae");
+        if !vae.is_dir() {
+            return Err(Error::UnknownLayout {
+                path: dir.to_path_buf(),
+                reason: "diffusers folder without a vae/ folder".into(),
+            });
+        }
+        return Ok(ModelFiles {
+            transformer: transformer_dir,
+            transformer_layout: TransformerLayout::Diffusers,
+            vae,
+            vae_layout: VaeLayout::Diffusers,
+            text_root,
+        });
+    }
+    // A folder of BFL single files.
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.starts_with("flux") && n.ends_with(".safetensors")
+        })
+        .collect();
+    candidates.sort();
+    match candidates.first() {
+        Some(file) => {
+            reasons.push(format!(
+                "{} has no transformer/ folder but holds {}: BFL single-file layout",
+                dir.display(),
+                file.display()
+            ));
+            resolve_file(file, Some(&text_root), reasons)
+        }
+        None => Err(Error::UnknownLayout {
+            path: dir.to_path_buf(),
+            reason: "neither a diffusers folder (transformer/, vae/, text_encoder*/) nor a folder holding flux*.safetensors".into(),
+        }),
+    }
+}
+
+fn resolve_file(file: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) -> Result<ModelFiles> {
+    let set = SafetensorsSet::open(file)?;
+    let layout = detect_transformer_layout(&set).ok_or_else(|| Error::UnknownLayout {
+        path: file.to_path_buf(),
+        reason: "no FLUX transformer tensors found (looked for `double_blocks.0.img_attn.qkv.weight` and `transformer_blocks.0.attn.to_q.weight`, also under `model.diffusion_model.`)".into(),
+    })?;
+    reasons.push(format!("{}: transformer tensors in {layout:?} layout", file.display()));
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let (vae, vae_layout) = if dir.join("ae.safetensors").is_file() {
+        reasons.push("autoencoder: ae.safetensors beside it (BFL layout)".into());
+        (dir.join("ae.safetensors"), VaeLayout::Bfl)
+    } else if dir.join("vae").is_dir() {
+        reasons.push("autoencoder: vae/ folder beside it (diffusers layout)".into());
+        (dir.join("vae"), VaeLayout::Diffusers)
+    } else {
+        return Err(Error::UnknownLayout {
+            path: file.to_path_buf(),
+            reason: "no autoencoder beside it: expected ae.safetensors or a vae/ folder in the same folder".into(),
+        });
+    };
+    let text_root = text_root.map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+    Ok(ModelFiles {
+        transformer: file.to_path_buf(),
+        transformer_layout: layout,
+        vae,
+        vae_layout,
+        text_root,
+    })
+}
+
+/// Which naming a set of transformer tensors uses.
+pub fn detect_transformer_layout(set: &SafetensorsSet) -> Option<TransformerLayout> {
+    for prefix in ["", "model.diffusion_model.", "diffusion_model."] {
+        if set.contains(&format!("{prefix}double_blocks.0.img_attn.qkv.weight"))
+            || set.contains(&format!("{prefix}img_in.weight"))
+        {
+            return Some(TransformerLayout::Bfl {
+                prefix: prefix.to_string(),
+            });
+        }
+    }
+    if set.contains("transformer_blocks.0.attn.to_q.weight") || set.contains("x_embedder.weight") {
+        return Some(TransformerLayout::Diffusers);
+    }
+    None
+}
+
+/// Infer the transformer config from tensor shapes (BFL single files carry no config).
+pub fn infer_flux_config(set: &SafetensorsSet, layout: &TransformerLayout) -> Result<FluxConfig> {
+    let map = transformer_key_map(layout, &FluxConfig::dev());
+    let shape = |canonical: &str| -> Result<Vec<usize>> {
+        let name = match map.source(canonical) {
+            Some(Source::Tensor(n)) | Some(Source::Squeezed(n)) | Some(Source::SwapHalves { name: n, .. }) => n,
+            Some(Source::Concat { parts, .. }) => parts[0].0.clone(),
+            None => canonical.to_string(),
+        };
+        set.meta(&name).map(|m| m.shape.clone()).ok_or_else(|| Error::MissingTensor {
+            tensor: name,
+            location: set.label().to_string(),
+        })
+    };
+    let img_in = shape("img_in.weight")?;
+    let txt_in = shape("txt_in.weight")?;
+    let vec_in = shape("vector_in.in_layer.weight")?;
+    let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?;
+    let mlp = shape("double_blocks.0.img_mlp.0.weight")?;
+    let bad = |what: &str| Error::UnknownLayout {
+        path: PathBuf::from(set.label()),
+        reason: format!("cannot infer the model config: {what}"),
+    };
+    if img_in.len() != 2 || txt_in.len() != 2 || vec_in.len() != 2 || head_dim.len() != 1 || mlp.len() != 2 {
+        return Err(bad("unexpected tensor ranks"));
+    }
+    let hidden = img_in[0];
+    let hd = head_dim[0];
+    if hd == 0 || hidden % hd != 0 || hd % 16 != 0 {
+        return Err(bad(&format!("hidden size {hidden} and head dim {hd} do not fit")));
+    }
+    let count = |canonical_prefix: &str| {
+        (0..)
+            .take_while(|i| {
+                let probe = format!("{canonical_prefix}.{i}.linear2.weight");
+                let probe_double = format!("{canonical_prefix}.{i}.img_mod.lin.weight");
+                let name = if canonical_prefix == "double_blocks" { probe_double } else { probe };
+                match map.source(&name) {
+                    Some(Source::Tensor(n)) => set.contains(&n),
+                    _ => false,
+                }
+            })
+            .count()
+    };
+    let guidance = match map.source("guidance_in.in_layer.weight") {
+        Some(Source::Tensor(n)) => set.contains(&n),
+        _ => false,
+    };
+    let cfg = FluxConfig {
+        in_channels: img_in[1],
+        vec_in_dim: vec_in[1],
+        context_in_dim: txt_in[1],
+        hidden_size: hidden,
+        mlp_ratio: mlp[0] as f64 / hidden as f64,
+        num_heads: hidden / hd,
+        depth: count("double_blocks"),
+        depth_single_blocks: count("single_blocks"),
+        axes_dim: vec![hd / 8, hd * 7 / 16, hd * 7 / 16],
+        theta: 10_000.0,
+        qkv_bias: true,
+        guidance_embed: guidance,
+    };
+    cfg.validate().map_err(|e| bad(&e))?;
+    Ok(cfg)
+}
+
+/// Read a diffusers `transformer/config.json`.
+pub fn flux_config_from_diffusers_json(path: &Path) -> Result<FluxConfig> {
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        attention_head_dim: usize,
+        num_attention_heads: usize,
+        num_layers: usize,
+        num_single_layers: usize,
+        in_channels: usize,
+        joint_attention_dim: usize,
+        pooled_projection_dim: usize,
+        #[serde(default)]
+        guidance_embeds: bool,
+        #[serde(default)]
+        axes_dims_rope: Option<Vec<usize>>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let raw: Raw = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let hidden = raw.attention_head_dim * raw.num_attention_heads;
+    let cfg = FluxConfig {
+        in_channels: raw.in_channels,
+        vec_in_dim: raw.pooled_projection_dim,
+        context_in_dim: raw.joint_attention_dim,
+        hidden_size: hidden,
+        mlp_ratio: 4.0,
+        num_heads: raw.num_attention_heads,
+        depth: raw.num_layers,
+        depth_single_blocks: raw.num_single_layers,
+        axes_dim: raw.axes_dims_rope.unwrap_or_else(|| vec![16, 56, 56]),
+        theta: 10_000.0,
+        qkv_bias: true,
+        guidance_embed: raw.guidance_embeds,
+    };
+    cfg.validate().map_err(|reason| Error::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(cfg)
+}
+
+/// Write a diffusers `transformer/config.json` for `cfg` (used by tests and exporters).
+pub fn flux_config_to_diffusers_json(cfg: &FluxConfig) -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": cfg.head_dim(),
+        "num_attention_heads": cfg.num_heads,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single_blocks,
+        "in_channels": cfg.in_channels,
+        "joint_attention_dim": cfg.context_in_dim,
+        "pooled_projection_dim": cfg.vec_in_dim,
+        "guidance_embeds": cfg.guidance_embed,
+        "axes_dims_rope": cfg.axes_dim,
+        "patch_size": 1,
+    })
+}
+
+/// The key map for a transformer layout.
+pub fn transformer_key_map(layout: &TransformerLayout, cfg: &FluxConfig) -> Box<dyn KeyMap> {
+    match layout {
+        TransformerLayout::Bfl { prefix } => Box::new(super::weights::Identity {
+            prefix: prefix.clone(),
+        }),
+        TransformerLayout::Diffusers => Box::new(FluxDiffusersMap {
+            hidden: cfg.hidden_size,
+            mlp_hidden: cfg.mlp_hidden(),
+        }),
+    }
+}
+
+/// BFL transformer names -> diffusers `FluxTransformer2DModel` names.
+#[derive(Debug, Clone)]
+pub struct FluxDiffusersMap {
+    pub hidden: usize,
+    pub mlp_hidden: usize,
+}
+
+impl KeyMap for FluxDiffusersMap {
+    fn layout_name(&self) -> &str {
+        "diffusers"
+    }
+
+    fn source(&self, canonical: &str) -> Option<Source> {
+        let t = |s: String| Some(Source::Tensor(s));
+        // Split "<stem>.<leaf>" where leaf is weight/bias/scale.
+        let (stem, leaf) = canonical.rsplit_once('.')?;
+        let simple = match stem {
+            "img_in" => Some("x_embedder"),
+            "txt_in" => Some("context_embedder"),
+            "time_in.in_layer" => Some("time_text_embed.timestep_embedder.linear_1"),
+            "time_in.out_layer" => Some("time_text_embed.timestep_embedder.linear_2"),
+            "vector_in.in_layer" => Some("time_text_embed.text_embedder.linear_1"),
+            "vector_in.out_layer" => Some("time_text_embed.text_embedder.linear_2"),
+            "guidance_in.in_layer" => Some("time_text_embed.guidance_embedder.linear_1"),
+            "guidance_in.out_layer" => Some("time_text_embed.guidance_embedder.linear_2"),
+            "final_layer.linear" => Some("proj_out"),
+            _ => None,
+        };
+        if let Some(s) = simple {
+            return t(format!("{s}.{leaf}"));
+        }
+        if stem == "final_layer.adaLN_modulation.1" {
+            return Some(Source::SwapHalves {
+                name: format!("norm_out.linear.{leaf}"),
+                dim: 0,
+            });
+        }
+        let h = self.hidden;
+        if let Some(rest) = stem.strip_prefix("double_blocks.") {
+            let (i, part) = rest.split_once('.')?;
+            let b = format!("transformer_blocks.{i}");
+            let qkv = |q: &str, k: &str, v: &str| {
+                Some(Source::Concat {
+                    parts: vec![
+                        (format!("{b}.attn.{q}.{leaf}"), h),
+                        (format!("{b}.attn.{k}.{leaf}"), h),
+                        (format!("{b}.attn.{v}.{leaf}"), h),
+                    ],
+                    dim: 0,
+                })
+            };
+            return match (part, leaf) {
+                ("img_mod.lin", _) => t(format!("{b}.norm1.linear.{leaf}")),
+                ("txt_mod.lin", _) => t(format!("{b}.norm1_context.linear.{leaf}")),
+                ("img_attn.qkv", _) => qkv("to_q", "to_k", "to_v"),
+                ("txt_attn.qkv", _) => qkv("add_q_proj", "add_k_proj", "add_v_proj"),
+                ("img_attn.norm.query_norm", "scale") => t(format!("{b}.attn.norm_q.weight")),
+                ("img_attn.norm.key_norm", "scale") => t(format!("{b}.attn.norm_k.weight")),
+                ("txt_attn.norm.query_norm", "scale") => t(format!("{b}.attn.norm_added_q.weight")),
+                ("txt_attn.norm.key_norm", "scale") => t(format!("{b}.attn.norm_added_k.weight")),
+                ("img_attn.proj", _) => t(format!("{b}.attn.to_out.0.{leaf}")),
+                ("txt_attn.proj", _) => t(format!("{b}.attn.to_add_out.{leaf}")),
+                ("img_mlp.0", _) => t(format!("{b}.ff.net.0.proj.{leaf}")),
+                ("img_mlp.2", _) => t(format!("{b}.ff.net.2.{leaf}")),
+                ("txt_mlp.0", _) => t(format!("{b}.ff_context.net.0.proj.{leaf}")),
+                ("txt_mlp.2", _) => t(format!("{b}.ff_context.net.2.{leaf}")),
+                _ => None,
+            };
+        }
+        if let Some(rest) = stem.strip_prefix("single_blocks.") {
+            let (i, part) = rest.split_once('.')?;
+            let b = format!("single_transformer_blocks.{i}");
+            return match (part, leaf) {
+                ("modulation.lin", _) => t(format!("{b}.norm.linear.{leaf}")),
+                ("linear1", _) => Some(Source::Concat {
+                    parts: vec![
+                        (format!("{b}.attn.to_q.{leaf}"), h),
+                        (format!("{b}.attn.to_k.{leaf}"), h),
+                        (format!("{b}.attn.to_v.{leaf}"), h),
+                        (format!("{b}.proj_mlp.{leaf}"), self.mlp_hidden),
+                    ],
+                    dim: 0,
+                }),
+                ("linear2", _) => t(format!("{b}.proj_out.{leaf}")),
+                ("norm.query_norm", "scale") => t(format!("{b}.attn.norm_q.weight")),
+                ("norm.key_norm", "scale") => t(format!("{b}.attn.norm_k.weight")),
+                _ => None,
+            };
+        }
+        None
+    }
+}
+
+/// Infer the autoencoder config of a BFL-layout `ae.safetensors` from tensor shapes (the file
+/// carries no config). GroupNorm's group count is not stored in weights: Parallax uses 32 (FLUX's)
+/// when the base width is at least 64, else half the base width (the tiny demo/test models).
+pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        set.meta(name).map(|m| m.shape.clone()).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            location: set.label().to_string(),
+        })
+    };
+    let conv_in = shape("decoder.conv_in.weight")?;
+    let conv_out = shape("decoder.conv_out.weight")?;
+    if conv_in.len() != 4 || conv_out.len() != 4 {
+        return Err(Error::UnknownLayout {
+            path: PathBuf::from(set.label()),
+            reason: "decoder convolutions are not 4-dimensional".into(),
+        });
+    }
+    let ch = conv_out[1];
+    let mut ch_mult = Vec::new();
+    while let Some(m) = set.meta(&format!("decoder.up.{}.block.0.conv2.weight", ch_mult.len())) {
+        ch_mult.push(m.shape[0] / ch.max(1));
+    }
+    let blocks = (0..)
+        .take_while(|j| set.contains(&format!("decoder.up.0.block.{j}.conv1.weight")))
+        .count();
+    let flux = super::vae::VaeConfig::flux();
+    let cfg = super::vae::VaeConfig {
+        in_channels: set
+            .meta("encoder.conv_in.weight")
+            .map(|m| m.shape[1])
+            .unwrap_or(flux.in_channels),
+        out_channels: conv_out[0],
+        ch,
+        ch_mult,
+        num_res_blocks: blocks.saturating_sub(1),
+        z_channels: conv_in[1],
+        norm_groups: if ch >= 64 { 32 } else { (ch / 2).max(1) },
+        ..flux
+    };
+    cfg.validate().map_err(|reason| Error::UnknownLayout {
+        path: PathBuf::from(set.label()),
+        reason: format!("cannot infer the autoencoder config: {reason}"),
+    })?;
+    Ok(cfg)
+}

@@ -1,0 +1,22 @@
+//! No caching: every step runs the whole transformer.
+
+use candle_core::Tensor;
+
+use super::{CachePolicy, StepKind};
+use crate::error::CandleResultExt;
+use crate::model::flux::{Flux, FluxInput};
+use crate::Result;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCache;
+
+impl CachePolicy for NoCache {
+    fn name(&self) -> &str {
+        "none"
+    }
+    fn reset(&mut self) {}
+    fn predict(&mut self, model: &Flux, input: &FluxInput) -> Result<(Tensor, StepKind)> {
+        let v = model.forward(input).px()?;
+        Ok((v, StepKind::Computed { diff: None }))
+    }
+}

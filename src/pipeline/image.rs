@@ -1,0 +1,219 @@
+//! Images out of the pipeline: decoded tensors to 8-bit RGB, PNG files whose text chunks hold every
+//! setting needed to reproduce them (written atomically), and reading those settings back.
+
+use std::io::BufWriter;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// An 8-bit RGB image, rows top to bottom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    /// From a decoded (1, 3, H, W) tensor in [-1, 1] (values outside are clamped).
+    pub fn from_tensor(x: &Tensor) -> Result<Self> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 {
+            return Err(Error::Image(format!("expected 3 channels, got {c}")));
+        }
+        let x = x
+            .get(0)?
+            .to_dtype(DType::F32)?
+            .clamp(-1f32, 1f32)?
+            .affine(127.5, 127.5)?
+            .round()?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            width: w,
+            height: h,
+            data: x.into_iter().map(|v| v.clamp(0.0, 255.0) as u8).collect(),
+        })
+    }
+
+    pub fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
+        let i = (y * self.width + x) * 3;
+        [self.data[i], self.data[i + 1], self.data[i + 2]]
+    }
+
+    fn set_pixel(&mut self, x: usize, y: usize, rgb: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = (y * self.width + x) * 3;
+            self.data[i..i + 3].copy_from_slice(&rgb);
+        }
+    }
+
+    /// Stamp a small "DEMO" label in the top-left corner, so a demo image is never mistaken for
+    /// a FLUX image.
+    pub fn stamp_demo_label(&mut self) {
+        // 5x7 glyphs, one row per byte (bit 4 = leftmost column).
+        const GLYPHS: [[u8; 7]; 4] = [
+            [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E], // D
+            [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F], // E
+            [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11], // M
+            [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E], // O
+        ];
+        let scale = (self.width.min(self.height) / 128).max(1);
+        let (ox, oy) = (2 * scale, 2 * scale);
+        let box_w = (4 * 6 + 1) * scale;
+        let box_h = 9 * scale;
+        for y in oy..oy + box_h {
+            for x in ox..ox + box_w {
+                self.set_pixel(x, y, [0, 0, 0]);
+            }
+        }
+        for (g, glyph) in GLYPHS.iter().enumerate() {
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..5 {
+                    if bits & (0x10 >> col) != 0 {
+                        for dy in 0..scale {
+                            for dx in 0..scale {
+                                let x = ox + (1 + g * 6 + col) * scale + dx;
+                                let y = oy + (1 + row) * scale + dy;
+                                self.set_pixel(x, y, [255, 210, 0]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Write `img` as PNG to `path` with UTF-8 text chunks (`iTXt`), atomically: the file appears
+/// whole or not at all.
+pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
+    if img.data.len() != img.width * img.height * 3 {
+        return Err(Error::Image("pixel buffer does not match the image size".into()));
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Image(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{file_name}.{}.partial", std::process::id()));
+    let write = || -> Result<()> {
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut enc = png::Encoder::new(BufWriter::new(f), img.width as u32, img.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_itxt_chunk(k.clone(), v.clone())
+                .map_err(|e| Error::Image(format!("text chunk `{k}`: {e}")))?;
+        }
+        let mut w = enc
+            .write_header()
+            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+        w.write_image_data(&img.data)
+            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+        w.finish()
+            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// Read a PNG written by [`save_png`]: the pixels (as RGB) and its text chunks.
+pub fn read_png(path: &Path) -> Result<(RgbImage, Vec<(String, String)>)> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let dec = png::Decoder::new(std::io::BufReader::new(f));
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::Image(format!("{}: image too large", path.display())))?;
+    let mut buf = vec![0; size];
+    let frame = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+    if frame.color_type != png::ColorType::Rgb || frame.bit_depth != png::BitDepth::Eight {
+        return Err(Error::Image(format!(
+            "{}: expected 8-bit RGB, found {:?} {:?}",
+            path.display(),
+            frame.color_type,
+            frame.bit_depth
+        )));
+    }
+    buf.truncate(frame.buffer_size());
+    let info = reader.info();
+    let mut text = Vec::new();
+    for c in &info.utf8_text {
+        if let Ok(t) = c.get_text() {
+            text.push((c.keyword.clone(), t));
+        }
+    }
+    for c in &info.uncompressed_latin1_text {
+        text.push((c.keyword.clone(), c.text.clone()));
+    }
+    Ok((
+        RgbImage {
+            width: frame.width as usize,
+            height: frame.height as usize,
+            data: buf,
+        },
+        text,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn tensor_to_rgb_maps_range() -> Result<()> {
+        let t = Tensor::new(&[-1f32, 0.0, 1.0, 2.0], &Device::Cpu)?.reshape((1, 1, 2, 2))?;
+        let t = Tensor::cat(&[&t, &t, &t], 1)?;
+        let img = RgbImage::from_tensor(&t)?;
+        assert_eq!((img.width, img.height), (2, 2));
+        assert_eq!(img.pixel(0, 0), [0, 0, 0]);
+        assert_eq!(img.pixel(1, 0), [128, 128, 128]);
+        assert_eq!(img.pixel(0, 1), [255, 255, 255]);
+        assert_eq!(img.pixel(1, 1), [255, 255, 255]);
+        Ok(())
+    }
+
+    #[test]
+    fn png_round_trip_with_text() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("sub").join("x.png");
+        let mut img = RgbImage {
+            width: 64,
+            height: 32,
+            data: (0..64 * 32 * 3).map(|i| (i % 251) as u8).collect(),
+        };
+        img.stamp_demo_label();
+        let text = vec![("prompt".to_string(), "ein Bär 🐻 at dawn".to_string())];
+        save_png(&path, &img, &text)?;
+        let (back, t) = read_png(&path)?;
+        assert_eq!(back, img);
+        assert_eq!(t, text);
+        // No partial files left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap_or(dir.path()))
+            .map_err(|e| Error::io("dir", e))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+            .collect();
+        assert!(leftovers.is_empty());
+        Ok(())
+    }
+}

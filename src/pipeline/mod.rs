@@ -1,0 +1,452 @@
+//! Text to image: the loaded models, settings, and one image's generation from prompt to pixels.
+//!
+//! - [`schedule`]: flow-matching timesteps (dev's shifted schedule, schnell's linear one).
+//! - [`sampler`]: the Euler denoising loop.
+//! - [`cache`]: cache policies (First Block Cache).
+//! - [`image`]: RGB images and PNG files with their settings.
+
+pub mod cache;
+pub mod image;
+pub mod sampler;
+pub mod schedule;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CandleResultExt, Error, Result};
+use crate::model::demo_weights::DemoWeights;
+use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig};
+use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
+use crate::model::text::TextEncoders;
+use crate::model::vae::{self, AutoEncoder, VaeConfig};
+use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
+use crate::model::rng;
+
+use self::cache::{CacheStats, StepKind};
+use self::image::RgbImage;
+use self::sampler::{Conditioning, StepInfo};
+
+/// The seed the demo model's weights are generated from.
+pub const DEMO_WEIGHT_SEED: u64 = 0x5041_5241_4C4C_4158; // "PARALLAX"
+
+/// What to generate. `None` fields take the model's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// Reserved for true classifier-free guidance (multi-GPU issue); stored, not used yet.
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: Option<usize>,
+    pub seed: u64,
+    pub guidance: Option<f64>,
+    /// First Block Cache `residual_diff_threshold`; 0 turns caching off.
+    pub cache_threshold: f64,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            width: 1024,
+            height: 1024,
+            steps: None,
+            seed: 0,
+            guidance: None,
+            cache_threshold: 0.0,
+        }
+    }
+}
+
+/// Every setting that went into an image, as stored in its PNG.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSettings {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub guidance: f64,
+    pub cache_threshold: f64,
+    /// The model as the user named it (path, repo id or `demo`).
+    pub model: String,
+    pub variant: Variant,
+    pub dtype: String,
+    pub sampler: String,
+    pub schedule: String,
+    pub noise: String,
+    pub parallax_version: String,
+}
+
+impl GenerationSettings {
+    /// PNG text chunks: `parallax` (the JSON to reproduce it) and a readable `parameters` line.
+    pub fn png_text(&self) -> Result<Vec<(String, String)>> {
+        let json = serde_json::to_string(self)
+            .map_err(|e| Error::Image(format!("cannot serialise settings: {e}")))?;
+        let mut text = vec![
+            ("parallax".to_string(), json),
+            ("prompt".to_string(), self.prompt.clone()),
+            (
+                "parameters".to_string(),
+                format!(
+                    "{}x{}, {} steps, seed {}, guidance {}, cache threshold {}, model {} ({}), {}",
+                    self.width,
+                    self.height,
+                    self.steps,
+                    self.seed,
+                    self.guidance,
+                    self.cache_threshold,
+                    self.model,
+                    self.variant.name(),
+                    self.dtype
+                ),
+            ),
+            ("Software".to_string(), format!("Parallax {}", self.parallax_version)),
+        ];
+        if self.variant == Variant::Demo {
+            text.push((
+                "Comment".to_string(),
+                "DEMO: made by Parallax's built-in demo model (random weights), not by FLUX.1".into(),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Read settings back from a PNG's text chunks.
+    pub fn from_png_text(text: &[(String, String)]) -> Result<Self> {
+        let json = text
+            .iter()
+            .find(|(k, _)| k == "parallax")
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::Image("no `parallax` settings chunk in this PNG".into()))?;
+        serde_json::from_str(json).map_err(|e| Error::Image(format!("bad settings chunk: {e}")))
+    }
+
+    /// The request that reproduces this image.
+    pub fn to_request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: Some(self.steps),
+            seed: self.seed,
+            guidance: Some(self.guidance),
+            cache_threshold: self.cache_threshold,
+        }
+    }
+}
+
+/// Wall-clock times of one generation, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub text_ms: f64,
+    pub steps_ms: Vec<f64>,
+    pub vae_ms: f64,
+    pub total_ms: f64,
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: RgbImage,
+    pub settings: GenerationSettings,
+    pub stats: CacheStats,
+    pub timings: Timings,
+    /// Things the user should know (prompt truncated, option ignored, ...).
+    pub notes: Vec<String>,
+}
+
+/// Progress events of one generation.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    TextEncoded { ms: f64 },
+    Step(&'a StepInfo<'a>),
+    Decoded { ms: f64 },
+}
+
+/// The three models of FLUX.1, loaded and ready.
+pub struct Pipeline {
+    pub flux: Flux,
+    pub vae: AutoEncoder,
+    pub text: TextEncoders,
+    pub variant: Variant,
+    /// How the user named the model.
+    pub label: String,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("label", &self.label)
+            .field("variant", &self.variant)
+            .field("flux", &self.flux)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// The built-in demo model: FLUX's structure at a tiny size, weights generated from a fixed
+    /// seed, a byte-level tokenizer. Needs no files. Its images are labelled DEMO.
+    pub fn demo(device: &Device) -> Result<Self> {
+        let dtype = DType::F32;
+        let flux = Flux::new(
+            &FluxConfig::tiny(),
+            DemoWeights::new(DEMO_WEIGHT_SEED).var_builder(dtype, device),
+        )
+        .px()?;
+        let vae = AutoEncoder::new(
+            &VaeConfig::tiny(),
+            DemoWeights::new(DEMO_WEIGHT_SEED ^ 1).var_builder(dtype, device),
+        )
+        .px()?;
+        let text = TextEncoders::demo(DEMO_WEIGHT_SEED ^ 2, device)?;
+        Ok(Self {
+            flux,
+            vae,
+            text,
+            variant: Variant::Demo,
+            label: "demo".into(),
+        })
+    }
+
+    /// Load a resolved model.
+    pub fn load(resolved: &Resolved, label: &str, dtype: DType, device: &Device) -> Result<Self> {
+        match &resolved.spec {
+            ModelSpec::Demo => Self::demo(device),
+            ModelSpec::Files(files) => Self::load_files(files, label, dtype, device),
+        }
+    }
+
+    /// Load the transformer, autoencoder and text encoders from files.
+    pub fn load_files(files: &ModelFiles, label: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let (flux, variant) = load_transformer(files, dtype, device)?;
+        let vae = load_vae(files, dtype, device)?;
+        let text = TextEncoders::load_diffusers(&files.text_root, variant.t5_max_len(), dtype, device)?;
+        if text.t5_dim() != flux.config().context_in_dim || text.clip_dim() != flux.config().vec_in_dim {
+            return Err(Error::UnknownLayout {
+                path: files.text_root.clone(),
+                reason: format!(
+                    "text encoders give {} (T5) and {} (CLIP) wide embeddings; the transformer takes {} and {}",
+                    text.t5_dim(),
+                    text.clip_dim(),
+                    flux.config().context_in_dim,
+                    flux.config().vec_in_dim
+                ),
+            });
+        }
+        Ok(Self {
+            flux,
+            vae,
+            text,
+            variant,
+            label: label.to_string(),
+        })
+    }
+
+    pub fn is_demo(&self) -> bool {
+        self.variant == Variant::Demo
+    }
+
+    pub fn device(&self) -> &Device {
+        self.flux.device()
+    }
+
+    /// Check a request against this model and fill in defaults.
+    pub fn settings_for(&self, req: &GenerateRequest) -> Result<GenerationSettings> {
+        for (name, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % 16 != 0 {
+                return Err(Error::setting(name, v, "must be a positive multiple of 16"));
+            }
+            if v > 16384 {
+                return Err(Error::setting(name, v, "must be at most 16384"));
+            }
+        }
+        let steps = req.steps.unwrap_or(self.variant.default_steps());
+        if steps == 0 {
+            return Err(Error::setting("steps", steps, "must be at least 1"));
+        }
+        if steps > 1000 {
+            return Err(Error::setting("steps", steps, "must be at most 1000"));
+        }
+        let guidance = req.guidance.unwrap_or(self.variant.default_guidance());
+        if !guidance.is_finite() || guidance < 0.0 {
+            return Err(Error::setting("guidance", guidance, "must be a finite number >= 0"));
+        }
+        if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
+            return Err(Error::setting(
+                "cache-threshold",
+                req.cache_threshold,
+                "must be a finite number >= 0 (0 turns the cache off)",
+            ));
+        }
+        Ok(GenerationSettings {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            width: req.width,
+            height: req.height,
+            steps,
+            seed: req.seed,
+            guidance,
+            cache_threshold: req.cache_threshold,
+            model: self.label.clone(),
+            variant: self.variant,
+            dtype: format!("{:?}", self.flux.dtype()).to_lowercase(),
+            sampler: "flow-match-euler".into(),
+            schedule: if self.variant.shifted_schedule() {
+                "shifted(mu: 0.5@256 -> 1.15@4096 tokens)".into()
+            } else {
+                "linear".into()
+            },
+            noise: "splitmix64+box-muller f32, (16, H/8, W/8) order".into(),
+            parallax_version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+
+    /// Initial noise for `seed`: (1, 16, H/8, W/8), identical on every device.
+    pub fn noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
+        let (h, w) = (height / 8, width / 8);
+        let values = rng::SplitMix64::new(seed).normals(16 * h * w);
+        Ok(Tensor::from_vec(values, (1, 16, h, w), &Device::Cpu)?.to_device(self.device())?)
+    }
+
+    /// Generate one image. `progress` sees each stage and step; an error from it (such as
+    /// [`Error::Cancelled`]) stops the generation.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<Generated> {
+        let total_start = Instant::now();
+        let settings = self.settings_for(req)?;
+        let mut notes = Vec::new();
+        if settings.negative_prompt.as_deref().is_some_and(|s| !s.is_empty()) {
+            notes.push(
+                "negative prompt stored but not used: true CFG arrives with the multi-GPU engine".into(),
+            );
+        }
+        if self.is_demo() {
+            notes.push("DEMO model: random weights, not FLUX.1; the image is labelled DEMO".into());
+        }
+
+        let t0 = Instant::now();
+        let enc = self.text.encode(&settings.prompt)?;
+        notes.extend(enc.notes.iter().cloned());
+        let text_ms = t0.elapsed().as_secs_f64() * 1e3;
+        progress(Progress::TextEncoded { ms: text_ms })?;
+
+        let (lh, lw) = (settings.height / 8, settings.width / 8);
+        let noise = self.noise(settings.seed, settings.width, settings.height)?;
+        let x = pack_latent(&noise)?;
+        let seq_len = (lh / 2) * (lw / 2);
+        let ts = schedule::timesteps(settings.steps, seq_len, self.variant.shifted_schedule());
+        let pe = self.flux.pos_embed(enc.txt.dim(1)?, lh / 2, lw / 2).px()?;
+        let cond = Conditioning {
+            txt: enc.txt,
+            y: enc.vec,
+        };
+        let mut policy = cache::policy_for(settings.cache_threshold);
+        let mut steps_ms = Vec::with_capacity(settings.steps);
+        let (x, stats) = sampler::denoise(
+            &self.flux,
+            &cond,
+            &pe,
+            x,
+            &ts,
+            Some(settings.guidance),
+            policy.as_mut(),
+            &mut |info| {
+                steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
+                progress(Progress::Step(info))
+            },
+        )?;
+
+        let t0 = Instant::now();
+        let latent = unpack_latent(&x, lh, lw)?;
+        let decoded = self.vae.decode(&latent.to_dtype(self.flux.dtype())?)?;
+        let mut image = RgbImage::from_tensor(&decoded)?;
+        if self.is_demo() {
+            image.stamp_demo_label();
+        }
+        let vae_ms = t0.elapsed().as_secs_f64() * 1e3;
+        progress(Progress::Decoded { ms: vae_ms })?;
+
+        Ok(Generated {
+            image,
+            settings,
+            stats,
+            timings: Timings {
+                text_ms,
+                steps_ms,
+                vae_ms,
+                total_ms: total_start.elapsed().as_secs_f64() * 1e3,
+            },
+            notes,
+        })
+    }
+}
+
+/// Count of steps a cache skipped, as a short human string.
+pub fn describe_cache(stats: &CacheStats) -> String {
+    format!(
+        "{} steps computed, {} reused from the cache",
+        stats.computed, stats.reused
+    )
+}
+
+/// Load the transformer and tell which variant it is.
+pub fn load_transformer(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(Flux, Variant)> {
+    let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
+    let cfg = match &files.transformer_layout {
+        layout::TransformerLayout::Diffusers if files.transformer.join("config.json").is_file() => {
+            layout::flux_config_from_diffusers_json(&files.transformer.join("config.json"))?
+        }
+        other => layout::infer_flux_config(&set, other)?,
+    };
+    let variant = if cfg.guidance_embed {
+        Variant::Dev
+    } else {
+        Variant::Schnell
+    };
+    let map: Arc<dyn KeyMap> = Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
+    let vb = MappedWeights::new(set, map).var_builder(dtype, device);
+    let flux = Flux::new(&cfg, vb).px()?;
+    Ok((flux, variant))
+}
+
+/// Load the autoencoder in either layout.
+pub fn load_vae(files: &ModelFiles, dtype: DType, device: &Device) -> Result<AutoEncoder> {
+    let set = Arc::new(SafetensorsSet::open(&files.vae)?);
+    let (cfg, map): (VaeConfig, Arc<dyn KeyMap>) = match files.vae_layout {
+        VaeLayout::Bfl => (
+            layout::infer_vae_config(&set)?,
+            Arc::new(Identity {
+                prefix: String::new(),
+            }),
+        ),
+        VaeLayout::Diffusers => {
+            let cfg_path = files.vae.join("config.json");
+            let cfg = if cfg_path.is_file() {
+                vae::vae_config_from_diffusers_json(&cfg_path)?
+            } else {
+                VaeConfig::flux()
+            };
+            (cfg.clone(), Arc::new(vae::VaeDiffusersMap { cfg }))
+        }
+    };
+    let vb = MappedWeights::new(set, map).var_builder(dtype, device);
+    AutoEncoder::new_with_optional_encoder(&cfg, vb).px()
+}
+
+/// The kinds of step as a compact string like "CCRRC" (C computed, R reused).
+pub fn step_pattern(steps: &[StepKind]) -> String {
+    steps
+        .iter()
+        .map(|k| if k.is_reused() { 'R' } else { 'C' })
+        .collect()
+}

@@ -1,0 +1,93 @@
+//! The denoising loop: flow-matching Euler steps over a timestep schedule, asking a cache policy
+//! for each step's velocity. This is the one place a cache policy hooks into sampling.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+use super::cache::{CachePolicy, CacheStats, StepKind};
+use crate::error::CandleResultExt;
+use crate::model::flux::{Flux, FluxInput, PosEmbed};
+use crate::Result;
+
+/// Text conditioning for one image.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// T5 tokens (1, L, context_in_dim).
+    pub txt: Tensor,
+    /// Pooled CLIP vector (1, vec_in_dim).
+    pub y: Tensor,
+}
+
+/// What the loop reports after each step.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// 0-based step index.
+    pub index: usize,
+    pub total: usize,
+    /// Time before and after this step.
+    pub t: f64,
+    pub t_next: f64,
+    pub kind: StepKind,
+    pub elapsed: Duration,
+    /// The packed latent after this step (1, N, 64), f32.
+    pub latent: &'a Tensor,
+}
+
+/// Run Euler steps from `x` (packed noise, (1, N, 64)) along `timesteps`.
+///
+/// `on_step` sees every step and may stop the loop by returning an error (e.g.
+/// [`crate::Error::Cancelled`]). The latent is kept in f32 between steps whatever the model's dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    model: &Flux,
+    cond: &Conditioning,
+    pe: &PosEmbed,
+    mut x: Tensor,
+    timesteps: &[f64],
+    guidance: Option<f64>,
+    policy: &mut dyn CachePolicy,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    let dev = model.device();
+    let dtype = model.dtype();
+    let b = x.dim(0)?;
+    policy.reset();
+    let mut stats = CacheStats::default();
+    let g = match (model.config().guidance_embed, guidance) {
+        (true, Some(g)) => Some(Tensor::full(g as f32, b, dev)?),
+        (true, None) => Some(Tensor::full(3.5f32, b, dev)?),
+        (false, _) => None,
+    };
+    let txt = cond.txt.to_dtype(dtype)?;
+    let y = cond.y.to_dtype(dtype)?;
+    let total = timesteps.len().saturating_sub(1);
+    x = x.to_dtype(DType::F32)?;
+    for i in 0..total {
+        let start = Instant::now();
+        let (t, t_next) = (timesteps[i], timesteps[i + 1]);
+        let tt = Tensor::full(t as f32, b, dev)?;
+        let xin = x.to_dtype(dtype)?;
+        let input = FluxInput {
+            img: &xin,
+            txt: &txt,
+            y: &y,
+            timesteps: &tt,
+            guidance: g.as_ref(),
+            pe,
+        };
+        let (v, kind) = policy.predict(model, &input)?;
+        x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?).px()?;
+        stats.record(kind);
+        on_step(&StepInfo {
+            index: i,
+            total,
+            t,
+            t_next,
+            kind,
+            elapsed: start.elapsed(),
+            latent: &x,
+        })?;
+    }
+    Ok((x, stats))
+}
