@@ -360,18 +360,19 @@ pub fn infer_flux_config(set: &SafetensorsSet, layout: &TransformerLayout) -> Re
     if hd == 0 || hidden % hd != 0 || hd % 16 != 0 {
         return Err(bad(&format!("hidden size {hidden} and head dim {hd} do not fit")));
     }
-    let count = |canonical_prefix: &str| {
-        (0..)
-            .take_while(|i| {
-                let probe = format!("{canonical_prefix}.{i}.linear2.weight");
-                let probe_double = format!("{canonical_prefix}.{i}.img_mod.lin.weight");
-                let name = if canonical_prefix == "double_blocks" { probe_double } else { probe };
-                match map.source(&name) {
-                    Some(Source::Tensor(n)) => set.contains(&n),
-                    _ => false,
-                }
-            })
-            .count()
+    // Count blocks by the highest index any tensor names, so a block with a tensor missing is
+    // reported as a missing tensor rather than silently shortening the model.
+    let (double_prefix, single_prefix) = match layout {
+        TransformerLayout::Bfl { prefix } => (format!("{prefix}double_blocks."), format!("{prefix}single_blocks.")),
+        TransformerLayout::Diffusers => ("transformer_blocks.".to_string(), "single_transformer_blocks.".to_string()),
+    };
+    let count = |block_prefix: &str| {
+        set.names()
+            .filter_map(|n| n.strip_prefix(block_prefix))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map(|m| m + 1)
+            .unwrap_or(0)
     };
     let guidance = match map.source("guidance_in.in_layer.weight") {
         Some(Source::Tensor(n)) => set.contains(&n),
@@ -384,8 +385,8 @@ pub fn infer_flux_config(set: &SafetensorsSet, layout: &TransformerLayout) -> Re
         hidden_size: hidden,
         mlp_ratio: mlp[0] as f64 / hidden as f64,
         num_heads: hidden / hd,
-        depth: count("double_blocks"),
-        depth_single_blocks: count("single_blocks"),
+        depth: count(&double_prefix),
+        depth_single_blocks: count(&single_prefix),
         axes_dim: vec![hd / 8, hd * 7 / 16, hd * 7 / 16],
         theta: 10_000.0,
         qkv_bias: true,

@@ -1,0 +1,365 @@
+//! Weight loading: both transformer layouts load to the same model, and every kind of bad file
+//! gives an error naming the file, tensor and shapes.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use parallax::model::demo_weights::DemoWeights;
+use parallax::model::flux::{Flux, FluxConfig, FluxInput};
+use parallax::model::layout::{self, FluxDiffusersMap, ModelFiles, TransformerLayout, VaeLayout};
+use parallax::model::weights::{export, save_safetensors, Recorder, SafetensorsSet};
+use parallax::pipeline::load_transformer;
+use parallax::Error;
+
+/// The tiny transformer's canonical tensors, as the demo weights make them.
+fn tiny_tensors(cfg: &FluxConfig) -> (Flux, Vec<(String, Tensor)>) {
+    let (rec, seen) = Recorder::new(DemoWeights::new(123));
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu);
+    let flux = Flux::new(cfg, vb).expect("tiny flux");
+    let tensors = seen.lock().expect("lock").clone();
+    (flux, tensors)
+}
+
+fn velocity(m: &Flux) -> Tensor {
+    let dev = Device::Cpu;
+    let cfg = m.config();
+    let t = Tensor::new(&[0.6f32], &dev).expect("t");
+    let g = Tensor::new(&[3.5f32], &dev).expect("g");
+    let pe = m.pos_embed(3, 4, 4).expect("pe");
+    let guidance = if cfg.guidance_embed { Some(&g) } else { None };
+    // The same inputs for every model under comparison: fixed values, not candle's generator.
+    let fixed = |shape: (usize, usize, usize), k: f32| {
+        let n = shape.0 * shape.1 * shape.2;
+        Tensor::from_vec((0..n).map(|i| (i as f32 * 0.37 + k).sin()).collect::<Vec<_>>(), shape, &dev).expect("fixed")
+    };
+    let img = fixed((1, 16, 64), 0.1);
+    let txt = fixed((1, 3, cfg.context_in_dim), 0.2);
+    let y = fixed((1, 1, cfg.vec_in_dim), 0.3).squeeze(1).expect("y");
+    m.forward(&FluxInput { img: &img, txt: &txt, y: &y, timesteps: &t, guidance, pe: &pe })
+        .expect("forward")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar")
+}
+
+fn files(transformer: &Path, layout: TransformerLayout) -> ModelFiles {
+    ModelFiles {
+        transformer: transformer.to_path_buf(),
+        transformer_layout: layout,
+        vae: transformer.to_path_buf(),
+        vae_layout: VaeLayout::Bfl,
+        text_root: transformer.to_path_buf(),
+    }
+}
+
+#[test]
+fn bfl_single_file_loads_to_the_same_model() {
+    let cfg = FluxConfig::tiny();
+    let (flux, tensors) = tiny_tensors(&cfg);
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-dev.safetensors");
+    save_safetensors(&tensors, &path).expect("save");
+    let set = SafetensorsSet::open(&path).expect("open");
+    assert_eq!(
+        layout::detect_transformer_layout(&set),
+        Some(TransformerLayout::Bfl { prefix: String::new() })
+    );
+    assert_eq!(layout::infer_flux_config(&set, &TransformerLayout::Bfl { prefix: String::new() }).expect("cfg"), cfg);
+    let (loaded, variant) =
+        load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
+            .expect("load");
+    assert_eq!(variant, layout::Variant::Dev);
+    assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
+}
+
+#[test]
+fn comfyui_prefixed_single_file_loads() {
+    let cfg = FluxConfig { guidance_embed: false, ..FluxConfig::tiny() };
+    let (flux, tensors) = tiny_tensors(&cfg);
+    let prefixed: Vec<_> = tensors.into_iter().map(|(n, t)| (format!("model.diffusion_model.{n}"), t)).collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-schnell.safetensors");
+    save_safetensors(&prefixed, &path).expect("save");
+    let set = SafetensorsSet::open(&path).expect("open");
+    let l = layout::detect_transformer_layout(&set).expect("layout");
+    assert_eq!(l, TransformerLayout::Bfl { prefix: "model.diffusion_model.".into() });
+    let (loaded, variant) = load_transformer(&files(&path, l), DType::F32, &Device::Cpu).expect("load");
+    assert_eq!(variant, layout::Variant::Schnell);
+    assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
+}
+
+/// Write `tensors` as `n` shards with a diffusers-style index.
+fn write_sharded(dir: &Path, stem: &str, tensors: &[(String, Tensor)], n: usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let per = tensors.len().div_ceil(n);
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in tensors.chunks(per).enumerate() {
+        let name = format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n);
+        save_safetensors(chunk, &dir.join(&name)).expect("save shard");
+        for (t, _) in chunk {
+            weight_map.insert(t.clone(), serde_json::Value::String(name.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), index.to_string()).expect("index");
+}
+
+#[test]
+fn diffusers_sharded_folder_loads_to_the_same_model() {
+    let cfg = FluxConfig::tiny();
+    let (flux, tensors) = tiny_tensors(&cfg);
+    let map = FluxDiffusersMap { hidden: cfg.hidden_size, mlp_hidden: cfg.mlp_hidden() };
+    let diff = export(&map, &tensors).expect("export");
+    // Real diffusers names, split q/k/v, swapped norm_out halves.
+    let names: Vec<&str> = diff.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "x_embedder.weight",
+        "transformer_blocks.0.attn.to_q.weight",
+        "transformer_blocks.1.attn.add_v_proj.bias",
+        "transformer_blocks.0.ff_context.net.0.proj.weight",
+        "single_transformer_blocks.3.proj_mlp.weight",
+        "single_transformer_blocks.0.attn.norm_k.weight",
+        "time_text_embed.guidance_embedder.linear_2.weight",
+        "norm_out.linear.weight",
+    ] {
+        assert!(names.contains(&want), "missing {want}");
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let tdir = dir.path().join("transformer");
+    write_sharded(&tdir, "diffusion_pytorch_model", &diff, 3);
+    std::fs::write(tdir.join("config.json"), layout::flux_config_to_diffusers_json(&cfg).to_string()).expect("cfg");
+    assert_eq!(layout::flux_config_from_diffusers_json(&tdir.join("config.json")).expect("read cfg"), cfg);
+    let (loaded, _) = load_transformer(&files(&tdir, TransformerLayout::Diffusers), DType::F32, &Device::Cpu).expect("load");
+    assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
+    // Shapes alone are enough to infer the same config.
+    let set = SafetensorsSet::open(&tdir).expect("open");
+    assert_eq!(layout::infer_flux_config(&set, &TransformerLayout::Diffusers).expect("infer"), cfg);
+    // bf16 and f16 loading work too (converted on load).
+    for dt in [DType::BF16, DType::F16] {
+        let (m, _) = load_transformer(&files(&tdir, TransformerLayout::Diffusers), dt, &Device::Cpu).expect("load half");
+        assert_eq!(m.dtype(), dt);
+    }
+}
+
+#[test]
+fn truncated_file_names_the_file() {
+    let cfg = FluxConfig::tiny();
+    let (_, tensors) = tiny_tensors(&cfg);
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-dev.safetensors");
+    save_safetensors(&tensors, &path).expect("save");
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+    match SafetensorsSet::open(&path) {
+        Err(e @ Error::CorruptSafetensors { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("flux1-dev.safetensors"), "{msg}");
+            assert!(msg.contains("truncated"), "{msg}");
+        }
+        other => panic!("expected CorruptSafetensors, got {other:?}"),
+    }
+    // A header cut short too.
+    std::fs::write(&path, &bytes[..20]).expect("cut");
+    assert!(matches!(SafetensorsSet::open(&path), Err(Error::CorruptSafetensors { .. })));
+}
+
+#[test]
+fn garbage_file_is_reported_as_corrupt() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (name, bytes) in [
+        ("empty.safetensors", Vec::new()),
+        ("text.safetensors", b"this is not a safetensors file at all".to_vec()),
+        ("huge-header.safetensors", {
+            let mut v = u64::MAX.to_le_bytes().to_vec();
+            v.extend_from_slice(b"{}");
+            v
+        }),
+        ("bad-json.safetensors", {
+            let mut v = 5u64.to_le_bytes().to_vec();
+            v.extend_from_slice(b"{oops");
+            v
+        }),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).expect("write");
+        match SafetensorsSet::open(&p) {
+            Err(e @ Error::CorruptSafetensors { .. }) => assert!(e.to_string().contains(name), "{e}"),
+            other => panic!("{name}: expected CorruptSafetensors, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let cfg = FluxConfig::tiny();
+    let (_, tensors) = tiny_tensors(&cfg);
+    let kept: Vec<_> = tensors.into_iter().filter(|(n, _)| n != "single_blocks.2.linear2.weight").collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-dev.safetensors");
+    save_safetensors(&kept, &path).expect("save");
+    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
+        .expect_err("must fail");
+    match &err {
+        Error::MissingTensor { tensor, location } => {
+            assert!(tensor.contains("single_blocks.2.linear2.weight"), "{err}");
+            assert!(location.contains("flux1-dev.safetensors"), "{err}");
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+}
+
+#[test]
+fn misshaped_tensor_names_tensor_and_both_shapes() {
+    let cfg = FluxConfig::tiny();
+    let (_, mut tensors) = tiny_tensors(&cfg);
+    for (n, t) in tensors.iter_mut() {
+        if n == "double_blocks.1.img_attn.proj.weight" {
+            *t = Tensor::zeros((128, 64), DType::F32, &Device::Cpu).expect("zeros");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-dev.safetensors");
+    save_safetensors(&tensors, &path).expect("save");
+    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
+        .expect_err("must fail");
+    match &err {
+        Error::ShapeMismatch { tensor, expected, found, location } => {
+            assert!(tensor.contains("double_blocks.1.img_attn.proj.weight"));
+            assert_eq!(expected, &vec![128, 128]);
+            assert_eq!(found, &vec![128, 64]);
+            assert!(location.contains("flux1-dev.safetensors"));
+            let msg = err.to_string();
+            assert!(msg.contains("[128, 128]") && msg.contains("[128, 64]"), "{msg}");
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn misshaped_part_of_a_diffusers_concat_is_named() {
+    let cfg = FluxConfig::tiny();
+    let (_, tensors) = tiny_tensors(&cfg);
+    let map = FluxDiffusersMap { hidden: cfg.hidden_size, mlp_hidden: cfg.mlp_hidden() };
+    let mut diff = export(&map, &tensors).expect("export");
+    for (n, t) in diff.iter_mut() {
+        if n == "transformer_blocks.0.attn.to_k.weight" {
+            *t = Tensor::zeros((96, 128), DType::F32, &Device::Cpu).expect("zeros");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let tdir = dir.path().join("transformer");
+    std::fs::create_dir_all(&tdir).expect("mkdir");
+    save_safetensors(&diff, &tdir.join("diffusion_pytorch_model.safetensors")).expect("save");
+    std::fs::write(tdir.join("config.json"), layout::flux_config_to_diffusers_json(&cfg).to_string()).expect("cfg");
+    let err = load_transformer(&files(&tdir, TransformerLayout::Diffusers), DType::F32, &Device::Cpu).expect_err("fail");
+    match &err {
+        Error::ShapeMismatch { tensor, expected, found, .. } => {
+            assert!(tensor.contains("transformer_blocks.0.attn.to_k.weight"), "{err}");
+            assert!(tensor.contains("double_blocks.0.img_attn.qkv.weight"), "{err}");
+            assert_eq!(expected, &vec![128, 128]);
+            assert_eq!(found, &vec![96, 128]);
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let cfg = FluxConfig::tiny();
+    let (_, mut tensors) = tiny_tensors(&cfg);
+    for (n, t) in tensors.iter_mut() {
+        if n == "img_in.weight" {
+            *t = t.to_dtype(DType::U8).expect("u8");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("flux1-dev-int8.safetensors");
+    save_safetensors(&tensors, &path).expect("save");
+    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
+        .expect_err("fail");
+    match &err {
+        Error::UnsupportedDtype { tensor, dtype, location } => {
+            assert_eq!(tensor, "img_in.weight");
+            assert_eq!(dtype, "U8");
+            assert!(location.contains("flux1-dev-int8.safetensors"));
+        }
+        other => panic!("expected UnsupportedDtype, got {other:?}"),
+    }
+}
+
+#[test]
+fn shard_index_pointing_at_the_wrong_shard_is_caught() {
+    let cfg = FluxConfig::tiny();
+    let (_, tensors) = tiny_tensors(&cfg);
+    let dir = tempfile::tempdir().expect("tmp");
+    write_sharded(dir.path(), "model", &tensors, 2);
+    let index_path = dir.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).expect("read");
+    let mut index: serde_json::Value = serde_json::from_str(&text).expect("json");
+    index["weight_map"]["img_in.weight"] = serde_json::Value::String("model-00002-of-00002.safetensors".into());
+    index["weight_map"]["not_there.weight"] = serde_json::Value::String("model-00001-of-00002.safetensors".into());
+    std::fs::write(&index_path, index.to_string()).expect("write");
+    assert!(matches!(SafetensorsSet::open(dir.path()), Err(Error::MissingTensor { .. })));
+    // A missing shard file is an I/O error naming it.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).expect("rm");
+    match SafetensorsSet::open(&index_path) {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("model-00002-of-00002"), "{e}"),
+        other => panic!("expected Io, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_layouts_are_rejected_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // An empty folder.
+    match layout::resolve(dir.path().to_str().expect("utf8"), None) {
+        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("diffusers"), "{reason}"),
+        other => panic!("expected UnknownLayout, got {other:?}"),
+    }
+    // A safetensors file that is not a FLUX transformer.
+    let p = dir.path().join("flux-something.safetensors");
+    let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("z");
+    save_safetensors(&[("encoder.layer.0.weight".to_string(), t)], &p).expect("save");
+    match layout::resolve(p.to_str().expect("utf8"), None) {
+        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("double_blocks.0.img_attn.qkv.weight"), "{reason}"),
+        other => panic!("expected UnknownLayout, got {other:?}"),
+    }
+    // A path that does not exist.
+    assert!(matches!(layout::resolve("/nonexistent/flux.safetensors", None), Err(Error::UnknownLayout { .. })));
+    // A transformer without an autoencoder beside it.
+    let cfg = FluxConfig::tiny();
+    let (_, tensors) = tiny_tensors(&cfg);
+    let d2 = tempfile::tempdir().expect("tmp");
+    let f = d2.path().join("flux1-dev.safetensors");
+    save_safetensors(&tensors, &f).expect("save");
+    match layout::resolve(f.to_str().expect("utf8"), None) {
+        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("ae.safetensors"), "{reason}"),
+        other => panic!("expected UnknownLayout, got {other:?}"),
+    }
+}
+
+#[test]
+fn hf_cache_discovery_finds_the_snapshot() {
+    let cache = tempfile::tempdir().expect("tmp");
+    let repo = cache.path().join("models--black-forest-labs--FLUX.1-dev");
+    let snap = repo.join("snapshots").join("abc123");
+    std::fs::create_dir_all(&snap).expect("mkdir");
+    std::fs::create_dir_all(repo.join("refs")).expect("refs");
+    std::fs::write(repo.join("refs").join("main"), "abc123\n").expect("ref");
+    // The env var is process-wide: this is the only test that sets it.
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let mut reasons = Vec::new();
+    let found = layout::find_in_hf_cache("black-forest-labs/FLUX.1-dev", &mut reasons).expect("found");
+    assert_eq!(found, snap);
+    let listed = layout::list_hf_cache();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, "black-forest-labs/FLUX.1-dev");
+    // `dev` resolves to it; the empty snapshot is then an unknown layout, named.
+    match layout::resolve("dev", None) {
+        Err(Error::UnknownLayout { path, .. }) => assert_eq!(path, snap),
+        other => panic!("expected UnknownLayout for an empty snapshot, got {other:?}"),
+    }
+    assert!(matches!(layout::find_in_hf_cache("black-forest-labs/FLUX.1-schnell", &mut reasons), Err(Error::UnknownLayout { .. })));
+    std::env::remove_var("HF_HUB_CACHE");
+}
