@@ -416,47 +416,11 @@ fn clip_config_json(hidden_act: &str) -> serde_json::Value {
     })
 }
 
-/// Write a diffusers-style checkout of the demo encoders under `root`.
+/// Write a diffusers-style checkout of the demo encoders under `root` (the library's exporter:
+/// CLIP in `text_encoder/`, T5 in two shards with an index in `text_encoder_2/`, tokenizer.json
+/// files in `tokenizer/` and `tokenizer_2/`).
 fn write_demo_checkout(root: &Path, seed: u64) -> TestResult {
-    let (t5, clip) = capture_demo(seed)?;
-
-    let te = root.join("text_encoder");
-    std::fs::create_dir_all(&te)?;
-    std::fs::write(
-        te.join("config.json"),
-        serde_json::to_string_pretty(&clip_config_json("quick_gelu"))?,
-    )?;
-    save_safetensors(&clip, &te.join("model.safetensors"))?;
-
-    let te2 = root.join("text_encoder_2");
-    std::fs::create_dir_all(&te2)?;
-    std::fs::write(
-        te2.join("config.json"),
-        serde_json::to_string_pretty(&t5_config_json())?,
-    )?;
-    let half = t5.len() / 2;
-    let mut weight_map = serde_json::Map::new();
-    for (i, part) in [&t5[..half], &t5[half..]].iter().enumerate() {
-        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
-        save_safetensors(part, &te2.join(&file))?;
-        for (name, _) in part.iter() {
-            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-        }
-    }
-    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(
-        te2.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index)?,
-    )?;
-
-    for (sub, name, len) in [
-        ("tokenizer", "clip", 77),
-        ("tokenizer_2", "t5", DEMO_T5_MAX_LEN),
-    ] {
-        let dir = root.join(sub);
-        std::fs::create_dir_all(&dir)?;
-        PromptTokenizer::demo(len, name)?.save(&dir.join("tokenizer.json"))?;
-    }
+    parallax::model::export::write_demo_text_encoders(root, seed)?;
     Ok(())
 }
 

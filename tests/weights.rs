@@ -50,6 +50,7 @@ fn files(transformer: &Path, layout: TransformerLayout) -> ModelFiles {
         vae: transformer.to_path_buf(),
         vae_layout: VaeLayout::Bfl,
         text_root: transformer.to_path_buf(),
+        demo: false,
     }
 }
 
@@ -362,4 +363,50 @@ fn hf_cache_discovery_finds_the_snapshot() {
     }
     assert!(matches!(layout::find_in_hf_cache("black-forest-labs/FLUX.1-schnell", &mut reasons), Err(Error::UnknownLayout { .. })));
     std::env::remove_var("HF_HUB_CACHE");
+}
+
+/// The demo model written in each real layout loads back through `--model DIR` resolution and
+/// makes the same image, pixel for pixel, as the built-in demo model.
+#[test]
+fn exported_demo_model_loads_in_both_layouts_and_matches_builtin() {
+    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::pipeline::{GenerateRequest, Pipeline};
+    let builtin = Pipeline::demo(&Device::Cpu).expect("demo");
+    let req = GenerateRequest {
+        prompt: "a castle made of glass".into(),
+        width: 64,
+        height: 48,
+        steps: Some(3),
+        seed: 2024,
+        ..Default::default()
+    };
+    let want = builtin.generate(&req, &mut |_| Ok(())).expect("builtin image");
+    for (layout, expect_file) in [
+        (ExportLayout::Bfl, "flux1-dev.safetensors"),
+        (ExportLayout::Diffusers, "transformer/diffusion_pytorch_model.safetensors.index.json"),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        write_demo_model(dir.path(), layout, DemoSeeds::BUILTIN).expect("export");
+        assert!(dir.path().join(expect_file).is_file(), "{layout:?}: {expect_file}");
+        let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+        assert!(resolved.reasons.iter().any(|r| r.contains("demo model")), "{:?}", resolved.reasons);
+        let p = Pipeline::load(&resolved, "exported", DType::F32, &Device::Cpu).expect("load");
+        assert!(p.is_demo(), "a folder marked as the demo model stays labelled a demo");
+        let got = p.generate(&req, &mut |_| Ok(())).expect("image");
+        assert_eq!(got.image, want.image, "{layout:?} layout gives a different image");
+    }
+}
+
+#[test]
+fn missing_tokenizer_folder_is_reported_when_loading_a_model() {
+    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::pipeline::Pipeline;
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSeeds::BUILTIN).expect("export");
+    std::fs::remove_dir_all(dir.path().join("tokenizer_2")).expect("rm");
+    let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+    match Pipeline::load(&resolved, "x", DType::F32, &Device::Cpu) {
+        Err(e @ Error::MissingTokenizer { .. }) => assert!(e.to_string().contains("tokenizer_2"), "{e}"),
+        other => panic!("expected MissingTokenizer, got {:?}", other.map(|_| ())),
+    }
 }

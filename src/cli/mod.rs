@@ -29,6 +29,24 @@ pub enum Command {
     Bench(BenchArgs),
     /// Show which model and layout a --model value resolves to, and why.
     Info(InfoArgs),
+    /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
+    ExportDemo(ExportDemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    /// flux1-dev.safetensors + ae.safetensors (Black Forest Labs names)
+    Bfl,
+    /// transformer/, vae/, text_encoder*/, tokenizer*/ (diffusers names)
+    Diffusers,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportDemoArgs {
+    /// The folder to write (created if needed; must be empty or new).
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = LayoutArg::Diffusers)]
+    pub layout: LayoutArg,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -148,6 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Info(a) => info(a),
+        Command::ExportDemo(a) => export_demo(a),
     }
 }
 
@@ -161,6 +180,7 @@ fn device(name: &str) -> anyhow::Result<Device> {
 fn dtype_for(arg: DTypeArg, spec: &ModelSpec) -> DType {
     match (arg, spec) {
         (DTypeArg::Auto, ModelSpec::Demo) => DType::F32,
+        (DTypeArg::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
         (DTypeArg::Auto, _) => DType::BF16,
         (DTypeArg::F32, _) => DType::F32,
         (DTypeArg::Bf16, _) => DType::BF16,
@@ -361,6 +381,25 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "peak_rss_mib": peak_rss_mib(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
+    use crate::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    if a.dir.exists() && std::fs::read_dir(&a.dir)?.next().is_some() {
+        bail!("{} is not empty; give a new or empty folder", a.dir.display());
+    }
+    let layout = match a.layout {
+        LayoutArg::Bfl => ExportLayout::Bfl,
+        LayoutArg::Diffusers => ExportLayout::Diffusers,
+    };
+    write_demo_model(&a.dir, layout, DemoSeeds::BUILTIN)?;
+    println!(
+        "wrote the demo model ({:?} layout) to {}; try: parallax generate --model {}",
+        a.layout,
+        a.dir.display(),
+        a.dir.display()
+    );
     Ok(())
 }
 

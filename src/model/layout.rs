@@ -83,6 +83,8 @@ pub struct ModelFiles {
     /// A diffusers-style folder holding `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
     /// `tokenizer_2/`.
     pub text_root: PathBuf,
+    /// The folder is marked as holding Parallax's demo model (see [`super::export::DEMO_MARKER`]).
+    pub demo: bool,
 }
 
 /// What the user asked for, resolved.
@@ -253,6 +255,7 @@ fn resolve_dir(dir: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) 
             vae,
             vae_layout: VaeLayout::Diffusers,
             text_root,
+            demo: is_demo_folder(dir, reasons),
         });
     }
     // A folder of BFL single files.
@@ -309,7 +312,20 @@ fn resolve_file(file: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>
         vae,
         vae_layout,
         text_root,
+        demo: is_demo_folder(dir, reasons),
     })
+}
+
+fn is_demo_folder(dir: &Path, reasons: &mut Vec<String>) -> bool {
+    let marked = dir.join(super::export::DEMO_MARKER).is_file();
+    if marked {
+        reasons.push(format!(
+            "{} holds {}: this is Parallax's demo model written to disk, not FLUX.1",
+            dir.display(),
+            super::export::DEMO_MARKER
+        ));
+    }
+    marked
 }
 
 /// Which naming a set of transformer tensors uses.

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod demo_weights;
+pub mod export;
 pub mod flux;
 pub mod layout;
 pub mod rng;

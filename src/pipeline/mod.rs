@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CandleResultExt, Error, Result};
 use crate::model::demo_weights::DemoWeights;
+use crate::model::export::DemoSeeds;
 use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
 use crate::model::text::TextEncoders;
@@ -28,9 +29,6 @@ use crate::model::rng;
 use self::cache::{CacheStats, StepKind};
 use self::image::RgbImage;
 use self::sampler::{Conditioning, StepInfo};
-
-/// The seed the demo model's weights are generated from.
-pub const DEMO_WEIGHT_SEED: u64 = 0x5041_5241_4C4C_4158; // "PARALLAX"
 
 /// What to generate. `None` fields take the model's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,17 +193,18 @@ impl Pipeline {
     /// seed, a byte-level tokenizer. Needs no files. Its images are labelled DEMO.
     pub fn demo(device: &Device) -> Result<Self> {
         let dtype = DType::F32;
+        let seeds = DemoSeeds::BUILTIN;
         let flux = Flux::new(
             &FluxConfig::tiny(),
-            DemoWeights::new(DEMO_WEIGHT_SEED).var_builder(dtype, device),
+            DemoWeights::new(seeds.flux).var_builder(dtype, device),
         )
         .px()?;
         let vae = AutoEncoder::new(
             &VaeConfig::tiny(),
-            DemoWeights::new(DEMO_WEIGHT_SEED ^ 1).var_builder(dtype, device),
+            DemoWeights::new(seeds.vae).var_builder(dtype, device),
         )
         .px()?;
-        let text = TextEncoders::demo(DEMO_WEIGHT_SEED ^ 2, device)?;
+        let text = TextEncoders::demo(seeds.text, device)?;
         Ok(Self {
             flux,
             vae,
@@ -225,7 +224,10 @@ impl Pipeline {
 
     /// Load the transformer, autoencoder and text encoders from files.
     pub fn load_files(files: &ModelFiles, label: &str, dtype: DType, device: &Device) -> Result<Self> {
-        let (flux, variant) = load_transformer(files, dtype, device)?;
+        let (flux, mut variant) = load_transformer(files, dtype, device)?;
+        if files.demo {
+            variant = Variant::Demo;
+        }
         let vae = load_vae(files, dtype, device)?;
         let text = TextEncoders::load_diffusers(&files.text_root, variant.t5_max_len(), dtype, device)?;
         if text.t5_dim() != flux.config().context_in_dim || text.clip_dim() != flux.config().vec_in_dim {

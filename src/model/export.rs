@@ -1,0 +1,225 @@
+//! Write the built-in demo model to disk in FLUX.1's real layouts.
+//!
+//! The files carry the exact tensor names, key layouts, shard indexes, config files and tokenizer
+//! files of the real checkpoints, at the demo model's tiny sizes. Tests use them to exercise the
+//! loaders end to end without any download; `parallax export-demo` lets a user try the loaders.
+//! Every written folder holds a [`DEMO_MARKER`] file, so a model loaded from it is still labelled
+//! a demo.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::demo_weights::DemoWeights;
+use super::flux::{Flux, FluxConfig};
+use super::layout::{flux_config_to_diffusers_json, FluxDiffusersMap};
+use super::text::{self, TextEncoders, DEMO_T5_MAX_LEN};
+use super::tokenizer::PromptTokenizer;
+use super::vae::{AutoEncoder, VaeConfig, VaeDiffusersMap};
+use super::weights::{export, save_safetensors, Recorder};
+use crate::error::{CandleResultExt, Error, Result};
+
+/// File whose presence marks a folder as holding the demo model, not FLUX.1.
+pub const DEMO_MARKER: &str = "PARALLAX_DEMO_MODEL.txt";
+
+/// Which on-disk layout to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// `flux1-dev.safetensors` + `ae.safetensors` (BFL names), text encoders in diffusers folders.
+    Bfl,
+    /// A diffusers folder: `transformer/` (sharded), `vae/`, `text_encoder*/`, `tokenizer*/`.
+    Diffusers,
+}
+
+/// Seeds of the demo model's parts (the transformer's, the autoencoder's, the text encoders').
+#[derive(Debug, Clone, Copy)]
+pub struct DemoSeeds {
+    pub flux: u64,
+    pub vae: u64,
+    pub text: u64,
+}
+
+impl DemoSeeds {
+    /// The seeds of the built-in demo model.
+    pub const BUILTIN: DemoSeeds = DemoSeeds {
+        flux: 0x5041_5241_4C4C_4158, // "PARALLAX"
+        vae: 0x5041_5241_4C4C_4159,
+        text: 0x5041_5241_4C4C_415A,
+    };
+}
+
+/// Capture the canonical tensors a model asks for when built from demo weights.
+fn capture<T>(
+    seed: u64,
+    build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+) -> Result<Vec<(String, Tensor)>> {
+    let (rec, seen) = Recorder::new(DemoWeights::new(seed));
+    let vb = VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu);
+    build(vb)?;
+    let mut tensors = seen
+        .lock()
+        .map_err(|_| Error::Image("tensor recorder poisoned".into()))?
+        .clone();
+    // A model may ask for a tensor twice (shared embeddings): keep the first.
+    let mut names = std::collections::HashSet::new();
+    tensors.retain(|(n, _)| names.insert(n.clone()));
+    Ok(tensors)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Image(format!("serialising {}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
+}
+
+/// Write `tensors` as `shards` files `{stem}-0000i-of-0000n.safetensors` plus the index json.
+pub fn write_sharded(dir: &Path, stem: &str, tensors: &[(String, Tensor)], shards: usize) -> Result<()> {
+    mkdir(dir)?;
+    let shards = shards.max(1);
+    let per = tensors.len().div_ceil(shards).max(1);
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    let n = tensors.len().div_ceil(per);
+    for (i, chunk) in tensors.chunks(per).enumerate() {
+        let name = format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n);
+        save_safetensors(chunk, &dir.join(&name))?;
+        for (t, x) in chunk {
+            weight_map.insert(t.clone(), serde_json::Value::String(name.clone()));
+            total += x.elem_count() * x.dtype().size_in_bytes();
+        }
+    }
+    write_json(
+        &dir.join(format!("{stem}.safetensors.index.json")),
+        &serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map }),
+    )
+}
+
+/// Write the demo text encoders as a diffusers checkout under `root`: `text_encoder/` (CLIP),
+/// `text_encoder_2/` (T5, two shards), `tokenizer/`, `tokenizer_2/` (tokenizer.json files).
+pub fn write_demo_text_encoders(root: &Path, seed: u64) -> Result<()> {
+    let t5_cfg = text::t5_demo_config();
+    let clip_cfg = text::clip_demo_config();
+    // Capture both encoders from one recording, then split T5's and CLIP's tensors by prefix.
+    let all = capture(seed, |vb| {
+        TextEncoders::new(
+            vb.clone(),
+            &t5_cfg,
+            vb.pp("text_model"),
+            &clip_cfg,
+            PromptTokenizer::demo(DEMO_T5_MAX_LEN, "t5")?,
+            PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?,
+        )
+    })?;
+    let (clip, t5): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| n.starts_with("text_model."));
+
+    let te = root.join("text_encoder");
+    mkdir(&te)?;
+    write_json(
+        &te.join("config.json"),
+        &serde_json::json!({
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "hidden_size": clip_cfg.embed_dim,
+            "intermediate_size": clip_cfg.intermediate_size,
+            "max_position_embeddings": clip_cfg.max_position_embeddings,
+            "num_hidden_layers": clip_cfg.num_hidden_layers,
+            "num_attention_heads": clip_cfg.num_attention_heads,
+            "vocab_size": clip_cfg.vocab_size,
+            "projection_dim": clip_cfg.projection_dim,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        }),
+    )?;
+    save_safetensors(&clip, &te.join("model.safetensors"))?;
+
+    let te2 = root.join("text_encoder_2");
+    mkdir(&te2)?;
+    write_json(
+        &te2.join("config.json"),
+        &serde_json::json!({
+            "architectures": ["T5EncoderModel"],
+            "model_type": "t5",
+            "vocab_size": t5_cfg.vocab_size,
+            "d_model": t5_cfg.d_model,
+            "d_kv": t5_cfg.d_kv,
+            "d_ff": t5_cfg.d_ff,
+            "num_layers": t5_cfg.num_layers,
+            "num_heads": t5_cfg.num_heads,
+            "relative_attention_num_buckets": t5_cfg.relative_attention_num_buckets,
+            "relative_attention_max_distance": t5_cfg.relative_attention_max_distance,
+            "dropout_rate": t5_cfg.dropout_rate,
+            "layer_norm_epsilon": t5_cfg.layer_norm_epsilon,
+            "initializer_factor": t5_cfg.initializer_factor,
+            "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": t5_cfg.tie_word_embeddings,
+            "is_encoder_decoder": t5_cfg.is_encoder_decoder,
+            "use_cache": t5_cfg.use_cache,
+            "pad_token_id": t5_cfg.pad_token_id,
+            "eos_token_id": t5_cfg.eos_token_id,
+        }),
+    )?;
+    write_sharded(&te2, "model", &t5, 2)?;
+
+    for (sub, name, len) in [
+        ("tokenizer", "clip", text::CLIP_MAX_LEN),
+        ("tokenizer_2", "t5", DEMO_T5_MAX_LEN),
+    ] {
+        let dir = root.join(sub);
+        mkdir(&dir)?;
+        PromptTokenizer::demo(len, name)?.save(&dir.join("tokenizer.json"))?;
+    }
+    Ok(())
+}
+
+/// Write the whole demo model (the one [`crate::pipeline::Pipeline::demo`] builds) under `dir`.
+pub fn write_demo_model(dir: &Path, layout: ExportLayout, seeds: DemoSeeds) -> Result<()> {
+    mkdir(dir)?;
+    let flux_cfg = FluxConfig::tiny();
+    let vae_cfg = VaeConfig::tiny();
+    let flux = capture(seeds.flux, |vb| Flux::new(&flux_cfg, vb).px())?;
+    let vae = capture(seeds.vae, |vb| AutoEncoder::new(&vae_cfg, vb).px())?;
+    match layout {
+        ExportLayout::Bfl => {
+            save_safetensors(&flux, &dir.join("flux1-dev.safetensors"))?;
+            save_safetensors(&vae, &dir.join("ae.safetensors"))?;
+        }
+        ExportLayout::Diffusers => {
+            let tmap = FluxDiffusersMap {
+                hidden: flux_cfg.hidden_size,
+                mlp_hidden: flux_cfg.mlp_hidden(),
+            };
+            let tdir = dir.join("transformer");
+            write_sharded(&tdir, "diffusion_pytorch_model", &export(&tmap, &flux)?, 2)?;
+            write_json(&tdir.join("config.json"), &flux_config_to_diffusers_json(&flux_cfg))?;
+            let vdir = dir.join("vae");
+            mkdir(&vdir)?;
+            let vmap = VaeDiffusersMap::new(vae_cfg.clone());
+            save_safetensors(&export(&vmap, &vae)?, &vdir.join("diffusion_pytorch_model.safetensors"))?;
+            write_json(&vdir.join("config.json"), &vae_cfg.to_diffusers_json())?;
+            write_json(
+                &dir.join("model_index.json"),
+                &serde_json::json!({
+                    "_class_name": "FluxPipeline",
+                    "transformer": ["diffusers", "FluxTransformer2DModel"],
+                    "vae": ["diffusers", "AutoencoderKL"],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "text_encoder_2": ["transformers", "T5EncoderModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+                }),
+            )?;
+        }
+    }
+    write_demo_text_encoders(dir, seeds.text)?;
+    std::fs::write(
+        dir.join(DEMO_MARKER),
+        "This folder holds Parallax's demo model: FLUX.1's layout and tensor names at a tiny size, \
+         with made-up weights. It is not FLUX.1; images made from it are labelled DEMO.\n",
+    )
+    .map_err(|e| Error::io(dir.join(DEMO_MARKER), e))
+}
