@@ -94,10 +94,10 @@ pub struct SampleArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Distilled guidance strength for dev-style models (default 3.5).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// First Block Cache residual_diff_threshold; 0 turns it off (FLUX default when on: 0.08).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub cache_threshold: f64,
 }
 

@@ -1,0 +1,111 @@
+//! The `parallax` binary: generate, bench, info and export-demo, and clean failures on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use parallax::pipeline::image::read_png;
+use parallax::pipeline::GenerationSettings;
+
+fn parallax(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn generate_writes_a_png_with_its_settings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("fox.png");
+    let o = parallax(&[
+        "generate", "--model", "demo", "--prompt", "a fox", "--width", "64", "--height", "32",
+        "--steps", "3", "--seed", "5", "--cache-threshold", "0.5", "--quiet", "--out", s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("DEMO"), "the demo is announced: {}", text(&o));
+    let (img, chunks) = read_png(&out).expect("png");
+    assert_eq!((img.width, img.height), (64, 32));
+    let settings = GenerationSettings::from_png_text(&chunks).expect("settings");
+    assert_eq!(settings.prompt, "a fox");
+    assert_eq!(settings.seed, 5);
+    assert_eq!(settings.steps, 3);
+    assert_eq!(settings.cache_threshold, 0.5);
+    assert_eq!(settings.model, "demo");
+}
+
+#[test]
+fn bad_input_fails_cleanly_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("never.png");
+    for (args, needle) in [
+        (vec!["--width", "100"], "width"),
+        (vec!["--steps", "0"], "steps"),
+        (vec!["--cache-threshold", "-1"], "cache-threshold"),
+        (vec!["--model", "/no/such/model.safetensors"], "no such file"),
+        (vec!["--device", "tpu"], "unknown device"),
+    ] {
+        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&out)];
+        all.extend(args.iter().copied());
+        let o = parallax(&all);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let msg = text(&o);
+        assert!(msg.contains("error:") && msg.contains(needle), "{args:?}: {msg}");
+        assert!(!msg.contains("panicked"), "{msg}");
+        assert!(!out.exists(), "{args:?} wrote an output file");
+    }
+    // Nothing half-written either.
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}
+
+#[test]
+fn bench_prints_json_with_step_times_and_memory() {
+    let o = parallax(&[
+        "bench", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2", "--runs", "2",
+        "--warmup", "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+    assert_eq!(v["demo"], true);
+    assert_eq!(v["steps"], 2);
+    assert_eq!(v["runs"], 2);
+    assert!(v["step_ms"]["median"].as_f64().expect("median") > 0.0);
+    assert_eq!(v["total_ms"]["all"].as_array().expect("all").len(), 2);
+    assert_eq!(v["cache"]["computed"], 2);
+    if cfg!(target_os = "linux") {
+        assert!(v["peak_rss_mib"].as_f64().expect("rss") > 1.0);
+    }
+}
+
+#[test]
+fn export_demo_then_info_and_generate_from_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("flux-demo");
+    let o = parallax(&["export-demo", "--layout", "bfl", s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = parallax(&["info", "--model", s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let info = text(&o);
+    assert!(info.contains("Bfl"), "{info}");
+    assert!(info.contains("demo model"), "{info}");
+    assert!(info.contains("text_encoder_2/: found"), "{info}");
+    let out = dir.path().join("x.png");
+    let o = parallax(&[
+        "generate", "--model", s(&model), "--width", "32", "--height", "32", "--steps", "2", "--seed",
+        "1", "--quiet", "--out", s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.is_file());
+    // Exporting into a non-empty folder is refused.
+    let o = parallax(&["export-demo", s(&model)]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not empty"), "{}", text(&o));
+}
