@@ -15,7 +15,11 @@ fn parallax(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn s(p: &Path) -> &str {
@@ -27,11 +31,31 @@ fn generate_writes_a_png_with_its_settings() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("fox.png");
     let o = parallax(&[
-        "generate", "--model", "demo", "--prompt", "a fox", "--width", "64", "--height", "32",
-        "--steps", "3", "--seed", "5", "--cache-threshold", "0.5", "--quiet", "--out", s(&out),
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--cache-threshold",
+        "0.5",
+        "--quiet",
+        "--out",
+        s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("DEMO"), "the demo is announced: {}", text(&o));
+    assert!(
+        text(&o).contains("DEMO"),
+        "the demo is announced: {}",
+        text(&o)
+    );
     let (img, chunks) = read_png(&out).expect("png");
     assert_eq!((img.width, img.height), (64, 32));
     let settings = GenerationSettings::from_png_text(&chunks).expect("settings");
@@ -50,7 +74,10 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
         (vec!["--width", "100"], "width"),
         (vec!["--steps", "0"], "steps"),
         (vec!["--cache-threshold", "-1"], "cache-threshold"),
-        (vec!["--model", "/no/such/model.safetensors"], "no such file"),
+        (
+            vec!["--model", "/no/such/model.safetensors"],
+            "no such file",
+        ),
         (vec!["--device", "tpu"], "unknown device"),
     ] {
         let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&out)];
@@ -58,7 +85,10 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
         let o = parallax(&all);
         assert!(!o.status.success(), "{args:?} should fail");
         let msg = text(&o);
-        assert!(msg.contains("error:") && msg.contains(needle), "{args:?}: {msg}");
+        assert!(
+            msg.contains("error:") && msg.contains(needle),
+            "{args:?}: {msg}"
+        );
         assert!(!msg.contains("panicked"), "{msg}");
         assert!(!out.exists(), "{args:?} wrote an output file");
     }
@@ -69,8 +99,8 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
 #[test]
 fn bench_prints_json_with_step_times_and_memory() {
     let o = parallax(&[
-        "bench", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2", "--runs", "2",
-        "--warmup", "0",
+        "bench", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2", "--runs",
+        "2", "--warmup", "0",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
@@ -99,8 +129,20 @@ fn export_demo_then_info_and_generate_from_it() {
     assert!(info.contains("text_encoder_2/: found"), "{info}");
     let out = dir.path().join("x.png");
     let o = parallax(&[
-        "generate", "--model", s(&model), "--width", "32", "--height", "32", "--steps", "2", "--seed",
-        "1", "--quiet", "--out", s(&out),
+        "generate",
+        "--model",
+        s(&model),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--quiet",
+        "--out",
+        s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.is_file());

@@ -55,7 +55,9 @@ fn demo_generates_labelled_image_of_requested_size() {
     // The DEMO stamp: its black box and yellow letters are in the corner.
     assert_eq!(g.image.pixel(2, 2), [0, 0, 0]);
     let text = g.settings.png_text().expect("text");
-    assert!(text.iter().any(|(k, v)| k == "Comment" && v.contains("DEMO")));
+    assert!(text
+        .iter()
+        .any(|(k, v)| k == "Comment" && v.contains("DEMO")));
     // Not a flat image: the pixels vary.
     let first = g.image.data[3 * (40 * 96 + 40)];
     assert!(g.image.data.iter().any(|&v| v != first));
@@ -67,11 +69,26 @@ fn same_seed_same_image_different_seed_different_image() {
     let a = p.generate(&req(42, 0.0), &mut |_| Ok(())).expect("a");
     let b = p.generate(&req(42, 0.0), &mut |_| Ok(())).expect("b");
     let c = p.generate(&req(43, 0.0), &mut |_| Ok(())).expect("c");
-    assert_eq!(a.image, b.image, "same seed must give the same image bit for bit");
+    assert_eq!(
+        a.image, b.image,
+        "same seed must give the same image bit for bit"
+    );
     assert_ne!(a.image, c.image);
     // The noise itself is pinned: the first values of seed 42 never change.
-    let n: Vec<f32> = p.noise(42, 64, 64).expect("noise").flatten_all().expect("flat").to_vec1().expect("vec");
-    let again: Vec<f32> = p.noise(42, 64, 64).expect("noise").flatten_all().expect("flat").to_vec1().expect("vec");
+    let n: Vec<f32> = p
+        .noise(42, 64, 64)
+        .expect("noise")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let again: Vec<f32> = p
+        .noise(42, 64, 64)
+        .expect("noise")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
     assert_eq!(n, again);
     assert_eq!(n.len(), 16 * 8 * 8);
 }
@@ -97,16 +114,38 @@ fn cache_threshold_zero_equals_plain_loop_exactly() {
     let enc = p.text.encode("a red fox").expect("enc");
     let noise = p.noise(9, 64, 64).expect("noise");
     let x = pack_latent(&noise).expect("pack");
-    let pe = p.flux.pos_embed(enc.txt.dim(1).expect("dim"), 4, 4).expect("pe");
-    let cond = sampler::Conditioning { txt: enc.txt.clone(), y: enc.vec.clone() };
+    let pe = p
+        .flux
+        .pos_embed(enc.txt.dim(1).expect("dim"), 4, 4)
+        .expect("pe");
+    let cond = sampler::Conditioning {
+        txt: enc.txt.clone(),
+        y: enc.vec.clone(),
+    };
     let ts = parallax::pipeline::schedule::timesteps(6, 16, true);
     let run = |policy: &mut dyn CachePolicy| {
-        sampler::denoise(&p.flux, &cond, &pe, x.clone(), &ts, Some(3.5), policy, &mut |_| Ok(()))
-            .expect("denoise")
+        sampler::denoise(
+            &p.flux,
+            &cond,
+            &pe,
+            x.clone(),
+            &ts,
+            Some(3.5),
+            policy,
+            &mut |_| Ok(()),
+        )
+        .expect("denoise")
     };
     let (plain, s_plain) = run(&mut NoCache);
     let (fbc0, s_fbc0) = run(&mut FirstBlockCache::new(0.0));
-    let d = (plain - fbc0).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("s");
+    let d = (plain - fbc0)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("s");
     assert_eq!(d, 0.0);
     assert_eq!(s_plain.computed, 6);
     assert_eq!(s_fbc0.computed, 6);
@@ -135,7 +174,10 @@ fn high_threshold_skips_steps_and_says_so() {
     assert_eq!(cached.stats.computed, 1);
     assert_eq!(cached.stats.reused, 5);
     assert_eq!(reused_events, 5);
-    assert_eq!(parallax::pipeline::step_pattern(&cached.stats.steps), "CRRRRR");
+    assert_eq!(
+        parallax::pipeline::step_pattern(&cached.stats.steps),
+        "CRRRRR"
+    );
     assert!(parallax::pipeline::describe_cache(&cached.stats).contains("5 reused"));
     // Reusing residuals is an approximation: the image changes.
     assert_ne!(plain.image, cached.image);
@@ -146,7 +188,15 @@ fn moderate_threshold_reuses_some_but_not_all() {
     let p = demo();
     // Measure the step-to-step diffs with the cache on but never hitting, then pick a threshold
     // between the smallest and largest: some steps must be reused, some computed.
-    let probe = p.generate(&GenerateRequest { steps: Some(8), ..req(3, 1e-12) }, &mut |_| Ok(())).expect("probe");
+    let probe = p
+        .generate(
+            &GenerateRequest {
+                steps: Some(8),
+                ..req(3, 1e-12)
+            },
+            &mut |_| Ok(()),
+        )
+        .expect("probe");
     let diffs: Vec<f64> = probe
         .stats
         .steps
@@ -161,7 +211,15 @@ fn moderate_threshold_reuses_some_but_not_all() {
     let hi = diffs.iter().copied().fold(0.0, f64::max);
     assert!(lo < hi, "diffs {diffs:?}");
     let thr = (lo + hi) / 2.0;
-    let g = p.generate(&GenerateRequest { steps: Some(8), ..req(3, thr) }, &mut |_| Ok(())).expect("gen");
+    let g = p
+        .generate(
+            &GenerateRequest {
+                steps: Some(8),
+                ..req(3, thr)
+            },
+            &mut |_| Ok(()),
+        )
+        .expect("gen");
     assert!(g.stats.reused >= 1, "{:?}", g.stats);
     assert!(g.stats.computed >= 2, "{:?}", g.stats);
     assert_eq!(g.stats.computed + g.stats.reused, 8);
@@ -183,7 +241,9 @@ fn png_metadata_round_trip_reproduces_the_image() {
     assert_eq!(settings, g.settings);
     assert_eq!(settings.negative_prompt.as_deref(), Some("blurry"));
     // Regenerating from the stored settings gives the same pixels.
-    let again = p.generate(&settings.to_request(), &mut |_| Ok(())).expect("again");
+    let again = p
+        .generate(&settings.to_request(), &mut |_| Ok(()))
+        .expect("again");
     assert_eq!(again.image, g.image);
     assert!(g.notes.iter().any(|n| n.contains("negative prompt")));
 }
@@ -192,11 +252,41 @@ fn png_metadata_round_trip_reproduces_the_image() {
 fn bad_settings_are_rejected_with_the_value_named() {
     let p = demo();
     let cases: Vec<(GenerateRequest, &str)> = vec![
-        (GenerateRequest { width: 100, ..req(1, 0.0) }, "width"),
-        (GenerateRequest { height: 0, ..req(1, 0.0) }, "height"),
-        (GenerateRequest { steps: Some(0), ..req(1, 0.0) }, "steps"),
-        (GenerateRequest { guidance: Some(f64::NAN), ..req(1, 0.0) }, "guidance"),
-        (GenerateRequest { cache_threshold: -0.1, ..req(1, 0.0) }, "cache-threshold"),
+        (
+            GenerateRequest {
+                width: 100,
+                ..req(1, 0.0)
+            },
+            "width",
+        ),
+        (
+            GenerateRequest {
+                height: 0,
+                ..req(1, 0.0)
+            },
+            "height",
+        ),
+        (
+            GenerateRequest {
+                steps: Some(0),
+                ..req(1, 0.0)
+            },
+            "steps",
+        ),
+        (
+            GenerateRequest {
+                guidance: Some(f64::NAN),
+                ..req(1, 0.0)
+            },
+            "guidance",
+        ),
+        (
+            GenerateRequest {
+                cache_threshold: -0.1,
+                ..req(1, 0.0)
+            },
+            "cache-threshold",
+        ),
     ];
     for (r, name) in cases {
         match p.generate(&r, &mut |_| Ok(())) {
@@ -228,7 +318,13 @@ fn long_prompt_is_truncated_and_reported() {
     let p = demo();
     let long = "a very long prompt about many things ".repeat(20);
     let g = p
-        .generate(&GenerateRequest { prompt: long, ..req(1, 0.0) }, &mut |_| Ok(()))
+        .generate(
+            &GenerateRequest {
+                prompt: long,
+                ..req(1, 0.0)
+            },
+            &mut |_| Ok(()),
+        )
         .expect("gen");
     assert!(
         g.notes.iter().any(|n| n.contains("truncat")),
@@ -242,7 +338,11 @@ fn flux_forward_is_batch_consistent() {
     // Two images in one batch give the same velocities as each alone.
     let dev = Device::Cpu;
     let cfg = FluxConfig::tiny();
-    let m = Flux::new(&cfg, parallax::model::demo_weights::DemoWeights::new(1).var_builder(DType::F32, &dev)).expect("flux");
+    let m = Flux::new(
+        &cfg,
+        parallax::model::demo_weights::DemoWeights::new(1).var_builder(DType::F32, &dev),
+    )
+    .expect("flux");
     let img = Tensor::randn(0f32, 1.0, (2, 16, 64), &dev).expect("img");
     let txt = Tensor::randn(0f32, 1.0, (2, 4, cfg.context_in_dim), &dev).expect("txt");
     let y = Tensor::randn(0f32, 1.0, (2, cfg.vec_in_dim), &dev).expect("y");
@@ -250,7 +350,14 @@ fn flux_forward_is_batch_consistent() {
     let g = Tensor::new(&[3.5f32, 2.0], &dev).expect("g");
     let pe = m.pos_embed(4, 4, 4).expect("pe");
     let both = m
-        .forward(&FluxInput { img: &img, txt: &txt, y: &y, timesteps: &t, guidance: Some(&g), pe: &pe })
+        .forward(&FluxInput {
+            img: &img,
+            txt: &txt,
+            y: &y,
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        })
         .expect("fwd");
     for i in 0..2 {
         let one = |x: &Tensor| x.narrow(0, i, 1).expect("narrow");
@@ -264,7 +371,14 @@ fn flux_forward_is_batch_consistent() {
                 pe: &pe,
             })
             .expect("fwd1");
-        let d = (one(&both) - alone).expect("d").abs().expect("a").max_all().expect("m").to_scalar::<f32>().expect("s");
+        let d = (one(&both) - alone)
+            .expect("d")
+            .abs()
+            .expect("a")
+            .max_all()
+            .expect("m")
+            .to_scalar::<f32>()
+            .expect("s");
         assert!(d < 1e-4, "batch item {i} differs by {d}");
     }
 }

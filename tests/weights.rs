@@ -30,17 +30,38 @@ fn velocity(m: &Flux) -> Tensor {
     // The same inputs for every model under comparison: fixed values, not candle's generator.
     let fixed = |shape: (usize, usize, usize), k: f32| {
         let n = shape.0 * shape.1 * shape.2;
-        Tensor::from_vec((0..n).map(|i| (i as f32 * 0.37 + k).sin()).collect::<Vec<_>>(), shape, &dev).expect("fixed")
+        Tensor::from_vec(
+            (0..n)
+                .map(|i| (i as f32 * 0.37 + k).sin())
+                .collect::<Vec<_>>(),
+            shape,
+            &dev,
+        )
+        .expect("fixed")
     };
     let img = fixed((1, 16, 64), 0.1);
     let txt = fixed((1, 3, cfg.context_in_dim), 0.2);
     let y = fixed((1, 1, cfg.vec_in_dim), 0.3).squeeze(1).expect("y");
-    m.forward(&FluxInput { img: &img, txt: &txt, y: &y, timesteps: &t, guidance, pe: &pe })
-        .expect("forward")
+    m.forward(&FluxInput {
+        img: &img,
+        txt: &txt,
+        y: &y,
+        timesteps: &t,
+        guidance,
+        pe: &pe,
+    })
+    .expect("forward")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar")
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
 }
 
 fn files(transformer: &Path, layout: TransformerLayout) -> ModelFiles {
@@ -64,28 +85,59 @@ fn bfl_single_file_loads_to_the_same_model() {
     let set = SafetensorsSet::open(&path).expect("open");
     assert_eq!(
         layout::detect_transformer_layout(&set),
-        Some(TransformerLayout::Bfl { prefix: String::new() })
+        Some(TransformerLayout::Bfl {
+            prefix: String::new()
+        })
     );
-    assert_eq!(layout::infer_flux_config(&set, &TransformerLayout::Bfl { prefix: String::new() }).expect("cfg"), cfg);
-    let (loaded, variant) =
-        load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
-            .expect("load");
+    assert_eq!(
+        layout::infer_flux_config(
+            &set,
+            &TransformerLayout::Bfl {
+                prefix: String::new()
+            }
+        )
+        .expect("cfg"),
+        cfg
+    );
+    let (loaded, variant) = load_transformer(
+        &files(
+            &path,
+            TransformerLayout::Bfl {
+                prefix: String::new(),
+            },
+        ),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("load");
     assert_eq!(variant, layout::Variant::Dev);
     assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
 }
 
 #[test]
 fn comfyui_prefixed_single_file_loads() {
-    let cfg = FluxConfig { guidance_embed: false, ..FluxConfig::tiny() };
+    let cfg = FluxConfig {
+        guidance_embed: false,
+        ..FluxConfig::tiny()
+    };
     let (flux, tensors) = tiny_tensors(&cfg);
-    let prefixed: Vec<_> = tensors.into_iter().map(|(n, t)| (format!("model.diffusion_model.{n}"), t)).collect();
+    let prefixed: Vec<_> = tensors
+        .into_iter()
+        .map(|(n, t)| (format!("model.diffusion_model.{n}"), t))
+        .collect();
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("flux1-schnell.safetensors");
     save_safetensors(&prefixed, &path).expect("save");
     let set = SafetensorsSet::open(&path).expect("open");
     let l = layout::detect_transformer_layout(&set).expect("layout");
-    assert_eq!(l, TransformerLayout::Bfl { prefix: "model.diffusion_model.".into() });
-    let (loaded, variant) = load_transformer(&files(&path, l), DType::F32, &Device::Cpu).expect("load");
+    assert_eq!(
+        l,
+        TransformerLayout::Bfl {
+            prefix: "model.diffusion_model.".into()
+        }
+    );
+    let (loaded, variant) =
+        load_transformer(&files(&path, l), DType::F32, &Device::Cpu).expect("load");
     assert_eq!(variant, layout::Variant::Schnell);
     assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
 }
@@ -103,14 +155,21 @@ fn write_sharded(dir: &Path, stem: &str, tensors: &[(String, Tensor)], n: usize)
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
-    std::fs::write(dir.join(format!("{stem}.safetensors.index.json")), index.to_string()).expect("index");
+    std::fs::write(
+        dir.join(format!("{stem}.safetensors.index.json")),
+        index.to_string(),
+    )
+    .expect("index");
 }
 
 #[test]
 fn diffusers_sharded_folder_loads_to_the_same_model() {
     let cfg = FluxConfig::tiny();
     let (flux, tensors) = tiny_tensors(&cfg);
-    let map = FluxDiffusersMap { hidden: cfg.hidden_size, mlp_hidden: cfg.mlp_hidden() };
+    let map = FluxDiffusersMap {
+        hidden: cfg.hidden_size,
+        mlp_hidden: cfg.mlp_hidden(),
+    };
     let diff = export(&map, &tensors).expect("export");
     // Real diffusers names, split q/k/v, swapped norm_out halves.
     let names: Vec<&str> = diff.iter().map(|(n, _)| n.as_str()).collect();
@@ -129,16 +188,36 @@ fn diffusers_sharded_folder_loads_to_the_same_model() {
     let dir = tempfile::tempdir().expect("tmp");
     let tdir = dir.path().join("transformer");
     write_sharded(&tdir, "diffusion_pytorch_model", &diff, 3);
-    std::fs::write(tdir.join("config.json"), layout::flux_config_to_diffusers_json(&cfg).to_string()).expect("cfg");
-    assert_eq!(layout::flux_config_from_diffusers_json(&tdir.join("config.json")).expect("read cfg"), cfg);
-    let (loaded, _) = load_transformer(&files(&tdir, TransformerLayout::Diffusers), DType::F32, &Device::Cpu).expect("load");
+    std::fs::write(
+        tdir.join("config.json"),
+        layout::flux_config_to_diffusers_json(&cfg).to_string(),
+    )
+    .expect("cfg");
+    assert_eq!(
+        layout::flux_config_from_diffusers_json(&tdir.join("config.json")).expect("read cfg"),
+        cfg
+    );
+    let (loaded, _) = load_transformer(
+        &files(&tdir, TransformerLayout::Diffusers),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("load");
     assert_eq!(max_diff(&velocity(&flux), &velocity(&loaded)), 0.0);
     // Shapes alone are enough to infer the same config.
     let set = SafetensorsSet::open(&tdir).expect("open");
-    assert_eq!(layout::infer_flux_config(&set, &TransformerLayout::Diffusers).expect("infer"), cfg);
+    assert_eq!(
+        layout::infer_flux_config(&set, &TransformerLayout::Diffusers).expect("infer"),
+        cfg
+    );
     // bf16 and f16 loading work too (converted on load).
     for dt in [DType::BF16, DType::F16] {
-        let (m, _) = load_transformer(&files(&tdir, TransformerLayout::Diffusers), dt, &Device::Cpu).expect("load half");
+        let (m, _) = load_transformer(
+            &files(&tdir, TransformerLayout::Diffusers),
+            dt,
+            &Device::Cpu,
+        )
+        .expect("load half");
         assert_eq!(m.dtype(), dt);
     }
 }
@@ -162,7 +241,10 @@ fn truncated_file_names_the_file() {
     }
     // A header cut short too.
     std::fs::write(&path, &bytes[..20]).expect("cut");
-    assert!(matches!(SafetensorsSet::open(&path), Err(Error::CorruptSafetensors { .. })));
+    assert!(matches!(
+        SafetensorsSet::open(&path),
+        Err(Error::CorruptSafetensors { .. })
+    ));
 }
 
 #[test]
@@ -170,7 +252,10 @@ fn garbage_file_is_reported_as_corrupt() {
     let dir = tempfile::tempdir().expect("tmp");
     for (name, bytes) in [
         ("empty.safetensors", Vec::new()),
-        ("text.safetensors", b"this is not a safetensors file at all".to_vec()),
+        (
+            "text.safetensors",
+            b"this is not a safetensors file at all".to_vec(),
+        ),
         ("huge-header.safetensors", {
             let mut v = u64::MAX.to_le_bytes().to_vec();
             v.extend_from_slice(b"{}");
@@ -185,7 +270,9 @@ fn garbage_file_is_reported_as_corrupt() {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).expect("write");
         match SafetensorsSet::open(&p) {
-            Err(e @ Error::CorruptSafetensors { .. }) => assert!(e.to_string().contains(name), "{e}"),
+            Err(e @ Error::CorruptSafetensors { .. }) => {
+                assert!(e.to_string().contains(name), "{e}")
+            }
             other => panic!("{name}: expected CorruptSafetensors, got {other:?}"),
         }
     }
@@ -195,12 +282,24 @@ fn garbage_file_is_reported_as_corrupt() {
 fn missing_tensor_is_named() {
     let cfg = FluxConfig::tiny();
     let (_, tensors) = tiny_tensors(&cfg);
-    let kept: Vec<_> = tensors.into_iter().filter(|(n, _)| n != "single_blocks.2.linear2.weight").collect();
+    let kept: Vec<_> = tensors
+        .into_iter()
+        .filter(|(n, _)| n != "single_blocks.2.linear2.weight")
+        .collect();
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("flux1-dev.safetensors");
     save_safetensors(&kept, &path).expect("save");
-    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
-        .expect_err("must fail");
+    let err = load_transformer(
+        &files(
+            &path,
+            TransformerLayout::Bfl {
+                prefix: String::new(),
+            },
+        ),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("must fail");
     match &err {
         Error::MissingTensor { tensor, location } => {
             assert!(tensor.contains("single_blocks.2.linear2.weight"), "{err}");
@@ -222,16 +321,33 @@ fn misshaped_tensor_names_tensor_and_both_shapes() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("flux1-dev.safetensors");
     save_safetensors(&tensors, &path).expect("save");
-    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
-        .expect_err("must fail");
+    let err = load_transformer(
+        &files(
+            &path,
+            TransformerLayout::Bfl {
+                prefix: String::new(),
+            },
+        ),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("must fail");
     match &err {
-        Error::ShapeMismatch { tensor, expected, found, location } => {
+        Error::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+            location,
+        } => {
             assert!(tensor.contains("double_blocks.1.img_attn.proj.weight"));
             assert_eq!(expected, &vec![128, 128]);
             assert_eq!(found, &vec![128, 64]);
             assert!(location.contains("flux1-dev.safetensors"));
             let msg = err.to_string();
-            assert!(msg.contains("[128, 128]") && msg.contains("[128, 64]"), "{msg}");
+            assert!(
+                msg.contains("[128, 128]") && msg.contains("[128, 64]"),
+                "{msg}"
+            );
         }
         other => panic!("expected ShapeMismatch, got {other:?}"),
     }
@@ -241,7 +357,10 @@ fn misshaped_tensor_names_tensor_and_both_shapes() {
 fn misshaped_part_of_a_diffusers_concat_is_named() {
     let cfg = FluxConfig::tiny();
     let (_, tensors) = tiny_tensors(&cfg);
-    let map = FluxDiffusersMap { hidden: cfg.hidden_size, mlp_hidden: cfg.mlp_hidden() };
+    let map = FluxDiffusersMap {
+        hidden: cfg.hidden_size,
+        mlp_hidden: cfg.mlp_hidden(),
+    };
     let mut diff = export(&map, &tensors).expect("export");
     for (n, t) in diff.iter_mut() {
         if n == "transformer_blocks.0.attn.to_k.weight" {
@@ -252,12 +371,32 @@ fn misshaped_part_of_a_diffusers_concat_is_named() {
     let tdir = dir.path().join("transformer");
     std::fs::create_dir_all(&tdir).expect("mkdir");
     save_safetensors(&diff, &tdir.join("diffusion_pytorch_model.safetensors")).expect("save");
-    std::fs::write(tdir.join("config.json"), layout::flux_config_to_diffusers_json(&cfg).to_string()).expect("cfg");
-    let err = load_transformer(&files(&tdir, TransformerLayout::Diffusers), DType::F32, &Device::Cpu).expect_err("fail");
+    std::fs::write(
+        tdir.join("config.json"),
+        layout::flux_config_to_diffusers_json(&cfg).to_string(),
+    )
+    .expect("cfg");
+    let err = load_transformer(
+        &files(&tdir, TransformerLayout::Diffusers),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("fail");
     match &err {
-        Error::ShapeMismatch { tensor, expected, found, .. } => {
-            assert!(tensor.contains("transformer_blocks.0.attn.to_k.weight"), "{err}");
-            assert!(tensor.contains("double_blocks.0.img_attn.qkv.weight"), "{err}");
+        Error::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+            ..
+        } => {
+            assert!(
+                tensor.contains("transformer_blocks.0.attn.to_k.weight"),
+                "{err}"
+            );
+            assert!(
+                tensor.contains("double_blocks.0.img_attn.qkv.weight"),
+                "{err}"
+            );
             assert_eq!(expected, &vec![128, 128]);
             assert_eq!(found, &vec![96, 128]);
         }
@@ -277,10 +416,23 @@ fn unsupported_dtype_is_named() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("flux1-dev-int8.safetensors");
     save_safetensors(&tensors, &path).expect("save");
-    let err = load_transformer(&files(&path, TransformerLayout::Bfl { prefix: String::new() }), DType::F32, &Device::Cpu)
-        .expect_err("fail");
+    let err = load_transformer(
+        &files(
+            &path,
+            TransformerLayout::Bfl {
+                prefix: String::new(),
+            },
+        ),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("fail");
     match &err {
-        Error::UnsupportedDtype { tensor, dtype, location } => {
+        Error::UnsupportedDtype {
+            tensor,
+            dtype,
+            location,
+        } => {
             assert_eq!(tensor, "img_in.weight");
             assert_eq!(dtype, "U8");
             assert!(location.contains("flux1-dev-int8.safetensors"));
@@ -298,10 +450,15 @@ fn shard_index_pointing_at_the_wrong_shard_is_caught() {
     let index_path = dir.path().join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index_path).expect("read");
     let mut index: serde_json::Value = serde_json::from_str(&text).expect("json");
-    index["weight_map"]["img_in.weight"] = serde_json::Value::String("model-00002-of-00002.safetensors".into());
-    index["weight_map"]["not_there.weight"] = serde_json::Value::String("model-00001-of-00002.safetensors".into());
+    index["weight_map"]["img_in.weight"] =
+        serde_json::Value::String("model-00002-of-00002.safetensors".into());
+    index["weight_map"]["not_there.weight"] =
+        serde_json::Value::String("model-00001-of-00002.safetensors".into());
     std::fs::write(&index_path, index.to_string()).expect("write");
-    assert!(matches!(SafetensorsSet::open(dir.path()), Err(Error::MissingTensor { .. })));
+    assert!(matches!(
+        SafetensorsSet::open(dir.path()),
+        Err(Error::MissingTensor { .. })
+    ));
     // A missing shard file is an I/O error naming it.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).expect("rm");
     match SafetensorsSet::open(&index_path) {
@@ -315,7 +472,9 @@ fn unknown_layouts_are_rejected_with_a_reason() {
     let dir = tempfile::tempdir().expect("tmp");
     // An empty folder.
     match layout::resolve(dir.path().to_str().expect("utf8"), None) {
-        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("diffusers"), "{reason}"),
+        Err(Error::UnknownLayout { reason, .. }) => {
+            assert!(reason.contains("diffusers"), "{reason}")
+        }
         other => panic!("expected UnknownLayout, got {other:?}"),
     }
     // A safetensors file that is not a FLUX transformer.
@@ -323,11 +482,17 @@ fn unknown_layouts_are_rejected_with_a_reason() {
     let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("z");
     save_safetensors(&[("encoder.layer.0.weight".to_string(), t)], &p).expect("save");
     match layout::resolve(p.to_str().expect("utf8"), None) {
-        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("double_blocks.0.img_attn.qkv.weight"), "{reason}"),
+        Err(Error::UnknownLayout { reason, .. }) => assert!(
+            reason.contains("double_blocks.0.img_attn.qkv.weight"),
+            "{reason}"
+        ),
         other => panic!("expected UnknownLayout, got {other:?}"),
     }
     // A path that does not exist.
-    assert!(matches!(layout::resolve("/nonexistent/flux.safetensors", None), Err(Error::UnknownLayout { .. })));
+    assert!(matches!(
+        layout::resolve("/nonexistent/flux.safetensors", None),
+        Err(Error::UnknownLayout { .. })
+    ));
     // A transformer without an autoencoder beside it.
     let cfg = FluxConfig::tiny();
     let (_, tensors) = tiny_tensors(&cfg);
@@ -335,7 +500,9 @@ fn unknown_layouts_are_rejected_with_a_reason() {
     let f = d2.path().join("flux1-dev.safetensors");
     save_safetensors(&tensors, &f).expect("save");
     match layout::resolve(f.to_str().expect("utf8"), None) {
-        Err(Error::UnknownLayout { reason, .. }) => assert!(reason.contains("ae.safetensors"), "{reason}"),
+        Err(Error::UnknownLayout { reason, .. }) => {
+            assert!(reason.contains("ae.safetensors"), "{reason}")
+        }
         other => panic!("expected UnknownLayout, got {other:?}"),
     }
 }
@@ -351,7 +518,8 @@ fn hf_cache_discovery_finds_the_snapshot() {
     // The env var is process-wide: this is the only test that sets it.
     std::env::set_var("HF_HUB_CACHE", cache.path());
     let mut reasons = Vec::new();
-    let found = layout::find_in_hf_cache("black-forest-labs/FLUX.1-dev", &mut reasons).expect("found");
+    let found =
+        layout::find_in_hf_cache("black-forest-labs/FLUX.1-dev", &mut reasons).expect("found");
     assert_eq!(found, snap);
     let listed = layout::list_hf_cache();
     assert_eq!(listed.len(), 1);
@@ -361,7 +529,10 @@ fn hf_cache_discovery_finds_the_snapshot() {
         Err(Error::UnknownLayout { path, .. }) => assert_eq!(path, snap),
         other => panic!("expected UnknownLayout for an empty snapshot, got {other:?}"),
     }
-    assert!(matches!(layout::find_in_hf_cache("black-forest-labs/FLUX.1-schnell", &mut reasons), Err(Error::UnknownLayout { .. })));
+    assert!(matches!(
+        layout::find_in_hf_cache("black-forest-labs/FLUX.1-schnell", &mut reasons),
+        Err(Error::UnknownLayout { .. })
+    ));
     std::env::remove_var("HF_HUB_CACHE");
 }
 
@@ -380,20 +551,38 @@ fn exported_demo_model_loads_in_both_layouts_and_matches_builtin() {
         seed: 2024,
         ..Default::default()
     };
-    let want = builtin.generate(&req, &mut |_| Ok(())).expect("builtin image");
+    let want = builtin
+        .generate(&req, &mut |_| Ok(()))
+        .expect("builtin image");
     for (layout, expect_file) in [
         (ExportLayout::Bfl, "flux1-dev.safetensors"),
-        (ExportLayout::Diffusers, "transformer/diffusion_pytorch_model.safetensors.index.json"),
+        (
+            ExportLayout::Diffusers,
+            "transformer/diffusion_pytorch_model.safetensors.index.json",
+        ),
     ] {
         let dir = tempfile::tempdir().expect("tmp");
         write_demo_model(dir.path(), layout, DemoSeeds::BUILTIN).expect("export");
-        assert!(dir.path().join(expect_file).is_file(), "{layout:?}: {expect_file}");
+        assert!(
+            dir.path().join(expect_file).is_file(),
+            "{layout:?}: {expect_file}"
+        );
         let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
-        assert!(resolved.reasons.iter().any(|r| r.contains("demo model")), "{:?}", resolved.reasons);
+        assert!(
+            resolved.reasons.iter().any(|r| r.contains("demo model")),
+            "{:?}",
+            resolved.reasons
+        );
         let p = Pipeline::load(&resolved, "exported", DType::F32, &Device::Cpu).expect("load");
-        assert!(p.is_demo(), "a folder marked as the demo model stays labelled a demo");
+        assert!(
+            p.is_demo(),
+            "a folder marked as the demo model stays labelled a demo"
+        );
         let got = p.generate(&req, &mut |_| Ok(())).expect("image");
-        assert_eq!(got.image, want.image, "{layout:?} layout gives a different image");
+        assert_eq!(
+            got.image, want.image,
+            "{layout:?} layout gives a different image"
+        );
     }
 }
 
@@ -406,7 +595,9 @@ fn missing_tokenizer_folder_is_reported_when_loading_a_model() {
     std::fs::remove_dir_all(dir.path().join("tokenizer_2")).expect("rm");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     match Pipeline::load(&resolved, "x", DType::F32, &Device::Cpu) {
-        Err(e @ Error::MissingTokenizer { .. }) => assert!(e.to_string().contains("tokenizer_2"), "{e}"),
+        Err(e @ Error::MissingTokenizer { .. }) => {
+            assert!(e.to_string().contains("tokenizer_2"), "{e}")
+        }
         other => panic!("expected MissingTokenizer, got {:?}", other.map(|_| ())),
     }
 }

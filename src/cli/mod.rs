@@ -12,7 +12,11 @@ use crate::model::weights::SafetensorsSet;
 use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Pipeline, Progress};
 
 #[derive(Debug, Parser)]
-#[command(name = "parallax", version, about = "FLUX.1 text-to-image on candle, built for many GPUs")]
+#[command(
+    name = "parallax",
+    version,
+    about = "FLUX.1 text-to-image on candle, built for many GPUs"
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -196,7 +200,10 @@ pub fn load_pipeline(args: &ModelArgs) -> anyhow::Result<Pipeline> {
         tracing::info!("{r}");
     }
     let dtype = dtype_for(args.dtype, &resolved.spec);
-    if matches!(resolved.spec, ModelSpec::Demo) && args.dtype != DTypeArg::Auto && dtype != DType::F32 {
+    if matches!(resolved.spec, ModelSpec::Demo)
+        && args.dtype != DTypeArg::Auto
+        && dtype != DType::F32
+    {
         tracing::warn!("the demo model always runs in f32");
     }
     let t0 = Instant::now();
@@ -265,7 +272,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 bar.set_message(format!(
                     "{:.0} ms{}",
                     info.elapsed.as_secs_f64() * 1e3,
-                    if info.kind.is_reused() { " (cached)" } else { "" }
+                    if info.kind.is_reused() {
+                        " (cached)"
+                    } else {
+                        ""
+                    }
                 ));
             }
             Progress::Decoded { .. } => {}
@@ -387,7 +398,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
 fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
     use crate::model::export::{write_demo_model, DemoSeeds, ExportLayout};
     if a.dir.exists() && std::fs::read_dir(&a.dir)?.next().is_some() {
-        bail!("{} is not empty; give a new or empty folder", a.dir.display());
+        bail!(
+            "{} is not empty; give a new or empty folder",
+            a.dir.display()
+        );
     }
     let layout = match a.layout {
         LayoutArg::Bfl => ExportLayout::Bfl,
@@ -425,12 +439,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         ModelSpec::Files(f) => {
             let set = SafetensorsSet::open(&f.transformer)?;
             let cfg = match &f.transformer_layout {
-                layout::TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
+                layout::TransformerLayout::Diffusers
+                    if f.transformer.join("config.json").is_file() =>
+                {
                     layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))?
                 }
                 l => layout::infer_flux_config(&set, l)?,
             };
-            println!("  transformer: {} ({:?} layout)", f.transformer.display(), f.transformer_layout);
+            println!(
+                "  transformer: {} ({:?} layout)",
+                f.transformer.display(),
+                f.transformer_layout
+            );
             println!(
                 "    {} tensors stored as {:?}; hidden {}, {} heads, {} double + {} single blocks, guidance embedding: {} -> {}",
                 set.len(),
@@ -442,11 +462,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 cfg.guidance_embed,
                 if cfg.guidance_embed { "dev" } else { "schnell" }
             );
-            println!("  autoencoder: {} ({:?} layout)", f.vae.display(), f.vae_layout);
+            println!(
+                "  autoencoder: {} ({:?} layout)",
+                f.vae.display(),
+                f.vae_layout
+            );
             println!("  text encoders: {}", f.text_root.display());
             for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
                 let p = f.text_root.join(sub);
-                println!("    {sub}/: {}", if p.is_dir() { "found" } else { "MISSING" });
+                println!(
+                    "    {sub}/: {}",
+                    if p.is_dir() { "found" } else { "MISSING" }
+                );
             }
         }
     }

@@ -78,7 +78,10 @@ mod tests {
         let s = (q.matmul(&k.t()?)? / 4.0)?;
         let p = candle_nn::ops::softmax(&s, D::Minus1)?;
         let c = p.matmul(&v)?;
-        let diff = (sdpa_chunked(&q, &k, &v, 8)? - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (sdpa_chunked(&q, &k, &v, 8)? - c)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         Ok(())
     }

@@ -32,18 +32,26 @@ impl DemoWeights {
         let n = shape.elem_count();
         let leaf = name.rsplit('.').next().unwrap_or(name);
         let is_norm = name.contains("norm") || name.contains("layer_norm") || name.contains("ln_");
-        let values: Vec<f32> = if leaf == "scale" || (is_norm && leaf == "weight" && dims.len() == 1)
-        {
-            vec![1.0; n]
-        } else if is_norm && leaf == "bias" {
-            vec![0.0; n]
-        } else if dims.len() <= 1 {
-            rng::stream(self.seed, name).normals(n).into_iter().map(|x| x * 0.02).collect()
-        } else {
-            let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
-            let std = 1.0 / (fan_in as f32).sqrt();
-            rng::stream(self.seed, name).normals(n).into_iter().map(|x| x * std).collect()
-        };
+        let values: Vec<f32> =
+            if leaf == "scale" || (is_norm && leaf == "weight" && dims.len() == 1) {
+                vec![1.0; n]
+            } else if is_norm && leaf == "bias" {
+                vec![0.0; n]
+            } else if dims.len() <= 1 {
+                rng::stream(self.seed, name)
+                    .normals(n)
+                    .into_iter()
+                    .map(|x| x * 0.02)
+                    .collect()
+            } else {
+                let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+                let std = 1.0 / (fan_in as f32).sqrt();
+                rng::stream(self.seed, name)
+                    .normals(n)
+                    .into_iter()
+                    .map(|x| x * std)
+                    .collect()
+            };
         Tensor::from_vec(values, shape.clone(), &Device::Cpu)
     }
 }
@@ -60,7 +68,12 @@ impl SimpleBackend for DemoWeights {
         self.make(name, &s)?.to_dtype(dtype)?.to_device(dev)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("demo weights need a shape for `{name}`")
     }
 

@@ -78,7 +78,12 @@ fn mkdir(path: &Path) -> Result<()> {
 }
 
 /// Write `tensors` as `shards` files `{stem}-0000i-of-0000n.safetensors` plus the index json.
-pub fn write_sharded(dir: &Path, stem: &str, tensors: &[(String, Tensor)], shards: usize) -> Result<()> {
+pub fn write_sharded(
+    dir: &Path,
+    stem: &str,
+    tensors: &[(String, Tensor)],
+    shards: usize,
+) -> Result<()> {
     mkdir(dir)?;
     let shards = shards.max(1);
     let per = tensors.len().div_ceil(shards).max(1);
@@ -115,7 +120,9 @@ pub fn write_demo_text_encoders(root: &Path, seed: u64) -> Result<()> {
             PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?,
         )
     })?;
-    let (clip, t5): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| n.starts_with("text_model."));
+    let (clip, t5): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|(n, _)| n.starts_with("text_model."));
 
     let te = root.join("text_encoder");
     mkdir(&te)?;
@@ -195,11 +202,17 @@ pub fn write_demo_model(dir: &Path, layout: ExportLayout, seeds: DemoSeeds) -> R
             };
             let tdir = dir.join("transformer");
             write_sharded(&tdir, "diffusion_pytorch_model", &export(&tmap, &flux)?, 2)?;
-            write_json(&tdir.join("config.json"), &flux_config_to_diffusers_json(&flux_cfg))?;
+            write_json(
+                &tdir.join("config.json"),
+                &flux_config_to_diffusers_json(&flux_cfg),
+            )?;
             let vdir = dir.join("vae");
             mkdir(&vdir)?;
             let vmap = VaeDiffusersMap::new(vae_cfg.clone());
-            save_safetensors(&export(&vmap, &vae)?, &vdir.join("diffusion_pytorch_model.safetensors"))?;
+            save_safetensors(
+                &export(&vmap, &vae)?,
+                &vdir.join("diffusion_pytorch_model.safetensors"),
+            )?;
             write_json(&vdir.join("config.json"), &vae_cfg.to_diffusers_json())?;
             write_json(
                 &dir.join("model_index.json"),

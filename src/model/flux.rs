@@ -150,7 +150,10 @@ impl PosEmbed {
     pub fn new(ids: &Tensor, axes_dim: &[usize], theta: f64, dtype: DType) -> Result<Self> {
         let (_, n_axes) = ids.dims2()?;
         if n_axes != axes_dim.len() {
-            candle_core::bail!("position ids have {n_axes} axes, RoPE has {}", axes_dim.len())
+            candle_core::bail!(
+                "position ids have {n_axes} axes, RoPE has {}",
+                axes_dim.len()
+            )
         }
         let dev = ids.device();
         let mut angles = Vec::with_capacity(n_axes);
@@ -252,7 +255,8 @@ pub struct ModulationOut {
 impl ModulationOut {
     /// (1 + scale) * x + shift
     pub fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)
+        x.broadcast_mul(&(&self.scale + 1.0)?)?
+            .broadcast_add(&self.shift)
     }
 
     /// gate * x
@@ -424,11 +428,15 @@ impl DoubleBlock {
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
 
         let img = (img + img_m[0].gate(&self.img_attn.proj.forward(&img_out)?)?)?;
-        let img_ff = self.img_mlp.forward(&img_m[1].scale_shift(&norm.forward(&img)?)?)?;
+        let img_ff = self
+            .img_mlp
+            .forward(&img_m[1].scale_shift(&norm.forward(&img)?)?)?;
         let img = (&img + img_m[1].gate(&img_ff)?)?;
 
         let txt = (txt + txt_m[0].gate(&self.txt_attn.proj.forward(&txt_out)?)?)?;
-        let txt_ff = self.txt_mlp.forward(&txt_m[1].scale_shift(&norm.forward(&txt)?)?)?;
+        let txt_ff = self
+            .txt_mlp
+            .forward(&txt_m[1].scale_shift(&norm.forward(&txt)?)?)?;
         let txt = (&txt + txt_m[1].gate(&txt_ff)?)?;
         Ok((img, txt))
     }
@@ -476,7 +484,9 @@ impl SingleBlock {
         let q = apply_rope(&q, &ctx.pe)?;
         let k = apply_rope(&k, &ctx.pe)?;
         let a = merge_heads(&attn.attend(&q, &k, &v)?)?;
-        let out = self.linear2.forward(&Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?)?;
         x + m.gate(&out)?
     }
 }
@@ -611,13 +621,15 @@ impl Flux {
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
         let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
         let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
-        let mut vec = self
-            .time_in
-            .forward(&timestep_embedding(input.timesteps, 256, self.dtype)?)?;
+        let mut vec =
+            self.time_in
+                .forward(&timestep_embedding(input.timesteps, 256, self.dtype)?)?;
         if let Some(g_in) = &self.guidance_in {
             let g = match input.guidance {
                 Some(g) => g.clone(),
-                None => candle_core::bail!("this model embeds guidance: a guidance value is required"),
+                None => {
+                    candle_core::bail!("this model embeds guidance: a guidance value is required")
+                }
             };
             vec = (vec + g_in.forward(&timestep_embedding(&g, 256, self.dtype)?)?)?;
         }
@@ -698,7 +710,8 @@ mod tests {
 
     #[test]
     fn pack_unpack_round_trip() -> Result<()> {
-        let x = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &Device::Cpu)?.reshape((2, 16, 4, 6))?;
+        let x =
+            Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 6.0, &Device::Cpu)?.reshape((2, 16, 4, 6))?;
         let p = pack_latent(&x)?;
         assert_eq!(p.dims(), &[2, 6, 64]);
         // Token 0 holds the 2x2 patch at the top-left of every channel, channel-major.
@@ -741,7 +754,9 @@ mod tests {
     #[test]
     fn timestep_embedding_values() -> Result<()> {
         let t = Tensor::new(&[0.5f32], &Device::Cpu)?;
-        let e: Vec<f32> = timestep_embedding(&t, 8, DType::F32)?.flatten_all()?.to_vec1()?;
+        let e: Vec<f32> = timestep_embedding(&t, 8, DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         // t*1000 = 500; freqs 10000^(-i/4)
         for i in 0..4 {
             let a = 500.0 * (-(10_000f64.ln()) * i as f64 / 4.0).exp();

@@ -62,7 +62,9 @@ impl Variant {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransformerLayout {
     /// BFL names, below `prefix` (empty, or ComfyUI's `model.diffusion_model.`).
-    Bfl { prefix: String },
+    Bfl {
+        prefix: String,
+    },
     Diffusers,
 }
 
@@ -118,7 +120,10 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
         path
     } else if let Some(repo) = repo_id_for(name) {
         let snap = find_in_hf_cache(&repo, &mut reasons)?;
-        reasons.push(format!("`{name}` is {repo}, found in the Hugging Face cache at {}", snap.display()));
+        reasons.push(format!(
+            "`{name}` is {repo}, found in the Hugging Face cache at {}",
+            snap.display()
+        ));
         snap
     } else {
         return Err(Error::UnknownLayout {
@@ -161,7 +166,12 @@ pub fn hf_cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(p).join("hub"));
     }
     let home = std::env::var_os("HOME")?;
-    Some(PathBuf::from(home).join(".cache").join("huggingface").join("hub"))
+    Some(
+        PathBuf::from(home)
+            .join(".cache")
+            .join("huggingface")
+            .join("hub"),
+    )
 }
 
 /// Find `repo`'s snapshot in the cache: the one `refs/main` names, else the newest.
@@ -175,7 +185,10 @@ pub fn find_in_hf_cache(repo: &str, reasons: &mut Vec<String>) -> Result<PathBuf
     if !snapshots.is_dir() {
         return Err(Error::UnknownLayout {
             path: folder,
-            reason: format!("{repo} is not in the Hugging Face cache at {}", cache.display()),
+            reason: format!(
+                "{repo} is not in the Hugging Face cache at {}",
+                cache.display()
+            ),
         });
     }
     if let Ok(rev) = std::fs::read_to_string(folder.join("refs").join("main")) {
@@ -234,8 +247,14 @@ pub fn list_hf_cache() -> Vec<(String, PathBuf)> {
     out
 }
 
-fn resolve_dir(dir: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) -> Result<ModelFiles> {
-    let text_root = text_root.map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+fn resolve_dir(
+    dir: &Path,
+    text_root: Option<&Path>,
+    reasons: &mut Vec<String>,
+) -> Result<ModelFiles> {
+    let text_root = text_root
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.to_path_buf());
     let transformer_dir = dir.join("transformer");
     if transformer_dir.is_dir() {
         reasons.push(format!(
@@ -285,13 +304,20 @@ fn resolve_dir(dir: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) 
     }
 }
 
-fn resolve_file(file: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>) -> Result<ModelFiles> {
+fn resolve_file(
+    file: &Path,
+    text_root: Option<&Path>,
+    reasons: &mut Vec<String>,
+) -> Result<ModelFiles> {
     let set = SafetensorsSet::open(file)?;
     let layout = detect_transformer_layout(&set).ok_or_else(|| Error::UnknownLayout {
         path: file.to_path_buf(),
         reason: "no FLUX transformer tensors found (looked for `double_blocks.0.img_attn.qkv.weight` and `transformer_blocks.0.attn.to_q.weight`, also under `model.diffusion_model.`)".into(),
     })?;
-    reasons.push(format!("{}: transformer tensors in {layout:?} layout", file.display()));
+    reasons.push(format!(
+        "{}: transformer tensors in {layout:?} layout",
+        file.display()
+    ));
     let dir = file.parent().unwrap_or(Path::new("."));
     let (vae, vae_layout) = if dir.join("ae.safetensors").is_file() {
         reasons.push("autoencoder: ae.safetensors beside it (BFL layout)".into());
@@ -305,7 +331,9 @@ fn resolve_file(file: &Path, text_root: Option<&Path>, reasons: &mut Vec<String>
             reason: "no autoencoder beside it: expected ae.safetensors or a vae/ folder in the same folder".into(),
         });
     };
-    let text_root = text_root.map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+    let text_root = text_root
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.to_path_buf());
     Ok(ModelFiles {
         transformer: file.to_path_buf(),
         transformer_layout: layout,
@@ -350,14 +378,18 @@ pub fn infer_flux_config(set: &SafetensorsSet, layout: &TransformerLayout) -> Re
     let map = transformer_key_map(layout, &FluxConfig::dev());
     let shape = |canonical: &str| -> Result<Vec<usize>> {
         let name = match map.source(canonical) {
-            Some(Source::Tensor(n)) | Some(Source::Squeezed(n)) | Some(Source::SwapHalves { name: n, .. }) => n,
+            Some(Source::Tensor(n))
+            | Some(Source::Squeezed(n))
+            | Some(Source::SwapHalves { name: n, .. }) => n,
             Some(Source::Concat { parts, .. }) => parts[0].0.clone(),
             None => canonical.to_string(),
         };
-        set.meta(&name).map(|m| m.shape.clone()).ok_or_else(|| Error::MissingTensor {
-            tensor: name,
-            location: set.label().to_string(),
-        })
+        set.meta(&name)
+            .map(|m| m.shape.clone())
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: name,
+                location: set.label().to_string(),
+            })
     };
     let img_in = shape("img_in.weight")?;
     let txt_in = shape("txt_in.weight")?;
@@ -368,19 +400,32 @@ pub fn infer_flux_config(set: &SafetensorsSet, layout: &TransformerLayout) -> Re
         path: PathBuf::from(set.label()),
         reason: format!("cannot infer the model config: {what}"),
     };
-    if img_in.len() != 2 || txt_in.len() != 2 || vec_in.len() != 2 || head_dim.len() != 1 || mlp.len() != 2 {
+    if img_in.len() != 2
+        || txt_in.len() != 2
+        || vec_in.len() != 2
+        || head_dim.len() != 1
+        || mlp.len() != 2
+    {
         return Err(bad("unexpected tensor ranks"));
     }
     let hidden = img_in[0];
     let hd = head_dim[0];
     if hd == 0 || hidden % hd != 0 || hd % 16 != 0 {
-        return Err(bad(&format!("hidden size {hidden} and head dim {hd} do not fit")));
+        return Err(bad(&format!(
+            "hidden size {hidden} and head dim {hd} do not fit"
+        )));
     }
     // Count blocks by the highest index any tensor names, so a block with a tensor missing is
     // reported as a missing tensor rather than silently shortening the model.
     let (double_prefix, single_prefix) = match layout {
-        TransformerLayout::Bfl { prefix } => (format!("{prefix}double_blocks."), format!("{prefix}single_blocks.")),
-        TransformerLayout::Diffusers => ("transformer_blocks.".to_string(), "single_transformer_blocks.".to_string()),
+        TransformerLayout::Bfl { prefix } => (
+            format!("{prefix}double_blocks."),
+            format!("{prefix}single_blocks."),
+        ),
+        TransformerLayout::Diffusers => (
+            "transformer_blocks.".to_string(),
+            "single_transformer_blocks.".to_string(),
+        ),
     };
     let count = |block_prefix: &str| {
         set.names()
@@ -583,10 +628,12 @@ impl KeyMap for FluxDiffusersMap {
 /// when the base width is at least 64, else half the base width (the tiny demo/test models).
 pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
     let shape = |name: &str| -> Result<Vec<usize>> {
-        set.meta(name).map(|m| m.shape.clone()).ok_or_else(|| Error::MissingTensor {
-            tensor: name.to_string(),
-            location: set.label().to_string(),
-        })
+        set.meta(name)
+            .map(|m| m.shape.clone())
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: name.to_string(),
+                location: set.label().to_string(),
+            })
     };
     let conv_in = shape("decoder.conv_in.weight")?;
     let conv_out = shape("decoder.conv_out.weight")?;
@@ -598,7 +645,10 @@ pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
     }
     let ch = conv_out[1];
     let mut ch_mult = Vec::new();
-    while let Some(m) = set.meta(&format!("decoder.up.{}.block.0.conv2.weight", ch_mult.len())) {
+    while let Some(m) = set.meta(&format!(
+        "decoder.up.{}.block.0.conv2.weight",
+        ch_mult.len()
+    )) {
         ch_mult.push(m.shape[0] / ch.max(1));
     }
     let blocks = (0..)

@@ -205,7 +205,10 @@ impl SafetensorsSet {
     pub fn storage_dtype(&self) -> Option<safetensors::Dtype> {
         let mut counts: HashMap<String, (usize, safetensors::Dtype)> = HashMap::new();
         for m in self.tensors.values() {
-            counts.entry(format!("{:?}", m.dtype)).or_insert((0, m.dtype)).0 += 1;
+            counts
+                .entry(format!("{:?}", m.dtype))
+                .or_insert((0, m.dtype))
+                .0 += 1;
         }
         counts.into_values().max_by_key(|(n, _)| *n).map(|(_, d)| d)
     }
@@ -236,15 +239,20 @@ impl SafetensorsSet {
             }
         };
         let file = &self.files[meta.file];
-        let bytes = file.mmap.get(meta.start..meta.end).ok_or_else(|| {
-            Error::CorruptSafetensors {
-                path: file.path.clone(),
-                reason: format!("tensor `{name}` points past the end of the file"),
-            }
-        })?;
+        let bytes =
+            file.mmap
+                .get(meta.start..meta.end)
+                .ok_or_else(|| Error::CorruptSafetensors {
+                    path: file.path.clone(),
+                    reason: format!("tensor `{name}` points past the end of the file"),
+                })?;
         debug_assert!(meta.start >= file.data_start);
         let t = Tensor::from_raw_buffer(bytes, src_dtype, &meta.shape, &Device::Cpu)?;
-        let t = if src_dtype == dtype { t } else { t.to_dtype(dtype)? };
+        let t = if src_dtype == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         Ok(t.to_device(device)?)
     }
 }
@@ -327,10 +335,17 @@ impl MappedWeights {
     }
 
     fn fetch(&self, canonical: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let source = self.map.source(canonical).ok_or_else(|| Error::MissingTensor {
-            tensor: canonical.to_string(),
-            location: format!("{} ({} layout has no such tensor)", self.set.label(), self.map.layout_name()),
-        })?;
+        let source = self
+            .map
+            .source(canonical)
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: canonical.to_string(),
+                location: format!(
+                    "{} ({} layout has no such tensor)",
+                    self.set.label(),
+                    self.map.layout_name()
+                ),
+            })?;
         match source {
             Source::Tensor(name) | Source::Squeezed(name) => {
                 self.load_named(canonical, &name, dtype, dev)
@@ -373,7 +388,13 @@ impl MappedWeights {
         }
     }
 
-    fn load_named(&self, canonical: &str, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn load_named(
+        &self,
+        canonical: &str,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         if !self.set.contains(name) {
             return Err(Error::MissingTensor {
                 tensor: self.describe(canonical, name),
@@ -433,15 +454,18 @@ impl SimpleBackend for MappedWeights {
     }
 }
 
+/// The tensors a [`Recorder`] saw, in the order they were asked for.
+pub type Recorded = Arc<Mutex<Vec<(String, Tensor)>>>;
+
 /// Wraps a backend and records every tensor a model asked for, in order, so that a model built
 /// once (e.g. the demo model) can be written out as a checkpoint.
 pub struct Recorder<B: SimpleBackend> {
     inner: B,
-    seen: Arc<Mutex<Vec<(String, Tensor)>>>,
+    seen: Recorded,
 }
 
 impl<B: SimpleBackend> Recorder<B> {
-    pub fn new(inner: B) -> (Self, Arc<Mutex<Vec<(String, Tensor)>>>) {
+    pub fn new(inner: B) -> (Self, Recorded) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         (
             Self {

@@ -92,9 +92,14 @@ impl RgbImage {
 /// whole or not at all.
 pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
     if img.data.len() != img.width * img.height * 3 {
-        return Err(Error::Image("pixel buffer does not match the image size".into()));
+        return Err(Error::Image(
+            "pixel buffer does not match the image size".into(),
+        ));
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }

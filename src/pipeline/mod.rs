@@ -21,10 +21,10 @@ use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
 use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
+use crate::model::rng;
 use crate::model::text::TextEncoders;
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
-use crate::model::rng;
 
 use self::cache::{CacheStats, StepKind};
 use self::image::RgbImage;
@@ -104,12 +104,16 @@ impl GenerationSettings {
                     self.dtype
                 ),
             ),
-            ("Software".to_string(), format!("Parallax {}", self.parallax_version)),
+            (
+                "Software".to_string(),
+                format!("Parallax {}", self.parallax_version),
+            ),
         ];
         if self.variant == Variant::Demo {
             text.push((
                 "Comment".to_string(),
-                "DEMO: made by Parallax's built-in demo model (random weights), not by FLUX.1".into(),
+                "DEMO: made by Parallax's built-in demo model (random weights), not by FLUX.1"
+                    .into(),
             ));
         }
         Ok(text)
@@ -223,14 +227,22 @@ impl Pipeline {
     }
 
     /// Load the transformer, autoencoder and text encoders from files.
-    pub fn load_files(files: &ModelFiles, label: &str, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load_files(
+        files: &ModelFiles,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (flux, mut variant) = load_transformer(files, dtype, device)?;
         if files.demo {
             variant = Variant::Demo;
         }
         let vae = load_vae(files, dtype, device)?;
-        let text = TextEncoders::load_diffusers(&files.text_root, variant.t5_max_len(), dtype, device)?;
-        if text.t5_dim() != flux.config().context_in_dim || text.clip_dim() != flux.config().vec_in_dim {
+        let text =
+            TextEncoders::load_diffusers(&files.text_root, variant.t5_max_len(), dtype, device)?;
+        if text.t5_dim() != flux.config().context_in_dim
+            || text.clip_dim() != flux.config().vec_in_dim
+        {
             return Err(Error::UnknownLayout {
                 path: files.text_root.clone(),
                 reason: format!(
@@ -278,7 +290,11 @@ impl Pipeline {
         }
         let guidance = req.guidance.unwrap_or(self.variant.default_guidance());
         if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Error::setting("guidance", guidance, "must be a finite number >= 0"));
+            return Err(Error::setting(
+                "guidance",
+                guidance,
+                "must be a finite number >= 0",
+            ));
         }
         if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
             return Err(Error::setting(
@@ -327,9 +343,14 @@ impl Pipeline {
         let total_start = Instant::now();
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
-        if settings.negative_prompt.as_deref().is_some_and(|s| !s.is_empty()) {
+        if settings
+            .negative_prompt
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+        {
             notes.push(
-                "negative prompt stored but not used: true CFG arrives with the multi-GPU engine".into(),
+                "negative prompt stored but not used: true CFG arrives with the multi-GPU engine"
+                    .into(),
             );
         }
         if self.is_demo() {
@@ -402,7 +423,11 @@ pub fn describe_cache(stats: &CacheStats) -> String {
 }
 
 /// Load the transformer and tell which variant it is.
-pub fn load_transformer(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(Flux, Variant)> {
+pub fn load_transformer(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Flux, Variant)> {
     let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
     let cfg = match &files.transformer_layout {
         layout::TransformerLayout::Diffusers if files.transformer.join("config.json").is_file() => {
@@ -415,7 +440,8 @@ pub fn load_transformer(files: &ModelFiles, dtype: DType, device: &Device) -> Re
     } else {
         Variant::Schnell
     };
-    let map: Arc<dyn KeyMap> = Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
+    let map: Arc<dyn KeyMap> =
+        Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
     let vb = MappedWeights::new(set, map).var_builder(dtype, device);
     let flux = Flux::new(&cfg, vb).px()?;
     Ok((flux, variant))

@@ -39,8 +39,16 @@ impl FirstBlockCache {
 
 /// sum|a - b| and sum|b|, in f64 (numerator and denominator of the relative change).
 pub fn residual_sums(r: &Tensor, r_ref: &Tensor) -> candle_core::Result<(f64, f64)> {
-    let num = (r - r_ref)?.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-    let den = r_ref.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let num = (r - r_ref)?
+        .abs()?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
+    let den = r_ref
+        .abs()?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
     Ok((num, den))
 }
 
