@@ -1,4 +1,6 @@
-//! The `parallax` command line: `generate`, `bench` and `info`.
+//! The `parallax` command line: `generate`, `bench`, `info`, `export-demo`, `selfcheck`.
+
+mod selfcheck;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -35,6 +37,16 @@ pub enum Command {
     Info(InfoArgs),
     /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
     ExportDemo(ExportDemoArgs),
+    /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
+    /// bf16 on the device against f32 on the CPU.
+    Selfcheck(SelfcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SelfcheckArgs {
+    /// The device to check (`cuda`, `cuda:N`; `cpu` checks the CPU fallbacks only).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,7 +86,7 @@ pub struct ModelArgs {
     pub text_encoders: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
-    /// Device: `cpu` (GPU builds arrive with the `cuda` feature).
+    /// Device: `cpu`, `cuda` (GPU 0) or `cuda:N` (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -130,6 +142,10 @@ pub struct BenchArgs {
     pub runs: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// The machine's measured bf16 matrix-multiply ceiling in TFLOP/s, for the floor ratio
+    /// (773: H100 as measured for issue 3).
+    #[arg(long, default_value_t = 773.0)]
+    pub peak_tflops: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -171,19 +187,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench(a),
         Command::Info(a) => info(a),
         Command::ExportDemo(a) => export_demo(a),
+        Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
     }
 }
 
 fn device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => bail!("unknown device `{other}`: this build supports `cpu` (CUDA comes with the `cuda` feature)"),
-    }
+    Ok(crate::device::parse(name)?)
 }
 
 fn dtype_for(arg: DTypeArg, spec: &ModelSpec) -> DType {
     match (arg, spec) {
         (DTypeArg::Auto, ModelSpec::Demo) => DType::F32,
+        (DTypeArg::Auto, ModelSpec::Random(_)) => DType::BF16,
         (DTypeArg::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
         (DTypeArg::Auto, _) => DType::BF16,
         (DTypeArg::F32, _) => DType::F32,
@@ -343,20 +358,31 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("bench [{bar:30}] run {pos}/{len} {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let dev = p.device().clone();
+    let mut gpu_peak: Option<u64> = crate::device::gpu_memory_used(&dev);
+    let sample = |gpu_peak: &mut Option<u64>| {
+        if let Some(used) = crate::device::gpu_memory_used(&dev) {
+            *gpu_peak = Some(gpu_peak.map_or(used, |p| p.max(used)));
+        }
+    };
     for _ in 0..a.warmup {
-        p.generate(&req, &mut |_| Ok(()))?;
+        p.generate(&req, &mut |_| {
+            sample(&mut gpu_peak);
+            Ok(())
+        })?;
         bar.inc(1);
     }
     let mut totals = Vec::new();
-    let mut step_medians = Vec::new();
     let mut all_steps = Vec::new();
     let mut text = Vec::new();
     let mut vae = Vec::new();
     let mut last = None;
     for _ in 0..a.runs {
-        let g = p.generate(&req, &mut |_| Ok(()))?;
+        let g = p.generate(&req, &mut |_| {
+            sample(&mut gpu_peak);
+            Ok(())
+        })?;
         totals.push(g.timings.total_ms);
-        step_medians.push(median(&g.timings.steps_ms));
         all_steps.extend(g.timings.steps_ms.iter().copied());
         text.push(g.timings.text_ms);
         vae.push(g.timings.vae_ms);
@@ -366,11 +392,18 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let stats = last.map(|g| g.stats).unwrap_or_default();
+    let img_tokens = (settings.width / 16) * (settings.height / 16);
+    let flops = p
+        .flux
+        .config()
+        .flops_per_step(p.text.t5_max_len(), img_tokens);
+    let step_median = median(&all_steps);
+    let floor_ms = flops / (a.peak_tflops * 1e12) * 1e3;
     let report = serde_json::json!({
         "model": p.label,
         "variant": p.variant.name(),
         "demo": p.is_demo(),
-        "device": a.model.device,
+        "device": crate::device::describe(&dev),
         "dtype": settings.dtype,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "width": settings.width,
@@ -380,8 +413,14 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "warmup": a.warmup,
         "runs": a.runs,
         "load_ms": load_ms,
+        "tokens": { "text": p.text.t5_max_len(), "image": img_tokens },
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / (step_median * 1e-3) / 1e12,
+        "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
+        "attention": p.flux.attention().name(),
+        "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         "step_ms": {
-            "median": median(&all_steps),
+            "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),
             "max": all_steps.iter().copied().fold(0.0, f64::max),
         },
@@ -424,6 +463,25 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         println!("  why: {r}");
     }
     match &resolved.spec {
+        ModelSpec::Random(v) => {
+            let cfg = if *v == crate::model::layout::Variant::Schnell {
+                crate::model::flux::FluxConfig::schnell()
+            } else {
+                crate::model::flux::FluxConfig::dev()
+            };
+            println!(
+                "  kind: FLUX.1-{} sizes, random weights made on the device",
+                v.name()
+            );
+            println!(
+                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks; T5-XXL and CLIP-L",
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.head_dim(),
+                cfg.depth,
+                cfg.depth_single_blocks
+            );
+        }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::tiny();
             println!("  kind: built-in demo (random weights, FLUX.1 structure at a tiny size)");

@@ -4,7 +4,7 @@
 //! as (batch, heads, tokens, head_dim). A parallel strategy (Ulysses, Ring, ...) replaces the
 //! implementation; the model code never changes.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// Scaled dot-product attention over (B, H, L, D) tensors, non-causal.
 pub trait Attention: Send + Sync {
@@ -14,25 +14,38 @@ pub trait Attention: Send + Sync {
     fn name(&self) -> &str;
 }
 
-/// Plain attention on one device. Queries are processed in chunks so the score matrix held at
-/// once is at most `query_chunk` x L per head, never L x L.
+/// Attention on one device: Parallax's fused kernel where it applies (CUDA, bf16; see
+/// [`crate::kernels::flash_attn`]), else plain attention over chunks of `query_chunk` queries, so
+/// the score matrix held at once is at most `query_chunk` x L per head, never L x L.
 #[derive(Debug, Clone)]
 pub struct LocalAttention {
     pub query_chunk: usize,
+    /// Use the fused kernel when it applies (on by default; off to compare).
+    pub fused: bool,
 }
 
 impl Default for LocalAttention {
     fn default() -> Self {
-        Self { query_chunk: 1024 }
+        Self {
+            query_chunk: 1024,
+            fused: std::env::var_os("PARALLAX_NO_FUSED_ATTENTION").is_none(),
+        }
     }
 }
 
 impl Attention for LocalAttention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.fused && crate::kernels::flash_attn::kernel_supports(q) {
+            return crate::kernels::flash_attn::attention(q, k, v);
+        }
         sdpa_chunked(q, k, v, self.query_chunk)
     }
     fn name(&self) -> &str {
-        "local"
+        if self.fused {
+            "local (fused kernel on CUDA bf16)"
+        } else {
+            "local"
+        }
     }
 }
 
@@ -49,7 +62,14 @@ pub fn sdpa_chunked(q: &Tensor, k: &Tensor, v: &Tensor, chunk: usize) -> Result<
         let n = chunk.min(lq - start);
         let qc = q.narrow(2, start, n)?.contiguous()?;
         let scores = (qc.matmul(&kt)? * scale)?;
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        // candle's CPU softmax sums in the input dtype, which loses most of a long bf16/f16 row
+        // (relative error ~1 at 4608 keys): take it in f32 there. GPU kernels accumulate in f32.
+        let p = if scores.device().is_cpu() && scores.dtype() != DType::F32 {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(scores.dtype())?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         outs.push(p.matmul(&v)?);
         start += n;
     }

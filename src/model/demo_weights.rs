@@ -28,31 +28,81 @@ impl DemoWeights {
 
     /// The tensor named `name` of shape `shape` (f32 on the CPU).
     pub fn make(&self, name: &str, shape: &Shape) -> candle_core::Result<Tensor> {
-        let dims = shape.dims();
         let n = shape.elem_count();
-        let leaf = name.rsplit('.').next().unwrap_or(name);
-        let is_norm = name.contains("norm") || name.contains("layer_norm") || name.contains("ln_");
-        let values: Vec<f32> =
-            if leaf == "scale" || (is_norm && leaf == "weight" && dims.len() == 1) {
-                vec![1.0; n]
-            } else if is_norm && leaf == "bias" {
-                vec![0.0; n]
-            } else if dims.len() <= 1 {
-                rng::stream(self.seed, name)
-                    .normals(n)
-                    .into_iter()
-                    .map(|x| x * 0.02)
-                    .collect()
-            } else {
-                let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
-                let std = 1.0 / (fan_in as f32).sqrt();
-                rng::stream(self.seed, name)
-                    .normals(n)
-                    .into_iter()
-                    .map(|x| x * std)
-                    .collect()
-            };
+        let values: Vec<f32> = match init_for(name, shape.dims()) {
+            InitKind::Const(c) => vec![c; n],
+            InitKind::Normal(std) => rng::stream(self.seed, name)
+                .normals(n)
+                .into_iter()
+                .map(|x| x * std)
+                .collect(),
+        };
         Tensor::from_vec(values, shape.clone(), &Device::Cpu)
+    }
+}
+
+/// How a made-up tensor is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitKind {
+    Const(f32),
+    Normal(f32),
+}
+
+/// The initialisation rule shared by [`DemoWeights`] and [`RandomWeights`].
+pub fn init_for(name: &str, dims: &[usize]) -> InitKind {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let is_norm = name.contains("norm") || name.contains("layer_norm") || name.contains("ln_");
+    if leaf == "scale" || (is_norm && leaf == "weight" && dims.len() == 1) {
+        InitKind::Const(1.0)
+    } else if is_norm && leaf == "bias" {
+        InitKind::Const(0.0)
+    } else if dims.len() <= 1 {
+        InitKind::Normal(0.02)
+    } else {
+        let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
+        InitKind::Normal(1.0 / (fan_in as f32).sqrt())
+    }
+}
+
+/// Random weights generated directly on the target device (for `--model random:dev`: real sizes,
+/// no files, no host copies). Same rules as [`DemoWeights`], drawn from the device's own
+/// generator (seeded with `Device::set_seed`), so reproducible only on the same device.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomWeights;
+
+impl RandomWeights {
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = match init_for(name, s.dims()) {
+            InitKind::Const(c) => Tensor::full(c, s, dev)?,
+            InitKind::Normal(std) => Tensor::randn(0f32, std, s, dev)?,
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
     }
 }
 

@@ -93,6 +93,9 @@ pub struct ModelFiles {
 #[derive(Debug, Clone)]
 pub enum ModelSpec {
     Demo,
+    /// FLUX.1's real sizes with random weights made on the device (`random:dev`,
+    /// `random:schnell`): for measuring speed and memory without weights.
+    Random(Variant),
     Files(ModelFiles),
 }
 
@@ -112,6 +115,27 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
         reasons.push("`demo`: the built-in demo model (random weights, tiny, not FLUX)".into());
         return Ok(Resolved {
             spec: ModelSpec::Demo,
+            reasons,
+        });
+    }
+    if let Some(kind) = name.strip_prefix("random:") {
+        let variant = match kind {
+            "dev" => Variant::Dev,
+            "schnell" => Variant::Schnell,
+            other => {
+                return Err(Error::UnknownLayout {
+                    path: PathBuf::from(name),
+                    reason: format!(
+                        "unknown random model `{other}`: use random:dev or random:schnell"
+                    ),
+                })
+            }
+        };
+        reasons.push(format!(
+            "`{name}`: FLUX.1-{kind}'s sizes (12B transformer, T5-XXL, CLIP-L, autoencoder) with random weights made on the device; not FLUX"
+        ));
+        return Ok(Resolved {
+            spec: ModelSpec::Random(variant),
             reasons,
         });
     }
@@ -649,7 +673,7 @@ pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
         "decoder.up.{}.block.0.conv2.weight",
         ch_mult.len()
     )) {
-        ch_mult.push(m.shape[0] / ch.max(1));
+        ch_mult.push(m.shape.first().copied().unwrap_or(0) / ch.max(1));
     }
     let blocks = (0..)
         .take_while(|j| set.contains(&format!("decoder.up.0.block.{j}.conv1.weight")))
@@ -658,7 +682,7 @@ pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
     let cfg = super::vae::VaeConfig {
         in_channels: set
             .meta("encoder.conv_in.weight")
-            .map(|m| m.shape[1])
+            .and_then(|m| m.shape.get(1).copied())
             .unwrap_or(flux.in_channels),
         out_channels: conv_out[0],
         ch,

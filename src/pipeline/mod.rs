@@ -74,6 +74,9 @@ pub struct GenerationSettings {
     /// The model as the user named it (path, repo id or `demo`).
     pub model: String,
     pub variant: Variant,
+    /// Made-up weights (demo or random model): the image is not FLUX.1's.
+    #[serde(default)]
+    pub synthetic: bool,
     pub dtype: String,
     pub sampler: String,
     pub schedule: String,
@@ -109,7 +112,7 @@ impl GenerationSettings {
                 format!("Parallax {}", self.parallax_version),
             ),
         ];
-        if self.variant == Variant::Demo {
+        if self.synthetic {
             text.push((
                 "Comment".to_string(),
                 "DEMO: made by Parallax's built-in demo model (random weights), not by FLUX.1"
@@ -180,6 +183,8 @@ pub struct Pipeline {
     pub variant: Variant,
     /// How the user named the model.
     pub label: String,
+    /// Random weights (`random:dev`): labelled like the demo model.
+    pub synthetic: bool,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -215,6 +220,41 @@ impl Pipeline {
             text,
             variant: Variant::Demo,
             label: "demo".into(),
+            synthetic: true,
+        })
+    }
+
+    /// FLUX.1's real architecture and sizes (transformer, autoencoder, T5-XXL, CLIP-L) with random
+    /// weights generated on `device`, and the demo byte tokenizers: for speed and memory
+    /// measurements without weights. Its images are noise and are labelled DEMO.
+    pub fn random(variant: Variant, dtype: DType, device: &Device) -> Result<Self> {
+        use crate::model::demo_weights::RandomWeights;
+        use crate::model::text;
+        use crate::model::tokenizer::PromptTokenizer;
+        device.set_seed(0x5241_4E44)?;
+        let cfg = match variant {
+            Variant::Schnell => FluxConfig::schnell(),
+            _ => FluxConfig::dev(),
+        };
+        let flux = Flux::new(&cfg, RandomWeights.var_builder(dtype, device)).px()?;
+        let vae =
+            AutoEncoder::new(&VaeConfig::flux(), RandomWeights.var_builder(dtype, device)).px()?;
+        let vb = RandomWeights.var_builder(dtype, device);
+        let text = TextEncoders::new(
+            vb.clone(),
+            &text::t5_xxl_config(),
+            vb.pp("text_model"),
+            &text::clip_l_config(),
+            PromptTokenizer::demo(variant.t5_max_len(), "t5")?,
+            PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?,
+        )?;
+        Ok(Self {
+            flux,
+            vae,
+            text,
+            variant,
+            label: format!("random:{}", variant.name()),
+            synthetic: true,
         })
     }
 
@@ -222,6 +262,7 @@ impl Pipeline {
     pub fn load(resolved: &Resolved, label: &str, dtype: DType, device: &Device) -> Result<Self> {
         match &resolved.spec {
             ModelSpec::Demo => Self::demo(device),
+            ModelSpec::Random(variant) => Self::random(*variant, dtype, device),
             ModelSpec::Files(files) => Self::load_files(files, label, dtype, device),
         }
     }
@@ -260,11 +301,13 @@ impl Pipeline {
             text,
             variant,
             label: label.to_string(),
+            synthetic: files.demo,
         })
     }
 
+    /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
     pub fn is_demo(&self) -> bool {
-        self.variant == Variant::Demo
+        self.synthetic || self.variant == Variant::Demo
     }
 
     pub fn device(&self) -> &Device {
@@ -314,6 +357,7 @@ impl Pipeline {
             cache_threshold: req.cache_threshold,
             model: self.label.clone(),
             variant: self.variant,
+            synthetic: self.is_demo(),
             dtype: format!("{:?}", self.flux.dtype()).to_lowercase(),
             sampler: "flow-match-euler".into(),
             schedule: if self.variant.shifted_schedule() {
@@ -354,7 +398,10 @@ impl Pipeline {
             );
         }
         if self.is_demo() {
-            notes.push("DEMO model: random weights, not FLUX.1; the image is labelled DEMO".into());
+            notes.push(format!(
+                "DEMO model ({}): made-up weights, not FLUX.1; the image is labelled DEMO",
+                self.label
+            ));
         }
 
         let t0 = Instant::now();

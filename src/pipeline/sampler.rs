@@ -78,6 +78,9 @@ pub fn denoise(
         };
         let (v, kind) = policy.predict(model, &input)?;
         x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?).px()?;
+        // Between steps, not inside one: so the reported step time is the device's, and the
+        // latent handed to `on_step` is ready.
+        crate::device::synchronize(dev)?;
         stats.record(kind);
         on_step(&StepInfo {
             index: i,

@@ -1,0 +1,166 @@
+//! `parallax selfcheck`: does this device compute what the CPU computes?
+//!
+//! 1. The fused attention kernel against plain attention in f32 on the same inputs (fresh random
+//!    values, sequence lengths that are and are not multiples of the tile, head dims 64 and 128).
+//! 2. The demo-sized transformer in bf16 on the device against f32 on the CPU (same weights).
+//! 3. The whole demo pipeline in f32 on the device against the CPU, pixel by pixel.
+//!
+//! Errors are relative: ‖out − ref‖ / ‖ref‖. Exits non-zero if any check fails.
+
+use anyhow::bail;
+use candle_core::{DType, Device, Tensor};
+
+use crate::kernels::flash_attn;
+use crate::model::attention::sdpa_chunked;
+use crate::model::demo_weights::DemoWeights;
+use crate::model::flux::{Flux, FluxConfig, FluxInput};
+use crate::pipeline::{GenerateRequest, Pipeline};
+
+fn rel_err(out: &Tensor, reference: &Tensor) -> anyhow::Result<f64> {
+    let out = out.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let reference = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let num = (&out - &reference)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
+    let den = reference.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    if !num.is_finite() {
+        return Ok(f64::INFINITY);
+    }
+    Ok(num / den.max(1e-30))
+}
+
+struct Report {
+    rows: Vec<(String, f64, f64, bool)>,
+}
+
+impl Report {
+    fn check(&mut self, name: String, err: f64, tol: f64) {
+        let ok = err.is_finite() && err <= tol;
+        println!(
+            "{:<58} rel err {:>10.3e}  tol {:>8.1e}  {}",
+            name,
+            err,
+            tol,
+            if ok { "ok" } else { "FAIL" }
+        );
+        self.rows.push((name, err, tol, ok));
+    }
+}
+
+pub fn run(device: &str) -> anyhow::Result<()> {
+    let dev = crate::device::parse(device)?;
+    println!("selfcheck on {}", crate::device::describe(&dev));
+    let mut report = Report { rows: Vec::new() };
+
+    // 1. Fused attention against plain f32 attention.
+    for &(b, h, lq, lk, d) in &[
+        (1usize, 24usize, 4608usize, 4608usize, 128usize),
+        (1, 2, 300, 300, 64),
+        (2, 3, 1000, 777, 128),
+        (1, 24, 77, 77, 128),
+        (1, 4, 64, 5, 128),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (b, h, lq, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?;
+        let (qb, kb, vb) = (
+            q.to_dtype(DType::BF16)?,
+            k.to_dtype(DType::BF16)?,
+            v.to_dtype(DType::BF16)?,
+        );
+        let used_kernel = flash_attn::kernel_supports(&qb);
+        let out = flash_attn::attention(&qb, &kb, &vb)?;
+        // Reference from the same bf16-rounded inputs, computed in f32.
+        let reference = sdpa_chunked(
+            &qb.to_dtype(DType::F32)?,
+            &kb.to_dtype(DType::F32)?,
+            &vb.to_dtype(DType::F32)?,
+            512,
+        )?;
+        report.check(
+            format!(
+                "attention {}{b}x{h}x{lq}x{lk}x{d} bf16",
+                if used_kernel { "[fused] " } else { "[plain] " }
+            ),
+            rel_err(&out, &reference)?,
+            1e-2,
+        );
+    }
+
+    // 2. The tiny transformer: device bf16 against CPU f32, same weights.
+    let cfg = FluxConfig::tiny();
+    let cpu = Flux::new(
+        &cfg,
+        DemoWeights::new(7).var_builder(DType::F32, &Device::Cpu),
+    )?;
+    let gpu = Flux::new(&cfg, DemoWeights::new(7).var_builder(DType::BF16, &dev))?;
+    let img = Tensor::randn(0f32, 1.0, (1, 256, 64), &Device::Cpu)?;
+    let txt = Tensor::randn(0f32, 1.0, (1, 64, cfg.context_in_dim), &Device::Cpu)?;
+    let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &Device::Cpu)?;
+    let t = Tensor::new(&[0.8f32], &Device::Cpu)?;
+    let g = Tensor::new(&[3.5f32], &Device::Cpu)?;
+    let run = |m: &Flux, dev: &Device| -> anyhow::Result<Tensor> {
+        let pe = m.pos_embed(64, 16, 16)?;
+        let (img, txt, y, t, g) = (
+            img.to_device(dev)?,
+            txt.to_device(dev)?,
+            y.to_device(dev)?,
+            t.to_device(dev)?,
+            g.to_device(dev)?,
+        );
+        Ok(m.forward(&FluxInput {
+            img: &img,
+            txt: &txt,
+            y: &y,
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        })?)
+    };
+    report.check(
+        "tiny transformer: device bf16 vs CPU f32 (velocity)".into(),
+        rel_err(&run(&gpu, &dev)?, &run(&cpu, &Device::Cpu)?)?,
+        3e-2,
+    );
+
+    // 3. The demo pipeline end to end in f32.
+    let req = GenerateRequest {
+        prompt: "a lighthouse on a cliff at dawn".into(),
+        width: 256,
+        height: 256,
+        steps: Some(4),
+        seed: 1,
+        ..Default::default()
+    };
+    let a = Pipeline::demo(&Device::Cpu)?.generate(&req, &mut |_| Ok(()))?;
+    let b = Pipeline::demo(&dev)?.generate(&req, &mut |_| Ok(()))?;
+    let diff: f64 = a
+        .image
+        .data
+        .iter()
+        .zip(&b.image.data)
+        .map(|(&x, &y)| (x as f64 - y as f64).abs())
+        .sum::<f64>()
+        / a.image.data.len() as f64;
+    let as_tensor = |d: &[u8]| {
+        Tensor::from_vec(
+            d.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            d.len(),
+            &Device::Cpu,
+        )
+    };
+    report.check(
+        format!("demo image 256px f32: device vs CPU (mean |diff| {diff:.3} of 255)"),
+        rel_err(&as_tensor(&b.image.data)?, &as_tensor(&a.image.data)?)?,
+        1e-2,
+    );
+
+    let failed = report.rows.iter().filter(|r| !r.3).count();
+    println!("{} passed, {} failed", report.rows.len() - failed, failed);
+    if failed > 0 {
+        bail!("{failed} selfcheck(s) failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Run-time compilation of Parallax's CUDA kernels with NVRTC, once per kernel source and GPU
+//! architecture.
+
+#[cfg(feature = "cuda")]
+use std::collections::HashMap;
+#[cfg(feature = "cuda")]
+use std::sync::Mutex;
+
+/// PTX for `source` built for `dev`'s architecture, and the module name to load it under.
+#[cfg(feature = "cuda")]
+pub fn ptx_for(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    source: &'static str,
+) -> candle_core::Result<(String, String)> {
+    static CACHE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+    let (major, minor) = dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    if major < 8 {
+        candle_core::bail!(
+            "Parallax's kernels need an sm_80 or newer GPU (found sm_{major}{minor})"
+        );
+    }
+    let arch = format!("sm_{major}{minor}");
+    let module = format!("parallax_{name}_{arch}");
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some(ptx) = cache.get(&module) {
+        return Ok((module, ptx.clone()));
+    }
+    let start = std::time::Instant::now();
+    let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+        arch: Some(Box::leak(arch.clone().into_boxed_str())),
+        options: vec!["-std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map_err(|e| candle_core::Error::Cuda(format!("NVRTC failed on {name}: {e:?}").into()))?
+        .to_src();
+    tracing::info!(
+        "compiled {name} for {arch} in {:.0} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    cache.insert(module.clone(), ptx.clone());
+    Ok((module, ptx))
+}
