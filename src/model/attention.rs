@@ -105,4 +105,29 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
+
+    #[test]
+    fn half_precision_on_cpu_stays_accurate_for_long_rows() -> Result<()> {
+        // 3000 keys: a softmax summed in bf16 would be off by ~100%.
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 40, 64), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 3000, 64), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3000, 64), &dev)?;
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16);
+        let out = sdpa_chunked(&bf(&q)?, &bf(&k)?, &bf(&v)?, 16)?.to_dtype(DType::F32)?;
+        let reference = sdpa_chunked(
+            &bf(&q)?.to_dtype(DType::F32)?,
+            &bf(&k)?.to_dtype(DType::F32)?,
+            &bf(&v)?.to_dtype(DType::F32)?,
+            16,
+        )?;
+        let num = (&out - &reference)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            .sqrt();
+        let den = reference.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+        assert!(num / den < 2e-2, "relative error {}", num / den);
+        Ok(())
+    }
 }
