@@ -89,6 +89,66 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         );
     }
 
+    // 1b. Fused QKV preparation against its plain composition, double- and single-stream.
+    for &(lt, li, h, d, extra) in &[
+        (512usize, 4096usize, 24usize, 128usize, 0usize),
+        (0, 4608, 24, 128, 12288),
+        (7, 100, 2, 64, 0),
+    ] {
+        let ids = crate::model::flux::position_ids(lt, 1, li, &dev)?;
+        let axes = if d == 128 {
+            vec![16, 56, 56]
+        } else {
+            vec![8, 28, 28]
+        };
+        let pe = crate::model::flux::PosEmbed::new(&ids, &axes, 10_000.0, DType::BF16)?;
+        let mk = |rows: usize| -> anyhow::Result<Tensor> {
+            Ok(
+                Tensor::randn(0f32, 1.0, (1, rows, 3 * h * d + extra), &dev)?
+                    .to_dtype(DType::BF16)?,
+            )
+        };
+        let scale = |_: ()| -> anyhow::Result<Tensor> {
+            Ok(Tensor::randn(1f32, 0.2, d, &dev)?.to_dtype(DType::BF16)?)
+        };
+        let (txt, img) = (mk(lt.max(1))?, mk(li)?);
+        let (tq, tk, iq, ik) = (scale(())?, scale(())?, scale(())?, scale(())?);
+        use crate::kernels::qkv_prep::{qkv_prep, qkv_prep_reference, QkvStream};
+        let streams: Vec<QkvStream> = if lt > 0 {
+            vec![
+                QkvStream {
+                    qkv: &txt,
+                    q_scale: &tq,
+                    k_scale: &tk,
+                },
+                QkvStream {
+                    qkv: &img,
+                    q_scale: &iq,
+                    k_scale: &ik,
+                },
+            ]
+        } else {
+            vec![QkvStream {
+                qkv: &img,
+                q_scale: &iq,
+                k_scale: &ik,
+            }]
+        };
+        let fused = qkv_prep(&streams, &pe, h)?;
+        let plain = qkv_prep_reference(&streams, &pe, h)?;
+        for (name, a, b) in [
+            ("q", &fused.0, &plain.0),
+            ("k", &fused.1, &plain.1),
+            ("v", &fused.2, &plain.2),
+        ] {
+            report.check(
+                format!("qkv prep {name} (text {lt}, image {li}, {h}x{d}, row pad {extra})"),
+                rel_err(a, b)?,
+                1e-2,
+            );
+        }
+    }
+
     // 2. The tiny transformer: device bf16 against CPU f32, same weights.
     let cfg = FluxConfig::tiny();
     let cpu = Flux::new(

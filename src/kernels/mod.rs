@@ -7,3 +7,4 @@
 
 pub mod flash_attn;
 pub mod nvrtc;
+pub mod qkv_prep;

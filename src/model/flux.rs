@@ -15,6 +15,7 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
+use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,19 +331,14 @@ impl QkNorm {
         })
     }
 
-    fn forward(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        let q = candle_nn::ops::rms_norm(&q.contiguous()?, &self.query, 1e-6)?;
-        let k = candle_nn::ops::rms_norm(&k.contiguous()?, &self.key, 1e-6)?;
-        Ok((q, k))
+    /// This norm's scales with the QKV projection they apply to.
+    fn stream<'a>(&'a self, qkv: &'a Tensor) -> QkvStream<'a> {
+        QkvStream {
+            qkv,
+            q_scale: &self.query,
+            k_scale: &self.key,
+        }
     }
-}
-
-/// (B, L, 3*H*D) -> q, k, v as (B, H, L, D).
-fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, l, three_hd) = qkv.dims3()?;
-    let d = three_hd / 3 / heads;
-    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
-    Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
 }
 
 /// (B, H, L, D) -> (B, L, H*D)
@@ -367,12 +363,6 @@ impl SelfAttn {
             norm: QkNorm::new(cfg.head_dim(), vb.pp("norm"))?,
             proj: linear(h, h, vb.pp("proj"))?,
         })
-    }
-
-    fn qkv(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v) = split_qkv(&self.qkv.forward(x)?, heads)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        Ok((q, k, v))
     }
 }
 
@@ -433,15 +423,22 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let img_m = self.img_mod.forward(&ctx.vec)?;
         let txt_m = self.txt_mod.forward(&ctx.vec)?;
-        let (iq, ik, iv) = self
+        let img_qkv = self
             .img_attn
-            .qkv(&img_m[0].scale_shift(&norm.forward(img)?)?, self.heads)?;
-        let (tq, tk, tv) = self
+            .qkv
+            .forward(&img_m[0].scale_shift(&norm.forward(img)?)?)?;
+        let txt_qkv = self
             .txt_attn
-            .qkv(&txt_m[0].scale_shift(&norm.forward(txt)?)?, self.heads)?;
-        let q = apply_rope(&Tensor::cat(&[&tq, &iq], 2)?, &ctx.pe)?;
-        let k = apply_rope(&Tensor::cat(&[&tk, &ik], 2)?, &ctx.pe)?;
-        let v = Tensor::cat(&[&tv, &iv], 2)?;
+            .qkv
+            .forward(&txt_m[0].scale_shift(&norm.forward(txt)?)?)?;
+        let (q, k, v) = qkv_prep(
+            &[
+                self.txt_attn.norm.stream(&txt_qkv),
+                self.img_attn.norm.stream(&img_qkv),
+            ],
+            &ctx.pe,
+            self.heads,
+        )?;
         let out = merge_heads(&attn.attend(&q, &k, &v)?)?;
         let txt_len = txt.dim(1)?;
         let txt_out = out.narrow(1, 0, txt_len)?;
@@ -497,12 +494,8 @@ impl SingleBlock {
         let m = &self.modulation.forward(&ctx.vec)?[0];
         let h1 = self.linear1.forward(&m.scale_shift(&norm.forward(x)?)?)?;
         let mlp_width = h1.dim(D::Minus1)? - 3 * self.hidden;
-        let qkv = h1.narrow(D::Minus1, 0, 3 * self.hidden)?;
         let mlp = h1.narrow(D::Minus1, 3 * self.hidden, mlp_width)?;
-        let (q, k, v) = split_qkv(&qkv, self.heads)?;
-        let (q, k) = self.norm.forward(&q, &k)?;
-        let q = apply_rope(&q, &ctx.pe)?;
-        let k = apply_rope(&k, &ctx.pe)?;
+        let (q, k, v) = qkv_prep(&[self.norm.stream(&h1)], &ctx.pe, self.heads)?;
         let a = merge_heads(&attn.attend(&q, &k, &v)?)?;
         let out = self
             .linear2
