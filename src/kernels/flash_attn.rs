@@ -134,7 +134,7 @@ impl candle_core::CustomOp3 for FlashAttn {
             64 => "parallax_flash_fwd_bf16_d64",
             other => candle_core::bail!("flash attention: head dim {other} not supported"),
         };
-        let dev = q.device();
+        let dev = &q.device;
         let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE)?;
         let func = dev.get_or_load_custom_func(kernel, &module, &ptx)?;
         let qs = q.as_cuda_slice::<bf16>()?.slice(ql.start_offset()..);
