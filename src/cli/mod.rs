@@ -1,5 +1,6 @@
 //! The `parallax` command line: `generate`, `bench`, `info`, `export-demo`, `selfcheck`.
 
+mod profile;
 mod selfcheck;
 
 use std::path::PathBuf;
@@ -40,6 +41,17 @@ pub enum Command {
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
+    /// Time the pieces of one FLUX.1-dev step (attention, linear layers, norms, blocks) on a device.
+    Profile(ProfileArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProfileArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Image size the sequence lengths are taken from.
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -188,6 +200,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info(a),
         Command::ExportDemo(a) => export_demo(a),
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
+        Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
 }
 
