@@ -149,6 +149,50 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         }
     }
 
+    // 1c. Fused element-wise kernels against the CPU f32 composition on the same bf16 inputs.
+    {
+        use crate::kernels::elementwise::{bias_act, gated_residual, ln_modulate};
+        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        };
+        let rnd = |shape: &[usize], mean: f32| -> anyhow::Result<Tensor> {
+            Ok(Tensor::randn(mean, 1.0, shape, &dev)?.to_dtype(DType::BF16)?)
+        };
+        for &(b, l, c) in &[(1usize, 4096usize, 3072usize), (2, 77, 3072), (1, 5, 64)] {
+            let x = rnd(&[b, l, c], 0.5)?;
+            let u = rnd(&[b, l, c], 0.0)?;
+            let g = rnd(&[b, 1, c], 0.0)?;
+            let sh = rnd(&[b, 1, c], 0.0)?;
+            let bias = rnd(&[c], 0.0)?;
+            for gelu in [false, true] {
+                report.check(
+                    format!("bias{} {b}x{l}x{c}", if gelu { "+gelu" } else { "" }),
+                    rel_err(
+                        &bias_act(&x, &bias, gelu)?,
+                        &bias_act(&cpu32(&x)?, &cpu32(&bias)?, gelu)?,
+                    )?,
+                    1e-2,
+                );
+            }
+            report.check(
+                format!("gated residual {b}x{l}x{c}"),
+                rel_err(
+                    &gated_residual(&x, &g, &u)?,
+                    &gated_residual(&cpu32(&x)?, &cpu32(&g)?, &cpu32(&u)?)?,
+                )?,
+                1e-2,
+            );
+            report.check(
+                format!("layernorm+modulate {b}x{l}x{c}"),
+                rel_err(
+                    &ln_modulate(&x, &sh, &g)?,
+                    &ln_modulate(&cpu32(&x)?, &cpu32(&sh)?, &cpu32(&g)?)?,
+                )?,
+                1e-2,
+            );
+        }
+    }
+
     // 2. The tiny transformer: device bf16 against CPU f32, same weights.
     let cfg = FluxConfig::tiny();
     let cpu = Flux::new(

@@ -15,6 +15,7 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
+use crate::kernels::elementwise::{bias_act, gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 
 /// Architecture hyper-parameters.
@@ -243,25 +244,52 @@ impl Module for MlpEmbedder {
     }
 }
 
-/// LayerNorm without learned affine parameters (eps 1e-6), as every FLUX pre-norm is.
+/// A linear layer over token rows whose bias add (and GELU, when asked) runs as one fused pass on
+/// CUDA ([`crate::kernels::elementwise::bias_act`]); same function as `candle_nn::Linear`.
 #[derive(Debug, Clone)]
-struct PlainLayerNorm {
-    ones: Tensor,
-    zeros: Tensor,
+struct Lin {
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
-impl PlainLayerNorm {
-    fn new(dim: usize, dtype: DType, dev: &Device) -> Result<Self> {
+impl Lin {
+    fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let l = linear_b(in_dim, out_dim, bias, vb)?;
         Ok(Self {
-            ones: Tensor::ones(dim, dtype, dev)?,
-            zeros: Tensor::zeros(dim, dtype, dev)?,
+            weight: l.weight().clone(),
+            bias: l.bias().cloned(),
         })
+    }
+
+    /// Output rows `start..start+len` only (a slice of the weight's rows, no copy).
+    fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.narrow(0, start, len)?,
+            bias: match &self.bias {
+                Some(b) => Some(b.narrow(0, start, len)?),
+                None => None,
+            },
+        })
+    }
+
+    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let w = match *x.dims() {
+            [b1, b2, _, _] => self.weight.broadcast_left((b1, b2))?.t()?,
+            [b, _, _] => self.weight.broadcast_left(b)?.t()?,
+            _ => self.weight.t()?,
+        };
+        let y = x.matmul(&w)?;
+        match &self.bias {
+            Some(b) => bias_act(&y, b, gelu),
+            None if gelu => y.gelu(),
+            None => Ok(y),
+        }
     }
 }
 
-impl Module for PlainLayerNorm {
+impl Module for Lin {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, 1e-6)
+        self.apply(x, false)
     }
 }
 
@@ -274,15 +302,14 @@ pub struct ModulationOut {
 }
 
 impl ModulationOut {
-    /// (1 + scale) * x + shift
-    pub fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&(&self.scale + 1.0)?)?
-            .broadcast_add(&self.shift)
+    /// LayerNorm(x) * (1 + scale) + shift
+    pub fn norm_modulate(&self, x: &Tensor) -> Result<Tensor> {
+        ln_modulate(x, &self.shift, &self.scale)
     }
 
-    /// gate * x
-    pub fn gate(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.gate)
+    /// x + gate * u
+    pub fn gated_add(&self, x: &Tensor, u: &Tensor) -> Result<Tensor> {
+        gated_residual(x, &self.gate, u)
     }
 }
 
@@ -350,40 +377,40 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Attention weights of one stream in a double block.
 #[derive(Debug, Clone)]
 struct SelfAttn {
-    qkv: Linear,
+    qkv: Lin,
     norm: QkNorm,
-    proj: Linear,
+    proj: Lin,
 }
 
 impl SelfAttn {
     fn new(cfg: &FluxConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            qkv: linear_b(h, 3 * h, cfg.qkv_bias, vb.pp("qkv"))?,
+            qkv: Lin::new(h, 3 * h, cfg.qkv_bias, vb.pp("qkv"))?,
             norm: QkNorm::new(cfg.head_dim(), vb.pp("norm"))?,
-            proj: linear(h, h, vb.pp("proj"))?,
+            proj: Lin::new(h, h, true, vb.pp("proj"))?,
         })
     }
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
 }
 
 impl Mlp {
     fn new(h: usize, mlp: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: linear(h, mlp, vb.pp("0"))?,
-            fc2: linear(mlp, h, vb.pp("2"))?,
+            fc1: Lin::new(h, mlp, true, vb.pp("0"))?,
+            fc2: Lin::new(mlp, h, true, vb.pp("2"))?,
         })
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+        self.fc2.forward(&self.fc1.apply(x, true)?)
     }
 }
 
@@ -418,19 +445,12 @@ impl DoubleBlock {
         img: &Tensor,
         txt: &Tensor,
         ctx: &BlockCtx,
-        norm: &PlainLayerNorm,
         attn: &dyn Attention,
     ) -> Result<(Tensor, Tensor)> {
         let img_m = self.img_mod.forward(&ctx.vec)?;
         let txt_m = self.txt_mod.forward(&ctx.vec)?;
-        let img_qkv = self
-            .img_attn
-            .qkv
-            .forward(&img_m[0].scale_shift(&norm.forward(img)?)?)?;
-        let txt_qkv = self
-            .txt_attn
-            .qkv
-            .forward(&txt_m[0].scale_shift(&norm.forward(txt)?)?)?;
+        let img_qkv = self.img_attn.qkv.forward(&img_m[0].norm_modulate(img)?)?;
+        let txt_qkv = self.txt_attn.qkv.forward(&txt_m[0].norm_modulate(txt)?)?;
         let (q, k, v) = qkv_prep(
             &[
                 self.txt_attn.norm.stream(&txt_qkv),
@@ -444,17 +464,13 @@ impl DoubleBlock {
         let txt_out = out.narrow(1, 0, txt_len)?;
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
 
-        let img = (img + img_m[0].gate(&self.img_attn.proj.forward(&img_out)?)?)?;
-        let img_ff = self
-            .img_mlp
-            .forward(&img_m[1].scale_shift(&norm.forward(&img)?)?)?;
-        let img = (&img + img_m[1].gate(&img_ff)?)?;
+        let img = img_m[0].gated_add(img, &self.img_attn.proj.forward(&img_out)?)?;
+        let img_ff = self.img_mlp.forward(&img_m[1].norm_modulate(&img)?)?;
+        let img = img_m[1].gated_add(&img, &img_ff)?;
 
-        let txt = (txt + txt_m[0].gate(&self.txt_attn.proj.forward(&txt_out)?)?)?;
-        let txt_ff = self
-            .txt_mlp
-            .forward(&txt_m[1].scale_shift(&norm.forward(&txt)?)?)?;
-        let txt = (&txt + txt_m[1].gate(&txt_ff)?)?;
+        let txt = txt_m[0].gated_add(txt, &self.txt_attn.proj.forward(&txt_out)?)?;
+        let txt_ff = self.txt_mlp.forward(&txt_m[1].norm_modulate(&txt)?)?;
+        let txt = txt_m[1].gated_add(&txt, &txt_ff)?;
         Ok((img, txt))
     }
 }
@@ -463,10 +479,12 @@ impl DoubleBlock {
 #[derive(Debug, Clone)]
 struct SingleBlock {
     modulation: Modulation,
-    linear1: Linear,
-    linear2: Linear,
+    /// linear1's rows that make q, k, v, and those that make the MLP's input (one weight
+    /// tensor in the file, two products here so the MLP half gets bias + GELU fused).
+    linear1_qkv: Lin,
+    linear1_mlp: Lin,
+    linear2: Lin,
     norm: QkNorm,
-    hidden: usize,
     heads: usize,
 }
 
@@ -474,33 +492,26 @@ impl SingleBlock {
     fn new(cfg: &FluxConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let mlp = cfg.mlp_hidden();
+        let linear1 = Lin::new(h, 3 * h + mlp, true, vb.pp("linear1"))?;
         Ok(Self {
             modulation: Modulation::new(h, false, vb.pp("modulation"))?,
-            linear1: linear(h, 3 * h + mlp, vb.pp("linear1"))?,
-            linear2: linear(h + mlp, h, vb.pp("linear2"))?,
+            linear1_qkv: linear1.rows(0, 3 * h)?,
+            linear1_mlp: linear1.rows(3 * h, mlp)?,
+            linear2: Lin::new(h + mlp, h, true, vb.pp("linear2"))?,
             norm: QkNorm::new(cfg.head_dim(), vb.pp("norm"))?,
-            hidden: h,
             heads: cfg.num_heads,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &BlockCtx,
-        norm: &PlainLayerNorm,
-        attn: &dyn Attention,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &BlockCtx, attn: &dyn Attention) -> Result<Tensor> {
         let m = &self.modulation.forward(&ctx.vec)?[0];
-        let h1 = self.linear1.forward(&m.scale_shift(&norm.forward(x)?)?)?;
-        let mlp_width = h1.dim(D::Minus1)? - 3 * self.hidden;
-        let mlp = h1.narrow(D::Minus1, 3 * self.hidden, mlp_width)?;
-        let (q, k, v) = qkv_prep(&[self.norm.stream(&h1)], &ctx.pe, self.heads)?;
+        let xm = m.norm_modulate(x)?;
+        let qkv = self.linear1_qkv.forward(&xm)?;
+        let mlp = self.linear1_mlp.apply(&xm, true)?;
+        let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
         let a = merge_heads(&attn.attend(&q, &k, &v)?)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?)?;
-        x + m.gate(&out)?
+        let out = self.linear2.forward(&Tensor::cat(&[a, mlp], D::Minus1)?)?;
+        m.gated_add(x, &out)
     }
 }
 
@@ -550,7 +561,6 @@ pub struct Flux {
     single_blocks: Vec<SingleBlock>,
     final_linear: Linear,
     final_mod: Linear,
-    norm: PlainLayerNorm,
     attention: Arc<dyn Attention>,
     cfg: FluxConfig,
     dtype: DType,
@@ -594,7 +604,6 @@ impl Flux {
             single_blocks,
             final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
-            norm: PlainLayerNorm::new(h, dtype, &device)?,
             attention: Arc::new(LocalAttention::default()),
             cfg: cfg.clone(),
             dtype,
@@ -662,7 +671,7 @@ impl Flux {
         let attn = self.attention.as_ref();
         let depth = self.cfg.depth;
         for i in range.start..range.end.min(depth) {
-            (img, txt) = self.double_blocks[i].forward(&img, &txt, ctx, &self.norm, attn)?;
+            (img, txt) = self.double_blocks[i].forward(&img, &txt, ctx, attn)?;
         }
         let single_start = range.start.max(depth);
         let single_end = range.end.min(self.cfg.num_blocks());
@@ -670,7 +679,7 @@ impl Flux {
             let txt_len = txt.dim(1)?;
             let mut x = Tensor::cat(&[&txt, &img], 1)?;
             for i in single_start..single_end {
-                x = self.single_blocks[i - depth].forward(&x, ctx, &self.norm, attn)?;
+                x = self.single_blocks[i - depth].forward(&x, ctx, attn)?;
             }
             txt = x.narrow(1, 0, txt_len)?;
             img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
@@ -683,12 +692,7 @@ impl Flux {
         let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
         let (shift, scale) = (&c[0], &c[1]);
-        let x = self
-            .norm
-            .forward(img)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(shift)?;
-        self.final_linear.forward(&x)
+        self.final_linear.forward(&ln_modulate(img, shift, scale)?)
     }
 
     /// The whole transformer: predicted velocity (B, N, 64).

@@ -1,0 +1,267 @@
+//! Fused element-wise steps of a FLUX block: bias (+GELU) after a matrix product, LayerNorm with
+//! adaLN modulation, and the gated residual add. On CUDA in bf16 each is one pass of
+//! `elementwise.cu`; elsewhere (and for shapes the kernels do not take) the plain candle
+//! composition, which is the reference the selfcheck compares against.
+
+use candle_core::{DType, Result, Tensor};
+
+/// The kernel source (CUDA C++, compiled with NVRTC).
+pub const SOURCE: &str = include_str!("elementwise.cu");
+
+/// Whether fused element-wise kernels may be used (`PARALLAX_NO_FUSED_ELEMENTWISE` turns them off).
+pub fn fused_enabled() -> bool {
+    std::env::var_os("PARALLAX_NO_FUSED_ELEMENTWISE").is_none()
+}
+
+fn fusable(ts: &[&Tensor], last: usize) -> bool {
+    cfg!(feature = "cuda")
+        && fused_enabled()
+        && last % 8 == 0
+        && ts
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == DType::BF16)
+}
+
+/// `x + bias` (bias over the last axis), then GELU (tanh form) if `gelu`.
+pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    let n = x.dim(candle_core::D::Minus1)?;
+    if fusable(&[x, bias], n) && bias.dims() == [n] {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&bias.contiguous()?, &Fused::Bias { gelu });
+    }
+    let y = x.broadcast_add(bias)?;
+    if gelu {
+        y.gelu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// `x + gate * u` with `x`, `u` (B, L, C) and `gate` (B, 1, C).
+pub fn gated_residual(x: &Tensor, gate: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    if fusable(&[x, gate, u], c) && gate.dims() == [b, 1, c] && u.dims() == x.dims() {
+        return x.contiguous()?.apply_op3_no_bwd(
+            &gate.contiguous()?,
+            &u.contiguous()?,
+            &Fused::Gated,
+        );
+    }
+    x + u.broadcast_mul(gate)?
+}
+
+/// `LayerNorm(x) * (1 + scale) + shift`, LayerNorm without affine parameters (eps 1e-6), `x`
+/// (B, L, C), `shift` and `scale` (B, 1, C).
+pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (b, _, c) = x.dims3()?;
+    let shapes_ok = shift.dims() == [b, 1, c] && scale.dims() == [b, 1, c] && c / 8 <= 1024;
+    if fusable(&[x, shift, scale], c) && shapes_ok {
+        return x.contiguous()?.apply_op3_no_bwd(
+            &shift.contiguous()?,
+            &scale.contiguous()?,
+            &Fused::LnModulate,
+        );
+    }
+    let ones = Tensor::ones(c, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(c, x.dtype(), x.device())?;
+    let n = candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, 1e-6)?;
+    n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// The fused kernels as candle ops (CUDA only; callers fall back before reaching the CPU).
+#[derive(Debug, Clone, Copy)]
+enum Fused {
+    Bias { gelu: bool },
+    Gated,
+    LnModulate,
+}
+
+impl Fused {
+    fn name(&self) -> &'static str {
+        match self {
+            Fused::Bias { gelu: false } => "parallax_bias_bf16",
+            Fused::Bias { gelu: true } => "parallax_bias_gelu_bf16",
+            Fused::Gated => "parallax_gated_residual_bf16",
+            Fused::LnModulate => "parallax_ln_modulate_bf16",
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for Fused {
+    fn name(&self) -> &'static str {
+        Fused::name(self)
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only", Fused::name(self))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use half::bf16;
+        let dev = &x.device;
+        let n = xl.shape().dims().last().copied().unwrap_or(0);
+        let count = xl.shape().elem_count();
+        let xs = x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+        let bs = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<bf16>(count)? };
+        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE)?;
+        let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
+        let n8 = (count / 8) as u64;
+        let n_i = n as i32;
+        let mut b = func.builder();
+        b.arg(&xs);
+        b.arg(&bs);
+        b.arg(&out);
+        b.arg(&n8);
+        b.arg(&n_i);
+        let cfg = LaunchConfig {
+            grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; sizes from the checked shapes.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+}
+
+impl candle_core::CustomOp3 for Fused {
+    fn name(&self) -> &'static str {
+        Fused::name(self)
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only", Fused::name(self))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        a: &candle_core::CudaStorage,
+        al: &candle_core::Layout,
+        c: &candle_core::CudaStorage,
+        cl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        use half::bf16;
+        let dev = &x.device;
+        let (bsz, l, ch) = xl.shape().dims3()?;
+        let count = bsz * l * ch;
+        let xs = x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
+        let as_ = a.as_cuda_slice::<bf16>()?.slice(al.start_offset()..);
+        let cs = c.as_cuda_slice::<bf16>()?.slice(cl.start_offset()..);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<bf16>(count)? };
+        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE)?;
+        let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
+        let (l_i, c_i) = (l as i32, ch as i32);
+        let mut b = func.builder();
+        let cfg = match self {
+            Fused::Gated => {
+                // x, gate, u -> y
+                let n8 = (count / 8) as u64;
+                b.arg(&xs);
+                b.arg(&as_);
+                b.arg(&cs);
+                b.arg(&out);
+                b.arg(&n8);
+                b.arg(&l_i);
+                b.arg(&c_i);
+                LaunchConfig {
+                    grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
+            Fused::LnModulate => {
+                // x, shift, scale -> y
+                b.arg(&xs);
+                b.arg(&as_);
+                b.arg(&cs);
+                b.arg(&out);
+                b.arg(&l_i);
+                b.arg(&c_i);
+                let threads = (ch / 8).div_ceil(32) * 32;
+                LaunchConfig {
+                    grid_dim: ((bsz * l) as u32, 1, 1),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
+            Fused::Bias { .. } => candle_core::bail!("bias takes two inputs"),
+        };
+        // SAFETY: arguments match the kernel; sizes from the checked shapes.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_compositions_compute_the_documented_functions() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let u = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 1, 8), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let us: Vec<f32> = u.flatten_all()?.to_vec1()?;
+        let gs: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let bs: Vec<f32> = bias.to_vec1()?;
+        let got: Vec<f32> = gated_residual(&x, &g, &u)?.flatten_all()?.to_vec1()?;
+        let gelu: Vec<f32> = bias_act(&x, &bias, true)?.flatten_all()?.to_vec1()?;
+        for i in 0..48 {
+            let (b, c) = (i / 24, i % 8);
+            assert!((got[i] - (xs[i] + gs[b * 8 + c] * us[i])).abs() < 1e-6);
+            let s = xs[i] + bs[c];
+            let want = 0.5 * s * (1.0 + (0.797_884_6 * (s + 0.044715 * s * s * s)).tanh());
+            assert!((gelu[i] - want).abs() < 1e-4, "{} vs {want}", gelu[i]);
+        }
+        // LayerNorm + modulation: zero scale and shift leave a normalised row.
+        let z = Tensor::zeros((2, 1, 8), DType::F32, &dev)?;
+        let n = ln_modulate(&x, &z, &z)?;
+        let mean = n.mean_keepdim(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let var = n.sqr()?.mean_keepdim(2)?;
+        let var_err = (var - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(mean < 1e-5 && var_err < 1e-3, "{mean} {var_err}");
+        Ok(())
+    }
+}
