@@ -186,11 +186,11 @@ impl candle_core::CustomOp3 for Fused {
         let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE)?;
         let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
         let (l_i, c_i) = (l as i32, ch as i32);
+        let n8 = (count / 8) as u64;
         let mut b = func.builder();
         let cfg = match self {
             Fused::Gated => {
                 // x, gate, u -> y
-                let n8 = (count / 8) as u64;
                 b.arg(&xs);
                 b.arg(&as_);
                 b.arg(&cs);
