@@ -16,6 +16,9 @@ pub const SOURCE: &str = include_str!("flash_attn.cu");
 /// Key/value tile length of the kernel (and of the reference).
 pub const TILE: usize = 64;
 
+/// Query rows per thread block of the kernel (8 warps of 16 rows).
+pub const QUERY_ROWS: usize = 128;
+
 /// Whether the fused kernel takes these inputs.
 pub fn kernel_supports(q: &Tensor) -> bool {
     let d = q.dims().last().copied().unwrap_or(0);
@@ -148,8 +151,8 @@ impl candle_core::CustomOp3 for FlashAttn {
         let lk_i = lk as i32;
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(TILE) as u32, (b * h) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (lq.div_ceil(QUERY_ROWS) as u32, (b * h) as u32, 1),
+            block_dim: ((QUERY_ROWS / 16 * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut builder = func.builder();
