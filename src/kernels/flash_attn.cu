@@ -10,8 +10,6 @@
 // Layouts (contiguous): Q (BH, Lq, D), K and V (BH, Lk, D), O (BH, Lq, D), LSE (BH, Lq) natural-log
 // log-sum-exp of the scaled scores (for merging partial results, e.g. ring attention).
 
-#define NWARPS 8
-#define BM (NWARPS * 16)
 #define BN 64
 #define NEG_INF __int_as_float(0xff800000)
 typedef unsigned long long u64;
@@ -63,7 +61,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;\n" ::);
 }
 
-template <int D>
+template <int D, int NWARPS>
 __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
                                           const unsigned short* __restrict__ K,
                                           const unsigned short* __restrict__ V,
@@ -76,7 +74,7 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
     __shared__ __align__(16) unsigned short sV[BN * SD];
 
     const int bh = blockIdx.y;
-    const int q0 = blockIdx.x * BM;
+    const int q0 = blockIdx.x * (NWARPS * 16);
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -217,16 +215,22 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-    parallax_flash_fwd_bf16_d128(const unsigned short* Q, const unsigned short* K,
-                                 const unsigned short* V, unsigned short* O, float* LSE, int Lq,
-                                 int Lk, float scale_log2) {
-    flash_fwd<128>(Q, K, V, O, LSE, Lq, Lk, scale_log2);
-}
+#define FLASH_ARGS                                                                          \
+    const unsigned short *Q, const unsigned short *K, const unsigned short *V, unsigned short *O, \
+        float *LSE, int Lq, int Lk, float scale_log2
+#define FLASH_PASS Q, K, V, O, LSE, Lq, Lk, scale_log2
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-    parallax_flash_fwd_bf16_d64(const unsigned short* Q, const unsigned short* K,
-                                const unsigned short* V, unsigned short* O, float* LSE, int Lq,
-                                int Lk, float scale_log2) {
-    flash_fwd<64>(Q, K, V, O, LSE, Lq, Lk, scale_log2);
+// Four warps (64 query rows) per block: two blocks share an SM, so one loads while the other
+// computes. Eight warps (128 rows): half the K/V traffic per query, one block per SM.
+extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d128_w4(FLASH_ARGS) {
+    flash_fwd<128, 4>(FLASH_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) parallax_flash_fwd_bf16_d128_w8(FLASH_ARGS) {
+    flash_fwd<128, 8>(FLASH_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d64_w4(FLASH_ARGS) {
+    flash_fwd<64, 4>(FLASH_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) parallax_flash_fwd_bf16_d64_w8(FLASH_ARGS) {
+    flash_fwd<64, 8>(FLASH_PASS);
 }

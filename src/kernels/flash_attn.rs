@@ -16,8 +16,14 @@ pub const SOURCE: &str = include_str!("flash_attn.cu");
 /// Key/value tile length of the kernel (and of the reference).
 pub const TILE: usize = 64;
 
-/// Query rows per thread block of the kernel (8 warps of 16 rows).
-pub const QUERY_ROWS: usize = 128;
+/// Warps per thread block of the kernel (16 query rows each): 4 by default, 8 with
+/// `PARALLAX_FLASH_WARPS=8` (see `flash_attn.cu` for the trade-off).
+pub fn warps() -> usize {
+    match std::env::var("PARALLAX_FLASH_WARPS").ok().as_deref() {
+        Some("8") => 8,
+        _ => 4,
+    }
+}
 
 /// Whether the fused kernel takes these inputs.
 pub fn kernel_supports(q: &Tensor) -> bool {
@@ -132,14 +138,14 @@ impl candle_core::CustomOp3 for FlashAttn {
         if lk == 0 {
             candle_core::bail!("flash attention: no keys");
         }
-        let kernel = match d {
-            128 => "parallax_flash_fwd_bf16_d128",
-            64 => "parallax_flash_fwd_bf16_d64",
-            other => candle_core::bail!("flash attention: head dim {other} not supported"),
-        };
+        if d != 128 && d != 64 {
+            candle_core::bail!("flash attention: head dim {d} not supported");
+        }
+        let warps = warps();
+        let kernel = format!("parallax_flash_fwd_bf16_d{d}_w{warps}");
         let dev = &q.device;
         let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE)?;
-        let func = dev.get_or_load_custom_func(kernel, &module, &ptx)?;
+        let func = dev.get_or_load_custom_func(&kernel, &module, &ptx)?;
         let qs = q.as_cuda_slice::<bf16>()?.slice(ql.start_offset()..);
         let ks = k.as_cuda_slice::<bf16>()?.slice(kl.start_offset()..);
         let vs = v.as_cuda_slice::<bf16>()?.slice(vl.start_offset()..);
@@ -151,8 +157,8 @@ impl candle_core::CustomOp3 for FlashAttn {
         let lk_i = lk as i32;
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(QUERY_ROWS) as u32, (b * h) as u32, 1),
-            block_dim: ((QUERY_ROWS / 16 * 32) as u32, 1, 1),
+            grid_dim: (lq.div_ceil(warps * 16) as u32, (b * h) as u32, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut builder = func.builder();
