@@ -66,22 +66,22 @@ pub fn run(device: &str, width: usize) -> anyhow::Result<()> {
         rnd(&[1, h, l, d])?,
     );
     let attn_flop = 4.0 * (l * l * d * h) as f64;
-    let chosen = std::env::var("PARALLAX_FLASH_WARPS").ok();
-    for warps in ["4", "8"] {
-        std::env::set_var("PARALLAX_FLASH_WARPS", warps);
+    let chosen = std::env::var("PARALLAX_FLASH").ok();
+    for warps in ["w4", "w8", "w4p"] {
+        std::env::set_var("PARALLAX_FLASH", warps);
         let ms = time_ms(&dev, runs, || {
             Ok(flash_attn::attention(&q, &k, &v).map(|_| ())?)
         })?;
         row(
-            &format!("attention fused 1x{h}x{l}x{d} ({warps} warps/block)"),
+            &format!("attention fused 1x{h}x{l}x{d} ({warps})"),
             ms,
             attn_flop,
             0.0,
         );
     }
     match chosen {
-        Some(w) => std::env::set_var("PARALLAX_FLASH_WARPS", w),
-        None => std::env::remove_var("PARALLAX_FLASH_WARPS"),
+        Some(w) => std::env::set_var("PARALLAX_FLASH", w),
+        None => std::env::remove_var("PARALLAX_FLASH"),
     }
     let ms = time_ms(&dev, 3, || Ok(sdpa_chunked(&q, &k, &v, 1024).map(|_| ())?))?;
     row(

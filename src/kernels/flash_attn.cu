@@ -10,7 +10,6 @@
 // Layouts (contiguous): Q (BH, Lq, D), K and V (BH, Lk, D), O (BH, Lq, D), LSE (BH, Lq) natural-log
 // log-sum-exp of the scaled scores (for merging partial results, e.g. ring attention).
 
-#define BN 64
 #define NEG_INF __int_as_float(0xff800000)
 typedef unsigned long long u64;
 
@@ -61,7 +60,17 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_all;\n" ::);
 }
 
-template <int D, int NWARPS>
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// Wait until at most one committed group of copies is still in flight.
+__device__ __forceinline__ void cp_async_wait_one() {
+    asm volatile("cp.async.wait_group 1;\n" ::);
+}
+
+// BN keys per tile; STAGES shared-memory buffers (2: the next tile loads while this one computes).
+template <int D, int NWARPS, int BN, int STAGES>
 __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
                                           const unsigned short* __restrict__ K,
                                           const unsigned short* __restrict__ V,
@@ -70,8 +79,8 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
     constexpr int SD = D + 8;       // padded shared row (bank-conflict free), 16-byte aligned
     constexpr int KS = D / 16;      // k-slices of the head dim
     constexpr int NF = D / 8;       // n8 fragments of the output
-    __shared__ __align__(16) unsigned short sK[BN * SD];
-    __shared__ __align__(16) unsigned short sV[BN * SD];
+    __shared__ __align__(16) unsigned short sK_all[STAGES * BN * SD];
+    __shared__ __align__(16) unsigned short sV_all[STAGES * BN * SD];
 
     const int bh = blockIdx.y;
     const int q0 = blockIdx.x * (NWARPS * 16);
@@ -100,8 +109,9 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
     constexpr int CHUNKS = BN * D / 8;  // 16-byte chunks per tile
-    for (int k0 = 0; k0 < Lk; k0 += BN) {
-        __syncthreads();  // everyone is done with the previous tile
+    auto load_tile = [&](int k0, int stage) {
+        unsigned short* sK = sK_all + stage * BN * SD;
+        unsigned short* sV = sV_all + stage * BN * SD;
         for (int c = tid; c < CHUNKS; c += NWARPS * 32) {
             const int r = c / (D / 8);
             const int col = (c % (D / 8)) * 8;
@@ -111,8 +121,28 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
             cp_async16(smem_u32(&sK[r * SD + col]), K + koff + (u64)src_key * D + col, bytes);
             cp_async16(smem_u32(&sV[r * SD + col]), V + koff + (u64)src_key * D + col, bytes);
         }
-        cp_async_wait_all();
-        __syncthreads();
+        cp_async_commit();
+    };
+    if (STAGES > 1) load_tile(0, 0);
+    int tile = 0;
+    for (int k0 = 0; k0 < Lk; k0 += BN, ++tile) {
+        const int stage = STAGES > 1 ? (tile & 1) : 0;
+        if (STAGES > 1) {
+            if (k0 + BN < Lk) {
+                load_tile(k0 + BN, stage ^ 1);  // its buffer was released by the last barrier
+                cp_async_wait_one();            // this tile's copies are done
+            } else {
+                cp_async_wait_all();
+            }
+            __syncthreads();
+        } else {
+            __syncthreads();  // everyone is done with the previous tile
+            load_tile(k0, 0);
+            cp_async_wait_all();
+            __syncthreads();
+        }
+        const unsigned short* sK = sK_all + stage * BN * SD;
+        const unsigned short* sV = sV_all + stage * BN * SD;
 
         // S = Q K^T for 16 rows x 64 keys: 8 n8 fragments. K fragments come four registers at a
         // time (two k-slices of one n8 block of keys) from ldmatrix.
@@ -192,6 +222,7 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
                 mma_bf16(o[f + 1], pa, b[2], b[3]);
             }
         }
+        if (STAGES > 1) __syncthreads();  // this buffer is refilled two tiles from now
     }
 
     // Normalise, write O and the log-sum-exp.
@@ -220,17 +251,24 @@ __device__ __forceinline__ void flash_fwd(const unsigned short* __restrict__ Q,
         float *LSE, int Lq, int Lk, float scale_log2
 #define FLASH_PASS Q, K, V, O, LSE, Lq, Lk, scale_log2
 
-// Four warps (64 query rows) per block: two blocks share an SM, so one loads while the other
-// computes. Eight warps (128 rows): half the K/V traffic per query, one block per SM.
+// w4: four warps (64 query rows) per block, 64-key tiles: two blocks share an SM, so one loads
+// while the other computes. w8: eight warps (128 rows), half the K/V traffic per query, one block
+// per SM. w4p: four warps, 32-key tiles double-buffered (the next tile loads during this one).
 extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d128_w4(FLASH_ARGS) {
-    flash_fwd<128, 4>(FLASH_PASS);
+    flash_fwd<128, 4, 64, 1>(FLASH_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) parallax_flash_fwd_bf16_d128_w8(FLASH_ARGS) {
-    flash_fwd<128, 8>(FLASH_PASS);
+    flash_fwd<128, 8, 64, 1>(FLASH_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d128_w4p(FLASH_ARGS) {
+    flash_fwd<128, 4, 32, 2>(FLASH_PASS);
 }
 extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d64_w4(FLASH_ARGS) {
-    flash_fwd<64, 4>(FLASH_PASS);
+    flash_fwd<64, 4, 64, 1>(FLASH_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) parallax_flash_fwd_bf16_d64_w8(FLASH_ARGS) {
-    flash_fwd<64, 8>(FLASH_PASS);
+    flash_fwd<64, 8, 64, 1>(FLASH_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128) parallax_flash_fwd_bf16_d64_w4p(FLASH_ARGS) {
+    flash_fwd<64, 4, 32, 2>(FLASH_PASS);
 }

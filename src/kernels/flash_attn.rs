@@ -16,12 +16,13 @@ pub const SOURCE: &str = include_str!("flash_attn.cu");
 /// Key/value tile length of the kernel (and of the reference).
 pub const TILE: usize = 64;
 
-/// Warps per thread block of the kernel (16 query rows each): 4 by default, 8 with
-/// `PARALLAX_FLASH_WARPS=8` (see `flash_attn.cu` for the trade-off).
-pub fn warps() -> usize {
-    match std::env::var("PARALLAX_FLASH_WARPS").ok().as_deref() {
-        Some("8") => 8,
-        _ => 4,
+/// The kernel variant: `w4` (default), `w8` or `w4p`, chosen with `PARALLAX_FLASH` (see
+/// `flash_attn.cu` for the trade-offs), and its warps per block (16 query rows each).
+pub fn variant() -> (&'static str, usize) {
+    match std::env::var("PARALLAX_FLASH").ok().as_deref() {
+        Some("w8") => ("w8", 8),
+        Some("w4p") => ("w4p", 4),
+        _ => ("w4", 4),
     }
 }
 
@@ -141,8 +142,8 @@ impl candle_core::CustomOp3 for FlashAttn {
         if d != 128 && d != 64 {
             candle_core::bail!("flash attention: head dim {d} not supported");
         }
-        let warps = warps();
-        let kernel = format!("parallax_flash_fwd_bf16_d{d}_w{warps}");
+        let (name, warps) = variant();
+        let kernel = format!("parallax_flash_fwd_bf16_d{d}_{name}");
         let dev = &q.device;
         let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE)?;
         let func = dev.get_or_load_custom_func(&kernel, &module, &ptx)?;
