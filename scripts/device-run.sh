@@ -42,4 +42,7 @@ if [[ $what == bench || $what == all ]]; then
     bench dev1024_fused --model random:dev --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 "$@"
     PARALLAX_NO_FUSED_ATTENTION=1 bench dev1024_plain --model random:dev --width 1024 --height 1024 --steps 8 --runs 2 --warmup 1 "$@"
     bench dev2048_fused --model random:dev --width 2048 --height 2048 --steps 6 --runs 2 --warmup 1 "$@"
+    bench schnell1024 --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 "$@"
+    "$bin" generate --device cuda --model random:dev --width 512 --height 512 --steps 4 --seed 3 \
+        --prompt "a lighthouse" --quiet --out "$out/random-dev-512.png" 2>&1 | tail -1
 fi
