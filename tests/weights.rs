@@ -601,3 +601,30 @@ fn missing_tokenizer_folder_is_reported_when_loading_a_model() {
         other => panic!("expected MissingTokenizer, got {:?}", other.map(|_| ())),
     }
 }
+
+/// Real weights default to bf16; on the CPU the transformer runs in bf16 and the autoencoder in
+/// f32 (candle's CPU convolutions take no bf16), and a whole image still comes out.
+#[test]
+fn bf16_model_from_files_generates_on_the_cpu() {
+    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::pipeline::{GenerateRequest, Pipeline};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSeeds::BUILTIN).expect("export");
+    let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+    let p = Pipeline::load(&resolved, "bf16", DType::BF16, &Device::Cpu).expect("load");
+    assert_eq!(p.flux.dtype(), DType::BF16);
+    assert_eq!(p.vae.dtype(), DType::F32);
+    let g = p
+        .generate(
+            &GenerateRequest {
+                width: 32,
+                height: 32,
+                steps: Some(2),
+                seed: 1,
+                ..Default::default()
+            },
+            &mut |_| Ok(()),
+        )
+        .expect("bf16 generation on the CPU");
+    assert_eq!((g.image.width, g.image.height), (32, 32));
+}

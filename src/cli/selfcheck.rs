@@ -229,6 +229,32 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         3e-2,
     );
 
+    // 2b. FLUX's autoencoder (full width, made-up weights) decoding a 32x32 latent: device bf16
+    //     against CPU f32 (exercises the fused GroupNorm statistics and affine+swish kernels).
+    {
+        use crate::model::vae::{AutoEncoder, VaeConfig};
+        let cfg = VaeConfig::flux();
+        let cpu = AutoEncoder::new_decoder_only(
+            &cfg,
+            DemoWeights::new(9).var_builder(DType::F32, &Device::Cpu),
+        )?;
+        // candle's CPU convolutions take no bf16: on the CPU this compares f32 with itself.
+        let dt = if dev.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let gpu = AutoEncoder::new_decoder_only(&cfg, DemoWeights::new(9).var_builder(dt, &dev))?;
+        let z = Tensor::randn(0f32, 1.0, (1, 16, 32, 32), &Device::Cpu)?;
+        let want = cpu.decode(&z)?;
+        let got = gpu.decode(&z.to_device(&dev)?.to_dtype(dt)?)?;
+        report.check(
+            format!("FLUX autoencoder decode 256px: device {dt:?} vs CPU f32"),
+            rel_err(&got, &want)?,
+            3e-2,
+        );
+    }
+
     // 3. The demo pipeline end to end in f32.
     let req = GenerateRequest {
         prompt: "a lighthouse on a cliff at dawn".into(),

@@ -145,3 +145,68 @@ extern "C" __global__ void parallax_ln_modulate_bf16(const unsigned short* __res
         store8(y + row * C + col, a);
     }
 }
+
+// GroupNorm statistics, step 1: partial sums of one slice of one (batch, group) range.
+// x: (B*G) contiguous ranges of `per` values; grid (S, B*G); partial sums go to
+// psum/psq[(bg * S + split)] and are added up afterwards in a fixed order (deterministic).
+extern "C" __global__ void parallax_group_partial_sums_bf16(const unsigned short* __restrict__ x,
+                                                             float* __restrict__ psum,
+                                                             float* __restrict__ psq, u64 per,
+                                                             u64 chunk) {
+    __shared__ float r1[32], r2[32];
+    const u64 bg = blockIdx.y;
+    const int S = gridDim.x;
+    const u64 start = blockIdx.x * chunk;
+    const u64 end = start + chunk < per ? start + chunk : per;
+    const unsigned short* base = x + bg * per;
+    float s = 0.f, q = 0.f;
+    for (u64 i = start + threadIdx.x * 8; i < end; i += (u64)blockDim.x * 8) {
+        const V8 a = load8(base + i);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s += a.v[j];
+            q += a.v[j] * a.v[j];
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        s += __shfl_xor_sync(0xffffffff, s, o);
+        q += __shfl_xor_sync(0xffffffff, q, o);
+    }
+    if (lane == 0) {
+        r1[warp] = s;
+        r2[warp] = q;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float ts = 0.f, tq = 0.f;
+        for (int w = 0; w < nw; ++w) {
+            ts += r1[w];
+            tq += r2[w];
+        }
+        psum[bg * S + blockIdx.x] = ts;
+        psq[bg * S + blockIdx.x] = tq;
+    }
+}
+
+// GroupNorm, step 2 (with the statistics folded into per-channel a and c):
+// y = x * a[b, c] + c[b, c], then swish if asked. x, y: (B, C, HW) with HW a multiple of 8.
+extern "C" __global__ void parallax_channel_affine_bf16(const unsigned short* __restrict__ x,
+                                                        const float* __restrict__ a,
+                                                        const float* __restrict__ c,
+                                                        unsigned short* __restrict__ y, u64 n8,
+                                                        u64 hw, int swish) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
+        const u64 off = i * 8;
+        const u64 bc = off / hw;  // (batch * C + channel)
+        const float av = a[bc], cv = c[bc];
+        V8 v = load8(x + off);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float t = v.v[j] * av + cv;
+            v.v[j] = swish ? t / (1.f + __expf(-t)) : t;
+        }
+        store8(y + off, v);
+    }
+}

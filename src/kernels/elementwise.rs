@@ -265,3 +265,172 @@ mod tests {
         Ok(())
     }
 }
+
+/// Per-(batch, group) sums and sums of squares, in f32, of `x` (B, C, ...) whose channels form
+/// `groups` equal contiguous groups: `(sum, sum_sq)`, each (B, groups). One pass on CUDA in bf16
+/// (partial sums added in a fixed order, so results repeat bit for bit); `None` elsewhere.
+pub fn group_sums(x: &Tensor, groups: usize) -> Result<Option<(Tensor, Tensor)>> {
+    let b = x.dim(0)?;
+    let per = x.elem_count() / (b * groups).max(1);
+    if !fusable(&[x], per) || !x.is_contiguous() || groups == 0 || x.dim(1)? % groups != 0 {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        return cuda::group_sums(x, b, groups, per).map(Some);
+    }
+    #[allow(unreachable_code)]
+    Ok(None)
+}
+
+/// `y = x * a + c` per (batch, channel), then swish (x·sigmoid(x)) if `swish`; `x` (B, C, ...),
+/// `a` and `c` (B, C) in f32. One pass on CUDA in bf16; candle ops elsewhere.
+pub fn channel_affine(x: &Tensor, a: &Tensor, c: &Tensor, swish: bool) -> Result<Tensor> {
+    let (b, ch) = (x.dim(0)?, x.dim(1)?);
+    let hw = x.elem_count() / (b * ch).max(1);
+    let ok = a.dims() == [b, ch]
+        && c.dims() == [b, ch]
+        && a.dtype() == DType::F32
+        && c.dtype() == DType::F32;
+    #[cfg(feature = "cuda")]
+    if ok && fusable(&[x], hw) && x.is_contiguous() {
+        return cuda::channel_affine(x, &a.contiguous()?, &c.contiguous()?, hw, swish);
+    }
+    let _ = (ok, hw);
+    let mut shape = vec![b, ch];
+    shape.extend(std::iter::repeat_n(1, x.rank().saturating_sub(2)));
+    let a = a.reshape(shape.as_slice())?;
+    let c = c.reshape(shape.as_slice())?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&a)?
+        .broadcast_add(&c)?
+        .to_dtype(x.dtype())?;
+    if swish {
+        y.silu()
+    } else {
+        Ok(y)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Storage};
+    use half::bf16;
+
+    fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+        s: &'a Storage,
+        l: &Layout,
+    ) -> Result<CudaView<'a, T>> {
+        match s {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..)),
+            _ => candle_core::bail!("expected a CUDA tensor"),
+        }
+    }
+
+    fn device(x: &Tensor) -> Result<CudaDevice> {
+        match x.device() {
+            candle_core::Device::Cuda(d) => Ok(d.clone()),
+            _ => candle_core::bail!("expected a CUDA tensor"),
+        }
+    }
+
+    fn wrap<T: candle_core::cuda_backend::CudaDType>(
+        s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        dev: &CudaDevice,
+        shape: &[usize],
+    ) -> Tensor {
+        Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+            shape,
+            BackpropOp::none(),
+            false,
+        )
+    }
+
+    pub(super) fn group_sums(
+        x: &Tensor,
+        b: usize,
+        groups: usize,
+        per: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = device(x)?;
+        const CHUNK: usize = 256 * 8 * 8;
+        let splits = per.div_ceil(CHUNK).clamp(1, 1024);
+        let chunk = per.div_ceil(splits).div_ceil(8) * 8;
+        let splits = per.div_ceil(chunk);
+        let n = b * groups * splits;
+        // SAFETY: the kernel writes every partial sum (one block per entry).
+        let (ps, pq) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let func =
+            dev.get_or_load_custom_func("parallax_group_partial_sums_bf16", &module, &ptx)?;
+        {
+            let (st, l) = x.storage_and_layout();
+            let xv = view::<bf16>(&st, l)?;
+            let (per_u, chunk_u) = (per as u64, chunk as u64);
+            let mut bld = func.builder();
+            bld.arg(&xv);
+            bld.arg(&ps);
+            bld.arg(&pq);
+            bld.arg(&per_u);
+            bld.arg(&chunk_u);
+            let cfg = LaunchConfig {
+                grid_dim: (splits as u32, (b * groups) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; sizes from the checked shapes.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        let ps = wrap(ps, &dev, &[b, groups, splits]);
+        let pq = wrap(pq, &dev, &[b, groups, splits]);
+        Ok((ps.sum(2)?, pq.sum(2)?))
+    }
+
+    pub(super) fn channel_affine(
+        x: &Tensor,
+        a: &Tensor,
+        c: &Tensor,
+        hw: usize,
+        swish: bool,
+    ) -> Result<Tensor> {
+        let dev = device(x)?;
+        let count = x.elem_count();
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<bf16>(count)? };
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let func = dev.get_or_load_custom_func("parallax_channel_affine_bf16", &module, &ptx)?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let (as_, al) = a.storage_and_layout();
+            let (cs, cl) = c.storage_and_layout();
+            let xv = view::<bf16>(&xs, xl)?;
+            let av = view::<f32>(&as_, al)?;
+            let cv = view::<f32>(&cs, cl)?;
+            let n8 = (count / 8) as u64;
+            let hw_u = hw as u64;
+            let sw = swish as i32;
+            let mut bld = func.builder();
+            bld.arg(&xv);
+            bld.arg(&av);
+            bld.arg(&cv);
+            bld.arg(&out);
+            bld.arg(&n8);
+            bld.arg(&hw_u);
+            bld.arg(&sw);
+            let cfg = LaunchConfig {
+                grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; sizes from the checked shapes.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, &dev, x.dims()))
+    }
+}

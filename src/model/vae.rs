@@ -291,6 +291,13 @@ impl GroupNorm {
     pub fn stats(&self, x: &Tensor) -> candle_core::Result<GroupStats> {
         let b = self.check_input(x)?;
         let per_group = x.elem_count() / (b * self.groups).max(1);
+        if let Some((sum, sum_sq)) = crate::kernels::elementwise::group_sums(x, self.groups)? {
+            return Ok(GroupStats {
+                sum,
+                sum_sq,
+                count: per_group,
+            });
+        }
         let xg = x
             .to_dtype(DType::F32)?
             .reshape((b, self.groups, per_group))?;
@@ -305,6 +312,16 @@ impl GroupNorm {
     /// tensor `x` is a part of), then apply the affine weight and bias. The result has `x`'s
     /// dtype; the arithmetic is done in f32.
     pub fn normalize(&self, x: &Tensor, stats: &GroupStats) -> candle_core::Result<Tensor> {
+        self.normalize_act(x, stats, false)
+    }
+
+    /// [`GroupNorm::normalize`], then swish if `swish` (one fused pass on CUDA in bf16).
+    pub fn normalize_act(
+        &self,
+        x: &Tensor,
+        stats: &GroupStats,
+        swish: bool,
+    ) -> candle_core::Result<Tensor> {
         let b = self.check_input(x)?;
         if stats.sum.dims() != [b, self.groups] || stats.sum_sq.dims() != [b, self.groups] {
             candle_core::bail!(
@@ -333,20 +350,19 @@ impl GroupNorm {
         let bias = self.bias.to_dtype(DType::F32)?.unsqueeze(0)?;
         let a = expand(&inv_std)?.broadcast_mul(&w)?;
         let c = bias.broadcast_sub(&expand(&mean)?.mul(&a)?)?;
-        let mut shape = vec![b, self.channels];
-        shape.extend(std::iter::repeat_n(1, x.rank() - 2));
-        let a = a.reshape(shape.as_slice())?;
-        let c = c.reshape(shape.as_slice())?;
-        x.to_dtype(DType::F32)?
-            .broadcast_mul(&a)?
-            .broadcast_add(&c)?
-            .to_dtype(x.dtype())
+        crate::kernels::elementwise::channel_affine(x, &a, &c, swish)
     }
 
     /// Both steps on one tensor.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let stats = self.stats(x)?;
         self.normalize(x, &stats)
+    }
+
+    /// Both steps, then swish: `swish(GroupNorm(x))`, as every ResNet block and output head does.
+    pub fn forward_swish(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let stats = self.stats(x)?;
+        self.normalize_act(x, &stats, true)
     }
 }
 
@@ -503,9 +519,9 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = swish(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_swish(x)?;
         let h = self.conv1.forward(&h)?;
-        let h = swish(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_swish(&h)?;
         let h = self.conv2.forward(&h)?;
         self.shortcut(x)? + h
     }
@@ -795,7 +811,7 @@ impl Decoder {
 
     /// `norm_out`, swish, `conv_out`.
     pub fn forward_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = swish(&self.norm_out.forward(x)?)?;
+        let h = self.norm_out.forward_swish(x)?;
         self.conv_out.forward(&h)
     }
 
@@ -889,7 +905,7 @@ impl Encoder {
         let h = self.mid_block_1.forward(&h)?;
         let h = self.mid_attn_1.forward(&h)?;
         let h = self.mid_block_2.forward(&h)?;
-        let h = swish(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_swish(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -237,8 +237,12 @@ impl Pipeline {
             _ => FluxConfig::dev(),
         };
         let flux = Flux::new(&cfg, RandomWeights.var_builder(dtype, device)).px()?;
-        let vae =
-            AutoEncoder::new(&VaeConfig::flux(), RandomWeights.var_builder(dtype, device)).px()?;
+        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let vae = AutoEncoder::new(
+            &VaeConfig::flux(),
+            RandomWeights.var_builder(vae_dtype, device),
+        )
+        .px()?;
         let vb = RandomWeights.var_builder(dtype, device);
         let text = TextEncoders::new(
             vb.clone(),
@@ -438,7 +442,7 @@ impl Pipeline {
 
         let t0 = Instant::now();
         let latent = unpack_latent(&x, lh, lw)?;
-        let decoded = self.vae.decode(&latent.to_dtype(self.flux.dtype())?)?;
+        let decoded = self.vae.decode(&latent.to_dtype(self.vae.dtype())?)?;
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {
             image.stamp_demo_label();
@@ -494,8 +498,10 @@ pub fn load_transformer(
     Ok((flux, variant))
 }
 
-/// Load the autoencoder in either layout.
+/// Load the autoencoder in either layout. On the CPU it always runs in f32 (candle's CPU
+/// convolutions take no bf16/f16, and the autoencoder is small next to the transformer).
 pub fn load_vae(files: &ModelFiles, dtype: DType, device: &Device) -> Result<AutoEncoder> {
+    let dtype = if device.is_cpu() { DType::F32 } else { dtype };
     let set = Arc::new(SafetensorsSet::open(&files.vae)?);
     let (cfg, map): (VaeConfig, Arc<dyn KeyMap>) = match files.vae_layout {
         VaeLayout::Bfl => (
