@@ -230,42 +230,6 @@ impl candle_core::CustomOp3 for Fused {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn cpu_compositions_compute_the_documented_functions() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
-        let u = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
-        let g = Tensor::randn(0f32, 1.0, (2, 1, 8), &dev)?;
-        let bias = Tensor::randn(0f32, 1.0, 8, &dev)?;
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let us: Vec<f32> = u.flatten_all()?.to_vec1()?;
-        let gs: Vec<f32> = g.flatten_all()?.to_vec1()?;
-        let bs: Vec<f32> = bias.to_vec1()?;
-        let got: Vec<f32> = gated_residual(&x, &g, &u)?.flatten_all()?.to_vec1()?;
-        let gelu: Vec<f32> = bias_act(&x, &bias, true)?.flatten_all()?.to_vec1()?;
-        for i in 0..48 {
-            let (b, c) = (i / 24, i % 8);
-            assert!((got[i] - (xs[i] + gs[b * 8 + c] * us[i])).abs() < 1e-6);
-            let s = xs[i] + bs[c];
-            let want = 0.5 * s * (1.0 + (0.797_884_6 * (s + 0.044715 * s * s * s)).tanh());
-            assert!((gelu[i] - want).abs() < 1e-4, "{} vs {want}", gelu[i]);
-        }
-        // LayerNorm + modulation: zero scale and shift leave a normalised row.
-        let z = Tensor::zeros((2, 1, 8), DType::F32, &dev)?;
-        let n = ln_modulate(&x, &z, &z)?;
-        let mean = n.mean_keepdim(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let var = n.sqr()?.mean_keepdim(2)?;
-        let var_err = (var - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(mean < 1e-5 && var_err < 1e-3, "{mean} {var_err}");
-        Ok(())
-    }
-}
-
 /// Per-(batch, group) sums and sums of squares, in f32, of `x` (B, C, ...) whose channels form
 /// `groups` equal contiguous groups: `(sum, sum_sq)`, each (B, groups). One pass on CUDA in bf16
 /// (partial sums added in a fixed order, so results repeat bit for bit); `None` elsewhere.
@@ -432,5 +396,41 @@ mod cuda {
             unsafe { bld.launch(cfg) }.w()?;
         }
         Ok(wrap(out, &dev, x.dims()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_compositions_compute_the_documented_functions() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let u = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 1, 8), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let us: Vec<f32> = u.flatten_all()?.to_vec1()?;
+        let gs: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let bs: Vec<f32> = bias.to_vec1()?;
+        let got: Vec<f32> = gated_residual(&x, &g, &u)?.flatten_all()?.to_vec1()?;
+        let gelu: Vec<f32> = bias_act(&x, &bias, true)?.flatten_all()?.to_vec1()?;
+        for i in 0..48 {
+            let (b, c) = (i / 24, i % 8);
+            assert!((got[i] - (xs[i] + gs[b * 8 + c] * us[i])).abs() < 1e-6);
+            let s = xs[i] + bs[c];
+            let want = 0.5 * s * (1.0 + (0.797_884_6 * (s + 0.044715 * s * s * s)).tanh());
+            assert!((gelu[i] - want).abs() < 1e-4, "{} vs {want}", gelu[i]);
+        }
+        // LayerNorm + modulation: zero scale and shift leave a normalised row.
+        let z = Tensor::zeros((2, 1, 8), DType::F32, &dev)?;
+        let n = ln_modulate(&x, &z, &z)?;
+        let mean = n.mean_keepdim(2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let var = n.sqr()?.mean_keepdim(2)?;
+        let var_err = (var - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(mean < 1e-5 && var_err < 1e-3, "{mean} {var_err}");
+        Ok(())
     }
 }
