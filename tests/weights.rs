@@ -75,6 +75,22 @@ fn files(transformer: &Path, layout: TransformerLayout) -> ModelFiles {
     }
 }
 
+/// Write `tensors` as a BFL single file called `name` in a new folder and load it as a
+/// transformer (the folder is returned so it outlives the result).
+fn load_bfl_file(
+    tensors: &[(String, Tensor)],
+    name: &str,
+) -> (tempfile::TempDir, parallax::Result<(Flux, layout::Variant)>) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join(name);
+    save_safetensors(tensors, &path).expect("save");
+    let bfl = TransformerLayout::Bfl {
+        prefix: String::new(),
+    };
+    let result = load_transformer(&files(&path, bfl), DType::F32, &Device::Cpu);
+    (dir, result)
+}
+
 #[test]
 fn bfl_single_file_loads_to_the_same_model() {
     let cfg = FluxConfig::tiny();
@@ -286,20 +302,8 @@ fn missing_tensor_is_named() {
         .into_iter()
         .filter(|(n, _)| n != "single_blocks.2.linear2.weight")
         .collect();
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("flux1-dev.safetensors");
-    save_safetensors(&kept, &path).expect("save");
-    let err = load_transformer(
-        &files(
-            &path,
-            TransformerLayout::Bfl {
-                prefix: String::new(),
-            },
-        ),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect_err("must fail");
+    let (_dir, result) = load_bfl_file(&kept, "flux1-dev.safetensors");
+    let err = result.map(|_| ()).expect_err("must fail");
     match &err {
         Error::MissingTensor { tensor, location } => {
             assert!(tensor.contains("single_blocks.2.linear2.weight"), "{err}");
@@ -318,20 +322,8 @@ fn misshaped_tensor_names_tensor_and_both_shapes() {
             *t = Tensor::zeros((128, 64), DType::F32, &Device::Cpu).expect("zeros");
         }
     }
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("flux1-dev.safetensors");
-    save_safetensors(&tensors, &path).expect("save");
-    let err = load_transformer(
-        &files(
-            &path,
-            TransformerLayout::Bfl {
-                prefix: String::new(),
-            },
-        ),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect_err("must fail");
+    let (_dir, result) = load_bfl_file(&tensors, "flux1-dev.safetensors");
+    let err = result.map(|_| ()).expect_err("must fail");
     match &err {
         Error::ShapeMismatch {
             tensor,
@@ -413,20 +405,8 @@ fn unsupported_dtype_is_named() {
             *t = t.to_dtype(DType::U8).expect("u8");
         }
     }
-    let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("flux1-dev-int8.safetensors");
-    save_safetensors(&tensors, &path).expect("save");
-    let err = load_transformer(
-        &files(
-            &path,
-            TransformerLayout::Bfl {
-                prefix: String::new(),
-            },
-        ),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect_err("fail");
+    let (_dir, result) = load_bfl_file(&tensors, "flux1-dev-int8.safetensors");
+    let err = result.map(|_| ()).expect_err("fail");
     match &err {
         Error::UnsupportedDtype {
             tensor,

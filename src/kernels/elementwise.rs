@@ -280,41 +280,10 @@ pub fn channel_affine(x: &Tensor, a: &Tensor, c: &Tensor, swish: bool) -> Result
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use crate::kernels::cuda_util::{device, view, wrap};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::op::BackpropOp;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Storage};
     use half::bf16;
-
-    fn view<'a, T: candle_core::cuda_backend::CudaDType>(
-        s: &'a Storage,
-        l: &Layout,
-    ) -> Result<CudaView<'a, T>> {
-        match s {
-            Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(l.start_offset()..)),
-            _ => candle_core::bail!("expected a CUDA tensor"),
-        }
-    }
-
-    fn device(x: &Tensor) -> Result<CudaDevice> {
-        match x.device() {
-            candle_core::Device::Cuda(d) => Ok(d.clone()),
-            _ => candle_core::bail!("expected a CUDA tensor"),
-        }
-    }
-
-    fn wrap<T: candle_core::cuda_backend::CudaDType>(
-        s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-        dev: &CudaDevice,
-        shape: &[usize],
-    ) -> Tensor {
-        Tensor::from_storage(
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
-            shape,
-            BackpropOp::none(),
-            false,
-        )
-    }
 
     pub(super) fn group_sums(
         x: &Tensor,

@@ -5,6 +5,8 @@
 //! has a plain candle composition that computes the same function: it runs on the CPU and on any
 //! input the kernel does not take, and `parallax selfcheck` compares the two on the GPU.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_util;
 pub mod elementwise;
 pub mod flash_attn;
 pub mod nvrtc;

@@ -81,18 +81,11 @@ pub fn qkv_prep_reference(
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use crate::kernels::cuda_util::{view, wrap};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::op::BackpropOp;
-    use candle_core::{CudaStorage, DType, Layout, Storage};
+    use candle_core::DType;
     use half::bf16;
-
-    fn view<'a>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, bf16>> {
-        match s {
-            Storage::Cuda(c) => Ok(c.as_cuda_slice::<bf16>()?.slice(l.start_offset()..)),
-            _ => candle_core::bail!("qkv_prep: expected a CUDA tensor"),
-        }
-    }
 
     /// The fused kernel, or `None` when the inputs are not what it takes.
     pub(super) fn try_qkv_prep(
@@ -172,7 +165,7 @@ mod cuda {
         ];
         let views = guards
             .iter()
-            .map(|(s, l)| view(s, l))
+            .map(|(s, l)| view::<bf16>(s, l))
             .collect::<Result<Vec<_>>>()?;
         let n = b * heads * total * d;
         // SAFETY: the kernel writes every element of q, k and v.
@@ -217,15 +210,12 @@ mod cuda {
         unsafe { builder.launch(cfg) }.w()?;
         drop(views);
         drop(guards);
-        let wrap = |s| {
-            Tensor::from_storage(
-                Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
-                (b, heads, total, d),
-                BackpropOp::none(),
-                false,
-            )
-        };
-        Ok(Some((wrap(q), wrap(k), wrap(v))))
+        let shape = [b, heads, total, d];
+        Ok(Some((
+            wrap(q, &dev, &shape),
+            wrap(k, &dev, &shape),
+            wrap(v, &dev, &shape),
+        )))
     }
 }
 
