@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod parallel;
 pub mod pipeline;
 
 pub use error::{Error, Result};

@@ -1,0 +1,253 @@
+//! Communicators: how workers exchange tensors.
+//!
+//! [`Communicator`] is the small set of collectives the parallel strategies use. [`LocalComm`]
+//! implements it for worker threads of one process (the CPU stand-in for GPUs, used by the tests
+//! and the demo); NCCL through cudarc implements it for GPUs (with the multi-GPU engine). All
+//! collectives are called by every rank of the group, in the same order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+
+use candle_core::{Result, Tensor};
+
+/// Collectives over a group of `size` ranks.
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Every rank's `t`, concatenated along `dim` in rank order.
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
+    /// Split `t` into `size` equal chunks along `scatter_dim`, send chunk j to rank j, and
+    /// concatenate what arrives along `gather_dim` in rank order.
+    fn all_to_all(&self, t: &Tensor, scatter_dim: usize, gather_dim: usize) -> Result<Tensor>;
+    /// The sum of every rank's `t`.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Rank `root`'s `t`, on every rank (other ranks' `t` only gives the shape).
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// Send `t` to rank `to` (does not wait for the receiver).
+    fn send(&self, t: &Tensor, to: usize) -> Result<()>;
+    /// The next tensor rank `from` sent to this rank.
+    fn recv(&self, from: usize) -> Result<Tensor>;
+}
+
+struct Shared {
+    size: usize,
+    /// Collective exchange slots: `slots[from * size + to]`.
+    slots: Mutex<Vec<Option<Tensor>>>,
+    barrier: Barrier,
+    /// Point-to-point mailboxes by (from, to).
+    mail: Mutex<HashMap<(usize, usize), VecDeque<Tensor>>>,
+    mail_cv: Condvar,
+}
+
+/// An in-process communicator: one per worker thread, all made by [`LocalComm::group`].
+#[derive(Clone)]
+pub struct LocalComm {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LocalComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalComm(rank {} of {})", self.rank, self.shared.size)
+    }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("a worker panicked during a collective".into())
+}
+
+impl LocalComm {
+    /// `size` communicators of one group, rank i at index i.
+    pub fn group(size: usize) -> Vec<LocalComm> {
+        let shared = Arc::new(Shared {
+            size,
+            slots: Mutex::new(vec![None; size * size]),
+            barrier: Barrier::new(size),
+            mail: Mutex::new(HashMap::new()),
+            mail_cv: Condvar::new(),
+        });
+        (0..size)
+            .map(|rank| LocalComm {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
+    fn exchange(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let n = self.shared.size;
+        {
+            let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
+            for (to, t) in outgoing.into_iter().enumerate() {
+                slots[self.rank * n + to] = Some(t);
+            }
+        }
+        self.shared.barrier.wait();
+        let incoming = {
+            let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
+            (0..n)
+                .map(|from| slots[from * n + self.rank].take())
+                .collect::<Option<Vec<_>>>()
+        };
+        // Nobody posts again until everyone has taken their share.
+        self.shared.barrier.wait();
+        incoming
+            .ok_or_else(|| candle_core::Error::Msg("collective called by only some ranks".into()))
+    }
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        Tensor::cat(&parts, dim)
+    }
+
+    fn all_to_all(&self, t: &Tensor, scatter_dim: usize, gather_dim: usize) -> Result<Tensor> {
+        let n = self.size();
+        let len = t.dim(scatter_dim)?;
+        if len % n != 0 {
+            candle_core::bail!(
+                "all_to_all: dim {scatter_dim} of {:?} does not split {n} ways",
+                t.dims()
+            );
+        }
+        let chunk = len / n;
+        let outgoing = (0..n)
+            .map(|j| t.narrow(scatter_dim, j * chunk, chunk)?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let parts = self.exchange(outgoing)?;
+        Tensor::cat(&parts, gather_dim)
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        // Sum in rank order so every rank gets bit-identical results.
+        let mut acc = parts[0].clone();
+        for p in &parts[1..] {
+            acc = (acc + p)?;
+        }
+        Ok(acc)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        parts
+            .into_iter()
+            .nth(root)
+            .ok_or_else(|| candle_core::Error::Msg(format!("broadcast root {root} out of range")))
+    }
+
+    fn send(&self, t: &Tensor, to: usize) -> Result<()> {
+        let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
+        mail.entry((self.rank, to))
+            .or_default()
+            .push_back(t.clone());
+        self.shared.mail_cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
+        loop {
+            if let Some(t) = mail.get_mut(&(from, self.rank)).and_then(|q| q.pop_front()) {
+                return Ok(t);
+            }
+            mail = self.shared.mail_cv.wait(mail).map_err(|_| poisoned())?;
+        }
+    }
+}
+
+/// Run `f(rank, comm)` on `size` threads with one in-process group; results in rank order.
+pub fn run_local<T: Send>(
+    size: usize,
+    f: impl Fn(usize, LocalComm) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let comms = LocalComm::group(size);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let f = &f;
+                s.spawn(move || f(rank, comm))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| candle_core::Error::Msg("a worker thread panicked".into()))?
+            })
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rank_tensor(rank: usize) -> Result<Tensor> {
+        Tensor::arange(0f32, 8.0, &Device::Cpu)?
+            .affine(1.0, 100.0 * rank as f64)?
+            .reshape((2, 4))
+    }
+
+    #[test]
+    fn collectives_on_four_threads() -> Result<()> {
+        let out = run_local(4, |rank, comm| {
+            let t = rank_tensor(rank)?;
+            let gathered = comm.all_gather(&t, 0)?;
+            let summed = comm.all_reduce_sum(&t)?;
+            let b = comm.broadcast(&t, 2)?;
+            // all_to_all: split the 4 columns, one to each rank; gather along rows.
+            let a2a = comm.all_to_all(&t, 1, 0)?;
+            // Ring pass: send to the next rank, receive from the previous.
+            comm.send(&t, (rank + 1) % 4)?;
+            let from_prev = comm.recv((rank + 3) % 4)?;
+            Ok((gathered, summed, b, a2a, from_prev))
+        })?;
+        for (rank, (g, s, b, a2a, prev)) in out.iter().enumerate() {
+            assert_eq!(g.dims(), &[8, 4]);
+            let want_g = Tensor::cat(&(0..4).map(rank_tensor).collect::<Result<Vec<_>>>()?, 0)?;
+            assert_eq!(g.to_vec2::<f32>()?, want_g.to_vec2::<f32>()?);
+            let want_s = (0..4).map(rank_tensor).try_fold(
+                Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu)?,
+                |a, t| a + t?,
+            )?;
+            assert_eq!(s.to_vec2::<f32>()?, want_s.to_vec2::<f32>()?);
+            assert_eq!(b.to_vec2::<f32>()?, rank_tensor(2)?.to_vec2::<f32>()?);
+            // Rank r receives column r of every rank, stacked in rank order: (8, 1).
+            let want_a2a = Tensor::cat(
+                &(0..4)
+                    .map(|j| rank_tensor(j)?.narrow(1, rank, 1))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?;
+            assert_eq!(a2a.to_vec2::<f32>()?, want_a2a.to_vec2::<f32>()?);
+            assert_eq!(
+                prev.to_vec2::<f32>()?,
+                rank_tensor((rank + 3) % 4)?.to_vec2::<f32>()?
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn uneven_all_to_all_is_an_error_not_a_hang() {
+        let r = run_local(2, |_, comm| {
+            let t = Tensor::zeros((3, 2), candle_core::DType::F32, &Device::Cpu)?;
+            comm.all_to_all(&t, 0, 0)
+        });
+        assert!(r.is_err());
+    }
+}

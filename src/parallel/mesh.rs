@@ -1,0 +1,290 @@
+//! The device mesh: one object naming every process group.
+//!
+//! The workers (GPUs, or CPU threads standing in for them) are factored into data-parallel x
+//! CFG x pipeline x ring x Ulysses degrees. Ranks are numbered with Ulysses innermost (its
+//! all-to-alls are the most frequent, so its members should be the closest devices), then ring,
+//! pipeline, CFG and data-parallel outermost. Each strategy asks the mesh for its group: the
+//! ranks that share every coordinate but its own.
+
+use crate::error::{Error, Result};
+
+/// Degrees of each kind of parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParallelLayout {
+    pub dp: usize,
+    pub cfg: usize,
+    /// Reserved for PipeFusion (must be 1 for now).
+    pub pipeline: usize,
+    pub ring: usize,
+    pub ulysses: usize,
+}
+
+impl Default for ParallelLayout {
+    fn default() -> Self {
+        Self {
+            dp: 1,
+            cfg: 1,
+            pipeline: 1,
+            ring: 1,
+            ulysses: 1,
+        }
+    }
+}
+
+/// A mesh axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    Dp,
+    Cfg,
+    Pipeline,
+    Ring,
+    Ulysses,
+}
+
+/// A rank's position on every axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coords {
+    pub dp: usize,
+    pub cfg: usize,
+    pub pipeline: usize,
+    pub ring: usize,
+    pub ulysses: usize,
+}
+
+impl ParallelLayout {
+    pub fn world(&self) -> usize {
+        self.dp * self.cfg * self.pipeline * self.ring * self.ulysses
+    }
+
+    /// Sequence-parallel degree (ring x Ulysses).
+    pub fn sp(&self) -> usize {
+        self.ring * self.ulysses
+    }
+
+    /// A layout for `devices` workers and a model with `heads` attention heads: CFG over two
+    /// groups when true CFG is on and the count is even, then Ulysses as wide as divides the heads
+    /// (the best single-node choice on NVLink per the published FLUX scaling), ring for the rest.
+    /// Returns the layout and why.
+    pub fn auto(devices: usize, heads: usize, true_cfg: bool) -> (Self, String) {
+        let mut rest = devices.max(1);
+        let cfg = if true_cfg && rest % 2 == 0 { 2 } else { 1 };
+        rest /= cfg;
+        let ulysses = (1..=rest)
+            .rev()
+            .find(|u| rest % u == 0 && heads % u == 0)
+            .unwrap_or(1);
+        let ring = rest / ulysses;
+        let layout = Self {
+            cfg,
+            ring,
+            ulysses,
+            ..Self::default()
+        };
+        let why = format!(
+            "{devices} device(s): {}Ulysses {ulysses} (largest degree dividing both {rest} and the {heads} heads){}",
+            if cfg == 2 { "CFG 2 (true CFG runs two branches), " } else { "" },
+            if ring > 1 { format!(", ring {ring} for the rest") } else { String::new() },
+        );
+        (layout, why)
+    }
+}
+
+/// The mesh: a validated layout over a number of workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    layout: ParallelLayout,
+}
+
+impl Mesh {
+    /// Check `layout` against the workers present and the model before anything is loaded.
+    pub fn new(layout: ParallelLayout, devices: usize, heads: usize) -> Result<Self> {
+        let desc = format!(
+            "dp {} x cfg {} x pipeline {} x ring {} x ulysses {}",
+            layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
+        );
+        let bad = |reason: String| Error::setting("parallel layout", &desc, reason);
+        if [
+            layout.dp,
+            layout.cfg,
+            layout.pipeline,
+            layout.ring,
+            layout.ulysses,
+        ]
+        .contains(&0)
+        {
+            return Err(bad("every degree must be at least 1".into()));
+        }
+        if layout.cfg > 2 {
+            return Err(bad(
+                "CFG parallelism has two branches: its degree is 1 or 2".into(),
+            ));
+        }
+        if layout.pipeline != 1 {
+            return Err(bad(
+                "pipeline parallelism (PipeFusion) is not available yet".into(),
+            ));
+        }
+        if layout.world() > devices {
+            return Err(bad(format!(
+                "asks for {} devices, but only {devices} are present",
+                layout.world()
+            )));
+        }
+        if layout.world() != devices {
+            return Err(bad(format!(
+                "multiplies to {} devices, but {devices} were given: the degrees must multiply to the device count",
+                layout.world()
+            )));
+        }
+        if heads % layout.ulysses != 0 {
+            return Err(bad(format!(
+                "the Ulysses degree {} must divide the model's {heads} attention heads",
+                layout.ulysses
+            )));
+        }
+        Ok(Self { layout })
+    }
+
+    pub fn layout(&self) -> ParallelLayout {
+        self.layout
+    }
+
+    pub fn world(&self) -> usize {
+        self.layout.world()
+    }
+
+    fn dims(&self) -> [usize; 5] {
+        let l = self.layout;
+        [l.dp, l.cfg, l.pipeline, l.ring, l.ulysses]
+    }
+
+    /// Where `rank` sits on each axis.
+    pub fn coords(&self, rank: usize) -> Coords {
+        let d = self.dims();
+        let mut r = rank;
+        let mut c = [0usize; 5];
+        for i in (0..5).rev() {
+            c[i] = r % d[i];
+            r /= d[i];
+        }
+        Coords {
+            dp: c[0],
+            cfg: c[1],
+            pipeline: c[2],
+            ring: c[3],
+            ulysses: c[4],
+        }
+    }
+
+    /// The rank at `coords`.
+    pub fn rank(&self, c: Coords) -> usize {
+        let d = self.dims();
+        let cs = [c.dp, c.cfg, c.pipeline, c.ring, c.ulysses];
+        cs.iter().zip(d).fold(0, |acc, (&ci, di)| acc * di + ci)
+    }
+
+    /// The ranks that share every coordinate with `rank` except `axis`, in axis order.
+    pub fn group(&self, rank: usize, axis: Axis) -> Vec<usize> {
+        let c = self.coords(rank);
+        let n = match axis {
+            Axis::Dp => self.layout.dp,
+            Axis::Cfg => self.layout.cfg,
+            Axis::Pipeline => self.layout.pipeline,
+            Axis::Ring => self.layout.ring,
+            Axis::Ulysses => self.layout.ulysses,
+        };
+        (0..n)
+            .map(|i| {
+                let mut k = c;
+                match axis {
+                    Axis::Dp => k.dp = i,
+                    Axis::Cfg => k.cfg = i,
+                    Axis::Pipeline => k.pipeline = i,
+                    Axis::Ring => k.ring = i,
+                    Axis::Ulysses => k.ulysses = i,
+                }
+                self.rank(k)
+            })
+            .collect()
+    }
+
+    /// Every distinct group along `axis` (for creating communicators once per group).
+    pub fn groups(&self, axis: Axis) -> Vec<Vec<usize>> {
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        for r in 0..self.world() {
+            let g = self.group(r, axis);
+            if !out.contains(&g) {
+                out.push(g);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(dp: usize, cfg: usize, ring: usize, ulysses: usize) -> ParallelLayout {
+        ParallelLayout {
+            dp,
+            cfg,
+            pipeline: 1,
+            ring,
+            ulysses,
+        }
+    }
+
+    #[test]
+    fn coordinates_round_trip_and_groups_partition_the_world() {
+        let m = Mesh::new(l(2, 2, 2, 2), 16, 24).expect("valid");
+        for r in 0..16 {
+            assert_eq!(m.rank(m.coords(r)), r);
+        }
+        // Ulysses innermost: ranks 0,1 share everything but the Ulysses coordinate.
+        assert_eq!(m.group(0, Axis::Ulysses), vec![0, 1]);
+        assert_eq!(m.group(0, Axis::Ring), vec![0, 2]);
+        assert_eq!(m.group(5, Axis::Cfg), vec![1, 5]);
+        assert_eq!(m.group(3, Axis::Dp), vec![3, 11]);
+        for axis in [Axis::Dp, Axis::Cfg, Axis::Ring, Axis::Ulysses] {
+            let groups = m.groups(axis);
+            let mut all: Vec<usize> = groups.concat();
+            all.sort();
+            assert_eq!(all, (0..16).collect::<Vec<_>>(), "{axis:?}");
+        }
+    }
+
+    #[test]
+    fn bad_layouts_are_rejected_before_loading() {
+        let cases = [
+            (l(1, 1, 1, 5), 5, "divide"),
+            (l(1, 1, 2, 2), 2, "only 2 are present"),
+            (l(1, 1, 1, 2), 4, "multiply to the device count"),
+            (l(1, 3, 1, 1), 3, "1 or 2"),
+            (l(0, 1, 1, 1), 1, "at least 1"),
+        ];
+        for (layout, devices, needle) in cases {
+            match Mesh::new(layout, devices, 24) {
+                Err(e) => assert!(e.to_string().contains(needle), "{layout:?}: {e}"),
+                Ok(_) => panic!("{layout:?} on {devices} devices should be rejected"),
+            }
+        }
+    }
+
+    #[test]
+    fn auto_layout_prefers_ulysses_and_uses_cfg_for_true_cfg() {
+        let (a, why) = ParallelLayout::auto(4, 24, false);
+        assert_eq!((a.ulysses, a.ring, a.cfg), (4, 1, 1));
+        assert!(why.contains("Ulysses 4"));
+        let (a, _) = ParallelLayout::auto(8, 24, true);
+        assert_eq!((a.cfg, a.ulysses, a.ring), (2, 4, 1));
+        // 5 GPUs: 5 does not divide 24 heads -> ring 5.
+        let (a, why) = ParallelLayout::auto(5, 24, false);
+        assert_eq!((a.ulysses, a.ring), (1, 5));
+        assert!(why.contains("ring 5"));
+        for n in 1..=8 {
+            let (a, _) = ParallelLayout::auto(n, 24, n % 2 == 0);
+            assert!(Mesh::new(a, n, 24).is_ok(), "auto layout for {n} is valid");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Running one image on several devices (issue 4, in progress).
+//!
+//! - [`comm`]: the communicator trait (all-gather, all-to-all, all-reduce, broadcast, send/recv)
+//!   and its in-process implementation, where worker threads stand in for GPUs.
+//! - [`mesh`]: one object that factors the workers into data-parallel x CFG x ring x Ulysses
+//!   degrees and hands each strategy its group.
+//! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
+
+pub mod comm;
+pub mod mesh;
+pub mod ring;
+pub mod ulysses;

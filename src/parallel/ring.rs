@@ -1,0 +1,154 @@
+//! Ring sequence parallelism for attention.
+//!
+//! Each rank keeps its query shard and passes key/value shards around the ring: N - 1 times it
+//! sends the block it holds to the next rank and computes attention of its queries against that
+//! block while the next one arrives. Partial results merge exactly through their log-sum-exp:
+//! `lse' = lse + ln(1 + e^(lse_b - lse))`, `out' = out - sigmoid(lse_b - lse) (out - out_b)`.
+//! DiT attention is not causal, so no load balancing is needed.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+
+use super::comm::Communicator;
+use crate::kernels::flash_attn::online_softmax_reference;
+use crate::model::attention::Attention;
+
+pub struct RingAttention {
+    comm: Arc<dyn Communicator>,
+}
+
+impl RingAttention {
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self { comm }
+    }
+}
+
+/// Merge a partial result (`out_b`, `lse_b`) into (`out`, `lse`); all f32, lse (B, H, L).
+pub fn merge(
+    out: &Tensor,
+    lse: &Tensor,
+    out_b: &Tensor,
+    lse_b: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let d = (lse_b - lse)?;
+    // sigmoid(d) and softplus(d) = ln(1 + e^d), written to stay finite for large |d|.
+    let w = candle_nn::ops::sigmoid(&d)?;
+    let softplus = (d.relu()? + ((d.abs()?.neg()?.exp()? + 1.0)?.log()?))?;
+    let lse_new = (lse + softplus)?;
+    let out_new = (out - (out - out_b)?.broadcast_mul(&w.unsqueeze(3)?)?)?;
+    Ok((out_new, lse_new))
+}
+
+impl Attention for RingAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let n = self.comm.size();
+        let rank = self.comm.rank();
+        let dtype = q.dtype();
+        let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+        let (mut k, mut v) = (k.clone(), v.clone());
+        let mut acc: Option<(Tensor, Tensor)> = None;
+        for step in 0..n {
+            // Start passing the block on before computing with it (overlap).
+            if step + 1 < n {
+                self.comm.send(&k, next)?;
+                self.comm.send(&v, next)?;
+            }
+            let (o_b, lse_b) = online_softmax_reference(q, &k, &v, usize::MAX)?;
+            acc = Some(match acc {
+                None => (o_b, lse_b),
+                Some((o, lse)) => merge(&o, &lse, &o_b, &lse_b)?,
+            });
+            if step + 1 < n {
+                k = self.comm.recv(prev)?;
+                v = self.comm.recv(prev)?;
+            }
+        }
+        match acc {
+            Some((o, _)) => o.to_dtype(dtype),
+            None => candle_core::bail!("ring attention over an empty group"),
+        }
+    }
+
+    fn name(&self) -> &str {
+        "ring"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::attention::sdpa_chunked;
+    use crate::parallel::comm::run_local;
+    use crate::parallel::ulysses::UlyssesAttention;
+    use candle_core::{DType, Device};
+
+    fn inputs(l: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
+            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
+            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
+        ))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    /// Shard along the sequence, run `make(comm)` on every rank, gather, compare with one device.
+    fn check(
+        n: usize,
+        make: impl Fn(Arc<dyn Communicator>) -> Box<dyn Attention> + Sync,
+    ) -> Result<f32> {
+        let l = 24 * n;
+        let (q, k, v) = inputs(l)?;
+        let want = sdpa_chunked(&q, &k, &v, 1 << 20)?;
+        let shard = l / n;
+        let outs = run_local(n, |rank, comm| {
+            let comm: Arc<dyn Communicator> = Arc::new(comm);
+            let attn = make(comm.clone());
+            let part = |t: &Tensor| t.narrow(2, rank * shard, shard);
+            let o = attn.attend(&part(&q)?, &part(&k)?, &part(&v)?)?;
+            comm.all_gather(&o, 2)
+        })?;
+        let mut worst = 0f32;
+        for o in &outs {
+            worst = worst.max(max_diff(o, &want)?);
+        }
+        Ok(worst)
+    }
+
+    #[test]
+    fn ring_attention_matches_one_device() -> Result<()> {
+        for n in [2, 4] {
+            let d = check(n, |c| Box::new(RingAttention::new(c)))?;
+            assert!(d < 1e-5, "ring {n}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ulysses_attention_matches_one_device() -> Result<()> {
+        for n in [2, 4] {
+            let d = check(n, |c| Box::new(UlyssesAttention::new(c)))?;
+            assert!(d < 1e-5, "ulysses {n}: {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn merge_is_exact_for_a_split_key_set() -> Result<()> {
+        let (q, k, v) = inputs(40)?;
+        let (o1, l1) =
+            online_softmax_reference(&q, &k.narrow(2, 0, 15)?, &v.narrow(2, 0, 15)?, 64)?;
+        let (o2, l2) =
+            online_softmax_reference(&q, &k.narrow(2, 15, 25)?, &v.narrow(2, 15, 25)?, 64)?;
+        let (o, l) = merge(&o1, &l1, &o2, &l2)?;
+        let (ow, lw) = online_softmax_reference(&q, &k, &v, 64)?;
+        assert!(max_diff(&o, &ow)? < 1e-5);
+        assert!(max_diff(&l, &lw)? < 1e-4);
+        assert_eq!(o.dtype(), DType::F32);
+        Ok(())
+    }
+}
