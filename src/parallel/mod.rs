@@ -5,8 +5,10 @@
 //! - [`mesh`]: one object that factors the workers into data-parallel x CFG x ring x Ulysses
 //!   degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
+//! - [`sp`]: a whole transformer step over a sequence-parallel group.
 
 pub mod comm;
 pub mod mesh;
 pub mod ring;
+pub mod sp;
 pub mod ulysses;
