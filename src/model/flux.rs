@@ -562,6 +562,8 @@ pub struct Flux {
     final_linear: Linear,
     final_mod: Linear,
     attention: Arc<dyn Attention>,
+    /// The sequence-parallel group this replica belongs to, if any.
+    sp: Option<Arc<dyn crate::parallel::comm::Communicator>>,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -605,6 +607,7 @@ impl Flux {
             final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: Arc::new(LocalAttention::default()),
+            sp: None,
             cfg: cfg.clone(),
             dtype,
             device,
@@ -612,6 +615,23 @@ impl Flux {
     }
 
     /// Replace the attention implementation (for parallel strategies).
+    /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
+    /// rank's shard of the text and image tokens (with their RoPE rows) and
+    /// [`Flux::final_layer`] gathers every rank's velocity, so callers still pass and receive
+    /// whole tensors. The attention must be the group's strategy (Ulysses, Ring, USP).
+    pub fn with_sequence_parallel(
+        mut self,
+        group: Arc<dyn crate::parallel::comm::Communicator>,
+    ) -> Self {
+        self.sp = Some(group);
+        self
+    }
+
+    /// The sequence-parallel group, if this replica is part of one.
+    pub fn sp_group(&self) -> Option<&Arc<dyn crate::parallel::comm::Communicator>> {
+        self.sp.as_ref()
+    }
+
     pub fn with_attention(mut self, attention: Arc<dyn Attention>) -> Self {
         self.attention = attention;
         self
@@ -641,6 +661,16 @@ impl Flux {
 
     /// Input projections and the conditioning vector.
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
+        let shard;
+        let local;
+        let input = match &self.sp {
+            Some(group) => {
+                shard = crate::parallel::sp::Shard::new(input, group.size(), group.rank())?;
+                local = shard.input(input);
+                &local
+            }
+            None => input,
+        };
         let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
         let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
         let mut vec =
@@ -692,7 +722,13 @@ impl Flux {
         let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
         let (shift, scale) = (&c[0], &c[1]);
-        self.final_linear.forward(&ln_modulate(img, shift, scale)?)
+        let v = self
+            .final_linear
+            .forward(&ln_modulate(img, shift, scale)?)?;
+        match &self.sp {
+            Some(group) => group.all_gather(&v, 1),
+            None => Ok(v),
+        }
     }
 
     /// The whole transformer: predicted velocity (B, N, 64).

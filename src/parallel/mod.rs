@@ -8,6 +8,7 @@
 //! - [`sp`]: a whole transformer step over a sequence-parallel group.
 
 pub mod comm;
+pub mod engine;
 pub mod mesh;
 pub mod ring;
 pub mod sp;

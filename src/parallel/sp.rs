@@ -26,41 +26,55 @@ fn shard(len: usize, n: usize, rank: usize, what: &str) -> Result<(usize, usize)
     Ok((rank * s, s))
 }
 
-/// One transformer forward over the group `comm`: every rank passes the same full `input` and
-/// its `model` (whose attention must be the group's strategy); every rank gets the full
-/// velocity (B, N, 64).
-pub fn forward(model: &Flux, comm: &Arc<dyn Communicator>, input: &FluxInput) -> Result<Tensor> {
-    let (n, rank) = (comm.size(), comm.rank());
-    let txt_len = input.txt.dim(1)?;
-    let img_len = input.img.dim(1)?;
-    let (ts, tl) = shard(txt_len, n, rank, "text")?;
-    let (is, il) = shard(img_len, n, rank, "image")?;
-    let txt = input.txt.narrow(1, ts, tl)?;
-    let img = input.img.narrow(1, is, il)?;
-    let pe = PosEmbed {
-        cos: Tensor::cat(
-            &[
-                input.pe.cos.narrow(0, ts, tl)?,
-                input.pe.cos.narrow(0, txt_len + is, il)?,
-            ],
-            0,
-        )?,
-        sin: Tensor::cat(
-            &[
-                input.pe.sin.narrow(0, ts, tl)?,
-                input.pe.sin.narrow(0, txt_len + is, il)?,
-            ],
-            0,
-        )?,
-    };
-    let local = FluxInput {
-        img: &img,
-        txt: &txt,
-        pe: &pe,
-        ..input.clone()
-    };
-    let v = model.forward(&local)?;
-    comm.all_gather(&v, 1)
+/// This rank's share of a step's inputs: its text and image tokens and their RoPE rows.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub txt: Tensor,
+    pub img: Tensor,
+    pub pe: PosEmbed,
+}
+
+impl Shard {
+    /// Rank `rank` of `n`: an equal slice of the text tokens and one of the image tokens.
+    pub fn new(input: &FluxInput, n: usize, rank: usize) -> Result<Self> {
+        let txt_len = input.txt.dim(1)?;
+        let img_len = input.img.dim(1)?;
+        let (ts, tl) = shard(txt_len, n, rank, "text")?;
+        let (is, il) = shard(img_len, n, rank, "image")?;
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            Tensor::cat(&[t.narrow(0, ts, tl)?, t.narrow(0, txt_len + is, il)?], 0)
+        };
+        Ok(Self {
+            txt: input.txt.narrow(1, ts, tl)?,
+            img: input.img.narrow(1, is, il)?,
+            pe: PosEmbed {
+                cos: rows(&input.pe.cos)?,
+                sin: rows(&input.pe.sin)?,
+            },
+        })
+    }
+
+    /// `full` with the token streams and RoPE tables replaced by this shard's.
+    pub fn input<'a>(&'a self, full: &FluxInput<'a>) -> FluxInput<'a> {
+        FluxInput {
+            img: &self.img,
+            txt: &self.txt,
+            pe: &self.pe,
+            ..full.clone()
+        }
+    }
+}
+
+/// A replica of `model` as rank `comm.rank()` of a sequence-parallel group using `attention`.
+pub fn replica(
+    model: &Flux,
+    comm: Arc<dyn Communicator>,
+    attention: Arc<dyn crate::model::attention::Attention>,
+) -> Flux {
+    model
+        .clone()
+        .with_attention(attention)
+        .with_sequence_parallel(comm)
 }
 
 #[cfg(test)]
@@ -110,8 +124,7 @@ mod tests {
                 "ring" => Arc::new(RingAttention::new(comm.clone())),
                 _ => Arc::new(UlyssesAttention::new(comm.clone())),
             };
-            let local = m.clone().with_attention(attn);
-            forward(&local, &comm, &input)
+            replica(&m, comm, attn).forward(&input)
         })?;
         let mut worst = 0f32;
         for o in outs {
@@ -153,7 +166,8 @@ mod tests {
         };
         let r = run_local(2, |_, comm| {
             let comm: Arc<dyn Communicator> = Arc::new(comm);
-            forward(&m, &comm, &input)
+            let attn = Arc::new(UlyssesAttention::new(comm.clone()));
+            replica(&m, comm, attn).forward(&input)
         });
         match r {
             Err(e) => assert!(e.to_string().contains("do not split evenly"), "{e}"),

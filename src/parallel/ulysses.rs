@@ -46,3 +46,38 @@ impl Attention for UlyssesAttention {
         "ulysses"
     }
 }
+
+/// USP: Ulysses inside a group, Ring across groups (ulysses x ring = sequence-parallel degree).
+/// Queries, keys and values are traded for head shards within the Ulysses group, the Ring passes
+/// key/value blocks between groups, and a last all-to-all trades back.
+pub struct UspAttention {
+    ulysses: Arc<dyn Communicator>,
+    ring: super::ring::RingAttention,
+}
+
+impl UspAttention {
+    pub fn new(ulysses: Arc<dyn Communicator>, ring: Arc<dyn Communicator>) -> Self {
+        Self {
+            ulysses,
+            ring: super::ring::RingAttention::new(ring),
+        }
+    }
+}
+
+impl Attention for UspAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let n = self.ulysses.size();
+        if n == 1 {
+            return self.ring.attend(q, k, v);
+        }
+        let q = self.ulysses.all_to_all(q, 1, 2)?;
+        let k = self.ulysses.all_to_all(k, 1, 2)?;
+        let v = self.ulysses.all_to_all(v, 1, 2)?;
+        let out = self.ring.attend(&q, &k, &v)?;
+        self.ulysses.all_to_all(&out, 2, 1)
+    }
+
+    fn name(&self) -> &str {
+        "usp"
+    }
+}

@@ -175,6 +175,27 @@ pub enum Progress<'a> {
     Decoded { ms: f64 },
 }
 
+/// Everything the denoising loop of one image needs.
+#[derive(Debug, Clone)]
+pub struct DenoiseJob {
+    pub cond: Conditioning,
+    pub pe: crate::model::flux::PosEmbed,
+    /// Packed initial noise (1, N, 64).
+    pub x: Tensor,
+    pub timesteps: Vec<f64>,
+    pub guidance: f64,
+    pub cache_threshold: f64,
+}
+
+/// Runs the denoising loop of a job on a model, reporting each step; returns the final packed
+/// latent and the cache statistics.
+pub type Denoiser<'a> = dyn FnMut(
+        &Flux,
+        &DenoiseJob,
+        &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<(Tensor, CacheStats)>
+    + 'a;
+
 /// The three models of FLUX.1, loaded and ready.
 pub struct Pipeline {
     pub flux: Flux,
@@ -388,6 +409,29 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
+        self.generate_with(req, progress, &mut |flux, job, on_step| {
+            let mut policy = cache::policy_for(job.cache_threshold);
+            sampler::denoise(
+                flux,
+                &job.cond,
+                &job.pe,
+                job.x.clone(),
+                &job.timesteps,
+                Some(job.guidance),
+                policy.as_mut(),
+                on_step,
+            )
+        })
+    }
+
+    /// [`Pipeline::generate`] with the denoising loop supplied by the caller (the parallel engine
+    /// runs it on several workers); text encoding, noise, schedule and decoding stay here.
+    pub fn generate_with(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+        denoise: &mut Denoiser,
+    ) -> Result<Generated> {
         let total_start = Instant::now();
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
@@ -424,21 +468,19 @@ impl Pipeline {
             txt: enc.txt,
             y: enc.vec,
         };
-        let mut policy = cache::policy_for(settings.cache_threshold);
-        let mut steps_ms = Vec::with_capacity(settings.steps);
-        let (x, stats) = sampler::denoise(
-            &self.flux,
-            &cond,
-            &pe,
+        let job = DenoiseJob {
+            cond,
+            pe,
             x,
-            &ts,
-            Some(settings.guidance),
-            policy.as_mut(),
-            &mut |info| {
-                steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
-                progress(Progress::Step(info))
-            },
-        )?;
+            timesteps: ts,
+            guidance: settings.guidance,
+            cache_threshold: settings.cache_threshold,
+        };
+        let mut steps_ms = Vec::with_capacity(settings.steps);
+        let (x, stats) = denoise(&self.flux, &job, &mut |info| {
+            steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
+            progress(Progress::Step(info))
+        })?;
 
         let t0 = Instant::now();
         let latent = unpack_latent(&x, lh, lw)?;

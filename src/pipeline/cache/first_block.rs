@@ -71,7 +71,14 @@ impl CachePolicy for FirstBlockCache {
 
         let mut diff = None;
         if let (Some(r_ref), Some(rest)) = (&self.ref_residual, &self.rest_residual) {
-            let (num, den) = residual_sums(&r, r_ref)?;
+            let (mut num, mut den) = residual_sums(&r, r_ref)?;
+            // Under sequence parallelism each rank holds a slice of the image tokens: add the
+            // sums of all ranks so every rank takes the same decision.
+            if let Some(group) = model.sp_group() {
+                let t = candle_core::Tensor::new(&[num, den], model.device())?;
+                let total: Vec<f64> = group.all_reduce_sum(&t)?.to_vec1()?;
+                (num, den) = (total[0], total[1]);
+            }
             let d = if den > 0.0 { num / den } else { f64::INFINITY };
             if d < self.threshold {
                 let img = (&s1.img + rest)?;

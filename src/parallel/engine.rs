@@ -1,0 +1,273 @@
+//! The parallel engine on CPU worker threads: one image's denoising loop spread over a
+//! sequence-parallel group, each thread standing in for a GPU (the same logic the GPU workers will
+//! run over NCCL). Text encoding, noise and decoding happen once, on the calling thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+
+use super::comm::{run_local, Communicator, LocalComm};
+use super::mesh::{Axis, Mesh, ParallelLayout};
+use super::ulysses::UspAttention;
+use crate::error::{Error, Result};
+use crate::pipeline::cache::{self, CacheStats, StepKind};
+use crate::pipeline::sampler::{self, StepInfo};
+use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
+
+/// The communicators of one worker: its whole sequence-parallel group, its Ulysses group and its
+/// Ring group.
+struct RankComms {
+    sp: LocalComm,
+    ulysses: LocalComm,
+    ring: LocalComm,
+}
+
+/// In-process communicators for every rank of `mesh` (data-parallel and CFG degrees 1).
+fn local_comms(mesh: &Mesh) -> Vec<RankComms> {
+    let n = mesh.world();
+    let mut sp: Vec<Option<LocalComm>> = LocalComm::group(n).into_iter().map(Some).collect();
+    let by_axis = |axis: Axis| {
+        let mut out: Vec<Option<LocalComm>> = vec![None; n];
+        for group in mesh.groups(axis) {
+            for (comm, rank) in LocalComm::group(group.len()).into_iter().zip(group) {
+                out[rank] = Some(comm);
+            }
+        }
+        out
+    };
+    let mut uly = by_axis(Axis::Ulysses);
+    let mut ring = by_axis(Axis::Ring);
+    (0..n)
+        .filter_map(|r| {
+            Some(RankComms {
+                sp: sp[r].take()?,
+                ulysses: uly[r].take()?,
+                ring: ring[r].take()?,
+            })
+        })
+        .collect()
+}
+
+struct StepMsg {
+    index: usize,
+    total: usize,
+    t: f64,
+    t_next: f64,
+    kind: StepKind,
+    elapsed: Duration,
+    latent: Tensor,
+}
+
+/// Generate one image with its denoising loop spread over `layout`'s workers, as CPU threads.
+/// The image equals [`Pipeline::generate`]'s within floating-point reordering.
+pub fn generate(
+    p: &Pipeline,
+    layout: ParallelLayout,
+    req: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Generated> {
+    if !p.device().is_cpu() {
+        return Err(Error::setting(
+            "devices",
+            "cuda",
+            "the multi-GPU engine is not ready yet; CPU worker threads only",
+        ));
+    }
+    if layout.dp != 1 || layout.cfg != 1 {
+        return Err(Error::setting(
+            "parallel layout",
+            format!("dp {} cfg {}", layout.dp, layout.cfg),
+            "data and CFG parallelism are not available yet",
+        ));
+    }
+    let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
+    p.generate_with(req, progress, &mut |flux, job, on_step| {
+        let comms =
+            std::sync::Mutex::new(local_comms(&mesh).into_iter().map(Some).collect::<Vec<_>>());
+        let cancel = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel::<StepMsg>();
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let tx = tx;
+                run_local(mesh.world(), |rank, _| {
+                    let c = comms
+                        .lock()
+                        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                        .get_mut(rank)
+                        .and_then(Option::take)
+                        .ok_or_else(|| candle_core::Error::Msg("missing communicator".into()))?;
+                    let sp: Arc<dyn Communicator> = Arc::new(c.sp);
+                    let attn = Arc::new(UspAttention::new(Arc::new(c.ulysses), Arc::new(c.ring)));
+                    let model = super::sp::replica(flux, sp.clone(), attn);
+                    let mut policy = cache::policy_for(job.cache_threshold);
+                    let tx = tx.clone();
+                    let r = sampler::denoise(
+                        &model,
+                        &job.cond,
+                        &job.pe,
+                        job.x.clone(),
+                        &job.timesteps,
+                        Some(job.guidance),
+                        policy.as_mut(),
+                        &mut |info| {
+                            if rank == 0 {
+                                let _ = tx.send(StepMsg {
+                                    index: info.index,
+                                    total: info.total,
+                                    t: info.t,
+                                    t_next: info.t_next,
+                                    kind: info.kind,
+                                    elapsed: info.elapsed,
+                                    latent: info.latent.clone(),
+                                });
+                            }
+                            // Every rank stops at the same step: agree on the cancel flag.
+                            let flag = f32::from(cancel.load(Ordering::SeqCst));
+                            let any = sp
+                                .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
+                                .to_vec1::<f32>()?;
+                            if any[0] > 0.0 {
+                                return Err(Error::Cancelled);
+                            }
+                            Ok(())
+                        },
+                    );
+                    r.map_err(|e| match e {
+                        Error::Cancelled => candle_core::Error::Msg("cancelled".into()),
+                        Error::Candle(c) => c,
+                        other => candle_core::Error::Msg(other.to_string()),
+                    })
+                })
+            });
+            let mut progress_err = None;
+            for m in rx {
+                let info = StepInfo {
+                    index: m.index,
+                    total: m.total,
+                    t: m.t,
+                    t_next: m.t_next,
+                    kind: m.kind,
+                    elapsed: m.elapsed,
+                    latent: &m.latent,
+                };
+                if progress_err.is_none() {
+                    if let Err(e) = on_step(&info) {
+                        cancel.store(true, Ordering::SeqCst);
+                        progress_err = Some(e);
+                    }
+                }
+            }
+            let results = worker
+                .join()
+                .map_err(|_| Error::Candle(candle_core::Error::Msg("worker panicked".into())))?;
+            if let Some(e) = progress_err {
+                return Err(e);
+            }
+            let mut results = results?;
+            if results.is_empty() {
+                return Err(Error::Candle(candle_core::Error::Msg("no workers".into())));
+            }
+            let (x, stats): (Tensor, CacheStats) = results.swap_remove(0);
+            Ok((x, stats))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(threshold: f64) -> GenerateRequest {
+        GenerateRequest {
+            prompt: "a lighthouse at dawn".into(),
+            width: 64,
+            height: 64,
+            steps: Some(4),
+            seed: 21,
+            cache_threshold: threshold,
+            ..Default::default()
+        }
+    }
+
+    fn layout(ring: usize, ulysses: usize) -> ParallelLayout {
+        ParallelLayout {
+            ring,
+            ulysses,
+            ..ParallelLayout::default()
+        }
+    }
+
+    fn max_pixel_diff(a: &Generated, b: &Generated) -> u8 {
+        a.image
+            .data
+            .iter()
+            .zip(&b.image.data)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(255)
+    }
+
+    #[test]
+    fn every_sequence_parallel_layout_matches_one_worker() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let one = p.generate(&req(0.0), &mut |_| Ok(()))?;
+        // The demo model has 2 heads: Ulysses up to 2, Ring and USP for 4.
+        for (ring, ulysses) in [(1, 2), (2, 1), (4, 1), (2, 2)] {
+            let mut steps = 0;
+            let g = generate(&p, layout(ring, ulysses), &req(0.0), &mut |ev| {
+                if let Progress::Step(_) = ev {
+                    steps += 1;
+                }
+                Ok(())
+            })?;
+            assert_eq!(
+                steps, 4,
+                "progress reported for ring {ring} ulysses {ulysses}"
+            );
+            let d = max_pixel_diff(&g, &one);
+            assert!(
+                d <= 1,
+                "ring {ring} x ulysses {ulysses}: pixels differ by {d}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn first_block_cache_decides_alike_on_every_rank() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let one = p.generate(&req(1e9), &mut |_| Ok(()))?;
+        let g = generate(&p, layout(1, 2), &req(1e9), &mut |_| Ok(()))?;
+        assert_eq!(g.stats.reused, one.stats.reused);
+        assert_eq!(g.stats.reused, 3);
+        assert!(max_pixel_diff(&g, &one) <= 1);
+        Ok(())
+    }
+
+    #[test]
+    fn cancel_stops_every_worker() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let mut seen = 0;
+        let r = generate(&p, layout(2, 1), &req(0.0), &mut |ev| {
+            if let Progress::Step(_) = ev {
+                seen += 1;
+                return Err(Error::Cancelled);
+            }
+            Ok(())
+        });
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+        assert!(seen <= 2);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_layouts_fail_before_work() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        // 3 does not divide the demo model's 2 heads.
+        let r = generate(&p, layout(1, 3), &req(0.0), &mut |_| Ok(()));
+        assert!(matches!(r, Err(Error::InvalidSetting { .. })), "{r:?}");
+        Ok(())
+    }
+}
