@@ -151,3 +151,49 @@ fn export_demo_then_info_and_generate_from_it() {
     assert!(!o.status.success());
     assert!(text(&o).contains("not empty"), "{}", text(&o));
 }
+
+#[test]
+fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("p.png");
+    let o = parallax(&[
+        "generate",
+        "--devices",
+        "cpu:4",
+        "--parallel",
+        "auto",
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--quiet",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ring 2 x ulysses 2"), "{}", text(&o));
+    assert!(out.is_file());
+    for (args, needle) in [
+        (vec!["--devices", "cpu:3", "--ulysses", "3"], "must divide"),
+        (
+            vec!["--devices", "cpu:4", "--ulysses", "2"],
+            "multiply to the device count",
+        ),
+        (vec!["--ulysses", "2"], "need --devices"),
+        (vec!["--devices", "gpu:2"], "cpu:N"),
+    ] {
+        let bad = dir.path().join("bad.png");
+        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&bad)];
+        all.extend(args.iter().copied());
+        let o = parallax(&all);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
+        assert!(!bad.exists());
+    }
+}

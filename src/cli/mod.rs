@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::model::layout::{self, ModelSpec, Resolved};
 use crate::model::weights::SafetensorsSet;
+use crate::parallel::mesh::ParallelLayout;
 use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Pipeline, Progress};
 
 #[derive(Debug, Parser)]
@@ -129,12 +130,69 @@ pub struct SampleArgs {
     pub cache_threshold: f64,
 }
 
+/// How to spread one image over workers.
+#[derive(Debug, Clone, Args)]
+pub struct ParallelArgs {
+    /// Workers: `cpu:N` runs N CPU worker threads standing in for GPUs (the multi-GPU engine
+    /// comes later). Default: one worker on --device.
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Ulysses degree (must divide the attention heads).
+    #[arg(long)]
+    pub ulysses: Option<usize>,
+    /// Ring degree.
+    #[arg(long)]
+    pub ring: Option<usize>,
+    /// `auto` picks the layout for the workers present (see `parallax info`).
+    #[arg(long)]
+    pub parallel: Option<String>,
+}
+
+impl ParallelArgs {
+    /// The worker count and layout these flags ask for, and why; `None` for one worker.
+    pub fn layout(&self, heads: usize) -> anyhow::Result<Option<(usize, ParallelLayout, String)>> {
+        let workers = match self.devices.as_deref() {
+            None => {
+                if self.ulysses.unwrap_or(1) * self.ring.unwrap_or(1) > 1 || self.parallel.is_some() {
+                    bail!("--ulysses/--ring/--parallel need --devices cpu:N (N worker threads)");
+                }
+                return Ok(None);
+            }
+            Some(d) => match d.strip_prefix("cpu:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n >= 1 => n,
+                _ => bail!("--devices {d}: use cpu:N with N >= 1 worker threads (GPU worker groups come with the multi-GPU engine)"),
+            },
+        };
+        let (layout, why) = match (self.parallel.as_deref(), self.ulysses, self.ring) {
+            (Some("auto"), None, None) => ParallelLayout::auto(workers, heads, false),
+            (Some(other), _, _) if other != "auto" => {
+                bail!("--parallel {other}: the only value is `auto`")
+            }
+            (Some(_), _, _) => {
+                bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring")
+            }
+            (None, u, r) => {
+                let layout = ParallelLayout {
+                    ulysses: u.unwrap_or(1),
+                    ring: r.unwrap_or(if u.is_none() { workers } else { 1 }),
+                    ..ParallelLayout::default()
+                };
+                (layout, "degrees given on the command line".to_string())
+            }
+        };
+        crate::parallel::mesh::Mesh::new(layout, workers, heads)?;
+        Ok(Some((workers, layout, why)))
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Output PNG (default: parallax-<seed>.png).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -164,6 +222,8 @@ pub struct BenchArgs {
 pub struct InfoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
 }
 
 /// Entry point of the binary.
@@ -268,6 +328,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let req = request_for(&p, &a.sample);
     // Validate before any work, so bad input fails fast.
     let settings = p.settings_for(&req)?;
+    let parallel = a.parallel.layout(p.flux.config().num_heads)?;
+    if let Some((n, layout, why)) = &parallel {
+        eprintln!(
+            "{n} CPU workers: ring {} x ulysses {} ({why})",
+            layout.ring, layout.ulysses
+        );
+    }
     if p.is_demo() {
         eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
     }
@@ -292,7 +359,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         b.set_message("encoding prompt");
         b
     };
-    let result = p.generate(&req, &mut |ev| {
+    let mut on_event = |ev: Progress| -> crate::Result<()> {
         match ev {
             Progress::TextEncoded { .. } => bar.set_message("denoising"),
             Progress::Step(info) => {
@@ -310,7 +377,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             Progress::Decoded { .. } => {}
         }
         Ok(())
-    });
+    };
+    let result = match &parallel {
+        Some((_, layout, _)) => crate::parallel::engine::generate(&p, *layout, &req, &mut on_event),
+        None => p.generate(&req, &mut on_event),
+    };
     bar.finish_and_clear();
     let g = result?;
     for n in &g.notes {
@@ -547,6 +618,17 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    let heads = match &resolved.spec {
+        ModelSpec::Demo => crate::model::flux::FluxConfig::tiny().num_heads,
+        _ => crate::model::flux::FluxConfig::dev().num_heads,
+    };
+    match a.parallel.layout(heads)? {
+        Some((n, l, why)) => println!(
+            "parallel layout: {n} workers -> dp {} x cfg {} x ring {} x ulysses {} ({why})",
+            l.dp, l.cfg, l.ring, l.ulysses
+        ),
+        None => println!("parallel layout: one worker"),
     }
     let cached = layout::list_hf_cache();
     match layout::hf_cache_dir() {
