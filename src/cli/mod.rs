@@ -108,9 +108,13 @@ pub struct ModelArgs {
 pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub prompt: String,
-    /// Reserved for true CFG (stored in the PNG, not used yet).
+    /// Negative prompt for true classifier-free guidance (with --true-cfg above 1).
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// True CFG scale: v = v_neg + s (v_pos - v_neg); 1 (default) is off. Costs a second
+    /// transformer pass a step, or a second group of workers with --cfg 2.
+    #[arg(long, allow_negative_numbers = true)]
+    pub true_cfg: Option<f64>,
     /// Image width in pixels, a multiple of 16 (default 256 for the demo, 1024 otherwise).
     #[arg(long)]
     pub width: Option<usize>,
@@ -306,6 +310,7 @@ fn request_for(p: &Pipeline, s: &SampleArgs) -> GenerateRequest {
     GenerateRequest {
         prompt: s.prompt.clone(),
         negative_prompt: s.negative_prompt.clone(),
+        true_cfg: s.true_cfg,
         width: s.width.unwrap_or(default_size),
         height: s.height.unwrap_or(default_size),
         steps: s.steps,

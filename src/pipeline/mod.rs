@@ -34,8 +34,11 @@ use self::sampler::{Conditioning, StepInfo};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: String,
-    /// Reserved for true classifier-free guidance (multi-GPU issue); stored, not used yet.
+    /// The negative prompt of true classifier-free guidance (used when `true_cfg` > 1).
     pub negative_prompt: Option<String>,
+    /// True CFG scale: `v = v_neg + true_cfg * (v_pos - v_neg)`; 1 (the default) turns it off.
+    #[serde(default)]
+    pub true_cfg: Option<f64>,
     pub width: usize,
     pub height: usize,
     pub steps: Option<usize>,
@@ -50,6 +53,7 @@ impl Default for GenerateRequest {
         Self {
             prompt: String::new(),
             negative_prompt: None,
+            true_cfg: None,
             width: 1024,
             height: 1024,
             steps: None,
@@ -65,6 +69,9 @@ impl Default for GenerateRequest {
 pub struct GenerationSettings {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// True CFG scale (1 = off).
+    #[serde(default = "one")]
+    pub true_cfg: f64,
     pub width: usize,
     pub height: usize,
     pub steps: usize,
@@ -137,6 +144,7 @@ impl GenerationSettings {
         GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
+            true_cfg: Some(self.true_cfg),
             width: self.width,
             height: self.height,
             steps: Some(self.steps),
@@ -145,6 +153,10 @@ impl GenerationSettings {
             cache_threshold: self.cache_threshold,
         }
     }
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Wall-clock times of one generation, in milliseconds.
@@ -179,6 +191,9 @@ pub enum Progress<'a> {
 #[derive(Debug, Clone)]
 pub struct DenoiseJob {
     pub cond: Conditioning,
+    /// The negative prompt's conditioning when true CFG is on.
+    pub neg: Option<Conditioning>,
+    pub true_cfg: f64,
     pub pe: crate::model::flux::PosEmbed,
     /// Packed initial noise (1, N, 64).
     pub x: Tensor,
@@ -364,6 +379,14 @@ impl Pipeline {
                 "must be a finite number >= 0",
             ));
         }
+        let true_cfg = req.true_cfg.unwrap_or(1.0);
+        if !true_cfg.is_finite() || true_cfg < 1.0 {
+            return Err(Error::setting(
+                "true-cfg",
+                true_cfg,
+                "must be a finite number >= 1 (1 turns true CFG off)",
+            ));
+        }
         if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
             return Err(Error::setting(
                 "cache-threshold",
@@ -374,6 +397,7 @@ impl Pipeline {
         Ok(GenerationSettings {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
+            true_cfg,
             width: req.width,
             height: req.height,
             steps,
@@ -411,7 +435,13 @@ impl Pipeline {
     ) -> Result<Generated> {
         self.generate_with(req, progress, &mut |flux, job, on_step| {
             let mut policy = cache::policy_for(job.cache_threshold);
-            sampler::denoise(
+            let mut neg_policy = cache::policy_for(job.cache_threshold);
+            let cfg = job.neg.as_ref().map(|neg| sampler::TrueCfg::Local {
+                neg,
+                policy: neg_policy.as_mut(),
+                scale: job.true_cfg,
+            });
+            sampler::denoise_cfg(
                 flux,
                 &job.cond,
                 &job.pe,
@@ -419,6 +449,7 @@ impl Pipeline {
                 &job.timesteps,
                 Some(job.guidance),
                 policy.as_mut(),
+                cfg,
                 on_step,
             )
         })
@@ -435,15 +466,15 @@ impl Pipeline {
         let total_start = Instant::now();
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
-        if settings
-            .negative_prompt
-            .as_deref()
-            .is_some_and(|s| !s.is_empty())
-        {
-            notes.push(
-                "negative prompt stored but not used: true CFG arrives with the multi-GPU engine"
-                    .into(),
-            );
+        let use_cfg = settings.true_cfg > 1.0;
+        if settings.negative_prompt.as_deref().is_some_and(|s| !s.is_empty()) && !use_cfg {
+            notes.push("negative prompt stored but not used: set --true-cfg above 1 to use it".into());
+        }
+        if use_cfg {
+            notes.push(format!(
+                "true CFG {}: two transformer passes a step",
+                settings.true_cfg
+            ));
         }
         if self.is_demo() {
             notes.push(format!(
@@ -468,8 +499,18 @@ impl Pipeline {
             txt: enc.txt,
             y: enc.vec,
         };
+        let neg = if use_cfg {
+            let n = self
+                .text
+                .encode(settings.negative_prompt.as_deref().unwrap_or(""))?;
+            Some(Conditioning { txt: n.txt, y: n.vec })
+        } else {
+            None
+        };
         let job = DenoiseJob {
             cond,
+            neg,
+            true_cfg: settings.true_cfg,
             pe,
             x,
             timesteps: ts,

@@ -43,10 +43,49 @@ pub fn denoise(
     model: &Flux,
     cond: &Conditioning,
     pe: &PosEmbed,
+    x: Tensor,
+    timesteps: &[f64],
+    guidance: Option<f64>,
+    policy: &mut dyn CachePolicy,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    denoise_cfg(model, cond, pe, x, timesteps, guidance, policy, None, on_step)
+}
+
+/// True classifier-free guidance: `v = v_neg + scale * (v_pos - v_neg)` each step, with the
+/// negative prompt's branch computed here or on another group of workers.
+pub enum TrueCfg<'a> {
+    /// Both branches on this worker, one after the other (each with its own cache policy).
+    Local {
+        neg: &'a Conditioning,
+        policy: &'a mut dyn CachePolicy,
+        scale: f64,
+    },
+    /// This worker computes one branch (the `cond` given to [`denoise_cfg`]); `group` holds the
+    /// two branches' workers (rank 0 positive, rank 1 negative) and exchanges the velocities.
+    Split {
+        group: &'a dyn crate::parallel::comm::Communicator,
+        scale: f64,
+    },
+}
+
+/// `v_neg + scale * (v_pos - v_neg)`, in f32.
+fn combine(pos: &Tensor, neg: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let (pos, neg) = (pos.to_dtype(DType::F32)?, neg.to_dtype(DType::F32)?);
+    &neg + ((&pos - &neg)? * scale)?
+}
+
+/// [`denoise`] with optional true CFG.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_cfg(
+    model: &Flux,
+    cond: &Conditioning,
+    pe: &PosEmbed,
     mut x: Tensor,
     timesteps: &[f64],
     guidance: Option<f64>,
     policy: &mut dyn CachePolicy,
+    mut cfg: Option<TrueCfg>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let dev = model.device();
@@ -61,6 +100,13 @@ pub fn denoise(
     };
     let txt = cond.txt.to_dtype(dtype)?;
     let y = cond.y.to_dtype(dtype)?;
+    let neg = match &mut cfg {
+        Some(TrueCfg::Local { neg, policy, .. }) => {
+            policy.reset();
+            Some((neg.txt.to_dtype(dtype)?, neg.y.to_dtype(dtype)?))
+        }
+        _ => None,
+    };
     let total = timesteps.len().saturating_sub(1);
     x = x.to_dtype(DType::F32)?;
     for i in 0..total {
@@ -77,6 +123,22 @@ pub fn denoise(
             pe,
         };
         let (v, kind) = policy.predict(model, &input)?;
+        let v = match (&mut cfg, &neg) {
+            (Some(TrueCfg::Local { policy, scale, .. }), Some((ntxt, ny))) => {
+                let input = FluxInput {
+                    txt: ntxt,
+                    y: ny,
+                    ..input.clone()
+                };
+                let (vn, _) = policy.predict(model, &input)?;
+                combine(&v, &vn, *scale)?
+            }
+            (Some(TrueCfg::Split { group, scale }), _) => {
+                let both = group.all_gather(&v.contiguous()?, 0)?;
+                combine(&both.narrow(0, 0, b)?, &both.narrow(0, b, b)?, *scale)?
+            }
+            _ => v,
+        };
         x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?).px()?;
         // Between steps, not inside one: so the reported step time is the device's, and the
         // latent handed to `on_step` is ready.
