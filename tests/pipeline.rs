@@ -395,20 +395,36 @@ fn true_cfg_is_exact_where_it_must_be_and_changes_the_image_otherwise() {
     };
     let g = p.generate(&same, &mut |_| Ok(())).expect("same");
     assert_eq!(g.image, base.image);
-    assert!(g.notes.iter().any(|n| n.contains("true CFG 4")), "{:?}", g.notes);
+    assert!(
+        g.notes.iter().any(|n| n.contains("true CFG 4")),
+        "{:?}",
+        g.notes
+    );
     // Scale 1 is off, whatever the negative prompt.
     let off = GenerateRequest {
         negative_prompt: Some("blurry, low quality".into()),
         true_cfg: Some(1.0),
         ..req(8, 0.0)
     };
-    assert_eq!(p.generate(&off, &mut |_| Ok(())).expect("off").image, base.image);
+    assert_eq!(
+        p.generate(&off, &mut |_| Ok(())).expect("off").image,
+        base.image
+    );
     // A real negative prompt with scale > 1 steers the image.
-    let on = GenerateRequest { true_cfg: Some(3.0), ..off };
+    let on = GenerateRequest {
+        true_cfg: Some(3.0),
+        ..off
+    };
     let g = p.generate(&on, &mut |_| Ok(())).expect("on");
     assert_ne!(g.image, base.image);
     assert_eq!(g.settings.true_cfg, 3.0);
     // Below 1 is refused.
-    let bad = GenerateRequest { true_cfg: Some(0.5), ..req(8, 0.0) };
-    assert!(matches!(p.generate(&bad, &mut |_| Ok(())), Err(Error::InvalidSetting { .. })));
+    let bad = GenerateRequest {
+        true_cfg: Some(0.5),
+        ..req(8, 0.0)
+    };
+    assert!(matches!(
+        p.generate(&bad, &mut |_| Ok(())),
+        Err(Error::InvalidSetting { .. })
+    ));
 }

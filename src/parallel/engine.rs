@@ -16,35 +16,48 @@ use crate::pipeline::cache::{self, CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
-/// The communicators of one worker: its whole sequence-parallel group, its Ulysses group and its
-/// Ring group.
+/// The communicators of one worker: everyone (to agree on cancelling), its sequence-parallel
+/// group, its Ulysses and Ring groups, and its CFG pair.
 struct RankComms {
+    world: LocalComm,
     sp: LocalComm,
     ulysses: LocalComm,
     ring: LocalComm,
+    cfg: LocalComm,
 }
 
-/// In-process communicators for every rank of `mesh` (data-parallel and CFG degrees 1).
+/// In-process communicators for every rank of `mesh` (data-parallel degree 1).
 fn local_comms(mesh: &Mesh) -> Vec<RankComms> {
     let n = mesh.world();
-    let mut sp: Vec<Option<LocalComm>> = LocalComm::group(n).into_iter().map(Some).collect();
-    let by_axis = |axis: Axis| {
+    let from_groups = |groups: Vec<Vec<usize>>| {
         let mut out: Vec<Option<LocalComm>> = vec![None; n];
-        for group in mesh.groups(axis) {
+        for group in groups {
             for (comm, rank) in LocalComm::group(group.len()).into_iter().zip(group) {
                 out[rank] = Some(comm);
             }
         }
         out
     };
-    let mut uly = by_axis(Axis::Ulysses);
-    let mut ring = by_axis(Axis::Ring);
+    let mut sp_groups: Vec<Vec<usize>> = Vec::new();
+    for r in 0..n {
+        let g = mesh.sp_group(r);
+        if !sp_groups.contains(&g) {
+            sp_groups.push(g);
+        }
+    }
+    let mut world = from_groups(vec![(0..n).collect()]);
+    let mut sp = from_groups(sp_groups);
+    let mut uly = from_groups(mesh.groups(Axis::Ulysses));
+    let mut ring = from_groups(mesh.groups(Axis::Ring));
+    let mut cfg = from_groups(mesh.groups(Axis::Cfg));
     (0..n)
         .filter_map(|r| {
             Some(RankComms {
+                world: world[r].take()?,
                 sp: sp[r].take()?,
                 ulysses: uly[r].take()?,
                 ring: ring[r].take()?,
+                cfg: cfg[r].take()?,
             })
         })
         .collect()
@@ -75,14 +88,21 @@ pub fn generate(
             "the multi-GPU engine is not ready yet; CPU worker threads only",
         ));
     }
-    if layout.dp != 1 || layout.cfg != 1 {
+    if layout.dp != 1 {
         return Err(Error::setting(
             "parallel layout",
-            format!("dp {} cfg {}", layout.dp, layout.cfg),
-            "data and CFG parallelism are not available yet",
+            format!("dp {}", layout.dp),
+            "data parallelism (several images at once) is not available yet",
         ));
     }
     let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
+    if layout.cfg == 2 && (req.true_cfg.unwrap_or(1.0) <= 1.0 || req.negative_prompt.is_none()) {
+        return Err(Error::setting(
+            "parallel layout",
+            "cfg 2",
+            "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
+        ));
+    }
     p.generate_with(req, progress, &mut |flux, job, on_step| {
         let comms =
             std::sync::Mutex::new(local_comms(&mesh).into_iter().map(Some).collect::<Vec<_>>());
@@ -99,18 +119,43 @@ pub fn generate(
                         .and_then(Option::take)
                         .ok_or_else(|| candle_core::Error::Msg("missing communicator".into()))?;
                     let sp: Arc<dyn Communicator> = Arc::new(c.sp);
+                    let world = c.world;
+                    let cfg_comm = c.cfg;
                     let attn = Arc::new(UspAttention::new(Arc::new(c.ulysses), Arc::new(c.ring)));
                     let model = super::sp::replica(flux, sp.clone(), attn);
                     let mut policy = cache::policy_for(job.cache_threshold);
+                    let mut neg_policy = cache::policy_for(job.cache_threshold);
+                    // With a CFG pair, this rank runs one branch and trades velocities with its
+                    // twin; otherwise it runs both branches itself (if true CFG is on at all).
+                    let negative_branch = mesh.coords(rank).cfg == 1;
+                    let (cond, cfg) = match (&job.neg, layout.cfg) {
+                        (Some(neg), 2) => (
+                            if negative_branch { neg } else { &job.cond },
+                            Some(sampler::TrueCfg::Split {
+                                group: &cfg_comm,
+                                scale: job.true_cfg,
+                            }),
+                        ),
+                        (Some(neg), _) => (
+                            &job.cond,
+                            Some(sampler::TrueCfg::Local {
+                                neg,
+                                policy: neg_policy.as_mut(),
+                                scale: job.true_cfg,
+                            }),
+                        ),
+                        (None, _) => (&job.cond, None),
+                    };
                     let tx = tx.clone();
-                    let r = sampler::denoise(
+                    let r = sampler::denoise_cfg(
                         &model,
-                        &job.cond,
+                        cond,
                         &job.pe,
                         job.x.clone(),
                         &job.timesteps,
                         Some(job.guidance),
                         policy.as_mut(),
+                        cfg,
                         &mut |info| {
                             if rank == 0 {
                                 let _ = tx.send(StepMsg {
@@ -125,7 +170,7 @@ pub fn generate(
                             }
                             // Every rank stops at the same step: agree on the cancel flag.
                             let flag = f32::from(cancel.load(Ordering::SeqCst));
-                            let any = sp
+                            let any = world
                                 .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
                                 .to_vec1::<f32>()?;
                             if any[0] > 0.0 {
@@ -232,6 +277,41 @@ mod tests {
                 "ring {ring} x ulysses {ulysses}: pixels differ by {d}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn cfg_parallel_matches_true_cfg_on_one_worker() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let r = GenerateRequest {
+            negative_prompt: Some("blurry, dull".into()),
+            true_cfg: Some(3.0),
+            ..req(0.0)
+        };
+        let one = p.generate(&r, &mut |_| Ok(()))?;
+        for (cfg, ring, ulysses) in [(2, 1, 1), (2, 1, 2), (1, 2, 1)] {
+            let l = ParallelLayout {
+                cfg,
+                ring,
+                ulysses,
+                ..ParallelLayout::default()
+            };
+            let g = generate(&p, l, &r, &mut |_| Ok(()))?;
+            let d = max_pixel_diff(&g, &one);
+            assert!(
+                d <= 1,
+                "cfg {cfg} ring {ring} ulysses {ulysses}: pixels differ by {d}"
+            );
+        }
+        // CFG parallelism without a negative branch is refused up front.
+        let l = ParallelLayout {
+            cfg: 2,
+            ..ParallelLayout::default()
+        };
+        assert!(matches!(
+            generate(&p, l, &req(0.0), &mut |_| Ok(())),
+            Err(Error::InvalidSetting { .. })
+        ));
         Ok(())
     }
 

@@ -208,6 +208,18 @@ impl Mesh {
             .collect()
     }
 
+    /// The sequence-parallel group of `rank`: the ranks that share its data-parallel, CFG and
+    /// pipeline coordinates (ring x Ulysses of them), in rank order.
+    pub fn sp_group(&self, rank: usize) -> Vec<usize> {
+        let c = self.coords(rank);
+        (0..self.world())
+            .filter(|&r| {
+                let o = self.coords(r);
+                (o.dp, o.cfg, o.pipeline) == (c.dp, c.cfg, c.pipeline)
+            })
+            .collect()
+    }
+
     /// Every distinct group along `axis` (for creating communicators once per group).
     pub fn groups(&self, axis: Axis) -> Vec<Vec<usize>> {
         let mut out: Vec<Vec<usize>> = Vec::new();

@@ -467,8 +467,15 @@ impl Pipeline {
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
         let use_cfg = settings.true_cfg > 1.0;
-        if settings.negative_prompt.as_deref().is_some_and(|s| !s.is_empty()) && !use_cfg {
-            notes.push("negative prompt stored but not used: set --true-cfg above 1 to use it".into());
+        if settings
+            .negative_prompt
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+            && !use_cfg
+        {
+            notes.push(
+                "negative prompt stored but not used: set --true-cfg above 1 to use it".into(),
+            );
         }
         if use_cfg {
             notes.push(format!(
@@ -503,7 +510,10 @@ impl Pipeline {
             let n = self
                 .text
                 .encode(settings.negative_prompt.as_deref().unwrap_or(""))?;
-            Some(Conditioning { txt: n.txt, y: n.vec })
+            Some(Conditioning {
+                txt: n.txt,
+                y: n.vec,
+            })
         } else {
             None
         };

@@ -49,7 +49,9 @@ pub fn denoise(
     policy: &mut dyn CachePolicy,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
-    denoise_cfg(model, cond, pe, x, timesteps, guidance, policy, None, on_step)
+    denoise_cfg(
+        model, cond, pe, x, timesteps, guidance, policy, None, on_step,
+    )
 }
 
 /// True classifier-free guidance: `v = v_neg + scale * (v_pos - v_neg)` each step, with the
