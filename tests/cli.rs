@@ -182,9 +182,10 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
     for (args, needle) in [
         (vec!["--devices", "cpu:3", "--ulysses", "3"], "must divide"),
         (
-            vec!["--devices", "cpu:4", "--ulysses", "2"],
+            vec!["--devices", "cpu:4", "--ulysses", "2", "--ring", "1"],
             "multiply to the device count",
         ),
+        (vec!["--devices", "cpu:2", "--cfg", "2"], "--negative-prompt"),
         (vec!["--ulysses", "2"], "need --devices"),
         (vec!["--devices", "gpu:2"], "cpu:N"),
     ] {

@@ -147,6 +147,9 @@ pub struct ParallelArgs {
     /// Ring degree.
     #[arg(long)]
     pub ring: Option<usize>,
+    /// CFG degree: 2 runs true CFG's negative branch on its own half of the workers.
+    #[arg(long)]
+    pub cfg: Option<usize>,
     /// `auto` picks the layout for the workers present (see `parallax info`).
     #[arg(long)]
     pub parallel: Option<String>,
@@ -154,11 +157,16 @@ pub struct ParallelArgs {
 
 impl ParallelArgs {
     /// The worker count and layout these flags ask for, and why; `None` for one worker.
-    pub fn layout(&self, heads: usize) -> anyhow::Result<Option<(usize, ParallelLayout, String)>> {
+    pub fn layout(
+        &self,
+        heads: usize,
+        true_cfg: bool,
+    ) -> anyhow::Result<Option<(usize, ParallelLayout, String)>> {
+        let explicit = self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some();
         let workers = match self.devices.as_deref() {
             None => {
-                if self.ulysses.unwrap_or(1) * self.ring.unwrap_or(1) > 1 || self.parallel.is_some() {
-                    bail!("--ulysses/--ring/--parallel need --devices cpu:N (N worker threads)");
+                if explicit || self.parallel.is_some() {
+                    bail!("--ulysses/--ring/--cfg/--parallel need --devices cpu:N (N worker threads)");
                 }
                 return Ok(None);
             }
@@ -167,18 +175,22 @@ impl ParallelArgs {
                 _ => bail!("--devices {d}: use cpu:N with N >= 1 worker threads (GPU worker groups come with the multi-GPU engine)"),
             },
         };
-        let (layout, why) = match (self.parallel.as_deref(), self.ulysses, self.ring) {
-            (Some("auto"), None, None) => ParallelLayout::auto(workers, heads, false),
-            (Some(other), _, _) if other != "auto" => {
-                bail!("--parallel {other}: the only value is `auto`")
+        let (layout, why) = match self.parallel.as_deref() {
+            Some("auto") if !explicit => ParallelLayout::auto(workers, heads, true_cfg),
+            Some("auto") => {
+                bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg")
             }
-            (Some(_), _, _) => {
-                bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring")
-            }
-            (None, u, r) => {
+            Some(other) => bail!("--parallel {other}: the only value is `auto`"),
+            None => {
+                let cfg = self.cfg.unwrap_or(1);
+                let ulysses = self.ulysses.unwrap_or(1);
+                let ring = self
+                    .ring
+                    .unwrap_or_else(|| (workers / (cfg * ulysses).max(1)).max(1));
                 let layout = ParallelLayout {
-                    ulysses: u.unwrap_or(1),
-                    ring: r.unwrap_or(if u.is_none() { workers } else { 1 }),
+                    cfg,
+                    ulysses,
+                    ring,
                     ..ParallelLayout::default()
                 };
                 (layout, "degrees given on the command line".to_string())
@@ -333,11 +345,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let req = request_for(&p, &a.sample);
     // Validate before any work, so bad input fails fast.
     let settings = p.settings_for(&req)?;
-    let parallel = a.parallel.layout(p.flux.config().num_heads)?;
+    let parallel = a
+        .parallel
+        .layout(p.flux.config().num_heads, settings.true_cfg > 1.0)?;
     if let Some((n, layout, why)) = &parallel {
         eprintln!(
-            "{n} CPU workers: ring {} x ulysses {} ({why})",
-            layout.ring, layout.ulysses
+            "{n} CPU workers: cfg {} x ring {} x ulysses {} ({why})",
+            layout.cfg, layout.ring, layout.ulysses
         );
     }
     if p.is_demo() {
@@ -628,7 +642,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         ModelSpec::Demo => crate::model::flux::FluxConfig::tiny().num_heads,
         _ => crate::model::flux::FluxConfig::dev().num_heads,
     };
-    match a.parallel.layout(heads)? {
+    match a.parallel.layout(heads, false)? {
         Some((n, l, why)) => println!(
             "parallel layout: {n} workers -> dp {} x cfg {} x ring {} x ulysses {} ({why})",
             l.dp, l.cfg, l.ring, l.ulysses
