@@ -185,7 +185,10 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
             vec!["--devices", "cpu:4", "--ulysses", "2", "--ring", "1"],
             "multiply to the device count",
         ),
-        (vec!["--devices", "cpu:2", "--cfg", "2"], "--negative-prompt"),
+        (
+            vec!["--devices", "cpu:2", "--cfg", "2"],
+            "--negative-prompt",
+        ),
         (vec!["--ulysses", "2"], "need --devices"),
         (vec!["--devices", "gpu:2"], "cpu:N"),
     ] {
