@@ -6,6 +6,9 @@
 //!   degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
 //! - [`sp`]: a whole transformer step over a sequence-parallel group.
+//! - [`engine`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
+//!   parallelism).
+//! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm).
 
 pub mod comm;
 pub mod engine;
@@ -13,3 +16,4 @@ pub mod mesh;
 pub mod ring;
 pub mod sp;
 pub mod ulysses;
+pub mod vae;
