@@ -103,121 +103,142 @@ pub fn generate(
             "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
         ));
     }
-    p.generate_with(req, progress, &mut |flux, job, on_step| {
-        let comms =
-            std::sync::Mutex::new(local_comms(&mesh).into_iter().map(Some).collect::<Vec<_>>());
-        let cancel = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<StepMsg>();
-        std::thread::scope(|s| {
-            let worker = s.spawn(|| {
-                let tx = tx;
-                run_local(mesh.world(), |rank, _| {
-                    let c = comms
-                        .lock()
-                        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-                        .get_mut(rank)
-                        .and_then(Option::take)
-                        .ok_or_else(|| candle_core::Error::Msg("missing communicator".into()))?;
-                    let sp: Arc<dyn Communicator> = Arc::new(c.sp);
-                    let world = c.world;
-                    let cfg_comm = c.cfg;
-                    let attn = Arc::new(UspAttention::new(Arc::new(c.ulysses), Arc::new(c.ring)));
-                    let model = super::sp::replica(flux, sp.clone(), attn);
-                    let mut policy = cache::policy_for(job.cache_threshold);
-                    let mut neg_policy = cache::policy_for(job.cache_threshold);
-                    // With a CFG pair, this rank runs one branch and trades velocities with its
-                    // twin; otherwise it runs both branches itself (if true CFG is on at all).
-                    let negative_branch = mesh.coords(rank).cfg == 1;
-                    let (cond, cfg) = match (&job.neg, layout.cfg) {
-                        (Some(neg), 2) => (
-                            if negative_branch { neg } else { &job.cond },
-                            Some(sampler::TrueCfg::Split {
-                                group: &cfg_comm,
-                                scale: job.true_cfg,
-                            }),
-                        ),
-                        (Some(neg), _) => (
-                            &job.cond,
-                            Some(sampler::TrueCfg::Local {
-                                neg,
-                                policy: neg_policy.as_mut(),
-                                scale: job.true_cfg,
-                            }),
-                        ),
-                        (None, _) => (&job.cond, None),
-                    };
-                    let tx = tx.clone();
-                    let r = sampler::denoise_cfg(
-                        &model,
-                        cond,
-                        &job.pe,
-                        job.x.clone(),
-                        &job.timesteps,
-                        Some(job.guidance),
-                        policy.as_mut(),
-                        cfg,
-                        &mut |info| {
-                            if rank == 0 {
-                                let _ = tx.send(StepMsg {
-                                    index: info.index,
-                                    total: info.total,
-                                    t: info.t,
-                                    t_next: info.t_next,
-                                    kind: info.kind,
-                                    elapsed: info.elapsed,
-                                    latent: info.latent.clone(),
-                                });
-                            }
-                            // Every rank stops at the same step: agree on the cancel flag.
-                            let flag = f32::from(cancel.load(Ordering::SeqCst));
-                            let any = world
-                                .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
-                                .to_vec1::<f32>()?;
-                            if any[0] > 0.0 {
-                                return Err(Error::Cancelled);
-                            }
-                            Ok(())
-                        },
-                    );
-                    r.map_err(|e| match e {
-                        Error::Cancelled => candle_core::Error::Msg("cancelled".into()),
-                        Error::Candle(c) => c,
-                        other => candle_core::Error::Msg(other.to_string()),
+    p.generate_with(
+        req,
+        progress,
+        &mut |flux, job, on_step| {
+            let comms =
+                std::sync::Mutex::new(local_comms(&mesh).into_iter().map(Some).collect::<Vec<_>>());
+            let cancel = AtomicBool::new(false);
+            let (tx, rx) = mpsc::channel::<StepMsg>();
+            std::thread::scope(|s| {
+                let worker = s.spawn(|| {
+                    let tx = tx;
+                    run_local(mesh.world(), |rank, _| {
+                        let c = comms
+                            .lock()
+                            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
+                            .get_mut(rank)
+                            .and_then(Option::take)
+                            .ok_or_else(|| {
+                                candle_core::Error::Msg("missing communicator".into())
+                            })?;
+                        let sp: Arc<dyn Communicator> = Arc::new(c.sp);
+                        let world = c.world;
+                        let cfg_comm = c.cfg;
+                        let attn =
+                            Arc::new(UspAttention::new(Arc::new(c.ulysses), Arc::new(c.ring)));
+                        let model = super::sp::replica(flux, sp.clone(), attn);
+                        let mut policy = cache::policy_for(job.cache_threshold);
+                        let mut neg_policy = cache::policy_for(job.cache_threshold);
+                        // With a CFG pair, this rank runs one branch and trades velocities with its
+                        // twin; otherwise it runs both branches itself (if true CFG is on at all).
+                        let negative_branch = mesh.coords(rank).cfg == 1;
+                        let (cond, cfg) = match (&job.neg, layout.cfg) {
+                            (Some(neg), 2) => (
+                                if negative_branch { neg } else { &job.cond },
+                                Some(sampler::TrueCfg::Split {
+                                    group: &cfg_comm,
+                                    scale: job.true_cfg,
+                                }),
+                            ),
+                            (Some(neg), _) => (
+                                &job.cond,
+                                Some(sampler::TrueCfg::Local {
+                                    neg,
+                                    policy: neg_policy.as_mut(),
+                                    scale: job.true_cfg,
+                                }),
+                            ),
+                            (None, _) => (&job.cond, None),
+                        };
+                        let tx = tx.clone();
+                        let r = sampler::denoise_cfg(
+                            &model,
+                            cond,
+                            &job.pe,
+                            job.x.clone(),
+                            &job.timesteps,
+                            Some(job.guidance),
+                            policy.as_mut(),
+                            cfg,
+                            &mut |info| {
+                                if rank == 0 {
+                                    let _ = tx.send(StepMsg {
+                                        index: info.index,
+                                        total: info.total,
+                                        t: info.t,
+                                        t_next: info.t_next,
+                                        kind: info.kind,
+                                        elapsed: info.elapsed,
+                                        latent: info.latent.clone(),
+                                    });
+                                }
+                                // Every rank stops at the same step: agree on the cancel flag.
+                                let flag = f32::from(cancel.load(Ordering::SeqCst));
+                                let any = world
+                                    .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
+                                    .to_vec1::<f32>()?;
+                                if any[0] > 0.0 {
+                                    return Err(Error::Cancelled);
+                                }
+                                Ok(())
+                            },
+                        );
+                        r.map_err(|e| match e {
+                            Error::Cancelled => candle_core::Error::Msg("cancelled".into()),
+                            Error::Candle(c) => c,
+                            other => candle_core::Error::Msg(other.to_string()),
+                        })
                     })
-                })
-            });
-            let mut progress_err = None;
-            for m in rx {
-                let info = StepInfo {
-                    index: m.index,
-                    total: m.total,
-                    t: m.t,
-                    t_next: m.t_next,
-                    kind: m.kind,
-                    elapsed: m.elapsed,
-                    latent: &m.latent,
-                };
-                if progress_err.is_none() {
-                    if let Err(e) = on_step(&info) {
-                        cancel.store(true, Ordering::SeqCst);
-                        progress_err = Some(e);
+                });
+                let mut progress_err = None;
+                for m in rx {
+                    let info = StepInfo {
+                        index: m.index,
+                        total: m.total,
+                        t: m.t,
+                        t_next: m.t_next,
+                        kind: m.kind,
+                        elapsed: m.elapsed,
+                        latent: &m.latent,
+                    };
+                    if progress_err.is_none() {
+                        if let Err(e) = on_step(&info) {
+                            cancel.store(true, Ordering::SeqCst);
+                            progress_err = Some(e);
+                        }
                     }
                 }
-            }
-            let results = worker
-                .join()
-                .map_err(|_| Error::Candle(candle_core::Error::Msg("worker panicked".into())))?;
-            if let Some(e) = progress_err {
-                return Err(e);
-            }
-            let mut results = results?;
-            if results.is_empty() {
-                return Err(Error::Candle(candle_core::Error::Msg("no workers".into())));
-            }
-            let (x, stats): (Tensor, CacheStats) = results.swap_remove(0);
-            Ok((x, stats))
-        })
-    })
+                let results = worker.join().map_err(|_| {
+                    Error::Candle(candle_core::Error::Msg("worker panicked".into()))
+                })?;
+                if let Some(e) = progress_err {
+                    return Err(e);
+                }
+                let mut results = results?;
+                if results.is_empty() {
+                    return Err(Error::Candle(candle_core::Error::Msg("no workers".into())));
+                }
+                let (x, stats): (Tensor, CacheStats) = results.swap_remove(0);
+                Ok((x, stats))
+            })
+        },
+        &|vae, z| decode_parallel(vae, z, layout.sp() * layout.cfg),
+    )
+}
+
+/// Decode on `workers` CPU workers in row bands when the latent's rows split evenly, else on one.
+fn decode_parallel(
+    vae: &crate::model::vae::AutoEncoder,
+    z: &Tensor,
+    workers: usize,
+) -> Result<Tensor> {
+    if workers <= 1 || z.dim(2)? % workers != 0 {
+        return Ok(vae.decode(z)?);
+    }
+    let mut parts = run_local(workers, |_, comm| super::vae::decode(vae, z, &comm))?;
+    Ok(parts.swap_remove(0))
 }
 
 /// Data parallelism: generate every request of `reqs`, spreading them over `layout.dp` groups

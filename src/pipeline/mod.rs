@@ -211,6 +211,9 @@ pub type Denoiser<'a> = dyn FnMut(
     ) -> Result<(Tensor, CacheStats)>
     + 'a;
 
+/// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
+pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
+
 /// The three models of FLUX.1, loaded and ready.
 pub struct Pipeline {
     pub flux: Flux,
@@ -433,26 +436,31 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
-        self.generate_with(req, progress, &mut |flux, job, on_step| {
-            let mut policy = cache::policy_for(job.cache_threshold);
-            let mut neg_policy = cache::policy_for(job.cache_threshold);
-            let cfg = job.neg.as_ref().map(|neg| sampler::TrueCfg::Local {
-                neg,
-                policy: neg_policy.as_mut(),
-                scale: job.true_cfg,
-            });
-            sampler::denoise_cfg(
-                flux,
-                &job.cond,
-                &job.pe,
-                job.x.clone(),
-                &job.timesteps,
-                Some(job.guidance),
-                policy.as_mut(),
-                cfg,
-                on_step,
-            )
-        })
+        self.generate_with(
+            req,
+            progress,
+            &mut |flux, job, on_step| {
+                let mut policy = cache::policy_for(job.cache_threshold);
+                let mut neg_policy = cache::policy_for(job.cache_threshold);
+                let cfg = job.neg.as_ref().map(|neg| sampler::TrueCfg::Local {
+                    neg,
+                    policy: neg_policy.as_mut(),
+                    scale: job.true_cfg,
+                });
+                sampler::denoise_cfg(
+                    flux,
+                    &job.cond,
+                    &job.pe,
+                    job.x.clone(),
+                    &job.timesteps,
+                    Some(job.guidance),
+                    policy.as_mut(),
+                    cfg,
+                    on_step,
+                )
+            },
+            &|vae, z| Ok(vae.decode(z)?),
+        )
     }
 
     /// [`Pipeline::generate`] with the denoising loop supplied by the caller (the parallel engine
@@ -462,6 +470,7 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> Result<()>,
         denoise: &mut Denoiser,
+        decode: &LatentDecoder,
     ) -> Result<Generated> {
         let total_start = Instant::now();
         let settings = self.settings_for(req)?;
@@ -535,7 +544,7 @@ impl Pipeline {
 
         let t0 = Instant::now();
         let latent = unpack_latent(&x, lh, lw)?;
-        let decoded = self.vae.decode(&latent.to_dtype(self.vae.dtype())?)?;
+        let decoded = decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?;
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {
             image.stamp_demo_label();
