@@ -239,11 +239,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             DemoWeights::new(9).var_builder(DType::F32, &Device::Cpu),
         )?;
         // candle's CPU convolutions take no bf16: on the CPU this compares f32 with itself.
-        let dt = if dev.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
+        let dt = crate::pipeline::autoencoder_dtype(DType::BF16, &dev);
         let gpu = AutoEncoder::new_decoder_only(&cfg, DemoWeights::new(9).var_builder(dt, &dev))?;
         let z = Tensor::randn(0f32, 1.0, (1, 16, 32, 32), &Device::Cpu)?;
         let want = cpu.decode(&z)?;

@@ -276,7 +276,7 @@ impl Pipeline {
             _ => FluxConfig::dev(),
         };
         let flux = Flux::new(&cfg, RandomWeights.var_builder(dtype, device)).px()?;
-        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let vae_dtype = autoencoder_dtype(dtype, device);
         let vae = AutoEncoder::new(
             &VaeConfig::flux(),
             RandomWeights.var_builder(vae_dtype, device),
@@ -600,10 +600,19 @@ pub fn load_transformer(
     Ok((flux, variant))
 }
 
-/// Load the autoencoder in either layout. On the CPU it always runs in f32 (candle's CPU
-/// convolutions take no bf16/f16, and the autoencoder is small next to the transformer).
+/// The dtype the autoencoder runs in: `dtype`, except f32 on the CPU (candle's CPU convolutions
+/// take no bf16/f16, and the autoencoder is small next to the transformer).
+pub fn autoencoder_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Load the autoencoder in either layout, in [`autoencoder_dtype`].
 pub fn load_vae(files: &ModelFiles, dtype: DType, device: &Device) -> Result<AutoEncoder> {
-    let dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let dtype = autoencoder_dtype(dtype, device);
     let set = Arc::new(SafetensorsSet::open(&files.vae)?);
     let (cfg, map): (VaeConfig, Arc<dyn KeyMap>) = match files.vae_layout {
         VaeLayout::Bfl => (
