@@ -8,7 +8,7 @@ toolkit=${CUDA_TOOLKIT_PREFIX:-$HOME/.cache/cuda-13.0}
 [[ -f $toolkit/env.sh ]] || bash ../shared/cuda/setup-toolkit.sh "$toolkit"
 source "$toolkit/env.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/parallax-cuda-target}
-cargo build --release --features cuda
+cargo build --release --no-default-features --features cuda
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/parallax" .device/parallax
 strip .device/parallax

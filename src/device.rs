@@ -92,3 +92,18 @@ mod tests {
         assert_eq!(gpu_memory_used(&Device::Cpu), None);
     }
 }
+
+/// How many CUDA GPUs this process can see (0 in builds without the `cuda` feature, or when the
+/// driver is missing).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}

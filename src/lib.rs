@@ -3,8 +3,12 @@
 //! - [`model`]: the FLUX transformer, autoencoder, text encoders, weight layouts, demo model.
 //! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.
 //! - [`kernels`]: Parallax's own CUDA kernels as candle ops (fused attention).
+//! - [`parallel`]: communicators, the mesh, one file per parallel strategy.
+//! - [`runtime`]: the job queue and engine thread behind the studio, streaming events.
 //! - [`cli`]: the `parallax` command line.
 
+#[cfg(feature = "studio")]
+pub mod app;
 pub mod cli;
 pub mod device;
 pub mod error;
@@ -12,5 +16,6 @@ pub mod kernels;
 pub mod model;
 pub mod parallel;
 pub mod pipeline;
+pub mod runtime;
 
 pub use error::{Error, Result};

@@ -25,12 +25,15 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// What to do; with none, the studio opens on the built-in demo model.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Open the studio window (the default when no command is given).
+    Studio(StudioArgs),
     /// Generate one image and save it as PNG with its settings.
     Generate(GenerateArgs),
     /// Time a generation: per-step, total, peak memory, as JSON.
@@ -44,6 +47,40 @@ pub enum Command {
     Selfcheck(SelfcheckArgs),
     /// Time the pieces of one FLUX.1-dev step (attention, linear layers, norms, blocks) on a device.
     Profile(ProfileArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct StudioArgs {
+    /// Model to load (overrides the one remembered from the last session).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Device (`cpu`, `cuda`, `cuda:N`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// CPU worker threads standing in for GPUs.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Gallery folder (default: $PARALLAX_HOME/gallery or ~/.local/share/parallax/gallery).
+    #[arg(long)]
+    pub gallery: Option<PathBuf>,
+    /// Start generating as soon as the model is loaded.
+    #[arg(long)]
+    pub auto_generate: bool,
+    /// With --auto-generate: run a compare sweep instead.
+    #[arg(long)]
+    pub compare: bool,
+    /// After the first job, save a screenshot of the window here.
+    #[arg(long)]
+    pub screenshot: Option<PathBuf>,
+    /// Close the window after the first job (and screenshot).
+    #[arg(long)]
+    pub quit_after_job: bool,
+    /// Write frame times and step-to-preview latencies (JSON) here on exit.
+    #[arg(long)]
+    pub ui_stats: Option<PathBuf>,
+    /// Start from default settings instead of the remembered ones.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -270,7 +307,11 @@ fn init_logging(verbose: u8) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Studio(StudioArgs::default()))
+    {
+        Command::Studio(a) => studio(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Info(a) => info(a),
@@ -278,6 +319,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
+}
+
+#[cfg(feature = "studio")]
+fn studio(a: StudioArgs) -> anyhow::Result<()> {
+    crate::app::run(crate::app::StudioOptions {
+        model: a.model,
+        device: a.device,
+        workers: a.workers,
+        gallery_dir: a.gallery,
+        auto_generate: a.auto_generate,
+        compare: a.compare,
+        screenshot: a.screenshot,
+        quit_after_job: a.quit_after_job,
+        ui_stats: a.ui_stats,
+        fresh_settings: a.fresh,
+    })
+}
+
+#[cfg(not(feature = "studio"))]
+fn studio(_: StudioArgs) -> anyhow::Result<()> {
+    bail!("this build has no studio (built without the `studio` feature); use `parallax generate` or rebuild with default features")
 }
 
 fn device(name: &str) -> anyhow::Result<Device> {

@@ -7,6 +7,8 @@
 
 pub mod cache;
 pub mod image;
+pub mod metrics;
+pub mod preview;
 pub mod sampler;
 pub mod schedule;
 

@@ -1,0 +1,189 @@
+//! What the runtime is asked to do (jobs) and what it reports back (events).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::parallel::mesh::ParallelLayout;
+use crate::pipeline::metrics::Quality;
+use crate::pipeline::preview::{Latent, PreviewFactors};
+use crate::pipeline::{GenerateRequest, Generated};
+
+/// A job's number, unique within one runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {}", self.0)
+    }
+}
+
+/// Work for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobSpec {
+    /// One image.
+    Generate(GenerateRequest),
+    /// The same prompt and seed at several First Block Cache thresholds. The first image is the
+    /// reference the others are measured against; a threshold of 0 (no cache) is put first if
+    /// the list lacks it.
+    Compare {
+        base: GenerateRequest,
+        thresholds: Vec<f64>,
+    },
+}
+
+impl JobSpec {
+    /// The requests this job runs, in order.
+    pub fn requests(&self) -> Vec<GenerateRequest> {
+        match self {
+            JobSpec::Generate(r) => vec![r.clone()],
+            JobSpec::Compare { base, thresholds } => compare_thresholds(thresholds)
+                .into_iter()
+                .map(|t| GenerateRequest {
+                    cache_threshold: t,
+                    ..base.clone()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The thresholds a compare sweep runs: the uncached reference first, then the others in the
+/// order given, without repeats (negative or non-finite thresholds are dropped).
+pub fn compare_thresholds(thresholds: &[f64]) -> Vec<f64> {
+    let mut out = vec![0.0];
+    for &t in thresholds {
+        if t.is_finite() && t > 0.0 && !out.iter().any(|&o| (o - t).abs() < 1e-12) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// Which model on which workers. Changing `model` or `device` reloads the weights; changing the
+/// layout or worker count does not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineSpec {
+    /// `demo`, `random:dev`, a repo id, a file or a folder (as `parallax generate --model`).
+    pub model: String,
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// CPU worker threads standing in for GPUs (1: the plain single-device loop).
+    pub workers: usize,
+    /// `None`: pick the layout for the workers (`--parallel auto`).
+    pub layout: Option<ParallelLayout>,
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        Self {
+            model: "demo".into(),
+            device: "cpu".into(),
+            workers: 1,
+            layout: None,
+        }
+    }
+}
+
+/// One finished image of a job.
+#[derive(Debug, Clone)]
+pub struct ImageResult {
+    pub generated: Generated,
+    /// Where the gallery keeps it (`None` if saving failed; the reason is in `notes`).
+    pub saved: Option<PathBuf>,
+    /// Against the job's first image (compare sweeps).
+    pub quality: Option<Quality>,
+    /// The first image's wall time over this one's.
+    pub speedup: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+/// Everything the runtime reports. Events of one job arrive in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    ModelLoading {
+        spec: EngineSpec,
+    },
+    ModelLoaded {
+        spec: EngineSpec,
+        summary: String,
+        load_ms: f64,
+        /// Attention heads of the transformer (what a layout must divide).
+        heads: usize,
+    },
+    /// The latent preview map for the loaded model (fitted to its autoencoder).
+    PreviewFactors(Arc<PreviewFactors>),
+    ModelFailed {
+        spec: EngineSpec,
+        error: String,
+    },
+    Queued {
+        job: JobId,
+        position: usize,
+    },
+    Started {
+        job: JobId,
+        images: usize,
+        layout: String,
+    },
+    /// Text encoded for image `image` of the job.
+    TextEncoded {
+        job: JobId,
+        image: usize,
+        ms: f64,
+    },
+    Step {
+        job: JobId,
+        image: usize,
+        /// 1-based.
+        step: usize,
+        total: usize,
+        ms: f64,
+        /// The step reused the cache instead of running the remaining blocks.
+        reused: bool,
+        preview: Arc<Latent>,
+    },
+    ImageDone {
+        job: JobId,
+        image: usize,
+        result: Arc<ImageResult>,
+    },
+    Finished {
+        job: JobId,
+        wall_ms: f64,
+    },
+    Failed {
+        job: JobId,
+        error: String,
+    },
+    Cancelled {
+        job: JobId,
+    },
+}
+
+impl Event {
+    /// The job an event belongs to, if any.
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Event::Queued { job, .. }
+            | Event::Started { job, .. }
+            | Event::TextEncoded { job, .. }
+            | Event::Step { job, .. }
+            | Event::ImageDone { job, .. }
+            | Event::Finished { job, .. }
+            | Event::Failed { job, .. }
+            | Event::Cancelled { job } => Some(*job),
+            _ => None,
+        }
+    }
+
+    /// The job is over (finished, failed or cancelled).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::Finished { .. } | Event::Failed { .. } | Event::Cancelled { .. }
+        )
+    }
+}

@@ -1,0 +1,205 @@
+//! The gallery: every finished image kept on disk as a PNG that carries its settings, written
+//! atomically (temporary file, then rename) so a crash never leaves a half-written entry. The
+//! folder is the whole database: listing it reads the settings back from each PNG's text chunks.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::pipeline::image::{read_png, save_png, RgbImage};
+use crate::pipeline::{Generated, GenerationSettings};
+
+/// Extra facts about a run, stored beside the settings in the `parallax-run` chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub total_ms: f64,
+    pub steps_computed: usize,
+    pub steps_reused: usize,
+    /// Unix time in milliseconds when it finished.
+    pub created_ms: u64,
+}
+
+/// One image of the gallery.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub settings: GenerationSettings,
+    pub run: RunRecord,
+}
+
+/// A gallery folder.
+#[derive(Debug, Clone)]
+pub struct Gallery {
+    dir: PathBuf,
+}
+
+/// The default gallery folder: `$PARALLAX_HOME/gallery`, else `$XDG_DATA_HOME/parallax/gallery`,
+/// else `~/.local/share/parallax/gallery`, else `./parallax-gallery`.
+pub fn default_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("PARALLAX_HOME") {
+        return PathBuf::from(h).join("gallery");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("parallax").join("gallery");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".local/share/parallax/gallery");
+    }
+    PathBuf::from("parallax-gallery")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Gallery {
+    /// Open (and create) a gallery folder.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Store a finished image; returns its path.
+    pub fn save(&self, g: &Generated) -> Result<PathBuf> {
+        let run = RunRecord {
+            total_ms: g.timings.total_ms,
+            steps_computed: g.stats.computed,
+            steps_reused: g.stats.reused,
+            created_ms: now_ms(),
+        };
+        let mut text = g.settings.png_text()?;
+        text.push((
+            "parallax-run".into(),
+            serde_json::to_string(&run)
+                .map_err(|e| Error::Image(format!("cannot serialise run record: {e}")))?,
+        ));
+        // Name: time, seed, threshold; a counter keeps two images of one millisecond apart.
+        let stem = format!(
+            "{:013}-seed{}-t{}",
+            run.created_ms,
+            g.settings.seed,
+            format!("{}", g.settings.cache_threshold).replace('.', "_")
+        );
+        let mut path = self.dir.join(format!("{stem}.png"));
+        let mut n = 1;
+        while path.exists() {
+            path = self.dir.join(format!("{stem}-{n}.png"));
+            n += 1;
+        }
+        save_png(&path, &g.image, &text)?;
+        Ok(path)
+    }
+
+    /// Every readable entry, newest first. Files that are not Parallax PNGs (or are damaged) are
+    /// skipped with a warning in the log.
+    pub fn list(&self) -> Result<Vec<Entry>> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let mut out = Vec::new();
+        for ent in rd.flatten() {
+            let path = ent.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("png") {
+                continue;
+            }
+            match Self::read_entry(&path) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!("gallery: skipping {}: {e}", path.display()),
+            }
+        }
+        out.sort_by(|a, b| {
+            b.run
+                .created_ms
+                .cmp(&a.run.created_ms)
+                .then_with(|| b.path.cmp(&a.path))
+        });
+        Ok(out)
+    }
+
+    fn read_entry(path: &Path) -> Result<Entry> {
+        let (_, text) = read_png(path)?;
+        let settings = GenerationSettings::from_png_text(&text)?;
+        let run = text
+            .iter()
+            .find(|(k, _)| k == "parallax-run")
+            .and_then(|(_, v)| serde_json::from_str(v).ok())
+            .unwrap_or_default();
+        Ok(Entry {
+            path: path.to_path_buf(),
+            settings,
+            run,
+        })
+    }
+
+    /// The pixels of an entry.
+    pub fn image(&self, entry: &Entry) -> Result<RgbImage> {
+        Ok(read_png(&entry.path)?.0)
+    }
+
+    /// Remove an entry (only files inside this gallery's folder).
+    pub fn delete(&self, path: &Path) -> Result<()> {
+        if path.parent() != Some(self.dir.as_path()) {
+            return Err(Error::Image(format!(
+                "{} is not in the gallery folder {}",
+                path.display(),
+                self.dir.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+}
+
+/// A small copy of `img` whose longer side is at most `max_side` (box filter).
+pub fn thumbnail(img: &RgbImage, max_side: usize) -> RgbImage {
+    let scale = (img.width.max(img.height) as f64 / max_side.max(1) as f64).max(1.0);
+    let (w, h) = (
+        ((img.width as f64 / scale).round() as usize).max(1),
+        ((img.height as f64 / scale).round() as usize).max(1),
+    );
+    let mut data = Vec::with_capacity(w * h * 3);
+    for ty in 0..h {
+        let (y0, y1) = (
+            ty * img.height / h,
+            ((ty + 1) * img.height / h).max(ty * img.height / h + 1),
+        );
+        for tx in 0..w {
+            let (x0, x1) = (
+                tx * img.width / w,
+                ((tx + 1) * img.width / w).max(tx * img.width / w + 1),
+            );
+            let mut acc = [0u32; 3];
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    let p = img.pixel(x, y);
+                    for c in 0..3 {
+                        acc[c] += p[c] as u32;
+                    }
+                }
+            }
+            let n = ((y1 - y0) * (x1 - x0)) as u32;
+            data.extend(acc.map(|a| ((a + n / 2) / n) as u8));
+        }
+    }
+    RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
+}

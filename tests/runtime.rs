@@ -1,0 +1,251 @@
+//! The runtime behind the studio, on the demo model: event order, previews, gallery, cancel,
+//! failures that leave it running, compare sweeps, model (re)loading.
+
+use std::time::Duration;
+
+use candle_core::Device;
+use parallax::pipeline::{GenerateRequest, Pipeline};
+use parallax::runtime::{EngineSpec, Event, JobId, JobSpec, Runtime, RuntimeOptions};
+
+fn req(steps: usize, threshold: f64) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a red fox in snow".into(),
+        width: 64,
+        height: 48,
+        steps: Some(steps),
+        seed: 11,
+        cache_threshold: threshold,
+        ..GenerateRequest::default()
+    }
+}
+
+fn start(gallery: Option<&std::path::Path>) -> Runtime {
+    Runtime::start(RuntimeOptions {
+        engine: EngineSpec::default(),
+        gallery_dir: gallery.map(|p| p.to_path_buf()),
+        notify: None,
+    })
+    .expect("runtime starts")
+}
+
+/// Every event until `job` ends (events of other jobs and model events included).
+fn until_done(rt: &Runtime, job: JobId) -> Vec<Event> {
+    let mut out = Vec::new();
+    loop {
+        let ev = rt
+            .recv_timeout(Duration::from_secs(120))
+            .expect("an event within two minutes");
+        let end = ev.job() == Some(job) && ev.is_terminal();
+        out.push(ev);
+        if end {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn a_job_streams_steps_with_previews_and_lands_in_the_gallery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = start(Some(dir.path()));
+    let job = rt.submit(JobSpec::Generate(req(3, 0.0)));
+    let events = until_done(&rt, job);
+
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| match e {
+            Event::ModelLoading { .. } => "loading",
+            Event::ModelLoaded { .. } => "loaded",
+            Event::PreviewFactors(_) => "factors",
+            Event::Queued { .. } => "queued",
+            Event::Started { .. } => "started",
+            Event::TextEncoded { .. } => "text",
+            Event::Step { .. } => "step",
+            Event::ImageDone { .. } => "image",
+            Event::Finished { .. } => "finished",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "queued", "loading", "loaded", "factors", "started", "text", "step", "step", "step",
+            "image", "finished"
+        ],
+    );
+    let steps: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step {
+                step,
+                total,
+                preview,
+                ..
+            } => {
+                assert_eq!(
+                    (preview.width, preview.height, preview.data.len()),
+                    (8, 6, 16 * 8 * 6)
+                );
+                Some((*step, *total))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, [(1, 3), (2, 3), (3, 3)]);
+
+    // The image equals a direct generation, and the gallery holds it with its settings.
+    let direct = Pipeline::demo(&Device::Cpu)
+        .expect("demo")
+        .generate(&req(3, 0.0), &mut |_| Ok(()))
+        .expect("direct");
+    let result = events
+        .iter()
+        .find_map(|e| match e {
+            Event::ImageDone { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .expect("an image");
+    assert_eq!(result.generated.image, direct.image);
+    let saved = result.saved.clone().expect("saved to the gallery");
+    let gallery = rt.gallery().expect("gallery");
+    let entries = gallery.list().expect("list");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].path, saved);
+    assert_eq!(entries[0].settings, direct.settings);
+    assert_eq!(gallery.image(&entries[0]).expect("read back"), direct.image);
+    gallery.delete(&saved).expect("delete");
+    assert!(gallery.list().expect("list").is_empty());
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_drops_a_queued_one() {
+    let rt = start(None);
+    let running = rt.submit(JobSpec::Generate(req(40, 0.0)));
+    let queued = rt.submit(JobSpec::Generate(req(2, 0.0)));
+    // Wait for the first step of the running job, then cancel both.
+    loop {
+        let ev = rt.recv_timeout(Duration::from_secs(120)).expect("event");
+        if matches!(ev, Event::Step { job, .. } if job == running) {
+            break;
+        }
+    }
+    rt.cancel(queued);
+    rt.cancel(running);
+    let mut cancelled = Vec::new();
+    let mut steps_after = 0;
+    while cancelled.len() < 2 {
+        match rt.recv_timeout(Duration::from_secs(120)).expect("event") {
+            Event::Cancelled { job } => cancelled.push(job),
+            Event::Step { .. } => steps_after += 1,
+            Event::ImageDone { .. } | Event::Finished { .. } => panic!("a cancelled job finished"),
+            _ => {}
+        }
+    }
+    cancelled.sort();
+    assert_eq!(cancelled, [running, queued]);
+    assert!(
+        steps_after < 39,
+        "cancel must stop within a step or so, saw {steps_after} more steps"
+    );
+    // The runtime is still up.
+    let next = rt.submit(JobSpec::Generate(req(1, 0.0)));
+    assert!(matches!(
+        until_done(&rt, next).last(),
+        Some(Event::Finished { .. })
+    ));
+}
+
+#[test]
+fn a_failed_job_says_why_and_the_runtime_stays_up() {
+    let rt = start(None);
+    let bad = rt.submit(JobSpec::Generate(GenerateRequest {
+        width: 70,
+        ..req(2, 0.0)
+    }));
+    match until_done(&rt, bad).last() {
+        Some(Event::Failed { error, .. }) => assert!(error.contains("70"), "{error}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let good = rt.submit(JobSpec::Generate(req(1, 0.0)));
+    assert!(matches!(
+        until_done(&rt, good).last(),
+        Some(Event::Finished { .. })
+    ));
+}
+
+#[test]
+fn compare_sweep_measures_each_threshold_against_the_uncached_image() {
+    let rt = start(None);
+    let job = rt.submit(JobSpec::Compare {
+        base: req(6, 0.0),
+        thresholds: vec![0.12, 5.0],
+    });
+    let images: Vec<_> = until_done(&rt, job)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::ImageDone { image, result, .. } => Some((image, result)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(images.len(), 3);
+    let thresholds: Vec<f64> = images
+        .iter()
+        .map(|(_, r)| r.generated.settings.cache_threshold)
+        .collect();
+    assert_eq!(thresholds, [0.0, 0.12, 5.0]);
+    assert!(images[0].1.quality.is_none() && images[0].1.speedup.is_none());
+    for (_, r) in &images[1..] {
+        let q = r.quality.expect("quality vs reference");
+        assert!(q.ssim <= 1.0 && q.psnr_db > 0.0);
+        assert!(r.speedup.expect("speedup") > 0.0);
+    }
+    // Threshold 5 reuses every step after the first (the demo's residuals always pass), so it
+    // differs from the reference; the reference is the plain uncached image.
+    let huge = &images[2].1;
+    assert!(huge.generated.stats.reused > 0);
+    assert!(huge.quality.expect("quality").psnr_db.is_finite());
+    let direct = Pipeline::demo(&Device::Cpu)
+        .expect("demo")
+        .generate(&req(6, 0.0), &mut |_| Ok(()))
+        .expect("direct");
+    assert_eq!(images[0].1.generated.image, direct.image);
+}
+
+#[test]
+fn models_load_once_and_bad_models_are_reported() {
+    let rt = start(None);
+    rt.configure(EngineSpec {
+        model: "/no/such/model.safetensors".into(),
+        ..EngineSpec::default()
+    });
+    let failed = loop {
+        match rt.recv_timeout(Duration::from_secs(60)).expect("event") {
+            Event::ModelFailed { error, .. } => break error,
+            Event::ModelLoaded { .. } => panic!("a missing file loaded"),
+            _ => {}
+        }
+    };
+    assert!(failed.contains("no/such"), "{failed}");
+    rt.configure(EngineSpec::default());
+    rt.configure(EngineSpec {
+        workers: 2,
+        ..EngineSpec::default()
+    }); // layout only: no reload
+    let job = rt.submit(JobSpec::Generate(req(1, 0.0)));
+    let events = until_done(&rt, job);
+    let loads = events
+        .iter()
+        .filter(|e| matches!(e, Event::ModelLoading { .. }))
+        .count();
+    assert_eq!(
+        loads, 1,
+        "one load for the demo, none for the worker change"
+    );
+    let started = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Started { layout, .. } => Some(layout.clone()),
+            _ => None,
+        })
+        .expect("started");
+    assert!(started.starts_with("2 workers"), "{started}");
+}
