@@ -548,9 +548,10 @@ impl StudioApp {
         ui.heading("Parallax");
         ui.label(RichText::new("FLUX.1 over many GPUs").weak());
         ui.separator();
-        ui.label("Model");
+        let model_label = ui.label("Model");
         ui.horizontal(|ui| {
-            ui.add(egui::TextEdit::singleline(&mut self.settings.model).desired_width(150.0));
+            ui.add(egui::TextEdit::singleline(&mut self.settings.model).desired_width(150.0))
+                .labelled_by(model_label.id);
             if ui
                 .button("Open…")
                 .on_hover_text("a .safetensors file or a model folder")
@@ -582,21 +583,23 @@ impl StudioApp {
             ModelStatus::Failed(e) => ui.colored_label(Color32::LIGHT_RED, e),
         };
         ui.separator();
-        ui.label("Prompt");
+        let l = ui.label("Prompt");
         ui.add(
             egui::TextEdit::multiline(&mut self.settings.prompt)
                 .desired_rows(4)
                 .desired_width(f32::INFINITY)
                 .hint_text("what to draw"),
-        );
-        ui.label("Negative prompt (true CFG > 1)");
+        )
+        .labelled_by(l.id);
+        let l = ui.label("Negative prompt (true CFG > 1)");
         ui.add(
             egui::TextEdit::multiline(&mut self.settings.negative_prompt)
                 .desired_rows(2)
                 .desired_width(f32::INFINITY),
-        );
+        )
+        .labelled_by(l.id);
         egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
-            ui.label("Size");
+            let size_label = ui.label("Size");
             let current = PRESETS
                 .iter()
                 .find(|p| p.1 == self.settings.width && p.2 == self.settings.height)
@@ -610,53 +613,64 @@ impl StudioApp {
                             self.settings.height = h;
                         }
                     }
-                });
+                })
+                .response
+                .labelled_by(size_label.id);
             ui.end_row();
             ui.label("W x H");
             ui.horizontal(|ui| {
+                let l = ui.label("width");
                 ui.add(
                     egui::DragValue::new(&mut self.settings.width)
                         .range(16..=8192)
                         .speed(16),
-                );
+                )
+                .labelled_by(l.id);
+                let l = ui.label("height");
                 ui.add(
                     egui::DragValue::new(&mut self.settings.height)
                         .range(16..=8192)
                         .speed(16),
-                );
+                )
+                .labelled_by(l.id);
             });
             ui.end_row();
-            ui.label("Steps");
-            ui.add(egui::DragValue::new(&mut self.settings.steps).range(1..=100));
+            let l = ui.label("Steps");
+            ui.add(egui::DragValue::new(&mut self.settings.steps).range(1..=100))
+                .labelled_by(l.id);
             ui.end_row();
-            ui.label("Seed");
+            let l = ui.label("Seed");
             ui.horizontal(|ui| {
                 ui.add_enabled(
                     !self.settings.random_seed,
                     egui::DragValue::new(&mut self.settings.seed),
-                );
+                )
+                .labelled_by(l.id);
                 ui.checkbox(&mut self.settings.random_seed, "random");
                 if ui.small_button("Copy").clicked() {
                     ui.ctx().copy_text(self.settings.seed.to_string());
                 }
             });
             ui.end_row();
-            ui.label("Guidance");
+            let l = ui.label("Guidance");
             ui.add(
                 egui::DragValue::new(&mut self.settings.guidance)
                     .range(0.0..=20.0)
                     .speed(0.1),
-            );
+            )
+            .labelled_by(l.id);
             ui.end_row();
-            ui.label("True CFG");
+            let l = ui.label("True CFG");
             ui.add(
                 egui::DragValue::new(&mut self.settings.true_cfg)
                     .range(1.0..=20.0)
                     .speed(0.1),
-            );
+            )
+            .labelled_by(l.id);
             ui.end_row();
-            ui.label("Cache threshold");
+            let l = ui.label("Cache threshold");
             ui.add(egui::Slider::new(&mut self.settings.cache_threshold, 0.0..=0.3).step_by(0.01))
+                .labelled_by(l.id)
                 .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
             ui.end_row();
         });
@@ -685,7 +699,7 @@ impl StudioApp {
             }
         });
         ui.horizontal(|ui| {
-            ui.label("Compare");
+            let l = ui.label("Compare");
             let mut text = self
                 .settings
                 .compare_thresholds
@@ -695,6 +709,7 @@ impl StudioApp {
                 .join(", ");
             if ui
                 .add(egui::TextEdit::singleline(&mut text).desired_width(110.0))
+                .labelled_by(l.id)
                 .changed()
             {
                 self.settings.compare_thresholds = text
@@ -729,11 +744,13 @@ impl StudioApp {
             ui.label(RichText::new(format!("{gpus} CUDA GPU(s) found")).small());
         }
         egui::Grid::new("layout").num_columns(2).show(ui, |ui| {
-            ui.label("Device");
-            ui.add(egui::TextEdit::singleline(&mut self.settings.device).desired_width(80.0));
+            let l = ui.label("Device");
+            ui.add(egui::TextEdit::singleline(&mut self.settings.device).desired_width(80.0))
+                .labelled_by(l.id);
             ui.end_row();
-            ui.label("Workers");
-            ui.add(egui::DragValue::new(&mut self.settings.workers).range(1..=64));
+            let l = ui.label("Workers");
+            ui.add(egui::DragValue::new(&mut self.settings.workers).range(1..=64))
+                .labelled_by(l.id);
             ui.end_row();
         });
         ui.checkbox(&mut self.settings.layout_auto, "auto layout");
@@ -745,8 +762,9 @@ impl StudioApp {
                     ("cfg", &mut self.settings.cfg),
                     ("dp", &mut self.settings.dp),
                 ] {
-                    ui.label(label);
-                    ui.add(egui::DragValue::new(v).range(1..=64));
+                    let l = ui.label(label);
+                    ui.add(egui::DragValue::new(v).range(1..=64))
+                        .labelled_by(l.id);
                 }
             });
         }
@@ -942,8 +960,9 @@ impl StudioApp {
             ui.label(format!("running image {} of {}…", j.image + 1, j.images));
         }
         ui.horizontal(|ui| {
-            ui.label("wipe");
-            ui.add(egui::Slider::new(&mut self.wipe, 0.0..=1.0).show_value(false));
+            let l = ui.label("wipe");
+            ui.add(egui::Slider::new(&mut self.wipe, 0.0..=1.0).show_value(false))
+                .labelled_by(l.id);
             ui.checkbox(&mut self.show_heatmap, "difference heatmap");
             ui.add(egui::Slider::new(&mut self.settings.heatmap_gain, 1.0..=16.0).text("gain"));
         });

@@ -150,8 +150,9 @@ impl Worker {
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             heads: pipeline.flux.config().num_heads,
         });
-        // The preview map is fitted to this model's own autoencoder (about a second on the demo).
-        match PreviewFactors::fit(&pipeline.vae, pipeline.device(), 2, 16, 0x5eed) {
+        // The preview map is fitted to this model's own autoencoder (about a second on the demo's
+        // CPU autoencoder: three 24x24 latents).
+        match PreviewFactors::fit(&pipeline.vae, pipeline.device(), 3, 24, 0x5eed) {
             Ok(f) => {
                 tracing::info!("latent preview map fitted: R² {:.3}", f.r2);
                 self.emit.emit(Event::PreviewFactors(Arc::new(f)));
