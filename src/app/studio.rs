@@ -37,6 +37,8 @@ pub struct StudioOptions {
     pub ui_stats: Option<PathBuf>,
     /// Ignore persisted settings (tests, benchmarks).
     pub fresh_settings: bool,
+    pub steps: Option<usize>,
+    pub size: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +150,8 @@ pub struct StudioApp {
     shot_tx: mpsc::Sender<Arc<egui::ColorImage>>,
     shot_rx: mpsc::Receiver<Arc<egui::ColorImage>>,
     quit_requested: bool,
+    /// FLUX repos found in the Hugging Face cache at start-up.
+    hf_models: Vec<(String, PathBuf)>,
 }
 
 const SETTINGS_KEY: &str = "parallax-settings";
@@ -170,6 +174,13 @@ impl StudioApp {
         }
         if let Some(w) = opts.workers {
             settings.workers = w;
+        }
+        if let Some(n) = opts.steps {
+            settings.steps = n;
+        }
+        if let Some((w, h)) = opts.size {
+            settings.width = w;
+            settings.height = h;
         }
         let gpu = match &cc.wgpu_render_state {
             Some(rs) => {
@@ -225,6 +236,7 @@ impl StudioApp {
             shot_tx,
             shot_rx,
             quit_requested: false,
+            hf_models: crate::model::layout::list_hf_cache(),
         })
     }
 
@@ -576,6 +588,33 @@ impl StudioApp {
                 self.runtime.configure(self.settings.engine_spec());
             }
         });
+        if self.hf_models.is_empty() {
+            ui.label(
+                RichText::new("no FLUX repos in the Hugging Face cache")
+                    .small()
+                    .weak(),
+            );
+        } else {
+            let mut pick = None;
+            egui::ComboBox::from_id_salt("hf-cache")
+                .selected_text("Hugging Face cache…")
+                .show_ui(ui, |ui| {
+                    for (repo, _) in &self.hf_models {
+                        if ui
+                            .selectable_label(self.settings.model == *repo, repo)
+                            .clicked()
+                        {
+                            pick = Some(repo.clone());
+                        }
+                    }
+                })
+                .response
+                .labelled_by(model_label.id);
+            if let Some(repo) = pick {
+                self.settings.model = repo;
+                self.runtime.configure(self.settings.engine_spec());
+            }
+        }
         match &self.model {
             ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
             ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),

@@ -81,6 +81,12 @@ pub struct StudioArgs {
     /// Start from default settings instead of the remembered ones.
     #[arg(long)]
     pub fresh: bool,
+    /// Steps (overrides the remembered setting).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Image size in pixels, e.g. 512x512 (overrides the remembered setting).
+    #[arg(long)]
+    pub size: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -334,6 +340,17 @@ fn studio(a: StudioArgs) -> anyhow::Result<()> {
         quit_after_job: a.quit_after_job,
         ui_stats: a.ui_stats,
         fresh_settings: a.fresh,
+        steps: a.steps,
+        size: match a.size.as_deref() {
+            None => None,
+            Some(v) => {
+                let (w, h) = v
+                    .split_once('x')
+                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+                    .ok_or_else(|| anyhow::anyhow!("--size {v}: use WIDTHxHEIGHT, e.g. 512x512"))?;
+                Some((w, h))
+            }
+        },
     })
 }
 
