@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # UI responsiveness benchmark: the real studio window under Xvfb (wgpu on Mesa's lavapipe when
 # there is no GPU), one generation on the demo model started by --auto-generate; the window
-# records the time between frames while the job runs and, for every step, the time from the
+# records the CPU time of every frame drawn while the job runs and, for every step, the time from the
 # engine emitting it to the end of the frame that drew its preview. Prints percentiles.
 #   bash scripts/ui-bench.sh [SIZE] [STEPS]      (default 512x512 16)
 set -euo pipefail

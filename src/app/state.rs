@@ -225,4 +225,20 @@ mod tests {
         t.restore(&g);
         assert_eq!(t.request(), g.to_request());
     }
+
+    #[test]
+    fn persisted_settings_round_trip_and_old_files_still_load() {
+        let s = Settings {
+            prompt: "x".into(),
+            seed: 5,
+            compare_thresholds: vec![0.0, 0.1],
+            ..Settings::default()
+        };
+        let text = serde_json::to_string(&s).expect("serialise");
+        assert_eq!(serde_json::from_str::<Settings>(&text).expect("parse"), s);
+        // A file from an older version with fewer fields takes defaults for the rest.
+        let old: Settings =
+            serde_json::from_str(r#"{"prompt": "old", "steps": 9}"#).expect("parse");
+        assert_eq!((old.prompt.as_str(), old.steps, old.width), ("old", 9, 256));
+    }
 }

@@ -144,6 +144,8 @@ pub enum Event {
         /// The step reused the cache instead of running the remaining blocks.
         reused: bool,
         preview: Arc<Latent>,
+        /// When the engine finished the step (for the step-to-screen latency).
+        at: std::time::Instant,
     },
     ImageDone {
         job: JobId,

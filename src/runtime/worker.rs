@@ -220,6 +220,7 @@ impl Worker {
                         emit.emit(Event::TextEncoded { job, image: i, ms })
                     }
                     Progress::Step(info) => {
+                        let at = std::time::Instant::now();
                         let preview = Arc::new(Latent::from_packed(info.latent, w, h)?);
                         emit.emit(Event::Step {
                             job,
@@ -229,6 +230,7 @@ impl Worker {
                             ms: info.elapsed.as_secs_f64() * 1e3,
                             reused: info.kind.is_reused(),
                             preview,
+                            at,
                         });
                     }
                     Progress::Decoded { .. } => {}
