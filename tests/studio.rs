@@ -19,6 +19,7 @@ fn studio(dir: &Path) -> Harness<'static, StudioApp> {
     let opts = StudioOptions {
         gallery_dir: Some(dir.join("gallery")),
         fresh_settings: true,
+        skip_hf_cache: true,
         ..StudioOptions::default()
     };
     let exports = dir.join("exports");

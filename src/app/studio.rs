@@ -39,6 +39,8 @@ pub struct StudioOptions {
     pub fresh_settings: bool,
     pub steps: Option<usize>,
     pub size: Option<(usize, usize)>,
+    /// Do not look in the Hugging Face cache for FLUX repos (hermetic tests).
+    pub skip_hf_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +203,11 @@ impl StudioApp {
         runtime.configure(settings.engine_spec());
         let (dialog_tx, dialog_rx) = mpsc::channel();
         let (shot_tx, shot_rx) = mpsc::channel();
+        let hf_models = if opts.skip_hf_cache {
+            Vec::new()
+        } else {
+            crate::model::layout::list_hf_cache()
+        };
         Ok(Self {
             settings,
             tab: Tab::Image,
@@ -235,7 +242,7 @@ impl StudioApp {
             shot_tx,
             shot_rx,
             quit_requested: false,
-            hf_models: crate::model::layout::list_hf_cache(),
+            hf_models,
         })
     }
 

@@ -340,6 +340,7 @@ fn studio(a: StudioArgs) -> anyhow::Result<()> {
         quit_after_job: a.quit_after_job,
         ui_stats: a.ui_stats,
         fresh_settings: a.fresh,
+        skip_hf_cache: false,
         steps: a.steps,
         size: match a.size.as_deref() {
             None => None,
