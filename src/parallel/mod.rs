@@ -8,6 +8,8 @@
 //! - [`sp`]: a whole transformer step over a sequence-parallel group.
 //! - [`engine`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
 //!   parallelism).
+//! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
+//!   communicator over it for CPU ranks.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm).
 
 pub mod comm;
@@ -15,5 +17,6 @@ pub mod engine;
 pub mod mesh;
 pub mod ring;
 pub mod sp;
+pub mod store;
 pub mod ulysses;
 pub mod vae;

@@ -1,0 +1,513 @@
+//! Rendezvous for several processes (`parallax worker --rank R --world W --init tcp://HOST:PORT`):
+//! rank 0 serves a small key-value store on HOST:PORT, every rank connects to it, and they agree
+//! on what must be shared before work starts (that everyone is there, the seed, and for GPU ranks
+//! NCCL's unique id), as PyTorch's TCPStore does for its process groups.
+//!
+//! [`StoreComm`] runs the collectives of the [`Communicator`] trait through the store. It exists so
+//! that multi-process runs are tested on the CPU backend (CI has no GPU and no NCCL); it moves every
+//! tensor through rank 0's store and is not meant to be fast. GPU ranks use NCCL for tensors and the
+//! store only for the rendezvous.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::comm::Communicator;
+use crate::error::{Error, Result};
+
+const SET: u8 = 1;
+const GET: u8 = 2;
+
+type Table = (Mutex<HashMap<String, (Arc<Vec<u8>>, u32)>>, Condvar);
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::Image(format!("rendezvous: {what}: {e}"))
+}
+
+/// Parse `tcp://HOST:PORT`.
+pub fn parse_init(init: &str) -> Result<String> {
+    let addr = init.strip_prefix("tcp://").ok_or_else(|| {
+        Error::setting("init", init, "use tcp://HOST:PORT (rank 0 listens there)")
+    })?;
+    if !addr.contains(':') {
+        return Err(Error::setting("init", init, "missing :PORT"));
+    }
+    Ok(addr.to_string())
+}
+
+fn serve(listener: TcpListener, table: Arc<Table>) {
+    for stream in listener.incoming().flatten() {
+        let table = table.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let Ok(write_half) = stream.try_clone() else {
+                return;
+            };
+            let mut r = BufReader::new(stream);
+            let mut w = BufWriter::new(write_half);
+            // One request at a time until the client hangs up.
+            while let Ok(req) = read_request(&mut r) {
+                let reply = match req {
+                    (SET, key, Some((readers, val))) => {
+                        let (map, cv) = &*table;
+                        if let Ok(mut m) = map.lock() {
+                            m.insert(key, (Arc::new(val), readers));
+                        }
+                        cv.notify_all();
+                        Vec::new()
+                    }
+                    (GET, key, None) => {
+                        let (map, cv) = &*table;
+                        let Ok(mut m) = map.lock() else { return };
+                        let val = loop {
+                            if let Some((v, left)) = m.get_mut(&key) {
+                                let v = v.clone();
+                                *left = left.saturating_sub(1);
+                                if *left == 0 {
+                                    m.remove(&key);
+                                }
+                                break v;
+                            }
+                            m = match cv.wait(m) {
+                                Ok(m) => m,
+                                Err(_) => return,
+                            };
+                        };
+                        val.to_vec()
+                    }
+                    _ => return,
+                };
+                let ok = w
+                    .write_all(&(reply.len() as u64).to_le_bytes())
+                    .and_then(|_| w.write_all(&reply))
+                    .and_then(|_| w.flush());
+                if ok.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+type Request = (u8, String, Option<(u32, Vec<u8>)>);
+
+fn read_request(r: &mut impl Read) -> std::io::Result<Request> {
+    let mut op = [0u8; 1];
+    r.read_exact(&mut op)?;
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n)?;
+    let mut key = vec![0u8; u32::from_le_bytes(n) as usize];
+    r.read_exact(&mut key)?;
+    let key = String::from_utf8_lossy(&key).into_owned();
+    if op[0] == SET {
+        r.read_exact(&mut n)?;
+        let readers = u32::from_le_bytes(n);
+        let mut len = [0u8; 8];
+        r.read_exact(&mut len)?;
+        let mut val = vec![0u8; u64::from_le_bytes(len) as usize];
+        r.read_exact(&mut val)?;
+        Ok((op[0], key, Some((readers, val))))
+    } else {
+        Ok((op[0], key, None))
+    }
+}
+
+/// One process's connection to the store.
+pub struct Store {
+    conn: Mutex<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
+    rank: usize,
+    world: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store(rank {} of {})", self.rank, self.world)
+    }
+}
+
+impl Store {
+    /// Join the group: rank 0 starts the store on `init` (`tcp://HOST:PORT`), the others connect
+    /// to it (retrying for `timeout`); returns once all `world` ranks have arrived.
+    pub fn connect(init: &str, rank: usize, world: usize, timeout: Duration) -> Result<Arc<Self>> {
+        if world == 0 || rank >= world {
+            return Err(Error::setting(
+                "rank",
+                rank.to_string(),
+                format!("must be below --world {world}"),
+            ));
+        }
+        let addr = parse_init(init)?;
+        if rank == 0 {
+            let listener = TcpListener::bind(&addr)
+                .map_err(|e| io_err(&format!("cannot listen on {addr}"), e))?;
+            let table: Arc<Table> = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
+            std::thread::Builder::new()
+                .name("parallax-store".into())
+                .spawn(move || serve(listener, table))
+                .map_err(|e| io_err("cannot start the store thread", e))?;
+        }
+        let t0 = Instant::now();
+        let stream = loop {
+            match TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() < timeout => {
+                    tracing::debug!("rank {rank}: waiting for rank 0 at {addr}: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(io_err(&format!("rank 0 never answered at {addr}"), e)),
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let w = stream.try_clone().map_err(|e| io_err("socket", e))?;
+        let store = Arc::new(Self {
+            conn: Mutex::new((BufReader::new(stream), BufWriter::new(w))),
+            rank,
+            world,
+        });
+        // Barrier: everyone says hello and waits for everyone.
+        store.set(&format!("hello/{rank}"), world as u32, b"1")?;
+        for r in 0..world {
+            store.get(&format!("hello/{r}"))?;
+        }
+        tracing::info!("rank {rank} of {world}: all ranks present");
+        Ok(store)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Put `val` under `key` for `readers` reads (it is dropped after the last).
+    pub fn set(&self, key: &str, readers: u32, val: &[u8]) -> Result<()> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| Error::Image("store connection poisoned".into()))?;
+        let w = &mut c.1;
+        w.write_all(&[SET])
+            .and_then(|_| w.write_all(&(key.len() as u32).to_le_bytes()))
+            .and_then(|_| w.write_all(key.as_bytes()))
+            .and_then(|_| w.write_all(&readers.to_le_bytes()))
+            .and_then(|_| w.write_all(&(val.len() as u64).to_le_bytes()))
+            .and_then(|_| w.write_all(val))
+            .and_then(|_| w.flush())
+            .map_err(|e| io_err("set", e))?;
+        read_reply(&mut c.0).map(|_| ())
+    }
+
+    /// The value under `key`, waiting until some rank sets it.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| Error::Image("store connection poisoned".into()))?;
+        let w = &mut c.1;
+        w.write_all(&[GET])
+            .and_then(|_| w.write_all(&(key.len() as u32).to_le_bytes()))
+            .and_then(|_| w.write_all(key.as_bytes()))
+            .and_then(|_| w.flush())
+            .map_err(|e| io_err("get", e))?;
+        read_reply(&mut c.0)
+    }
+}
+
+fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(|e| io_err("reply", e))?;
+    let mut val = vec![0u8; u64::from_le_bytes(len) as usize];
+    r.read_exact(&mut val).map_err(|e| io_err("reply", e))?;
+    Ok(val)
+}
+
+fn encode(t: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let tag = match t.dtype() {
+        DType::F32 => 0u8,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        other => candle_core::bail!("the store communicator carries float tensors, not {other:?}"),
+    };
+    let dims = t.dims();
+    let mut out = vec![tag, dims.len() as u8];
+    for d in dims {
+        out.extend((*d as u64).to_le_bytes());
+    }
+    // bf16 and f16 widen to f32 exactly and narrow back exactly.
+    for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+        out.extend(v.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn decode(b: &[u8], device: &Device) -> candle_core::Result<Tensor> {
+    let bad = || candle_core::Error::Msg("store communicator: malformed tensor".into());
+    let (&tag, rest) = b.split_first().ok_or_else(bad)?;
+    let (&rank, mut rest) = rest.split_first().ok_or_else(bad)?;
+    let mut dims = Vec::with_capacity(rank as usize);
+    for _ in 0..rank {
+        let (d, r) = rest.split_at_checked(8).ok_or_else(bad)?;
+        dims.push(u64::from_le_bytes(d.try_into().map_err(|_| bad())?) as usize);
+        rest = r;
+    }
+    if rest.len() != dims.iter().product::<usize>() * 4 {
+        return Err(bad());
+    }
+    let vals: Vec<f32> = rest
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let dtype = match tag {
+        0 => DType::F32,
+        1 => DType::BF16,
+        2 => DType::F16,
+        _ => return Err(bad()),
+    };
+    Tensor::from_vec(vals, dims, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
+/// A communicator over the store for one group of ranks (global ranks `members`, this process at
+/// `members[rank]`). Reductions add in rank order, as [`super::comm::LocalComm`] does, so a
+/// multi-process run equals the same layout on in-process worker threads bit for bit.
+pub struct StoreComm {
+    store: Arc<Store>,
+    members: Vec<usize>,
+    rank: usize,
+    tag: String,
+    seq: AtomicU64,
+    p2p: Mutex<HashMap<(usize, usize), u64>>,
+    device: Device,
+}
+
+impl StoreComm {
+    /// `name` must be the same on every member and unique among the process's groups.
+    pub fn new(store: Arc<Store>, name: &str, members: Vec<usize>) -> Result<Self> {
+        let rank = members
+            .iter()
+            .position(|&m| m == store.rank())
+            .ok_or_else(|| {
+                Error::Image(format!(
+                    "rank {} is not in group {name} {members:?}",
+                    store.rank()
+                ))
+            })?;
+        Ok(Self {
+            tag: format!("{name}{members:?}"),
+            store,
+            members,
+            rank,
+            seq: AtomicU64::new(0),
+            p2p: Mutex::new(HashMap::new()),
+            device: Device::Cpu,
+        })
+    }
+
+    fn next(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn put(&self, key: &str, readers: usize, t: &Tensor) -> candle_core::Result<()> {
+        self.store
+            .set(key, readers as u32, &encode(t)?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    fn take(&self, key: &str) -> candle_core::Result<Tensor> {
+        let b = self
+            .store
+            .get(key)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        decode(&b, &self.device)
+    }
+
+    fn gather_all(&self, t: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let n = self.size();
+        let s = self.next();
+        self.put(&format!("{}/c{s}/{}", self.tag, self.rank), n - 1, t)?;
+        (0..n)
+            .map(|j| {
+                if j == self.rank {
+                    Ok(t.clone())
+                } else {
+                    self.take(&format!("{}/c{s}/{j}", self.tag))
+                }
+            })
+            .collect()
+    }
+}
+
+impl Communicator for StoreComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+        Tensor::cat(&self.gather_all(t)?, dim)
+    }
+
+    fn all_to_all(
+        &self,
+        t: &Tensor,
+        scatter_dim: usize,
+        gather_dim: usize,
+    ) -> candle_core::Result<Tensor> {
+        let n = self.size();
+        let len = t.dim(scatter_dim)?;
+        if len % n != 0 {
+            candle_core::bail!(
+                "all_to_all: dim {scatter_dim} of size {len} does not split into {n}"
+            );
+        }
+        let chunk = len / n;
+        let s = self.next();
+        for j in 0..n {
+            if j != self.rank {
+                let part = t.narrow(scatter_dim, j * chunk, chunk)?.contiguous()?;
+                self.put(&format!("{}/c{s}/{}->{j}", self.tag, self.rank), 1, &part)?;
+            }
+        }
+        let parts = (0..n)
+            .map(|j| {
+                if j == self.rank {
+                    t.narrow(scatter_dim, j * chunk, chunk)?.contiguous()
+                } else {
+                    self.take(&format!("{}/c{s}/{j}->{}", self.tag, self.rank))
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, gather_dim)
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let parts = self.gather_all(t)?;
+        let mut acc = parts[0].clone();
+        for p in &parts[1..] {
+            acc = (acc + p)?;
+        }
+        Ok(acc)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
+        let s = self.next();
+        let key = format!("{}/c{s}/b", self.tag);
+        if self.rank == root {
+            if self.size() > 1 {
+                self.put(&key, self.size() - 1, t)?;
+            }
+            Ok(t.clone())
+        } else {
+            self.take(&key)
+        }
+    }
+
+    fn send(&self, t: &Tensor, to: usize) -> candle_core::Result<()> {
+        let k = {
+            let mut m = self
+                .p2p
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            let c = m.entry((self.rank, to)).or_insert(0);
+            *c += 1;
+            *c
+        };
+        self.put(&format!("{}/p{}->{to}/{k}", self.tag, self.rank), 1, t)
+    }
+
+    fn recv(&self, from: usize) -> candle_core::Result<Tensor> {
+        let k = {
+            let mut m = self
+                .p2p
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            let c = m.entry((from, self.rank)).or_insert(0);
+            *c += 1;
+            *c
+        };
+        self.take(&format!("{}/p{from}->{}/{k}", self.tag, self.rank))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::comm::LocalComm;
+
+    /// Three "processes" (threads with their own connections) against one store: every
+    /// collective equals the in-process communicator's result.
+    #[test]
+    fn store_collectives_equal_the_local_ones() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let init = format!("tcp://127.0.0.1:{port}");
+        let world = 3;
+        let local = LocalComm::group(world);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..world)
+                .zip(local)
+                .map(|(rank, lc)| {
+                    let init = init.clone();
+                    s.spawn(move || -> candle_core::Result<Vec<Tensor>> {
+                        let store = Store::connect(&init, rank, world, Duration::from_secs(20))
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        let sc = StoreComm::new(store, "world", vec![0, 1, 2])
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        let t = Tensor::arange(0f32, 12.0, &Device::Cpu)?
+                            .reshape((2, 6))?
+                            .affine(1.0, rank as f64 * 100.0)?
+                            .to_dtype(DType::BF16)?;
+                        let mut out = Vec::new();
+                        for c in [&sc as &dyn Communicator, &lc as &dyn Communicator] {
+                            out.push(c.all_gather(&t, 0)?);
+                            out.push(c.all_to_all(&t, 1, 0)?);
+                            out.push(c.all_reduce_sum(&t)?);
+                            out.push(c.broadcast(&t, 2)?);
+                            c.send(&t, (rank + 1) % world)?;
+                            out.push(c.recv((rank + world - 1) % world)?);
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        for r in results {
+            let r = r.expect("collectives");
+            let (store, local) = r.split_at(5);
+            for (a, b) in store.iter().zip(local) {
+                assert_eq!(a.dtype(), DType::BF16);
+                assert_eq!(a.dims(), b.dims());
+                let d = (a.to_dtype(DType::F32).expect("f32")
+                    - b.to_dtype(DType::F32).expect("f32"))
+                .expect("sub")
+                .abs()
+                .expect("abs")
+                .max_all()
+                .expect("max")
+                .to_scalar::<f32>()
+                .expect("scalar");
+                assert_eq!(d, 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_init_and_rank_are_refused() {
+        assert!(parse_init("127.0.0.1:1").is_err());
+        assert!(Store::connect("tcp://127.0.0.1:1", 3, 2, Duration::from_millis(10)).is_err());
+    }
+}
