@@ -416,21 +416,33 @@ impl Conv2d {
         self.padding
     }
 
-    fn conv(&self, x: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
+    fn conv(
+        &self,
+        x: &Tensor,
+        padding: usize,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let y = x.conv2d(&self.weight, padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        // Bias (and residual) added into the fresh output in place on CUDA.
+        crate::kernels::elementwise::channel_bias_add(y, &self.bias, residual)
     }
 
     /// The convolution with its zero padding on all four sides.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv(x, self.padding)
+        self.conv(x, self.padding, None)
+    }
+
+    /// [`Conv2d::forward`] plus `residual` (same shape as the output), added in the same pass as
+    /// the bias.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv(x, self.padding, Some(residual))
     }
 
     /// The convolution without any padding ("valid"): for inputs the caller has already padded,
     /// e.g. a row band with halo rows from its neighbours above and below and zero columns on
     /// the left and right.
     pub fn forward_valid(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv(x, 0)
+        self.conv(x, 0, None)
     }
 }
 
@@ -519,11 +531,17 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.norm1.forward_swish(x)?;
-        let h = self.conv1.forward(&h)?;
-        let h = self.norm2.forward_swish(&h)?;
-        let h = self.conv2.forward(&h)?;
-        self.shortcut(x)? + h
+        // Each intermediate is dropped as soon as the next exists (peak memory: `x` and two maps).
+        let mut h = self.norm1.forward_swish(x)?;
+        h = self.conv1.forward(&h)?;
+        h = self.norm2.forward_swish(&h)?;
+        match &self.nin_shortcut {
+            None => self.conv2.forward_residual(&h, x),
+            Some(_) => {
+                let s = self.shortcut(x)?;
+                self.conv2.forward_residual(&h, &s)
+            }
+        }
     }
 }
 
@@ -559,7 +577,8 @@ pub fn attention(
         let qc = q.narrow(1, start, len)?.contiguous()?;
         let scores = qc.matmul(&kt)?;
         let probs = match dtype {
-            DType::F16 | DType::BF16 => {
+            // candle's CUDA softmax accumulates f16/bf16 rows in f32 already.
+            DType::F16 | DType::BF16 if !scores.device().is_cuda() => {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
             _ => candle_nn::ops::softmax_last_dim(&scores)?,
@@ -678,8 +697,7 @@ impl Upsample {
 
     /// The nearest-neighbour 2x step alone.
     pub fn upsample(x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(2 * h, 2 * w)
+        crate::kernels::elementwise::upsample_nearest2x(x)
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -787,24 +805,34 @@ impl Decoder {
 
     /// `conv_in` and the middle section.
     pub fn forward_mid(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv_in.forward(z)?;
-        let h = self.mid_block_1.forward(&h)?;
-        let h = self.mid_attn_1.forward(&h)?;
+        let mut h = self.conv_in.forward(z)?;
+        h = self.mid_block_1.forward(&h)?;
+        h = self.mid_attn_1.forward(&h)?;
         self.mid_block_2.forward(&h)
     }
 
     /// Resolution level `level`: its ResNet blocks and its upsampling, if any.
     pub fn forward_level(&self, level: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_level_owned(level, x.clone())
+    }
+
+    /// [`Decoder::forward_level`] taking its input, so that the input's memory goes as soon as
+    /// the first block is done with it (when the caller holds no other handle to it).
+    pub fn forward_level_owned(&self, level: usize, x: Tensor) -> candle_core::Result<Tensor> {
         let lvl = self
             .up
             .get(level)
             .ok_or_else(|| candle_core::Error::Msg(format!("decoder has no level {level}")))?;
-        let mut h = x.clone();
+        let mut h = x;
         for block in &lvl.blocks {
             h = block.forward(&h)?;
         }
         match &lvl.upsample {
-            Some(up) => up.forward(&h),
+            Some(up) => {
+                let u = Upsample::upsample(&h)?;
+                drop(h);
+                up.conv.forward(&u)
+            }
             None => Ok(h),
         }
     }
@@ -819,7 +847,7 @@ impl Decoder {
     pub fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.forward_mid(z)?;
         for level in (0..self.up.len()).rev() {
-            h = self.forward_level(level, &h)?;
+            h = self.forward_level_owned(level, h)?;
         }
         self.forward_out(&h)
     }
