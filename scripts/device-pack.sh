@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the `cuda` feature here (no GPU needed) and puts what the GPU machine needs in .device/
 # (ignored by git; name it in the device tool's `carry`): the stripped binary and gpu-env.sh.
-# Builds `--features cudnn` (cuDNN convolutions, NCCL) unless PARALLAX_CUDA_FEATURES says otherwise
-# (e.g. PARALLAX_CUDA_FEATURES=cuda for candle's own convolutions).
+# Builds `--features cuda` (candle CUDA backend with NCCL) unless PARALLAX_CUDA_FEATURES says
+# otherwise (PARALLAX_CUDA_FEATURES=cudnn: convolutions through cuDNN, see BENCHMARKS.md).
 #   bash scripts/device-pack.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +11,10 @@ toolkit=${CUDA_TOOLKIT_PREFIX:-$HOME/.cache/cuda-13.0}
 source "$toolkit/env.sh"
 bash scripts/cuda-link-stubs.sh "$toolkit"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/parallax-cuda-target}
-cargo build --release --features "${PARALLAX_CUDA_FEATURES:-cudnn}"
+cargo build --release --features "${PARALLAX_CUDA_FEATURES:-cuda}"
 mkdir -p .device
 cp "$CARGO_TARGET_DIR/release/parallax" .device/parallax
 strip .device/parallax
 cp ../shared/cuda/gpu-env.sh .device/gpu-env.sh
+cp scripts/device-vae.sh .device/device-vae.sh
 ls -la .device

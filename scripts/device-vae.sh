@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (the `device` tool) from the repository root: the autoencoder decode
-# (`parallax bench-vae`) at several sizes for each binary carried in .device/ (plain or .xz:
-# .device/parallax*), then selfcheck with .device/parallax. Logs and JSON go to $OUT.
+# Runs on the GPU machine (the `device` tool) from the repository root: selfcheck with
+# parallax(.xz), then the autoencoder decode (`parallax bench-vae`) at several sizes for each
+# binary parallax*(.xz) in the bundle folder: the folder this script sits in when it holds
+# gpu-env.sh (a copy of .device/ made by scripts/device-pack.sh), else .device/. Logs and JSON
+# go to $OUT. Environment: SKIP_SELFCHECK=1, RUNS (default 3), VAE_TIMEOUT (s, default 240).
 #   bash scripts/device-vae.sh [sizes...]        (default 1024 2048 4096)
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out" /tmp/pbin
-source .device/gpu-env.sh
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ -f $here/gpu-env.sh ]]; then dir=$here; else dir=.device; fi
+source "$dir/gpu-env.sh"
 sizes=${*:-1024 2048 4096}
-for f in .device/parallax*; do
+for f in "$dir"/parallax*; do
     name=$(basename "$f" .xz)
     if [[ $f == *.xz ]]; then
         python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "/tmp/pbin/$name"

@@ -60,6 +60,29 @@ pub struct MemoryPeak {
     pub reserved: u64,
 }
 
+/// Bytes in live allocations of `dev`'s default memory pool now (`None` on the CPU).
+pub fn memory_in_use(dev: &Device) -> Result<Option<u64>> {
+    synchronize(dev)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = default_mem_pool(cuda)?;
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t the driver writes.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut _,
+            )
+        };
+        driver_ok(r, "cuMemPoolGetAttribute")?;
+        return Ok(Some(v));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
 /// Start a new peak-memory window on `dev` (no-op on the CPU). Waits for queued work first.
 pub fn reset_memory_peak(dev: &Device) -> Result<()> {
     synchronize(dev)?;
@@ -175,5 +198,6 @@ mod tests {
         assert_eq!(gpu_memory_used(&Device::Cpu), None);
         assert!(reset_memory_peak(&Device::Cpu).is_ok());
         assert!(matches!(memory_peak(&Device::Cpu), Ok(None)));
+        assert!(matches!(memory_in_use(&Device::Cpu), Ok(None)));
     }
 }

@@ -63,8 +63,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         .context("building the autoencoder")?;
     let f = cfg.downscale_factor();
     let z = Tensor::randn(0f32, 1.0, (1, cfg.z_channels, height / f, a.width / f), &dev)?;
-    crate::device::reset_memory_peak(&dev)?;
-    let resident = crate::device::memory_peak(&dev)?;
+    let resident = crate::device::memory_in_use(&dev)?;
     let mut times = Vec::with_capacity(a.runs);
     let mut peak_alloc: Option<u64> = None;
     let mut peak_reserved: Option<u64> = None;
@@ -134,7 +133,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
             "min": times.iter().copied().fold(f64::INFINITY, f64::min),
             "all": times,
         },
-        "resident_before_mib": resident.map(|p| mib(p.allocated)),
+        "resident_before_mib": resident.map(mib),
         "peak_allocated_mib": peak_alloc.map(mib),
         "peak_reserved_mib": peak_reserved.map(mib),
         "image_mean_abs": mean_abs,

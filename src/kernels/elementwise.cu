@@ -17,6 +17,7 @@ __device__ __forceinline__ unsigned short f2bf(float f) {
 }
 
 struct __align__(16) U4 { unsigned x, y, z, w; };
+struct __align__(8) U2 { unsigned x, y; };
 struct V8 { float v[8]; };
 
 __device__ __forceinline__ V8 load8(const unsigned short* p) {
@@ -253,7 +254,7 @@ extern "C" __global__ void parallax_upsample2x_bf16(const unsigned short* __rest
         const u64 off = i * 4;
         const u64 row = off / w;  // plane * h + input row
         const u64 col = off % w;
-        const uint2 v = *(const uint2*)(x + off);
+        const U2 v = *(const U2*)(x + off);
         const unsigned a = v.x & 0xffff, b = v.x >> 16, c = v.y & 0xffff, d = v.y >> 16;
         U4 o;
         o.x = a | (a << 16);

@@ -366,6 +366,17 @@ impl GroupNorm {
     }
 }
 
+/// Convolutions (stride 1) whose input or output holds more values than this run in bands of
+/// output rows, with the same result ([`Conv2d::forward_banded`]): cuDNN's tensor descriptors
+/// take 32-bit strides (a 4096 px map of 128 channels already has 2^31 values), and candle's own
+/// CUDA convolution builds an im2col buffer nine times its input. With the `cudnn` feature bands
+/// hold up to 2^30 values; without it 2^27 (an im2col buffer of 2.25 GiB in bf16).
+pub const CONV_BAND_VALUES: usize = if cfg!(feature = "cudnn") {
+    1 << 30
+} else {
+    1 << 27
+};
+
 /// A 2D convolution with square kernel and bias (weight (out, in, k, k)).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -422,9 +433,64 @@ impl Conv2d {
         padding: usize,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, padding, self.stride, 1, 1)?;
+        let y = self.conv_nobias(x, padding, CONV_BAND_VALUES)?;
         // Bias (and residual) added into the fresh output in place on CUDA.
         crate::kernels::elementwise::channel_bias_add(y, &self.bias, residual)
+    }
+
+    /// The convolution without bias, in bands of output rows when the input or the output would
+    /// hold more than `max_values` values (stride 1 only; other strides run whole).
+    fn conv_nobias(
+        &self,
+        x: &Tensor,
+        padding: usize,
+        max_values: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, k) = (self.weight.dim(0)?, self.kernel_size());
+        let whole = || x.conv2d(&self.weight, padding, self.stride, 1, 1);
+        if self.stride != 1 || h + 2 * padding < k || w + 2 * padding < k {
+            return whole();
+        }
+        let (ho, wo) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
+        let in_row = b * cin * (w + 2 * padding);
+        let out_row = b * cout * wo;
+        if (b * cin * h * w).max(b * cout * ho * wo) <= max_values {
+            return whole();
+        }
+        let rows = (max_values / in_row.max(1))
+            .saturating_sub(k - 1)
+            .min(max_values / out_row.max(1))
+            .max(1);
+        if rows >= ho {
+            return whole();
+        }
+        let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
+        let mut r0 = 0;
+        while r0 < ho {
+            let r1 = (r0 + rows).min(ho);
+            // Input rows [r0 - padding, r1 - 1 - padding + k), zeros outside the map.
+            let lo = r0 as isize - padding as isize;
+            let hi = (r1 + k - 1) as isize - padding as isize;
+            let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
+            let start = lo.max(0) as usize;
+            let len = (hi.min(h as isize) as usize).saturating_sub(start);
+            let band = x
+                .narrow(2, start, len)?
+                .pad_with_zeros(2, top, bottom)?
+                .pad_with_zeros(3, padding, padding)?;
+            let y = band.conv2d(&self.weight, 0, 1, 1, 1)?;
+            out.slice_set(&y, 2, r0)?;
+            r0 = r1;
+        }
+        Ok(out)
+    }
+
+    /// [`Conv2d::forward`] in bands of output rows, each band's input and output at most
+    /// `max_values` values (for tests; [`Conv2d::forward`] bands at [`CONV_BAND_VALUES`]).
+    pub fn forward_banded(&self, x: &Tensor, max_values: usize) -> candle_core::Result<Tensor> {
+        let y = self.conv_nobias(x, self.padding, max_values)?;
+        crate::kernels::elementwise::channel_bias_add(y, &self.bias, None)
     }
 
     /// The convolution with its zero padding on all four sides.
@@ -1385,6 +1451,50 @@ mod tests {
         block.set_query_rows(Some(7));
         let chunked = block.forward(&x)?;
         assert!(max_abs_diff(&whole, &chunked) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn banded_convolution_equals_whole() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (k, pad) in [(3usize, 1usize), (1, 0)] {
+            let vb = DemoWeights::new(11).var_builder(DType::F32, &dev);
+            let conv = Conv2d::new(6, 5, k, 1, pad, vb.pp("c"))?;
+            let x = Tensor::randn(0f32, 1.0, (2, 6, 13, 9), &dev)?;
+            let whole = conv.forward(&x)?;
+            // Limits from one output row per band up to a few rows.
+            for limit in [1, 2 * 6 * 11, 2 * 6 * 11 * 4, 2 * 6 * 11 * 7 + 5] {
+                let banded = conv.forward_banded(&x, limit)?;
+                assert_eq!(banded.dims(), whole.dims());
+                let d = (&banded - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k {k}, limit {limit}: max diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_epilogue_and_upsampling_on_the_cpu() -> candle_core::Result<()> {
+        use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let bias = Tensor::new(&[1f32, -2.0, 0.5], &dev)?;
+        let got = channel_bias_add(y.clone(), &bias, Some(&r))?;
+        let want = ((&y + &r)? + bias.reshape((1, 3, 1, 1))?.broadcast_as(y.dims())?)?;
+        let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        let u = upsample_nearest2x(&y)?;
+        assert_eq!(u.dims(), &[2, 3, 8, 10]);
+        let ys = y.reshape((6, 20))?.to_vec2::<f32>()?;
+        let us = u.reshape((6, 80))?.to_vec2::<f32>()?;
+        for (p, (yp, up)) in ys.iter().zip(&us).enumerate() {
+            for i in 0..8 {
+                for j in 0..10 {
+                    assert_eq!(up[i * 10 + j], yp[(i / 2) * 5 + j / 2], "plane {p} ({i},{j})");
+                }
+            }
+        }
         Ok(())
     }
 

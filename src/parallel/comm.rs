@@ -86,7 +86,7 @@ impl LocalComm {
     }
 
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
-    fn exchange(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
@@ -118,7 +118,7 @@ impl Communicator for LocalComm {
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         Tensor::cat(&parts, dim)
     }
 
@@ -135,12 +135,12 @@ impl Communicator for LocalComm {
         let outgoing = (0..n)
             .map(|j| t.narrow(scatter_dim, j * chunk, chunk)?.contiguous())
             .collect::<Result<Vec<_>>>()?;
-        let parts = self.exchange(outgoing)?;
+        let parts = self.swap_all(outgoing)?;
         Tensor::cat(&parts, gather_dim)
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         // Sum in rank order so every rank gets bit-identical results.
         let mut acc = parts[0].clone();
         for p in &parts[1..] {
@@ -150,7 +150,7 @@ impl Communicator for LocalComm {
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         parts
             .into_iter()
             .nth(root)
