@@ -475,10 +475,14 @@ impl Conv2d {
             let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
             let start = lo.max(0) as usize;
             let len = (hi.min(h as isize) as usize).saturating_sub(start);
+            // Contiguous at every step: cuDNN would otherwise be handed the whole map's strides,
+            // which do not fit its 32-bit descriptors.
             let band = x
                 .narrow(2, start, len)?
+                .contiguous()?
                 .pad_with_zeros(2, top, bottom)?
-                .pad_with_zeros(3, padding, padding)?;
+                .pad_with_zeros(3, padding, padding)?
+                .contiguous()?;
             let y = band.conv2d(&self.weight, 0, 1, 1, 1)?;
             out.slice_set(&y, 2, r0)?;
             r0 = r1;
