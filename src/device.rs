@@ -96,9 +96,8 @@ pub fn reset_memory_peak(dev: &Device) -> Result<()> {
         ] {
             let mut zero: u64 = 0;
             // SAFETY: `pool` is the device's default pool; the attribute takes a cuuint64_t.
-            let r = unsafe {
-                sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _)
-            };
+            let r =
+                unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _) };
             driver_ok(r, "cuMemPoolSetAttribute")?;
         }
     }
@@ -144,7 +143,10 @@ fn default_mem_pool(
 }
 
 #[cfg(feature = "cuda")]
-fn driver_ok(r: candle_core::cuda_backend::cudarc::driver::sys::CUresult, what: &str) -> Result<()> {
+fn driver_ok(
+    r: candle_core::cuda_backend::cudarc::driver::sys::CUresult,
+    what: &str,
+) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
     if r == CUresult::CUDA_SUCCESS {
         Ok(())

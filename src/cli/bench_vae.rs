@@ -62,7 +62,12 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let vae = AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, &dev))
         .context("building the autoencoder")?;
     let f = cfg.downscale_factor();
-    let z = Tensor::randn(0f32, 1.0, (1, cfg.z_channels, height / f, a.width / f), &dev)?;
+    let z = Tensor::randn(
+        0f32,
+        1.0,
+        (1, cfg.z_channels, height / f, a.width / f),
+        &dev,
+    )?;
     let resident = crate::device::memory_in_use(&dev)?;
     let mut times = Vec::with_capacity(a.runs);
     let mut peak_alloc: Option<u64> = None;

@@ -206,7 +206,11 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
             Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
         };
-        for &(cin, cout, k, hw) in &[(128usize, 128usize, 3usize, 96usize), (64, 32, 3, 40), (256, 128, 1, 64)] {
+        for &(cin, cout, k, hw) in &[
+            (128usize, 128usize, 3usize, 96usize),
+            (64, 32, 3, 40),
+            (256, 128, 1, 64),
+        ] {
             let x = rnd(&[1, cin, hw, hw], 1.0)?;
             let w = rnd(&[cout, cin, k, k], 1.0 / ((cin * k * k) as f64).sqrt())?;
             let bias = rnd(&[cout], 0.1)?;
@@ -362,11 +366,31 @@ fn nccl_checks(dev: &Device, report: &mut Report) -> anyhow::Result<()> {
         // A strided view: the communicator must make it contiguous itself.
         let tt = t.transpose(1, 2)?;
         let name = |op: &str| format!("nccl 1 rank {op} {dtype:?}");
-        report.check(name("all-gather dim 0"), rel_err(&comm.all_gather(&t, 0)?, &t)?, 0.0);
-        report.check(name("all-gather dim 2 (strided)"), rel_err(&comm.all_gather(&tt, 2)?, &tt)?, 0.0);
-        report.check(name("all-to-all"), rel_err(&comm.all_to_all(&t, 1, 2)?, &t)?, 0.0);
-        report.check(name("all-reduce sum"), rel_err(&comm.all_reduce_sum(&t)?, &t)?, 0.0);
-        report.check(name("broadcast"), rel_err(&comm.broadcast(&tt, 0)?, &tt)?, 0.0);
+        report.check(
+            name("all-gather dim 0"),
+            rel_err(&comm.all_gather(&t, 0)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("all-gather dim 2 (strided)"),
+            rel_err(&comm.all_gather(&tt, 2)?, &tt)?,
+            0.0,
+        );
+        report.check(
+            name("all-to-all"),
+            rel_err(&comm.all_to_all(&t, 1, 2)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("all-reduce sum"),
+            rel_err(&comm.all_reduce_sum(&t)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("broadcast"),
+            rel_err(&comm.broadcast(&tt, 0)?, &tt)?,
+            0.0,
+        );
         let t2 = (&t * 3.0)?;
         let got = comm.exchange(&[(0, &t), (0, &t2)], &[0, 0])?;
         let (a, b) = match got.as_slice() {

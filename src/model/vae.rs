@@ -1495,7 +1495,11 @@ mod tests {
         for (p, (yp, up)) in ys.iter().zip(&us).enumerate() {
             for i in 0..8 {
                 for j in 0..10 {
-                    assert_eq!(up[i * 10 + j], yp[(i / 2) * 5 + j / 2], "plane {p} ({i},{j})");
+                    assert_eq!(
+                        up[i * 10 + j],
+                        yp[(i / 2) * 5 + j / 2],
+                        "plane {p} ({i},{j})"
+                    );
                 }
             }
         }

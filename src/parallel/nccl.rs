@@ -230,7 +230,10 @@ fn header(t: &Tensor) -> Result<[i64; HEADER_LEN]> {
             candle_core::Error::Msg(format!("NCCL cannot move {:?} tensors", t.dtype()))
         })?;
     if t.rank() > HEADER_LEN - 2 {
-        candle_core::bail!("NCCL send takes tensors of rank 8 at most, got {:?}", t.dims());
+        candle_core::bail!(
+            "NCCL send takes tensors of rank 8 at most, got {:?}",
+            t.dims()
+        );
     }
     let mut h = [0i64; HEADER_LEN];
     h[0] = code as i64;
@@ -593,7 +596,10 @@ impl Communicator for NcclComm {
             .iter()
             .map(|(to, t)| {
                 let h = header(t)?;
-                Ok((*to, Tensor::from_vec(h.to_vec(), HEADER_LEN, &self.device())?))
+                Ok((
+                    *to,
+                    Tensor::from_vec(h.to_vec(), HEADER_LEN, &self.device())?,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let _g = self.enter()?;
