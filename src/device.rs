@@ -49,6 +49,114 @@ pub fn gpu_memory_used(dev: &Device) -> Option<u64> {
     None
 }
 
+/// Peak GPU memory of `dev`'s stream-ordered allocator (candle allocates through the device's
+/// default memory pool): bytes held by live allocations and bytes the pool reserved, each the
+/// highest since the last [`reset_memory_peak`]. `None` on the CPU or when the driver cannot say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPeak {
+    /// Most bytes in live allocations at once (what `torch.cuda.max_memory_allocated` reports).
+    pub allocated: u64,
+    /// Most bytes the pool held from the driver at once (allocations plus cached free blocks).
+    pub reserved: u64,
+}
+
+/// Bytes in live allocations of `dev`'s default memory pool now (`None` on the CPU).
+pub fn memory_in_use(dev: &Device) -> Result<Option<u64>> {
+    synchronize(dev)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = default_mem_pool(cuda)?;
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t the driver writes.
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut _,
+            )
+        };
+        driver_ok(r, "cuMemPoolGetAttribute")?;
+        return Ok(Some(v));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+/// Start a new peak-memory window on `dev` (no-op on the CPU). Waits for queued work first.
+pub fn reset_memory_peak(dev: &Device) -> Result<()> {
+    synchronize(dev)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = default_mem_pool(cuda)?;
+        for attr in [
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            let mut zero: u64 = 0;
+            // SAFETY: `pool` is the device's default pool; the attribute takes a cuuint64_t.
+            let r =
+                unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut _) };
+            driver_ok(r, "cuMemPoolSetAttribute")?;
+        }
+    }
+    Ok(())
+}
+
+/// The peak since the last [`reset_memory_peak`] (waits for queued work first).
+pub fn memory_peak(dev: &Device) -> Result<Option<MemoryPeak>> {
+    synchronize(dev)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = default_mem_pool(cuda)?;
+        let get = |attr| -> Result<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: as above; the driver writes one cuuint64_t.
+            let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _) };
+            driver_ok(r, "cuMemPoolGetAttribute")?;
+            Ok(v)
+        };
+        return Ok(Some(MemoryPeak {
+            allocated: get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: get(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        }));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+fn default_mem_pool(
+    cuda: &candle_core::CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread()
+        .map_err(|e| Error::Candle(candle_core::Error::Cuda(Box::new(e))))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes one pool handle for a valid device ordinal.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    driver_ok(r, "cuDeviceGetDefaultMemPool")?;
+    Ok(pool)
+}
+
+#[cfg(feature = "cuda")]
+fn driver_ok(
+    r: candle_core::cuda_backend::cudarc::driver::sys::CUresult,
+    what: &str,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Candle(candle_core::Error::Msg(format!(
+            "{what} failed: {r:?}"
+        ))))
+    }
+}
+
 /// A human name for the device (GPU model where known).
 pub fn describe(dev: &Device) -> String {
     match dev {
@@ -90,6 +198,9 @@ mod tests {
             assert!(e.to_string().contains("--features cuda"), "{e}");
         }
         assert_eq!(gpu_memory_used(&Device::Cpu), None);
+        assert!(reset_memory_peak(&Device::Cpu).is_ok());
+        assert!(matches!(memory_peak(&Device::Cpu), Ok(None)));
+        assert!(matches!(memory_in_use(&Device::Cpu), Ok(None)));
     }
 }
 

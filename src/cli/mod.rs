@@ -1,5 +1,7 @@
-//! The `parallax` command line: `generate`, `bench`, `info`, `export-demo`, `selfcheck`.
+//! The `parallax` command line: `generate`, `bench`, `bench-vae`, `info`, `export-demo`,
+//! `selfcheck`, `profile`.
 
+mod bench_vae;
 mod profile;
 mod selfcheck;
 
@@ -38,6 +40,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time a generation: per-step, total, peak memory, as JSON.
     Bench(BenchArgs),
+    /// Time the autoencoder decode alone (FLUX.1's autoencoder, random weights): time and peak
+    /// device memory, as JSON.
+    BenchVae(bench_vae::BenchVaeArgs),
     /// Show which model and layout a --model value resolves to, and why.
     Info(InfoArgs),
     /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
@@ -320,6 +325,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Studio(a) => studio(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
+        Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::ExportDemo(a) => export_demo(a),
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),

@@ -5,6 +5,8 @@
 //! 2. The demo-sized transformer in bf16 on the device against f32 on the CPU (same weights).
 //! 3. The whole demo pipeline in f32 on the device against the CPU, pixel by pixel.
 //!
+//! Also the fused element-wise and QKV kernels, and the autoencoder's convolution pieces.
+//!
 //! Errors are relative: ‖out − ref‖ / ‖ref‖. Exits non-zero if any check fails.
 
 use anyhow::bail;
@@ -193,6 +195,58 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         }
     }
 
+    // 1d. The autoencoder's convolution pieces: 3x3 and 1x1 convolutions (cuDNN with the `cudnn`
+    //     feature), the in-place bias (+ residual) epilogue and the 2x upsampling, device bf16
+    //     against the CPU f32 composition on the same bf16 inputs.
+    {
+        use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
+        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        };
+        let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
+            Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
+        };
+        for &(cin, cout, k, hw) in &[
+            (128usize, 128usize, 3usize, 96usize),
+            (64, 32, 3, 40),
+            (256, 128, 1, 64),
+        ] {
+            let x = rnd(&[1, cin, hw, hw], 1.0)?;
+            let w = rnd(&[cout, cin, k, k], 1.0 / ((cin * k * k) as f64).sqrt())?;
+            let bias = rnd(&[cout], 0.1)?;
+            let r = rnd(&[1, cout, hw, hw], 1.0)?;
+            let pad = k / 2;
+            let got = channel_bias_add(x.conv2d(&w, pad, 1, 1, 1)?, &bias, Some(&r))?;
+            let want = channel_bias_add(
+                cpu32(&x)?.conv2d(&cpu32(&w)?, pad, 1, 1, 1)?,
+                &cpu32(&bias)?,
+                Some(&cpu32(&r)?),
+            )?;
+            report.check(
+                format!("conv {k}x{k} {cin}->{cout} {hw}x{hw} + bias + residual"),
+                rel_err(&got, &want)?,
+                1e-2,
+            );
+        }
+        let x = rnd(&[2, 24, 16, 20], 1.0)?;
+        let bias = rnd(&[24], 1.0)?;
+        report.check(
+            "channel bias 2x24x16x20 (in place)".into(),
+            rel_err(
+                &channel_bias_add(x.copy()?, &bias, None)?,
+                &channel_bias_add(cpu32(&x)?, &cpu32(&bias)?, None)?,
+            )?,
+            1e-2,
+        );
+        let got = upsample_nearest2x(&x)?;
+        let want = cpu32(&x)?.upsample_nearest2d(32, 40)?;
+        report.check(
+            "nearest 2x upsampling 2x24x16x20".into(),
+            rel_err(&got, &want)?,
+            1e-6,
+        );
+    }
+
     // 2. The tiny transformer: device bf16 against CPU f32, same weights.
     let cfg = FluxConfig::tiny();
     let cpu = Flux::new(
@@ -251,6 +305,14 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         );
     }
 
+    // 2c. The NCCL communicator, one rank on this GPU (NCCL takes one rank per GPU): every
+    //     collective and the point-to-point exchange (a send to itself) through NCCL, each equal
+    //     to its one-rank meaning exactly; then the band-parallel autoencoder decode through it.
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        nccl_checks(&dev, &mut report)?;
+    }
+
     // 3. The demo pipeline end to end in f32.
     let req = GenerateRequest {
         prompt: "a lighthouse on a cliff at dawn".into(),
@@ -287,6 +349,74 @@ pub fn run(device: &str) -> anyhow::Result<()> {
     println!("{} passed, {} failed", report.rows.len() - failed, failed);
     if failed > 0 {
         bail!("{failed} selfcheck(s) failed");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_checks(dev: &Device, report: &mut Report) -> anyhow::Result<()> {
+    use crate::parallel::comm::Communicator;
+    use crate::parallel::nccl::NcclComm;
+    let comms = NcclComm::new_group(std::slice::from_ref(dev))?;
+    let Some(comm) = comms.first() else {
+        bail!("NcclComm::new_group made no communicator");
+    };
+    for dtype in [DType::BF16, DType::F32] {
+        let t = Tensor::randn(0f32, 1.0, (2, 6, 40), dev)?.to_dtype(dtype)?;
+        // A strided view: the communicator must make it contiguous itself.
+        let tt = t.transpose(1, 2)?;
+        let name = |op: &str| format!("nccl 1 rank {op} {dtype:?}");
+        report.check(
+            name("all-gather dim 0"),
+            rel_err(&comm.all_gather(&t, 0)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("all-gather dim 2 (strided)"),
+            rel_err(&comm.all_gather(&tt, 2)?, &tt)?,
+            0.0,
+        );
+        report.check(
+            name("all-to-all"),
+            rel_err(&comm.all_to_all(&t, 1, 2)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("all-reduce sum"),
+            rel_err(&comm.all_reduce_sum(&t)?, &t)?,
+            0.0,
+        );
+        report.check(
+            name("broadcast"),
+            rel_err(&comm.broadcast(&tt, 0)?, &tt)?,
+            0.0,
+        );
+        let t2 = (&t * 3.0)?;
+        let got = comm.exchange(&[(0, &t), (0, &t2)], &[0, 0])?;
+        let (a, b) = match got.as_slice() {
+            [a, b] => (a, b),
+            _ => bail!("nccl exchange returned {} tensors, expected 2", got.len()),
+        };
+        report.check(
+            name("exchange (send/recv to self, 2 in order)"),
+            rel_err(a, &t)?.max(rel_err(b, &t2)?),
+            0.0,
+        );
+    }
+    // The band-parallel decode's code path (halo exchange and GroupNorm all-reduce) on NCCL.
+    {
+        use crate::model::vae::{AutoEncoder, VaeConfig};
+        let cfg = VaeConfig::tiny();
+        let dt = crate::pipeline::autoencoder_dtype(DType::BF16, dev);
+        let ae = AutoEncoder::new_decoder_only(&cfg, DemoWeights::new(5).var_builder(dt, dev))?;
+        let z = Tensor::randn(0f32, 1.0, (1, 16, 16, 16), dev)?.to_dtype(dt)?;
+        let want = ae.decode(&z)?;
+        let got = crate::parallel::vae::decode(&ae, &z, comm)?;
+        report.check(
+            "nccl 1 rank: band-parallel tiny autoencoder decode vs one device".into(),
+            rel_err(&got, &want)?,
+            1e-2,
+        );
     }
     Ok(())
 }

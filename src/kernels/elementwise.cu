@@ -17,6 +17,7 @@ __device__ __forceinline__ unsigned short f2bf(float f) {
 }
 
 struct __align__(16) U4 { unsigned x, y, z, w; };
+struct __align__(8) U2 { unsigned x, y; };
 struct V8 { float v[8]; };
 
 __device__ __forceinline__ V8 load8(const unsigned short* p) {
@@ -208,5 +209,60 @@ extern "C" __global__ void parallax_channel_affine_bf16(const unsigned short* __
             v.v[j] = swish ? t / (1.f + __expf(-t)) : t;
         }
         store8(y + off, v);
+    }
+}
+
+// Convolution epilogue, in place: y += bias[channel] (+ r), y and r (B, C, HW) with HW a multiple
+// of 8, bias (C). One pass instead of a broadcast add and a residual add, no new tensor.
+template <bool RES>
+__device__ __forceinline__ void channel_bias(unsigned short* __restrict__ y,
+                                             const unsigned short* __restrict__ bias,
+                                             const unsigned short* __restrict__ r, u64 n8, u64 hw,
+                                             u64 C) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
+        const u64 off = i * 8;
+        const float b = bf2f(bias[(off / hw) % C]);
+        V8 v = load8(y + off);
+        if (RES) {
+            const V8 s = load8(r + off);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v.v[j] += s.v[j];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v.v[j] += b;
+        store8(y + off, v);
+    }
+}
+
+extern "C" __global__ void parallax_channel_bias_bf16(unsigned short* y, const unsigned short* bias,
+                                                      u64 n8, u64 hw, u64 C) {
+    channel_bias<false>(y, bias, nullptr, n8, hw, C);
+}
+
+extern "C" __global__ void parallax_channel_bias_residual_bf16(unsigned short* y,
+                                                               const unsigned short* bias,
+                                                               const unsigned short* r, u64 n8,
+                                                               u64 hw, u64 C) {
+    channel_bias<true>(y, bias, r, n8, hw, C);
+}
+
+// Nearest-neighbour 2x upsampling of x (planes of h x w, w a multiple of 4) into y (planes of
+// 2h x 2w): each thread reads 4 values (8 bytes) and writes 8 values (16 bytes) to two rows.
+extern "C" __global__ void parallax_upsample2x_bf16(const unsigned short* __restrict__ x,
+                                                    unsigned short* __restrict__ y, u64 n4, u64 w) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n4; i += (u64)gridDim.x * blockDim.x) {
+        const u64 off = i * 4;
+        const u64 row = off / w;  // plane * h + input row
+        const u64 col = off % w;
+        const U2 v = *(const U2*)(x + off);
+        const unsigned a = v.x & 0xffff, b = v.x >> 16, c = v.y & 0xffff, d = v.y >> 16;
+        U4 o;
+        o.x = a | (a << 16);
+        o.y = b | (b << 16);
+        o.z = c | (c << 16);
+        o.w = d | (d << 16);
+        unsigned short* out = y + (2 * row) * (2 * w) + 2 * col;
+        *(U4*)out = o;
+        *(U4*)(out + 2 * w) = o;
     }
 }

@@ -277,6 +277,109 @@ pub fn channel_affine(x: &Tensor, a: &Tensor, c: &Tensor, swish: bool) -> Result
     }
 }
 
+/// The epilogue of a convolution: `y + bias[c]`, plus `residual` if given, for a (B, C, ...) map
+/// `y` and `bias` of shape (C,). On CUDA in bf16 it is one pass that writes into `y`'s own storage
+/// (no new tensor): `y` must be a tensor no one else holds, such as a convolution's fresh output.
+/// Elsewhere the plain candle composition `(y + bias) + residual`.
+pub fn channel_bias_add(y: Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    let (b, ch) = (y.dim(0)?, y.dim(1)?);
+    let hw = y.elem_count() / (b * ch).max(1);
+    let mut ts = vec![&y, bias];
+    if let Some(r) = residual {
+        ts.push(r);
+    }
+    let shapes_ok = bias.dims() == [ch] && residual.is_none_or(|r| r.dims() == y.dims());
+    if fusable(&ts, hw) && shapes_ok && y.is_contiguous() && hw > 0 {
+        let bias = bias.contiguous()?;
+        match residual {
+            Some(r) => y.inplace_op3(&bias, &r.contiguous()?, &ChannelBias)?,
+            None => y.inplace_op2(&bias, &ChannelBias)?,
+        }
+        return Ok(y);
+    }
+    let mut shape = vec![1, ch];
+    shape.extend(std::iter::repeat_n(1, y.rank().saturating_sub(2)));
+    let y = y.broadcast_add(&bias.reshape(shape.as_slice())?)?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
+/// Nearest-neighbour 2x upsampling of a (B, C, H, W) map to (B, C, 2H, 2W). One pass on CUDA in
+/// bf16 with 64-bit indexing (for maps past 2^32 values); candle's `upsample_nearest2d` elsewhere.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    #[cfg(feature = "cuda")]
+    if fusable(&[x], 8) && w % 4 == 0 && x.is_contiguous() {
+        return cuda::upsample2x(x, (b, c, h, w));
+    }
+    let _ = (b, c);
+    x.upsample_nearest2d(2 * h, 2 * w)
+}
+
+/// [`channel_bias_add`]'s in-place kernels (CUDA only; callers fall back before the CPU).
+#[derive(Debug, Clone, Copy)]
+struct ChannelBias;
+
+impl candle_core::InplaceOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "parallax_channel_bias_bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<()> {
+        candle_core::bail!("the in-place channel bias runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &mut candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<()> {
+        cuda::channel_bias(y, yl, bias, bl, None)
+    }
+}
+
+impl candle_core::InplaceOp3 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "parallax_channel_bias_residual_bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<()> {
+        candle_core::bail!("the in-place channel bias runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &mut candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        r: &candle_core::CudaStorage,
+        rl: &candle_core::Layout,
+    ) -> Result<()> {
+        cuda::channel_bias(y, yl, bias, bl, Some((r, rl)))
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -323,6 +426,85 @@ mod cuda {
         let ps = wrap(ps, &dev, &[b, groups, splits]);
         let pq = wrap(pq, &dev, &[b, groups, splits]);
         Ok((ps.sum(2)?, pq.sum(2)?))
+    }
+
+    /// In place: y += bias[c] (+ r). Shapes were checked by the caller (contiguous (B, C, HW)
+    /// with HW a multiple of 8).
+    pub(super) fn channel_bias(
+        y: &mut candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        bias: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        r: Option<(&candle_core::CudaStorage, &candle_core::Layout)>,
+    ) -> Result<()> {
+        let dims = yl.shape().dims();
+        let (b, ch) = (dims[0], dims[1]);
+        let count = yl.shape().elem_count();
+        let hw = count / (b * ch).max(1);
+        let dev = y.device.clone();
+        let name = if r.is_some() {
+            "parallax_channel_bias_residual_bf16"
+        } else {
+            "parallax_channel_bias_bf16"
+        };
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let func = dev.get_or_load_custom_func(name, &module, &ptx)?;
+        let bv = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
+        let rv = match r {
+            Some((rs, rl)) => Some(rs.as_cuda_slice::<bf16>()?.slice(rl.start_offset()..)),
+            None => None,
+        };
+        let mut yv = y
+            .as_cuda_slice_mut::<bf16>()?
+            .slice_mut(yl.start_offset()..);
+        let (n8, hw_u, c_u) = ((count / 8) as u64, hw as u64, ch as u64);
+        let mut bld = func.builder();
+        bld.arg(&mut yv);
+        bld.arg(&bv);
+        if let Some(rv) = &rv {
+            bld.arg(rv);
+        }
+        bld.arg(&n8);
+        bld.arg(&hw_u);
+        bld.arg(&c_u);
+        let cfg = LaunchConfig {
+            grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; sizes from the checked shapes.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(super) fn upsample2x(
+        x: &Tensor,
+        (b, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        let dev = device(x)?;
+        let count = x.elem_count();
+        // SAFETY: the kernel writes every element (two rows of eight per four read).
+        let out = unsafe { dev.alloc::<bf16>(count * 4)? };
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let func = dev.get_or_load_custom_func("parallax_upsample2x_bf16", &module, &ptx)?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let xv = view::<bf16>(&xs, xl)?;
+            let (n4, w_u) = ((count / 4) as u64, w as u64);
+            let mut bld = func.builder();
+            bld.arg(&xv);
+            bld.arg(&out);
+            bld.arg(&n4);
+            bld.arg(&w_u);
+            let cfg = LaunchConfig {
+                grid_dim: (n4.div_ceil(256).min(132 * 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; sizes from the checked shapes.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, &dev, &[b, c, 2 * h, 2 * w]))
     }
 
     pub(super) fn channel_affine(

@@ -366,6 +366,17 @@ impl GroupNorm {
     }
 }
 
+/// Convolutions (stride 1) whose input or output holds more values than this run in bands of
+/// output rows, with the same result ([`Conv2d::forward_banded`]): cuDNN's tensor descriptors
+/// take 32-bit strides (a 4096 px map of 128 channels already has 2^31 values), and candle's own
+/// CUDA convolution builds an im2col buffer nine times its input. With the `cudnn` feature bands
+/// hold up to 2^30 values; without it 2^27 (an im2col buffer of 2.25 GiB in bf16).
+pub const CONV_BAND_VALUES: usize = if cfg!(feature = "cudnn") {
+    1 << 30
+} else {
+    1 << 27
+};
+
 /// A 2D convolution with square kernel and bias (weight (out, in, k, k)).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -416,21 +427,92 @@ impl Conv2d {
         self.padding
     }
 
-    fn conv(&self, x: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    fn conv(
+        &self,
+        x: &Tensor,
+        padding: usize,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.conv_nobias(x, padding, CONV_BAND_VALUES)?;
+        // Bias (and residual) added into the fresh output in place on CUDA.
+        crate::kernels::elementwise::channel_bias_add(y, &self.bias, residual)
+    }
+
+    /// The convolution without bias, in bands of output rows when the input or the output would
+    /// hold more than `max_values` values (stride 1 only; other strides run whole).
+    fn conv_nobias(
+        &self,
+        x: &Tensor,
+        padding: usize,
+        max_values: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, k) = (self.weight.dim(0)?, self.kernel_size());
+        let whole = || x.conv2d(&self.weight, padding, self.stride, 1, 1);
+        if self.stride != 1 || h + 2 * padding < k || w + 2 * padding < k {
+            return whole();
+        }
+        let (ho, wo) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
+        let in_row = b * cin * (w + 2 * padding);
+        let out_row = b * cout * wo;
+        if (b * cin * h * w).max(b * cout * ho * wo) <= max_values {
+            return whole();
+        }
+        let rows = (max_values / in_row.max(1))
+            .saturating_sub(k - 1)
+            .min(max_values / out_row.max(1))
+            .max(1);
+        if rows >= ho {
+            return whole();
+        }
+        let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
+        let mut r0 = 0;
+        while r0 < ho {
+            let r1 = (r0 + rows).min(ho);
+            // Input rows [r0 - padding, r1 - 1 - padding + k), zeros outside the map.
+            let lo = r0 as isize - padding as isize;
+            let hi = (r1 + k - 1) as isize - padding as isize;
+            let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
+            let start = lo.max(0) as usize;
+            let len = (hi.min(h as isize) as usize).saturating_sub(start);
+            // Contiguous at every step: cuDNN would otherwise be handed the whole map's strides,
+            // which do not fit its 32-bit descriptors.
+            let band = x
+                .narrow(2, start, len)?
+                .contiguous()?
+                .pad_with_zeros(2, top, bottom)?
+                .pad_with_zeros(3, padding, padding)?
+                .contiguous()?;
+            let y = band.conv2d(&self.weight, 0, 1, 1, 1)?;
+            out.slice_set(&y, 2, r0)?;
+            r0 = r1;
+        }
+        Ok(out)
+    }
+
+    /// [`Conv2d::forward`] in bands of output rows, each band's input and output at most
+    /// `max_values` values (for tests; [`Conv2d::forward`] bands at [`CONV_BAND_VALUES`]).
+    pub fn forward_banded(&self, x: &Tensor, max_values: usize) -> candle_core::Result<Tensor> {
+        let y = self.conv_nobias(x, self.padding, max_values)?;
+        crate::kernels::elementwise::channel_bias_add(y, &self.bias, None)
     }
 
     /// The convolution with its zero padding on all four sides.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv(x, self.padding)
+        self.conv(x, self.padding, None)
+    }
+
+    /// [`Conv2d::forward`] plus `residual` (same shape as the output), added in the same pass as
+    /// the bias.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv(x, self.padding, Some(residual))
     }
 
     /// The convolution without any padding ("valid"): for inputs the caller has already padded,
     /// e.g. a row band with halo rows from its neighbours above and below and zero columns on
     /// the left and right.
     pub fn forward_valid(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv(x, 0)
+        self.conv(x, 0, None)
     }
 }
 
@@ -519,11 +601,17 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.norm1.forward_swish(x)?;
-        let h = self.conv1.forward(&h)?;
-        let h = self.norm2.forward_swish(&h)?;
-        let h = self.conv2.forward(&h)?;
-        self.shortcut(x)? + h
+        // Each intermediate is dropped as soon as the next exists (peak memory: `x` and two maps).
+        let mut h = self.norm1.forward_swish(x)?;
+        h = self.conv1.forward(&h)?;
+        h = self.norm2.forward_swish(&h)?;
+        match &self.nin_shortcut {
+            None => self.conv2.forward_residual(&h, x),
+            Some(_) => {
+                let s = self.shortcut(x)?;
+                self.conv2.forward_residual(&h, &s)
+            }
+        }
     }
 }
 
@@ -559,7 +647,8 @@ pub fn attention(
         let qc = q.narrow(1, start, len)?.contiguous()?;
         let scores = qc.matmul(&kt)?;
         let probs = match dtype {
-            DType::F16 | DType::BF16 => {
+            // candle's CUDA softmax accumulates f16/bf16 rows in f32 already.
+            DType::F16 | DType::BF16 if !scores.device().is_cuda() => {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
             _ => candle_nn::ops::softmax_last_dim(&scores)?,
@@ -678,8 +767,7 @@ impl Upsample {
 
     /// The nearest-neighbour 2x step alone.
     pub fn upsample(x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(2 * h, 2 * w)
+        crate::kernels::elementwise::upsample_nearest2x(x)
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -787,24 +875,34 @@ impl Decoder {
 
     /// `conv_in` and the middle section.
     pub fn forward_mid(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv_in.forward(z)?;
-        let h = self.mid_block_1.forward(&h)?;
-        let h = self.mid_attn_1.forward(&h)?;
+        let mut h = self.conv_in.forward(z)?;
+        h = self.mid_block_1.forward(&h)?;
+        h = self.mid_attn_1.forward(&h)?;
         self.mid_block_2.forward(&h)
     }
 
     /// Resolution level `level`: its ResNet blocks and its upsampling, if any.
     pub fn forward_level(&self, level: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_level_owned(level, x.clone())
+    }
+
+    /// [`Decoder::forward_level`] taking its input, so that the input's memory goes as soon as
+    /// the first block is done with it (when the caller holds no other handle to it).
+    pub fn forward_level_owned(&self, level: usize, x: Tensor) -> candle_core::Result<Tensor> {
         let lvl = self
             .up
             .get(level)
             .ok_or_else(|| candle_core::Error::Msg(format!("decoder has no level {level}")))?;
-        let mut h = x.clone();
+        let mut h = x;
         for block in &lvl.blocks {
             h = block.forward(&h)?;
         }
         match &lvl.upsample {
-            Some(up) => up.forward(&h),
+            Some(up) => {
+                let u = Upsample::upsample(&h)?;
+                drop(h);
+                up.conv.forward(&u)
+            }
             None => Ok(h),
         }
     }
@@ -819,7 +917,7 @@ impl Decoder {
     pub fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.forward_mid(z)?;
         for level in (0..self.up.len()).rev() {
-            h = self.forward_level(level, &h)?;
+            h = self.forward_level_owned(level, h)?;
         }
         self.forward_out(&h)
     }
@@ -1357,6 +1455,54 @@ mod tests {
         block.set_query_rows(Some(7));
         let chunked = block.forward(&x)?;
         assert!(max_abs_diff(&whole, &chunked) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn banded_convolution_equals_whole() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (k, pad) in [(3usize, 1usize), (1, 0)] {
+            let vb = DemoWeights::new(11).var_builder(DType::F32, &dev);
+            let conv = Conv2d::new(6, 5, k, 1, pad, vb.pp("c"))?;
+            let x = Tensor::randn(0f32, 1.0, (2, 6, 13, 9), &dev)?;
+            let whole = conv.forward(&x)?;
+            // Limits from one output row per band up to a few rows.
+            for limit in [1, 2 * 6 * 11, 2 * 6 * 11 * 4, 2 * 6 * 11 * 7 + 5] {
+                let banded = conv.forward_banded(&x, limit)?;
+                assert_eq!(banded.dims(), whole.dims());
+                let d = (&banded - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k {k}, limit {limit}: max diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn conv_epilogue_and_upsampling_on_the_cpu() -> candle_core::Result<()> {
+        use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let bias = Tensor::new(&[1f32, -2.0, 0.5], &dev)?;
+        let got = channel_bias_add(y.clone(), &bias, Some(&r))?;
+        let want = ((&y + &r)? + bias.reshape((1, 3, 1, 1))?.broadcast_as(y.dims())?)?;
+        let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        let u = upsample_nearest2x(&y)?;
+        assert_eq!(u.dims(), &[2, 3, 8, 10]);
+        let ys = y.reshape((6, 20))?.to_vec2::<f32>()?;
+        let us = u.reshape((6, 80))?.to_vec2::<f32>()?;
+        for (p, (yp, up)) in ys.iter().zip(&us).enumerate() {
+            for i in 0..8 {
+                for j in 0..10 {
+                    assert_eq!(
+                        up[i * 10 + j],
+                        yp[(i / 2) * 5 + j / 2],
+                        "plane {p} ({i},{j})"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

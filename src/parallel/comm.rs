@@ -2,8 +2,8 @@
 //!
 //! [`Communicator`] is the small set of collectives the parallel strategies use. [`LocalComm`]
 //! implements it for worker threads of one process (the CPU stand-in for GPUs, used by the tests
-//! and the demo); NCCL through cudarc implements it for GPUs (with the multi-GPU engine). All
-//! collectives are called by every rank of the group, in the same order.
+//! and the demo); [`crate::parallel::nccl::NcclComm`] (`cuda` feature) implements it for GPUs
+//! with NCCL. All collectives are called by every rank of the group, in the same order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Barrier, Condvar, Mutex};
@@ -27,6 +27,17 @@ pub trait Communicator: Send + Sync {
     fn send(&self, t: &Tensor, to: usize) -> Result<()>;
     /// The next tensor rank `from` sent to this rank.
     fn recv(&self, from: usize) -> Result<Tensor>;
+    /// Point to point as one step: send each `(to, t)` of `sends`, and receive one tensor from
+    /// each rank in `recv_from`, returned in that order (several from one rank arrive in the
+    /// order it sent them). Where a send waits for its receiver (NCCL), separate
+    /// [`Communicator::send`]s and [`Communicator::recv`]s deadlock when ranks send to each other
+    /// in a cycle; this does not, on any implementation.
+    fn exchange(&self, sends: &[(usize, &Tensor)], recv_from: &[usize]) -> Result<Vec<Tensor>> {
+        for (to, t) in sends {
+            self.send(t, *to)?;
+        }
+        recv_from.iter().map(|&from| self.recv(from)).collect()
+    }
 }
 
 struct Shared {
@@ -75,7 +86,7 @@ impl LocalComm {
     }
 
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
-    fn exchange(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
@@ -107,7 +118,7 @@ impl Communicator for LocalComm {
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         Tensor::cat(&parts, dim)
     }
 
@@ -124,12 +135,12 @@ impl Communicator for LocalComm {
         let outgoing = (0..n)
             .map(|j| t.narrow(scatter_dim, j * chunk, chunk)?.contiguous())
             .collect::<Result<Vec<_>>>()?;
-        let parts = self.exchange(outgoing)?;
+        let parts = self.swap_all(outgoing)?;
         Tensor::cat(&parts, gather_dim)
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         // Sum in rank order so every rank gets bit-identical results.
         let mut acc = parts[0].clone();
         for p in &parts[1..] {
@@ -139,7 +150,7 @@ impl Communicator for LocalComm {
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let parts = self.exchange(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()])?;
         parts
             .into_iter()
             .nth(root)
@@ -214,6 +225,17 @@ mod tests {
             // Ring pass: send to the next rank, receive from the previous.
             comm.send(&t, (rank + 1) % 4)?;
             let from_prev = comm.recv((rank + 3) % 4)?;
+            // The same as one exchange, twice to one peer (order kept).
+            let t2 = (&t * 2.0)?;
+            let got = comm.exchange(
+                &[((rank + 1) % 4, &t), ((rank + 1) % 4, &t2)],
+                &[(rank + 3) % 4, (rank + 3) % 4],
+            )?;
+            assert_eq!(got[0].to_vec2::<f32>()?, from_prev.to_vec2::<f32>()?);
+            assert_eq!(
+                got[1].to_vec2::<f32>()?,
+                (&from_prev * 2.0)?.to_vec2::<f32>()?
+            );
             Ok((gathered, summed, b, a2a, from_prev))
         })?;
         for (rank, (g, s, b, a2a, prev)) in out.iter().enumerate() {

@@ -2,6 +2,7 @@
 //!
 //! - [`comm`]: the communicator trait (all-gather, all-to-all, all-reduce, broadcast, send/recv)
 //!   and its in-process implementation, where worker threads stand in for GPUs.
+//! - [`nccl`] (`cuda` feature): the communicator over NCCL, one rank per GPU.
 //! - [`mesh`]: one object that factors the workers into data-parallel x CFG x ring x Ulysses
 //!   degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
@@ -15,6 +16,8 @@
 pub mod comm;
 pub mod engine;
 pub mod mesh;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 pub mod sp;
 pub mod store;

@@ -49,19 +49,26 @@ impl Attention for RingAttention {
         let (mut k, mut v) = (k.clone(), v.clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
         for step in 0..n {
-            // Start passing the block on before computing with it (overlap).
-            if step + 1 < n {
-                self.comm.send(&k, next)?;
-                self.comm.send(&v, next)?;
-            }
+            // Pass the block on and take the previous rank's in one exchange (no send/recv
+            // ordering deadlock where sends wait for their receivers, as with NCCL).
+            let incoming = if step + 1 < n {
+                Some(
+                    self.comm
+                        .exchange(&[(next, &k), (next, &v)], &[prev, prev])?,
+                )
+            } else {
+                None
+            };
             let (o_b, lse_b) = online_softmax_reference(q, &k, &v, usize::MAX)?;
             acc = Some(match acc {
                 None => (o_b, lse_b),
                 Some((o, lse)) => merge(&o, &lse, &o_b, &lse_b)?,
             });
-            if step + 1 < n {
-                k = self.comm.recv(prev)?;
-                v = self.comm.recv(prev)?;
+            if let Some(mut kv) = incoming {
+                match (kv.pop(), kv.pop()) {
+                    (Some(nv), Some(nk)) => (k, v) = (nk, nv),
+                    _ => candle_core::bail!("ring attention: the exchange lost a block"),
+                }
             }
         }
         match acc {

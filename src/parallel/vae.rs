@@ -29,20 +29,29 @@ fn conv3x3(conv: &Conv2d, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor>
     let (b, c, h, w) = x.dims4()?;
     let top_row = x.narrow(2, 0, 1)?;
     let bottom_row = x.narrow(2, h - 1, 1)?;
-    // Send first, then receive: sends do not wait, so no ordering deadlock.
+    // Edge rows to the neighbours and theirs back, as one exchange.
+    let (mut sends, mut from) = (Vec::new(), Vec::new());
     if r > 0 {
-        comm.send(&top_row, r - 1)?;
+        sends.push((r - 1, &top_row));
+        from.push(r - 1);
     }
     if r + 1 < n {
-        comm.send(&bottom_row, r + 1)?;
+        sends.push((r + 1, &bottom_row));
+        from.push(r + 1);
     }
+    let mut got = comm.exchange(&sends, &from)?.into_iter();
     let zeros = Tensor::zeros((b, c, 1, w), x.dtype(), x.device())?;
+    let lost = || candle_core::Error::Msg("halo exchange lost a row".into());
     let above = if r > 0 {
-        comm.recv(r - 1)?
+        got.next().ok_or_else(lost)?
     } else {
         zeros.clone()
     };
-    let below = if r + 1 < n { comm.recv(r + 1)? } else { zeros };
+    let below = if r + 1 < n {
+        got.next().ok_or_else(lost)?
+    } else {
+        zeros
+    };
     let padded = Tensor::cat(&[&above, x, &below], 2)?.pad_with_zeros(3, 1, 1)?;
     conv.forward_valid(&padded)
 }
