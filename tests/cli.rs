@@ -201,3 +201,76 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         assert!(!bad.exists());
     }
 }
+
+/// Two `parallax worker` processes meeting at a TCP rendezvous make the same image as the same
+/// layout on two in-process worker threads (bit for bit: reductions run in rank order on both).
+#[test]
+fn two_worker_processes_equal_two_worker_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let init = format!("tcp://127.0.0.1:{port}");
+    let common = [
+        "--model",
+        "demo",
+        "--prompt",
+        "two processes",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--ulysses",
+        "2",
+    ];
+    let multi = dir.path().join("multi.png");
+    let spawn = |rank: &str, out: &Path| {
+        let mut args = vec!["worker", "--rank", rank, "--world", "2", "--init", &init];
+        args.extend(common);
+        args.extend(["--out", s(out)]);
+        Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&args)
+            .output()
+    };
+    let (r0, r1) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| spawn("1", &dir.path().join("unused.png")));
+        let h0 = sc.spawn(|| spawn("0", &multi));
+        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+    });
+    let (r0, r1) = (r0.expect("run rank 0"), r1.expect("run rank 1"));
+    assert!(r0.status.success(), "rank 0: {}", text(&r0));
+    assert!(r1.status.success(), "rank 1: {}", text(&r1));
+    assert!(
+        !dir.path().join("unused.png").exists(),
+        "only rank 0 writes"
+    );
+
+    let threads = dir.path().join("threads.png");
+    let mut args = vec![
+        "generate",
+        "--devices",
+        "cpu:2",
+        "--quiet",
+        "--out",
+        s(&threads),
+    ];
+    args.extend(common);
+    let o = parallax(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let (a, _) = parallax::pipeline::image::read_png(&multi).expect("multi-process image");
+    let (b, _) = parallax::pipeline::image::read_png(&threads).expect("threads image");
+    assert_eq!(a, b);
+
+    // A rank outside the world is refused before anything is loaded.
+    let o = parallax(&[
+        "worker", "--rank", "2", "--world", "2", "--init", &init, "--model", "demo",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("below --world 2"), "{}", text(&o));
+}

@@ -36,6 +36,9 @@ pub struct Cli {
 pub enum Command {
     /// Open the studio window (the default when no command is given).
     Studio(StudioArgs),
+    /// Run one rank of a generation spread over several processes (CPU ranks; see README,
+    /// "Past one machine"). Rank 0 serves the rendezvous at --init and writes the image.
+    Worker(WorkerArgs),
     /// Generate one image and save it as PNG with its settings.
     Generate(GenerateArgs),
     /// Time a generation: per-step, total, peak memory, as JSON.
@@ -52,6 +55,38 @@ pub enum Command {
     Selfcheck(SelfcheckArgs),
     /// Time the pieces of one FLUX.1-dev step (attention, linear layers, norms, blocks) on a device.
     Profile(ProfileArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// This process's rank, 0..world.
+    #[arg(long)]
+    pub rank: usize,
+    /// How many processes take part.
+    #[arg(long)]
+    pub world: usize,
+    /// Rendezvous: tcp://HOST:PORT, where rank 0 listens and the others connect.
+    #[arg(long)]
+    pub init: String,
+    /// Seconds to wait for every rank to arrive.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Ulysses degree (must divide the attention heads).
+    #[arg(long)]
+    pub ulysses: Option<usize>,
+    /// Ring degree (default: the rest of the world).
+    #[arg(long)]
+    pub ring: Option<usize>,
+    /// CFG degree (2: the negative branch on half of the ranks; needs --true-cfg).
+    #[arg(long)]
+    pub cfg: Option<usize>,
+    /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -323,6 +358,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| Command::Studio(StudioArgs::default()))
     {
         Command::Studio(a) => studio(a),
+        Command::Worker(a) => worker(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::BenchVae(a) => bench_vae::run(&a),
@@ -424,6 +460,120 @@ fn random_seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     crate::model::rng::SplitMix64::new(nanos ^ std::process::id() as u64).next_u64() >> 11
+}
+
+fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    use crate::parallel::engine::{denoise_rank, RankGroups};
+    use crate::parallel::mesh::{Axis, Mesh};
+    use crate::parallel::store::{Store, StoreComm};
+    use std::sync::Arc;
+
+    if a.model.device != "cpu" {
+        bail!("--device {}: worker processes run CPU ranks for now (GPU ranks across processes need the NCCL engine, issue 4)", a.model.device);
+    }
+    let (rank, world) = (a.rank, a.world);
+    let store = Store::connect(
+        &a.init,
+        rank,
+        world,
+        std::time::Duration::from_secs(a.timeout),
+    )?;
+    // Every rank must draw the same noise: rank 0 picks the seed when none is given.
+    let seed = match a.sample.seed {
+        Some(s) => s,
+        None if rank == 0 => {
+            let s = random_seed();
+            store.set("seed", (world - 1) as u32, &s.to_le_bytes())?;
+            s
+        }
+        None => {
+            let b: [u8; 8] = store
+                .get("seed")?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("rank 0 sent a malformed seed"))?;
+            u64::from_le_bytes(b)
+        }
+    };
+    let p = load_pipeline(&a.model)?;
+    let sample = SampleArgs {
+        seed: Some(seed),
+        ..a.sample.clone()
+    };
+    let req = request_for(&p, &sample);
+    let settings = p.settings_for(&req)?;
+    let heads = p.flux.config().num_heads;
+    let cfg = a.cfg.unwrap_or(1);
+    let ulysses = a.ulysses.unwrap_or(1);
+    let layout = ParallelLayout {
+        cfg,
+        ulysses,
+        ring: a
+            .ring
+            .unwrap_or_else(|| (world / (cfg * ulysses).max(1)).max(1)),
+        ..ParallelLayout::default()
+    };
+    let mesh = Mesh::new(layout, world, heads)?;
+    if cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
+        bail!("--cfg 2 runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1");
+    }
+    let group = |name: &str,
+                 members: Vec<usize>|
+     -> anyhow::Result<Arc<dyn crate::parallel::comm::Communicator>> {
+        Ok(Arc::new(StoreComm::new(store.clone(), name, members)?))
+    };
+    let groups = RankGroups {
+        world: group("world", (0..world).collect())?,
+        sp: group("sp", mesh.sp_group(rank))?,
+        ulysses: group("ulysses", mesh.group(rank, Axis::Ulysses))?,
+        ring: group("ring", mesh.group(rank, Axis::Ring))?,
+        cfg: group("cfg", mesh.group(rank, Axis::Cfg))?,
+    };
+    if rank == 0 {
+        eprintln!(
+            "rank 0 of {world}: cfg {} x ring {} x ulysses {}, seed {seed}",
+            layout.cfg, layout.ring, layout.ulysses
+        );
+    }
+    let g = p.generate_with(
+        &req,
+        &mut |ev| {
+            if let (0, Progress::Step(info)) = (rank, &ev) {
+                eprintln!(
+                    "step {}/{} {:.0} ms",
+                    info.index + 1,
+                    info.total,
+                    info.elapsed.as_secs_f64() * 1e3
+                );
+            }
+            Ok(())
+        },
+        &mut |flux, job, on_step| denoise_rank(flux, job, &mesh, rank, &groups, &|| false, on_step),
+        &|vae, z| {
+            let w = groups.world.size();
+            if w > 1 && z.dim(2)? % w == 0 {
+                Ok(crate::parallel::vae::decode(vae, z, groups.world.as_ref())?)
+            } else {
+                Ok(vae.decode(z)?)
+            }
+        },
+    )?;
+    if rank == 0 {
+        let out = a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("parallax-{seed}.png")));
+        image::save_png(&out, &g.image, &g.settings.png_text()?)
+            .with_context(|| format!("saving {}", out.display()))?;
+        println!(
+            "{} ({}x{}, seed {seed}, {} processes) in {:.2}s",
+            out.display(),
+            g.image.width,
+            g.image.height,
+            world,
+            g.timings.total_ms / 1e3
+        );
+    }
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {

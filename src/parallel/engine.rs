@@ -123,65 +123,31 @@ pub fn generate(
                             .ok_or_else(|| {
                                 candle_core::Error::Msg("missing communicator".into())
                             })?;
-                        let sp: Arc<dyn Communicator> = Arc::new(c.sp);
-                        let world = c.world;
-                        let cfg_comm = c.cfg;
-                        let attn =
-                            Arc::new(UspAttention::new(Arc::new(c.ulysses), Arc::new(c.ring)));
-                        let model = super::sp::replica(flux, sp.clone(), attn);
-                        let mut policy = cache::policy_for(job.cache_threshold);
-                        let mut neg_policy = cache::policy_for(job.cache_threshold);
-                        // With a CFG pair, this rank runs one branch and trades velocities with its
-                        // twin; otherwise it runs both branches itself (if true CFG is on at all).
-                        let negative_branch = mesh.coords(rank).cfg == 1;
-                        let (cond, cfg) = match (&job.neg, layout.cfg) {
-                            (Some(neg), 2) => (
-                                if negative_branch { neg } else { &job.cond },
-                                Some(sampler::TrueCfg::Split {
-                                    group: &cfg_comm,
-                                    scale: job.true_cfg,
-                                }),
-                            ),
-                            (Some(neg), _) => (
-                                &job.cond,
-                                Some(sampler::TrueCfg::Local {
-                                    neg,
-                                    policy: neg_policy.as_mut(),
-                                    scale: job.true_cfg,
-                                }),
-                            ),
-                            (None, _) => (&job.cond, None),
+                        let groups = RankGroups {
+                            world: Arc::new(c.world),
+                            sp: Arc::new(c.sp),
+                            ulysses: Arc::new(c.ulysses),
+                            ring: Arc::new(c.ring),
+                            cfg: Arc::new(c.cfg),
                         };
                         let tx = tx.clone();
-                        let r = sampler::denoise_cfg(
-                            &model,
-                            cond,
-                            &job.pe,
-                            job.x.clone(),
-                            &job.timesteps,
-                            Some(job.guidance),
-                            policy.as_mut(),
-                            cfg,
+                        let r = denoise_rank(
+                            flux,
+                            job,
+                            &mesh,
+                            rank,
+                            &groups,
+                            &|| cancel.load(Ordering::SeqCst),
                             &mut |info| {
-                                if rank == 0 {
-                                    let _ = tx.send(StepMsg {
-                                        index: info.index,
-                                        total: info.total,
-                                        t: info.t,
-                                        t_next: info.t_next,
-                                        kind: info.kind,
-                                        elapsed: info.elapsed,
-                                        latent: info.latent.clone(),
-                                    });
-                                }
-                                // Every rank stops at the same step: agree on the cancel flag.
-                                let flag = f32::from(cancel.load(Ordering::SeqCst));
-                                let any = world
-                                    .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
-                                    .to_vec1::<f32>()?;
-                                if any[0] > 0.0 {
-                                    return Err(Error::Cancelled);
-                                }
+                                let _ = tx.send(StepMsg {
+                                    index: info.index,
+                                    total: info.total,
+                                    t: info.t,
+                                    t_next: info.t_next,
+                                    kind: info.kind,
+                                    elapsed: info.elapsed,
+                                    latent: info.latent.clone(),
+                                });
                                 Ok(())
                             },
                         );
@@ -225,6 +191,86 @@ pub fn generate(
             })
         },
         &|vae, z| decode_parallel(vae, z, layout.sp() * layout.cfg),
+    )
+}
+
+/// The communicators one rank uses: everyone (to agree on cancelling), its sequence-parallel
+/// group, its Ulysses and ring groups, and its CFG pair. In-process ranks get [`LocalComm`]s,
+/// ranks in separate processes [`super::store::StoreComm`]s (CPU) or NCCL communicators (GPU).
+pub struct RankGroups {
+    pub world: Arc<dyn Communicator>,
+    pub sp: Arc<dyn Communicator>,
+    pub ulysses: Arc<dyn Communicator>,
+    pub ring: Arc<dyn Communicator>,
+    pub cfg: Arc<dyn Communicator>,
+}
+
+/// One rank's share of the denoising loop of `job` over `mesh`: its sequence shard of every
+/// step (Ulysses / ring attention through `groups`), its CFG branch when the mesh has a CFG pair.
+/// Every rank returns the full final latent. `report` sees each step on rank 0 only; every step
+/// all ranks agree (one all-reduce) on whether any of them was asked to `stop`.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_rank(
+    flux: &crate::model::flux::Flux,
+    job: &crate::pipeline::DenoiseJob,
+    mesh: &Mesh,
+    rank: usize,
+    groups: &RankGroups,
+    stop: &(dyn Fn() -> bool + Sync),
+    report: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    let attn = Arc::new(UspAttention::new(
+        groups.ulysses.clone(),
+        groups.ring.clone(),
+    ));
+    let model = super::sp::replica(flux, groups.sp.clone(), attn);
+    let mut policy = cache::policy_for(job.cache_threshold);
+    let mut neg_policy = cache::policy_for(job.cache_threshold);
+    // With a CFG pair, this rank runs one branch and trades velocities with its twin; otherwise
+    // it runs both branches itself (if true CFG is on at all).
+    let negative_branch = mesh.coords(rank).cfg == 1;
+    let (cond, cfg) = match (&job.neg, mesh.layout().cfg) {
+        (Some(neg), 2) => (
+            if negative_branch { neg } else { &job.cond },
+            Some(sampler::TrueCfg::Split {
+                group: groups.cfg.as_ref(),
+                scale: job.true_cfg,
+            }),
+        ),
+        (Some(neg), _) => (
+            &job.cond,
+            Some(sampler::TrueCfg::Local {
+                neg,
+                policy: neg_policy.as_mut(),
+                scale: job.true_cfg,
+            }),
+        ),
+        (None, _) => (&job.cond, None),
+    };
+    sampler::denoise_cfg(
+        &model,
+        cond,
+        &job.pe,
+        job.x.clone(),
+        &job.timesteps,
+        Some(job.guidance),
+        policy.as_mut(),
+        cfg,
+        &mut |info| {
+            if rank == 0 {
+                report(info)?;
+            }
+            // Every rank stops at the same step: agree on the stop flag.
+            let flag = f32::from(stop());
+            let any = groups
+                .world
+                .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
+                .to_vec1::<f32>()?;
+            if any[0] > 0.0 {
+                return Err(Error::Cancelled);
+            }
+            Ok(())
+        },
     )
 }
 
