@@ -665,9 +665,30 @@ pub fn attention(
 }
 
 /// How many query rows [`AttnBlock`] gives one attention chunk over `keys` key positions for a
-/// batch of `batch` (keeps the score block within [`ATTN_SCORE_BUDGET`], at least 64 rows).
-pub fn attention_query_rows(batch: usize, keys: usize) -> usize {
-    (ATTN_SCORE_BUDGET / (batch * keys).max(1)).max(64)
+/// batch of `batch` on `device` (keeps the score block within [`attention_score_budget`], at
+/// least 64 rows).
+pub fn attention_query_rows(batch: usize, keys: usize, device: &candle_core::Device) -> usize {
+    (attention_score_budget(device) / (batch * keys).max(1)).max(64)
+}
+
+/// Scores one attention chunk may hold: [`ATTN_SCORE_BUDGET`] on the CPU; 16x that (2^29, 1 GiB
+/// in bf16) on a GPU, where small chunks starve the matrix units: on an H100 at 4096 px the
+/// mid-block attention took 20.4 s with 2^25 (128-row chunks), 5.3 s with 2^27, 1.6 s with 2^29,
+/// and the decode's peak memory stayed 23.08 GiB (it lies in the convolutions).
+/// `PARALLAX_VAE_ATTN_BUDGET_LOG2` overrides it (for measurements).
+pub fn attention_score_budget(device: &candle_core::Device) -> usize {
+    if let Some(log2) = std::env::var("PARALLAX_VAE_ATTN_BUDGET_LOG2")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&l| (16..=34).contains(&l))
+    {
+        return 1usize << log2;
+    }
+    if device.is_cpu() {
+        ATTN_SCORE_BUDGET
+    } else {
+        ATTN_SCORE_BUDGET << 4
+    }
 }
 
 /// The middle section's self-attention block: GroupNorm, q/k/v 1x1 projections, single-head
@@ -746,7 +767,7 @@ impl AttnBlock {
         drop(normed);
         let rows = self
             .query_rows
-            .unwrap_or_else(|| attention_query_rows(b, h * w));
+            .unwrap_or_else(|| attention_query_rows(b, h * w, x.device()));
         let attended = attention(&q, &k, &v, rows)?;
         x + self.project_out(&attended, h, w)?
     }

@@ -84,7 +84,7 @@ fn attention(attn: &AttnBlock, x: &Tensor, comm: &dyn Communicator) -> Result<Te
     // Keys and values of every band, in band order (tokens are row-major, so bands concatenate).
     let k = comm.all_gather(&k, 1)?;
     let v = comm.all_gather(&v, 1)?;
-    let rows = crate::model::vae::attention_query_rows(b, k.dim(1)?);
+    let rows = crate::model::vae::attention_query_rows(b, k.dim(1)?, k.device());
     let attended = crate::model::vae::attention(&q, &k, &v, rows)?;
     x + attn.project_out(&attended, h, w)?
 }
