@@ -249,3 +249,37 @@ fn models_load_once_and_bad_models_are_reported() {
         .expect("started");
     assert!(started.starts_with("2 workers"), "{started}");
 }
+
+/// With a data-parallel layout a compare sweep runs its images at once on separate worker
+/// groups; the images equal the one-after-another sweep's.
+#[test]
+fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
+    let sweep = JobSpec::Compare {
+        base: req(4, 0.0),
+        thresholds: vec![5.0],
+    };
+    let images = |rt: &Runtime| -> Vec<parallax::pipeline::image::RgbImage> {
+        let job = rt.submit(sweep.clone());
+        until_done(rt, job)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::ImageDone { result, .. } => Some(result.generated.image.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let one = start(None);
+    let sequential = images(&one);
+    let dp = start(None);
+    dp.configure(EngineSpec {
+        workers: 2,
+        layout: Some(parallax::parallel::mesh::ParallelLayout {
+            dp: 2,
+            ..Default::default()
+        }),
+        ..EngineSpec::default()
+    });
+    let parallel = images(&dp);
+    assert_eq!(sequential.len(), 2);
+    assert_eq!(sequential, parallel);
+}
