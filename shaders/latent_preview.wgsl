@@ -1,6 +1,6 @@
 // Latent preview: FLUX's 16 latent channels -> RGB through a fixed linear map fitted to the
 // model's autoencoder (src/pipeline/preview.rs fits it; PreviewFactors::apply is the CPU twin).
-// Drawn as one triangle covering the paint callback's viewport; nearest latent position per pixel.
+// Drawn over the paint callback's viewport (fullscreen.wgsl); nearest latent position per pixel.
 
 struct Params {
     // Latent width and height.
@@ -16,25 +16,6 @@ struct Params {
 @group(0) @binding(0) var<uniform> params: Params;
 // Channel-major latent: latent[(c * h + y) * w + x].
 @group(0) @binding(1) var<storage, read> latent: array<f32>;
-
-struct VsOut {
-    @builtin(position) pos: vec4<f32>,
-    @location(0) uv: vec2<f32>,
-};
-
-@vertex
-fn vs_main(@builtin(vertex_index) i: u32) -> VsOut {
-    let x = f32((i << 1u) & 2u);
-    let y = f32(i & 2u);
-    var o: VsOut;
-    o.pos = vec4<f32>(x * 2.0 - 1.0, 1.0 - y * 2.0, 0.0, 1.0);
-    o.uv = vec2<f32>(x, y);
-    return o;
-}
-
-fn srgb_to_linear(c: vec3<f32>) -> vec3<f32> {
-    return select(pow((c + 0.055) / 1.055, vec3<f32>(2.4)), c / 12.92, c <= vec3<f32>(0.04045));
-}
 
 @fragment
 fn fs_main(in: VsOut) -> @location(0) vec4<f32> {

@@ -12,8 +12,14 @@ use egui_wgpu::wgpu::util::DeviceExt;
 use crate::pipeline::image::RgbImage;
 use crate::pipeline::preview::{Latent, PreviewFactors, CHANNELS};
 
-const PREVIEW_WGSL: &str = include_str!("../../shaders/latent_preview.wgsl");
-const HEATMAP_WGSL: &str = include_str!("../../shaders/diff_heatmap.wgsl");
+const PREVIEW_WGSL: &str = concat!(
+    include_str!("../../shaders/fullscreen.wgsl"),
+    include_str!("../../shaders/latent_preview.wgsl")
+);
+const HEATMAP_WGSL: &str = concat!(
+    include_str!("../../shaders/fullscreen.wgsl"),
+    include_str!("../../shaders/diff_heatmap.wgsl")
+);
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
