@@ -191,6 +191,8 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         ),
         (vec!["--ulysses", "2"], "need --devices"),
         (vec!["--devices", "gpu:2"], "cpu:N"),
+        (vec!["--devices", "cuda:0,0"], "named twice"),
+        (vec!["--devices", "cuda:x"], "not a GPU number"),
     ] {
         let bad = dir.path().join("bad.png");
         let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&bad)];

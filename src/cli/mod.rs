@@ -239,6 +239,37 @@ pub struct ParallelArgs {
 }
 
 impl ParallelArgs {
+    /// The GPUs `--devices` names (`cuda`: every GPU present; `cuda:0,2`: those), one rank each;
+    /// `None` when it names CPU workers or nothing.
+    pub fn gpu_list(&self) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(d) = self.devices.as_deref() else {
+            return Ok(None);
+        };
+        if d == "cuda" {
+            let n = crate::device::cuda_device_count();
+            if n == 0 {
+                bail!("--devices cuda: no CUDA GPU found (or this build has no `cuda` feature)");
+            }
+            return Ok(Some((0..n).map(|i| format!("cuda:{i}")).collect()));
+        }
+        let Some(list) = d.strip_prefix("cuda:") else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for part in list.split(',') {
+            let i: usize = part
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
+            let name = format!("cuda:{i}");
+            if out.contains(&name) {
+                bail!("--devices {d}: GPU {i} named twice (one rank per GPU)");
+            }
+            out.push(name);
+        }
+        Ok(Some(out))
+    }
+
     /// The worker count and layout these flags ask for, and why; `None` for one worker.
     pub fn layout(
         &self,
@@ -249,13 +280,21 @@ impl ParallelArgs {
         let workers = match self.devices.as_deref() {
             None => {
                 if explicit || self.parallel.is_some() {
-                    bail!("--ulysses/--ring/--cfg/--parallel need --devices cpu:N (N worker threads)");
+                    bail!(
+                        "--ulysses/--ring/--cfg/--parallel need --devices cpu:N (N worker threads)"
+                    );
                 }
                 return Ok(None);
             }
-            Some(d) => match d.strip_prefix("cpu:").map(str::parse::<usize>) {
-                Some(Ok(n)) if n >= 1 => n,
-                _ => bail!("--devices {d}: use cpu:N with N >= 1 worker threads (GPU worker groups come with the multi-GPU engine)"),
+            Some(d) => match (
+                d.strip_prefix("cpu:").map(str::parse::<usize>),
+                self.gpu_list()?,
+            ) {
+                (Some(Ok(n)), _) if n >= 1 => n,
+                (_, Some(gpus)) => gpus.len(),
+                _ => bail!(
+                    "--devices {d}: use cpu:N (N worker threads), cuda (every GPU) or cuda:0,1,..."
+                ),
             },
         };
         let (layout, why) = match self.parallel.as_deref() {
@@ -576,7 +615,55 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One rank per GPU: rank 0 is `p` (loaded on the first GPU), the others load the same model's
+/// transformer on theirs.
+#[cfg(feature = "cuda")]
+fn generate_on_gpus(
+    p: &Pipeline,
+    model: &ModelArgs,
+    gpus: &[String],
+    layout: ParallelLayout,
+    req: &GenerateRequest,
+    on_event: &mut dyn FnMut(Progress) -> crate::Result<()>,
+) -> anyhow::Result<crate::pipeline::Generated> {
+    let mut replicas = Vec::new();
+    let mut devices = vec![p.device().clone()];
+    for g in &gpus[1..] {
+        let args = ModelArgs {
+            device: g.clone(),
+            ..model.clone()
+        };
+        let r =
+            load_pipeline(&args).with_context(|| format!("loading the model's replica on {g}"))?;
+        devices.push(r.device().clone());
+        replicas.push(r.flux);
+    }
+    Ok(crate::parallel::engine::generate_on_gpus(
+        p, &replicas, &devices, layout, req, on_event,
+    )?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn generate_on_gpus(
+    _: &Pipeline,
+    _: &ModelArgs,
+    gpus: &[String],
+    _: ParallelLayout,
+    _: &GenerateRequest,
+    _: &mut dyn FnMut(Progress) -> crate::Result<()>,
+) -> anyhow::Result<crate::pipeline::Generated> {
+    bail!(
+        "--devices {}: this build has no `cuda` feature",
+        gpus.join(",")
+    )
+}
+
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    // With GPU workers, rank 0's pipeline lives on the first of them.
+    let mut a = a;
+    if let Some(gpus) = a.parallel.gpu_list()? {
+        a.model.device = gpus[0].clone();
+    }
     let p = load_pipeline(&a.model)?;
     let req = request_for(&p, &a.sample);
     // Validate before any work, so bad input fails fast.
@@ -586,8 +673,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .layout(p.flux.config().num_heads, settings.true_cfg > 1.0)?;
     if let Some((n, layout, why)) = &parallel {
         eprintln!(
-            "{n} CPU workers: cfg {} x ring {} x ulysses {} ({why})",
-            layout.cfg, layout.ring, layout.ulysses
+            "{n} workers ({}): cfg {} x ring {} x ulysses {} ({why})",
+            a.parallel.devices.as_deref().unwrap_or("cpu"),
+            layout.cfg,
+            layout.ring,
+            layout.ulysses
         );
     }
     if p.is_demo() {
@@ -633,9 +723,17 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let result = match &parallel {
-        Some((_, layout, _)) => crate::parallel::engine::generate(&p, *layout, &req, &mut on_event),
-        None => p.generate(&req, &mut on_event),
+    let result = match (&parallel, a.parallel.gpu_list()?) {
+        (Some((_, layout, _)), Some(gpus)) => {
+            generate_on_gpus(&p, &a.model, &gpus, *layout, &req, &mut on_event)
+        }
+        (Some((_, layout, _)), None) => Ok(crate::parallel::engine::generate(
+            &p,
+            *layout,
+            &req,
+            &mut on_event,
+        )?),
+        (None, _) => Ok(p.generate(&req, &mut on_event)?),
     };
     bar.finish_and_clear();
     let g = result?;

@@ -16,27 +16,21 @@ use crate::pipeline::cache::{self, CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
-/// The communicators of one worker: everyone (to agree on cancelling), its sequence-parallel
-/// group, its Ulysses and Ring groups, and its CFG pair.
-struct RankComms {
-    world: LocalComm,
-    sp: LocalComm,
-    ulysses: LocalComm,
-    ring: LocalComm,
-    cfg: LocalComm,
-}
-
-/// In-process communicators for every rank of `mesh` (data-parallel degree 1).
-fn local_comms(mesh: &Mesh) -> Vec<RankComms> {
+/// Every rank's [`RankGroups`] for `mesh`, with each group's communicators made by `make`
+/// (given the group's global ranks, it returns one communicator per member, in that order).
+pub fn rank_groups(
+    mesh: &Mesh,
+    make: &mut dyn FnMut(&[usize]) -> Result<Vec<Arc<dyn Communicator>>>,
+) -> Result<Vec<RankGroups>> {
     let n = mesh.world();
-    let from_groups = |groups: Vec<Vec<usize>>| {
-        let mut out: Vec<Option<LocalComm>> = vec![None; n];
+    let mut by_axis = |groups: Vec<Vec<usize>>| -> Result<Vec<Option<Arc<dyn Communicator>>>> {
+        let mut out: Vec<Option<Arc<dyn Communicator>>> = vec![None; n];
         for group in groups {
-            for (comm, rank) in LocalComm::group(group.len()).into_iter().zip(group) {
+            for (comm, rank) in make(&group)?.into_iter().zip(group) {
                 out[rank] = Some(comm);
             }
         }
-        out
+        Ok(out)
     };
     let mut sp_groups: Vec<Vec<usize>> = Vec::new();
     for r in 0..n {
@@ -45,22 +39,34 @@ fn local_comms(mesh: &Mesh) -> Vec<RankComms> {
             sp_groups.push(g);
         }
     }
-    let mut world = from_groups(vec![(0..n).collect()]);
-    let mut sp = from_groups(sp_groups);
-    let mut uly = from_groups(mesh.groups(Axis::Ulysses));
-    let mut ring = from_groups(mesh.groups(Axis::Ring));
-    let mut cfg = from_groups(mesh.groups(Axis::Cfg));
+    let mut world = by_axis(vec![(0..n).collect()])?;
+    let mut sp = by_axis(sp_groups)?;
+    let mut uly = by_axis(mesh.groups(Axis::Ulysses))?;
+    let mut ring = by_axis(mesh.groups(Axis::Ring))?;
+    let mut cfg = by_axis(mesh.groups(Axis::Cfg))?;
     (0..n)
-        .filter_map(|r| {
-            Some(RankComms {
-                world: world[r].take()?,
-                sp: sp[r].take()?,
-                ulysses: uly[r].take()?,
-                ring: ring[r].take()?,
-                cfg: cfg[r].take()?,
+        .map(|r| {
+            let missing =
+                || Error::Candle(candle_core::Error::Msg(format!("rank {r} is in no group")));
+            Ok(RankGroups {
+                world: world[r].take().ok_or_else(missing)?,
+                sp: sp[r].take().ok_or_else(missing)?,
+                ulysses: uly[r].take().ok_or_else(missing)?,
+                ring: ring[r].take().ok_or_else(missing)?,
+                cfg: cfg[r].take().ok_or_else(missing)?,
             })
         })
         .collect()
+}
+
+/// In-process communicators ([`LocalComm`]) for every rank of `mesh`.
+fn local_groups(mesh: &Mesh) -> Result<Vec<RankGroups>> {
+    rank_groups(mesh, &mut |g| {
+        Ok(LocalComm::group(g.len())
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect())
+    })
 }
 
 struct StepMsg {
@@ -85,14 +91,20 @@ pub fn generate(
         return Err(Error::setting(
             "devices",
             "cuda",
-            "the multi-GPU engine is not ready yet; CPU worker threads only",
+            "CPU worker threads share the pipeline's model; GPU workers use generate_on_gpus",
         ));
     }
+    let mesh = check_layout(p, layout, req)?;
+    let models = vec![&p.flux; mesh.world()];
+    generate_ranks(p, &mesh, &models, local_groups(&mesh)?, req, progress)
+}
+
+fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> Result<Mesh> {
     if layout.dp != 1 {
         return Err(Error::setting(
             "parallel layout",
             format!("dp {}", layout.dp),
-            "data parallelism (several images at once) is not available yet",
+            "one image runs on one data-parallel group; use generate_many for several images",
         ));
     }
     let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
@@ -103,19 +115,91 @@ pub fn generate(
             "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
         ));
     }
+    Ok(mesh)
+}
+
+/// One GPU per rank, one worker thread per GPU, NCCL between them. `replicas[r]` is rank r's
+/// transformer on `devices[r]` for r >= 1 (rank 0 runs the pipeline's own, on `devices[0]`, which
+/// must be the pipeline's device); text encoding and decoding stay on rank 0's GPU.
+#[cfg(feature = "cuda")]
+pub fn generate_on_gpus(
+    p: &Pipeline,
+    replicas: &[crate::model::flux::Flux],
+    devices: &[Device],
+    layout: ParallelLayout,
+    req: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Generated> {
+    let mesh = check_layout(p, layout, req)?;
+    if devices.len() != mesh.world() || replicas.len() + 1 != mesh.world() {
+        return Err(Error::setting(
+            "devices",
+            format!("{} GPUs", devices.len()),
+            format!("the layout needs {} (one per rank)", mesh.world()),
+        ));
+    }
+    let groups = rank_groups(&mesh, &mut |g| {
+        let devs: Vec<Device> = g.iter().map(|&r| devices[r].clone()).collect();
+        Ok(super::nccl::NcclComm::new_group(&devs)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect())
+    })?;
+    let mut models = vec![&p.flux];
+    models.extend(replicas.iter());
+    generate_ranks(p, &mesh, &models, groups, req, progress)
+}
+
+/// A copy of `job` on `device` (every rank's inputs live on its own GPU).
+fn job_on(
+    job: &crate::pipeline::DenoiseJob,
+    device: &Device,
+) -> Result<crate::pipeline::DenoiseJob> {
+    if job.x.device().same_device(device) {
+        return Ok(job.clone());
+    }
+    let cond = |c: &sampler::Conditioning| -> Result<sampler::Conditioning> {
+        Ok(sampler::Conditioning {
+            txt: c.txt.to_device(device)?,
+            y: c.y.to_device(device)?,
+        })
+    };
+    Ok(crate::pipeline::DenoiseJob {
+        cond: cond(&job.cond)?,
+        neg: job.neg.as_ref().map(cond).transpose()?,
+        pe: crate::model::flux::PosEmbed {
+            cos: job.pe.cos.to_device(device)?,
+            sin: job.pe.sin.to_device(device)?,
+        },
+        x: job.x.to_device(device)?,
+        ..job.clone()
+    })
+}
+
+/// The denoising loop of one image over `mesh`: rank r runs `models[r]` with `groups[r]` on a
+/// thread of its own; rank 0 reports progress; the image is decoded in row bands on CPU workers
+/// (on one GPU otherwise).
+fn generate_ranks(
+    p: &Pipeline,
+    mesh: &Mesh,
+    models: &[&crate::model::flux::Flux],
+    groups: Vec<RankGroups>,
+    req: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Generated> {
+    let layout = mesh.layout();
+    let groups = std::sync::Mutex::new(groups.into_iter().map(Some).collect::<Vec<_>>());
     p.generate_with(
         req,
         progress,
-        &mut |flux, job, on_step| {
-            let comms =
-                std::sync::Mutex::new(local_comms(&mesh).into_iter().map(Some).collect::<Vec<_>>());
+        &mut |_, job, on_step| {
             let cancel = AtomicBool::new(false);
             let (tx, rx) = mpsc::channel::<StepMsg>();
             std::thread::scope(|s| {
                 let worker = s.spawn(|| {
                     let tx = tx;
                     run_local(mesh.world(), |rank, _| {
-                        let c = comms
+                        let g = groups
                             .lock()
                             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
                             .get_mut(rank)
@@ -123,20 +207,17 @@ pub fn generate(
                             .ok_or_else(|| {
                                 candle_core::Error::Msg("missing communicator".into())
                             })?;
-                        let groups = RankGroups {
-                            world: Arc::new(c.world),
-                            sp: Arc::new(c.sp),
-                            ulysses: Arc::new(c.ulysses),
-                            ring: Arc::new(c.ring),
-                            cfg: Arc::new(c.cfg),
-                        };
+                        let model = models[rank];
+                        let local_job = job_on(job, model.device()).map_err(|e| {
+                            candle_core::Error::Msg(format!("rank {rank}: inputs: {e}"))
+                        })?;
                         let tx = tx.clone();
                         let r = denoise_rank(
-                            flux,
-                            job,
-                            &mesh,
+                            model,
+                            &local_job,
+                            mesh,
                             rank,
-                            &groups,
+                            &g,
                             &|| cancel.load(Ordering::SeqCst),
                             &mut |info| {
                                 let _ = tx.send(StepMsg {
@@ -190,7 +271,13 @@ pub fn generate(
                 Ok((x, stats))
             })
         },
-        &|vae, z| decode_parallel(vae, z, layout.sp() * layout.cfg),
+        &|vae, z| {
+            if z.device().is_cpu() {
+                decode_parallel(vae, z, layout.sp() * layout.cfg)
+            } else {
+                Ok(vae.decode(z)?)
+            }
+        },
     )
 }
 
