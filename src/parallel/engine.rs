@@ -351,7 +351,7 @@ pub fn denoise_rank(
             let flag = f32::from(stop());
             let any = groups
                 .world
-                .all_reduce_sum(&Tensor::new(&[flag], &Device::Cpu)?)?
+                .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
                 .to_vec1::<f32>()?;
             if any[0] > 0.0 {
                 return Err(Error::Cancelled);
