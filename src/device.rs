@@ -180,6 +180,21 @@ pub fn describe(dev: &Device) -> String {
     }
 }
 
+/// How many CUDA GPUs this process can see (0 in builds without the `cuda` feature, or when the
+/// driver is missing).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,20 +216,5 @@ mod tests {
         assert!(reset_memory_peak(&Device::Cpu).is_ok());
         assert!(matches!(memory_peak(&Device::Cpu), Ok(None)));
         assert!(matches!(memory_in_use(&Device::Cpu), Ok(None)));
-    }
-}
-
-/// How many CUDA GPUs this process can see (0 in builds without the `cuda` feature, or when the
-/// driver is missing).
-pub fn cuda_device_count() -> usize {
-    #[cfg(feature = "cuda")]
-    {
-        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
-            .map(|n| n.max(0) as usize)
-            .unwrap_or(0)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        0
     }
 }

@@ -907,7 +907,7 @@ impl StudioApp {
             (None, Some(r)) => (r.image.width as f32, r.image.height as f32),
             _ => (self.settings.width as f32, self.settings.height as f32),
         };
-        let scale = (avail.x / w).min((avail.y - 60.0) / h).min(4.0).max(0.05);
+        let scale = (avail.x / w).min((avail.y - 60.0) / h).clamp(0.05, 4.0);
         let (rect, _) =
             ui.allocate_exact_size(egui::vec2(w * scale, h * scale), egui::Sense::hover());
         let drawn = self.job.is_some() && self.draw_preview(ui, rect);
@@ -1020,7 +1020,7 @@ impl StudioApp {
         };
         let avail = ui.available_size();
         let (w, h) = (reference.image.width as f32, reference.image.height as f32);
-        let scale = (avail.x / w).min(avail.y / h).min(4.0).max(0.05);
+        let scale = (avail.x / w).min(avail.y / h).clamp(0.05, 4.0);
         let (rect, _) =
             ui.allocate_exact_size(egui::vec2(w * scale, h * scale), egui::Sense::hover());
         if self.show_heatmap {
@@ -1036,14 +1036,13 @@ impl StudioApp {
                 ));
             } else {
                 let key = (reference.id, sel.id, gain.to_bits());
-                if !self.heat_tex.contains_key(&key) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.heat_tex.entry(key) {
                     if let Some(img) = heatmap::diff_heatmap(&reference.image, &sel.image, gain) {
-                        let t = ui.ctx().load_texture(
+                        slot.insert(ui.ctx().load_texture(
                             "heatmap",
                             color_image(&img),
                             TextureOptions::NEAREST,
-                        );
-                        self.heat_tex.insert(key, t);
+                        ));
                     }
                 }
                 if let Some(t) = self.heat_tex.get(&key) {

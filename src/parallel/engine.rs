@@ -16,12 +16,12 @@ use crate::pipeline::cache::{self, CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
+/// Makes one group's communicators: given its global ranks, one communicator per member.
+pub type MakeGroup<'a> = dyn FnMut(&[usize]) -> Result<Vec<Arc<dyn Communicator>>> + 'a;
+
 /// Every rank's [`RankGroups`] for `mesh`, with each group's communicators made by `make`
 /// (given the group's global ranks, it returns one communicator per member, in that order).
-pub fn rank_groups(
-    mesh: &Mesh,
-    make: &mut dyn FnMut(&[usize]) -> Result<Vec<Arc<dyn Communicator>>>,
-) -> Result<Vec<RankGroups>> {
+pub fn rank_groups(mesh: &Mesh, make: &mut MakeGroup) -> Result<Vec<RankGroups>> {
     let n = mesh.world();
     let mut by_axis = |groups: Vec<Vec<usize>>| -> Result<Vec<Option<Arc<dyn Communicator>>>> {
         let mut out: Vec<Option<Arc<dyn Communicator>>> = vec![None; n];

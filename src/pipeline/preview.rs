@@ -88,6 +88,7 @@ impl PreviewFactors {
         out
     }
 
+    #[allow(clippy::needless_range_loop)] // index loops read as the maths does
     /// Fit the map to `vae` by regression on `samples` decoded latents of `size` x `size`
     /// positions (plus one held out for R²). Latents are smoothed Gaussian noise at unit variance,
     /// which has the low-frequency content of image latents.
@@ -142,6 +143,7 @@ impl PreviewFactors {
         Ok(factors)
     }
 
+    #[allow(clippy::needless_range_loop)]
     /// R² of the map on one latent against its decoded block means.
     fn r_squared(&self, z: &Latent, rgb: &[f32]) -> f64 {
         let n = (z.width * z.height) as f64;
@@ -217,6 +219,7 @@ fn decode_pair(
     Ok((Latent::from_tensor(&z)?, pooled.to_vec1::<f32>()?))
 }
 
+#[allow(clippy::needless_range_loop)]
 /// Solve `a · x = b` for a small dense system by Gaussian elimination with partial pivoting.
 fn solve<const D: usize>(mut a: [[f64; D]; D], mut b: [[f64; 3]; D]) -> Option<[[f64; 3]; D]> {
     for col in 0..D {
