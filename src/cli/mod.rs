@@ -220,8 +220,9 @@ pub struct SampleArgs {
 /// How to spread one image over workers.
 #[derive(Debug, Clone, Args)]
 pub struct ParallelArgs {
-    /// Workers: `cpu:N` runs N CPU worker threads standing in for GPUs (the multi-GPU engine
-    /// comes later). Default: one worker on --device.
+    /// Workers, one rank each: `cpu:N` (N CPU worker threads standing in for GPUs), `cuda` (every
+    /// GPU) or `cuda:0,1` (those GPUs; `cuda` builds, NCCL between them). Default: one worker on
+    /// --device.
     #[arg(long)]
     pub devices: Option<String>,
     /// Ulysses degree (must divide the attention heads).
