@@ -3,9 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::parallel::mesh::{Mesh, ParallelLayout};
+use crate::parallel::mesh::ParallelLayout;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
-use crate::runtime::EngineSpec;
+use crate::runtime::{layout_for, EngineSpec};
 
 /// Resolution presets (width, height).
 pub const PRESETS: &[(&str, usize, usize)] = &[
@@ -132,19 +132,12 @@ impl Settings {
 
     /// The layout these settings give, or why they are refused.
     pub fn layout_check(&self, heads: usize) -> Result<String, String> {
-        let n = self.workers.max(1);
-        if n == 1 {
-            return Ok("one worker".into());
-        }
-        let (layout, why) = match self.layout() {
-            Some(l) => (l, "set by hand".to_string()),
-            None => ParallelLayout::auto(
-                n,
-                heads,
-                self.true_cfg > 1.0 && !self.negative_prompt.trim().is_empty(),
-            ),
+        // The runtime's own rule, so the panel shows exactly the layout a job will run with.
+        let (layout, why) = match layout_for(&self.engine_spec(), heads, &self.request()) {
+            Ok(None) => return Ok("one worker".into()),
+            Ok(Some(chosen)) => chosen,
+            Err(e) => return Err(e.to_string()),
         };
-        Mesh::new(layout, n, heads).map_err(|e| e.to_string())?;
         if layout.dp > 1 {
             return Ok(format!(
                 "dp {} (compare sweeps run {} images at once) x cfg {} x ring {} x ulysses {}",

@@ -298,7 +298,8 @@ impl StudioApp {
             return;
         }
         if self.settings.random_seed {
-            self.settings.seed = random_seed();
+            // Nine digits at most: easy to read back and type in the seed field.
+            self.settings.seed = crate::model::rng::fresh_seed() % 1_000_000_000;
         }
         self.runtime.configure(self.settings.engine_spec());
         let base = self.settings.request();
@@ -1290,12 +1291,4 @@ fn color_image(img: &RgbImage) -> egui::ColorImage {
 
 fn full_uv() -> egui::Rect {
     egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0))
-}
-
-fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    crate::model::rng::SplitMix64::new(t).next_u64() % 1_000_000_000
 }

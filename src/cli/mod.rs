@@ -488,18 +488,10 @@ fn request_for(p: &Pipeline, s: &SampleArgs) -> GenerateRequest {
         width: s.width.unwrap_or(default_size),
         height: s.height.unwrap_or(default_size),
         steps: s.steps,
-        seed: s.seed.unwrap_or_else(random_seed),
+        seed: s.seed.unwrap_or_else(crate::model::rng::fresh_seed),
         guidance: s.guidance,
         cache_threshold: s.cache_threshold,
     }
-}
-
-fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    crate::model::rng::SplitMix64::new(nanos ^ std::process::id() as u64).next_u64() >> 11
 }
 
 fn worker(a: WorkerArgs) -> anyhow::Result<()> {
@@ -522,7 +514,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     let seed = match a.sample.seed {
         Some(s) => s,
         None if rank == 0 => {
-            let s = random_seed();
+            let s = crate::model::rng::fresh_seed();
             store.set("seed", (world - 1) as u32, &s.to_le_bytes())?;
             s
         }

@@ -7,6 +7,16 @@
 //! device; the noise is generated in the latent's natural (channel, row, column) order before any
 //! packing or sharding, so parallel layouts see the same numbers as one device.
 
+/// A fresh seed for "random seed" requests (clock and process id), below 2^53 so it survives
+/// a JSON number or an f64 widget exactly.
+pub fn fresh_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    SplitMix64::new(nanos ^ std::process::id() as u64).next_u64() >> 11
+}
+
 /// SplitMix64: tiny, fast, and statistically good enough for noise and initialisation.
 #[derive(Debug, Clone)]
 pub struct SplitMix64 {

@@ -237,9 +237,10 @@ impl Worker {
                 }
                 Ok(())
             };
-            let g = match layout_for(&self.spec, heads, req)? {
+            // The requests of a job differ only in their cache threshold: one layout serves all.
+            let g = match &first {
                 None => p.generate(req, &mut progress)?,
-                Some((l, _)) => crate::parallel::engine::generate(p, l, req, &mut progress)?,
+                Some((l, _)) => crate::parallel::engine::generate(p, *l, req, &mut progress)?,
             };
             self.finish_image(job, i, g, &mut reference);
         }
