@@ -66,22 +66,32 @@ pub fn run(device: &str, width: usize) -> anyhow::Result<()> {
         rnd(&[1, h, l, d])?,
     );
     let attn_flop = 4.0 * (l * l * d * h) as f64;
-    let chosen = std::env::var("PARALLAX_FLASH").ok();
-    for warps in ["w4", "w8", "w4p"] {
-        std::env::set_var("PARALLAX_FLASH", warps);
-        let ms = time_ms(&dev, runs, || {
-            Ok(flash_attn::attention(&q, &k, &v).map(|_| ())?)
+    for var in flash_attn::variants_on(&dev, d) {
+        let ms = flash_attn::with_variant(var, || {
+            time_ms(&dev, runs, || {
+                Ok(flash_attn::attention(&q, &k, &v).map(|_| ())?)
+            })
         })?;
         row(
-            &format!("attention fused 1x{h}x{l}x{d} ({warps})"),
+            &format!("attention fused 1x{h}x{l}x{d} ({})", var.name()),
             ms,
             attn_flop,
             0.0,
         );
     }
-    match chosen {
-        Some(w) => std::env::set_var("PARALLAX_FLASH", w),
-        None => std::env::remove_var("PARALLAX_FLASH"),
+    if let Some(var) = flash_attn::chosen_on(&dev, d) {
+        let ms = time_ms(&dev, runs, || {
+            Ok(flash_attn::attention_merged(&q, &k, &v).map(|_| ())?)
+        })?;
+        row(
+            &format!(
+                "attention fused, heads merged ({}, the default)",
+                var.name()
+            ),
+            ms,
+            attn_flop,
+            0.0,
+        );
     }
     let ms = time_ms(&dev, 3, || Ok(sdpa_chunked(&q, &k, &v, 1024).map(|_| ())?))?;
     row(

@@ -72,8 +72,6 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             k.to_dtype(DType::BF16)?,
             v.to_dtype(DType::BF16)?,
         );
-        let used_kernel = flash_attn::kernel_supports(&qb);
-        let out = flash_attn::attention(&qb, &kb, &vb)?;
         // Reference from the same bf16-rounded inputs, computed in f32.
         let reference = sdpa_chunked(
             &qb.to_dtype(DType::F32)?,
@@ -81,14 +79,32 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             &vb.to_dtype(DType::F32)?,
             512,
         )?;
-        report.check(
-            format!(
-                "attention {}{b}x{h}x{lq}x{lk}x{d} bf16",
-                if used_kernel { "[fused] " } else { "[plain] " }
-            ),
-            rel_err(&out, &reference)?,
-            1e-2,
-        );
+        let variants = flash_attn::variants_on(&dev, d);
+        if variants.is_empty() {
+            let out = flash_attn::attention(&qb, &kb, &vb)?;
+            report.check(
+                format!("attention [plain] {b}x{h}x{lq}x{lk}x{d} bf16"),
+                rel_err(&out, &reference)?,
+                1e-2,
+            );
+        }
+        for var in variants {
+            let out = flash_attn::with_variant(var, || flash_attn::attention(&qb, &kb, &vb))?;
+            report.check(
+                format!("attention [{}] {b}x{h}x{lq}x{lk}x{d} bf16", var.name()),
+                rel_err(&out, &reference)?,
+                1e-2,
+            );
+        }
+        if d == 128 {
+            // Heads merged by the kernel ((B, L, H*D) written directly where it can).
+            let out = flash_attn::attention_merged(&qb, &kb, &vb)?;
+            report.check(
+                format!("attention merged heads {b}x{lq}x{}x{lk} bf16", h * d),
+                rel_err(&out, &flash_attn::merge_heads(&reference)?)?,
+                1e-2,
+            );
+        }
     }
 
     // 1b. Fused QKV preparation against its plain composition, double- and single-stream.
@@ -153,7 +169,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
 
     // 1c. Fused element-wise kernels against the CPU f32 composition on the same bf16 inputs.
     {
-        use crate::kernels::elementwise::{bias_act, gated_residual, ln_modulate};
+        use crate::kernels::elementwise::{bias_act, cat_bias_gelu, gated_residual, ln_modulate};
         let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
             Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
         };
@@ -176,6 +192,16 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                     1e-2,
                 );
             }
+            let y = rnd(&[b, l, 4 * c], 0.0)?;
+            let bias4 = rnd(&[4 * c], 0.0)?;
+            report.check(
+                format!("join + bias + gelu {b}x{l}x({c}+{})", 4 * c),
+                rel_err(
+                    &cat_bias_gelu(&x, &y, &bias4)?,
+                    &cat_bias_gelu(&cpu32(&x)?, &cpu32(&y)?, &cpu32(&bias4)?)?,
+                )?,
+                1e-2,
+            );
             report.check(
                 format!("gated residual {b}x{l}x{c}"),
                 rel_err(

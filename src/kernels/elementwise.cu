@@ -77,6 +77,31 @@ extern "C" __global__ void parallax_bias_gelu_bf16(const unsigned short* x, cons
     bias_act<true>(x, bias, y, n8, N);
 }
 
+// out = [a, GELU(y + bias)] along the last axis: a (rows, A), y (rows, M), bias (M), out (rows,
+// A + M). The single-stream block's attention output and MLP activation, joined for linear2 in
+// the same pass that applies the MLP's bias and GELU (no separate concatenation copy).
+extern "C" __global__ void parallax_cat_bias_gelu_bf16(const unsigned short* __restrict__ a,
+                                                       const unsigned short* __restrict__ y,
+                                                       const unsigned short* __restrict__ bias,
+                                                       unsigned short* __restrict__ out, u64 n8,
+                                                       int A, int M) {
+    const int W8 = (A + M) / 8;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / W8;
+        const int c = (int)(i % W8) * 8;
+        if (c < A) {
+            *(U4*)(out + i * 8) = *(const U4*)(a + r * A + c);
+        } else {
+            const int cm = c - A;
+            V8 v = load8(y + r * M + cm);
+            const V8 b = load8(bias + cm);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v.v[j] = gelu_tanh(v.v[j] + b.v[j]);
+            store8(out + i * 8, v);
+        }
+    }
+}
+
 // y = x + gate[b] * u; x, u, y: (B, L, C); gate: (B, C).
 extern "C" __global__ void parallax_gated_residual_bf16(const unsigned short* __restrict__ x,
                                                         const unsigned short* __restrict__ gate,

@@ -51,6 +51,21 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, u: &Tensor) -> Result<Tensor> {
     x + u.broadcast_mul(gate)?
 }
 
+/// `[a, GELU(y + bias)]` along the last axis, `a` (B, L, A), `y` (B, L, M), `bias` (M): the
+/// single-stream block's attention output joined to its MLP activation, one pass on CUDA.
+pub fn cat_bias_gelu(a: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, l, wa) = a.dims3()?;
+    let (b2, l2, m) = y.dims3()?;
+    if fusable(&[a, y, bias], wa) && m % 8 == 0 && (b, l) == (b2, l2) && bias.dims() == [m] {
+        return a.contiguous()?.apply_op3_no_bwd(
+            &y.contiguous()?,
+            &bias.contiguous()?,
+            &Fused::CatBiasGelu,
+        );
+    }
+    Tensor::cat(&[a, &bias_act(y, bias, true)?], candle_core::D::Minus1)
+}
+
 /// `LayerNorm(x) * (1 + scale) + shift`, LayerNorm without affine parameters (eps 1e-6), `x`
 /// (B, L, C), `shift` and `scale` (B, 1, C).
 pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
@@ -75,6 +90,7 @@ enum Fused {
     Bias { gelu: bool },
     Gated,
     LnModulate,
+    CatBiasGelu,
 }
 
 impl Fused {
@@ -84,6 +100,7 @@ impl Fused {
             Fused::Bias { gelu: true } => "parallax_bias_gelu_bf16",
             Fused::Gated => "parallax_gated_residual_bf16",
             Fused::LnModulate => "parallax_ln_modulate_bf16",
+            Fused::CatBiasGelu => "parallax_cat_bias_gelu_bf16",
         }
     }
 }
@@ -121,7 +138,7 @@ impl candle_core::CustomOp2 for Fused {
         let bs = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE)?;
+        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE, false)?;
         let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
         let n8 = (count / 8) as u64;
         let n_i = n as i32;
@@ -177,15 +194,21 @@ impl candle_core::CustomOp3 for Fused {
         use half::bf16;
         let dev = &x.device;
         let (bsz, l, ch) = xl.shape().dims3()?;
-        let count = bsz * l * ch;
+        // The joined output is wider than the first input.
+        let out_cols = match self {
+            Fused::CatBiasGelu => ch + al.shape().dims().last().copied().unwrap_or(0),
+            _ => ch,
+        };
+        let count = bsz * l * out_cols;
         let xs = x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
         let as_ = a.as_cuda_slice::<bf16>()?.slice(al.start_offset()..);
         let cs = c.as_cuda_slice::<bf16>()?.slice(cl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE)?;
+        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE, false)?;
         let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
         let (l_i, c_i) = (l as i32, ch as i32);
+        let m_i = (out_cols - ch) as i32;
         let n8 = (count / 8) as u64;
         let mut b = func.builder();
         let cfg = match self {
@@ -219,13 +242,28 @@ impl candle_core::CustomOp3 for Fused {
                     shared_mem_bytes: 0,
                 }
             }
+            Fused::CatBiasGelu => {
+                // a, y, bias -> [a, gelu(y + bias)]
+                b.arg(&xs);
+                b.arg(&as_);
+                b.arg(&cs);
+                b.arg(&out);
+                b.arg(&n8);
+                b.arg(&c_i);
+                b.arg(&m_i);
+                LaunchConfig {
+                    grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            }
             Fused::Bias { .. } => candle_core::bail!("bias takes two inputs"),
         };
         // SAFETY: arguments match the kernel; sizes from the checked shapes.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            xl.shape().clone(),
+            (bsz, l, out_cols).into(),
         ))
     }
 }
@@ -402,7 +440,7 @@ mod cuda {
         let n = b * groups * splits;
         // SAFETY: the kernel writes every partial sum (one block per entry).
         let (ps, pq) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
         let func =
             dev.get_or_load_custom_func("parallax_group_partial_sums_bf16", &module, &ptx)?;
         {
@@ -447,7 +485,7 @@ mod cuda {
         } else {
             "parallax_channel_bias_bf16"
         };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
         let func = dev.get_or_load_custom_func(name, &module, &ptx)?;
         let bv = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
         let rv = match r {
@@ -485,7 +523,7 @@ mod cuda {
         let count = x.elem_count();
         // SAFETY: the kernel writes every element (two rows of eight per four read).
         let out = unsafe { dev.alloc::<bf16>(count * 4)? };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
         let func = dev.get_or_load_custom_func("parallax_upsample2x_bf16", &module, &ptx)?;
         {
             let (xs, xl) = x.storage_and_layout();
@@ -518,7 +556,7 @@ mod cuda {
         let count = x.elem_count();
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE)?;
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
         let func = dev.get_or_load_custom_func("parallax_channel_affine_bf16", &module, &ptx)?;
         {
             let (xs, xl) = x.storage_and_layout();

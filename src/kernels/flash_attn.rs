@@ -10,20 +10,203 @@ use candle_core::{DType, Result, Tensor, D};
 
 use crate::model::attention::sdpa_chunked;
 
-/// The kernel source (CUDA C++, compiled with NVRTC).
+/// The kernel source (CUDA C++, compiled with NVRTC): mma.sync tensor-core products, sm_80 on.
 pub const SOURCE: &str = include_str!("flash_attn.cu");
+
+/// The Hopper kernel source (wgmma warpgroup products, compiled for sm_90a; head dim 128).
+pub const SOURCE_SM90: &str = include_str!("flash_attn_sm90.cu");
 
 /// Key/value tile length of the kernel (and of the reference).
 pub const TILE: usize = 64;
 
-/// The kernel variant: `w4` (default), `w8` or `w4p`, chosen with `PARALLAX_FLASH` (see
-/// `flash_attn.cu` for the trade-offs), and its warps per block (16 query rows each).
-pub fn variant() -> (&'static str, usize) {
-    match std::env::var("PARALLAX_FLASH").ok().as_deref() {
-        Some("w8") => ("w8", 8),
-        Some("w4p") => ("w4p", 4),
-        _ => ("w4", 4),
+/// One compiled form of the fused attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `flash_attn.cu` (any sm_80+ GPU): its name (`w4`, `w8`, `w4p`) and warps per block.
+    Mma { name: &'static str, warps: usize },
+    /// `flash_attn_sm90.cu` (sm_90 only, head dim 128): name, warpgroups per block (64 query
+    /// rows each), keys per tile, shared-memory stages.
+    Sm90 {
+        name: &'static str,
+        groups: usize,
+        keys: usize,
+        stages: usize,
+    },
+}
+
+/// Every variant, for the self-check and the profile.
+pub const VARIANTS: &[Variant] = &[
+    Variant::Mma {
+        name: "w4",
+        warps: 4,
+    },
+    Variant::Mma {
+        name: "w8",
+        warps: 8,
+    },
+    Variant::Mma {
+        name: "w4p",
+        warps: 4,
+    },
+    Variant::Sm90 {
+        name: "g2n128s2",
+        groups: 2,
+        keys: 128,
+        stages: 2,
+    },
+    Variant::Sm90 {
+        name: "g2n128s3",
+        groups: 2,
+        keys: 128,
+        stages: 3,
+    },
+    Variant::Sm90 {
+        name: "g2n64s3",
+        groups: 2,
+        keys: 64,
+        stages: 3,
+    },
+    Variant::Sm90 {
+        name: "g3n64s3",
+        groups: 3,
+        keys: 64,
+        stages: 3,
+    },
+    // The overlapped schedule (softmax of tile j during O += P V of tile j-1), three buffers.
+    Variant::Sm90 {
+        name: "g2n128o",
+        groups: 2,
+        keys: 128,
+        stages: 3,
+    },
+    Variant::Sm90 {
+        name: "g2n64o",
+        groups: 2,
+        keys: 64,
+        stages: 3,
+    },
+    Variant::Sm90 {
+        name: "g3n64o",
+        groups: 3,
+        keys: 64,
+        stages: 3,
+    },
+];
+
+/// The Hopper variant used on sm_90 GPUs unless `PARALLAX_FLASH` names another.
+pub const SM90_DEFAULT: &str = "g2n128s2";
+
+impl Variant {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Variant::Mma { name, .. } | Variant::Sm90 { name, .. } => name,
+        }
     }
+
+    /// Whether it runs on a GPU of compute capability `major.minor` with head dim `d`.
+    pub fn runs_on(&self, major: i32, minor: i32, d: usize) -> bool {
+        match self {
+            Variant::Mma { .. } => major >= 8 && (d == 64 || d == 128),
+            Variant::Sm90 { .. } => major == 9 && minor == 0 && d == 128,
+        }
+    }
+
+    /// Dynamic shared memory in bytes (the Hopper kernels align their tiles to 1 KiB).
+    pub fn shared_bytes(&self) -> usize {
+        match self {
+            Variant::Mma { .. } => 0,
+            Variant::Sm90 {
+                groups,
+                keys,
+                stages,
+                ..
+            } => groups * 64 * 256 + stages * keys * 512 + 1024,
+        }
+    }
+
+    /// Query rows per block.
+    pub fn rows_per_block(&self) -> usize {
+        match self {
+            Variant::Mma { warps, .. } => warps * 16,
+            Variant::Sm90 { groups, .. } => groups * 64,
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(&self) -> usize {
+        match self {
+            Variant::Mma { warps, .. } => warps * 32,
+            Variant::Sm90 { groups, .. } => groups * 128,
+        }
+    }
+
+    fn by_name(name: &str) -> Option<Variant> {
+        VARIANTS.iter().copied().find(|v| v.name() == name)
+    }
+}
+
+/// The variant for a GPU of compute capability `major.minor` and head dim `d`: `PARALLAX_FLASH`
+/// if it names one that runs there, else the Hopper kernel on sm_90 with head dim 128, else `w4`.
+pub fn variant_for(major: i32, minor: i32, d: usize) -> Variant {
+    let fallback = Variant::Mma {
+        name: "w4",
+        warps: 4,
+    };
+    if let Some(v) = std::env::var("PARALLAX_FLASH")
+        .ok()
+        .as_deref()
+        .and_then(Variant::by_name)
+    {
+        if v.runs_on(major, minor, d) {
+            return v;
+        }
+        tracing::warn!(
+            "PARALLAX_FLASH={} does not run on sm_{major}{minor} with head dim {d}",
+            v.name()
+        );
+    }
+    match Variant::by_name(SM90_DEFAULT) {
+        Some(v) if v.runs_on(major, minor, d) => v,
+        _ => fallback,
+    }
+}
+
+/// The variants that run on `dev` for head dim `d` (none off CUDA).
+pub fn variants_on(dev: &candle_core::Device, d: usize) -> Vec<Variant> {
+    match capability(dev) {
+        Some((major, minor)) => VARIANTS
+            .iter()
+            .copied()
+            .filter(|v| v.runs_on(major, minor, d))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The variant [`attention`] uses on `dev` for head dim `d` (none off CUDA).
+pub fn chosen_on(dev: &candle_core::Device, d: usize) -> Option<Variant> {
+    capability(dev).map(|(major, minor)| variant_for(major, minor, d))
+}
+
+fn capability(dev: &candle_core::Device) -> Option<(i32, i32)> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => super::nvrtc::compute_capability(d).ok(),
+        _ => None,
+    }
+}
+
+/// Runs `f` with `PARALLAX_FLASH` set to `v` (for the self-check and the profile; the variable
+/// is read at each launch), restoring what was there.
+pub fn with_variant<T>(v: Variant, f: impl FnOnce() -> T) -> T {
+    let before = std::env::var("PARALLAX_FLASH").ok();
+    std::env::set_var("PARALLAX_FLASH", v.name());
+    let out = f();
+    match before {
+        Some(w) => std::env::set_var("PARALLAX_FLASH", w),
+        None => std::env::remove_var("PARALLAX_FLASH"),
+    }
+    out
 }
 
 /// Whether the fused kernel takes these inputs.
@@ -39,12 +222,41 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let d = q.dim(D::Minus1)?;
         let op = FlashAttn {
             scale: 1.0 / (d as f32).sqrt(),
+            merged: false,
         };
         return q
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
     sdpa_chunked(q, k, v, 1024)
+}
+
+/// The same attention with heads merged: (B, H, L, D) in, (B, L, H·D) out, which is what the
+/// output projection takes. The Hopper kernel writes this layout directly (no transpose copy);
+/// elsewhere the (B, H, L, D) result is transposed.
+pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    if kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() && d == 128 {
+        let op = FlashAttn {
+            scale: 1.0 / (d as f32).sqrt(),
+            merged: true,
+        };
+        let out = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        // The op reports (B, L, H, D) when it merged, (B, H, L, D) when it could not.
+        if out.dims() == [b, l, h, d] {
+            return out.reshape((b, l, h * d));
+        }
+        return merge_heads(&out);
+    }
+    merge_heads(&attention(q, k, v)?)
+}
+
+/// (B, H, L, D) -> (B, L, H·D)
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, l, h * d))
 }
 
 /// The tiled online-softmax algorithm of the kernel, with candle ops, in f32: returns the output
@@ -88,6 +300,8 @@ pub fn online_softmax_reference(
 #[derive(Debug, Clone, Copy)]
 pub struct FlashAttn {
     pub scale: f32,
+    /// Write (B, L, H, D) instead of (B, H, L, D) where the kernel can (Hopper variants).
+    pub merged: bool,
 }
 
 impl candle_core::CustomOp3 for FlashAttn {
@@ -142,11 +356,29 @@ impl candle_core::CustomOp3 for FlashAttn {
         if d != 128 && d != 64 {
             candle_core::bail!("flash attention: head dim {d} not supported");
         }
-        let (name, warps) = variant();
-        let kernel = format!("parallax_flash_fwd_bf16_d{d}_{name}");
         let dev = &q.device;
-        let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE)?;
-        let func = dev.get_or_load_custom_func(&kernel, &module, &ptx)?;
+        let (major, minor) = super::nvrtc::compute_capability(dev)?;
+        let var = variant_for(major, minor, d);
+        let (func, merged) = match var {
+            Variant::Mma { name, .. } => {
+                let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE, false)?;
+                let kernel = format!("parallax_flash_fwd_bf16_d{d}_{name}");
+                (dev.get_or_load_custom_func(&kernel, &module, &ptx)?, false)
+            }
+            Variant::Sm90 { name, .. } => {
+                let (module, ptx) =
+                    super::nvrtc::ptx_for(dev, "flash_attn_sm90", SOURCE_SM90, true)?;
+                let kernel = format!("parallax_flash_sm90_{name}");
+                let func = dev.get_or_load_custom_func(&kernel, &module, &ptx)?;
+                // More than 48 KiB of dynamic shared memory has to be asked for.
+                func.set_attribute(
+                        candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        var.shared_bytes() as i32,
+                    )
+                    .w()?;
+                (func, self.merged)
+            }
+        };
         let qs = q.as_cuda_slice::<bf16>()?.slice(ql.start_offset()..);
         let ks = k.as_cuda_slice::<bf16>()?.slice(kl.start_offset()..);
         let vs = v.as_cuda_slice::<bf16>()?.slice(vl.start_offset()..);
@@ -156,11 +388,13 @@ impl candle_core::CustomOp3 for FlashAttn {
         let lse_null: u64 = 0;
         let lq_i = lq as i32;
         let lk_i = lk as i32;
+        let h_i = h as i32;
+        let merged_i = merged as i32;
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(warps * 16) as u32, (b * h) as u32, 1),
-            block_dim: ((warps * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (lq.div_ceil(var.rows_per_block()) as u32, (b * h) as u32, 1),
+            block_dim: (var.threads() as u32, 1, 1),
+            shared_mem_bytes: var.shared_bytes() as u32,
         };
         let mut builder = func.builder();
         builder.arg(&qs);
@@ -171,9 +405,16 @@ impl candle_core::CustomOp3 for FlashAttn {
         builder.arg(&lq_i);
         builder.arg(&lk_i);
         builder.arg(&scale_log2);
+        if matches!(var, Variant::Sm90 { .. }) {
+            builder.arg(&h_i);
+            builder.arg(&merged_i);
+        }
         // SAFETY: arguments match the kernel's signature; buffers are sized from the shapes.
         unsafe { builder.launch(cfg) }.w()?;
         let out = candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone());
+        if merged {
+            return Ok((out, (b, lq, h, d).into()));
+        }
         Ok((out, ql.shape().clone()))
     }
 }

@@ -6,25 +6,33 @@ use std::collections::HashMap;
 #[cfg(feature = "cuda")]
 use std::sync::Mutex;
 
+/// The compute capability (major, minor) of `dev`.
+#[cfg(feature = "cuda")]
+pub fn compute_capability(dev: &candle_core::CudaDevice) -> candle_core::Result<(i32, i32)> {
+    dev.cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+}
+
 /// PTX for `source` built for `dev`'s architecture, and the module name to load it under.
+/// `accelerated` builds for the architecture-specific target (`sm_90a`), which the Hopper-only
+/// instructions (wgmma) need.
 #[cfg(feature = "cuda")]
 pub fn ptx_for(
     dev: &candle_core::CudaDevice,
     name: &str,
     source: &'static str,
+    accelerated: bool,
 ) -> candle_core::Result<(String, String)> {
     static CACHE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
-    let (major, minor) = dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    let (major, minor) = compute_capability(dev)?;
     if major < 8 {
         candle_core::bail!(
             "Parallax's kernels need an sm_80 or newer GPU (found sm_{major}{minor})"
         );
     }
-    let arch = format!("sm_{major}{minor}");
+    let arch = format!("sm_{major}{minor}{}", if accelerated { "a" } else { "" });
     let module = format!("parallax_{name}_{arch}");
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);

@@ -10,6 +10,11 @@ use candle_core::{DType, Result, Tensor, D};
 pub trait Attention: Send + Sync {
     /// softmax(Q Kᵀ / √d) V, returning (B, H, Lq, D).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// The same with heads merged, (B, Lq, H·D): what the output projection takes. Strategies
+    /// whose kernel can write that layout directly override it to skip the transpose copy.
+    fn attend_merged(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        crate::kernels::flash_attn::merge_heads(&self.attend(q, k, v)?)
+    }
     /// A short name for logs and `info`.
     fn name(&self) -> &str;
 }
@@ -39,6 +44,12 @@ impl Attention for LocalAttention {
             return crate::kernels::flash_attn::attention(q, k, v);
         }
         sdpa_chunked(q, k, v, self.query_chunk)
+    }
+    fn attend_merged(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.fused && crate::kernels::flash_attn::kernel_supports(q) {
+            return crate::kernels::flash_attn::attention_merged(q, k, v);
+        }
+        crate::kernels::flash_attn::merge_heads(&sdpa_chunked(q, k, v, self.query_chunk)?)
     }
     fn name(&self) -> &str {
         if self.fused {

@@ -15,7 +15,7 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
-use crate::kernels::elementwise::{bias_act, gated_residual, ln_modulate};
+use crate::kernels::elementwise::{bias_act, cat_bias_gelu, gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 
 /// Architecture hyper-parameters.
@@ -272,13 +272,18 @@ impl Lin {
         })
     }
 
-    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+    /// `x Wᵀ` without the bias.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
         let w = match *x.dims() {
             [b1, b2, _, _] => self.weight.broadcast_left((b1, b2))?.t()?,
             [b, _, _] => self.weight.broadcast_left(b)?.t()?,
             _ => self.weight.t()?,
         };
-        let y = x.matmul(&w)?;
+        x.matmul(&w)
+    }
+
+    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        let y = self.product(x)?;
         match &self.bias {
             Some(b) => bias_act(&y, b, gelu),
             None if gelu => y.gelu(),
@@ -368,12 +373,6 @@ impl QkNorm {
     }
 }
 
-/// (B, H, L, D) -> (B, L, H*D)
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, l, d) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, l, h * d))
-}
-
 /// Attention weights of one stream in a double block.
 #[derive(Debug, Clone)]
 struct SelfAttn {
@@ -459,7 +458,7 @@ impl DoubleBlock {
             &ctx.pe,
             self.heads,
         )?;
-        let out = merge_heads(&attn.attend(&q, &k, &v)?)?;
+        let out = attn.attend_merged(&q, &k, &v)?;
         let txt_len = txt.dim(1)?;
         let txt_out = out.narrow(1, 0, txt_len)?;
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
@@ -507,10 +506,16 @@ impl SingleBlock {
         let m = &self.modulation.forward(&ctx.vec)?[0];
         let xm = m.norm_modulate(x)?;
         let qkv = self.linear1_qkv.forward(&xm)?;
-        let mlp = self.linear1_mlp.apply(&xm, true)?;
+        // The MLP half without its bias: bias and GELU are applied while joining it to the
+        // attention output (one pass, `cat_bias_gelu`).
+        let mlp = self.linear1_mlp.product(&xm)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
-        let a = merge_heads(&attn.attend(&q, &k, &v)?)?;
-        let out = self.linear2.forward(&Tensor::cat(&[a, mlp], D::Minus1)?)?;
+        let a = attn.attend_merged(&q, &k, &v)?;
+        let joined = match &self.linear1_mlp.bias {
+            Some(b) => cat_bias_gelu(&a, &mlp, b)?,
+            None => Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?,
+        };
+        let out = self.linear2.forward(&joined)?;
         m.gated_add(x, &out)
     }
 }
