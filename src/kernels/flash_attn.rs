@@ -31,7 +31,35 @@ pub enum Variant {
         groups: usize,
         keys: usize,
         stages: usize,
+        loads: Loads,
     },
+}
+
+/// How a Hopper variant fills its shared-memory tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loads {
+    /// Every thread copies with cp.async; block-wide barriers per tile.
+    CpAsync,
+    /// The tensor memory accelerator, issued by thread 0; mbarriers per buffer.
+    Tma,
+    /// The tensor memory accelerator, issued by an extra producer warpgroup.
+    TmaProducer,
+}
+
+const fn sm90(
+    name: &'static str,
+    groups: usize,
+    keys: usize,
+    stages: usize,
+    loads: Loads,
+) -> Variant {
+    Variant::Sm90 {
+        name,
+        groups,
+        keys,
+        stages,
+        loads,
+    }
 }
 
 /// Every variant, for the self-check and the profile.
@@ -48,53 +76,24 @@ pub const VARIANTS: &[Variant] = &[
         name: "w4p",
         warps: 4,
     },
-    Variant::Sm90 {
-        name: "g2n128s2",
-        groups: 2,
-        keys: 128,
-        stages: 2,
-    },
-    Variant::Sm90 {
-        name: "g2n128s3",
-        groups: 2,
-        keys: 128,
-        stages: 3,
-    },
-    Variant::Sm90 {
-        name: "g2n64s3",
-        groups: 2,
-        keys: 64,
-        stages: 3,
-    },
-    Variant::Sm90 {
-        name: "g3n64s3",
-        groups: 3,
-        keys: 64,
-        stages: 3,
-    },
-    // The overlapped schedule (softmax of tile j during O += P V of tile j-1), three buffers.
-    Variant::Sm90 {
-        name: "g2n128o",
-        groups: 2,
-        keys: 128,
-        stages: 3,
-    },
-    Variant::Sm90 {
-        name: "g2n64o",
-        groups: 2,
-        keys: 64,
-        stages: 3,
-    },
-    Variant::Sm90 {
-        name: "g3n64o",
-        groups: 3,
-        keys: 64,
-        stages: 3,
-    },
+    // Hopper: warpgroups x keys per tile x buffers; `o`: the softmax of tile j overlaps
+    // O += P V of tile j-1; `t`: tensor-memory-accelerator loads; `p`: a producer warpgroup.
+    sm90("g2n128s2", 2, 128, 2, Loads::CpAsync),
+    sm90("g2n128s3", 2, 128, 3, Loads::CpAsync),
+    sm90("g2n64s3", 2, 64, 3, Loads::CpAsync),
+    sm90("g3n64s3", 3, 64, 3, Loads::CpAsync),
+    sm90("g2n128o", 2, 128, 3, Loads::CpAsync),
+    sm90("g2n64o", 2, 64, 3, Loads::CpAsync),
+    sm90("g3n64o", 3, 64, 3, Loads::CpAsync),
+    sm90("g2n128t2", 2, 128, 2, Loads::Tma),
+    sm90("g2n128t3", 2, 128, 3, Loads::Tma),
+    sm90("g2n128to", 2, 128, 3, Loads::Tma),
+    sm90("g2n128tp", 2, 128, 2, Loads::TmaProducer),
+    sm90("g2n128tpo", 2, 128, 3, Loads::TmaProducer),
 ];
 
 /// The Hopper variant used on sm_90 GPUs unless `PARALLAX_FLASH` names another.
-pub const SM90_DEFAULT: &str = "g2n128s2";
+pub const SM90_DEFAULT: &str = "g2n128tpo";
 
 impl Variant {
     pub fn name(&self) -> &'static str {
@@ -120,7 +119,7 @@ impl Variant {
                 keys,
                 stages,
                 ..
-            } => groups * 64 * 256 + stages * keys * 512 + 1024,
+            } => groups * 64 * 256 + stages * keys * 512 + 1024 + 256,
         }
     }
 
@@ -136,7 +135,9 @@ impl Variant {
     pub fn threads(&self) -> usize {
         match self {
             Variant::Mma { warps, .. } => warps * 32,
-            Variant::Sm90 { groups, .. } => groups * 128,
+            Variant::Sm90 { groups, loads, .. } => {
+                groups * 128 + if *loads == Loads::TmaProducer { 128 } else { 0 }
+            }
         }
     }
 
@@ -358,7 +359,12 @@ impl candle_core::CustomOp3 for FlashAttn {
         }
         let dev = &q.device;
         let (major, minor) = super::nvrtc::compute_capability(dev)?;
-        let var = variant_for(major, minor, d);
+        let mut var = variant_for(major, minor, d);
+        // The tensor memory accelerator needs 16-byte aligned rows' start.
+        let aligned = [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0);
+        if matches!(var, Variant::Sm90 { loads, .. } if loads != Loads::CpAsync) && !aligned {
+            var = Variant::by_name("g2n128s2").unwrap_or(var);
+        }
         let (func, merged) = match var {
             Variant::Mma { name, .. } => {
                 let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE, false)?;
@@ -396,10 +402,41 @@ impl candle_core::CustomOp3 for FlashAttn {
             block_dim: (var.threads() as u32, 1, 1),
             shared_mem_bytes: var.shared_bytes() as u32,
         };
+        let stream = dev.cuda_stream();
         let mut builder = func.builder();
-        builder.arg(&qs);
-        builder.arg(&ks);
-        builder.arg(&vs);
+        // Tensor maps (and the guards that keep the buffers' stream order) for TMA variants.
+        let (maps, _guards) = match var {
+            Variant::Sm90 {
+                loads,
+                groups,
+                keys,
+                ..
+            } if loads != Loads::CpAsync => {
+                use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+                let (qp, qg) = qs.device_ptr(&stream);
+                let (kp, kg) = ks.device_ptr(&stream);
+                let (vp, vg) = vs.device_ptr(&stream);
+                let maps = [
+                    tma::map(qp, lq, b * h, groups * 64)?,
+                    tma::map(kp, lk, b * h, keys)?,
+                    tma::map(vp, lk, b * h, keys)?,
+                ];
+                (Some(maps), Some((qg, kg, vg)))
+            }
+            _ => (None, None),
+        };
+        match &maps {
+            Some([mq, mk, mv]) => {
+                builder.arg(mq);
+                builder.arg(mk);
+                builder.arg(mv);
+            }
+            None => {
+                builder.arg(&qs);
+                builder.arg(&ks);
+                builder.arg(&vs);
+            }
+        }
         builder.arg(&out);
         builder.arg(&lse_null);
         builder.arg(&lq_i);
@@ -416,6 +453,56 @@ impl candle_core::CustomOp3 for FlashAttn {
             return Ok((out, (b, lq, h, d).into()));
         }
         Ok((out, ql.shape().clone()))
+    }
+}
+
+/// Tensor maps for the tensor memory accelerator (TMA variants of the Hopper kernel).
+#[cfg(feature = "cuda")]
+mod tma {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+
+    /// A `CUtensorMap` passed by value as a kernel parameter.
+    #[repr(transparent)]
+    pub struct TensorMap(sys::CUtensorMap);
+
+    // SAFETY: a plain 128-byte value the kernel receives as a `__grid_constant__` parameter.
+    unsafe impl DeviceRepr for TensorMap {}
+
+    /// The map of a contiguous (bh, rows, 128) bf16 tensor at `ptr`, as the 3-D (128, rows, bh)
+    /// tensor the kernel reads, in boxes of 64 columns x `box_rows` rows with 128-byte swizzling;
+    /// rows past the end read as zeros.
+    pub fn map(
+        ptr: sys::CUdeviceptr,
+        rows: usize,
+        bh: usize,
+        box_rows: usize,
+    ) -> candle_core::Result<TensorMap> {
+        let dims = [128u64, rows as u64, bh as u64];
+        let strides = [256u64, (rows * 256) as u64];
+        let boxes = [64u32, box_rows as u32, 1];
+        let elem = [1u32; 3];
+        let mut out = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+        // SAFETY: the arrays have the lengths the rank (3) asks for; `out` is written on success.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                out.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                3,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            Ok(TensorMap(out.assume_init()))
+        }
     }
 }
 

@@ -1,5 +1,9 @@
 // Parallax fused attention for Hopper (sm_90a): warpgroup matrix products (wgmma).
 //
+// The default on sm_90 is `g2n128tpo` (TMA loads from a producer warpgroup, softmax overlapped
+// with the P V product; see flash_sm90_tma): 562 TFLOP/s at 16,896 tokens on an H100. The other
+// variants stay for comparison (`parallax profile`) and as the fallback for unaligned inputs.
+//
 // softmax(Q K^T * scale) V, non-causal, bf16 in and out, f32 accumulation, head dim 128. A block
 // holds NWG warpgroups of 128 threads; each warpgroup owns 64 query rows, so a block covers 64*NWG
 // rows of one (batch*head). Keys and values stream through shared memory BN at a time in a ring
@@ -457,6 +461,197 @@ __device__ __forceinline__ void flash_sm90_overlap(const unsigned short* __restr
     store_out(o, m0, m1, l0, l1, O, LSE, bh, q0 + wg * 64 + warp * 16 + (lane >> 2), Lq, H, merged, t);
 }
 
+
+// ---- Tensor-memory-accelerator (TMA) loads and mbarriers, for the `t` variants. ----
+
+// A CUtensorMap made on the host (cuTensorMapEncodeTiled), passed by value as a kernel parameter.
+struct __align__(64) TmaDesc {
+    u64 v[16];
+};
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive and announce `bytes` of TMA transfer that will complete on this barrier.
+__device__ __forceinline__ void mbar_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    }
+}
+// One box of a 3-D tensor map (coordinates innermost first) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_3d(unsigned dst, const TmaDesc* map, int c0, int c1, int c2,
+                                            unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+// The TMA schedule: the key/value tiles are loaded by the tensor memory accelerator into a ring of
+// STAGES buffers, each with a "full" barrier (its bytes have landed) and an "empty" barrier (every
+// consumer warp is done with it); consumer warpgroups never meet at a block-wide barrier. With
+// PRODUCER a separate warpgroup issues the loads (and gives its registers to the consumers);
+// without, thread 0 issues each tile's successor as soon as the buffer is released. OVERLAP runs
+// the softmax of tile j during O += P V of tile j-1. The tensor maps are 3-D (128 head-dim, L
+// rows, B*H) with boxes of 64 columns: rows past L read as zeros, and boxes land in the 128-byte
+// swizzled layout the descriptors expect.
+template <int NWG, int BN, int STAGES, bool OVERLAP, bool PRODUCER>
+__device__ __forceinline__ void flash_sm90_tma(const TmaDesc* tq, const TmaDesc* tk, const TmaDesc* tv,
+                                               unsigned short* __restrict__ O, float* __restrict__ LSE,
+                                               int Lq, int Lk, float scale_log2, int H, int merged) {
+    constexpr int BM = 64 * NWG;
+    constexpr int NS = BN / 2;
+    using T = Tiles<NWG, BN>;
+    extern __shared__ unsigned char smem_raw[];
+    const T tl{(smem_u32(smem_raw) + 1023u) & ~1023u};
+    const unsigned bars = tl.base + T::Q_BYTES + STAGES * 2 * T::KV_BYTES;
+    auto full = [&](int st) { return bars + 8 * st; };
+    auto empty = [&](int st) { return bars + 8 * (STAGES + st); };
+    const unsigned qbar = bars + 16 * STAGES;
+
+    const int bh = blockIdx.y;
+    const int q0 = blockIdx.x * BM;
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int ntiles = (Lk + BN - 1) / BN;
+    auto load_tile = [&](int j) {
+        const int st = j % STAGES;
+        mbar_expect_tx(full(st), BN * 512);
+        tma_load_3d(tl.k(st), tk, 0, j * BN, bh, full(st));
+        tma_load_3d(tl.k(st) + BN * 128, tk, 64, j * BN, bh, full(st));
+        tma_load_3d(tl.v(st), tv, 0, j * BN, bh, full(st));
+        tma_load_3d(tl.v(st) + BN * 128, tv, 64, j * BN, bh, full(st));
+    };
+    // Thread 0 issues tile j + STAGES once every consumer warp has released tile j's buffer.
+    auto refill = [&](int j) {
+        if (!PRODUCER && tid == 0 && j + STAGES < ntiles) {
+            mbar_wait(empty(j % STAGES), (j / STAGES) & 1);
+            load_tile(j + STAGES);
+        }
+    };
+
+    if (tid == 0) {
+        for (int st = 0; st < STAGES; ++st) {
+            mbar_init(full(st), 1);
+            mbar_init(empty(st), NWG * 4);
+        }
+        mbar_init(qbar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (PRODUCER && (tid >> 7) == NWG) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == NWG * 128) {
+            mbar_expect_tx(qbar, BM * 256);
+            tma_load_3d(tl.q(), tq, 0, q0, bh, qbar);
+            tma_load_3d(tl.q() + BM * 128, tq, 64, q0, bh, qbar);
+            for (int j = 0; j < ntiles; ++j) {
+                if (j >= STAGES) mbar_wait(empty(j % STAGES), ((j / STAGES) - 1) & 1);
+                load_tile(j);
+            }
+        }
+        return;
+    }
+    if (PRODUCER) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    if (!PRODUCER && tid == 0) {
+        mbar_expect_tx(qbar, BM * 256);
+        tma_load_3d(tl.q(), tq, 0, q0, bh, qbar);
+        tma_load_3d(tl.q() + BM * 128, tq, 64, q0, bh, qbar);
+        for (int j = 0; j < STAGES && j < ntiles; ++j) load_tile(j);
+    }
+
+    const int wg = tid >> 7;
+    const int warp = (tid >> 5) & 3;
+    const int t = lane & 3;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    float s[NS];
+    unsigned pa[BN / 16][4];
+    mbar_wait(qbar, 0);
+
+    if (!OVERLAP) {
+        for (int j = 0; j < ntiles; ++j) {
+            const int st = j % STAGES;
+            mbar_wait(full(st), (j / STAGES) & 1);
+            fence_regs<NS>(s);
+            wgmma_fence();
+            issue_qk<NWG, BN>(s, tl, st, wg);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<NS>(s);
+            float a0, a1;
+            softmax_tile<NS>(s, j * BN, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
+            rescale(o, a0, a1);
+            to_fragments<BN>(s, pa);
+            fence_regs<64>(o);
+            wgmma_fence();
+            issue_pv<NWG, BN>(o, pa, tl, st);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<64>(o);
+            if (lane == 0) mbar_arrive(empty(st));
+            refill(j);
+        }
+    } else {
+        mbar_wait(full(0), 0);
+        fence_regs<NS>(s);
+        wgmma_fence();
+        issue_qk<NWG, BN>(s, tl, 0, wg);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<NS>(s);
+        {
+            float a0, a1;
+            softmax_tile<NS>(s, 0, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
+            to_fragments<BN>(s, pa);
+        }
+        for (int j = 1; j < ntiles; ++j) {
+            const int st = j % STAGES;
+            const int prev = (j - 1) % STAGES;
+            mbar_wait(full(st), (j / STAGES) & 1);
+            fence_regs<NS>(s);
+            fence_regs<64>(o);
+            wgmma_fence();
+            issue_qk<NWG, BN>(s, tl, st, wg);
+            wgmma_commit();
+            issue_pv<NWG, BN>(o, pa, tl, prev);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs<NS>(s);
+            float a0, a1;
+            softmax_tile<NS>(s, j * BN, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
+            wgmma_wait<0>();
+            fence_regs<64>(o);
+            if (lane == 0) mbar_arrive(empty(prev));
+            refill(j - 1);
+            rescale(o, a0, a1);
+            to_fragments<BN>(s, pa);
+        }
+        fence_regs<64>(o);
+        wgmma_fence();
+        issue_pv<NWG, BN>(o, pa, tl, (ntiles - 1) % STAGES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<64>(o);
+    }
+    store_out(o, m0, m1, l0, l1, O, LSE, bh, q0 + wg * 64 + warp * 16 + (lane >> 2), Lq, H, merged, t);
+}
+
 #define SM90_ARGS                                                                            \
     const unsigned short *Q, const unsigned short *K, const unsigned short *V, unsigned short *O, \
         float *LSE, int Lq, int Lk, float scale_log2, int H, int merged
@@ -484,4 +679,27 @@ extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n64o(
 }
 extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g3n64o(SM90_ARGS) {
     flash_sm90_overlap<3, 64>(SM90_PASS);
+}
+
+#define TMA_ARGS                                                                                  \
+    const __grid_constant__ TmaDesc tq, const __grid_constant__ TmaDesc tk,                       \
+        const __grid_constant__ TmaDesc tv, unsigned short *O, float *LSE, int Lq, int Lk, float scale_log2, \
+        int H, int merged
+#define TMA_PASS &tq, &tk, &tv, O, LSE, Lq, Lk, scale_log2, H, merged
+
+// TMA variants: two consumer warpgroups; `p`: plus a producer warpgroup.
+extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n128t2(TMA_ARGS) {
+    flash_sm90_tma<2, 128, 2, false, false>(TMA_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n128t3(TMA_ARGS) {
+    flash_sm90_tma<2, 128, 3, false, false>(TMA_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n128to(TMA_ARGS) {
+    flash_sm90_tma<2, 128, 3, true, false>(TMA_PASS);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g2n128tp(TMA_ARGS) {
+    flash_sm90_tma<2, 128, 2, false, true>(TMA_PASS);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g2n128tpo(TMA_ARGS) {
+    flash_sm90_tma<2, 128, 3, true, true>(TMA_PASS);
 }
