@@ -96,6 +96,26 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                 1e-2,
             );
         }
+        {
+            // The log-sum-exp the kernel writes (ring attention merges partial results by it).
+            let (out, lse) = flash_attn::attention_with_lse(&qb, &kb, &vb)?;
+            let (ref_out, ref_lse) = flash_attn::online_softmax_reference(
+                &qb.to_dtype(DType::F32)?,
+                &kb.to_dtype(DType::F32)?,
+                &vb.to_dtype(DType::F32)?,
+                512,
+            )?;
+            report.check(
+                format!("attention with log-sum-exp {b}x{h}x{lq}x{lk}x{d}: output"),
+                rel_err(&out, &ref_out)?,
+                1e-2,
+            );
+            report.check(
+                format!("attention with log-sum-exp {b}x{h}x{lq}x{lk}x{d}: lse"),
+                rel_err(&lse, &ref_lse)?,
+                1e-3,
+            );
+        }
         if d == 128 {
             // Heads merged by the kernel ((B, L, H*D) written directly where it can).
             let out = flash_attn::attention_merged(&qb, &kb, &vb)?;

@@ -224,6 +224,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let op = FlashAttn {
             scale: 1.0 / (d as f32).sqrt(),
             merged: false,
+            lse: 0,
         };
         return q
             .contiguous()?
@@ -241,6 +242,7 @@ pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let op = FlashAttn {
             scale: 1.0 / (d as f32).sqrt(),
             merged: true,
+            lse: 0,
         };
         let out = q
             .contiguous()?
@@ -252,6 +254,40 @@ pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         return merge_heads(&out);
     }
     merge_heads(&attention(q, k, v)?)
+}
+
+/// Attention over (B, H, L, D) with each query's natural-log log-sum-exp of its scaled scores,
+/// (B, H, Lq): what ring attention merges partial results with. Both in f32. On CUDA in bf16 the
+/// fused kernel writes the log-sum-exp as it goes; elsewhere [`online_softmax_reference`].
+pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        let (b, h, lq, d) = q.dims4()?;
+        let lse = Tensor::zeros((b, h, lq), DType::F32, q.device())?;
+        let ptr = {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let (storage, layout) = lse.storage_and_layout();
+            let candle_core::Storage::Cuda(cs) = &*storage else {
+                candle_core::bail!("attention_with_lse: the buffer is not on the GPU");
+            };
+            let slice = cs.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+            let stream = cs.device.cuda_stream();
+            let (ptr, _sync) = slice.device_ptr(&stream);
+            ptr
+        };
+        let op = FlashAttn {
+            scale: 1.0 / (d as f32).sqrt(),
+            merged: false,
+            lse: ptr,
+        };
+        // The kernel writes `lse` on the same stream it is read on afterwards; `lse` lives
+        // until the end of this function, past the launch.
+        let out = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        return Ok((out.to_dtype(DType::F32)?, lse));
+    }
+    online_softmax_reference(q, k, v, usize::MAX)
 }
 
 /// (B, H, L, D) -> (B, L, H·D)
@@ -303,6 +339,9 @@ pub struct FlashAttn {
     pub scale: f32,
     /// Write (B, L, H, D) instead of (B, H, L, D) where the kernel can (Hopper variants).
     pub merged: bool,
+    /// Device address of a contiguous f32 (B, H, Lq) buffer for the log-sum-exp, or 0 for none
+    /// (see [`attention_with_lse`], which owns that buffer across the call).
+    pub lse: u64,
 }
 
 impl candle_core::CustomOp3 for FlashAttn {
@@ -391,7 +430,7 @@ impl candle_core::CustomOp3 for FlashAttn {
         let n = b * h * lq * d;
         // SAFETY: every element is written by the kernel (each query row of each head).
         let out = unsafe { dev.alloc::<bf16>(n)? };
-        let lse_null: u64 = 0;
+        let lse_ptr: u64 = self.lse;
         let lq_i = lq as i32;
         let lk_i = lk as i32;
         let h_i = h as i32;
@@ -438,7 +477,7 @@ impl candle_core::CustomOp3 for FlashAttn {
             }
         }
         builder.arg(&out);
-        builder.arg(&lse_null);
+        builder.arg(&lse_ptr);
         builder.arg(&lq_i);
         builder.arg(&lk_i);
         builder.arg(&scale_log2);
