@@ -27,7 +27,7 @@ impl UlyssesAttention {
 
 /// Attention of `q` to the real keys of the local sequences of `ranks` (all of `k` without a
 /// padded layout).
-pub(crate) fn attend_real(
+fn attend_real(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
