@@ -276,3 +276,71 @@ fn two_worker_processes_equal_two_worker_threads() {
     assert!(!o.status.success());
     assert!(text(&o).contains("below --world 2"), "{}", text(&o));
 }
+
+/// A size whose token count does not divide over the workers (48 x 80 px: 15 image tokens over
+/// 2 ranks; 10 latent rows decoded in bands of 5) makes the single-worker image, on worker
+/// threads and on worker processes alike.
+#[test]
+fn uneven_token_counts_match_one_worker_on_threads_and_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let common = [
+        "--model",
+        "demo",
+        "--prompt",
+        "an odd size",
+        "--width",
+        "48",
+        "--height",
+        "80",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+    ];
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["generate", "--quiet", "--out", s(&out)];
+        args.extend(common);
+        args.extend(extra.iter().copied());
+        let o = parallax(&args);
+        assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        read_png(&out).expect("png").0
+    };
+    let one = run("one.png", &[]);
+    let threads = run("threads.png", &["--devices", "cpu:2", "--ring", "2"]);
+    assert_eq!((threads.width, threads.height), (48, 80));
+    let worst = one
+        .data
+        .iter()
+        .zip(&threads.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(255);
+    assert!(worst <= 1, "threads differ from one worker by {worst}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let init = format!("tcp://127.0.0.1:{port}");
+    let multi = dir.path().join("multi.png");
+    let spawn = |rank: &str, out: &Path| {
+        let mut args = vec!["worker", "--rank", rank, "--world", "2", "--init", &init];
+        args.extend(common);
+        args.extend(["--ring", "2", "--out", s(out)]);
+        Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&args)
+            .output()
+    };
+    let (r0, r1) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| spawn("1", &dir.path().join("unused.png")));
+        let h0 = sc.spawn(|| spawn("0", &multi));
+        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+    });
+    let (r0, r1) = (r0.expect("run rank 0"), r1.expect("run rank 1"));
+    assert!(r0.status.success(), "rank 0: {}", text(&r0));
+    assert!(r1.status.success(), "rank 1: {}", text(&r1));
+    let (processes, _) = read_png(&multi).expect("multi-process image");
+    assert_eq!(processes, threads);
+}

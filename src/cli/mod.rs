@@ -582,7 +582,8 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         &mut |flux, job, on_step| denoise_rank(flux, job, &mesh, rank, &groups, &|| false, on_step),
         &|vae, z| {
             let w = groups.world.size();
-            if w > 1 && z.dim(2)? % w == 0 {
+            // Row bands (unequal when the rows do not divide); one worker for tiny latents.
+            if w > 1 && z.dim(2)? >= w {
                 Ok(crate::parallel::vae::decode(vae, z, groups.world.as_ref())?)
             } else {
                 Ok(vae.decode(z)?)

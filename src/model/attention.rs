@@ -2,9 +2,12 @@
 //!
 //! Blocks hand it Q, K and V for the joint text+image sequence, already QK-normed and rotated,
 //! as (batch, heads, tokens, head_dim). A parallel strategy (Ulysses, Ring, ...) replaces the
-//! implementation; the model code never changes.
+//! implementation; the model code never changes. Under sequence parallelism with padded shards the
+//! blocks call [`Attention::attend_shards`] instead, which leaves padded keys out.
 
 use candle_core::{DType, Result, Tensor, D};
+
+use crate::parallel::sp::ShardLayout;
 
 /// Scaled dot-product attention over (B, H, L, D) tensors, non-causal.
 pub trait Attention: Send + Sync {
@@ -14,6 +17,25 @@ pub trait Attention: Send + Sync {
     /// whose kernel can write that layout directly override it to skip the transpose copy.
     fn attend_merged(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         crate::kernels::flash_attn::merge_heads(&self.attend(q, k, v)?)
+    }
+    /// [`Attention::attend`] for one rank of a sequence-parallel group whose shards are laid
+    /// out as `layout` says, padding included: padded keys take no part, and what padded
+    /// queries get is unspecified (their rows are dropped later). Sequence-parallel strategies
+    /// override it; the default serves layouts without padding only.
+    fn attend_shards(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &ShardLayout,
+    ) -> Result<Tensor> {
+        if layout.is_padded() {
+            candle_core::bail!(
+                "{} attention cannot leave out padded keys (sequence-parallel strategies can)",
+                self.name()
+            );
+        }
+        self.attend(q, k, v)
     }
     /// A short name for logs and `info`.
     fn name(&self) -> &str;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{Attention, LocalAttention};
 use crate::kernels::elementwise::{bias_act, cat_bias_gelu, gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
+use crate::parallel::sp::ShardLayout;
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -458,7 +459,7 @@ impl DoubleBlock {
             &ctx.pe,
             self.heads,
         )?;
-        let out = attn.attend_merged(&q, &k, &v)?;
+        let out = ctx.attend_merged(attn, &q, &k, &v)?;
         let txt_len = txt.dim(1)?;
         let txt_out = out.narrow(1, 0, txt_len)?;
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
@@ -510,7 +511,7 @@ impl SingleBlock {
         // attention output (one pass, `cat_bias_gelu`).
         let mlp = self.linear1_mlp.product(&xm)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
-        let a = attn.attend_merged(&q, &k, &v)?;
+        let a = ctx.attend_merged(attn, &q, &k, &v)?;
         let joined = match &self.linear1_mlp.bias {
             Some(b) => cat_bias_gelu(&a, &mlp, b)?,
             None => Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?,
@@ -527,6 +528,50 @@ pub struct BlockCtx {
     pub vec: Tensor,
     /// RoPE tables for the joint (text, image) sequence.
     pub pe: PosEmbed,
+    /// Under sequence parallelism: how the group's ranks split the tokens (which rows of this
+    /// rank's streams are padding).
+    pub shards: Option<ShardLayout>,
+}
+
+impl BlockCtx {
+    /// Attention through `attn`, leaving out padded keys when the shards hold padding.
+    pub fn attend(
+        &self,
+        attn: &dyn Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        match &self.shards {
+            Some(layout) if layout.is_padded() => attn.attend_shards(q, k, v, layout),
+            _ => attn.attend(q, k, v),
+        }
+    }
+
+    /// [`BlockCtx::attend`] with heads merged, (B, Lq, H·D), as the output projection takes it.
+    pub fn attend_merged(
+        &self,
+        attn: &dyn Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        match &self.shards {
+            Some(layout) if layout.is_padded() => {
+                crate::kernels::flash_attn::merge_heads(&attn.attend_shards(q, k, v, layout)?)
+            }
+            _ => attn.attend_merged(q, k, v),
+        }
+    }
+
+    /// The rows of this rank's image stream `img` (B, N, ..) that are real tokens: all of them
+    /// unless the shards hold padding.
+    pub fn real_image(&self, img: &Tensor) -> Result<Tensor> {
+        match &self.shards {
+            Some(layout) if layout.is_padded() => img.narrow(1, 0, layout.img_real(layout.rank)),
+            _ => Ok(img.clone()),
+        }
+    }
 }
 
 /// The two token streams between blocks.
@@ -619,11 +664,11 @@ impl Flux {
         })
     }
 
-    /// Replace the attention implementation (for parallel strategies).
     /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
-    /// rank's shard of the text and image tokens (with their RoPE rows) and
-    /// [`Flux::final_layer`] gathers every rank's velocity, so callers still pass and receive
-    /// whole tensors. The attention must be the group's strategy (Ulysses, Ring, USP).
+    /// rank's shard of the text and image tokens (with their RoPE rows; padded when the counts do
+    /// not divide by the group size, see [`crate::parallel::sp`]) and [`Flux::final_layer`]
+    /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
+    /// attention must be the group's strategy (Ulysses, Ring, USP).
     pub fn with_sequence_parallel(
         mut self,
         group: Arc<dyn crate::parallel::comm::Communicator>,
@@ -637,6 +682,7 @@ impl Flux {
         self.sp.as_ref()
     }
 
+    /// Replace the attention implementation (for parallel strategies).
     pub fn with_attention(mut self, attention: Arc<dyn Attention>) -> Self {
         self.attention = attention;
         self
@@ -668,13 +714,13 @@ impl Flux {
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
         let shard;
         let local;
-        let input = match &self.sp {
+        let (input, shards) = match &self.sp {
             Some(group) => {
                 shard = crate::parallel::sp::Shard::new(input, group.size(), group.rank())?;
                 local = shard.input(input);
-                &local
+                (&local, Some(shard.layout))
             }
-            None => input,
+            None => (input, None),
         };
         let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
         let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
@@ -696,6 +742,7 @@ impl Flux {
             BlockCtx {
                 vec,
                 pe: input.pe.clone(),
+                shards,
             },
         ))
     }
@@ -730,9 +777,13 @@ impl Flux {
         let v = self
             .final_linear
             .forward(&ln_modulate(img, shift, scale)?)?;
-        match &self.sp {
-            Some(group) => group.all_gather(&v, 1),
-            None => Ok(v),
+        match (&self.sp, &ctx.shards) {
+            // Every rank's shard, in rank order; padding sits at the end of the image stream.
+            (Some(group), Some(layout)) if layout.is_padded() => {
+                group.all_gather(&v, 1)?.narrow(1, 0, layout.img_len)
+            }
+            (Some(group), _) => group.all_gather(&v, 1),
+            (None, _) => Ok(v),
         }
     }
 

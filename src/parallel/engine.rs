@@ -361,13 +361,14 @@ pub fn denoise_rank(
     )
 }
 
-/// Decode on `workers` CPU workers in row bands when the latent's rows split evenly, else on one.
+/// Decode on `workers` CPU workers in row bands (unequal when the latent's rows do not divide),
+/// or on one when there are fewer rows than workers.
 fn decode_parallel(
     vae: &crate::model::vae::AutoEncoder,
     z: &Tensor,
     workers: usize,
 ) -> Result<Tensor> {
-    if workers <= 1 || z.dim(2)? % workers != 0 {
+    if workers <= 1 || z.dim(2)? < workers {
         return Ok(vae.decode(z)?);
     }
     let mut parts = run_local(workers, |_, comm| super::vae::decode(vae, z, &comm))?;
@@ -479,6 +480,67 @@ mod tests {
                 d <= 1,
                 "ring {ring} x ulysses {ulysses}: pixels differ by {d}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn token_counts_that_do_not_divide_match_one_worker() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        // 48 x 80 px: 3 x 5 = 15 image tokens (odd) beside the demo's 64 text tokens (not a
+        // multiple of 3), and 10 latent rows for the decode (unequal bands on 3 and 4 workers).
+        let r = GenerateRequest {
+            width: 48,
+            height: 80,
+            ..req(0.0)
+        };
+        let one = p.generate(&r, &mut |_| Ok(()))?;
+        for (ring, ulysses) in [(1, 2), (2, 1), (3, 1), (4, 1), (2, 2)] {
+            let g = generate(&p, layout(ring, ulysses), &r, &mut |_| Ok(()))?;
+            assert_eq!((g.image.width, g.image.height), (48, 80));
+            let d = max_pixel_diff(&g, &one);
+            assert!(
+                d <= 1,
+                "ring {ring} x ulysses {ulysses}: pixels differ by {d}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn first_block_cache_leaves_padding_out_of_its_decision() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let diffs = |g: &Generated| -> Vec<f64> {
+            g.stats
+                .steps
+                .iter()
+                .filter_map(|k| match k {
+                    StepKind::Computed { diff } => *diff,
+                    StepKind::Reused { diff } => Some(*diff),
+                })
+                .collect()
+        };
+        // 48 x 16 px: 3 image tokens over 4 ranks, the last holding only padding; 2 latent rows
+        // (fewer than the workers: decoded on one). A tiny threshold measures every step's
+        // residual change without reusing any; a huge one reuses every step it can.
+        for threshold in [1e-12, 1e9] {
+            let r = GenerateRequest {
+                width: 48,
+                height: 16,
+                ..req(threshold)
+            };
+            let one = p.generate(&r, &mut |_| Ok(()))?;
+            let g = generate(&p, layout(4, 1), &r, &mut |_| Ok(()))?;
+            assert_eq!(g.stats.reused, one.stats.reused, "threshold {threshold}");
+            let (a, b) = (diffs(&g), diffs(&one));
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * y.abs(),
+                    "threshold {threshold}: {x} vs {y}"
+                );
+            }
+            assert!(max_pixel_diff(&g, &one) <= 1);
         }
         Ok(())
     }

@@ -6,12 +6,14 @@
 //! - [`mesh`]: one object that factors the workers into data-parallel x CFG x ring x Ulysses
 //!   degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
-//! - [`sp`]: a whole transformer step over a sequence-parallel group.
+//! - [`sp`]: a whole transformer step over a sequence-parallel group (token counts that do not
+//!   divide by the group size are padded to equal shards).
 //! - [`engine`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
 //!   parallelism).
 //! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
 //!   communicator over it for CPU ranks.
-//! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm).
+//! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
+//!   bands differ by a row where the rows do not divide).
 
 pub mod comm;
 pub mod engine;

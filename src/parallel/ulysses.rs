@@ -3,14 +3,16 @@
 //! Each rank holds a contiguous shard of the joint sequence for all heads: (B, H, L/N, D). An
 //! all-to-all trades sequence shards for head shards, (B, H/N, L, D); each rank runs ordinary
 //! attention on its heads over the whole sequence; a second all-to-all trades back. Exact: the
-//! same arithmetic as one device, only the heads are spread. The degree must divide the heads
-//! and the (padded) sequence.
+//! same arithmetic as one device, only the heads are spread. The degree must divide the heads;
+//! the sequence shards are equal (padded when the token counts do not divide, see
+//! [`super::sp`]), and with padding the gathered keys and values keep only their real rows.
 
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
+use super::sp::ShardLayout;
 use crate::model::attention::Attention;
 
 pub struct UlyssesAttention {
@@ -23,11 +25,32 @@ impl UlyssesAttention {
     }
 }
 
-impl Attention for UlyssesAttention {
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// Attention of `q` to the real keys of the local sequences of `ranks` (all of `k` without a
+/// padded layout).
+fn attend_real(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    layout: Option<&ShardLayout>,
+    ranks: std::ops::Range<usize>,
+) -> Result<Tensor> {
+    match super::sp::real_keys(k, v, layout, ranks)? {
+        Some((k, v)) => crate::kernels::flash_attn::attention(q, &k, &v),
+        None => candle_core::bail!("sequence parallelism: every key is padding"),
+    }
+}
+
+impl UlyssesAttention {
+    fn run(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: Option<&ShardLayout>,
+    ) -> Result<Tensor> {
         let n = self.comm.size();
         if n == 1 {
-            return crate::kernels::flash_attn::attention(q, k, v);
+            return attend_real(q, k, v, layout, 0..1);
         }
         let heads = q.dim(1)?;
         if heads % n != 0 {
@@ -37,9 +60,26 @@ impl Attention for UlyssesAttention {
         let q = self.comm.all_to_all(q, 1, 2)?;
         let k = self.comm.all_to_all(k, 1, 2)?;
         let v = self.comm.all_to_all(v, 1, 2)?;
-        let out = crate::kernels::flash_attn::attention(&q, &k, &v)?;
+        // The whole group's sequence: its real keys only.
+        let out = attend_real(&q, &k, &v, layout, 0..n)?;
         // Back: scatter sequence, gather heads.
         self.comm.all_to_all(&out, 2, 1)
+    }
+}
+
+impl Attention for UlyssesAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.run(q, k, v, None)
+    }
+
+    fn attend_shards(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &ShardLayout,
+    ) -> Result<Tensor> {
+        self.run(q, k, v, Some(layout))
     }
 
     fn name(&self) -> &str {
@@ -49,7 +89,9 @@ impl Attention for UlyssesAttention {
 
 /// USP: Ulysses inside a group, Ring across groups (ulysses x ring = sequence-parallel degree).
 /// Queries, keys and values are traded for head shards within the Ulysses group, the Ring passes
-/// key/value blocks between groups, and a last all-to-all trades back.
+/// key/value blocks between groups, and a last all-to-all trades back. Sequence-parallel rank
+/// `ring_rank * ulysses + ulysses_rank` (the mesh numbers Ulysses innermost), so ring member j's
+/// block is the local sequences of sequence-parallel ranks `j * ulysses ..`.
 pub struct UspAttention {
     ulysses: Arc<dyn Communicator>,
     ring: super::ring::RingAttention,
@@ -64,17 +106,39 @@ impl UspAttention {
     }
 }
 
-impl Attention for UspAttention {
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+impl UspAttention {
+    fn run(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: Option<&ShardLayout>,
+    ) -> Result<Tensor> {
         let n = self.ulysses.size();
         if n == 1 {
-            return self.ring.attend(q, k, v);
+            return self.ring.run(q, k, v, layout, 1);
         }
         let q = self.ulysses.all_to_all(q, 1, 2)?;
         let k = self.ulysses.all_to_all(k, 1, 2)?;
         let v = self.ulysses.all_to_all(v, 1, 2)?;
-        let out = self.ring.attend(&q, &k, &v)?;
+        let out = self.ring.run(&q, &k, &v, layout, n)?;
         self.ulysses.all_to_all(&out, 2, 1)
+    }
+}
+
+impl Attention for UspAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.run(q, k, v, None)
+    }
+
+    fn attend_shards(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &ShardLayout,
+    ) -> Result<Tensor> {
+        self.run(q, k, v, Some(layout))
     }
 
     fn name(&self) -> &str {

@@ -2,21 +2,105 @@
 //!
 //! Every 3x3 convolution needs one row beyond each edge of the band: neighbours trade their edge
 //! rows (halo exchange) and the convolution runs without row padding. GroupNorm stays exact by
-//! all-reducing each band's per-group sums and sums of squares. The middle block's attention
-//! gathers every band's keys and values; each worker attends for its own positions. Upsampling
-//! and 1x1 convolutions are local. The result equals the single-worker decode.
+//! all-reducing each band's per-group sums and sums of squares, and dividing by the whole image's
+//! count. The middle block's attention gathers every band's keys and values; each worker attends
+//! for its own positions. Upsampling and 1x1 convolutions are local. The result equals the
+//! single-worker decode.
+//!
+//! Rows that do not divide by the worker count give unequal bands: the first `rows % n` workers
+//! take one row more ([`band`]). Upsampling doubles every band, so the split stays consistent;
+//! where a collective needs equal pieces (the all-gathers of the attention's keys and values and
+//! of the image), each band is padded with zero rows to the longest and the padding cut out of
+//! what arrives.
 
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
 use crate::model::vae::{AttnBlock, AutoEncoder, Conv2d, GroupNorm, GroupStats, ResnetBlock};
 
-/// This worker's share of the latent's `rows` rows: (first row, count). Rows must divide evenly.
+/// This worker's share of the latent's `rows` rows: (first row, count). The first `rows % n`
+/// workers take one row more than the others; every worker needs at least one row.
 pub fn band(rows: usize, n: usize, rank: usize) -> Result<(usize, usize)> {
-    if rows % n != 0 {
-        candle_core::bail!("the latent's {rows} rows do not split evenly over {n} workers");
+    if rank >= n {
+        candle_core::bail!("band decode: worker {rank} of {n}");
     }
-    Ok((rank * rows / n, rows / n))
+    if rows < n {
+        candle_core::bail!(
+            "the latent's {rows} rows are fewer than the {n} workers (every band needs a row)"
+        );
+    }
+    let (base, extra) = (rows / n, rows % n);
+    Ok((
+        rank * base + rank.min(extra),
+        base + usize::from(rank < extra),
+    ))
+}
+
+/// The bands of one decode: the communicator and the whole image's rows at the current
+/// resolution (every band, and this total, doubles at each upsampling).
+#[derive(Clone, Copy)]
+struct Bands<'a> {
+    comm: &'a dyn Communicator,
+    /// The whole latent's rows.
+    latent_rows: usize,
+    /// Upsampling so far (1, 2, 4, ...).
+    scale: usize,
+}
+
+impl Bands<'_> {
+    /// The whole image's rows at the current resolution.
+    fn rows(&self) -> usize {
+        self.latent_rows * self.scale
+    }
+
+    /// Every worker's band height at the current resolution, in rank order.
+    fn heights(&self) -> Result<Vec<usize>> {
+        (0..self.comm.size())
+            .map(|r| Ok(band(self.latent_rows, self.comm.size(), r)?.1 * self.scale))
+            .collect()
+    }
+
+    fn upsampled(self) -> Self {
+        Self {
+            scale: self.scale * 2,
+            ..self
+        }
+    }
+}
+
+/// Every worker's `t` concatenated along `dim` in rank order, where worker j's has `lens[j]` rows
+/// there. Unequal pieces are padded with zeros to the longest for the all-gather (collectives
+/// trade equal pieces) and cut back after it.
+fn all_gather_uneven(
+    comm: &dyn Communicator,
+    t: &Tensor,
+    dim: usize,
+    lens: &[usize],
+) -> Result<Tensor> {
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    if lens.iter().all(|&l| l == longest) {
+        return comm.all_gather(t, dim);
+    }
+    let own = t.dim(dim)?;
+    if lens.get(comm.rank()) != Some(&own) {
+        candle_core::bail!(
+            "band decode: worker {} holds {own} rows along dim {dim}, expected {:?}",
+            comm.rank(),
+            lens.get(comm.rank())
+        );
+    }
+    let padded = if own < longest {
+        t.pad_with_zeros(dim, 0, longest - own)?
+    } else {
+        t.clone()
+    };
+    let all = comm.all_gather(&padded, dim)?;
+    let parts = lens
+        .iter()
+        .enumerate()
+        .map(|(j, &l)| all.narrow(dim, j * longest, l))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, dim)
 }
 
 /// A 3x3 convolution (stride 1, padding 1) over a row band: edge rows come from the neighbours,
@@ -56,65 +140,94 @@ fn conv3x3(conv: &Conv2d, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor>
     conv.forward_valid(&padded)
 }
 
-/// GroupNorm (then swish if asked) with statistics over every band.
-fn group_norm(
-    norm: &GroupNorm,
-    x: &Tensor,
-    swish: bool,
-    comm: &dyn Communicator,
-) -> Result<Tensor> {
+/// GroupNorm (then swish if asked) with statistics over every band: summed sums and sums of
+/// squares, divided by the whole image's count (bands may differ in height).
+fn group_norm(norm: &GroupNorm, x: &Tensor, swish: bool, bands: Bands) -> Result<Tensor> {
+    let h = x.dim(2)?;
+    if h == 0 {
+        candle_core::bail!("band decode: an empty band");
+    }
     let local = norm.stats(x)?;
-    let total = comm.all_reduce_sum(&local.packed()?)?;
-    let stats = GroupStats::from_packed(&total, local.count * comm.size())?;
+    let total = bands.comm.all_reduce_sum(&local.packed()?)?;
+    // `local.count` is channels-per-group x h x w: per row, times every band's rows.
+    let stats = GroupStats::from_packed(&total, local.count / h * bands.rows())?;
     norm.normalize_act(x, &stats, swish)
 }
 
-fn resnet(block: &ResnetBlock, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-    let h = group_norm(&block.norm1, x, true, comm)?;
-    let h = conv3x3(&block.conv1, &h, comm)?;
-    let h = group_norm(&block.norm2, &h, true, comm)?;
-    let h = conv3x3(&block.conv2, &h, comm)?;
+fn resnet(block: &ResnetBlock, x: &Tensor, bands: Bands) -> Result<Tensor> {
+    let h = group_norm(&block.norm1, x, true, bands)?;
+    let h = conv3x3(&block.conv1, &h, bands.comm)?;
+    let h = group_norm(&block.norm2, &h, true, bands)?;
+    let h = conv3x3(&block.conv2, &h, bands.comm)?;
     block.shortcut(x)? + h
 }
 
-fn attention(attn: &AttnBlock, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+fn attention(attn: &AttnBlock, x: &Tensor, bands: Bands) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
-    let normed = group_norm(&attn.norm, x, false, comm)?;
+    let normed = group_norm(&attn.norm, x, false, bands)?;
     let (q, k, v) = attn.qkv(&normed)?;
     // Keys and values of every band, in band order (tokens are row-major, so bands concatenate).
-    let k = comm.all_gather(&k, 1)?;
-    let v = comm.all_gather(&v, 1)?;
+    let tokens: Vec<usize> = bands.heights()?.iter().map(|r| r * w).collect();
+    let k = all_gather_uneven(bands.comm, &k, 1, &tokens)?;
+    let v = all_gather_uneven(bands.comm, &v, 1, &tokens)?;
     let rows = crate::model::vae::attention_query_rows(b, k.dim(1)?, k.device());
     let attended = crate::model::vae::attention(&q, &k, &v, rows)?;
     x + attn.project_out(&attended, h, w)?
 }
 
-/// Decode this worker's band of the scaled latent (B, 16, rows/n, W) into its band of the image
-/// (B, 3, 8·rows/n, 8·W). Every worker of `comm` calls it with its own band.
-pub fn decode_band(ae: &AutoEncoder, z: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+/// Decode this worker's band of the scaled latent into its band of the image: `z` is
+/// (B, 16, r, W) with r the rows [`band`] gives this worker of the latent's `rows`, the result
+/// (B, 3, 8·r, 8·W). Every worker of `comm` calls it with its own band.
+pub fn decode_band(
+    ae: &AutoEncoder,
+    z: &Tensor,
+    rows: usize,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
+    let (_, own) = band(rows, comm.size(), comm.rank())?;
+    if z.dim(2)? != own {
+        candle_core::bail!(
+            "band decode: worker {} of {} was given {} latent rows, its band of {rows} has {own}",
+            comm.rank(),
+            comm.size(),
+            z.dim(2)?
+        );
+    }
+    let mut bands = Bands {
+        comm,
+        latent_rows: rows,
+        scale: 1,
+    };
     let d = ae.decoder();
     let z = ae.unscale_latent(&z.to_dtype(ae.dtype())?)?;
     let h = conv3x3(&d.conv_in, &z, comm)?;
-    let h = resnet(&d.mid_block_1, &h, comm)?;
-    let h = attention(&d.mid_attn_1, &h, comm)?;
-    let mut h = resnet(&d.mid_block_2, &h, comm)?;
+    let h = resnet(&d.mid_block_1, &h, bands)?;
+    let h = attention(&d.mid_attn_1, &h, bands)?;
+    let mut h = resnet(&d.mid_block_2, &h, bands)?;
     for level in d.up.iter().rev() {
         for block in &level.blocks {
-            h = resnet(block, &h, comm)?;
+            h = resnet(block, &h, bands)?;
         }
         if let Some(up) = &level.upsample {
             h = conv3x3(&up.conv, &crate::model::vae::Upsample::upsample(&h)?, comm)?;
+            bands = bands.upsampled();
         }
     }
-    let h = group_norm(&d.norm_out, &h, true, comm)?;
+    let h = group_norm(&d.norm_out, &h, true, bands)?;
     conv3x3(&d.conv_out, &h, comm)
 }
 
 /// Decode the whole latent on `comm`'s workers: each takes its band, the image is gathered.
 pub fn decode(ae: &AutoEncoder, z: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-    let (start, len) = band(z.dim(2)?, comm.size(), comm.rank())?;
-    let part = decode_band(ae, &z.narrow(2, start, len)?, comm)?;
-    comm.all_gather(&part, 2)
+    let rows = z.dim(2)?;
+    let (start, len) = band(rows, comm.size(), comm.rank())?;
+    let part = decode_band(ae, &z.narrow(2, start, len)?, rows, comm)?;
+    // Image rows per latent row (8 for FLUX's autoencoder).
+    let per_row = part.dim(2)? / len;
+    let heights = (0..comm.size())
+        .map(|r| Ok(band(rows, comm.size(), r)?.1 * per_row))
+        .collect::<Result<Vec<_>>>()?;
+    all_gather_uneven(comm, &part, 2, &heights)
 }
 
 #[cfg(test)]
@@ -142,9 +255,46 @@ mod tests {
                 assert!(d < 1e-4, "{n} workers: max difference {d}");
             }
         }
-        // Rows that do not split evenly are refused, not approximated.
-        let z = Tensor::randn(0f32, 1.0, (1, 16, 5, 6), &dev)?;
-        assert!(run_local(2, |_, comm| decode(&ae, &z, &comm)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bands_split_uneven_rows_with_the_extra_rows_first() -> Result<()> {
+        let bands: Vec<(usize, usize)> = (0..4).map(|r| band(10, 4, r)).collect::<Result<_>>()?;
+        assert_eq!(bands, vec![(0, 3), (3, 3), (6, 2), (8, 2)]);
+        assert_eq!(band(8, 4, 2)?, (4, 2));
+        // Fewer rows than workers: a worker would have no band.
+        let e = band(3, 4, 0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("fewer than the 4 workers"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn banded_decode_of_rows_that_do_not_divide_equals_single_worker_decode() -> Result<()> {
+        let dev = Device::Cpu;
+        let ae = AutoEncoder::new_decoder_only(
+            &VaeConfig::tiny(),
+            DemoWeights::new(4).var_builder(DType::F32, &dev),
+        )?;
+        for (rows, workers) in [(5, 2), (7, 3), (5, 3), (10, 4), (5, 4)] {
+            let z = Tensor::randn(0f32, 1.0, (1, 16, rows, 6), &dev)?;
+            let want = ae.decode(&z)?;
+            let outs = run_local(workers, |_, comm| decode(&ae, &z, &comm))?;
+            for o in outs {
+                assert_eq!(o.dims(), want.dims());
+                let d = (o - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    d < 1e-4,
+                    "{rows} rows on {workers} workers: max difference {d}"
+                );
+            }
+        }
+        // Fewer latent rows than workers is refused with a reason, not approximated.
+        let z = Tensor::randn(0f32, 1.0, (1, 16, 2, 6), &dev)?;
+        assert!(run_local(3, |_, comm| decode(&ae, &z, &comm)).is_err());
         Ok(())
     }
 }

@@ -71,7 +71,9 @@ impl CachePolicy for FirstBlockCache {
 
         let mut diff = None;
         if let (Some(r_ref), Some(rest)) = (&self.ref_residual, &self.rest_residual) {
-            let (mut num, mut den) = residual_sums(&r, r_ref)?;
+            // Padding rows (sequence parallelism over token counts that do not divide) are not
+            // tokens of the image: leave them out of the measure.
+            let (mut num, mut den) = residual_sums(&ctx.real_image(&r)?, &ctx.real_image(r_ref)?)?;
             // Under sequence parallelism each rank holds a slice of the image tokens: add the
             // sums of all ranks so every rank takes the same decision.
             if let Some(group) = model.sp_group() {
