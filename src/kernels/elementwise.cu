@@ -6,16 +6,6 @@
 //   parameters (eps 1e-6), one block per row.
 // All vectorised 8 values (16 bytes) at a time; N and C must be multiples of 8.
 
-typedef unsigned long long u64;
-
-__device__ __forceinline__ float bf2f(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ unsigned short f2bf(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
-    u += 0x7fff + ((u >> 16) & 1);
-    return (unsigned short)(u >> 16);
-}
-
 struct __align__(16) U4 { unsigned x, y, z, w; };
 struct __align__(8) U2 { unsigned x, y; };
 struct V8 { float v[8]; };

@@ -6,7 +6,7 @@
 use candle_core::{DType, Result, Tensor};
 
 /// The kernel source (CUDA C++, compiled with NVRTC).
-pub const SOURCE: &str = include_str!("elementwise.cu");
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("elementwise.cu"));
 
 /// Whether fused element-wise kernels may be used (`PARALLAX_NO_FUSED_ELEMENTWISE` turns them off).
 pub fn fused_enabled() -> bool {

@@ -11,10 +11,13 @@ use candle_core::{DType, Result, Tensor, D};
 use crate::model::attention::sdpa_chunked;
 
 /// The kernel source (CUDA C++, compiled with NVRTC): mma.sync tensor-core products, sm_80 on.
-pub const SOURCE: &str = include_str!("flash_attn.cu");
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("flash_attn.cu"));
 
 /// The Hopper kernel source (wgmma warpgroup products, compiled for sm_90a; head dim 128).
-pub const SOURCE_SM90: &str = include_str!("flash_attn_sm90.cu");
+pub const SOURCE_SM90: &str = concat!(
+    include_str!("common.cuh"),
+    include_str!("flash_attn_sm90.cu")
+);
 
 /// Key/value tile length of the kernel (and of the reference).
 pub const TILE: usize = 64;
@@ -77,14 +80,11 @@ pub const VARIANTS: &[Variant] = &[
         warps: 4,
     },
     // Hopper: warpgroups x keys per tile x buffers; `o`: the softmax of tile j overlaps
-    // O += P V of tile j-1; `t`: tensor-memory-accelerator loads; `p`: a producer warpgroup.
+    // O += P V of tile j-1 (TMA variants only); `t`: tensor-memory-accelerator loads; `p`: a producer warpgroup.
     sm90("g2n128s2", 2, 128, 2, Loads::CpAsync),
     sm90("g2n128s3", 2, 128, 3, Loads::CpAsync),
     sm90("g2n64s3", 2, 64, 3, Loads::CpAsync),
     sm90("g3n64s3", 3, 64, 3, Loads::CpAsync),
-    sm90("g2n128o", 2, 128, 3, Loads::CpAsync),
-    sm90("g2n64o", 2, 64, 3, Loads::CpAsync),
-    sm90("g3n64o", 3, 64, 3, Loads::CpAsync),
     sm90("g2n128t2", 2, 128, 2, Loads::Tma),
     sm90("g2n128t3", 2, 128, 3, Loads::Tma),
     sm90("g2n128to", 2, 128, 3, Loads::Tma),
@@ -219,16 +219,8 @@ pub fn kernel_supports(q: &Tensor) -> bool {
 /// softmax(Q Kᵀ / √d) V over (B, H, L, D): the fused kernel where it applies, else chunked
 /// plain attention.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
-        let d = q.dim(D::Minus1)?;
-        let op = FlashAttn {
-            scale: 1.0 / (d as f32).sqrt(),
-            merged: false,
-            lse: 0,
-        };
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    if takes(q, k, v) {
+        return run_kernel(q, k, v, false, 0);
     }
     sdpa_chunked(q, k, v, 1024)
 }
@@ -238,15 +230,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// elsewhere the (B, H, L, D) result is transposed.
 pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
-    if kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() && d == 128 {
-        let op = FlashAttn {
-            scale: 1.0 / (d as f32).sqrt(),
-            merged: true,
-            lse: 0,
-        };
-        let out = q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    if takes(q, k, v) && d == 128 {
+        let out = run_kernel(q, k, v, true, 0)?;
         // The op reports (B, L, H, D) when it merged, (B, H, L, D) when it could not.
         if out.dims() == [b, l, h, d] {
             return out.reshape((b, l, h * d));
@@ -261,8 +246,8 @@ pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// fused kernel writes the log-sum-exp as it goes; elsewhere [`online_softmax_reference`].
 pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
-        let (b, h, lq, d) = q.dims4()?;
+    if takes(q, k, v) {
+        let (b, h, lq, _) = q.dims4()?;
         let lse = Tensor::zeros((b, h, lq), DType::F32, q.device())?;
         let ptr = {
             use candle_core::cuda_backend::cudarc::driver::DevicePtr;
@@ -275,19 +260,29 @@ pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor,
             let (ptr, _sync) = slice.device_ptr(&stream);
             ptr
         };
-        let op = FlashAttn {
-            scale: 1.0 / (d as f32).sqrt(),
-            merged: false,
-            lse: ptr,
-        };
         // The kernel writes `lse` on the same stream it is read on afterwards; `lse` lives
         // until the end of this function, past the launch.
-        let out = q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let out = run_kernel(q, k, v, false, ptr)?;
         return Ok((out.to_dtype(DType::F32)?, lse));
     }
     online_softmax_reference(q, k, v, usize::MAX)
+}
+
+/// Whether the fused kernel takes these inputs (and all three share a dtype).
+fn takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    kernel_supports(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype()
+}
+
+/// The fused kernel on contiguous q, k, v (see [`FlashAttn`] for `merged` and `lse`).
+fn run_kernel(q: &Tensor, k: &Tensor, v: &Tensor, merged: bool, lse: u64) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)?;
+    let op = FlashAttn {
+        scale: 1.0 / (d as f32).sqrt(),
+        merged,
+        lse,
+    };
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 /// (B, H, L, D) -> (B, L, H·D)

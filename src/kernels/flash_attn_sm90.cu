@@ -22,34 +22,6 @@
 // `merged` set (B, Lq, H, 128), which is the (B, Lq, H*128) input of the output projection. LSE
 // (BH, Lq), when not null: the natural-log log-sum-exp of each query's scaled scores.
 
-#define NEG_INF __int_as_float(0xff800000)
-typedef unsigned long long u64;
-
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
-    // bytes < 16 zero-fills the rest (rows past the end read as zeros).
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -197,6 +169,28 @@ __device__ __forceinline__ void issue_pv(float* o, const unsigned (*pa)[4], cons
         wgmma_rs_n128_tb(o, pa[kk], sw128_desc(t.v(st) + kk * 16 * 128, BN * 128, 1024), 1);
 }
 
+// S = Q K^T for tile buffer `st`, waited for.
+template <int NWG, int BN>
+__device__ __forceinline__ void scores(float* s, const Tiles<NWG, BN>& t, int st, int wg) {
+    fence_regs<BN / 2>(s);
+    wgmma_fence();
+    issue_qk<NWG, BN>(s, t, st, wg);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<BN / 2>(s);
+}
+
+// O += P V for tile buffer `st`, waited for.
+template <int NWG, int BN>
+__device__ __forceinline__ void accumulate_pv(float* o, const unsigned (*pa)[4], const Tiles<NWG, BN>& t, int st) {
+    fence_regs<64>(o);
+    wgmma_fence();
+    issue_pv<NWG, BN>(o, pa, t, st);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<64>(o);
+}
+
 // Online softmax of one tile of scores, in place (scores become unnormalised probabilities in
 // log2 units): masks keys at and past Lk, updates the running maxima and sums of the thread's
 // two rows, returns the factors the output accumulated so far must be scaled by.
@@ -260,6 +254,19 @@ __device__ __forceinline__ void to_fragments(const float* s, unsigned (*pa)[4]) 
         pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
         pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
     }
+}
+
+// One tile without overlap: scores, online softmax, O rescaled, O += P V (all waited for).
+template <int NWG, int BN>
+__device__ __forceinline__ void plain_tile(float* s, float* o, unsigned (*pa)[4], const Tiles<NWG, BN>& tl,
+                                           int st, int wg, int key0, int Lk, int t, float scale_log2,
+                                           float& m0, float& m1, float& l0, float& l1) {
+    scores<NWG, BN>(s, tl, st, wg);
+    float a0, a1;
+    softmax_tile<BN / 2>(s, key0, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
+    rescale(o, a0, a1);
+    to_fragments<BN>(s, pa);
+    accumulate_pv<NWG, BN>(o, pa, tl, st);
 }
 
 // Normalise and write this thread's two rows of O (and their log-sum-exp).
@@ -343,124 +350,12 @@ __device__ __forceinline__ void flash_sm90(const unsigned short* __restrict__ Q,
             }
             cp_async_commit();
         }
-        const int st = j % STAGES;
-
         float s[NS];
-        fence_regs<NS>(s);
-        wgmma_fence();
-        issue_qk<NWG, BN>(s, tl, st, wg);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<NS>(s);
-
-        float a0, a1;
-        softmax_tile<NS>(s, j * BN, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
-        rescale(o, a0, a1);
         unsigned pa[BN / 16][4];
-        to_fragments<BN>(s, pa);
-        fence_regs<64>(o);
-        wgmma_fence();
-        issue_pv<NWG, BN>(o, pa, tl, st);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<64>(o);
+        plain_tile<NWG, BN>(s, o, pa, tl, j % STAGES, wg, j * BN, Lk, t, scale_log2, m0, m1, l0, l1);
     }
     store_out(o, m0, m1, l0, l1, O, LSE, bh, q0 + wg * 64 + warp * 16 + (lane >> 2), Lq, H, merged, t);
 }
-
-// The overlapped schedule (as FlashAttention-3 does within a warpgroup): while the tensor cores
-// compute O += P_{j-1} V_{j-1}, the warpgroup runs the softmax of tile j, whose S = Q K_j^T was
-// issued just before. Three key/value buffers: tile j (keys in use), tile j-1 (values in use),
-// tile j+1 (loading).
-template <int NWG, int BN>
-__device__ __forceinline__ void flash_sm90_overlap(const unsigned short* __restrict__ Q,
-                                                   const unsigned short* __restrict__ K,
-                                                   const unsigned short* __restrict__ V,
-                                                   unsigned short* __restrict__ O, float* __restrict__ LSE,
-                                                   int Lq, int Lk, float scale_log2, int H, int merged) {
-    constexpr int BM = 64 * NWG;
-    constexpr int NT = 128 * NWG;
-    constexpr int NS = BN / 2;
-    constexpr int STAGES = 3;
-    extern __shared__ unsigned char smem_raw[];
-    const Tiles<NWG, BN> tl{(smem_u32(smem_raw) + 1023u) & ~1023u};
-
-    const int bh = blockIdx.y;
-    const int q0 = blockIdx.x * BM;
-    const int tid = threadIdx.x;
-    const int wg = tid >> 7;
-    const int warp = (tid >> 5) & 3, lane = tid & 31;
-    const int t = lane & 3;
-    const unsigned short* Kg = K + (u64)bh * Lk * 128;
-    const unsigned short* Vg = V + (u64)bh * Lk * 128;
-    const int ntiles = (Lk + BN - 1) / BN;
-    auto load_tile = [&](int j) {
-        const int st = j % STAGES;
-        load_rows(tl.k(st), Kg + (u64)j * BN * 128, BN, Lk - j * BN, tid, NT);
-        load_rows(tl.v(st), Vg + (u64)j * BN * 128, BN, Lk - j * BN, tid, NT);
-    };
-
-    load_rows(tl.q(), Q + ((u64)bh * Lq + q0) * 128, BM, Lq - q0, tid, NT);
-    load_tile(0);
-    cp_async_commit();
-    if (ntiles > 1) load_tile(1);
-    cp_async_commit();
-
-    float o[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-    float s[NS];
-    unsigned pa[BN / 16][4];
-
-    // Tile 0: scores and probabilities only.
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    fence_regs<NS>(s);
-    wgmma_fence();
-    issue_qk<NWG, BN>(s, tl, 0, wg);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs<NS>(s);
-    {
-        float a0, a1;
-        softmax_tile<NS>(s, 0, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
-        to_fragments<BN>(s, pa);
-    }
-
-    for (int j = 1; j < ntiles; ++j) {
-        cp_async_wait<0>();  // tile j's copies (the newest group) are done
-        fence_proxy_async();
-        __syncthreads();  // everyone's are; everyone is done with tile j-2's buffer
-        if (j + 1 < ntiles) load_tile(j + 1);
-        cp_async_commit();
-
-        fence_regs<NS>(s);
-        fence_regs<64>(o);
-        wgmma_fence();
-        issue_qk<NWG, BN>(s, tl, j % STAGES, wg);
-        wgmma_commit();
-        issue_pv<NWG, BN>(o, pa, tl, (j - 1) % STAGES);
-        wgmma_commit();
-        wgmma_wait<1>();  // the scores are in; O += P V may still run
-        fence_regs<NS>(s);
-        float a0, a1;
-        softmax_tile<NS>(s, j * BN, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
-        wgmma_wait<0>();
-        fence_regs<64>(o);
-        rescale(o, a0, a1);
-        to_fragments<BN>(s, pa);
-    }
-    fence_regs<64>(o);
-    wgmma_fence();
-    issue_pv<NWG, BN>(o, pa, tl, (ntiles - 1) % STAGES);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs<64>(o);
-    store_out(o, m0, m1, l0, l1, O, LSE, bh, q0 + wg * 64 + warp * 16 + (lane >> 2), Lq, H, merged, t);
-}
-
 
 // ---- Tensor-memory-accelerator (TMA) loads and mbarriers, for the `t` variants. ----
 
@@ -588,33 +483,13 @@ __device__ __forceinline__ void flash_sm90_tma(const TmaDesc* tq, const TmaDesc*
         for (int j = 0; j < ntiles; ++j) {
             const int st = j % STAGES;
             mbar_wait(full(st), (j / STAGES) & 1);
-            fence_regs<NS>(s);
-            wgmma_fence();
-            issue_qk<NWG, BN>(s, tl, st, wg);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs<NS>(s);
-            float a0, a1;
-            softmax_tile<NS>(s, j * BN, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
-            rescale(o, a0, a1);
-            to_fragments<BN>(s, pa);
-            fence_regs<64>(o);
-            wgmma_fence();
-            issue_pv<NWG, BN>(o, pa, tl, st);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs<64>(o);
+            plain_tile<NWG, BN>(s, o, pa, tl, st, wg, j * BN, Lk, t, scale_log2, m0, m1, l0, l1);
             if (lane == 0) mbar_arrive(empty(st));
             refill(j);
         }
     } else {
         mbar_wait(full(0), 0);
-        fence_regs<NS>(s);
-        wgmma_fence();
-        issue_qk<NWG, BN>(s, tl, 0, wg);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<NS>(s);
+        scores<NWG, BN>(s, tl, 0, wg);
         {
             float a0, a1;
             softmax_tile<NS>(s, 0, Lk, t, scale_log2, m0, m1, l0, l1, a0, a1);
@@ -642,12 +517,7 @@ __device__ __forceinline__ void flash_sm90_tma(const TmaDesc* tq, const TmaDesc*
             rescale(o, a0, a1);
             to_fragments<BN>(s, pa);
         }
-        fence_regs<64>(o);
-        wgmma_fence();
-        issue_pv<NWG, BN>(o, pa, tl, (ntiles - 1) % STAGES);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<64>(o);
+        accumulate_pv<NWG, BN>(o, pa, tl, (ntiles - 1) % STAGES);
     }
     store_out(o, m0, m1, l0, l1, O, LSE, bh, q0 + wg * 64 + warp * 16 + (lane >> 2), Lq, H, merged, t);
 }
@@ -670,15 +540,6 @@ extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g3n64s3
 }
 extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n128s3(SM90_ARGS) {
     flash_sm90<2, 128, 3>(SM90_PASS);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n128o(SM90_ARGS) {
-    flash_sm90_overlap<2, 128>(SM90_PASS);
-}
-extern "C" __global__ void __launch_bounds__(256, 1) parallax_flash_sm90_g2n64o(SM90_ARGS) {
-    flash_sm90_overlap<2, 64>(SM90_PASS);
-}
-extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g3n64o(SM90_ARGS) {
-    flash_sm90_overlap<3, 64>(SM90_PASS);
 }
 
 #define TMA_ARGS                                                                                  \

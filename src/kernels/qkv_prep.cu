@@ -10,16 +10,6 @@
 // >= 3*H*D) bf16 tensor whose rows are `stride` elements apart (the single-stream block passes
 // its fused linear1 output, whose rows also hold the MLP half).
 
-typedef unsigned long long u64;
-
-__device__ __forceinline__ float bf2f(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
-__device__ __forceinline__ unsigned short f2bf(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;  // NaN
-    u += 0x7fff + ((u >> 16) & 1);                      // round to nearest even
-    return (unsigned short)(u >> 16);
-}
-
 template <int D>
 __device__ __forceinline__ void qkv_prep(
     const unsigned short* __restrict__ txt, int txt_stride, const unsigned short* __restrict__ txt_qs,

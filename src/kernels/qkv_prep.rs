@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor, D};
 use crate::model::flux::{apply_rope, PosEmbed};
 
 /// The kernel source (CUDA C++, compiled with NVRTC).
-pub const SOURCE: &str = include_str!("qkv_prep.cu");
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("qkv_prep.cu"));
 
 /// One token stream: its QKV projection (B, rows, >= 3·H·D; only the first 3·H·D columns are
 /// read) and its q/k RMSNorm scales (D).

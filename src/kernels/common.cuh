@@ -1,0 +1,41 @@
+// Parallax CUDA kernels: helpers every kernel source shares. Prepended to each source before
+// NVRTC compiles it (see the `SOURCE` constants), since NVRTC gets no include path and no CUDA
+// headers (bf16 values travel as 16-bit integers).
+
+#define NEG_INF __int_as_float(0xff800000)
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float bf2f(unsigned short v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ unsigned short f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;  // NaN
+    u += 0x7fff + ((u >> 16) & 1);                      // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+
+// Two floats to one bf16x2 word (`lo` in the low half), rounded to nearest.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
+    // bytes < 16 zero-fills the rest (rows past the end read as zeros).
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
