@@ -4,7 +4,7 @@
 #[cfg(feature = "cuda")]
 use std::collections::HashMap;
 #[cfg(feature = "cuda")]
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The compute capability (major, minor) of `dev`.
 #[cfg(feature = "cuda")]
@@ -24,8 +24,9 @@ pub fn ptx_for(
     name: &str,
     source: &'static str,
     accelerated: bool,
-) -> candle_core::Result<(String, String)> {
-    static CACHE: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+) -> candle_core::Result<(String, Arc<str>)> {
+    // Shared, not copied: the PTX is looked up at every launch.
+    static CACHE: Mutex<Option<HashMap<String, Arc<str>>>> = Mutex::new(None);
     let (major, minor) = compute_capability(dev)?;
     if major < 8 {
         candle_core::bail!(
@@ -45,9 +46,11 @@ pub fn ptx_for(
         options: vec!["-std=c++17".into()],
         ..Default::default()
     };
-    let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
-        .map_err(|e| candle_core::Error::Cuda(format!("NVRTC failed on {name}: {e:?}").into()))?
-        .to_src();
+    let ptx: Arc<str> =
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+            .map_err(|e| candle_core::Error::Cuda(format!("NVRTC failed on {name}: {e:?}").into()))?
+            .to_src()
+            .into();
     tracing::info!(
         "compiled {name} for {arch} in {:.0} ms",
         start.elapsed().as_secs_f64() * 1e3

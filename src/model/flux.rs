@@ -534,21 +534,8 @@ pub struct BlockCtx {
 }
 
 impl BlockCtx {
-    /// Attention through `attn`, leaving out padded keys when the shards hold padding.
-    pub fn attend(
-        &self,
-        attn: &dyn Attention,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<Tensor> {
-        match &self.shards {
-            Some(layout) if layout.is_padded() => attn.attend_shards(q, k, v, layout),
-            _ => attn.attend(q, k, v),
-        }
-    }
-
-    /// [`BlockCtx::attend`] with heads merged, (B, Lq, H·D), as the output projection takes it.
+    /// Attention through `attn` with heads merged, (B, Lq, H·D), as the output projection takes
+    /// it; padded keys are left out when the shards hold padding.
     pub fn attend_merged(
         &self,
         attn: &dyn Attention,

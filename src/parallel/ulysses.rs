@@ -104,9 +104,7 @@ impl UspAttention {
             ring: super::ring::RingAttention::new(ring),
         }
     }
-}
 
-impl UspAttention {
     fn run(
         &self,
         q: &Tensor,
