@@ -31,12 +31,15 @@ pub struct BenchVaeArgs {
     pub tiny: bool,
 }
 
-/// Which convolution path this build uses on CUDA.
-pub fn convolution_path() -> &'static str {
-    if cfg!(feature = "cudnn") {
-        "cudnn"
+/// Which convolution path the autoencoder takes on `dev` in `dtype`.
+pub fn convolution_path(dev: &candle_core::Device, dtype: candle_core::DType) -> &'static str {
+    let path = candle_core::Tensor::zeros(1, dtype, dev)
+        .map(|t| crate::kernels::conv::path_for(&t))
+        .unwrap_or("unknown");
+    if path == "candle conv2d" && dev.is_cuda() && cfg!(feature = "cudnn") {
+        "candle conv2d (cuDNN)"
     } else {
-        "candle im2col+gemm"
+        path
     }
 }
 
@@ -128,7 +131,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         "device": crate::device::describe(&dev),
         "autoencoder": if a.tiny { "tiny" } else { "flux" },
         "dtype": format!("{dtype:?}"),
-        "convolution": convolution_path(),
+        "convolution": convolution_path(&dev, dtype),
         "width": a.width,
         "height": height,
         "warmup": a.warmup,

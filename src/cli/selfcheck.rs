@@ -241,10 +241,13 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         }
     }
 
-    // 1d. The autoencoder's convolution pieces: 3x3 and 1x1 convolutions (cuDNN with the `cudnn`
-    //     feature), the in-place bias (+ residual) epilogue and the 2x upsampling, device bf16
-    //     against the CPU f32 composition on the same bf16 inputs.
+    // 1d. The autoencoder's convolution pieces: 3x3 and 1x1 convolutions (Parallax's im2col
+    //     kernel + cuBLAS in bf16; candle's, cuDNN in a `cudnn` build, with PARALLAX_CONV=candle),
+    //     whole and by row bands, stride 2, widths that leave a band's columns unaligned; the
+    //     in-place bias (+ residual) epilogue and the 2x upsampling; device bf16 against the CPU
+    //     f32 composition on the same bf16 inputs.
     {
+        use crate::kernels::conv::conv2d_rows;
         use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
         let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
             Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
@@ -252,25 +255,36 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
             Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
         };
-        for &(cin, cout, k, hw) in &[
-            (128usize, 128usize, 3usize, 96usize),
-            (64, 32, 3, 40),
-            (256, 128, 1, 64),
+        for &(b, cin, cout, k, h, w, stride) in &[
+            (1usize, 128usize, 128usize, 3usize, 96usize, 96usize, 1usize),
+            (2, 64, 32, 3, 40, 37, 1),
+            (1, 256, 128, 1, 64, 64, 1),
+            (1, 32, 48, 3, 33, 30, 2),
         ] {
-            let x = rnd(&[1, cin, hw, hw], 1.0)?;
-            let w = rnd(&[cout, cin, k, k], 1.0 / ((cin * k * k) as f64).sqrt())?;
+            let x = rnd(&[b, cin, h, w], 1.0)?;
+            let wt = rnd(&[cout, cin, k, k], 1.0 / ((cin * k * k) as f64).sqrt())?;
             let bias = rnd(&[cout], 0.1)?;
-            let r = rnd(&[1, cout, hw, hw], 1.0)?;
-            let pad = k / 2;
-            let got = channel_bias_add(x.conv2d(&w, pad, 1, 1, 1)?, &bias, Some(&r))?;
-            let want = channel_bias_add(
-                cpu32(&x)?.conv2d(&cpu32(&w)?, pad, 1, 1, 1)?,
-                &cpu32(&bias)?,
-                Some(&cpu32(&r)?),
-            )?;
+            let pad = if stride == 1 { k / 2 } else { 0 };
+            let want = cpu32(&x)?.conv2d(&cpu32(&wt)?, pad, stride, 1, 1)?;
+            let (ho, wo) = (want.dim(2)?, want.dim(3)?);
+            let r = rnd(&[b, cout, ho, wo], 1.0)?;
+            let got = channel_bias_add(conv2d_rows(&x, &wt, stride, pad, 0, ho)?, &bias, Some(&r))?;
+            let want_all = channel_bias_add(want.clone(), &cpu32(&bias)?, Some(&cpu32(&r)?))?;
             report.check(
-                format!("conv {k}x{k} {cin}->{cout} {hw}x{hw} + bias + residual"),
-                rel_err(&got, &want)?,
+                format!(
+                    "conv {k}x{k}/{stride} {b}x{cin}->{cout} {h}x{w} + bias + residual ({})",
+                    crate::kernels::conv::path_for(&x)
+                ),
+                rel_err(&got, &want_all)?,
+                1e-2,
+            );
+            let (r0, r1) = (ho / 3, ho - ho / 4);
+            report.check(
+                format!("conv {k}x{k}/{stride} {b}x{cin}->{cout} {h}x{w}, output rows {r0}..{r1}"),
+                rel_err(
+                    &conv2d_rows(&x, &wt, stride, pad, r0, r1)?,
+                    &want.narrow(2, r0, r1 - r0)?,
+                )?,
                 1e-2,
             );
         }

@@ -5,6 +5,7 @@
 //! has a plain candle composition that computes the same function: it runs on the CPU and on any
 //! input the kernel does not take, and `parallax selfcheck` compares the two on the GPU.
 
+pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda_util;
 pub mod elementwise;

@@ -366,16 +366,12 @@ impl GroupNorm {
     }
 }
 
-/// Convolutions (stride 1) whose input or output holds more values than this run in bands of
-/// output rows, with the same result ([`Conv2d::forward_banded`]): cuDNN's tensor descriptors
-/// take 32-bit strides (a 4096 px map of 128 channels already has 2^31 values), and candle's own
-/// CUDA convolution builds an im2col buffer nine times its input. With the `cudnn` feature bands
-/// hold up to 2^30 values; without it 2^27 (an im2col buffer of 2.25 GiB in bf16).
-pub const CONV_BAND_VALUES: usize = if cfg!(feature = "cudnn") {
-    1 << 30
-} else {
-    1 << 27
-};
+/// Convolutions (stride 1) whose im2col matrix would hold more values than this run in bands
+/// of output rows, with the same result ([`Conv2d::forward_banded`]): 2^28 values (512 MiB in
+/// bf16) keep the autoencoder's peak memory down at 1024 px and up, while each band's product
+/// stays large (233k positions at 128 channels). On candle's path a band also keeps cuDNN's
+/// 32-bit tensor descriptors in range (a 4096 px map of 128 channels has 2^31 values).
+pub const CONV_BAND_VALUES: usize = 1 << 28;
 
 /// A 2D convolution with square kernel and bias (weight (out, in, k, k)).
 #[derive(Debug, Clone)]
@@ -438,59 +434,38 @@ impl Conv2d {
         crate::kernels::elementwise::channel_bias_add(y, &self.bias, residual)
     }
 
-    /// The convolution without bias, in bands of output rows when the input or the output would
-    /// hold more than `max_values` values (stride 1 only; other strides run whole).
+    /// The convolution without bias, in bands of output rows when its im2col matrix would hold
+    /// more than `max_values` values (3x3 stride 1 only; others run whole, 1x1 needs no matrix).
     fn conv_nobias(
         &self,
         x: &Tensor,
         padding: usize,
         max_values: usize,
     ) -> candle_core::Result<Tensor> {
+        use crate::kernels::conv::conv2d_rows;
         let (b, cin, h, w) = x.dims4()?;
         let (cout, k) = (self.weight.dim(0)?, self.kernel_size());
-        let whole = || x.conv2d(&self.weight, padding, self.stride, 1, 1);
-        if self.stride != 1 || h + 2 * padding < k || w + 2 * padding < k {
-            return whole();
+        let s = self.stride;
+        if h + 2 * padding < k || w + 2 * padding < k {
+            candle_core::bail!("convolution: a {h}x{w} map is smaller than its {k}x{k} kernel");
         }
-        let (ho, wo) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
-        let in_row = b * cin * (w + 2 * padding);
-        let out_row = b * cout * wo;
-        if (b * cin * h * w).max(b * cout * ho * wo) <= max_values {
-            return whole();
-        }
-        let rows = (max_values / in_row.max(1))
-            .saturating_sub(k - 1)
-            .min(max_values / out_row.max(1))
-            .max(1);
-        if rows >= ho {
-            return whole();
+        let (ho, wo) = ((h + 2 * padding - k) / s + 1, (w + 2 * padding - k) / s + 1);
+        let per_row = b * cin * k * k * wo;
+        let rows = (max_values / per_row.max(1)).max(1);
+        if s != 1 || k == 1 || rows >= ho {
+            return conv2d_rows(x, &self.weight, s, padding, 0, ho);
         }
         let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
         let mut r0 = 0;
         while r0 < ho {
             let r1 = (r0 + rows).min(ho);
-            // Input rows [r0 - padding, r1 - 1 - padding + k), zeros outside the map.
-            let lo = r0 as isize - padding as isize;
-            let hi = (r1 + k - 1) as isize - padding as isize;
-            let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
-            let start = lo.max(0) as usize;
-            let len = (hi.min(h as isize) as usize).saturating_sub(start);
-            // Contiguous at every step: cuDNN would otherwise be handed the whole map's strides,
-            // which do not fit its 32-bit descriptors.
-            let band = x
-                .narrow(2, start, len)?
-                .contiguous()?
-                .pad_with_zeros(2, top, bottom)?
-                .pad_with_zeros(3, padding, padding)?
-                .contiguous()?;
-            let y = band.conv2d(&self.weight, 0, 1, 1, 1)?;
-            out.slice_set(&y, 2, r0)?;
+            out.slice_set(&conv2d_rows(x, &self.weight, 1, padding, r0, r1)?, 2, r0)?;
             r0 = r1;
         }
         Ok(out)
     }
 
-    /// [`Conv2d::forward`] in bands of output rows, each band's input and output at most
+    /// [`Conv2d::forward`] in bands of output rows, each band's im2col matrix at most
     /// `max_values` values (for tests; [`Conv2d::forward`] bands at [`CONV_BAND_VALUES`]).
     pub fn forward_banded(&self, x: &Tensor, max_values: usize) -> candle_core::Result<Tensor> {
         let y = self.conv_nobias(x, self.padding, max_values)?;
@@ -1487,8 +1462,10 @@ mod tests {
             let conv = Conv2d::new(6, 5, k, 1, pad, vb.pp("c"))?;
             let x = Tensor::randn(0f32, 1.0, (2, 6, 13, 9), &dev)?;
             let whole = conv.forward(&x)?;
-            // Limits from one output row per band up to a few rows.
-            for limit in [1, 2 * 6 * 11, 2 * 6 * 11 * 4, 2 * 6 * 11 * 7 + 5] {
+            // Limits from one output row per band up to a few rows (a row's im2col matrix holds
+            // batch x channels x taps x width values).
+            let row = 2 * 6 * k * k * 9;
+            for limit in [1, row, row * 4, row * 7 + 5] {
                 let banded = conv.forward_banded(&x, limit)?;
                 assert_eq!(banded.dims(), whole.dims());
                 let d = (&banded - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;

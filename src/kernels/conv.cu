@@ -1,0 +1,52 @@
+// Parallax convolution helper (bf16), compiled with NVRTC: the column matrix of a 2D
+// convolution laid out (K, M) -- one row per kernel tap kk = (ci * k + ky) * k + kx, one column
+// per output position m = oy * wo + ox -- so that weight (Cout, K) x col (K, M) is the output
+// (Cout, M) already in NCHW order. It covers output rows [r0, r0 + rows) only, reading the whole
+// input map and treating everything outside it as zero: a band needs no padded copy of its input.
+//
+// Grid: x over the columns (8 per thread), y over the taps, z over the batch. Writes are 16-byte
+// vectors when the band's column count is a multiple of 8, reads are per element (the same input
+// element serves nine taps, which L1/L2 absorb).
+
+struct __align__(16) ColU4 { unsigned x, y, z, w; };
+
+extern "C" __global__ void parallax_im2col_bf16(const unsigned short* __restrict__ x,
+                                                unsigned short* __restrict__ col, int cin, int h,
+                                                int w, int k, int stride, int pad, int r0,
+                                                int rows, int wo) {
+    const int kk = blockIdx.y;
+    const int b = blockIdx.z;
+    const int kx = kk % k, ky = (kk / k) % k, ci = kk / (k * k);
+    const u64 m_count = (u64)rows * (u64)wo;
+    const unsigned short* xp = x + ((u64)b * cin + ci) * (u64)h * (u64)w;
+    unsigned short* cp = col + ((u64)b * cin * k * k + kk) * m_count;
+    const bool vec = (m_count % 8) == 0;
+    for (u64 m0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8; m0 < m_count;
+         m0 += (u64)gridDim.x * blockDim.x * 8) {
+        int oy = (int)(m0 / (u64)wo), ox = (int)(m0 % (u64)wo);
+        unsigned short v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int iy = (r0 + oy) * stride + ky - pad;
+            const int ix = ox * stride + kx - pad;
+            const bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+            v[j] = inside ? xp[(u64)iy * w + ix] : (unsigned short)0;
+            if (++ox == wo) {
+                ox = 0;
+                ++oy;
+            }
+        }
+        if (vec) {
+            ColU4 o;
+            o.x = (unsigned)v[0] | ((unsigned)v[1] << 16);
+            o.y = (unsigned)v[2] | ((unsigned)v[3] << 16);
+            o.z = (unsigned)v[4] | ((unsigned)v[5] << 16);
+            o.w = (unsigned)v[6] | ((unsigned)v[7] << 16);
+            *(ColU4*)(cp + m0) = o;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (m0 + j < m_count) cp[m0 + j] = v[j];
+        }
+    }
+}

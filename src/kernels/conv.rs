@@ -1,0 +1,226 @@
+//! The autoencoder's 2D convolutions, by bands of output rows.
+//!
+//! On CUDA in bf16: Parallax's column-matrix kernel (`conv.cu`) writes the band's im2col matrix
+//! laid out (K, M) — one row per kernel tap, one column per output position — straight from the
+//! whole input map (zeros outside it, so a band needs no padded copy), and one cuBLAS product
+//! weight (Cout, K) × col (K, M) gives the band already in NCHW order. A 1x1 convolution is the
+//! product alone. candle's own CUDA convolution spent 80 % of a 1024 px decode in its im2col
+//! kernel and then transposed its (M, Cout) result (BENCHMARKS.md).
+//!
+//! Elsewhere (CPU, other dtypes, `PARALLAX_CONV=candle`): candle's `conv2d` on a zero-padded
+//! copy of the band's input rows, which is also the reference `parallax selfcheck` compares the
+//! kernel path against.
+
+use candle_core::{DType, Result, Tensor};
+
+/// The kernel source (CUDA C++, compiled with NVRTC).
+pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("conv.cu"));
+
+/// Which implementation convolutions on `x` take: `"parallax im2col + cuBLAS"` or
+/// `"candle conv2d"` (cuDNN in a `cudnn` build).
+pub fn path_for(x: &Tensor) -> &'static str {
+    if own_kernel(x) {
+        "parallax im2col + cuBLAS"
+    } else {
+        "candle conv2d"
+    }
+}
+
+fn own_kernel(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && std::env::var("PARALLAX_CONV").map_or(true, |v| v != "candle")
+}
+
+/// The output size of a convolution along one axis.
+fn out_len(n: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
+    if stride == 0 || n + 2 * pad < k {
+        candle_core::bail!("convolution: kernel {k} does not fit {n} positions padded by {pad}");
+    }
+    Ok((n + 2 * pad - k) / stride + 1)
+}
+
+/// Output rows `[r0, r1)` of the convolution of `x` (B, Cin, H, W) with `w` (Cout, Cin, k, k),
+/// given stride and zero padding on every side: (B, Cout, r1 - r0, Wo), without bias.
+pub fn conv2d_rows(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    r0: usize,
+    r1: usize,
+) -> Result<Tensor> {
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, k, k2) = w.dims4()?;
+    if wcin != cin || k2 != k {
+        candle_core::bail!(
+            "convolution: weight {:?} does not fit an input of {cin} channels",
+            w.dims()
+        );
+    }
+    let (ho, wo) = (out_len(h, k, stride, pad)?, out_len(wd, k, stride, pad)?);
+    if r0 >= r1 || r1 > ho {
+        candle_core::bail!("convolution: output rows {r0}..{r1} outside 0..{ho}");
+    }
+    #[cfg(feature = "cuda")]
+    if own_kernel(x) && cin * k * k <= 65_535 && b <= 65_535 {
+        return cuda::conv_rows(x, w, (b, cin, cout, k), stride, pad, r0, r1 - r0, wo);
+    }
+    let _ = (b, cout, wo);
+    if r0 == 0 && r1 == ho {
+        return x.conv2d(w, pad, stride, 1, 1);
+    }
+    if stride != 1 {
+        return x.conv2d(w, pad, stride, 1, 1)?.narrow(2, r0, r1 - r0);
+    }
+    // Input rows [r0 - pad, r1 - 1 - pad + k), zeros outside the map.
+    let lo = r0 as isize - pad as isize;
+    let hi = (r1 + k - 1) as isize - pad as isize;
+    let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
+    let start = lo.max(0) as usize;
+    let len = (hi.min(h as isize) as usize).saturating_sub(start);
+    // Contiguous at every step: cuDNN would otherwise be handed the whole map's strides, which
+    // do not fit its 32-bit descriptors.
+    let band = x
+        .narrow(2, start, len)?
+        .contiguous()?
+        .pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, pad, pad)?
+        .contiguous()?;
+    band.conv2d(w, 0, 1, 1, 1)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::kernels::cuda_util::{device, view, wrap};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use half::bf16;
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_rows(
+        x: &Tensor,
+        w: &Tensor,
+        (b, cin, cout, k): (usize, usize, usize, usize),
+        stride: usize,
+        pad: usize,
+        r0: usize,
+        rows: usize,
+        wo: usize,
+    ) -> Result<Tensor> {
+        let taps = cin * k * k;
+        let m = rows * wo;
+        let wmat = w
+            .contiguous()?
+            .reshape((1, cout, taps))?
+            .broadcast_as((b, cout, taps))?;
+        if k == 1 && stride == 1 && pad == 0 {
+            let xs = x.narrow(2, r0, rows)?.contiguous()?.reshape((b, cin, m))?;
+            return wmat.matmul(&xs)?.reshape((b, cout, rows, wo));
+        }
+        let x = x.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let dev = device(&x)?;
+        let count = b * taps * m;
+        // SAFETY: the kernel writes every element of the column matrix.
+        let col = unsafe { dev.alloc::<bf16>(count)? };
+        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "conv", SOURCE, false)?;
+        let func = dev.get_or_load_custom_func("parallax_im2col_bf16", &module, &ptx)?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let xv = view::<bf16>(&xs, xl)?;
+            let int = |v: usize| -> Result<i32> {
+                i32::try_from(v).map_err(|_| {
+                    candle_core::Error::Msg(format!("convolution: size {v} past 2^31"))
+                })
+            };
+            let args = [
+                int(cin)?,
+                int(h)?,
+                int(wd)?,
+                int(k)?,
+                int(stride)?,
+                int(pad)?,
+                int(r0)?,
+                int(rows)?,
+                int(wo)?,
+            ];
+            let mut bld = func.builder();
+            bld.arg(&xv);
+            bld.arg(&col);
+            for a in &args {
+                bld.arg(a);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    m.div_ceil(8 * 256).clamp(1, 65_535) as u32,
+                    taps as u32,
+                    b as u32,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel; sizes from the checked shapes, the grid's
+            // y and z within the checked limits.
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        let col = wrap(col, &dev, &[b, taps, m]);
+        wmat.matmul(&col)?.reshape((b, cout, rows, wo))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn row_bands_equal_the_whole_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev)?;
+        for (k, pad) in [(3usize, 1usize), (3, 0), (1, 0), (5, 2)] {
+            let w = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?;
+            let whole = x.conv2d(&w, pad, 1, 1, 1)?;
+            let ho = whole.dim(2)?;
+            for (r0, r1) in [(0, ho), (0, 1), (1, ho), (ho / 2, ho), (ho - 1, ho)] {
+                let got = conv2d_rows(&x, &w, 1, pad, r0, r1)?;
+                let want = whole.narrow(2, r0, r1 - r0)?;
+                let d = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k {k} pad {pad} rows {r0}..{r1}: {d}");
+            }
+        }
+        // Stride 2 (the encoder's downsampling).
+        let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
+        let whole = x.conv2d(&w, 0, 2, 1, 1)?;
+        let got = conv2d_rows(&x, &w, 2, 0, 1, whole.dim(2)?)?;
+        let d = (got - whole.narrow(2, 1, whole.dim(2)? - 1)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev)?;
+        let w = Tensor::zeros((2, 3, 3, 3), DType::F32, &dev)?;
+        assert!(conv2d_rows(&x, &w, 1, 1, 0, 5).is_err());
+        assert!(conv2d_rows(&x, &w, 1, 1, 2, 2).is_err());
+        assert!(conv2d_rows(
+            &x,
+            &Tensor::zeros((2, 5, 3, 3), DType::F32, &dev)?,
+            1,
+            1,
+            0,
+            4
+        )
+        .is_err());
+        let tiny = Tensor::zeros((1, 3, 1, 1), DType::F32, &dev)?;
+        assert!(conv2d_rows(&tiny, &w, 1, 0, 0, 1).is_err());
+        Ok(())
+    }
+}
