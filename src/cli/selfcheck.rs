@@ -241,6 +241,53 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         }
     }
 
+    // 1c'. Linear layers with the bias (+ GELU) in cuBLASLt's epilogue, and the product written
+    //      beside another tensor, against the CPU f32 composition on the same bf16 inputs.
+    {
+        use crate::kernels::gemm::{linear, linear_cat};
+        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        };
+        let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
+            Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
+        };
+        for &(b, l, k, n) in &[
+            (1usize, 1024usize, 3072usize, 1536usize),
+            (2, 77, 256, 512),
+            (1, 9, 100, 24),
+        ] {
+            let x = rnd(&[b, l, k], 1.0)?;
+            let w = rnd(&[n, k], 1.0 / (k as f64).sqrt())?;
+            let bias = rnd(&[n], 0.5)?;
+            let a = rnd(&[b, l, 40], 1.0)?;
+            for (with_bias, gelu) in [(true, false), (true, true), (false, false)] {
+                let bias = with_bias.then_some(&bias);
+                let bias32 = bias.map(cpu32).transpose()?;
+                report.check(
+                    format!(
+                        "linear {b}x{l}x{k} -> {n}{}{}",
+                        if with_bias { " + bias" } else { "" },
+                        if gelu { " + gelu" } else { "" }
+                    ),
+                    rel_err(
+                        &linear(&x, &w, bias, gelu)?,
+                        &linear(&cpu32(&x)?, &cpu32(&w)?, bias32.as_ref(), gelu)?,
+                    )?,
+                    1e-2,
+                );
+            }
+            let bias32 = cpu32(&bias)?;
+            report.check(
+                format!("[a, gelu(linear)] {b}x{l}x(40 + {n})"),
+                rel_err(
+                    &linear_cat(&a, &x, &w, Some(&bias), true)?,
+                    &linear_cat(&cpu32(&a)?, &cpu32(&x)?, &cpu32(&w)?, Some(&bias32), true)?,
+                )?,
+                1e-2,
+            );
+        }
+    }
+
     // 1d. The autoencoder's convolution pieces: 3x3 and 1x1 convolutions (Parallax's im2col
     //     kernel + cuBLAS in bf16; candle's, cuDNN in a `cudnn` build, with PARALLAX_CONV=candle),
     //     whole and by row bands, stride 2, widths that leave a band's columns unaligned; the

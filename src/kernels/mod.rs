@@ -10,5 +10,6 @@ pub mod conv;
 pub mod cuda_util;
 pub mod elementwise;
 pub mod flash_attn;
+pub mod gemm;
 pub mod nvrtc;
 pub mod qkv_prep;

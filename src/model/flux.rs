@@ -15,7 +15,8 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
-use crate::kernels::elementwise::{bias_act, cat_bias_gelu, gated_residual, ln_modulate};
+use crate::kernels::elementwise::{gated_residual, ln_modulate};
+use crate::kernels::gemm;
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::parallel::sp::ShardLayout;
 
@@ -245,8 +246,8 @@ impl Module for MlpEmbedder {
     }
 }
 
-/// A linear layer over token rows whose bias add (and GELU, when asked) runs as one fused pass on
-/// CUDA ([`crate::kernels::elementwise::bias_act`]); same function as `candle_nn::Linear`.
+/// A linear layer over token rows whose bias add (and GELU, when asked) runs inside the product on
+/// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 struct Lin {
     weight: Tensor,
@@ -273,23 +274,14 @@ impl Lin {
         })
     }
 
-    /// `x Wᵀ` without the bias.
-    fn product(&self, x: &Tensor) -> Result<Tensor> {
-        let w = match *x.dims() {
-            [b1, b2, _, _] => self.weight.broadcast_left((b1, b2))?.t()?,
-            [b, _, _] => self.weight.broadcast_left(b)?.t()?,
-            _ => self.weight.t()?,
-        };
-        x.matmul(&w)
+    /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
+    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        gemm::linear(x, &self.weight, self.bias.as_ref(), gelu)
     }
 
-    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        let y = self.product(x)?;
-        match &self.bias {
-            Some(b) => bias_act(&y, b, gelu),
-            None if gelu => y.gelu(),
-            None => Ok(y),
-        }
+    /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
+    fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        gemm::linear_cat(a, x, &self.weight, self.bias.as_ref(), gelu)
     }
 }
 
@@ -507,15 +499,11 @@ impl SingleBlock {
         let m = &self.modulation.forward(&ctx.vec)?[0];
         let xm = m.norm_modulate(x)?;
         let qkv = self.linear1_qkv.forward(&xm)?;
-        // The MLP half without its bias: bias and GELU are applied while joining it to the
-        // attention output (one pass, `cat_bias_gelu`).
-        let mlp = self.linear1_mlp.product(&xm)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
         let a = ctx.attend_merged(attn, &q, &k, &v)?;
-        let joined = match &self.linear1_mlp.bias {
-            Some(b) => cat_bias_gelu(&a, &mlp, b)?,
-            None => Tensor::cat(&[a, mlp.gelu()?], D::Minus1)?,
-        };
+        // linear2's input: the attention output beside GELU(MLP half), which the product writes
+        // straight into the joined buffer (bias and GELU in its epilogue).
+        let joined = self.linear1_mlp.apply_beside(&a, &xm, true)?;
         let out = self.linear2.forward(&joined)?;
         m.gated_add(x, &out)
     }
