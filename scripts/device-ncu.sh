@@ -4,6 +4,8 @@
 # autoencoder decode and of transformer steps, summed by kernel name, largest first.
 # Logs and tables go to $OUT.
 #   bash scripts/device-ncu.sh [vae|step|both] [width]   (default: both 1024)
+# NCU_CLOCK=none times kernels at the clocks the GPU runs at (Nsight Compute locks them to base
+# clocks by default), to compare a step's kernel time with its wall time.
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out"
@@ -35,14 +37,14 @@ if [[ $what == vae || $what == both ]]; then
     timeout 300 .device/parallax bench-vae --device cuda --width "$w" --runs 3 --warmup 1 \
         > "$out/vae-$w.json" 2> "$out/vae-$w.err"
     echo "bench-vae rc=$?"; grep -E '"median"|stages|level|mid|out"|peak_alloc' "$out/vae-$w.json"
-    timeout 250 ncu --metrics gpu__time_duration.sum --csv \
+    timeout 250 ncu --clock-control ${NCU_CLOCK:-base} --metrics gpu__time_duration.sum --csv \
         .device/parallax bench-vae --device cuda --width "$w" --runs 1 --warmup 0 \
         > "$out/ncu-vae-$w.csv" 2> "$out/ncu-vae-$w.err"
     echo "ncu vae rc=$?"
     summarise "$out/ncu-vae-$w.csv" "autoencoder decode ${w}px (two decodes: timed + staged)" | tee "$out/ncu-vae-$w.txt"
 fi
 if [[ $what == step || $what == both ]]; then
-    timeout 250 ncu --metrics gpu__time_duration.sum --csv \
+    timeout 250 ncu --clock-control ${NCU_CLOCK:-base} --metrics gpu__time_duration.sum --csv \
         .device/parallax bench --device cuda --model random:dev --width "$w" --height "$w" \
         --steps 2 --runs 1 --warmup 0 > "$out/ncu-step-$w.csv" 2> "$out/ncu-step-$w.err"
     echo "ncu step rc=$?"

@@ -805,6 +805,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let mut totals = Vec::new();
     let mut all_steps = Vec::new();
+    let mut all_queued = Vec::new();
     let mut text = Vec::new();
     let mut vae = Vec::new();
     let mut last = None;
@@ -815,6 +816,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         })?;
         totals.push(g.timings.total_ms);
         all_steps.extend(g.timings.steps_ms.iter().copied());
+        all_queued.extend(g.timings.steps_queued_ms.iter().copied());
         text.push(g.timings.text_ms);
         vae.push(g.timings.vae_ms);
         bar.inc(1);
@@ -854,6 +856,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),
             "max": all_steps.iter().copied().fold(0.0, f64::max),
+            // Host time to queue a step's work before waiting for the device (median).
+            "queued_median": median(&all_queued),
         },
         "total_ms": { "median": median(&totals), "all": totals },
         "text_encode_ms_median": median(&text),

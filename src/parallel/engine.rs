@@ -76,6 +76,7 @@ struct StepMsg {
     t_next: f64,
     kind: StepKind,
     elapsed: Duration,
+    queued: Duration,
     latent: Tensor,
 }
 
@@ -227,6 +228,7 @@ fn generate_ranks(
                                     t_next: info.t_next,
                                     kind: info.kind,
                                     elapsed: info.elapsed,
+                                    queued: info.queued,
                                     latent: info.latent.clone(),
                                 });
                                 Ok(())
@@ -248,6 +250,7 @@ fn generate_ranks(
                         t_next: m.t_next,
                         kind: m.kind,
                         elapsed: m.elapsed,
+                        queued: m.queued,
                         latent: &m.latent,
                     };
                     if progress_err.is_none() {

@@ -166,6 +166,9 @@ fn one() -> f64 {
 pub struct Timings {
     pub text_ms: f64,
     pub steps_ms: Vec<f64>,
+    /// Per step, the host's time to queue the step's work (see `StepInfo::queued`).
+    #[serde(default)]
+    pub steps_queued_ms: Vec<f64>,
     pub vae_ms: f64,
     pub total_ms: f64,
 }
@@ -539,8 +542,10 @@ impl Pipeline {
             cache_threshold: settings.cache_threshold,
         };
         let mut steps_ms = Vec::with_capacity(settings.steps);
+        let mut steps_queued_ms = Vec::with_capacity(settings.steps);
         let (x, stats) = denoise(&self.flux, &job, &mut |info| {
             steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
+            steps_queued_ms.push(info.queued.as_secs_f64() * 1e3);
             progress(Progress::Step(info))
         })?;
 
@@ -561,6 +566,7 @@ impl Pipeline {
             timings: Timings {
                 text_ms,
                 steps_ms,
+                steps_queued_ms,
                 vae_ms,
                 total_ms: total_start.elapsed().as_secs_f64() * 1e3,
             },

@@ -30,6 +30,9 @@ pub struct StepInfo<'a> {
     pub t_next: f64,
     pub kind: StepKind,
     pub elapsed: Duration,
+    /// The part of `elapsed` the host spent queueing the step's work before it waited for the
+    /// device: close to `elapsed` means the host, not the GPU, sets the pace.
+    pub queued: Duration,
     /// The packed latent after this step (1, N, 64), f32.
     pub latent: &'a Tensor,
 }
@@ -142,6 +145,7 @@ pub fn denoise_cfg(
             _ => v,
         };
         x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?).px()?;
+        let queued = start.elapsed();
         // Between steps, not inside one: so the reported step time is the device's, and the
         // latent handed to `on_step` is ready.
         crate::device::synchronize(dev)?;
@@ -153,6 +157,7 @@ pub fn denoise_cfg(
             t_next,
             kind,
             elapsed: start.elapsed(),
+            queued,
             latent: &x,
         })?;
     }
