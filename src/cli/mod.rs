@@ -500,8 +500,24 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     use crate::parallel::store::{Store, StoreComm};
     use std::sync::Arc;
 
-    if a.model.device != "cpu" {
-        bail!("--device {}: worker processes run CPU ranks for now (GPU ranks across processes need the NCCL engine, issue 4)", a.model.device);
+    let mut a = a;
+    let gpu = a.model.device.starts_with("cuda");
+    if a.model.device == "cuda" {
+        // One GPU per process: rank R takes GPU R (mod the GPUs of this machine).
+        let n = crate::device::cuda_device_count().max(1);
+        a.model.device = format!("cuda:{}", a.rank % n);
+    }
+    if gpu && !cfg!(feature = "cuda") {
+        bail!(
+            "--device {}: this build has no `cuda` feature",
+            a.model.device
+        );
+    }
+    if !gpu && a.model.device != "cpu" {
+        bail!(
+            "--device {}: a worker runs on `cpu` or one GPU (`cuda:N`)",
+            a.model.device
+        );
     }
     let (rank, world) = (a.rank, a.world);
     let store = Store::connect(
@@ -548,9 +564,19 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     if cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
         bail!("--cfg 2 runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1");
     }
+    // CPU ranks talk through the store; GPU ranks through NCCL, each group's id handed over
+    // through the store.
+    let dev = p.device().clone();
     let group = |name: &str,
                  members: Vec<usize>|
      -> anyhow::Result<Arc<dyn crate::parallel::comm::Communicator>> {
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            return Ok(Arc::new(crate::parallel::nccl::NcclComm::from_store(
+                &store, name, &members, &dev,
+            )?));
+        }
+        let _ = &dev;
         Ok(Arc::new(StoreComm::new(store.clone(), name, members)?))
     };
     let groups = RankGroups {

@@ -9,7 +9,9 @@
 //! Two ways to build a group:
 //! - [`NcclComm::new_group`]: one process, one communicator per device (one worker thread per GPU);
 //! - [`NcclComm::from_unique_id`]: one rank of a group spread over processes or machines, with the
-//!   [`UniqueId`] that rank 0 made ([`UniqueId::new`]) and handed to the others (its 128 bytes).
+//!   [`UniqueId`] that rank 0 made ([`UniqueId::new`]) and handed to the others (its 128 bytes);
+//!   [`NcclComm::from_store`] does the handing over through the rendezvous [`Store`] of
+//!   `parallax worker` (the group's first member makes the id, the others read it).
 //!
 //! Point to point: NCCL's send only completes when the peer receives, so a lone
 //! [`Communicator::send`] blocks the sender's stream until then, and ranks that all send before
@@ -26,6 +28,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 
 use super::comm::Communicator;
+use super::store::Store;
 
 /// The 128-byte identifier that ties the ranks of one NCCL group together: made once (on rank 0,
 /// [`UniqueId::new`]) and given to every rank.
@@ -307,6 +310,38 @@ impl NcclComm {
                 })
                 .collect()
         })
+    }
+
+    /// This process's communicator in the group of global ranks `members` (spread over
+    /// processes, one GPU each), on `device`: the first member makes the group's [`UniqueId`] and
+    /// puts it in `store` under a key made of `name` and the members, the others read it there;
+    /// then every member joins (waiting for all of them). Every member must call this with the
+    /// same `name` and `members`, and groups must be made in the same order on every process.
+    pub fn from_store(
+        store: &Store,
+        name: &str,
+        members: &[usize],
+        device: &Device,
+    ) -> Result<NcclComm> {
+        let me = store.rank();
+        let index = members.iter().position(|&m| m == me).ok_or_else(|| {
+            candle_core::Error::Msg(format!("rank {me} is not in group {name} {members:?}"))
+        })?;
+        let key = format!("nccl-id/{name}/{members:?}");
+        let store_err =
+            |e: crate::Error| candle_core::Error::Msg(format!("NCCL id for {key}: {e}"));
+        let id = if index == 0 {
+            let id = UniqueId::new()?;
+            let readers = u32::try_from(members.len() - 1)
+                .map_err(|_| candle_core::Error::Msg("group too large".into()))?;
+            if readers > 0 {
+                store.set(&key, readers, id.as_bytes()).map_err(store_err)?;
+            }
+            id
+        } else {
+            UniqueId::from_bytes(&store.get(&key).map_err(store_err)?)?
+        };
+        Self::from_unique_id(&id, index, members.len(), device)
     }
 
     /// Rank `rank` of a group of `size` (over processes or machines) that `id` names, on `device`.
