@@ -126,8 +126,8 @@ mod cuda {
         let count = b * taps * m;
         // SAFETY: the kernel writes every element of the column matrix.
         let col = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "conv", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func("parallax_im2col_bf16", &module, &ptx)?;
+        let func =
+            crate::kernels::nvrtc::function(&dev, "conv", SOURCE, false, "parallax_im2col_bf16")?;
         {
             let (xs, xl) = x.storage_and_layout();
             let xv = view::<bf16>(&xs, xl)?;

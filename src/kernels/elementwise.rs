@@ -128,7 +128,7 @@ impl candle_core::CustomOp2 for Fused {
         bias: &candle_core::CudaStorage,
         bl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         use half::bf16;
         let dev = &x.device;
@@ -138,8 +138,8 @@ impl candle_core::CustomOp2 for Fused {
         let bs = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
+        let func =
+            crate::kernels::nvrtc::function(dev, "elementwise", SOURCE, false, Fused::name(self))?;
         let n8 = (count / 8) as u64;
         let n_i = n as i32;
         let mut b = func.builder();
@@ -148,11 +148,7 @@ impl candle_core::CustomOp2 for Fused {
         b.arg(&out);
         b.arg(&n8);
         b.arg(&n_i);
-        let cfg = LaunchConfig {
-            grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::kernels::cuda_util::grid_stride(n8);
         // SAFETY: arguments match the kernel; sizes from the checked shapes.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
@@ -205,8 +201,8 @@ impl candle_core::CustomOp3 for Fused {
         let cs = c.as_cuda_slice::<bf16>()?.slice(cl.start_offset()..);
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = super::nvrtc::ptx_for(dev, "elementwise", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func(Fused::name(self), &module, &ptx)?;
+        let func =
+            crate::kernels::nvrtc::function(dev, "elementwise", SOURCE, false, Fused::name(self))?;
         let (l_i, c_i) = (l as i32, ch as i32);
         let m_i = (out_cols - ch) as i32;
         let n8 = (count / 8) as u64;
@@ -221,11 +217,7 @@ impl candle_core::CustomOp3 for Fused {
                 b.arg(&n8);
                 b.arg(&l_i);
                 b.arg(&c_i);
-                LaunchConfig {
-                    grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                }
+                crate::kernels::cuda_util::grid_stride(n8)
             }
             Fused::LnModulate => {
                 // x, shift, scale -> y
@@ -251,11 +243,7 @@ impl candle_core::CustomOp3 for Fused {
                 b.arg(&n8);
                 b.arg(&c_i);
                 b.arg(&m_i);
-                LaunchConfig {
-                    grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                }
+                crate::kernels::cuda_util::grid_stride(n8)
             }
             Fused::Bias { .. } => candle_core::bail!("bias takes two inputs"),
         };
@@ -440,9 +428,13 @@ mod cuda {
         let n = b * groups * splits;
         // SAFETY: the kernel writes every partial sum (one block per entry).
         let (ps, pq) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
-        let func =
-            dev.get_or_load_custom_func("parallax_group_partial_sums_bf16", &module, &ptx)?;
+        let func = crate::kernels::nvrtc::function(
+            &dev,
+            "elementwise",
+            SOURCE,
+            false,
+            "parallax_group_partial_sums_bf16",
+        )?;
         {
             let (st, l) = x.storage_and_layout();
             let xv = view::<bf16>(&st, l)?;
@@ -485,8 +477,7 @@ mod cuda {
         } else {
             "parallax_channel_bias_bf16"
         };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func(name, &module, &ptx)?;
+        let func = crate::kernels::nvrtc::function(&dev, "elementwise", SOURCE, false, name)?;
         let bv = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
         let rv = match r {
             Some((rs, rl)) => Some(rs.as_cuda_slice::<bf16>()?.slice(rl.start_offset()..)),
@@ -505,11 +496,7 @@ mod cuda {
         bld.arg(&n8);
         bld.arg(&hw_u);
         bld.arg(&c_u);
-        let cfg = LaunchConfig {
-            grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::kernels::cuda_util::grid_stride(n8);
         // SAFETY: arguments match the kernel; sizes from the checked shapes.
         unsafe { bld.launch(cfg) }.w()?;
         Ok(())
@@ -523,8 +510,13 @@ mod cuda {
         let count = x.elem_count();
         // SAFETY: the kernel writes every element (two rows of eight per four read).
         let out = unsafe { dev.alloc::<bf16>(count * 4)? };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func("parallax_upsample2x_bf16", &module, &ptx)?;
+        let func = crate::kernels::nvrtc::function(
+            &dev,
+            "elementwise",
+            SOURCE,
+            false,
+            "parallax_upsample2x_bf16",
+        )?;
         {
             let (xs, xl) = x.storage_and_layout();
             let xv = view::<bf16>(&xs, xl)?;
@@ -534,11 +526,7 @@ mod cuda {
             bld.arg(&out);
             bld.arg(&n4);
             bld.arg(&w_u);
-            let cfg = LaunchConfig {
-                grid_dim: (n4.div_ceil(256).min(132 * 16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = crate::kernels::cuda_util::grid_stride(n4);
             // SAFETY: arguments match the kernel; sizes from the checked shapes.
             unsafe { bld.launch(cfg) }.w()?;
         }
@@ -556,8 +544,13 @@ mod cuda {
         let count = x.elem_count();
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<bf16>(count)? };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "elementwise", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func("parallax_channel_affine_bf16", &module, &ptx)?;
+        let func = crate::kernels::nvrtc::function(
+            &dev,
+            "elementwise",
+            SOURCE,
+            false,
+            "parallax_channel_affine_bf16",
+        )?;
         {
             let (xs, xl) = x.storage_and_layout();
             let (as_, al) = a.storage_and_layout();
@@ -576,11 +569,7 @@ mod cuda {
             bld.arg(&n8);
             bld.arg(&hw_u);
             bld.arg(&sw);
-            let cfg = LaunchConfig {
-                grid_dim: (n8.div_ceil(256).min(132 * 16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = crate::kernels::cuda_util::grid_stride(n8);
             // SAFETY: arguments match the kernel; sizes from the checked shapes.
             unsafe { bld.launch(cfg) }.w()?;
         }

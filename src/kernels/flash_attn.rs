@@ -401,15 +401,14 @@ impl candle_core::CustomOp3 for FlashAttn {
         }
         let (func, merged) = match var {
             Variant::Mma { name, .. } => {
-                let (module, ptx) = super::nvrtc::ptx_for(dev, "flash_attn", SOURCE, false)?;
                 let kernel = format!("parallax_flash_fwd_bf16_d{d}_{name}");
-                (dev.get_or_load_custom_func(&kernel, &module, &ptx)?, false)
+                let func = super::nvrtc::function(dev, "flash_attn", SOURCE, false, &kernel)?;
+                (func, false)
             }
             Variant::Sm90 { name, .. } => {
-                let (module, ptx) =
-                    super::nvrtc::ptx_for(dev, "flash_attn_sm90", SOURCE_SM90, true)?;
                 let kernel = format!("parallax_flash_sm90_{name}");
-                let func = dev.get_or_load_custom_func(&kernel, &module, &ptx)?;
+                let func =
+                    super::nvrtc::function(dev, "flash_attn_sm90", SOURCE_SM90, true, &kernel)?;
                 // More than 48 KiB of dynamic shared memory has to be asked for.
                 func.set_attribute(
                         candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -58,3 +58,46 @@ pub fn ptx_for(
     cache.insert(module.clone(), ptx.clone());
     Ok((module, ptx))
 }
+
+/// A loaded kernel and the device stream its launches go on.
+#[cfg(feature = "cuda")]
+pub struct Kernel {
+    func: candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    stream: Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+}
+
+#[cfg(feature = "cuda")]
+impl Kernel {
+    /// A launch of this kernel on the device's stream, arguments to be pushed in order.
+    pub fn builder(&self) -> candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl std::ops::Deref for Kernel {
+    type Target = candle_core::cuda_backend::cudarc::driver::CudaFunction;
+
+    fn deref(&self) -> &Self::Target {
+        &self.func
+    }
+}
+
+/// `kernel` of `source` (compiled once per architecture by [`ptx_for`] under `name`), loaded on
+/// `dev`.
+#[cfg(feature = "cuda")]
+pub fn function(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    source: &'static str,
+    accelerated: bool,
+    kernel: &str,
+) -> candle_core::Result<Kernel> {
+    let (module, ptx) = ptx_for(dev, name, source, accelerated)?;
+    Ok(Kernel {
+        func: dev
+            .get_or_load_custom_func(kernel, &module, &ptx)?
+            .into_cuda_function(),
+        stream: dev.cuda_stream(),
+    })
+}

@@ -181,8 +181,7 @@ mod cuda {
         } else {
             "parallax_qkv_prep_bf16_d64"
         };
-        let (module, ptx) = crate::kernels::nvrtc::ptx_for(&dev, "qkv_prep", SOURCE, false)?;
-        let func = dev.get_or_load_custom_func(kernel, &module, &ptx)?;
+        let func = crate::kernels::nvrtc::function(&dev, "qkv_prep", SOURCE, false, kernel)?;
         let (ts, is, lt, li, h) = (ts as i32, is as i32, lt as i32, li as i32, heads as i32);
         let mut builder = func.builder();
         builder.arg(&views[0]);
