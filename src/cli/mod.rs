@@ -75,15 +75,8 @@ pub struct WorkerArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
-    /// Ulysses degree (must divide the attention heads).
-    #[arg(long)]
-    pub ulysses: Option<usize>,
-    /// Ring degree (default: the rest of the world).
-    #[arg(long)]
-    pub ring: Option<usize>,
-    /// CFG degree (2: the negative branch on half of the ranks; needs --true-cfg).
-    #[arg(long)]
-    pub cfg: Option<usize>,
+    #[command(flatten)]
+    pub degrees: DegreeArgs,
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -225,18 +218,49 @@ pub struct ParallelArgs {
     /// --device.
     #[arg(long)]
     pub devices: Option<String>,
-    /// Ulysses degree (must divide the attention heads).
-    #[arg(long)]
-    pub ulysses: Option<usize>,
-    /// Ring degree.
-    #[arg(long)]
-    pub ring: Option<usize>,
-    /// CFG degree: 2 runs true CFG's negative branch on its own half of the workers.
-    #[arg(long)]
-    pub cfg: Option<usize>,
+    #[command(flatten)]
+    pub degrees: DegreeArgs,
     /// `auto` picks the layout for the workers present (see `parallax info`).
     #[arg(long)]
     pub parallel: Option<String>,
+}
+
+/// The parallel degrees given on the command line (shared by `generate`/`bench` and `worker`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct DegreeArgs {
+    /// Ulysses degree (must divide the attention heads).
+    #[arg(long)]
+    pub ulysses: Option<usize>,
+    /// Ring degree (default: the workers left over by the other degrees).
+    #[arg(long)]
+    pub ring: Option<usize>,
+    /// CFG degree: 2 runs true CFG's negative branch on its own half of the workers (needs
+    /// --negative-prompt and --true-cfg).
+    #[arg(long)]
+    pub cfg: Option<usize>,
+}
+
+impl DegreeArgs {
+    /// Whether any degree was given.
+    pub fn any(&self) -> bool {
+        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some()
+    }
+
+    /// The layout over `workers`: the given degrees, 1 for those not given, except ring, which
+    /// takes the workers the others leave.
+    pub fn layout_for(&self, workers: usize) -> ParallelLayout {
+        let cfg = self.cfg.unwrap_or(1);
+        let ulysses = self.ulysses.unwrap_or(1);
+        let ring = self
+            .ring
+            .unwrap_or_else(|| (workers / (cfg * ulysses).max(1)).max(1));
+        ParallelLayout {
+            cfg,
+            ulysses,
+            ring,
+            ..ParallelLayout::default()
+        }
+    }
 }
 
 impl ParallelArgs {
@@ -277,7 +301,7 @@ impl ParallelArgs {
         heads: usize,
         true_cfg: bool,
     ) -> anyhow::Result<Option<(usize, ParallelLayout, String)>> {
-        let explicit = self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some();
+        let explicit = self.degrees.any();
         let workers = match self.devices.as_deref() {
             None => {
                 if explicit || self.parallel.is_some() {
@@ -304,20 +328,10 @@ impl ParallelArgs {
                 bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg")
             }
             Some(other) => bail!("--parallel {other}: the only value is `auto`"),
-            None => {
-                let cfg = self.cfg.unwrap_or(1);
-                let ulysses = self.ulysses.unwrap_or(1);
-                let ring = self
-                    .ring
-                    .unwrap_or_else(|| (workers / (cfg * ulysses).max(1)).max(1));
-                let layout = ParallelLayout {
-                    cfg,
-                    ulysses,
-                    ring,
-                    ..ParallelLayout::default()
-                };
-                (layout, "degrees given on the command line".to_string())
-            }
+            None => (
+                self.degrees.layout_for(workers),
+                "degrees given on the command line".to_string(),
+            ),
         };
         crate::parallel::mesh::Mesh::new(layout, workers, heads)?;
         Ok(Some((workers, layout, why)))
@@ -550,18 +564,9 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     let req = request_for(&p, &sample);
     let settings = p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
-    let cfg = a.cfg.unwrap_or(1);
-    let ulysses = a.ulysses.unwrap_or(1);
-    let layout = ParallelLayout {
-        cfg,
-        ulysses,
-        ring: a
-            .ring
-            .unwrap_or_else(|| (world / (cfg * ulysses).max(1)).max(1)),
-        ..ParallelLayout::default()
-    };
+    let layout = a.degrees.layout_for(world);
     let mesh = Mesh::new(layout, world, heads)?;
-    if cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
+    if layout.cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
         bail!("--cfg 2 runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1");
     }
     // CPU ranks talk through the store; GPU ranks through NCCL, each group's id handed over
