@@ -259,7 +259,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             let x = rnd(&[b, l, k], 1.0)?;
             let w = rnd(&[n, k], 1.0 / (k as f64).sqrt())?;
             let bias = rnd(&[n], 0.5)?;
-            let a = rnd(&[b, l, 40], 1.0)?;
+            let a = rnd(&[b, l, 128], 1.0)?;
             for (with_bias, gelu) in [(true, false), (true, true), (false, false)] {
                 let bias = with_bias.then_some(&bias);
                 let bias32 = bias.map(cpu32).transpose()?;
@@ -278,7 +278,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             }
             let bias32 = cpu32(&bias)?;
             report.check(
-                format!("[a, gelu(linear)] {b}x{l}x(40 + {n})"),
+                format!("[a, gelu(linear)] {b}x{l}x(128 + {n})"),
                 rel_err(
                     &linear_cat(&a, &x, &w, Some(&bias), true)?,
                     &linear_cat(&cpu32(&a)?, &cpu32(&x)?, &cpu32(&w)?, Some(&bias32), true)?,

@@ -26,11 +26,12 @@ pub fn path_for(x: &Tensor) -> &'static str {
     }
 }
 
-fn own_kernel(x: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && x.device().is_cuda()
-        && x.dtype() == DType::BF16
-        && std::env::var("PARALLAX_CONV").map_or(true, |v| v != "candle")
+/// Whether convolutions on `x` take Parallax's kernel (bf16 on CUDA, unless `PARALLAX_CONV=candle`).
+pub fn own_kernel(x: &Tensor) -> bool {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle =
+        *CANDLE.get_or_init(|| std::env::var("PARALLAX_CONV").is_ok_and(|v| v == "candle"));
+    cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::BF16 && !candle
 }
 
 /// The output size of a convolution along one axis.
@@ -71,12 +72,9 @@ pub fn conv2d_rows(
     if r0 == 0 && r1 == ho {
         return x.conv2d(w, pad, stride, 1, 1);
     }
-    if stride != 1 {
-        return x.conv2d(w, pad, stride, 1, 1)?.narrow(2, r0, r1 - r0);
-    }
-    // Input rows [r0 - pad, r1 - 1 - pad + k), zeros outside the map.
-    let lo = r0 as isize - pad as isize;
-    let hi = (r1 + k - 1) as isize - pad as isize;
+    // Input rows [r0·s - pad, (r1 - 1)·s + k - pad), zeros outside the map.
+    let lo = (r0 * stride) as isize - pad as isize;
+    let hi = ((r1 - 1) * stride + k) as isize - pad as isize;
     let (top, bottom) = ((-lo).max(0) as usize, (hi - h as isize).max(0) as usize);
     let start = lo.max(0) as usize;
     let len = (hi.min(h as isize) as usize).saturating_sub(start);
@@ -88,7 +86,7 @@ pub fn conv2d_rows(
         .pad_with_zeros(2, top, bottom)?
         .pad_with_zeros(3, pad, pad)?
         .contiguous()?;
-    band.conv2d(w, 0, 1, 1, 1)
+    band.conv2d(w, 0, stride, 1, 1)
 }
 
 #[cfg(feature = "cuda")]
@@ -191,15 +189,20 @@ mod tests {
                 assert!(d < 1e-5, "k {k} pad {pad} rows {r0}..{r1}: {d}");
             }
         }
-        // Stride 2 (the encoder's downsampling).
+        // Stride 2 (the encoder's downsampling), with and without padding.
         let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
-        let whole = x.conv2d(&w, 0, 2, 1, 1)?;
-        let got = conv2d_rows(&x, &w, 2, 0, 1, whole.dim(2)?)?;
-        let d = (got - whole.narrow(2, 1, whole.dim(2)? - 1)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(d < 1e-6);
+        for pad in [0usize, 1] {
+            let whole = x.conv2d(&w, pad, 2, 1, 1)?;
+            let ho = whole.dim(2)?;
+            for (r0, r1) in [(0, 1), (1, ho), (ho / 2, ho), (ho - 1, ho)] {
+                let got = conv2d_rows(&x, &w, 2, pad, r0, r1)?;
+                let d = (got - whole.narrow(2, r0, r1 - r0)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-5, "stride 2 pad {pad} rows {r0}..{r1}: {d}");
+            }
+        }
         Ok(())
     }
 

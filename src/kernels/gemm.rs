@@ -16,24 +16,41 @@ use candle_core::{DType, Result, Tensor, D};
 /// Whether products may carry their bias/GELU epilogue (`PARALLAX_NO_FUSED_EPILOGUE` turns it
 /// off).
 pub fn epilogue_enabled() -> bool {
-    std::env::var_os("PARALLAX_NO_FUSED_EPILOGUE").is_none()
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PARALLAX_NO_FUSED_EPILOGUE").is_none())
 }
 
-/// Whether `x`, `w` and `bias` take the cuBLASLt path (bf16 on CUDA, sizes multiples of 8).
+/// Element offsets (bf16) at which cuBLASLt's default heuristics may be handed a matrix: it
+/// assumes 256-byte aligned buffers unless told otherwise.
+const ALIGN: usize = 128;
+
+/// Whether `x`, `w` and `bias` take the cuBLASLt path: bf16 on CUDA, sizes multiples of 8,
+/// every operand starting 256-byte aligned.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn fast(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     let (Ok(k), Ok((n, wk))) = (x.dim(D::Minus1), w.dims2()) else {
         return false;
     };
+    let aligned = |t: &Tensor| t.layout().start_offset() % ALIGN == 0;
     cfg!(feature = "cuda")
         && epilogue_enabled()
         && x.device().is_cuda()
+        && x.rank() >= 2
         && k == wk
         && k % 8 == 0
         && n % 8 == 0
         && x.elem_count() > 0
-        && [x, w].iter().all(|t| t.dtype() == DType::BF16)
-        && bias.is_none_or(|b| b.dtype() == DType::BF16 && b.dims() == [n])
+        && [x, w]
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && aligned(t))
+        && bias.is_none_or(|b| b.dtype() == DType::BF16 && b.dims() == [n] && aligned(b))
+}
+
+/// Reports, once, that a cuBLASLt call failed and the plain product is used instead.
+#[cfg(feature = "cuda")]
+fn fell_back(e: &candle_core::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tracing::warn!("cuBLASLt product failed ({e}); using product + bias pass"));
 }
 
 /// The plain product `x Wᵀ` over the last axis of `x`.
@@ -56,7 +73,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Resu
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        return cuda::linear_cat(None, x, w, bias, gelu, &dims);
+        match cuda::linear_cat(None, x, w, bias, gelu, &dims) {
+            Ok(y) => return Ok(y),
+            Err(e) => fell_back(&e),
+        }
     }
     let y = product(x, w)?;
     match bias {
@@ -78,7 +98,7 @@ pub fn linear_cat(
     let na = a.dim(D::Minus1)?;
     #[cfg(feature = "cuda")]
     if fast(x, w, bias)
-        && na % 8 == 0
+        && na % ALIGN == 0
         && a.dtype() == DType::BF16
         && a.dims()[..a.rank() - 1] == x.dims()[..x.rank() - 1]
     {
@@ -87,7 +107,10 @@ pub fn linear_cat(
         if let Some(last) = dims.last_mut() {
             *last = na + n;
         }
-        return cuda::linear_cat(Some(a), x, w, bias, gelu, &dims);
+        match cuda::linear_cat(Some(a), x, w, bias, gelu, &dims) {
+            Ok(y) => return Ok(y),
+            Err(e) => fell_back(&e),
+        }
     }
     let _ = na;
     match bias {

@@ -366,7 +366,7 @@ impl GroupNorm {
     }
 }
 
-/// Convolutions (stride 1) whose im2col matrix would hold more values than this run in bands
+/// Convolutions whose im2col matrix would hold more values than this run in bands
 /// of output rows, with the same result ([`Conv2d::forward_banded`]): 2^28 values (512 MiB in
 /// bf16) keep the autoencoder's peak memory down at 1024 px and up, while each band's product
 /// stays large (233k positions at 128 channels). On candle's path a band also keeps cuDNN's
@@ -435,7 +435,8 @@ impl Conv2d {
     }
 
     /// The convolution without bias, in bands of output rows when its im2col matrix would hold
-    /// more than `max_values` values (3x3 stride 1 only; others run whole, 1x1 needs no matrix).
+    /// more than `max_values` values (any stride; 1x1 runs whole on Parallax's kernel, which
+    /// needs no matrix for it).
     fn conv_nobias(
         &self,
         x: &Tensor,
@@ -452,14 +453,17 @@ impl Conv2d {
         let (ho, wo) = ((h + 2 * padding - k) / s + 1, (w + 2 * padding - k) / s + 1);
         let per_row = b * cin * k * k * wo;
         let rows = (max_values / per_row.max(1)).max(1);
-        if s != 1 || k == 1 || rows >= ho {
+        // Parallax's kernel needs no column matrix for a 1x1 convolution; candle's builds one.
+        let no_matrix = k == 1 && crate::kernels::conv::own_kernel(x);
+        if no_matrix || rows >= ho {
             return conv2d_rows(x, &self.weight, s, padding, 0, ho);
         }
+        let x = &x.contiguous()?;
         let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
         let mut r0 = 0;
         while r0 < ho {
             let r1 = (r0 + rows).min(ho);
-            out.slice_set(&conv2d_rows(x, &self.weight, 1, padding, r0, r1)?, 2, r0)?;
+            out.slice_set(&conv2d_rows(x, &self.weight, s, padding, r0, r1)?, 2, r0)?;
             r0 = r1;
         }
         Ok(out)
@@ -1457,19 +1461,22 @@ mod tests {
     #[test]
     fn banded_convolution_equals_whole() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for (k, pad) in [(3usize, 1usize), (1, 0)] {
+        for (k, pad, stride) in [(3usize, 1usize, 1usize), (1, 0, 1), (3, 0, 2)] {
             let vb = DemoWeights::new(11).var_builder(DType::F32, &dev);
-            let conv = Conv2d::new(6, 5, k, 1, pad, vb.pp("c"))?;
+            let conv = Conv2d::new(6, 5, k, stride, pad, vb.pp("c"))?;
             let x = Tensor::randn(0f32, 1.0, (2, 6, 13, 9), &dev)?;
             let whole = conv.forward(&x)?;
             // Limits from one output row per band up to a few rows (a row's im2col matrix holds
             // batch x channels x taps x width values).
-            let row = 2 * 6 * k * k * 9;
+            let row = 2 * 6 * k * k * whole.dim(3)?;
             for limit in [1, row, row * 4, row * 7 + 5] {
                 let banded = conv.forward_banded(&x, limit)?;
                 assert_eq!(banded.dims(), whole.dims());
                 let d = (&banded - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(d < 1e-5, "k {k}, limit {limit}: max diff {d}");
+                assert!(
+                    d < 1e-5,
+                    "k {k} stride {stride}, limit {limit}: max diff {d}"
+                );
             }
         }
         Ok(())

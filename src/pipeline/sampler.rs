@@ -31,7 +31,9 @@ pub struct StepInfo<'a> {
     pub kind: StepKind,
     pub elapsed: Duration,
     /// The part of `elapsed` the host spent queueing the step's work before it waited for the
-    /// device: close to `elapsed` means the host, not the GPU, sets the pace.
+    /// device at the step's end: close to `elapsed` means the host, not the GPU, sets the pace.
+    /// (With First Block Cache on, the host also waits mid-step for the cache decision, so
+    /// `queued` then includes device time.)
     pub queued: Duration,
     /// The packed latent after this step (1, N, 64), f32.
     pub latent: &'a Tensor,
