@@ -344,3 +344,79 @@ fn uneven_token_counts_match_one_worker_on_threads_and_processes() {
     let (processes, _) = read_png(&multi).expect("multi-process image");
     assert_eq!(processes, threads);
 }
+
+/// `--dp 2 --images 2` on two CPU workers makes two images at once (seeds 4 and 5, one per
+/// data-parallel group), each the same bytes as that seed made alone on one worker; images and
+/// data parallelism are checked against bad input.
+#[test]
+fn data_parallel_groups_make_the_single_worker_images() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let common = [
+        "--prompt",
+        "a harbour",
+        "--width",
+        "48",
+        "--height",
+        "48",
+        "--steps",
+        "2",
+        "--quiet",
+    ];
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--out", s(out)];
+        args.extend(common);
+        args.extend(extra.iter().copied());
+        let o = parallax(&args);
+        assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        o
+    };
+    let o = run(
+        &dir.path().join("dp.png"),
+        &[
+            "--devices",
+            "cpu:2",
+            "--dp",
+            "2",
+            "--images",
+            "2",
+            "--seed",
+            "4",
+        ],
+    );
+    assert!(
+        text(&o).contains("dp 2 x cfg 1 x ring 1 x ulysses 1"),
+        "{}",
+        text(&o)
+    );
+    for seed in ["4", "5"] {
+        let alone = dir.path().join(format!("alone-{seed}.png"));
+        run(&alone, &["--seed", seed]);
+        let (a, _) = read_png(&alone).expect("single-worker image");
+        let (b, _) = read_png(&dir.path().join(format!("dp-{seed}.png"))).expect("dp image");
+        assert_eq!(a, b, "seed {seed}");
+    }
+    // Several images on one worker, one after another, are those seeds' images too.
+    run(
+        &dir.path().join("seq.png"),
+        &["--images", "2", "--seed", "4"],
+    );
+    let (a, _) = read_png(&dir.path().join("seq-5.png")).expect("second image");
+    let (b, _) = read_png(&dir.path().join("alone-5.png")).expect("alone");
+    assert_eq!(a, b);
+    for (args, needle) in [
+        (
+            vec!["--devices", "cpu:2", "--dp", "3"],
+            "asks for 3 devices",
+        ),
+        (vec!["--dp", "2"], "need --devices"),
+        (vec!["--images", "0"], "at least 1"),
+    ] {
+        let bad = dir.path().join("bad.png");
+        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&bad)];
+        all.extend(args.iter().copied());
+        let o = parallax(&all);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
+        assert!(!bad.exists());
+    }
+}

@@ -238,23 +238,29 @@ pub struct DegreeArgs {
     /// --negative-prompt and --true-cfg).
     #[arg(long)]
     pub cfg: Option<usize>,
+    /// Data-parallel groups: that many images at once, each on its own group of workers (with
+    /// `generate --images`, consecutive seeds).
+    #[arg(long)]
+    pub dp: Option<usize>,
 }
 
 impl DegreeArgs {
     /// Whether any degree was given.
     pub fn any(&self) -> bool {
-        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some()
+        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some() || self.dp.is_some()
     }
 
     /// The layout over `workers`: the given degrees, 1 for those not given, except ring, which
     /// takes the workers the others leave.
     pub fn layout_for(&self, workers: usize) -> ParallelLayout {
+        let dp = self.dp.unwrap_or(1);
         let cfg = self.cfg.unwrap_or(1);
         let ulysses = self.ulysses.unwrap_or(1);
         let ring = self
             .ring
-            .unwrap_or_else(|| (workers / (cfg * ulysses).max(1)).max(1));
+            .unwrap_or_else(|| (workers / (dp * cfg * ulysses).max(1)).max(1));
         ParallelLayout {
+            dp,
             cfg,
             ulysses,
             ring,
@@ -306,7 +312,7 @@ impl ParallelArgs {
             None => {
                 if explicit || self.parallel.is_some() {
                     bail!(
-                        "--ulysses/--ring/--cfg/--parallel need --devices cpu:N (N worker threads)"
+                        "--ulysses/--ring/--cfg/--dp/--parallel need --devices cpu:N (N worker threads) or GPUs"
                     );
                 }
                 return Ok(None);
@@ -325,7 +331,7 @@ impl ParallelArgs {
         let (layout, why) = match self.parallel.as_deref() {
             Some("auto") if !explicit => ParallelLayout::auto(workers, heads, true_cfg),
             Some("auto") => {
-                bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg")
+                bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg/--dp")
             }
             Some(other) => bail!("--parallel {other}: the only value is `auto`"),
             None => (
@@ -346,12 +352,16 @@ pub struct GenerateArgs {
     pub sample: SampleArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
-    /// Output PNG (default: parallax-<seed>.png).
+    /// Output PNG (default: parallax-<seed>.png); with several images, NAME-<seed>.png each.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Images to make, seeds --seed, --seed + 1, ... (default: the --dp degree, else 1); spread
+    /// over the data-parallel groups.
+    #[arg(long)]
+    pub images: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -564,6 +574,9 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     let req = request_for(&p, &sample);
     let settings = p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
+    if a.degrees.dp.is_some_and(|d| d > 1) {
+        bail!("--dp: worker processes make one image (data parallelism runs in `generate` and the studio)");
+    }
     let layout = a.degrees.layout_for(world);
     let mesh = Mesh::new(layout, world, heads)?;
     if layout.cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
@@ -637,6 +650,8 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             g.timings.total_ms / 1e3
         );
     }
+    // Rank 0 serves the store: it stays until every rank has read its last result.
+    store.finish()?;
     Ok(())
 }
 
@@ -686,8 +701,9 @@ fn generate_on_gpus(
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // With GPU workers, rank 0's pipeline lives on the first of them.
     let mut a = a;
-    if let Some(gpus) = a.parallel.gpu_list()? {
-        a.model.device = gpus[0].clone();
+    let gpus = a.parallel.gpu_list()?;
+    if let Some(g) = &gpus {
+        a.model.device = g[0].clone();
     }
     let p = load_pipeline(&a.model)?;
     let req = request_for(&p, &a.sample);
@@ -696,10 +712,19 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let parallel = a
         .parallel
         .layout(p.flux.config().num_heads, settings.true_cfg > 1.0)?;
+    let dp = parallel.as_ref().map_or(1, |(_, l, _)| l.dp);
+    let images = a.images.unwrap_or(dp);
+    if images == 0 {
+        bail!("--images must be at least 1");
+    }
+    if dp > 1 && gpus.is_some() {
+        bail!("--dp {dp} on GPUs: not yet (data-parallel groups run on CPU workers, --devices cpu:N); on GPUs run one process per group");
+    }
     if let Some((n, layout, why)) = &parallel {
         eprintln!(
-            "{n} workers ({}): cfg {} x ring {} x ulysses {} ({why})",
+            "{n} workers ({}): dp {} x cfg {} x ring {} x ulysses {} ({why})",
             a.parallel.devices.as_deref().unwrap_or("cpu"),
+            layout.dp,
             layout.cfg,
             layout.ring,
             layout.ulysses
@@ -708,6 +733,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if p.is_demo() {
         eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
     }
+    // Several images: consecutive seeds, each written as NAME-<seed>.png.
+    let reqs: Vec<GenerateRequest> = (0..images as u64)
+        .map(|i| GenerateRequest {
+            seed: req.seed.wrapping_add(i),
+            ..req.clone()
+        })
+        .collect();
     let out = a
         .out
         .clone()
@@ -715,10 +747,27 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if out.is_dir() {
         bail!("--out {} is a folder; give a file name", out.display());
     }
+    let outs: Vec<PathBuf> = if images == 1 {
+        vec![out]
+    } else {
+        let stem = out
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("parallax");
+        reqs.iter()
+            .map(|r| out.with_file_name(format!("{stem}-{}.png", r.seed)))
+            .collect()
+    };
     let bar = if a.quiet {
         indicatif::ProgressBar::hidden()
+    } else if dp > 1 {
+        // Data-parallel groups report no steps: count finished images.
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_message(format!("{images} images on {dp} data-parallel groups"));
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
     } else {
-        let b = indicatif::ProgressBar::new(settings.steps as u64);
+        let b = indicatif::ProgressBar::new((settings.steps * images) as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
                 "{spinner} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
@@ -729,55 +778,68 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         b.set_message("encoding prompt");
         b
     };
-    let mut on_event = |ev: Progress| -> crate::Result<()> {
-        match ev {
-            Progress::TextEncoded { .. } => bar.set_message("denoising"),
-            Progress::Step(info) => {
-                bar.set_position(info.index as u64 + 1);
-                bar.set_message(format!(
-                    "{:.0} ms{}",
-                    info.elapsed.as_secs_f64() * 1e3,
-                    if info.kind.is_reused() {
-                        " (cached)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            Progress::Decoded { .. } => {}
+    let save = |g: &crate::pipeline::Generated, out: &std::path::Path| -> anyhow::Result<()> {
+        for n in &g.notes {
+            eprintln!("note: {n}");
         }
+        image::save_png(out, &g.image, &g.settings.png_text()?)
+            .with_context(|| format!("saving {}", out.display()))?;
+        bar.suspend(|| {
+            println!(
+                "{} ({}x{}, seed {}, {} steps: {}) in {:.2}s{}",
+                out.display(),
+                g.image.width,
+                g.image.height,
+                g.settings.seed,
+                g.settings.steps,
+                describe_cache(&g.stats),
+                g.timings.total_ms / 1e3,
+                if p.is_demo() { " [DEMO model]" } else { "" }
+            )
+        });
         Ok(())
     };
-    let result = match (&parallel, a.parallel.gpu_list()?) {
-        (Some((_, layout, _)), Some(gpus)) => {
-            generate_on_gpus(&p, &a.model, &gpus, *layout, &req, &mut on_event)
+    if let (true, Some((_, layout, _))) = (dp > 1, &parallel) {
+        let results = crate::parallel::engine::generate_many(&p, *layout, &reqs);
+        bar.finish_and_clear();
+        for (g, out) in results.into_iter().zip(&outs) {
+            save(&g?, out)?;
         }
-        (Some((_, layout, _)), None) => Ok(crate::parallel::engine::generate(
-            &p,
-            *layout,
-            &req,
-            &mut on_event,
-        )?),
-        (None, _) => Ok(p.generate(&req, &mut on_event)?),
-    };
-    bar.finish_and_clear();
-    let g = result?;
-    for n in &g.notes {
-        eprintln!("note: {n}");
+        return Ok(());
     }
-    image::save_png(&out, &g.image, &g.settings.png_text()?)
-        .with_context(|| format!("saving {}", out.display()))?;
-    println!(
-        "{} ({}x{}, seed {}, {} steps: {}) in {:.2}s{}",
-        out.display(),
-        g.image.width,
-        g.image.height,
-        g.settings.seed,
-        g.settings.steps,
-        describe_cache(&g.stats),
-        g.timings.total_ms / 1e3,
-        if p.is_demo() { " [DEMO model]" } else { "" }
-    );
+    for (i, (req, out)) in reqs.iter().zip(&outs).enumerate() {
+        let base = (i * settings.steps) as u64;
+        let mut on_event = |ev: Progress| -> crate::Result<()> {
+            match ev {
+                Progress::TextEncoded { .. } => bar.set_message("denoising"),
+                Progress::Step(info) => {
+                    bar.set_position(base + info.index as u64 + 1);
+                    bar.set_message(format!(
+                        "{:.0} ms{}",
+                        info.elapsed.as_secs_f64() * 1e3,
+                        if info.kind.is_reused() {
+                            " (cached)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                Progress::Decoded { .. } => {}
+            }
+            Ok(())
+        };
+        let g = match (&parallel, &gpus) {
+            (Some((_, layout, _)), Some(gpus)) => {
+                generate_on_gpus(&p, &a.model, gpus, *layout, req, &mut on_event)?
+            }
+            (Some((_, layout, _)), None) => {
+                crate::parallel::engine::generate(&p, *layout, req, &mut on_event)?
+            }
+            (None, _) => p.generate(req, &mut on_event)?,
+        };
+        save(&g, out)?;
+    }
+    bar.finish_and_clear();
     Ok(())
 }
 

@@ -186,6 +186,20 @@ impl Store {
         self.world
     }
 
+    /// The closing barrier: every rank reports it is done and rank 0, whose process serves the
+    /// store, waits for all of them before it may exit (a rank still reading its last
+    /// collective's result would otherwise find the store gone).
+    pub fn finish(&self) -> Result<()> {
+        if self.rank == 0 {
+            for r in 1..self.world {
+                self.get(&format!("done/{r}"))?;
+            }
+            Ok(())
+        } else {
+            self.set(&format!("done/{}", self.rank), 1, b"1")
+        }
+    }
+
     /// Put `val` under `key` for `readers` reads (it is dropped after the last).
     pub fn set(&self, key: &str, readers: u32, val: &[u8]) -> Result<()> {
         let mut c = self
