@@ -26,6 +26,23 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// `generate --prompt x` with `args` fails with an error naming `needle`, without a panic, and
+/// writes no image.
+fn refuses(dir: &Path, args: &[&str], needle: &str) {
+    let out = dir.join("refused.png");
+    let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&out)];
+    all.extend(args.iter().copied());
+    let o = parallax(&all);
+    assert!(!o.status.success(), "{args:?} should fail");
+    let msg = text(&o);
+    assert!(
+        msg.contains("error:") && msg.contains(needle),
+        "{args:?}: {msg}"
+    );
+    assert!(!msg.contains("panicked"), "{msg}");
+    assert!(!out.exists(), "{args:?} wrote an output file");
+}
+
 #[test]
 fn generate_writes_a_png_with_its_settings() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -69,7 +86,6 @@ fn generate_writes_a_png_with_its_settings() {
 #[test]
 fn bad_input_fails_cleanly_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let out = dir.path().join("never.png");
     for (args, needle) in [
         (vec!["--width", "100"], "width"),
         (vec!["--steps", "0"], "steps"),
@@ -80,17 +96,7 @@ fn bad_input_fails_cleanly_and_writes_nothing() {
         ),
         (vec!["--device", "tpu"], "unknown device"),
     ] {
-        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&out)];
-        all.extend(args.iter().copied());
-        let o = parallax(&all);
-        assert!(!o.status.success(), "{args:?} should fail");
-        let msg = text(&o);
-        assert!(
-            msg.contains("error:") && msg.contains(needle),
-            "{args:?}: {msg}"
-        );
-        assert!(!msg.contains("panicked"), "{msg}");
-        assert!(!out.exists(), "{args:?} wrote an output file");
+        refuses(dir.path(), &args, needle);
     }
     // Nothing half-written either.
     assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
@@ -194,13 +200,7 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         (vec!["--devices", "cuda:0,0"], "named twice"),
         (vec!["--devices", "cuda:x"], "not a GPU number"),
     ] {
-        let bad = dir.path().join("bad.png");
-        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&bad)];
-        all.extend(args.iter().copied());
-        let o = parallax(&all);
-        assert!(!o.status.success(), "{args:?}");
-        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
-        assert!(!bad.exists());
+        refuses(dir.path(), &args, needle);
     }
 }
 
@@ -411,12 +411,6 @@ fn data_parallel_groups_make_the_single_worker_images() {
         (vec!["--dp", "2"], "need --devices"),
         (vec!["--images", "0"], "at least 1"),
     ] {
-        let bad = dir.path().join("bad.png");
-        let mut all = vec!["generate", "--prompt", "x", "--quiet", "--out", s(&bad)];
-        all.extend(args.iter().copied());
-        let o = parallax(&all);
-        assert!(!o.status.success(), "{args:?}");
-        assert!(text(&o).contains(needle), "{args:?}: {}", text(&o));
-        assert!(!bad.exists());
+        refuses(dir.path(), &args, needle);
     }
 }
