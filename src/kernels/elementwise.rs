@@ -25,11 +25,20 @@ fn fusable(ts: &[&Tensor], last: usize) -> bool {
 /// `x + bias` (bias over the last axis), then GELU (tanh form) if `gelu`.
 pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
     let n = x.dim(candle_core::D::Minus1)?;
+    #[cfg(feature = "cuda")]
     if fusable(&[x, bias], n) && bias.dims() == [n] {
-        return x
-            .contiguous()?
-            .apply_op2_no_bwd(&bias.contiguous()?, &Fused::Bias { gelu });
+        use cuda::Arg::{I32, U64};
+        let name = if gelu {
+            "parallax_bias_gelu_bf16"
+        } else {
+            "parallax_bias_bf16"
+        };
+        let n8 = (x.elem_count() / 8) as u64;
+        let scalars = [U64(n8), I32(n as i32)];
+        let cfg = crate::kernels::cuda_util::grid_stride(n8);
+        return cuda::fresh(name, &[x, bias], x.dims(), &scalars, cfg);
     }
+    let _ = n;
     let y = x.broadcast_add(bias)?;
     if gelu {
         y.gelu()
@@ -40,14 +49,22 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
 
 /// `x + gate * u` with `x`, `u` (B, L, C) and `gate` (B, 1, C).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, u: &Tensor) -> Result<Tensor> {
-    let (b, _, c) = x.dims3()?;
+    let (b, l, c) = x.dims3()?;
+    #[cfg(feature = "cuda")]
     if fusable(&[x, gate, u], c) && gate.dims() == [b, 1, c] && u.dims() == x.dims() {
-        return x.contiguous()?.apply_op3_no_bwd(
-            &gate.contiguous()?,
-            &u.contiguous()?,
-            &Fused::Gated,
+        use cuda::Arg::{I32, U64};
+        let n8 = (x.elem_count() / 8) as u64;
+        let scalars = [U64(n8), I32(l as i32), I32(c as i32)];
+        let cfg = crate::kernels::cuda_util::grid_stride(n8);
+        return cuda::fresh(
+            "parallax_gated_residual_bf16",
+            &[x, gate, u],
+            x.dims(),
+            &scalars,
+            cfg,
         );
     }
+    let _ = (b, l, c);
     x + u.broadcast_mul(gate)?
 }
 
@@ -56,204 +73,52 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, u: &Tensor) -> Result<Tensor> {
 pub fn cat_bias_gelu(a: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, l, wa) = a.dims3()?;
     let (b2, l2, m) = y.dims3()?;
+    #[cfg(feature = "cuda")]
     if fusable(&[a, y, bias], wa) && m % 8 == 0 && (b, l) == (b2, l2) && bias.dims() == [m] {
-        return a.contiguous()?.apply_op3_no_bwd(
-            &y.contiguous()?,
-            &bias.contiguous()?,
-            &Fused::CatBiasGelu,
+        use cuda::Arg::{I32, U64};
+        let n8 = (b * l * (wa + m) / 8) as u64;
+        let scalars = [U64(n8), I32(wa as i32), I32(m as i32)];
+        let cfg = crate::kernels::cuda_util::grid_stride(n8);
+        let dims = [b, l, wa + m];
+        return cuda::fresh(
+            "parallax_cat_bias_gelu_bf16",
+            &[a, y, bias],
+            &dims,
+            &scalars,
+            cfg,
         );
     }
+    let _ = (b, l, b2, l2, wa, m);
     Tensor::cat(&[a, &bias_act(y, bias, true)?], candle_core::D::Minus1)
 }
 
 /// `LayerNorm(x) * (1 + scale) + shift`, LayerNorm without affine parameters (eps 1e-6), `x`
 /// (B, L, C), `shift` and `scale` (B, 1, C).
 pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let (b, _, c) = x.dims3()?;
+    let (b, l, c) = x.dims3()?;
     let shapes_ok = shift.dims() == [b, 1, c] && scale.dims() == [b, 1, c] && c / 8 <= 1024;
+    #[cfg(feature = "cuda")]
     if fusable(&[x, shift, scale], c) && shapes_ok {
-        return x.contiguous()?.apply_op3_no_bwd(
-            &shift.contiguous()?,
-            &scale.contiguous()?,
-            &Fused::LnModulate,
+        // One block a row, a thread per eight values.
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: ((b * l) as u32, 1, 1),
+            block_dim: (((c / 8).div_ceil(32) * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scalars = [cuda::Arg::I32(l as i32), cuda::Arg::I32(c as i32)];
+        return cuda::fresh(
+            "parallax_ln_modulate_bf16",
+            &[x, shift, scale],
+            x.dims(),
+            &scalars,
+            cfg,
         );
     }
+    let _ = (l, shapes_ok);
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(c, x.dtype(), x.device())?;
     let n = candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, 1e-6)?;
     n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
-}
-
-/// The fused kernels as candle ops (CUDA only; callers fall back before reaching the CPU).
-#[derive(Debug, Clone, Copy)]
-enum Fused {
-    Bias { gelu: bool },
-    Gated,
-    LnModulate,
-    CatBiasGelu,
-}
-
-impl Fused {
-    fn name(&self) -> &'static str {
-        match self {
-            Fused::Bias { gelu: false } => "parallax_bias_bf16",
-            Fused::Bias { gelu: true } => "parallax_bias_gelu_bf16",
-            Fused::Gated => "parallax_gated_residual_bf16",
-            Fused::LnModulate => "parallax_ln_modulate_bf16",
-            Fused::CatBiasGelu => "parallax_cat_bias_gelu_bf16",
-        }
-    }
-}
-
-impl candle_core::CustomOp2 for Fused {
-    fn name(&self) -> &'static str {
-        Fused::name(self)
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", Fused::name(self))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        bias: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
-        use half::bf16;
-        let dev = &x.device;
-        let n = xl.shape().dims().last().copied().unwrap_or(0);
-        let count = xl.shape().elem_count();
-        let xs = x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
-        let bs = bias.as_cuda_slice::<bf16>()?.slice(bl.start_offset()..);
-        // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<bf16>(count)? };
-        let func =
-            crate::kernels::nvrtc::function(dev, "elementwise", SOURCE, false, Fused::name(self))?;
-        let n8 = (count / 8) as u64;
-        let n_i = n as i32;
-        let mut b = func.builder();
-        b.arg(&xs);
-        b.arg(&bs);
-        b.arg(&out);
-        b.arg(&n8);
-        b.arg(&n_i);
-        let cfg = crate::kernels::cuda_util::grid_stride(n8);
-        // SAFETY: arguments match the kernel; sizes from the checked shapes.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            xl.shape().clone(),
-        ))
-    }
-}
-
-impl candle_core::CustomOp3 for Fused {
-    fn name(&self) -> &'static str {
-        Fused::name(self)
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", Fused::name(self))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        a: &candle_core::CudaStorage,
-        al: &candle_core::Layout,
-        c: &candle_core::CudaStorage,
-        cl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::WrapErr;
-        use half::bf16;
-        let dev = &x.device;
-        let (bsz, l, ch) = xl.shape().dims3()?;
-        // The joined output is wider than the first input.
-        let out_cols = match self {
-            Fused::CatBiasGelu => ch + al.shape().dims().last().copied().unwrap_or(0),
-            _ => ch,
-        };
-        let count = bsz * l * out_cols;
-        let xs = x.as_cuda_slice::<bf16>()?.slice(xl.start_offset()..);
-        let as_ = a.as_cuda_slice::<bf16>()?.slice(al.start_offset()..);
-        let cs = c.as_cuda_slice::<bf16>()?.slice(cl.start_offset()..);
-        // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<bf16>(count)? };
-        let func =
-            crate::kernels::nvrtc::function(dev, "elementwise", SOURCE, false, Fused::name(self))?;
-        let (l_i, c_i) = (l as i32, ch as i32);
-        let m_i = (out_cols - ch) as i32;
-        let n8 = (count / 8) as u64;
-        let mut b = func.builder();
-        let cfg = match self {
-            Fused::Gated => {
-                // x, gate, u -> y
-                b.arg(&xs);
-                b.arg(&as_);
-                b.arg(&cs);
-                b.arg(&out);
-                b.arg(&n8);
-                b.arg(&l_i);
-                b.arg(&c_i);
-                crate::kernels::cuda_util::grid_stride(n8)
-            }
-            Fused::LnModulate => {
-                // x, shift, scale -> y
-                b.arg(&xs);
-                b.arg(&as_);
-                b.arg(&cs);
-                b.arg(&out);
-                b.arg(&l_i);
-                b.arg(&c_i);
-                let threads = (ch / 8).div_ceil(32) * 32;
-                LaunchConfig {
-                    grid_dim: ((bsz * l) as u32, 1, 1),
-                    block_dim: (threads as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                }
-            }
-            Fused::CatBiasGelu => {
-                // a, y, bias -> [a, gelu(y + bias)]
-                b.arg(&xs);
-                b.arg(&as_);
-                b.arg(&cs);
-                b.arg(&out);
-                b.arg(&n8);
-                b.arg(&c_i);
-                b.arg(&m_i);
-                crate::kernels::cuda_util::grid_stride(n8)
-            }
-            Fused::Bias { .. } => candle_core::bail!("bias takes two inputs"),
-        };
-        // SAFETY: arguments match the kernel; sizes from the checked shapes.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            (bsz, l, out_cols).into(),
-        ))
-    }
 }
 
 /// Per-(batch, group) sums and sums of squares, in f32, of `x` (B, C, ...) whose channels form
@@ -414,6 +279,58 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use half::bf16;
 
+    /// A scalar kernel argument (after the pointers).
+    pub(super) enum Arg {
+        U64(u64),
+        I32(i32),
+    }
+
+    /// Launches `kernel` of `elementwise.cu` with `inputs` (bf16, made contiguous) as its first
+    /// arguments, a fresh bf16 output of `dims` next and `scalars` last; returns the output.
+    pub(super) fn fresh(
+        kernel: &str,
+        inputs: &[&Tensor],
+        dims: &[usize],
+        scalars: &[Arg],
+        cfg: LaunchConfig,
+    ) -> Result<Tensor> {
+        let dev = device(
+            inputs
+                .first()
+                .copied()
+                .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: no inputs")))?,
+        )?;
+        let inputs = inputs
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: every kernel of this file writes each element of its output.
+        let out = unsafe { dev.alloc::<bf16>(dims.iter().product())? };
+        let func = crate::kernels::nvrtc::function(&dev, "elementwise", SOURCE, false, kernel)?;
+        {
+            let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+            let views = guards
+                .iter()
+                .map(|(s, l)| view::<bf16>(s, l))
+                .collect::<Result<Vec<_>>>()?;
+            let mut b = func.builder();
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&out);
+            for a in scalars {
+                match a {
+                    Arg::U64(v) => b.arg(v),
+                    Arg::I32(v) => b.arg(v),
+                };
+            }
+            // SAFETY: the callers pass the kernel's arguments in order, with sizes from the
+            // checked shapes.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, &dev, dims))
+    }
+
     pub(super) fn group_sums(
         x: &Tensor,
         b: usize,
@@ -506,31 +423,16 @@ mod cuda {
         x: &Tensor,
         (b, c, h, w): (usize, usize, usize, usize),
     ) -> Result<Tensor> {
-        let dev = device(x)?;
-        let count = x.elem_count();
-        // SAFETY: the kernel writes every element (two rows of eight per four read).
-        let out = unsafe { dev.alloc::<bf16>(count * 4)? };
-        let func = crate::kernels::nvrtc::function(
-            &dev,
-            "elementwise",
-            SOURCE,
-            false,
+        let n4 = (x.elem_count() / 4) as u64;
+        let cfg = crate::kernels::cuda_util::grid_stride(n4);
+        let scalars = [Arg::U64(n4), Arg::U64(w as u64)];
+        fresh(
             "parallax_upsample2x_bf16",
-        )?;
-        {
-            let (xs, xl) = x.storage_and_layout();
-            let xv = view::<bf16>(&xs, xl)?;
-            let (n4, w_u) = ((count / 4) as u64, w as u64);
-            let mut bld = func.builder();
-            bld.arg(&xv);
-            bld.arg(&out);
-            bld.arg(&n4);
-            bld.arg(&w_u);
-            let cfg = crate::kernels::cuda_util::grid_stride(n4);
-            // SAFETY: arguments match the kernel; sizes from the checked shapes.
-            unsafe { bld.launch(cfg) }.w()?;
-        }
-        Ok(wrap(out, &dev, &[b, c, 2 * h, 2 * w]))
+            &[x],
+            &[b, c, 2 * h, 2 * w],
+            &scalars,
+            cfg,
+        )
     }
 
     pub(super) fn channel_affine(
