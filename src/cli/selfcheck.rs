@@ -345,6 +345,17 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             )?,
             1e-2,
         );
+        for shape in [[3usize, 4096usize], [2, 8200], [1, 262_144]] {
+            let x = (rnd(&shape, 1.0)? * 4.0)?;
+            report.check(
+                format!("softmax rows {}x{}", shape[0], shape[1]),
+                rel_err(
+                    &crate::kernels::elementwise::softmax_last_dim(&x)?,
+                    &candle_nn::ops::softmax_last_dim(&cpu32(&x)?)?,
+                )?,
+                1e-2,
+            );
+        }
         let got = upsample_nearest2x(&x)?;
         let want = cpu32(&x)?.upsample_nearest2d(32, 40)?;
         report.check(

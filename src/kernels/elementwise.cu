@@ -281,3 +281,53 @@ extern "C" __global__ void parallax_upsample2x_bf16(const unsigned short* __rest
         *(U4*)(out + 2 * w) = o;
     }
 }
+
+// Softmax over each row of `n` values (n a multiple of 8), one block of 1024 threads per row,
+// for long rows (the autoencoder's attention scores: up to 2^20 per row). Pass 1 keeps a running
+// (max, sum of exp) per thread and merges them across the block; pass 2 writes exp(x - max) / sum.
+extern "C" __global__ void parallax_softmax_rows_bf16(const unsigned short* __restrict__ x,
+                                                      unsigned short* __restrict__ y, u64 n) {
+    __shared__ float red_m[32], red_s[32];
+    const unsigned short* xr = x + (u64)blockIdx.x * n;
+    unsigned short* yr = y + (u64)blockIdx.x * n;
+    float m = NEG_INF, s = 0.f;
+    for (u64 off = (u64)threadIdx.x * 8; off < n; off += (u64)blockDim.x * 8) {
+        const V8 a = load8(xr + off);
+        float cm = a.v[0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) cm = fmaxf(cm, a.v[j]);
+        const float nm = fmaxf(m, cm);
+        float cs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) cs += __expf(a.v[j] - nm);
+        s = s * __expf(m - nm) + cs;
+        m = nm;
+    }
+    // Merge (m, s) pairs: over the warp, then over the warps.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float om = __shfl_xor_sync(0xffffffff, m, o);
+        const float os = __shfl_xor_sync(0xffffffff, s, o);
+        const float nm = fmaxf(m, om);
+        s = (m == NEG_INF ? 0.f : s * __expf(m - nm)) + (om == NEG_INF ? 0.f : os * __expf(om - nm));
+        m = nm;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (lane == 0) {
+        red_m[warp] = m;
+        red_s[warp] = s;
+    }
+    __syncthreads();
+    float gm = NEG_INF;
+    for (int w = 0; w < nw; ++w) gm = fmaxf(gm, red_m[w]);
+    float gs = 0.f;
+    for (int w = 0; w < nw; ++w)
+        if (red_m[w] != NEG_INF) gs += red_s[w] * __expf(red_m[w] - gm);
+    const float inv = 1.f / gs;
+    for (u64 off = (u64)threadIdx.x * 8; off < n; off += (u64)blockDim.x * 8) {
+        V8 a = load8(xr + off);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a.v[j] = __expf(a.v[j] - gm) * inv;
+        store8(yr + off, a);
+    }
+}

@@ -209,6 +209,28 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     x.upsample_nearest2d(2 * h, 2 * w)
 }
 
+/// Softmax over the last axis. One block per row on CUDA in bf16 (rows a multiple of 8 long), for
+/// the long rows of the autoencoder's attention scores, where candle's kernel (one warp per row)
+/// crawls; candle's `softmax_last_dim` elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(candle_core::D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if fusable(&[x], n) && n > 0 {
+        let rows = x.elem_count() / n;
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows <= i32::MAX as usize {
+            let scalars = [cuda::Arg::U64(n as u64)];
+            return cuda::fresh("parallax_softmax_rows_bf16", &[x], x.dims(), &scalars, cfg);
+        }
+    }
+    let _ = n;
+    candle_nn::ops::softmax_last_dim(x)
+}
+
 /// [`channel_bias_add`]'s in-place kernels (CUDA only; callers fall back before the CPU).
 #[derive(Debug, Clone, Copy)]
 struct ChannelBias;

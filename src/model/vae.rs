@@ -626,11 +626,11 @@ pub fn attention(
         let qc = q.narrow(1, start, len)?.contiguous()?;
         let scores = qc.matmul(&kt)?;
         let probs = match dtype {
-            // candle's CUDA softmax accumulates f16/bf16 rows in f32 already.
+            // The CUDA softmaxes accumulate f16/bf16 rows in f32 already.
             DType::F16 | DType::BF16 if !scores.device().is_cuda() => {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
             }
-            _ => candle_nn::ops::softmax_last_dim(&scores)?,
+            _ => crate::kernels::elementwise::softmax_last_dim(&scores)?,
         };
         drop(scores);
         outs.push(probs.matmul(&v)?);
