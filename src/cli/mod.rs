@@ -396,7 +396,11 @@ pub fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let msg = format!("{e:#}");
+            eprintln!("error: {msg}");
+            if msg.contains("OUT_OF_MEMORY") {
+                eprintln!("hint: the GPU ran out of memory; try a smaller image, or spread the work over several GPUs (--devices cuda)");
+            }
             std::process::ExitCode::FAILURE
         }
     }
