@@ -304,6 +304,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         };
         for &(b, cin, cout, k, h, w, stride) in &[
             (1usize, 128usize, 128usize, 3usize, 96usize, 96usize, 1usize),
+            (2, 16, 24, 3, 9, 8, 1),
             (2, 64, 32, 3, 40, 37, 1),
             (1, 256, 128, 1, 64, 64, 1),
             (1, 32, 48, 3, 33, 30, 2),

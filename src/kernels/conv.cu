@@ -50,3 +50,54 @@ extern "C" __global__ void parallax_im2col_bf16(const unsigned short* __restrict
         }
     }
 }
+
+// Eight consecutive values of an input row starting at column c0 + DX (c0 a multiple of 8),
+// zeros outside [0, w): the aligned 16-byte chunk at c0 and, for DX != 0, its neighbour.
+template <int DX>
+__device__ __forceinline__ ColU4 row8(const unsigned short* __restrict__ row, int c0, int w) {
+    const ColU4 zero = {0u, 0u, 0u, 0u};
+    const ColU4 a = c0 < w ? *(const ColU4*)(row + c0) : zero;
+    if (DX == 0) return a;
+    const int nb = DX < 0 ? c0 - 8 : c0 + 8;
+    const ColU4 b = (nb >= 0 && nb < w) ? *(const ColU4*)(row + nb) : zero;
+    // 16 values lo..hi in order, then the window starting at 8 + DX (DX < 0) or DX (DX > 0).
+    const ColU4 lo = DX < 0 ? b : a, hi = DX < 0 ? a : b;
+    const unsigned v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const int s = DX < 0 ? 8 + DX : DX;  // first value of the window, 1..7
+    unsigned o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int e = s + 2 * i;  // element index of o[i]'s low half
+        o[i] = (e & 1) ? __funnelshift_r(v[e >> 1], v[(e >> 1) + 1], 16) : v[e >> 1];
+    }
+    ColU4 r = {o[0], o[1], o[2], o[3]};
+    return r;
+}
+
+// The same column matrix as parallax_im2col_bf16 for stride 1 when the map's width and the
+// output width are multiples of 8 and the kernel's horizontal offsets (kx - pad) lie in -1..1:
+// each thread reads one or two aligned 16-byte chunks of an input row instead of eight values.
+extern "C" __global__ void parallax_im2col_s1_bf16(const unsigned short* __restrict__ x,
+                                                   unsigned short* __restrict__ col, int cin, int h,
+                                                   int w, int k, int pad, int r0, int rows,
+                                                   int wo) {
+    const int kk = blockIdx.y;
+    const int b = blockIdx.z;
+    const int kx = kk % k, ky = (kk / k) % k, ci = kk / (k * k);
+    const int dx = kx - pad;
+    const u64 m_count = (u64)rows * (u64)wo;
+    const unsigned short* xp = x + ((u64)b * cin + ci) * (u64)h * (u64)w;
+    unsigned short* cp = col + ((u64)b * cin * k * k + kk) * m_count;
+    const ColU4 zero = {0u, 0u, 0u, 0u};
+    for (u64 m0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 8; m0 < m_count;
+         m0 += (u64)gridDim.x * blockDim.x * 8) {
+        const int oy = (int)(m0 / (u64)wo), ox0 = (int)(m0 % (u64)wo);
+        const int iy = r0 + oy + ky - pad;
+        ColU4 o = zero;
+        if (iy >= 0 && iy < h) {
+            const unsigned short* row = xp + (u64)iy * w;
+            o = dx < 0 ? row8<-1>(row, ox0, w) : dx > 0 ? row8<1>(row, ox0, w) : row8<0>(row, ox0, w);
+        }
+        *(ColU4*)(cp + m0) = o;
+    }
+}

@@ -2,7 +2,9 @@
 //!
 //! On CUDA in bf16: Parallax's column-matrix kernel (`conv.cu`) writes the band's im2col matrix
 //! laid out (K, M) — one row per kernel tap, one column per output position — straight from the
-//! whole input map (zeros outside it, so a band needs no padded copy), and one cuBLAS product
+//! whole input map (zeros outside it, so a band needs no padded copy; the autoencoder's 3x3
+//! stride-1 convolutions over widths of a multiple of 8 take a variant that reads aligned 16-byte
+//! chunks of each input row), and one cuBLAS product
 //! weight (Cout, K) × col (K, M) gives the band already in NCHW order. A 1x1 convolution is the
 //! product alone. candle's own CUDA convolution spent 80 % of a 1024 px decode in its im2col
 //! kernel and then transposed its (M, Cout) result (BENCHMARKS.md).
@@ -124,8 +126,15 @@ mod cuda {
         let count = b * taps * m;
         // SAFETY: the kernel writes every element of the column matrix.
         let col = unsafe { dev.alloc::<bf16>(count)? };
-        let func =
-            crate::kernels::nvrtc::function(&dev, "conv", SOURCE, false, "parallax_im2col_bf16")?;
+        // Stride 1 with a centred kernel of width 1 or 3 over rows of a multiple of 8 values:
+        // the variant that reads aligned 16-byte chunks (it takes no stride argument).
+        let chunked = stride == 1 && k == 2 * pad + 1 && pad <= 1 && wd % 8 == 0 && wo == wd;
+        let name = if chunked {
+            "parallax_im2col_s1_bf16"
+        } else {
+            "parallax_im2col_bf16"
+        };
+        let func = crate::kernels::nvrtc::function(&dev, "conv", SOURCE, false, name)?;
         {
             let (xs, xl) = x.storage_and_layout();
             let xv = view::<bf16>(&xs, xl)?;
@@ -134,17 +143,11 @@ mod cuda {
                     candle_core::Error::Msg(format!("convolution: size {v} past 2^31"))
                 })
             };
-            let args = [
-                int(cin)?,
-                int(h)?,
-                int(wd)?,
-                int(k)?,
-                int(stride)?,
-                int(pad)?,
-                int(r0)?,
-                int(rows)?,
-                int(wo)?,
-            ];
+            let mut args = vec![int(cin)?, int(h)?, int(wd)?, int(k)?];
+            if !chunked {
+                args.push(int(stride)?);
+            }
+            args.extend([int(pad)?, int(r0)?, int(rows)?, int(wo)?]);
             let mut bld = func.builder();
             bld.arg(&xv);
             bld.arg(&col);
