@@ -40,7 +40,12 @@ fn refuses(dir: &Path, args: &[&str], needle: &str) {
         "{args:?}: {msg}"
     );
     assert!(!msg.contains("panicked"), "{msg}");
-    assert!(!out.exists(), "{args:?} wrote an output file");
+    let written: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("refused"))
+        .collect();
+    assert!(written.is_empty(), "{args:?} wrote {written:?}");
 }
 
 #[test]
@@ -400,16 +405,22 @@ fn data_parallel_groups_make_the_single_worker_images() {
         &dir.path().join("seq.png"),
         &["--images", "2", "--seed", "4"],
     );
-    let (a, _) = read_png(&dir.path().join("seq-5.png")).expect("second image");
-    let (b, _) = read_png(&dir.path().join("alone-5.png")).expect("alone");
-    assert_eq!(a, b);
+    for seed in ["4", "5"] {
+        let (a, _) = read_png(&dir.path().join(format!("seq-{seed}.png"))).expect("sequential");
+        let (b, _) = read_png(&dir.path().join(format!("alone-{seed}.png"))).expect("alone");
+        assert_eq!(a, b, "seed {seed}");
+    }
     for (args, needle) in [
         (
             vec!["--devices", "cpu:2", "--dp", "3"],
             "asks for 3 devices",
         ),
         (vec!["--dp", "2"], "need --devices"),
-        (vec!["--images", "0"], "at least 1"),
+        (vec!["--images", "0"], "give 1 to"),
+        (
+            vec!["--devices", "cpu:2", "--dp", "2", "--images", "99999999"],
+            "give 1 to",
+        ),
     ] {
         refuses(dir.path(), &args, needle);
     }

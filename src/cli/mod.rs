@@ -225,7 +225,7 @@ pub struct ParallelArgs {
     pub parallel: Option<String>,
 }
 
-/// The parallel degrees given on the command line (shared by `generate`/`bench` and `worker`).
+/// The parallel degrees given on the command line (shared by `generate`, `info` and `worker`).
 #[derive(Debug, Clone, Default, Args)]
 pub struct DegreeArgs {
     /// Ulysses degree (must divide the attention heads).
@@ -256,9 +256,9 @@ impl DegreeArgs {
         let dp = self.dp.unwrap_or(1);
         let cfg = self.cfg.unwrap_or(1);
         let ulysses = self.ulysses.unwrap_or(1);
-        let ring = self
-            .ring
-            .unwrap_or_else(|| (workers / (dp * cfg * ulysses).max(1)).max(1));
+        let ring = self.ring.unwrap_or_else(|| {
+            (workers / dp.saturating_mul(cfg).saturating_mul(ulysses).max(1)).max(1)
+        });
         ParallelLayout {
             dp,
             cfg,
@@ -399,7 +399,7 @@ pub fn main() -> std::process::ExitCode {
             let msg = format!("{e:#}");
             eprintln!("error: {msg}");
             if msg.contains("OUT_OF_MEMORY") {
-                eprintln!("hint: the GPU ran out of memory; try a smaller image, or spread the work over several GPUs (--devices cuda)");
+                eprintln!("hint: the GPU ran out of memory; try a smaller image or a GPU with more memory (past 4096 px the autoencoder needs more than an 80 GB GPU; --devices splits the transformer's work, not yet the decode)");
             }
             std::process::ExitCode::FAILURE
         }
@@ -528,6 +528,9 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     use crate::parallel::store::{Store, StoreComm};
     use std::sync::Arc;
 
+    if a.degrees.dp.is_some_and(|d| d > 1) {
+        bail!("--dp: worker processes make one image (data parallelism runs in `generate` and the studio)");
+    }
     let mut a = a;
     let gpu = a.model.device.starts_with("cuda");
     if a.model.device == "cuda" {
@@ -578,9 +581,6 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     let req = request_for(&p, &sample);
     let settings = p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
-    if a.degrees.dp.is_some_and(|d| d > 1) {
-        bail!("--dp: worker processes make one image (data parallelism runs in `generate` and the studio)");
-    }
     let layout = a.degrees.layout_for(world);
     let mesh = Mesh::new(layout, world, heads)?;
     if layout.cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
@@ -659,47 +659,58 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One rank per GPU: rank 0 is `p` (loaded on the first GPU), the others load the same model's
-/// transformer on theirs.
-#[cfg(feature = "cuda")]
-fn generate_on_gpus(
-    p: &Pipeline,
-    model: &ModelArgs,
-    gpus: &[String],
-    layout: ParallelLayout,
-    req: &GenerateRequest,
-    on_event: &mut dyn FnMut(Progress) -> crate::Result<()>,
-) -> anyhow::Result<crate::pipeline::Generated> {
-    let mut replicas = Vec::new();
-    let mut devices = vec![p.device().clone()];
-    for g in &gpus[1..] {
-        let args = ModelArgs {
-            device: g.clone(),
-            ..model.clone()
-        };
-        let r =
-            load_pipeline(&args).with_context(|| format!("loading the model's replica on {g}"))?;
-        devices.push(r.device().clone());
-        replicas.push(r.flux);
-    }
-    Ok(crate::parallel::engine::generate_on_gpus(
-        p, &replicas, &devices, layout, req, on_event,
-    )?)
+/// One rank per GPU: rank 0 is the pipeline itself (loaded on the first GPU); the others hold
+/// replicas of its transformer, loaded once for all the images of a run.
+struct GpuRanks {
+    replicas: Vec<crate::model::flux::Flux>,
+    devices: Vec<Device>,
 }
 
-#[cfg(not(feature = "cuda"))]
-fn generate_on_gpus(
-    _: &Pipeline,
-    _: &ModelArgs,
-    gpus: &[String],
-    _: ParallelLayout,
-    _: &GenerateRequest,
-    _: &mut dyn FnMut(Progress) -> crate::Result<()>,
-) -> anyhow::Result<crate::pipeline::Generated> {
-    bail!(
-        "--devices {}: this build has no `cuda` feature",
-        gpus.join(",")
-    )
+impl GpuRanks {
+    fn load(p: &Pipeline, model: &ModelArgs, gpus: &[String]) -> anyhow::Result<Self> {
+        if !cfg!(feature = "cuda") {
+            bail!(
+                "--devices {}: this build has no `cuda` feature",
+                gpus.join(",")
+            );
+        }
+        let mut replicas = Vec::new();
+        let mut devices = vec![p.device().clone()];
+        for g in gpus.iter().skip(1) {
+            let args = ModelArgs {
+                device: g.clone(),
+                ..model.clone()
+            };
+            let r = load_pipeline(&args)
+                .with_context(|| format!("loading the model's replica on {g}"))?;
+            devices.push(r.device().clone());
+            replicas.push(r.flux);
+        }
+        Ok(Self { replicas, devices })
+    }
+
+    fn generate(
+        &self,
+        p: &Pipeline,
+        layout: ParallelLayout,
+        req: &GenerateRequest,
+        on_event: &mut dyn FnMut(Progress) -> crate::Result<()>,
+    ) -> anyhow::Result<crate::pipeline::Generated> {
+        #[cfg(feature = "cuda")]
+        return Ok(crate::parallel::engine::generate_on_gpus(
+            p,
+            &self.replicas,
+            &self.devices,
+            layout,
+            req,
+            on_event,
+        )?);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (p, layout, req, on_event, &self.replicas, &self.devices);
+            bail!("this build has no `cuda` feature")
+        }
+    }
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -718,8 +729,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .layout(p.flux.config().num_heads, settings.true_cfg > 1.0)?;
     let dp = parallel.as_ref().map_or(1, |(_, l, _)| l.dp);
     let images = a.images.unwrap_or(dp);
-    if images == 0 {
-        bail!("--images must be at least 1");
+    if !(1..=MAX_IMAGES).contains(&images) {
+        bail!("--images {images}: give 1 to {MAX_IMAGES}");
     }
     if dp > 1 && gpus.is_some() {
         bail!("--dp {dp} on GPUs: not yet (data-parallel groups run on CPU workers, --devices cpu:N); on GPUs run one process per group");
@@ -744,28 +755,30 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             ..req.clone()
         })
         .collect();
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("parallax-{}.png", req.seed)));
-    if out.is_dir() {
+    if let Some(out) = a.out.as_ref().filter(|o| o.is_dir()) {
         bail!("--out {} is a folder; give a file name", out.display());
     }
-    let outs: Vec<PathBuf> = if images == 1 {
-        vec![out]
-    } else {
-        let stem = out
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("parallax");
-        reqs.iter()
-            .map(|r| out.with_file_name(format!("{stem}-{}.png", r.seed)))
-            .collect()
+    let outs: Vec<PathBuf> = match &a.out {
+        Some(out) if images == 1 => vec![out.clone()],
+        Some(out) => {
+            let stem = out.file_stem().unwrap_or(std::ffi::OsStr::new("parallax"));
+            reqs.iter()
+                .map(|r| {
+                    let mut name = stem.to_os_string();
+                    name.push(format!("-{}.png", r.seed));
+                    out.with_file_name(name)
+                })
+                .collect()
+        }
+        None => reqs
+            .iter()
+            .map(|r| PathBuf::from(format!("parallax-{}.png", r.seed)))
+            .collect(),
     };
     let bar = if a.quiet {
         indicatif::ProgressBar::hidden()
     } else if dp > 1 {
-        // Data-parallel groups report no steps: count finished images.
+        // Data-parallel groups report no steps: a spinner until every image is done.
         let b = indicatif::ProgressBar::new_spinner();
         b.set_message(format!("{images} images on {dp} data-parallel groups"));
         b.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -783,9 +796,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         b
     };
     let save = |g: &crate::pipeline::Generated, out: &std::path::Path| -> anyhow::Result<()> {
-        for n in &g.notes {
-            eprintln!("note: {n}");
-        }
+        bar.suspend(|| {
+            for n in &g.notes {
+                eprintln!("note: {n}");
+            }
+        });
         image::save_png(out, &g.image, &g.settings.png_text()?)
             .with_context(|| format!("saving {}", out.display()))?;
         bar.suspend(|| {
@@ -806,46 +821,61 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if let (true, Some((_, layout, _))) = (dp > 1, &parallel) {
         let results = crate::parallel::engine::generate_many(&p, *layout, &reqs);
         bar.finish_and_clear();
+        // Every image that was made is saved, then the first failure (if any) is reported.
+        let mut first_err = None;
         for (g, out) in results.into_iter().zip(&outs) {
-            save(&g?, out)?;
+            if let Err(e) = g.map_err(anyhow::Error::from).and_then(|g| save(&g, out)) {
+                eprintln!("error: {}: {e:#}", out.display());
+                first_err.get_or_insert(e);
+            }
         }
-        return Ok(());
+        return first_err.map_or(Ok(()), Err);
     }
-    for (i, (req, out)) in reqs.iter().zip(&outs).enumerate() {
-        let base = (i * settings.steps) as u64;
-        let mut on_event = |ev: Progress| -> crate::Result<()> {
-            match ev {
-                Progress::TextEncoded { .. } => bar.set_message("denoising"),
-                Progress::Step(info) => {
-                    bar.set_position(base + info.index as u64 + 1);
-                    bar.set_message(format!(
-                        "{:.0} ms{}",
-                        info.elapsed.as_secs_f64() * 1e3,
-                        if info.kind.is_reused() {
-                            " (cached)"
-                        } else {
-                            ""
-                        }
-                    ));
+    let ranks = match (&parallel, &gpus) {
+        (Some(_), Some(g)) => Some(GpuRanks::load(&p, &a.model, g)?),
+        _ => None,
+    };
+    let result = (|| -> anyhow::Result<()> {
+        for (i, (req, out)) in reqs.iter().zip(&outs).enumerate() {
+            let base = (i * settings.steps) as u64;
+            let mut on_event = |ev: Progress| -> crate::Result<()> {
+                match ev {
+                    Progress::TextEncoded { .. } => bar.set_message("denoising"),
+                    Progress::Step(info) => {
+                        bar.set_position(base + info.index as u64 + 1);
+                        bar.set_message(format!(
+                            "{:.0} ms{}",
+                            info.elapsed.as_secs_f64() * 1e3,
+                            if info.kind.is_reused() {
+                                " (cached)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    Progress::Decoded { .. } => {}
                 }
-                Progress::Decoded { .. } => {}
-            }
-            Ok(())
-        };
-        let g = match (&parallel, &gpus) {
-            (Some((_, layout, _)), Some(gpus)) => {
-                generate_on_gpus(&p, &a.model, gpus, *layout, req, &mut on_event)?
-            }
-            (Some((_, layout, _)), None) => {
-                crate::parallel::engine::generate(&p, *layout, req, &mut on_event)?
-            }
-            (None, _) => p.generate(req, &mut on_event)?,
-        };
-        save(&g, out)?;
-    }
+                Ok(())
+            };
+            let g = match (&parallel, &ranks) {
+                (Some((_, layout, _)), Some(ranks)) => {
+                    ranks.generate(&p, *layout, req, &mut on_event)?
+                }
+                (Some((_, layout, _)), None) => {
+                    crate::parallel::engine::generate(&p, *layout, req, &mut on_event)?
+                }
+                (None, _) => p.generate(req, &mut on_event)?,
+            };
+            save(&g, out)?;
+        }
+        Ok(())
+    })();
     bar.finish_and_clear();
-    Ok(())
+    result
 }
+
+/// The most images one `generate` makes.
+const MAX_IMAGES: usize = 10_000;
 
 fn median(v: &[f64]) -> f64 {
     if v.is_empty() {

@@ -357,6 +357,22 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                 1e-2,
             );
         }
+        // Rows whose first values are -inf (masked): they count as zero probability.
+        let masked = Tensor::cat(
+            &[
+                Tensor::full(f32::NEG_INFINITY, (2, 64), &dev)?.to_dtype(DType::BF16)?,
+                rnd(&[2, 4032], 1.0)?,
+            ],
+            1,
+        )?;
+        report.check(
+            "softmax rows 2x4096, first 64 -inf".into(),
+            rel_err(
+                &crate::kernels::elementwise::softmax_last_dim(&masked)?,
+                &candle_nn::ops::softmax_last_dim(&cpu32(&masked)?)?,
+            )?,
+            1e-2,
+        );
         let got = upsample_nearest2x(&x)?;
         let want = cpu32(&x)?.upsample_nearest2d(32, 40)?;
         report.check(

@@ -128,7 +128,9 @@ mod cuda {
         let col = unsafe { dev.alloc::<bf16>(count)? };
         // Stride 1 with a centred kernel of width 1 or 3 over rows of a multiple of 8 values:
         // the variant that reads aligned 16-byte chunks (it takes no stride argument).
-        let chunked = stride == 1 && k == 2 * pad + 1 && pad <= 1 && wd % 8 == 0 && wo == wd;
+        let aligned = x.layout().start_offset() % 8 == 0;
+        let chunked =
+            stride == 1 && k == 2 * pad + 1 && pad <= 1 && wd % 8 == 0 && wo == wd && aligned;
         let name = if chunked {
             "parallax_im2col_s1_bf16"
         } else {

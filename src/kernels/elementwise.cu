@@ -297,10 +297,11 @@ extern "C" __global__ void parallax_softmax_rows_bf16(const unsigned short* __re
 #pragma unroll
         for (int j = 1; j < 8; ++j) cm = fmaxf(cm, a.v[j]);
         const float nm = fmaxf(m, cm);
+        if (nm == NEG_INF) continue;  // all -inf so far: nothing to add
         float cs = 0.f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) cs += __expf(a.v[j] - nm);
-        s = s * __expf(m - nm) + cs;
+        s = (m == NEG_INF ? 0.f : s * __expf(m - nm)) + cs;
         m = nm;
     }
     // Merge (m, s) pairs: over the warp, then over the warps.

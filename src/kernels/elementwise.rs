@@ -217,9 +217,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fusable(&[x], n) && n > 0 {
         let rows = x.elem_count() / n;
+        // A thread per eight values, up to 1024 (short rows take fewer).
+        let threads = (n / 8).next_multiple_of(32).clamp(32, 1024);
         let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         if rows <= i32::MAX as usize {
@@ -316,15 +318,24 @@ mod cuda {
         scalars: &[Arg],
         cfg: LaunchConfig,
     ) -> Result<Tensor> {
-        let dev = device(
-            inputs
-                .first()
-                .copied()
-                .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: no inputs")))?,
-        )?;
+        let first = inputs
+            .first()
+            .copied()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: no inputs")))?;
+        let dev = device(first)?;
+        // Contiguous and 16-byte aligned (the kernels load eight values at a time), on one GPU.
         let inputs = inputs
             .iter()
-            .map(|t| t.contiguous())
+            .map(|t| {
+                if !t.device().same_device(first.device()) {
+                    candle_core::bail!("{kernel}: inputs on different devices");
+                }
+                if t.is_contiguous() && t.layout().start_offset() % 8 == 0 {
+                    Ok((*t).clone())
+                } else {
+                    t.force_contiguous()
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         // SAFETY: every kernel of this file writes each element of its output.
         let out = unsafe { dev.alloc::<bf16>(dims.iter().product())? };

@@ -54,12 +54,19 @@ fn serve(listener: TcpListener, table: Arc<Table>) {
             while let Ok(req) = read_request(&mut r) {
                 let reply = match req {
                     (SET, key, Some((readers, val))) => {
+                        // Acknowledge before the value becomes visible: a waiter it wakes (rank 0
+                        // in `finish`) may end this process at once, and the setter must already
+                        // have its reply by then.
+                        let ok = w.write_all(&0u64.to_le_bytes()).and_then(|_| w.flush());
+                        if ok.is_err() {
+                            return;
+                        }
                         let (map, cv) = &*table;
                         if let Ok(mut m) = map.lock() {
                             m.insert(key, (Arc::new(val), readers));
                         }
                         cv.notify_all();
-                        Vec::new()
+                        continue;
                     }
                     (GET, key, None) => {
                         let (map, cv) = &*table;
@@ -122,6 +129,8 @@ pub struct Store {
     conn: Mutex<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
     rank: usize,
     world: usize,
+    /// The rendezvous timeout, also the longest [`Store::finish`] waits for the other ranks.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -168,6 +177,7 @@ impl Store {
             conn: Mutex::new((BufReader::new(stream), BufWriter::new(w))),
             rank,
             world,
+            timeout,
         });
         // Barrier: everyone says hello and waits for everyone.
         store.set(&format!("hello/{rank}"), world as u32, b"1")?;
@@ -191,8 +201,17 @@ impl Store {
     /// collective's result would otherwise find the store gone).
     pub fn finish(&self) -> Result<()> {
         if self.rank == 0 {
+            // A rank that died never reports: wait for the others at most the rendezvous timeout.
+            if let Ok(c) = self.conn.lock() {
+                let _ = c.0.get_ref().set_read_timeout(Some(self.timeout));
+            }
             for r in 1..self.world {
-                self.get(&format!("done/{r}"))?;
+                self.get(&format!("done/{r}")).map_err(|e| {
+                    Error::Image(format!(
+                        "rank {r} did not report it was done within {:?}: {e}",
+                        self.timeout
+                    ))
+                })?;
             }
             Ok(())
         } else {
