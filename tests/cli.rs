@@ -26,6 +26,39 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// A free TCP rendezvous address on this machine.
+fn free_init() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!("tcp://127.0.0.1:{port}")
+}
+
+/// Two `parallax worker` processes (`--world 2`) meeting at `init` with `args`: both must
+/// succeed, and only rank 0 writes its image, to `out`.
+fn two_workers(init: &str, args: &[&str], out: &Path) {
+    let unused = out.with_file_name("rank1-unused.png");
+    let spawn = |rank: &str, out: &Path| {
+        let mut all = vec!["worker", "--rank", rank, "--world", "2", "--init", init];
+        all.extend(args.iter().copied());
+        all.extend(["--out", s(out)]);
+        Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&all)
+            .output()
+    };
+    let (r0, r1) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| spawn("1", &unused));
+        let h0 = sc.spawn(|| spawn("0", out));
+        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+    });
+    let (r0, r1) = (r0.expect("run rank 0"), r1.expect("run rank 1"));
+    assert!(r0.status.success(), "rank 0: {}", text(&r0));
+    assert!(r1.status.success(), "rank 1: {}", text(&r1));
+    assert!(!unused.exists(), "only rank 0 writes");
+}
+
 /// `generate --prompt x` with `args` fails with an error naming `needle`, without a panic, and
 /// writes no image.
 fn refuses(dir: &Path, args: &[&str], needle: &str) {
@@ -214,12 +247,7 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
 #[test]
 fn two_worker_processes_equal_two_worker_threads() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let init = format!("tcp://127.0.0.1:{port}");
+    let init = free_init();
     let common = [
         "--model",
         "demo",
@@ -237,26 +265,7 @@ fn two_worker_processes_equal_two_worker_threads() {
         "2",
     ];
     let multi = dir.path().join("multi.png");
-    let spawn = |rank: &str, out: &Path| {
-        let mut args = vec!["worker", "--rank", rank, "--world", "2", "--init", &init];
-        args.extend(common);
-        args.extend(["--out", s(out)]);
-        Command::new(env!("CARGO_BIN_EXE_parallax"))
-            .args(&args)
-            .output()
-    };
-    let (r0, r1) = std::thread::scope(|sc| {
-        let h1 = sc.spawn(|| spawn("1", &dir.path().join("unused.png")));
-        let h0 = sc.spawn(|| spawn("0", &multi));
-        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
-    });
-    let (r0, r1) = (r0.expect("run rank 0"), r1.expect("run rank 1"));
-    assert!(r0.status.success(), "rank 0: {}", text(&r0));
-    assert!(r1.status.success(), "rank 1: {}", text(&r1));
-    assert!(
-        !dir.path().join("unused.png").exists(),
-        "only rank 0 writes"
-    );
+    two_workers(&init, &common, &multi);
 
     let threads = dir.path().join("threads.png");
     let mut args = vec![
@@ -323,29 +332,10 @@ fn uneven_token_counts_match_one_worker_on_threads_and_processes() {
         .unwrap_or(255);
     assert!(worst <= 1, "threads differ from one worker by {worst}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let init = format!("tcp://127.0.0.1:{port}");
     let multi = dir.path().join("multi.png");
-    let spawn = |rank: &str, out: &Path| {
-        let mut args = vec!["worker", "--rank", rank, "--world", "2", "--init", &init];
-        args.extend(common);
-        args.extend(["--ring", "2", "--out", s(out)]);
-        Command::new(env!("CARGO_BIN_EXE_parallax"))
-            .args(&args)
-            .output()
-    };
-    let (r0, r1) = std::thread::scope(|sc| {
-        let h1 = sc.spawn(|| spawn("1", &dir.path().join("unused.png")));
-        let h0 = sc.spawn(|| spawn("0", &multi));
-        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
-    });
-    let (r0, r1) = (r0.expect("run rank 0"), r1.expect("run rank 1"));
-    assert!(r0.status.success(), "rank 0: {}", text(&r0));
-    assert!(r1.status.success(), "rank 1: {}", text(&r1));
+    let mut args = common.to_vec();
+    args.extend(["--ring", "2"]);
+    two_workers(&free_init(), &args, &multi);
     let (processes, _) = read_png(&multi).expect("multi-process image");
     assert_eq!(processes, threads);
 }
