@@ -415,3 +415,27 @@ fn data_parallel_groups_make_the_single_worker_images() {
         refuses(dir.path(), &args, needle);
     }
 }
+
+/// `bench-vae --tiny` runs on the CPU and reports its decode time and convolution path as JSON.
+#[test]
+fn bench_vae_runs_the_tiny_autoencoder_on_the_cpu() {
+    let o = parallax(&[
+        "bench-vae",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["convolution"], "candle conv2d");
+    assert!(
+        v["decode_ms"]["median"].as_f64().is_some_and(|t| t > 0.0),
+        "{v}"
+    );
+}

@@ -31,18 +31,6 @@ pub struct BenchVaeArgs {
     pub tiny: bool,
 }
 
-/// Which convolution path the autoencoder takes on `dev` in `dtype`.
-pub fn convolution_path(dev: &candle_core::Device, dtype: candle_core::DType) -> &'static str {
-    let path = candle_core::Tensor::zeros(1, dtype, dev)
-        .map(|t| crate::kernels::conv::path_for(&t))
-        .unwrap_or("unknown");
-    if path == "candle conv2d" && dev.is_cuda() && cfg!(feature = "cudnn") {
-        "candle conv2d (cuDNN)"
-    } else {
-        path
-    }
-}
-
 pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let height = a.height.unwrap_or(a.width);
     if a.runs == 0 {
@@ -61,7 +49,10 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         VaeConfig::flux()
     };
     let dtype = crate::pipeline::autoencoder_dtype(DType::BF16, &dev);
-    dev.set_seed(0x5641_4531)?;
+    // A fixed seed for comparable runs on GPUs (candle's CPU generator cannot be seeded).
+    if dev.is_cuda() {
+        dev.set_seed(0x5641_4531)?;
+    }
     let vae = AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, &dev))
         .context("building the autoencoder")?;
     let f = cfg.downscale_factor();
@@ -131,7 +122,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         "device": crate::device::describe(&dev),
         "autoencoder": if a.tiny { "tiny" } else { "flux" },
         "dtype": format!("{dtype:?}"),
-        "convolution": convolution_path(&dev, dtype),
+        "convolution": crate::kernels::conv::path(&dev, dtype),
         "width": a.width,
         "height": height,
         "warmup": a.warmup,

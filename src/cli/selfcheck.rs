@@ -321,7 +321,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             report.check(
                 format!(
                     "conv {k}x{k}/{stride} {b}x{cin}->{cout} {h}x{w} + bias + residual ({})",
-                    crate::kernels::conv::path_for(&x)
+                    crate::kernels::conv::path(x.device(), x.dtype())
                 ),
                 rel_err(&got, &want_all)?,
                 1e-2,

@@ -13,16 +13,18 @@
 //! copy of the band's input rows, which is also the reference `parallax selfcheck` compares the
 //! kernel path against.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// The kernel source (CUDA C++, compiled with NVRTC).
 pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("conv.cu"));
 
-/// Which implementation convolutions on `x` take: `"parallax im2col + cuBLAS"` or
-/// `"candle conv2d"` (cuDNN in a `cudnn` build).
-pub fn path_for(x: &Tensor) -> &'static str {
-    if own_kernel(x) {
+/// Which implementation convolutions on `dev` in `dtype` take: `"parallax im2col + cuBLAS"`,
+/// `"candle conv2d (cuDNN)"` (CUDA in a `cudnn` build) or `"candle conv2d"`.
+pub fn path(dev: &Device, dtype: DType) -> &'static str {
+    if takes_own_kernel(dev, dtype) {
         "parallax im2col + cuBLAS"
+    } else if dev.is_cuda() && cfg!(feature = "cudnn") {
+        "candle conv2d (cuDNN)"
     } else {
         "candle conv2d"
     }
@@ -30,10 +32,14 @@ pub fn path_for(x: &Tensor) -> &'static str {
 
 /// Whether convolutions on `x` take Parallax's kernel (bf16 on CUDA, unless `PARALLAX_CONV=candle`).
 pub fn own_kernel(x: &Tensor) -> bool {
+    takes_own_kernel(x.device(), x.dtype())
+}
+
+fn takes_own_kernel(dev: &Device, dtype: DType) -> bool {
     static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let candle =
         *CANDLE.get_or_init(|| std::env::var("PARALLAX_CONV").is_ok_and(|v| v == "candle"));
-    cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::BF16 && !candle
+    cfg!(feature = "cuda") && dev.is_cuda() && dtype == DType::BF16 && !candle
 }
 
 /// The output size of a convolution along one axis.
