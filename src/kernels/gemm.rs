@@ -68,12 +68,7 @@ fn product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fast(x, w, bias) {
-        let n = w.dim(0)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        match cuda::linear_cat(None, x, w, bias, gelu, &dims) {
+        match cuda::linear_cat(None, x, w, bias, gelu) {
             Ok(y) => return Ok(y),
             Err(e) => fell_back(&e),
         }
@@ -102,12 +97,7 @@ pub fn linear_cat(
         && a.dtype() == DType::BF16
         && a.dims()[..a.rank() - 1] == x.dims()[..x.rank() - 1]
     {
-        let n = w.dim(0)?;
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = na + n;
-        }
-        match cuda::linear_cat(Some(a), x, w, bias, gelu, &dims) {
+        match cuda::linear_cat(Some(a), x, w, bias, gelu) {
             Ok(y) => return Ok(y),
             Err(e) => fell_back(&e),
         }
@@ -150,7 +140,7 @@ mod cuda {
         Ok(h)
     }
 
-    /// A new bf16 tensor of `dims` whose last axis holds `a` (if any) and then
+    /// A new bf16 tensor shaped like `x` whose last axis holds `a` (if any) and then
     /// `act(x Wᵀ + b)`, the product written by one cuBLASLt call with the output's row stride.
     pub(super) fn linear_cat(
         a: Option<&Tensor>,
@@ -158,10 +148,16 @@ mod cuda {
         w: &Tensor,
         bias: Option<&Tensor>,
         gelu: bool,
-        dims: &[usize],
     ) -> Result<Tensor> {
         let dev = device(x)?;
         let (n, k) = w.dims2()?;
+        // x's shape with the last axis holding a's columns (if any) and then the product's.
+        let col0 = a.map_or(Ok(0), |a| a.dim(D::Minus1))?;
+        let ld = col0 + n;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = ld;
+        }
         let x = x.contiguous()?;
         let w = if w.stride() == [k, 1] {
             w.clone()
@@ -170,8 +166,6 @@ mod cuda {
         };
         let bias = bias.map(|b| b.contiguous()).transpose()?;
         let rows = x.elem_count() / k;
-        let ld = dims.last().copied().unwrap_or(n);
-        let col0 = ld - n;
         // SAFETY: the product writes columns col0.. of every row; `a` fills the others below.
         let mut out = unsafe { dev.alloc::<bf16>(rows * ld)? };
         {
@@ -212,7 +206,7 @@ mod cuda {
             unsafe { h.matmul(cfg, &wv, &xv, &mut ov, bv.as_ref(), act.as_ref()) }
                 .map_err(|e| candle_core::Error::Cuda(format!("cuBLASLt matmul: {e:?}").into()))?;
         }
-        let out = wrap(out, &dev, dims);
+        let out = wrap(out, &dev, &dims);
         if let Some(a) = a {
             out.slice_set(&a.contiguous()?, dims.len() - 1, 0)?;
         }
