@@ -289,6 +289,28 @@ fn two_worker_processes_equal_two_worker_threads() {
     ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("below --world 2"), "{}", text(&o));
+
+    // A rank that never starts is named once the rendezvous timeout passes, instead of rank 0
+    // waiting for ever.
+    let o = parallax(&[
+        "worker",
+        "--rank",
+        "0",
+        "--world",
+        "2",
+        "--init",
+        &free_init(),
+        "--timeout",
+        "1",
+        "--model",
+        "demo",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("rank 1 of 2 did not join"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A size whose token count does not divide over the workers (48 x 80 px: 15 image tokens over

@@ -22,8 +22,18 @@ use crate::error::{Error, Result};
 
 const SET: u8 = 1;
 const GET: u8 = 2;
+/// A reply length that means "no value: an error message follows".
+const FAILED: u64 = u64::MAX;
 
-type Table = (Mutex<HashMap<String, (Arc<Vec<u8>>, u32)>>, Condvar);
+/// The store's values (each with the reads it has left) and the ranks that hung up before
+/// saying they were done.
+#[derive(Default)]
+struct Entries {
+    values: HashMap<String, (Arc<Vec<u8>>, u32)>,
+    lost: Vec<usize>,
+}
+
+type Table = (Mutex<Entries>, Condvar);
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Image(format!("rendezvous: {what}: {e}"))
@@ -40,6 +50,26 @@ pub fn parse_init(init: &str) -> Result<String> {
     Ok(addr.to_string())
 }
 
+/// The rank a connection belongs to, learnt from its `hello/R` key, and whether it has said
+/// `done/R`.
+#[derive(Default)]
+struct Peer {
+    rank: Option<usize>,
+    done: bool,
+}
+
+impl Peer {
+    fn saw(&mut self, key: &str) {
+        let rank = |prefix: &str| key.strip_prefix(prefix)?.parse::<usize>().ok();
+        if let Some(r) = rank("hello/") {
+            self.rank = Some(r);
+        }
+        if rank("done/").is_some_and(|r| Some(r) == self.rank) {
+            self.done = true;
+        }
+    }
+}
+
 fn serve(listener: TcpListener, table: Arc<Table>) {
     for stream in listener.incoming().flatten() {
         let table = table.clone();
@@ -48,56 +78,88 @@ fn serve(listener: TcpListener, table: Arc<Table>) {
             let Ok(write_half) = stream.try_clone() else {
                 return;
             };
-            let mut r = BufReader::new(stream);
-            let mut w = BufWriter::new(write_half);
-            // One request at a time until the client hangs up.
-            while let Ok(req) = read_request(&mut r) {
-                let reply = match req {
-                    (SET, key, Some((readers, val))) => {
-                        // Acknowledge before the value becomes visible: a waiter it wakes (rank 0
-                        // in `finish`) may end this process at once, and the setter must already
-                        // have its reply by then.
-                        let ok = w.write_all(&0u64.to_le_bytes()).and_then(|_| w.flush());
-                        if ok.is_err() {
-                            return;
-                        }
-                        let (map, cv) = &*table;
-                        if let Ok(mut m) = map.lock() {
-                            m.insert(key, (Arc::new(val), readers));
-                        }
-                        cv.notify_all();
-                        continue;
-                    }
-                    (GET, key, None) => {
-                        let (map, cv) = &*table;
-                        let Ok(mut m) = map.lock() else { return };
-                        let val = loop {
-                            if let Some((v, left)) = m.get_mut(&key) {
-                                let v = v.clone();
-                                *left = left.saturating_sub(1);
-                                if *left == 0 {
-                                    m.remove(&key);
-                                }
-                                break v;
-                            }
-                            m = match cv.wait(m) {
-                                Ok(m) => m,
-                                Err(_) => return,
-                            };
-                        };
-                        val.to_vec()
-                    }
-                    _ => return,
-                };
-                let ok = w
-                    .write_all(&(reply.len() as u64).to_le_bytes())
-                    .and_then(|_| w.write_all(&reply))
-                    .and_then(|_| w.flush());
+            let mut peer = Peer::default();
+            serve_one(
+                &mut peer,
+                BufReader::new(stream),
+                BufWriter::new(write_half),
+                &table,
+            );
+            // A rank that hangs up before it is done will never set what the others wait for:
+            // every waiting and later read fails instead of hanging.
+            if let (Some(rank), false) = (peer.rank, peer.done) {
+                let (map, cv) = &*table;
+                if let Ok(mut m) = map.lock() {
+                    m.lost.push(rank);
+                }
+                cv.notify_all();
+            }
+        });
+    }
+}
+
+/// Answers one connection's requests, one at a time, until the client hangs up.
+fn serve_one(
+    peer: &mut Peer,
+    mut r: BufReader<TcpStream>,
+    mut w: BufWriter<TcpStream>,
+    table: &Table,
+) {
+    while let Ok(req) = read_request(&mut r) {
+        peer.saw(&req.1);
+        let reply = match req {
+            (SET, key, Some((readers, val))) => {
+                // Acknowledge before the value becomes visible: a waiter it wakes (rank 0
+                // in `finish`) may end this process at once, and the setter must already
+                // have its reply by then.
+                let ok = w.write_all(&0u64.to_le_bytes()).and_then(|_| w.flush());
                 if ok.is_err() {
                     return;
                 }
+                let (map, cv) = table;
+                if let Ok(mut m) = map.lock() {
+                    m.values.insert(key, (Arc::new(val), readers));
+                }
+                cv.notify_all();
+                continue;
             }
-        });
+            (GET, key, None) => {
+                let (map, cv) = table;
+                let Ok(mut m) = map.lock() else { return };
+                loop {
+                    if let Some((v, left)) = m.values.get_mut(&key) {
+                        let v = v.clone();
+                        *left = left.saturating_sub(1);
+                        if *left == 0 {
+                            m.values.remove(&key);
+                        }
+                        break Ok(v.to_vec());
+                    }
+                    if let Some(&lost) = m.lost.first() {
+                        break Err(format!(
+                            "rank {lost} disconnected before it was done (while waiting for {key})"
+                        ));
+                    }
+                    m = match cv.wait(m) {
+                        Ok(m) => m,
+                        Err(_) => return,
+                    };
+                }
+            }
+            _ => return,
+        };
+        let ok = match reply {
+            Ok(val) => w
+                .write_all(&(val.len() as u64).to_le_bytes())
+                .and_then(|_| w.write_all(&val)),
+            Err(msg) => w
+                .write_all(&FAILED.to_le_bytes())
+                .and_then(|_| w.write_all(&(msg.len() as u64).to_le_bytes()))
+                .and_then(|_| w.write_all(msg.as_bytes())),
+        };
+        if ok.and_then(|_| w.flush()).is_err() {
+            return;
+        }
     }
 }
 
@@ -154,7 +216,7 @@ impl Store {
         if rank == 0 {
             let listener = TcpListener::bind(&addr)
                 .map_err(|e| io_err(&format!("cannot listen on {addr}"), e))?;
-            let table: Arc<Table> = Arc::new((Mutex::new(HashMap::new()), Condvar::new()));
+            let table: Arc<Table> = Arc::new((Mutex::new(Entries::default()), Condvar::new()));
             std::thread::Builder::new()
                 .name("parallax-store".into())
                 .spawn(move || serve(listener, table))
@@ -179,11 +241,19 @@ impl Store {
             world,
             timeout,
         });
-        // Barrier: everyone says hello and waits for everyone.
+        // Barrier: everyone says hello and waits for everyone, at most `timeout` for the
+        // others to start.
+        store.read_timeout(Some(timeout));
         store.set(&format!("hello/{rank}"), world as u32, b"1")?;
         for r in 0..world {
-            store.get(&format!("hello/{r}"))?;
+            store.get(&format!("hello/{r}")).map_err(|e| {
+                Error::Image(format!(
+                    "rendezvous at {addr}: rank {r} of {world} did not join within {timeout:?} \
+                     (start every rank with the same --init and --world): {e}"
+                ))
+            })?;
         }
+        store.read_timeout(None);
         tracing::info!("rank {rank} of {world}: all ranks present");
         Ok(store)
     }
@@ -196,15 +266,21 @@ impl Store {
         self.world
     }
 
+    /// How long a read from the store may block (`None`: for ever).
+    fn read_timeout(&self, t: Option<Duration>) {
+        if let Ok(c) = self.conn.lock() {
+            let _ = c.0.get_ref().set_read_timeout(t);
+        }
+    }
+
     /// The closing barrier: every rank reports it is done and rank 0, whose process serves the
     /// store, waits for all of them before it may exit (a rank still reading its last
     /// collective's result would otherwise find the store gone).
     pub fn finish(&self) -> Result<()> {
         if self.rank == 0 {
-            // A rank that died never reports: wait for the others at most the rendezvous timeout.
-            if let Ok(c) = self.conn.lock() {
-                let _ = c.0.get_ref().set_read_timeout(Some(self.timeout));
-            }
+            // A rank that died never reports: the store says so when its connection drops, and
+            // rank 0 waits for the others at most the rendezvous timeout in any case.
+            self.read_timeout(Some(self.timeout));
             for r in 1..self.world {
                 self.get(&format!("done/{r}")).map_err(|e| {
                     Error::Image(format!(
@@ -237,7 +313,8 @@ impl Store {
         read_reply(&mut c.0).map(|_| ())
     }
 
-    /// The value under `key`, waiting until some rank sets it.
+    /// The value under `key`, waiting until some rank sets it; an error once any rank has
+    /// disconnected before saying it was done, since the value may never come.
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         let mut c = self
             .conn
@@ -254,11 +331,24 @@ impl Store {
 }
 
 fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
-    let mut len = [0u8; 8];
-    r.read_exact(&mut len).map_err(|e| io_err("reply", e))?;
-    let mut val = vec![0u8; u64::from_le_bytes(len) as usize];
-    r.read_exact(&mut val).map_err(|e| io_err("reply", e))?;
-    Ok(val)
+    let mut read = |what| {
+        let mut len = [0u8; 8];
+        r.read_exact(&mut len).map_err(|e| io_err(what, e))?;
+        let len = u64::from_le_bytes(len);
+        let mut val = vec![0u8; if len == FAILED { 0 } else { len as usize }];
+        r.read_exact(&mut val).map_err(|e| io_err(what, e))?;
+        Ok::<_, Error>((len, val))
+    };
+    match read("reply")? {
+        (FAILED, _) => {
+            let (_, msg) = read("error reply")?;
+            Err(Error::Image(format!(
+                "rendezvous: {}",
+                String::from_utf8_lossy(&msg)
+            )))
+        }
+        (_, val) => Ok(val),
+    }
 }
 
 fn encode(t: &Tensor) -> candle_core::Result<Vec<u8>> {
@@ -482,11 +572,7 @@ mod tests {
     /// collective equals the in-process communicator's result.
     #[test]
     fn store_collectives_equal_the_local_ones() {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
-        let init = format!("tcp://127.0.0.1:{port}");
+        let init = free_init();
         let world = 3;
         let local = LocalComm::group(world);
         let results: Vec<_> = std::thread::scope(|s| {
@@ -497,7 +583,7 @@ mod tests {
                     s.spawn(move || -> candle_core::Result<Vec<Tensor>> {
                         let store = Store::connect(&init, rank, world, Duration::from_secs(20))
                             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                        let sc = StoreComm::new(store, "world", vec![0, 1, 2])
+                        let sc = StoreComm::new(store.clone(), "world", vec![0, 1, 2])
                             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                         let t = Tensor::arange(0f32, 12.0, &Device::Cpu)?
                             .reshape((2, 6))?
@@ -512,6 +598,9 @@ mod tests {
                             c.send(&t, (rank + 1) % world)?;
                             out.push(c.recv((rank + world - 1) % world)?);
                         }
+                        store
+                            .finish()
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                         Ok(out)
                     })
                 })
@@ -536,6 +625,42 @@ mod tests {
                 assert_eq!(d, 0.0);
             }
         }
+    }
+
+    fn free_init() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("free port");
+        format!("tcp://127.0.0.1:{}", l.local_addr().expect("addr").port())
+    }
+
+    #[test]
+    fn a_rank_that_never_joins_is_named_after_the_timeout() {
+        let err = Store::connect(&free_init(), 0, 2, Duration::from_millis(300))
+            .expect_err("rank 1 never starts");
+        let msg = err.to_string();
+        assert!(msg.contains("rank 1 of 2 did not join"), "{msg}");
+    }
+
+    #[test]
+    fn a_rank_that_leaves_early_fails_the_reads_waiting_on_it() {
+        let init = free_init();
+        let t = Duration::from_secs(20);
+        let (zero, one) = std::thread::scope(|s| {
+            let one = s.spawn(|| Store::connect(&init, 1, 2, t));
+            let zero = Store::connect(&init, 0, 2, t).expect("rank 0");
+            (zero, one.join().expect("thread").expect("rank 1"))
+        });
+        let waiting = std::thread::spawn(move || zero.get("never-set"));
+        // Rank 1 goes away without `finish`: rank 0's read must fail, not hang.
+        drop(one);
+        let msg = waiting
+            .join()
+            .expect("thread")
+            .expect_err("the value can never come")
+            .to_string();
+        assert!(
+            msg.contains("rank 1 disconnected before it was done"),
+            "{msg}"
+        );
     }
 
     #[test]
