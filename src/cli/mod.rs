@@ -292,11 +292,16 @@ impl ParallelArgs {
                 .trim()
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
-            let name = format!("cuda:{i}");
-            if out.contains(&name) {
-                bail!("--devices {d}: GPU {i} named twice (one rank per GPU)");
+            out.push(format!("cuda:{i}"));
+        }
+        // NCCL takes one rank per GPU within a group; separate data-parallel groups (--dp) may
+        // share a GPU (two images at once on one large GPU).
+        let per = (out.len() / self.degrees.dp.unwrap_or(1).max(1)).max(1);
+        for group in out.chunks(per) {
+            let twice = (1..group.len()).find(|&i| group[..i].contains(&group[i]));
+            if let Some(g) = twice.map(|i| &group[i]) {
+                bail!("--devices {d}: {g} named twice in one group of ranks (one rank per GPU; only separate --dp groups may share a GPU)");
             }
-            out.push(name);
         }
         Ok(Some(out))
     }
@@ -695,22 +700,62 @@ impl GpuRanks {
         layout: ParallelLayout,
         req: &GenerateRequest,
         on_event: &mut dyn FnMut(Progress) -> crate::Result<()>,
-    ) -> anyhow::Result<crate::pipeline::Generated> {
+    ) -> crate::Result<crate::pipeline::Generated> {
         #[cfg(feature = "cuda")]
-        return Ok(crate::parallel::engine::generate_on_gpus(
+        return crate::parallel::engine::generate_on_gpus(
             p,
             &self.replicas,
             &self.devices,
             layout,
             req,
             on_event,
-        )?);
+        );
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (p, layout, req, on_event, &self.replicas, &self.devices);
-            bail!("this build has no `cuda` feature")
+            Err(crate::Error::setting(
+                "devices",
+                "cuda",
+                "this build has no `cuda` feature",
+            ))
         }
     }
+}
+
+/// Data parallelism on GPUs: group g owns the g-th run of world/dp GPUs in `gpus`, with a whole
+/// pipeline (text encoders, transformer, autoencoder) on its first GPU — group 0's is `p` — and
+/// transformer replicas on the others; the groups make their images at the same time.
+fn gpu_data_parallel(
+    p: &Pipeline,
+    model: &ModelArgs,
+    gpus: &[String],
+    layout: ParallelLayout,
+    reqs: &[GenerateRequest],
+) -> anyhow::Result<Vec<crate::Result<crate::pipeline::Generated>>> {
+    let dp = layout.dp.max(1);
+    let per = (gpus.len() / dp).max(1);
+    let mut own = Vec::new();
+    for group in gpus.chunks(per).skip(1) {
+        let args = ModelArgs {
+            device: group[0].clone(),
+            ..model.clone()
+        };
+        own.push(
+            load_pipeline(&args).with_context(|| {
+                format!("loading a data-parallel group's model on {}", group[0])
+            })?,
+        );
+    }
+    let pipes: Vec<&Pipeline> = std::iter::once(p).chain(own.iter()).collect();
+    let ranks = pipes
+        .iter()
+        .zip(gpus.chunks(per))
+        .map(|(pg, group)| GpuRanks::load(pg, model, group))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let inner = ParallelLayout { dp: 1, ..layout };
+    Ok(crate::parallel::engine::over_groups(dp, reqs, |g, req| {
+        ranks[g].generate(pipes[g], inner, req, &mut |_| Ok(()))
+    }))
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
@@ -731,9 +776,6 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
         bail!("--images {images}: give 1 to {MAX_IMAGES}");
-    }
-    if dp > 1 && gpus.is_some() {
-        bail!("--dp {dp} on GPUs: not yet (data-parallel groups run on CPU workers, --devices cpu:N); on GPUs run one process per group");
     }
     if let Some((n, layout, why)) = &parallel {
         eprintln!(
@@ -819,7 +861,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         Ok(())
     };
     if let (true, Some((_, layout, _))) = (dp > 1, &parallel) {
-        let results = crate::parallel::engine::generate_many(&p, *layout, &reqs);
+        let results = match &gpus {
+            Some(g) => gpu_data_parallel(&p, &a.model, g, *layout, &reqs)?,
+            None => crate::parallel::engine::generate_many(&p, *layout, &reqs),
+        };
         bar.finish_and_clear();
         // Every image that was made is saved, then the first failure (if any) is reported.
         let mut first_err = None;
@@ -1120,4 +1165,39 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         println!("  {repo}: {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpus(devices: &str, dp: Option<usize>) -> anyhow::Result<Option<Vec<String>>> {
+        ParallelArgs {
+            devices: Some(devices.into()),
+            degrees: DegreeArgs {
+                dp,
+                ..DegreeArgs::default()
+            },
+            parallel: None,
+        }
+        .gpu_list()
+    }
+
+    #[test]
+    fn a_gpu_serves_several_data_parallel_groups_but_one_rank_per_group() -> anyhow::Result<()> {
+        assert_eq!(
+            gpus("cuda:0,0", Some(2))?,
+            Some(vec!["cuda:0".into(), "cuda:0".into()])
+        );
+        assert_eq!(gpus("cuda:1,2,1,2", Some(2))?.map(|g| g.len()), Some(4));
+        for (devices, dp) in [("cuda:0,0", None), ("cuda:1,1,2,3", Some(2))] {
+            let err = gpus(devices, dp).expect_err("a GPU twice in one group");
+            assert!(
+                err.to_string().contains("named twice in one group"),
+                "{err}"
+            );
+        }
+        assert_eq!(gpus("cpu:4", None)?, None);
+        Ok(())
+    }
 }

@@ -387,8 +387,25 @@ pub fn generate_many(
     layout: ParallelLayout,
     reqs: &[GenerateRequest],
 ) -> Vec<Result<Generated>> {
-    let dp = layout.dp.max(1);
     let inner = ParallelLayout { dp: 1, ..layout };
+    over_groups(layout.dp, reqs, |_, req| {
+        if inner.world() == 1 {
+            p.generate(req, &mut |_| Ok(()))
+        } else {
+            generate(p, inner, req, &mut |_| Ok(()))
+        }
+    })
+}
+
+/// The scheduling of data parallelism, whatever a group runs on: `dp` groups at once, group g
+/// making requests g, g + dp, ... with `make(g, request)`; results in request order. A group
+/// that panics reports each of its requests as failed.
+pub fn over_groups<F>(dp: usize, reqs: &[GenerateRequest], make: F) -> Vec<Result<Generated>>
+where
+    F: Fn(usize, &GenerateRequest) -> Result<Generated> + Sync,
+{
+    let dp = dp.max(1);
+    let make = &make;
     let mut slots: Vec<Option<Result<Generated>>> = (0..reqs.len()).map(|_| None).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..dp)
@@ -396,14 +413,7 @@ pub fn generate_many(
                 s.spawn(move || {
                     (g..reqs.len())
                         .step_by(dp)
-                        .map(|i| {
-                            let r = if inner.world() == 1 {
-                                p.generate(&reqs[i], &mut |_| Ok(()))
-                            } else {
-                                generate(p, inner, &reqs[i], &mut |_| Ok(()))
-                            };
-                            (i, r)
-                        })
+                        .map(|i| (i, make(g, &reqs[i])))
                         .collect::<Vec<_>>()
                 })
             })
