@@ -7,9 +7,11 @@
 #   bash scripts/cuda-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fake="$(mktemp -d)"
-trap 'rm -rf "$fake"' EXIT
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/cuda-check"
+# A fixed place for the stand-in: candle's build script reruns whenever NVCC's path changes.
+fake="$CARGO_TARGET_DIR/nvcc-stand-in"
 mkdir -p "$fake/bin"
+fake="$(cd "$fake" && pwd)"
 cat > "$fake/bin/nvcc" <<'NVCC'
 #!/usr/bin/env bash
 # Stand-in nvcc for type-checking only: version queries answered, outputs written empty.
@@ -36,6 +38,5 @@ NVCC
 chmod +x "$fake/bin/nvcc"
 # cudarc's build script asks `nvcc --version` on PATH for the CUDA version.
 export NVCC="$fake/bin/nvcc" CUDA_COMPUTE_CAP=90 PATH="$fake/bin:$PATH"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/cuda-check"
 # `bash scripts/cuda-check.sh clippy` lints the same code instead.
 cargo "${1:-check}" --no-default-features --features cuda --all-targets

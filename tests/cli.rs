@@ -307,7 +307,7 @@ fn two_worker_processes_equal_two_worker_threads() {
     ]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("rank 1 of 2 did not join"),
+        text(&o).contains("waiting for rank 1 of 2 to join"),
         "{}",
         text(&o)
     );
@@ -460,4 +460,25 @@ fn bench_vae_runs_the_tiny_autoencoder_on_the_cpu() {
         v["decode_ms"]["median"].as_f64().is_some_and(|t| t > 0.0),
         "{v}"
     );
+
+    // Split across three CPU workers (an uneven split of 8 latent rows), the decode matches the
+    // one-worker decode of the same latent.
+    let o = parallax(&[
+        "bench-vae",
+        "--tiny",
+        "--width",
+        "64",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--devices",
+        "cpu:3",
+        "--compare",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["workers"], 3);
+    let diff = v["max_diff_vs_one_device"].as_f64().expect("a difference");
+    assert!(diff < 1e-4, "{diff}");
 }

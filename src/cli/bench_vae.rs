@@ -1,14 +1,17 @@
 //! `parallax bench-vae`: the autoencoder decode alone, FLUX.1's autoencoder with random weights
-//! made on the device: time per decode and peak device memory, as JSON.
+//! made on the device: time per decode and peak device memory, as JSON. With `--devices` the
+//! decode is split in row bands across CPU worker threads or GPUs (one replica each, NCCL between
+//! them), and `--compare` checks the result against one device's decode.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 use crate::model::demo_weights::RandomWeights;
 use crate::model::vae::{AutoEncoder, VaeConfig};
+use crate::parallel::comm::LocalComm;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchVaeArgs {
@@ -29,6 +32,97 @@ pub struct BenchVaeArgs {
     /// The demo model's tiny autoencoder instead of FLUX.1's (for a quick run on the CPU).
     #[arg(long)]
     pub tiny: bool,
+    /// Split the decode in row bands across workers: `cpu:N` (N CPU worker threads), `cuda` (every
+    /// GPU) or `cuda:0,1` (those GPUs, an autoencoder replica on each, NCCL between them).
+    /// Replaces --device.
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Also decode on the first device alone and report the largest difference from it.
+    #[arg(long)]
+    pub compare: bool,
+}
+
+/// The seed of the random weights and latent (the same on every GPU, so replicas are equal).
+const SEED: u64 = 0x5641_4531;
+
+/// The workers' devices: `--devices` (CPU threads or GPUs), else the one `--device`.
+fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<Vec<Device>> {
+    let Some(d) = a.devices.as_deref() else {
+        return Ok(vec![crate::device::parse(&a.device)?]);
+    };
+    if let Some(n) = d.strip_prefix("cpu:") {
+        let n: usize = n
+            .parse()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| anyhow::anyhow!("--devices {d}: cpu:N takes 1 to 64 workers"))?;
+        return Ok(vec![Device::Cpu; n]);
+    }
+    // Naming one GPU several times (`cuda:0,0`) runs that many workers on it, exchanging
+    // through memory instead of NCCL: the split decode's GPU path on a one-GPU machine.
+    let n = d.split(',').count();
+    let args = super::ParallelArgs {
+        devices: Some(d.to_string()),
+        degrees: super::DegreeArgs {
+            dp: Some(n),
+            ..super::DegreeArgs::default()
+        },
+        parallel: None,
+    };
+    let Some(gpus) = args.gpu_list()? else {
+        bail!("--devices {d}: use cpu:N, cuda or cuda:0,1,...");
+    };
+    let mut devs: Vec<(String, Device)> = Vec::new();
+    for g in gpus {
+        let dev = match devs.iter().find(|(name, _)| *name == g) {
+            Some((_, dev)) => dev.clone(),
+            None => crate::device::parse(&g)?,
+        };
+        devs.push((g, dev));
+    }
+    let distinct: std::collections::HashSet<&String> = devs.iter().map(|(g, _)| g).collect();
+    if distinct.len() > 1 && distinct.len() < devs.len() {
+        bail!("--devices {d}: name each GPU once, or one GPU several times");
+    }
+    Ok(devs.into_iter().map(|(_, dev)| dev).collect())
+}
+
+/// How the workers exchange bands: nothing for one worker, in-process mail for CPU threads (or
+/// workers sharing one GPU), NCCL between GPUs.
+enum Comms {
+    One,
+    Local(Vec<LocalComm>),
+    #[cfg(feature = "cuda")]
+    Nccl(Vec<crate::parallel::nccl::NcclComm>),
+}
+
+impl Comms {
+    fn new(devs: &[Device]) -> anyhow::Result<Self> {
+        if devs.len() == 1 {
+            return Ok(Self::One);
+        }
+        if devs.iter().all(|d| d.same_device(&devs[0])) {
+            return Ok(Self::Local(LocalComm::group(devs.len())));
+        }
+        #[cfg(feature = "cuda")]
+        return Ok(Self::Nccl(
+            crate::parallel::nccl::NcclComm::new_group(devs).context("NCCL set-up")?,
+        ));
+        #[cfg(not(feature = "cuda"))]
+        bail!("GPU workers need the `cuda` feature")
+    }
+
+    fn decode(&self, replicas: &[&AutoEncoder], z: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::parallel::comm::Communicator;
+        use crate::parallel::vae::decode_across;
+        let comms: Vec<&dyn Communicator> = match self {
+            Self::One => return replicas[0].decode(z),
+            Self::Local(c) => c.iter().map(|c| c as &dyn Communicator).collect(),
+            #[cfg(feature = "cuda")]
+            Self::Nccl(c) => c.iter().map(|c| c as &dyn Communicator).collect(),
+        };
+        decode_across(replicas, &comms, z)
+    }
 }
 
 pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
@@ -42,19 +136,40 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
             a.width
         );
     }
-    let dev = crate::device::parse(&a.device)?;
+    let devs = worker_devices(a)?;
+    let dev = devs[0].clone();
     let cfg = if a.tiny {
         VaeConfig::tiny()
     } else {
         VaeConfig::flux()
     };
     let dtype = crate::pipeline::autoencoder_dtype(DType::BF16, &dev);
-    // A fixed seed for comparable runs on GPUs (candle's CPU generator cannot be seeded).
-    if dev.is_cuda() {
-        dev.set_seed(0x5641_4531)?;
+    // A fixed seed for comparable runs on GPUs (candle's CPU generator cannot be seeded), the
+    // same on every GPU so that the replicas are equal (`--compare` checks the result).
+    let build = |d: &Device| -> anyhow::Result<AutoEncoder> {
+        if d.is_cuda() {
+            d.set_seed(SEED)?;
+        }
+        AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, d))
+            .with_context(|| format!("building the autoencoder on {}", crate::device::describe(d)))
+    };
+    // One autoencoder per distinct device, shared by the workers on it.
+    let mut owned: Vec<AutoEncoder> = Vec::new();
+    let mut which = Vec::with_capacity(devs.len());
+    for (i, d) in devs.iter().enumerate() {
+        match devs[..i].iter().position(|e| e.same_device(d)) {
+            Some(j) => which.push(which[j]),
+            None => {
+                owned.push(build(d)?);
+                which.push(owned.len() - 1);
+            }
+        }
     }
-    let vae = AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, &dev))
-        .context("building the autoencoder")?;
+    let replicas: Vec<&AutoEncoder> = which.iter().map(|&i| &owned[i]).collect();
+    let vae = replicas[0];
+    let comms = Comms::new(&devs)?;
+    let mut gpus = devs.clone();
+    gpus.dedup_by(|a, b| a.same_device(b));
     let f = cfg.downscale_factor();
     let z = Tensor::randn(
         0f32,
@@ -63,19 +178,31 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         &dev,
     )?;
     let resident = crate::device::memory_in_use(&dev)?;
+    let sync_all = || -> anyhow::Result<()> {
+        for d in &gpus {
+            crate::device::synchronize(d)?;
+        }
+        Ok(())
+    };
     let mut times = Vec::with_capacity(a.runs);
     let mut peak_alloc: Option<u64> = None;
     let mut peak_reserved: Option<u64> = None;
     let mut mean_abs = 0.0;
+    let mut last = None;
     for i in 0..a.warmup + a.runs {
-        crate::device::reset_memory_peak(&dev)?;
+        for d in &gpus {
+            crate::device::reset_memory_peak(d)?;
+        }
         let t0 = Instant::now();
-        let img = vae.decode(&z)?;
-        crate::device::synchronize(&dev)?;
+        let img = comms.decode(&replicas, &z)?;
+        sync_all()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if let Some(p) = crate::device::memory_peak(&dev)? {
-            peak_alloc = Some(peak_alloc.map_or(p.allocated, |m| m.max(p.allocated)));
-            peak_reserved = Some(peak_reserved.map_or(p.reserved, |m| m.max(p.reserved)));
+        // The largest peak of any one device.
+        for d in &gpus {
+            if let Some(p) = crate::device::memory_peak(d)? {
+                peak_alloc = Some(peak_alloc.map_or(p.allocated, |m| m.max(p.allocated)));
+                peak_reserved = Some(peak_reserved.map_or(p.reserved, |m| m.max(p.reserved)));
+            }
         }
         if i >= a.warmup {
             times.push(ms);
@@ -89,12 +216,28 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
             if !mean_abs.is_finite() {
                 bail!("the decoded image has non-finite values");
             }
+            if a.compare {
+                last = Some(img);
+            }
         }
-        drop(img);
     }
-    // One more decode, stage by stage with the device synchronised between stages.
+    // The same latent decoded on the first device alone, against the split decode.
+    let max_diff = match last {
+        Some(split) if devs.len() > 1 => {
+            let one = vae
+                .decode(&z)
+                .context("the one-device decode for --compare")?;
+            let d = (one.to_dtype(DType::F32)? - split.to_device(&dev)?.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            Some(d as f64)
+        }
+        _ => None,
+    };
+    // One more decode, stage by stage with the device synchronised between stages (one device).
     let mut stages = serde_json::Map::new();
-    {
+    if devs.len() == 1 {
         let d = vae.decoder();
         let sync = || crate::device::synchronize(&dev);
         let z = vae.unscale_latent(&z.to_dtype(dtype)?)?;
@@ -120,6 +263,8 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let report = serde_json::json!({
         "device": crate::device::describe(&dev),
+        "workers": devs.len(),
+        "max_diff_vs_one_device": max_diff,
         "autoencoder": if a.tiny { "tiny" } else { "flux" },
         "dtype": format!("{dtype:?}"),
         "convolution": crate::kernels::conv::path(&dev, dtype),

@@ -294,13 +294,14 @@ impl ParallelArgs {
                 .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
             out.push(format!("cuda:{i}"));
         }
-        // NCCL takes one rank per GPU within a group; separate data-parallel groups (--dp) may
-        // share a GPU (two images at once on one large GPU).
+        // NCCL takes one rank per GPU. Data-parallel groups of one GPU each may share a GPU (two
+        // images at once on one large GPU); groups of several may not, since two communicators
+        // running collectives at once over the same GPUs can deadlock.
         let per = (out.len() / self.degrees.dp.unwrap_or(1).max(1)).max(1);
-        for group in out.chunks(per) {
-            let twice = (1..group.len()).find(|&i| group[..i].contains(&group[i]));
-            if let Some(g) = twice.map(|i| &group[i]) {
-                bail!("--devices {d}: {g} named twice in one group of ranks (one rank per GPU; only separate --dp groups may share a GPU)");
+        if per > 1 {
+            let twice = (1..out.len()).find(|&i| out[..i].contains(&out[i]));
+            if let Some(g) = twice.map(|i| &out[i]) {
+                bail!("--devices {d}: {g} named twice (one rank per GPU; only --dp groups of one GPU each may share a GPU)");
             }
         }
         Ok(Some(out))
@@ -665,9 +666,11 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
 }
 
 /// One rank per GPU: rank 0 is the pipeline itself (loaded on the first GPU); the others hold
-/// replicas of its transformer, loaded once for all the images of a run.
+/// replicas of its transformer and autoencoder (the decode is split across the GPUs), loaded
+/// once for all the images of a run.
 struct GpuRanks {
     replicas: Vec<crate::model::flux::Flux>,
+    vaes: Vec<crate::model::vae::AutoEncoder>,
     devices: Vec<Device>,
 }
 
@@ -680,6 +683,7 @@ impl GpuRanks {
             );
         }
         let mut replicas = Vec::new();
+        let mut vaes = Vec::new();
         let mut devices = vec![p.device().clone()];
         for g in gpus.iter().skip(1) {
             let args = ModelArgs {
@@ -690,8 +694,13 @@ impl GpuRanks {
                 .with_context(|| format!("loading the model's replica on {g}"))?;
             devices.push(r.device().clone());
             replicas.push(r.flux);
+            vaes.push(r.vae);
         }
-        Ok(Self { replicas, devices })
+        Ok(Self {
+            replicas,
+            vaes,
+            devices,
+        })
     }
 
     fn generate(
@@ -705,6 +714,7 @@ impl GpuRanks {
         return crate::parallel::engine::generate_on_gpus(
             p,
             &self.replicas,
+            &self.vaes,
             &self.devices,
             layout,
             req,
@@ -712,7 +722,8 @@ impl GpuRanks {
         );
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (p, layout, req, on_event, &self.replicas, &self.devices);
+            let _ = (p, layout, req, on_event, &self.replicas, &self.vaes);
+            let _ = &self.devices;
             Err(crate::Error::setting(
                 "devices",
                 "cuda",
@@ -732,10 +743,11 @@ fn gpu_data_parallel(
     layout: ParallelLayout,
     reqs: &[GenerateRequest],
 ) -> anyhow::Result<Vec<crate::Result<crate::pipeline::Generated>>> {
-    let dp = layout.dp.max(1);
-    let per = (gpus.len() / dp).max(1);
+    let per = (gpus.len() / layout.dp.max(1)).max(1);
+    // Fewer images than groups leave the last groups idle: load only those that work.
+    let dp = layout.dp.clamp(1, reqs.len().max(1));
     let mut own = Vec::new();
-    for group in gpus.chunks(per).skip(1) {
+    for group in gpus.chunks(per).take(dp).skip(1) {
         let args = ModelArgs {
             device: group[0].clone(),
             ..model.clone()
@@ -749,7 +761,7 @@ fn gpu_data_parallel(
     let pipes: Vec<&Pipeline> = std::iter::once(p).chain(own.iter()).collect();
     let ranks = pipes
         .iter()
-        .zip(gpus.chunks(per))
+        .zip(gpus.chunks(per).take(dp))
         .map(|(pg, group)| GpuRanks::load(pg, model, group))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let inner = ParallelLayout { dp: 1, ..layout };
@@ -1184,18 +1196,19 @@ mod tests {
     }
 
     #[test]
-    fn a_gpu_serves_several_data_parallel_groups_but_one_rank_per_group() -> anyhow::Result<()> {
+    fn only_one_gpu_groups_may_share_a_gpu() -> anyhow::Result<()> {
         assert_eq!(
             gpus("cuda:0,0", Some(2))?,
             Some(vec!["cuda:0".into(), "cuda:0".into()])
         );
-        assert_eq!(gpus("cuda:1,2,1,2", Some(2))?.map(|g| g.len()), Some(4));
-        for (devices, dp) in [("cuda:0,0", None), ("cuda:1,1,2,3", Some(2))] {
-            let err = gpus(devices, dp).expect_err("a GPU twice in one group");
-            assert!(
-                err.to_string().contains("named twice in one group"),
-                "{err}"
-            );
+        assert_eq!(gpus("cuda:0,1,0,1", Some(4))?.map(|g| g.len()), Some(4));
+        for (devices, dp) in [
+            ("cuda:0,0", None),
+            ("cuda:1,1,2,3", Some(2)),
+            ("cuda:1,2,1,2", Some(2)),
+        ] {
+            let err = gpus(devices, dp).expect_err("a GPU twice where groups span GPUs");
+            assert!(err.to_string().contains("named twice"), "{err}");
         }
         assert_eq!(gpus("cpu:4", None)?, None);
         Ok(())

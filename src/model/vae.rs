@@ -1063,6 +1063,11 @@ impl AutoEncoder {
         self.dtype
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.decoder.conv_in.weight().device()
+    }
+
     pub fn has_encoder(&self) -> bool {
         self.encoder.is_some()
     }

@@ -182,7 +182,15 @@ pub fn run_local<T: Send>(
     size: usize,
     f: impl Fn(usize, LocalComm) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let comms = LocalComm::group(size);
+    run_each(LocalComm::group(size), f)
+}
+
+/// Run `f(rank, comm)` on one thread per communicator of one group (in-process or NCCL, given in
+/// rank order); results in rank order.
+pub fn run_each<C: Send, T: Send>(
+    comms: Vec<C>,
+    f: impl Fn(usize, C) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()

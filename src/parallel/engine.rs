@@ -97,7 +97,16 @@ pub fn generate(
     }
     let mesh = check_layout(p, layout, req)?;
     let models = vec![&p.flux; mesh.world()];
-    generate_ranks(p, &mesh, &models, local_groups(&mesh)?, req, progress)
+    let workers = mesh.world();
+    generate_ranks(
+        p,
+        &mesh,
+        &models,
+        local_groups(&mesh)?,
+        req,
+        progress,
+        &|vae, z| decode_parallel(vae, z, workers),
+    )
 }
 
 fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> Result<Mesh> {
@@ -119,20 +128,26 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
     Ok(mesh)
 }
 
-/// One GPU per rank, one worker thread per GPU, NCCL between them. `replicas[r]` is rank r's
-/// transformer on `devices[r]` for r >= 1 (rank 0 runs the pipeline's own, on `devices[0]`, which
-/// must be the pipeline's device); text encoding and decoding stay on rank 0's GPU.
+/// One GPU per rank, one worker thread per GPU, NCCL between them. `replicas[r - 1]` and
+/// `vaes[r - 1]` are rank r's transformer and autoencoder on `devices[r]` for r >= 1 (rank 0 runs
+/// the pipeline's own, on `devices[0]`, which must be the pipeline's device). Text encoding stays
+/// on rank 0's GPU; the decode is split in row bands over every GPU (halo rows and GroupNorm
+/// statistics through NCCL), the image gathered on rank 0's.
 #[cfg(feature = "cuda")]
 pub fn generate_on_gpus(
     p: &Pipeline,
     replicas: &[crate::model::flux::Flux],
+    vaes: &[crate::model::vae::AutoEncoder],
     devices: &[Device],
     layout: ParallelLayout,
     req: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let mesh = check_layout(p, layout, req)?;
-    if devices.len() != mesh.world() || replicas.len() + 1 != mesh.world() {
+    if devices.len() != mesh.world()
+        || replicas.len() + 1 != mesh.world()
+        || vaes.len() + 1 != mesh.world()
+    {
         return Err(Error::setting(
             "devices",
             format!("{} GPUs", devices.len()),
@@ -148,7 +163,18 @@ pub fn generate_on_gpus(
     })?;
     let mut models = vec![&p.flux];
     models.extend(replicas.iter());
-    generate_ranks(p, &mesh, &models, groups, req, progress)
+    // The world communicators outlive the denoising loop: the decode uses them.
+    let worlds: Vec<Arc<dyn Communicator>> = groups.iter().map(|g| g.world.clone()).collect();
+    let decode = |vae: &crate::model::vae::AutoEncoder, z: &Tensor| -> Result<Tensor> {
+        if devices.len() == 1 || z.dim(2)? < devices.len() {
+            return Ok(vae.decode(z)?);
+        }
+        let mut all = vec![vae];
+        all.extend(vaes.iter());
+        let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
+        Ok(super::vae::decode_across(&all, &comms, z)?)
+    };
+    generate_ranks(p, &mesh, &models, groups, req, progress, &decode)
 }
 
 /// A copy of `job` on `device` (every rank's inputs live on its own GPU).
@@ -187,8 +213,8 @@ fn generate_ranks(
     groups: Vec<RankGroups>,
     req: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
+    decode: &crate::pipeline::LatentDecoder,
 ) -> Result<Generated> {
-    let layout = mesh.layout();
     let groups = std::sync::Mutex::new(groups.into_iter().map(Some).collect::<Vec<_>>());
     p.generate_with(
         req,
@@ -274,13 +300,7 @@ fn generate_ranks(
                 Ok((x, stats))
             })
         },
-        &|vae, z| {
-            if z.device().is_cpu() {
-                decode_parallel(vae, z, layout.sp() * layout.cfg)
-            } else {
-                Ok(vae.decode(z)?)
-            }
-        },
+        decode,
     )
 }
 

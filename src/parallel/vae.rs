@@ -230,6 +230,30 @@ pub fn decode(ae: &AutoEncoder, z: &Tensor, comm: &dyn Communicator) -> Result<T
     all_gather_uneven(comm, &part, 2, &heights)
 }
 
+/// Decode `z` across workers that each hold their own autoencoder replica (`replicas[r]` on
+/// worker r's device, identical weights), exchanging through `comms` (one per worker, in rank
+/// order; [`crate::parallel::comm::LocalComm`]s on the CPU, NCCL communicators on GPUs): every
+/// worker decodes its band, and the first worker's copy of the gathered image is returned.
+pub fn decode_across(
+    replicas: &[&AutoEncoder],
+    comms: &[&dyn Communicator],
+    z: &Tensor,
+) -> Result<Tensor> {
+    if replicas.len() != comms.len() || replicas.is_empty() {
+        candle_core::bail!(
+            "{} autoencoder replicas for {} workers",
+            replicas.len(),
+            comms.len()
+        );
+    }
+    let mut images = crate::parallel::comm::run_each(comms.to_vec(), |rank, comm| {
+        let ae = replicas[rank];
+        let z = z.to_device(ae.device())?;
+        decode(ae, &z, comm)
+    })?;
+    Ok(images.swap_remove(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
