@@ -45,10 +45,11 @@ pub struct BenchVaeArgs {
 /// The seed of the random weights and latent (the same on every GPU, so replicas are equal).
 const SEED: u64 = 0x5641_4531;
 
-/// The workers' devices: `--devices` (CPU threads or GPUs), else the one `--device`.
-fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<Vec<Device>> {
+/// The workers' devices: `--devices` (CPU threads or GPUs), else the one `--device`; and whether
+/// they all share one device.
+fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<(Vec<Device>, bool)> {
     let Some(d) = a.devices.as_deref() else {
-        return Ok(vec![crate::device::parse(&a.device)?]);
+        return Ok((vec![crate::device::parse(&a.device)?], true));
     };
     if let Some(n) = d.strip_prefix("cpu:") {
         let n: usize = n
@@ -56,7 +57,7 @@ fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<Vec<Device>> {
             .ok()
             .filter(|n| (1..=64).contains(n))
             .ok_or_else(|| anyhow::anyhow!("--devices {d}: cpu:N takes 1 to 64 workers"))?;
-        return Ok(vec![Device::Cpu; n]);
+        return Ok((vec![Device::Cpu; n], true));
     }
     // Naming one GPU several times (`cuda:0,0`) runs that many workers on it, exchanging
     // through memory instead of NCCL: the split decode's GPU path on a one-GPU machine.
@@ -72,19 +73,18 @@ fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<Vec<Device>> {
     let Some(gpus) = args.gpu_list()? else {
         bail!("--devices {d}: use cpu:N, cuda or cuda:0,1,...");
     };
-    let mut devs: Vec<(String, Device)> = Vec::new();
-    for g in gpus {
-        let dev = match devs.iter().find(|(name, _)| *name == g) {
-            Some((_, dev)) => dev.clone(),
-            None => crate::device::parse(&g)?,
-        };
-        devs.push((g, dev));
-    }
-    let distinct: std::collections::HashSet<&String> = devs.iter().map(|(g, _)| g).collect();
-    if distinct.len() > 1 && distinct.len() < devs.len() {
+    let distinct: std::collections::HashSet<&String> = gpus.iter().collect();
+    if distinct.len() > 1 && distinct.len() < gpus.len() {
         bail!("--devices {d}: name each GPU once, or one GPU several times");
     }
-    Ok(devs.into_iter().map(|(_, dev)| dev).collect())
+    let one_gpu = distinct.len() == 1;
+    // A device handle of its own for every worker, even on a shared GPU: candle's handles carry
+    // cuBLAS workspaces that two threads must not use at once.
+    let devs = gpus
+        .iter()
+        .map(|g| Ok(crate::device::parse(g)?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((devs, one_gpu))
 }
 
 /// How the workers exchange bands: nothing for one worker, in-process mail for CPU threads (or
@@ -97,11 +97,11 @@ enum Comms {
 }
 
 impl Comms {
-    fn new(devs: &[Device]) -> anyhow::Result<Self> {
+    fn new(devs: &[Device], one_device: bool) -> anyhow::Result<Self> {
         if devs.len() == 1 {
             return Ok(Self::One);
         }
-        if devs.iter().all(|d| d.same_device(&devs[0])) {
+        if one_device {
             return Ok(Self::Local(LocalComm::group(devs.len())));
         }
         #[cfg(feature = "cuda")]
@@ -136,7 +136,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
             a.width
         );
     }
-    let devs = worker_devices(a)?;
+    let (devs, one_device) = worker_devices(a)?;
     let dev = devs[0].clone();
     let cfg = if a.tiny {
         VaeConfig::tiny()
@@ -153,7 +153,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, d))
             .with_context(|| format!("building the autoencoder on {}", crate::device::describe(d)))
     };
-    // One autoencoder per distinct device, shared by the workers on it.
+    // One autoencoder per device handle (CPU workers share the one CPU autoencoder).
     let mut owned: Vec<AutoEncoder> = Vec::new();
     let mut which = Vec::with_capacity(devs.len());
     for (i, d) in devs.iter().enumerate() {
@@ -167,7 +167,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     }
     let replicas: Vec<&AutoEncoder> = which.iter().map(|&i| &owned[i]).collect();
     let vae = replicas[0];
-    let comms = Comms::new(&devs)?;
+    let comms = Comms::new(&devs, one_device)?;
     let mut gpus = devs.clone();
     gpus.dedup_by(|a, b| a.same_device(b));
     let f = cfg.downscale_factor();
@@ -227,11 +227,13 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
             let one = vae
                 .decode(&z)
                 .context("the one-device decode for --compare")?;
-            let d = (one.to_dtype(DType::F32)? - split.to_device(&dev)?.to_dtype(DType::F32)?)?
+            let one = one.to_dtype(DType::F32)?;
+            let d = (&one - split.to_device(&dev)?.to_dtype(DType::F32)?)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?;
-            Some(d as f64)
+            let scale = one.abs()?.max_all()?.to_scalar::<f32>()?;
+            Some((d as f64, scale as f64))
         }
         _ => None,
     };
@@ -264,7 +266,8 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "device": crate::device::describe(&dev),
         "workers": devs.len(),
-        "max_diff_vs_one_device": max_diff,
+        "max_diff_vs_one_device": max_diff.map(|d| d.0),
+        "max_abs_one_device": max_diff.map(|d| d.1),
         "autoencoder": if a.tiny { "tiny" } else { "flux" },
         "dtype": format!("{dtype:?}"),
         "convolution": crate::kernels::conv::path(&dev, dtype),

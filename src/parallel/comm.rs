@@ -63,6 +63,16 @@ impl std::fmt::Debug for LocalComm {
     }
 }
 
+/// Waits until the GPU work that makes `t` is done (nothing to wait for on the CPU). candle
+/// queues each host thread's work on that thread's own stream, so a tensor handed to a worker on
+/// another thread of the same GPU would otherwise be read before it is written.
+fn finished(t: &Tensor) -> Result<()> {
+    match t.device() {
+        candle_core::Device::Cpu => Ok(()),
+        d => d.synchronize(),
+    }
+}
+
 fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("a worker panicked during a collective".into())
 }
@@ -88,6 +98,9 @@ impl LocalComm {
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
     fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
+        if let Some(t) = outgoing.first() {
+            finished(t)?;
+        }
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             for (to, t) in outgoing.into_iter().enumerate() {
@@ -158,6 +171,7 @@ impl Communicator for LocalComm {
     }
 
     fn send(&self, t: &Tensor, to: usize) -> Result<()> {
+        finished(t)?;
         let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
         mail.entry((self.rank, to))
             .or_default()

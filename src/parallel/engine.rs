@@ -220,6 +220,9 @@ fn generate_ranks(
         req,
         progress,
         &mut |_, job, on_step| {
+            // candle queues each host thread's GPU work on that thread's own stream: the job's
+            // tensors must be written before the rank threads read them.
+            job.x.device().synchronize()?;
             let cancel = AtomicBool::new(false);
             let (tx, rx) = mpsc::channel::<StepMsg>();
             std::thread::scope(|s| {
@@ -260,6 +263,11 @@ fn generate_ranks(
                                 Ok(())
                             },
                         );
+                        // Likewise the final latent before the calling thread decodes it.
+                        let r = r.and_then(|out| {
+                            model.device().synchronize()?;
+                            Ok(out)
+                        });
                         r.map_err(|e| match e {
                             Error::Cancelled => candle_core::Error::Msg("cancelled".into()),
                             Error::Candle(c) => c,

@@ -246,10 +246,17 @@ pub fn decode_across(
             comms.len()
         );
     }
+    // The latent must be written before the workers' threads (each on a stream of its own)
+    // read it.
+    z.device().synchronize()?;
     let mut images = crate::parallel::comm::run_each(comms.to_vec(), |rank, comm| {
         let ae = replicas[rank];
         let z = z.to_device(ae.device())?;
-        decode(ae, &z, comm)
+        let image = decode(ae, &z, comm)?;
+        // Each thread queues on a stream of its own: the image must be written before another
+        // thread reads it.
+        ae.device().synchronize()?;
+        Ok(image)
     })?;
     Ok(images.swap_remove(0))
 }
