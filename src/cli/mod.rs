@@ -405,7 +405,7 @@ pub fn main() -> std::process::ExitCode {
             let msg = format!("{e:#}");
             eprintln!("error: {msg}");
             if msg.contains("OUT_OF_MEMORY") {
-                eprintln!("hint: the GPU ran out of memory; try a smaller image or a GPU with more memory (past 4096 px the autoencoder needs more than an 80 GB GPU; --devices splits the transformer's work, not yet the decode)");
+                eprintln!("hint: the GPU ran out of memory; try a smaller image or a GPU with more memory (past 4096 px the autoencoder needs more than an 80 GB GPU; --devices cuda:0,1,... splits the decode in row bands across GPUs)");
             }
             std::process::ExitCode::FAILURE
         }
