@@ -166,6 +166,10 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         }
     }
     let replicas: Vec<&AutoEncoder> = which.iter().map(|&i| &owned[i]).collect();
+    // The weights were written on this thread's stream; the workers read them on theirs.
+    for d in &devs {
+        crate::device::synchronize(d)?;
+    }
     let vae = replicas[0];
     let comms = Comms::new(&devs, one_device)?;
     let mut gpus = devs.clone();
@@ -266,6 +270,8 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "device": crate::device::describe(&dev),
         "workers": devs.len(),
+        // Workers sharing one GPU: the memory figures count every worker's replica and bands.
+        "workers_share_one_gpu": dev.is_cuda() && one_device && devs.len() > 1,
         "max_diff_vs_one_device": max_diff.map(|d| d.0),
         "max_abs_one_device": max_diff.map(|d| d.1),
         "autoencoder": if a.tiny { "tiny" } else { "flux" },

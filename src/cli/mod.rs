@@ -509,6 +509,9 @@ pub fn load_pipeline(args: &ModelArgs) -> anyhow::Result<Pipeline> {
     let t0 = Instant::now();
     let p = Pipeline::load(&resolved, &args.model, dtype, &dev)
         .with_context(|| format!("loading model `{}`", args.model))?;
+    // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
+    // groups) queue on streams of their own.
+    crate::device::synchronize(p.device())?;
     tracing::info!("model loaded in {:.2}s", t0.elapsed().as_secs_f64());
     Ok(p)
 }

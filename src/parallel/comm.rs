@@ -63,13 +63,18 @@ impl std::fmt::Debug for LocalComm {
     }
 }
 
-/// Waits until the GPU work that makes `t` is done (nothing to wait for on the CPU). candle
-/// queues each host thread's work on that thread's own stream, so a tensor handed to a worker on
-/// another thread of the same GPU would otherwise be read before it is written.
-fn finished(t: &Tensor) -> Result<()> {
+/// What to hand another thread for `t`: on the CPU `t` itself; on a GPU a copy of its own, once
+/// the work that writes it is done. candle queues each host thread's work on that thread's own
+/// stream, so a shared buffer could be read before it is written, or freed by one thread's
+/// stream while another's still reads it.
+fn handoff(t: &Tensor) -> Result<Tensor> {
     match t.device() {
-        candle_core::Device::Cpu => Ok(()),
-        d => d.synchronize(),
+        candle_core::Device::Cpu => Ok(t.clone()),
+        d => {
+            let own = t.copy()?;
+            d.synchronize()?;
+            Ok(own)
+        }
     }
 }
 
@@ -98,9 +103,7 @@ impl LocalComm {
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
     fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
-        if let Some(t) = outgoing.first() {
-            finished(t)?;
-        }
+        let outgoing = outgoing.iter().map(handoff).collect::<Result<Vec<_>>>()?;
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             for (to, t) in outgoing.into_iter().enumerate() {
@@ -171,7 +174,7 @@ impl Communicator for LocalComm {
     }
 
     fn send(&self, t: &Tensor, to: usize) -> Result<()> {
-        finished(t)?;
+        let t = &handoff(t)?;
         let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
         mail.entry((self.rank, to))
             .or_default()

@@ -263,9 +263,11 @@ fn generate_ranks(
                                 Ok(())
                             },
                         );
-                        // Likewise the final latent before the calling thread decodes it.
+                        // Likewise the final latent before the calling thread decodes it (and on
+                        // errors, before the caller frees what this rank may still be reading).
+                        let synced = model.device().synchronize();
                         let r = r.and_then(|out| {
-                            model.device().synchronize()?;
+                            synced?;
                             Ok(out)
                         });
                         r.map_err(|e| match e {
@@ -415,6 +417,19 @@ pub fn generate_many(
     layout: ParallelLayout,
     reqs: &[GenerateRequest],
 ) -> Vec<Result<Generated>> {
+    if !p.device().is_cpu() {
+        // Groups would share the one GPU pipeline's handles from several threads at once.
+        return reqs
+            .iter()
+            .map(|_| {
+                Err(Error::setting(
+                    "devices",
+                    "cpu:N",
+                    "CPU worker threads share the pipeline's model, which is on a GPU: use --devices cuda:... for data parallelism on GPUs",
+                ))
+            })
+            .collect();
+    }
     let inner = ParallelLayout { dp: 1, ..layout };
     over_groups(layout.dp, reqs, |_, req| {
         if inner.world() == 1 {

@@ -113,8 +113,9 @@ impl std::fmt::Debug for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // Let queued work finish, then release the communicator (abort does not wait on peers
-        // that may already be gone).
+        // Let the work this thread queued finish (its own per-thread stream; rank threads sync
+        // their own before returning), then release the communicator (abort does not wait on
+        // peers that may already be gone).
         let _ = self.stream.synchronize();
         // SAFETY: `comm` came from ncclCommInitRank and is released once, here.
         if let Err(e) = unsafe { result::comm_abort(self.comm) } {

@@ -252,11 +252,11 @@ pub fn decode_across(
     let mut images = crate::parallel::comm::run_each(comms.to_vec(), |rank, comm| {
         let ae = replicas[rank];
         let z = z.to_device(ae.device())?;
-        let image = decode(ae, &z, comm)?;
+        let image = decode(ae, &z, comm);
         // Each thread queues on a stream of its own: the image must be written before another
-        // thread reads it.
+        // thread reads it (and on errors, before the caller frees the latent).
         ae.device().synchronize()?;
-        Ok(image)
+        image
     })?;
     Ok(images.swap_remove(0))
 }
