@@ -438,23 +438,28 @@ fn data_parallel_groups_make_the_single_worker_images() {
     }
 }
 
-/// `bench-vae --tiny` runs on the CPU and reports its decode time and convolution path as JSON.
-#[test]
-fn bench_vae_runs_the_tiny_autoencoder_on_the_cpu() {
-    let o = parallax(&[
+/// `parallax bench-vae --tiny --width 64 --runs 1 --warmup 0` with `extra`: its JSON report.
+fn bench_vae_tiny(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench-vae",
         "--tiny",
-        "--device",
-        "cpu",
         "--width",
         "64",
         "--runs",
         "1",
         "--warmup",
         "0",
-    ]);
+    ];
+    args.extend(extra.iter().copied());
+    let o = parallax(&args);
     assert!(o.status.success(), "{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    serde_json::from_slice(&o.stdout).expect("json")
+}
+
+/// `bench-vae --tiny` runs on the CPU and reports its decode time and convolution path as JSON.
+#[test]
+fn bench_vae_runs_the_tiny_autoencoder_on_the_cpu() {
+    let v = bench_vae_tiny(&["--device", "cpu"]);
     assert_eq!(v["convolution"], "candle conv2d");
     assert!(
         v["decode_ms"]["median"].as_f64().is_some_and(|t| t > 0.0),
@@ -463,21 +468,7 @@ fn bench_vae_runs_the_tiny_autoencoder_on_the_cpu() {
 
     // Split across three CPU workers (an uneven split of 8 latent rows), the decode matches the
     // one-worker decode of the same latent.
-    let o = parallax(&[
-        "bench-vae",
-        "--tiny",
-        "--width",
-        "64",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--devices",
-        "cpu:3",
-        "--compare",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let v = bench_vae_tiny(&["--devices", "cpu:3", "--compare"]);
     assert_eq!(v["workers"], 3);
     let diff = v["max_diff_vs_one_device"].as_f64().expect("a difference");
     assert!(diff < 1e-4, "{diff}");
