@@ -61,16 +61,7 @@ fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<(Vec<Device>, bool)> {
     }
     // Naming one GPU several times (`cuda:0,0`) runs that many workers on it, exchanging
     // through memory instead of NCCL: the split decode's GPU path on a one-GPU machine.
-    let n = d.split(',').count();
-    let args = super::ParallelArgs {
-        devices: Some(d.to_string()),
-        degrees: super::DegreeArgs {
-            dp: Some(n),
-            ..super::DegreeArgs::default()
-        },
-        parallel: None,
-    };
-    let Some(gpus) = args.gpu_list()? else {
+    let Some(gpus) = super::named_gpus(d)? else {
         bail!("--devices {d}: use cpu:N, cuda or cuda:0,1,...");
     };
     let distinct: std::collections::HashSet<&String> = gpus.iter().collect();
@@ -87,10 +78,9 @@ fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<(Vec<Device>, bool)> {
     Ok((devs, one_gpu))
 }
 
-/// How the workers exchange bands: nothing for one worker, in-process mail for CPU threads (or
-/// workers sharing one GPU), NCCL between GPUs.
+/// How the workers exchange bands: in-process mail for CPU threads (or workers sharing one GPU,
+/// or a single worker), NCCL between GPUs.
 enum Comms {
-    One,
     Local(Vec<LocalComm>),
     #[cfg(feature = "cuda")]
     Nccl(Vec<crate::parallel::nccl::NcclComm>),
@@ -98,9 +88,6 @@ enum Comms {
 
 impl Comms {
     fn new(devs: &[Device], one_device: bool) -> anyhow::Result<Self> {
-        if devs.len() == 1 {
-            return Ok(Self::One);
-        }
         if one_device {
             return Ok(Self::Local(LocalComm::group(devs.len())));
         }
@@ -116,7 +103,6 @@ impl Comms {
         use crate::parallel::comm::Communicator;
         use crate::parallel::vae::decode_across;
         let comms: Vec<&dyn Communicator> = match self {
-            Self::One => return replicas[0].decode(z),
             Self::Local(c) => c.iter().map(|c| c as &dyn Communicator).collect(),
             #[cfg(feature = "cuda")]
             Self::Nccl(c) => c.iter().map(|c| c as &dyn Communicator).collect(),
@@ -153,27 +139,26 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         AutoEncoder::new_decoder_only(&cfg, RandomWeights.var_builder(dtype, d))
             .with_context(|| format!("building the autoencoder on {}", crate::device::describe(d)))
     };
-    // One autoencoder per device handle (CPU workers share the one CPU autoencoder).
-    let mut owned: Vec<AutoEncoder> = Vec::new();
-    let mut which = Vec::with_capacity(devs.len());
-    for (i, d) in devs.iter().enumerate() {
-        match devs[..i].iter().position(|e| e.same_device(d)) {
-            Some(j) => which.push(which[j]),
-            None => {
-                owned.push(build(d)?);
-                which.push(owned.len() - 1);
-            }
-        }
-    }
-    let replicas: Vec<&AutoEncoder> = which.iter().map(|&i| &owned[i]).collect();
+    // The device handles: every GPU worker has its own; CPU workers share the one CPU.
+    let handles = if dev.is_cuda() {
+        devs.clone()
+    } else {
+        vec![dev.clone()]
+    };
+    // An autoencoder per handle, worker i on handle i (or the CPU's).
+    let owned = handles
+        .iter()
+        .map(&build)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let replicas: Vec<&AutoEncoder> = (0..devs.len())
+        .map(|i| &owned[i.min(owned.len() - 1)])
+        .collect();
     // The weights were written on this thread's stream; the workers read them on theirs.
-    for d in &devs {
+    for d in &handles {
         crate::device::synchronize(d)?;
     }
     let vae = replicas[0];
     let comms = Comms::new(&devs, one_device)?;
-    let mut gpus = devs.clone();
-    gpus.dedup_by(|a, b| a.same_device(b));
     let f = cfg.downscale_factor();
     let z = Tensor::randn(
         0f32,
@@ -183,7 +168,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     )?;
     let resident = crate::device::memory_in_use(&dev)?;
     let sync_all = || -> anyhow::Result<()> {
-        for d in &gpus {
+        for d in &handles {
             crate::device::synchronize(d)?;
         }
         Ok(())
@@ -194,7 +179,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
     let mut mean_abs = 0.0;
     let mut last = None;
     for i in 0..a.warmup + a.runs {
-        for d in &gpus {
+        for d in &handles {
             crate::device::reset_memory_peak(d)?;
         }
         let t0 = Instant::now();
@@ -202,7 +187,7 @@ pub fn run(a: &BenchVaeArgs) -> anyhow::Result<()> {
         sync_all()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         // The largest peak of any one device.
-        for d in &gpus {
+        for d in &handles {
             if let Some(p) = crate::device::memory_peak(d)? {
                 peak_alloc = Some(peak_alloc.map_or(p.allocated, |m| m.max(p.allocated)));
                 peak_reserved = Some(peak_reserved.map_or(p.reserved, |m| m.max(p.reserved)));

@@ -269,6 +269,31 @@ impl DegreeArgs {
     }
 }
 
+/// The GPUs a `--devices` value names, in order and repeats kept (`cuda`: every GPU present;
+/// `cuda:0,2`: those); `None` when it names no GPUs. Which repeats are allowed is the caller's
+/// rule.
+pub fn named_gpus(d: &str) -> anyhow::Result<Option<Vec<String>>> {
+    if d == "cuda" {
+        let n = crate::device::cuda_device_count();
+        if n == 0 {
+            bail!("--devices cuda: no CUDA GPU found (or this build has no `cuda` feature)");
+        }
+        return Ok(Some((0..n).map(|i| format!("cuda:{i}")).collect()));
+    }
+    let Some(list) = d.strip_prefix("cuda:") else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let i: usize = part
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
+        out.push(format!("cuda:{i}"));
+    }
+    Ok(Some(out))
+}
+
 impl ParallelArgs {
     /// The GPUs `--devices` names (`cuda`: every GPU present; `cuda:0,2`: those), one rank each;
     /// `None` when it names CPU workers or nothing.
@@ -276,24 +301,9 @@ impl ParallelArgs {
         let Some(d) = self.devices.as_deref() else {
             return Ok(None);
         };
-        if d == "cuda" {
-            let n = crate::device::cuda_device_count();
-            if n == 0 {
-                bail!("--devices cuda: no CUDA GPU found (or this build has no `cuda` feature)");
-            }
-            return Ok(Some((0..n).map(|i| format!("cuda:{i}")).collect()));
-        }
-        let Some(list) = d.strip_prefix("cuda:") else {
+        let Some(out) = named_gpus(d)? else {
             return Ok(None);
         };
-        let mut out = Vec::new();
-        for part in list.split(',') {
-            let i: usize = part
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
-            out.push(format!("cuda:{i}"));
-        }
         // NCCL takes one rank per GPU. Data-parallel groups of one GPU each may share a GPU (two
         // images at once on one large GPU); groups of several may not, since two communicators
         // running collectives at once over the same GPUs can deadlock.
@@ -725,8 +735,8 @@ impl GpuRanks {
         );
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (p, layout, req, on_event, &self.replicas, &self.vaes);
-            let _ = &self.devices;
+            let _ = (p, layout, req, on_event);
+            let _ = (&self.replicas, &self.vaes, &self.devices);
             Err(crate::Error::setting(
                 "devices",
                 "cuda",

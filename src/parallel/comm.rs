@@ -63,15 +63,15 @@ impl std::fmt::Debug for LocalComm {
     }
 }
 
-/// What to hand another thread for `t`: on the CPU `t` itself; on a GPU a copy of its own, once
-/// the work that writes it is done. candle queues each host thread's work on that thread's own
-/// stream, so a shared buffer could be read before it is written, or freed by one thread's
-/// stream while another's still reads it.
-fn handoff(t: &Tensor) -> Result<Tensor> {
-    match t.device() {
-        candle_core::Device::Cpu => Ok(t.clone()),
-        d => {
-            let own = t.copy()?;
+/// What to hand other threads for `ts` (all on one device): on the CPU the tensors themselves;
+/// on a GPU copies of their own, once the work that writes them is done. candle queues each host
+/// thread's work on that thread's own stream, so a shared buffer could be read before it is
+/// written, or freed by one thread's stream while another's still reads it.
+fn handoff(ts: &[Tensor]) -> Result<Vec<Tensor>> {
+    match ts.first().map(Tensor::device) {
+        None | Some(candle_core::Device::Cpu) => Ok(ts.to_vec()),
+        Some(d) => {
+            let own = ts.iter().map(Tensor::copy).collect::<Result<Vec<_>>>()?;
             d.synchronize()?;
             Ok(own)
         }
@@ -103,7 +103,7 @@ impl LocalComm {
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
     fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
-        let outgoing = outgoing.iter().map(handoff).collect::<Result<Vec<_>>>()?;
+        let outgoing = handoff(&outgoing)?;
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             for (to, t) in outgoing.into_iter().enumerate() {
@@ -174,11 +174,9 @@ impl Communicator for LocalComm {
     }
 
     fn send(&self, t: &Tensor, to: usize) -> Result<()> {
-        let t = &handoff(t)?;
+        let t = handoff(std::slice::from_ref(t))?.swap_remove(0);
         let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
-        mail.entry((self.rank, to))
-            .or_default()
-            .push_back(t.clone());
+        mail.entry((self.rank, to)).or_default().push_back(t);
         self.shared.mail_cv.notify_all();
         Ok(())
     }

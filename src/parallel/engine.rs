@@ -166,9 +166,6 @@ pub fn generate_on_gpus(
     // The world communicators outlive the denoising loop: the decode uses them.
     let worlds: Vec<Arc<dyn Communicator>> = groups.iter().map(|g| g.world.clone()).collect();
     let decode = |vae: &crate::model::vae::AutoEncoder, z: &Tensor| -> Result<Tensor> {
-        if devices.len() == 1 || z.dim(2)? < devices.len() {
-            return Ok(vae.decode(z)?);
-        }
         let mut all = vec![vae];
         all.extend(vaes.iter());
         let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
@@ -401,11 +398,9 @@ fn decode_parallel(
     z: &Tensor,
     workers: usize,
 ) -> Result<Tensor> {
-    if workers <= 1 || z.dim(2)? < workers {
-        return Ok(vae.decode(z)?);
-    }
-    let mut parts = run_local(workers, |_, comm| super::vae::decode(vae, z, &comm))?;
-    Ok(parts.swap_remove(0))
+    let comms = LocalComm::group(workers);
+    let comms: Vec<&dyn Communicator> = comms.iter().map(|c| c as &dyn Communicator).collect();
+    Ok(super::vae::decode_across(&vec![vae; workers], &comms, z)?)
 }
 
 /// Data parallelism: generate every request of `reqs`, spreading them over `layout.dp` groups

@@ -233,7 +233,8 @@ pub fn decode(ae: &AutoEncoder, z: &Tensor, comm: &dyn Communicator) -> Result<T
 /// Decode `z` across workers that each hold their own autoencoder replica (`replicas[r]` on
 /// worker r's device, identical weights), exchanging through `comms` (one per worker, in rank
 /// order; [`crate::parallel::comm::LocalComm`]s on the CPU, NCCL communicators on GPUs): every
-/// worker decodes its band, and the first worker's copy of the gathered image is returned.
+/// worker decodes its band, and the first worker's copy of the gathered image is returned. One
+/// worker, or a latent with fewer rows than workers, decodes whole on the first.
 pub fn decode_across(
     replicas: &[&AutoEncoder],
     comms: &[&dyn Communicator],
@@ -245,6 +246,9 @@ pub fn decode_across(
             replicas.len(),
             comms.len()
         );
+    }
+    if comms.len() == 1 || z.dim(2)? < comms.len() {
+        return replicas[0].decode(&z.to_device(replicas[0].device())?);
     }
     // The latent must be written before the workers' threads (each on a stream of its own)
     // read it.
