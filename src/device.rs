@@ -195,6 +195,55 @@ pub fn cuda_device_count() -> usize {
     }
 }
 
+/// A GPU as the devices panel lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// CUDA index (`cuda:N`).
+    pub index: usize,
+    pub name: String,
+    /// Total memory in bytes.
+    pub memory: u64,
+}
+
+/// The GPUs present, with their names and memory, read from the driver without creating a
+/// context (no GPU memory taken). Empty in builds without the `cuda` feature.
+pub fn gpus() -> Vec<GpuInfo> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        if result::init().is_err() {
+            return Vec::new();
+        }
+        (0..cuda_device_count())
+            .filter_map(|index| {
+                let dev = result::device::get(index as i32).ok()?;
+                // SAFETY: `dev` is a valid device handle; the driver writes a NUL-terminated name
+                // of at most the buffer's length.
+                let memory = unsafe { result::device::total_mem(dev) }.ok()? as u64;
+                let mut buf = [0 as std::ffi::c_char; 256];
+                let r = unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as i32, dev) };
+                let name = if r == sys::CUresult::CUDA_SUCCESS {
+                    // SAFETY: the driver wrote a NUL-terminated string into `buf`.
+                    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                } else {
+                    format!("GPU {index}")
+                };
+                Some(GpuInfo {
+                    index,
+                    name,
+                    memory,
+                })
+            })
+            .collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,6 +61,14 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
+    /// A failure while loading something, with what was being loaded.
+    #[error("loading {what}: {source}")]
+    Load {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -78,6 +86,14 @@ impl Error {
             name: name.to_string(),
             value: value.to_string(),
             reason: reason.into(),
+        }
+    }
+
+    /// `self`, said to have happened while loading `what`.
+    pub fn loading(self, what: impl Into<String>) -> Self {
+        Error::Load {
+            what: what.into(),
+            source: Box::new(self),
         }
     }
 

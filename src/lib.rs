@@ -4,6 +4,7 @@
 //! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.
 //! - [`kernels`]: Parallax's own CUDA kernels as candle ops (fused attention).
 //! - [`parallel`]: communicators, the mesh, one file per parallel strategy.
+//! - [`engine`]: placement (devices, layout) and the one entry point every front end runs jobs through.
 //! - [`runtime`]: the job queue and engine thread behind the studio, streaming events.
 //! - [`cli`]: the `parallax` command line.
 
@@ -11,6 +12,7 @@
 pub mod app;
 pub mod cli;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -5,7 +5,22 @@ use std::time::Duration;
 
 use candle_core::Device;
 use parallax::pipeline::{GenerateRequest, Pipeline};
+use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
 use parallax::runtime::{EngineSpec, Event, JobId, JobSpec, Runtime, RuntimeOptions};
+
+/// `devices` with `--dp dp` (ring takes the rest), or auto without.
+fn placement(devices: &str, dp: Option<usize>) -> Placement {
+    Placement {
+        devices: Devices::parse(devices).expect("device list"),
+        layout: match dp {
+            None => LayoutChoice::Auto,
+            Some(dp) => LayoutChoice::Degrees(Degrees {
+                dp: Some(dp),
+                ..Degrees::default()
+            }),
+        },
+    }
+}
 
 fn req(steps: usize, threshold: f64) -> GenerateRequest {
     GenerateRequest {
@@ -226,10 +241,7 @@ fn models_load_once_and_bad_models_are_reported() {
     };
     assert!(failed.contains("no/such"), "{failed}");
     rt.configure(EngineSpec::default());
-    rt.configure(EngineSpec {
-        workers: 2,
-        ..EngineSpec::default()
-    }); // layout only: no reload
+    rt.configure(EngineSpec::new("demo", placement("cpu:2", None))); // placement only: no reload
     let job = rt.submit(JobSpec::Generate(req(1, 0.0)));
     let events = until_done(&rt, job);
     let loads = events
@@ -271,14 +283,7 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
     let one = start(None);
     let sequential = images(&one);
     let dp = start(None);
-    dp.configure(EngineSpec {
-        workers: 2,
-        layout: Some(parallax::parallel::mesh::ParallelLayout {
-            dp: 2,
-            ..Default::default()
-        }),
-        ..EngineSpec::default()
-    });
+    dp.configure(EngineSpec::new("demo", placement("cpu:2", Some(2))));
     let parallel = images(&dp);
     assert_eq!(sequential.len(), 2);
     assert_eq!(sequential, parallel);

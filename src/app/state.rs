@@ -3,9 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{Degrees, Devices, LayoutChoice, Placement};
 use crate::parallel::mesh::ParallelLayout;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
-use crate::runtime::{layout_for, EngineSpec};
+use crate::runtime::EngineSpec;
 
 /// Resolution presets (width, height).
 pub const PRESETS: &[(&str, usize, usize)] = &[
@@ -97,13 +98,49 @@ impl Settings {
         })
     }
 
-    pub fn engine_spec(&self) -> EngineSpec {
-        EngineSpec {
-            model: self.model.trim().to_string(),
-            device: self.device.trim().to_string(),
-            workers: self.workers.max(1),
-            layout: self.layout(),
+    /// The placement these settings name: the device list (`cpu`, `cuda:0,1`, ...), with
+    /// `workers` CPU threads when it says `cpu`.
+    pub fn placement(&self) -> crate::Result<Placement> {
+        let device = self.device.trim();
+        let devices = match (Devices::parse(device)?, self.workers.max(1)) {
+            (Devices::Cpu(1), n) => Devices::Cpu(n),
+            (d, _) => d,
+        };
+        Ok(Placement {
+            devices,
+            layout: self
+                .layout()
+                .map_or(LayoutChoice::Auto, |l| LayoutChoice::Degrees(Degrees::of(l))),
+        })
+    }
+
+    /// Take a placement given at start-up (`parallax studio --devices ...`).
+    pub fn set_placement(&mut self, p: &Placement) {
+        match p.devices {
+            Devices::Cpu(n) => {
+                self.device = "cpu".into();
+                self.workers = n;
+            }
+            ref gpus => self.device = gpus.to_string(),
         }
+        match p.layout {
+            LayoutChoice::Auto => self.layout_auto = true,
+            LayoutChoice::Degrees(d) => {
+                // The degrees as they resolve over these workers (ring takes the rest).
+                let workers = match &p.devices {
+                    Devices::Cpu(n) => *n,
+                    Devices::Gpus(g) => g.len(),
+                    Devices::AllGpus => crate::engine::gpus_present().max(1),
+                };
+                let l = d.layout_for(workers);
+                self.layout_auto = false;
+                (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
+            }
+        }
+    }
+
+    pub fn engine_spec(&self) -> EngineSpec {
+        EngineSpec::new(self.model.trim(), self.placement().unwrap_or_default())
     }
 
     /// Problems with the settings as typed, shown next to the fields and blocking Generate.
@@ -132,22 +169,17 @@ impl Settings {
 
     /// The layout these settings give, or why they are refused.
     pub fn layout_check(&self, heads: usize) -> Result<String, String> {
-        // The runtime's own rule, so the panel shows exactly the layout a job will run with.
-        let (layout, why) = match layout_for(&self.engine_spec(), heads, &self.request()) {
-            Ok(None) => return Ok("one worker".into()),
-            Ok(Some(chosen)) => chosen,
-            Err(e) => return Err(e.to_string()),
-        };
-        if layout.dp > 1 {
-            return Ok(format!(
-                "dp {} (compare sweeps run {} images at once) x cfg {} x ring {} x ulysses {}",
-                layout.dp, layout.dp, layout.cfg, layout.ring, layout.ulysses
-            ));
-        }
-        Ok(format!(
-            "cfg {} x ring {} x ulysses {} — {why}",
-            layout.cfg, layout.ring, layout.ulysses
-        ))
+        // The engine's own check, so the panel shows exactly the plan a job will run with.
+        self.placement()
+            .and_then(|p| {
+                p.plan(
+                    heads,
+                    crate::engine::wants_true_cfg(&self.request()),
+                    crate::engine::gpus_present(),
+                )
+            })
+            .map(|plan| plan.describe())
+            .map_err(|e| e.to_string())
     }
 
     /// Take the settings an image was made with (gallery "restore").

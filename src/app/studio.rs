@@ -21,10 +21,9 @@ use crate::runtime::{Event, ImageResult, JobId, JobSpec, Runtime, RuntimeOptions
 /// How the studio starts (from `parallax studio`).
 #[derive(Debug, Clone, Default)]
 pub struct StudioOptions {
-    /// Overrides of the persisted settings (model, device, workers).
+    /// Overrides of the persisted settings (model, devices and layout).
     pub model: Option<String>,
-    pub device: Option<String>,
-    pub workers: Option<usize>,
+    pub placement: Option<crate::engine::Placement>,
     pub gallery_dir: Option<PathBuf>,
     /// Start a generation (or, with `compare`, a compare sweep) as soon as the window opens.
     pub auto_generate: bool,
@@ -170,11 +169,8 @@ impl StudioApp {
         if let Some(m) = &opts.model {
             settings.model = m.clone();
         }
-        if let Some(d) = &opts.device {
-            settings.device = d.clone();
-        }
-        if let Some(w) = opts.workers {
-            settings.workers = w;
+        if let Some(p) = &opts.placement {
+            settings.set_placement(p);
         }
         if let Some(n) = opts.steps {
             settings.steps = n;

@@ -51,19 +51,13 @@ fn worker_devices(a: &BenchVaeArgs) -> anyhow::Result<(Vec<Device>, bool)> {
     let Some(d) = a.devices.as_deref() else {
         return Ok((vec![crate::device::parse(&a.device)?], true));
     };
-    if let Some(n) = d.strip_prefix("cpu:") {
-        let n: usize = n
-            .parse()
-            .ok()
-            .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| anyhow::anyhow!("--devices {d}: cpu:N takes 1 to 64 workers"))?;
-        return Ok((vec![Device::Cpu; n], true));
+    let devices = crate::engine::Devices::parse(d)?;
+    let gpus = devices.rank_names(crate::engine::gpus_present())?;
+    if !devices.is_gpu() {
+        return Ok((vec![Device::Cpu; gpus.len()], true));
     }
     // Naming one GPU several times (`cuda:0,0`) runs that many workers on it, exchanging
     // through memory instead of NCCL: the split decode's GPU path on a one-GPU machine.
-    let Some(gpus) = super::named_gpus(d)? else {
-        bail!("--devices {d}: use cpu:N, cuda or cuda:0,1,...");
-    };
     let distinct: std::collections::HashSet<&String> = gpus.iter().collect();
     if distinct.len() > 1 && distinct.len() < gpus.len() {
         bail!("--devices {d}: name each GPU once, or one GPU several times");

@@ -9,13 +9,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::{
+    gpus_present, load_pipeline, model_config, Degrees, DTypeChoice, Devices, Engine,
+    LayoutChoice, ModelChoice, Placement,
+};
 use crate::model::layout::{self, ModelSpec, Resolved};
-use crate::model::weights::SafetensorsSet;
-use crate::parallel::mesh::ParallelLayout;
-use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Pipeline, Progress};
+use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Progress};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -87,12 +88,12 @@ pub struct StudioArgs {
     /// Model to load (overrides the one remembered from the last session).
     #[arg(long)]
     pub model: Option<String>,
-    /// Device (`cpu`, `cuda`, `cuda:N`).
+    /// One device (`cpu`, `cuda` = GPU 0, `cuda:N`); several go in --devices.
     #[arg(long)]
     pub device: Option<String>,
-    /// CPU worker threads standing in for GPUs.
-    #[arg(long)]
-    pub workers: Option<usize>,
+    /// The devices and layout, as for `generate` (overrides the remembered ones).
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Gallery folder (default: $PARALLAX_HOME/gallery or ~/.local/share/parallax/gallery).
     #[arg(long)]
     pub gallery: Option<PathBuf>,
@@ -211,7 +212,7 @@ pub struct SampleArgs {
 }
 
 /// How to spread one image over workers.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ParallelArgs {
     /// Workers, one rank each: `cpu:N` (N CPU worker threads standing in for GPUs), `cuda` (every
     /// GPU) or `cuda:0,1` (those GPUs; `cuda` builds, NCCL between them). Default: one worker on
@@ -245,118 +246,54 @@ pub struct DegreeArgs {
 }
 
 impl DegreeArgs {
-    /// Whether any degree was given.
-    pub fn any(&self) -> bool {
-        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some() || self.dp.is_some()
-    }
-
-    /// The layout over `workers`: the given degrees, 1 for those not given, except ring, which
-    /// takes the workers the others leave.
-    pub fn layout_for(&self, workers: usize) -> ParallelLayout {
-        let dp = self.dp.unwrap_or(1);
-        let cfg = self.cfg.unwrap_or(1);
-        let ulysses = self.ulysses.unwrap_or(1);
-        let ring = self.ring.unwrap_or_else(|| {
-            (workers / dp.saturating_mul(cfg).saturating_mul(ulysses).max(1)).max(1)
-        });
-        ParallelLayout {
-            dp,
-            cfg,
-            ulysses,
-            ring,
-            ..ParallelLayout::default()
+    /// The library's degrees.
+    pub fn degrees(&self) -> Degrees {
+        Degrees {
+            ulysses: self.ulysses,
+            ring: self.ring,
+            cfg: self.cfg,
+            dp: self.dp,
         }
     }
 }
 
-/// The GPUs a `--devices` value names, in order and repeats kept (`cuda`: every GPU present;
-/// `cuda:0,2`: those); `None` when it names no GPUs. Which repeats are allowed is the caller's
-/// rule.
-pub fn named_gpus(d: &str) -> anyhow::Result<Option<Vec<String>>> {
-    if d == "cuda" {
-        let n = crate::device::cuda_device_count();
-        if n == 0 {
-            bail!("--devices cuda: no CUDA GPU found (or this build has no `cuda` feature)");
+impl ModelArgs {
+    /// The library's model choice.
+    pub fn choice(&self) -> ModelChoice {
+        ModelChoice {
+            model: self.model.clone(),
+            text_encoders: self.text_encoders.clone(),
+            dtype: match self.dtype {
+                DTypeArg::Auto => DTypeChoice::Auto,
+                DTypeArg::F32 => DTypeChoice::F32,
+                DTypeArg::Bf16 => DTypeChoice::Bf16,
+                DTypeArg::F16 => DTypeChoice::F16,
+            },
         }
-        return Ok(Some((0..n).map(|i| format!("cuda:{i}")).collect()));
     }
-    let Some(list) = d.strip_prefix("cuda:") else {
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    for part in list.split(',') {
-        let i: usize = part
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--devices {d}: `{part}` is not a GPU number"))?;
-        out.push(format!("cuda:{i}"));
-    }
-    Ok(Some(out))
 }
 
 impl ParallelArgs {
-    /// The GPUs `--devices` names (`cuda`: every GPU present; `cuda:0,2`: those), one rank each;
-    /// `None` when it names CPU workers or nothing.
-    pub fn gpu_list(&self) -> anyhow::Result<Option<Vec<String>>> {
-        let Some(d) = self.devices.as_deref() else {
-            return Ok(None);
-        };
-        let Some(out) = named_gpus(d)? else {
-            return Ok(None);
-        };
-        // NCCL takes one rank per GPU. Data-parallel groups of one GPU each may share a GPU (two
-        // images at once on one large GPU); groups of several may not, since two communicators
-        // running collectives at once over the same GPUs can deadlock.
-        let per = (out.len() / self.degrees.dp.unwrap_or(1).max(1)).max(1);
-        if per > 1 {
-            let twice = (1..out.len()).find(|&i| out[..i].contains(&out[i]));
-            if let Some(g) = twice.map(|i| &out[i]) {
-                bail!("--devices {d}: {g} named twice (one rank per GPU; only --dp groups of one GPU each may share a GPU)");
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// The worker count and layout these flags ask for, and why; `None` for one worker.
-    pub fn layout(
-        &self,
-        heads: usize,
-        true_cfg: bool,
-    ) -> anyhow::Result<Option<(usize, ParallelLayout, String)>> {
-        let explicit = self.degrees.any();
-        let workers = match self.devices.as_deref() {
-            None => {
-                if explicit || self.parallel.is_some() {
-                    bail!(
-                        "--ulysses/--ring/--cfg/--dp/--parallel need --devices cpu:N (N worker threads) or GPUs"
-                    );
-                }
-                return Ok(None);
-            }
-            Some(d) => match (
-                d.strip_prefix("cpu:").map(str::parse::<usize>),
-                self.gpu_list()?,
-            ) {
-                (Some(Ok(n)), _) if n >= 1 => n,
-                (_, Some(gpus)) => gpus.len(),
-                _ => bail!(
-                    "--devices {d}: use cpu:N (N worker threads), cuda (every GPU) or cuda:0,1,..."
-                ),
-            },
-        };
-        let (layout, why) = match self.parallel.as_deref() {
-            Some("auto") if !explicit => ParallelLayout::auto(workers, heads, true_cfg),
+    /// The library's placement for these flags: `--devices` (or the one `--device`) and the
+    /// degrees or `--parallel auto`. Checked against the model by [`Placement::plan`].
+    pub fn placement(&self, device: &str) -> anyhow::Result<Placement> {
+        let explicit = self.degrees.degrees().any();
+        let layout = match self.parallel.as_deref() {
+            Some("auto") if !explicit => LayoutChoice::Auto,
             Some("auto") => {
                 bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg/--dp")
             }
             Some(other) => bail!("--parallel {other}: the only value is `auto`"),
-            None => (
-                self.degrees.layout_for(workers),
-                "degrees given on the command line".to_string(),
-            ),
+            None => LayoutChoice::Degrees(self.degrees.degrees()),
         };
-        crate::parallel::mesh::Mesh::new(layout, workers, heads)?;
-        Ok(Some((workers, layout, why)))
+        let devices = match self.devices.as_deref() {
+            Some(d) => Devices::parse(d)?,
+            None if explicit || self.parallel.is_some() => bail!(
+                "--ulysses/--ring/--cfg/--dp/--parallel need --devices cpu:N (N worker threads) or GPUs"
+            ),
+            None => Devices::single(device)?,
+        };
+        Ok(Placement { devices, layout })
     }
 }
 
@@ -457,8 +394,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn studio(a: StudioArgs) -> anyhow::Result<()> {
     crate::app::run(crate::app::StudioOptions {
         model: a.model,
-        device: a.device,
-        workers: a.workers,
+        placement: match (&a.device, a.parallel.devices.is_some() || a.parallel.degrees.degrees().any() || a.parallel.parallel.is_some()) {
+            (None, false) => None,
+            (device, _) => Some(a.parallel.placement(device.as_deref().unwrap_or("cpu"))?),
+        },
         gallery_dir: a.gallery,
         auto_generate: a.auto_generate,
         compare: a.compare,
@@ -486,48 +425,40 @@ fn studio(_: StudioArgs) -> anyhow::Result<()> {
     bail!("this build has no studio (built without the `studio` feature); use `parallax generate` or rebuild with default features")
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
-    Ok(crate::device::parse(name)?)
-}
-
-fn dtype_for(arg: DTypeArg, spec: &ModelSpec) -> DType {
-    match (arg, spec) {
-        (DTypeArg::Auto, ModelSpec::Demo) => DType::F32,
-        (DTypeArg::Auto, ModelSpec::Random(_)) => DType::BF16,
-        (DTypeArg::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
-        (DTypeArg::Auto, _) => DType::BF16,
-        (DTypeArg::F32, _) => DType::F32,
-        (DTypeArg::Bf16, _) => DType::BF16,
-        (DTypeArg::F16, _) => DType::F16,
+/// Whether a resolved model is the demo (built in, or exported to files).
+fn is_demo(resolved: &Resolved) -> bool {
+    match &resolved.spec {
+        ModelSpec::Demo => true,
+        ModelSpec::Files(f) => f.demo,
+        ModelSpec::Random(_) => false,
     }
 }
 
-/// Resolve and load the model named by `args`.
-pub fn load_pipeline(args: &ModelArgs) -> anyhow::Result<Pipeline> {
-    let dev = device(&args.device)?;
-    let resolved = layout::resolve(&args.model, args.text_encoders.as_deref())?;
-    for r in &resolved.reasons {
-        tracing::info!("{r}");
+/// Refuse an output path Parallax cannot write, before any work: a folder, a name that is not
+/// `.png` (the settings travel in PNG text chunks), a folder that does not exist.
+fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
+    if out.is_dir() {
+        bail!("--out {} is a folder; give a file name", out.display());
     }
-    let dtype = dtype_for(args.dtype, &resolved.spec);
-    if matches!(resolved.spec, ModelSpec::Demo)
-        && args.dtype != DTypeArg::Auto
-        && dtype != DType::F32
-    {
-        tracing::warn!("the demo model always runs in f32");
+    let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    if ext.as_deref() != Some("png") {
+        bail!(
+            "--out {}: Parallax writes PNG files (the settings travel in PNG text chunks); give a name ending in .png",
+            out.display()
+        );
     }
-    let t0 = Instant::now();
-    let p = Pipeline::load(&resolved, &args.model, dtype, &dev)
-        .with_context(|| format!("loading model `{}`", args.model))?;
-    // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
-    // groups) queue on streams of their own.
-    crate::device::synchronize(p.device())?;
-    tracing::info!("model loaded in {:.2}s", t0.elapsed().as_secs_f64());
-    Ok(p)
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!("--out {}: the folder {} does not exist", out.display(), parent.display());
+    }
+    Ok(())
 }
 
-fn request_for(p: &Pipeline, s: &SampleArgs) -> GenerateRequest {
-    let default_size = if p.is_demo() { 256 } else { 1024 };
+fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
+    let default_size = if demo { 256 } else { 1024 };
     GenerateRequest {
         prompt: s.prompt.clone(),
         negative_prompt: s.negative_prompt.clone(),
@@ -542,8 +473,8 @@ fn request_for(p: &Pipeline, s: &SampleArgs) -> GenerateRequest {
 }
 
 fn worker(a: WorkerArgs) -> anyhow::Result<()> {
-    use crate::parallel::engine::{denoise_rank, RankGroups};
-    use crate::parallel::mesh::{Axis, Mesh};
+    use crate::parallel::engine::denoise_rank;
+    use crate::parallel::mesh::Mesh;
     use crate::parallel::store::{Store, StoreComm};
     use std::sync::Arc;
 
@@ -592,71 +523,68 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             u64::from_le_bytes(b)
         }
     };
-    let p = load_pipeline(&a.model)?;
+    let p = load_pipeline(&a.model.choice(), &a.model.device)?;
     let sample = SampleArgs {
         seed: Some(seed),
         ..a.sample.clone()
     };
-    let req = request_for(&p, &sample);
-    let settings = p.settings_for(&req)?;
+    let req = request_for(p.is_demo(), &sample);
+    p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
-    let layout = a.degrees.layout_for(world);
+    let (layout, _) = LayoutChoice::Degrees(a.degrees.degrees()).resolve(
+        world,
+        heads,
+        crate::engine::wants_true_cfg(&req),
+    )?;
     let mesh = Mesh::new(layout, world, heads)?;
-    if layout.cfg == 2 && !(settings.true_cfg > 1.0 && settings.negative_prompt.is_some()) {
-        bail!("--cfg 2 runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1");
-    }
     // CPU ranks talk through the store; GPU ranks through NCCL, each group's id handed over
     // through the store.
     let dev = p.device().clone();
-    let group = |name: &str,
-                 members: Vec<usize>|
-     -> anyhow::Result<Arc<dyn crate::parallel::comm::Communicator>> {
+    let groups = crate::parallel::engine::rank_groups(&mesh, &[rank], &mut |name, members, _| {
         #[cfg(feature = "cuda")]
         if dev.is_cuda() {
-            return Ok(Arc::new(crate::parallel::nccl::NcclComm::from_store(
-                &store, name, &members, &dev,
-            )?));
+            let c = crate::parallel::nccl::NcclComm::from_store(&store, name, members, &dev)?;
+            return Ok(vec![Arc::new(c) as Arc<dyn crate::parallel::comm::Communicator>]);
         }
         let _ = &dev;
-        Ok(Arc::new(StoreComm::new(store.clone(), name, members)?))
-    };
-    let groups = RankGroups {
-        world: group("world", (0..world).collect())?,
-        sp: group("sp", mesh.sp_group(rank))?,
-        ulysses: group("ulysses", mesh.group(rank, Axis::Ulysses))?,
-        ring: group("ring", mesh.group(rank, Axis::Ring))?,
-        cfg: group("cfg", mesh.group(rank, Axis::Cfg))?,
-    };
+        Ok(vec![Arc::new(StoreComm::new(store.clone(), name, members.to_vec())?) as _])
+    })?
+    .pop()
+    .ok_or_else(|| anyhow::anyhow!("rank {rank} is in no group"))?;
     if rank == 0 {
         eprintln!(
             "rank 0 of {world}: cfg {} x ring {} x ulysses {}, seed {seed}",
             layout.cfg, layout.ring, layout.ulysses
         );
     }
-    let g = p.generate_with(
-        &req,
-        &mut |ev| {
-            if let (0, Progress::Step(info)) = (rank, &ev) {
-                eprintln!(
-                    "step {}/{} {:.0} ms",
-                    info.index + 1,
-                    info.total,
-                    info.elapsed.as_secs_f64() * 1e3
-                );
-            }
-            Ok(())
-        },
-        &mut |flux, job, on_step| denoise_rank(flux, job, &mesh, rank, &groups, &|| false, on_step),
-        &|vae, z| {
-            let w = groups.world.size();
-            // Row bands (unequal when the rows do not divide); one worker for tiny latents.
-            if w > 1 && z.dim(2)? >= w {
-                Ok(crate::parallel::vae::decode(vae, z, groups.world.as_ref())?)
-            } else {
-                Ok(vae.decode(z)?)
-            }
-        },
-    )?;
+    let mut progress = |ev: Progress| -> crate::Result<()> {
+        if let (0, Progress::Step(info)) = (rank, &ev) {
+            eprintln!(
+                "step {}/{} {:.0} ms",
+                info.index + 1,
+                info.total,
+                info.elapsed.as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    };
+    let prep = p.prepare(&req, &mut progress)?;
+    let mut log = crate::pipeline::StepLog::default();
+    let (x, stats) = denoise_rank(&p.flux, &prep.job, &mesh, rank, &groups, &|| false, &mut |info| {
+        log.record(info);
+        progress(Progress::Step(info))
+    })?;
+    // Row bands over every process (unequal when the rows do not divide); one process decodes
+    // tiny latents whole.
+    let decode = |vae: &crate::model::vae::AutoEncoder, z: &candle_core::Tensor| {
+        let w = groups.world.size();
+        if w > 1 && z.dim(2)? >= w {
+            Ok(crate::parallel::vae::decode(vae, z, groups.world.as_ref())?)
+        } else {
+            Ok(vae.decode(z)?)
+        }
+    };
+    let g = p.finish(prep, x, stats, log, &decode, &mut progress)?;
     if rank == 0 {
         let out = a
             .out
@@ -678,140 +606,35 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One rank per GPU: rank 0 is the pipeline itself (loaded on the first GPU); the others hold
-/// replicas of its transformer and autoencoder (the decode is split across the GPUs), loaded
-/// once for all the images of a run.
-struct GpuRanks {
-    replicas: Vec<crate::model::flux::Flux>,
-    vaes: Vec<crate::model::vae::AutoEncoder>,
-    devices: Vec<Device>,
-}
-
-impl GpuRanks {
-    fn load(p: &Pipeline, model: &ModelArgs, gpus: &[String]) -> anyhow::Result<Self> {
-        if !cfg!(feature = "cuda") {
-            bail!(
-                "--devices {}: this build has no `cuda` feature",
-                gpus.join(",")
-            );
-        }
-        let mut replicas = Vec::new();
-        let mut vaes = Vec::new();
-        let mut devices = vec![p.device().clone()];
-        for g in gpus.iter().skip(1) {
-            let args = ModelArgs {
-                device: g.clone(),
-                ..model.clone()
-            };
-            let r = load_pipeline(&args)
-                .with_context(|| format!("loading the model's replica on {g}"))?;
-            devices.push(r.device().clone());
-            replicas.push(r.flux);
-            vaes.push(r.vae);
-        }
-        Ok(Self {
-            replicas,
-            vaes,
-            devices,
-        })
-    }
-
-    fn generate(
-        &self,
-        p: &Pipeline,
-        layout: ParallelLayout,
-        req: &GenerateRequest,
-        on_event: &mut dyn FnMut(Progress) -> crate::Result<()>,
-    ) -> crate::Result<crate::pipeline::Generated> {
-        #[cfg(feature = "cuda")]
-        return crate::parallel::engine::generate_on_gpus(
-            p,
-            &self.replicas,
-            &self.vaes,
-            &self.devices,
-            layout,
-            req,
-            on_event,
-        );
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (p, layout, req, on_event);
-            let _ = (&self.replicas, &self.vaes, &self.devices);
-            Err(crate::Error::setting(
-                "devices",
-                "cuda",
-                "this build has no `cuda` feature",
-            ))
-        }
-    }
-}
-
-/// Data parallelism on GPUs: group g owns the g-th run of world/dp GPUs in `gpus`, with a whole
-/// pipeline (text encoders, transformer, autoencoder) on its first GPU — group 0's is `p` — and
-/// transformer replicas on the others; the groups make their images at the same time.
-fn gpu_data_parallel(
-    p: &Pipeline,
-    model: &ModelArgs,
-    gpus: &[String],
-    layout: ParallelLayout,
-    reqs: &[GenerateRequest],
-) -> anyhow::Result<Vec<crate::Result<crate::pipeline::Generated>>> {
-    let per = (gpus.len() / layout.dp.max(1)).max(1);
-    // Fewer images than groups leave the last groups idle: load only those that work.
-    let dp = layout.dp.clamp(1, reqs.len().max(1));
-    let mut own = Vec::new();
-    for group in gpus.chunks(per).take(dp).skip(1) {
-        let args = ModelArgs {
-            device: group[0].clone(),
-            ..model.clone()
-        };
-        own.push(
-            load_pipeline(&args).with_context(|| {
-                format!("loading a data-parallel group's model on {}", group[0])
-            })?,
-        );
-    }
-    let pipes: Vec<&Pipeline> = std::iter::once(p).chain(own.iter()).collect();
-    let ranks = pipes
-        .iter()
-        .zip(gpus.chunks(per).take(dp))
-        .map(|(pg, group)| GpuRanks::load(pg, model, group))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let inner = ParallelLayout { dp: 1, ..layout };
-    Ok(crate::parallel::engine::over_groups(dp, reqs, |g, req| {
-        ranks[g].generate(pipes[g], inner, req, &mut |_| Ok(()))
-    }))
-}
-
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    // With GPU workers, rank 0's pipeline lives on the first of them.
-    let mut a = a;
-    let gpus = a.parallel.gpu_list()?;
-    if let Some(g) = &gpus {
-        a.model.device = g[0].clone();
-    }
-    let p = load_pipeline(&a.model)?;
-    let req = request_for(&p, &a.sample);
-    // Validate before any work, so bad input fails fast.
-    let settings = p.settings_for(&req)?;
-    let parallel = a
-        .parallel
-        .layout(p.flux.config().num_heads, settings.true_cfg > 1.0)?;
-    let dp = parallel.as_ref().map_or(1, |(_, l, _)| l.dp);
+    // Everything a user typed is checked before the weights load: the placement against the
+    // model's heads (read from the file headers), the output names.
+    let choice = a.model.choice();
+    let resolved = choice.resolve()?;
+    let heads = model_config(&resolved)?.num_heads;
+    let req = request_for(is_demo(&resolved), &a.sample);
+    let plan = a.parallel.placement(&a.model.device)?.plan(
+        heads,
+        crate::engine::wants_true_cfg(&req),
+        gpus_present(),
+    )?;
+    let dp = plan.layout.dp;
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
         bail!("--images {images}: give 1 to {MAX_IMAGES}");
     }
-    if let Some((n, layout, why)) = &parallel {
-        eprintln!(
-            "{n} workers ({}): dp {} x cfg {} x ring {} x ulysses {} ({why})",
-            a.parallel.devices.as_deref().unwrap_or("cpu"),
-            layout.dp,
-            layout.cfg,
-            layout.ring,
-            layout.ulysses
-        );
+    if let Some(out) = &a.out {
+        check_output(out)?;
     }
+    if plan.world() > 1 {
+        eprintln!("{}", plan.describe());
+    }
+    let mut engine = Engine::load(choice, &plan.ranks[0])?;
+    engine.prepare(&plan, images, &mut |d| {
+        eprintln!("loading the model on {d} too")
+    })?;
+    let p = engine.primary();
+    let settings = p.settings_for(&req)?;
     if p.is_demo() {
         eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
     }
@@ -822,9 +645,6 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             ..req.clone()
         })
         .collect();
-    if let Some(out) = a.out.as_ref().filter(|o| o.is_dir()) {
-        bail!("--out {} is a folder; give a file name", out.display());
-    }
     let outs: Vec<PathBuf> = match &a.out {
         Some(out) if images == 1 => vec![out.clone()],
         Some(out) => {
@@ -885,11 +705,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         });
         Ok(())
     };
-    if let (true, Some((_, layout, _))) = (dp > 1, &parallel) {
-        let results = match &gpus {
-            Some(g) => gpu_data_parallel(&p, &a.model, g, *layout, &reqs)?,
-            None => crate::parallel::engine::generate_many(&p, *layout, &reqs),
-        };
+    if dp > 1 {
+        let results = engine.generate_many(&plan, &reqs);
         bar.finish_and_clear();
         // Every image that was made is saved, then the first failure (if any) is reported.
         let mut first_err = None;
@@ -901,10 +718,6 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         return first_err.map_or(Ok(()), Err);
     }
-    let ranks = match (&parallel, &gpus) {
-        (Some(_), Some(g)) => Some(GpuRanks::load(&p, &a.model, g)?),
-        _ => None,
-    };
     let result = (|| -> anyhow::Result<()> {
         for (i, (req, out)) in reqs.iter().zip(&outs).enumerate() {
             let base = (i * settings.steps) as u64;
@@ -927,15 +740,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 }
                 Ok(())
             };
-            let g = match (&parallel, &ranks) {
-                (Some((_, layout, _)), Some(ranks)) => {
-                    ranks.generate(&p, *layout, req, &mut on_event)?
-                }
-                (Some((_, layout, _)), None) => {
-                    crate::parallel::engine::generate(&p, *layout, req, &mut on_event)?
-                }
-                (None, _) => p.generate(req, &mut on_event)?,
-            };
+            let g = engine.generate(&plan, req, &mut on_event)?;
             save(&g, out)?;
         }
         Ok(())
@@ -974,9 +779,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let load_start = Instant::now();
-    let p = load_pipeline(&a.model)?;
+    let p = load_pipeline(&a.model.choice(), &a.model.device)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-    let mut req = request_for(&p, &a.sample);
+    let mut req = request_for(p.is_demo(), &a.sample);
     if a.sample.seed.is_none() {
         req.seed = 0;
     }
@@ -1127,15 +932,8 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             );
         }
         ModelSpec::Files(f) => {
-            let set = SafetensorsSet::open(&f.transformer)?;
-            let cfg = match &f.transformer_layout {
-                layout::TransformerLayout::Diffusers
-                    if f.transformer.join("config.json").is_file() =>
-                {
-                    layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))?
-                }
-                l => layout::infer_flux_config(&set, l)?,
-            };
+            let set = crate::model::weights::SafetensorsSet::open(&f.transformer)?;
+            let cfg = model_config(&resolved)?;
             println!(
                 "  transformer: {} ({:?} layout)",
                 f.transformer.display(),
@@ -1167,17 +965,12 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let heads = match &resolved.spec {
-        ModelSpec::Demo => crate::model::flux::FluxConfig::tiny().num_heads,
-        _ => crate::model::flux::FluxConfig::dev().num_heads,
-    };
-    match a.parallel.layout(heads, false)? {
-        Some((n, l, why)) => println!(
-            "parallel layout: {n} workers -> dp {} x cfg {} x ring {} x ulysses {} ({why})",
-            l.dp, l.cfg, l.ring, l.ulysses
-        ),
-        None => println!("parallel layout: one worker"),
-    }
+    let heads = model_config(&resolved)?.num_heads;
+    let plan = a
+        .parallel
+        .placement(&a.model.device)?
+        .plan(heads, false, gpus_present())?;
+    println!("parallel layout: {}", plan.describe());
     let cached = layout::list_hf_cache();
     match layout::hf_cache_dir() {
         Some(dir) => println!("Hugging Face cache: {}", dir.display()),
@@ -1196,34 +989,43 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn gpus(devices: &str, dp: Option<usize>) -> anyhow::Result<Option<Vec<String>>> {
+    fn parallel(devices: Option<&str>, dp: Option<usize>, auto: bool) -> ParallelArgs {
         ParallelArgs {
-            devices: Some(devices.into()),
+            devices: devices.map(str::to_string),
             degrees: DegreeArgs {
                 dp,
                 ..DegreeArgs::default()
             },
-            parallel: None,
+            parallel: auto.then(|| "auto".to_string()),
         }
-        .gpu_list()
     }
 
     #[test]
-    fn only_one_gpu_groups_may_share_a_gpu() -> anyhow::Result<()> {
+    fn flags_translate_into_one_placement() -> anyhow::Result<()> {
+        let p = parallel(Some("cuda:0,0"), Some(2), false).placement("cpu")?;
+        assert_eq!(p.devices, Devices::Gpus(vec![0, 0]));
         assert_eq!(
-            gpus("cuda:0,0", Some(2))?,
-            Some(vec!["cuda:0".into(), "cuda:0".into()])
+            p.layout,
+            LayoutChoice::Degrees(Degrees {
+                dp: Some(2),
+                ..Degrees::default()
+            })
         );
-        assert_eq!(gpus("cuda:0,1,0,1", Some(4))?.map(|g| g.len()), Some(4));
-        for (devices, dp) in [
-            ("cuda:0,0", None),
-            ("cuda:1,1,2,3", Some(2)),
-            ("cuda:1,2,1,2", Some(2)),
+        // Without --devices, --device names the one worker (`cuda` is GPU 0 there).
+        let one = parallel(None, None, false).placement("cuda")?;
+        assert_eq!(one.devices, Devices::Gpus(vec![0]));
+        assert_eq!(
+            parallel(Some("cpu:4"), None, true).placement("cpu")?.layout,
+            LayoutChoice::Auto
+        );
+        for (args, needle) in [
+            (parallel(None, Some(2), false), "need --devices"),
+            (parallel(Some("cpu:2"), Some(2), true), "drop --ulysses"),
+            (parallel(Some("tpu:1"), None, false), "cpu:N"),
         ] {
-            let err = gpus(devices, dp).expect_err("a GPU twice where groups span GPUs");
-            assert!(err.to_string().contains("named twice"), "{err}");
+            let e = args.placement("cpu").expect_err(needle).to_string();
+            assert!(e.contains(needle), "{e}");
         }
-        assert_eq!(gpus("cpu:4", None)?, None);
         Ok(())
     }
 }

@@ -12,26 +12,36 @@ use super::comm::{run_local, Communicator, LocalComm};
 use super::mesh::{Axis, Mesh, ParallelLayout};
 use super::ulysses::UspAttention;
 use crate::error::{Error, Result};
-use crate::pipeline::cache::{self, CacheStats, StepKind};
+use crate::pipeline::cache::{CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
-/// Makes one group's communicators: given its global ranks, one communicator per member.
-pub type MakeGroup<'a> = dyn FnMut(&[usize]) -> Result<Vec<Arc<dyn Communicator>>> + 'a;
+/// Makes one group's communicators for the members that live here: given the axis name
+/// (`world`, `sp`, `ulysses`, `ring`, `cfg`), the group's global ranks and those of them that are
+/// local, one communicator per local member, in that order.
+pub type MakeGroup<'a> =
+    dyn FnMut(&str, &[usize], &[usize]) -> Result<Vec<Arc<dyn Communicator>>> + 'a;
 
-/// Every rank's [`RankGroups`] for `mesh`, with each group's communicators made by `make`
-/// (given the group's global ranks, it returns one communicator per member, in that order).
-pub fn rank_groups(mesh: &Mesh, make: &mut MakeGroup) -> Result<Vec<RankGroups>> {
+/// The one group builder: the [`RankGroups`] of each rank in `local` (in that order) over
+/// `mesh`, each group's communicators made by `make`. In-process ranks pass every rank as local
+/// and get whole groups at once; a worker process passes its own rank and joins each of its
+/// groups by name.
+pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result<Vec<RankGroups>> {
     let n = mesh.world();
-    let mut by_axis = |groups: Vec<Vec<usize>>| -> Result<Vec<Option<Arc<dyn Communicator>>>> {
-        let mut out: Vec<Option<Arc<dyn Communicator>>> = vec![None; n];
-        for group in groups {
-            for (comm, rank) in make(&group)?.into_iter().zip(group) {
-                out[rank] = Some(comm);
+    let mut by_axis =
+        |name: &str, groups: Vec<Vec<usize>>| -> Result<Vec<Option<Arc<dyn Communicator>>>> {
+            let mut out: Vec<Option<Arc<dyn Communicator>>> = vec![None; n];
+            for group in groups {
+                let here: Vec<usize> = group.iter().copied().filter(|r| local.contains(r)).collect();
+                if here.is_empty() {
+                    continue;
+                }
+                for (comm, rank) in make(name, &group, &here)?.into_iter().zip(here) {
+                    out[rank] = Some(comm);
+                }
             }
-        }
-        Ok(out)
-    };
+            Ok(out)
+        };
     let mut sp_groups: Vec<Vec<usize>> = Vec::new();
     for r in 0..n {
         let g = mesh.sp_group(r);
@@ -39,21 +49,25 @@ pub fn rank_groups(mesh: &Mesh, make: &mut MakeGroup) -> Result<Vec<RankGroups>>
             sp_groups.push(g);
         }
     }
-    let mut world = by_axis(vec![(0..n).collect()])?;
-    let mut sp = by_axis(sp_groups)?;
-    let mut uly = by_axis(mesh.groups(Axis::Ulysses))?;
-    let mut ring = by_axis(mesh.groups(Axis::Ring))?;
-    let mut cfg = by_axis(mesh.groups(Axis::Cfg))?;
-    (0..n)
-        .map(|r| {
+    let mut world = by_axis("world", vec![(0..n).collect()])?;
+    let mut sp = by_axis("sp", sp_groups)?;
+    let mut uly = by_axis("ulysses", mesh.groups(Axis::Ulysses))?;
+    let mut ring = by_axis("ring", mesh.groups(Axis::Ring))?;
+    let mut cfg = by_axis("cfg", mesh.groups(Axis::Cfg))?;
+    local
+        .iter()
+        .map(|&r| {
             let missing =
                 || Error::Candle(candle_core::Error::Msg(format!("rank {r} is in no group")));
+            let take = |v: &mut Vec<Option<Arc<dyn Communicator>>>| {
+                v.get_mut(r).and_then(Option::take).ok_or_else(missing)
+            };
             Ok(RankGroups {
-                world: world[r].take().ok_or_else(missing)?,
-                sp: sp[r].take().ok_or_else(missing)?,
-                ulysses: uly[r].take().ok_or_else(missing)?,
-                ring: ring[r].take().ok_or_else(missing)?,
-                cfg: cfg[r].take().ok_or_else(missing)?,
+                world: take(&mut world)?,
+                sp: take(&mut sp)?,
+                ulysses: take(&mut uly)?,
+                ring: take(&mut ring)?,
+                cfg: take(&mut cfg)?,
             })
         })
         .collect()
@@ -61,7 +75,8 @@ pub fn rank_groups(mesh: &Mesh, make: &mut MakeGroup) -> Result<Vec<RankGroups>>
 
 /// In-process communicators ([`LocalComm`]) for every rank of `mesh`.
 fn local_groups(mesh: &Mesh) -> Result<Vec<RankGroups>> {
-    rank_groups(mesh, &mut |g| {
+    let all: Vec<usize> = (0..mesh.world()).collect();
+    rank_groups(mesh, &all, &mut |_, g, _| {
         Ok(LocalComm::group(g.len())
             .into_iter()
             .map(|c| Arc::new(c) as Arc<dyn Communicator>)
@@ -128,25 +143,22 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
     Ok(mesh)
 }
 
-/// One GPU per rank, one worker thread per GPU, NCCL between them. `replicas[r - 1]` and
-/// `vaes[r - 1]` are rank r's transformer and autoencoder on `devices[r]` for r >= 1 (rank 0 runs
-/// the pipeline's own, on `devices[0]`, which must be the pipeline's device). Text encoding stays
-/// on rank 0's GPU; the decode is split in row bands over every GPU (halo rows and GroupNorm
-/// statistics through NCCL), the image gathered on rank 0's.
+/// One GPU per rank, one worker thread per GPU, NCCL between them. Rank r runs `models[r]` and
+/// `vaes[r]` on `devices[r]`; rank 0's are the pipeline's own (on its device). Text encoding
+/// stays on rank 0's GPU; the decode is split in row bands over every GPU (halo rows and
+/// GroupNorm statistics through NCCL), the image gathered on rank 0's.
 #[cfg(feature = "cuda")]
 pub fn generate_on_gpus(
     p: &Pipeline,
-    replicas: &[crate::model::flux::Flux],
-    vaes: &[crate::model::vae::AutoEncoder],
+    models: &[&crate::model::flux::Flux],
+    vaes: &[&crate::model::vae::AutoEncoder],
     devices: &[Device],
     layout: ParallelLayout,
     req: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let mesh = check_layout(p, layout, req)?;
-    if devices.len() != mesh.world()
-        || replicas.len() + 1 != mesh.world()
-        || vaes.len() + 1 != mesh.world()
+    if devices.len() != mesh.world() || models.len() != mesh.world() || vaes.len() != mesh.world()
     {
         return Err(Error::setting(
             "devices",
@@ -154,24 +166,21 @@ pub fn generate_on_gpus(
             format!("the layout needs {} (one per rank)", mesh.world()),
         ));
     }
-    let groups = rank_groups(&mesh, &mut |g| {
+    let all: Vec<usize> = (0..mesh.world()).collect();
+    let groups = rank_groups(&mesh, &all, &mut |_, g, _| {
         let devs: Vec<Device> = g.iter().map(|&r| devices[r].clone()).collect();
         Ok(super::nccl::NcclComm::new_group(&devs)?
             .into_iter()
             .map(|c| Arc::new(c) as Arc<dyn Communicator>)
             .collect())
     })?;
-    let mut models = vec![&p.flux];
-    models.extend(replicas.iter());
     // The world communicators outlive the denoising loop: the decode uses them.
     let worlds: Vec<Arc<dyn Communicator>> = groups.iter().map(|g| g.world.clone()).collect();
-    let decode = |vae: &crate::model::vae::AutoEncoder, z: &Tensor| -> Result<Tensor> {
-        let mut all = vec![vae];
-        all.extend(vaes.iter());
+    let decode = |_: &crate::model::vae::AutoEncoder, z: &Tensor| -> Result<Tensor> {
         let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
-        Ok(super::vae::decode_across(&all, &comms, z)?)
+        Ok(super::vae::decode_across(vaes, &comms, z)?)
     };
-    generate_ranks(p, &mesh, &models, groups, req, progress, &decode)
+    generate_ranks(p, &mesh, models, groups, req, progress, &decode)
 }
 
 /// A copy of `job` on `device` (every rank's inputs live on its own GPU).
@@ -213,10 +222,15 @@ fn generate_ranks(
     decode: &crate::pipeline::LatentDecoder,
 ) -> Result<Generated> {
     let groups = std::sync::Mutex::new(groups.into_iter().map(Some).collect::<Vec<_>>());
-    p.generate_with(
-        req,
-        progress,
-        &mut |_, job, on_step| {
+    let prep = p.prepare(req, progress)?;
+    let job = &prep.job;
+    let mut log = crate::pipeline::StepLog::default();
+    let (x, stats) = {
+        let on_step = &mut |info: &StepInfo| -> Result<()> {
+            log.record(info);
+            progress(Progress::Step(info))
+        };
+        {
             // candle queues each host thread's GPU work on that thread's own stream: the job's
             // tensors must be written before the rank threads read them.
             job.x.device().synchronize()?;
@@ -306,9 +320,9 @@ fn generate_ranks(
                 let (x, stats): (Tensor, CacheStats) = results.swap_remove(0);
                 Ok((x, stats))
             })
-        },
-        decode,
-    )
+        }
+    }?;
+    p.finish(prep, x, stats, log, decode, progress)
 }
 
 /// The communicators one rank uses: everyone (to agree on cancelling), its sequence-parallel
@@ -341,38 +355,12 @@ pub fn denoise_rank(
         groups.ring.clone(),
     ));
     let model = super::sp::replica(flux, groups.sp.clone(), attn);
-    let mut policy = cache::policy_for(job.cache_threshold);
-    let mut neg_policy = cache::policy_for(job.cache_threshold);
-    // With a CFG pair, this rank runs one branch and trades velocities with its twin; otherwise
-    // it runs both branches itself (if true CFG is on at all).
-    let negative_branch = mesh.coords(rank).cfg == 1;
-    let (cond, cfg) = match (&job.neg, mesh.layout().cfg) {
-        (Some(neg), 2) => (
-            if negative_branch { neg } else { &job.cond },
-            Some(sampler::TrueCfg::Split {
-                group: groups.cfg.as_ref(),
-                scale: job.true_cfg,
-            }),
-        ),
-        (Some(neg), _) => (
-            &job.cond,
-            Some(sampler::TrueCfg::Local {
-                neg,
-                policy: neg_policy.as_mut(),
-                scale: job.true_cfg,
-            }),
-        ),
-        (None, _) => (&job.cond, None),
-    };
-    sampler::denoise_cfg(
+    // With a CFG pair, this rank runs one branch and trades velocities with its twin.
+    let cfg_pair = (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
+    crate::pipeline::denoise(
         &model,
-        cond,
-        &job.pe,
-        job.x.clone(),
-        &job.timesteps,
-        Some(job.guidance),
-        policy.as_mut(),
-        cfg,
+        job,
+        cfg_pair,
         &mut |info| {
             if rank == 0 {
                 report(info)?;

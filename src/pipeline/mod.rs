@@ -207,15 +207,6 @@ pub struct DenoiseJob {
     pub cache_threshold: f64,
 }
 
-/// Runs the denoising loop of a job on a model, reporting each step; returns the final packed
-/// latent and the cache statistics.
-pub type Denoiser<'a> = dyn FnMut(
-        &Flux,
-        &DenoiseJob,
-        &mut dyn FnMut(&StepInfo) -> Result<()>,
-    ) -> Result<(Tensor, CacheStats)>
-    + 'a;
-
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
 pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
 
@@ -441,43 +432,24 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
-        self.generate_with(
-            req,
-            progress,
-            &mut |flux, job, on_step| {
-                let mut policy = cache::policy_for(job.cache_threshold);
-                let mut neg_policy = cache::policy_for(job.cache_threshold);
-                let cfg = job.neg.as_ref().map(|neg| sampler::TrueCfg::Local {
-                    neg,
-                    policy: neg_policy.as_mut(),
-                    scale: job.true_cfg,
-                });
-                sampler::denoise_cfg(
-                    flux,
-                    &job.cond,
-                    &job.pe,
-                    job.x.clone(),
-                    &job.timesteps,
-                    Some(job.guidance),
-                    policy.as_mut(),
-                    cfg,
-                    on_step,
-                )
-            },
-            &|vae, z| Ok(vae.decode(z)?),
-        )
+        let prep = self.prepare(req, progress)?;
+        let mut log = StepLog::default();
+        let (x, stats) = denoise(&self.flux, &prep.job, None, &mut |info| {
+            log.record(info);
+            progress(Progress::Step(info))
+        })?;
+        self.finish(prep, x, stats, log, &|vae, z| Ok(vae.decode(z)?), progress)
     }
 
-    /// [`Pipeline::generate`] with the denoising loop supplied by the caller (the parallel engine
-    /// runs it on several workers); text encoding, noise, schedule and decoding stay here.
-    pub fn generate_with(
+    /// The first stage of a generation: settings checked, text encoded, noise and schedule made.
+    /// The caller runs the denoising loop on [`Prepared::job`] (one device: [`denoise`]; ranks:
+    /// the parallel engine), then hands the latent to [`Pipeline::finish`].
+    pub fn prepare(
         &self,
         req: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> Result<()>,
-        denoise: &mut Denoiser,
-        decode: &LatentDecoder,
-    ) -> Result<Generated> {
-        let total_start = Instant::now();
+    ) -> Result<Prepared> {
+        let started = Instant::now();
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
         let use_cfg = settings.true_cfg > 1.0;
@@ -541,15 +513,29 @@ impl Pipeline {
             guidance: settings.guidance,
             cache_threshold: settings.cache_threshold,
         };
-        let mut steps_ms = Vec::with_capacity(settings.steps);
-        let mut steps_queued_ms = Vec::with_capacity(settings.steps);
-        let (x, stats) = denoise(&self.flux, &job, &mut |info| {
-            steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
-            steps_queued_ms.push(info.queued.as_secs_f64() * 1e3);
-            progress(Progress::Step(info))
-        })?;
+        Ok(Prepared {
+            job,
+            settings,
+            notes,
+            text_ms,
+            latent_hw: (lh, lw),
+            started,
+        })
+    }
 
+    /// The last stage: the denoised packed latent `x` decoded by `decode` (one device, or row
+    /// bands over workers) into the image, with the run's statistics and timings.
+    pub fn finish(
+        &self,
+        prep: Prepared,
+        x: Tensor,
+        stats: CacheStats,
+        log: StepLog,
+        decode: &LatentDecoder,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<Generated> {
         let t0 = Instant::now();
+        let (lh, lw) = prep.latent_hw;
         let latent = unpack_latent(&x, lh, lw)?;
         let decoded = decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?;
         let mut image = RgbImage::from_tensor(&decoded)?;
@@ -561,18 +547,87 @@ impl Pipeline {
 
         Ok(Generated {
             image,
-            settings,
+            settings: prep.settings,
             stats,
             timings: Timings {
-                text_ms,
-                steps_ms,
-                steps_queued_ms,
+                text_ms: prep.text_ms,
+                steps_ms: log.steps_ms,
+                steps_queued_ms: log.steps_queued_ms,
                 vae_ms,
-                total_ms: total_start.elapsed().as_secs_f64() * 1e3,
+                total_ms: prep.started.elapsed().as_secs_f64() * 1e3,
             },
-            notes,
+            notes: prep.notes,
         })
     }
+}
+
+/// A generation between [`Pipeline::prepare`] and [`Pipeline::finish`]: the denoising loop's
+/// inputs and what the image's record needs afterwards.
+pub struct Prepared {
+    pub job: DenoiseJob,
+    pub settings: GenerationSettings,
+    notes: Vec<String>,
+    text_ms: f64,
+    /// Latent rows and columns (H/8, W/8).
+    latent_hw: (usize, usize),
+    started: Instant,
+}
+
+/// Each step's time, as the denoising loop reports them.
+#[derive(Debug, Default)]
+pub struct StepLog {
+    steps_ms: Vec<f64>,
+    steps_queued_ms: Vec<f64>,
+}
+
+impl StepLog {
+    pub fn record(&mut self, info: &StepInfo) {
+        self.steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
+        self.steps_queued_ms.push(info.queued.as_secs_f64() * 1e3);
+    }
+}
+
+/// The denoising loop of `job` on `flux`, with its cache policies and true CFG set up once for
+/// every caller. `cfg_pair`: with CFG parallelism, this worker's twin (the other branch's
+/// worker) and whether this worker runs the negative branch; without it, a worker runs both
+/// branches itself when true CFG is on. Returns the final packed latent and the cache counts.
+pub fn denoise(
+    flux: &Flux,
+    job: &DenoiseJob,
+    cfg_pair: Option<(&dyn crate::parallel::comm::Communicator, bool)>,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    let mut policy = cache::policy_for(job.cache_threshold);
+    let mut neg_policy = cache::policy_for(job.cache_threshold);
+    let (cond, cfg) = match (&job.neg, cfg_pair) {
+        (Some(neg), Some((group, negative_branch))) => (
+            if negative_branch { neg } else { &job.cond },
+            Some(sampler::TrueCfg::Split {
+                group,
+                scale: job.true_cfg,
+            }),
+        ),
+        (Some(neg), None) => (
+            &job.cond,
+            Some(sampler::TrueCfg::Local {
+                neg,
+                policy: neg_policy.as_mut(),
+                scale: job.true_cfg,
+            }),
+        ),
+        (None, _) => (&job.cond, None),
+    };
+    sampler::denoise_cfg(
+        flux,
+        cond,
+        &job.pe,
+        job.x.clone(),
+        &job.timesteps,
+        Some(job.guidance),
+        policy.as_mut(),
+        cfg,
+        on_step,
+    )
 }
 
 /// Count of steps a cache skipped, as a short human string.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::parallel::mesh::ParallelLayout;
+use crate::engine::Placement;
 use crate::pipeline::metrics::Quality;
 use crate::pipeline::preview::{Latent, PreviewFactors};
 use crate::pipeline::{GenerateRequest, Generated};
@@ -62,27 +62,33 @@ pub fn compare_thresholds(thresholds: &[f64]) -> Vec<f64> {
     out
 }
 
-/// Which model on which workers. Changing `model` or `device` reloads the weights; changing the
-/// layout or worker count does not.
+/// Which model on which workers. Changing `model` reloads the weights; changing the placement
+/// does not (rank 0's device aside, the engine loads what a plan needs at the job and keeps it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineSpec {
     /// `demo`, `random:dev`, a repo id, a file or a folder (as `parallax generate --model`).
+    #[serde(default = "demo")]
     pub model: String,
-    /// `cpu`, `cuda`, `cuda:N`.
-    pub device: String,
-    /// CPU worker threads standing in for GPUs (1: the plain single-device loop).
-    pub workers: usize,
-    /// `None`: pick the layout for the workers (`--parallel auto`).
-    pub layout: Option<ParallelLayout>,
+    /// The devices and the layout (`--devices`, `--ulysses`, ..., `--parallel auto`).
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+fn demo() -> String {
+    "demo".into()
 }
 
 impl Default for EngineSpec {
     fn default() -> Self {
+        Self::new(demo(), Placement::default())
+    }
+}
+
+impl EngineSpec {
+    pub fn new(model: impl Into<String>, placement: Placement) -> Self {
         Self {
-            model: "demo".into(),
-            device: "cpu".into(),
-            workers: 1,
-            layout: None,
+            model: model.into(),
+            placement,
         }
     }
 }
@@ -123,9 +129,15 @@ pub enum Event {
         job: JobId,
         position: usize,
     },
+    /// Work a job does before it starts (loading the model on the devices its plan adds).
+    Preparing {
+        job: JobId,
+        what: String,
+    },
     Started {
         job: JobId,
         images: usize,
+        /// The plan, as [`crate::engine::Plan::describe`] says it.
         layout: String,
     },
     /// Text encoded for image `image` of the job.
@@ -170,6 +182,7 @@ impl Event {
     pub fn job(&self) -> Option<JobId> {
         match self {
             Event::Queued { job, .. }
+            | Event::Preparing { job, .. }
             | Event::Started { job, .. }
             | Event::TextEncoded { job, .. }
             | Event::Step { job, .. }

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 pub use events::{EngineSpec, Event, ImageResult, JobId, JobSpec};
 pub use gallery::Gallery;
-pub use worker::layout_for;
 
 use crate::error::{Error, Result};
 use worker::{Worker, WorkerMsg};

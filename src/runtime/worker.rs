@@ -1,6 +1,8 @@
-//! The engine thread: owns the loaded model and runs jobs one at a time, streaming events.
-//! Models stay loaded between jobs; a new [`EngineSpec`] reloads only when the model or device
-//! changed (a new layout or worker count needs no reload: the workers are made per image).
+//! The engine thread: owns the [`Engine`] (the loaded model and its replicas) and runs jobs one
+//! at a time, streaming events. Models stay loaded between jobs; a new [`EngineSpec`] reloads
+//! only when the model changed. A new placement needs no reload: each job's plan loads what it
+//! lacks on the devices it names (GPU replicas stay loaded for later jobs), and CPU worker threads
+//! share the one CPU model.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,12 +12,11 @@ use std::time::Instant;
 use super::events::{EngineSpec, Event, ImageResult, JobId, JobSpec};
 use super::gallery::Gallery;
 use super::Emitter;
-use crate::cli::{load_pipeline, DTypeArg, ModelArgs};
+use crate::engine::{gpus_present, Engine, ModelChoice};
 use crate::error::Error;
-use crate::parallel::mesh::{Mesh, ParallelLayout};
 use crate::pipeline::metrics;
 use crate::pipeline::preview::{Latent, PreviewFactors};
-use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
+use crate::pipeline::{Generated, Progress};
 
 pub(crate) enum WorkerMsg {
     Configure(EngineSpec),
@@ -28,8 +29,7 @@ pub(crate) enum WorkerMsg {
 
 struct Loaded {
     model: String,
-    device: String,
-    pipeline: Pipeline,
+    engine: Engine,
 }
 
 pub(crate) struct Worker {
@@ -37,24 +37,6 @@ pub(crate) struct Worker {
     loaded: Option<Loaded>,
     gallery: Option<Gallery>,
     emit: Emitter,
-}
-
-/// Which layout `spec` runs `req` with on its workers, and why (`None`: one worker).
-pub fn layout_for(
-    spec: &EngineSpec,
-    heads: usize,
-    req: &GenerateRequest,
-) -> crate::Result<Option<(ParallelLayout, String)>> {
-    if spec.workers <= 1 {
-        return Ok(None);
-    }
-    let true_cfg = req.true_cfg.unwrap_or(1.0) > 1.0 && req.negative_prompt.is_some();
-    let (layout, why) = match spec.layout {
-        Some(l) => (l, "layout set by hand".to_string()),
-        None => ParallelLayout::auto(spec.workers, heads, true_cfg),
-    };
-    Mesh::new(layout, spec.workers, heads)?;
-    Ok(Some((layout, why)))
 }
 
 impl Worker {
@@ -110,25 +92,23 @@ impl Worker {
 
     fn ensure_loaded(&mut self) -> crate::Result<()> {
         let spec = self.spec.clone();
-        if let Some(l) = &self.loaded {
-            if l.model == spec.model && l.device == spec.device {
-                return Ok(());
-            }
+        if self.loaded.as_ref().is_some_and(|l| l.model == spec.model) {
+            return Ok(());
         }
         // Free the old model before loading the new one (GPU memory).
         self.loaded = None;
         self.emit.emit(Event::ModelLoading { spec: spec.clone() });
         let t0 = Instant::now();
-        let args = ModelArgs {
-            model: spec.model.clone(),
-            text_encoders: None,
-            dtype: DTypeArg::Auto,
-            device: spec.device.clone(),
-        };
-        let pipeline = match load_pipeline(&args) {
-            Ok(p) => p,
+        // The model loads where rank 0 of this placement runs.
+        let engine = spec
+            .placement
+            .devices
+            .rank_names(gpus_present())
+            .and_then(|ranks| Engine::load(ModelChoice::named(spec.model.clone()), &ranks[0]));
+        let engine = match engine {
+            Ok(e) => e,
             Err(e) => {
-                let error = format!("{e:#}");
+                let error = e.to_string();
                 self.emit.emit(Event::ModelFailed {
                     spec,
                     error: error.clone(),
@@ -136,6 +116,7 @@ impl Worker {
                 return Err(Error::Image(error));
             }
         };
+        let pipeline = engine.primary();
         let summary = format!(
             "{} ({}), {} double + {} single blocks, on {}",
             pipeline.label,
@@ -161,8 +142,7 @@ impl Worker {
         }
         self.loaded = Some(Loaded {
             model: spec.model,
-            device: spec.device,
-            pipeline,
+            engine,
         });
         Ok(())
     }
@@ -174,30 +154,32 @@ impl Worker {
             return Err(Error::Cancelled);
         }
         self.ensure_loaded()?;
+        let placement = self.spec.placement.clone();
         let loaded = self
             .loaded
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Error::Image("no model loaded".into()))?;
-        let p = &loaded.pipeline;
         let reqs = spec.requests();
-        let heads = p.flux.config().num_heads;
-        let first = layout_for(&self.spec, heads, &reqs[0])?;
+        // The requests of a job differ only in their cache threshold: one plan serves all.
+        let plan = loaded.engine.plan(&placement, &reqs[0])?;
+        let emit = self.emit.clone();
+        loaded.engine.prepare(&plan, reqs.len(), &mut |device| {
+            emit.emit(Event::Preparing {
+                job,
+                what: format!("loading the model on {device}"),
+            })
+        })?;
+        let engine = &self.loaded.as_ref().ok_or_else(|| Error::Image("no model loaded".into()))?.engine;
         self.emit.emit(Event::Started {
             job,
             images: reqs.len(),
-            layout: match &first {
-                None => "one worker".into(),
-                Some((l, why)) => format!(
-                    "{} workers: dp {} x cfg {} x ring {} x ulysses {} ({why})",
-                    self.spec.workers, l.dp, l.cfg, l.ring, l.ulysses
-                ),
-            },
+            layout: plan.describe(),
         });
 
         // Data parallelism over a compare sweep: all images at once, no per-step previews.
-        if let (JobSpec::Compare { .. }, Some((l, _))) = (spec, &first) {
-            if l.dp > 1 {
-                let results = crate::parallel::engine::generate_many(p, *l, &reqs);
+        if let JobSpec::Compare { .. } = spec {
+            if plan.layout.dp > 1 {
+                let results = engine.generate_many(&plan, &reqs);
                 let mut reference: Option<Generated> = None;
                 for (i, r) in results.into_iter().enumerate() {
                     let g = r?;
@@ -237,11 +219,7 @@ impl Worker {
                 }
                 Ok(())
             };
-            // The requests of a job differ only in their cache threshold: one layout serves all.
-            let g = match &first {
-                None => p.generate(req, &mut progress)?,
-                Some((l, _)) => crate::parallel::engine::generate(p, *l, req, &mut progress)?,
-            };
+            let g = engine.generate(&plan, req, &mut progress)?;
             self.finish_image(job, i, g, &mut reference);
         }
         Ok(t0.elapsed().as_secs_f64() * 1e3)

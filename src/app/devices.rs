@@ -1,0 +1,109 @@
+//! The devices panel: the GPUs found (name, memory) to tick, CPU worker threads when there are
+//! none (or by choice), the device list as text for what ticks cannot say (`cuda:0,0`), the
+//! layout (auto or degrees by hand), and the plan that will run and why — the engine's own
+//! [`crate::engine::Placement::plan`] text, the same the CLI prints and `info` shows.
+
+use egui::{Color32, RichText};
+
+use super::state::Settings;
+use crate::device::GpuInfo;
+use crate::engine::Devices;
+
+/// Show the panel; edits go straight into `settings` (`device` holds the device list, `workers`
+/// the CPU threads when it says `cpu`). `heads`: the loaded model's attention heads.
+pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo], heads: usize) {
+    ui.label("Devices and layout");
+    let parsed = Devices::parse(&settings.device);
+    let on_gpus = matches!(parsed, Ok(Devices::AllGpus | Devices::Gpus(_)));
+    if gpus.is_empty() {
+        ui.label(
+            RichText::new("No GPUs found (CPU build or no CUDA device): CPU worker threads stand in.")
+                .small()
+                .weak(),
+        );
+    } else {
+        let mut use_gpus = on_gpus;
+        ui.horizontal(|ui| {
+            if ui.radio_value(&mut use_gpus, false, "CPU").clicked() {
+                settings.device = "cpu".into();
+            }
+            if ui.radio_value(&mut use_gpus, true, "GPUs").clicked() && !on_gpus {
+                settings.device = "cuda:0".into();
+            }
+        });
+        if use_gpus {
+            gpu_ticks(ui, settings, gpus);
+        }
+    }
+    egui::Grid::new("devices").num_columns(2).show(ui, |ui| {
+        let l = ui.label("Device list");
+        ui.add(
+            egui::TextEdit::singleline(&mut settings.device)
+                .desired_width(110.0)
+                .hint_text("cpu, cuda:0,1, cuda:0,0"),
+        )
+        .labelled_by(l.id)
+        .on_hover_text(
+            "cpu, cpu:N (N worker threads), cuda (every GPU), cuda:0,1 (those GPUs, one rank each), \
+             cuda:0,0 (one GPU twice: data-parallel groups of one GPU each)",
+        );
+        ui.end_row();
+        if matches!(Devices::parse(&settings.device), Ok(Devices::Cpu(1))) {
+            let l = ui.label("CPU workers");
+            ui.add(egui::DragValue::new(&mut settings.workers).range(1..=64))
+                .labelled_by(l.id);
+            ui.end_row();
+        }
+    });
+    ui.checkbox(&mut settings.layout_auto, "auto layout");
+    if !settings.layout_auto {
+        ui.horizontal(|ui| {
+            for (label, v) in [
+                ("ulysses", &mut settings.ulysses),
+                ("ring", &mut settings.ring),
+                ("cfg", &mut settings.cfg),
+                ("dp", &mut settings.dp),
+            ] {
+                let l = ui.label(label);
+                ui.add(egui::DragValue::new(v).range(1..=64)).labelled_by(l.id);
+            }
+        });
+    }
+    match settings.layout_check(heads) {
+        Ok(s) => ui.label(RichText::new(format!("Will run: {s}")).small()),
+        Err(e) => ui.colored_label(Color32::LIGHT_RED, e),
+    };
+}
+
+/// A tick box per GPU; the ticked ones become the device list (`cuda:0,2`).
+fn gpu_ticks(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo]) {
+    let chosen: Vec<usize> = match Devices::parse(&settings.device) {
+        Ok(Devices::AllGpus) => gpus.iter().map(|g| g.index).collect(),
+        Ok(Devices::Gpus(list)) => list,
+        _ => Vec::new(),
+    };
+    let mut ticked: Vec<bool> = gpus.iter().map(|g| chosen.contains(&g.index)).collect();
+    let mut changed = false;
+    for (g, tick) in gpus.iter().zip(ticked.iter_mut()) {
+        let text = format!(
+            "cuda:{}  {}  {:.0} GiB",
+            g.index,
+            g.name,
+            g.memory as f64 / (1u64 << 30) as f64
+        );
+        changed |= ui.checkbox(tick, text).changed();
+    }
+    if changed {
+        let list: Vec<String> = gpus
+            .iter()
+            .zip(&ticked)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g.index.to_string())
+            .collect();
+        settings.device = if list.is_empty() {
+            "cpu".into()
+        } else {
+            format!("cuda:{}", list.join(","))
+        };
+    }
+}

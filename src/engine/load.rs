@@ -1,0 +1,110 @@
+//! Loading a model for the engine: which model (by the `--model` grammar), in which dtype, on
+//! which device, and the model's transformer config read from the files' headers without
+//! loading any weights (so a placement can be checked against the heads before 24 GB load).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::model::flux::FluxConfig;
+use crate::model::layout::{self, ModelSpec, Resolved, TransformerLayout, Variant};
+use crate::model::weights::SafetensorsSet;
+use crate::pipeline::Pipeline;
+
+/// The dtype the weights run in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DTypeChoice {
+    /// f32 for the demo model, bf16 for real weights.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Which model to load: a `--model` value, where the text encoders are, the dtype.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelChoice {
+    /// `demo`, `random:dev`, `dev`/`schnell`/a repo id, a file or a folder.
+    pub model: String,
+    /// Folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (default: the
+    /// model's folder).
+    pub text_encoders: Option<PathBuf>,
+    pub dtype: DTypeChoice,
+}
+
+impl ModelChoice {
+    pub fn named(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            text_encoders: None,
+            dtype: DTypeChoice::Auto,
+        }
+    }
+
+    pub fn resolve(&self) -> Result<Resolved> {
+        layout::resolve(&self.model, self.text_encoders.as_deref())
+    }
+}
+
+impl Default for ModelChoice {
+    fn default() -> Self {
+        Self::named("demo")
+    }
+}
+
+fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
+    match (choice, spec) {
+        (DTypeChoice::Auto, ModelSpec::Demo) => DType::F32,
+        (DTypeChoice::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
+        (DTypeChoice::Auto, _) => DType::BF16,
+        (DTypeChoice::F32, _) => DType::F32,
+        (DTypeChoice::Bf16, _) => DType::BF16,
+        (DTypeChoice::F16, _) => DType::F16,
+    }
+}
+
+/// Resolve and load `choice` on `device` (`cpu`, `cuda`, `cuda:N`).
+pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
+    let dev = crate::device::parse(device)?;
+    let resolved = choice.resolve()?;
+    for r in &resolved.reasons {
+        tracing::info!("{r}");
+    }
+    let dtype = dtype_for(choice.dtype, &resolved.spec);
+    if matches!(resolved.spec, ModelSpec::Demo)
+        && choice.dtype != DTypeChoice::Auto
+        && dtype != DType::F32
+    {
+        tracing::warn!("the demo model always runs in f32");
+    }
+    let t0 = Instant::now();
+    let p = Pipeline::load(&resolved, &choice.model, dtype, &dev)
+        .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
+    // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
+    // groups) queue on streams of their own.
+    crate::device::synchronize(p.device())?;
+    tracing::info!(
+        "model loaded on {device} in {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(p)
+}
+
+/// The transformer config of a resolved model, from the files' headers alone (no weights read).
+pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
+    match &resolved.spec {
+        ModelSpec::Demo => Ok(FluxConfig::tiny()),
+        ModelSpec::Random(Variant::Schnell) => Ok(FluxConfig::schnell()),
+        ModelSpec::Random(_) => Ok(FluxConfig::dev()),
+        ModelSpec::Files(f) => match &f.transformer_layout {
+            TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
+                layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))
+            }
+            l => layout::infer_flux_config(&SafetensorsSet::open(&f.transformer)?, l),
+        },
+    }
+}

@@ -1,0 +1,300 @@
+//! The engine every front end drives: a loaded model, the replicas a placement needs, and one
+//! entry point that runs a generation on any placement — one device, CPU worker threads, GPUs
+//! over NCCL, data-parallel groups. The CLI, the runtime (and through it the studio) translate
+//! their inputs into [`ModelChoice`] and [`Placement`] and call this; none of them parses device
+//! lists, chooses layouts, builds process groups or loads replicas itself.
+//!
+//! - [`placement`]: the device-list grammar, the degrees, the layout choice, [`Plan`].
+//! - [`load`]: loading a model on a device; its config from the file headers.
+//!
+//! Loaded pipelines are kept by slot (device, copy) and reused by later plans: CPU ranks share
+//! one model on the CPU; each GPU rank gets a pipeline on its GPU; a GPU named twice (data-parallel
+//! groups of one GPU each sharing it) gets a second copy with its own handles, since two threads
+//! must not share candle's cuBLAS handle.
+
+pub mod load;
+pub mod placement;
+
+use crate::error::{Error, Result};
+use crate::parallel::mesh::ParallelLayout;
+use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
+
+pub use load::{load_pipeline, model_config, DTypeChoice, ModelChoice};
+pub use placement::{Degrees, Devices, LayoutChoice, Placement, Plan};
+
+/// Where a loaded pipeline lives: its device and, for a GPU named several times, which copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    device: String,
+    copy: usize,
+}
+
+/// GPUs present on this machine (0 in builds without the `cuda` feature).
+pub fn gpus_present() -> usize {
+    crate::device::cuda_device_count()
+}
+
+/// A model loaded for a series of plans.
+pub struct Engine {
+    choice: ModelChoice,
+    /// The first entry is the pipeline loaded first ([`Engine::primary`]).
+    loaded: Vec<(Slot, Pipeline)>,
+}
+
+impl Engine {
+    /// Load `choice` on `device` (`cpu` or `cuda:N`: where rank 0 of the plans to come runs).
+    pub fn load(choice: ModelChoice, device: &str) -> Result<Self> {
+        let p = load_pipeline(&choice, device)?;
+        Ok(Self {
+            choice,
+            loaded: vec![(
+                Slot {
+                    device: device.to_string(),
+                    copy: 0,
+                },
+                p,
+            )],
+        })
+    }
+
+    pub fn choice(&self) -> &ModelChoice {
+        &self.choice
+    }
+
+    /// The pipeline loaded first (its label, variant, config and text encoders speak for all).
+    pub fn primary(&self) -> &Pipeline {
+        &self.loaded[0].1
+    }
+
+    /// The device the first pipeline was loaded on.
+    pub fn primary_device(&self) -> &str {
+        &self.loaded[0].0.device
+    }
+
+    /// Check `placement` for requests like `req` on this model and the GPUs present.
+    pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
+        placement.plan(
+            self.primary().flux.config().num_heads,
+            wants_true_cfg(req),
+            gpus_present(),
+        )
+    }
+
+    /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k.
+    fn slots(plan: &Plan) -> Vec<Slot> {
+        plan.ranks
+            .iter()
+            .enumerate()
+            .map(|(r, d)| Slot {
+                device: d.clone(),
+                copy: if d == "cpu" {
+                    0
+                } else {
+                    plan.ranks[..r].iter().filter(|e| *e == d).count()
+                },
+            })
+            .collect()
+    }
+
+    /// Load what `plan` needs for `images` images (only the data-parallel groups that will have
+    /// work), reusing what is loaded already. `on_load` hears each device before it loads.
+    pub fn prepare(
+        &mut self,
+        plan: &Plan,
+        images: usize,
+        on_load: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let groups = plan.layout.dp.clamp(1, images.max(1));
+        let used = groups * plan.group_size();
+        let needed: Vec<Slot> = Self::slots(plan).into_iter().take(used).collect();
+        // GPU copies this plan leaves idle are freed (their memory may be what the plan needs);
+        // the first pipeline and the CPU model stay.
+        let mut index = 0;
+        self.loaded.retain(|(s, _)| {
+            index += 1;
+            index == 1 || s.device == "cpu" || needed.contains(s)
+        });
+        for slot in needed {
+            if self.loaded.iter().any(|(s, _)| *s == slot) {
+                continue;
+            }
+            on_load(&slot.device);
+            let p = load_pipeline(&self.choice, &slot.device)
+                .map_err(|e| e.loading(format!("a replica for {}", slot.device)))?;
+            self.loaded.push((slot, p));
+        }
+        Ok(())
+    }
+
+    fn pipeline(&self, slot: &Slot) -> Result<&Pipeline> {
+        self.loaded
+            .iter()
+            .find(|(s, _)| s == slot)
+            .map(|(_, p)| p)
+            .ok_or_else(|| {
+                Error::setting(
+                    "devices",
+                    &slot.device,
+                    "no model loaded there: call Engine::prepare with the plan first",
+                )
+            })
+    }
+
+    /// One image on `plan` (on its first data-parallel group when it has several), reporting
+    /// progress from rank 0.
+    pub fn generate(
+        &self,
+        plan: &Plan,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<Generated> {
+        self.on_group(plan, 0, req, progress)
+    }
+
+    /// Every request of `reqs`, spread over `plan`'s data-parallel groups running at once (group
+    /// g takes requests g, g + dp, ...); results in request order. No per-step progress.
+    pub fn generate_many(&self, plan: &Plan, reqs: &[GenerateRequest]) -> Vec<Result<Generated>> {
+        if !plan.is_gpu() {
+            // CPU groups share the one CPU model.
+            return match self.pipeline(&Self::slots(plan)[0]) {
+                Ok(p) => crate::parallel::engine::generate_many(p, plan.layout, reqs),
+                Err(e) => {
+                    let e = e.to_string();
+                    reqs.iter().map(|_| Err(Error::Image(e.clone()))).collect()
+                }
+            };
+        }
+        crate::parallel::engine::over_groups(plan.layout.dp, reqs, |g, req| {
+            self.on_group(plan, g, req, &mut |_| Ok(()))
+        })
+    }
+
+    /// One image on data-parallel group `g` of `plan`.
+    fn on_group(
+        &self,
+        plan: &Plan,
+        g: usize,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<Generated> {
+        let per = plan.group_size();
+        let slots: Vec<Slot> = Self::slots(plan).into_iter().skip(g * per).take(per).collect();
+        let head = self.pipeline(slots.first().ok_or_else(|| {
+            Error::setting("parallel layout", g, "no such data-parallel group")
+        })?)?;
+        let inner = ParallelLayout {
+            dp: 1,
+            ..plan.layout
+        };
+        if inner.world() == 1 {
+            return head.generate(req, progress);
+        }
+        if !plan.is_gpu() {
+            return crate::parallel::engine::generate(head, inner, req, progress);
+        }
+        let pipes = slots
+            .iter()
+            .map(|s| self.pipeline(s))
+            .collect::<Result<Vec<_>>>()?;
+        on_gpus(&pipes, inner, req, progress)
+    }
+}
+
+/// One image over GPU ranks: rank r runs `pipes[r]` (rank 0's is the group's head, whose text
+/// encoders run), NCCL between them.
+#[cfg(feature = "cuda")]
+fn on_gpus(
+    pipes: &[&Pipeline],
+    layout: ParallelLayout,
+    req: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Generated> {
+    let devices: Vec<candle_core::Device> = pipes.iter().map(|p| p.device().clone()).collect();
+    let models: Vec<&crate::model::flux::Flux> = pipes.iter().map(|p| &p.flux).collect();
+    let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes.iter().map(|p| &p.vae).collect();
+    crate::parallel::engine::generate_on_gpus(pipes[0], &models, &vaes, &devices, layout, req, progress)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_gpus(
+    _: &[&Pipeline],
+    _: ParallelLayout,
+    _: &GenerateRequest,
+    _: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Generated> {
+    Err(Error::setting(
+        "devices",
+        "cuda",
+        "this build has no `cuda` feature: rebuild with --features cuda",
+    ))
+}
+
+/// Whether `req` runs true CFG's negative branch (what CFG parallelism splits off).
+pub fn wants_true_cfg(req: &GenerateRequest) -> bool {
+    req.true_cfg.unwrap_or(1.0) > 1.0 && req.negative_prompt.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(seed: u64) -> GenerateRequest {
+        GenerateRequest {
+            prompt: "a red fox".into(),
+            negative_prompt: None,
+            true_cfg: None,
+            width: 48,
+            height: 32,
+            steps: Some(2),
+            seed,
+            guidance: None,
+            cache_threshold: 0.0,
+        }
+    }
+
+    fn placement(devices: &str, degrees: Degrees) -> Result<Placement> {
+        Ok(Placement {
+            devices: Devices::parse(devices)?,
+            layout: LayoutChoice::Degrees(degrees),
+        })
+    }
+
+    #[test]
+    fn every_placement_runs_through_one_engine_and_matches_one_worker() -> Result<()> {
+        let mut e = Engine::load(ModelChoice::default(), "cpu")?;
+        let one = e.primary().generate(&req(7), &mut |_| Ok(()))?;
+        for (devices, degrees) in [
+            ("cpu", Degrees::default()),
+            ("cpu:4", Degrees { ulysses: Some(2), ring: Some(2), ..Degrees::default() }),
+            ("cpu:2", Degrees { dp: Some(2), ..Degrees::default() }),
+        ] {
+            let plan = e.plan(&placement(devices, degrees)?, &req(7))?;
+            e.prepare(&plan, 2, &mut |d| panic!("{d}: the CPU model is shared"))?;
+            let g = e.generate(&plan, &req(7), &mut |_| Ok(()))?;
+            let diff = g
+                .image
+                .data
+                .iter()
+                .zip(&one.image.data)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            assert!(diff <= 1, "{devices}: pixels differ by {diff}");
+            let many = e.generate_many(&plan, &[req(7), req(8)]);
+            assert_eq!(many.len(), 2);
+            let second = many.into_iter().nth(1).expect("two results")?;
+            assert_eq!(second.settings.seed, 8);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gpu_plans_are_refused_without_gpus() -> Result<()> {
+        let e = Engine::load(ModelChoice::default(), "cpu")?;
+        let err = e
+            .plan(&placement("cuda:0,1", Degrees::default())?, &req(1))
+            .expect_err("no GPUs in tests");
+        assert!(err.to_string().contains("GPU"), "{err}");
+        Ok(())
+    }
+}

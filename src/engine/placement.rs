@@ -1,0 +1,464 @@
+//! Placement: where a generation's ranks run and how they are laid out, in one vocabulary for
+//! every front end (the CLI's `--devices`/`--ulysses`/..., the runtime's [`crate::runtime::EngineSpec`],
+//! the studio's devices panel).
+//!
+//! The device-list grammar, parsed by [`Devices::parse`] alone:
+//!
+//! | text | ranks |
+//! | --- | --- |
+//! | `cpu` | one worker on the CPU |
+//! | `cpu:N` | N CPU worker threads standing in for GPUs (they share one model) |
+//! | `cuda` (or `gpu`) | every GPU present, one rank each |
+//! | `cuda:N` | GPU N alone |
+//! | `cuda:0,1,3` | those GPUs, one rank each, NCCL between them |
+//! | `cuda:0,0` | GPU 0 twice: only for data-parallel groups of one GPU each |
+//!
+//! [`Placement::plan`] checks a placement once against the GPUs present, the model's attention
+//! heads and true CFG, and says which layout will run and why; the panel, the CLI and the
+//! runtime all show that same text and refuse with the same messages.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::parallel::mesh::{Mesh, ParallelLayout};
+
+/// The most CPU worker threads a placement takes.
+pub const MAX_CPU_WORKERS: usize = 64;
+
+/// Which devices take part, one rank per entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Devices {
+    /// `cpu:N`: N worker threads on the CPU (`cpu` is one).
+    Cpu(usize),
+    /// `cuda`: every GPU present, one rank each.
+    AllGpus,
+    /// `cuda:0,1,...`: these GPUs by CUDA index, one rank per entry, in order.
+    Gpus(Vec<usize>),
+}
+
+impl Default for Devices {
+    fn default() -> Self {
+        Devices::Cpu(1)
+    }
+}
+
+impl Devices {
+    /// Parse the device-list grammar (see the module doc).
+    pub fn parse(text: &str) -> Result<Self> {
+        let t = text.trim();
+        let usage = "use cpu, cpu:N (N worker threads), cuda (every GPU) or cuda:0,1,...";
+        let bad = |reason: String| Error::setting("devices", t, reason);
+        match t {
+            "cpu" => return Ok(Devices::Cpu(1)),
+            "cuda" | "gpu" => return Ok(Devices::AllGpus),
+            _ => {}
+        }
+        if let Some(n) = t.strip_prefix("cpu:") {
+            return match n.trim().parse::<usize>() {
+                Ok(n) if (1..=MAX_CPU_WORKERS).contains(&n) => Ok(Devices::Cpu(n)),
+                _ => Err(bad(format!(
+                    "cpu:N takes 1 to {MAX_CPU_WORKERS} worker threads"
+                ))),
+            };
+        }
+        let Some(list) = t.strip_prefix("cuda:") else {
+            return Err(bad(usage.into()));
+        };
+        let gpus = list
+            .split(',')
+            .map(|part| {
+                part.trim()
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{}` is not a GPU number ({usage})", part.trim())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Devices::Gpus(gpus))
+    }
+
+    /// One device named the way `--device` names it (`cpu`, `cuda` = GPU 0, `cuda:N`).
+    pub fn single(text: &str) -> Result<Self> {
+        let parsed = Self::parse(text).map_err(|_| {
+            Error::setting("device", text, "unknown device: use cpu, cuda or cuda:N")
+        })?;
+        match parsed {
+            Devices::AllGpus => Ok(Devices::Gpus(vec![0])),
+            d @ (Devices::Cpu(1) | Devices::Gpus(_)) if d.listed_len() == Some(1) => Ok(d),
+            _ => Err(Error::setting(
+                "device",
+                text,
+                "names one device: cpu, cuda or cuda:N (several go in --devices)",
+            )),
+        }
+    }
+
+    fn listed_len(&self) -> Option<usize> {
+        match self {
+            Devices::Cpu(n) => Some(*n),
+            Devices::AllGpus => None,
+            Devices::Gpus(g) => Some(g.len()),
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, Devices::Cpu(_))
+    }
+
+    /// The rank devices (`cpu` or `cuda:N` each) as named, `cuda` taken as every GPU present.
+    fn listed(&self, gpus_present: usize) -> Result<Vec<String>> {
+        let gpus: Vec<usize> = match self {
+            Devices::Cpu(n) => return Ok(vec!["cpu".to_string(); (*n).max(1)]),
+            Devices::AllGpus => (0..gpus_present).collect(),
+            Devices::Gpus(g) => g.clone(),
+        };
+        if gpus.is_empty() {
+            return Err(self.no_gpu());
+        }
+        Ok(gpus.iter().map(|i| format!("cuda:{i}")).collect())
+    }
+
+    fn no_gpu(&self) -> Error {
+        Error::setting(
+            "devices",
+            self,
+            "no CUDA GPU found (or this build has no `cuda` feature: rebuild with --features cuda)",
+        )
+    }
+
+    /// The rank devices (`cpu` or `cuda:N` each), every GPU checked to be present.
+    pub fn rank_names(&self, gpus_present: usize) -> Result<Vec<String>> {
+        let ranks = self.listed(gpus_present)?;
+        self.check_present(&ranks, gpus_present)?;
+        Ok(ranks)
+    }
+
+    /// Check that every GPU named is present.
+    fn check_present(&self, ranks: &[String], gpus_present: usize) -> Result<()> {
+        if !self.is_gpu() {
+            return Ok(());
+        }
+        if gpus_present == 0 {
+            return Err(self.no_gpu());
+        }
+        let missing = ranks.iter().find(|r| {
+            r.strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_none_or(|i| i >= gpus_present)
+        });
+        match missing {
+            None => Ok(()),
+            Some(r) => Err(Error::setting(
+                "devices",
+                self,
+                format!(
+                    "{r} is not present: this machine has {gpus_present} GPU{} (cuda:0{})",
+                    if gpus_present == 1 { "" } else { "s" },
+                    if gpus_present > 1 {
+                        format!("..{}", gpus_present - 1)
+                    } else {
+                        String::new()
+                    }
+                ),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Devices::Cpu(1) => write!(f, "cpu"),
+            Devices::Cpu(n) => write!(f, "cpu:{n}"),
+            Devices::AllGpus => write!(f, "cuda"),
+            Devices::Gpus(g) => {
+                let list: Vec<String> = g.iter().map(|i| i.to_string()).collect();
+                write!(f, "cuda:{}", list.join(","))
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for Devices {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Devices::parse(&s)
+    }
+}
+
+impl From<Devices> for String {
+    fn from(d: Devices) -> String {
+        d.to_string()
+    }
+}
+
+/// Parallel degrees given by hand; those not given are 1, except ring, which takes the workers
+/// the others leave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Degrees {
+    pub ulysses: Option<usize>,
+    pub ring: Option<usize>,
+    pub cfg: Option<usize>,
+    pub dp: Option<usize>,
+}
+
+impl Degrees {
+    /// Whether any degree was given.
+    pub fn any(&self) -> bool {
+        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some() || self.dp.is_some()
+    }
+
+    /// The layout over `workers`.
+    pub fn layout_for(&self, workers: usize) -> ParallelLayout {
+        let dp = self.dp.unwrap_or(1);
+        let cfg = self.cfg.unwrap_or(1);
+        let ulysses = self.ulysses.unwrap_or(1);
+        let ring = self.ring.unwrap_or_else(|| {
+            (workers / dp.saturating_mul(cfg).saturating_mul(ulysses).max(1)).max(1)
+        });
+        ParallelLayout {
+            dp,
+            cfg,
+            ulysses,
+            ring,
+            ..ParallelLayout::default()
+        }
+    }
+
+    /// Exactly `layout`'s degrees.
+    pub fn of(layout: ParallelLayout) -> Self {
+        Self {
+            ulysses: Some(layout.ulysses),
+            ring: Some(layout.ring),
+            cfg: Some(layout.cfg),
+            dp: Some(layout.dp),
+        }
+    }
+}
+
+/// How the layout is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayoutChoice {
+    /// Picked for the workers, the model's heads and true CFG ([`ParallelLayout::auto`]).
+    Auto,
+    /// Degrees given by hand.
+    Degrees(Degrees),
+}
+
+impl Default for LayoutChoice {
+    fn default() -> Self {
+        LayoutChoice::Auto
+    }
+}
+
+impl LayoutChoice {
+    /// The layout over `workers` and why, checked against the model's `heads` and true CFG.
+    pub fn resolve(
+        &self,
+        workers: usize,
+        heads: usize,
+        true_cfg: bool,
+    ) -> Result<(ParallelLayout, String)> {
+        let (layout, why) = match self {
+            LayoutChoice::Auto if workers <= 1 => {
+                (ParallelLayout::default(), "one worker".to_string())
+            }
+            LayoutChoice::Auto => ParallelLayout::auto(workers, heads, true_cfg),
+            LayoutChoice::Degrees(d) => (d.layout_for(workers), "degrees set by hand".into()),
+        };
+        Mesh::new(layout, workers, heads)?;
+        if layout.cfg == 2 && !true_cfg {
+            return Err(Error::setting(
+                "parallel layout",
+                "cfg 2",
+                "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
+            ));
+        }
+        Ok((layout, why))
+    }
+}
+
+/// Where and how: the devices and the layout choice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub devices: Devices,
+    pub layout: LayoutChoice,
+}
+
+/// A checked placement: one device per rank and the layout over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Rank r runs on `ranks[r]` (`cpu` or `cuda:N`).
+    pub ranks: Vec<String>,
+    pub layout: ParallelLayout,
+    /// Why this layout (auto's reasoning, or "degrees set by hand").
+    pub why: String,
+}
+
+impl Plan {
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        self.ranks.first().is_some_and(|d| d.starts_with("cuda"))
+    }
+
+    /// Ranks per data-parallel group.
+    pub fn group_size(&self) -> usize {
+        (self.world() / self.layout.dp.max(1)).max(1)
+    }
+
+    /// The rank devices of data-parallel group `g`.
+    pub fn group(&self, g: usize) -> &[String] {
+        let per = self.group_size();
+        let start = (g * per).min(self.ranks.len());
+        &self.ranks[start..(start + per).min(self.ranks.len())]
+    }
+
+    /// One line for the user: the workers, the layout and why (what `info`, the CLI, the
+    /// runtime's Started event and the studio's panel show).
+    pub fn describe(&self) -> String {
+        if self.world() == 1 {
+            return format!("one worker ({})", self.ranks[0]);
+        }
+        let l = self.layout;
+        let mut text = format!(
+            "{} workers ({}): dp {} x cfg {} x ring {} x ulysses {} ({})",
+            self.world(),
+            summarise(&self.ranks),
+            l.dp,
+            l.cfg,
+            l.ring,
+            l.ulysses,
+            self.why
+        );
+        if l.dp > 1 {
+            text.push_str(&format!("; {} images at once", l.dp));
+        }
+        text
+    }
+}
+
+/// `cpu x4`, or the GPU list.
+fn summarise(ranks: &[String]) -> String {
+    if ranks.iter().all(|r| r == "cpu") {
+        return format!("cpu x{}", ranks.len());
+    }
+    ranks.join(",")
+}
+
+impl Placement {
+    /// Check this placement and say which layout runs: against the GPUs present, the model's
+    /// attention `heads` and whether true CFG is on (`true_cfg`: a negative prompt with a scale
+    /// above 1). Every front end calls this before loading anything.
+    pub fn plan(&self, heads: usize, true_cfg: bool, gpus_present: usize) -> Result<Plan> {
+        let ranks = self.devices.listed(gpus_present)?;
+        let (layout, why) = self.layout.resolve(ranks.len(), heads, true_cfg)?;
+        // NCCL takes one rank per GPU. Data-parallel groups of one GPU each may share a GPU (two
+        // images at once on one large GPU); groups of several may not, since two communicators
+        // running collectives at once over the same GPUs can deadlock.
+        let per = (ranks.len() / layout.dp.max(1)).max(1);
+        if self.devices.is_gpu() && per > 1 {
+            if let Some(g) = (1..ranks.len()).find(|&i| ranks[..i].contains(&ranks[i])) {
+                return Err(Error::setting(
+                    "devices",
+                    &self.devices,
+                    format!(
+                        "{} named twice (one rank per GPU; only data-parallel groups of one GPU each may share a GPU)",
+                        ranks[g]
+                    ),
+                ));
+            }
+        }
+        self.devices.check_present(&ranks, gpus_present)?;
+        Ok(Plan { ranks, layout, why })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(devices: &str, degrees: Degrees, gpus: usize) -> Result<Plan> {
+        Placement {
+            devices: Devices::parse(devices)?,
+            layout: LayoutChoice::Degrees(degrees),
+        }
+        .plan(24, false, gpus)
+    }
+
+    #[test]
+    fn the_grammar_round_trips_and_bad_lists_are_explained() -> Result<()> {
+        for text in ["cpu", "cpu:4", "cuda", "cuda:1", "cuda:0,1,3", "cuda:0,0"] {
+            assert_eq!(Devices::parse(text)?.to_string(), text);
+        }
+        assert_eq!(Devices::parse("gpu")?, Devices::AllGpus);
+        assert_eq!(Devices::parse(" cuda:0, 2 ")?, Devices::Gpus(vec![0, 2]));
+        for (bad, needle) in [
+            ("gpu:2", "cpu:N"),
+            ("cuda:x", "not a GPU number"),
+            ("cpu:0", "1 to 64"),
+            ("cpu:many", "1 to 64"),
+            ("tpu", "cpu:N"),
+            ("", "cpu:N"),
+        ] {
+            let e = Devices::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+        assert_eq!(Devices::single("cuda")?, Devices::Gpus(vec![0]));
+        assert!(Devices::single("cuda:0,1").is_err());
+        assert!(Devices::single("cpu:2").is_err());
+        let json = serde_json::to_string(&Devices::Gpus(vec![0, 1])).map_err(|e| {
+            Error::Image(e.to_string())
+        })?;
+        assert_eq!(json, "\"cuda:0,1\"");
+        Ok(())
+    }
+
+    #[test]
+    fn plans_check_gpus_present_and_sharing() -> Result<()> {
+        let dp2 = Degrees {
+            dp: Some(2),
+            ..Degrees::default()
+        };
+        let p = plan("cuda:0,0", dp2, 1)?;
+        assert_eq!(p.ranks, ["cuda:0", "cuda:0"]);
+        assert_eq!(p.group(1), ["cuda:0"]);
+        assert_eq!(plan("cuda:0,1,0,1", Degrees { dp: Some(4), ..dp2 }, 2)?.world(), 4);
+        for (devices, degrees, gpus, needle) in [
+            ("cuda:0,0", Degrees::default(), 1, "named twice"),
+            ("cuda:1,1,2,3", dp2, 4, "named twice"),
+            ("cuda:1,2,1,2", dp2, 4, "named twice"),
+            ("cuda:0,1", Degrees::default(), 1, "cuda:1 is not present"),
+            ("cuda", Degrees::default(), 0, "no CUDA GPU"),
+            ("cpu:5", Degrees { ulysses: Some(5), ..Degrees::default() }, 0, "must divide"),
+            ("cpu:2", Degrees { dp: Some(3), ..Degrees::default() }, 0, "asks for 3 devices"),
+            ("cpu:2", Degrees { cfg: Some(2), ..Degrees::default() }, 0, "--negative-prompt"),
+        ] {
+            let e = plan(devices, degrees, gpus).expect_err(devices).to_string();
+            assert!(e.contains(needle), "{devices}: {e}");
+        }
+        let all = plan("cuda", Degrees::default(), 3)?;
+        assert_eq!(all.ranks, ["cuda:0", "cuda:1", "cuda:2"]);
+        assert_eq!(all.layout.ring, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn auto_describes_what_runs() -> Result<()> {
+        let p = Placement {
+            devices: Devices::Cpu(4),
+            layout: LayoutChoice::Auto,
+        };
+        let one = p.plan(24, false, 0)?;
+        assert_eq!((one.layout.ulysses, one.layout.ring), (4, 1));
+        assert!(one.describe().starts_with("4 workers (cpu x4): dp 1 x cfg 1 x ring 1 x ulysses 4"));
+        let cfg = p.plan(2, true, 0)?;
+        assert_eq!((cfg.layout.cfg, cfg.layout.ulysses, cfg.layout.ring), (2, 2, 1));
+        let single = Placement::default().plan(2, false, 0)?;
+        assert_eq!(single.describe(), "one worker (cpu)");
+        Ok(())
+    }
+}
