@@ -560,3 +560,77 @@ fn runtime_jobs_equal_the_cli_in_every_cpu_layout() {
         assert_eq!(image.data, cli.data, "{name}: the runtime's image differs from the CLI's");
     }
 }
+
+/// A bad placement is refused with the same message by the CLI (before loading) and by the
+/// studio's panel as it is typed: both ask the engine's one check.
+#[cfg(feature = "studio")]
+#[test]
+fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
+    use parallax::app::Settings;
+    let heads = parallax::model::flux::FluxConfig::tiny().num_heads;
+    let dir = tempfile::tempdir().expect("tmp");
+    for (workers, ulysses, ring, cfg, dp) in [(3, 3, 1, 1, 1), (4, 2, 1, 1, 1), (2, 1, 1, 2, 1), (2, 1, 1, 1, 3)] {
+        let panel = Settings {
+            device: "cpu".into(),
+            workers,
+            layout_auto: false,
+            ulysses,
+            ring,
+            cfg,
+            dp,
+            ..Settings::default()
+        }
+        .layout_check(heads)
+        .expect_err("a bad placement");
+        let devices = format!("cpu:{workers}");
+        let (u, r, c, d) = (ulysses.to_string(), ring.to_string(), cfg.to_string(), dp.to_string());
+        let out = dir.path().join("x.png");
+        let o = parallax(&[
+            "generate", "--prompt", "x", "--quiet", "--out", s(&out), "--devices", &devices,
+            "--ulysses", &u, "--ring", &r, "--cfg", &c, "--dp", &d,
+        ]);
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains(&panel),
+            "the CLI said {:?}, the panel {panel:?}",
+            text(&o)
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// `compare` runs the studio's sweep through the runtime: the reference first, a huge threshold
+/// reusing steps; each saved image is the one `generate` makes with that threshold.
+#[test]
+fn compare_sweeps_thresholds_through_the_runtime() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let common = [
+        "--prompt", "a red fox", "--steps", "3", "--width", "64", "--height", "64", "--seed", "9",
+    ];
+    let mut args = vec!["compare", "--devices", "cpu:2", "--dp", "2", "--thresholds", "1e9"];
+    args.extend(common);
+    args.extend(["--save", s(dir.path())]);
+    let o = parallax(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    let images = v["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{v}");
+    assert_eq!(images[0]["threshold"], 0.0);
+    assert_eq!(images[0]["steps_reused"], 0);
+    assert_eq!(images[1]["steps_reused"], 2, "{v}");
+    assert!(images[1]["psnr_db"].as_f64().is_some_and(f64::is_finite), "{v}");
+    assert!(v["layout"].as_str().is_some_and(|l| l.contains("dp 2")), "{v}");
+    for (threshold, saved) in [("0", "compare-0.png"), ("1e9", "compare-1000000000.png")] {
+        let out = dir.path().join(format!("generate-{threshold}.png"));
+        let mut g = vec!["generate", "--quiet", "--cache-threshold", threshold, "--out", s(&out)];
+        g.extend(common);
+        let o = parallax(&g);
+        assert!(o.status.success(), "{}", text(&o));
+        let (a, _) = read_png(&out).expect("generate's image");
+        let (b, _) = read_png(&dir.path().join(saved)).expect("compare's image");
+        assert_eq!(a, b, "threshold {threshold}");
+    }
+    let o = parallax(&["compare", "--thresholds", "0.1,-2", "--prompt", "x"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("-2"), "{}", text(&o));
+}

@@ -353,7 +353,7 @@ impl StudioApp {
                 .is_some_and(|j| s.job.as_ref().is_some_and(|v| v.id == j))
         };
         match &ev {
-            Event::ModelLoading { spec } => self.model = ModelStatus::Loading(spec.model.clone()),
+            Event::ModelLoading { spec } => self.model = ModelStatus::Loading(spec.model.model.clone()),
             Event::ModelLoaded {
                 summary,
                 load_ms,
@@ -366,7 +366,7 @@ impl StudioApp {
             }
             Event::ModelFailed { spec, error } => {
                 self.model = ModelStatus::Failed(error.clone());
-                self.say(format!("cannot load model `{}`: {error}", spec.model), true);
+                self.say(format!("cannot load model `{}`: {error}", spec.model.model), true);
             }
             Event::PreviewFactors(f) => self.factors = Some(f.clone()),
             _ => {}

@@ -44,6 +44,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time a generation: per-step, total, peak memory, as JSON.
     Bench(BenchArgs),
+    /// The studio's compare sweep without the window: one prompt and seed at several cache
+    /// thresholds through the runtime, as JSON (steps computed and reused, wall time, speedup,
+    /// PSNR and SSIM against the uncached image).
+    Compare(CompareArgs),
     /// Time the autoencoder decode alone (FLUX.1's autoencoder, random weights): time and peak
     /// device memory, as JSON.
     BenchVae(bench_vae::BenchVaeArgs),
@@ -335,6 +339,25 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+    /// First Block Cache thresholds to compare (the uncached reference, 0, is always run first).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.04,0.08,0.12,0.2", allow_negative_numbers = true)]
+    pub thresholds: Vec<f64>,
+    /// Save each image here as compare-<threshold>.png (with its settings).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Print every runtime event as it arrives (to standard error).
+    #[arg(long)]
+    pub events: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct InfoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -382,6 +405,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(a) => worker(a),
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
+        Command::Compare(a) => compare(a),
         Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::ExportDemo(a) => export_demo(a),
@@ -869,6 +893,118 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    use crate::runtime::{EngineSpec, Event, JobSpec, Runtime, RuntimeOptions};
+
+    if let Some(bad) = a.thresholds.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
+        bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
+    }
+    // The same checks as `generate`, before the weights load.
+    let choice = a.model.choice();
+    let resolved = choice.resolve()?;
+    let heads = model_config(&resolved)?.num_heads;
+    let mut base = request_for(is_demo(&resolved), &a.sample);
+    if a.sample.seed.is_none() {
+        base.seed = 0;
+    }
+    let placement = a.parallel.placement(&a.model.device)?;
+    placement.plan(heads, crate::engine::wants_true_cfg(&base), gpus_present())?;
+    if let Some(dir) = &a.save {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let rt = Runtime::start(RuntimeOptions {
+        engine: EngineSpec::new(choice, placement),
+        gallery_dir: None,
+        notify: None,
+    })?;
+    let job = rt.submit(JobSpec::Compare {
+        base,
+        thresholds: a.thresholds.clone(),
+    });
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let mut rows = Vec::new();
+    let mut layout = String::new();
+    let mut last_step = (0, 0);
+    let wall_ms = loop {
+        let ev = rt
+            .recv_timeout(std::time::Duration::from_secs(3600))
+            .ok_or_else(|| anyhow::anyhow!("the runtime said nothing for an hour"))?;
+        if a.events {
+            bar.suspend(|| eprintln!("event: {}", describe_event(&ev)));
+        }
+        match ev {
+            Event::ModelFailed { error, .. } => bail!("{error}"),
+            Event::Started { layout: l, .. } => layout = l,
+            Event::Step { image, step, total, .. } => {
+                // Events of one job arrive in order; say so if they ever do not.
+                if (image, step) <= last_step {
+                    bail!("runtime events out of order: image {image} step {step} after {last_step:?}");
+                }
+                last_step = (image, step);
+                bar.set_message(format!("image {} step {step}/{total}", image + 1));
+            }
+            Event::ImageDone { image, result, .. } => {
+                let g = &result.generated;
+                let saved = match &a.save {
+                    Some(dir) => {
+                        let out = dir.join(format!("compare-{}.png", g.settings.cache_threshold));
+                        image::save_png(&out, &g.image, &g.settings.png_text()?)
+                            .with_context(|| format!("saving {}", out.display()))?;
+                        Some(out)
+                    }
+                    None => None,
+                };
+                bar.set_message(format!("{} images done", image + 1));
+                rows.push(serde_json::json!({
+                    "threshold": g.settings.cache_threshold,
+                    "steps_computed": g.stats.computed,
+                    "steps_reused": g.stats.reused,
+                    "pattern": step_pattern(&g.stats.steps),
+                    "wall_ms": g.timings.total_ms,
+                    "speedup": result.speedup,
+                    "psnr_db": result.quality.map(|q| if q.psnr_db.is_finite() { serde_json::json!(q.psnr_db) } else { serde_json::json!("inf") }),
+                    "ssim": result.quality.map(|q| q.ssim),
+                    "saved": saved,
+                    "notes": result.notes,
+                }));
+            }
+            Event::Failed { job: j, error } if j == job => bail!("{error}"),
+            Event::Cancelled { job: j } if j == job => bail!("cancelled"),
+            Event::Finished { job: j, wall_ms } if j == job => break wall_ms,
+            _ => {}
+        }
+    };
+    bar.finish_and_clear();
+    let report = serde_json::json!({
+        "model": a.model.model,
+        "layout": layout,
+        "prompt": a.sample.prompt,
+        "wall_ms": wall_ms,
+        "images": rows,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// One line for an event (`compare --events`).
+fn describe_event(ev: &crate::runtime::Event) -> String {
+    use crate::runtime::Event;
+    match ev {
+        Event::Step { job, image, step, total, ms, reused, .. } => format!(
+            "{job} image {image} step {step}/{total} {ms:.1} ms{}",
+            if *reused { " (cached)" } else { "" }
+        ),
+        Event::ImageDone { job, image, result } => format!(
+            "{job} image {image} done in {:.0} ms ({})",
+            result.generated.timings.total_ms,
+            describe_cache(&result.generated.stats)
+        ),
+        Event::PreviewFactors(f) => format!("preview map fitted (R² {:.3})", f.r2),
+        other => format!("{other:?}"),
+    }
 }
 
 fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {

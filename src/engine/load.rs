@@ -50,6 +50,18 @@ impl ModelChoice {
     }
 }
 
+impl From<&str> for ModelChoice {
+    fn from(model: &str) -> Self {
+        Self::named(model)
+    }
+}
+
+impl From<String> for ModelChoice {
+    fn from(model: String) -> Self {
+        Self::named(model)
+    }
+}
+
 impl Default for ModelChoice {
     fn default() -> Self {
         Self::named("demo")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Placement;
+use crate::engine::{ModelChoice, Placement};
 use crate::pipeline::metrics::Quality;
 use crate::pipeline::preview::{Latent, PreviewFactors};
 use crate::pipeline::{GenerateRequest, Generated};
@@ -66,26 +66,23 @@ pub fn compare_thresholds(thresholds: &[f64]) -> Vec<f64> {
 /// does not (rank 0's device aside, the engine loads what a plan needs at the job and keeps it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineSpec {
-    /// `demo`, `random:dev`, a repo id, a file or a folder (as `parallax generate --model`).
-    #[serde(default = "demo")]
-    pub model: String,
+    /// `demo`, `random:dev`, a repo id, a file or a folder (as `parallax generate --model`),
+    /// with the text encoders' folder and the dtype.
+    #[serde(default)]
+    pub model: ModelChoice,
     /// The devices and the layout (`--devices`, `--ulysses`, ..., `--parallel auto`).
     #[serde(default)]
     pub placement: Placement,
 }
 
-fn demo() -> String {
-    "demo".into()
-}
-
 impl Default for EngineSpec {
     fn default() -> Self {
-        Self::new(demo(), Placement::default())
+        Self::new("demo", Placement::default())
     }
 }
 
 impl EngineSpec {
-    pub fn new(model: impl Into<String>, placement: Placement) -> Self {
+    pub fn new(model: impl Into<ModelChoice>, placement: Placement) -> Self {
         Self {
             model: model.into(),
             placement,

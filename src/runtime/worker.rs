@@ -28,7 +28,7 @@ pub(crate) enum WorkerMsg {
 }
 
 struct Loaded {
-    model: String,
+    model: ModelChoice,
     engine: Engine,
 }
 
@@ -104,7 +104,7 @@ impl Worker {
             .placement
             .devices
             .rank_names(gpus_present())
-            .and_then(|ranks| Engine::load(ModelChoice::named(spec.model.clone()), &ranks[0]));
+            .and_then(|ranks| Engine::load(spec.model.clone(), &ranks[0]));
         let engine = match engine {
             Ok(e) => e,
             Err(e) => {
