@@ -86,8 +86,10 @@ mod tests {
         let gone = tmp.path().join("no-such-folder/a.png");
         let e = check_save_path(&gone).expect_err("missing folder");
         assert!(
-            e.to_string()
-                .starts_with(&format!("cannot write {}", tmp.path().join("no-such-folder").display())),
+            e.to_string().starts_with(&format!(
+                "cannot write {}",
+                tmp.path().join("no-such-folder").display()
+            )),
             "{e}"
         );
         let e = check_save_path(tmp.path()).expect_err("a folder");

@@ -95,9 +95,11 @@ impl LivePreview {
                     height: p.latent.height,
                     data: f.apply(&p.latent),
                 };
-                let tex =
-                    ui.ctx()
-                        .load_texture("latent-preview", color_image(&rgb), TextureOptions::NEAREST);
+                let tex = ui.ctx().load_texture(
+                    "latent-preview",
+                    color_image(&rgb),
+                    TextureOptions::NEAREST,
+                );
                 self.cpu_tex = Some((p.version, tex));
             }
             if let Some((_, t)) = &self.cpu_tex {

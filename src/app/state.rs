@@ -203,7 +203,10 @@ pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
 
 /// How a threshold list is shown in the field.
 pub fn format_thresholds(v: &[f64]) -> String {
-    v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A warning for sizes that will take long and need much memory (above 2048 px a side or 4 MP),
@@ -234,8 +237,7 @@ impl Settings {
     /// The request for the current settings (the seed as shown; a blank negative prompt is none).
     pub fn request(&self) -> GenerateRequest {
         let mut r = self.request.clone();
-        if r
-            .negative_prompt
+        if r.negative_prompt
             .as_deref()
             .is_none_or(|n| n.trim().is_empty())
         {
@@ -434,15 +436,23 @@ mod tests {
         assert_eq!(old.heatmap_gain, 6.0);
         // Saved again, it is in the new format and reads back the same.
         let again = serde_json::to_string(&old).expect("serialise");
-        assert_eq!(serde_json::from_str::<Settings>(&again).expect("parse"), old);
+        assert_eq!(
+            serde_json::from_str::<Settings>(&again).expect("parse"),
+            old
+        );
     }
 
     #[test]
     fn thresholds_are_parsed_not_reformatted() {
-        assert_eq!(parse_thresholds("0, 0.06,0.08 0.12"), Ok(vec![0.0, 0.06, 0.08, 0.12]));
+        assert_eq!(
+            parse_thresholds("0, 0.06,0.08 0.12"),
+            Ok(vec![0.0, 0.06, 0.08, 0.12])
+        );
         assert_eq!(parse_thresholds("0.2,3"), Err("3 is outside 0..=1".into()));
         assert_eq!(parse_thresholds("61"), Err("61 is outside 0..=1".into()));
-        assert!(parse_thresholds("0, x").unwrap_err().contains("`x` is not a number"));
+        assert!(parse_thresholds("0, x")
+            .unwrap_err()
+            .contains("`x` is not a number"));
         assert!(parse_thresholds("  ").is_err());
         let d = Settings::default().compare_thresholds;
         assert_eq!(parse_thresholds(&format_thresholds(&d)), Ok(d));

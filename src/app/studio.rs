@@ -96,7 +96,13 @@ fn model_file_gone(model: &str) -> bool {
     let lower = m.to_ascii_lowercase();
     let named = matches!(
         lower.as_str(),
-        "demo" | "dev" | "schnell" | "flux.1-dev" | "flux1-dev" | "flux.1-schnell" | "flux1-schnell"
+        "demo"
+            | "dev"
+            | "schnell"
+            | "flux.1-dev"
+            | "flux1-dev"
+            | "flux.1-schnell"
+            | "flux1-schnell"
     );
     if m.is_empty() || named || lower.starts_with("random:") {
         return false;
@@ -113,7 +119,10 @@ fn model_file_gone(model: &str) -> bool {
 /// The settings the studio starts with: the saved ones (unless `fresh_settings`), then the
 /// command line's overrides. A saved model file that has gone falls back to the demo; the note
 /// says so.
-pub fn startup_settings(saved: Option<Settings>, opts: &StudioOptions) -> (Settings, Option<String>) {
+pub fn startup_settings(
+    saved: Option<Settings>,
+    opts: &StudioOptions,
+) -> (Settings, Option<String>) {
     let mut settings = if opts.fresh_settings {
         Settings::default()
     } else {
@@ -503,7 +512,10 @@ impl StudioApp {
             PathRequest::Screenshot => self.screenshots.request(ctx, path),
             PathRequest::OpenModel => {
                 if !path.exists() {
-                    return Err(format!("cannot open {}: no such file or folder", path.display()));
+                    return Err(format!(
+                        "cannot open {}: no such file or folder",
+                        path.display()
+                    ));
                 }
                 self.settings.model = path.display().to_string();
                 self.runtime.configure(self.settings.engine_spec());
@@ -557,8 +569,11 @@ impl StudioApp {
                 self.runtime.configure(self.settings.engine_spec());
             }
             Command::OpenModelDialog => {
-                self.dialogs
-                    .ask(&self.runtime, PathRequest::OpenModel, self.dialog_tx.clone());
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::OpenModel,
+                    self.dialog_tx.clone(),
+                );
             }
             Command::Export => match self.current_image() {
                 Some(r) => {
@@ -569,8 +584,11 @@ impl StudioApp {
                 None => self.say("nothing to export yet", true),
             },
             Command::Screenshot => {
-                self.dialogs
-                    .ask(&self.runtime, PathRequest::Screenshot, self.dialog_tx.clone());
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::Screenshot,
+                    self.dialog_tx.clone(),
+                );
             }
             Command::SelectTab(t) => {
                 if t == Tab::Gallery {
@@ -906,9 +924,18 @@ mod tests {
         // The file is back: it is used.
         std::fs::write(&gone, b"x").expect("write");
         let (s, note) = startup_settings(Some(saved.clone()), &StudioOptions::default());
-        assert_eq!((s.model.as_str(), note), (gone.to_str().expect("utf-8"), None));
+        assert_eq!(
+            (s.model.as_str(), note),
+            (gone.to_str().expect("utf-8"), None)
+        );
         // Names the loader resolves elsewhere are left alone.
-        for m in ["demo", "dev", "schnell", "random:dev", "black-forest-labs/FLUX.1-dev"] {
+        for m in [
+            "demo",
+            "dev",
+            "schnell",
+            "random:dev",
+            "black-forest-labs/FLUX.1-dev",
+        ] {
             assert!(!model_file_gone(m), "{m}");
         }
         assert!(model_file_gone("./gone-folder"));

@@ -111,9 +111,13 @@ impl JobView {
 
     /// The progress bar's text.
     pub fn progress_text(&self) -> String {
-        let what = if self.compare { "compare" } else { "generation" };
+        let what = if self.compare {
+            "compare"
+        } else {
+            "generation"
+        };
         let image = if self.images > 1 {
-            format!("image {}/{} ", self.image + 1, self.images)
+            format!("image {}/{}: ", self.image + 1, self.images)
         } else {
             String::new()
         };
@@ -129,11 +133,11 @@ impl JobView {
             if self.image == 0 {
                 format!("starting {what} (encoding the prompt)…")
             } else {
-                format!("{image}— encoding the prompt…{eta}")
+                format!("{image}encoding the prompt…{eta}")
             }
         } else if self.decoding() {
             // The steps are over; the decode has no step events to time it by.
-            format!("{image}— decoding…{eta}{reused}")
+            format!("{image}decoding…{eta}{reused}")
         } else {
             let last = self.step_ms.last().copied().unwrap_or(0.0);
             format!(
@@ -292,7 +296,11 @@ mod tests {
             j.step_ms.push(100.0);
         }
         assert_eq!(j.eta_s(), Some(0.1));
-        assert!(j.progress_text().contains("step 3/4"), "{}", j.progress_text());
+        assert!(
+            j.progress_text().contains("step 3/4"),
+            "{}",
+            j.progress_text()
+        );
         j.step = 4;
         j.step_ms.push(100.0);
         assert_eq!(j.eta_s(), None);
@@ -308,7 +316,7 @@ mod tests {
         j.step_ms = vec![50.0; 4];
         // Image 1 of 3 decodes; two images of four steps remain.
         assert_eq!(j.eta_s(), Some(0.4));
-        assert!(j.progress_text().starts_with("image 1/3 — decoding…"));
+        assert!(j.progress_text().starts_with("image 1/3: decoding…"));
         j.image_done(0);
         assert_eq!((j.image, j.step), (1, 0));
         assert!(j.progress_text().contains("encoding the prompt"));

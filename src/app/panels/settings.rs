@@ -84,9 +84,9 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
         ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),
         ModelStatus::Ready(s) => ui.label(RichText::new(s).small()),
-        ModelStatus::Failed { error, .. } => ui.add(
-            egui::Label::new(RichText::new(error).color(Color32::LIGHT_RED)).wrap(),
-        ),
+        ModelStatus::Failed { error, .. } => {
+            ui.add(egui::Label::new(RichText::new(error).color(Color32::LIGHT_RED)).wrap())
+        }
     };
 }
 
@@ -136,11 +136,19 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ui.label("W x H");
         ui.horizontal(|ui| {
             let l = ui.label("width");
-            ui.add(egui::DragValue::new(&mut r.width).range(16..=8192).speed(16))
-                .labelled_by(l.id);
+            ui.add(
+                egui::DragValue::new(&mut r.width)
+                    .range(16..=8192)
+                    .speed(16),
+            )
+            .labelled_by(l.id);
             let l = ui.label("height");
-            ui.add(egui::DragValue::new(&mut r.height).range(16..=8192).speed(16))
-                .labelled_by(l.id);
+            ui.add(
+                egui::DragValue::new(&mut r.height)
+                    .range(16..=8192)
+                    .speed(16),
+            )
+            .labelled_by(l.id);
         });
         ui.end_row();
         let l = ui.label("Steps");

@@ -66,7 +66,15 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
     let (w, h) = (reference.image.width as f32, reference.image.height as f32);
     let (rect, _) = ui.allocate_exact_size(fit(ui.available_size(), w, h), egui::Sense::hover());
     if t.view.show_heatmap {
-        heatmap_view(ui, rect, reference, sel, *t.gain, t.preview.uses_gpu(), t.heat);
+        heatmap_view(
+            ui,
+            rect,
+            reference,
+            sel,
+            *t.gain,
+            t.preview.uses_gpu(),
+            t.heat,
+        );
     } else {
         wipe(ui, rect, reference, sel, t.view.wipe);
     }
@@ -158,10 +166,11 @@ fn heatmap_view(
     let key = (reference.id, sel.id, gain.to_bits());
     if let std::collections::hash_map::Entry::Vacant(slot) = cache.0.entry(key) {
         if let Some(img) = heatmap::diff_heatmap(&reference.image, &sel.image, gain) {
-            slot.insert(
-                ui.ctx()
-                    .load_texture("heatmap", color_image(&img), TextureOptions::NEAREST),
-            );
+            slot.insert(ui.ctx().load_texture(
+                "heatmap",
+                color_image(&img),
+                TextureOptions::NEAREST,
+            ));
         }
     }
     if let Some(t) = cache.0.get(&key) {

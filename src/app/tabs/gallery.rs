@@ -178,7 +178,7 @@ fn opened(
     cmds: &mut Commands,
 ) {
     ui.horizontal(|ui| {
-        if ui.button("← Back to the gallery").clicked() {
+        if ui.button("Back to the gallery").clicked() {
             cmds.push(Command::CloseImage);
         }
         ui.label(RichText::new(name(e)).small().weak());
@@ -205,5 +205,6 @@ fn opened(
         fit(ui.available_size(), w as f32, h as f32),
         egui::Sense::hover(),
     );
-    ui.painter().image(tex.id(), rect, full_uv(), Color32::WHITE);
+    ui.painter()
+        .image(tex.id(), rect, full_uv(), Color32::WHITE);
 }
