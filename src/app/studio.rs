@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
 use egui::{Color32, Key, Modifiers, RichText};
 
@@ -88,6 +87,9 @@ pub struct StudioApp {
 }
 
 const SETTINGS_KEY: &str = "parallax-settings";
+
+/// How long after a runtime event the window redraws (events within it share one frame).
+const EVENT_REPAINT_DELAY: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// A saved model that names a file or folder which is no longer there (names the loader looks
 /// up elsewhere, `demo`, `random:…`, `dev`, `schnell`, repo ids, are not judged here).
@@ -181,7 +183,9 @@ impl StudioApp {
                     .clone()
                     .unwrap_or_else(gallery::default_dir),
             ),
-            notify: Some(Arc::new(move || ctx.request_repaint())),
+            // One frame per burst of events: `request_repaint()` would draw two frames for each
+            // (egui repaints twice after an immediate request), a small delay coalesces them.
+            notify: Some(Arc::new(move || ctx.request_repaint_after(EVENT_REPAINT_DELAY))),
         })?;
         runtime.configure(settings.engine_spec());
         let (dialog_tx, dialog_rx) = mpsc::channel();
@@ -888,12 +892,10 @@ impl eframe::App for StudioApp {
             self.script.write_stats(&self.stats);
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }
-        if self.job.is_some() {
-            // Frames come with every engine event (the runtime wakes the window); this tick only
-            // keeps the elapsed time and ETA fresh. No busy repainting: on a CPU-only machine the
-            // renderer would take cores from the engine.
-            ctx.request_repaint_after(Duration::from_millis(250));
-        }
+        // No timer while a job runs: frames come with the engine's events (the runtime wakes the
+        // window once per step), and nothing on screen changes between them. A 250 ms tick used to
+        // redraw the whole window four times a second, which on a CPU-only machine (software
+        // Vulkan under Xvfb) took cores from the engine: see `automation::UiStats`.
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
