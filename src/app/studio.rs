@@ -185,7 +185,9 @@ impl StudioApp {
             ),
             // One frame per burst of events: `request_repaint()` would draw two frames for each
             // (egui repaints twice after an immediate request), a small delay coalesces them.
-            notify: Some(Arc::new(move || ctx.request_repaint_after(EVENT_REPAINT_DELAY))),
+            notify: Some(Arc::new(move || {
+                ctx.request_repaint_after(EVENT_REPAINT_DELAY)
+            })),
         })?;
         runtime.configure(settings.engine_spec());
         let (dialog_tx, dialog_rx) = mpsc::channel();

@@ -340,7 +340,7 @@ mod tests {
         assert_eq!(f.text, "0.2,3");
         assert_eq!(f.error.as_deref(), Some("3 is outside 0..=1"));
         assert_eq!(list, vec![0.2], "the last good list stays");
-        f.text.push_str("5");
+        f.text.push('5');
         f.edited(&mut list);
         f.text = "0.2, 0.35".into();
         f.edited(&mut list);
