@@ -15,6 +15,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path} is not a valid safetensors file ({reason})")]
     CorruptSafetensors { path: PathBuf, reason: String },
 

@@ -1,15 +1,17 @@
 //! The studio's main flows through egui_kittest, rendered by wgpu (lavapipe in CI): generate,
-//! cancel, compare with the heatmap, export, restore and delete from the gallery; and the two
-//! WGSL shaders against their CPU twins.
+//! cancel, compare with the heatmap, export, restore and delete from the gallery; what a new user
+//! ran into (threshold field, gallery grid, missing file dialog, failed model, large sizes,
+//! stale caption, unwritable gallery); and the two WGSL shaders against their CPU twins.
 #![cfg(feature = "studio")]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
-use parallax::app::export::Dialogs;
+use parallax::app::dialogs::Dialogs;
+use parallax::app::view::ModelStatus;
 use parallax::app::{gpu, heatmap, StudioApp, StudioOptions, Tab};
 use parallax::pipeline::image::{read_png, RgbImage};
 use parallax::pipeline::preview::{Latent, PreviewFactors};
@@ -32,6 +34,31 @@ fn studio(dir: &Path) -> Harness<'static, StudioApp> {
             app.dialogs = Dialogs::Fixed(exports);
             app
         })
+}
+
+/// Step until the model has loaded.
+fn wait_for_model(h: &mut Harness<'static, StudioApp>) {
+    step_until(h, "the model", |a| matches!(a.model, ModelStatus::Ready(_)));
+}
+
+fn disabled(h: &Harness<'static, StudioApp>, label: &str) -> bool {
+    h.get_by_label(label).accesskit_node().is_disabled()
+}
+
+/// Every label on screen that contains `part`.
+fn labels_with(h: &Harness<'static, StudioApp>, part: &str) -> Vec<String> {
+    // Text labels carry their text as the node's value, buttons as its label.
+    h.query_all_by(|n| {
+        n.label()
+            .or_else(|| n.value())
+            .is_some_and(|l| l.contains(part))
+    })
+    .filter_map(|n| {
+        let n = n.accesskit_node();
+        // A wrapped label's lines are TextRun children: count the label once.
+        (n.role() != egui::accesskit::Role::TextRun).then(|| n.label().or_else(|| n.value()))?
+    })
+    .collect()
 }
 
 /// Step the UI until `done` holds (the engine works on its own thread meanwhile).
@@ -79,6 +106,7 @@ fn demo_image(s: &GenerationSettings) -> RgbImage {
 fn generate_export_restore_and_delete() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = studio(dir.path());
+    wait_for_model(&mut h);
     assert!(
         h.state().uses_gpu_shaders(),
         "the test renderer gives the app a wgpu device"
@@ -117,18 +145,25 @@ fn generate_export_restore_and_delete() {
     );
 
     // Change the settings, then restore them from the gallery.
-    h.state_mut().settings.seed = 7;
-    h.state_mut().settings.prompt = "something else".into();
+    h.state_mut().settings.request.seed = 7;
+    h.state_mut().settings.request.prompt = "something else".into();
     h.get_by_label("Gallery").click();
-    step_until(&mut h, "the gallery listing", |a| a.gallery.len() == 1);
+    step_until(&mut h, "the gallery listing", |a| {
+        a.gallery.entries.len() == 1
+    });
     h.get_by_label("Restore").click();
     h.step();
-    assert_eq!(h.state().settings.seed, 42);
-    assert_eq!(h.state().settings.prompt, settings.prompt);
-    let path = h.state().gallery[0].path.clone();
+    assert_eq!(h.state().settings.request.seed, 42);
+    assert_eq!(h.state().settings.request.prompt, settings.prompt);
+    let path = h.state().gallery.entries[0].path.clone();
     assert!(path.exists());
+    // Delete asks first; only the confirmation removes the file.
     h.get_by_label("Delete").click();
-    step_until(&mut h, "the delete", |a| a.gallery.is_empty());
+    h.run_steps(2);
+    h.get_by_label("Delete this image?");
+    assert!(path.exists());
+    h.get_by_label("Yes, delete").click();
+    step_until(&mut h, "the delete", |a| a.gallery.entries.is_empty());
     assert!(!path.exists());
 }
 
@@ -136,7 +171,7 @@ fn generate_export_restore_and_delete() {
 fn cancel_with_escape() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = studio(dir.path());
-    h.state_mut().settings.steps = 60;
+    h.state_mut().settings.request.steps = Some(60);
     h.get_by_label("Generate").click();
     step_until(&mut h, "the first step", |a| {
         a.job.as_ref().is_some_and(|j| j.step >= 1)
@@ -155,7 +190,7 @@ fn compare_sweep_with_wipe_and_heatmap() {
     let mut h = studio(dir.path());
     // The demo's residuals are large: 5 is a threshold at which it reuses steps.
     h.state_mut().settings.compare_thresholds = vec![0.0, 5.0];
-    h.state_mut().settings.steps = 6;
+    h.state_mut().settings.request.steps = Some(6);
     h.get_by_label("Run compare").click();
     h.step();
     assert_eq!(h.state().tab, Tab::Compare);
@@ -173,6 +208,271 @@ fn compare_sweep_with_wipe_and_heatmap() {
     h.run_steps(2);
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
+}
+
+#[test]
+fn threshold_field_keeps_what_is_typed_and_blocks_bad_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    let field = "Compare thresholds (0 to 1)";
+    assert_eq!(
+        h.get_by_label(field).value().as_deref(),
+        Some("0, 0.06, 0.08, 0.12"),
+        "the default list is shown whole"
+    );
+    // The default list fits its box.
+    let text_w = h.get_by_label(field).rect().width();
+    assert!(text_w > 200.0, "field is {text_w} wide");
+    h.get_by_label(field).focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.step();
+    for c in ["0", ".", "2", ",", "3"] {
+        h.get_by_label(field).type_text(c);
+        h.step();
+    }
+    h.run_steps(2);
+    assert_eq!(h.get_by_label(field).value().as_deref(), Some("0.2,3"));
+    assert_eq!(
+        labels_with(&h, "thresholds:"),
+        ["thresholds: 3 is outside 0..=1"]
+    );
+    assert!(disabled(&h, "Run compare"));
+    assert!(!disabled(&h, "Generate"), "only the sweep is blocked");
+    h.get_by_label(field).type_text("x");
+    h.run_steps(2);
+    assert_eq!(
+        labels_with(&h, "thresholds:"),
+        ["thresholds: `3x` is not a number"]
+    );
+    h.key_press(egui::Key::Backspace);
+    h.key_press(egui::Key::Backspace);
+    h.get_by_label(field).type_text("5");
+    h.run_steps(2);
+    assert_eq!(h.get_by_label(field).value().as_deref(), Some("0.2,5"));
+    h.key_press(egui::Key::Backspace);
+    h.get_by_label(field).type_text("0.3");
+    h.run_steps(2);
+    assert!(labels_with(&h, "thresholds:").is_empty());
+    assert!(!disabled(&h, "Run compare"));
+    assert_eq!(h.state().settings.compare_thresholds, vec![0.2, 0.3]);
+}
+
+#[test]
+fn a_sweep_without_reuse_says_so_instead_of_a_speedup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().settings.compare_thresholds = vec![0.0, 0.06];
+    h.state_mut().settings.request.steps = Some(3);
+    h.state_mut().start_compare();
+    step_until(&mut h, "the sweep", |a| !a.is_busy());
+    let r = &h.state().compare[1].result;
+    assert_eq!(
+        r.generated.stats.reused, 0,
+        "the demo reuses nothing at 0.06"
+    );
+    h.get_by_label("no reuse");
+    assert!(h.query_by_label("reference").is_some());
+}
+
+#[test]
+fn gallery_grid_wraps_scrolls_and_opens_an_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().settings.request.width = 64;
+    h.state_mut().settings.request.height = 64;
+    h.state_mut().settings.request.steps = Some(1);
+    h.state_mut().generate();
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    // Eleven more images (copies carry the same settings).
+    let first = h
+        .state()
+        .result
+        .as_ref()
+        .and_then(|s| s.result.saved.clone())
+        .expect("saved");
+    for i in 0..11 {
+        let copy = first.with_file_name(format!("copy-{i:02}.png"));
+        std::fs::copy(&first, copy).expect("copy");
+    }
+    h.get_by_label("Gallery").click();
+    step_until(&mut h, "the listing", |a| a.gallery.entries.len() == 12);
+    h.run_steps(4);
+    let restore: Vec<egui::Rect> = h.query_all_by_label("Restore").map(|n| n.rect()).collect();
+    assert_eq!(restore.len(), 12);
+    let mut rows: Vec<i32> = restore.iter().map(|r| r.top().round() as i32).collect();
+    rows.dedup();
+    assert!(rows.len() >= 2, "the grid wraps: rows at {rows:?}");
+    assert!(
+        restore.iter().all(|r| r.right() <= 1100.0),
+        "no cell past the window's right edge"
+    );
+    // The last image is below the fold: scroll to it and open it.
+    let last = h.state().gallery.entries[11].path.clone();
+    let name = last
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_string();
+    let label = format!("open {name}");
+    h.get_by_label(&label).scroll_to_me();
+    h.run_steps(3);
+    assert!(
+        h.get_by_label(&label).rect().bottom() <= 760.0,
+        "scrolled into view"
+    );
+    h.get_by_label(&label).click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state()
+            .gallery
+            .opened
+            .as_ref()
+            .map(|o| o.entry.path.clone()),
+        Some(last.clone())
+    );
+    // Large, it has one Delete: it asks, and Keep keeps the file.
+    h.get_by_label("Delete").click();
+    h.run_steps(2);
+    h.get_by_label("Delete this image?");
+    h.get_by_label("Keep").click();
+    h.run_steps(2);
+    assert!(last.exists());
+    assert!(h.state().gallery.confirm_delete.is_none());
+    h.get_by_label("Back to the gallery").click();
+    h.run_steps(2);
+    assert!(h.state().gallery.opened.is_none());
+}
+
+#[test]
+fn without_a_file_dialog_a_path_field_is_offered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().dialogs = Dialogs::InWindow("no desktop file dialog here".into());
+    h.state_mut().settings.request.steps = Some(1);
+    h.state_mut().generate();
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    h.get_by_label("Export PNG…").click();
+    h.run_steps(3);
+    assert!(
+        !labels_with(&h, "no desktop file dialog here").is_empty(),
+        "the field says why it is there"
+    );
+    // A folder that does not exist: refused when chosen, with the path named.
+    let bad = dir.path().join("missing/x.png");
+    h.state_mut()
+        .path_prompt
+        .as_mut()
+        .expect("the path field")
+        .text = bad.display().to_string();
+    h.get_by_label("Save").click();
+    h.run_steps(2);
+    let err = h
+        .state()
+        .path_prompt
+        .as_ref()
+        .and_then(|p| p.error.clone())
+        .expect("an error");
+    assert!(
+        err.starts_with(&format!(
+            "cannot write {}",
+            dir.path().join("missing").display()
+        )),
+        "{err}"
+    );
+    let good = dir.path().join("typed.png");
+    h.state_mut().path_prompt.as_mut().expect("still open").text = good.display().to_string();
+    h.get_by_label("Save").click();
+    h.run_steps(2);
+    assert!(h.state().path_prompt.is_none());
+    assert!(good.exists());
+}
+
+#[test]
+fn a_failed_model_disables_generate_until_another_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    h.state_mut().settings.model = dir.path().join("gone.safetensors").display().to_string();
+    h.get_by_label("Load").click();
+    step_until(&mut h, "the failure", |a| {
+        matches!(a.model, ModelStatus::Failed { .. })
+    });
+    h.run_steps(2);
+    assert!(disabled(&h, "Generate"));
+    assert!(!labels_with(&h, "did not load: choose another model").is_empty());
+    h.state_mut().generate();
+    assert!(!h.state().is_busy(), "refused while the model is broken");
+    h.get_by_label("Demo").click();
+    wait_for_model(&mut h);
+    h.run_steps(2);
+    assert!(!disabled(&h, "Generate"));
+}
+
+#[test]
+fn a_large_size_warns_but_is_allowed_and_the_caption_follows_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    h.state_mut().settings.request.width = 8000;
+    h.state_mut().settings.request.height = 8000;
+    h.run_steps(2);
+    let warn = labels_with(&h, "latent tokens");
+    assert_eq!(warn.len(), 1, "{warn:?}");
+    assert!(warn[0].contains("250000 latent tokens"), "{}", warn[0]);
+    assert!(!disabled(&h, "Generate"));
+    // A finished image's caption, then a new job: the caption describes the new job.
+    h.state_mut().settings.request.width = 256;
+    h.state_mut().settings.request.height = 256;
+    h.state_mut().settings.request.steps = Some(1);
+    h.state_mut().generate();
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    assert_eq!(labels_with(&h, "computed").len(), 1);
+    h.state_mut().settings.request.steps = Some(60);
+    h.state_mut().generate();
+    h.run_steps(2);
+    assert!(
+        labels_with(&h, "computed").is_empty(),
+        "the old caption is gone"
+    );
+    assert_eq!(
+        labels_with(&h, "generating"),
+        ["generating 256x256, 60 steps, seed 42…"]
+    );
+    h.state_mut().cancel();
+    step_until(&mut h, "the cancel", |a| !a.is_busy());
+}
+
+#[test]
+fn an_unwritable_gallery_is_reported_before_the_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    // The gallery folder is replaced by a file: nothing can be written there.
+    let gal = dir.path().join("gallery");
+    std::fs::remove_dir_all(&gal).expect("rm");
+    std::fs::write(&gal, b"not a folder").expect("write");
+    h.state_mut().settings.request.steps = Some(1);
+    h.state_mut().generate();
+    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("images will not be kept in the gallery: cannot write")),
+        "{said:?}"
+    );
+    assert!(
+        h.state().is_busy(),
+        "the image is still made (and can be exported)"
+    );
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    assert!(
+        said.iter().any(
+            |m| m.contains("not saved to the gallery: cannot write") && !m.contains(".partial")
+        ),
+        "{said:?}"
+    );
 }
 
 /// A window that only draws one paint callback at 1:1 scale, for reading pixels back.

@@ -1,120 +1,59 @@
-//! Export: an image as PNG with its settings in text chunks, a window screenshot as PNG, and the
-//! file dialogs (rfd, run on the runtime's tokio threads so the window never waits on them).
+//! Export: an image as PNG with its settings in text chunks, and a window screenshot as PNG.
+//! Where the path comes from is [`super::dialogs`]; a path is checked when it is chosen (its
+//! folder must exist and be writable), and a failed write says "cannot write <path>".
 
-use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::path::Path;
 
+use crate::error::{Error, Result};
 use crate::pipeline::image::{save_png, RgbImage};
-use crate::runtime::{ImageResult, Runtime};
+use crate::runtime::gallery::check_writable_dir;
+use crate::runtime::ImageResult;
 
-/// What a dialog answered (`None`: the user cancelled).
-pub enum DialogResult {
-    SaveImage(Option<PathBuf>, Arc<ImageResult>),
-    Screenshot(Option<PathBuf>),
-    OpenModel(Option<PathBuf>),
+/// Whether a file can be written at `path`: a file name, in a folder that exists and is
+/// writable. Checked when the path is chosen, before anything is encoded.
+pub fn check_save_path(path: &Path) -> Result<()> {
+    if path.file_name().is_none() || path.is_dir() {
+        return Err(Error::Write {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "give a file name, not a folder",
+            ),
+        });
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    check_writable_dir(dir)
 }
 
-/// Where paths come from: the desktop's dialogs, or a fixed folder (tests and scripted runs).
-#[derive(Debug, Clone)]
-pub enum Dialogs {
-    Native,
-    /// Save dialogs answer `folder/<suggested name>`; open dialogs answer "cancelled".
-    Fixed(PathBuf),
-}
-
-impl Dialogs {
-    pub fn save_png(
-        &self,
-        rt: &Runtime,
-        name: String,
-        result: Arc<ImageResult>,
-        tx: mpsc::Sender<DialogResult>,
-    ) {
-        match self {
-            Dialogs::Fixed(dir) => {
-                let _ = tx.send(DialogResult::SaveImage(Some(dir.join(name)), result));
-            }
-            Dialogs::Native => spawn(rt, async move {
-                let f = rfd::AsyncFileDialog::new()
-                    .set_title("Export image")
-                    .add_filter("PNG image", &["png"])
-                    .set_file_name(name)
-                    .save_file()
-                    .await;
-                let _ = tx.send(DialogResult::SaveImage(
-                    f.map(|h| h.path().to_path_buf()),
-                    result,
-                ));
-            }),
-        }
-    }
-
-    pub fn screenshot(&self, rt: &Runtime, tx: mpsc::Sender<DialogResult>) {
-        let name = "parallax-screenshot.png".to_string();
-        match self {
-            Dialogs::Fixed(dir) => {
-                let _ = tx.send(DialogResult::Screenshot(Some(dir.join(name))));
-            }
-            Dialogs::Native => spawn(rt, async move {
-                let f = rfd::AsyncFileDialog::new()
-                    .set_title("Save screenshot")
-                    .add_filter("PNG image", &["png"])
-                    .set_file_name(name)
-                    .save_file()
-                    .await;
-                let _ = tx.send(DialogResult::Screenshot(f.map(|h| h.path().to_path_buf())));
-            }),
-        }
-    }
-
-    pub fn open_model(&self, rt: &Runtime, tx: mpsc::Sender<DialogResult>) {
-        match self {
-            Dialogs::Fixed(_) => {
-                let _ = tx.send(DialogResult::OpenModel(None));
-            }
-            Dialogs::Native => spawn(rt, async move {
-                let f = rfd::AsyncFileDialog::new()
-                    .set_title("Open a FLUX.1 model (.safetensors file; cancel to pick a folder)")
-                    .add_filter("safetensors", &["safetensors"])
-                    .pick_file()
-                    .await;
-                let f = match f {
-                    Some(f) => Some(f),
-                    None => {
-                        rfd::AsyncFileDialog::new()
-                            .set_title("Open a model folder")
-                            .pick_folder()
-                            .await
-                    }
-                };
-                let _ = tx.send(DialogResult::OpenModel(f.map(|h| h.path().to_path_buf())));
-            }),
-        }
-    }
-}
-
-fn spawn(rt: &Runtime, fut: impl std::future::Future<Output = ()> + Send + 'static) {
-    match rt.handle() {
-        Some(h) => {
-            h.spawn(fut);
-        }
-        None => tracing::warn!("no runtime for the file dialog"),
-    }
+/// The PNG writer's I/O errors name its temporary file; report the path the user chose.
+fn write(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
+    check_save_path(path)?;
+    save_png(path, img, text).map_err(|e| match e {
+        Error::Io { source, .. } => Error::Write {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => other,
+    })
 }
 
 /// Write a finished image with its settings (and run record) in PNG text chunks.
-pub fn save_image(path: &Path, result: &ImageResult) -> anyhow::Result<()> {
+pub fn save_image(path: &Path, result: &ImageResult) -> Result<()> {
     let g = &result.generated;
     let mut text = g.settings.png_text()?;
     if let Some(q) = result.quality {
-        text.push(("parallax-quality".into(), serde_json::to_string(&q)?));
+        let q = serde_json::to_string(&q)
+            .map_err(|e| Error::Image(format!("cannot serialise the quality record: {e}")))?;
+        text.push(("parallax-quality".into(), q));
     }
-    save_png(path, &g.image, &text)?;
-    Ok(())
+    write(path, &g.image, &text)
 }
 
 /// Write a screenshot (RGBA from egui) as an RGB PNG.
-pub fn save_screenshot(path: &Path, img: &egui::ColorImage) -> anyhow::Result<()> {
+pub fn save_screenshot(path: &Path, img: &egui::ColorImage) -> Result<()> {
     let [w, h] = img.size;
     let data = img
         .pixels
@@ -126,13 +65,40 @@ pub fn save_screenshot(path: &Path, img: &egui::ColorImage) -> anyhow::Result<()
         height: h,
         data,
     };
-    save_png(
+    write(
         path,
         &rgb,
         &[(
             "Software".into(),
             format!("Parallax {} studio", env!("CARGO_PKG_VERSION")),
         )],
-    )?;
-    Ok(())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_paths_are_checked_when_chosen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(check_save_path(&tmp.path().join("a.png")).is_ok());
+        let gone = tmp.path().join("no-such-folder/a.png");
+        let e = check_save_path(&gone).expect_err("missing folder");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot write {}",
+                tmp.path().join("no-such-folder").display()
+            )),
+            "{e}"
+        );
+        let e = check_save_path(tmp.path()).expect_err("a folder");
+        assert!(e.to_string().contains("not a folder"), "{e}");
+        let img = egui::ColorImage::new([2, 2], vec![egui::Color32::RED; 4]);
+        assert!(save_screenshot(&gone, &img).is_err());
+        let ok = tmp.path().join("shot.png");
+        save_screenshot(&ok, &img).expect("saved");
+        let (back, _) = crate::pipeline::image::read_png(&ok).expect("read back");
+        assert_eq!(back.data, [255, 0, 0].repeat(4));
+    }
 }

@@ -1,18 +1,36 @@
 //! The studio: an eframe (wgpu) desktop app over the [`crate::runtime`].
 //!
+//! - [`studio`]: [`StudioApp`], the window's state, event handling, commands and frame loop.
 //! - [`state`]: the settings the panels edit (persisted) and how they become requests.
-//! - [`studio`]: the window (panels, image / compare / gallery tabs, progress, messages).
-//! - [`gpu`]: the WGSL latent preview and difference heatmap as egui paint callbacks.
-//! - [`heatmap`]: the heatmap's CPU twin. [`export`]: PNG / screenshot export and file dialogs.
+//! - [`view`]: what is on screen apart from the settings (tab, job progress, shown images,
+//!   compare and gallery view state). [`command`]: the UI actions panels queue.
+//! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
+//! - [`tabs`]: the Image, Compare and Gallery views.
+//! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
+//!   heatmap as egui paint callbacks; [`heatmap`]: the heatmap's CPU twin.
+//! - [`dialogs`]: where paths come from (desktop dialog, fixed folder, in-window field);
+//!   [`export`]: PNG / screenshot export.
+//! - [`automation`]: scripted runs (`--auto-generate`, `--screenshot`, `--quit-after-job`) and
+//!   UI stats (`--ui-stats`).
 
+pub mod automation;
+pub mod command;
+pub mod dialogs;
 pub mod export;
 pub mod gpu;
 pub mod heatmap;
+pub mod messages;
+pub mod panels;
+pub mod preview;
 pub mod state;
 pub mod studio;
+pub mod tabs;
+pub mod view;
 
+pub use command::Command;
 pub use state::Settings;
-pub use studio::{StudioApp, StudioOptions, Tab};
+pub use studio::{StudioApp, StudioOptions};
+pub use view::Tab;
 
 /// Open the studio window and run until it closes.
 pub fn run(opts: StudioOptions) -> anyhow::Result<()> {

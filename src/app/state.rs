@@ -18,8 +18,10 @@ pub const PRESETS: &[(&str, usize, usize)] = &[
     ("2048 x 2048", 2048, 2048),
 ];
 
+/// Saved between runs. Files written before the sampling fields moved into `request` (flat
+/// `prompt`, `steps`, ... at the top level) still load: see [`SettingsFile`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(from = "SettingsFile")]
 pub struct Settings {
     pub model: String,
     pub device: String,
@@ -30,16 +32,11 @@ pub struct Settings {
     pub ring: usize,
     pub cfg: usize,
     pub dp: usize,
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub true_cfg: f64,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub seed: u64,
+    /// The sampling settings (prompt, size, steps, seed, guidance, true CFG, cache threshold),
+    /// as the engine takes them. The optional fields are always `Some` here (the panel edits
+    /// them); an empty negative prompt means none (see [`Settings::request`]).
+    pub request: GenerateRequest,
     pub random_seed: bool,
-    pub guidance: f64,
-    pub cache_threshold: f64,
     pub compare_thresholds: Vec<f64>,
     pub heatmap_gain: f32,
 }
@@ -55,37 +52,204 @@ impl Default for Settings {
             ring: 1,
             cfg: 1,
             dp: 1,
-            prompt: "a lighthouse on a cliff at dawn, oil painting".into(),
-            negative_prompt: String::new(),
-            true_cfg: 1.0,
-            width: 256,
-            height: 256,
-            steps: 4,
-            seed: 42,
+            request: default_request(),
             random_seed: false,
-            guidance: 3.5,
-            cache_threshold: 0.0,
             compare_thresholds: vec![0.0, 0.06, 0.08, 0.12],
             heatmap_gain: 4.0,
         }
     }
 }
 
-impl Settings {
-    /// The request for the current settings (the seed as shown).
-    pub fn request(&self) -> GenerateRequest {
-        GenerateRequest {
-            prompt: self.prompt.clone(),
-            negative_prompt: (!self.negative_prompt.trim().is_empty())
-                .then(|| self.negative_prompt.clone()),
-            true_cfg: Some(self.true_cfg),
-            width: self.width,
-            height: self.height,
-            steps: Some(self.steps),
-            seed: self.seed,
-            guidance: Some(self.guidance),
-            cache_threshold: self.cache_threshold,
+/// Steps when a request leaves them to the model (the demo's four).
+const DEFAULT_STEPS: usize = 4;
+
+fn default_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a lighthouse on a cliff at dawn, oil painting".into(),
+        negative_prompt: Some(String::new()),
+        true_cfg: Some(1.0),
+        width: 256,
+        height: 256,
+        steps: Some(DEFAULT_STEPS),
+        seed: 42,
+        guidance: Some(3.5),
+        cache_threshold: 0.0,
+    }
+}
+
+/// The settings file as read: today's fields, plus the flat sampling fields of older versions
+/// (`prompt`, `width`, ... at the top level), which are moved into `request`. Missing fields
+/// take their defaults.
+#[derive(Deserialize)]
+#[serde(default)]
+struct SettingsFile {
+    model: String,
+    device: String,
+    workers: usize,
+    layout_auto: bool,
+    ulysses: usize,
+    ring: usize,
+    cfg: usize,
+    dp: usize,
+    request: Option<GenerateRequest>,
+    random_seed: bool,
+    compare_thresholds: Vec<f64>,
+    heatmap_gain: f32,
+    #[serde(flatten)]
+    flat: FlatSampling,
+}
+
+/// The sampling fields as versions before `request` wrote them.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct FlatSampling {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    true_cfg: Option<f64>,
+    width: Option<usize>,
+    height: Option<usize>,
+    steps: Option<usize>,
+    seed: Option<u64>,
+    guidance: Option<f64>,
+    cache_threshold: Option<f64>,
+}
+
+impl Default for SettingsFile {
+    fn default() -> Self {
+        let d = Settings::default();
+        Self {
+            model: d.model,
+            device: d.device,
+            workers: d.workers,
+            layout_auto: d.layout_auto,
+            ulysses: d.ulysses,
+            ring: d.ring,
+            cfg: d.cfg,
+            dp: d.dp,
+            request: None,
+            random_seed: d.random_seed,
+            compare_thresholds: d.compare_thresholds,
+            heatmap_gain: d.heatmap_gain,
+            flat: FlatSampling::default(),
         }
+    }
+}
+
+impl From<SettingsFile> for Settings {
+    fn from(f: SettingsFile) -> Self {
+        let base = default_request();
+        let mut r = f.request.unwrap_or_else(|| base.clone());
+        let old = f.flat;
+        // Older files: the flat fields, where present, are the settings.
+        if let Some(v) = old.prompt {
+            r.prompt = v;
+        }
+        if let Some(v) = old.negative_prompt {
+            r.negative_prompt = Some(v);
+        }
+        if let Some(v) = old.width {
+            r.width = v;
+        }
+        if let Some(v) = old.height {
+            r.height = v;
+        }
+        if let Some(v) = old.seed {
+            r.seed = v;
+        }
+        if let Some(v) = old.cache_threshold {
+            r.cache_threshold = v;
+        }
+        r.true_cfg = old.true_cfg.or(r.true_cfg).or(base.true_cfg);
+        r.steps = old.steps.or(r.steps).or(base.steps);
+        r.guidance = old.guidance.or(r.guidance).or(base.guidance);
+        r.negative_prompt.get_or_insert_with(String::new);
+        Settings {
+            model: f.model,
+            device: f.device,
+            workers: f.workers,
+            layout_auto: f.layout_auto,
+            ulysses: f.ulysses,
+            ring: f.ring,
+            cfg: f.cfg,
+            dp: f.dp,
+            request: r,
+            random_seed: f.random_seed,
+            compare_thresholds: f.compare_thresholds,
+            heatmap_gain: f.heatmap_gain,
+        }
+    }
+}
+
+/// The compare sweep's thresholds as typed (`0, 0.06, 0.08`): numbers from 0 to 1, separated by
+/// commas or spaces. On error, says which entry is wrong.
+pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
+    let mut out = Vec::new();
+    for part in text
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+    {
+        let v: f64 = part
+            .parse()
+            .map_err(|_| format!("`{part}` is not a number"))?;
+        if !(0.0..=1.0).contains(&v) {
+            return Err(format!("{part} is outside 0..=1"));
+        }
+        out.push(v);
+    }
+    if out.is_empty() {
+        return Err("give at least one threshold (e.g. 0, 0.06, 0.1)".into());
+    }
+    Ok(out)
+}
+
+/// How a threshold list is shown in the field.
+pub fn format_thresholds(v: &[f64]) -> String {
+    v.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A warning for sizes that will take long and need much memory (above 2048 px a side or 4 MP),
+/// with the latent token count and rough memory; `None` for ordinary sizes.
+pub fn size_warning(width: usize, height: usize) -> Option<String> {
+    let mp = (width * height) as f64 / 1e6;
+    if width <= 2048 && height <= 2048 && mp <= 4.2 {
+        return None;
+    }
+    // FLUX packs 2x2 latent patches of the 8x-downsampled image: one token per 16x16 pixels, plus
+    // 512 text tokens. Attention grows with the square of the tokens; 1024x1024 has 4,096.
+    let tokens = (width / 16) * (height / 16);
+    let seq = (tokens + 512) as f64;
+    let vs_1024 = (seq / (4096.0 + 512.0)).powi(2);
+    // Activations of one block (hidden 3072, about 12 values a token in f32) and one head's
+    // attention scores if materialised (seq² f32).
+    let act_gib = seq * 3072.0 * 12.0 * 4.0 / (1u64 << 30) as f64;
+    let scores_gib = seq * seq * 4.0 / (1u64 << 30) as f64;
+    Some(format!(
+        "{width}x{height} is {mp:.1} MP: {tokens} latent tokens (1024x1024 has 4096). Expect \
+         about {vs_1024:.0}x the time of a 1024x1024 image per step and several GiB of memory \
+         (about {act_gib:.1} GiB of activations, {scores_gib:.1} GiB per attention head's \
+         scores where they are materialised)."
+    ))
+}
+
+impl Settings {
+    /// The request for the current settings (the seed as shown; a blank negative prompt is none).
+    pub fn request(&self) -> GenerateRequest {
+        let mut r = self.request.clone();
+        if r.negative_prompt
+            .as_deref()
+            .is_none_or(|n| n.trim().is_empty())
+        {
+            r.negative_prompt = None;
+        }
+        r
+    }
+
+    /// Steps as the panel shows them.
+    pub fn steps(&self) -> usize {
+        self.request.steps.unwrap_or(DEFAULT_STEPS)
     }
 
     pub fn layout(&self) -> Option<ParallelLayout> {
@@ -146,16 +310,17 @@ impl Settings {
     /// Problems with the settings as typed, shown next to the fields and blocking Generate.
     pub fn problems(&self, heads: usize) -> Vec<String> {
         let mut out = Vec::new();
-        if self.width == 0 || self.height == 0 || self.width % 16 != 0 || self.height % 16 != 0 {
+        let r = &self.request;
+        if r.width == 0 || r.height == 0 || r.width % 16 != 0 || r.height % 16 != 0 {
             out.push(format!(
                 "size {}x{}: width and height must be positive multiples of 16",
-                self.width, self.height
+                r.width, r.height
             ));
         }
-        if self.steps == 0 {
+        if self.steps() == 0 {
             out.push("steps must be at least 1".into());
         }
-        if !(self.cache_threshold.is_finite() && self.cache_threshold >= 0.0) {
+        if !(r.cache_threshold.is_finite() && r.cache_threshold >= 0.0) {
             out.push("cache threshold must be 0 or more".into());
         }
         if self.model.trim().is_empty() {
@@ -184,16 +349,9 @@ impl Settings {
 
     /// Take the settings an image was made with (gallery "restore").
     pub fn restore(&mut self, s: &GenerationSettings) {
-        self.prompt = s.prompt.clone();
-        self.negative_prompt = s.negative_prompt.clone().unwrap_or_default();
-        self.true_cfg = s.true_cfg;
-        self.width = s.width;
-        self.height = s.height;
-        self.steps = s.steps;
-        self.seed = s.seed;
+        self.request = s.to_request();
+        self.request.negative_prompt = Some(s.negative_prompt.clone().unwrap_or_default());
         self.random_seed = false;
-        self.guidance = s.guidance;
-        self.cache_threshold = s.cache_threshold;
         self.model = s.model.clone();
     }
 }
@@ -207,8 +365,11 @@ mod tests {
         let s = Settings::default();
         assert!(s.problems(24).is_empty(), "{:?}", s.problems(24));
         let bad = Settings {
-            width: 100,
-            steps: 0,
+            request: GenerateRequest {
+                width: 100,
+                steps: Some(0),
+                ..Settings::default().request
+            },
             workers: 4,
             layout_auto: false,
             ulysses: 5,
@@ -249,21 +410,93 @@ mod tests {
         };
         t.restore(&g);
         assert_eq!(t.request(), g.to_request());
+        // A restored image without a negative prompt gives a request without one.
+        t.restore(&GenerationSettings {
+            negative_prompt: None,
+            ..g.clone()
+        });
+        assert_eq!(t.request().negative_prompt, None);
+        assert_eq!(t.request.negative_prompt.as_deref(), Some(""));
     }
 
     #[test]
     fn persisted_settings_round_trip_and_old_files_still_load() {
         let s = Settings {
-            prompt: "x".into(),
-            seed: 5,
+            request: GenerateRequest {
+                prompt: "x".into(),
+                seed: 5,
+                ..Settings::default().request
+            },
             compare_thresholds: vec![0.0, 0.1],
+            workers: 3,
             ..Settings::default()
         };
         let text = serde_json::to_string(&s).expect("serialise");
+        assert!(text.contains(r#""request":{"#), "{text}");
         assert_eq!(serde_json::from_str::<Settings>(&text).expect("parse"), s);
         // A file from an older version with fewer fields takes defaults for the rest.
         let old: Settings =
             serde_json::from_str(r#"{"prompt": "old", "steps": 9}"#).expect("parse");
-        assert_eq!((old.prompt.as_str(), old.steps, old.width), ("old", 9, 256));
+        assert_eq!(
+            (old.request.prompt.as_str(), old.steps(), old.request.width),
+            ("old", 9, 256)
+        );
+        // A whole file of the old flat format: every sampling field moves into `request`.
+        let flat = r#"{"model": "demo", "device": "cpu", "workers": 2, "layout_auto": true,
+            "ulysses": 1, "ring": 1, "cfg": 1, "dp": 1, "prompt": "a fox",
+            "negative_prompt": "blur", "true_cfg": 2.5, "width": 512, "height": 768,
+            "steps": 12, "seed": 77, "random_seed": true, "guidance": 4.0,
+            "cache_threshold": 0.08, "compare_thresholds": [0.0, 0.05], "heatmap_gain": 6.0}"#;
+        let old: Settings = serde_json::from_str(flat).expect("parse the old flat format");
+        assert_eq!(
+            old.request,
+            GenerateRequest {
+                prompt: "a fox".into(),
+                negative_prompt: Some("blur".into()),
+                true_cfg: Some(2.5),
+                width: 512,
+                height: 768,
+                steps: Some(12),
+                seed: 77,
+                guidance: Some(4.0),
+                cache_threshold: 0.08,
+            }
+        );
+        assert_eq!(old.workers, 2);
+        assert!(old.random_seed);
+        assert_eq!(old.compare_thresholds, vec![0.0, 0.05]);
+        assert_eq!(old.heatmap_gain, 6.0);
+        // Saved again, it is in the new format and reads back the same.
+        let again = serde_json::to_string(&old).expect("serialise");
+        assert_eq!(
+            serde_json::from_str::<Settings>(&again).expect("parse"),
+            old
+        );
+    }
+
+    #[test]
+    fn thresholds_are_parsed_not_reformatted() {
+        assert_eq!(
+            parse_thresholds("0, 0.06,0.08 0.12"),
+            Ok(vec![0.0, 0.06, 0.08, 0.12])
+        );
+        assert_eq!(parse_thresholds("0.2,3"), Err("3 is outside 0..=1".into()));
+        assert_eq!(parse_thresholds("61"), Err("61 is outside 0..=1".into()));
+        assert!(parse_thresholds("0, x")
+            .unwrap_err()
+            .contains("`x` is not a number"));
+        assert!(parse_thresholds("  ").is_err());
+        let d = Settings::default().compare_thresholds;
+        assert_eq!(parse_thresholds(&format_thresholds(&d)), Ok(d));
+    }
+
+    #[test]
+    fn large_sizes_are_warned_about() {
+        assert_eq!(size_warning(1024, 1024), None);
+        assert_eq!(size_warning(2048, 2048), None);
+        let w = size_warning(8000, 8000).expect("a warning");
+        assert!(w.contains("250000 latent tokens"), "{w}");
+        assert!(w.contains("64.0 MP"), "{w}");
+        assert!(size_warning(4096, 512).is_some(), "wider than 2048");
     }
 }

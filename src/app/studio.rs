@@ -1,22 +1,27 @@
-//! The studio window: settings panel on the left, the current image / compare view / gallery in
-//! the middle, messages at the bottom. UI state lives here; the engine lives behind
-//! [`Runtime`], which this only talks to through jobs and events, so the window never waits.
+//! The studio window and its state: [`StudioApp`] owns the saved [`Settings`], the view state
+//! ([`super::view`]), and the handles (the [`Runtime`], textures, channels). Each frame it applies
+//! the runtime's events, draws the panels and tabs (which queue [`Command`]s), then applies the
+//! commands in one place ([`StudioApp::apply`]). The engine lives behind the runtime, which this
+//! only talks to through jobs and events, so the window never waits.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
 
-use egui::{Color32, Key, Modifiers, RichText, TextureHandle, TextureOptions};
+use egui::{Color32, Key, Modifiers, RichText};
 
-use super::export::{self, DialogResult, Dialogs};
+use super::automation::{Screenshots, Script, Start, UiStats};
+use super::command::{Command, Commands};
+use super::dialogs::{Answer, DialogAnswer, Dialogs, PathPrompt, PathRequest};
+use super::export;
 use super::gpu;
-use super::heatmap;
-use super::state::{Settings, PRESETS};
-use crate::pipeline::image::RgbImage;
-use crate::pipeline::preview::{Latent, PreviewFactors};
-use crate::runtime::gallery::{self, Entry};
-use crate::runtime::{Event, ImageResult, JobId, JobSpec, Runtime, RuntimeOptions};
+use super::messages::MessageLog;
+use super::panels::{self, settings::Panel};
+use super::preview::LivePreview;
+use super::state::Settings;
+use super::tabs::{self, compare::HeatmapCache, gallery::Thumbs};
+use super::view::{CompareView, GalleryView, JobView, ModelStatus, Opened, Shown, Tab};
+use crate::runtime::gallery;
+use crate::runtime::{Event, ImageResult, JobSpec, Runtime, RuntimeOptions};
 
 /// How the studio starts (from `parallax studio`).
 #[derive(Debug, Clone, Default)]
@@ -42,143 +47,123 @@ pub struct StudioOptions {
     pub skip_hf_cache: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tab {
-    Image,
-    Compare,
-    Gallery,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelStatus {
-    NotLoaded,
-    Loading(String),
-    Ready(String),
-    Failed(String),
-}
-
-/// The job on screen.
-#[derive(Debug, Clone)]
-pub struct JobView {
-    pub id: JobId,
-    pub compare: bool,
-    pub images: usize,
-    pub image: usize,
-    pub step: usize,
-    pub total: usize,
-    pub step_ms: Vec<f64>,
-    pub reused: usize,
-    pub layout: String,
-    pub started: Instant,
-}
-
-impl JobView {
-    /// Estimated time left in seconds from the median step time.
-    pub fn eta_s(&self) -> Option<f64> {
-        if self.step_ms.is_empty() || self.total == 0 {
-            return None;
-        }
-        let mut v = self.step_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let med = v[v.len() / 2];
-        let left_steps = (self.total - self.step) + (self.images - self.image - 1) * self.total;
-        Some(med * left_steps as f64 / 1e3)
-    }
-}
-
-struct Preview {
-    latent: Arc<Latent>,
-    version: u64,
-    emitted: Instant,
-    measured: bool,
-}
-
-/// One finished image with its texture.
-pub struct Shown {
-    pub result: Arc<ImageResult>,
-    pub image: Arc<RgbImage>,
-    pub id: u64,
-    tex: TextureHandle,
-}
-
-/// Frame times and step-to-preview latency, for the responsiveness benchmark.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct UiStats {
-    /// CPU time of each frame drawn while a job ran (eframe's `cpu_usage`).
-    pub frame_ms: Vec<f64>,
-    /// From the engine emitting a step to the end of the frame that drew its preview.
-    pub preview_latency_ms: Vec<f64>,
-    pub steps_seen: usize,
-}
-
-pub struct Message {
-    pub text: String,
-    pub error: bool,
-}
-
 pub struct StudioApp {
+    // Saved between runs.
     pub settings: Settings,
+    // What is on screen.
     pub tab: Tab,
     pub model: ModelStatus,
+    /// Attention heads of the loaded model (what a layout must divide).
     pub heads: usize,
     pub job: Option<JobView>,
     pub result: Option<Shown>,
     pub compare: Vec<Shown>,
-    pub compare_selected: usize,
-    pub wipe: f32,
-    pub show_heatmap: bool,
-    pub gallery: Vec<Entry>,
-    pub messages: Vec<Message>,
+    pub compare_view: CompareView,
+    pub gallery: GalleryView,
+    pub messages: MessageLog,
     pub stats: UiStats,
+    /// Where paths come from (tests set a fixed folder).
     pub dialogs: Dialogs,
-    runtime: Runtime,
-    factors: Option<Arc<PreviewFactors>>,
-    preview: Option<Preview>,
-    preview_tex: Option<(u64, TextureHandle)>,
-    heat_tex: HashMap<(u64, u64, u32), TextureHandle>,
-    thumbs: HashMap<PathBuf, TextureHandle>,
-    gallery_dirty: bool,
-    gpu: bool,
-    dialog_tx: mpsc::Sender<DialogResult>,
-    dialog_rx: mpsc::Receiver<DialogResult>,
-    next_id: u64,
-    opts: StudioOptions,
-    auto_started: bool,
-    first_job_done: bool,
-    screenshot_pending: Option<PathBuf>,
-    auto_shot_due: bool,
-    shot_tx: mpsc::Sender<Arc<egui::ColorImage>>,
-    shot_rx: mpsc::Receiver<Arc<egui::ColorImage>>,
-    quit_requested: bool,
+    /// The in-window path field, when the desktop has no file dialog.
+    pub path_prompt: Option<PathPrompt>,
+    /// Why images will not be kept in the gallery (checked when a job starts).
+    gallery_warning: Option<String>,
+    /// The saved settings' model, until it loads: if it fails, the studio falls back to the demo.
+    remembered_model: Option<String>,
     /// FLUX repos found in the Hugging Face cache at start-up.
     hf_models: Vec<(String, PathBuf)>,
+    // Handles.
+    runtime: Runtime,
+    preview: LivePreview,
+    heat: HeatmapCache,
+    thumbs: Thumbs,
+    dialog_tx: mpsc::Sender<DialogAnswer>,
+    dialog_rx: mpsc::Receiver<DialogAnswer>,
+    screenshots: Screenshots,
+    script: Script,
+    cmds: Commands,
+    next_id: u64,
 }
 
 const SETTINGS_KEY: &str = "parallax-settings";
 
+/// How long after a runtime event the window redraws (events within it share one frame).
+const EVENT_REPAINT_DELAY: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// A saved model that names a file or folder which is no longer there (names the loader looks
+/// up elsewhere, `demo`, `random:…`, `dev`, `schnell`, repo ids, are not judged here).
+fn model_file_gone(model: &str) -> bool {
+    let m = model.trim();
+    let lower = m.to_ascii_lowercase();
+    let named = matches!(
+        lower.as_str(),
+        "demo"
+            | "dev"
+            | "schnell"
+            | "flux.1-dev"
+            | "flux1-dev"
+            | "flux.1-schnell"
+            | "flux1-schnell"
+    );
+    if m.is_empty() || named || lower.starts_with("random:") {
+        return false;
+    }
+    let looks_like_path = m.starts_with('/')
+        || m.starts_with('.')
+        || m.starts_with('~')
+        || lower.ends_with(".safetensors")
+        || m.matches('/').count() != 1
+        || m.contains('\\');
+    looks_like_path && !Path::new(m).exists()
+}
+
+/// The settings the studio starts with: the saved ones (unless `fresh_settings`), then the
+/// command line's overrides. A saved model file that has gone falls back to the demo; the note
+/// says so.
+pub fn startup_settings(
+    saved: Option<Settings>,
+    opts: &StudioOptions,
+) -> (Settings, Option<String>) {
+    let mut settings = if opts.fresh_settings {
+        Settings::default()
+    } else {
+        saved.unwrap_or_default()
+    };
+    let mut note = None;
+    if opts.model.is_none() && model_file_gone(&settings.model) {
+        note = Some(format!(
+            "the model used last time, {}, is not there any more: using the demo model",
+            settings.model.trim()
+        ));
+        settings.model = "demo".into();
+    }
+    if let Some(m) = &opts.model {
+        settings.model = m.clone();
+    }
+    if let Some(p) = &opts.placement {
+        settings.set_placement(p);
+    }
+    if let Some(n) = opts.steps {
+        settings.request.steps = Some(n);
+    }
+    if let Some((w, h)) = opts.size {
+        settings.request.width = w;
+        settings.request.height = h;
+    }
+    (settings, note)
+}
+
 impl StudioApp {
     /// Build the app from eframe's creation context (window or test harness).
     pub fn new(cc: &eframe::CreationContext<'_>, opts: StudioOptions) -> anyhow::Result<Self> {
-        let mut settings: Settings = if opts.fresh_settings {
-            Settings::default()
-        } else {
-            cc.storage
-                .and_then(|s| eframe::get_value(s, SETTINGS_KEY))
-                .unwrap_or_default()
-        };
-        if let Some(m) = &opts.model {
-            settings.model = m.clone();
-        }
-        if let Some(p) = &opts.placement {
-            settings.set_placement(p);
-        }
-        if let Some(n) = opts.steps {
-            settings.steps = n;
-        }
-        if let Some((w, h)) = opts.size {
-            settings.width = w;
-            settings.height = h;
-        }
+        let saved = cc
+            .storage
+            .and_then(|s| eframe::get_value::<Settings>(s, SETTINGS_KEY));
+        let (settings, note) = startup_settings(saved, &opts);
+        let remembered_model = (opts.model.is_none()
+            && !opts.fresh_settings
+            && !settings.model.trim().eq_ignore_ascii_case("demo"))
+        .then(|| settings.model.trim().to_string());
         let gpu = match &cc.wgpu_render_state {
             Some(rs) => {
                 gpu::install(rs);
@@ -194,17 +179,20 @@ impl StudioApp {
                     .clone()
                     .unwrap_or_else(gallery::default_dir),
             ),
-            notify: Some(Arc::new(move || ctx.request_repaint())),
+            // One frame per burst of events: `request_repaint()` would draw two frames for each
+            // (egui repaints twice after an immediate request), a small delay coalesces them.
+            notify: Some(Arc::new(move || {
+                ctx.request_repaint_after(EVENT_REPAINT_DELAY)
+            })),
         })?;
         runtime.configure(settings.engine_spec());
         let (dialog_tx, dialog_rx) = mpsc::channel();
-        let (shot_tx, shot_rx) = mpsc::channel();
         let hf_models = if opts.skip_hf_cache {
             Vec::new()
         } else {
             crate::model::layout::list_hf_cache()
         };
-        Ok(Self {
+        let mut app = Self {
             settings,
             tab: Tab::Image,
             model: ModelStatus::NotLoaded,
@@ -212,39 +200,39 @@ impl StudioApp {
             job: None,
             result: None,
             compare: Vec::new(),
-            compare_selected: 1,
-            wipe: 0.5,
-            show_heatmap: false,
-            gallery: Vec::new(),
-            messages: Vec::new(),
+            compare_view: CompareView::default(),
+            gallery: GalleryView {
+                dirty: true,
+                ..GalleryView::default()
+            },
+            messages: MessageLog::default(),
             stats: UiStats::default(),
-            dialogs: Dialogs::Native,
+            dialogs: Dialogs::detect(),
+            path_prompt: None,
+            gallery_warning: None,
+            remembered_model,
+            hf_models,
             runtime,
-            factors: None,
-            preview: None,
-            preview_tex: None,
-            heat_tex: HashMap::new(),
-            thumbs: HashMap::new(),
-            gallery_dirty: true,
-            gpu,
+            preview: LivePreview::new(gpu),
+            heat: HeatmapCache::default(),
+            thumbs: Thumbs::default(),
             dialog_tx,
             dialog_rx,
+            screenshots: Screenshots::default(),
+            script: Script::new(&opts),
+            cmds: Commands::default(),
             next_id: 1,
-            opts,
-            auto_started: false,
-            first_job_done: false,
-            screenshot_pending: None,
-            auto_shot_due: false,
-            shot_tx,
-            shot_rx,
-            quit_requested: false,
-            hf_models,
-        })
+        };
+        if let Some(n) = note {
+            app.say(n, true);
+        }
+        app.check_gallery();
+        Ok(app)
     }
 
     /// Whether previews and heatmaps are drawn by the WGSL shaders.
     pub fn uses_gpu_shaders(&self) -> bool {
-        self.gpu
+        self.preview.uses_gpu()
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -256,19 +244,28 @@ impl StudioApp {
     }
 
     fn say(&mut self, text: impl Into<String>, error: bool) {
-        let text = text.into();
-        if error {
-            tracing::warn!("{text}");
-        }
-        self.messages.push(Message { text, error });
-        if self.messages.len() > 50 {
-            self.messages.remove(0);
-        }
+        self.messages.push(text, error);
     }
 
     fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
+    }
+
+    /// Why Generate is refused now (empty: it is not).
+    pub fn blockers(&self) -> Vec<String> {
+        let mut out = self.settings.problems(self.heads);
+        out.extend(self.model.refusal(&self.settings.model));
+        out
+    }
+
+    /// Whether the gallery folder takes files; the warning shown in the panel if not.
+    fn check_gallery(&mut self) {
+        let res = self.runtime.gallery().map(|g| g.check_writable());
+        self.gallery_warning = match res {
+            Some(Err(e)) => Some(format!("images will not be kept in the gallery: {e}")),
+            _ => None,
+        };
     }
 
     /// Start a generation with the current settings (Ctrl+Enter).
@@ -286,19 +283,36 @@ impl StudioApp {
             self.say("a job is running: cancel it (Esc) or wait", true);
             return;
         }
-        let problems = self.settings.problems(self.heads);
-        if !problems.is_empty() {
-            for p in problems {
-                self.say(p, true);
+        let mut blockers = self.blockers();
+        if compare {
+            if let Some(e) = &self.compare_view.thresholds.error {
+                blockers.push(format!("compare thresholds: {e}"));
+            }
+        }
+        if !blockers.is_empty() {
+            for b in blockers {
+                self.say(b, true);
             }
             return;
         }
+        // Before the generation, not after it: a read-only gallery is reported now.
+        self.check_gallery();
+        if let Some(w) = self.gallery_warning.clone() {
+            self.say(w, true);
+        }
         if self.settings.random_seed {
             // Nine digits at most: easy to read back and type in the seed field.
-            self.settings.seed = crate::model::rng::fresh_seed() % 1_000_000_000;
+            self.settings.request.seed = crate::model::rng::fresh_seed() % 1_000_000_000;
         }
         self.runtime.configure(self.settings.engine_spec());
         let base = self.settings.request();
+        let summary = format!(
+            "{}x{}, {} steps, seed {}",
+            base.width,
+            base.height,
+            self.settings.steps(),
+            base.seed
+        );
         let spec = if compare {
             JobSpec::Compare {
                 base,
@@ -315,19 +329,10 @@ impl StudioApp {
         } else {
             self.tab = Tab::Image;
         }
-        self.preview = None;
-        self.job = Some(JobView {
-            id,
-            compare,
-            images,
-            image: 0,
-            step: 0,
-            total: self.settings.steps,
-            step_ms: Vec::new(),
-            reused: 0,
-            layout: String::new(),
-            started: Instant::now(),
-        });
+        self.preview.clear();
+        let mut job = JobView::new(id, compare, images, self.settings.steps());
+        job.summary = summary;
+        self.job = Some(job);
     }
 
     /// Cancel the running job (Esc).
@@ -337,22 +342,18 @@ impl StudioApp {
         }
     }
 
-    /// Apply every waiting runtime event.
+    /// Apply every waiting runtime event and dialog answer.
     pub fn poll(&mut self, ctx: &egui::Context) {
         while let Some(ev) = self.runtime.try_recv() {
             self.on_event(ctx, ev);
         }
-        while let Ok(r) = self.dialog_rx.try_recv() {
-            self.on_dialog(ctx, r);
+        while let Ok(a) = self.dialog_rx.try_recv() {
+            self.on_dialog(ctx, a);
         }
     }
 
-    fn on_event(&mut self, ctx: &egui::Context, ev: Event) {
-        let ours = |s: &Self| {
-            ev.job()
-                .is_some_and(|j| s.job.as_ref().is_some_and(|v| v.id == j))
-        };
-        match &ev {
+    fn on_model_event(&mut self, ev: &Event) {
+        match ev {
             Event::ModelLoading { spec } => self.model = ModelStatus::Loading(spec.model.model.clone()),
             Event::ModelLoaded {
                 summary,
@@ -363,15 +364,43 @@ impl StudioApp {
                 self.model =
                     ModelStatus::Ready(format!("{summary} — loaded in {:.1} s", load_ms / 1e3));
                 self.heads = *heads;
+                self.remembered_model = None;
             }
             Event::ModelFailed { spec, error } => {
-                self.model = ModelStatus::Failed(error.clone());
+                if self.remembered_model.as_deref() == Some(spec.model.model.trim()) {
+                    // The model saved last time: start on the demo instead of a dead end.
+                    self.remembered_model = None;
+                    self.say(
+                        format!(
+                            "the model used last time, `{}`, did not load ({error}): using the demo model",
+                            spec.model.model
+                        ),
+                        true,
+                    );
+                    self.settings.model = "demo".into();
+                    self.runtime.configure(self.settings.engine_spec());
+                    return;
+                }
+                self.model = ModelStatus::Failed {
+                    model: spec.model.model.trim().to_string(),
+                    error: error.clone(),
+                };
                 self.say(format!("cannot load model `{}`: {error}", spec.model.model), true);
+                if self.job.is_none() {
+                    self.script.give_up();
+                }
             }
-            Event::PreviewFactors(f) => self.factors = Some(f.clone()),
+            Event::PreviewFactors(f) => self.preview.set_factors(f.clone()),
             _ => {}
         }
-        if !ours(self) {
+    }
+
+    fn on_event(&mut self, ctx: &egui::Context, ev: Event) {
+        self.on_model_event(&ev);
+        let ours = ev
+            .job()
+            .is_some_and(|j| self.job.as_ref().is_some_and(|v| v.id == j));
+        if !ours {
             return;
         }
         match ev {
@@ -398,29 +427,12 @@ impl StudioApp {
                     j.step_ms.push(ms);
                     j.reused += usize::from(reused);
                 }
-                let version = self.new_id();
-                self.preview = Some(Preview {
-                    latent: preview,
-                    version,
-                    emitted: at,
-                    measured: false,
-                });
+                self.preview.push(preview, at);
                 self.stats.steps_seen += 1;
             }
-            Event::ImageDone { result, .. } => {
-                let shown = self.show(ctx, result);
-                if let Some(n) = shown.result.notes.first() {
-                    self.say(n.clone(), false);
-                }
-                if self.job.as_ref().is_some_and(|j| j.compare) {
-                    self.compare.push(shown);
-                } else {
-                    self.result = Some(shown);
-                    self.preview = None;
-                }
-                self.gallery_dirty = true;
-            }
+            Event::ImageDone { image, result, .. } => self.image_done(ctx, image, result),
             Event::Finished { wall_ms, .. } => {
+                self.stats.job_wall_ms.push(wall_ms);
                 self.say(format!("done in {:.2} s", wall_ms / 1e3), false);
                 self.job_over();
             }
@@ -430,346 +442,287 @@ impl StudioApp {
             }
             Event::Cancelled { .. } => {
                 self.say("cancelled", false);
-                self.preview = None;
+                self.preview.clear();
                 self.job_over();
             }
             _ => {}
         }
     }
 
+    fn image_done(&mut self, ctx: &egui::Context, index: usize, result: Arc<ImageResult>) {
+        let id = self.new_id();
+        let shown = Shown::new(ctx, id, result);
+        self.stats
+            .image_ms
+            .push(shown.result.generated.timings.total_ms);
+        for n in shown.result.notes.clone() {
+            let error = n.starts_with("not saved");
+            self.say(n, error);
+        }
+        let compare = match &mut self.job {
+            Some(j) => {
+                j.image_done(index);
+                j.compare
+            }
+            None => false,
+        };
+        if compare {
+            self.compare.push(shown);
+        } else {
+            self.result = Some(shown);
+            self.preview.clear();
+        }
+        self.gallery.dirty = true;
+    }
+
     fn job_over(&mut self) {
         self.job = None;
-        if !self.first_job_done {
-            self.first_job_done = true;
-            if self.opts.screenshot.is_some() {
-                self.auto_shot_due = true;
-            } else if self.opts.quit_after_job {
-                self.quit_requested = true;
+        self.script.job_over();
+    }
+
+    fn on_dialog(&mut self, ctx: &egui::Context, a: DialogAnswer) {
+        match a.answer {
+            Answer::Path(p) => {
+                if let Err(e) = self.use_path(ctx, &a.request, p) {
+                    self.say(e, true);
+                }
+            }
+            Answer::Cancelled => {}
+            Answer::Unavailable(why) => {
+                self.say(why.clone(), false);
+                self.path_prompt = Some(PathPrompt::new(a.request, why));
             }
         }
     }
 
-    fn show(&mut self, ctx: &egui::Context, result: Arc<ImageResult>) -> Shown {
-        let image = Arc::new(result.generated.image.clone());
-        let id = self.new_id();
-        let tex = ctx.load_texture(
-            format!("image-{id}"),
-            color_image(&image),
-            TextureOptions::NEAREST,
-        );
-        Shown {
-            result,
-            image,
-            id,
-            tex,
+    /// Act on a chosen path; a save path is checked first (its folder must exist and be
+    /// writable). The error says what is wrong with it.
+    fn use_path(
+        &mut self,
+        ctx: &egui::Context,
+        request: &PathRequest,
+        path: PathBuf,
+    ) -> Result<(), String> {
+        if request.saves() {
+            export::check_save_path(&path).map_err(|e| e.to_string())?;
         }
-    }
-
-    fn on_dialog(&mut self, ctx: &egui::Context, r: DialogResult) {
-        match r {
-            DialogResult::SaveImage(Some(path), result) => match export::save_image(&path, &result)
-            {
-                Ok(()) => self.say(format!("saved {}", path.display()), false),
-                Err(e) => self.say(format!("cannot save {}: {e}", path.display()), true),
-            },
-            DialogResult::Screenshot(Some(path)) => self.request_screenshot(ctx, path),
-            DialogResult::OpenModel(Some(path)) => {
+        match request {
+            PathRequest::ExportImage { result, .. } => {
+                export::save_image(&path, result).map_err(|e| e.to_string())?;
+                self.say(format!("saved {}", path.display()), false);
+            }
+            PathRequest::Screenshot => self.screenshots.request(ctx, path),
+            PathRequest::OpenModel => {
+                if !path.exists() {
+                    return Err(format!(
+                        "cannot open {}: no such file or folder",
+                        path.display()
+                    ));
+                }
                 self.settings.model = path.display().to_string();
                 self.runtime.configure(self.settings.engine_spec());
             }
-            _ => {}
         }
+        Ok(())
     }
 
     fn refresh_gallery(&mut self) {
-        if !self.gallery_dirty {
+        if !self.gallery.dirty {
             return;
         }
-        self.gallery_dirty = false;
-        if let Some(g) = self.runtime.gallery() {
-            match g.list() {
-                Ok(list) => self.gallery = list,
-                Err(e) => self.say(format!("cannot read the gallery: {e}"), true),
+        self.gallery.dirty = false;
+        let listed = self.runtime.gallery().map(|g| g.list());
+        match listed {
+            Some(Ok(list)) => self.gallery.entries = list,
+            Some(Err(e)) => self.say(format!("cannot read the gallery: {e}"), true),
+            None => {}
+        }
+    }
+
+    fn gallery_entry(&self, path: &Path) -> Option<&gallery::Entry> {
+        self.gallery.entries.iter().find(|e| e.path == path)
+    }
+
+    /// The image on screen and a file name for it.
+    fn current_image(&self) -> Option<Arc<ImageResult>> {
+        match self.tab {
+            Tab::Compare => self
+                .compare
+                .get(self.compare_view.selected)
+                .map(|s| s.result.clone()),
+            _ => self.result.as_ref().map(|s| s.result.clone()),
+        }
+    }
+
+    /// Queue an action; it is applied after this frame's drawing.
+    pub fn queue(&mut self, c: Command) {
+        self.cmds.push(c);
+    }
+
+    /// Apply one command: every user action goes through here.
+    pub fn apply(&mut self, ctx: &egui::Context, c: Command) {
+        match c {
+            Command::Generate => self.generate(),
+            Command::Compare => self.start_compare(),
+            Command::Cancel => self.cancel(),
+            Command::LoadModel => self.runtime.configure(self.settings.engine_spec()),
+            Command::UseModel(m) => {
+                self.settings.model = m;
+                self.runtime.configure(self.settings.engine_spec());
             }
+            Command::OpenModelDialog => {
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::OpenModel,
+                    self.dialog_tx.clone(),
+                );
+            }
+            Command::Export => match self.current_image() {
+                Some(r) => {
+                    let name = format!("parallax-{}.png", r.generated.settings.seed);
+                    let req = PathRequest::ExportImage { name, result: r };
+                    self.dialogs.ask(&self.runtime, req, self.dialog_tx.clone());
+                }
+                None => self.say("nothing to export yet", true),
+            },
+            Command::Screenshot => {
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::Screenshot,
+                    self.dialog_tx.clone(),
+                );
+            }
+            Command::SelectTab(t) => {
+                if t == Tab::Gallery {
+                    self.gallery.dirty = true;
+                }
+                self.tab = t;
+            }
+            Command::Restore(path) => {
+                if let Some(s) = self.gallery_entry(&path).map(|e| e.settings.clone()) {
+                    self.settings.restore(&s);
+                    self.runtime.configure(self.settings.engine_spec());
+                    self.say(format!("settings restored from {}", path.display()), false);
+                }
+            }
+            Command::OpenImage(path) => self.open_image(ctx, &path),
+            Command::CloseImage => self.gallery.opened = None,
+            Command::AskDelete(path) => self.gallery.confirm_delete = Some(path),
+            Command::KeepImage => self.gallery.confirm_delete = None,
+            Command::Delete(path) => self.delete_image(&path),
+            Command::SubmitPath => self.submit_path(ctx),
+            Command::ClosePathPrompt => self.path_prompt = None,
         }
     }
 
-    /// Restore the settings of gallery entry `i`.
-    pub fn restore_from_gallery(&mut self, i: usize) {
-        if let Some(e) = self.gallery.get(i) {
-            let s = e.settings.clone();
-            self.settings.restore(&s);
-            self.runtime.configure(self.settings.engine_spec());
-            self.say(
-                format!("settings restored from {}", e.path.display()),
-                false,
-            );
-        }
-    }
-
-    /// Delete gallery entry `i` from disk.
-    pub fn delete_from_gallery(&mut self, i: usize) {
-        let Some(e) = self.gallery.get(i).cloned() else {
+    fn open_image(&mut self, ctx: &egui::Context, path: &Path) {
+        let Some(entry) = self.gallery_entry(path).cloned() else {
             return;
         };
-        let res = self.runtime.gallery().map(|g| g.delete(&e.path));
+        match crate::pipeline::image::read_png(path) {
+            Ok((img, _)) => {
+                let tex = ctx.load_texture(
+                    format!("gallery-{}", path.display()),
+                    super::view::color_image(&img),
+                    egui::TextureOptions::LINEAR,
+                );
+                self.gallery.opened = Some(Opened { entry, tex });
+            }
+            Err(e) => self.say(format!("cannot open {}: {e}", path.display()), true),
+        }
+    }
+
+    fn delete_image(&mut self, path: &Path) {
+        self.gallery.confirm_delete = None;
+        let res = self.runtime.gallery().map(|g| g.delete(path));
         match res {
             Some(Ok(())) => {
-                self.thumbs.remove(&e.path);
-                self.gallery_dirty = true;
-                self.say(format!("deleted {}", e.path.display()), false);
+                self.thumbs.forget(path);
+                if self
+                    .gallery
+                    .opened
+                    .as_ref()
+                    .is_some_and(|o| o.entry.path == path)
+                {
+                    self.gallery.opened = None;
+                }
+                self.gallery.dirty = true;
+                self.say(format!("deleted {}", path.display()), false);
             }
             Some(Err(err)) => self.say(format!("cannot delete: {err}"), true),
             None => {}
         }
     }
 
+    fn submit_path(&mut self, ctx: &egui::Context) {
+        let Some(mut prompt) = self.path_prompt.take() else {
+            return;
+        };
+        let Some(path) = prompt.path() else {
+            prompt.error = Some("type a path".into());
+            self.path_prompt = Some(prompt);
+            return;
+        };
+        let request = prompt.request.clone();
+        if let Err(e) = self.use_path(ctx, &request, path) {
+            // Stay open so the path can be corrected.
+            prompt.error = Some(e);
+            self.path_prompt = Some(prompt);
+        }
+    }
+
     /// Export the image on screen through the save dialog.
     pub fn export_current(&mut self) {
-        let res = match self.tab {
-            Tab::Compare => self
-                .compare
-                .get(self.compare_selected)
-                .map(|s| s.result.clone()),
-            _ => self.result.as_ref().map(|s| s.result.clone()),
-        };
-        match res {
-            Some(r) => {
-                let name = format!("parallax-{}.png", r.generated.settings.seed);
-                self.dialogs
-                    .save_png(&self.runtime, name, r, self.dialog_tx.clone());
-            }
-            None => self.say("nothing to export yet", true),
-        }
+        self.queue(Command::Export);
     }
 
     /// Save a screenshot of the window through the save dialog.
     pub fn screenshot(&mut self) {
-        self.dialogs
-            .screenshot(&self.runtime, self.dialog_tx.clone());
+        self.queue(Command::Screenshot);
     }
 
     // ----- drawing -------------------------------------------------------------------------
 
     fn keys(&mut self, ctx: &egui::Context) {
         if ctx.input_mut(|i| i.consume_key(Modifiers::COMMAND, Key::Enter)) {
-            self.generate();
+            self.cmds.push(Command::Generate);
         }
         if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
-            self.cancel();
+            if self.path_prompt.is_some() {
+                self.cmds.push(Command::ClosePathPrompt);
+            } else {
+                self.cmds.push(Command::Cancel);
+            }
+        }
+    }
+
+    fn panel<'a>(&'a mut self, blockers: &'a [String]) -> Panel<'a> {
+        Panel {
+            settings: &mut self.settings,
+            model: &self.model,
+            hf_models: &self.hf_models,
+            busy: self.job.is_some(),
+            blockers,
+            warning: self.gallery_warning.as_deref(),
+            thresholds: &mut self.compare_view.thresholds,
+            cmds: &mut self.cmds,
         }
     }
 
     fn settings_panel(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Parallax");
-        ui.label(RichText::new("FLUX.1 over many GPUs").weak());
+        let none: Vec<String> = Vec::new();
+        let mut p = self.panel(&none);
+        panels::settings::model(ui, &mut p);
         ui.separator();
-        let model_label = ui.label("Model");
-        ui.horizontal(|ui| {
-            ui.add(egui::TextEdit::singleline(&mut self.settings.model).desired_width(150.0))
-                .labelled_by(model_label.id);
-            if ui
-                .button("Open…")
-                .on_hover_text("a .safetensors file or a model folder")
-                .clicked()
-            {
-                self.dialogs
-                    .open_model(&self.runtime, self.dialog_tx.clone());
-            }
-        });
-        ui.horizontal(|ui| {
-            for (label, value) in [("Demo", "demo"), ("dev", "dev"), ("schnell", "schnell")] {
-                if ui
-                    .small_button(label)
-                    .on_hover_text(format!("--model {value}"))
-                    .clicked()
-                {
-                    self.settings.model = value.into();
-                    self.runtime.configure(self.settings.engine_spec());
-                }
-            }
-            if ui.small_button("Load").clicked() {
-                self.runtime.configure(self.settings.engine_spec());
-            }
-        });
-        if self.hf_models.is_empty() {
-            ui.label(
-                RichText::new("no FLUX repos in the Hugging Face cache")
-                    .small()
-                    .weak(),
-            );
-        } else {
-            let mut pick = None;
-            egui::ComboBox::from_id_salt("hf-cache")
-                .selected_text("Hugging Face cache…")
-                .show_ui(ui, |ui| {
-                    for (repo, _) in &self.hf_models {
-                        if ui
-                            .selectable_label(self.settings.model == *repo, repo)
-                            .clicked()
-                        {
-                            pick = Some(repo.clone());
-                        }
-                    }
-                })
-                .response
-                .labelled_by(model_label.id);
-            if let Some(repo) = pick {
-                self.settings.model = repo;
-                self.runtime.configure(self.settings.engine_spec());
-            }
-        }
-        match &self.model {
-            ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
-            ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),
-            ModelStatus::Ready(s) => ui.label(RichText::new(s).small()),
-            ModelStatus::Failed(e) => ui.colored_label(Color32::LIGHT_RED, e),
-        };
-        ui.separator();
-        let l = ui.label("Prompt");
-        ui.add(
-            egui::TextEdit::multiline(&mut self.settings.prompt)
-                .desired_rows(4)
-                .desired_width(f32::INFINITY)
-                .hint_text("what to draw"),
-        )
-        .labelled_by(l.id);
-        let l = ui.label("Negative prompt (true CFG > 1)");
-        ui.add(
-            egui::TextEdit::multiline(&mut self.settings.negative_prompt)
-                .desired_rows(2)
-                .desired_width(f32::INFINITY),
-        )
-        .labelled_by(l.id);
-        egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
-            let size_label = ui.label("Size");
-            let current = PRESETS
-                .iter()
-                .find(|p| p.1 == self.settings.width && p.2 == self.settings.height)
-                .map_or("custom", |p| p.0);
-            egui::ComboBox::from_id_salt("size")
-                .selected_text(current)
-                .show_ui(ui, |ui| {
-                    for &(name, w, h) in PRESETS {
-                        if ui.selectable_label(current == name, name).clicked() {
-                            self.settings.width = w;
-                            self.settings.height = h;
-                        }
-                    }
-                })
-                .response
-                .labelled_by(size_label.id);
-            ui.end_row();
-            ui.label("W x H");
-            ui.horizontal(|ui| {
-                let l = ui.label("width");
-                ui.add(
-                    egui::DragValue::new(&mut self.settings.width)
-                        .range(16..=8192)
-                        .speed(16),
-                )
-                .labelled_by(l.id);
-                let l = ui.label("height");
-                ui.add(
-                    egui::DragValue::new(&mut self.settings.height)
-                        .range(16..=8192)
-                        .speed(16),
-                )
-                .labelled_by(l.id);
-            });
-            ui.end_row();
-            let l = ui.label("Steps");
-            ui.add(egui::DragValue::new(&mut self.settings.steps).range(1..=100))
-                .labelled_by(l.id);
-            ui.end_row();
-            let l = ui.label("Seed");
-            ui.horizontal(|ui| {
-                ui.add_enabled(
-                    !self.settings.random_seed,
-                    egui::DragValue::new(&mut self.settings.seed),
-                )
-                .labelled_by(l.id);
-                ui.checkbox(&mut self.settings.random_seed, "random");
-                if ui.small_button("Copy").clicked() {
-                    ui.ctx().copy_text(self.settings.seed.to_string());
-                }
-            });
-            ui.end_row();
-            let l = ui.label("Guidance");
-            ui.add(
-                egui::DragValue::new(&mut self.settings.guidance)
-                    .range(0.0..=20.0)
-                    .speed(0.1),
-            )
-            .labelled_by(l.id);
-            ui.end_row();
-            let l = ui.label("True CFG");
-            ui.add(
-                egui::DragValue::new(&mut self.settings.true_cfg)
-                    .range(1.0..=20.0)
-                    .speed(0.1),
-            )
-            .labelled_by(l.id);
-            ui.end_row();
-            let l = ui.label("Cache threshold");
-            ui.add(egui::Slider::new(&mut self.settings.cache_threshold, 0.0..=0.3).step_by(0.01))
-                .labelled_by(l.id)
-                .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
-            ui.end_row();
-        });
+        panels::settings::prompts(ui, &mut p);
+        panels::settings::sampling(ui, &mut p);
         ui.separator();
         self.layout_editor(ui);
         ui.separator();
-        let problems = self.settings.problems(self.heads);
-        for p in &problems {
-            ui.colored_label(Color32::LIGHT_RED, p);
-        }
-        ui.horizontal(|ui| {
-            let busy = self.job.is_some();
-            if ui
-                .add_enabled(!busy && problems.is_empty(), egui::Button::new("Generate"))
-                .on_hover_text("Ctrl+Enter")
-                .clicked()
-            {
-                self.generate();
-            }
-            if ui
-                .add_enabled(busy, egui::Button::new("Cancel"))
-                .on_hover_text("Esc")
-                .clicked()
-            {
-                self.cancel();
-            }
-        });
-        ui.horizontal(|ui| {
-            let l = ui.label("Compare");
-            let mut text = self
-                .settings
-                .compare_thresholds
-                .iter()
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            if ui
-                .add(egui::TextEdit::singleline(&mut text).desired_width(110.0))
-                .labelled_by(l.id)
-                .changed()
-            {
-                self.settings.compare_thresholds = text
-                    .split(',')
-                    .filter_map(|s| s.trim().parse::<f64>().ok())
-                    .collect();
-            }
-            if ui
-                .add_enabled(
-                    self.job.is_none() && problems.is_empty(),
-                    egui::Button::new("Run compare"),
-                )
-                .clicked()
-            {
-                self.start_compare();
-            }
-        });
+        let blockers = self.blockers();
+        let mut p = self.panel(&blockers);
+        panels::settings::checks(ui, &mut p);
+        panels::settings::actions(ui, &mut p);
     }
 
     fn layout_editor(&mut self, ui: &mut egui::Ui) {
@@ -817,382 +770,75 @@ impl StudioApp {
         };
     }
 
-    fn progress(&mut self, ui: &mut egui::Ui) {
-        if let Some(j) = &self.job {
-            let done = (j.image * j.total + j.step) as f32 / (j.images * j.total).max(1) as f32;
-            let last = j.step_ms.last().copied().unwrap_or(0.0);
-            let eta = j
-                .eta_s()
-                .map_or(String::new(), |s| format!(", about {s:.1} s left"));
-            let text = if j.step == 0 {
-                format!(
-                    "starting {} (encoding the prompt)…",
-                    if j.compare { "compare" } else { "generation" }
-                )
-            } else {
-                format!(
-                    "image {}/{} step {}/{} — {:.0} ms/step{}{}",
-                    j.image + 1,
-                    j.images,
-                    j.step,
-                    j.total,
-                    last,
-                    eta,
-                    if j.reused > 0 {
-                        format!(", {} reused", j.reused)
-                    } else {
-                        String::new()
-                    }
-                )
-            };
-            ui.add(egui::ProgressBar::new(done).text(text));
-            if !j.layout.is_empty() {
-                ui.label(RichText::new(&j.layout).small().weak());
-            }
-        }
-    }
-
-    /// Draw the latest latent preview into `rect`; returns true when something was drawn.
-    fn draw_preview(&mut self, ui: &mut egui::Ui, rect: egui::Rect) -> bool {
-        let (Some(p), Some(f)) = (&mut self.preview, &self.factors) else {
-            return false;
-        };
-        if self.gpu {
-            ui.painter().add(egui_wgpu::Callback::new_paint_callback(
-                rect,
-                gpu::PreviewCallback {
-                    latent: p.latent.clone(),
-                    version: p.version,
-                    factors: f.clone(),
-                },
-            ));
-        } else {
-            if self
-                .preview_tex
-                .as_ref()
-                .is_none_or(|(v, _)| *v != p.version)
-            {
-                let rgb = RgbImage {
-                    width: p.latent.width,
-                    height: p.latent.height,
-                    data: f.apply(&p.latent),
-                };
-                let tex = ui.ctx().load_texture(
-                    "latent-preview",
-                    color_image(&rgb),
-                    TextureOptions::NEAREST,
-                );
-                self.preview_tex = Some((p.version, tex));
-            }
-            if let Some((_, t)) = &self.preview_tex {
-                ui.painter().image(t.id(), rect, full_uv(), Color32::WHITE);
-            }
-        }
-        if !p.measured {
-            p.measured = true;
-            self.stats
-                .preview_latency_ms
-                .push(p.emitted.elapsed().as_secs_f64() * 1e3);
-        }
-        true
-    }
-
-    fn image_tab(&mut self, ui: &mut egui::Ui) {
-        let avail = ui.available_size();
-        let (w, h) = match (&self.preview, &self.result) {
-            (Some(p), _) => (p.latent.width as f32 * 8.0, p.latent.height as f32 * 8.0),
-            (None, Some(r)) => (r.image.width as f32, r.image.height as f32),
-            _ => (self.settings.width as f32, self.settings.height as f32),
-        };
-        let scale = (avail.x / w).min((avail.y - 60.0) / h).clamp(0.05, 4.0);
-        let (rect, _) =
-            ui.allocate_exact_size(egui::vec2(w * scale, h * scale), egui::Sense::hover());
-        let drawn = self.job.is_some() && self.draw_preview(ui, rect);
-        if !drawn {
-            if let Some(r) = &self.result {
-                ui.painter()
-                    .image(r.tex.id(), rect, full_uv(), Color32::WHITE);
-            } else {
-                ui.painter().rect_filled(rect, 4.0, Color32::from_gray(30));
-                ui.painter().text(
-                    rect.center(),
-                    egui::Align2::CENTER_CENTER,
-                    if self.job.is_some() {
-                        "working…"
-                    } else {
-                        "Ctrl+Enter to generate"
-                    },
-                    egui::FontId::proportional(16.0),
-                    Color32::GRAY,
-                );
-            }
-        }
-        if let Some(r) = &self.result {
-            let g = &r.result.generated;
-            ui.label(format!(
-                "{}x{}, {} steps ({} computed, {} reused), seed {}, {:.2} s",
-                g.settings.width,
-                g.settings.height,
-                g.settings.steps,
-                g.stats.computed,
-                g.stats.reused,
-                g.settings.seed,
-                g.timings.total_ms / 1e3
-            ));
-        }
-    }
-
-    fn compare_tab(&mut self, ui: &mut egui::Ui) {
-        if self.compare.is_empty() {
-            if self.job.as_ref().is_some_and(|j| j.compare) {
-                let avail = ui.available_width().min(512.0);
-                let (rect, _) =
-                    ui.allocate_exact_size(egui::vec2(avail, avail), egui::Sense::hover());
-                self.draw_preview(ui, rect);
-            } else {
-                ui.label("Run a compare sweep: the same prompt and seed at each cache threshold, against the uncached image.");
-            }
-            return;
-        }
-        // Table of results.
-        egui::Grid::new("compare-table")
-            .striped(true)
-            .num_columns(7)
-            .show(ui, |ui| {
-                for h in [
-                    "threshold",
-                    "wall time",
-                    "speedup",
-                    "steps computed / reused",
-                    "PSNR",
-                    "SSIM",
-                    "",
-                ] {
-                    ui.strong(h);
-                }
-                ui.end_row();
-                for (i, s) in self.compare.iter().enumerate() {
-                    let g = &s.result.generated;
-                    ui.label(format!("{}", g.settings.cache_threshold));
-                    ui.label(format!("{:.2} s", g.timings.total_ms / 1e3));
-                    ui.label(
-                        s.result
-                            .speedup
-                            .map_or("reference".into(), |x| format!("{x:.2}x")),
-                    );
-                    ui.label(format!("{} / {}", g.stats.computed, g.stats.reused));
-                    ui.label(s.result.quality.map_or("—".into(), |q| {
-                        if q.psnr_db.is_infinite() {
-                            "identical".into()
-                        } else {
-                            format!("{:.2} dB", q.psnr_db)
-                        }
-                    }));
-                    ui.label(
-                        s.result
-                            .quality
-                            .map_or("—".into(), |q| format!("{:.4}", q.ssim)),
-                    );
-                    if i > 0 && ui.radio(self.compare_selected == i, "show").clicked() {
-                        self.compare_selected = i;
-                    }
-                    ui.end_row();
-                }
-            });
-        if let Some(j) = &self.job {
-            ui.label(format!("running image {} of {}…", j.image + 1, j.images));
-        }
+    fn tab_bar(&mut self, ui: &mut egui::Ui) {
         ui.horizontal(|ui| {
-            let l = ui.label("wipe");
-            ui.add(egui::Slider::new(&mut self.wipe, 0.0..=1.0).show_value(false))
-                .labelled_by(l.id);
-            ui.checkbox(&mut self.show_heatmap, "difference heatmap");
-            ui.add(egui::Slider::new(&mut self.settings.heatmap_gain, 1.0..=16.0).text("gain"));
+            for (t, label) in [
+                (Tab::Image, "Image"),
+                (Tab::Compare, "Compare"),
+                (Tab::Gallery, "Gallery"),
+            ] {
+                if ui.selectable_label(self.tab == t, label).clicked() {
+                    self.cmds.push(Command::SelectTab(t));
+                }
+            }
+            ui.separator();
+            if ui.button("Export PNG…").clicked() {
+                self.cmds.push(Command::Export);
+            }
+            if ui.button("Screenshot…").clicked() {
+                self.cmds.push(Command::Screenshot);
+            }
         });
-        let (Some(reference), Some(sel)) = (
-            self.compare.first(),
-            self.compare.get(self.compare_selected),
-        ) else {
-            return;
-        };
-        let avail = ui.available_size();
-        let (w, h) = (reference.image.width as f32, reference.image.height as f32);
-        let scale = (avail.x / w).min(avail.y / h).clamp(0.05, 4.0);
-        let (rect, _) =
-            ui.allocate_exact_size(egui::vec2(w * scale, h * scale), egui::Sense::hover());
-        if self.show_heatmap {
-            let gain = self.settings.heatmap_gain;
-            if self.gpu {
-                ui.painter().add(egui_wgpu::Callback::new_paint_callback(
-                    rect,
-                    gpu::HeatmapCallback {
-                        reference: (reference.id, reference.image.clone()),
-                        candidate: (sel.id, sel.image.clone()),
-                        gain,
+    }
+
+    fn central(&mut self, ui: &mut egui::Ui) {
+        self.tab_bar(ui);
+        panels::progress::show(ui, self.job.as_ref());
+        match self.tab {
+            Tab::Image => tabs::image::show(
+                ui,
+                tabs::image::ImageTab {
+                    preview: &mut self.preview,
+                    result: self.result.as_ref(),
+                    job: self.job.as_ref(),
+                    settings: &self.settings,
+                    stats: &mut self.stats,
+                },
+            ),
+            Tab::Compare => tabs::compare::show(
+                ui,
+                tabs::compare::CompareTab {
+                    results: &self.compare,
+                    job: self.job.as_ref(),
+                    view: &mut self.compare_view,
+                    gain: &mut self.settings.heatmap_gain,
+                    preview: &mut self.preview,
+                    heat: &mut self.heat,
+                    stats: &mut self.stats,
+                },
+            ),
+            Tab::Gallery => {
+                self.refresh_gallery();
+                tabs::gallery::show(
+                    ui,
+                    tabs::gallery::GalleryTab {
+                        view: &self.gallery,
+                        dir: self.runtime.gallery().map(|g| g.dir()),
+                        thumbs: &mut self.thumbs,
+                        cmds: &mut self.cmds,
                     },
-                ));
-            } else {
-                let key = (reference.id, sel.id, gain.to_bits());
-                if let std::collections::hash_map::Entry::Vacant(slot) = self.heat_tex.entry(key) {
-                    if let Some(img) = heatmap::diff_heatmap(&reference.image, &sel.image, gain) {
-                        slot.insert(ui.ctx().load_texture(
-                            "heatmap",
-                            color_image(&img),
-                            TextureOptions::NEAREST,
-                        ));
-                    }
-                }
-                if let Some(t) = self.heat_tex.get(&key) {
-                    ui.painter().image(t.id(), rect, full_uv(), Color32::WHITE);
-                }
-            }
-        } else {
-            // Wipe: the reference left of the line, the selected threshold right of it.
-            let x = rect.left() + rect.width() * self.wipe;
-            let left = egui::Rect::from_min_max(rect.min, egui::pos2(x, rect.max.y));
-            let right = egui::Rect::from_min_max(egui::pos2(x, rect.min.y), rect.max);
-            let uv_l = egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(self.wipe, 1.0));
-            let uv_r = egui::Rect::from_min_max(egui::pos2(self.wipe, 0.0), egui::pos2(1.0, 1.0));
-            ui.painter()
-                .image(reference.tex.id(), left, uv_l, Color32::WHITE);
-            ui.painter()
-                .image(sel.tex.id(), right, uv_r, Color32::WHITE);
-            ui.painter()
-                .vline(x, rect.y_range(), egui::Stroke::new(2.0, Color32::WHITE));
-        }
-        ui.label(
-            RichText::new(format!(
-                "left: reference (threshold 0) · right: threshold {}",
-                sel.result.generated.settings.cache_threshold
-            ))
-            .small(),
-        );
-    }
-
-    fn gallery_tab(&mut self, ui: &mut egui::Ui) {
-        self.refresh_gallery();
-        if let Some(g) = self.runtime.gallery() {
-            ui.label(
-                RichText::new(format!(
-                    "{} images in {}",
-                    self.gallery.len(),
-                    g.dir().display()
-                ))
-                .small(),
-            );
-        }
-        let mut restore = None;
-        let mut delete = None;
-        egui::ScrollArea::vertical().show(ui, |ui| {
-            ui.horizontal_wrapped(|ui| {
-                for (i, e) in self.gallery.iter().enumerate() {
-                    ui.vertical(|ui| {
-                        ui.set_width(140.0);
-                        if !self.thumbs.contains_key(&e.path) {
-                            if let Ok((img, _)) = crate::pipeline::image::read_png(&e.path) {
-                                let t = gallery::thumbnail(&img, 128);
-                                let tex = ui.ctx().load_texture(
-                                    e.path.display().to_string(),
-                                    color_image(&t),
-                                    TextureOptions::LINEAR,
-                                );
-                                self.thumbs.insert(e.path.clone(), tex);
-                            }
-                        }
-                        if let Some(t) = self.thumbs.get(&e.path) {
-                            ui.image((t.id(), t.size_vec2()));
-                        }
-                        let prompt: String = e.settings.prompt.chars().take(40).collect();
-                        ui.label(RichText::new(prompt).small());
-                        ui.label(
-                            RichText::new(format!(
-                                "seed {} · t {}",
-                                e.settings.seed, e.settings.cache_threshold
-                            ))
-                            .small()
-                            .weak(),
-                        );
-                        ui.horizontal(|ui| {
-                            if ui
-                                .small_button("Restore")
-                                .on_hover_text("use these settings")
-                                .clicked()
-                            {
-                                restore = Some(i);
-                            }
-                            if ui.small_button("Delete").clicked() {
-                                delete = Some(i);
-                            }
-                        });
-                    });
-                }
-            });
-        });
-        if let Some(i) = restore {
-            self.restore_from_gallery(i);
-        }
-        if let Some(i) = delete {
-            self.delete_from_gallery(i);
-        }
-    }
-
-    fn messages_panel(&mut self, ui: &mut egui::Ui) {
-        let mut dismiss = None;
-        for (i, m) in self.messages.iter().enumerate().rev().take(3) {
-            ui.horizontal(|ui| {
-                if m.error {
-                    ui.colored_label(Color32::LIGHT_RED, &m.text);
-                } else {
-                    ui.label(&m.text);
-                }
-                if ui.small_button("×").clicked() {
-                    dismiss = Some(i);
-                }
-            });
-        }
-        if let Some(i) = dismiss {
-            self.messages.remove(i);
-        }
-    }
-
-    /// Ask the window for a screenshot; it is saved to `path` when it arrives.
-    fn request_screenshot(&mut self, ctx: &egui::Context, path: PathBuf) {
-        self.screenshot_pending = Some(path);
-        let tx = self.shot_tx.clone();
-        let waker = ctx.clone();
-        ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(
-            egui::ScreenshotCallback::new(move |img| {
-                let _ = tx.send(img);
-                waker.request_repaint();
-            }),
-        ));
-    }
-
-    fn take_screenshot_events(&mut self) {
-        let shots: Vec<Arc<egui::ColorImage>> = self.shot_rx.try_iter().collect();
-        for img in shots {
-            if let Some(path) = self.screenshot_pending.take() {
-                match export::save_screenshot(&path, &img) {
-                    Ok(()) => self.say(format!("screenshot saved to {}", path.display()), false),
-                    Err(e) => self.say(format!("cannot save the screenshot: {e}"), true),
-                }
-                if self.opts.quit_after_job {
-                    self.quit_requested = true;
-                }
+                )
             }
         }
     }
 
-    fn write_stats(&self) {
-        if let Some(p) = &self.opts.ui_stats {
-            match serde_json::to_string_pretty(&self.stats) {
-                Ok(s) => {
-                    if let Err(e) = std::fs::write(p, s) {
-                        tracing::warn!("cannot write {}: {e}", p.display());
-                    }
-                }
-                Err(e) => tracing::warn!("cannot serialise ui stats: {e}"),
+    fn take_screenshots(&mut self) {
+        for (path, img) in self.screenshots.arrived() {
+            match export::save_screenshot(&path, &img) {
+                Ok(()) => self.say(format!("screenshot saved to {}", path.display()), false),
+                Err(e) => self.say(format!("cannot save the screenshot: {e}"), true),
             }
+            self.script.shot_saved();
         }
     }
 }
@@ -1208,17 +854,14 @@ impl eframe::App for StudioApp {
         let ctx = ui.ctx().clone();
         self.poll(&ctx);
         self.keys(&ctx);
-        self.take_screenshot_events();
-        if self.opts.auto_generate
-            && !self.auto_started
-            && matches!(self.model, ModelStatus::Ready(_))
+        self.take_screenshots();
+        match self
+            .script
+            .start(matches!(self.model, ModelStatus::Ready(_)))
         {
-            self.auto_started = true;
-            if self.opts.compare {
-                self.start_compare()
-            } else {
-                self.generate()
-            }
+            Some(Start::Generate) => self.cmds.push(Command::Generate),
+            Some(Start::Compare) => self.cmds.push(Command::Compare),
+            None => {}
         }
 
         egui::Panel::left("settings")
@@ -1226,50 +869,31 @@ impl eframe::App for StudioApp {
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| self.settings_panel(ui));
             });
-        egui::Panel::bottom("messages").show(ui, |ui| self.messages_panel(ui));
-        egui::CentralPanel::default().show(ui, |ui| {
-            ui.horizontal(|ui| {
-                ui.selectable_value(&mut self.tab, Tab::Image, "Image");
-                ui.selectable_value(&mut self.tab, Tab::Compare, "Compare");
-                if ui
-                    .selectable_value(&mut self.tab, Tab::Gallery, "Gallery")
-                    .clicked()
-                {
-                    self.gallery_dirty = true;
-                }
-                ui.separator();
-                if ui.button("Export PNG…").clicked() {
-                    self.export_current();
-                }
-                if ui.button("Screenshot…").clicked() {
-                    self.screenshot();
-                }
-            });
-            self.progress(ui);
-            match self.tab {
-                Tab::Image => self.image_tab(ui),
-                Tab::Compare => self.compare_tab(ui),
-                Tab::Gallery => self.gallery_tab(ui),
-            }
-        });
-
-        if self.auto_shot_due {
-            // One frame after the job ends, so the final image is on screen.
-            self.auto_shot_due = false;
-            if let Some(p) = self.opts.screenshot.clone() {
-                self.request_screenshot(&ctx, p);
+        egui::Panel::bottom("messages").show(ui, |ui| self.messages.show(ui));
+        egui::CentralPanel::default().show(ui, |ui| self.central(ui));
+        if let Some(prompt) = &mut self.path_prompt {
+            match prompt.show(&ctx) {
+                Some(true) => self.cmds.push(Command::SubmitPath),
+                Some(false) => self.cmds.push(Command::ClosePathPrompt),
+                None => {}
             }
         }
-        if self.quit_requested {
-            self.write_stats();
+
+        for c in self.cmds.take() {
+            self.apply(&ctx, c);
+        }
+
+        if let Some(p) = self.script.take_due_shot() {
+            self.screenshots.request(&ctx, p);
+        }
+        if self.script.wants_quit() {
+            self.script.write_stats(&self.stats);
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }
-        if self.job.is_some() {
-            // Frames come with every engine event (the runtime wakes the window); this tick only
-            // keeps the elapsed time and ETA fresh. No busy repainting: on a CPU-only machine the
-            // renderer would take cores from the engine.
-            ctx.request_repaint_after(std::time::Duration::from_millis(250));
-        }
+        // No timer while a job runs: frames come with the engine's events (the runtime wakes the
+        // window once per step), and nothing on screen changes between them. A 250 ms tick used to
+        // redraw the whole window four times a second, which on a CPU-only machine (software
+        // Vulkan under Xvfb) took cores from the engine: see `automation::UiStats`.
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
@@ -1277,14 +901,51 @@ impl eframe::App for StudioApp {
     }
 
     fn on_exit(&mut self) {
-        self.write_stats();
+        self.script.write_stats(&self.stats);
     }
 }
 
-fn color_image(img: &RgbImage) -> egui::ColorImage {
-    egui::ColorImage::from_rgb([img.width, img.height], &img.data)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn full_uv() -> egui::Rect {
-    egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0))
+    #[test]
+    fn a_saved_model_file_that_has_gone_falls_back_to_the_demo() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let gone = tmp.path().join("flux1-dev.safetensors");
+        let saved = Settings {
+            model: gone.display().to_string(),
+            ..Settings::default()
+        };
+        let (s, note) = startup_settings(Some(saved.clone()), &StudioOptions::default());
+        assert_eq!(s.model, "demo");
+        let note = note.expect("a note");
+        assert!(note.contains("not there any more"), "{note}");
+        // The file is back: it is used.
+        std::fs::write(&gone, b"x").expect("write");
+        let (s, note) = startup_settings(Some(saved.clone()), &StudioOptions::default());
+        assert_eq!(
+            (s.model.as_str(), note),
+            (gone.to_str().expect("utf-8"), None)
+        );
+        // Names the loader resolves elsewhere are left alone.
+        for m in [
+            "demo",
+            "dev",
+            "schnell",
+            "random:dev",
+            "black-forest-labs/FLUX.1-dev",
+        ] {
+            assert!(!model_file_gone(m), "{m}");
+        }
+        assert!(model_file_gone("./gone-folder"));
+        assert!(model_file_gone("/nope/flux"));
+        // A model given on the command line is not second-guessed.
+        let opts = StudioOptions {
+            model: Some("/nope.safetensors".into()),
+            ..StudioOptions::default()
+        };
+        let (s, note) = startup_settings(Some(saved), &opts);
+        assert_eq!((s.model.as_str(), note), ("/nope.safetensors", None));
+    }
 }

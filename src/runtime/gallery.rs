@@ -99,8 +99,21 @@ impl Gallery {
             path = self.dir.join(format!("{stem}-{n}.png"));
             n += 1;
         }
-        save_png(&path, &g.image, &text)?;
+        // The PNG writer names its temporary file when it fails; the user chose the folder.
+        save_png(&path, &g.image, &text).map_err(|e| match e {
+            Error::Io { source, .. } => Error::Write {
+                path: path.clone(),
+                source,
+            },
+            other => other,
+        })?;
         Ok(path)
+    }
+
+    /// Whether images can be written here now (checked before a job, so a read-only folder is
+    /// reported before the generation, not after it).
+    pub fn check_writable(&self) -> Result<()> {
+        check_writable_dir(&self.dir)
     }
 
     /// Every readable entry, newest first. Files that are not Parallax PNGs (or are damaged) are
@@ -166,6 +179,30 @@ impl Gallery {
     }
 }
 
+/// Whether a file can be created in `dir`: it must exist, be a folder, and take a small probe
+/// file (created and removed at once). The error names `dir` and says why.
+pub fn check_writable_dir(dir: &Path) -> Result<()> {
+    let write_err = |source| Error::Write {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.is_dir() {
+        let why = if dir.exists() {
+            "it is not a folder"
+        } else {
+            "no such folder"
+        };
+        return Err(write_err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            why,
+        )));
+    }
+    let probe = dir.join(format!(".parallax-write-check-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(write_err)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// A small copy of `img` whose longer side is at most `max_side` (box filter).
 pub fn thumbnail(img: &RgbImage, max_side: usize) -> RgbImage {
     let scale = (img.width.max(img.height) as f64 / max_side.max(1) as f64).max(1.0);
@@ -201,5 +238,51 @@ pub fn thumbnail(img: &RgbImage, max_side: usize) -> RgbImage {
         width: w,
         height: h,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwritable_places_are_named_as_such() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(check_writable_dir(tmp.path()).is_ok());
+        let leftovers = std::fs::read_dir(tmp.path()).expect("list").count();
+        assert_eq!(leftovers, 0, "the probe file is removed");
+
+        let missing = tmp.path().join("nope");
+        let e = check_writable_dir(&missing).expect_err("missing folder");
+        assert_eq!(
+            e.to_string(),
+            format!("cannot write {}: no such folder", missing.display())
+        );
+        let file = tmp.path().join("file.txt");
+        std::fs::write(&file, b"x").expect("write");
+        let e = check_writable_dir(&file).expect_err("a file is not a folder");
+        assert!(e.to_string().contains("it is not a folder"), "{e}");
+
+        // A gallery whose folder became a file: the save error says "cannot write <image>".
+        let dir = tmp.path().join("g");
+        let gal = Gallery::open(&dir).expect("open");
+        std::fs::remove_dir(&dir).expect("rmdir");
+        std::fs::write(&dir, b"not a folder").expect("write");
+        assert!(gal.check_writable().is_err());
+        let req = crate::pipeline::GenerateRequest {
+            prompt: "x".into(),
+            width: 32,
+            height: 32,
+            steps: Some(1),
+            ..Default::default()
+        };
+        let g = crate::pipeline::Pipeline::demo(&candle_core::Device::Cpu)
+            .expect("demo")
+            .generate(&req, &mut |_| Ok(()))
+            .expect("generate");
+        let e = gal.save(&g).expect_err("cannot save");
+        let msg = e.to_string();
+        assert!(msg.starts_with("cannot write "), "{msg}");
+        assert!(!msg.contains(".partial"), "{msg}");
     }
 }

@@ -1,0 +1,50 @@
+//! What the user asked for this frame. Panels and tabs do not act: they queue a [`Command`], and
+//! [`super::StudioApp`] applies the queue in one place after drawing (so a panel never needs the
+//! runtime, and every action has one code path whether it came from a button, a key or a script).
+
+use std::path::PathBuf;
+
+use super::view::Tab;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Generate,
+    Compare,
+    Cancel,
+    /// (Re)load the model named in the settings.
+    LoadModel,
+    /// Put this model in the settings and load it.
+    UseModel(String),
+    OpenModelDialog,
+    Export,
+    Screenshot,
+    SelectTab(Tab),
+    /// Put back the settings of this gallery image.
+    Restore(PathBuf),
+    /// Show this gallery image large.
+    OpenImage(PathBuf),
+    CloseImage,
+    /// Ask before deleting this gallery image.
+    AskDelete(PathBuf),
+    /// The user confirmed: delete it.
+    Delete(PathBuf),
+    KeepImage,
+    /// The in-window path field was submitted.
+    SubmitPath,
+    ClosePathPrompt,
+}
+
+/// The queue of one frame.
+#[derive(Debug, Default)]
+pub struct Commands(Vec<Command>);
+
+impl Commands {
+    pub fn push(&mut self, c: Command) {
+        self.0.push(c);
+    }
+
+    /// Everything queued, in order, leaving the queue empty.
+    pub fn take(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.0)
+    }
+}

@@ -1,0 +1,254 @@
+//! The left settings panel, top to bottom: the model ([`model`]), the prompts ([`prompts`]), the
+//! sampling grid ([`sampling`]), then (drawn by the studio) devices and layout, then what blocks
+//! or warns ([`checks`]) and the Generate / Cancel / Compare actions ([`actions`]).
+
+use std::path::PathBuf;
+
+use egui::{Color32, RichText};
+
+use crate::app::command::{Command, Commands};
+use crate::app::state::{size_warning, Settings, PRESETS};
+use crate::app::view::{ModelStatus, ThresholdField};
+
+/// What the panel reads and edits.
+pub struct Panel<'a> {
+    pub settings: &'a mut Settings,
+    pub model: &'a ModelStatus,
+    /// FLUX repos found in the Hugging Face cache.
+    pub hf_models: &'a [(String, PathBuf)],
+    pub busy: bool,
+    /// Why Generate is refused (empty: it is not).
+    pub blockers: &'a [String],
+    /// A problem that does not block (e.g. the gallery folder is not writable).
+    pub warning: Option<&'a str>,
+    pub thresholds: &'a mut ThresholdField,
+    pub cmds: &'a mut Commands,
+}
+
+const WARN: Color32 = Color32::from_rgb(230, 180, 60);
+
+/// The model field, its shortcuts and its status.
+pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    ui.heading("Parallax");
+    ui.label(RichText::new("FLUX.1 over many GPUs").weak());
+    ui.separator();
+    let model_label = ui.label("Model");
+    ui.horizontal(|ui| {
+        ui.add(egui::TextEdit::singleline(&mut p.settings.model).desired_width(150.0))
+            .labelled_by(model_label.id);
+        if ui
+            .button("Open…")
+            .on_hover_text("a .safetensors file or a model folder")
+            .clicked()
+        {
+            p.cmds.push(Command::OpenModelDialog);
+        }
+    });
+    ui.horizontal(|ui| {
+        for (label, value) in [("Demo", "demo"), ("dev", "dev"), ("schnell", "schnell")] {
+            if ui
+                .small_button(label)
+                .on_hover_text(format!("--model {value}"))
+                .clicked()
+            {
+                p.cmds.push(Command::UseModel(value.into()));
+            }
+        }
+        if ui.small_button("Load").clicked() {
+            p.cmds.push(Command::LoadModel);
+        }
+    });
+    if p.hf_models.is_empty() {
+        ui.label(
+            RichText::new("no FLUX repos in the Hugging Face cache")
+                .small()
+                .weak(),
+        );
+    } else {
+        egui::ComboBox::from_id_salt("hf-cache")
+            .selected_text("Hugging Face cache…")
+            .show_ui(ui, |ui| {
+                for (repo, _) in p.hf_models {
+                    if ui
+                        .selectable_label(p.settings.model == *repo, repo)
+                        .clicked()
+                    {
+                        p.cmds.push(Command::UseModel(repo.clone()));
+                    }
+                }
+            })
+            .response
+            .labelled_by(model_label.id);
+    }
+    match p.model {
+        ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
+        ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),
+        ModelStatus::Ready(s) => ui.label(RichText::new(s).small()),
+        ModelStatus::Failed { error, .. } => {
+            ui.add(egui::Label::new(RichText::new(error).color(Color32::LIGHT_RED)).wrap())
+        }
+    };
+}
+
+/// Prompt and negative prompt.
+pub fn prompts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    let r = &mut p.settings.request;
+    let l = ui.label("Prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut r.prompt)
+            .desired_rows(4)
+            .desired_width(f32::INFINITY)
+            .hint_text("what to draw"),
+    )
+    .labelled_by(l.id);
+    let l = ui.label("Negative prompt (true CFG > 1)");
+    ui.add(
+        egui::TextEdit::multiline(r.negative_prompt.get_or_insert_with(String::new))
+            .desired_rows(2)
+            .desired_width(f32::INFINITY),
+    )
+    .labelled_by(l.id);
+}
+
+/// Size, steps, seed, guidance, true CFG and cache threshold.
+pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    let random_seed = &mut p.settings.random_seed;
+    let r = &mut p.settings.request;
+    egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
+        let size_label = ui.label("Size");
+        let current = PRESETS
+            .iter()
+            .find(|s| s.1 == r.width && s.2 == r.height)
+            .map_or("custom", |s| s.0);
+        egui::ComboBox::from_id_salt("size")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                for &(name, w, h) in PRESETS {
+                    if ui.selectable_label(current == name, name).clicked() {
+                        r.width = w;
+                        r.height = h;
+                    }
+                }
+            })
+            .response
+            .labelled_by(size_label.id);
+        ui.end_row();
+        ui.label("W x H");
+        ui.horizontal(|ui| {
+            let l = ui.label("width");
+            ui.add(
+                egui::DragValue::new(&mut r.width)
+                    .range(16..=8192)
+                    .speed(16),
+            )
+            .labelled_by(l.id);
+            let l = ui.label("height");
+            ui.add(
+                egui::DragValue::new(&mut r.height)
+                    .range(16..=8192)
+                    .speed(16),
+            )
+            .labelled_by(l.id);
+        });
+        ui.end_row();
+        let l = ui.label("Steps");
+        ui.add(egui::DragValue::new(r.steps.get_or_insert(4)).range(1..=100))
+            .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("Seed");
+        ui.horizontal(|ui| {
+            ui.add_enabled(!*random_seed, egui::DragValue::new(&mut r.seed))
+                .labelled_by(l.id);
+            ui.checkbox(random_seed, "random");
+            if ui.small_button("Copy").clicked() {
+                ui.ctx().copy_text(r.seed.to_string());
+            }
+        });
+        ui.end_row();
+        let l = ui.label("Guidance");
+        ui.add(
+            egui::DragValue::new(r.guidance.get_or_insert(3.5))
+                .range(0.0..=20.0)
+                .speed(0.1),
+        )
+        .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("True CFG");
+        ui.add(
+            egui::DragValue::new(r.true_cfg.get_or_insert(1.0))
+                .range(1.0..=20.0)
+                .speed(0.1),
+        )
+        .labelled_by(l.id);
+        ui.end_row();
+        let l = ui.label("Cache threshold");
+        ui.add(egui::Slider::new(&mut r.cache_threshold, 0.0..=0.3).step_by(0.01))
+            .labelled_by(l.id)
+            .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
+        ui.end_row();
+    });
+}
+
+/// What blocks Generate (red) and what only warns (amber: a large size, an unwritable gallery).
+pub fn checks(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    for b in p.blockers {
+        ui.add(egui::Label::new(RichText::new(b).color(Color32::LIGHT_RED)).wrap());
+    }
+    let r = &p.settings.request;
+    if let Some(w) = size_warning(r.width, r.height) {
+        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+    }
+    if let Some(w) = p.warning {
+        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+    }
+}
+
+/// Generate and Cancel; the compare thresholds and Run compare.
+pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    let ready = !p.busy && p.blockers.is_empty();
+    ui.horizontal(|ui| {
+        let hover = p.blockers.first().map_or("Ctrl+Enter", |b| b.as_str());
+        if ui
+            .add_enabled(ready, egui::Button::new("Generate"))
+            .on_hover_text("Ctrl+Enter")
+            .on_disabled_hover_text(hover)
+            .clicked()
+        {
+            p.cmds.push(Command::Generate);
+        }
+        if ui
+            .add_enabled(p.busy, egui::Button::new("Cancel"))
+            .on_hover_text("Esc")
+            .clicked()
+        {
+            p.cmds.push(Command::Cancel);
+        }
+    });
+    let l = ui.label("Compare thresholds (0 to 1)");
+    p.thresholds.sync(&p.settings.compare_thresholds);
+    // Wide enough for the default list; the text is kept as typed and parsed as it changes.
+    let edit = ui
+        .add(
+            egui::TextEdit::singleline(&mut p.thresholds.text)
+                .desired_width(f32::INFINITY)
+                .hint_text("0, 0.06, 0.08, 0.12"),
+        )
+        .labelled_by(l.id);
+    if edit.changed() {
+        p.thresholds.edited(&mut p.settings.compare_thresholds);
+    }
+    if let Some(e) = &p.thresholds.error {
+        ui.add(
+            egui::Label::new(RichText::new(format!("thresholds: {e}")).color(Color32::LIGHT_RED))
+                .wrap(),
+        );
+    }
+    let ok = ready && p.thresholds.error.is_none();
+    if ui
+        .add_enabled(ok, egui::Button::new("Run compare"))
+        .on_disabled_hover_text("fix the thresholds or the settings above first")
+        .clicked()
+    {
+        p.cmds.push(Command::Compare);
+    }
+}

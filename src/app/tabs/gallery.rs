@@ -1,0 +1,210 @@
+//! The Gallery tab: every image in the gallery folder as a grid of thumbnails that wraps to the
+//! window's width and scrolls. Clicking a thumbnail opens the image large; Restore puts its
+//! settings back; Delete asks first ("Delete this image?"), and only the confirmation removes
+//! the file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use egui::{Color32, RichText, TextureHandle, TextureOptions};
+
+use super::fit;
+use crate::app::command::{Command, Commands};
+use crate::app::view::{color_image, full_uv, GalleryView};
+use crate::runtime::gallery::{self, Entry};
+
+/// Thumbnail side in points, and a cell's width.
+const THUMB: usize = 128;
+const CELL_W: f32 = 148.0;
+/// Thumbnails read from disk per frame at most (the rest come in the next frames).
+const LOADS_PER_FRAME: usize = 6;
+
+/// Thumbnail textures by file.
+#[derive(Default)]
+pub struct Thumbs(HashMap<PathBuf, TextureHandle>);
+
+impl Thumbs {
+    pub fn forget(&mut self, path: &Path) {
+        self.0.remove(path);
+    }
+}
+
+pub struct GalleryTab<'a> {
+    pub view: &'a GalleryView,
+    pub dir: Option<&'a Path>,
+    pub thumbs: &'a mut Thumbs,
+    pub cmds: &'a mut Commands,
+}
+
+pub fn show(ui: &mut egui::Ui, t: GalleryTab<'_>) {
+    if let Some(dir) = t.dir {
+        ui.label(
+            RichText::new(format!(
+                "{} images in {}",
+                t.view.entries.len(),
+                dir.display()
+            ))
+            .small(),
+        );
+    }
+    if let Some(o) = &t.view.opened {
+        opened(ui, &o.entry, &o.tex, t.view, t.cmds);
+        return;
+    }
+    let spacing = ui.spacing().item_spacing.x;
+    let cols = (((ui.available_width() + spacing) / (CELL_W + spacing)).floor() as usize).max(1);
+    let mut loads = 0;
+    egui::ScrollArea::vertical()
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            for row in t.view.entries.chunks(cols) {
+                ui.horizontal_top(|ui| {
+                    for e in row {
+                        ui.allocate_ui(egui::vec2(CELL_W, 0.0), |ui| {
+                            ui.set_width(CELL_W);
+                            ui.vertical(|ui| cell(ui, e, t.view, t.thumbs, &mut loads, t.cmds));
+                        });
+                    }
+                });
+                ui.add_space(6.0);
+            }
+        });
+    if loads >= LOADS_PER_FRAME {
+        ui.ctx().request_repaint();
+    }
+}
+
+fn thumbnail(ui: &egui::Ui, thumbs: &mut Thumbs, e: &Entry, loads: &mut usize) {
+    if thumbs.0.contains_key(&e.path) || *loads >= LOADS_PER_FRAME {
+        return;
+    }
+    *loads += 1;
+    match crate::pipeline::image::read_png(&e.path) {
+        Ok((img, _)) => {
+            let t = gallery::thumbnail(&img, THUMB);
+            let tex = ui.ctx().load_texture(
+                e.path.display().to_string(),
+                color_image(&t),
+                TextureOptions::LINEAR,
+            );
+            thumbs.0.insert(e.path.clone(), tex);
+        }
+        Err(err) => tracing::warn!("gallery: no thumbnail for {}: {err}", e.path.display()),
+    }
+}
+
+fn name(e: &Entry) -> String {
+    e.path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+fn cell(
+    ui: &mut egui::Ui,
+    e: &Entry,
+    view: &GalleryView,
+    thumbs: &mut Thumbs,
+    loads: &mut usize,
+    cmds: &mut Commands,
+) {
+    thumbnail(ui, thumbs, e, loads);
+    let size = egui::vec2(THUMB as f32, THUMB as f32);
+    let r = match thumbs.0.get(&e.path) {
+        Some(t) => ui.add(
+            egui::Image::new((t.id(), t.size_vec2()))
+                .alt_text(format!("open {}", name(e)))
+                .sense(egui::Sense::click()),
+        ),
+        None => {
+            let (rect, r) = ui.allocate_exact_size(size, egui::Sense::click());
+            ui.painter().rect_filled(rect, 4.0, Color32::from_gray(40));
+            r
+        }
+    };
+    if r.on_hover_text("open large").clicked() {
+        cmds.push(Command::OpenImage(e.path.clone()));
+    }
+    let prompt: String = e.settings.prompt.chars().take(40).collect();
+    ui.label(RichText::new(prompt).small());
+    ui.label(
+        RichText::new(format!(
+            "seed {} · t {}",
+            e.settings.seed, e.settings.cache_threshold
+        ))
+        .small()
+        .weak(),
+    );
+    buttons(ui, e, view, cmds);
+}
+
+/// Restore and Delete, or the delete confirmation for this image.
+fn buttons(ui: &mut egui::Ui, e: &Entry, view: &GalleryView, cmds: &mut Commands) {
+    if view.confirm_delete.as_deref() == Some(e.path.as_path()) {
+        ui.label(RichText::new("Delete this image?").color(Color32::LIGHT_RED));
+        ui.horizontal(|ui| {
+            if ui.small_button("Yes, delete").clicked() {
+                cmds.push(Command::Delete(e.path.clone()));
+            }
+            if ui.small_button("Keep").clicked() {
+                cmds.push(Command::KeepImage);
+            }
+        });
+        return;
+    }
+    ui.horizontal(|ui| {
+        if ui
+            .small_button("Restore")
+            .on_hover_text("use these settings")
+            .clicked()
+        {
+            cmds.push(Command::Restore(e.path.clone()));
+        }
+        if ui
+            .small_button("Delete")
+            .on_hover_text("remove the file (asks first)")
+            .clicked()
+        {
+            cmds.push(Command::AskDelete(e.path.clone()));
+        }
+    });
+}
+
+/// One image large, with its settings and the same actions.
+fn opened(
+    ui: &mut egui::Ui,
+    e: &Entry,
+    tex: &TextureHandle,
+    view: &GalleryView,
+    cmds: &mut Commands,
+) {
+    ui.horizontal(|ui| {
+        if ui.button("Back to the gallery").clicked() {
+            cmds.push(Command::CloseImage);
+        }
+        ui.label(RichText::new(name(e)).small().weak());
+    });
+    let s = &e.settings;
+    ui.add(
+        egui::Label::new(format!(
+            "{} — {}x{}, {} steps ({} computed, {} reused), seed {}, threshold {}, {:.2} s",
+            s.prompt,
+            s.width,
+            s.height,
+            s.steps,
+            e.run.steps_computed,
+            e.run.steps_reused,
+            s.seed,
+            s.cache_threshold,
+            e.run.total_ms / 1e3
+        ))
+        .wrap(),
+    );
+    buttons(ui, e, view, cmds);
+    let [w, h] = tex.size();
+    let (rect, _) = ui.allocate_exact_size(
+        fit(ui.available_size(), w as f32, h as f32),
+        egui::Sense::hover(),
+    );
+    ui.painter()
+        .image(tex.id(), rect, full_uv(), Color32::WHITE);
+}
