@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::{Attention, LocalAttention};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::gemm;
-use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
+use crate::kernels::qkv_prep::{qkv_prep, QkvStream, RopeTables};
 use crate::parallel::sp::ShardLayout;
 
 /// Architecture hyper-parameters.
@@ -205,6 +205,15 @@ impl PosEmbed {
     }
 }
 
+impl<'a> From<&'a PosEmbed> for RopeTables<'a> {
+    fn from(pe: &'a PosEmbed) -> Self {
+        RopeTables {
+            cos: &pe.cos,
+            sin: &pe.sin,
+        }
+    }
+}
+
 /// Position ids of the joint sequence: `txt_len` text tokens at 0, then the image patches of an
 /// `h` x `w` patch grid as (0, row, column).
 pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
@@ -221,7 +230,7 @@ pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Resu
 
 /// Apply the rotation to (B, H, L, D) queries or keys.
 pub fn apply_rope(x: &Tensor, pe: &PosEmbed) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_i(&x.contiguous()?, &pe.cos, &pe.sin)
+    crate::kernels::reference::rope(x, &pe.cos, &pe.sin)
 }
 
 /// Two-layer MLP embedder: linear, SiLU, linear.
