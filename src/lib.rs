@@ -4,12 +4,14 @@
 //! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.
 //! - [`kernels`]: Parallax's own CUDA kernels as candle ops (fused attention).
 //! - [`parallel`]: communicators, the mesh, one file per parallel strategy.
+//! - [`collective`]: the communicator trait the model and pipeline hold (`parallel` implements it).
 //! - [`runtime`]: the job queue and engine thread behind the studio, streaming events.
 //! - [`cli`]: the `parallax` command line.
 
 #[cfg(feature = "studio")]
 pub mod app;
 pub mod cli;
+pub mod collective;
 pub mod device;
 pub mod error;
 pub mod kernels;

@@ -15,6 +15,7 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
+use crate::collective::Communicator;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::gemm;
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream, RopeTables};
@@ -597,7 +598,7 @@ pub struct Flux {
     final_mod: Linear,
     attention: Arc<dyn Attention>,
     /// The sequence-parallel group this replica belongs to, if any.
-    sp: Option<Arc<dyn crate::parallel::comm::Communicator>>,
+    sp: Option<Arc<dyn Communicator>>,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -653,16 +654,13 @@ impl Flux {
     /// not divide by the group size, see [`crate::parallel::sp`]) and [`Flux::final_layer`]
     /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
     /// attention must be the group's strategy (Ulysses, Ring, USP).
-    pub fn with_sequence_parallel(
-        mut self,
-        group: Arc<dyn crate::parallel::comm::Communicator>,
-    ) -> Self {
+    pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
         self.sp = Some(group);
         self
     }
 
     /// The sequence-parallel group, if this replica is part of one.
-    pub fn sp_group(&self) -> Option<&Arc<dyn crate::parallel::comm::Communicator>> {
+    pub fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
         self.sp.as_ref()
     }
 
