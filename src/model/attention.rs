@@ -8,7 +8,7 @@
 use candle_core::{Result, Tensor};
 
 pub use crate::kernels::reference::sdpa_chunked;
-use crate::parallel::sp::ShardLayout;
+use crate::model::shard::ShardLayout;
 
 /// Scaled dot-product attention over (B, H, L, D) tensors, non-causal.
 pub trait Attention: Send + Sync {

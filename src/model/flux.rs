@@ -15,11 +15,11 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
+use super::shard::{Shard, ShardLayout};
 use crate::collective::Communicator;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::gemm;
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream, RopeTables};
-use crate::parallel::sp::ShardLayout;
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -651,7 +651,7 @@ impl Flux {
 
     /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
     /// rank's shard of the text and image tokens (with their RoPE rows; padded when the counts do
-    /// not divide by the group size, see [`crate::parallel::sp`]) and [`Flux::final_layer`]
+    /// not divide by the group size, see [`crate::model::shard`]) and [`Flux::final_layer`]
     /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
     /// attention must be the group's strategy (Ulysses, Ring, USP).
     pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
@@ -698,7 +698,7 @@ impl Flux {
         let local;
         let (input, shards) = match &self.sp {
             Some(group) => {
-                shard = crate::parallel::sp::Shard::new(input, group.size(), group.rank())?;
+                shard = Shard::new(input, group.size(), group.rank())?;
                 local = shard.input(input);
                 (&local, Some(shard.layout))
             }
