@@ -1,14 +1,14 @@
 //! Parallax: FLUX.1 on candle, built to run in parallel across the GPUs of one workstation.
 //!
 //! The modules are floors, bottom up: [`kernels`] (with [`collective`], [`device`], [`error`]),
-//! [`model`], [`pipeline`], [`parallel`], [`runtime`], then [`cli`] and the studio app. A module
-//! uses only its own floor and those below; `scripts/floors.sh` checks it.
+//! [`model`], [`pipeline`], [`parallel`], `engine` (placement), [`runtime`], then [`cli`] and the
+//! studio app. A module uses only its own floor and those below; `scripts/floors.sh` checks it.
 //!
 //! - [`model`]: the FLUX transformer, autoencoder, text encoders, weight layouts, demo model.
 //! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.
 //! - [`kernels`]: Parallax's own CUDA kernels as candle ops (fused attention).
-//! - [`parallel`]: communicators, the mesh, one file per parallel strategy.
 //! - [`collective`]: the communicator trait the model and pipeline hold (`parallel` implements it).
+//! - [`parallel`]: communicators, the mesh, one file per parallel strategy.
 //! - [`runtime`]: the job queue and engine thread behind the studio, streaming events.
 //! - [`cli`]: the `parallax` command line.
 
