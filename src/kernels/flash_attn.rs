@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::model::attention::sdpa_chunked;
+use super::reference::sdpa_chunked;
 
 /// The kernel source (CUDA C++, compiled with NVRTC): mma.sync tensor-core products, sm_80 on.
 pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("flash_attn.cu"));

@@ -13,3 +13,4 @@ pub mod flash_attn;
 pub mod gemm;
 pub mod nvrtc;
 pub mod qkv_prep;
+pub mod reference;

@@ -3,11 +3,12 @@
 //! [`qkv_prep`] splits each stream's projection into q, k, v, RMS-normalises q and k with their
 //! learned scales, joins the streams along the sequence (text first), and applies the 3-axis
 //! RoPE, returning (B, H, L, D) tensors. On CUDA in bf16 it runs `qkv_prep.cu`; elsewhere
-//! [`qkv_prep_reference`], the same function in plain candle ops.
+//! [`qkv_prep_reference`], the same function in plain candle ops. The rotation comes as plain
+//! cosine and sine tables ([`RopeTables`]); the model's `PosEmbed` converts into them.
 
 use candle_core::{Result, Tensor, D};
 
-use crate::model::flux::{apply_rope, PosEmbed};
+use super::reference::rope;
 
 /// The kernel source (CUDA C++, compiled with NVRTC).
 pub const SOURCE: &str = concat!(include_str!("common.cuh"), include_str!("qkv_prep.cu"));
@@ -21,12 +22,20 @@ pub struct QkvStream<'a> {
     pub k_scale: &'a Tensor,
 }
 
+/// The interleaved RoPE tables of the joint sequence: cosine and sine, (L, head_dim/2) each.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeTables<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
 /// q, k, v (B, H, L, D) for one or two streams (text then image), rotated by `pe`.
-pub fn qkv_prep(
+pub fn qkv_prep<'a>(
     streams: &[QkvStream],
-    pe: &PosEmbed,
+    pe: impl Into<RopeTables<'a>>,
     heads: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let pe = pe.into();
     #[cfg(feature = "cuda")]
     if fused_enabled() {
         if let Some(out) = cuda::try_qkv_prep(streams, pe, heads)? {
@@ -42,11 +51,12 @@ pub fn fused_enabled() -> bool {
 }
 
 /// The plain composition: split, RMSNorm, concatenate, rotate.
-pub fn qkv_prep_reference(
+pub fn qkv_prep_reference<'a>(
     streams: &[QkvStream],
-    pe: &PosEmbed,
+    pe: impl Into<RopeTables<'a>>,
     heads: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let pe = pe.into();
     let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
     for s in streams {
         let (b, l, w) = s.qkv.dims3()?;
@@ -73,8 +83,8 @@ pub fn qkv_prep_reference(
             Tensor::cat(&v, 2)
         }
     };
-    let q = apply_rope(&join(qs)?, pe)?;
-    let k = apply_rope(&join(ks)?, pe)?;
+    let q = rope(&join(qs)?, pe.cos, pe.sin)?;
+    let k = rope(&join(ks)?, pe.cos, pe.sin)?;
     Ok((q, k, join(vs)?))
 }
 
@@ -90,7 +100,7 @@ mod cuda {
     /// The fused kernel, or `None` when the inputs are not what it takes.
     pub(super) fn try_qkv_prep(
         streams: &[QkvStream],
-        pe: &PosEmbed,
+        pe: RopeTables<'_>,
         heads: usize,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         if streams.is_empty() || streams.len() > 2 {
@@ -221,8 +231,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::flux::PosEmbed;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn reference_handles_strided_single_stream_rows() -> Result<()> {
@@ -233,15 +242,20 @@ mod tests {
         let narrow = wide.narrow(2, 0, 3 * h * d)?.contiguous()?;
         let qs = Tensor::randn(1f32, 0.1, d, &dev)?;
         let ks = Tensor::randn(1f32, 0.1, d, &dev)?;
-        let ids = crate::model::flux::position_ids(2, 2, 2, &dev)?;
-        let pe = PosEmbed::new(&ids, &[2, 2, 4], 10_000.0, DType::F32)?;
+        // RoPE tables for the l tokens: any angles make a rotation.
+        let angles = Tensor::randn(0f32, 1.0, (l, d / 2), &dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let pe = RopeTables {
+            cos: &cos,
+            sin: &sin,
+        };
         let s = |t| QkvStream {
             qkv: t,
             q_scale: &qs,
             k_scale: &ks,
         };
-        let (q1, k1, v1) = qkv_prep_reference(&[s(&wide)], &pe, h)?;
-        let (q2, k2, v2) = qkv_prep_reference(&[s(&narrow)], &pe, h)?;
+        let (q1, k1, v1) = qkv_prep_reference(&[s(&wide)], pe, h)?;
+        let (q2, k2, v2) = qkv_prep_reference(&[s(&narrow)], pe, h)?;
         for (a, c) in [(q1, q2), (k1, k2), (v1, v2)] {
             assert_eq!(a.dims(), &[b, h, l, d]);
             let diff = (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -249,8 +263,8 @@ mod tests {
         }
         // Two streams join text first.
         let (txt, img) = (wide.narrow(1, 0, 2)?, wide.narrow(1, 2, 4)?);
-        let (q3, _, v3) = qkv_prep_reference(&[s(&txt), s(&img)], &pe, h)?;
-        let (q4, _, v4) = qkv_prep_reference(&[s(&wide)], &pe, h)?;
+        let (q3, _, v3) = qkv_prep_reference(&[s(&txt), s(&img)], pe, h)?;
+        let (q4, _, v4) = qkv_prep_reference(&[s(&wide)], pe, h)?;
         assert_eq!((q3 - q4)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         assert_eq!((v3 - v4)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())

@@ -15,10 +15,11 @@ use candle_nn::{linear, linear_b, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, LocalAttention};
+use super::shard::{Shard, ShardLayout};
+use crate::collective::Communicator;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::gemm;
-use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
-use crate::parallel::sp::ShardLayout;
+use crate::kernels::qkv_prep::{qkv_prep, QkvStream, RopeTables};
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +206,15 @@ impl PosEmbed {
     }
 }
 
+impl<'a> From<&'a PosEmbed> for RopeTables<'a> {
+    fn from(pe: &'a PosEmbed) -> Self {
+        RopeTables {
+            cos: &pe.cos,
+            sin: &pe.sin,
+        }
+    }
+}
+
 /// Position ids of the joint sequence: `txt_len` text tokens at 0, then the image patches of an
 /// `h` x `w` patch grid as (0, row, column).
 pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
@@ -221,7 +231,7 @@ pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Resu
 
 /// Apply the rotation to (B, H, L, D) queries or keys.
 pub fn apply_rope(x: &Tensor, pe: &PosEmbed) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_i(&x.contiguous()?, &pe.cos, &pe.sin)
+    crate::kernels::reference::rope(x, &pe.cos, &pe.sin)
 }
 
 /// Two-layer MLP embedder: linear, SiLU, linear.
@@ -588,7 +598,7 @@ pub struct Flux {
     final_mod: Linear,
     attention: Arc<dyn Attention>,
     /// The sequence-parallel group this replica belongs to, if any.
-    sp: Option<Arc<dyn crate::parallel::comm::Communicator>>,
+    sp: Option<Arc<dyn Communicator>>,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -641,19 +651,16 @@ impl Flux {
 
     /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
     /// rank's shard of the text and image tokens (with their RoPE rows; padded when the counts do
-    /// not divide by the group size, see [`crate::parallel::sp`]) and [`Flux::final_layer`]
+    /// not divide by the group size, see [`crate::model::shard`]) and [`Flux::final_layer`]
     /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
     /// attention must be the group's strategy (Ulysses, Ring, USP).
-    pub fn with_sequence_parallel(
-        mut self,
-        group: Arc<dyn crate::parallel::comm::Communicator>,
-    ) -> Self {
+    pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
         self.sp = Some(group);
         self
     }
 
     /// The sequence-parallel group, if this replica is part of one.
-    pub fn sp_group(&self) -> Option<&Arc<dyn crate::parallel::comm::Communicator>> {
+    pub fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
         self.sp.as_ref()
     }
 
@@ -691,7 +698,7 @@ impl Flux {
         let local;
         let (input, shards) = match &self.sp {
             Some(group) => {
-                shard = crate::parallel::sp::Shard::new(input, group.size(), group.rank())?;
+                shard = Shard::new(input, group.size(), group.rank())?;
                 local = shard.input(input);
                 (&local, Some(shard.layout))
             }

@@ -1,6 +1,6 @@
 //! Models and their weights: the FLUX.1 transformer, the 16-channel autoencoder, the T5 and CLIP
 //! text encoders, the two on-disk layouts (Black Forest Labs single files and diffusers folders),
-//! and the built-in demo model.
+//! the built-in demo model, and how a sequence-parallel group shards a step's tokens.
 
 pub mod attention;
 pub mod demo_weights;
@@ -8,6 +8,7 @@ pub mod export;
 pub mod flux;
 pub mod layout;
 pub mod rng;
+pub mod shard;
 pub mod text;
 pub mod tokenizer;
 pub mod vae;

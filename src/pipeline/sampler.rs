@@ -71,7 +71,7 @@ pub enum TrueCfg<'a> {
     /// This worker computes one branch (the `cond` given to [`denoise_cfg`]); `group` holds the
     /// two branches' workers (rank 0 positive, rank 1 negative) and exchanges the velocities.
     Split {
-        group: &'a dyn crate::parallel::comm::Communicator,
+        group: &'a dyn crate::collective::Communicator,
         scale: f64,
     },
 }

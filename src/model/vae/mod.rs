@@ -8,9 +8,10 @@
 //! autoencoder, FLUX has no `quant_conv`/`post_quant_conv`, and its latents are normalised with
 //! a shift as well as a scale ([`VaeConfig::shift_factor`], [`VaeConfig::scaling_factor`]).
 //!
-//! Tensor names are Black Forest Labs' (`ae.safetensors`); [`VaeDiffusersMap`] finds the same
-//! tensors in a diffusers `vae/diffusion_pytorch_model.safetensors`, and
-//! [`vae_config_from_diffusers_json`] reads that folder's `config.json`.
+//! Tensor names are Black Forest Labs' (`ae.safetensors`); [`VaeDiffusersMap`] (in `keys.rs`)
+//! finds the same tensors in a diffusers `vae/diffusion_pytorch_model.safetensors`, and
+//! [`vae_config_from_diffusers_json`] (in `config.rs`) reads that folder's `config.json`. This
+//! file holds the architecture.
 //!
 //! The building blocks ([`GroupNorm`] with its two explicit steps, [`Conv2d`] with an unpadded
 //! variant, [`AttnBlock`] with chunked attention, [`ResnetBlock`]) and the decoder's stages are
@@ -18,14 +19,15 @@
 //! exchanged before each 3x3 convolution, GroupNorm statistics summed across bands) can run the
 //! same weights step by step.
 
-use std::path::Path;
-
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::model::weights::{KeyMap, Source};
+mod config;
+mod keys;
+
+pub use config::{vae_config_from_diffusers_json, vae_config_from_diffusers_str};
+pub use keys::VaeDiffusersMap;
 
 /// The epsilon of every GroupNorm in the autoencoder.
 pub const GROUP_NORM_EPS: f64 = 1e-6;
@@ -141,30 +143,6 @@ impl VaeConfig {
             ));
         }
         Ok(())
-    }
-
-    /// This configuration as a diffusers `AutoencoderKL` `config.json` (what
-    /// [`vae_config_from_diffusers_json`] reads back).
-    pub fn to_diffusers_json(&self) -> serde_json::Value {
-        let levels = self.ch_mult.len();
-        let block_out: Vec<usize> = self.ch_mult.iter().map(|m| self.ch * m).collect();
-        serde_json::json!({
-            "_class_name": "AutoencoderKL",
-            "act_fn": "silu",
-            "block_out_channels": block_out,
-            "down_block_types": vec!["DownEncoderBlock2D"; levels],
-            "up_block_types": vec!["UpDecoderBlock2D"; levels],
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "latent_channels": self.z_channels,
-            "layers_per_block": self.num_res_blocks,
-            "norm_num_groups": self.norm_groups,
-            "mid_block_add_attention": true,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "use_quant_conv": false,
-            "use_post_quant_conv": false,
-        })
     }
 }
 
@@ -1131,253 +1109,6 @@ impl AutoEncoder {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Diffusers layout
-// ---------------------------------------------------------------------------------------------
-
-/// Where each canonical (BFL) autoencoder tensor lives in a diffusers `AutoencoderKL` file.
-///
-/// Diffusers numbers the decoder's `up_blocks` in run order (coarsest first), the reverse of
-/// BFL's `up.{level}`, and stores the attention projections as linear layers ([C, C]) where BFL
-/// has 1x1 convolutions ([C, C, 1, 1]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct VaeDiffusersMap {
-    pub cfg: VaeConfig,
-}
-
-impl VaeDiffusersMap {
-    pub fn new(cfg: VaeConfig) -> Self {
-        Self { cfg }
-    }
-}
-
-/// `weight` or `bias`.
-fn param_leaf(s: &str) -> Option<&str> {
-    matches!(s, "weight" | "bias").then_some(s)
-}
-
-/// The name of a ResNet block's part (`norm1.weight`, `nin_shortcut.bias`, ...) in diffusers.
-fn diffusers_resnet_part(rest: &str) -> Option<String> {
-    let (layer, leaf) = rest.split_once('.')?;
-    let leaf = param_leaf(leaf)?;
-    let layer = match layer {
-        "norm1" | "conv1" | "norm2" | "conv2" => layer,
-        "nin_shortcut" => "conv_shortcut",
-        _ => return None,
-    };
-    Some(format!("{layer}.{leaf}"))
-}
-
-/// Split `"{n}.{rest}"`.
-fn split_index(s: &str) -> Option<(usize, &str)> {
-    let (n, rest) = s.split_once('.')?;
-    Some((n.parse().ok()?, rest))
-}
-
-impl VaeDiffusersMap {
-    /// The diffusers name of a canonical name below `encoder.`/`decoder.` (`name` without that
-    /// part), or `None`.
-    fn map_part(&self, is_decoder: bool, name: &str) -> Option<Source> {
-        let levels = self.cfg.ch_mult.len();
-        let plain = |s: String| Some(Source::Tensor(s));
-        if let Some(leaf) = name.strip_prefix("conv_in.").and_then(param_leaf) {
-            return plain(format!("conv_in.{leaf}"));
-        }
-        if let Some(leaf) = name.strip_prefix("conv_out.").and_then(param_leaf) {
-            return plain(format!("conv_out.{leaf}"));
-        }
-        if let Some(leaf) = name.strip_prefix("norm_out.").and_then(param_leaf) {
-            return plain(format!("conv_norm_out.{leaf}"));
-        }
-        if let Some(mid) = name.strip_prefix("mid.") {
-            if let Some(rest) = mid.strip_prefix("block_1.") {
-                return plain(format!(
-                    "mid_block.resnets.0.{}",
-                    diffusers_resnet_part(rest)?
-                ));
-            }
-            if let Some(rest) = mid.strip_prefix("block_2.") {
-                return plain(format!(
-                    "mid_block.resnets.1.{}",
-                    diffusers_resnet_part(rest)?
-                ));
-            }
-            let rest = mid.strip_prefix("attn_1.")?;
-            let (layer, leaf) = rest.split_once('.')?;
-            let leaf = param_leaf(leaf)?;
-            let base = "mid_block.attentions.0";
-            let target = match layer {
-                "norm" => return plain(format!("{base}.group_norm.{leaf}")),
-                "q" => "to_q",
-                "k" => "to_k",
-                "v" => "to_v",
-                "proj_out" => "to_out.0",
-                _ => return None,
-            };
-            let stored = format!("{base}.{target}.{leaf}");
-            return Some(if leaf == "weight" {
-                Source::Squeezed(stored)
-            } else {
-                Source::Tensor(stored)
-            });
-        }
-        if is_decoder {
-            let (level, rest) = split_index(name.strip_prefix("up.")?)?;
-            if level >= levels {
-                return None;
-            }
-            let block = levels - 1 - level;
-            if let Some(rest) = rest.strip_prefix("block.") {
-                let (j, rest) = split_index(rest)?;
-                if j > self.cfg.num_res_blocks {
-                    return None;
-                }
-                return plain(format!(
-                    "up_blocks.{block}.resnets.{j}.{}",
-                    diffusers_resnet_part(rest)?
-                ));
-            }
-            let leaf = rest.strip_prefix("upsample.conv.").and_then(param_leaf)?;
-            if level == 0 {
-                return None;
-            }
-            plain(format!("up_blocks.{block}.upsamplers.0.conv.{leaf}"))
-        } else {
-            let (level, rest) = split_index(name.strip_prefix("down.")?)?;
-            if level >= levels {
-                return None;
-            }
-            if let Some(rest) = rest.strip_prefix("block.") {
-                let (j, rest) = split_index(rest)?;
-                if j >= self.cfg.num_res_blocks {
-                    return None;
-                }
-                return plain(format!(
-                    "down_blocks.{level}.resnets.{j}.{}",
-                    diffusers_resnet_part(rest)?
-                ));
-            }
-            let leaf = rest.strip_prefix("downsample.conv.").and_then(param_leaf)?;
-            if level + 1 == levels {
-                return None;
-            }
-            plain(format!("down_blocks.{level}.downsamplers.0.conv.{leaf}"))
-        }
-    }
-}
-
-impl KeyMap for VaeDiffusersMap {
-    fn source(&self, canonical: &str) -> Option<Source> {
-        let (is_decoder, rest, prefix) = if let Some(rest) = canonical.strip_prefix("decoder.") {
-            (true, rest, "decoder.")
-        } else if let Some(rest) = canonical.strip_prefix("encoder.") {
-            (false, rest, "encoder.")
-        } else {
-            return None;
-        };
-        Some(match self.map_part(is_decoder, rest)? {
-            Source::Tensor(n) => Source::Tensor(format!("{prefix}{n}")),
-            Source::Squeezed(n) => Source::Squeezed(format!("{prefix}{n}")),
-            other => other,
-        })
-    }
-
-    fn layout_name(&self) -> &str {
-        "diffusers"
-    }
-}
-
-/// The fields of a diffusers `AutoencoderKL` `config.json` that matter here.
-#[derive(Deserialize)]
-struct DiffusersVaeJson {
-    block_out_channels: Option<Vec<usize>>,
-    layers_per_block: Option<usize>,
-    latent_channels: Option<usize>,
-    in_channels: Option<usize>,
-    out_channels: Option<usize>,
-    norm_num_groups: Option<usize>,
-    scaling_factor: Option<f64>,
-    shift_factor: Option<f64>,
-    act_fn: Option<String>,
-    use_quant_conv: Option<bool>,
-    use_post_quant_conv: Option<bool>,
-    mid_block_add_attention: Option<bool>,
-}
-
-/// Read a diffusers `vae/config.json` (an `AutoencoderKL` config) into a [`VaeConfig`].
-///
-/// `block_out_channels`, `layers_per_block` and `latent_channels` are required; the other fields
-/// take diffusers' defaults when absent (3 image channels, 32 groups, scaling 0.18215, no
-/// shift). Configurations this autoencoder cannot run (quant convolutions, no middle
-/// attention, an activation other than silu) are refused.
-pub fn vae_config_from_diffusers_json(path: &Path) -> Result<VaeConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    vae_config_from_diffusers_str(&text, path)
-}
-
-/// [`vae_config_from_diffusers_json`] on the file's text (`path` is used in messages only).
-pub fn vae_config_from_diffusers_str(text: &str, path: &Path) -> Result<VaeConfig> {
-    let bad = |reason: String| Error::BadConfig {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let raw: DiffusersVaeJson = serde_json::from_str(text)
-        .map_err(|e| bad(format!("not a diffusers AutoencoderKL config: {e}")))?;
-    let required = |field: &str| bad(format!("field `{field}` is missing"));
-    let block_out = raw
-        .block_out_channels
-        .ok_or_else(|| required("block_out_channels"))?;
-    let ch = *block_out
-        .first()
-        .ok_or_else(|| bad("`block_out_channels` is empty".into()))?;
-    if ch == 0 {
-        return Err(bad("`block_out_channels` holds a zero".into()));
-    }
-    let mut ch_mult = Vec::with_capacity(block_out.len());
-    for &c in &block_out {
-        if c % ch != 0 || c == 0 {
-            return Err(bad(format!(
-                "`block_out_channels` {block_out:?} are not all multiples of the first"
-            )));
-        }
-        ch_mult.push(c / ch);
-    }
-    if let Some(act) = raw.act_fn.as_deref() {
-        if act != "silu" && act != "swish" {
-            return Err(bad(format!(
-                "activation `{act}` is not supported (only silu)"
-            )));
-        }
-    }
-    if raw.use_quant_conv == Some(true) || raw.use_post_quant_conv == Some(true) {
-        return Err(bad(
-            "uses quant_conv/post_quant_conv, which the FLUX autoencoder does not have".into(),
-        ));
-    }
-    if raw.mid_block_add_attention == Some(false) {
-        return Err(bad(
-            "has no middle attention block, which the FLUX autoencoder needs".into(),
-        ));
-    }
-    let cfg = VaeConfig {
-        in_channels: raw.in_channels.unwrap_or(3),
-        out_channels: raw.out_channels.unwrap_or(3),
-        ch,
-        ch_mult,
-        num_res_blocks: raw
-            .layers_per_block
-            .ok_or_else(|| required("layers_per_block"))?,
-        z_channels: raw
-            .latent_channels
-            .ok_or_else(|| required("latent_channels"))?,
-        norm_groups: raw.norm_num_groups.unwrap_or(32),
-        scaling_factor: raw.scaling_factor.unwrap_or(0.18215),
-        shift_factor: raw.shift_factor.unwrap_or(0.0),
-    };
-    cfg.validate().map_err(bad)?;
-    Ok(cfg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1568,82 +1299,5 @@ mod tests {
         let mut bad = VaeConfig::tiny();
         bad.norm_groups = 5;
         assert!(bad.validate().is_err());
-    }
-
-    #[test]
-    fn diffusers_names() {
-        let map = VaeDiffusersMap::new(VaeConfig::flux());
-        let t = |s: &str| Some(Source::Tensor(s.to_string()));
-        assert_eq!(
-            map.source("decoder.up.3.block.0.conv1.weight"),
-            t("decoder.up_blocks.0.resnets.0.conv1.weight")
-        );
-        assert_eq!(
-            map.source("decoder.up.0.block.2.nin_shortcut.bias"),
-            t("decoder.up_blocks.3.resnets.2.conv_shortcut.bias")
-        );
-        assert_eq!(
-            map.source("decoder.up.1.upsample.conv.weight"),
-            t("decoder.up_blocks.2.upsamplers.0.conv.weight")
-        );
-        assert_eq!(map.source("decoder.up.0.upsample.conv.weight"), None);
-        assert_eq!(map.source("decoder.up.4.block.0.conv1.weight"), None);
-        assert_eq!(
-            map.source("encoder.down.2.downsample.conv.bias"),
-            t("encoder.down_blocks.2.downsamplers.0.conv.bias")
-        );
-        assert_eq!(map.source("encoder.down.3.downsample.conv.bias"), None);
-        assert_eq!(map.source("encoder.down.0.block.2.conv1.weight"), None);
-        assert_eq!(
-            map.source("encoder.mid.attn_1.q.weight"),
-            Some(Source::Squeezed(
-                "encoder.mid_block.attentions.0.to_q.weight".into()
-            ))
-        );
-        assert_eq!(
-            map.source("decoder.mid.attn_1.proj_out.bias"),
-            t("decoder.mid_block.attentions.0.to_out.0.bias")
-        );
-        assert_eq!(
-            map.source("decoder.mid.attn_1.norm.weight"),
-            t("decoder.mid_block.attentions.0.group_norm.weight")
-        );
-        assert_eq!(
-            map.source("decoder.mid.block_2.norm1.weight"),
-            t("decoder.mid_block.resnets.1.norm1.weight")
-        );
-        assert_eq!(
-            map.source("decoder.norm_out.bias"),
-            t("decoder.conv_norm_out.bias")
-        );
-        assert_eq!(
-            map.source("encoder.conv_in.weight"),
-            t("encoder.conv_in.weight")
-        );
-        assert_eq!(map.source("quant_conv.weight"), None);
-        assert_eq!(map.layout_name(), "diffusers");
-    }
-
-    #[test]
-    fn diffusers_config_parsing() {
-        let p = Path::new("vae/config.json");
-        let flux = VaeConfig::flux().to_diffusers_json().to_string();
-        assert_eq!(
-            vae_config_from_diffusers_str(&flux, p).ok(),
-            Some(VaeConfig::flux())
-        );
-        for bad in [
-            "{",
-            "[]",
-            r#"{"layers_per_block": 2, "latent_channels": 16}"#,
-            r#"{"block_out_channels": [128, 200], "layers_per_block": 2, "latent_channels": 16}"#,
-            r#"{"block_out_channels": [128], "layers_per_block": "two", "latent_channels": 16}"#,
-            r#"{"block_out_channels": [128], "layers_per_block": 2, "latent_channels": 16, "use_quant_conv": true}"#,
-        ] {
-            match vae_config_from_diffusers_str(bad, p) {
-                Err(Error::BadConfig { path, .. }) => assert_eq!(path, p),
-                other => panic!("{bad}: expected BadConfig, got {other:?}"),
-            }
-        }
     }
 }
