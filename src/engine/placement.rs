@@ -238,18 +238,13 @@ impl Degrees {
 }
 
 /// How the layout is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayoutChoice {
     /// Picked for the workers, the model's heads and true CFG ([`ParallelLayout::auto`]).
+    #[default]
     Auto,
     /// Degrees given by hand.
     Degrees(Degrees),
-}
-
-impl Default for LayoutChoice {
-    fn default() -> Self {
-        LayoutChoice::Auto
-    }
 }
 
 impl LayoutChoice {

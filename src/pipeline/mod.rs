@@ -594,7 +594,7 @@ impl StepLog {
 pub fn denoise(
     flux: &Flux,
     job: &DenoiseJob,
-    cfg_pair: Option<(&dyn crate::parallel::comm::Communicator, bool)>,
+    cfg_pair: Option<(&dyn crate::collective::Communicator, bool)>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let mut policy = cache::policy_for(job.cache_threshold);
