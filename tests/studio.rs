@@ -598,3 +598,67 @@ fn heatmap_shader_matches_the_cpu_twin() {
         }
     }
 }
+
+/// The devices panel: the device list and the layout set by hand in the window run the job on
+/// those workers (the Started event says so), the image equals one worker's within a level, and
+/// a layout that does not fit is refused as it is typed with the engine's own message.
+#[test]
+fn devices_and_layout_set_in_the_panel_run_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().settings.request.width = 64;
+    h.state_mut().settings.request.height = 64;
+    h.step();
+    // Type the device list: four CPU worker threads.
+    h.get_by_label("Device list").focus();
+    h.step();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_label("Device list").type_text("cpu:4");
+    h.step();
+    assert_eq!(h.state().settings.device, "cpu:4");
+    // Degrees by hand: Ulysses 2 x ring 2.
+    h.get_by_label("auto layout").click();
+    h.step();
+    h.get_by_label("ulysses").set_value_accesskit(2.0);
+    h.step();
+    h.get_by_label("ring").set_value_accesskit(2.0);
+    h.step();
+    let s = &h.state().settings;
+    assert_eq!((s.ulysses, s.ring, s.layout_auto), (2, 2, false));
+    let will_run = "Will run: 4 workers (cpu x4): dp 1 x cfg 1 x ring 2 x ulysses 2";
+    assert!(
+        h.query_by_label_contains(will_run).is_some(),
+        "the panel shows the plan"
+    );
+    // Ring 3 does not fit four workers: refused as typed, with the engine's message.
+    h.get_by_label("ring").set_value_accesskit(3.0);
+    h.step();
+    let message = h.state().settings.layout_check(2).expect_err("ring 3 on 4 workers");
+    assert!(message.contains("asks for 6 devices"), "{message}");
+    assert!(h.query_all_by_label_contains("asks for 6 devices").next().is_some());
+    h.get_by_label("ring").set_value_accesskit(2.0);
+    h.step();
+
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    let app = h.state();
+    let shown = app.result.as_ref().expect("an image on screen");
+    let one = demo_image(&shown.result.generated.settings);
+    let worst = shown
+        .image
+        .data
+        .iter()
+        .zip(&one.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(255);
+    assert!(worst <= 1, "four workers differ from one by {worst}");
+    assert!(
+        app.messages
+            .iter()
+            .any(|m| m.text.contains("ring 2 x ulysses 2")),
+        "the job's layout is reported: {:?}",
+        app.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
+    );
+}

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 
-use egui::{Color32, Key, Modifiers, RichText};
+use egui::{Key, Modifiers};
 
 use super::automation::{Screenshots, Script, Start, UiStats};
 use super::command::{Command, Commands};
@@ -72,6 +72,8 @@ pub struct StudioApp {
     remembered_model: Option<String>,
     /// FLUX repos found in the Hugging Face cache at start-up.
     hf_models: Vec<(String, PathBuf)>,
+    /// The GPUs found at start-up (name, memory), for the devices panel.
+    gpus: Vec<crate::device::GpuInfo>,
     // Handles.
     runtime: Runtime,
     preview: LivePreview,
@@ -212,6 +214,7 @@ impl StudioApp {
             gallery_warning: None,
             remembered_model,
             hf_models,
+            gpus: crate::device::gpus(),
             runtime,
             preview: LivePreview::new(gpu),
             heat: HeatmapCache::default(),
@@ -405,11 +408,15 @@ impl StudioApp {
         }
         match ev {
             Event::Started { layout, images, .. } => {
+                if !layout.starts_with("one worker") {
+                    self.say(format!("running on {layout}"), false);
+                }
                 if let Some(j) = &mut self.job {
                     j.layout = layout;
                     j.images = images;
                 }
             }
+            Event::Preparing { what, .. } => self.say(what, false),
             Event::Step {
                 image,
                 step,
@@ -717,57 +724,12 @@ impl StudioApp {
         panels::settings::prompts(ui, &mut p);
         panels::settings::sampling(ui, &mut p);
         ui.separator();
-        self.layout_editor(ui);
+        panels::devices::devices_panel(ui, &mut self.settings, &self.gpus, self.heads);
         ui.separator();
         let blockers = self.blockers();
         let mut p = self.panel(&blockers);
         panels::settings::checks(ui, &mut p);
         panels::settings::actions(ui, &mut p);
-    }
-
-    fn layout_editor(&mut self, ui: &mut egui::Ui) {
-        ui.label("Devices and layout");
-        let gpus = crate::device::cuda_device_count();
-        if gpus == 0 {
-            ui.label(
-                RichText::new(
-                    "No GPUs found (CPU build or no CUDA device): CPU worker threads stand in.",
-                )
-                .small()
-                .weak(),
-            );
-        } else {
-            ui.label(RichText::new(format!("{gpus} CUDA GPU(s) found")).small());
-        }
-        egui::Grid::new("layout").num_columns(2).show(ui, |ui| {
-            let l = ui.label("Device");
-            ui.add(egui::TextEdit::singleline(&mut self.settings.device).desired_width(80.0))
-                .labelled_by(l.id);
-            ui.end_row();
-            let l = ui.label("Workers");
-            ui.add(egui::DragValue::new(&mut self.settings.workers).range(1..=64))
-                .labelled_by(l.id);
-            ui.end_row();
-        });
-        ui.checkbox(&mut self.settings.layout_auto, "auto layout");
-        if !self.settings.layout_auto {
-            ui.horizontal(|ui| {
-                for (label, v) in [
-                    ("ulysses", &mut self.settings.ulysses),
-                    ("ring", &mut self.settings.ring),
-                    ("cfg", &mut self.settings.cfg),
-                    ("dp", &mut self.settings.dp),
-                ] {
-                    let l = ui.label(label);
-                    ui.add(egui::DragValue::new(v).range(1..=64))
-                        .labelled_by(l.id);
-                }
-            });
-        }
-        match self.settings.layout_check(self.heads) {
-            Ok(s) => ui.label(RichText::new(s).small()),
-            Err(e) => ui.colored_label(Color32::LIGHT_RED, e),
-        };
     }
 
     fn tab_bar(&mut self, ui: &mut egui::Ui) {

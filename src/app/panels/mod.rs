@@ -1,7 +1,8 @@
 //! The panels around the tabs: [`settings`] on the left (model, prompt, sampling, Generate and
-//! Compare), [`progress`] above the tabs. The message log at the bottom is
+//! Compare) with [`devices`] (GPUs, device list, layout), [`progress`] above the tabs. The message log at the bottom is
 //! [`super::messages::MessageLog::show`]. Panels edit the settings and queue
 //! [`super::command::Command`]s; they never act on the runtime.
 
+pub mod devices;
 pub mod progress;
 pub mod settings;

@@ -5,7 +5,7 @@
 
 use egui::{Color32, RichText};
 
-use super::state::Settings;
+use crate::app::state::Settings;
 use crate::device::GpuInfo;
 use crate::engine::Devices;
 
