@@ -1107,6 +1107,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         .placement(&a.model.device)?
         .plan(heads, false, gpus_present())?;
     println!("parallel layout: {}", plan.describe());
+    let gpus = crate::device::gpus();
+    if gpus.is_empty() {
+        println!("GPUs: none found (or this build has no `cuda` feature)");
+    }
+    for g in &gpus {
+        println!(
+            "GPU cuda:{}: {}, {:.0} GiB",
+            g.index,
+            g.name,
+            g.memory as f64 / (1u64 << 30) as f64
+        );
+    }
     let cached = layout::list_hf_cache();
     match layout::hf_cache_dir() {
         Some(dir) => println!("Hugging Face cache: {}", dir.display()),
