@@ -416,7 +416,11 @@ impl StudioApp {
                     j.images = images;
                 }
             }
-            Event::Preparing { what, .. } => self.say(what, false),
+            Event::Preparing { what, .. } => {
+                if let Some(j) = &mut self.job {
+                    j.layout = what;
+                }
+            }
             Event::Step {
                 image,
                 step,

@@ -16,7 +16,7 @@ use crate::engine::{gpus_present, Engine, ModelChoice};
 use crate::error::Error;
 use crate::pipeline::metrics;
 use crate::pipeline::preview::{Latent, PreviewFactors};
-use crate::pipeline::{Generated, Progress};
+use crate::pipeline::{GenerateRequest, Generated, Progress};
 
 pub(crate) enum WorkerMsg {
     Configure(EngineSpec),
@@ -176,8 +176,27 @@ impl Worker {
             layout: plan.describe(),
         });
 
-        // Data parallelism over a compare sweep: all images at once, no per-step previews.
         if let JobSpec::Compare { .. } = spec {
+            // Every speed-up is measured against the sweep's first image: warm each group up
+            // first (kernel compilation, cuBLAS and allocator set-up land on the first image a
+            // pipeline makes at a size), so the reference is not slower for reasons that are
+            // not the cache's.
+            self.emit.emit(Event::Preparing {
+                job,
+                what: "warming up: one step on each group".into(),
+            });
+            let warm = GenerateRequest {
+                steps: Some(1),
+                ..reqs[0].clone()
+            };
+            let groups = plan.layout.dp.clamp(1, reqs.len());
+            for r in engine.generate_many(&plan, &vec![warm; groups]) {
+                r?;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            // Data parallelism over a compare sweep: all images at once, no per-step previews.
             if plan.layout.dp > 1 {
                 let results = engine.generate_many(&plan, &reqs);
                 let mut reference: Option<Generated> = None;
