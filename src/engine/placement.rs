@@ -312,6 +312,23 @@ impl Plan {
         &self.ranks[start..(start + per).min(self.ranks.len())]
     }
 
+    /// Whether data-parallel groups run on shared hardware (CPU threads, or a GPU in two
+    /// groups): their images are made at the same time, so their wall times are not comparable.
+    pub fn groups_share_hardware(&self) -> bool {
+        if self.layout.dp <= 1 {
+            return false;
+        }
+        if !self.is_gpu() {
+            return true;
+        }
+        let groups: Vec<&[String]> = (0..self.layout.dp).map(|g| self.group(g)).collect();
+        groups.iter().enumerate().any(|(i, a)| {
+            groups[i + 1..]
+                .iter()
+                .any(|b| a.iter().any(|d| b.contains(d)))
+        })
+    }
+
     /// One line for the user: the workers, the layout and why (what `info`, the CLI, the
     /// runtime's Started event and the studio's panel show).
     pub fn describe(&self) -> String {
@@ -420,6 +437,10 @@ mod tests {
         };
         let p = plan("cuda:0,0", dp2, 1)?;
         assert_eq!(p.ranks, ["cuda:0", "cuda:0"]);
+        assert!(p.groups_share_hardware());
+        assert!(!plan("cuda:0,1", dp2, 2)?.groups_share_hardware());
+        assert!(plan("cpu:2", dp2, 0)?.groups_share_hardware());
+        assert!(!plan("cuda:0,1", Degrees::default(), 2)?.groups_share_hardware());
         assert_eq!(p.group(1), ["cuda:0"]);
         assert_eq!(plan("cuda:0,1,0,1", Degrees { dp: Some(4), ..dp2 }, 2)?.world(), 4);
         for (devices, degrees, gpus, needle) in [

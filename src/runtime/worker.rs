@@ -199,10 +199,11 @@ impl Worker {
             // Data parallelism over a compare sweep: all images at once, no per-step previews.
             if plan.layout.dp > 1 {
                 let results = engine.generate_many(&plan, &reqs);
+                let timed = !plan.groups_share_hardware();
                 let mut reference: Option<Generated> = None;
                 for (i, r) in results.into_iter().enumerate() {
                     let g = r?;
-                    self.finish_image(job, i, g, &mut reference);
+                    self.finish_image(job, i, g, &mut reference, timed);
                 }
                 return Ok(t0.elapsed().as_secs_f64() * 1e3);
             }
@@ -239,7 +240,7 @@ impl Worker {
                 Ok(())
             };
             let g = engine.generate(&plan, req, &mut progress)?;
-            self.finish_image(job, i, g, &mut reference);
+            self.finish_image(job, i, g, &mut reference, true);
         }
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
@@ -251,8 +252,16 @@ impl Worker {
         index: usize,
         g: Generated,
         reference: &mut Option<Generated>,
+        timed: bool,
     ) {
         let mut notes = g.notes.clone();
+        if !timed {
+            notes.push(
+                "made at the same time as other images on shared hardware: its wall time says \
+                 nothing of the cache's speed-up (sweep on one group for that)"
+                    .into(),
+            );
+        }
         let saved = match &self.gallery {
             Some(gal) => match gal.save(&g) {
                 Ok(p) => Some(p),
@@ -266,7 +275,7 @@ impl Worker {
         let (quality, speedup) = match reference.as_ref() {
             Some(r) => (
                 metrics::quality(&g.image, &r.image).ok(),
-                Some(r.timings.total_ms / g.timings.total_ms.max(1e-9)),
+                timed.then(|| r.timings.total_ms / g.timings.total_ms.max(1e-9)),
             ),
             None => (None, None),
         };
