@@ -28,6 +28,9 @@ use crate::runtime::{Event, ImageResult, JobSpec, Runtime, RuntimeOptions};
 pub struct StudioOptions {
     /// Overrides of the persisted settings (model, devices and layout).
     pub model: Option<String>,
+    /// One device (`--device`): sets the device list and nothing else.
+    pub device: Option<String>,
+    /// Devices and layout (`--devices`, degrees, `--parallel auto`).
     pub placement: Option<crate::engine::Placement>,
     pub gallery_dir: Option<PathBuf>,
     /// Start a generation (or, with `compare`, a compare sweep) as soon as the window opens.
@@ -141,6 +144,9 @@ pub fn startup_settings(
     }
     if let Some(m) = &opts.model {
         settings.model = m.clone();
+    }
+    if let Some(d) = &opts.device {
+        settings.device = d.clone();
     }
     if let Some(p) = &opts.placement {
         settings.set_placement(p);

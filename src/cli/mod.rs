@@ -418,9 +418,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn studio(a: StudioArgs) -> anyhow::Result<()> {
     crate::app::run(crate::app::StudioOptions {
         model: a.model,
-        placement: match (&a.device, a.parallel.devices.is_some() || a.parallel.degrees.degrees().any() || a.parallel.parallel.is_some()) {
-            (None, false) => None,
-            (device, _) => Some(a.parallel.placement(device.as_deref().unwrap_or("cpu"))?),
+        // --device alone sets the device and leaves the remembered layout alone.
+        device: a.device.clone(),
+        placement: if a.parallel.devices.is_some()
+            || a.parallel.degrees.degrees().any()
+            || a.parallel.parallel.is_some()
+        {
+            Some(a.parallel.placement(a.device.as_deref().unwrap_or("cpu"))?)
+        } else {
+            None
         },
         gallery_dir: a.gallery,
         auto_generate: a.auto_generate,
@@ -654,11 +660,12 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("{}", plan.describe());
     }
     let mut engine = Engine::load(choice, &plan.ranks[0])?;
+    // The request is checked on the first copy, before the replicas load.
+    let settings = engine.primary().settings_for(&req)?;
     engine.prepare(&plan, images, &mut |d| {
         eprintln!("loading the model on {d} too")
     })?;
     let p = engine.primary();
-    let settings = p.settings_for(&req)?;
     if p.is_demo() {
         eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
     }
@@ -1102,11 +1109,15 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         }
     }
     let heads = model_config(&resolved)?.num_heads;
-    let plan = a
+    // A placement this machine cannot run is reported, and the rest still printed.
+    match a
         .parallel
-        .placement(&a.model.device)?
-        .plan(heads, false, gpus_present())?;
-    println!("parallel layout: {}", plan.describe());
+        .placement(&a.model.device)
+        .and_then(|p| Ok(p.plan(heads, false, gpus_present())?))
+    {
+        Ok(plan) => println!("parallel layout: {}", plan.describe()),
+        Err(e) => println!("parallel layout: refused: {e}"),
+    }
     let gpus = crate::device::gpus();
     if gpus.is_empty() {
         println!("GPUs: none found (or this build has no `cuda` feature)");

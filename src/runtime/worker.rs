@@ -29,6 +29,8 @@ pub(crate) enum WorkerMsg {
 
 struct Loaded {
     model: ModelChoice,
+    /// Where rank 0 runs (the engine's first pipeline).
+    first_device: String,
     engine: Engine,
 }
 
@@ -92,19 +94,23 @@ impl Worker {
 
     fn ensure_loaded(&mut self) -> crate::Result<()> {
         let spec = self.spec.clone();
-        if self.loaded.as_ref().is_some_and(|l| l.model == spec.model) {
-            return Ok(());
+        // The model loads where rank 0 of this placement runs; a new model or a new rank-0
+        // device reloads (freeing the old copies), other placement changes reuse what is loaded.
+        let first = spec
+            .placement
+            .devices
+            .rank_names(gpus_present())
+            .map(|ranks| ranks[0].clone());
+        if let (Some(l), Ok(first)) = (&self.loaded, &first) {
+            if l.model == spec.model && l.first_device == *first {
+                return Ok(());
+            }
         }
         // Free the old model before loading the new one (GPU memory).
         self.loaded = None;
         self.emit.emit(Event::ModelLoading { spec: spec.clone() });
         let t0 = Instant::now();
-        // The model loads where rank 0 of this placement runs.
-        let engine = spec
-            .placement
-            .devices
-            .rank_names(gpus_present())
-            .and_then(|ranks| Engine::load(spec.model.clone(), &ranks[0]));
+        let engine = first.and_then(|first| Engine::load(spec.model.clone(), &first));
         let engine = match engine {
             Ok(e) => e,
             Err(e) => {
@@ -142,6 +148,7 @@ impl Worker {
         }
         self.loaded = Some(Loaded {
             model: spec.model,
+            first_device: engine.primary_device().to_string(),
             engine,
         });
         Ok(())
@@ -169,12 +176,11 @@ impl Worker {
                 what: format!("loading the model on {device}"),
             })
         })?;
-        let engine = &self.loaded.as_ref().ok_or_else(|| Error::Image("no model loaded".into()))?.engine;
-        self.emit.emit(Event::Started {
-            job,
-            images: reqs.len(),
-            layout: plan.describe(),
-        });
+        let engine = &self
+            .loaded
+            .as_ref()
+            .ok_or_else(|| Error::Image("no model loaded".into()))?
+            .engine;
 
         if let JobSpec::Compare { .. } = spec {
             // Every speed-up is measured against the sweep's first image: warm each group up
@@ -196,6 +202,13 @@ impl Worker {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
+        }
+        self.emit.emit(Event::Started {
+            job,
+            images: reqs.len(),
+            layout: plan.describe(),
+        });
+        if let JobSpec::Compare { .. } = spec {
             // Data parallelism over a compare sweep: all images at once, no per-step previews.
             if plan.layout.dp > 1 {
                 let results = engine.generate_many(&plan, &reqs);
