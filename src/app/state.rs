@@ -291,11 +291,10 @@ impl Settings {
             LayoutChoice::Auto => self.layout_auto = true,
             LayoutChoice::Degrees(d) => {
                 // The degrees as they resolve over these workers (ring takes the rest).
-                let workers = match &p.devices {
-                    Devices::Cpu(n) => *n,
-                    Devices::Gpus(g) => g.len(),
-                    Devices::AllGpus => crate::engine::gpus_present().max(1),
-                };
+                let workers = p
+                    .devices
+                    .named_count()
+                    .unwrap_or_else(|| crate::engine::gpus_present().max(1));
                 let l = d.layout_for(workers);
                 self.layout_auto = false;
                 (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);

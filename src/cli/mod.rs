@@ -636,18 +636,40 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    // Everything a user typed is checked before the weights load: the placement against the
-    // model's heads (read from the file headers), the output names.
-    let choice = a.model.choice();
+/// A job's model, request and placement, checked before any weights load: the placement against
+/// the model's heads (read from the file headers), the GPUs present and true CFG.
+struct Checked {
+    choice: ModelChoice,
+    req: GenerateRequest,
+    placement: Placement,
+    plan: crate::engine::Plan,
+}
+
+fn checked_job(
+    model: &ModelArgs,
+    sample: &SampleArgs,
+    parallel: &ParallelArgs,
+) -> anyhow::Result<Checked> {
+    let choice = model.choice();
     let resolved = choice.resolve()?;
     let heads = model_config(&resolved)?.num_heads;
-    let req = request_for(is_demo(&resolved), &a.sample);
-    let plan = a.parallel.placement(&a.model.device)?.plan(
-        heads,
-        crate::engine::wants_true_cfg(&req),
-        gpus_present(),
-    )?;
+    let req = request_for(is_demo(&resolved), sample);
+    let placement = parallel.placement(&model.device)?;
+    let plan = placement.plan(heads, crate::engine::wants_true_cfg(&req), gpus_present())?;
+    Ok(Checked {
+        choice,
+        req,
+        placement,
+        plan,
+    })
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    // Everything a user typed is checked before the weights load: the placement (see
+    // `checked_job`), the output names.
+    let Checked {
+        choice, req, plan, ..
+    } = checked_job(&a.model, &a.sample, &a.parallel)?;
     let dp = plan.layout.dp;
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
@@ -909,15 +931,15 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
     }
     // The same checks as `generate`, before the weights load.
-    let choice = a.model.choice();
-    let resolved = choice.resolve()?;
-    let heads = model_config(&resolved)?.num_heads;
-    let mut base = request_for(is_demo(&resolved), &a.sample);
+    let Checked {
+        choice,
+        req: mut base,
+        placement,
+        ..
+    } = checked_job(&a.model, &a.sample, &a.parallel)?;
     if a.sample.seed.is_none() {
         base.seed = 0;
     }
-    let placement = a.parallel.placement(&a.model.device)?;
-    placement.plan(heads, crate::engine::wants_true_cfg(&base), gpus_present())?;
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -85,7 +85,7 @@ impl Devices {
         })?;
         match parsed {
             Devices::AllGpus => Ok(Devices::Gpus(vec![0])),
-            d @ (Devices::Cpu(1) | Devices::Gpus(_)) if d.listed_len() == Some(1) => Ok(d),
+            d @ (Devices::Cpu(1) | Devices::Gpus(_)) if d.named_count() == Some(1) => Ok(d),
             _ => Err(Error::setting(
                 "device",
                 text,
@@ -94,7 +94,8 @@ impl Devices {
         }
     }
 
-    fn listed_len(&self) -> Option<usize> {
+    /// How many ranks the list names (`None` for `cuda`: as many as GPUs are present).
+    pub fn named_count(&self) -> Option<usize> {
         match self {
             Devices::Cpu(n) => Some(*n),
             Devices::AllGpus => None,
