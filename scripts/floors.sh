@@ -34,10 +34,10 @@ check() {
     fi
 }
 
-check kernels 'model|pipeline|parallel|engine|runtime|cli|app' \
+check kernels 'model|pipeline|scenes|parallel|engine|runtime|cli|app' \
     src/kernels src/collective.rs src/device.rs src/error.rs
-check model 'pipeline|parallel|engine|runtime|cli|app' src/model
-check pipeline 'parallel|engine|runtime|cli|app' src/pipeline
+check model 'pipeline|scenes|parallel|engine|runtime|cli|app' src/model
+check pipeline 'parallel|engine|runtime|cli|app' src/pipeline src/scenes
 check parallel 'engine|runtime|cli|app' src/parallel
 check engine 'runtime|cli|app' src/engine
 check runtime 'cli|app' src/runtime

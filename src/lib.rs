@@ -25,5 +25,6 @@ pub mod model;
 pub mod parallel;
 pub mod pipeline;
 pub mod runtime;
+pub mod scenes;
 
 pub use error::{Error, Result};

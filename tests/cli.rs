@@ -634,3 +634,36 @@ fn compare_sweeps_thresholds_through_the_runtime() {
     assert!(!o.status.success());
     assert!(text(&o).contains("-2"), "{}", text(&o));
 }
+
+/// `dataset` writes the scenes the trainer reads and the evaluation prompts with their pictures;
+/// `score` gives a reference picture full marks against its own caption and refuses a prompt it
+/// cannot read.
+#[test]
+fn dataset_and_score() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().to_str().expect("utf8");
+    let out = parallax(&["dataset", d, "--count", "50", "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scenes = std::fs::read_to_string(dir.path().join("scenes.jsonl")).expect("scenes");
+    assert_eq!(scenes.lines().count(), 50);
+    let first: serde_json::Value = serde_json::from_str(scenes.lines().next().expect("line")).expect("json");
+    assert!(first[0].is_string() && first[3].is_array(), "{first}");
+    assert!(dir.path().join("spec.json").is_file());
+
+    let out = parallax(&["dataset", d, "--eval", "--count", "3", "--pictures", "96"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eval = std::fs::read_to_string(dir.path().join("eval.jsonl")).expect("eval");
+    let e: serde_json::Value = serde_json::from_str(eval.lines().next().expect("line")).expect("json");
+    let caption = e["caption"].as_str().expect("caption");
+    let png = dir.path().join("eval-0.png");
+    let out = parallax(&["score", "--image", png.to_str().expect("utf8"), "--prompt", caption]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["score"]["accuracy"], 1.0, "{v}");
+
+    let out = parallax(&["score", "--image", png.to_str().expect("utf8"), "--prompt", "a lighthouse"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names no coloured shape"));
+    let out = parallax(&["dataset", d, "--count", "0"]);
+    assert!(!out.status.success());
+}

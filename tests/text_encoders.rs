@@ -421,7 +421,14 @@ fn clip_config_json(hidden_act: &str) -> serde_json::Value {
 /// CLIP in `text_encoder/`, T5 in two shards with an index in `text_encoder_2/`, tokenizer.json
 /// files in `tokenizer/` and `tokenizer_2/`).
 fn write_demo_checkout(root: &Path, seed: u64) -> TestResult {
-    parallax::model::export::write_demo_text_encoders(root, seed)?;
+    use parallax::model::export::{write_demo_text_encoders, DemoSeeds, DemoSource};
+    write_demo_text_encoders(
+        root,
+        DemoSource::Seeded(DemoSeeds {
+            text: seed,
+            ..DemoSeeds::BUILTIN
+        }),
+    )?;
     Ok(())
 }
 

@@ -520,7 +520,7 @@ fn hf_cache_discovery_finds_the_snapshot() {
 /// makes the same image, pixel for pixel, as the built-in demo model.
 #[test]
 fn exported_demo_model_loads_in_both_layouts_and_matches_builtin() {
-    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
     use parallax::pipeline::{GenerateRequest, Pipeline};
     let builtin = Pipeline::demo(&Device::Cpu).expect("demo");
     let req = GenerateRequest {
@@ -542,7 +542,7 @@ fn exported_demo_model_loads_in_both_layouts_and_matches_builtin() {
         ),
     ] {
         let dir = tempfile::tempdir().expect("tmp");
-        write_demo_model(dir.path(), layout, DemoSeeds::BUILTIN).expect("export");
+        write_demo_model(dir.path(), layout, DemoSource::Trained).expect("export");
         assert!(
             dir.path().join(expect_file).is_file(),
             "{layout:?}: {expect_file}"
@@ -568,10 +568,10 @@ fn exported_demo_model_loads_in_both_layouts_and_matches_builtin() {
 
 #[test]
 fn missing_tokenizer_folder_is_reported_when_loading_a_model() {
-    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
     use parallax::pipeline::Pipeline;
     let dir = tempfile::tempdir().expect("tmp");
-    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSeeds::BUILTIN).expect("export");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
     std::fs::remove_dir_all(dir.path().join("tokenizer_2")).expect("rm");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     match Pipeline::load(&resolved, "x", DType::F32, &Device::Cpu) {
@@ -586,10 +586,10 @@ fn missing_tokenizer_folder_is_reported_when_loading_a_model() {
 /// f32 (candle's CPU convolutions take no bf16), and a whole image still comes out.
 #[test]
 fn bf16_model_from_files_generates_on_the_cpu() {
-    use parallax::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
     use parallax::pipeline::{GenerateRequest, Pipeline};
     let dir = tempfile::tempdir().expect("tmp");
-    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSeeds::BUILTIN).expect("export");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     let p = Pipeline::load(&resolved, "bf16", DType::BF16, &Device::Cpu).expect("load");
     assert_eq!(p.flux.dtype(), DType::BF16);

@@ -60,19 +60,20 @@ impl Default for Settings {
     }
 }
 
-/// Steps when a request leaves them to the model (the demo's four).
-const DEFAULT_STEPS: usize = 4;
+/// Steps when a request leaves them to the model (the demo's twelve).
+const DEFAULT_STEPS: usize = 12;
 
 fn default_request() -> GenerateRequest {
     GenerateRequest {
-        prompt: "a lighthouse on a cliff at dawn, oil painting".into(),
+        // Something the built-in demo model knows how to draw (coloured shapes, simple skies).
+        prompt: "two yellow stars above a red square, night sky".into(),
         negative_prompt: Some(String::new()),
         true_cfg: Some(1.0),
         width: 256,
         height: 256,
         steps: Some(DEFAULT_STEPS),
         seed: 42,
-        guidance: Some(3.5),
+        guidance: Some(1.0),
         cache_threshold: 0.0,
     }
 }

@@ -2,6 +2,8 @@
 //! `selfcheck`, `profile`.
 
 mod bench_vae;
+mod dataset;
+mod score;
 mod profile;
 mod selfcheck;
 
@@ -15,7 +17,7 @@ use crate::engine::{
     gpus_present, load_pipeline, model_config, Degrees, DTypeChoice, Devices, Engine,
     LayoutChoice, ModelChoice, Placement,
 };
-use crate::model::layout::{self, ModelSpec, Resolved};
+use crate::model::layout::{self, ModelSpec, Resolved, Variant};
 use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Progress};
 
 #[derive(Debug, Parser)]
@@ -55,6 +57,12 @@ pub enum Command {
     Info(InfoArgs),
     /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
     ExportDemo(ExportDemoArgs),
+    /// Write the demo model's procedural training scenes (or its evaluation prompts) for the
+    /// trainer in scripts/train-demo/.
+    Dataset(dataset::DatasetArgs),
+    /// How well images follow their prompts (the demo dataset's scorer): one image, or the
+    /// evaluation prompts generated at one or more cache thresholds, as JSON.
+    Score(score::ScoreArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
@@ -201,13 +209,13 @@ pub struct SampleArgs {
     pub width: Option<usize>,
     #[arg(long)]
     pub height: Option<usize>,
-    /// Denoising steps (default: 28 for dev, 4 for schnell and the demo).
+    /// Denoising steps (default: 28 for dev, 4 for schnell, 12 for the demo).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Noise seed (default: random, printed and stored in the PNG).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Distilled guidance strength for dev-style models (default 3.5).
+    /// Distilled guidance strength for dev-style models (default 3.5; 1 for the demo).
     #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// First Block Cache residual_diff_threshold; 0 turns it off (FLUX default when on: 0.08).
@@ -409,6 +417,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::ExportDemo(a) => export_demo(a),
+        Command::Dataset(a) => dataset::run(a),
+        Command::Score(a) => score::run(a),
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
@@ -458,7 +468,7 @@ fn studio(_: StudioArgs) -> anyhow::Result<()> {
 /// Whether a resolved model is the demo (built in, or exported to files).
 fn is_demo(resolved: &Resolved) -> bool {
     match &resolved.spec {
-        ModelSpec::Demo => true,
+        ModelSpec::Demo | ModelSpec::Random(Variant::Demo) => true,
         ModelSpec::Files(f) => f.demo,
         ModelSpec::Random(_) => false,
     }
@@ -689,7 +699,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     let p = engine.primary();
     if p.is_demo() {
-        eprintln!("DEMO model: random weights with FLUX.1's structure, not FLUX.1. Point --model at real weights for real images.");
+        eprintln!("DEMO model: FLUX.1's structure at a tiny size, trained on coloured shapes; not FLUX.1. Point --model at real weights for real images.");
     }
     // Several images: consecutive seeds, each written as NAME-<seed>.png.
     let reqs: Vec<GenerateRequest> = (0..images as u64)
@@ -1037,7 +1047,7 @@ fn describe_event(ev: &crate::runtime::Event) -> String {
 }
 
 fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
-    use crate::model::export::{write_demo_model, DemoSeeds, ExportLayout};
+    use crate::model::export::{write_demo_model, DemoSource, ExportLayout};
     if a.dir.exists() && std::fs::read_dir(&a.dir)?.next().is_some() {
         bail!(
             "{} is not empty; give a new or empty folder",
@@ -1048,7 +1058,7 @@ fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
         LayoutArg::Bfl => ExportLayout::Bfl,
         LayoutArg::Diffusers => ExportLayout::Diffusers,
     };
-    write_demo_model(&a.dir, layout, DemoSeeds::BUILTIN)?;
+    write_demo_model(&a.dir, layout, DemoSource::Trained)?;
     println!(
         "wrote the demo model ({:?} layout) to {}; try: parallax generate --model {}",
         a.layout,
@@ -1065,6 +1075,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         println!("  why: {r}");
     }
     match &resolved.spec {
+        ModelSpec::Random(Variant::Demo) => {
+            let cfg = crate::model::flux::FluxConfig::tiny();
+            println!("  kind: made-up weights from fixed seeds, FLUX.1 structure at its smallest");
+            println!(
+                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks",
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.head_dim(),
+                cfg.depth,
+                cfg.depth_single_blocks
+            );
+        }
         ModelSpec::Random(v) => {
             let cfg = if *v == crate::model::layout::Variant::Schnell {
                 crate::model::flux::FluxConfig::schnell()
@@ -1085,8 +1107,11 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             );
         }
         ModelSpec::Demo => {
-            let cfg = crate::model::flux::FluxConfig::tiny();
-            println!("  kind: built-in demo (random weights, FLUX.1 structure at a tiny size)");
+            let cfg = crate::model::flux::FluxConfig::demo();
+            println!(
+                "  kind: built-in demo (FLUX.1 structure at a tiny size, trained by Parallax on \
+                 coloured shapes; not FLUX.1)"
+            );
             println!(
                 "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks",
                 cfg.hidden_size,

@@ -70,7 +70,7 @@ impl Default for ModelChoice {
 
 fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
     match (choice, spec) {
-        (DTypeChoice::Auto, ModelSpec::Demo) => DType::F32,
+        (DTypeChoice::Auto, ModelSpec::Demo | ModelSpec::Random(Variant::Demo)) => DType::F32,
         (DTypeChoice::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
         (DTypeChoice::Auto, _) => DType::BF16,
         (DTypeChoice::F32, _) => DType::F32,
@@ -109,7 +109,8 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
 /// The transformer config of a resolved model, from the files' headers alone (no weights read).
 pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
     match &resolved.spec {
-        ModelSpec::Demo => Ok(FluxConfig::tiny()),
+        ModelSpec::Demo => Ok(FluxConfig::demo()),
+        ModelSpec::Random(Variant::Demo) => Ok(FluxConfig::tiny()),
         ModelSpec::Random(Variant::Schnell) => Ok(FluxConfig::schnell()),
         ModelSpec::Random(_) => Ok(FluxConfig::dev()),
         ModelSpec::Files(f) => match &f.transformer_layout {

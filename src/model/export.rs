@@ -1,4 +1,5 @@
-//! Write the built-in demo model to disk in FLUX.1's real layouts.
+//! Write the built-in demo model (trained, or the made-up `random:tiny`) to disk in FLUX.1's real
+//! layouts.
 //!
 //! The files carry the exact tensor names, key layouts, shard indexes, config files and tokenizer
 //! files of the real checkpoints, at the demo model's tiny sizes. Tests use them to exercise the
@@ -8,13 +9,16 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use candle_transformers::models::clip::text_model::ClipTextTransformer;
+use candle_transformers::models::t5::T5EncoderModel;
 
 use super::demo_weights::DemoWeights;
 use super::flux::{Flux, FluxConfig};
 use super::layout::{flux_config_to_diffusers_json, FluxDiffusersMap};
-use super::text::{self, TextEncoders, DEMO_T5_MAX_LEN};
+use super::text::{self, DEMO_T5_MAX_LEN};
 use super::tokenizer::PromptTokenizer;
 use super::vae::{AutoEncoder, VaeConfig, VaeDiffusersMap};
 use super::weights::{export, save_safetensors, Recorder};
@@ -49,12 +53,84 @@ impl DemoSeeds {
     };
 }
 
-/// Capture the canonical tensors a model asks for when built from demo weights.
+/// Which demo model to write.
+#[derive(Debug, Clone, Copy)]
+pub enum DemoSource {
+    /// The trained weights compiled in from `assets/demo/` (`--model demo`).
+    Trained,
+    /// Made-up weights from seeds (`random:tiny` with [`DemoSeeds::BUILTIN`]).
+    Seeded(DemoSeeds),
+}
+
+/// Which weights of a [`DemoSource`] to read.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Transformer,
+    Autoencoder,
+    T5,
+    Clip,
+}
+
+/// A boxed backend as a backend (the recorder takes one by value).
+struct Boxed(Box<dyn SimpleBackend>);
+
+impl SimpleBackend for Boxed {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+impl DemoSource {
+    fn backend(self, part: Part) -> Result<Boxed> {
+        Ok(Boxed(match self {
+            DemoSource::Trained => super::demo::backend(match part {
+                Part::Transformer => super::demo::TRANSFORMER,
+                Part::Autoencoder => super::demo::AUTOENCODER,
+                Part::T5 => super::demo::T5,
+                Part::Clip => super::demo::CLIP,
+            })?,
+            DemoSource::Seeded(seeds) => Box::new(DemoWeights::new(match part {
+                Part::Transformer => seeds.flux,
+                Part::Autoencoder => seeds.vae,
+                Part::T5 | Part::Clip => seeds.text,
+            })),
+        }))
+    }
+
+    fn flux_config(self) -> FluxConfig {
+        match self {
+            DemoSource::Trained => FluxConfig::demo(),
+            DemoSource::Seeded(_) => FluxConfig::tiny(),
+        }
+    }
+
+    fn vae_config(self) -> VaeConfig {
+        match self {
+            DemoSource::Trained => VaeConfig::demo(),
+            DemoSource::Seeded(_) => VaeConfig::tiny(),
+        }
+    }
+}
+
+/// Capture the canonical tensors a model asks for when built from `backend`.
 fn capture<T>(
-    seed: u64,
+    backend: Boxed,
     build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let (rec, seen) = Recorder::new(DemoWeights::new(seed));
+    let (rec, seen) = Recorder::new(backend);
     let vb = VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu);
     build(vb)?;
     let mut tensors = seen
@@ -106,23 +182,15 @@ pub fn write_sharded(
 
 /// Write the demo text encoders as a diffusers checkout under `root`: `text_encoder/` (CLIP),
 /// `text_encoder_2/` (T5, two shards), `tokenizer/`, `tokenizer_2/` (tokenizer.json files).
-pub fn write_demo_text_encoders(root: &Path, seed: u64) -> Result<()> {
+pub fn write_demo_text_encoders(root: &Path, source: DemoSource) -> Result<()> {
     let t5_cfg = text::t5_demo_config();
     let clip_cfg = text::clip_demo_config();
-    // Capture both encoders from one recording, then split T5's and CLIP's tensors by prefix.
-    let all = capture(seed, |vb| {
-        TextEncoders::new(
-            vb.clone(),
-            &t5_cfg,
-            vb.pp("text_model"),
-            &clip_cfg,
-            PromptTokenizer::demo(DEMO_T5_MAX_LEN, "t5")?,
-            PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?,
-        )
+    let t5 = capture(source.backend(Part::T5)?, |vb| {
+        T5EncoderModel::load(vb, &t5_cfg).px()
     })?;
-    let (clip, t5): (Vec<_>, Vec<_>) = all
-        .into_iter()
-        .partition(|(n, _)| n.starts_with("text_model."));
+    let clip = capture(source.backend(Part::Clip)?, |vb| {
+        ClipTextTransformer::new(vb.pp("text_model"), &clip_cfg).px()
+    })?;
 
     let te = root.join("text_encoder");
     mkdir(&te)?;
@@ -183,13 +251,18 @@ pub fn write_demo_text_encoders(root: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Write the whole demo model (the one [`crate::pipeline::Pipeline::demo`] builds) under `dir`.
-pub fn write_demo_model(dir: &Path, layout: ExportLayout, seeds: DemoSeeds) -> Result<()> {
+/// Write a demo model (the trained one [`crate::pipeline::Pipeline::demo`] loads, or the made-up
+/// one of [`crate::pipeline::Pipeline::tiny_random`]) under `dir`.
+pub fn write_demo_model(dir: &Path, layout: ExportLayout, source: DemoSource) -> Result<()> {
     mkdir(dir)?;
-    let flux_cfg = FluxConfig::tiny();
-    let vae_cfg = VaeConfig::tiny();
-    let flux = capture(seeds.flux, |vb| Flux::new(&flux_cfg, vb).px())?;
-    let vae = capture(seeds.vae, |vb| AutoEncoder::new(&vae_cfg, vb).px())?;
+    let flux_cfg = source.flux_config();
+    let vae_cfg = source.vae_config();
+    let flux = capture(source.backend(Part::Transformer)?, |vb| {
+        Flux::new(&flux_cfg, vb).px()
+    })?;
+    let vae = capture(source.backend(Part::Autoencoder)?, |vb| {
+        AutoEncoder::new(&vae_cfg, vb).px()
+    })?;
     match layout {
         ExportLayout::Bfl => {
             save_safetensors(&flux, &dir.join("flux1-dev.safetensors"))?;
@@ -228,11 +301,17 @@ pub fn write_demo_model(dir: &Path, layout: ExportLayout, seeds: DemoSeeds) -> R
             )?;
         }
     }
-    write_demo_text_encoders(dir, seeds.text)?;
+    write_demo_text_encoders(dir, source)?;
+    let weights = match source {
+        DemoSource::Trained => "trained by Parallax on its own scenes of coloured shapes",
+        DemoSource::Seeded(_) => "with made-up weights",
+    };
     std::fs::write(
         dir.join(DEMO_MARKER),
-        "This folder holds Parallax's demo model: FLUX.1's layout and tensor names at a tiny size, \
-         with made-up weights. It is not FLUX.1; images made from it are labelled DEMO.\n",
+        format!(
+            "This folder holds Parallax's demo model: FLUX.1's layout and tensor names at a tiny \
+             size, {weights}. It is not FLUX.1; images made from it are labelled DEMO.\n"
+        ),
     )
     .map_err(|e| Error::io(dir.join(DEMO_MARKER), e))
 }

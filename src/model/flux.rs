@@ -70,13 +70,13 @@ impl FluxConfig {
         }
     }
 
-    /// A small model with FLUX's structure, for the demo and tests: 2 heads of 64, 2 double and
-    /// 4 single blocks, text widths matching the demo text encoders.
+    /// A small model with FLUX's structure and made-up weights, for tests (`random:tiny`): 2 heads
+    /// of 64, 2 double and 4 single blocks, text widths matching the demo text encoders.
     pub fn tiny() -> Self {
         Self {
             in_channels: 64,
-            vec_in_dim: 32,
-            context_in_dim: 64,
+            vec_in_dim: super::text::DEMO_CLIP_DIM,
+            context_in_dim: super::text::DEMO_T5_DIM,
             hidden_size: 128,
             mlp_ratio: 4.0,
             num_heads: 2,
@@ -86,6 +86,15 @@ impl FluxConfig {
             theta: 10_000.0,
             qkv_bias: true,
             guidance_embed: true,
+        }
+    }
+
+    /// The trained demo model (`--model demo`, weights in `assets/demo/`): 2 heads of 64, 2 double
+    /// and 6 single blocks, guidance embedded like FLUX.1-dev.
+    pub fn demo() -> Self {
+        Self {
+            depth_single_blocks: 6,
+            ..Self::tiny()
         }
     }
 

@@ -29,11 +29,11 @@ use super::weights::{Identity, MappedWeights, SafetensorsSet};
 use crate::error::{CandleResultExt, Error, Result};
 
 /// Width of the demo T5's hidden states (the demo FLUX transformer's context width).
-pub const DEMO_T5_DIM: usize = 64;
+pub const DEMO_T5_DIM: usize = 128;
 /// Width of the demo CLIP's pooled output (the demo FLUX transformer's vector width).
-pub const DEMO_CLIP_DIM: usize = 32;
+pub const DEMO_CLIP_DIM: usize = 64;
 /// T5 sequence length of the demo encoders.
-pub const DEMO_T5_MAX_LEN: usize = 64;
+pub const DEMO_T5_MAX_LEN: usize = 96;
 /// CLIP's sequence length (CLIP-L has 77 position embeddings).
 pub const CLIP_MAX_LEN: usize = 77;
 
@@ -143,15 +143,15 @@ pub fn clip_l_config() -> ClipTextConfig {
     }
 }
 
-/// The demo T5: 64 wide, 2 layers of 4 heads, gated-GELU like T5 v1.1, over the demo byte
+/// The demo T5: 128 wide, 3 layers of 4 heads, gated-GELU like T5 v1.1, over the demo byte
 /// tokenizer's vocabulary.
 pub fn t5_demo_config() -> t5::Config {
     t5::Config {
         vocab_size: DEMO_VOCAB,
         d_model: DEMO_T5_DIM,
-        d_kv: 16,
-        d_ff: 128,
-        num_layers: 2,
+        d_kv: 32,
+        d_ff: 256,
+        num_layers: 3,
         num_decoder_layers: None,
         num_heads: 4,
         relative_attention_num_buckets: 32,
@@ -170,14 +170,14 @@ pub fn t5_demo_config() -> t5::Config {
     }
 }
 
-/// The demo CLIP: 32 wide, 2 layers of 2 heads, 77 positions, over the demo byte tokenizer's
+/// The demo CLIP: 64 wide, 2 layers of 2 heads, 77 positions, over the demo byte tokenizer's
 /// vocabulary.
 pub fn clip_demo_config() -> ClipTextConfig {
     ClipTextConfig {
         vocab_size: DEMO_VOCAB,
         embed_dim: DEMO_CLIP_DIM,
         activation: Activation::QuickGelu,
-        intermediate_size: 64,
+        intermediate_size: 128,
         max_position_embeddings: CLIP_MAX_LEN,
         pad_with: None,
         num_hidden_layers: 2,

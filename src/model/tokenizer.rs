@@ -293,8 +293,8 @@ impl PromptTokenizer {
         })
     }
 
-    /// A small byte tokenizer for the demo model, built in code: every UTF-8 byte of the prompt
-    /// is one token (ids 1 to 256), `0` is padding, and the two specials are 257 (start) and 258
+    /// A small byte tokenizer for the demo model, built in code: every UTF-8 byte of the
+    /// lower-cased prompt is one token (ids 1 to 256), `0` is padding, and the two specials are 257 (start) and 258
     /// (end). The end id is the largest in the vocabulary, so CLIP's "pool at the largest id"
     /// rule finds it.
     ///
@@ -338,6 +338,8 @@ impl PromptTokenizer {
         .map_err(|e| internal("template", &e))?;
 
         let mut tokenizer = Tokenizer::new(bpe);
+        // Lower case first: the demo model learnt its captions in lower case.
+        tokenizer.with_normalizer(Some(Lowercase));
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
         tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
         tokenizer.with_post_processor(Some(post));

@@ -124,7 +124,7 @@ impl GenerationSettings {
         if self.synthetic {
             text.push((
                 "Comment".to_string(),
-                "DEMO: made by Parallax's built-in demo model (random weights), not by FLUX.1"
+                "DEMO: made by Parallax's built-in demo model (tiny, trained on coloured shapes), not by FLUX.1"
                     .into(),
             ));
         }
@@ -233,9 +233,26 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// The built-in demo model: FLUX's structure at a tiny size, weights generated from a fixed
-    /// seed, a byte-level tokenizer. Needs no files. Its images are labelled DEMO.
+    /// The built-in demo model: FLUX's structure at a tiny size, trained by Parallax on its own
+    /// procedural scenes (see [`crate::model::demo`]), a byte-level tokenizer. Needs no files.
+    /// Its images are labelled DEMO: they are not FLUX.1's.
     pub fn demo(device: &Device) -> Result<Self> {
+        use crate::model::demo;
+        let dtype = DType::F32;
+        Ok(Self {
+            flux: demo::transformer(dtype, device)?,
+            vae: demo::autoencoder(dtype, device)?,
+            text: demo::text_encoders(dtype, device)?,
+            variant: Variant::Demo,
+            label: "demo".into(),
+            synthetic: true,
+        })
+    }
+
+    /// A tiny model with FLUX's structure and made-up weights generated from fixed seeds
+    /// (`random:tiny`): for tests that need a small model whose output is noise. Its images are
+    /// labelled DEMO.
+    pub fn tiny_random(device: &Device) -> Result<Self> {
         let dtype = DType::F32;
         let seeds = DemoSeeds::BUILTIN;
         let flux = Flux::new(
@@ -254,7 +271,7 @@ impl Pipeline {
             vae,
             text,
             variant: Variant::Demo,
-            label: "demo".into(),
+            label: "random:tiny".into(),
             synthetic: true,
         })
     }
@@ -266,6 +283,9 @@ impl Pipeline {
         use crate::model::demo_weights::RandomWeights;
         use crate::model::text;
         use crate::model::tokenizer::PromptTokenizer;
+        if variant == Variant::Demo {
+            return Self::tiny_random(device);
+        }
         device.set_seed(0x5241_4E44)?;
         let cfg = match variant {
             Variant::Schnell => FluxConfig::schnell(),
@@ -342,6 +362,18 @@ impl Pipeline {
             label: label.to_string(),
             synthetic: files.demo,
         })
+    }
+
+    /// The latent preview map for this model's autoencoder: fitted on the demo's own scenes
+    /// (encoded, then decoded) when this is a demo model with an encoder, else on smoothed noise
+    /// latents (real FLUX checkpoints are loaded without the encoder).
+    pub fn preview_factors(&self) -> Result<preview::PreviewFactors> {
+        if self.variant == Variant::Demo && self.vae.has_encoder() {
+            let images = crate::scenes::render::scene_tensors(6, 128, 0x5eed)?;
+            preview::PreviewFactors::fit_images(&self.vae, self.device(), &images)
+        } else {
+            preview::PreviewFactors::fit(&self.vae, self.device(), 3, 24, 0x5eed)
+        }
     }
 
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
@@ -471,7 +503,7 @@ impl Pipeline {
         }
         if self.is_demo() {
             notes.push(format!(
-                "DEMO model ({}): made-up weights, not FLUX.1; the image is labelled DEMO",
+                "DEMO model ({}): not FLUX.1; the image is labelled DEMO",
                 self.label
             ));
         }

@@ -15,7 +15,7 @@ use super::Emitter;
 use crate::engine::{gpus_present, Engine, ModelChoice};
 use crate::error::Error;
 use crate::pipeline::metrics;
-use crate::pipeline::preview::{Latent, PreviewFactors};
+use crate::pipeline::preview::Latent;
 use crate::pipeline::{GenerateRequest, Generated, Progress};
 
 pub(crate) enum WorkerMsg {
@@ -137,9 +137,9 @@ impl Worker {
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             heads: pipeline.flux.config().num_heads,
         });
-        // The preview map is fitted to this model's own autoencoder (about a second on the demo's
-        // CPU autoencoder: three 24x24 latents).
-        match PreviewFactors::fit(&pipeline.vae, pipeline.device(), 3, 24, 0x5eed) {
+        // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;
+        // well under a second on the CPU).
+        match pipeline.preview_factors() {
             Ok(f) => {
                 tracing::info!("latent preview map fitted: R² {:.3}", f.r2);
                 self.emit.emit(Event::PreviewFactors(Arc::new(f)));

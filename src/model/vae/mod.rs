@@ -88,6 +88,19 @@ impl VaeConfig {
         }
     }
 
+    /// The trained demo model's autoencoder (`assets/demo/ae.safetensors`): base width 16, levels
+    /// of 16, 16, 32 and 32 channels, FLUX's latent normalisation (the trainer keeps its latents
+    /// near zero mean and unit spread under it).
+    pub fn demo() -> Self {
+        Self {
+            ch: 16,
+            ch_mult: vec![1, 1, 2, 2],
+            num_res_blocks: 1,
+            norm_groups: 8,
+            ..Self::flux()
+        }
+    }
+
     /// How many pixels one latent position covers along each side (8 for FLUX).
     pub fn downscale_factor(&self) -> usize {
         1usize << self.ch_mult.len().saturating_sub(1)

@@ -1,0 +1,214 @@
+//! `parallax score`: how well images follow their prompts, by the demo dataset's scorer
+//! ([`crate::scenes::score`]). Either one image (`--image PNG --prompt TEXT`), or the evaluation
+//! set: `--prompts N` prompts from [`crate::scenes::sample::eval_samples`] (the first half like
+//! the training scenes, the second half with held-out colour-shape pairs), each generated at every
+//! `--thresholds` value, reported per threshold: prompt accuracy (all, in-distribution, held-out,
+//! per kind of check), steps computed, time, speedup and PSNR/SSIM against the uncached image.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::{request_for, ModelArgs, SampleArgs};
+use crate::pipeline::image::{read_png, RgbImage};
+use crate::pipeline::metrics;
+use crate::scenes::parse::parse;
+use crate::scenes::sample::eval_samples;
+use crate::scenes::score::{score, Score};
+
+#[derive(Debug, Clone, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Score this image against --prompt instead of generating.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Evaluation prompts to generate and score.
+    #[arg(long, default_value_t = 40)]
+    pub prompts: usize,
+    /// Seed of the evaluation prompts (the training scenes used seed 1).
+    #[arg(long, default_value_t = 7)]
+    pub prompt_seed: u64,
+    /// First Block Cache thresholds; 0, the reference, always runs first.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub thresholds: Vec<f64>,
+    /// Save every image here as eval-<prompt>-<threshold>.png.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// List every prompt's checks, not only the totals.
+    #[arg(long)]
+    pub details: bool,
+}
+
+fn score_json(s: &Score) -> serde_json::Value {
+    serde_json::json!({ "passed": s.passed(), "total": s.total(), "accuracy": s.accuracy() })
+}
+
+/// Totals of several scores, overall and per kind of check.
+#[derive(Default)]
+struct Tally {
+    all: (usize, usize),
+    in_dist: (usize, usize),
+    held_out: (usize, usize),
+    kinds: std::collections::BTreeMap<&'static str, (usize, usize)>,
+}
+
+impl Tally {
+    fn add(&mut self, s: &Score, held_out: bool) {
+        let add = |t: &mut (usize, usize)| {
+            t.0 += s.passed();
+            t.1 += s.total();
+        };
+        add(&mut self.all);
+        add(if held_out { &mut self.held_out } else { &mut self.in_dist });
+        for c in &s.checks {
+            let e = self.kinds.entry(c.kind).or_default();
+            e.0 += c.passed as usize;
+            e.1 += 1;
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let r = |t: (usize, usize)| if t.1 == 0 { serde_json::Value::Null } else { serde_json::json!(t.0 as f64 / t.1 as f64) };
+        let kinds: serde_json::Map<String, serde_json::Value> =
+            self.kinds.iter().map(|(k, v)| (k.to_string(), r(*v))).collect();
+        serde_json::json!({
+            "accuracy": r(self.all),
+            "checks": self.all.1,
+            "in_distribution": r(self.in_dist),
+            "held_out_pairs": r(self.held_out),
+            "by_kind": kinds,
+        })
+    }
+}
+
+pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
+    if let Some(path) = &a.image {
+        let (img, _) = read_png(path).with_context(|| format!("reading {}", path.display()))?;
+        let Some(d) = parse(&a.sample.prompt) else {
+            bail!("--prompt names no coloured shape the scorer knows (e.g. \"a red circle on a blue background\")");
+        };
+        let s = score(&img, &d);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+            "prompt": a.sample.prompt, "score": score_json(&s), "checks": s.checks,
+        }))?);
+        return Ok(());
+    }
+    if a.prompts == 0 {
+        bail!("--prompts must be at least 1");
+    }
+    if let Some(bad) = a.thresholds.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
+        bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
+    }
+    let mut thresholds = vec![0.0];
+    thresholds.extend(a.thresholds.iter().copied().filter(|t| *t > 0.0));
+    if let Some(dir) = &a.save {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let choice = a.model.choice();
+    let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    let samples = eval_samples(a.prompts, a.prompt_seed);
+    let half = a.prompts.div_ceil(2);
+
+    struct Cell {
+        tally: Tally,
+        ms: Vec<f64>,
+        computed: usize,
+        reused: usize,
+        psnr: Vec<f64>,
+        ssim: Vec<f64>,
+    }
+    let mut cells: Vec<Cell> = thresholds
+        .iter()
+        .map(|_| Cell { tally: Tally::default(), ms: vec![], computed: 0, reused: 0, psnr: vec![], ssim: vec![] })
+        .collect();
+    let mut details = Vec::new();
+    let bar = indicatif::ProgressBar::new((samples.len() * thresholds.len()) as u64);
+    let started = Instant::now();
+    for (i, sample) in samples.iter().enumerate() {
+        let mut reference: Option<RgbImage> = None;
+        for (k, &t) in thresholds.iter().enumerate() {
+            let mut s = a.sample.clone();
+            s.prompt = sample.caption.clone();
+            s.cache_threshold = t;
+            s.seed = Some(a.sample.seed.unwrap_or(0) + i as u64);
+            let req = request_for(true, &s);
+            let g = p.generate(&req, &mut |_| Ok(()))?;
+            let sc = score(&g.image, &sample.described);
+            let c = &mut cells[k];
+            c.tally.add(&sc, i >= half);
+            c.ms.push(g.timings.total_ms);
+            c.computed += g.stats.computed;
+            c.reused += g.stats.reused;
+            match &reference {
+                None => reference = Some(g.image.clone()),
+                Some(r) => {
+                    let q = metrics::quality(&g.image, r)?;
+                    c.psnr.push(if q.psnr_db.is_finite() { q.psnr_db } else { 99.0 });
+                    c.ssim.push(q.ssim);
+                }
+            }
+            if let Some(dir) = &a.save {
+                let out = dir.join(format!("eval-{i}-{t}.png"));
+                crate::pipeline::image::save_png(&out, &g.image, &g.settings.png_text()?)?;
+            }
+            if a.details {
+                details.push(serde_json::json!({
+                    "prompt": sample.caption, "threshold": t, "held_out": i >= half,
+                    "score": score_json(&sc),
+                    "failed": sc.checks.iter().filter(|c| !c.passed).collect::<Vec<_>>(),
+                }));
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let mean = |v: &[f64]| if v.is_empty() { serde_json::Value::Null } else { serde_json::json!(v.iter().sum::<f64>() / v.len() as f64) };
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let base_ms = median(&cells[0].ms);
+    let rows: Vec<serde_json::Value> = thresholds
+        .iter()
+        .zip(&cells)
+        .map(|(t, c)| {
+            let ms = median(&c.ms);
+            serde_json::json!({
+                "threshold": t,
+                "prompt_score": c.tally.json(),
+                "steps_computed": c.computed,
+                "steps_reused": c.reused,
+                "median_image_ms": ms,
+                "speedup": if ms > 0.0 { base_ms / ms } else { 0.0 },
+                "mean_psnr_db": mean(&c.psnr),
+                "mean_ssim": mean(&c.ssim),
+            })
+        })
+        .collect();
+    let req = request_for(true, &a.sample);
+    let mut report = serde_json::json!({
+        "model": a.model.model,
+        "device": a.model.device,
+        "prompts": a.prompts,
+        "prompt_seed": a.prompt_seed,
+        "held_out_from": half,
+        "width": req.width,
+        "height": req.height,
+        "steps": req.steps,
+        "true_cfg": req.true_cfg,
+        "guidance": req.guidance,
+        "wall_s": started.elapsed().as_secs_f64(),
+        "thresholds": rows,
+    });
+    if a.details {
+        report["details"] = serde_json::json!(details);
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The trained demo model against the networks it was trained as: `scripts/train-demo/parity.py`
+//! ran the exported weights through the PyTorch trainer's T5, CLIP, transformer and autoencoder
+//! on fixed inputs and saved inputs and outputs in `tests/fixtures/demo-parity.safetensors`. The
+//! built-in demo must tokenize the same caption to the same ids and compute the same outputs (both
+//! sides upcast the same f16 weights to f32, so only summation order differs).
+
+use candle_core::{DType, Device, Tensor};
+use parallax::model::flux::FluxInput;
+use parallax::pipeline::Pipeline;
+
+const CAPTION: &str = "Two small Yellow stars above a green square, night sky";
+
+fn fixture() -> std::collections::HashMap<String, Tensor> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-parity.safetensors");
+    candle_core::safetensors::load(path, &Device::Cpu).expect("parity fixture")
+}
+
+/// Largest absolute difference over the largest absolute value of `want`.
+fn rel(got: &Tensor, want: &Tensor) -> f32 {
+    let got = got.to_dtype(DType::F32).expect("f32");
+    let want = want.to_dtype(DType::F32).expect("f32");
+    assert_eq!(got.dims(), want.dims());
+    let d = (&got - &want)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    let m = want
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar");
+    d / m.max(1e-6)
+}
+
+#[test]
+fn the_demo_model_computes_what_the_trainer_computed() {
+    let f = fixture();
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+
+    // Tokenizers: the same ids (lower case, bytes + 1, end token, padding).
+    let t5 = p.text.t5_tokenizer().encode(CAPTION).expect("t5 ids");
+    let clip = p.text.clip_tokenizer().encode(CAPTION).expect("clip ids");
+    let want = |k: &str| -> Vec<u32> {
+        f[k].flatten_all()
+            .expect("flat")
+            .to_vec1::<i64>()
+            .expect("ids")
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
+    };
+    assert_eq!(t5.ids, want("t5_ids"), "T5 token ids");
+    assert_eq!(clip.ids, want("clip_ids"), "CLIP token ids");
+
+    // Text encoders.
+    let enc = p.text.encode(CAPTION).expect("encode");
+    let r = rel(&enc.txt, &f["txt"]);
+    assert!(r < 1e-4, "T5 hidden states differ: {r}");
+    let r = rel(&enc.vec, &f["y"]);
+    assert!(r < 1e-4, "CLIP pooled output differs: {r}");
+
+    // Transformer: one velocity on a fixed latent, t = 0.7, guidance 2.5, an 8x8 patch grid.
+    let pe = p.flux.pos_embed(f["txt"].dim(1).expect("len"), 8, 8).expect("pe");
+    let t = Tensor::new(&[0.7f32], &Device::Cpu).expect("t");
+    let g = Tensor::new(&[2.5f32], &Device::Cpu).expect("g");
+    let v = p
+        .flux
+        .forward(&FluxInput {
+            img: &f["x"],
+            txt: &f["txt"],
+            y: &f["y"],
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        })
+        .expect("forward");
+    let r = rel(&v, &f["v"]);
+    assert!(r < 1e-4, "transformer output differs: {r}");
+
+    // Autoencoder, both ways.
+    let r = rel(&p.vae.decode(&f["z"]).expect("decode"), &f["decoded"]);
+    assert!(r < 1e-4, "decoded image differs: {r}");
+    let r = rel(&p.vae.encode(&f["image"]).expect("encode"), &f["encoded"]);
+    assert!(r < 1e-4, "encoded latent differs: {r}");
+}
+
+use parallax::pipeline::metrics;
+use parallax::pipeline::GenerateRequest;
+use parallax::scenes::{parse::parse, score::score};
+
+fn request(prompt: &str, seed: u64, threshold: f64) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        width: 256,
+        height: 256,
+        steps: Some(12),
+        seed,
+        cache_threshold: threshold,
+        ..Default::default()
+    }
+}
+
+/// The demo draws what simple prompts ask for: the scorer finds the colour where the caption
+/// puts it, and the background it names.
+#[test]
+fn colours_go_where_the_prompt_puts_them() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    for (prompt, seed) in [
+        ("a red circle on the left, blue background", 1),
+        ("a large yellow square at the bottom, night sky", 2),
+        ("a green heart above a white star by the sea", 3),
+    ] {
+        let g = p.generate(&request(prompt, seed, 0.0), &mut |_| Ok(())).expect("image");
+        let s = score(&g.image, &parse(prompt).expect("parsed"));
+        for c in &s.checks {
+            if c.kind != "shape" {
+                assert!(c.passed, "{prompt}: {} {} failed ({:?})", c.kind, c.expected, s.checks);
+            }
+        }
+    }
+}
+
+/// First Block Cache on the trained model: at 0.2 it reuses steps (random weights never let it)
+/// and the image stays close to the uncached one.
+#[test]
+fn the_cache_reuses_steps_and_stays_close() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let prompt = "two small yellow stars above a green square, night sky";
+    let reference = p.generate(&request(prompt, 4, 0.0), &mut |_| Ok(())).expect("image");
+    assert_eq!(reference.stats.reused, 0);
+    let cached = p.generate(&request(prompt, 4, 0.2), &mut |_| Ok(())).expect("image");
+    assert!(cached.stats.reused >= 2, "reused {} of 12", cached.stats.reused);
+    let q = metrics::quality(&cached.image, &reference.image).expect("quality");
+    assert!(q.psnr_db > 30.0, "PSNR {} dB with {} steps reused", q.psnr_db, cached.stats.reused);
+}
