@@ -119,8 +119,8 @@ fn generate_export_restore_and_delete() {
     let app = h.state();
     let shown = app.result.as_ref().expect("an image on screen");
     assert_eq!(
-        app.stats.steps_seen, 4,
-        "a preview event for each of the 4 steps"
+        app.stats.steps_seen, 12,
+        "a preview event for each of the demo's 12 steps"
     );
     let settings = shown.result.generated.settings.clone();
     assert_eq!(settings.seed, 42);
@@ -218,7 +218,7 @@ fn threshold_field_keeps_what_is_typed_and_blocks_bad_values() {
     let field = "Compare thresholds (0 to 1)";
     assert_eq!(
         h.get_by_label(field).value().as_deref(),
-        Some("0, 0.06, 0.08, 0.12"),
+        Some("0, 0.08, 0.12, 0.2"),
         "the default list is shown whole"
     );
     // The default list fits its box.

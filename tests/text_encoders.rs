@@ -34,7 +34,8 @@ fn demo_tokenizer_round_trip() -> TestResult {
     assert_eq!(toks.truncated_from, None);
     assert_eq!(Some(toks.ids[toks.used - 1]), t.eos_id());
     assert!(toks.ids[toks.used..].iter().all(|&id| id == t.pad_id()));
-    assert_eq!(t.decode(&toks.ids)?, prompt);
+    // The demo tokenizer lower-cases first (the demo model learnt lower-case captions).
+    assert_eq!(t.decode(&toks.ids)?, prompt.to_lowercase());
     Ok(())
 }
 
@@ -329,12 +330,14 @@ fn demo_encoders_shapes_and_determinism() -> TestResult {
 #[test]
 fn long_prompt_is_noted() -> TestResult {
     let enc = TextEncoders::demo(1, &Device::Cpu)?;
-    let e = enc.encode(&"y".repeat(100))?;
+    let e = enc.encode(&"y".repeat(DEMO_T5_MAX_LEN + 20))?;
     assert_eq!(e.txt.dims(), &[1, DEMO_T5_MAX_LEN, DEMO_T5_DIM]);
+    let (got, takes) = (
+        format!("{} T5 tokens", DEMO_T5_MAX_LEN + 21),
+        format!("takes {DEMO_T5_MAX_LEN}"),
+    );
     assert!(
-        e.notes
-            .iter()
-            .any(|n| n.contains("101 T5 tokens") && n.contains("takes 64")),
+        e.notes.iter().any(|n| n.contains(&got) && n.contains(&takes)),
         "{:?}",
         e.notes
     );

@@ -54,7 +54,8 @@ impl Default for Settings {
             dp: 1,
             request: default_request(),
             random_seed: false,
-            compare_thresholds: vec![0.0, 0.06, 0.08, 0.12],
+            // On the demo at its 12 steps the cache starts reusing steps near 0.12.
+            compare_thresholds: vec![0.0, 0.08, 0.12, 0.2],
             heatmap_gain: 4.0,
         }
     }

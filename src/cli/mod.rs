@@ -962,6 +962,8 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         base,
         thresholds: a.thresholds.clone(),
     });
+    // Prompts in the demo model's world are also scored (colours, shapes, places, background).
+    let asked = crate::scenes::parse::parse(&a.sample.prompt);
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let mut rows = Vec::new();
@@ -1006,6 +1008,10 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                     "speedup": result.speedup,
                     "psnr_db": result.quality.map(|q| if q.psnr_db.is_finite() { serde_json::json!(q.psnr_db) } else { serde_json::json!("inf") }),
                     "ssim": result.quality.map(|q| q.ssim),
+                    "prompt_score": asked.as_ref().map(|d| {
+                        let s = crate::scenes::score::score(&g.image, d);
+                        serde_json::json!({ "passed": s.passed(), "total": s.total(), "accuracy": s.accuracy() })
+                    }),
                     "saved": saved,
                     "notes": result.notes,
                 }));
