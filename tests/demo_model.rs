@@ -15,27 +15,19 @@ fn fixture() -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).expect("parity fixture")
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("max |t|")
+}
+
 /// Largest absolute difference over the largest absolute value of `want`.
 fn rel(got: &Tensor, want: &Tensor) -> f32 {
     let got = got.to_dtype(DType::F32).expect("f32");
     let want = want.to_dtype(DType::F32).expect("f32");
     assert_eq!(got.dims(), want.dims());
-    let d = (&got - &want)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .max_all()
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar");
-    let m = want
-        .abs()
-        .expect("abs")
-        .max_all()
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar");
-    d / m.max(1e-6)
+    max_abs(&(&got - &want).expect("sub")) / max_abs(&want).max(1e-6)
 }
 
 #[test]

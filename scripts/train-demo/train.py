@@ -128,6 +128,13 @@ def main():
         return idx, img
 
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def latents_and_ids(step, seed):
+        """A batch's clean packed latents (B, 256, 64) and its captions' T5 and CLIP ids."""
+        idx, img = batch(step, a.batch, seed)
+        with torch.no_grad(), torch.autocast(**amp):
+            x0 = models.pack(ae.scale(ae.moments(img)[0].float())).float()
+        return x0, data["t5"][idx].to(dev), data["clip"][idx].to(dev)
     st = lambda name: os.path.join(a.state, name)
 
     # ------------------------------------------------------------------ autoencoder
@@ -246,12 +253,8 @@ def main():
             lr = 4e-4 * min(1.0, (fstep + 1) / 500, (fstep - resumed_at + 1) / 200 if resumed_at else 1.0)
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            idx, img = batch(fstep, a.batch, 22)
-            with torch.no_grad(), torch.autocast(**amp):
-                x0 = models.pack(ae.scale(ae.moments(img)[0].float())).float()
+            x0, t5_ids, clip_ids = latents_and_ids(fstep, 22)
             B = x0.shape[0]
-            t5_ids = data["t5"][idx].to(dev)
-            clip_ids = data["clip"][idx].to(dev)
             drop = torch.rand(B, device=dev) < 0.1
             t5_ids = torch.where(drop[:, None], empty_t5[None], t5_ids)
             clip_ids = torch.where(drop[:, None], empty_clip[None], clip_ids)
@@ -309,12 +312,9 @@ def main():
     dopt = torch.optim.AdamW(sparams, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     t0, s0 = time.time(), dstep
     while dstep < PHASES["distill"] and time.time() < deadline - 40:
-        idx, img = batch(dstep, a.batch, 33)
+        x0, t5_ids, clip_ids = latents_and_ids(dstep, 33)
+        B = x0.shape[0]
         with torch.no_grad(), torch.autocast(**amp):
-            x0 = models.pack(ae.scale(ae.moments(img)[0].float())).float()
-            B = x0.shape[0]
-            t5_ids = data["t5"][idx].to(dev)
-            clip_ids = data["clip"][idx].to(dev)
             txt, y = text_t(t5_ids, clip_ids)
             txt_u, y_u = text_t(empty_t5[None].expand(B, -1), empty_clip[None].expand(B, -1))
             u = torch.sigmoid(torch.randn(B, device=dev))

@@ -1074,6 +1074,18 @@ fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// "hidden 128, 2 heads of 64, 2 double + 6 single blocks"
+fn describe_blocks(cfg: &crate::model::flux::FluxConfig) -> String {
+    format!(
+        "hidden {}, {} heads of {}, {} double + {} single blocks",
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.head_dim(),
+        cfg.depth,
+        cfg.depth_single_blocks
+    )
+}
+
 fn info(a: InfoArgs) -> anyhow::Result<()> {
     let resolved: Resolved = layout::resolve(&a.model.model, a.model.text_encoders.as_deref())?;
     println!("model: {}", a.model.model);
@@ -1084,14 +1096,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         ModelSpec::Random(Variant::Demo) => {
             let cfg = crate::model::flux::FluxConfig::tiny();
             println!("  kind: made-up weights from fixed seeds, FLUX.1 structure at its smallest");
-            println!(
-                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks",
-                cfg.hidden_size,
-                cfg.num_heads,
-                cfg.head_dim(),
-                cfg.depth,
-                cfg.depth_single_blocks
-            );
+            println!("  transformer: {}", describe_blocks(&cfg));
         }
         ModelSpec::Random(v) => {
             let cfg = if *v == crate::model::layout::Variant::Schnell {
@@ -1103,14 +1108,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "  kind: FLUX.1-{} sizes, random weights made on the device",
                 v.name()
             );
-            println!(
-                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks; T5-XXL and CLIP-L",
-                cfg.hidden_size,
-                cfg.num_heads,
-                cfg.head_dim(),
-                cfg.depth,
-                cfg.depth_single_blocks
-            );
+            println!("  transformer: {}; T5-XXL and CLIP-L", describe_blocks(&cfg));
         }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::demo();
@@ -1118,14 +1116,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "  kind: built-in demo (FLUX.1 structure at a tiny size, trained by Parallax on \
                  coloured shapes; not FLUX.1)"
             );
-            println!(
-                "  transformer: hidden {}, {} heads of {}, {} double + {} single blocks",
-                cfg.hidden_size,
-                cfg.num_heads,
-                cfg.head_dim(),
-                cfg.depth,
-                cfg.depth_single_blocks
-            );
+            println!("  transformer: {}", describe_blocks(&cfg));
         }
         ModelSpec::Files(f) => {
             let set = crate::model::weights::SafetensorsSet::open(&f.transformer)?;
