@@ -512,9 +512,32 @@ fn runtime_jobs_equal_the_cli_in_every_cpu_layout() {
             d.dp.unwrap_or(1).to_string(),
         );
         let mut args = vec![
-            "generate", "--devices", "cpu:4", "--ulysses", &u, "--ring", &r, "--cfg", &c, "--dp",
-            &p, "--images", "1", "--prompt", "a red circle", "--width", "48", "--height", "32",
-            "--steps", "2", "--seed", "5", "--quiet", "--out", s(&out),
+            "generate",
+            "--devices",
+            "cpu:4",
+            "--ulysses",
+            &u,
+            "--ring",
+            &r,
+            "--cfg",
+            &c,
+            "--dp",
+            &p,
+            "--images",
+            "1",
+            "--prompt",
+            "a red circle",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--quiet",
+            "--out",
+            s(&out),
         ];
         if true_cfg {
             args.extend(neg);
@@ -557,7 +580,10 @@ fn runtime_jobs_equal_the_cli_in_every_cpu_layout() {
             }
         }
         let image = image.expect("an image");
-        assert_eq!(image.data, cli.data, "{name}: the runtime's image differs from the CLI's");
+        assert_eq!(
+            image.data, cli.data,
+            "{name}: the runtime's image differs from the CLI's"
+        );
     }
 }
 
@@ -569,7 +595,12 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
     use parallax::app::Settings;
     let heads = parallax::model::flux::FluxConfig::tiny().num_heads;
     let dir = tempfile::tempdir().expect("tmp");
-    for (workers, ulysses, ring, cfg, dp) in [(3, 3, 1, 1, 1), (4, 2, 1, 1, 1), (2, 1, 1, 2, 1), (2, 1, 1, 1, 3)] {
+    for (workers, ulysses, ring, cfg, dp) in [
+        (3, 3, 1, 1, 1),
+        (4, 2, 1, 1, 1),
+        (2, 1, 1, 2, 1),
+        (2, 1, 1, 1, 3),
+    ] {
         let panel = Settings {
             device: "cpu".into(),
             workers,
@@ -583,11 +614,30 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
         .layout_check(heads)
         .expect_err("a bad placement");
         let devices = format!("cpu:{workers}");
-        let (u, r, c, d) = (ulysses.to_string(), ring.to_string(), cfg.to_string(), dp.to_string());
+        let (u, r, c, d) = (
+            ulysses.to_string(),
+            ring.to_string(),
+            cfg.to_string(),
+            dp.to_string(),
+        );
         let out = dir.path().join("x.png");
         let o = parallax(&[
-            "generate", "--prompt", "x", "--quiet", "--out", s(&out), "--devices", &devices,
-            "--ulysses", &u, "--ring", &r, "--cfg", &c, "--dp", &d,
+            "generate",
+            "--prompt",
+            "x",
+            "--quiet",
+            "--out",
+            s(&out),
+            "--devices",
+            &devices,
+            "--ulysses",
+            &u,
+            "--ring",
+            &r,
+            "--cfg",
+            &c,
+            "--dp",
+            &d,
         ]);
         assert!(!o.status.success());
         assert!(
@@ -605,9 +655,26 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
 fn compare_sweeps_thresholds_through_the_runtime() {
     let dir = tempfile::tempdir().expect("tmp");
     let common = [
-        "--prompt", "a red fox", "--steps", "3", "--width", "64", "--height", "64", "--seed", "9",
+        "--prompt",
+        "a red fox",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "9",
     ];
-    let mut args = vec!["compare", "--devices", "cpu:2", "--dp", "2", "--thresholds", "1e9"];
+    let mut args = vec![
+        "compare",
+        "--devices",
+        "cpu:2",
+        "--dp",
+        "2",
+        "--thresholds",
+        "1e9",
+    ];
     args.extend(common);
     args.extend(["--save", s(dir.path())]);
     let o = parallax(&args);
@@ -618,11 +685,24 @@ fn compare_sweeps_thresholds_through_the_runtime() {
     assert_eq!(images[0]["threshold"], 0.0);
     assert_eq!(images[0]["steps_reused"], 0);
     assert_eq!(images[1]["steps_reused"], 2, "{v}");
-    assert!(images[1]["psnr_db"].as_f64().is_some_and(f64::is_finite), "{v}");
-    assert!(v["layout"].as_str().is_some_and(|l| l.contains("dp 2")), "{v}");
+    assert!(
+        images[1]["psnr_db"].as_f64().is_some_and(f64::is_finite),
+        "{v}"
+    );
+    assert!(
+        v["layout"].as_str().is_some_and(|l| l.contains("dp 2")),
+        "{v}"
+    );
     for (threshold, saved) in [("0", "compare-0.png"), ("1e9", "compare-1000000000.png")] {
         let out = dir.path().join(format!("generate-{threshold}.png"));
-        let mut g = vec!["generate", "--quiet", "--cache-threshold", threshold, "--out", s(&out)];
+        let mut g = vec![
+            "generate",
+            "--quiet",
+            "--cache-threshold",
+            threshold,
+            "--out",
+            s(&out),
+        ];
         g.extend(common);
         let o = parallax(&g);
         assert!(o.status.success(), "{}", text(&o));
@@ -643,25 +723,51 @@ fn dataset_and_score() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path().to_str().expect("utf8");
     let out = parallax(&["dataset", d, "--count", "50", "--seed", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scenes = std::fs::read_to_string(dir.path().join("scenes.jsonl")).expect("scenes");
     assert_eq!(scenes.lines().count(), 50);
-    let first: serde_json::Value = serde_json::from_str(scenes.lines().next().expect("line")).expect("json");
+    let first: serde_json::Value =
+        serde_json::from_str(scenes.lines().next().expect("line")).expect("json");
     assert!(first[0].is_string() && first[3].is_array(), "{first}");
     assert!(dir.path().join("spec.json").is_file());
 
     let out = parallax(&["dataset", d, "--eval", "--count", "3", "--pictures", "96"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let eval = std::fs::read_to_string(dir.path().join("eval.jsonl")).expect("eval");
-    let e: serde_json::Value = serde_json::from_str(eval.lines().next().expect("line")).expect("json");
+    let e: serde_json::Value =
+        serde_json::from_str(eval.lines().next().expect("line")).expect("json");
     let caption = e["caption"].as_str().expect("caption");
     let png = dir.path().join("eval-0.png");
-    let out = parallax(&["score", "--image", png.to_str().expect("utf8"), "--prompt", caption]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = parallax(&[
+        "score",
+        "--image",
+        png.to_str().expect("utf8"),
+        "--prompt",
+        caption,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["score"]["accuracy"], 1.0, "{v}");
 
-    let out = parallax(&["score", "--image", png.to_str().expect("utf8"), "--prompt", "a lighthouse"]);
+    let out = parallax(&[
+        "score",
+        "--image",
+        png.to_str().expect("utf8"),
+        "--prompt",
+        "a lighthouse",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("names no coloured shape"));
     let out = parallax(&["dataset", d, "--count", "0"]);

@@ -11,7 +11,10 @@ use parallax::pipeline::Pipeline;
 const CAPTION: &str = "Two small Yellow stars above a green square, night sky";
 
 fn fixture() -> std::collections::HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-parity.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/demo-parity.safetensors"
+    );
     candle_core::safetensors::load(path, &Device::Cpu).expect("parity fixture")
 }
 
@@ -58,7 +61,10 @@ fn the_demo_model_computes_what_the_trainer_computed() {
     assert!(r < 1e-4, "CLIP pooled output differs: {r}");
 
     // Transformer: one velocity on a fixed latent, t = 0.7, guidance 2.5, an 8x8 patch grid.
-    let pe = p.flux.pos_embed(f["txt"].dim(1).expect("len"), 8, 8).expect("pe");
+    let pe = p
+        .flux
+        .pos_embed(f["txt"].dim(1).expect("len"), 8, 8)
+        .expect("pe");
     let t = Tensor::new(&[0.7f32], &Device::Cpu).expect("t");
     let g = Tensor::new(&[2.5f32], &Device::Cpu).expect("g");
     let v = p
@@ -108,11 +114,17 @@ fn colours_go_where_the_prompt_puts_them() {
         ("a large yellow square at the bottom, night sky", 2),
         ("a green heart above a white star by the sea", 3),
     ] {
-        let g = p.generate(&request(prompt, seed, 0.0), &mut |_| Ok(())).expect("image");
+        let g = p
+            .generate(&request(prompt, seed, 0.0), &mut |_| Ok(()))
+            .expect("image");
         let s = score(&g.image, &parse(prompt).expect("parsed"));
         for c in &s.checks {
             if c.kind != "shape" {
-                assert!(c.passed, "{prompt}: {} {} failed ({:?})", c.kind, c.expected, s.checks);
+                assert!(
+                    c.passed,
+                    "{prompt}: {} {} failed ({:?})",
+                    c.kind, c.expected, s.checks
+                );
             }
         }
     }
@@ -124,10 +136,23 @@ fn colours_go_where_the_prompt_puts_them() {
 fn the_cache_reuses_steps_and_stays_close() {
     let p = Pipeline::demo(&Device::Cpu).expect("demo");
     let prompt = "two small yellow stars above a green square, night sky";
-    let reference = p.generate(&request(prompt, 4, 0.0), &mut |_| Ok(())).expect("image");
+    let reference = p
+        .generate(&request(prompt, 4, 0.0), &mut |_| Ok(()))
+        .expect("image");
     assert_eq!(reference.stats.reused, 0);
-    let cached = p.generate(&request(prompt, 4, 0.2), &mut |_| Ok(())).expect("image");
-    assert!(cached.stats.reused >= 2, "reused {} of 12", cached.stats.reused);
+    let cached = p
+        .generate(&request(prompt, 4, 0.2), &mut |_| Ok(()))
+        .expect("image");
+    assert!(
+        cached.stats.reused >= 2,
+        "reused {} of 12",
+        cached.stats.reused
+    );
     let q = metrics::quality(&cached.image, &reference.image).expect("quality");
-    assert!(q.psnr_db > 30.0, "PSNR {} dB with {} steps reused", q.psnr_db, cached.stats.reused);
+    assert!(
+        q.psnr_db > 30.0,
+        "PSNR {} dB with {} steps reused",
+        q.psnr_db,
+        cached.stats.reused
+    );
 }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use candle_core::Device;
-use parallax::pipeline::{GenerateRequest, Pipeline};
 use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
+use parallax::pipeline::{GenerateRequest, Pipeline};
 use parallax::runtime::{EngineSpec, Event, JobId, JobSpec, Runtime, RuntimeOptions};
 
 /// `devices` with `--dp dp` (ring takes the rest), or auto without.

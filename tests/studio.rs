@@ -633,9 +633,16 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     // Ring 3 does not fit four workers: refused as typed, with the engine's message.
     h.get_by_label("ring").set_value_accesskit(3.0);
     h.step();
-    let message = h.state().settings.layout_check(2).expect_err("ring 3 on 4 workers");
+    let message = h
+        .state()
+        .settings
+        .layout_check(2)
+        .expect_err("ring 3 on 4 workers");
     assert!(message.contains("asks for 6 devices"), "{message}");
-    assert!(h.query_all_by_label_contains("asks for 6 devices").next().is_some());
+    assert!(h
+        .query_all_by_label_contains("asks for 6 devices")
+        .next()
+        .is_some());
     h.get_by_label("ring").set_value_accesskit(2.0);
     h.step();
 

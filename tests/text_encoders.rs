@@ -337,7 +337,9 @@ fn long_prompt_is_noted() -> TestResult {
         format!("takes {DEMO_T5_MAX_LEN}"),
     );
     assert!(
-        e.notes.iter().any(|n| n.contains(&got) && n.contains(&takes)),
+        e.notes
+            .iter()
+            .any(|n| n.contains(&got) && n.contains(&takes)),
         "{:?}",
         e.notes
     );

@@ -4,6 +4,8 @@
 # BUDGET seconds (train.py stops cleanly and checkpoints), then puts the state and the exported
 # weights into $OUT as pieces under 15 MB (the device tool brings back files of at most 16 MB).
 #   bash scripts/train-demo/device-train.sh [BUDGET] [extra train.py flags...]
+# (e.g. `--init-from ../../assets/demo` to go on from the shipped weights when no state is carried,
+# `--stop-after flux` to skip guidance distillation)
 # Back here: rm -f .train/state.tar.part-*; cp FILES_AT/state.tar.part-* .train/
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -274,9 +274,9 @@ impl Settings {
         };
         Ok(Placement {
             devices,
-            layout: self
-                .layout()
-                .map_or(LayoutChoice::Auto, |l| LayoutChoice::Degrees(Degrees::of(l))),
+            layout: self.layout().map_or(LayoutChoice::Auto, |l| {
+                LayoutChoice::Degrees(Degrees::of(l))
+            }),
         })
     }
 

@@ -363,7 +363,9 @@ impl StudioApp {
 
     fn on_model_event(&mut self, ev: &Event) {
         match ev {
-            Event::ModelLoading { spec } => self.model = ModelStatus::Loading(spec.model.model.clone()),
+            Event::ModelLoading { spec } => {
+                self.model = ModelStatus::Loading(spec.model.model.clone())
+            }
             Event::ModelLoaded {
                 summary,
                 load_ms,
@@ -394,7 +396,10 @@ impl StudioApp {
                     model: spec.model.model.trim().to_string(),
                     error: error.clone(),
                 };
-                self.say(format!("cannot load model `{}`: {error}", spec.model.model), true);
+                self.say(
+                    format!("cannot load model `{}`: {error}", spec.model.model),
+                    true,
+                );
                 if self.job.is_none() {
                     self.script.give_up();
                 }

@@ -39,7 +39,12 @@ fn compact(s: &crate::scenes::sample::Sample) -> serde_json::Value {
         .iter()
         .map(|o| serde_json::json!([o.shape, o.colour, r4(o.x), r4(o.y), r4(o.r)]))
         .collect();
-    serde_json::json!([s.caption, s.scene.background.kind, s.scene.background.colours, objects])
+    serde_json::json!([
+        s.caption,
+        s.scene.background.kind,
+        s.scene.background.colours,
+        objects
+    ])
 }
 
 pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
@@ -53,7 +58,8 @@ pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
     let name = if a.eval { "eval.jsonl" } else { "scenes.jsonl" };
     let path = a.dir.join(name);
     let tmp = a.dir.join(format!(".{name}.partial"));
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let samples: Box<dyn Iterator<Item = _>> = if a.eval {
         Box::new(eval_samples(a.count, a.seed).into_iter())
@@ -82,7 +88,11 @@ pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
     println!(
         "wrote {} {} to {} and the renderer's numbers to {}",
         a.count,
-        if a.eval { "evaluation prompts" } else { "scenes" },
+        if a.eval {
+            "evaluation prompts"
+        } else {
+            "scenes"
+        },
         path.display(),
         spec_path.display()
     );

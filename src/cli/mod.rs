@@ -3,8 +3,8 @@
 
 mod bench_vae;
 mod dataset;
-mod score;
 mod profile;
+mod score;
 mod selfcheck;
 
 use std::path::PathBuf;
@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::{
-    gpus_present, load_pipeline, model_config, Degrees, DTypeChoice, Devices, Engine,
-    LayoutChoice, ModelChoice, Placement,
+    gpus_present, load_pipeline, model_config, DTypeChoice, Degrees, Devices, Engine, LayoutChoice,
+    ModelChoice, Placement,
 };
 use crate::model::layout::{self, ModelSpec, Resolved, Variant};
 use crate::pipeline::{describe_cache, image, step_pattern, GenerateRequest, Progress};
@@ -355,7 +355,12 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// First Block Cache thresholds to compare (the uncached reference, 0, is always run first).
-    #[arg(long, value_delimiter = ',', default_value = "0,0.04,0.08,0.12,0.2", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.04,0.08,0.12,0.2",
+        allow_negative_numbers = true
+    )]
     pub thresholds: Vec<f64>,
     /// Save each image here as compare-<threshold>.png (with its settings).
     #[arg(long)]
@@ -480,7 +485,10 @@ fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
     if out.is_dir() {
         bail!("--out {} is a folder; give a file name", out.display());
     }
-    let ext = out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
     if ext.as_deref() != Some("png") {
         bail!(
             "--out {}: Parallax writes PNG files (the settings travel in PNG text chunks); give a name ending in .png",
@@ -492,7 +500,11 @@ fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
         _ => std::path::Path::new("."),
     };
     if !parent.is_dir() {
-        bail!("--out {}: the folder {} does not exist", out.display(), parent.display());
+        bail!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
+        );
     }
     Ok(())
 }
@@ -584,10 +596,14 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         #[cfg(feature = "cuda")]
         if dev.is_cuda() {
             let c = crate::parallel::nccl::NcclComm::from_store(&store, name, members, &dev)?;
-            return Ok(vec![Arc::new(c) as Arc<dyn crate::parallel::comm::Communicator>]);
+            return Ok(vec![
+                Arc::new(c) as Arc<dyn crate::parallel::comm::Communicator>
+            ]);
         }
         let _ = &dev;
-        Ok(vec![Arc::new(StoreComm::new(store.clone(), name, members.to_vec())?) as _])
+        Ok(vec![
+            Arc::new(StoreComm::new(store.clone(), name, members.to_vec())?) as _,
+        ])
     })?
     .pop()
     .ok_or_else(|| anyhow::anyhow!("rank {rank} is in no group"))?;
@@ -610,10 +626,18 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     };
     let prep = p.prepare(&req, &mut progress)?;
     let mut log = crate::pipeline::StepLog::default();
-    let (x, stats) = denoise_rank(&p.flux, &prep.job, &mesh, rank, &groups, &|| false, &mut |info| {
-        log.record(info);
-        progress(Progress::Step(info))
-    })?;
+    let (x, stats) = denoise_rank(
+        &p.flux,
+        &prep.job,
+        &mesh,
+        rank,
+        &groups,
+        &|| false,
+        &mut |info| {
+            log.record(info);
+            progress(Progress::Step(info))
+        },
+    )?;
     // Row bands over every process (unequal when the rows do not divide); one process decodes
     // tiny latents whole.
     let decode = |vae: &crate::model::vae::AutoEncoder, z: &candle_core::Tensor| {
@@ -979,7 +1003,9 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         match ev {
             Event::ModelFailed { error, .. } => bail!("{error}"),
             Event::Started { layout: l, .. } => layout = l,
-            Event::Step { image, step, total, .. } => {
+            Event::Step {
+                image, step, total, ..
+            } => {
                 // Events of one job arrive in order; say so if they ever do not.
                 if (image, step) <= last_step {
                     bail!("runtime events out of order: image {image} step {step} after {last_step:?}");
@@ -1038,7 +1064,15 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
 fn describe_event(ev: &crate::runtime::Event) -> String {
     use crate::runtime::Event;
     match ev {
-        Event::Step { job, image, step, total, ms, reused, .. } => format!(
+        Event::Step {
+            job,
+            image,
+            step,
+            total,
+            ms,
+            reused,
+            ..
+        } => format!(
             "{job} image {image} step {step}/{total} {ms:.1} ms{}",
             if *reused { " (cached)" } else { "" }
         ),
@@ -1108,7 +1142,10 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "  kind: FLUX.1-{} sizes, random weights made on the device",
                 v.name()
             );
-            println!("  transformer: {}; T5-XXL and CLIP-L", describe_blocks(&cfg));
+            println!(
+                "  transformer: {}; T5-XXL and CLIP-L",
+                describe_blocks(&cfg)
+            );
         }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::demo();
@@ -1137,6 +1174,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 cfg.guidance_embed,
                 if cfg.guidance_embed { "dev" } else { "schnell" }
             );
+            let (e4m3, e5m2, scales, marker) = set.fp8_summary();
+            if e4m3 + e5m2 > 0 {
+                println!(
+                    "    FP8: {e4m3} tensors in E4M3, {e5m2} in E5M2, {scales} scale tensors{}; \
+                     dequantised once at load to the run's dtype",
+                    if marker {
+                        " (ComfyUI scaled-fp8 file)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             println!(
                 "  autoencoder: {} ({:?} layout)",
                 f.vae.display(),

@@ -64,7 +64,11 @@ impl Tally {
             t.1 += s.total();
         };
         add(&mut self.all);
-        add(if held_out { &mut self.held_out } else { &mut self.in_dist });
+        add(if held_out {
+            &mut self.held_out
+        } else {
+            &mut self.in_dist
+        });
         for c in &s.checks {
             let e = self.kinds.entry(c.kind).or_default();
             e.0 += c.passed as usize;
@@ -73,9 +77,18 @@ impl Tally {
     }
 
     fn json(&self) -> serde_json::Value {
-        let r = |t: (usize, usize)| if t.1 == 0 { serde_json::Value::Null } else { serde_json::json!(t.0 as f64 / t.1 as f64) };
-        let kinds: serde_json::Map<String, serde_json::Value> =
-            self.kinds.iter().map(|(k, v)| (k.to_string(), r(*v))).collect();
+        let r = |t: (usize, usize)| {
+            if t.1 == 0 {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!(t.0 as f64 / t.1 as f64)
+            }
+        };
+        let kinds: serde_json::Map<String, serde_json::Value> = self
+            .kinds
+            .iter()
+            .map(|(k, v)| (k.to_string(), r(*v)))
+            .collect();
         serde_json::json!({
             "accuracy": r(self.all),
             "checks": self.all.1,
@@ -93,9 +106,12 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             bail!("--prompt names no coloured shape the scorer knows (e.g. \"a red circle on a blue background\")");
         };
         let s = score(&img, &d);
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "prompt": a.sample.prompt, "score": score_json(&s), "checks": s.checks,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "prompt": a.sample.prompt, "score": score_json(&s), "checks": s.checks,
+            }))?
+        );
         return Ok(());
     }
     if a.prompts == 0 {
@@ -124,7 +140,14 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     }
     let mut cells: Vec<Cell> = thresholds
         .iter()
-        .map(|_| Cell { tally: Tally::default(), ms: vec![], computed: 0, reused: 0, psnr: vec![], ssim: vec![] })
+        .map(|_| Cell {
+            tally: Tally::default(),
+            ms: vec![],
+            computed: 0,
+            reused: 0,
+            psnr: vec![],
+            ssim: vec![],
+        })
         .collect();
     let mut details = Vec::new();
     let bar = indicatif::ProgressBar::new((samples.len() * thresholds.len()) as u64);
@@ -148,7 +171,11 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 None => reference = Some(g.image.clone()),
                 Some(r) => {
                     let q = metrics::quality(&g.image, r)?;
-                    c.psnr.push(if q.psnr_db.is_finite() { q.psnr_db } else { 99.0 });
+                    c.psnr.push(if q.psnr_db.is_finite() {
+                        q.psnr_db
+                    } else {
+                        99.0
+                    });
                     c.ssim.push(q.ssim);
                 }
             }
@@ -167,7 +194,13 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let mean = |v: &[f64]| if v.is_empty() { serde_json::Value::Null } else { serde_json::json!(v.iter().sum::<f64>() / v.len() as f64) };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);

@@ -178,7 +178,11 @@ impl Engine {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let per = plan.group_size();
-        let slots: Vec<Slot> = Self::slots(plan).into_iter().skip(g * per).take(per).collect();
+        let slots: Vec<Slot> = Self::slots(plan)
+            .into_iter()
+            .skip(g * per)
+            .take(per)
+            .collect();
         let head = self.pipeline(slots.first().ok_or_else(|| {
             Error::setting("parallel layout", g, "no such data-parallel group")
         })?)?;
@@ -212,7 +216,9 @@ fn on_gpus(
     let devices: Vec<candle_core::Device> = pipes.iter().map(|p| p.device().clone()).collect();
     let models: Vec<&crate::model::flux::Flux> = pipes.iter().map(|p| &p.flux).collect();
     let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes.iter().map(|p| &p.vae).collect();
-    crate::parallel::engine::generate_on_gpus(pipes[0], &models, &vaes, &devices, layout, req, progress)
+    crate::parallel::engine::generate_on_gpus(
+        pipes[0], &models, &vaes, &devices, layout, req, progress,
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -265,8 +271,21 @@ mod tests {
         let one = e.primary().generate(&req(7), &mut |_| Ok(()))?;
         for (devices, degrees) in [
             ("cpu", Degrees::default()),
-            ("cpu:4", Degrees { ulysses: Some(2), ring: Some(2), ..Degrees::default() }),
-            ("cpu:2", Degrees { dp: Some(2), ..Degrees::default() }),
+            (
+                "cpu:4",
+                Degrees {
+                    ulysses: Some(2),
+                    ring: Some(2),
+                    ..Degrees::default()
+                },
+            ),
+            (
+                "cpu:2",
+                Degrees {
+                    dp: Some(2),
+                    ..Degrees::default()
+                },
+            ),
         ] {
             let plan = e.plan(&placement(devices, degrees)?, &req(7))?;
             e.prepare(&plan, 2, &mut |d| panic!("{d}: the CPU model is shared"))?;

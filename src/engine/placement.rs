@@ -423,9 +423,8 @@ mod tests {
         assert_eq!(Devices::single("cuda")?, Devices::Gpus(vec![0]));
         assert!(Devices::single("cuda:0,1").is_err());
         assert!(Devices::single("cpu:2").is_err());
-        let json = serde_json::to_string(&Devices::Gpus(vec![0, 1])).map_err(|e| {
-            Error::Image(e.to_string())
-        })?;
+        let json = serde_json::to_string(&Devices::Gpus(vec![0, 1]))
+            .map_err(|e| Error::Image(e.to_string()))?;
         assert_eq!(json, "\"cuda:0,1\"");
         Ok(())
     }
@@ -443,16 +442,43 @@ mod tests {
         assert!(plan("cpu:2", dp2, 0)?.groups_share_hardware());
         assert!(!plan("cuda:0,1", Degrees::default(), 2)?.groups_share_hardware());
         assert_eq!(p.group(1), ["cuda:0"]);
-        assert_eq!(plan("cuda:0,1,0,1", Degrees { dp: Some(4), ..dp2 }, 2)?.world(), 4);
+        assert_eq!(
+            plan("cuda:0,1,0,1", Degrees { dp: Some(4), ..dp2 }, 2)?.world(),
+            4
+        );
         for (devices, degrees, gpus, needle) in [
             ("cuda:0,0", Degrees::default(), 1, "named twice"),
             ("cuda:1,1,2,3", dp2, 4, "named twice"),
             ("cuda:1,2,1,2", dp2, 4, "named twice"),
             ("cuda:0,1", Degrees::default(), 1, "cuda:1 is not present"),
             ("cuda", Degrees::default(), 0, "no CUDA GPU"),
-            ("cpu:5", Degrees { ulysses: Some(5), ..Degrees::default() }, 0, "must divide"),
-            ("cpu:2", Degrees { dp: Some(3), ..Degrees::default() }, 0, "asks for 3 devices"),
-            ("cpu:2", Degrees { cfg: Some(2), ..Degrees::default() }, 0, "--negative-prompt"),
+            (
+                "cpu:5",
+                Degrees {
+                    ulysses: Some(5),
+                    ..Degrees::default()
+                },
+                0,
+                "must divide",
+            ),
+            (
+                "cpu:2",
+                Degrees {
+                    dp: Some(3),
+                    ..Degrees::default()
+                },
+                0,
+                "asks for 3 devices",
+            ),
+            (
+                "cpu:2",
+                Degrees {
+                    cfg: Some(2),
+                    ..Degrees::default()
+                },
+                0,
+                "--negative-prompt",
+            ),
         ] {
             let e = plan(devices, degrees, gpus).expect_err(devices).to_string();
             assert!(e.contains(needle), "{devices}: {e}");
@@ -471,9 +497,14 @@ mod tests {
         };
         let one = p.plan(24, false, 0)?;
         assert_eq!((one.layout.ulysses, one.layout.ring), (4, 1));
-        assert!(one.describe().starts_with("4 workers (cpu x4): dp 1 x cfg 1 x ring 1 x ulysses 4"));
+        assert!(one
+            .describe()
+            .starts_with("4 workers (cpu x4): dp 1 x cfg 1 x ring 1 x ulysses 4"));
         let cfg = p.plan(2, true, 0)?;
-        assert_eq!((cfg.layout.cfg, cfg.layout.ulysses, cfg.layout.ring), (2, 2, 1));
+        assert_eq!(
+            (cfg.layout.cfg, cfg.layout.ulysses, cfg.layout.ring),
+            (2, 2, 1)
+        );
         let single = Placement::default().plan(2, false, 0)?;
         assert_eq!(single.describe(), "one worker (cpu)");
         Ok(())

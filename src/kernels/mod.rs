@@ -10,6 +10,7 @@ pub mod conv;
 pub mod cuda_util;
 pub mod elementwise;
 pub mod flash_attn;
+pub mod fp8;
 pub mod gemm;
 pub mod nvrtc;
 pub mod qkv_prep;

@@ -37,7 +37,11 @@ pub fn backend(bytes: &'static [u8]) -> Result<Box<dyn SimpleBackend>> {
 }
 
 fn vb(bytes: &'static [u8], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    Ok(VarBuilder::from_backend(backend(bytes)?, dtype, device.clone()))
+    Ok(VarBuilder::from_backend(
+        backend(bytes)?,
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// The transformer, in `dtype` on `device`.
@@ -93,6 +97,9 @@ mod tests {
         assert_eq!(t["num_layers"], tc.num_layers);
         assert_eq!(t["d_ff"], tc.d_ff);
         assert_eq!(t["num_heads"], tc.num_heads);
-        assert_eq!(rec["clip"]["hidden_size"], text::clip_demo_config().embed_dim);
+        assert_eq!(
+            rec["clip"]["hidden_size"],
+            text::clip_demo_config().embed_dim
+        );
     }
 }

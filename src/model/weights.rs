@@ -18,6 +18,7 @@ use candle_nn::VarBuilder;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
+use crate::kernels::fp8::Fp8;
 
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
@@ -226,6 +227,14 @@ impl SafetensorsSet {
             tensor: name.to_string(),
             location: self.label.clone(),
         })?;
+        let fp8 = match meta.dtype {
+            safetensors::Dtype::F8_E4M3 => Some(Fp8::E4M3),
+            safetensors::Dtype::F8_E5M2 => Some(Fp8::E5M2),
+            _ => None,
+        };
+        if let Some(format) = fp8 {
+            return self.load_fp8(name, format, dtype, device);
+        }
         let src_dtype = match meta.dtype {
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
@@ -238,15 +247,7 @@ impl SafetensorsSet {
                 })
             }
         };
-        let file = &self.files[meta.file];
-        let bytes =
-            file.mmap
-                .get(meta.start..meta.end)
-                .ok_or_else(|| Error::CorruptSafetensors {
-                    path: file.path.clone(),
-                    reason: format!("tensor `{name}` points past the end of the file"),
-                })?;
-        debug_assert!(meta.start >= file.data_start);
+        let bytes = self.bytes(name, meta)?;
         let t = Tensor::from_raw_buffer(bytes, src_dtype, &meta.shape, &Device::Cpu)?;
         let t = if src_dtype == dtype {
             t
@@ -254,6 +255,86 @@ impl SafetensorsSet {
             t.to_dtype(dtype)?
         };
         Ok(t.to_device(device)?)
+    }
+}
+
+impl SafetensorsSet {
+    fn bytes(&self, name: &str, meta: &TensorMeta) -> Result<&[u8]> {
+        let file = &self.files[meta.file];
+        debug_assert!(meta.start >= file.data_start);
+        file.mmap
+            .get(meta.start..meta.end)
+            .ok_or_else(|| Error::CorruptSafetensors {
+                path: file.path.clone(),
+                reason: format!("tensor `{name}` points past the end of the file"),
+            })
+    }
+
+    /// The scale stored beside an FP8 weight `X.weight`, if any: ComfyUI's `X.scale_weight`
+    /// (its "scaled fp8" files) or `X.weight_scale` (newer quantised files).
+    pub fn fp8_scale_name(&self, name: &str) -> Option<String> {
+        let base = name.strip_suffix(".weight")?;
+        [
+            format!("{base}.scale_weight"),
+            format!("{base}.weight_scale"),
+        ]
+        .into_iter()
+        .find(|n| self.contains(n))
+    }
+
+    /// An FP8 tensor dequantised: decoded exactly, multiplied by its scale (one number, or one
+    /// per output row), then converted to `dtype` on `device`.
+    fn load_fp8(&self, name: &str, format: Fp8, dtype: DType, device: &Device) -> Result<Tensor> {
+        let meta = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            location: self.label.clone(),
+        })?;
+        let values = crate::kernels::fp8::decode_all(format, self.bytes(name, meta)?);
+        let mut t = Tensor::from_vec(values, meta.shape.as_slice(), &Device::Cpu)?;
+        if let Some(scale_name) = self.fp8_scale_name(name) {
+            let scale = self.load(&scale_name, DType::F32, &Device::Cpu)?;
+            let rows = meta.shape.first().copied().unwrap_or(1);
+            t = match scale.elem_count() {
+                1 => {
+                    let s = scale.flatten_all()?.to_vec1::<f32>()?[0];
+                    (t * s as f64)?
+                }
+                n if n == rows && !meta.shape.is_empty() => {
+                    let mut shape = vec![1usize; meta.shape.len()];
+                    shape[0] = rows;
+                    t.broadcast_mul(&scale.flatten_all()?.reshape(shape)?)?
+                }
+                n => {
+                    return Err(Error::CorruptSafetensors {
+                        path: PathBuf::from(self.location_of(name)),
+                        reason: format!(
+                            "`{scale_name}` holds {n} scales; `{name}` {:?} needs 1 or {rows}",
+                            meta.shape
+                        ),
+                    })
+                }
+            };
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// What FP8 the set holds, for `info`: (E4M3 tensors, E5M2 tensors, scale tensors, whether
+    /// ComfyUI's `scaled_fp8` marker is present).
+    pub fn fp8_summary(&self) -> (usize, usize, usize, bool) {
+        let count = |d: safetensors::Dtype| self.tensors.values().filter(|m| m.dtype == d).count();
+        let scales = self
+            .names()
+            .filter(|n| n.ends_with(".scale_weight") || n.ends_with(".weight_scale"))
+            .count();
+        let marker = self
+            .names()
+            .any(|n| n == "scaled_fp8" || n.ends_with(".scaled_fp8"));
+        (
+            count(safetensors::Dtype::F8_E4M3),
+            count(safetensors::Dtype::F8_E5M2),
+            scales,
+            marker,
+        )
     }
 }
 

@@ -32,7 +32,11 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
         |name: &str, groups: Vec<Vec<usize>>| -> Result<Vec<Option<Arc<dyn Communicator>>>> {
             let mut out: Vec<Option<Arc<dyn Communicator>>> = vec![None; n];
             for group in groups {
-                let here: Vec<usize> = group.iter().copied().filter(|r| local.contains(r)).collect();
+                let here: Vec<usize> = group
+                    .iter()
+                    .copied()
+                    .filter(|r| local.contains(r))
+                    .collect();
                 if here.is_empty() {
                     continue;
                 }
@@ -158,8 +162,7 @@ pub fn generate_on_gpus(
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let mesh = check_layout(p, layout, req)?;
-    if devices.len() != mesh.world() || models.len() != mesh.world() || vaes.len() != mesh.world()
-    {
+    if devices.len() != mesh.world() || models.len() != mesh.world() || vaes.len() != mesh.world() {
         return Err(Error::setting(
             "devices",
             format!("{} GPUs", devices.len()),
@@ -356,27 +359,23 @@ pub fn denoise_rank(
     ));
     let model = super::sp::replica(flux, groups.sp.clone(), attn);
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
-    let cfg_pair = (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
-    crate::pipeline::denoise(
-        &model,
-        job,
-        cfg_pair,
-        &mut |info| {
-            if rank == 0 {
-                report(info)?;
-            }
-            // Every rank stops at the same step: agree on the stop flag.
-            let flag = f32::from(stop());
-            let any = groups
-                .world
-                .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
-                .to_vec1::<f32>()?;
-            if any[0] > 0.0 {
-                return Err(Error::Cancelled);
-            }
-            Ok(())
-        },
-    )
+    let cfg_pair =
+        (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
+    crate::pipeline::denoise(&model, job, cfg_pair, &mut |info| {
+        if rank == 0 {
+            report(info)?;
+        }
+        // Every rank stops at the same step: agree on the stop flag.
+        let flag = f32::from(stop());
+        let any = groups
+            .world
+            .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
+            .to_vec1::<f32>()?;
+        if any[0] > 0.0 {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    })
 }
 
 /// Decode on `workers` CPU workers in row bands (unequal when the latent's rows do not divide),

@@ -112,7 +112,9 @@ impl PreviewFactors {
     /// [-1, 1]) is encoded, then decoded; the last one is held out for R². Needs the encoder.
     pub fn fit_images(vae: &AutoEncoder, device: &Device, images: &[Tensor]) -> Result<Self> {
         if images.len() < 2 {
-            return Err(Error::Image("latent preview fit: give at least two images".into()));
+            return Err(Error::Image(
+                "latent preview fit: give at least two images".into(),
+            ));
         }
         let dtype = crate::pipeline::autoencoder_dtype(vae.dtype(), device);
         let mut pairs = Vec::with_capacity(images.len());
@@ -123,13 +125,14 @@ impl PreviewFactors {
                 .to_device(&Device::Cpu)?;
             pairs.push(decode_pair(vae, device, &z)?);
         }
-        let held_out = pairs.pop().ok_or_else(|| Error::Image("no images".into()))?;
+        let held_out = pairs
+            .pop()
+            .ok_or_else(|| Error::Image("no images".into()))?;
         Self::fit_pairs(&pairs, &held_out)
     }
 
     #[allow(clippy::needless_range_loop)]
     fn fit_pairs(fit_set: &[(Latent, Vec<f32>)], held_out: &(Latent, Vec<f32>)) -> Result<Self> {
-
         // Normal equations with a bias column: (XᵀX + λI) W = XᵀY.
         const D: usize = CHANNELS + 1;
         let mut xtx = [[0f64; D]; D];

@@ -18,8 +18,12 @@ fn words(prompt: &str) -> Vec<String> {
 
 /// Find `pattern` (words, `*` matching any one word) in `w` from `from`; the index of its start.
 fn find(w: &[String], pattern: &[&str], from: usize) -> Option<usize> {
-    (from..=w.len().saturating_sub(pattern.len()))
-        .find(|&i| pattern.iter().enumerate().all(|(j, p)| *p == "*" || w[i + j] == *p))
+    (from..=w.len().saturating_sub(pattern.len())).find(|&i| {
+        pattern
+            .iter()
+            .enumerate()
+            .all(|(j, p)| *p == "*" || w[i + j] == *p)
+    })
 }
 
 /// What the prompt asks for, if it names at least one coloured shape.
@@ -41,22 +45,40 @@ pub fn parse(prompt: &str) -> Option<Described> {
             "background" => {
                 // "striped <c1> and <c2> background", "<c1> and <c2> checkered background",
                 // "<c> background"
-                let pair = |a: Option<String>, and: Option<String>, b: Option<String>| {
-                    match (a.and_then(|s| colour(&s)), and, b.and_then(|s| colour(&s))) {
-                        (Some(a), Some(and), Some(b)) if and == "and" => Some(vec![a, b]),
-                        _ => None,
-                    }
+                let pair = |a: Option<String>, and: Option<String>, b: Option<String>| match (
+                    a.and_then(|s| colour(&s)),
+                    and,
+                    b.and_then(|s| colour(&s)),
+                ) {
+                    (Some(a), Some(and), Some(b)) if and == "and" => Some(vec![a, b]),
+                    _ => None,
                 };
                 if prev(4).as_deref() == Some("striped") {
                     pair(prev(3), prev(2), prev(1)).map(|colours| {
-                        (i - 4, 5, Background { kind: BackgroundKind::Stripes, colours })
+                        (
+                            i - 4,
+                            5,
+                            Background {
+                                kind: BackgroundKind::Stripes,
+                                colours,
+                            },
+                        )
                     })
                 } else if prev(1).as_deref() == Some("checkered") {
                     pair(prev(4), prev(3), prev(2)).map(|colours| {
-                        (i - 4, 5, Background { kind: BackgroundKind::Checkerboard, colours })
+                        (
+                            i - 4,
+                            5,
+                            Background {
+                                kind: BackgroundKind::Checkerboard,
+                                colours,
+                            },
+                        )
                     })
                 } else {
-                    prev(1).and_then(|s| colour(&s)).map(|c| (i - 1, 2, Background::plain(c)))
+                    prev(1)
+                        .and_then(|s| colour(&s))
+                        .map(|c| (i - 1, 2, Background::plain(c)))
                 }
             }
             "stripes" | "checkerboard" => {
@@ -65,29 +87,66 @@ pub fn parse(prompt: &str) -> Option<Described> {
                 } else {
                     BackgroundKind::Checkerboard
                 };
-                match (prev(3).and_then(|s| colour(&s)), prev(2), prev(1).and_then(|s| colour(&s))) {
-                    (Some(a), Some(and), Some(b)) if and == "and" => {
-                        Some((i - 3, 4, Background { kind, colours: vec![a, b] }))
-                    }
+                match (
+                    prev(3).and_then(|s| colour(&s)),
+                    prev(2),
+                    prev(1).and_then(|s| colour(&s)),
+                ) {
+                    (Some(a), Some(and), Some(b)) if and == "and" => Some((
+                        i - 3,
+                        4,
+                        Background {
+                            kind,
+                            colours: vec![a, b],
+                        },
+                    )),
                     _ => None,
                 }
             }
             "sky" => {
                 if prev(1).as_deref() == Some("night") || prev(2).as_deref() == Some("night") {
-                    let start = if prev(1).as_deref() == Some("night") { i - 1 } else { i - 2 };
-                    Some((start, i + 1 - start, Background { kind: BackgroundKind::Night, colours: vec![] }))
+                    let start = if prev(1).as_deref() == Some("night") {
+                        i - 1
+                    } else {
+                        i - 2
+                    };
+                    Some((
+                        start,
+                        i + 1 - start,
+                        Background {
+                            kind: BackgroundKind::Night,
+                            colours: vec![],
+                        },
+                    ))
                 } else {
                     prev(1).and_then(|s| colour(&s)).map(|c| {
-                        (i - 1, 2, Background { kind: BackgroundKind::Sky, colours: vec![c] })
+                        (
+                            i - 1,
+                            2,
+                            Background {
+                                kind: BackgroundKind::Sky,
+                                colours: vec![c],
+                            },
+                        )
                     })
                 }
             }
-            "night" if w.get(i + 1).map(String::as_str) != Some("sky") => {
-                Some((i, 1, Background { kind: BackgroundKind::Night, colours: vec![] }))
-            }
-            "sea" | "horizon" | "ocean" => {
-                Some((i, 1, Background { kind: BackgroundKind::Sea, colours: vec![] }))
-            }
+            "night" if w.get(i + 1).map(String::as_str) != Some("sky") => Some((
+                i,
+                1,
+                Background {
+                    kind: BackgroundKind::Night,
+                    colours: vec![],
+                },
+            )),
+            "sea" | "horizon" | "ocean" => Some((
+                i,
+                1,
+                Background {
+                    kind: BackgroundKind::Sea,
+                    colours: vec![],
+                },
+            )),
             _ => None,
         };
         if let Some((start, n, b)) = bg {
@@ -101,8 +160,10 @@ pub fn parse(prompt: &str) -> Option<Described> {
     // Objects: [count] [size] colour shape.
     let mut groups: Vec<(usize, Group)> = Vec::new();
     for i in 0..w.len() {
-        let (Some(c), Some(s)) = (colour(&w[i]), w.get(i + 1).and_then(|x| Shape::from_word(x)))
-        else {
+        let (Some(c), Some(s)) = (
+            colour(&w[i]),
+            w.get(i + 1).and_then(|x| Shape::from_word(x)),
+        ) else {
             continue;
         };
         let before = |k: usize| (i >= k).then(|| w[i - k].as_str());
@@ -113,7 +174,11 @@ pub fn parse(prompt: &str) -> Option<Described> {
         };
         let count_at = if size.is_some() { before(2) } else { before(1) };
         let plural = w[i + 1] == s.plural() && s.plural() != s.name();
-        let count = if count_at == Some("two") || plural { 2 } else { 1 };
+        let count = if count_at == Some("two") || plural {
+            2
+        } else {
+            1
+        };
         groups.push((
             i,
             Group {
@@ -152,7 +217,11 @@ pub fn parse(prompt: &str) -> Option<Described> {
             Some(Position::Top)
         } else if has(&["bottom"]).is_some() {
             Some(Position::Bottom)
-        } else if has(&["centre"]).or(has(&["center"])).or(has(&["middle"])).is_some() {
+        } else if has(&["centre"])
+            .or(has(&["center"]))
+            .or(has(&["middle"]))
+            .is_some()
+        {
             Some(Position::Centre)
         } else {
             None
@@ -179,8 +248,17 @@ mod tests {
     fn every_caption_the_sampler_writes_parses_back() {
         let mut s = Sampler::new(42);
         for i in 0..5000 {
-            let x = s.sample(if i % 4 == 0 { Split::HeldOut } else { Split::Train });
-            assert_eq!(parse(&x.caption).as_ref(), Some(&x.described), "{}", x.caption);
+            let x = s.sample(if i % 4 == 0 {
+                Split::HeldOut
+            } else {
+                Split::Train
+            });
+            assert_eq!(
+                parse(&x.caption).as_ref(),
+                Some(&x.described),
+                "{}",
+                x.caption
+            );
         }
     }
 

@@ -44,9 +44,11 @@ pub fn scene_tensors(n: usize, size: usize, seed: u64) -> crate::Result<Vec<cand
         .map(|s| {
             let img = render(&s.scene, size);
             let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
-            Ok(candle_core::Tensor::from_vec(data, (1, size, size, 3), &candle_core::Device::Cpu)?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
+            Ok(
+                candle_core::Tensor::from_vec(data, (1, size, size, 3), &candle_core::Device::Cpu)?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?,
+            )
         })
         .collect()
 }

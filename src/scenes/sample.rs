@@ -244,19 +244,24 @@ impl Sampler {
             (None, false) => s.uniform(0.1, 0.13),
         };
         // Centres of a group drawn around (x, y): one object there, two side by side.
-        let place = |s: &mut Self, g: &Group, x: f32, y: f32, roomy: bool, out: &mut Vec<Object>| {
-            let xs: Vec<f32> = if g.count >= 2 { vec![0.3, 0.7] } else { vec![x] };
-            for cx in xs {
-                let r = radius(s, g.size, roomy && g.count == 1, false);
-                out.push(Object {
-                    shape: g.shape,
-                    colour: g.colour,
-                    x: cx + s.uniform(-0.03, 0.03),
-                    y: y + s.uniform(-0.03, 0.03),
-                    r,
-                });
-            }
-        };
+        let place =
+            |s: &mut Self, g: &Group, x: f32, y: f32, roomy: bool, out: &mut Vec<Object>| {
+                let xs: Vec<f32> = if g.count >= 2 {
+                    vec![0.3, 0.7]
+                } else {
+                    vec![x]
+                };
+                for cx in xs {
+                    let r = radius(s, g.size, roomy && g.count == 1, false);
+                    out.push(Object {
+                        shape: g.shape,
+                        colour: g.colour,
+                        x: cx + s.uniform(-0.03, 0.03),
+                        y: y + s.uniform(-0.03, 0.03),
+                        r,
+                    });
+                }
+            };
         match d.arrangement {
             Arrangement::Alone(pos) => {
                 let g = &d.groups[0];
@@ -343,7 +348,13 @@ impl Sampler {
     /// The background as a trailing phrase (" on a blue background", ", night sky").
     fn background_phrase(&mut self, b: &Background) -> String {
         let c = |i: usize| b.colours.get(i).map(|c| c.name()).unwrap_or("gray");
-        let an = |w: &str| if w.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+        let an = |w: &str| {
+            if w.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            }
+        };
         let k = self.below(3);
         match b.kind {
             BackgroundKind::Plain => match k {
@@ -382,7 +393,13 @@ impl Sampler {
     /// The background as a leading noun phrase ("a night sky", "a blue background").
     fn background_lead(b: &Background) -> String {
         let c = |i: usize| b.colours.get(i).map(|c| c.name()).unwrap_or("gray");
-        let an = |w: &str| if w.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+        let an = |w: &str| {
+            if w.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            }
+        };
         match b.kind {
             BackgroundKind::Plain => format!("{} {} background", an(c(0)), c(0)),
             BackgroundKind::Sky => format!("{} {} sky", an(c(0)), c(0)),
@@ -395,7 +412,12 @@ impl Sampler {
 
     /// Say `d` in one of several ways.
     pub fn caption(&mut self, d: &Described) -> String {
-        let g: Vec<String> = d.groups.clone().iter().map(|g| self.group_phrase(g)).collect();
+        let g: Vec<String> = d
+            .groups
+            .clone()
+            .iter()
+            .map(|g| self.group_phrase(g))
+            .collect();
         let bg = self.background_phrase(&d.background);
         match d.arrangement {
             Arrangement::Alone(pos) => {
@@ -406,13 +428,20 @@ impl Sampler {
                             Position::Right => &["on the right", "at the right"],
                             Position::Top => &["at the top", "near the top"],
                             Position::Bottom => &["at the bottom", "near the bottom"],
-                            Position::Centre => &["in the centre", "in the center", "in the middle"],
+                            Position::Centre => {
+                                &["in the centre", "in the center", "in the middle"]
+                            }
                         };
                         format!(" {}", self.pick(options))
                     })
                     .unwrap_or_default();
                 if self.chance(0.2) {
-                    format!("{} with {}{}", Self::background_lead(&d.background), g[0], pos)
+                    format!(
+                        "{} with {}{}",
+                        Self::background_lead(&d.background),
+                        g[0],
+                        pos
+                    )
                 } else {
                     format!("{}{}{}", g[0], pos, bg)
                 }
@@ -420,7 +449,11 @@ impl Sampler {
             Arrangement::Above => format!("{} above {}{}", g[0], g[1], bg),
             Arrangement::Below => format!("{} below {}{}", g[0], g[1], bg),
             Arrangement::NextTo => {
-                let w = if self.chance(0.5) { "next to" } else { "beside" };
+                let w = if self.chance(0.5) {
+                    "next to"
+                } else {
+                    "beside"
+                };
                 format!("{} {w} {}{}", g[0], g[1], bg)
             }
             Arrangement::LeftOf => format!("{} to the left of {}{}", g[0], g[1], bg),
@@ -469,7 +502,11 @@ mod tests {
     fn samples_respect_their_split_length_and_contrast() {
         let mut s = Sampler::new(1);
         for i in 0..2000 {
-            let split = if i % 3 == 0 { Split::HeldOut } else { Split::Train };
+            let split = if i % 3 == 0 {
+                Split::HeldOut
+            } else {
+                Split::Train
+            };
             let x = s.sample(split);
             assert!(x.caption.len() <= MAX_CAPTION, "{}", x.caption);
             let held = x
@@ -481,7 +518,11 @@ mod tests {
             for o in &x.scene.objects {
                 assert!((0.0..=1.0).contains(&o.x) && (0.0..=1.0).contains(&o.y));
                 for r in x.scene.background.reserved_colours() {
-                    assert!(rgb_distance(o.colour.rgb(), r) >= MIN_CONTRAST, "{}", x.caption);
+                    assert!(
+                        rgb_distance(o.colour.rgb(), r) >= MIN_CONTRAST,
+                        "{}",
+                        x.caption
+                    );
                 }
             }
             let drawn: usize = x.described.groups.iter().map(|g| g.count as usize).sum();
@@ -491,13 +532,19 @@ mod tests {
 
     #[test]
     fn same_seed_same_scenes() {
-        let a: Vec<_> = (0..20).map(|_| Sampler::new(5).sample(Split::Train)).collect();
-        let b: Vec<_> = (0..20).map(|_| Sampler::new(5).sample(Split::Train)).collect();
+        let a: Vec<_> = (0..20)
+            .map(|_| Sampler::new(5).sample(Split::Train))
+            .collect();
+        let b: Vec<_> = (0..20)
+            .map(|_| Sampler::new(5).sample(Split::Train))
+            .collect();
         assert_eq!(a, b);
         let e = eval_samples(10, 3);
         assert_eq!(e.len(), 10);
-        assert!(e[5..]
+        assert!(e[5..].iter().all(|x| x
+            .described
+            .groups
             .iter()
-            .all(|x| x.described.groups.iter().any(|g| HELD_OUT.contains(&(g.colour, g.shape)))));
+            .any(|g| HELD_OUT.contains(&(g.colour, g.shape)))));
     }
 }

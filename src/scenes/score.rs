@@ -142,7 +142,7 @@ fn patches(mask: &[bool], w: usize, h: usize) -> Vec<Patch> {
             out.push(p);
         }
     }
-    out.sort_by(|a, b| b.pixels.len().cmp(&a.pixels.len()));
+    out.sort_by_key(|p| std::cmp::Reverse(p.pixels.len()));
     out
 }
 
@@ -203,14 +203,22 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
             w.max(h),
         )
     });
-    let bg_at = |x: usize, y: usize| reference.as_ref().map(|r| r.pixel(x.min(r.width - 1), y.min(r.height - 1)));
+    let bg_at = |x: usize, y: usize| {
+        reference
+            .as_ref()
+            .map(|r| r.pixel(x.min(r.width - 1), y.min(r.height - 1)))
+    };
 
     // Background: most of the image matches the named background.
     if let Some(r) = &reference {
         let mut close = 0usize;
         for y in 0..h {
             for x in 0..w {
-                if rgb_distance(image.pixel(x, y), r.pixel(x.min(r.width - 1), y.min(r.height - 1))) < 60.0 {
+                if rgb_distance(
+                    image.pixel(x, y),
+                    r.pixel(x.min(r.width - 1), y.min(r.height - 1)),
+                ) < 60.0
+                {
                     close += 1;
                 }
             }
@@ -220,7 +228,12 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
             BackgroundKind::Night => "night sky".to_string(),
             k => format!(
                 "{} {:?}",
-                d.background.colours.iter().map(|c| c.name()).collect::<Vec<_>>().join(" and "),
+                d.background
+                    .colours
+                    .iter()
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
                 k
             )
             .to_lowercase(),
@@ -262,14 +275,19 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
                     (shape, r, iou)
                 })
                 .collect();
-            let best = fits
-                .iter()
-                .max_by(|a, b| a.2.total_cmp(&b.2))
-                .map(|f| f.0);
+            let best = fits.iter().max_by(|a, b| a.2.total_cmp(&b.2)).map(|f| f.0);
             s.push("shape", label.clone(), best == Some(g.shape));
             if let Some(size) = g.size {
-                let r = fits.iter().find(|f| f.0 == g.shape).map(|f| f.1).unwrap_or(0.0);
-                let got = if r < SIZE_SPLIT { Size::Small } else { Size::Large };
+                let r = fits
+                    .iter()
+                    .find(|f| f.0 == g.shape)
+                    .map(|f| f.1)
+                    .unwrap_or(0.0);
+                let got = if r < SIZE_SPLIT {
+                    Size::Small
+                } else {
+                    Size::Large
+                };
                 s.push("size", format!("{size:?}").to_lowercase(), got == size);
             }
             centres.push(p.centroid(w, h));
@@ -278,10 +296,17 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
     }
 
     // Where things are.
-    let all = |i: usize| found.get(i).filter(|c| !c.is_empty() && c.len() == d.groups[i].count as usize);
+    let all = |i: usize| {
+        found
+            .get(i)
+            .filter(|c| !c.is_empty() && c.len() == d.groups[i].count as usize)
+    };
     let mean = |c: &[(f32, f32)]| {
         let n = c.len().max(1) as f32;
-        (c.iter().map(|p| p.0).sum::<f32>() / n, c.iter().map(|p| p.1).sum::<f32>() / n)
+        (
+            c.iter().map(|p| p.0).sum::<f32>() / n,
+            c.iter().map(|p| p.1).sum::<f32>() / n,
+        )
     };
     match d.arrangement {
         Arrangement::Alone(Some(pos)) => {
@@ -290,7 +315,9 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
         }
         Arrangement::Alone(None) => {}
         Arrangement::Row => {
-            let xs: Option<Vec<f32>> = (0..d.groups.len()).map(|i| all(i).map(|c| mean(c).0)).collect();
+            let xs: Option<Vec<f32>> = (0..d.groups.len())
+                .map(|i| all(i).map(|c| mean(c).0))
+                .collect();
             let ok = xs.is_some_and(|xs| xs.windows(2).all(|p| p[0] + 0.08 < p[1]));
             s.push("position", "in a row, in order", ok);
         }
@@ -325,7 +352,11 @@ mod tests {
         let mut s = Sampler::new(8);
         let (mut passed, mut total) = (0, 0);
         for i in 0..120 {
-            let x = s.sample(if i % 2 == 0 { Split::Train } else { Split::HeldOut });
+            let x = s.sample(if i % 2 == 0 {
+                Split::Train
+            } else {
+                Split::HeldOut
+            });
             let sc = score(&render(&x.scene, 128), &x.described);
             passed += sc.passed();
             total += sc.total();

@@ -296,7 +296,7 @@ pub const NIGHT_DOTS: usize = 48;
 
 /// The night sky's dots: the same fixed pattern for every night scene.
 pub fn night_dots() -> Vec<(f32, f32)> {
-    let mut rng = SplitMix64::new(0x6E69_6768_74);
+    let mut rng = SplitMix64::new(0x6E_6967_6874);
     (0..NIGHT_DOTS)
         .map(|_| (rng.next_open01() as f32, rng.next_open01() as f32))
         .collect()
@@ -321,13 +321,7 @@ impl Background {
 
     /// The background's colour at `(x, y)` (floats in 0..=255); `dots` is [`night_dots`].
     pub fn colour_at(&self, x: f32, y: f32, dots: &[(f32, f32)]) -> [f32; 3] {
-        let c = |i: usize| {
-            self.colours
-                .get(i)
-                .copied()
-                .unwrap_or(Colour::Gray)
-                .rgb()
-        };
+        let c = |i: usize| self.colours.get(i).copied().unwrap_or(Colour::Gray).rgb();
         let f = |rgb: Rgb| rgb.map(|v| v as f32);
         match self.kind {
             BackgroundKind::Plain => f(c(0)),

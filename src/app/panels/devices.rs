@@ -17,9 +17,11 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
     let on_gpus = matches!(parsed, Ok(Devices::AllGpus | Devices::Gpus(_)));
     if gpus.is_empty() {
         ui.label(
-            RichText::new("No GPUs found (CPU build or no CUDA device): CPU worker threads stand in.")
-                .small()
-                .weak(),
+            RichText::new(
+                "No GPUs found (CPU build or no CUDA device): CPU worker threads stand in.",
+            )
+            .small()
+            .weak(),
         );
     } else {
         let mut use_gpus = on_gpus;
@@ -65,7 +67,8 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                 ("dp", &mut settings.dp),
             ] {
                 let l = ui.label(label);
-                ui.add(egui::DragValue::new(v).range(1..=64)).labelled_by(l.id);
+                ui.add(egui::DragValue::new(v).range(1..=64))
+                    .labelled_by(l.id);
             }
         });
     }

@@ -1,0 +1,159 @@
+//! The two 8-bit floating-point formats of FP8 checkpoints, on the host: E4M3 ("e4m3fn": 4
+//! exponent bits with bias 7, 3 mantissa bits, no infinities, one NaN pattern per sign, largest
+//! value 448) and E5M2 (5 exponent bits with bias 15, 2 mantissa bits, IEEE-style infinities and
+//! NaNs, largest finite value 57344). Decoding is exact (every FP8 value is an f32 value);
+//! encoding rounds to the nearest representable value, ties to even, and saturates at the largest
+//! finite value (what PyTorch's `float8_e4m3fn` casts do for in-range inputs, and what scaled
+//! quantisation relies on).
+
+/// An FP8 format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8 {
+    E4M3,
+    E5M2,
+}
+
+impl Fp8 {
+    fn bits(self) -> (u32, u32, i32) {
+        match self {
+            Fp8::E4M3 => (4, 3, 7),
+            Fp8::E5M2 => (5, 2, 15),
+        }
+    }
+
+    /// The largest finite value.
+    pub fn max(self) -> f32 {
+        match self {
+            Fp8::E4M3 => 448.0,
+            Fp8::E5M2 => 57344.0,
+        }
+    }
+
+    /// The value of one byte.
+    pub fn decode(self, b: u8) -> f32 {
+        let (e_bits, m_bits, bias) = self.bits();
+        let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((b >> m_bits) & ((1 << e_bits) - 1)) as i32;
+        let m = (b & ((1 << m_bits) - 1)) as f32;
+        let scale = (1u32 << m_bits) as f32;
+        let e_max = (1 << e_bits) - 1;
+        match self {
+            Fp8::E4M3 if e == e_max && m as u32 == 7 => return f32::NAN,
+            Fp8::E5M2 if e == e_max => {
+                return if m == 0.0 {
+                    sign * f32::INFINITY
+                } else {
+                    f32::NAN
+                }
+            }
+            _ => {}
+        }
+        if e == 0 {
+            sign * (m / scale) * 2f32.powi(1 - bias)
+        } else {
+            sign * (1.0 + m / scale) * 2f32.powi(e - bias)
+        }
+    }
+
+    /// Every byte's value.
+    pub fn table(self) -> [f32; 256] {
+        std::array::from_fn(|b| self.decode(b as u8))
+    }
+
+    /// The byte nearest `x` (ties to an even mantissa), saturating at ±[`Fp8::max`]; NaN stays
+    /// NaN.
+    pub fn encode(self, x: f32) -> u8 {
+        let table = self.table();
+        if x.is_nan() {
+            return match self {
+                Fp8::E4M3 => 0x7F,
+                Fp8::E5M2 => 0x7E,
+            };
+        }
+        let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+        let a = x.abs().min(self.max());
+        // Positive finite codes are monotonic in their byte value: 0 .. the largest finite.
+        let top = table
+            .iter()
+            .take(128)
+            .rposition(|v| *v == self.max())
+            .unwrap_or(0) as u8;
+        let (mut lo, mut hi) = (0u8, top);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if table[mid as usize] <= a {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let below = lo;
+        let pick = if below == top || table[below as usize] == a {
+            below
+        } else {
+            let above = below + 1;
+            let (d0, d1) = (a - table[below as usize], table[above as usize] - a);
+            if d0 < d1 || (d0 == d1 && below % 2 == 0) {
+                below
+            } else {
+                above
+            }
+        };
+        sign | pick
+    }
+
+    /// `x` rounded to this format (encode then decode).
+    pub fn round(self, x: f32) -> f32 {
+        self.decode(self.encode(x))
+    }
+}
+
+/// Decode a buffer of FP8 bytes.
+pub fn decode_all(format: Fp8, bytes: &[u8]) -> Vec<f32> {
+    let table = format.table();
+    bytes.iter().map(|&b| table[b as usize]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_values() {
+        let f = Fp8::E4M3;
+        assert_eq!(f.decode(0x00), 0.0);
+        assert_eq!(f.decode(0x38), 1.0); // e = 7, m = 0
+        assert_eq!(f.decode(0x7E), 448.0);
+        assert!(f.decode(0x7F).is_nan());
+        assert_eq!(f.decode(0x01), 2f32.powi(-9)); // smallest subnormal
+        assert_eq!(f.decode(0xB8), -1.0);
+        let g = Fp8::E5M2;
+        assert_eq!(g.decode(0x3C), 1.0); // e = 15, m = 0
+        assert_eq!(g.decode(0x7B), 57344.0);
+        assert_eq!(g.decode(0x7C), f32::INFINITY);
+        assert_eq!(g.decode(0x01), 2f32.powi(-16));
+    }
+
+    #[test]
+    fn encode_round_trips_every_finite_code_and_rounds_to_nearest() {
+        for f in [Fp8::E4M3, Fp8::E5M2] {
+            for b in 0..=255u8 {
+                let v = f.decode(b);
+                if v.is_finite() && !(v == 0.0 && b & 0x80 != 0) {
+                    assert_eq!(f.encode(v), b, "{f:?} {b:#x} {v}");
+                }
+            }
+            assert_eq!(f.round(1e9), f.max());
+            assert_eq!(f.round(-1e9), -f.max());
+        }
+        // 1.0625 lies halfway between 1.0 (m = 0) and 1.125 (m = 1): ties go to the even one.
+        assert_eq!(Fp8::E4M3.round(1.0625), 1.0);
+        assert_eq!(Fp8::E4M3.round(1.07), 1.125);
+        // Relative error of a rounding is at most half a step: 2^-4 for E4M3 normals.
+        for i in 0..1000 {
+            let x = 0.02 + i as f32 * 0.37;
+            let r = Fp8::E4M3.round(x);
+            assert!(((r - x) / x).abs() <= 0.0625 + 1e-6, "{x} -> {r}");
+        }
+    }
+}
