@@ -33,6 +33,27 @@ fn rel(got: &Tensor, want: &Tensor) -> f32 {
     max_abs(&(&got - &want).expect("sub")) / max_abs(&want).max(1e-6)
 }
 
+/// The fixture's velocity input through `flux`: t = 0.7, guidance 2.5, an 8x8 patch grid.
+fn velocity(
+    flux: &parallax::model::flux::Flux,
+    f: &std::collections::HashMap<String, Tensor>,
+) -> Tensor {
+    let pe = flux
+        .pos_embed(f["txt"].dim(1).expect("len"), 8, 8)
+        .expect("pe");
+    let t = Tensor::new(&[0.7f32], &Device::Cpu).expect("t");
+    let g = Tensor::new(&[2.5f32], &Device::Cpu).expect("g");
+    flux.forward(&FluxInput {
+        img: &f["x"],
+        txt: &f["txt"],
+        y: &f["y"],
+        timesteps: &t,
+        guidance: Some(&g),
+        pe: &pe,
+    })
+    .expect("forward")
+}
+
 #[test]
 fn the_demo_model_computes_what_the_trainer_computed() {
     let f = fixture();
@@ -61,24 +82,7 @@ fn the_demo_model_computes_what_the_trainer_computed() {
     assert!(r < 1e-4, "CLIP pooled output differs: {r}");
 
     // Transformer: one velocity on a fixed latent, t = 0.7, guidance 2.5, an 8x8 patch grid.
-    let pe = p
-        .flux
-        .pos_embed(f["txt"].dim(1).expect("len"), 8, 8)
-        .expect("pe");
-    let t = Tensor::new(&[0.7f32], &Device::Cpu).expect("t");
-    let g = Tensor::new(&[2.5f32], &Device::Cpu).expect("g");
-    let v = p
-        .flux
-        .forward(&FluxInput {
-            img: &f["x"],
-            txt: &f["txt"],
-            y: &f["y"],
-            timesteps: &t,
-            guidance: Some(&g),
-            pe: &pe,
-        })
-        .expect("forward");
-    let r = rel(&v, &f["v"]);
+    let r = rel(&velocity(&p.flux, &f), &f["v"]);
     assert!(r < 1e-4, "transformer output differs: {r}");
 
     // Autoencoder, both ways.
@@ -155,4 +159,16 @@ fn the_cache_reuses_steps_and_stays_close() {
         q.psnr_db,
         cached.stats.reused
     );
+}
+
+/// `--precision fp8` (simulated): the blocks' products see E4M3-rounded weights and activations;
+/// the velocity moves a little, not a lot, and the model says it runs so.
+#[test]
+fn fp8_products_move_the_velocity_a_little() {
+    let f = fixture();
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let fp8 = p.flux.clone().with_fp8_products().expect("fp8");
+    assert!(fp8.fp8_products() && !p.flux.fp8_products());
+    let r = rel(&velocity(&fp8, &f), &velocity(&p.flux, &f));
+    assert!(r > 1e-4 && r < 0.1, "relative change {r}");
 }

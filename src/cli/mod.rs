@@ -168,6 +168,12 @@ pub struct ExportDemoArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    Native,
+    Fp8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     /// f32 for the demo model, bf16 for real weights.
     Auto,
@@ -188,6 +194,11 @@ pub struct ModelArgs {
     pub text_encoders: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
+    /// Precision of the transformer blocks' products: `native` (the dtype's), or `fp8` (E4M3
+    /// weights per output channel and activations per token; for now simulated by rounding, so
+    /// FP8's quality without its speed; embedders, modulations and the output layer stay native).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
+    pub precision: PrecisionArg,
     /// Device: `cpu`, `cuda` (GPU 0) or `cuda:N` (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -280,6 +291,10 @@ impl ModelArgs {
                 DTypeArg::F32 => DTypeChoice::F32,
                 DTypeArg::Bf16 => DTypeChoice::Bf16,
                 DTypeArg::F16 => DTypeChoice::F16,
+            },
+            precision: match self.precision {
+                PrecisionArg::Native => crate::engine::Precision::Native,
+                PrecisionArg::Fp8 => crate::engine::Precision::Fp8,
             },
         }
     }

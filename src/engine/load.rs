@@ -34,6 +34,21 @@ pub struct ModelChoice {
     /// model's folder).
     pub text_encoders: Option<PathBuf>,
     pub dtype: DTypeChoice,
+    /// Precision of the transformer blocks' products.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// How the transformer blocks' matrix products are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Precision {
+    /// In the run's dtype.
+    #[default]
+    Native,
+    /// FP8 E4M3 (weights per output channel, activations per token); simulated by rounding in
+    /// the run's dtype until the FP8 products are written (issue 15): FP8's quality, not its
+    /// speed.
+    Fp8,
 }
 
 impl ModelChoice {
@@ -42,6 +57,7 @@ impl ModelChoice {
             model: model.into(),
             text_encoders: None,
             dtype: DTypeChoice::Auto,
+            precision: Precision::Native,
         }
     }
 
@@ -94,8 +110,17 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
         tracing::warn!("the demo model always runs in f32");
     }
     let t0 = Instant::now();
-    let p = Pipeline::load(&resolved, &choice.model, dtype, &dev)
+    let mut p = Pipeline::load(&resolved, &choice.model, dtype, &dev)
         .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
+    if choice.precision == Precision::Fp8 {
+        if !dev.is_cpu() {
+            tracing::warn!(
+                "--precision fp8: the FP8 products are simulated (rounding in {dtype:?}) on this \
+                 device too: FP8's quality, not its speed, until the FP8 kernels are written"
+            );
+        }
+        p.flux = p.flux.with_fp8_products()?;
+    }
     // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
     // groups) queue on streams of their own.
     crate::device::synchronize(p.device())?;

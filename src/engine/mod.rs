@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::parallel::mesh::ParallelLayout;
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
-pub use load::{load_pipeline, model_config, DTypeChoice, ModelChoice};
+pub use load::{load_pipeline, model_config, DTypeChoice, ModelChoice, Precision};
 pub use placement::{Degrees, Devices, LayoutChoice, Placement, Plan};
 
 /// Where a loaded pipeline lives: its device and, for a GPU named several times, which copy.

@@ -55,9 +55,23 @@ impl Fp8 {
         }
     }
 
-    /// Every byte's value.
-    pub fn table(self) -> [f32; 256] {
-        std::array::from_fn(|b| self.decode(b as u8))
+    /// Every byte's value (computed once per format).
+    pub fn table(self) -> &'static [f32; 256] {
+        static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+        static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+        let cell = match self {
+            Fp8::E4M3 => &E4M3,
+            Fp8::E5M2 => &E5M2,
+        };
+        cell.get_or_init(|| std::array::from_fn(|b| self.decode(b as u8)))
+    }
+
+    /// The byte code of the largest positive finite value.
+    fn top(self) -> u8 {
+        match self {
+            Fp8::E4M3 => 0x7E,
+            Fp8::E5M2 => 0x7B,
+        }
     }
 
     /// The byte nearest `x` (ties to an even mantissa), saturating at ±[`Fp8::max`]; NaN stays
@@ -73,11 +87,7 @@ impl Fp8 {
         let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
         let a = x.abs().min(self.max());
         // Positive finite codes are monotonic in their byte value: 0 .. the largest finite.
-        let top = table
-            .iter()
-            .take(128)
-            .rposition(|v| *v == self.max())
-            .unwrap_or(0) as u8;
+        let top = self.top();
         let (mut lo, mut hi) = (0u8, top);
         while lo < hi {
             let mid = lo + (hi - lo).div_ceil(2);
@@ -108,6 +118,35 @@ impl Fp8 {
     }
 }
 
+/// `t` rounded to E4M3 with one scale per row of its last axis (the row's largest magnitude maps
+/// to 448): FP8's rounding simulated in `t`'s dtype, quantise then dequantise. Weights (out, in)
+/// get a scale per output channel; activations (.., tokens, width) a scale per token, as dynamic
+/// per-token quantisation gives them.
+pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Device};
+    let (dtype, device, shape) = (t.dtype(), t.device().clone(), t.shape().clone());
+    let width = shape.dims().last().copied().unwrap_or(1).max(1);
+    let mut v = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let table = Fp8::E4M3.table();
+    for row in v.chunks_mut(width) {
+        let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if m == 0.0 || !m.is_finite() {
+            continue;
+        }
+        let scale = m / Fp8::E4M3.max();
+        for x in row.iter_mut() {
+            *x = table[Fp8::E4M3.encode(*x / scale) as usize] * scale;
+        }
+    }
+    candle_core::Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(&device)
+}
+
 /// Decode a buffer of FP8 bytes.
 pub fn decode_all(format: Fp8, bytes: &[u8]) -> Vec<f32> {
     let table = format.table();
@@ -117,6 +156,27 @@ pub fn decode_all(format: Fp8, bytes: &[u8]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_keep_their_largest_value_and_lose_little() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::randn(0f32, 1.0, (7, 33), &dev)?;
+        let r = round_rows(&t)?;
+        let (a, b) = (t.to_vec2::<f32>()?, r.to_vec2::<f32>()?);
+        for (x, y) in a.iter().zip(&b) {
+            let m = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let my = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (m - my).abs() <= m * 1e-6,
+                "the row's largest value is kept"
+            );
+            for (u, v) in x.iter().zip(y) {
+                // Half a step of E4M3 at the value's binade, or of the smallest normal.
+                assert!((u - v).abs() <= (u.abs() / 16.0).max(m / 448.0 * 2f32.powi(-7)) + 1e-7);
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn known_values() {

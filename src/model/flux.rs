@@ -271,6 +271,9 @@ impl Module for MlpEmbedder {
 struct Lin {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// FP8 simulated: the input is rounded to E4M3 per token before the product (the weight was
+    /// rounded per output channel once, by [`Lin::to_fp8`]).
+    fp8: bool,
 }
 
 impl Lin {
@@ -279,6 +282,25 @@ impl Lin {
         Ok(Self {
             weight: l.weight().clone(),
             bias: l.bias().cloned(),
+            fp8: false,
+        })
+    }
+
+    /// This layer with FP8 products simulated: weight rows rounded to E4M3 now, inputs per token
+    /// at every product.
+    fn to_fp8(&self) -> Result<Self> {
+        Ok(Self {
+            weight: crate::kernels::fp8::round_rows(&self.weight)?,
+            bias: self.bias.clone(),
+            fp8: true,
+        })
+    }
+
+    fn input<'a>(&self, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
+        Ok(if self.fp8 {
+            std::borrow::Cow::Owned(crate::kernels::fp8::round_rows(x)?)
+        } else {
+            std::borrow::Cow::Borrowed(x)
         })
     }
 
@@ -290,17 +312,29 @@ impl Lin {
                 Some(b) => Some(b.narrow(0, start, len)?),
                 None => None,
             },
+            fp8: self.fp8,
         })
     }
 
     /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
     fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        gemm::linear(x, &self.weight, self.bias.as_ref(), gelu)
+        gemm::linear(
+            self.input(x)?.as_ref(),
+            &self.weight,
+            self.bias.as_ref(),
+            gelu,
+        )
     }
 
     /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
     fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        gemm::linear_cat(a, x, &self.weight, self.bias.as_ref(), gelu)
+        gemm::linear_cat(
+            a,
+            self.input(x)?.as_ref(),
+            &self.weight,
+            self.bias.as_ref(),
+            gelu,
+        )
     }
 }
 
@@ -611,6 +645,8 @@ pub struct Flux {
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
+    /// FP8 products (simulated so far: see [`Flux::with_fp8_products`]).
+    fp8: bool,
 }
 
 impl std::fmt::Debug for Flux {
@@ -655,6 +691,7 @@ impl Flux {
             cfg: cfg.clone(),
             dtype,
             device,
+            fp8: false,
         })
     }
 
@@ -671,6 +708,36 @@ impl Flux {
     /// The sequence-parallel group, if this replica is part of one.
     pub fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
         self.sp.as_ref()
+    }
+
+    /// FP8 products simulated in every block's linear layers (attention projections and MLPs):
+    /// weights rounded to E4M3 per output channel now, activations per token at each product.
+    /// What stays in the run's dtype is what the peers found breaks the image in FP8: the input
+    /// embedders, the timestep/guidance/text embedders, every adaLN modulation, the final norm
+    /// and output projection. Attention itself stays in the run's dtype.
+    pub fn with_fp8_products(mut self) -> Result<Self> {
+        for b in &mut self.double_blocks {
+            for a in [&mut b.img_attn, &mut b.txt_attn] {
+                a.qkv = a.qkv.to_fp8()?;
+                a.proj = a.proj.to_fp8()?;
+            }
+            for m in [&mut b.img_mlp, &mut b.txt_mlp] {
+                m.fc1 = m.fc1.to_fp8()?;
+                m.fc2 = m.fc2.to_fp8()?;
+            }
+        }
+        for b in &mut self.single_blocks {
+            b.linear1_qkv = b.linear1_qkv.to_fp8()?;
+            b.linear1_mlp = b.linear1_mlp.to_fp8()?;
+            b.linear2 = b.linear2.to_fp8()?;
+        }
+        self.fp8 = true;
+        Ok(self)
+    }
+
+    /// Whether [`Flux::with_fp8_products`] was applied.
+    pub fn fp8_products(&self) -> bool {
+        self.fp8
     }
 
     /// Replace the attention implementation (for parallel strategies).

@@ -134,12 +134,14 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
             "dev" => Variant::Dev,
             "schnell" => Variant::Schnell,
             "tiny" => Variant::Demo,
-            other => return Err(Error::UnknownLayout {
-                path: PathBuf::from(name),
-                reason: format!(
+            other => {
+                return Err(Error::UnknownLayout {
+                    path: PathBuf::from(name),
+                    reason: format!(
                     "unknown random model `{other}`: use random:dev, random:schnell or random:tiny"
                 ),
-            }),
+                })
+            }
         };
         reasons.push(if variant == Variant::Demo {
             format!("`{name}`: the demo model's structure at its smallest, with made-up weights from fixed seeds (for tests; its images are noise)")

@@ -438,7 +438,16 @@ impl Pipeline {
             model: self.label.clone(),
             variant: self.variant,
             synthetic: self.is_demo(),
-            dtype: format!("{:?}", self.flux.dtype()).to_lowercase(),
+            dtype: format!(
+                "{:?}{}",
+                self.flux.dtype(),
+                if self.flux.fp8_products() {
+                    " + fp8 products (simulated)"
+                } else {
+                    ""
+                }
+            )
+            .to_lowercase(),
             sampler: "flow-match-euler".into(),
             schedule: if self.variant.shifted_schedule() {
                 "shifted(mu: 0.5@256 -> 1.15@4096 tokens)".into()
