@@ -39,6 +39,8 @@ pub struct Settings {
     pub random_seed: bool,
     pub compare_thresholds: Vec<f64>,
     pub heatmap_gain: f32,
+    /// FP8 products in the transformer blocks (simulated for now: `--precision fp8`).
+    pub fp8: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             // On the demo at its 12 steps the cache starts reusing steps near 0.12.
             compare_thresholds: vec![0.0, 0.08, 0.12, 0.2],
             heatmap_gain: 4.0,
+            fp8: false,
         }
     }
 }
@@ -97,6 +100,7 @@ struct SettingsFile {
     random_seed: bool,
     compare_thresholds: Vec<f64>,
     heatmap_gain: f32,
+    fp8: bool,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -132,6 +136,7 @@ impl Default for SettingsFile {
             random_seed: d.random_seed,
             compare_thresholds: d.compare_thresholds,
             heatmap_gain: d.heatmap_gain,
+            fp8: d.fp8,
             flat: FlatSampling::default(),
         }
     }
@@ -178,6 +183,7 @@ impl From<SettingsFile> for Settings {
             random_seed: f.random_seed,
             compare_thresholds: f.compare_thresholds,
             heatmap_gain: f.heatmap_gain,
+            fp8: f.fp8,
         }
     }
 }
@@ -305,7 +311,11 @@ impl Settings {
     }
 
     pub fn engine_spec(&self) -> EngineSpec {
-        EngineSpec::new(self.model.trim(), self.placement().unwrap_or_default())
+        let mut spec = EngineSpec::new(self.model.trim(), self.placement().unwrap_or_default());
+        if self.fp8 {
+            spec.model.precision = crate::engine::Precision::Fp8;
+        }
+        spec
     }
 
     /// Problems with the settings as typed, shown next to the fields and blocking Generate.
@@ -467,6 +477,20 @@ mod tests {
         assert!(old.random_seed);
         assert_eq!(old.compare_thresholds, vec![0.0, 0.05]);
         assert_eq!(old.heatmap_gain, 6.0);
+        // Files from before the precision setting run at native precision.
+        assert!(!old.fp8);
+        assert_eq!(
+            old.engine_spec().model.precision,
+            crate::engine::Precision::Native
+        );
+        let fp8 = Settings {
+            fp8: true,
+            ..old.clone()
+        };
+        assert_eq!(
+            fp8.engine_spec().model.precision,
+            crate::engine::Precision::Fp8
+        );
         // Saved again, it is in the new format and reads back the same.
         let again = serde_json::to_string(&old).expect("serialise");
         assert_eq!(

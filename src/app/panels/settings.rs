@@ -110,9 +110,10 @@ pub fn prompts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     .labelled_by(l.id);
 }
 
-/// Size, steps, seed, guidance, true CFG and cache threshold.
+/// Size, steps, seed, guidance, true CFG, cache threshold and precision.
 pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     let random_seed = &mut p.settings.random_seed;
+    let fp8 = &mut p.settings.fp8;
     let r = &mut p.settings.request;
     egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
         let size_label = ui.label("Size");
@@ -185,6 +186,14 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ui.add(egui::Slider::new(&mut r.cache_threshold, 0.0..=0.3).step_by(0.01))
             .labelled_by(l.id)
             .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
+        ui.end_row();
+        let l = ui.label("Precision");
+        ui.checkbox(fp8, "FP8 products (simulated)")
+            .labelled_by(l.id)
+            .on_hover_text(
+                "E4M3 weights and activations in the transformer blocks, simulated by rounding: \
+                 FP8's quality, not yet its speed; the model reloads",
+            );
         ui.end_row();
     });
 }
