@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model::ClipTextTransformer;
@@ -71,31 +71,9 @@ enum Part {
     Clip,
 }
 
-/// A boxed backend as a backend (the recorder takes one by value).
-struct Boxed(Box<dyn SimpleBackend>);
-
-impl SimpleBackend for Boxed {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0.get(s, name, h, dtype, dev)
-    }
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.get_unchecked(name, dtype, dev)
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
-    }
-}
-
 impl DemoSource {
-    fn backend(self, part: Part) -> Result<Boxed> {
-        Ok(Boxed(match self {
+    fn backend(self, part: Part) -> Result<Box<dyn SimpleBackend>> {
+        Ok(match self {
             DemoSource::Trained => super::demo::backend(match part {
                 Part::Transformer => super::demo::TRANSFORMER,
                 Part::Autoencoder => super::demo::AUTOENCODER,
@@ -107,7 +85,7 @@ impl DemoSource {
                 Part::Autoencoder => seeds.vae,
                 Part::T5 | Part::Clip => seeds.text,
             })),
-        }))
+        })
     }
 
     fn flux_config(self) -> FluxConfig {
@@ -127,10 +105,10 @@ impl DemoSource {
 
 /// Capture the canonical tensors a model asks for when built from `backend`.
 fn capture<T>(
-    backend: Boxed,
+    backend: Box<dyn SimpleBackend>,
     build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let (rec, seen) = Recorder::new(backend);
+    let (rec, seen) = Recorder::boxed(backend);
     let vb = VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu);
     build(vb)?;
     let mut tensors = seen

@@ -540,13 +540,18 @@ pub type Recorded = Arc<Mutex<Vec<(String, Tensor)>>>;
 
 /// Wraps a backend and records every tensor a model asked for, in order, so that a model built
 /// once (e.g. the demo model) can be written out as a checkpoint.
-pub struct Recorder<B: SimpleBackend> {
-    inner: B,
+pub struct Recorder {
+    inner: Box<dyn SimpleBackend>,
     seen: Recorded,
 }
 
-impl<B: SimpleBackend> Recorder<B> {
-    pub fn new(inner: B) -> (Self, Recorded) {
+impl Recorder {
+    pub fn new(inner: impl SimpleBackend + 'static) -> (Self, Recorded) {
+        Self::boxed(Box::new(inner))
+    }
+
+    /// A recorder in front of a backend that is already boxed.
+    pub fn boxed(inner: Box<dyn SimpleBackend>) -> (Self, Recorded) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         (
             Self {
@@ -558,7 +563,7 @@ impl<B: SimpleBackend> Recorder<B> {
     }
 }
 
-impl<B: SimpleBackend> SimpleBackend for Recorder<B> {
+impl SimpleBackend for Recorder {
     fn get(
         &self,
         s: Shape,

@@ -347,14 +347,7 @@ impl Sampler {
 
     /// The background as a trailing phrase (" on a blue background", ", night sky").
     fn background_phrase(&mut self, b: &Background) -> String {
-        let c = |i: usize| b.colours.get(i).map(|c| c.name()).unwrap_or("gray");
-        let an = |w: &str| {
-            if w.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                "an"
-            } else {
-                "a"
-            }
-        };
+        let c = |i: usize| colour_name(b, i);
         let k = self.below(3);
         match b.kind {
             BackgroundKind::Plain => match k {
@@ -392,14 +385,7 @@ impl Sampler {
 
     /// The background as a leading noun phrase ("a night sky", "a blue background").
     fn background_lead(b: &Background) -> String {
-        let c = |i: usize| b.colours.get(i).map(|c| c.name()).unwrap_or("gray");
-        let an = |w: &str| {
-            if w.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                "an"
-            } else {
-                "a"
-            }
-        };
+        let c = |i: usize| colour_name(b, i);
         match b.kind {
             BackgroundKind::Plain => format!("{} {} background", an(c(0)), c(0)),
             BackgroundKind::Sky => format!("{} {} sky", an(c(0)), c(0)),
@@ -466,6 +452,20 @@ impl Sampler {
                 }
             }
         }
+    }
+}
+
+/// The name of a background's `i`-th colour.
+fn colour_name(b: &Background, i: usize) -> &'static str {
+    b.colours.get(i).map(|c| c.name()).unwrap_or("gray")
+}
+
+/// "a" or "an" before `word`.
+fn an(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
     }
 }
 
