@@ -704,6 +704,18 @@ fn fp8_checkpoints_load_dequantised() {
             (e4m3 > 40, e5m2, scales > 40, marker),
             (true, 0, scaled, scaled)
         );
+        // `info` says what it found.
+        let info = std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(["info", "--model", dir.path().to_str().expect("utf8")])
+            .output()
+            .expect("run info");
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(info.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("FP8: {e4m3} tensors in E4M3")),
+            "{text}"
+        );
+        assert_eq!(text.contains("ComfyUI scaled-fp8 file"), scaled, "{text}");
         let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
         let p = Pipeline::load(&resolved, "fp8", DType::F32, &Device::Cpu).expect("load fp8");
         let g = p.generate(&req, &mut |_| Ok(())).expect("fp8 image");
