@@ -76,7 +76,7 @@ pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
         }
         out.write_all(b"\n")?;
         if let (true, Some(size)) = (a.eval, a.pictures) {
-            let img = crate::scenes::render::render(&sample.scene, size);
+            let img = crate::scenes::render::render(&sample.scene, size, size);
             crate::pipeline::image::save_png(&a.dir.join(format!("eval-{i}.png")), &img, &[])?;
         }
         bar.inc(1);

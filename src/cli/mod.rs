@@ -1049,10 +1049,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                     "speedup": result.speedup,
                     "psnr_db": result.quality.map(|q| if q.psnr_db.is_finite() { serde_json::json!(q.psnr_db) } else { serde_json::json!("inf") }),
                     "ssim": result.quality.map(|q| q.ssim),
-                    "prompt_score": asked.as_ref().map(|d| {
-                        let s = crate::scenes::score::score(&g.image, d);
-                        serde_json::json!({ "passed": s.passed(), "total": s.total(), "accuracy": s.accuracy() })
-                    }),
+                    "prompt_score": asked.as_ref().map(|d| crate::scenes::score::score(&g.image, d).summary()),
                     "saved": saved,
                     "notes": result.notes,
                 }));

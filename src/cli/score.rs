@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::{request_for, ModelArgs, SampleArgs};
+use super::{median, request_for, ModelArgs, SampleArgs};
 use crate::pipeline::image::{read_png, RgbImage};
 use crate::pipeline::metrics;
 use crate::scenes::parse::parse;
@@ -42,10 +42,6 @@ pub struct ScoreArgs {
     /// List every prompt's checks, not only the totals.
     #[arg(long)]
     pub details: bool,
-}
-
-fn score_json(s: &Score) -> serde_json::Value {
-    serde_json::json!({ "passed": s.passed(), "total": s.total(), "accuracy": s.accuracy() })
 }
 
 /// Totals of several scores, overall and per kind of check.
@@ -109,7 +105,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "prompt": a.sample.prompt, "score": score_json(&s), "checks": s.checks,
+                "prompt": a.sample.prompt, "score": s.summary(), "checks": s.checks,
             }))?
         );
         return Ok(());
@@ -186,7 +182,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             if a.details {
                 details.push(serde_json::json!({
                     "prompt": sample.caption, "threshold": t, "held_out": i >= half,
-                    "score": score_json(&sc),
+                    "score": sc.summary(),
                     "failed": sc.checks.iter().filter(|c| !c.passed).collect::<Vec<_>>(),
                 }));
             }
@@ -200,11 +196,6 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         } else {
             serde_json::json!(v.iter().sum::<f64>() / v.len() as f64)
         }
-    };
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let base_ms = median(&cells[0].ms);
     let rows: Vec<serde_json::Value> = thresholds

@@ -114,7 +114,7 @@ impl Fp8 {
 
     /// `x` rounded to this format (encode then decode).
     pub fn round(self, x: f32) -> f32 {
-        self.decode(self.encode(x))
+        self.table()[self.encode(x) as usize]
     }
 }
 
@@ -131,7 +131,6 @@ pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::T
         .to_device(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let table = Fp8::E4M3.table();
     for row in v.chunks_mut(width) {
         let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
         if m == 0.0 || !m.is_finite() {
@@ -139,7 +138,7 @@ pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::T
         }
         let scale = m / Fp8::E4M3.max();
         for x in row.iter_mut() {
-            *x = table[Fp8::E4M3.encode(*x / scale) as usize] * scale;
+            *x = Fp8::E4M3.round(*x / scale) * scale;
         }
     }
     candle_core::Tensor::from_vec(v, shape, &Device::Cpu)?

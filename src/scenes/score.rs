@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::render::render_background;
 use super::sample::{Arrangement, Described};
-use super::spec::{rgb_distance, BackgroundKind, Colour, Rgb, Scene, Shape, Size, SIZE_SPLIT};
+use super::spec::{rgb_distance, BackgroundKind, Colour, Rgb, Shape, Size, SIZE_SPLIT};
 use crate::pipeline::image::RgbImage;
 
 /// One check and whether it passed.
@@ -38,6 +38,15 @@ impl Score {
 
     pub fn total(&self) -> usize {
         self.checks.len()
+    }
+
+    /// `{"passed", "total", "accuracy"}`, as `parallax score` and `parallax compare` report it.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "passed": self.passed(),
+            "total": self.total(),
+            "accuracy": self.accuracy(),
+        })
     }
 
     /// Share of checks passed (1 when there is nothing to check).
@@ -146,36 +155,45 @@ fn patches(mask: &[bool], w: usize, h: usize) -> Vec<Patch> {
     out
 }
 
-/// Each shape's extent in its own frame: (u min, u max, v min, v max).
-fn extents() -> Vec<(Shape, [f32; 4])> {
-    Shape::ALL
-        .into_iter()
-        .map(|s| {
-            let mut e = [f32::MAX, f32::MIN, f32::MAX, f32::MIN];
-            let n = 200;
-            for j in 0..n {
-                for i in 0..n {
-                    let u = -1.2 + 2.4 * (i as f32 + 0.5) / n as f32;
-                    let v = -1.2 + 2.4 * (j as f32 + 0.5) / n as f32;
-                    if s.contains(u, v) {
-                        e = [e[0].min(u), e[1].max(u), e[2].min(v), e[3].max(v)];
+/// Each shape's extent in its own frame: (u min, u max, v min, v max), measured once.
+fn extents() -> &'static [(Shape, [f32; 4])] {
+    static EXTENTS: std::sync::OnceLock<Vec<(Shape, [f32; 4])>> = std::sync::OnceLock::new();
+    EXTENTS.get_or_init(|| {
+        Shape::ALL
+            .into_iter()
+            .map(|s| {
+                let mut e = [f32::MAX, f32::MIN, f32::MAX, f32::MIN];
+                let n = 200;
+                for j in 0..n {
+                    for i in 0..n {
+                        let u = -1.2 + 2.4 * (i as f32 + 0.5) / n as f32;
+                        let v = -1.2 + 2.4 * (j as f32 + 0.5) / n as f32;
+                        if s.contains(u, v) {
+                            e = [e[0].min(u), e[1].max(u), e[2].min(v), e[3].max(v)];
+                        }
                     }
                 }
-            }
-            (s, e)
-        })
-        .collect()
+                (s, e)
+            })
+            .collect()
+    })
 }
 
 /// Fit `shape` to the patch's bounding box: its half-size and the intersection over union of its
-/// outline with the patch.
-fn fit(p: &Patch, shape: Shape, e: [f32; 4], w: usize, h: usize) -> (f32, f32) {
+/// outline with the patch (whose pixels are `inside`).
+fn fit(
+    p: &Patch,
+    inside: &std::collections::HashSet<usize>,
+    shape: Shape,
+    e: [f32; 4],
+    w: usize,
+    h: usize,
+) -> (f32, f32) {
     let (bw, bh) = ((p.x1 + 1 - p.x0) as f32, (p.y1 + 1 - p.y0) as f32);
     let r = (bw / (e[1] - e[0])).max(bh / (e[3] - e[2])).max(0.5);
     // The frame's centre, so that the outline's box sits on the patch's box.
     let cx = p.x0 as f32 + bw / 2.0 - r * (e[0] + e[1]) / 2.0;
     let cy = p.y0 as f32 + bh / 2.0 - r * (e[2] + e[3]) / 2.0;
-    let inside: std::collections::HashSet<usize> = p.pixels.iter().copied().collect();
     let (mut inter, mut uni) = (0usize, 0usize);
     let pad = 2;
     for y in p.y0.saturating_sub(pad)..(p.y1 + pad + 1).min(h) {
@@ -194,31 +212,16 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
     let (w, h) = (image.width, image.height);
     let mut s = Score::default();
     let bg_known = !(d.background.kind == BackgroundKind::Plain && d.background.colours.is_empty());
-    let reference = bg_known.then(|| {
-        render_background(
-            &Scene {
-                background: d.background.clone(),
-                objects: Vec::new(),
-            },
-            w.max(h),
-        )
-    });
-    let bg_at = |x: usize, y: usize| {
-        reference
-            .as_ref()
-            .map(|r| r.pixel(x.min(r.width - 1), y.min(r.height - 1)))
-    };
+    // The named background drawn at the image's size: what each pixel would be without objects.
+    let reference = bg_known.then(|| render_background(&d.background, w, h));
+    let bg_at = |x: usize, y: usize| reference.as_ref().map(|r| r.pixel(x, y));
 
     // Background: most of the image matches the named background.
-    if let Some(r) = &reference {
+    if reference.is_some() {
         let mut close = 0usize;
         for y in 0..h {
             for x in 0..w {
-                if rgb_distance(
-                    image.pixel(x, y),
-                    r.pixel(x.min(r.width - 1), y.min(r.height - 1)),
-                ) < 60.0
-                {
+                if bg_at(x, y).is_some_and(|b| rgb_distance(image.pixel(x, y), b) < 60.0) {
                     close += 1;
                 }
             }
@@ -268,10 +271,11 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
                 }
                 continue;
             };
+            let inside = p.pixels.iter().copied().collect();
             let fits: Vec<(Shape, f32, f32)> = ext
                 .iter()
                 .map(|&(shape, e)| {
-                    let (r, iou) = fit(p, shape, e, w, h);
+                    let (r, iou) = fit(p, &inside, shape, e, w, h);
                     (shape, r, iou)
                 })
                 .collect();
@@ -357,7 +361,7 @@ mod tests {
             } else {
                 Split::HeldOut
             });
-            let sc = score(&render(&x.scene, 128), &x.described);
+            let sc = score(&render(&x.scene, 128, 128), &x.described);
             passed += sc.passed();
             total += sc.total();
         }
@@ -371,7 +375,7 @@ mod tests {
         let (mut passed, mut total) = (0, 0);
         for (a, b) in e.iter().zip(e.iter().skip(1)) {
             // Score each prompt against the next prompt's picture.
-            let sc = score(&render(&b.scene, 128), &a.described);
+            let sc = score(&render(&b.scene, 128, 128), &a.described);
             passed += sc.passed();
             total += sc.total();
         }
