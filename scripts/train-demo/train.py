@@ -98,6 +98,11 @@ def main():
     ap.add_argument("--init-from", default=None,
                     help="with an empty --state: start from exported weights (e.g. assets/demo) and the steps its demo.json records")
     ap.add_argument("--phases", default=None, help="steps per phase, e.g. vae=5,flux=5,distill=3 (a smoke test)")
+    ap.add_argument("--anneal-until", type=int, default=0,
+                    help="decay the transformer's learning rate linearly from this call's first step to a tenth at this step")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="encode this many scenes (drawn with a fixed seed) once per call and train on their "
+                         "latents, instead of drawing and encoding every batch afresh")
     a = ap.parse_args()
     if a.phases:
         for kv in a.phases.split(","):
@@ -129,11 +134,36 @@ def main():
 
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
+    pool = {}
+
+    def encode(img):
+        with torch.no_grad(), torch.autocast(**amp):
+            return models.pack(ae.scale(ae.moments(img)[0].float())).float()
+
+    def build_pool(seed):
+        """Latents of `--pool` scenes, encoded once (bf16 on the device), and their scene ids."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(n, generator=g)[: a.pool]
+        lat = torch.empty(len(ids), 256, 64, dtype=torch.bfloat16, device=dev)
+        t0 = time.time()
+        for i in range(0, len(ids), a.batch):
+            j = ids[i : i + a.batch]
+            lat[i : i + len(j)] = encode(rend.render(data["kind"][j], data["bg"][j], data["obj"][j])).to(torch.bfloat16)
+        log(f"pool of {len(ids)} latents encoded in {time.time() - t0:.1f}s", logf)
+        pool.update(ids=ids, lat=lat)
+
     def latents_and_ids(step, seed):
         """A batch's clean packed latents (B, 256, 64) and its captions' T5 and CLIP ids."""
-        idx, img = batch(step, a.batch, seed)
-        with torch.no_grad(), torch.autocast(**amp):
-            x0 = models.pack(ae.scale(ae.moments(img)[0].float())).float()
+        if a.pool:
+            if not pool:
+                build_pool(seed)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            k = torch.randint(0, len(pool["ids"]), (a.batch,), generator=g)
+            idx = pool["ids"][k]
+            x0 = pool["lat"][k.to(dev)].float()
+        else:
+            idx, img = batch(step, a.batch, seed)
+            x0 = encode(img)
         return x0, data["t5"][idx].to(dev), data["clip"][idx].to(dev)
     st = lambda name: os.path.join(a.state, name)
 
@@ -249,11 +279,21 @@ def main():
     if fstep < PHASES["flux"]:
         t0, s0 = time.time(), fstep
         losses = []
+        td = 0.0
         while fstep < PHASES["flux"] and time.time() < deadline - 40:
             lr = 4e-4 * min(1.0, (fstep + 1) / 500, (fstep - resumed_at + 1) / 200 if resumed_at else 1.0)
+            if a.anneal_until > resumed_at:
+                lr *= 1 - 0.9 * min(1.0, (fstep - resumed_at) / (a.anneal_until - resumed_at))
             for gr in opt.param_groups:
                 gr["lr"] = lr
+            timed = dev.type == "cuda" and fstep % 200 == 100
+            if timed:
+                torch.cuda.synchronize()
+                td = time.time()
             x0, t5_ids, clip_ids = latents_and_ids(fstep, 22)
+            if timed:
+                torch.cuda.synchronize()
+                td = time.time() - td
             B = x0.shape[0]
             drop = torch.rand(B, device=dev) < 0.1
             t5_ids = torch.where(drop[:, None], empty_t5[None], t5_ids)
@@ -281,7 +321,8 @@ def main():
             losses.append(loss.item() if fstep % 50 == 0 else None)
             if fstep % 200 == 0:
                 rec = [l for l in losses if l is not None]
-                log(f"flux {fstep} loss {np.mean(rec):.4f} lr {lr:.2e} ({(time.time() - t0) / (fstep - s0):.3f}s/it)", logf)
+                log(f"flux {fstep} loss {np.mean(rec):.4f} lr {lr:.2e} ({(time.time() - t0) / (fstep - s0):.3f}s/it, "
+                    f"data {td:.3f}s)", logf)
                 losses = []
             if fstep % 2000 == 0:
                 save_flux()

@@ -39,7 +39,8 @@ pub struct Settings {
     pub random_seed: bool,
     pub compare_thresholds: Vec<f64>,
     pub heatmap_gain: f32,
-    /// FP8 products in the transformer blocks (simulated for now: `--precision fp8`).
+    /// FP8 products in the transformer blocks (`--precision fp8`: real on sm_89+ GPUs in bf16,
+    /// simulated by rounding elsewhere).
     pub fp8: bool,
 }
 

@@ -195,8 +195,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
     /// Precision of the transformer blocks' products: `native` (the dtype's), or `fp8` (E4M3
-    /// weights per output channel and activations per token; for now simulated by rounding, so
-    /// FP8's quality without its speed; embedders, modulations and the output layer stay native).
+    /// weights per output channel and activations per token: cuBLASLt's FP8 products in bf16 on
+    /// sm_89+ GPUs, simulated by rounding elsewhere (FP8's quality without its speed); embedders,
+    /// modulations and the output layer stay native).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
     pub precision: PrecisionArg,
     /// Device: `cpu`, `cuda` (GPU 0) or `cuda:N` (builds with the `cuda` feature).

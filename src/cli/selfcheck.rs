@@ -288,6 +288,18 @@ pub fn run(device: &str) -> anyhow::Result<()> {
         }
     }
 
+    // 1c''. FP8 (sm_89+): the per-row E4M3 quantiser (per tensor too) against the CPU rounding,
+    //       and cuBLASLt's FP8 product (outer-vector scales, bias/GELU epilogue, written beside
+    //       another tensor) against the CPU f32 product of the same rounded operands.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cdev) = &dev {
+        if crate::kernels::fp8_gemm::supported(cdev) {
+            fp8_checks(&dev, cdev, &mut report)?;
+        } else {
+            println!("(no FP8 products on this GPU: FP8 checks skipped)");
+        }
+    }
+
     // 1d. The autoencoder's convolution pieces: 3x3 and 1x1 convolutions (Parallax's im2col
     //     kernel + cuBLAS in bf16; candle's, cuDNN in a `cudnn` build, with PARALLAX_CONV=candle),
     //     whole and by row bands, stride 2, widths that leave a band's columns unaligned; the
@@ -484,6 +496,101 @@ pub fn run(device: &str) -> anyhow::Result<()> {
     println!("{} passed, {} failed", report.rows.len() - failed, failed);
     if failed > 0 {
         bail!("{failed} selfcheck(s) failed");
+    }
+    Ok(())
+}
+
+/// The FP8 quantiser and product on `dev` against the CPU's simulated rounding (section 1c'').
+#[cfg(feature = "cuda")]
+fn fp8_checks(
+    dev: &Device,
+    cdev: &candle_core::CudaDevice,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    use crate::kernels::fp8::{round_rows, Fp8};
+    use crate::kernels::fp8_gemm::{linear_cat, quantize_rows};
+    use crate::kernels::gemm::linear;
+    let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
+        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    };
+    let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1.0, shape, dev)? * std)?.to_dtype(DType::BF16)?)
+    };
+    // The quantised matrix read back and decoded on the CPU.
+    let decoded = |m: &crate::kernels::fp8_gemm::Fp8Matrix| -> anyhow::Result<Tensor> {
+        let q = cdev.cuda_stream().clone_dtoh(&m.q)?;
+        let sc = cdev.cuda_stream().clone_dtoh(&m.scale)?;
+        let v: Vec<f32> = q
+            .chunks(m.k)
+            .zip(&sc)
+            .flat_map(|(row, s)| row.iter().map(move |&b| Fp8::E4M3.decode(b) * s))
+            .collect();
+        Ok(Tensor::from_vec(v, (m.rows, m.k), &Device::Cpu)?)
+    };
+    let x = rnd(&[1024, 3072], 1.0)?;
+    // Rows of very different magnitudes, as activations have.
+    let x = x.broadcast_mul(
+        &(Tensor::arange(0f32, 1024., dev)?
+            .affine(0.01, 0.05)?
+            .to_dtype(DType::BF16)?
+            .unsqueeze(1)?),
+    )?;
+    let want = round_rows(&cpu32(&x)?)?;
+    report.check(
+        "fp8 e4m3 quantise per row 1024x3072 vs CPU rounding".into(),
+        rel_err(&decoded(&quantize_rows(&x, false)?)?, &want)?,
+        1e-3,
+    );
+    let xc = cpu32(&x)?;
+    let amax = xc.abs()?.max_all()?.to_scalar::<f32>()?;
+    let s = amax / Fp8::E4M3.max();
+    let per_tensor: Vec<f32> = xc
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| Fp8::E4M3.round(v / s) * s)
+        .collect();
+    report.check(
+        "fp8 e4m3 quantise per tensor 1024x3072 vs CPU rounding".into(),
+        rel_err(
+            &decoded(&quantize_rows(&x, true)?)?,
+            &Tensor::from_vec(per_tensor, (1024, 3072), &Device::Cpu)?,
+        )?,
+        1e-3,
+    );
+    for &(b, l, k, n) in &[(1usize, 1024usize, 3072usize, 1536usize), (2, 77, 256, 512)] {
+        let x = rnd(&[b, l, k], 1.0)?;
+        let w = rnd(&[n, k], 1.0 / (k as f64).sqrt())?;
+        let bias = rnd(&[n], 0.5)?;
+        let a = rnd(&[b, l, 128], 1.0)?;
+        let wq = quantize_rows(&w, false)?;
+        let (x32, w32, bias32) = (
+            round_rows(&cpu32(&x)?)?,
+            round_rows(&cpu32(&w)?)?,
+            cpu32(&bias)?,
+        );
+        for (with_bias, gelu) in [(true, false), (true, true), (false, false)] {
+            report.check(
+                format!(
+                    "fp8 linear {b}x{l}x{k} -> {n}{}{}",
+                    if with_bias { " + bias" } else { "" },
+                    if gelu { " + gelu" } else { "" }
+                ),
+                rel_err(
+                    &linear_cat(None, &x, &wq, with_bias.then_some(&bias), gelu)?,
+                    &linear(&x32, &w32, with_bias.then_some(&bias32), gelu)?,
+                )?,
+                1e-2,
+            );
+        }
+        report.check(
+            format!("fp8 [a, gelu(linear)] {b}x{l}x(128 + {n})"),
+            rel_err(
+                &linear_cat(Some(&a), &x, &wq, Some(&bias), true)?,
+                &Tensor::cat(&[&cpu32(&a)?, &linear(&x32, &w32, Some(&bias32), true)?], 2)?,
+            )?,
+            1e-2,
+        );
     }
     Ok(())
 }

@@ -113,13 +113,13 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
     let mut p = Pipeline::load(&resolved, &choice.model, dtype, &dev)
         .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
     if choice.precision == Precision::Fp8 {
-        if !dev.is_cpu() {
+        p.flux = p.flux.with_fp8_products()?;
+        if !dev.is_cpu() && !p.flux.fp8_kernels() {
             tracing::warn!(
-                "--precision fp8: the FP8 products are simulated (rounding in {dtype:?}) on this \
-                 device too: FP8's quality, not its speed, until the FP8 kernels are written"
+                "--precision fp8: FP8 products need bf16 on an sm_89 or newer GPU; here they are \
+                 simulated (rounding in {dtype:?}): FP8's quality, not its speed"
             );
         }
-        p.flux = p.flux.with_fp8_products()?;
     }
     // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
     // groups) queue on streams of their own.

@@ -11,6 +11,7 @@ pub mod cuda_util;
 pub mod elementwise;
 pub mod flash_attn;
 pub mod fp8;
+pub mod fp8_gemm;
 pub mod gemm;
 pub mod nvrtc;
 pub mod qkv_prep;

@@ -274,6 +274,10 @@ struct Lin {
     /// FP8 simulated: the input is rounded to E4M3 per token before the product (the weight was
     /// rounded per output channel once, by [`Lin::to_fp8`]).
     fp8: bool,
+    /// On GPUs with FP8 products: the weight in E4M3 with its scales, multiplied by cuBLASLt
+    /// ([`crate::kernels::fp8_gemm`]); the rounded `weight` stays for the shapes it does not take.
+    #[cfg(feature = "cuda")]
+    fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
 }
 
 impl Lin {
@@ -283,21 +287,83 @@ impl Lin {
             weight: l.weight().clone(),
             bias: l.bias().cloned(),
             fp8: false,
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
         })
     }
 
     /// This layer with FP8 products simulated: weight rows rounded to E4M3 now, inputs per token
     /// at every product.
+    ///
+    /// Where the GPU multiplies FP8 the weight is quantised there instead and `weight` keeps its
+    /// original values: a product the FP8 path cannot take then runs unrounded (with a warning),
+    /// and loading skips the CPU rounding of every weight.
     fn to_fp8(&self) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Some(q) = self.fp8_weight_on_gpu() {
+            return Ok(Self {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                fp8: true,
+                fp8_gpu: Some(q),
+            });
+        }
         Ok(Self {
             weight: crate::kernels::fp8::round_rows(&self.weight)?,
             bias: self.bias.clone(),
             fp8: true,
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
         })
     }
 
+    /// The weight quantised on the GPU for cuBLASLt's FP8 products, where the GPU has them (none
+    /// elsewhere, or when quantising fails: the simulated rounding then serves).
+    #[cfg(feature = "cuda")]
+    fn fp8_weight_on_gpu(&self) -> Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>> {
+        use crate::kernels::fp8_gemm as f;
+        let candle_core::Device::Cuda(dev) = self.weight.device() else {
+            return None;
+        };
+        if !f::enabled() || !f::supported(dev) || self.weight.dtype() != DType::BF16 {
+            return None;
+        }
+        match f::quantize_rows(&self.weight, f::per_tensor_weights()) {
+            Ok(m) => Some(std::sync::Arc::new(m)),
+            Err(e) => {
+                tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
+                None
+            }
+        }
+    }
+
+    /// The product through cuBLASLt's FP8 path, if this layer has it and it takes `x`.
+    #[cfg(feature = "cuda")]
+    fn fp8_product(&self, a: Option<&Tensor>, x: &Tensor, gelu: bool) -> Option<Tensor> {
+        let w = self.fp8_gpu.as_ref()?;
+        if x.dtype() != DType::BF16 || !x.device().is_cuda() {
+            return None;
+        }
+        match crate::kernels::fp8_gemm::linear_cat(a, x, w, self.bias.as_ref(), gelu) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "FP8 product failed ({e}); running such products unrounded in bf16"
+                    )
+                });
+                None
+            }
+        }
+    }
+
     fn input<'a>(&self, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
-        Ok(if self.fp8 {
+        #[cfg(feature = "cuda")]
+        let simulated = self.fp8 && self.fp8_gpu.is_none();
+        #[cfg(not(feature = "cuda"))]
+        let simulated = self.fp8;
+        Ok(if simulated {
             std::borrow::Cow::Owned(crate::kernels::fp8::round_rows(x)?)
         } else {
             std::borrow::Cow::Borrowed(x)
@@ -306,18 +372,31 @@ impl Lin {
 
     /// Output rows `start..start+len` only (a slice of the weight's rows, no copy).
     fn rows(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
+        #[allow(unused_mut)]
+        let mut part = Self {
             weight: self.weight.narrow(0, start, len)?,
             bias: match &self.bias {
                 Some(b) => Some(b.narrow(0, start, len)?),
                 None => None,
             },
             fp8: self.fp8,
-        })
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
+        };
+        // The rows of a GPU-quantised layer are quantised again on their own (same per-row scales).
+        #[cfg(feature = "cuda")]
+        if self.fp8_gpu.is_some() {
+            part.fp8_gpu = part.fp8_weight_on_gpu();
+        }
+        Ok(part)
     }
 
     /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
     fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fp8_product(None, x, gelu) {
+            return Ok(y);
+        }
         gemm::linear(
             self.input(x)?.as_ref(),
             &self.weight,
@@ -328,6 +407,12 @@ impl Lin {
 
     /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
     fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if a.dtype() == DType::BF16 {
+            if let Some(y) = self.fp8_product(Some(a), x, gelu) {
+                return Ok(y);
+            }
+        }
         gemm::linear_cat(
             a,
             self.input(x)?.as_ref(),
@@ -645,7 +730,7 @@ pub struct Flux {
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
-    /// FP8 products (simulated so far: see [`Flux::with_fp8_products`]).
+    /// FP8 products (see [`Flux::with_fp8_products`]).
     fp8: bool,
 }
 
@@ -738,6 +823,21 @@ impl Flux {
     /// Whether [`Flux::with_fp8_products`] was applied.
     pub fn fp8_products(&self) -> bool {
         self.fp8
+    }
+
+    /// Whether the FP8 products run as real FP8 kernels (cuBLASLt on an sm_89+ GPU in bf16)
+    /// rather than simulated by rounding.
+    pub fn fp8_kernels(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.fp8
+                && self
+                    .double_blocks
+                    .first()
+                    .is_some_and(|b| b.img_attn.qkv.fp8_gpu.is_some())
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Replace the attention implementation (for parallel strategies).

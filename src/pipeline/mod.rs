@@ -441,7 +441,9 @@ impl Pipeline {
             dtype: format!(
                 "{:?}{}",
                 self.flux.dtype(),
-                if self.flux.fp8_products() {
+                if self.flux.fp8_kernels() {
+                    " + fp8 products"
+                } else if self.flux.fp8_products() {
                     " + fp8 products (simulated)"
                 } else {
                     ""

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU call (device tool, `.device` carried; see scripts/device-pack.sh): the trained demo's
+# prompt score and cache sweep on the GPU (issue 14), selfcheck (FP8 quantiser and products
+# included), then FLUX.1-dev-shaped steps in bf16 and FP8 (per-channel and per-tensor weight
+# scales) at 1024 and 2048 px (issue 15). Logs and JSON go to $OUT (stderr of every command into
+# one errors.log: the device tool brings back at most 8 files).
+#   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score]    (default: all four)
+set -uo pipefail
+out=${OUT:-/tmp/parallax-out}
+mkdir -p "$out"
+[[ -f .device/parallax.xz ]] && xz -d -f .device/parallax.xz
+source .device/gpu-env.sh
+bin=.device/parallax
+chmod +x "$bin"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee -a "$out/calls.log"
+
+run() { # name, then command
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$out/calls.log"
+    local t0=$SECONDS
+    echo "== $name" >> "$out/errors.log"
+    "$@" > "$out/$name.out" 2>> "$out/errors.log"
+    echo "   rc $? in $((SECONDS - t0)) s" | tee -a "$out/calls.log"
+}
+stages=${*:-score selfcheck bench fp8score}
+want() { [[ " $stages " == *" $1 "* ]]; }
+
+want score && run score_gpu "$bin" score --device cuda --prompts 40 --thresholds 0,0.04,0.08,0.12,0.2
+if want selfcheck; then
+    run selfcheck env RUST_LOG=info "$bin" selfcheck --device cuda
+    grep -E "fp8|FP8|passed|FAIL" "$out/selfcheck.out" | tee -a "$out/calls.log"
+fi
+want bench && for p in native fp8; do
+    run "dev1024_$p" "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 \
+        --steps 12 --runs 2 --warmup 1 --precision "$p"
+done
+want bench && PARALLAX_FP8_WEIGHT_SCALE=tensor run dev1024_fp8_tensor "$bin" bench --device cuda --model random:dev \
+    --width 1024 --height 1024 --steps 12 --runs 1 --warmup 1 --precision fp8
+want bench && for p in native fp8; do
+    run "dev2048_$p" "$bin" bench --device cuda --model random:dev --width 2048 --height 2048 \
+        --steps 4 --runs 1 --warmup 1 --precision "$p"
+done
+want fp8score && run score_gpu_fp8 "$bin" score --device cuda --prompts 40 --thresholds 0 --precision fp8
+python3 - "$out" <<'PY' | tee -a "$out/calls.log"
+import json, sys, os
+out = sys.argv[1]
+every = {}
+for name in ["dev1024_native", "dev1024_fp8", "dev1024_fp8_tensor", "dev2048_native", "dev2048_fp8"]:
+    try:
+        path = os.path.join(out, name + ".out")
+        v = json.load(open(path))
+        every[name] = v
+        os.remove(path)
+        print(f"{name}: step {v['step_ms']['median']:.1f} ms (min {v['step_ms']['min']:.1f}), total "
+              f"{v['total_ms']['median']:.0f} ms, text {v['text_encode_ms_median']:.0f} ms, vae "
+              f"{v['vae_decode_ms_median']:.0f} ms, gpu mem max {v['gpu_memory_used_max_mib']:.0f} MiB, dtype {v['dtype']}")
+    except Exception as e:
+        print(name, "no result:", e)
+if every:
+    json.dump(every, open(os.path.join(out, "bench.json"), "w"), indent=1)
+PY
