@@ -193,6 +193,7 @@ fn compare_sweep_measures_each_threshold_against_the_uncached_image() {
     let job = rt.submit(JobSpec::Compare {
         base: req(6, 0.0),
         thresholds: vec![0.12, 5.0],
+        caches: vec![],
     });
     let images: Vec<_> = until_done(&rt, job)
         .into_iter()
@@ -269,6 +270,11 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
     let sweep = JobSpec::Compare {
         base: req(4, 0.0),
         thresholds: vec![5.0],
+        // Other policies in the same sweep: each data-parallel group runs its own.
+        caches: vec![
+            "dbcache:f=1,b=1,t=5,taylor=1".parse().expect("spec"),
+            "taylorseer:n=2,order=1,warmup=1".parse().expect("spec"),
+        ],
     };
     let images = |rt: &Runtime| -> Vec<parallax::pipeline::image::RgbImage> {
         let job = rt.submit(sweep.clone());
@@ -285,6 +291,10 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
     let dp = start(None);
     dp.configure(EngineSpec::new("demo", placement("cpu:2", Some(2))));
     let parallel = images(&dp);
-    assert_eq!(sequential.len(), 2);
+    assert_eq!(
+        sequential.len(),
+        4,
+        "reference, threshold 5, DBCache, TaylorSeer"
+    );
     assert_eq!(sequential, parallel);
 }

@@ -13,6 +13,7 @@ use egui_kittest::Harness;
 use parallax::app::dialogs::Dialogs;
 use parallax::app::view::ModelStatus;
 use parallax::app::{gpu, heatmap, StudioApp, StudioOptions, Tab};
+use parallax::pipeline::cache::CacheSpec;
 use parallax::pipeline::image::{read_png, RgbImage};
 use parallax::pipeline::preview::{Latent, PreviewFactors};
 use parallax::pipeline::{GenerationSettings, Pipeline};
@@ -190,17 +191,25 @@ fn compare_sweep_with_wipe_and_heatmap() {
     let mut h = studio(dir.path());
     // The demo's residuals are large: 5 is a threshold at which it reuses steps.
     h.state_mut().settings.compare_thresholds = vec![0.0, 5.0];
+    // And one other policy: the sweep is a list of cells, thresholds first.
+    let policy = CacheSpec::preset("magcache", "balanced").expect("preset");
+    h.state_mut().settings.compare_caches = vec![policy.clone()];
     h.state_mut().settings.request.steps = Some(6);
     h.get_by_label("Run compare").click();
     h.step();
     assert_eq!(h.state().tab, Tab::Compare);
     step_until(&mut h, "the sweep", |a| !a.is_busy());
     let app = h.state();
-    assert_eq!(app.compare.len(), 2);
+    assert_eq!(app.compare.len(), 3);
     let r = &app.compare[1].result;
     assert_eq!(r.generated.settings.cache_threshold, 5.0);
     assert!(r.generated.stats.reused > 0);
     assert!(r.quality.is_some() && r.speedup.is_some());
+    let m = &app.compare[2];
+    assert_eq!(m.result.generated.settings.cache_spec(), policy);
+    assert!(m.result.quality.is_some());
+    // The default prompt is in the demo's world: every cell has its prompt score.
+    assert!(app.compare.iter().all(|s| s.prompt_score.is_some()));
     h.get_by_label("reference");
     mask_timings(&mut h);
     h.snapshot("studio_compare_wipe");
@@ -264,6 +273,7 @@ fn a_sweep_without_reuse_says_so_instead_of_a_speedup() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = studio(dir.path());
     h.state_mut().settings.compare_thresholds = vec![0.0, 0.06];
+    h.state_mut().settings.compare_caches = vec![];
     h.state_mut().settings.request.steps = Some(3);
     h.state_mut().start_compare();
     step_until(&mut h, "the sweep", |a| !a.is_busy());

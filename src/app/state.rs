@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Degrees, Devices, LayoutChoice, Placement};
 use crate::parallel::mesh::ParallelLayout;
+use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
 use crate::runtime::EngineSpec;
 
@@ -38,6 +39,8 @@ pub struct Settings {
     pub request: GenerateRequest,
     pub random_seed: bool,
     pub compare_thresholds: Vec<f64>,
+    /// Cache policies the compare sweep runs after the thresholds.
+    pub compare_caches: Vec<CacheSpec>,
     pub heatmap_gain: f32,
     /// FP8 products in the transformer blocks (`--precision fp8`: real on sm_89+ GPUs in bf16,
     /// simulated by rounding elsewhere).
@@ -59,6 +62,7 @@ impl Default for Settings {
             random_seed: false,
             // On the demo at its 12 steps the cache starts reusing steps near 0.12.
             compare_thresholds: vec![0.0, 0.08, 0.12, 0.2],
+            compare_caches: default_compare_caches(),
             heatmap_gain: 4.0,
             fp8: false,
         }
@@ -80,6 +84,7 @@ fn default_request() -> GenerateRequest {
         seed: 42,
         guidance: Some(1.0),
         cache_threshold: 0.0,
+        cache: None,
     }
 }
 
@@ -100,6 +105,7 @@ struct SettingsFile {
     request: Option<GenerateRequest>,
     random_seed: bool,
     compare_thresholds: Vec<f64>,
+    compare_caches: Vec<CacheSpec>,
     heatmap_gain: f32,
     fp8: bool,
     #[serde(flatten)]
@@ -136,6 +142,7 @@ impl Default for SettingsFile {
             request: None,
             random_seed: d.random_seed,
             compare_thresholds: d.compare_thresholds,
+            compare_caches: d.compare_caches,
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
             flat: FlatSampling::default(),
@@ -183,10 +190,37 @@ impl From<SettingsFile> for Settings {
             request: r,
             random_seed: f.random_seed,
             compare_thresholds: f.compare_thresholds,
+            compare_caches: f.compare_caches,
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
         }
     }
+}
+
+/// The policies a compare sweep runs besides First Block Cache: each one's balanced preset.
+pub fn default_compare_caches() -> Vec<CacheSpec> {
+    ["dbcache", "taylorseer", "magcache"]
+        .iter()
+        .filter_map(|p| CacheSpec::preset(p, "balanced"))
+        .collect()
+}
+
+/// Cache policies as typed (`dbcache:t=0.2,taylor=1; magcache:t=0.3`), separated by `;`; empty
+/// text is no policies. On error, says which entry is wrong and why.
+pub fn parse_caches(text: &str) -> Result<Vec<CacheSpec>, String> {
+    text.split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<CacheSpec>().map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// The policies as [`parse_caches`] reads them.
+pub fn format_caches(list: &[CacheSpec]) -> String {
+    list.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The compare sweep's thresholds as typed (`0, 0.06, 0.08`): numbers from 0 to 1, separated by
@@ -411,6 +445,7 @@ mod tests {
             seed: 9,
             guidance: 2.5,
             cache_threshold: 0.08,
+            cache: None,
             model: "demo".into(),
             variant: crate::model::layout::Variant::Schnell,
             synthetic: true,
@@ -472,6 +507,7 @@ mod tests {
                 seed: 77,
                 guidance: Some(4.0),
                 cache_threshold: 0.08,
+                cache: None,
             }
         );
         assert_eq!(old.workers, 2);

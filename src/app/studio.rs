@@ -297,6 +297,9 @@ impl StudioApp {
             if let Some(e) = &self.compare_view.thresholds.error {
                 blockers.push(format!("compare thresholds: {e}"));
             }
+            if let Some(e) = &self.compare_view.caches.error {
+                blockers.push(format!("compare policies: {e}"));
+            }
         }
         if !blockers.is_empty() {
             for b in blockers {
@@ -326,6 +329,7 @@ impl StudioApp {
             JobSpec::Compare {
                 base,
                 thresholds: self.settings.compare_thresholds.clone(),
+                caches: self.settings.compare_caches.clone(),
             }
         } else {
             JobSpec::Generate(base)
@@ -727,6 +731,7 @@ impl StudioApp {
             blockers,
             warning: self.gallery_warning.as_deref(),
             thresholds: &mut self.compare_view.thresholds,
+            caches: &mut self.compare_view.caches,
             cmds: &mut self.cmds,
         }
     }

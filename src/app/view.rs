@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use egui::{TextureHandle, TextureOptions};
 
-use super::state::{format_thresholds, parse_thresholds};
+use super::state::{format_caches, format_thresholds, parse_caches, parse_thresholds};
+use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::RgbImage;
 use crate::runtime::gallery::Entry;
 use crate::runtime::{ImageResult, JobId};
@@ -163,6 +164,9 @@ pub struct Shown {
     /// Unique per image (heatmap and texture cache keys).
     pub id: u64,
     pub tex: TextureHandle,
+    /// The share of the prompt's checks the image passes, for prompts in the demo model's world
+    /// (colours, shapes, places, backgrounds: [`crate::scenes::score`]); none for other prompts.
+    pub prompt_score: Option<f64>,
 }
 
 impl Shown {
@@ -173,11 +177,14 @@ impl Shown {
             color_image(&image),
             TextureOptions::NEAREST,
         );
+        let prompt_score = crate::scenes::parse::parse(&result.generated.settings.prompt)
+            .map(|d| crate::scenes::score::score(&image, &d).accuracy());
         Self {
             result,
             image,
             id,
             tex,
+            prompt_score,
         }
     }
 
@@ -232,23 +239,58 @@ impl ThresholdField {
     }
 }
 
+/// The compare sweep's policy field, like [`ThresholdField`] for the settings'
+/// `compare_caches`.
+#[derive(Debug, Clone, Default)]
+pub struct CacheListField {
+    pub text: String,
+    pub error: Option<String>,
+    synced: Option<Vec<CacheSpec>>,
+}
+
+impl CacheListField {
+    pub fn sync(&mut self, list: &[CacheSpec]) {
+        if self.synced.as_deref() != Some(list) {
+            self.text = format_caches(list);
+            self.error = None;
+            self.synced = Some(list.to_vec());
+        }
+    }
+
+    pub fn edited(&mut self, list: &mut Vec<CacheSpec>) {
+        match parse_caches(&self.text) {
+            Ok(v) => {
+                self.error = None;
+                *list = v.clone();
+                self.synced = Some(v);
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
 /// State of the compare tab.
 #[derive(Debug, Clone)]
 pub struct CompareView {
-    /// The result shown against the reference.
+    /// The result on the right of the wipe (and the heatmap's candidate).
     pub selected: usize,
+    /// The result on the left (0: the uncached reference): any two cells can be compared.
+    pub left: usize,
     pub wipe: f32,
     pub show_heatmap: bool,
     pub thresholds: ThresholdField,
+    pub caches: CacheListField,
 }
 
 impl Default for CompareView {
     fn default() -> Self {
         Self {
             selected: 1,
+            left: 0,
             wipe: 0.5,
             show_heatmap: false,
             thresholds: ThresholdField::default(),
+            caches: CacheListField::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `selfcheck`, `profile`.
 
 mod bench_vae;
+mod calibrate;
 mod dataset;
 mod profile;
 mod score;
@@ -63,6 +64,8 @@ pub enum Command {
     /// How well images follow their prompts (the demo dataset's scorer): one image, or the
     /// evaluation prompts generated at one or more cache thresholds, as JSON.
     Score(score::ScoreArgs),
+    /// Measure this model's residual-magnitude rate for the MagCache policy and save it.
+    CalibrateMagcache(calibrate::CalibrateArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
@@ -233,6 +236,12 @@ pub struct SampleArgs {
     /// First Block Cache residual_diff_threshold; 0 turns it off (FLUX default when on: 0.08).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub cache_threshold: f64,
+    /// Cache policy and settings, replacing --cache-threshold: `none`, `fbcache:t=0.12`,
+    /// `dbcache:f=1,b=1,t=0.12,max=0,warmup=0,taylor=0`, `taylorseer:n=3,order=1,warmup=2`,
+    /// `magcache:t=0.3,k=3,warmup=2` (MagCache needs the model's calibration: the demo ships
+    /// one, `parallax calibrate-magcache` makes one).
+    #[arg(long)]
+    pub cache: Option<crate::pipeline::cache::CacheSpec>,
 }
 
 /// How to spread one image over workers.
@@ -378,7 +387,11 @@ pub struct CompareArgs {
         allow_negative_numbers = true
     )]
     pub thresholds: Vec<f64>,
-    /// Save each image here as compare-<threshold>.png (with its settings).
+    /// Cache policies to compare after the thresholds, separated by `;` (e.g.
+    /// `dbcache:t=0.2,taylor=1;taylorseer:n=3;magcache:t=0.3`; see `generate --cache`).
+    #[arg(long, value_delimiter = ';')]
+    pub caches: Vec<crate::pipeline::cache::CacheSpec>,
+    /// Save each image here as compare-<threshold or policy>.png (with its settings).
     #[arg(long)]
     pub save: Option<PathBuf>,
     /// Print every runtime event as it arrives (to standard error).
@@ -440,6 +453,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportDemo(a) => export_demo(a),
         Command::Dataset(a) => dataset::run(a),
         Command::Score(a) => score::run(a),
+        Command::CalibrateMagcache(a) => calibrate::run(a),
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
@@ -537,6 +551,7 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
         seed: s.seed.unwrap_or_else(crate::model::rng::fresh_seed),
         guidance: s.guidance,
         cache_threshold: s.cache_threshold,
+        cache: s.cache.clone(),
     }
 }
 
@@ -1001,6 +1016,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
     let job = rt.submit(JobSpec::Compare {
         base,
         thresholds: a.thresholds.clone(),
+        caches: a.caches.clone(),
     });
     // Prompts in the demo model's world are also scored (colours, shapes, places, background).
     let asked = crate::scenes::parse::parse(&a.sample.prompt);
@@ -1033,7 +1049,11 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 let g = &result.generated;
                 let saved = match &a.save {
                     Some(dir) => {
-                        let out = dir.join(format!("compare-{}.png", g.settings.cache_threshold));
+                        let name = match &g.settings.cache {
+                            Some(c) => c.to_string().replace([':', ',', '='], "_"),
+                            None => g.settings.cache_threshold.to_string(),
+                        };
+                        let out = dir.join(format!("compare-{name}.png"));
                         image::save_png(&out, &g.image, &g.settings.png_text()?)
                             .with_context(|| format!("saving {}", out.display()))?;
                         Some(out)
@@ -1043,6 +1063,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 bar.set_message(format!("{} images done", image + 1));
                 rows.push(serde_json::json!({
                     "threshold": g.settings.cache_threshold,
+                    "cache": g.settings.cache_spec().to_string(),
                     "steps_computed": g.stats.computed,
                     "steps_reused": g.stats.reused,
                     "pattern": step_pattern(&g.stats.steps),

@@ -2,8 +2,9 @@
 //! ([`crate::scenes::score`]). Either one image (`--image PNG --prompt TEXT`), or the evaluation
 //! set: `--prompts N` prompts from [`crate::scenes::sample::eval_samples`] (the first half like
 //! the training scenes, the second half with held-out colour-shape pairs), each generated at every
-//! `--thresholds` value, reported per threshold: prompt accuracy (all, in-distribution, held-out,
-//! per kind of check), steps computed, time, speedup and PSNR/SSIM against the uncached image.
+//! `--thresholds` value and every `--caches` policy, reported per cell: prompt accuracy (all,
+//! in-distribution, held-out, per kind of check), steps computed, time, speedup and PSNR/SSIM
+//! against the uncached image.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{median, request_for, ModelArgs, SampleArgs};
+use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::{read_png, RgbImage};
 use crate::pipeline::metrics;
 use crate::scenes::parse::parse;
@@ -36,6 +38,10 @@ pub struct ScoreArgs {
     /// First Block Cache thresholds; 0, the reference, always runs first.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub thresholds: Vec<f64>,
+    /// More cells, after the thresholds: cache policies with their settings, separated by `;`
+    /// (e.g. `dbcache:t=0.2,taylor=1;taylorseer:n=3;magcache:t=0.3`).
+    #[arg(long, value_delimiter = ';')]
+    pub caches: Vec<CacheSpec>,
     /// Save every image here as eval-<prompt>-<threshold>.png.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -116,8 +122,20 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     if let Some(bad) = a.thresholds.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
     }
-    let mut thresholds = vec![0.0];
-    thresholds.extend(a.thresholds.iter().copied().filter(|t| *t > 0.0));
+    // The cells: no cache first (the reference), then each threshold, then each policy.
+    let mut specs = vec![CacheSpec::None];
+    specs.extend(
+        a.thresholds
+            .iter()
+            .filter(|t| **t > 0.0)
+            .map(|&t| CacheSpec::from_threshold(t)),
+    );
+    specs.extend(
+        a.caches
+            .iter()
+            .filter(|c| !matches!(c, CacheSpec::None))
+            .cloned(),
+    );
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -134,7 +152,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         psnr: Vec<f64>,
         ssim: Vec<f64>,
     }
-    let mut cells: Vec<Cell> = thresholds
+    let mut cells: Vec<Cell> = specs
         .iter()
         .map(|_| Cell {
             tally: Tally::default(),
@@ -146,14 +164,15 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         })
         .collect();
     let mut details = Vec::new();
-    let bar = indicatif::ProgressBar::new((samples.len() * thresholds.len()) as u64);
+    let bar = indicatif::ProgressBar::new((samples.len() * specs.len()) as u64);
     let started = Instant::now();
     for (i, sample) in samples.iter().enumerate() {
         let mut reference: Option<RgbImage> = None;
-        for (k, &t) in thresholds.iter().enumerate() {
+        for (k, spec) in specs.iter().enumerate() {
             let mut s = a.sample.clone();
             s.prompt = sample.caption.clone();
-            s.cache_threshold = t;
+            s.cache_threshold = 0.0;
+            s.cache = Some(spec.clone());
             s.seed = Some(a.sample.seed.unwrap_or(0) + i as u64);
             let req = request_for(true, &s);
             let g = p.generate(&req, &mut |_| Ok(()))?;
@@ -176,12 +195,16 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 }
             }
             if let Some(dir) = &a.save {
-                let out = dir.join(format!("eval-{i}-{t}.png"));
+                let name = match spec.fb_threshold() {
+                    Some(t) => t.to_string(),
+                    None => spec.to_string().replace([':', ',', '='], "_"),
+                };
+                let out = dir.join(format!("eval-{i}-{name}.png"));
                 crate::pipeline::image::save_png(&out, &g.image, &g.settings.png_text()?)?;
             }
             if a.details {
                 details.push(serde_json::json!({
-                    "prompt": sample.caption, "threshold": t, "held_out": i >= half,
+                    "prompt": sample.caption, "cache": spec.to_string(), "held_out": i >= half,
                     "score": sc.summary(),
                     "failed": sc.checks.iter().filter(|c| !c.passed).collect::<Vec<_>>(),
                 }));
@@ -198,13 +221,14 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         }
     };
     let base_ms = median(&cells[0].ms);
-    let rows: Vec<serde_json::Value> = thresholds
+    let rows: Vec<serde_json::Value> = specs
         .iter()
         .zip(&cells)
-        .map(|(t, c)| {
+        .map(|(spec, c)| {
             let ms = median(&c.ms);
             serde_json::json!({
-                "threshold": t,
+                "threshold": spec.fb_threshold(),
+                "cache": spec.to_string(),
                 "prompt_score": c.tally.json(),
                 "steps_computed": c.computed,
                 "steps_reused": c.reused,

@@ -255,6 +255,7 @@ mod tests {
             seed,
             guidance: None,
             cache_threshold: 0.0,
+            cache: None,
         }
     }
 

@@ -583,6 +583,49 @@ mod tests {
         Ok(())
     }
 
+    /// Every cache policy takes the same decisions on every rank of a sequence-parallel group
+    /// as on one worker (its measures all-reduced, or read from the schedule), so the images
+    /// and the steps reused are the same.
+    #[test]
+    fn every_cache_policy_under_sequence_parallelism_matches_one_worker() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        for spec in [
+            "dbcache:f=1,b=1,t=0.3,max=2,taylor=1",
+            "taylorseer:n=2,order=2,warmup=1",
+            "magcache:t=1,k=2,warmup=1",
+        ] {
+            let r = GenerateRequest {
+                steps: Some(8),
+                cache: Some(spec.parse()?),
+                ..req(0.0)
+            };
+            let one = p.generate(&r, &mut |_| Ok(()))?;
+            assert!(one.stats.reused > 0, "{spec} reuses steps on the demo");
+            for (ring, ulysses) in [(1, 2), (2, 1), (2, 2)] {
+                let g = generate(&p, layout(ring, ulysses), &r, &mut |_| Ok(()))?;
+                assert_eq!(
+                    g.stats
+                        .steps
+                        .iter()
+                        .map(|k| k.is_reused())
+                        .collect::<Vec<_>>(),
+                    one.stats
+                        .steps
+                        .iter()
+                        .map(|k| k.is_reused())
+                        .collect::<Vec<_>>(),
+                    "{spec}, ring {ring} x ulysses {ulysses}: the same steps reused"
+                );
+                let d = max_pixel_diff(&g, &one);
+                assert!(
+                    d <= 1,
+                    "{spec}, ring {ring} x ulysses {ulysses}: pixels differ by {d}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn cfg_parallel_matches_true_cfg_on_one_worker() -> Result<()> {
         let p = Pipeline::demo(&Device::Cpu)?;

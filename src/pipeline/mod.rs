@@ -28,7 +28,7 @@ use crate::model::text::TextEncoders;
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
 
-use self::cache::{CacheStats, StepKind};
+use self::cache::{CacheSpec, CacheStats, MagCalibration, StepKind};
 use self::image::RgbImage;
 use self::sampler::{Conditioning, StepInfo};
 
@@ -48,6 +48,10 @@ pub struct GenerateRequest {
     pub guidance: Option<f64>,
     /// First Block Cache `residual_diff_threshold`; 0 turns caching off.
     pub cache_threshold: f64,
+    /// Another cache policy and its settings (DBCache, TaylorSeer, MagCache, or First Block
+    /// Cache spelt out); when set it replaces `cache_threshold`.
+    #[serde(default)]
+    pub cache: Option<CacheSpec>,
 }
 
 impl Default for GenerateRequest {
@@ -62,6 +66,7 @@ impl Default for GenerateRequest {
             seed: 0,
             guidance: None,
             cache_threshold: 0.0,
+            cache: None,
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct GenerationSettings {
     pub seed: u64,
     pub guidance: f64,
     pub cache_threshold: f64,
+    /// The cache policy when it is not First Block Cache (whose threshold is `cache_threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
     /// The model as the user named it (path, repo id or `demo`).
     pub model: String,
     pub variant: Variant,
@@ -104,13 +112,13 @@ impl GenerationSettings {
             (
                 "parameters".to_string(),
                 format!(
-                    "{}x{}, {} steps, seed {}, guidance {}, cache threshold {}, model {} ({}), {}",
+                    "{}x{}, {} steps, seed {}, guidance {}, cache {}, model {} ({}), {}",
                     self.width,
                     self.height,
                     self.steps,
                     self.seed,
                     self.guidance,
-                    self.cache_threshold,
+                    self.cache_spec(),
                     self.model,
                     self.variant.name(),
                     self.dtype
@@ -153,7 +161,15 @@ impl GenerationSettings {
             seed: self.seed,
             guidance: Some(self.guidance),
             cache_threshold: self.cache_threshold,
+            cache: self.cache.clone(),
         }
+    }
+
+    /// The cache policy this image was made with.
+    pub fn cache_spec(&self) -> CacheSpec {
+        self.cache
+            .clone()
+            .unwrap_or_else(|| CacheSpec::from_threshold(self.cache_threshold))
     }
 }
 
@@ -204,7 +220,9 @@ pub struct DenoiseJob {
     pub x: Tensor,
     pub timesteps: Vec<f64>,
     pub guidance: f64,
-    pub cache_threshold: f64,
+    pub cache: CacheSpec,
+    /// The model's MagCache calibration, where it has one.
+    pub magcache: Option<Arc<MagCalibration>>,
 }
 
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
@@ -381,6 +399,23 @@ impl Pipeline {
         self.synthetic || self.variant == Variant::Demo
     }
 
+    /// The MagCache calibration for this model: the demo's shipped one, else the file
+    /// `parallax calibrate-magcache` wrote for this model's name, if any.
+    pub fn magcache_calibration(&self) -> Option<Arc<MagCalibration>> {
+        if self.label == "demo" {
+            return MagCalibration::demo().ok().map(Arc::new);
+        }
+        let path = cache::calibration_file(&self.label);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match MagCalibration::from_json(&text) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!("ignoring {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
     pub fn device(&self) -> &Device {
         self.flux.device()
     }
@@ -425,6 +460,18 @@ impl Pipeline {
                 "must be a finite number >= 0 (0 turns the cache off)",
             ));
         }
+        // First Block Cache travels as its threshold (what older settings hold); other policies
+        // as their spec.
+        let (cache_threshold, cache) = match &req.cache {
+            Some(spec) => {
+                spec.validate()?;
+                match spec.fb_threshold() {
+                    Some(t) => (t, None),
+                    None => (0.0, Some(spec.clone())),
+                }
+            }
+            None => (req.cache_threshold, None),
+        };
         Ok(GenerationSettings {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
@@ -434,7 +481,8 @@ impl Pipeline {
             steps,
             seed: req.seed,
             guidance,
-            cache_threshold: req.cache_threshold,
+            cache_threshold,
+            cache,
             model: self.label.clone(),
             variant: self.variant,
             synthetic: self.is_demo(),
@@ -554,7 +602,8 @@ impl Pipeline {
             x,
             timesteps: ts,
             guidance: settings.guidance,
-            cache_threshold: settings.cache_threshold,
+            cache: settings.cache_spec(),
+            magcache: self.magcache_calibration(),
         };
         Ok(Prepared {
             job,
@@ -640,8 +689,8 @@ pub fn denoise(
     cfg_pair: Option<(&dyn crate::collective::Communicator, bool)>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
-    let mut policy = cache::policy_for(job.cache_threshold);
-    let mut neg_policy = cache::policy_for(job.cache_threshold);
+    let mut policy = job.cache.policy(job.magcache.as_ref())?;
+    let mut neg_policy = job.cache.policy(job.magcache.as_ref())?;
     let (cond, cfg) = match (&job.neg, cfg_pair) {
         (Some(neg), Some((group, negative_branch))) => (
             if negative_branch { neg } else { &job.cond },

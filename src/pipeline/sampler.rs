@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 
-use super::cache::{CachePolicy, CacheStats, StepKind};
+use super::cache::{CachePolicy, CacheStats, StepKind, StepPos};
 use crate::error::CandleResultExt;
 use crate::model::flux::{Flux, FluxInput, PosEmbed};
 use crate::Result;
@@ -129,7 +129,13 @@ pub fn denoise_cfg(
             guidance: g.as_ref(),
             pe,
         };
-        let (v, kind) = policy.predict(model, &input)?;
+        let pos = StepPos {
+            index: i,
+            total,
+            t,
+            t_prev: i.checked_sub(1).map(|j| timesteps[j]),
+        };
+        let (v, kind) = policy.predict(model, &input, pos)?;
         let v = match (&mut cfg, &neg) {
             (Some(TrueCfg::Local { policy, scale, .. }), Some((ntxt, ny))) => {
                 let input = FluxInput {
@@ -137,7 +143,7 @@ pub fn denoise_cfg(
                     y: ny,
                     ..input.clone()
                 };
-                let (vn, _) = policy.predict(model, &input)?;
+                let (vn, _) = policy.predict(model, &input, pos)?;
                 combine(&v, &vn, *scale)?
             }
             (Some(TrueCfg::Split { group, scale }), _) => {

@@ -25,12 +25,13 @@ impl std::fmt::Display for JobId {
 pub enum JobSpec {
     /// One image.
     Generate(GenerateRequest),
-    /// The same prompt and seed at several First Block Cache thresholds. The first image is the
-    /// reference the others are measured against; a threshold of 0 (no cache) is put first if
-    /// the list lacks it.
+    /// The same prompt and seed at several First Block Cache thresholds, then under other cache
+    /// policies (`caches`). The first image is the reference the others are measured against; a
+    /// threshold of 0 (no cache) is put first if the list lacks it.
     Compare {
         base: GenerateRequest,
         thresholds: Vec<f64>,
+        caches: Vec<crate::pipeline::cache::CacheSpec>,
     },
 }
 
@@ -39,13 +40,32 @@ impl JobSpec {
     pub fn requests(&self) -> Vec<GenerateRequest> {
         match self {
             JobSpec::Generate(r) => vec![r.clone()],
-            JobSpec::Compare { base, thresholds } => compare_thresholds(thresholds)
-                .into_iter()
-                .map(|t| GenerateRequest {
-                    cache_threshold: t,
-                    ..base.clone()
-                })
-                .collect(),
+            JobSpec::Compare {
+                base,
+                thresholds,
+                caches,
+            } => {
+                let mut reqs: Vec<GenerateRequest> = compare_thresholds(thresholds)
+                    .into_iter()
+                    .map(|t| GenerateRequest {
+                        cache_threshold: t,
+                        cache: None,
+                        ..base.clone()
+                    })
+                    .collect();
+                let mut seen: Vec<&crate::pipeline::cache::CacheSpec> = Vec::new();
+                for c in caches.iter().filter(|c| c.fb_threshold().is_none()) {
+                    if !seen.contains(&c) {
+                        seen.push(c);
+                        reqs.push(GenerateRequest {
+                            cache_threshold: 0.0,
+                            cache: Some(c.clone()),
+                            ..base.clone()
+                        });
+                    }
+                }
+                reqs
+            }
         }
     }
 }

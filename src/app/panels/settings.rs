@@ -8,7 +8,8 @@ use egui::{Color32, RichText};
 
 use crate::app::command::{Command, Commands};
 use crate::app::state::{size_warning, Settings, PRESETS};
-use crate::app::view::{ModelStatus, ThresholdField};
+use crate::app::view::{CacheListField, ModelStatus, ThresholdField};
+use crate::pipeline::cache::CacheSpec;
 
 /// What the panel reads and edits.
 pub struct Panel<'a> {
@@ -22,6 +23,7 @@ pub struct Panel<'a> {
     /// A problem that does not block (e.g. the gallery folder is not writable).
     pub warning: Option<&'a str>,
     pub thresholds: &'a mut ThresholdField,
+    pub caches: &'a mut CacheListField,
     pub cmds: &'a mut Commands,
 }
 
@@ -182,11 +184,16 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         )
         .labelled_by(l.id);
         ui.end_row();
-        let l = ui.label("Cache threshold");
-        ui.add(egui::Slider::new(&mut r.cache_threshold, 0.0..=0.3).step_by(0.01))
-            .labelled_by(l.id)
-            .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
+        let l = ui.label("Cache");
+        cache_picker(ui, &mut r.cache).labelled_by(l.id);
         ui.end_row();
+        if r.cache.is_none() {
+            let l = ui.label("Cache threshold");
+            ui.add(egui::Slider::new(&mut r.cache_threshold, 0.0..=0.3).step_by(0.01))
+                .labelled_by(l.id)
+                .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
+            ui.end_row();
+        }
         let l = ui.label("Precision");
         ui.checkbox(fp8, "FP8 products")
             .labelled_by(l.id)
@@ -253,12 +260,72 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                 .wrap(),
         );
     }
-    let ok = ready && p.thresholds.error.is_none();
+    let l = ui.label("Compare policies (; between)");
+    p.caches.sync(&p.settings.compare_caches);
+    let edit = ui
+        .add(
+            egui::TextEdit::singleline(&mut p.caches.text)
+                .desired_width(f32::INFINITY)
+                .hint_text("dbcache:t=0.2,taylor=1; magcache:t=0.3"),
+        )
+        .labelled_by(l.id)
+        .on_hover_text(
+            "fbcache:t=T · dbcache:f=,b=,t=,max=,warmup=,taylor= · taylorseer:n=,order=,warmup= \
+             · magcache:t=,k=,warmup=",
+        );
+    if edit.changed() {
+        p.caches.edited(&mut p.settings.compare_caches);
+    }
+    if let Some(e) = &p.caches.error {
+        ui.add(
+            egui::Label::new(RichText::new(format!("policies: {e}")).color(Color32::LIGHT_RED))
+                .wrap(),
+        );
+    }
+    let ok = ready && p.thresholds.error.is_none() && p.caches.error.is_none();
     if ui
         .add_enabled(ok, egui::Button::new("Run compare"))
-        .on_disabled_hover_text("fix the thresholds or the settings above first")
+        .on_disabled_hover_text("fix the thresholds, the policies or the settings above first")
         .clicked()
     {
         p.cmds.push(Command::Compare);
     }
+}
+
+/// The cache policy: First Block Cache at the threshold below, or another policy at one of its
+/// presets (chosen from the measurements in BENCHMARKS.md).
+fn cache_picker(ui: &mut egui::Ui, cache: &mut Option<CacheSpec>) -> egui::Response {
+    let current = cache
+        .as_ref()
+        .map_or("First Block Cache".to_string(), |c| c.to_string());
+    egui::ComboBox::from_id_salt("cache-policy")
+        .selected_text(current)
+        .width(220.0)
+        .show_ui(ui, |ui| {
+            if ui
+                .selectable_label(cache.is_none(), "First Block Cache")
+                .clicked()
+            {
+                *cache = None;
+            }
+            for (policy, label) in [
+                ("dbcache", "DBCache"),
+                ("taylorseer", "TaylorSeer"),
+                ("magcache", "MagCache"),
+            ] {
+                for preset in ["safe", "balanced", "fast"] {
+                    if let Some(spec) = CacheSpec::preset(policy, preset) {
+                        let on = cache.as_ref() == Some(&spec);
+                        if ui
+                            .selectable_label(on, format!("{label} {preset}"))
+                            .on_hover_text(spec.to_string())
+                            .clicked()
+                        {
+                            *cache = Some(spec);
+                        }
+                    }
+                }
+            }
+        })
+        .response
 }

@@ -1,6 +1,8 @@
-//! The Compare tab: one prompt and seed at several cache thresholds against the uncached
-//! reference: a table (wall time, speedup, steps computed / reused, PSNR, SSIM), a wipe between
-//! the reference and the chosen threshold, and the difference heatmap (WGSL, or its CPU twin).
+//! The Compare tab: one prompt and seed at several cache thresholds and policies against the
+//! uncached reference: a table (wall time, speedup, steps computed / reused, PSNR and SSIM
+//! against the reference, and the prompt score for prompts in the demo model's world), a wipe
+//! between any two of them (the reference on the left unless another is picked), and their
+//! difference heatmap (WGSL, or its CPU twin).
 
 use std::collections::HashMap;
 
@@ -45,7 +47,7 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
             let (rect, _) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::hover());
             t.preview.draw(ui, rect, t.stats);
         } else {
-            ui.label("Run a compare sweep: the same prompt and seed at each cache threshold, against the uncached image.");
+            ui.label("Run a compare sweep: the same prompt and seed at each cache threshold and policy, against the uncached image.");
         }
         return;
     }
@@ -60,7 +62,10 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         ui.checkbox(&mut t.view.show_heatmap, "difference heatmap");
         ui.add(egui::Slider::new(&mut *t.gain, 1.0..=16.0).text("gain"));
     });
-    let (Some(reference), Some(sel)) = (t.results.first(), t.results.get(t.view.selected)) else {
+    let (Some(reference), Some(sel)) = (
+        t.results.get(t.view.left).or(t.results.first()),
+        t.results.get(t.view.selected),
+    ) else {
         return;
     };
     let (w, h) = (reference.image.width as f32, reference.image.height as f32);
@@ -80,8 +85,13 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
     }
     ui.label(
         RichText::new(format!(
-            "left: reference (threshold 0) · right: threshold {}",
-            sel.result.generated.settings.cache_threshold
+            "left: {} · right: {}",
+            if t.view.left == 0 {
+                "reference (no cache)".to_string()
+            } else {
+                cache_label(&reference.result.generated.settings)
+            },
+            cache_label(&sel.result.generated.settings)
         ))
         .small(),
     );
@@ -90,23 +100,25 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
 fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
     egui::Grid::new("compare-table")
         .striped(true)
-        .num_columns(7)
+        .num_columns(9)
         .show(ui, |ui| {
             for h in [
-                "threshold",
+                "cache",
                 "wall time",
                 "speedup",
                 "steps computed / reused",
                 "PSNR",
                 "SSIM",
-                "",
+                "prompt score",
+                "left",
+                "right",
             ] {
                 ui.strong(h);
             }
             ui.end_row();
             for (i, s) in results.iter().enumerate() {
                 let g = &s.result.generated;
-                ui.label(format!("{}", g.settings.cache_threshold));
+                ui.label(cache_label(&g.settings));
                 ui.label(format!("{:.2} s", g.timings.total_ms / 1e3));
                 ui.label(speedup_text(&s.result));
                 ui.label(format!("{} / {}", g.stats.computed, g.stats.reused));
@@ -122,7 +134,22 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
                         .quality
                         .map_or("—".into(), |q| format!("{:.4}", q.ssim)),
                 );
-                if i > 0 && ui.radio(view.selected == i, "show").clicked() {
+                ui.label(
+                    s.prompt_score
+                        .map_or("—".into(), |a| format!("{:.0} %", 100.0 * a)),
+                );
+                if ui
+                    .radio(view.left == i, "")
+                    .on_hover_text("show on the left of the wipe")
+                    .clicked()
+                {
+                    view.left = i;
+                }
+                if ui
+                    .radio(view.selected == i, "")
+                    .on_hover_text("show on the right of the wipe")
+                    .clicked()
+                {
                     view.selected = i;
                 }
                 ui.end_row();
@@ -130,7 +157,7 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
         });
 }
 
-/// The reference left of the line, the selected threshold right of it.
+/// The left pick left of the line, the right pick right of it.
 fn wipe(ui: &mut egui::Ui, rect: egui::Rect, reference: &Shown, sel: &Shown, at: f32) {
     let x = rect.left() + rect.width() * at;
     let left = egui::Rect::from_min_max(rect.min, egui::pos2(x, rect.max.y));
@@ -175,5 +202,15 @@ fn heatmap_view(
     }
     if let Some(t) = cache.0.get(&key) {
         ui.painter().image(t.id(), rect, full_uv(), Color32::WHITE);
+    }
+}
+
+/// A cell's cache as the table shows it: `none`, `fbcache 0.12`, or the policy's spec.
+fn cache_label(s: &crate::pipeline::GenerationSettings) -> String {
+    use crate::pipeline::cache::CacheSpec;
+    match s.cache_spec() {
+        CacheSpec::None => "none".into(),
+        CacheSpec::FirstBlock { threshold } => format!("fbcache {threshold}"),
+        other => other.to_string(),
     }
 }

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{CachePolicy, StepKind};
+use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
 use crate::model::flux::{Flux, FluxInput};
 use crate::Result;
@@ -62,7 +62,12 @@ impl CachePolicy for FirstBlockCache {
         self.rest_residual = None;
     }
 
-    fn predict(&mut self, model: &Flux, input: &FluxInput) -> Result<(Tensor, StepKind)> {
+    fn predict(
+        &mut self,
+        model: &Flux,
+        input: &FluxInput,
+        _pos: StepPos,
+    ) -> Result<(Tensor, StepKind)> {
         let n = model.config().num_blocks();
         let (s0, ctx) = model.embed(input).px()?;
         let img_in = s0.img.clone();
@@ -71,17 +76,7 @@ impl CachePolicy for FirstBlockCache {
 
         let mut diff = None;
         if let (Some(r_ref), Some(rest)) = (&self.ref_residual, &self.rest_residual) {
-            // Padding rows (sequence parallelism over token counts that do not divide) are not
-            // tokens of the image: leave them out of the measure.
-            let (mut num, mut den) = residual_sums(&ctx.real_image(&r)?, &ctx.real_image(r_ref)?)?;
-            // Under sequence parallelism each rank holds a slice of the image tokens: add the
-            // sums of all ranks so every rank takes the same decision.
-            if let Some(group) = model.sp_group() {
-                let t = candle_core::Tensor::new(&[num, den], model.device())?;
-                let total: Vec<f64> = group.all_reduce_sum(&t)?.to_vec1()?;
-                (num, den) = (total[0], total[1]);
-            }
-            let d = if den > 0.0 { num / den } else { f64::INFINITY };
+            let d = super::relative_change(model, &ctx, &r, r_ref)?;
             if d < self.threshold {
                 let img = (&s1.img + rest)?;
                 let v = model.final_layer(&img, &ctx).px()?;

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::{CachePolicy, StepKind};
+use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
 use crate::model::flux::{Flux, FluxInput};
 use crate::Result;
@@ -15,7 +15,12 @@ impl CachePolicy for NoCache {
         "none"
     }
     fn reset(&mut self) {}
-    fn predict(&mut self, model: &Flux, input: &FluxInput) -> Result<(Tensor, StepKind)> {
+    fn predict(
+        &mut self,
+        model: &Flux,
+        input: &FluxInput,
+        _pos: StepPos,
+    ) -> Result<(Tensor, StepKind)> {
         let v = model.forward(input).px()?;
         Ok((v, StepKind::Computed { diff: None }))
     }

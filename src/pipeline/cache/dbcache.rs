@@ -1,0 +1,134 @@
+//! DBCache (dual block cache): the first `f` blocks always run and probe, the last `b` always run
+//! and correct, the middle is reused.
+//!
+//! Each step runs blocks `0..f` and measures the change of their residual on the image stream
+//! against the last fully computed step's, as First Block Cache does with one block. Below the
+//! threshold (and past the warm-up steps, and under the limit of consecutive reused steps) the
+//! middle blocks' residuals on both streams — from that last computed step, or extrapolated to
+//! this step's time by TaylorSeer with `taylor = 1 | 2` — are added to the probe's output, and
+//! the last `b` blocks run on the result, so they correct what reuse got wrong. A computed step
+//! runs the middle and refreshes the probe's reference and the cached residuals.
+//!
+//! `f = 1, b = 0` with no warm-up, limit or Taylor term is First Block Cache; a threshold of 0
+//! never reuses (exact).
+
+use candle_core::Tensor;
+
+use super::{CachePolicy, StepKind, StepPos, TaylorHistory};
+use crate::error::CandleResultExt;
+use crate::model::flux::{Flux, FluxInput, Streams};
+use crate::Result;
+
+pub struct DbCache {
+    front: usize,
+    back: usize,
+    threshold: f64,
+    max_cached: usize,
+    warmup: usize,
+    taylor: usize,
+    probe_ref: Option<Tensor>,
+    middle: Option<(Tensor, Tensor)>,
+    history: (TaylorHistory, TaylorHistory),
+    in_a_row: usize,
+}
+
+impl DbCache {
+    pub fn new(
+        front: usize,
+        back: usize,
+        threshold: f64,
+        max_cached: usize,
+        warmup: usize,
+        taylor: usize,
+    ) -> Self {
+        Self {
+            front: front.max(1),
+            back,
+            threshold,
+            max_cached,
+            warmup,
+            taylor,
+            probe_ref: None,
+            middle: None,
+            history: (TaylorHistory::new(taylor), TaylorHistory::new(taylor)),
+            in_a_row: 0,
+        }
+    }
+
+    /// The middle blocks' residuals (image, text) to add at time `t`.
+    fn cached_middle(&self, t: f64) -> Result<Option<(Tensor, Tensor)>> {
+        if self.taylor > 0 {
+            if let (Some(i), Some(x)) = (self.history.0.predict(t)?, self.history.1.predict(t)?) {
+                return Ok(Some((i, x)));
+            }
+        }
+        Ok(self.middle.clone())
+    }
+}
+
+impl CachePolicy for DbCache {
+    fn name(&self) -> &str {
+        "dbcache"
+    }
+
+    fn reset(&mut self) {
+        self.probe_ref = None;
+        self.middle = None;
+        self.history.0.reset();
+        self.history.1.reset();
+        self.in_a_row = 0;
+    }
+
+    fn predict(
+        &mut self,
+        model: &Flux,
+        input: &FluxInput,
+        pos: StepPos,
+    ) -> Result<(Tensor, StepKind)> {
+        let n = model.config().num_blocks();
+        let f = self.front.min(n);
+        let b = self.back.min(n - f);
+        let (s0, ctx) = model.embed(input).px()?;
+        let img_in = s0.img.clone();
+        let sf = model.run_blocks(s0, &ctx, 0..f).px()?;
+        let r = (&sf.img - &img_in).px()?;
+
+        let mut diff = None;
+        let may_reuse = self.threshold > 0.0
+            && pos.index >= self.warmup
+            && (self.max_cached == 0 || self.in_a_row < self.max_cached);
+        if let (true, Some(r_ref)) = (may_reuse, &self.probe_ref) {
+            let d = super::relative_change(model, &ctx, &r, r_ref)?;
+            if d < self.threshold {
+                if let Some((mi, mt)) = self.cached_middle(pos.t)? {
+                    let dtype = sf.img.dtype();
+                    let s = Streams {
+                        img: (&sf.img + mi.to_dtype(dtype).px()?).px()?,
+                        txt: (&sf.txt + mt.to_dtype(dtype).px()?).px()?,
+                    };
+                    let s = model.run_blocks(s, &ctx, n - b..n).px()?;
+                    self.in_a_row += 1;
+                    let v = model.final_layer(&s.img, &ctx).px()?;
+                    return Ok((v, StepKind::Reused { diff: d }));
+                }
+            }
+            diff = Some(d);
+        }
+
+        let (img_f, txt_f) = (sf.img.clone(), sf.txt.clone());
+        let sm = model.run_blocks(sf, &ctx, f..n - b).px()?;
+        let mi = (&sm.img - &img_f).px()?;
+        let mt = (&sm.txt - &txt_f).px()?;
+        if self.taylor > 0 {
+            let f32 = candle_core::DType::F32;
+            self.history.0.update(pos.t, mi.to_dtype(f32).px()?)?;
+            self.history.1.update(pos.t, mt.to_dtype(f32).px()?)?;
+        }
+        self.middle = Some((mi, mt));
+        self.probe_ref = Some(r);
+        self.in_a_row = 0;
+        let s = model.run_blocks(sm, &ctx, n - b..n).px()?;
+        let v = model.final_layer(&s.img, &ctx).px()?;
+        Ok((v, StepKind::Computed { diff }))
+    }
+}
