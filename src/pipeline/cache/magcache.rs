@@ -141,11 +141,9 @@ impl CachePolicy for MagCache {
             }
             diff = Some(error);
         }
-        let n = model.config().num_blocks();
-        let s = model.run_blocks(s0, &ctx, 0..n).px()?;
-        self.residual = Some((&s.img - &img_in).px()?);
+        let (v, residual) = super::full_step(model, s0, &ctx)?;
+        self.residual = Some(residual);
         (self.ratio, self.error, self.skipped) = (1.0, 0.0, 0);
-        let v = model.final_layer(&s.img, &ctx).px()?;
         Ok((v, StepKind::Computed { diff }))
     }
 }
@@ -215,11 +213,10 @@ impl CachePolicy for MagCalibrator {
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let (s0, ctx) = model.embed(input).px()?;
-        let img_in = s0.img.clone();
-        let n = model.config().num_blocks();
-        let s = model.run_blocks(s0, &ctx, 0..n).px()?;
-        let r = ctx.real_image(&(&s.img - &img_in).px()?).px()?;
-        let m = r
+        let (v, residual) = super::full_step(model, s0, &ctx)?;
+        let m = ctx
+            .real_image(&residual)
+            .px()?
             .abs()
             .px()?
             .to_dtype(DType::F32)
@@ -234,7 +231,6 @@ impl CachePolicy for MagCalibrator {
         if let Some(img) = self.images.last_mut() {
             img.push((pos.t, m));
         }
-        let v = model.final_layer(&s.img, &ctx).px()?;
         Ok((v, StepKind::Computed { diff: None }))
     }
 }

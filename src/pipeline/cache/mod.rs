@@ -119,6 +119,21 @@ pub fn calibration_file(label: &str) -> std::path::PathBuf {
     base.join("magcache").join(format!("{name}.json"))
 }
 
+/// Every block on the embedded streams `s0`: the step's velocity, and the blocks' residual on the
+/// image stream (what TaylorSeer and MagCache keep).
+pub(crate) fn full_step(
+    model: &Flux,
+    s0: crate::model::flux::Streams,
+    ctx: &crate::model::flux::BlockCtx,
+) -> Result<(Tensor, Tensor)> {
+    use crate::error::CandleResultExt;
+    let img_in = s0.img.clone();
+    let n = model.config().num_blocks();
+    let s = model.run_blocks(s0, ctx, 0..n).px()?;
+    let residual = (&s.img - &img_in).px()?;
+    Ok((model.final_layer(&s.img, ctx).px()?, residual))
+}
+
 /// Relative change `sum|a - b| / sum|b|` of two residuals on the image stream, summed over the
 /// sequence-parallel group (padding rows left out) so that every rank decides alike.
 pub(crate) fn relative_change(

@@ -126,15 +126,10 @@ impl CachePolicy for TaylorSeer {
                 return Ok((v, StepKind::Reused { diff: 0.0 }));
             }
         }
-        let n = model.config().num_blocks();
-        let s = model.run_blocks(s0, &ctx, 0..n).px()?;
+        let (v, r) = super::full_step(model, s0, &ctx)?;
         // The history is kept in f32: differences of bf16 residuals lose most of their bits.
-        let r = (&s.img - &img_in)
-            .px()?
-            .to_dtype(candle_core::DType::F32)
-            .px()?;
-        self.history.update(pos.t, r)?;
-        let v = model.final_layer(&s.img, &ctx).px()?;
+        self.history
+            .update(pos.t, r.to_dtype(candle_core::DType::F32).px()?)?;
         Ok((v, StepKind::Computed { diff: None }))
     }
 }
