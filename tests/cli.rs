@@ -773,3 +773,89 @@ fn dataset_and_score() {
     let out = parallax(&["dataset", d, "--count", "0"]);
     assert!(!out.status.success());
 }
+
+/// `--cache` names a policy: its settings reach the PNG, `compare --caches` runs it after the
+/// thresholds, and a wrong spec or a model without MagCache's calibration is refused with why.
+#[test]
+fn cache_policies_on_the_command_line() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let png = dir.path().join("db.png");
+    let out = parallax(&[
+        "generate",
+        "--prompt",
+        "a red circle on the left, blue sky",
+        "--seed",
+        "1",
+        "--steps",
+        "6",
+        "--cache",
+        "dbcache:f=1,b=1,t=0.3,max=2",
+        "--out",
+        png.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, text) = parallax::pipeline::image::read_png(&png).expect("png");
+    let settings = parallax::pipeline::GenerationSettings::from_png_text(&text).expect("settings");
+    assert_eq!(
+        settings.cache_spec().to_string(),
+        "dbcache:f=1,b=1,t=0.3,max=2,warmup=0,taylor=0"
+    );
+
+    let out = parallax(&[
+        "compare",
+        "--prompt",
+        "a red circle on the left, blue sky",
+        "--steps",
+        "6",
+        "--thresholds",
+        "0",
+        "--caches",
+        "taylorseer:n=2,warmup=1;magcache:t=0.5,k=2,warmup=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let caches: Vec<&str> = v["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|i| i["cache"].as_str().expect("cache"))
+        .collect();
+    assert_eq!(
+        caches,
+        [
+            "none",
+            "taylorseer:n=2,order=1,warmup=1",
+            "magcache:t=0.5,k=2,warmup=1"
+        ]
+    );
+    assert!(v["images"][1]["steps_reused"].as_u64().expect("reused") > 0);
+
+    let out = parallax(&["generate", "--cache", "dbcache:q=1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`q` is not a setting of dbcache"));
+    // No calibration for random:tiny where this run looks (an empty PARALLAX_HOME).
+    let out = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args([
+            "generate",
+            "--model",
+            "random:tiny",
+            "--cache",
+            "magcache:t=0.3",
+            "--out",
+            s(&dir.path().join("m.png")),
+        ])
+        .env("PARALLAX_HOME", dir.path().join("home"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("calibrate-magcache"));
+}
