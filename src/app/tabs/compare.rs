@@ -51,6 +51,7 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         }
         return;
     }
+    thumbnails(ui, t.results, t.view);
     table(ui, t.results, t.view);
     if let Some(j) = t.job {
         ui.label(format!("running image {} of {}…", j.image + 1, j.images));
@@ -95,6 +96,51 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         ))
         .small(),
     );
+}
+
+/// Every cell as a small picture under its cache: a click shows it on the right of the wipe,
+/// a secondary click on the left.
+fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
+    const SIDE: f32 = 72.0;
+    egui::ScrollArea::horizontal()
+        .id_salt("compare-cells")
+        .show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for (i, s) in results.iter().enumerate() {
+                    ui.vertical(|ui| {
+                        let (w, h) = (s.image.width as f32, s.image.height as f32);
+                        let size = fit(egui::vec2(SIDE, SIDE), w, h);
+                        let r = ui
+                            .add(egui::Image::new((s.tex.id(), size)).sense(egui::Sense::click()));
+                        let picked = if i == view.selected {
+                            Some(Color32::LIGHT_BLUE)
+                        } else if i == view.left {
+                            Some(Color32::GRAY)
+                        } else {
+                            None
+                        };
+                        if let Some(c) = picked {
+                            ui.painter().rect_stroke(
+                                r.rect,
+                                2.0,
+                                egui::Stroke::new(2.0, c),
+                                egui::StrokeKind::Outside,
+                            );
+                        }
+                        if r.clicked() {
+                            view.selected = i;
+                        }
+                        if r.secondary_clicked() {
+                            view.left = i;
+                        }
+                        ui.set_max_width(SIDE + 48.0);
+                        let label = cache_label(&s.result.generated.settings);
+                        ui.add(egui::Label::new(RichText::new(&label).small()).truncate())
+                            .on_hover_text(label);
+                    });
+                }
+            });
+        });
 }
 
 fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
