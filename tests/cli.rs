@@ -838,6 +838,15 @@ fn cache_policies_on_the_command_line() {
     );
     assert!(v["images"][1]["steps_reused"].as_u64().expect("reused") > 0);
 
+    let out = parallax(&[
+        "generate",
+        "--cache",
+        "fbcache:t=0.2",
+        "--cache-threshold",
+        "0.1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache and --cache-threshold"));
     let out = parallax(&["generate", "--cache", "dbcache:q=1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`q` is not a setting of dbcache"));

@@ -710,11 +710,24 @@ struct Checked {
     plan: crate::engine::Plan,
 }
 
+/// `--cache` and a non-zero `--cache-threshold` together are refused: say which one is meant.
+fn one_cache(sample: &SampleArgs) -> anyhow::Result<()> {
+    if sample.cache.is_some() && sample.cache_threshold != 0.0 {
+        bail!(
+            "--cache and --cache-threshold both given: --cache names the policy (First Block \
+             Cache is `--cache fbcache:t={}`)",
+            sample.cache_threshold
+        );
+    }
+    Ok(())
+}
+
 fn checked_job(
     model: &ModelArgs,
     sample: &SampleArgs,
     parallel: &ParallelArgs,
 ) -> anyhow::Result<Checked> {
+    one_cache(sample)?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
     let heads = model_config(&resolved)?.num_heads;
@@ -899,6 +912,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    one_cache(&a.sample)?;
     let mut req = request_for(p.is_demo(), &a.sample);
     if a.sample.seed.is_none() {
         req.seed = 0;
@@ -963,6 +977,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "height": settings.height,
         "steps": settings.steps,
         "cache_threshold": settings.cache_threshold,
+        "cache": settings.cache_spec().to_string(),
         "warmup": a.warmup,
         "runs": a.runs,
         "load_ms": load_ms,
