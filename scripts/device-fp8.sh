@@ -4,7 +4,7 @@
 # included), then FLUX.1-dev-shaped steps in bf16 and FP8 (per-channel and per-tensor weight
 # scales) at 1024 and 2048 px (issue 15). Logs and JSON go to $OUT (stderr of every command into
 # one errors.log: the device tool brings back at most 8 files).
-#   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score]    (default: all four)
+#   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score] [fp8error]   (default: all)
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out"
@@ -23,7 +23,7 @@ run() { # name, then command
     "$@" > "$out/$name.out" 2>> "$out/errors.log"
     echo "   rc $? in $((SECONDS - t0)) s" | tee -a "$out/calls.log"
 }
-stages=${*:-score selfcheck bench fp8score}
+stages=${*:-score selfcheck bench fp8score fp8error}
 want() { [[ " $stages " == *" $1 "* ]]; }
 
 want score && run score_gpu "$bin" score --device cuda --prompts 40 --thresholds 0,0.04,0.08,0.12,0.2
@@ -42,6 +42,8 @@ want bench && for p in native fp8; do
         --steps 4 --runs 1 --warmup 1 --precision "$p"
 done
 want fp8score && run score_gpu_fp8 "$bin" score --device cuda --prompts 40 --thresholds 0 --precision fp8
+want fp8error && run fp8_error_dev "$bin" fp8-error --device cuda --model random:dev --width 1024 --height 1024 \
+    --steps 28 --prompt "a lighthouse on a cliff at dawn" --seed 3
 python3 - "$out" <<'PY' | tee -a "$out/calls.log"
 import json, sys, os
 out = sys.argv[1]

@@ -868,3 +868,33 @@ fn cache_policies_on_the_command_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("calibrate-magcache"));
 }
+
+/// `fp8-error` measures FP8's cost per group of layers against the native velocity.
+#[test]
+fn fp8_error_reports_every_group() {
+    let out = parallax(&[
+        "fp8-error",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "--prompt",
+        "a red heart",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let groups = v["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 5);
+    for g in groups {
+        let e = g["relative_error"].as_f64().expect("error");
+        // E4M3 keeps 3 mantissa bits: a few percent at most on the demo's velocity, never 0.
+        assert!(e > 0.0 && e < 0.2, "{g}");
+        assert_eq!(g["per_step"].as_array().expect("steps").len(), 3);
+    }
+    let out = parallax(&["fp8-error", "--precision", "fp8"]);
+    assert!(!out.status.success());
+}

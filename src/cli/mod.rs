@@ -4,6 +4,7 @@
 mod bench_vae;
 mod calibrate;
 mod dataset;
+mod fp8_error;
 mod profile;
 mod score;
 mod selfcheck;
@@ -66,6 +67,9 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Measure this model's residual-magnitude rate for the MagCache policy and save it.
     CalibrateMagcache(calibrate::CalibrateArgs),
+    /// What FP8 products cost each group of the transformer's layers: the relative error of the
+    /// velocity at three steps of one image, per group and for all of them, as JSON.
+    Fp8Error(fp8_error::Fp8ErrorArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
@@ -454,6 +458,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(a) => dataset::run(a),
         Command::Score(a) => score::run(a),
         Command::CalibrateMagcache(a) => calibrate::run(a),
+        Command::Fp8Error(a) => fp8_error::run(a),
         Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }

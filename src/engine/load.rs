@@ -45,9 +45,9 @@ pub enum Precision {
     /// In the run's dtype.
     #[default]
     Native,
-    /// FP8 E4M3 (weights per output channel, activations per token); simulated by rounding in
-    /// the run's dtype until the FP8 products are written (issue 15): FP8's quality, not its
-    /// speed.
+    /// FP8 E4M3 (weights per output channel, activations per token): cuBLASLt's FP8 products
+    /// on sm_89+ GPUs in bf16; elsewhere simulated by rounding in the run's dtype (FP8's
+    /// quality, not its speed).
     Fp8,
 }
 

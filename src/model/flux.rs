@@ -687,6 +687,70 @@ impl BlockCtx {
     }
 }
 
+/// Which groups of the blocks' linear layers run in FP8 ([`Flux::with_fp8_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Groups {
+    /// The double blocks' attention projections (qkv and output, both streams).
+    pub double_attention: bool,
+    /// The double blocks' MLPs (both streams).
+    pub double_mlp: bool,
+    /// The single blocks' input products (qkv and the MLP's first layer).
+    pub single_in: bool,
+    /// The single blocks' output product (`linear2`).
+    pub single_out: bool,
+}
+
+impl Fp8Groups {
+    pub const NONE: Self = Self {
+        double_attention: false,
+        double_mlp: false,
+        single_in: false,
+        single_out: false,
+    };
+    pub const ALL: Self = Self {
+        double_attention: true,
+        double_mlp: true,
+        single_in: true,
+        single_out: true,
+    };
+
+    /// Each group alone, then all, with their names.
+    pub fn each() -> [(&'static str, Self); 5] {
+        let n = Self::NONE;
+        [
+            (
+                "double blocks: attention projections",
+                Self {
+                    double_attention: true,
+                    ..n
+                },
+            ),
+            (
+                "double blocks: MLPs",
+                Self {
+                    double_mlp: true,
+                    ..n
+                },
+            ),
+            (
+                "single blocks: linear1 (qkv + MLP in)",
+                Self {
+                    single_in: true,
+                    ..n
+                },
+            ),
+            (
+                "single blocks: linear2",
+                Self {
+                    single_out: true,
+                    ..n
+                },
+            ),
+            ("all of them (--precision fp8)", Self::ALL),
+        ]
+    }
+}
+
 /// The two token streams between blocks.
 #[derive(Debug, Clone)]
 pub struct Streams {
@@ -800,23 +864,36 @@ impl Flux {
     /// What stays in the run's dtype is what the peers found breaks the image in FP8: the input
     /// embedders, the timestep/guidance/text embedders, every adaLN modulation, the final norm
     /// and output projection. Attention itself stays in the run's dtype.
-    pub fn with_fp8_products(mut self) -> Result<Self> {
+    pub fn with_fp8_products(self) -> Result<Self> {
+        self.with_fp8_in(Fp8Groups::ALL)
+    }
+
+    /// FP8 products in the chosen groups of layers only (to measure what each costs).
+    pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
         for b in &mut self.double_blocks {
-            for a in [&mut b.img_attn, &mut b.txt_attn] {
-                a.qkv = a.qkv.to_fp8()?;
-                a.proj = a.proj.to_fp8()?;
+            if g.double_attention {
+                for a in [&mut b.img_attn, &mut b.txt_attn] {
+                    a.qkv = a.qkv.to_fp8()?;
+                    a.proj = a.proj.to_fp8()?;
+                }
             }
-            for m in [&mut b.img_mlp, &mut b.txt_mlp] {
-                m.fc1 = m.fc1.to_fp8()?;
-                m.fc2 = m.fc2.to_fp8()?;
+            if g.double_mlp {
+                for m in [&mut b.img_mlp, &mut b.txt_mlp] {
+                    m.fc1 = m.fc1.to_fp8()?;
+                    m.fc2 = m.fc2.to_fp8()?;
+                }
             }
         }
         for b in &mut self.single_blocks {
-            b.linear1_qkv = b.linear1_qkv.to_fp8()?;
-            b.linear1_mlp = b.linear1_mlp.to_fp8()?;
-            b.linear2 = b.linear2.to_fp8()?;
+            if g.single_in {
+                b.linear1_qkv = b.linear1_qkv.to_fp8()?;
+                b.linear1_mlp = b.linear1_mlp.to_fp8()?;
+            }
+            if g.single_out {
+                b.linear2 = b.linear2.to_fp8()?;
+            }
         }
-        self.fp8 = true;
+        self.fp8 = g != Fp8Groups::NONE;
         Ok(self)
     }
 

@@ -1,0 +1,112 @@
+//! `parallax fp8-error`: what FP8 costs each group of the transformer's layers. One image is
+//! denoised in the model's own precision; at three of its steps (first, middle, last) the velocity
+//! is computed again with FP8 products in one group of layers at a time (the double blocks'
+//! attention projections, their MLPs, the single blocks' linear1, their linear2) and in all of
+//! them, and the relative error `|v_fp8 - v| / |v|` is reported per group, as JSON.
+
+use clap::Args;
+
+use super::{request_for, ModelArgs, SampleArgs};
+use crate::model::flux::{Flux, FluxInput, Fp8Groups};
+use crate::pipeline::sampler;
+
+#[derive(Debug, Clone, Args)]
+pub struct Fp8ErrorArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+}
+
+fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f64> {
+    use candle_core::DType;
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
+pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
+    use crate::engine::Precision;
+    let mut choice = a.model.choice();
+    if choice.precision != Precision::Native {
+        anyhow::bail!("fp8-error compares FP8 against the native precision: leave out --precision");
+    }
+    choice.precision = Precision::Native;
+    let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    let req = request_for(p.is_demo(), &a.sample);
+    let prep = p.prepare(&req, &mut |_| Ok(()))?;
+    let job = &prep.job;
+    let total = job.timesteps.len().saturating_sub(1);
+    if total == 0 {
+        anyhow::bail!("fp8-error needs at least one step");
+    }
+    let picks = [0, total / 2, total - 1];
+    // The latent entering each picked step, from the native run.
+    let mut inputs = vec![(job.timesteps[0], job.x.clone())];
+    sampler::denoise(
+        &p.flux,
+        &job.cond,
+        &job.pe,
+        job.x.clone(),
+        &job.timesteps,
+        Some(job.guidance),
+        &mut crate::pipeline::cache::NoCache,
+        &mut |s| {
+            if picks.contains(&(s.index + 1)) {
+                inputs.push((s.t_next, s.latent.clone()));
+            }
+            Ok(())
+        },
+    )?;
+    let dev = p.device();
+    let dtype = p.flux.dtype();
+    let velocity =
+        |f: &Flux, t: f64, x: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
+            let xin = x.to_dtype(dtype)?;
+            let tt = candle_core::Tensor::full(t as f32, 1, dev)?;
+            let g = candle_core::Tensor::full(job.guidance as f32, 1, dev)?;
+            let input = FluxInput {
+                img: &xin,
+                txt: &job.cond.txt.to_dtype(dtype)?,
+                y: &job.cond.y.to_dtype(dtype)?,
+                timesteps: &tt,
+                guidance: f.config().guidance_embed.then_some(&g),
+                pe: &job.pe,
+            };
+            Ok(f.forward(&input)?)
+        };
+    let reference: Vec<_> = inputs
+        .iter()
+        .map(|(t, x)| velocity(&p.flux, *t, x))
+        .collect::<anyhow::Result<_>>()?;
+    let mut rows = Vec::new();
+    for (name, groups) in Fp8Groups::each() {
+        let f = p.flux.clone().with_fp8_in(groups)?;
+        let errs = inputs
+            .iter()
+            .zip(&reference)
+            .map(|((t, x), v)| rel(&velocity(&f, *t, x)?, v))
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        rows.push(serde_json::json!({
+            "group": name,
+            "relative_error": errs.iter().sum::<f64>() / errs.len() as f64,
+            "per_step": inputs.iter().map(|(t, _)| t).zip(&errs)
+                .map(|(t, e)| serde_json::json!({"t": t, "relative_error": e})).collect::<Vec<_>>(),
+            "fp8_kernels": f.fp8_kernels(),
+        }));
+    }
+    let report = serde_json::json!({
+        "model": a.model.model,
+        "device": a.model.device,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "width": prep.settings.width,
+        "height": prep.settings.height,
+        "steps": total,
+        "prompt": prep.settings.prompt,
+        "seed": prep.settings.seed,
+        "groups": rows,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
