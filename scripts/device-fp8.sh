@@ -4,7 +4,8 @@
 # included), then FLUX.1-dev-shaped steps in bf16 and FP8 (per-channel and per-tensor weight
 # scales) at 1024 and 2048 px (issue 15). Logs and JSON go to $OUT (stderr of every command into
 # one errors.log: the device tool brings back at most 8 files).
-#   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score] [fp8error]   (default: all)
+#   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score] [caches] [overhead] [fp8error]
+#   (default: all; mind the device tool's 8 files back: name a few stages per call)
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out"
@@ -23,7 +24,7 @@ run() { # name, then command
     "$@" > "$out/$name.out" 2>> "$out/errors.log"
     echo "   rc $? in $((SECONDS - t0)) s" | tee -a "$out/calls.log"
 }
-stages=${*:-score selfcheck bench fp8score fp8error}
+stages=${*:-score selfcheck bench fp8score caches overhead fp8error}
 want() { [[ " $stages " == *" $1 "* ]]; }
 
 want score && run score_gpu "$bin" score --device cuda --prompts 40 --thresholds 0,0.04,0.08,0.12,0.2
@@ -42,6 +43,27 @@ want bench && for p in native fp8; do
         --steps 4 --runs 1 --warmup 1 --precision "$p"
 done
 want fp8score && run score_gpu_fp8 "$bin" score --device cuda --prompts 40 --thresholds 0 --precision fp8
+# Issue 17 on the GPU: the cache policies' table on the trained demo (every preset), and what
+# each policy costs on random:dev when it computes every step (settings that never reuse).
+presets="dbcache:f=1,b=1,t=0.2,max=2,warmup=2;dbcache:f=1,b=1,t=0.3,max=3,warmup=2;dbcache:f=1,b=1,t=0.5,max=4,warmup=1,taylor=1"
+presets+=";taylorseer:n=2,order=1,warmup=3;taylorseer:n=3,order=1,warmup=2;taylorseer:n=4,order=1,warmup=2"
+presets+=";magcache:t=0.1,k=2,warmup=2;magcache:t=0.3,k=3,warmup=2;magcache:t=0.5,k=4,warmup=1"
+want caches && run score_gpu_caches "$bin" score --device cuda --prompts 40 --thresholds 0,0.12,0.2,0.3 --caches "$presets"
+if want overhead; then
+    for c in none fbcache:t=1e-9 dbcache:f=1,b=1,t=1e-9 taylorseer:n=1 magcache:t=1e-9; do
+        run "overhead_${c%%:*}" "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 \
+            --steps 8 --runs 2 --warmup 1 --cache "$c"
+    done
+    python3 - "$out" <<'PY' | tee -a "$out/calls.log"
+import json, sys, os, glob
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "overhead_*.out"))):
+    try:
+        v = json.load(open(f))
+        print(f"{os.path.basename(f)}: {v['cache']} step {v['step_ms']['median']:.1f} ms (min {v['step_ms']['min']:.1f})")
+    except Exception as e:
+        print(f, "no result:", e)
+PY
+fi
 want fp8error && run fp8_error_dev "$bin" fp8-error --device cuda --model random:dev --width 1024 --height 1024 \
     --steps 28 --prompt "a lighthouse on a cliff at dawn" --seed 3
 python3 - "$out" <<'PY' | tee -a "$out/calls.log"
