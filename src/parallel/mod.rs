@@ -12,6 +12,8 @@
 //!   parallelism).
 //! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
 //!   communicator over it for CPU ranks.
+//! - [`traffic`]: the bytes each rank sends, counted on a live group and predicted for FLUX's
+//!   shapes.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
 //!   bands differ by a row where the rows do not divide).
 
@@ -23,5 +25,6 @@ pub mod nccl;
 pub mod ring;
 pub mod sp;
 pub mod store;
+pub mod traffic;
 pub mod ulysses;
 pub mod vae;

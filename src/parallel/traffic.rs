@@ -1,0 +1,163 @@
+//! What a parallel strategy sends: bytes counted on a live group ([`Counting`], a communicator
+//! that tallies what its rank sends and hands everything on) and predicted for FLUX's shapes
+//! ([`attention_bytes_per_step`]), the two checked against each other in the tests. Counted
+//! as data leaving a rank, not timed: what a link must carry, whatever its speed.
+//!
+//! Per collective, one rank sends: all-gather `(n-1)·|t|`; all-to-all `(n-1)/n·|t|`; all-reduce
+//! `2(n-1)/n·|t|` (the ring algorithm's share); broadcast `(n-1)·|t|` from the root; send and
+//! exchange `|t|` per tensor.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+
+use crate::collective::Communicator;
+
+/// A communicator that counts the bytes its rank sends.
+pub struct Counting {
+    inner: Arc<dyn Communicator>,
+    sent: AtomicU64,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Communicator>) -> Self {
+        Self {
+            inner,
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes this rank has sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, t: &Tensor, num: usize, den: usize) {
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        self.sent
+            .fetch_add(bytes * num as u64 / den.max(1) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Communicator for Counting {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        self.add(t, self.size() - 1, 1);
+        self.inner.all_gather(t, dim)
+    }
+    fn all_to_all(&self, t: &Tensor, scatter_dim: usize, gather_dim: usize) -> Result<Tensor> {
+        let n = self.size();
+        self.add(t, n - 1, n);
+        self.inner.all_to_all(t, scatter_dim, gather_dim)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let n = self.size();
+        self.add(t, 2 * (n - 1), n);
+        self.inner.all_reduce_sum(t)
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if self.rank() == root {
+            self.add(t, self.size() - 1, 1);
+        }
+        self.inner.broadcast(t, root)
+    }
+    fn send(&self, t: &Tensor, to: usize) -> Result<()> {
+        self.add(t, 1, 1);
+        self.inner.send(t, to)
+    }
+    fn recv(&self, from: usize) -> Result<Tensor> {
+        self.inner.recv(from)
+    }
+    fn exchange(&self, sends: &[(usize, &Tensor)], recv_from: &[usize]) -> Result<Vec<Tensor>> {
+        for (_, t) in sends {
+            self.add(t, 1, 1);
+        }
+        self.inner.exchange(sends, recv_from)
+    }
+}
+
+/// Sequence-parallel attention strategies whose traffic [`attention_bytes_per_step`] predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpStrategy {
+    /// All-to-all of q, k, v to head shards, and of the output back.
+    Ulysses,
+    /// Each rank's k and v passed around the ring, n - 1 hops.
+    Ring,
+}
+
+/// Bytes one rank sends for attention in one denoising step: `layers` attention calls over a
+/// joint sequence of `tokens` (text + image), `hidden` wide, `elem` bytes a value, on `n` ranks.
+/// (The per-step extras — gathering the output latent, a cache decision's two sums — are small
+/// beside it and left out.)
+pub fn attention_bytes_per_step(
+    strategy: SpStrategy,
+    n: usize,
+    layers: usize,
+    tokens: usize,
+    hidden: usize,
+    elem: usize,
+) -> u64 {
+    if n <= 1 {
+        return 0;
+    }
+    // One rank's share of one of q, k, v (or the output): tokens / n rows of `hidden`.
+    let shard = (tokens / n * hidden * elem) as u64;
+    let per_layer = match strategy {
+        SpStrategy::Ulysses => 4 * shard * (n as u64 - 1) / n as u64,
+        SpStrategy::Ring => 2 * shard * (n as u64 - 1),
+    };
+    per_layer * layers as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::attention::Attention;
+    use crate::parallel::comm::run_local;
+    use crate::parallel::ring::RingAttention;
+    use crate::parallel::ulysses::UlyssesAttention;
+    use candle_core::{DType, Device};
+
+    /// One attention call per strategy on 2 and 4 CPU workers: the bytes each rank sent are
+    /// what the prediction says for one layer.
+    #[test]
+    fn counted_attention_traffic_matches_the_prediction() -> Result<()> {
+        let (heads, head_dim) = (4usize, 16usize);
+        for n in [2usize, 4] {
+            let tokens = 12 * n;
+            let q = Tensor::randn(0f32, 1.0, (1, heads, tokens, head_dim), &Device::Cpu)?;
+            let shard = tokens / n;
+            for strategy in [SpStrategy::Ulysses, SpStrategy::Ring] {
+                let sent = run_local(n, |rank, comm| {
+                    let counted = Arc::new(Counting::new(Arc::new(comm)));
+                    let c: Arc<dyn Communicator> = counted.clone();
+                    let attn: Box<dyn Attention> = match strategy {
+                        SpStrategy::Ulysses => Box::new(UlyssesAttention::new(c)),
+                        SpStrategy::Ring => Box::new(RingAttention::new(c)),
+                    };
+                    let part = q.narrow(2, rank * shard, shard)?;
+                    attn.attend(&part, &part, &part)?;
+                    Ok(counted.sent())
+                })?;
+                let want = attention_bytes_per_step(
+                    strategy,
+                    n,
+                    1,
+                    tokens,
+                    heads * head_dim,
+                    DType::F32.size_in_bytes(),
+                );
+                for (rank, s) in sent.iter().enumerate() {
+                    assert_eq!(*s, want, "{strategy:?} on {n}, rank {rank}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
