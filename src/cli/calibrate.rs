@@ -12,7 +12,6 @@ use clap::Args;
 
 use super::{request_for, ModelArgs, SampleArgs};
 use crate::pipeline::cache::{calibration_file, MagCalibrator};
-use crate::pipeline::sampler;
 use crate::scenes::sample::eval_samples;
 
 #[derive(Debug, Clone, Args)]
@@ -70,16 +69,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         let prep = p.prepare(&req, &mut |_| Ok(()))?;
         let job = &prep.job;
         steps = prep.settings.steps;
-        sampler::denoise(
-            &p.flux,
-            &job.cond,
-            &job.pe,
-            job.x.clone(),
-            &job.timesteps,
-            Some(job.guidance),
-            &mut cal,
-            &mut |_| Ok(()),
-        )?;
+        job.denoise_with(&p.flux, &mut cal, &mut |_| Ok(()))?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -8,7 +8,6 @@ use clap::Args;
 
 use super::{request_for, ModelArgs, SampleArgs};
 use crate::model::flux::{Flux, FluxInput, Fp8Groups};
-use crate::pipeline::sampler;
 
 #[derive(Debug, Clone, Args)]
 pub struct Fp8ErrorArgs {
@@ -44,21 +43,12 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     let picks = [0, total / 2, total - 1];
     // The latent entering each picked step, from the native run.
     let mut inputs = vec![(job.timesteps[0], job.x.clone())];
-    sampler::denoise(
-        &p.flux,
-        &job.cond,
-        &job.pe,
-        job.x.clone(),
-        &job.timesteps,
-        Some(job.guidance),
-        &mut crate::pipeline::cache::NoCache,
-        &mut |s| {
-            if picks.contains(&(s.index + 1)) {
-                inputs.push((s.t_next, s.latent.clone()));
-            }
-            Ok(())
-        },
-    )?;
+    job.denoise_with(&p.flux, &mut crate::pipeline::cache::NoCache, &mut |s| {
+        if picks.contains(&(s.index + 1)) {
+            inputs.push((s.t_next, s.latent.clone()));
+        }
+        Ok(())
+    })?;
     let dev = p.device();
     let dtype = p.flux.dtype();
     let velocity =

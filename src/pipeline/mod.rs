@@ -225,6 +225,28 @@ pub struct DenoiseJob {
     pub magcache: Option<Arc<MagCalibration>>,
 }
 
+impl DenoiseJob {
+    /// This job's denoising loop on `flux` under `policy`, without true CFG (for tools that
+    /// watch or measure the loop: calibration, FP8 error).
+    pub fn denoise_with(
+        &self,
+        flux: &Flux,
+        policy: &mut dyn cache::CachePolicy,
+        on_step: &mut dyn FnMut(&sampler::StepInfo) -> Result<()>,
+    ) -> Result<(Tensor, CacheStats)> {
+        sampler::denoise(
+            flux,
+            &self.cond,
+            &self.pe,
+            self.x.clone(),
+            &self.timesteps,
+            Some(self.guidance),
+            policy,
+            on_step,
+        )
+    }
+}
+
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
 pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
 
