@@ -204,22 +204,62 @@ impl Shown {
     }
 }
 
-/// The compare sweep's threshold field: the text as typed (never reformatted while typed) and
-/// what is wrong with it. The list it parses to is the settings' `compare_thresholds`.
-#[derive(Debug, Clone, Default)]
-pub struct ThresholdField {
+/// A list typed as text in one field (the compare sweep's thresholds, its cache policies): the
+/// text as typed (never reformatted while typed) and what is wrong with it. The list it parses
+/// to lives in the settings (`compare_thresholds`, `compare_caches`).
+#[derive(Debug, Clone)]
+pub struct ListField<T> {
     pub text: String,
     pub error: Option<String>,
     /// The list the text was last made from or parsed to; when the settings' list changes
     /// elsewhere (restore, a test), the text is rewritten from it.
-    synced: Vec<f64>,
+    synced: Vec<T>,
 }
 
-impl ThresholdField {
+/// What a [`ListField`] holds: how its list is written and read back.
+pub trait ListItem: Clone + PartialEq + Sized {
+    fn format(list: &[Self]) -> String;
+    fn parse(text: &str) -> Result<Vec<Self>, String>;
+}
+
+impl ListItem for f64 {
+    fn format(list: &[Self]) -> String {
+        format_thresholds(list)
+    }
+    fn parse(text: &str) -> Result<Vec<Self>, String> {
+        parse_thresholds(text)
+    }
+}
+
+impl ListItem for CacheSpec {
+    fn format(list: &[Self]) -> String {
+        format_caches(list)
+    }
+    fn parse(text: &str) -> Result<Vec<Self>, String> {
+        parse_caches(text)
+    }
+}
+
+/// The compare sweep's threshold field.
+pub type ThresholdField = ListField<f64>;
+/// The compare sweep's policy field.
+pub type CacheListField = ListField<CacheSpec>;
+
+impl<T> Default for ListField<T> {
+    fn default() -> Self {
+        Self {
+            text: String::new(),
+            error: None,
+            synced: Vec::new(),
+        }
+    }
+}
+
+impl<T: ListItem> ListField<T> {
     /// Keep the text in step with `list` when something other than the field changed it.
-    pub fn sync(&mut self, list: &[f64]) {
+    pub fn sync(&mut self, list: &[T]) {
         if self.synced != list {
-            self.text = format_thresholds(list);
+            self.text = T::format(list);
             self.error = None;
             self.synced = list.to_vec();
         }
@@ -227,42 +267,12 @@ impl ThresholdField {
 
     /// The text was edited: parse it; a good list goes to `list`, a bad one leaves `list` as it
     /// was and sets the error.
-    pub fn edited(&mut self, list: &mut Vec<f64>) {
-        match parse_thresholds(&self.text) {
+    pub fn edited(&mut self, list: &mut Vec<T>) {
+        match T::parse(&self.text) {
             Ok(v) => {
                 self.error = None;
                 *list = v.clone();
                 self.synced = v;
-            }
-            Err(e) => self.error = Some(e),
-        }
-    }
-}
-
-/// The compare sweep's policy field, like [`ThresholdField`] for the settings'
-/// `compare_caches`.
-#[derive(Debug, Clone, Default)]
-pub struct CacheListField {
-    pub text: String,
-    pub error: Option<String>,
-    synced: Option<Vec<CacheSpec>>,
-}
-
-impl CacheListField {
-    pub fn sync(&mut self, list: &[CacheSpec]) {
-        if self.synced.as_deref() != Some(list) {
-            self.text = format_caches(list);
-            self.error = None;
-            self.synced = Some(list.to_vec());
-        }
-    }
-
-    pub fn edited(&mut self, list: &mut Vec<CacheSpec>) {
-        match parse_caches(&self.text) {
-            Ok(v) => {
-                self.error = None;
-                *list = v.clone();
-                self.synced = Some(v);
             }
             Err(e) => self.error = Some(e),
         }

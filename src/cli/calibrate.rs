@@ -60,7 +60,8 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     };
     let mut cal = MagCalibrator::new();
     let bar = indicatif::ProgressBar::new(prompts.len() as u64);
-    let mut steps = 0;
+    // Steps and size as the runs took them (the same for every prompt).
+    let mut run = (0, 0, 0);
     for (i, prompt) in prompts.iter().enumerate() {
         let mut s = a.sample.clone();
         s.prompt = prompt.clone();
@@ -68,7 +69,11 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         let req = request_for(demo, &s);
         let prep = p.prepare(&req, &mut |_| Ok(()))?;
         let job = &prep.job;
-        steps = prep.settings.steps;
+        run = (
+            prep.settings.steps,
+            prep.settings.width,
+            prep.settings.height,
+        );
         job.denoise_with(&p.flux, &mut cal, &mut |_| Ok(()))?;
         bar.inc(1);
     }
@@ -77,9 +82,9 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
         "{}: {} prompts, {} steps, {}x{} (parallax calibrate-magcache)",
         p.label,
         prompts.len(),
-        steps,
-        request_for(demo, &a.sample).width,
-        request_for(demo, &a.sample).height
+        run.0,
+        run.1,
+        run.2
     );
     let c = cal.finish(source)?;
     let out = a.out.unwrap_or_else(|| calibration_file(&p.label));

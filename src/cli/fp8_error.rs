@@ -51,15 +51,16 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     })?;
     let dev = p.device();
     let dtype = p.flux.dtype();
+    let (txt, y) = (job.cond.txt.to_dtype(dtype)?, job.cond.y.to_dtype(dtype)?);
+    let g = candle_core::Tensor::full(job.guidance as f32, 1, dev)?;
     let velocity =
         |f: &Flux, t: f64, x: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
             let xin = x.to_dtype(dtype)?;
             let tt = candle_core::Tensor::full(t as f32, 1, dev)?;
-            let g = candle_core::Tensor::full(job.guidance as f32, 1, dev)?;
             let input = FluxInput {
                 img: &xin,
-                txt: &job.cond.txt.to_dtype(dtype)?,
-                y: &job.cond.y.to_dtype(dtype)?,
+                txt: &txt,
+                y: &y,
                 timesteps: &tt,
                 guidance: f.config().guidance_embed.then_some(&g),
                 pe: &job.pe,

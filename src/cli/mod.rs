@@ -1069,11 +1069,10 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 let g = &result.generated;
                 let saved = match &a.save {
                     Some(dir) => {
-                        let name = match &g.settings.cache {
-                            Some(c) => c.to_string().replace([':', ',', '='], "_"),
-                            None => g.settings.cache_threshold.to_string(),
-                        };
-                        let out = dir.join(format!("compare-{name}.png"));
+                        let out = dir.join(format!(
+                            "compare-{}.png",
+                            g.settings.cache_spec().file_stem()
+                        ));
                         image::save_png(&out, &g.image, &g.settings.png_text()?)
                             .with_context(|| format!("saving {}", out.display()))?;
                         Some(out)

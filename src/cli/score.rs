@@ -195,11 +195,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 }
             }
             if let Some(dir) = &a.save {
-                let name = match spec.fb_threshold() {
-                    Some(t) => t.to_string(),
-                    None => spec.to_string().replace([':', ',', '='], "_"),
-                };
-                let out = dir.join(format!("eval-{i}-{name}.png"));
+                let out = dir.join(format!("eval-{i}-{}.png", spec.file_stem()));
                 crate::pipeline::image::save_png(&out, &g.image, &g.settings.png_text()?)?;
             }
             if a.details {

@@ -33,6 +33,16 @@ fn rel_err(out: &Tensor, reference: &Tensor) -> anyhow::Result<f64> {
     Ok(num / den.max(1e-30))
 }
 
+/// `t` on the CPU in f32: the reference side of a comparison.
+fn cpu32(t: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+/// Normal values times `std` on `dev`, rounded to bf16: a kernel's input.
+fn bf16_randn(shape: &[usize], std: f64, dev: &Device) -> anyhow::Result<Tensor> {
+    Ok((Tensor::randn(0f32, 1.0, shape, dev)? * std)?.to_dtype(DType::BF16)?)
+}
+
 struct Report {
     rows: Vec<(String, f64, f64, bool)>,
 }
@@ -190,9 +200,6 @@ pub fn run(device: &str) -> anyhow::Result<()> {
     // 1c. Fused element-wise kernels against the CPU f32 composition on the same bf16 inputs.
     {
         use crate::kernels::elementwise::{bias_act, cat_bias_gelu, gated_residual, ln_modulate};
-        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
-            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-        };
         let rnd = |shape: &[usize], mean: f32| -> anyhow::Result<Tensor> {
             Ok(Tensor::randn(mean, 1.0, shape, &dev)?.to_dtype(DType::BF16)?)
         };
@@ -245,12 +252,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
     //      beside another tensor, against the CPU f32 composition on the same bf16 inputs.
     {
         use crate::kernels::gemm::{linear, linear_cat};
-        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
-            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-        };
-        let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
-            Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
-        };
+        let rnd = |shape: &[usize], std: f64| bf16_randn(shape, std, &dev);
         for &(b, l, k, n) in &[
             (1usize, 1024usize, 3072usize, 1536usize),
             (2, 77, 256, 512),
@@ -308,12 +310,7 @@ pub fn run(device: &str) -> anyhow::Result<()> {
     {
         use crate::kernels::conv::conv2d_rows;
         use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
-        let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
-            Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-        };
-        let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
-            Ok((Tensor::randn(0f32, 1.0, shape, &dev)? * std)?.to_dtype(DType::BF16)?)
-        };
+        let rnd = |shape: &[usize], std: f64| bf16_randn(shape, std, &dev);
         for &(b, cin, cout, k, h, w, stride) in &[
             (1usize, 128usize, 128usize, 3usize, 96usize, 96usize, 1usize),
             (2, 16, 24, 3, 9, 8, 1),
@@ -510,12 +507,7 @@ fn fp8_checks(
     use crate::kernels::fp8::{round_rows, Fp8};
     use crate::kernels::fp8_gemm::{linear_cat, quantize_rows};
     use crate::kernels::gemm::linear;
-    let cpu32 = |t: &Tensor| -> anyhow::Result<Tensor> {
-        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-    };
-    let rnd = |shape: &[usize], std: f64| -> anyhow::Result<Tensor> {
-        Ok((Tensor::randn(0f32, 1.0, shape, dev)? * std)?.to_dtype(DType::BF16)?)
-    };
+    let rnd = |shape: &[usize], std: f64| bf16_randn(shape, std, dev);
     // The quantised matrix read back and decoded on the CPU.
     let decoded = |m: &crate::kernels::fp8_gemm::Fp8Matrix| -> anyhow::Result<Tensor> {
         let q = cdev.cuda_stream().clone_dtoh(&m.q)?;

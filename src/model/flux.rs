@@ -275,7 +275,8 @@ struct Lin {
     /// rounded per output channel once, by [`Lin::to_fp8`]).
     fp8: bool,
     /// On GPUs with FP8 products: the weight in E4M3 with its scales, multiplied by cuBLASLt
-    /// ([`crate::kernels::fp8_gemm`]); the rounded `weight` stays for the shapes it does not take.
+    /// ([`crate::kernels::fp8_gemm`]); `weight` then keeps its original values, for the products
+    /// the FP8 path does not take.
     #[cfg(feature = "cuda")]
     fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
 }
@@ -383,7 +384,8 @@ impl Lin {
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
         };
-        // The rows of a GPU-quantised layer are quantised again on their own (same per-row scales).
+        // The rows of a GPU-quantised layer are quantised again on their own (the same scales per
+        // output channel; a per-tensor scale becomes the rows' own).
         #[cfg(feature = "cuda")]
         if self.fp8_gpu.is_some() {
             part.fp8_gpu = part.fp8_weight_on_gpu();

@@ -616,6 +616,12 @@ impl Pipeline {
         } else {
             None
         };
+        let cache = settings.cache_spec();
+        // Read only for the policy that uses it (a file read for models other than the demo).
+        let magcache = match cache {
+            CacheSpec::MagCache { .. } => self.magcache_calibration(),
+            _ => None,
+        };
         let job = DenoiseJob {
             cond,
             neg,
@@ -624,8 +630,8 @@ impl Pipeline {
             x,
             timesteps: ts,
             guidance: settings.guidance,
-            cache: settings.cache_spec(),
-            magcache: self.magcache_calibration(),
+            cache,
+            magcache,
         };
         Ok(Prepared {
             job,

@@ -8,7 +8,7 @@ use egui::{Color32, RichText};
 
 use crate::app::command::{Command, Commands};
 use crate::app::state::{size_warning, Settings, PRESETS};
-use crate::app::view::{CacheListField, ModelStatus, ThresholdField};
+use crate::app::view::{CacheListField, ListField, ListItem, ModelStatus, ThresholdField};
 use crate::pipeline::cache::CacheSpec;
 
 /// What the panel reads and edits.
@@ -241,47 +241,28 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             p.cmds.push(Command::Cancel);
         }
     });
-    let l = ui.label("Compare thresholds (0 to 1)");
-    p.thresholds.sync(&p.settings.compare_thresholds);
-    // Wide enough for the default list; the text is kept as typed and parsed as it changes.
-    let edit = ui
-        .add(
-            egui::TextEdit::singleline(&mut p.thresholds.text)
-                .desired_width(f32::INFINITY)
-                .hint_text("0, 0.06, 0.08, 0.12"),
-        )
-        .labelled_by(l.id);
-    if edit.changed() {
-        p.thresholds.edited(&mut p.settings.compare_thresholds);
-    }
-    if let Some(e) = &p.thresholds.error {
-        ui.add(
-            egui::Label::new(RichText::new(format!("thresholds: {e}")).color(Color32::LIGHT_RED))
-                .wrap(),
-        );
-    }
-    let l = ui.label("Compare policies (; between)");
-    p.caches.sync(&p.settings.compare_caches);
-    let edit = ui
-        .add(
-            egui::TextEdit::singleline(&mut p.caches.text)
-                .desired_width(f32::INFINITY)
-                .hint_text("dbcache:t=0.2,taylor=1; magcache:t=0.3"),
-        )
-        .labelled_by(l.id)
-        .on_hover_text(
+    // Wide enough for the default lists; the text is kept as typed and parsed as it changes.
+    list_edit(
+        ui,
+        "Compare thresholds (0 to 1)",
+        "0, 0.06, 0.08, 0.12",
+        None,
+        "thresholds",
+        p.thresholds,
+        &mut p.settings.compare_thresholds,
+    );
+    list_edit(
+        ui,
+        "Compare policies (; between)",
+        "dbcache:t=0.2,taylor=1; magcache:t=0.3",
+        Some(
             "fbcache:t=T · dbcache:f=,b=,t=,max=,warmup=,taylor= · taylorseer:n=,order=,warmup= \
              · magcache:t=,k=,warmup=",
-        );
-    if edit.changed() {
-        p.caches.edited(&mut p.settings.compare_caches);
-    }
-    if let Some(e) = &p.caches.error {
-        ui.add(
-            egui::Label::new(RichText::new(format!("policies: {e}")).color(Color32::LIGHT_RED))
-                .wrap(),
-        );
-    }
+        ),
+        "policies",
+        p.caches,
+        &mut p.settings.compare_caches,
+    );
     let ok = ready && p.thresholds.error.is_none() && p.caches.error.is_none();
     if ui
         .add_enabled(ok, egui::Button::new("Run compare"))
@@ -328,4 +309,38 @@ fn cache_picker(ui: &mut egui::Ui, cache: &mut Option<CacheSpec>) -> egui::Respo
             }
         })
         .response
+}
+
+/// A labelled one-line field for a list (`field` keeps the text; `list` gets what parses), with
+/// what is wrong with the text, prefixed by `what`, under it.
+fn list_edit<T: ListItem>(
+    ui: &mut egui::Ui,
+    label: &str,
+    hint: &str,
+    hover: Option<&str>,
+    what: &str,
+    field: &mut ListField<T>,
+    list: &mut Vec<T>,
+) {
+    let l = ui.label(label);
+    field.sync(list);
+    let mut edit = ui
+        .add(
+            egui::TextEdit::singleline(&mut field.text)
+                .desired_width(f32::INFINITY)
+                .hint_text(hint),
+        )
+        .labelled_by(l.id);
+    if let Some(h) = hover {
+        edit = edit.on_hover_text(h);
+    }
+    if edit.changed() {
+        field.edited(list);
+    }
+    if let Some(e) = &field.error {
+        ui.add(
+            egui::Label::new(RichText::new(format!("{what}: {e}")).color(Color32::LIGHT_RED))
+                .wrap(),
+        );
+    }
 }

@@ -83,15 +83,6 @@ pub trait CachePolicy: Send {
     ) -> Result<(Tensor, StepKind)>;
 }
 
-/// The policy for a `residual_diff_threshold`: none when it is 0, First Block Cache otherwise.
-pub fn policy_for(threshold: f64) -> Box<dyn CachePolicy> {
-    if threshold > 0.0 {
-        Box::new(FirstBlockCache::new(threshold))
-    } else {
-        Box::new(NoCache)
-    }
-}
-
 /// Where `parallax calibrate-magcache` keeps a model's calibration: `$PARALLAX_HOME/magcache/`,
 /// else `$XDG_DATA_HOME/parallax/magcache/`, else `~/.local/share/parallax/magcache/`, under the
 /// model's name with every character but letters, digits, `-` and `.` replaced by `_`.

@@ -96,6 +96,15 @@ impl CacheSpec {
         }
     }
 
+    /// This cell's part of a saved file's name: the threshold for First Block Cache (and `0` for
+    /// none), else the spec with `:`, `,` and `=` made `_`.
+    pub fn file_stem(&self) -> String {
+        match self.fb_threshold() {
+            Some(t) => t.to_string(),
+            None => self.to_string().replace([':', ',', '='], "_"),
+        }
+    }
+
     /// The named presets the studio offers for `policy` ("fast", "balanced", "safe"), chosen from
     /// the measurements in BENCHMARKS.md (trained demo model, 12 steps).
     pub fn preset(policy: &str, name: &str) -> Option<Self> {
