@@ -5,6 +5,7 @@
 # scales) at 1024 and 2048 px (issue 15). Logs and JSON go to $OUT (stderr of every command into
 # one errors.log: the device tool brings back at most 8 files).
 #   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score] [caches] [overhead] [fp8error]
+#                              [budget] [full28]
 #   (default: all; mind the device tool's 8 files back: name a few stages per call)
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
@@ -42,6 +43,23 @@ want bench && for p in native fp8; do
     run "dev2048_$p" "$bin" bench --device cuda --model random:dev --width 2048 --height 2048 \
         --steps 4 --runs 1 --warmup 1 --precision "$p"
 done
+# Issue 15's memory budget: dev 1024 px within 24 GiB (the plan's choice, peak memory measured),
+# the estimate for 16/24/48/80 GiB beside it; then 28 steps + text + decode, bf16 against FP8.
+if want budget; then
+    run memory_plan "$bin" memory --model random:dev --json
+    for sz in 1024 2048; do
+        run "budget24_$sz" env RUST_LOG=info "$bin" bench --device cuda --model random:dev --width $sz \
+            --height $sz --steps 12 --runs 2 --warmup 1 --memory-budget 24
+    done
+fi
+want full28 && for p in native fp8; do
+    run "full28_1024_$p" "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 \
+        --steps 28 --runs 3 --warmup 1 --precision "$p"
+done
+want full28 && for p in native fp8; do
+    run "full28_2048_$p" "$bin" bench --device cuda --model random:dev --width 2048 --height 2048 \
+        --steps 28 --runs 1 --warmup 1 --precision "$p"
+done
 want fp8score && run score_gpu_fp8 "$bin" score --device cuda --prompts 40 --thresholds 0 --precision fp8
 # Issue 17 on the GPU: the cache policies' table on the trained demo (every preset), and what
 # each policy costs on random:dev when it computes every step (settings that never reuse).
@@ -70,7 +88,9 @@ python3 - "$out" <<'PY' | tee -a "$out/calls.log"
 import json, sys, os
 out = sys.argv[1]
 every = {}
-for name in ["dev1024_native", "dev1024_fp8", "dev1024_fp8_tensor", "dev2048_native", "dev2048_fp8"]:
+for name in ["dev1024_native", "dev1024_fp8", "dev1024_fp8_tensor", "dev2048_native", "dev2048_fp8",
+             "budget24_1024", "budget24_2048", "full28_1024_native", "full28_1024_fp8",
+             "full28_2048_native", "full28_2048_fp8"]:
     try:
         path = os.path.join(out, name + ".out")
         v = json.load(open(path))
@@ -78,7 +98,9 @@ for name in ["dev1024_native", "dev1024_fp8", "dev1024_fp8_tensor", "dev2048_nat
         os.remove(path)
         print(f"{name}: step {v['step_ms']['median']:.1f} ms (min {v['step_ms']['min']:.1f}), total "
               f"{v['total_ms']['median']:.0f} ms, text {v['text_encode_ms_median']:.0f} ms, vae "
-              f"{v['vae_decode_ms_median']:.0f} ms, gpu mem max {v['gpu_memory_used_max_mib']:.0f} MiB, dtype {v['dtype']}")
+              f"{v['vae_decode_ms_median']:.0f} ms, gpu mem max {v['gpu_memory_used_max_mib']:.0f} MiB, "
+              f"pool peak {v.get('gpu_pool_peak_mib')}, weights {v.get('transformer_weights_mib', 0):.0f} MiB, "
+              f"t5 {v.get('t5')}, dtype {v['dtype']}")
     except Exception as e:
         print(name, "no result:", e)
 if every:

@@ -467,6 +467,27 @@ fn diffusers_checkout_matches_demo() -> TestResult {
         assert_eq!(max_abs_diff(&a.vec, &b.vec)?, 0.0, "{prompt}");
     }
 
+    // T5 built for each prompt and freed after it (a memory budget): the same encodings, twice.
+    let on_demand = TextEncoders::load_diffusers_with(
+        dir.path(),
+        DEMO_T5_MAX_LEN,
+        DType::F32,
+        &Device::Cpu,
+        text::T5Residency::OnDemand,
+    )?;
+    assert_eq!(on_demand.t5_residency(), text::T5Residency::OnDemand);
+    assert_eq!(loaded.t5_residency(), text::T5Residency::Resident);
+    for prompt in [
+        "a red bicycle leaning on a wall",
+        "a red bicycle leaning on a wall",
+        "",
+    ] {
+        let a = on_demand.encode(prompt)?;
+        let b = demo.encode(prompt)?;
+        assert_eq!(max_abs_diff(&a.txt, &b.txt)?, 0.0, "{prompt}");
+        assert_eq!(max_abs_diff(&a.vec, &b.vec)?, 0.0, "{prompt}");
+    }
+
     // Single-folder parts through load_parts, with a shorter T5 sequence.
     let paths = text::TextEncoderPaths::diffusers(dir.path());
     let short = TextEncoders::load_parts(&paths, 16, DType::F32, &Device::Cpu)?;

@@ -727,3 +727,60 @@ fn fp8_checkpoints_load_dequantised() {
     assert!(psnr[0] > 32.0, "scaled FP8 image vs f32: {} dB", psnr[0]);
     assert!(psnr[1] > 32.0, "plain FP8 image vs f32: {} dB", psnr[1]);
 }
+
+/// What a memory budget loads: T5 built for each prompt, every block converted to FP8 as it loads
+/// (modulations weight-only) — the same image as the whole model loaded first and converted
+/// after, prompt after prompt (on the CPU the FP8 is simulated; the bf16 copies a GPU drops
+/// are the same values).
+#[test]
+fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::model::flux::Fp8Groups;
+    use parallax::model::text::T5Residency;
+    use parallax::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
+    let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+    let mut whole = Pipeline::load(&resolved, "whole", DType::F32, &Device::Cpu).expect("load");
+    whole.flux = whole
+        .flux
+        .with_fp8_in(Fp8Groups::ALL_AND_MODULATIONS)
+        .expect("convert");
+    let opts = LoadOptions {
+        fp8: Fp8Groups::ALL_AND_MODULATIONS,
+        lean: true,
+        t5: T5Residency::OnDemand,
+    };
+    let lean =
+        Pipeline::load_with(&resolved, "lean", DType::F32, &Device::Cpu, opts).expect("lean");
+    assert_eq!(lean.text.t5_residency(), T5Residency::OnDemand);
+    assert!(lean.flux.fp8_products());
+    for prompt in ["a red circle on the left", "two blue squares"] {
+        let req = GenerateRequest {
+            prompt: prompt.into(),
+            width: 64,
+            height: 64,
+            steps: Some(3),
+            seed: 7,
+            ..Default::default()
+        };
+        let a = whole.generate(&req, &mut |_| Ok(())).expect("whole");
+        let b = lean.generate(&req, &mut |_| Ok(())).expect("lean");
+        assert_eq!(a.image, b.image, "{prompt}");
+    }
+    // The modulations in FP8 change the image (they are converted), but only a little.
+    let plain = Pipeline::load(&resolved, "plain", DType::F32, &Device::Cpu).expect("load");
+    let req = GenerateRequest {
+        prompt: "a red circle on the left".into(),
+        width: 64,
+        height: 64,
+        steps: Some(3),
+        seed: 7,
+        ..Default::default()
+    };
+    let x = plain.generate(&req, &mut |_| Ok(())).expect("plain");
+    let y = lean.generate(&req, &mut |_| Ok(())).expect("lean");
+    assert_ne!(x.image, y.image);
+    let psnr = parallax::pipeline::metrics::psnr(&x.image, &y.image).expect("psnr");
+    assert!(psnr > 30.0, "FP8 with modulations: {psnr} dB");
+}

@@ -5,6 +5,7 @@ mod bench_vae;
 mod calibrate;
 mod dataset;
 mod fp8_error;
+mod memory;
 mod profile;
 mod score;
 mod selfcheck;
@@ -70,6 +71,9 @@ pub enum Command {
     /// What FP8 products cost each group of the transformer's layers: the relative error of the
     /// velocity at three steps of one image, per group and for all of them, as JSON.
     Fp8Error(fp8_error::Fp8ErrorArgs),
+    /// What one image needs on one GPU under memory budgets (16/24/48/80 GiB by default) and
+    /// which measures each takes: an estimate from the configs, no weights read.
+    Memory(memory::MemoryArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
@@ -207,6 +211,13 @@ pub struct ModelArgs {
     /// modulations and the output layer stay native).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
     pub precision: PrecisionArg,
+    /// Fit each GPU's share of the model within this much memory (`24`, `24G`, `20000M`; GiB
+    /// without a unit), planned for 1024 px: T5 built for each prompt and freed after it, then
+    /// FP8 products without bf16 copies, then the modulations stored in FP8 (weight-only), as
+    /// far as needed; refused with the estimate when even that does not fit. See `parallax
+    /// memory` for what fits where.
+    #[arg(long, value_parser = crate::engine::memory::parse_budget)]
+    pub memory_budget: Option<f64>,
     /// Device: `cpu`, `cuda` (GPU 0) or `cuda:N` (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -310,6 +321,7 @@ impl ModelArgs {
                 PrecisionArg::Native => crate::engine::Precision::Native,
                 PrecisionArg::Fp8 => crate::engine::Precision::Fp8,
             },
+            memory_budget_mib: self.memory_budget.map(|b| (b / (1u64 << 20) as f64) as u64),
         }
     }
 }
@@ -454,6 +466,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => compare(a),
         Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
+        Command::Memory(a) => memory::run(a),
         Command::ExportDemo(a) => export_demo(a),
         Command::Dataset(a) => dataset::run(a),
         Command::Score(a) => score::run(a),
@@ -963,6 +976,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         last = Some(g);
     }
     bar.finish_and_clear();
+    // The allocator's high-water marks since the process started (load included).
+    let pool_peak = crate::device::memory_peak(&dev)?;
     let stats = last.map(|g| g.stats).unwrap_or_default();
     let img_tokens = (settings.width / 16) * (settings.height / 16);
     let flops = p
@@ -992,6 +1007,13 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
         "attention": p.flux.attention().name(),
         "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
+        "gpu_pool_peak_mib": pool_peak.map(|p| serde_json::json!({
+            "allocated": p.allocated as f64 / (1024.0 * 1024.0),
+            "reserved": p.reserved as f64 / (1024.0 * 1024.0),
+        })),
+        "memory_budget_mib": a.model.choice().memory_budget_mib,
+        "t5": format!("{:?}", p.text.t5_residency()),
+        "transformer_weights_mib": p.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
         "step_ms": {
             "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),

@@ -505,7 +505,7 @@ fn fp8_checks(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     use crate::kernels::fp8::{round_rows, Fp8};
-    use crate::kernels::fp8_gemm::{linear_cat, quantize_rows};
+    use crate::kernels::fp8_gemm::{dequantize, gemv, linear_cat, quantize_rows};
     use crate::kernels::gemm::linear;
     let rnd = |shape: &[usize], std: f64| bf16_randn(shape, std, dev);
     // The quantised matrix read back and decoded on the CPU.
@@ -550,6 +550,28 @@ fn fp8_checks(
         )?,
         1e-3,
     );
+    // The weight-only pieces a memory budget uses: the dequantised matrix, and the modulations'
+    // matrix-vector product (FLUX.1's double-block modulation: 3072 -> 18432).
+    let w = rnd(&[18432, 3072], 1.0 / 3072f64.sqrt())?;
+    let wq = quantize_rows(&w, false)?;
+    let wd = decoded(&wq)?;
+    report.check(
+        "fp8 dequantise 18432x3072 vs CPU decode".into(),
+        rel_err(&dequantize(&wq)?, &wd)?,
+        4e-3,
+    );
+    let bias = rnd(&[18432], 0.5)?;
+    for rows in [1usize, 2, 8] {
+        let v = rnd(&[rows, 3072], 1.0)?;
+        report.check(
+            format!("fp8 weight-only matrix-vector {rows}x3072 -> 18432 + bias"),
+            rel_err(
+                &gemv(&v, &wq, Some(&bias))?,
+                &linear(&cpu32(&v)?, &wd, Some(&cpu32(&bias)?), false)?,
+            )?,
+            1e-2,
+        );
+    }
     for &(b, l, k, n) in &[(1usize, 1024usize, 3072usize, 1536usize), (2, 77, 256, 512)] {
         let x = rnd(&[b, l, k], 1.0)?;
         let w = rnd(&[n, k], 1.0 / (k as f64).sqrt())?;

@@ -8,11 +8,13 @@ use std::time::Instant;
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::memory;
 use crate::error::Result;
 use crate::model::flux::FluxConfig;
+use crate::model::flux::Fp8Groups;
 use crate::model::layout::{self, ModelSpec, Resolved, TransformerLayout, Variant};
 use crate::model::weights::SafetensorsSet;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{LoadOptions, Pipeline};
 
 /// The dtype the weights run in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +39,9 @@ pub struct ModelChoice {
     /// Precision of the transformer blocks' products.
     #[serde(default)]
     pub precision: Precision,
+    /// Device memory to fit within, in MiB ([`crate::engine::memory`]); none: load as asked.
+    #[serde(default)]
+    pub memory_budget_mib: Option<u64>,
 }
 
 /// How the transformer blocks' matrix products are computed.
@@ -58,6 +63,7 @@ impl ModelChoice {
             text_encoders: None,
             dtype: DTypeChoice::Auto,
             precision: Precision::Native,
+            memory_budget_mib: None,
         }
     }
 
@@ -109,17 +115,44 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
     {
         tracing::warn!("the demo model always runs in f32");
     }
-    let t0 = Instant::now();
-    let mut p = Pipeline::load(&resolved, &choice.model, dtype, &dev)
-        .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
-    if choice.precision == Precision::Fp8 {
-        p.flux = p.flux.with_fp8_products()?;
-        if !dev.is_cpu() && !p.flux.fp8_kernels() {
-            tracing::warn!(
-                "--precision fp8: FP8 products need bf16 on an sm_89 or newer GPU; here they are \
-                 simulated (rounding in {dtype:?}): FP8's quality, not its speed"
-            );
+    let asked = LoadOptions {
+        fp8: match choice.precision {
+            Precision::Fp8 => Fp8Groups::ALL,
+            Precision::Native => Fp8Groups::NONE,
+        },
+        ..Default::default()
+    };
+    let opts = match choice.memory_budget_mib {
+        None => asked,
+        Some(mib) => {
+            let mut w = workload(&resolved, dtype, PLAN_SIZE, PLAN_SIZE)?;
+            w.gpu = !dev.is_cpu();
+            if !w.flux_vae {
+                (w.width, w.height) = (256, 256);
+            }
+            let plan = memory::plan(
+                &w,
+                (mib as f64) * (1u64 << 20) as f64,
+                asked,
+                fp8_products_run(&dev, dtype),
+            )?;
+            tracing::info!("memory plan for {} px: {plan}", w.width);
+            if asked.fp8 == Fp8Groups::NONE && plan.options.fp8 != Fp8Groups::NONE {
+                tracing::warn!(
+                    "--memory-budget: FP8 products chosen to fit (FP8's error applies: see BENCHMARKS.md)"
+                );
+            }
+            plan.options
         }
+    };
+    let t0 = Instant::now();
+    let p = Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts)
+        .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
+    if p.flux.fp8_products() && !dev.is_cpu() && !p.flux.fp8_kernels() {
+        tracing::warn!(
+            "--precision fp8: FP8 products need bf16 on an sm_89 or newer GPU; here they are \
+             simulated (rounding in {dtype:?}): FP8's quality, not its speed"
+        );
     }
     // The weights are written by this thread's stream; other threads (GPU ranks, data-parallel
     // groups) queue on streams of their own.
@@ -129,6 +162,62 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
         t0.elapsed().as_secs_f64()
     );
     Ok(p)
+}
+
+/// The image size a memory budget is planned for (256 px for the demo model).
+pub const PLAN_SIZE: usize = 1024;
+
+/// Whether `dev` runs real FP8 products for weights in `dtype` (bf16 on an sm_89+ GPU).
+pub fn fp8_products_run(dev: &candle_core::Device, dtype: DType) -> bool {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(c) = dev {
+        return dtype == DType::BF16
+            && crate::kernels::fp8_gemm::enabled()
+            && crate::kernels::fp8_gemm::supported(c);
+    }
+    let _ = (dev, dtype);
+    false
+}
+
+/// What one image of `width`×`height` on `resolved` is, for a memory estimate.
+pub fn workload(
+    resolved: &Resolved,
+    dtype: DType,
+    width: usize,
+    height: usize,
+) -> Result<memory::Workload> {
+    use crate::model::text;
+    let flux = model_config(resolved)?;
+    let demo = flux.context_in_dim == text::DEMO_T5_DIM;
+    let variant = if flux.guidance_embed {
+        Variant::Dev
+    } else {
+        Variant::Schnell
+    };
+    Ok(memory::Workload {
+        t5: if demo {
+            text::t5_demo_config()
+        } else {
+            text::t5_xxl_config()
+        },
+        clip: if demo {
+            text::clip_demo_config()
+        } else {
+            text::clip_l_config()
+        },
+        t5_tokens: if demo {
+            text::DEMO_T5_MAX_LEN
+        } else {
+            variant.t5_max_len()
+        },
+        flux,
+        width,
+        height,
+        batch: 1,
+        dtype_bytes: dtype.size_in_bytes() as u64,
+        flux_vae: !demo,
+        gpu: true,
+    })
 }
 
 /// The transformer config of a resolved model, from the files' headers alone (no weights read).

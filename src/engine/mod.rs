@@ -13,6 +13,7 @@
 //! must not share candle's cuBLAS handle.
 
 pub mod load;
+pub mod memory;
 pub mod placement;
 
 use crate::error::{Error, Result};

@@ -29,7 +29,7 @@ pub fn per_tensor_weights() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::{linear_cat, quantize_rows, supported, Fp8Matrix};
+pub use cuda::{dequantize, gemv, linear_cat, quantize_rows, supported, Fp8Matrix, GEMV_MAX_ROWS};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -55,6 +55,8 @@ mod cuda {
         pub scale: CudaSlice<f32>,
         pub rows: usize,
         pub k: usize,
+        /// The device holding `q` and `scale`.
+        pub dev: CudaDevice,
     }
 
     impl std::fmt::Debug for Fp8Matrix {
@@ -133,7 +135,113 @@ mod cuda {
             let fixed = dev.cuda_stream().clone_htod(&[m]).w()?;
             launch(&mut q, &mut scale, Some(&fixed))?;
         }
-        Ok(Fp8Matrix { q, scale, rows, k })
+        Ok(Fp8Matrix {
+            q,
+            scale,
+            rows,
+            k,
+            dev,
+        })
+    }
+
+    /// The bf16 matrix `w` stands for, (rows, k): each row's E4M3 values times its scale.
+    pub fn dequantize(w: &Fp8Matrix) -> Result<Tensor> {
+        let dev = &w.dev;
+        let func = crate::kernels::nvrtc::function(
+            dev,
+            "fp8_quant",
+            SOURCE,
+            false,
+            "parallax_fp8_dequant_rows_bf16",
+        )?;
+        // SAFETY: the kernel writes every value.
+        let mut out = unsafe { dev.alloc::<bf16>(w.rows * w.k)? };
+        let rows = w.rows as i64;
+        let k = w.k as i32;
+        let cfg = crate::kernels::cuda_util::grid_stride((w.rows * w.k / 8) as u64);
+        let mut b = func.builder();
+        b.arg(&w.q);
+        b.arg(&w.scale);
+        b.arg(&mut out);
+        b.arg(&rows);
+        b.arg(&k);
+        // SAFETY: q holds rows·k bytes, scale rows floats, out rows·k bf16 values; k % 16 == 0.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(wrap(out, dev, &[w.rows, w.k]))
+    }
+
+    /// The most rows of `x` one [`gemv`] takes.
+    pub const GEMV_MAX_ROWS: usize = 8;
+
+    /// `x Wᵀ + b` for a few rows of `x` (…, k) in bf16 with `W` kept in FP8: weight-only FP8
+    /// (the activations stay bf16), read once from memory. For the adaLN modulations, whose
+    /// input is one conditioning vector per image.
+    pub fn gemv(x: &Tensor, w: &Fp8Matrix, bias: Option<&Tensor>) -> Result<Tensor> {
+        let dev = device(x)?;
+        let k = x.dim(D::Minus1)?;
+        let batch = x.elem_count() / k.max(1);
+        if k != w.k || x.dtype() != DType::BF16 || batch == 0 || batch > GEMV_MAX_ROWS {
+            candle_core::bail!(
+                "FP8 matrix-vector product: x {:?} {:?} by ({}, {})",
+                x.dims(),
+                x.dtype(),
+                w.rows,
+                w.k
+            );
+        }
+        let x = if x.is_contiguous() && x.layout().start_offset() % 8 == 0 {
+            x.clone()
+        } else {
+            x.force_contiguous()?
+        };
+        let bias = bias
+            .map(|b| b.to_dtype(DType::BF16)?.contiguous())
+            .transpose()?;
+        let func = crate::kernels::nvrtc::function(
+            &dev,
+            "fp8_quant",
+            SOURCE,
+            false,
+            "parallax_fp8_gemv_bf16",
+        )?;
+        // SAFETY: the kernel writes every output value.
+        let mut y = unsafe { dev.alloc::<bf16>(batch * w.rows)? };
+        let (n32, k32, b32) = (w.rows as i32, k as i32, batch as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let xv = view::<bf16>(&xs, xl)?;
+            let bs = bias.as_ref().map(|b| b.storage_and_layout());
+            let bv = match &bs {
+                Some((s, l)) => Some(view::<bf16>(s, l)?),
+                None => None,
+            };
+            let null: u64 = 0;
+            let mut b = func.builder();
+            b.arg(&w.q);
+            b.arg(&w.scale);
+            match &bv {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&xv);
+            b.arg(&mut y);
+            b.arg(&n32);
+            b.arg(&k32);
+            b.arg(&b32);
+            // SAFETY: q holds n·k bytes, scale and bias n values, x batch·k bf16 values from a
+            // 16-byte aligned offset, y batch·n; one warp per output row.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = w.rows;
+        }
+        Ok(wrap(y, &dev, &dims))
     }
 
     /// One cuBLASLt handle and workspace per device.

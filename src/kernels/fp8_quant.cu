@@ -70,3 +70,99 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
     }
     if (fixed && threadIdx.x == 0) scale[row] = s;
 }
+
+// Two E4M3 values (low byte first in memory) as two floats, through the hardware conversion.
+__device__ __forceinline__ float2 e4m3x2_to_f32x2(unsigned short v) {
+    unsigned h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
+    unsigned short lo = (unsigned short)(h2 & 0xffff), hi = (unsigned short)(h2 >> 16);
+    float a, b;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"(lo));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(b) : "h"(hi));
+    return make_float2(a, b);
+}
+
+// The bf16 matrix an Fp8Matrix stands for: out[r, c] = q[r, c] · scale[r]. Grid-stride over
+// groups of 8 values (`k` is a multiple of 16).
+extern "C" __global__ void parallax_fp8_dequant_rows_bf16(
+    const unsigned char* __restrict__ q,
+    const float* __restrict__ scale,
+    unsigned short* __restrict__ out,
+    long long rows,
+    int k) {
+    const long long groups = rows * (long long)(k / 8);
+    for (long long g = blockIdx.x * (long long)blockDim.x + threadIdx.x; g < groups;
+         g += (long long)gridDim.x * blockDim.x) {
+        const long long r = g / (k / 8);
+        const float s = scale[r];
+        const Q2 w = *(const Q2*)(q + g * 8);
+        const unsigned ws[2] = {w.x, w.y};
+        Q4 o;
+        unsigned os[4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float2 a = e4m3x2_to_f32x2((unsigned short)(ws[i] & 0xffff));
+            const float2 b = e4m3x2_to_f32x2((unsigned short)(ws[i] >> 16));
+            os[2 * i] = pack_bf16x2(a.x * s, a.y * s);
+            os[2 * i + 1] = pack_bf16x2(b.x * s, b.y * s);
+        }
+        o.x = os[0]; o.y = os[1]; o.z = os[2]; o.w = os[3];
+        *(Q4*)(out + g * 8) = o;
+    }
+}
+
+// y[b, r] = scale[r] · Σ_c q[r, c] · x[b, c] (+ bias[r]), in bf16, for a few rows `b` of x: the
+// adaLN modulations' product on a conditioning vector, reading the FP8 weight once (a memory-
+// bound matrix-vector product, half the bytes of a bf16 weight). One warp per output row; each
+// lane reads 8 weight bytes at a time. `k` is a multiple of 8; at most 8 rows of x.
+extern "C" __global__ void parallax_fp8_gemv_bf16(
+    const unsigned char* __restrict__ q,
+    const float* __restrict__ scale,
+    const unsigned short* __restrict__ bias,
+    const unsigned short* __restrict__ x,
+    unsigned short* __restrict__ y,
+    int n,
+    int k,
+    int batch) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    const unsigned char* qr = q + (long long)warp * k;
+    float acc[8];
+#pragma unroll
+    for (int b = 0; b < 8; ++b) acc[b] = 0.f;
+    for (int c = lane * 8; c < k; c += 256) {
+        const Q2 w = *(const Q2*)(qr + c);
+        const float2 w0 = e4m3x2_to_f32x2((unsigned short)(w.x & 0xffff));
+        const float2 w1 = e4m3x2_to_f32x2((unsigned short)(w.x >> 16));
+        const float2 w2 = e4m3x2_to_f32x2((unsigned short)(w.y & 0xffff));
+        const float2 w3 = e4m3x2_to_f32x2((unsigned short)(w.y >> 16));
+        const float wv[8] = {w0.x, w0.y, w1.x, w1.y, w2.x, w2.y, w3.x, w3.y};
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+            if (b < batch) {
+                const Q4 xv = *(const Q4*)(x + (long long)b * k + c);
+                const unsigned xs[4] = {xv.x, xv.y, xv.z, xv.w};
+                float s = 0.f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    s = fmaf(wv[2 * i], bf2f(xs[i] & 0xffff), s);
+                    s = fmaf(wv[2 * i + 1], bf2f(xs[i] >> 16), s);
+                }
+                acc[b] += s;
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+        float v = acc[b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        acc[b] = v;
+    }
+    if (lane == 0) {
+        const float s = scale[warp];
+        const float bb = bias ? bf2f(bias[warp]) : 0.f;
+        for (int b = 0; b < batch; ++b) y[(long long)b * n + warp] = f2bf(acc[b] * s + bb);
+    }
+}

@@ -265,18 +265,33 @@ impl Module for MlpEmbedder {
     }
 }
 
+/// How a [`Lin`] uses FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fp8Mode {
+    /// In the run's dtype.
+    Off,
+    /// FP8 products (W8A8): weight rows in E4M3 and the input rounded per token at each product
+    /// (cuBLASLt on sm_89+ GPUs in bf16; elsewhere simulated by rounding).
+    Products,
+    /// Weight-only FP8 (W8A16): the weight kept in E4M3 per output channel, the input unrounded
+    /// (the adaLN modulations under a memory budget: half the bytes, the products' input intact).
+    WeightOnly,
+}
+
 /// A linear layer over token rows whose bias add (and GELU, when asked) runs inside the product on
 /// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 struct Lin {
-    weight: Tensor,
+    /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
+    /// when the GPU's E4M3 copy stands for it.
+    weight: Option<Tensor>,
     bias: Option<Tensor>,
-    /// FP8 simulated: the input is rounded to E4M3 per token before the product (the weight was
-    /// rounded per output channel once, by [`Lin::to_fp8`]).
-    fp8: bool,
+    /// FP8 use. Simulated (where no GPU copy exists): the weight was rounded per output channel
+    /// once by [`Lin::to_fp8`]; under [`Fp8Mode::Products`] the input is rounded per token too.
+    fp8: Fp8Mode,
     /// On GPUs with FP8 products: the weight in E4M3 with its scales, multiplied by cuBLASLt
-    /// ([`crate::kernels::fp8_gemm`]); `weight` then keeps its original values, for the products
-    /// the FP8 path does not take.
+    /// ([`crate::kernels::fp8_gemm`]); `weight`, unless dropped, keeps its original values for
+    /// the products the FP8 path does not take.
     #[cfg(feature = "cuda")]
     fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
 }
@@ -285,51 +300,100 @@ impl Lin {
     fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let l = linear_b(in_dim, out_dim, bias, vb)?;
         Ok(Self {
-            weight: l.weight().clone(),
+            weight: Some(l.weight().clone()),
             bias: l.bias().cloned(),
-            fp8: false,
+            fp8: Fp8Mode::Off,
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
         })
     }
 
-    /// This layer with FP8 products simulated: weight rows rounded to E4M3 now, inputs per token
-    /// at every product.
+    /// The weight in the run's dtype: the kept one, or the E4M3 copy dequantised (a temporary,
+    /// for the rare product the FP8 kernels cannot take once the original was dropped).
+    fn weight(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        if let Some(w) = &self.weight {
+            return Ok(std::borrow::Cow::Borrowed(w));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(q) = &self.fp8_gpu {
+            return Ok(std::borrow::Cow::Owned(
+                crate::kernels::fp8_gemm::dequantize(q)?,
+            ));
+        }
+        candle_core::bail!("a linear layer lost its weight (dropped with no FP8 copy)")
+    }
+
+    /// This layer with FP8 in `mode`: weight rows rounded to E4M3 now (per output channel) and,
+    /// for products, inputs per token at every product.
     ///
     /// Where the GPU multiplies FP8 the weight is quantised there instead and `weight` keeps its
     /// original values: a product the FP8 path cannot take then runs unrounded (with a warning),
     /// and loading skips the CPU rounding of every weight.
-    fn to_fp8(&self) -> Result<Self> {
+    fn to_fp8(&self, mode: Fp8Mode) -> Result<Self> {
+        if mode == Fp8Mode::Off {
+            return Ok(self.clone());
+        }
+        let weight = self.weight()?.into_owned();
         #[cfg(feature = "cuda")]
-        if let Some(q) = self.fp8_weight_on_gpu() {
+        if let Some(q) = Self::fp8_weight_on_gpu(&weight) {
             return Ok(Self {
-                weight: self.weight.clone(),
+                weight: Some(weight),
                 bias: self.bias.clone(),
-                fp8: true,
+                fp8: mode,
                 fp8_gpu: Some(q),
             });
         }
         Ok(Self {
-            weight: crate::kernels::fp8::round_rows(&self.weight)?,
+            weight: Some(crate::kernels::fp8::round_rows(&weight)?),
             bias: self.bias.clone(),
-            fp8: true,
+            fp8: mode,
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
         })
     }
 
-    /// The weight quantised on the GPU for cuBLASLt's FP8 products, where the GPU has them (none
+    /// This layer without its weight in the run's dtype where an E4M3 copy on the GPU stands for
+    /// it (the memory an FP8 run saves); unchanged elsewhere.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    fn lean(mut self) -> Self {
+        #[cfg(feature = "cuda")]
+        if self.fp8_gpu.is_some() {
+            self.weight = None;
+        }
+        self
+    }
+
+    /// Bytes this layer's weights hold on their device (the run's dtype and any E4M3 copy).
+    fn weight_bytes(&self) -> usize {
+        let kept = self
+            .weight
+            .iter()
+            .chain(self.bias.iter())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum::<usize>();
+        #[cfg(feature = "cuda")]
+        let kept = kept
+            + self
+                .fp8_gpu
+                .as_ref()
+                .map_or(0, |q| q.rows * q.k + 4 * q.rows);
+        kept
+    }
+
+    /// `weight` quantised on the GPU for the FP8 kernels, where the GPU has them (none
     /// elsewhere, or when quantising fails: the simulated rounding then serves).
     #[cfg(feature = "cuda")]
-    fn fp8_weight_on_gpu(&self) -> Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>> {
+    fn fp8_weight_on_gpu(
+        weight: &Tensor,
+    ) -> Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>> {
         use crate::kernels::fp8_gemm as f;
-        let candle_core::Device::Cuda(dev) = self.weight.device() else {
+        let candle_core::Device::Cuda(dev) = weight.device() else {
             return None;
         };
-        if !f::enabled() || !f::supported(dev) || self.weight.dtype() != DType::BF16 {
+        if !f::enabled() || !f::supported(dev) || weight.dtype() != DType::BF16 {
             return None;
         }
-        match f::quantize_rows(&self.weight, f::per_tensor_weights()) {
+        match f::quantize_rows(weight, f::per_tensor_weights()) {
             Ok(m) => Some(std::sync::Arc::new(m)),
             Err(e) => {
                 tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
@@ -338,14 +402,28 @@ impl Lin {
         }
     }
 
-    /// The product through cuBLASLt's FP8 path, if this layer has it and it takes `x`.
+    /// The product through the FP8 kernels, if this layer has them and they take `x`: cuBLASLt's
+    /// FP8 product for [`Fp8Mode::Products`], the weight-only matrix-vector kernel for a few rows
+    /// under [`Fp8Mode::WeightOnly`].
     #[cfg(feature = "cuda")]
     fn fp8_product(&self, a: Option<&Tensor>, x: &Tensor, gelu: bool) -> Option<Tensor> {
+        use crate::kernels::fp8_gemm as f;
         let w = self.fp8_gpu.as_ref()?;
         if x.dtype() != DType::BF16 || !x.device().is_cuda() {
             return None;
         }
-        match crate::kernels::fp8_gemm::linear_cat(a, x, w, self.bias.as_ref(), gelu) {
+        let r = match self.fp8 {
+            Fp8Mode::Products => f::linear_cat(a, x, w, self.bias.as_ref(), gelu),
+            Fp8Mode::WeightOnly => {
+                let rows = x.elem_count() / w.k.max(1);
+                if a.is_some() || gelu || rows > f::GEMV_MAX_ROWS {
+                    return None;
+                }
+                f::gemv(x, w, self.bias.as_ref())
+            }
+            Fp8Mode::Off => return None,
+        };
+        match r {
             Ok(y) => Some(y),
             Err(e) => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
@@ -361,9 +439,9 @@ impl Lin {
 
     fn input<'a>(&self, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
         #[cfg(feature = "cuda")]
-        let simulated = self.fp8 && self.fp8_gpu.is_none();
+        let simulated = self.fp8 == Fp8Mode::Products && self.fp8_gpu.is_none();
         #[cfg(not(feature = "cuda"))]
-        let simulated = self.fp8;
+        let simulated = self.fp8 == Fp8Mode::Products;
         Ok(if simulated {
             std::borrow::Cow::Owned(crate::kernels::fp8::round_rows(x)?)
         } else {
@@ -371,11 +449,12 @@ impl Lin {
         })
     }
 
-    /// Output rows `start..start+len` only (a slice of the weight's rows, no copy).
+    /// Output rows `start..start+len` only (a slice of the weight's rows, no copy; taken at load,
+    /// before any FP8 conversion).
     fn rows(&self, start: usize, len: usize) -> Result<Self> {
         #[allow(unused_mut)]
         let mut part = Self {
-            weight: self.weight.narrow(0, start, len)?,
+            weight: Some(self.weight()?.narrow(0, start, len)?),
             bias: match &self.bias {
                 Some(b) => Some(b.narrow(0, start, len)?),
                 None => None,
@@ -388,7 +467,10 @@ impl Lin {
         // output channel; a per-tensor scale becomes the rows' own).
         #[cfg(feature = "cuda")]
         if self.fp8_gpu.is_some() {
-            part.fp8_gpu = part.fp8_weight_on_gpu();
+            part.fp8_gpu = part.weight.as_ref().and_then(Self::fp8_weight_on_gpu);
+            if self.weight.is_none() {
+                part = part.lean();
+            }
         }
         Ok(part)
     }
@@ -401,7 +483,7 @@ impl Lin {
         }
         gemm::linear(
             self.input(x)?.as_ref(),
-            &self.weight,
+            self.weight()?.as_ref(),
             self.bias.as_ref(),
             gelu,
         )
@@ -418,11 +500,21 @@ impl Lin {
         gemm::linear_cat(
             a,
             self.input(x)?.as_ref(),
-            &self.weight,
+            self.weight()?.as_ref(),
             self.bias.as_ref(),
             gelu,
         )
     }
+}
+
+/// `l` converted to FP8 in `mode` when `on` (and made lean with `lean`); the old weights are
+/// freed as soon as nothing else holds them.
+fn convert(l: &mut Lin, on: bool, mode: Fp8Mode, lean: bool) -> Result<()> {
+    if on && l.fp8 == Fp8Mode::Off {
+        let q = l.to_fp8(mode)?;
+        *l = if lean { q.lean() } else { q };
+    }
+    Ok(())
 }
 
 impl Module for Lin {
@@ -454,7 +546,7 @@ impl ModulationOut {
 /// `lin(silu(vec))` split into `n` (shift, scale, gate) triples.
 #[derive(Debug, Clone)]
 struct Modulation {
-    lin: Linear,
+    lin: Lin,
     n: usize,
 }
 
@@ -462,7 +554,7 @@ impl Modulation {
     fn new(dim: usize, double: bool, vb: VarBuilder) -> Result<Self> {
         let n = if double { 2 } else { 1 };
         Ok(Self {
-            lin: linear(dim, 3 * n * dim, vb.pp("lin"))?,
+            lin: Lin::new(dim, 3 * n * dim, true, vb.pp("lin"))?,
             n,
         })
     }
@@ -572,6 +664,22 @@ impl DoubleBlock {
         })
     }
 
+    /// FP8 in the groups `g` (see [`Flux::new_fp8`] for `lean`).
+    fn convert_fp8(&mut self, g: Fp8Groups, lean: bool) -> Result<()> {
+        for a in [&mut self.img_attn, &mut self.txt_attn] {
+            convert(&mut a.qkv, g.double_attention, Fp8Mode::Products, lean)?;
+            convert(&mut a.proj, g.double_attention, Fp8Mode::Products, lean)?;
+        }
+        for m in [&mut self.img_mlp, &mut self.txt_mlp] {
+            convert(&mut m.fc1, g.double_mlp, Fp8Mode::Products, lean)?;
+            convert(&mut m.fc2, g.double_mlp, Fp8Mode::Products, lean)?;
+        }
+        for m in [&mut self.img_mod, &mut self.txt_mod] {
+            convert(&mut m.lin, g.modulations, Fp8Mode::WeightOnly, lean)?;
+        }
+        Ok(())
+    }
+
     fn forward(
         &self,
         img: &Tensor,
@@ -633,6 +741,19 @@ impl SingleBlock {
             norm: QkNorm::new(cfg.head_dim(), vb.pp("norm"))?,
             heads: cfg.num_heads,
         })
+    }
+
+    /// FP8 in the groups `g` (see [`Flux::new_fp8`] for `lean`).
+    fn convert_fp8(&mut self, g: Fp8Groups, lean: bool) -> Result<()> {
+        convert(&mut self.linear1_qkv, g.single_in, Fp8Mode::Products, lean)?;
+        convert(&mut self.linear1_mlp, g.single_in, Fp8Mode::Products, lean)?;
+        convert(&mut self.linear2, g.single_out, Fp8Mode::Products, lean)?;
+        convert(
+            &mut self.modulation.lin,
+            g.modulations,
+            Fp8Mode::WeightOnly,
+            lean,
+        )
     }
 
     fn forward(&self, x: &Tensor, ctx: &BlockCtx, attn: &dyn Attention) -> Result<Tensor> {
@@ -700,6 +821,16 @@ pub struct Fp8Groups {
     pub single_in: bool,
     /// The single blocks' output product (`linear2`).
     pub single_out: bool,
+    /// Every adaLN modulation, weight-only (W8A16: the weight stored in E4M3, the conditioning
+    /// vector unrounded): not for speed (a matrix-vector product) but for memory, a quarter of
+    /// FLUX.1's weights. Off in [`Fp8Groups::ALL`]; on under a memory budget.
+    pub modulations: bool,
+}
+
+impl Default for Fp8Groups {
+    fn default() -> Self {
+        Self::NONE
+    }
 }
 
 impl Fp8Groups {
@@ -708,16 +839,24 @@ impl Fp8Groups {
         double_mlp: false,
         single_in: false,
         single_out: false,
+        modulations: false,
     };
+    /// Every block's products (what `--precision fp8` runs).
     pub const ALL: Self = Self {
         double_attention: true,
         double_mlp: true,
         single_in: true,
         single_out: true,
+        modulations: false,
+    };
+    /// Every block's products, and the modulations stored in FP8 (a memory budget's choice).
+    pub const ALL_AND_MODULATIONS: Self = Self {
+        modulations: true,
+        ..Self::ALL
     };
 
     /// Each group alone, then all, with their names.
-    pub fn each() -> [(&'static str, Self); 5] {
+    pub fn each() -> [(&'static str, Self); 7] {
         let n = Self::NONE;
         [
             (
@@ -748,7 +887,18 @@ impl Fp8Groups {
                     ..n
                 },
             ),
-            ("all of them (--precision fp8)", Self::ALL),
+            (
+                "adaLN modulations (weight-only)",
+                Self {
+                    modulations: true,
+                    ..n
+                },
+            ),
+            ("all products (--precision fp8)", Self::ALL),
+            (
+                "all products + modulations (--memory-budget)",
+                Self::ALL_AND_MODULATIONS,
+            ),
         ]
     }
 }
@@ -812,15 +962,30 @@ impl std::fmt::Debug for Flux {
 
 impl Flux {
     pub fn new(cfg: &FluxConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_fp8(cfg, vb, Fp8Groups::NONE, false)
+    }
+
+    /// Load with FP8 in the groups `g`, each block converted as soon as it is loaded (so loading
+    /// never holds more than one block beyond the converted model); with `lean`, the weights in
+    /// the run's dtype are dropped wherever a GPU E4M3 copy stands for them (a memory budget).
+    pub fn new_fp8(cfg: &FluxConfig, vb: VarBuilder, g: Fp8Groups, lean: bool) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let h = cfg.hidden_size;
         let dtype = vb.dtype();
         let device = vb.device().clone();
         let double_blocks = (0..cfg.depth)
-            .map(|i| DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}"))))
+            .map(|i| {
+                let mut b = DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}")))?;
+                b.convert_fp8(g, lean)?;
+                Ok(b)
+            })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..cfg.depth_single_blocks)
-            .map(|i| SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}"))))
+            .map(|i| {
+                let mut b = SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}")))?;
+                b.convert_fp8(g, lean)?;
+                Ok(b)
+            })
             .collect::<Result<Vec<_>>>()?;
         let guidance_in = if cfg.guidance_embed {
             Some(MlpEmbedder::new(256, h, vb.pp("guidance_in"))?)
@@ -842,7 +1007,7 @@ impl Flux {
             cfg: cfg.clone(),
             dtype,
             device,
-            fp8: false,
+            fp8: g != Fp8Groups::NONE,
         })
     }
 
@@ -873,30 +1038,60 @@ impl Flux {
     /// FP8 products in the chosen groups of layers only (to measure what each costs).
     pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
         for b in &mut self.double_blocks {
-            if g.double_attention {
-                for a in [&mut b.img_attn, &mut b.txt_attn] {
-                    a.qkv = a.qkv.to_fp8()?;
-                    a.proj = a.proj.to_fp8()?;
-                }
-            }
-            if g.double_mlp {
-                for m in [&mut b.img_mlp, &mut b.txt_mlp] {
-                    m.fc1 = m.fc1.to_fp8()?;
-                    m.fc2 = m.fc2.to_fp8()?;
-                }
-            }
+            b.convert_fp8(g, false)?;
         }
         for b in &mut self.single_blocks {
-            if g.single_in {
-                b.linear1_qkv = b.linear1_qkv.to_fp8()?;
-                b.linear1_mlp = b.linear1_mlp.to_fp8()?;
-            }
-            if g.single_out {
-                b.linear2 = b.linear2.to_fp8()?;
-            }
+            b.convert_fp8(g, false)?;
         }
         self.fp8 = g != Fp8Groups::NONE;
         Ok(self)
+    }
+
+    /// Bytes the transformer's weights hold on their device (what a memory budget counts).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| t(l.weight()) + l.bias().map_or(0, t);
+        let mlp = |m: &MlpEmbedder| lin(&m.in_layer) + lin(&m.out_layer);
+        let norm = |n: &QkNorm| t(&n.query) + t(&n.key);
+        let blocks: usize = self
+            .double_blocks
+            .iter()
+            .map(|b| {
+                [&b.img_mod.lin, &b.txt_mod.lin]
+                    .into_iter()
+                    .chain([&b.img_attn.qkv, &b.img_attn.proj, &b.txt_attn.qkv])
+                    .chain([&b.txt_attn.proj, &b.img_mlp.fc1, &b.img_mlp.fc2])
+                    .chain([&b.txt_mlp.fc1, &b.txt_mlp.fc2])
+                    .map(Lin::weight_bytes)
+                    .sum::<usize>()
+                    + norm(&b.img_attn.norm)
+                    + norm(&b.txt_attn.norm)
+            })
+            .sum::<usize>()
+            + self
+                .single_blocks
+                .iter()
+                .map(|b| {
+                    [
+                        &b.modulation.lin,
+                        &b.linear1_qkv,
+                        &b.linear1_mlp,
+                        &b.linear2,
+                    ]
+                    .into_iter()
+                    .map(Lin::weight_bytes)
+                    .sum::<usize>()
+                        + norm(&b.norm)
+                })
+                .sum::<usize>();
+        blocks
+            + lin(&self.img_in)
+            + lin(&self.txt_in)
+            + mlp(&self.time_in)
+            + mlp(&self.vector_in)
+            + self.guidance_in.as_ref().map_or(0, mlp)
+            + lin(&self.final_linear)
+            + lin(&self.final_mod)
     }
 
     /// Whether [`Flux::with_fp8_products`] was applied.

@@ -76,10 +76,31 @@ impl TextEncoderPaths {
     }
 }
 
+/// Builds T5 from its weights (for [`T5Residency::OnDemand`]).
+pub type T5Builder = Arc<dyn Fn() -> Result<T5EncoderModel> + Send + Sync>;
+
+/// Where T5 (9.5 GB in bf16 for T5-XXL) stays between prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum T5Residency {
+    /// Loaded once and kept on the device.
+    #[default]
+    Resident,
+    /// Built on the device for each prompt and freed after it: the device holds T5 only while
+    /// it encodes (a memory budget's choice; each prompt then reads T5's weights again, from the
+    /// page cache after the first).
+    OnDemand,
+}
+
+/// T5 itself, or how to build it for each prompt.
+enum T5Slot {
+    Resident(Mutex<T5EncoderModel>),
+    OnDemand(T5Builder),
+}
+
 /// T5 and CLIP with their tokenizers. `Send + Sync`: T5's forward pass needs `&mut`, so it sits
 /// behind a mutex and concurrent [`TextEncoders::encode`] calls take turns on it.
 pub struct TextEncoders {
-    t5: Mutex<T5EncoderModel>,
+    t5: T5Slot,
     clip: ClipTextTransformer,
     t5_tokenizer: PromptTokenizer,
     clip_tokenizer: PromptTokenizer,
@@ -92,6 +113,13 @@ pub struct TextEncoders {
 impl std::fmt::Debug for TextEncoders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextEncoders")
+            .field(
+                "t5",
+                &match self.t5 {
+                    T5Slot::Resident(_) => T5Residency::Resident,
+                    T5Slot::OnDemand(_) => T5Residency::OnDemand,
+                },
+            )
             .field("t5_tokenizer", &self.t5_tokenizer)
             .field("clip_tokenizer", &self.clip_tokenizer)
             .field("t5_dim", &self.t5_dim)
@@ -403,15 +431,53 @@ impl TextEncoders {
         t5_tokenizer: PromptTokenizer,
         clip_tokenizer: PromptTokenizer,
     ) -> Result<Self> {
-        if let Some((_, reason)) = misfit(&t5_tokenizer, t5_cfg, &clip_tokenizer, clip_cfg) {
-            return Err(Error::setting("text encoders", "tokenizers", reason));
-        }
         let dtype = t5_vb.dtype();
         let device = t5_vb.device().clone();
         let t5 = T5EncoderModel::load(t5_vb, t5_cfg).px()?;
+        Self::assemble(
+            T5Slot::Resident(Mutex::new(t5)),
+            (t5_cfg, dtype, device),
+            clip_vb,
+            clip_cfg,
+            t5_tokenizer,
+            clip_tokenizer,
+        )
+    }
+
+    /// Like [`TextEncoders::new`], with T5 built by `build` for each prompt and freed after it
+    /// ([`T5Residency::OnDemand`]); `build` makes a T5 of `t5_cfg` in `dtype` on `device`.
+    pub fn with_t5_builder(
+        build: T5Builder,
+        (t5_cfg, dtype, device): (&t5::Config, DType, &Device),
+        clip_vb: VarBuilder,
+        clip_cfg: &ClipTextConfig,
+        t5_tokenizer: PromptTokenizer,
+        clip_tokenizer: PromptTokenizer,
+    ) -> Result<Self> {
+        Self::assemble(
+            T5Slot::OnDemand(build),
+            (t5_cfg, dtype, device.clone()),
+            clip_vb,
+            clip_cfg,
+            t5_tokenizer,
+            clip_tokenizer,
+        )
+    }
+
+    fn assemble(
+        t5: T5Slot,
+        (t5_cfg, dtype, device): (&t5::Config, DType, Device),
+        clip_vb: VarBuilder,
+        clip_cfg: &ClipTextConfig,
+        t5_tokenizer: PromptTokenizer,
+        clip_tokenizer: PromptTokenizer,
+    ) -> Result<Self> {
+        if let Some((_, reason)) = misfit(&t5_tokenizer, t5_cfg, &clip_tokenizer, clip_cfg) {
+            return Err(Error::setting("text encoders", "tokenizers", reason));
+        }
         let clip = ClipTextTransformer::new(clip_vb, clip_cfg).px()?;
         Ok(Self {
-            t5: Mutex::new(t5),
+            t5,
             clip,
             t5_tokenizer,
             clip_tokenizer,
@@ -433,6 +499,17 @@ impl TextEncoders {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_diffusers_with(root, t5_max_len, dtype, device, T5Residency::Resident)
+    }
+
+    /// [`TextEncoders::load_diffusers`] with T5 kept as `residency` says.
+    pub fn load_diffusers_with(
+        root: &Path,
+        t5_max_len: usize,
+        dtype: DType,
+        device: &Device,
+        residency: T5Residency,
+    ) -> Result<Self> {
         if !root.is_dir() {
             return Err(Error::UnknownLayout {
                 path: root.to_path_buf(),
@@ -449,11 +526,12 @@ impl TextEncoders {
                 });
             }
         }
-        Self::load_parts(
+        Self::load_parts_with(
             &TextEncoderPaths::diffusers(root),
             t5_max_len,
             dtype,
             device,
+            residency,
         )
     }
 
@@ -463,6 +541,17 @@ impl TextEncoders {
         t5_max_len: usize,
         dtype: DType,
         device: &Device,
+    ) -> Result<Self> {
+        Self::load_parts_with(paths, t5_max_len, dtype, device, T5Residency::Resident)
+    }
+
+    /// [`TextEncoders::load_parts`] with T5 kept as `residency` says.
+    pub fn load_parts_with(
+        paths: &TextEncoderPaths,
+        t5_max_len: usize,
+        dtype: DType,
+        device: &Device,
+        residency: T5Residency,
     ) -> Result<Self> {
         let (t5_cfg, t5_cfg_path) =
             part_config(&paths.t5, read_t5_config, t5_xxl_config, "T5-XXL v1.1")?;
@@ -487,8 +576,18 @@ impl TextEncoders {
             "encoder.block.0.layer.0.SelfAttention.q.weight",
             "T5 encoder",
         )?;
-        let t5_vb = MappedWeights::new(t5_set, Arc::new(Identity { prefix: t5_prefix }))
-            .var_builder(dtype, device);
+        let t5_vb = {
+            let (set, prefix, dtype, device) = (t5_set.clone(), t5_prefix, dtype, device.clone());
+            move || {
+                MappedWeights::new(
+                    set.clone(),
+                    Arc::new(Identity {
+                        prefix: prefix.clone(),
+                    }),
+                )
+                .var_builder(dtype, &device)
+            }
+        };
 
         let clip_set = open_weights(&paths.clip)?;
         let clip_prefix = find_prefix(
@@ -504,14 +603,36 @@ impl TextEncoders {
         )
         .var_builder(dtype, device);
 
-        Self::new(
-            t5_vb,
-            &t5_cfg,
-            clip_vb,
-            &clip_cfg,
-            t5_tokenizer,
-            clip_tokenizer,
-        )
+        match residency {
+            T5Residency::Resident => Self::new(
+                t5_vb(),
+                &t5_cfg,
+                clip_vb,
+                &clip_cfg,
+                t5_tokenizer,
+                clip_tokenizer,
+            ),
+            T5Residency::OnDemand => {
+                let cfg = t5_cfg.clone();
+                let build: T5Builder = Arc::new(move || T5EncoderModel::load(t5_vb(), &cfg).px());
+                Self::with_t5_builder(
+                    build,
+                    (&t5_cfg, dtype, device),
+                    clip_vb,
+                    &clip_cfg,
+                    t5_tokenizer,
+                    clip_tokenizer,
+                )
+            }
+        }
+    }
+
+    /// Where T5 stays between prompts.
+    pub fn t5_residency(&self) -> T5Residency {
+        match self.t5 {
+            T5Slot::Resident(_) => T5Residency::Resident,
+            T5Slot::OnDemand(_) => T5Residency::OnDemand,
+        }
     }
 
     /// Tiny encoders with made-up weights ([`t5_demo_config`], [`clip_demo_config`], the demo
@@ -554,11 +675,25 @@ impl TextEncoders {
         }
 
         let t5_ids = Tensor::new(t5_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let txt = {
-            // A panic elsewhere while holding the lock leaves the encoder unchanged (it keeps
-            // no state between calls), so a poisoned lock is still usable.
-            let mut t5 = self.t5.lock().unwrap_or_else(|p| p.into_inner());
-            t5.forward(&t5_ids).px()?
+        let txt = match &self.t5 {
+            T5Slot::Resident(t5) => {
+                // A panic elsewhere while holding the lock leaves the encoder unchanged (it
+                // keeps no state between calls), so a poisoned lock is still usable.
+                let mut t5 = t5.lock().unwrap_or_else(|p| p.into_inner());
+                t5.forward(&t5_ids).px()?
+            }
+            T5Slot::OnDemand(build) => {
+                let t0 = std::time::Instant::now();
+                let mut t5 = build()?;
+                tracing::debug!(
+                    "T5 built for this prompt in {:.2}s",
+                    t0.elapsed().as_secs_f64()
+                );
+                let txt = t5.forward(&t5_ids).px()?;
+                // The output is a new tensor: T5's weights go when `t5` does, here.
+                drop(t5);
+                txt
+            }
         };
 
         let clip_ids = Tensor::new(clip_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CandleResultExt, Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
-use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig};
+use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig, Fp8Groups};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
 use crate::model::rng;
-use crate::model::text::TextEncoders;
+use crate::model::text::{T5Residency, TextEncoders};
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
 
@@ -247,6 +247,18 @@ impl DenoiseJob {
     }
 }
 
+/// How the models are loaded besides model, dtype and device: FP8 and what a memory budget
+/// chooses ([`crate::engine::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The transformer's layers in FP8, converted as each block loads.
+    pub fp8: Fp8Groups,
+    /// Drop the weights in the run's dtype wherever a GPU E4M3 copy stands for them.
+    pub lean: bool,
+    /// Where T5 stays between prompts.
+    pub t5: T5Residency,
+}
+
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
 pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
 
@@ -320,6 +332,16 @@ impl Pipeline {
     /// weights generated on `device`, and the demo byte tokenizers: for speed and memory
     /// measurements without weights. Its images are noise and are labelled DEMO.
     pub fn random(variant: Variant, dtype: DType, device: &Device) -> Result<Self> {
+        Self::random_with(variant, dtype, device, LoadOptions::default())
+    }
+
+    /// [`Pipeline::random`] loaded as `opts` says.
+    pub fn random_with(
+        variant: Variant,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
         use crate::model::demo_weights::RandomWeights;
         use crate::model::text;
         use crate::model::tokenizer::PromptTokenizer;
@@ -331,7 +353,13 @@ impl Pipeline {
             Variant::Schnell => FluxConfig::schnell(),
             _ => FluxConfig::dev(),
         };
-        let flux = Flux::new(&cfg, RandomWeights.var_builder(dtype, device)).px()?;
+        let flux = Flux::new_fp8(
+            &cfg,
+            RandomWeights.var_builder(dtype, device),
+            opts.fp8,
+            opts.lean,
+        )
+        .px()?;
         let vae_dtype = autoencoder_dtype(dtype, device);
         let vae = AutoEncoder::new(
             &VaeConfig::flux(),
@@ -339,14 +367,38 @@ impl Pipeline {
         )
         .px()?;
         let vb = RandomWeights.var_builder(dtype, device);
-        let text = TextEncoders::new(
-            vb.clone(),
-            &text::t5_xxl_config(),
-            vb.pp("text_model"),
-            &text::clip_l_config(),
-            PromptTokenizer::demo(variant.t5_max_len(), "t5")?,
-            PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?,
-        )?;
+        let t5_tokenizer = PromptTokenizer::demo(variant.t5_max_len(), "t5")?;
+        let clip_tokenizer = PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?;
+        let text = match opts.t5 {
+            T5Residency::Resident => TextEncoders::new(
+                vb.clone(),
+                &text::t5_xxl_config(),
+                vb.pp("text_model"),
+                &text::clip_l_config(),
+                t5_tokenizer,
+                clip_tokenizer,
+            )?,
+            T5Residency::OnDemand => {
+                // Drawn again for each prompt from the same seed: the same T5 every time.
+                let dev = device.clone();
+                let build: crate::model::text::T5Builder = Arc::new(move || {
+                    dev.set_seed(0x5435_5435)?;
+                    candle_transformers::models::t5::T5EncoderModel::load(
+                        RandomWeights.var_builder(dtype, &dev),
+                        &text::t5_xxl_config(),
+                    )
+                    .px()
+                });
+                TextEncoders::with_t5_builder(
+                    build,
+                    (&text::t5_xxl_config(), dtype, device),
+                    vb.pp("text_model"),
+                    &text::clip_l_config(),
+                    t5_tokenizer,
+                    clip_tokenizer,
+                )?
+            }
+        };
         Ok(Self {
             flux,
             vae,
@@ -359,11 +411,27 @@ impl Pipeline {
 
     /// Load a resolved model.
     pub fn load(resolved: &Resolved, label: &str, dtype: DType, device: &Device) -> Result<Self> {
-        match &resolved.spec {
-            ModelSpec::Demo => Self::demo(device),
-            ModelSpec::Random(variant) => Self::random(*variant, dtype, device),
-            ModelSpec::Files(files) => Self::load_files(files, label, dtype, device),
+        Self::load_with(resolved, label, dtype, device, LoadOptions::default())
+    }
+
+    /// Load a resolved model as `opts` says (FP8 groups converted at load; the demo model, built
+    /// whole, is converted after).
+    pub fn load_with(
+        resolved: &Resolved,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let mut p = match &resolved.spec {
+            ModelSpec::Demo => Self::demo(device)?,
+            ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
+            ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
+        };
+        if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {
+            p.flux = p.flux.with_fp8_in(opts.fp8).px()?;
         }
+        Ok(p)
     }
 
     /// Load the transformer, autoencoder and text encoders from files.
@@ -373,13 +441,29 @@ impl Pipeline {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (flux, mut variant) = load_transformer(files, dtype, device)?;
+        Self::load_files_with(files, label, dtype, device, LoadOptions::default())
+    }
+
+    /// [`Pipeline::load_files`] as `opts` says.
+    pub fn load_files_with(
+        files: &ModelFiles,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let (flux, mut variant) = load_transformer_with(files, dtype, device, opts)?;
         if files.demo {
             variant = Variant::Demo;
         }
         let vae = load_vae(files, dtype, device)?;
-        let text =
-            TextEncoders::load_diffusers(&files.text_root, variant.t5_max_len(), dtype, device)?;
+        let text = TextEncoders::load_diffusers_with(
+            &files.text_root,
+            variant.t5_max_len(),
+            dtype,
+            device,
+            opts.t5,
+        )?;
         if text.t5_dim() != flux.config().context_in_dim
             || text.clip_dim() != flux.config().vec_in_dim
         {
@@ -764,6 +848,16 @@ pub fn load_transformer(
     dtype: DType,
     device: &Device,
 ) -> Result<(Flux, Variant)> {
+    load_transformer_with(files, dtype, device, LoadOptions::default())
+}
+
+/// [`load_transformer`] with the FP8 groups of `opts` converted block by block as they load.
+pub fn load_transformer_with(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<(Flux, Variant)> {
     let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
     let cfg = match &files.transformer_layout {
         layout::TransformerLayout::Diffusers if files.transformer.join("config.json").is_file() => {
@@ -779,7 +873,7 @@ pub fn load_transformer(
     let map: Arc<dyn KeyMap> =
         Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
     let vb = MappedWeights::new(set, map).var_builder(dtype, device);
-    let flux = Flux::new(&cfg, vb).px()?;
+    let flux = Flux::new_fp8(&cfg, vb, opts.fp8, opts.lean).px()?;
     Ok((flux, variant))
 }
 

@@ -21,9 +21,10 @@ use std::sync::Arc;
 use super::{CachePolicy, DbCache, FirstBlockCache, MagCache, MagCalibration, NoCache, TaylorSeer};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum CacheSpec {
+    #[default]
     None,
     FirstBlock {
         threshold: f64,
@@ -46,12 +47,6 @@ pub enum CacheSpec {
         max_skip: usize,
         warmup: usize,
     },
-}
-
-impl Default for CacheSpec {
-    fn default() -> Self {
-        CacheSpec::None
-    }
 }
 
 impl CacheSpec {

@@ -1,0 +1,100 @@
+//! `parallax memory`: what one image of a model needs on one GPU under each memory budget, and
+//! which measures each budget takes (estimated from the configs; no weights are read).
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::memory::{self, parse_budget};
+use crate::engine::{load, DTypeChoice, Precision};
+use crate::model::flux::Fp8Groups;
+use crate::pipeline::LoadOptions;
+
+#[derive(Debug, Clone, Args)]
+pub struct MemoryArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Budgets to plan for (GiB without a unit).
+    #[arg(long, value_delimiter = ',', value_parser = parse_budget, default_value = "16,24,48,80")]
+    pub budgets: Vec<f64>,
+    /// Plan for a GPU without FP8 products (before sm_89).
+    #[arg(long)]
+    pub no_fp8: bool,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
+    let resolved = a.model.choice().resolve()?;
+    let choice = a.model.choice();
+    let dtype = match choice.dtype {
+        DTypeChoice::F32 => candle_core::DType::F32,
+        DTypeChoice::F16 => candle_core::DType::F16,
+        _ => candle_core::DType::BF16,
+    };
+    let w = load::workload(&resolved, dtype, a.width, a.height)?;
+    let asked = LoadOptions {
+        fp8: match choice.precision {
+            Precision::Fp8 => Fp8Groups::ALL,
+            Precision::Native => Fp8Groups::NONE,
+        },
+        ..Default::default()
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let whole = memory::estimate(&w, &asked);
+    let mut rows = Vec::new();
+    if !a.json {
+        println!(
+            "{} at {}x{} px, {:?}: as asked, peak about {:.1} GiB (transformer {:.1}, T5 {:.1})",
+            a.model.model,
+            a.width,
+            a.height,
+            dtype,
+            gib(whole.peak()),
+            gib(whole.transformer),
+            gib(whole.t5)
+        );
+    }
+    for &b in &a.budgets {
+        match memory::plan(&w, b, asked, !a.no_fp8) {
+            Ok(p) => {
+                if !a.json {
+                    println!("  {p}");
+                }
+                rows.push(serde_json::json!({
+                    "budget_gib": gib(b),
+                    "fits": true,
+                    "peak_gib": gib(p.peak()),
+                    "transformer_gib": gib(p.estimate.transformer),
+                    "phases_gib": p.estimate.phases.iter().map(|ph| (ph.name, gib(ph.bytes))).collect::<std::collections::BTreeMap<_, _>>(),
+                    "measures": p.measures,
+                }));
+            }
+            Err(e) => {
+                if !a.json {
+                    println!("  budget {:.1} GiB: does not fit: {e}", gib(b));
+                }
+                rows.push(serde_json::json!({ "budget_gib": gib(b), "fits": false, "why": e.to_string() }));
+            }
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": a.model.model,
+                "width": a.width,
+                "height": a.height,
+                "fp8_products": !a.no_fp8,
+                "as_asked_peak_gib": gib(whole.peak()),
+                "budgets": rows,
+            }))?
+        );
+    }
+    Ok(())
+}
