@@ -68,6 +68,8 @@ presets+=";taylorseer:n=2,order=1,warmup=3;taylorseer:n=3,order=1,warmup=2;taylo
 presets+=";magcache:t=0.1,k=2,warmup=2;magcache:t=0.3,k=3,warmup=2;magcache:t=0.5,k=4,warmup=1"
 want caches && run score_gpu_caches "$bin" score --device cuda --prompts 40 --thresholds 0,0.12,0.2,0.3 --caches "$presets"
 if want overhead; then
+    # MagCache needs a calibration of random:dev (written where the engine looks for it).
+    run calibrate_dev "$bin" calibrate-magcache --device cuda --model random:dev --prompts 2 --steps 8
     for c in none fbcache:t=1e-9 dbcache:f=1,b=1,t=1e-9 taylorseer:n=1 magcache:t=1e-9; do
         run "overhead_${c%%:*}" "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 \
             --steps 8 --runs 2 --warmup 1 --cache "$c"
@@ -77,7 +79,8 @@ import json, sys, os, glob
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "overhead_*.out"))):
     try:
         v = json.load(open(f))
-        print(f"{os.path.basename(f)}: {v['cache']} step {v['step_ms']['median']:.1f} ms (min {v['step_ms']['min']:.1f})")
+        print(f"{os.path.basename(f)}: {v['cache']} step {v['step_ms']['median']:.1f} ms (min {v['step_ms']['min']:.1f}), "
+              f"total {v['total_ms']['median']:.0f} ms, steps {v['cache_steps']['pattern']}")
     except Exception as e:
         print(f, "no result:", e)
 PY

@@ -153,7 +153,8 @@ fn bench_prints_json_with_step_times_and_memory() {
     assert_eq!(v["runs"], 2);
     assert!(v["step_ms"]["median"].as_f64().expect("median") > 0.0);
     assert_eq!(v["total_ms"]["all"].as_array().expect("all").len(), 2);
-    assert_eq!(v["cache"]["computed"], 2);
+    assert_eq!(v["cache_steps"]["computed"], 2);
+    assert_eq!(v["cache"], "none");
     if cfg!(target_os = "linux") {
         assert!(v["peak_rss_mib"].as_f64().expect("rss") > 1.0);
     }

@@ -1024,7 +1024,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "total_ms": { "median": median(&totals), "all": totals },
         "text_encode_ms_median": median(&text),
         "vae_decode_ms_median": median(&vae),
-        "cache": { "computed": stats.computed, "reused": stats.reused, "pattern": step_pattern(&stats.steps) },
+        "cache_steps": { "computed": stats.computed, "reused": stats.reused, "pattern": step_pattern(&stats.steps) },
         "peak_rss_mib": peak_rss_mib(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
