@@ -45,6 +45,8 @@ pub struct Settings {
     /// FP8 products in the transformer blocks (`--precision fp8`: real on sm_89+ GPUs in bf16,
     /// simulated by rounding elsewhere).
     pub fp8: bool,
+    /// GPU memory to fit the model within, in GiB (`--memory-budget`); none: load as asked.
+    pub memory_budget_gib: Option<u32>,
 }
 
 impl Default for Settings {
@@ -65,6 +67,7 @@ impl Default for Settings {
             compare_caches: default_compare_caches(),
             heatmap_gain: 4.0,
             fp8: false,
+            memory_budget_gib: None,
         }
     }
 }
@@ -108,6 +111,7 @@ struct SettingsFile {
     compare_caches: Vec<CacheSpec>,
     heatmap_gain: f32,
     fp8: bool,
+    memory_budget_gib: Option<u32>,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -145,6 +149,7 @@ impl Default for SettingsFile {
             compare_caches: d.compare_caches,
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
+            memory_budget_gib: d.memory_budget_gib,
             flat: FlatSampling::default(),
         }
     }
@@ -193,6 +198,7 @@ impl From<SettingsFile> for Settings {
             compare_caches: f.compare_caches,
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
+            memory_budget_gib: f.memory_budget_gib,
         }
     }
 }
@@ -350,6 +356,7 @@ impl Settings {
         if self.fp8 {
             spec.model.precision = crate::engine::Precision::Fp8;
         }
+        spec.model.memory_budget_mib = self.memory_budget_gib.map(|g| u64::from(g) * 1024);
         spec
     }
 

@@ -116,6 +116,7 @@ pub fn prompts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
 pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     let random_seed = &mut p.settings.random_seed;
     let fp8 = &mut p.settings.fp8;
+    let budget = &mut p.settings.memory_budget_gib;
     let r = &mut p.settings.request;
     egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
         let size_label = ui.label("Size");
@@ -195,13 +196,34 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             ui.end_row();
         }
         let l = ui.label("Precision");
-        ui.checkbox(fp8, "FP8 products")
-            .labelled_by(l.id)
-            .on_hover_text(
-                "E4M3 weights and activations in the transformer blocks: real FP8 products in \
-                 bf16 on sm_89+ GPUs, simulated by rounding elsewhere (FP8's quality, not its \
-                 speed); the model reloads",
-            );
+        ui.horizontal(|ui| {
+            ui.checkbox(fp8, "FP8 products")
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "E4M3 weights and activations in the transformer blocks: real FP8 products \
+                     in bf16 on sm_89+ GPUs, simulated by rounding elsewhere (FP8's quality, not \
+                     its speed); the model reloads",
+                );
+            let name = |b: Option<u32>| {
+                b.map_or("no memory budget".to_string(), |g| {
+                    format!("{g} GiB budget")
+                })
+            };
+            egui::ComboBox::from_id_salt("memory_budget")
+                .selected_text(name(*budget))
+                .show_ui(ui, |ui| {
+                    for b in [None, Some(16), Some(24), Some(48), Some(80)] {
+                        ui.selectable_value(budget, b, name(b));
+                    }
+                })
+                .response
+                .on_hover_text(
+                    "Fit the model within this much GPU memory (planned for 1024 px): T5 loaded \
+                     for each prompt, then FP8 without bf16 copies, then the modulations in FP8, \
+                     as far as needed; the model reloads. `parallax memory` shows what each \
+                     budget takes.",
+                );
+        });
         ui.end_row();
     });
 }
