@@ -308,6 +308,7 @@ impl Settings {
             pipeline: 1,
             ring: self.ring,
             ulysses: self.ulysses,
+            displaced_warmup: None,
         })
     }
 

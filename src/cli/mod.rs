@@ -291,6 +291,14 @@ pub struct DegreeArgs {
     /// `generate --images`, consecutive seeds).
     #[arg(long)]
     pub dp: Option<usize>,
+    /// Displaced patch parallelism (DistriFusion) over this many workers, instead of Ulysses or
+    /// ring: each computes its patch of the tokens and attends to the others' keys and values
+    /// from the previous step, gathered in the background. Approximate after the warm-up.
+    #[arg(long, conflicts_with_all = ["ulysses", "ring"])]
+    pub displaced: Option<usize>,
+    /// Exact steps before --displaced uses stale keys and values (default 1).
+    #[arg(long, requires = "displaced")]
+    pub warmup_steps: Option<usize>,
 }
 
 impl DegreeArgs {
@@ -301,6 +309,8 @@ impl DegreeArgs {
             ring: self.ring,
             cfg: self.cfg,
             dp: self.dp,
+            displaced: self.displaced,
+            warmup_steps: self.warmup_steps,
         }
     }
 }

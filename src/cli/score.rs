@@ -42,12 +42,55 @@ pub struct ScoreArgs {
     /// (e.g. `dbcache:t=0.2,taylor=1;taylorseer:n=3;magcache:t=0.3`).
     #[arg(long, value_delimiter = ';')]
     pub caches: Vec<CacheSpec>,
+    /// More cells, uncached, on CPU worker threads: displaced patch layouts as `N:W` (N patch
+    /// workers, W exact warm-up steps), separated by `,` (e.g. `2:1,4:1,4:3`).
+    #[arg(long, value_delimiter = ',', value_parser = parse_displaced)]
+    pub displaced: Vec<(usize, usize)>,
     /// Save every image here as eval-<prompt>-<threshold>.png.
     #[arg(long)]
     pub save: Option<PathBuf>,
     /// List every prompt's checks, not only the totals.
     #[arg(long)]
     pub details: bool,
+}
+
+fn parse_displaced(s: &str) -> Result<(usize, usize), String> {
+    let (n, w) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: give N:W (patch workers : warm-up steps), e.g. 4:1"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{n}` is not a worker count"))?;
+    let w: usize = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{w}` is not a step count"))?;
+    if n < 2 {
+        return Err(format!("`{s}`: displaced patches need 2 workers or more"));
+    }
+    Ok((n, w))
+}
+
+/// One cell of the sweep: a cache setting on one device, or a displaced layout uncached.
+enum Sweep {
+    Cache(CacheSpec),
+    Displaced(usize, usize),
+}
+
+impl Sweep {
+    fn name(&self) -> String {
+        match self {
+            Sweep::Cache(c) => c.to_string(),
+            Sweep::Displaced(n, w) => format!("displaced:{n},warmup={w}"),
+        }
+    }
+    fn file_stem(&self) -> String {
+        match self {
+            Sweep::Cache(c) => c.file_stem(),
+            Sweep::Displaced(n, w) => format!("displaced{n}-w{w}"),
+        }
+    }
 }
 
 /// Totals of several scores, overall and per kind of check.
@@ -139,8 +182,14 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let mut cells_spec: Vec<Sweep> = specs.into_iter().map(Sweep::Cache).collect();
+    cells_spec.extend(a.displaced.iter().map(|&(n, w)| Sweep::Displaced(n, w)));
+    let specs = cells_spec;
     let choice = a.model.choice();
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    if !a.displaced.is_empty() && !p.device().is_cpu() {
+        bail!("--displaced runs on CPU worker threads: use --device cpu");
+    }
     let samples = eval_samples(a.prompts, a.prompt_seed);
     let half = a.prompts.div_ceil(2);
 
@@ -172,10 +221,23 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             let mut s = a.sample.clone();
             s.prompt = sample.caption.clone();
             s.cache_threshold = 0.0;
-            s.cache = Some(spec.clone());
+            s.cache = Some(match spec {
+                Sweep::Cache(c) => c.clone(),
+                Sweep::Displaced(..) => CacheSpec::None,
+            });
             s.seed = Some(a.sample.seed.unwrap_or(0) + i as u64);
             let req = request_for(true, &s);
-            let g = p.generate(&req, &mut |_| Ok(()))?;
+            let g = match spec {
+                Sweep::Cache(_) => p.generate(&req, &mut |_| Ok(()))?,
+                &Sweep::Displaced(n, w) => {
+                    let layout = crate::parallel::mesh::ParallelLayout {
+                        ring: n,
+                        displaced_warmup: Some(w),
+                        ..Default::default()
+                    };
+                    crate::parallel::engine::generate(&p, layout, &req, &mut |_| Ok(()))?
+                }
+            };
             let sc = score(&g.image, &sample.described);
             let c = &mut cells[k];
             c.tally.add(&sc, i >= half);
@@ -200,7 +262,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             }
             if a.details {
                 details.push(serde_json::json!({
-                    "prompt": sample.caption, "cache": spec.to_string(), "held_out": i >= half,
+                    "prompt": sample.caption, "cache": spec.name(), "held_out": i >= half,
                     "score": sc.summary(),
                     "failed": sc.checks.iter().filter(|c| !c.passed).collect::<Vec<_>>(),
                 }));
@@ -223,8 +285,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         .map(|(spec, c)| {
             let ms = median(&c.ms);
             serde_json::json!({
-                "threshold": spec.fb_threshold(),
-                "cache": spec.to_string(),
+                "threshold": match spec { Sweep::Cache(c) => c.fb_threshold(), Sweep::Displaced(..) => None },
+                "cache": spec.name(),
                 "prompt_score": c.tally.json(),
                 "steps_computed": c.computed,
                 "steps_reused": c.reused,

@@ -202,18 +202,40 @@ pub struct Degrees {
     pub ring: Option<usize>,
     pub cfg: Option<usize>,
     pub dp: Option<usize>,
+    /// Displaced patch parallelism over this many workers (in place of ring and Ulysses).
+    #[serde(default)]
+    pub displaced: Option<usize>,
+    /// Exact warm-up forwards before displaced patches use stale K/V (default 1).
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
 }
 
 impl Degrees {
     /// Whether any degree was given.
     pub fn any(&self) -> bool {
-        self.ulysses.is_some() || self.ring.is_some() || self.cfg.is_some() || self.dp.is_some()
+        self.ulysses.is_some()
+            || self.ring.is_some()
+            || self.cfg.is_some()
+            || self.dp.is_some()
+            || self.displaced.is_some()
     }
 
     /// The layout over `workers`.
     pub fn layout_for(&self, workers: usize) -> ParallelLayout {
         let dp = self.dp.unwrap_or(1);
         let cfg = self.cfg.unwrap_or(1);
+        if let Some(n) = self.displaced {
+            // The patch group is the ring axis; a Ulysses or ring degree given beside it is
+            // kept, for the mesh to refuse with its reason.
+            return ParallelLayout {
+                dp,
+                cfg,
+                ulysses: self.ulysses.unwrap_or(1),
+                ring: self.ring.unwrap_or(n),
+                displaced_warmup: Some(self.warmup_steps.unwrap_or(1)),
+                ..ParallelLayout::default()
+            };
+        }
         let ulysses = self.ulysses.unwrap_or(1);
         let ring = self.ring.unwrap_or_else(|| {
             (workers / dp.saturating_mul(cfg).saturating_mul(ulysses).max(1)).max(1)
@@ -234,6 +256,8 @@ impl Degrees {
             ring: Some(layout.ring),
             cfg: Some(layout.cfg),
             dp: Some(layout.dp),
+            displaced: layout.displaced_warmup.map(|_| layout.ring),
+            warmup_steps: layout.displaced_warmup,
         }
     }
 }
@@ -337,14 +361,20 @@ impl Plan {
             return format!("one worker ({})", self.ranks[0]);
         }
         let l = self.layout;
+        let inner = match l.displaced_warmup {
+            Some(w) => format!(
+                "displaced patches {} ({w} exact warm-up step{}, then stale K/V: approximate)",
+                l.ring,
+                if w == 1 { "" } else { "s" }
+            ),
+            None => format!("ring {} x ulysses {}", l.ring, l.ulysses),
+        };
         let mut text = format!(
-            "{} workers ({}): dp {} x cfg {} x ring {} x ulysses {} ({})",
+            "{} workers ({}): dp {} x cfg {} x {inner} ({})",
             self.world(),
             summarise(&self.ranks),
             l.dp,
             l.cfg,
-            l.ring,
-            l.ulysses,
             self.why
         );
         if l.dp > 1 {

@@ -38,6 +38,26 @@ pub trait Attention: Send + Sync {
         }
         self.attend(q, k, v)
     }
+    /// Attention for the transformer's block `layer` (0-based, double blocks first), heads
+    /// merged, `layout` when the sequence is sharded: what every block calls. Strategies that
+    /// keep state per layer across steps (displaced patches) override it; the default forgets
+    /// the layer.
+    fn attend_layer(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: Option<&ShardLayout>,
+    ) -> Result<Tensor> {
+        let _ = layer;
+        match layout {
+            Some(l) if l.is_padded() => {
+                crate::kernels::flash_attn::merge_heads(&self.attend_shards(q, k, v, l)?)
+            }
+            _ => self.attend_merged(q, k, v),
+        }
+    }
     /// A short name for logs and `info`.
     fn name(&self) -> &str;
 }

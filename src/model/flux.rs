@@ -686,6 +686,7 @@ impl DoubleBlock {
         txt: &Tensor,
         ctx: &BlockCtx,
         attn: &dyn Attention,
+        layer: usize,
     ) -> Result<(Tensor, Tensor)> {
         let img_m = self.img_mod.forward(&ctx.vec)?;
         let txt_m = self.txt_mod.forward(&ctx.vec)?;
@@ -699,7 +700,7 @@ impl DoubleBlock {
             &ctx.pe,
             self.heads,
         )?;
-        let out = ctx.attend_merged(attn, &q, &k, &v)?;
+        let out = ctx.attend_merged(attn, layer, &q, &k, &v)?;
         let txt_len = txt.dim(1)?;
         let txt_out = out.narrow(1, 0, txt_len)?;
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
@@ -756,12 +757,18 @@ impl SingleBlock {
         )
     }
 
-    fn forward(&self, x: &Tensor, ctx: &BlockCtx, attn: &dyn Attention) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &BlockCtx,
+        attn: &dyn Attention,
+        layer: usize,
+    ) -> Result<Tensor> {
         let m = &self.modulation.forward(&ctx.vec)?[0];
         let xm = m.norm_modulate(x)?;
         let qkv = self.linear1_qkv.forward(&xm)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
-        let a = ctx.attend_merged(attn, &q, &k, &v)?;
+        let a = ctx.attend_merged(attn, layer, &q, &k, &v)?;
         // linear2's input: the attention output beside GELU(MLP half), which the product writes
         // straight into the joined buffer (bias and GELU in its epilogue).
         let joined = self.linear1_mlp.apply_beside(&a, &xm, true)?;
@@ -788,16 +795,12 @@ impl BlockCtx {
     pub fn attend_merged(
         &self,
         attn: &dyn Attention,
+        layer: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        match &self.shards {
-            Some(layout) if layout.is_padded() => {
-                crate::kernels::flash_attn::merge_heads(&attn.attend_shards(q, k, v, layout)?)
-            }
-            _ => attn.attend_merged(q, k, v),
-        }
+        attn.attend_layer(layer, q, k, v, self.shards.as_ref())
     }
 
     /// The rows of this rank's image stream `img` (B, N, ..) that are real tokens: all of them
@@ -1185,7 +1188,7 @@ impl Flux {
         let attn = self.attention.as_ref();
         let depth = self.cfg.depth;
         for i in range.start..range.end.min(depth) {
-            (img, txt) = self.double_blocks[i].forward(&img, &txt, ctx, attn)?;
+            (img, txt) = self.double_blocks[i].forward(&img, &txt, ctx, attn, i)?;
         }
         let single_start = range.start.max(depth);
         let single_end = range.end.min(self.cfg.num_blocks());
@@ -1193,7 +1196,7 @@ impl Flux {
             let txt_len = txt.dim(1)?;
             let mut x = Tensor::cat(&[&txt, &img], 1)?;
             for i in single_start..single_end {
-                x = self.single_blocks[i - depth].forward(&x, ctx, attn)?;
+                x = self.single_blocks[i - depth].forward(&x, ctx, attn, i)?;
             }
             txt = x.narrow(1, 0, txt_len)?;
             img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;

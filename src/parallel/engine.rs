@@ -54,7 +54,13 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
         }
     }
     let mut world = by_axis("world", vec![(0..n).collect()])?;
-    let mut sp = by_axis("sp", sp_groups)?;
+    let mut sp = by_axis("sp", sp_groups.clone())?;
+    // Displaced patches gather in the background over a second communicator of the same ranks.
+    let mut refresh = if mesh.layout().displaced_warmup.is_some() {
+        by_axis("sp-refresh", sp_groups)?
+    } else {
+        vec![None; n]
+    };
     let mut uly = by_axis("ulysses", mesh.groups(Axis::Ulysses))?;
     let mut ring = by_axis("ring", mesh.groups(Axis::Ring))?;
     let mut cfg = by_axis("cfg", mesh.groups(Axis::Cfg))?;
@@ -68,6 +74,7 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
             };
             Ok(RankGroups {
                 world: take(&mut world)?,
+                refresh: refresh.get_mut(r).and_then(Option::take),
                 sp: take(&mut sp)?,
                 ulysses: take(&mut uly)?,
                 ring: take(&mut ring)?,
@@ -137,6 +144,13 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
         ));
     }
     let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
+    if layout.displaced_warmup.is_some() && layout.cfg == 1 && req.true_cfg.unwrap_or(1.0) > 1.0 {
+        return Err(Error::setting(
+            "parallel layout",
+            "displaced",
+            "displaced patches keep one pass's keys and values per step: with --true-cfg use --cfg 2",
+        ));
+    }
     if layout.cfg == 2 && (req.true_cfg.unwrap_or(1.0) <= 1.0 || req.negative_prompt.is_none()) {
         return Err(Error::setting(
             "parallel layout",
@@ -334,6 +348,9 @@ fn generate_ranks(
 pub struct RankGroups {
     pub world: Arc<dyn Communicator>,
     pub sp: Arc<dyn Communicator>,
+    /// The sequence-parallel group again, for displaced patches' background gathers (only
+    /// under a displaced layout).
+    pub refresh: Option<Arc<dyn Communicator>>,
     pub ulysses: Arc<dyn Communicator>,
     pub ring: Arc<dyn Communicator>,
     pub cfg: Arc<dyn Communicator>,
@@ -353,10 +370,24 @@ pub fn denoise_rank(
     stop: &(dyn Fn() -> bool + Sync),
     report: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
-    let attn = Arc::new(UspAttention::new(
-        groups.ulysses.clone(),
-        groups.ring.clone(),
-    ));
+    let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().displaced_warmup {
+        Some(warmup) => {
+            let refresh = groups.refresh.clone().ok_or_else(|| {
+                Error::Candle(candle_core::Error::Msg(
+                    "displaced patches: no refresh communicator".into(),
+                ))
+            })?;
+            Arc::new(super::displaced::DisplacedAttention::new(
+                groups.sp.clone(),
+                refresh,
+                warmup,
+            )?)
+        }
+        None => Arc::new(UspAttention::new(
+            groups.ulysses.clone(),
+            groups.ring.clone(),
+        )),
+    };
     let model = super::sp::replica(flux, groups.sp.clone(), attn);
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
@@ -519,6 +550,54 @@ mod tests {
                 "ring {ring} x ulysses {ulysses}: pixels differ by {d}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn displaced_patches_are_exact_through_warm_up_and_close_after() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let r = GenerateRequest {
+            prompt: "two small yellow stars above a green square, night sky".into(),
+            width: 128,
+            height: 128,
+            steps: Some(8),
+            ..req(0.0)
+        };
+        let one = p.generate(&r, &mut |_| Ok(()))?;
+        for n in [2, 4] {
+            let displaced = |warmup| ParallelLayout {
+                ring: n,
+                displaced_warmup: Some(warmup),
+                ..ParallelLayout::default()
+            };
+            // Warm-up through every step: every forward gathers fresh K/V, the exact image.
+            let g = generate(&p, displaced(8), &r, &mut |_| Ok(()))?;
+            let d = max_pixel_diff(&g, &one);
+            assert!(d <= 1, "displaced {n}, warm-up 8: pixels differ by {d}");
+            // Two exact steps, then stale K/V: close to the exact image, not equal to it.
+            let g = generate(&p, displaced(2), &r, &mut |_| Ok(()))?;
+            let psnr = crate::pipeline::metrics::psnr(&g.image, &one.image)?;
+            assert!(
+                max_pixel_diff(&g, &one) > 1,
+                "displaced {n}: stale K/V changed nothing"
+            );
+            assert!(psnr > 25.0, "displaced {n}, warm-up 2: {psnr:.1} dB");
+        }
+        // True CFG on one branch per rank would mix the branches' K/V: refused.
+        let cfg = GenerateRequest {
+            negative_prompt: Some("blurry".into()),
+            true_cfg: Some(3.0),
+            ..r
+        };
+        let l = ParallelLayout {
+            ring: 2,
+            displaced_warmup: Some(1),
+            ..ParallelLayout::default()
+        };
+        assert!(matches!(
+            generate(&p, l, &cfg, &mut |_| Ok(())),
+            Err(Error::InvalidSetting { .. })
+        ));
         Ok(())
     }
 

@@ -17,6 +17,11 @@ pub struct ParallelLayout {
     pub pipeline: usize,
     pub ring: usize,
     pub ulysses: usize,
+    /// Displaced patch parallelism over the ring axis (DistriFusion; [`super::displaced`]):
+    /// `Some(w)` runs `w` warm-up forwards exactly (every rank's K/V gathered), then each rank
+    /// attends to the others' K/V from the previous forward. `None`: ring attention, exact.
+    #[serde(default)]
+    pub displaced_warmup: Option<usize>,
 }
 
 impl Default for ParallelLayout {
@@ -27,6 +32,7 @@ impl Default for ParallelLayout {
             pipeline: 1,
             ring: 1,
             ulysses: 1,
+            displaced_warmup: None,
         }
     }
 }
@@ -98,10 +104,16 @@ pub struct Mesh {
 impl Mesh {
     /// Check `layout` against the workers present and the model before anything is loaded.
     pub fn new(layout: ParallelLayout, devices: usize, heads: usize) -> Result<Self> {
-        let desc = format!(
-            "dp {} x cfg {} x pipeline {} x ring {} x ulysses {}",
-            layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
-        );
+        let desc = match layout.displaced_warmup {
+            None => format!(
+                "dp {} x cfg {} x pipeline {} x ring {} x ulysses {}",
+                layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
+            ),
+            Some(w) => format!(
+                "dp {} x cfg {} x displaced {} (warm-up {w})",
+                layout.dp, layout.cfg, layout.ring
+            ),
+        };
         let bad = |reason: String| Error::setting("parallel layout", &desc, reason);
         if [
             layout.dp,
@@ -135,6 +147,11 @@ impl Mesh {
                 "multiplies to {} devices, but {devices} were given: the degrees must multiply to the device count",
                 layout.world()
             )));
+        }
+        if layout.displaced_warmup.is_some() && layout.ulysses != 1 {
+            return Err(bad(
+                "displaced patches run over the ring axis alone: Ulysses must be 1".into(),
+            ));
         }
         if heads % layout.ulysses != 0 {
             return Err(bad(format!(
@@ -244,6 +261,7 @@ mod tests {
             pipeline: 1,
             ring,
             ulysses,
+            displaced_warmup: None,
         }
     }
 

@@ -18,6 +18,7 @@
 //!   bands differ by a row where the rows do not divide).
 
 pub mod comm;
+pub mod displaced;
 pub mod engine;
 pub mod mesh;
 #[cfg(feature = "cuda")]

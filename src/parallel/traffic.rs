@@ -89,6 +89,9 @@ pub enum SpStrategy {
     Ulysses,
     /// Each rank's k and v passed around the ring, n - 1 hops.
     Ring,
+    /// Displaced patches after warm-up: each rank's k and v gathered by every other rank, in the
+    /// background (the step does not wait for them).
+    Displaced,
 }
 
 /// Bytes one rank sends for attention in one denoising step: `layers` attention calls over a
@@ -110,7 +113,7 @@ pub fn attention_bytes_per_step(
     let shard = (tokens / n * hidden * elem) as u64;
     let per_layer = match strategy {
         SpStrategy::Ulysses => 4 * shard * (n as u64 - 1) / n as u64,
-        SpStrategy::Ring => 2 * shard * (n as u64 - 1),
+        SpStrategy::Ring | SpStrategy::Displaced => 2 * shard * (n as u64 - 1),
     };
     per_layer * layers as u64
 }
@@ -119,7 +122,8 @@ pub fn attention_bytes_per_step(
 mod tests {
     use super::*;
     use crate::model::attention::Attention;
-    use crate::parallel::comm::run_local;
+    use crate::parallel::comm::{run_local, LocalComm};
+    use crate::parallel::displaced::DisplacedAttention;
     use crate::parallel::ring::RingAttention;
     use crate::parallel::ulysses::UlyssesAttention;
     use candle_core::{DType, Device};
@@ -133,16 +137,30 @@ mod tests {
             let tokens = 12 * n;
             let q = Tensor::randn(0f32, 1.0, (1, heads, tokens, head_dim), &Device::Cpu)?;
             let shard = tokens / n;
-            for strategy in [SpStrategy::Ulysses, SpStrategy::Ring] {
+            for strategy in [SpStrategy::Ulysses, SpStrategy::Ring, SpStrategy::Displaced] {
+                let refresh = LocalComm::group(n);
                 let sent = run_local(n, |rank, comm| {
                     let counted = Arc::new(Counting::new(Arc::new(comm)));
                     let c: Arc<dyn Communicator> = counted.clone();
-                    let attn: Box<dyn Attention> = match strategy {
-                        SpStrategy::Ulysses => Box::new(UlyssesAttention::new(c)),
-                        SpStrategy::Ring => Box::new(RingAttention::new(c)),
-                    };
                     let part = q.narrow(2, rank * shard, shard)?;
-                    attn.attend(&part, &part, &part)?;
+                    match strategy {
+                        SpStrategy::Ulysses => {
+                            UlyssesAttention::new(c).attend(&part, &part, &part)?;
+                        }
+                        SpStrategy::Ring => {
+                            RingAttention::new(c).attend(&part, &part, &part)?;
+                        }
+                        SpStrategy::Displaced => {
+                            // The warm-up forward gathers over the group; the next one sends
+                            // the same bytes over the refresh communicator: count that one.
+                            let bg = Arc::new(Counting::new(Arc::new(refresh[rank].clone())));
+                            let d = DisplacedAttention::new(c, bg.clone(), 1)?;
+                            d.attend_layer(0, &part, &part, &part, None)?;
+                            d.attend_layer(0, &part, &part, &part, None)?;
+                            d.flush()?;
+                            return Ok(bg.sent());
+                        }
+                    }
                     Ok(counted.sent())
                 })?;
                 let want = attention_bytes_per_step(

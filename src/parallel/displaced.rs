@@ -1,0 +1,398 @@
+//! Displaced patch parallelism (DistriFusion; the idea behind piflux): each rank of the group
+//! computes only its own patch of the tokens, and its attention reads the other patches' keys and
+//! values from the previous forward pass instead of waiting for this pass's.
+//!
+//! The group shards the sequence as sequence parallelism does ([`crate::model::shard`]): every
+//! rank holds a shard of the text and image tokens, and the model gathers the velocity at the end.
+//! Attention differs:
+//! - **Warm-up** (the first `warmup` forwards, and any layer not seen before): every rank's fresh
+//!   K/V are gathered and attended to: exactly the one-device attention.
+//! - **After warm-up**: a rank's own rows of K/V are this forward's, the other ranks' rows are the
+//!   ones gathered during the previous forward (one step stale). This forward's K/V are handed to
+//!   a refresh thread, which gathers them from every rank over a communicator of its own while
+//!   the rank goes on with the next layer; the next forward picks them up. The exchange is off
+//!   the critical path: on GPUs the refresh thread queues on a stream of its own.
+//!
+//! The bytes per step equal ring attention's (each rank's K and V reach every other rank once),
+//! but nothing waits on them. Quality is approximate: BENCHMARKS.md measures it against the
+//! one-device image on the trained demo model.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+
+use candle_core::{Result, Tensor};
+
+use super::comm::Communicator;
+use super::sp::real_keys;
+use crate::model::attention::{Attention, LocalAttention};
+use crate::model::shard::ShardLayout;
+
+/// Gathered K/V of one layer.
+#[derive(Clone)]
+struct Gathered {
+    k: Tensor,
+    v: Tensor,
+}
+
+#[derive(Default)]
+struct Refreshed {
+    /// The latest gathered K/V by layer.
+    layers: HashMap<usize, Gathered>,
+    /// Gathers queued and not yet done, by layer.
+    pending: HashMap<usize, usize>,
+    /// The refresh thread's failure, reported at the next attention call.
+    failed: Option<String>,
+}
+
+struct Shared {
+    refreshed: Mutex<Refreshed>,
+    done: Condvar,
+}
+
+struct Job {
+    layer: usize,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// One rank's attention under displaced patch parallelism (see the module's notes).
+pub struct DisplacedAttention {
+    group: Arc<dyn Communicator>,
+    warmup: usize,
+    local: LocalAttention,
+    /// Forward passes begun (counted at layer 0).
+    forwards: Mutex<usize>,
+    shared: Arc<Shared>,
+    refresh: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+impl DisplacedAttention {
+    /// Rank `group.rank()` of a displaced group. `refresh` is a second communicator over the
+    /// same ranks, used only by the refresh thread (its collectives must not interleave with the
+    /// rank's own). The first `warmup` forwards are exact.
+    pub fn new(
+        group: Arc<dyn Communicator>,
+        refresh: Arc<dyn Communicator>,
+        warmup: usize,
+    ) -> Result<Self> {
+        if refresh.size() != group.size() || refresh.rank() != group.rank() {
+            candle_core::bail!(
+                "displaced patches: the refresh communicator (rank {} of {}) is not the group's (rank {} of {})",
+                refresh.rank(),
+                refresh.size(),
+                group.rank(),
+                group.size()
+            );
+        }
+        let shared = Arc::new(Shared {
+            refreshed: Mutex::new(Refreshed::default()),
+            done: Condvar::new(),
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("displaced-refresh-{}", group.rank()))
+            .spawn(move || {
+                for job in rx {
+                    let gathered = refresh
+                        .all_gather(&job.k, 2)
+                        .and_then(|k| Ok((k, refresh.all_gather(&job.v, 2)?)));
+                    let mut r = worker.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+                    match gathered {
+                        Ok((k, v)) => {
+                            r.layers.insert(job.layer, Gathered { k, v });
+                        }
+                        Err(e) => r.failed = Some(e.to_string()),
+                    }
+                    if let Some(p) = r.pending.get_mut(&job.layer) {
+                        *p = p.saturating_sub(1);
+                    }
+                    worker.done.notify_all();
+                }
+            })
+            .map_err(|e| candle_core::Error::Msg(format!("refresh thread: {e}")))?;
+        Ok(Self {
+            group,
+            warmup,
+            local: LocalAttention::default(),
+            forwards: Mutex::new(0),
+            shared,
+            refresh: Mutex::new(Some(tx)),
+        })
+    }
+
+    /// The latest K/V of `layer` gathered from every rank (waiting for the refresh thread if it
+    /// is still at this layer): those of the last forward that computed the layer (a cache
+    /// policy may have skipped it since). `None` before the layer's first forward.
+    fn gathered(&self, layer: usize) -> Result<Option<Gathered>> {
+        let mut r = self
+            .shared
+            .refreshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(e) = &r.failed {
+                candle_core::bail!("displaced patches: refreshing K/V failed: {e}");
+            }
+            if r.pending.get(&layer).copied().unwrap_or(0) == 0 {
+                return Ok(r.layers.get(&layer).cloned());
+            }
+            r = self.shared.done.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wait until every queued background gather is done (or has failed).
+    pub fn flush(&self) -> Result<()> {
+        let mut r = self
+            .shared
+            .refreshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while r.pending.values().any(|&p| p > 0) && r.failed.is_none() {
+            r = self.shared.done.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+        match &r.failed {
+            Some(e) => candle_core::bail!("displaced patches: refreshing K/V failed: {e}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Hand this forward's K/V of `layer` to the refresh thread.
+    fn queue_refresh(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        // On a GPU the refresh thread queues on a stream of its own: it gets copies that this
+        // thread's stream has finished writing (as the in-process communicator does).
+        let (k, v) = if k.device().is_cpu() {
+            (k.clone(), v.clone())
+        } else {
+            let (k, v) = (k.copy()?, v.copy()?);
+            k.device().synchronize()?;
+            (k, v)
+        };
+        {
+            let mut r = self
+                .shared
+                .refreshed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *r.pending.entry(layer).or_default() += 1;
+        }
+        let tx = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = tx.as_ref().map(|tx| tx.send(Job { layer, k, v }));
+        if !matches!(sent, Some(Ok(()))) {
+            candle_core::bail!("displaced patches: the refresh thread has stopped");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DisplacedAttention {
+    fn drop(&mut self) {
+        // Closing the channel ends the refresh thread once its queued gathers are done (every
+        // rank queued the same ones).
+        if let Ok(mut tx) = self.refresh.lock() {
+            tx.take();
+        }
+    }
+}
+
+/// `base` with rows `start..start + part.dim(2)` along dim 2 replaced by `part`.
+fn splice(base: &Tensor, part: &Tensor, start: usize) -> Result<Tensor> {
+    let (len, rows) = (part.dim(2)?, base.dim(2)?);
+    let mut pieces = Vec::with_capacity(3);
+    if start > 0 {
+        pieces.push(base.narrow(2, 0, start)?);
+    }
+    pieces.push(part.clone());
+    if start + len < rows {
+        pieces.push(base.narrow(2, start + len, rows - start - len)?);
+    }
+    Tensor::cat(&pieces, 2)
+}
+
+impl Attention for DisplacedAttention {
+    fn attend(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("displaced patches attend per layer (attend_layer)")
+    }
+
+    fn attend_layer(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: Option<&ShardLayout>,
+    ) -> Result<Tensor> {
+        let forward = {
+            let mut f = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            if layer == 0 {
+                *f += 1;
+            }
+            f.saturating_sub(1)
+        };
+        let n = self.group.size();
+        let stale = if forward >= self.warmup {
+            self.gathered(layer)?
+        } else {
+            None
+        };
+        let (k_all, v_all) = match stale {
+            Some(g) => {
+                let start = self.group.rank() * k.dim(2)?;
+                let mine = (splice(&g.k, k, start)?, splice(&g.v, v, start)?);
+                self.queue_refresh(layer, k, v)?;
+                mine
+            }
+            // Exact: every rank's K/V of this forward. Kept for the next forward as well.
+            None => {
+                let (ka, va) = (self.group.all_gather(k, 2)?, self.group.all_gather(v, 2)?);
+                let mut r = self
+                    .shared
+                    .refreshed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                r.layers.insert(
+                    layer,
+                    Gathered {
+                        k: ka.clone(),
+                        v: va.clone(),
+                    },
+                );
+                (ka, va)
+            }
+        };
+        let (k_real, v_real) = real_keys(&k_all, &v_all, layout, 0..n)?
+            .ok_or_else(|| candle_core::Error::Msg("displaced patches: no real keys".into()))?;
+        self.local.attend_merged(q, &k_real, &v_real)
+    }
+
+    fn name(&self) -> &str {
+        "displaced patches (stale K/V from the previous step)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo_weights::DemoWeights;
+    use crate::model::flux::{Flux, FluxConfig, FluxInput};
+    use crate::parallel::comm::{run_local, LocalComm};
+    use candle_core::{DType, Device};
+
+    /// Three forwards of a tiny model (inputs nudged each time, as denoising does) on `n` ranks
+    /// with `warmup` exact forwards: the largest difference from one device relative to the
+    /// largest one-device value, per forward.
+    fn forwards(n: usize, warmup: usize, (txt, h, w): (usize, usize, usize)) -> Result<Vec<f32>> {
+        forwards_moving(n, warmup, (txt, h, w), 1.0)
+    }
+
+    /// [`forwards`] with the inputs' change between forwards scaled by `moving` (0: the same
+    /// input every time).
+    fn forwards_moving(
+        n: usize,
+        warmup: usize,
+        (txt, h, w): (usize, usize, usize),
+        moving: f64,
+    ) -> Result<Vec<f32>> {
+        let dev = Device::Cpu;
+        let cfg = FluxConfig {
+            num_heads: 4,
+            hidden_size: 128,
+            axes_dim: vec![4, 14, 14],
+            ..FluxConfig::tiny()
+        };
+        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
+        let img0 = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
+        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
+        let g = Tensor::new(&[3.5f32], &dev)?;
+        let pe = m.pos_embed(txt, h, w)?;
+        let steps: Vec<(Tensor, Tensor)> = (0..3)
+            .map(|i| {
+                // About one step of a 28-step schedule apart.
+                let img = (&img0 * (1.0 - 0.02 * moving * i as f64))?;
+                Ok((
+                    img,
+                    Tensor::new(&[0.9f32 - (0.04 * moving) as f32 * i as f32], &dev)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let want: Vec<Tensor> = steps
+            .iter()
+            .map(|(img, t)| {
+                m.forward(&FluxInput {
+                    img,
+                    txt: &txt_t,
+                    y: &y,
+                    timesteps: t,
+                    guidance: Some(&g),
+                    pe: &pe,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let refresh = LocalComm::group(n);
+        let outs = run_local(n, |rank, comm| {
+            let comm: Arc<dyn Communicator> = Arc::new(comm);
+            let attn = Arc::new(DisplacedAttention::new(
+                comm.clone(),
+                Arc::new(refresh[rank].clone()),
+                warmup,
+            )?);
+            let r = super::super::sp::replica(&m, comm, attn);
+            steps
+                .iter()
+                .map(|(img, t)| {
+                    r.forward(&FluxInput {
+                        img,
+                        txt: &txt_t,
+                        y: &y,
+                        timesteps: t,
+                        guidance: Some(&g),
+                        pe: &pe,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut worst = vec![0f32; steps.len()];
+        for per_rank in outs {
+            for (i, (o, w)) in per_rank.iter().zip(&want).enumerate() {
+                let d = (o - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                worst[i] = worst[i].max(d / scale);
+            }
+        }
+        Ok(worst)
+    }
+
+    #[test]
+    fn warm_up_forwards_are_exact_and_later_ones_are_close() -> Result<()> {
+        for n in [2, 4] {
+            // Warm-up covering every forward: the one-device result.
+            let exact = forwards(n, 3, (8, 8, 8))?;
+            assert!(exact.iter().all(|d| *d < 1e-4), "{n} ranks: {exact:?}");
+            // One warm-up forward: the later ones use stale K/V, so they differ (on random
+            // weights, which react strongly to the timestep, by up to about 15 %).
+            let stale = forwards(n, 1, (8, 8, 8))?;
+            assert!(stale[0] < 1e-4, "{n}: {stale:?}");
+            assert!(
+                stale[1] > 1e-5 && stale[2] > 1e-5,
+                "{n}: stale K/V changed nothing: {stale:?}"
+            );
+            assert!(stale[1] < 0.3 && stale[2] < 0.3, "{n}: {stale:?}");
+            // The error follows how far the input moved between forwards.
+            let small = forwards_moving(n, 1, (8, 8, 8), 0.01)?;
+            assert!(
+                small[1] < stale[1] / 3.0 && small[1] > 1e-6,
+                "{n}: {small:?} vs {stale:?}"
+            );
+        }
+        // When the input does not move, the stale K/V are this forward's: exact again (every
+        // rank's rows land where they belong).
+        let still = forwards_moving(4, 1, (7, 5, 7), 0.0)?;
+        assert!(still.iter().all(|d| *d < 1e-4), "{still:?}");
+        // Uneven token counts (padded shards) stay exact in warm-up.
+        let uneven = forwards(3, 3, (7, 5, 7))?;
+        assert!(uneven.iter().all(|d| *d < 1e-4), "{uneven:?}");
+        Ok(())
+    }
+}
