@@ -4,6 +4,7 @@
 mod bench_vae;
 mod calibrate;
 mod dataset;
+mod displaced_error;
 mod fp8_error;
 mod memory;
 mod profile;
@@ -71,6 +72,9 @@ pub enum Command {
     /// What FP8 products cost each group of the transformer's layers: the relative error of the
     /// velocity at three steps of one image, per group and for all of them, as JSON.
     Fp8Error(fp8_error::Fp8ErrorArgs),
+    /// How far displaced patch parallelism lands from the one-device result: the relative error
+    /// of the final latent per (ranks, warm-up steps), the ranks as threads sharing one device.
+    DisplacedError(displaced_error::DisplacedErrorArgs),
     /// What one image needs on one GPU under memory budgets (16/24/48/80 GiB by default) and
     /// which measures each takes: an estimate from the configs, no weights read.
     Memory(memory::MemoryArgs),
@@ -477,6 +481,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::Memory(a) => memory::run(a),
+        Command::DisplacedError(a) => displaced_error::run(a),
         Command::ExportDemo(a) => export_demo(a),
         Command::Dataset(a) => dataset::run(a),
         Command::Score(a) => score::run(a),
