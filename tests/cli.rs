@@ -489,6 +489,7 @@ fn runtime_jobs_equal_the_cli_in_every_cpu_layout() {
         ring: Some(ring),
         cfg: Some(cfg),
         dp: Some(dp),
+        ..Degrees::default()
     };
     let neg = ["--negative-prompt", "blurry", "--true-cfg", "3"];
     let base = GenerateRequest {
