@@ -127,6 +127,20 @@ pub fn memory_peak(dev: &Device) -> Result<Option<MemoryPeak>> {
     Ok(None)
 }
 
+/// Make `dev`'s CUDA context current on this thread (a thread that did not create it must, before
+/// raw driver calls such as kernel launches; a no-op on the CPU).
+pub fn bind_thread(dev: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = dev {
+        cuda.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::Candle(candle_core::Error::Cuda(Box::new(e))))?;
+    }
+    let _ = dev;
+    Ok(())
+}
+
 #[cfg(feature = "cuda")]
 fn default_mem_pool(
     cuda: &candle_core::CudaDevice,

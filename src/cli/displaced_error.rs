@@ -63,6 +63,8 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         let t0 = std::time::Instant::now();
         let refresh = LocalComm::group(n);
         let outs = run_local(n, |rank, comm| {
+            crate::device::bind_thread(p.device())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let comm: Arc<dyn Communicator> = Arc::new(comm);
             let attn = Arc::new(DisplacedAttention::new(
                 comm.clone(),

@@ -94,7 +94,17 @@ impl DisplacedAttention {
         std::thread::Builder::new()
             .name(format!("displaced-refresh-{}", group.rank()))
             .spawn(move || {
+                let mut bound = false;
                 for job in rx {
+                    // Kernel launches from this thread need the device's context current.
+                    if !bound {
+                        if let Err(e) = crate::device::bind_thread(job.k.device()) {
+                            let mut r = worker.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+                            r.failed = Some(e.to_string());
+                            worker.done.notify_all();
+                        }
+                        bound = true;
+                    }
                     let gathered = refresh
                         .all_gather(&job.k, 2)
                         .and_then(|k| Ok((k, refresh.all_gather(&job.v, 2)?)));
