@@ -47,6 +47,9 @@ pub struct Settings {
     pub fp8: bool,
     /// GPU memory to fit the model within, in GiB (`--memory-budget`); none: load as asked.
     pub memory_budget_gib: Option<u32>,
+    /// Displaced patches over the ring degree (`--displaced`): exact warm-up steps, then stale
+    /// K/V; `None`: ring attention.
+    pub displaced_warmup: Option<usize>,
 }
 
 impl Default for Settings {
@@ -68,6 +71,7 @@ impl Default for Settings {
             heatmap_gain: 4.0,
             fp8: false,
             memory_budget_gib: None,
+            displaced_warmup: None,
         }
     }
 }
@@ -112,6 +116,7 @@ struct SettingsFile {
     heatmap_gain: f32,
     fp8: bool,
     memory_budget_gib: Option<u32>,
+    displaced_warmup: Option<usize>,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -150,6 +155,7 @@ impl Default for SettingsFile {
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
+            displaced_warmup: d.displaced_warmup,
             flat: FlatSampling::default(),
         }
     }
@@ -199,6 +205,7 @@ impl From<SettingsFile> for Settings {
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
+            displaced_warmup: f.displaced_warmup,
         }
     }
 }
@@ -308,7 +315,7 @@ impl Settings {
             pipeline: 1,
             ring: self.ring,
             ulysses: self.ulysses,
-            displaced_warmup: None,
+            displaced_warmup: self.displaced_warmup,
         })
     }
 
@@ -348,6 +355,7 @@ impl Settings {
                 let l = d.layout_for(workers);
                 self.layout_auto = false;
                 (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
+                self.displaced_warmup = l.displaced_warmup;
             }
         }
     }
@@ -536,6 +544,20 @@ mod tests {
             fp8.engine_spec().model.precision,
             crate::engine::Precision::Fp8
         );
+        // Nor a memory budget or displaced patches.
+        assert_eq!(old.memory_budget_gib, None);
+        assert_eq!(old.displaced_warmup, None);
+        let lean = Settings {
+            memory_budget_gib: Some(24),
+            layout_auto: false,
+            ring: 2,
+            displaced_warmup: Some(3),
+            ..old.clone()
+        };
+        assert_eq!(lean.engine_spec().model.memory_budget_mib, Some(24 * 1024));
+        assert_eq!(lean.layout().and_then(|l| l.displaced_warmup), Some(3));
+        let text = serde_json::to_string(&lean).expect("serialise");
+        assert_eq!(serde_json::from_str::<Settings>(&text).expect("parse"), lean);
         // Saved again, it is in the new format and reads back the same.
         let again = serde_json::to_string(&old).expect("serialise");
         assert_eq!(

@@ -71,6 +71,25 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                     .labelled_by(l.id);
             }
         });
+        ui.horizontal(|ui| {
+            let mut on = settings.displaced_warmup.is_some();
+            if ui
+                .checkbox(&mut on, "displaced patches")
+                .on_hover_text(
+                    "Over the ring degree: each worker computes its patch and attends to the \
+                     others' keys and values from the previous step (gathered in the \
+                     background); exact for the warm-up steps, approximate after. Ulysses 1.",
+                )
+                .changed()
+            {
+                settings.displaced_warmup = on.then_some(1);
+            }
+            if let Some(w) = &mut settings.displaced_warmup {
+                let l = ui.label("warm-up");
+                ui.add(egui::DragValue::new(w).range(0..=64))
+                    .labelled_by(l.id);
+            }
+        });
     }
     match settings.layout_check(heads) {
         Ok(s) => ui.label(RichText::new(format!("Will run: {s}")).small()),
