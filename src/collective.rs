@@ -35,4 +35,10 @@ pub trait Communicator: Send + Sync {
         }
         recv_from.iter().map(|&from| self.recv(from)).collect()
     }
+    /// Give up on this group: every rank's pending and later collectives fail with `why`
+    /// (a rank that failed calls it so the others do not wait for it). Implementations that
+    /// cannot abort leave it a no-op; their waits end by their own timeouts, if any.
+    fn abort(&self, why: &str) {
+        let _ = why;
+    }
 }

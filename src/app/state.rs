@@ -557,7 +557,10 @@ mod tests {
         assert_eq!(lean.engine_spec().model.memory_budget_mib, Some(24 * 1024));
         assert_eq!(lean.layout().and_then(|l| l.displaced_warmup), Some(3));
         let text = serde_json::to_string(&lean).expect("serialise");
-        assert_eq!(serde_json::from_str::<Settings>(&text).expect("parse"), lean);
+        assert_eq!(
+            serde_json::from_str::<Settings>(&text).expect("parse"),
+            lean
+        );
         // Saved again, it is in the new format and reads back the same.
         let again = serde_json::to_string(&old).expect("serialise");
         assert_eq!(

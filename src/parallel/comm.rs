@@ -7,20 +7,130 @@
 //! collectives are called by every rank of the group, in the same order.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{Result, Tensor};
 
 pub use crate::collective::Communicator;
 
+/// How long a rank waits in a collective or a receive for the others before it gives up and the
+/// group is aborted: `PARALLAX_COLLECTIVE_TIMEOUT_S` seconds, default 30. Ranks of one job reach
+/// each collective within a layer's work of each other, so a wait this long means a rank is
+/// gone or stuck.
+pub fn collective_timeout() -> Duration {
+    let secs = std::env::var("PARALLAX_COLLECTIVE_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(30.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// A barrier that gives up: after the timeout, or as soon as the group is aborted, every waiter
+/// returns an error naming the ranks that did not arrive, or the reason for the abort.
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Which ranks reached the current round.
+    arrived: Vec<bool>,
+    round: u64,
+    /// Why the group was aborted; every later call fails with it.
+    aborted: Option<String>,
+}
+
 struct Shared {
     size: usize,
     /// Collective exchange slots: `slots[from * size + to]`.
     slots: Mutex<Vec<Option<Tensor>>>,
-    barrier: Barrier,
+    gate: Gate,
+    timeout: Duration,
     /// Point-to-point mailboxes by (from, to).
     mail: Mutex<HashMap<(usize, usize), VecDeque<Tensor>>>,
     mail_cv: Condvar,
+}
+
+impl Shared {
+    fn aborted(&self) -> Option<String> {
+        self.gate
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .aborted
+            .clone()
+    }
+
+    fn abort(&self, why: String) {
+        {
+            let mut g = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            if g.aborted.is_none() {
+                g.aborted = Some(why);
+            }
+        }
+        self.gate.cv.notify_all();
+        // Wake receivers (they check the abort under the mail lock's wait).
+        let _m = self.mail.lock().unwrap_or_else(|p| p.into_inner());
+        self.mail_cv.notify_all();
+    }
+
+    /// Wait until every rank has arrived, the group is aborted, or the timeout passes.
+    fn wait_all(&self, rank: usize) -> Result<()> {
+        let n = self.size;
+        let mut g = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &g.aborted {
+            return Err(aborted_err(why));
+        }
+        if g.arrived.len() != n {
+            g.arrived = vec![false; n];
+        }
+        let round = g.round;
+        g.arrived[rank] = true;
+        if g.arrived.iter().all(|a| *a) {
+            g.arrived.iter_mut().for_each(|a| *a = false);
+            g.round += 1;
+            self.gate.cv.notify_all();
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timeout;
+        while g.round == round {
+            if let Some(why) = &g.aborted {
+                return Err(aborted_err(why));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<String> = g
+                    .arrived
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| !**a)
+                    .map(|(r, _)| r.to_string())
+                    .collect();
+                let why = format!(
+                    "rank {} of {n} did not reach a collective within {:.1} s (lost or stuck)",
+                    missing.join(", "),
+                    self.timeout.as_secs_f64()
+                );
+                g.aborted = Some(why.clone());
+                self.gate.cv.notify_all();
+                return Err(aborted_err(&why));
+            }
+            g = self
+                .gate
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+fn aborted_err(why: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("collective aborted: {why}"))
 }
 
 /// An in-process communicator: one per worker thread, all made by [`LocalComm::group`].
@@ -58,10 +168,19 @@ fn poisoned() -> candle_core::Error {
 impl LocalComm {
     /// `size` communicators of one group, rank i at index i.
     pub fn group(size: usize) -> Vec<LocalComm> {
+        Self::group_with_timeout(size, collective_timeout())
+    }
+
+    /// [`LocalComm::group`] with waits bounded by `timeout`.
+    pub fn group_with_timeout(size: usize, timeout: Duration) -> Vec<LocalComm> {
         let shared = Arc::new(Shared {
             size,
             slots: Mutex::new(vec![None; size * size]),
-            barrier: Barrier::new(size),
+            gate: Gate {
+                state: Mutex::new(GateState::default()),
+                cv: Condvar::new(),
+            },
+            timeout,
             mail: Mutex::new(HashMap::new()),
             mail_cv: Condvar::new(),
         });
@@ -83,7 +202,7 @@ impl LocalComm {
                 slots[self.rank * n + to] = Some(t);
             }
         }
-        self.shared.barrier.wait();
+        self.shared.wait_all(self.rank)?;
         let incoming = {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             (0..n)
@@ -91,7 +210,7 @@ impl LocalComm {
                 .collect::<Option<Vec<_>>>()
         };
         // Nobody posts again until everyone has taken their share.
-        self.shared.barrier.wait();
+        self.shared.wait_all(self.rank)?;
         incoming
             .ok_or_else(|| candle_core::Error::Msg("collective called by only some ranks".into()))
     }
@@ -155,13 +274,37 @@ impl Communicator for LocalComm {
     }
 
     fn recv(&self, from: usize) -> Result<Tensor> {
+        let deadline = Instant::now() + self.shared.timeout;
         let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
         loop {
             if let Some(t) = mail.get_mut(&(from, self.rank)).and_then(|q| q.pop_front()) {
                 return Ok(t);
             }
-            mail = self.shared.mail_cv.wait(mail).map_err(|_| poisoned())?;
+            if let Some(why) = self.shared.aborted() {
+                return Err(aborted_err(&why));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let why = format!(
+                    "rank {from} sent nothing to rank {} within {:.1} s (lost or stuck)",
+                    self.rank,
+                    self.shared.timeout.as_secs_f64()
+                );
+                drop(mail);
+                self.shared.abort(why.clone());
+                return Err(aborted_err(&why));
+            }
+            mail = self
+                .shared
+                .mail_cv
+                .wait_timeout(mail, deadline - now)
+                .map_err(|_| poisoned())?
+                .0;
         }
+    }
+
+    fn abort(&self, why: &str) {
+        self.shared.abort(format!("rank {}: {why}", self.rank));
     }
 }
 
@@ -170,7 +313,16 @@ pub fn run_local<T: Send>(
     size: usize,
     f: impl Fn(usize, LocalComm) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    run_each(LocalComm::group(size), f)
+    // A rank that fails aborts the group, so the others' collectives fail at once instead of
+    // waiting for it.
+    run_each(LocalComm::group(size), |rank, comm| {
+        let handle = comm.clone();
+        let r = f(rank, comm);
+        if let Err(e) = &r {
+            handle.abort(&format!("failed: {e}"));
+        }
+        r
+    })
 }
 
 /// Run `f(rank, comm)` on one thread per communicator of one group (in-process or NCCL, given in
@@ -202,6 +354,7 @@ pub fn run_each<C: Send, T: Send>(
 mod tests {
     use super::*;
     use candle_core::Device;
+    use std::time::{Duration, Instant};
 
     fn rank_tensor(rank: usize) -> Result<Tensor> {
         Tensor::arange(0f32, 8.0, &Device::Cpu)?
@@ -258,6 +411,39 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_rank_that_fails_or_stalls_is_an_error_naming_it_not_a_hang() {
+        // Rank 1 fails before the collective: the others learn it at once.
+        let t0 = Instant::now();
+        let r = run_local(3, |rank, comm| {
+            if rank == 1 {
+                candle_core::bail!("injected");
+            }
+            comm.all_reduce_sum(&Tensor::ones(2, candle_core::DType::F32, &Device::Cpu)?)
+        });
+        let e = r.expect_err("a failed rank");
+        assert!(e.to_string().contains("injected"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        // Rank 2 stalls past the timeout: the others give up naming it; it then finds the
+        // group aborted.
+        let comms = LocalComm::group_with_timeout(3, Duration::from_millis(300));
+        let t0 = Instant::now();
+        let out = run_each(comms, |rank, comm| {
+            if rank == 2 {
+                std::thread::sleep(Duration::from_millis(900));
+            }
+            comm.all_gather(&Tensor::ones(2, candle_core::DType::F32, &Device::Cpu)?, 0)
+                .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e}")))
+        });
+        let e = out.expect_err("a stalled rank").to_string();
+        assert!(e.contains("rank 2 of 3 did not reach"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        // A receive from a rank that never sends gives up too.
+        let comms = LocalComm::group_with_timeout(2, Duration::from_millis(200));
+        let e = comms[0].recv(1).expect_err("nothing sent").to_string();
+        assert!(e.contains("rank 1 sent nothing"), "{e}");
     }
 
     #[test]

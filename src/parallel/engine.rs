@@ -270,27 +270,44 @@ fn generate_ranks(
                             candle_core::Error::Msg(format!("rank {rank}: inputs: {e}"))
                         })?;
                         let tx = tx.clone();
-                        let r = denoise_rank(
-                            model,
-                            &local_job,
-                            mesh,
-                            rank,
-                            &g,
-                            &|| cancel.load(Ordering::SeqCst),
-                            &mut |info| {
-                                let _ = tx.send(StepMsg {
-                                    index: info.index,
-                                    total: info.total,
-                                    t: info.t,
-                                    t_next: info.t_next,
-                                    kind: info.kind,
-                                    elapsed: info.elapsed,
-                                    queued: info.queued,
-                                    latent: info.latent.clone(),
-                                });
-                                Ok(())
-                            },
-                        );
+                        // A rank that fails or panics aborts its groups, so the others stop
+                        // waiting for it and report why.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            denoise_rank(
+                                model,
+                                &local_job,
+                                mesh,
+                                rank,
+                                &g,
+                                &|| cancel.load(Ordering::SeqCst),
+                                &mut |info| {
+                                    let _ = tx.send(StepMsg {
+                                        index: info.index,
+                                        total: info.total,
+                                        t: info.t,
+                                        t_next: info.t_next,
+                                        kind: info.kind,
+                                        elapsed: info.elapsed,
+                                        queued: info.queued,
+                                        latent: info.latent.clone(),
+                                    });
+                                    Ok(())
+                                },
+                            )
+                        }))
+                        .unwrap_or_else(|p| {
+                            let what = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "a panic".into());
+                            Err(Error::Candle(candle_core::Error::Msg(format!(
+                                "rank {rank} panicked: {what}"
+                            ))))
+                        });
+                        if let Err(e) = &r {
+                            g.abort(&format!("rank {rank} failed: {e}"));
+                        }
                         // Likewise the final latent before the calling thread decodes it (and on
                         // errors, before the caller frees what this rank may still be reading).
                         let synced = model.device().synchronize();
@@ -356,6 +373,18 @@ pub struct RankGroups {
     pub cfg: Arc<dyn Communicator>,
 }
 
+impl RankGroups {
+    /// Abort every group of this rank (see [`Communicator::abort`]).
+    pub fn abort(&self, why: &str) {
+        for c in [&self.world, &self.sp, &self.ulysses, &self.ring, &self.cfg] {
+            c.abort(why);
+        }
+        if let Some(r) = &self.refresh {
+            r.abort(why);
+        }
+    }
+}
+
 /// One rank's share of the denoising loop of `job` over `mesh`: its sequence shard of every
 /// step (Ulysses / ring attention through `groups`), its CFG branch when the mesh has a CFG pair.
 /// Every rank returns the full final latent. `report` sees each step on rank 0 only; every step
@@ -392,7 +421,11 @@ pub fn denoise_rank(
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
         (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
+    let fault = super::fault::Fault::from_env();
     crate::pipeline::denoise(&model, job, cfg_pair, &mut |info| {
+        if let Some(f) = &fault {
+            f.strike(rank, info.index)?;
+        }
         if rank == 0 {
             report(info)?;
         }

@@ -14,12 +14,15 @@
 //!   communicator over it for CPU ranks.
 //! - [`traffic`]: the bytes each rank sends, counted on a live group and predicted for FLUX's
 //!   shapes.
+//! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
+//! - [`fault`]: faults injected on purpose (`PARALLAX_FAULT`), to test the watchdog.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
 //!   bands differ by a row where the rows do not divide).
 
 pub mod comm;
 pub mod displaced;
 pub mod engine;
+pub mod fault;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;

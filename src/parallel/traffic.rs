@@ -80,6 +80,9 @@ impl Communicator for Counting {
         }
         self.inner.exchange(sends, recv_from)
     }
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
 }
 
 /// Sequence-parallel attention strategies whose traffic [`attention_bytes_per_step`] predicts.

@@ -1,0 +1,113 @@
+//! Faults injected on purpose, to test what the engine does when a rank fails: set
+//! `PARALLAX_FAULT=rank=R,step=S,kind=K` and rank R, after its denoising step S (0-based),
+//! `fail`s with an error, `panic`s, or `stall`s for a while (`stall:SECONDS`, default 3600)
+//! before going on. Read once per job; unset, nothing happens. For tests and for trying the
+//! watchdog by hand (`parallax generate --devices cpu:2 ...`).
+
+use std::time::Duration;
+
+/// What the faulty rank does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultKind {
+    Fail,
+    Panic,
+    Stall(Duration),
+}
+
+/// Rank `rank` misbehaves after step `step`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fault {
+    pub rank: usize,
+    pub step: usize,
+    pub kind: FaultKind,
+}
+
+impl Fault {
+    /// The fault `PARALLAX_FAULT` names, if any (a malformed value is reported and ignored).
+    pub fn from_env() -> Option<Fault> {
+        let v = std::env::var("PARALLAX_FAULT").ok()?;
+        match Self::parse(&v) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("PARALLAX_FAULT={v}: {e}; no fault injected");
+                None
+            }
+        }
+    }
+
+    /// Parse `rank=R,step=S,kind=fail|panic|stall[:SECONDS]`.
+    pub fn parse(s: &str) -> Result<Fault, String> {
+        let (mut rank, mut step, mut kind) = (None, None, None);
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not key=value"))?;
+            match k.trim() {
+                "rank" => rank = Some(v.trim().parse().map_err(|_| format!("rank `{v}`"))?),
+                "step" => step = Some(v.trim().parse().map_err(|_| format!("step `{v}`"))?),
+                "kind" => {
+                    kind = Some(match v.trim().split_once(':') {
+                        None if v.trim() == "fail" => FaultKind::Fail,
+                        None if v.trim() == "panic" => FaultKind::Panic,
+                        None if v.trim() == "stall" => FaultKind::Stall(Duration::from_secs(3600)),
+                        Some(("stall", secs)) => FaultKind::Stall(Duration::from_secs_f64(
+                            secs.trim()
+                                .parse::<f64>()
+                                .ok()
+                                .filter(|s| s.is_finite() && *s >= 0.0)
+                                .ok_or_else(|| format!("stall seconds `{secs}`"))?,
+                        )),
+                        _ => return Err(format!("kind `{v}` (fail, panic or stall[:SECONDS])")),
+                    })
+                }
+                other => return Err(format!("unknown key `{other}` (rank, step, kind)")),
+            }
+        }
+        Ok(Fault {
+            rank: rank.ok_or("no rank=")?,
+            step: step.ok_or("no step=")?,
+            kind: kind.unwrap_or(FaultKind::Fail),
+        })
+    }
+
+    /// Act out the fault if it is `rank`'s after `step`.
+    pub fn strike(&self, rank: usize, step: usize) -> crate::Result<()> {
+        if rank != self.rank || step != self.step {
+            return Ok(());
+        }
+        let what = format!("injected fault: rank {rank} after step {step}");
+        match self.kind {
+            FaultKind::Fail => Err(crate::Error::Candle(candle_core::Error::Msg(what))),
+            FaultKind::Panic => panic!("{what}"),
+            FaultKind::Stall(d) => {
+                tracing::warn!("{what}: stalling {:.1} s", d.as_secs_f64());
+                std::thread::sleep(d);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse() {
+        assert_eq!(
+            Fault::parse("rank=1,step=2,kind=fail"),
+            Ok(Fault {
+                rank: 1,
+                step: 2,
+                kind: FaultKind::Fail
+            })
+        );
+        assert_eq!(
+            Fault::parse("step=0, rank=3, kind=stall:1.5").map(|f| f.kind),
+            Ok(FaultKind::Stall(Duration::from_millis(1500)))
+        );
+        assert!(Fault::parse("rank=1").is_err());
+        assert!(Fault::parse("rank=1,step=2,kind=explode").is_err());
+        assert!(Fault::parse("rank=x,step=2").is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! Faults across CPU worker ranks (`PARALLAX_FAULT`, `PARALLAX_COLLECTIVE_TIMEOUT_S`): a rank
+//! that fails, panics or stalls becomes an error naming it, in bounded time, and the runtime
+//! stays usable (the next job runs on the loaded model) with nothing half written in the
+//! gallery. One test function: the fault is set through the environment, which every thread of
+//! this process shares.
+
+use std::time::{Duration, Instant};
+
+use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
+use parallax::pipeline::GenerateRequest;
+use parallax::runtime::{EngineSpec, Event, JobSpec, Runtime, RuntimeOptions};
+
+fn req(seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a red fox in snow".into(),
+        width: 64,
+        height: 48,
+        steps: Some(4),
+        seed,
+        ..GenerateRequest::default()
+    }
+}
+
+/// The job's terminal event and the seconds it took.
+fn run(rt: &Runtime, r: GenerateRequest) -> (Event, f64) {
+    let t0 = Instant::now();
+    let job = rt.submit(JobSpec::Generate(r));
+    loop {
+        let ev = rt
+            .recv_timeout(Duration::from_secs(120))
+            .expect("an event within two minutes");
+        if ev.job() == Some(job) && ev.is_terminal() {
+            return (ev, t0.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn pngs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gallery = dir.path().join("gallery");
+    let rt = Runtime::start(RuntimeOptions {
+        engine: EngineSpec::new(
+            "demo",
+            Placement {
+                devices: Devices::parse("cpu:2").expect("devices"),
+                layout: LayoutChoice::Degrees(Degrees {
+                    ring: Some(2),
+                    ..Degrees::default()
+                }),
+            },
+        ),
+        gallery_dir: Some(gallery.clone()),
+        notify: None,
+    })
+    .expect("runtime starts");
+    // Warm up (model loaded, first image made): the baseline.
+    let (ev, _) = run(&rt, req(1));
+    assert!(matches!(ev, Event::Finished { .. }), "{ev:?}");
+    assert_eq!(pngs(&gallery).len(), 1);
+
+    std::env::set_var("PARALLAX_COLLECTIVE_TIMEOUT_S", "1");
+    for (fault, needle) in [
+        ("rank=1,step=1,kind=fail", "injected fault: rank 1"),
+        // The panic is named, unless printing its backtrace outlasts the timeout: then the
+        // others name rank 1 as lost first.
+        ("rank=1,step=2,kind=panic", "rank 1"),
+        ("rank=0,step=1,kind=stall:2.5", "rank 0 of 2 did not reach"),
+    ] {
+        std::env::set_var("PARALLAX_FAULT", fault);
+        let (ev, secs) = run(&rt, req(2));
+        std::env::remove_var("PARALLAX_FAULT");
+        match &ev {
+            Event::Failed { error, .. } => assert!(error.contains(needle), "{fault}: {error}"),
+            other => panic!("{fault}: expected a failure, got {other:?}"),
+        }
+        // Bounded: a failure is known at once; a stall by the timeout (the job ends when the
+        // stalled rank comes back and finds the group aborted).
+        assert!(secs < 10.0, "{fault}: {secs:.1} s");
+        eprintln!("{fault}: failed in {secs:.2} s: {ev:?}");
+        // Nothing was added to the gallery, and the next job runs on the loaded model.
+        assert_eq!(pngs(&gallery).len(), 1, "{fault}");
+        let (ev, _) = run(&rt, req(3));
+        assert!(matches!(ev, Event::Finished { .. }), "{fault}: then {ev:?}");
+        assert_eq!(pngs(&gallery).len(), 2, "{fault}");
+        std::fs::remove_file(pngs(&gallery).pop().expect("the new image")).expect("rm");
+    }
+    std::env::remove_var("PARALLAX_COLLECTIVE_TIMEOUT_S");
+}
