@@ -33,7 +33,12 @@ fn main() -> anyhow::Result<()> {
     })?;
     let path = out.join("demo-magcache.png");
     save_png(&path, &one.image, &one.settings.png_text()?)?;
-    println!("{} ({} steps computed, {} reused)", path.display(), one.stats.computed, one.stats.reused);
+    println!(
+        "{} ({} steps computed, {} reused)",
+        path.display(),
+        one.stats.computed,
+        one.stats.reused
+    );
 
     // Two CPU worker threads standing in for GPUs, displaced patches after one exact step.
     let layout = ParallelLayout {

@@ -404,6 +404,10 @@ impl StudioApp {
                     format!("cannot load model `{}`: {error}", spec.model.model),
                     true,
                 );
+                if let Some(next) = crate::runtime::advice::next_step(error, &self.advice_context())
+                {
+                    self.say(next, false);
+                }
                 if self.job.is_none() {
                     self.script.give_up();
                 }
@@ -464,6 +468,11 @@ impl StudioApp {
             }
             Event::Failed { error, .. } => {
                 self.say(format!("generation failed: {error}"), true);
+                if let Some(next) =
+                    crate::runtime::advice::next_step(&error, &self.advice_context())
+                {
+                    self.say(next, false);
+                }
                 self.job_over();
             }
             Event::Cancelled { .. } => {
@@ -733,6 +742,22 @@ impl StudioApp {
             thresholds: &mut self.compare_view.thresholds,
             caches: &mut self.compare_view.caches,
             cmds: &mut self.cmds,
+        }
+    }
+
+    /// What a suggestion after a failure may refer to.
+    fn advice_context(&self) -> crate::runtime::advice::Context {
+        crate::runtime::advice::Context {
+            width: self.settings.request.width,
+            height: self.settings.request.height,
+            workers: self
+                .settings
+                .placement()
+                .ok()
+                .and_then(|p| p.devices.named_count())
+                .unwrap_or(1),
+            fp8: self.settings.fp8,
+            memory_budget_gib: self.settings.memory_budget_gib,
         }
     }
 

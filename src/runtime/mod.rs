@@ -5,6 +5,7 @@
 //! runtime stays up. The UI never blocks on it: it polls [`Runtime::try_recv`] each frame and is
 //! woken by the notify callback when an event arrives.
 
+pub mod advice;
 pub mod events;
 pub mod gallery;
 mod worker;
