@@ -18,13 +18,8 @@ pub struct Fp8ErrorArgs {
 }
 
 fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f64> {
-    use candle_core::DType;
-    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok((num / den.max(1e-30)).sqrt())
+    Ok(crate::pipeline::metrics::relative_error(a, b)?)
 }
-
 pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     use crate::engine::Precision;
     let mut choice = a.model.choice();

@@ -327,32 +327,12 @@ mod tests {
                 ))
             })
             .collect::<Result<_>>()?;
-        let want: Vec<Tensor> = steps
-            .iter()
-            .map(|(img, t)| {
-                m.forward(&FluxInput {
-                    img,
-                    txt: &txt_t,
-                    y: &y,
-                    timesteps: t,
-                    guidance: Some(&g),
-                    pe: &pe,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let refresh = LocalComm::group(n);
-        let outs = run_local(n, |rank, comm| {
-            let comm: Arc<dyn Communicator> = Arc::new(comm);
-            let attn = Arc::new(DisplacedAttention::new(
-                comm.clone(),
-                Arc::new(refresh[rank].clone()),
-                warmup,
-            )?);
-            let r = super::super::sp::replica(&m, comm, attn);
+        // Every forward of `f`, in order.
+        let forwards = |f: &Flux| -> Result<Vec<Tensor>> {
             steps
                 .iter()
                 .map(|(img, t)| {
-                    r.forward(&FluxInput {
+                    f.forward(&FluxInput {
                         img,
                         txt: &txt_t,
                         y: &y,
@@ -361,7 +341,18 @@ mod tests {
                         pe: &pe,
                     })
                 })
-                .collect::<Result<Vec<_>>>()
+                .collect()
+        };
+        let want = forwards(&m)?;
+        let refresh = LocalComm::group(n);
+        let outs = run_local(n, |rank, comm| {
+            let comm: Arc<dyn Communicator> = Arc::new(comm);
+            let attn = Arc::new(DisplacedAttention::new(
+                comm.clone(),
+                Arc::new(refresh[rank].clone()),
+                warmup,
+            )?);
+            forwards(&super::super::sp::replica(&m, comm, attn))
         })?;
         let mut worst = vec![0f32; steps.len()];
         for per_rank in outs {

@@ -31,6 +31,16 @@ pub fn quality(img: &RgbImage, reference: &RgbImage) -> Result<Quality> {
     })
 }
 
+/// `|a - b| / |b|` (Euclidean norms over every value, in f32): how far a tensor lands from a
+/// reference.
+pub fn relative_error(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f64> {
+    use candle_core::DType;
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((num / den.max(1e-30)).sqrt())
+}
+
 /// Peak signal-to-noise ratio over all RGB samples, 8-bit peak.
 pub fn psnr(a: &RgbImage, b: &RgbImage) -> Result<f64> {
     same_size(a, b)?;
