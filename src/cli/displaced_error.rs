@@ -53,12 +53,30 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
     let one_ms = t0.elapsed().as_secs_f64() * 1e3;
     // The ranks' threads queue on streams of their own: the job must be written first.
     crate::device::synchronize(p.device())?;
+    // On a GPU every rank needs a device handle of its own (candle's handles carry cuBLAS
+    // workspaces two threads must not share) and a replica of the transformer on it, loaded the
+    // same way (random weights are drawn again from the same seed); on the CPU they share.
+    let most = cells.iter().map(|c| c.0).max().unwrap_or(1);
+    let replicas: Vec<(crate::model::flux::Flux, crate::pipeline::DenoiseJob)> =
+        if p.device().is_cpu() {
+            Vec::new()
+        } else {
+            (0..most)
+                .map(|_| {
+                    let r = crate::engine::load_pipeline(&a.model.choice(), &a.model.device)?;
+                    let rjob = crate::parallel::engine::job_on(job, r.device())?;
+                    crate::device::synchronize(r.device())?;
+                    Ok((r.flux, rjob))
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
     let mut rows = Vec::new();
     for (n, w) in cells {
         let t0 = std::time::Instant::now();
         let refresh = LocalComm::group(n);
         let outs = run_local(n, |rank, comm| {
-            crate::device::bind_thread(p.device())
+            let (flux, job) = replicas.get(rank).map_or((&p.flux, job), |(f, j)| (f, j));
+            crate::device::bind_thread(flux.device())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let comm: Arc<dyn Communicator> = Arc::new(comm);
             let attn = Arc::new(DisplacedAttention::new(
@@ -66,7 +84,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                 Arc::new(refresh[rank].clone()),
                 w,
             )?);
-            let model = crate::parallel::sp::replica(&p.flux, comm, attn.clone());
+            let model = crate::parallel::sp::replica(flux, comm, attn.clone());
             let (x, _) = crate::pipeline::denoise(&model, job, None, &mut |_| Ok(()))
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             attn.flush()?;
@@ -77,7 +95,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let errs = outs
             .iter()
-            .map(|x| rel(x, &reference))
+            .map(|x| rel(&x.to_device(reference.device())?, &reference))
             .collect::<anyhow::Result<Vec<_>>>()?;
         rows.push(serde_json::json!({
             "ranks": n,

@@ -195,6 +195,7 @@ impl LocalComm {
     /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
     fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
+        let mine = outgoing.first().map(|t| t.device().clone());
         let outgoing = handoff(&outgoing)?;
         {
             let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
@@ -211,8 +212,15 @@ impl LocalComm {
         };
         // Nobody posts again until everyone has taken their share.
         self.shared.wait_all(self.rank)?;
-        incoming
-            .ok_or_else(|| candle_core::Error::Msg("collective called by only some ranks".into()))
+        let incoming = incoming.ok_or_else(|| {
+            candle_core::Error::Msg("collective called by only some ranks".into())
+        })?;
+        // Ranks sharing one GPU through handles of their own: each takes its parts onto its
+        // own handle (a no-op on the CPU and when the handles are the same).
+        match mine {
+            Some(d) => incoming.into_iter().map(|t| t.to_device(&d)).collect(),
+            None => Ok(incoming),
+        }
     }
 }
 

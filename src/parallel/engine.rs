@@ -201,7 +201,7 @@ pub fn generate_on_gpus(
 }
 
 /// A copy of `job` on `device` (every rank's inputs live on its own GPU).
-fn job_on(
+pub fn job_on(
     job: &crate::pipeline::DenoiseJob,
     device: &Device,
 ) -> Result<crate::pipeline::DenoiseJob> {
