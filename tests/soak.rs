@@ -137,8 +137,14 @@ fn a_few_hundred_jobs_with_cancels_and_faults_leave_the_runtime_whole() {
     let pngs = std::fs::read_dir(&gallery)
         .map(|d| d.filter_map(|e| e.ok()).count())
         .unwrap_or(0);
-    assert_eq!(pngs, tally.finished, "the gallery holds exactly the finished images");
-    assert!(tally.failed > 0 && tally.cancelled > 0 && tally.finished > JOBS / 2, "{tally:?}");
+    assert_eq!(
+        pngs, tally.finished,
+        "the gallery holds exactly the finished images"
+    );
+    assert!(
+        tally.failed > 0 && tally.cancelled > 0 && tally.finished > JOBS / 2,
+        "{tally:?}"
+    );
     // Still usable.
     let last = rt.submit(JobSpec::Generate(req(10_000)));
     loop {

@@ -287,6 +287,40 @@ fn a_sweep_without_reuse_says_so_instead_of_a_speedup() {
 }
 
 #[test]
+fn damaged_and_foreign_pngs_in_the_gallery_are_skipped_with_a_note() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gallery = dir.path().join("gallery");
+    std::fs::create_dir_all(&gallery).expect("gallery dir");
+    std::fs::write(gallery.join("junk.png"), b"\x89PNG\r\n\x1a\n not really").expect("junk");
+    // A real PNG without Parallax's settings.
+    image::RgbImage::new(4, 4)
+        .save(gallery.join("foreign.png"))
+        .expect("foreign png");
+    let mut h = studio(dir.path());
+    h.get_by_label("Gallery").click();
+    h.run_steps(4);
+    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    let notes: Vec<&String> = said
+        .iter()
+        .filter(|m| m.contains("gallery: skipped"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{said:?}");
+    assert!(notes[0].contains("and 1 more"), "{said:?}");
+    assert!(h.state().gallery.entries.is_empty());
+    // Said once, not at every refresh.
+    h.state_mut().gallery.dirty = true;
+    h.run_steps(4);
+    let again: Vec<usize> = h
+        .state()
+        .messages
+        .iter()
+        .filter(|m| m.text.contains("gallery: skipped"))
+        .map(|m| m.count)
+        .collect();
+    assert_eq!(again, [1]);
+}
+
+#[test]
 fn gallery_grid_wraps_scrolls_and_opens_an_image() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = studio(dir.path());

@@ -167,6 +167,14 @@ impl StudioApp {
         let saved = cc
             .storage
             .and_then(|s| eframe::get_value::<Settings>(s, SETTINGS_KEY));
+        // Saved settings that no longer parse (a damaged file, or one from another program):
+        // defaults, and say so.
+        let damaged = saved.is_none()
+            && !opts.fresh_settings
+            && cc
+                .storage
+                .and_then(|s| s.get_string(SETTINGS_KEY))
+                .is_some();
         let (settings, note) = startup_settings(saved, &opts);
         let remembered_model = (opts.model.is_none()
             && !opts.fresh_settings
@@ -232,6 +240,12 @@ impl StudioApp {
             cmds: Commands::default(),
             next_id: 1,
         };
+        if damaged {
+            app.say(
+                "the saved settings could not be read (damaged?): starting from the defaults",
+                true,
+            );
+        }
         if let Some(n) = note {
             app.say(n, true);
         }
@@ -566,9 +580,32 @@ impl StudioApp {
             return;
         }
         self.gallery.dirty = false;
-        let listed = self.runtime.gallery().map(|g| g.list());
+        let listed = self.runtime.gallery().map(|g| g.list_and_skipped());
         match listed {
-            Some(Ok(list)) => self.gallery.entries = list,
+            Some(Ok((list, skipped))) => {
+                self.gallery.entries = list;
+                // Each unreadable file is mentioned once, not at every refresh.
+                let new: Vec<_> = skipped
+                    .into_iter()
+                    .filter(|(p, _)| self.gallery.skipped.insert(p.clone()))
+                    .collect();
+                if let Some((first, why)) = new.first() {
+                    let name = first.file_name().map_or_else(
+                        || first.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    let more = match new.len() {
+                        1 => String::new(),
+                        n => format!(" and {} more", n - 1),
+                    };
+                    self.say(
+                        format!(
+                            "gallery: skipped {name}{more}, not a readable Parallax image ({why})"
+                        ),
+                        false,
+                    );
+                }
+            }
             Some(Err(e)) => self.say(format!("cannot read the gallery: {e}"), true),
             None => {}
         }

@@ -321,6 +321,8 @@ pub struct GalleryView {
     /// Asked to delete this file; waiting for the user to confirm.
     pub confirm_delete: Option<PathBuf>,
     pub opened: Option<Opened>,
+    /// Files the listing skipped (not readable Parallax PNGs), each mentioned once.
+    pub skipped: std::collections::HashSet<PathBuf>,
 }
 
 pub fn color_image(img: &RgbImage) -> egui::ColorImage {

@@ -119,11 +119,17 @@ impl Gallery {
     /// Every readable entry, newest first. Files that are not Parallax PNGs (or are damaged) are
     /// skipped with a warning in the log.
     pub fn list(&self) -> Result<Vec<Entry>> {
+        Ok(self.list_and_skipped()?.0)
+    }
+
+    /// [`Gallery::list`], and the PNG files it skipped with why (not Parallax's, or damaged).
+    pub fn list_and_skipped(&self) -> Result<(Vec<Entry>, Vec<(PathBuf, String)>)> {
         let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
             path: self.dir.clone(),
             source: e,
         })?;
         let mut out = Vec::new();
+        let mut skipped = Vec::new();
         for ent in rd.flatten() {
             let path = ent.path();
             if path.extension().and_then(|e| e.to_str()) != Some("png") {
@@ -131,7 +137,10 @@ impl Gallery {
             }
             match Self::read_entry(&path) {
                 Ok(e) => out.push(e),
-                Err(e) => tracing::warn!("gallery: skipping {}: {e}", path.display()),
+                Err(e) => {
+                    tracing::warn!("gallery: skipping {}: {e}", path.display());
+                    skipped.push((path, e.to_string()));
+                }
             }
         }
         out.sort_by(|a, b| {
@@ -140,7 +149,7 @@ impl Gallery {
                 .cmp(&a.run.created_ms)
                 .then_with(|| b.path.cmp(&a.path))
         });
-        Ok(out)
+        Ok((out, skipped))
     }
 
     fn read_entry(path: &Path) -> Result<Entry> {
