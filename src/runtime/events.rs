@@ -45,7 +45,14 @@ impl JobSpec {
                 thresholds,
                 caches,
             } => {
-                let mut reqs: Vec<GenerateRequest> = compare_thresholds(thresholds)
+                // First Block Cache entries in the policy list are thresholds: they join the
+                // thresholds (once each) rather than being dropped.
+                let all: Vec<f64> = thresholds
+                    .iter()
+                    .copied()
+                    .chain(caches.iter().filter_map(|c| c.fb_threshold()))
+                    .collect();
+                let mut reqs: Vec<GenerateRequest> = compare_thresholds(&all)
                     .into_iter()
                     .map(|t| GenerateRequest {
                         cache_threshold: t,
@@ -217,5 +224,38 @@ impl Event {
             self,
             Event::Finished { .. } | Event::Failed { .. } | Event::Cancelled { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::cache::CacheSpec;
+
+    #[test]
+    fn first_block_cache_entries_among_the_policies_join_the_thresholds() {
+        let job = JobSpec::Compare {
+            base: GenerateRequest::default(),
+            thresholds: vec![0.12],
+            caches: vec![
+                CacheSpec::from_threshold(0.2),
+                CacheSpec::preset("magcache", "balanced").expect("preset"),
+                CacheSpec::from_threshold(0.12),
+            ],
+        };
+        let cells: Vec<(f64, Option<String>)> = job
+            .requests()
+            .iter()
+            .map(|r| (r.cache_threshold, r.cache.as_ref().map(|c| c.to_string())))
+            .collect();
+        assert_eq!(cells.len(), 4, "{cells:?}");
+        assert_eq!(
+            cells.iter().map(|c| c.0).take(3).collect::<Vec<_>>(),
+            [0.0, 0.12, 0.2]
+        );
+        assert!(cells[3]
+            .1
+            .as_deref()
+            .is_some_and(|c| c.starts_with("magcache")));
     }
 }

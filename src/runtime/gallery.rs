@@ -57,6 +57,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A file the gallery listing passed over, and why.
+pub type Skipped = (PathBuf, String);
+
 impl Gallery {
     /// Open (and create) a gallery folder.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
@@ -123,7 +126,7 @@ impl Gallery {
     }
 
     /// [`Gallery::list`], and the PNG files it skipped with why (not Parallax's, or damaged).
-    pub fn list_and_skipped(&self) -> Result<(Vec<Entry>, Vec<(PathBuf, String)>)> {
+    pub fn list_and_skipped(&self) -> Result<(Vec<Entry>, Vec<Skipped>)> {
         let rd = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
             path: self.dir.clone(),
             source: e,
