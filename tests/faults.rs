@@ -74,12 +74,34 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
         // others name rank 1 as lost first.
         ("rank=1,step=2,kind=panic", "rank 1"),
         ("rank=0,step=1,kind=stall:2.5", "rank 0 of 2 did not reach"),
+        ("rank=1,step=0,kind=oom", "OUT_OF_MEMORY"),
     ] {
         std::env::set_var("PARALLAX_FAULT", fault);
         let (ev, secs) = run(&rt, req(2));
         std::env::remove_var("PARALLAX_FAULT");
         match &ev {
-            Event::Failed { error, .. } => assert!(error.contains(needle), "{fault}: {error}"),
+            Event::Failed { error, .. } => {
+                assert!(error.contains(needle), "{fault}: {error}");
+                // What the studio suggests next.
+                let next = parallax::runtime::advice::next_step(
+                    error,
+                    &parallax::runtime::advice::Context {
+                        width: 64,
+                        height: 48,
+                        workers: 2,
+                        ..Default::default()
+                    },
+                )
+                .unwrap_or_default();
+                let want = if needle == "OUT_OF_MEMORY" {
+                    "memory budget"
+                } else {
+                    "a worker was lost"
+                };
+                if !fault.contains("panic") || error.contains("did not reach") {
+                    assert!(next.contains(want), "{fault}: advice {next:?}");
+                }
+            }
             other => panic!("{fault}: expected a failure, got {other:?}"),
         }
         // Bounded: a failure is known at once; a stall by the timeout (the job ends when the
@@ -94,4 +116,31 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
         std::fs::remove_file(pngs(&gallery).pop().expect("the new image")).expect("rm");
     }
     std::env::remove_var("PARALLAX_COLLECTIVE_TIMEOUT_S");
+
+    // A write that fails (a full disk): the image is made, not saved, the job says so, and
+    // nothing is left in the gallery folder, not even the temporary file.
+    std::env::set_var("PARALLAX_FAULT", "kind=write");
+    let t0 = Instant::now();
+    let job = rt.submit(JobSpec::Generate(req(4)));
+    let mut notes = Vec::new();
+    loop {
+        let ev = rt.recv_timeout(Duration::from_secs(120)).expect("an event");
+        if let Event::ImageDone { result, .. } = &ev {
+            notes.extend(result.notes.iter().cloned());
+        }
+        if ev.job() == Some(job) && ev.is_terminal() {
+            break;
+        }
+    }
+    std::env::remove_var("PARALLAX_FAULT");
+    assert!(
+        notes.iter().any(|n| n.contains("not saved") && n.contains("injected write fault")),
+        "{notes:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&gallery)
+        .expect("gallery")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert_eq!(left.len(), 1, "only the first image: {left:?}");
+    eprintln!("write fault: reported in {:.2} s", t0.elapsed().as_secs_f64());
 }

@@ -1,8 +1,10 @@
 //! Faults injected on purpose, to test what the engine does when a rank fails: set
 //! `PARALLAX_FAULT=rank=R,step=S,kind=K` and rank R, after its denoising step S (0-based),
-//! `fail`s with an error, `panic`s, or `stall`s for a while (`stall:SECONDS`, default 3600)
-//! before going on. Read once per job; unset, nothing happens. For tests and for trying the
-//! watchdog by hand (`parallax generate --devices cpu:2 ...`).
+//! `fail`s with an error, runs out of memory (`oom`: the error a failed GPU allocation gives),
+//! `panic`s, or `stall`s for a while (`stall:SECONDS`, default 3600) before going on. Read once
+//! per job; unset, nothing happens. `kind=write` instead makes every PNG write fail after its
+//! temporary file is written (see [`crate::pipeline::image::save_png`]). For tests and for trying
+//! the watchdog by hand (`parallax generate --devices cpu:2 ...`).
 
 use std::time::Duration;
 
@@ -10,6 +12,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FaultKind {
     Fail,
+    Oom,
+    /// PNG writes fail (handled where images are written; ranks ignore it).
+    Write,
     Panic,
     Stall(Duration),
 }
@@ -48,6 +53,8 @@ impl Fault {
                 "kind" => {
                     kind = Some(match v.trim().split_once(':') {
                         None if v.trim() == "fail" => FaultKind::Fail,
+                        None if v.trim() == "oom" => FaultKind::Oom,
+                        None if v.trim() == "write" => FaultKind::Write,
                         None if v.trim() == "panic" => FaultKind::Panic,
                         None if v.trim() == "stall" => FaultKind::Stall(Duration::from_secs(3600)),
                         Some(("stall", secs)) => FaultKind::Stall(Duration::from_secs_f64(
@@ -57,16 +64,28 @@ impl Fault {
                                 .filter(|s| s.is_finite() && *s >= 0.0)
                                 .ok_or_else(|| format!("stall seconds `{secs}`"))?,
                         )),
-                        _ => return Err(format!("kind `{v}` (fail, panic or stall[:SECONDS])")),
+                        _ => {
+                            return Err(format!(
+                                "kind `{v}` (fail, oom, panic, stall[:SECONDS] or write)"
+                            ))
+                        }
                     })
                 }
                 other => return Err(format!("unknown key `{other}` (rank, step, kind)")),
             }
         }
+        let kind = kind.unwrap_or(FaultKind::Fail);
+        if kind == FaultKind::Write {
+            return Ok(Fault {
+                rank: rank.unwrap_or(0),
+                step: step.unwrap_or(0),
+                kind,
+            });
+        }
         Ok(Fault {
             rank: rank.ok_or("no rank=")?,
             step: step.ok_or("no step=")?,
-            kind: kind.unwrap_or(FaultKind::Fail),
+            kind,
         })
     }
 
@@ -78,6 +97,10 @@ impl Fault {
         let what = format!("injected fault: rank {rank} after step {step}");
         match self.kind {
             FaultKind::Fail => Err(crate::Error::Candle(candle_core::Error::Msg(what))),
+            FaultKind::Oom => Err(crate::Error::Candle(candle_core::Error::Msg(format!(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") ({what})"
+            )))),
+            FaultKind::Write => Ok(()),
             FaultKind::Panic => panic!("{what}"),
             FaultKind::Stall(d) => {
                 tracing::warn!("{what}: stalling {:.1} s", d.as_secs_f64());
@@ -107,6 +130,14 @@ mod tests {
             Ok(FaultKind::Stall(Duration::from_millis(1500)))
         );
         assert!(Fault::parse("rank=1").is_err());
+        assert_eq!(
+            Fault::parse("kind=write").map(|f| f.kind),
+            Ok(FaultKind::Write)
+        );
+        assert_eq!(
+            Fault::parse("rank=0,step=3,kind=oom").map(|f| f.kind),
+            Ok(FaultKind::Oom)
+        );
         assert!(Fault::parse("rank=1,step=2,kind=explode").is_err());
         assert!(Fault::parse("rank=x,step=2").is_err());
     }

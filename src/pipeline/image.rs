@@ -126,7 +126,19 @@ pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resul
             .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
         Ok(())
     };
-    if let Err(e) = write() {
+    // `PARALLAX_FAULT=kind=write` (crate::parallel::fault): the write fails once the temporary
+    // file exists, as a full disk would; what it leaves must be nothing.
+    let injected = || -> Result<()> {
+        if std::env::var("PARALLAX_FAULT").is_ok_and(|v| v.replace(' ', "").contains("kind=write"))
+        {
+            return Err(Error::io(
+                &tmp,
+                std::io::Error::other("injected write fault (PARALLAX_FAULT=kind=write)"),
+            ));
+        }
+        Ok(())
+    };
+    if let Err(e) = write().and_then(|()| injected()) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
