@@ -134,7 +134,9 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
     }
     std::env::remove_var("PARALLAX_FAULT");
     assert!(
-        notes.iter().any(|n| n.contains("not saved") && n.contains("injected write fault")),
+        notes
+            .iter()
+            .any(|n| n.contains("not saved") && n.contains("injected write fault")),
         "{notes:?}"
     );
     let left: Vec<_> = std::fs::read_dir(&gallery)
@@ -142,5 +144,8 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
         .filter_map(|e| e.ok().map(|e| e.file_name()))
         .collect();
     assert_eq!(left.len(), 1, "only the first image: {left:?}");
-    eprintln!("write fault: reported in {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "write fault: reported in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

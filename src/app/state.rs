@@ -316,6 +316,7 @@ impl Settings {
             ring: self.ring,
             ulysses: self.ulysses,
             displaced_warmup: self.displaced_warmup,
+            displaced_rotate: false,
         })
     }
 

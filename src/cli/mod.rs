@@ -303,6 +303,10 @@ pub struct DegreeArgs {
     /// Exact steps before --displaced uses stale keys and values (default 1).
     #[arg(long, requires = "displaced")]
     pub warmup_steps: Option<usize>,
+    /// With --displaced: rotate which patch each worker computes, and exchange no keys or values
+    /// after the warm-up (piflux): each worker refreshes its own copy as it goes round.
+    #[arg(long, requires = "displaced")]
+    pub displaced_rotate: bool,
 }
 
 impl DegreeArgs {
@@ -315,6 +319,7 @@ impl DegreeArgs {
             dp: self.dp,
             displaced: self.displaced,
             warmup_steps: self.warmup_steps,
+            displaced_rotate: self.displaced_rotate,
         }
     }
 }

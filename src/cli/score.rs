@@ -43,9 +43,10 @@ pub struct ScoreArgs {
     #[arg(long, value_delimiter = ';')]
     pub caches: Vec<CacheSpec>,
     /// More cells, uncached, on CPU worker threads: displaced patch layouts as `N:W` (N patch
-    /// workers, W exact warm-up steps), separated by `,` (e.g. `2:1,4:1,4:3`).
+    /// workers, W exact warm-up steps; `N:W:rotate` for piflux's rotation without K/V exchange),
+    /// separated by `,` (e.g. `2:1,4:1,4:3:rotate`).
     #[arg(long, value_delimiter = ',', value_parser = parse_displaced)]
-    pub displaced: Vec<(usize, usize)>,
+    pub displaced: Vec<(usize, usize, bool)>,
     /// Save every image here as eval-<prompt>-<threshold>.png.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -54,7 +55,11 @@ pub struct ScoreArgs {
     pub details: bool,
 }
 
-fn parse_displaced(s: &str) -> Result<(usize, usize), String> {
+fn parse_displaced(s: &str) -> Result<(usize, usize, bool), String> {
+    let (s, rotate) = match s.strip_suffix(":rotate") {
+        Some(rest) => (rest, true),
+        None => (s, false),
+    };
     let (n, w) = s
         .split_once(':')
         .ok_or_else(|| format!("`{s}`: give N:W (patch workers : warm-up steps), e.g. 4:1"))?;
@@ -69,26 +74,33 @@ fn parse_displaced(s: &str) -> Result<(usize, usize), String> {
     if n < 2 {
         return Err(format!("`{s}`: displaced patches need 2 workers or more"));
     }
-    Ok((n, w))
+    Ok((n, w, rotate))
 }
 
 /// One cell of the sweep: a cache setting on one device, or a displaced layout uncached.
 enum Sweep {
     Cache(CacheSpec),
-    Displaced(usize, usize),
+    Displaced(usize, usize, bool),
 }
 
 impl Sweep {
     fn name(&self) -> String {
         match self {
             Sweep::Cache(c) => c.to_string(),
-            Sweep::Displaced(n, w) => format!("displaced:{n},warmup={w}"),
+            Sweep::Displaced(n, w, r) => {
+                format!(
+                    "displaced:{n},warmup={w}{}",
+                    if *r { ",rotate" } else { "" }
+                )
+            }
         }
     }
     fn file_stem(&self) -> String {
         match self {
             Sweep::Cache(c) => c.file_stem(),
-            Sweep::Displaced(n, w) => format!("displaced{n}-w{w}"),
+            Sweep::Displaced(n, w, r) => {
+                format!("displaced{n}-w{w}{}", if *r { "-rot" } else { "" })
+            }
         }
     }
 }
@@ -183,7 +195,11 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut cells_spec: Vec<Sweep> = specs.into_iter().map(Sweep::Cache).collect();
-    cells_spec.extend(a.displaced.iter().map(|&(n, w)| Sweep::Displaced(n, w)));
+    cells_spec.extend(
+        a.displaced
+            .iter()
+            .map(|&(n, w, r)| Sweep::Displaced(n, w, r)),
+    );
     let specs = cells_spec;
     let choice = a.model.choice();
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
@@ -229,10 +245,11 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             let req = request_for(true, &s);
             let g = match spec {
                 Sweep::Cache(_) => p.generate(&req, &mut |_| Ok(()))?,
-                &Sweep::Displaced(n, w) => {
+                &Sweep::Displaced(n, w, rotate) => {
                     let layout = crate::parallel::mesh::ParallelLayout {
                         ring: n,
                         displaced_warmup: Some(w),
+                        displaced_rotate: rotate,
                         ..Default::default()
                     };
                     crate::parallel::engine::generate(&p, layout, &req, &mut |_| Ok(()))?

@@ -208,6 +208,9 @@ pub struct Degrees {
     /// Exact warm-up forwards before displaced patches use stale K/V (default 1).
     #[serde(default)]
     pub warmup_steps: Option<usize>,
+    /// Displaced patches rotate and exchange no K/V after the warm-up (piflux).
+    #[serde(default)]
+    pub displaced_rotate: bool,
 }
 
 impl Degrees {
@@ -233,6 +236,7 @@ impl Degrees {
                 ulysses: self.ulysses.unwrap_or(1),
                 ring: self.ring.unwrap_or(n),
                 displaced_warmup: Some(self.warmup_steps.unwrap_or(1)),
+                displaced_rotate: self.displaced_rotate,
                 ..ParallelLayout::default()
             };
         }
@@ -258,6 +262,7 @@ impl Degrees {
             dp: Some(layout.dp),
             displaced: layout.displaced_warmup.map(|_| layout.ring),
             warmup_steps: layout.displaced_warmup,
+            displaced_rotate: layout.displaced_rotate,
         }
     }
 }
@@ -363,8 +368,13 @@ impl Plan {
         let l = self.layout;
         let inner = match l.displaced_warmup {
             Some(w) => format!(
-                "displaced patches {} ({w} exact warm-up step{}, then stale K/V: approximate)",
+                "displaced patches {}{} ({w} exact warm-up step{}, then stale K/V: approximate)",
                 l.ring,
+                if l.displaced_rotate {
+                    ", rotating, no K/V exchanged"
+                } else {
+                    ""
+                },
                 if w == 1 { "" } else { "s" }
             ),
             None => format!("ring {} x ulysses {}", l.ring, l.ulysses),

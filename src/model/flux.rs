@@ -946,6 +946,9 @@ pub struct Flux {
     attention: Arc<dyn Attention>,
     /// The sequence-parallel group this replica belongs to, if any.
     sp: Option<Arc<dyn Communicator>>,
+    /// Under displaced patches with rotation (piflux): forwards so far, which shifts the patch
+    /// this rank computes by one each forward ([`Flux::with_patch_rotation`]).
+    patch_rotation: Option<Arc<std::sync::atomic::AtomicUsize>>,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -1007,6 +1010,7 @@ impl Flux {
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: Arc::new(LocalAttention::default()),
             sp: None,
+            patch_rotation: None,
             cfg: cfg.clone(),
             dtype,
             device,
@@ -1021,6 +1025,14 @@ impl Flux {
     /// attention must be the group's strategy (Ulysses, Ring, USP).
     pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
         self.sp = Some(group);
+        self
+    }
+
+    /// Rotate the shards over the sequence-parallel group (piflux): forward f of rank r computes
+    /// shard `(r + f) mod n`, counted in `forwards`; [`Flux::final_layer`] puts the gathered
+    /// velocity back in order.
+    pub fn with_patch_rotation(mut self, forwards: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        self.patch_rotation = Some(forwards);
         self
     }
 
@@ -1151,7 +1163,14 @@ impl Flux {
         let local;
         let (input, shards) = match &self.sp {
             Some(group) => {
-                shard = Shard::new(input, group.size(), group.rank())?;
+                let patch = match &self.patch_rotation {
+                    Some(f) => {
+                        let f = f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        (group.rank() + f) % group.size()
+                    }
+                    None => group.rank(),
+                };
+                shard = Shard::new(input, group.size(), patch)?;
                 local = shard.input(input);
                 (&local, Some(shard.layout))
             }
@@ -1213,11 +1232,29 @@ impl Flux {
             .final_linear
             .forward(&ln_modulate(img, shift, scale)?)?;
         match (&self.sp, &ctx.shards) {
-            // Every rank's shard, in rank order; padding sits at the end of the image stream.
-            (Some(group), Some(layout)) if layout.is_padded() => {
-                group.all_gather(&v, 1)?.narrow(1, 0, layout.img_len)
+            // Every rank's shard: in rank order, or under rotation in shard order again;
+            // padding sits at the end of the image stream.
+            (Some(group), Some(layout)) => {
+                let all = group.all_gather(&v, 1)?;
+                let n = group.size();
+                let shift = (layout.rank + n - group.rank()) % n;
+                let all = if shift == 0 {
+                    all
+                } else {
+                    // Shard q came from rank (q - shift) mod n.
+                    let chunk = layout.img_shard;
+                    let parts = (0..n)
+                        .map(|q| all.narrow(1, ((q + n - shift) % n) * chunk, chunk))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 1)?
+                };
+                if layout.is_padded() {
+                    all.narrow(1, 0, layout.img_len)
+                } else {
+                    Ok(all)
+                }
             }
-            (Some(group), _) => group.all_gather(&v, 1),
+            (Some(group), None) => group.all_gather(&v, 1),
             (None, _) => Ok(v),
         }
     }

@@ -13,6 +13,12 @@
 //!   the rank goes on with the next layer; the next forward picks them up. The exchange is off
 //!   the critical path: on GPUs the refresh thread queues on a stream of its own.
 //!
+//! **Rotating** ([`DisplacedAttention::rotating`], with [`crate::model::flux::Flux::with_patch_rotation`]):
+//! piflux's variant. Forward f of rank r computes shard `(r + f) mod n`, and after warm-up no K/V
+//! are exchanged at all: each rank keeps its own copy of every shard's K/V and refreshes the rows
+//! of the shard it computes, so over n forwards it refreshes all of them itself. The only traffic
+//! left is the velocity gathered at the end of each step.
+//!
 //! The bytes per step equal ring attention's (each rank's K and V reach every other rank once),
 //! but nothing waits on them. Quality is approximate: BENCHMARKS.md measures it against the
 //! one-device image on the trained demo model.
@@ -52,6 +58,8 @@ struct Shared {
 
 struct Job {
     layer: usize,
+    /// How far the shards are rotated: rank j holds shard (j + shift) mod n.
+    shift: usize,
     k: Tensor,
     v: Tensor,
 }
@@ -60,6 +68,8 @@ struct Job {
 pub struct DisplacedAttention {
     group: Arc<dyn Communicator>,
     warmup: usize,
+    /// piflux's rotation: no K/V exchange after warm-up (see the module's notes).
+    rotate: bool,
     local: LocalAttention,
     /// Forward passes begun (counted at layer 0).
     forwards: Mutex<usize>,
@@ -105,9 +115,14 @@ impl DisplacedAttention {
                         }
                         bound = true;
                     }
+                    let n = refresh.size();
                     let gathered = refresh
                         .all_gather(&job.k, 2)
-                        .and_then(|k| Ok((k, refresh.all_gather(&job.v, 2)?)));
+                        .and_then(|k| shard_order(&k, n, job.shift))
+                        .and_then(|k| {
+                            let v = refresh.all_gather(&job.v, 2)?;
+                            Ok((k, shard_order(&v, n, job.shift)?))
+                        });
                     let mut r = worker.refreshed.lock().unwrap_or_else(|p| p.into_inner());
                     match gathered {
                         Ok((k, v)) => {
@@ -125,11 +140,19 @@ impl DisplacedAttention {
         Ok(Self {
             group,
             warmup,
+            rotate: false,
             local: LocalAttention::default(),
             forwards: Mutex::new(0),
             shared,
             refresh: Mutex::new(Some(tx)),
         })
+    }
+
+    /// piflux's variant: after warm-up, keep refreshing only the shard this rank computes (the
+    /// model must rotate the shards: [`crate::model::flux::Flux::with_patch_rotation`]).
+    pub fn rotating(mut self) -> Self {
+        self.rotate = true;
+        self
     }
 
     /// The latest K/V of `layer` gathered from every rank (waiting for the refresh thread if it
@@ -169,7 +192,7 @@ impl DisplacedAttention {
     }
 
     /// Hand this forward's K/V of `layer` to the refresh thread.
-    fn queue_refresh(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    fn queue_refresh(&self, layer: usize, shift: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         // On a GPU the refresh thread queues on a stream of its own: it gets copies that this
         // thread's stream has finished writing (as the in-process communicator does).
         let (k, v) = if k.device().is_cpu() {
@@ -188,7 +211,7 @@ impl DisplacedAttention {
             *r.pending.entry(layer).or_default() += 1;
         }
         let tx = self.refresh.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = tx.as_ref().map(|tx| tx.send(Job { layer, k, v }));
+        let sent = tx.as_ref().map(|tx| tx.send(Job { layer, shift, k, v }));
         if !matches!(sent, Some(Ok(()))) {
             candle_core::bail!("displaced patches: the refresh thread has stopped");
         }
@@ -204,6 +227,19 @@ impl Drop for DisplacedAttention {
             tx.take();
         }
     }
+}
+
+/// `t` (dim 2 holding n equal chunks in rank order, rank j with shard (j + shift) mod n) with
+/// its chunks in shard order.
+fn shard_order(t: &Tensor, n: usize, shift: usize) -> Result<Tensor> {
+    if shift % n.max(1) == 0 {
+        return Ok(t.clone());
+    }
+    let chunk = t.dim(2)? / n;
+    let parts = (0..n)
+        .map(|q| t.narrow(2, ((q + n - shift) % n) * chunk, chunk))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 2)
 }
 
 /// `base` with rows `start..start + part.dim(2)` along dim 2 replaced by `part`.
@@ -240,7 +276,10 @@ impl Attention for DisplacedAttention {
             }
             f.saturating_sub(1)
         };
-        let n = self.group.size();
+        let (n, rank) = (self.group.size(), self.group.rank());
+        // The shard this rank computes now (its rank, unless the shards rotate).
+        let shard = layout.map_or(rank, |l| l.rank);
+        let shift = (shard + n - rank) % n;
         let stale = if forward >= self.warmup {
             self.gathered(layer)?
         } else {
@@ -248,14 +287,31 @@ impl Attention for DisplacedAttention {
         };
         let (k_all, v_all) = match stale {
             Some(g) => {
-                let start = self.group.rank() * k.dim(2)?;
+                let start = shard * k.dim(2)?;
                 let mine = (splice(&g.k, k, start)?, splice(&g.v, v, start)?);
-                self.queue_refresh(layer, k, v)?;
+                if self.rotate {
+                    // This rank's own copy, its shard refreshed; nothing sent.
+                    let mut r = self
+                        .shared
+                        .refreshed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    r.layers.insert(
+                        layer,
+                        Gathered {
+                            k: mine.0.clone(),
+                            v: mine.1.clone(),
+                        },
+                    );
+                } else {
+                    self.queue_refresh(layer, shift, k, v)?;
+                }
                 mine
             }
-            // Exact: every rank's K/V of this forward. Kept for the next forward as well.
+            // Exact: every rank's K/V of this forward, in shard order. Kept for the next forward.
             None => {
-                let (ka, va) = (self.group.all_gather(k, 2)?, self.group.all_gather(v, 2)?);
+                let ka = shard_order(&self.group.all_gather(k, 2)?, n, shift)?;
+                let va = shard_order(&self.group.all_gather(v, 2)?, n, shift)?;
                 let mut r = self
                     .shared
                     .refreshed
@@ -277,7 +333,11 @@ impl Attention for DisplacedAttention {
     }
 
     fn name(&self) -> &str {
-        "displaced patches (stale K/V from the previous step)"
+        if self.rotate {
+            "displaced patches, rotating (stale K/V, no exchange after warm-up)"
+        } else {
+            "displaced patches (stale K/V from the previous step)"
+        }
     }
 }
 
@@ -363,6 +423,31 @@ mod tests {
             }
         }
         Ok(worst)
+    }
+
+    #[test]
+    fn rotating_sends_no_keys_or_values_after_warm_up() -> Result<()> {
+        use crate::parallel::traffic::Counting;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 16, 8), &Device::Cpu)?;
+        let refresh = LocalComm::group(2);
+        let sent = run_local(2, |rank, comm| {
+            let main = Arc::new(Counting::new(Arc::new(comm)));
+            let bg = Arc::new(Counting::new(Arc::new(refresh[rank].clone())));
+            let d = DisplacedAttention::new(main.clone(), bg.clone(), 1)?.rotating();
+            let part = q.narrow(2, rank * 8, 8)?;
+            d.attend_layer(0, &part, &part, &part, None)?;
+            let warm = main.sent() + bg.sent();
+            for _ in 0..3 {
+                d.attend_layer(0, &part, &part, &part, None)?;
+            }
+            d.flush()?;
+            Ok((warm, main.sent() + bg.sent()))
+        })?;
+        for (warm, after) in sent {
+            assert!(warm > 0);
+            assert_eq!(after, warm, "rotating patches sent K/V after the warm-up");
+        }
+        Ok(())
     }
 
     #[test]

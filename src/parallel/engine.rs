@@ -406,18 +406,22 @@ pub fn denoise_rank(
                     "displaced patches: no refresh communicator".into(),
                 ))
             })?;
-            Arc::new(super::displaced::DisplacedAttention::new(
-                groups.sp.clone(),
-                refresh,
-                warmup,
-            )?)
+            let d = super::displaced::DisplacedAttention::new(groups.sp.clone(), refresh, warmup)?;
+            Arc::new(if mesh.layout().displaced_rotate {
+                d.rotating()
+            } else {
+                d
+            })
         }
         None => Arc::new(UspAttention::new(
             groups.ulysses.clone(),
             groups.ring.clone(),
         )),
     };
-    let model = super::sp::replica(flux, groups.sp.clone(), attn);
+    let mut model = super::sp::replica(flux, groups.sp.clone(), attn);
+    if mesh.layout().displaced_rotate {
+        model = model.with_patch_rotation(Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+    }
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
         (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));

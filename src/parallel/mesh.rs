@@ -22,6 +22,10 @@ pub struct ParallelLayout {
     /// attends to the others' K/V from the previous forward. `None`: ring attention, exact.
     #[serde(default)]
     pub displaced_warmup: Option<usize>,
+    /// With displaced patches: rotate which patch each rank computes and exchange no K/V after
+    /// the warm-up (piflux).
+    #[serde(default)]
+    pub displaced_rotate: bool,
 }
 
 impl Default for ParallelLayout {
@@ -33,6 +37,7 @@ impl Default for ParallelLayout {
             ring: 1,
             ulysses: 1,
             displaced_warmup: None,
+            displaced_rotate: false,
         }
     }
 }
@@ -110,8 +115,15 @@ impl Mesh {
                 layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
             ),
             Some(w) => format!(
-                "dp {} x cfg {} x displaced {} (warm-up {w})",
-                layout.dp, layout.cfg, layout.ring
+                "dp {} x cfg {} x displaced {}{} (warm-up {w})",
+                layout.dp,
+                layout.cfg,
+                layout.ring,
+                if layout.displaced_rotate {
+                    ", rotating"
+                } else {
+                    ""
+                }
             ),
         };
         let bad = |reason: String| Error::setting("parallel layout", &desc, reason);
@@ -147,6 +159,9 @@ impl Mesh {
                 "multiplies to {} devices, but {devices} were given: the degrees must multiply to the device count",
                 layout.world()
             )));
+        }
+        if layout.displaced_rotate && layout.displaced_warmup.is_none() {
+            return Err(bad("rotating patches is a displaced-patch option".into()));
         }
         if layout.displaced_warmup.is_some() && layout.ulysses != 1 {
             return Err(bad(
@@ -262,6 +277,7 @@ mod tests {
             ring,
             ulysses,
             displaced_warmup: None,
+            displaced_rotate: false,
         }
     }
 
