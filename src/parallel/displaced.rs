@@ -175,6 +175,22 @@ impl DisplacedAttention {
         }
     }
 
+    /// Keep `k` and `v` as `layer`'s K/V of every shard, for the next forward.
+    fn keep(&self, layer: usize, k: &Tensor, v: &Tensor) {
+        let mut r = self
+            .shared
+            .refreshed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.layers.insert(
+            layer,
+            Gathered {
+                k: k.clone(),
+                v: v.clone(),
+            },
+        );
+    }
+
     /// Wait until every queued background gather is done (or has failed).
     pub fn flush(&self) -> Result<()> {
         let mut r = self
@@ -291,18 +307,7 @@ impl Attention for DisplacedAttention {
                 let mine = (splice(&g.k, k, start)?, splice(&g.v, v, start)?);
                 if self.rotate {
                     // This rank's own copy, its shard refreshed; nothing sent.
-                    let mut r = self
-                        .shared
-                        .refreshed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    r.layers.insert(
-                        layer,
-                        Gathered {
-                            k: mine.0.clone(),
-                            v: mine.1.clone(),
-                        },
-                    );
+                    self.keep(layer, &mine.0, &mine.1);
                 } else {
                     self.queue_refresh(layer, shift, k, v)?;
                 }
@@ -312,18 +317,7 @@ impl Attention for DisplacedAttention {
             None => {
                 let ka = shard_order(&self.group.all_gather(k, 2)?, n, shift)?;
                 let va = shard_order(&self.group.all_gather(v, 2)?, n, shift)?;
-                let mut r = self
-                    .shared
-                    .refreshed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                r.layers.insert(
-                    layer,
-                    Gathered {
-                        k: ka.clone(),
-                        v: va.clone(),
-                    },
-                );
+                self.keep(layer, &ka, &va);
                 (ka, va)
             }
         };
