@@ -4,11 +4,12 @@
 //! gallery. One test function: the fault is set through the environment, which every thread of
 //! this process shares.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
 use parallax::pipeline::GenerateRequest;
-use parallax::runtime::{EngineSpec, Event, JobSpec, Runtime, RuntimeOptions};
+use parallax::runtime::{Event, JobSpec, Runtime};
 
 fn req(seed: u64) -> GenerateRequest {
     GenerateRequest {
@@ -47,21 +48,7 @@ fn pngs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gallery = dir.path().join("gallery");
-    let rt = Runtime::start(RuntimeOptions {
-        engine: EngineSpec::new(
-            "demo",
-            Placement {
-                devices: Devices::parse("cpu:2").expect("devices"),
-                layout: LayoutChoice::Degrees(Degrees {
-                    ring: Some(2),
-                    ..Degrees::default()
-                }),
-            },
-        ),
-        gallery_dir: Some(gallery.clone()),
-        notify: None,
-    })
-    .expect("runtime starts");
+    let rt = common::two_rank_runtime(gallery.clone());
     // Warm up (model loaded, first image made): the baseline.
     let (ev, _) = run(&rt, req(1));
     assert!(matches!(ev, Event::Finished { .. }), "{ev:?}");

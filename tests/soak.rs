@@ -4,12 +4,13 @@
 //! still runs a job at the end, and the resident memory is reported (and must not run away).
 //! One test function: faults are set through the environment, which the process shares.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
 use parallax::pipeline::GenerateRequest;
-use parallax::runtime::{EngineSpec, Event, JobId, JobSpec, Runtime, RuntimeOptions};
+use parallax::runtime::{Event, JobId, JobSpec};
 
 fn rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -41,21 +42,7 @@ fn a_few_hundred_jobs_with_cancels_and_faults_leave_the_runtime_whole() {
     const BATCH: usize = 4;
     let dir = tempfile::tempdir().expect("tempdir");
     let gallery = dir.path().join("gallery");
-    let rt = Runtime::start(RuntimeOptions {
-        engine: EngineSpec::new(
-            "demo",
-            Placement {
-                devices: Devices::parse("cpu:2").expect("devices"),
-                layout: LayoutChoice::Degrees(Degrees {
-                    ring: Some(2),
-                    ..Degrees::default()
-                }),
-            },
-        ),
-        gallery_dir: Some(gallery.clone()),
-        notify: None,
-    })
-    .expect("runtime starts");
+    let rt = common::two_rank_runtime(gallery.clone());
     std::env::set_var("PARALLAX_COLLECTIVE_TIMEOUT_S", "1");
     let started = Instant::now();
     let mut rss_after_warmup = None;
