@@ -50,6 +50,8 @@ pub struct Settings {
     /// Displaced patches over the ring degree (`--displaced`): exact warm-up steps, then stale
     /// K/V; `None`: ring attention.
     pub displaced_warmup: Option<usize>,
+    /// With displaced patches: rotate them, no K/V exchanged after warm-up (`--displaced-rotate`).
+    pub displaced_rotate: bool,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             fp8: false,
             memory_budget_gib: None,
             displaced_warmup: None,
+            displaced_rotate: false,
         }
     }
 }
@@ -117,6 +120,7 @@ struct SettingsFile {
     fp8: bool,
     memory_budget_gib: Option<u32>,
     displaced_warmup: Option<usize>,
+    displaced_rotate: bool,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -156,6 +160,7 @@ impl Default for SettingsFile {
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
             displaced_warmup: d.displaced_warmup,
+            displaced_rotate: d.displaced_rotate,
             flat: FlatSampling::default(),
         }
     }
@@ -206,6 +211,7 @@ impl From<SettingsFile> for Settings {
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
             displaced_warmup: f.displaced_warmup,
+            displaced_rotate: f.displaced_rotate,
         }
     }
 }
@@ -316,7 +322,7 @@ impl Settings {
             ring: self.ring,
             ulysses: self.ulysses,
             displaced_warmup: self.displaced_warmup,
-            displaced_rotate: false,
+            displaced_rotate: self.displaced_rotate && self.displaced_warmup.is_some(),
         })
     }
 
@@ -357,6 +363,7 @@ impl Settings {
                 self.layout_auto = false;
                 (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
                 self.displaced_warmup = l.displaced_warmup;
+                self.displaced_rotate = l.displaced_rotate;
             }
         }
     }
@@ -553,10 +560,12 @@ mod tests {
             layout_auto: false,
             ring: 2,
             displaced_warmup: Some(3),
+            displaced_rotate: true,
             ..old.clone()
         };
         assert_eq!(lean.engine_spec().model.memory_budget_mib, Some(24 * 1024));
         assert_eq!(lean.layout().and_then(|l| l.displaced_warmup), Some(3));
+        assert!(lean.layout().is_some_and(|l| l.displaced_rotate));
         let text = serde_json::to_string(&lean).expect("serialise");
         assert_eq!(
             serde_json::from_str::<Settings>(&text).expect("parse"),

@@ -88,6 +88,11 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                 let l = ui.label("warm-up");
                 ui.add(egui::DragValue::new(w).range(0..=64))
                     .labelled_by(l.id);
+                ui.checkbox(&mut settings.displaced_rotate, "rotate")
+                    .on_hover_text(
+                        "piflux: each step every worker computes the next patch round, and no \
+                         keys or values are exchanged after the warm-up",
+                    );
             }
         });
     }
