@@ -196,6 +196,11 @@ pub struct Store {
     world: usize,
     /// The rendezvous timeout, also the longest [`Store::finish`] waits for the other ranks.
     timeout: Duration,
+    /// The longest a read waits for another rank once the ranks have met in a first exchange
+    /// (before it, loading and text encoding may keep ranks apart for longer); `None`: for ever.
+    stall: Mutex<Option<Duration>>,
+    /// A read has been answered since the rendezvous: the stall timeout applies.
+    armed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -243,13 +248,15 @@ impl Store {
             rank,
             world,
             timeout,
+            stall: Mutex::new(Some(crate::parallel::comm::collective_timeout())),
+            armed: std::sync::atomic::AtomicBool::new(false),
         });
         // Barrier: everyone says hello and waits for everyone, at most `timeout` for the
         // others to start.
         store.read_timeout(Some(timeout));
         store.set(&format!("hello/{rank}"), world as u32, b"1")?;
         for r in 0..world {
-            store.get(&format!("hello/{r}")).map_err(|e| {
+            store.get_within(&format!("hello/{r}"), None).map_err(|e| {
                 Error::Image(format!(
                     "rendezvous at {addr}: waiting for rank {r} of {world} to join (at most \
                      {timeout:?}; start every rank with the same --init and --world): {e}"
@@ -285,7 +292,7 @@ impl Store {
             // rank 0 waits for the others at most the rendezvous timeout in any case.
             self.read_timeout(Some(self.timeout));
             for r in 1..self.world {
-                self.get(&format!("done/{r}")).map_err(|e| {
+                self.get_within(&format!("done/{r}"), None).map_err(|e| {
                     Error::Image(format!(
                         "waiting for rank {r} to report it was done (at most {:?}): {e}",
                         self.timeout
@@ -316,9 +323,31 @@ impl Store {
         read_reply(&mut c.0).map(|_| ())
     }
 
+    /// How long a read may wait for another rank once the ranks have exchanged anything
+    /// (default `PARALLAX_COLLECTIVE_TIMEOUT_S`, 30 s; `None`: for ever).
+    pub fn set_stall_timeout(&self, t: Option<Duration>) {
+        if let Ok(mut s) = self.stall.lock() {
+            *s = t;
+        }
+    }
+
     /// The value under `key`, waiting until some rank sets it; an error once any rank has
-    /// disconnected before saying it was done, since the value may never come.
+    /// disconnected before saying it was done, since the value may never come, and once the
+    /// stall timeout has passed (after the first exchange), since a rank is then stuck.
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        use std::sync::atomic::Ordering;
+        let stall = if self.armed.load(Ordering::SeqCst) {
+            self.stall.lock().ok().and_then(|s| *s)
+        } else {
+            None
+        };
+        let v = self.get_within(key, stall)?;
+        self.armed.store(true, Ordering::SeqCst);
+        Ok(v)
+    }
+
+    /// [`Store::get`] waiting at most `stall` (`None`: as the connection's read timeout says).
+    fn get_within(&self, key: &str, stall: Option<Duration>) -> Result<Vec<u8>> {
         let mut c = self
             .conn
             .lock()
@@ -329,7 +358,23 @@ impl Store {
             .and_then(|_| w.write_all(key.as_bytes()))
             .and_then(|_| w.flush())
             .map_err(|e| io_err("get", e))?;
-        read_reply(&mut c.0)
+        if stall.is_some() {
+            let _ = c.0.get_ref().set_read_timeout(stall);
+        }
+        let t0 = std::time::Instant::now();
+        let r = read_reply(&mut c.0);
+        if stall.is_some() {
+            let _ = c.0.get_ref().set_read_timeout(None);
+        }
+        match (r, stall) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(t)) if t0.elapsed() >= t => Err(Error::Image(format!(
+                "rank {}: nothing came for `{key}` within {:.1} s: another rank is lost or stuck",
+                self.rank,
+                t.as_secs_f64()
+            ))),
+            (Err(e), _) => Err(e),
+        }
     }
 }
 
@@ -696,6 +741,29 @@ mod tests {
                 r.expect("every rank finishes");
             }
         }
+    }
+
+    #[test]
+    fn a_stalled_rank_fails_the_reads_waiting_on_it_after_the_stall_timeout() {
+        let init = free_init();
+        let t = Duration::from_secs(20);
+        let (zero, one) = std::thread::scope(|s| {
+            let one = s.spawn(|| Store::connect(&init, 1, 2, t));
+            let zero = Store::connect(&init, 0, 2, t).expect("rank 0");
+            (zero, one.join().expect("thread").expect("rank 1"))
+        });
+        zero.set_stall_timeout(Some(Duration::from_millis(300)));
+        // A first exchange (the ranks have met), then rank 1 stays connected but silent.
+        one.set("x/1", 1, b"1").expect("set");
+        zero.get("x/1").expect("get");
+        let t0 = std::time::Instant::now();
+        let msg = zero
+            .get("from-rank-1")
+            .expect_err("rank 1 is stuck")
+            .to_string();
+        assert!(msg.contains("another rank is lost or stuck"), "{msg}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(one);
     }
 
     #[test]
