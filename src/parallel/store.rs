@@ -688,15 +688,20 @@ mod tests {
         assert!(msg.contains("waiting for rank 1 of 2 to join"), "{msg}");
     }
 
-    #[test]
-    fn a_rank_that_leaves_early_fails_the_reads_waiting_on_it() {
+    /// Ranks 0 and 1 of a world of two, connected.
+    fn two_ranks() -> (Arc<Store>, Arc<Store>) {
         let init = free_init();
         let t = Duration::from_secs(20);
-        let (zero, one) = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let one = s.spawn(|| Store::connect(&init, 1, 2, t));
             let zero = Store::connect(&init, 0, 2, t).expect("rank 0");
             (zero, one.join().expect("thread").expect("rank 1"))
-        });
+        })
+    }
+
+    #[test]
+    fn a_rank_that_leaves_early_fails_the_reads_waiting_on_it() {
+        let (zero, one) = two_ranks();
         let waiting = std::thread::spawn(move || zero.get("never-set"));
         // Rank 1 goes away without `finish`: rank 0's read must fail, not hang.
         drop(one);
@@ -745,13 +750,7 @@ mod tests {
 
     #[test]
     fn a_stalled_rank_fails_the_reads_waiting_on_it_after_the_stall_timeout() {
-        let init = free_init();
-        let t = Duration::from_secs(20);
-        let (zero, one) = std::thread::scope(|s| {
-            let one = s.spawn(|| Store::connect(&init, 1, 2, t));
-            let zero = Store::connect(&init, 0, 2, t).expect("rank 0");
-            (zero, one.join().expect("thread").expect("rank 1"))
-        });
+        let (zero, one) = two_ranks();
         zero.set_stall_timeout(Some(Duration::from_millis(300)));
         // A first exchange (the ranks have met), then rank 1 stays connected but silent.
         one.set("x/1", 1, b"1").expect("set");
