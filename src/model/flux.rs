@@ -1068,38 +1068,14 @@ impl Flux {
         let lin = |l: &Linear| t(l.weight()) + l.bias().map_or(0, t);
         let mlp = |m: &MlpEmbedder| lin(&m.in_layer) + lin(&m.out_layer);
         let norm = |n: &QkNorm| t(&n.query) + t(&n.key);
-        let blocks: usize = self
+        let norms: usize = self
             .double_blocks
             .iter()
-            .map(|b| {
-                [&b.img_mod.lin, &b.txt_mod.lin]
-                    .into_iter()
-                    .chain([&b.img_attn.qkv, &b.img_attn.proj, &b.txt_attn.qkv])
-                    .chain([&b.txt_attn.proj, &b.img_mlp.fc1, &b.img_mlp.fc2])
-                    .chain([&b.txt_mlp.fc1, &b.txt_mlp.fc2])
-                    .map(Lin::weight_bytes)
-                    .sum::<usize>()
-                    + norm(&b.img_attn.norm)
-                    + norm(&b.txt_attn.norm)
-            })
-            .sum::<usize>()
-            + self
-                .single_blocks
-                .iter()
-                .map(|b| {
-                    [
-                        &b.modulation.lin,
-                        &b.linear1_qkv,
-                        &b.linear1_mlp,
-                        &b.linear2,
-                    ]
-                    .into_iter()
-                    .map(Lin::weight_bytes)
-                    .sum::<usize>()
-                        + norm(&b.norm)
-                })
-                .sum::<usize>();
-        blocks
+            .map(|b| norm(&b.img_attn.norm) + norm(&b.txt_attn.norm))
+            .chain(self.single_blocks.iter().map(|b| norm(&b.norm)))
+            .sum();
+        self.block_linears().map(Lin::weight_bytes).sum::<usize>()
+            + norms
             + lin(&self.img_in)
             + lin(&self.txt_in)
             + mlp(&self.time_in)
@@ -1109,21 +1085,44 @@ impl Flux {
             + lin(&self.final_mod)
     }
 
+    /// Every linear layer of the blocks (modulations included), in block order.
+    fn block_linears(&self) -> impl Iterator<Item = &Lin> {
+        let double = self.double_blocks.iter().flat_map(|b| {
+            [
+                &b.img_mod.lin,
+                &b.txt_mod.lin,
+                &b.img_attn.qkv,
+                &b.img_attn.proj,
+                &b.txt_attn.qkv,
+                &b.txt_attn.proj,
+                &b.img_mlp.fc1,
+                &b.img_mlp.fc2,
+                &b.txt_mlp.fc1,
+                &b.txt_mlp.fc2,
+            ]
+        });
+        let single = self.single_blocks.iter().flat_map(|b| {
+            [
+                &b.modulation.lin,
+                &b.linear1_qkv,
+                &b.linear1_mlp,
+                &b.linear2,
+            ]
+        });
+        double.chain(single)
+    }
+
     /// Whether [`Flux::with_fp8_products`] was applied.
     pub fn fp8_products(&self) -> bool {
         self.fp8
     }
 
-    /// Whether the FP8 products run as real FP8 kernels (cuBLASLt on an sm_89+ GPU in bf16)
-    /// rather than simulated by rounding.
+    /// Whether the layers converted to FP8 run as real FP8 kernels (cuBLASLt on an sm_89+ GPU in
+    /// bf16) rather than simulated by rounding (whichever groups were converted).
     pub fn fp8_kernels(&self) -> bool {
         #[cfg(feature = "cuda")]
         {
-            self.fp8
-                && self
-                    .double_blocks
-                    .first()
-                    .is_some_and(|b| b.img_attn.qkv.fp8_gpu.is_some())
+            self.fp8 && self.block_linears().any(|l| l.fp8_gpu.is_some())
         }
         #[cfg(not(feature = "cuda"))]
         false
