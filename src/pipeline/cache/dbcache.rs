@@ -19,13 +19,25 @@ use crate::error::CandleResultExt;
 use crate::model::flux::{Flux, FluxInput, Streams};
 use crate::Result;
 
+/// DBCache's settings (what `dbcache:f=..,b=..,t=..,max=..,warmup=..,taylor=..` names).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DbCacheSettings {
+    /// Probe blocks at the front, always computed (at least 1).
+    pub front: usize,
+    /// Corrector blocks at the back, always computed.
+    pub back: usize,
+    /// Relative change of the probe's residual below which the middle is reused (0: never).
+    pub threshold: f64,
+    /// Most consecutive reused steps (0: no limit).
+    pub max_cached: usize,
+    /// Steps always computed first.
+    pub warmup: usize,
+    /// Order of the TaylorSeer extrapolation of the cached middle (0: none).
+    pub taylor: usize,
+}
+
 pub struct DbCache {
-    front: usize,
-    back: usize,
-    threshold: f64,
-    max_cached: usize,
-    warmup: usize,
-    taylor: usize,
+    s: DbCacheSettings,
     probe_ref: Option<Tensor>,
     middle: Option<(Tensor, Tensor)>,
     history: (TaylorHistory, TaylorHistory),
@@ -33,31 +45,22 @@ pub struct DbCache {
 }
 
 impl DbCache {
-    pub fn new(
-        front: usize,
-        back: usize,
-        threshold: f64,
-        max_cached: usize,
-        warmup: usize,
-        taylor: usize,
-    ) -> Self {
+    pub fn new(s: DbCacheSettings) -> Self {
         Self {
-            front: front.max(1),
-            back,
-            threshold,
-            max_cached,
-            warmup,
-            taylor,
+            s: DbCacheSettings {
+                front: s.front.max(1),
+                ..s
+            },
             probe_ref: None,
             middle: None,
-            history: (TaylorHistory::new(taylor), TaylorHistory::new(taylor)),
+            history: (TaylorHistory::new(s.taylor), TaylorHistory::new(s.taylor)),
             in_a_row: 0,
         }
     }
 
     /// The middle blocks' residuals (image, text) to add at time `t`.
     fn cached_middle(&self, t: f64) -> Result<Option<(Tensor, Tensor)>> {
-        if self.taylor > 0 {
+        if self.s.taylor > 0 {
             if let (Some(i), Some(x)) = (self.history.0.predict(t)?, self.history.1.predict(t)?) {
                 return Ok(Some((i, x)));
             }
@@ -86,20 +89,20 @@ impl CachePolicy for DbCache {
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let n = model.config().num_blocks();
-        let f = self.front.min(n);
-        let b = self.back.min(n - f);
+        let f = self.s.front.min(n);
+        let b = self.s.back.min(n - f);
         let (s0, ctx) = model.embed(input).px()?;
         let img_in = s0.img.clone();
         let sf = model.run_blocks(s0, &ctx, 0..f).px()?;
         let r = (&sf.img - &img_in).px()?;
 
         let mut diff = None;
-        let may_reuse = self.threshold > 0.0
-            && pos.index >= self.warmup
-            && (self.max_cached == 0 || self.in_a_row < self.max_cached);
+        let may_reuse = self.s.threshold > 0.0
+            && pos.index >= self.s.warmup
+            && (self.s.max_cached == 0 || self.in_a_row < self.s.max_cached);
         if let (true, Some(r_ref)) = (may_reuse, &self.probe_ref) {
             let d = super::relative_change(model, &ctx, &r, r_ref)?;
-            if d < self.threshold {
+            if d < self.s.threshold {
                 if let Some((mi, mt)) = self.cached_middle(pos.t)? {
                     let dtype = sf.img.dtype();
                     let s = Streams {
@@ -119,7 +122,7 @@ impl CachePolicy for DbCache {
         let sm = model.run_blocks(sf, &ctx, f..n - b).px()?;
         let mi = (&sm.img - &img_f).px()?;
         let mt = (&sm.txt - &txt_f).px()?;
-        if self.taylor > 0 {
+        if self.s.taylor > 0 {
             let f32 = candle_core::DType::F32;
             self.history.0.update(pos.t, mi.to_dtype(f32).px()?)?;
             self.history.1.update(pos.t, mt.to_dtype(f32).px()?)?;

@@ -12,7 +12,7 @@ mod none;
 mod spec;
 mod taylor;
 
-pub use dbcache::DbCache;
+pub use dbcache::{DbCache, DbCacheSettings};
 pub use first_block::FirstBlockCache;
 pub use magcache::{MagCache, MagCalibration, MagCalibrator};
 pub use none::NoCache;

@@ -18,7 +18,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{CachePolicy, DbCache, FirstBlockCache, MagCache, MagCalibration, NoCache, TaylorSeer};
+use super::{
+    CachePolicy, DbCache, DbCacheSettings, FirstBlockCache, MagCache, MagCalibration, NoCache,
+    TaylorSeer,
+};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -29,14 +32,7 @@ pub enum CacheSpec {
     FirstBlock {
         threshold: f64,
     },
-    DbCache {
-        front: usize,
-        back: usize,
-        threshold: f64,
-        max_cached: usize,
-        warmup: usize,
-        taylor: usize,
-    },
+    DbCache(DbCacheSettings),
     TaylorSeer {
         interval: usize,
         order: usize,
@@ -64,7 +60,7 @@ impl CacheSpec {
         match self {
             CacheSpec::None => "none",
             CacheSpec::FirstBlock { .. } => "fbcache",
-            CacheSpec::DbCache { .. } => "dbcache",
+            CacheSpec::DbCache(_) => "dbcache",
             CacheSpec::TaylorSeer { .. } => "taylorseer",
             CacheSpec::MagCache { .. } => "magcache",
         }
@@ -75,7 +71,7 @@ impl CacheSpec {
         match *self {
             CacheSpec::None => true,
             CacheSpec::FirstBlock { threshold } => threshold <= 0.0,
-            CacheSpec::DbCache { threshold, .. } => threshold <= 0.0,
+            CacheSpec::DbCache(d) => d.threshold <= 0.0,
             CacheSpec::TaylorSeer { interval, .. } => interval <= 1,
             CacheSpec::MagCache { threshold, .. } => threshold <= 0.0,
         }
@@ -129,16 +125,7 @@ impl CacheSpec {
         Ok(match *self {
             CacheSpec::None => Box::new(NoCache),
             CacheSpec::FirstBlock { threshold } => Box::new(FirstBlockCache::new(threshold)),
-            CacheSpec::DbCache {
-                front,
-                back,
-                threshold,
-                max_cached,
-                warmup,
-                taylor,
-            } => Box::new(DbCache::new(
-                front, back, threshold, max_cached, warmup, taylor,
-            )),
+            CacheSpec::DbCache(d) => Box::new(DbCache::new(d)),
             CacheSpec::TaylorSeer {
                 interval,
                 order,
@@ -168,13 +155,15 @@ impl CacheSpec {
         match *self {
             CacheSpec::None => Ok(()),
             CacheSpec::FirstBlock { threshold }
-            | CacheSpec::DbCache { threshold, .. }
+            | CacheSpec::DbCache(DbCacheSettings { threshold, .. })
             | CacheSpec::MagCache { threshold, .. }
                 if !(threshold.is_finite() && threshold >= 0.0) =>
             {
                 bad("the threshold must be a finite number >= 0")
             }
-            CacheSpec::DbCache { front, taylor, .. } if front == 0 || taylor > 2 => {
+            CacheSpec::DbCache(DbCacheSettings { front, taylor, .. })
+                if front == 0 || taylor > 2 =>
+            {
                 bad("DBCache needs f >= 1 probe block and taylor 0, 1 or 2")
             }
             CacheSpec::TaylorSeer {
@@ -192,14 +181,14 @@ impl fmt::Display for CacheSpec {
         match *self {
             CacheSpec::None => write!(f, "none"),
             CacheSpec::FirstBlock { threshold } => write!(f, "fbcache:t={threshold}"),
-            CacheSpec::DbCache {
+            CacheSpec::DbCache(DbCacheSettings {
                 front,
                 back,
                 threshold,
                 max_cached,
                 warmup,
                 taylor,
-            } => write!(
+            }) => write!(
                 f,
                 "dbcache:f={front},b={back},t={threshold},max={max_cached},warmup={warmup},taylor={taylor}"
             ),
@@ -292,14 +281,14 @@ impl FromStr for CacheSpec {
             "fbcache" | "first-block" => CacheSpec::FirstBlock {
                 threshold: num("t", 0.12)?,
             },
-            "dbcache" => CacheSpec::DbCache {
+            "dbcache" => CacheSpec::DbCache(DbCacheSettings {
                 front: int("f", 1)?,
                 back: int("b", 1)?,
                 threshold: num("t", 0.12)?,
                 max_cached: int("max", 0)?,
                 warmup: int("warmup", 0)?,
                 taylor: int("taylor", 0)?,
-            },
+            }),
             "taylorseer" | "taylor" => CacheSpec::TaylorSeer {
                 interval: int("n", 3)?,
                 order: int("order", 1)?,
