@@ -37,7 +37,7 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
         DTypeChoice::F16 => candle_core::DType::F16,
         _ => candle_core::DType::BF16,
     };
-    let w = load::workload(&resolved, dtype, a.width, a.height)?;
+    let w = load::workload(&resolved, dtype, Some((a.width, a.height)), true)?;
     let asked = LoadOptions {
         fp8: match choice.precision {
             Precision::Fp8 => Fp8Groups::ALL,

@@ -177,30 +177,31 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     if let Some(bad) = a.thresholds.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
     }
-    // The cells: no cache first (the reference), then each threshold, then each policy.
-    let mut specs = vec![CacheSpec::None];
-    specs.extend(
-        a.thresholds
-            .iter()
-            .filter(|t| **t > 0.0)
-            .map(|&t| CacheSpec::from_threshold(t)),
-    );
-    specs.extend(
-        a.caches
-            .iter()
-            .filter(|c| !matches!(c, CacheSpec::None))
-            .cloned(),
-    );
+    // The cells: no cache first (the reference), then each threshold, each policy, and each
+    // displaced layout.
+    let specs: Vec<Sweep> = std::iter::once(CacheSpec::None)
+        .chain(
+            a.thresholds
+                .iter()
+                .filter(|t| **t > 0.0)
+                .map(|&t| CacheSpec::from_threshold(t)),
+        )
+        .chain(
+            a.caches
+                .iter()
+                .filter(|c| !matches!(c, CacheSpec::None))
+                .cloned(),
+        )
+        .map(Sweep::Cache)
+        .chain(
+            a.displaced
+                .iter()
+                .map(|&(n, w, r)| Sweep::Displaced(n, w, r)),
+        )
+        .collect();
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut cells_spec: Vec<Sweep> = specs.into_iter().map(Sweep::Cache).collect();
-    cells_spec.extend(
-        a.displaced
-            .iter()
-            .map(|&(n, w, r)| Sweep::Displaced(n, w, r)),
-    );
-    let specs = cells_spec;
     let choice = a.model.choice();
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
     if !a.displaced.is_empty() && !p.device().is_cpu() {

@@ -125,11 +125,7 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
     let opts = match choice.memory_budget_mib {
         None => asked,
         Some(mib) => {
-            let mut w = workload(&resolved, dtype, PLAN_SIZE, PLAN_SIZE)?;
-            w.gpu = !dev.is_cpu();
-            if !w.flux_vae {
-                (w.width, w.height) = (256, 256);
-            }
+            let w = workload(&resolved, dtype, None, !dev.is_cpu())?;
             let plan = memory::plan(
                 &w,
                 (mib as f64) * (1u64 << 20) as f64,
@@ -164,7 +160,7 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
     Ok(p)
 }
 
-/// The image size a memory budget is planned for (256 px for the demo model).
+/// The image size a memory budget is planned for (the demo model's default, 256 px, for it).
 pub const PLAN_SIZE: usize = 1024;
 
 /// Whether `dev` runs real FP8 products for weights in `dtype` (bf16 on an sm_89+ GPU).
@@ -179,16 +175,22 @@ pub fn fp8_products_run(dev: &candle_core::Device, dtype: DType) -> bool {
     false
 }
 
-/// What one image of `width`×`height` on `resolved` is, for a memory estimate.
+/// What one image of `size` (width, height; `None`: the size a budget is planned for) on
+/// `resolved` is, for a memory estimate, on a GPU (`gpu`: its context counts) or the CPU.
 pub fn workload(
     resolved: &Resolved,
     dtype: DType,
-    width: usize,
-    height: usize,
+    size: Option<(usize, usize)>,
+    gpu: bool,
 ) -> Result<memory::Workload> {
     use crate::model::text;
     let flux = model_config(resolved)?;
     let demo = flux.context_in_dim == text::DEMO_T5_DIM;
+    let (width, height) = size.unwrap_or(if demo {
+        (256, 256)
+    } else {
+        (PLAN_SIZE, PLAN_SIZE)
+    });
     let variant = if flux.guidance_embed {
         Variant::Dev
     } else {
@@ -216,7 +218,7 @@ pub fn workload(
         batch: 1,
         dtype_bytes: dtype.size_in_bytes() as u64,
         flux_vae: !demo,
-        gpu: true,
+        gpu,
     })
 }
 
