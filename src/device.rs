@@ -219,6 +219,24 @@ pub struct GpuInfo {
     pub memory: u64,
 }
 
+/// How the GPUs `ids` are linked, from `nvidia-smi topo -m` (read once per process).
+pub fn gpu_link(ids: &[usize]) -> crate::parallel::mesh::Link {
+    static TOPO: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let topo = TOPO.get_or_init(|| {
+        let out = std::process::Command::new("nvidia-smi")
+            .args(["topo", "-m"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    match topo {
+        Some(t) => crate::parallel::mesh::Link::from_topo(t, ids),
+        None => crate::parallel::mesh::Link::Unknown,
+    }
+}
+
 /// The GPUs present, with their names and memory, read from the driver without creating a
 /// context (no GPU memory taken). Empty in builds without the `cuda` feature.
 pub fn gpus() -> Vec<GpuInfo> {

@@ -52,6 +52,12 @@ pub struct Settings {
     pub displaced_warmup: Option<usize>,
     /// With displaced patches: rotate them, no K/V exchanged after warm-up (`--displaced-rotate`).
     pub displaced_rotate: bool,
+    /// PipeFusion stages (`--pipefusion`; 1: off).
+    pub pipeline: usize,
+    /// PipeFusion's patches per step (`--pipefusion-patches`).
+    pub pipeline_patches: usize,
+    /// PipeFusion's exact warm-up steps (`--warmup-steps`).
+    pub pipeline_warmup: usize,
 }
 
 impl Default for Settings {
@@ -75,6 +81,9 @@ impl Default for Settings {
             memory_budget_gib: None,
             displaced_warmup: None,
             displaced_rotate: false,
+            pipeline: 1,
+            pipeline_patches: 2,
+            pipeline_warmup: 1,
         }
     }
 }
@@ -121,6 +130,9 @@ struct SettingsFile {
     memory_budget_gib: Option<u32>,
     displaced_warmup: Option<usize>,
     displaced_rotate: bool,
+    pipeline: usize,
+    pipeline_patches: usize,
+    pipeline_warmup: usize,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -161,6 +173,9 @@ impl Default for SettingsFile {
             memory_budget_gib: d.memory_budget_gib,
             displaced_warmup: d.displaced_warmup,
             displaced_rotate: d.displaced_rotate,
+            pipeline: d.pipeline,
+            pipeline_patches: d.pipeline_patches,
+            pipeline_warmup: d.pipeline_warmup,
             flat: FlatSampling::default(),
         }
     }
@@ -212,6 +227,9 @@ impl From<SettingsFile> for Settings {
             memory_budget_gib: f.memory_budget_gib,
             displaced_warmup: f.displaced_warmup,
             displaced_rotate: f.displaced_rotate,
+            pipeline: f.pipeline.max(1),
+            pipeline_patches: f.pipeline_patches.max(1),
+            pipeline_warmup: f.pipeline_warmup,
         }
     }
 }
@@ -318,11 +336,13 @@ impl Settings {
         (!self.layout_auto).then_some(ParallelLayout {
             dp: self.dp,
             cfg: self.cfg,
-            pipeline: 1,
+            pipeline: self.pipeline.max(1),
             ring: self.ring,
             ulysses: self.ulysses,
             displaced_warmup: self.displaced_warmup,
             displaced_rotate: self.displaced_rotate && self.displaced_warmup.is_some(),
+            pipeline_patches: (self.pipeline > 1).then_some(self.pipeline_patches),
+            pipeline_warmup: (self.pipeline > 1).then_some(self.pipeline_warmup),
         })
     }
 
@@ -364,6 +384,9 @@ impl Settings {
                 (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
                 self.displaced_warmup = l.displaced_warmup;
                 self.displaced_rotate = l.displaced_rotate;
+                self.pipeline = l.pipeline;
+                self.pipeline_patches = l.patches();
+                self.pipeline_warmup = l.pipeline_warmup();
             }
         }
     }

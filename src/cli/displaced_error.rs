@@ -1,9 +1,10 @@
-//! `parallax displaced-error`: how far displaced patch parallelism lands from the exact result.
-//! One image's denoising loop runs on one device, then again as `N` displaced ranks (in-process
-//! worker threads sharing the device and the model's weights, their K/V exchanged through memory:
-//! one GPU stands in for N, as the issue allows for checking correctness) after `W` exact
-//! warm-up steps; reported per (N, W): the relative error of the final latent `|x - x₁| / |x₁|`,
-//! as JSON. On a trained model `parallax score --displaced` measures the image instead.
+//! `parallax displaced-error`: how far the stale-activation methods land from the exact result.
+//! One image's denoising loop runs on one device, then again as `N` displaced ranks, or as
+//! PipeFusion over `N` stages (in-process worker threads sharing the device, their K/V and
+//! activations exchanged through memory: one GPU stands in for N, as the issue allows for
+//! checking correctness) after `W` exact warm-up steps; reported per cell: the relative error of
+//! the final latent `|x - x₁| / |x₁|`, as JSON, with each PipeFusion stage's weight and K/V
+//! bytes. On a trained model `parallax score --displaced / --pipefusion` measures the image.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use super::{request_for, ModelArgs, SampleArgs};
 use crate::collective::Communicator;
 use crate::parallel::comm::{run_local, LocalComm};
 use crate::parallel::displaced::DisplacedAttention;
+use crate::parallel::pipefusion::{stage_blocks, PipeFusion};
 
 #[derive(Debug, Clone, Args)]
 pub struct DisplacedErrorArgs {
@@ -20,18 +22,55 @@ pub struct DisplacedErrorArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
-    /// Cells as `N:W` (ranks : exact warm-up steps), separated by `,`.
+    /// Displaced cells as `N:W` (ranks : exact warm-up steps), separated by `,` (`""` for none).
     #[arg(long, value_delimiter = ',', default_value = "2:1,4:1,4:4")]
     pub cells: Vec<String>,
+    /// PipeFusion cells as `N:M:W` (stages : patches : warm-up steps), separated by `,`.
+    #[arg(long, value_delimiter = ',', value_parser = super::score::parse_pipefusion)]
+    pub pipefusion: Vec<(usize, usize, usize)>,
+}
+
+/// One cell: displaced patches (ranks, warm-up) or PipeFusion (stages, patches, warm-up).
+#[derive(Debug, Clone, Copy)]
+enum Cell {
+    Displaced(usize, usize),
+    PipeFusion(usize, usize, usize),
+}
+
+impl Cell {
+    fn ranks(&self) -> usize {
+        match *self {
+            Cell::Displaced(n, _) | Cell::PipeFusion(n, _, _) => n,
+        }
+    }
 }
 
 fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f64> {
     Ok(crate::pipeline::metrics::relative_error(a, b)?)
 }
+/// The transformer of `p` again on a device handle of its own.
+fn flux_replica(
+    p: &crate::pipeline::Pipeline,
+    model: &ModelArgs,
+) -> anyhow::Result<crate::model::flux::Flux> {
+    if p.synthetic && p.variant != crate::model::layout::Variant::Demo {
+        let dev = crate::device::parse(&model.device)?;
+        // The seed Pipeline::random draws the transformer from, first.
+        dev.set_seed(crate::pipeline::RANDOM_FLUX_SEED)?;
+        let cfg = p.flux.config().clone();
+        return Ok(crate::model::flux::Flux::new(
+            &cfg,
+            crate::model::demo_weights::RandomWeights.var_builder(p.flux.dtype(), &dev),
+        )?);
+    }
+    Ok(crate::engine::load_pipeline(&model.choice(), &model.device)?.flux)
+}
+
 pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
     let cells = a
         .cells
         .iter()
+        .filter(|c| !c.trim().is_empty())
         .map(|c| {
             let (n, w) = c
                 .split_once(':')
@@ -41,8 +80,13 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
             if n < 2 {
                 anyhow::bail!("--cells: `{c}`: displaced patches need 2 ranks or more");
             }
-            Ok((n, w))
+            Ok(Cell::Displaced(n, w))
         })
+        .chain(
+            a.pipefusion
+                .iter()
+                .map(|&(n, m, w)| Ok(Cell::PipeFusion(n, m, w))),
+        )
         .collect::<anyhow::Result<Vec<_>>>()?;
     let p = crate::engine::load_pipeline(&a.model.choice(), &a.model.device)?;
     let req = request_for(p.is_demo(), &a.sample);
@@ -54,55 +98,109 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
     // The ranks' threads queue on streams of their own: the job must be written first.
     crate::device::synchronize(p.device())?;
     // On a GPU every rank needs a device handle of its own (candle's handles carry cuBLAS
-    // workspaces two threads must not share) and a replica of the transformer on it, loaded the
-    // same way (random weights are drawn again from the same seed); on the CPU they share.
-    let most = cells.iter().map(|c| c.0).max().unwrap_or(1);
+    // workspaces two threads must not share) and a transformer on it with the same weights: for
+    // random models drawn again from the same seed (only the transformer, so four ranks fit one
+    // GPU), else the whole pipeline loaded again. On the CPU they share the model.
+    // (PipeFusion's stages load theirs per cell below, each keeping only its blocks.)
+    let most = cells
+        .iter()
+        .filter(|c| matches!(c, Cell::Displaced(..)))
+        .map(Cell::ranks)
+        .max()
+        .unwrap_or(0);
     let replicas: Vec<(crate::model::flux::Flux, crate::pipeline::DenoiseJob)> =
         if p.device().is_cpu() {
             Vec::new()
         } else {
             (0..most)
-                .map(|_| {
-                    let r = crate::engine::load_pipeline(&a.model.choice(), &a.model.device)?;
-                    let rjob = crate::parallel::engine::job_on(job, r.device())?;
-                    crate::device::synchronize(r.device())?;
-                    Ok((r.flux, rjob))
+                .map(|r| {
+                    let flux = flux_replica(&p, &a.model)?;
+                    let rjob = crate::parallel::engine::job_on(job, flux.device())?;
+                    crate::device::synchronize(flux.device())?;
+                    tracing::info!(rank = r, "replica loaded");
+                    Ok((flux, rjob))
                 })
                 .collect::<anyhow::Result<_>>()?
         };
     let mut rows = Vec::new();
-    for (n, w) in cells {
+    for cell in cells {
         let t0 = std::time::Instant::now();
+        let n = cell.ranks();
         let refresh = LocalComm::group(n);
+        tracing::info!(?cell, "cell");
+        let stages: Vec<(crate::model::flux::Flux, crate::pipeline::DenoiseJob)> = match cell {
+            Cell::PipeFusion(..) if !p.device().is_cpu() => (0..n)
+                .map(|s| {
+                    let blocks = stage_blocks(p.flux.config().num_blocks(), n, s);
+                    let flux = flux_replica(&p, &a.model)?.only_blocks(blocks);
+                    let sjob = crate::parallel::engine::job_on(job, flux.device())?;
+                    crate::device::synchronize(flux.device())?;
+                    Ok((flux, sjob))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            _ => Vec::new(),
+        };
         let outs = run_local(n, |rank, comm| {
-            let (flux, job) = replicas.get(rank).map_or((&p.flux, job), |(f, j)| (f, j));
+            let own = match cell {
+                Cell::PipeFusion(..) => stages.get(rank),
+                Cell::Displaced(..) => replicas.get(rank),
+            };
+            let (flux, job) = own.map_or((&p.flux, job), |(f, j)| (f, j));
             crate::device::bind_thread(flux.device())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            tracing::debug!(rank, "rank bound to its device");
             let comm: Arc<dyn Communicator> = Arc::new(comm);
-            let attn = Arc::new(DisplacedAttention::new(
-                comm.clone(),
-                Arc::new(refresh[rank].clone()),
-                w,
-            )?);
-            let model = crate::parallel::sp::replica(flux, comm, attn.clone());
-            let (x, _) = crate::pipeline::denoise(&model, job, None, &mut |_| Ok(()))
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            attn.flush()?;
+            let mut displaced = None;
+            let model = match cell {
+                Cell::Displaced(_, w) => {
+                    let attn = Arc::new(DisplacedAttention::new(
+                        comm.clone(),
+                        Arc::new(refresh[rank].clone()),
+                        w,
+                    )?);
+                    displaced = Some(attn.clone());
+                    crate::parallel::sp::replica(flux, comm, attn)
+                }
+                Cell::PipeFusion(_, m, w) => PipeFusion::replica(flux, comm, m, w)?,
+            };
+            let (x, _) = crate::pipeline::denoise(&model, job, None, &mut |info| {
+                tracing::debug!(rank, step = info.index, "step done");
+                Ok(())
+            })
+            .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e}")))?;
+            if let Some(attn) = displaced {
+                attn.flush()?;
+            }
             let x = x.copy()?;
             x.device().synchronize()?;
-            Ok(x)
+            Ok((x, model.weight_bytes(), model.held_blocks()))
         })?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let errs = outs
             .iter()
-            .map(|x| rel(&x.to_device(reference.device())?, &reference))
+            .map(|(x, _, _)| rel(&x.to_device(reference.device())?, &reference))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        rows.push(serde_json::json!({
-            "ranks": n,
-            "warmup_steps": w,
-            "relative_error": errs.iter().copied().fold(0.0, f64::max),
-            "ms": ms,
-        }));
+        let worst = errs.iter().copied().fold(0.0, f64::max);
+        rows.push(match cell {
+            Cell::Displaced(n, w) => serde_json::json!({
+                "method": "displaced",
+                "ranks": n,
+                "warmup_steps": w,
+                "relative_error": worst,
+                "ms": ms,
+            }),
+            Cell::PipeFusion(n, m, w) => serde_json::json!({
+                "method": "pipefusion",
+                "stages": n,
+                "patches": m,
+                "warmup_steps": w,
+                "relative_error": worst,
+                "ms": ms,
+                "stage_blocks": outs.iter().map(|(_, _, b)| format!("{}..{}", b.start, b.end)).collect::<Vec<_>>(),
+                "stage_weight_bytes": outs.iter().map(|(_, b, _)| *b).collect::<Vec<_>>(),
+                "one_device_weight_bytes": p.flux.weight_bytes(),
+            }),
+        });
     }
     println!(
         "{}",

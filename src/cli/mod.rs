@@ -280,6 +280,7 @@ pub struct ParallelArgs {
 
 /// The parallel degrees given on the command line (shared by `generate`, `info` and `worker`).
 #[derive(Debug, Clone, Default, Args)]
+#[command(group(clap::ArgGroup::new("stale_mode").args(["displaced", "pipefusion"])))]
 pub struct DegreeArgs {
     /// Ulysses degree (must divide the attention heads).
     #[arg(long)]
@@ -300,13 +301,22 @@ pub struct DegreeArgs {
     /// from the previous step, gathered in the background. Approximate after the warm-up.
     #[arg(long, conflicts_with_all = ["ulysses", "ring"])]
     pub displaced: Option<usize>,
-    /// Exact steps before --displaced uses stale keys and values (default 1).
-    #[arg(long, requires = "displaced")]
+    /// Exact steps before --displaced or --pipefusion use stale keys and values (default 1).
+    #[arg(long, requires = "stale_mode")]
     pub warmup_steps: Option<usize>,
     /// With --displaced: rotate which patch each worker computes, and exchange no keys or values
     /// after the warm-up (piflux): each worker refreshes its own copy as it goes round.
     #[arg(long, requires = "displaced")]
     pub displaced_rotate: bool,
+    /// PipeFusion over this many workers: the transformer's blocks split into that many stages,
+    /// each step's tokens into patches pipelined through them; a patch attends to the patches
+    /// not yet computed this step through their previous step's keys and values. Each worker
+    /// holds only its stage's blocks. Approximate after the warm-up.
+    #[arg(long, conflicts_with_all = ["ulysses", "ring", "displaced"])]
+    pub pipefusion: Option<usize>,
+    /// PipeFusion's patches per step (default: one per stage; more shrinks the pipeline's bubble).
+    #[arg(long, requires = "pipefusion")]
+    pub pipefusion_patches: Option<usize>,
 }
 
 impl DegreeArgs {
@@ -320,6 +330,8 @@ impl DegreeArgs {
             displaced: self.displaced,
             warmup_steps: self.warmup_steps,
             displaced_rotate: self.displaced_rotate,
+            pipefusion: self.pipefusion,
+            pipefusion_patches: self.pipefusion_patches,
         }
     }
 }

@@ -47,6 +47,10 @@ pub struct ScoreArgs {
     /// separated by `,` (e.g. `2:1,4:1,4:3:rotate`).
     #[arg(long, value_delimiter = ',', value_parser = parse_displaced)]
     pub displaced: Vec<(usize, usize, bool)>,
+    /// More cells, uncached, on CPU worker threads: PipeFusion layouts as `N:M:W` (N stages, M
+    /// patches, W exact warm-up steps), separated by `,` (e.g. `2:2:1,4:4:1,4:8:2`).
+    #[arg(long, value_delimiter = ',', value_parser = parse_pipefusion)]
+    pub pipefusion: Vec<(usize, usize, usize)>,
     /// Save every image here as eval-<prompt>-<threshold>.png.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -77,30 +81,84 @@ fn parse_displaced(s: &str) -> Result<(usize, usize, bool), String> {
     Ok((n, w, rotate))
 }
 
-/// One cell of the sweep: a cache setting on one device, or a displaced layout uncached.
+pub(crate) fn parse_pipefusion(s: &str) -> Result<(usize, usize, usize), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [n, m, w] = parts.as_slice() else {
+        return Err(format!(
+            "`{s}`: give N:M:W (stages : patches : warm-up steps), e.g. 2:4:1"
+        ));
+    };
+    let num = |v: &str, what: &str| -> Result<usize, String> {
+        v.trim()
+            .parse()
+            .map_err(|_| format!("`{v}` is not a count of {what}"))
+    };
+    let (n, m, w) = (num(n, "stages")?, num(m, "patches")?, num(w, "steps")?);
+    if n < 2 || m < 1 || w < 1 {
+        return Err(format!(
+            "`{s}`: PipeFusion needs 2 stages or more, a patch and a warm-up step"
+        ));
+    }
+    Ok((n, m, w))
+}
+
+/// One cell of the sweep: a cache setting on one device, or a parallel layout uncached.
 enum Sweep {
     Cache(CacheSpec),
-    Displaced(usize, usize, bool),
+    Layout(crate::parallel::mesh::ParallelLayout),
 }
 
 impl Sweep {
+    fn displaced(n: usize, w: usize, rotate: bool) -> Self {
+        Sweep::Layout(crate::parallel::mesh::ParallelLayout {
+            ring: n,
+            displaced_warmup: Some(w),
+            displaced_rotate: rotate,
+            ..Default::default()
+        })
+    }
+    fn pipefusion(n: usize, m: usize, w: usize) -> Self {
+        Sweep::Layout(crate::parallel::mesh::ParallelLayout {
+            pipeline: n,
+            pipeline_patches: Some(m),
+            pipeline_warmup: Some(w),
+            ..Default::default()
+        })
+    }
     fn name(&self) -> String {
         match self {
             Sweep::Cache(c) => c.to_string(),
-            Sweep::Displaced(n, w, r) => {
-                format!(
-                    "displaced:{n},warmup={w}{}",
-                    if *r { ",rotate" } else { "" }
-                )
-            }
+            Sweep::Layout(l) => match l.displaced_warmup {
+                Some(w) => format!(
+                    "displaced:{},warmup={w}{}",
+                    l.ring,
+                    if l.displaced_rotate { ",rotate" } else { "" }
+                ),
+                None => format!(
+                    "pipefusion:{},patches={},warmup={}",
+                    l.pipeline,
+                    l.patches(),
+                    l.pipeline_warmup()
+                ),
+            },
         }
     }
     fn file_stem(&self) -> String {
         match self {
             Sweep::Cache(c) => c.file_stem(),
-            Sweep::Displaced(n, w, r) => {
-                format!("displaced{n}-w{w}{}", if *r { "-rot" } else { "" })
-            }
+            Sweep::Layout(l) => match l.displaced_warmup {
+                Some(w) => format!(
+                    "displaced{}-w{w}{}",
+                    l.ring,
+                    if l.displaced_rotate { "-rot" } else { "" }
+                ),
+                None => format!(
+                    "pipefusion{}-m{}-w{}",
+                    l.pipeline,
+                    l.patches(),
+                    l.pipeline_warmup()
+                ),
+            },
         }
     }
 }
@@ -196,7 +254,12 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         .chain(
             a.displaced
                 .iter()
-                .map(|&(n, w, r)| Sweep::Displaced(n, w, r)),
+                .map(|&(n, w, r)| Sweep::displaced(n, w, r)),
+        )
+        .chain(
+            a.pipefusion
+                .iter()
+                .map(|&(n, m, w)| Sweep::pipefusion(n, m, w)),
         )
         .collect();
     if let Some(dir) = &a.save {
@@ -204,8 +267,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     }
     let choice = a.model.choice();
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
-    if !a.displaced.is_empty() && !p.device().is_cpu() {
-        bail!("--displaced runs on CPU worker threads: use --device cpu");
+    if (!a.displaced.is_empty() || !a.pipefusion.is_empty()) && !p.device().is_cpu() {
+        bail!("--displaced and --pipefusion run on CPU worker threads: use --device cpu");
     }
     let samples = eval_samples(a.prompts, a.prompt_seed);
     let half = a.prompts.div_ceil(2);
@@ -240,19 +303,13 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             s.cache_threshold = 0.0;
             s.cache = Some(match spec {
                 Sweep::Cache(c) => c.clone(),
-                Sweep::Displaced(..) => CacheSpec::None,
+                Sweep::Layout(_) => CacheSpec::None,
             });
             s.seed = Some(a.sample.seed.unwrap_or(0) + i as u64);
             let req = request_for(true, &s);
             let g = match spec {
                 Sweep::Cache(_) => p.generate(&req, &mut |_| Ok(()))?,
-                &Sweep::Displaced(n, w, rotate) => {
-                    let layout = crate::parallel::mesh::ParallelLayout {
-                        ring: n,
-                        displaced_warmup: Some(w),
-                        displaced_rotate: rotate,
-                        ..Default::default()
-                    };
+                &Sweep::Layout(layout) => {
                     crate::parallel::engine::generate(&p, layout, &req, &mut |_| Ok(()))?
                 }
             };
@@ -303,7 +360,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         .map(|(spec, c)| {
             let ms = median(&c.ms);
             serde_json::json!({
-                "threshold": match spec { Sweep::Cache(c) => c.fb_threshold(), Sweep::Displaced(..) => None },
+                "threshold": match spec { Sweep::Cache(c) => c.fb_threshold(), Sweep::Layout(_) => None },
                 "cache": spec.name(),
                 "prompt_score": c.tally.json(),
                 "steps_computed": c.computed,

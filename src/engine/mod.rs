@@ -74,10 +74,29 @@ impl Engine {
 
     /// Check `placement` for requests like `req` on this model and the GPUs present.
     pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
-        placement.plan(
-            self.primary().flux.config().num_heads,
+        let flux = &self.primary().flux;
+        // Whether the smallest GPU named holds the transformer with room for a step's work (a
+        // tenth more); CPU workers always do.
+        let gpus = crate::device::gpus();
+        let smallest = placement
+            .devices
+            .listed(gpus_present())
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.strip_prefix("cuda:")?.parse::<usize>().ok())
+            .filter_map(|i| gpus.iter().find(|g| g.index == i).map(|g| g.memory))
+            .min();
+        let hints = crate::parallel::mesh::AutoHints {
+            model_fits_one: smallest.is_none_or(|m| flux.weight_bytes() as f64 * 1.1 < m as f64),
+            blocks: flux.config().num_blocks(),
+            ..Default::default()
+        };
+        placement.plan_with(
+            flux.config().num_heads,
             wants_true_cfg(req),
             gpus_present(),
+            hints,
         )
     }
 

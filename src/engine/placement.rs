@@ -22,7 +22,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::parallel::mesh::{Mesh, ParallelLayout};
+use crate::parallel::mesh::{AutoHints, Link, Mesh, ParallelLayout};
 
 /// The most CPU worker threads a placement takes.
 pub const MAX_CPU_WORKERS: usize = 64;
@@ -108,7 +108,7 @@ impl Devices {
     }
 
     /// The rank devices (`cpu` or `cuda:N` each) as named, `cuda` taken as every GPU present.
-    fn listed(&self, gpus_present: usize) -> Result<Vec<String>> {
+    pub fn listed(&self, gpus_present: usize) -> Result<Vec<String>> {
         let gpus: Vec<usize> = match self {
             Devices::Cpu(n) => return Ok(vec!["cpu".to_string(); (*n).max(1)]),
             Devices::AllGpus => (0..gpus_present).collect(),
@@ -205,12 +205,18 @@ pub struct Degrees {
     /// Displaced patch parallelism over this many workers (in place of ring and Ulysses).
     #[serde(default)]
     pub displaced: Option<usize>,
-    /// Exact warm-up forwards before displaced patches use stale K/V (default 1).
+    /// Exact warm-up forwards before displaced patches or PipeFusion use stale K/V (default 1).
     #[serde(default)]
     pub warmup_steps: Option<usize>,
     /// Displaced patches rotate and exchange no K/V after the warm-up (piflux).
     #[serde(default)]
     pub displaced_rotate: bool,
+    /// PipeFusion over this many stages.
+    #[serde(default)]
+    pub pipefusion: Option<usize>,
+    /// PipeFusion's patches per step (default: one per stage).
+    #[serde(default)]
+    pub pipefusion_patches: Option<usize>,
 }
 
 impl Degrees {
@@ -221,12 +227,26 @@ impl Degrees {
             || self.cfg.is_some()
             || self.dp.is_some()
             || self.displaced.is_some()
+            || self.pipefusion.is_some()
     }
 
     /// The layout over `workers`.
     pub fn layout_for(&self, workers: usize) -> ParallelLayout {
         let dp = self.dp.unwrap_or(1);
         let cfg = self.cfg.unwrap_or(1);
+        if let Some(n) = self.pipefusion {
+            // Ulysses or ring given beside it are kept, for the mesh to refuse with its reason.
+            return ParallelLayout {
+                dp,
+                cfg,
+                ulysses: self.ulysses.unwrap_or(1),
+                ring: self.ring.unwrap_or(1),
+                pipeline: n,
+                pipeline_patches: self.pipefusion_patches,
+                pipeline_warmup: self.warmup_steps,
+                ..ParallelLayout::default()
+            };
+        }
         if let Some(n) = self.displaced {
             // The patch group is the ring axis; a Ulysses or ring degree given beside it is
             // kept, for the mesh to refuse with its reason.
@@ -261,8 +281,10 @@ impl Degrees {
             cfg: Some(layout.cfg),
             dp: Some(layout.dp),
             displaced: layout.displaced_warmup.map(|_| layout.ring),
-            warmup_steps: layout.displaced_warmup,
+            warmup_steps: layout.displaced_warmup.or(layout.pipeline_warmup),
             displaced_rotate: layout.displaced_rotate,
+            pipefusion: (layout.pipeline > 1).then_some(layout.pipeline),
+            pipefusion_patches: layout.pipeline_patches,
         }
     }
 }
@@ -285,11 +307,22 @@ impl LayoutChoice {
         heads: usize,
         true_cfg: bool,
     ) -> Result<(ParallelLayout, String)> {
+        self.resolve_with(workers, heads, true_cfg, AutoHints::default())
+    }
+
+    /// [`LayoutChoice::resolve`] with what else is known of the devices and the model.
+    pub fn resolve_with(
+        &self,
+        workers: usize,
+        heads: usize,
+        true_cfg: bool,
+        hints: AutoHints,
+    ) -> Result<(ParallelLayout, String)> {
         let (layout, why) = match self {
             LayoutChoice::Auto if workers <= 1 => {
                 (ParallelLayout::default(), "one worker".to_string())
             }
-            LayoutChoice::Auto => ParallelLayout::auto(workers, heads, true_cfg),
+            LayoutChoice::Auto => ParallelLayout::auto_with(workers, heads, true_cfg, hints),
             LayoutChoice::Degrees(d) => (d.layout_for(workers), "degrees set by hand".into()),
         };
         Mesh::new(layout, workers, heads)?;
@@ -377,6 +410,13 @@ impl Plan {
                 },
                 if w == 1 { "" } else { "s" }
             ),
+            None if l.pipeline > 1 => format!(
+                "pipefusion {} ({} patches a step, {} exact warm-up step{}, then stale K/V: approximate)",
+                l.pipeline,
+                l.patches(),
+                l.pipeline_warmup(),
+                if l.pipeline_warmup() == 1 { "" } else { "s" }
+            ),
             None => format!("ring {} x ulysses {}", l.ring, l.ulysses),
         };
         let mut text = format!(
@@ -407,8 +447,29 @@ impl Placement {
     /// attention `heads` and whether true CFG is on (`true_cfg`: a negative prompt with a scale
     /// above 1). Every front end calls this before loading anything.
     pub fn plan(&self, heads: usize, true_cfg: bool, gpus_present: usize) -> Result<Plan> {
+        self.plan_with(heads, true_cfg, gpus_present, AutoHints::default())
+    }
+
+    /// [`Placement::plan`] with what is known of the model (`hints`); the GPUs' links are read
+    /// here (`nvidia-smi topo -m`) when `hints` does not say.
+    pub fn plan_with(
+        &self,
+        heads: usize,
+        true_cfg: bool,
+        gpus_present: usize,
+        mut hints: AutoHints,
+    ) -> Result<Plan> {
         let ranks = self.devices.listed(gpus_present)?;
-        let (layout, why) = self.layout.resolve(ranks.len(), heads, true_cfg)?;
+        if hints.link == Link::Unknown && self.devices.is_gpu() && ranks.len() > 1 {
+            let ids: Vec<usize> = ranks
+                .iter()
+                .filter_map(|r| r.strip_prefix("cuda:")?.parse().ok())
+                .collect();
+            hints.link = crate::device::gpu_link(&ids);
+        }
+        let (layout, why) = self
+            .layout
+            .resolve_with(ranks.len(), heads, true_cfg, hints)?;
         // NCCL takes one rank per GPU. Data-parallel groups of one GPU each may share a GPU (two
         // images at once on one large GPU); groups of several may not, since two communicators
         // running collectives at once over the same GPUs can deadlock.
@@ -433,6 +494,34 @@ impl Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipefusion_degrees_make_a_pipeline_layout() -> Result<()> {
+        let d = Degrees {
+            pipefusion: Some(2),
+            pipefusion_patches: Some(4),
+            warmup_steps: Some(2),
+            ..Degrees::default()
+        };
+        let p = plan("cpu:2", d, 0)?;
+        assert_eq!(
+            (p.layout.pipeline, p.layout.patches(), p.layout.pipeline_warmup()),
+            (2, 4, 2)
+        );
+        assert!(p.describe().contains("pipefusion 2 (4 patches"), "{}", p.describe());
+        assert_eq!(Degrees::of(p.layout).layout_for(2), p.layout);
+        // Ulysses inside a stage is refused with the mesh's reason.
+        let bad = Degrees {
+            ulysses: Some(2),
+            ..d
+        };
+        let e = plan("cpu:4", bad, 0).map(|p| p.layout);
+        assert!(
+            matches!(&e, Err(err) if err.to_string().contains("inside a PipeFusion stage")),
+            "{e:?}"
+        );
+        Ok(())
+    }
 
     fn plan(devices: &str, degrees: Degrees, gpus: usize) -> Result<Plan> {
         Placement {

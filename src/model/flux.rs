@@ -906,6 +906,14 @@ impl Fp8Groups {
     }
 }
 
+/// A strategy that runs whole forward passes over several devices itself (PipeFusion), given
+/// the replica whose stage API it calls. Cache policies call the stage API directly and bypass
+/// it; the strategies that use one refuse them.
+pub trait ForwardPlan: Send + Sync {
+    /// The predicted velocity (B, N, 64) for the whole input, on every rank.
+    fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor>;
+}
+
 /// The two token streams between blocks.
 #[derive(Debug, Clone)]
 pub struct Streams {
@@ -939,8 +947,9 @@ pub struct Flux {
     time_in: MlpEmbedder,
     vector_in: MlpEmbedder,
     guidance_in: Option<MlpEmbedder>,
-    double_blocks: Vec<DoubleBlock>,
-    single_blocks: Vec<SingleBlock>,
+    /// The blocks this replica holds (`None`: another pipeline stage's; [`Flux::only_blocks`]).
+    double_blocks: Vec<Option<DoubleBlock>>,
+    single_blocks: Vec<Option<SingleBlock>>,
     final_linear: Linear,
     final_mod: Linear,
     attention: Arc<dyn Attention>,
@@ -949,6 +958,8 @@ pub struct Flux {
     /// Under displaced patches with rotation (piflux): forwards so far, which shifts the patch
     /// this rank computes by one each forward ([`Flux::with_patch_rotation`]).
     patch_rotation: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// A strategy that runs whole forwards itself (PipeFusion; [`Flux::with_plan`]).
+    plan: Option<Arc<dyn ForwardPlan>>,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -975,22 +986,41 @@ impl Flux {
     /// never holds more than one block beyond the converted model); with `lean`, the weights in
     /// the run's dtype are dropped wherever a GPU E4M3 copy stands for them (a memory budget).
     pub fn new_fp8(cfg: &FluxConfig, vb: VarBuilder, g: Fp8Groups, lean: bool) -> Result<Self> {
+        Self::new_stage(cfg, vb, g, lean, 0..cfg.num_blocks())
+    }
+
+    /// [`Flux::new_fp8`] reading only the blocks `blocks` of the unified numbering (double
+    /// blocks first): one pipeline stage's share, the other blocks never loaded. The embedders
+    /// and the final layer are loaded on every stage (small beside the blocks).
+    pub fn new_stage(
+        cfg: &FluxConfig,
+        vb: VarBuilder,
+        g: Fp8Groups,
+        lean: bool,
+        blocks: Range<usize>,
+    ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let h = cfg.hidden_size;
         let dtype = vb.dtype();
         let device = vb.device().clone();
         let double_blocks = (0..cfg.depth)
             .map(|i| {
+                if !blocks.contains(&i) {
+                    return Ok(None);
+                }
                 let mut b = DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}")))?;
                 b.convert_fp8(g, lean)?;
-                Ok(b)
+                Ok(Some(b))
             })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..cfg.depth_single_blocks)
             .map(|i| {
+                if !blocks.contains(&(cfg.depth + i)) {
+                    return Ok(None);
+                }
                 let mut b = SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}")))?;
                 b.convert_fp8(g, lean)?;
-                Ok(b)
+                Ok(Some(b))
             })
             .collect::<Result<Vec<_>>>()?;
         let guidance_in = if cfg.guidance_embed {
@@ -1011,6 +1041,7 @@ impl Flux {
             attention: Arc::new(LocalAttention::default()),
             sp: None,
             patch_rotation: None,
+            plan: None,
             cfg: cfg.clone(),
             dtype,
             device,
@@ -1052,10 +1083,10 @@ impl Flux {
 
     /// FP8 products in the chosen groups of layers only (to measure what each costs).
     pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
-        for b in &mut self.double_blocks {
+        for b in self.double_blocks.iter_mut().flatten() {
             b.convert_fp8(g, false)?;
         }
-        for b in &mut self.single_blocks {
+        for b in self.single_blocks.iter_mut().flatten() {
             b.convert_fp8(g, false)?;
         }
         self.fp8 = g != Fp8Groups::NONE;
@@ -1071,8 +1102,9 @@ impl Flux {
         let norms: usize = self
             .double_blocks
             .iter()
+            .flatten()
             .map(|b| norm(&b.img_attn.norm) + norm(&b.txt_attn.norm))
-            .chain(self.single_blocks.iter().map(|b| norm(&b.norm)))
+            .chain(self.single_blocks.iter().flatten().map(|b| norm(&b.norm)))
             .sum();
         self.block_linears().map(Lin::weight_bytes).sum::<usize>()
             + norms
@@ -1087,7 +1119,7 @@ impl Flux {
 
     /// Every linear layer of the blocks (modulations included), in block order.
     fn block_linears(&self) -> impl Iterator<Item = &Lin> {
-        let double = self.double_blocks.iter().flat_map(|b| {
+        let double = self.double_blocks.iter().flatten().flat_map(|b| {
             [
                 &b.img_mod.lin,
                 &b.txt_mod.lin,
@@ -1101,7 +1133,7 @@ impl Flux {
                 &b.txt_mlp.fc2,
             ]
         });
-        let single = self.single_blocks.iter().flat_map(|b| {
+        let single = self.single_blocks.iter().flatten().flat_map(|b| {
             [
                 &b.modulation.lin,
                 &b.linear1_qkv,
@@ -1126,6 +1158,53 @@ impl Flux {
         }
         #[cfg(not(feature = "cuda"))]
         false
+    }
+
+    /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share; the
+    /// others are dropped from this replica, and running them is an error).
+    pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
+        let depth = self.cfg.depth;
+        for (i, b) in self.double_blocks.iter_mut().enumerate() {
+            if !blocks.contains(&i) {
+                *b = None;
+            }
+        }
+        for (i, b) in self.single_blocks.iter_mut().enumerate() {
+            if !blocks.contains(&(depth + i)) {
+                *b = None;
+            }
+        }
+        self
+    }
+
+    /// The blocks this replica holds, as a range of the unified numbering (empty when none).
+    pub fn held_blocks(&self) -> Range<usize> {
+        let depth = self.cfg.depth;
+        let held: Vec<usize> = self
+            .double_blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_some())
+            .map(|(i, _)| i)
+            .chain(
+                self.single_blocks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.is_some())
+                    .map(|(i, _)| depth + i),
+            )
+            .collect();
+        match (held.first(), held.last()) {
+            (Some(&a), Some(&b)) => a..b + 1,
+            _ => 0..0,
+        }
+    }
+
+    /// Let `plan` run every [`Flux::forward`] of this replica (it calls the stage API itself:
+    /// [`Flux::embed_patch`], [`Flux::run_blocks`], [`Flux::final_layer`]).
+    pub fn with_plan(mut self, plan: Arc<dyn ForwardPlan>) -> Self {
+        self.plan = Some(plan);
+        self
     }
 
     /// Replace the attention implementation (for parallel strategies).
@@ -1158,9 +1237,7 @@ impl Flux {
 
     /// Input projections and the conditioning vector.
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
-        let shard;
-        let local;
-        let (input, shards) = match &self.sp {
+        match &self.sp {
             Some(group) => {
                 let patch = match &self.patch_rotation {
                     Some(f) => {
@@ -1169,14 +1246,50 @@ impl Flux {
                     }
                     None => group.rank(),
                 };
-                shard = Shard::new(input, group.size(), patch)?;
-                local = shard.input(input);
-                (&local, Some(shard.layout))
+                self.embed_patch(input, group.size(), patch)
             }
-            None => (input, None),
-        };
+            None => {
+                let vec = self.conditioning(input)?;
+                Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
+            }
+        }
+    }
+
+    /// [`Flux::embed`] of patch `patch` of `patches`: its shard of the text and image tokens
+    /// (padded as [`Shard`] says), whatever group this replica belongs to.
+    pub fn embed_patch(
+        &self,
+        input: &FluxInput,
+        patches: usize,
+        patch: usize,
+    ) -> Result<(Streams, BlockCtx)> {
+        let shard = Shard::new(input, patches, patch)?;
+        let local = shard.input(input);
+        let vec = self.conditioning(&local)?;
+        Ok((
+            self.embed_streams(&local)?,
+            self.ctx(vec, &shard.pe, Some(shard.layout)),
+        ))
+    }
+
+    /// What every block needs besides the tokens, from a conditioning vector and RoPE rows.
+    pub fn ctx(&self, vec: Tensor, pe: &PosEmbed, shards: Option<ShardLayout>) -> BlockCtx {
+        BlockCtx {
+            vec,
+            pe: pe.clone(),
+            shards,
+        }
+    }
+
+    /// The input projections of the token streams.
+    pub fn embed_streams(&self, input: &FluxInput) -> Result<Streams> {
         let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
         let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
+        Ok(Streams { img, txt })
+    }
+
+    /// The conditioning vector (B, hidden): timestep, guidance and pooled text embedded.
+    pub fn conditioning(&self, input: &FluxInput) -> Result<Tensor> {
         let mut vec =
             self.time_in
                 .forward(&timestep_embedding(input.timesteps, 256, self.dtype)?)?;
@@ -1189,15 +1302,7 @@ impl Flux {
             };
             vec = (vec + g_in.forward(&timestep_embedding(&g, 256, self.dtype)?)?)?;
         }
-        vec = (vec + self.vector_in.forward(&input.y.to_dtype(self.dtype)?)?)?;
-        Ok((
-            Streams { img, txt },
-            BlockCtx {
-                vec,
-                pe: input.pe.clone(),
-                shards,
-            },
-        ))
+        self.vector_in.forward(&input.y.to_dtype(self.dtype)?)? + vec
     }
 
     /// Run blocks `range` of the unified numbering (double blocks first, then single blocks).
@@ -1205,8 +1310,14 @@ impl Flux {
         let Streams { mut img, mut txt } = s;
         let attn = self.attention.as_ref();
         let depth = self.cfg.depth;
+        let absent = |i: usize| {
+            candle_core::Error::Msg(format!(
+                "block {i} is not held by this replica (another pipeline stage's)"
+            ))
+        };
         for i in range.start..range.end.min(depth) {
-            (img, txt) = self.double_blocks[i].forward(&img, &txt, ctx, attn, i)?;
+            let b = self.double_blocks[i].as_ref().ok_or_else(|| absent(i))?;
+            (img, txt) = b.forward(&img, &txt, ctx, attn, i)?;
         }
         let single_start = range.start.max(depth);
         let single_end = range.end.min(self.cfg.num_blocks());
@@ -1214,7 +1325,8 @@ impl Flux {
             let txt_len = txt.dim(1)?;
             let mut x = Tensor::cat(&[&txt, &img], 1)?;
             for i in single_start..single_end {
-                x = self.single_blocks[i - depth].forward(&x, ctx, attn, i)?;
+                let b = self.single_blocks[i - depth].as_ref().ok_or_else(|| absent(i))?;
+                x = b.forward(&x, ctx, attn, i)?;
             }
             txt = x.narrow(1, 0, txt_len)?;
             img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
@@ -1260,6 +1372,9 @@ impl Flux {
 
     /// The whole transformer: predicted velocity (B, N, 64).
     pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+        if let Some(plan) = &self.plan {
+            return plan.forward(self, input);
+        }
         let (s, ctx) = self.embed(input)?;
         let s = self.run_blocks(s, &ctx, 0..self.cfg.num_blocks())?;
         self.final_layer(&s.img, &ctx)

@@ -64,6 +64,7 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
     let mut uly = by_axis("ulysses", mesh.groups(Axis::Ulysses))?;
     let mut ring = by_axis("ring", mesh.groups(Axis::Ring))?;
     let mut cfg = by_axis("cfg", mesh.groups(Axis::Cfg))?;
+    let mut pipe = by_axis("pipe", mesh.groups(Axis::Pipeline))?;
     local
         .iter()
         .map(|&r| {
@@ -79,6 +80,7 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
                 ulysses: take(&mut uly)?,
                 ring: take(&mut ring)?,
                 cfg: take(&mut cfg)?,
+                pipe: take(&mut pipe)?,
             })
         })
         .collect()
@@ -144,12 +146,42 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
         ));
     }
     let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
-    if layout.displaced_warmup.is_some() && layout.cfg == 1 && req.true_cfg.unwrap_or(1.0) > 1.0 {
-        return Err(Error::setting(
-            "parallel layout",
-            "displaced",
-            "displaced patches keep one pass's keys and values per step: with --true-cfg use --cfg 2",
-        ));
+    let stale = if layout.displaced_warmup.is_some() {
+        Some("displaced")
+    } else if layout.pipeline > 1 {
+        Some("pipefusion")
+    } else {
+        None
+    };
+    if let Some(what) = stale {
+        if layout.cfg == 1 && req.true_cfg.unwrap_or(1.0) > 1.0 {
+            return Err(Error::setting(
+                "parallel layout",
+                what,
+                format!("{what} keeps one pass's keys and values per step: with --true-cfg use --cfg 2"),
+            ));
+        }
+    }
+    if layout.pipeline > 1 {
+        let blocks = p.flux.config().num_blocks();
+        if layout.pipeline > blocks {
+            return Err(Error::setting(
+                "parallel layout",
+                format!("pipefusion {}", layout.pipeline),
+                format!("the model has {blocks} blocks: at most that many stages"),
+            ));
+        }
+        let cache = req
+            .cache
+            .clone()
+            .unwrap_or_else(|| crate::pipeline::cache::CacheSpec::from_threshold(req.cache_threshold));
+        if cache != crate::pipeline::cache::CacheSpec::None {
+            return Err(Error::setting(
+                "parallel layout",
+                "pipefusion",
+                "cache policies run the blocks in pieces on one device: turn the cache off with --pipefusion",
+            ));
+        }
     }
     if layout.cfg == 2 && (req.true_cfg.unwrap_or(1.0) <= 1.0 || req.negative_prompt.is_none()) {
         return Err(Error::setting(
@@ -371,12 +403,21 @@ pub struct RankGroups {
     pub ulysses: Arc<dyn Communicator>,
     pub ring: Arc<dyn Communicator>,
     pub cfg: Arc<dyn Communicator>,
+    /// Its PipeFusion stages (itself alone without PipeFusion).
+    pub pipe: Arc<dyn Communicator>,
 }
 
 impl RankGroups {
     /// Abort every group of this rank (see [`Communicator::abort`]).
     pub fn abort(&self, why: &str) {
-        for c in [&self.world, &self.sp, &self.ulysses, &self.ring, &self.cfg] {
+        for c in [
+            &self.world,
+            &self.sp,
+            &self.ulysses,
+            &self.ring,
+            &self.cfg,
+            &self.pipe,
+        ] {
             c.abort(why);
         }
         if let Some(r) = &self.refresh {
@@ -399,6 +440,48 @@ pub fn denoise_rank(
     stop: &(dyn Fn() -> bool + Sync),
     report: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
+    let layout = mesh.layout();
+    let model = if layout.pipeline > 1 {
+        super::pipefusion::PipeFusion::replica(
+            flux,
+            groups.pipe.clone(),
+            layout.patches(),
+            layout.pipeline_warmup(),
+        )?
+    } else {
+        sequence_replica(flux, mesh, groups)?
+    };
+    // With a CFG pair, this rank runs one branch and trades velocities with its twin.
+    let cfg_pair =
+        (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
+    let fault = super::fault::Fault::from_env();
+    crate::pipeline::denoise(&model, job, cfg_pair, &mut |info| {
+        if let Some(f) = &fault {
+            f.strike(rank, info.index)?;
+        }
+        if rank == 0 {
+            report(info)?;
+        }
+        // Every rank stops at the same step: agree on the stop flag.
+        let flag = f32::from(stop());
+        let any = groups
+            .world
+            .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
+            .to_vec1::<f32>()?;
+        if any[0] > 0.0 {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    })
+}
+
+/// The replica a rank of a sequence-parallel group runs: its shard through Ulysses x ring
+/// attention, or displaced patches.
+fn sequence_replica(
+    flux: &crate::model::flux::Flux,
+    mesh: &Mesh,
+    groups: &RankGroups,
+) -> Result<crate::model::flux::Flux> {
     let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().displaced_warmup {
         Some(warmup) => {
             let refresh = groups.refresh.clone().ok_or_else(|| {
@@ -422,28 +505,7 @@ pub fn denoise_rank(
     if mesh.layout().displaced_rotate {
         model = model.with_patch_rotation(Arc::new(std::sync::atomic::AtomicUsize::new(0)));
     }
-    // With a CFG pair, this rank runs one branch and trades velocities with its twin.
-    let cfg_pair =
-        (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
-    let fault = super::fault::Fault::from_env();
-    crate::pipeline::denoise(&model, job, cfg_pair, &mut |info| {
-        if let Some(f) = &fault {
-            f.strike(rank, info.index)?;
-        }
-        if rank == 0 {
-            report(info)?;
-        }
-        // Every rank stops at the same step: agree on the stop flag.
-        let flag = f32::from(stop());
-        let any = groups
-            .world
-            .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
-            .to_vec1::<f32>()?;
-        if any[0] > 0.0 {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
-    })
+    Ok(model)
 }
 
 /// Decode on `workers` CPU workers in row bands (unequal when the latent's rows do not divide),
@@ -635,6 +697,66 @@ mod tests {
             generate(&p, l, &cfg, &mut |_| Ok(())),
             Err(Error::InvalidSetting { .. })
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn pipefusion_is_exact_through_warm_up_and_close_after() -> Result<()> {
+        let p = Pipeline::demo(&Device::Cpu)?;
+        let r = GenerateRequest {
+            prompt: "two small yellow stars above a green square, night sky".into(),
+            width: 128,
+            height: 96,
+            steps: Some(6),
+            ..req(0.0)
+        };
+        let one = p.generate(&r, &mut |_| Ok(()))?;
+        let pipe = |stages, patches, warmup| ParallelLayout {
+            pipeline: stages,
+            pipeline_patches: Some(patches),
+            pipeline_warmup: Some(warmup),
+            ..ParallelLayout::default()
+        };
+        for (stages, patches) in [(2, 2), (2, 3), (4, 4)] {
+            // Warm-up through every step: the stages take turns on the whole sequence.
+            let mut steps = 0;
+            let g = generate(&p, pipe(stages, patches, 6), &r, &mut |ev| {
+                if let Progress::Step(_) = ev {
+                    steps += 1;
+                }
+                Ok(())
+            })?;
+            assert_eq!(steps, 6);
+            let d = max_pixel_diff(&g, &one);
+            assert!(d <= 1, "pipefusion {stages}x{patches}, full warm-up: {d}");
+            let g = generate(&p, pipe(stages, patches, 1), &r, &mut |_| Ok(()))?;
+            let psnr = crate::pipeline::metrics::psnr(&g.image, &one.image)?;
+            assert!(max_pixel_diff(&g, &one) > 1, "{stages}x{patches}: nothing stale");
+            assert!(psnr > 25.0, "pipefusion {stages}x{patches}, warm-up 1: {psnr:.1} dB");
+        }
+        // Composed with CFG parallelism: each branch its own pipeline.
+        let cfg = GenerateRequest {
+            negative_prompt: Some("blurry".into()),
+            true_cfg: Some(3.0),
+            ..r.clone()
+        };
+        let one_cfg = p.generate(&cfg, &mut |_| Ok(()))?;
+        let l = ParallelLayout {
+            cfg: 2,
+            ..pipe(2, 2, 6)
+        };
+        let g = generate(&p, l, &cfg, &mut |_| Ok(()))?;
+        assert!(max_pixel_diff(&g, &one_cfg) <= 1);
+        // Refused: true CFG on one pipeline (the branches would share K/V), a cache policy,
+        // more stages than blocks.
+        for (layout, request) in [
+            (pipe(2, 2, 1), cfg.clone()),
+            (pipe(2, 2, 1), GenerateRequest { ..req(0.1) }),
+            (pipe(200, 2, 1), r.clone()),
+        ] {
+            let e = generate(&p, layout, &request, &mut |_| Ok(()));
+            assert!(matches!(e, Err(Error::InvalidSetting { .. })), "{e:?}");
+        }
         Ok(())
     }
 

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 pub struct ParallelLayout {
     pub dp: usize,
     pub cfg: usize,
-    /// Reserved for PipeFusion (must be 1 for now).
+    /// PipeFusion stages ([`super::pipefusion`]): the blocks split over this many ranks, patches
+    /// pipelined through them.
     pub pipeline: usize,
     pub ring: usize,
     pub ulysses: usize,
@@ -26,6 +27,12 @@ pub struct ParallelLayout {
     /// the warm-up (piflux).
     #[serde(default)]
     pub displaced_rotate: bool,
+    /// PipeFusion: patches per step (`None`: one per stage).
+    #[serde(default)]
+    pub pipeline_patches: Option<usize>,
+    /// PipeFusion: exact warm-up steps before patches read stale K/V (`None`: 1).
+    #[serde(default)]
+    pub pipeline_warmup: Option<usize>,
 }
 
 impl Default for ParallelLayout {
@@ -38,6 +45,81 @@ impl Default for ParallelLayout {
             ulysses: 1,
             displaced_warmup: None,
             displaced_rotate: false,
+            pipeline_patches: None,
+            pipeline_warmup: None,
+        }
+    }
+}
+
+/// How the devices of a placement are linked, as `nvidia-smi topo -m` tells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Every pair through NVLink (or one device, or CPU threads).
+    NvLink,
+    /// Some pair only through PCIe (and the host bridge).
+    Pcie,
+    /// Not known (no `nvidia-smi`, or it said nothing readable).
+    #[default]
+    Unknown,
+}
+
+impl Link {
+    /// The link between `gpus` from `nvidia-smi topo -m`'s matrix: NVLink when every pair's
+    /// entry is `NV<n>`, PCIe when some pair's is `PIX`, `PXB`, `PHB`, `NODE` or `SYS`.
+    pub fn from_topo(topo: &str, gpus: &[usize]) -> Self {
+        // Rows start `GPU<i>`; the entries follow in column order of the header's GPUs.
+        let mut rows: std::collections::HashMap<usize, Vec<&str>> = Default::default();
+        for line in topo.lines() {
+            let mut cells = line.split_whitespace();
+            let Some(head) = cells.next() else { continue };
+            let Some(i) = head
+                .strip_prefix("GPU")
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            rows.insert(i, cells.collect());
+        }
+        let mut all_nv = true;
+        for (a, &i) in gpus.iter().enumerate() {
+            for &j in &gpus[a + 1..] {
+                let Some(cell) = rows.get(&i).and_then(|r| r.get(j)) else {
+                    return Link::Unknown;
+                };
+                if cell.starts_with("NV") {
+                    continue;
+                }
+                if ["PIX", "PXB", "PHB", "NODE", "SYS"].contains(cell) {
+                    all_nv = false;
+                } else {
+                    return Link::Unknown;
+                }
+            }
+        }
+        if all_nv {
+            Link::NvLink
+        } else {
+            Link::Pcie
+        }
+    }
+}
+
+/// What the automatic layout knows besides the device count: how the devices are linked and
+/// whether one of them holds the whole model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoHints {
+    pub link: Link,
+    pub model_fits_one: bool,
+    /// The model's blocks (PipeFusion's stages cannot outnumber them).
+    pub blocks: usize,
+}
+
+impl Default for AutoHints {
+    fn default() -> Self {
+        Self {
+            link: Link::Unknown,
+            model_fits_one: true,
+            blocks: usize::MAX,
         }
     }
 }
@@ -67,6 +149,16 @@ impl ParallelLayout {
         self.dp * self.cfg * self.pipeline * self.ring * self.ulysses
     }
 
+    /// PipeFusion's patches per step (one per stage unless set).
+    pub fn patches(&self) -> usize {
+        self.pipeline_patches.unwrap_or(self.pipeline)
+    }
+
+    /// PipeFusion's exact warm-up steps (1 unless set).
+    pub fn pipeline_warmup(&self) -> usize {
+        self.pipeline_warmup.unwrap_or(1)
+    }
+
     /// Sequence-parallel degree (ring x Ulysses).
     pub fn sp(&self) -> usize {
         self.ring * self.ulysses
@@ -77,9 +169,48 @@ impl ParallelLayout {
     /// (the best single-node choice on NVLink per the published FLUX scaling), ring for the rest.
     /// Returns the layout and why.
     pub fn auto(devices: usize, heads: usize, true_cfg: bool) -> (Self, String) {
+        Self::auto_with(devices, heads, true_cfg, AutoHints::default())
+    }
+
+    /// [`ParallelLayout::auto`] knowing more: PipeFusion over the devices CFG leaves when one
+    /// device cannot hold the model (each stage holds a share of the blocks), or when the devices
+    /// are linked by PCIe only (it sends one copy of the activations a step, against Ulysses'
+    /// four all-to-alls a layer; approximate after its warm-up step).
+    pub fn auto_with(
+        devices: usize,
+        heads: usize,
+        true_cfg: bool,
+        hints: AutoHints,
+    ) -> (Self, String) {
         let mut rest = devices.max(1);
         let cfg = if true_cfg && rest % 2 == 0 { 2 } else { 1 };
         rest /= cfg;
+        let cfg_why = if cfg == 2 {
+            "CFG 2 (true CFG runs two branches), "
+        } else {
+            ""
+        };
+        let pipe_why = if rest < 2 || rest > hints.blocks {
+            None
+        } else if !hints.model_fits_one {
+            Some("the model does not fit one device: each stage holds 1/{n} of the blocks")
+        } else if hints.link == Link::Pcie {
+            Some("the devices are linked by PCIe only: PipeFusion sends one copy of the activations a step, where Ulysses sends four all-to-alls a layer (approximate after 1 exact warm-up step)")
+        } else {
+            None
+        };
+        if let Some(why) = pipe_why {
+            let layout = Self {
+                cfg,
+                pipeline: rest,
+                ..Self::default()
+            };
+            let why = format!(
+                "{devices} device(s): {cfg_why}PipeFusion {rest} ({})",
+                why.replace("{n}", &rest.to_string())
+            );
+            return (layout, why);
+        }
         let ulysses = (1..=rest)
             .rev()
             .find(|u| rest % u == 0 && heads % u == 0)
@@ -92,8 +223,7 @@ impl ParallelLayout {
             ..Self::default()
         };
         let why = format!(
-            "{devices} device(s): {}Ulysses {ulysses} (largest degree dividing both {rest} and the {heads} heads){}",
-            if cfg == 2 { "CFG 2 (true CFG runs two branches), " } else { "" },
+            "{devices} device(s): {cfg_why}Ulysses {ulysses} (largest degree dividing both {rest} and the {heads} heads){}",
             if ring > 1 { format!(", ring {ring} for the rest") } else { String::new() },
         );
         (layout, why)
@@ -110,6 +240,14 @@ impl Mesh {
     /// Check `layout` against the workers present and the model before anything is loaded.
     pub fn new(layout: ParallelLayout, devices: usize, heads: usize) -> Result<Self> {
         let desc = match layout.displaced_warmup {
+            None if layout.pipeline > 1 => format!(
+                "dp {} x cfg {} x pipefusion {} ({} patches, warm-up {})",
+                layout.dp,
+                layout.cfg,
+                layout.pipeline,
+                layout.patches(),
+                layout.pipeline_warmup()
+            ),
             None => format!(
                 "dp {} x cfg {} x pipeline {} x ring {} x ulysses {}",
                 layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
@@ -143,10 +281,22 @@ impl Mesh {
                 "CFG parallelism has two branches: its degree is 1 or 2".into(),
             ));
         }
-        if layout.pipeline != 1 {
-            return Err(bad(
-                "pipeline parallelism (PipeFusion) is not available yet".into(),
-            ));
+        if layout.pipeline > 1 {
+            if layout.sp() > 1 || layout.displaced_warmup.is_some() {
+                return Err(bad(
+                    "Ulysses, ring or displaced patches inside a PipeFusion stage are not built: give --pipefusion with --cfg and --dp only".into(),
+                ));
+            }
+            if layout.patches() == 0 {
+                return Err(bad("PipeFusion needs at least one patch".into()));
+            }
+            if layout.pipeline_warmup() == 0 {
+                return Err(bad(
+                    "PipeFusion needs at least one warm-up step (it fills the keys and values the patches read)".into(),
+                ));
+            }
+        } else if layout.pipeline_patches.is_some() || layout.pipeline_warmup.is_some() {
+            return Err(bad("patches and warm-up are PipeFusion options".into()));
         }
         if layout.world() > devices {
             return Err(bad(format!(
@@ -276,8 +426,7 @@ mod tests {
             pipeline: 1,
             ring,
             ulysses,
-            displaced_warmup: None,
-            displaced_rotate: false,
+            ..ParallelLayout::default()
         }
     }
 
@@ -313,6 +462,56 @@ mod tests {
             match Mesh::new(layout, devices, 24) {
                 Err(e) => assert!(e.to_string().contains(needle), "{layout:?}: {e}"),
                 Ok(_) => panic!("{layout:?} on {devices} devices should be rejected"),
+            }
+        }
+    }
+
+    #[test]
+    fn topology_tells_nvlink_from_pcie() {
+        // As `nvidia-smi topo -m` prints it (the legend and affinity columns trimmed).
+        let nv = "\tGPU0\tGPU1\tGPU2\tCPU Affinity\nGPU0\t X \tNV18\tNV18\t0-63\nGPU1\tNV18\t X \tNV18\t0-63\nGPU2\tNV18\tNV18\t X \t0-63\n";
+        assert_eq!(Link::from_topo(nv, &[0, 1, 2]), Link::NvLink);
+        let pcie = "\tGPU0\tGPU1\tGPU2\nGPU0\t X \tPHB\tNV4\nGPU1\tPHB\t X \tSYS\nGPU2\tNV4\tSYS\t X \n";
+        assert_eq!(Link::from_topo(pcie, &[0, 2]), Link::NvLink);
+        assert_eq!(Link::from_topo(pcie, &[0, 1]), Link::Pcie);
+        assert_eq!(Link::from_topo(pcie, &[0, 1, 2]), Link::Pcie);
+        assert_eq!(Link::from_topo(pcie, &[0, 5]), Link::Unknown);
+        assert_eq!(Link::from_topo("no GPUs here", &[0, 1]), Link::Unknown);
+    }
+
+    #[test]
+    fn auto_layout_prefers_pipefusion_on_pcie_or_when_the_model_does_not_fit() {
+        let pcie = AutoHints {
+            link: Link::Pcie,
+            ..AutoHints::default()
+        };
+        let (a, why) = ParallelLayout::auto_with(4, 24, false, pcie);
+        assert_eq!((a.pipeline, a.ulysses, a.ring), (4, 1, 1));
+        assert!(why.contains("PCIe"), "{why}");
+        let (a, _) = ParallelLayout::auto_with(4, 24, true, pcie);
+        assert_eq!((a.cfg, a.pipeline), (2, 2));
+        let big = AutoHints {
+            model_fits_one: false,
+            ..AutoHints::default()
+        };
+        let (a, why) = ParallelLayout::auto_with(2, 24, false, big);
+        assert_eq!(a.pipeline, 2);
+        assert!(why.contains("1/2 of the blocks"), "{why}");
+        // NVLink (or not known): Ulysses as before; never more stages than blocks.
+        let nv = AutoHints {
+            link: Link::NvLink,
+            ..AutoHints::default()
+        };
+        assert_eq!(ParallelLayout::auto_with(4, 24, false, nv).0.ulysses, 4);
+        let few = AutoHints {
+            blocks: 3,
+            ..pcie
+        };
+        assert_eq!(ParallelLayout::auto_with(4, 24, false, few).0.pipeline, 1);
+        for n in 1..=8 {
+            for hints in [pcie, big, nv] {
+                let (a, _) = ParallelLayout::auto_with(n, 24, n % 2 == 0, hints);
+                assert!(Mesh::new(a, n, 24).is_ok(), "auto layout for {n} is valid");
             }
         }
     }

@@ -15,6 +15,7 @@
 //! - [`traffic`]: the bytes each rank sends, counted on a live group and predicted for FLUX's
 //!   shapes.
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
+//! - [`pipefusion`]: PipeFusion (blocks split into stages, patches pipelined through them).
 //! - [`fault`]: faults injected on purpose (`PARALLAX_FAULT`), to test the watchdog.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
 //!   bands differ by a row where the rows do not divide).
@@ -26,6 +27,7 @@ pub mod fault;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod pipefusion;
 pub mod ring;
 pub mod sp;
 pub mod store;

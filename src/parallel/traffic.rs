@@ -121,6 +121,28 @@ pub fn attention_bytes_per_step(
     per_layer * layers as u64
 }
 
+/// Bytes PipeFusion's stage `stage` of `stages` sends in one step: every stage but the last
+/// passes each patch's two token streams (`tokens` rows in all, padding included, `hidden` wide,
+/// `elem` bytes a value) to the next stage once; the last broadcasts the velocity (`img_tokens`
+/// x `out_channels` values of `out_elem` bytes) to the others. Nothing depends on the layer
+/// count: the K/V a patch reads stay on its stage.
+pub fn pipefusion_bytes_per_step(
+    stages: usize,
+    stage: usize,
+    tokens: usize,
+    hidden: usize,
+    elem: usize,
+    (img_tokens, out_channels, out_elem): (usize, usize, usize),
+) -> u64 {
+    if stages <= 1 {
+        0
+    } else if stage + 1 < stages {
+        (tokens * hidden * elem) as u64
+    } else {
+        ((stages - 1) * img_tokens * out_channels * out_elem) as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

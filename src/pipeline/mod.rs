@@ -348,7 +348,7 @@ impl Pipeline {
         if variant == Variant::Demo {
             return Self::tiny_random(device);
         }
-        device.set_seed(0x5241_4E44)?;
+        device.set_seed(RANDOM_FLUX_SEED)?;
         let cfg = match variant {
             Variant::Schnell => FluxConfig::schnell(),
             _ => FluxConfig::dev(),
@@ -841,6 +841,10 @@ pub fn describe_cache(stats: &CacheStats) -> String {
         stats.computed, stats.reused
     )
 }
+
+/// The seed a random model's transformer is drawn from ([`Pipeline::random`]; drawn first, so a
+/// replica drawn again from it has the same weights).
+pub const RANDOM_FLUX_SEED: u64 = 0x5241_4E44;
 
 /// Load the transformer and tell which variant it is.
 pub fn load_transformer(

@@ -95,6 +95,27 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                     );
             }
         });
+        ui.horizontal(|ui| {
+            let l = ui.label("pipefusion");
+            ui.add(egui::DragValue::new(&mut settings.pipeline).range(1..=64))
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "PipeFusion stages: the blocks split over that many workers (each holds only \
+                     its share), each step's patches pipelined through them; a patch reads the \
+                     patches not yet computed this step from the previous step. 1: off. Ulysses \
+                     and ring 1; no cache policy.",
+                );
+            if settings.pipeline > 1 {
+                for (label, v, min) in [
+                    ("patches", &mut settings.pipeline_patches, 1),
+                    ("warm-up", &mut settings.pipeline_warmup, 1),
+                ] {
+                    let l = ui.label(label);
+                    ui.add(egui::DragValue::new(v).range(min..=64))
+                        .labelled_by(l.id);
+                }
+            }
+        });
     }
     match settings.layout_check(heads) {
         Ok(s) => ui.label(RichText::new(format!("Will run: {s}")).small()),

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU call (device tool, `.device` carried; see scripts/device-pack.sh) for issue 16: the
+# stale-activation methods on random:dev with one GPU standing in for N ranks (in-process
+# threads, each with its own device handle and transformer): PipeFusion (stage-only replicas,
+# their weight bytes reported) and displaced patches, the final latent against one device's.
+# `diag` runs small cells with debug logs; `sanitize` reruns the displaced cell under
+# compute-sanitizer to name the driver call that fails (when it does). Logs and JSON go to $OUT
+# (at most 8 files come back).
+#   bash scripts/device-stale.sh [diag] [sanitize] [pipe1024] [displaced1024]
+set -uo pipefail
+out=${OUT:-/tmp/parallax-out}
+mkdir -p "$out"
+[[ -f .device/parallax.xz ]] && xz -d -f .device/parallax.xz
+source .device/gpu-env.sh
+bin=.device/parallax
+chmod +x "$bin"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } \
+    >> "$out/calls.log" 2>&1
+
+run() { # name, then command
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$out/calls.log"
+    local t0=$SECONDS
+    echo "== $name" >> "$out/errors.log"
+    "$@" > "$out/$name.out" 2>> "$out/errors.log"
+    echo "   rc $? in $((SECONDS - t0)) s" | tee -a "$out/calls.log"
+}
+stages=${*:-diag pipe1024}
+want() { [[ " $stages " == *" $1 "* ]]; }
+dev=(--device cuda --model random:dev)
+small=(--width 256 --height 256 --steps 4 --prompt "a red circle above a blue square" --seed 3)
+big=(--width 1024 --height 1024 --steps 12 --prompt "a red circle above a blue square" --seed 3)
+
+want diag && run diag_pipe env RUST_LOG=parallax=debug RUST_BACKTRACE=1 \
+    "$bin" displaced-error "${dev[@]}" "${small[@]}" --cells "" --pipefusion 2:2:1,4:4:4
+want diag && run diag_displaced env RUST_LOG=parallax=debug RUST_BACKTRACE=1 \
+    "$bin" displaced-error "${dev[@]}" "${small[@]}" --cells 2:1
+if want sanitize && command -v compute-sanitizer > /dev/null; then
+    run sanitize compute-sanitizer --tool memcheck --print-limit 4 --show-backtrace host \
+        "$bin" displaced-error "${dev[@]}" "${small[@]}" --cells 2:1
+    tail -40 "$out/sanitize.out" >> "$out/calls.log"
+fi
+want pipe1024 && run pipe1024 env RUST_LOG=parallax=info \
+    "$bin" displaced-error "${dev[@]}" "${big[@]}" --cells "" --pipefusion 2:2:1,2:4:1,4:4:1,4:8:2,2:2:12
+want displaced1024 && run displaced1024 env RUST_LOG=parallax=info \
+    "$bin" displaced-error "${dev[@]}" "${big[@]}" --cells 2:1,2:4
+echo "done" >> "$out/calls.log"

@@ -1,0 +1,500 @@
+//! PipeFusion (xDiT): the transformer's blocks split into consecutive stages, one per rank of
+//! the pipeline group, and each step's tokens split into patches that flow through the stages
+//! one after another, so stage s works on patch m while stage s + 1 works on patch m - 1.
+//!
+//! - **Stages.** Stage s holds blocks [`stage_blocks`]`(s)` only (an even share of the 57 blocks
+//!   of FLUX.1; a double block and a single block cost the same per token), so each rank keeps
+//!   about 1/N of the weights. Every stage computes the conditioning vector itself (small); stage 0
+//!   embeds the tokens; the last stage applies the final layer.
+//! - **Patches.** Patch m is [`Shard`] m of M: a slice of the text tokens and one of the image
+//!   tokens (padded as sequence parallelism pads them). Between stages a patch's two token streams
+//!   go by point-to-point send; nothing else crosses a stage boundary until the step's velocity,
+//!   which the last stage broadcasts to the others.
+//! - **Attention.** A patch's queries need every token's keys and values, most of which belong
+//!   to patches this stage has not reached yet in this step. Each stage keeps, per block, the
+//!   keys and values of every patch ([`PatchKv`]): a patch's own rows are written as it passes,
+//!   so patch m attends to this step's K/V of patches 0..=m and the previous step's of the rest
+//!   (one step stale; PipeFusion's "displaced" activations).
+//! - **Warm-up.** The first `warmup` forwards run the whole sequence through the stages at once,
+//!   unpatched: exactly the one-device forward (the stages only take turns). They fill the K/V
+//!   buffers. With a warm-up covering every step the image equals the one-device image.
+//!
+//! The step ends with a barrier (the velocity broadcast): the pipeline drains each step, leaving a
+//! bubble of (N - 1) / (M + N - 1) of each stage's time. Cache policies run the blocks in pieces
+//! themselves and are refused with it, as are Ulysses and ring inside a stage (not built).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Result, Tensor};
+
+use super::comm::Communicator;
+use super::sp::real_keys;
+use crate::model::attention::{Attention, LocalAttention};
+use crate::model::flux::{Flux, FluxInput, ForwardPlan, Streams};
+use crate::model::shard::{Shard, ShardLayout};
+
+/// The blocks stage `stage` of `stages` holds, of `blocks` in all: consecutive, as even as they
+/// divide (the first stages take one more when they do not).
+pub fn stage_blocks(blocks: usize, stages: usize, stage: usize) -> Range<usize> {
+    let stages = stages.max(1);
+    let (base, extra) = (blocks / stages, blocks % stages);
+    let start = stage * base + stage.min(extra);
+    let len = base + usize::from(stage < extra);
+    start.min(blocks)..(start + len).min(blocks)
+}
+
+/// What the stage's blocks are running now.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The whole sequence at once, in its natural order (warm-up): exact attention; the K/V are
+    /// kept in patch order for the patched forwards.
+    Whole { txt_len: usize, img_len: usize },
+    /// One patch (its place among the patches).
+    Patch(ShardLayout),
+}
+
+/// One stage's attention under PipeFusion: every block's keys and values for all patches, in
+/// patch order (each patch's text rows then its image rows, padded to the patches' equal size),
+/// refreshed patch by patch (see the module's notes).
+pub struct PatchKv {
+    patches: usize,
+    local: LocalAttention,
+    mode: Mutex<Option<Mode>>,
+    /// (K, V) per block, (B, H, patches x patch rows, D).
+    layers: Mutex<HashMap<usize, (Tensor, Tensor)>>,
+}
+
+impl PatchKv {
+    pub fn new(patches: usize) -> Self {
+        Self {
+            patches: patches.max(1),
+            local: LocalAttention::default(),
+            mode: Mutex::new(None),
+            layers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = Some(mode);
+    }
+
+    /// Bytes of K/V this stage keeps (what PipeFusion adds to a stage's memory).
+    pub fn bytes(&self) -> usize {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .values()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// `t` (B, H, txt + img, D) in natural order, rearranged into `patches` patches of
+/// `layout.local_len()` rows each (text shard, then image shard, padded with zeros).
+fn patch_order(t: &Tensor, layout: &ShardLayout) -> Result<Tensor> {
+    let (txt, n) = (layout.txt_len, layout.ranks);
+    let mut parts = Vec::with_capacity(2 * n);
+    let mut rows = |start: usize, real: usize, len: usize| -> Result<()> {
+        if real > 0 {
+            parts.push(t.narrow(2, start, real)?);
+        }
+        if len > real {
+            let mut dims = t.dims().to_vec();
+            dims[2] = len - real;
+            parts.push(Tensor::zeros(dims, t.dtype(), t.device())?);
+        }
+        Ok(())
+    };
+    for m in 0..n {
+        rows(m * layout.txt_shard, layout.txt_real(m), layout.txt_shard)?;
+        rows(
+            txt + m * layout.img_shard,
+            layout.img_real(m),
+            layout.img_shard,
+        )?;
+    }
+    Tensor::cat(&parts, 2)?.contiguous()
+}
+
+impl Attention for PatchKv {
+    fn attend(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("PipeFusion attends per layer (attend_layer)")
+    }
+
+    fn attend_layer(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _layout: Option<&ShardLayout>,
+    ) -> Result<Tensor> {
+        let mode = *self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        match mode {
+            Some(Mode::Whole { txt_len, img_len }) => {
+                let out = self.local.attend_merged(q, k, v)?;
+                let layout = ShardLayout::new(txt_len, img_len, self.patches, 0)?;
+                let kept = (patch_order(k, &layout)?, patch_order(v, &layout)?);
+                self.layers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(layer, kept);
+                Ok(out)
+            }
+            Some(Mode::Patch(layout)) => {
+                let (kb, vb) = self
+                    .layers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&layer)
+                    .cloned()
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "PipeFusion: block {layer} has no keys and values from a warm-up step"
+                        ))
+                    })?;
+                // This patch's rows, fresh; the patches before it were written this step.
+                let start = layout.rank * layout.local_len();
+                kb.slice_set(&k.contiguous()?, 2, start)?;
+                vb.slice_set(&v.contiguous()?, 2, start)?;
+                let (kr, vr) = real_keys(&kb, &vb, Some(&layout), 0..layout.ranks)?
+                    .ok_or_else(|| candle_core::Error::Msg("PipeFusion: no real keys".into()))?;
+                self.local.attend_merged(q, &kr, &vr)
+            }
+            None => candle_core::bail!("PipeFusion: attention called outside a forward"),
+        }
+    }
+
+    fn name(&self) -> &str {
+        "PipeFusion (this step's K/V for patches done, the previous step's for the rest)"
+    }
+}
+
+/// One rank's stage of a PipeFusion pipeline: runs every forward of its replica
+/// ([`Flux::with_plan`]).
+pub struct PipeFusion {
+    group: Arc<dyn Communicator>,
+    patches: usize,
+    warmup: usize,
+    blocks: Range<usize>,
+    kv: Arc<PatchKv>,
+    forwards: AtomicUsize,
+}
+
+impl PipeFusion {
+    /// Stage `group.rank()` of `group.size()`, running the blocks `blocks` with `kv` as its
+    /// replica's attention; `patches` per step after `warmup` exact forwards (at least one: the
+    /// patched forwards need a step's keys and values).
+    pub fn new(
+        group: Arc<dyn Communicator>,
+        kv: Arc<PatchKv>,
+        blocks: Range<usize>,
+        warmup: usize,
+    ) -> Result<Self> {
+        if warmup == 0 {
+            candle_core::bail!(
+                "PipeFusion needs at least one warm-up step (it fills the keys and values the patches read)"
+            );
+        }
+        Ok(Self {
+            group,
+            patches: kv.patches,
+            warmup,
+            blocks,
+            kv,
+            forwards: AtomicUsize::new(0),
+        })
+    }
+
+    /// A replica of `model` as this stage: only its blocks, attention through [`PatchKv`],
+    /// forwards through the pipeline.
+    pub fn replica(
+        model: &Flux,
+        group: Arc<dyn Communicator>,
+        patches: usize,
+        warmup: usize,
+    ) -> Result<Flux> {
+        let blocks = stage_blocks(model.config().num_blocks(), group.size(), group.rank());
+        let kv = Arc::new(PatchKv::new(patches));
+        let plan = Arc::new(Self::new(group, kv.clone(), blocks.clone(), warmup)?);
+        Ok(model
+            .clone()
+            .only_blocks(blocks)
+            .with_attention(kv)
+            .with_plan(plan))
+    }
+
+    fn send(&self, s: &Streams) -> Result<()> {
+        let next = self.group.rank() + 1;
+        self.group.send(&s.img, next)?;
+        self.group.send(&s.txt, next)
+    }
+
+    fn recv(&self) -> Result<Streams> {
+        let prev = self.group.rank() - 1;
+        let img = self.group.recv(prev)?;
+        let txt = self.group.recv(prev)?;
+        Ok(Streams { img, txt })
+    }
+}
+
+impl ForwardPlan for PipeFusion {
+    fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor> {
+        let f = self.forwards.fetch_add(1, Ordering::SeqCst);
+        let (stage, stages) = (self.group.rank(), self.group.size());
+        let last = stage + 1 == stages;
+        let vec = model.conditioning(input)?;
+        let v = if f < self.warmup {
+            self.kv.set(Mode::Whole {
+                txt_len: input.txt.dim(1)?,
+                img_len: input.img.dim(1)?,
+            });
+            let ctx = model.ctx(vec, input.pe, None);
+            let s = if stage == 0 {
+                model.embed_streams(input)?
+            } else {
+                self.recv()?
+            };
+            let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
+            if last {
+                Some(model.final_layer(&s.img, &ctx)?)
+            } else {
+                self.send(&s)?;
+                None
+            }
+        } else {
+            let mut vs = Vec::with_capacity(self.patches);
+            for m in 0..self.patches {
+                let shard = Shard::new(input, self.patches, m)?;
+                self.kv.set(Mode::Patch(shard.layout));
+                let ctx = model.ctx(vec.clone(), &shard.pe, Some(shard.layout));
+                let s = if stage == 0 {
+                    model.embed_streams(&shard.input(input))?
+                } else {
+                    self.recv()?
+                };
+                let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
+                if last {
+                    let v = model.final_layer(&s.img, &ctx)?;
+                    vs.push(v.narrow(1, 0, shard.layout.img_real(m))?);
+                } else {
+                    self.send(&s)?;
+                }
+            }
+            if last {
+                Some(Tensor::cat(&vs, 1)?)
+            } else {
+                None
+            }
+        };
+        if stages == 1 {
+            return v.ok_or_else(|| candle_core::Error::Msg("PipeFusion: no velocity".into()));
+        }
+        // Every stage steps the sampler: the last one's velocity goes to all.
+        let v = match v {
+            Some(v) => v,
+            None => Tensor::zeros(
+                (input.img.dim(0)?, input.img.dim(1)?, model.config().in_channels),
+                model.dtype(),
+                model.device(),
+            )?,
+        };
+        self.group.broadcast(&v, stages - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo_weights::DemoWeights;
+    use crate::model::flux::FluxConfig;
+    use crate::parallel::comm::{run_local, LocalComm};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn stages_split_the_blocks_evenly_and_cover_them_once() {
+        for (blocks, stages) in [(57, 2), (57, 4), (10, 3), (3, 4), (8, 8)] {
+            let parts: Vec<Range<usize>> = (0..stages)
+                .map(|s| stage_blocks(blocks, stages, s))
+                .collect();
+            let covered: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(covered, (0..blocks).collect::<Vec<_>>(), "{blocks} / {stages}");
+            let lens: Vec<usize> = parts.iter().map(|r| r.len()).collect();
+            let (lo, hi) = (lens.iter().min(), lens.iter().max());
+            assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{lens:?}");
+        }
+        assert_eq!(stage_blocks(57, 2, 0), 0..29);
+        assert_eq!(stage_blocks(57, 2, 1), 29..57);
+    }
+
+    #[test]
+    fn patch_order_interleaves_each_patchs_text_and_image_rows() -> Result<()> {
+        // 3 text and 5 image tokens in 2 patches: text shards of 2 (1 + 1 padding), image
+        // shards of 3 (2 + 1 padding).
+        let t = Tensor::arange(1f32, 9.0, &Device::Cpu)?.reshape((1, 1, 8, 1))?;
+        let l = ShardLayout::new(3, 5, 2, 0)?;
+        let p = patch_order(&t, &l)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(p, vec![1., 2., 4., 5., 6., 3., 0., 7., 8., 0.]);
+        Ok(())
+    }
+
+    /// Three forwards of a tiny model (inputs nudged as denoising does) over `stages` stages and
+    /// `patches` patches with `warmup` exact forwards: each forward's largest difference from one
+    /// device, relative to the largest one-device value.
+    fn forwards(
+        stages: usize,
+        patches: usize,
+        warmup: usize,
+        (txt, h, w): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let dev = Device::Cpu;
+        let cfg = FluxConfig {
+            num_heads: 4,
+            hidden_size: 128,
+            axes_dim: vec![4, 14, 14],
+            ..FluxConfig::tiny()
+        };
+        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
+        let img0 = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
+        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
+        let g = Tensor::new(&[3.5f32], &dev)?;
+        let pe = m.pos_embed(txt, h, w)?;
+        let steps: Vec<(Tensor, Tensor)> = (0..3)
+            .map(|i| {
+                let img = (&img0 * (1.0 - 0.02 * i as f64))?;
+                Ok((img, Tensor::new(&[0.9f32 - 0.04 * i as f32], &dev)?))
+            })
+            .collect::<Result<_>>()?;
+        let run = |f: &Flux| -> Result<Vec<Tensor>> {
+            steps
+                .iter()
+                .map(|(img, t)| {
+                    f.forward(&FluxInput {
+                        img,
+                        txt: &txt_t,
+                        y: &y,
+                        timesteps: t,
+                        guidance: Some(&g),
+                        pe: &pe,
+                    })
+                })
+                .collect()
+        };
+        let want = run(&m)?;
+        let outs = run_local(stages, |_, comm| {
+            let stage = PipeFusion::replica(&m, Arc::new(comm), patches, warmup)?;
+            run(&stage)
+        })?;
+        let mut worst = vec![0f32; steps.len()];
+        for per_rank in outs {
+            for (i, (o, w)) in per_rank.iter().zip(&want).enumerate() {
+                let d = (o - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                worst[i] = worst[i].max(d / scale);
+            }
+        }
+        Ok(worst)
+    }
+
+    #[test]
+    fn warm_up_forwards_are_exact_and_patched_ones_close() -> Result<()> {
+        // The tiny model has 2 double + 2 single blocks: 2 and 4 stages split them (4 stages:
+        // one block each, double and single on different stages).
+        for (stages, patches) in [(2, 2), (2, 4), (4, 4), (3, 2)] {
+            let exact = forwards(stages, patches, 3, (8, 8, 8))?;
+            assert!(exact.iter().all(|d| *d < 1e-5), "{stages}x{patches}: {exact:?}");
+            let stale = forwards(stages, patches, 1, (8, 8, 8))?;
+            assert!(stale[0] < 1e-5, "{stages}x{patches}: {stale:?}");
+            assert!(
+                stale[1] > 1e-5 && stale[2] > 1e-5,
+                "{stages}x{patches}: stale K/V changed nothing: {stale:?}"
+            );
+            assert!(stale[1] < 0.3 && stale[2] < 0.3, "{stages}x{patches}: {stale:?}");
+        }
+        // Token counts that do not divide by the patches (padded patches) stay exact in warm-up
+        // and close after it.
+        let uneven = forwards(2, 3, 3, (7, 5, 7))?;
+        assert!(uneven.iter().all(|d| *d < 1e-5), "{uneven:?}");
+        let uneven = forwards(2, 3, 1, (7, 5, 7))?;
+        assert!(uneven[1] < 0.3 && uneven[1] > 1e-5, "{uneven:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn one_patch_after_warm_up_is_exact() -> Result<()> {
+        // With a single patch there is nothing stale: every row of K/V is this step's.
+        let d = forwards(2, 1, 1, (8, 4, 6))?;
+        assert!(d.iter().all(|d| *d < 1e-5), "{d:?}");
+        Ok(())
+    }
+
+    /// A patched step's bytes, counted on each stage, are what
+    /// [`crate::parallel::traffic::pipefusion_bytes_per_step`] predicts.
+    #[test]
+    fn counted_traffic_matches_the_prediction() -> Result<()> {
+        use crate::parallel::traffic::{pipefusion_bytes_per_step, Counting};
+        let dev = Device::Cpu;
+        let cfg = FluxConfig::tiny();
+        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
+        // 7 text and 5 x 7 image tokens in 3 patches: padded to 3 x (3 + 12) rows.
+        let (txt, h, w, patches) = (7, 5, 7, 3);
+        let img = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
+        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
+        let t = Tensor::new(&[0.5f32], &dev)?;
+        let g = Tensor::new(&[3.5f32], &dev)?;
+        let pe = m.pos_embed(txt, h, w)?;
+        let input = FluxInput {
+            img: &img,
+            txt: &txt_t,
+            y: &y,
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        };
+        for stages in [2, 3] {
+            let sent = run_local(stages, |_, comm| {
+                let counted = Arc::new(Counting::new(Arc::new(comm)));
+                let stage = PipeFusion::replica(&m, counted.clone(), patches, 1)?;
+                stage.forward(&input)?;
+                let warm = counted.sent();
+                stage.forward(&input)?;
+                Ok(counted.sent() - warm)
+            })?;
+            let l = ShardLayout::new(txt, h * w, patches, 0)?;
+            for (s, bytes) in sent.iter().enumerate() {
+                let want = pipefusion_bytes_per_step(
+                    stages,
+                    s,
+                    patches * l.local_len(),
+                    cfg.hidden_size,
+                    4,
+                    (h * w, cfg.in_channels, 4),
+                );
+                assert_eq!(*bytes, want, "stage {s} of {stages}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_stage_holds_only_its_blocks() -> Result<()> {
+        let cfg = FluxConfig::tiny();
+        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &Device::Cpu))?;
+        let whole = m.weight_bytes();
+        let comms = LocalComm::group(2);
+        let mut parts = 0;
+        for c in comms {
+            let s = PipeFusion::replica(&m, Arc::new(c), 2, 1)?;
+            assert!(s.weight_bytes() < whole);
+            parts += s.weight_bytes();
+        }
+        // The blocks are split; the embedders and final layer are on both stages.
+        let blocks_only = whole - m.clone().only_blocks(0..0).weight_bytes();
+        assert_eq!(parts, whole + (whole - blocks_only));
+        Ok(())
+    }
+}
