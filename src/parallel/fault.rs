@@ -1,7 +1,9 @@
 //! Faults injected on purpose, to test what the engine does when a rank fails: set
 //! `PARALLAX_FAULT=rank=R,step=S,kind=K` and rank R, after its denoising step S (0-based),
 //! `fail`s with an error, runs out of memory (`oom`: the error a failed GPU allocation gives),
-//! `panic`s, or `stall`s for a while (`stall:SECONDS`, default 3600) before going on. Read once
+//! `panic`s, `exit`s its process at once (`std::process::exit(3)`: a worker process killed mid-run;
+//! only for `parallax worker` processes, since it ends every thread of the process), or `stall`s
+//! for a while (`stall:SECONDS`, default 3600) before going on. Read once
 //! per job; unset, nothing happens. `kind=write` instead makes every PNG write fail after its
 //! temporary file is written (see [`crate::pipeline::image::save_png`]). For tests and for trying
 //! the watchdog by hand (`parallax generate --devices cpu:2 ...`).
@@ -16,8 +18,14 @@ pub enum FaultKind {
     /// PNG writes fail (handled where images are written; ranks ignore it).
     Write,
     Panic,
+    /// The whole process exits with status [`EXIT_STATUS`], skipping every destructor and
+    /// goodbye (as a killed worker would).
+    Exit,
     Stall(Duration),
 }
+
+/// The exit status of a process ended by `kind=exit`.
+pub const EXIT_STATUS: i32 = 3;
 
 /// Rank `rank` misbehaves after step `step`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,7 +48,7 @@ impl Fault {
         }
     }
 
-    /// Parse `rank=R,step=S,kind=fail|panic|stall[:SECONDS]`.
+    /// Parse `rank=R,step=S,kind=fail|oom|panic|exit|stall[:SECONDS]` (or `kind=write`).
     pub fn parse(s: &str) -> Result<Fault, String> {
         let (mut rank, mut step, mut kind) = (None, None, None);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -56,6 +64,7 @@ impl Fault {
                         None if v.trim() == "oom" => FaultKind::Oom,
                         None if v.trim() == "write" => FaultKind::Write,
                         None if v.trim() == "panic" => FaultKind::Panic,
+                        None if v.trim() == "exit" => FaultKind::Exit,
                         None if v.trim() == "stall" => FaultKind::Stall(Duration::from_secs(3600)),
                         Some(("stall", secs)) => FaultKind::Stall(Duration::from_secs_f64(
                             secs.trim()
@@ -66,7 +75,7 @@ impl Fault {
                         )),
                         _ => {
                             return Err(format!(
-                                "kind `{v}` (fail, oom, panic, stall[:SECONDS] or write)"
+                                "kind `{v}` (fail, oom, panic, exit, stall[:SECONDS] or write)"
                             ))
                         }
                     })
@@ -102,6 +111,11 @@ impl Fault {
             )))),
             FaultKind::Write => Ok(()),
             FaultKind::Panic => panic!("{what}"),
+            FaultKind::Exit => {
+                // Said on stderr first, so that a test can tell when the rank went away.
+                eprintln!("{what}: exiting the process (status {EXIT_STATUS})");
+                std::process::exit(EXIT_STATUS)
+            }
             FaultKind::Stall(d) => {
                 tracing::warn!("{what}: stalling {:.1} s", d.as_secs_f64());
                 std::thread::sleep(d);
@@ -137,6 +151,10 @@ mod tests {
         assert_eq!(
             Fault::parse("rank=0,step=3,kind=oom").map(|f| f.kind),
             Ok(FaultKind::Oom)
+        );
+        assert_eq!(
+            Fault::parse("rank=1,step=0,kind=exit").map(|f| f.kind),
+            Ok(FaultKind::Exit)
         );
         assert!(Fault::parse("rank=1,step=2,kind=explode").is_err());
         assert!(Fault::parse("rank=x,step=2").is_err());

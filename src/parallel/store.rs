@@ -39,6 +39,21 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Image(format!("rendezvous: {what}: {e}"))
 }
 
+/// An error on an established connection to the store: one that says the connection was closed
+/// means rank 0, whose process serves the store, is gone (it exited or was killed), and says so.
+fn conn_err(what: &str, e: std::io::Error) -> Error {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => {
+            Error::Image(format!(
+                "rendezvous: {what}: the store closed the connection ({e}): rank 0, whose \
+                 process serves the store, has exited or was killed"
+            ))
+        }
+        _ => io_err(what, e),
+    }
+}
+
 /// Parse `tcp://HOST:PORT`.
 pub fn parse_init(init: &str) -> Result<String> {
     let addr = init.strip_prefix("tcp://").ok_or_else(|| {
@@ -201,6 +216,9 @@ pub struct Store {
     stall: Mutex<Option<Duration>>,
     /// A read has been answered since the rendezvous: the stall timeout applies.
     armed: std::sync::atomic::AtomicBool,
+    /// Why the connection can no longer be used: a read gave up waiting, so its reply may still
+    /// come and would be taken for the next request's.
+    out_of_step: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -250,18 +268,21 @@ impl Store {
             timeout,
             stall: Mutex::new(Some(crate::parallel::comm::collective_timeout())),
             armed: std::sync::atomic::AtomicBool::new(false),
+            out_of_step: Mutex::new(None),
         });
         // Barrier: everyone says hello and waits for everyone, at most `timeout` for the
         // others to start.
         store.read_timeout(Some(timeout));
         store.set(&format!("hello/{rank}"), world as u32, b"1")?;
         for r in 0..world {
-            store.get_within(&format!("hello/{r}"), None).map_err(|e| {
-                Error::Image(format!(
-                    "rendezvous at {addr}: waiting for rank {r} of {world} to join (at most \
+            store
+                .get_within(&format!("hello/{r}"), None, Some(r))
+                .map_err(|e| {
+                    Error::Image(format!(
+                        "rendezvous at {addr}: waiting for rank {r} of {world} to join (at most \
                      {timeout:?}; start every rank with the same --init and --world): {e}"
-                ))
-            })?;
+                    ))
+                })?;
         }
         store.read_timeout(None);
         tracing::info!("rank {rank} of {world}: all ranks present");
@@ -274,6 +295,17 @@ impl Store {
 
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// An error once a read has timed out on this connection (see `out_of_step`).
+    fn in_step(&self) -> Result<()> {
+        match self.out_of_step.lock().ok().and_then(|o| o.clone()) {
+            Some(why) => Err(Error::Image(format!(
+                "rank {}: the store connection is unusable after an earlier timeout ({why})",
+                self.rank
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// How long a read from the store may block (`None`: for ever).
@@ -292,12 +324,13 @@ impl Store {
             // rank 0 waits for the others at most the rendezvous timeout in any case.
             self.read_timeout(Some(self.timeout));
             for r in 1..self.world {
-                self.get_within(&format!("done/{r}"), None).map_err(|e| {
-                    Error::Image(format!(
-                        "waiting for rank {r} to report it was done (at most {:?}): {e}",
-                        self.timeout
-                    ))
-                })?;
+                self.get_within(&format!("done/{r}"), None, Some(r))
+                    .map_err(|e| {
+                        Error::Image(format!(
+                            "waiting for rank {r} to report it was done (at most {:?}): {e}",
+                            self.timeout
+                        ))
+                    })?;
             }
             Ok(())
         } else {
@@ -307,6 +340,7 @@ impl Store {
 
     /// Put `val` under `key` for `readers` reads (it is dropped after the last).
     pub fn set(&self, key: &str, readers: u32, val: &[u8]) -> Result<()> {
+        self.in_step()?;
         let mut c = self
             .conn
             .lock()
@@ -319,7 +353,7 @@ impl Store {
             .and_then(|_| w.write_all(&(val.len() as u64).to_le_bytes()))
             .and_then(|_| w.write_all(val))
             .and_then(|_| w.flush())
-            .map_err(|e| io_err("set", e))?;
+            .map_err(|e| conn_err("set", e))?;
         read_reply(&mut c.0).map(|_| ())
     }
 
@@ -335,19 +369,31 @@ impl Store {
     /// disconnected before saying it was done, since the value may never come, and once the
     /// stall timeout has passed (after the first exchange), since a rank is then stuck.
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.get_from(key, None)
+    }
+
+    /// [`Store::get`] of a value that rank `from` sets: a stall names that rank.
+    pub fn get_from(&self, key: &str, from: Option<usize>) -> Result<Vec<u8>> {
         use std::sync::atomic::Ordering;
         let stall = if self.armed.load(Ordering::SeqCst) {
             self.stall.lock().ok().and_then(|s| *s)
         } else {
             None
         };
-        let v = self.get_within(key, stall)?;
+        let v = self.get_within(key, stall, from)?;
         self.armed.store(true, Ordering::SeqCst);
         Ok(v)
     }
 
-    /// [`Store::get`] waiting at most `stall` (`None`: as the connection's read timeout says).
-    fn get_within(&self, key: &str, stall: Option<Duration>) -> Result<Vec<u8>> {
+    /// [`Store::get`] waiting at most `stall` (`None`: as the connection's read timeout says) for
+    /// a value that rank `from`, if known, sets.
+    fn get_within(
+        &self,
+        key: &str,
+        stall: Option<Duration>,
+        from: Option<usize>,
+    ) -> Result<Vec<u8>> {
+        self.in_step()?;
         let mut c = self
             .conn
             .lock()
@@ -357,7 +403,7 @@ impl Store {
             .and_then(|_| w.write_all(&(key.len() as u32).to_le_bytes()))
             .and_then(|_| w.write_all(key.as_bytes()))
             .and_then(|_| w.flush())
-            .map_err(|e| io_err("get", e))?;
+            .map_err(|e| conn_err("get", e))?;
         if stall.is_some() {
             let _ = c.0.get_ref().set_read_timeout(stall);
         }
@@ -368,11 +414,21 @@ impl Store {
         }
         match (r, stall) {
             (Ok(v), _) => Ok(v),
-            (Err(_), Some(t)) if t0.elapsed() >= t => Err(Error::Image(format!(
-                "rank {}: nothing came for `{key}` within {:.1} s: another rank is lost or stuck",
-                self.rank,
-                t.as_secs_f64()
-            ))),
+            (Err(_), Some(t)) if t0.elapsed() >= t => {
+                let who = from.map_or("another rank".to_string(), |r| format!("rank {r}"));
+                let source = from.map_or(String::new(), |r| format!(" from rank {r}"));
+                let msg = format!(
+                    "rank {}: nothing came{source} for `{key}` within {:.1} s: {who} is lost or \
+                     stuck",
+                    self.rank,
+                    t.as_secs_f64()
+                );
+                // The reply may still come: this connection is out of step for good.
+                if let Ok(mut o) = self.out_of_step.lock() {
+                    o.get_or_insert_with(|| msg.clone());
+                }
+                Err(Error::Image(msg))
+            }
             (Err(e), _) => Err(e),
         }
     }
@@ -381,10 +437,10 @@ impl Store {
 fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
     let mut read = |what| {
         let mut len = [0u8; 8];
-        r.read_exact(&mut len).map_err(|e| io_err(what, e))?;
+        r.read_exact(&mut len).map_err(|e| conn_err(what, e))?;
         let len = u64::from_le_bytes(len);
         let mut val = vec![0u8; if len == FAILED { 0 } else { len as usize }];
-        r.read_exact(&mut val).map_err(|e| io_err(what, e))?;
+        r.read_exact(&mut val).map_err(|e| conn_err(what, e))?;
         Ok::<_, Error>((len, val))
     };
     match read("reply")? {
@@ -492,10 +548,11 @@ impl StoreComm {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
-    fn take(&self, key: &str) -> candle_core::Result<Tensor> {
+    /// The tensor under `key`, which group member `from` puts there.
+    fn take(&self, key: &str, from: usize) -> candle_core::Result<Tensor> {
         let b = self
             .store
-            .get(key)
+            .get_from(key, self.members.get(from).copied())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         decode(&b, &self.device)
     }
@@ -509,7 +566,7 @@ impl StoreComm {
                 if j == self.rank {
                     Ok(t.clone())
                 } else {
-                    self.take(&format!("{}/c{s}/{j}", self.tag))
+                    self.take(&format!("{}/c{s}/{j}", self.tag), j)
                 }
             })
             .collect()
@@ -555,7 +612,7 @@ impl Communicator for StoreComm {
                 if j == self.rank {
                     t.narrow(scatter_dim, j * chunk, chunk)?.contiguous()
                 } else {
-                    self.take(&format!("{}/c{s}/{j}->{}", self.tag, self.rank))
+                    self.take(&format!("{}/c{s}/{j}->{}", self.tag, self.rank), j)
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -580,7 +637,7 @@ impl Communicator for StoreComm {
             }
             Ok(t.clone())
         } else {
-            self.take(&key)
+            self.take(&key, root)
         }
     }
 
@@ -607,7 +664,7 @@ impl Communicator for StoreComm {
             *c += 1;
             *c
         };
-        self.take(&format!("{}/p{from}->{}/{k}", self.tag, self.rank))
+        self.take(&format!("{}/p{from}->{}/{k}", self.tag, self.rank), from)
     }
 }
 
@@ -762,6 +819,27 @@ mod tests {
             .to_string();
         assert!(msg.contains("another rank is lost or stuck"), "{msg}");
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(one);
+    }
+
+    /// A communicator's read names the member it waits for; after the timeout the connection is
+    /// refused rather than read out of step (the late reply would be taken for the next one's).
+    #[test]
+    fn a_stalled_member_is_named_and_the_connection_is_then_refused() {
+        let (zero, one) = two_ranks();
+        zero.set_stall_timeout(Some(Duration::from_millis(300)));
+        one.set("x/1", 1, b"1").expect("set");
+        zero.get("x/1").expect("get");
+        let comm = StoreComm::new(zero.clone(), "g", vec![0, 1]).expect("group");
+        let msg = comm.recv(1).expect_err("rank 1 sends nothing").to_string();
+        assert!(
+            msg.contains("from rank 1") && msg.contains("rank 1 is lost or stuck"),
+            "{msg}"
+        );
+        // Rank 1 wakes and sends after all: rank 0 does not take it for a later reply.
+        one.set("late", 1, b"late").expect("set");
+        let msg = zero.get("late").expect_err("out of step").to_string();
+        assert!(msg.contains("unusable after an earlier timeout"), "{msg}");
         drop(one);
     }
 

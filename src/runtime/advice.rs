@@ -37,7 +37,19 @@ pub fn next_step(error: &str, c: &Context) -> Option<String> {
             tries.join(", or ")
         ));
     }
-    if e.contains("collective aborted") || e.contains("did not reach") || e.contains("sent nothing")
+    // The in-process groups and NCCL say "collective aborted", "did not reach", "sent nothing";
+    // the store of worker processes "is lost or stuck", "disconnected before it was done", or
+    // that rank 0, which serves it, "has exited or was killed".
+    if [
+        "collective aborted",
+        "did not reach",
+        "sent nothing",
+        "is lost or stuck",
+        "disconnected before it was done",
+        "has exited or was killed",
+    ]
+    .iter()
+    .any(|n| e.contains(n))
     {
         return Some(if c.workers > 1 {
             format!(
@@ -97,6 +109,15 @@ mod tests {
         };
         let s = next_step("collective aborted: rank 2 of 4 did not reach", &lost).expect("lost");
         assert!(s.contains("fewer"), "{s}");
+        for store in [
+            "rendezvous: rank 1 disconnected before it was done (while waiting for world/c3/1)",
+            "rank 0: nothing came from rank 1 for `k` within 3.0 s: rank 1 is lost or stuck",
+            "rendezvous: get: the store closed the connection (early eof): rank 0, whose process \
+             serves the store, has exited or was killed",
+        ] {
+            let s = next_step(store, &lost).unwrap_or_default();
+            assert!(s.contains("a worker was lost"), "{store}: {s:?}");
+        }
         assert!(next_step("error reading safetensors header", &lost).is_some());
         assert_eq!(next_step("cancelled", &lost), None);
     }
