@@ -1,7 +1,8 @@
 //! The studio: an eframe (wgpu) desktop app over the [`crate::runtime`].
 //!
 //! - [`studio`]: [`StudioApp`], the window's state, event handling, commands and frame loop.
-//! - [`state`]: the settings the panels edit (persisted) and how they become requests.
+//! - [`state`]: the settings the panels edit (persisted) and how they become requests;
+//!   [`settings_file`]: where they are saved, atomically.
 //! - [`view`]: what is on screen apart from the settings (tab, job progress, shown images,
 //!   compare and gallery view state). [`command`]: the UI actions panels queue.
 //! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
@@ -22,6 +23,7 @@ pub mod heatmap;
 pub mod messages;
 pub mod panels;
 pub mod preview;
+pub mod settings_file;
 pub mod state;
 pub mod studio;
 pub mod tabs;

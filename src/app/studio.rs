@@ -53,6 +53,11 @@ pub struct StudioOptions {
 pub struct StudioApp {
     // Saved between runs.
     pub settings: Settings,
+    /// Where the settings are saved (atomically; [`super::settings_file`]); `None`: in eframe's
+    /// storage, where no home folder is known.
+    pub settings_file: Option<PathBuf>,
+    /// The last failed save's message (said once, not at every auto-save).
+    settings_save_error: Option<String>,
     // What is on screen.
     pub tab: Tab,
     pub model: ModelStatus,
@@ -122,6 +127,37 @@ fn model_file_gone(model: &str) -> bool {
     looks_like_path && !Path::new(m).exists()
 }
 
+/// The settings saved last time, and why they could not be used if they were there but
+/// damaged: from the settings `file` ([`super::settings_file`]); where it does not exist yet, from
+/// eframe's `storage`, where earlier versions kept them (in RON, which cannot read back today's
+/// [`Settings`]: such settings give the defaults, with the reason).
+pub fn saved_settings(
+    file: Option<&Path>,
+    storage: Option<&dyn eframe::Storage>,
+) -> (Option<Settings>, Option<String>) {
+    use super::settings_file::{load, Loaded};
+    match file.map_or(Loaded::Missing, load) {
+        Loaded::Read(s) => (Some(*s), None),
+        Loaded::Damaged(why) => (None, Some(why)),
+        Loaded::Missing => {
+            let Some((st, text)) = storage.and_then(|st| Some((st, st.get_string(SETTINGS_KEY)?)))
+            else {
+                return (None, None);
+            };
+            match eframe::get_value::<Settings>(st, SETTINGS_KEY) {
+                Some(s) => (Some(s), None),
+                None => (
+                    None,
+                    Some(format!(
+                        "eframe's storage holds settings that do not parse ({} bytes)",
+                        text.len()
+                    )),
+                ),
+            }
+        }
+    }
+}
+
 /// The settings the studio starts with: the saved ones (unless `fresh_settings`), then the
 /// command line's overrides. A saved model file that has gone falls back to the demo; the note
 /// says so.
@@ -164,17 +200,14 @@ pub fn startup_settings(
 impl StudioApp {
     /// Build the app from eframe's creation context (window or test harness).
     pub fn new(cc: &eframe::CreationContext<'_>, opts: StudioOptions) -> anyhow::Result<Self> {
-        let saved = cc
-            .storage
-            .and_then(|s| eframe::get_value::<Settings>(s, SETTINGS_KEY));
+        let settings_file = super::settings_file::default_path();
         // Saved settings that no longer parse (a damaged file, or one from another program):
         // defaults, and say so.
-        let damaged = saved.is_none()
-            && !opts.fresh_settings
-            && cc
-                .storage
-                .and_then(|s| s.get_string(SETTINGS_KEY))
-                .is_some();
+        let (saved, damaged) = if opts.fresh_settings {
+            (None, None)
+        } else {
+            saved_settings(settings_file.as_deref(), cc.storage)
+        };
         let (settings, note) = startup_settings(saved, &opts);
         let remembered_model = (opts.model.is_none()
             && !opts.fresh_settings
@@ -210,6 +243,8 @@ impl StudioApp {
         };
         let mut app = Self {
             settings,
+            settings_file,
+            settings_save_error: None,
             tab: Tab::Image,
             model: ModelStatus::NotLoaded,
             heads: 24,
@@ -240,9 +275,13 @@ impl StudioApp {
             cmds: Commands::default(),
             next_id: 1,
         };
-        if damaged {
+        if let Some(why) = damaged {
+            tracing::warn!("saved settings unusable: {why}");
             app.say(
-                "the saved settings could not be read (damaged?): starting from the defaults",
+                format!(
+                    "the saved settings could not be read (damaged?): starting from the defaults \
+                     ({why})"
+                ),
                 true,
             );
         }
@@ -941,7 +980,29 @@ impl eframe::App for StudioApp {
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+        let Some(path) = self.settings_file.clone() else {
+            // No home folder to keep a file in: eframe's storage is all there is.
+            eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+            return;
+        };
+        match super::settings_file::save(&path, &self.settings) {
+            Ok(()) => {
+                // Moved out of eframe's file (rewritten in place, so a crash can damage it).
+                if storage.get_string(SETTINGS_KEY).is_some() {
+                    storage.remove_string(SETTINGS_KEY);
+                }
+                self.settings_save_error = None;
+            }
+            Err(e) => {
+                let msg = format!("the settings were not saved: {e}");
+                tracing::warn!("{msg}");
+                // Said once, not at every auto-save.
+                if self.settings_save_error.as_deref() != Some(msg.as_str()) {
+                    self.say(msg.clone(), true);
+                    self.settings_save_error = Some(msg);
+                }
+            }
+        }
     }
 
     fn on_exit(&mut self) {
@@ -952,6 +1013,60 @@ impl eframe::App for StudioApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// eframe's storage as a map, for [`saved_settings`].
+    #[derive(Default)]
+    struct Kv(std::collections::HashMap<String, String>);
+
+    impl eframe::Storage for Kv {
+        fn get_string(&self, key: &str) -> Option<String> {
+            self.0.get(key).cloned()
+        }
+        fn set_string(&mut self, key: &str, value: String) {
+            self.0.insert(key.into(), value);
+        }
+        fn remove_string(&mut self, key: &str) {
+            self.0.remove(key);
+        }
+        fn flush(&mut self) {}
+    }
+
+    /// The settings file wins over eframe's storage; with no file, what an earlier version
+    /// left in eframe's storage is tried, and when it does not parse the studio starts from the
+    /// defaults with a reason; a damaged file likewise. (Settings written to eframe's RON do not
+    /// read back since `SettingsFile` flattens the old fields: RON cannot carry `flatten`, so
+    /// every start said "damaged"; JSON can, hence the file.)
+    #[test]
+    fn saved_settings_come_from_the_file_then_from_eframe_storage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("studio-settings.json");
+        let mut old = Settings::default();
+        old.request.prompt = "kept by an earlier version".into();
+        let mut kv = Kv::default();
+        eframe::set_value(&mut kv, SETTINGS_KEY, &old);
+        let st = Some(&kv as &dyn eframe::Storage);
+        assert_eq!(saved_settings(Some(&file), None), (None, None));
+        assert_eq!(
+            saved_settings(Some(&file), Some(&Kv::default())),
+            (None, None)
+        );
+        let (s, why) = saved_settings(Some(&file), st);
+        assert_eq!(
+            s, None,
+            "RON round trip of Settings works again: test it here"
+        );
+        assert!(why.is_some_and(|w| w.contains("eframe's storage")));
+
+        let mut new = old.clone();
+        new.request.prompt = "from the file".into();
+        crate::app::settings_file::save_with(&file, &new, false).expect("save");
+        assert_eq!(saved_settings(Some(&file), st), (Some(new), None));
+
+        std::fs::write(&file, b"{\"model\": ").expect("tear");
+        let (s, why) = saved_settings(Some(&file), st);
+        assert_eq!(s, None);
+        assert!(why.is_some_and(|w| w.contains("studio-settings.json")));
+    }
 
     #[test]
     fn a_saved_model_file_that_has_gone_falls_back_to_the_demo() {

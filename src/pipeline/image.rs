@@ -1,7 +1,6 @@
 //! Images out of the pipeline: decoded tensors to 8-bit RGB, PNG files whose text chunks hold every
 //! setting needed to reproduce them (written atomically), and reading those settings back.
 
-use std::io::BufWriter;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
@@ -89,28 +88,16 @@ impl RgbImage {
 }
 
 /// Write `img` as PNG to `path` with UTF-8 text chunks (`iTXt`), atomically: the file appears
-/// whole or not at all.
+/// whole or not at all ([`crate::files::write_atomic`], which also injects
+/// `PARALLAX_FAULT=kind=write`).
 pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
     if img.data.len() != img.width * img.height * 3 {
         return Err(Error::Image(
             "pixel buffer does not match the image size".into(),
         ));
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Image(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{file_name}.{}.partial", std::process::id()));
-    let write = || -> Result<()> {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut enc = png::Encoder::new(BufWriter::new(f), img.width as u32, img.height as u32);
+    crate::files::write_atomic(path, |out| {
+        let mut enc = png::Encoder::new(out, img.width as u32, img.height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
@@ -119,32 +106,12 @@ pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resul
         }
         let mut w = enc
             .write_header()
-            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+            .map_err(|e| Error::Image(format!("writing {}: {e}", path.display())))?;
         w.write_image_data(&img.data)
-            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+            .map_err(|e| Error::Image(format!("writing {}: {e}", path.display())))?;
         w.finish()
-            .map_err(|e| Error::Image(format!("writing {}: {e}", tmp.display())))?;
+            .map_err(|e| Error::Image(format!("writing {}: {e}", path.display())))?;
         Ok(())
-    };
-    // `PARALLAX_FAULT=kind=write` (crate::parallel::fault): the write fails once the temporary
-    // file exists, as a full disk would; what it leaves must be nothing.
-    let injected = || -> Result<()> {
-        if std::env::var("PARALLAX_FAULT").is_ok_and(|v| v.replace(' ', "").contains("kind=write"))
-        {
-            return Err(Error::io(
-                &tmp,
-                std::io::Error::other("injected write fault (PARALLAX_FAULT=kind=write)"),
-            ));
-        }
-        Ok(())
-    };
-    if let Err(e) = write().and_then(|()| injected()) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
     })
 }
 
