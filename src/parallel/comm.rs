@@ -316,6 +316,95 @@ impl Communicator for LocalComm {
     }
 }
 
+/// Work handed to a device or a peer and not yet known to be finished, oldest first (for
+/// NCCL: an event recorded on the stream after each collective). What a watchdog reads to tell
+/// a slow group from a stuck one.
+pub struct Inflight<T> {
+    queue: Mutex<VecDeque<(Instant, T)>>,
+}
+
+impl<T> Default for Inflight<T> {
+    fn default() -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+impl<T> Inflight<T> {
+    /// `item` was handed over now.
+    pub fn push(&self, item: T) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((Instant::now(), item));
+    }
+
+    /// Forget the finished items and say how long the oldest unfinished one has waited at `now`
+    /// (`None`: nothing is waiting). Items finish in the order they were pushed (as work on one
+    /// stream does): once the newest is done, all are.
+    pub fn oldest_wait(&self, now: Instant, done: impl Fn(&T) -> bool) -> Option<Duration> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.back().is_some_and(|(_, t)| done(t)) {
+            q.clear();
+        }
+        while q.front().is_some_and(|(_, t)| done(t)) {
+            q.pop_front();
+        }
+        q.front().map(|(t, _)| now.saturating_duration_since(*t))
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a watchdog thread ([`spawn_watchdog`]) looks after: a communicator whose waits happen
+/// where its own code cannot time them (on a GPU stream, inside a library).
+pub trait Watched: Send + Sync + 'static {
+    /// Why the group must be given up now, if it must: an operation overdue past `timeout`, or
+    /// an error a peer reported.
+    fn check(&self, timeout: Duration) -> Option<String>;
+    /// Give up on the group (abort it): every pending and later operation fails with `why`.
+    fn give_up(&self, why: &str);
+    /// Whether it has been given up already (the watchdog then has nothing left to do).
+    fn given_up(&self) -> bool;
+}
+
+/// Start a thread that asks `target` every `poll` whether to give up (see [`Watched`]), gives up
+/// at most once, and ends then, or once `target` is dropped. The thread holds `target` only
+/// while checking.
+pub fn spawn_watchdog<W: Watched>(
+    name: &str,
+    target: std::sync::Weak<W>,
+    timeout: Duration,
+    poll: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || loop {
+            std::thread::sleep(poll);
+            let Some(t) = target.upgrade() else { return };
+            if t.given_up() {
+                return;
+            }
+            if let Some(why) = t.check(timeout) {
+                tracing::warn!("watchdog: giving up on the group: {why}");
+                t.give_up(&why);
+                return;
+            }
+        })
+}
+
+/// The watchdog's polling interval for a given timeout: a tenth of it, between 10 ms and 1 s.
+pub fn watchdog_poll(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Run `f(rank, comm)` on `size` threads with one in-process group; results in rank order.
 pub fn run_local<T: Send>(
     size: usize,
@@ -452,6 +541,114 @@ mod tests {
         let comms = LocalComm::group_with_timeout(2, Duration::from_millis(200));
         let e = comms[0].recv(1).expect_err("nothing sent").to_string();
         assert!(e.contains("rank 1 sent nothing"), "{e}");
+    }
+
+    /// A stand-in for a GPU communicator: operations that finish when their flag is set.
+    #[derive(Default)]
+    struct FakeGpu {
+        ops: Inflight<Arc<std::sync::atomic::AtomicBool>>,
+        peer_error: Mutex<Option<String>>,
+        aborted: Mutex<Vec<String>>,
+    }
+
+    impl Watched for FakeGpu {
+        fn check(&self, timeout: Duration) -> Option<String> {
+            if let Some(e) = self.peer_error.lock().expect("lock").clone() {
+                return Some(e);
+            }
+            let wait = self.ops.oldest_wait(Instant::now(), |f| {
+                f.load(std::sync::atomic::Ordering::SeqCst)
+            })?;
+            (wait >= timeout).then(|| format!("an operation waited {:.1} s", wait.as_secs_f64()))
+        }
+        fn give_up(&self, why: &str) {
+            self.aborted.lock().expect("lock").push(why.to_string());
+        }
+        fn given_up(&self) -> bool {
+            !self.aborted.lock().expect("lock").is_empty()
+        }
+    }
+
+    fn op(done: bool) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::new(std::sync::atomic::AtomicBool::new(done))
+    }
+
+    #[test]
+    fn inflight_forgets_finished_work_in_order() {
+        let q = Inflight::default();
+        let now = Instant::now();
+        assert_eq!(q.oldest_wait(now, |_: &bool| true), None);
+        q.push(true);
+        q.push(false);
+        q.push(false);
+        // The first is done, the second not: it is the oldest open one.
+        let w = q.oldest_wait(Instant::now(), |d| *d);
+        assert!(w.is_some());
+        assert_eq!(q.len(), 2);
+        // Newest done (stream order): everything is.
+        let (a, b) = (op(false), op(false));
+        let q = Inflight::default();
+        q.push(a.clone());
+        q.push(b.clone());
+        b.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            q.oldest_wait(Instant::now(), |f| f
+                .load(std::sync::atomic::Ordering::SeqCst)),
+            None
+        );
+        assert!(q.is_empty());
+    }
+
+    /// The watchdog gives up on an operation overdue past the timeout (not before), once; leaves
+    /// alone a group whose operations finish; reports a peer's error at once; and ends when the
+    /// communicator is dropped.
+    #[test]
+    fn the_watchdog_aborts_stuck_groups_only() {
+        let timeout = Duration::from_millis(300);
+        let poll = watchdog_poll(timeout);
+        assert_eq!(poll, Duration::from_millis(30));
+        // Stuck: one operation never finishes.
+        let gpu = Arc::new(FakeGpu::default());
+        let t0 = Instant::now();
+        gpu.ops.push(op(false));
+        let h =
+            spawn_watchdog("test-watchdog", Arc::downgrade(&gpu), timeout, poll).expect("thread");
+        h.join().expect("the watchdog ends after giving up");
+        let took = t0.elapsed();
+        let aborted = gpu.aborted.lock().expect("lock").clone();
+        assert_eq!(aborted.len(), 1, "{aborted:?}");
+        assert!(aborted[0].contains("an operation waited"), "{aborted:?}");
+        assert!(took >= timeout, "gave up early: {took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+
+        // Busy but moving: operations that each finish within the timeout are left alone,
+        // however long the group runs.
+        let gpu = Arc::new(FakeGpu::default());
+        let h =
+            spawn_watchdog("test-watchdog", Arc::downgrade(&gpu), timeout, poll).expect("thread");
+        for _ in 0..8 {
+            let f = op(false);
+            gpu.ops.push(f.clone());
+            std::thread::sleep(timeout / 3);
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        assert!(gpu.aborted.lock().expect("lock").is_empty());
+        // A peer's error: given up at once, without waiting for the timeout.
+        let t0 = Instant::now();
+        *gpu.peer_error.lock().expect("lock") = Some("remote error on a peer".into());
+        h.join().expect("ends");
+        assert!(t0.elapsed() < timeout, "{:?}", t0.elapsed());
+        assert_eq!(
+            gpu.aborted.lock().expect("lock").as_slice(),
+            ["remote error on a peer".to_string()]
+        );
+
+        // Dropped: the thread ends.
+        let gpu = Arc::new(FakeGpu::default());
+        let h =
+            spawn_watchdog("test-watchdog", Arc::downgrade(&gpu), timeout, poll).expect("thread");
+        drop(gpu);
+        h.join().expect("ends once the communicator is gone");
     }
 
     #[test]

@@ -17,11 +17,19 @@
 //! [`Communicator::send`] blocks the sender's stream until then, and ranks that all send before
 //! they receive (a ring) would wait on each other. [`Communicator::exchange`] sends and receives
 //! as one NCCL group and has no such order problem: the strategies use it.
+//!
+//! Failures: NCCL's collectives wait on the GPU, where no host timeout reaches, so a peer that
+//! dies mid-run would leave this rank's stream (and the host, at its next read) waiting for ever.
+//! Each communicator has a watchdog thread ([`super::comm::spawn_watchdog`]) that watches an
+//! event recorded after every operation and `ncclCommGetAsyncError`: an operation unfinished past
+//! `PARALLAX_COLLECTIVE_TIMEOUT_S` (30 s by default), or an error NCCL reports, aborts the group
+//! (`ncclCommAbort`, as [`Communicator::abort`] does): the stuck kernels stop, and this and every
+//! later call fails with the reason. An aborted group is not reused: the next job needs a new one.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backend::BackendDevice;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::cudarc::nccl::{result, sys};
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::op::BackpropOp;
@@ -88,16 +96,158 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
-    /// NCCL calls on one communicator must not overlap; the lock also keeps a collective's
-    /// grouped calls together.
-    lock: Mutex<()>,
+    /// The communicator's lifetime: its lock, its abort, what is in flight on it; shared with
+    /// its watchdog thread.
+    guard: Arc<CommGuard>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not run
-// concurrently, which `lock` ensures; the device and stream handles are themselves Send + Sync.
+// concurrently, which `guard.calls` ensures; the device and stream handles are themselves
+// Send + Sync.
 unsafe impl Send for NcclComm {}
-// SAFETY: as above: every use of `comm` holds `lock`.
+// SAFETY: as above: every use of `comm` holds `guard.calls` (see `CommGuard` for the abort).
 unsafe impl Sync for NcclComm {}
+
+/// How long [`CommGuard::abort`] waits for a call in progress to leave the communicator before it
+/// aborts anyway: a call holding the lock that long is stuck on a peer (in NCCL, or on the host
+/// waiting for the stream), and aborting is what unsticks it.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What an [`NcclComm`] shares with its watchdog ([`super::comm::spawn_watchdog`]): the raw
+/// communicator, released exactly once (`ncclCommAbort`, by [`CommGuard::release`]: an abort,
+/// or the communicator's drop), the reason it was aborted, and the events recorded after each
+/// operation enqueued on the stream.
+///
+/// Abort and NCCL calls: every call on `comm` holds `calls` and checks first that the group is
+/// not aborted; the abort records its reason, then takes `calls` (waiting at most
+/// [`ABORT_GRACE`]) before releasing, so it never overlaps a call, except one that is stuck past
+/// the grace (inside NCCL, or holding the lock while the host waits on the stream), which is the
+/// case `ncclCommAbort` exists for: its kernels are stopped and the call returns, to find the
+/// group aborted.
+struct CommGuard {
+    comm: sys::ncclComm_t,
+    rank: usize,
+    size: usize,
+    calls: Mutex<()>,
+    /// `true` once `ncclCommAbort` has run: `comm` is freed and must not be used again.
+    released: Mutex<bool>,
+    why: Mutex<Option<String>>,
+    inflight: super::comm::Inflight<CudaEvent>,
+}
+
+// SAFETY: `comm` is only passed to NCCL under the rules above (`calls` for operations,
+// `released` for the abort and the error query, which NCCL allows from another thread).
+unsafe impl Send for CommGuard {}
+// SAFETY: as above.
+unsafe impl Sync for CommGuard {}
+
+impl CommGuard {
+    /// An error once the group has been aborted.
+    fn live(&self) -> Result<()> {
+        match &*self.why.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => Err(candle_core::Error::Msg(format!(
+                "collective aborted: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn aborted(&self) -> bool {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// `ncclCommAbort`, once: later calls (a second abort, the drop) do nothing.
+    fn release(&self) {
+        let mut released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        if *released {
+            return;
+        }
+        *released = true;
+        // SAFETY: `comm` came from ncclCommInitRank and is released once, here (the flag above,
+        // under its lock); nothing passes it to NCCL afterwards (`live` fails first).
+        if let Err(e) = unsafe { result::comm_abort(self.comm) } {
+            tracing::warn!("releasing NCCL rank {}: {:?}", self.rank, e.0);
+        }
+    }
+
+    /// Give up on the group: the reason first (so no new call starts), then `ncclCommAbort`,
+    /// which stops what is in flight on every stream of this rank.
+    fn abort(&self, why: &str) {
+        {
+            let mut w = self.why.lock().unwrap_or_else(|p| p.into_inner());
+            if w.is_some() {
+                return;
+            }
+            *w = Some(why.to_string());
+        }
+        tracing::warn!("aborting NCCL rank {} of {}: {why}", self.rank, self.size);
+        let t0 = std::time::Instant::now();
+        let held = loop {
+            match self.calls.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if t0.elapsed() < ABORT_GRACE => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        self.release();
+        drop(held);
+    }
+
+    /// The error NCCL reports for this communicator, if any (a peer's failure, a network error);
+    /// `None` also once released.
+    fn async_error(&self) -> Option<sys::ncclResult_t> {
+        let released = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        if *released {
+            return None;
+        }
+        let mut err = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` is not released (checked under the lock that guards the release);
+        // NCCL allows this query while other calls on the communicator are in progress.
+        let r = unsafe { sys::ncclCommGetAsyncError(self.comm, &mut err) };
+        match (r, err) {
+            (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess)
+            | (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclInProgress) => None,
+            (sys::ncclResult_t::ncclSuccess, e) => Some(e),
+            (e, _) => Some(e),
+        }
+    }
+}
+
+impl super::comm::Watched for CommGuard {
+    fn check(&self, timeout: std::time::Duration) -> Option<String> {
+        if let Some(e) = self.async_error() {
+            return Some(format!(
+                "NCCL reported {e:?} on rank {} of {} (a peer failed or the link is down)",
+                self.rank, self.size
+            ));
+        }
+        // An event that errs (a sticky CUDA error) will not complete either: counted as done
+        // here, the error surfaces on the stream's next use.
+        let wait = self.inflight.oldest_wait(std::time::Instant::now(), |ev| {
+            !matches!(ev.try_is_complete(), Ok(false))
+        })?;
+        (wait >= timeout).then(|| {
+            format!(
+                "rank {} of {}: an NCCL operation did not complete within {:.1} s (a peer is \
+                 lost or stuck)",
+                self.rank,
+                self.size,
+                wait.as_secs_f64()
+            )
+        })
+    }
+
+    fn give_up(&self, why: &str) {
+        self.abort(why);
+    }
+
+    fn given_up(&self) -> bool {
+        self.aborted()
+    }
+}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,13 +264,13 @@ impl std::fmt::Debug for NcclComm {
 impl Drop for NcclComm {
     fn drop(&mut self) {
         // Let the work this thread queued finish (its own per-thread stream; rank threads sync
-        // their own before returning), then release the communicator (abort does not wait on
-        // peers that may already be gone).
-        let _ = self.stream.synchronize();
-        // SAFETY: `comm` came from ncclCommInitRank and is released once, here.
-        if let Err(e) = unsafe { result::comm_abort(self.comm) } {
-            tracing::warn!("releasing NCCL rank {}: {:?}", self.rank, e.0);
+        // their own before returning; the watchdog still runs meanwhile, so a stuck collective
+        // is aborted rather than waited for), then release the communicator (abort does not wait
+        // on peers that may already be gone). Nothing to wait for once aborted.
+        if !self.guard.aborted() {
+            let _ = self.stream.synchronize();
         }
+        self.guard.release();
     }
 }
 
@@ -377,13 +527,33 @@ impl NcclComm {
             "NCCL rank {rank} of {size} on cuda:{}",
             stream.context().ordinal()
         );
+        let guard = Arc::new(CommGuard {
+            comm,
+            rank,
+            size,
+            calls: Mutex::new(()),
+            released: Mutex::new(false),
+            why: Mutex::new(None),
+            inflight: super::comm::Inflight::default(),
+        });
+        // The watchdog: aborts the group when an operation is overdue past
+        // PARALLAX_COLLECTIVE_TIMEOUT_S or NCCL reports a peer's error; ends with the group.
+        let timeout = super::comm::collective_timeout();
+        if let Err(e) = super::comm::spawn_watchdog(
+            &format!("nccl-watchdog-{rank}"),
+            Arc::downgrade(&guard),
+            timeout,
+            super::comm::watchdog_poll(timeout),
+        ) {
+            tracing::warn!("NCCL rank {rank}: no watchdog ({e}): a lost peer may hang it");
+        }
         Ok(NcclComm {
             comm,
             device: device.clone(),
             stream,
             rank,
             size,
-            lock: Mutex::new(()),
+            guard,
         })
     }
 
@@ -392,11 +562,14 @@ impl NcclComm {
         Device::Cuda(self.device.clone())
     }
 
+    /// Hold the communicator for a call: an error once the group is aborted.
     fn enter(&self) -> Result<MutexGuard<'_, ()>> {
         let guard = self
-            .lock
+            .guard
+            .calls
             .lock()
             .map_err(|_| candle_core::Error::Msg("a thread panicked inside NCCL".into()))?;
+        self.guard.live()?;
         self.stream
             .context()
             .bind_to_thread()
@@ -406,6 +579,14 @@ impl NcclComm {
 
     fn raw_stream(&self) -> sys::cudaStream_t {
         self.stream.cu_stream() as _
+    }
+
+    /// After enqueueing an operation: mark the stream there, for the watchdog to see it finish.
+    fn track(&self) {
+        match self.stream.record_event(None) {
+            Ok(ev) => self.guard.inflight.push(ev),
+            Err(e) => tracing::debug!("NCCL rank {}: no event to watch: {e:?}", self.rank),
+        }
     }
 
     /// `t` as a contiguous CUDA tensor on this rank's device.
@@ -490,6 +671,7 @@ impl NcclComm {
             self.recv_raw(buf, *dtype, *from)?;
         }
         group.end()?;
+        self.track();
         Ok(bufs.into_iter().map(Fresh::into_tensor).collect())
     }
 }
@@ -522,6 +704,7 @@ impl Communicator for NcclComm {
             )
         }
         .map_err(|e| nccl_err("ncclAllGather", e))?;
+        self.track();
         let out = out.into_tensor(); // (size, ...t.dims)
         if dim == 0 {
             let mut dims = t.dims().to_vec();
@@ -581,6 +764,7 @@ impl Communicator for NcclComm {
             )
         }
         .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        self.track();
         Ok(out.into_tensor())
     }
 
@@ -603,6 +787,7 @@ impl Communicator for NcclComm {
             )
         }
         .map_err(|e| nccl_err("ncclBroadcast", e))?;
+        self.track();
         Ok(out.into_tensor())
     }
 
@@ -613,7 +798,9 @@ impl Communicator for NcclComm {
         let h = Tensor::from_vec(header(&t)?.to_vec(), HEADER_LEN, &self.device())?;
         let _g = self.enter()?;
         self.send_raw(&h, to)?;
-        self.send_raw(&t, to)
+        self.send_raw(&t, to)?;
+        self.track();
+        Ok(())
     }
 
     /// Receives a header (waits for it on the host), then the payload.
@@ -621,6 +808,13 @@ impl Communicator for NcclComm {
         let mut got = self.exchange(&[], &[from])?;
         got.pop()
             .ok_or_else(|| candle_core::Error::Msg("NCCL recv got nothing".into()))
+    }
+
+    /// Abort the group (`ncclCommAbort`): what is in flight on this rank stops, and every later
+    /// call fails with `why`. Safe to call more than once and from any thread; the communicator
+    /// is released once. A new group is needed for the next job.
+    fn abort(&self, why: &str) {
+        self.guard.abort(&format!("rank {}: {why}", self.rank));
     }
 
     fn exchange(&self, sends: &[(usize, &Tensor)], recv_from: &[usize]) -> Result<Vec<Tensor>> {
@@ -647,7 +841,11 @@ impl Communicator for NcclComm {
         let got = self.grouped(&headers, &header_recvs)?;
         let mut recvs = Vec::with_capacity(recv_from.len());
         for (&from, h) in recv_from.iter().zip(&got) {
-            let (dtype, dims) = parse_header(&h.to_vec1::<i64>()?)?;
+            // The host waits here for the peer's header; if the watchdog aborted the group
+            // meanwhile, that (not what the aborted copy left) is the error.
+            let h = h.to_vec1::<i64>();
+            self.guard.live()?;
+            let (dtype, dims) = parse_header(&h?)?;
             recvs.push((from, dims, dtype));
         }
         // Step 2: the payloads.
