@@ -120,7 +120,7 @@ mod tests {
         // The injected fault: the temporary file was written, then the write fails.
         let e = write_atomic_with(
             &p,
-            |w| Ok(w.write_all(b"new").map_err(|e| Error::io(&p, e))?),
+            |w| w.write_all(b"new").map_err(|e| Error::io(&p, e)),
             true,
         )
         .expect_err("injected");

@@ -143,8 +143,9 @@ fn pair(init: &str, fault: Option<&str>, out: &Path) -> (Worker, Worker, f64) {
         Worker::spawn(1, init, fault, out),
     ];
     loop {
-        let done = w.iter_mut().map(Worker::poll).fold(true, |a, b| a && b);
-        if done {
+        // Poll both every time (each notes its own exit time), then ask whether both are done.
+        let exited: Vec<bool> = w.iter_mut().map(Worker::poll).collect();
+        if exited.iter().all(|e| *e) {
             break;
         }
         if t0.elapsed() > HANG_GUARD {
