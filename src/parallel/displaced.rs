@@ -75,6 +75,11 @@ pub struct DisplacedAttention {
     forwards: Mutex<usize>,
     shared: Arc<Shared>,
     refresh: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The refresh thread, joined on drop: the K/V it shares must be freed by a thread with the
+    /// device's context current (the rank's), never by the refresh thread on its way out (on a
+    /// GPU, a free from a thread that never bound the context fails, and cudarc keeps the error
+    /// for the context's next call, wherever that is).
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl DisplacedAttention {
@@ -101,7 +106,7 @@ impl DisplacedAttention {
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let worker = shared.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("displaced-refresh-{}", group.rank()))
             .spawn(move || {
                 let mut bound = false;
@@ -145,6 +150,7 @@ impl DisplacedAttention {
             forwards: Mutex::new(0),
             shared,
             refresh: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(handle)),
         })
     }
 
@@ -238,9 +244,14 @@ impl DisplacedAttention {
 impl Drop for DisplacedAttention {
     fn drop(&mut self) {
         // Closing the channel ends the refresh thread once its queued gathers are done (every
-        // rank queued the same ones).
+        // rank queued the same ones); waiting for it leaves this thread the last owner of the
+        // shared K/V.
         if let Ok(mut tx) = self.refresh.lock() {
             tx.take();
+        }
+        let handle = self.worker.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
         }
     }
 }

@@ -232,10 +232,12 @@ impl PipeFusion {
         self.group.send(&s.txt, next)
     }
 
-    fn recv(&self) -> Result<Streams> {
+    /// The previous stage's streams, on `device` (in-process ranks sharing a GPU hold device
+    /// handles of their own: a received tensor is brought onto this stage's).
+    fn recv(&self, device: &candle_core::Device) -> Result<Streams> {
         let prev = self.group.rank() - 1;
-        let img = self.group.recv(prev)?;
-        let txt = self.group.recv(prev)?;
+        let img = self.group.recv(prev)?.to_device(device)?;
+        let txt = self.group.recv(prev)?.to_device(device)?;
         Ok(Streams { img, txt })
     }
 }
@@ -255,7 +257,7 @@ impl ForwardPlan for PipeFusion {
             let s = if stage == 0 {
                 model.embed_streams(input)?
             } else {
-                self.recv()?
+                self.recv(model.device())?
             };
             let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
             if last {
@@ -273,7 +275,7 @@ impl ForwardPlan for PipeFusion {
                 let s = if stage == 0 {
                     model.embed_streams(&shard.input(input))?
                 } else {
-                    self.recv()?
+                    self.recv(model.device())?
                 };
                 let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
                 if last {
