@@ -1,7 +1,8 @@
 //! The studio's main flows through egui_kittest, rendered by wgpu (lavapipe in CI): generate,
 //! cancel, compare with the heatmap, export, restore and delete from the gallery; what a new user
 //! ran into (threshold field, gallery grid, missing file dialog, failed model, large sizes,
-//! stale caption, unwritable gallery); and the two WGSL shaders against their CPU twins.
+//! stale caption, unwritable gallery); saving the settings to their own file; and the two WGSL
+//! shaders against their CPU twins.
 #![cfg(feature = "studio")]
 
 use std::path::Path;
@@ -712,4 +713,60 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
         "the job's layout is reported: {:?}",
         app.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
     );
+}
+
+/// eframe's storage as a map.
+#[derive(Default)]
+struct Kv(std::collections::HashMap<String, String>);
+
+impl eframe::Storage for Kv {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.into(), value);
+    }
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+    fn flush(&mut self) {}
+}
+
+/// The studio saves its settings to their own file (written atomically) and takes them out of
+/// eframe's storage, where earlier versions kept them; a save that cannot be written is said
+/// once, not at every auto-save, and leaves no file behind.
+#[test]
+fn settings_are_saved_to_their_own_file_and_leave_eframe_storage() {
+    use parallax::app::settings_file::{load, Loaded};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    let file = dir.path().join("home").join("studio-settings.json");
+    h.state_mut().settings_file = Some(file.clone());
+    h.state_mut().settings.request.prompt = "saved by the studio".into();
+    let mut kv = Kv::default();
+    kv.0.insert("parallax-settings".into(), "(model: \"old\")".into());
+    kv.0.insert("window".into(), "kept".into());
+    eframe::App::save(h.state_mut(), &mut kv);
+    match load(&file) {
+        Loaded::Read(s) => assert_eq!(s.request.prompt, "saved by the studio"),
+        other => panic!("the saved settings read back as {other:?}"),
+    }
+    assert!(!kv.0.contains_key("parallax-settings"), "{:?}", kv.0);
+    assert_eq!(kv.0.get("window").map(String::as_str), Some("kept"));
+
+    // A folder that is a file: the save fails, twice, and says so once.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"a file").expect("write");
+    h.state_mut().settings_file = Some(blocked.join("studio-settings.json"));
+    eframe::App::save(h.state_mut(), &mut kv);
+    eframe::App::save(h.state_mut(), &mut kv);
+    let said = h
+        .state()
+        .messages
+        .iter()
+        .filter(|m| m.text.contains("the settings were not saved"))
+        .count();
+    assert_eq!(said, 1);
+    // The file saved before is untouched.
+    assert!(matches!(load(&file), Loaded::Read(_)));
 }
