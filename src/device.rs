@@ -219,10 +219,11 @@ pub struct GpuInfo {
     pub memory: u64,
 }
 
-/// How the GPUs `ids` are linked, from `nvidia-smi topo -m` (read once per process).
-pub fn gpu_link(ids: &[usize]) -> crate::parallel::mesh::Link {
+/// What `nvidia-smi topo -m` prints (how the GPUs are linked), read once per process; `None`
+/// without `nvidia-smi`.
+pub fn gpu_topology() -> Option<&'static str> {
     static TOPO: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let topo = TOPO.get_or_init(|| {
+    TOPO.get_or_init(|| {
         let out = std::process::Command::new("nvidia-smi")
             .args(["topo", "-m"])
             .output()
@@ -230,11 +231,8 @@ pub fn gpu_link(ids: &[usize]) -> crate::parallel::mesh::Link {
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    });
-    match topo {
-        Some(t) => crate::parallel::mesh::Link::from_topo(t, ids),
-        None => crate::parallel::mesh::Link::Unknown,
-    }
+    })
+    .as_deref()
 }
 
 /// The GPUs present, with their names and memory, read from the driver without creating a

@@ -465,7 +465,8 @@ impl Placement {
                 .iter()
                 .filter_map(|r| r.strip_prefix("cuda:")?.parse().ok())
                 .collect();
-            hints.link = crate::device::gpu_link(&ids);
+            hints.link = crate::device::gpu_topology()
+                .map_or(Link::Unknown, |topo| Link::from_topo(topo, &ids));
         }
         let (layout, why) = self
             .layout
@@ -505,10 +506,18 @@ mod tests {
         };
         let p = plan("cpu:2", d, 0)?;
         assert_eq!(
-            (p.layout.pipeline, p.layout.patches(), p.layout.pipeline_warmup()),
+            (
+                p.layout.pipeline,
+                p.layout.patches(),
+                p.layout.pipeline_warmup()
+            ),
             (2, 4, 2)
         );
-        assert!(p.describe().contains("pipefusion 2 (4 patches"), "{}", p.describe());
+        assert!(
+            p.describe().contains("pipefusion 2 (4 patches"),
+            "{}",
+            p.describe()
+        );
         assert_eq!(Degrees::of(p.layout).layout_for(2), p.layout);
         // Ulysses inside a stage is refused with the mesh's reason.
         let bad = Degrees {

@@ -1325,7 +1325,9 @@ impl Flux {
             let txt_len = txt.dim(1)?;
             let mut x = Tensor::cat(&[&txt, &img], 1)?;
             for i in single_start..single_end {
-                let b = self.single_blocks[i - depth].as_ref().ok_or_else(|| absent(i))?;
+                let b = self.single_blocks[i - depth]
+                    .as_ref()
+                    .ok_or_else(|| absent(i))?;
                 x = b.forward(&x, ctx, attn, i)?;
             }
             txt = x.narrow(1, 0, txt_len)?;

@@ -349,10 +349,8 @@ impl Attention for DisplacedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::demo_weights::DemoWeights;
-    use crate::model::flux::{Flux, FluxConfig, FluxInput};
     use crate::parallel::comm::{run_local, LocalComm};
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// Three forwards of a tiny model (inputs nudged each time, as denoising does) on `n` ranks
     /// with `warmup` exact forwards: the largest difference from one device relative to the
@@ -369,46 +367,7 @@ mod tests {
         (txt, h, w): (usize, usize, usize),
         moving: f64,
     ) -> Result<Vec<f32>> {
-        let dev = Device::Cpu;
-        let cfg = FluxConfig {
-            num_heads: 4,
-            hidden_size: 128,
-            axes_dim: vec![4, 14, 14],
-            ..FluxConfig::tiny()
-        };
-        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
-        let img0 = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
-        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
-        let g = Tensor::new(&[3.5f32], &dev)?;
-        let pe = m.pos_embed(txt, h, w)?;
-        let steps: Vec<(Tensor, Tensor)> = (0..3)
-            .map(|i| {
-                // About one step of a 28-step schedule apart.
-                let img = (&img0 * (1.0 - 0.02 * moving * i as f64))?;
-                Ok((
-                    img,
-                    Tensor::new(&[0.9f32 - (0.04 * moving) as f32 * i as f32], &dev)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        // Every forward of `f`, in order.
-        let forwards = |f: &Flux| -> Result<Vec<Tensor>> {
-            steps
-                .iter()
-                .map(|(img, t)| {
-                    f.forward(&FluxInput {
-                        img,
-                        txt: &txt_t,
-                        y: &y,
-                        timesteps: t,
-                        guidance: Some(&g),
-                        pe: &pe,
-                    })
-                })
-                .collect()
-        };
-        let want = forwards(&m)?;
+        let s = crate::parallel::test_steps::Steps::new((txt, h, w), moving)?;
         let refresh = LocalComm::group(n);
         let outs = run_local(n, |rank, comm| {
             let comm: Arc<dyn Communicator> = Arc::new(comm);
@@ -417,17 +376,9 @@ mod tests {
                 Arc::new(refresh[rank].clone()),
                 warmup,
             )?);
-            forwards(&super::super::sp::replica(&m, comm, attn))
+            s.run(&super::super::sp::replica(&s.model, comm, attn))
         })?;
-        let mut worst = vec![0f32; steps.len()];
-        for per_rank in outs {
-            for (i, (o, w)) in per_rank.iter().zip(&want).enumerate() {
-                let d = (o - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
-                worst[i] = worst[i].max(d / scale);
-            }
-        }
-        Ok(worst)
+        s.worst(&outs)
     }
 
     #[test]

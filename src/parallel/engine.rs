@@ -158,7 +158,9 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
             return Err(Error::setting(
                 "parallel layout",
                 what,
-                format!("{what} keeps one pass's keys and values per step: with --true-cfg use --cfg 2"),
+                format!(
+                    "{what} keeps one pass's keys and values per step: with --true-cfg use --cfg 2"
+                ),
             ));
         }
     }
@@ -171,10 +173,9 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
                 format!("the model has {blocks} blocks: at most that many stages"),
             ));
         }
-        let cache = req
-            .cache
-            .clone()
-            .unwrap_or_else(|| crate::pipeline::cache::CacheSpec::from_threshold(req.cache_threshold));
+        let cache = req.cache.clone().unwrap_or_else(|| {
+            crate::pipeline::cache::CacheSpec::from_threshold(req.cache_threshold)
+        });
         if cache != crate::pipeline::cache::CacheSpec::None {
             return Err(Error::setting(
                 "parallel layout",
@@ -731,8 +732,14 @@ mod tests {
             assert!(d <= 1, "pipefusion {stages}x{patches}, full warm-up: {d}");
             let g = generate(&p, pipe(stages, patches, 1), &r, &mut |_| Ok(()))?;
             let psnr = crate::pipeline::metrics::psnr(&g.image, &one.image)?;
-            assert!(max_pixel_diff(&g, &one) > 1, "{stages}x{patches}: nothing stale");
-            assert!(psnr > 25.0, "pipefusion {stages}x{patches}, warm-up 1: {psnr:.1} dB");
+            assert!(
+                max_pixel_diff(&g, &one) > 1,
+                "{stages}x{patches}: nothing stale"
+            );
+            assert!(
+                psnr > 25.0,
+                "pipefusion {stages}x{patches}, warm-up 1: {psnr:.1} dB"
+            );
         }
         // Composed with CFG parallelism: each branch its own pipeline.
         let cfg = GenerateRequest {

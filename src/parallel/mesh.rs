@@ -471,7 +471,8 @@ mod tests {
         // As `nvidia-smi topo -m` prints it (the legend and affinity columns trimmed).
         let nv = "\tGPU0\tGPU1\tGPU2\tCPU Affinity\nGPU0\t X \tNV18\tNV18\t0-63\nGPU1\tNV18\t X \tNV18\t0-63\nGPU2\tNV18\tNV18\t X \t0-63\n";
         assert_eq!(Link::from_topo(nv, &[0, 1, 2]), Link::NvLink);
-        let pcie = "\tGPU0\tGPU1\tGPU2\nGPU0\t X \tPHB\tNV4\nGPU1\tPHB\t X \tSYS\nGPU2\tNV4\tSYS\t X \n";
+        let pcie =
+            "\tGPU0\tGPU1\tGPU2\nGPU0\t X \tPHB\tNV4\nGPU1\tPHB\t X \tSYS\nGPU2\tNV4\tSYS\t X \n";
         assert_eq!(Link::from_topo(pcie, &[0, 2]), Link::NvLink);
         assert_eq!(Link::from_topo(pcie, &[0, 1]), Link::Pcie);
         assert_eq!(Link::from_topo(pcie, &[0, 1, 2]), Link::Pcie);
@@ -503,10 +504,7 @@ mod tests {
             ..AutoHints::default()
         };
         assert_eq!(ParallelLayout::auto_with(4, 24, false, nv).0.ulysses, 4);
-        let few = AutoHints {
-            blocks: 3,
-            ..pcie
-        };
+        let few = AutoHints { blocks: 3, ..pcie };
         assert_eq!(ParallelLayout::auto_with(4, 24, false, few).0.pipeline, 1);
         for n in 1..=8 {
             for hints in [pcie, big, nv] {

@@ -31,6 +31,8 @@ pub mod pipefusion;
 pub mod ring;
 pub mod sp;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_steps;
 pub mod traffic;
 pub mod ulysses;
 pub mod vae;

@@ -298,7 +298,11 @@ impl ForwardPlan for PipeFusion {
         let v = match v {
             Some(v) => v,
             None => Tensor::zeros(
-                (input.img.dim(0)?, input.img.dim(1)?, model.config().in_channels),
+                (
+                    input.img.dim(0)?,
+                    input.img.dim(1)?,
+                    model.config().in_channels,
+                ),
                 model.dtype(),
                 model.device(),
             )?,
@@ -322,7 +326,11 @@ mod tests {
                 .map(|s| stage_blocks(blocks, stages, s))
                 .collect();
             let covered: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
-            assert_eq!(covered, (0..blocks).collect::<Vec<_>>(), "{blocks} / {stages}");
+            assert_eq!(
+                covered,
+                (0..blocks).collect::<Vec<_>>(),
+                "{blocks} / {stages}"
+            );
             let lens: Vec<usize> = parts.iter().map(|r| r.len()).collect();
             let (lo, hi) = (lens.iter().min(), lens.iter().max());
             assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{lens:?}");
@@ -351,54 +359,16 @@ mod tests {
         warmup: usize,
         (txt, h, w): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
-        let dev = Device::Cpu;
-        let cfg = FluxConfig {
-            num_heads: 4,
-            hidden_size: 128,
-            axes_dim: vec![4, 14, 14],
-            ..FluxConfig::tiny()
-        };
-        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
-        let img0 = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
-        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
-        let g = Tensor::new(&[3.5f32], &dev)?;
-        let pe = m.pos_embed(txt, h, w)?;
-        let steps: Vec<(Tensor, Tensor)> = (0..3)
-            .map(|i| {
-                let img = (&img0 * (1.0 - 0.02 * i as f64))?;
-                Ok((img, Tensor::new(&[0.9f32 - 0.04 * i as f32], &dev)?))
-            })
-            .collect::<Result<_>>()?;
-        let run = |f: &Flux| -> Result<Vec<Tensor>> {
-            steps
-                .iter()
-                .map(|(img, t)| {
-                    f.forward(&FluxInput {
-                        img,
-                        txt: &txt_t,
-                        y: &y,
-                        timesteps: t,
-                        guidance: Some(&g),
-                        pe: &pe,
-                    })
-                })
-                .collect()
-        };
-        let want = run(&m)?;
+        let s = crate::parallel::test_steps::Steps::new((txt, h, w), 1.0)?;
         let outs = run_local(stages, |_, comm| {
-            let stage = PipeFusion::replica(&m, Arc::new(comm), patches, warmup)?;
-            run(&stage)
+            s.run(&PipeFusion::replica(
+                &s.model,
+                Arc::new(comm),
+                patches,
+                warmup,
+            )?)
         })?;
-        let mut worst = vec![0f32; steps.len()];
-        for per_rank in outs {
-            for (i, (o, w)) in per_rank.iter().zip(&want).enumerate() {
-                let d = (o - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
-                worst[i] = worst[i].max(d / scale);
-            }
-        }
-        Ok(worst)
+        s.worst(&outs)
     }
 
     #[test]
@@ -407,14 +377,20 @@ mod tests {
         // one block each, double and single on different stages).
         for (stages, patches) in [(2, 2), (2, 4), (4, 4), (3, 2)] {
             let exact = forwards(stages, patches, 3, (8, 8, 8))?;
-            assert!(exact.iter().all(|d| *d < 1e-5), "{stages}x{patches}: {exact:?}");
+            assert!(
+                exact.iter().all(|d| *d < 1e-5),
+                "{stages}x{patches}: {exact:?}"
+            );
             let stale = forwards(stages, patches, 1, (8, 8, 8))?;
             assert!(stale[0] < 1e-5, "{stages}x{patches}: {stale:?}");
             assert!(
                 stale[1] > 1e-5 && stale[2] > 1e-5,
                 "{stages}x{patches}: stale K/V changed nothing: {stale:?}"
             );
-            assert!(stale[1] < 0.3 && stale[2] < 0.3, "{stages}x{patches}: {stale:?}");
+            assert!(
+                stale[1] < 0.3 && stale[2] < 0.3,
+                "{stages}x{patches}: {stale:?}"
+            );
         }
         // Token counts that do not divide by the patches (padded patches) stay exact in warm-up
         // and close after it.
@@ -485,7 +461,10 @@ mod tests {
     #[test]
     fn a_stage_holds_only_its_blocks() -> Result<()> {
         let cfg = FluxConfig::tiny();
-        let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &Device::Cpu))?;
+        let m = Flux::new(
+            &cfg,
+            DemoWeights::new(5).var_builder(DType::F32, &Device::Cpu),
+        )?;
         let whole = m.weight_bytes();
         let comms = LocalComm::group(2);
         let mut parts = 0;
