@@ -750,6 +750,7 @@ fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
         fp8: Fp8Groups::ALL_AND_MODULATIONS,
         lean: true,
         t5: T5Residency::OnDemand,
+        ..Default::default()
     };
     let lean =
         Pipeline::load_with(&resolved, "lean", DType::F32, &Device::Cpu, opts).expect("lean");
@@ -783,4 +784,74 @@ fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
     assert_ne!(x.image, y.image);
     let psnr = parallax::pipeline::metrics::psnr(&x.image, &y.image).expect("psnr");
     assert!(psnr > 30.0, "FP8 with modulations: {psnr} dB");
+}
+
+/// A PipeFusion stage reads only its blocks from the files: with the other stage's tensors
+/// unreadable (stored as U8, which the loader refuses) a whole load fails naming one of them,
+/// while the stage loads; and two stages loaded this way, pipelined, give the whole model's
+/// velocity through their warm-up.
+#[test]
+fn a_pipefusion_stage_reads_only_its_blocks() {
+    use parallax::parallel::comm::run_local;
+    use parallax::parallel::pipefusion::{stage_blocks, PipeFusion};
+    use parallax::pipeline::{load_transformer_with, LoadOptions};
+    use std::sync::Arc;
+
+    let cfg = FluxConfig::tiny();
+    let (flux, tensors) = tiny_tensors(&cfg);
+    let n = cfg.num_blocks();
+    let bfl = || TransformerLayout::Bfl {
+        prefix: String::new(),
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut stages = Vec::new();
+    for s in 0..2 {
+        let held = stage_blocks(n, 2, s);
+        let other = |name: &str| {
+            (0..n).filter(|i| !held.contains(i)).any(|i| {
+                let prefix = if i < cfg.depth {
+                    format!("double_blocks.{i}.")
+                } else {
+                    format!("single_blocks.{}.", i - cfg.depth)
+                };
+                name.starts_with(&prefix)
+            })
+        };
+        let poisoned: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = if other(name) {
+                    t.to_dtype(DType::U8).expect("u8")
+                } else {
+                    t.clone()
+                };
+                (name.clone(), t)
+            })
+            .collect();
+        let path = dir.path().join(format!("stage{s}.safetensors"));
+        save_safetensors(&poisoned, &path).expect("save");
+        match load_transformer(&files(&path, bfl()), DType::F32, &Device::Cpu) {
+            Err(Error::UnsupportedDtype { tensor, .. }) => assert!(other(&tensor), "{tensor}"),
+            other => panic!("stage {s}: a whole load should fail on the other blocks: {other:?}"),
+        }
+        let opts = LoadOptions {
+            blocks: Some((held.start, held.end)),
+            ..Default::default()
+        };
+        let (stage, _) =
+            load_transformer_with(&files(&path, bfl()), DType::F32, &Device::Cpu, opts)
+                .expect("a stage reads its blocks alone");
+        assert_eq!(stage.held_blocks(), held);
+        assert!(stage.weight_bytes() < flux.weight_bytes());
+        stages.push(stage);
+    }
+    let want = velocity(&flux);
+    let got = run_local(2, |rank, comm| {
+        let stage = PipeFusion::replica(&stages[rank], Arc::new(comm), 2, 1)?;
+        Ok(velocity(&stage))
+    })
+    .expect("pipelined");
+    for v in got {
+        assert!(max_diff(&v, &want) < 1e-5);
+    }
 }

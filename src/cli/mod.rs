@@ -780,10 +780,15 @@ fn checked_job(
     one_cache(sample)?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
-    let heads = model_config(&resolved)?.num_heads;
+    let cfg = model_config(&resolved)?;
     let req = request_for(is_demo(&resolved), sample);
     let placement = parallel.placement(&model.device)?;
-    let plan = placement.plan(heads, crate::engine::wants_true_cfg(&req), gpus_present())?;
+    let plan = placement.plan_with(
+        cfg.num_heads,
+        crate::engine::wants_true_cfg(&req),
+        gpus_present(),
+        crate::engine::auto_hints(&cfg, &placement),
+    )?;
     Ok(Checked {
         choice,
         req,
@@ -809,7 +814,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if plan.world() > 1 {
         eprintln!("{}", plan.describe());
     }
-    let mut engine = Engine::load(choice, &plan.ranks[0])?;
+    let mut engine = Engine::load_for(choice, &plan)?;
     // The request is checked on the first copy, before the replicas load.
     let settings = engine.primary().settings_for(&req)?;
     engine.prepare(&plan, images, &mut |d| {

@@ -103,6 +103,16 @@ fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
 
 /// Resolve and load `choice` on `device` (`cpu`, `cuda`, `cuda:N`).
 pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
+    load_pipeline_blocks(choice, device, None)
+}
+
+/// [`load_pipeline`] holding only the transformer blocks `blocks` (`start`, `end`; a PipeFusion
+/// stage's), or all of them.
+pub fn load_pipeline_blocks(
+    choice: &ModelChoice,
+    device: &str,
+    blocks: Option<(usize, usize)>,
+) -> Result<Pipeline> {
     let dev = crate::device::parse(device)?;
     let resolved = choice.resolve()?;
     for r in &resolved.reasons {
@@ -120,6 +130,7 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
             Precision::Fp8 => Fp8Groups::ALL,
             Precision::Native => Fp8Groups::NONE,
         },
+        blocks,
         ..Default::default()
     };
     let opts = match choice.memory_budget_mib {
@@ -138,7 +149,10 @@ pub fn load_pipeline(choice: &ModelChoice, device: &str) -> Result<Pipeline> {
                     "--memory-budget: FP8 products chosen to fit (FP8's error applies: see BENCHMARKS.md)"
                 );
             }
-            plan.options
+            LoadOptions {
+                blocks,
+                ..plan.options
+            }
         }
     };
     let t0 = Instant::now();

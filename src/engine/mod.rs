@@ -20,14 +20,28 @@ use crate::error::{Error, Result};
 use crate::parallel::mesh::ParallelLayout;
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
 
-pub use load::{load_pipeline, model_config, DTypeChoice, ModelChoice, Precision};
+pub use load::{
+    load_pipeline, load_pipeline_blocks, model_config, DTypeChoice, ModelChoice, Precision,
+};
 pub use placement::{Degrees, Devices, LayoutChoice, Placement, Plan};
 
-/// Where a loaded pipeline lives: its device and, for a GPU named several times, which copy.
+/// Where a loaded pipeline lives: its device and, for a GPU named several times, which copy;
+/// and which transformer blocks it holds (a PipeFusion stage's on GPUs; `None`: all).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Slot {
     device: String,
     copy: usize,
+    blocks: Option<(usize, usize)>,
+}
+
+impl Slot {
+    /// Whether a pipeline loaded for this slot can run as `needed` (the same device and copy,
+    /// and every block it needs).
+    fn serves(&self, needed: &Slot) -> bool {
+        self.device == needed.device
+            && self.copy == needed.copy
+            && (self.blocks.is_none() || self.blocks == needed.blocks)
+    }
 }
 
 /// GPUs present on this machine (0 in builds without the `cuda` feature).
@@ -52,10 +66,49 @@ impl Engine {
                 Slot {
                     device: device.to_string(),
                     copy: 0,
+                    blocks: None,
                 },
                 p,
             )],
         })
+    }
+
+    /// [`Engine::load`] for `plan`: under PipeFusion on GPUs the first pipeline holds only rank
+    /// 0's stage (so a model no single GPU holds still loads, a stage per GPU); otherwise the
+    /// whole model on rank 0's device.
+    pub fn load_for(choice: ModelChoice, plan: &Plan) -> Result<Self> {
+        let device = plan
+            .ranks
+            .first()
+            .ok_or_else(|| Error::setting("devices", "", "the plan has no ranks"))?;
+        let cfg = model_config(&choice.resolve()?)?;
+        let blocks = Self::stage_of(plan, 0, cfg.num_blocks());
+        let p = load_pipeline_blocks(&choice, device, blocks)?;
+        Ok(Self {
+            choice,
+            loaded: vec![(
+                Slot {
+                    device: device.clone(),
+                    copy: 0,
+                    blocks,
+                },
+                p,
+            )],
+        })
+    }
+
+    /// The blocks rank `r` of `plan` holds: its PipeFusion stage's on GPUs, else all (`None`;
+    /// CPU workers share one whole model).
+    fn stage_of(plan: &Plan, r: usize, blocks: usize) -> Option<(usize, usize)> {
+        let l = plan.layout;
+        if !plan.is_gpu() || l.pipeline <= 1 {
+            return None;
+        }
+        // Ranks are numbered with the pipeline axis outside ring and Ulysses (both 1 under
+        // PipeFusion): the stage is the rank's pipeline coordinate.
+        let stage = (r / (l.ring * l.ulysses).max(1)) % l.pipeline;
+        let b = crate::parallel::pipefusion::stage_blocks(blocks, l.pipeline, stage);
+        Some((b.start, b.end))
     }
 
     pub fn choice(&self) -> &ModelChoice {
@@ -74,34 +127,19 @@ impl Engine {
 
     /// Check `placement` for requests like `req` on this model and the GPUs present.
     pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
-        let flux = &self.primary().flux;
-        // Whether the smallest GPU named holds the transformer with room for a step's work (a
-        // tenth more); CPU workers always do.
-        let gpus = crate::device::gpus();
-        let smallest = placement
-            .devices
-            .listed(gpus_present())
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.strip_prefix("cuda:")?.parse::<usize>().ok())
-            .filter_map(|i| gpus.iter().find(|g| g.index == i).map(|g| g.memory))
-            .min();
-        let hints = crate::parallel::mesh::AutoHints {
-            model_fits_one: smallest.is_none_or(|m| flux.weight_bytes() as f64 * 1.1 < m as f64),
-            blocks: flux.config().num_blocks(),
-            ..Default::default()
-        };
+        let cfg = self.primary().flux.config();
         placement.plan_with(
-            flux.config().num_heads,
+            cfg.num_heads,
             wants_true_cfg(req),
             gpus_present(),
-            hints,
+            auto_hints(cfg, placement),
         )
     }
 
-    /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k.
-    fn slots(plan: &Plan) -> Vec<Slot> {
+    /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k;
+    /// under PipeFusion a GPU rank needs only its stage's blocks.
+    fn slots(&self, plan: &Plan) -> Vec<Slot> {
+        let blocks = self.primary().flux.config().num_blocks();
         plan.ranks
             .iter()
             .enumerate()
@@ -112,6 +150,7 @@ impl Engine {
                 } else {
                     plan.ranks[..r].iter().filter(|e| *e == d).count()
                 },
+                blocks: Self::stage_of(plan, r, blocks),
             })
             .collect()
     }
@@ -126,20 +165,30 @@ impl Engine {
     ) -> Result<()> {
         let groups = plan.layout.dp.clamp(1, images.max(1));
         let used = groups * plan.group_size();
-        let needed: Vec<Slot> = Self::slots(plan).into_iter().take(used).collect();
+        let needed: Vec<Slot> = self.slots(plan).into_iter().take(used).collect();
         // GPU copies this plan leaves idle are freed (their memory may be what the plan needs);
-        // the first pipeline and the CPU model stay.
+        // the first pipeline and the CPU model stay, unless the first holds a stage and this
+        // plan needs more of the model there.
+        if let Some(first) = needed.first() {
+            let (s, _) = &self.loaded[0];
+            if s.blocks.is_some() && s.device == first.device && !s.serves(first) {
+                on_load(&first.device);
+                let p = load_pipeline_blocks(&self.choice, &first.device, first.blocks)
+                    .map_err(|e| e.loading(format!("the model on {}", first.device)))?;
+                self.loaded[0] = (first.clone(), p);
+            }
+        }
         let mut index = 0;
         self.loaded.retain(|(s, _)| {
             index += 1;
-            index == 1 || s.device == "cpu" || needed.contains(s)
+            index == 1 || s.device == "cpu" || needed.iter().any(|n| s.serves(n))
         });
         for slot in needed {
-            if self.loaded.iter().any(|(s, _)| *s == slot) {
+            if self.loaded.iter().any(|(s, _)| s.serves(&slot)) {
                 continue;
             }
             on_load(&slot.device);
-            let p = load_pipeline(&self.choice, &slot.device)
+            let p = load_pipeline_blocks(&self.choice, &slot.device, slot.blocks)
                 .map_err(|e| e.loading(format!("a replica for {}", slot.device)))?;
             self.loaded.push((slot, p));
         }
@@ -149,7 +198,7 @@ impl Engine {
     fn pipeline(&self, slot: &Slot) -> Result<&Pipeline> {
         self.loaded
             .iter()
-            .find(|(s, _)| s == slot)
+            .find(|(s, _)| s.serves(slot))
             .map(|(_, p)| p)
             .ok_or_else(|| {
                 Error::setting(
@@ -176,7 +225,7 @@ impl Engine {
     pub fn generate_many(&self, plan: &Plan, reqs: &[GenerateRequest]) -> Vec<Result<Generated>> {
         if !plan.is_gpu() {
             // CPU groups share the one CPU model.
-            return match self.pipeline(&Self::slots(plan)[0]) {
+            return match self.pipeline(&self.slots(plan)[0]) {
                 Ok(p) => crate::parallel::engine::generate_many(p, plan.layout, reqs),
                 Err(e) => {
                     let e = e.to_string();
@@ -198,7 +247,8 @@ impl Engine {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let per = plan.group_size();
-        let slots: Vec<Slot> = Self::slots(plan)
+        let slots: Vec<Slot> = self
+            .slots(plan)
             .into_iter()
             .skip(g * per)
             .take(per)
@@ -255,6 +305,32 @@ fn on_gpus(
     ))
 }
 
+/// What the automatic layout should know of `cfg`'s transformer on `placement`'s devices:
+/// whether the smallest GPU named holds its weights (bf16, from the config's parameter count)
+/// with a tenth to spare for a step's work (CPU workers always do), and its block count. The
+/// GPUs' links are read by [`Placement::plan_with`].
+pub fn auto_hints(
+    cfg: &crate::model::flux::FluxConfig,
+    placement: &Placement,
+) -> crate::parallel::mesh::AutoHints {
+    let gpus = crate::device::gpus();
+    let smallest = placement
+        .devices
+        .listed(gpus_present())
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.strip_prefix("cuda:")?.parse::<usize>().ok())
+        .filter_map(|i| gpus.iter().find(|g| g.index == i).map(|g| g.memory))
+        .min();
+    let weights = memory::FluxParams::of(cfg).bytes(&Default::default(), 2);
+    crate::parallel::mesh::AutoHints {
+        model_fits_one: smallest.is_none_or(|m| weights as f64 * 1.1 < m as f64),
+        blocks: cfg.num_blocks(),
+        ..Default::default()
+    }
+}
+
 /// Whether `req` runs true CFG's negative branch (what CFG parallelism splits off).
 pub fn wants_true_cfg(req: &GenerateRequest) -> bool {
     req.true_cfg.unwrap_or(1.0) > 1.0 && req.negative_prompt.is_some()
@@ -277,6 +353,48 @@ mod tests {
             cache_threshold: 0.0,
             cache: None,
         }
+    }
+
+    #[test]
+    fn pipefusion_gpu_ranks_need_only_their_stage() {
+        let plan = |devices: &[&str], layout: ParallelLayout| Plan {
+            ranks: devices.iter().map(|d| d.to_string()).collect(),
+            layout,
+            why: String::new(),
+        };
+        let pipe = ParallelLayout {
+            cfg: 2,
+            pipeline: 2,
+            ..ParallelLayout::default()
+        };
+        let gpus = plan(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"], pipe);
+        // CFG outermost: ranks 0, 1 are one branch's stages 0, 1; ranks 2, 3 the other's.
+        let stages: Vec<_> = (0..4).map(|r| Engine::stage_of(&gpus, r, 57)).collect();
+        assert_eq!(
+            stages,
+            vec![Some((0, 29)), Some((29, 57)), Some((0, 29)), Some((29, 57))]
+        );
+        // CPU workers share one whole model; other layouts need every block.
+        let cpu = plan(&["cpu", "cpu"], pipe);
+        assert_eq!(Engine::stage_of(&cpu, 1, 57), None);
+        let uly = plan(
+            &["cuda:0", "cuda:1"],
+            ParallelLayout {
+                ulysses: 2,
+                ..ParallelLayout::default()
+            },
+        );
+        assert_eq!(Engine::stage_of(&uly, 1, 57), None);
+        // A whole model serves a stage on its device; a stage serves only itself.
+        let slot = |blocks| Slot {
+            device: "cuda:1".into(),
+            copy: 0,
+            blocks,
+        };
+        assert!(slot(None).serves(&slot(Some((29, 57)))));
+        assert!(slot(Some((29, 57))).serves(&slot(Some((29, 57)))));
+        assert!(!slot(Some((29, 57))).serves(&slot(None)));
+        assert!(!slot(Some((0, 29))).serves(&slot(Some((29, 57)))));
     }
 
     fn placement(devices: &str, degrees: Degrees) -> Result<Placement> {

@@ -257,6 +257,17 @@ pub struct LoadOptions {
     pub lean: bool,
     /// Where T5 stays between prompts.
     pub t5: T5Residency,
+    /// Only these blocks of the transformer (`start`, `end` of the unified numbering: a
+    /// PipeFusion stage's share); `None`: all of them. Read from files, only they are read;
+    /// random and demo models are made whole (the same weights) and the rest dropped.
+    pub blocks: Option<(usize, usize)>,
+}
+
+impl LoadOptions {
+    /// The blocks to hold, of a transformer with `n`.
+    pub fn block_range(&self, n: usize) -> std::ops::Range<usize> {
+        self.blocks.map_or(0..n, |(a, b)| a.min(n)..b.min(n))
+    }
 }
 
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
@@ -430,6 +441,10 @@ impl Pipeline {
         };
         if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {
             p.flux = p.flux.with_fp8_in(opts.fp8).px()?;
+        }
+        let blocks = opts.block_range(p.flux.config().num_blocks());
+        if p.flux.held_blocks() != blocks {
+            p.flux = p.flux.only_blocks(blocks);
         }
         Ok(p)
     }
@@ -877,7 +892,8 @@ pub fn load_transformer_with(
     let map: Arc<dyn KeyMap> =
         Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
     let vb = MappedWeights::new(set, map).var_builder(dtype, device);
-    let flux = Flux::new_fp8(&cfg, vb, opts.fp8, opts.lean).px()?;
+    let blocks = opts.block_range(cfg.num_blocks());
+    let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks).px()?;
     Ok((flux, variant))
 }
 
