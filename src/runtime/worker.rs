@@ -110,7 +110,25 @@ impl Worker {
         self.loaded = None;
         self.emit.emit(Event::ModelLoading { spec: spec.clone() });
         let t0 = Instant::now();
-        let engine = first.and_then(|first| Engine::load(spec.model.clone(), &first));
+        let engine = first.and_then(|first| {
+            // Under PipeFusion on GPUs the first copy holds only rank 0's stage (a later plan
+            // that needs more reloads it): plan with the model's config before loading.
+            let planned = spec.model.resolve().and_then(|r| {
+                let cfg = crate::engine::model_config(&r)?;
+                spec.placement.plan_with(
+                    cfg.num_heads,
+                    false,
+                    gpus_present(),
+                    crate::engine::auto_hints(&cfg, &spec.placement),
+                )
+            });
+            match planned {
+                Ok(plan) if plan.ranks.first() == Some(&first) => {
+                    Engine::load_for(spec.model.clone(), &plan)
+                }
+                _ => Engine::load(spec.model.clone(), &first),
+            }
+        });
         let engine = match engine {
             Ok(e) => e,
             Err(e) => {
