@@ -8,8 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
 use parallax::pipeline::GenerateRequest;
-use parallax::runtime::{Event, JobSpec, Runtime};
+use parallax::runtime::{EngineSpec, Event, JobSpec, Runtime};
 
 fn req(seed: u64) -> GenerateRequest {
     GenerateRequest {
@@ -135,4 +136,40 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
         "write fault: reported in {:.2} s",
         t0.elapsed().as_secs_f64()
     );
+
+    // The same under PipeFusion (two stages passing patches point to point): a stage that fails
+    // or stalls is named in bounded time, and the next job runs.
+    rt.configure(EngineSpec::new(
+        "demo",
+        Placement {
+            devices: Devices::parse("cpu:2").expect("devices"),
+            layout: LayoutChoice::Degrees(Degrees {
+                pipefusion: Some(2),
+                ..Degrees::default()
+            }),
+        },
+    ));
+    let (ev, _) = run(&rt, req(5));
+    assert!(matches!(ev, Event::Finished { .. }), "pipefusion: {ev:?}");
+    let before = pngs(&gallery).len();
+    std::env::set_var("PARALLAX_COLLECTIVE_TIMEOUT_S", "1");
+    for (fault, needle) in [
+        ("rank=1,step=1,kind=fail", "injected fault: rank 1"),
+        ("rank=0,step=1,kind=stall:2.5", "rank 0"),
+    ] {
+        std::env::set_var("PARALLAX_FAULT", fault);
+        let (ev, secs) = run(&rt, req(6));
+        std::env::remove_var("PARALLAX_FAULT");
+        match &ev {
+            Event::Failed { error, .. } => assert!(error.contains(needle), "{fault}: {error}"),
+            other => panic!("pipefusion, {fault}: expected a failure, got {other:?}"),
+        }
+        assert!(secs < 10.0, "pipefusion, {fault}: {secs:.1} s");
+        eprintln!("pipefusion, {fault}: failed in {secs:.2} s");
+        assert_eq!(pngs(&gallery).len(), before, "{fault}");
+        let (ev, _) = run(&rt, req(7));
+        assert!(matches!(ev, Event::Finished { .. }), "{fault}: then {ev:?}");
+        std::fs::remove_file(pngs(&gallery).pop().expect("the new image")).expect("rm");
+    }
+    std::env::remove_var("PARALLAX_COLLECTIVE_TIMEOUT_S");
 }
