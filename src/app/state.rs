@@ -343,6 +343,7 @@ impl Settings {
             displaced_rotate: self.displaced_rotate && self.displaced_warmup.is_some(),
             pipeline_patches: (self.pipeline > 1).then_some(self.pipeline_patches),
             pipeline_warmup: (self.pipeline > 1).then_some(self.pipeline_warmup),
+            pipeline_balance: Default::default(),
         })
     }
 

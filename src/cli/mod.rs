@@ -317,6 +317,19 @@ pub struct DegreeArgs {
     /// PipeFusion's patches per step (default: one per stage; more shrinks the pipeline's bubble).
     #[arg(long, requires = "pipefusion")]
     pub pipefusion_patches: Option<usize>,
+    /// How --pipefusion splits the blocks: `work` (even block counts: even work per token, the
+    /// default) or `memory` (even weight bytes, for a model no single GPU holds).
+    #[arg(long, requires = "pipefusion", value_parser = parse_balance)]
+    pub pipefusion_balance: Option<crate::parallel::pipefusion::StageBalance>,
+}
+
+fn parse_balance(s: &str) -> Result<crate::parallel::pipefusion::StageBalance, String> {
+    use crate::parallel::pipefusion::StageBalance;
+    match s.trim() {
+        "work" => Ok(StageBalance::Work),
+        "memory" => Ok(StageBalance::Memory),
+        other => Err(format!("`{other}`: give work or memory")),
+    }
 }
 
 impl DegreeArgs {
@@ -332,6 +345,7 @@ impl DegreeArgs {
             displaced_rotate: self.displaced_rotate,
             pipefusion: self.pipefusion,
             pipefusion_patches: self.pipefusion_patches,
+            pipefusion_balance: self.pipefusion_balance,
         }
     }
 }

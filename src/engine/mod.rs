@@ -82,7 +82,7 @@ impl Engine {
             .first()
             .ok_or_else(|| Error::setting("devices", "", "the plan has no ranks"))?;
         let cfg = model_config(&choice.resolve()?)?;
-        let blocks = Self::stage_of(plan, 0, cfg.num_blocks());
+        let blocks = Self::stage_of(plan, 0, &cfg);
         let p = load_pipeline_blocks(&choice, device, blocks)?;
         Ok(Self {
             choice,
@@ -99,7 +99,11 @@ impl Engine {
 
     /// The blocks rank `r` of `plan` holds: its PipeFusion stage's on GPUs, else all (`None`;
     /// CPU workers share one whole model).
-    fn stage_of(plan: &Plan, r: usize, blocks: usize) -> Option<(usize, usize)> {
+    fn stage_of(
+        plan: &Plan,
+        r: usize,
+        cfg: &crate::model::flux::FluxConfig,
+    ) -> Option<(usize, usize)> {
         let l = plan.layout;
         if !plan.is_gpu() || l.pipeline <= 1 {
             return None;
@@ -107,7 +111,8 @@ impl Engine {
         // Ranks are numbered with the pipeline axis outside ring and Ulysses (both 1 under
         // PipeFusion): the stage is the rank's pipeline coordinate.
         let stage = (r / (l.ring * l.ulysses).max(1)) % l.pipeline;
-        let b = crate::parallel::pipefusion::stage_blocks(blocks, l.pipeline, stage);
+        let b =
+            crate::parallel::pipefusion::stage_split(cfg, l.pipeline, stage, l.pipeline_balance);
         Some((b.start, b.end))
     }
 
@@ -139,7 +144,7 @@ impl Engine {
     /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k;
     /// under PipeFusion a GPU rank needs only its stage's blocks.
     fn slots(&self, plan: &Plan) -> Vec<Slot> {
-        let blocks = self.primary().flux.config().num_blocks();
+        let cfg = self.primary().flux.config();
         plan.ranks
             .iter()
             .enumerate()
@@ -150,7 +155,7 @@ impl Engine {
                 } else {
                     plan.ranks[..r].iter().filter(|e| *e == d).count()
                 },
-                blocks: Self::stage_of(plan, r, blocks),
+                blocks: Self::stage_of(plan, r, cfg),
             })
             .collect()
     }
@@ -369,14 +374,26 @@ mod tests {
         };
         let gpus = plan(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"], pipe);
         // CFG outermost: ranks 0, 1 are one branch's stages 0, 1; ranks 2, 3 the other's.
-        let stages: Vec<_> = (0..4).map(|r| Engine::stage_of(&gpus, r, 57)).collect();
+        let dev = crate::model::flux::FluxConfig::dev();
+        let stages: Vec<_> = (0..4).map(|r| Engine::stage_of(&gpus, r, &dev)).collect();
         assert_eq!(
             stages,
             vec![Some((0, 29)), Some((29, 57)), Some((0, 29)), Some((29, 57))]
         );
+        // Balanced by memory: 17 double blocks on the first stage, the other 40 blocks on the
+        // second.
+        let mem = plan(
+            &["cuda:0", "cuda:1"],
+            ParallelLayout {
+                pipeline: 2,
+                pipeline_balance: crate::parallel::pipefusion::StageBalance::Memory,
+                ..ParallelLayout::default()
+            },
+        );
+        assert_eq!(Engine::stage_of(&mem, 1, &dev), Some((17, 57)));
         // CPU workers share one whole model; other layouts need every block.
         let cpu = plan(&["cpu", "cpu"], pipe);
-        assert_eq!(Engine::stage_of(&cpu, 1, 57), None);
+        assert_eq!(Engine::stage_of(&cpu, 1, &dev), None);
         let uly = plan(
             &["cuda:0", "cuda:1"],
             ParallelLayout {
@@ -384,7 +401,7 @@ mod tests {
                 ..ParallelLayout::default()
             },
         );
-        assert_eq!(Engine::stage_of(&uly, 1, 57), None);
+        assert_eq!(Engine::stage_of(&uly, 1, &dev), None);
         // A whole model serves a stage on its device; a stage serves only itself.
         let slot = |blocks| Slot {
             device: "cuda:1".into(),

@@ -217,6 +217,9 @@ pub struct Degrees {
     /// PipeFusion's patches per step (default: one per stage).
     #[serde(default)]
     pub pipefusion_patches: Option<usize>,
+    /// How PipeFusion splits the blocks (default: even work).
+    #[serde(default)]
+    pub pipefusion_balance: Option<crate::parallel::pipefusion::StageBalance>,
 }
 
 impl Degrees {
@@ -244,6 +247,7 @@ impl Degrees {
                 pipeline: n,
                 pipeline_patches: self.pipefusion_patches,
                 pipeline_warmup: self.warmup_steps,
+                pipeline_balance: self.pipefusion_balance.unwrap_or_default(),
                 ..ParallelLayout::default()
             };
         }
@@ -285,6 +289,7 @@ impl Degrees {
             displaced_rotate: layout.displaced_rotate,
             pipefusion: (layout.pipeline > 1).then_some(layout.pipeline),
             pipefusion_patches: layout.pipeline_patches,
+            pipefusion_balance: (layout.pipeline > 1).then_some(layout.pipeline_balance),
         }
     }
 }
@@ -411,9 +416,14 @@ impl Plan {
                 if w == 1 { "" } else { "s" }
             ),
             None if l.pipeline > 1 => format!(
-                "pipefusion {} ({} patches a step, {} exact warm-up step{}, then stale K/V: approximate)",
+                "pipefusion {} ({} patches a step,{} {} exact warm-up step{}, then stale K/V: approximate)",
                 l.pipeline,
                 l.patches(),
+                if l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory {
+                    " blocks split by weight bytes,"
+                } else {
+                    ""
+                },
                 l.pipeline_warmup(),
                 if l.pipeline_warmup() == 1 { "" } else { "s" }
             ),

@@ -443,11 +443,12 @@ pub fn denoise_rank(
 ) -> Result<(Tensor, CacheStats)> {
     let layout = mesh.layout();
     let model = if layout.pipeline > 1 {
-        super::pipefusion::PipeFusion::replica(
+        super::pipefusion::PipeFusion::replica_with(
             flux,
             groups.pipe.clone(),
             layout.patches(),
             layout.pipeline_warmup(),
+            layout.pipeline_balance,
         )?
     } else {
         sequence_replica(flux, mesh, groups)?

@@ -33,6 +33,9 @@ pub struct ParallelLayout {
     /// PipeFusion: exact warm-up steps before patches read stale K/V (`None`: 1).
     #[serde(default)]
     pub pipeline_warmup: Option<usize>,
+    /// PipeFusion: how the blocks are split over the stages.
+    #[serde(default)]
+    pub pipeline_balance: super::pipefusion::StageBalance,
 }
 
 impl Default for ParallelLayout {
@@ -47,6 +50,7 @@ impl Default for ParallelLayout {
             displaced_rotate: false,
             pipeline_patches: None,
             pipeline_warmup: None,
+            pipeline_balance: super::pipefusion::StageBalance::Work,
         }
     }
 }
@@ -203,6 +207,12 @@ impl ParallelLayout {
             let layout = Self {
                 cfg,
                 pipeline: rest,
+                // A model no single device holds: even out the stages' weights.
+                pipeline_balance: if hints.model_fits_one {
+                    super::pipefusion::StageBalance::Work
+                } else {
+                    super::pipefusion::StageBalance::Memory
+                },
                 ..Self::default()
             };
             let why = format!(
@@ -295,7 +305,10 @@ impl Mesh {
                     "PipeFusion needs at least one warm-up step (it fills the keys and values the patches read)".into(),
                 ));
             }
-        } else if layout.pipeline_patches.is_some() || layout.pipeline_warmup.is_some() {
+        } else if layout.pipeline_patches.is_some()
+            || layout.pipeline_warmup.is_some()
+            || layout.pipeline_balance != super::pipefusion::StageBalance::Work
+        {
             return Err(bad("patches and warm-up are PipeFusion options".into()));
         }
         if layout.world() > devices {
@@ -497,6 +510,10 @@ mod tests {
         };
         let (a, why) = ParallelLayout::auto_with(2, 24, false, big);
         assert_eq!(a.pipeline, 2);
+        assert_eq!(
+            a.pipeline_balance,
+            super::super::pipefusion::StageBalance::Memory
+        );
         assert!(why.contains("1/2 of the blocks"), "{why}");
         // NVLink (or not known): Ulysses as before; never more stages than blocks.
         let nv = AutoHints {

@@ -33,8 +33,84 @@ use candle_core::{Result, Tensor};
 use super::comm::Communicator;
 use super::sp::real_keys;
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::flux::{Flux, FluxInput, ForwardPlan, Streams};
+use crate::model::flux::{Flux, FluxConfig, FluxInput, ForwardPlan, Streams};
 use crate::model::shard::{Shard, ShardLayout};
+
+/// How the blocks are split over the stages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum StageBalance {
+    /// Even block counts: even work per token (a double block costs a single block's products
+    /// per token), so no stage waits on another.
+    #[default]
+    Work,
+    /// Even weight bytes: a double block holds 2.4 times a single block's weights, so the
+    /// first stages take fewer blocks (for a model no single device holds; the later stages
+    /// then do more of the work).
+    Memory,
+}
+
+/// Parameters of each block of `cfg` in the unified numbering (double blocks first): products,
+/// modulations, biases and norms.
+pub fn block_params(cfg: &FluxConfig) -> Vec<u64> {
+    let h = cfg.hidden_size as u64;
+    let mlp = cfg.mlp_hidden() as u64;
+    let head = (cfg.hidden_size / cfg.num_heads.max(1)) as u64;
+    // Per stream: qkv, proj, fc1, fc2 with biases, a 6-way modulation, two QK norms.
+    let stream = h * 3 * h
+        + h * h
+        + h * mlp
+        + mlp * h
+        + (3 * h + h + mlp + h)
+        + (h * 6 * h + 6 * h)
+        + 2 * head;
+    let double = 2 * stream;
+    let single =
+        h * (3 * h + mlp) + (h + mlp) * h + (3 * h + mlp + h) + (h * 3 * h + 3 * h) + 2 * head;
+    std::iter::repeat_n(double, cfg.depth)
+        .chain(std::iter::repeat_n(single, cfg.depth_single_blocks))
+        .collect()
+}
+
+/// The blocks stage `stage` of `stages` holds under `balance`.
+pub fn stage_split(
+    cfg: &FluxConfig,
+    stages: usize,
+    stage: usize,
+    balance: StageBalance,
+) -> Range<usize> {
+    match balance {
+        StageBalance::Work => stage_blocks(cfg.num_blocks(), stages, stage),
+        StageBalance::Memory => weighted_blocks(&block_params(cfg), stages, stage),
+    }
+}
+
+/// Consecutive blocks for stage `stage` of `stages` with `weights[i]` for block i: each boundary
+/// where the running total comes nearest to its share of the whole, every stage keeping at
+/// least one block when there are enough.
+pub fn weighted_blocks(weights: &[u64], stages: usize, stage: usize) -> Range<usize> {
+    let (n, stages) = (weights.len(), stages.max(1));
+    let total: u64 = weights.iter().sum();
+    let mut prefix = vec![0u64; n + 1];
+    for (i, w) in weights.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + w;
+    }
+    let mut bounds = vec![0usize];
+    for s in 1..stages {
+        let target = total as f64 * s as f64 / stages as f64;
+        let lo = (bounds[s - 1] + 1).min(n);
+        let hi = n.saturating_sub(stages - s).max(lo);
+        let best = (lo..=hi)
+            .min_by(|&a, &b| {
+                let da = (prefix[a] as f64 - target).abs();
+                let db = (prefix[b] as f64 - target).abs();
+                da.total_cmp(&db)
+            })
+            .unwrap_or(lo);
+        bounds.push(best);
+    }
+    bounds.push(n);
+    bounds[stage.min(stages - 1)]..bounds[stage.min(stages - 1) + 1]
+}
 
 /// The blocks stage `stage` of `stages` holds, of `blocks` in all: consecutive, as even as they
 /// divide (the first stages take one more when they do not).
@@ -216,7 +292,18 @@ impl PipeFusion {
         patches: usize,
         warmup: usize,
     ) -> Result<Flux> {
-        let blocks = stage_blocks(model.config().num_blocks(), group.size(), group.rank());
+        Self::replica_with(model, group, patches, warmup, StageBalance::Work)
+    }
+
+    /// [`PipeFusion::replica`] with the blocks split as `balance` says.
+    pub fn replica_with(
+        model: &Flux,
+        group: Arc<dyn Communicator>,
+        patches: usize,
+        warmup: usize,
+        balance: StageBalance,
+    ) -> Result<Flux> {
+        let blocks = stage_split(model.config(), group.size(), group.rank(), balance);
         let kv = Arc::new(PatchKv::new(patches));
         let plan = Arc::new(Self::new(group, kv.clone(), blocks.clone(), warmup)?);
         Ok(model
@@ -337,6 +424,40 @@ mod tests {
         }
         assert_eq!(stage_blocks(57, 2, 0), 0..29);
         assert_eq!(stage_blocks(57, 2, 1), 29..57);
+    }
+
+    #[test]
+    fn memory_balance_evens_the_weights_out() {
+        let dev = FluxConfig::dev();
+        let w = block_params(&dev);
+        // A double block holds 2.4 times a single block's weights (its modulations are 4x).
+        let ratio = w[0] as f64 / w[dev.depth] as f64;
+        assert!((2.3..2.5).contains(&ratio), "{ratio}");
+        for stages in [2, 3, 4, 8] {
+            let parts: Vec<Range<usize>> = (0..stages)
+                .map(|s| stage_split(&dev, stages, s, StageBalance::Memory))
+                .collect();
+            let covered: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(covered, (0..57).collect::<Vec<_>>(), "{stages}");
+            let bytes: Vec<u64> = parts.iter().map(|r| w[r.clone()].iter().sum()).collect();
+            let (lo, hi) = (bytes.iter().min(), bytes.iter().max());
+            let spread = hi.zip(lo).map_or(1.0, |(h, l)| *h as f64 / *l as f64);
+            // Within one double block of even (the blocks are whole).
+            assert!(
+                spread < 1.0 + 2.0 * w[0] as f64 / bytes[0] as f64,
+                "{stages}: {bytes:?}"
+            );
+            // Even block counts put far more on the first stage.
+            let work: u64 = w[stage_blocks(57, stages, 0)].iter().sum();
+            assert!(bytes[0] < work, "{stages}");
+        }
+        // 2 stages: 17 of the 19 double blocks on the first, the rest on the second.
+        assert_eq!(stage_split(&dev, 2, 0, StageBalance::Memory), 0..17);
+        // More stages than blocks: a block each, the rest empty.
+        let w3 = [5u64, 1, 1];
+        let parts: Vec<Range<usize>> = (0..4).map(|s| weighted_blocks(&w3, 4, s)).collect();
+        let covered: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(covered, vec![0, 1, 2]);
     }
 
     #[test]
