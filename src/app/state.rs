@@ -58,6 +58,8 @@ pub struct Settings {
     pub pipeline_patches: usize,
     /// PipeFusion's exact warm-up steps (`--warmup-steps`).
     pub pipeline_warmup: usize,
+    /// PipeFusion's stages split by weight bytes rather than work (`--pipefusion-balance`).
+    pub pipeline_by_memory: bool,
 }
 
 impl Default for Settings {
@@ -84,6 +86,7 @@ impl Default for Settings {
             pipeline: 1,
             pipeline_patches: 2,
             pipeline_warmup: 1,
+            pipeline_by_memory: false,
         }
     }
 }
@@ -133,6 +136,7 @@ struct SettingsFile {
     pipeline: usize,
     pipeline_patches: usize,
     pipeline_warmup: usize,
+    pipeline_by_memory: bool,
     #[serde(flatten)]
     flat: FlatSampling,
 }
@@ -176,6 +180,7 @@ impl Default for SettingsFile {
             pipeline: d.pipeline,
             pipeline_patches: d.pipeline_patches,
             pipeline_warmup: d.pipeline_warmup,
+            pipeline_by_memory: d.pipeline_by_memory,
             flat: FlatSampling::default(),
         }
     }
@@ -230,6 +235,7 @@ impl From<SettingsFile> for Settings {
             pipeline: f.pipeline.max(1),
             pipeline_patches: f.pipeline_patches.max(1),
             pipeline_warmup: f.pipeline_warmup,
+            pipeline_by_memory: f.pipeline_by_memory,
         }
     }
 }
@@ -343,7 +349,11 @@ impl Settings {
             displaced_rotate: self.displaced_rotate && self.displaced_warmup.is_some(),
             pipeline_patches: (self.pipeline > 1).then_some(self.pipeline_patches),
             pipeline_warmup: (self.pipeline > 1).then_some(self.pipeline_warmup),
-            pipeline_balance: Default::default(),
+            pipeline_balance: if self.pipeline > 1 && self.pipeline_by_memory {
+                crate::parallel::pipefusion::StageBalance::Memory
+            } else {
+                crate::parallel::pipefusion::StageBalance::Work
+            },
         })
     }
 
@@ -388,6 +398,8 @@ impl Settings {
                 self.pipeline = l.pipeline;
                 self.pipeline_patches = l.patches();
                 self.pipeline_warmup = l.pipeline_warmup();
+                self.pipeline_by_memory =
+                    l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory;
             }
         }
     }

@@ -114,6 +114,11 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                     ui.add(egui::DragValue::new(v).range(min..=64))
                         .labelled_by(l.id);
                 }
+                ui.checkbox(&mut settings.pipeline_by_memory, "by memory")
+                    .on_hover_text(
+                        "Split the blocks by weight bytes (a double block holds 2.4 times a \
+                         single one's) rather than by work: for a model no single GPU holds",
+                    );
             }
         });
     }
