@@ -98,18 +98,21 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
 
+/// The names of the entries of `dir`, sorted (what tests check a folder holds).
+#[cfg(test)]
+pub(crate) fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
+    use super::file_names as names;
     use super::*;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .expect("dir")
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect();
-        v.sort();
-        v
-    }
 
     #[test]
     fn a_failed_write_keeps_the_old_file_and_leaves_nothing_else() {

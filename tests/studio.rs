@@ -715,22 +715,7 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     );
 }
 
-/// eframe's storage as a map.
-#[derive(Default)]
-struct Kv(std::collections::HashMap<String, String>);
-
-impl eframe::Storage for Kv {
-    fn get_string(&self, key: &str) -> Option<String> {
-        self.0.get(key).cloned()
-    }
-    fn set_string(&mut self, key: &str, value: String) {
-        self.0.insert(key.into(), value);
-    }
-    fn remove_string(&mut self, key: &str) {
-        self.0.remove(key);
-    }
-    fn flush(&mut self) {}
-}
+use parallax::app::settings_file::MemoryStorage as Kv;
 
 /// The studio saves its settings to their own file (written atomically) and takes them out of
 /// eframe's storage, where earlier versions kept them; a save that cannot be written is said

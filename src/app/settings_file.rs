@@ -73,6 +73,23 @@ pub fn save_with(path: &Path, settings: &Settings, fault: bool) -> Result<()> {
     )
 }
 
+/// eframe's storage kept in memory (for tests and headless runs: nothing is written).
+#[derive(Debug, Default)]
+pub struct MemoryStorage(pub std::collections::HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.into(), value);
+    }
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+    fn flush(&mut self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,14 +102,7 @@ mod tests {
         s
     }
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .expect("dir")
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect();
-        v.sort();
-        v
-    }
+    use crate::files::file_names as names;
 
     #[test]
     fn settings_round_trip_and_a_failed_save_keeps_the_last_ones() {

@@ -1014,22 +1014,7 @@ impl eframe::App for StudioApp {
 mod tests {
     use super::*;
 
-    /// eframe's storage as a map, for [`saved_settings`].
-    #[derive(Default)]
-    struct Kv(std::collections::HashMap<String, String>);
-
-    impl eframe::Storage for Kv {
-        fn get_string(&self, key: &str) -> Option<String> {
-            self.0.get(key).cloned()
-        }
-        fn set_string(&mut self, key: &str, value: String) {
-            self.0.insert(key.into(), value);
-        }
-        fn remove_string(&mut self, key: &str) {
-            self.0.remove(key);
-        }
-        fn flush(&mut self) {}
-    }
+    use crate::app::settings_file::MemoryStorage as Kv;
 
     /// The settings file wins over eframe's storage; with no file, what an earlier version
     /// left in eframe's storage is tried, and when it does not parse the studio starts from the
