@@ -312,7 +312,7 @@ pub struct DegreeArgs {
     /// each step's tokens into patches pipelined through them; a patch attends to the patches
     /// not yet computed this step through their previous step's keys and values. Each worker
     /// holds only its stage's blocks. Approximate after the warm-up.
-    #[arg(long, conflicts_with_all = ["ulysses", "ring", "displaced"])]
+    #[arg(long, conflicts_with_all = ["ring", "displaced"])]
     pub pipefusion: Option<usize>,
     /// PipeFusion's patches per step (default: one per stage; more shrinks the pipeline's bubble).
     #[arg(long, requires = "pipefusion")]

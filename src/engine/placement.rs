@@ -529,11 +529,17 @@ mod tests {
             p.describe()
         );
         assert_eq!(Degrees::of(p.layout).layout_for(2), p.layout);
-        // Ulysses inside a stage is refused with the mesh's reason.
-        let bad = Degrees {
-            ulysses: Some(2),
-            ..d
-        };
+        // Ulysses inside a stage runs; ring inside one is refused with the mesh's reason.
+        let uly = plan(
+            "cpu:4",
+            Degrees {
+                ulysses: Some(2),
+                ..d
+            },
+            0,
+        )?;
+        assert_eq!((uly.layout.pipeline, uly.layout.ulysses), (2, 2));
+        let bad = Degrees { ring: Some(2), ..d };
         let e = plan("cpu:4", bad, 0).map(|p| p.layout);
         assert!(
             matches!(&e, Err(err) if err.to_string().contains("inside a PipeFusion stage")),

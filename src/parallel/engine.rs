@@ -443,9 +443,10 @@ pub fn denoise_rank(
 ) -> Result<(Tensor, CacheStats)> {
     let layout = mesh.layout();
     let model = if layout.pipeline > 1 {
-        super::pipefusion::PipeFusion::replica_with(
+        super::pipefusion::PipeFusion::replica_in(
             flux,
             groups.pipe.clone(),
+            (layout.ulysses > 1).then(|| groups.ulysses.clone()),
             layout.patches(),
             layout.pipeline_warmup(),
             layout.pipeline_balance,
@@ -742,6 +743,20 @@ mod tests {
                 "pipefusion {stages}x{patches}, warm-up 1: {psnr:.1} dB"
             );
         }
+        // Ulysses inside each stage (2 x 2 workers): exact through warm-up, and after it the
+        // image of the same stages without Ulysses.
+        let hybrid = |warmup| ParallelLayout {
+            ulysses: 2,
+            ..pipe(2, 2, warmup)
+        };
+        let g = generate(&p, hybrid(6), &r, &mut |_| Ok(()))?;
+        assert!(max_pixel_diff(&g, &one) <= 1, "pipefusion 2 x ulysses 2");
+        let plain = generate(&p, pipe(2, 2, 1), &r, &mut |_| Ok(()))?;
+        let g = generate(&p, hybrid(1), &r, &mut |_| Ok(()))?;
+        assert!(
+            max_pixel_diff(&g, &plain) <= 1,
+            "pipefusion 2 x ulysses 2, warm-up 1"
+        );
         // Composed with CFG parallelism: each branch its own pipeline.
         let cfg = GenerateRequest {
             negative_prompt: Some("blurry".into()),

@@ -292,9 +292,9 @@ impl Mesh {
             ));
         }
         if layout.pipeline > 1 {
-            if layout.sp() > 1 || layout.displaced_warmup.is_some() {
+            if layout.ring > 1 || layout.displaced_warmup.is_some() {
                 return Err(bad(
-                    "Ulysses, ring or displaced patches inside a PipeFusion stage are not built: give --pipefusion with --cfg and --dp only".into(),
+                    "ring attention or displaced patches inside a PipeFusion stage are not built: give --pipefusion with --ulysses, --cfg and --dp".into(),
                 ));
             }
             if layout.patches() == 0 {

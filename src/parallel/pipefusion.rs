@@ -19,9 +19,14 @@
 //!   unpatched: exactly the one-device forward (the stages only take turns). They fill the K/V
 //!   buffers. With a warm-up covering every step the image equals the one-device image.
 //!
+//! - **Ulysses inside a stage** ([`PatchKv::with_ulysses`]): the stage's U ranks split each
+//!   piece (a patch, or the whole sequence in warm-up) again as sequence parallelism does, trade
+//!   token slices for head slices by all-to-all, and keep the K/V buffer for their heads only
+//!   ([`UlyssesRows`] maps the rows). Rank u of a stage sends to rank u of the next.
+//!
 //! The step ends with a barrier (the velocity broadcast): the pipeline drains each step, leaving a
 //! bubble of (N - 1) / (M + N - 1) of each stage's time. Cache policies run the blocks in pieces
-//! themselves and are refused with it, as are Ulysses and ring inside a stage (not built).
+//! themselves and are refused with it, as is ring attention inside a stage (not built).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -137,20 +142,65 @@ enum Mode {
 /// refreshed patch by patch (see the module's notes).
 pub struct PatchKv {
     patches: usize,
+    /// Ulysses inside the stage (two ranks or more): each rank holds a slice of every patch's
+    /// tokens for all heads, and trades it for all of the patch's tokens for a slice of the heads
+    /// (see [`UlyssesRows`]).
+    ulysses: Option<Arc<dyn Communicator>>,
     local: LocalAttention,
     mode: Mutex<Option<Mode>>,
-    /// (K, V) per block, (B, H, patches x patch rows, D).
+    /// (K, V) per block, (B, H, patches x patch rows, D) (H / Ulysses degree heads with Ulysses).
     layers: Mutex<HashMap<usize, (Tensor, Tensor)>>,
+    /// With Ulysses: where every row comes from, for the token counts last seen.
+    rows: Mutex<Option<((usize, usize), Arc<UlyssesRows>)>>,
 }
 
 impl PatchKv {
     pub fn new(patches: usize) -> Self {
         Self {
             patches: patches.max(1),
+            ulysses: None,
             local: LocalAttention::default(),
             mode: Mutex::new(None),
             layers: Mutex::new(HashMap::new()),
+            rows: Mutex::new(None),
         }
+    }
+
+    /// With a Ulysses group of two ranks or more inside the stage.
+    pub fn with_ulysses(mut self, group: Arc<dyn Communicator>) -> Self {
+        if group.size() > 1 {
+            self.ulysses = Some(group);
+        }
+        self
+    }
+
+    /// The Ulysses degree inside the stage (1 without).
+    pub fn ulysses_degree(&self) -> usize {
+        self.ulysses.as_ref().map_or(1, |g| g.size())
+    }
+
+    /// The row maps for `txt_len` text and `img_len` image tokens on `device`.
+    fn ulysses_rows(
+        &self,
+        txt_len: usize,
+        img_len: usize,
+        device: &candle_core::Device,
+    ) -> Result<Arc<UlyssesRows>> {
+        let mut cached = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((key, rows)) = cached.as_ref() {
+            if *key == (txt_len, img_len) {
+                return Ok(rows.clone());
+            }
+        }
+        let rows = Arc::new(UlyssesRows::new(
+            txt_len,
+            img_len,
+            self.patches,
+            self.ulysses_degree(),
+            device,
+        )?);
+        *cached = Some(((txt_len, img_len), rows.clone()));
+        Ok(rows)
     }
 
     fn set(&self, mode: Mode) {
@@ -164,6 +214,86 @@ impl PatchKv {
             .values()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+/// The tokens (ids in the natural order, text first, then image) of the rows of every rank's
+/// local sequence under `layout`, laid end to end (`None`: padding).
+fn shard_tokens(layout: &ShardLayout) -> Vec<Option<usize>> {
+    let mut rows = Vec::with_capacity(layout.ranks * layout.local_len());
+    for r in 0..layout.ranks {
+        for i in 0..layout.txt_shard {
+            rows.push((i < layout.txt_real(r)).then(|| r * layout.txt_shard + i));
+        }
+        for i in 0..layout.img_shard {
+            rows.push((i < layout.img_real(r)).then(|| layout.txt_len + r * layout.img_shard + i));
+        }
+    }
+    rows
+}
+
+/// Where the rows of Ulysses inside a PipeFusion stage come from. A patch (shard m of M) is
+/// split again over the U ranks (its padded streams sharded as sequence parallelism shards
+/// them), so after the all-to-all a rank holds, for its heads, U sub-shards of the patch end to
+/// end: `patch_rows` rows, padding at two levels. The warm-up shards the whole sequence over
+/// the U ranks instead. Index tensors (u32, on the device) pick the real rows of either, and
+/// fill the patch-ordered K/V buffer from a warm-up's.
+pub struct UlyssesRows {
+    /// Rows per patch after the all-to-all (U x a sub-shard's local length).
+    patch_rows: usize,
+    /// The buffer's real rows (all M patches).
+    buffer_real: Tensor,
+    /// The warm-up's gathered rows that are real.
+    whole_real: Tensor,
+    /// For each buffer row, the warm-up row holding its token (row 0 for padding).
+    fill: Tensor,
+}
+
+impl UlyssesRows {
+    fn new(
+        txt_len: usize,
+        img_len: usize,
+        patches: usize,
+        ulysses: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let patch = ShardLayout::new(txt_len, img_len, patches, 0)?;
+        let by_patch = shard_tokens(&patch);
+        // A sub-shard's rows name rows of the patch's local sequence (text rows, then image).
+        let sub = ShardLayout::new(patch.txt_shard, patch.img_shard, ulysses, 0)?;
+        let by_sub = shard_tokens(&sub);
+        let mut buffer = Vec::with_capacity(patches * by_sub.len());
+        for m in 0..patches {
+            let rows = &by_patch[m * patch.local_len()..(m + 1) * patch.local_len()];
+            buffer.extend(
+                by_sub
+                    .iter()
+                    .map(|r| r.and_then(|i| rows.get(i).copied().flatten())),
+            );
+        }
+        let whole = shard_tokens(&ShardLayout::new(txt_len, img_len, ulysses, 0)?);
+        let mut at = vec![0u32; txt_len + img_len];
+        for (row, t) in whole.iter().enumerate() {
+            if let Some(t) = t {
+                at[*t] = row as u32;
+            }
+        }
+        let real = |rows: &[Option<usize>]| -> Vec<u32> {
+            rows.iter()
+                .enumerate()
+                .filter(|(_, t)| t.is_some())
+                .map(|(i, _)| i as u32)
+                .collect()
+        };
+        let fill: Vec<u32> = buffer.iter().map(|t| t.map_or(0, |t| at[t])).collect();
+        let (buffer_real, whole_real) = (real(&buffer), real(&whole));
+        let n = |v: &Vec<u32>| v.len();
+        Ok(Self {
+            patch_rows: by_sub.len(),
+            buffer_real: Tensor::from_vec(buffer_real.clone(), n(&buffer_real), device)?,
+            whole_real: Tensor::from_vec(whole_real.clone(), n(&whole_real), device)?,
+            fill: Tensor::from_vec(fill.clone(), n(&fill), device)?,
+        })
     }
 }
 
@@ -194,6 +324,64 @@ fn patch_order(t: &Tensor, layout: &ShardLayout) -> Result<Tensor> {
     Tensor::cat(&parts, 2)?.contiguous()
 }
 
+impl PatchKv {
+    /// [`Attention::attend_layer`] with Ulysses inside the stage: trade token slices for head
+    /// slices, attend over the real rows (the warm-up's, or the buffer's with this patch's
+    /// written in), trade back.
+    fn attend_ulysses(
+        &self,
+        group: &dyn Communicator,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mode: Option<Mode>,
+    ) -> Result<Tensor> {
+        let q = group.all_to_all(q, 1, 2)?;
+        let k = group.all_to_all(k, 1, 2)?;
+        let v = group.all_to_all(v, 1, 2)?;
+        let out = match mode {
+            Some(Mode::Whole { txt_len, img_len }) => {
+                let rows = self.ulysses_rows(txt_len, img_len, k.device())?;
+                let kr = k.index_select(&rows.whole_real, 2)?;
+                let vr = v.index_select(&rows.whole_real, 2)?;
+                let out = self.local.attend(&q, &kr, &vr)?;
+                let kept = (
+                    k.index_select(&rows.fill, 2)?.contiguous()?,
+                    v.index_select(&rows.fill, 2)?.contiguous()?,
+                );
+                self.layers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(layer, kept);
+                out
+            }
+            Some(Mode::Patch(layout)) => {
+                let rows = self.ulysses_rows(layout.txt_len, layout.img_len, k.device())?;
+                let (kb, vb) = self
+                    .layers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&layer)
+                    .cloned()
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "PipeFusion: block {layer} has no keys and values from a warm-up step"
+                        ))
+                    })?;
+                let start = layout.rank * rows.patch_rows;
+                kb.slice_set(&k.contiguous()?, 2, start)?;
+                vb.slice_set(&v.contiguous()?, 2, start)?;
+                let kr = kb.index_select(&rows.buffer_real, 2)?;
+                let vr = vb.index_select(&rows.buffer_real, 2)?;
+                self.local.attend(&q, &kr, &vr)?
+            }
+            None => candle_core::bail!("PipeFusion: attention called outside a forward"),
+        };
+        crate::kernels::flash_attn::merge_heads(&group.all_to_all(&out, 2, 1)?)
+    }
+}
+
 impl Attention for PatchKv {
     fn attend(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor) -> Result<Tensor> {
         candle_core::bail!("PipeFusion attends per layer (attend_layer)")
@@ -208,6 +396,9 @@ impl Attention for PatchKv {
         _layout: Option<&ShardLayout>,
     ) -> Result<Tensor> {
         let mode = *self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(group) = &self.ulysses {
+            return self.attend_ulysses(group.as_ref(), layer, q, k, v, mode);
+        }
         match mode {
             Some(Mode::Whole { txt_len, img_len }) => {
                 let out = self.local.attend_merged(q, k, v)?;
@@ -303,8 +494,32 @@ impl PipeFusion {
         warmup: usize,
         balance: StageBalance,
     ) -> Result<Flux> {
+        Self::replica_in(model, group, None, patches, warmup, balance)
+    }
+
+    /// [`PipeFusion::replica_with`] with Ulysses over `ulysses` inside the stage (each rank
+    /// computes a slice of every patch; the degree must divide the heads).
+    pub fn replica_in(
+        model: &Flux,
+        group: Arc<dyn Communicator>,
+        ulysses: Option<Arc<dyn Communicator>>,
+        patches: usize,
+        warmup: usize,
+        balance: StageBalance,
+    ) -> Result<Flux> {
         let blocks = stage_split(model.config(), group.size(), group.rank(), balance);
-        let kv = Arc::new(PatchKv::new(patches));
+        let mut kv = PatchKv::new(patches);
+        if let Some(u) = ulysses {
+            if model.config().num_heads % u.size() != 0 {
+                candle_core::bail!(
+                    "PipeFusion: the Ulysses degree {} must divide the {} heads",
+                    u.size(),
+                    model.config().num_heads
+                );
+            }
+            kv = kv.with_ulysses(u);
+        }
+        let kv = Arc::new(kv);
         let plan = Arc::new(Self::new(group, kv.clone(), blocks.clone(), warmup)?);
         Ok(model
             .clone()
@@ -329,47 +544,67 @@ impl PipeFusion {
     }
 }
 
+impl PipeFusion {
+    /// One piece (the whole input in warm-up, else one patch's) through this stage: its tokens
+    /// embedded (stage 0) or received, the stage's blocks, then sent on; the last stage returns
+    /// the velocity of the piece's image stream (padded at its end). With Ulysses inside the
+    /// stage each rank takes its slice of the piece, and the slices' velocities are gathered.
+    fn piece(
+        &self,
+        model: &Flux,
+        piece: &FluxInput,
+        vec: &Tensor,
+        stage: usize,
+        last: bool,
+    ) -> Result<Option<Tensor>> {
+        let slice;
+        let local;
+        let (input, ctx) = match &self.kv.ulysses {
+            Some(g) => {
+                slice = Shard::new(piece, g.size(), g.rank())?;
+                local = slice.input(piece);
+                let ctx = model.ctx(vec.clone(), &slice.pe, Some(slice.layout));
+                (&local, ctx)
+            }
+            None => (piece, model.ctx(vec.clone(), piece.pe, None)),
+        };
+        let s = if stage == 0 {
+            model.embed_streams(input)?
+        } else {
+            self.recv(model.device())?
+        };
+        let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
+        if !last {
+            self.send(&s)?;
+            return Ok(None);
+        }
+        let v = model.final_layer(&s.img, &ctx)?;
+        match &self.kv.ulysses {
+            Some(g) => Ok(Some(g.all_gather(&v, 1)?)),
+            None => Ok(Some(v)),
+        }
+    }
+}
+
 impl ForwardPlan for PipeFusion {
     fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor> {
         let f = self.forwards.fetch_add(1, Ordering::SeqCst);
         let (stage, stages) = (self.group.rank(), self.group.size());
         let last = stage + 1 == stages;
         let vec = model.conditioning(input)?;
+        let (txt_len, img_len) = (input.txt.dim(1)?, input.img.dim(1)?);
         let v = if f < self.warmup {
-            self.kv.set(Mode::Whole {
-                txt_len: input.txt.dim(1)?,
-                img_len: input.img.dim(1)?,
-            });
-            let ctx = model.ctx(vec, input.pe, None);
-            let s = if stage == 0 {
-                model.embed_streams(input)?
-            } else {
-                self.recv(model.device())?
-            };
-            let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
-            if last {
-                Some(model.final_layer(&s.img, &ctx)?)
-            } else {
-                self.send(&s)?;
-                None
-            }
+            self.kv.set(Mode::Whole { txt_len, img_len });
+            self.piece(model, input, &vec, stage, last)?
+                .map(|v| v.narrow(1, 0, img_len))
+                .transpose()?
         } else {
             let mut vs = Vec::with_capacity(self.patches);
             for m in 0..self.patches {
                 let shard = Shard::new(input, self.patches, m)?;
                 self.kv.set(Mode::Patch(shard.layout));
-                let ctx = model.ctx(vec.clone(), &shard.pe, Some(shard.layout));
-                let s = if stage == 0 {
-                    model.embed_streams(&shard.input(input))?
-                } else {
-                    self.recv(model.device())?
-                };
-                let s = model.run_blocks(s, &ctx, self.blocks.clone())?;
-                if last {
-                    let v = model.final_layer(&s.img, &ctx)?;
+                if let Some(v) = self.piece(model, &shard.input(input), &vec, stage, last)? {
                     vs.push(v.narrow(1, 0, shard.layout.img_real(m))?);
-                } else {
-                    self.send(&s)?;
                 }
             }
             if last {
@@ -385,11 +620,7 @@ impl ForwardPlan for PipeFusion {
         let v = match v {
             Some(v) => v,
             None => Tensor::zeros(
-                (
-                    input.img.dim(0)?,
-                    input.img.dim(1)?,
-                    model.config().in_channels,
-                ),
+                (input.img.dim(0)?, img_len, model.config().in_channels),
                 model.dtype(),
                 model.device(),
             )?,
@@ -519,6 +750,61 @@ mod tests {
         assert!(uneven.iter().all(|d| *d < 1e-5), "{uneven:?}");
         let uneven = forwards(2, 3, 1, (7, 5, 7))?;
         assert!(uneven[1] < 0.3 && uneven[1] > 1e-5, "{uneven:?}");
+        Ok(())
+    }
+
+    /// Every rank's outputs of `s`'s forwards over `stages` stages of `ulysses` ranks each (rank
+    /// s * U + u is stage s's Ulysses rank u, as the mesh numbers them).
+    fn ulysses_outputs(
+        s: &crate::parallel::test_steps::Steps,
+        (stages, ulysses): (usize, usize),
+        patches: usize,
+        warmup: usize,
+    ) -> Result<Vec<Vec<Tensor>>> {
+        let pipes: Vec<Vec<LocalComm>> = (0..ulysses).map(|_| LocalComm::group(stages)).collect();
+        let ulys: Vec<Vec<LocalComm>> = (0..stages).map(|_| LocalComm::group(ulysses)).collect();
+        run_local(stages * ulysses, |rank, _| {
+            let (stage, u) = (rank / ulysses, rank % ulysses);
+            let model = PipeFusion::replica_in(
+                &s.model,
+                Arc::new(pipes[u][stage].clone()),
+                (ulysses > 1).then(|| Arc::new(ulys[stage][u].clone()) as Arc<dyn Communicator>),
+                patches,
+                warmup,
+                StageBalance::Work,
+            )?;
+            s.run(&model)
+        })
+    }
+
+    #[test]
+    fn ulysses_inside_a_stage_is_exact_through_warm_up_and_matches_plain_stages_after() -> Result<()>
+    {
+        // The tiny model has 4 heads: Ulysses 2 and 4 divide them.
+        for (stages, ulysses, patches) in [(2, 2, 2), (2, 2, 3), (1, 4, 2), (2, 4, 2)] {
+            for tokens in [(8, 8, 8), (7, 5, 7)] {
+                let s = crate::parallel::test_steps::Steps::new(tokens, 1.0)?;
+                let exact = s.worst(&ulysses_outputs(&s, (stages, ulysses), patches, 3)?)?;
+                assert!(
+                    exact.iter().all(|d| *d < 1e-5),
+                    "{stages}x{ulysses}, {patches} patches, {tokens:?}: {exact:?}"
+                );
+                // After warm-up: the same stale K/V as the stages without Ulysses, so the same
+                // outputs; and not the one-device ones.
+                let uly = ulysses_outputs(&s, (stages, ulysses), patches, 1)?;
+                let plain = ulysses_outputs(&s, (stages, 1), patches, 1)?;
+                for (a, b) in uly.iter().flatten().zip(plain[0].iter().cycle()) {
+                    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(d / scale < 1e-5, "{stages}x{ulysses}, {tokens:?}: {d}");
+                }
+                let stale = s.worst(&uly)?;
+                assert!(
+                    stale[1] > 1e-5,
+                    "{stages}x{ulysses}: nothing stale: {stale:?}"
+                );
+            }
+        }
         Ok(())
     }
 

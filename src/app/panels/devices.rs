@@ -102,8 +102,8 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                 .on_hover_text(
                     "PipeFusion stages: the blocks split over that many workers (each holds only \
                      its share), each step's patches pipelined through them; a patch reads the \
-                     patches not yet computed this step from the previous step. 1: off. Ulysses \
-                     and ring 1; no cache policy.",
+                     patches not yet computed this step from the previous step. 1: off. Ring 1 \
+                     (Ulysses runs inside each stage); no cache policy.",
                 );
             if settings.pipeline > 1 {
                 for (label, v, min) in [
