@@ -14,7 +14,7 @@ use super::{request_for, ModelArgs, SampleArgs};
 use crate::collective::Communicator;
 use crate::parallel::comm::{run_local, LocalComm};
 use crate::parallel::displaced::DisplacedAttention;
-use crate::parallel::pipefusion::{stage_blocks, PipeFusion};
+use crate::parallel::pipefusion::{stage_blocks, PipeFusion, StageBalance};
 
 #[derive(Debug, Clone, Args)]
 pub struct DisplacedErrorArgs {
@@ -28,6 +28,9 @@ pub struct DisplacedErrorArgs {
     /// PipeFusion cells as `N:M:W` (stages : patches : warm-up steps), separated by `,`.
     #[arg(long, value_delimiter = ',', value_parser = super::score::parse_pipefusion)]
     pub pipefusion: Vec<(usize, usize, usize)>,
+    /// Ulysses ranks inside each PipeFusion stage (N x U ranks in all; U must divide the heads).
+    #[arg(long, default_value_t = 1)]
+    pub pipefusion_ulysses: usize,
 }
 
 /// One cell: displaced patches (ranks, warm-up) or PipeFusion (stages, patches, warm-up).
@@ -126,12 +129,20 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
     for cell in cells {
         let t0 = std::time::Instant::now();
         let n = cell.ranks();
+        let uly = a.pipefusion_ulysses.max(1);
+        let world = match cell {
+            Cell::PipeFusion(..) => n * uly,
+            Cell::Displaced(..) => n,
+        };
         let refresh = LocalComm::group(n);
+        // PipeFusion's groups: rank s * U + u is stage s's Ulysses rank u.
+        let pipes: Vec<Vec<LocalComm>> = (0..uly).map(|_| LocalComm::group(n)).collect();
+        let ulys: Vec<Vec<LocalComm>> = (0..n).map(|_| LocalComm::group(uly)).collect();
         tracing::info!(?cell, "cell");
         let stages: Vec<(crate::model::flux::Flux, crate::pipeline::DenoiseJob)> = match cell {
-            Cell::PipeFusion(..) if !p.device().is_cpu() => (0..n)
-                .map(|s| {
-                    let blocks = stage_blocks(p.flux.config().num_blocks(), n, s);
+            Cell::PipeFusion(..) if !p.device().is_cpu() => (0..world)
+                .map(|r| {
+                    let blocks = stage_blocks(p.flux.config().num_blocks(), n, r / uly);
                     let flux = flux_replica(&p, &a.model)?.only_blocks(blocks);
                     let sjob = crate::parallel::engine::job_on(job, flux.device())?;
                     crate::device::synchronize(flux.device())?;
@@ -140,7 +151,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<_>>()?,
             _ => Vec::new(),
         };
-        let outs = run_local(n, |rank, comm| {
+        let outs = run_local(world, |rank, comm| {
             let own = match cell {
                 Cell::PipeFusion(..) => stages.get(rank),
                 Cell::Displaced(..) => replicas.get(rank),
@@ -161,7 +172,17 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                     displaced = Some(attn.clone());
                     crate::parallel::sp::replica(flux, comm, attn)
                 }
-                Cell::PipeFusion(_, m, w) => PipeFusion::replica(flux, comm, m, w)?,
+                Cell::PipeFusion(_, m, w) => {
+                    let (s, u) = (rank / uly, rank % uly);
+                    PipeFusion::replica_in(
+                        flux,
+                        Arc::new(pipes[u][s].clone()),
+                        (uly > 1).then(|| Arc::new(ulys[s][u].clone()) as Arc<dyn Communicator>),
+                        m,
+                        w,
+                        StageBalance::Work,
+                    )?
+                }
             };
             let (x, _) = crate::pipeline::denoise(&model, job, None, &mut |info| {
                 tracing::debug!(rank, step = info.index, "step done");
@@ -192,6 +213,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
             Cell::PipeFusion(n, m, w) => serde_json::json!({
                 "method": "pipefusion",
                 "stages": n,
+                "ulysses": uly,
                 "patches": m,
                 "warmup_steps": w,
                 "relative_error": worst,
