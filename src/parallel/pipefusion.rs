@@ -151,7 +151,7 @@ pub struct PatchKv {
     /// (K, V) per block, (B, H, patches x patch rows, D) (H / Ulysses degree heads with Ulysses).
     layers: Mutex<HashMap<usize, (Tensor, Tensor)>>,
     /// With Ulysses: where every row comes from, for the token counts last seen.
-    rows: Mutex<Option<((usize, usize), Arc<UlyssesRows>)>>,
+    rows: Mutex<Option<CachedRows>>,
 }
 
 impl PatchKv {
@@ -231,6 +231,9 @@ fn shard_tokens(layout: &ShardLayout) -> Vec<Option<usize>> {
     }
     rows
 }
+
+/// [`UlyssesRows`] for (text, image) token counts.
+type CachedRows = ((usize, usize), Arc<UlyssesRows>);
 
 /// Where the rows of Ulysses inside a PipeFusion stage come from. A patch (shard m of M) is
 /// split again over the U ranks (its padded streams sharded as sequence parallelism shards
