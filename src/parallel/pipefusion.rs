@@ -179,6 +179,28 @@ impl PatchKv {
         self.ulysses.as_ref().map_or(1, |g| g.size())
     }
 
+    /// Block `layer`'s K/V buffer (kept by a warm-up step).
+    fn buffer(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&layer)
+            .cloned()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "PipeFusion: block {layer} has no keys and values from a warm-up step"
+                ))
+            })
+    }
+
+    /// Keep `kv` as block `layer`'s K/V buffer.
+    fn keep(&self, layer: usize, kv: (Tensor, Tensor)) {
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(layer, kv);
+    }
+
     /// The row maps for `txt_len` text and `img_len` image tokens on `device`.
     fn ulysses_rows(
         &self,
@@ -353,25 +375,12 @@ impl PatchKv {
                     k.index_select(&rows.fill, 2)?.contiguous()?,
                     v.index_select(&rows.fill, 2)?.contiguous()?,
                 );
-                self.layers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(layer, kept);
+                self.keep(layer, kept);
                 out
             }
             Some(Mode::Patch(layout)) => {
                 let rows = self.ulysses_rows(layout.txt_len, layout.img_len, k.device())?;
-                let (kb, vb) = self
-                    .layers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&layer)
-                    .cloned()
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "PipeFusion: block {layer} has no keys and values from a warm-up step"
-                        ))
-                    })?;
+                let (kb, vb) = self.buffer(layer)?;
                 let start = layout.rank * rows.patch_rows;
                 kb.slice_set(&k.contiguous()?, 2, start)?;
                 vb.slice_set(&v.contiguous()?, 2, start)?;
@@ -407,24 +416,11 @@ impl Attention for PatchKv {
                 let out = self.local.attend_merged(q, k, v)?;
                 let layout = ShardLayout::new(txt_len, img_len, self.patches, 0)?;
                 let kept = (patch_order(k, &layout)?, patch_order(v, &layout)?);
-                self.layers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(layer, kept);
+                self.keep(layer, kept);
                 Ok(out)
             }
             Some(Mode::Patch(layout)) => {
-                let (kb, vb) = self
-                    .layers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&layer)
-                    .cloned()
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg(format!(
-                            "PipeFusion: block {layer} has no keys and values from a warm-up step"
-                        ))
-                    })?;
+                let (kb, vb) = self.buffer(layer)?;
                 // This patch's rows, fresh; the patches before it were written this step.
                 let start = layout.rank * layout.local_len();
                 kb.slice_set(&k.contiguous()?, 2, start)?;
