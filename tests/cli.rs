@@ -1,5 +1,8 @@
 //! The `parallax` binary: generate, bench, info and export-demo, and clean failures on bad input.
 
+mod common;
+
+use common::free_init;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -24,16 +27,6 @@ fn text(o: &Output) -> String {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-/// A free TCP rendezvous address on this machine.
-fn free_init() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    format!("tcp://127.0.0.1:{port}")
 }
 
 /// Two `parallax worker` processes (`--world 2`) meeting at `init` with `args`: both must

@@ -9,6 +9,9 @@
 //! the multi-process path has no long-lived group that outlives a fault (the in-process runtime
 //! does: tests/faults.rs).
 
+mod common;
+
+use common::free_init;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -19,15 +22,6 @@ use std::time::{Duration, Instant};
 const TIMEOUT_S: f64 = 3.0;
 /// A pair of workers that takes longer than this has hung.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-fn free_init() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    format!("tcp://127.0.0.1:{port}")
-}
 
 /// One worker process, its stderr read line by line as it comes, each line with the time it
 /// arrived.

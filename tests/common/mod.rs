@@ -1,4 +1,5 @@
-//! What several test binaries share.
+//! What several test binaries share (each uses some of it).
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -22,4 +23,14 @@ pub fn two_rank_runtime(gallery: PathBuf) -> Runtime {
         notify: None,
     })
     .expect("runtime starts")
+}
+
+/// A free TCP rendezvous address on this machine (for `parallax worker --init`).
+pub fn free_init() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    format!("tcp://127.0.0.1:{port}")
 }
