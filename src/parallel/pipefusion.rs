@@ -22,7 +22,7 @@
 //! - **Ulysses inside a stage** ([`PatchKv::with_ulysses`]): the stage's U ranks split each
 //!   piece (a patch, or the whole sequence in warm-up) again as sequence parallelism does, trade
 //!   token slices for head slices by all-to-all, and keep the K/V buffer for their heads only
-//!   ([`UlyssesRows`] maps the rows). Rank u of a stage sends to rank u of the next.
+//!   ([`PatchRows`] maps the rows). Rank u of a stage sends to rank u of the next.
 //!
 //! The step ends with a barrier (the velocity broadcast): the pipeline drains each step, leaving a
 //! bubble of (N - 1) / (M + N - 1) of each stage's time. Cache policies run the blocks in pieces
@@ -36,7 +36,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
-use super::sp::real_keys;
 use crate::model::attention::{Attention, LocalAttention};
 use crate::model::flux::{Flux, FluxConfig, FluxInput, ForwardPlan, Streams};
 use crate::model::shard::{Shard, ShardLayout};
@@ -144,13 +143,13 @@ pub struct PatchKv {
     patches: usize,
     /// Ulysses inside the stage (two ranks or more): each rank holds a slice of every patch's
     /// tokens for all heads, and trades it for all of the patch's tokens for a slice of the heads
-    /// (see [`UlyssesRows`]).
+    /// (see [`PatchRows`]).
     ulysses: Option<Arc<dyn Communicator>>,
     local: LocalAttention,
     mode: Mutex<Option<Mode>>,
     /// (K, V) per block, (B, H, patches x patch rows, D) (H / Ulysses degree heads with Ulysses).
     layers: Mutex<HashMap<usize, (Tensor, Tensor)>>,
-    /// With Ulysses: where every row comes from, for the token counts last seen.
+    /// Where every row comes from, for the token counts last seen.
     rows: Mutex<Option<CachedRows>>,
 }
 
@@ -202,19 +201,19 @@ impl PatchKv {
     }
 
     /// The row maps for `txt_len` text and `img_len` image tokens on `device`.
-    fn ulysses_rows(
+    fn patch_rows(
         &self,
         txt_len: usize,
         img_len: usize,
         device: &candle_core::Device,
-    ) -> Result<Arc<UlyssesRows>> {
+    ) -> Result<Arc<PatchRows>> {
         let mut cached = self.rows.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((key, rows)) = cached.as_ref() {
             if *key == (txt_len, img_len) {
                 return Ok(rows.clone());
             }
         }
-        let rows = Arc::new(UlyssesRows::new(
+        let rows = Arc::new(PatchRows::new(
             txt_len,
             img_len,
             self.patches,
@@ -254,27 +253,29 @@ fn shard_tokens(layout: &ShardLayout) -> Vec<Option<usize>> {
     rows
 }
 
-/// [`UlyssesRows`] for (text, image) token counts.
-type CachedRows = ((usize, usize), Arc<UlyssesRows>);
+/// [`PatchRows`] for (text, image) token counts.
+type CachedRows = ((usize, usize), Arc<PatchRows>);
 
-/// Where the rows of Ulysses inside a PipeFusion stage come from. A patch (shard m of M) is
-/// split again over the U ranks (its padded streams sharded as sequence parallelism shards
-/// them), so after the all-to-all a rank holds, for its heads, U sub-shards of the patch end to
-/// end: `patch_rows` rows, padding at two levels. The warm-up shards the whole sequence over
-/// the U ranks instead. Index tensors (u32, on the device) pick the real rows of either, and
-/// fill the patch-ordered K/V buffer from a warm-up's.
-pub struct UlyssesRows {
+/// Where the rows of a stage's K/V come from. The buffer holds the M patches end to end, each
+/// its text rows then its image rows, padded to equal size. With Ulysses inside the stage a
+/// patch (shard m of M) is split again over the U ranks (its padded streams sharded as sequence
+/// parallelism shards them), so after the all-to-all a rank holds, for its heads, U sub-shards
+/// of the patch end to end: `patch_rows` rows, padding at two levels (U = 1: the patch's own
+/// rows). The warm-up shards the whole sequence over the U ranks instead (U = 1: the natural
+/// order). Index tensors (u32, on the device) pick the real rows of either (`None`: every row
+/// is real), and fill the patch-ordered buffer from a warm-up's K/V.
+pub struct PatchRows {
     /// Rows per patch after the all-to-all (U x a sub-shard's local length).
     patch_rows: usize,
     /// The buffer's real rows (all M patches).
-    buffer_real: Tensor,
-    /// The warm-up's gathered rows that are real.
-    whole_real: Tensor,
+    buffer_real: Option<Tensor>,
+    /// The warm-up's (gathered) rows that are real.
+    whole_real: Option<Tensor>,
     /// For each buffer row, the warm-up row holding its token (row 0 for padding).
     fill: Tensor,
 }
 
-impl UlyssesRows {
+impl PatchRows {
     fn new(
         txt_len: usize,
         img_len: usize,
@@ -303,94 +304,37 @@ impl UlyssesRows {
                 at[*t] = row as u32;
             }
         }
-        let real = |rows: &[Option<usize>]| -> Vec<u32> {
-            rows.iter()
+        let index = |v: Vec<u32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, device)
+        };
+        let real = |rows: &[Option<usize>]| -> Result<Option<Tensor>> {
+            if rows.iter().all(Option::is_some) {
+                return Ok(None);
+            }
+            let picked = rows
+                .iter()
                 .enumerate()
                 .filter(|(_, t)| t.is_some())
                 .map(|(i, _)| i as u32)
-                .collect()
+                .collect();
+            Ok(Some(index(picked)?))
         };
-        let fill: Vec<u32> = buffer.iter().map(|t| t.map_or(0, |t| at[t])).collect();
-        let (buffer_real, whole_real) = (real(&buffer), real(&whole));
-        let n = |v: &Vec<u32>| v.len();
+        let fill = buffer.iter().map(|t| t.map_or(0, |t| at[t])).collect();
         Ok(Self {
             patch_rows: by_sub.len(),
-            buffer_real: Tensor::from_vec(buffer_real.clone(), n(&buffer_real), device)?,
-            whole_real: Tensor::from_vec(whole_real.clone(), n(&whole_real), device)?,
-            fill: Tensor::from_vec(fill.clone(), n(&fill), device)?,
+            buffer_real: real(&buffer)?,
+            whole_real: real(&whole)?,
+            fill: index(fill)?,
         })
     }
 }
 
-/// `t` (B, H, txt + img, D) in natural order, rearranged into `patches` patches of
-/// `layout.local_len()` rows each (text shard, then image shard, padded with zeros).
-fn patch_order(t: &Tensor, layout: &ShardLayout) -> Result<Tensor> {
-    let (txt, n) = (layout.txt_len, layout.ranks);
-    let mut parts = Vec::with_capacity(2 * n);
-    let mut rows = |start: usize, real: usize, len: usize| -> Result<()> {
-        if real > 0 {
-            parts.push(t.narrow(2, start, real)?);
-        }
-        if len > real {
-            let mut dims = t.dims().to_vec();
-            dims[2] = len - real;
-            parts.push(Tensor::zeros(dims, t.dtype(), t.device())?);
-        }
-        Ok(())
-    };
-    for m in 0..n {
-        rows(m * layout.txt_shard, layout.txt_real(m), layout.txt_shard)?;
-        rows(
-            txt + m * layout.img_shard,
-            layout.img_real(m),
-            layout.img_shard,
-        )?;
-    }
-    Tensor::cat(&parts, 2)?.contiguous()
-}
-
-impl PatchKv {
-    /// [`Attention::attend_layer`] with Ulysses inside the stage: trade token slices for head
-    /// slices, attend over the real rows (the warm-up's, or the buffer's with this patch's
-    /// written in), trade back.
-    fn attend_ulysses(
-        &self,
-        group: &dyn Communicator,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mode: Option<Mode>,
-    ) -> Result<Tensor> {
-        let q = group.all_to_all(q, 1, 2)?;
-        let k = group.all_to_all(k, 1, 2)?;
-        let v = group.all_to_all(v, 1, 2)?;
-        let out = match mode {
-            Some(Mode::Whole { txt_len, img_len }) => {
-                let rows = self.ulysses_rows(txt_len, img_len, k.device())?;
-                let kr = k.index_select(&rows.whole_real, 2)?;
-                let vr = v.index_select(&rows.whole_real, 2)?;
-                let out = self.local.attend(&q, &kr, &vr)?;
-                let kept = (
-                    k.index_select(&rows.fill, 2)?.contiguous()?,
-                    v.index_select(&rows.fill, 2)?.contiguous()?,
-                );
-                self.keep(layer, kept);
-                out
-            }
-            Some(Mode::Patch(layout)) => {
-                let rows = self.ulysses_rows(layout.txt_len, layout.img_len, k.device())?;
-                let (kb, vb) = self.buffer(layer)?;
-                let start = layout.rank * rows.patch_rows;
-                kb.slice_set(&k.contiguous()?, 2, start)?;
-                vb.slice_set(&v.contiguous()?, 2, start)?;
-                let kr = kb.index_select(&rows.buffer_real, 2)?;
-                let vr = vb.index_select(&rows.buffer_real, 2)?;
-                self.local.attend(&q, &kr, &vr)?
-            }
-            None => candle_core::bail!("PipeFusion: attention called outside a forward"),
-        };
-        crate::kernels::flash_attn::merge_heads(&group.all_to_all(&out, 2, 1)?)
+/// `t`'s rows along dim 2 picked by `rows`, or `t` itself when `rows` is `None` (all of them).
+fn pick(t: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+    match rows {
+        Some(i) => t.index_select(i, 2),
+        None => Ok(t.clone()),
     }
 }
 
@@ -399,6 +343,9 @@ impl Attention for PatchKv {
         candle_core::bail!("PipeFusion attends per layer (attend_layer)")
     }
 
+    /// With Ulysses inside the stage, token slices are traded for head slices first (and back
+    /// after). Then: in warm-up, attention over the real rows, the K/V kept in patch order; else
+    /// this patch's rows written into the buffer and attention over the buffer's real rows.
     fn attend_layer(
         &self,
         layer: usize,
@@ -408,28 +355,43 @@ impl Attention for PatchKv {
         _layout: Option<&ShardLayout>,
     ) -> Result<Tensor> {
         let mode = *self.mode.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(group) = &self.ulysses {
-            return self.attend_ulysses(group.as_ref(), layer, q, k, v, mode);
-        }
-        match mode {
+        let (q, k, v) = match &self.ulysses {
+            Some(g) => (
+                g.all_to_all(q, 1, 2)?,
+                g.all_to_all(k, 1, 2)?,
+                g.all_to_all(v, 1, 2)?,
+            ),
+            None => (q.clone(), k.clone(), v.clone()),
+        };
+        let (kr, vr) = match mode {
             Some(Mode::Whole { txt_len, img_len }) => {
-                let out = self.local.attend_merged(q, k, v)?;
-                let layout = ShardLayout::new(txt_len, img_len, self.patches, 0)?;
-                let kept = (patch_order(k, &layout)?, patch_order(v, &layout)?);
+                let rows = self.patch_rows(txt_len, img_len, k.device())?;
+                let kept = (
+                    k.index_select(&rows.fill, 2)?.contiguous()?,
+                    v.index_select(&rows.fill, 2)?.contiguous()?,
+                );
                 self.keep(layer, kept);
-                Ok(out)
+                let real = rows.whole_real.as_ref();
+                (pick(&k, real)?, pick(&v, real)?)
             }
             Some(Mode::Patch(layout)) => {
+                let rows = self.patch_rows(layout.txt_len, layout.img_len, k.device())?;
                 let (kb, vb) = self.buffer(layer)?;
                 // This patch's rows, fresh; the patches before it were written this step.
-                let start = layout.rank * layout.local_len();
+                let start = layout.rank * rows.patch_rows;
                 kb.slice_set(&k.contiguous()?, 2, start)?;
                 vb.slice_set(&v.contiguous()?, 2, start)?;
-                let (kr, vr) = real_keys(&kb, &vb, Some(&layout), 0..layout.ranks)?
-                    .ok_or_else(|| candle_core::Error::Msg("PipeFusion: no real keys".into()))?;
-                self.local.attend_merged(q, &kr, &vr)
+                let real = rows.buffer_real.as_ref();
+                (pick(&kb, real)?, pick(&vb, real)?)
             }
             None => candle_core::bail!("PipeFusion: attention called outside a forward"),
+        };
+        match &self.ulysses {
+            Some(g) => {
+                let out = self.local.attend(&q, &kr, &vr)?;
+                crate::kernels::flash_attn::merge_heads(&g.all_to_all(&out, 2, 1)?)
+            }
+            None => self.local.attend_merged(&q, &kr, &vr),
         }
     }
 
@@ -693,11 +655,21 @@ mod tests {
     #[test]
     fn patch_order_interleaves_each_patchs_text_and_image_rows() -> Result<()> {
         // 3 text and 5 image tokens in 2 patches: text shards of 2 (1 + 1 padding), image
-        // shards of 3 (2 + 1 padding).
+        // shards of 3 (2 + 1 padding). Tokens 1..=8 in natural order, the buffer filled from
+        // them: [1, 2 | 4, 5, 6] then [3, pad | 7, 8, pad].
         let t = Tensor::arange(1f32, 9.0, &Device::Cpu)?.reshape((1, 1, 8, 1))?;
-        let l = ShardLayout::new(3, 5, 2, 0)?;
-        let p = patch_order(&t, &l)?.flatten_all()?.to_vec1::<f32>()?;
-        assert_eq!(p, vec![1., 2., 4., 5., 6., 3., 0., 7., 8., 0.]);
+        let rows = PatchRows::new(3, 5, 2, 1, &Device::Cpu)?;
+        assert_eq!(rows.patch_rows, 5);
+        // The warm-up's natural order has no padding.
+        assert!(rows.whole_real.is_none());
+        let real = rows
+            .buffer_real
+            .ok_or_else(|| candle_core::Error::Msg("padding expected".into()))?;
+        // Rows 6 and 9 of the buffer are the padding.
+        assert_eq!(real.to_vec1::<u32>()?, vec![0, 1, 2, 3, 4, 5, 7, 8]);
+        let p = pick(&t.index_select(&rows.fill, 2)?, Some(&real))?;
+        let p = p.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(p, vec![1., 2., 4., 5., 6., 3., 7., 8.]);
         Ok(())
     }
 
