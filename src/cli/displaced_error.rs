@@ -58,12 +58,11 @@ fn flux_replica(
 ) -> anyhow::Result<crate::model::flux::Flux> {
     if p.synthetic && p.variant != crate::model::layout::Variant::Demo {
         let dev = crate::device::parse(&model.device)?;
-        // The seed Pipeline::random draws the transformer from, first.
-        dev.set_seed(crate::pipeline::RANDOM_FLUX_SEED)?;
-        let cfg = p.flux.config().clone();
-        return Ok(crate::model::flux::Flux::new(
-            &cfg,
-            crate::model::demo_weights::RandomWeights.var_builder(p.flux.dtype(), &dev),
+        return Ok(crate::pipeline::random_transformer(
+            p.flux.config(),
+            p.flux.dtype(),
+            &dev,
+            Default::default(),
         )?);
     }
     Ok(crate::engine::load_pipeline(&model.choice(), &model.device)?.flux)

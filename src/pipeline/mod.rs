@@ -359,18 +359,11 @@ impl Pipeline {
         if variant == Variant::Demo {
             return Self::tiny_random(device);
         }
-        device.set_seed(RANDOM_FLUX_SEED)?;
         let cfg = match variant {
             Variant::Schnell => FluxConfig::schnell(),
             _ => FluxConfig::dev(),
         };
-        let flux = Flux::new_fp8(
-            &cfg,
-            RandomWeights.var_builder(dtype, device),
-            opts.fp8,
-            opts.lean,
-        )
-        .px()?;
+        let flux = random_transformer(&cfg, dtype, device, opts)?;
         let vae_dtype = autoencoder_dtype(dtype, device);
         let vae = AutoEncoder::new(
             &VaeConfig::flux(),
@@ -857,9 +850,23 @@ pub fn describe_cache(stats: &CacheStats) -> String {
     )
 }
 
-/// The seed a random model's transformer is drawn from ([`Pipeline::random`]; drawn first, so a
-/// replica drawn again from it has the same weights).
-pub const RANDOM_FLUX_SEED: u64 = 0x5241_4E44;
+/// A random model's transformer ([`Pipeline::random`]): drawn on `device` from a fixed seed, so
+/// a replica drawn again (on another device handle, say) has the same weights.
+pub fn random_transformer(
+    cfg: &FluxConfig,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<Flux> {
+    device.set_seed(0x5241_4E44)?;
+    Flux::new_fp8(
+        cfg,
+        crate::model::demo_weights::RandomWeights.var_builder(dtype, device),
+        opts.fp8,
+        opts.lean,
+    )
+    .px()
+}
 
 /// Load the transformer and tell which variant it is.
 pub fn load_transformer(
