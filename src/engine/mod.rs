@@ -108,9 +108,9 @@ impl Engine {
         if !plan.is_gpu() || l.pipeline <= 1 {
             return None;
         }
-        // Ranks are numbered with the pipeline axis outside ring and Ulysses (both 1 under
-        // PipeFusion): the stage is the rank's pipeline coordinate.
-        let stage = (r / (l.ring * l.ulysses).max(1)) % l.pipeline;
+        // The stage is the rank's pipeline coordinate (the plan's layout is checked already).
+        let mesh = crate::parallel::mesh::Mesh::new(l, plan.world(), cfg.num_heads).ok()?;
+        let stage = mesh.coords(r).pipeline;
         let b =
             crate::parallel::pipefusion::stage_split(cfg, l.pipeline, stage, l.pipeline_balance);
         Some((b.start, b.end))
