@@ -4,13 +4,13 @@
 //! the cache then holds the Hub's layout, `--model <repo>` finds it and draws the demo's image;
 //! a gated repo, a missing repo and an unreachable server each give a message saying what to do.
 
-#[path = "common/hub_server.rs"]
-mod hub_server;
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use hub_server::{HubRepo, HubServer};
+use common::hub_server::{HubRepo, HubServer};
+use common::{s, text};
 use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
 use parallax::pipeline::image::read_png;
 
@@ -35,18 +35,6 @@ fn parallax(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().expect("run parallax")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// The demo model in the diffusers layout, plus what a real FLUX.1 repo also holds and Parallax

@@ -12,7 +12,6 @@
 //! token); a repo it does not hold answers 404 `RepoNotFound`. A file can be cut: the first time
 //! its body is asked for, the server sends half of it under the full `Content-Length` and closes
 //! the connection. Every request is logged (path, `Range`, `Authorization`).
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
