@@ -1,6 +1,6 @@
-//! The studio's "Download…" widget: fetch a model from the Hugging Face Hub into its cache
-//! ([`crate::model::hub`]) on a thread of its own, never blocking the window, with a progress bar
-//! of the bytes and the file arriving. Stopping takes effect between files (the client finishes
+//! What the settings panel's "Download…" button opens: fetch a model from the Hugging Face Hub
+//! into its cache ([`crate::model::hub`]) on a thread of its own, never blocking the window, with
+//! a progress bar of the bytes and the file arriving. Stopping takes effect between files (the client finishes
 //! the file it is fetching); what arrived stays in the cache and a new download resumes it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +45,11 @@ pub struct Downloader {
 }
 
 impl Downloader {
+    /// Show or hide the model field and Start (the panel's "Download…" button).
+    pub fn toggle(&mut self) {
+        self.open = !self.open;
+    }
+
     /// Whether a download is running.
     pub fn busy(&self) -> bool {
         self.job.is_some()
@@ -134,8 +139,8 @@ impl Downloader {
         })
     }
 
-    /// The "Download…" button, and when open the model field, Start, the progress bar and Stop.
-    /// Returns the outcome of a download that has just finished.
+    /// When open, the model field and Start; while a download runs, its progress bar and Stop
+    /// (nothing otherwise). Returns the outcome of a download that has just finished.
     pub fn ui(&mut self, ui: &mut egui::Ui) -> Option<Outcome> {
         let outcome = self.poll();
         let mut failed_start = None;
@@ -177,34 +182,25 @@ impl Downloader {
             {
                 job.cancel.store(true, Ordering::Relaxed);
             }
-        } else {
-            if ui
-                .small_button("Download…")
-                .on_hover_text("fetch a model from the Hugging Face Hub into its cache")
-                .clicked()
-            {
-                self.open = !self.open;
-            }
-            if self.open {
-                ui.horizontal(|ui| {
-                    let label = ui.label("Hub model");
-                    ui.add(
-                        egui::TextEdit::singleline(&mut self.repo)
-                            .hint_text("schnell, dev or owner/name")
-                            .desired_width(150.0),
-                    )
-                    .labelled_by(label.id);
-                    if ui.button("Start").clicked() {
-                        if let Err(e) = self.start(ui.ctx()) {
-                            failed_start = Some(Outcome {
-                                text: e,
-                                error: true,
-                                model: None,
-                            });
-                        }
+        } else if self.open {
+            ui.horizontal(|ui| {
+                let label = ui.label("Hub model");
+                ui.add(
+                    egui::TextEdit::singleline(&mut self.repo)
+                        .hint_text("schnell, dev or owner/name")
+                        .desired_width(150.0),
+                )
+                .labelled_by(label.id);
+                if ui.button("Start").clicked() {
+                    if let Err(e) = self.start(ui.ctx()) {
+                        failed_start = Some(Outcome {
+                            text: e,
+                            error: true,
+                            model: None,
+                        });
                     }
-                });
-            }
+                }
+            });
         }
         outcome.or(failed_start)
     }

@@ -726,6 +726,7 @@ impl StudioApp {
             Command::Delete(path) => self.delete_image(&path),
             Command::SubmitPath => self.submit_path(ctx),
             Command::ClosePathPrompt => self.path_prompt = None,
+            Command::ToggleDownload => self.download.toggle(),
         }
     }
 
