@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::free_init;
+use common::{free_init, s, text};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -15,18 +15,6 @@ fn parallax(args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("run parallax")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// Two `parallax worker` processes (`--world 2`) meeting at `init` with `args`: both must

@@ -16,6 +16,8 @@ pub enum Command {
     /// Put this model in the settings and load it.
     UseModel(String),
     OpenModelDialog,
+    /// Show or hide the Hugging Face Hub download field ([`super::download`]).
+    ToggleDownload,
     Export,
     Screenshot,
     SelectTab(Tab),

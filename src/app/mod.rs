@@ -10,13 +10,14 @@
 //! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
 //!   heatmap as egui paint callbacks; [`heatmap`]: the heatmap's CPU twin.
 //! - [`dialogs`]: where paths come from (desktop dialog, fixed folder, in-window field);
-//!   [`export`]: PNG / screenshot export.
+//!   [`export`]: PNG / screenshot export; [`download`]: fetching a model from the Hugging Face Hub.
 //! - [`automation`]: scripted runs (`--auto-generate`, `--screenshot`, `--quit-after-job`) and
 //!   UI stats (`--ui-stats`).
 
 pub mod automation;
 pub mod command;
 pub mod dialogs;
+pub mod download;
 pub mod export;
 pub mod gpu;
 pub mod heatmap;

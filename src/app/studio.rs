@@ -78,8 +78,10 @@ pub struct StudioApp {
     gallery_warning: Option<String>,
     /// The saved settings' model, until it loads: if it fails, the studio falls back to the demo.
     remembered_model: Option<String>,
-    /// FLUX repos found in the Hugging Face cache at start-up.
+    /// FLUX repos found in the Hugging Face cache at start-up (and after a download).
     hf_models: Vec<(String, PathBuf)>,
+    /// The "Download…" widget beside the model picker.
+    pub download: super::download::Downloader,
     /// The GPUs found at start-up (name, memory), for the devices panel.
     gpus: Vec<crate::device::GpuInfo>,
     // Handles.
@@ -263,6 +265,7 @@ impl StudioApp {
             gallery_warning: None,
             remembered_model,
             hf_models,
+            download: Default::default(),
             gpus: crate::device::gpus(),
             runtime,
             preview: LivePreview::new(gpu),
@@ -723,6 +726,7 @@ impl StudioApp {
             Command::Delete(path) => self.delete_image(&path),
             Command::SubmitPath => self.submit_path(ctx),
             Command::ClosePathPrompt => self.path_prompt = None,
+            Command::ToggleDownload => self.download.toggle(),
         }
     }
 
@@ -839,8 +843,15 @@ impl StudioApp {
 
     fn settings_panel(&mut self, ui: &mut egui::Ui) {
         let none: Vec<String> = Vec::new();
+        panels::settings::model(ui, &mut self.panel(&none));
+        if let Some(done) = self.download.ui(ui) {
+            self.say(done.text, done.error);
+            if let Some(m) = done.model {
+                self.hf_models = crate::model::layout::list_hf_cache();
+                self.cmds.push(Command::UseModel(m));
+            }
+        }
         let mut p = self.panel(&none);
-        panels::settings::model(ui, &mut p);
         ui.separator();
         panels::settings::prompts(ui, &mut p);
         panels::settings::sampling(ui, &mut p);

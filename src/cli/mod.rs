@@ -1,10 +1,11 @@
 //! The `parallax` command line: `generate`, `bench`, `bench-vae`, `info`, `export-demo`,
-//! `selfcheck`, `profile`.
+//! `selfcheck`, `profile`, `download`.
 
 mod bench_vae;
 mod calibrate;
 mod dataset;
 mod displaced_error;
+mod download;
 mod fp8_error;
 mod memory;
 mod profile;
@@ -61,6 +62,9 @@ pub enum Command {
     Info(InfoArgs),
     /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
     ExportDemo(ExportDemoArgs),
+    /// Fetch a model (`schnell`, `dev` or a repo id) from the Hugging Face Hub into the Hugging
+    /// Face cache, where --model finds it; an interrupted download resumes.
+    Download(download::DownloadArgs),
     /// Write the demo model's procedural training scenes (or its evaluation prompts) for the
     /// trainer in scripts/train-demo/.
     Dataset(dataset::DatasetArgs),
@@ -514,6 +518,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Memory(a) => memory::run(a),
         Command::DisplacedError(a) => displaced_error::run(a),
         Command::ExportDemo(a) => export_demo(a),
+        Command::Download(a) => download::run(a),
         Command::Dataset(a) => dataset::run(a),
         Command::Score(a) => score::run(a),
         Command::CalibrateMagcache(a) => calibrate::run(a),

@@ -182,7 +182,9 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
     })
 }
 
-fn repo_id_for(name: &str) -> Option<String> {
+/// The Hugging Face repo id `name` stands for: `dev` and `schnell` (also `flux.1-dev`,
+/// `flux1-schnell`, ...) name Black Forest Labs' repos; `owner/name` is itself.
+pub fn repo_id_for(name: &str) -> Option<String> {
     let lower = name.to_ascii_lowercase();
     match lower.as_str() {
         "dev" | "flux.1-dev" | "flux1-dev" => Some("black-forest-labs/FLUX.1-dev".into()),
@@ -214,13 +216,18 @@ pub fn hf_cache_dir() -> Option<PathBuf> {
     )
 }
 
+/// `repo`'s folder in the Hugging Face cache `cache` (`models--owner--name`).
+pub fn hf_cache_repo_dir(cache: &Path, repo: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo.replace('/', "--")))
+}
+
 /// Find `repo`'s snapshot in the cache: the one `refs/main` names, else the newest.
 pub fn find_in_hf_cache(repo: &str, reasons: &mut Vec<String>) -> Result<PathBuf> {
     let cache = hf_cache_dir().ok_or_else(|| Error::UnknownLayout {
         path: PathBuf::from(repo),
         reason: "no Hugging Face cache folder (HOME, HF_HOME and HF_HUB_CACHE are unset)".into(),
     })?;
-    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let folder = hf_cache_repo_dir(&cache, repo);
     let snapshots = folder.join("snapshots");
     if !snapshots.is_dir() {
         return Err(Error::UnknownLayout {

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod demo_weights;
 pub mod export;
 pub mod flux;
+pub mod hub;
 pub mod layout;
 pub mod rng;
 pub mod shard;

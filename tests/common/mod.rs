@@ -1,10 +1,13 @@
 //! What several test binaries share (each uses some of it).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use parallax::engine::{Degrees, Devices, LayoutChoice, Placement};
 use parallax::runtime::{EngineSpec, Runtime, RuntimeOptions};
+
+pub mod hub_server;
 
 /// The runtime on the demo model over two CPU worker ranks (ring 2), images to `gallery`.
 pub fn two_rank_runtime(gallery: PathBuf) -> Runtime {
@@ -33,4 +36,18 @@ pub fn free_init() -> String {
         .expect("addr")
         .port();
     format!("tcp://127.0.0.1:{port}")
+}
+
+/// A finished command's stdout and stderr, together.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A test path as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
 }

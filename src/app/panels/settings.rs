@@ -59,6 +59,13 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         if ui.small_button("Load").clicked() {
             p.cmds.push(Command::LoadModel);
         }
+        if ui
+            .small_button("Download…")
+            .on_hover_text("fetch a model from the Hugging Face Hub into its cache")
+            .clicked()
+        {
+            p.cmds.push(Command::ToggleDownload);
+        }
     });
     if p.hf_models.is_empty() {
         ui.label(
