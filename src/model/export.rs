@@ -34,13 +34,14 @@ pub enum ExportLayout {
     Bfl,
     /// A diffusers folder: `transformer/` (sharded), `vae/`, `text_encoder*/`, `tokenizer*/`.
     Diffusers,
-    /// A ComfyUI install's tree: `models/diffusion_models/flux1-dev.safetensors` (BFL names;
-    /// with `scaled_fp8`, `flux1-dev-fp8_scaled.safetensors` below `model.diffusion_model.` in
-    /// ComfyUI's scaled-fp8 form, see [`write_scaled_fp8`]), `models/vae/ae.safetensors`,
-    /// `models/clip/clip_l.safetensors` and `models/clip/t5xxl_fp16.safetensors` (transformers'
-    /// names), and the tokenizers where ComfyUI ships them (`comfy/sd1_tokenizer/`,
-    /// `comfy/text_encoders/t5_tokenizer/`). Unscaled tensors keep the demo's f32: the loaders
-    /// take each tensor's own dtype, so the file names are ComfyUI's, not the precision.
+    /// A ComfyUI install's tree: `models/diffusion_models/flux1-dev.safetensors` (BFL names),
+    /// `models/vae/ae.safetensors`, `models/clip/clip_l.safetensors` and
+    /// `models/clip/t5xxl_fp16.safetensors` (transformers' names), and the tokenizers where
+    /// ComfyUI ships them (`comfy/sd1_tokenizer/`, `comfy/text_encoders/t5_tokenizer/`). With
+    /// `scaled_fp8` the transformer is `flux1-dev-fp8_scaled.safetensors` below
+    /// `model.diffusion_model.` in ComfyUI's scaled-fp8 form and T5 `t5xxl_fp8_e4m3fn.safetensors`,
+    /// a plain E4M3 cast ([`write_fp8`]). Other tensors keep the demo's f32: the loaders take each
+    /// tensor's own dtype, so the file names are ComfyUI's, not the precision.
     ComfyUi { scaled_fp8: bool },
 }
 
@@ -166,12 +167,18 @@ pub fn write_sharded(
     )
 }
 
-/// Write a transformer's canonical tensors in ComfyUI's "scaled fp8" form, below `prefix`: each
-/// matrix divided by its own scale (its largest magnitude over E4M3's largest value) and stored
-/// in F8_E4M3, with the scale beside it as an f32 scalar `….scale_weight` (and a `….scale_input`
-/// of 1, which loaders that dequantise leave alone); everything else in f32; and the
-/// `scaled_fp8` marker tensor ComfyUI looks for.
-pub fn write_scaled_fp8(tensors: &[(String, Tensor)], prefix: &str, path: &Path) -> Result<()> {
+/// Write canonical tensors with every matrix in F8_E4M3, below `prefix`, the rest in f32.
+/// `scaled` gives ComfyUI's "scaled fp8" form (its `*_fp8_scaled` transformers): each matrix
+/// divided by its own scale (its largest magnitude over E4M3's largest value), the scale beside
+/// it as an f32 scalar `….scale_weight` (and a `….scale_input` of 1, which loaders that
+/// dequantise leave alone), and the `scaled_fp8` marker tensor ComfyUI looks for. Unscaled, the
+/// matrices are plain casts with no scales (as in `t5xxl_fp8_e4m3fn.safetensors`).
+pub fn write_fp8(
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+    scaled: bool,
+    path: &Path,
+) -> Result<()> {
     use crate::kernels::fp8::Fp8;
     use safetensors::Dtype as St;
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -184,13 +191,21 @@ pub fn write_scaled_fp8(tensors: &[(String, Tensor)], prefix: &str, path: &Path)
             continue;
         }
         let stem = &key[..key.len() - ".weight".len()];
-        let scale = values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) / Fp8::E4M3.max();
+        let scale = if scaled {
+            values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) / Fp8::E4M3.max()
+        } else {
+            1.0
+        };
         let fp8: Vec<u8> = values.iter().map(|v| Fp8::E4M3.encode(v / scale)).collect();
-        out.push((format!("{stem}.scale_weight"), St::F32, vec![], f32_bytes(&[scale])));
-        out.push((format!("{stem}.scale_input"), St::F32, vec![], f32_bytes(&[1.0])));
+        if scaled {
+            out.push((format!("{stem}.scale_weight"), St::F32, vec![], f32_bytes(&[scale])));
+            out.push((format!("{stem}.scale_input"), St::F32, vec![], f32_bytes(&[1.0])));
+        }
         out.push((key, St::F8_E4M3, t.dims().to_vec(), fp8));
     }
-    out.push((format!("{prefix}scaled_fp8"), St::F8_E4M3, vec![0], vec![]));
+    if scaled {
+        out.push((format!("{prefix}scaled_fp8"), St::F8_E4M3, vec![0], vec![]));
+    }
     let mut views = Vec::with_capacity(out.len());
     for (name, dtype, shape, bytes) in &out {
         let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
@@ -236,19 +251,21 @@ fn write_comfyui_tree(
     for d in [&unet, &vae_dir, &clip_dir] {
         mkdir(d)?;
     }
-    if scaled_fp8 {
-        write_scaled_fp8(
-            flux,
-            "model.diffusion_model.",
-            &unet.join("flux1-dev-fp8_scaled.safetensors"),
-        )?;
-    } else {
-        save_safetensors(flux, &unet.join("flux1-dev.safetensors"))?;
-    }
     save_safetensors(vae, &vae_dir.join("ae.safetensors"))?;
     let (t5, clip) = demo_text_tensors(source)?;
     save_safetensors(&clip, &clip_dir.join("clip_l.safetensors"))?;
-    save_safetensors(&t5, &clip_dir.join("t5xxl_fp16.safetensors"))?;
+    if scaled_fp8 {
+        write_fp8(
+            flux,
+            "model.diffusion_model.",
+            true,
+            &unet.join("flux1-dev-fp8_scaled.safetensors"),
+        )?;
+        write_fp8(&t5, "", false, &clip_dir.join("t5xxl_fp8_e4m3fn.safetensors"))?;
+    } else {
+        save_safetensors(flux, &unet.join("flux1-dev.safetensors"))?;
+        save_safetensors(&t5, &clip_dir.join("t5xxl_fp16.safetensors"))?;
+    }
     for (sub, name, len) in [
         (super::comfyui::CLIP_TOKENIZER_DIR, "clip", text::CLIP_MAX_LEN),
         (super::comfyui::T5_TOKENIZER_DIR, "t5", DEMO_T5_MAX_LEN),
