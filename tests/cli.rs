@@ -902,9 +902,9 @@ fn fp8_error_reports_every_group() {
 /// fewer does not do); `--budget 11` plans for 11 GiB alone.
 #[test]
 fn memory_answers_without_weights() {
-    use parallax::engine::memory::{plan, plan_stages, Workload};
-    use parallax::model::flux::FluxConfig;
-    use parallax::model::text::{clip_l_config, t5_xxl_config};
+    use parallax::engine::load::workload;
+    use parallax::engine::memory::{plan, plan_stages};
+    use parallax::model::layout::{ModelSpec, Resolved, Variant};
     use parallax::parallel::pipefusion::{stage_split, StageBalance};
     use parallax::pipeline::LoadOptions;
     let empty = tempfile::tempdir().expect("tmp");
@@ -923,28 +923,21 @@ fn memory_answers_without_weights() {
     const GIB: f64 = (1u64 << 30) as f64;
     // A budget of dev's where one GPU is not enough and several are.
     let mut split_budget = None;
-    for (model, flux, tokens) in [
-        ("dev", FluxConfig::dev(), 512),
-        ("schnell", FluxConfig::schnell(), 256),
-    ] {
+    for (model, variant) in [("dev", Variant::Dev), ("schnell", Variant::Schnell)] {
         let out = memory(&["--model", model, "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert!(
             v["source"].to_string().contains("built-in configs"),
             "{v:#}"
         );
-        let w = Workload {
-            flux: flux.clone(),
-            t5: t5_xxl_config(),
-            clip: clip_l_config(),
-            t5_tokens: tokens,
-            width: 1024,
-            height: 1024,
-            batch: 1,
-            dtype_bytes: 2,
-            flux_vae: true,
-            gpu: true,
+        // What the built-in configs give, as the library reads them.
+        let planned = Resolved {
+            spec: ModelSpec::Random(variant),
+            reasons: Vec::new(),
         };
+        let w = workload(&planned, candle_core::DType::BF16, Some((1024, 1024)), true)
+            .expect("workload");
+        let flux = w.flux.clone();
         let rows = v["budgets"].as_array().expect("budgets");
         let budgets: Vec<f64> = rows.iter().filter_map(|r| r["budget_gib"].as_f64()).collect();
         assert_eq!(budgets, vec![8.0, 10.0, 12.0, 16.0, 24.0, 48.0, 80.0], "{v:#}");
