@@ -164,7 +164,8 @@ fn export_demo_then_info_and_generate_from_it() {
     let info = text(&o);
     assert!(info.contains("Bfl"), "{info}");
     assert!(info.contains("demo model"), "{info}");
-    assert!(info.contains("text_encoder_2/: found"), "{info}");
+    assert!(info.contains("text_encoder_2 (found)"), "{info}");
+    assert!(info.contains("tokenizer_2 (found)"), "{info}");
     let out = dir.path().join("x.png");
     let o = parallax(&[
         "generate",
