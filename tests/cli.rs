@@ -940,14 +940,24 @@ fn memory_answers_without_weights() {
             .expect("workload");
         let flux = w.flux.clone();
         let rows = v["budgets"].as_array().expect("budgets");
-        let budgets: Vec<f64> = rows.iter().filter_map(|r| r["budget_gib"].as_f64()).collect();
-        assert_eq!(budgets, vec![8.0, 10.0, 12.0, 16.0, 24.0, 48.0, 80.0], "{v:#}");
+        let budgets: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| r["budget_gib"].as_f64())
+            .collect();
+        assert_eq!(
+            budgets,
+            vec![8.0, 10.0, 12.0, 16.0, 24.0, 48.0, 80.0],
+            "{v:#}"
+        );
         for row in rows {
             let b = row["budget_gib"].as_f64().expect("budget") * GIB;
             let one = plan(&w, b, LoadOptions::default(), true);
             assert_eq!(row["fits"].as_bool(), Some(one.is_ok()), "{row:#}");
             if one.is_ok() {
-                assert!(row["peak_gib"].as_f64().expect("peak") * GIB <= b, "{row:#}");
+                assert!(
+                    row["peak_gib"].as_f64().expect("peak") * GIB <= b,
+                    "{row:#}"
+                );
                 continue;
             }
             let pf = &row["pipefusion"];
@@ -992,7 +1002,12 @@ fn memory_answers_without_weights() {
     assert!(out.contains("built-in configs"), "{out}");
     assert!(out.contains("budget 11.0 GiB"), "{out}");
     assert!(!out.contains("budget 8.0 GiB"), "{out}");
-    let out = text(&memory(&["--model", "dev", "--budgets", &split.to_string()]));
+    let out = text(&memory(&[
+        "--model",
+        "dev",
+        "--budgets",
+        &split.to_string(),
+    ]));
     let answer = format!("GPUs of {split:.1} GiB would, as PipeFusion stages split by memory");
     assert!(out.contains(&answer), "{out}");
     assert!(out.contains("--pipefusion-balance memory"), "{out}");

@@ -783,7 +783,9 @@ fn budget_picker_answers_without_weights() {
     h.step();
     let answer = labels_with(&h, "dev at 1024x1024 px");
     assert!(
-        answer.iter().any(|a| a.contains("no number of 11 GiB GPUs would")),
+        answer
+            .iter()
+            .any(|a| a.contains("no number of 11 GiB GPUs would")),
         "{answer:?}"
     );
     assert_eq!(

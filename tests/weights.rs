@@ -886,8 +886,12 @@ fn comfyui_tree_loads_and_matches_the_bfl_layout() {
     for scaled_fp8 in [false, true] {
         let dir = tempfile::tempdir().expect("tmp");
         let root = dir.path();
-        write_demo_model(root, ExportLayout::ComfyUi { scaled_fp8 }, DemoSource::Trained)
-            .expect("comfyui export");
+        write_demo_model(
+            root,
+            ExportLayout::ComfyUi { scaled_fp8 },
+            DemoSource::Trained,
+        )
+        .expect("comfyui export");
         let file = root.join("models/diffusion_models").join(if scaled_fp8 {
             "flux1-dev-fp8_scaled.safetensors"
         } else {
@@ -959,8 +963,12 @@ fn separate_part_files_load_by_flag() {
     };
     let dir = tempfile::tempdir().expect("tmp");
     let tree = dir.path().join("tree");
-    write_demo_model(&tree, ExportLayout::ComfyUi { scaled_fp8: false }, DemoSource::Trained)
-        .expect("export");
+    write_demo_model(
+        &tree,
+        ExportLayout::ComfyUi { scaled_fp8: false },
+        DemoSource::Trained,
+    )
+    .expect("export");
     let (t, parts) = (dir.path().join("t"), dir.path().join("parts"));
     for d in [&t, &parts] {
         std::fs::create_dir_all(d).expect("mkdir");
@@ -976,9 +984,18 @@ fn separate_part_files_load_by_flag() {
         "models/diffusion_models/PARALLAX_DEMO_MODEL.txt",
         &t.join("PARALLAX_DEMO_MODEL.txt"),
     );
-    copy("models/vae/ae.safetensors", &parts.join("my-vae.safetensors"));
-    copy("models/clip/clip_l.safetensors", &parts.join("clip.safetensors"));
-    copy("models/clip/t5xxl_fp16.safetensors", &parts.join("t5.safetensors"));
+    copy(
+        "models/vae/ae.safetensors",
+        &parts.join("my-vae.safetensors"),
+    );
+    copy(
+        "models/clip/clip_l.safetensors",
+        &parts.join("clip.safetensors"),
+    );
+    copy(
+        "models/clip/t5xxl_fp16.safetensors",
+        &parts.join("t5.safetensors"),
+    );
     for (from, to) in [
         ("comfy/sd1_tokenizer", "tokenizer"),
         ("comfy/text_encoders/t5_tokenizer", "tokenizer_2"),
@@ -1009,7 +1026,9 @@ fn separate_part_files_load_by_flag() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
         .env_remove("HF_HUB_CACHE")
         .env("HF_HOME", empty.path())
-        .args(["generate", "--steps", "1", "--width", "16", "--height", "16", "--model"])
+        .args([
+            "generate", "--steps", "1", "--width", "16", "--height", "16", "--model",
+        ])
         .arg(t.join("model.safetensors"))
         .arg("--vae")
         .arg(parts.join("my-vae.safetensors"))

@@ -196,7 +196,8 @@ impl Estimate {
 /// Each phase's peak device memory for `w` loaded as `opts`.
 pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
     let blocks = opts.block_range(w.flux.num_blocks());
-    let transformer = FluxParams::of_blocks(&w.flux, blocks.clone()).bytes(opts, w.dtype_bytes) as f64;
+    let transformer =
+        FluxParams::of_blocks(&w.flux, blocks.clone()).bytes(opts, w.dtype_bytes) as f64;
     let t5 = (t5_params(&w.t5) * w.dtype_bytes) as f64;
     let clip_and_vae = ((clip_params(&w.clip) + FLUX_DECODER_PARAMS) * w.dtype_bytes) as f64;
     let resident_t5 = match opts.t5 {

@@ -71,7 +71,11 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
         let p = entry.path();
         if p.is_dir() {
             if let Ok(sub) = std::fs::read_dir(&p) {
-                out.extend(sub.flatten().map(|e| e.path()).filter(|p| is_safetensors(p)));
+                out.extend(
+                    sub.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| is_safetensors(p)),
+                );
             }
         } else if is_safetensors(&p) {
             out.push(p);

@@ -198,8 +198,18 @@ pub fn write_fp8(
         };
         let fp8: Vec<u8> = values.iter().map(|v| Fp8::E4M3.encode(v / scale)).collect();
         if scaled {
-            out.push((format!("{stem}.scale_weight"), St::F32, vec![], f32_bytes(&[scale])));
-            out.push((format!("{stem}.scale_input"), St::F32, vec![], f32_bytes(&[1.0])));
+            out.push((
+                format!("{stem}.scale_weight"),
+                St::F32,
+                vec![],
+                f32_bytes(&[scale]),
+            ));
+            out.push((
+                format!("{stem}.scale_input"),
+                St::F32,
+                vec![],
+                f32_bytes(&[1.0]),
+            ));
         }
         out.push((key, St::F8_E4M3, t.dims().to_vec(), fp8));
     }
@@ -261,13 +271,22 @@ fn write_comfyui_tree(
             true,
             &unet.join("flux1-dev-fp8_scaled.safetensors"),
         )?;
-        write_fp8(&t5, "", false, &clip_dir.join("t5xxl_fp8_e4m3fn.safetensors"))?;
+        write_fp8(
+            &t5,
+            "",
+            false,
+            &clip_dir.join("t5xxl_fp8_e4m3fn.safetensors"),
+        )?;
     } else {
         save_safetensors(flux, &unet.join("flux1-dev.safetensors"))?;
         save_safetensors(&t5, &clip_dir.join("t5xxl_fp16.safetensors"))?;
     }
     for (sub, name, len) in [
-        (super::comfyui::CLIP_TOKENIZER_DIR, "clip", text::CLIP_MAX_LEN),
+        (
+            super::comfyui::CLIP_TOKENIZER_DIR,
+            "clip",
+            text::CLIP_MAX_LEN,
+        ),
         (super::comfyui::T5_TOKENIZER_DIR, "t5", DEMO_T5_MAX_LEN),
     ] {
         let d = dir.join(sub);

@@ -414,60 +414,73 @@ struct Known<C> {
 /// T5-XXL v1.1 and the demo's T5, with the shapes of their tensors below `prefix` (`embed`: the
 /// name the file gives the token embedding).
 fn known_t5(prefix: &str, embed: &str) -> Vec<Known<t5::Config>> {
-    [("T5-XXL v1.1", t5_xxl_config()), ("the demo's T5", t5_demo_config())]
-        .into_iter()
-        .map(|(name, c)| {
-            let block = |i: usize, rest: &str| format!("{prefix}encoder.block.{i}.layer.{rest}");
-            let q = vec![c.num_heads * c.d_kv, c.d_model];
-            let wi = if c.feed_forward_proj.gated { "wi_0" } else { "wi" };
-            Known {
-                name,
-                shapes: vec![
-                    (format!("{prefix}{embed}"), vec![c.vocab_size, c.d_model]),
-                    (block(0, "0.SelfAttention.q.weight"), q.clone()),
-                    (
-                        block(0, "0.SelfAttention.relative_attention_bias.weight"),
-                        vec![c.relative_attention_num_buckets, c.num_heads],
-                    ),
-                    (
-                        block(0, &format!("1.DenseReluDense.{wi}.weight")),
-                        vec![c.d_ff, c.d_model],
-                    ),
-                    (block(c.num_layers - 1, "0.SelfAttention.q.weight"), q),
-                ],
-                absent: block(c.num_layers, "0.SelfAttention.q.weight"),
-                cfg: c,
-            }
-        })
-        .collect()
+    [
+        ("T5-XXL v1.1", t5_xxl_config()),
+        ("the demo's T5", t5_demo_config()),
+    ]
+    .into_iter()
+    .map(|(name, c)| {
+        let block = |i: usize, rest: &str| format!("{prefix}encoder.block.{i}.layer.{rest}");
+        let q = vec![c.num_heads * c.d_kv, c.d_model];
+        let wi = if c.feed_forward_proj.gated {
+            "wi_0"
+        } else {
+            "wi"
+        };
+        Known {
+            name,
+            shapes: vec![
+                (format!("{prefix}{embed}"), vec![c.vocab_size, c.d_model]),
+                (block(0, "0.SelfAttention.q.weight"), q.clone()),
+                (
+                    block(0, "0.SelfAttention.relative_attention_bias.weight"),
+                    vec![c.relative_attention_num_buckets, c.num_heads],
+                ),
+                (
+                    block(0, &format!("1.DenseReluDense.{wi}.weight")),
+                    vec![c.d_ff, c.d_model],
+                ),
+                (block(c.num_layers - 1, "0.SelfAttention.q.weight"), q),
+            ],
+            absent: block(c.num_layers, "0.SelfAttention.q.weight"),
+            cfg: c,
+        }
+    })
+    .collect()
 }
 
 /// CLIP-L's text model and the demo's CLIP, with the shapes of their tensors below `prefix`.
 fn known_clip(prefix: &str) -> Vec<Known<ClipTextConfig>> {
-    [("CLIP-L", clip_l_config()), ("the demo's CLIP", clip_demo_config())]
-        .into_iter()
-        .map(|(name, c)| {
-            let fc1 = |i: usize| format!("{prefix}encoder.layers.{i}.mlp.fc1.weight");
-            let embeddings = format!("{prefix}embeddings");
-            Known {
-                name,
-                shapes: vec![
-                    (
-                        format!("{embeddings}.token_embedding.weight"),
-                        vec![c.vocab_size, c.embed_dim],
-                    ),
-                    (
-                        format!("{embeddings}.position_embedding.weight"),
-                        vec![c.max_position_embeddings, c.embed_dim],
-                    ),
-                    (fc1(0), vec![c.intermediate_size, c.embed_dim]),
-                    (fc1(c.num_hidden_layers - 1), vec![c.intermediate_size, c.embed_dim]),
-                ],
-                absent: fc1(c.num_hidden_layers),
-                cfg: c,
-            }
-        })
-        .collect()
+    [
+        ("CLIP-L", clip_l_config()),
+        ("the demo's CLIP", clip_demo_config()),
+    ]
+    .into_iter()
+    .map(|(name, c)| {
+        let fc1 = |i: usize| format!("{prefix}encoder.layers.{i}.mlp.fc1.weight");
+        let embeddings = format!("{prefix}embeddings");
+        Known {
+            name,
+            shapes: vec![
+                (
+                    format!("{embeddings}.token_embedding.weight"),
+                    vec![c.vocab_size, c.embed_dim],
+                ),
+                (
+                    format!("{embeddings}.position_embedding.weight"),
+                    vec![c.max_position_embeddings, c.embed_dim],
+                ),
+                (fc1(0), vec![c.intermediate_size, c.embed_dim]),
+                (
+                    fc1(c.num_hidden_layers - 1),
+                    vec![c.intermediate_size, c.embed_dim],
+                ),
+            ],
+            absent: fc1(c.num_hidden_layers),
+            cfg: c,
+        }
+    })
+    .collect()
 }
 
 /// The config of a single-file encoder (its file carries none): the one of `known` whose

@@ -293,7 +293,11 @@ impl PromptTokenizer {
             _ => None,
         };
         if let Some(e) = encoder {
-            reason.push_str(&format!("; get {} and put it in {}", e.what_to_get(), dir.display()));
+            reason.push_str(&format!(
+                "; get {} and put it in {}",
+                e.what_to_get(),
+                dir.display()
+            ));
         }
         Err(Error::MissingTokenizer {
             which: which.to_string(),

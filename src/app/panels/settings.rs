@@ -90,9 +90,9 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .show_ui(ui, |ui| {
                 for path in p.comfy_models {
                     let full = path.display().to_string();
-                    let name = path.file_name().map_or(full.clone(), |n| {
-                        n.to_string_lossy().to_string()
-                    });
+                    let name = path
+                        .file_name()
+                        .map_or(full.clone(), |n| n.to_string_lossy().to_string());
                     if ui
                         .selectable_label(p.settings.model == full, name)
                         .on_hover_text(&full)
@@ -135,7 +135,11 @@ fn parts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                 .num_columns(2)
                 .show(ui, |ui| {
                     for (label, field, hover) in [
-                        ("VAE", &mut parts.vae, "ae.safetensors or a diffusers vae/ folder (--vae)"),
+                        (
+                            "VAE",
+                            &mut parts.vae,
+                            "ae.safetensors or a diffusers vae/ folder (--vae)",
+                        ),
                         (
                             "CLIP",
                             &mut parts.clip,
