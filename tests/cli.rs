@@ -152,7 +152,8 @@ fn export_demo_then_info_and_generate_from_it() {
     let info = text(&o);
     assert!(info.contains("Bfl"), "{info}");
     assert!(info.contains("demo model"), "{info}");
-    assert!(info.contains("text_encoder_2/: found"), "{info}");
+    assert!(info.contains("text_encoder_2 (found)"), "{info}");
+    assert!(info.contains("tokenizer_2 (found)"), "{info}");
     let out = dir.path().join("x.png");
     let o = parallax(&[
         "generate",
@@ -881,4 +882,121 @@ fn fp8_error_reports_every_group() {
     }
     let out = parallax(&["fp8-error", "--precision", "fp8"]);
     assert!(!out.status.success());
+}
+
+/// "Will it fit?" with nothing downloaded: `parallax memory --model dev|schnell` with an empty
+/// Hugging Face cache plans from the built-in configs, for every default budget; where one GPU is
+/// not enough the answer is the fewest GPUs of that size whose PipeFusion stages, split by
+/// memory (`stage_split`), each fit (checked against the library: the same stages, and one GPU
+/// fewer does not do); `--budget 11` plans for 11 GiB alone.
+#[test]
+fn memory_answers_without_weights() {
+    use parallax::engine::load::workload;
+    use parallax::engine::memory::{plan, plan_stages};
+    use parallax::model::layout::{ModelSpec, Resolved, Variant};
+    use parallax::parallel::pipefusion::{stage_split, StageBalance};
+    use parallax::pipeline::LoadOptions;
+    let empty = tempfile::tempdir().expect("tmp");
+    let memory = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .arg("memory")
+            .args(args)
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HOME", empty.path())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run parallax memory");
+        assert!(o.status.success(), "{}", text(&o));
+        o
+    };
+    const GIB: f64 = (1u64 << 30) as f64;
+    // A budget of dev's where one GPU is not enough and several are.
+    let mut split_budget = None;
+    for (model, variant) in [("dev", Variant::Dev), ("schnell", Variant::Schnell)] {
+        let out = memory(&["--model", model, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert!(
+            v["source"].to_string().contains("built-in configs"),
+            "{v:#}"
+        );
+        // What the built-in configs give, as the library reads them.
+        let planned = Resolved {
+            spec: ModelSpec::Random(variant),
+            reasons: Vec::new(),
+        };
+        let w = workload(&planned, candle_core::DType::BF16, Some((1024, 1024)), true)
+            .expect("workload");
+        let flux = w.flux.clone();
+        let rows = v["budgets"].as_array().expect("budgets");
+        let budgets: Vec<f64> = rows
+            .iter()
+            .filter_map(|r| r["budget_gib"].as_f64())
+            .collect();
+        assert_eq!(
+            budgets,
+            vec![8.0, 10.0, 12.0, 16.0, 24.0, 48.0, 80.0],
+            "{v:#}"
+        );
+        for row in rows {
+            let b = row["budget_gib"].as_f64().expect("budget") * GIB;
+            let one = plan(&w, b, LoadOptions::default(), true);
+            assert_eq!(row["fits"].as_bool(), Some(one.is_ok()), "{row:#}");
+            if one.is_ok() {
+                assert!(
+                    row["peak_gib"].as_f64().expect("peak") * GIB <= b,
+                    "{row:#}"
+                );
+                continue;
+            }
+            let pf = &row["pipefusion"];
+            match plan_stages(&w, b, LoadOptions::default(), true) {
+                Ok(s) => {
+                    if model == "dev" {
+                        split_budget = Some(b / GIB);
+                    }
+                    let n = s.gpus();
+                    assert_eq!(pf["gpus"].as_u64(), Some(n as u64), "{row:#}");
+                    let stages = pf["stages"].as_array().expect("stages");
+                    assert_eq!(stages.len(), n);
+                    for (i, st) in stages.iter().enumerate() {
+                        let r = stage_split(&flux, n, i, StageBalance::Memory);
+                        assert_eq!(st["blocks"], serde_json::json!([r.start, r.end]), "{row:#}");
+                        assert!(st["peak_gib"].as_f64().expect("peak") * GIB <= b, "{row:#}");
+                    }
+                    // One GPU fewer is not enough.
+                    if n > 2 {
+                        let fewer = (0..n - 1).all(|i| {
+                            let r = stage_split(&flux, n - 1, i, StageBalance::Memory);
+                            let o = LoadOptions {
+                                blocks: Some((r.start, r.end)),
+                                ..Default::default()
+                            };
+                            plan(&w, b, o, true).is_ok()
+                        });
+                        assert!(!fewer, "{n} - 1 GPUs would do: {row:#}");
+                    }
+                }
+                Err(_) => {
+                    assert!(pf["gpus"].is_null(), "{row:#}");
+                    assert!(pf["why"].as_str().is_some_and(|w| !w.is_empty()), "{row:#}");
+                }
+            }
+        }
+    }
+    let split = split_budget.expect("no default budget of dev's needs more than one GPU");
+
+    // The text answer, for a custom budget and for one that needs several GPUs.
+    let out = text(&memory(&["--model", "dev", "--budget", "11"]));
+    assert!(out.contains("built-in configs"), "{out}");
+    assert!(out.contains("budget 11.0 GiB"), "{out}");
+    assert!(!out.contains("budget 8.0 GiB"), "{out}");
+    let out = text(&memory(&[
+        "--model",
+        "dev",
+        "--budgets",
+        &split.to_string(),
+    ]));
+    let answer = format!("GPUs of {split:.1} GiB would, as PipeFusion stages split by memory");
+    assert!(out.contains(&answer), "{out}");
+    assert!(out.contains("--pipefusion-balance memory"), "{out}");
 }

@@ -755,3 +755,41 @@ fn settings_are_saved_to_their_own_file_and_leave_eframe_storage() {
     // The file saved before is untouched.
     assert!(matches!(load(&file), Loaded::Read(_)));
 }
+
+/// The budget picker answers "will it fit?" for a model that is not downloaded (`dev`, from its
+/// built-in configs): where one GPU of the budget is not enough it says how many would, as
+/// PipeFusion stages split by memory, and a custom budget gets its own answer. A file model shows
+/// the fields for its separate parts; the demo does not.
+#[test]
+fn budget_picker_answers_without_weights() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut h = studio(dir.path());
+    h.step();
+    assert!(labels_with(&h, "Separate files").is_empty());
+    h.state_mut().settings.model = "dev".into();
+    h.state_mut().settings.memory_budget_gib = Some(16);
+    h.step();
+    h.step();
+    let answer = labels_with(&h, "dev at 1024x1024 px");
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    assert!(
+        answer[0].contains("GPUs of 16 GiB would, as PipeFusion stages split by memory"),
+        "{answer:?}"
+    );
+    assert_eq!(labels_with(&h, "Separate files (0 named)").len(), 1);
+    // A custom budget (not one of the presets): T5-XXL alone does not fit in 11 GiB.
+    h.state_mut().settings.memory_budget_gib = Some(11);
+    h.step();
+    h.step();
+    let answer = labels_with(&h, "dev at 1024x1024 px");
+    assert!(
+        answer
+            .iter()
+            .any(|a| a.contains("no number of 11 GiB GPUs would")),
+        "{answer:?}"
+    );
+    assert_eq!(
+        h.state().settings.engine_spec().model.memory_budget_mib,
+        Some(11 * 1024)
+    );
+}

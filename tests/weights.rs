@@ -70,7 +70,7 @@ fn files(transformer: &Path, layout: TransformerLayout) -> ModelFiles {
         transformer_layout: layout,
         vae: transformer.to_path_buf(),
         vae_layout: VaeLayout::Bfl,
-        text_root: transformer.to_path_buf(),
+        text: parallax::model::text::TextEncoderPaths::diffusers(transformer),
         demo: false,
     }
 }
@@ -853,5 +853,202 @@ fn a_pipefusion_stage_reads_only_its_blocks() {
     .expect("pipelined");
     for v in got {
         assert!(max_diff(&v, &want) < 1e-5);
+    }
+}
+
+/// ComfyUI's files as they lie on disk (the trained demo written as a ComfyUI install:
+/// `models/diffusion_models/`, `models/vae/ae.safetensors`, `models/clip/clip_l.safetensors` and
+/// `t5xxl_fp16.safetensors` in transformers' names, the tokenizers in `comfy/`): the install
+/// folder and the transformer file both resolve to those parts, and the image is the one the
+/// same weights give in the BFL layout, pixel for pixel. The scaled-fp8 transformer
+/// (`model.diffusion_model.` names, E4M3 matrices with `scale_weight`, `scale_input` and the
+/// `scaled_fp8` marker) with `t5xxl_fp8_e4m3fn.safetensors` (a plain E4M3 cast) loads
+/// dequantised and draws nearly that image.
+#[test]
+fn comfyui_tree_loads_and_matches_the_bfl_layout() {
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::pipeline::{metrics, GenerateRequest, Pipeline};
+    let req = GenerateRequest {
+        prompt: "a red circle on the left, blue sky".into(),
+        width: 64,
+        height: 64,
+        steps: Some(3),
+        seed: 7,
+        ..Default::default()
+    };
+    let bfl = tempfile::tempdir().expect("tmp");
+    write_demo_model(bfl.path(), ExportLayout::Bfl, DemoSource::Trained).expect("bfl export");
+    let resolved = layout::resolve(bfl.path().to_str().expect("utf8"), None).expect("bfl");
+    let want = Pipeline::load(&resolved, "bfl", DType::F32, &Device::Cpu)
+        .and_then(|p| p.generate(&req, &mut |_| Ok(())))
+        .expect("bfl image");
+
+    for scaled_fp8 in [false, true] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path();
+        write_demo_model(
+            root,
+            ExportLayout::ComfyUi { scaled_fp8 },
+            DemoSource::Trained,
+        )
+        .expect("comfyui export");
+        let file = root.join("models/diffusion_models").join(if scaled_fp8 {
+            "flux1-dev-fp8_scaled.safetensors"
+        } else {
+            "flux1-dev.safetensors"
+        });
+        for named in [root.to_path_buf(), file.clone()] {
+            let resolved = layout::resolve(named.to_str().expect("utf8"), None).expect("resolve");
+            let layout::ModelSpec::Files(f) = &resolved.spec else {
+                panic!("{named:?} resolved to {:?}", resolved.spec)
+            };
+            let prefix = if scaled_fp8 {
+                "model.diffusion_model."
+            } else {
+                ""
+            };
+            assert_eq!(f.transformer, file);
+            assert_eq!(
+                f.transformer_layout,
+                TransformerLayout::Bfl {
+                    prefix: prefix.into()
+                }
+            );
+            assert_eq!(f.vae, root.join("models/vae/ae.safetensors"));
+            assert_eq!(f.text.clip, root.join("models/clip/clip_l.safetensors"));
+            let t5 = if scaled_fp8 {
+                "models/clip/t5xxl_fp8_e4m3fn.safetensors"
+            } else {
+                "models/clip/t5xxl_fp16.safetensors"
+            };
+            assert_eq!(f.text.t5, root.join(t5));
+            assert_eq!(f.text.clip_tokenizer, root.join("comfy/sd1_tokenizer"));
+            assert_eq!(
+                f.text.t5_tokenizer,
+                root.join("comfy/text_encoders/t5_tokenizer")
+            );
+            assert!(f.demo, "{:?}", resolved.reasons);
+        }
+        let resolved = layout::resolve(root.to_str().expect("utf8"), None).expect("resolve");
+        let p = Pipeline::load(&resolved, "comfyui", DType::F32, &Device::Cpu).expect("load");
+        let got = p.generate(&req, &mut |_| Ok(())).expect("image");
+        if scaled_fp8 {
+            let q = metrics::quality(&got.image, &want.image).expect("quality");
+            eprintln!("scaled fp8 vs the BFL layout: {q:?}");
+            // Measured 53.9 dB (SSIM 0.9988) at 64 px in 3 steps (54.0 with T5 in f32): E4M3
+            // keeps 3 mantissa bits of every matrix weight.
+            assert!(q.psnr_db > 45.0, "scaled fp8 vs the BFL layout: {q:?}");
+        } else {
+            assert_eq!(got.image, want.image, "ComfyUI tree gives another image");
+        }
+    }
+}
+
+/// `--vae`, `--clip`, `--t5` name the parts wherever they are (a transformer alone in its folder,
+/// the rest elsewhere under other names; the tokenizers in `tokenizer/` and `tokenizer_2/`
+/// beside the single files): the same image as the BFL layout. Without T5's tokenizer, loading
+/// says exactly which file to get and where to put it.
+#[test]
+fn separate_part_files_load_by_flag() {
+    use parallax::engine::ModelChoice;
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::pipeline::{GenerateRequest, Pipeline};
+    let req = GenerateRequest {
+        prompt: "a blue square".into(),
+        width: 48,
+        height: 32,
+        steps: Some(2),
+        seed: 3,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let tree = dir.path().join("tree");
+    write_demo_model(
+        &tree,
+        ExportLayout::ComfyUi { scaled_fp8: false },
+        DemoSource::Trained,
+    )
+    .expect("export");
+    let (t, parts) = (dir.path().join("t"), dir.path().join("parts"));
+    for d in [&t, &parts] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    let copy = |from: &str, to: &Path| {
+        std::fs::copy(tree.join(from), to).expect("copy");
+    };
+    copy(
+        "models/diffusion_models/flux1-dev.safetensors",
+        &t.join("model.safetensors"),
+    );
+    copy(
+        "models/diffusion_models/PARALLAX_DEMO_MODEL.txt",
+        &t.join("PARALLAX_DEMO_MODEL.txt"),
+    );
+    copy(
+        "models/vae/ae.safetensors",
+        &parts.join("my-vae.safetensors"),
+    );
+    copy(
+        "models/clip/clip_l.safetensors",
+        &parts.join("clip.safetensors"),
+    );
+    copy(
+        "models/clip/t5xxl_fp16.safetensors",
+        &parts.join("t5.safetensors"),
+    );
+    for (from, to) in [
+        ("comfy/sd1_tokenizer", "tokenizer"),
+        ("comfy/text_encoders/t5_tokenizer", "tokenizer_2"),
+    ] {
+        std::fs::create_dir_all(parts.join(to)).expect("mkdir");
+        copy(
+            &format!("{from}/tokenizer.json"),
+            &parts.join(to).join("tokenizer.json"),
+        );
+    }
+    let choice = ModelChoice {
+        vae: Some(parts.join("my-vae.safetensors")),
+        clip: Some(parts.join("clip.safetensors")),
+        t5: Some(parts.join("t5.safetensors")),
+        ..ModelChoice::named(t.join("model.safetensors").to_str().expect("utf8"))
+    };
+    let resolved = choice.resolve().expect("resolve");
+    let p = Pipeline::load(&resolved, "parts", DType::F32, &Device::Cpu).expect("load");
+    let got = p.generate(&req, &mut |_| Ok(())).expect("image");
+    let want = Pipeline::demo(&Device::Cpu)
+        .and_then(|p| p.generate(&req, &mut |_| Ok(())))
+        .expect("demo image");
+    assert_eq!(got.image, want.image);
+
+    // No T5 tokenizer anywhere (an empty Hugging Face cache): the message names the file.
+    std::fs::remove_dir_all(parts.join("tokenizer_2")).expect("rm");
+    let empty = tempfile::tempdir().expect("tmp");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", empty.path())
+        .args([
+            "generate", "--steps", "1", "--width", "16", "--height", "16", "--model",
+        ])
+        .arg(t.join("model.safetensors"))
+        .arg("--vae")
+        .arg(parts.join("my-vae.safetensors"))
+        .arg("--clip")
+        .arg(parts.join("clip.safetensors"))
+        .arg("--t5")
+        .arg(parts.join("t5.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("x.png"))
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for needle in [
+        "tokenizer.json",
+        "tokenizer_2/",
+        "FLUX.1-schnell",
+        "comfy/text_encoders/t5_tokenizer",
+        &parts.join("tokenizer_2").display().to_string(),
+    ] {
+        assert!(text.contains(needle), "`{needle}` not in: {text}");
     }
 }

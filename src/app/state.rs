@@ -47,6 +47,8 @@ pub struct Settings {
     pub fp8: bool,
     /// GPU memory to fit the model within, in GiB (`--memory-budget`); none: load as asked.
     pub memory_budget_gib: Option<u32>,
+    /// The model's parts named apart from it (`--vae`, `--clip`, `--t5`).
+    pub parts: ModelParts,
     /// Displaced patches over the ring degree (`--displaced`): exact warm-up steps, then stale
     /// K/V; `None`: ring attention.
     pub displaced_warmup: Option<usize>,
@@ -81,6 +83,7 @@ impl Default for Settings {
             heatmap_gain: 4.0,
             fp8: false,
             memory_budget_gib: None,
+            parts: ModelParts::default(),
             displaced_warmup: None,
             displaced_rotate: false,
             pipeline: 1,
@@ -131,6 +134,7 @@ struct SettingsFile {
     heatmap_gain: f32,
     fp8: bool,
     memory_budget_gib: Option<u32>,
+    parts: ModelParts,
     displaced_warmup: Option<usize>,
     displaced_rotate: bool,
     pipeline: usize,
@@ -175,6 +179,7 @@ impl Default for SettingsFile {
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
+            parts: d.parts,
             displaced_warmup: d.displaced_warmup,
             displaced_rotate: d.displaced_rotate,
             pipeline: d.pipeline,
@@ -230,6 +235,7 @@ impl From<SettingsFile> for Settings {
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
+            parts: f.parts,
             displaced_warmup: f.displaced_warmup,
             displaced_rotate: f.displaced_rotate,
             pipeline: f.pipeline.max(1),
@@ -238,6 +244,16 @@ impl From<SettingsFile> for Settings {
             pipeline_by_memory: f.pipeline_by_memory,
         }
     }
+}
+
+/// A model's parts named apart from its transformer (ComfyUI keeps them in other folders); empty:
+/// found beside it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelParts {
+    pub vae: String,
+    pub clip: String,
+    pub t5: String,
 }
 
 /// The policies a compare sweep runs besides First Block Cache: each one's balanced preset.
@@ -410,6 +426,10 @@ impl Settings {
             spec.model.precision = crate::engine::Precision::Fp8;
         }
         spec.model.memory_budget_mib = self.memory_budget_gib.map(|g| u64::from(g) * 1024);
+        let path = |s: &str| (!s.trim().is_empty()).then(|| std::path::PathBuf::from(s.trim()));
+        spec.model.vae = path(&self.parts.vae);
+        spec.model.clip = path(&self.parts.clip);
+        spec.model.t5 = path(&self.parts.t5);
         spec
     }
 
@@ -579,6 +599,24 @@ mod tests {
         assert_eq!(
             old.engine_spec().model.precision,
             crate::engine::Precision::Native
+        );
+        // Parts named apart from the model go to the engine; blank ones are looked for beside it.
+        let parts = Settings {
+            parts: ModelParts {
+                clip: " /m/clip/clip_l.safetensors ".into(),
+                t5: "/m/clip/t5xxl_fp16.safetensors".into(),
+                vae: String::new(),
+            },
+            ..old.clone()
+        };
+        let m = parts.engine_spec().model;
+        assert_eq!(
+            (m.vae, m.clip, m.t5),
+            (
+                None,
+                Some("/m/clip/clip_l.safetensors".into()),
+                Some("/m/clip/t5xxl_fp16.safetensors".into())
+            )
         );
         let fp8 = Settings {
             fp8: true,

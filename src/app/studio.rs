@@ -46,7 +46,8 @@ pub struct StudioOptions {
     pub fresh_settings: bool,
     pub steps: Option<usize>,
     pub size: Option<(usize, usize)>,
-    /// Do not look in the Hugging Face cache for FLUX repos (hermetic tests).
+    /// Do not look in the Hugging Face cache or ComfyUI installs for FLUX models (hermetic
+    /// tests).
     pub skip_hf_cache: bool,
 }
 
@@ -82,6 +83,8 @@ pub struct StudioApp {
     hf_models: Vec<(String, PathBuf)>,
     /// The "Download…" widget beside the model picker.
     pub download: super::download::Downloader,
+    /// FLUX transformers in the ComfyUI installs found.
+    comfy_models: Vec<PathBuf>,
     /// The GPUs found at start-up (name, memory), for the devices panel.
     gpus: Vec<crate::device::GpuInfo>,
     // Handles.
@@ -243,6 +246,11 @@ impl StudioApp {
         } else {
             crate::model::layout::list_hf_cache()
         };
+        let comfy_models = if opts.skip_hf_cache {
+            Vec::new()
+        } else {
+            crate::model::comfyui::installed_flux_models()
+        };
         let mut app = Self {
             settings,
             settings_file,
@@ -266,6 +274,7 @@ impl StudioApp {
             remembered_model,
             hf_models,
             download: Default::default(),
+            comfy_models,
             gpus: crate::device::gpus(),
             runtime,
             preview: LivePreview::new(gpu),
@@ -816,6 +825,7 @@ impl StudioApp {
             settings: &mut self.settings,
             model: &self.model,
             hf_models: &self.hf_models,
+            comfy_models: &self.comfy_models,
             busy: self.job.is_some(),
             blockers,
             warning: self.gallery_warning.as_deref(),

@@ -1,5 +1,7 @@
-//! `parallax memory`: what one image of a model needs on one GPU under each memory budget, and
-//! which measures each budget takes (estimated from the configs; no weights are read).
+//! `parallax memory`: what one image of a model needs on one GPU under each memory budget, which
+//! measures each budget takes, and where one GPU is not enough, how many GPUs of that size would
+//! do as PipeFusion stages split by memory (estimated from the configs; no weights are read, and
+//! `dev`/`schnell` need not be downloaded: their built-in configs stand in).
 
 use clap::Args;
 
@@ -18,8 +20,8 @@ pub struct MemoryArgs {
     pub width: usize,
     #[arg(long, default_value_t = 1024)]
     pub height: usize,
-    /// Budgets to plan for (GiB without a unit).
-    #[arg(long, value_delimiter = ',', value_parser = parse_budget, default_value = "16,24,48,80")]
+    /// Budgets to plan for, one GPU's memory each (GiB without a unit; `--budget 11` for one).
+    #[arg(long, visible_alias = "budget", value_delimiter = ',', value_parser = parse_budget, default_value = "8,10,12,16,24,48,80")]
     pub budgets: Vec<f64>,
     /// Plan for a GPU without FP8 products (before sm_89).
     #[arg(long)]
@@ -30,7 +32,7 @@ pub struct MemoryArgs {
 }
 
 pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
-    let resolved = a.model.choice().resolve()?;
+    let resolved = a.model.choice().resolve_for_planning()?;
     let choice = a.model.choice();
     let dtype = match choice.dtype {
         DTypeChoice::F32 => candle_core::DType::F32,
@@ -49,6 +51,9 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
     let whole = memory::estimate(&w, &asked);
     let mut rows = Vec::new();
     if !a.json {
+        for r in &resolved.reasons {
+            println!("{r}");
+        }
         println!(
             "{} at {}x{} px, {:?}: as asked, peak about {:.1} GiB (transformer {:.1}, T5 {:.1})",
             a.model.model,
@@ -76,10 +81,36 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
                 }));
             }
             Err(e) => {
+                let stages = memory::plan_stages(&w, b, asked, !a.no_fp8);
                 if !a.json {
-                    println!("  budget {:.1} GiB: does not fit: {e}", gib(b));
+                    println!("  budget {:.1} GiB: one GPU is not enough: {e}", gib(b));
+                    match &stages {
+                        Ok(s) => println!("    {s}"),
+                        Err(why) => println!(
+                            "    no number of {:.1} GiB GPUs would, even one block per GPU as \
+                             PipeFusion stages: {why}",
+                            gib(b)
+                        ),
+                    }
                 }
-                rows.push(serde_json::json!({ "budget_gib": gib(b), "fits": false, "why": e.to_string() }));
+                let gpus = match &stages {
+                    Ok(s) => serde_json::json!({
+                        "gpus": s.gpus(),
+                        "balance": "memory",
+                        "stages": s.stages.iter().map(|((start, end), p)| serde_json::json!({
+                            "blocks": [start, end],
+                            "peak_gib": gib(p.peak()),
+                            "measures": p.measures,
+                        })).collect::<Vec<_>>(),
+                    }),
+                    Err(why) => serde_json::json!({ "gpus": null, "why": why.to_string() }),
+                };
+                rows.push(serde_json::json!({
+                    "budget_gib": gib(b),
+                    "fits": false,
+                    "why": e.to_string(),
+                    "pipefusion": gpus,
+                }));
             }
         }
     }
@@ -88,6 +119,7 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": a.model.model,
+                "source": resolved.reasons,
                 "width": a.width,
                 "height": a.height,
                 "fp8_products": !a.no_fp8,

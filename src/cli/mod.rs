@@ -79,8 +79,9 @@ pub enum Command {
     /// How far displaced patch parallelism lands from the one-device result: the relative error
     /// of the final latent per (ranks, warm-up steps), the ranks as threads sharing one device.
     DisplacedError(displaced_error::DisplacedErrorArgs),
-    /// What one image needs on one GPU under memory budgets (16/24/48/80 GiB by default) and
-    /// which measures each takes: an estimate from the configs, no weights read.
+    /// What one image needs on one GPU under memory budgets (8/10/12/16/24/48/80 GiB by
+    /// default), which measures each takes, and how many GPUs would do where one is not enough:
+    /// an estimate from the configs, no weights read (`dev`/`schnell` need not be downloaded).
     Memory(memory::MemoryArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
@@ -176,6 +177,8 @@ pub enum LayoutArg {
     Bfl,
     /// transformer/, vae/, text_encoder*/, tokenizer*/ (diffusers names)
     Diffusers,
+    /// models/diffusion_models/, models/vae/, models/clip/ single files (a ComfyUI install)
+    Comfyui,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -211,6 +214,18 @@ pub struct ModelArgs {
     /// model's folder).
     #[arg(long)]
     pub text_encoders: Option<PathBuf>,
+    /// The autoencoder, anywhere: `ae.safetensors` or a diffusers `vae/` folder (default: beside
+    /// the transformer, or ComfyUI's models/vae/ae.safetensors).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// The CLIP text model, anywhere: a single file such as ComfyUI's `clip_l.safetensors`, or a
+    /// diffusers `text_encoder/` folder.
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    /// The T5 encoder, anywhere: a single file such as ComfyUI's `t5xxl_fp16.safetensors` or
+    /// `t5xxl_fp8_e4m3fn.safetensors`, or a diffusers `text_encoder_2/` folder.
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DTypeArg::Auto)]
     pub dtype: DTypeArg,
     /// Precision of the transformer blocks' products: `native` (the dtype's), or `fp8` (E4M3
@@ -360,6 +375,9 @@ impl ModelArgs {
         ModelChoice {
             model: self.model.clone(),
             text_encoders: self.text_encoders.clone(),
+            vae: self.vae.clone(),
+            clip: self.clip.clone(),
+            t5: self.t5.clone(),
             dtype: match self.dtype {
                 DTypeArg::Auto => DTypeChoice::Auto,
                 DTypeArg::F32 => DTypeChoice::F32,
@@ -1228,6 +1246,7 @@ fn export_demo(a: ExportDemoArgs) -> anyhow::Result<()> {
     let layout = match a.layout {
         LayoutArg::Bfl => ExportLayout::Bfl,
         LayoutArg::Diffusers => ExportLayout::Diffusers,
+        LayoutArg::Comfyui => ExportLayout::ComfyUi { scaled_fp8: false },
     };
     write_demo_model(&a.dir, layout, DemoSource::Trained)?;
     println!(
@@ -1252,7 +1271,7 @@ fn describe_blocks(cfg: &crate::model::flux::FluxConfig) -> String {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
-    let resolved: Resolved = layout::resolve(&a.model.model, a.model.text_encoders.as_deref())?;
+    let resolved: Resolved = a.model.choice().resolve()?;
     println!("model: {}", a.model.model);
     for r in &resolved.reasons {
         println!("  why: {r}");
@@ -1322,13 +1341,16 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 f.vae.display(),
                 f.vae_layout
             );
-            println!("  text encoders: {}", f.text_root.display());
-            for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
-                let p = f.text_root.join(sub);
-                println!(
-                    "    {sub}/: {}",
-                    if p.is_dir() { "found" } else { "MISSING" }
-                );
+            println!("  text encoders:");
+            let t = &f.text;
+            for (part, p) in [
+                ("CLIP", &t.clip),
+                ("T5", &t.t5),
+                ("CLIP tokenizer", &t.clip_tokenizer),
+                ("T5 tokenizer", &t.t5_tokenizer),
+            ] {
+                let found = if p.exists() { "found" } else { "MISSING" };
+                println!("    {part}: {} ({found})", p.display());
             }
         }
     }

@@ -35,6 +35,15 @@ pub struct ModelChoice {
     /// Folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (default: the
     /// model's folder).
     pub text_encoders: Option<PathBuf>,
+    /// The autoencoder, when not beside the transformer (`ae.safetensors` or a diffusers `vae/`).
+    #[serde(default)]
+    pub vae: Option<PathBuf>,
+    /// The CLIP text model, when not beside the transformer (e.g. ComfyUI's `clip_l.safetensors`).
+    #[serde(default)]
+    pub clip: Option<PathBuf>,
+    /// The T5 encoder, when not beside the transformer (e.g. ComfyUI's `t5xxl_fp16.safetensors`).
+    #[serde(default)]
+    pub t5: Option<PathBuf>,
     pub dtype: DTypeChoice,
     /// Precision of the transformer blocks' products.
     #[serde(default)]
@@ -61,6 +70,9 @@ impl ModelChoice {
         Self {
             model: model.into(),
             text_encoders: None,
+            vae: None,
+            clip: None,
+            t5: None,
             dtype: DTypeChoice::Auto,
             precision: Precision::Native,
             memory_budget_mib: None,
@@ -68,7 +80,38 @@ impl ModelChoice {
     }
 
     pub fn resolve(&self) -> Result<Resolved> {
-        layout::resolve(&self.model, self.text_encoders.as_deref())
+        layout::resolve_parts(
+            &self.model,
+            &layout::PartPaths {
+                text_encoders: self.text_encoders.clone(),
+                vae: self.vae.clone(),
+                clip: self.clip.clone(),
+                t5: self.t5.clone(),
+            },
+        )
+    }
+}
+
+impl ModelChoice {
+    /// [`ModelChoice::resolve`] for a memory estimate: `dev`/`schnell` (or their repo ids) that
+    /// are not downloaded stand in as FLUX.1's built-in configs ([`ModelSpec::Random`]; no
+    /// weights are read to plan), the reason saying so.
+    pub fn resolve_for_planning(&self) -> Result<Resolved> {
+        match self.resolve() {
+            Ok(r) => Ok(r),
+            Err(e) => match layout::published_variant(&self.model) {
+                Some(v) => Ok(Resolved {
+                    spec: ModelSpec::Random(v),
+                    reasons: vec![format!(
+                        "{} is not here ({e}): planned from FLUX.1-{}'s built-in configs (12B \
+                         transformer, T5-XXL, CLIP-L, autoencoder)",
+                        self.model,
+                        v.name()
+                    )],
+                }),
+                None => Err(e),
+            },
+        }
     }
 }
 

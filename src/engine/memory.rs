@@ -26,6 +26,7 @@ use candle_transformers::models::t5;
 use crate::error::{Error, Result};
 use crate::model::flux::{FluxConfig, Fp8Groups};
 use crate::model::text::T5Residency;
+use crate::parallel::pipefusion::{stage_split, StageBalance};
 use crate::pipeline::LoadOptions;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -89,9 +90,19 @@ pub struct FluxParams {
 
 impl FluxParams {
     pub fn of(c: &FluxConfig) -> Self {
+        Self::of_blocks(c, 0..c.num_blocks())
+    }
+
+    /// The parameters a device holding only `blocks` (a PipeFusion stage's, in the unified
+    /// numbering: double blocks first) keeps: those blocks and everything outside the blocks
+    /// (every stage loads the embedders and the final layer).
+    pub fn of_blocks(c: &FluxConfig, blocks: std::ops::Range<usize>) -> Self {
         let h = c.hidden_size as u64;
         let mlp = c.mlp_hidden() as u64;
-        let (dd, ss) = (c.depth as u64, c.depth_single_blocks as u64);
+        let held = |r: std::ops::Range<usize>| {
+            (r.start.max(blocks.start)..r.end.min(blocks.end)).len() as u64
+        };
+        let (dd, ss) = (held(0..c.depth), held(c.depth..c.num_blocks()));
         // Per stream of a double block: qkv, proj, fc1, fc2.
         let double_w = 2 * (h * 3 * h + h * h + h * mlp + mlp * h);
         let double_rows = 2 * (3 * h + h + mlp + h);
@@ -184,7 +195,9 @@ impl Estimate {
 
 /// Each phase's peak device memory for `w` loaded as `opts`.
 pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
-    let transformer = FluxParams::of(&w.flux).bytes(opts, w.dtype_bytes) as f64;
+    let blocks = opts.block_range(w.flux.num_blocks());
+    let transformer =
+        FluxParams::of_blocks(&w.flux, blocks.clone()).bytes(opts, w.dtype_bytes) as f64;
     let t5 = (t5_params(&w.t5) * w.dtype_bytes) as f64;
     let clip_and_vae = ((clip_params(&w.clip) + FLUX_DECODER_PARAMS) * w.dtype_bytes) as f64;
     let resident_t5 = match opts.t5 {
@@ -203,6 +216,14 @@ pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
     let t5_work = (w.t5_tokens * w.t5.d_model * 2 * 8
         + w.t5.num_heads * w.t5_tokens * w.t5_tokens * 4) as f64;
     let image_tokens = (w.width / 16) * (w.height / 16);
+    // A PipeFusion stage keeps every one of its blocks' keys and values for the whole sequence
+    // (the patches' one-step-stale K/V).
+    let stage_kv = if opts.blocks.is_some() {
+        (2 * blocks.len() * (image_tokens + w.t5_tokens) * w.flux.hidden_size * w.batch) as f64
+            * w.dtype_bytes as f64
+    } else {
+        0.0
+    };
     let phases = vec![
         Phase {
             name: "text encoders",
@@ -210,7 +231,7 @@ pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
         },
         Phase {
             name: "denoising",
-            bytes: held + activations(&w.flux, image_tokens + w.t5_tokens, w.batch),
+            bytes: held + activations(&w.flux, image_tokens + w.t5_tokens, w.batch) + stage_kv,
         },
         Phase {
             name: "decode",
@@ -319,6 +340,110 @@ pub fn plan(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> Resu
         measures,
         estimate: est,
     })
+}
+
+/// GPUs of one size that together hold a model no single one does: PipeFusion stages split by
+/// memory ([`StageBalance::Memory`]), each stage planned within the budget.
+#[derive(Debug, Clone)]
+pub struct StagePlans {
+    /// Each stage's blocks (`start`, `end`) and plan; as many stages as GPUs.
+    pub stages: Vec<((usize, usize), MemoryPlan)>,
+}
+
+impl StagePlans {
+    pub fn gpus(&self) -> usize {
+        self.stages.len()
+    }
+}
+
+/// The fewest GPUs of `budget` bytes each (two or more) whose PipeFusion stages, split by
+/// memory, each fit as [`plan`] plans them, starting from `asked`. `Err` (from a one-block stage's
+/// plan) when no count does: what every stage holds whatever its share (T5 while encoding, CLIP,
+/// the autoencoder, the decode, the embedders) is too much already.
+pub fn plan_stages(
+    w: &Workload,
+    budget: f64,
+    asked: LoadOptions,
+    fp8_ok: bool,
+) -> Result<StagePlans> {
+    let n = w.flux.num_blocks();
+    for gpus in 2..=n {
+        let stages: Result<Vec<_>> = (0..gpus)
+            .map(|s| {
+                let r = stage_split(&w.flux, gpus, s, StageBalance::Memory);
+                let opts = LoadOptions {
+                    blocks: Some((r.start, r.end)),
+                    ..asked
+                };
+                plan(w, budget, opts, fp8_ok).map(|p| ((r.start, r.end), p))
+            })
+            .collect();
+        if let Ok(stages) = stages {
+            return Ok(StagePlans { stages });
+        }
+    }
+    // One block per GPU (or as few as there are) still does not fit: say why.
+    let one = LoadOptions {
+        blocks: Some((0, 1.min(n))),
+        ..asked
+    };
+    plan(w, budget, one, fp8_ok)?;
+    Err(Error::setting(
+        "memory budget",
+        format!("{:.1} GiB", budget / GIB),
+        "no split of the blocks over GPUs of this size fits",
+    ))
+}
+
+/// One line for a budget (the studio's budget picker): whether one GPU of `budget` bytes holds
+/// `w` and with which measures, else how many such GPUs would as PipeFusion stages, else why none.
+pub fn budget_answer(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> String {
+    match plan(w, budget, asked, fp8_ok) {
+        Ok(p) if p.measures.is_empty() => format!(
+            "fits on one GPU as asked (peak about {:.1} GiB)",
+            p.peak() / GIB
+        ),
+        Ok(p) => format!(
+            "fits on one GPU (peak about {:.1} GiB) with {}",
+            p.peak() / GIB,
+            p.measures.join(", ")
+        ),
+        Err(_) => match plan_stages(w, budget, asked, fp8_ok) {
+            Ok(s) => format!(
+                "one GPU is not enough; {} GPUs of {:.0} GiB would, as PipeFusion stages split by \
+                 memory",
+                s.gpus(),
+                budget / GIB
+            ),
+            Err(e) => format!("no number of {:.0} GiB GPUs would: {e}", budget / GIB),
+        },
+    }
+}
+
+impl fmt::Display for StagePlans {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let budget = self.stages.first().map_or(0.0, |(_, p)| p.budget);
+        write!(
+            f,
+            "{} GPUs of {:.1} GiB would, as PipeFusion stages split by memory (--pipefusion {} \
+             --pipefusion-balance memory):",
+            self.gpus(),
+            budget / GIB,
+            self.gpus()
+        )?;
+        for (i, ((a, b), p)) in self.stages.iter().enumerate() {
+            write!(
+                f,
+                "{} stage {i} blocks {a}..{b} peak about {:.1} GiB",
+                if i == 0 { "" } else { ";" },
+                p.peak() / GIB
+            )?;
+            if !p.measures.is_empty() {
+                write!(f, " ({})", p.measures.join(", "))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for MemoryPlan {
@@ -469,6 +594,43 @@ mod tests {
         );
         // Nothing fits in 4 GiB.
         assert!(plan(&w, 4.0 * GIB, LoadOptions::default(), true).is_err());
+    }
+
+    #[test]
+    fn stages_hold_their_blocks_and_every_stage_the_rest() {
+        let c = FluxConfig::dev();
+        let whole = FluxParams::of(&c);
+        let none = FluxParams::of_blocks(&c, 0..0);
+        assert_eq!((none.products, none.modulations), (0, 0));
+        // Three stages split by memory: the blocks' parameters add up to the whole model's, and
+        // what is outside the blocks is on every stage.
+        let parts: Vec<FluxParams> = (0..3)
+            .map(|s| FluxParams::of_blocks(&c, stage_split(&c, 3, s, StageBalance::Memory)))
+            .collect();
+        let sum = |f: fn(&FluxParams) -> u64| parts.iter().map(f).sum::<u64>();
+        assert_eq!(sum(|p| p.products), whole.products);
+        assert_eq!(sum(|p| p.modulations), whole.modulations);
+        assert_eq!(
+            sum(|p| p.other) - whole.other,
+            2 * none.other,
+            "the embedders and final layer are counted once per stage"
+        );
+        // A stage plans within a budget one GPU does not meet, and keeps its blocks' K/V.
+        let w = dev_1024();
+        let stage = LoadOptions {
+            blocks: Some((0, 12)),
+            ..Default::default()
+        };
+        let kv = 2.0 * 12.0 * (4096.0 + 512.0) * 3072.0 * 2.0;
+        let (a, b) = (estimate(&w, &stage), estimate(&w, &LoadOptions::default()));
+        // Twelve of the 19 double blocks: about a third of the weights (a double block holds 2.4
+        // times a single block's).
+        assert!(a.transformer < b.transformer / 2.0 && a.transformer > b.transformer / 4.0);
+        let denoise = |e: &Estimate| e.phases[1].bytes - e.transformer;
+        assert!((denoise(&a) - denoise(&b) - kv).abs() < 1.0, "{a:?} {b:?}");
+        let s = plan_stages(&w, 16.0 * GIB, LoadOptions::default(), true).expect("16 GiB");
+        assert!(s.gpus() >= 2 && s.stages.iter().all(|(_, p)| p.peak() <= 16.0 * GIB));
+        assert!(plan_stages(&w, 8.0 * GIB, LoadOptions::default(), true).is_err());
     }
 
     #[test]

@@ -34,6 +34,15 @@ pub enum ExportLayout {
     Bfl,
     /// A diffusers folder: `transformer/` (sharded), `vae/`, `text_encoder*/`, `tokenizer*/`.
     Diffusers,
+    /// A ComfyUI install's tree: `models/diffusion_models/flux1-dev.safetensors` (BFL names),
+    /// `models/vae/ae.safetensors`, `models/clip/clip_l.safetensors` and
+    /// `models/clip/t5xxl_fp16.safetensors` (transformers' names), and the tokenizers where
+    /// ComfyUI ships them (`comfy/sd1_tokenizer/`, `comfy/text_encoders/t5_tokenizer/`). With
+    /// `scaled_fp8` the transformer is `flux1-dev-fp8_scaled.safetensors` below
+    /// `model.diffusion_model.` in ComfyUI's scaled-fp8 form and T5 `t5xxl_fp8_e4m3fn.safetensors`,
+    /// a plain E4M3 cast ([`write_fp8`]). Other tensors keep the demo's f32: the loaders take each
+    /// tensor's own dtype, so the file names are ComfyUI's, not the precision.
+    ComfyUi { scaled_fp8: bool },
 }
 
 /// Seeds of the demo model's parts (the transformer's, the autoencoder's, the text encoders').
@@ -158,9 +167,71 @@ pub fn write_sharded(
     )
 }
 
-/// Write the demo text encoders as a diffusers checkout under `root`: `text_encoder/` (CLIP),
-/// `text_encoder_2/` (T5, two shards), `tokenizer/`, `tokenizer_2/` (tokenizer.json files).
-pub fn write_demo_text_encoders(root: &Path, source: DemoSource) -> Result<()> {
+/// Write canonical tensors with every matrix in F8_E4M3, below `prefix`, the rest in f32.
+/// `scaled` gives ComfyUI's "scaled fp8" form (its `*_fp8_scaled` transformers): each matrix
+/// divided by its own scale (its largest magnitude over E4M3's largest value), the scale beside
+/// it as an f32 scalar `….scale_weight` (and a `….scale_input` of 1, which loaders that
+/// dequantise leave alone), and the `scaled_fp8` marker tensor ComfyUI looks for. Unscaled, the
+/// matrices are plain casts with no scales (as in `t5xxl_fp8_e4m3fn.safetensors`).
+pub fn write_fp8(
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+    scaled: bool,
+    path: &Path,
+) -> Result<()> {
+    use crate::kernels::fp8::Fp8;
+    use safetensors::Dtype as St;
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut out: Vec<(String, St, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let key = format!("{prefix}{name}");
+        let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if t.rank() != 2 || !key.ends_with(".weight") {
+            out.push((key, St::F32, t.dims().to_vec(), f32_bytes(&values)));
+            continue;
+        }
+        let stem = &key[..key.len() - ".weight".len()];
+        let scale = if scaled {
+            values.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) / Fp8::E4M3.max()
+        } else {
+            1.0
+        };
+        let fp8: Vec<u8> = values.iter().map(|v| Fp8::E4M3.encode(v / scale)).collect();
+        if scaled {
+            out.push((
+                format!("{stem}.scale_weight"),
+                St::F32,
+                vec![],
+                f32_bytes(&[scale]),
+            ));
+            out.push((
+                format!("{stem}.scale_input"),
+                St::F32,
+                vec![],
+                f32_bytes(&[1.0]),
+            ));
+        }
+        out.push((key, St::F8_E4M3, t.dims().to_vec(), fp8));
+    }
+    if scaled {
+        out.push((format!("{prefix}scaled_fp8"), St::F8_E4M3, vec![0], vec![]));
+    }
+    let mut views = Vec::with_capacity(out.len());
+    for (name, dtype, shape, bytes) in &out {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|e| Error::Image(format!("tensor {name}: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let bytes = safetensors::tensor::serialize(views, None)
+        .map_err(|e| Error::Image(format!("serialising {}: {e}", path.display())))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// The demo text encoders' canonical tensors: (T5's, CLIP's below `text_model.`), the names of
+/// transformers' `T5EncoderModel` and `CLIPTextModel`.
+type EncoderTensors = (Vec<(String, Tensor)>, Vec<(String, Tensor)>);
+
+fn demo_text_tensors(source: DemoSource) -> Result<EncoderTensors> {
     let t5_cfg = text::t5_demo_config();
     let clip_cfg = text::clip_demo_config();
     let t5 = capture(source.backend(Part::T5)?, |vb| {
@@ -169,6 +240,68 @@ pub fn write_demo_text_encoders(root: &Path, source: DemoSource) -> Result<()> {
     let clip = capture(source.backend(Part::Clip)?, |vb| {
         ClipTextTransformer::new(vb.pp("text_model"), &clip_cfg).px()
     })?;
+    Ok((t5, clip))
+}
+
+/// Write ComfyUI's tree under `dir` (see [`ExportLayout::ComfyUi`]), the transformer's and
+/// autoencoder's canonical tensors given; returns the transformer's folder (for the marker).
+fn write_comfyui_tree(
+    dir: &Path,
+    flux: &[(String, Tensor)],
+    vae: &[(String, Tensor)],
+    scaled_fp8: bool,
+    source: DemoSource,
+) -> Result<std::path::PathBuf> {
+    let models = dir.join("models");
+    let (unet, vae_dir, clip_dir) = (
+        models.join("diffusion_models"),
+        models.join("vae"),
+        models.join("clip"),
+    );
+    for d in [&unet, &vae_dir, &clip_dir] {
+        mkdir(d)?;
+    }
+    save_safetensors(vae, &vae_dir.join("ae.safetensors"))?;
+    let (t5, clip) = demo_text_tensors(source)?;
+    save_safetensors(&clip, &clip_dir.join("clip_l.safetensors"))?;
+    if scaled_fp8 {
+        write_fp8(
+            flux,
+            "model.diffusion_model.",
+            true,
+            &unet.join("flux1-dev-fp8_scaled.safetensors"),
+        )?;
+        write_fp8(
+            &t5,
+            "",
+            false,
+            &clip_dir.join("t5xxl_fp8_e4m3fn.safetensors"),
+        )?;
+    } else {
+        save_safetensors(flux, &unet.join("flux1-dev.safetensors"))?;
+        save_safetensors(&t5, &clip_dir.join("t5xxl_fp16.safetensors"))?;
+    }
+    for (sub, name, len) in [
+        (
+            super::comfyui::CLIP_TOKENIZER_DIR,
+            "clip",
+            text::CLIP_MAX_LEN,
+        ),
+        (super::comfyui::T5_TOKENIZER_DIR, "t5", DEMO_T5_MAX_LEN),
+    ] {
+        let d = dir.join(sub);
+        mkdir(&d)?;
+        PromptTokenizer::demo(len, name)?.save(&d.join("tokenizer.json"))?;
+    }
+    Ok(unet)
+}
+
+/// Write the demo text encoders as a diffusers checkout under `root`: `text_encoder/` (CLIP),
+/// `text_encoder_2/` (T5, two shards), `tokenizer/`, `tokenizer_2/` (tokenizer.json files).
+pub fn write_demo_text_encoders(root: &Path, source: DemoSource) -> Result<()> {
+    let t5_cfg = text::t5_demo_config();
+    let clip_cfg = text::clip_demo_config();
+    let (t5, clip) = demo_text_tensors(source)?;
 
     let te = root.join("text_encoder");
     mkdir(&te)?;
@@ -241,10 +374,14 @@ pub fn write_demo_model(dir: &Path, layout: ExportLayout, source: DemoSource) ->
     let vae = capture(source.backend(Part::Autoencoder)?, |vb| {
         AutoEncoder::new(&vae_cfg, vb).px()
     })?;
+    let mut marked = dir.to_path_buf();
     match layout {
         ExportLayout::Bfl => {
             save_safetensors(&flux, &dir.join("flux1-dev.safetensors"))?;
             save_safetensors(&vae, &dir.join("ae.safetensors"))?;
+        }
+        ExportLayout::ComfyUi { scaled_fp8 } => {
+            marked = write_comfyui_tree(dir, &flux, &vae, scaled_fp8, source)?;
         }
         ExportLayout::Diffusers => {
             let tmap = FluxDiffusersMap {
@@ -279,17 +416,19 @@ pub fn write_demo_model(dir: &Path, layout: ExportLayout, source: DemoSource) ->
             )?;
         }
     }
-    write_demo_text_encoders(dir, source)?;
+    if !matches!(layout, ExportLayout::ComfyUi { .. }) {
+        write_demo_text_encoders(dir, source)?;
+    }
     let weights = match source {
         DemoSource::Trained => "trained by Parallax on its own scenes of coloured shapes",
         DemoSource::Seeded(_) => "with made-up weights",
     };
     std::fs::write(
-        dir.join(DEMO_MARKER),
+        marked.join(DEMO_MARKER),
         format!(
             "This folder holds Parallax's demo model: FLUX.1's layout and tensor names at a tiny \
              size, {weights}. It is not FLUX.1; images made from it are labelled DEMO.\n"
         ),
     )
-    .map_err(|e| Error::io(dir.join(DEMO_MARKER), e))
+    .map_err(|e| Error::io(marked.join(DEMO_MARKER), e))
 }

@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::comfyui::{self, Encoder};
 use super::flux::FluxConfig;
+use super::text::TextEncoderPaths;
 use super::weights::{KeyMap, SafetensorsSet, Source};
 use crate::error::{Error, Result};
 
@@ -90,9 +92,10 @@ pub struct ModelFiles {
     pub transformer_layout: TransformerLayout,
     pub vae: PathBuf,
     pub vae_layout: VaeLayout,
-    /// A diffusers-style folder holding `text_encoder/`, `text_encoder_2/`, `tokenizer/`,
-    /// `tokenizer_2/`.
-    pub text_root: PathBuf,
+    /// Where the text encoders and their tokenizers are: a diffusers-style folder's
+    /// `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, or single files
+    /// (ComfyUI's `clip_l.safetensors`, `t5xxl_*.safetensors`) with tokenizers found elsewhere.
+    pub text: TextEncoderPaths,
     /// The folder is marked as holding Parallax's demo model (see [`super::export::DEMO_MARKER`]).
     pub demo: bool,
 }
@@ -107,6 +110,16 @@ pub enum ModelSpec {
     Files(ModelFiles),
 }
 
+/// Where the user put a model's parts, when not beside the transformer: `--text-encoders` (a
+/// diffusers-style folder), `--vae`, `--clip`, `--t5` (files or folders anywhere).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartPaths {
+    pub text_encoders: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
+    pub clip: Option<PathBuf>,
+    pub t5: Option<PathBuf>,
+}
+
 /// A resolution and the reasons behind it.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -116,8 +129,20 @@ pub struct Resolved {
 
 /// Resolve `name`: `demo`; `dev`/`schnell`/a repo id (`black-forest-labs/FLUX.1-dev`) looked up in
 /// the Hugging Face cache; a `.safetensors` file (BFL transformer); or a folder (diffusers folder,
-/// HF snapshot, or a folder of BFL files). `text_root` overrides where text encoders are looked for.
+/// HF snapshot, a folder of BFL files, or a ComfyUI install). `text_root` overrides where text
+/// encoders are looked for.
 pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
+    resolve_parts(
+        name,
+        &PartPaths {
+            text_encoders: text_root.map(Path::to_path_buf),
+            ..PartPaths::default()
+        },
+    )
+}
+
+/// [`resolve`] with the parts the user placed elsewhere ([`PartPaths`]).
+pub fn resolve_parts(name: &str, parts: &PartPaths) -> Result<Resolved> {
     let mut reasons = Vec::new();
     if name.eq_ignore_ascii_case("demo") {
         reasons.push(
@@ -172,9 +197,9 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
         });
     };
     let files = if path.is_dir() {
-        resolve_dir(&path, text_root, &mut reasons)?
+        resolve_dir(&path, parts, &mut reasons)?
     } else {
-        resolve_file(&path, text_root, &mut reasons)?
+        resolve_file(&path, parts, &mut reasons)?
     };
     Ok(Resolved {
         spec: ModelSpec::Files(files),
@@ -182,8 +207,18 @@ pub fn resolve(name: &str, text_root: Option<&Path>) -> Result<Resolved> {
     })
 }
 
-/// The Hugging Face repo id `name` stands for: `dev` and `schnell` (also `flux.1-dev`,
-/// `flux1-schnell`, ...) name Black Forest Labs' repos; `owner/name` is itself.
+/// The FLUX.1 variant a `--model` name stands for when it names Black Forest Labs' repos (`dev`,
+/// `schnell`, `black-forest-labs/FLUX.1-dev`, …): what `parallax memory` plans for from the
+/// built-in configs when nothing is downloaded.
+pub fn published_variant(name: &str) -> Option<Variant> {
+    let repo = repo_id_for(name)?;
+    [Variant::Dev, Variant::Schnell]
+        .into_iter()
+        .find(|v| repo_id_for(v.name()).is_some_and(|r| r.eq_ignore_ascii_case(&repo)))
+}
+
+/// The Hugging Face repo a `--model` name stands for: `dev`/`schnell` (and `flux1-dev`, …) are
+/// Black Forest Labs' repos; `owner/name` is itself.
 pub fn repo_id_for(name: &str) -> Option<String> {
     let lower = name.to_ascii_lowercase();
     match lower.as_str() {
@@ -294,35 +329,69 @@ pub fn list_hf_cache() -> Vec<(String, PathBuf)> {
     out
 }
 
-fn resolve_dir(
-    dir: &Path,
-    text_root: Option<&Path>,
-    reasons: &mut Vec<String>,
-) -> Result<ModelFiles> {
-    let text_root = text_root
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| dir.to_path_buf());
+fn resolve_dir(dir: &Path, parts: &PartPaths, reasons: &mut Vec<String>) -> Result<ModelFiles> {
     let transformer_dir = dir.join("transformer");
     if transformer_dir.is_dir() {
         reasons.push(format!(
             "{} has a transformer/ folder: diffusers layout",
             dir.display()
         ));
-        let vae = dir.join("vae");
-        if !vae.is_dir() {
-            return Err(Error::UnknownLayout {
-                path: dir.to_path_buf(),
-                reason: "diffusers folder without a vae/ folder".into(),
-            });
-        }
+        let (vae, vae_layout) = match &parts.vae {
+            Some(v) => named_vae(v, reasons),
+            None if dir.join("vae").is_dir() => (dir.join("vae"), VaeLayout::Diffusers),
+            None => {
+                return Err(Error::UnknownLayout {
+                    path: dir.to_path_buf(),
+                    reason: "diffusers folder without a vae/ folder".into(),
+                })
+            }
+        };
+        let text_root = parts
+            .text_encoders
+            .clone()
+            .unwrap_or_else(|| dir.to_path_buf());
         return Ok(ModelFiles {
             transformer: transformer_dir,
             transformer_layout: TransformerLayout::Diffusers,
             vae,
-            vae_layout: VaeLayout::Diffusers,
-            text_root,
+            vae_layout,
+            text: text_paths(&text_root, None, parts, reasons),
             demo: is_demo_folder(dir, reasons),
         });
+    }
+    if let Some(models) = comfyui::models_dir_in(dir) {
+        let found = comfyui::flux_transformers(&models);
+        return match found.first() {
+            Some(file) => {
+                reasons.push(format!(
+                    "{} is a ComfyUI folder: took {}{}",
+                    dir.display(),
+                    file.display(),
+                    if found.len() > 1 {
+                        format!(
+                            " (also there: {}; name the file to take another)",
+                            found[1..]
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    } else {
+                        String::new()
+                    }
+                ));
+                resolve_file(file, parts, reasons)
+            }
+            None => Err(Error::UnknownLayout {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "a ComfyUI folder with no FLUX transformer in {}",
+                    comfyui::TRANSFORMER_DIRS
+                        .map(|d| models.join(d).display().to_string())
+                        .join(" or ")
+                ),
+            }),
+        };
     }
     // A folder of BFL single files.
     let mut candidates: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -342,20 +411,16 @@ fn resolve_dir(
                 dir.display(),
                 file.display()
             ));
-            resolve_file(file, Some(&text_root), reasons)
+            resolve_file(file, parts, reasons)
         }
         None => Err(Error::UnknownLayout {
             path: dir.to_path_buf(),
-            reason: "neither a diffusers folder (transformer/, vae/, text_encoder*/) nor a folder holding flux*.safetensors".into(),
+            reason: "neither a diffusers folder (transformer/, vae/, text_encoder*/), a folder holding flux*.safetensors, nor a ComfyUI folder (models/diffusion_models/)".into(),
         }),
     }
 }
 
-fn resolve_file(
-    file: &Path,
-    text_root: Option<&Path>,
-    reasons: &mut Vec<String>,
-) -> Result<ModelFiles> {
+fn resolve_file(file: &Path, parts: &PartPaths, reasons: &mut Vec<String>) -> Result<ModelFiles> {
     let set = SafetensorsSet::open(file)?;
     let layout = detect_transformer_layout(&set).ok_or_else(|| Error::UnknownLayout {
         path: file.to_path_buf(),
@@ -366,29 +431,102 @@ fn resolve_file(
         file.display()
     ));
     let dir = file.parent().unwrap_or(Path::new("."));
-    let (vae, vae_layout) = if dir.join("ae.safetensors").is_file() {
+    let models = comfyui::models_dir_of(file);
+    let comfy_vae = models.as_deref().and_then(comfyui::vae);
+    let (vae, vae_layout) = if let Some(v) = &parts.vae {
+        named_vae(v, reasons)
+    } else if dir.join("ae.safetensors").is_file() {
         reasons.push("autoencoder: ae.safetensors beside it (BFL layout)".into());
         (dir.join("ae.safetensors"), VaeLayout::Bfl)
     } else if dir.join("vae").is_dir() {
         reasons.push("autoencoder: vae/ folder beside it (diffusers layout)".into());
         (dir.join("vae"), VaeLayout::Diffusers)
+    } else if let Some(v) = comfy_vae {
+        reasons.push(format!(
+            "autoencoder: {} (ComfyUI's vae/ folder, BFL layout)",
+            v.display()
+        ));
+        (v, VaeLayout::Bfl)
     } else {
+        let comfy = models
+            .as_ref()
+            .map(|m| format!(", or {}", m.join("vae").join("ae.safetensors").display()))
+            .unwrap_or_default();
         return Err(Error::UnknownLayout {
             path: file.to_path_buf(),
-            reason: "no autoencoder beside it: expected ae.safetensors or a vae/ folder in the same folder".into(),
+            reason: format!("no autoencoder beside it: expected ae.safetensors or a vae/ folder in the same folder{comfy}; or name it with --vae"),
         });
     };
-    let text_root = text_root
-        .map(Path::to_path_buf)
+    let text_root = parts
+        .text_encoders
+        .clone()
         .unwrap_or_else(|| dir.to_path_buf());
     Ok(ModelFiles {
         transformer: file.to_path_buf(),
         transformer_layout: layout,
         vae,
         vae_layout,
-        text_root,
+        text: text_paths(&text_root, models.as_deref(), parts, reasons),
         demo: is_demo_folder(dir, reasons),
     })
+}
+
+/// The autoencoder the user named: a folder is diffusers' `vae/`, a file BFL's `ae.safetensors`.
+fn named_vae(path: &Path, reasons: &mut Vec<String>) -> (PathBuf, VaeLayout) {
+    let layout = if path.is_dir() {
+        VaeLayout::Diffusers
+    } else {
+        VaeLayout::Bfl
+    };
+    reasons.push(format!(
+        "autoencoder: {} as named ({layout:?} layout)",
+        path.display()
+    ));
+    (path.to_path_buf(), layout)
+}
+
+/// Where the text encoders are: the diffusers folders under `text_root`, else (when it has none
+/// and the transformer lies in a ComfyUI `models` folder) ComfyUI's single files, each replaced
+/// by what the user named. A single file's tokenizer is found by [`comfyui::tokenizer_for`].
+fn text_paths(
+    text_root: &Path,
+    models: Option<&Path>,
+    parts: &PartPaths,
+    reasons: &mut Vec<String>,
+) -> TextEncoderPaths {
+    let mut paths = TextEncoderPaths::diffusers(text_root);
+    if parts.text_encoders.is_none() && !text_root.join("text_encoder").is_dir() {
+        if let Some(models) = models {
+            let (clip, t5) = comfyui::text_encoders(models);
+            for (found, slot, what) in [(clip, &mut paths.clip, "CLIP"), (t5, &mut paths.t5, "T5")]
+            {
+                if let Some(f) = found {
+                    reasons.push(format!("{what}: {} (ComfyUI single file)", f.display()));
+                    *slot = f;
+                }
+            }
+        }
+    }
+    for (named, slot, what) in [
+        (&parts.clip, &mut paths.clip, "CLIP"),
+        (&parts.t5, &mut paths.t5, "T5"),
+    ] {
+        if let Some(p) = named {
+            reasons.push(format!("{what}: {} as named", p.display()));
+            *slot = p.clone();
+        }
+    }
+    let install = models.and_then(comfyui::install_of);
+    for (encoder, file, tokenizer) in [
+        (Encoder::Clip, &paths.clip, &mut paths.clip_tokenizer),
+        (Encoder::T5, &paths.t5, &mut paths.t5_tokenizer),
+    ] {
+        if file.is_file() {
+            *tokenizer =
+                comfyui::tokenizer_for(encoder, file, text_root, install.as_deref(), reasons);
+        }
+    }
+    paths
 }
 
 fn is_demo_folder(dir: &Path, reasons: &mut Vec<String>) -> bool {

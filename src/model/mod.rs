@@ -3,6 +3,7 @@
 //! the built-in demo model, and how a sequence-parallel group shards a step's tokens.
 
 pub mod attention;
+pub mod comfyui;
 pub mod demo;
 pub mod demo_weights;
 pub mod export;

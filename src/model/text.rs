@@ -52,11 +52,13 @@ pub struct Encoded {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TextEncoderPaths {
     /// T5 encoder weights: a folder with `config.json` and `model.safetensors` (or shards and
-    /// their `model.safetensors.index.json`), or one `.safetensors` file, which is then taken to
-    /// be T5-XXL v1.1 ([`t5_xxl_config`]).
+    /// their `model.safetensors.index.json`), or one `.safetensors` file in transformers' names
+    /// (ComfyUI's `t5xxl_fp16.safetensors`, or `t5xxl_fp8_e4m3fn`), which must have the shapes
+    /// of T5-XXL v1.1 ([`t5_xxl_config`]) or the demo's T5.
     pub t5: PathBuf,
     /// CLIP text model weights: a folder with `config.json` and `model.safetensors`, or one
-    /// `.safetensors` file, which is then taken to be CLIP-L ([`clip_l_config`]).
+    /// `.safetensors` file (ComfyUI's `clip_l.safetensors`), which must have the shapes of CLIP-L
+    /// ([`clip_l_config`]) or the demo's CLIP.
     pub clip: PathBuf,
     /// Folder with T5's `tokenizer.json`.
     pub t5_tokenizer: PathBuf,
@@ -399,23 +401,149 @@ fn find_prefix(set: &SafetensorsSet, anchor: &str, model: &str) -> Result<String
         })
 }
 
-/// Config of a part: its folder's `config.json`, or the built-in one for a single file.
+/// A config a single-file encoder may have, and the shapes its tensors then have.
+struct Known<C> {
+    name: &'static str,
+    cfg: C,
+    /// Tensors (with the file's prefix) and their shapes under this config.
+    shapes: Vec<(String, Vec<usize>)>,
+    /// A tensor the file must not have (the block after the last).
+    absent: String,
+}
+
+/// T5-XXL v1.1 and the demo's T5, with the shapes of their tensors below `prefix` (`embed`: the
+/// name the file gives the token embedding).
+fn known_t5(prefix: &str, embed: &str) -> Vec<Known<t5::Config>> {
+    [
+        ("T5-XXL v1.1", t5_xxl_config()),
+        ("the demo's T5", t5_demo_config()),
+    ]
+    .into_iter()
+    .map(|(name, c)| {
+        let block = |i: usize, rest: &str| format!("{prefix}encoder.block.{i}.layer.{rest}");
+        let q = vec![c.num_heads * c.d_kv, c.d_model];
+        let wi = if c.feed_forward_proj.gated {
+            "wi_0"
+        } else {
+            "wi"
+        };
+        Known {
+            name,
+            shapes: vec![
+                (format!("{prefix}{embed}"), vec![c.vocab_size, c.d_model]),
+                (block(0, "0.SelfAttention.q.weight"), q.clone()),
+                (
+                    block(0, "0.SelfAttention.relative_attention_bias.weight"),
+                    vec![c.relative_attention_num_buckets, c.num_heads],
+                ),
+                (
+                    block(0, &format!("1.DenseReluDense.{wi}.weight")),
+                    vec![c.d_ff, c.d_model],
+                ),
+                (block(c.num_layers - 1, "0.SelfAttention.q.weight"), q),
+            ],
+            absent: block(c.num_layers, "0.SelfAttention.q.weight"),
+            cfg: c,
+        }
+    })
+    .collect()
+}
+
+/// CLIP-L's text model and the demo's CLIP, with the shapes of their tensors below `prefix`.
+fn known_clip(prefix: &str) -> Vec<Known<ClipTextConfig>> {
+    [
+        ("CLIP-L", clip_l_config()),
+        ("the demo's CLIP", clip_demo_config()),
+    ]
+    .into_iter()
+    .map(|(name, c)| {
+        let fc1 = |i: usize| format!("{prefix}encoder.layers.{i}.mlp.fc1.weight");
+        let embeddings = format!("{prefix}embeddings");
+        Known {
+            name,
+            shapes: vec![
+                (
+                    format!("{embeddings}.token_embedding.weight"),
+                    vec![c.vocab_size, c.embed_dim],
+                ),
+                (
+                    format!("{embeddings}.position_embedding.weight"),
+                    vec![c.max_position_embeddings, c.embed_dim],
+                ),
+                (fc1(0), vec![c.intermediate_size, c.embed_dim]),
+                (
+                    fc1(c.num_hidden_layers - 1),
+                    vec![c.intermediate_size, c.embed_dim],
+                ),
+            ],
+            absent: fc1(c.num_hidden_layers),
+            cfg: c,
+        }
+    })
+    .collect()
+}
+
+/// The config of a single-file encoder (its file carries none): the one of `known` whose
+/// shapes its tensors have. `what` names the encoder in messages.
+fn single_file_config<C>(
+    set: &SafetensorsSet,
+    path: &Path,
+    known: Vec<Known<C>>,
+    what: &str,
+) -> Result<C> {
+    let names: Vec<&str> = known.iter().map(|k| k.name).collect();
+    for k in known {
+        let fits = k
+            .shapes
+            .iter()
+            .all(|(n, shape)| set.meta(n).is_some_and(|m| &m.shape == shape))
+            && !set.contains(&k.absent);
+        if fits {
+            tracing::info!(
+                "{} is a single file: its tensors have {}'s shapes; using that configuration",
+                path.display(),
+                k.name
+            );
+            return Ok(k.cfg);
+        }
+    }
+    Err(Error::BadConfig {
+        path: path.to_path_buf(),
+        reason: format!(
+            "a single-file {what} whose tensor shapes are none of {} (the configurations Parallax \
+             knows); give a folder with the model's config.json and weights instead",
+            names.join(", ")
+        ),
+    })
+}
+
+/// A part's weights and config: a folder's `config.json`, or for a single file the known config
+/// its shapes match.
 fn part_config<C>(
     path: &Path,
     read: impl Fn(&Path) -> Result<C>,
-    builtin: impl Fn() -> C,
+    set: &SafetensorsSet,
+    known: impl FnOnce() -> Vec<Known<C>>,
     what: &str,
 ) -> Result<(C, Option<PathBuf>)> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
         Ok((read(&cfg_path)?, Some(cfg_path)))
     } else {
-        tracing::info!(
-            "{} is a single file: assuming it is {what} and using that configuration",
-            path.display()
-        );
-        Ok((builtin(), None))
+        Ok((single_file_config(set, path, known(), what)?, None))
     }
+}
+
+/// Check that an encoder's weights are there before anything is read: `hint` says what was
+/// expected.
+fn require(path: &Path, hint: &str) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    Err(Error::UnknownLayout {
+        path: path.to_path_buf(),
+        reason: format!("not found: {hint}"),
+    })
 }
 
 impl TextEncoders {
@@ -553,10 +681,47 @@ impl TextEncoders {
         device: &Device,
         residency: T5Residency,
     ) -> Result<Self> {
-        let (t5_cfg, t5_cfg_path) =
-            part_config(&paths.t5, read_t5_config, t5_xxl_config, "T5-XXL v1.1")?;
-        let (clip_cfg, clip_cfg_path) =
-            part_config(&paths.clip, read_clip_config, clip_l_config, "CLIP-L")?;
+        require(
+            &paths.t5,
+            "the T5 encoder: a diffusers text_encoder_2/ folder, or a single file such as \
+             ComfyUI's t5xxl_fp16.safetensors (--t5)",
+        )?;
+        require(
+            &paths.clip,
+            "the CLIP text model: a diffusers text_encoder/ folder, or a single file such as \
+             ComfyUI's clip_l.safetensors (--clip)",
+        )?;
+        let t5_set = open_weights(&paths.t5)?;
+        let t5_prefix = find_prefix(
+            &t5_set,
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "T5 encoder",
+        )?;
+        let t5_embed = if t5_set.contains(&format!("{t5_prefix}shared.weight")) {
+            "shared.weight"
+        } else {
+            "encoder.embed_tokens.weight"
+        };
+        let (t5_cfg, t5_cfg_path) = part_config(
+            &paths.t5,
+            read_t5_config,
+            &t5_set,
+            || known_t5(&t5_prefix, t5_embed),
+            "T5 encoder",
+        )?;
+        let clip_set = open_weights(&paths.clip)?;
+        let clip_prefix = find_prefix(
+            &clip_set,
+            "embeddings.token_embedding.weight",
+            "CLIP text model",
+        )?;
+        let (clip_cfg, clip_cfg_path) = part_config(
+            &paths.clip,
+            read_clip_config,
+            &clip_set,
+            || known_clip(&clip_prefix),
+            "CLIP text model",
+        )?;
 
         let t5_tokenizer = PromptTokenizer::from_folder(&paths.t5_tokenizer, "t5", t5_max_len)?;
         let clip_max_len = clip_cfg.max_position_embeddings.min(CLIP_MAX_LEN);
@@ -570,12 +735,6 @@ impl TextEncoders {
             return Err(Error::BadConfig { path, reason });
         }
 
-        let t5_set = open_weights(&paths.t5)?;
-        let t5_prefix = find_prefix(
-            &t5_set,
-            "encoder.block.0.layer.0.SelfAttention.q.weight",
-            "T5 encoder",
-        )?;
         let t5_vb = {
             let (set, prefix, dtype, device) = (t5_set.clone(), t5_prefix, dtype, device.clone());
             move || {
@@ -589,12 +748,6 @@ impl TextEncoders {
             }
         };
 
-        let clip_set = open_weights(&paths.clip)?;
-        let clip_prefix = find_prefix(
-            &clip_set,
-            "embeddings.token_embedding.weight",
-            "CLIP text model",
-        )?;
         let clip_vb = MappedWeights::new(
             clip_set,
             Arc::new(Identity {

@@ -287,6 +287,18 @@ impl PromptTokenizer {
                  add the model's tokenizer.json",
             );
         }
+        let encoder = match which {
+            "clip" => Some(super::comfyui::Encoder::Clip),
+            "t5" => Some(super::comfyui::Encoder::T5),
+            _ => None,
+        };
+        if let Some(e) = encoder {
+            reason.push_str(&format!(
+                "; get {} and put it in {}",
+                e.what_to_get(),
+                dir.display()
+            ));
+        }
         Err(Error::MissingTokenizer {
             which: which.to_string(),
             reason,

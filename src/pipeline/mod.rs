@@ -465,8 +465,8 @@ impl Pipeline {
             variant = Variant::Demo;
         }
         let vae = load_vae(files, dtype, device)?;
-        let text = TextEncoders::load_diffusers_with(
-            &files.text_root,
+        let text = TextEncoders::load_parts_with(
+            &files.text,
             variant.t5_max_len(),
             dtype,
             device,
@@ -476,7 +476,7 @@ impl Pipeline {
             || text.clip_dim() != flux.config().vec_in_dim
         {
             return Err(Error::UnknownLayout {
-                path: files.text_root.clone(),
+                path: files.text.t5.clone(),
                 reason: format!(
                     "text encoders give {} (T5) and {} (CLIP) wide embeddings; the transformer takes {} and {}",
                     text.t5_dim(),

@@ -17,6 +17,8 @@ pub struct Panel<'a> {
     pub model: &'a ModelStatus,
     /// FLUX repos found in the Hugging Face cache.
     pub hf_models: &'a [(String, PathBuf)],
+    /// FLUX transformers found in ComfyUI installs.
+    pub comfy_models: &'a [PathBuf],
     pub busy: bool,
     /// Why Generate is refused (empty: it is not).
     pub blockers: &'a [String],
@@ -89,6 +91,28 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .response
             .labelled_by(model_label.id);
     }
+    if !p.comfy_models.is_empty() {
+        egui::ComboBox::from_id_salt("comfyui")
+            .selected_text("ComfyUI models…")
+            .show_ui(ui, |ui| {
+                for path in p.comfy_models {
+                    let full = path.display().to_string();
+                    let name = path
+                        .file_name()
+                        .map_or(full.clone(), |n| n.to_string_lossy().to_string());
+                    if ui
+                        .selectable_label(p.settings.model == full, name)
+                        .on_hover_text(&full)
+                        .clicked()
+                    {
+                        p.cmds.push(Command::UseModel(full));
+                    }
+                }
+            })
+            .response
+            .labelled_by(model_label.id);
+    }
+    parts(ui, p);
     match p.model {
         ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
         ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),
@@ -97,6 +121,56 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             ui.add(egui::Label::new(RichText::new(error).color(Color32::LIGHT_RED)).wrap())
         }
     };
+}
+
+/// The autoencoder and text encoders named apart from the transformer (ComfyUI keeps them in
+/// `models/vae/` and `models/clip/`): shown for models read from files, not the built-in ones.
+fn parts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    let model = p.settings.model.trim();
+    if model.eq_ignore_ascii_case("demo") || model.starts_with("random:") {
+        return;
+    }
+    let parts = &mut p.settings.parts;
+    let named = [&parts.vae, &parts.clip, &parts.t5]
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .count();
+    egui::CollapsingHeader::new(format!("Separate files ({named} named)"))
+        .id_salt("model-parts")
+        .show(ui, |ui| {
+            egui::Grid::new("model-parts-grid")
+                .num_columns(2)
+                .show(ui, |ui| {
+                    for (label, field, hover) in [
+                        (
+                            "VAE",
+                            &mut parts.vae,
+                            "ae.safetensors or a diffusers vae/ folder (--vae)",
+                        ),
+                        (
+                            "CLIP",
+                            &mut parts.clip,
+                            "clip_l.safetensors or a diffusers text_encoder/ folder (--clip)",
+                        ),
+                        (
+                            "T5",
+                            &mut parts.t5,
+                            "t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or a diffusers \
+                             text_encoder_2/ folder (--t5)",
+                        ),
+                    ] {
+                        let l = ui.label(label);
+                        ui.add(
+                            egui::TextEdit::singleline(field)
+                                .desired_width(150.0)
+                                .hint_text("found beside the model"),
+                        )
+                        .labelled_by(l.id)
+                        .on_hover_text(hover);
+                        ui.end_row();
+                    }
+                });
+        });
 }
 
 /// Prompt and negative prompt.
@@ -124,6 +198,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     let random_seed = &mut p.settings.random_seed;
     let fp8 = &mut p.settings.fp8;
     let budget = &mut p.settings.memory_budget_gib;
+    let model = p.settings.model.trim();
     let r = &mut p.settings.request;
     egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
         let size_label = ui.label("Size");
@@ -216,11 +291,16 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                     format!("{g} GiB budget")
                 })
             };
+            let custom = budget.filter(|g| !BUDGETS_GIB.contains(g));
             egui::ComboBox::from_id_salt("memory_budget")
                 .selected_text(name(*budget))
                 .show_ui(ui, |ui| {
-                    for b in [None, Some(16), Some(24), Some(48), Some(80)] {
-                        ui.selectable_value(budget, b, name(b));
+                    ui.selectable_value(budget, None, name(None));
+                    for g in BUDGETS_GIB {
+                        ui.selectable_value(budget, Some(g), name(Some(g)));
+                    }
+                    if ui.selectable_label(custom.is_some(), "custom…").clicked() {
+                        *budget = Some(custom.unwrap_or(20));
                     }
                 })
                 .response
@@ -230,9 +310,61 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                      as far as needed; the model reloads. `parallax memory` shows what each \
                      budget takes.",
                 );
+            if let Some(g) = budget.as_mut().filter(|g| !BUDGETS_GIB.contains(g)) {
+                ui.add(egui::DragValue::new(g).range(1..=1024).suffix(" GiB"));
+            }
         });
         ui.end_row();
     });
+    if let Some(g) = *budget {
+        let answer = budget_answer(ui.ctx(), model, g, *fp8);
+        ui.add(egui::Label::new(RichText::new(answer).small()).wrap());
+    }
+}
+
+/// The budgets the picker offers, in GiB (a custom value besides).
+const BUDGETS_GIB: [u32; 7] = [8, 10, 12, 16, 24, 48, 80];
+
+/// What a budget means for `model` at the size a budget is planned for (as the engine plans it
+/// when the model loads: [`crate::engine::memory::budget_answer`]; from the built-in configs for
+/// `dev`/`schnell` when nothing is downloaded), kept per input so the files' headers are read
+/// once.
+fn budget_answer(ctx: &egui::Context, model: &str, gib: u32, fp8: bool) -> String {
+    use crate::engine::{load, memory, ModelChoice, Precision};
+    let key = egui::Id::NULL.with(("budget-answer", model, gib, fp8));
+    if let Some(s) = ctx.data(|d| d.get_temp::<String>(key)) {
+        return s;
+    }
+    let choice = ModelChoice {
+        precision: if fp8 {
+            Precision::Fp8
+        } else {
+            Precision::Native
+        },
+        ..ModelChoice::named(model)
+    };
+    let asked = crate::pipeline::LoadOptions {
+        fp8: if fp8 {
+            crate::model::flux::Fp8Groups::ALL
+        } else {
+            crate::model::flux::Fp8Groups::NONE
+        },
+        ..Default::default()
+    };
+    let answer = choice
+        .resolve_for_planning()
+        .and_then(|r| load::workload(&r, candle_core::DType::BF16, None, true))
+        .map(|w| {
+            format!(
+                "{model} at {}x{} px: {}",
+                w.width,
+                w.height,
+                memory::budget_answer(&w, f64::from(gib) * (1u64 << 30) as f64, asked, true)
+            )
+        })
+        .unwrap_or_else(|e| format!("cannot estimate {model}: {e}"));
+    ctx.data_mut(|d| d.insert_temp(key, answer.clone()));
+    answer
 }
 
 /// What blocks Generate (red) and what only warns (amber: a large size, an unwritable gallery).
