@@ -1075,26 +1075,18 @@ fn a_huge_gallery_image_is_listed_from_its_header_without_decoding() {
 /// A PNG that says it is `w` x `h` with a Parallax settings chunk, whose pixel data is junk
 /// (a reader that decodes it fails; one that reads the header does not).
 fn write_huge_png(path: &Path, w: u32, h: u32) {
-    let settings = GenerationSettings {
+    let req = parallax::pipeline::GenerateRequest {
         prompt: "a huge one".into(),
-        negative_prompt: None,
-        true_cfg: 1.0,
-        width: w as usize,
-        height: h as usize,
-        steps: 1,
-        seed: 5,
-        guidance: 1.0,
-        cache_threshold: 0.0,
-        cache: None,
-        model: "demo".into(),
-        variant: parallax::model::layout::Variant::Schnell,
-        synthetic: true,
-        dtype: "f32".into(),
-        sampler: "euler".into(),
-        schedule: "x".into(),
-        noise: "y".into(),
-        parallax_version: "0".into(),
+        width: 64,
+        height: 64,
+        steps: Some(1),
+        ..Default::default()
     };
+    let mut settings = Pipeline::demo(&Device::Cpu)
+        .expect("demo")
+        .settings_for(&req)
+        .expect("settings");
+    (settings.width, settings.height) = (w as usize, h as usize);
     // A real 1x1 PNG with the text, then its size rewritten in the header (CRC fixed).
     let small = RgbImage {
         width: 1,
