@@ -55,7 +55,7 @@ pub struct RuntimeOptions {
 
 enum Command {
     /// A job, and the model and workers it runs on (`None`: whatever is configured then).
-    Submit(JobId, JobSpec, Option<EngineSpec>),
+    Submit(JobId, JobSpec, Option<Box<EngineSpec>>),
     Cancel(JobId),
     Configure(EngineSpec),
     /// Put the waiting jobs in this order (those not named keep theirs, after these).
@@ -113,10 +113,10 @@ impl Runtime {
     /// Queue a job that runs on `engine` (the model and workers it was queued with, whatever
     /// is configured by the time it starts).
     pub fn submit_on(&self, spec: JobSpec, engine: EngineSpec) -> JobId {
-        self.send_job(spec, Some(engine))
+        self.send_job(spec, Some(Box::new(engine)))
     }
 
-    fn send_job(&self, spec: JobSpec, engine: Option<EngineSpec>) -> JobId {
+    fn send_job(&self, spec: JobSpec, engine: Option<Box<EngineSpec>>) -> JobId {
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let _ = self.cmds.send(Command::Submit(id, spec, engine));
         id
@@ -181,14 +181,14 @@ async fn schedule(
     mut done: tokio::sync::mpsc::UnboundedReceiver<JobId>,
     emit: Emitter,
 ) {
-    let mut queue: VecDeque<(JobId, JobSpec, Option<EngineSpec>)> = VecDeque::new();
+    let mut queue: VecDeque<(JobId, JobSpec, Option<Box<EngineSpec>>)> = VecDeque::new();
     let mut running: Option<(JobId, Arc<AtomicBool>)> = None;
     loop {
         if running.is_none() {
             if let Some((job, spec, on)) = queue.pop_front() {
                 let cancel = Arc::new(AtomicBool::new(false));
                 if let Some(on) = on {
-                    let _ = engine.send(WorkerMsg::Configure(on));
+                    let _ = engine.send(WorkerMsg::Configure(*on));
                 }
                 if engine
                     .send(WorkerMsg::Run {
