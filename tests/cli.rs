@@ -571,13 +571,17 @@ fn runtime_jobs_equal_the_cli_in_every_cpu_layout() {
     }
 }
 
-/// A bad placement is refused with the same message by the CLI (before loading) and by the
-/// studio's panel as it is typed: both ask the engine's one check.
+/// A bad placement is refused by the CLI (before loading) and by the studio's panel as it is
+/// typed: both ask the engine's one check; the panel says it in its own words.
 #[cfg(feature = "studio")]
 #[test]
 fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
     use parallax::app::Settings;
-    let heads = parallax::model::flux::FluxConfig::tiny().num_heads;
+    let tiny = parallax::model::flux::FluxConfig::tiny();
+    let shape = parallax::app::state::ModelShape {
+        heads: tiny.num_heads,
+        blocks: tiny.num_blocks(),
+    };
     let dir = tempfile::tempdir().expect("tmp");
     for (workers, ulysses, ring, cfg, dp) in [
         (3, 3, 1, 1, 1),
@@ -585,7 +589,7 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
         (2, 1, 1, 2, 1),
         (2, 1, 1, 1, 3),
     ] {
-        let panel = Settings {
+        let settings = Settings {
             device: "cpu".into(),
             workers,
             layout_auto: false,
@@ -594,9 +598,13 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
             cfg,
             dp,
             ..Settings::default()
-        }
-        .layout_check(heads)
-        .expect_err("a bad placement");
+        };
+        let panel = settings.layout_check(shape).expect_err("a bad placement");
+        // The engine's refusal: the CLI says it with its flags, the panel in its own words.
+        let engine = settings.plan(shape.heads).expect_err("a bad placement");
+        assert_eq!(panel, parallax::app::state::in_studio_words(&engine));
+        assert!(!panel.contains("--"), "{panel}");
+        let engine = engine.to_string();
         let devices = format!("cpu:{workers}");
         let (u, r, c, d) = (
             ulysses.to_string(),
@@ -625,8 +633,8 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
         ]);
         assert!(!o.status.success());
         assert!(
-            text(&o).contains(&panel),
-            "the CLI said {:?}, the panel {panel:?}",
+            text(&o).contains(&engine),
+            "the CLI said {:?}, the engine {engine:?}",
             text(&o)
         );
         assert!(!out.exists());

@@ -16,6 +16,9 @@ pub struct UiStats {
     /// From the engine emitting a step to the end of the frame that drew its preview.
     pub preview_latency_ms: Vec<f64>,
     pub steps_seen: usize,
+    /// From a job's start on screen (Generate, or its turn in the queue) to its first step's
+    /// preview leaving the engine.
+    pub first_preview_ms: Vec<f64>,
     /// Each job's wall time as the engine measured it (queue to last image).
     pub job_wall_ms: Vec<f64>,
     /// Each image's generation time (text encoding, steps, decode).

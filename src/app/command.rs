@@ -5,12 +5,19 @@
 use std::path::PathBuf;
 
 use super::view::Tab;
+use crate::runtime::JobId;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
+    /// Generate with the current settings (queued behind the running job, if any).
     Generate,
     Compare,
+    /// Cancel the running job.
     Cancel,
+    /// Move a waiting job one place earlier (`true`) or later in the queue.
+    MoveQueued(JobId, bool),
+    /// Take a waiting job out of the queue.
+    CancelQueued(JobId),
     /// (Re)load the model named in the settings.
     LoadModel,
     /// Put this model in the settings and load it.

@@ -95,10 +95,11 @@ impl LivePreview {
                     height: p.latent.height,
                     data: f.apply(&p.latent),
                 };
+                // Filtered like the shader's, not 8x8-pixel blocks.
                 let tex = ui.ctx().load_texture(
                     "latent-preview",
                     color_image(&rgb),
-                    TextureOptions::NEAREST,
+                    TextureOptions::LINEAR,
                 );
                 self.cpu_tex = Some((p.version, tex));
             }

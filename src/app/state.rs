@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Degrees, Devices, LayoutChoice, Placement};
+use crate::engine::{Degrees, Devices, LayoutChoice, Placement, Plan};
 use crate::parallel::mesh::ParallelLayout;
+use crate::parallel::refusal::{self, Refusal};
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
 use crate::runtime::EngineSpec;
@@ -18,6 +19,10 @@ pub const PRESETS: &[(&str, usize, usize)] = &[
     ("768 x 1344 (9:16)", 768, 1344),
     ("2048 x 2048", 2048, 2048),
 ];
+
+/// The one size the demo model was trained at (`scripts/train-demo/`: 256 x 256 scenes), and
+/// the only one the panel offers it.
+pub const DEMO_SIZE: usize = 256;
 
 /// Saved between runs. Files written before the sampling fields moved into `request` (flat
 /// `prompt`, `steps`, ... at the top level) still load: see [`SettingsFile`].
@@ -38,6 +43,8 @@ pub struct Settings {
     /// them); an empty negative prompt means none (see [`Settings::request`]).
     pub request: GenerateRequest,
     pub random_seed: bool,
+    /// Jobs one Generate queues (seeds s, s + 1, ...; fresh ones with `random_seed`).
+    pub batch: usize,
     pub compare_thresholds: Vec<f64>,
     /// Cache policies the compare sweep runs after the thresholds.
     pub compare_caches: Vec<CacheSpec>,
@@ -77,6 +84,7 @@ impl Default for Settings {
             dp: 1,
             request: default_request(),
             random_seed: false,
+            batch: 1,
             // On the demo at its 12 steps the cache starts reusing steps near 0.12.
             compare_thresholds: vec![0.0, 0.08, 0.12, 0.2],
             compare_caches: default_compare_caches(),
@@ -129,6 +137,7 @@ struct SettingsFile {
     dp: usize,
     request: Option<GenerateRequest>,
     random_seed: bool,
+    batch: usize,
     compare_thresholds: Vec<f64>,
     compare_caches: Vec<CacheSpec>,
     heatmap_gain: f32,
@@ -174,6 +183,7 @@ impl Default for SettingsFile {
             dp: d.dp,
             request: None,
             random_seed: d.random_seed,
+            batch: d.batch,
             compare_thresholds: d.compare_thresholds,
             compare_caches: d.compare_caches,
             heatmap_gain: d.heatmap_gain,
@@ -230,6 +240,7 @@ impl From<SettingsFile> for Settings {
             dp: f.dp,
             request: r,
             random_seed: f.random_seed,
+            batch: f.batch.max(1),
             compare_thresholds: f.compare_thresholds,
             compare_caches: f.compare_caches,
             heatmap_gain: f.heatmap_gain,
@@ -349,6 +360,23 @@ impl Settings {
         r
     }
 
+    /// Whether the model is the built-in demo.
+    pub fn is_demo(&self) -> bool {
+        self.model.trim().eq_ignore_ascii_case("demo")
+    }
+
+    /// A note when the demo model is asked for a size it was not trained at.
+    pub fn demo_size_note(&self) -> Option<String> {
+        let r = &self.request;
+        (self.is_demo() && (r.width, r.height) != (DEMO_SIZE, DEMO_SIZE)).then(|| {
+            format!(
+                "the demo model was trained at 256 x 256 only: at {}x{} it draws poorly (choose \
+                 256 x 256 under Size)",
+                r.width, r.height
+            )
+        })
+    }
+
     /// Steps as the panel shows them.
     pub fn steps(&self) -> usize {
         self.request.steps.unwrap_or(DEFAULT_STEPS)
@@ -406,17 +434,34 @@ impl Settings {
                     .devices
                     .named_count()
                     .unwrap_or_else(|| crate::engine::gpus_present().max(1));
-                let l = d.layout_for(workers);
-                self.layout_auto = false;
-                (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
-                self.displaced_warmup = l.displaced_warmup;
-                self.displaced_rotate = l.displaced_rotate;
-                self.pipeline = l.pipeline;
-                self.pipeline_patches = l.patches();
-                self.pipeline_warmup = l.pipeline_warmup();
-                self.pipeline_by_memory =
-                    l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory;
+                self.set_layout(d.layout_for(workers));
             }
+        }
+    }
+
+    /// Set the degrees by hand to `l`'s (auto layout off).
+    pub fn set_layout(&mut self, l: ParallelLayout) {
+        self.layout_auto = false;
+        (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
+        self.displaced_warmup = l.displaced_warmup;
+        self.displaced_rotate = l.displaced_rotate;
+        self.pipeline = l.pipeline;
+        self.pipeline_patches = l.patches();
+        self.pipeline_warmup = l.pipeline_warmup();
+        self.pipeline_by_memory =
+            l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory;
+    }
+
+    /// Auto layout was just turned off: the degrees start from what auto chose (kept as they
+    /// were where auto has no plan for these settings).
+    pub fn layout_by_hand(&mut self, model: ModelShape) {
+        let auto = Settings {
+            layout_auto: true,
+            ..self.clone()
+        };
+        match auto.plan(model.heads) {
+            Ok(plan) => self.set_layout(plan.layout),
+            Err(_) => self.layout_auto = false,
         }
     }
 
@@ -434,7 +479,7 @@ impl Settings {
     }
 
     /// Problems with the settings as typed, shown next to the fields and blocking Generate.
-    pub fn problems(&self, heads: usize) -> Vec<String> {
+    pub fn problems(&self, model: ModelShape) -> Vec<String> {
         let mut out = Vec::new();
         let r = &self.request;
         if r.width == 0 || r.height == 0 || r.width % 16 != 0 || r.height % 16 != 0 {
@@ -452,25 +497,57 @@ impl Settings {
         if self.model.trim().is_empty() {
             out.push("choose a model (demo, a file, a folder or a Hugging Face repo id)".into());
         }
-        if let Err(e) = self.layout_check(heads) {
+        if let Err(e) = self.layout_check(model) {
             out.push(e);
         }
         out
     }
 
-    /// The layout these settings give, or why they are refused.
-    pub fn layout_check(&self, heads: usize) -> Result<String, String> {
-        // The engine's own check, so the panel shows exactly the plan a job will run with.
-        self.placement()
-            .and_then(|p| {
-                p.plan(
-                    heads,
-                    crate::engine::wants_true_cfg(&self.request()),
-                    crate::engine::gpus_present(),
-                )
-            })
-            .map(|plan| plan.describe())
-            .map_err(|e| e.to_string())
+    /// The engine's plan for these settings (what a job will run with).
+    pub fn plan(&self, heads: usize) -> crate::Result<Plan> {
+        self.placement()?.plan(
+            heads,
+            crate::engine::wants_true_cfg(&self.request()),
+            crate::engine::gpus_present(),
+        )
+    }
+
+    /// The layout these settings give, or why they are refused: the engine's own checks (the
+    /// plan, then what the layout refuses for this request at Generate), so the panel shows
+    /// exactly the plan a job will run with, and refuses what the engine would, in the panel's
+    /// words.
+    pub fn layout_check(&self, model: ModelShape) -> Result<String, String> {
+        let plan = self.plan(model.heads).map_err(|e| in_studio_words(&e))?;
+        self.refusal_for(&plan, &self.request(), model)?;
+        Ok(plan.describe())
+    }
+
+    /// Why a compare sweep cannot run on these settings' layout (its cells use the caches).
+    pub fn compare_check(&self, model: ModelShape) -> Result<(), String> {
+        let plan = self.plan(model.heads).map_err(|e| in_studio_words(&e))?;
+        let base = self.request();
+        let sweep = crate::runtime::JobSpec::Compare {
+            base,
+            thresholds: self.compare_thresholds.clone(),
+            caches: self.compare_caches.clone(),
+        };
+        for r in sweep.requests() {
+            self.refusal_for(&plan, &r, model)
+                .map_err(|e| format!("the compare sweep: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn refusal_for(
+        &self,
+        plan: &Plan,
+        req: &GenerateRequest,
+        model: ModelShape,
+    ) -> Result<(), String> {
+        match refusal::check(plan.layout, req, model.blocks) {
+            Some(r) => Err(refusal_words(r)),
+            None => Ok(()),
+        }
     }
 
     /// Take the settings an image was made with (gallery "restore").
@@ -482,6 +559,81 @@ impl Settings {
     }
 }
 
+/// What the studio knows of the loaded model's shape: what a layout must divide (attention
+/// heads) and how many PipeFusion stages it takes at most (blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub heads: usize,
+    pub blocks: usize,
+}
+
+impl Default for ModelShape {
+    /// FLUX.1's (until a model has loaded).
+    fn default() -> Self {
+        Self {
+            heads: 24,
+            blocks: 57,
+        }
+    }
+}
+
+/// A refusal of the engine's, in the panel's words, with the fix the panel offers.
+pub fn refusal_words(r: Refusal) -> String {
+    match r {
+        Refusal::StaleNeedsCfg2 { what } => {
+            let what = if what == "displaced" {
+                "displaced patches keep"
+            } else {
+                "PipeFusion keeps"
+            };
+            format!(
+                "{what} one pass's keys and values a step, and True CFG above 1 needs two: set \
+                 cfg to 2 (twice the workers), or True CFG to 1"
+            )
+        }
+        Refusal::TooManyStages { stages, blocks } => format!(
+            "pipefusion {stages}: the model has {blocks} blocks, so at most {blocks} stages"
+        ),
+        Refusal::PipeFusionCache => "PipeFusion runs without a cache: set Cache to First Block \
+             Cache with the threshold at 0, or pipefusion to 1"
+            .into(),
+        Refusal::Cfg2WithoutTrueCfg => "cfg 2 runs the negative prompt's branch at the same \
+             time: write a negative prompt and set True CFG above 1, or set cfg to 1"
+            .into(),
+    }
+}
+
+/// An engine error about the devices or the layout in the panel's words: the panel's names for
+/// the command line's flags, and no `invalid setting` preamble.
+pub fn in_studio_words(e: &crate::Error) -> String {
+    let text = match e {
+        crate::Error::InvalidSetting {
+            name,
+            value,
+            reason,
+        } => match name.as_str() {
+            "parallel layout" => format!("layout {value}: {reason}"),
+            "devices" => format!("device list `{value}`: {reason}"),
+            _ => format!("{name} {value}: {reason}"),
+        },
+        other => other.to_string(),
+    };
+    [
+        ("--negative-prompt", "a negative prompt"),
+        ("--true-cfg", "True CFG"),
+        ("--pipefusion", "pipefusion"),
+        ("--ulysses", "ulysses"),
+        ("--ring", "ring"),
+        ("--cfg", "cfg"),
+        ("--dp", "dp"),
+        ("--displaced", "displaced patches"),
+        ("--warmup-steps", "warm-up"),
+        ("--devices", "the device list"),
+    ]
+    .iter()
+    .fold(text, |t, (flag, words)| t.replace(flag, words))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +641,11 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_input_is_explained() {
         let s = Settings::default();
-        assert!(s.problems(24).is_empty(), "{:?}", s.problems(24));
+        assert!(
+            s.problems(ModelShape::default()).is_empty(),
+            "{:?}",
+            s.problems(ModelShape::default())
+        );
         let bad = Settings {
             request: GenerateRequest {
                 width: 100,
@@ -502,7 +658,7 @@ mod tests {
             ring: 1,
             ..Settings::default()
         };
-        let p = bad.problems(24);
+        let p = bad.problems(ModelShape::default());
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p[0].contains("multiples of 16"));
     }
@@ -513,7 +669,10 @@ mod tests {
             workers: 4,
             ..Settings::default()
         };
-        assert!(s.layout_check(24).expect("valid").contains("ulysses 4"));
+        assert!(s
+            .layout_check(ModelShape::default())
+            .expect("valid")
+            .contains("ulysses 4"));
         let mut t = Settings::default();
         let g = GenerationSettings {
             prompt: "p".into(),

@@ -17,11 +17,12 @@ use super::gpu;
 use super::messages::MessageLog;
 use super::panels::{self, settings::Panel};
 use super::preview::LivePreview;
-use super::state::Settings;
+use super::state::{ModelShape, Settings};
 use super::tabs::{self, compare::HeatmapCache, gallery::Thumbs};
-use super::view::{CompareView, GalleryView, JobView, ModelStatus, Opened, Shown, Tab};
+use super::view::{CompareView, GalleryView, JobView, ModelStatus, Opened, QueuedJob, Shown, Tab};
+use crate::pipeline::GenerateRequest;
 use crate::runtime::gallery;
-use crate::runtime::{Event, ImageResult, JobSpec, Runtime, RuntimeOptions};
+use crate::runtime::{Event, ImageResult, JobId, JobSpec, Runtime, RuntimeOptions};
 
 /// How the studio starts (from `parallax studio`).
 #[derive(Debug, Clone, Default)]
@@ -55,16 +56,21 @@ pub struct StudioApp {
     // Saved between runs.
     pub settings: Settings,
     /// Where the settings are saved (atomically; [`super::settings_file`]); `None`: in eframe's
-    /// storage, where no home folder is known.
+    /// storage, where no home folder is known, or with `--fresh` (then nothing is saved unless a
+    /// file is set here).
     pub settings_file: Option<PathBuf>,
+    /// Whether the settings are kept at all (not with `--fresh`: the remembered ones stay).
+    remember_settings: bool,
     /// The last failed save's message (said once, not at every auto-save).
     settings_save_error: Option<String>,
     // What is on screen.
     pub tab: Tab,
     pub model: ModelStatus,
-    /// Attention heads of the loaded model (what a layout must divide).
-    pub heads: usize,
+    /// The loaded model's heads and blocks (what a layout must divide, PipeFusion's most stages).
+    pub model_shape: ModelShape,
     pub job: Option<JobView>,
+    /// Jobs waiting behind the running one, in the order they will run.
+    pub queue: Vec<QueuedJob>,
     pub result: Option<Shown>,
     pub compare: Vec<Shown>,
     pub compare_view: CompareView,
@@ -205,7 +211,12 @@ pub fn startup_settings(
 impl StudioApp {
     /// Build the app from eframe's creation context (window or test harness).
     pub fn new(cc: &eframe::CreationContext<'_>, opts: StudioOptions) -> anyhow::Result<Self> {
-        let settings_file = super::settings_file::default_path();
+        // `--fresh` starts from the defaults and leaves the remembered settings as they are.
+        let settings_file = if opts.fresh_settings {
+            None
+        } else {
+            super::settings_file::default_path()
+        };
         // Saved settings that no longer parse (a damaged file, or one from another program):
         // defaults, and say so.
         let (saved, damaged) = if opts.fresh_settings {
@@ -254,11 +265,13 @@ impl StudioApp {
         let mut app = Self {
             settings,
             settings_file,
+            remember_settings: !opts.fresh_settings,
             settings_save_error: None,
             tab: Tab::Image,
             model: ModelStatus::NotLoaded,
-            heads: 24,
+            model_shape: ModelShape::default(),
             job: None,
+            queue: Vec::new(),
             result: None,
             compare: Vec::new(),
             compare_view: CompareView::default(),
@@ -328,7 +341,7 @@ impl StudioApp {
 
     /// Why Generate is refused now (empty: it is not).
     pub fn blockers(&self) -> Vec<String> {
-        let mut out = self.settings.problems(self.heads);
+        let mut out = self.settings.problems(self.model_shape);
         out.extend(self.model.refusal(&self.settings.model));
         out
     }
@@ -352,11 +365,9 @@ impl StudioApp {
         self.start(true);
     }
 
+    /// Queue the job(s) of one Generate (the batch count's, each of the layout's data-parallel
+    /// degree of images) or one compare sweep; the first starts now if nothing runs.
     fn start(&mut self, compare: bool) {
-        if self.job.is_some() {
-            self.say("a job is running: cancel it (Esc) or wait", true);
-            return;
-        }
         let mut blockers = self.blockers();
         if compare {
             if let Some(e) = &self.compare_view.thresholds.error {
@@ -364,6 +375,9 @@ impl StudioApp {
             }
             if let Some(e) = &self.compare_view.caches.error {
                 blockers.push(format!("compare policies: {e}"));
+            }
+            if blockers.is_empty() {
+                blockers.extend(self.settings.compare_check(self.model_shape).err());
             }
         }
         if !blockers.is_empty() {
@@ -377,40 +391,111 @@ impl StudioApp {
         if let Some(w) = self.gallery_warning.clone() {
             self.say(w, true);
         }
-        if self.settings.random_seed {
-            // Nine digits at most: easy to read back and type in the seed field.
-            self.settings.request.seed = crate::model::rng::fresh_seed() % 1_000_000_000;
-        }
-        self.runtime.configure(self.settings.engine_spec());
-        let base = self.settings.request();
-        let summary = format!(
-            "{}x{}, {} steps, seed {}",
-            base.width,
-            base.height,
-            self.settings.steps(),
-            base.seed
-        );
-        let spec = if compare {
-            JobSpec::Compare {
-                base,
-                thresholds: self.settings.compare_thresholds.clone(),
-                caches: self.settings.compare_caches.clone(),
-            }
+        // dp > 1 makes that many images at once, seeds s, s + 1, ...
+        let dp = if compare {
+            1
         } else {
-            JobSpec::Generate(base)
+            self.settings
+                .plan(self.model_shape.heads)
+                .map_or(1, |p| p.layout.dp.max(1))
         };
-        let images = spec.requests().len();
-        let id = self.runtime.submit(spec);
-        if compare {
-            self.compare.clear();
-            self.tab = Tab::Compare;
+        let jobs = if compare {
+            1
         } else {
-            self.tab = Tab::Image;
+            self.settings.batch.max(1)
+        };
+        // Nine digits at most: easy to read back and type in the seed field.
+        let fresh = || crate::model::rng::fresh_seed() % 1_000_000_000;
+        if self.settings.random_seed {
+            self.settings.request.seed = fresh();
+        }
+        let engine = self.settings.engine_spec();
+        let base = self.settings.request();
+        let steps = self.settings.steps();
+        let mut seed = base.seed;
+        for k in 0..jobs {
+            if k > 0 {
+                seed = if self.settings.random_seed {
+                    fresh()
+                } else {
+                    seed.wrapping_add(dp as u64)
+                };
+            }
+            let reqs: Vec<GenerateRequest> = (0..dp as u64)
+                .map(|i| GenerateRequest {
+                    seed: seed.wrapping_add(i),
+                    ..base.clone()
+                })
+                .collect();
+            let seeds = match dp {
+                1 => format!("seed {seed}"),
+                n => format!(
+                    "seeds {seed} to {} ({n} images at once)",
+                    seed.wrapping_add(n as u64 - 1)
+                ),
+            };
+            let summary = format!("{}x{}, {steps} steps, {seeds}", base.width, base.height);
+            let spec = match (compare, reqs.len()) {
+                (true, _) => JobSpec::Compare {
+                    base: reqs[0].clone(),
+                    thresholds: self.settings.compare_thresholds.clone(),
+                    caches: self.settings.compare_caches.clone(),
+                },
+                (false, 1) => JobSpec::Generate(reqs[0].clone()),
+                (false, _) => JobSpec::Images(reqs),
+            };
+            let images = spec.requests().len();
+            let id = self.runtime.submit_on(spec, engine.clone());
+            let q = QueuedJob {
+                id,
+                compare,
+                images,
+                steps,
+                summary,
+                prompt: base.prompt.chars().take(40).collect(),
+            };
+            if self.job.is_some() {
+                self.queue.push(q);
+            } else {
+                self.tab = if compare { Tab::Compare } else { Tab::Image };
+                self.begin(q);
+            }
+        }
+    }
+
+    /// Show `q` as the running job.
+    fn begin(&mut self, q: QueuedJob) {
+        if q.compare {
+            self.compare.clear();
         }
         self.preview.clear();
-        let mut job = JobView::new(id, compare, images, self.settings.steps());
-        job.summary = summary;
-        self.job = Some(job);
+        self.job = Some(q.view());
+    }
+
+    /// Move a waiting job one place earlier or later; the runtime takes the new order.
+    fn move_queued(&mut self, id: JobId, earlier: bool) {
+        let Some(i) = self.queue.iter().position(|q| q.id == id) else {
+            return;
+        };
+        let j = if earlier {
+            i.checked_sub(1)
+        } else {
+            Some(i + 1).filter(|&j| j < self.queue.len())
+        };
+        if let Some(j) = j {
+            self.queue.swap(i, j);
+            self.runtime
+                .reorder(self.queue.iter().map(|q| q.id).collect());
+        }
+    }
+
+    /// Take a waiting job out of the queue.
+    fn cancel_queued(&mut self, id: JobId) {
+        if let Some(i) = self.queue.iter().position(|q| q.id == id) {
+            let q = self.queue.remove(i);
+            self.runtime.cancel(id);
+            self.say(format!("taken out of the queue: {}", q.summary), false);
+        }
     }
 
     /// Cancel the running job (Esc).
@@ -439,11 +524,15 @@ impl StudioApp {
                 summary,
                 load_ms,
                 heads,
+                blocks,
                 ..
             } => {
                 self.model =
                     ModelStatus::Ready(format!("{summary} — loaded in {:.1} s", load_ms / 1e3));
-                self.heads = *heads;
+                self.model_shape = ModelShape {
+                    heads: *heads,
+                    blocks: *blocks,
+                };
                 self.remembered_model = None;
             }
             Event::ModelFailed { spec, error } => {
@@ -484,11 +573,27 @@ impl StudioApp {
 
     fn on_event(&mut self, ctx: &egui::Context, ev: Event) {
         self.on_model_event(&ev);
-        let ours = ev
-            .job()
-            .is_some_and(|j| self.job.as_ref().is_some_and(|v| v.id == j));
-        if !ours {
+        let Some(id) = ev.job() else {
             return;
+        };
+        if self.job.as_ref().is_none_or(|v| v.id != id) {
+            let Some(i) = self.queue.iter().position(|q| q.id == id) else {
+                return;
+            };
+            if ev.is_terminal() {
+                self.queue.remove(i);
+                return;
+            }
+            if matches!(ev, Event::Queued { .. }) {
+                return;
+            }
+            // The runtime started a waiting job before the one shown as next (a reorder that
+            // came as the last job ended): show it, and put the other back at the front.
+            let q = self.queue.remove(i);
+            if let Some(shown) = self.job.take() {
+                self.queue.insert(0, shown.waiting());
+            }
+            self.begin(q);
         }
         match ev {
             Event::Started { layout, images, .. } => {
@@ -516,6 +621,11 @@ impl StudioApp {
                 ..
             } => {
                 if let Some(j) = &mut self.job {
+                    if image == 0 && j.step == 0 && step >= 1 {
+                        self.stats
+                            .first_preview_ms
+                            .push(at.saturating_duration_since(j.started).as_secs_f64() * 1e3);
+                    }
                     j.image = image;
                     j.step = step;
                     j.total = total;
@@ -578,6 +688,11 @@ impl StudioApp {
     fn job_over(&mut self) {
         self.job = None;
         self.script.job_over();
+        // The runtime starts the next waiting job itself.
+        if !self.queue.is_empty() {
+            let q = self.queue.remove(0);
+            self.begin(q);
+        }
     }
 
     fn on_dialog(&mut self, ctx: &egui::Context, a: DialogAnswer) {
@@ -688,6 +803,8 @@ impl StudioApp {
             Command::Generate => self.generate(),
             Command::Compare => self.start_compare(),
             Command::Cancel => self.cancel(),
+            Command::MoveQueued(id, earlier) => self.move_queued(id, earlier),
+            Command::CancelQueued(id) => self.cancel_queued(id),
             Command::LoadModel => self.runtime.configure(self.settings.engine_spec()),
             Command::UseModel(m) => {
                 self.settings.model = m;
@@ -743,8 +860,9 @@ impl StudioApp {
         let Some(entry) = self.gallery_entry(path).cloned() else {
             return;
         };
-        match crate::pipeline::image::read_png(path) {
-            Ok((img, _)) => {
+        // Bounded: a huge image is refused from its header, a large one shown scaled down.
+        match gallery::read_thumbnail(path, gallery::OPEN_MAX_SIDE, gallery::OPEN_MAX_PIXELS) {
+            Ok(img) => {
                 let tex = ctx.load_texture(
                     format!("gallery-{}", path.display()),
                     super::view::color_image(&img),
@@ -866,7 +984,7 @@ impl StudioApp {
         panels::settings::prompts(ui, &mut p);
         panels::settings::sampling(ui, &mut p);
         ui.separator();
-        panels::devices::devices_panel(ui, &mut self.settings, &self.gpus, self.heads);
+        panels::devices::devices_panel(ui, &mut self.settings, &self.gpus, self.model_shape);
         ui.separator();
         let blockers = self.blockers();
         let mut p = self.panel(&blockers);
@@ -897,7 +1015,7 @@ impl StudioApp {
 
     fn central(&mut self, ui: &mut egui::Ui) {
         self.tab_bar(ui);
-        panels::progress::show(ui, self.job.as_ref());
+        panels::progress::show(ui, self.job.as_ref(), &self.queue, &mut self.cmds);
         match self.tab {
             Tab::Image => tabs::image::show(
                 ui,
@@ -1002,8 +1120,11 @@ impl eframe::App for StudioApp {
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         let Some(path) = self.settings_file.clone() else {
-            // No home folder to keep a file in: eframe's storage is all there is.
-            eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+            // No home folder to keep a file in: eframe's storage is all there is (and with
+            // `--fresh`, nothing: the remembered settings stay as they were).
+            if self.remember_settings {
+                eframe::set_value(storage, SETTINGS_KEY, &self.settings);
+            }
             return;
         };
         match super::settings_file::save(&path, &self.settings) {

@@ -63,6 +63,8 @@ pub struct JobView {
     pub layout: String,
     /// What it makes ("256x256, 4 steps, seed 42"), the caption while it runs.
     pub summary: String,
+    /// The start of its prompt (for the queue's list).
+    pub prompt: String,
     pub started: Instant,
 }
 
@@ -79,7 +81,20 @@ impl JobView {
             reused: 0,
             layout: String::new(),
             summary: String::new(),
+            prompt: String::new(),
             started: Instant::now(),
+        }
+    }
+
+    /// This job as a waiting one again (shown as next, but the runtime started another).
+    pub fn waiting(&self) -> QueuedJob {
+        QueuedJob {
+            id: self.id,
+            compare: self.compare,
+            images: self.images,
+            steps: self.total,
+            summary: self.summary.clone(),
+            prompt: self.prompt.clone(),
         }
     }
 
@@ -154,6 +169,28 @@ impl JobView {
             self.image = index + 1;
             self.step = 0;
         }
+    }
+}
+
+/// A job waiting behind the running one.
+#[derive(Debug, Clone)]
+pub struct QueuedJob {
+    pub id: JobId,
+    pub compare: bool,
+    pub images: usize,
+    pub steps: usize,
+    /// What it makes ("256x256, 12 steps, seed 43"), and the start of its prompt.
+    pub summary: String,
+    pub prompt: String,
+}
+
+impl QueuedJob {
+    /// The job on screen once this one starts.
+    pub fn view(&self) -> JobView {
+        let mut j = JobView::new(self.id, self.compare, self.images, self.steps);
+        j.summary = self.summary.clone();
+        j.prompt = self.prompt.clone();
+        j
     }
 }
 

@@ -332,11 +332,7 @@ impl LayoutChoice {
         };
         Mesh::new(layout, workers, heads)?;
         if layout.cfg == 2 && !true_cfg {
-            return Err(Error::setting(
-                "parallel layout",
-                "cfg 2",
-                "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
-            ));
+            return Err(crate::parallel::refusal::Refusal::Cfg2WithoutTrueCfg.into());
         }
         Ok((layout, why))
     }

@@ -146,50 +146,8 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
         ));
     }
     let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
-    let stale = if layout.displaced_warmup.is_some() {
-        Some("displaced")
-    } else if layout.pipeline > 1 {
-        Some("pipefusion")
-    } else {
-        None
-    };
-    if let Some(what) = stale {
-        if layout.cfg == 1 && req.true_cfg.unwrap_or(1.0) > 1.0 {
-            return Err(Error::setting(
-                "parallel layout",
-                what,
-                format!(
-                    "{what} keeps one pass's keys and values per step: with --true-cfg use --cfg 2"
-                ),
-            ));
-        }
-    }
-    if layout.pipeline > 1 {
-        let blocks = p.flux.config().num_blocks();
-        if layout.pipeline > blocks {
-            return Err(Error::setting(
-                "parallel layout",
-                format!("pipefusion {}", layout.pipeline),
-                format!("the model has {blocks} blocks: at most that many stages"),
-            ));
-        }
-        let cache = req.cache.clone().unwrap_or_else(|| {
-            crate::pipeline::cache::CacheSpec::from_threshold(req.cache_threshold)
-        });
-        if cache != crate::pipeline::cache::CacheSpec::None {
-            return Err(Error::setting(
-                "parallel layout",
-                "pipefusion",
-                "cache policies run the blocks in pieces on one device: turn the cache off with --pipefusion",
-            ));
-        }
-    }
-    if layout.cfg == 2 && (req.true_cfg.unwrap_or(1.0) <= 1.0 || req.negative_prompt.is_none()) {
-        return Err(Error::setting(
-            "parallel layout",
-            "cfg 2",
-            "CFG parallelism runs the negative prompt's branch: give --negative-prompt and --true-cfg above 1",
-        ));
+    if let Some(r) = super::refusal::check(layout, req, p.flux.config().num_blocks()) {
+        return Err(r.into());
     }
     Ok(mesh)
 }

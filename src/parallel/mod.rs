@@ -16,6 +16,7 @@
 //!   shapes.
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
 //! - [`pipefusion`]: PipeFusion (blocks split into stages, patches pipelined through them).
+//! - [`refusal`]: what a sound layout still refuses for one request (true CFG, cache, blocks).
 //! - [`fault`]: faults injected on purpose (`PARALLAX_FAULT`), to test the watchdog.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
 //!   bands differ by a row where the rows do not divide).
@@ -28,6 +29,7 @@ pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod pipefusion;
+pub mod refusal;
 pub mod ring;
 pub mod sp;
 pub mod store;

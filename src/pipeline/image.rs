@@ -115,46 +115,95 @@ pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resul
     })
 }
 
+/// An open PNG, its header and the text chunks before its pixels read, nothing decoded yet.
+pub struct PngHeader {
+    pub width: usize,
+    pub height: usize,
+    /// The text chunks before the pixels (where [`save_png`] writes them).
+    pub text: Vec<(String, String)>,
+    reader: png::Reader<std::io::BufReader<std::fs::File>>,
+}
+
+impl PngHeader {
+    /// Open `path` and read up to its first pixel data: the size and the text chunks.
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let reader = png::Decoder::new(std::io::BufReader::new(f))
+            .read_info()
+            .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+        let info = reader.info();
+        let mut text = Vec::new();
+        for c in &info.utf8_text {
+            if let Ok(t) = c.get_text() {
+                text.push((c.keyword.clone(), t));
+            }
+        }
+        for c in &info.uncompressed_latin1_text {
+            text.push((c.keyword.clone(), c.text.clone()));
+        }
+        Ok(Self {
+            width: info.width as usize,
+            height: info.height as usize,
+            text,
+            reader,
+        })
+    }
+
+    /// Whether the pixels are 8-bit RGB, not interlaced (what [`save_png`] writes): else why not.
+    fn check_rgb8(&self, path: &Path) -> Result<()> {
+        let info = self.reader.info();
+        if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
+            return Err(Error::Image(format!(
+                "{}: expected 8-bit RGB, found {:?} {:?}",
+                path.display(),
+                info.color_type,
+                info.bit_depth
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decode the pixels row by row, handing each (RGB, top to bottom) to `row`: only one row
+    /// is held at a time, whatever the image's size.
+    pub fn rows(mut self, path: &Path, row: &mut dyn FnMut(usize, &[u8])) -> Result<()> {
+        self.check_rgb8(path)?;
+        if self.reader.info().interlaced {
+            return Err(Error::Image(format!(
+                "{}: interlaced PNGs are not read row by row",
+                path.display()
+            )));
+        }
+        let bad = |e: png::DecodingError| Error::Image(format!("{}: {e}", path.display()));
+        let mut y = 0;
+        while let Some(r) = self.reader.next_row().map_err(bad)? {
+            row(y, r.data());
+            y += 1;
+        }
+        Ok(())
+    }
+}
+
 /// Read a PNG written by [`save_png`]: the pixels (as RGB) and its text chunks.
 pub fn read_png(path: &Path) -> Result<(RgbImage, Vec<(String, String)>)> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let dec = png::Decoder::new(std::io::BufReader::new(f));
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    let size = reader
+    let mut h = PngHeader::open(path)?;
+    h.check_rgb8(path)?;
+    let size = h
+        .reader
         .output_buffer_size()
         .ok_or_else(|| Error::Image(format!("{}: image too large", path.display())))?;
     let mut buf = vec![0; size];
-    let frame = reader
+    let frame = h
+        .reader
         .next_frame(&mut buf)
         .map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-    if frame.color_type != png::ColorType::Rgb || frame.bit_depth != png::BitDepth::Eight {
-        return Err(Error::Image(format!(
-            "{}: expected 8-bit RGB, found {:?} {:?}",
-            path.display(),
-            frame.color_type,
-            frame.bit_depth
-        )));
-    }
     buf.truncate(frame.buffer_size());
-    let info = reader.info();
-    let mut text = Vec::new();
-    for c in &info.utf8_text {
-        if let Ok(t) = c.get_text() {
-            text.push((c.keyword.clone(), t));
-        }
-    }
-    for c in &info.uncompressed_latin1_text {
-        text.push((c.keyword.clone(), c.text.clone()));
-    }
     Ok((
         RgbImage {
             width: frame.width as usize,
             height: frame.height as usize,
             data: buf,
         },
-        text,
+        h.text,
     ))
 }
 

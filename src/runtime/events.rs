@@ -25,6 +25,9 @@ impl std::fmt::Display for JobId {
 pub enum JobSpec {
     /// One image.
     Generate(GenerateRequest),
+    /// Several images (seeds s, s + 1, ...), made at once on the plan's data-parallel groups
+    /// when it has several (no per-step previews then), else one after the other.
+    Images(Vec<GenerateRequest>),
     /// The same prompt and seed at several First Block Cache thresholds, then under other cache
     /// policies (`caches`). The first image is the reference the others are measured against; a
     /// threshold of 0 (no cache) is put first if the list lacks it.
@@ -40,6 +43,7 @@ impl JobSpec {
     pub fn requests(&self) -> Vec<GenerateRequest> {
         match self {
             JobSpec::Generate(r) => vec![r.clone()],
+            JobSpec::Images(reqs) => reqs.clone(),
             JobSpec::Compare {
                 base,
                 thresholds,
@@ -142,6 +146,8 @@ pub enum Event {
         load_ms: f64,
         /// Attention heads of the transformer (what a layout must divide).
         heads: usize,
+        /// Its double and single blocks (PipeFusion's most stages).
+        blocks: usize,
     },
     /// The latent preview map for the loaded model (fitted to its autoencoder).
     PreviewFactors(Arc<PreviewFactors>),

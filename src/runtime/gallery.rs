@@ -1,6 +1,8 @@
 //! The gallery: every finished image kept on disk as a PNG that carries its settings, written
 //! atomically (temporary file, then rename) so a crash never leaves a half-written entry. The
-//! folder is the whole database: listing it reads the settings back from each PNG's text chunks.
+//! folder is the whole database: listing it reads the settings back from each PNG's text chunks
+//! (the header alone: no pixels are decoded), and a thumbnail is made row by row, so a huge
+//! image never lands in memory whole ([`read_thumbnail`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -8,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::pipeline::image::{read_png, save_png, RgbImage};
+use crate::pipeline::image::{read_png, save_png, PngHeader, RgbImage};
 use crate::pipeline::{Generated, GenerationSettings};
 
 /// Extra facts about a run, stored beside the settings in the `parallax-run` chunk.
@@ -156,7 +158,8 @@ impl Gallery {
     }
 
     fn read_entry(path: &Path) -> Result<Entry> {
-        let (_, text) = read_png(path)?;
+        // The text chunks come before the pixels: nothing is decoded.
+        let text = PngHeader::open(path)?.text;
         let settings = GenerationSettings::from_png_text(&text)?;
         let run = text
             .iter()
@@ -215,42 +218,64 @@ pub fn check_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A small copy of `img` whose longer side is at most `max_side` (box filter).
-pub fn thumbnail(img: &RgbImage, max_side: usize) -> RgbImage {
-    let scale = (img.width.max(img.height) as f64 / max_side.max(1) as f64).max(1.0);
-    let (w, h) = (
-        ((img.width as f64 / scale).round() as usize).max(1),
-        ((img.height as f64 / scale).round() as usize).max(1),
-    );
-    let mut data = Vec::with_capacity(w * h * 3);
-    for ty in 0..h {
-        let (y0, y1) = (
-            ty * img.height / h,
-            ((ty + 1) * img.height / h).max(ty * img.height / h + 1),
-        );
-        for tx in 0..w {
-            let (x0, x1) = (
-                tx * img.width / w,
-                ((tx + 1) * img.width / w).max(tx * img.width / w + 1),
-            );
-            let mut acc = [0u32; 3];
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let p = img.pixel(x, y);
-                    for c in 0..3 {
-                        acc[c] += p[c] as u32;
-                    }
-                }
+/// The most pixels a gallery thumbnail is decoded from (row by row): 16 MP, four times a
+/// 2048x2048 image. Larger images get no thumbnail (a note says why).
+pub const THUMBNAIL_MAX_PIXELS: usize = 16 << 20;
+
+/// An image opened large is read at most this many pixels a side (larger ones are shown
+/// scaled down: a texture has a size limit) and from at most [`OPEN_MAX_PIXELS`].
+pub const OPEN_MAX_SIDE: usize = 4096;
+pub const OPEN_MAX_PIXELS: usize = 64 << 20;
+
+/// The size of a thumbnail of a `width` x `height` image whose longer side is at most
+/// `max_side`.
+fn thumbnail_size(width: usize, height: usize, max_side: usize) -> (usize, usize) {
+    let scale = (width.max(height) as f64 / max_side.max(1) as f64).max(1.0);
+    (
+        ((width as f64 / scale).round() as usize).max(1),
+        ((height as f64 / scale).round() as usize).max(1),
+    )
+}
+
+/// A thumbnail of the PNG at `path` whose longer side is at most `max_side` (box filter), made
+/// row by row: what is held is one row and the thumbnail, whatever the image's size. Images of
+/// more than `max_pixels` are refused from their header, before anything is decoded.
+pub fn read_thumbnail(path: &Path, max_side: usize, max_pixels: usize) -> Result<RgbImage> {
+    let png = PngHeader::open(path)?;
+    let (w, h) = (png.width, png.height);
+    if w.saturating_mul(h) > max_pixels {
+        return Err(Error::Image(format!(
+            "{w}x{h} ({:.0} MP) is too large to preview here (at most {:.0} MP)",
+            (w * h) as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        )));
+    }
+    let (tw, th) = thumbnail_size(w, h, max_side);
+    let mut sums = vec![0u64; tw * th * 3];
+    let mut counts = vec![0u64; tw * th];
+    png.rows(path, &mut |y, row| {
+        let ty = (y * th / h.max(1)).min(th - 1);
+        for (x, p) in row.chunks_exact(3).take(w).enumerate() {
+            let at = ty * tw + (x * tw / w.max(1)).min(tw - 1);
+            counts[at] += 1;
+            for c in 0..3 {
+                sums[at * 3 + c] += u64::from(p[c]);
             }
-            let n = ((y1 - y0) * (x1 - x0)) as u32;
-            data.extend(acc.map(|a| ((a + n / 2) / n) as u8));
         }
-    }
-    RgbImage {
-        width: w,
-        height: h,
+    })?;
+    let data = sums
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let n = counts[i / 3].max(1);
+            ((s + n / 2) / n) as u8
+        })
+        .collect();
+    Ok(RgbImage {
+        width: tw,
+        height: th,
         data,
-    }
+    })
 }
 
 #[cfg(test)]

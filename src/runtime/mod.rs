@@ -54,9 +54,12 @@ pub struct RuntimeOptions {
 }
 
 enum Command {
-    Submit(JobId, JobSpec),
+    /// A job, and the model and workers it runs on (`None`: whatever is configured then).
+    Submit(JobId, JobSpec, Option<Box<EngineSpec>>),
     Cancel(JobId),
     Configure(EngineSpec),
+    /// Put the waiting jobs in this order (those not named keep theirs, after these).
+    Reorder(Vec<JobId>),
 }
 
 /// A running runtime. Dropping it cancels the running job and waits for the engine thread.
@@ -104,9 +107,25 @@ impl Runtime {
 
     /// Queue a job; its events follow.
     pub fn submit(&self, spec: JobSpec) -> JobId {
+        self.send_job(spec, None)
+    }
+
+    /// Queue a job that runs on `engine` (the model and workers it was queued with, whatever
+    /// is configured by the time it starts).
+    pub fn submit_on(&self, spec: JobSpec, engine: EngineSpec) -> JobId {
+        self.send_job(spec, Some(Box::new(engine)))
+    }
+
+    fn send_job(&self, spec: JobSpec, engine: Option<Box<EngineSpec>>) -> JobId {
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let _ = self.cmds.send(Command::Submit(id, spec));
+        let _ = self.cmds.send(Command::Submit(id, spec, engine));
         id
+    }
+
+    /// Reorder the jobs waiting in the queue: those in `order` first, in that order; the others
+    /// after them as they were. Jobs already running or over are ignored.
+    pub fn reorder(&self, order: Vec<JobId>) {
+        let _ = self.cmds.send(Command::Reorder(order));
     }
 
     /// Stop a job at its next step, or drop it from the queue.
@@ -162,12 +181,15 @@ async fn schedule(
     mut done: tokio::sync::mpsc::UnboundedReceiver<JobId>,
     emit: Emitter,
 ) {
-    let mut queue: VecDeque<(JobId, JobSpec)> = VecDeque::new();
+    let mut queue: VecDeque<(JobId, JobSpec, Option<Box<EngineSpec>>)> = VecDeque::new();
     let mut running: Option<(JobId, Arc<AtomicBool>)> = None;
     loop {
         if running.is_none() {
-            if let Some((job, spec)) = queue.pop_front() {
+            if let Some((job, spec, on)) = queue.pop_front() {
                 let cancel = Arc::new(AtomicBool::new(false));
+                if let Some(on) = on {
+                    let _ = engine.send(WorkerMsg::Configure(*on));
+                }
                 if engine
                     .send(WorkerMsg::Run {
                         job,
@@ -187,8 +209,8 @@ async fn schedule(
         }
         tokio::select! {
             cmd = cmds.recv() => match cmd {
-                Some(Command::Submit(job, spec)) => {
-                    queue.push_back((job, spec));
+                Some(Command::Submit(job, spec, on)) => {
+                    queue.push_back((job, spec, on));
                     emit.emit(Event::Queued { job, position: queue.len() + usize::from(running.is_some()) - 1 });
                 }
                 Some(Command::Cancel(job)) => {
@@ -198,7 +220,7 @@ async fn schedule(
                             continue;
                         }
                     }
-                    if let Some(pos) = queue.iter().position(|(id, _)| *id == job) {
+                    if let Some(pos) = queue.iter().position(|(id, ..)| *id == job) {
                         queue.remove(pos);
                         emit.emit(Event::Cancelled { job });
                     }
@@ -206,11 +228,16 @@ async fn schedule(
                 Some(Command::Configure(spec)) => {
                     let _ = engine.send(WorkerMsg::Configure(spec));
                 }
+                Some(Command::Reorder(order)) => {
+                    let rank = |id: &JobId| order.iter().position(|o| o == id).unwrap_or(order.len());
+                    // Stable: jobs not named keep their order, after the named ones.
+                    queue.make_contiguous().sort_by_key(|(id, ..)| rank(id));
+                }
                 None => {
                     if let Some((_, flag)) = &running {
                         flag.store(true, Ordering::Relaxed);
                     }
-                    for (job, _) in queue.drain(..) {
+                    for (job, ..) in queue.drain(..) {
                         emit.emit(Event::Cancelled { job });
                     }
                     break;

@@ -154,6 +154,7 @@ impl Worker {
             summary,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             heads: pipeline.flux.config().num_heads,
+            blocks: pipeline.flux.config().num_blocks(),
         });
         // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;
         // well under a second on the CPU).
@@ -226,18 +227,22 @@ impl Worker {
             images: reqs.len(),
             layout: plan.describe(),
         });
-        if let JobSpec::Compare { .. } = spec {
-            // Data parallelism over a compare sweep: all images at once, no per-step previews.
-            if plan.layout.dp > 1 {
-                let results = engine.generate_many(&plan, &reqs);
-                let timed = !plan.groups_share_hardware();
-                let mut reference: Option<Generated> = None;
-                for (i, r) in results.into_iter().enumerate() {
-                    let g = r?;
+        // A sweep's images are measured against its first; a batch's are not.
+        let compare = matches!(spec, JobSpec::Compare { .. });
+        if plan.layout.dp > 1 && reqs.len() > 1 {
+            // Data parallelism: all images at once, no per-step previews.
+            let results = engine.generate_many(&plan, &reqs);
+            let timed = !compare || !plan.groups_share_hardware();
+            let mut reference: Option<Generated> = None;
+            for (i, r) in results.into_iter().enumerate() {
+                let g = r?;
+                if compare {
                     self.finish_image(job, i, g, &mut reference, timed);
+                } else {
+                    self.finish_image(job, i, g, &mut None, timed);
                 }
-                return Ok(t0.elapsed().as_secs_f64() * 1e3);
             }
+            return Ok(t0.elapsed().as_secs_f64() * 1e3);
         }
 
         let mut reference: Option<Generated> = None;
@@ -271,7 +276,11 @@ impl Worker {
                 Ok(())
             };
             let g = engine.generate(&plan, req, &mut progress)?;
-            self.finish_image(job, i, g, &mut reference, true);
+            if compare {
+                self.finish_image(job, i, g, &mut reference, true);
+            } else {
+                self.finish_image(job, i, g, &mut None, true);
+            }
         }
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }

@@ -3,15 +3,20 @@
 //! layout (auto or degrees by hand), and the plan that will run and why — the engine's own
 //! [`crate::engine::Placement::plan`] text, the same the CLI prints and `info` shows.
 
-use egui::{Color32, RichText};
+use egui::RichText;
 
-use crate::app::state::Settings;
+use crate::app::state::{ModelShape, Settings};
 use crate::device::GpuInfo;
 use crate::engine::Devices;
 
 /// Show the panel; edits go straight into `settings` (`device` holds the device list, `workers`
-/// the CPU threads when it says `cpu`). `heads`: the loaded model's attention heads.
-pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo], heads: usize) {
+/// the CPU threads when it says `cpu`). `model`: the loaded model's heads and blocks.
+pub fn devices_panel(
+    ui: &mut egui::Ui,
+    settings: &mut Settings,
+    gpus: &[GpuInfo],
+    model: ModelShape,
+) {
     ui.label("Devices and layout");
     let parsed = Devices::parse(&settings.device);
     let on_gpus = matches!(parsed, Ok(Devices::AllGpus | Devices::Gpus(_)));
@@ -57,9 +62,16 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
             ui.end_row();
         }
     });
-    ui.checkbox(&mut settings.layout_auto, "auto layout");
+    if ui
+        .checkbox(&mut settings.layout_auto, "auto layout")
+        .changed()
+        && !settings.layout_auto
+    {
+        // By hand from what auto chose, not from whatever degrees were typed last time.
+        settings.layout_by_hand(model);
+    }
     if !settings.layout_auto {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             for (label, v) in [
                 ("ulysses", &mut settings.ulysses),
                 ("ring", &mut settings.ring),
@@ -67,11 +79,18 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                 ("dp", &mut settings.dp),
             ] {
                 let l = ui.label(label);
-                ui.add(egui::DragValue::new(v).range(1..=64))
+                let r = ui
+                    .add(egui::DragValue::new(v).range(1..=64))
                     .labelled_by(l.id);
+                if label == "dp" {
+                    r.on_hover_text(
+                        "data-parallel groups: a Generate makes this many images at once, seeds \
+                         s, s + 1, ... (no live preview then)",
+                    );
+                }
             }
         });
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let mut on = settings.displaced_warmup.is_some();
             if ui
                 .checkbox(&mut on, "displaced patches")
@@ -95,7 +114,7 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
                     );
             }
         });
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let l = ui.label("pipefusion");
             ui.add(egui::DragValue::new(&mut settings.pipeline).range(1..=64))
                 .labelled_by(l.id)
@@ -122,10 +141,10 @@ pub fn devices_panel(ui: &mut egui::Ui, settings: &mut Settings, gpus: &[GpuInfo
             }
         });
     }
-    match settings.layout_check(heads) {
-        Ok(s) => ui.label(RichText::new(format!("Will run: {s}")).small()),
-        Err(e) => ui.colored_label(Color32::LIGHT_RED, e),
-    };
+    // A refusal is shown once, with the other blockers under the panel.
+    if let Ok(s) = settings.layout_check(model) {
+        ui.add(egui::Label::new(RichText::new(format!("Will run: {s}")).small()).wrap());
+    }
 }
 
 /// A tick box per GPU; the ticked ones become the device list (`cuda:0,2`).

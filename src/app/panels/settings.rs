@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use egui::{Color32, RichText};
 
 use crate::app::command::{Command, Commands};
-use crate::app::state::{size_warning, Settings, PRESETS};
+use crate::app::state::{size_warning, Settings, DEMO_SIZE, PRESETS};
 use crate::app::view::{CacheListField, ListField, ListItem, ModelStatus, ThresholdField};
 use crate::pipeline::cache::CacheSpec;
 
@@ -195,6 +195,8 @@ pub fn prompts(ui: &mut egui::Ui, p: &mut Panel<'_>) {
 
 /// Size, steps, seed, guidance, true CFG, cache threshold and precision.
 pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
+    // The demo model was trained at 256 x 256 alone: no other size is offered for it.
+    let demo = p.settings.is_demo();
     let random_seed = &mut p.settings.random_seed;
     let fp8 = &mut p.settings.fp8;
     let budget = &mut p.settings.memory_budget_gib;
@@ -209,7 +211,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         egui::ComboBox::from_id_salt("size")
             .selected_text(current)
             .show_ui(ui, |ui| {
-                for &(name, w, h) in PRESETS {
+                for &(name, w, h) in PRESETS.iter().filter(|s| !demo || s.1 == DEMO_SIZE) {
                     if ui.selectable_label(current == name, name).clicked() {
                         r.width = w;
                         r.height = h;
@@ -220,21 +222,27 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .labelled_by(size_label.id);
         ui.end_row();
         ui.label("W x H");
-        ui.horizontal(|ui| {
-            let l = ui.label("width");
-            ui.add(
-                egui::DragValue::new(&mut r.width)
-                    .range(16..=8192)
-                    .speed(16),
-            )
-            .labelled_by(l.id);
-            let l = ui.label("height");
-            ui.add(
-                egui::DragValue::new(&mut r.height)
-                    .range(16..=8192)
-                    .speed(16),
-            )
-            .labelled_by(l.id);
+        ui.add_enabled_ui(!demo, |ui| {
+            ui.horizontal(|ui| {
+                let l = ui.label("width");
+                ui.add(
+                    egui::DragValue::new(&mut r.width)
+                        .range(16..=8192)
+                        .speed(16),
+                )
+                .labelled_by(l.id);
+                let l = ui.label("height");
+                ui.add(
+                    egui::DragValue::new(&mut r.height)
+                        .range(16..=8192)
+                        .speed(16),
+                )
+                .labelled_by(l.id);
+            })
+            .response
+            .on_disabled_hover_text(
+                "the demo model draws at 256 x 256, the size it was trained at",
+            );
         });
         ui.end_row();
         let l = ui.label("Steps");
@@ -243,8 +251,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ui.end_row();
         let l = ui.label("Seed");
         ui.horizontal(|ui| {
-            ui.add_enabled(!*random_seed, egui::DragValue::new(&mut r.seed))
-                .labelled_by(l.id);
+            seed_field(ui, &mut r.seed, !*random_seed).labelled_by(l.id);
             ui.checkbox(random_seed, "random");
             if ui.small_button("Copy").clicked() {
                 ui.ctx().copy_text(r.seed.to_string());
@@ -367,12 +374,40 @@ fn budget_answer(ctx: &egui::Context, model: &str, gib: u32, fp8: bool) -> Strin
     answer
 }
 
+/// The seed as typed: every u64 (a drag value goes through f64 and loses seeds above 2^53).
+/// The text is kept while it is edited; a seed changed elsewhere (random, restore) replaces it.
+fn seed_field(ui: &mut egui::Ui, seed: &mut u64, enabled: bool) -> egui::Response {
+    let id = ui.make_persistent_id("seed-text");
+    let (mut text, shown) = ui
+        .data(|d| d.get_temp::<(String, u64)>(id))
+        .filter(|(_, shown)| shown == seed)
+        .unwrap_or_else(|| (seed.to_string(), *seed));
+    let r = ui.add_enabled(
+        enabled,
+        egui::TextEdit::singleline(&mut text).desired_width(90.0),
+    );
+    let parsed = text.trim().parse::<u64>();
+    if let Ok(v) = parsed {
+        *seed = v;
+    }
+    let r = if parsed.is_err() {
+        r.on_hover_text("a whole number from 0 to 18446744073709551615")
+    } else {
+        r
+    };
+    ui.data_mut(|d| d.insert_temp(id, (text, if parsed.is_ok() { *seed } else { shown })));
+    r
+}
+
 /// What blocks Generate (red) and what only warns (amber: a large size, an unwritable gallery).
 pub fn checks(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     for b in p.blockers {
         ui.add(egui::Label::new(RichText::new(b).color(Color32::LIGHT_RED)).wrap());
     }
     let r = &p.settings.request;
+    if let Some(w) = p.settings.demo_size_note() {
+        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+    }
     if let Some(w) = size_warning(r.width, r.height) {
         ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
     }
@@ -381,19 +416,31 @@ pub fn checks(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     }
 }
 
-/// Generate and Cancel; the compare thresholds and Run compare.
+/// Generate (queued behind a running job), the batch count and Cancel; the compare thresholds
+/// and Run compare.
 pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
-    let ready = !p.busy && p.blockers.is_empty();
+    let ready = p.blockers.is_empty();
     ui.horizontal(|ui| {
         let hover = p.blockers.first().map_or("Ctrl+Enter", |b| b.as_str());
+        let what = if p.busy {
+            "Ctrl+Enter: queued behind the running job"
+        } else {
+            "Ctrl+Enter"
+        };
         if ui
             .add_enabled(ready, egui::Button::new("Generate"))
-            .on_hover_text("Ctrl+Enter")
+            .on_hover_text(what)
             .on_disabled_hover_text(hover)
             .clicked()
         {
             p.cmds.push(Command::Generate);
         }
+        let l = ui.label("batch");
+        ui.add(egui::DragValue::new(&mut p.settings.batch).range(1..=100))
+            .labelled_by(l.id)
+            .on_hover_text(
+                "batch: jobs one Generate queues, seeds s, s + 1, ... (fresh seeds with random)",
+            );
         if ui
             .add_enabled(p.busy, egui::Button::new("Cancel"))
             .on_hover_text("Esc")

@@ -19,9 +19,9 @@ const CELL_W: f32 = 148.0;
 /// Thumbnails read from disk per frame at most (the rest come in the next frames).
 const LOADS_PER_FRAME: usize = 6;
 
-/// Thumbnail textures by file.
+/// Thumbnail textures by file, or why a file has none (too large, unreadable pixels).
 #[derive(Default)]
-pub struct Thumbs(HashMap<PathBuf, TextureHandle>);
+pub struct Thumbs(HashMap<PathBuf, Result<TextureHandle, String>>);
 
 impl Thumbs {
     pub fn forget(&mut self, path: &Path) {
@@ -79,18 +79,20 @@ fn thumbnail(ui: &egui::Ui, thumbs: &mut Thumbs, e: &Entry, loads: &mut usize) {
         return;
     }
     *loads += 1;
-    match crate::pipeline::image::read_png(&e.path) {
-        Ok((img, _)) => {
-            let t = gallery::thumbnail(&img, THUMB);
-            let tex = ui.ctx().load_texture(
+    // Row by row, bounded: a huge image is refused from its header.
+    let thumb = gallery::read_thumbnail(&e.path, THUMB, gallery::THUMBNAIL_MAX_PIXELS)
+        .map(|t| {
+            ui.ctx().load_texture(
                 e.path.display().to_string(),
                 color_image(&t),
                 TextureOptions::LINEAR,
-            );
-            thumbs.0.insert(e.path.clone(), tex);
-        }
-        Err(err) => tracing::warn!("gallery: no thumbnail for {}: {err}", e.path.display()),
-    }
+            )
+        })
+        .map_err(|err| {
+            tracing::warn!("gallery: no thumbnail for {}: {err}", e.path.display());
+            err.to_string()
+        });
+    thumbs.0.insert(e.path.clone(), thumb);
 }
 
 fn name(e: &Entry) -> String {
@@ -110,14 +112,21 @@ fn cell(
     thumbnail(ui, thumbs, e, loads);
     let size = egui::vec2(THUMB as f32, THUMB as f32);
     let r = match thumbs.0.get(&e.path) {
-        Some(t) => ui.add(
+        Some(Ok(t)) => ui.add(
             egui::Image::new((t.id(), t.size_vec2()))
                 .alt_text(format!("open {}", name(e)))
                 .sense(egui::Sense::click()),
         ),
-        None => {
+        other => {
             let (rect, r) = ui.allocate_exact_size(size, egui::Sense::click());
             ui.painter().rect_filled(rect, 4.0, Color32::from_gray(40));
+            if let Some(Err(why)) = other {
+                ui.put(
+                    rect.shrink(6.0),
+                    egui::Label::new(RichText::new(format!("no preview: {why}")).small().weak())
+                        .wrap(),
+                );
+            }
             r
         }
     };
