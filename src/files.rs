@@ -54,19 +54,6 @@ pub fn read_regular_text(path: &Path) -> Result<String> {
     Ok(s)
 }
 
-/// Check that files can be made in the folder `dir` (a temporary file made and removed).
-pub fn check_writable(dir: &Path) -> Result<()> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let probe = dir.join(format!(
-        ".parallax-probe.{}.{}.partial",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    File::create(&probe).map_err(|e| write_err(dir, e))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
-
 /// Whether `path` names a temporary file of [`write_atomic`] (left by a crash).
 pub fn is_partial(path: &Path) -> bool {
     path.file_name()
@@ -75,7 +62,8 @@ pub fn is_partial(path: &Path) -> bool {
 }
 
 /// Write `path` through `write`, atomically (see the module doc); the folder is made if missing.
-/// I/O errors name the temporary file; nothing is left behind on failure.
+/// I/O errors name the folder (it takes no new file) or the temporary file; nothing is left
+/// behind on failure.
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
@@ -110,7 +98,8 @@ pub fn write_atomic_with(
     ));
     let _listed = InFlight::list(&tmp);
     let written = (|| -> Result<()> {
-        let f = File::create(&tmp).map_err(|e| write_err(&tmp, e))?;
+        // A folder that takes no new file is named as such (not the temporary file's name).
+        let f = File::create(&tmp).map_err(|e| write_err(dir, e))?;
         let mut w = BufWriter::new(f);
         write(&mut w)?;
         let f = w

@@ -641,7 +641,7 @@ fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
 
 /// Refuse a folder the images cannot be written to (read-only, not ours), before any work.
 fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
-    crate::files::check_writable(dir)?;
+    crate::runtime::gallery::check_writable_dir(dir)?;
     Ok(())
 }
 
