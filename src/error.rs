@@ -62,7 +62,9 @@ pub enum Error {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
-    #[error("image error: {0}")]
+    /// A failure its message says in full (images, the runtime, the rendezvous of worker
+    /// processes): no label in front, which would often be the wrong one.
+    #[error("{0}")]
     Image(String),
 
     #[error("cancelled")]
@@ -76,8 +78,22 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// The latent stopped being finite numbers (it would decode to a black image).
+    #[error("the image became NaN or infinite at denoising step {step} of {total}: lower the guidance (--guidance, --true-cfg), or check that the model's weights are not damaged")]
+    NonFinite { step: usize, total: usize },
+
+    /// Ranks of a parallel job that did not come back after their group was aborted: their
+    /// threads are left running (see `parallel::abandoned`) and nothing they ran on is reused.
+    #[error("{why}; gave up on rank {} (it did not stop when the job was aborted, and is left behind)", join_ranks(.ranks))]
+    RanksAbandoned { ranks: Vec<usize>, why: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+fn join_ranks(ranks: &[usize]) -> String {
+    let v: Vec<String> = ranks.iter().map(usize::to_string).collect();
+    v.join(", ")
 }
 
 impl Error {

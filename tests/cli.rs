@@ -1008,3 +1008,217 @@ fn memory_answers_without_weights() {
     assert!(out.contains(&answer), "{out}");
     assert!(out.contains("--pipefusion-balance memory"), "{out}");
 }
+
+/// Run `parallax args` with `env`, killing it if it outlasts `limit`: its output and how long it
+/// took (`None` as the output when it had to be killed: a hang).
+fn parallax_within(
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> (Option<Output>, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run parallax");
+    while t0.elapsed() < limit {
+        if child.try_wait().expect("wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            return (Some(out), t0.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (None, t0.elapsed())
+}
+
+/// A rank that stalls for good (10 minutes, against a 1 s collective timeout) ends the job at
+/// the timeout: the command exits with an error naming the rank, writes nothing, and does not
+/// wait for the stalled thread.
+#[test]
+fn a_rank_stalled_for_good_ends_generate_at_the_timeout() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("stalled.png");
+    for fault in [
+        "rank=1,step=1,kind=stall:600",
+        "rank=0,step=0,kind=stall:600",
+    ] {
+        let (o, took) = parallax_within(
+            &[
+                "generate",
+                "--prompt",
+                "a fox",
+                "--quiet",
+                "--devices",
+                "cpu:2",
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--steps",
+                "4",
+                "--out",
+                s(&out),
+            ],
+            &[
+                ("PARALLAX_FAULT", fault),
+                ("PARALLAX_COLLECTIVE_TIMEOUT_S", "1"),
+            ],
+            std::time::Duration::from_secs(60),
+        );
+        let o = o.unwrap_or_else(|| panic!("{fault}: still running after {took:?}"));
+        let msg = text(&o);
+        assert!(!o.status.success(), "{fault}: {msg}");
+        let rank = &fault[5..6];
+        assert!(
+            msg.contains(&format!("gave up on rank {rank}")) && msg.contains("did not reach"),
+            "{fault}: {msg}"
+        );
+        assert!(!msg.contains("panicked"), "{msg}");
+        // The timeout (1 s) and the grace for the ranks still out (1 s), plus start-up: far
+        // below the stall.
+        assert!(took.as_secs_f64() < 20.0, "{fault}: {took:?}");
+        eprintln!("{fault}: ended in {:.2} s", took.as_secs_f64());
+        assert!(!out.exists());
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}
+
+/// A reader that goes away (`parallax info | true`) ends the command quietly: status 0, no
+/// panic. The writer starts after the reader has gone, so every write meets a closed pipe.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let bin = env!("CARGO_BIN_EXE_parallax");
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            r#"exec 3>&1; { sleep 0.3; "$0" info --model demo; echo "status $?" >&3; } | true"#,
+            bin,
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("sh");
+    let msg = text(&o);
+    assert!(msg.contains("status 0"), "{msg}");
+    assert!(!msg.contains("panicked"), "{msg}");
+}
+
+/// Bad inputs found before anything loads or runs, each told once: a bad size beside a damaged
+/// model is the size; an output folder that cannot be written is said before the work; a
+/// guidance that overflows is caught at the step it ruins the image (not saved black); a pipe
+/// in place of the weights is refused, not waited on; PipeFusion's patches are bounded.
+#[test]
+fn bad_inputs_are_refused_early_and_said_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let damaged = dir.path().join("damaged.safetensors");
+    std::fs::write(&damaged, b"not a safetensors file at all").expect("write");
+    refuses(
+        dir.path(),
+        &["--model", s(&damaged), "--width", "100"],
+        "width",
+    );
+    // Read-only even for root.
+    let o = parallax(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--quiet",
+        "--out",
+        "/proc/x.png",
+    ]);
+    let msg = text(&o);
+    assert!(!o.status.success());
+    assert!(msg.contains("cannot write /proc"), "{msg}");
+    // Said once: the library's errors print their cause; the command line adds no copy.
+    assert_eq!(msg.matches("os error").count(), 1, "{msg}");
+    assert!(
+        !msg.contains("cannot read") && !msg.contains("DEMO"),
+        "{msg}"
+    );
+    refuses(
+        dir.path(),
+        &[
+            "--guidance",
+            "1e308",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ],
+        "NaN or infinite at denoising step 1 of 3",
+    );
+    let mut too_many = vec!["--devices", "cpu:2", "--pipefusion", "2", "--width", "64"];
+    too_many.extend(["--height", "64", "--pipefusion-patches", "100000"]);
+    refuses(dir.path(), &too_many, "at most 256 patches");
+    too_many[9] = "200";
+    refuses(dir.path(), &too_many, "at most one patch per token");
+    // A FIFO named like a weight file: opening it would wait for a writer for ever.
+    let fifo = dir.path().join("fifo.safetensors");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let out = dir.path().join("refused.png");
+        let (o, took) = parallax_within(
+            &[
+                "generate",
+                "--prompt",
+                "x",
+                "--quiet",
+                "--model",
+                s(&fifo),
+                "--out",
+                s(&out),
+            ],
+            &[],
+            std::time::Duration::from_secs(60),
+        );
+        let o = o.unwrap_or_else(|| panic!("blocked on the FIFO for {took:?}"));
+        let msg = text(&o);
+        assert!(!o.status.success());
+        assert!(msg.contains("not a regular file"), "{msg}");
+    }
+}
+
+/// Ctrl-C ends `generate` with status 130, leaving no temporary file behind.
+#[test]
+fn an_interrupt_ends_generate_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("big.png");
+    let child = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args([
+            "generate",
+            "--prompt",
+            "a fox",
+            "--quiet",
+            "--width",
+            "512",
+            "--height",
+            "512",
+            "--steps",
+            "200",
+            "--out",
+            s(&out),
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let o = child.wait_with_output().expect("wait");
+    let msg = text(&o);
+    assert_eq!(o.status.code(), Some(130), "{msg}");
+    assert!(msg.contains("interrupted"), "{msg}");
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}

@@ -1,5 +1,6 @@
 //! Faults across CPU worker ranks (`PARALLAX_FAULT`, `PARALLAX_COLLECTIVE_TIMEOUT_S`): a rank
-//! that fails, panics or stalls becomes an error naming it, in bounded time, and the runtime
+//! that fails, panics or stalls (for a while or for good) becomes an error naming it, in bounded
+//! time (a rank stalled for good is left behind at the timeout), and the runtime
 //! stays usable (the next job runs on the loaded model) with nothing half written in the
 //! gallery. One test function: the fault is set through the environment, which every thread of
 //! this process shares.
@@ -62,6 +63,8 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
         // others name rank 1 as lost first.
         ("rank=1,step=2,kind=panic", "rank 1"),
         ("rank=0,step=1,kind=stall:2.5", "rank 0 of 2 did not reach"),
+        // Stalled for good: the job ends at the timeout, the thread is left behind.
+        ("rank=1,step=1,kind=stall:600", "gave up on rank 1"),
         ("rank=1,step=0,kind=oom", "OUT_OF_MEMORY"),
     ] {
         std::env::set_var("PARALLAX_FAULT", fault);
@@ -92,9 +95,14 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
             }
             other => panic!("{fault}: expected a failure, got {other:?}"),
         }
-        // Bounded: a failure is known at once; a stall by the timeout (the job ends when the
-        // stalled rank comes back and finds the group aborted).
+        // Bounded: a failure is known at once; a stall by the timeout, plus as long again for
+        // the stalled rank to come back before it is left behind.
         assert!(secs < 10.0, "{fault}: {secs:.1} s");
+        if fault.contains("stall:600") {
+            // Accounted for: the stalled thread is listed as still running.
+            let left = parallax::parallel::abandoned::still_running();
+            assert!(left.iter().any(|a| a.rank == 1), "{left:?}");
+        }
         eprintln!("{fault}: failed in {secs:.2} s: {ev:?}");
         // Nothing was added to the gallery, and the next job runs on the loaded model.
         assert_eq!(pngs(&gallery).len(), 1, "{fault}");
@@ -156,6 +164,7 @@ fn failed_panicked_and_stalled_ranks_are_errors_and_the_runtime_goes_on() {
     for (fault, needle) in [
         ("rank=1,step=1,kind=fail", "injected fault: rank 1"),
         ("rank=0,step=1,kind=stall:2.5", "rank 0"),
+        ("rank=0,step=1,kind=stall:600", "gave up on rank 0"),
     ] {
         std::env::set_var("PARALLAX_FAULT", fault);
         let (ev, secs) = run(&rt, req(6));

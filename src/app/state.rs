@@ -594,6 +594,10 @@ pub fn refusal_words(r: Refusal) -> String {
         Refusal::TooManyStages { stages, blocks } => format!(
             "pipefusion {stages}: the model has {blocks} blocks, so at most {blocks} stages"
         ),
+        Refusal::TooManyPatches { patches, tokens } => format!(
+            "{patches} PipeFusion patches: a {tokens}-token image takes at most {tokens}; \
+             lower the patches or make the image larger"
+        ),
         Refusal::PipeFusionCache => "PipeFusion runs without a cache: set Cache to First Block \
              Cache with the threshold at 0, or pipefusion to 1"
             .into(),

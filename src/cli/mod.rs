@@ -1,6 +1,19 @@
 //! The `parallax` command line: `generate`, `bench`, `bench-vae`, `info`, `export-demo`,
 //! `selfcheck`, `profile`, `download`.
 
+/// `println!` throughout the command line (this module and those declared below) is
+/// [`out::line`]'s: a closed pipe ends the command quietly instead of panicking.
+macro_rules! println {
+    () => {
+        $crate::cli::out::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::out::line(format_args!($($arg)*))
+    };
+}
+
+mod out;
+
 mod bench_vae;
 mod calibrate;
 mod dataset;
@@ -494,10 +507,11 @@ pub struct InfoArgs {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    out::on_interrupt();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = one_message(&e);
             eprintln!("error: {msg}");
             if msg.contains("OUT_OF_MEMORY") {
                 eprintln!("hint: the GPU ran out of memory; try a smaller image or a GPU with more memory (past 4096 px the autoencoder needs more than an 80 GB GPU; --devices cuda:0,1,... splits the decode in row bands across GPUs)");
@@ -505,6 +519,23 @@ pub fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes in one line, each said once: a cause whose text its wrapper already
+/// includes (the library's errors print their source) is not repeated.
+fn one_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn init_logging(verbose: u8) {
@@ -623,6 +654,17 @@ fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
             parent.display()
         );
     }
+    check_writable(parent).with_context(|| {
+        format!(
+            "--out {}: the image could not be saved there",
+            out.display()
+        )
+    })
+}
+
+/// Refuse a folder the images cannot be written to (read-only, not ours), before any work.
+fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
+    crate::runtime::gallery::check_writable_dir(dir)?;
     Ok(())
 }
 
@@ -815,6 +857,9 @@ fn checked_job(
     parallel: &ParallelArgs,
 ) -> anyhow::Result<Checked> {
     one_cache(sample)?;
+    // The values that need no model first: a bad size is reported as such, even beside a
+    // damaged model.
+    crate::pipeline::check_request(&request_for(false, sample))?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
     let cfg = model_config(&resolved)?;
@@ -835,8 +880,13 @@ fn checked_job(
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    // Everything a user typed is checked before the weights load: the placement (see
-    // `checked_job`), the output names.
+    // Everything a user typed is checked before the weights load: the output (a writable
+    // folder), the request and the placement (see `checked_job`).
+    match &a.out {
+        Some(out) => check_output(out)?,
+        None => check_writable(std::path::Path::new("."))
+            .context("the images are saved in the current folder: give --out elsewhere")?,
+    }
     let Checked {
         choice, req, plan, ..
     } = checked_job(&a.model, &a.sample, &a.parallel)?;
@@ -844,9 +894,6 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
         bail!("--images {images}: give 1 to {MAX_IMAGES}");
-    }
-    if let Some(out) = &a.out {
-        check_output(out)?;
     }
     if plan.world() > 1 {
         eprintln!("{}", plan.describe());

@@ -54,6 +54,9 @@ pub struct Engine {
     choice: ModelChoice,
     /// The first entry is the pipeline loaded first ([`Engine::primary`]).
     loaded: Vec<(Slot, Pipeline)>,
+    /// GPU pipelines a rank thread left behind may still be running on (see
+    /// [`crate::parallel::abandoned`]): [`Engine::prepare`] loads fresh copies in their place.
+    tainted: std::sync::Mutex<Vec<Slot>>,
 }
 
 impl Engine {
@@ -70,6 +73,7 @@ impl Engine {
                 },
                 p,
             )],
+            tainted: Default::default(),
         })
     }
 
@@ -94,6 +98,7 @@ impl Engine {
                 },
                 p,
             )],
+            tainted: Default::default(),
         })
     }
 
@@ -168,6 +173,7 @@ impl Engine {
         images: usize,
         on_load: &mut dyn FnMut(&str),
     ) -> Result<()> {
+        self.replace_tainted(on_load)?;
         let groups = plan.layout.dp.clamp(1, images.max(1));
         let used = groups * plan.group_size();
         let needed: Vec<Slot> = self.slots(plan).into_iter().take(used).collect();
@@ -197,6 +203,46 @@ impl Engine {
                 .map_err(|e| e.loading(format!("a replica for {}", slot.device)))?;
             self.loaded.push((slot, p));
         }
+        Ok(())
+    }
+
+    /// Drop the GPU pipelines a left-behind rank thread may still use (two threads must not
+    /// share candle's handles), reloading the first one in place; the others load again when a
+    /// plan needs them. The memory the old copies hold is freed only when those threads end.
+    fn replace_tainted(&mut self, on_load: &mut dyn FnMut(&str)) -> Result<()> {
+        let tainted = std::mem::take(&mut *self.tainted.lock().unwrap_or_else(|p| p.into_inner()));
+        if tainted.is_empty() {
+            return Ok(());
+        }
+        let hit = |s: &Slot| {
+            tainted
+                .iter()
+                .any(|t| t.device == s.device && t.copy == s.copy)
+        };
+        let first = self.loaded[0].0.clone();
+        if hit(&first) {
+            tracing::warn!(
+                "reloading the model on {}: a rank left behind may still run on the old copy",
+                first.device
+            );
+            on_load(&first.device);
+            let p = load_pipeline_blocks(&self.choice, &first.device, first.blocks)
+                .map_err(|e| e.loading(format!("the model on {}", first.device)))?;
+            self.loaded[0] = (first, p);
+        }
+        let mut index = 0;
+        self.loaded.retain(|(s, _)| {
+            index += 1;
+            let drop = index > 1 && hit(s);
+            if drop {
+                tracing::warn!(
+                    "dropping the replica on {} (copy {}): a rank left behind may still run on it",
+                    s.device,
+                    s.copy
+                );
+            }
+            !drop
+        });
         Ok(())
     }
 
@@ -275,7 +321,16 @@ impl Engine {
             .iter()
             .map(|s| self.pipeline(s))
             .collect::<Result<Vec<_>>>()?;
-        on_gpus(&pipes, inner, req, progress)
+        let r = on_gpus(&pipes, inner, req, progress);
+        if let Err(Error::RanksAbandoned { ranks, .. }) = &r {
+            // CPU ranks share the read-only CPU model and the job's own communicators: nothing
+            // of theirs is reused. GPU ranks' pipelines are replaced before the next job.
+            self.tainted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ranks.iter().filter_map(|&r| slots.get(r).cloned()));
+        }
+        r
     }
 }
 

@@ -658,7 +658,7 @@ pub fn flux_config_from_diffusers_json(path: &Path) -> Result<FluxConfig> {
         #[serde(default)]
         axes_dims_rope: Option<Vec<usize>>,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_regular_text(path)?;
     let raw: Raw = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
         path: path.to_path_buf(),
         reason: e.to_string(),

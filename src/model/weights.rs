@@ -97,7 +97,7 @@ impl SafetensorsSet {
     /// Open the shards listed by a `*.safetensors.index.json` and check that each tensor the
     /// index names is really in its shard.
     pub fn open_index(index_path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = crate::files::read_regular_text(index_path)?;
         let index: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
             path: index_path.to_path_buf(),
             reason: format!("not a safetensors shard index: {e}"),
@@ -133,7 +133,7 @@ impl SafetensorsSet {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let file = crate::files::open_regular(path)?;
             // SAFETY: the file is opened read-only; Parallax never writes to weight files while
             // they are mapped. Another process truncating it underneath would be undefined
             // behaviour, as with every memory-mapped loader (candle's, safetensors' own).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 
-use super::comm::{run_local, Communicator, LocalComm};
+use super::comm::{Communicator, LocalComm};
 use super::mesh::{Axis, Mesh, ParallelLayout};
 use super::ulysses::UspAttention;
 use crate::error::{Error, Result};
@@ -229,130 +229,257 @@ fn generate_ranks(
     progress: &mut dyn FnMut(Progress) -> Result<()>,
     decode: &crate::pipeline::LatentDecoder,
 ) -> Result<Generated> {
-    let groups = std::sync::Mutex::new(groups.into_iter().map(Some).collect::<Vec<_>>());
     let prep = p.prepare(req, progress)?;
-    let job = &prep.job;
     let mut log = crate::pipeline::StepLog::default();
+    // candle queues each host thread's GPU work on that thread's own stream: the job's tensors
+    // must be written before the rank threads read them.
+    prep.job.x.device().synchronize()?;
     let (x, stats) = {
-        let on_step = &mut |info: &StepInfo| -> Result<()> {
+        let mut on_step = |info: &StepInfo| -> Result<()> {
             log.record(info);
             progress(Progress::Step(info))
         };
-        {
-            // candle queues each host thread's GPU work on that thread's own stream: the job's
-            // tensors must be written before the rank threads read them.
-            job.x.device().synchronize()?;
-            let cancel = AtomicBool::new(false);
-            let (tx, rx) = mpsc::channel::<StepMsg>();
-            std::thread::scope(|s| {
-                let worker = s.spawn(|| {
-                    let tx = tx;
-                    run_local(mesh.world(), |rank, _| {
-                        let g = groups
-                            .lock()
-                            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?
-                            .get_mut(rank)
-                            .and_then(Option::take)
-                            .ok_or_else(|| {
-                                candle_core::Error::Msg("missing communicator".into())
-                            })?;
-                        let model = models[rank];
-                        let local_job = job_on(job, model.device()).map_err(|e| {
-                            candle_core::Error::Msg(format!("rank {rank}: inputs: {e}"))
-                        })?;
-                        let tx = tx.clone();
-                        // A rank that fails or panics aborts its groups, so the others stop
-                        // waiting for it and report why.
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            denoise_rank(
-                                model,
-                                &local_job,
-                                mesh,
-                                rank,
-                                &g,
-                                &|| cancel.load(Ordering::SeqCst),
-                                &mut |info| {
-                                    let _ = tx.send(StepMsg {
-                                        index: info.index,
-                                        total: info.total,
-                                        t: info.t,
-                                        t_next: info.t_next,
-                                        kind: info.kind,
-                                        elapsed: info.elapsed,
-                                        queued: info.queued,
-                                        latent: info.latent.clone(),
-                                    });
-                                    Ok(())
-                                },
-                            )
-                        }))
-                        .unwrap_or_else(|p| {
-                            let what = p
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_else(|| "a panic".into());
-                            Err(Error::Candle(candle_core::Error::Msg(format!(
-                                "rank {rank} panicked: {what}"
-                            ))))
-                        });
-                        if let Err(e) = &r {
-                            g.abort(&format!("rank {rank} failed: {e}"));
-                        }
-                        // Likewise the final latent before the calling thread decodes it (and on
-                        // errors, before the caller frees what this rank may still be reading).
-                        let synced = model.device().synchronize();
-                        let r = r.and_then(|out| {
-                            synced?;
-                            Ok(out)
-                        });
-                        r.map_err(|e| match e {
-                            Error::Cancelled => candle_core::Error::Msg("cancelled".into()),
-                            Error::Candle(c) => c,
-                            other => candle_core::Error::Msg(other.to_string()),
-                        })
-                    })
-                });
-                let mut progress_err = None;
-                for m in rx {
-                    let info = StepInfo {
-                        index: m.index,
-                        total: m.total,
-                        t: m.t,
-                        t_next: m.t_next,
-                        kind: m.kind,
-                        elapsed: m.elapsed,
-                        queued: m.queued,
-                        latent: &m.latent,
-                    };
-                    if progress_err.is_none() {
-                        if let Err(e) = on_step(&info) {
-                            cancel.store(true, Ordering::SeqCst);
-                            progress_err = Some(e);
-                        }
+        run_ranks(mesh, models, groups, &prep.job, &mut on_step)?
+    };
+    p.finish(prep, x, stats, log, decode, progress)
+}
+
+/// What a rank thread tells the calling thread: rank 0's steps, then each rank's result.
+enum RankMsg {
+    Step(StepMsg),
+    Done(usize, Result<(Tensor, CacheStats)>),
+}
+
+/// Run `job`'s denoising loop on one detached thread per rank of `mesh`, `on_step` seeing rank
+/// 0's steps on the calling thread. The ranks' results are awaited with a deadline, not joined:
+/// once a rank fails (a collective timing out on a stalled peer among the ways), every group is
+/// aborted and the ranks still out get [`abandon_grace`] to come back; those that do not are left
+/// running (recorded in [`super::abandoned`]) and the job fails at once with
+/// [`Error::RanksAbandoned`], instead of hanging until they return.
+fn run_ranks(
+    mesh: &Mesh,
+    models: &[&crate::model::flux::Flux],
+    groups: Vec<RankGroups>,
+    job: &crate::pipeline::DenoiseJob,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    let n = mesh.world();
+    if groups.len() != n || models.len() != n {
+        return Err(Error::Candle(candle_core::Error::Msg(format!(
+            "{} ranks, {} communicator sets, {} models",
+            n,
+            groups.len(),
+            models.len()
+        ))));
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<RankMsg>();
+    // The calling thread keeps a handle on every group, to abort them all when a rank fails.
+    let handles: Vec<RankGroups> = groups.to_vec();
+    let mut threads = Vec::with_capacity(n);
+    for (rank, g) in groups.into_iter().enumerate() {
+        let ended = Arc::new(AtomicBool::new(false));
+        let spawned = spawn_rank(
+            rank,
+            models[rank].clone(),
+            job.clone(),
+            mesh.clone(),
+            g,
+            cancel.clone(),
+            tx.clone(),
+            ended.clone(),
+        );
+        match spawned {
+            Ok(h) => threads.push((h, ended)),
+            Err(e) => {
+                for g in &handles {
+                    g.abort("a rank thread could not start");
+                }
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "cannot start the thread of rank {rank}: {e}"
+                ))));
+            }
+        }
+    }
+    drop(tx);
+
+    let mut done = vec![false; n];
+    let mut rank0: Option<(Tensor, CacheStats)> = None;
+    let mut progress_err: Option<Error> = None;
+    // Each rank's failure; the lowest rank's is reported (as the others see it), a cancellation
+    // only when nothing else failed.
+    let mut errs: Vec<Option<Error>> = (0..n).map(|_| None).collect();
+    // When the group was aborted: from then on the ranks still out have `grace` to return.
+    let mut aborted_at: Option<std::time::Instant> = None;
+    let grace = abandon_grace();
+    while done.iter().any(|d| !d) {
+        let msg = match aborted_at {
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(t) => {
+                rx.recv_timeout((t + grace).saturating_duration_since(std::time::Instant::now()))
+            }
+        };
+        match msg {
+            Ok(RankMsg::Step(m)) => {
+                let info = StepInfo {
+                    index: m.index,
+                    total: m.total,
+                    t: m.t,
+                    t_next: m.t_next,
+                    kind: m.kind,
+                    elapsed: m.elapsed,
+                    queued: m.queued,
+                    latent: &m.latent,
+                };
+                if progress_err.is_none() {
+                    if let Err(e) = on_step(&info) {
+                        cancel.store(true, Ordering::SeqCst);
+                        progress_err = Some(e);
                     }
                 }
-                let results = worker.join().map_err(|_| {
-                    Error::Candle(candle_core::Error::Msg("worker panicked".into()))
-                })?;
-                if let Some(e) = progress_err {
-                    return Err(e);
+            }
+            Ok(RankMsg::Done(rank, r)) => {
+                done[rank] = true;
+                match r {
+                    Ok(v) if rank == 0 => rank0 = Some(v),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if aborted_at.is_none() {
+                            aborted_at = Some(std::time::Instant::now());
+                            let why = format!("rank {rank} failed: {e}");
+                            for g in &handles {
+                                g.abort(&why);
+                            }
+                        }
+                        errs[rank] = Some(e);
+                    }
                 }
-                let mut results = results?;
-                if results.is_empty() {
-                    return Err(Error::Candle(candle_core::Error::Msg("no workers".into())));
-                }
-                let (x, stats): (Tensor, CacheStats) = results.swap_remove(0);
-                Ok((x, stats))
-            })
+            }
+            // A rank thread that ended without a word (it panicked outside its guard), or the
+            // grace ran out: the ranks still out are given up on.
+            Err(_) => break,
         }
-    }?;
-    p.finish(prep, x, stats, log, decode, progress)
+    }
+    let missing: Vec<usize> = (0..n).filter(|&r| !done[r]).collect();
+    let first_err = match errs
+        .iter()
+        .position(|e| matches!(e, Some(e) if !matches!(e, Error::Cancelled)))
+    {
+        Some(r) => errs.swap_remove(r),
+        None => errs.into_iter().flatten().next(),
+    };
+    for (rank, (h, ended)) in threads.into_iter().enumerate() {
+        if missing.contains(&rank) {
+            // Detached: the thread runs on until it returns (then finds its groups aborted) or
+            // the process ends.
+            let device = crate::device::describe(models[rank].device());
+            tracing::warn!(
+                "rank {rank} (on {device}) did not return {:.1} s after its group was aborted: \
+                 its thread is left behind",
+                grace.as_secs_f64()
+            );
+            super::abandoned::record(rank, device, ended);
+            drop(h);
+        } else if h.join().is_err() {
+            tracing::warn!("rank {rank}'s thread panicked after reporting");
+        }
+    }
+    if let Some(e) = progress_err {
+        return Err(e);
+    }
+    if !missing.is_empty() {
+        return Err(Error::RanksAbandoned {
+            ranks: missing,
+            why: first_err.map_or_else(|| "the ranks stopped answering".into(), |e| e.to_string()),
+        });
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    rank0.ok_or_else(|| Error::Candle(candle_core::Error::Msg("rank 0 returned nothing".into())))
+}
+
+/// How long the ranks still out get to return once their group is aborted before they are left
+/// behind: the collective timeout (a rank that reaches no collective for that long is stuck),
+/// at most 5 s (any rank that is not stuck sees the abort at its next collective).
+fn abandon_grace() -> Duration {
+    super::comm::collective_timeout().min(Duration::from_secs(5))
+}
+
+/// Start rank `rank`'s thread: its share of `job` with `groups`, rank 0 sending its steps, every
+/// rank its result, on `tx`. `ended` turns true when the thread ends.
+#[allow(clippy::too_many_arguments)]
+fn spawn_rank(
+    rank: usize,
+    model: crate::model::flux::Flux,
+    job: crate::pipeline::DenoiseJob,
+    mesh: Mesh,
+    groups: RankGroups,
+    cancel: Arc<AtomicBool>,
+    tx: mpsc::Sender<RankMsg>,
+    ended: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("parallax-rank-{rank}"))
+        .spawn(move || {
+            let _ended = super::abandoned::Ended(ended);
+            // A rank that fails or panics aborts its groups, so the others stop waiting for it
+            // and report why.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let local_job = job_on(&job, model.device())
+                    .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("inputs: {e}"))))?;
+                denoise_rank(
+                    &model,
+                    &local_job,
+                    &mesh,
+                    rank,
+                    &groups,
+                    &|| cancel.load(Ordering::SeqCst),
+                    &mut |info| {
+                        let _ = tx.send(RankMsg::Step(StepMsg {
+                            index: info.index,
+                            total: info.total,
+                            t: info.t,
+                            t_next: info.t_next,
+                            kind: info.kind,
+                            elapsed: info.elapsed,
+                            queued: info.queued,
+                            latent: info.latent.clone(),
+                        }));
+                        Ok(())
+                    },
+                )
+            }))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "rank {rank} panicked: {what}"
+                ))))
+            });
+            if let Err(e) = &r {
+                if !matches!(e, Error::Cancelled) {
+                    groups.abort(&format!("rank {rank} failed: {e}"));
+                }
+            }
+            // Likewise the final latent before the calling thread decodes it (and on errors,
+            // before the caller frees what this rank may still be reading).
+            let synced = model.device().synchronize();
+            let r = r.and_then(|out| {
+                synced?;
+                Ok(out)
+            });
+            let _ = tx.send(RankMsg::Done(rank, r));
+        })
 }
 
 /// The communicators one rank uses: everyone (to agree on cancelling), its sequence-parallel
 /// group, its Ulysses and ring groups, and its CFG pair. In-process ranks get [`LocalComm`]s,
 /// ranks in separate processes [`super::store::StoreComm`]s (CPU) or NCCL communicators (GPU).
+#[derive(Clone)]
 pub struct RankGroups {
     pub world: Arc<dyn Communicator>,
     pub sp: Arc<dyn Communicator>,

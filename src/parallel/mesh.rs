@@ -240,6 +240,9 @@ impl ParallelLayout {
     }
 }
 
+/// The most PipeFusion patches a step may be split into.
+pub const MAX_PATCHES: usize = 256;
+
 /// The mesh: a validated layout over a number of workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mesh {
@@ -299,6 +302,12 @@ impl Mesh {
             }
             if layout.patches() == 0 {
                 return Err(bad("PipeFusion needs at least one patch".into()));
+            }
+            if layout.patches() > MAX_PATCHES {
+                return Err(bad(format!(
+                    "PipeFusion takes at most {MAX_PATCHES} patches a step (each patch is a pass \
+                     through every stage; more only adds overhead)"
+                )));
             }
             if layout.pipeline_warmup() == 0 {
                 return Err(bad(

@@ -17,10 +17,12 @@
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
 //! - [`pipefusion`]: PipeFusion (blocks split into stages, patches pipelined through them).
 //! - [`refusal`]: what a sound layout still refuses for one request (true CFG, cache, blocks).
+//! - [`abandoned`]: rank threads given up on (stuck past their group's abort), until they end.
 //! - [`fault`]: faults injected on purpose (`PARALLAX_FAULT`), to test the watchdog.
 //! - [`vae`]: the autoencoder decode split into row bands (halo exchange, all-reduced GroupNorm;
 //!   bands differ by a row where the rows do not divide).
 
+pub mod abandoned;
 pub mod comm;
 pub mod displaced;
 pub mod engine;

@@ -16,6 +16,8 @@ pub enum Refusal {
     StaleNeedsCfg2 { what: &'static str },
     /// More PipeFusion stages than the model has blocks.
     TooManyStages { stages: usize, blocks: usize },
+    /// More PipeFusion patches than the image has tokens (at most one patch per token).
+    TooManyPatches { patches: usize, tokens: usize },
     /// PipeFusion with a cache policy (the policies run the blocks in pieces on one device).
     PipeFusionCache,
     /// CFG parallelism without true CFG: it has no negative branch to run.
@@ -38,6 +40,13 @@ pub fn check(layout: ParallelLayout, req: &GenerateRequest, blocks: usize) -> Op
         }
     }
     if layout.pipeline > 1 {
+        let tokens = (req.width / 16) * (req.height / 16);
+        if layout.patches() > tokens {
+            return Some(Refusal::TooManyPatches {
+                patches: layout.patches(),
+                tokens,
+            });
+        }
         if layout.pipeline > blocks {
             return Some(Refusal::TooManyStages {
                 stages: layout.pipeline,
@@ -73,6 +82,11 @@ impl From<Refusal> for Error {
                 "parallel layout",
                 format!("pipefusion {stages}"),
                 format!("the model has {blocks} blocks: at most that many stages"),
+            ),
+            Refusal::TooManyPatches { patches, tokens } => Error::setting(
+                "parallel layout",
+                format!("{patches} patches"),
+                format!("the image has {tokens} image tokens: at most one patch per token"),
             ),
             Refusal::PipeFusionCache => Error::setting(
                 "parallel layout",

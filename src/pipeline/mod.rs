@@ -536,54 +536,17 @@ impl Pipeline {
 
     /// Check a request against this model and fill in defaults.
     pub fn settings_for(&self, req: &GenerateRequest) -> Result<GenerationSettings> {
-        for (name, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % 16 != 0 {
-                return Err(Error::setting(name, v, "must be a positive multiple of 16"));
-            }
-            if v > 16384 {
-                return Err(Error::setting(name, v, "must be at most 16384"));
-            }
-        }
+        check_request(req)?;
         let steps = req.steps.unwrap_or(self.variant.default_steps());
-        if steps == 0 {
-            return Err(Error::setting("steps", steps, "must be at least 1"));
-        }
-        if steps > 1000 {
-            return Err(Error::setting("steps", steps, "must be at most 1000"));
-        }
         let guidance = req.guidance.unwrap_or(self.variant.default_guidance());
-        if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Error::setting(
-                "guidance",
-                guidance,
-                "must be a finite number >= 0",
-            ));
-        }
         let true_cfg = req.true_cfg.unwrap_or(1.0);
-        if !true_cfg.is_finite() || true_cfg < 1.0 {
-            return Err(Error::setting(
-                "true-cfg",
-                true_cfg,
-                "must be a finite number >= 1 (1 turns true CFG off)",
-            ));
-        }
-        if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
-            return Err(Error::setting(
-                "cache-threshold",
-                req.cache_threshold,
-                "must be a finite number >= 0 (0 turns the cache off)",
-            ));
-        }
         // First Block Cache travels as its threshold (what older settings hold); other policies
         // as their spec.
         let (cache_threshold, cache) = match &req.cache {
-            Some(spec) => {
-                spec.validate()?;
-                match spec.fb_threshold() {
-                    Some(t) => (t, None),
-                    None => (0.0, Some(spec.clone())),
-                }
-            }
+            Some(spec) => match spec.fb_threshold() {
+                Some(t) => (t, None),
+                None => (0.0, Some(spec.clone())),
+            },
             None => (req.cache_threshold, None),
         };
         Ok(GenerationSettings {
@@ -797,6 +760,56 @@ impl StepLog {
         self.steps_ms.push(info.elapsed.as_secs_f64() * 1e3);
         self.steps_queued_ms.push(info.queued.as_secs_f64() * 1e3);
     }
+}
+
+/// Check the values of `req` that do not depend on the model (sizes, steps, guidance, true CFG,
+/// the cache), before anything loads: what [`Pipeline::settings_for`] refuses, whatever the
+/// model (a value left out takes the model's default, always valid).
+pub fn check_request(req: &GenerateRequest) -> Result<()> {
+    for (name, v) in [("width", req.width), ("height", req.height)] {
+        if v == 0 || v % 16 != 0 {
+            return Err(Error::setting(name, v, "must be a positive multiple of 16"));
+        }
+        if v > 16384 {
+            return Err(Error::setting(name, v, "must be at most 16384"));
+        }
+    }
+    if let Some(steps) = req.steps {
+        if steps == 0 {
+            return Err(Error::setting("steps", steps, "must be at least 1"));
+        }
+        if steps > 1000 {
+            return Err(Error::setting("steps", steps, "must be at most 1000"));
+        }
+    }
+    if let Some(guidance) = req.guidance {
+        if !guidance.is_finite() || guidance < 0.0 {
+            return Err(Error::setting(
+                "guidance",
+                guidance,
+                "must be a finite number >= 0",
+            ));
+        }
+    }
+    let true_cfg = req.true_cfg.unwrap_or(1.0);
+    if !true_cfg.is_finite() || true_cfg < 1.0 {
+        return Err(Error::setting(
+            "true-cfg",
+            true_cfg,
+            "must be a finite number >= 1 (1 turns true CFG off)",
+        ));
+    }
+    if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
+        return Err(Error::setting(
+            "cache-threshold",
+            req.cache_threshold,
+            "must be a finite number >= 0 (0 turns the cache off)",
+        ));
+    }
+    if let Some(spec) = &req.cache {
+        spec.validate()?;
+    }
+    Ok(())
 }
 
 /// The denoising loop of `job` on `flux`, with its cache policies and true CFG set up once for

@@ -82,6 +82,21 @@ fn combine(pos: &Tensor, neg: &Tensor, scale: f64) -> candle_core::Result<Tensor
     &neg + ((&pos - &neg)? * scale)?
 }
 
+/// Fail with [`crate::Error::NonFinite`] when the latent after step `index` holds a NaN or an
+/// infinity (`x - x` sums to exactly 0 over finite numbers only): such a latent decodes to a
+/// black image, and every later step stays non-finite.
+fn check_finite(x: &Tensor, index: usize, total: usize) -> Result<()> {
+    let zero = (x - x)?.sum_all()?.to_scalar::<f32>()?;
+    if zero == 0.0 {
+        Ok(())
+    } else {
+        Err(crate::Error::NonFinite {
+            step: index + 1,
+            total,
+        })
+    }
+}
+
 /// [`denoise`] with optional true CFG.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_cfg(
@@ -157,6 +172,7 @@ pub fn denoise_cfg(
         // Between steps, not inside one: so the reported step time is the device's, and the
         // latent handed to `on_step` is ready.
         crate::device::synchronize(dev)?;
+        check_finite(&x, i, total)?;
         stats.record(kind);
         on_step(&StepInfo {
             index: i,

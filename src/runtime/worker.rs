@@ -41,6 +41,21 @@ pub(crate) struct Worker {
     emit: Emitter,
 }
 
+/// Say in the log which rank threads are left behind after `job` and what becomes of what they
+/// held: the next job builds its own groups (and, on GPUs, fresh replicas: see
+/// [`crate::engine::Engine::prepare`]); each thread's memory is freed when it ends.
+fn log_left_behind(job: JobId) {
+    for a in crate::parallel::abandoned::still_running() {
+        tracing::warn!(
+            "{job}: rank {} on {} left behind {:.1} s ago, still running; the next job runs \
+             without it (its communicators aborted, its GPU replica reloaded)",
+            a.rank,
+            a.device,
+            a.since.as_secs_f64()
+        );
+    }
+}
+
 impl Worker {
     pub(crate) fn new(spec: EngineSpec, gallery: Option<Gallery>, emit: Emitter) -> Self {
         Self {
@@ -69,10 +84,15 @@ impl Worker {
                     match outcome {
                         Ok(Ok(wall_ms)) => self.emit.emit(Event::Finished { job, wall_ms }),
                         Ok(Err(Error::Cancelled)) => self.emit.emit(Event::Cancelled { job }),
-                        Ok(Err(e)) => self.emit.emit(Event::Failed {
-                            job,
-                            error: e.to_string(),
-                        }),
+                        Ok(Err(e)) => {
+                            if let Error::RanksAbandoned { .. } = &e {
+                                log_left_behind(job);
+                            }
+                            self.emit.emit(Event::Failed {
+                                job,
+                                error: e.to_string(),
+                            })
+                        }
                         Err(panic) => {
                             let what = panic
                                 .downcast_ref::<String>()

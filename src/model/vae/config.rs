@@ -59,7 +59,7 @@ struct DiffusersVaeJson {
 /// shift). Configurations this autoencoder cannot run (quant convolutions, no middle
 /// attention, an activation other than silu) are refused.
 pub fn vae_config_from_diffusers_json(path: &Path) -> Result<VaeConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_regular_text(path)?;
     vae_config_from_diffusers_str(&text, path)
 }
 
