@@ -86,6 +86,7 @@ fn mask_timings(h: &mut Harness<'static, StudioApp>) {
                     || l.contains(" s left")
                     || l.starts_with("done in")
                     || l.ends_with('x') && l.chars().next().is_some_and(|c| c.is_ascii_digit())
+                    || speedup_range(&l)
                     || l.contains("loaded in")
             })
         })
@@ -94,6 +95,29 @@ fn mask_timings(h: &mut Harness<'static, StudioApp>) {
     for r in rects {
         h.mask(r);
     }
+}
+
+/// A speed-up cell with its range over the timing rounds: "1.42x (1.35-1.50)", "no measurable
+/// gain (0.96-1.04x)" or "slower: 0.91x (0.88-0.95)".
+fn speedup_range(l: &str) -> bool {
+    let digits = |t: &str| t.chars().any(|c| c.is_ascii_digit());
+    let ranged = l.ends_with(')') && l.contains('(') && l.contains('-') && digits(l);
+    ranged
+        && (l.starts_with("no measurable gain")
+            || l.starts_with("slower:")
+            || l.chars().next().is_some_and(|c| c.is_ascii_digit()) && l.contains("x ("))
+}
+
+/// Hover `label` until its tooltip, which contains `says`, is on screen.
+fn tooltip_of(h: &mut Harness<'static, StudioApp>, label: &str, says: &str) -> String {
+    h.get_by_label(label).hover();
+    for _ in 0..12 {
+        h.step();
+        if let Some(t) = labels_with(h, says).into_iter().next() {
+            return t;
+        }
+    }
+    panic!("no tooltip saying {says:?} on {label:?}");
 }
 
 fn demo_image(s: &GenerationSettings) -> RgbImage {
@@ -211,11 +235,42 @@ fn compare_sweep_with_wipe_and_heatmap() {
     assert!(m.result.quality.is_some());
     // The default prompt is in the demo's world: every cell has its prompt score.
     assert!(app.compare.iter().all(|s| s.prompt_score.is_some()));
+    // Timed in three rounds (the default): every cell has its three times; the table shows the
+    // speed-ups with their range, and what each number means on hover.
+    assert!(app
+        .compare
+        .iter()
+        .all(|s| s.timing.as_ref().is_some_and(|t| t.wall_ms.len() == 3 && t.identical)));
+    let spread = app.compare[1]
+        .timing
+        .as_ref()
+        .and_then(|t| t.speedup())
+        .expect("a speed-up with its range");
+    assert!(spread.min <= spread.median && spread.median <= spread.max);
+    let reusing = app.compare[1..]
+        .iter()
+        .filter(|s| s.result.generated.stats.reused > 0)
+        .count();
+    let ranged = h
+        .query_all_by(|n| n.value().is_some_and(|l| speedup_range(&l)))
+        .count();
+    assert_eq!(ranged, reusing, "each cell that reused a step shows its range");
+    assert_eq!(labels_with(&h, spread.label().as_str()).len(), 1);
     h.get_by_label("reference");
+    h.get_by_label("MagCache · balanced");
+    h.get_by_label("First Block Cache · 5");
+    let method = tooltip_of(&mut h, "speed-up", "median over the rounds");
+    assert!(method.contains("no measurable gain"), "{method}");
+    tooltip_of(&mut h, "PSNR", "invisible to the eye");
+    tooltip_of(&mut h, "SSIM", "1: identical");
+    tooltip_of(&mut h, "prompt score", "only to the built-in demo model");
+    h.hover_at(egui::pos2(1090.0, 750.0));
+    h.run_steps(4);
     mask_timings(&mut h);
     h.snapshot("studio_compare_wipe");
     h.get_by_label("difference heatmap").click();
     h.run_steps(2);
+    assert_eq!(labels_with(&h, "Difference scale: black = identical").len(), 1);
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
 }

@@ -383,6 +383,7 @@ impl StudioApp {
                 base,
                 thresholds: self.settings.compare_thresholds.clone(),
                 caches: self.settings.compare_caches.clone(),
+                repeats: self.settings.compare_repeats,
             }
         } else {
             JobSpec::Generate(base)
@@ -398,6 +399,9 @@ impl StudioApp {
         self.preview.clear();
         let mut job = JobView::new(id, compare, images, self.settings.steps());
         job.summary = summary;
+        if compare {
+            job.rounds = self.settings.compare_repeats.max(1);
+        }
         self.job = Some(job);
     }
 
@@ -514,6 +518,21 @@ impl StudioApp {
                 self.stats.steps_seen += 1;
             }
             Event::ImageDone { image, result, .. } => self.image_done(ctx, image, result),
+            Event::Timing {
+                round,
+                rounds,
+                position,
+                ..
+            } => {
+                if let Some(j) = &mut self.job {
+                    (j.round, j.rounds, j.image, j.step) = (round, rounds, position, 0);
+                }
+            }
+            Event::Timed { image, timing, .. } => {
+                if let Some(s) = self.compare.get_mut(image) {
+                    s.timing = Some(timing);
+                }
+            }
             Event::Finished { wall_ms, .. } => {
                 self.stats.job_wall_ms.push(wall_ms);
                 self.say(format!("done in {:.2} s", wall_ms / 1e3), false);
