@@ -174,16 +174,24 @@ impl Spread {
         }
     }
 
-    /// The speed-up as a table cell shows it: `1.42x (1.35-1.50)`, `no measurable gain
-    /// (0.96-1.04x)`, `slower: 0.91x (0.88-0.95)`, or `1.42x (one timing)`.
+    /// The speed-up as a table cell shows it: `1.42x (1.35-1.50)`, `no measurable gain` (the
+    /// numbers are in the cell's tooltip), `slower (0.88-0.95x)`, or `1.42x (one timing)`.
     pub fn label(&self) -> String {
         let (m, lo, hi) = (self.median, self.min, self.max);
         match self.verdict() {
             Verdict::Gain => format!("{m:.2}x ({lo:.2}-{hi:.2})"),
-            Verdict::NoMeasurableGain => format!("no measurable gain ({lo:.2}-{hi:.2}x)"),
-            Verdict::Slower => format!("slower: {m:.2}x ({lo:.2}-{hi:.2})"),
+            Verdict::NoMeasurableGain => "no measurable gain".into(),
+            Verdict::Slower => format!("slower ({lo:.2}-{hi:.2}x)"),
             Verdict::OneTiming => format!("{m:.2}x (one timing)"),
         }
+    }
+
+    /// The median and range in words, for a tooltip: "median 1.01x, 0.95x to 1.07x over 3 rounds".
+    pub fn describe(&self) -> String {
+        format!(
+            "median {:.2}x, {:.2}x to {:.2}x over {} rounds",
+            self.median, self.min, self.max, self.rounds
+        )
     }
 }
 
@@ -238,7 +246,8 @@ mod tests {
         assert!(fast.min <= fast.median && fast.median <= fast.max);
         let same = t[2].speedup().expect("a speed-up");
         assert_eq!(same.verdict(), Verdict::NoMeasurableGain);
-        assert!(same.label().starts_with("no measurable gain ("), "{}", same.label());
+        assert_eq!(same.label(), "no measurable gain");
+        assert!(same.describe().contains("over 3 rounds"), "{}", same.describe());
         assert!(!t[2].identical);
     }
 
@@ -271,7 +280,7 @@ mod tests {
         assert_eq!(s(&[1.01, 1.02, 1.5]).verdict(), Verdict::Gain);
         assert_eq!(s(&[1.0, 1.3, 1.4]).verdict(), Verdict::NoMeasurableGain);
         assert_eq!(s(&[0.9, 0.8, 0.95]).verdict(), Verdict::Slower);
-        assert_eq!(s(&[0.9, 0.8, 0.95]).label(), "slower: 0.90x (0.80-0.95)");
+        assert_eq!(s(&[0.9, 0.8, 0.95]).label(), "slower (0.80-0.95x)");
         assert_eq!(s(&[1.4]).verdict(), Verdict::OneTiming);
         assert_eq!(s(&[1.4]).label(), "1.40x (one timing)");
         assert!(Spread::of(&[]).is_none());

@@ -20,11 +20,20 @@ use crate::runtime::repeats::METHOD;
 use crate::runtime::ImageResult;
 
 /// What each column's number means, shown on its header.
-const STEPS_HELP: &str = "Each denoising step as a cell, the first on the left: filled =      computed (the whole model ran), hollow = reused from the cache (most of the model skipped).      Computed / reused after the cells.";
-const WALL_HELP: &str = "Time to make the image (the prompt, every step, the decode): the      median over the timing rounds.";
-const PSNR_HELP: &str = "Peak signal-to-noise ratio against the uncached image, in dB: higher is      closer. Above about 40 dB the difference is invisible to the eye; 30 to 40 dB shows on a      close look; below 30 dB it is plain to see. \"identical\": the very same pixels.";
-const SSIM_HELP: &str = "Structural similarity to the uncached image, from 0 to 1 (1:      identical): how alike the shapes and edges are. Above about 0.98 the eye rarely finds a      difference; below about 0.90 it is plain to see.";
-const PROMPT_HELP: &str = "The share of the prompt's checks the image passes (colours, shapes,      where they are, the background), read by a checker made for the demo model's world. It      applies only to the built-in demo model and prompts of its kind: other prompts get none.";
+const STEPS_HELP: &str = "Each denoising step as a cell, the first on the left: filled = \
+     computed (the whole model ran), hollow = reused from the cache (most of the model skipped). \
+     How many of each in the tooltip.";
+const WALL_HELP: &str = "Time to make the image (the prompt, every step, the decode): the \
+     median over the timing rounds.";
+const PSNR_HELP: &str = "Peak signal-to-noise ratio against the uncached image, in dB: higher is \
+     closer. Above about 40 dB the difference is invisible to the eye; 30 to 40 dB shows on a \
+     close look; below 30 dB it is plain to see. \"identical\": the very same pixels.";
+const SSIM_HELP: &str = "Structural similarity to the uncached image, from 0 to 1 (1: \
+     identical): how alike the shapes and edges are. Above about 0.98 the eye rarely finds a \
+     difference; below about 0.90 it is plain to see.";
+const PROMPT_HELP: &str = "The share of the prompt's checks the image passes (colours, shapes, \
+     where they are, the background), read by a checker made for the demo model's world. It \
+     applies only to the built-in demo model and prompts of its kind: other prompts get none.";
 
 /// CPU heatmaps already made, by (reference id, candidate id, gain bits).
 #[derive(Default)]
@@ -67,7 +76,8 @@ fn speedup_help(s: &Shown) -> String {
     };
     let rounds: Vec<String> = t.speedups.iter().map(|x| format!("{x:.2}x")).collect();
     let mut out = format!(
-        "{METHOD}\n\nThis cell, round by round: {} (wall time {}).",
+        "{METHOD}\n\nThis cell: {}; round by round {} (wall time {}).",
+        t.speedup().map_or(String::new(), |s| s.describe()),
         rounds.join(", "),
         t.wall_ms
             .iter()
@@ -111,7 +121,7 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         return;
     };
     let (w, h) = (reference.image.width as f32, reference.image.height as f32);
-    let room = ui.available_size() - egui::vec2(0.0, 56.0);
+    let room = ui.available_size() - egui::vec2(0.0, 64.0);
     let (rect, _) = ui.allocate_exact_size(fit(room, w, h), egui::Sense::hover());
     if t.view.show_heatmap {
         heatmap_view(
@@ -146,7 +156,7 @@ fn legend(ui: &mut egui::Ui, gain: f32) {
     const W: f32 = 256.0;
     const H: f32 = 12.0;
     let full = 255.0 / gain.max(1e-3);
-    ui.horizontal(|ui| {
+    ui.vertical(|ui| {
         let (rect, _) = ui.allocate_exact_size(egui::vec2(W, H + 14.0), egui::Sense::hover());
         let bar = egui::Rect::from_min_size(rect.min, egui::vec2(W, H));
         let p = ui.painter();
@@ -184,16 +194,13 @@ fn legend(ui: &mut egui::Ui, gain: f32) {
                 ui.visuals().text_color(),
             );
         }
-        ui.add(egui::Label::new(format!(
-            "Difference scale: black = identical, red = {:.0}, yellow = {:.0}, white = {:.0} or \
-             more of 255 (the channel that differs most, at gain {gain:.0})",
-            full / 3.0,
-            full * 2.0 / 3.0,
-            full
-        )).wrap())
+        ui.label(format!(
+            "Difference scale: black = identical, white = {full:.0} or more of 255 (gain {gain:.0})"
+        ))
         .on_hover_text(
             "Each pixel's colour is how far it is from the left image: the largest of its \
-             red, green and blue differences, times the gain. Raise the gain to see small \
+             red, green and blue differences (0 to 255), times the gain; the numbers on the bar \
+             are the difference each colour stands for. Raise the gain to see small \
              differences; at gain 1, white is the largest difference there can be.",
         );
     });
@@ -234,7 +241,7 @@ fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
                         if r.secondary_clicked() {
                             view.left = i;
                         }
-                        ui.set_max_width(SIDE + 48.0);
+                        ui.set_max_width(SIDE + 68.0);
                         let spec = s.result.generated.settings.cache_spec();
                         ui.add(egui::Label::new(spec.display_name()).truncate())
                             .on_hover_text(spec.to_string());
@@ -251,12 +258,12 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
         .show(ui, |ui| {
             for (h, help) in [
                 ("cache", "The cache policy and its preset; hover a name for its settings."),
-                ("steps computed / reused", STEPS_HELP),
+                ("steps", STEPS_HELP),
                 ("wall time", WALL_HELP),
                 ("speed-up", METHOD),
                 ("PSNR", PSNR_HELP),
                 ("SSIM", SSIM_HELP),
-                ("prompt score", PROMPT_HELP),
+                ("prompt", PROMPT_HELP),
                 ("left", "show on the left of the wipe"),
                 ("right", "show on the right of the wipe"),
             ] {
@@ -267,10 +274,7 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
                 let g = &s.result.generated;
                 let spec = g.settings.cache_spec();
                 ui.label(spec.display_name()).on_hover_text(spec.to_string());
-                ui.horizontal(|ui| {
-                    step_strip(ui, &g.stats.steps);
-                    ui.label(format!("{} / {}", g.stats.computed, g.stats.reused));
-                });
+                step_strip(ui, &g.stats.steps);
                 let wall = s.timing.as_ref().map_or(g.timings.total_ms, |t| t.median_ms());
                 ui.label(format!("{:.2} s", wall / 1e3));
                 // A fixed width: the table does not jump as the rounds' verdicts come in.
@@ -322,13 +326,13 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
 }
 
 /// The speed-up column's width in points (its longest label fits).
-const SPEEDUP_W: f32 = 190.0;
+const SPEEDUP_W: f32 = 140.0;
 
 /// Each step of an image as a small cell: filled if computed, hollow if reused.
 fn step_strip(ui: &mut egui::Ui, steps: &[StepKind]) {
-    const W: f32 = 7.0;
+    const W: f32 = 5.0;
     const H: f32 = 12.0;
-    const GAP: f32 = 2.0;
+    const GAP: f32 = 1.0;
     let n = steps.len().max(1) as f32;
     let (rect, resp) = ui.allocate_exact_size(
         egui::vec2(n * (W + GAP) - GAP, H),
@@ -361,7 +365,12 @@ fn step_strip(ui: &mut egui::Ui, steps: &[StepKind]) {
             )
         })
         .collect();
-    resp.on_hover_text(format!("{STEPS_HELP}\n{}", words.join(", ")));
+    let reused_n = steps.iter().filter(|s| s.is_reused()).count();
+    resp.on_hover_text(format!(
+        "{} computed, {reused_n} reused.\n{}\n{STEPS_HELP}",
+        steps.len() - reused_n,
+        words.join(", ")
+    ));
 }
 
 /// The left pick left of the line, the right pick right of it.
