@@ -217,7 +217,10 @@ fn compare_sweep_measures_each_threshold_against_the_uncached_image() {
     assert_eq!(timed.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1, 2]);
     for (i, t) in &timed {
         assert_eq!(t.wall_ms.len(), 3, "cell {i}");
-        assert!(t.identical, "cell {i}: every round makes the first round's image");
+        assert!(
+            t.identical,
+            "cell {i}: every round makes the first round's image"
+        );
         match t.speedup() {
             None => assert_eq!(*i, 0, "only the reference has no speed-up"),
             Some(s) => {

@@ -244,10 +244,10 @@ fn compare_sweep_with_wipe_and_heatmap() {
     assert!(app.compare.iter().all(|s| s.prompt_score.is_some()));
     // Timed in three rounds (the default): every cell has its three times; the table shows the
     // speed-ups with their range, and what each number means on hover.
-    assert!(app
-        .compare
-        .iter()
-        .all(|s| s.timing.as_ref().is_some_and(|t| t.wall_ms.len() == 3 && t.identical)));
+    assert!(app.compare.iter().all(|s| s
+        .timing
+        .as_ref()
+        .is_some_and(|t| t.wall_ms.len() == 3 && t.identical)));
     let spread = app.compare[1]
         .timing
         .as_ref()
@@ -259,14 +259,20 @@ fn compare_sweep_with_wipe_and_heatmap() {
         .filter(|s| s.result.generated.stats.reused > 0)
         .count();
     let ranged = labels_where(&h, speedup_range);
-    assert_eq!(ranged.len(), reusing, "each cell that reused a step shows its range: {ranged:?}");
+    assert_eq!(
+        ranged.len(),
+        reusing,
+        "each cell that reused a step shows its range: {ranged:?}"
+    );
     assert_eq!(labels_with(&h, spread.label().as_str()).len(), 1);
     h.get_by_label("reference");
     // Cells are named by policy and preset, under the thumbnail and in the table (and the cell
     // on the right of the wipe in its caption).
     assert_eq!(labels_with(&h, "MagCache · balanced").len(), 2);
     assert_eq!(
-        labels_with(&h, "First Block Cache · 5").last().map(String::as_str),
+        labels_with(&h, "First Block Cache · 5")
+            .last()
+            .map(String::as_str),
         Some("left: reference (no cache) · right: First Block Cache · 5")
     );
     let method = tooltip_of(&mut h, "speed-up", "median over the rounds");
@@ -280,7 +286,10 @@ fn compare_sweep_with_wipe_and_heatmap() {
     h.snapshot("studio_compare_wipe");
     h.get_by_label("difference heatmap").click();
     h.run_steps(2);
-    assert_eq!(labels_with(&h, "Difference scale: black = identical").len(), 1);
+    assert_eq!(
+        labels_with(&h, "Difference scale: black = identical").len(),
+        1
+    );
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
 }

@@ -668,7 +668,10 @@ mod tests {
         assert!(w.contains("250000 latent tokens"), "{w}");
         assert!(w.contains("64.0 MP"), "{w}");
         // 68 s a step from the fitted cost; 79 GiB to decode and 34 GiB of activations.
-        assert!(w.contains("about 68 s a step, 31.8 min for 28 steps"), "{w}");
+        assert!(
+            w.contains("about 68 s a step, 31.8 min for 28 steps"),
+            "{w}"
+        );
         assert!(w.contains("about 113 GiB of GPU memory"), "{w}");
         assert!(!w.contains("x the time"), "{w}");
         let w = size_warning(4096, 512, 12).expect("wider than 2048");

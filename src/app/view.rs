@@ -409,7 +409,10 @@ mod tests {
         assert_eq!(j.eta_s(), Some(1.0));
         assert!((j.fraction() - 4.0 / 24.0).abs() < 1e-6);
         (j.round, j.image, j.step) = (3, 1, 0);
-        assert_eq!(j.progress_text(), "timing round 3 of 3: image 2/2, about 0.2 s left");
+        assert_eq!(
+            j.progress_text(),
+            "timing round 3 of 3: image 2/2, about 0.2 s left"
+        );
         assert!((j.fraction() - 20.0 / 24.0).abs() < 1e-6);
     }
 

@@ -305,7 +305,11 @@ mod tests {
             ..Default::default()
         };
         let alone = gal.save(&demo(&req)).expect("save");
-        let name = alone.file_name().expect("name").to_string_lossy().into_owned();
+        let name = alone
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         assert!(name.ends_with("-seed0-taylorseer-balanced.png"), "{name}");
         let plain = crate::pipeline::GenerateRequest {
             cache: None,
@@ -322,7 +326,9 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 3);
         assert!(sizes.contains(&2) && sizes.contains(&1), "{sizes:?}");
         let pair = groups.iter().find(|g| g.len() == 2).expect("the sweep");
-        assert!(pair.iter().all(|e| e.run.group.as_deref() == Some("sweep-1")));
+        assert!(pair
+            .iter()
+            .all(|e| e.run.group.as_deref() == Some("sweep-1")));
     }
 
     #[test]

@@ -247,7 +247,11 @@ mod tests {
         let same = t[2].speedup().expect("a speed-up");
         assert_eq!(same.verdict(), Verdict::NoMeasurableGain);
         assert_eq!(same.label(), "no measurable gain");
-        assert!(same.describe().contains("over 3 rounds"), "{}", same.describe());
+        assert!(
+            same.describe().contains("over 3 rounds"),
+            "{}",
+            same.describe()
+        );
         assert!(!t[2].identical);
     }
 
@@ -269,7 +273,11 @@ mod tests {
         let t = r.finish();
         assert_eq!(t[0].wall_ms, [10.0, 12.0]);
         assert_eq!(t[1].wall_ms, [5.0, 6.0, 5.0]);
-        assert_eq!(t[1].speedups, [2.0, 2.0], "one ratio per round with both times");
+        assert_eq!(
+            t[1].speedups,
+            [2.0, 2.0],
+            "one ratio per round with both times"
+        );
         assert!(t[0].identical && !t[1].identical);
     }
 

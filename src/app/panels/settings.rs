@@ -312,7 +312,9 @@ fn cache_picker(ui: &mut egui::Ui, r: &mut crate::pipeline::GenerateRequest) -> 
     };
     let current = match &r.cache {
         _ if off => "Off".to_string(),
-        None => CacheSpec::from_threshold(r.cache_threshold).policy_label().to_string(),
+        None => CacheSpec::from_threshold(r.cache_threshold)
+            .policy_label()
+            .to_string(),
         Some(c) => c.display_name(),
     };
     let spec = r

@@ -141,7 +141,12 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         if t.view.left == 0 {
             "reference (no cache)".to_string()
         } else {
-            reference.result.generated.settings.cache_spec().display_name()
+            reference
+                .result
+                .generated
+                .settings
+                .cache_spec()
+                .display_name()
         },
         sel.result.generated.settings.cache_spec().display_name()
     ));
@@ -177,7 +182,12 @@ fn legend(ui: &mut egui::Ui, gain: f32) {
             egui::Stroke::new(1.0, ui.visuals().weak_text_color()),
             egui::StrokeKind::Outside,
         );
-        for (k, v) in [(0.0, 0.0), (1.0 / 3.0, full / 3.0), (2.0 / 3.0, full * 2.0 / 3.0), (1.0, full)] {
+        for (k, v) in [
+            (0.0, 0.0),
+            (1.0 / 3.0, full / 3.0),
+            (2.0 / 3.0, full * 2.0 / 3.0),
+            (1.0, full),
+        ] {
             let x = bar.left() + W * k;
             let align = if k == 0.0 {
                 egui::Align2::LEFT_TOP
@@ -257,7 +267,10 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
         .num_columns(9)
         .show(ui, |ui| {
             for (h, help) in [
-                ("cache", "The cache policy and its preset; hover a name for its settings."),
+                (
+                    "cache",
+                    "The cache policy and its preset; hover a name for its settings.",
+                ),
                 ("steps", STEPS_HELP),
                 ("wall time", WALL_HELP),
                 ("speed-up", METHOD),
@@ -273,9 +286,13 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
             for (i, s) in results.iter().enumerate() {
                 let g = &s.result.generated;
                 let spec = g.settings.cache_spec();
-                ui.label(spec.display_name()).on_hover_text(spec.to_string());
+                ui.label(spec.display_name())
+                    .on_hover_text(spec.to_string());
                 step_strip(ui, &g.stats.steps);
-                let wall = s.timing.as_ref().map_or(g.timings.total_ms, |t| t.median_ms());
+                let wall = s
+                    .timing
+                    .as_ref()
+                    .map_or(g.timings.total_ms, |t| t.median_ms());
                 ui.label(format!("{:.2} s", wall / 1e3));
                 // A fixed width: the table does not jump as the rounds' verdicts come in.
                 ui.allocate_ui_with_layout(
@@ -334,10 +351,8 @@ fn step_strip(ui: &mut egui::Ui, steps: &[StepKind]) {
     const H: f32 = 12.0;
     const GAP: f32 = 1.0;
     let n = steps.len().max(1) as f32;
-    let (rect, resp) = ui.allocate_exact_size(
-        egui::vec2(n * (W + GAP) - GAP, H),
-        egui::Sense::hover(),
-    );
+    let (rect, resp) =
+        ui.allocate_exact_size(egui::vec2(n * (W + GAP) - GAP, H), egui::Sense::hover());
     let computed = ui.visuals().strong_text_color();
     let reused = ui.visuals().weak_text_color();
     for (k, step) in steps.iter().enumerate() {

@@ -153,8 +153,12 @@ fn cell(
     let prompt: String = e.settings.prompt.chars().take(40).collect();
     ui.label(RichText::new(prompt).small());
     let spec = e.settings.cache_spec();
-    ui.label(format!("seed {} · {}", e.settings.seed, spec.display_name()))
-        .on_hover_text(spec.to_string());
+    ui.label(format!(
+        "seed {} · {}",
+        e.settings.seed,
+        spec.display_name()
+    ))
+    .on_hover_text(spec.to_string());
     buttons(ui, e, view, cmds);
 }
 
