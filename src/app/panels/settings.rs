@@ -306,17 +306,7 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
 /// The cache policy: off, First Block Cache at the threshold below, or another policy at one of
 /// its presets (chosen from the measurements in BENCHMARKS.md), shown by the preset's name.
 fn cache_picker(ui: &mut egui::Ui, r: &mut crate::pipeline::GenerateRequest) -> egui::Response {
-    let off = match &r.cache {
-        Some(c) => c.is_off(),
-        None => r.cache_threshold <= 0.0,
-    };
-    let current = match &r.cache {
-        _ if off => "Off".to_string(),
-        None => CacheSpec::from_threshold(r.cache_threshold)
-            .policy_label()
-            .to_string(),
-        Some(c) => c.display_name(),
-    };
+    let (off, current) = cache_choice(r);
     let spec = r
         .cache
         .clone()
@@ -364,6 +354,23 @@ fn cache_picker(ui: &mut egui::Ui, r: &mut crate::pipeline::GenerateRequest) -> 
         .on_hover_text(spec.to_string())
 }
 
+/// Whether the request's cache is off, and the picker's text for it: "Off", "First Block Cache",
+/// or the preset's name ("TaylorSeer · balanced").
+fn cache_choice(r: &crate::pipeline::GenerateRequest) -> (bool, String) {
+    let off = match &r.cache {
+        Some(c) => c.is_off(),
+        None => r.cache_threshold <= 0.0,
+    };
+    let text = match &r.cache {
+        _ if off => "Off".to_string(),
+        None => CacheSpec::from_threshold(r.cache_threshold)
+            .policy_label()
+            .to_string(),
+        Some(c) => c.display_name(),
+    };
+    (off, text)
+}
+
 /// A labelled one-line field for a list (`field` keeps the text; `list` gets what parses), with
 /// what is wrong with the text, prefixed by `what`, under it.
 fn list_edit<T: ListItem>(
@@ -395,5 +402,25 @@ fn list_edit<T: ListItem>(
             egui::Label::new(RichText::new(format!("{what}: {e}")).color(Color32::LIGHT_RED))
                 .wrap(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_picker_says_off_or_the_presets_name() {
+        let mut r = crate::pipeline::GenerateRequest::default();
+        assert_eq!(cache_choice(&r), (true, "Off".to_string()));
+        r.cache_threshold = 0.12;
+        assert_eq!(cache_choice(&r), (false, "First Block Cache".to_string()));
+        r.cache = CacheSpec::preset("taylorseer", "balanced");
+        assert_eq!(
+            cache_choice(&r),
+            (false, "TaylorSeer · balanced".to_string())
+        );
+        r.cache = Some(CacheSpec::None);
+        assert_eq!(cache_choice(&r).1, "Off");
     }
 }
