@@ -707,6 +707,68 @@ fn compare_sweeps_thresholds_through_the_runtime() {
     assert!(text(&o).contains("-2"), "{}", text(&o));
 }
 
+/// `compare --repeats 3` times every cell in three rounds: each row has its three wall times,
+/// a ratio per round with the median inside the range, and a verdict that reads the range.
+#[test]
+fn compare_repeats_give_each_cell_its_rounds_and_a_range() {
+    let o = parallax(&[
+        "compare",
+        "--prompt",
+        "a red circle on the left, blue sky",
+        "--steps",
+        "4",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--thresholds",
+        "5",
+        "--caches",
+        "taylorseer:n=3,order=1,warmup=2",
+        "--repeats",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    assert_eq!(v["repeats"], 3, "{v}");
+    assert!(v["timing_method"]
+        .as_str()
+        .is_some_and(|m| m.contains("median")));
+    let images = v["images"].as_array().expect("images");
+    assert_eq!(images.len(), 3, "{v}");
+    for (i, row) in images.iter().enumerate() {
+        let rounds = row["wall_ms_rounds"].as_array().expect("wall_ms_rounds");
+        assert_eq!(rounds.len(), 3, "{row}");
+        assert_eq!(row["repeats_identical"], true, "{row}");
+        let wall = row["wall_ms"].as_f64().expect("wall_ms");
+        let times: Vec<f64> = rounds.iter().filter_map(|t| t.as_f64()).collect();
+        assert!(times.contains(&wall), "3 values: the median is one of them");
+        if i == 0 {
+            assert!(row["speedup"].is_null(), "the reference: {row}");
+            continue;
+        }
+        let speedups = row["speedup_rounds"].as_array().expect("speedup_rounds");
+        assert_eq!(speedups.len(), 3, "{row}");
+        let (lo, hi) = (
+            row["speedup_range"][0].as_f64().expect("low"),
+            row["speedup_range"][1].as_f64().expect("high"),
+        );
+        let median = row["speedup"].as_f64().expect("speedup");
+        assert!(lo <= median && median <= hi, "{row}");
+        let verdict = row["speedup_verdict"].as_str().expect("verdict");
+        let expected = if lo > 1.0 {
+            "gain"
+        } else if hi < 1.0 {
+            "slower"
+        } else {
+            "no measurable gain"
+        };
+        assert_eq!(verdict, expected, "{row}");
+        assert!(row["speedup_label"].is_string(), "{row}");
+    }
+    assert_eq!(images[2]["cache"], "taylorseer:n=3,order=1,warmup=2");
+}
+
 /// `dataset` writes the scenes the trainer reads and the evaluation prompts with their pictures;
 /// `score` gives a reference picture full marks against its own caption and refuses a prompt it
 /// cannot read.
@@ -807,6 +869,8 @@ fn cache_policies_on_the_command_line() {
         "0",
         "--caches",
         "taylorseer:n=2,warmup=1;magcache:t=0.5,k=2,warmup=1",
+        "--repeats",
+        "1",
     ]);
     assert!(
         out.status.success(),

@@ -194,8 +194,42 @@ fn compare_sweep_measures_each_threshold_against_the_uncached_image() {
         base: req(6, 0.0),
         thresholds: vec![0.12, 5.0],
         caches: vec![],
+        repeats: 3,
     });
-    let images: Vec<_> = until_done(&rt, job)
+    let events = until_done(&rt, job);
+    // Rounds 2 and 3 time every cell again, each starting one cell further on; then every
+    // cell's timings arrive, with a ratio per round and the same image in every round.
+    let rounds: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Timing { round, image, .. } => Some((*round, *image)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rounds, [(2, 1), (2, 2), (2, 0), (3, 2), (3, 0), (3, 1)]);
+    let timed: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Timed { image, timing, .. } => Some((*image, timing.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timed.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 1, 2]);
+    for (i, t) in &timed {
+        assert_eq!(t.wall_ms.len(), 3, "cell {i}");
+        assert!(
+            t.identical,
+            "cell {i}: every round makes the first round's image"
+        );
+        match t.speedup() {
+            None => assert_eq!(*i, 0, "only the reference has no speed-up"),
+            Some(s) => {
+                assert_eq!(t.speedups.len(), 3);
+                assert!(s.min <= s.median && s.median <= s.max, "{s:?}");
+            }
+        }
+    }
+    let images: Vec<_> = events
         .into_iter()
         .filter_map(|e| match e {
             Event::ImageDone { image, result, .. } => Some((image, result)),
@@ -275,6 +309,7 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
             "dbcache:f=1,b=1,t=5,taylor=1".parse().expect("spec"),
             "taylorseer:n=2,order=1,warmup=1".parse().expect("spec"),
         ],
+        repeats: 2,
     };
     let images = |rt: &Runtime| -> Vec<parallax::pipeline::image::RgbImage> {
         let job = rt.submit(sweep.clone());

@@ -49,18 +49,19 @@ fn disabled(h: &Harness<'static, StudioApp>, label: &str) -> bool {
 
 /// Every label on screen that contains `part`.
 fn labels_with(h: &Harness<'static, StudioApp>, part: &str) -> Vec<String> {
+    labels_where(h, |l| l.contains(part))
+}
+
+/// Every label on screen whose text passes `test`.
+fn labels_where(h: &Harness<'static, StudioApp>, test: impl Fn(&str) -> bool) -> Vec<String> {
     // Text labels carry their text as the node's value, buttons as its label.
-    h.query_all_by(|n| {
-        n.label()
-            .or_else(|| n.value())
-            .is_some_and(|l| l.contains(part))
-    })
-    .filter_map(|n| {
-        let n = n.accesskit_node();
-        // A wrapped label's lines are TextRun children: count the label once.
-        (n.role() != egui::accesskit::Role::TextRun).then(|| n.label().or_else(|| n.value()))?
-    })
-    .collect()
+    h.query_all_by(|n| n.label().or_else(|| n.value()).is_some_and(|l| test(&l)))
+        .filter_map(|n| {
+            let n = n.accesskit_node();
+            // A wrapped label's lines are TextRun children: count the label once.
+            (n.role() != egui::accesskit::Role::TextRun).then(|| n.label().or_else(|| n.value()))?
+        })
+        .collect()
 }
 
 /// Step the UI until `done` holds (the engine works on its own thread meanwhile).
@@ -86,14 +87,44 @@ fn mask_timings(h: &mut Harness<'static, StudioApp>) {
                     || l.contains(" s left")
                     || l.starts_with("done in")
                     || l.ends_with('x') && l.chars().next().is_some_and(|c| c.is_ascii_digit())
+                    || speedup_range(&l)
                     || l.contains("loaded in")
             })
         })
         .map(|n| n.rect())
         .collect();
-    for r in rects {
+    // The speed-up column has a fixed width: its whole cell is covered, whatever the verdict.
+    let ranged: Vec<egui::Rect> = h
+        .query_all_by(|n| n.value().is_some_and(|l| speedup_range(&l)))
+        .map(|n| {
+            let r = n.rect();
+            egui::Rect::from_min_size(r.min, egui::vec2(140.0, r.height()))
+        })
+        .collect();
+    for r in rects.into_iter().chain(ranged) {
         h.mask(r);
     }
+}
+
+/// A speed-up cell read from the timing rounds: "1.42x (1.35-1.50)", "no measurable gain" or
+/// "slower (0.88-0.95x)".
+fn speedup_range(l: &str) -> bool {
+    let ranged = l.ends_with(')') && l.contains('-');
+    l == "no measurable gain"
+        || ranged && l.starts_with("slower (")
+        || ranged && l.chars().next().is_some_and(|c| c.is_ascii_digit()) && l.contains("x (")
+}
+
+/// Hover `label` until its tooltip, which contains `says`, is on screen.
+fn tooltip_of(h: &mut Harness<'static, StudioApp>, label: &str, says: &str) -> String {
+    h.get_by_label(label).hover();
+    for _ in 0..12 {
+        h.step();
+        if let Some(t) = labels_with(h, says).into_iter().next() {
+            return t;
+        }
+    }
+    panic!("no tooltip saying {says:?} on {label:?}");
 }
 
 fn demo_image(s: &GenerationSettings) -> RgbImage {
@@ -211,11 +242,54 @@ fn compare_sweep_with_wipe_and_heatmap() {
     assert!(m.result.quality.is_some());
     // The default prompt is in the demo's world: every cell has its prompt score.
     assert!(app.compare.iter().all(|s| s.prompt_score.is_some()));
+    // Timed in three rounds (the default): every cell has its three times; the table shows the
+    // speed-ups with their range, and what each number means on hover.
+    assert!(app.compare.iter().all(|s| s
+        .timing
+        .as_ref()
+        .is_some_and(|t| t.wall_ms.len() == 3 && t.identical)));
+    let spread = app.compare[1]
+        .timing
+        .as_ref()
+        .and_then(|t| t.speedup())
+        .expect("a speed-up with its range");
+    assert!(spread.min <= spread.median && spread.median <= spread.max);
+    let reusing = app.compare[1..]
+        .iter()
+        .filter(|s| s.result.generated.stats.reused > 0)
+        .count();
+    let ranged = labels_where(&h, speedup_range);
+    assert_eq!(
+        ranged.len(),
+        reusing,
+        "each cell that reused a step shows its range: {ranged:?}"
+    );
+    assert_eq!(labels_with(&h, spread.label().as_str()).len(), 1);
     h.get_by_label("reference");
+    // Cells are named by policy and preset, under the thumbnail and in the table (and the cell
+    // on the right of the wipe in its caption).
+    assert_eq!(labels_with(&h, "MagCache · balanced").len(), 2);
+    assert_eq!(
+        labels_with(&h, "First Block Cache · 5")
+            .last()
+            .map(String::as_str),
+        Some("left: reference (no cache) · right: First Block Cache · 5")
+    );
+    let method = tooltip_of(&mut h, "speed-up", "median over the rounds");
+    assert!(method.contains("no measurable gain"), "{method}");
+    tooltip_of(&mut h, "PSNR", "invisible to the eye");
+    tooltip_of(&mut h, "SSIM", "1: identical");
+    tooltip_of(&mut h, "prompt", "only to the built-in demo model");
+    h.hover_at(egui::pos2(1090.0, 750.0));
+    h.run_steps(4);
     mask_timings(&mut h);
     h.snapshot("studio_compare_wipe");
     h.get_by_label("difference heatmap").click();
     h.run_steps(2);
+    assert_eq!(
+        labels_with(&h, "Difference scale: black = identical").len(),
+        1
+    );
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
 }

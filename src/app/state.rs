@@ -48,6 +48,8 @@ pub struct Settings {
     pub compare_thresholds: Vec<f64>,
     /// Cache policies the compare sweep runs after the thresholds.
     pub compare_caches: Vec<CacheSpec>,
+    /// How many times the compare sweep times each cell (`compare --repeats`).
+    pub compare_repeats: usize,
     pub heatmap_gain: f32,
     /// FP8 products in the transformer blocks (`--precision fp8`: real on sm_89+ GPUs in bf16,
     /// simulated by rounding elsewhere).
@@ -88,6 +90,7 @@ impl Default for Settings {
             // On the demo at its 12 steps the cache starts reusing steps near 0.12.
             compare_thresholds: vec![0.0, 0.08, 0.12, 0.2],
             compare_caches: default_compare_caches(),
+            compare_repeats: 3,
             heatmap_gain: 4.0,
             fp8: false,
             memory_budget_gib: None,
@@ -140,6 +143,7 @@ struct SettingsFile {
     batch: usize,
     compare_thresholds: Vec<f64>,
     compare_caches: Vec<CacheSpec>,
+    compare_repeats: usize,
     heatmap_gain: f32,
     fp8: bool,
     memory_budget_gib: Option<u32>,
@@ -186,6 +190,7 @@ impl Default for SettingsFile {
             batch: d.batch,
             compare_thresholds: d.compare_thresholds,
             compare_caches: d.compare_caches,
+            compare_repeats: d.compare_repeats,
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
@@ -243,6 +248,7 @@ impl From<SettingsFile> for Settings {
             batch: f.batch.max(1),
             compare_thresholds: f.compare_thresholds,
             compare_caches: f.compare_caches,
+            compare_repeats: f.compare_repeats.clamp(1, 20),
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
@@ -323,28 +329,51 @@ pub fn format_thresholds(v: &[f64]) -> String {
         .join(", ")
 }
 
-/// A warning for sizes that will take long and need much memory (above 2048 px a side or 4 MP),
-/// with the latent token count and rough memory; `None` for ordinary sizes.
-pub fn size_warning(width: usize, height: usize) -> Option<String> {
+/// A warning for sizes that will take long and need much memory (above 2048 px a side or 4 MP):
+/// the estimated time for `steps` steps and the memory, `None` for ordinary sizes.
+///
+/// The time is FLUX.1-dev's on one H100 (BENCHMARKS.md: 130.7 ms a step at 1024 px, 684.9 ms at
+/// 2048), through a cost of a·n + b·n² in the sequence length n fitted to those two; the memory
+/// is the autoencoder's decode (20.7 GiB at 4096 px, growing with the pixels) and the largest
+/// block's activations.
+pub fn size_warning(width: usize, height: usize, steps: usize) -> Option<String> {
     let mp = (width * height) as f64 / 1e6;
     if width <= 2048 && height <= 2048 && mp <= 4.2 {
         return None;
     }
     // FLUX packs 2x2 latent patches of the 8x-downsampled image: one token per 16x16 pixels, plus
-    // 512 text tokens. Attention grows with the square of the tokens; 1024x1024 has 4,096.
+    // 512 text tokens.
     let tokens = (width / 16) * (height / 16);
     let seq = (tokens + 512) as f64;
-    let vs_1024 = (seq / (4096.0 + 512.0)).powi(2);
-    // Activations of one block (hidden 3072, about 12 values a token in f32) and one head's
-    // attention scores if materialised (seq² f32).
+    let (n1, t1, n2, t2) = (4608.0, 130.7, 16896.0, 684.9);
+    let b = (t2 / n2 - t1 / n1) / (n2 - n1);
+    let a = t1 / n1 - b * n1;
+    let step_s = (a * seq + b * seq * seq) / 1e3;
+    let total_s = step_s * steps.max(1) as f64;
+    // The decode: 20.66 GiB at 4096x4096 (16.8 MP); one block's activations (hidden 3072, about
+    // 12 values a token in f32).
+    let decode_gib = 20.66 * mp / 16.78;
     let act_gib = seq * 3072.0 * 12.0 * 4.0 / (1u64 << 30) as f64;
-    let scores_gib = seq * seq * 4.0 / (1u64 << 30) as f64;
     Some(format!(
-        "{width}x{height} is {mp:.1} MP: {tokens} latent tokens (1024x1024 has 4096). Expect \
-         about {vs_1024:.0}x the time of a 1024x1024 image per step and several GiB of memory \
-         (about {act_gib:.1} GiB of activations, {scores_gib:.1} GiB per attention head's \
-         scores where they are materialised)."
+        "{width}x{height} is {mp:.1} MP ({tokens} latent tokens; 1024x1024 has 4096). With \
+         FLUX.1-dev on one H100 expect about {} a step, {} for {steps} steps (longer on smaller \
+         GPUs), and about {:.0} GiB of GPU memory besides the model's weights ({decode_gib:.0} \
+         GiB to decode the image, {act_gib:.1} GiB of activations).",
+        duration(step_s),
+        duration(total_s),
+        decode_gib + act_gib
     ))
+}
+
+/// "45 s", "3.5 min", "2.1 h".
+fn duration(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0} s")
+    } else if s < 5400.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
 }
 
 impl Settings {
@@ -834,11 +863,19 @@ mod tests {
 
     #[test]
     fn large_sizes_are_warned_about() {
-        assert_eq!(size_warning(1024, 1024), None);
-        assert_eq!(size_warning(2048, 2048), None);
-        let w = size_warning(8000, 8000).expect("a warning");
+        assert_eq!(size_warning(1024, 1024, 28), None);
+        assert_eq!(size_warning(2048, 2048, 28), None);
+        let w = size_warning(8000, 8000, 28).expect("a warning");
         assert!(w.contains("250000 latent tokens"), "{w}");
         assert!(w.contains("64.0 MP"), "{w}");
-        assert!(size_warning(4096, 512).is_some(), "wider than 2048");
+        // 68 s a step from the fitted cost; 79 GiB to decode and 34 GiB of activations.
+        assert!(
+            w.contains("about 68 s a step, 31.8 min for 28 steps"),
+            "{w}"
+        );
+        assert!(w.contains("about 113 GiB of GPU memory"), "{w}");
+        assert!(!w.contains("x the time"), "{w}");
+        let w = size_warning(4096, 512, 12).expect("wider than 2048");
+        assert!(w.contains("for 12 steps"), "{w}");
     }
 }

@@ -440,6 +440,7 @@ impl StudioApp {
                     base: reqs[0].clone(),
                     thresholds: self.settings.compare_thresholds.clone(),
                     caches: self.settings.compare_caches.clone(),
+                    repeats: self.settings.compare_repeats,
                 },
                 (false, 1) => JobSpec::Generate(reqs[0].clone()),
                 (false, _) => JobSpec::Images(reqs),
@@ -469,7 +470,11 @@ impl StudioApp {
             self.compare.clear();
         }
         self.preview.clear();
-        self.job = Some(q.view());
+        let mut job = q.view();
+        if q.compare {
+            job.rounds = self.settings.compare_repeats.max(1);
+        }
+        self.job = Some(job);
     }
 
     /// Move a waiting job one place earlier or later; the runtime takes the new order.
@@ -636,6 +641,21 @@ impl StudioApp {
                 self.stats.steps_seen += 1;
             }
             Event::ImageDone { image, result, .. } => self.image_done(ctx, image, result),
+            Event::Timing {
+                round,
+                rounds,
+                position,
+                ..
+            } => {
+                if let Some(j) = &mut self.job {
+                    (j.round, j.rounds, j.image, j.step) = (round, rounds, position, 0);
+                }
+            }
+            Event::Timed { image, timing, .. } => {
+                if let Some(s) = self.compare.get_mut(image) {
+                    s.timing = Some(timing);
+                }
+            }
             Event::Finished { wall_ms, .. } => {
                 self.stats.job_wall_ms.push(wall_ms);
                 self.say(format!("done in {:.2} s", wall_ms / 1e3), false);
@@ -687,9 +707,11 @@ impl StudioApp {
 
     fn job_over(&mut self) {
         self.job = None;
-        self.script.job_over();
-        // The runtime starts the next waiting job itself.
-        if !self.queue.is_empty() {
+        // The runtime starts the next waiting job itself. A scripted run ends with the last job
+        // its Generate queued (a batch of N is N jobs).
+        if self.queue.is_empty() {
+            self.script.job_over();
+        } else {
             let q = self.queue.remove(0);
             self.begin(q);
         }

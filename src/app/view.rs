@@ -66,6 +66,9 @@ pub struct JobView {
     /// The start of its prompt (for the queue's list).
     pub prompt: String,
     pub started: Instant,
+    /// A compare sweep's timing rounds (1 for other jobs), and the one running (1-based).
+    pub rounds: usize,
+    pub round: usize,
 }
 
 impl JobView {
@@ -83,6 +86,8 @@ impl JobView {
             summary: String::new(),
             prompt: String::new(),
             started: Instant::now(),
+            rounds: 1,
+            round: 1,
         }
     }
 
@@ -110,7 +115,8 @@ impl JobView {
             return None;
         }
         let left_steps = self.total.saturating_sub(self.step)
-            + self.images.saturating_sub(self.image + 1) * self.total;
+            + self.images.saturating_sub(self.image + 1) * self.total
+            + self.rounds.saturating_sub(self.round) * self.images * self.total;
         if left_steps == 0 {
             return None;
         }
@@ -122,7 +128,9 @@ impl JobView {
 
     /// The share of the job's steps done, 0..=1.
     pub fn fraction(&self) -> f32 {
-        (self.image * self.total + self.step) as f32 / (self.images * self.total).max(1) as f32
+        let done = (self.round.max(1) - 1) * self.images * self.total;
+        (done + self.image * self.total + self.step) as f32
+            / (self.rounds.max(1) * self.images * self.total).max(1) as f32
     }
 
     /// The progress bar's text.
@@ -145,6 +153,16 @@ impl JobView {
         } else {
             String::new()
         };
+        if self.round > 1 {
+            // The later timing rounds make no previews: no step to show.
+            return format!(
+                "timing round {} of {}: image {}/{}{eta}",
+                self.round,
+                self.rounds,
+                self.image + 1,
+                self.images
+            );
+        }
         if self.step == 0 {
             if self.image == 0 {
                 format!("starting {what} (encoding the prompt)…")
@@ -204,6 +222,8 @@ pub struct Shown {
     /// The share of the prompt's checks the image passes, for prompts in the demo model's world
     /// (colours, shapes, places, backgrounds: [`crate::scenes::score`]); none for other prompts.
     pub prompt_score: Option<f64>,
+    /// A compare cell's timings over every round, once the sweep's last round is done.
+    pub timing: Option<crate::runtime::repeats::CellTiming>,
 }
 
 impl Shown {
@@ -222,6 +242,7 @@ impl Shown {
             id,
             tex,
             prompt_score,
+            timing: None,
         }
     }
 
@@ -413,6 +434,23 @@ mod tests {
         assert!(j.progress_text().contains("encoding the prompt"));
         j.image_done(2);
         assert_eq!(j.image, 1, "the last image leaves the counter alone");
+    }
+
+    #[test]
+    fn timing_rounds_count_in_the_progress() {
+        let mut j = job(2, 4);
+        j.rounds = 3;
+        j.step = 4;
+        j.step_ms = vec![50.0; 4];
+        // Image 1 of 2 in round 1: one more image, then two rounds of two images.
+        assert_eq!(j.eta_s(), Some(1.0));
+        assert!((j.fraction() - 4.0 / 24.0).abs() < 1e-6);
+        (j.round, j.image, j.step) = (3, 1, 0);
+        assert_eq!(
+            j.progress_text(),
+            "timing round 3 of 3: image 2/2, about 0.2 s left"
+        );
+        assert!((j.fraction() - 20.0 / 24.0).abs() < 1e-6);
     }
 
     #[test]

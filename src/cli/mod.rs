@@ -487,6 +487,11 @@ pub struct CompareArgs {
     /// `dbcache:t=0.2,taylor=1;taylorseer:n=3;magcache:t=0.3`; see `generate --cache`).
     #[arg(long, value_delimiter = ';')]
     pub caches: Vec<crate::pipeline::cache::CacheSpec>,
+    /// Time every cell this many times, in rounds that each start one cell further on; the
+    /// speed-up is the median over the rounds of (the reference's time / the cell's), with the
+    /// lowest and highest in `speedup_range`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub repeats: u64,
     /// Save each image here as compare-<threshold or policy>.png (with its settings).
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -1022,19 +1027,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 /// The most images one `generate` makes.
 const MAX_IMAGES: usize = 10_000;
 
-fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
+pub(crate) use crate::runtime::repeats::median;
 
 /// Peak resident memory of this process in MiB (Linux), if known.
 pub fn peak_rss_mib() -> Option<f64> {
@@ -1180,6 +1173,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         base,
         thresholds: a.thresholds.clone(),
         caches: a.caches.clone(),
+        repeats: a.repeats as usize,
     });
     // Prompts in the demo model's world are also scored (colours, shapes, places, background).
     let asked = crate::scenes::parse::parse(&a.sample.prompt);
@@ -1238,6 +1232,21 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                     "notes": result.notes,
                 }));
             }
+            Event::Timing {
+                round,
+                rounds,
+                position,
+                ..
+            } => bar.set_message(format!(
+                "timing round {round} of {rounds}: image {} of {}",
+                position + 1,
+                rows.len()
+            )),
+            Event::Timed { image, timing, .. } => {
+                if let Some(row) = rows.get_mut(image) {
+                    add_timing(row, &timing);
+                }
+            }
             Event::Failed { job: j, error } if j == job => bail!("{error}"),
             Event::Cancelled { job: j } if j == job => bail!("cancelled"),
             Event::Finished { job: j, wall_ms } if j == job => break wall_ms,
@@ -1250,10 +1259,27 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         "layout": layout,
         "prompt": a.sample.prompt,
         "wall_ms": wall_ms,
+        "repeats": a.repeats,
+        "timing_method": crate::runtime::repeats::METHOD,
         "images": rows,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// A compare row's repeated timings: the median wall time and each round's, the speed-up's
+/// median, range over the rounds and what the range says.
+fn add_timing(row: &mut serde_json::Value, t: &crate::runtime::repeats::CellTiming) {
+    row["wall_ms"] = serde_json::json!(t.median_ms());
+    row["wall_ms_rounds"] = serde_json::json!(t.wall_ms);
+    row["repeats_identical"] = serde_json::json!(t.identical);
+    if let Some(s) = t.speedup() {
+        row["speedup"] = serde_json::json!(s.median);
+        row["speedup_rounds"] = serde_json::json!(t.speedups);
+        row["speedup_range"] = serde_json::json!([s.min, s.max]);
+        row["speedup_verdict"] = serde_json::json!(s.verdict().words());
+        row["speedup_label"] = serde_json::json!(s.label());
+    }
 }
 
 /// One line for an event (`compare --events`).

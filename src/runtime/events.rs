@@ -30,11 +30,13 @@ pub enum JobSpec {
     Images(Vec<GenerateRequest>),
     /// The same prompt and seed at several First Block Cache thresholds, then under other cache
     /// policies (`caches`). The first image is the reference the others are measured against; a
-    /// threshold of 0 (no cache) is put first if the list lacks it.
+    /// threshold of 0 (no cache) is put first if the list lacks it. Every cell is timed in
+    /// `repeats` rounds (see [`super::repeats`]; 0 counts as 1).
     Compare {
         base: GenerateRequest,
         thresholds: Vec<f64>,
         caches: Vec<crate::pipeline::cache::CacheSpec>,
+        repeats: usize,
     },
 }
 
@@ -48,6 +50,7 @@ impl JobSpec {
                 base,
                 thresholds,
                 caches,
+                ..
             } => {
                 // First Block Cache entries in the policy list are thresholds: they join the
                 // thresholds (once each) rather than being dropped.
@@ -194,6 +197,21 @@ pub enum Event {
         image: usize,
         result: Arc<ImageResult>,
     },
+    /// A compare sweep times its cells again: round `round` (1-based, from 2) of `rounds`, cell
+    /// `image`, the `position`-th (0-based) of the round.
+    Timing {
+        job: JobId,
+        round: usize,
+        rounds: usize,
+        image: usize,
+        position: usize,
+    },
+    /// A compare sweep's cell, timed in every round (after the last round).
+    Timed {
+        job: JobId,
+        image: usize,
+        timing: super::repeats::CellTiming,
+    },
     Finished {
         job: JobId,
         wall_ms: f64,
@@ -217,6 +235,8 @@ impl Event {
             | Event::TextEncoded { job, .. }
             | Event::Step { job, .. }
             | Event::ImageDone { job, .. }
+            | Event::Timing { job, .. }
+            | Event::Timed { job, .. }
             | Event::Finished { job, .. }
             | Event::Failed { job, .. }
             | Event::Cancelled { job } => Some(*job),
@@ -248,6 +268,7 @@ mod tests {
                 CacheSpec::preset("magcache", "balanced").expect("preset"),
                 CacheSpec::from_threshold(0.12),
             ],
+            repeats: 1,
         };
         let cells: Vec<(f64, Option<String>)> = job
             .requests()

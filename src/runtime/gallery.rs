@@ -21,6 +21,9 @@ pub struct RunRecord {
     pub steps_reused: usize,
     /// Unix time in milliseconds when it finished.
     pub created_ms: u64,
+    /// The images made together (one compare sweep) share this name; `None` for one image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// One image of the gallery.
@@ -52,7 +55,8 @@ pub fn default_dir() -> PathBuf {
     PathBuf::from("parallax-gallery")
 }
 
-fn now_ms() -> u64 {
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -79,11 +83,18 @@ impl Gallery {
 
     /// Store a finished image; returns its path.
     pub fn save(&self, g: &Generated) -> Result<PathBuf> {
+        self.save_in_group(g, None)
+    }
+
+    /// Store a finished image as one of the images made together under `group` (a compare
+    /// sweep's, which the gallery keeps as one group); returns its path.
+    pub fn save_in_group(&self, g: &Generated, group: Option<&str>) -> Result<PathBuf> {
         let run = RunRecord {
             total_ms: g.timings.total_ms,
             steps_computed: g.stats.computed,
             steps_reused: g.stats.reused,
             created_ms: now_ms(),
+            group: group.map(str::to_string),
         };
         let mut text = g.settings.png_text()?;
         text.push((
@@ -91,12 +102,12 @@ impl Gallery {
             serde_json::to_string(&run)
                 .map_err(|e| Error::Image(format!("cannot serialise run record: {e}")))?,
         ));
-        // Name: time, seed, threshold; a counter keeps two images of one millisecond apart.
+        // Name: time, seed, cache policy; a counter keeps two images of one millisecond apart.
         let stem = format!(
-            "{:013}-seed{}-t{}",
+            "{:013}-seed{}-{}",
             run.created_ms,
             g.settings.seed,
-            format!("{}", g.settings.cache_threshold).replace('.', "_")
+            g.settings.cache_spec().file_tag()
         );
         let mut path = self.dir.join(format!("{stem}.png"));
         let mut n = 1;
@@ -194,6 +205,23 @@ impl Gallery {
     }
 }
 
+/// The entries in listing order, with the images made together (one compare sweep) gathered
+/// into one group where the first of them is listed; an image made alone is a group of one.
+pub fn grouped(entries: &[Entry]) -> Vec<Vec<&Entry>> {
+    let mut out: Vec<Vec<&Entry>> = Vec::new();
+    for e in entries {
+        let same = e.run.group.as_ref().and_then(|g| {
+            out.iter_mut()
+                .find(|grp| grp[0].run.group.as_ref() == Some(g))
+        });
+        match same {
+            Some(grp) => grp.push(e),
+            None => out.push(vec![e]),
+        }
+    }
+    out
+}
+
 /// Whether a file can be created in `dir`: it must exist, be a folder, and take a small probe
 /// file (created and removed at once). The error names `dir` and says why.
 pub fn check_writable_dir(dir: &Path) -> Result<()> {
@@ -282,6 +310,52 @@ pub fn read_thumbnail(path: &Path, max_side: usize, max_pixels: usize) -> Result
 mod tests {
     use super::*;
 
+    fn demo(req: &crate::pipeline::GenerateRequest) -> Generated {
+        crate::pipeline::Pipeline::demo(&candle_core::Device::Cpu)
+            .expect("demo")
+            .generate(req, &mut |_| Ok(()))
+            .expect("generate")
+    }
+
+    #[test]
+    fn policy_images_are_named_by_their_policy_and_sweeps_stay_together() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let gal = Gallery::open(tmp.path()).expect("open");
+        let req = crate::pipeline::GenerateRequest {
+            prompt: "x".into(),
+            width: 32,
+            height: 32,
+            steps: Some(3),
+            cache: crate::pipeline::cache::CacheSpec::preset("taylorseer", "balanced"),
+            ..Default::default()
+        };
+        let alone = gal.save(&demo(&req)).expect("save");
+        let name = alone
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.ends_with("-seed0-taylorseer-balanced.png"), "{name}");
+        let plain = crate::pipeline::GenerateRequest {
+            cache: None,
+            ..req.clone()
+        };
+        let mut sweep = Vec::new();
+        for r in [&plain, &req] {
+            sweep.push(gal.save_in_group(&demo(r), Some("sweep-1")).expect("save"));
+        }
+        assert!(sweep[0].to_string_lossy().ends_with("-nocache.png"));
+        let entries = gal.list().expect("list");
+        let groups = grouped(&entries);
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 3);
+        assert!(sizes.contains(&2) && sizes.contains(&1), "{sizes:?}");
+        let pair = groups.iter().find(|g| g.len() == 2).expect("the sweep");
+        assert!(pair
+            .iter()
+            .all(|e| e.run.group.as_deref() == Some("sweep-1")));
+    }
+
     #[test]
     fn unwritable_places_are_named_as_such() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -313,10 +387,7 @@ mod tests {
             steps: Some(1),
             ..Default::default()
         };
-        let g = crate::pipeline::Pipeline::demo(&candle_core::Device::Cpu)
-            .expect("demo")
-            .generate(&req, &mut |_| Ok(()))
-            .expect("generate");
+        let g = demo(&req);
         let e = gal.save(&g).expect_err("cannot save");
         let msg = e.to_string();
         assert!(msg.starts_with("cannot write "), "{msg}");

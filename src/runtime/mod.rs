@@ -8,6 +8,7 @@
 pub mod advice;
 pub mod events;
 pub mod gallery;
+pub mod repeats;
 mod worker;
 
 use std::collections::VecDeque;

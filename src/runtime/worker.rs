@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::events::{EngineSpec, Event, ImageResult, JobId, JobSpec};
 use super::gallery::Gallery;
+use super::repeats::{round_order, Recorder};
 use super::Emitter;
 use crate::engine::{gpus_present, Engine, ModelChoice};
 use crate::error::Error;
@@ -247,20 +248,44 @@ impl Worker {
             images: reqs.len(),
             layout: plan.describe(),
         });
-        // A sweep's images are measured against its first; a batch's are not.
-        let compare = matches!(spec, JobSpec::Compare { .. });
+        // A compare sweep times every cell in `rounds` rounds (see `super::repeats`); its images
+        // are measured against its first. A batch's images are neither.
+        let rounds = match spec {
+            JobSpec::Compare { repeats, .. } => Some((*repeats).max(1)),
+            JobSpec::Generate(_) | JobSpec::Images(_) => None,
+        };
+        let compare = rounds.is_some();
+        let mut record = Recorder::new(reqs.len());
+        // A sweep's images stay together in the gallery.
+        let group = rounds.map(|_| format!("sweep-{}-{}", super::gallery::now_ms(), job.0));
         if plan.layout.dp > 1 && reqs.len() > 1 {
-            // Data parallelism: all images at once, no per-step previews.
-            let results = engine.generate_many(&plan, &reqs);
+            // Data parallelism: all images at once, no per-step previews. A sweep's rounds hand
+            // the cells to the groups each in its own order.
             let timed = !compare || !plan.groups_share_hardware();
+            let rounds = if compare && timed { rounds.unwrap_or(1) } else { 1 };
             let mut reference: Option<Generated> = None;
-            for (i, r) in results.into_iter().enumerate() {
-                let g = r?;
-                if compare {
-                    self.finish_image(job, i, g, &mut reference, timed);
-                } else {
-                    self.finish_image(job, i, g, &mut None, timed);
+            for round in 0..rounds {
+                let order = round_order(reqs.len(), round);
+                if round > 0 {
+                    self.emit_round(job, round, rounds, order[0], 0);
                 }
+                let batch: Vec<GenerateRequest> = order.iter().map(|&i| reqs[i].clone()).collect();
+                for (&i, r) in order.iter().zip(engine.generate_many(&plan, &batch)) {
+                    let g = r?;
+                    if compare {
+                        record.record(i, &g.image, g.timings.total_ms);
+                    }
+                    if round == 0 {
+                        let reference = if compare { &mut reference } else { &mut None };
+                        self.finish_image(job, i, g, reference, timed, group.as_deref());
+                    }
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            if compare && timed {
+                self.emit_timings(job, &record);
             }
             return Ok(t0.elapsed().as_secs_f64() * 1e3);
         }
@@ -297,12 +322,51 @@ impl Worker {
             };
             let g = engine.generate(&plan, req, &mut progress)?;
             if compare {
-                self.finish_image(job, i, g, &mut reference, true);
+                record.record(i, &g.image, g.timings.total_ms);
+                self.finish_image(job, i, g, &mut reference, true, group.as_deref());
             } else {
-                self.finish_image(job, i, g, &mut None, true);
+                self.finish_image(job, i, g, &mut None, true, group.as_deref());
             }
         }
+        if let Some(rounds) = rounds {
+            // The later rounds: no previews, each starting one cell further on.
+            let mut stop = |_: Progress| -> crate::Result<()> {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                Ok(())
+            };
+            for round in 1..rounds {
+                for (position, i) in round_order(reqs.len(), round).into_iter().enumerate() {
+                    self.emit_round(job, round, rounds, i, position);
+                    let g = engine.generate(&plan, &reqs[i], &mut stop)?;
+                    record.record(i, &g.image, g.timings.total_ms);
+                }
+            }
+            self.emit_timings(job, &record);
+        }
         Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Round `round` (0-based) of `rounds` times cell `image` at `position` in the round.
+    fn emit_round(&self, job: JobId, round: usize, rounds: usize, image: usize, position: usize) {
+        self.emit.emit(Event::Timing {
+            job,
+            round: round + 1,
+            rounds,
+            image,
+            position,
+        });
+    }
+
+    /// Every cell's timing over the rounds, after the last one.
+    fn emit_timings(&self, job: JobId, record: &Recorder) {
+        for (image, timing) in record.finish().into_iter().enumerate() {
+            if !timing.identical {
+                tracing::warn!("{job}: cell {image} made a different image in a later round");
+            }
+            self.emit.emit(Event::Timed { job, image, timing });
+        }
     }
 
     /// Save an image to the gallery, measure it against the job's first image, report it.
@@ -313,6 +377,7 @@ impl Worker {
         g: Generated,
         reference: &mut Option<Generated>,
         timed: bool,
+        group: Option<&str>,
     ) {
         let mut notes = g.notes.clone();
         if !timed {
@@ -323,7 +388,7 @@ impl Worker {
             );
         }
         let saved = match &self.gallery {
-            Some(gal) => match gal.save(&g) {
+            Some(gal) => match gal.save_in_group(&g, group) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     notes.push(format!("not saved to the gallery: {e}"));

@@ -9,7 +9,7 @@ use egui::{Color32, RichText};
 use crate::app::command::{Command, Commands};
 use crate::app::state::{size_warning, Settings, DEMO_SIZE, PRESETS};
 use crate::app::view::{CacheListField, ListField, ListItem, ModelStatus, ThresholdField};
-use crate::pipeline::cache::CacheSpec;
+use crate::pipeline::cache::{CacheSpec, PRESET_NAMES};
 
 /// What the panel reads and edits.
 pub struct Panel<'a> {
@@ -70,11 +70,7 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         }
     });
     if p.hf_models.is_empty() {
-        ui.label(
-            RichText::new("no FLUX repos in the Hugging Face cache")
-                .small()
-                .weak(),
-        );
+        ui.label("no FLUX repos in the Hugging Face cache");
     } else {
         egui::ComboBox::from_id_salt("hf-cache")
             .selected_text("Hugging Face cache…")
@@ -275,23 +271,28 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         .labelled_by(l.id);
         ui.end_row();
         let l = ui.label("Cache");
-        cache_picker(ui, &mut r.cache).labelled_by(l.id);
+        cache_picker(ui, r).labelled_by(l.id);
         ui.end_row();
-        if r.cache.is_none() {
+        if r.cache.is_none() && r.cache_threshold > 0.0 {
             let l = ui.label("Cache threshold");
-            ui.add(egui::Slider::new(&mut r.cache_threshold, 0.0..=0.3).step_by(0.01))
+            ui.add(egui::Slider::new(&mut r.cache_threshold, 0.01..=0.3).step_by(0.01))
                 .labelled_by(l.id)
-                .on_hover_text("First Block Cache residual_diff_threshold; 0 = off");
+                .on_hover_text(
+                    "How much the first block's output may change before a step is computed \
+                     again: higher reuses more steps (faster, less like the uncached image). \
+                     First Block Cache's residual-difference threshold.",
+                );
             ui.end_row();
         }
         let l = ui.label("Precision");
         ui.horizontal(|ui| {
-            ui.checkbox(fp8, "FP8 products")
+            ui.checkbox(fp8, "FP8 (faster, slightly different)")
                 .labelled_by(l.id)
                 .on_hover_text(
-                    "E4M3 weights and activations in the transformer blocks: real FP8 products \
-                     in bf16 on sm_89+ GPUs, simulated by rounding elsewhere (FP8's quality, not \
-                     its speed); the model reloads",
+                    "The transformer multiplies in 8-bit floating point: faster and half the \
+                     weights' memory on newer NVIDIA GPUs (sm_89 and later, in bf16), with \
+                     small differences in the image. Elsewhere it is only simulated (FP8's \
+                     look, not its speed). E4M3 weights and activations; the model reloads.",
                 );
             let name = |b: Option<u32>| {
                 b.map_or("no memory budget".to_string(), |g| {
@@ -406,13 +407,13 @@ pub fn checks(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     }
     let r = &p.settings.request;
     if let Some(w) = p.settings.demo_size_note() {
-        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+        ui.add(egui::Label::new(RichText::new(w).color(WARN)).wrap());
     }
-    if let Some(w) = size_warning(r.width, r.height) {
-        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+    if let Some(w) = size_warning(r.width, r.height, p.settings.steps()) {
+        ui.add(egui::Label::new(RichText::new(w).color(WARN)).wrap());
     }
     if let Some(w) = p.warning {
-        ui.add(egui::Label::new(RichText::new(w).color(WARN).small()).wrap());
+        ui.add(egui::Label::new(RichText::new(w).color(WARN)).wrap());
     }
 }
 
@@ -471,6 +472,13 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         p.caches,
         &mut p.settings.compare_caches,
     );
+    ui.horizontal(|ui| {
+        let l = ui.label("Repeats");
+        ui.add(egui::DragValue::new(&mut p.settings.compare_repeats).range(1..=20))
+            .labelled_by(l.id)
+            .on_hover_text(crate::runtime::repeats::METHOD);
+        ui.label("timings per cell (the speed-up's range)");
+    });
     let ok = ready && p.thresholds.error.is_none() && p.caches.error.is_none();
     if ui
         .add_enabled(ok, egui::Button::new("Run compare"))
@@ -481,42 +489,72 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     }
 }
 
-/// The cache policy: First Block Cache at the threshold below, or another policy at one of its
-/// presets (chosen from the measurements in BENCHMARKS.md).
-fn cache_picker(ui: &mut egui::Ui, cache: &mut Option<CacheSpec>) -> egui::Response {
-    let current = cache
-        .as_ref()
-        .map_or("First Block Cache".to_string(), |c| c.to_string());
+/// The cache policy: off, First Block Cache at the threshold below, or another policy at one of
+/// its presets (chosen from the measurements in BENCHMARKS.md), shown by the preset's name.
+fn cache_picker(ui: &mut egui::Ui, r: &mut crate::pipeline::GenerateRequest) -> egui::Response {
+    let (off, current) = cache_choice(r);
+    let spec = r
+        .cache
+        .clone()
+        .unwrap_or_else(|| CacheSpec::from_threshold(r.cache_threshold));
     egui::ComboBox::from_id_salt("cache-policy")
         .selected_text(current)
         .width(220.0)
         .show_ui(ui, |ui| {
             if ui
-                .selectable_label(cache.is_none(), "First Block Cache")
+                .selectable_label(off, "Off")
+                .on_hover_text("every step computed: the reference image")
                 .clicked()
             {
-                *cache = None;
+                r.cache = None;
+                r.cache_threshold = 0.0;
             }
-            for (policy, label) in [
-                ("dbcache", "DBCache"),
-                ("taylorseer", "TaylorSeer"),
-                ("magcache", "MagCache"),
-            ] {
-                for preset in ["safe", "balanced", "fast"] {
+            let fb = r.cache.is_none() && !off;
+            if ui
+                .selectable_label(fb, "First Block Cache")
+                .on_hover_text("reuses a step while the first block's output barely changes; its threshold below")
+                .clicked()
+                && !fb
+            {
+                r.cache = None;
+                r.cache_threshold = CacheSpec::preset("fbcache", "balanced")
+                    .and_then(|c| c.fb_threshold())
+                    .unwrap_or(0.2);
+            }
+            for policy in ["dbcache", "taylorseer", "magcache"] {
+                for preset in PRESET_NAMES {
                     if let Some(spec) = CacheSpec::preset(policy, preset) {
-                        let on = cache.as_ref() == Some(&spec);
+                        let on = r.cache.as_ref() == Some(&spec);
                         if ui
-                            .selectable_label(on, format!("{label} {preset}"))
+                            .selectable_label(on, spec.display_name())
                             .on_hover_text(spec.to_string())
                             .clicked()
                         {
-                            *cache = Some(spec);
+                            r.cache = Some(spec);
                         }
                     }
                 }
             }
         })
         .response
+        .on_hover_text(spec.to_string())
+}
+
+/// Whether the request's cache is off, and the picker's text for it: "Off", "First Block Cache",
+/// or the preset's name ("TaylorSeer · balanced").
+fn cache_choice(r: &crate::pipeline::GenerateRequest) -> (bool, String) {
+    let off = match &r.cache {
+        Some(c) => c.is_off(),
+        None => r.cache_threshold <= 0.0,
+    };
+    let text = match &r.cache {
+        _ if off => "Off".to_string(),
+        None => CacheSpec::from_threshold(r.cache_threshold)
+            .policy_label()
+            .to_string(),
+        Some(c) => c.display_name(),
+    };
+    (off, text)
 }
 
 /// A labelled one-line field for a list (`field` keeps the text; `list` gets what parses), with
@@ -550,5 +588,25 @@ fn list_edit<T: ListItem>(
             egui::Label::new(RichText::new(format!("{what}: {e}")).color(Color32::LIGHT_RED))
                 .wrap(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_picker_says_off_or_the_presets_name() {
+        let mut r = crate::pipeline::GenerateRequest::default();
+        assert_eq!(cache_choice(&r), (true, "Off".to_string()));
+        r.cache_threshold = 0.12;
+        assert_eq!(cache_choice(&r), (false, "First Block Cache".to_string()));
+        r.cache = CacheSpec::preset("taylorseer", "balanced");
+        assert_eq!(
+            cache_choice(&r),
+            (false, "TaylorSeer · balanced".to_string())
+        );
+        r.cache = Some(CacheSpec::None);
+        assert_eq!(cache_choice(&r).1, "Off");
     }
 }

@@ -1,5 +1,5 @@
 //! The Gallery tab: every image in the gallery folder as a grid of thumbnails that wraps to the
-//! window's width and scrolls. Clicking a thumbnail opens the image large; Restore puts its
+//! window's width and scrolls; a compare sweep's images stay together in one framed group. Clicking a thumbnail opens the image large; Restore puts its
 //! settings back; Delete asks first ("Delete this image?"), and only the confirmation removes
 //! the file.
 
@@ -54,20 +54,46 @@ pub fn show(ui: &mut egui::Ui, t: GalleryTab<'_>) {
     let spacing = ui.spacing().item_spacing.x;
     let cols = (((ui.available_width() + spacing) / (CELL_W + spacing)).floor() as usize).max(1);
     let mut loads = 0;
+    let groups = gallery::grouped(&t.view.entries);
     egui::ScrollArea::vertical()
         .auto_shrink([false, false])
         .show(ui, |ui| {
-            for row in t.view.entries.chunks(cols) {
-                ui.horizontal_top(|ui| {
-                    for e in row {
-                        ui.allocate_ui(egui::vec2(CELL_W, 0.0), |ui| {
-                            ui.set_width(CELL_W);
-                            ui.vertical(|ui| cell(ui, e, t.view, t.thumbs, &mut loads, t.cmds));
-                        });
-                    }
+            let mut grid = |ui: &mut egui::Ui, entries: &[&Entry], loads: &mut usize| {
+                for row in entries.chunks(cols) {
+                    ui.horizontal_top(|ui| {
+                        for e in row {
+                            ui.allocate_ui(egui::vec2(CELL_W, 0.0), |ui| {
+                                ui.set_width(CELL_W);
+                                ui.vertical(|ui| cell(ui, e, t.view, t.thumbs, loads, t.cmds));
+                            });
+                        }
+                    });
+                    ui.add_space(6.0);
+                }
+            };
+            // Images made alone fill the grid; a sweep's images sit together in a frame.
+            let mut alone: Vec<&Entry> = Vec::new();
+            for g in &groups {
+                if g.len() == 1 && g[0].run.group.is_none() {
+                    alone.push(g[0]);
+                    continue;
+                }
+                grid(ui, &alone, &mut loads);
+                alone.clear();
+                egui::Frame::group(ui.style()).show(ui, |ui| {
+                    ui.set_width(ui.available_width());
+                    let first = &g[0].settings;
+                    let prompt: String = first.prompt.chars().take(60).collect();
+                    ui.strong(format!(
+                        "Compare sweep · {} images · seed {} · {prompt}",
+                        g.len(),
+                        first.seed
+                    ));
+                    grid(ui, g, &mut loads);
                 });
                 ui.add_space(6.0);
             }
+            grid(ui, &alone, &mut loads);
         });
     if loads >= LOADS_PER_FRAME {
         ui.ctx().request_repaint();
@@ -135,14 +161,13 @@ fn cell(
     }
     let prompt: String = e.settings.prompt.chars().take(40).collect();
     ui.label(RichText::new(prompt).small());
-    ui.label(
-        RichText::new(format!(
-            "seed {} · t {}",
-            e.settings.seed, e.settings.cache_threshold
-        ))
-        .small()
-        .weak(),
-    );
+    let spec = e.settings.cache_spec();
+    ui.label(format!(
+        "seed {} · {}",
+        e.settings.seed,
+        spec.display_name()
+    ))
+    .on_hover_text(spec.to_string());
     buttons(ui, e, view, cmds);
 }
 
@@ -190,12 +215,12 @@ fn opened(
         if ui.button("Back to the gallery").clicked() {
             cmds.push(Command::CloseImage);
         }
-        ui.label(RichText::new(name(e)).small().weak());
+        ui.label(name(e));
     });
     let s = &e.settings;
     ui.add(
         egui::Label::new(format!(
-            "{} — {}x{}, {} steps ({} computed, {} reused), seed {}, threshold {}, {:.2} s",
+            "{} — {}x{}, {} steps ({} computed, {} reused), seed {}, cache {} ({}), {:.2} s",
             s.prompt,
             s.width,
             s.height,
@@ -203,7 +228,8 @@ fn opened(
             e.run.steps_computed,
             e.run.steps_reused,
             s.seed,
-            s.cache_threshold,
+            s.cache_spec().display_name(),
+            s.cache_spec(),
             e.run.total_ms / 1e3
         ))
         .wrap(),

@@ -16,7 +16,7 @@ pub use dbcache::{DbCache, DbCacheSettings};
 pub use first_block::FirstBlockCache;
 pub use magcache::{MagCache, MagCalibration, MagCalibrator};
 pub use none::NoCache;
-pub use spec::CacheSpec;
+pub use spec::{CacheSpec, PRESET_NAMES};
 pub use taylor::{TaylorHistory, TaylorSeer};
 
 use candle_core::Tensor;

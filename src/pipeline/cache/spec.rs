@@ -24,6 +24,9 @@ use super::{
 };
 use crate::{Error, Result};
 
+/// The presets each policy has, from the most careful to the fastest.
+pub const PRESET_NAMES: [&str; 3] = ["safe", "balanced", "fast"];
+
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum CacheSpec {
@@ -93,6 +96,51 @@ impl CacheSpec {
         match self.fb_threshold() {
             Some(t) => t.to_string(),
             None => self.to_string().replace([':', ',', '='], "_"),
+        }
+    }
+
+    /// The policy as an artist reads it: "No cache", "First Block Cache".
+    pub fn policy_label(&self) -> &'static str {
+        match self {
+            CacheSpec::None => "No cache",
+            CacheSpec::FirstBlock { .. } => "First Block Cache",
+            CacheSpec::DbCache(_) => "DBCache",
+            CacheSpec::TaylorSeer { .. } => "TaylorSeer",
+            CacheSpec::MagCache { .. } => "MagCache",
+        }
+    }
+
+    /// Which of its policy's presets ("safe", "balanced", "fast") this spec is, if any.
+    pub fn preset_name(&self) -> Option<&'static str> {
+        PRESET_NAMES
+            .into_iter()
+            .find(|p| CacheSpec::preset(self.policy_name(), p).as_ref() == Some(self))
+    }
+
+    /// The name the studio shows for a cell or an image: "TaylorSeer · balanced", "First Block
+    /// Cache · 0.12" (a threshold is a sweep's own axis: it is named by its value), "DBCache ·
+    /// custom" for settings that are no preset (the spec says which), "No cache".
+    pub fn display_name(&self) -> String {
+        match (self, self.preset_name()) {
+            (CacheSpec::None, _) => self.policy_label().into(),
+            (CacheSpec::FirstBlock { threshold }, _) => {
+                format!("{} · {threshold}", self.policy_label())
+            }
+            (_, Some(p)) => format!("{} · {p}", self.policy_label()),
+            (_, None) => format!("{} · custom", self.policy_label()),
+        }
+    }
+
+    /// This spec's part of a gallery file's name: `nocache`, `fbcache-0_12`,
+    /// `taylorseer-balanced`, or the spec spelt out for settings that are no preset.
+    pub fn file_tag(&self) -> String {
+        match (self, self.preset_name()) {
+            (CacheSpec::None, _) => "nocache".into(),
+            (CacheSpec::FirstBlock { threshold }, _) => {
+                format!("fbcache-{}", threshold.to_string().replace('.', "_"))
+            }
+            (_, Some(p)) => format!("{}-{p}", self.policy_name()),
+            (_, None) => self.file_stem().replace('.', "_"),
         }
     }
 
@@ -346,6 +394,28 @@ mod tests {
             }
         }
         assert!("dbcache:t=0".parse::<CacheSpec>().expect("off").is_off());
+    }
+
+    #[test]
+    fn specs_are_named_by_their_preset() {
+        let spec: CacheSpec = "taylorseer:n=3,order=1,warmup=2".parse().expect("spec");
+        assert_eq!(spec.preset_name(), Some("balanced"));
+        assert_eq!(spec.display_name(), "TaylorSeer · balanced");
+        assert_eq!(spec.file_tag(), "taylorseer-balanced");
+        let fast = CacheSpec::preset("magcache", "fast").expect("preset");
+        assert_eq!(fast.display_name(), "MagCache · fast");
+        let custom: CacheSpec = "dbcache:t=0.25".parse().expect("spec");
+        assert_eq!(custom.preset_name(), None);
+        assert_eq!(custom.display_name(), "DBCache · custom");
+        assert_eq!(
+            custom.file_tag(),
+            "dbcache_f_1_b_1_t_0_25_max_0_warmup_0_taylor_0"
+        );
+        assert_eq!(CacheSpec::None.display_name(), "No cache");
+        assert_eq!(CacheSpec::None.file_tag(), "nocache");
+        let fb = CacheSpec::from_threshold(0.12);
+        assert_eq!(fb.display_name(), "First Block Cache · 0.12");
+        assert_eq!(fb.file_tag(), "fbcache-0_12");
         assert!("taylorseer:n=1".parse::<CacheSpec>().expect("off").is_off());
     }
 }
