@@ -29,7 +29,7 @@ fn studio(dir: &Path) -> Harness<'static, StudioApp> {
     let exports = dir.join("exports");
     std::fs::create_dir_all(&exports).expect("exports dir");
     Harness::builder()
-        .with_size([1100.0, 760.0])
+        .with_size([1100.0, 900.0])
         .wgpu()
         .build_eframe(move |cc| {
             let mut app = StudioApp::new(cc, opts).expect("studio starts");

@@ -559,6 +559,7 @@ impl Settings {
             base,
             thresholds: self.compare_thresholds.clone(),
             caches: self.compare_caches.clone(),
+            repeats: self.compare_repeats,
         };
         for r in sweep.requests() {
             self.refusal_for(&plan, &r, model)

@@ -151,7 +151,7 @@ pub struct StudioArgs {
     /// After the first job, save a screenshot of the window here.
     #[arg(long)]
     pub screenshot: Option<PathBuf>,
-    /// Close the window after the first job (and screenshot).
+    /// Close the window after the first Generate's jobs (a batch of N is N jobs) and the screenshot.
     #[arg(long)]
     pub quit_after_job: bool,
     /// Write frame times and step-to-preview latencies (JSON) here on exit.

@@ -273,17 +273,26 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         let l = ui.label("Cache");
         cache_picker(ui, r).labelled_by(l.id);
         ui.end_row();
-        if r.cache.is_none() && r.cache_threshold > 0.0 {
-            let l = ui.label("Cache threshold");
-            ui.add(egui::Slider::new(&mut r.cache_threshold, 0.01..=0.3).step_by(0.01))
-                .labelled_by(l.id)
-                .on_hover_text(
-                    "How much the first block's output may change before a step is computed \
-                     again: higher reuses more steps (faster, less like the uncached image). \
-                     First Block Cache's residual-difference threshold.",
-                );
-            ui.end_row();
+        // Always drawn (greyed unless First Block Cache is on), so the grid keeps its width.
+        // A copy is drawn, so the slider's clamping never turns an Off cache on.
+        let fb = r.cache.is_none() && r.cache_threshold > 0.0;
+        let mut threshold = if fb { r.cache_threshold } else { 0.01 };
+        let l = ui.label("Threshold");
+        let slider = ui.add_enabled(
+            fb,
+            egui::Slider::new(&mut threshold, 0.01..=0.3).step_by(0.01),
+        );
+        if fb {
+            r.cache_threshold = threshold;
         }
+        slider
+        .labelled_by(l.id)
+        .on_hover_text(
+            "How much the first block's output may change before a step is computed \
+             again: higher reuses more steps (faster, less like the uncached image). \
+             First Block Cache's residual-difference threshold.",
+        );
+        ui.end_row();
         let l = ui.label("Precision");
         ui.horizontal(|ui| {
             ui.checkbox(fp8, "FP8 (faster, slightly different)")
