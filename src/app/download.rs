@@ -166,7 +166,7 @@ impl Downloader {
                 indicatif::HumanBytes(done),
                 indicatif::HumanBytes(total)
             )));
-            ui.label(RichText::new(file).small());
+            ui.label(file.as_str());
             if job.cancel.load(Ordering::Relaxed) {
                 ui.label(
                     RichText::new("stopping once this file is in (what arrived is kept)")

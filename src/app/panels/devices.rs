@@ -21,12 +21,11 @@ pub fn devices_panel(
     let parsed = Devices::parse(&settings.device);
     let on_gpus = matches!(parsed, Ok(Devices::AllGpus | Devices::Gpus(_)));
     if gpus.is_empty() {
-        ui.label(
-            RichText::new(
+        ui.add(
+            egui::Label::new(
                 "No GPUs found (CPU build or no CUDA device): CPU worker threads stand in.",
             )
-            .small()
-            .weak(),
+            .wrap(),
         );
     } else {
         let mut use_gpus = on_gpus;
@@ -143,7 +142,7 @@ pub fn devices_panel(
     }
     // A refusal is shown once, with the other blockers under the panel.
     if let Ok(s) = settings.layout_check(model) {
-        ui.add(egui::Label::new(RichText::new(format!("Will run: {s}")).small()).wrap());
+        ui.add(egui::Label::new(RichText::new(format!("Will run: {s}"))).wrap());
     }
 }
 

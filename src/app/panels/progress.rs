@@ -13,12 +13,12 @@ pub fn show(ui: &mut egui::Ui, job: Option<&JobView>, queue: &[QueuedJob], cmds:
     };
     ui.add(egui::ProgressBar::new(j.fraction()).text(j.progress_text()));
     if !j.layout.is_empty() {
-        ui.label(RichText::new(&j.layout).small().weak());
+        ui.label(RichText::new(&j.layout).weak());
     }
     if queue.is_empty() {
         return;
     }
-    ui.label(RichText::new(format!("{} waiting", queue.len())).small());
+    ui.label(format!("{} waiting", queue.len()));
     for (i, q) in queue.iter().enumerate() {
         ui.horizontal(|ui| {
             let up = ui
@@ -42,7 +42,7 @@ pub fn show(ui: &mut egui::Ui, job: Option<&JobView>, queue: &[QueuedJob], cmds:
             }
             let what = if q.compare { "compare: " } else { "" };
             ui.label(
-                RichText::new(format!("{}. {what}{} — {}", i + 1, q.prompt, q.summary)).small(),
+                RichText::new(format!("{}. {what}{} — {}", i + 1, q.prompt, q.summary)),
             );
         });
     }

@@ -112,7 +112,7 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     match p.model {
         ModelStatus::NotLoaded => ui.label(RichText::new("not loaded").weak()),
         ModelStatus::Loading(m) => ui.label(format!("loading {m}…")),
-        ModelStatus::Ready(s) => ui.label(RichText::new(s).small()),
+        ModelStatus::Ready(s) => ui.label(s.as_str()),
         ModelStatus::Failed { error, .. } => {
             ui.add(egui::Label::new(RichText::new(error).color(Color32::LIGHT_RED)).wrap())
         }
@@ -335,7 +335,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     });
     if let Some(g) = *budget {
         let answer = budget_answer(ui.ctx(), model, g, *fp8);
-        ui.add(egui::Label::new(RichText::new(answer).small()).wrap());
+        ui.add(egui::Label::new(answer.as_str()).wrap());
     }
 }
 
