@@ -18,11 +18,16 @@ mkdir -p "$out"
 log=$out/studio-gpu.log
 exec > >(tee -a "$log") 2>&1
 bin=$PWD/.device/parallax
+# The binary travels xz-compressed (the carried tree is limited to 64 MiB).
+if [[ ! -x $bin && -f $bin.xz ]]; then
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$bin.xz" "$bin"
+    chmod +x "$bin"
+fi
 [[ -x $bin ]] || { echo "no .device/parallax: build it with scripts/device-pack.sh"; exit 1; }
 source .device/gpu-env.sh
 
 # The X server and the Vulkan loader, unpacked into a folder of their own.
-tar -xJf .gl/glroot.tar.xz -C /tmp
+python3 -c "import tarfile; tarfile.open('.gl/glroot.tar.xz').extractall('/tmp')"
 g=/tmp/glroot
 lib=$g/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
@@ -53,12 +58,12 @@ studio() { # NAME ICD EXTRA...
     local name=$1 icd=$2
     shift 2
     echo "== studio $name (Vulkan ICD: ${icd:-default})"
-    local t0=$(date +%s.%N)
-    PARALLAX_HOME=/tmp/home-$name VK_ICD_FILENAMES=$icd timeout 420 "$bin" studio \
+    local t0=$SECONDS
+    PARALLAX_HOME=/tmp/home-$name VK_ICD_FILENAMES=$icd timeout "${limit:-240}" "$bin" studio \
         --screenshot "$out/studio-gpu-$name.png" --quit-after-job --ui-stats "$out/ui-$name.json" \
         --auto-generate "$@" > "$out/studio-$name.txt" 2>&1
     local rc=$?
-    echo "rc=$rc, $(echo "$(date +%s.%N) - $t0" | bc) s"
+    echo "rc=$rc, $((SECONDS - t0)) s"
     tail -5 "$out/studio-$name.txt"
     return $rc
 }
@@ -66,7 +71,7 @@ studio() { # NAME ICD EXTRA...
 # 1. Which driver draws the window: NVIDIA's if it presents to Xvfb, else lavapipe.
 settings /tmp/home-generate false 4
 icd=$nv
-if [[ -z $nv ]] || ! studio generate "$nv"; then
+if [[ -z $nv ]] || ! limit=150 studio generate "$nv"; then
     echo "NVIDIA Vulkan could not draw under Xvfb here: lavapipe draws the window"
     icd=/tmp/lvp.json
     settings /tmp/home-generate false 4
