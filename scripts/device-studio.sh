@@ -37,6 +37,8 @@ export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
     -extension GLX > "$out/xvfb.txt" 2>&1 &
 xvfb=$!
 export DISPLAY=:99
+# libxkbcommon (winit's keyboard) reads the keymaps from here, not only the server.
+export XKB_CONFIG_ROOT=$g/usr/share/X11/xkb
 sleep 2
 kill -0 $xvfb || { echo "Xvfb did not start"; cat "$out/xvfb.txt"; exit 1; }
 sed "s#/usr/lib/x86_64-linux-gnu#$lib#" "$g/usr/share/vulkan/icd.d/lvp_icd.x86_64.json" > /tmp/lvp.json
