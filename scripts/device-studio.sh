@@ -6,7 +6,8 @@
 # NVIDIA Vulkan driver when it can present to Xvfb, else by lavapipe on the CPU; the engine runs on
 # the GPU either way. Runs, each its own studio process on random:dev at 1024 px:
 #   1. Generate: a batch of 4 images (the first is the warm-up), previews on; screenshot + stats.
-#   2. Compare sweep, bf16: every cache policy at its balanced preset and the thresholds, 3 rounds.
+#   2. Compare sweep, bf16: First Block Cache at 4 thresholds, DBCache and TaylorSeer at their
+#      balanced presets, 3 timing rounds (MagCache needs a calibration random:dev does not have).
 #   3. The same sweep with FP8 on.
 # and the CLI's time for the same images (`bench`, same steps and size) in between, so the studio's
 # overhead is read against the CLI in one lease. Everything lands in $OUT.
@@ -34,13 +35,13 @@ export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
 # Xvfb runs xkbcomp from its built-in path.
 [[ -x /usr/bin/xkbcomp ]] || cp "$g/usr/bin/xkbcomp" /usr/bin/xkbcomp
 "$g/usr/bin/Xvfb" :99 -screen 0 1600x1000x24 -nolisten tcp -xkbdir "$g/usr/share/X11/xkb" \
-    -extension GLX > "$out/xvfb.txt" 2>&1 &
+    -extension GLX > /tmp/xvfb.txt 2>&1 &
 xvfb=$!
 export DISPLAY=:99
 # libxkbcommon (winit's keyboard) reads the keymaps from here, not only the server.
 export XKB_CONFIG_ROOT=$g/usr/share/X11/xkb
 sleep 2
-kill -0 $xvfb || { echo "Xvfb did not start"; cat "$out/xvfb.txt"; exit 1; }
+kill -0 $xvfb || { echo "Xvfb did not start"; cat /tmp/xvfb.txt; exit 1; }
 sed "s#/usr/lib/x86_64-linux-gnu#$lib#" "$g/usr/share/vulkan/icd.d/lvp_icd.x86_64.json" > /tmp/lvp.json
 nv=$(ls /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd*.json /usr/share/vulkan/icd.d/nvidia_icd*.json \
     /etc/vulkan/icd.d/nvidia_icd*.json 2>/dev/null | head -1)
@@ -52,7 +53,8 @@ settings() { # HOME_DIR FP8(true|false) BATCH
 {"model": "random:dev", "device": "cuda", "layout_auto": true,
  "prompt": "a red fox in fresh snow, morning light", "width": 1024, "height": 1024,
  "steps": $steps, "seed": 7, "guidance": 3.5, "random_seed": false, "fp8": $2, "batch": $3,
- "compare_thresholds": [0, 0.08, 0.12, 0.2], "compare_repeats": 3}
+ "compare_thresholds": [0, 0.08, 0.12, 0.2], "compare_repeats": 3,
+ "compare_caches": ["dbcache:f=1,b=1,t=0.3,max=3,warmup=2", "taylorseer:n=3,order=1,warmup=2"]}
 JSON
 }
 
@@ -63,10 +65,10 @@ studio() { # NAME ICD EXTRA...
     local t0=$SECONDS
     PARALLAX_HOME=/tmp/home-$name VK_ICD_FILENAMES=$icd timeout "${limit:-240}" "$bin" studio \
         --screenshot "$out/studio-gpu-$name.png" --quit-after-job --ui-stats "$out/ui-$name.json" \
-        --auto-generate "$@" > "$out/studio-$name.txt" 2>&1
+        --auto-generate "$@" > "/tmp/studio-$name.txt" 2>&1
     local rc=$?
     echo "rc=$rc, $((SECONDS - t0)) s"
-    tail -5 "$out/studio-$name.txt"
+    tail -5 "/tmp/studio-$name.txt"
     return $rc
 }
 
@@ -84,7 +86,7 @@ fi
 echo "== cli bench"
 "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 --steps "$steps" \
     --seed 7 --guidance 3.5 --prompt "a red fox in fresh snow, morning light" --runs 4 --warmup 1 \
-    > "$out/bench.json" 2> "$out/bench.txt"
+    > "$out/bench.json" 2> /tmp/bench.txt
 echo "rc=$?"
 python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('bench total_ms', d.get('total_ms'))" "$out/bench.json"
 
