@@ -581,6 +581,7 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
     let shape = parallax::app::state::ModelShape {
         heads: tiny.num_heads,
         blocks: tiny.num_blocks(),
+        magcache: true,
     };
     let dir = tempfile::tempdir().expect("tmp");
     for (workers, ulysses, ring, cfg, dp) in [

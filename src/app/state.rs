@@ -574,10 +574,16 @@ impl Settings {
         req: &GenerateRequest,
         model: ModelShape,
     ) -> Result<(), String> {
-        match refusal::check(plan.layout, req, model.blocks) {
-            Some(r) => Err(refusal_words(r)),
-            None => Ok(()),
+        if let Some(r) = refusal::check(plan.layout, req, model.blocks) {
+            return Err(refusal_words(r));
         }
+        if !model.magcache && matches!(req.cache, Some(CacheSpec::MagCache { .. })) {
+            return Err("MagCache needs a calibration this model does not have (make one with \
+                        `parallax calibrate-magcache`): pick another cache, or take MagCache out \
+                        of the compare policies"
+                .into());
+        }
+        Ok(())
     }
 
     /// Take the settings an image was made with (gallery "restore").
@@ -595,6 +601,8 @@ impl Settings {
 pub struct ModelShape {
     pub heads: usize,
     pub blocks: usize,
+    /// Whether the model has a MagCache calibration (assumed until a model has loaded).
+    pub magcache: bool,
 }
 
 impl Default for ModelShape {
@@ -603,6 +611,7 @@ impl Default for ModelShape {
         Self {
             heads: 24,
             blocks: 57,
+            magcache: true,
         }
     }
 }
@@ -671,6 +680,28 @@ pub fn in_studio_words(e: &crate::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model without a MagCache calibration: the panel refuses a sweep with MagCache in it as
+    /// typed (the engine would fail at that cell, after the ones before it), not otherwise.
+    #[test]
+    fn magcache_without_a_calibration_is_refused_as_typed() {
+        let s = Settings::default();
+        assert!(s
+            .compare_caches
+            .iter()
+            .any(|c| matches!(c, CacheSpec::MagCache { .. })));
+        let uncalibrated = ModelShape {
+            magcache: false,
+            ..ModelShape::default()
+        };
+        let e = s.compare_check(uncalibrated).expect_err("refused");
+        assert!(e.contains("MagCache needs a calibration"), "{e}");
+        assert!(s.compare_check(ModelShape::default()).is_ok());
+        let mut one = s.clone();
+        one.request.cache = CacheSpec::preset("magcache", "balanced");
+        assert!(one.layout_check(uncalibrated).is_err());
+        assert!(one.layout_check(ModelShape::default()).is_ok());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_input_is_explained() {

@@ -530,6 +530,7 @@ impl StudioApp {
                 load_ms,
                 heads,
                 blocks,
+                magcache,
                 ..
             } => {
                 self.model =
@@ -537,6 +538,7 @@ impl StudioApp {
                 self.model_shape = ModelShape {
                     heads: *heads,
                     blocks: *blocks,
+                    magcache: *magcache,
                 };
                 self.remembered_model = None;
             }

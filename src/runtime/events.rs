@@ -151,6 +151,8 @@ pub enum Event {
         heads: usize,
         /// Its double and single blocks (PipeFusion's most stages).
         blocks: usize,
+        /// Whether it has a MagCache calibration (without one, MagCache cannot run on it).
+        magcache: bool,
     },
     /// The latent preview map for the loaded model (fitted to its autoencoder).
     PreviewFactors(Arc<PreviewFactors>),

@@ -176,6 +176,7 @@ impl Worker {
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             heads: pipeline.flux.config().num_heads,
             blocks: pipeline.flux.config().num_blocks(),
+            magcache: pipeline.magcache_calibration().is_some(),
         });
         // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;
         // well under a second on the CPU).
