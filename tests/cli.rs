@@ -924,6 +924,34 @@ fn cache_policies_on_the_command_line() {
         .expect("run parallax");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("calibrate-magcache"));
+    // A compare sweep with a MagCache cell on that model is refused whole, before its first
+    // image: nothing is saved from the cells that could have run.
+    let saved = dir.path().join("sweep");
+    let out = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args([
+            "compare",
+            "--model",
+            "random:tiny",
+            "--steps",
+            "2",
+            "--thresholds",
+            "0",
+            "--caches",
+            "fbcache:t=0.2;magcache:t=0.3",
+            "--save",
+            s(&saved),
+        ])
+        .env("PARALLAX_HOME", dir.path().join("home"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("calibrate-magcache"));
+    let made = std::fs::read_dir(&saved).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(
+        made, 0,
+        "the sweep made images before refusing its MagCache cell"
+    );
 }
 
 /// `fp8-error` measures FP8's cost per group of layers against the native velocity.
@@ -1286,4 +1314,57 @@ fn an_interrupt_ends_generate_and_leaves_nothing() {
     assert_eq!(o.status.code(), Some(130), "{msg}");
     assert!(msg.contains("interrupted"), "{msg}");
     assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+}
+
+/// `parallax --help` lists what a user runs; the project's own instruments sit under
+/// `parallax dev`, and their old top-level spellings still work.
+#[test]
+fn help_lists_the_users_commands_and_dev_holds_the_instruments() {
+    let listed = |args: &[&str]| -> Vec<String> {
+        let out = parallax(args);
+        assert!(out.status.success(), "{args:?} failed");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let commands = text
+            .split("Commands:")
+            .nth(1)
+            .and_then(|t| t.split("Options:").next())
+            .unwrap_or("")
+            .to_string();
+        commands
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    let users = listed(&["--help"]);
+    for c in [
+        "studio", "generate", "compare", "info", "memory", "download", "worker", "bench", "dev",
+    ] {
+        assert!(users.contains(&c.to_string()), "{c} missing from {users:?}");
+    }
+    let instruments = [
+        "selfcheck",
+        "profile",
+        "bench-vae",
+        "export-demo",
+        "dataset",
+        "score",
+        "calibrate-magcache",
+        "fp8-error",
+        "displaced-error",
+    ];
+    let dev = listed(&["dev", "--help"]);
+    for c in instruments {
+        assert!(!users.contains(&c.to_string()), "{c} is listed to users");
+        assert!(
+            dev.contains(&c.to_string()),
+            "{c} missing from dev: {dev:?}"
+        );
+    }
+    // The old spellings, with and without a global flag before them.
+    let out = parallax(&["dataset", "--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("parallax dev dataset"));
+    let out = parallax(&["-v", "score", "--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("parallax dev score"));
 }

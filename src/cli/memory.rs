@@ -83,13 +83,18 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
             Err(e) => {
                 let stages = memory::plan_stages(&w, b, asked, !a.no_fp8);
                 if !a.json {
-                    println!("  budget {:.1} GiB: one GPU is not enough: {e}", gib(b));
+                    println!(
+                        "  budget {:.1} GiB: one GPU is not enough: {}",
+                        gib(b),
+                        reason(&e)
+                    );
                     match &stages {
                         Ok(s) => println!("    {s}"),
                         Err(why) => println!(
                             "    no number of {:.1} GiB GPUs would, even one block per GPU as \
-                             PipeFusion stages: {why}",
-                            gib(b)
+                             PipeFusion stages: {}",
+                            gib(b),
+                            reason(why)
                         ),
                     }
                 }
@@ -103,12 +108,12 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
                             "measures": p.measures,
                         })).collect::<Vec<_>>(),
                     }),
-                    Err(why) => serde_json::json!({ "gpus": null, "why": why.to_string() }),
+                    Err(why) => serde_json::json!({ "gpus": null, "why": reason(why) }),
                 };
                 rows.push(serde_json::json!({
                     "budget_gib": gib(b),
                     "fits": false,
-                    "why": e.to_string(),
+                    "why": reason(&e),
                     "pipefusion": gpus,
                 }));
             }
@@ -129,4 +134,13 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A plan's refusal in the words of its reason alone: the line already names the budget, so the
+/// error's own "invalid setting `memory budget` = ..." preamble would say it twice.
+fn reason(e: &crate::error::Error) -> String {
+    match e {
+        crate::error::Error::InvalidSetting { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
 }

@@ -1,5 +1,8 @@
-//! The `parallax` command line: `generate`, `bench`, `bench-vae`, `info`, `export-demo`,
-//! `selfcheck`, `profile`, `download`.
+//! The `parallax` command line. What a user runs: `studio` (the default), `generate`, `compare`,
+//! `bench`, `info`, `memory`, `download`, `worker`. The project's own instruments sit under
+//! `parallax dev` ([`DevCommand`]: `selfcheck`, `profile`, `bench-vae`, `export-demo`, `dataset`,
+//! `score`, `calibrate-magcache`, `fp8-error`, `displaced-error`); their old top-level spellings
+//! still work.
 
 /// `println!` throughout the command line (this module and those declared below) is
 /// [`out::line`]'s: a closed pipe ends the command quietly instead of panicking.
@@ -57,27 +60,51 @@ pub struct Cli {
 pub enum Command {
     /// Open the studio window (the default when no command is given).
     Studio(StudioArgs),
-    /// Run one rank of a generation spread over several processes (CPU ranks; see README,
-    /// "Past one machine"). Rank 0 serves the rendezvous at --init and writes the image.
-    Worker(WorkerArgs),
     /// Generate one image and save it as PNG with its settings.
     Generate(GenerateArgs),
-    /// Time a generation: per-step, total, peak memory, as JSON.
-    Bench(BenchArgs),
     /// The studio's compare sweep without the window: one prompt and seed at several cache
     /// thresholds through the runtime, as JSON (steps computed and reused, wall time, speedup,
     /// PSNR and SSIM against the uncached image).
     Compare(CompareArgs),
-    /// Time the autoencoder decode alone (FLUX.1's autoencoder, random weights): time and peak
-    /// device memory, as JSON.
-    BenchVae(bench_vae::BenchVaeArgs),
     /// Show which model and layout a --model value resolves to, and why.
     Info(InfoArgs),
-    /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
-    ExportDemo(ExportDemoArgs),
     /// Fetch a model (`schnell`, `dev` or a repo id) from the Hugging Face Hub into the Hugging
     /// Face cache, where --model finds it; an interrupted download resumes.
     Download(download::DownloadArgs),
+    /// What one image needs on one GPU under memory budgets (8/10/12/16/24/48/80 GiB by
+    /// default), which measures each takes, and how many GPUs would do where one is not enough:
+    /// an estimate from the configs, no weights read (`dev`/`schnell` need not be downloaded).
+    Memory(memory::MemoryArgs),
+    /// Run one rank of a generation spread over several processes (CPU ranks; see README,
+    /// "Past one machine"). Rank 0 serves the rendezvous at --init and writes the image.
+    Worker(WorkerArgs),
+    /// Time a generation: per-step, total, peak memory, as JSON.
+    Bench(BenchArgs),
+    /// The project's own instruments: kernel checks and timings, quality measurements, the demo
+    /// model's tools (`parallax dev --help`).
+    Dev(DevArgs),
+}
+
+/// `parallax dev ...`: the project's own instruments, kept out of the user's list. Their old
+/// spellings (`parallax selfcheck`, ...) still work: [`dev_alias`] routes them here.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    pub command: DevCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
+    /// bf16 on the device against f32 on the CPU.
+    Selfcheck(SelfcheckArgs),
+    /// Time the pieces of one FLUX.1-dev step (attention, linear layers, norms, blocks) on a device.
+    Profile(ProfileArgs),
+    /// Time the autoencoder decode alone (FLUX.1's autoencoder, random weights): time and peak
+    /// device memory, as JSON.
+    BenchVae(bench_vae::BenchVaeArgs),
+    /// Write the built-in demo model to a folder in FLUX.1's real file layouts (to try the loaders).
+    ExportDemo(ExportDemoArgs),
     /// Write the demo model's procedural training scenes (or its evaluation prompts) for the
     /// trainer in scripts/train-demo/.
     Dataset(dataset::DatasetArgs),
@@ -92,15 +119,43 @@ pub enum Command {
     /// How far displaced patch parallelism lands from the one-device result: the relative error
     /// of the final latent per (ranks, warm-up steps), the ranks as threads sharing one device.
     DisplacedError(displaced_error::DisplacedErrorArgs),
-    /// What one image needs on one GPU under memory budgets (8/10/12/16/24/48/80 GiB by
-    /// default), which measures each takes, and how many GPUs would do where one is not enough:
-    /// an estimate from the configs, no weights read (`dev`/`schnell` need not be downloaded).
-    Memory(memory::MemoryArgs),
-    /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
-    /// bf16 on the device against f32 on the CPU.
-    Selfcheck(SelfcheckArgs),
-    /// Time the pieces of one FLUX.1-dev step (attention, linear layers, norms, blocks) on a device.
-    Profile(ProfileArgs),
+}
+
+/// The instruments' names, as `parallax dev` lists them.
+const DEV_COMMANDS: [&str; 9] = [
+    "selfcheck",
+    "profile",
+    "bench-vae",
+    "export-demo",
+    "dataset",
+    "score",
+    "calibrate-magcache",
+    "fp8-error",
+    "displaced-error",
+];
+
+/// The command line with an instrument's old top-level spelling (`parallax score ...`) routed to
+/// `parallax dev score ...`; anything else unchanged.
+pub fn dev_alias(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    // The subcommand is the first argument that is not a global flag (-v, -vv, --verbose).
+    let at = args
+        .iter()
+        .skip(1)
+        .position(|a| {
+            !(a == "--verbose"
+                || a.to_str().is_some_and(|s| {
+                    s.len() > 1 && s.starts_with('-') && s[1..].chars().all(|c| c == 'v')
+                }))
+        })
+        .map(|i| i + 1);
+    match at {
+        Some(i) if args[i].to_str().is_some_and(|s| DEV_COMMANDS.contains(&s)) => {
+            let mut out = args;
+            out.insert(i, "dev".into());
+            out
+        }
+        _ => args,
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -510,7 +565,7 @@ pub struct InfoArgs {
 
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(dev_alias(std::env::args_os().collect()));
     init_logging(cli.verbose);
     out::on_interrupt();
     match run(cli) {
@@ -567,18 +622,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Compare(a) => compare(a),
-        Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::Memory(a) => memory::run(a),
-        Command::DisplacedError(a) => displaced_error::run(a),
-        Command::ExportDemo(a) => export_demo(a),
         Command::Download(a) => download::run(a),
-        Command::Dataset(a) => dataset::run(a),
-        Command::Score(a) => score::run(a),
-        Command::CalibrateMagcache(a) => calibrate::run(a),
-        Command::Fp8Error(a) => fp8_error::run(a),
-        Command::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
-        Command::Profile(a) => crate::cli::profile::run(&a.device, a.width),
+        Command::Dev(d) => dev(d.command),
+    }
+}
+
+fn dev(c: DevCommand) -> anyhow::Result<()> {
+    match c {
+        DevCommand::BenchVae(a) => bench_vae::run(&a),
+        DevCommand::DisplacedError(a) => displaced_error::run(a),
+        DevCommand::ExportDemo(a) => export_demo(a),
+        DevCommand::Dataset(a) => dataset::run(a),
+        DevCommand::Score(a) => score::run(a),
+        DevCommand::CalibrateMagcache(a) => calibrate::run(a),
+        DevCommand::Fp8Error(a) => fp8_error::run(a),
+        DevCommand::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
+        DevCommand::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
 }
 

@@ -32,6 +32,8 @@ struct Loaded {
     model: ModelChoice,
     /// Where rank 0 runs (the engine's first pipeline).
     first_device: String,
+    /// The model's MagCache calibration, when it has one.
+    magcache: Option<Arc<crate::pipeline::cache::MagCalibration>>,
     engine: Engine,
 }
 
@@ -178,6 +180,7 @@ impl Worker {
             blocks: pipeline.flux.config().num_blocks(),
             magcache: pipeline.magcache_calibration().is_some(),
         });
+        let magcache = pipeline.magcache_calibration();
         // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;
         // well under a second on the CPU).
         match pipeline.preview_factors() {
@@ -190,6 +193,7 @@ impl Worker {
         self.loaded = Some(Loaded {
             model: spec.model,
             first_device: engine.primary_device().to_string(),
+            magcache,
             engine,
         });
         Ok(())
@@ -208,6 +212,12 @@ impl Worker {
             .as_mut()
             .ok_or_else(|| Error::Image("no model loaded".into()))?;
         let reqs = spec.requests();
+        // Every image's cache policy is checked before the first is made: a sweep that cannot
+        // make its MagCache cell (no calibration for this model) is refused whole, not after
+        // its other cells ran.
+        for r in &reqs {
+            r.cache_spec().policy(loaded.magcache.as_ref())?;
+        }
         // The requests of a job differ only in their cache threshold: one plan serves all.
         let plan = loaded.engine.plan(&placement, &reqs[0])?;
         let emit = self.emit.clone();
@@ -263,7 +273,11 @@ impl Worker {
             // Data parallelism: all images at once, no per-step previews. A sweep's rounds hand
             // the cells to the groups each in its own order.
             let timed = !compare || !plan.groups_share_hardware();
-            let rounds = if compare && timed { rounds.unwrap_or(1) } else { 1 };
+            let rounds = if compare && timed {
+                rounds.unwrap_or(1)
+            } else {
+                1
+            };
             let mut reference: Option<Generated> = None;
             for round in 0..rounds {
                 let order = round_order(reqs.len(), round);
