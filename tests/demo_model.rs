@@ -172,3 +172,31 @@ fn fp8_products_move_the_velocity_a_little() {
     let r = rel(&velocity(&fp8, &f), &velocity(&p.flux, &f));
     assert!(r > 1e-4 && r < 0.1, "relative change {r}");
 }
+
+/// The demo's shipped preview map (`assets/demo/preview.json`, read at start-up so the first
+/// preview does not wait for a fit) is what fitting it afresh gives.
+/// `UPDATE_DEMO_PREVIEW=1` rewrites the file from the fresh fit.
+#[test]
+fn shipped_preview_map_is_the_fitted_one() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let fresh = p.fit_preview_factors().expect("fit");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/preview.json");
+    if std::env::var_os("UPDATE_DEMO_PREVIEW").is_some() {
+        let text = serde_json::to_string_pretty(&fresh).expect("json");
+        std::fs::write(path, text + "\n").expect("write the preview map");
+    }
+    let shipped = parallax::pipeline::preview::PreviewFactors::demo().expect("shipped map");
+    let used = p.preview_factors().expect("the map in use");
+    assert_eq!(used, shipped, "the demo does not use its shipped map");
+    let worst = shipped
+        .weights
+        .iter()
+        .flatten()
+        .zip(fresh.weights.iter().flatten())
+        .chain(shipped.bias.iter().zip(fresh.bias.iter()))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "shipped map differs from a fresh fit by {worst}");
+    assert!((shipped.r2 - fresh.r2).abs() < 1e-3);
+    assert!(shipped.r2 > 0.5, "the map explains little: R² {}", shipped.r2);
+}

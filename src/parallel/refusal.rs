@@ -53,10 +53,7 @@ pub fn check(layout: ParallelLayout, req: &GenerateRequest, blocks: usize) -> Op
                 blocks,
             });
         }
-        let cache = req
-            .cache
-            .clone()
-            .unwrap_or_else(|| CacheSpec::from_threshold(req.cache_threshold));
+        let cache = req.cache_spec();
         if cache != CacheSpec::None {
             return Some(Refusal::PipeFusionCache);
         }

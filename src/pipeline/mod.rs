@@ -54,6 +54,16 @@ pub struct GenerateRequest {
     pub cache: Option<CacheSpec>,
 }
 
+impl GenerateRequest {
+    /// The cache policy asked for: `cache` when set, else First Block Cache at `cache_threshold`
+    /// (0: none).
+    pub fn cache_spec(&self) -> CacheSpec {
+        self.cache
+            .clone()
+            .unwrap_or_else(|| CacheSpec::from_threshold(self.cache_threshold))
+    }
+}
+
 impl Default for GenerateRequest {
     fn default() -> Self {
         Self {
@@ -500,6 +510,19 @@ impl Pipeline {
     /// (encoded, then decoded) when this is a demo model with an encoder, else on smoothed noise
     /// latents (real FLUX checkpoints are loaded without the encoder).
     pub fn preview_factors(&self) -> Result<preview::PreviewFactors> {
+        // The built-in demo's map is shipped (fitted as below; a test refits and compares), so
+        // its first preview does not wait a CPU second for the fit.
+        if self.label == "demo" {
+            if let Ok(f) = preview::PreviewFactors::demo() {
+                return Ok(f);
+            }
+        }
+        self.fit_preview_factors()
+    }
+
+    /// Fit the preview map to this model's autoencoder: on the demo's own scenes where it has
+    /// an encoder, else on decoded noise latents.
+    pub fn fit_preview_factors(&self) -> Result<preview::PreviewFactors> {
         if self.variant == Variant::Demo && self.vae.has_encoder() {
             let images = crate::scenes::render::scene_tensors(6, 128, 0x5eed)?;
             preview::PreviewFactors::fit_images(&self.vae, self.device(), &images)

@@ -71,6 +71,13 @@ impl Latent {
 }
 
 impl PreviewFactors {
+    /// The built-in demo model's map (`assets/demo/preview.json`, written by
+    /// `UPDATE_DEMO_PREVIEW=1 cargo test --test demo_model shipped_preview_map`).
+    pub fn demo() -> Result<Self> {
+        serde_json::from_str(include_str!("../../assets/demo/preview.json"))
+            .map_err(|e| Error::Image(format!("the demo's preview map is unreadable: {e}")))
+    }
+
     /// Map one latent to RGB bytes (one pixel per latent position, row-major RGB).
     pub fn apply(&self, z: &Latent) -> Vec<u8> {
         let mut out = Vec::with_capacity(z.width * z.height * 3);

@@ -502,10 +502,7 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
 /// its presets (chosen from the measurements in BENCHMARKS.md), shown by the preset's name.
 fn cache_picker(ui: &mut egui::Ui, r: &mut crate::pipeline::GenerateRequest) -> egui::Response {
     let (off, current) = cache_choice(r);
-    let spec = r
-        .cache
-        .clone()
-        .unwrap_or_else(|| CacheSpec::from_threshold(r.cache_threshold));
+    let spec = r.cache_spec();
     egui::ComboBox::from_id_salt("cache-policy")
         .selected_text(current)
         .width(220.0)
