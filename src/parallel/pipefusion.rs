@@ -56,23 +56,7 @@ pub enum StageBalance {
 /// Parameters of each block of `cfg` in the unified numbering (double blocks first): products,
 /// modulations, biases and norms.
 pub fn block_params(cfg: &FluxConfig) -> Vec<u64> {
-    let h = cfg.hidden_size as u64;
-    let mlp = cfg.mlp_hidden() as u64;
-    let head = (cfg.hidden_size / cfg.num_heads.max(1)) as u64;
-    // Per stream: qkv, proj, fc1, fc2 with biases, a 6-way modulation, two QK norms.
-    let stream = h * 3 * h
-        + h * h
-        + h * mlp
-        + mlp * h
-        + (3 * h + h + mlp + h)
-        + (h * 6 * h + 6 * h)
-        + 2 * head;
-    let double = 2 * stream;
-    let single =
-        h * (3 * h + mlp) + (h + mlp) * h + (3 * h + mlp + h) + (h * 3 * h + 3 * h) + 2 * head;
-    std::iter::repeat_n(double, cfg.depth)
-        .chain(std::iter::repeat_n(single, cfg.depth_single_blocks))
-        .collect()
+    cfg.block_params()
 }
 
 /// The blocks stage `stage` of `stages` holds under `balance`.
