@@ -3,8 +3,11 @@
 //! to the registry at run time, denoised by the sampler under every cache policy and under true
 //! CFG on one worker, with no code outside its folder knowing it.
 //!
-//! Not yet here: the parallel layouts (Ulysses, Ring, CFG split, PipeFusion, displaced, dp) still
-//! take FLUX.1's `Flux` in `src/parallel/`, so this family does not run on them yet.
+//! On CPU worker threads it runs the sequence-parallel layouts through the generic replica
+//! ([`parallax::parallel::replica::SpReplica`]): Ulysses 2, Ring 2, displaced patches 2 (exact in
+//! warm-up, rotating after), and true CFG split over 2 workers, each against its one-device
+//! result. Not yet here: PipeFusion and the engine's layouts (dp, and the mesh that combines
+//! them) still take FLUX.1's `Flux` in `src/parallel/{pipefusion,engine}.rs`.
 
 #[path = "common/family_swiglu/mod.rs"]
 mod family_swiglu;
@@ -12,8 +15,14 @@ mod family_swiglu;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
+use parallax::model::attention::Attention;
 use parallax::model::demo_weights::DemoWeights;
 use parallax::model::family::{self, Denoiser};
+use parallax::parallel::comm::{run_local, Communicator, LocalComm};
+use parallax::parallel::displaced::DisplacedAttention;
+use parallax::parallel::replica::SpReplica;
+use parallax::parallel::ring::RingAttention;
+use parallax::parallel::ulysses::UlyssesAttention;
 use parallax::pipeline::cache::{CachePolicy, CacheSpec, CacheStats, MagCalibrator};
 use parallax::pipeline::sampler::{self, Conditioning, TrueCfg};
 use parallax::pipeline::schedule;
@@ -90,6 +99,26 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f32>()
         .unwrap();
     (num / den) as f64
+}
+
+/// Which steps were reused ('R') and computed ('C').
+fn pattern(s: &CacheStats) -> String {
+    s.steps
+        .iter()
+        .map(|k| if k.is_reused() { 'R' } else { 'C' })
+        .collect()
+}
+
+/// Seed 1's image under true CFG against `neg` at `scale`, both branches on this worker.
+fn true_cfg_local(m: &dyn Denoiser, neg: &Conditioning, scale: f64) -> Tensor {
+    let mut neg_policy = CacheSpec::None.policy(None).unwrap();
+    let cfg = TrueCfg::Local {
+        neg,
+        policy: neg_policy.as_mut(),
+        scale,
+    };
+    let mut policy = CacheSpec::None.policy(None).unwrap();
+    denoise(m, 1, policy.as_mut(), Some(cfg)).0
 }
 
 fn same(a: &Tensor, b: &Tensor) -> bool {
@@ -196,23 +225,126 @@ fn the_second_family_takes_true_cfg_on_one_worker() {
     let (plain, _) = run(m, "none", None);
     // Scale 1 with any negative prompt is the positive branch alone (to rounding).
     let neg = conditioning(m, 9);
-    let mut neg_policy = CacheSpec::None.policy(None).unwrap();
-    let cfg = TrueCfg::Local {
-        neg: &neg,
-        policy: neg_policy.as_mut(),
-        scale: 1.0,
-    };
-    let mut policy = CacheSpec::None.policy(None).unwrap();
-    let (x, _) = denoise(m, 1, policy.as_mut(), Some(cfg));
-    let r = rel(&x, &plain);
+    let r = rel(&true_cfg_local(m, &neg, 1.0), &plain);
     assert!(r < 1e-5, "true CFG at scale 1: relative change {r}");
     // Scale 3 moves the image.
-    let mut neg_policy = CacheSpec::None.policy(None).unwrap();
-    let cfg = TrueCfg::Local {
-        neg: &neg,
-        policy: neg_policy.as_mut(),
-        scale: 3.0,
-    };
-    let (x3, _) = denoise(m, 1, policy.as_mut(), Some(cfg));
+    let x3 = true_cfg_local(m, &neg, 3.0);
     assert!(rel(&x3, &plain) > 1e-3);
+}
+
+/// The largest difference between the one-device latent under `spec` and every rank's, each of
+/// 2 ranks running the family through [`SpReplica`] with the attention `strategy` makes.
+fn sequence_parallel(
+    spec: &str,
+    strategy: &(dyn Fn(usize, Arc<dyn Communicator>) -> Arc<dyn Attention> + Sync),
+    rotate: bool,
+) -> f32 {
+    let m = model();
+    let (want, want_stats) = run(m.as_ref(), spec, None);
+    let outs = run_local(2, |rank, comm| {
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let attn = strategy(rank, comm.clone());
+        let mut r = SpReplica::new(m.clone(), comm, attn);
+        if rotate {
+            r = r.with_patch_rotation();
+        }
+        let (x, stats) = run(&r, spec, None);
+        assert_eq!(
+            pattern(&stats),
+            pattern(&want_stats),
+            "{spec}: rank {rank} decided otherwise"
+        );
+        Ok(x)
+    })
+    .expect("ranks");
+    outs.iter()
+        .map(|x| {
+            (x - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn the_second_family_runs_ulysses_and_ring() {
+    for spec in ["none", "fbcache:t=100", "taylorseer:n=3,order=1,warmup=2"] {
+        let d = sequence_parallel(spec, &|_, c| Arc::new(UlyssesAttention::new(c)), false);
+        eprintln!("ulysses 2, {spec}: largest difference {d:e}");
+        assert!(d < 1e-3, "ulysses 2, {spec}: {d}");
+        let d = sequence_parallel(spec, &|_, c| Arc::new(RingAttention::new(c)), false);
+        eprintln!("ring 2, {spec}: largest difference {d:e}");
+        assert!(d < 1e-3, "ring 2, {spec}: {d}");
+    }
+}
+
+#[test]
+fn the_second_family_runs_displaced_patches() {
+    // Warm-up through every step: exact.
+    let refresh = LocalComm::group(2);
+    let exact = |rank: usize, c: Arc<dyn Communicator>| -> Arc<dyn Attention> {
+        let r: Arc<dyn Communicator> = Arc::new(refresh[rank].clone());
+        Arc::new(DisplacedAttention::new(c, r, STEPS * 4).expect("displaced"))
+    };
+    let d = sequence_parallel("none", &exact, false);
+    eprintln!("displaced 2 in warm-up: largest difference {d:e}");
+    assert!(d < 1e-3, "displaced 2 in warm-up: {d}");
+    // Rotating after 2 exact forwards: stale keys and values, the latent finite and moved.
+    let refresh = LocalComm::group(2);
+    let rotating = |rank: usize, c: Arc<dyn Communicator>| -> Arc<dyn Attention> {
+        let r: Arc<dyn Communicator> = Arc::new(refresh[rank].clone());
+        Arc::new(
+            DisplacedAttention::new(c, r, 2)
+                .expect("displaced")
+                .rotating(),
+        )
+    };
+    let d = sequence_parallel("none", &rotating, true);
+    eprintln!("displaced 2 rotating after warm-up: largest difference {d:e}");
+    assert!(d.is_finite() && d > 0.0, "displaced 2 rotating: {d}");
+}
+
+#[test]
+fn the_second_family_splits_true_cfg_over_two_workers() {
+    let m = model();
+    let neg = conditioning(m.as_ref(), 9);
+    let local = true_cfg_local(m.as_ref(), &neg, 3.0);
+    let outs = run_local(2, |rank, comm| {
+        let cond = if rank == 0 {
+            conditioning(m.as_ref(), 1)
+        } else {
+            neg.clone()
+        };
+        let pe = m.pos_embed(TXT_LEN, GRID, GRID)?;
+        let x = made(1, "noise", (1, GRID * GRID, m.token_channels()));
+        let ts = schedule::timesteps(STEPS, GRID * GRID, true);
+        let mut policy = CacheSpec::None.policy(None).unwrap();
+        let cfg = TrueCfg::Split {
+            group: &comm,
+            scale: 3.0,
+        };
+        let (x, _) = sampler::denoise_cfg(
+            m.as_ref(),
+            &cond,
+            &pe,
+            x,
+            &ts,
+            None,
+            policy.as_mut(),
+            Some(cfg),
+            &mut |_| Ok(()),
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(x)
+    })
+    .expect("ranks");
+    for (rank, x) in outs.iter().enumerate() {
+        let r = rel(x, &local);
+        assert!(r < 1e-5, "CFG 2, rank {rank}: relative change {r}");
+    }
 }

@@ -2,6 +2,8 @@
 //! one step's input ([`StepInput`]), the two token streams between blocks ([`Streams`]), what every
 //! block needs besides them ([`BlockCtx`]) and the RoPE tables ([`PosEmbed`], any number of axes).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::qkv_prep::RopeTables;
@@ -67,7 +69,7 @@ pub fn apply_rope(x: &Tensor, pe: &PosEmbed) -> Result<Tensor> {
 }
 
 /// What every block of one step needs besides the token streams.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BlockCtx {
     /// The conditioning vector (B, hidden): timestep, guidance and pooled text as the family embeds
     /// them.
@@ -77,11 +79,26 @@ pub struct BlockCtx {
     /// Under sequence parallelism: how the group's ranks split the tokens (which rows of this
     /// rank's streams are padding).
     pub shards: Option<ShardLayout>,
+    /// The attention a parallel replica wrapping the model put here (its group's strategy):
+    /// blocks attend through it instead of the model's own ([`BlockCtx::attend_merged`]).
+    pub attention: Option<Arc<dyn Attention>>,
+}
+
+impl std::fmt::Debug for BlockCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCtx")
+            .field("vec", &self.vec)
+            .field("pe", &self.pe)
+            .field("shards", &self.shards)
+            .field("attention", &self.attention.as_ref().map(|a| a.name()))
+            .finish()
+    }
 }
 
 impl BlockCtx {
-    /// Attention through `attn` with heads merged, (B, Lq, H·D), as the output projection takes
-    /// it; padded keys are left out when the shards hold padding.
+    /// Attention through `attn` (or the replica's, [`BlockCtx::attention`], where one is set)
+    /// with heads merged, (B, Lq, H·D), as the output projection takes it; padded keys are left
+    /// out when the shards hold padding.
     pub fn attend_merged(
         &self,
         attn: &dyn Attention,
@@ -90,6 +107,7 @@ impl BlockCtx {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
+        let attn = self.attention.as_deref().unwrap_or(attn);
         attn.attend_layer(layer, q, k, v, self.shards.as_ref())
     }
 

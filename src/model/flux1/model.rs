@@ -19,7 +19,7 @@ use crate::collective::Communicator;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::shard::{Shard, ShardLayout};
+use crate::model::shard::{gather_velocity, Shard, ShardLayout};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Sinusoidal embedding of `t` (shape (B,)), scaled by `time_factor` first, cos half first.
@@ -680,6 +680,7 @@ impl Flux {
             vec,
             pe: pe.clone(),
             shards,
+            attention: None,
         }
     }
 
@@ -747,28 +748,7 @@ impl Flux {
             .final_linear
             .forward(&ln_modulate(img, shift, scale)?)?;
         match (&self.sp, &ctx.shards) {
-            // Every rank's shard: in rank order, or under rotation in shard order again;
-            // padding sits at the end of the image stream.
-            (Some(group), Some(layout)) => {
-                let all = group.all_gather(&v, 1)?;
-                let n = group.size();
-                let shift = (layout.rank + n - group.rank()) % n;
-                let all = if shift == 0 {
-                    all
-                } else {
-                    // Shard q came from rank (q - shift) mod n.
-                    let chunk = layout.img_shard;
-                    let parts = (0..n)
-                        .map(|q| all.narrow(1, ((q + n - shift) % n) * chunk, chunk))
-                        .collect::<Result<Vec<_>>>()?;
-                    Tensor::cat(&parts, 1)?
-                };
-                if layout.is_padded() {
-                    all.narrow(1, 0, layout.img_len)
-                } else {
-                    Ok(all)
-                }
-            }
+            (Some(group), Some(layout)) => gather_velocity(group.as_ref(), &v, layout),
             (Some(group), None) => group.all_gather(&v, 1),
             (None, _) => Ok(v),
         }

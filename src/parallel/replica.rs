@@ -1,0 +1,183 @@
+//! A sequence-parallel replica of any family's transformer ([`SpReplica`]): the parallel hooks
+//! (the group, its attention strategy, patch rotation) held by a wrapper on the parallel floor
+//! instead of by the model. [`Denoiser::embed`] cuts this rank's shard of the tokens (with their
+//! RoPE rows, padded as [`Shard`] says) and hands the model its local input, the block context
+//! carries the group's attention to the model's blocks, and [`Denoiser::final_layer`] gathers
+//! every rank's velocity, so the sampler and the cache policies see whole tensors as on one
+//! device.
+//!
+//! FLUX.1's engine path still uses the model's own hooks ([`super::sp::replica`]); this wrapper
+//! is how a family other than FLUX.1 runs Ulysses, Ring, USP and displaced patches.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::comm::Communicator;
+use crate::model::attention::Attention;
+use crate::model::family::{BlockCtx, Denoiser, PosEmbed, StepInput, Streams, TextSpec};
+use crate::model::shard::{gather_velocity, Shard};
+
+/// Rank `group.rank()` of a sequence-parallel group running `model` with `attention`.
+pub struct SpReplica {
+    model: Arc<dyn Denoiser>,
+    group: Arc<dyn Communicator>,
+    attention: Arc<dyn Attention>,
+    /// Under displaced patches with rotation (piflux): forwards so far; forward f of rank r
+    /// computes shard `(r + f) mod n`.
+    rotation: Option<Arc<AtomicUsize>>,
+}
+
+impl std::fmt::Debug for SpReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpReplica")
+            .field("model", &self.model)
+            .field("rank", &self.group.rank())
+            .field("size", &self.group.size())
+            .field("attention", &self.attention.name())
+            .finish()
+    }
+}
+
+impl SpReplica {
+    /// `model` (a one-device replica, holding no group of its own) as a rank of `group`, its
+    /// attention `attention` (the group's strategy: Ulysses, Ring, USP, displaced).
+    pub fn new(
+        model: Arc<dyn Denoiser>,
+        group: Arc<dyn Communicator>,
+        attention: Arc<dyn Attention>,
+    ) -> Self {
+        Self {
+            model,
+            group,
+            attention,
+            rotation: None,
+        }
+    }
+
+    /// Rotate the shards over the group (piflux; with a rotating displaced attention).
+    pub fn with_patch_rotation(mut self) -> Self {
+        self.rotation = Some(Arc::new(AtomicUsize::new(0)));
+        self
+    }
+}
+
+impl Denoiser for SpReplica {
+    fn family(&self) -> &'static str {
+        self.model.family()
+    }
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
+    fn dtype(&self) -> DType {
+        self.model.dtype()
+    }
+    fn num_blocks(&self) -> usize {
+        self.model.num_blocks()
+    }
+    fn num_heads(&self) -> usize {
+        self.model.num_heads()
+    }
+    fn hidden_size(&self) -> usize {
+        self.model.hidden_size()
+    }
+    fn block_params(&self) -> Vec<u64> {
+        self.model.block_params()
+    }
+    fn text_spec(&self) -> TextSpec {
+        self.model.text_spec()
+    }
+    fn token_channels(&self) -> usize {
+        self.model.token_channels()
+    }
+    fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed> {
+        self.model.pos_embed(txt_len, h, w)
+    }
+    fn embed(&self, input: &StepInput) -> Result<(Streams, BlockCtx)> {
+        let n = self.group.size();
+        let patch = match &self.rotation {
+            Some(f) => (self.group.rank() + f.fetch_add(1, Ordering::SeqCst)) % n,
+            None => self.group.rank(),
+        };
+        let shard = Shard::new(input, n, patch)?;
+        let (s, mut ctx) = self.model.embed(&shard.input(input))?;
+        ctx.shards = Some(shard.layout);
+        ctx.attention = Some(self.attention.clone());
+        Ok((s, ctx))
+    }
+    fn run_blocks(&self, s: Streams, ctx: &BlockCtx, range: Range<usize>) -> Result<Streams> {
+        self.model.run_blocks(s, ctx, range)
+    }
+    fn final_layer(&self, img: &Tensor, ctx: &BlockCtx) -> Result<Tensor> {
+        let v = self.model.final_layer(img, ctx)?;
+        match &ctx.shards {
+            Some(layout) => gather_velocity(self.group.as_ref(), &v, layout),
+            None => self.group.all_gather(&v, 1),
+        }
+    }
+    fn forward(&self, input: &StepInput) -> Result<Tensor> {
+        let (s, ctx) = self.embed(input)?;
+        let s = self.run_blocks(s, &ctx, 0..self.num_blocks())?;
+        self.final_layer(&s.img, &ctx)
+    }
+    fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
+        Some(&self.group)
+    }
+    fn held_blocks(&self) -> Range<usize> {
+        self.model.held_blocks()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo_weights::DemoWeights;
+    use crate::model::flux::{Flux, FluxConfig};
+    use crate::parallel::comm::run_local;
+    use crate::parallel::ulysses::UlyssesAttention;
+
+    /// FLUX.1 wrapped in the generic replica draws what its own hooks draw ([`super::super::sp`])
+    /// and what one device draws, on an uneven split (7 text tokens, a 5 x 3 image over 2 ranks).
+    #[test]
+    fn flux_through_the_replica_matches_its_own_hooks_and_one_device() -> Result<()> {
+        let dev = Device::Cpu;
+        let m = Flux::new(
+            &FluxConfig::tiny(),
+            DemoWeights::new(5).var_builder(DType::F32, &dev),
+        )?;
+        let img = Tensor::randn(0f32, 1.0, (1, 15, 64), &dev)?;
+        let txt = Tensor::randn(0f32, 1.0, (1, 7, FluxConfig::tiny().context_in_dim), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, FluxConfig::tiny().vec_in_dim), &dev)?;
+        let (t, g) = (Tensor::new(&[0.4f32], &dev)?, Tensor::new(&[3.5f32], &dev)?);
+        let pe = m.pos_embed(7, 5, 3)?;
+        let input = StepInput {
+            img: &img,
+            txt: &txt,
+            y: &y,
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        };
+        let want = m.forward(&input)?;
+        let shared: Arc<dyn Denoiser> = Arc::new(m.clone());
+        let outs = run_local(2, |_, comm| {
+            let comm: Arc<dyn Communicator> = Arc::new(comm);
+            let attn = Arc::new(UlyssesAttention::new(comm.clone()));
+            let own = super::super::sp::replica(&m, comm.clone(), attn.clone()).forward(&input)?;
+            let wrapped = SpReplica::new(shared.clone(), comm, attn).forward(&input)?;
+            Ok((own, wrapped))
+        })?;
+        for (own, wrapped) in outs {
+            let d = |a: &Tensor| -> Result<f32> { (a - &want)?.abs()?.max_all()?.to_scalar() };
+            assert!(d(&own)? < 1e-4 && d(&wrapped)? < 1e-4);
+            let same = (own - wrapped)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(same, 0.0, "the wrapper and the model's own hooks differ");
+        }
+        Ok(())
+    }
+}
