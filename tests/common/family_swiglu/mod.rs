@@ -312,6 +312,7 @@ impl Denoiser for SwigluModel {
                 vec,
                 pe: input.pe.clone(),
                 shards: None,
+                attention: None,
             },
         ))
     }
