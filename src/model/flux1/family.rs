@@ -72,8 +72,10 @@ impl Denoiser for Flux {
     fn forward(&self, input: &StepInput) -> Result<Tensor> {
         Flux::forward(self, input)
     }
+    /// None: a sequence-parallel group is held by the replica wrapping the model
+    /// ([`crate::parallel::replica::SpReplica`]).
     fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
-        Flux::sp_group(self)
+        None
     }
     fn held_blocks(&self) -> Range<usize> {
         Flux::held_blocks(self)

@@ -15,11 +15,10 @@ use candle_nn::{linear, Linear, VarBuilder};
 
 use super::config::FluxConfig;
 use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
-use crate::collective::Communicator;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::shard::{gather_velocity, Shard, ShardLayout};
+use crate::model::shard::{Shard, ShardLayout};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Sinusoidal embedding of `t` (shape (B,)), scaled by `time_factor` first, cos half first.
@@ -355,11 +354,6 @@ pub struct Flux {
     final_linear: Linear,
     final_mod: Linear,
     attention: Arc<dyn Attention>,
-    /// The sequence-parallel group this replica belongs to, if any.
-    sp: Option<Arc<dyn Communicator>>,
-    /// Under displaced patches with rotation (piflux): forwards so far, which shifts the patch
-    /// this rank computes by one each forward ([`Flux::with_patch_rotation`]).
-    patch_rotation: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// A strategy that runs whole forwards itself (PipeFusion; [`Flux::with_plan`]).
     plan: Option<Arc<dyn ForwardPlan>>,
     cfg: FluxConfig,
@@ -441,37 +435,12 @@ impl Flux {
             final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: Arc::new(LocalAttention::default()),
-            sp: None,
-            patch_rotation: None,
             plan: None,
             cfg: cfg.clone(),
             dtype,
             device,
             fp8: g != Fp8Groups::NONE,
         })
-    }
-
-    /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
-    /// rank's shard of the text and image tokens (with their RoPE rows; padded when the counts do
-    /// not divide by the group size, see [`crate::model::shard`]) and [`Flux::final_layer`]
-    /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
-    /// attention must be the group's strategy (Ulysses, Ring, USP).
-    pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
-        self.sp = Some(group);
-        self
-    }
-
-    /// Rotate the shards over the sequence-parallel group (piflux): forward f of rank r computes
-    /// shard `(r + f) mod n`, counted in `forwards`; [`Flux::final_layer`] puts the gathered
-    /// velocity back in order.
-    pub fn with_patch_rotation(mut self, forwards: Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        self.patch_rotation = Some(forwards);
-        self
-    }
-
-    /// The sequence-parallel group, if this replica is part of one.
-    pub fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
-        self.sp.as_ref()
     }
 
     /// FP8 products simulated in every block's linear layers (attention projections and MLPs):
@@ -637,24 +606,11 @@ impl Flux {
         PosEmbed::new(&ids, &self.cfg.axes_dim, self.cfg.theta, self.dtype)
     }
 
-    /// Input projections and the conditioning vector.
+    /// Input projections and the conditioning vector, for every token of `input` (a
+    /// sequence-parallel replica hands in its shard: [`crate::parallel::replica`]).
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
-        match &self.sp {
-            Some(group) => {
-                let patch = match &self.patch_rotation {
-                    Some(f) => {
-                        let f = f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        (group.rank() + f) % group.size()
-                    }
-                    None => group.rank(),
-                };
-                self.embed_patch(input, group.size(), patch)
-            }
-            None => {
-                let vec = self.conditioning(input)?;
-                Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
-            }
-        }
+        let vec = self.conditioning(input)?;
+        Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
     }
 
     /// [`Flux::embed`] of patch `patch` of `patches`: its shard of the text and image tokens
@@ -739,19 +695,13 @@ impl Flux {
         Ok(Streams { img, txt })
     }
 
-    /// The final adaLN and projection back to packed latent channels (B, N, 64).
+    /// The final adaLN and projection back to packed latent channels (B, N, 64), for the tokens
+    /// of `img` (a sequence-parallel replica gathers every rank's).
     pub fn final_layer(&self, img: &Tensor, ctx: &BlockCtx) -> Result<Tensor> {
         let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
         let (shift, scale) = (&c[0], &c[1]);
-        let v = self
-            .final_linear
-            .forward(&ln_modulate(img, shift, scale)?)?;
-        match (&self.sp, &ctx.shards) {
-            (Some(group), Some(layout)) => gather_velocity(group.as_ref(), &v, layout),
-            (Some(group), None) => group.all_gather(&v, 1),
-            (None, _) => Ok(v),
-        }
+        self.final_linear.forward(&ln_modulate(img, shift, scale)?)
     }
 
     /// The whole transformer: predicted velocity (B, N, 64).
