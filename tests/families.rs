@@ -6,8 +6,9 @@
 //! On CPU worker threads it runs the sequence-parallel layouts through the generic replica
 //! ([`parallax::parallel::replica::SpReplica`]): Ulysses 2, Ring 2, displaced patches 2 (exact in
 //! warm-up, rotating after), and true CFG split over 2 workers, each against its one-device
-//! result. Not yet here: PipeFusion and the engine's layouts (dp, and the mesh that combines
-//! them) still take FLUX.1's `Flux` in `src/parallel/{pipefusion,engine}.rs`.
+//! result, and PipeFusion 2 through its generic stage replica
+//! ([`parallax::parallel::pipefusion::PipeFusion::replica_of`]). Not yet here: the engine's
+//! layouts (dp, and the mesh that combines them) still load and hold FLUX.1's `Flux`.
 
 #[path = "common/family_swiglu/mod.rs"]
 mod family_swiglu;
@@ -20,6 +21,7 @@ use parallax::model::demo_weights::DemoWeights;
 use parallax::model::family::{self, Denoiser};
 use parallax::parallel::comm::{run_local, Communicator, LocalComm};
 use parallax::parallel::displaced::DisplacedAttention;
+use parallax::parallel::pipefusion::{PipeFusion, StageBalance};
 use parallax::parallel::replica::SpReplica;
 use parallax::parallel::ring::RingAttention;
 use parallax::parallel::ulysses::UlyssesAttention;
@@ -346,5 +348,37 @@ fn the_second_family_splits_true_cfg_over_two_workers() {
     for (rank, x) in outs.iter().enumerate() {
         let r = rel(x, &local);
         assert!(r < 1e-5, "CFG 2, rank {rank}: relative change {r}");
+    }
+}
+
+#[test]
+fn the_second_family_runs_pipefusion() {
+    let m = model();
+    let (want, _) = run(m.as_ref(), "none", None);
+    let stages = |warmup: usize| -> Vec<Tensor> {
+        run_local(2, |_, comm| {
+            let stage = PipeFusion::replica_of(
+                m.as_ref(),
+                Arc::new(comm),
+                None,
+                2,
+                warmup,
+                StageBalance::Work,
+            )?;
+            Ok(run(&stage, "none", None).0)
+        })
+        .expect("stages")
+    };
+    // Warm-up through every step: each stage runs the whole sequence, exact.
+    for x in stages(STEPS * 2) {
+        let d = rel(&x, &want);
+        eprintln!("pipefusion 2 in warm-up: relative change {d:e}");
+        assert!(d < 1e-5, "pipefusion 2 in warm-up: {d}");
+    }
+    // Two patches after one exact step: stale keys and values, the latent finite and moved.
+    for x in stages(1) {
+        let d = rel(&x, &want);
+        eprintln!("pipefusion 2, 2 patches after 1 warm-up step: relative change {d:.4}");
+        assert!(d.is_finite() && d > 0.0, "pipefusion 2 patched: {d}");
     }
 }

@@ -53,8 +53,23 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     /// RoPE tables for `txt_len` text tokens and an `h` x `w` grid of image tokens (the family's
     /// axes and theta).
     fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed>;
-    /// Input projections and the block context (this rank's shard under sequence parallelism).
-    fn embed(&self, input: &StepInput) -> Result<(Streams, BlockCtx)>;
+    /// The conditioning vector (B, hidden) every block modulates with: timestep, guidance and
+    /// pooled text as the family embeds them.
+    fn conditioning(&self, input: &StepInput) -> Result<Tensor>;
+    /// The input projections of the token streams.
+    fn embed_streams(&self, input: &StepInput) -> Result<Streams>;
+    /// Input projections and the block context, for every token of `input` (a
+    /// sequence-parallel replica hands in its shard and sets the context's shards and attention).
+    fn embed(&self, input: &StepInput) -> Result<(Streams, BlockCtx)> {
+        let vec = self.conditioning(input)?;
+        let ctx = BlockCtx {
+            vec,
+            pe: input.pe.clone(),
+            shards: None,
+            attention: None,
+        };
+        Ok((self.embed_streams(input)?, ctx))
+    }
     /// Run blocks `range` of the unified numbering.
     fn run_blocks(&self, s: Streams, ctx: &BlockCtx, range: Range<usize>) -> Result<Streams>;
     /// The final layer: predicted velocity (B, N, token channels), every rank's tokens.
@@ -66,8 +81,19 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     fn sp_group(&self) -> Option<&Arc<dyn Communicator>>;
     /// The blocks this replica holds (a pipeline stage's share), as a range of the numbering.
     fn held_blocks(&self) -> Range<usize>;
+    /// This model holding only the blocks `blocks` (a pipeline stage's share; a family may keep
+    /// more, [`Denoiser::held_blocks`] says what it holds).
+    fn keep_blocks(&self, blocks: Range<usize>) -> Arc<dyn Denoiser>;
     /// Bytes the weights hold on their device.
     fn weight_bytes(&self) -> usize;
+}
+
+/// A strategy that runs whole forward passes over several devices itself (PipeFusion), given
+/// the replica whose stage API it calls. Cache policies call the stage API directly and bypass
+/// it; the strategies that use one refuse them.
+pub trait ForwardPlan: Send + Sync {
+    /// The predicted velocity (B, N, token channels) for the whole input, on every rank.
+    fn forward(&self, model: &dyn Denoiser, input: &StepInput) -> Result<Tensor>;
 }
 
 /// A prompt as a family's transformer takes it.

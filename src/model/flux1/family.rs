@@ -60,6 +60,12 @@ impl Denoiser for Flux {
     fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed> {
         Flux::pos_embed(self, txt_len, h, w)
     }
+    fn conditioning(&self, input: &StepInput) -> Result<Tensor> {
+        Flux::conditioning(self, input)
+    }
+    fn embed_streams(&self, input: &StepInput) -> Result<Streams> {
+        Flux::embed_streams(self, input)
+    }
     fn embed(&self, input: &StepInput) -> Result<(Streams, BlockCtx)> {
         Flux::embed(self, input)
     }
@@ -79,6 +85,9 @@ impl Denoiser for Flux {
     }
     fn held_blocks(&self) -> Range<usize> {
         Flux::held_blocks(self)
+    }
+    fn keep_blocks(&self, blocks: Range<usize>) -> Arc<dyn Denoiser> {
+        Arc::new(self.clone().only_blocks(blocks))
     }
     fn weight_bytes(&self) -> usize {
         Flux::weight_bytes(self)

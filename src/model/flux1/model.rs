@@ -18,6 +18,7 @@ use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
+pub use crate::model::family::ForwardPlan;
 use crate::model::shard::{Shard, ShardLayout};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
@@ -327,14 +328,6 @@ impl SingleBlock {
         let out = self.linear2.forward(&joined)?;
         m.gated_add(x, &out)
     }
-}
-
-/// A strategy that runs whole forward passes over several devices itself (PipeFusion), given
-/// the replica whose stage API it calls. Cache policies call the stage API directly and bypass
-/// it; the strategies that use one refuse them.
-pub trait ForwardPlan: Send + Sync {
-    /// The predicted velocity (B, N, 64) for the whole input, on every rank.
-    fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor>;
 }
 
 /// FLUX.1's name for one step's input (the same type as every family's).

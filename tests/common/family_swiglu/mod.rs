@@ -298,23 +298,14 @@ impl Denoiser for SwigluModel {
         let ids = Tensor::from_vec(ids, (txt_len + h * w, 4), &self.device)?;
         PosEmbed::new(&ids, &self.cfg.axes_dim, self.cfg.theta, self.dtype)
     }
-    fn embed(&self, input: &StepInput) -> Result<(Streams, BlockCtx)> {
+    fn conditioning(&self, input: &StepInput) -> Result<Tensor> {
         let t = time_embedding(input.timesteps, self.dtype)?;
-        let vec = self
-            .time_in
-            .1
-            .forward(&self.time_in.0.forward(&t)?.silu()?)?;
+        self.time_in.1.forward(&self.time_in.0.forward(&t)?.silu()?)
+    }
+    fn embed_streams(&self, input: &StepInput) -> Result<Streams> {
         let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
         let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
-        Ok((
-            Streams { img, txt },
-            BlockCtx {
-                vec,
-                pe: input.pe.clone(),
-                shards: None,
-                attention: None,
-            },
-        ))
+        Ok(Streams { img, txt })
     }
     fn run_blocks(&self, s: Streams, ctx: &BlockCtx, range: Range<usize>) -> Result<Streams> {
         let Streams { mut img, mut txt } = s;
@@ -385,6 +376,10 @@ impl Denoiser for SwigluModel {
     }
     fn held_blocks(&self) -> Range<usize> {
         0..self.num_blocks()
+    }
+    /// Keeps every block (small enough that a stage holding the others costs nothing).
+    fn keep_blocks(&self, _blocks: Range<usize>) -> Arc<dyn Denoiser> {
+        Arc::new(self.clone())
     }
     fn weight_bytes(&self) -> usize {
         self.block_params().iter().sum::<u64>() as usize * self.dtype.size_in_bytes()
