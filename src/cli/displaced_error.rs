@@ -161,7 +161,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
             tracing::debug!(rank, "rank bound to its device");
             let comm: Arc<dyn Communicator> = Arc::new(comm);
             let mut displaced = None;
-            let model = match cell {
+            let model: Box<dyn crate::model::family::Denoiser> = match cell {
                 Cell::Displaced(_, w) => {
                     let attn = Arc::new(DisplacedAttention::new(
                         comm.clone(),
@@ -169,21 +169,21 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                         w,
                     )?);
                     displaced = Some(attn.clone());
-                    crate::parallel::sp::replica(flux, comm, attn)
+                    Box::new(crate::parallel::sp::replica(flux, comm, attn))
                 }
                 Cell::PipeFusion(_, m, w) => {
                     let (s, u) = (rank / uly, rank % uly);
-                    PipeFusion::replica_in(
+                    Box::new(PipeFusion::replica_in(
                         flux,
                         Arc::new(pipes[u][s].clone()),
                         (uly > 1).then(|| Arc::new(ulys[s][u].clone()) as Arc<dyn Communicator>),
                         m,
                         w,
                         StageBalance::Work,
-                    )?
+                    )?)
                 }
             };
-            let (x, _) = crate::pipeline::denoise(&model, job, None, &mut |info| {
+            let (x, _) = crate::pipeline::denoise(model.as_ref(), job, None, &mut |info| {
                 tracing::debug!(rank, step = info.index, "step done");
                 Ok(())
             })

@@ -7,12 +7,17 @@ pub mod comfyui;
 pub mod demo;
 pub mod demo_weights;
 pub mod export;
-pub mod flux;
+pub mod family;
+pub mod flux1;
 pub mod hub;
 pub mod layout;
 pub mod rng;
 pub mod shard;
+pub mod step;
 pub mod text;
 pub mod tokenizer;
 pub mod vae;
 pub mod weights;
+
+/// FLUX.1's modules under their old path (the transformer, its config and its input).
+pub use flux1 as flux;

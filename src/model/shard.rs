@@ -198,6 +198,34 @@ impl Shard {
     }
 }
 
+/// Every rank's velocity shard `v` (B, shard, C) gathered whole (B, N, C): in rank order, or
+/// under patch rotation (this rank computed shard `layout.rank`) in shard order again; the image
+/// stream's padding, at its end, dropped.
+pub fn gather_velocity(
+    group: &dyn crate::collective::Communicator,
+    v: &Tensor,
+    layout: &ShardLayout,
+) -> Result<Tensor> {
+    let all = group.all_gather(v, 1)?;
+    let n = group.size();
+    let shift = (layout.rank + n - group.rank()) % n;
+    let all = if shift == 0 {
+        all
+    } else {
+        // Shard q came from rank (q - shift) mod n.
+        let chunk = layout.img_shard;
+        let parts = (0..n)
+            .map(|q| all.narrow(1, ((q + n - shift) % n) * chunk, chunk))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)?
+    };
+    if layout.is_padded() {
+        all.narrow(1, 0, layout.img_len)
+    } else {
+        Ok(all)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

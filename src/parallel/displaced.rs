@@ -13,7 +13,7 @@
 //!   the rank goes on with the next layer; the next forward picks them up. The exchange is off
 //!   the critical path: on GPUs the refresh thread queues on a stream of its own.
 //!
-//! **Rotating** ([`DisplacedAttention::rotating`], with [`crate::model::flux::Flux::with_patch_rotation`]):
+//! **Rotating** ([`DisplacedAttention::rotating`], with [`super::replica::SpReplica::with_patch_rotation`]):
 //! piflux's variant. Forward f of rank r computes shard `(r + f) mod n`, and after warm-up no K/V
 //! are exchanged at all: each rank keeps its own copy of every shard's K/V and refreshes the rows
 //! of the shard it computes, so over n forwards it refreshes all of them itself. The only traffic
@@ -155,7 +155,7 @@ impl DisplacedAttention {
     }
 
     /// piflux's variant: after warm-up, keep refreshing only the shard this rank computes (the
-    /// model must rotate the shards: [`crate::model::flux::Flux::with_patch_rotation`]).
+    /// model must rotate the shards: [`super::replica::SpReplica::with_patch_rotation`]).
     pub fn rotating(mut self) -> Self {
         self.rotate = true;
         self

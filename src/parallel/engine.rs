@@ -527,23 +527,23 @@ pub fn denoise_rank(
     report: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let layout = mesh.layout();
-    let model = if layout.pipeline > 1 {
-        super::pipefusion::PipeFusion::replica_in(
+    let model: Box<dyn crate::model::family::Denoiser> = if layout.pipeline > 1 {
+        Box::new(super::pipefusion::PipeFusion::replica_in(
             flux,
             groups.pipe.clone(),
             (layout.ulysses > 1).then(|| groups.ulysses.clone()),
             layout.patches(),
             layout.pipeline_warmup(),
             layout.pipeline_balance,
-        )?
+        )?)
     } else {
-        sequence_replica(flux, mesh, groups)?
+        Box::new(sequence_replica(flux, mesh, groups)?)
     };
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
         (mesh.layout().cfg == 2).then(|| (groups.cfg.as_ref(), mesh.coords(rank).cfg == 1));
     let fault = super::fault::Fault::from_env();
-    crate::pipeline::denoise(&model, job, cfg_pair, &mut |info| {
+    crate::pipeline::denoise(model.as_ref(), job, cfg_pair, &mut |info| {
         if let Some(f) = &fault {
             f.strike(rank, info.index)?;
         }
@@ -569,7 +569,7 @@ fn sequence_replica(
     flux: &crate::model::flux::Flux,
     mesh: &Mesh,
     groups: &RankGroups,
-) -> Result<crate::model::flux::Flux> {
+) -> Result<super::replica::SpReplica> {
     let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().displaced_warmup {
         Some(warmup) => {
             let refresh = groups.refresh.clone().ok_or_else(|| {
@@ -591,7 +591,7 @@ fn sequence_replica(
     };
     let mut model = super::sp::replica(flux, groups.sp.clone(), attn);
     if mesh.layout().displaced_rotate {
-        model = model.with_patch_rotation(Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+        model = model.with_patch_rotation();
     }
     Ok(model)
 }

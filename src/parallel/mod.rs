@@ -32,6 +32,7 @@ pub mod mesh;
 pub mod nccl;
 pub mod pipefusion;
 pub mod refusal;
+pub mod replica;
 pub mod ring;
 pub mod sp;
 pub mod store;

@@ -37,7 +37,8 @@ use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::flux::{Flux, FluxConfig, FluxInput, ForwardPlan, Streams};
+use crate::model::family::{BlockCtx, Denoiser, ForwardPlan, StepInput, Streams};
+use crate::model::flux::{Flux, FluxConfig};
 use crate::model::shard::{Shard, ShardLayout};
 
 /// How the blocks are split over the stages.
@@ -56,23 +57,7 @@ pub enum StageBalance {
 /// Parameters of each block of `cfg` in the unified numbering (double blocks first): products,
 /// modulations, biases and norms.
 pub fn block_params(cfg: &FluxConfig) -> Vec<u64> {
-    let h = cfg.hidden_size as u64;
-    let mlp = cfg.mlp_hidden() as u64;
-    let head = (cfg.hidden_size / cfg.num_heads.max(1)) as u64;
-    // Per stream: qkv, proj, fc1, fc2 with biases, a 6-way modulation, two QK norms.
-    let stream = h * 3 * h
-        + h * h
-        + h * mlp
-        + mlp * h
-        + (3 * h + h + mlp + h)
-        + (h * 6 * h + 6 * h)
-        + 2 * head;
-    let double = 2 * stream;
-    let single =
-        h * (3 * h + mlp) + (h + mlp) * h + (3 * h + mlp + h) + (h * 3 * h + 3 * h) + 2 * head;
-    std::iter::repeat_n(double, cfg.depth)
-        .chain(std::iter::repeat_n(single, cfg.depth_single_blocks))
-        .collect()
+    cfg.block_params()
 }
 
 /// The blocks stage `stage` of `stages` holds under `balance`.
@@ -82,9 +67,19 @@ pub fn stage_split(
     stage: usize,
     balance: StageBalance,
 ) -> Range<usize> {
+    split_blocks(&block_params(cfg), stages, stage, balance)
+}
+
+/// [`stage_split`] of any family's blocks, given each block's parameters.
+pub fn split_blocks(
+    params: &[u64],
+    stages: usize,
+    stage: usize,
+    balance: StageBalance,
+) -> Range<usize> {
     match balance {
-        StageBalance::Work => stage_blocks(cfg.num_blocks(), stages, stage),
-        StageBalance::Memory => weighted_blocks(&block_params(cfg), stages, stage),
+        StageBalance::Work => stage_blocks(params.len(), stages, stage),
+        StageBalance::Memory => weighted_blocks(params, stages, stage),
     }
 }
 
@@ -468,25 +463,53 @@ impl PipeFusion {
         warmup: usize,
         balance: StageBalance,
     ) -> Result<Flux> {
-        let blocks = stage_split(model.config(), group.size(), group.rank(), balance);
+        let plan = Self::stage_plan(model, group, ulysses, patches, warmup, balance)?;
+        Ok(model
+            .clone()
+            .only_blocks(plan.blocks.clone())
+            .with_attention(plan.kv.clone())
+            .with_plan(plan))
+    }
+
+    /// [`PipeFusion::replica_in`] for any family: the stage's blocks of `model` run through
+    /// the plan by a replica on this floor ([`super::replica::Planned`]).
+    pub fn replica_of(
+        model: &dyn Denoiser,
+        group: Arc<dyn Communicator>,
+        ulysses: Option<Arc<dyn Communicator>>,
+        patches: usize,
+        warmup: usize,
+        balance: StageBalance,
+    ) -> Result<super::replica::Planned> {
+        let plan = Self::stage_plan(model, group, ulysses, patches, warmup, balance)?;
+        Ok(super::replica::Planned::new(
+            model.keep_blocks(plan.blocks.clone()),
+            plan,
+        ))
+    }
+
+    /// The plan of stage `group.rank()` for `model`: its blocks under `balance`, its attention.
+    fn stage_plan(
+        model: &dyn Denoiser,
+        group: Arc<dyn Communicator>,
+        ulysses: Option<Arc<dyn Communicator>>,
+        patches: usize,
+        warmup: usize,
+        balance: StageBalance,
+    ) -> Result<Arc<Self>> {
+        let blocks = split_blocks(&model.block_params(), group.size(), group.rank(), balance);
         let mut kv = PatchKv::new(patches);
         if let Some(u) = ulysses {
-            if model.config().num_heads % u.size() != 0 {
+            if model.num_heads() % u.size() != 0 {
                 candle_core::bail!(
                     "PipeFusion: the Ulysses degree {} must divide the {} heads",
                     u.size(),
-                    model.config().num_heads
+                    model.num_heads()
                 );
             }
             kv = kv.with_ulysses(u);
         }
-        let kv = Arc::new(kv);
-        let plan = Arc::new(Self::new(group, kv.clone(), blocks.clone(), warmup)?);
-        Ok(model
-            .clone()
-            .only_blocks(blocks)
-            .with_attention(kv)
-            .with_plan(plan))
+        Ok(Arc::new(Self::new(group, Arc::new(kv), blocks, warmup)?))
     }
 
     fn send(&self, s: &Streams) -> Result<()> {
@@ -512,8 +535,8 @@ impl PipeFusion {
     /// stage each rank takes its slice of the piece, and the slices' velocities are gathered.
     fn piece(
         &self,
-        model: &Flux,
-        piece: &FluxInput,
+        model: &dyn Denoiser,
+        piece: &StepInput,
         vec: &Tensor,
         stage: usize,
         last: bool,
@@ -524,10 +547,9 @@ impl PipeFusion {
             Some(g) => {
                 slice = Shard::new(piece, g.size(), g.rank())?;
                 local = slice.input(piece);
-                let ctx = model.ctx(vec.clone(), &slice.pe, Some(slice.layout));
-                (&local, ctx)
+                (&local, self.ctx(vec, &slice.pe, Some(slice.layout)))
             }
-            None => (piece, model.ctx(vec.clone(), piece.pe, None)),
+            None => (piece, self.ctx(vec, piece.pe, None)),
         };
         let s = if stage == 0 {
             model.embed_streams(input)?
@@ -547,8 +569,25 @@ impl PipeFusion {
     }
 }
 
+impl PipeFusion {
+    /// The block context of a piece: its attention through the stage's [`PatchKv`].
+    fn ctx(
+        &self,
+        vec: &Tensor,
+        pe: &crate::model::family::PosEmbed,
+        shards: Option<ShardLayout>,
+    ) -> BlockCtx {
+        BlockCtx {
+            vec: vec.clone(),
+            pe: pe.clone(),
+            shards,
+            attention: Some(self.kv.clone()),
+        }
+    }
+}
+
 impl ForwardPlan for PipeFusion {
-    fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor> {
+    fn forward(&self, model: &dyn Denoiser, input: &StepInput) -> Result<Tensor> {
         let f = self.forwards.fetch_add(1, Ordering::SeqCst);
         let (stage, stages) = (self.group.rank(), self.group.size());
         let last = stage + 1 == stages;
@@ -581,7 +620,7 @@ impl ForwardPlan for PipeFusion {
         let v = match v {
             Some(v) => v,
             None => Tensor::zeros(
-                (input.img.dim(0)?, img_len, model.config().in_channels),
+                (input.img.dim(0)?, img_len, model.token_channels()),
                 model.dtype(),
                 model.device(),
             )?,
@@ -803,7 +842,7 @@ mod tests {
         let t = Tensor::new(&[0.5f32], &dev)?;
         let g = Tensor::new(&[3.5f32], &dev)?;
         let pe = m.pos_embed(txt, h, w)?;
-        let input = FluxInput {
+        let input = StepInput {
             img: &img,
             txt: &txt_t,
             y: &y,

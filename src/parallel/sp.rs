@@ -23,6 +23,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
+use super::replica::SpReplica;
 use crate::model::flux::Flux;
 pub use crate::model::shard::{Shard, ShardLayout};
 
@@ -45,22 +46,21 @@ pub(crate) fn real_keys(
     }
 }
 
-/// A replica of `model` as rank `comm.rank()` of a sequence-parallel group using `attention`.
+/// A replica of `model` as rank `comm.rank()` of a sequence-parallel group using `attention`
+/// (the hooks held by [`SpReplica`], not by the model).
 pub fn replica(
     model: &Flux,
     comm: Arc<dyn Communicator>,
     attention: Arc<dyn crate::model::attention::Attention>,
-) -> Flux {
-    model
-        .clone()
-        .with_attention(attention)
-        .with_sequence_parallel(comm)
+) -> SpReplica {
+    SpReplica::new(Arc::new(model.clone()), comm, attention)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
+    use crate::model::family::Denoiser;
     use crate::model::flux::{FluxConfig, FluxInput};
     use crate::parallel::comm::{run_local, LocalComm};
     use crate::parallel::ring::RingAttention;

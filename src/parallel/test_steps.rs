@@ -47,7 +47,7 @@ impl Steps {
     }
 
     /// Every forward of `f`, in order.
-    pub fn run(&self, f: &Flux) -> Result<Vec<Tensor>> {
+    pub fn run(&self, f: &dyn crate::model::family::Denoiser) -> Result<Vec<Tensor>> {
         self.steps
             .iter()
             .map(|(img, t)| {

@@ -840,7 +840,7 @@ pub fn check_request(req: &GenerateRequest) -> Result<()> {
 /// worker) and whether this worker runs the negative branch; without it, a worker runs both
 /// branches itself when true CFG is on. Returns the final packed latent and the cache counts.
 pub fn denoise(
-    flux: &Flux,
+    flux: &dyn crate::model::family::Denoiser,
     job: &DenoiseJob,
     cfg_pair: Option<(&dyn crate::collective::Communicator, bool)>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 use super::cache::{CachePolicy, CacheStats, StepKind, StepPos};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput, PosEmbed};
+use crate::model::family::{Denoiser, PosEmbed, StepInput};
 use crate::Result;
 
 /// Text conditioning for one image.
@@ -45,7 +45,7 @@ pub struct StepInfo<'a> {
 /// [`crate::Error::Cancelled`]). The latent is kept in f32 between steps whatever the model's dtype.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise(
-    model: &Flux,
+    model: &dyn Denoiser,
     cond: &Conditioning,
     pe: &PosEmbed,
     x: Tensor,
@@ -100,7 +100,7 @@ fn check_finite(x: &Tensor, index: usize, total: usize) -> Result<()> {
 /// [`denoise`] with optional true CFG.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_cfg(
-    model: &Flux,
+    model: &dyn Denoiser,
     cond: &Conditioning,
     pe: &PosEmbed,
     mut x: Tensor,
@@ -115,7 +115,7 @@ pub fn denoise_cfg(
     let b = x.dim(0)?;
     policy.reset();
     let mut stats = CacheStats::default();
-    let g = match (model.config().guidance_embed, guidance) {
+    let g = match (model.text_spec().guidance_embed, guidance) {
         (true, Some(g)) => Some(Tensor::full(g as f32, b, dev)?),
         (true, None) => Some(Tensor::full(3.5f32, b, dev)?),
         (false, _) => None,
@@ -136,7 +136,7 @@ pub fn denoise_cfg(
         let (t, t_next) = (timesteps[i], timesteps[i + 1]);
         let tt = Tensor::full(t as f32, b, dev)?;
         let xin = x.to_dtype(dtype)?;
-        let input = FluxInput {
+        let input = StepInput {
             img: &xin,
             txt: &txt,
             y: &y,
@@ -153,7 +153,7 @@ pub fn denoise_cfg(
         let (v, kind) = policy.predict(model, &input, pos)?;
         let v = match (&mut cfg, &neg) {
             (Some(TrueCfg::Local { policy, scale, .. }), Some((ntxt, ny))) => {
-                let input = FluxInput {
+                let input = StepInput {
                     txt: ntxt,
                     y: ny,
                     ..input.clone()

@@ -16,7 +16,7 @@ use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos, TaylorHistory};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput, Streams};
+use crate::model::family::{Denoiser, StepInput, Streams};
 use crate::Result;
 
 /// DBCache's settings (what `dbcache:f=..,b=..,t=..,max=..,warmup=..,taylor=..` names).
@@ -84,11 +84,11 @@ impl CachePolicy for DbCache {
 
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let n = model.config().num_blocks();
+        let n = model.num_blocks();
         let f = self.s.front.min(n);
         let b = self.s.back.min(n - f);
         let (s0, ctx) = model.embed(input).px()?;

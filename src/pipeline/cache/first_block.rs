@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput};
+use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
 pub struct FirstBlockCache {
@@ -64,11 +64,11 @@ impl CachePolicy for FirstBlockCache {
 
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         _pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let n = model.config().num_blocks();
+        let n = model.num_blocks();
         let (s0, ctx) = model.embed(input).px()?;
         let img_in = s0.img.clone();
         let s1 = model.run_blocks(s0, &ctx, 0..1).px()?;

@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor};
 
 use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput};
+use crate::model::family::{Denoiser, StepInput};
 use crate::{Error, Result};
 
 /// `g(t) = d ln mean|R| / dt` sampled at increasing times in (0, 1).
@@ -118,8 +118,8 @@ impl CachePolicy for MagCache {
 
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let (s0, ctx) = model.embed(input).px()?;
@@ -208,8 +208,8 @@ impl CachePolicy for MagCalibrator {
 
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let (s0, ctx) = model.embed(input).px()?;

@@ -1,8 +1,8 @@
 //! Cache policies: how much of the transformer a denoising step really runs.
 //!
 //! The denoising loop asks its policy for each step's velocity; the policy decides which blocks to
-//! run through the transformer's stage API ([`Flux::embed`], [`Flux::run_blocks`],
-//! [`Flux::final_layer`]). A new policy is one new file implementing [`CachePolicy`], plus its
+//! run through the transformer's stage API ([`Denoiser::embed`], [`Denoiser::run_blocks`],
+//! [`Denoiser::final_layer`]). A new policy is one new file implementing [`CachePolicy`], plus its
 //! line in [`CacheSpec`] (how it is named on the command line, in settings and in PNGs).
 
 mod dbcache;
@@ -21,7 +21,7 @@ pub use taylor::{TaylorHistory, TaylorSeer};
 
 use candle_core::Tensor;
 
-use crate::model::flux::{Flux, FluxInput};
+use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
 /// What a step did.
@@ -77,8 +77,8 @@ pub trait CachePolicy: Send {
     /// The velocity for this step, and what was computed to get it.
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)>;
 }
@@ -113,13 +113,13 @@ pub fn calibration_file(label: &str) -> std::path::PathBuf {
 /// Every block on the embedded streams `s0`: the step's velocity, and the blocks' residual on the
 /// image stream (what TaylorSeer and MagCache keep).
 pub(crate) fn full_step(
-    model: &Flux,
-    s0: crate::model::flux::Streams,
-    ctx: &crate::model::flux::BlockCtx,
+    model: &dyn Denoiser,
+    s0: crate::model::family::Streams,
+    ctx: &crate::model::family::BlockCtx,
 ) -> Result<(Tensor, Tensor)> {
     use crate::error::CandleResultExt;
     let img_in = s0.img.clone();
-    let n = model.config().num_blocks();
+    let n = model.num_blocks();
     let s = model.run_blocks(s0, ctx, 0..n).px()?;
     let residual = (&s.img - &img_in).px()?;
     Ok((model.final_layer(&s.img, ctx).px()?, residual))
@@ -128,8 +128,8 @@ pub(crate) fn full_step(
 /// Relative change `sum|a - b| / sum|b|` of two residuals on the image stream, summed over the
 /// sequence-parallel group (padding rows left out) so that every rank decides alike.
 pub(crate) fn relative_change(
-    model: &Flux,
-    ctx: &crate::model::flux::BlockCtx,
+    model: &dyn Denoiser,
+    ctx: &crate::model::family::BlockCtx,
     r: &Tensor,
     r_ref: &Tensor,
 ) -> Result<f64> {

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput};
+use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -17,8 +17,8 @@ impl CachePolicy for NoCache {
     fn reset(&mut self) {}
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         _pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let v = model.forward(input).px()?;

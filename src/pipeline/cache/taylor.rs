@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos};
 use crate::error::CandleResultExt;
-use crate::model::flux::{Flux, FluxInput};
+use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
 /// One feature's value and finite-difference derivatives at the last step it was computed.
@@ -113,8 +113,8 @@ impl CachePolicy for TaylorSeer {
 
     fn predict(
         &mut self,
-        model: &Flux,
-        input: &FluxInput,
+        model: &dyn Denoiser,
+        input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let (s0, ctx) = model.embed(input).px()?;

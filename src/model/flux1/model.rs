@@ -11,148 +11,16 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, linear_b, Linear, VarBuilder};
-use serde::{Deserialize, Serialize};
+use candle_nn::{linear, Linear, VarBuilder};
 
-use super::attention::{Attention, LocalAttention};
-use super::shard::{Shard, ShardLayout};
-use crate::collective::Communicator;
+use super::config::FluxConfig;
+use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
-use crate::kernels::gemm;
-use crate::kernels::qkv_prep::{qkv_prep, QkvStream, RopeTables};
-
-/// Architecture hyper-parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FluxConfig {
-    /// Packed latent channels: 16 latent channels x 2x2 patches.
-    pub in_channels: usize,
-    /// Pooled CLIP embedding width.
-    pub vec_in_dim: usize,
-    /// T5 embedding width.
-    pub context_in_dim: usize,
-    pub hidden_size: usize,
-    pub mlp_ratio: f64,
-    pub num_heads: usize,
-    /// Double-stream blocks.
-    pub depth: usize,
-    /// Single-stream blocks.
-    pub depth_single_blocks: usize,
-    /// RoPE dimensions per position axis (text index, row, column); they sum to the head dim.
-    pub axes_dim: Vec<usize>,
-    pub theta: f64,
-    pub qkv_bias: bool,
-    /// FLUX.1-dev distils guidance into an embedding; schnell does not.
-    pub guidance_embed: bool,
-}
-
-impl FluxConfig {
-    pub fn dev() -> Self {
-        Self {
-            in_channels: 64,
-            vec_in_dim: 768,
-            context_in_dim: 4096,
-            hidden_size: 3072,
-            mlp_ratio: 4.0,
-            num_heads: 24,
-            depth: 19,
-            depth_single_blocks: 38,
-            axes_dim: vec![16, 56, 56],
-            theta: 10_000.0,
-            qkv_bias: true,
-            guidance_embed: true,
-        }
-    }
-
-    pub fn schnell() -> Self {
-        Self {
-            guidance_embed: false,
-            ..Self::dev()
-        }
-    }
-
-    /// A small model with FLUX's structure and made-up weights, for tests (`random:tiny`): 2 heads
-    /// of 64, 2 double and 4 single blocks, text widths matching the demo text encoders.
-    pub fn tiny() -> Self {
-        Self {
-            in_channels: 64,
-            vec_in_dim: super::text::DEMO_CLIP_DIM,
-            context_in_dim: super::text::DEMO_T5_DIM,
-            hidden_size: 128,
-            mlp_ratio: 4.0,
-            num_heads: 2,
-            depth: 2,
-            depth_single_blocks: 4,
-            axes_dim: vec![8, 28, 28],
-            theta: 10_000.0,
-            qkv_bias: true,
-            guidance_embed: true,
-        }
-    }
-
-    /// The trained demo model (`--model demo`, weights in `assets/demo/`): 2 heads of 64, 2 double
-    /// and 6 single blocks, guidance embedded like FLUX.1-dev.
-    pub fn demo() -> Self {
-        Self {
-            depth_single_blocks: 6,
-            ..Self::tiny()
-        }
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
-    }
-
-    pub fn mlp_hidden(&self) -> usize {
-        (self.hidden_size as f64 * self.mlp_ratio) as usize
-    }
-
-    /// Total blocks, double then single, as indexed by [`Flux::run_blocks`].
-    pub fn num_blocks(&self) -> usize {
-        self.depth + self.depth_single_blocks
-    }
-
-    /// Check internal consistency (used on configs read from files).
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
-            return Err(format!(
-                "hidden size {} is not divisible by {} heads",
-                self.hidden_size, self.num_heads
-            ));
-        }
-        let sum: usize = self.axes_dim.iter().sum();
-        if sum != self.head_dim() || self.axes_dim.iter().any(|a| a % 2 != 0) {
-            return Err(format!(
-                "RoPE axes {:?} must be even and sum to the head dim {}",
-                self.axes_dim,
-                self.head_dim()
-            ));
-        }
-        if self.in_channels == 0 || self.depth + self.depth_single_blocks == 0 {
-            return Err("model has no input channels or no blocks".into());
-        }
-        Ok(())
-    }
-}
-
-impl FluxConfig {
-    /// Floating-point operations of one transformer pass over `txt_len` text and `img_len` image
-    /// tokens (batch 1): every linear layer (2 FLOP per multiply-add) plus the attention products
-    /// (Q Kᵀ and P V). Modulation and embedding layers (per image, not per token) are left out.
-    pub fn flops_per_step(&self, txt_len: usize, img_len: usize) -> f64 {
-        let h = self.hidden_size as f64;
-        let mlp = self.mlp_hidden() as f64;
-        let l = (txt_len + img_len) as f64;
-        // Double block, per token of either stream: qkv 3h², proj h², MLP 2·h·mlp.
-        let double = 2.0 * (4.0 * h * h + 2.0 * h * mlp);
-        // Single block: linear1 h·(3h + mlp), linear2 (h + mlp)·h.
-        let single = 2.0 * (h * (3.0 * h + mlp) + (h + mlp) * h);
-        let linear = l * (self.depth as f64 * double + self.depth_single_blocks as f64 * single);
-        let attention = self.num_blocks() as f64 * 4.0 * l * l * h;
-        let io = 2.0 * img_len as f64 * self.in_channels as f64 * h * 2.0
-            + 2.0 * txt_len as f64 * self.context_in_dim as f64 * h;
-        linear + attention + io
-    }
-}
+use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
+use crate::model::attention::{Attention, LocalAttention};
+pub use crate::model::family::ForwardPlan;
+use crate::model::shard::{Shard, ShardLayout};
+pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Sinusoidal embedding of `t` (shape (B,)), scaled by `time_factor` first, cos half first.
 pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor> {
@@ -172,58 +40,6 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> Result<Tensor
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)
 }
 
-/// Cosine and sine tables for the interleaved 3-axis RoPE, (L, head_dim/2) each.
-#[derive(Debug, Clone)]
-pub struct PosEmbed {
-    pub cos: Tensor,
-    pub sin: Tensor,
-}
-
-impl PosEmbed {
-    /// Tables for `ids` (L, n_axes) of f32 positions.
-    pub fn new(ids: &Tensor, axes_dim: &[usize], theta: f64, dtype: DType) -> Result<Self> {
-        let (_, n_axes) = ids.dims2()?;
-        if n_axes != axes_dim.len() {
-            candle_core::bail!(
-                "position ids have {n_axes} axes, RoPE has {}",
-                axes_dim.len()
-            )
-        }
-        let dev = ids.device();
-        let mut angles = Vec::with_capacity(n_axes);
-        for (a, &dim) in axes_dim.iter().enumerate() {
-            let omega: Vec<f32> = (0..dim / 2)
-                .map(|i| (1.0 / theta.powf((2 * i) as f64 / dim as f64)) as f32)
-                .collect();
-            let omega = Tensor::from_vec(omega, (1, dim / 2), dev)?;
-            let pos = ids.narrow(1, a, 1)?.to_dtype(DType::F32)?;
-            angles.push(pos.broadcast_mul(&omega)?);
-        }
-        let angles = Tensor::cat(&angles, 1)?;
-        Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
-        })
-    }
-
-    /// The rows for tokens `start..start+len` (for sequence-sharded attention).
-    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            cos: self.cos.narrow(0, start, len)?,
-            sin: self.sin.narrow(0, start, len)?,
-        })
-    }
-}
-
-impl<'a> From<&'a PosEmbed> for RopeTables<'a> {
-    fn from(pe: &'a PosEmbed) -> Self {
-        RopeTables {
-            cos: &pe.cos,
-            sin: &pe.sin,
-        }
-    }
-}
-
 /// Position ids of the joint sequence: `txt_len` text tokens at 0, then the image patches of an
 /// `h` x `w` patch grid as (0, row, column).
 pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
@@ -236,11 +52,6 @@ pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Resu
         }
     }
     Tensor::from_vec(ids, (txt_len + h * w, 3), device)
-}
-
-/// Apply the rotation to (B, H, L, D) queries or keys.
-pub fn apply_rope(x: &Tensor, pe: &PosEmbed) -> Result<Tensor> {
-    crate::kernels::reference::rope(x, &pe.cos, &pe.sin)
 }
 
 /// Two-layer MLP embedder: linear, SiLU, linear.
@@ -262,264 +73,6 @@ impl MlpEmbedder {
 impl Module for MlpEmbedder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
-    }
-}
-
-/// How a [`Lin`] uses FP8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fp8Mode {
-    /// In the run's dtype.
-    Off,
-    /// FP8 products (W8A8): weight rows in E4M3 and the input rounded per token at each product
-    /// (cuBLASLt on sm_89+ GPUs in bf16; elsewhere simulated by rounding).
-    Products,
-    /// Weight-only FP8 (W8A16): the weight kept in E4M3 per output channel, the input unrounded
-    /// (the adaLN modulations under a memory budget: half the bytes, the products' input intact).
-    WeightOnly,
-}
-
-/// A linear layer over token rows whose bias add (and GELU, when asked) runs inside the product on
-/// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
-#[derive(Debug, Clone)]
-struct Lin {
-    /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
-    /// when the GPU's E4M3 copy stands for it.
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
-    /// FP8 use. Simulated (where no GPU copy exists): the weight was rounded per output channel
-    /// once by [`Lin::to_fp8`]; under [`Fp8Mode::Products`] the input is rounded per token too.
-    fp8: Fp8Mode,
-    /// On GPUs with FP8 products: the weight in E4M3 with its scales, multiplied by cuBLASLt
-    /// ([`crate::kernels::fp8_gemm`]); `weight`, unless dropped, keeps its original values for
-    /// the products the FP8 path does not take.
-    #[cfg(feature = "cuda")]
-    fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
-}
-
-impl Lin {
-    fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let l = linear_b(in_dim, out_dim, bias, vb)?;
-        Ok(Self {
-            weight: Some(l.weight().clone()),
-            bias: l.bias().cloned(),
-            fp8: Fp8Mode::Off,
-            #[cfg(feature = "cuda")]
-            fp8_gpu: None,
-        })
-    }
-
-    /// The weight in the run's dtype: the kept one, or the E4M3 copy dequantised (a temporary,
-    /// for the rare product the FP8 kernels cannot take once the original was dropped).
-    fn weight(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
-        if let Some(w) = &self.weight {
-            return Ok(std::borrow::Cow::Borrowed(w));
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(q) = &self.fp8_gpu {
-            return Ok(std::borrow::Cow::Owned(
-                crate::kernels::fp8_gemm::dequantize(q)?,
-            ));
-        }
-        candle_core::bail!("a linear layer lost its weight (dropped with no FP8 copy)")
-    }
-
-    /// This layer with FP8 in `mode`: weight rows rounded to E4M3 now (per output channel) and,
-    /// for products, inputs per token at every product.
-    ///
-    /// Where the GPU multiplies FP8 the weight is quantised there instead and `weight` keeps its
-    /// original values: a product the FP8 path cannot take then runs unrounded (with a warning),
-    /// and loading skips the CPU rounding of every weight.
-    fn to_fp8(&self, mode: Fp8Mode) -> Result<Self> {
-        if mode == Fp8Mode::Off {
-            return Ok(self.clone());
-        }
-        let weight = self.weight()?.into_owned();
-        #[cfg(feature = "cuda")]
-        if let Some(q) = Self::fp8_weight_on_gpu(&weight) {
-            return Ok(Self {
-                weight: Some(weight),
-                bias: self.bias.clone(),
-                fp8: mode,
-                fp8_gpu: Some(q),
-            });
-        }
-        Ok(Self {
-            weight: Some(crate::kernels::fp8::round_rows(&weight)?),
-            bias: self.bias.clone(),
-            fp8: mode,
-            #[cfg(feature = "cuda")]
-            fp8_gpu: None,
-        })
-    }
-
-    /// This layer without its weight in the run's dtype where an E4M3 copy on the GPU stands for
-    /// it (the memory an FP8 run saves); unchanged elsewhere.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
-    fn lean(mut self) -> Self {
-        #[cfg(feature = "cuda")]
-        if self.fp8_gpu.is_some() {
-            self.weight = None;
-        }
-        self
-    }
-
-    /// Bytes this layer's weights hold on their device (the run's dtype and any E4M3 copy).
-    fn weight_bytes(&self) -> usize {
-        let kept = self
-            .weight
-            .iter()
-            .chain(self.bias.iter())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum::<usize>();
-        #[cfg(feature = "cuda")]
-        let kept = kept
-            + self
-                .fp8_gpu
-                .as_ref()
-                .map_or(0, |q| q.rows * q.k + 4 * q.rows);
-        kept
-    }
-
-    /// `weight` quantised on the GPU for the FP8 kernels, where the GPU has them (none
-    /// elsewhere, or when quantising fails: the simulated rounding then serves).
-    #[cfg(feature = "cuda")]
-    fn fp8_weight_on_gpu(
-        weight: &Tensor,
-    ) -> Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>> {
-        use crate::kernels::fp8_gemm as f;
-        let candle_core::Device::Cuda(dev) = weight.device() else {
-            return None;
-        };
-        if !f::enabled() || !f::supported(dev) || weight.dtype() != DType::BF16 {
-            return None;
-        }
-        match f::quantize_rows(weight, f::per_tensor_weights()) {
-            Ok(m) => Some(std::sync::Arc::new(m)),
-            Err(e) => {
-                tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
-                None
-            }
-        }
-    }
-
-    /// The product through the FP8 kernels, if this layer has them and they take `x`: cuBLASLt's
-    /// FP8 product for [`Fp8Mode::Products`], the weight-only matrix-vector kernel for a few rows
-    /// under [`Fp8Mode::WeightOnly`].
-    #[cfg(feature = "cuda")]
-    fn fp8_product(&self, a: Option<&Tensor>, x: &Tensor, gelu: bool) -> Option<Tensor> {
-        use crate::kernels::fp8_gemm as f;
-        let w = self.fp8_gpu.as_ref()?;
-        if x.dtype() != DType::BF16 || !x.device().is_cuda() {
-            return None;
-        }
-        let r = match self.fp8 {
-            Fp8Mode::Products => f::linear_cat(a, x, w, self.bias.as_ref(), gelu),
-            Fp8Mode::WeightOnly => {
-                let rows = x.elem_count() / w.k.max(1);
-                if a.is_some() || gelu || rows > f::GEMV_MAX_ROWS {
-                    return None;
-                }
-                f::gemv(x, w, self.bias.as_ref())
-            }
-            Fp8Mode::Off => return None,
-        };
-        match r {
-            Ok(y) => Some(y),
-            Err(e) => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| {
-                    tracing::warn!(
-                        "FP8 product failed ({e}); running such products unrounded in bf16"
-                    )
-                });
-                None
-            }
-        }
-    }
-
-    fn input<'a>(&self, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
-        #[cfg(feature = "cuda")]
-        let simulated = self.fp8 == Fp8Mode::Products && self.fp8_gpu.is_none();
-        #[cfg(not(feature = "cuda"))]
-        let simulated = self.fp8 == Fp8Mode::Products;
-        Ok(if simulated {
-            std::borrow::Cow::Owned(crate::kernels::fp8::round_rows(x)?)
-        } else {
-            std::borrow::Cow::Borrowed(x)
-        })
-    }
-
-    /// Output rows `start..start+len` only (a slice of the weight's rows, no copy; taken at load,
-    /// before any FP8 conversion).
-    fn rows(&self, start: usize, len: usize) -> Result<Self> {
-        #[allow(unused_mut)]
-        let mut part = Self {
-            weight: Some(self.weight()?.narrow(0, start, len)?),
-            bias: match &self.bias {
-                Some(b) => Some(b.narrow(0, start, len)?),
-                None => None,
-            },
-            fp8: self.fp8,
-            #[cfg(feature = "cuda")]
-            fp8_gpu: None,
-        };
-        // The rows of a GPU-quantised layer are quantised again on their own (the same scales per
-        // output channel; a per-tensor scale becomes the rows' own).
-        #[cfg(feature = "cuda")]
-        if self.fp8_gpu.is_some() {
-            part.fp8_gpu = part.weight.as_ref().and_then(Self::fp8_weight_on_gpu);
-            if self.weight.is_none() {
-                part = part.lean();
-            }
-        }
-        Ok(part)
-    }
-
-    /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
-    fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(y) = self.fp8_product(None, x, gelu) {
-            return Ok(y);
-        }
-        gemm::linear(
-            self.input(x)?.as_ref(),
-            self.weight()?.as_ref(),
-            self.bias.as_ref(),
-            gelu,
-        )
-    }
-
-    /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
-    fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if a.dtype() == DType::BF16 {
-            if let Some(y) = self.fp8_product(Some(a), x, gelu) {
-                return Ok(y);
-            }
-        }
-        gemm::linear_cat(
-            a,
-            self.input(x)?.as_ref(),
-            self.weight()?.as_ref(),
-            self.bias.as_ref(),
-            gelu,
-        )
-    }
-}
-
-/// `l` converted to FP8 in `mode` when `on` (and made lean with `lean`); the old weights are
-/// freed as soon as nothing else holds them.
-fn convert(l: &mut Lin, on: bool, mode: Fp8Mode, lean: bool) -> Result<()> {
-    if on && l.fp8 == Fp8Mode::Off {
-        let q = l.to_fp8(mode)?;
-        *l = if lean { q.lean() } else { q };
-    }
-    Ok(())
-}
-
-impl Module for Lin {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false)
     }
 }
 
@@ -777,167 +330,8 @@ impl SingleBlock {
     }
 }
 
-/// What every block of one step needs besides the token streams.
-#[derive(Debug, Clone)]
-pub struct BlockCtx {
-    /// The conditioning vector (B, hidden): timestep + guidance + pooled text.
-    pub vec: Tensor,
-    /// RoPE tables for the joint (text, image) sequence.
-    pub pe: PosEmbed,
-    /// Under sequence parallelism: how the group's ranks split the tokens (which rows of this
-    /// rank's streams are padding).
-    pub shards: Option<ShardLayout>,
-}
-
-impl BlockCtx {
-    /// Attention through `attn` with heads merged, (B, Lq, H·D), as the output projection takes
-    /// it; padded keys are left out when the shards hold padding.
-    pub fn attend_merged(
-        &self,
-        attn: &dyn Attention,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<Tensor> {
-        attn.attend_layer(layer, q, k, v, self.shards.as_ref())
-    }
-
-    /// The rows of this rank's image stream `img` (B, N, ..) that are real tokens: all of them
-    /// unless the shards hold padding.
-    pub fn real_image(&self, img: &Tensor) -> Result<Tensor> {
-        match &self.shards {
-            Some(layout) if layout.is_padded() => img.narrow(1, 0, layout.img_real(layout.rank)),
-            _ => Ok(img.clone()),
-        }
-    }
-}
-
-/// Which groups of the blocks' linear layers run in FP8 ([`Flux::with_fp8_in`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fp8Groups {
-    /// The double blocks' attention projections (qkv and output, both streams).
-    pub double_attention: bool,
-    /// The double blocks' MLPs (both streams).
-    pub double_mlp: bool,
-    /// The single blocks' input products (qkv and the MLP's first layer).
-    pub single_in: bool,
-    /// The single blocks' output product (`linear2`).
-    pub single_out: bool,
-    /// Every adaLN modulation, weight-only (W8A16: the weight stored in E4M3, the conditioning
-    /// vector unrounded): not for speed (a matrix-vector product) but for memory, a quarter of
-    /// FLUX.1's weights. Off in [`Fp8Groups::ALL`]; on under a memory budget.
-    pub modulations: bool,
-}
-
-impl Default for Fp8Groups {
-    fn default() -> Self {
-        Self::NONE
-    }
-}
-
-impl Fp8Groups {
-    pub const NONE: Self = Self {
-        double_attention: false,
-        double_mlp: false,
-        single_in: false,
-        single_out: false,
-        modulations: false,
-    };
-    /// Every block's products (what `--precision fp8` runs).
-    pub const ALL: Self = Self {
-        double_attention: true,
-        double_mlp: true,
-        single_in: true,
-        single_out: true,
-        modulations: false,
-    };
-    /// Every block's products, and the modulations stored in FP8 (a memory budget's choice).
-    pub const ALL_AND_MODULATIONS: Self = Self {
-        modulations: true,
-        ..Self::ALL
-    };
-
-    /// Each group alone, then all, with their names.
-    pub fn each() -> [(&'static str, Self); 7] {
-        let n = Self::NONE;
-        [
-            (
-                "double blocks: attention projections",
-                Self {
-                    double_attention: true,
-                    ..n
-                },
-            ),
-            (
-                "double blocks: MLPs",
-                Self {
-                    double_mlp: true,
-                    ..n
-                },
-            ),
-            (
-                "single blocks: linear1 (qkv + MLP in)",
-                Self {
-                    single_in: true,
-                    ..n
-                },
-            ),
-            (
-                "single blocks: linear2",
-                Self {
-                    single_out: true,
-                    ..n
-                },
-            ),
-            (
-                "adaLN modulations (weight-only)",
-                Self {
-                    modulations: true,
-                    ..n
-                },
-            ),
-            ("all products (--precision fp8)", Self::ALL),
-            (
-                "all products + modulations (--memory-budget)",
-                Self::ALL_AND_MODULATIONS,
-            ),
-        ]
-    }
-}
-
-/// A strategy that runs whole forward passes over several devices itself (PipeFusion), given
-/// the replica whose stage API it calls. Cache policies call the stage API directly and bypass
-/// it; the strategies that use one refuse them.
-pub trait ForwardPlan: Send + Sync {
-    /// The predicted velocity (B, N, 64) for the whole input, on every rank.
-    fn forward(&self, model: &Flux, input: &FluxInput) -> Result<Tensor>;
-}
-
-/// The two token streams between blocks.
-#[derive(Debug, Clone)]
-pub struct Streams {
-    /// Image tokens (B, N, hidden).
-    pub img: Tensor,
-    /// Text tokens (B, L, hidden).
-    pub txt: Tensor,
-}
-
-/// Everything the transformer takes for one denoising step.
-#[derive(Debug, Clone)]
-pub struct FluxInput<'a> {
-    /// Packed noisy latent (B, N, 64).
-    pub img: &'a Tensor,
-    /// T5 embeddings (B, L, context_in_dim).
-    pub txt: &'a Tensor,
-    /// Pooled CLIP embedding (B, vec_in_dim).
-    pub y: &'a Tensor,
-    /// Timesteps in [0, 1], (B,).
-    pub timesteps: &'a Tensor,
-    /// Guidance strength (B,), used when the model embeds guidance.
-    pub guidance: Option<&'a Tensor>,
-    pub pe: &'a PosEmbed,
-}
+/// FLUX.1's name for one step's input (the same type as every family's).
+pub type FluxInput<'a> = StepInput<'a>;
 
 /// The FLUX.1 transformer.
 #[derive(Clone)]
@@ -953,11 +347,6 @@ pub struct Flux {
     final_linear: Linear,
     final_mod: Linear,
     attention: Arc<dyn Attention>,
-    /// The sequence-parallel group this replica belongs to, if any.
-    sp: Option<Arc<dyn Communicator>>,
-    /// Under displaced patches with rotation (piflux): forwards so far, which shifts the patch
-    /// this rank computes by one each forward ([`Flux::with_patch_rotation`]).
-    patch_rotation: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// A strategy that runs whole forwards itself (PipeFusion; [`Flux::with_plan`]).
     plan: Option<Arc<dyn ForwardPlan>>,
     cfg: FluxConfig,
@@ -1039,37 +428,12 @@ impl Flux {
             final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: Arc::new(LocalAttention::default()),
-            sp: None,
-            patch_rotation: None,
             plan: None,
             cfg: cfg.clone(),
             dtype,
             device,
             fp8: g != Fp8Groups::NONE,
         })
-    }
-
-    /// Make this replica one rank of a sequence-parallel group: [`Flux::embed`] keeps only this
-    /// rank's shard of the text and image tokens (with their RoPE rows; padded when the counts do
-    /// not divide by the group size, see [`crate::model::shard`]) and [`Flux::final_layer`]
-    /// gathers every rank's velocity, so callers still pass and receive whole tensors. The
-    /// attention must be the group's strategy (Ulysses, Ring, USP).
-    pub fn with_sequence_parallel(mut self, group: Arc<dyn Communicator>) -> Self {
-        self.sp = Some(group);
-        self
-    }
-
-    /// Rotate the shards over the sequence-parallel group (piflux): forward f of rank r computes
-    /// shard `(r + f) mod n`, counted in `forwards`; [`Flux::final_layer`] puts the gathered
-    /// velocity back in order.
-    pub fn with_patch_rotation(mut self, forwards: Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        self.patch_rotation = Some(forwards);
-        self
-    }
-
-    /// The sequence-parallel group, if this replica is part of one.
-    pub fn sp_group(&self) -> Option<&Arc<dyn Communicator>> {
-        self.sp.as_ref()
     }
 
     /// FP8 products simulated in every block's linear layers (attention projections and MLPs):
@@ -1235,24 +599,11 @@ impl Flux {
         PosEmbed::new(&ids, &self.cfg.axes_dim, self.cfg.theta, self.dtype)
     }
 
-    /// Input projections and the conditioning vector.
+    /// Input projections and the conditioning vector, for every token of `input` (a
+    /// sequence-parallel replica hands in its shard: [`crate::parallel::replica`]).
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
-        match &self.sp {
-            Some(group) => {
-                let patch = match &self.patch_rotation {
-                    Some(f) => {
-                        let f = f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        (group.rank() + f) % group.size()
-                    }
-                    None => group.rank(),
-                };
-                self.embed_patch(input, group.size(), patch)
-            }
-            None => {
-                let vec = self.conditioning(input)?;
-                Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
-            }
-        }
+        let vec = self.conditioning(input)?;
+        Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
     }
 
     /// [`Flux::embed`] of patch `patch` of `patches`: its shard of the text and image tokens
@@ -1278,6 +629,7 @@ impl Flux {
             vec,
             pe: pe.clone(),
             shards,
+            attention: None,
         }
     }
 
@@ -1336,40 +688,13 @@ impl Flux {
         Ok(Streams { img, txt })
     }
 
-    /// The final adaLN and projection back to packed latent channels (B, N, 64).
+    /// The final adaLN and projection back to packed latent channels (B, N, 64), for the tokens
+    /// of `img` (a sequence-parallel replica gathers every rank's).
     pub fn final_layer(&self, img: &Tensor, ctx: &BlockCtx) -> Result<Tensor> {
         let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
         let (shift, scale) = (&c[0], &c[1]);
-        let v = self
-            .final_linear
-            .forward(&ln_modulate(img, shift, scale)?)?;
-        match (&self.sp, &ctx.shards) {
-            // Every rank's shard: in rank order, or under rotation in shard order again;
-            // padding sits at the end of the image stream.
-            (Some(group), Some(layout)) => {
-                let all = group.all_gather(&v, 1)?;
-                let n = group.size();
-                let shift = (layout.rank + n - group.rank()) % n;
-                let all = if shift == 0 {
-                    all
-                } else {
-                    // Shard q came from rank (q - shift) mod n.
-                    let chunk = layout.img_shard;
-                    let parts = (0..n)
-                        .map(|q| all.narrow(1, ((q + n - shift) % n) * chunk, chunk))
-                        .collect::<Result<Vec<_>>>()?;
-                    Tensor::cat(&parts, 1)?
-                };
-                if layout.is_padded() {
-                    all.narrow(1, 0, layout.img_len)
-                } else {
-                    Ok(all)
-                }
-            }
-            (Some(group), None) => group.all_gather(&v, 1),
-            (None, _) => Ok(v),
-        }
+        self.final_linear.forward(&ln_modulate(img, shift, scale)?)
     }
 
     /// The whole transformer: predicted velocity (B, N, 64).
@@ -1383,21 +708,14 @@ impl Flux {
     }
 }
 
-/// (B, 16, H, W) latent -> (B, H/2 * W/2, 64) patch tokens.
+/// (B, 16, H, W) latent -> (B, H/2 * W/2, 64) patch tokens ([`super::LATENT`]'s packing).
 pub fn pack_latent(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h / 2, 2, w / 2, 2))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .reshape((b, (h / 2) * (w / 2), c * 4))
+    super::LATENT.pack(x)
 }
 
 /// Inverse of [`pack_latent`] for a latent of `h` x `w` (latent pixels).
 pub fn unpack_latent(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (b, _n, cp) = x.dims3()?;
-    let c = cp / 4;
-    x.reshape((b, h / 2, w / 2, c, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((b, c, h, w))
+    super::LATENT.unpack(x, h, w)
 }
 
 #[cfg(test)]

@@ -1,0 +1,159 @@
+//! FLUX.1's architecture hyper-parameters ([`FluxConfig`]): dev, schnell, and the tiny and demo
+//! sizes the tests and the built-in model use.
+
+use serde::{Deserialize, Serialize};
+
+/// Architecture hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FluxConfig {
+    /// Packed latent channels: 16 latent channels x 2x2 patches.
+    pub in_channels: usize,
+    /// Pooled CLIP embedding width.
+    pub vec_in_dim: usize,
+    /// T5 embedding width.
+    pub context_in_dim: usize,
+    pub hidden_size: usize,
+    pub mlp_ratio: f64,
+    pub num_heads: usize,
+    /// Double-stream blocks.
+    pub depth: usize,
+    /// Single-stream blocks.
+    pub depth_single_blocks: usize,
+    /// RoPE dimensions per position axis (text index, row, column); they sum to the head dim.
+    pub axes_dim: Vec<usize>,
+    pub theta: f64,
+    pub qkv_bias: bool,
+    /// FLUX.1-dev distils guidance into an embedding; schnell does not.
+    pub guidance_embed: bool,
+}
+
+impl FluxConfig {
+    pub fn dev() -> Self {
+        Self {
+            in_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden_size: 3072,
+            mlp_ratio: 4.0,
+            num_heads: 24,
+            depth: 19,
+            depth_single_blocks: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    pub fn schnell() -> Self {
+        Self {
+            guidance_embed: false,
+            ..Self::dev()
+        }
+    }
+
+    /// A small model with FLUX's structure and made-up weights, for tests (`random:tiny`): 2 heads
+    /// of 64, 2 double and 4 single blocks, text widths matching the demo text encoders.
+    pub fn tiny() -> Self {
+        Self {
+            in_channels: 64,
+            vec_in_dim: crate::model::text::DEMO_CLIP_DIM,
+            context_in_dim: crate::model::text::DEMO_T5_DIM,
+            hidden_size: 128,
+            mlp_ratio: 4.0,
+            num_heads: 2,
+            depth: 2,
+            depth_single_blocks: 4,
+            axes_dim: vec![8, 28, 28],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    /// The trained demo model (`--model demo`, weights in `assets/demo/`): 2 heads of 64, 2 double
+    /// and 6 single blocks, guidance embedded like FLUX.1-dev.
+    pub fn demo() -> Self {
+        Self {
+            depth_single_blocks: 6,
+            ..Self::tiny()
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn mlp_hidden(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Total blocks, double then single, as indexed by [`super::Flux::run_blocks`].
+    pub fn num_blocks(&self) -> usize {
+        self.depth + self.depth_single_blocks
+    }
+
+    /// Check internal consistency (used on configs read from files).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return Err(format!(
+                "hidden size {} is not divisible by {} heads",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        let sum: usize = self.axes_dim.iter().sum();
+        if sum != self.head_dim() || self.axes_dim.iter().any(|a| a % 2 != 0) {
+            return Err(format!(
+                "RoPE axes {:?} must be even and sum to the head dim {}",
+                self.axes_dim,
+                self.head_dim()
+            ));
+        }
+        if self.in_channels == 0 || self.depth + self.depth_single_blocks == 0 {
+            return Err("model has no input channels or no blocks".into());
+        }
+        Ok(())
+    }
+}
+
+impl FluxConfig {
+    /// Floating-point operations of one transformer pass over `txt_len` text and `img_len` image
+    /// tokens (batch 1): every linear layer (2 FLOP per multiply-add) plus the attention products
+    /// (Q Kᵀ and P V). Modulation and embedding layers (per image, not per token) are left out.
+    pub fn flops_per_step(&self, txt_len: usize, img_len: usize) -> f64 {
+        let h = self.hidden_size as f64;
+        let mlp = self.mlp_hidden() as f64;
+        let l = (txt_len + img_len) as f64;
+        // Double block, per token of either stream: qkv 3h², proj h², MLP 2·h·mlp.
+        let double = 2.0 * (4.0 * h * h + 2.0 * h * mlp);
+        // Single block: linear1 h·(3h + mlp), linear2 (h + mlp)·h.
+        let single = 2.0 * (h * (3.0 * h + mlp) + (h + mlp) * h);
+        let linear = l * (self.depth as f64 * double + self.depth_single_blocks as f64 * single);
+        let attention = self.num_blocks() as f64 * 4.0 * l * l * h;
+        let io = 2.0 * img_len as f64 * self.in_channels as f64 * h * 2.0
+            + 2.0 * txt_len as f64 * self.context_in_dim as f64 * h;
+        linear + attention + io
+    }
+
+    /// Parameters of each block in the unified numbering (double blocks first): products,
+    /// modulations, biases and norms.
+    pub fn block_params(&self) -> Vec<u64> {
+        let h = self.hidden_size as u64;
+        let mlp = self.mlp_hidden() as u64;
+        let head = (self.hidden_size / self.num_heads.max(1)) as u64;
+        // Per stream: qkv, proj, fc1, fc2 with biases, a 6-way modulation, two QK norms.
+        let stream = h * 3 * h
+            + h * h
+            + h * mlp
+            + mlp * h
+            + (3 * h + h + mlp + h)
+            + (h * 6 * h + 6 * h)
+            + 2 * head;
+        let double = 2 * stream;
+        let single =
+            h * (3 * h + mlp) + (h + mlp) * h + (3 * h + mlp + h) + (h * 3 * h + 3 * h) + 2 * head;
+        std::iter::repeat_n(double, self.depth)
+            .chain(std::iter::repeat_n(single, self.depth_single_blocks))
+            .collect()
+    }
+}

@@ -1,0 +1,361 @@
+//! FLUX.1's linear layer ([`Lin`]) with its FP8 modes (W8A8 products, W8A16 weight-only; real
+//! cuBLASLt kernels on sm_89+ GPUs, simulated by rounding elsewhere), and the groups of layers
+//! ([`Fp8Groups`]) a run converts.
+
+#[cfg(feature = "cuda")]
+use candle_core::DType;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{linear_b, VarBuilder};
+
+use crate::kernels::gemm;
+
+/// How a [`Lin`] uses FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fp8Mode {
+    /// In the run's dtype.
+    Off,
+    /// FP8 products (W8A8): weight rows in E4M3 and the input rounded per token at each product
+    /// (cuBLASLt on sm_89+ GPUs in bf16; elsewhere simulated by rounding).
+    Products,
+    /// Weight-only FP8 (W8A16): the weight kept in E4M3 per output channel, the input unrounded
+    /// (the adaLN modulations under a memory budget: half the bytes, the products' input intact).
+    WeightOnly,
+}
+
+/// A linear layer over token rows whose bias add (and GELU, when asked) runs inside the product on
+/// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
+#[derive(Debug, Clone)]
+pub(crate) struct Lin {
+    /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
+    /// when the GPU's E4M3 copy stands for it.
+    pub(crate) weight: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
+    /// FP8 use. Simulated (where no GPU copy exists): the weight was rounded per output channel
+    /// once by [`Lin::to_fp8`]; under [`Fp8Mode::Products`] the input is rounded per token too.
+    pub(crate) fp8: Fp8Mode,
+    /// On GPUs with FP8 products: the weight in E4M3 with its scales, multiplied by cuBLASLt
+    /// ([`crate::kernels::fp8_gemm`]); `weight`, unless dropped, keeps its original values for
+    /// the products the FP8 path does not take.
+    #[cfg(feature = "cuda")]
+    pub(crate) fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
+}
+
+impl Lin {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let l = linear_b(in_dim, out_dim, bias, vb)?;
+        Ok(Self {
+            weight: Some(l.weight().clone()),
+            bias: l.bias().cloned(),
+            fp8: Fp8Mode::Off,
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
+        })
+    }
+
+    /// The weight in the run's dtype: the kept one, or the E4M3 copy dequantised (a temporary,
+    /// for the rare product the FP8 kernels cannot take once the original was dropped).
+    pub(crate) fn weight(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        if let Some(w) = &self.weight {
+            return Ok(std::borrow::Cow::Borrowed(w));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(q) = &self.fp8_gpu {
+            return Ok(std::borrow::Cow::Owned(
+                crate::kernels::fp8_gemm::dequantize(q)?,
+            ));
+        }
+        candle_core::bail!("a linear layer lost its weight (dropped with no FP8 copy)")
+    }
+
+    /// This layer with FP8 in `mode`: weight rows rounded to E4M3 now (per output channel) and,
+    /// for products, inputs per token at every product.
+    ///
+    /// Where the GPU multiplies FP8 the weight is quantised there instead and `weight` keeps its
+    /// original values: a product the FP8 path cannot take then runs unrounded (with a warning),
+    /// and loading skips the CPU rounding of every weight.
+    pub(crate) fn to_fp8(&self, mode: Fp8Mode) -> Result<Self> {
+        if mode == Fp8Mode::Off {
+            return Ok(self.clone());
+        }
+        let weight = self.weight()?.into_owned();
+        #[cfg(feature = "cuda")]
+        if let Some(q) = Self::fp8_weight_on_gpu(&weight) {
+            return Ok(Self {
+                weight: Some(weight),
+                bias: self.bias.clone(),
+                fp8: mode,
+                fp8_gpu: Some(q),
+            });
+        }
+        Ok(Self {
+            weight: Some(crate::kernels::fp8::round_rows(&weight)?),
+            bias: self.bias.clone(),
+            fp8: mode,
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
+        })
+    }
+
+    /// This layer without its weight in the run's dtype where an E4M3 copy on the GPU stands for
+    /// it (the memory an FP8 run saves); unchanged elsewhere.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    pub(crate) fn lean(mut self) -> Self {
+        #[cfg(feature = "cuda")]
+        if self.fp8_gpu.is_some() {
+            self.weight = None;
+        }
+        self
+    }
+
+    /// Bytes this layer's weights hold on their device (the run's dtype and any E4M3 copy).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let kept = self
+            .weight
+            .iter()
+            .chain(self.bias.iter())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum::<usize>();
+        #[cfg(feature = "cuda")]
+        let kept = kept
+            + self
+                .fp8_gpu
+                .as_ref()
+                .map_or(0, |q| q.rows * q.k + 4 * q.rows);
+        kept
+    }
+
+    /// `weight` quantised on the GPU for the FP8 kernels, where the GPU has them (none
+    /// elsewhere, or when quantising fails: the simulated rounding then serves).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fp8_weight_on_gpu(
+        weight: &Tensor,
+    ) -> Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>> {
+        use crate::kernels::fp8_gemm as f;
+        let candle_core::Device::Cuda(dev) = weight.device() else {
+            return None;
+        };
+        if !f::enabled() || !f::supported(dev) || weight.dtype() != DType::BF16 {
+            return None;
+        }
+        match f::quantize_rows(weight, f::per_tensor_weights()) {
+            Ok(m) => Some(std::sync::Arc::new(m)),
+            Err(e) => {
+                tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
+                None
+            }
+        }
+    }
+
+    /// The product through the FP8 kernels, if this layer has them and they take `x`: cuBLASLt's
+    /// FP8 product for [`Fp8Mode::Products`], the weight-only matrix-vector kernel for a few rows
+    /// under [`Fp8Mode::WeightOnly`].
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fp8_product(&self, a: Option<&Tensor>, x: &Tensor, gelu: bool) -> Option<Tensor> {
+        use crate::kernels::fp8_gemm as f;
+        let w = self.fp8_gpu.as_ref()?;
+        if x.dtype() != DType::BF16 || !x.device().is_cuda() {
+            return None;
+        }
+        let r = match self.fp8 {
+            Fp8Mode::Products => f::linear_cat(a, x, w, self.bias.as_ref(), gelu),
+            Fp8Mode::WeightOnly => {
+                let rows = x.elem_count() / w.k.max(1);
+                if a.is_some() || gelu || rows > f::GEMV_MAX_ROWS {
+                    return None;
+                }
+                f::gemv(x, w, self.bias.as_ref())
+            }
+            Fp8Mode::Off => return None,
+        };
+        match r {
+            Ok(y) => Some(y),
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "FP8 product failed ({e}); running such products unrounded in bf16"
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    pub(crate) fn input<'a>(&self, x: &'a Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
+        #[cfg(feature = "cuda")]
+        let simulated = self.fp8 == Fp8Mode::Products && self.fp8_gpu.is_none();
+        #[cfg(not(feature = "cuda"))]
+        let simulated = self.fp8 == Fp8Mode::Products;
+        Ok(if simulated {
+            std::borrow::Cow::Owned(crate::kernels::fp8::round_rows(x)?)
+        } else {
+            std::borrow::Cow::Borrowed(x)
+        })
+    }
+
+    /// Output rows `start..start+len` only (a slice of the weight's rows, no copy; taken at load,
+    /// before any FP8 conversion).
+    pub(crate) fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        #[allow(unused_mut)]
+        let mut part = Self {
+            weight: Some(self.weight()?.narrow(0, start, len)?),
+            bias: match &self.bias {
+                Some(b) => Some(b.narrow(0, start, len)?),
+                None => None,
+            },
+            fp8: self.fp8,
+            #[cfg(feature = "cuda")]
+            fp8_gpu: None,
+        };
+        // The rows of a GPU-quantised layer are quantised again on their own (the same scales per
+        // output channel; a per-tensor scale becomes the rows' own).
+        #[cfg(feature = "cuda")]
+        if self.fp8_gpu.is_some() {
+            part.fp8_gpu = part.weight.as_ref().and_then(Self::fp8_weight_on_gpu);
+            if self.weight.is_none() {
+                part = part.lean();
+            }
+        }
+        Ok(part)
+    }
+
+    /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
+    pub(crate) fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fp8_product(None, x, gelu) {
+            return Ok(y);
+        }
+        gemm::linear(
+            self.input(x)?.as_ref(),
+            self.weight()?.as_ref(),
+            self.bias.as_ref(),
+            gelu,
+        )
+    }
+
+    /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
+    pub(crate) fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if a.dtype() == DType::BF16 {
+            if let Some(y) = self.fp8_product(Some(a), x, gelu) {
+                return Ok(y);
+            }
+        }
+        gemm::linear_cat(
+            a,
+            self.input(x)?.as_ref(),
+            self.weight()?.as_ref(),
+            self.bias.as_ref(),
+            gelu,
+        )
+    }
+}
+
+/// `l` converted to FP8 in `mode` when `on` (and made lean with `lean`); the old weights are
+/// freed as soon as nothing else holds them.
+pub(crate) fn convert(l: &mut Lin, on: bool, mode: Fp8Mode, lean: bool) -> Result<()> {
+    if on && l.fp8 == Fp8Mode::Off {
+        let q = l.to_fp8(mode)?;
+        *l = if lean { q.lean() } else { q };
+    }
+    Ok(())
+}
+
+impl Module for Lin {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+/// Which groups of the blocks' linear layers run in FP8 ([`super::Flux::with_fp8_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Groups {
+    /// The double blocks' attention projections (qkv and output, both streams).
+    pub double_attention: bool,
+    /// The double blocks' MLPs (both streams).
+    pub double_mlp: bool,
+    /// The single blocks' input products (qkv and the MLP's first layer).
+    pub single_in: bool,
+    /// The single blocks' output product (`linear2`).
+    pub single_out: bool,
+    /// Every adaLN modulation, weight-only (W8A16: the weight stored in E4M3, the conditioning
+    /// vector unrounded): not for speed (a matrix-vector product) but for memory, a quarter of
+    /// FLUX.1's weights. Off in [`Fp8Groups::ALL`]; on under a memory budget.
+    pub modulations: bool,
+}
+
+impl Default for Fp8Groups {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl Fp8Groups {
+    pub const NONE: Self = Self {
+        double_attention: false,
+        double_mlp: false,
+        single_in: false,
+        single_out: false,
+        modulations: false,
+    };
+    /// Every block's products (what `--precision fp8` runs).
+    pub const ALL: Self = Self {
+        double_attention: true,
+        double_mlp: true,
+        single_in: true,
+        single_out: true,
+        modulations: false,
+    };
+    /// Every block's products, and the modulations stored in FP8 (a memory budget's choice).
+    pub const ALL_AND_MODULATIONS: Self = Self {
+        modulations: true,
+        ..Self::ALL
+    };
+
+    /// Each group alone, then all, with their names.
+    pub fn each() -> [(&'static str, Self); 7] {
+        let n = Self::NONE;
+        [
+            (
+                "double blocks: attention projections",
+                Self {
+                    double_attention: true,
+                    ..n
+                },
+            ),
+            (
+                "double blocks: MLPs",
+                Self {
+                    double_mlp: true,
+                    ..n
+                },
+            ),
+            (
+                "single blocks: linear1 (qkv + MLP in)",
+                Self {
+                    single_in: true,
+                    ..n
+                },
+            ),
+            (
+                "single blocks: linear2",
+                Self {
+                    single_out: true,
+                    ..n
+                },
+            ),
+            (
+                "adaLN modulations (weight-only)",
+                Self {
+                    modulations: true,
+                    ..n
+                },
+            ),
+            ("all products (--precision fp8)", Self::ALL),
+            (
+                "all products + modulations (--memory-budget)",
+                Self::ALL_AND_MODULATIONS,
+            ),
+        ]
+    }
+}
