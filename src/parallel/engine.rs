@@ -12,6 +12,7 @@ use super::comm::{Communicator, LocalComm};
 use super::mesh::{Axis, Mesh, ParallelLayout};
 use super::ulysses::UspAttention;
 use crate::error::{Error, Result};
+use crate::model::family::Denoiser;
 use crate::pipeline::cache::{CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
@@ -124,7 +125,7 @@ pub fn generate(
         ));
     }
     let mesh = check_layout(p, layout, req)?;
-    let models = vec![&p.flux; mesh.world()];
+    let models = vec![Arc::new(p.flux.clone()) as Arc<dyn Denoiser>; mesh.world()];
     let workers = mesh.world();
     generate_ranks(
         p,
@@ -188,7 +189,11 @@ pub fn generate_on_gpus(
         let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
         Ok(super::vae::decode_across(vaes, &comms, z)?)
     };
-    generate_ranks(p, &mesh, models, groups, req, progress, &decode)
+    let models: Vec<Arc<dyn Denoiser>> = models
+        .iter()
+        .map(|m| Arc::new((*m).clone()) as Arc<dyn Denoiser>)
+        .collect();
+    generate_ranks(p, &mesh, &models, groups, req, progress, &decode)
 }
 
 /// A copy of `job` on `device` (every rank's inputs live on its own GPU).
@@ -223,7 +228,7 @@ pub fn job_on(
 fn generate_ranks(
     p: &Pipeline,
     mesh: &Mesh,
-    models: &[&crate::model::flux::Flux],
+    models: &[Arc<dyn Denoiser>],
     groups: Vec<RankGroups>,
     req: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
@@ -258,7 +263,7 @@ enum RankMsg {
 /// [`Error::RanksAbandoned`], instead of hanging until they return.
 fn run_ranks(
     mesh: &Mesh,
-    models: &[&crate::model::flux::Flux],
+    models: &[Arc<dyn Denoiser>],
     groups: Vec<RankGroups>,
     job: &crate::pipeline::DenoiseJob,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
@@ -411,7 +416,7 @@ fn abandon_grace() -> Duration {
 #[allow(clippy::too_many_arguments)]
 fn spawn_rank(
     rank: usize,
-    model: crate::model::flux::Flux,
+    model: Arc<dyn Denoiser>,
     job: crate::pipeline::DenoiseJob,
     mesh: Mesh,
     groups: RankGroups,
@@ -429,7 +434,7 @@ fn spawn_rank(
                 let local_job = job_on(&job, model.device())
                     .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("inputs: {e}"))))?;
                 denoise_rank(
-                    &model,
+                    model.as_ref(),
                     &local_job,
                     &mesh,
                     rank,
@@ -518,7 +523,7 @@ impl RankGroups {
 /// all ranks agree (one all-reduce) on whether any of them was asked to `stop`.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_rank(
-    flux: &crate::model::flux::Flux,
+    model: &dyn Denoiser,
     job: &crate::pipeline::DenoiseJob,
     mesh: &Mesh,
     rank: usize,
@@ -527,9 +532,10 @@ pub fn denoise_rank(
     report: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let layout = mesh.layout();
-    let model: Box<dyn crate::model::family::Denoiser> = if layout.pipeline > 1 {
-        Box::new(super::pipefusion::PipeFusion::replica_in(
-            flux,
+    let device = model.device().clone();
+    let model: Box<dyn Denoiser> = if layout.pipeline > 1 {
+        Box::new(super::pipefusion::PipeFusion::replica_of(
+            model,
             groups.pipe.clone(),
             (layout.ulysses > 1).then(|| groups.ulysses.clone()),
             layout.patches(),
@@ -537,7 +543,9 @@ pub fn denoise_rank(
             layout.pipeline_balance,
         )?)
     } else {
-        Box::new(sequence_replica(flux, mesh, groups)?)
+        // The replica's own handle on the whole model (a shallow copy of its weights' handles).
+        let whole = model.keep_blocks(model.held_blocks());
+        Box::new(sequence_replica(whole, mesh, groups)?)
     };
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
@@ -554,7 +562,7 @@ pub fn denoise_rank(
         let flag = f32::from(stop());
         let any = groups
             .world
-            .all_reduce_sum(&Tensor::new(&[flag], flux.device())?)?
+            .all_reduce_sum(&Tensor::new(&[flag], &device)?)?
             .to_vec1::<f32>()?;
         if any[0] > 0.0 {
             return Err(Error::Cancelled);
@@ -566,7 +574,7 @@ pub fn denoise_rank(
 /// The replica a rank of a sequence-parallel group runs: its shard through Ulysses x ring
 /// attention, or displaced patches.
 fn sequence_replica(
-    flux: &crate::model::flux::Flux,
+    model: Arc<dyn Denoiser>,
     mesh: &Mesh,
     groups: &RankGroups,
 ) -> Result<super::replica::SpReplica> {
@@ -589,11 +597,11 @@ fn sequence_replica(
             groups.ring.clone(),
         )),
     };
-    let mut model = super::sp::replica(flux, groups.sp.clone(), attn);
+    let mut replica = super::replica::SpReplica::new(model, groups.sp.clone(), attn);
     if mesh.layout().displaced_rotate {
-        model = model.with_patch_rotation();
+        replica = replica.with_patch_rotation();
     }
-    Ok(model)
+    Ok(replica)
 }
 
 /// Decode on `workers` CPU workers in row bands (unequal when the latent's rows do not divide),
@@ -640,16 +648,62 @@ pub fn generate_many(
     })
 }
 
+/// The denoising loops of `jobs`, prepared already (text encoded, noise drawn), for a model of
+/// any family on CPU worker threads sharing `model`: `layout.dp` groups at once, each running its
+/// jobs in turn over `layout`'s other degrees (the mesh, dp x cfg x sequence or pipeline
+/// parallel). Results (every rank's final latent, rank 0's cache statistics) in job order.
+/// The checks that need a request ([`super::refusal::check`]) are the caller's.
+pub fn denoise_many(
+    model: &Arc<dyn Denoiser>,
+    layout: ParallelLayout,
+    jobs: &[crate::pipeline::DenoiseJob],
+) -> Vec<Result<(Tensor, CacheStats)>> {
+    let inner = ParallelLayout { dp: 1, ..layout };
+    let mesh = match Mesh::new(inner, inner.world(), model.num_heads()) {
+        Ok(m) => m,
+        Err(e) => {
+            let why = e.to_string();
+            return jobs
+                .iter()
+                .map(|_| {
+                    Err(Error::setting(
+                        "parallel layout",
+                        format!("{} workers", layout.world()),
+                        &why,
+                    ))
+                })
+                .collect();
+        }
+    };
+    over_groups(layout.dp, jobs, |_, job| {
+        denoise_on_workers(model, &mesh, job, &mut |_| Ok(()))
+    })
+}
+
+/// One job's denoising loop over `mesh` (one data-parallel group), one CPU worker thread per
+/// rank, every rank running `model`; `on_step` sees rank 0's steps.
+pub fn denoise_on_workers(
+    model: &Arc<dyn Denoiser>,
+    mesh: &Mesh,
+    job: &crate::pipeline::DenoiseJob,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    let models = vec![model.clone(); mesh.world()];
+    run_ranks(mesh, &models, local_groups(mesh)?, job, on_step)
+}
+
 /// The scheduling of data parallelism, whatever a group runs on: `dp` groups at once, group g
 /// making requests g, g + dp, ... with `make(g, request)`; results in request order. A group
 /// that panics reports each of its requests as failed.
-pub fn over_groups<F>(dp: usize, reqs: &[GenerateRequest], make: F) -> Vec<Result<Generated>>
+pub fn over_groups<R, T, F>(dp: usize, reqs: &[R], make: F) -> Vec<Result<T>>
 where
-    F: Fn(usize, &GenerateRequest) -> Result<Generated> + Sync,
+    R: Sync,
+    T: Send,
+    F: Fn(usize, &R) -> Result<T> + Sync,
 {
     let dp = dp.max(1);
     let make = &make;
-    let mut slots: Vec<Option<Result<Generated>>> = (0..reqs.len()).map(|_| None).collect();
+    let mut slots: Vec<Option<Result<T>>> = (0..reqs.len()).map(|_| None).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..dp)
             .map(|g| {
