@@ -1368,3 +1368,77 @@ fn help_lists_the_users_commands_and_dev_holds_the_instruments() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("parallax dev score"));
 }
+
+/// `--out` names the format: JPEG and lossless WebP keep the settings too (EXIF), in the
+/// `parameters` layout other tools read; WebP's pixels are the PNG's.
+#[test]
+fn generate_writes_jpeg_and_webp_with_their_settings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let made = |name: &str| {
+        let out = dir.path().join(name);
+        let o = parallax(&[
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "a fox",
+            "--width",
+            "64",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--quiet",
+            "--out",
+            s(&out),
+        ]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        out
+    };
+    let png = made("fox.png");
+    let (want, chunks) = read_png(&png).expect("png");
+    let params = &chunks
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters")
+        .1;
+    assert!(
+        params.starts_with("a fox\nSteps: 2, Sampler: Euler"),
+        "{params}"
+    );
+    assert!(
+        params.contains("Seed: 5, Size: 64x32, Model: demo"),
+        "{params}"
+    );
+    for (name, magic) in [("fox.jpg", &b"\xFF\xD8"[..]), ("fox.webp", &b"RIFF"[..])] {
+        let path = made(name);
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(bytes.starts_with(magic), "{name} is not in its format");
+        let r = parallax::pipeline::metadata::recall_file(&path).expect("settings back");
+        assert_eq!(r.source, "Parallax");
+        assert_eq!(
+            (r.prompt.as_deref(), r.seed, r.steps),
+            (Some("a fox"), Some(5), Some(2))
+        );
+        let img = image::load_from_memory(&bytes).expect("decodes").to_rgb8();
+        assert_eq!((img.width(), img.height()), (64, 32));
+        if name.ends_with("webp") {
+            assert_eq!(img.as_raw(), &want.data, "lossless WebP keeps every pixel");
+        }
+    }
+    let gif = dir.path().join("fox.gif");
+    let o = parallax(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "x",
+        "--out",
+        s(&gif),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("png, jpg (jpeg) or webp"), "{}", text(&o));
+    assert!(!gif.exists());
+}

@@ -407,11 +407,11 @@ fn the_studio_downloads_on_a_thread_and_selects_the_model() {
     let app = h.state();
     assert_eq!(app.settings.model, REPO, "the downloaded model is selected");
     assert!(
-        app.messages
+        app.view.messages
             .iter()
             .any(|m| m.text.starts_with(&format!("downloaded {REPO}")) && !m.error),
         "{:?}",
-        app.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
+        app.view.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
     );
     assert!(cache
         .join("models--parallax-test--FLUX.1-demo/snapshots")

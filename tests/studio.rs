@@ -40,7 +40,9 @@ fn studio(dir: &Path) -> Harness<'static, StudioApp> {
 
 /// Step until the model has loaded.
 fn wait_for_model(h: &mut Harness<'static, StudioApp>) {
-    step_until(h, "the model", |a| matches!(a.model, ModelStatus::Ready(_)));
+    step_until(h, "the model", |a| {
+        matches!(a.view.model, ModelStatus::Ready(_))
+    });
 }
 
 fn disabled(h: &Harness<'static, StudioApp>, label: &str) -> bool {
@@ -80,18 +82,30 @@ fn step_until(h: &mut Harness<'static, StudioApp>, what: &str, done: impl Fn(&St
 
 /// Cover text that changes from run to run (wall times, speedups) before a snapshot.
 fn mask_timings(h: &mut Harness<'static, StudioApp>) {
+    // Times ("1.23 s", "done in", "loaded in", "s left") get masks wider than their text: a slower
+    // machine writes more digits. Speed-ups are masked below, to their column's width.
     let rects: Vec<egui::Rect> = h
         .query_all_by(|n| {
             n.label().or_else(|| n.value()).is_some_and(|l| {
-                l.ends_with(" s")
-                    || l.contains(" s left")
-                    || l.starts_with("done in")
-                    || l.ends_with('x') && l.chars().next().is_some_and(|c| c.is_ascii_digit())
-                    || speedup_range(&l)
-                    || l.contains("loaded in")
+                !speedup_range(&l)
+                    && (l.ends_with(" s")
+                        || l.contains(" s left")
+                        || l.starts_with("done in")
+                        || l.contains("loaded in"))
             })
         })
-        .map(|n| n.rect())
+        .map(|n| {
+            let r = n.rect();
+            egui::Rect::from_min_size(r.min, egui::vec2(r.width() + 60.0, r.height()))
+        })
+        .chain(
+            h.query_all_by(|n| {
+                n.label().or_else(|| n.value()).is_some_and(|l| {
+                    l.ends_with('x') && l.chars().next().is_some_and(|c| c.is_ascii_digit())
+                })
+            })
+            .map(|n| n.rect()),
+        )
         .collect();
     // The speed-up column has a fixed width: its whole cell is covered, whatever the verdict.
     let ranged: Vec<egui::Rect> = h
@@ -150,7 +164,7 @@ fn generate_export_restore_and_delete() {
     step_until(&mut h, "the image", |a| !a.is_busy());
 
     let app = h.state();
-    let shown = app.result.as_ref().expect("an image on screen");
+    let shown = app.view.result.as_ref().expect("an image on screen");
     assert_eq!(
         app.stats.steps_seen, 12,
         "a preview event for each of the demo's 12 steps"
@@ -168,7 +182,7 @@ fn generate_export_restore_and_delete() {
     // Export through the (fixed) save dialog: PNG with its settings.
     h.get_by_label("Export PNG…").click();
     step_until(&mut h, "the export", |a| {
-        a.messages.iter().any(|m| m.text.starts_with("saved"))
+        a.view.messages.iter().any(|m| m.text.starts_with("saved"))
     });
     let (img, text) = read_png(&dir.path().join("exports/parallax-42.png")).expect("exported PNG");
     assert_eq!(img, demo_image(&settings));
@@ -182,13 +196,13 @@ fn generate_export_restore_and_delete() {
     h.state_mut().settings.request.prompt = "something else".into();
     h.get_by_label("Gallery").click();
     step_until(&mut h, "the gallery listing", |a| {
-        a.gallery.entries.len() == 1
+        a.view.gallery.entries.len() == 1
     });
     h.get_by_label("Restore").click();
     h.step();
     assert_eq!(h.state().settings.request.seed, 42);
     assert_eq!(h.state().settings.request.prompt, settings.prompt);
-    let path = h.state().gallery.entries[0].path.clone();
+    let path = h.state().view.gallery.entries[0].path.clone();
     assert!(path.exists());
     // Delete asks first; only the confirmation removes the file.
     h.get_by_label("Delete").click();
@@ -196,7 +210,7 @@ fn generate_export_restore_and_delete() {
     h.get_by_label("Delete this image?");
     assert!(path.exists());
     h.get_by_label("Yes, delete").click();
-    step_until(&mut h, "the delete", |a| a.gallery.entries.is_empty());
+    step_until(&mut h, "the delete", |a| a.view.gallery.entries.is_empty());
     assert!(!path.exists());
 }
 
@@ -207,13 +221,13 @@ fn cancel_with_escape() {
     h.state_mut().settings.request.steps = Some(60);
     h.get_by_label("Generate").click();
     step_until(&mut h, "the first step", |a| {
-        a.job.as_ref().is_some_and(|j| j.step >= 1)
+        a.view.job.as_ref().is_some_and(|j| j.step >= 1)
     });
     h.key_press(egui::Key::Escape);
     step_until(&mut h, "the cancel", |a| !a.is_busy());
     let app = h.state();
-    assert!(app.result.is_none());
-    assert!(app.messages.iter().any(|m| m.text == "cancelled"));
+    assert!(app.view.result.is_none());
+    assert!(app.view.messages.iter().any(|m| m.text == "cancelled"));
     assert!(app.stats.steps_seen < 60);
 }
 
@@ -229,32 +243,32 @@ fn compare_sweep_with_wipe_and_heatmap() {
     h.state_mut().settings.request.steps = Some(6);
     h.get_by_label("Run compare").click();
     h.step();
-    assert_eq!(h.state().tab, Tab::Compare);
+    assert_eq!(h.state().view.tab, Tab::Compare);
     step_until(&mut h, "the sweep", |a| !a.is_busy());
     let app = h.state();
-    assert_eq!(app.compare.len(), 3);
-    let r = &app.compare[1].result;
+    assert_eq!(app.view.compare.len(), 3);
+    let r = &app.view.compare[1].result;
     assert_eq!(r.generated.settings.cache_threshold, 5.0);
     assert!(r.generated.stats.reused > 0);
     assert!(r.quality.is_some() && r.speedup.is_some());
-    let m = &app.compare[2];
+    let m = &app.view.compare[2];
     assert_eq!(m.result.generated.settings.cache_spec(), policy);
     assert!(m.result.quality.is_some());
     // The default prompt is in the demo's world: every cell has its prompt score.
-    assert!(app.compare.iter().all(|s| s.prompt_score.is_some()));
+    assert!(app.view.compare.iter().all(|s| s.prompt_score.is_some()));
     // Timed in three rounds (the default): every cell has its three times; the table shows the
     // speed-ups with their range, and what each number means on hover.
-    assert!(app.compare.iter().all(|s| s
+    assert!(app.view.compare.iter().all(|s| s
         .timing
         .as_ref()
         .is_some_and(|t| t.wall_ms.len() == 3 && t.identical)));
-    let spread = app.compare[1]
+    let spread = app.view.compare[1]
         .timing
         .as_ref()
         .and_then(|t| t.speedup())
         .expect("a speed-up with its range");
     assert!(spread.min <= spread.median && spread.median <= spread.max);
-    let reusing = app.compare[1..]
+    let reusing = app.view.compare[1..]
         .iter()
         .filter(|s| s.result.generated.stats.reused > 0)
         .count();
@@ -352,7 +366,7 @@ fn a_sweep_without_reuse_says_so_instead_of_a_speedup() {
     h.state_mut().settings.request.steps = Some(3);
     h.state_mut().start_compare();
     step_until(&mut h, "the sweep", |a| !a.is_busy());
-    let r = &h.state().compare[1].result;
+    let r = &h.state().view.compare[1].result;
     assert_eq!(
         r.generated.stats.reused, 0,
         "the demo reuses nothing at 0.06"
@@ -374,19 +388,26 @@ fn damaged_and_foreign_pngs_in_the_gallery_are_skipped_with_a_note() {
     let mut h = studio(dir.path());
     h.get_by_label("Gallery").click();
     h.run_steps(4);
-    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
     let notes: Vec<&String> = said
         .iter()
         .filter(|m| m.contains("gallery: skipped"))
         .collect();
     assert_eq!(notes.len(), 1, "{said:?}");
     assert!(notes[0].contains("and 1 more"), "{said:?}");
-    assert!(h.state().gallery.entries.is_empty());
+    assert!(h.state().view.gallery.entries.is_empty());
     // Said once, not at every refresh.
-    h.state_mut().gallery.dirty = true;
+    h.state_mut().view.gallery.dirty = true;
     h.run_steps(4);
     let again: Vec<usize> = h
         .state()
+        .view
         .messages
         .iter()
         .filter(|m| m.text.contains("gallery: skipped"))
@@ -407,6 +428,7 @@ fn gallery_grid_wraps_scrolls_and_opens_an_image() {
     // Eleven more images (copies carry the same settings).
     let first = h
         .state()
+        .view
         .result
         .as_ref()
         .and_then(|s| s.result.saved.clone())
@@ -416,7 +438,9 @@ fn gallery_grid_wraps_scrolls_and_opens_an_image() {
         std::fs::copy(&first, copy).expect("copy");
     }
     h.get_by_label("Gallery").click();
-    step_until(&mut h, "the listing", |a| a.gallery.entries.len() == 12);
+    step_until(&mut h, "the listing", |a| {
+        a.view.gallery.entries.len() == 12
+    });
     h.run_steps(4);
     let restore: Vec<egui::Rect> = h.query_all_by_label("Restore").map(|n| n.rect()).collect();
     assert_eq!(restore.len(), 12);
@@ -428,7 +452,7 @@ fn gallery_grid_wraps_scrolls_and_opens_an_image() {
         "no cell past the window's right edge"
     );
     // The last image is below the fold: scroll to it and open it.
-    let last = h.state().gallery.entries[11].path.clone();
+    let last = h.state().view.gallery.entries[11].path.clone();
     let name = last
         .file_name()
         .and_then(|n| n.to_str())
@@ -445,6 +469,7 @@ fn gallery_grid_wraps_scrolls_and_opens_an_image() {
     h.run_steps(2);
     assert_eq!(
         h.state()
+            .view
             .gallery
             .opened
             .as_ref()
@@ -458,10 +483,10 @@ fn gallery_grid_wraps_scrolls_and_opens_an_image() {
     h.get_by_label("Keep").click();
     h.run_steps(2);
     assert!(last.exists());
-    assert!(h.state().gallery.confirm_delete.is_none());
+    assert!(h.state().view.gallery.confirm_delete.is_none());
     h.get_by_label("Back to the gallery").click();
     h.run_steps(2);
-    assert!(h.state().gallery.opened.is_none());
+    assert!(h.state().view.gallery.opened.is_none());
 }
 
 #[test]
@@ -481,6 +506,7 @@ fn without_a_file_dialog_a_path_field_is_offered() {
     // A folder that does not exist: refused when chosen, with the path named.
     let bad = dir.path().join("missing/x.png");
     h.state_mut()
+        .view
         .path_prompt
         .as_mut()
         .expect("the path field")
@@ -489,6 +515,7 @@ fn without_a_file_dialog_a_path_field_is_offered() {
     h.run_steps(2);
     let err = h
         .state()
+        .view
         .path_prompt
         .as_ref()
         .and_then(|p| p.error.clone())
@@ -501,10 +528,15 @@ fn without_a_file_dialog_a_path_field_is_offered() {
         "{err}"
     );
     let good = dir.path().join("typed.png");
-    h.state_mut().path_prompt.as_mut().expect("still open").text = good.display().to_string();
+    h.state_mut()
+        .view
+        .path_prompt
+        .as_mut()
+        .expect("still open")
+        .text = good.display().to_string();
     h.get_by_label("Save").click();
     h.run_steps(2);
-    assert!(h.state().path_prompt.is_none());
+    assert!(h.state().view.path_prompt.is_none());
     assert!(good.exists());
 }
 
@@ -516,7 +548,7 @@ fn a_failed_model_disables_generate_until_another_loads() {
     h.state_mut().settings.model = dir.path().join("gone.safetensors").display().to_string();
     h.get_by_label("Load").click();
     step_until(&mut h, "the failure", |a| {
-        matches!(a.model, ModelStatus::Failed { .. })
+        matches!(a.view.model, ModelStatus::Failed { .. })
     });
     h.run_steps(2);
     assert!(disabled(&h, "Generate"));
@@ -574,7 +606,13 @@ fn an_unwritable_gallery_is_reported_before_the_generation() {
     std::fs::write(&gal, b"not a folder").expect("write");
     h.state_mut().settings.request.steps = Some(1);
     h.state_mut().generate();
-    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
     assert!(
         said.iter()
             .any(|m| m.starts_with("images will not be kept in the gallery: cannot write")),
@@ -585,7 +623,13 @@ fn an_unwritable_gallery_is_reported_before_the_generation() {
         "the image is still made (and can be exported)"
     );
     step_until(&mut h, "the image", |a| !a.is_busy());
-    let said: Vec<String> = h.state().messages.iter().map(|m| m.text.clone()).collect();
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
     assert!(
         said.iter().any(
             |m| m.contains("not saved to the gallery: cannot write") && !m.contains(".partial")
@@ -778,7 +822,7 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     let message = h
         .state()
         .settings
-        .layout_check(h.state().model_shape)
+        .layout_check(h.state().view.model_shape)
         .expect_err("ring 3 on 4 workers");
     assert!(message.contains("asks for 6 devices"), "{message}");
     assert!(h
@@ -792,7 +836,7 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     h.step();
     step_until(&mut h, "the image", |a| !a.is_busy());
     let app = h.state();
-    let shown = app.result.as_ref().expect("an image on screen");
+    let shown = app.view.result.as_ref().expect("an image on screen");
     let one = demo_image(&shown.result.generated.settings);
     let worst = shown
         .image
@@ -804,11 +848,16 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
         .unwrap_or(255);
     assert!(worst <= 1, "four workers differ from one by {worst}");
     assert!(
-        app.messages
+        app.view
+            .messages
             .iter()
             .any(|m| m.text.contains("ring 2 x ulysses 2")),
         "the job's layout is reported: {:?}",
-        app.messages.iter().map(|m| &m.text).collect::<Vec<_>>()
+        app.view
+            .messages
+            .iter()
+            .map(|m| &m.text)
+            .collect::<Vec<_>>()
     );
 }
 
@@ -844,6 +893,7 @@ fn settings_are_saved_to_their_own_file_and_leave_eframe_storage() {
     eframe::App::save(h.state_mut(), &mut kv);
     let said = h
         .state()
+        .view
         .messages
         .iter()
         .filter(|m| m.text.contains("the settings were not saved"))
@@ -912,7 +962,7 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
     h.state_mut().settings.request.steps = Some(100);
     h.get_by_label("Generate").click();
     step_until(&mut h, "the first step", |a| {
-        a.job.as_ref().is_some_and(|j| j.step >= 1)
+        a.view.job.as_ref().is_some_and(|j| j.step >= 1)
     });
     // Quick jobs behind it.
     {
@@ -936,7 +986,12 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
     h.get_by_label("Generate").click();
     h.run_steps(2);
     let waiting = |h: &Harness<'static, StudioApp>| -> Vec<String> {
-        h.state().queue.iter().map(|q| q.summary.clone()).collect()
+        h.state()
+            .view
+            .queue
+            .iter()
+            .map(|q| q.summary.clone())
+            .collect()
     };
     assert_eq!(
         waiting(&h),
@@ -975,7 +1030,11 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
     h.run_steps(2);
     assert_eq!(waiting(&h).len(), 2);
     assert_eq!(
-        h.state().job.as_ref().map(|j| (j.total, j.summary.clone())),
+        h.state()
+            .view
+            .job
+            .as_ref()
+            .map(|j| (j.total, j.summary.clone())),
         Some((100, "256x256, 100 steps, seed 42".into())),
         "the first job still runs; waiting: {:?}",
         waiting(&h)
@@ -983,9 +1042,14 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
     // Cancel the running one: the queue goes on, in its order.
     h.key_press(egui::Key::Escape);
     step_until(&mut h, "the queue", |a| !a.is_busy());
-    assert!(h.state().queue.is_empty());
+    assert!(h.state().view.queue.is_empty());
     assert_eq!(gallery_seeds_in_order(dir.path()), [200, 101]);
-    assert!(h.state().messages.iter().any(|m| m.text == "cancelled"));
+    assert!(h
+        .state()
+        .view
+        .messages
+        .iter()
+        .any(|m| m.text == "cancelled"));
 }
 
 /// dp 2 means two images a Generate, seeds s and s + 1, both in the gallery.
@@ -1016,7 +1080,7 @@ fn dp_two_makes_two_images_with_consecutive_seeds() {
     h.get_by_label("Generate").click();
     h.step();
     assert_eq!(
-        h.state().job.as_ref().map(|j| j.summary.clone()),
+        h.state().view.job.as_ref().map(|j| j.summary.clone()),
         Some("64x64, 2 steps, seeds 7 to 8 (2 images at once)".into())
     );
     step_until(&mut h, "the images", |a| !a.is_busy());
@@ -1040,7 +1104,7 @@ fn layout_by_hand_starts_from_auto_and_refusals_are_said_once() {
     let auto = h
         .state()
         .settings
-        .plan(h.state().model_shape.heads)
+        .plan(h.state().view.model_shape.heads)
         .expect("auto plan");
     h.get_by_label("auto layout").click();
     h.run_steps(2);
@@ -1089,7 +1153,7 @@ fn layout_by_hand_starts_from_auto_and_refusals_are_said_once() {
     assert!(h.query_by_label_contains("Will run: 2 workers").is_some());
     assert!(!disabled(&h, "Generate"));
     // No flag in anything the panel said on the way.
-    for m in h.state().settings.problems(h.state().model_shape) {
+    for m in h.state().settings.problems(h.state().view.model_shape) {
         assert!(!m.contains("--"), "{m}");
     }
     assert_eq!(prompt_width(&h), width, "the left panel kept its width");
@@ -1117,7 +1181,7 @@ fn the_seed_field_keeps_seeds_above_2_pow_53() {
     h.state_mut().settings.request.steps = Some(1);
     h.state_mut().generate();
     step_until(&mut h, "the image", |a| !a.is_busy());
-    let shown = h.state().result.as_ref().expect("an image");
+    let shown = h.state().view.result.as_ref().expect("an image");
     assert_eq!(shown.result.generated.settings.seed, u64::MAX);
 }
 
@@ -1167,7 +1231,7 @@ fn a_huge_gallery_image_is_listed_from_its_header_without_decoding() {
     write_huge_png(&path, 20000, 20000);
     let mut h = studio(dir.path());
     h.get_by_label("Gallery").click();
-    step_until(&mut h, "the listing", |a| a.gallery.entries.len() == 1);
+    step_until(&mut h, "the listing", |a| a.view.gallery.entries.len() == 1);
     h.run_steps(3);
     let note = labels_with(&h, "no preview");
     assert_eq!(note.len(), 1, "{note:?}");
@@ -1176,9 +1240,10 @@ fn a_huge_gallery_image_is_listed_from_its_header_without_decoding() {
     h.state_mut()
         .queue(parallax::app::Command::OpenImage(path.clone()));
     h.run_steps(2);
-    assert!(h.state().gallery.opened.is_none());
+    assert!(h.state().view.gallery.opened.is_none());
     assert!(h
         .state()
+        .view
         .messages
         .iter()
         .any(|m| m.text.contains("too large")));
@@ -1245,4 +1310,97 @@ fn first_preview_latency_at_256_px() {
     let first = &h.state().stats.first_preview_ms;
     assert_eq!(first.len(), 3, "one first preview a job");
     println!("first preview at 256 px, ms after Generate: {first:?}");
+}
+
+/// An image dropped on the window gives its settings: all of them from a Parallax PNG, and
+/// what Automatic1111's `parameters` state from another tool's image (the model left as it is).
+#[test]
+fn a_dropped_image_gives_its_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    /// A file as the window system hands it over.
+    #[derive(Debug)]
+    struct Dropped(std::path::PathBuf);
+    impl egui::DroppedFile for Dropped {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+        fn bytes(&self) -> Result<Vec<u8>, String> {
+            std::fs::read(&self.0).map_err(|e| e.to_string())
+        }
+    }
+    let drop = |h: &mut Harness<'static, StudioApp>, path: &Path| {
+        h.input_mut()
+            .dropped_files
+            .push(std::sync::Arc::new(Dropped(path.to_path_buf())));
+        h.run_steps(2);
+    };
+    let img = RgbImage {
+        width: 8,
+        height: 8,
+        data: vec![128; 8 * 8 * 3],
+    };
+    // Another tool's PNG.
+    let a1111 = dir.path().join("a1111.png");
+    let params = "a green star at the top\nNegative prompt: blurry\nSteps: 9, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 777, Size: 320x256, Model: flux1-dev";
+    parallax::pipeline::image::save_png(&a1111, &img, &[("parameters".into(), params.into())])
+        .expect("write");
+    drop(&mut h, &a1111);
+    let s = &h.state().settings;
+    assert_eq!(s.request.prompt, "a green star at the top");
+    assert_eq!(s.request.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!((s.request.width, s.request.height), (320, 256));
+    assert_eq!((s.request.steps, s.request.seed), (Some(9), 777));
+    assert_eq!(s.request.guidance, Some(2.5));
+    assert_eq!(s.model, "demo", "the model is left as it is");
+    assert!(!s.random_seed);
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains("(Automatic1111)") && m.contains("made with flux1-dev")),
+        "{said:?}"
+    );
+    // A Parallax image: everything, as the gallery's Restore does.
+    let settings = Pipeline::demo(&Device::Cpu)
+        .expect("demo")
+        .settings_for(&parallax::pipeline::GenerateRequest {
+            prompt: "a red circle on the left".into(),
+            seed: 31,
+            steps: Some(5),
+            width: 256,
+            height: 256,
+            ..Default::default()
+        })
+        .expect("settings");
+    let ours = dir.path().join("ours.webp");
+    parallax::pipeline::image::save_image(&ours, &img, &settings.png_text().expect("text"))
+        .expect("write webp");
+    drop(&mut h, &ours);
+    let s = &h.state().settings;
+    assert_eq!(s.request.prompt, "a red circle on the left");
+    assert_eq!((s.request.steps, s.request.seed), (Some(5), 31));
+    // Something with no settings: said, nothing changed.
+    let bare = dir.path().join("bare.png");
+    parallax::pipeline::image::save_png(&bare, &img, &[]).expect("write");
+    drop(&mut h, &bare);
+    assert_eq!(h.state().settings.request.seed, 31);
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("cannot take settings from bare.png")),
+        "{said:?}"
+    );
 }

@@ -30,6 +30,9 @@ pub enum Command {
     SelectTab(Tab),
     /// Put back the settings of this gallery image.
     Restore(PathBuf),
+    /// Take the settings stored in this image file (dropped on the window): Parallax's own, or
+    /// what Automatic1111's or ComfyUI's metadata state.
+    RecallFrom(PathBuf),
     /// Show this gallery image large.
     OpenImage(PathBuf),
     CloseImage,

@@ -156,8 +156,14 @@ async fn native(request: &PathRequest) -> Option<PathBuf> {
             }
         }
         _ => {
+            let dialog = dialog.add_filter("PNG image", &["png"]);
+            let dialog = match request {
+                PathRequest::Screenshot => dialog,
+                _ => dialog
+                    .add_filter("JPEG image", &["jpg", "jpeg"])
+                    .add_filter("WebP image (lossless)", &["webp"]),
+            };
             dialog
-                .add_filter("PNG image", &["png"])
                 .set_file_name(request.suggested_name().unwrap_or("parallax.png"))
                 .save_file()
                 .await

@@ -1,10 +1,12 @@
-//! Export: an image as PNG with its settings in text chunks, and a window screenshot as PNG.
+//! Export: an image as PNG, JPEG or WebP with its settings (PNG text chunks, or EXIF), and a
+//! window screenshot as PNG.
 //! Where the path comes from is [`super::dialogs`]; a path is checked when it is chosen (its
 //! folder must exist and be writable), and a failed write says "cannot write <path>".
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::pipeline::image::save_image as save_any;
 use crate::pipeline::image::{save_png, RgbImage};
 use crate::runtime::gallery::check_writable_dir;
 use crate::runtime::ImageResult;
@@ -28,10 +30,16 @@ pub fn check_save_path(path: &Path) -> Result<()> {
     check_writable_dir(dir)
 }
 
-/// The PNG writer's I/O errors name its temporary file; report the path the user chose.
+/// The writer's I/O errors name its temporary file; report the path the user chose. The format
+/// follows the extension (PNG, JPEG or WebP; none: PNG).
 fn write(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
     check_save_path(path)?;
-    save_png(path, img, text).map_err(|e| match e {
+    let res = if path.extension().is_none() {
+        save_png(path, img, text)
+    } else {
+        save_any(path, img, text)
+    };
+    res.map_err(|e| match e {
         Error::Io { source, .. } => Error::Write {
             path: path.to_path_buf(),
             source,

@@ -1,5 +1,5 @@
-//! The studio's settings: what the panels edit, persisted between runs (eframe storage), and how
-//! they become engine requests.
+//! The studio's settings: what the panels edit, kept between runs (a JSON file of their own,
+//! see `super::settings_file`), and how they become engine requests.
 
 use serde::{Deserialize, Serialize};
 
@@ -578,10 +578,12 @@ impl Settings {
             return Err(refusal_words(r));
         }
         if !model.magcache && matches!(req.cache, Some(CacheSpec::MagCache { .. })) {
-            return Err("MagCache needs a calibration this model does not have (make one with \
+            return Err(
+                "MagCache needs a calibration this model does not have (make one with \
                         `parallax calibrate-magcache`): pick another cache, or take MagCache out \
                         of the compare policies"
-                .into());
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -592,6 +594,48 @@ impl Settings {
         self.request.negative_prompt = Some(s.negative_prompt.clone().unwrap_or_default());
         self.random_seed = false;
         self.model = s.model.clone();
+    }
+
+    /// Take what another tool's image states (prompt, size, steps, seed, guidance, ...), leaving
+    /// the rest and the model as they are; returns the names of what was taken.
+    pub fn recall(&mut self, r: &crate::pipeline::metadata::Recalled) -> Vec<&'static str> {
+        let mut took = Vec::new();
+        let req = &mut self.request;
+        if let Some(p) = &r.prompt {
+            req.prompt = p.clone();
+            took.push("prompt");
+        }
+        if let Some(n) = &r.negative_prompt {
+            req.negative_prompt = Some(n.clone());
+            took.push("negative prompt");
+        }
+        if let (Some(w), Some(h)) = (r.width, r.height) {
+            req.width = w;
+            req.height = h;
+            took.push("size");
+        }
+        if let Some(n) = r.steps {
+            req.steps = Some(n);
+            took.push("steps");
+        }
+        if let Some(seed) = r.seed {
+            req.seed = seed;
+            self.random_seed = false;
+            took.push("seed");
+        }
+        if let Some(g) = r.guidance {
+            req.guidance = Some(g);
+            took.push("guidance");
+        }
+        if let Some(c) = r.true_cfg.filter(|c| c.is_finite() && *c >= 1.0) {
+            req.true_cfg = Some(c);
+            took.push("true CFG");
+        }
+        if let Some(c) = &r.cache {
+            req.cache = Some(c.clone());
+            took.push("cache");
+        }
+        took
     }
 }
 

@@ -1,7 +1,7 @@
-//! What the window shows, apart from the saved [`super::Settings`]: the tab, the model's status,
-//! the job in progress (and how its progress reads), the finished images with their textures, and
-//! the compare and gallery views' own state. Plain data; the runtime and channels stay in
-//! [`super::StudioApp`].
+//! What the window shows, apart from the saved [`super::Settings`], in one [`View`]: the tab, the
+//! model's status, the job in progress (and how its progress reads), the queue, the finished images
+//! with their textures, the compare and gallery views' own state, the message log and what was
+//! found on this machine. Plain data; the runtime and channels stay in [`super::StudioApp`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +14,32 @@ use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::RgbImage;
 use crate::runtime::gallery::Entry;
 use crate::runtime::{ImageResult, JobId};
+
+/// Everything on screen that is not a saved setting.
+pub struct View {
+    pub tab: Tab,
+    pub model: ModelStatus,
+    /// The loaded model's heads and blocks (what a layout must divide, PipeFusion's most stages).
+    pub model_shape: super::state::ModelShape,
+    pub job: Option<JobView>,
+    /// Jobs waiting behind the running one, in the order they will run.
+    pub queue: Vec<QueuedJob>,
+    pub result: Option<Shown>,
+    pub compare: Vec<Shown>,
+    pub compare_view: CompareView,
+    pub gallery: GalleryView,
+    pub messages: super::messages::MessageLog,
+    /// The in-window path field, when the desktop has no file dialog.
+    pub path_prompt: Option<super::dialogs::PathPrompt>,
+    /// Why images will not be kept in the gallery (checked when a job starts).
+    pub gallery_warning: Option<String>,
+    /// FLUX repos found in the Hugging Face cache at start-up (and after a download).
+    pub hf_models: Vec<(String, PathBuf)>,
+    /// FLUX transformers in the ComfyUI installs found.
+    pub comfy_models: Vec<PathBuf>,
+    /// The GPUs found at start-up (name, memory), for the devices panel.
+    pub gpus: Vec<crate::device::GpuInfo>,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {

@@ -493,7 +493,8 @@ pub struct GenerateArgs {
     pub sample: SampleArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
-    /// Output PNG (default: parallax-<seed>.png); with several images, NAME-<seed>.png each.
+    /// Output image, .png, .jpg or .webp (default: parallax-<seed>.png); with several images,
+    /// NAME-<seed>.EXT each.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
     /// No progress bar.
@@ -517,7 +518,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// The machine's measured bf16 matrix-multiply ceiling in TFLOP/s, for the floor ratio
-    /// (773: H100 as measured for issue 3).
+    /// (773: an H100 as measured in BENCHMARKS.md).
     #[arg(long, default_value_t = 773.0)]
     pub peak_tflops: f64,
 }
@@ -693,20 +694,19 @@ fn is_demo(resolved: &Resolved) -> bool {
     }
 }
 
-/// Refuse an output path Parallax cannot write, before any work: a folder, a name that is not
-/// `.png` (the settings travel in PNG text chunks), a folder that does not exist.
+/// Refuse an output path Parallax cannot write, before any work: a folder, a name whose
+/// extension is not an image format Parallax writes (PNG, JPEG, WebP: each keeps the settings),
+/// a folder that does not exist.
 fn check_output(out: &std::path::Path) -> anyhow::Result<()> {
     if out.is_dir() {
         bail!("--out {} is a folder; give a file name", out.display());
     }
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
-    if ext.as_deref() != Some("png") {
+    let ext = crate::pipeline::metadata::extension(out).unwrap_or_default();
+    if !image::is_known_extension(&ext) {
         bail!(
-            "--out {}: Parallax writes PNG files (the settings travel in PNG text chunks); give a name ending in .png",
-            out.display()
+            "--out {}: Parallax writes {} files (each keeps the settings it was made with); give a name ending in one of them",
+            out.display(),
+            image::FORMATS
         );
     }
     let parent = match out.parent() {
@@ -880,7 +880,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             .out
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("parallax-{seed}.png")));
-        image::save_png(&out, &g.image, &g.settings.png_text()?)
+        image::save_image(&out, &g.image, &g.settings.png_text()?)
             .with_context(|| format!("saving {}", out.display()))?;
         println!(
             "{} ({}x{}, seed {seed}, {} processes) in {:.2}s",
@@ -1024,7 +1024,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 eprintln!("note: {n}");
             }
         });
-        image::save_png(out, &g.image, &g.settings.png_text()?)
+        image::save_image(out, &g.image, &g.settings.png_text()?)
             .with_context(|| format!("saving {}", out.display()))?;
         bar.suspend(|| {
             println!(
@@ -1271,7 +1271,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                             "compare-{}.png",
                             g.settings.cache_spec().file_stem()
                         ));
-                        image::save_png(&out, &g.image, &g.settings.png_text()?)
+                        image::save_image(&out, &g.image, &g.settings.png_text()?)
                             .with_context(|| format!("saving {}", out.display()))?;
                         Some(out)
                     }

@@ -37,7 +37,7 @@ pub const FLUX_DECODER_PARAMS: u64 = 49_545_475;
 /// Device memory outside the tensors counted here: the CUDA context, cuBLAS/cuBLASLt
 /// workspaces, the allocator's slack. On an H200 the device's used memory at dev 1024 px ran
 /// 1.9 GiB above the tensors counted here plus 1.25 GiB in bf16 and 0.9 GiB below in FP8 with
-/// the bf16 copies kept (BENCHMARKS.md, issue 15): 2.5 GiB sits between, good to about 1 GiB.
+/// the bf16 copies kept (BENCHMARKS.md): 2.5 GiB sits between, good to about 1 GiB.
 const OVERHEAD: f64 = 2.5 * GIB;
 
 /// The denoising activations per image token and image in the batch, in bytes of bf16 (the

@@ -1,4 +1,4 @@
-//! Running one image on several devices (issue 4, in progress).
+//! Running one image on several devices.
 //!
 //! - [`comm`]: the communicator trait (all-gather, all-to-all, all-reduce, broadcast, send/recv)
 //!   and its in-process implementation, where worker threads stand in for GPUs.

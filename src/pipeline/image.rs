@@ -115,6 +115,63 @@ pub fn save_png(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Resul
     })
 }
 
+/// The image formats Parallax writes, by file extension.
+pub const FORMATS: &str = "png, jpg (jpeg) or webp";
+
+/// Whether Parallax writes files with this extension (lower case, no dot).
+pub fn is_known_extension(ext: &str) -> bool {
+    matches!(ext, "png" | "jpg" | "jpeg" | "webp")
+}
+
+/// Write `img` to `path` in the format its extension names (see [`FORMATS`]), with its settings
+/// `text` (as [`super::GenerationSettings::png_text`] gives them): PNG text chunks, or for JPEG
+/// (quality 92) and lossless WebP an EXIF block with the settings JSON and the `parameters` text
+/// ([`super::metadata`]). Atomic like [`save_png`].
+pub fn save_image(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
+    let ext = super::metadata::extension(path).unwrap_or_default();
+    if ext == "png" {
+        return save_png(path, img, text);
+    }
+    if !is_known_extension(&ext) {
+        return Err(Error::Image(format!(
+            "{}: Parallax writes {FORMATS} files; give a name ending in one of them",
+            path.display()
+        )));
+    }
+    if img.data.len() != img.width * img.height * 3 || img.width == 0 || img.height == 0 {
+        return Err(Error::Image(
+            "pixel buffer does not match the image size".into(),
+        ));
+    }
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    let tiff = super::metadata::exif_block(get("parallax"), get("parameters"), get("Software"));
+    let (w, h) = (img.width as u32, img.height as u32);
+    let mut encoded = Vec::new();
+    let bytes = if ext == "webp" {
+        ::image::codecs::webp::WebPEncoder::new_lossless(&mut encoded)
+            .encode(&img.data, w, h, ::image::ExtendedColorType::Rgb8)
+            .map_err(|e| Error::Image(format!("encoding {}: {e}", path.display())))?;
+        super::metadata::webp_with_exif(&encoded, &tiff, img.width, img.height)?
+    } else {
+        ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut encoded, 92)
+            .encode(&img.data, w, h, ::image::ExtendedColorType::Rgb8)
+            .map_err(|e| Error::Image(format!("encoding {}: {e}", path.display())))?;
+        super::metadata::jpeg_with_exif(&encoded, &tiff)?
+    };
+    crate::files::write_atomic(path, |out| {
+        use std::io::Write;
+        out.write_all(&bytes).map_err(|e| Error::Write {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    })
+}
+
 /// An open PNG, its header and the text chunks before its pixels read, nothing decoded yet.
 pub struct PngHeader {
     pub width: usize,

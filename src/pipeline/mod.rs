@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod image;
 pub mod metrics;
+pub mod metadata;
 pub mod preview;
 pub mod sampler;
 pub mod schedule;
@@ -112,7 +113,8 @@ pub struct GenerationSettings {
 }
 
 impl GenerationSettings {
-    /// PNG text chunks: `parallax` (the JSON to reproduce it) and a readable `parameters` line.
+    /// PNG text chunks: `parallax` (the JSON to reproduce it) and `parameters` in the layout
+    /// Automatic1111 and civitai read ([`metadata::a1111_parameters`]).
     pub fn png_text(&self) -> Result<Vec<(String, String)>> {
         let json = serde_json::to_string(self)
             .map_err(|e| Error::Image(format!("cannot serialise settings: {e}")))?;
@@ -121,18 +123,7 @@ impl GenerationSettings {
             ("prompt".to_string(), self.prompt.clone()),
             (
                 "parameters".to_string(),
-                format!(
-                    "{}x{}, {} steps, seed {}, guidance {}, cache {}, model {} ({}), {}",
-                    self.width,
-                    self.height,
-                    self.steps,
-                    self.seed,
-                    self.guidance,
-                    self.cache_spec(),
-                    self.model,
-                    self.variant.name(),
-                    self.dtype
-                ),
+                metadata::a1111_parameters(self),
             ),
             (
                 "Software".to_string(),

@@ -9,14 +9,23 @@ use crate::app::state::{ModelShape, Settings};
 use crate::device::GpuInfo;
 use crate::engine::Devices;
 
-/// Show the panel; edits go straight into `settings` (`device` holds the device list, `workers`
-/// the CPU threads when it says `cpu`). `model`: the loaded model's heads and blocks.
-pub fn devices_panel(
-    ui: &mut egui::Ui,
-    settings: &mut Settings,
-    gpus: &[GpuInfo],
-    model: ModelShape,
-) {
+/// What the devices panel draws from and edits.
+pub struct DevicesPanel<'a> {
+    /// Edited in place (`device` holds the device list, `workers` the CPU threads when it says
+    /// `cpu`).
+    pub settings: &'a mut Settings,
+    pub gpus: &'a [GpuInfo],
+    /// The loaded model's heads and blocks.
+    pub model: ModelShape,
+}
+
+/// Show the panel; edits go straight into the settings.
+pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
+    let DevicesPanel {
+        settings,
+        gpus,
+        model,
+    } = p;
     ui.label("Devices and layout");
     let parsed = Devices::parse(&settings.device);
     let on_gpus = matches!(parsed, Ok(Devices::AllGpus | Devices::Gpus(_)));

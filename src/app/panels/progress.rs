@@ -7,7 +7,15 @@ use egui::RichText;
 use crate::app::command::{Command, Commands};
 use crate::app::view::{JobView, QueuedJob};
 
-pub fn show(ui: &mut egui::Ui, job: Option<&JobView>, queue: &[QueuedJob], cmds: &mut Commands) {
+/// What the progress panel draws from, and where its buttons' commands go.
+pub struct ProgressPanel<'a> {
+    pub job: Option<&'a JobView>,
+    pub queue: &'a [QueuedJob],
+    pub cmds: &'a mut Commands,
+}
+
+pub fn show(ui: &mut egui::Ui, p: ProgressPanel<'_>) {
+    let ProgressPanel { job, queue, cmds } = p;
     let Some(j) = job else {
         return;
     };
@@ -41,9 +49,12 @@ pub fn show(ui: &mut egui::Ui, job: Option<&JobView>, queue: &[QueuedJob], cmds:
                 cmds.push(Command::CancelQueued(q.id));
             }
             let what = if q.compare { "compare: " } else { "" };
-            ui.label(
-                RichText::new(format!("{}. {what}{} — {}", i + 1, q.prompt, q.summary)),
-            );
+            ui.label(RichText::new(format!(
+                "{}. {what}{} — {}",
+                i + 1,
+                q.prompt,
+                q.summary
+            )));
         });
     }
 }

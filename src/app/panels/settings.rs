@@ -285,9 +285,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         if fb {
             r.cache_threshold = threshold;
         }
-        slider
-        .labelled_by(l.id)
-        .on_hover_text(
+        slider.labelled_by(l.id).on_hover_text(
             "How much the first block's output may change before a step is computed \
              again: higher reuses more steps (faster, less like the uncached image). \
              First Block Cache's residual-difference threshold.",
