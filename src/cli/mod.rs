@@ -126,6 +126,10 @@ pub struct WorkerArgs {
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    /// A file holding the job's worker token (default: `PARALLAX_WORKER_TOKEN`; with neither,
+    /// rank 0 makes one: see README, "Past one machine").
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -723,6 +727,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         rank,
         world,
         std::time::Duration::from_secs(a.timeout),
+        crate::parallel::store_auth::Token::from_env_or_file(a.token_file.as_deref())?,
     )?;
     // Every rank must draw the same noise: rank 0 picks the seed when none is given.
     let seed = match a.sample.seed {
@@ -734,7 +739,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         }
         None => {
             let b: [u8; 8] = store
-                .get("seed")?
+                .get("seed", 0)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("rank 0 sent a malformed seed"))?;
             u64::from_le_bytes(b)

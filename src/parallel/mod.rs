@@ -35,6 +35,8 @@ pub mod refusal;
 pub mod ring;
 pub mod sp;
 pub mod store;
+pub mod store_auth;
+pub mod store_server;
 #[cfg(test)]
 pub(crate) mod test_steps;
 pub mod traffic;
