@@ -27,6 +27,7 @@ pub mod comm;
 pub mod displaced;
 pub mod engine;
 pub mod fault;
+pub mod fingerprint;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;

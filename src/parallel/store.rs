@@ -218,7 +218,7 @@ impl Store {
         // others to start.
         store.exchange("hello", b"1", timeout).map_err(|e| {
             Error::Image(format!(
-                "rank {rank}: rendezvous at {addr}: waiting for all {world} ranks to join (at \
+                "rendezvous at {addr}: waiting for all {world} ranks to join (at \
                      most {:.0} s; start every rank with the same --init and --world): {e}",
                 timeout.as_secs_f64()
             ))
@@ -407,20 +407,18 @@ fn join(
                 if !(matches!(secret, Secret::LocalFile(_)) && m.contains("authentication")) =>
             {
                 return Err(Error::Image(format!(
-                    "rank {rank}: rendezvous at {addr}: rank 0's store refused this rank: {m}"
+                    "rendezvous at {addr}: rank 0's store refused rank {rank}: {m}"
                 )))
             }
             Ok((_, Outcome::NotTheStore(m))) => {
-                return Err(Error::Image(format!(
-                    "rank {rank}: rendezvous at {addr}: {m}"
-                )))
+                return Err(Error::Image(format!("rendezvous at {addr}: {m}")))
             }
             Ok((_, Outcome::Refused(m))) => m,
             Err(e) => e.to_string(),
         };
         if t0.elapsed() >= timeout {
             return Err(Error::Image(format!(
-                "rank {rank}: rendezvous: rank 0 never answered at {addr} within {:.0} s ({why})",
+                "rendezvous: rank 0 never answered rank {rank} at {addr} within {:.0} s ({why})",
                 timeout.as_secs_f64()
             )));
         }
