@@ -65,7 +65,11 @@ impl Worker {
             }
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallax"));
-        cmd.args(["worker", "--rank", &rank.to_string(), "--init", init]);
+        cmd.arg("worker");
+        // No address: the launcher's environment (in `env`) places the worker.
+        if !init.is_empty() {
+            cmd.args(["--rank", &rank.to_string(), "--init", init]);
+        }
         for (k, v) in opts {
             cmd.args([k, v]);
         }
@@ -548,4 +552,43 @@ fn a_rank_without_the_token_is_refused_and_rank_0_keeps_serving() {
     assert!(zero.status().success(), "{}", zero.text());
     assert!(one.status().success(), "{}", one.text());
     assert!(out.is_file());
+}
+
+/// Workers started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+/// MASTER_PORT; no --rank, --world or --init) and as srun does (SLURM_PROCID, SLURM_NTASKS,
+/// SLURM_LOCALID, SLURM_JOB_NODELIST, MASTER_PORT) make the image.
+#[test]
+fn workers_start_from_torchrun_and_slurm_environments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("image.png");
+    for launcher in ["torchrun", "slurm"] {
+        let port = free_init().rsplit(':').next().expect("port").to_string();
+        let envs: Vec<Vec<(&str, String)>> = (0..2)
+            .map(|r| match launcher {
+                "torchrun" => vec![
+                    ("RANK", r.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("LOCAL_RANK", r.to_string()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.clone()),
+                ],
+                _ => vec![
+                    ("SLURM_PROCID", r.to_string()),
+                    ("SLURM_NTASKS", "2".into()),
+                    ("SLURM_LOCALID", r.to_string()),
+                    ("SLURM_JOB_NODELIST", "localhost".into()),
+                    ("MASTER_PORT", port.clone()),
+                ],
+            })
+            .collect();
+        let start = |r: usize| {
+            let env: Vec<(&str, &str)> = envs[r].iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Worker::start(r, "", &[("--world", "")], &env, &out)
+        };
+        let [a, b] = wait_all([start(0), start(1)], launcher);
+        assert!(a.status().success(), "{launcher} rank 0: {}", a.text());
+        assert!(b.status().success(), "{launcher} rank 1: {}", b.text());
+        assert!(out.is_file(), "{launcher}");
+        std::fs::remove_file(&out).expect("rm");
+    }
 }

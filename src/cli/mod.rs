@@ -20,6 +20,7 @@ mod dataset;
 mod displaced_error;
 mod download;
 mod fp8_error;
+mod launcher;
 mod memory;
 mod profile;
 mod score;
@@ -106,15 +107,16 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// This process's rank, 0..world.
+    /// This process's rank, 0..world (default: torchrun's RANK or Slurm's SLURM_PROCID).
     #[arg(long)]
-    pub rank: usize,
-    /// How many processes take part.
+    pub rank: Option<usize>,
+    /// How many processes take part (default: WORLD_SIZE or SLURM_NTASKS).
     #[arg(long)]
-    pub world: usize,
-    /// Rendezvous: tcp://HOST:PORT, where rank 0 listens and the others connect.
+    pub world: Option<usize>,
+    /// Rendezvous: tcp://HOST:PORT, where rank 0 listens and the others connect (default:
+    /// MASTER_ADDR and MASTER_PORT, or Slurm's first node).
     #[arg(long)]
-    pub init: String,
+    pub init: Option<String>,
     /// Seconds to wait for every rank to arrive (1 to 86400; also the longest rank 0 waits for
     /// the others to finish).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -574,8 +576,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     {
         Command::Studio(a) => studio(a),
         Command::Worker(a) => {
-            let rank = a.rank;
-            worker(a).with_context(|| format!("rank {rank}"))
+            let env = |k: &str| std::env::var(k).ok();
+            let launch = launcher::resolve(a.rank, a.world, a.init.as_deref(), &env)?;
+            let rank = launch.rank;
+            worker(a, launch).with_context(|| format!("rank {rank}"))
         }
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
@@ -702,7 +706,7 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
     }
 }
 
-fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     use crate::parallel::engine::denoise_rank;
     use crate::parallel::mesh::Mesh;
     use crate::parallel::store::{Store, StoreComm};
@@ -713,10 +717,20 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
     let mut a = a;
     let gpu = a.model.device.starts_with("cuda");
+    tracing::info!(
+        "rank {} of {} at {} (from {})",
+        launch.rank,
+        launch.world,
+        launch.init,
+        launch.by
+    );
+    (a.rank, a.world) = (Some(launch.rank), Some(launch.world));
     if a.model.device == "cuda" {
-        // One GPU per process: rank R takes GPU R (mod the GPUs of this machine).
+        // One GPU per process: the local rank's GPU (from the launcher), else rank R takes GPU
+        // R (mod the GPUs of this machine).
         let n = crate::device::cuda_device_count().max(1);
-        a.model.device = format!("cuda:{}", a.rank % n);
+        let gpu = launch.local_rank.unwrap_or(launch.rank % n);
+        a.model.device = format!("cuda:{gpu}");
     }
     if gpu && !cfg!(feature = "cuda") {
         bail!(
@@ -731,7 +745,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         );
     }
     crate::parallel::comm::collective_timeout_from_env().map_err(anyhow::Error::msg)?;
-    let (rank, world) = (a.rank, a.world);
+    let (rank, world) = (launch.rank, launch.world);
     // Rank 0 writes the image: its output is checked before anything starts.
     if rank == 0 {
         match &a.out {
@@ -742,7 +756,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
     let timeout = std::time::Duration::from_secs(a.timeout);
     let store = Store::connect(
-        &a.init,
+        &launch.init,
         rank,
         world,
         timeout,

@@ -5,7 +5,7 @@ use super::WorkerArgs;
 use crate::model::layout::ModelSpec;
 use crate::parallel::fingerprint::{model_identity, Fingerprint, ANY_SEED};
 
-/// Rank `a.rank`'s fingerprint: `seed` is its own or, for rank 0, the one it picked (`None`:
+/// The fingerprint of the rank `a` was started as (its rank and world resolved): `seed` is its own or, for rank 0, the one it picked (`None`:
 /// it takes rank 0's).
 pub fn fingerprint(a: &WorkerArgs, spec: &ModelSpec, seed: Option<u64>) -> Fingerprint {
     let s = &a.sample;
@@ -17,7 +17,7 @@ pub fn fingerprint(a: &WorkerArgs, spec: &ModelSpec, seed: Option<u64>) -> Finge
     };
     Fingerprint::new()
         .with("Parallax version", env!("CARGO_PKG_VERSION"))
-        .with("world", a.world)
+        .with("world", a.world.unwrap_or(0))
         .with("model", model_identity(spec))
         .with("dtype", format!("{:?}", a.model.dtype))
         .with("precision", format!("{:?}", a.model.precision))
