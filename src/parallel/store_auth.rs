@@ -83,35 +83,38 @@ impl Token {
         }
     }
 
-    fn mac(&self, side: &[u8], s: &[u8; LEN], c: &[u8; LEN], rank: u32, world: u32) -> [u8; LEN] {
+    /// The HMAC of one side's handshake (`side`, then the transcript).
+    fn keyed(&self, side: &[u8], t: &Transcript) -> Hmac<Sha256> {
         // HMAC takes keys of any length.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        m.update(side);
-        m.update(s);
-        m.update(c);
-        m.update(&rank.to_le_bytes());
-        m.update(&world.to_le_bytes());
-        m.finalize().into_bytes().into()
+        for part in [
+            side,
+            &t.s,
+            &t.c,
+            &t.rank.to_le_bytes(),
+            &t.world.to_le_bytes(),
+        ] {
+            m.update(part);
+        }
+        m
     }
 
-    fn verify(
-        &self,
-        side: &[u8],
-        s: &[u8; LEN],
-        c: &[u8; LEN],
-        rank: u32,
-        world: u32,
-        tag: &[u8; LEN],
-    ) -> bool {
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        m.update(side);
-        m.update(s);
-        m.update(c);
-        m.update(&rank.to_le_bytes());
-        m.update(&world.to_le_bytes());
-        // Compared in constant time.
-        m.verify_slice(tag).is_ok()
+    fn mac(&self, side: &[u8], t: &Transcript) -> [u8; LEN] {
+        self.keyed(side, t).finalize().into_bytes().into()
     }
+
+    /// Whether `tag` is that HMAC (compared in constant time).
+    fn verify(&self, side: &[u8], t: &Transcript, tag: &[u8; LEN]) -> bool {
+        self.keyed(side, t).verify_slice(tag).is_ok()
+    }
+}
+
+/// What both sides' proofs cover: the store's and the client's challenges and the claim.
+struct Transcript {
+    s: [u8; LEN],
+    c: [u8; LEN],
+    rank: u32,
+    world: u32,
 }
 
 /// 32 bytes from the operating system's random source.
@@ -133,8 +136,9 @@ pub struct Claim {
     pub world: usize,
 }
 
-/// The store's side: challenge the client and check its answer. `Ok(None)`: it failed (already
-/// told, the caller closes the connection); `Err`: the connection broke.
+/// The store's side: challenge the client and check its answer: its claim and the reply that
+/// welcomes it, or (`Ok(Err)`) why it failed, for the caller to [`refuse`] it; `Err`: the
+/// connection broke.
 pub fn accept(
     conn: &mut (impl Read + Write),
     token: &Token,
@@ -155,7 +159,8 @@ pub fn accept(
     c.copy_from_slice(&hello[16..16 + LEN]);
     let mut tag = [0u8; LEN];
     tag.copy_from_slice(&hello[16 + LEN..]);
-    if !token.verify(b"client", &s, &c, rank, world, &tag) {
+    let t = Transcript { s, c, rank, world };
+    if !token.verify(b"client", &t, &tag) {
         return Ok(Err(format!(
             "a client claiming rank {rank} failed authentication (wrong or missing worker token)"
         )));
@@ -166,7 +171,7 @@ pub fn accept(
             world: world as usize,
         },
         AcceptReply {
-            proof: token.mac(b"server", &s, &c, rank, world),
+            proof: token.mac(b"server", &t),
         },
     )))
 }
@@ -228,14 +233,20 @@ pub fn join(
     conn.write_all(&r.to_le_bytes())?;
     conn.write_all(&w.to_le_bytes())?;
     conn.write_all(&c)?;
-    conn.write_all(&token.mac(b"client", &s, &c, r, w))?;
+    let t = Transcript {
+        s,
+        c,
+        rank: r,
+        world: w,
+    };
+    conn.write_all(&token.mac(b"client", &t))?;
     conn.flush()?;
     let mut status = [0u8; 1];
     conn.read_exact(&mut status)?;
     if status[0] == 0 {
         let mut proof = [0u8; LEN];
         conn.read_exact(&mut proof)?;
-        if !token.verify(b"server", &s, &c, r, w, &proof) {
+        if !token.verify(b"server", &t, &proof) {
             return Ok(Outcome::NotTheStore(
                 "the store there does not hold this job's worker token".into(),
             ));

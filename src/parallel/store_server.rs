@@ -37,9 +37,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store's values, each under the rank that set it (with the reads it has left), the ranks
 /// claimed and those that hung up before saying they were done, and why the job cannot go on.
+/// Values by (owner rank, key), each with the reads it has left.
+type Values = HashMap<(usize, String), (Arc<Vec<u8>>, u32)>;
+
 #[derive(Default)]
 struct Entries {
-    values: HashMap<(usize, String), (Arc<Vec<u8>>, u32)>,
+    values: Values,
     claimed: Vec<usize>,
     lost: Vec<usize>,
     failed: Option<String>,
