@@ -290,7 +290,7 @@ fn two_worker_processes_equal_two_worker_threads() {
     ]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("waiting for rank 1 of 2 to join"),
+        text(&o).contains("waiting for all 2 ranks to join") && text(&o).contains("rank 1 is lost"),
         "{}",
         text(&o)
     );

@@ -23,10 +23,12 @@ mod dataset;
 mod displaced_error;
 mod download;
 mod fp8_error;
+mod launcher;
 mod memory;
 mod profile;
 mod score;
 mod selfcheck;
+mod worker_job;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -160,18 +162,24 @@ pub fn dev_alias(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
-    /// This process's rank, 0..world.
+    /// This process's rank, 0..world (default: torchrun's RANK or Slurm's SLURM_PROCID).
     #[arg(long)]
-    pub rank: usize,
-    /// How many processes take part.
+    pub rank: Option<usize>,
+    /// How many processes take part (default: WORLD_SIZE or SLURM_NTASKS).
     #[arg(long)]
-    pub world: usize,
-    /// Rendezvous: tcp://HOST:PORT, where rank 0 listens and the others connect.
+    pub world: Option<usize>,
+    /// Rendezvous: tcp://HOST:PORT, where rank 0 listens and the others connect (default:
+    /// MASTER_ADDR and MASTER_PORT, or Slurm's first node).
     #[arg(long)]
-    pub init: String,
-    /// Seconds to wait for every rank to arrive.
-    #[arg(long, default_value_t = 60)]
+    pub init: Option<String>,
+    /// Seconds to wait for every rank to arrive (1 to 86400; also the longest rank 0 waits for
+    /// the others to finish).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
+    /// Seconds a rank that has loaded the model and encoded the prompt waits for the others to
+    /// (1 to 86400). Each step after that is bounded by PARALLAX_COLLECTIVE_TIMEOUT_S.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub load_timeout: u64,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -181,6 +189,10 @@ pub struct WorkerArgs {
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    /// A file holding the job's worker token (default: `PARALLAX_WORKER_TOKEN`; with neither,
+    /// rank 0 makes one: see README, "Past one machine").
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -619,7 +631,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or_else(|| Command::Studio(StudioArgs::default()))
     {
         Command::Studio(a) => studio(a),
-        Command::Worker(a) => worker(a),
+        Command::Worker(a) => {
+            let env = |k: &str| std::env::var(k).ok();
+            let launch = launcher::resolve(a.rank, a.world, a.init.as_deref(), &env)?;
+            let rank = launch.rank;
+            worker(a, launch).with_context(|| format!("rank {rank}"))
+        }
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Compare(a) => compare(a),
@@ -750,7 +767,7 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
     }
 }
 
-fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     use crate::parallel::engine::denoise_rank;
     use crate::parallel::mesh::Mesh;
     use crate::parallel::store::{Store, StoreComm};
@@ -761,10 +778,20 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
     let mut a = a;
     let gpu = a.model.device.starts_with("cuda");
+    tracing::info!(
+        "rank {} of {} at {} (from {})",
+        launch.rank,
+        launch.world,
+        launch.init,
+        launch.by
+    );
+    (a.rank, a.world) = (Some(launch.rank), Some(launch.world));
     if a.model.device == "cuda" {
-        // One GPU per process: rank R takes GPU R (mod the GPUs of this machine).
+        // One GPU per process: the local rank's GPU (from the launcher), else rank R takes GPU
+        // R (mod the GPUs of this machine).
         let n = crate::device::cuda_device_count().max(1);
-        a.model.device = format!("cuda:{}", a.rank % n);
+        let gpu = launch.local_rank.unwrap_or(launch.rank % n);
+        a.model.device = format!("cuda:{gpu}");
     }
     if gpu && !cfg!(feature = "cuda") {
         bail!(
@@ -778,30 +805,50 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             a.model.device
         );
     }
-    let (rank, world) = (a.rank, a.world);
+    crate::parallel::comm::collective_timeout_from_env().map_err(anyhow::Error::msg)?;
+    let (rank, world) = (launch.rank, launch.world);
+    // Rank 0 writes the image: its output is checked before anything starts.
+    if rank == 0 {
+        match &a.out {
+            Some(out) => check_output(out)?,
+            None => check_writable(std::path::Path::new("."))
+                .context("the image is saved in the current folder: give --out elsewhere")?,
+        }
+    }
+    let timeout = std::time::Duration::from_secs(a.timeout);
     let store = Store::connect(
-        &a.init,
+        &launch.init,
         rank,
         world,
-        std::time::Duration::from_secs(a.timeout),
+        timeout,
+        crate::parallel::store_auth::Token::from_env_or_file(a.token_file.as_deref())?,
     )?;
-    // Every rank must draw the same noise: rank 0 picks the seed when none is given.
+    // One job, agreed: every rank compares its settings with every other's before loading
+    // anything; a rank given no seed takes rank 0's (rank 0 picks one when none is given).
+    let spec = a.model.choice().resolve()?.spec;
     let seed = match a.sample.seed {
-        Some(s) => s,
-        None if rank == 0 => {
-            let s = crate::model::rng::fresh_seed();
-            store.set("seed", (world - 1) as u32, &s.to_le_bytes())?;
-            s
-        }
-        None => {
-            let b: [u8; 8] = store
-                .get("seed")?
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("rank 0 sent a malformed seed"))?;
-            u64::from_le_bytes(b)
-        }
+        Some(s) => Some(s),
+        None if rank == 0 => Some(crate::model::rng::fresh_seed()),
+        None => None,
     };
-    let p = load_pipeline(&a.model.choice(), &a.model.device)?;
+    let mine = worker_job::fingerprint(&a, &spec, seed);
+    let all = store
+        .exchange("job", &mine.to_bytes(), timeout)
+        .context("agreeing on the job")?;
+    // A barrier before judging: rank 0 (the store) must not leave before every rank has read
+    // every fingerprint, so that a difference is reported by every rank, not only by some.
+    let read = store.exchange("job-read", b"1", timeout);
+    let mut seed = seed;
+    for (r, b) in all.iter().enumerate() {
+        let theirs = crate::parallel::fingerprint::Fingerprint::from_bytes(b, r)?;
+        mine.agree(rank, &theirs, r)?;
+        if r == 0 && seed.is_none() {
+            seed = theirs.get("seed").and_then(|s| s.parse().ok());
+        }
+    }
+    read.context("agreeing on the job")?;
+    let seed = seed.ok_or_else(|| anyhow::anyhow!("rank 0 sent no seed"))?;
+    let p = load_pipeline(&a.model.choice(), &a.model.device).context("loading the model")?;
     let sample = SampleArgs {
         seed: Some(seed),
         ..a.sample.clone()
@@ -850,7 +897,24 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let prep = p.prepare(&req, &mut progress)?;
+    let prep = p
+        .prepare(&req, &mut progress)
+        .context("encoding the prompt")?;
+    if let Some(f) = crate::parallel::fault::Fault::from_env() {
+        f.strike(rank, crate::parallel::fault::LOAD_STEP)?;
+    }
+    // Every rank has loaded and encoded before the first exchange (a rank stuck loading is
+    // named after --load-timeout); from here every read is bounded by the collective timeout.
+    let load_timeout = std::time::Duration::from_secs(a.load_timeout);
+    store
+        .exchange("loaded", b"1", load_timeout)
+        .with_context(|| {
+            format!(
+                "waiting for every rank to load the model (at most {} s, --load-timeout)",
+                a.load_timeout
+            )
+        })?;
+    store.arm();
     let mut log = crate::pipeline::StepLog::default();
     let (x, stats) = denoise_rank(
         &p.flux,
@@ -892,7 +956,7 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         );
     }
     // Rank 0 serves the store: it stays until every rank has read its last result.
-    store.finish()?;
+    store.finish().context("finishing")?;
     Ok(())
 }
 
@@ -946,6 +1010,7 @@ fn checked_job(
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    crate::parallel::comm::collective_timeout_from_env().map_err(anyhow::Error::msg)?;
     // Everything a user typed is checked before the weights load: the output (a writable
     // folder), the request and the placement (see `checked_job`).
     match &a.out {

@@ -17,14 +17,37 @@ pub use crate::collective::Communicator;
 /// How long a rank waits in a collective or a receive for the others before it gives up and the
 /// group is aborted: `PARALLAX_COLLECTIVE_TIMEOUT_S` seconds, default 30. Ranks of one job reach
 /// each collective within a layer's work of each other, so a wait this long means a rank is
-/// gone or stuck.
+/// gone or stuck. A value out of range is warned about and the default used (the command line
+/// refuses it first: [`collective_timeout_from_env`]).
 pub fn collective_timeout() -> Duration {
-    let secs = std::env::var("PARALLAX_COLLECTIVE_TIMEOUT_S")
+    collective_timeout_from_env().unwrap_or_else(|e| {
+        tracing::warn!("{e}; waiting {DEFAULT_COLLECTIVE_TIMEOUT_S} s");
+        Duration::from_secs_f64(DEFAULT_COLLECTIVE_TIMEOUT_S)
+    })
+}
+
+/// The collective timeout's default, in seconds.
+pub const DEFAULT_COLLECTIVE_TIMEOUT_S: f64 = 30.0;
+/// The longest collective timeout accepted, in seconds (a day).
+pub const MAX_COLLECTIVE_TIMEOUT_S: f64 = 86_400.0;
+
+/// `PARALLAX_COLLECTIVE_TIMEOUT_S` read and checked (the one place it is parsed): unset is the
+/// default; anything but a number of seconds above 0 and at most a day is an error saying so.
+pub fn collective_timeout_from_env() -> std::result::Result<Duration, String> {
+    let Ok(v) = std::env::var("PARALLAX_COLLECTIVE_TIMEOUT_S") else {
+        return Ok(Duration::from_secs_f64(DEFAULT_COLLECTIVE_TIMEOUT_S));
+    };
+    v.trim()
+        .parse::<f64>()
         .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(30.0);
-    Duration::from_secs_f64(secs)
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_COLLECTIVE_TIMEOUT_S)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            format!(
+                "PARALLAX_COLLECTIVE_TIMEOUT_S={v:?}: give the seconds a rank may wait for the others, \
+                 above 0 and at most {MAX_COLLECTIVE_TIMEOUT_S} (unset: {DEFAULT_COLLECTIVE_TIMEOUT_S})"
+            )
+        })
 }
 
 /// A barrier that gives up: after the timeout, or as soon as the group is aborted, every waiter

@@ -1,5 +1,6 @@
 //! Faults injected on purpose, to test what the engine does when a rank fails: set
-//! `PARALLAX_FAULT=rank=R,step=S,kind=K` and rank R, after its denoising step S (0-based),
+//! `PARALLAX_FAULT=rank=R,step=S,kind=K` and rank R, after its denoising step S (0-based; `load`:
+//! once a worker process has loaded the model),
 //! `fail`s with an error, runs out of memory (`oom`: the error a failed GPU allocation gives),
 //! `panic`s, `exit`s its process at once (`std::process::exit(3)`: a worker process killed mid-run;
 //! only for `parallax worker` processes, since it ends every thread of the process), or `stall`s
@@ -23,6 +24,10 @@ pub enum FaultKind {
     Exit,
     Stall(Duration),
 }
+
+/// The "step" of a fault that strikes once the model is loaded, before the first step
+/// (`step=load`; only `parallax worker` processes look for it).
+pub const LOAD_STEP: usize = usize::MAX;
 
 /// The exit status of a process ended by `kind=exit`.
 pub const EXIT_STATUS: i32 = 3;
@@ -57,6 +62,7 @@ impl Fault {
                 .ok_or_else(|| format!("`{part}` is not key=value"))?;
             match k.trim() {
                 "rank" => rank = Some(v.trim().parse().map_err(|_| format!("rank `{v}`"))?),
+                "step" if v.trim() == "load" => step = Some(LOAD_STEP),
                 "step" => step = Some(v.trim().parse().map_err(|_| format!("step `{v}`"))?),
                 "kind" => {
                     kind = Some(match v.trim().split_once(':') {
@@ -103,7 +109,11 @@ impl Fault {
         if rank != self.rank || step != self.step {
             return Ok(());
         }
-        let what = format!("injected fault: rank {rank} after step {step}");
+        let what = if step == LOAD_STEP {
+            format!("injected fault: rank {rank} after loading")
+        } else {
+            format!("injected fault: rank {rank} after step {step}")
+        };
         match self.kind {
             FaultKind::Fail => Err(crate::Error::Candle(candle_core::Error::Msg(what))),
             FaultKind::Oom => Err(crate::Error::Candle(candle_core::Error::Msg(format!(
@@ -155,6 +165,10 @@ mod tests {
         assert_eq!(
             Fault::parse("rank=1,step=0,kind=exit").map(|f| f.kind),
             Ok(FaultKind::Exit)
+        );
+        assert_eq!(
+            Fault::parse("rank=1,step=load,kind=stall:2").map(|f| f.step),
+            Ok(LOAD_STEP)
         );
         assert!(Fault::parse("rank=1,step=2,kind=explode").is_err());
         assert!(Fault::parse("rank=x,step=2").is_err());

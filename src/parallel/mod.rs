@@ -27,6 +27,7 @@ pub mod comm;
 pub mod displaced;
 pub mod engine;
 pub mod fault;
+pub mod fingerprint;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -36,6 +37,8 @@ pub mod replica;
 pub mod ring;
 pub mod sp;
 pub mod store;
+pub mod store_auth;
+pub mod store_server;
 #[cfg(test)]
 pub(crate) mod test_steps;
 pub mod traffic;

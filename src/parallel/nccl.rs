@@ -490,7 +490,7 @@ impl NcclComm {
             }
             id
         } else {
-            UniqueId::from_bytes(&store.get(&key).map_err(store_err)?)?
+            UniqueId::from_bytes(&store.get(&key, members[0]).map_err(store_err)?)?
         };
         Self::from_unique_id(&id, index, members.len(), device)
     }

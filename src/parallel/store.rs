@@ -1,7 +1,9 @@
 //! Rendezvous for several processes (`parallax worker --rank R --world W --init tcp://HOST:PORT`):
-//! rank 0 serves a small key-value store on HOST:PORT, every rank connects to it, and they agree
-//! on what must be shared before work starts (that everyone is there, the seed, and for GPU ranks
-//! NCCL's unique id), as PyTorch's TCPStore does for its process groups.
+//! rank 0 serves a small key-value store on HOST:PORT ([`super::store_server`]), every rank
+//! connects to it, proves it holds the job's token ([`super::store_auth`]) and claims its rank,
+//! and they agree on what must be shared before work starts (that everyone is there, the seed,
+//! the job itself, and for GPU ranks NCCL's unique id), as PyTorch's TCPStore does for its process
+//! groups. Each value is stored under the rank that set it and read by naming that rank.
 //!
 //! [`StoreComm`] runs the collectives of the [`Communicator`] trait through the store. It exists so
 //! that multi-process runs are tested on the CPU backend (CI has no GPU and no NCCL); it moves every
@@ -10,30 +12,18 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
 use super::comm::Communicator;
+use super::store_auth::{self, Outcome, Token, TOKEN_ENV};
+use super::store_server::{self, FAILED, GET, MAX_MESSAGE, MAX_VALUE, MAX_WORLD, SET};
 use crate::error::{Error, Result};
-
-const SET: u8 = 1;
-const GET: u8 = 2;
-/// A reply length that means "no value: an error message follows".
-const FAILED: u64 = u64::MAX;
-
-/// The store's values (each with the reads it has left) and the ranks that hung up before
-/// saying they were done.
-#[derive(Default)]
-struct Entries {
-    values: HashMap<String, (Arc<Vec<u8>>, u32)>,
-    lost: Vec<usize>,
-}
-
-type Table = (Mutex<Entries>, Condvar);
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Image(format!("rendezvous: {what}: {e}"))
@@ -54,154 +44,38 @@ fn conn_err(what: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Parse `tcp://HOST:PORT`.
+/// Parse `tcp://HOST:PORT` into `HOST:PORT`.
 pub fn parse_init(init: &str) -> Result<String> {
     let addr = init.strip_prefix("tcp://").ok_or_else(|| {
         Error::setting("init", init, "use tcp://HOST:PORT (rank 0 listens there)")
     })?;
-    if !addr.contains(':') {
-        return Err(Error::setting("init", init, "missing :PORT"));
-    }
-    Ok(addr.to_string())
-}
-
-/// The rank a connection belongs to, learnt from the `hello/R` key it sets, and whether it has
-/// set `done/R`.
-#[derive(Default)]
-struct Peer {
-    rank: Option<usize>,
-    done: bool,
-}
-
-impl Peer {
-    fn saw(&mut self, key: &str) {
-        let rank = |prefix: &str| key.strip_prefix(prefix)?.parse::<usize>().ok();
-        if let Some(r) = rank("hello/") {
-            self.rank = Some(r);
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(addr.to_string())
         }
-        if rank("done/").is_some_and(|r| Some(r) == self.rank) {
-            self.done = true;
-        }
+        _ => Err(Error::setting(
+            "init",
+            init,
+            "use tcp://HOST:PORT with a port 0-65535",
+        )),
     }
 }
 
-fn serve(listener: TcpListener, table: Arc<Table>) {
-    for stream in listener.incoming().flatten() {
-        let table = table.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_nodelay(true);
-            let Ok(write_half) = stream.try_clone() else {
-                return;
-            };
-            let mut peer = Peer::default();
-            serve_one(
-                &mut peer,
-                BufReader::new(stream),
-                BufWriter::new(write_half),
-                &table,
-            );
-            // A rank that hangs up before it is done will never set what the others wait for:
-            // every waiting and later read fails instead of hanging.
-            if let (Some(rank), false) = (peer.rank, peer.done) {
-                let (map, cv) = &*table;
-                if let Ok(mut m) = map.lock() {
-                    m.lost.push(rank);
-                }
-                cv.notify_all();
-            }
-        });
-    }
+/// The port of a `HOST:PORT` that [`parse_init`] accepted.
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
 }
 
-/// Answers one connection's requests, one at a time, until the client hangs up.
-fn serve_one(
-    peer: &mut Peer,
-    mut r: BufReader<TcpStream>,
-    mut w: BufWriter<TcpStream>,
-    table: &Table,
-) {
-    while let Ok(req) = read_request(&mut r) {
-        // Only what a rank sets says who it is (every rank reads every other's hello).
-        if req.0 == SET {
-            peer.saw(&req.1);
-        }
-        let reply = match req {
-            (SET, key, Some((readers, val))) => {
-                // Acknowledge before the value becomes visible: a waiter it wakes (rank 0
-                // in `finish`) may end this process at once, and the setter must already
-                // have its reply by then.
-                let ok = w.write_all(&0u64.to_le_bytes()).and_then(|_| w.flush());
-                if ok.is_err() {
-                    return;
-                }
-                let (map, cv) = table;
-                if let Ok(mut m) = map.lock() {
-                    m.values.insert(key, (Arc::new(val), readers));
-                }
-                cv.notify_all();
-                continue;
-            }
-            (GET, key, None) => {
-                let (map, cv) = table;
-                let Ok(mut m) = map.lock() else { return };
-                loop {
-                    if let Some((v, left)) = m.values.get_mut(&key) {
-                        let v = v.clone();
-                        *left = left.saturating_sub(1);
-                        if *left == 0 {
-                            m.values.remove(&key);
-                        }
-                        break Ok(v.to_vec());
-                    }
-                    if let Some(&lost) = m.lost.first() {
-                        break Err(format!(
-                            "rank {lost} disconnected before it was done (while waiting for {key})"
-                        ));
-                    }
-                    m = match cv.wait(m) {
-                        Ok(m) => m,
-                        Err(_) => return,
-                    };
-                }
-            }
-            _ => return,
-        };
-        let ok = match reply {
-            Ok(val) => w
-                .write_all(&(val.len() as u64).to_le_bytes())
-                .and_then(|_| w.write_all(&val)),
-            Err(msg) => w
-                .write_all(&FAILED.to_le_bytes())
-                .and_then(|_| w.write_all(&(msg.len() as u64).to_le_bytes()))
-                .and_then(|_| w.write_all(msg.as_bytes())),
-        };
-        if ok.and_then(|_| w.flush()).is_err() {
-            return;
-        }
-    }
-}
-
-type Request = (u8, String, Option<(u32, Vec<u8>)>);
-
-fn read_request(r: &mut impl Read) -> std::io::Result<Request> {
-    let mut op = [0u8; 1];
-    r.read_exact(&mut op)?;
-    let mut n = [0u8; 4];
-    r.read_exact(&mut n)?;
-    let mut key = vec![0u8; u32::from_le_bytes(n) as usize];
-    r.read_exact(&mut key)?;
-    let key = String::from_utf8_lossy(&key).into_owned();
-    if op[0] == SET {
-        r.read_exact(&mut n)?;
-        let readers = u32::from_le_bytes(n);
-        let mut len = [0u8; 8];
-        r.read_exact(&mut len)?;
-        let mut val = vec![0u8; u64::from_le_bytes(len) as usize];
-        r.read_exact(&mut val)?;
-        Ok((op[0], key, Some((readers, val))))
-    } else {
-        Ok((op[0], key, None))
-    }
+/// Whether every address `addr` names is this machine's loopback.
+fn is_loopback(addr: &str) -> bool {
+    addr.to_socket_addrs()
+        .map(|a| {
+            let a: Vec<_> = a.collect();
+            !a.is_empty() && a.iter().all(|a| a.ip().is_loopback())
+        })
+        .unwrap_or(false)
 }
 
 /// One process's connection to the store.
@@ -214,11 +88,14 @@ pub struct Store {
     /// The longest a read waits for another rank once the ranks have met in a first exchange
     /// (before it, loading and text encoding may keep ranks apart for longer); `None`: for ever.
     stall: Mutex<Option<Duration>>,
-    /// A read has been answered since the rendezvous: the stall timeout applies.
+    /// A read has been answered since the rendezvous, or [`Store::arm`] was called: the stall
+    /// timeout applies.
     armed: std::sync::atomic::AtomicBool,
     /// Why the connection can no longer be used: a read gave up waiting, so its reply may still
     /// come and would be taken for the next request's.
     out_of_step: Mutex<Option<String>>,
+    /// The token file rank 0 left for this machine's other ranks (removed when it is done).
+    left_token: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -227,38 +104,104 @@ impl std::fmt::Debug for Store {
     }
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(p) = &self.left_token {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Where this rank's token comes from.
+enum Secret {
+    Known(Token),
+    /// A rank other than 0 on a loopback rendezvous with no token given: rank 0's token file,
+    /// read (again) at each try.
+    LocalFile(PathBuf),
+}
+
+impl Secret {
+    fn token(&self) -> Result<Token> {
+        match self {
+            Secret::Known(t) => Ok(t.clone()),
+            Secret::LocalFile(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    Error::Image(format!("no worker token at {}: {e}", p.display()))
+                })?;
+                Token::from_text(&text, "token file")
+            }
+        }
+    }
+}
+
 impl Store {
     /// Join the group: rank 0 starts the store on `init` (`tcp://HOST:PORT`), the others connect
-    /// to it (retrying for `timeout`); returns once all `world` ranks have arrived.
-    pub fn connect(init: &str, rank: usize, world: usize, timeout: Duration) -> Result<Arc<Self>> {
-        if world == 0 || rank >= world {
+    /// to it (retrying for `timeout`); returns once all `world` ranks have arrived. `token` is
+    /// the job's shared secret; without one rank 0 makes one (left for this machine's ranks on a
+    /// loopback rendezvous, printed otherwise) and the other ranks read rank 0's on loopback.
+    pub fn connect(
+        init: &str,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        token: Option<Token>,
+    ) -> Result<Arc<Self>> {
+        if world == 0 || world > MAX_WORLD || rank >= world {
             return Err(Error::setting(
                 "rank",
                 rank.to_string(),
-                format!("must be below --world {world}"),
+                format!("must be below --world {world} (which is 1 to {MAX_WORLD})"),
             ));
         }
         let addr = parse_init(init)?;
+        let local = is_loopback(&addr);
+        let mut left_token = None;
+        let secret = match token {
+            Some(t) => Secret::Known(t),
+            None if rank == 0 => {
+                let t = Token::generate()?;
+                if local {
+                    let p = store_auth::local_token_path(port_of(&addr))?;
+                    store_auth::write_local_token(&p, &t)?;
+                    tracing::info!(
+                        "rank 0: no worker token given; made one for this machine's ranks in {}",
+                        p.display()
+                    );
+                    left_token = Some(p);
+                } else {
+                    eprintln!(
+                        "rank 0: no worker token given; start the other ranks with \
+                         {TOKEN_ENV}={}",
+                        t.text()
+                    );
+                }
+                Secret::Known(t)
+            }
+            None if local => Secret::LocalFile(store_auth::local_token_path(port_of(&addr))?),
+            None => {
+                return Err(Error::setting(
+                    "init",
+                    init,
+                    format!(
+                        "rank {rank} needs the job's worker token: set {TOKEN_ENV} (rank 0 prints \
+                         one when none is given) or pass --token-file"
+                    ),
+                ))
+            }
+        };
         if rank == 0 {
             let listener = TcpListener::bind(&addr)
                 .map_err(|e| io_err(&format!("cannot listen on {addr}"), e))?;
-            let table: Arc<Table> = Arc::new((Mutex::new(Entries::default()), Condvar::new()));
-            std::thread::Builder::new()
-                .name("parallax-store".into())
-                .spawn(move || serve(listener, table))
+            if listener.local_addr().is_ok_and(|a| a.ip().is_unspecified()) {
+                tracing::warn!(
+                    "rank 0: the store listens on every interface of this machine ({addr}); \
+                     only holders of the worker token may join"
+                );
+            }
+            store_server::start(listener, world, secret.token()?)
                 .map_err(|e| io_err("cannot start the store thread", e))?;
         }
-        let t0 = Instant::now();
-        let stream = loop {
-            match TcpStream::connect(&addr) {
-                Ok(s) => break s,
-                Err(e) if t0.elapsed() < timeout => {
-                    tracing::debug!("rank {rank}: waiting for rank 0 at {addr}: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(io_err(&format!("rank 0 never answered at {addr}"), e)),
-            }
-        };
+        let stream = join(&addr, rank, world, timeout, &secret)?;
         let _ = stream.set_nodelay(true);
         let w = stream.try_clone().map_err(|e| io_err("socket", e))?;
         let store = Arc::new(Self {
@@ -269,22 +212,17 @@ impl Store {
             stall: Mutex::new(Some(crate::parallel::comm::collective_timeout())),
             armed: std::sync::atomic::AtomicBool::new(false),
             out_of_step: Mutex::new(None),
+            left_token,
         });
         // Barrier: everyone says hello and waits for everyone, at most `timeout` for the
         // others to start.
-        store.read_timeout(Some(timeout));
-        store.set(&format!("hello/{rank}"), world as u32, b"1")?;
-        for r in 0..world {
-            store
-                .get_within(&format!("hello/{r}"), None, Some(r))
-                .map_err(|e| {
-                    Error::Image(format!(
-                        "rendezvous at {addr}: waiting for rank {r} of {world} to join (at most \
-                     {timeout:?}; start every rank with the same --init and --world): {e}"
-                    ))
-                })?;
-        }
-        store.read_timeout(None);
+        store.exchange("hello", b"1", timeout).map_err(|e| {
+            Error::Image(format!(
+                "rendezvous at {addr}: waiting for all {world} ranks to join (at \
+                     most {:.0} s; start every rank with the same --init and --world): {e}",
+                timeout.as_secs_f64()
+            ))
+        })?;
         tracing::info!("rank {rank} of {world}: all ranks present");
         Ok(store)
     }
@@ -295,6 +233,11 @@ impl Store {
 
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// The rendezvous timeout this store was made with.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// An error once a read has timed out on this connection (see `out_of_step`).
@@ -308,11 +251,29 @@ impl Store {
         }
     }
 
-    /// How long a read from the store may block (`None`: for ever).
-    fn read_timeout(&self, t: Option<Duration>) {
-        if let Ok(c) = self.conn.lock() {
-            let _ = c.0.get_ref().set_read_timeout(t);
+    /// Every rank puts `val` under `key` and reads every other rank's, waiting at most `within`
+    /// in all: the values in rank order (this rank's own included).
+    pub fn exchange(&self, key: &str, val: &[u8], within: Duration) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + within;
+        if self.world > 1 {
+            self.set(key, (self.world - 1) as u32, val)?;
         }
+        (0..self.world)
+            .map(|r| {
+                if r == self.rank {
+                    return Ok(val.to_vec());
+                }
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                self.get_within(key, Some(left), r)
+            })
+            .collect()
+    }
+
+    /// From now on the stall timeout bounds every read (the ranks are ready to exchange).
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
     }
 
     /// The closing barrier: every rank reports it is done and rank 0, whose process serves the
@@ -322,9 +283,8 @@ impl Store {
         if self.rank == 0 {
             // A rank that died never reports: the store says so when its connection drops, and
             // rank 0 waits for the others at most the rendezvous timeout in any case.
-            self.read_timeout(Some(self.timeout));
             for r in 1..self.world {
-                self.get_within(&format!("done/{r}"), None, Some(r))
+                self.get_within("done", Some(self.timeout), r)
                     .map_err(|e| {
                         Error::Image(format!(
                             "waiting for rank {r} to report it was done (at most {:?}): {e}",
@@ -334,11 +294,11 @@ impl Store {
             }
             Ok(())
         } else {
-            self.set(&format!("done/{}", self.rank), 1, b"1")
+            self.set("done", 1, b"1")
         }
     }
 
-    /// Put `val` under `key` for `readers` reads (it is dropped after the last).
+    /// Put `val` under `key` (this rank's) for `readers` reads (it is dropped after the last).
     pub fn set(&self, key: &str, readers: u32, val: &[u8]) -> Result<()> {
         self.in_step()?;
         let mut c = self
@@ -365,16 +325,10 @@ impl Store {
         }
     }
 
-    /// The value under `key`, waiting until some rank sets it; an error once any rank has
+    /// The value rank `from` put under `key`, waiting until it does; an error once any rank has
     /// disconnected before saying it was done, since the value may never come, and once the
     /// stall timeout has passed (after the first exchange), since a rank is then stuck.
-    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
-        self.get_from(key, None)
-    }
-
-    /// [`Store::get`] of a value that rank `from` sets: a stall names that rank.
-    pub fn get_from(&self, key: &str, from: Option<usize>) -> Result<Vec<u8>> {
-        use std::sync::atomic::Ordering;
+    pub fn get(&self, key: &str, from: usize) -> Result<Vec<u8>> {
         let stall = if self.armed.load(Ordering::SeqCst) {
             self.stall.lock().ok().and_then(|s| *s)
         } else {
@@ -385,14 +339,8 @@ impl Store {
         Ok(v)
     }
 
-    /// [`Store::get`] waiting at most `stall` (`None`: as the connection's read timeout says) for
-    /// a value that rank `from`, if known, sets.
-    fn get_within(
-        &self,
-        key: &str,
-        stall: Option<Duration>,
-        from: Option<usize>,
-    ) -> Result<Vec<u8>> {
+    /// [`Store::get`] waiting at most `stall` (`None`: for ever).
+    fn get_within(&self, key: &str, stall: Option<Duration>, from: usize) -> Result<Vec<u8>> {
         self.in_step()?;
         let mut c = self
             .conn
@@ -400,13 +348,12 @@ impl Store {
             .map_err(|_| Error::Image("store connection poisoned".into()))?;
         let w = &mut c.1;
         w.write_all(&[GET])
+            .and_then(|_| w.write_all(&(from as u32).to_le_bytes()))
             .and_then(|_| w.write_all(&(key.len() as u32).to_le_bytes()))
             .and_then(|_| w.write_all(key.as_bytes()))
             .and_then(|_| w.flush())
             .map_err(|e| conn_err("get", e))?;
-        if stall.is_some() {
-            let _ = c.0.get_ref().set_read_timeout(stall);
-        }
+        let _ = c.0.get_ref().set_read_timeout(stall);
         let t0 = std::time::Instant::now();
         let r = read_reply(&mut c.0);
         if stall.is_some() {
@@ -415,11 +362,9 @@ impl Store {
         match (r, stall) {
             (Ok(v), _) => Ok(v),
             (Err(_), Some(t)) if t0.elapsed() >= t => {
-                let who = from.map_or("another rank".to_string(), |r| format!("rank {r}"));
-                let source = from.map_or(String::new(), |r| format!(" from rank {r}"));
                 let msg = format!(
-                    "rank {}: nothing came{source} for `{key}` within {:.1} s: {who} is lost or \
-                     stuck",
+                    "rank {}: nothing came from rank {from} for `{key}` within {:.1} s: rank \
+                     {from} is lost or stuck",
                     self.rank,
                     t.as_secs_f64()
                 );
@@ -434,25 +379,71 @@ impl Store {
     }
 }
 
-fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
-    let mut read = |what| {
-        let mut len = [0u8; 8];
-        r.read_exact(&mut len).map_err(|e| conn_err(what, e))?;
-        let len = u64::from_le_bytes(len);
-        let mut val = vec![0u8; if len == FAILED { 0 } else { len as usize }];
-        r.read_exact(&mut val).map_err(|e| conn_err(what, e))?;
-        Ok::<_, Error>((len, val))
-    };
-    match read("reply")? {
-        (FAILED, _) => {
-            let (_, msg) = read("error reply")?;
-            Err(Error::Image(format!(
-                "rendezvous: {}",
-                String::from_utf8_lossy(&msg)
-            )))
+/// Connect to the store at `addr` and pass its handshake as `rank` of `world`, retrying (rank 0
+/// not up yet, its token file not there yet or an older job's) for `timeout`.
+fn join(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    secret: &Secret,
+) -> Result<TcpStream> {
+    let t0 = Instant::now();
+    loop {
+        let attempt = secret.token().and_then(|token| {
+            let mut s = TcpStream::connect(addr).map_err(|e| io_err("connect", e))?;
+            let left = timeout
+                .saturating_sub(t0.elapsed())
+                .max(Duration::from_secs(1));
+            let _ = s.set_read_timeout(Some(left));
+            let out = store_auth::join(&mut s, &token, rank, world)
+                .map_err(|e| conn_err("handshake", e))?;
+            let _ = s.set_read_timeout(None);
+            Ok((s, out))
+        });
+        let why = match attempt {
+            Ok((s, Outcome::Accepted)) => return Ok(s),
+            Ok((_, Outcome::Refused(m)))
+                if !(matches!(secret, Secret::LocalFile(_)) && m.contains("authentication")) =>
+            {
+                return Err(Error::Image(format!(
+                    "rendezvous at {addr}: rank 0's store refused rank {rank}: {m}"
+                )))
+            }
+            Ok((_, Outcome::NotTheStore(m))) => {
+                return Err(Error::Image(format!("rendezvous at {addr}: {m}")))
+            }
+            Ok((_, Outcome::Refused(m))) => m,
+            Err(e) => e.to_string(),
+        };
+        if t0.elapsed() >= timeout {
+            return Err(Error::Image(format!(
+                "rendezvous: rank 0 never answered rank {rank} at {addr} within {:.0} s ({why})",
+                timeout.as_secs_f64()
+            )));
         }
-        (_, val) => Ok(val),
+        tracing::debug!("rank {rank}: waiting for rank 0 at {addr}: {why}");
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n).map_err(|e| conn_err("reply", e))?;
+    let len = u64::from_le_bytes(n);
+    let bad =
+        |e: String| Error::Image(format!("rendezvous: a malformed reply from the store: {e}"));
+    if len != FAILED {
+        return store_server::read_bounded(r, len, MAX_VALUE, "value").map_err(bad);
+    }
+    r.read_exact(&mut n)
+        .map_err(|e| conn_err("error reply", e))?;
+    let msg = store_server::read_bounded(r, u64::from_le_bytes(n), MAX_MESSAGE, "message")
+        .map_err(bad)?;
+    Err(Error::Image(format!(
+        "rendezvous: {}",
+        String::from_utf8_lossy(&msg)
+    )))
 }
 
 fn encode(t: &Tensor) -> candle_core::Result<Vec<u8>> {
@@ -484,7 +475,11 @@ fn decode(b: &[u8], device: &Device) -> candle_core::Result<Tensor> {
         dims.push(u64::from_le_bytes(d.try_into().map_err(|_| bad())?) as usize);
         rest = r;
     }
-    if rest.len() != dims.iter().product::<usize>() * 4 {
+    let len = dims
+        .iter()
+        .try_fold(4usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(bad)?;
+    if rest.len() != len {
         return Err(bad());
     }
     let vals: Vec<f32> = rest
@@ -550,9 +545,12 @@ impl StoreComm {
 
     /// The tensor under `key`, which group member `from` puts there.
     fn take(&self, key: &str, from: usize) -> candle_core::Result<Tensor> {
+        let rank = self.members.get(from).copied().ok_or_else(|| {
+            candle_core::Error::Msg(format!("no member {from} in group {}", self.tag))
+        })?;
         let b = self
             .store
-            .get_from(key, self.members.get(from).copied())
+            .get(key, rank)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         decode(&b, &self.device)
     }
@@ -686,8 +684,9 @@ mod tests {
                 .map(|(rank, lc)| {
                     let init = init.clone();
                     s.spawn(move || -> candle_core::Result<Vec<Tensor>> {
-                        let store = Store::connect(&init, rank, world, Duration::from_secs(20))
-                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        let store =
+                            Store::connect(&init, rank, world, Duration::from_secs(20), None)
+                                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                         let sc = StoreComm::new(store.clone(), "world", vec![0, 1, 2])
                             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                         let t = Tensor::arange(0f32, 12.0, &Device::Cpu)?
@@ -739,10 +738,13 @@ mod tests {
 
     #[test]
     fn a_rank_that_never_joins_is_named_after_the_timeout() {
-        let err = Store::connect(&free_init(), 0, 2, Duration::from_millis(300))
+        let err = Store::connect(&free_init(), 0, 2, Duration::from_millis(300), None)
             .expect_err("rank 1 never starts");
         let msg = err.to_string();
-        assert!(msg.contains("waiting for rank 1 of 2 to join"), "{msg}");
+        assert!(
+            msg.contains("waiting for all 2 ranks to join") && msg.contains("rank 1 is lost"),
+            "{msg}"
+        );
     }
 
     /// Ranks 0 and 1 of a world of two, connected.
@@ -750,8 +752,8 @@ mod tests {
         let init = free_init();
         let t = Duration::from_secs(20);
         std::thread::scope(|s| {
-            let one = s.spawn(|| Store::connect(&init, 1, 2, t));
-            let zero = Store::connect(&init, 0, 2, t).expect("rank 0");
+            let one = s.spawn(|| Store::connect(&init, 1, 2, t, None));
+            let zero = Store::connect(&init, 0, 2, t, None).expect("rank 0");
             (zero, one.join().expect("thread").expect("rank 1"))
         })
     }
@@ -759,7 +761,7 @@ mod tests {
     #[test]
     fn a_rank_that_leaves_early_fails_the_reads_waiting_on_it() {
         let (zero, one) = two_ranks();
-        let waiting = std::thread::spawn(move || zero.get("never-set"));
+        let waiting = std::thread::spawn(move || zero.get("never-set", 1));
         // Rank 1 goes away without `finish`: rank 0's read must fail, not hang.
         drop(one);
         let msg = waiting
@@ -786,10 +788,10 @@ mod tests {
                         let init = init.clone();
                         s.spawn(move || -> Result<()> {
                             let store =
-                                Store::connect(&init, rank, world, Duration::from_secs(20))?;
+                                Store::connect(&init, rank, world, Duration::from_secs(20), None)?;
                             // A ring exchange, then done; rank 1 leaves first.
-                            store.set(&format!("x/{rank}"), 1, &[rank as u8])?;
-                            store.get(&format!("x/{}", (rank + world - 1) % world))?;
+                            store.set("x", 1, &[rank as u8])?;
+                            store.get("x", (rank + world - 1) % world)?;
                             if rank != 1 {
                                 std::thread::sleep(Duration::from_millis(20));
                             }
@@ -811,13 +813,13 @@ mod tests {
         zero.set_stall_timeout(Some(Duration::from_millis(300)));
         // A first exchange (the ranks have met), then rank 1 stays connected but silent.
         one.set("x/1", 1, b"1").expect("set");
-        zero.get("x/1").expect("get");
+        zero.get("x/1", 1).expect("get");
         let t0 = std::time::Instant::now();
         let msg = zero
-            .get("from-rank-1")
+            .get("from-rank-1", 1)
             .expect_err("rank 1 is stuck")
             .to_string();
-        assert!(msg.contains("another rank is lost or stuck"), "{msg}");
+        assert!(msg.contains("rank 1 is lost or stuck"), "{msg}");
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         drop(one);
     }
@@ -829,7 +831,7 @@ mod tests {
         let (zero, one) = two_ranks();
         zero.set_stall_timeout(Some(Duration::from_millis(300)));
         one.set("x/1", 1, b"1").expect("set");
-        zero.get("x/1").expect("get");
+        zero.get("x/1", 1).expect("get");
         let comm = StoreComm::new(zero.clone(), "g", vec![0, 1]).expect("group");
         let msg = comm.recv(1).expect_err("rank 1 sends nothing").to_string();
         assert!(
@@ -838,14 +840,85 @@ mod tests {
         );
         // Rank 1 wakes and sends after all: rank 0 does not take it for a later reply.
         one.set("late", 1, b"late").expect("set");
-        let msg = zero.get("late").expect_err("out of step").to_string();
+        let msg = zero.get("late", 1).expect_err("out of step").to_string();
         assert!(msg.contains("unusable after an earlier timeout"), "{msg}");
         drop(one);
+    }
+
+    /// Ranks 0 and 1 of a world of two on `init` with `token`.
+    fn two_ranks_with(init: &str, token: &Token) -> (Arc<Store>, Arc<Store>) {
+        let t = Duration::from_secs(20);
+        std::thread::scope(|s| {
+            let one = s.spawn(|| Store::connect(init, 1, 2, t, Some(token.clone())));
+            let zero = Store::connect(init, 0, 2, t, Some(token.clone())).expect("rank 0");
+            (zero, one.join().expect("thread").expect("rank 1"))
+        })
+    }
+
+    /// A stranger without the token, and a second process claiming a rank already taken, are
+    /// refused with a message saying why; the job's own ranks go on.
+    #[test]
+    fn strangers_and_second_claims_are_refused() {
+        let init = free_init();
+        let token = Token::generate().expect("token");
+        let (zero, one) = two_ranks_with(&init, &token);
+        let t = Duration::from_secs(2);
+        let stranger = Token::generate().expect("token");
+        let msg = Store::connect(&init, 1, 2, t, Some(stranger))
+            .expect_err("wrong token")
+            .to_string();
+        assert!(msg.contains("failed authentication"), "{msg}");
+        let msg = Store::connect(&init, 1, 2, t, Some(token.clone()))
+            .expect_err("rank 1 is taken")
+            .to_string();
+        assert!(msg.contains("rank 1 has already joined this job"), "{msg}");
+        // The job's ranks still exchange.
+        one.set("x", 1, b"from 1").expect("set");
+        assert_eq!(zero.get("x", 1).expect("get"), b"from 1");
+    }
+
+    /// What a rank sets is its own: rank 1 setting `seed` does not change the seed rank 0 set,
+    /// and a read names the rank whose value it wants.
+    #[test]
+    fn a_rank_cannot_overwrite_another_ranks_values() {
+        let (zero, one) = two_ranks();
+        zero.set("seed", 2, &5u64.to_le_bytes()).expect("set");
+        one.set("seed", 1, &6u64.to_le_bytes()).expect("set");
+        assert_eq!(one.get("seed", 0).expect("get"), 5u64.to_le_bytes());
+        assert_eq!(zero.get("seed", 0).expect("get"), 5u64.to_le_bytes());
+        assert_eq!(zero.get("seed", 1).expect("get"), 6u64.to_le_bytes());
+    }
+
+    /// A rank started with another --world is refused, and rank 0, waiting for the ranks to
+    /// join, fails at once saying so (not at its timeout).
+    #[test]
+    fn a_world_mismatch_fails_the_rendezvous_at_once() {
+        let init = free_init();
+        let token = Token::generate().expect("token");
+        let t0 = Instant::now();
+        let (zero, one) = std::thread::scope(|s| {
+            let one = s.spawn(|| {
+                Store::connect(&init, 1, 3, Duration::from_secs(20), Some(token.clone()))
+            });
+            let zero = Store::connect(&init, 0, 2, Duration::from_secs(20), Some(token.clone()));
+            (zero, one.join().expect("thread"))
+        });
+        for e in [zero.expect_err("rank 0"), one.expect_err("rank 1")] {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("rank 1 was started with --world 3, rank 0 with --world 2"),
+                "{msg}"
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     }
 
     #[test]
     fn bad_init_and_rank_are_refused() {
         assert!(parse_init("127.0.0.1:1").is_err());
-        assert!(Store::connect("tcp://127.0.0.1:1", 3, 2, Duration::from_millis(10)).is_err());
+        assert!(parse_init("tcp://127.0.0.1:port").is_err());
+        assert!(
+            Store::connect("tcp://127.0.0.1:1", 3, 2, Duration::from_millis(10), None).is_err()
+        );
     }
 }
