@@ -21,6 +21,7 @@ mod displaced_error;
 mod download;
 mod fp8_error;
 mod memory;
+pub mod plan;
 mod profile;
 mod score;
 mod selfcheck;
@@ -96,6 +97,9 @@ pub enum Command {
     /// default), which measures each takes, and how many GPUs would do where one is not enough:
     /// an estimate from the configs, no weights read (`dev`/`schnell` need not be downloaded).
     Memory(memory::MemoryArgs),
+    /// The predicted step time of every valid layout on N GPUs (or CPU workers), fastest
+    /// first, from the compute measured on one device and the link's latency and bandwidth.
+    Plan(plan::PlanArgs),
     /// Check a device against the CPU: fused kernels against plain candle ops, the tiny model in
     /// bf16 on the device against f32 on the CPU.
     Selfcheck(SelfcheckArgs),
@@ -570,6 +574,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchVae(a) => bench_vae::run(&a),
         Command::Info(a) => info(a),
         Command::Memory(a) => memory::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::DisplacedError(a) => displaced_error::run(a),
         Command::ExportDemo(a) => export_demo(a),
         Command::Download(a) => download::run(a),
@@ -874,7 +879,7 @@ fn checked_job(
         cfg.num_heads,
         crate::engine::wants_true_cfg(&req),
         gpus_present(),
-        crate::engine::auto_hints(&cfg, &placement),
+        crate::engine::auto_hints(&cfg, &placement).for_size(req.width, req.height),
     )?;
     Ok(Checked {
         choice,
