@@ -12,7 +12,8 @@
 //! assumption at 8 GPUs and small images).
 //!
 //! **Communication** is `calls x latency + bytes / bandwidth` per collective, as Parallax's code
-//! issues them ([`Link`]): Ulysses 4 all-to-alls a block (q, k, v, output), ring `n - 1` exchanges
+//! issues them ([`Link`]): Ulysses 2 all-to-alls a block (q, k and v in one, then the output; 4
+//! inside a PipeFusion stage, where they go apart), ring `n - 1` exchanges
 //! of a K/V block a block, the bytes of [`super::traffic`]. Nothing overlaps compute except the
 //! displaced-patch refresh (a background thread: only what exceeds the compute shows) and
 //! PipeFusion's stages (pipelined). Ring's exchanges are not overlapped with its block's attention
@@ -551,11 +552,12 @@ pub fn predict(
     } else {
         (0.0, 0.0)
     };
-    // Ulysses' all-to-alls in a block over `tokens` rows split `u` ways (q, k, v, out).
-    let ulysses_block = |tokens: f64| -> (f64, f64) {
+    // Ulysses' all-to-alls in a block over `tokens` rows split `u` ways: q, k, v and the output
+    // (`calls`: 2 where q, k and v go in one, 4 where they go apart, as inside PipeFusion).
+    let ulysses_block = |tokens: f64, calls: f64| -> (f64, f64) {
         if u > 1.0 {
             (
-                4.0,
+                calls,
                 4.0 * s.rows_bytes(tokens / u) * (u - 1.0) / u * branches,
             )
         } else {
@@ -570,7 +572,7 @@ pub fn predict(
         // After warm-up: M patches of L/M tokens (split u ways inside the stage).
         let q = l / m / u;
         let pass = cal.compute_s(s, q, l, stage_blocks, 1.0) * branches;
-        let (uc, ub) = ulysses_block(l / m);
+        let (uc, ub) = ulysses_block(l / m, 4.0);
         let send = link.time_s(1.0, s.rows_bytes(q) * branches);
         let pass_comm = link.time_s(uc * stage_blocks, ub * stage_blocks) + send;
         let end = link.time_s(1.0 + cfg_calls, (p - 1.0) * velocity + cfg_bytes);
@@ -579,7 +581,7 @@ pub fn predict(
         let stale = (stale_compute, ticks * pass_comm + end);
         // Warm-up: the whole sequence through the stages in turn.
         let full = cal.compute_s(s, l / u, l, blocks, 1.0) * branches;
-        let (wuc, wub) = ulysses_block(l);
+        let (wuc, wub) = ulysses_block(l, 4.0);
         let warm_comm = link.time_s(
             wuc * blocks + (p - 1.0),
             wub * blocks + (p - 1.0) * s.rows_bytes(l / u) * branches,
@@ -634,7 +636,7 @@ pub fn predict(
                 )
             }
             None => {
-                let (uc, ub) = ulysses_block(l / r);
+                let (uc, ub) = ulysses_block(l / r, 2.0);
                 let ring_calls = (r - 1.0) * blocks;
                 let calls = uc * blocks + ring_calls + end_calls + cfg_calls;
                 let bytes = ub * blocks + kv_bytes / u * blocks + end_bytes + cfg_bytes;
@@ -762,7 +764,7 @@ pub fn assumptions(cal: &Calibration, link: &Link) -> Vec<String> {
         ),
         "compute scales with FLOPs down to any shard (optimistic for small shards on GPUs)".into(),
         "no collective overlaps compute except the displaced-patch refresh and PipeFusion's pipeline".into(),
-        "Ulysses: 4 all-to-alls a block; ring: n-1 K/V exchanges a block; PipeFusion drains each step ((M + N - 1) patch passes)".into(),
+        "Ulysses: 2 all-to-alls a block (4 inside a PipeFusion stage); ring: n-1 K/V exchanges a block; PipeFusion drains each step ((M + N - 1) patch passes)".into(),
         match link.sharing {
             Sharing::Own => "one device per rank".into(),
             Sharing::Shared { parallel } => format!(
