@@ -204,7 +204,9 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("ring 2 x ulysses 2"), "{}", text(&o));
+    // Auto on CPU workers picks by the cost model (issue 30: ring 4, fewer calls than ring 2 x
+    // ulysses 2 for the same compute; `parallax plan` shows the table).
+    assert!(text(&o).contains("(cost model, cpu link"), "{}", text(&o));
     assert!(out.is_file());
     for (args, needle) in [
         (vec!["--devices", "cpu:3", "--ulysses", "3"], "must divide"),

@@ -1,5 +1,5 @@
 //! The `parallax` command line. What a user runs: `studio` (the default), `generate`, `compare`,
-//! `bench`, `info`, `memory`, `download`, `worker`. The project's own instruments sit under
+//! `bench`, `info`, `memory`, `plan`, `download`, `worker`. The project's own instruments sit under
 //! `parallax dev` ([`DevCommand`]: `selfcheck`, `profile`, `bench-vae`, `export-demo`, `dataset`,
 //! `score`, `calibrate-magcache`, `fp8-error`, `displaced-error`); their old top-level spellings
 //! still work.
@@ -25,6 +25,7 @@ mod download;
 mod fp8_error;
 mod launcher;
 mod memory;
+pub mod plan;
 mod profile;
 mod score;
 mod selfcheck;
@@ -77,6 +78,9 @@ pub enum Command {
     /// default), which measures each takes, and how many GPUs would do where one is not enough:
     /// an estimate from the configs, no weights read (`dev`/`schnell` need not be downloaded).
     Memory(memory::MemoryArgs),
+    /// The predicted step time of every valid layout on N GPUs (or CPU workers), fastest
+    /// first, from the compute measured on one device and the link's latency and bandwidth.
+    Plan(plan::PlanArgs),
     /// Run one rank of a generation spread over several processes (CPU ranks; see README,
     /// "Past one machine"). Rank 0 serves the rendezvous at --init and writes the image.
     Worker(WorkerArgs),
@@ -642,6 +646,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => compare(a),
         Command::Info(a) => info(a),
         Command::Memory(a) => memory::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Download(a) => download::run(a),
         Command::Dev(d) => dev(d.command),
     }
@@ -999,7 +1004,7 @@ fn checked_job(
         cfg.num_heads,
         crate::engine::wants_true_cfg(&req),
         gpus_present(),
-        crate::engine::auto_hints(&cfg, &placement),
+        crate::engine::auto_hints(&cfg, &placement).for_size(req.width, req.height),
     )?;
     Ok(Checked {
         choice,

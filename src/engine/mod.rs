@@ -142,7 +142,7 @@ impl Engine {
             cfg.num_heads,
             wants_true_cfg(req),
             gpus_present(),
-            auto_hints(cfg, placement),
+            auto_hints(cfg, placement).for_size(req.width, req.height),
         )
     }
 
@@ -384,9 +384,22 @@ pub fn auto_hints(
         .filter_map(|i| gpus.iter().find(|g| g.index == i).map(|g| g.memory))
         .min();
     let weights = memory::FluxParams::of(cfg).bytes(&Default::default(), 2);
+    // The cost model's view: bf16 on GPUs, f32 on CPU workers; 1024 px until the request says.
+    use crate::parallel::cost::{Hardware, Shape};
+    let (hardware, elem) = if placement.devices.is_gpu() {
+        let first = gpus
+            .first()
+            .map_or(Hardware::Unknown, |g| Hardware::of_gpu(&g.name));
+        let all = gpus.iter().all(|g| Hardware::of_gpu(&g.name) == first);
+        (if all { first } else { Hardware::Unknown }, 2)
+    } else {
+        (Hardware::Cpu, 4)
+    };
     crate::parallel::mesh::AutoHints {
         model_fits_one: smallest.is_none_or(|m| weights as f64 * 1.1 < m as f64),
         blocks: cfg.num_blocks(),
+        shape: Some(Shape::of_model(cfg, (1024, 1024), elem)),
+        hardware,
         ..Default::default()
     }
 }

@@ -116,6 +116,10 @@ pub struct AutoHints {
     pub model_fits_one: bool,
     /// The model's blocks (PipeFusion's stages cannot outnumber them).
     pub blocks: usize,
+    /// The model and image, for the cost model ([`super::cost`]); `None`: the rule of thumb.
+    pub shape: Option<super::cost::Shape>,
+    /// What the workers are (the cost model needs a calibration for them).
+    pub hardware: super::cost::Hardware,
 }
 
 impl Default for AutoHints {
@@ -124,6 +128,18 @@ impl Default for AutoHints {
             link: Link::Unknown,
             model_fits_one: true,
             blocks: usize::MAX,
+            shape: None,
+            hardware: super::cost::Hardware::Unknown,
+        }
+    }
+}
+
+impl AutoHints {
+    /// The same hints for a `width` x `height` image (the cost model's token counts).
+    pub fn for_size(self, width: usize, height: usize) -> Self {
+        Self {
+            shape: self.shape.map(|s| s.with_size((width, height))),
+            ..self
         }
     }
 }
@@ -176,7 +192,9 @@ impl ParallelLayout {
         Self::auto_with(devices, heads, true_cfg, AutoHints::default())
     }
 
-    /// [`ParallelLayout::auto`] knowing more: PipeFusion over the devices CFG leaves when one
+    /// [`ParallelLayout::auto`] knowing more. With the model's shape and a calibration for the
+    /// workers and their link, the cost model's fastest layout ([`super::cost::auto_layout`]).
+    /// Otherwise the rule of thumb: PipeFusion over the devices CFG leaves when one
     /// device cannot hold the model (each stage holds a share of the blocks), or when the devices
     /// are linked by PCIe only (it sends one copy of the activations a step, against Ulysses'
     /// four all-to-alls a layer; approximate after its warm-up step).
@@ -186,6 +204,11 @@ impl ParallelLayout {
         true_cfg: bool,
         hints: AutoHints,
     ) -> (Self, String) {
+        if hints.model_fits_one {
+            if let Some(chosen) = super::cost::auto_layout(devices, heads, true_cfg, &hints) {
+                return chosen;
+            }
+        }
         let mut rest = devices.max(1);
         let cfg = if true_cfg && rest % 2 == 0 { 2 } else { 1 };
         rest /= cfg;

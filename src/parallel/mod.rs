@@ -12,6 +12,8 @@
 //!   parallelism).
 //! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
 //!   communicator over it for CPU ranks.
+//! - [`cost`]: the predicted step time of every layout (compute measured on one device, each
+//!   link's per-call latency and bandwidth); `parallax plan` prints it, `--parallel auto` uses it.
 //! - [`traffic`]: the bytes each rank sends, counted on a live group and predicted for FLUX's
 //!   shapes.
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
@@ -24,6 +26,7 @@
 
 pub mod abandoned;
 pub mod comm;
+pub mod cost;
 pub mod displaced;
 pub mod engine;
 pub mod fault;

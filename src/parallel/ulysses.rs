@@ -1,7 +1,7 @@
 //! Ulysses sequence parallelism for attention.
 //!
-//! Each rank holds a contiguous shard of the joint sequence for all heads: (B, H, L/N, D). An
-//! all-to-all trades sequence shards for head shards, (B, H/N, L, D); each rank runs ordinary
+//! Each rank holds a contiguous shard of the joint sequence for all heads: (B, H, L/N, D). One
+//! all-to-all (q, k and v stacked) trades sequence shards for head shards, (B, H/N, L, D); each rank runs ordinary
 //! attention on its heads over the whole sequence; a second all-to-all trades back. Exact: the
 //! same arithmetic as one device, only the heads are spread. The degree must divide the heads;
 //! the sequence shards are equal (padded when the token counts do not divide, see
@@ -23,6 +23,25 @@ impl UlyssesAttention {
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
         Self { comm }
     }
+}
+
+/// q, k and v traded from sequence shards to head shards in one all-to-all (not three: at 4-8
+/// GPUs a collective's per-call latency, not its bytes, sets its cost): stacked along the batch
+/// dimension, which the exchange leaves alone, then split again. The same values move.
+fn all_to_all_qkv(
+    comm: &dyn Communicator,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let b = q.dim(0)?;
+    let qkv = Tensor::cat(&[q, k, v], 0)?;
+    let qkv = comm.all_to_all(&qkv, 1, 2)?;
+    Ok((
+        qkv.narrow(0, 0, b)?,
+        qkv.narrow(0, b, b)?,
+        qkv.narrow(0, 2 * b, b)?,
+    ))
 }
 
 /// Attention of `q` to the real keys of the local sequences of `ranks` (all of `k` without a
@@ -57,9 +76,7 @@ impl UlyssesAttention {
             candle_core::bail!("Ulysses degree {n} does not divide {heads} heads");
         }
         // (B, H, L/N, D) -> (B, H/N, L, D): scatter heads, gather sequence.
-        let q = self.comm.all_to_all(q, 1, 2)?;
-        let k = self.comm.all_to_all(k, 1, 2)?;
-        let v = self.comm.all_to_all(v, 1, 2)?;
+        let (q, k, v) = all_to_all_qkv(self.comm.as_ref(), q, k, v)?;
         // The whole group's sequence: its real keys only.
         let out = attend_real(&q, &k, &v, layout, 0..n)?;
         // Back: scatter sequence, gather heads.
@@ -116,9 +133,7 @@ impl UspAttention {
         if n == 1 {
             return self.ring.run(q, k, v, layout, 1);
         }
-        let q = self.ulysses.all_to_all(q, 1, 2)?;
-        let k = self.ulysses.all_to_all(k, 1, 2)?;
-        let v = self.ulysses.all_to_all(v, 1, 2)?;
+        let (q, k, v) = all_to_all_qkv(self.ulysses.as_ref(), q, k, v)?;
         let out = self.ring.run(&q, &k, &v, layout, n)?;
         self.ulysses.all_to_all(&out, 2, 1)
     }
