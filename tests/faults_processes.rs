@@ -524,8 +524,8 @@ fn bad_timeouts_and_outputs_are_refused_before_any_work() {
         );
         assert!(gt.contains("PARALLAX_COLLECTIVE_TIMEOUT_S"), "{bad}: {gt}");
     }
-    let t = one(&[], &[], &dir.path().join("x.jpg"));
-    assert!(t.contains("PNG"), "{t}");
+    let t = one(&[], &[], &dir.path().join("x.gif"));
+    assert!(t.contains("png, jpg (jpeg) or webp"), "{t}");
     let t = one(&[], &[], &dir.path().join("missing").join("x.png"));
     assert!(t.contains("does not exist"), "{t}");
     assert_eq!(files(dir.path()), Vec::<PathBuf>::new());
