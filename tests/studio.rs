@@ -19,6 +19,11 @@ use parallax::pipeline::image::{read_png, RgbImage};
 use parallax::pipeline::preview::{Latent, PreviewFactors};
 use parallax::pipeline::{GenerationSettings, Pipeline};
 
+/// The test window's size.
+const WINDOW: [f32; 2] = [1100.0, 900.0];
+/// Where the settings panel ends in that window.
+const SETTINGS_PANEL_RIGHT: f32 = 420.0;
+
 fn studio(dir: &Path) -> Harness<'static, StudioApp> {
     let opts = StudioOptions {
         gallery_dir: Some(dir.join("gallery")),
@@ -29,7 +34,7 @@ fn studio(dir: &Path) -> Harness<'static, StudioApp> {
     let exports = dir.join("exports");
     std::fs::create_dir_all(&exports).expect("exports dir");
     Harness::builder()
-        .with_size([1100.0, 900.0])
+        .with_size(WINDOW)
         .wgpu()
         .build_eframe(move |cc| {
             let mut app = StudioApp::new(cc, opts).expect("studio starts");
@@ -82,8 +87,9 @@ fn step_until(h: &mut Harness<'static, StudioApp>, what: &str, done: impl Fn(&St
 
 /// Cover text that changes from run to run (wall times, speedups) before a snapshot.
 fn mask_timings(h: &mut Harness<'static, StudioApp>) {
-    // Times ("1.23 s", "done in", "loaded in", "s left") get masks wider than their text: a slower
-    // machine writes more digits. Speed-ups are masked below, to their column's width.
+    // Times ("1.23 s", "done in", "loaded in", "s left") get masks of a width that does not
+    // depend on their text: a slower machine writes more digits. Speed-ups are masked below, to
+    // their column's width.
     let rects: Vec<egui::Rect> = h
         .query_all_by(|n| {
             n.label().or_else(|| n.value()).is_some_and(|l| {
@@ -95,8 +101,18 @@ fn mask_timings(h: &mut Harness<'static, StudioApp>) {
             })
         })
         .map(|n| {
+            // A short cell ("1.23 s", a table's wall time) is covered to a fixed width; a longer
+            // line ("done in ...", "model loaded in ...") to its panel's right edge, so the
+            // number of digits a loaded machine writes never moves a mask's edge.
             let r = n.rect();
-            egui::Rect::from_min_size(r.min, egui::vec2(r.width() + 60.0, r.height()))
+            let right = if r.width() < 100.0 {
+                r.min.x + 100.0
+            } else if r.min.x < SETTINGS_PANEL_RIGHT {
+                SETTINGS_PANEL_RIGHT.max(r.max.x)
+            } else {
+                WINDOW[0].max(r.max.x)
+            };
+            egui::Rect::from_min_max(r.min, egui::pos2(right, r.max.y))
         })
         .chain(
             h.query_all_by(|n| {

@@ -86,6 +86,7 @@ fn combine(pos: &Tensor, neg: &Tensor, scale: f64) -> candle_core::Result<Tensor
 /// infinity (`x - x` sums to exactly 0 over finite numbers only): such a latent decodes to a
 /// black image, and every later step stays non-finite.
 fn check_finite(x: &Tensor, index: usize, total: usize) -> Result<()> {
+    #[allow(clippy::eq_op)] // `x - x` is the point: exactly 0 over finite numbers only
     let zero = (x - x)?.sum_all()?.to_scalar::<f32>()?;
     if zero == 0.0 {
         Ok(())
