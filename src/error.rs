@@ -88,7 +88,15 @@ pub enum Error {
     RanksAbandoned { ranks: Vec<usize>, why: String },
 
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+/// `?` on a candle result: a Parallax error that travelled through candle comes back as itself
+/// ([`Error::from_candle`]), anything else is wrapped.
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::from_candle(e)
+    }
 }
 
 fn join_ranks(ranks: &[usize]) -> String {
@@ -155,7 +163,8 @@ impl Error {
     }
 }
 
-/// Extension to turn candle results into Parallax results, unwrapping our own errors.
+/// Extension to turn candle results into Parallax results, unwrapping our own errors, where a
+/// value is returned rather than `?`-propagated (`?` alone converts through `From`).
 pub trait CandleResultExt<T> {
     fn px(self) -> Result<T>;
 }

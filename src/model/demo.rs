@@ -31,9 +31,9 @@ pub const TRAINING: &str = include_str!("../../assets/demo/demo.json");
 
 /// The weights of one part as a `SimpleBackend` (for recording them into other layouts).
 pub fn backend(bytes: &'static [u8]) -> Result<Box<dyn SimpleBackend>> {
-    Ok(Box::new(
-        candle_core::safetensors::SliceSafetensors::new(bytes).px()?,
-    ))
+    Ok(Box::new(candle_core::safetensors::SliceSafetensors::new(
+        bytes,
+    )?))
 }
 
 fn vb(bytes: &'static [u8], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {

@@ -561,7 +561,7 @@ impl TextEncoders {
     ) -> Result<Self> {
         let dtype = t5_vb.dtype();
         let device = t5_vb.device().clone();
-        let t5 = T5EncoderModel::load(t5_vb, t5_cfg).px()?;
+        let t5 = T5EncoderModel::load(t5_vb, t5_cfg)?;
         Self::assemble(
             T5Slot::Resident(Mutex::new(t5)),
             (t5_cfg, dtype, device),
@@ -603,7 +603,7 @@ impl TextEncoders {
         if let Some((_, reason)) = misfit(&t5_tokenizer, t5_cfg, &clip_tokenizer, clip_cfg) {
             return Err(Error::setting("text encoders", "tokenizers", reason));
         }
-        let clip = ClipTextTransformer::new(clip_vb, clip_cfg).px()?;
+        let clip = ClipTextTransformer::new(clip_vb, clip_cfg)?;
         Ok(Self {
             t5,
             clip,
@@ -833,7 +833,7 @@ impl TextEncoders {
                 // A panic elsewhere while holding the lock leaves the encoder unchanged (it
                 // keeps no state between calls), so a poisoned lock is still usable.
                 let mut t5 = t5.lock().unwrap_or_else(|p| p.into_inner());
-                t5.forward(&t5_ids).px()?
+                t5.forward(&t5_ids)?
             }
             T5Slot::OnDemand(build) => {
                 let t0 = std::time::Instant::now();
@@ -842,7 +842,7 @@ impl TextEncoders {
                     "T5 built for this prompt in {:.2}s",
                     t0.elapsed().as_secs_f64()
                 );
-                let txt = t5.forward(&t5_ids).px()?;
+                let txt = t5.forward(&t5_ids)?;
                 // The output is a new tensor: T5's weights go when `t5` does, here.
                 drop(t5);
                 txt
@@ -850,7 +850,7 @@ impl TextEncoders {
         };
 
         let clip_ids = Tensor::new(clip_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let hidden = self.clip.forward_with_mask(&clip_ids, usize::MAX).px()?;
+        let hidden = self.clip.forward_with_mask(&clip_ids, usize::MAX)?;
         // CLIP's summary is the state at the first end-of-text token.
         let pool_at = self
             .clip_tokenizer

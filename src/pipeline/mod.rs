@@ -7,8 +7,8 @@
 
 pub mod cache;
 pub mod image;
-pub mod metrics;
 pub mod metadata;
+pub mod metrics;
 pub mod preview;
 pub mod sampler;
 pub mod schedule;
@@ -121,10 +121,7 @@ impl GenerationSettings {
         let mut text = vec![
             ("parallax".to_string(), json),
             ("prompt".to_string(), self.prompt.clone()),
-            (
-                "parameters".to_string(),
-                metadata::a1111_parameters(self),
-            ),
+            ("parameters".to_string(), metadata::a1111_parameters(self)),
             (
                 "Software".to_string(),
                 format!("Parallax {}", self.parallax_version),
@@ -322,13 +319,11 @@ impl Pipeline {
         let flux = Flux::new(
             &FluxConfig::tiny(),
             DemoWeights::new(seeds.flux).var_builder(dtype, device),
-        )
-        .px()?;
+        )?;
         let vae = AutoEncoder::new(
             &VaeConfig::tiny(),
             DemoWeights::new(seeds.vae).var_builder(dtype, device),
-        )
-        .px()?;
+        )?;
         let text = TextEncoders::demo(seeds.text, device)?;
         Ok(Self {
             flux,
@@ -369,8 +364,7 @@ impl Pipeline {
         let vae = AutoEncoder::new(
             &VaeConfig::flux(),
             RandomWeights.var_builder(vae_dtype, device),
-        )
-        .px()?;
+        )?;
         let vb = RandomWeights.var_builder(dtype, device);
         let t5_tokenizer = PromptTokenizer::demo(variant.t5_max_len(), "t5")?;
         let clip_tokenizer = PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?;
@@ -434,7 +428,7 @@ impl Pipeline {
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
         if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {
-            p.flux = p.flux.with_fp8_in(opts.fp8).px()?;
+            p.flux = p.flux.with_fp8_in(opts.fp8)?;
         }
         let blocks = opts.block_range(p.flux.config().num_blocks());
         if p.flux.held_blocks() != blocks {
@@ -669,7 +663,7 @@ impl Pipeline {
         let x = pack_latent(&noise)?;
         let seq_len = (lh / 2) * (lw / 2);
         let ts = schedule::timesteps(settings.steps, seq_len, self.variant.shifted_schedule());
-        let pe = self.flux.pos_embed(enc.txt.dim(1)?, lh / 2, lw / 2).px()?;
+        let pe = self.flux.pos_embed(enc.txt.dim(1)?, lh / 2, lw / 2)?;
         let cond = Conditioning {
             txt: enc.txt,
             y: enc.vec,
@@ -927,7 +921,7 @@ pub fn load_transformer_with(
         Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
     let vb = MappedWeights::new(set, map).var_builder(dtype, device);
     let blocks = opts.block_range(cfg.num_blocks());
-    let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks).px()?;
+    let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks)?;
     Ok((flux, variant))
 }
 

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use super::cache::{CachePolicy, CacheStats, StepKind, StepPos};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, PosEmbed, StepInput};
 use crate::Result;
 
@@ -168,7 +167,7 @@ pub fn denoise_cfg(
             }
             _ => v,
         };
-        x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?).px()?;
+        x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?)?;
         let queued = start.elapsed();
         // Between steps, not inside one: so the reported step time is the device's, and the
         // latent handed to `on_step` is ready.

@@ -15,7 +15,6 @@
 use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos, TaylorHistory};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, StepInput, Streams};
 use crate::Result;
 
@@ -91,10 +90,10 @@ impl CachePolicy for DbCache {
         let n = model.num_blocks();
         let f = self.s.front.min(n);
         let b = self.s.back.min(n - f);
-        let (s0, ctx) = model.embed(input).px()?;
+        let (s0, ctx) = model.embed(input)?;
         let img_in = s0.img.clone();
-        let sf = model.run_blocks(s0, &ctx, 0..f).px()?;
-        let r = (&sf.img - &img_in).px()?;
+        let sf = model.run_blocks(s0, &ctx, 0..f)?;
+        let r = (&sf.img - &img_in)?;
 
         let mut diff = None;
         let may_reuse = self.s.threshold > 0.0
@@ -106,12 +105,12 @@ impl CachePolicy for DbCache {
                 if let Some((mi, mt)) = self.cached_middle(pos.t)? {
                     let dtype = sf.img.dtype();
                     let s = Streams {
-                        img: (&sf.img + mi.to_dtype(dtype).px()?).px()?,
-                        txt: (&sf.txt + mt.to_dtype(dtype).px()?).px()?,
+                        img: (&sf.img + mi.to_dtype(dtype)?)?,
+                        txt: (&sf.txt + mt.to_dtype(dtype)?)?,
                     };
-                    let s = model.run_blocks(s, &ctx, n - b..n).px()?;
+                    let s = model.run_blocks(s, &ctx, n - b..n)?;
                     self.in_a_row += 1;
-                    let v = model.final_layer(&s.img, &ctx).px()?;
+                    let v = model.final_layer(&s.img, &ctx)?;
                     return Ok((v, StepKind::Reused { diff: d }));
                 }
             }
@@ -119,19 +118,19 @@ impl CachePolicy for DbCache {
         }
 
         let (img_f, txt_f) = (sf.img.clone(), sf.txt.clone());
-        let sm = model.run_blocks(sf, &ctx, f..n - b).px()?;
-        let mi = (&sm.img - &img_f).px()?;
-        let mt = (&sm.txt - &txt_f).px()?;
+        let sm = model.run_blocks(sf, &ctx, f..n - b)?;
+        let mi = (&sm.img - &img_f)?;
+        let mt = (&sm.txt - &txt_f)?;
         if self.s.taylor > 0 {
             let f32 = candle_core::DType::F32;
-            self.history.0.update(pos.t, mi.to_dtype(f32).px()?)?;
-            self.history.1.update(pos.t, mt.to_dtype(f32).px()?)?;
+            self.history.0.update(pos.t, mi.to_dtype(f32)?)?;
+            self.history.1.update(pos.t, mt.to_dtype(f32)?)?;
         }
         self.middle = Some((mi, mt));
         self.probe_ref = Some(r);
         self.in_a_row = 0;
-        let s = model.run_blocks(sm, &ctx, n - b..n).px()?;
-        let v = model.final_layer(&s.img, &ctx).px()?;
+        let s = model.run_blocks(sm, &ctx, n - b..n)?;
+        let v = model.final_layer(&s.img, &ctx)?;
         Ok((v, StepKind::Computed { diff }))
     }
 }

@@ -13,7 +13,6 @@
 use candle_core::{DType, Tensor};
 
 use super::{CachePolicy, StepKind, StepPos};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
@@ -69,9 +68,9 @@ impl CachePolicy for FirstBlockCache {
         _pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
         let n = model.num_blocks();
-        let (s0, ctx) = model.embed(input).px()?;
+        let (s0, ctx) = model.embed(input)?;
         let img_in = s0.img.clone();
-        let s1 = model.run_blocks(s0, &ctx, 0..1).px()?;
+        let s1 = model.run_blocks(s0, &ctx, 0..1)?;
         let r = (&s1.img - &img_in)?;
 
         let mut diff = None;
@@ -79,17 +78,17 @@ impl CachePolicy for FirstBlockCache {
             let d = super::relative_change(model, &ctx, &r, r_ref)?;
             if d < self.threshold {
                 let img = (&s1.img + rest)?;
-                let v = model.final_layer(&img, &ctx).px()?;
+                let v = model.final_layer(&img, &ctx)?;
                 return Ok((v, StepKind::Reused { diff: d }));
             }
             diff = Some(d);
         }
 
         let after_first = s1.img.clone();
-        let s = model.run_blocks(s1, &ctx, 1..n).px()?;
+        let s = model.run_blocks(s1, &ctx, 1..n)?;
         self.rest_residual = Some((&s.img - &after_first)?);
         self.ref_residual = Some(r);
-        let v = model.final_layer(&s.img, &ctx).px()?;
+        let v = model.final_layer(&s.img, &ctx)?;
         Ok((v, StepKind::Computed { diff }))
     }
 }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use super::{CachePolicy, StepKind, StepPos};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, StepInput};
 use crate::{Error, Result};
 
@@ -122,7 +121,7 @@ impl CachePolicy for MagCache {
         input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let (s0, ctx) = model.embed(input).px()?;
+        let (s0, ctx) = model.embed(input)?;
         let img_in = s0.img.clone();
         let mut diff = None;
         if let (Some(r), Some(t_prev), true) = (
@@ -135,8 +134,8 @@ impl CachePolicy for MagCache {
             if error < self.threshold && self.skipped < self.max_skip {
                 (self.ratio, self.error) = (ratio, error);
                 self.skipped += 1;
-                let img = (&img_in + r).px()?;
-                let v = model.final_layer(&img, &ctx).px()?;
+                let img = (&img_in + r)?;
+                let v = model.final_layer(&img, &ctx)?;
                 return Ok((v, StepKind::Reused { diff: error }));
             }
             diff = Some(error);
@@ -212,19 +211,14 @@ impl CachePolicy for MagCalibrator {
         input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let (s0, ctx) = model.embed(input).px()?;
+        let (s0, ctx) = model.embed(input)?;
         let (v, residual) = super::full_step(model, s0, &ctx)?;
         let m = ctx
-            .real_image(&residual)
-            .px()?
-            .abs()
-            .px()?
-            .to_dtype(DType::F32)
-            .px()?
-            .mean_all()
-            .px()?
-            .to_scalar::<f32>()
-            .px()? as f64;
+            .real_image(&residual)?
+            .abs()?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
         if self.images.is_empty() {
             self.images.push(Vec::new());
         }

@@ -117,12 +117,11 @@ pub(crate) fn full_step(
     s0: crate::model::family::Streams,
     ctx: &crate::model::family::BlockCtx,
 ) -> Result<(Tensor, Tensor)> {
-    use crate::error::CandleResultExt;
     let img_in = s0.img.clone();
     let n = model.num_blocks();
-    let s = model.run_blocks(s0, ctx, 0..n).px()?;
-    let residual = (&s.img - &img_in).px()?;
-    Ok((model.final_layer(&s.img, ctx).px()?, residual))
+    let s = model.run_blocks(s0, ctx, 0..n)?;
+    let residual = (&s.img - &img_in)?;
+    Ok((model.final_layer(&s.img, ctx)?, residual))
 }
 
 /// Relative change `sum|a - b| / sum|b|` of two residuals on the image stream, summed over the
@@ -133,12 +132,11 @@ pub(crate) fn relative_change(
     r: &Tensor,
     r_ref: &Tensor,
 ) -> Result<f64> {
-    use crate::error::CandleResultExt;
     let (mut num, mut den) =
-        first_block::residual_sums(&ctx.real_image(r).px()?, &ctx.real_image(r_ref).px()?).px()?;
+        first_block::residual_sums(&ctx.real_image(r)?, &ctx.real_image(r_ref)?)?;
     if let Some(group) = model.sp_group() {
-        let t = Tensor::new(&[num, den], model.device()).px()?;
-        let total: Vec<f64> = group.all_reduce_sum(&t)?.to_vec1().px()?;
+        let t = Tensor::new(&[num, den], model.device())?;
+        let total: Vec<f64> = group.all_reduce_sum(&t)?.to_vec1()?;
         (num, den) = (total[0], total[1]);
     }
     Ok(if den > 0.0 { num / den } else { f64::INFINITY })

@@ -3,7 +3,6 @@
 use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
@@ -21,7 +20,7 @@ impl CachePolicy for NoCache {
         input: &StepInput,
         _pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let v = model.forward(input).px()?;
+        let v = model.forward(input)?;
         Ok((v, StepKind::Computed { diff: None }))
     }
 }

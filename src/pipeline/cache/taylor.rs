@@ -12,7 +12,6 @@
 use candle_core::Tensor;
 
 use super::{CachePolicy, StepKind, StepPos};
-use crate::error::CandleResultExt;
 use crate::model::family::{Denoiser, StepInput};
 use crate::Result;
 
@@ -41,9 +40,9 @@ impl TaylorHistory {
         let (d1, d2) = match self.last.take() {
             Some((t0, f0, d1_0, _)) if t != t0 && self.order >= 1 => {
                 let dt = t - t0;
-                let d1 = ((&f - &f0).px()? / dt).px()?;
+                let d1 = ((&f - &f0)? / dt)?;
                 let d2 = match d1_0 {
-                    Some(d1_0) if self.order >= 2 => Some(((&d1 - &d1_0).px()? / dt).px()?),
+                    Some(d1_0) if self.order >= 2 => Some(((&d1 - &d1_0)? / dt)?),
                     _ => None,
                 };
                 (Some(d1), d2)
@@ -67,10 +66,10 @@ impl TaylorHistory {
         let dt = t - t0;
         let mut y = f.clone();
         if let Some(d1) = d1 {
-            y = (&y + (d1 * dt).px()?).px()?;
+            y = (&y + (d1 * dt)?)?;
         }
         if let Some(d2) = d2 {
-            y = (&y + (d2 * (0.5 * dt * dt)).px()?).px()?;
+            y = (&y + (d2 * (0.5 * dt * dt))?)?;
         }
         Ok(Some(y))
     }
@@ -117,19 +116,19 @@ impl CachePolicy for TaylorSeer {
         input: &StepInput,
         pos: StepPos,
     ) -> Result<(Tensor, StepKind)> {
-        let (s0, ctx) = model.embed(input).px()?;
+        let (s0, ctx) = model.embed(input)?;
         let img_in = s0.img.clone();
         if !self.computes(pos) {
             if let Some(r) = self.history.predict(pos.t)? {
-                let img = (&img_in + r.to_dtype(img_in.dtype()).px()?).px()?;
-                let v = model.final_layer(&img, &ctx).px()?;
+                let img = (&img_in + r.to_dtype(img_in.dtype())?)?;
+                let v = model.final_layer(&img, &ctx)?;
                 return Ok((v, StepKind::Reused { diff: 0.0 }));
             }
         }
         let (v, r) = super::full_step(model, s0, &ctx)?;
         // The history is kept in f32: differences of bf16 residuals lose most of their bits.
         self.history
-            .update(pos.t, r.to_dtype(candle_core::DType::F32).px()?)?;
+            .update(pos.t, r.to_dtype(candle_core::DType::F32)?)?;
         Ok((v, StepKind::Computed { diff: None }))
     }
 }
@@ -137,6 +136,7 @@ impl CachePolicy for TaylorSeer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::CandleResultExt;
     use candle_core::Device;
 
     #[test]
@@ -147,7 +147,7 @@ mod tests {
         h.update(1.0, f(1.0)?)?;
         assert!(!h.has_derivative());
         h.update(0.8, f(0.8)?)?;
-        let y: Vec<f64> = h.predict(0.5)?.expect("value").to_vec1().px()?;
+        let y: Vec<f64> = h.predict(0.5)?.expect("value").to_vec1()?;
         assert!(
             (y[0] - 2.0).abs() < 1e-12 && (y[1] + 0.5).abs() < 1e-12,
             "{y:?}"
@@ -162,8 +162,8 @@ mod tests {
             h2.update(t, g(t)?)?;
         }
         let want = 0.7 * 0.7;
-        let e1 = (h1.predict(0.7)?.expect("1").to_vec1::<f64>().px()?[0] - want).abs();
-        let e2 = (h2.predict(0.7)?.expect("2").to_vec1::<f64>().px()?[0] - want).abs();
+        let e1 = (h1.predict(0.7)?.expect("1").to_vec1::<f64>()?[0] - want).abs();
+        let e2 = (h2.predict(0.7)?.expect("2").to_vec1::<f64>()?[0] - want).abs();
         assert!(e2 < e1, "order 2 {e2} vs order 1 {e1}");
         Ok(())
     }
