@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use parallax::parallel::engine;
 use parallax::parallel::mesh::ParallelLayout;
+use parallax::parallel::ranks;
 use parallax::pipeline::cache::CacheSpec;
 use parallax::pipeline::image::save_png;
 use parallax::pipeline::metrics::quality;
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         ..req.clone()
     };
     let exact = p.generate(&uncached, &mut |_| Ok(()))?;
-    let two = engine::generate(&p, layout, &uncached, &mut |_| Ok(()))?;
+    let two = ranks::generate(&p, layout, &uncached, &mut |_| Ok(()))?;
     let path = out.join("demo-displaced.png");
     save_png(&path, &two.image, &two.settings.png_text()?)?;
     let q = quality(&two.image, &exact.image)?;

@@ -1,7 +1,7 @@
 //! The cache policies (First Block Cache, DBCache, TaylorSeer, MagCache) on the trained demo
 //! model: each is exact at its "off" setting, DBCache with one probe block and no corrector is
 //! First Block Cache, and each reuses steps at its "balanced" preset while staying close to the
-//! uncached image. (Under sequence and data parallelism: `src/parallel/engine.rs` and
+//! uncached image. (Under sequence and data parallelism: `src/parallel/ranks.rs` and
 //! `tests/runtime.rs`.)
 
 use candle_core::Device;

@@ -8,7 +8,7 @@
 //! warm-up, rotating after), and true CFG split over 2 workers, each against its one-device
 //! result, and PipeFusion 2 through its generic stage replica
 //! ([`parallax::parallel::pipefusion::PipeFusion::replica_of`]). Through the engine's own rank
-//! loop ([`parallax::parallel::engine::denoise_many`]): data parallel 2, and meshes (dp 2 x
+//! loop ([`parallax::parallel::ranks::denoise_many`]): data parallel 2, and meshes (dp 2 x
 //! Ulysses 2, dp 2 x CFG 2 x ring 2 under true CFG). Not yet here: the pipeline that prepares a
 //! request (text encoders, VAE) still holds FLUX.1's `Flux`.
 
@@ -23,9 +23,9 @@ use parallax::model::demo_weights::DemoWeights;
 use parallax::model::family::{self, Denoiser};
 use parallax::parallel::comm::{run_local, Communicator, LocalComm};
 use parallax::parallel::displaced::DisplacedAttention;
-use parallax::parallel::engine;
 use parallax::parallel::mesh::ParallelLayout;
 use parallax::parallel::pipefusion::{PipeFusion, StageBalance};
+use parallax::parallel::ranks;
 use parallax::parallel::replica::SpReplica;
 use parallax::parallel::ring::RingAttention;
 use parallax::parallel::ulysses::UlyssesAttention;
@@ -406,7 +406,7 @@ fn job(m: &dyn Denoiser, seed: u64) -> DenoiseJob {
 /// Each of `jobs` through the engine's data-parallel entry point under `layout`, against the
 /// same job on one device: the largest relative difference.
 fn engine_against_local(m: &Arc<dyn Denoiser>, layout: ParallelLayout, jobs: &[DenoiseJob]) -> f64 {
-    let outs = engine::denoise_many(m, layout, jobs);
+    let outs = ranks::denoise_many(m, layout, jobs);
     assert_eq!(outs.len(), jobs.len());
     outs.into_iter()
         .zip(jobs)

@@ -117,7 +117,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
             (0..most)
                 .map(|r| {
                     let flux = flux_replica(&p, &a.model)?;
-                    let rjob = crate::parallel::engine::job_on(job, flux.device())?;
+                    let rjob = crate::parallel::ranks::job_on(job, flux.device())?;
                     crate::device::synchronize(flux.device())?;
                     tracing::info!(rank = r, "replica loaded");
                     Ok((flux, rjob))
@@ -143,7 +143,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                 .map(|r| {
                     let blocks = stage_blocks(p.flux.config().num_blocks(), n, r / uly);
                     let flux = flux_replica(&p, &a.model)?.only_blocks(blocks);
-                    let sjob = crate::parallel::engine::job_on(job, flux.device())?;
+                    let sjob = crate::parallel::ranks::job_on(job, flux.device())?;
                     crate::device::synchronize(flux.device())?;
                     Ok((flux, sjob))
                 })

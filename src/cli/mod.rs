@@ -773,8 +773,8 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
 }
 
 fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
-    use crate::parallel::engine::denoise_rank;
     use crate::parallel::mesh::Mesh;
+    use crate::parallel::ranks::denoise_rank;
     use crate::parallel::store::{Store, StoreComm};
     use std::sync::Arc;
 
@@ -870,7 +870,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     // CPU ranks talk through the store; GPU ranks through NCCL, each group's id handed over
     // through the store.
     let dev = p.device().clone();
-    let groups = crate::parallel::engine::rank_groups(&mesh, &[rank], &mut |name, members, _| {
+    let groups = crate::parallel::ranks::rank_groups(&mesh, &[rank], &mut |name, members, _| {
         #[cfg(feature = "cuda")]
         if dev.is_cuda() {
             let c = crate::parallel::nccl::NcclComm::from_store(&store, name, members, &dev)?;

@@ -310,7 +310,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             let g = match spec {
                 Sweep::Cache(_) => p.generate(&req, &mut |_| Ok(()))?,
                 &Sweep::Layout(layout) => {
-                    crate::parallel::engine::generate(&p, layout, &req, &mut |_| Ok(()))?
+                    crate::parallel::ranks::generate(&p, layout, &req, &mut |_| Ok(()))?
                 }
             };
             let sc = score(&g.image, &sample.described);

@@ -277,14 +277,14 @@ impl Engine {
         if !plan.is_gpu() {
             // CPU groups share the one CPU model.
             return match self.pipeline(&self.slots(plan)[0]) {
-                Ok(p) => crate::parallel::engine::generate_many(p, plan.layout, reqs),
+                Ok(p) => crate::parallel::ranks::generate_many(p, plan.layout, reqs),
                 Err(e) => {
                     let e = e.to_string();
                     reqs.iter().map(|_| Err(Error::Image(e.clone()))).collect()
                 }
             };
         }
-        crate::parallel::engine::over_groups(plan.layout.dp, reqs, |g, req| {
+        crate::parallel::ranks::over_groups(plan.layout.dp, reqs, |g, req| {
             self.on_group(plan, g, req, &mut |_| Ok(()))
         })
     }
@@ -315,7 +315,7 @@ impl Engine {
             return head.generate(req, progress);
         }
         if !plan.is_gpu() {
-            return crate::parallel::engine::generate(head, inner, req, progress);
+            return crate::parallel::ranks::generate(head, inner, req, progress);
         }
         let pipes = slots
             .iter()
@@ -346,7 +346,7 @@ fn on_gpus(
     let devices: Vec<candle_core::Device> = pipes.iter().map(|p| p.device().clone()).collect();
     let models: Vec<&crate::model::flux::Flux> = pipes.iter().map(|p| &p.flux).collect();
     let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes.iter().map(|p| &p.vae).collect();
-    crate::parallel::engine::generate_on_gpus(
+    crate::parallel::ranks::generate_on_gpus(
         pipes[0], &models, &vaes, &devices, layout, req, progress,
     )
 }

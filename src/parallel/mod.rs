@@ -8,7 +8,7 @@
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
 //! - [`sp`]: a whole transformer step over a sequence-parallel group (token counts that do not
 //!   divide by the group size are padded to equal shards).
-//! - [`engine`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
+//! - [`ranks`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
 //!   parallelism).
 //! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
 //!   communicator over it for CPU ranks.
@@ -28,13 +28,13 @@ pub mod abandoned;
 pub mod comm;
 pub mod cost;
 pub mod displaced;
-pub mod engine;
 pub mod fault;
 pub mod fingerprint;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod pipefusion;
+pub mod ranks;
 pub mod refusal;
 pub mod replica;
 pub mod ring;

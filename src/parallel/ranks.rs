@@ -1,6 +1,6 @@
-//! The parallel engine on CPU worker threads: one image's denoising loop spread over a
-//! sequence-parallel group, each thread standing in for a GPU (the same logic the GPU workers will
-//! run over NCCL). Text encoding, noise and decoding happen once, on the calling thread.
+//! The ranks' loop (named apart from [`crate::engine`], which places work on devices): one
+//! image's denoising spread over a mesh of ranks, each a thread standing in for a GPU on the CPU
+//! or driving one over NCCL. Text encoding, noise and decoding happen once, on the calling thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
