@@ -294,7 +294,8 @@ fn compare_sweep_with_wipe_and_heatmap() {
         reusing,
         "each cell that reused a step shows its range: {ranged:?}"
     );
-    assert_eq!(labels_with(&h, spread.label().as_str()).len(), 1);
+    // Shown (another cell may read the same, e.g. two "no measurable gain" on a loaded machine).
+    assert!(!labels_with(&h, spread.label().as_str()).is_empty());
     h.get_by_label("reference");
     // Cells are named by policy and preset, under the thumbnail and in the table (and the cell
     // on the right of the wipe in its caption).

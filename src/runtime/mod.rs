@@ -6,10 +6,10 @@
 //! woken by the notify callback when an event arrives.
 
 pub mod advice;
+mod engine_thread;
 pub mod events;
 pub mod gallery;
 pub mod repeats;
-mod worker;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ pub use events::{EngineSpec, Event, ImageResult, JobId, JobSpec};
 pub use gallery::Gallery;
 
 use crate::error::{Error, Result};
-use worker::{Worker, WorkerMsg};
+use engine_thread::{EngineMsg, EngineThread};
 
 /// Called after every event is queued (the studio passes `ctx.request_repaint`).
 pub type Notify = Arc<dyn Fn() + Send + Sync>;
@@ -90,10 +90,10 @@ impl Runtime {
         let (cmds, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
         let (work_tx, work_rx) = mpsc::channel();
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
-        let worker = Worker::new(opts.engine, gallery.clone(), emit.clone());
+        let thread = EngineThread::new(opts.engine, gallery.clone(), emit.clone());
         let engine = std::thread::Builder::new()
             .name("parallax-engine".into())
-            .spawn(move || worker.serve(work_rx, done_tx))
+            .spawn(move || thread.serve(work_rx, done_tx))
             .map_err(|e| Error::Image(format!("cannot start the engine thread: {e}")))?;
         tokio.spawn(schedule(cmd_rx, work_tx, done_rx, emit));
         Ok(Self {
@@ -178,7 +178,7 @@ impl Drop for Runtime {
 /// The scheduler: queue, cancel, hand jobs to the engine one at a time.
 async fn schedule(
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<Command>,
-    engine: mpsc::Sender<WorkerMsg>,
+    engine: mpsc::Sender<EngineMsg>,
     mut done: tokio::sync::mpsc::UnboundedReceiver<JobId>,
     emit: Emitter,
 ) {
@@ -189,10 +189,10 @@ async fn schedule(
             if let Some((job, spec, on)) = queue.pop_front() {
                 let cancel = Arc::new(AtomicBool::new(false));
                 if let Some(on) = on {
-                    let _ = engine.send(WorkerMsg::Configure(*on));
+                    let _ = engine.send(EngineMsg::Configure(*on));
                 }
                 if engine
-                    .send(WorkerMsg::Run {
+                    .send(EngineMsg::Run {
                         job,
                         spec,
                         cancel: cancel.clone(),
@@ -227,7 +227,7 @@ async fn schedule(
                     }
                 }
                 Some(Command::Configure(spec)) => {
-                    let _ = engine.send(WorkerMsg::Configure(spec));
+                    let _ = engine.send(EngineMsg::Configure(spec));
                 }
                 Some(Command::Reorder(order)) => {
                     let rank = |id: &JobId| order.iter().position(|o| o == id).unwrap_or(order.len());

@@ -19,7 +19,7 @@ use crate::pipeline::metrics;
 use crate::pipeline::preview::Latent;
 use crate::pipeline::{GenerateRequest, Generated, Progress};
 
-pub(crate) enum WorkerMsg {
+pub(crate) enum EngineMsg {
     Configure(EngineSpec),
     Run {
         job: JobId,
@@ -37,7 +37,7 @@ struct Loaded {
     engine: Engine,
 }
 
-pub(crate) struct Worker {
+pub(crate) struct EngineThread {
     spec: EngineSpec,
     loaded: Option<Loaded>,
     gallery: Option<Gallery>,
@@ -59,7 +59,7 @@ fn log_left_behind(job: JobId) {
     }
 }
 
-impl Worker {
+impl EngineThread {
     pub(crate) fn new(spec: EngineSpec, gallery: Option<Gallery>, emit: Emitter) -> Self {
         Self {
             spec,
@@ -72,17 +72,17 @@ impl Worker {
     /// Handle messages until the channel closes.
     pub(crate) fn serve(
         mut self,
-        rx: mpsc::Receiver<WorkerMsg>,
+        rx: mpsc::Receiver<EngineMsg>,
         done: tokio::sync::mpsc::UnboundedSender<JobId>,
     ) {
         while let Ok(msg) = rx.recv() {
             match msg {
-                WorkerMsg::Configure(spec) => {
+                EngineMsg::Configure(spec) => {
                     self.spec = spec;
                     // Load now so the user sees errors at once, not at the next Generate.
                     let _ = self.ensure_loaded();
                 }
-                WorkerMsg::Run { job, spec, cancel } => {
+                EngineMsg::Run { job, spec, cancel } => {
                     let outcome = catch_unwind(AssertUnwindSafe(|| self.run(job, &spec, &cancel)));
                     match outcome {
                         Ok(Ok(wall_ms)) => self.emit.emit(Event::Finished { job, wall_ms }),
