@@ -1403,6 +1403,17 @@ fn a_dropped_image_gives_its_settings() {
     let s = &h.state().settings;
     assert_eq!(s.request.prompt, "a red circle on the left");
     assert_eq!((s.request.steps, s.request.seed), (Some(5), 31));
+    let said: Vec<String> = h
+        .state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert!(
+        said.iter().any(|m| m == "settings restored from ours.webp"),
+        "{said:?}"
+    );
     // Something with no settings: said, nothing changed.
     let bare = dir.path().join("bare.png");
     parallax::pipeline::image::save_png(&bare, &img, &[]).expect("write");

@@ -73,10 +73,12 @@ pub struct Recalled {
     pub true_cfg: Option<f64>,
     pub cache: Option<CacheSpec>,
     pub model: Option<String>,
+    /// Everything, when Parallax made the image (the fields above are taken from it).
+    pub settings: Option<GenerationSettings>,
 }
 
 impl Recalled {
-    fn from_settings(s: &GenerationSettings) -> Self {
+    fn from_settings(s: GenerationSettings) -> Self {
         Self {
             source: "Parallax",
             prompt: Some(s.prompt.clone()),
@@ -89,22 +91,21 @@ impl Recalled {
             true_cfg: Some(s.true_cfg),
             cache: Some(s.cache_spec()),
             model: Some(s.model.clone()),
+            settings: Some(s),
         }
     }
 }
 
 /// What the text chunks (or EXIF fields, as `parallax`/`parameters` pairs) of an image say.
 pub fn recall(text: &[(String, String)]) -> Result<Recalled> {
+    if let Ok(s) = GenerationSettings::from_png_text(text) {
+        return Ok(Recalled::from_settings(s));
+    }
     let get = |k: &str| {
         text.iter()
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.as_str())
     };
-    if let Some(json) = get("parallax") {
-        if let Ok(s) = serde_json::from_str::<GenerationSettings>(json) {
-            return Ok(Recalled::from_settings(&s));
-        }
-    }
     if let Some(p) = get("parameters").and_then(parse_a1111) {
         return Ok(p);
     }
@@ -122,9 +123,9 @@ pub fn recall(text: &[(String, String)]) -> Result<Recalled> {
 pub fn recall_file(path: &Path) -> Result<Recalled> {
     let text = match extension(path).as_deref() {
         Some("png") => super::image::PngHeader::open(path)?.text,
-        Some("jpg" | "jpeg" | "webp") => {
+        Some(ext @ ("jpg" | "jpeg" | "webp")) => {
             let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            let tiff = if extension(path).as_deref() == Some("webp") {
+            let tiff = if ext == "webp" {
                 webp_exif(&bytes)
             } else {
                 jpeg_exif(&bytes)

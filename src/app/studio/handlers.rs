@@ -271,33 +271,25 @@ impl StudioApp {
         }
     }
 
-    /// A dropped image's settings: all of them (model too) when Parallax made it, else what its
-    /// metadata states, the model left as it is.
+    /// A dropped image's settings: all of them (model too) when Parallax made it (PNG, JPEG or
+    /// WebP), else what its metadata states, the model left as it is.
     pub(super) fn recall_from(&mut self, path: &Path) {
         let name = path.file_name().map_or_else(
             || path.display().to_string(),
             |n| n.to_string_lossy().into(),
         );
-        let parallax = match crate::pipeline::metadata::extension(path).as_deref() {
-            Some("png") => crate::pipeline::image::PngHeader::open(path)
-                .ok()
-                .and_then(|h| crate::pipeline::GenerationSettings::from_png_text(&h.text).ok()),
-            _ => None,
-        };
-        if let Some(s) = parallax {
-            self.settings.restore(&s);
-            self.runtime.configure(self.settings.engine_spec());
-            self.say(format!("settings restored from {name}"), false);
-            return;
-        }
         match crate::pipeline::metadata::recall_file(path) {
             Ok(r) => {
+                if let Some(s) = &r.settings {
+                    self.settings.restore(s);
+                    self.runtime.configure(self.settings.engine_spec());
+                    self.say(format!("settings restored from {name}"), false);
+                    return;
+                }
                 let took = self.settings.recall(&r);
                 let model = match &r.model {
-                    Some(m) if r.source != "Parallax" => {
-                        format!("; it was made with {m} (the model is left as it is)")
-                    }
-                    _ => String::new(),
+                    Some(m) => format!("; it was made with {m} (the model is left as it is)"),
+                    None => String::new(),
                 };
                 self.say(
                     format!("from {name} ({}): {}{model}", r.source, took.join(", ")),
