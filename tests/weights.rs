@@ -1052,3 +1052,103 @@ fn separate_part_files_load_by_flag() {
         assert!(text.contains(needle), "`{needle}` not in: {text}");
     }
 }
+
+/// A GGUF file written by the community's own writer (gguf-py, as llama.cpp and ComfyUI-GGUF's
+/// converter use it; `scripts/gguf-reference.py` made the fixture) reads to the values gguf-py
+/// dequantises it to, in each type gguf-py can write, and a tensor stored flat comes back in the
+/// shape ComfyUI-GGUF's metadata gives.
+#[test]
+fn community_gguf_file_reads_to_the_reference_values() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let set = SafetensorsSet::open(&fixtures.join("gguf-community.gguf")).expect("open gguf");
+    let want = SafetensorsSet::open(&fixtures.join("gguf-community-expected.safetensors"))
+        .expect("open expected");
+    assert_eq!(set.len(), want.len());
+    let summary = set.gguf_summary().expect("a GGUF set says what it holds");
+    for kind in ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "BF16", "F16", "F32"] {
+        assert!(summary.contains(kind), "{summary}");
+    }
+    for name in want.names() {
+        let w = want.load(name, DType::F32, &Device::Cpu).expect("expected");
+        let got = set.load(name, DType::F32, &Device::Cpu).expect("gguf tensor");
+        assert_eq!(got.dims(), w.dims(), "{name}");
+        assert_eq!(max_diff(&got, &w), 0.0, "{name}");
+    }
+    assert_eq!(
+        set.meta("final_layer.adaLN_modulation.1.weight")
+            .expect("meta")
+            .shape,
+        vec![4, 8, 32]
+    );
+}
+
+/// The demo model exported to GGUF runs as a model like its safetensors: F32 GGUF gives the very
+/// same image, Q8_0 one within a stated PSNR, and the file is found and described like any
+/// single file.
+#[test]
+fn demo_model_as_gguf_generates_like_its_safetensors() {
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::model::gguf::{self, GgufType};
+    use parallax::pipeline::{GenerateRequest, Pipeline};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
+    let source = dir.path().join("flux1-dev.safetensors");
+    let set = SafetensorsSet::open(&source).expect("open");
+    let tensors: Vec<(String, Tensor)> = set
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                set.load(n, DType::F32, &Device::Cpu).expect("load"),
+            )
+        })
+        .collect();
+    let req = GenerateRequest {
+        prompt: "a red circle on a blue background".into(),
+        width: 64,
+        height: 64,
+        steps: Some(4),
+        seed: 11,
+        ..Default::default()
+    };
+    let image_of = |model: &Path| {
+        let resolved = layout::resolve(model.to_str().expect("utf8"), None).expect("resolve");
+        let p = Pipeline::load(&resolved, "gguf", DType::F32, &Device::Cpu).expect("load");
+        assert!(p.is_demo());
+        p.generate(&req, &mut |_| Ok(())).expect("image").image
+    };
+    let want = image_of(&source);
+    for (kind, min_psnr) in [(GgufType::F32, f64::INFINITY), (GgufType::Q8_0, 30.0)] {
+        let file = dir.path().join(format!("flux1-dev-{}.gguf", kind.name()));
+        let written = gguf::write(&file, &tensors, kind, "flux").expect("write gguf");
+        if kind == GgufType::Q8_0 {
+            assert!(written
+                .iter()
+                .any(|(_, d)| *d == candle_core::quantized::GgmlDType::Q8_0));
+        }
+        let got = image_of(&file);
+        let psnr = parallax::pipeline::metrics::psnr(&got, &want).expect("psnr");
+        if kind == GgufType::Q8_0 {
+            // ComfyUI-GGUF keeps its files in models/unet/: a ComfyUI folder finds it there.
+            let comfy = tempfile::tempdir().expect("tmp");
+            let models = comfy.path().join("models");
+            std::fs::create_dir_all(models.join("unet")).expect("unet");
+            std::fs::create_dir_all(models.join("vae")).expect("vae");
+            std::fs::copy(&file, models.join("unet").join("flux1-dev-Q8_0.gguf")).expect("cp");
+            std::fs::copy(dir.path().join("ae.safetensors"), models.join("vae/ae.safetensors"))
+                .expect("cp ae");
+            let r = layout::resolve(comfy.path().to_str().expect("utf8"), None).expect("resolve");
+            match r.spec {
+                layout::ModelSpec::Files(f) => {
+                    assert!(f.transformer.ends_with("unet/flux1-dev-Q8_0.gguf"), "{f:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        if min_psnr.is_infinite() {
+            assert_eq!(got, want, "{}: an F32 GGUF holds the same numbers", kind.name());
+        } else {
+            assert!(psnr >= min_psnr, "{}: PSNR {psnr:.1} dB", kind.name());
+        }
+    }
+}

@@ -20,6 +20,51 @@ pub struct Fp8ErrorArgs {
 fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f64> {
     Ok(crate::pipeline::metrics::relative_error(a, b)?)
 }
+/// The velocity `f` predicts at time `t` for the latent `x`, with `job`'s conditioning.
+pub(crate) fn velocity_at(
+    f: &Flux,
+    job: &crate::pipeline::DenoiseJob,
+    t: f64,
+    x: &candle_core::Tensor,
+) -> anyhow::Result<candle_core::Tensor> {
+    let dev = f.device();
+    let dtype = f.dtype();
+    let (txt, y) = (job.cond.txt.to_dtype(dtype)?, job.cond.y.to_dtype(dtype)?);
+    let g = candle_core::Tensor::full(job.guidance as f32, 1, dev)?;
+    let xin = x.to_dtype(dtype)?;
+    let tt = candle_core::Tensor::full(t as f32, 1, dev)?;
+    let input = FluxInput {
+        img: &xin,
+        txt: &txt,
+        y: &y,
+        timesteps: &tt,
+        guidance: f.config().guidance_embed.then_some(&g),
+        pe: &job.pe,
+    };
+    Ok(f.forward(&input)?)
+}
+
+/// The latents entering the first, middle and last steps of `job` denoised by `f` in its own
+/// precision, with their times.
+pub(crate) fn three_step_inputs(
+    f: &Flux,
+    job: &crate::pipeline::DenoiseJob,
+) -> anyhow::Result<Vec<(f64, candle_core::Tensor)>> {
+    let total = job.timesteps.len().saturating_sub(1);
+    if total == 0 {
+        anyhow::bail!("needs at least one step");
+    }
+    let picks = [0, total / 2, total - 1];
+    let mut inputs = vec![(job.timesteps[0], job.x.clone())];
+    job.denoise_with(f, &mut crate::pipeline::cache::NoCache, &mut |s| {
+        if picks.contains(&(s.index + 1)) {
+            inputs.push((s.t_next, s.latent.clone()));
+        }
+        Ok(())
+    })?;
+    Ok(inputs)
+}
+
 pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     use crate::engine::Precision;
     let mut choice = a.model.choice();
@@ -31,37 +76,9 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     let req = request_for(p.is_demo(), &a.sample);
     let prep = p.prepare(&req, &mut |_| Ok(()))?;
     let job = &prep.job;
-    let total = job.timesteps.len().saturating_sub(1);
-    if total == 0 {
-        anyhow::bail!("fp8-error needs at least one step");
-    }
-    let picks = [0, total / 2, total - 1];
-    // The latent entering each picked step, from the native run.
-    let mut inputs = vec![(job.timesteps[0], job.x.clone())];
-    job.denoise_with(&p.flux, &mut crate::pipeline::cache::NoCache, &mut |s| {
-        if picks.contains(&(s.index + 1)) {
-            inputs.push((s.t_next, s.latent.clone()));
-        }
-        Ok(())
-    })?;
-    let dev = p.device();
+    let inputs = three_step_inputs(&p.flux, job)?;
     let dtype = p.flux.dtype();
-    let (txt, y) = (job.cond.txt.to_dtype(dtype)?, job.cond.y.to_dtype(dtype)?);
-    let g = candle_core::Tensor::full(job.guidance as f32, 1, dev)?;
-    let velocity =
-        |f: &Flux, t: f64, x: &candle_core::Tensor| -> anyhow::Result<candle_core::Tensor> {
-            let xin = x.to_dtype(dtype)?;
-            let tt = candle_core::Tensor::full(t as f32, 1, dev)?;
-            let input = FluxInput {
-                img: &xin,
-                txt: &txt,
-                y: &y,
-                timesteps: &tt,
-                guidance: f.config().guidance_embed.then_some(&g),
-                pe: &job.pe,
-            };
-            Ok(f.forward(&input)?)
-        };
+    let velocity = |f: &Flux, t: f64, x: &candle_core::Tensor| velocity_at(f, job, t, x);
     let reference: Vec<_> = inputs
         .iter()
         .map(|(t, x)| velocity(&p.flux, *t, x))
@@ -88,7 +105,7 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
         "dtype": format!("{dtype:?}").to_lowercase(),
         "width": prep.settings.width,
         "height": prep.settings.height,
-        "steps": total,
+        "steps": job.timesteps.len().saturating_sub(1),
         "prompt": prep.settings.prompt,
         "seed": prep.settings.seed,
         "groups": rows,

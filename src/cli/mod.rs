@@ -23,6 +23,7 @@ mod dataset;
 mod displaced_error;
 mod download;
 mod fp8_error;
+mod gguf;
 mod launcher;
 mod memory;
 pub mod plan;
@@ -125,10 +126,16 @@ pub enum DevCommand {
     /// How far displaced patch parallelism lands from the one-device result: the relative error
     /// of the final latent per (ranks, warm-up steps), the ranks as threads sharing one device.
     DisplacedError(displaced_error::DisplacedErrorArgs),
+    /// Write a FLUX transformer (a Black Forest Labs single file) as a GGUF file in a chosen
+    /// GGML type (Q8_0, Q5_K, Q4_0, ...), the layout the community's quantised files use.
+    ExportGguf(gguf::ExportGgufArgs),
+    /// What each GGUF type costs the demo model: velocity error, PSNR/SSIM against the
+    /// unquantised images, prompt accuracy and file size, as JSON.
+    GgufError(gguf::GgufErrorArgs),
 }
 
 /// The instruments' names, as `parallax dev` lists them.
-const DEV_COMMANDS: [&str; 9] = [
+const DEV_COMMANDS: [&str; 11] = [
     "selfcheck",
     "profile",
     "bench-vae",
@@ -138,6 +145,8 @@ const DEV_COMMANDS: [&str; 9] = [
     "calibrate-magcache",
     "fp8-error",
     "displaced-error",
+    "export-gguf",
+    "gguf-error",
 ];
 
 /// The command line with an instrument's old top-level spelling (`parallax score ...`) routed to
@@ -661,6 +670,8 @@ fn dev(c: DevCommand) -> anyhow::Result<()> {
         DevCommand::Score(a) => score::run(a),
         DevCommand::CalibrateMagcache(a) => calibrate::run(a),
         DevCommand::Fp8Error(a) => fp8_error::run(a),
+        DevCommand::ExportGguf(a) => gguf::export(a),
+        DevCommand::GgufError(a) => gguf::error(a),
         DevCommand::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         DevCommand::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
@@ -1528,6 +1539,9 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 cfg.guidance_embed,
                 if cfg.guidance_embed { "dev" } else { "schnell" }
             );
+            if let Some(g) = set.gguf_summary() {
+                println!("    GGUF: {g}; dequantised once at load to the run's dtype");
+            }
             let (e4m3, e5m2, scales, marker) = set.fp8_summary();
             if e4m3 + e5m2 > 0 {
                 println!(

@@ -400,7 +400,7 @@ fn resolve_dir(dir: &Path, parts: &PartPaths, reasons: &mut Vec<String>) -> Resu
         .map(|e| e.path())
         .filter(|p| {
             let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("flux") && n.ends_with(".safetensors")
+            n.starts_with("flux") && (n.ends_with(".safetensors") || n.ends_with(".gguf"))
         })
         .collect();
     candidates.sort();

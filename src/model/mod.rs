@@ -9,6 +9,7 @@ pub mod demo_weights;
 pub mod export;
 pub mod family;
 pub mod flux1;
+pub mod gguf;
 pub mod hub;
 pub mod layout;
 pub mod rng;

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -23,8 +24,11 @@ use crate::kernels::fp8::Fp8;
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
+    /// The stored dtype (`U8` for a GGUF tensor in a quantised GGML type).
     pub dtype: safetensors::Dtype,
     pub shape: Vec<usize>,
+    /// A GGUF file's tensor: how it is stored ([`crate::model::gguf`]).
+    pub gguf: Option<Box<crate::model::gguf::GgufTensor>>,
     file: usize,
     start: usize,
     end: usize,
@@ -138,6 +142,33 @@ impl SafetensorsSet {
             // they are mapped. Another process truncating it underneath would be undefined
             // behaviour, as with every memory-mapped loader (candle's, safetensors' own).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            if crate::model::gguf::is_gguf(&mmap) {
+                for t in crate::model::gguf::index(&mmap, path)? {
+                    let dtype = match t.ggml {
+                        GgmlDType::F32 => safetensors::Dtype::F32,
+                        GgmlDType::F16 => safetensors::Dtype::F16,
+                        GgmlDType::BF16 => safetensors::Dtype::BF16,
+                        _ => safetensors::Dtype::U8,
+                    };
+                    tensors.insert(
+                        t.name.clone(),
+                        TensorMeta {
+                            dtype,
+                            shape: t.shape.clone(),
+                            file: i,
+                            start: t.start,
+                            end: t.end,
+                            gguf: Some(Box::new(t)),
+                        },
+                    );
+                }
+                files.push(MappedFile {
+                    path: path.clone(),
+                    mmap,
+                    data_start: 0,
+                });
+                continue;
+            }
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
                     Error::CorruptSafetensors {
@@ -156,6 +187,7 @@ impl SafetensorsSet {
                         file: i,
                         start: data_start + start,
                         end: data_start + end,
+                        gguf: None,
                     },
                 );
             }
@@ -227,6 +259,12 @@ impl SafetensorsSet {
             tensor: name.to_string(),
             location: self.label.clone(),
         })?;
+        if let Some(g) = meta.gguf.as_deref() {
+            if meta.dtype == safetensors::Dtype::U8 || g.shape != g.stored_shape {
+                let t = crate::model::gguf::dequantise(g, self.bytes(name, meta)?)?;
+                return Ok(t.to_dtype(dtype)?.to_device(device)?);
+            }
+        }
         let fp8 = match meta.dtype {
             safetensors::Dtype::F8_E4M3 => Some(Fp8::E4M3),
             safetensors::Dtype::F8_E5M2 => Some(Fp8::E5M2),
@@ -316,6 +354,29 @@ impl SafetensorsSet {
             };
         }
         Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// How many tensors a GGUF set holds in each GGML type (`Q8_0: 304, F32: 476`), for
+    /// `info`; `None` for safetensors.
+    pub fn gguf_summary(&self) -> Option<String> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for m in self.tensors.values() {
+            if let Some(g) = m.gguf.as_deref() {
+                *counts.entry(crate::model::gguf::ggml_name(g.ggml)).or_default() += 1;
+            }
+        }
+        if counts.is_empty() {
+            return None;
+        }
+        let mut by_count: Vec<_> = counts.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Some(
+            by_count
+                .iter()
+                .map(|(k, n)| format!("{n} in {k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
     }
 
     /// What FP8 the set holds, for `info`: (E4M3 tensors, E5M2 tensors, scale tensors, whether
