@@ -83,6 +83,14 @@ PROMPTS = [
         True,
     ),
     ("Watercolour map of a fantasy kingdom: rivers, forests & castles (1024 px)", True),
+    # Tokenizer only: case-folded contractions, CRLF and space runs, decomposed accents (NFC),
+    # full-width digits, right-to-left scripts, a lone special token.
+    ("IT'S THE DOG'S BONE, WE'LL SEE; don't", False),
+    ("  leading and trailing  \r\n\r\n  spaces\t\t", False),
+    ("Cafe\u0301 vs Café, n\u0303 vs ñ, Å vs A\u030a", False),
+    ("１２３ full-width, ٣٤٥ Arabic digits, Ⅻ numeral, ½ fraction", False),
+    ("שלום עולם and مرحبا بالعالم, Ελληνικά, Русский текст", False),
+    ("<|endoftext|>", False),
 ]
 
 

@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::model::demo_weights::DemoWeights;
 use crate::model::family::{PromptEmbedding, TextEncoder, TextSpec};
 use crate::model::qwen3::{Qwen3, Qwen3Config};
 use crate::model::text::{find_prefix, open_weights};
@@ -35,6 +37,9 @@ pub const KLEIN_MAX_LEN: usize = 512;
 pub const QWEN_PAD: &str = "<|endoftext|>";
 /// Qwen's end-of-turn token.
 pub const QWEN_IM_END: &str = "<|im_end|>";
+/// The tokens of Qwen's chat template, padding first.
+pub const QWEN_CHAT_TOKENS: [&str; 5] =
+    [QWEN_PAD, "<|im_start|>", QWEN_IM_END, "<think>", "</think>"];
 
 /// `prompt` as the single user turn of Qwen3's chat template, with the assistant's turn opened
 /// and an empty think block (what `apply_chat_template(.., add_generation_prompt=True,
@@ -161,6 +166,24 @@ impl KleinTextEncoder {
         let model = Qwen3::new_partial(&cfg, vb, highest)?;
         let tokenizer = qwen_tokenizer(tokenizer, max_len)?;
         Self::new(model, tokenizer, layers)
+    }
+
+    /// Qwen3 of `cfg` with weights from `vb` (made-up ones: [`DemoWeights`] on the CPU,
+    /// [`crate::model::demo_weights::RandomWeights`] on a GPU) and a byte tokenizer with Qwen's
+    /// chat tokens built in code ([`PromptTokenizer::byte_level_chat`]): klein's text encoding at
+    /// any size without files, for `random:` models and tests. Reads [`KLEIN_TEXT_LAYERS`].
+    pub fn made_up(cfg: &Qwen3Config, vb: VarBuilder, max_len: usize) -> Result<Self> {
+        let highest = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1];
+        let model = Qwen3::new_partial(cfg, vb, highest.min(cfg.num_hidden_layers))?;
+        let tokenizer = PromptTokenizer::byte_level_chat(max_len, "qwen3", &QWEN_CHAT_TOKENS, 0)?;
+        Self::new(model, tokenizer, &KLEIN_TEXT_LAYERS)
+    }
+
+    /// [`KleinTextEncoder::made_up`] at [`Qwen3Config::tiny`]'s size with [`DemoWeights`] from
+    /// `seed`, in f32 (the text encoder of a tiny klein for tests and CPU runs).
+    pub fn tiny(seed: u64, device: &Device) -> Result<Self> {
+        let vb = DemoWeights::new(seed).var_builder(DType::F32, device);
+        Self::made_up(&Qwen3Config::tiny(), vb, KLEIN_MAX_LEN)
     }
 
     /// The prompt, wrapped in the chat template, as exactly `max_len` ids.
@@ -315,5 +338,30 @@ mod tests {
             chat_prompt("a fox"),
             "<|im_start|>user\na fox<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         );
+    }
+
+    #[test]
+    fn the_tiny_encoder_runs_without_files() -> Result<()> {
+        let enc = KleinTextEncoder::tiny(7, &Device::Cpu)?;
+        let tokens = enc.tokenize("a fox")?;
+        // The template's 5 specials are one token each; the other 25 bytes, one token each.
+        assert_eq!(
+            tokens.used,
+            5 + ("user\n".len() + "a fox\n".len() + "assistant\n".len() + 4)
+        );
+        assert_eq!(tokens.ids[0], 257);
+        assert_eq!(tokens.ids[tokens.used], 256);
+        let a = enc.encode_prompt("a fox", DType::F32)?;
+        assert_eq!(a.txt.dims(), &[1, KLEIN_MAX_LEN, 3 * 24]);
+        assert_eq!(enc.text_spec().pooled_dim, None);
+        let again = KleinTextEncoder::tiny(7, &Device::Cpu)?.encode_prompt("a fox", DType::F32)?;
+        let b = enc.encode_prompt("a hare", DType::F32)?;
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            Ok((x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+        };
+        assert_eq!(diff(&a.txt, &again.txt)?, 0.0);
+        assert!(diff(&a.txt, &b.txt)? > 1e-3);
+        assert!(a.txt.sum_all()?.to_scalar::<f32>()?.is_finite());
+        Ok(())
     }
 }
