@@ -47,20 +47,14 @@ impl Qwen3Config {
         }
     }
 
-    /// Qwen3-8B, FLUX.2 klein 9B's text encoder.
+    /// Qwen3-8B, FLUX.2 klein 9B's text encoder: Qwen3-4B's depth and heads, wider, with its own
+    /// LM head.
     pub fn qwen3_8b() -> Self {
         Self {
-            vocab_size: 151_936,
             hidden_size: 4096,
             intermediate_size: 12_288,
-            num_hidden_layers: 36,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 128,
-            rms_norm_eps: 1e-6,
-            rope_theta: 1_000_000.0,
-            max_position_embeddings: 40_960,
             tie_word_embeddings: false,
+            ..Self::qwen3_4b()
         }
     }
 
@@ -201,7 +195,7 @@ impl Qwen3Config {
                 self.head_dim
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(format!("rope_theta {} must be positive", self.rope_theta));
         }
         Ok(())
