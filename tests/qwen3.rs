@@ -159,3 +159,25 @@ fn bf16_weights_give_nearly_the_same_embeddings() -> TestResult {
     assert!(mean_rel < 0.1, "bf16: mean relative error {mean_rel}");
     Ok(())
 }
+
+#[test]
+fn a_single_file_must_be_a_known_size() -> TestResult {
+    // Without its config.json, a file is read as Qwen3-4B or Qwen3-8B by its width; the tiny
+    // model is neither, and the message says what to do.
+    let file = root().join("text_encoder/model.safetensors");
+    let err = KleinTextEncoder::load(
+        &file,
+        &root().join("tokenizer"),
+        &KLEIN_TEXT_LAYERS,
+        KLEIN_MAX_LEN,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("a width-24 Qwen3 is not a known single file");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("width 24") && msg.contains("config.json"),
+        "{msg}"
+    );
+    Ok(())
+}
