@@ -368,7 +368,7 @@ fn misfit(
 
 /// Open the weights of one part: a file, or a folder (its `model.safetensors.index.json`, its
 /// `model.safetensors`, or else all of its `.safetensors` files).
-fn open_weights(path: &Path) -> Result<Arc<SafetensorsSet>> {
+pub(crate) fn open_weights(path: &Path) -> Result<Arc<SafetensorsSet>> {
     if path.is_dir() {
         for name in ["model.safetensors.index.json", "model.safetensors"] {
             let p = path.join(name);
@@ -389,7 +389,7 @@ fn open_weights(path: &Path) -> Result<Arc<SafetensorsSet>> {
 
 /// The prefix under which a set stores a model, found from one tensor the model must have
 /// (`anchor`): e.g. `text_model.` for diffusers' CLIP, empty for T5.
-fn find_prefix(set: &SafetensorsSet, anchor: &str, model: &str) -> Result<String> {
+pub(crate) fn find_prefix(set: &SafetensorsSet, anchor: &str, model: &str) -> Result<String> {
     set.names()
         .filter_map(|n| n.strip_suffix(anchor))
         .filter(|p| p.is_empty() || p.ends_with('.'))

@@ -364,6 +364,49 @@ impl PromptTokenizer {
         Self::new(tokenizer, max_len, pad_id, Some(eos_id), name)
     }
 
+    /// A byte tokenizer built in code for a chat-template model with made-up weights (a
+    /// `random:` model): every UTF-8 byte of the prompt is one token (ids 0 to 255, byte order),
+    /// `specials` follow from 256 on and are matched whole in the text, nothing is added around
+    /// the prompt, and `specials[pad]` pads.
+    pub fn byte_level_chat(
+        max_len: usize,
+        name: &str,
+        specials: &[&str],
+        pad: usize,
+    ) -> Result<Self> {
+        let internal = |what: &str, e: &dyn std::fmt::Display| tok_err(name, what, e);
+        let pad_token = specials
+            .get(pad)
+            .ok_or_else(|| internal("padding token", &"not among the special tokens"))?;
+        let vocab: Vocab = byte_alphabet()
+            .iter()
+            .enumerate()
+            .map(|(byte, ch)| (ch.to_string(), byte as u32))
+            .chain(
+                specials
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s.to_string(), 256 + i as u32)),
+            )
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(|e| internal("byte vocabulary", &e))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+        tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+        tokenizer.add_special_tokens(
+            &specials
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect::<Vec<_>>(),
+        );
+        let pad_id = 256 + pad as u32;
+        debug_assert_eq!(tokenizer.token_to_id(pad_token), Some(pad_id));
+        Self::new(tokenizer, max_len, pad_id, None, name)
+    }
+
     /// Tokenize `prompt` into exactly `max_len` ids (see [`Tokens`]).
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
         let full = self
