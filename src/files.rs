@@ -88,7 +88,10 @@ pub fn write_atomic_with(
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Image(format!("{} is not a file path", path.display())))?;
+        .ok_or_else(|| {
+            let not_a_file = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path");
+            write_err(path, not_a_file)
+        })?;
     sweep_once(dir);
     // Unique per process and call: two threads writing one target never share a temporary file.
     let tmp: PathBuf = dir.join(format!(

@@ -596,10 +596,13 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
             device: "cpu".into(),
             workers,
             layout_auto: false,
-            ulysses,
-            ring,
-            cfg,
-            dp,
+            layout: parallax::parallel::mesh::ParallelLayout {
+                ulysses,
+                ring,
+                cfg,
+                dp,
+                ..Default::default()
+            },
             ..Settings::default()
         };
         let panel = settings.layout_check(shape).expect_err("a bad placement");

@@ -54,7 +54,7 @@ pub fn save_image(path: &Path, result: &ImageResult) -> Result<()> {
     let mut text = g.settings.png_text()?;
     if let Some(q) = result.quality {
         let q = serde_json::to_string(&q)
-            .map_err(|e| Error::Image(format!("cannot serialise the quality record: {e}")))?;
+            .map_err(|e| Error::serialise("the quality record", e))?;
         text.push(("parallax-quality".into(), q));
     }
     write(path, &g.image, &text)

@@ -30,6 +30,7 @@ pub mod cost;
 pub mod displaced;
 pub mod fault;
 pub mod fingerprint;
+pub mod layout;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;

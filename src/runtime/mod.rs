@@ -86,7 +86,7 @@ impl Runtime {
             .thread_name("parallax-scheduler")
             .enable_time()
             .build()
-            .map_err(|e| Error::Image(format!("cannot start the runtime: {e}")))?;
+            .map_err(|e| Error::runtime("cannot start the runtime", e))?;
         let (cmds, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
         let (work_tx, work_rx) = mpsc::channel();
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -94,7 +94,7 @@ impl Runtime {
         let engine = std::thread::Builder::new()
             .name("parallax-engine".into())
             .spawn(move || thread.serve(work_rx, done_tx))
-            .map_err(|e| Error::Image(format!("cannot start the engine thread: {e}")))?;
+            .map_err(|e| Error::runtime("cannot start the engine thread", e))?;
         tokio.spawn(schedule(cmd_rx, work_tx, done_rx, emit));
         Ok(Self {
             cmds,
