@@ -204,8 +204,8 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    // Auto on CPU workers picks by the cost model (issue 30: ring 4, fewer calls than ring 2 x
-    // ulysses 2 for the same compute; `parallax plan` shows the table).
+    // Auto on CPU workers picks by the cost model (ring 4: fewer calls than ring 2 x ulysses 2
+    // for the same compute; `parallax plan` shows the table).
     assert!(text(&o).contains("(cost model, cpu link"), "{}", text(&o));
     assert!(out.is_file());
     for (args, needle) in [

@@ -1,4 +1,4 @@
-//! The cost model against the real thing (issue 30 part 5): `parallax plan` prints its table,
+//! The cost model against the real thing: `parallax plan` prints its table,
 //! and on CPU worker threads the layouts' measured steps rank as the model, calibrated on this
 //! machine, predicts wherever the measured gap is clear; `--parallel auto` picks by the model.
 

@@ -32,7 +32,7 @@ pub const DEMO_SIZE: usize = 256;
 pub struct Settings {
     pub model: String,
     pub device: String,
-    /// Worker threads on the CPU (GPU workers come with the multi-GPU engine).
+    /// Worker threads on the CPU, when `device` is `cpu` (GPUs are listed in `device` itself).
     pub workers: usize,
     pub layout_auto: bool,
     /// The layout set by hand, run when `layout_auto` is off.

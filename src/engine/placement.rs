@@ -416,12 +416,15 @@ mod tests {
             ..Degrees::default()
         };
         let p = plan("cpu:2", d, 0)?;
-        assert_eq!(p.layout.stale, Stale::PipeFusion {
-            stages: 2,
-            patches: 4,
-            warmup: 2,
-            balance: crate::parallel::pipefusion::StageBalance::Work
-        });
+        assert_eq!(
+            p.layout.stale,
+            Stale::PipeFusion {
+                stages: 2,
+                patches: 4,
+                warmup: 2,
+                balance: crate::parallel::pipefusion::StageBalance::Work
+            }
+        );
         assert!(
             p.describe().contains("pipefusion 2 (4 patches"),
             "{}",

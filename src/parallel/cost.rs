@@ -1,5 +1,5 @@
 //! The cost model: the predicted time of one denoising step under every valid layout, from the
-//! compute time measured on one device and the link's per-call latency and bandwidth (issue 30).
+//! compute time measured on one device and the link's per-call latency and bandwidth.
 //!
 //! **Compute.** One rank's transformer work in a step is `fixed + linear(q) + attention(q, kv)`:
 //! `q` tokens through the blocks' products (`2 (4 + 2 r) h^2` FLOPs a token a block, `r` the MLP
@@ -14,7 +14,8 @@
 //! **Communication** is `calls x latency + bytes / bandwidth` per collective, as Parallax's code
 //! issues them ([`Link`]): Ulysses 2 all-to-alls a block (q, k and v in one, then the output; 4
 //! inside a PipeFusion stage, where they go apart), ring `n - 1` exchanges
-//! of a K/V block a block, the bytes of [`super::traffic`]. Nothing overlaps compute except the
+//! of a K/V block a block, the bytes the tests count (`parallel::traffic`). Nothing overlaps
+//! compute except the
 //! displaced-patch refresh (a background thread: only what exceeds the compute shows) and
 //! PipeFusion's stages (pipelined). Ring's exchanges are not overlapped with its block's attention
 //! in this code (the exchange returns before the block is attended).
@@ -640,11 +641,7 @@ pub fn predict(
                     base + (exchange - compute).max(0.0)
                 };
                 let avg = |a: f64, b: f64| (warm * a + (steps - warm) * b) / steps;
-                let stale_calls = if rotate {
-                    0.0
-                } else {
-                    2.0 * blocks
-                };
+                let stale_calls = if rotate { 0.0 } else { 2.0 * blocks };
                 (
                     compute,
                     avg(exchange + base, stale),

@@ -38,8 +38,13 @@ impl Fingerprint {
     }
 
     pub fn from_bytes(b: &[u8], rank: usize) -> Result<Self> {
-        serde_json::from_slice(b)
-            .map_err(|e| Error::rank(rank, "while joining", format!("a malformed job fingerprint: {e}")))
+        serde_json::from_slice(b).map_err(|e| {
+            Error::rank(
+                rank,
+                "while joining",
+                format!("a malformed job fingerprint: {e}"),
+            )
+        })
     }
 
     /// Compare rank `me`'s fingerprint (`self`) with rank `other`'s: the first field that differs

@@ -263,7 +263,7 @@ impl Mesh {
         {
             if stages < 2 {
                 return Err(bad(
-                    "PipeFusion splits the blocks over at least 2 stages".into(),
+                    "PipeFusion splits the blocks over at least 2 stages".into()
                 ));
             }
             if layout.ring > 1 {

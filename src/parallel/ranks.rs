@@ -461,7 +461,11 @@ fn spawn_rank(
                     .cloned()
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "a panic".into());
-                Err(Error::rank(rank, "while denoising", format!("it panicked: {what}")))
+                Err(Error::rank(
+                    rank,
+                    "while denoising",
+                    format!("it panicked: {what}"),
+                ))
             });
             if let Err(e) = &r {
                 if !matches!(e, Error::Cancelled) {

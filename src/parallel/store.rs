@@ -318,8 +318,9 @@ impl Store {
     }
 
     /// How long a read may wait for another rank once the ranks have exchanged anything
-    /// (default `PARALLAX_COLLECTIVE_TIMEOUT_S`, 30 s; `None`: for ever).
-    pub fn set_stall_timeout(&self, t: Option<Duration>) {
+    /// (default `PARALLAX_COLLECTIVE_TIMEOUT_S`, 30 s; `None`: for ever). Tests shorten it.
+    #[cfg(test)]
+    pub(crate) fn set_stall_timeout(&self, t: Option<Duration>) {
         if let Ok(mut s) = self.stall.lock() {
             *s = t;
         }

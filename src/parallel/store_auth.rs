@@ -276,7 +276,12 @@ pub fn local_token_path(port: u16) -> Result<PathBuf> {
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::Rendezvous(format!("cannot make {}: {e}", dir.display()))),
+        Err(e) => {
+            return Err(Error::Rendezvous(format!(
+                "cannot make {}: {e}",
+                dir.display()
+            )))
+        }
     }
     let m = std::fs::symlink_metadata(&dir)
         .map_err(|e| Error::Rendezvous(format!("{}: {e}", dir.display())))?;

@@ -99,8 +99,7 @@ impl Gallery {
         let mut text = g.settings.png_text()?;
         text.push((
             "parallax-run".into(),
-            serde_json::to_string(&run)
-                .map_err(|e| Error::serialise("the run record", e))?,
+            serde_json::to_string(&run).map_err(|e| Error::serialise("the run record", e))?,
         ));
         // Name: time, seed, cache policy; a counter keeps two images of one millisecond apart.
         let stem = format!(

@@ -7,6 +7,7 @@ use egui::RichText;
 
 use crate::app::state::{ModelShape, Settings};
 use crate::device::GpuInfo;
+use crate::engine::placement::MAX_CPU_WORKERS;
 use crate::engine::Devices;
 use crate::parallel::layout::Stale;
 use crate::parallel::pipefusion::StageBalance;
@@ -67,7 +68,7 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
         ui.end_row();
         if matches!(Devices::parse(&settings.device), Ok(Devices::Cpu(1))) {
             let l = ui.label("CPU workers");
-            ui.add(egui::DragValue::new(&mut settings.workers).range(1..=64))
+            ui.add(egui::DragValue::new(&mut settings.workers).range(1..=MAX_CPU_WORKERS))
                 .labelled_by(l.id);
             ui.end_row();
         }
@@ -111,21 +112,16 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
                 )
                 .changed()
             {
-                settings.layout.stale = if on {
-                    Stale::displaced()
-                } else {
-                    Stale::Exact
-                };
+                settings.layout.stale = if on { Stale::displaced() } else { Stale::Exact };
             }
             if let Stale::Displaced { warmup, rotate } = &mut settings.layout.stale {
                 let l = ui.label("warm-up");
                 ui.add(egui::DragValue::new(warmup).range(0..=64))
                     .labelled_by(l.id);
-                ui.checkbox(rotate, "rotate")
-                    .on_hover_text(
-                        "piflux: each step every worker computes the next patch round, and no \
+                ui.checkbox(rotate, "rotate").on_hover_text(
+                    "piflux: each step every worker computes the next patch round, and no \
                          keys or values are exchanged after the warm-up",
-                    );
+                );
             }
         });
         ui.horizontal_wrapped(|ui| {
@@ -169,11 +165,10 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
                         .labelled_by(l.id);
                 }
                 let mut by_memory = *balance == StageBalance::Memory;
-                ui.checkbox(&mut by_memory, "by memory")
-                    .on_hover_text(
-                        "Split the blocks by weight bytes (a double block holds 2.4 times a \
+                ui.checkbox(&mut by_memory, "by memory").on_hover_text(
+                    "Split the blocks by weight bytes (a double block holds 2.4 times a \
                          single one's) rather than by work: for a model no single GPU holds",
-                    );
+                );
                 *balance = if by_memory {
                     StageBalance::Memory
                 } else {
