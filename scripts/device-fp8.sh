@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call (device tool, `.device` carried; see scripts/device-pack.sh): the trained demo's
-# prompt score and cache sweep on the GPU (issue 14), selfcheck (FP8 quantiser and products
+# prompt score and cache sweep on the GPU, selfcheck (FP8 quantiser and products
 # included), then FLUX.1-dev-shaped steps in bf16 and FP8 (per-channel and per-tensor weight
-# scales) at 1024 and 2048 px (issue 15). Logs and JSON go to $OUT (stderr of every command into
+# scales) at 1024 and 2048 px. Logs and JSON go to $OUT (stderr of every command into
 # one errors.log: the device tool brings back at most 8 files).
 #   bash scripts/device-fp8.sh [score] [selfcheck] [bench] [fp8score] [caches] [overhead] [fp8error]
 #                              [budget] [full28]
@@ -43,7 +43,7 @@ want bench && for p in native fp8; do
     run "dev2048_$p" "$bin" bench --device cuda --model random:dev --width 2048 --height 2048 \
         --steps 4 --runs 1 --warmup 1 --precision "$p"
 done
-# Issue 15's memory budget: dev 1024 px within 24 GiB (the plan's choice, peak memory measured),
+# The memory budget: dev 1024 px within 24 GiB (the plan's choice, peak memory measured),
 # the estimate for 16/24/48/80 GiB beside it; then 28 steps + text + decode, bf16 against FP8.
 if want budget; then
     run memory_plan "$bin" memory --model random:dev --json
@@ -61,7 +61,7 @@ want full28 && for p in native fp8; do
         --steps 28 --runs 1 --warmup 1 --precision "$p"
 done
 want fp8score && run score_gpu_fp8 "$bin" score --device cuda --prompts 40 --thresholds 0 --precision fp8
-# Issue 17 on the GPU: the cache policies' table on the trained demo (every preset), and what
+# Cache policies on the GPU: the policies' table on the trained demo (every preset), and what
 # each policy costs on random:dev when it computes every step (settings that never reuse).
 presets="dbcache:f=1,b=1,t=0.2,max=2,warmup=2;dbcache:f=1,b=1,t=0.3,max=3,warmup=2;dbcache:f=1,b=1,t=0.5,max=4,warmup=1,taylor=1"
 presets+=";taylorseer:n=2,order=1,warmup=3;taylorseer:n=3,order=1,warmup=2;taylorseer:n=4,order=1,warmup=2"

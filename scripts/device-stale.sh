@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (device tool, `.device` carried; see scripts/device-pack.sh) for issue 16: the
+# One GPU call (device tool, `.device` carried; see scripts/device-pack.sh): the
 # stale-activation methods on random:dev with one GPU standing in for N ranks (in-process
 # threads, each with its own device handle and transformer): PipeFusion (stage-only replicas,
 # their weight bytes reported) and displaced patches, the final latent against one device's.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The studio driving a GPU (issue 25, part 5), on the device tool's GPU machine: the `cuda` build
+# The studio driving a GPU, on the device tool's GPU machine: the `cuda` build
 # of the studio (scripts/device-pack.sh with PARALLAX_CUDA_FEATURES=studio,cuda) in a real window
 # under Xvfb, with Xvfb, the Vulkan loader and Mesa's lavapipe carried as Debian packages unpacked
 # into a folder (.gl/glroot.tar.xz, made by scripts/device-gl-pack.sh). The window is drawn by the

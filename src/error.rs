@@ -62,10 +62,32 @@ pub enum Error {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
-    /// A failure its message says in full (images, the runtime, the rendezvous of worker
-    /// processes): no label in front, which would often be the wrong one.
+    /// An image that cannot be made, read or compared (encoders, metadata, previews, metrics):
+    /// the message says it in full.
     #[error("{0}")]
     Image(String),
+
+    /// A rank of a parallel job failed: which rank, what it was doing, and why.
+    #[error("rank {rank} failed {doing}: {reason}")]
+    Rank {
+        rank: usize,
+        doing: String,
+        reason: String,
+    },
+
+    /// The runtime (its engine thread and job queue, the gallery it writes) could not do
+    /// `what`.
+    #[error("{what}: {reason}")]
+    Runtime { what: String, reason: String },
+
+    /// The rendezvous of worker processes (`parallax worker --init tcp://...`): its store, its
+    /// token, or a rank that did not join or answer. The message says it in full.
+    #[error("{0}")]
+    Rendezvous(String),
+
+    /// A record that could not be written as JSON (settings, run and quality records).
+    #[error("cannot serialise {what}: {reason}")]
+    Serialise { what: String, reason: String },
 
     #[error("cancelled")]
     Cancelled,
@@ -109,6 +131,31 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Rank `rank` failed while `doing` (`"while denoising"`, `"after step 3"`, ...).
+    pub fn rank(rank: usize, doing: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Rank {
+            rank,
+            doing: doing.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The runtime could not do `what`.
+    pub fn runtime(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Runtime {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// `what` could not be written as JSON.
+    pub fn serialise(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Serialise {
+            what: what.into(),
+            reason: reason.to_string(),
         }
     }
 

@@ -16,7 +16,9 @@
 //! leaves (nothing).
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
+#[cfg(test)]
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -54,8 +56,10 @@ pub fn read_regular_text(path: &Path) -> Result<String> {
     Ok(s)
 }
 
-/// Whether `path` names a temporary file of [`write_atomic`] (left by a crash).
-pub fn is_partial(path: &Path) -> bool {
+/// Whether `path` names a temporary file of [`write_atomic`] (left by a crash; tests check none
+/// is left).
+#[cfg(test)]
+pub(crate) fn is_partial(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with('.') && n.ends_with(".partial"))
@@ -85,10 +89,10 @@ pub fn write_atomic_with(
     if !dir.is_dir() {
         std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Image(format!("{} is not a file path", path.display())))?;
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        let not_a_file = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path");
+        write_err(path, not_a_file)
+    })?;
     sweep_once(dir);
     // Unique per process and call: two threads writing one target never share a temporary file.
     let tmp: PathBuf = dir.join(format!(
@@ -228,7 +232,8 @@ fn sweep_once(dir: &Path) {
 }
 
 /// [`write_atomic`] of a byte string.
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+#[cfg(test)]
+pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes).map_err(|e| write_err(path, e)))
 }
 

@@ -204,8 +204,8 @@ fn cpu_worker_threads_generate_and_bad_layouts_are_refused() {
         s(&out),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    // Auto on CPU workers picks by the cost model (issue 30: ring 4, fewer calls than ring 2 x
-    // ulysses 2 for the same compute; `parallax plan` shows the table).
+    // Auto on CPU workers picks by the cost model (ring 4: fewer calls than ring 2 x ulysses 2
+    // for the same compute; `parallax plan` shows the table).
     assert!(text(&o).contains("(cost model, cpu link"), "{}", text(&o));
     assert!(out.is_file());
     for (args, needle) in [
@@ -596,10 +596,13 @@ fn the_cli_and_the_studio_panel_refuse_bad_placements_alike() {
             device: "cpu".into(),
             workers,
             layout_auto: false,
-            ulysses,
-            ring,
-            cfg,
-            dp,
+            layout: parallax::parallel::mesh::ParallelLayout {
+                ulysses,
+                ring,
+                cfg,
+                dp,
+                ..Default::default()
+            },
             ..Settings::default()
         };
         let panel = settings.layout_check(shape).expect_err("a bad placement");

@@ -1,4 +1,4 @@
-//! The cost model against the real thing (issue 30 part 5): `parallax plan` prints its table,
+//! The cost model against the real thing: `parallax plan` prints its table,
 //! and on CPU worker threads the layouts' measured steps rank as the model, calibrated on this
 //! machine, predicts wherever the measured gap is clear; `--parallel auto` picks by the model.
 
@@ -9,7 +9,7 @@ use std::process::Command;
 use parallax::cli::plan::{measure_cpu, measure_step};
 use parallax::engine::{Engine, ModelChoice};
 use parallax::parallel::cost::{self, Shape};
-use parallax::parallel::mesh::ParallelLayout;
+use parallax::parallel::mesh::{ParallelLayout, Stale};
 use parallax::pipeline::GenerateRequest;
 
 fn plan(args: &[&str]) -> (bool, String) {
@@ -117,13 +117,17 @@ fn the_model_ranks_cpu_layouts_as_measured() -> anyhow::Result<()> {
             ..ParallelLayout::default()
         },
         ParallelLayout {
-            pipeline: 2,
             ulysses: 2,
+            stale: Stale::pipefusion(2),
             ..ParallelLayout::default()
         },
         ParallelLayout {
-            pipeline: 4,
-            pipeline_patches: Some(16),
+            stale: Stale::PipeFusion {
+                stages: 4,
+                patches: 16,
+                warmup: 1,
+                balance: parallax::parallel::pipefusion::StageBalance::Work,
+            },
             ..ParallelLayout::default()
         },
     ];
@@ -180,7 +184,7 @@ fn the_model_ranks_cpu_layouts_as_measured() -> anyhow::Result<()> {
     let best_exact = layouts
         .iter()
         .zip(&measured)
-        .filter(|(l, _)| l.pipeline == 1)
+        .filter(|(l, _)| l.pipeline() == 1)
         .map(|(_, s)| *s)
         .fold(f64::INFINITY, f64::min);
     eprintln!(

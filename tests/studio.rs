@@ -827,7 +827,10 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     h.get_by_label("ring").set_value_accesskit(2.0);
     h.step();
     let s = &h.state().settings;
-    assert_eq!((s.ulysses, s.ring, s.layout_auto), (2, 2, false));
+    assert_eq!(
+        (s.layout.ulysses, s.layout.ring, s.layout_auto),
+        (2, 2, false)
+    );
     let will_run = "Will run: 4 workers (cpu x4): dp 1 x cfg 1 x ring 2 x ulysses 2";
     assert!(
         h.query_by_label_contains(will_run).is_some(),
@@ -1128,7 +1131,7 @@ fn layout_by_hand_starts_from_auto_and_refusals_are_said_once() {
     let s = &h.state().settings;
     assert!(!s.layout_auto);
     assert_eq!(
-        (s.ulysses, s.ring, s.cfg, s.dp),
+        (s.layout.ulysses, s.layout.ring, s.layout.cfg, s.layout.dp),
         (
             auto.layout.ulysses,
             auto.layout.ring,
@@ -1148,9 +1151,9 @@ fn layout_by_hand_starts_from_auto_and_refusals_are_said_once() {
     {
         let s = &mut h.state_mut().settings;
         s.workers = 2;
-        s.ring = 1;
-        s.ulysses = 1;
-        s.pipeline = 2;
+        s.layout.ring = 1;
+        s.layout.ulysses = 1;
+        s.layout.stale = parallax::parallel::mesh::Stale::pipefusion(2);
         s.request.cache_threshold = 0.1;
     }
     h.run_steps(2);
@@ -1255,7 +1258,7 @@ fn a_huge_gallery_image_is_listed_from_its_header_without_decoding() {
     assert!(note[0].contains("20000x20000"), "{}", note[0]);
     // Opened large: refused from the header too, with the reason.
     h.state_mut()
-        .queue(parallax::app::Command::OpenImage(path.clone()));
+        .queue(parallax::app::Action::OpenImage(path.clone()));
     h.run_steps(2);
     assert!(h.state().view.gallery.opened.is_none());
     assert!(h

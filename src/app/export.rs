@@ -53,8 +53,7 @@ pub fn save_image(path: &Path, result: &ImageResult) -> Result<()> {
     let g = &result.generated;
     let mut text = g.settings.png_text()?;
     if let Some(q) = result.quality {
-        let q = serde_json::to_string(&q)
-            .map_err(|e| Error::Image(format!("cannot serialise the quality record: {e}")))?;
+        let q = serde_json::to_string(&q).map_err(|e| Error::serialise("the quality record", e))?;
         text.push(("parallax-quality".into(), q));
     }
     write(path, &g.image, &text)

@@ -1,10 +1,10 @@
 //! The studio: an eframe (wgpu) desktop app over the [`crate::runtime`].
 //!
-//! - [`studio`]: [`StudioApp`], the window's state, event handling, commands and frame loop.
+//! - [`studio`]: [`StudioApp`], the window's state, event handling, actions and frame loop.
 //! - [`state`]: the settings the panels edit (persisted) and how they become requests;
 //!   [`settings_file`]: where they are saved, atomically.
 //! - [`view`]: what is on screen apart from the settings (tab, job progress, shown images,
-//!   compare and gallery view state). [`command`]: the UI actions panels queue.
+//!   compare and gallery view state). [`action`]: the UI actions panels queue.
 //! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
 //! - [`tabs`]: the Image, Compare and Gallery views.
 //! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
@@ -14,8 +14,8 @@
 //! - [`automation`]: scripted runs (`--auto-generate`, `--screenshot`, `--quit-after-job`) and
 //!   UI stats (`--ui-stats`).
 
+pub mod action;
 pub mod automation;
-pub mod command;
 pub mod dialogs;
 pub mod download;
 pub mod export;
@@ -30,7 +30,7 @@ pub mod studio;
 pub mod tabs;
 pub mod view;
 
-pub use command::Command;
+pub use action::Action;
 pub use state::Settings;
 pub use studio::{StudioApp, StudioOptions};
 pub use view::Tab;

@@ -64,8 +64,8 @@ pub fn save(path: &Path, settings: &Settings) -> Result<()> {
 
 /// [`save`], failing after the temporary file is written when `fault` (tests).
 pub fn save_with(path: &Path, settings: &Settings, fault: bool) -> Result<()> {
-    let text = serde_json::to_vec_pretty(settings)
-        .map_err(|e| Error::Image(format!("cannot serialise the settings: {e}")))?;
+    let text =
+        serde_json::to_vec_pretty(settings).map_err(|e| Error::serialise("the settings", e))?;
     crate::files::write_atomic_with(
         path,
         |w| w.write_all(&text).map_err(|e| Error::io(path, e)),

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Degrees, Devices, LayoutChoice, Placement, Plan};
-use crate::parallel::mesh::ParallelLayout;
+use crate::parallel::mesh::{ParallelLayout, Stale};
+use crate::parallel::pipefusion::StageBalance;
 use crate::parallel::refusal::{self, Refusal};
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
@@ -31,13 +32,11 @@ pub const DEMO_SIZE: usize = 256;
 pub struct Settings {
     pub model: String,
     pub device: String,
-    /// Worker threads on the CPU (GPU workers come with the multi-GPU engine).
+    /// Worker threads on the CPU, when `device` is `cpu` (GPUs are listed in `device` itself).
     pub workers: usize,
     pub layout_auto: bool,
-    pub ulysses: usize,
-    pub ring: usize,
-    pub cfg: usize,
-    pub dp: usize,
+    /// The layout set by hand, run when `layout_auto` is off.
+    pub layout: ParallelLayout,
     /// The sampling settings (prompt, size, steps, seed, guidance, true CFG, cache threshold),
     /// as the engine takes them. The optional fields are always `Some` here (the panel edits
     /// them); an empty negative prompt means none (see [`Settings::request`]).
@@ -58,19 +57,6 @@ pub struct Settings {
     pub memory_budget_gib: Option<u32>,
     /// The model's parts named apart from it (`--vae`, `--clip`, `--t5`).
     pub parts: ModelParts,
-    /// Displaced patches over the ring degree (`--displaced`): exact warm-up steps, then stale
-    /// K/V; `None`: ring attention.
-    pub displaced_warmup: Option<usize>,
-    /// With displaced patches: rotate them, no K/V exchanged after warm-up (`--displaced-rotate`).
-    pub displaced_rotate: bool,
-    /// PipeFusion stages (`--pipefusion`; 1: off).
-    pub pipeline: usize,
-    /// PipeFusion's patches per step (`--pipefusion-patches`).
-    pub pipeline_patches: usize,
-    /// PipeFusion's exact warm-up steps (`--warmup-steps`).
-    pub pipeline_warmup: usize,
-    /// PipeFusion's stages split by weight bytes rather than work (`--pipefusion-balance`).
-    pub pipeline_by_memory: bool,
 }
 
 impl Default for Settings {
@@ -80,10 +66,7 @@ impl Default for Settings {
             device: "cpu".into(),
             workers: 1,
             layout_auto: true,
-            ulysses: 1,
-            ring: 1,
-            cfg: 1,
-            dp: 1,
+            layout: ParallelLayout::default(),
             request: default_request(),
             random_seed: false,
             batch: 1,
@@ -95,12 +78,6 @@ impl Default for Settings {
             fp8: false,
             memory_budget_gib: None,
             parts: ModelParts::default(),
-            displaced_warmup: None,
-            displaced_rotate: false,
-            pipeline: 1,
-            pipeline_patches: 2,
-            pipeline_warmup: 1,
-            pipeline_by_memory: false,
         }
     }
 }
@@ -125,8 +102,9 @@ fn default_request() -> GenerateRequest {
 }
 
 /// The settings file as read: today's fields, plus the flat sampling fields of older versions
-/// (`prompt`, `width`, ... at the top level), which are moved into `request`. Missing fields
-/// take their defaults.
+/// (`prompt`, `width`, ... at the top level), which are moved into `request`, and their flat
+/// layout fields (`ulysses`, `pipeline`, ...), which become `layout`. Missing fields take their
+/// defaults.
 #[derive(Deserialize)]
 #[serde(default)]
 struct SettingsFile {
@@ -134,10 +112,7 @@ struct SettingsFile {
     device: String,
     workers: usize,
     layout_auto: bool,
-    ulysses: usize,
-    ring: usize,
-    cfg: usize,
-    dp: usize,
+    layout: Option<ParallelLayout>,
     request: Option<GenerateRequest>,
     random_seed: bool,
     batch: usize,
@@ -148,14 +123,58 @@ struct SettingsFile {
     fp8: bool,
     memory_budget_gib: Option<u32>,
     parts: ModelParts,
-    displaced_warmup: Option<usize>,
-    displaced_rotate: bool,
-    pipeline: usize,
-    pipeline_patches: usize,
-    pipeline_warmup: usize,
-    pipeline_by_memory: bool,
     #[serde(flatten)]
     flat: FlatSampling,
+    #[serde(flatten)]
+    flat_layout: FlatLayout,
+}
+
+/// The layout fields as versions before `layout` wrote them.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct FlatLayout {
+    ulysses: Option<usize>,
+    ring: Option<usize>,
+    cfg: Option<usize>,
+    dp: Option<usize>,
+    displaced_warmup: Option<usize>,
+    displaced_rotate: bool,
+    pipeline: Option<usize>,
+    pipeline_patches: Option<usize>,
+    pipeline_warmup: Option<usize>,
+    pipeline_by_memory: bool,
+}
+
+impl FlatLayout {
+    /// The layout these fields described: PipeFusion over more than one stage, else displaced
+    /// patches when their warm-up is set, else exact.
+    fn layout(&self) -> ParallelLayout {
+        let stages = self.pipeline.unwrap_or(1);
+        let stale = match self.displaced_warmup {
+            _ if stages > 1 => Stale::PipeFusion {
+                stages,
+                patches: self.pipeline_patches.unwrap_or(2).max(1),
+                warmup: self.pipeline_warmup.unwrap_or(1),
+                balance: if self.pipeline_by_memory {
+                    StageBalance::Memory
+                } else {
+                    StageBalance::Work
+                },
+            },
+            Some(warmup) => Stale::Displaced {
+                warmup,
+                rotate: self.displaced_rotate,
+            },
+            None => Stale::Exact,
+        };
+        ParallelLayout {
+            dp: self.dp.unwrap_or(1),
+            cfg: self.cfg.unwrap_or(1),
+            ring: self.ring.unwrap_or(1),
+            ulysses: self.ulysses.unwrap_or(1),
+            stale,
+        }
+    }
 }
 
 /// The sampling fields as versions before `request` wrote them.
@@ -181,10 +200,7 @@ impl Default for SettingsFile {
             device: d.device,
             workers: d.workers,
             layout_auto: d.layout_auto,
-            ulysses: d.ulysses,
-            ring: d.ring,
-            cfg: d.cfg,
-            dp: d.dp,
+            layout: None,
             request: None,
             random_seed: d.random_seed,
             batch: d.batch,
@@ -195,13 +211,8 @@ impl Default for SettingsFile {
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
             parts: d.parts,
-            displaced_warmup: d.displaced_warmup,
-            displaced_rotate: d.displaced_rotate,
-            pipeline: d.pipeline,
-            pipeline_patches: d.pipeline_patches,
-            pipeline_warmup: d.pipeline_warmup,
-            pipeline_by_memory: d.pipeline_by_memory,
             flat: FlatSampling::default(),
+            flat_layout: FlatLayout::default(),
         }
     }
 }
@@ -239,10 +250,7 @@ impl From<SettingsFile> for Settings {
             device: f.device,
             workers: f.workers,
             layout_auto: f.layout_auto,
-            ulysses: f.ulysses,
-            ring: f.ring,
-            cfg: f.cfg,
-            dp: f.dp,
+            layout: f.layout.unwrap_or_else(|| f.flat_layout.layout()),
             request: r,
             random_seed: f.random_seed,
             batch: f.batch.max(1),
@@ -253,12 +261,6 @@ impl From<SettingsFile> for Settings {
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
             parts: f.parts,
-            displaced_warmup: f.displaced_warmup,
-            displaced_rotate: f.displaced_rotate,
-            pipeline: f.pipeline.max(1),
-            pipeline_patches: f.pipeline_patches.max(1),
-            pipeline_warmup: f.pipeline_warmup,
-            pipeline_by_memory: f.pipeline_by_memory,
         }
     }
 }
@@ -411,23 +413,9 @@ impl Settings {
         self.request.steps.unwrap_or(DEFAULT_STEPS)
     }
 
-    pub fn layout(&self) -> Option<ParallelLayout> {
-        (!self.layout_auto).then_some(ParallelLayout {
-            dp: self.dp,
-            cfg: self.cfg,
-            pipeline: self.pipeline.max(1),
-            ring: self.ring,
-            ulysses: self.ulysses,
-            displaced_warmup: self.displaced_warmup,
-            displaced_rotate: self.displaced_rotate && self.displaced_warmup.is_some(),
-            pipeline_patches: (self.pipeline > 1).then_some(self.pipeline_patches),
-            pipeline_warmup: (self.pipeline > 1).then_some(self.pipeline_warmup),
-            pipeline_balance: if self.pipeline > 1 && self.pipeline_by_memory {
-                crate::parallel::pipefusion::StageBalance::Memory
-            } else {
-                crate::parallel::pipefusion::StageBalance::Work
-            },
-        })
+    /// The layout set by hand, or `None` for the automatic one.
+    pub fn hand_layout(&self) -> Option<ParallelLayout> {
+        (!self.layout_auto).then_some(self.layout)
     }
 
     /// The placement these settings name: the device list (`cpu`, `cuda:0,1`, ...), with
@@ -440,7 +428,7 @@ impl Settings {
         };
         Ok(Placement {
             devices,
-            layout: self.layout().map_or(LayoutChoice::Auto, |l| {
+            layout: self.hand_layout().map_or(LayoutChoice::Auto, |l| {
                 LayoutChoice::Degrees(Degrees::of(l))
             }),
         })
@@ -471,14 +459,7 @@ impl Settings {
     /// Set the degrees by hand to `l`'s (auto layout off).
     pub fn set_layout(&mut self, l: ParallelLayout) {
         self.layout_auto = false;
-        (self.ulysses, self.ring, self.cfg, self.dp) = (l.ulysses, l.ring, l.cfg, l.dp);
-        self.displaced_warmup = l.displaced_warmup;
-        self.displaced_rotate = l.displaced_rotate;
-        self.pipeline = l.pipeline;
-        self.pipeline_patches = l.patches();
-        self.pipeline_warmup = l.pipeline_warmup();
-        self.pipeline_by_memory =
-            l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory;
+        self.layout = l;
     }
 
     /// Auto layout was just turned off: the degrees start from what auto chose (kept as they
@@ -763,8 +744,11 @@ mod tests {
             },
             workers: 4,
             layout_auto: false,
-            ulysses: 5,
-            ring: 1,
+            layout: ParallelLayout {
+                ulysses: 5,
+                ring: 1,
+                ..ParallelLayout::default()
+            },
             ..Settings::default()
         };
         let p = bad.problems(ModelShape::default());
@@ -896,18 +880,25 @@ mod tests {
         );
         // Nor a memory budget or displaced patches.
         assert_eq!(old.memory_budget_gib, None);
-        assert_eq!(old.displaced_warmup, None);
+        assert_eq!(old.layout.stale, Stale::Exact);
         let lean = Settings {
             memory_budget_gib: Some(24),
             layout_auto: false,
-            ring: 2,
-            displaced_warmup: Some(3),
-            displaced_rotate: true,
+            layout: ParallelLayout {
+                ring: 2,
+                stale: Stale::Displaced {
+                    warmup: 3,
+                    rotate: true,
+                },
+                ..old.layout
+            },
             ..old.clone()
         };
         assert_eq!(lean.engine_spec().model.memory_budget_mib, Some(24 * 1024));
-        assert_eq!(lean.layout().and_then(|l| l.displaced_warmup), Some(3));
-        assert!(lean.layout().is_some_and(|l| l.displaced_rotate));
+        assert_eq!(lean.hand_layout().and_then(|l| l.stale.warmup()), Some(3));
+        assert!(lean
+            .hand_layout()
+            .is_some_and(|l| matches!(l.stale, Stale::Displaced { rotate: true, .. })));
         let text = serde_json::to_string(&lean).expect("serialise");
         assert_eq!(
             serde_json::from_str::<Settings>(&text).expect("parse"),
@@ -919,6 +910,67 @@ mod tests {
             serde_json::from_str::<Settings>(&again).expect("parse"),
             old
         );
+    }
+
+    #[test]
+    fn layouts_saved_in_the_old_flat_fields_still_load() {
+        let layout = |json: &str| {
+            serde_json::from_str::<Settings>(json)
+                .expect("parse")
+                .hand_layout()
+        };
+        // PipeFusion by hand, as a file before `layout` wrote it.
+        let pipe = r#"{"layout_auto": false, "ulysses": 2, "ring": 1, "cfg": 2, "dp": 1,
+            "displaced_warmup": null, "displaced_rotate": false, "pipeline": 2,
+            "pipeline_patches": 4, "pipeline_warmup": 3, "pipeline_by_memory": true}"#;
+        assert_eq!(
+            layout(pipe),
+            Some(ParallelLayout {
+                dp: 1,
+                cfg: 2,
+                ring: 1,
+                ulysses: 2,
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 4,
+                    warmup: 3,
+                    balance: StageBalance::Memory,
+                },
+            })
+        );
+        // Displaced patches, rotating; PipeFusion's fields left at one stage are not used.
+        let displaced = r#"{"layout_auto": false, "ulysses": 1, "ring": 4, "cfg": 1, "dp": 2,
+            "displaced_warmup": 2, "displaced_rotate": true, "pipeline": 1,
+            "pipeline_patches": 2, "pipeline_warmup": 1, "pipeline_by_memory": false}"#;
+        assert_eq!(
+            layout(displaced),
+            Some(ParallelLayout {
+                dp: 2,
+                ring: 4,
+                stale: Stale::Displaced {
+                    warmup: 2,
+                    rotate: true
+                },
+                ..ParallelLayout::default()
+            })
+        );
+        // Plain degrees; with auto on, the degrees are kept for when it is turned off.
+        let auto: Settings =
+            serde_json::from_str(r#"{"layout_auto": true, "ulysses": 2, "ring": 2}"#)
+                .expect("parse");
+        assert_eq!(auto.hand_layout(), None);
+        assert_eq!((auto.layout.ulysses, auto.layout.ring), (2, 2));
+        assert_eq!(auto.layout.stale, Stale::Exact);
+        // Written again, the layout is one field and reads back the same.
+        let s = Settings {
+            layout_auto: false,
+            layout: layout(pipe).expect("by hand"),
+            ..Settings::default()
+        };
+        let text = serde_json::to_string(&s).expect("serialise");
+        assert!(text.contains(r#""layout":{"#), "{text}");
+        assert!(!text.contains("pipeline_patches"), "{text}");
+        assert_eq!(serde_json::from_str::<Settings>(&text).expect("parse"), s);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The studio window and its state: [`StudioApp`] owns the saved [`Settings`], the view state
 //! ([`super::view`]), and the handles (the [`Runtime`], textures, channels). Each frame it applies
 //! the runtime's events ([`events`]), draws the panels and tabs ([`draw`]; they queue
-//! [`Command`]s), then applies the commands in one place ([`handlers`], [`StudioApp::apply`]).
+//! [`Action`]s), then applies the actions in one place ([`handlers`], [`StudioApp::apply`]).
 //! The engine lives behind the runtime, which this only talks to through jobs and events, so the
 //! window never waits.
 
@@ -10,8 +10,8 @@ use std::sync::{mpsc, Arc};
 
 use egui::{Key, Modifiers};
 
+use super::action::{Action, Actions};
 use super::automation::{Screenshots, Script, Start, UiStats};
-use super::command::{Command, Commands};
 use super::dialogs::{Answer, DialogAnswer, Dialogs, PathPrompt, PathRequest};
 use super::export;
 use super::gpu;
@@ -86,7 +86,7 @@ pub struct StudioApp {
     dialog_rx: mpsc::Receiver<DialogAnswer>,
     screenshots: Screenshots,
     script: Script,
-    cmds: Commands,
+    cmds: Actions,
     next_id: u64,
 }
 
@@ -100,16 +100,9 @@ const EVENT_REPAINT_DELAY: std::time::Duration = std::time::Duration::from_milli
 fn model_file_gone(model: &str) -> bool {
     let m = model.trim();
     let lower = m.to_ascii_lowercase();
-    let named = matches!(
-        lower.as_str(),
-        "demo"
-            | "dev"
-            | "schnell"
-            | "flux.1-dev"
-            | "flux1-dev"
-            | "flux.1-schnell"
-            | "flux1-schnell"
-    );
+    // `demo`, or a name that stands for a Hub repo (`dev`, `flux1-schnell`, ...).
+    let named = lower == "demo"
+        || (!m.contains('/') && crate::model::layout::repo_id_for(&lower).is_some());
     if m.is_empty() || named || lower.starts_with("random:") {
         return false;
     }
@@ -283,7 +276,7 @@ impl StudioApp {
             dialog_rx,
             screenshots: Screenshots::default(),
             script: Script::new(&opts),
-            cmds: Commands::default(),
+            cmds: Actions::default(),
             next_id: 1,
         };
         if let Some(why) = damaged {
@@ -361,15 +354,15 @@ impl eframe::App for StudioApp {
                 .map(|f| f.path().to_path_buf())
                 .collect::<Vec<_>>()
         }) {
-            self.cmds.push(Command::RecallFrom(path));
+            self.cmds.push(Action::RecallFrom(path));
         }
         self.take_screenshots();
         match self
             .script
             .start(matches!(self.view.model, ModelStatus::Ready(_)))
         {
-            Some(Start::Generate) => self.cmds.push(Command::Generate),
-            Some(Start::Compare) => self.cmds.push(Command::Compare),
+            Some(Start::Generate) => self.cmds.push(Action::Generate),
+            Some(Start::Compare) => self.cmds.push(Action::Compare),
             None => {}
         }
 
@@ -382,8 +375,8 @@ impl eframe::App for StudioApp {
         egui::CentralPanel::default().show(ui, |ui| self.central(ui));
         if let Some(prompt) = &mut self.view.path_prompt {
             match prompt.show(&ctx) {
-                Some(true) => self.cmds.push(Command::SubmitPath),
-                Some(false) => self.cmds.push(Command::ClosePathPrompt),
+                Some(true) => self.cmds.push(Action::SubmitPath),
+                Some(false) => self.cmds.push(Action::ClosePathPrompt),
                 None => {}
             }
         }

@@ -1,8 +1,8 @@
 //! `parallax displaced-error`: how far the stale-activation methods land from the exact result.
 //! One image's denoising loop runs on one device, then again as `N` displaced ranks, or as
 //! PipeFusion over `N` stages (in-process worker threads sharing the device, their K/V and
-//! activations exchanged through memory: one GPU stands in for N, as the issue allows for
-//! checking correctness) after `W` exact warm-up steps; reported per cell: the relative error of
+//! activations exchanged through memory: one GPU stands in for N, which is enough to check
+//! correctness) after `W` exact warm-up steps; reported per cell: the relative error of
 //! the final latent `|x - x₁| / |x₁|`, as JSON, with each PipeFusion stage's weight and K/V
 //! bytes. On a trained model `parallax score --displaced / --pipefusion` measures the image.
 

@@ -198,7 +198,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub sample: SampleArgs,
     #[command(flatten)]
-    pub degrees: DegreeArgs,
+    pub degrees: Degrees,
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
@@ -384,82 +384,10 @@ pub struct ParallelArgs {
     #[arg(long)]
     pub devices: Option<String>,
     #[command(flatten)]
-    pub degrees: DegreeArgs,
+    pub degrees: Degrees,
     /// `auto` picks the layout for the workers present (see `parallax info`).
     #[arg(long)]
     pub parallel: Option<String>,
-}
-
-/// The parallel degrees given on the command line (shared by `generate`, `info` and `worker`).
-#[derive(Debug, Clone, Default, Args)]
-#[command(group(clap::ArgGroup::new("stale_mode").args(["displaced", "pipefusion"])))]
-pub struct DegreeArgs {
-    /// Ulysses degree (must divide the attention heads).
-    #[arg(long)]
-    pub ulysses: Option<usize>,
-    /// Ring degree (default: the workers left over by the other degrees).
-    #[arg(long)]
-    pub ring: Option<usize>,
-    /// CFG degree: 2 runs true CFG's negative branch on its own half of the workers (needs
-    /// --negative-prompt and --true-cfg).
-    #[arg(long)]
-    pub cfg: Option<usize>,
-    /// Data-parallel groups: that many images at once, each on its own group of workers (with
-    /// `generate --images`, consecutive seeds).
-    #[arg(long)]
-    pub dp: Option<usize>,
-    /// Displaced patch parallelism (DistriFusion) over this many workers, instead of Ulysses or
-    /// ring: each computes its patch of the tokens and attends to the others' keys and values
-    /// from the previous step, gathered in the background. Approximate after the warm-up.
-    #[arg(long, conflicts_with_all = ["ulysses", "ring"])]
-    pub displaced: Option<usize>,
-    /// Exact steps before --displaced or --pipefusion use stale keys and values (default 1).
-    #[arg(long, requires = "stale_mode")]
-    pub warmup_steps: Option<usize>,
-    /// With --displaced: rotate which patch each worker computes, and exchange no keys or values
-    /// after the warm-up (piflux): each worker refreshes its own copy as it goes round.
-    #[arg(long, requires = "displaced")]
-    pub displaced_rotate: bool,
-    /// PipeFusion over this many workers: the transformer's blocks split into that many stages,
-    /// each step's tokens into patches pipelined through them; a patch attends to the patches
-    /// not yet computed this step through their previous step's keys and values. Each worker
-    /// holds only its stage's blocks. Approximate after the warm-up.
-    #[arg(long, conflicts_with_all = ["ring", "displaced"])]
-    pub pipefusion: Option<usize>,
-    /// PipeFusion's patches per step (default: one per stage; more shrinks the pipeline's bubble).
-    #[arg(long, requires = "pipefusion")]
-    pub pipefusion_patches: Option<usize>,
-    /// How --pipefusion splits the blocks: `work` (even block counts: even work per token, the
-    /// default) or `memory` (even weight bytes, for a model no single GPU holds).
-    #[arg(long, requires = "pipefusion", value_parser = parse_balance)]
-    pub pipefusion_balance: Option<crate::parallel::pipefusion::StageBalance>,
-}
-
-fn parse_balance(s: &str) -> Result<crate::parallel::pipefusion::StageBalance, String> {
-    use crate::parallel::pipefusion::StageBalance;
-    match s.trim() {
-        "work" => Ok(StageBalance::Work),
-        "memory" => Ok(StageBalance::Memory),
-        other => Err(format!("`{other}`: give work or memory")),
-    }
-}
-
-impl DegreeArgs {
-    /// The library's degrees.
-    pub fn degrees(&self) -> Degrees {
-        Degrees {
-            ulysses: self.ulysses,
-            ring: self.ring,
-            cfg: self.cfg,
-            dp: self.dp,
-            displaced: self.displaced,
-            warmup_steps: self.warmup_steps,
-            displaced_rotate: self.displaced_rotate,
-            pipefusion: self.pipefusion,
-            pipefusion_patches: self.pipefusion_patches,
-            pipefusion_balance: self.pipefusion_balance,
-        }
-    }
 }
 
 impl ModelArgs {
@@ -490,14 +418,14 @@ impl ParallelArgs {
     /// The library's placement for these flags: `--devices` (or the one `--device`) and the
     /// degrees or `--parallel auto`. Checked against the model by [`Placement::plan`].
     pub fn placement(&self, device: &str) -> anyhow::Result<Placement> {
-        let explicit = self.degrees.degrees().any();
+        let explicit = self.degrees.any();
         let layout = match self.parallel.as_deref() {
             Some("auto") if !explicit => LayoutChoice::Auto,
             Some("auto") => {
                 bail!("--parallel auto picks the degrees itself: drop --ulysses/--ring/--cfg/--dp")
             }
             Some(other) => bail!("--parallel {other}: the only value is `auto`"),
-            None => LayoutChoice::Degrees(self.degrees.degrees()),
+            None => LayoutChoice::Degrees(self.degrees),
         };
         let devices = match self.devices.as_deref() {
             Some(d) => Devices::parse(d)?,
@@ -684,7 +612,7 @@ fn studio(a: StudioArgs) -> anyhow::Result<()> {
         // --device alone sets the device and leaves the remembered layout alone.
         device: a.device.clone(),
         placement: if a.parallel.devices.is_some()
-            || a.parallel.degrees.degrees().any()
+            || a.parallel.degrees.any()
             || a.parallel.parallel.is_some()
         {
             Some(a.parallel.placement(a.device.as_deref().unwrap_or("cpu"))?)
@@ -872,7 +800,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     let req = request_for(p.is_demo(), &sample);
     p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
-    let (layout, _) = LayoutChoice::Degrees(a.degrees.degrees()).resolve(
+    let (layout, _) = LayoutChoice::Degrees(a.degrees).resolve(
         world,
         heads,
         crate::engine::wants_true_cfg(&req),
@@ -1615,9 +1543,9 @@ mod tests {
     fn parallel(devices: Option<&str>, dp: Option<usize>, auto: bool) -> ParallelArgs {
         ParallelArgs {
             devices: devices.map(str::to_string),
-            degrees: DegreeArgs {
+            degrees: Degrees {
                 dp,
-                ..DegreeArgs::default()
+                ..Degrees::default()
             },
             parallel: auto.then(|| "auto".to_string()),
         }

@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::engine::{load, Degrees, Devices, Engine, LayoutChoice, ModelChoice, Placement};
 use crate::parallel::cost::{self, Calibration, Link, Prediction, Shape};
-use crate::parallel::mesh::ParallelLayout;
+use crate::parallel::mesh::{ParallelLayout, Stale};
 use crate::pipeline::GenerateRequest;
 
 #[derive(Debug, Clone, Args)]
@@ -218,8 +218,12 @@ pub fn measure_cpu() -> anyhow::Result<(Calibration, Link)> {
     // (small passes: the fixed cost per block pass shows).
     let (m, p) = (16usize, 2usize);
     let pipe = ParallelLayout {
-        pipeline: p,
-        pipeline_patches: Some(m),
+        stale: Stale::PipeFusion {
+            stages: p,
+            patches: m,
+            warmup: 1,
+            balance: crate::parallel::pipefusion::StageBalance::Work,
+        },
         ..ParallelLayout::default()
     };
     for (size, layout) in [
@@ -247,7 +251,7 @@ pub fn measure_cpu() -> anyhow::Result<(Calibration, Link)> {
             s * 1e3
         ));
         let l = shape.tokens() as f64;
-        samples.push(if layout.pipeline > 1 {
+        samples.push(if layout.pipeline() > 1 {
             // Whatever the compute, the communication as predicted.
             let comm = cost::predict(
                 &layout,

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{median, request_for, ModelArgs, SampleArgs};
+use crate::parallel::mesh::Stale;
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::{read_png, RgbImage};
 use crate::pipeline::metrics;
@@ -112,52 +113,56 @@ impl Sweep {
     fn displaced(n: usize, w: usize, rotate: bool) -> Self {
         Sweep::Layout(crate::parallel::mesh::ParallelLayout {
             ring: n,
-            displaced_warmup: Some(w),
-            displaced_rotate: rotate,
+            stale: Stale::Displaced { warmup: w, rotate },
             ..Default::default()
         })
     }
     fn pipefusion(n: usize, m: usize, w: usize) -> Self {
         Sweep::Layout(crate::parallel::mesh::ParallelLayout {
-            pipeline: n,
-            pipeline_patches: Some(m),
-            pipeline_warmup: Some(w),
+            stale: Stale::PipeFusion {
+                stages: n,
+                patches: m,
+                warmup: w,
+                balance: crate::parallel::pipefusion::StageBalance::Work,
+            },
             ..Default::default()
         })
     }
     fn name(&self) -> String {
         match self {
             Sweep::Cache(c) => c.to_string(),
-            Sweep::Layout(l) => match l.displaced_warmup {
-                Some(w) => format!(
-                    "displaced:{},warmup={w}{}",
+            Sweep::Layout(l) => match l.stale {
+                Stale::Displaced { warmup, rotate } => format!(
+                    "displaced:{},warmup={warmup}{}",
                     l.ring,
-                    if l.displaced_rotate { ",rotate" } else { "" }
+                    if rotate { ",rotate" } else { "" }
                 ),
-                None => format!(
-                    "pipefusion:{},patches={},warmup={}",
-                    l.pipeline,
-                    l.patches(),
-                    l.pipeline_warmup()
-                ),
+                Stale::PipeFusion {
+                    stages,
+                    patches,
+                    warmup,
+                    ..
+                } => format!("pipefusion:{stages},patches={patches},warmup={warmup}"),
+                Stale::Exact => crate::parallel::cost::describe(l),
             },
         }
     }
     fn file_stem(&self) -> String {
         match self {
             Sweep::Cache(c) => c.file_stem(),
-            Sweep::Layout(l) => match l.displaced_warmup {
-                Some(w) => format!(
-                    "displaced{}-w{w}{}",
+            Sweep::Layout(l) => match l.stale {
+                Stale::Displaced { warmup, rotate } => format!(
+                    "displaced{}-w{warmup}{}",
                     l.ring,
-                    if l.displaced_rotate { "-rot" } else { "" }
+                    if rotate { "-rot" } else { "" }
                 ),
-                None => format!(
-                    "pipefusion{}-m{}-w{}",
-                    l.pipeline,
-                    l.patches(),
-                    l.pipeline_warmup()
-                ),
+                Stale::PipeFusion {
+                    stages,
+                    patches,
+                    warmup,
+                    ..
+                } => format!("pipefusion{stages}-m{patches}-w{warmup}"),
+                Stale::Exact => crate::parallel::cost::describe(l).replace(' ', ""),
             },
         }
     }

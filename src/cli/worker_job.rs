@@ -36,5 +36,5 @@ pub fn fingerprint(a: &WorkerArgs, spec: &ModelSpec, seed: Option<u64>) -> Finge
         .with("guidance", opt(s.guidance.map(|v| v.to_string())))
         .with("cache threshold", s.cache_threshold)
         .with("cache", opt(s.cache.as_ref().map(|c| format!("{c:?}"))))
-        .with("layout", format!("{:?}", a.degrees.degrees()))
+        .with("layout", format!("{:?}", a.degrees))
 }

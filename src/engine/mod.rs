@@ -110,14 +110,19 @@ impl Engine {
         cfg: &crate::model::flux::FluxConfig,
     ) -> Option<(usize, usize)> {
         let l = plan.layout;
-        if !plan.is_gpu() || l.pipeline <= 1 {
+        let crate::parallel::layout::Stale::PipeFusion {
+            stages, balance, ..
+        } = l.stale
+        else {
+            return None;
+        };
+        if !plan.is_gpu() {
             return None;
         }
         // The stage is the rank's pipeline coordinate (the plan's layout is checked already).
         let mesh = crate::parallel::mesh::Mesh::new(l, plan.world(), cfg.num_heads).ok()?;
         let stage = mesh.coords(r).pipeline;
-        let b =
-            crate::parallel::pipefusion::stage_split(cfg, l.pipeline, stage, l.pipeline_balance);
+        let b = crate::parallel::pipefusion::stage_split(cfg, stages, stage, balance);
         Some((b.start, b.end))
     }
 
@@ -280,7 +285,9 @@ impl Engine {
                 Ok(p) => crate::parallel::ranks::generate_many(p, plan.layout, reqs),
                 Err(e) => {
                     let e = e.to_string();
-                    reqs.iter().map(|_| Err(Error::Image(e.clone()))).collect()
+                    reqs.iter()
+                        .map(|_| Err(Error::runtime("cannot load the model for the workers", &e)))
+                        .collect()
                 }
             };
         }
@@ -412,6 +419,7 @@ pub fn wants_true_cfg(req: &GenerateRequest) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parallel::layout::Stale;
 
     fn req(seed: u64) -> GenerateRequest {
         GenerateRequest {
@@ -437,7 +445,7 @@ mod tests {
         };
         let pipe = ParallelLayout {
             cfg: 2,
-            pipeline: 2,
+            stale: Stale::pipefusion(2),
             ..ParallelLayout::default()
         };
         let gpus = plan(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"], pipe);
@@ -453,8 +461,12 @@ mod tests {
         let mem = plan(
             &["cuda:0", "cuda:1"],
             ParallelLayout {
-                pipeline: 2,
-                pipeline_balance: crate::parallel::pipefusion::StageBalance::Memory,
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 2,
+                    warmup: 1,
+                    balance: crate::parallel::pipefusion::StageBalance::Memory,
+                },
                 ..ParallelLayout::default()
             },
         );

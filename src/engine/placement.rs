@@ -22,6 +22,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::parallel::layout::Degrees;
+use crate::parallel::layout::Stale;
 use crate::parallel::mesh::{AutoHints, Link, Mesh, ParallelLayout};
 
 /// The most CPU worker threads a placement takes.
@@ -194,106 +196,6 @@ impl From<Devices> for String {
     }
 }
 
-/// Parallel degrees given by hand; those not given are 1, except ring, which takes the workers
-/// the others leave.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Degrees {
-    pub ulysses: Option<usize>,
-    pub ring: Option<usize>,
-    pub cfg: Option<usize>,
-    pub dp: Option<usize>,
-    /// Displaced patch parallelism over this many workers (in place of ring and Ulysses).
-    #[serde(default)]
-    pub displaced: Option<usize>,
-    /// Exact warm-up forwards before displaced patches or PipeFusion use stale K/V (default 1).
-    #[serde(default)]
-    pub warmup_steps: Option<usize>,
-    /// Displaced patches rotate and exchange no K/V after the warm-up (piflux).
-    #[serde(default)]
-    pub displaced_rotate: bool,
-    /// PipeFusion over this many stages.
-    #[serde(default)]
-    pub pipefusion: Option<usize>,
-    /// PipeFusion's patches per step (default: one per stage).
-    #[serde(default)]
-    pub pipefusion_patches: Option<usize>,
-    /// How PipeFusion splits the blocks (default: even work).
-    #[serde(default)]
-    pub pipefusion_balance: Option<crate::parallel::pipefusion::StageBalance>,
-}
-
-impl Degrees {
-    /// Whether any degree was given.
-    pub fn any(&self) -> bool {
-        self.ulysses.is_some()
-            || self.ring.is_some()
-            || self.cfg.is_some()
-            || self.dp.is_some()
-            || self.displaced.is_some()
-            || self.pipefusion.is_some()
-    }
-
-    /// The layout over `workers`.
-    pub fn layout_for(&self, workers: usize) -> ParallelLayout {
-        let dp = self.dp.unwrap_or(1);
-        let cfg = self.cfg.unwrap_or(1);
-        if let Some(n) = self.pipefusion {
-            // Ulysses or ring given beside it are kept, for the mesh to refuse with its reason.
-            return ParallelLayout {
-                dp,
-                cfg,
-                ulysses: self.ulysses.unwrap_or(1),
-                ring: self.ring.unwrap_or(1),
-                pipeline: n,
-                pipeline_patches: self.pipefusion_patches,
-                pipeline_warmup: self.warmup_steps,
-                pipeline_balance: self.pipefusion_balance.unwrap_or_default(),
-                ..ParallelLayout::default()
-            };
-        }
-        if let Some(n) = self.displaced {
-            // The patch group is the ring axis; a Ulysses or ring degree given beside it is
-            // kept, for the mesh to refuse with its reason.
-            return ParallelLayout {
-                dp,
-                cfg,
-                ulysses: self.ulysses.unwrap_or(1),
-                ring: self.ring.unwrap_or(n),
-                displaced_warmup: Some(self.warmup_steps.unwrap_or(1)),
-                displaced_rotate: self.displaced_rotate,
-                ..ParallelLayout::default()
-            };
-        }
-        let ulysses = self.ulysses.unwrap_or(1);
-        let ring = self.ring.unwrap_or_else(|| {
-            (workers / dp.saturating_mul(cfg).saturating_mul(ulysses).max(1)).max(1)
-        });
-        ParallelLayout {
-            dp,
-            cfg,
-            ulysses,
-            ring,
-            ..ParallelLayout::default()
-        }
-    }
-
-    /// Exactly `layout`'s degrees.
-    pub fn of(layout: ParallelLayout) -> Self {
-        Self {
-            ulysses: Some(layout.ulysses),
-            ring: Some(layout.ring),
-            cfg: Some(layout.cfg),
-            dp: Some(layout.dp),
-            displaced: layout.displaced_warmup.map(|_| layout.ring),
-            warmup_steps: layout.displaced_warmup.or(layout.pipeline_warmup),
-            displaced_rotate: layout.displaced_rotate,
-            pipefusion: (layout.pipeline > 1).then_some(layout.pipeline),
-            pipefusion_patches: layout.pipeline_patches,
-            pipefusion_balance: (layout.pipeline > 1).then_some(layout.pipeline_balance),
-        }
-    }
-}
-
 /// How the layout is chosen.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayoutChoice {
@@ -400,30 +302,33 @@ impl Plan {
             return format!("one worker ({})", self.ranks[0]);
         }
         let l = self.layout;
-        let inner = match l.displaced_warmup {
-            Some(w) => format!(
-                "displaced patches {}{} ({w} exact warm-up step{}, then stale K/V: approximate)",
+        let steps = |w: usize| format!("{w} exact warm-up step{}", if w == 1 { "" } else { "s" });
+        let inner = match l.stale {
+            Stale::Displaced { warmup, rotate } => format!(
+                "displaced patches {}{} ({}, then stale K/V: approximate)",
                 l.ring,
-                if l.displaced_rotate {
+                if rotate {
                     ", rotating, no K/V exchanged"
                 } else {
                     ""
                 },
-                if w == 1 { "" } else { "s" }
+                steps(warmup)
             ),
-            None if l.pipeline > 1 => format!(
-                "pipefusion {} ({} patches a step,{} {} exact warm-up step{}, then stale K/V: approximate)",
-                l.pipeline,
-                l.patches(),
-                if l.pipeline_balance == crate::parallel::pipefusion::StageBalance::Memory {
+            Stale::PipeFusion {
+                stages,
+                patches,
+                warmup,
+                balance,
+            } => format!(
+                "pipefusion {stages} ({patches} patches a step,{} {}, then stale K/V: approximate)",
+                if balance == crate::parallel::pipefusion::StageBalance::Memory {
                     " blocks split by weight bytes,"
                 } else {
                     ""
                 },
-                l.pipeline_warmup(),
-                if l.pipeline_warmup() == 1 { "" } else { "s" }
+                steps(warmup)
             ),
-            None => format!("ring {} x ulysses {}", l.ring, l.ulysses),
+            Stale::Exact => format!("ring {} x ulysses {}", l.ring, l.ulysses),
         };
         let mut text = format!(
             "{} workers ({}): dp {} x cfg {} x {inner} ({})",
@@ -512,12 +417,13 @@ mod tests {
         };
         let p = plan("cpu:2", d, 0)?;
         assert_eq!(
-            (
-                p.layout.pipeline,
-                p.layout.patches(),
-                p.layout.pipeline_warmup()
-            ),
-            (2, 4, 2)
+            p.layout.stale,
+            Stale::PipeFusion {
+                stages: 2,
+                patches: 4,
+                warmup: 2,
+                balance: crate::parallel::pipefusion::StageBalance::Work
+            }
         );
         assert!(
             p.describe().contains("pipefusion 2 (4 patches"),
@@ -534,7 +440,7 @@ mod tests {
             },
             0,
         )?;
-        assert_eq!((uly.layout.pipeline, uly.layout.ulysses), (2, 2));
+        assert_eq!((uly.layout.pipeline(), uly.layout.ulysses), (2, 2));
         let bad = Degrees { ring: Some(2), ..d };
         let e = plan("cpu:4", bad, 0).map(|p| p.layout);
         assert!(
@@ -574,7 +480,7 @@ mod tests {
         assert!(Devices::single("cuda:0,1").is_err());
         assert!(Devices::single("cpu:2").is_err());
         let json = serde_json::to_string(&Devices::Gpus(vec![0, 1]))
-            .map_err(|e| Error::Image(e.to_string()))?;
+            .map_err(|e| Error::serialise("a device list", e))?;
         assert_eq!(json, "\"cuda:0,1\"");
         Ok(())
     }

@@ -24,7 +24,7 @@ pub const TILE: usize = 64;
 
 /// One compiled form of the fused attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
+pub enum AttnKernel {
     /// `flash_attn.cu` (any sm_80+ GPU): its name (`w4`, `w8`, `w4p`) and warps per block.
     Mma { name: &'static str, warps: usize },
     /// `flash_attn_sm90.cu` (sm_90 only, head dim 128): name, warpgroups per block (64 query
@@ -55,8 +55,8 @@ const fn sm90(
     keys: usize,
     stages: usize,
     loads: Loads,
-) -> Variant {
-    Variant::Sm90 {
+) -> AttnKernel {
+    AttnKernel::Sm90 {
         name,
         groups,
         keys,
@@ -66,16 +66,16 @@ const fn sm90(
 }
 
 /// Every variant, for the self-check and the profile.
-pub const VARIANTS: &[Variant] = &[
-    Variant::Mma {
+pub const VARIANTS: &[AttnKernel] = &[
+    AttnKernel::Mma {
         name: "w4",
         warps: 4,
     },
-    Variant::Mma {
+    AttnKernel::Mma {
         name: "w8",
         warps: 8,
     },
-    Variant::Mma {
+    AttnKernel::Mma {
         name: "w4p",
         warps: 4,
     },
@@ -95,26 +95,26 @@ pub const VARIANTS: &[Variant] = &[
 /// The Hopper variant used on sm_90 GPUs unless `PARALLAX_FLASH` names another.
 pub const SM90_DEFAULT: &str = "g2n128tpo";
 
-impl Variant {
+impl AttnKernel {
     pub fn name(&self) -> &'static str {
         match self {
-            Variant::Mma { name, .. } | Variant::Sm90 { name, .. } => name,
+            AttnKernel::Mma { name, .. } | AttnKernel::Sm90 { name, .. } => name,
         }
     }
 
     /// Whether it runs on a GPU of compute capability `major.minor` with head dim `d`.
     pub fn runs_on(&self, major: i32, minor: i32, d: usize) -> bool {
         match self {
-            Variant::Mma { .. } => major >= 8 && (d == 64 || d == 128),
-            Variant::Sm90 { .. } => major == 9 && minor == 0 && d == 128,
+            AttnKernel::Mma { .. } => major >= 8 && (d == 64 || d == 128),
+            AttnKernel::Sm90 { .. } => major == 9 && minor == 0 && d == 128,
         }
     }
 
     /// Dynamic shared memory in bytes (the Hopper kernels align their tiles to 1 KiB).
     pub fn shared_bytes(&self) -> usize {
         match self {
-            Variant::Mma { .. } => 0,
-            Variant::Sm90 {
+            AttnKernel::Mma { .. } => 0,
+            AttnKernel::Sm90 {
                 groups,
                 keys,
                 stages,
@@ -126,37 +126,37 @@ impl Variant {
     /// Query rows per block.
     pub fn rows_per_block(&self) -> usize {
         match self {
-            Variant::Mma { warps, .. } => warps * 16,
-            Variant::Sm90 { groups, .. } => groups * 64,
+            AttnKernel::Mma { warps, .. } => warps * 16,
+            AttnKernel::Sm90 { groups, .. } => groups * 64,
         }
     }
 
     /// Threads per block.
     pub fn threads(&self) -> usize {
         match self {
-            Variant::Mma { warps, .. } => warps * 32,
-            Variant::Sm90 { groups, loads, .. } => {
+            AttnKernel::Mma { warps, .. } => warps * 32,
+            AttnKernel::Sm90 { groups, loads, .. } => {
                 groups * 128 + if *loads == Loads::TmaProducer { 128 } else { 0 }
             }
         }
     }
 
-    fn by_name(name: &str) -> Option<Variant> {
+    fn by_name(name: &str) -> Option<AttnKernel> {
         VARIANTS.iter().copied().find(|v| v.name() == name)
     }
 }
 
 /// The variant for a GPU of compute capability `major.minor` and head dim `d`: `PARALLAX_FLASH`
 /// if it names one that runs there, else the Hopper kernel on sm_90 with head dim 128, else `w4`.
-pub fn variant_for(major: i32, minor: i32, d: usize) -> Variant {
-    let fallback = Variant::Mma {
+pub fn variant_for(major: i32, minor: i32, d: usize) -> AttnKernel {
+    let fallback = AttnKernel::Mma {
         name: "w4",
         warps: 4,
     };
     if let Some(v) = std::env::var("PARALLAX_FLASH")
         .ok()
         .as_deref()
-        .and_then(Variant::by_name)
+        .and_then(AttnKernel::by_name)
     {
         if v.runs_on(major, minor, d) {
             return v;
@@ -166,14 +166,14 @@ pub fn variant_for(major: i32, minor: i32, d: usize) -> Variant {
             v.name()
         );
     }
-    match Variant::by_name(SM90_DEFAULT) {
+    match AttnKernel::by_name(SM90_DEFAULT) {
         Some(v) if v.runs_on(major, minor, d) => v,
         _ => fallback,
     }
 }
 
 /// The variants that run on `dev` for head dim `d` (none off CUDA).
-pub fn variants_on(dev: &candle_core::Device, d: usize) -> Vec<Variant> {
+pub fn variants_on(dev: &candle_core::Device, d: usize) -> Vec<AttnKernel> {
     match capability(dev) {
         Some((major, minor)) => VARIANTS
             .iter()
@@ -185,7 +185,7 @@ pub fn variants_on(dev: &candle_core::Device, d: usize) -> Vec<Variant> {
 }
 
 /// The variant [`attention`] uses on `dev` for head dim `d` (none off CUDA).
-pub fn chosen_on(dev: &candle_core::Device, d: usize) -> Option<Variant> {
+pub fn chosen_on(dev: &candle_core::Device, d: usize) -> Option<AttnKernel> {
     capability(dev).map(|(major, minor)| variant_for(major, minor, d))
 }
 
@@ -199,7 +199,7 @@ fn capability(dev: &candle_core::Device) -> Option<(i32, i32)> {
 
 /// Runs `f` with `PARALLAX_FLASH` set to `v` (for the self-check and the profile; the variable
 /// is read at each launch), restoring what was there.
-pub fn with_variant<T>(v: Variant, f: impl FnOnce() -> T) -> T {
+pub fn with_variant<T>(v: AttnKernel, f: impl FnOnce() -> T) -> T {
     let before = std::env::var("PARALLAX_FLASH").ok();
     std::env::set_var("PARALLAX_FLASH", v.name());
     let out = f();
@@ -396,16 +396,16 @@ impl candle_core::CustomOp3 for FlashAttn {
         let mut var = variant_for(major, minor, d);
         // The tensor memory accelerator needs 16-byte aligned rows' start.
         let aligned = [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0);
-        if matches!(var, Variant::Sm90 { loads, .. } if loads != Loads::CpAsync) && !aligned {
-            var = Variant::by_name("g2n128s2").unwrap_or(var);
+        if matches!(var, AttnKernel::Sm90 { loads, .. } if loads != Loads::CpAsync) && !aligned {
+            var = AttnKernel::by_name("g2n128s2").unwrap_or(var);
         }
         let (func, merged) = match var {
-            Variant::Mma { name, .. } => {
+            AttnKernel::Mma { name, .. } => {
                 let kernel = format!("parallax_flash_fwd_bf16_d{d}_{name}");
                 let func = super::nvrtc::function(dev, "flash_attn", SOURCE, false, &kernel)?;
                 (func, false)
             }
-            Variant::Sm90 { name, .. } => {
+            AttnKernel::Sm90 { name, .. } => {
                 let kernel = format!("parallax_flash_sm90_{name}");
                 let func =
                     super::nvrtc::function(dev, "flash_attn_sm90", SOURCE_SM90, true, &kernel)?;
@@ -439,7 +439,7 @@ impl candle_core::CustomOp3 for FlashAttn {
         let mut builder = func.builder();
         // Tensor maps (and the guards that keep the buffers' stream order) for TMA variants.
         let (maps, _guards) = match var {
-            Variant::Sm90 {
+            AttnKernel::Sm90 {
                 loads,
                 groups,
                 keys,
@@ -475,7 +475,7 @@ impl candle_core::CustomOp3 for FlashAttn {
         builder.arg(&lq_i);
         builder.arg(&lk_i);
         builder.arg(&scale_log2);
-        if matches!(var, Variant::Sm90 { .. }) {
+        if matches!(var, AttnKernel::Sm90 { .. }) {
             builder.arg(&h_i);
             builder.arg(&merged_i);
         }

@@ -1,5 +1,5 @@
 //! The cost model: the predicted time of one denoising step under every valid layout, from the
-//! compute time measured on one device and the link's per-call latency and bandwidth (issue 30).
+//! compute time measured on one device and the link's per-call latency and bandwidth.
 //!
 //! **Compute.** One rank's transformer work in a step is `fixed + linear(q) + attention(q, kv)`:
 //! `q` tokens through the blocks' products (`2 (4 + 2 r) h^2` FLOPs a token a block, `r` the MLP
@@ -14,7 +14,8 @@
 //! **Communication** is `calls x latency + bytes / bandwidth` per collective, as Parallax's code
 //! issues them ([`Link`]): Ulysses 2 all-to-alls a block (q, k and v in one, then the output; 4
 //! inside a PipeFusion stage, where they go apart), ring `n - 1` exchanges
-//! of a K/V block a block, the bytes of [`super::traffic`]. Nothing overlaps compute except the
+//! of a K/V block a block, the bytes the tests count (`parallel::traffic`). Nothing overlaps
+//! compute except the
 //! displaced-patch refresh (a background thread: only what exceeds the compute shows) and
 //! PipeFusion's stages (pipelined). Ring's exchanges are not overlapped with its block's attention
 //! in this code (the exchange returns before the block is attended).
@@ -34,7 +35,7 @@
 //! Step times are averages over the step count (warm-up steps included); approximate layouts
 //! (PipeFusion after warm-up, displaced patches) are marked so, since they change the image.
 
-use super::mesh::{Mesh, ParallelLayout};
+use super::mesh::{Mesh, ParallelLayout, Stale};
 use crate::model::flux::FluxConfig;
 
 /// What the model needs of a transformer and an image.
@@ -457,21 +458,18 @@ pub fn describe(l: &ParallelLayout) -> String {
     if l.cfg > 1 {
         parts.push(format!("cfg {}", l.cfg));
     }
-    if l.pipeline > 1 {
-        parts.push(format!(
-            "pipefusion {} ({} patches)",
-            l.pipeline,
-            l.patches()
-        ));
-    }
-    match l.displaced_warmup {
-        Some(_) if l.displaced_rotate => parts.push(format!("displaced {} rotating", l.ring)),
-        Some(_) => parts.push(format!("displaced {}", l.ring)),
-        None => {
-            if l.ring > 1 {
-                parts.push(format!("ring {}", l.ring));
-            }
+    match l.stale {
+        Stale::PipeFusion {
+            stages, patches, ..
+        } => parts.push(format!("pipefusion {stages} ({patches} patches)")),
+        Stale::Displaced { rotate: true, .. } => {
+            parts.push(format!("displaced {} rotating", l.ring))
         }
+        Stale::Displaced { .. } => parts.push(format!("displaced {}", l.ring)),
+        Stale::Exact => {}
+    }
+    if l.ring > 1 && !l.is_displaced() {
+        parts.push(format!("ring {}", l.ring));
     }
     if l.ulysses > 1 {
         parts.push(format!("ulysses {}", l.ulysses));
@@ -512,8 +510,7 @@ pub fn layouts(n: usize, heads: usize, blocks: usize, true_cfg: bool) -> Vec<Par
             for rotate in [false, true] {
                 out.push(ParallelLayout {
                     ring: rest,
-                    displaced_warmup: Some(1),
-                    displaced_rotate: rotate,
+                    stale: Stale::Displaced { warmup: 1, rotate },
                     ..base
                 });
             }
@@ -521,9 +518,13 @@ pub fn layouts(n: usize, heads: usize, blocks: usize, true_cfg: bool) -> Vec<Par
         for p in (2..=rest.min(blocks)).filter(|p| rest % p == 0) {
             for patches in [p, 2 * p] {
                 out.push(ParallelLayout {
-                    pipeline: p,
                     ulysses: rest / p,
-                    pipeline_patches: (patches != p).then_some(patches),
+                    stale: Stale::PipeFusion {
+                        stages: p,
+                        patches,
+                        warmup: 1,
+                        balance: super::pipefusion::StageBalance::Work,
+                    },
                     ..base
                 });
             }
@@ -575,10 +576,16 @@ pub fn predict(
             (0.0, 0.0)
         }
     };
-    let (compute, comm, calls, exact) = if layout.pipeline > 1 {
-        let p = layout.pipeline as f64;
-        let m = layout.patches() as f64;
-        let warm = (layout.pipeline_warmup() as f64).min(steps);
+    let (compute, comm, calls, exact) = if let Stale::PipeFusion {
+        stages,
+        patches,
+        warmup,
+        ..
+    } = layout.stale
+    {
+        let p = stages as f64;
+        let m = patches as f64;
+        let warm = (warmup as f64).min(steps);
         let stage_blocks = blocks / p;
         // After warm-up: M patches of L/M tokens (split u ways inside the stage).
         let q = l / m / u;
@@ -622,23 +629,19 @@ pub fn predict(
         };
         // Each rank's K and V (its heads' share) to every other ring member.
         let kv_bytes = 2.0 * s.rows_bytes(q) * (r - 1.0) * branches;
-        match layout.displaced_warmup {
-            Some(w) => {
-                let warm = (w as f64).min(steps);
+        match layout.stale {
+            Stale::Displaced { warmup, rotate } => {
+                let warm = (warmup as f64).min(steps);
                 let exchange = link.time_s(2.0 * blocks, kv_bytes * blocks);
                 let base = link.time_s(end_calls + cfg_calls, end_bytes + cfg_bytes);
                 // After warm-up the refresh runs beside the compute; rotating sends nothing.
-                let stale = if layout.displaced_rotate {
+                let stale = if rotate {
                     base
                 } else {
                     base + (exchange - compute).max(0.0)
                 };
                 let avg = |a: f64, b: f64| (warm * a + (steps - warm) * b) / steps;
-                let stale_calls = if layout.displaced_rotate {
-                    0.0
-                } else {
-                    2.0 * blocks
-                };
+                let stale_calls = if rotate { 0.0 } else { 2.0 * blocks };
                 (
                     compute,
                     avg(exchange + base, stale),
@@ -646,7 +649,7 @@ pub fn predict(
                     false,
                 )
             }
-            None => {
+            Stale::Exact | Stale::PipeFusion { .. } => {
                 let (uc, ub) = ulysses_block(l / r, 2.0);
                 let ring_calls = (r - 1.0) * blocks;
                 let calls = uc * blocks + ring_calls + end_calls + cfg_calls;
@@ -724,7 +727,7 @@ pub fn auto_layout(
     let exact = ranked.iter().find(|p| p.exact)?;
     let pipe = ranked
         .iter()
-        .find(|p| p.layout.pipeline > 1 && p.layout.displaced_warmup.is_none());
+        .find(|p| matches!(p.layout.stale, Stale::PipeFusion { .. }));
     let chosen = match pipe {
         Some(p) if p.step_s * APPROXIMATE_MARGIN < exact.step_s => p,
         _ => exact,
@@ -970,7 +973,7 @@ mod tests {
             )
             .expect("a layout");
             // The fastest exact layout, or PipeFusion by the margin.
-            assert!(a == want.layout || (a.pipeline > 1), "{a:?} vs {want:?}");
+            assert!(a == want.layout || (a.pipeline() > 1), "{a:?} vs {want:?}");
         }
         // No calibration for the link or the GPU: the rule of thumb.
         for h in [
@@ -995,7 +998,7 @@ mod tests {
             model_fits_one: false,
             ..hints
         };
-        assert_eq!(ParallelLayout::auto_with(2, 24, false, big).0.pipeline, 2);
+        assert_eq!(ParallelLayout::auto_with(2, 24, false, big).0.pipeline(), 2);
         // CPU workers: the built-in CPU calibration.
         let cpu = AutoHints {
             hardware: Hardware::Cpu,

@@ -38,8 +38,13 @@ impl Fingerprint {
     }
 
     pub fn from_bytes(b: &[u8], rank: usize) -> Result<Self> {
-        serde_json::from_slice(b)
-            .map_err(|e| Error::Image(format!("rank {rank} sent a malformed job fingerprint: {e}")))
+        serde_json::from_slice(b).map_err(|e| {
+            Error::rank(
+                rank,
+                "while joining",
+                format!("a malformed job fingerprint: {e}"),
+            )
+        })
     }
 
     /// Compare rank `me`'s fingerprint (`self`) with rank `other`'s: the first field that differs
@@ -57,14 +62,14 @@ impl Fingerprint {
                 } else {
                     ((their, other), (mine.as_str(), me))
                 };
-                return Err(Error::Image(format!(
+                return Err(Error::Rendezvous(format!(
                     "the ranks were started for different jobs: {field} is {a:?} on rank {ra} \
                      and {b:?} on rank {rb}; start every rank with the same settings"
                 )));
             }
         }
         if let Some((field, their)) = theirs.0.iter().find(|(f, _)| self.get(f).is_none()) {
-            return Err(Error::Image(format!(
+            return Err(Error::Rendezvous(format!(
                 "the ranks were started for different jobs: rank {other} has {field} = {their:?} \
                  and rank {me} none (different Parallax versions?)"
             )));

@@ -8,52 +8,7 @@
 
 use crate::error::{Error, Result};
 
-/// Degrees of each kind of parallelism.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ParallelLayout {
-    pub dp: usize,
-    pub cfg: usize,
-    /// PipeFusion stages ([`super::pipefusion`]): the blocks split over this many ranks, patches
-    /// pipelined through them.
-    pub pipeline: usize,
-    pub ring: usize,
-    pub ulysses: usize,
-    /// Displaced patch parallelism over the ring axis (DistriFusion; [`super::displaced`]):
-    /// `Some(w)` runs `w` warm-up forwards exactly (every rank's K/V gathered), then each rank
-    /// attends to the others' K/V from the previous forward. `None`: ring attention, exact.
-    #[serde(default)]
-    pub displaced_warmup: Option<usize>,
-    /// With displaced patches: rotate which patch each rank computes and exchange no K/V after
-    /// the warm-up (piflux).
-    #[serde(default)]
-    pub displaced_rotate: bool,
-    /// PipeFusion: patches per step (`None`: one per stage).
-    #[serde(default)]
-    pub pipeline_patches: Option<usize>,
-    /// PipeFusion: exact warm-up steps before patches read stale K/V (`None`: 1).
-    #[serde(default)]
-    pub pipeline_warmup: Option<usize>,
-    /// PipeFusion: how the blocks are split over the stages.
-    #[serde(default)]
-    pub pipeline_balance: super::pipefusion::StageBalance,
-}
-
-impl Default for ParallelLayout {
-    fn default() -> Self {
-        Self {
-            dp: 1,
-            cfg: 1,
-            pipeline: 1,
-            ring: 1,
-            ulysses: 1,
-            displaced_warmup: None,
-            displaced_rotate: false,
-            pipeline_patches: None,
-            pipeline_warmup: None,
-            pipeline_balance: super::pipefusion::StageBalance::Work,
-        }
-    }
-}
+pub use super::layout::{ParallelLayout, Stale};
 
 /// How the devices of a placement are linked, as `nvidia-smi topo -m` tells.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,25 +120,6 @@ pub struct Coords {
 }
 
 impl ParallelLayout {
-    pub fn world(&self) -> usize {
-        self.dp * self.cfg * self.pipeline * self.ring * self.ulysses
-    }
-
-    /// PipeFusion's patches per step (one per stage unless set).
-    pub fn patches(&self) -> usize {
-        self.pipeline_patches.unwrap_or(self.pipeline)
-    }
-
-    /// PipeFusion's exact warm-up steps (1 unless set).
-    pub fn pipeline_warmup(&self) -> usize {
-        self.pipeline_warmup.unwrap_or(1)
-    }
-
-    /// Sequence-parallel degree (ring x Ulysses).
-    pub fn sp(&self) -> usize {
-        self.ring * self.ulysses
-    }
-
     /// A layout for `devices` workers and a model with `heads` attention heads: CFG over two
     /// groups when true CFG is on and the count is even, then Ulysses as wide as divides the heads
     /// (the best single-node choice on NVLink per the published FLUX scaling), ring for the rest.
@@ -229,12 +165,16 @@ impl ParallelLayout {
         if let Some(why) = pipe_why {
             let layout = Self {
                 cfg,
-                pipeline: rest,
-                // A model no single device holds: even out the stages' weights.
-                pipeline_balance: if hints.model_fits_one {
-                    super::pipefusion::StageBalance::Work
-                } else {
-                    super::pipefusion::StageBalance::Memory
+                stale: Stale::PipeFusion {
+                    stages: rest,
+                    patches: rest,
+                    warmup: 1,
+                    // A model no single device holds: even out the stages' weights.
+                    balance: if hints.model_fits_one {
+                        super::pipefusion::StageBalance::Work
+                    } else {
+                        super::pipefusion::StageBalance::Memory
+                    },
                 },
                 ..Self::default()
             };
@@ -275,36 +215,33 @@ pub struct Mesh {
 impl Mesh {
     /// Check `layout` against the workers present and the model before anything is loaded.
     pub fn new(layout: ParallelLayout, devices: usize, heads: usize) -> Result<Self> {
-        let desc = match layout.displaced_warmup {
-            None if layout.pipeline > 1 => format!(
-                "dp {} x cfg {} x pipefusion {} ({} patches, warm-up {})",
-                layout.dp,
-                layout.cfg,
-                layout.pipeline,
-                layout.patches(),
-                layout.pipeline_warmup()
+        let desc = match layout.stale {
+            Stale::PipeFusion {
+                stages,
+                patches,
+                warmup,
+                ..
+            } => format!(
+                "dp {} x cfg {} x pipefusion {stages} ({patches} patches, warm-up {warmup})",
+                layout.dp, layout.cfg,
             ),
-            None => format!(
-                "dp {} x cfg {} x pipeline {} x ring {} x ulysses {}",
-                layout.dp, layout.cfg, layout.pipeline, layout.ring, layout.ulysses
+            Stale::Exact => format!(
+                "dp {} x cfg {} x pipeline 1 x ring {} x ulysses {}",
+                layout.dp, layout.cfg, layout.ring, layout.ulysses
             ),
-            Some(w) => format!(
-                "dp {} x cfg {} x displaced {}{} (warm-up {w})",
+            Stale::Displaced { warmup, rotate } => format!(
+                "dp {} x cfg {} x displaced {}{} (warm-up {warmup})",
                 layout.dp,
                 layout.cfg,
                 layout.ring,
-                if layout.displaced_rotate {
-                    ", rotating"
-                } else {
-                    ""
-                }
+                if rotate { ", rotating" } else { "" }
             ),
         };
         let bad = |reason: String| Error::setting("parallel layout", &desc, reason);
         if [
             layout.dp,
             layout.cfg,
-            layout.pipeline,
+            layout.pipeline(),
             layout.ring,
             layout.ulysses,
         ]
@@ -317,31 +254,37 @@ impl Mesh {
                 "CFG parallelism has two branches: its degree is 1 or 2".into(),
             ));
         }
-        if layout.pipeline > 1 {
-            if layout.ring > 1 || layout.displaced_warmup.is_some() {
+        if let Stale::PipeFusion {
+            stages,
+            patches,
+            warmup,
+            ..
+        } = layout.stale
+        {
+            if stages < 2 {
+                return Err(bad(
+                    "PipeFusion splits the blocks over at least 2 stages".into()
+                ));
+            }
+            if layout.ring > 1 {
                 return Err(bad(
                     "ring attention or displaced patches inside a PipeFusion stage are not built: give --pipefusion with --ulysses, --cfg and --dp".into(),
                 ));
             }
-            if layout.patches() == 0 {
+            if patches == 0 {
                 return Err(bad("PipeFusion needs at least one patch".into()));
             }
-            if layout.patches() > MAX_PATCHES {
+            if patches > MAX_PATCHES {
                 return Err(bad(format!(
                     "PipeFusion takes at most {MAX_PATCHES} patches a step (each patch is a pass \
                      through every stage; more only adds overhead)"
                 )));
             }
-            if layout.pipeline_warmup() == 0 {
+            if warmup == 0 {
                 return Err(bad(
                     "PipeFusion needs at least one warm-up step (it fills the keys and values the patches read)".into(),
                 ));
             }
-        } else if layout.pipeline_patches.is_some()
-            || layout.pipeline_warmup.is_some()
-            || layout.pipeline_balance != super::pipefusion::StageBalance::Work
-        {
-            return Err(bad("patches and warm-up are PipeFusion options".into()));
         }
         if layout.world() > devices {
             return Err(bad(format!(
@@ -355,10 +298,7 @@ impl Mesh {
                 layout.world()
             )));
         }
-        if layout.displaced_rotate && layout.displaced_warmup.is_none() {
-            return Err(bad("rotating patches is a displaced-patch option".into()));
-        }
-        if layout.displaced_warmup.is_some() && layout.ulysses != 1 {
+        if layout.is_displaced() && layout.ulysses != 1 {
             return Err(bad(
                 "displaced patches run over the ring axis alone: Ulysses must be 1".into(),
             ));
@@ -382,7 +322,7 @@ impl Mesh {
 
     fn dims(&self) -> [usize; 5] {
         let l = self.layout;
-        [l.dp, l.cfg, l.pipeline, l.ring, l.ulysses]
+        [l.dp, l.cfg, l.pipeline(), l.ring, l.ulysses]
     }
 
     /// Where `rank` sits on each axis.
@@ -416,7 +356,7 @@ impl Mesh {
         let n = match axis {
             Axis::Dp => self.layout.dp,
             Axis::Cfg => self.layout.cfg,
-            Axis::Pipeline => self.layout.pipeline,
+            Axis::Pipeline => self.layout.pipeline(),
             Axis::Ring => self.layout.ring,
             Axis::Ulysses => self.layout.ulysses,
         };
@@ -468,7 +408,6 @@ mod tests {
         ParallelLayout {
             dp,
             cfg,
-            pipeline: 1,
             ring,
             ulysses,
             ..ParallelLayout::default()
@@ -532,20 +471,23 @@ mod tests {
             ..AutoHints::default()
         };
         let (a, why) = ParallelLayout::auto_with(4, 24, false, pcie);
-        assert_eq!((a.pipeline, a.ulysses, a.ring), (4, 1, 1));
+        assert_eq!((a.pipeline(), a.ulysses, a.ring), (4, 1, 1));
         assert!(why.contains("PCIe"), "{why}");
         let (a, _) = ParallelLayout::auto_with(4, 24, true, pcie);
-        assert_eq!((a.cfg, a.pipeline), (2, 2));
+        assert_eq!((a.cfg, a.pipeline()), (2, 2));
         let big = AutoHints {
             model_fits_one: false,
             ..AutoHints::default()
         };
         let (a, why) = ParallelLayout::auto_with(2, 24, false, big);
-        assert_eq!(a.pipeline, 2);
-        assert_eq!(
-            a.pipeline_balance,
-            super::super::pipefusion::StageBalance::Memory
-        );
+        assert_eq!(a.pipeline(), 2);
+        assert!(matches!(
+            a.stale,
+            Stale::PipeFusion {
+                balance: super::super::pipefusion::StageBalance::Memory,
+                ..
+            }
+        ));
         assert!(why.contains("1/2 of the blocks"), "{why}");
         // NVLink (or not known): Ulysses as before; never more stages than blocks.
         let nv = AutoHints {
@@ -554,7 +496,7 @@ mod tests {
         };
         assert_eq!(ParallelLayout::auto_with(4, 24, false, nv).0.ulysses, 4);
         let few = AutoHints { blocks: 3, ..pcie };
-        assert_eq!(ParallelLayout::auto_with(4, 24, false, few).0.pipeline, 1);
+        assert_eq!(ParallelLayout::auto_with(4, 24, false, few).0.pipeline(), 1);
         for n in 1..=8 {
             for hints in [pcie, big, nv] {
                 let (a, _) = ParallelLayout::auto_with(n, 24, n % 2 == 0, hints);

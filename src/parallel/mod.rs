@@ -3,8 +3,10 @@
 //! - [`comm`]: the communicator trait (all-gather, all-to-all, all-reduce, broadcast, send/recv)
 //!   and its in-process implementation, where worker threads stand in for GPUs.
 //! - [`nccl`] (`cuda` feature): the communicator over NCCL, one rank per GPU.
-//! - [`mesh`]: one object that factors the workers into data-parallel x CFG x ring x Ulysses
-//!   degrees and hands each strategy its group.
+//! - [`layout`]: one description of a parallel layout (the degrees and the stale-activation
+//!   strategy), for the CLI, the studio and the engine alike.
+//! - [`mesh`]: one object that factors the workers into data-parallel x CFG x pipeline x ring x
+//!   Ulysses degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
 //! - [`sp`]: a whole transformer step over a sequence-parallel group (token counts that do not
 //!   divide by the group size are padded to equal shards).
@@ -14,8 +16,8 @@
 //!   communicator over it for CPU ranks.
 //! - [`cost`]: the predicted step time of every layout (compute measured on one device, each
 //!   link's per-call latency and bandwidth); `parallax plan` prints it, `--parallel auto` uses it.
-//! - [`traffic`]: the bytes each rank sends, counted on a live group and predicted for FLUX's
-//!   shapes.
+//! - `traffic` (tests only): the bytes each rank sends, counted on a live group and predicted
+//!   for FLUX's shapes.
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
 //! - [`pipefusion`]: PipeFusion (blocks split into stages, patches pipelined through them).
 //! - [`refusal`]: what a sound layout still refuses for one request (true CFG, cache, blocks).
@@ -30,6 +32,7 @@ pub mod cost;
 pub mod displaced;
 pub mod fault;
 pub mod fingerprint;
+pub mod layout;
 pub mod mesh;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -44,6 +47,7 @@ pub mod store_auth;
 pub mod store_server;
 #[cfg(test)]
 pub(crate) mod test_steps;
-pub mod traffic;
+#[cfg(test)]
+pub(crate) mod traffic;
 pub mod ulysses;
 pub mod vae;

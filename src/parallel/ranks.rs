@@ -9,7 +9,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 
 use super::comm::{Communicator, LocalComm};
-use super::mesh::{Axis, Mesh, ParallelLayout};
+use super::mesh::{Axis, Mesh, ParallelLayout, Stale};
 use super::ulysses::UspAttention;
 use crate::error::{Error, Result};
 use crate::model::family::Denoiser;
@@ -57,7 +57,7 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
     let mut world = by_axis("world", vec![(0..n).collect()])?;
     let mut sp = by_axis("sp", sp_groups.clone())?;
     // Displaced patches gather in the background over a second communicator of the same ranks.
-    let mut refresh = if mesh.layout().displaced_warmup.is_some() {
+    let mut refresh = if mesh.layout().is_displaced() {
         by_axis("sp-refresh", sp_groups)?
     } else {
         vec![None; n]
@@ -69,8 +69,7 @@ pub fn rank_groups(mesh: &Mesh, local: &[usize], make: &mut MakeGroup) -> Result
     local
         .iter()
         .map(|&r| {
-            let missing =
-                || Error::Candle(candle_core::Error::Msg(format!("rank {r} is in no group")));
+            let missing = || Error::rank(r, "while its groups were made", "it is in no group");
             let take = |v: &mut Vec<Option<Arc<dyn Communicator>>>| {
                 v.get_mut(r).and_then(Option::take).ok_or_else(missing)
             };
@@ -270,12 +269,15 @@ fn run_ranks(
 ) -> Result<(Tensor, CacheStats)> {
     let n = mesh.world();
     if groups.len() != n || models.len() != n {
-        return Err(Error::Candle(candle_core::Error::Msg(format!(
-            "{} ranks, {} communicator sets, {} models",
-            n,
-            groups.len(),
-            models.len()
-        ))));
+        return Err(Error::runtime(
+            "cannot start the ranks",
+            format!(
+                "{} ranks, {} communicator sets, {} models",
+                n,
+                groups.len(),
+                models.len()
+            ),
+        ));
     }
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<RankMsg>();
@@ -300,9 +302,7 @@ fn run_ranks(
                 for g in &handles {
                     g.abort("a rank thread could not start");
                 }
-                return Err(Error::Candle(candle_core::Error::Msg(format!(
-                    "cannot start the thread of rank {rank}: {e}"
-                ))));
+                return Err(Error::rank(rank, "while its thread was started", e));
             }
         }
     }
@@ -401,7 +401,7 @@ fn run_ranks(
     if let Some(e) = first_err {
         return Err(e);
     }
-    rank0.ok_or_else(|| Error::Candle(candle_core::Error::Msg("rank 0 returned nothing".into())))
+    rank0.ok_or_else(|| Error::rank(0, "while denoising", "it returned no latent"))
 }
 
 /// How long the ranks still out get to return once their group is aborted before they are left
@@ -432,7 +432,7 @@ fn spawn_rank(
             // and report why.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let local_job = job_on(&job, model.device())
-                    .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("inputs: {e}"))))?;
+                    .map_err(|e| Error::rank(rank, "while copying the job's inputs", e))?;
                 denoise_rank(
                     model.as_ref(),
                     &local_job,
@@ -461,9 +461,11 @@ fn spawn_rank(
                     .cloned()
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "a panic".into());
-                Err(Error::Candle(candle_core::Error::Msg(format!(
-                    "rank {rank} panicked: {what}"
-                ))))
+                Err(Error::rank(
+                    rank,
+                    "while denoising",
+                    format!("it panicked: {what}"),
+                ))
             });
             if let Err(e) = &r {
                 if !matches!(e, Error::Cancelled) {
@@ -533,19 +535,26 @@ pub fn denoise_rank(
 ) -> Result<(Tensor, CacheStats)> {
     let layout = mesh.layout();
     let device = model.device().clone();
-    let model: Box<dyn Denoiser> = if layout.pipeline > 1 {
-        Box::new(super::pipefusion::PipeFusion::replica_of(
+    let model: Box<dyn Denoiser> = match layout.stale {
+        Stale::PipeFusion {
+            patches,
+            warmup,
+            balance,
+            ..
+        } => Box::new(super::pipefusion::PipeFusion::replica_of(
             model,
             groups.pipe.clone(),
             (layout.ulysses > 1).then(|| groups.ulysses.clone()),
-            layout.patches(),
-            layout.pipeline_warmup(),
-            layout.pipeline_balance,
-        )?)
-    } else {
-        // The replica's own handle on the whole model (a shallow copy of its weights' handles).
-        let whole = model.keep_blocks(model.held_blocks());
-        Box::new(sequence_replica(whole, mesh, groups)?)
+            patches,
+            warmup,
+            balance,
+        )?),
+        Stale::Exact | Stale::Displaced { .. } => {
+            // The replica's own handle on the whole model (a shallow copy of its weights'
+            // handles).
+            let whole = model.keep_blocks(model.held_blocks());
+            Box::new(sequence_replica(whole, mesh, groups)?)
+        }
     };
     // With a CFG pair, this rank runs one branch and trades velocities with its twin.
     let cfg_pair =
@@ -578,27 +587,25 @@ fn sequence_replica(
     mesh: &Mesh,
     groups: &RankGroups,
 ) -> Result<super::replica::SpReplica> {
-    let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().displaced_warmup {
-        Some(warmup) => {
+    let rotate = matches!(mesh.layout().stale, Stale::Displaced { rotate: true, .. });
+    let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().stale {
+        Stale::Displaced { warmup, .. } => {
             let refresh = groups.refresh.clone().ok_or_else(|| {
-                Error::Candle(candle_core::Error::Msg(
-                    "displaced patches: no refresh communicator".into(),
-                ))
+                Error::runtime(
+                    "cannot run displaced patches",
+                    "no refresh communicator was made",
+                )
             })?;
             let d = super::displaced::DisplacedAttention::new(groups.sp.clone(), refresh, warmup)?;
-            Arc::new(if mesh.layout().displaced_rotate {
-                d.rotating()
-            } else {
-                d
-            })
+            Arc::new(if rotate { d.rotating() } else { d })
         }
-        None => Arc::new(UspAttention::new(
+        Stale::Exact | Stale::PipeFusion { .. } => Arc::new(UspAttention::new(
             groups.ulysses.clone(),
             groups.ring.clone(),
         )),
     };
     let mut replica = super::replica::SpReplica::new(model, groups.sp.clone(), attn);
-    if mesh.layout().displaced_rotate {
+    if rotate {
         replica = replica.with_patch_rotation();
     }
     Ok(replica)
@@ -726,9 +733,10 @@ where
         .into_iter()
         .map(|s| {
             s.unwrap_or_else(|| {
-                Err(Error::Candle(candle_core::Error::Msg(
-                    "a data-parallel group panicked".into(),
-                )))
+                Err(Error::runtime(
+                    "a data-parallel group",
+                    "its thread panicked",
+                ))
             })
         })
         .collect()
@@ -808,7 +816,10 @@ mod tests {
         for n in [2, 4] {
             let displaced = |warmup| ParallelLayout {
                 ring: n,
-                displaced_warmup: Some(warmup),
+                stale: Stale::Displaced {
+                    warmup,
+                    rotate: false,
+                },
                 ..ParallelLayout::default()
             };
             // Warm-up through every step: every forward gathers fresh K/V, the exact image.
@@ -832,7 +843,7 @@ mod tests {
         };
         let l = ParallelLayout {
             ring: 2,
-            displaced_warmup: Some(1),
+            stale: Stale::displaced(),
             ..ParallelLayout::default()
         };
         assert!(matches!(
@@ -854,9 +865,12 @@ mod tests {
         };
         let one = p.generate(&r, &mut |_| Ok(()))?;
         let pipe = |stages, patches, warmup| ParallelLayout {
-            pipeline: stages,
-            pipeline_patches: Some(patches),
-            pipeline_warmup: Some(warmup),
+            stale: Stale::PipeFusion {
+                stages,
+                patches,
+                warmup,
+                balance: super::super::pipefusion::StageBalance::Work,
+            },
             ..ParallelLayout::default()
         };
         for (stages, patches) in [(2, 2), (2, 3), (4, 4)] {

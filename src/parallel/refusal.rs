@@ -3,7 +3,7 @@
 //! of the degrees alone. The engine refuses a job with [`check`] before its first step; the
 //! studio runs the same check as the user types and words each [`Refusal`] in its own terms.
 
-use super::mesh::ParallelLayout;
+use super::mesh::{ParallelLayout, Stale};
 use crate::error::Error;
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::GenerateRequest;
@@ -27,31 +27,26 @@ pub enum Refusal {
 /// The first reason `layout` cannot run `req` on a model of `blocks` blocks, if any.
 pub fn check(layout: ParallelLayout, req: &GenerateRequest, blocks: usize) -> Option<Refusal> {
     let true_cfg = req.true_cfg.unwrap_or(1.0) > 1.0;
-    let stale = if layout.displaced_warmup.is_some() {
-        Some("displaced")
-    } else if layout.pipeline > 1 {
-        Some("pipefusion")
-    } else {
-        None
+    let stale = match layout.stale {
+        Stale::Exact => None,
+        Stale::Displaced { .. } => Some("displaced"),
+        Stale::PipeFusion { .. } => Some("pipefusion"),
     };
     if let Some(what) = stale {
         if layout.cfg == 1 && true_cfg {
             return Some(Refusal::StaleNeedsCfg2 { what });
         }
     }
-    if layout.pipeline > 1 {
+    if let Stale::PipeFusion {
+        stages, patches, ..
+    } = layout.stale
+    {
         let tokens = (req.width / 16) * (req.height / 16);
-        if layout.patches() > tokens {
-            return Some(Refusal::TooManyPatches {
-                patches: layout.patches(),
-                tokens,
-            });
+        if patches > tokens {
+            return Some(Refusal::TooManyPatches { patches, tokens });
         }
-        if layout.pipeline > blocks {
-            return Some(Refusal::TooManyStages {
-                stages: layout.pipeline,
-                blocks,
-            });
+        if stages > blocks {
+            return Some(Refusal::TooManyStages { stages, blocks });
         }
         let cache = req.cache_spec();
         if cache != CacheSpec::None {

@@ -26,7 +26,7 @@ use super::store_server::{self, FAILED, GET, MAX_MESSAGE, MAX_VALUE, MAX_WORLD, 
 use crate::error::{Error, Result};
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
-    Error::Image(format!("rendezvous: {what}: {e}"))
+    Error::Rendezvous(format!("rendezvous: {what}: {e}"))
 }
 
 /// An error on an established connection to the store: one that says the connection was closed
@@ -35,7 +35,7 @@ fn conn_err(what: &str, e: std::io::Error) -> Error {
     use std::io::ErrorKind as K;
     match e.kind() {
         K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => {
-            Error::Image(format!(
+            Error::Rendezvous(format!(
                 "rendezvous: {what}: the store closed the connection ({e}): rank 0, whose \
                  process serves the store, has exited or was killed"
             ))
@@ -126,7 +126,7 @@ impl Secret {
             Secret::Known(t) => Ok(t.clone()),
             Secret::LocalFile(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| {
-                    Error::Image(format!("no worker token at {}: {e}", p.display()))
+                    Error::Rendezvous(format!("no worker token at {}: {e}", p.display()))
                 })?;
                 Token::from_text(&text, "token file")
             }
@@ -217,7 +217,7 @@ impl Store {
         // Barrier: everyone says hello and waits for everyone, at most `timeout` for the
         // others to start.
         store.exchange("hello", b"1", timeout).map_err(|e| {
-            Error::Image(format!(
+            Error::Rendezvous(format!(
                 "rendezvous at {addr}: waiting for all {world} ranks to join (at \
                      most {:.0} s; start every rank with the same --init and --world): {e}",
                 timeout.as_secs_f64()
@@ -243,7 +243,7 @@ impl Store {
     /// An error once a read has timed out on this connection (see `out_of_step`).
     fn in_step(&self) -> Result<()> {
         match self.out_of_step.lock().ok().and_then(|o| o.clone()) {
-            Some(why) => Err(Error::Image(format!(
+            Some(why) => Err(Error::Rendezvous(format!(
                 "rank {}: the store connection is unusable after an earlier timeout ({why})",
                 self.rank
             ))),
@@ -286,7 +286,7 @@ impl Store {
             for r in 1..self.world {
                 self.get_within("done", Some(self.timeout), r)
                     .map_err(|e| {
-                        Error::Image(format!(
+                        Error::Rendezvous(format!(
                             "waiting for rank {r} to report it was done (at most {:?}): {e}",
                             self.timeout
                         ))
@@ -304,7 +304,7 @@ impl Store {
         let mut c = self
             .conn
             .lock()
-            .map_err(|_| Error::Image("store connection poisoned".into()))?;
+            .map_err(|_| Error::Rendezvous("store connection poisoned".into()))?;
         let w = &mut c.1;
         w.write_all(&[SET])
             .and_then(|_| w.write_all(&(key.len() as u32).to_le_bytes()))
@@ -318,8 +318,9 @@ impl Store {
     }
 
     /// How long a read may wait for another rank once the ranks have exchanged anything
-    /// (default `PARALLAX_COLLECTIVE_TIMEOUT_S`, 30 s; `None`: for ever).
-    pub fn set_stall_timeout(&self, t: Option<Duration>) {
+    /// (default `PARALLAX_COLLECTIVE_TIMEOUT_S`, 30 s; `None`: for ever). Tests shorten it.
+    #[cfg(test)]
+    pub(crate) fn set_stall_timeout(&self, t: Option<Duration>) {
         if let Ok(mut s) = self.stall.lock() {
             *s = t;
         }
@@ -345,7 +346,7 @@ impl Store {
         let mut c = self
             .conn
             .lock()
-            .map_err(|_| Error::Image("store connection poisoned".into()))?;
+            .map_err(|_| Error::Rendezvous("store connection poisoned".into()))?;
         let w = &mut c.1;
         w.write_all(&[GET])
             .and_then(|_| w.write_all(&(from as u32).to_le_bytes()))
@@ -372,7 +373,7 @@ impl Store {
                 if let Ok(mut o) = self.out_of_step.lock() {
                     o.get_or_insert_with(|| msg.clone());
                 }
-                Err(Error::Image(msg))
+                Err(Error::Rendezvous(msg))
             }
             (Err(e), _) => Err(e),
         }
@@ -406,18 +407,18 @@ fn join(
             Ok((_, Outcome::Refused(m)))
                 if !(matches!(secret, Secret::LocalFile(_)) && m.contains("authentication")) =>
             {
-                return Err(Error::Image(format!(
+                return Err(Error::Rendezvous(format!(
                     "rendezvous at {addr}: rank 0's store refused rank {rank}: {m}"
                 )))
             }
             Ok((_, Outcome::NotTheStore(m))) => {
-                return Err(Error::Image(format!("rendezvous at {addr}: {m}")))
+                return Err(Error::Rendezvous(format!("rendezvous at {addr}: {m}")))
             }
             Ok((_, Outcome::Refused(m))) => m,
             Err(e) => e.to_string(),
         };
         if t0.elapsed() >= timeout {
-            return Err(Error::Image(format!(
+            return Err(Error::Rendezvous(format!(
                 "rendezvous: rank 0 never answered rank {rank} at {addr} within {:.0} s ({why})",
                 timeout.as_secs_f64()
             )));
@@ -432,7 +433,7 @@ fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
     r.read_exact(&mut n).map_err(|e| conn_err("reply", e))?;
     let len = u64::from_le_bytes(n);
     let bad =
-        |e: String| Error::Image(format!("rendezvous: a malformed reply from the store: {e}"));
+        |e: String| Error::Rendezvous(format!("rendezvous: a malformed reply from the store: {e}"));
     if len != FAILED {
         return store_server::read_bounded(r, len, MAX_VALUE, "value").map_err(bad);
     }
@@ -440,7 +441,7 @@ fn read_reply(r: &mut impl Read) -> Result<Vec<u8>> {
         .map_err(|e| conn_err("error reply", e))?;
     let msg = store_server::read_bounded(r, u64::from_le_bytes(n), MAX_MESSAGE, "message")
         .map_err(bad)?;
-    Err(Error::Image(format!(
+    Err(Error::Rendezvous(format!(
         "rendezvous: {}",
         String::from_utf8_lossy(&msg)
     )))
@@ -517,7 +518,7 @@ impl StoreComm {
             .iter()
             .position(|&m| m == store.rank())
             .ok_or_else(|| {
-                Error::Image(format!(
+                Error::Rendezvous(format!(
                     "rank {} is not in group {name} {members:?}",
                     store.rank()
                 ))

@@ -121,7 +121,7 @@ struct Transcript {
 pub fn random() -> Result<[u8; LEN]> {
     let mut b = [0u8; LEN];
     getrandom::fill(&mut b)
-        .map_err(|e| Error::Image(format!("no random bytes from the system: {e}")))?;
+        .map_err(|e| Error::Rendezvous(format!("no random bytes from the system: {e}")))?;
     Ok(b)
 }
 
@@ -267,7 +267,7 @@ pub fn local_token_path(port: u16) -> Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let uid = std::fs::metadata("/proc/self")
         .map(|m| m.uid())
-        .map_err(|e| Error::Image(format!("who am I (/proc/self): {e}")))?;
+        .map_err(|e| Error::Rendezvous(format!("who am I (/proc/self): {e}")))?;
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
@@ -276,12 +276,17 @@ pub fn local_token_path(port: u16) -> Result<PathBuf> {
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::Image(format!("cannot make {}: {e}", dir.display()))),
+        Err(e) => {
+            return Err(Error::Rendezvous(format!(
+                "cannot make {}: {e}",
+                dir.display()
+            )))
+        }
     }
     let m = std::fs::symlink_metadata(&dir)
-        .map_err(|e| Error::Image(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| Error::Rendezvous(format!("{}: {e}", dir.display())))?;
     if !m.is_dir() || m.uid() != uid || m.permissions().mode() & 0o077 != 0 {
-        return Err(Error::Image(format!(
+        return Err(Error::Rendezvous(format!(
             "{} is not a private folder of this user (it must be a folder with mode 0700): \
              the worker token is not left there; set {TOKEN_ENV} on every rank instead",
             dir.display()
@@ -304,7 +309,7 @@ pub fn write_local_token(path: &Path, token: &Token) -> Result<()> {
         .and_then(|_| std::fs::rename(&tmp, path));
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Image(format!(
+        Error::Rendezvous(format!(
             "cannot leave the worker token at {}: {e}",
             path.display()
         ))

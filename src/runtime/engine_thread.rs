@@ -160,7 +160,7 @@ impl EngineThread {
                     spec,
                     error: error.clone(),
                 });
-                return Err(Error::Image(error));
+                return Err(e);
             }
         };
         let pipeline = engine.primary();
@@ -210,7 +210,7 @@ impl EngineThread {
         let loaded = self
             .loaded
             .as_mut()
-            .ok_or_else(|| Error::Image("no model loaded".into()))?;
+            .ok_or_else(|| Error::runtime("cannot run the job", "no model is loaded"))?;
         let reqs = spec.requests();
         // Every image's cache policy is checked before the first is made: a sweep that cannot
         // make its MagCache cell (no calibration for this model) is refused whole, not after
@@ -230,7 +230,7 @@ impl EngineThread {
         let engine = &self
             .loaded
             .as_ref()
-            .ok_or_else(|| Error::Image("no model loaded".into()))?
+            .ok_or_else(|| Error::runtime("cannot run the job", "no model is loaded"))?
             .engine;
 
         if let JobSpec::Compare { .. } = spec {

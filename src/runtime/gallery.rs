@@ -99,8 +99,7 @@ impl Gallery {
         let mut text = g.settings.png_text()?;
         text.push((
             "parallax-run".into(),
-            serde_json::to_string(&run)
-                .map_err(|e| Error::Image(format!("cannot serialise run record: {e}")))?,
+            serde_json::to_string(&run).map_err(|e| Error::serialise("the run record", e))?,
         ));
         // Name: time, seed, cache policy; a counter keeps two images of one millisecond apart.
         let stem = format!(
@@ -192,11 +191,10 @@ impl Gallery {
     /// Remove an entry (only files inside this gallery's folder).
     pub fn delete(&self, path: &Path) -> Result<()> {
         if path.parent() != Some(self.dir.as_path()) {
-            return Err(Error::Image(format!(
-                "{} is not in the gallery folder {}",
-                path.display(),
-                self.dir.display()
-            )));
+            return Err(Error::runtime(
+                format!("cannot delete {}", path.display()),
+                format!("it is not in the gallery folder {}", self.dir.display()),
+            ));
         }
         std::fs::remove_file(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),

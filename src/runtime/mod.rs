@@ -54,7 +54,9 @@ pub struct RuntimeOptions {
     pub notify: Option<Notify>,
 }
 
-enum Command {
+/// What a [`Runtime`] handle asks of the scheduler ([`EngineMsg`] is what the scheduler asks of
+/// the engine thread).
+enum SchedulerMsg {
     /// A job, and the model and workers it runs on (`None`: whatever is configured then).
     Submit(JobId, JobSpec, Option<Box<EngineSpec>>),
     Cancel(JobId),
@@ -65,7 +67,7 @@ enum Command {
 
 /// A running runtime. Dropping it cancels the running job and waits for the engine thread.
 pub struct Runtime {
-    cmds: tokio::sync::mpsc::UnboundedSender<Command>,
+    cmds: tokio::sync::mpsc::UnboundedSender<SchedulerMsg>,
     events: mpsc::Receiver<Event>,
     next_id: AtomicU64,
     tokio: Option<tokio::runtime::Runtime>,
@@ -86,7 +88,7 @@ impl Runtime {
             .thread_name("parallax-scheduler")
             .enable_time()
             .build()
-            .map_err(|e| Error::Image(format!("cannot start the runtime: {e}")))?;
+            .map_err(|e| Error::runtime("cannot start the runtime", e))?;
         let (cmds, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
         let (work_tx, work_rx) = mpsc::channel();
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -94,7 +96,7 @@ impl Runtime {
         let engine = std::thread::Builder::new()
             .name("parallax-engine".into())
             .spawn(move || thread.serve(work_rx, done_tx))
-            .map_err(|e| Error::Image(format!("cannot start the engine thread: {e}")))?;
+            .map_err(|e| Error::runtime("cannot start the engine thread", e))?;
         tokio.spawn(schedule(cmd_rx, work_tx, done_rx, emit));
         Ok(Self {
             cmds,
@@ -119,25 +121,25 @@ impl Runtime {
 
     fn send_job(&self, spec: JobSpec, engine: Option<Box<EngineSpec>>) -> JobId {
         let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let _ = self.cmds.send(Command::Submit(id, spec, engine));
+        let _ = self.cmds.send(SchedulerMsg::Submit(id, spec, engine));
         id
     }
 
     /// Reorder the jobs waiting in the queue: those in `order` first, in that order; the others
     /// after them as they were. Jobs already running or over are ignored.
     pub fn reorder(&self, order: Vec<JobId>) {
-        let _ = self.cmds.send(Command::Reorder(order));
+        let _ = self.cmds.send(SchedulerMsg::Reorder(order));
     }
 
     /// Stop a job at its next step, or drop it from the queue.
     pub fn cancel(&self, job: JobId) {
-        let _ = self.cmds.send(Command::Cancel(job));
+        let _ = self.cmds.send(SchedulerMsg::Cancel(job));
     }
 
     /// Use this model and these workers for the jobs queued after this call; loads now if the
     /// model or device changed.
     pub fn configure(&self, spec: EngineSpec) {
-        let _ = self.cmds.send(Command::Configure(spec));
+        let _ = self.cmds.send(SchedulerMsg::Configure(spec));
     }
 
     /// The next event, if one is waiting.
@@ -177,7 +179,7 @@ impl Drop for Runtime {
 
 /// The scheduler: queue, cancel, hand jobs to the engine one at a time.
 async fn schedule(
-    mut cmds: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    mut cmds: tokio::sync::mpsc::UnboundedReceiver<SchedulerMsg>,
     engine: mpsc::Sender<EngineMsg>,
     mut done: tokio::sync::mpsc::UnboundedReceiver<JobId>,
     emit: Emitter,
@@ -210,11 +212,11 @@ async fn schedule(
         }
         tokio::select! {
             cmd = cmds.recv() => match cmd {
-                Some(Command::Submit(job, spec, on)) => {
+                Some(SchedulerMsg::Submit(job, spec, on)) => {
                     queue.push_back((job, spec, on));
                     emit.emit(Event::Queued { job, position: queue.len() + usize::from(running.is_some()) - 1 });
                 }
-                Some(Command::Cancel(job)) => {
+                Some(SchedulerMsg::Cancel(job)) => {
                     if let Some((id, flag)) = &running {
                         if *id == job {
                             flag.store(true, Ordering::Relaxed);
@@ -226,10 +228,10 @@ async fn schedule(
                         emit.emit(Event::Cancelled { job });
                     }
                 }
-                Some(Command::Configure(spec)) => {
+                Some(SchedulerMsg::Configure(spec)) => {
                     let _ = engine.send(EngineMsg::Configure(spec));
                 }
-                Some(Command::Reorder(order)) => {
+                Some(SchedulerMsg::Reorder(order)) => {
                     let rank = |id: &JobId| order.iter().position(|o| o == id).unwrap_or(order.len());
                     // Stable: jobs not named keep their order, after the named ones.
                     queue.make_contiguous().sort_by_key(|(id, ..)| rank(id));

@@ -7,7 +7,10 @@ use egui::RichText;
 
 use crate::app::state::{ModelShape, Settings};
 use crate::device::GpuInfo;
+use crate::engine::placement::MAX_CPU_WORKERS;
 use crate::engine::Devices;
+use crate::parallel::layout::Stale;
+use crate::parallel::pipefusion::StageBalance;
 
 /// What the devices panel draws from and edits.
 pub struct DevicesPanel<'a> {
@@ -65,7 +68,7 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
         ui.end_row();
         if matches!(Devices::parse(&settings.device), Ok(Devices::Cpu(1))) {
             let l = ui.label("CPU workers");
-            ui.add(egui::DragValue::new(&mut settings.workers).range(1..=64))
+            ui.add(egui::DragValue::new(&mut settings.workers).range(1..=MAX_CPU_WORKERS))
                 .labelled_by(l.id);
             ui.end_row();
         }
@@ -81,10 +84,10 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
     if !settings.layout_auto {
         ui.horizontal_wrapped(|ui| {
             for (label, v) in [
-                ("ulysses", &mut settings.ulysses),
-                ("ring", &mut settings.ring),
-                ("cfg", &mut settings.cfg),
-                ("dp", &mut settings.dp),
+                ("ulysses", &mut settings.layout.ulysses),
+                ("ring", &mut settings.layout.ring),
+                ("cfg", &mut settings.layout.cfg),
+                ("dp", &mut settings.layout.dp),
             ] {
                 let l = ui.label(label);
                 let r = ui
@@ -99,7 +102,7 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
             }
         });
         ui.horizontal_wrapped(|ui| {
-            let mut on = settings.displaced_warmup.is_some();
+            let mut on = settings.layout.is_displaced();
             if ui
                 .checkbox(&mut on, "displaced patches")
                 .on_hover_text(
@@ -109,22 +112,22 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
                 )
                 .changed()
             {
-                settings.displaced_warmup = on.then_some(1);
+                settings.layout.stale = if on { Stale::displaced() } else { Stale::Exact };
             }
-            if let Some(w) = &mut settings.displaced_warmup {
+            if let Stale::Displaced { warmup, rotate } = &mut settings.layout.stale {
                 let l = ui.label("warm-up");
-                ui.add(egui::DragValue::new(w).range(0..=64))
+                ui.add(egui::DragValue::new(warmup).range(0..=64))
                     .labelled_by(l.id);
-                ui.checkbox(&mut settings.displaced_rotate, "rotate")
-                    .on_hover_text(
-                        "piflux: each step every worker computes the next patch round, and no \
+                ui.checkbox(rotate, "rotate").on_hover_text(
+                    "piflux: each step every worker computes the next patch round, and no \
                          keys or values are exchanged after the warm-up",
-                    );
+                );
             }
         });
         ui.horizontal_wrapped(|ui| {
             let l = ui.label("pipefusion");
-            ui.add(egui::DragValue::new(&mut settings.pipeline).range(1..=64))
+            let mut stages = settings.layout.pipeline();
+            ui.add(egui::DragValue::new(&mut stages).range(1..=64))
                 .labelled_by(l.id)
                 .on_hover_text(
                     "PipeFusion stages: the blocks split over that many workers (each holds only \
@@ -132,20 +135,45 @@ pub fn show(ui: &mut egui::Ui, p: DevicesPanel<'_>) {
                      patches not yet computed this step from the previous step. 1: off. Ring 1 \
                      (Ulysses runs inside each stage); no cache policy.",
                 );
-            if settings.pipeline > 1 {
-                for (label, v, min) in [
-                    ("patches", &mut settings.pipeline_patches, 1),
-                    ("warm-up", &mut settings.pipeline_warmup, 1),
-                ] {
+            settings.layout.stale = match settings.layout.stale {
+                // The patches, warm-up and balance stay as set when the stages change.
+                Stale::PipeFusion { .. } if stages < 2 => Stale::Exact,
+                Stale::PipeFusion {
+                    patches,
+                    warmup,
+                    balance,
+                    ..
+                } => Stale::PipeFusion {
+                    stages,
+                    patches,
+                    warmup,
+                    balance,
+                },
+                other if stages < 2 => other,
+                _ => Stale::pipefusion(stages),
+            };
+            if let Stale::PipeFusion {
+                patches,
+                warmup,
+                balance,
+                ..
+            } = &mut settings.layout.stale
+            {
+                for (label, v, min) in [("patches", patches, 1), ("warm-up", warmup, 1)] {
                     let l = ui.label(label);
                     ui.add(egui::DragValue::new(v).range(min..=64))
                         .labelled_by(l.id);
                 }
-                ui.checkbox(&mut settings.pipeline_by_memory, "by memory")
-                    .on_hover_text(
-                        "Split the blocks by weight bytes (a double block holds 2.4 times a \
+                let mut by_memory = *balance == StageBalance::Memory;
+                ui.checkbox(&mut by_memory, "by memory").on_hover_text(
+                    "Split the blocks by weight bytes (a double block holds 2.4 times a \
                          single one's) rather than by work: for a model no single GPU holds",
-                    );
+                );
+                *balance = if by_memory {
+                    StageBalance::Memory
+                } else {
+                    StageBalance::Work
+                };
             }
         });
     }

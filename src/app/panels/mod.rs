@@ -1,7 +1,7 @@
 //! The panels around the tabs: [`settings`] on the left (model, prompt, sampling, Generate and
 //! Compare) with [`devices`] (GPUs, device list, layout), [`progress`] above the tabs. The message log at the bottom is
 //! [`super::messages::MessageLog::show`]. Panels edit the settings and queue
-//! [`super::command::Command`]s; they never act on the runtime.
+//! [`super::action::Action`]s; they never act on the runtime.
 
 pub mod devices;
 pub mod progress;

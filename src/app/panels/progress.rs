@@ -4,14 +4,14 @@
 
 use egui::RichText;
 
-use crate::app::command::{Command, Commands};
+use crate::app::action::{Action, Actions};
 use crate::app::view::{JobView, QueuedJob};
 
-/// What the progress panel draws from, and where its buttons' commands go.
+/// What the progress panel draws from, and where its buttons' actions go.
 pub struct ProgressPanel<'a> {
     pub job: Option<&'a JobView>,
     pub queue: &'a [QueuedJob],
-    pub cmds: &'a mut Commands,
+    pub cmds: &'a mut Actions,
 }
 
 pub fn show(ui: &mut egui::Ui, p: ProgressPanel<'_>) {
@@ -33,20 +33,20 @@ pub fn show(ui: &mut egui::Ui, p: ProgressPanel<'_>) {
                 .add_enabled(i > 0, egui::Button::new("up").small())
                 .on_hover_text("earlier");
             if up.clicked() {
-                cmds.push(Command::MoveQueued(q.id, true));
+                cmds.push(Action::MoveQueued(q.id, true));
             }
             let down = ui
                 .add_enabled(i + 1 < queue.len(), egui::Button::new("down").small())
                 .on_hover_text("later");
             if down.clicked() {
-                cmds.push(Command::MoveQueued(q.id, false));
+                cmds.push(Action::MoveQueued(q.id, false));
             }
             if ui
                 .small_button("remove")
                 .on_hover_text("take it out of the queue")
                 .clicked()
             {
-                cmds.push(Command::CancelQueued(q.id));
+                cmds.push(Action::CancelQueued(q.id));
             }
             let what = if q.compare { "compare: " } else { "" };
             ui.label(RichText::new(format!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use egui::{Color32, RichText};
 
-use crate::app::command::{Command, Commands};
+use crate::app::action::{Action, Actions};
 use crate::app::state::{size_warning, Settings, DEMO_SIZE, PRESETS};
 use crate::app::view::{CacheListField, ListField, ListItem, ModelStatus, ThresholdField};
 use crate::pipeline::cache::{CacheSpec, PRESET_NAMES};
@@ -26,7 +26,7 @@ pub struct Panel<'a> {
     pub warning: Option<&'a str>,
     pub thresholds: &'a mut ThresholdField,
     pub caches: &'a mut CacheListField,
-    pub cmds: &'a mut Commands,
+    pub cmds: &'a mut Actions,
 }
 
 const WARN: Color32 = Color32::from_rgb(230, 180, 60);
@@ -45,7 +45,7 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .on_hover_text("a .safetensors file or a model folder")
             .clicked()
         {
-            p.cmds.push(Command::OpenModelDialog);
+            p.cmds.push(Action::OpenModelDialog);
         }
     });
     ui.horizontal(|ui| {
@@ -55,18 +55,18 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                 .on_hover_text(format!("--model {value}"))
                 .clicked()
             {
-                p.cmds.push(Command::UseModel(value.into()));
+                p.cmds.push(Action::UseModel(value.into()));
             }
         }
         if ui.small_button("Load").clicked() {
-            p.cmds.push(Command::LoadModel);
+            p.cmds.push(Action::LoadModel);
         }
         if ui
             .small_button("Download…")
             .on_hover_text("fetch a model from the Hugging Face Hub into its cache")
             .clicked()
         {
-            p.cmds.push(Command::ToggleDownload);
+            p.cmds.push(Action::ToggleDownload);
         }
     });
     if p.hf_models.is_empty() {
@@ -80,7 +80,7 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                         .selectable_label(p.settings.model == *repo, repo)
                         .clicked()
                     {
-                        p.cmds.push(Command::UseModel(repo.clone()));
+                        p.cmds.push(Action::UseModel(repo.clone()));
                     }
                 }
             })
@@ -101,7 +101,7 @@ pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                         .on_hover_text(&full)
                         .clicked()
                     {
-                        p.cmds.push(Command::UseModel(full));
+                        p.cmds.push(Action::UseModel(full));
                     }
                 }
             })
@@ -441,7 +441,7 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .on_disabled_hover_text(hover)
             .clicked()
         {
-            p.cmds.push(Command::Generate);
+            p.cmds.push(Action::Generate);
         }
         let l = ui.label("batch");
         ui.add(egui::DragValue::new(&mut p.settings.batch).range(1..=100))
@@ -454,7 +454,7 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
             .on_hover_text("Esc")
             .clicked()
         {
-            p.cmds.push(Command::Cancel);
+            p.cmds.push(Action::Cancel);
         }
     });
     // Wide enough for the default lists; the text is kept as typed and parsed as it changes.
@@ -492,7 +492,7 @@ pub fn actions(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         .on_disabled_hover_text("fix the thresholds, the policies or the settings above first")
         .clicked()
     {
-        p.cmds.push(Command::Compare);
+        p.cmds.push(Action::Compare);
     }
 }
 

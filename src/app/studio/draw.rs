@@ -1,5 +1,5 @@
 //! Drawing the window: the settings panel on the left, the tab bar, the progress strip and the
-//! tab in the middle. Drawing only reads state and queues [`Command`]s; it never acts.
+//! tab in the middle. Drawing only reads state and queues [`Action`]s; it never acts.
 
 use super::*;
 
@@ -42,7 +42,7 @@ impl StudioApp {
             self.say(done.text, done.error);
             if let Some(m) = done.model {
                 self.view.hf_models = crate::model::layout::list_hf_cache();
-                self.cmds.push(Command::UseModel(m));
+                self.cmds.push(Action::UseModel(m));
             }
         }
         let mut p = self.panel(&none);
@@ -73,15 +73,15 @@ impl StudioApp {
                 (Tab::Gallery, "Gallery"),
             ] {
                 if ui.selectable_label(self.view.tab == t, label).clicked() {
-                    self.cmds.push(Command::SelectTab(t));
+                    self.cmds.push(Action::SelectTab(t));
                 }
             }
             ui.separator();
             if ui.button("Export PNG…").clicked() {
-                self.cmds.push(Command::Export);
+                self.cmds.push(Action::Export);
             }
             if ui.button("Screenshot…").clicked() {
-                self.cmds.push(Command::Screenshot);
+                self.cmds.push(Action::Screenshot);
             }
         });
     }

@@ -1,4 +1,4 @@
-//! What the studio does when asked: every [`Command`] a panel, a key or a script queued is applied
+//! What the studio does when asked: every [`Action`] a panel, a key or a script queued is applied
 //! here, in one place after drawing (start a job or queue it, reorder and cancel, open, delete and
 //! export images, the dialogs' answers).
 
@@ -207,31 +207,31 @@ impl StudioApp {
     }
 
     /// Queue an action; it is applied after this frame's drawing.
-    pub fn queue(&mut self, c: Command) {
+    pub fn queue(&mut self, c: Action) {
         self.cmds.push(c);
     }
 
-    /// Apply one command: every user action goes through here.
-    pub fn apply(&mut self, ctx: &egui::Context, c: Command) {
+    /// Apply one action: every user action goes through here.
+    pub fn apply(&mut self, ctx: &egui::Context, c: Action) {
         match c {
-            Command::Generate => self.generate(),
-            Command::Compare => self.start_compare(),
-            Command::Cancel => self.cancel(),
-            Command::MoveQueued(id, earlier) => self.move_queued(id, earlier),
-            Command::CancelQueued(id) => self.cancel_queued(id),
-            Command::LoadModel => self.runtime.configure(self.settings.engine_spec()),
-            Command::UseModel(m) => {
+            Action::Generate => self.generate(),
+            Action::Compare => self.start_compare(),
+            Action::Cancel => self.cancel(),
+            Action::MoveQueued(id, earlier) => self.move_queued(id, earlier),
+            Action::CancelQueued(id) => self.cancel_queued(id),
+            Action::LoadModel => self.runtime.configure(self.settings.engine_spec()),
+            Action::UseModel(m) => {
                 self.settings.model = m;
                 self.runtime.configure(self.settings.engine_spec());
             }
-            Command::OpenModelDialog => {
+            Action::OpenModelDialog => {
                 self.dialogs.ask(
                     &self.runtime,
                     PathRequest::OpenModel,
                     self.dialog_tx.clone(),
                 );
             }
-            Command::Export => match self.current_image() {
+            Action::Export => match self.current_image() {
                 Some(r) => {
                     let name = format!("parallax-{}.png", r.generated.settings.seed);
                     let req = PathRequest::ExportImage { name, result: r };
@@ -239,35 +239,35 @@ impl StudioApp {
                 }
                 None => self.say("nothing to export yet", true),
             },
-            Command::Screenshot => {
+            Action::Screenshot => {
                 self.dialogs.ask(
                     &self.runtime,
                     PathRequest::Screenshot,
                     self.dialog_tx.clone(),
                 );
             }
-            Command::SelectTab(t) => {
+            Action::SelectTab(t) => {
                 if t == Tab::Gallery {
                     self.view.gallery.dirty = true;
                 }
                 self.view.tab = t;
             }
-            Command::Restore(path) => {
+            Action::Restore(path) => {
                 if let Some(s) = self.gallery_entry(&path).map(|e| e.settings.clone()) {
                     self.settings.restore(&s);
                     self.runtime.configure(self.settings.engine_spec());
                     self.say(format!("settings restored from {}", path.display()), false);
                 }
             }
-            Command::RecallFrom(path) => self.recall_from(&path),
-            Command::OpenImage(path) => self.open_image(ctx, &path),
-            Command::CloseImage => self.view.gallery.opened = None,
-            Command::AskDelete(path) => self.view.gallery.confirm_delete = Some(path),
-            Command::KeepImage => self.view.gallery.confirm_delete = None,
-            Command::Delete(path) => self.delete_image(&path),
-            Command::SubmitPath => self.submit_path(ctx),
-            Command::ClosePathPrompt => self.view.path_prompt = None,
-            Command::ToggleDownload => self.download.toggle(),
+            Action::RecallFrom(path) => self.recall_from(&path),
+            Action::OpenImage(path) => self.open_image(ctx, &path),
+            Action::CloseImage => self.view.gallery.opened = None,
+            Action::AskDelete(path) => self.view.gallery.confirm_delete = Some(path),
+            Action::KeepImage => self.view.gallery.confirm_delete = None,
+            Action::Delete(path) => self.delete_image(&path),
+            Action::SubmitPath => self.submit_path(ctx),
+            Action::ClosePathPrompt => self.view.path_prompt = None,
+            Action::ToggleDownload => self.download.toggle(),
         }
     }
 
@@ -358,27 +358,17 @@ impl StudioApp {
         }
     }
 
-    /// Export the image on screen through the save dialog.
-    pub fn export_current(&mut self) {
-        self.queue(Command::Export);
-    }
-
-    /// Save a screenshot of the window through the save dialog.
-    pub fn screenshot(&mut self) {
-        self.queue(Command::Screenshot);
-    }
-
     // ----- drawing -------------------------------------------------------------------------
 
     pub(super) fn keys(&mut self, ctx: &egui::Context) {
         if ctx.input_mut(|i| i.consume_key(Modifiers::COMMAND, Key::Enter)) {
-            self.cmds.push(Command::Generate);
+            self.cmds.push(Action::Generate);
         }
         if ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape)) {
             if self.view.path_prompt.is_some() {
-                self.cmds.push(Command::ClosePathPrompt);
+                self.cmds.push(Action::ClosePathPrompt);
             } else {
-                self.cmds.push(Command::Cancel);
+                self.cmds.push(Action::Cancel);
             }
         }
     }

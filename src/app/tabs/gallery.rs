@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use egui::{Color32, RichText, TextureHandle, TextureOptions};
 
 use super::fit;
-use crate::app::command::{Command, Commands};
+use crate::app::action::{Action, Actions};
 use crate::app::view::{color_image, full_uv, GalleryView};
 use crate::runtime::gallery::{self, Entry};
 
@@ -33,7 +33,7 @@ pub struct GalleryTab<'a> {
     pub view: &'a GalleryView,
     pub dir: Option<&'a Path>,
     pub thumbs: &'a mut Thumbs,
-    pub cmds: &'a mut Commands,
+    pub cmds: &'a mut Actions,
 }
 
 pub fn show(ui: &mut egui::Ui, t: GalleryTab<'_>) {
@@ -133,7 +133,7 @@ fn cell(
     view: &GalleryView,
     thumbs: &mut Thumbs,
     loads: &mut usize,
-    cmds: &mut Commands,
+    cmds: &mut Actions,
 ) {
     thumbnail(ui, thumbs, e, loads);
     let size = egui::vec2(THUMB as f32, THUMB as f32);
@@ -157,7 +157,7 @@ fn cell(
         }
     };
     if r.on_hover_text("open large").clicked() {
-        cmds.push(Command::OpenImage(e.path.clone()));
+        cmds.push(Action::OpenImage(e.path.clone()));
     }
     let prompt: String = e.settings.prompt.chars().take(40).collect();
     ui.label(RichText::new(prompt).small());
@@ -172,15 +172,15 @@ fn cell(
 }
 
 /// Restore and Delete, or the delete confirmation for this image.
-fn buttons(ui: &mut egui::Ui, e: &Entry, view: &GalleryView, cmds: &mut Commands) {
+fn buttons(ui: &mut egui::Ui, e: &Entry, view: &GalleryView, cmds: &mut Actions) {
     if view.confirm_delete.as_deref() == Some(e.path.as_path()) {
         ui.label(RichText::new("Delete this image?").color(Color32::LIGHT_RED));
         ui.horizontal(|ui| {
             if ui.small_button("Yes, delete").clicked() {
-                cmds.push(Command::Delete(e.path.clone()));
+                cmds.push(Action::Delete(e.path.clone()));
             }
             if ui.small_button("Keep").clicked() {
-                cmds.push(Command::KeepImage);
+                cmds.push(Action::KeepImage);
             }
         });
         return;
@@ -191,14 +191,14 @@ fn buttons(ui: &mut egui::Ui, e: &Entry, view: &GalleryView, cmds: &mut Commands
             .on_hover_text("use these settings")
             .clicked()
         {
-            cmds.push(Command::Restore(e.path.clone()));
+            cmds.push(Action::Restore(e.path.clone()));
         }
         if ui
             .small_button("Delete")
             .on_hover_text("remove the file (asks first)")
             .clicked()
         {
-            cmds.push(Command::AskDelete(e.path.clone()));
+            cmds.push(Action::AskDelete(e.path.clone()));
         }
     });
 }
@@ -209,11 +209,11 @@ fn opened(
     e: &Entry,
     tex: &TextureHandle,
     view: &GalleryView,
-    cmds: &mut Commands,
+    cmds: &mut Actions,
 ) {
     ui.horizontal(|ui| {
         if ui.button("Back to the gallery").clicked() {
-            cmds.push(Command::CloseImage);
+            cmds.push(Action::CloseImage);
         }
         ui.label(name(e));
     });

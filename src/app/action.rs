@@ -1,4 +1,4 @@
-//! What the user asked for this frame. Panels and tabs do not act: they queue a [`Command`], and
+//! What the user asked for this frame. Panels and tabs do not act: they queue a [`Action`], and
 //! [`super::StudioApp`] applies the queue in one place after drawing (so a panel never needs the
 //! runtime, and every action has one code path whether it came from a button, a key or a script).
 
@@ -8,7 +8,7 @@ use super::view::Tab;
 use crate::runtime::JobId;
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Command {
+pub enum Action {
     /// Generate with the current settings (queued behind the running job, if any).
     Generate,
     Compare,
@@ -48,15 +48,15 @@ pub enum Command {
 
 /// The queue of one frame.
 #[derive(Debug, Default)]
-pub struct Commands(Vec<Command>);
+pub struct Actions(Vec<Action>);
 
-impl Commands {
-    pub fn push(&mut self, c: Command) {
+impl Actions {
+    pub fn push(&mut self, c: Action) {
         self.0.push(c);
     }
 
     /// Everything queued, in order, leaving the queue empty.
-    pub fn take(&mut self) -> Vec<Command> {
+    pub fn take(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.0)
     }
 }
