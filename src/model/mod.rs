@@ -10,6 +10,7 @@ pub mod export;
 pub mod family;
 pub mod flux1;
 pub mod hub;
+pub mod klein;
 pub mod layout;
 pub mod rng;
 pub mod shard;
