@@ -18,6 +18,12 @@ on fixed inputs, and writes under tests/fixtures/klein/:
       z (1, 32, 8, 8) a latent as the transformer denoises it (batch-norm normalised),
       image (1, 3, 64, 64) its decode as Flux2KleinPipeline decodes (statistics undone, then
       the autoencoder).
+  pipeline.safetensors         Flux2KleinPipeline end to end on the transformer above and this
+                               autoencoder, fed prompt embeddings and the initial noise (f32):
+      prompt, negative (1, 6, 48) text hidden states, noise (1, 16, 128) packed initial noise of
+      a 64 x 64 image, image_distilled (1, 3, 64, 64) the distilled pipeline's image in [0, 1]
+      (4 steps, no CFG), image_base the Base pipeline's (6 steps, true CFG at 4 against the
+      negative prompt).
 
 Weights are stored in f16 (to keep the files small) and the models run on exactly those values
 in f32. `cargo test --test klein` checks Parallax against these files without Python; rerun this
@@ -34,7 +40,12 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
 from diffusers.loaders.single_file_utils import (
     convert_flux2_transformer_checkpoint_to_diffusers,
     convert_ldm_vae_checkpoint,
@@ -265,7 +276,9 @@ def main():
     assert len(back) == len([k for k in decoding if k.startswith("decoder.")]), "names lost"
     save_file(half(ae), os.path.join(OUT, "ae.safetensors"))
     with open(os.path.join(OUT, "vae", "config.json"), "w") as f:
-        json.dump({"_class_name": "AutoencoderKLFlux2", **dict(vae.config)}, f, indent=2, default=list)
+        config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+        config["_class_name"] = "AutoencoderKLFlux2"
+        json.dump(config, f, indent=2, sort_keys=True, default=list)
     save_file(half(decoding), os.path.join(OUT, "vae", "diffusion_pytorch_model.safetensors"))
 
     save_file(
@@ -281,6 +294,47 @@ def main():
         },
         os.path.join(OUT, "reference.safetensors"),
     )
+    # The whole pipeline, fed the prompts' hidden states and the initial noise (the text encoder
+    # is checked on its own by scripts/qwen3-reference.py). FLUX.2's schedule: sigmas from 1 to
+    # 1/n, shifted exponentially by the pipeline's empirical mu.
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    prompt = torch.randn(1, txt_len, TRANSFORMER["joint_attention_dim"], generator=g)
+    negative = torch.randn(1, txt_len, TRANSFORMER["joint_attention_dim"], generator=g)
+    noise = torch.randn(1, 128, 4, 4, generator=g)
+    images = {}
+    for name, distilled, steps, scale in [("distilled", True, 4, 1.0), ("base", False, 6, 4.0)]:
+        pipe = Flux2KleinPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=plain,
+            is_distilled=distilled,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            latents=noise,
+            height=64,
+            width=64,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            output_type="pt",
+        )
+        images[name] = out.images
+    save_file(
+        {
+            "prompt": prompt,
+            "negative": negative,
+            "noise": Flux2KleinPipeline._pack_latents(noise).contiguous(),
+            "image_distilled": images["distilled"].contiguous(),
+            "image_base": images["base"].contiguous(),
+        },
+        os.path.join(OUT, "pipeline.safetensors"),
+    )
+    assert (images["distilled"] - images["base"]).abs().max() > 1e-2, "CFG changed nothing"
+
     for name in sorted(os.listdir(OUT)):
         print(name)
     print(

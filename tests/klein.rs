@@ -6,7 +6,9 @@
 //! autoencoder layouts); the registry tells klein's files apart. Then klein's transformer on
 //! every CPU-worker layout against one device: Ulysses 2, Ring 2, displaced patches 2 (in
 //! warm-up), PipeFusion 2 (in warm-up), true CFG split over 2, data parallel 2 and dp 2 x
-//! Ulysses 2.
+//! Ulysses 2. Last, Flux2KleinPipeline end to end (prompt embeddings and initial noise given):
+//! FLUX.2's schedule, the sampler, true CFG on the Base pipeline and the decode, the image within
+//! 1/255.
 
 #[path = "common/layouts.rs"]
 mod layouts;
@@ -23,6 +25,9 @@ use parallax::parallel::displaced::DisplacedAttention;
 use parallax::parallel::mesh::ParallelLayout;
 use parallax::parallel::ring::RingAttention;
 use parallax::parallel::ulysses::UlyssesAttention;
+use parallax::pipeline::cache::CacheSpec;
+use parallax::pipeline::sampler::{self, Conditioning, TrueCfg};
+use parallax::pipeline::schedule;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/klein")
@@ -223,4 +228,68 @@ fn klein_runs_data_parallel_and_a_mesh_through_the_engine() {
     let a = layouts::one_device(m.as_ref(), &jobs[0]);
     let b = layouts::one_device(m.as_ref(), &jobs[1]);
     assert!(layouts::rel(&a, &b) > 1e-2);
+}
+
+/// Flux2KleinPipeline's image for the stored prompt, noise and `steps`, through Parallax's
+/// sampler on FLUX.2's schedule and klein's autoencoder; true CFG against the stored negative
+/// prompt at `scale` > 1.
+fn pipeline_image(steps: usize, scale: f64) -> Tensor {
+    let dev = Device::Cpu;
+    let set = SafetensorsSet::open(&fixtures().join("pipeline.safetensors")).expect("fixture");
+    let get = |n: &str| set.load(n, DType::F32, &dev).expect(n);
+    let m = klein::load_transformer(&fixtures(), DType::F32, &dev).expect("transformer");
+    let vae = klein::load_vae(&fixtures(), DType::F32, &dev).expect("autoencoder");
+    let empty = Tensor::zeros((1, 0), DType::F32, &dev).unwrap();
+    let cond = |name: &str| Conditioning {
+        txt: get(name),
+        y: empty.clone(),
+    };
+    let (pos, neg) = (cond("prompt"), cond("negative"));
+    let noise = get("noise");
+    let pe = m.pos_embed(pos.txt.dim(1).unwrap(), 4, 4).unwrap();
+    let ts = schedule::flux2_timesteps(steps, noise.dim(1).unwrap());
+    let mut policy = CacheSpec::None.policy(None).unwrap();
+    let mut neg_policy = CacheSpec::None.policy(None).unwrap();
+    let cfg = (scale > 1.0).then(|| TrueCfg::Local {
+        neg: &neg,
+        policy: neg_policy.as_mut(),
+        scale,
+    });
+    let (x, _) = sampler::denoise_cfg(
+        &m,
+        &pos,
+        &pe,
+        noise,
+        &ts,
+        None,
+        policy.as_mut(),
+        cfg,
+        &mut |_| Ok(()),
+    )
+    .expect("denoise");
+    let z = klein::LATENT.unpack(&x, 8, 8).unwrap();
+    let image = vae.decode(&z).expect("decode");
+    ((image / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+}
+
+#[test]
+fn the_pipeline_matches_flux2_klein_pipeline() {
+    let set = SafetensorsSet::open(&fixtures().join("pipeline.safetensors")).expect("fixture");
+    for (name, steps, scale) in [("image_distilled", 4, 1.0), ("image_base", 6, 4.0)] {
+        let want = set.load(name, DType::F32, &Device::Cpu).expect(name);
+        let got = pipeline_image(steps, scale);
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("{name} ({steps} steps, CFG {scale}): largest difference {d:.2e} of a pixel");
+        assert!(d < 1.0 / 255.0, "{name}: {d}");
+    }
 }
