@@ -293,3 +293,41 @@ fn the_pipeline_matches_flux2_klein_pipeline() {
         assert!(d < 1.0 / 255.0, "{name}: {d}");
     }
 }
+
+#[test]
+fn random_klein_models_resolve_and_the_tiny_one_runs() {
+    use parallax::model::klein::RandomKlein;
+    use parallax::model::layout::{resolve, ModelSpec};
+    for (name, kind, heads) in [
+        ("random:klein-tiny", RandomKlein::Tiny, 2),
+        ("random:klein-4b", RandomKlein::FourB, 24),
+        ("random:klein-9b", RandomKlein::NineB, 32),
+    ] {
+        let r = resolve(name, None).expect(name);
+        assert!(
+            matches!(r.spec, ModelSpec::RandomKlein(k) if k == kind),
+            "{name}"
+        );
+        assert_eq!(kind.config().num_heads, heads);
+    }
+    assert!(resolve("random:klein-2b", None).is_err());
+    // The image pipeline (FLUX.1 only so far) says so rather than running something else.
+    let r = resolve("random:klein-tiny", None).unwrap();
+    let err = parallax::pipeline::Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu)
+        .expect_err("not FLUX.1");
+    assert!(err.to_string().contains("FLUX.1 models only"), "{err}");
+
+    // The tiny one: the same weights every time, a finite velocity and image.
+    let dev = Device::Cpu;
+    let (t, vae) = klein::random_model(RandomKlein::Tiny, DType::F32, &dev).expect("tiny");
+    let (t2, _) = klein::random_model(RandomKlein::Tiny, DType::F32, &dev).expect("tiny");
+    let j = layouts::job(&t, 1, 1.0);
+    let a = layouts::one_device(&t, &j);
+    let b = layouts::one_device(&t2, &j);
+    assert_eq!(layouts::rel(&a, &b), 0.0);
+    let z = klein::LATENT.unpack(&a, 8, 8).unwrap();
+    let image = vae.decode(&z).expect("decode");
+    assert_eq!(image.dims(), &[1, 3, 64, 64]);
+    let v: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+}

@@ -713,6 +713,7 @@ fn is_demo(resolved: &Resolved) -> bool {
         ModelSpec::Demo | ModelSpec::Random(Variant::Demo) => true,
         ModelSpec::Files(f) => f.demo,
         ModelSpec::Random(_) => false,
+        ModelSpec::RandomKlein(k) => *k == crate::model::klein::RandomKlein::Tiny,
     }
 }
 
@@ -1499,6 +1500,14 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             println!(
                 "  transformer: {}; T5-XXL and CLIP-L",
                 describe_blocks(&cfg)
+            );
+        }
+        ModelSpec::RandomKlein(k) => {
+            let c = k.config();
+            println!("  kind: {}", k.describe());
+            println!(
+                "  transformer: FLUX.2, hidden {}, {} heads, {} double + {} single blocks, text width {}",
+                c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.context_in_dim
             );
         }
         ModelSpec::Demo => {

@@ -144,6 +144,36 @@ impl RandomKlein {
         }
     }
 
+    /// What it is, for `parallax info` and the reasons a name resolved as it did.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Tiny => {
+                "FLUX.2 klein's structure at a tiny size, made-up weights from fixed seeds (for \
+                 tests and CPU runs; its images are noise)"
+            }
+            Self::FourB => {
+                "FLUX.2 klein 4B's sizes (transformer and autoencoder) with random weights made \
+                 on the device; not klein"
+            }
+            Self::NineB => {
+                "FLUX.2 klein 9B's sizes (transformer and autoencoder) with random weights made \
+                 on the device; not klein"
+            }
+        }
+    }
+
+    /// The error for a part of Parallax that runs FLUX.1 only (`what` it is) asked to run it.
+    pub fn unsupported(&self, what: &str) -> crate::Error {
+        crate::Error::InvalidSetting {
+            name: "model".into(),
+            value: format!("random:{}", self.name()),
+            reason: format!(
+                "{what} runs FLUX.1 models only so far; FLUX.2 klein's transformer and \
+                 autoencoder load, but not yet through it. Use a FLUX.1 model here"
+            ),
+        }
+    }
+
     pub fn config(&self) -> KleinConfig {
         match self {
             Self::Tiny => KleinConfig::tiny(),
