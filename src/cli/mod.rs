@@ -1567,7 +1567,10 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let heads = model_config(&resolved)?.num_heads;
+    let heads = match &resolved.spec {
+        ModelSpec::RandomKlein(k) => k.config().num_heads,
+        _ => model_config(&resolved)?.num_heads,
+    };
     // A placement this machine cannot run is reported, and the rest still printed.
     match a
         .parallel
