@@ -39,17 +39,19 @@ fn reference(name: &str) -> Tensor {
     set.load(name, DType::F32, &Device::Cpu).expect(name)
 }
 
+/// `max |t|`.
+fn max_abs(t: Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// `max |a - b| / max |b|`.
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let max = |t: Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max((a - b).unwrap()) / max(b.clone())
+    max_abs((a - b).unwrap()) / max_abs(b.clone())
 }
 
 fn velocity(m: &Klein, guidance: Option<&Tensor>) -> Tensor {
@@ -146,14 +148,7 @@ fn decoded_image_matches_diffusers_in_both_layouts() {
         let image = vae.decode(&z).expect("decode");
         assert_eq!(image.dims(), want.dims());
         // Pixels are (x + 1) / 2: 1/255 of a pixel is 2/255 here.
-        let d = (image - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs((image - &want).unwrap());
         eprintln!(
             "decode, {}: largest difference {:.2e} of a pixel",
             path.display(),
@@ -281,14 +276,7 @@ fn the_pipeline_matches_flux2_klein_pipeline() {
     for (name, steps, scale) in [("image_distilled", 4, 1.0), ("image_base", 6, 4.0)] {
         let want = set.load(name, DType::F32, &Device::Cpu).expect(name);
         let got = pipeline_image(steps, scale);
-        let d = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs((got - &want).unwrap());
         eprintln!("{name} ({steps} steps, CFG {scale}): largest difference {d:.2e} of a pixel");
         assert!(d < 1.0 / 255.0, "{name}: {d}");
     }

@@ -21,9 +21,10 @@ use candle_nn::VarBuilder;
 use super::config::KleinConfig;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::gemm;
-use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
+use crate::kernels::qkv_prep::qkv_prep;
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::flux1::timestep_embedding;
+use crate::model::family::Denoiser;
+use crate::model::flux1::{timestep_embedding, QkNorm};
 use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Width of the sinusoidal timestep (and guidance) embedding.
@@ -124,32 +125,9 @@ impl SharedMod {
     }
 }
 
-/// Learned RMSNorm scales of queries and keys (over the head dim).
-#[derive(Debug, Clone)]
-struct QkNorm {
-    query: Tensor,
-    key: Tensor,
-}
-
-impl QkNorm {
-    fn new(head_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            query: vb.get(head_dim, "query_norm.scale")?,
-            key: vb.get(head_dim, "key_norm.scale")?,
-        })
-    }
-
-    fn stream<'a>(&'a self, qkv: &'a Tensor) -> QkvStream<'a> {
-        QkvStream {
-            qkv,
-            q_scale: &self.query,
-            k_scale: &self.key,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        2 * self.query.elem_count() * self.query.dtype().size_in_bytes()
-    }
+/// Bytes of a QK norm's two scales.
+fn norm_bytes(n: &QkNorm) -> usize {
+    (n.query.elem_count() + n.key.elem_count()) * n.query.dtype().size_in_bytes()
 }
 
 /// `silu(a) * b` for `[a, b]` the two halves of `x`'s last axis.
@@ -191,7 +169,7 @@ impl Stream {
 
     fn bytes(&self) -> usize {
         self.qkv.bytes()
-            + self.norm.bytes()
+            + norm_bytes(&self.norm)
             + self.proj.bytes()
             + self.mlp_in.bytes()
             + self.mlp_out.bytes()
@@ -382,7 +360,7 @@ impl Klein {
             .single_blocks
             .iter()
             .flatten()
-            .map(|b| b.linear1.bytes() + b.linear2.bytes() + b.norm.bytes())
+            .map(|b| b.linear1.bytes() + b.linear2.bytes() + norm_bytes(&b.norm))
             .sum();
         double
             + single
@@ -511,14 +489,7 @@ impl Klein {
 
     /// The whole transformer: predicted velocity (B, N, packed latent channels).
     pub fn forward(&self, input: &StepInput) -> Result<Tensor> {
-        let vec = self.conditioning(input)?;
-        let ctx = BlockCtx {
-            vec,
-            pe: input.pe.clone(),
-            shards: None,
-            attention: None,
-        };
-        let s = self.embed_streams(input)?;
+        let (s, ctx) = Denoiser::embed(self, input)?;
         let s = self.run_blocks(s, &ctx, 0..self.cfg.num_blocks())?;
         self.final_layer(&s.img, &ctx)
     }
