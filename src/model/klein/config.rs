@@ -63,12 +63,12 @@ impl KleinConfig {
         }
     }
 
-    /// klein's architecture at a tiny size (`random:klein-tiny`, the reference fixtures): 2 heads
-    /// of 32, 2 double and 3 single blocks, text width 48.
+    /// klein's architecture at a tiny size (`random:klein-tiny`): 2 heads of 32, 2 double and 3
+    /// single blocks, text width 72 (three layers of the tiny Qwen3's 24, `Qwen3Config::tiny`).
     pub fn tiny() -> Self {
         Self {
             in_channels: 128,
-            context_in_dim: 48,
+            context_in_dim: 3 * 24,
             hidden_size: 64,
             num_heads: 2,
             mlp_ratio: 3.0,
