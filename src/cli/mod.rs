@@ -652,6 +652,7 @@ fn is_demo(resolved: &Resolved) -> bool {
         ModelSpec::Demo | ModelSpec::Random(Variant::Demo) => true,
         ModelSpec::Files(f) => f.demo,
         ModelSpec::Random(_) => false,
+        ModelSpec::RandomKlein(k) => *k == crate::model::klein::RandomKlein::Tiny,
     }
 }
 
@@ -1440,6 +1441,14 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 describe_blocks(&cfg)
             );
         }
+        ModelSpec::RandomKlein(k) => {
+            let c = k.config();
+            println!("  kind: {}", k.describe());
+            println!(
+                "  transformer: FLUX.2, hidden {}, {} heads, {} double + {} single blocks, text width {}",
+                c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.context_in_dim
+            );
+        }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::demo();
             println!(
@@ -1500,7 +1509,10 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let heads = model_config(&resolved)?.num_heads;
+    let heads = match &resolved.spec {
+        ModelSpec::RandomKlein(k) => k.config().num_heads,
+        _ => model_config(&resolved)?.num_heads,
+    };
     // A placement this machine cannot run is reported, and the rest still printed.
     match a
         .parallel

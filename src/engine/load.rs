@@ -286,6 +286,7 @@ pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
         ModelSpec::Random(Variant::Demo) => Ok(FluxConfig::tiny()),
         ModelSpec::Random(Variant::Schnell) => Ok(FluxConfig::schnell()),
         ModelSpec::Random(_) => Ok(FluxConfig::dev()),
+        ModelSpec::RandomKlein(k) => Err(k.unsupported("memory planning")),
         ModelSpec::Files(f) => match &f.transformer_layout {
             TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
                 layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))

@@ -183,7 +183,10 @@ pub trait Family: Send + Sync {
 
 /// The families built in. A new family is one line here (or a [`register`] call at run time).
 fn builtin() -> Vec<Arc<dyn Family>> {
-    vec![Arc::new(crate::model::flux1::Flux1Family)]
+    vec![
+        Arc::new(crate::model::flux1::Flux1Family),
+        Arc::new(crate::model::klein::KleinFamily),
+    ]
 }
 
 fn registry() -> &'static RwLock<Vec<Arc<dyn Family>>> {

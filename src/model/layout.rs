@@ -107,6 +107,9 @@ pub enum ModelSpec {
     /// FLUX.1's real sizes with random weights made on the device (`random:dev`,
     /// `random:schnell`): for measuring speed and memory without weights.
     Random(Variant),
+    /// FLUX.2 klein with random weights (`random:klein-tiny`, `random:klein-4b`,
+    /// `random:klein-9b`): [`super::klein::random_model`] makes it.
+    RandomKlein(super::klein::RandomKlein),
     Files(ModelFiles),
 }
 
@@ -155,6 +158,13 @@ pub fn resolve_parts(name: &str, parts: &PartPaths) -> Result<Resolved> {
         });
     }
     if let Some(kind) = name.strip_prefix("random:") {
+        if let Some(k) = super::klein::RandomKlein::parse(kind) {
+            reasons.push(format!("`{name}`: {}", k.describe()));
+            return Ok(Resolved {
+                spec: ModelSpec::RandomKlein(k),
+                reasons,
+            });
+        }
         let variant = match kind {
             "dev" => Variant::Dev,
             "schnell" => Variant::Schnell,
@@ -163,7 +173,7 @@ pub fn resolve_parts(name: &str, parts: &PartPaths) -> Result<Resolved> {
                 return Err(Error::UnknownLayout {
                     path: PathBuf::from(name),
                     reason: format!(
-                    "unknown random model `{other}`: use random:dev, random:schnell or random:tiny"
+                    "unknown random model `{other}`: use random:dev, random:schnell, random:tiny, random:klein-tiny, random:klein-4b or random:klein-9b"
                 ),
                 })
             }

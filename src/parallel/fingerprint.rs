@@ -89,6 +89,7 @@ pub fn model_identity(spec: &ModelSpec) -> String {
     match spec {
         ModelSpec::Demo => "demo".into(),
         ModelSpec::Random(v) => format!("random:{v:?}"),
+        ModelSpec::RandomKlein(k) => format!("random:{}", k.name()),
         ModelSpec::Files(f) => format!(
             "transformer {}, autoencoder {}",
             identity(&f.transformer),

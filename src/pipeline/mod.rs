@@ -425,6 +425,7 @@ impl Pipeline {
         let mut p = match &resolved.spec {
             ModelSpec::Demo => Self::demo(device)?,
             ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
+            ModelSpec::RandomKlein(k) => return Err(k.unsupported("the image pipeline")),
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
         if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {

@@ -43,6 +43,31 @@ pub fn timesteps(steps: usize, image_seq_len: usize, shift: bool) -> Vec<f64> {
         .collect()
 }
 
+/// FLUX.2's shift strength for `image_seq_len` tokens and `steps` steps (diffusers'
+/// `compute_empirical_mu`): beyond 4300 tokens a line in the token count alone, below it a line
+/// in the step count between the fits at 10 and at 200 steps.
+pub fn flux2_mu(image_seq_len: usize, steps: usize) -> f64 {
+    let (a1, b1) = (8.73809524e-05, 1.89833333);
+    let (a2, b2) = (0.00016927, 0.45666666);
+    let n = image_seq_len as f64;
+    if image_seq_len > 4300 {
+        return a2 * n + b2;
+    }
+    let (m200, m10) = (a2 * n + b2, a1 * n + b1);
+    let a = (m200 - m10) / 190.0;
+    a * steps as f64 + (m200 - 200.0 * a)
+}
+
+/// FLUX.2's `steps + 1` times (klein, distilled or Base): `1, ..., 1/steps` shifted by
+/// [`flux2_mu`], then 0.
+pub fn flux2_timesteps(steps: usize, image_seq_len: usize) -> Vec<f64> {
+    let mu = flux2_mu(image_seq_len, steps);
+    (0..steps)
+        .map(|i| time_shift(mu, 1.0 - i as f64 / steps as f64))
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +103,18 @@ mod tests {
             assert!(ts[i] < ts[i - 1]);
             assert!(ts[i] > 1.0 - i as f64 / 4.0);
         }
+    }
+
+    #[test]
+    fn flux2_schedule_values() {
+        // mu meets its two fits at 10 and 200 steps, and is the 200-step fit past 4300 tokens.
+        let n = 1024.0;
+        assert!((flux2_mu(1024, 200) - (0.00016927 * n + 0.45666666)).abs() < 1e-9);
+        assert!((flux2_mu(1024, 10) - (8.73809524e-05 * n + 1.89833333)).abs() < 1e-9);
+        assert_eq!(flux2_mu(5000, 4), flux2_mu(5000, 50));
+        let ts = flux2_timesteps(4, 1024);
+        assert_eq!((ts.len(), ts[0], ts[4]), (5, 1.0, 0.0));
+        let e = flux2_mu(1024, 4).exp();
+        assert!((ts[3] - e / (e + 3.0)).abs() < 1e-12);
     }
 }

@@ -128,13 +128,13 @@ impl Modulation {
 
 /// RMSNorm of queries and keys over the head dim, with learned scales.
 #[derive(Debug, Clone)]
-struct QkNorm {
-    query: Tensor,
-    key: Tensor,
+pub(crate) struct QkNorm {
+    pub(crate) query: Tensor,
+    pub(crate) key: Tensor,
 }
 
 impl QkNorm {
-    fn new(head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(head_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             query: vb.get(head_dim, "query_norm.scale")?,
             key: vb.get(head_dim, "key_norm.scale")?,
@@ -142,7 +142,7 @@ impl QkNorm {
     }
 
     /// This norm's scales with the QKV projection they apply to.
-    fn stream<'a>(&'a self, qkv: &'a Tensor) -> QkvStream<'a> {
+    pub(crate) fn stream<'a>(&'a self, qkv: &'a Tensor) -> QkvStream<'a> {
         QkvStream {
             qkv,
             q_scale: &self.query,

@@ -1,3 +1,17 @@
-//! FLUX.2 klein: its text encoder (Qwen3, [`text`]).
+//! FLUX.2 klein (4B and 9B), a model family behind [`crate::model::family`]'s traits: its
+//! transformer ([`Klein`], configured by [`KleinConfig`]), its autoencoder's decoding half
+//! ([`KleinVae`], 32 latent channels normalised by batch-norm statistics), the two layouts its
+//! files come in ([`keys`]), the registry entry ([`KleinFamily`]) and its Qwen3 text encoder
+//! ([`text`]).
 
+mod config;
+mod family;
+pub mod keys;
+mod model;
 pub mod text;
+mod vae;
+
+pub use config::KleinConfig;
+pub use family::{load_transformer, load_vae, random_model, KleinFamily, RandomKlein, NAME};
+pub use model::Klein;
+pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};

@@ -1,0 +1,230 @@
+//! FLUX.2 klein's transformer hyper-parameters ([`KleinConfig`]): the 4B and 9B checkpoints, the
+//! tiny size the tests and `random:klein-tiny` use, and a diffusers `transformer/config.json`
+//! read into one.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Architecture hyper-parameters of a FLUX.2 transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KleinConfig {
+    /// Packed latent channels: 32 latent channels x 2x2 patches.
+    pub in_channels: usize,
+    /// Width of the text hidden states (three Qwen3 layers joined).
+    pub context_in_dim: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    /// SwiGLU hidden width over the model width.
+    pub mlp_ratio: f64,
+    /// Double-stream blocks.
+    pub depth: usize,
+    /// Single-stream blocks.
+    pub depth_single_blocks: usize,
+    /// RoPE dimensions per position axis (time, row, column, text index); they sum to the head
+    /// dim.
+    pub axes_dim: Vec<usize>,
+    pub theta: f64,
+    /// Whether the transformer embeds a guidance strength (FLUX.2-dev does; klein does not:
+    /// its distilled checkpoints take no guidance at all, its Base ones take true CFG).
+    pub guidance_embed: bool,
+}
+
+impl KleinConfig {
+    /// FLUX.2 klein 4B (distilled and Base share it): 24 heads of 128, 5 double and 20 single
+    /// blocks, Qwen3-4B's hidden width 2560 from three layers (7680).
+    pub fn klein_4b() -> Self {
+        Self {
+            in_channels: 128,
+            context_in_dim: 3 * 2560,
+            hidden_size: 24 * 128,
+            num_heads: 24,
+            mlp_ratio: 3.0,
+            depth: 5,
+            depth_single_blocks: 20,
+            axes_dim: vec![32, 32, 32, 32],
+            theta: 2000.0,
+            guidance_embed: false,
+        }
+    }
+
+    /// FLUX.2 klein 9B: 32 heads of 128, 8 double and 24 single blocks, Qwen3-8B's hidden width
+    /// 4096 from three layers (12288).
+    pub fn klein_9b() -> Self {
+        Self {
+            context_in_dim: 3 * 4096,
+            hidden_size: 32 * 128,
+            num_heads: 32,
+            depth: 8,
+            depth_single_blocks: 24,
+            ..Self::klein_4b()
+        }
+    }
+
+    /// klein's architecture at a tiny size (`random:klein-tiny`): 2 heads of 32, 2 double and 3
+    /// single blocks, text width 72 (three layers of the tiny Qwen3's 24, `Qwen3Config::tiny`).
+    pub fn tiny() -> Self {
+        Self {
+            in_channels: 128,
+            context_in_dim: 3 * 24,
+            hidden_size: 64,
+            num_heads: 2,
+            mlp_ratio: 3.0,
+            depth: 2,
+            depth_single_blocks: 3,
+            axes_dim: vec![8, 8, 8, 8],
+            theta: 2000.0,
+            guidance_embed: false,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads.max(1)
+    }
+
+    /// The SwiGLU's hidden width (its input projection is twice this).
+    pub fn mlp_hidden(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Total blocks, double then single.
+    pub fn num_blocks(&self) -> usize {
+        self.depth + self.depth_single_blocks
+    }
+
+    /// Check internal consistency (used on configs read from files).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return Err(format!(
+                "hidden size {} is not divisible by {} heads",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        let sum: usize = self.axes_dim.iter().sum();
+        if sum != self.head_dim() || self.axes_dim.iter().any(|a| a % 2 != 0) {
+            return Err(format!(
+                "RoPE axes {:?} must be even and sum to the head dim {}",
+                self.axes_dim,
+                self.head_dim()
+            ));
+        }
+        if self.in_channels == 0 || self.num_blocks() == 0 || self.mlp_hidden() == 0 {
+            return Err("model has no input channels, no blocks or no MLP".into());
+        }
+        Ok(())
+    }
+
+    /// Parameters of each block in the unified numbering (double blocks first): products and
+    /// QK-norm scales (no biases; the shared modulations are outside the blocks).
+    pub fn block_params(&self) -> Vec<u64> {
+        let h = self.hidden_size as u64;
+        let m = self.mlp_hidden() as u64;
+        let d = self.head_dim() as u64;
+        // Per stream: qkv, proj, SwiGLU in (2m) and out, two QK norms.
+        let stream = 3 * h * h + h * h + h * 2 * m + m * h + 2 * d;
+        let single = h * (3 * h + 2 * m) + (h + m) * h + 2 * d;
+        std::iter::repeat_n(2 * stream, self.depth)
+            .chain(std::iter::repeat_n(single, self.depth_single_blocks))
+            .collect()
+    }
+
+    /// Read a diffusers `transformer/config.json` (a `Flux2Transformer2DModel` config).
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let text = crate::files::read_regular_text(path)?;
+        Self::from_diffusers_str(&text, path)
+    }
+
+    /// [`KleinConfig::from_diffusers_json`] on the file's text (`path` is used in messages only).
+    pub fn from_diffusers_str(text: &str, path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Raw {
+            attention_head_dim: usize,
+            num_attention_heads: usize,
+            num_layers: usize,
+            num_single_layers: usize,
+            #[serde(default = "in_channels")]
+            in_channels: usize,
+            joint_attention_dim: usize,
+            #[serde(default = "mlp_ratio")]
+            mlp_ratio: f64,
+            #[serde(default)]
+            guidance_embeds: Option<bool>,
+            #[serde(default)]
+            axes_dims_rope: Option<Vec<usize>>,
+            #[serde(default)]
+            rope_theta: Option<f64>,
+        }
+        fn in_channels() -> usize {
+            128
+        }
+        fn mlp_ratio() -> f64 {
+            3.0
+        }
+        let bad = |reason: String| Error::BadConfig {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw: Raw = serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "not a diffusers Flux2Transformer2DModel config: {e}"
+            ))
+        })?;
+        let cfg = Self {
+            in_channels: raw.in_channels,
+            context_in_dim: raw.joint_attention_dim,
+            hidden_size: raw.attention_head_dim * raw.num_attention_heads,
+            num_heads: raw.num_attention_heads,
+            mlp_ratio: raw.mlp_ratio,
+            depth: raw.num_layers,
+            depth_single_blocks: raw.num_single_layers,
+            axes_dim: raw.axes_dims_rope.unwrap_or_else(|| vec![32, 32, 32, 32]),
+            theta: raw.rope_theta.unwrap_or(2000.0),
+            // diffusers' default is true (FLUX.2-dev); klein's configs say false.
+            guidance_embed: raw.guidance_embeds.unwrap_or(true),
+        };
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_sizes() {
+        // The blocks hold nearly all of the parameters (the checkpoints' 4B and 9B count the
+        // embedders and the shared modulations too: 0.2 and 0.3 billion more).
+        for (cfg, range) in [
+            (KleinConfig::klein_4b(), 3.5..4.0),
+            (KleinConfig::klein_9b(), 8.5..9.0),
+        ] {
+            cfg.validate().unwrap();
+            assert_eq!(cfg.head_dim(), 128);
+            let b: u64 = cfg.block_params().iter().sum();
+            let g = b as f64 / 1e9;
+            assert!(range.contains(&g), "{g}");
+        }
+        KleinConfig::tiny().validate().unwrap();
+    }
+
+    #[test]
+    fn diffusers_config() {
+        let p = Path::new("transformer/config.json");
+        let text = r#"{"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
+            "axes_dims_rope": [32, 32, 32, 32], "eps": 1e-06, "guidance_embeds": false,
+            "in_channels": 128, "joint_attention_dim": 7680, "mlp_ratio": 3.0,
+            "num_attention_heads": 24, "num_layers": 5, "num_single_layers": 20,
+            "out_channels": null, "patch_size": 1, "rope_theta": 2000,
+            "timestep_guidance_channels": 256}"#;
+        assert_eq!(
+            KleinConfig::from_diffusers_str(text, p).unwrap(),
+            KleinConfig::klein_4b()
+        );
+        assert!(KleinConfig::from_diffusers_str("{}", p).is_err());
+        let odd = text.replace("[32, 32, 32, 32]", "[32, 32, 32, 30]");
+        assert!(KleinConfig::from_diffusers_str(&odd, p).is_err());
+    }
+}

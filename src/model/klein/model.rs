@@ -1,0 +1,554 @@
+//! The FLUX.2 transformer klein uses: FLUX.1's double- then single-stream layout with no biases
+//! anywhere, SwiGLU MLPs, one adaLN modulation per kind of block shared by every block of that
+//! kind (the double blocks' image stream, their text stream, the single blocks), the single
+//! blocks' q, k, v and SwiGLU input in one product, and a 4-axis RoPE (theta 2000) over (time,
+//! row, column, text index).
+//!
+//! Tensor names are Black Forest Labs' (`double_blocks.0.img_attn.qkv.weight`,
+//! `double_stream_modulation_img.lin.weight`, ...); diffusers' names map onto them through
+//! [`super::keys::KleinDiffusersMap`]. The forward pass is split into the stage API's pieces
+//! ([`Klein::conditioning`], [`Klein::embed_streams`], [`Klein::run_blocks`],
+//! [`Klein::final_layer`]) as FLUX.1's is, and uses the same kernels: the fused LayerNorm +
+//! modulation, the gated residual, the QKV split + QK-norm + RoPE, and the attention a parallel
+//! strategy puts in the block context.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::KleinConfig;
+use crate::kernels::elementwise::{gated_residual, ln_modulate};
+use crate::kernels::gemm;
+use crate::kernels::qkv_prep::qkv_prep;
+use crate::model::attention::{Attention, LocalAttention};
+use crate::model::family::Denoiser;
+use crate::model::flux1::{timestep_embedding, QkNorm};
+use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
+
+/// Width of the sinusoidal timestep (and guidance) embedding.
+const TIME_CHANNELS: usize = 256;
+
+/// A linear layer without bias, `x Wᵀ`.
+#[derive(Debug, Clone)]
+struct Proj {
+    w: Tensor,
+}
+
+impl Proj {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            w: vb.get((out_dim, in_dim), "weight")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        gemm::linear(x, &self.w, None, false)
+    }
+
+    fn bytes(&self) -> usize {
+        self.w.elem_count() * self.w.dtype().size_in_bytes()
+    }
+}
+
+/// `out_layer(silu(in_layer(x)))`.
+#[derive(Debug, Clone)]
+struct Embedder {
+    in_layer: Proj,
+    out_layer: Proj,
+}
+
+impl Embedder {
+    fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            in_layer: Proj::new(in_dim, hidden, vb.pp("in_layer"))?,
+            out_layer: Proj::new(hidden, hidden, vb.pp("out_layer"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+
+    fn bytes(&self) -> usize {
+        self.in_layer.bytes() + self.out_layer.bytes()
+    }
+}
+
+/// Shift, scale and gate of one modulated sub-block, each (B, 1, hidden).
+#[derive(Debug, Clone)]
+struct Mod {
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+}
+
+impl Mod {
+    /// LayerNorm(x) * (1 + scale) + shift
+    fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        ln_modulate(x, &self.shift, &self.scale)
+    }
+
+    /// x + gate * u
+    fn add(&self, x: &Tensor, u: &Tensor) -> Result<Tensor> {
+        gated_residual(x, &self.gate, u)
+    }
+}
+
+/// A modulation shared by every block of one kind: `lin(silu(vec))` split into `sets`
+/// (shift, scale, gate) triples.
+#[derive(Debug, Clone)]
+struct SharedMod {
+    lin: Proj,
+    sets: usize,
+}
+
+impl SharedMod {
+    fn new(h: usize, sets: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            lin: Proj::new(h, 3 * sets * h, vb.pp("lin"))?,
+            sets,
+        })
+    }
+
+    fn forward(&self, vec: &Tensor) -> Result<Vec<Mod>> {
+        let out = self.lin.forward(&vec.silu()?)?.unsqueeze(1)?;
+        let c = out.chunk(3 * self.sets, D::Minus1)?;
+        Ok(c.chunks(3)
+            .map(|m| Mod {
+                shift: m[0].clone(),
+                scale: m[1].clone(),
+                gate: m[2].clone(),
+            })
+            .collect())
+    }
+}
+
+/// Bytes of a QK norm's two scales.
+fn norm_bytes(n: &QkNorm) -> usize {
+    (n.query.elem_count() + n.key.elem_count()) * n.query.dtype().size_in_bytes()
+}
+
+/// `silu(a) * b` for `[a, b]` the two halves of `x`'s last axis.
+fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let m = x.dim(D::Minus1)? / 2;
+    x.narrow(D::Minus1, 0, m)?.silu()? * x.narrow(D::Minus1, m, m)?
+}
+
+/// One stream of a double block: attention projections, QK norms, SwiGLU MLP.
+#[derive(Debug, Clone)]
+struct Stream {
+    qkv: Proj,
+    norm: QkNorm,
+    proj: Proj,
+    mlp_in: Proj,
+    mlp_out: Proj,
+}
+
+impl Stream {
+    fn new(cfg: &KleinConfig, vb_attn: VarBuilder, vb_mlp: VarBuilder) -> Result<Self> {
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden());
+        Ok(Self {
+            qkv: Proj::new(h, 3 * h, vb_attn.pp("qkv"))?,
+            norm: QkNorm::new(cfg.head_dim(), vb_attn.pp("norm"))?,
+            proj: Proj::new(h, h, vb_attn.pp("proj"))?,
+            mlp_in: Proj::new(h, 2 * m, vb_mlp.pp("0"))?,
+            mlp_out: Proj::new(m, h, vb_mlp.pp("2"))?,
+        })
+    }
+
+    /// The residual stream after attention output `a` and the MLP, modulated by `m`.
+    fn finish(&self, x: &Tensor, a: &Tensor, m: &[Mod]) -> Result<Tensor> {
+        let x = m[0].add(x, &self.proj.forward(a)?)?;
+        let ff = self
+            .mlp_out
+            .forward(&swiglu(&self.mlp_in.forward(&m[1].norm(&x)?)?)?)?;
+        m[1].add(&x, &ff)
+    }
+
+    fn bytes(&self) -> usize {
+        self.qkv.bytes()
+            + norm_bytes(&self.norm)
+            + self.proj.bytes()
+            + self.mlp_in.bytes()
+            + self.mlp_out.bytes()
+    }
+}
+
+/// A double-stream block: text and image keep their weights, attend jointly.
+#[derive(Debug, Clone)]
+struct DoubleBlock {
+    img: Stream,
+    txt: Stream,
+}
+
+impl DoubleBlock {
+    fn new(cfg: &KleinConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            img: Stream::new(cfg, vb.pp("img_attn"), vb.pp("img_mlp"))?,
+            txt: Stream::new(cfg, vb.pp("txt_attn"), vb.pp("txt_mlp"))?,
+        })
+    }
+}
+
+/// A single-stream block over the joined sequence: attention and SwiGLU side by side.
+#[derive(Debug, Clone)]
+struct SingleBlock {
+    /// q, k, v and the SwiGLU's two halves in one product (3h + 2m rows).
+    linear1: Proj,
+    /// The attention output and the SwiGLU's hidden, projected together (h + m columns).
+    linear2: Proj,
+    norm: QkNorm,
+}
+
+impl SingleBlock {
+    fn new(cfg: &KleinConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, m) = (cfg.hidden_size, cfg.mlp_hidden());
+        Ok(Self {
+            linear1: Proj::new(h, 3 * h + 2 * m, vb.pp("linear1"))?,
+            linear2: Proj::new(h + m, h, vb.pp("linear2"))?,
+            norm: QkNorm::new(cfg.head_dim(), vb.pp("norm"))?,
+        })
+    }
+}
+
+/// The FLUX.2 transformer (klein's sizes, or any other FLUX.2 config).
+#[derive(Clone)]
+pub struct Klein {
+    img_in: Proj,
+    txt_in: Proj,
+    time_in: Embedder,
+    guidance_in: Option<Embedder>,
+    double_mod_img: SharedMod,
+    double_mod_txt: SharedMod,
+    single_mod: SharedMod,
+    /// The blocks this replica holds (`None`: another pipeline stage's).
+    double_blocks: Vec<Option<DoubleBlock>>,
+    single_blocks: Vec<Option<SingleBlock>>,
+    /// Final adaLN, (shift, scale) in Black Forest Labs' order.
+    final_mod: Proj,
+    final_linear: Proj,
+    attention: Arc<dyn Attention>,
+    cfg: KleinConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Klein {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Klein")
+            .field("cfg", &self.cfg)
+            .field("dtype", &self.dtype)
+            .field("attention", &self.attention.name())
+            .finish()
+    }
+}
+
+impl Klein {
+    /// Load every block from `vb` (Black Forest Labs' names).
+    pub fn new(cfg: &KleinConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_stage(cfg, vb, 0..cfg.num_blocks())
+    }
+
+    /// [`Klein::new`] reading only the blocks `blocks` of the unified numbering (double blocks
+    /// first): one pipeline stage's share. Embedders, shared modulations and the final layer are
+    /// loaded on every stage.
+    pub fn new_stage(cfg: &KleinConfig, vb: VarBuilder, blocks: Range<usize>) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let h = cfg.hidden_size;
+        let double_blocks = (0..cfg.depth)
+            .map(|i| {
+                blocks
+                    .contains(&i)
+                    .then(|| DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}"))))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_blocks = (0..cfg.depth_single_blocks)
+            .map(|i| {
+                blocks
+                    .contains(&(cfg.depth + i))
+                    .then(|| SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}"))))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let guidance_in = cfg
+            .guidance_embed
+            .then(|| Embedder::new(TIME_CHANNELS, h, vb.pp("guidance_in")))
+            .transpose()?;
+        Ok(Self {
+            img_in: Proj::new(cfg.in_channels, h, vb.pp("img_in"))?,
+            txt_in: Proj::new(cfg.context_in_dim, h, vb.pp("txt_in"))?,
+            time_in: Embedder::new(TIME_CHANNELS, h, vb.pp("time_in"))?,
+            guidance_in,
+            double_mod_img: SharedMod::new(h, 2, vb.pp("double_stream_modulation_img"))?,
+            double_mod_txt: SharedMod::new(h, 2, vb.pp("double_stream_modulation_txt"))?,
+            single_mod: SharedMod::new(h, 1, vb.pp("single_stream_modulation"))?,
+            double_blocks,
+            single_blocks,
+            final_mod: Proj::new(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
+            final_linear: Proj::new(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
+            attention: Arc::new(LocalAttention::default()),
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &KleinConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Replace the attention implementation (for parallel strategies).
+    pub fn with_attention(mut self, attention: Arc<dyn Attention>) -> Self {
+        self.attention = attention;
+        self
+    }
+
+    /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share).
+    pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
+        let depth = self.cfg.depth;
+        for (i, b) in self.double_blocks.iter_mut().enumerate() {
+            if !blocks.contains(&i) {
+                *b = None;
+            }
+        }
+        for (i, b) in self.single_blocks.iter_mut().enumerate() {
+            if !blocks.contains(&(depth + i)) {
+                *b = None;
+            }
+        }
+        self
+    }
+
+    /// The blocks this replica holds, as a range of the unified numbering (empty when none).
+    pub fn held_blocks(&self) -> Range<usize> {
+        let held = self
+            .double_blocks
+            .iter()
+            .map(Option::is_some)
+            .chain(self.single_blocks.iter().map(Option::is_some));
+        let idx: Vec<usize> = held
+            .enumerate()
+            .filter(|(_, h)| *h)
+            .map(|(i, _)| i)
+            .collect();
+        match (idx.first(), idx.last()) {
+            (Some(&a), Some(&b)) => a..b + 1,
+            _ => 0..0,
+        }
+    }
+
+    /// Bytes the weights hold on their device.
+    pub fn weight_bytes(&self) -> usize {
+        let double: usize = self
+            .double_blocks
+            .iter()
+            .flatten()
+            .map(|b| b.img.bytes() + b.txt.bytes())
+            .sum();
+        let single: usize = self
+            .single_blocks
+            .iter()
+            .flatten()
+            .map(|b| b.linear1.bytes() + b.linear2.bytes() + norm_bytes(&b.norm))
+            .sum();
+        double
+            + single
+            + self.img_in.bytes()
+            + self.txt_in.bytes()
+            + self.time_in.bytes()
+            + self.guidance_in.as_ref().map_or(0, Embedder::bytes)
+            + self.double_mod_img.lin.bytes()
+            + self.double_mod_txt.lin.bytes()
+            + self.single_mod.lin.bytes()
+            + self.final_mod.bytes()
+            + self.final_linear.bytes()
+    }
+
+    /// Position ids of the joint sequence: `txt_len` text tokens at (0, 0, 0, i), then the
+    /// `h` x `w` grid of image tokens at (0, row, column, 0).
+    pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+        let mut ids = vec![0f32; (txt_len + h * w) * 4];
+        for i in 0..txt_len {
+            ids[i * 4 + 3] = i as f32;
+        }
+        for r in 0..h {
+            for c in 0..w {
+                let i = (txt_len + r * w + c) * 4;
+                ids[i + 1] = r as f32;
+                ids[i + 2] = c as f32;
+            }
+        }
+        Tensor::from_vec(ids, (txt_len + h * w, 4), device)
+    }
+
+    /// RoPE tables for `txt_len` text tokens and an `h` x `w` grid of image tokens.
+    pub fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed> {
+        let ids = Self::position_ids(txt_len, h, w, &self.device)?;
+        PosEmbed::new(&ids, &self.cfg.axes_dim, self.cfg.theta, self.dtype)
+    }
+
+    /// The conditioning vector (B, hidden): the timestep embedded, plus the guidance where the
+    /// model embeds one (no pooled text: FLUX.2 has none).
+    pub fn conditioning(&self, input: &StepInput) -> Result<Tensor> {
+        let t = timestep_embedding(input.timesteps, TIME_CHANNELS, self.dtype)?;
+        let vec = self.time_in.forward(&t)?;
+        match &self.guidance_in {
+            None => Ok(vec),
+            Some(g_in) => {
+                let g = input.guidance.ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "this model embeds guidance: a guidance value is required".into(),
+                    )
+                })?;
+                vec + g_in.forward(&timestep_embedding(g, TIME_CHANNELS, self.dtype)?)?
+            }
+        }
+    }
+
+    /// The input projections of the token streams.
+    pub fn embed_streams(&self, input: &StepInput) -> Result<Streams> {
+        let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
+        let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
+        Ok(Streams { img, txt })
+    }
+
+    /// Run blocks `range` of the unified numbering (double blocks first, then single blocks).
+    pub fn run_blocks(&self, s: Streams, ctx: &BlockCtx, range: Range<usize>) -> Result<Streams> {
+        let Streams { mut img, mut txt } = s;
+        let attn = self.attention.as_ref();
+        let heads = self.cfg.num_heads;
+        let depth = self.cfg.depth;
+        let absent = |i: usize| {
+            candle_core::Error::Msg(format!(
+                "block {i} is not held by this replica (another pipeline stage's)"
+            ))
+        };
+        if range.start < depth {
+            let mi = self.double_mod_img.forward(&ctx.vec)?;
+            let mt = self.double_mod_txt.forward(&ctx.vec)?;
+            for i in range.start..range.end.min(depth) {
+                let b = self.double_blocks[i].as_ref().ok_or_else(|| absent(i))?;
+                let img_qkv = b.img.qkv.forward(&mi[0].norm(&img)?)?;
+                let txt_qkv = b.txt.qkv.forward(&mt[0].norm(&txt)?)?;
+                let (q, k, v) = qkv_prep(
+                    &[b.txt.norm.stream(&txt_qkv), b.img.norm.stream(&img_qkv)],
+                    &ctx.pe,
+                    heads,
+                )?;
+                let out = ctx.attend_merged(attn, i, &q, &k, &v)?;
+                let l = txt.dim(1)?;
+                let txt_out = out.narrow(1, 0, l)?;
+                let img_out = out.narrow(1, l, out.dim(1)? - l)?;
+                img = b.img.finish(&img, &img_out, &mi)?;
+                txt = b.txt.finish(&txt, &txt_out, &mt)?;
+            }
+        }
+        let start = range.start.max(depth);
+        let end = range.end.min(self.cfg.num_blocks());
+        if start < end {
+            let m = &self.single_mod.forward(&ctx.vec)?[0];
+            let (h, mlp) = (self.cfg.hidden_size, self.cfg.mlp_hidden());
+            let l = txt.dim(1)?;
+            let mut x = Tensor::cat(&[&txt, &img], 1)?;
+            for i in start..end {
+                let b = self.single_blocks[i - depth]
+                    .as_ref()
+                    .ok_or_else(|| absent(i))?;
+                let y = b.linear1.forward(&m.norm(&x)?)?;
+                let (q, k, v) = qkv_prep(&[b.norm.stream(&y)], &ctx.pe, heads)?;
+                let a = ctx.attend_merged(attn, i, &q, &k, &v)?;
+                let hidden = swiglu(&y.narrow(D::Minus1, 3 * h, 2 * mlp)?)?;
+                let u = b
+                    .linear2
+                    .forward(&Tensor::cat(&[&a, &hidden], D::Minus1)?)?;
+                x = m.add(&x, &u)?;
+            }
+            txt = x.narrow(1, 0, l)?;
+            img = x.narrow(1, l, x.dim(1)? - l)?;
+        }
+        Ok(Streams { img, txt })
+    }
+
+    /// The final adaLN and projection back to packed latent channels, for the tokens of `img`.
+    pub fn final_layer(&self, img: &Tensor, ctx: &BlockCtx) -> Result<Tensor> {
+        let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
+        let c = m.chunk(2, D::Minus1)?;
+        self.final_linear.forward(&ln_modulate(img, &c[0], &c[1])?)
+    }
+
+    /// The whole transformer: predicted velocity (B, N, packed latent channels).
+    pub fn forward(&self, input: &StepInput) -> Result<Tensor> {
+        let (s, ctx) = Denoiser::embed(self, input)?;
+        let s = self.run_blocks(s, &ctx, 0..self.cfg.num_blocks())?;
+        self.final_layer(&s.img, &ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::demo_weights::DemoWeights;
+
+    #[test]
+    fn blocks_in_pieces_equal_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = KleinConfig::tiny();
+        let m = Klein::new(&cfg, DemoWeights::new(3).var_builder(DType::F32, &dev))?;
+        let img = Tensor::randn(0f32, 1.0, (1, 16, cfg.in_channels), &dev)?;
+        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
+        let y = Tensor::zeros((1, 0), DType::F32, &dev)?;
+        let t = Tensor::new(&[0.7f32], &dev)?;
+        let pe = m.pos_embed(5, 4, 4)?;
+        let input = StepInput {
+            img: &img,
+            txt: &txt,
+            y: &y,
+            timesteps: &t,
+            guidance: None,
+            pe: &pe,
+        };
+        let full = m.forward(&input)?;
+        assert_eq!(full.dims(), &[1, 16, cfg.in_channels]);
+        let vec = m.conditioning(&input)?;
+        let ctx = BlockCtx {
+            vec,
+            pe: pe.clone(),
+            shards: None,
+            attention: None,
+        };
+        let s = m.embed_streams(&input)?;
+        let s = m.run_blocks(s, &ctx, 0..1)?;
+        let s = m.run_blocks(s, &ctx, 1..3)?;
+        let s = m.run_blocks(s, &ctx, 3..cfg.num_blocks())?;
+        let pieces = m.final_layer(&s.img, &ctx)?;
+        let d = (full - pieces)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        // A stage holding blocks 1..3 says so and refuses the others.
+        let stage = m.clone().only_blocks(1..3);
+        assert_eq!(stage.held_blocks(), 1..3);
+        let s = stage.embed_streams(&input)?;
+        assert!(stage.run_blocks(s, &ctx, 0..1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn text_and_image_positions() -> Result<()> {
+        let ids: Vec<Vec<f32>> = Klein::position_ids(2, 2, 3, &Device::Cpu)?.to_vec2()?;
+        assert_eq!(ids[0], [0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(ids[1], [0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(ids[2], [0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(ids[2 + 4], [0.0, 1.0, 1.0, 0.0]);
+        Ok(())
+    }
+}
