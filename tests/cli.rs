@@ -1447,3 +1447,49 @@ fn generate_writes_jpeg_and_webp_with_their_settings() {
     assert!(text(&o).contains("png, jpg (jpeg) or webp"), "{}", text(&o));
     assert!(!gif.exists());
 }
+
+/// `parallax dev bench-klein` makes a whole klein image (text, steps, decode) with the tiny random
+/// klein on the CPU and reports each phase; a size that is not a multiple of 16 is refused.
+#[test]
+fn bench_klein_times_a_whole_tiny_klein_image() {
+    let out = parallax(&[
+        "dev",
+        "bench-klein",
+        "--model",
+        "random:klein-tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "64",
+        "--runs",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for r in &rows[..2] {
+        assert_eq!(r["image_finite"], true, "{r}");
+        assert_eq!(r["image_tokens"], 16);
+        assert_eq!(r["text_tokens"], 512);
+        assert!(r["step_ms"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+    assert_eq!(rows[2]["runs"], 1);
+    let bad = parallax(&[
+        "dev",
+        "bench-klein",
+        "--model",
+        "random:klein-tiny",
+        "--size",
+        "70",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 16"));
+}

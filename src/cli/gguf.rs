@@ -84,7 +84,8 @@ pub fn export(a: ExportGgufArgs) -> anyhow::Result<()> {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("transformer");
-        a.from.with_file_name(format!("{stem}-{}.gguf", kind.name()))
+        a.from
+            .with_file_name(format!("{stem}-{}.gguf", kind.name()))
     });
     if out.exists() {
         bail!("{} exists; give another --out", out.display());
@@ -130,7 +131,10 @@ pub fn error(a: GgufErrorArgs) -> anyhow::Result<()> {
     let kinds: Vec<GgufType> = if a.kinds.is_empty() {
         GgufType::ALL.to_vec()
     } else {
-        a.kinds.iter().map(|k| parse_kind(k)).collect::<anyhow::Result<_>>()?
+        a.kinds
+            .iter()
+            .map(|k| parse_kind(k))
+            .collect::<anyhow::Result<_>>()?
     };
     let dir = ScratchDir::new()?;
     write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained)?;

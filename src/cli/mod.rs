@@ -17,6 +17,7 @@ macro_rules! println {
 
 mod out;
 
+mod bench_klein;
 mod bench_vae;
 mod calibrate;
 mod dataset;
@@ -132,10 +133,13 @@ pub enum DevCommand {
     /// What each GGUF type costs the demo model: velocity error, PSNR/SSIM against the
     /// unquantised images, prompt accuracy and file size, as JSON.
     GgufError(gguf::GgufErrorArgs),
+    /// FLUX.2 klein's whole image with random weights on one device (text, steps, decode), timed
+    /// by phase with the peak memory, as JSON lines.
+    BenchKlein(bench_klein::BenchKleinArgs),
 }
 
 /// The instruments' names, as `parallax dev` lists them.
-const DEV_COMMANDS: [&str; 11] = [
+const DEV_COMMANDS: [&str; 12] = [
     "selfcheck",
     "profile",
     "bench-vae",
@@ -147,6 +151,7 @@ const DEV_COMMANDS: [&str; 11] = [
     "displaced-error",
     "export-gguf",
     "gguf-error",
+    "bench-klein",
 ];
 
 /// The command line with an instrument's old top-level spelling (`parallax score ...`) routed to
@@ -600,6 +605,7 @@ fn dev(c: DevCommand) -> anyhow::Result<()> {
         DevCommand::Fp8Error(a) => fp8_error::run(a),
         DevCommand::ExportGguf(a) => gguf::export(a),
         DevCommand::GgufError(a) => gguf::error(a),
+        DevCommand::BenchKlein(a) => bench_klein::run(a),
         DevCommand::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         DevCommand::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }

@@ -202,12 +202,17 @@ pub fn index(bytes: &[u8], path: &Path) -> Result<Vec<GgufTensor>> {
                     .map(dim_of)
                     .collect::<Option<Vec<usize>>>()
                     .ok_or_else(|| {
-                        corrupt(path, format!("`{ORIG_SHAPE_PREFIX}{name}` holds a non-size"))
+                        corrupt(
+                            path,
+                            format!("`{ORIG_SHAPE_PREFIX}{name}` holds a non-size"),
+                        )
                     })?;
                 if dims.iter().product::<usize>() != elems {
                     return Err(corrupt(
                         path,
-                        format!("`{name}`: its original shape {dims:?} does not hold {elems} values"),
+                        format!(
+                            "`{name}`: its original shape {dims:?} does not hold {elems} values"
+                        ),
                     ));
                 }
                 dims
@@ -267,9 +272,13 @@ pub fn write(
     kind: GgufType,
     architecture: &str,
 ) -> Result<Written> {
-    let shapes: Vec<(String, Vec<usize>)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
-    write_with(path, &shapes, kind, architecture, &mut |i| Ok(tensors[i].1.clone()))
+    let shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    write_with(path, &shapes, kind, architecture, &mut |i| {
+        Ok(tensors[i].1.clone())
+    })
 }
 
 /// Write the tensors named in `shapes` to `path` as GGUF in `kind`, with `architecture` as
@@ -360,7 +369,10 @@ mod tests {
         assert_eq!(GgufType::Q8_0.for_tensor(w, &[64, 40]), GgmlDType::F16);
         // Biases, norms and small tensors stay F32.
         assert_eq!(GgufType::Q8_0.for_tensor("x.bias", &[3072]), GgmlDType::F32);
-        assert_eq!(GgufType::Q8_0.for_tensor("n.scale", &[128, 4]), GgmlDType::F32);
+        assert_eq!(
+            GgufType::Q8_0.for_tensor("n.scale", &[128, 4]),
+            GgmlDType::F32
+        );
         assert_eq!(GgufType::Q8_0.for_tensor(w, &[16, 32]), GgmlDType::F32);
     }
 
@@ -370,7 +382,10 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (64, 256), &dev).expect("randn");
         let b = Tensor::randn(0f32, 1.0, (64,), &dev).expect("randn");
-        let tensors = vec![("m.weight".to_string(), a.clone()), ("m.bias".to_string(), b.clone())];
+        let tensors = vec![
+            ("m.weight".to_string(), a.clone()),
+            ("m.bias".to_string(), b.clone()),
+        ];
         // Bounds on |x - q(x)| / |x| for Gaussian rows, generous over GGML's own.
         for (kind, bound) in [
             (GgufType::F32, 1e-7),
@@ -395,7 +410,11 @@ mod tests {
             assert_eq!(w.ggml, kind.for_tensor("m.weight", &[64, 256]));
             let back = dequantise(w, &bytes[w.start..w.end]).expect("dequantise");
             let err = relative_error(&back, &a);
-            assert!(err < bound, "{}: relative error {err} over {bound}", kind.name());
+            assert!(
+                err < bound,
+                "{}: relative error {err} over {bound}",
+                kind.name()
+            );
             let bias = idx.iter().find(|t| t.name == "m.bias").expect("bias");
             let bias_back = dequantise(bias, &bytes[bias.start..bias.end]).expect("bias");
             let diff = (bias_back - &b)
@@ -404,7 +423,10 @@ mod tests {
                 .and_then(|d| d.to_scalar::<f32>())
                 .expect("diff");
             assert_eq!(diff, 0.0, "F32 tensors are stored exactly");
-            assert!(!dir.path().join(format!("{}.gguf.partial", kind.name())).exists());
+            assert!(!dir
+                .path()
+                .join(format!("{}.gguf.partial", kind.name()))
+                .exists());
         }
     }
 
