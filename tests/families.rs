@@ -7,7 +7,7 @@
 //! ([`parallax::parallel::replica::SpReplica`]): Ulysses 2, Ring 2, displaced patches 2 (exact in
 //! warm-up, rotating after), and true CFG split over 2 workers, each against its one-device
 //! result, and PipeFusion 2 through its generic stage replica
-//! ([`parallax::parallel::pipefusion::PipeFusion::replica_of`]). Through the engine's own rank
+//! ([`parallax::parallel::pipefusion::PipeFusion::replica_in`]). Through the engine's own rank
 //! loop ([`parallax::parallel::ranks::denoise_many`]): data parallel 2, and meshes (dp 2 x
 //! Ulysses 2, dp 2 x CFG 2 x ring 2 under true CFG). Not yet here: the pipeline that prepares a
 //! request (text encoders, VAE) still holds FLUX.1's `Flux`.
@@ -362,7 +362,7 @@ fn the_second_family_runs_pipefusion() {
     let (want, _) = run(m.as_ref(), "none", None);
     let stages = |warmup: usize| -> Vec<Tensor> {
         run_local(2, |_, comm| {
-            let stage = PipeFusion::replica_of(
+            let stage = PipeFusion::replica_in(
                 m.as_ref(),
                 Arc::new(comm),
                 None,

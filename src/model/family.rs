@@ -181,14 +181,11 @@ pub trait Family: Send + Sync {
     ) -> Result<Arc<dyn Denoiser>>;
 }
 
-/// The families built in. A new family is one line here (or a [`register`] call at run time).
-fn builtin() -> Vec<Arc<dyn Family>> {
-    vec![Arc::new(crate::model::flux1::Flux1Family)]
-}
-
+/// The registry: the families built in (listed beside the model floor's modules,
+/// [`crate::model::builtin_families`], so this file names no family), then those registered.
 fn registry() -> &'static RwLock<Vec<Arc<dyn Family>>> {
     static REGISTRY: std::sync::OnceLock<RwLock<Vec<Arc<dyn Family>>>> = std::sync::OnceLock::new();
-    REGISTRY.get_or_init(|| RwLock::new(builtin()))
+    REGISTRY.get_or_init(|| RwLock::new(crate::model::builtin_families()))
 }
 
 /// Add a family at run time (a plug-in, or a test's own family). A family of the same name is

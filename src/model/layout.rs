@@ -15,6 +15,10 @@ use super::text::TextEncoderPaths;
 use super::weights::{KeyMap, SafetensorsSet, Source};
 use crate::error::{Error, Result};
 
+/// File whose presence marks a folder as holding the demo model, not FLUX.1 (the exporter,
+/// `super::export`, writes it; resolving a folder reads it).
+pub const DEMO_MARKER: &str = "PARALLAX_DEMO_MODEL.txt";
+
 /// Which FLUX.1 variant a model is; sets the sampler's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,7 +100,7 @@ pub struct ModelFiles {
     /// `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, or single files
     /// (ComfyUI's `clip_l.safetensors`, `t5xxl_*.safetensors`) with tokenizers found elsewhere.
     pub text: TextEncoderPaths,
-    /// The folder is marked as holding Parallax's demo model (see [`super::export::DEMO_MARKER`]).
+    /// The folder is marked as holding Parallax's demo model (see [`DEMO_MARKER`]).
     pub demo: bool,
 }
 
@@ -517,25 +521,41 @@ fn text_paths(
         }
     }
     let install = models.and_then(comfyui::install_of);
+    // FLUX.1's snapshots in the Hugging Face cache hold both tokenizers.
+    let snapshots: Vec<PathBuf> = if paths.clip.is_file() || paths.t5.is_file() {
+        ["schnell", "dev"]
+            .into_iter()
+            .filter_map(repo_id_for)
+            .filter_map(|repo| find_in_hf_cache(&repo, &mut Vec::new()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (encoder, file, tokenizer) in [
         (Encoder::Clip, &paths.clip, &mut paths.clip_tokenizer),
         (Encoder::T5, &paths.t5, &mut paths.t5_tokenizer),
     ] {
         if file.is_file() {
-            *tokenizer =
-                comfyui::tokenizer_for(encoder, file, text_root, install.as_deref(), reasons);
+            *tokenizer = comfyui::tokenizer_for(
+                encoder,
+                file,
+                text_root,
+                install.as_deref(),
+                &snapshots,
+                reasons,
+            );
         }
     }
     paths
 }
 
 fn is_demo_folder(dir: &Path, reasons: &mut Vec<String>) -> bool {
-    let marked = dir.join(super::export::DEMO_MARKER).is_file();
+    let marked = dir.join(DEMO_MARKER).is_file();
     if marked {
         reasons.push(format!(
             "{} holds {}: this is Parallax's demo model written to disk, not FLUX.1",
             dir.display(),
-            super::export::DEMO_MARKER
+            DEMO_MARKER
         ));
     }
     marked

@@ -534,7 +534,7 @@ pub fn denoise_rank(
     let layout = mesh.layout();
     let device = model.device().clone();
     let model: Box<dyn Denoiser> = if layout.pipeline > 1 {
-        Box::new(super::pipefusion::PipeFusion::replica_of(
+        Box::new(super::pipefusion::PipeFusion::replica_in(
             model,
             groups.pipe.clone(),
             (layout.ulysses > 1).then(|| groups.ulysses.clone()),

@@ -491,31 +491,6 @@ impl Pipeline {
         })
     }
 
-    /// The latent preview map for this model's autoencoder: fitted on the demo's own scenes
-    /// (encoded, then decoded) when this is a demo model with an encoder, else on smoothed noise
-    /// latents (real FLUX checkpoints are loaded without the encoder).
-    pub fn preview_factors(&self) -> Result<preview::PreviewFactors> {
-        // The built-in demo's map is shipped (fitted as below; a test refits and compares), so
-        // its first preview does not wait a CPU second for the fit.
-        if self.label == "demo" {
-            if let Ok(f) = preview::PreviewFactors::demo() {
-                return Ok(f);
-            }
-        }
-        self.fit_preview_factors()
-    }
-
-    /// Fit the preview map to this model's autoencoder: on the demo's own scenes where it has
-    /// an encoder, else on decoded noise latents.
-    pub fn fit_preview_factors(&self) -> Result<preview::PreviewFactors> {
-        if self.variant == Variant::Demo && self.vae.has_encoder() {
-            let images = crate::scenes::render::scene_tensors(6, 128, 0x5eed)?;
-            preview::PreviewFactors::fit_images(&self.vae, self.device(), &images)
-        } else {
-            preview::PreviewFactors::fit(&self.vae, self.device(), 3, 24, 0x5eed)
-        }
-    }
-
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
     pub fn is_demo(&self) -> bool {
         self.synthetic || self.variant == Variant::Demo
