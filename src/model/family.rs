@@ -163,6 +163,8 @@ pub trait LatentCodec: Send + Sync {
     /// in [-1, 1].
     fn decode_latent(&self, z: &Tensor) -> Result<Tensor>;
     fn device(&self) -> &Device;
+    /// The dtype its weights hold.
+    fn dtype(&self) -> DType;
 }
 
 /// A model family in the registry: its name, how its checkpoints are told apart, and its tiny

@@ -517,6 +517,11 @@ impl Pipeline {
         self.flux.device()
     }
 
+    /// How this model's latent looks and packs into tokens (its autoencoder's).
+    pub fn latent_spec(&self) -> crate::model::family::LatentSpec {
+        crate::model::family::LatentCodec::latent_spec(&self.vae)
+    }
+
     /// Check a request against this model and fill in defaults.
     pub fn settings_for(&self, req: &GenerateRequest) -> Result<GenerationSettings> {
         check_request(req)?;
