@@ -528,3 +528,38 @@ fn the_second_family_previews_its_32_channel_latent() {
     assert_eq!(rgb.len(), 16 * 16 * 3);
     assert!(rgb.iter().any(|&b| b != rgb[0]), "a flat preview");
 }
+
+/// The engine's loader asks the registry which family a checkpoint is: a file of this family's
+/// tensor names is refused by the family's name, not read as a broken FLUX.1 file.
+#[test]
+fn the_loader_names_the_family_it_recognises() {
+    use parallax::model::layout::{ModelFiles, TransformerLayout, VaeLayout};
+    use parallax::model::weights::save_safetensors;
+    family_swiglu::register();
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("swiglu.safetensors");
+    let t = |name: &str| (name.to_string(), made(1, name, (4, 4)));
+    save_safetensors(
+        &[
+            t("double_blocks.0.img_attn.qkv.weight"),
+            t("double_stream_modulation_img.weight"),
+            t("img_in.weight"),
+        ],
+        &path,
+    )
+    .expect("save");
+    let files = ModelFiles {
+        transformer: path.clone(),
+        transformer_layout: TransformerLayout::Bfl {
+            prefix: String::new(),
+        },
+        vae: path.clone(),
+        vae_layout: VaeLayout::Bfl,
+        text: parallax::model::text::TextEncoderPaths::diffusers(&path),
+        demo: false,
+    };
+    let err = parallax::pipeline::load_transformer(&files, DType::F32, &Device::Cpu)
+        .expect_err("not FLUX.1");
+    let text = err.to_string();
+    assert!(text.contains(family_swiglu::NAME), "{text}");
+}

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CandleResultExt, Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
-use crate::model::family::{Denoiser, LatentCodec, LatentSpec, TextEncoder};
+use crate::model::family::{Denoiser, Family, LatentCodec, LatentSpec, TextEncoder};
 use crate::model::flux::{Flux, FluxConfig, Fp8Groups};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
 use crate::model::rng;
@@ -912,6 +912,7 @@ pub fn load_transformer_with(
     opts: LoadOptions,
 ) -> Result<(Flux, Variant)> {
     let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
+    check_family(&set, &files.transformer)?;
     let cfg = match &files.transformer_layout {
         layout::TransformerLayout::Diffusers if files.transformer.join("config.json").is_file() => {
             layout::flux_config_from_diffusers_json(&files.transformer.join("config.json"))?
@@ -929,6 +930,28 @@ pub fn load_transformer_with(
     let blocks = opts.block_range(cfg.num_blocks());
     let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks)?;
     Ok((flux, variant))
+}
+
+/// The family the registry recognises in a transformer checkpoint's tensor names
+/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's is refused by name
+/// (its loader is not in this pipeline yet) rather than read as a broken FLUX.1 file. Names no
+/// family recognises go on to FLUX.1's layout inference, which says what it misses.
+fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
+    let names: Vec<&str> = set.names().collect();
+    match crate::model::family::detect(&names) {
+        Some(f) if f.name() != crate::model::flux1::Flux1Family.name() => {
+            Err(Error::UnknownLayout {
+                path: path.to_path_buf(),
+                reason: format!(
+                "a {} transformer: Parallax loads FLUX.1 checkpoints from files (the {} family \
+                 runs from the registry, not yet from files)",
+                f.name(),
+                f.name()
+            ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The dtype the autoencoder runs in: `dtype`, except f32 on the CPU (candle's CPU convolutions
