@@ -137,10 +137,9 @@ rooms() {
     fi
 }
 
-# Floors whose rooms are still in a circle (printed, not yet refused): pipeline's image and
-# metadata (PNG/EXIF writing and reading); parallel's ring, ulysses and sp, displaced and traffic,
-# mesh and cost.
-known_circles='pipeline parallel'
+# Floors whose rooms are still in a circle (printed, not yet refused): parallel's ring, ulysses
+# and sp, displaced and traffic, mesh and cost.
+known_circles='parallel'
 for floor in kernels model pipeline scenes parallel engine runtime cli app; do
     rooms "$floor"
 done

@@ -4,8 +4,11 @@
 //! - [`sampler`]: the Euler denoising loop.
 //! - [`cache`]: cache policies (First Block Cache).
 //! - [`image`]: RGB images and PNG files with their settings.
+//! - [`exif`]: settings in JPEG and WebP files (an EXIF block).
+//! - [`metadata`]: settings as Automatic1111 and ComfyUI write them, read back from any file.
 
 pub mod cache;
+pub mod exif;
 pub mod image;
 pub mod metadata;
 pub mod metrics;
