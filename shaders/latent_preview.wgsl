@@ -1,5 +1,5 @@
-// Latent preview: FLUX's 16 latent channels -> RGB through a fixed linear map fitted to the
-// model's autoencoder (src/pipeline/preview.rs fits it; PreviewFactors::apply is the CPU twin).
+// Latent preview: a family's latent channels (FLUX.1's 16, any count) -> RGB through a fixed
+// linear map fitted to the model's autoencoder (src/pipeline/preview.rs fits it; PreviewFactors::apply is the CPU twin).
 // Drawn over the paint callback's viewport (fullscreen.wgsl); filtered: each pixel takes the
 // latent bilinearly interpolated between the four nearest positions (the map is linear, so this
 // is the interpolated colours' map): a 256 px image's 32x32 latent shows smooth, not as hard blocks.
@@ -9,15 +9,16 @@ struct Params {
     size: vec2<u32>,
     // 1 when the render target is sRGB (the hardware encodes; we output linear).
     srgb_target: u32,
-    _pad: u32,
-    // weights[4 * ch + c / 4][c % 4] is channel c's weight for output ch (R, G, B).
-    weights: array<vec4<f32>, 12>,
+    // Latent channels: planes of the latent, weights per output.
+    channels: u32,
     bias: vec4<f32>,
 };
 
 @group(0) @binding(0) var<uniform> params: Params;
 // Channel-major latent: latent[(c * h + y) * w + x].
 @group(0) @binding(1) var<storage, read> latent: array<f32>;
+// weights[ch * channels + c] is channel c's weight for output ch (R, G, B).
+@group(0) @binding(2) var<storage, read> weights: array<f32>;
 
 @fragment
 fn fs_main(in: VsOut) -> @location(0) vec4<f32> {
@@ -36,16 +37,15 @@ fn fs_main(in: VsOut) -> @location(0) vec4<f32> {
     let t = f - floor(f);
     let plane = w * h;
     var rgb = params.bias.xyz;
-    for (var c = 0u; c < 16u; c = c + 1u) {
+    let n = params.channels;
+    for (var c = 0u; c < n; c = c + 1u) {
         let base = c * plane;
         let top = mix(latent[base + y0 * w + x0], latent[base + y0 * w + x1], t.x);
         let bottom = mix(latent[base + y1 * w + x0], latent[base + y1 * w + x1], t.x);
         let z = mix(top, bottom, t.y);
-        let q = c / 4u;
-        let r = c % 4u;
-        rgb.x = rgb.x + params.weights[q][r] * z;
-        rgb.y = rgb.y + params.weights[4u + q][r] * z;
-        rgb.z = rgb.z + params.weights[8u + q][r] * z;
+        rgb.x = rgb.x + weights[c] * z;
+        rgb.y = rgb.y + weights[n + c] * z;
+        rgb.z = rgb.z + weights[2u * n + c] * z;
     }
     // [-1, 1] -> bytes, rounded as the CPU path rounds, then [0, 1].
     var v = round((clamp(rgb, vec3<f32>(-1.0), vec3<f32>(1.0)) + 1.0) * 127.5) / 255.0;

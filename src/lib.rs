@@ -2,8 +2,8 @@
 //!
 //! The modules are floors, bottom up: [`kernels`] (with [`collective`], [`device`], [`error`],
 //! [`files`]),
-//! [`model`], [`pipeline`], [`parallel`], `engine` (placement), [`runtime`], then [`cli`] and the
-//! studio app. A module uses only its own floor and those below; `scripts/floors.sh` checks it.
+//! [`model`], [`pipeline`], [`scenes`], [`parallel`], `engine` (placement), [`runtime`], then
+//! [`cli`] and the studio app. A module uses only its own floor and those below; `scripts/floors.sh` checks it.
 //!
 //! - [`model`]: the FLUX transformer, autoencoder, text encoders, weight layouts, demo model.
 //! - [`pipeline`]: flow-matching schedule, the denoising loop, cache policies, image output.

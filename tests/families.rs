@@ -1,5 +1,6 @@
 //! A second model family through the family seams (issue 27): the tiny SwiGLU family of
-//! `tests/common/family_swiglu/` (no pooled text vector, shared modulation, 4-axis RoPE), added
+//! `tests/common/family_swiglu/` (no pooled text vector, shared modulation, 4-axis RoPE, a
+//! 32-channel latent whose preview map is fitted to its own codec), added
 //! to the registry at run time, denoised by the sampler under every cache policy and under true
 //! CFG on one worker, with no code outside its folder knowing it.
 //!
@@ -7,7 +8,7 @@
 //! ([`parallax::parallel::replica::SpReplica`]): Ulysses 2, Ring 2, displaced patches 2 (exact in
 //! warm-up, rotating after), and true CFG split over 2 workers, each against its one-device
 //! result, and PipeFusion 2 through its generic stage replica
-//! ([`parallax::parallel::pipefusion::PipeFusion::replica_of`]). Through the engine's own rank
+//! ([`parallax::parallel::pipefusion::PipeFusion::replica_in`]). Through the engine's own rank
 //! loop ([`parallax::parallel::ranks::denoise_many`]): data parallel 2, and meshes (dp 2 x
 //! Ulysses 2, dp 2 x CFG 2 x ring 2 under true CFG). Not yet here: the pipeline that prepares a
 //! request (text encoders, VAE) still holds FLUX.1's `Flux`.
@@ -362,7 +363,7 @@ fn the_second_family_runs_pipefusion() {
     let (want, _) = run(m.as_ref(), "none", None);
     let stages = |warmup: usize| -> Vec<Tensor> {
         run_local(2, |_, comm| {
-            let stage = PipeFusion::replica_of(
+            let stage = PipeFusion::replica_in(
                 m.as_ref(),
                 Arc::new(comm),
                 None,
@@ -453,7 +454,9 @@ fn the_second_family_runs_data_parallel_through_the_engine() {
     };
     let d = engine_against_local(&m, layout, &jobs);
     eprintln!("dp 2: largest relative difference {d:e}");
-    assert!(d < 1e-6, "dp 2: {d}");
+    // Each group's worker threads sum in their own order: f32 rounding (1.1e-6 measured with
+    // the 32-channel latent).
+    assert!(d < 1e-5, "dp 2: {d}");
     // The seeds differ: the comparison is not of one image with itself.
     assert!(
         rel(
@@ -496,4 +499,67 @@ fn the_second_family_runs_a_mesh_through_the_engine() {
     let d = engine_against_local(&m, layout, &jobs);
     eprintln!("dp 2 x cfg 2 x ring 2: largest relative difference {d:e}");
     assert!(d < 1e-5, "dp 2 x cfg 2 x ring 2: {d}");
+}
+
+/// The preview path takes the family's 32-channel latent: the map is fitted to its own codec
+/// (one weight per channel), and a latent the sampler made unpacks by the family's LatentSpec.
+#[test]
+fn the_second_family_previews_its_32_channel_latent() {
+    use parallax::model::family::LatentCodec;
+    use parallax::pipeline::preview::{Latent, PreviewFactors};
+    let codec = family_swiglu::SwigluCodec::new(3, &Device::Cpu).expect("codec");
+    let spec = codec.latent_spec();
+    assert_eq!(spec.channels, 32);
+    let f = PreviewFactors::fit(&codec, &Device::Cpu, 3, 16, 0x5eed).expect("fit");
+    assert_eq!(f.channels(), 32);
+    eprintln!("preview map of the 32-channel codec: R² {:.3}", f.r2);
+    // A linear map through tanh: the affine fit explains most of it on a held-out latent.
+    assert!(f.r2 > 0.5, "R² {}", f.r2);
+    let m = model();
+    assert_eq!(m.token_channels(), spec.token_channels());
+    let (x, _) = run(m.as_ref(), "none", None);
+    let px = GRID * spec.patch * spec.downscale;
+    let latent = Latent::from_packed(&x, &spec, px, px).expect("unpack");
+    assert_eq!(
+        (latent.channels(), latent.width, latent.height),
+        (32, 16, 16)
+    );
+    let rgb = f.apply(&latent);
+    assert_eq!(rgb.len(), 16 * 16 * 3);
+    assert!(rgb.iter().any(|&b| b != rgb[0]), "a flat preview");
+}
+
+/// The engine's loader asks the registry which family a checkpoint is: a file of this family's
+/// tensor names is refused by the family's name, not read as a broken FLUX.1 file.
+#[test]
+fn the_loader_names_the_family_it_recognises() {
+    use parallax::model::layout::{ModelFiles, TransformerLayout, VaeLayout};
+    use parallax::model::weights::save_safetensors;
+    family_swiglu::register();
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("swiglu.safetensors");
+    let t = |name: &str| (name.to_string(), made(1, name, (4, 4)));
+    save_safetensors(
+        &[
+            t("double_blocks.0.img_attn.qkv.weight"),
+            t("double_stream_modulation_img.weight"),
+            t("img_in.weight"),
+        ],
+        &path,
+    )
+    .expect("save");
+    let files = ModelFiles {
+        transformer: path.clone(),
+        transformer_layout: TransformerLayout::Bfl {
+            prefix: String::new(),
+        },
+        vae: path.clone(),
+        vae_layout: VaeLayout::Bfl,
+        text: parallax::model::text::TextEncoderPaths::diffusers(&path),
+        demo: false,
+    };
+    let err = parallax::pipeline::load_transformer(&files, DType::F32, &Device::Cpu)
+        .expect_err("not FLUX.1");
+    let text = err.to_string();
+    assert!(text.contains(family_swiglu::NAME), "{text}");
 }

@@ -681,21 +681,28 @@ fn probe<F: FnMut(&mut egui::Ui) + 'static>(draw: F) -> image::RgbaImage {
 
 #[test]
 fn preview_shader_matches_the_cpu_map() {
+    // FLUX.1's 16 latent channels, and 32 (FLUX.2's): the map is sized by the family's latent.
+    for channels in [16, 32] {
+        preview_shader_matches_the_cpu_map_at(channels);
+    }
+}
+
+fn preview_shader_matches_the_cpu_map_at(channels: usize) {
     let (w, h) = (8usize, 6usize);
     let mut rng = parallax::model::rng::SplitMix64::new(3);
     let latent = Latent {
         width: w,
         height: h,
-        data: rng.normals(16 * w * h),
+        data: rng.normals(channels * w * h),
     };
     let mut f = PreviewFactors {
-        weights: [[0.0; 16]; 3],
+        weights: vec![vec![0.0; channels]; 3],
         bias: [0.05, -0.1, 0.2],
         r2: 1.0,
     };
     for (ch, row) in f.weights.iter_mut().enumerate() {
         for (c, v) in row.iter_mut().enumerate() {
-            *v = ((ch * 16 + c) as f32 * 0.37).sin() * 0.12;
+            *v = ((ch * 16 + c) as f32 * 0.37).sin() * 0.12 * 16.0 / channels as f32;
         }
     }
     let cpu = f.apply(&latent);

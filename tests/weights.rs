@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use parallax::model::demo_weights::DemoWeights;
+use parallax::model::family::Denoiser;
 use parallax::model::flux::{Flux, FluxConfig, FluxInput};
 use parallax::model::layout::{self, FluxDiffusersMap, ModelFiles, TransformerLayout, VaeLayout};
 use parallax::model::weights::{export, save_safetensors, Recorder, SafetensorsSet};
@@ -20,13 +21,13 @@ fn tiny_tensors(cfg: &FluxConfig) -> (Flux, Vec<(String, Tensor)>) {
     (flux, tensors)
 }
 
-fn velocity(m: &Flux) -> Tensor {
+fn velocity(m: &dyn Denoiser) -> Tensor {
     let dev = Device::Cpu;
-    let cfg = m.config();
+    let spec = m.text_spec();
     let t = Tensor::new(&[0.6f32], &dev).expect("t");
     let g = Tensor::new(&[3.5f32], &dev).expect("g");
     let pe = m.pos_embed(3, 4, 4).expect("pe");
-    let guidance = if cfg.guidance_embed { Some(&g) } else { None };
+    let guidance = if spec.guidance_embed { Some(&g) } else { None };
     // The same inputs for every model under comparison: fixed values, not candle's generator.
     let fixed = |shape: (usize, usize, usize), k: f32| {
         let n = shape.0 * shape.1 * shape.2;
@@ -40,8 +41,10 @@ fn velocity(m: &Flux) -> Tensor {
         .expect("fixed")
     };
     let img = fixed((1, 16, 64), 0.1);
-    let txt = fixed((1, 3, cfg.context_in_dim), 0.2);
-    let y = fixed((1, 1, cfg.vec_in_dim), 0.3).squeeze(1).expect("y");
+    let txt = fixed((1, 3, spec.txt_dim), 0.2);
+    let y = fixed((1, 1, spec.pooled_dim.unwrap_or(0)), 0.3)
+        .squeeze(1)
+        .expect("y");
     m.forward(&FluxInput {
         img: &img,
         txt: &txt,

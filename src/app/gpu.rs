@@ -10,7 +10,7 @@ use egui_wgpu::wgpu;
 use egui_wgpu::wgpu::util::DeviceExt;
 
 use crate::pipeline::image::RgbImage;
-use crate::pipeline::preview::{Latent, PreviewFactors, CHANNELS};
+use crate::pipeline::preview::{Latent, PreviewFactors};
 
 const PREVIEW_WGSL: &str = concat!(
     include_str!("../../shaders/fullscreen.wgsl"),
@@ -26,8 +26,8 @@ const HEATMAP_WGSL: &str = concat!(
 struct PreviewParams {
     size: [u32; 2],
     srgb_target: u32,
-    _pad: u32,
-    weights: [[f32; 4]; 12],
+    /// Latent channels (the map's weights in their own buffer: any family's count).
+    channels: u32,
     bias: [f32; 4],
 }
 
@@ -109,21 +109,19 @@ pub fn install(rs: &egui_wgpu::RenderState) {
         },
         count: None,
     };
+    let storage = |binding| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::FRAGMENT,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only: true },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
     let preview_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some("latent preview"),
-        entries: &[
-            uniform(0),
-            wgpu::BindGroupLayoutEntry {
-                binding: 1,
-                visibility: wgpu::ShaderStages::FRAGMENT,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage { read_only: true },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            },
-        ],
+        entries: &[uniform(0), storage(1), storage(2)],
     });
     let tex = |binding| wgpu::BindGroupLayoutEntry {
         binding,
@@ -186,20 +184,27 @@ impl egui_wgpu::CallbackTrait for PreviewCallback {
         {
             return Vec::new();
         }
-        let mut weights = [[0f32; 4]; 12];
-        for ch in 0..3 {
-            for c in 0..CHANNELS {
-                weights[4 * ch + c / 4][c % 4] = self.factors.weights[ch][c];
-            }
-        }
+        // The channels the map and the latent share (as PreviewFactors::apply reads them);
+        // weights[ch * channels + c] is channel c's weight for output ch.
         let f = &self.factors;
+        let channels = f.channels().min(self.latent.channels());
+        let mut weights: Vec<f32> = (0..3)
+            .flat_map(|ch| f.weights[ch][..channels].iter().copied())
+            .collect();
+        if weights.is_empty() {
+            weights.push(0.0);
+        }
         let params = PreviewParams {
             size: [self.latent.width as u32, self.latent.height as u32],
             srgb_target: u32::from(res.srgb),
-            _pad: 0,
-            weights,
+            channels: channels as u32,
             bias: [f.bias[0], f.bias[1], f.bias[2], 0.0],
         };
+        let wbuf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("latent preview weights"),
+            contents: bytemuck::cast_slice(&weights),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
         let ubuf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("latent preview params"),
             contents: bytemuck::bytes_of(&params),
@@ -226,6 +231,10 @@ impl egui_wgpu::CallbackTrait for PreviewCallback {
                 wgpu::BindGroupEntry {
                     binding: 1,
                     resource: sbuf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: wbuf.as_entire_binding(),
                 },
             ],
         });

@@ -24,6 +24,7 @@ use candle_transformers::models::clip::text_model::ClipTextConfig;
 use candle_transformers::models::t5;
 
 use crate::error::{Error, Result};
+use crate::model::family::ParamCounts;
 use crate::model::flux::{FluxConfig, Fp8Groups};
 use crate::model::text::T5Residency;
 use crate::parallel::pipefusion::{stage_split, StageBalance};
@@ -72,23 +73,13 @@ pub fn clip_params(c: &ClipTextConfig) -> u64 {
         + 2 * d
 }
 
-/// The transformer's parameters by kind: (products the FP8 groups cover, their bias values and
-/// output rows, modulations, the rest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FluxParams {
-    /// Weights of the blocks' products (attention projections and MLPs).
-    pub products: u64,
-    /// Output rows of those products (one FP8 scale each).
-    pub product_rows: u64,
-    /// Weights of the adaLN modulations.
-    pub modulations: u64,
-    /// Output rows of the modulations.
-    pub modulation_rows: u64,
-    /// Everything else: biases, norms, embedders, the final layer.
-    pub other: u64,
-}
+/// The transformer's parameters by kind ([`ParamCounts`]: products the FP8 groups cover, their
+/// output rows, modulations, the rest), from the family's own formula.
+pub type FluxParams = ParamCounts;
 
-impl FluxParams {
+impl ParamCounts {
+    /// FLUX.1's parameters for `c` ([`FluxConfig::block_param_counts`] and what is outside the
+    /// blocks).
     pub fn of(c: &FluxConfig) -> Self {
         Self::of_blocks(c, 0..c.num_blocks())
     }
@@ -97,35 +88,7 @@ impl FluxParams {
     /// numbering: double blocks first) keeps: those blocks and everything outside the blocks
     /// (every stage loads the embedders and the final layer).
     pub fn of_blocks(c: &FluxConfig, blocks: std::ops::Range<usize>) -> Self {
-        let h = c.hidden_size as u64;
-        let mlp = c.mlp_hidden() as u64;
-        let held = |r: std::ops::Range<usize>| {
-            (r.start.max(blocks.start)..r.end.min(blocks.end)).len() as u64
-        };
-        let (dd, ss) = (held(0..c.depth), held(c.depth..c.num_blocks()));
-        // Per stream of a double block: qkv, proj, fc1, fc2.
-        let double_w = 2 * (h * 3 * h + h * h + h * mlp + mlp * h);
-        let double_rows = 2 * (3 * h + h + mlp + h);
-        let single_w = h * (3 * h + mlp) + (h + mlp) * h;
-        let single_rows = 3 * h + mlp + h;
-        let head = (c.hidden_size / c.num_heads) as u64;
-        let embed = |i: u64| i * h + h + h * h + h;
-        let other = dd * (double_rows + 4 * head + 2 * 6 * h)
-            + ss * (single_rows + 2 * head + 3 * h)
-            + (c.in_channels as u64 * h + h)
-            + (c.context_in_dim as u64 * h + h)
-            + embed(256)
-            + embed(c.vec_in_dim as u64)
-            + if c.guidance_embed { embed(256) } else { 0 }
-            + (h * c.in_channels as u64 + c.in_channels as u64)
-            + (h * 2 * h + 2 * h);
-        Self {
-            products: dd * double_w + ss * single_w,
-            product_rows: dd * double_rows + ss * single_rows,
-            modulations: dd * 2 * h * 6 * h + ss * h * 3 * h,
-            modulation_rows: dd * 2 * 6 * h + ss * 3 * h,
-            other,
-        }
+        c.param_counts_of(blocks)
     }
 
     /// Bytes on the device with `opts`, weights in a dtype of `bytes` per value (2 for bf16).

@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::layout::{detect_transformer_layout, find_in_hf_cache, repo_id_for};
 use super::tokenizer::{MERGES_TXT, TOKENIZER_JSON, VOCAB_JSON};
 use super::weights::SafetensorsSet;
 
@@ -28,10 +27,7 @@ pub const T5_FILES: [&str; 3] = [
     "t5xxl_fp8_e4m3fn.safetensors",
     "t5xxl_fp8_e4m3fn_scaled.safetensors",
 ];
-/// Where ComfyUI keeps CLIP's tokenizer (`vocab.json`, `merges.txt`), under its install.
-pub const CLIP_TOKENIZER_DIR: &str = "comfy/sd1_tokenizer";
-/// Where ComfyUI keeps T5's tokenizer (`tokenizer.json`), under its install.
-pub const T5_TOKENIZER_DIR: &str = "comfy/text_encoders/t5_tokenizer";
+pub use super::tokenizer::{CLIP_TOKENIZER_DIR, T5_TOKENIZER_DIR};
 
 /// The `models` folder above `file` when it lies in ComfyUI's `diffusion_models/` or `unet/`
 /// (directly or in a subfolder).
@@ -91,7 +87,8 @@ fn is_safetensors(p: &Path) -> bool {
 }
 
 /// The FLUX transformers in a `models` folder's `diffusion_models/` and `unet/` (files whose
-/// tensors are a FLUX transformer's; the headers are read, not the weights).
+/// tensor names a registered model family recognises, [`super::family::detect`]; the headers are
+/// read, not the weights).
 pub fn flux_transformers(models: &Path) -> Vec<PathBuf> {
     TRANSFORMER_DIRS
         .iter()
@@ -99,8 +96,7 @@ pub fn flux_transformers(models: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             SafetensorsSet::open(p)
                 .ok()
-                .and_then(|s| detect_transformer_layout(&s))
-                .is_some()
+                .is_some_and(|s| super::family::detect(&s.names().collect::<Vec<_>>()).is_some())
         })
         .collect()
 }
@@ -154,30 +150,24 @@ impl Encoder {
 
     /// The files to get, and from where, when none is found.
     pub fn what_to_get(self) -> String {
-        match self {
-            Encoder::Clip => format!(
-                "CLIP-L's {VOCAB_JSON} and {MERGES_TXT} (or its {TOKENIZER_JSON}): from the \
-                 `tokenizer/` folder of black-forest-labs/FLUX.1-schnell on Hugging Face, or \
-                 ComfyUI's `{CLIP_TOKENIZER_DIR}/`"
-            ),
-            Encoder::T5 => format!(
-                "T5's {TOKENIZER_JSON}: from the `tokenizer_2/` folder of \
-                 black-forest-labs/FLUX.1-schnell on Hugging Face, or ComfyUI's \
-                 `{T5_TOKENIZER_DIR}/`"
-            ),
-        }
+        super::tokenizer::what_to_get(match self {
+            Encoder::Clip => "clip",
+            Encoder::T5 => "t5",
+        })
+        .unwrap_or_default()
     }
 }
 
 /// The folder holding the tokenizer of a single-file `encoder` stored at `file`. Looked for, in
 /// order: `tokenizer/` (CLIP) or `tokenizer_2/` (T5) in `text_root` and beside the file, the
-/// ComfyUI install's own copy, a FLUX.1 snapshot in the Hugging Face cache. When none holds it,
-/// the folder beside the file is returned and `reasons` says what to put there.
+/// ComfyUI install's own copy, the FLUX.1 snapshots of the Hugging Face cache in `snapshots`.
+/// When none holds it, the folder beside the file is returned and `reasons` says what to put there.
 pub fn tokenizer_for(
     encoder: Encoder,
     file: &Path,
     text_root: &Path,
     install: Option<&Path>,
+    snapshots: &[PathBuf],
     reasons: &mut Vec<String>,
 ) -> PathBuf {
     let sub = encoder.diffusers_dir();
@@ -190,11 +180,7 @@ pub fn tokenizer_for(
         }));
     }
     // FLUX.1's snapshots hold both tokenizers (`tokenizer/`, `tokenizer_2/`).
-    for repo in ["schnell", "dev"].into_iter().filter_map(repo_id_for) {
-        if let Ok(snap) = find_in_hf_cache(&repo, &mut Vec::new()) {
-            candidates.push(snap.join(sub));
-        }
-    }
+    candidates.extend(snapshots.iter().map(|snap| snap.join(sub)));
     let what = match encoder {
         Encoder::Clip => "CLIP",
         Encoder::T5 => "T5",

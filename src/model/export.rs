@@ -24,8 +24,7 @@ use super::vae::{AutoEncoder, VaeConfig, VaeDiffusersMap};
 use super::weights::{export, save_safetensors, Recorder};
 use crate::error::{CandleResultExt, Error, Result};
 
-/// File whose presence marks a folder as holding the demo model, not FLUX.1.
-pub const DEMO_MARKER: &str = "PARALLAX_DEMO_MODEL.txt";
+pub use super::layout::DEMO_MARKER;
 
 /// Which on-disk layout to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

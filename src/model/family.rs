@@ -88,6 +88,49 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     fn weight_bytes(&self) -> usize;
 }
 
+/// A transformer's parameters by kind: what a memory estimate counts (and FP8 converts). A
+/// family writes its formula once (FLUX.1: [`crate::model::flux1::FluxConfig::block_param_counts`]);
+/// [`Denoiser::block_params`] is each block's [`ParamCounts::total`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Weights of the blocks' products (attention projections and MLPs).
+    pub products: u64,
+    /// Output rows of those products (one FP8 scale each).
+    pub product_rows: u64,
+    /// Weights of the adaLN modulations.
+    pub modulations: u64,
+    /// Output rows of the modulations.
+    pub modulation_rows: u64,
+    /// Everything else: biases, norms, embedders, the final layer.
+    pub other: u64,
+}
+
+impl ParamCounts {
+    /// Every parameter.
+    pub fn total(&self) -> u64 {
+        self.products + self.modulations + self.other
+    }
+}
+
+impl std::ops::Add for ParamCounts {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            products: self.products + o.products,
+            product_rows: self.product_rows + o.product_rows,
+            modulations: self.modulations + o.modulations,
+            modulation_rows: self.modulation_rows + o.modulation_rows,
+            other: self.other + o.other,
+        }
+    }
+}
+
+impl std::iter::Sum for ParamCounts {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| a + b)
+    }
+}
+
 /// A strategy that runs whole forward passes over several devices itself (PipeFusion), given
 /// the replica whose stage API it calls. Cache policies call the stage API directly and bypass
 /// it; the strategies that use one refuse them.
@@ -163,6 +206,8 @@ pub trait LatentCodec: Send + Sync {
     /// in [-1, 1].
     fn decode_latent(&self, z: &Tensor) -> Result<Tensor>;
     fn device(&self) -> &Device;
+    /// The dtype its weights hold.
+    fn dtype(&self) -> DType;
 }
 
 /// A model family in the registry: its name, how its checkpoints are told apart, and its tiny
@@ -181,17 +226,11 @@ pub trait Family: Send + Sync {
     ) -> Result<Arc<dyn Denoiser>>;
 }
 
-/// The families built in. A new family is one line here (or a [`register`] call at run time).
-fn builtin() -> Vec<Arc<dyn Family>> {
-    vec![
-        Arc::new(crate::model::flux1::Flux1Family),
-        Arc::new(crate::model::klein::KleinFamily),
-    ]
-}
-
+/// The registry: the families built in (listed beside the model floor's modules,
+/// [`crate::model::builtin_families`], so this file names no family), then those registered.
 fn registry() -> &'static RwLock<Vec<Arc<dyn Family>>> {
     static REGISTRY: std::sync::OnceLock<RwLock<Vec<Arc<dyn Family>>>> = std::sync::OnceLock::new();
-    REGISTRY.get_or_init(|| RwLock::new(builtin()))
+    REGISTRY.get_or_init(|| RwLock::new(crate::model::builtin_families()))
 }
 
 /// Add a family at run time (a plug-in, or a test's own family). A family of the same name is

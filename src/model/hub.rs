@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo};
 
-use super::export::DEMO_MARKER;
+use super::layout::DEMO_MARKER;
 use super::layout::{hf_cache_dir, hf_cache_repo_dir};
 
 /// The Hugging Face Hub, used when neither `--endpoint` nor `HF_ENDPOINT` names another.

@@ -15,6 +15,10 @@ use super::text::TextEncoderPaths;
 use super::weights::{KeyMap, SafetensorsSet, Source};
 use crate::error::{Error, Result};
 
+/// File whose presence marks a folder as holding the demo model, not FLUX.1 (the exporter,
+/// `super::export`, writes it; resolving a folder reads it).
+pub const DEMO_MARKER: &str = "PARALLAX_DEMO_MODEL.txt";
+
 /// Which FLUX.1 variant a model is; sets the sampler's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,7 +100,7 @@ pub struct ModelFiles {
     /// `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, or single files
     /// (ComfyUI's `clip_l.safetensors`, `t5xxl_*.safetensors`) with tokenizers found elsewhere.
     pub text: TextEncoderPaths,
-    /// The folder is marked as holding Parallax's demo model (see [`super::export::DEMO_MARKER`]).
+    /// The folder is marked as holding Parallax's demo model (see [`DEMO_MARKER`]).
     pub demo: bool,
 }
 
@@ -527,25 +531,41 @@ fn text_paths(
         }
     }
     let install = models.and_then(comfyui::install_of);
+    // FLUX.1's snapshots in the Hugging Face cache hold both tokenizers.
+    let snapshots: Vec<PathBuf> = if paths.clip.is_file() || paths.t5.is_file() {
+        ["schnell", "dev"]
+            .into_iter()
+            .filter_map(repo_id_for)
+            .filter_map(|repo| find_in_hf_cache(&repo, &mut Vec::new()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (encoder, file, tokenizer) in [
         (Encoder::Clip, &paths.clip, &mut paths.clip_tokenizer),
         (Encoder::T5, &paths.t5, &mut paths.t5_tokenizer),
     ] {
         if file.is_file() {
-            *tokenizer =
-                comfyui::tokenizer_for(encoder, file, text_root, install.as_deref(), reasons);
+            *tokenizer = comfyui::tokenizer_for(
+                encoder,
+                file,
+                text_root,
+                install.as_deref(),
+                &snapshots,
+                reasons,
+            );
         }
     }
     paths
 }
 
 fn is_demo_folder(dir: &Path, reasons: &mut Vec<String>) -> bool {
-    let marked = dir.join(super::export::DEMO_MARKER).is_file();
+    let marked = dir.join(DEMO_MARKER).is_file();
     if marked {
         reasons.push(format!(
             "{} holds {}: this is Parallax's demo model written to disk, not FLUX.1",
             dir.display(),
-            super::export::DEMO_MARKER
+            DEMO_MARKER
         ));
     }
     marked
@@ -818,54 +838,4 @@ impl KeyMap for FluxDiffusersMap {
     }
 }
 
-/// Infer the autoencoder config of a BFL-layout `ae.safetensors` from tensor shapes (the file
-/// carries no config). GroupNorm's group count is not stored in weights: Parallax uses 32 (FLUX's)
-/// when the base width is at least 64, else half the base width (the tiny demo/test models).
-pub fn infer_vae_config(set: &SafetensorsSet) -> Result<super::vae::VaeConfig> {
-    let shape = |name: &str| -> Result<Vec<usize>> {
-        set.meta(name)
-            .map(|m| m.shape.clone())
-            .ok_or_else(|| Error::MissingTensor {
-                tensor: name.to_string(),
-                location: set.label().to_string(),
-            })
-    };
-    let conv_in = shape("decoder.conv_in.weight")?;
-    let conv_out = shape("decoder.conv_out.weight")?;
-    if conv_in.len() != 4 || conv_out.len() != 4 {
-        return Err(Error::UnknownLayout {
-            path: PathBuf::from(set.label()),
-            reason: "decoder convolutions are not 4-dimensional".into(),
-        });
-    }
-    let ch = conv_out[1];
-    let mut ch_mult = Vec::new();
-    while let Some(m) = set.meta(&format!(
-        "decoder.up.{}.block.0.conv2.weight",
-        ch_mult.len()
-    )) {
-        ch_mult.push(m.shape.first().copied().unwrap_or(0) / ch.max(1));
-    }
-    let blocks = (0..)
-        .take_while(|j| set.contains(&format!("decoder.up.0.block.{j}.conv1.weight")))
-        .count();
-    let flux = super::vae::VaeConfig::flux();
-    let cfg = super::vae::VaeConfig {
-        in_channels: set
-            .meta("encoder.conv_in.weight")
-            .and_then(|m| m.shape.get(1).copied())
-            .unwrap_or(flux.in_channels),
-        out_channels: conv_out[0],
-        ch,
-        ch_mult,
-        num_res_blocks: blocks.saturating_sub(1),
-        z_channels: conv_in[1],
-        norm_groups: if ch >= 64 { 32 } else { (ch / 2).max(1) },
-        ..flux
-    };
-    cfg.validate().map_err(|reason| Error::UnknownLayout {
-        path: PathBuf::from(set.label()),
-        reason: format!("cannot infer the autoencoder config: {reason}"),
-    })?;
-    Ok(cfg)
-}
+pub use super::vae::infer_vae_config;

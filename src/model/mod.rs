@@ -24,3 +24,12 @@ pub mod weights;
 
 /// FLUX.1's modules under their old path (the transformer, its config and its input).
 pub use flux1 as flux;
+
+/// The model families built in, first in the registry ([`family::families`]). A new family is its
+/// folder beside `flux1` and one line here (or a [`family::register`] call at run time).
+pub fn builtin_families() -> Vec<std::sync::Arc<dyn family::Family>> {
+    vec![
+        std::sync::Arc::new(flux1::Flux1Family),
+        std::sync::Arc::new(klein::KleinFamily),
+    ]
+}

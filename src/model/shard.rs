@@ -1,17 +1,16 @@
 //! How a sequence-parallel group splits one step's tokens: [`ShardLayout`] says which rows each
-//! rank holds and which of them are padding, and [`Shard`] cuts a rank's share of the inputs.
+//! rank holds and which of them are padding (the block context carries it, the attention
+//! strategies read it). Cutting a rank's share of the inputs is the parallel floor's
+//! (`crate::parallel::shard`).
 //!
 //! Every rank holds an equal shard of the text tokens and of the image tokens, its local sequence
 //! being `[text shard ; image shard]`. Token counts that do not divide by the group size are
 //! padded: each stream gets zero tokens at its end up to the next multiple of the group size. The
-//! model takes its shard here ([`crate::model::flux::Flux::embed`]); the attention strategies in
-//! `parallel` read the layout to leave padded keys out.
+//! attention strategies in `parallel` read the layout to leave padded keys out.
 
 use std::ops::Range;
 
 use candle_core::{Result, Tensor};
-
-use super::flux::{FluxInput, PosEmbed};
 
 /// How a sequence-parallel group of `ranks` splits one step's tokens, seen from rank `rank`: each
 /// rank holds `txt_shard` text rows then `img_shard` image rows (its local sequence), shard i
@@ -124,105 +123,6 @@ impl ShardLayout {
                 Ok(Some(Tensor::cat(&parts, dim)?))
             }
         }
-    }
-}
-
-/// Rows `start..start + real` of `t` along `dim`, then zeros up to `shard` rows.
-fn padded_rows(t: &Tensor, dim: usize, start: usize, real: usize, shard: usize) -> Result<Tensor> {
-    if real == 0 {
-        let mut dims = t.dims().to_vec();
-        dims[dim] = shard;
-        return Tensor::zeros(dims, t.dtype(), t.device());
-    }
-    let rows = t.narrow(dim, start, real)?;
-    if real == shard {
-        Ok(rows)
-    } else {
-        rows.pad_with_zeros(dim, 0, shard - real)
-    }
-}
-
-/// This rank's share of a step's inputs: its text and image tokens and their RoPE rows, padded
-/// to the layout's shard lengths.
-#[derive(Debug, Clone)]
-pub struct Shard {
-    pub txt: Tensor,
-    pub img: Tensor,
-    pub pe: PosEmbed,
-    pub layout: ShardLayout,
-}
-
-impl Shard {
-    /// Rank `rank` of `n`: an equal slice of the (padded) text tokens and one of the (padded)
-    /// image tokens. Padding rows are zeros, their RoPE rows too.
-    pub fn new(input: &FluxInput, n: usize, rank: usize) -> Result<Self> {
-        let txt_len = input.txt.dim(1)?;
-        let img_len = input.img.dim(1)?;
-        let layout = ShardLayout::new(txt_len, img_len, n, rank)?;
-        if input.pe.cos.dim(0)? != txt_len + img_len {
-            candle_core::bail!(
-                "RoPE tables have {} rows for {txt_len} text and {img_len} image tokens",
-                input.pe.cos.dim(0)?
-            );
-        }
-        let (ts, tr) = (rank * layout.txt_shard, layout.txt_real(rank));
-        let (is, ir) = (rank * layout.img_shard, layout.img_real(rank));
-        let rows = |t: &Tensor| -> Result<Tensor> {
-            Tensor::cat(
-                &[
-                    padded_rows(t, 0, ts, tr, layout.txt_shard)?,
-                    padded_rows(t, 0, txt_len + is, ir, layout.img_shard)?,
-                ],
-                0,
-            )
-        };
-        Ok(Self {
-            txt: padded_rows(input.txt, 1, ts, tr, layout.txt_shard)?,
-            img: padded_rows(input.img, 1, is, ir, layout.img_shard)?,
-            pe: PosEmbed {
-                cos: rows(&input.pe.cos)?,
-                sin: rows(&input.pe.sin)?,
-            },
-            layout,
-        })
-    }
-
-    /// `full` with the token streams and RoPE tables replaced by this shard's.
-    pub fn input<'a>(&'a self, full: &FluxInput<'a>) -> FluxInput<'a> {
-        FluxInput {
-            img: &self.img,
-            txt: &self.txt,
-            pe: &self.pe,
-            ..full.clone()
-        }
-    }
-}
-
-/// Every rank's velocity shard `v` (B, shard, C) gathered whole (B, N, C): in rank order, or
-/// under patch rotation (this rank computed shard `layout.rank`) in shard order again; the image
-/// stream's padding, at its end, dropped.
-pub fn gather_velocity(
-    group: &dyn crate::collective::Communicator,
-    v: &Tensor,
-    layout: &ShardLayout,
-) -> Result<Tensor> {
-    let all = group.all_gather(v, 1)?;
-    let n = group.size();
-    let shift = (layout.rank + n - group.rank()) % n;
-    let all = if shift == 0 {
-        all
-    } else {
-        // Shard q came from rank (q - shift) mod n.
-        let chunk = layout.img_shard;
-        let parts = (0..n)
-            .map(|q| all.narrow(1, ((q + n - shift) % n) * chunk, chunk))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)?
-    };
-    if layout.is_padded() {
-        all.narrow(1, 0, layout.img_len)
-    } else {
-        Ok(all)
     }
 }
 

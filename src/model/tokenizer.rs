@@ -56,6 +56,28 @@ pub const TOKENIZER_JSON: &str = "tokenizer.json";
 pub const VOCAB_JSON: &str = "vocab.json";
 /// CLIP's BPE merges, in rank order, read together with [`VOCAB_JSON`].
 pub const MERGES_TXT: &str = "merges.txt";
+/// Where ComfyUI keeps CLIP's tokenizer (`vocab.json`, `merges.txt`), under its install.
+pub const CLIP_TOKENIZER_DIR: &str = "comfy/sd1_tokenizer";
+/// Where ComfyUI keeps T5's tokenizer (`tokenizer.json`), under its install.
+pub const T5_TOKENIZER_DIR: &str = "comfy/text_encoders/t5_tokenizer";
+
+/// The files to get, and from where, for the tokenizer `which` (`clip` or `t5`) when none is
+/// found.
+pub fn what_to_get(which: &str) -> Option<String> {
+    match which {
+        "clip" => Some(format!(
+            "CLIP-L's {VOCAB_JSON} and {MERGES_TXT} (or its {TOKENIZER_JSON}): from the \
+             `tokenizer/` folder of black-forest-labs/FLUX.1-schnell on Hugging Face, or \
+             ComfyUI's `{CLIP_TOKENIZER_DIR}/`"
+        )),
+        "t5" => Some(format!(
+            "T5's {TOKENIZER_JSON}: from the `tokenizer_2/` folder of \
+             black-forest-labs/FLUX.1-schnell on Hugging Face, or ComfyUI's \
+             `{T5_TOKENIZER_DIR}/`"
+        )),
+        _ => None,
+    }
+}
 
 /// A prompt as token ids, ready for an encoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,17 +309,8 @@ impl PromptTokenizer {
                  add the model's tokenizer.json",
             );
         }
-        let encoder = match which {
-            "clip" => Some(super::comfyui::Encoder::Clip),
-            "t5" => Some(super::comfyui::Encoder::T5),
-            _ => None,
-        };
-        if let Some(e) = encoder {
-            reason.push_str(&format!(
-                "; get {} and put it in {}",
-                e.what_to_get(),
-                dir.display()
-            ));
+        if let Some(get) = what_to_get(which) {
+            reason.push_str(&format!("; get {get} and put it in {}", dir.display()));
         }
         Err(Error::MissingTokenizer {
             which: which.to_string(),

@@ -8,6 +8,7 @@
 //! - [`mesh`]: one object that factors the workers into data-parallel x CFG x pipeline x ring x
 //!   Ulysses degrees and hands each strategy its group.
 //! - [`ulysses`] and [`ring`]: sequence-parallel attention, each an [`crate::model::attention::Attention`].
+//! - [`shard`]: one rank's shard of a step's inputs, and the velocity gathered whole again.
 //! - [`sp`]: a whole transformer step over a sequence-parallel group (token counts that do not
 //!   divide by the group size are padded to equal shards).
 //! - [`ranks`]: the denoising loop over a mesh of CPU worker threads (sequence, CFG and data
@@ -41,6 +42,7 @@ pub mod ranks;
 pub mod refusal;
 pub mod replica;
 pub mod ring;
+pub mod shard;
 pub mod sp;
 pub mod store;
 pub mod store_auth;

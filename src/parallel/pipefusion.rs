@@ -36,10 +36,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
+use super::replica::Planned;
+use super::shard::{Shard, ShardLayout};
 use crate::model::attention::{Attention, LocalAttention};
 use crate::model::family::{BlockCtx, Denoiser, ForwardPlan, StepInput, Streams};
-use crate::model::flux::{Flux, FluxConfig};
-use crate::model::shard::{Shard, ShardLayout};
+use crate::model::flux::FluxConfig;
 
 /// How the blocks are split over the stages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -396,7 +397,7 @@ impl Attention for PatchKv {
 }
 
 /// One rank's stage of a PipeFusion pipeline: runs every forward of its replica
-/// ([`Flux::with_plan`]).
+/// ([`super::replica::Planned`]).
 pub struct PipeFusion {
     group: Arc<dyn Communicator>,
     patches: usize,
@@ -431,61 +432,40 @@ impl PipeFusion {
         })
     }
 
-    /// A replica of `model` as this stage: only its blocks, attention through [`PatchKv`],
-    /// forwards through the pipeline.
+    /// A replica of `model` (any family's) as this stage: only its blocks, attention through
+    /// [`PatchKv`], forwards through the pipeline ([`super::replica::Planned`]).
     pub fn replica(
-        model: &Flux,
+        model: &dyn Denoiser,
         group: Arc<dyn Communicator>,
         patches: usize,
         warmup: usize,
-    ) -> Result<Flux> {
+    ) -> Result<Planned> {
         Self::replica_with(model, group, patches, warmup, StageBalance::Work)
     }
 
     /// [`PipeFusion::replica`] with the blocks split as `balance` says.
     pub fn replica_with(
-        model: &Flux,
+        model: &dyn Denoiser,
         group: Arc<dyn Communicator>,
         patches: usize,
         warmup: usize,
         balance: StageBalance,
-    ) -> Result<Flux> {
+    ) -> Result<Planned> {
         Self::replica_in(model, group, None, patches, warmup, balance)
     }
 
     /// [`PipeFusion::replica_with`] with Ulysses over `ulysses` inside the stage (each rank
     /// computes a slice of every patch; the degree must divide the heads).
     pub fn replica_in(
-        model: &Flux,
-        group: Arc<dyn Communicator>,
-        ulysses: Option<Arc<dyn Communicator>>,
-        patches: usize,
-        warmup: usize,
-        balance: StageBalance,
-    ) -> Result<Flux> {
-        let plan = Self::stage_plan(model, group, ulysses, patches, warmup, balance)?;
-        Ok(model
-            .clone()
-            .only_blocks(plan.blocks.clone())
-            .with_attention(plan.kv.clone())
-            .with_plan(plan))
-    }
-
-    /// [`PipeFusion::replica_in`] for any family: the stage's blocks of `model` run through
-    /// the plan by a replica on this floor ([`super::replica::Planned`]).
-    pub fn replica_of(
         model: &dyn Denoiser,
         group: Arc<dyn Communicator>,
         ulysses: Option<Arc<dyn Communicator>>,
         patches: usize,
         warmup: usize,
         balance: StageBalance,
-    ) -> Result<super::replica::Planned> {
+    ) -> Result<Planned> {
         let plan = Self::stage_plan(model, group, ulysses, patches, warmup, balance)?;
-        Ok(super::replica::Planned::new(
-            model.keep_blocks(plan.blocks.clone()),
-            plan,
-        ))
+        Ok(Planned::new(model.keep_blocks(plan.blocks.clone()), plan))
     }
 
     /// The plan of stage `group.rank()` for `model`: its blocks under `balance`, its attention.
@@ -633,7 +613,7 @@ impl ForwardPlan for PipeFusion {
 mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
-    use crate::model::flux::FluxConfig;
+    use crate::model::flux::{Flux, FluxConfig};
     use crate::parallel::comm::{run_local, LocalComm};
     use candle_core::{DType, Device};
 

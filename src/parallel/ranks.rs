@@ -541,7 +541,7 @@ pub fn denoise_rank(
             warmup,
             balance,
             ..
-        } => Box::new(super::pipefusion::PipeFusion::replica_of(
+        } => Box::new(super::pipefusion::PipeFusion::replica_in(
             model,
             groups.pipe.clone(),
             (layout.ulysses > 1).then(|| groups.ulysses.clone()),

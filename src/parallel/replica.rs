@@ -15,11 +15,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::comm::Communicator;
+use super::shard::{gather_velocity, Shard};
 use crate::model::attention::Attention;
 use crate::model::family::{
     BlockCtx, Denoiser, ForwardPlan, PosEmbed, StepInput, Streams, TextSpec,
 };
-use crate::model::shard::{gather_velocity, Shard};
 
 /// Rank `group.rank()` of a sequence-parallel group running `model` with `attention`.
 pub struct SpReplica {
@@ -152,7 +152,7 @@ impl Denoiser for SpReplica {
 }
 
 /// A pipeline stage of any family's transformer: the stage's blocks of the model, whole forwards
-/// run by the plan ([`super::pipefusion::PipeFusion::replica_of`]), the stage API passed to the
+/// run by the plan ([`super::pipefusion::PipeFusion::replica_in`]), the stage API passed to the
 /// model.
 pub struct Planned {
     model: Arc<dyn Denoiser>,

@@ -13,9 +13,9 @@
 //! length and the collectives trade equal pieces ([`ShardLayout`] says which rows are real). The
 //! attention strategies leave padded keys out ([`ShardLayout::real_rows`]), so padding never
 //! reaches a real token; padded queries are computed and their rows dropped when the velocity is
-//! gathered. When the counts divide, nothing is padded and nothing changes. [`ShardLayout`] and
-//! [`Shard`] live in [`crate::model::shard`] (the model cuts its own shard) and are re-exported
-//! here.
+//! gathered. When the counts divide, nothing is padded and nothing changes. [`ShardLayout`] lives in
+//! [`crate::model::shard`] (the block context carries it), [`Shard`] in [`super::shard`]; both
+//! are re-exported here.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,8 +24,8 @@ use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
 use super::replica::SpReplica;
+pub use super::shard::{Shard, ShardLayout};
 use crate::model::flux::Flux;
-pub use crate::model::shard::{Shard, ShardLayout};
 
 /// Keys and values (B, H, L, D) holding the local sequences of `ranks` end to end, without their
 /// padding rows when `layout` has some; `None` when every row is padding.

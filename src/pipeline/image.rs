@@ -126,9 +126,9 @@ pub fn is_known_extension(ext: &str) -> bool {
 /// Write `img` to `path` in the format its extension names (see [`FORMATS`]), with its settings
 /// `text` (as [`super::GenerationSettings::png_text`] gives them): PNG text chunks, or for JPEG
 /// (quality 92) and lossless WebP an EXIF block with the settings JSON and the `parameters` text
-/// ([`super::metadata`]). Atomic like [`save_png`].
+/// ([`super::exif`]). Atomic like [`save_png`].
 pub fn save_image(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Result<()> {
-    let ext = super::metadata::extension(path).unwrap_or_default();
+    let ext = super::exif::extension(path).unwrap_or_default();
     if ext == "png" {
         return save_png(path, img, text);
     }
@@ -149,19 +149,19 @@ pub fn save_image(path: &Path, img: &RgbImage, text: &[(String, String)]) -> Res
             .map(|(_, v)| v.as_str())
             .unwrap_or("")
     };
-    let tiff = super::metadata::exif_block(get("parallax"), get("parameters"), get("Software"));
+    let tiff = super::exif::exif_block(get("parallax"), get("parameters"), get("Software"));
     let (w, h) = (img.width as u32, img.height as u32);
     let mut encoded = Vec::new();
     let bytes = if ext == "webp" {
         ::image::codecs::webp::WebPEncoder::new_lossless(&mut encoded)
             .encode(&img.data, w, h, ::image::ExtendedColorType::Rgb8)
             .map_err(|e| Error::Image(format!("encoding {}: {e}", path.display())))?;
-        super::metadata::webp_with_exif(&encoded, &tiff, img.width, img.height)?
+        super::exif::webp_with_exif(&encoded, &tiff, img.width, img.height)?
     } else {
         ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut encoded, 92)
             .encode(&img.data, w, h, ::image::ExtendedColorType::Rgb8)
             .map_err(|e| Error::Image(format!("encoding {}: {e}", path.display())))?;
-        super::metadata::jpeg_with_exif(&encoded, &tiff)?
+        super::exif::jpeg_with_exif(&encoded, &tiff)?
     };
     crate::files::write_atomic(path, |out| {
         use std::io::Write;

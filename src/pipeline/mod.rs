@@ -4,8 +4,11 @@
 //! - [`sampler`]: the Euler denoising loop.
 //! - [`cache`]: cache policies (First Block Cache).
 //! - [`image`]: RGB images and PNG files with their settings.
+//! - [`exif`]: settings in JPEG and WebP files (an EXIF block).
+//! - [`metadata`]: settings as Automatic1111 and ComfyUI write them, read back from any file.
 
 pub mod cache;
+pub mod exif;
 pub mod image;
 pub mod metadata;
 pub mod metrics;
@@ -22,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CandleResultExt, Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
-use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig, Fp8Groups};
+use crate::model::family::{Denoiser, Family, LatentCodec, LatentSpec, TextEncoder};
+use crate::model::flux::{Flux, FluxConfig, Fp8Groups};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
 use crate::model::rng;
 use crate::model::text::{T5Residency, TextEncoders};
@@ -492,31 +496,6 @@ impl Pipeline {
         })
     }
 
-    /// The latent preview map for this model's autoencoder: fitted on the demo's own scenes
-    /// (encoded, then decoded) when this is a demo model with an encoder, else on smoothed noise
-    /// latents (real FLUX checkpoints are loaded without the encoder).
-    pub fn preview_factors(&self) -> Result<preview::PreviewFactors> {
-        // The built-in demo's map is shipped (fitted as below; a test refits and compares), so
-        // its first preview does not wait a CPU second for the fit.
-        if self.label == "demo" {
-            if let Ok(f) = preview::PreviewFactors::demo() {
-                return Ok(f);
-            }
-        }
-        self.fit_preview_factors()
-    }
-
-    /// Fit the preview map to this model's autoencoder: on the demo's own scenes where it has
-    /// an encoder, else on decoded noise latents.
-    pub fn fit_preview_factors(&self) -> Result<preview::PreviewFactors> {
-        if self.variant == Variant::Demo && self.vae.has_encoder() {
-            let images = crate::scenes::render::scene_tensors(6, 128, 0x5eed)?;
-            preview::PreviewFactors::fit_images(&self.vae, self.device(), &images)
-        } else {
-            preview::PreviewFactors::fit(&self.vae, self.device(), 3, 24, 0x5eed)
-        }
-    }
-
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
     pub fn is_demo(&self) -> bool {
         self.synthetic || self.variant == Variant::Demo
@@ -541,6 +520,11 @@ impl Pipeline {
 
     pub fn device(&self) -> &Device {
         self.flux.device()
+    }
+
+    /// How this model's latent looks and packs into tokens (its autoencoder's).
+    pub fn latent_spec(&self) -> LatentSpec {
+        self.codec().latent_spec()
     }
 
     /// Check a request against this model and fill in defaults.
@@ -595,11 +579,41 @@ impl Pipeline {
         })
     }
 
-    /// Initial noise for `seed`: (1, 16, H/8, W/8), identical on every device.
+    /// Initial noise for `seed`: (1, C, H/f, W/f) for the family's latent (FLUX.1: 16 channels,
+    /// f = 8), identical on every device.
     pub fn noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
-        let (h, w) = (height / 8, width / 8);
-        let values = rng::SplitMix64::new(seed).normals(16 * h * w);
-        Ok(Tensor::from_vec(values, (1, 16, h, w), &Device::Cpu)?.to_device(self.device())?)
+        let spec = self.latent_spec();
+        let (h, w) = (height / spec.downscale, width / spec.downscale);
+        let c = spec.channels;
+        let values = rng::SplitMix64::new(seed).normals(c * h * w);
+        Ok(Tensor::from_vec(values, (1, c, h, w), &Device::Cpu)?.to_device(self.device())?)
+    }
+
+    /// The transformer as the generate path runs it (the family's [`Denoiser`]).
+    pub fn denoiser(&self) -> &dyn Denoiser {
+        &self.flux
+    }
+
+    /// The text encoding as the generate path runs it (the family's [`TextEncoder`]).
+    pub fn text_encoder(&self) -> &dyn TextEncoder {
+        &self.text
+    }
+
+    /// The autoencoder as the generate path decodes with it (the family's [`LatentCodec`]).
+    pub fn codec(&self) -> &dyn LatentCodec {
+        &self.vae
+    }
+
+    /// `prompt` as the transformer takes it: hidden states and the pooled vector, or a (1, 0)
+    /// tensor for a family without one.
+    fn encode(&self, prompt: &str) -> Result<(Conditioning, Vec<String>)> {
+        let model = self.denoiser();
+        let e = self.text_encoder().encode_prompt(prompt, model.dtype())?;
+        let y = match e.pooled {
+            Some(y) => y,
+            None => Tensor::zeros((1, 0), model.dtype(), model.device())?,
+        };
+        Ok((Conditioning { txt: e.txt, y }, e.notes))
     }
 
     /// Generate one image. `progress` sees each stage and step; an error from it (such as
@@ -611,7 +625,7 @@ impl Pipeline {
     ) -> Result<Generated> {
         let prep = self.prepare(req, progress)?;
         let mut log = StepLog::default();
-        let (x, stats) = denoise(&self.flux, &prep.job, None, &mut |info| {
+        let (x, stats) = denoise(self.denoiser(), &prep.job, None, &mut |info| {
             log.record(info);
             progress(Progress::Step(info))
         })?;
@@ -654,29 +668,24 @@ impl Pipeline {
         }
 
         let t0 = Instant::now();
-        let enc = self.text.encode(&settings.prompt)?;
-        notes.extend(enc.notes.iter().cloned());
+        let (cond, enc_notes) = self.encode(&settings.prompt)?;
+        notes.extend(enc_notes);
         let text_ms = t0.elapsed().as_secs_f64() * 1e3;
         progress(Progress::TextEncoded { ms: text_ms })?;
 
-        let (lh, lw) = (settings.height / 8, settings.width / 8);
+        let spec = self.latent_spec();
+        let (lh, lw) = (
+            settings.height / spec.downscale,
+            settings.width / spec.downscale,
+        );
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
-        let x = pack_latent(&noise)?;
-        let seq_len = (lh / 2) * (lw / 2);
-        let ts = schedule::timesteps(settings.steps, seq_len, self.variant.shifted_schedule());
-        let pe = self.flux.pos_embed(enc.txt.dim(1)?, lh / 2, lw / 2)?;
-        let cond = Conditioning {
-            txt: enc.txt,
-            y: enc.vec,
-        };
+        let x = spec.pack(&noise)?;
+        let (gh, gw) = (lh / spec.patch, lw / spec.patch);
+        let ts = schedule::timesteps(settings.steps, gh * gw, self.variant.shifted_schedule());
+        let pe = self.denoiser().pos_embed(cond.txt.dim(1)?, gh, gw)?;
         let neg = if use_cfg {
-            let n = self
-                .text
-                .encode(settings.negative_prompt.as_deref().unwrap_or(""))?;
-            Some(Conditioning {
-                txt: n.txt,
-                y: n.vec,
-            })
+            let neg = settings.negative_prompt.as_deref().unwrap_or("");
+            Some(self.encode(neg)?.0)
         } else {
             None
         };
@@ -720,7 +729,7 @@ impl Pipeline {
     ) -> Result<Generated> {
         let t0 = Instant::now();
         let (lh, lw) = prep.latent_hw;
-        let latent = unpack_latent(&x, lh, lw)?;
+        let latent = self.latent_spec().unpack(&x, lh, lw)?;
         let decoded = decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?;
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {
@@ -752,7 +761,7 @@ pub struct Prepared {
     pub settings: GenerationSettings,
     notes: Vec<String>,
     text_ms: f64,
-    /// Latent rows and columns (H/8, W/8).
+    /// Latent rows and columns (H/f, W/f for the family's downscale f).
     latent_hw: (usize, usize),
     started: Instant,
 }
@@ -907,6 +916,7 @@ pub fn load_transformer_with(
     opts: LoadOptions,
 ) -> Result<(Flux, Variant)> {
     let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
+    check_family(&set, &files.transformer)?;
     let cfg = match &files.transformer_layout {
         layout::TransformerLayout::Diffusers if files.transformer.join("config.json").is_file() => {
             layout::flux_config_from_diffusers_json(&files.transformer.join("config.json"))?
@@ -924,6 +934,28 @@ pub fn load_transformer_with(
     let blocks = opts.block_range(cfg.num_blocks());
     let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks)?;
     Ok((flux, variant))
+}
+
+/// The family the registry recognises in a transformer checkpoint's tensor names
+/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's is refused by name
+/// (its loader is not in this pipeline yet) rather than read as a broken FLUX.1 file. Names no
+/// family recognises go on to FLUX.1's layout inference, which says what it misses.
+fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
+    let names: Vec<&str> = set.names().collect();
+    match crate::model::family::detect(&names) {
+        Some(f) if f.name() != crate::model::flux1::Flux1Family.name() => {
+            Err(Error::UnknownLayout {
+                path: path.to_path_buf(),
+                reason: format!(
+                "a {} transformer: Parallax loads FLUX.1 checkpoints from files (the {} family \
+                 runs from the registry, not yet from files)",
+                f.name(),
+                f.name()
+            ),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The dtype the autoencoder runs in: `dtype`, except f32 on the CPU (candle's CPU convolutions

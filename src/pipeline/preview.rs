@@ -1,5 +1,6 @@
-//! Latent previews: a fixed linear map from FLUX's 16 latent channels to RGB, applied every step
-//! so the studio can show the image forming without running the autoencoder.
+//! Latent previews: a fixed linear map from a family's latent channels (FLUX.1's 16, any count
+//! [`LatentSpec::channels`] says) to RGB, applied every step so the studio can show the image
+//! forming without running the autoencoder.
 //!
 //! The map is not guessed: [`PreviewFactors::fit`] decodes a few latents with the model's own
 //! autoencoder, averages each decoded 8x8 pixel block, and solves the least-squares problem
@@ -11,16 +12,15 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::family::{LatentCodec, LatentSpec};
 use crate::model::rng::SplitMix64;
 use crate::model::vae::AutoEncoder;
-
-/// Number of latent channels the map reads.
-pub const CHANNELS: usize = 16;
 
 /// `rgb = weights[c] · z + bias[c]` for c in R, G, B, in the autoencoder's [-1, 1] pixel range.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreviewFactors {
-    pub weights: [[f32; CHANNELS]; 3],
+    /// Three rows (R, G, B) of one weight per latent channel.
+    pub weights: Vec<Vec<f32>>,
     pub bias: [f32; 3],
     /// Share of the decoded colour variance the map explains on held-out latents (R², 0..1).
     pub r2: f32,
@@ -35,18 +35,13 @@ pub struct Latent {
 }
 
 impl Latent {
-    /// From a (1, 16, h, w) or (16, h, w) tensor.
+    /// From a (1, C, h, w) or (C, h, w) tensor, any number of channels C.
     pub fn from_tensor(z: &Tensor) -> Result<Self> {
         let z = match z.rank() {
             4 => z.get(0)?,
             _ => z.clone(),
         };
-        let (c, h, w) = z.dims3()?;
-        if c != CHANNELS {
-            return Err(Error::Image(format!(
-                "a latent preview needs {CHANNELS} channels, got {c}"
-            )));
-        }
+        let (_, h, w) = z.dims3()?;
         let data = z
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
@@ -59,10 +54,16 @@ impl Latent {
         })
     }
 
-    /// From the sampler's packed latent (1, N, 64) of an image `width` x `height` pixels.
-    pub fn from_packed(x: &Tensor, width: usize, height: usize) -> Result<Self> {
-        let z = crate::model::flux::unpack_latent(x, height / 8, width / 8)?;
+    /// From the sampler's packed latent (1, N, C p²), packed as `spec` says, of an image
+    /// `width` x `height` pixels.
+    pub fn from_packed(x: &Tensor, spec: &LatentSpec, width: usize, height: usize) -> Result<Self> {
+        let z = spec.unpack(x, height / spec.downscale, width / spec.downscale)?;
         Self::from_tensor(&z)
+    }
+
+    /// Latent channels (planes of `width` x `height` values in [`Latent::data`]).
+    pub fn channels(&self) -> usize {
+        self.data.len() / (self.width * self.height).max(1)
     }
 
     fn at(&self, c: usize, y: usize, x: usize) -> f32 {
@@ -78,14 +79,22 @@ impl PreviewFactors {
             .map_err(|e| Error::Image(format!("the demo's preview map is unreadable: {e}")))
     }
 
-    /// Map one latent to RGB bytes (one pixel per latent position, row-major RGB).
+    /// Latent channels the map reads.
+    pub fn channels(&self) -> usize {
+        self.weights.first().map_or(0, Vec::len)
+    }
+
+    /// Map one latent to RGB bytes (one pixel per latent position, row-major RGB). A latent and
+    /// a map of different channel counts (a map of another family) meet on their common
+    /// channels.
     pub fn apply(&self, z: &Latent) -> Vec<u8> {
+        let channels = self.channels().min(z.channels());
         let mut out = Vec::with_capacity(z.width * z.height * 3);
         for y in 0..z.height {
             for x in 0..z.width {
                 for ch in 0..3 {
                     let mut v = self.bias[ch];
-                    for c in 0..CHANNELS {
+                    for c in 0..channels {
                         v += self.weights[ch][c] * z.at(c, y, x);
                     }
                     out.push(to_byte(v));
@@ -96,22 +105,25 @@ impl PreviewFactors {
     }
 
     #[allow(clippy::needless_range_loop)] // index loops read as the maths does
-    /// Fit the map to `vae` by regression on `samples` decoded latents of `size` x `size`
-    /// positions (plus one held out for R²). Latents are smoothed Gaussian noise at unit variance,
-    /// which has the low-frequency content of image latents.
+    /// Fit the map to any family's autoencoder `vae` by regression on `samples` decoded latents
+    /// of `size` x `size` positions (plus one held out for R²), with as many channels as its
+    /// [`LatentSpec`] says. Latents are smoothed Gaussian noise at unit variance, which has the
+    /// low-frequency content of image latents.
     pub fn fit(
-        vae: &AutoEncoder,
+        vae: &dyn LatentCodec,
         device: &Device,
         samples: usize,
         size: usize,
         seed: u64,
     ) -> Result<Self> {
+        let channels = vae.latent_spec().channels;
         let mut rng = SplitMix64::new(seed);
         let mut fit_set = Vec::new();
         for _ in 0..samples.max(1) {
-            fit_set.push(decode_pair(vae, device, &noise_latent(size, &mut rng)?)?);
+            let z = noise_latent(channels, size, &mut rng)?;
+            fit_set.push(decode_pair(vae, device, &z)?);
         }
-        let held_out = decode_pair(vae, device, &noise_latent(size, &mut rng)?)?;
+        let held_out = decode_pair(vae, device, &noise_latent(channels, size, &mut rng)?)?;
         Self::fit_pairs(&fit_set, &held_out)
     }
 
@@ -141,13 +153,14 @@ impl PreviewFactors {
     #[allow(clippy::needless_range_loop)]
     fn fit_pairs(fit_set: &[(Latent, Vec<f32>)], held_out: &(Latent, Vec<f32>)) -> Result<Self> {
         // Normal equations with a bias column: (XᵀX + λI) W = XᵀY.
-        const D: usize = CHANNELS + 1;
-        let mut xtx = [[0f64; D]; D];
-        let mut xty = [[0f64; 3]; D];
+        let channels = held_out.0.channels();
+        let d = channels + 1;
+        let mut xtx = vec![vec![0f64; d]; d];
+        let mut xty = vec![[0f64; 3]; d];
         for (z, rgb) in fit_set {
             for (i, feat) in features(z).enumerate() {
-                for a in 0..D {
-                    for b in 0..D {
+                for a in 0..d {
+                    for b in 0..d {
                         xtx[a][b] += feat[a] * feat[b];
                     }
                     for ch in 0..3 {
@@ -156,22 +169,22 @@ impl PreviewFactors {
                 }
             }
         }
-        for (a, row) in xtx.iter_mut().enumerate().take(CHANNELS) {
+        for (a, row) in xtx.iter_mut().enumerate().take(channels) {
             row[a] += 1e-3;
         }
         let sol = solve(xtx, xty).ok_or_else(|| {
             Error::Image("latent preview fit: the decoded samples are degenerate".into())
         })?;
         let mut factors = Self {
-            weights: [[0.0; CHANNELS]; 3],
+            weights: vec![vec![0.0; channels]; 3],
             bias: [0.0; 3],
             r2: 0.0,
         };
         for ch in 0..3 {
-            for c in 0..CHANNELS {
+            for c in 0..channels {
                 factors.weights[ch][c] = sol[c][ch] as f32;
             }
-            factors.bias[ch] = sol[CHANNELS][ch] as f32;
+            factors.bias[ch] = sol[channels][ch] as f32;
         }
         factors.r2 = factors.r_squared(&held_out.0, &held_out.1) as f32;
         Ok(factors)
@@ -189,7 +202,7 @@ impl PreviewFactors {
         for (i, feat) in features(z).enumerate() {
             for ch in 0..3 {
                 let mut pred = self.bias[ch] as f64;
-                for c in 0..CHANNELS {
+                for c in 0..self.channels() {
                     pred += self.weights[ch][c] as f64 * feat[c];
                 }
                 let y = rgb[i * 3 + ch] as f64;
@@ -210,12 +223,13 @@ pub fn to_byte(v: f32) -> u8 {
     ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
 }
 
-/// Features of each latent position, row-major: 16 channels and a 1 for the bias.
-fn features(z: &Latent) -> impl Iterator<Item = [f64; CHANNELS + 1]> + '_ {
+/// Features of each latent position, row-major: its channels and a 1 for the bias.
+fn features(z: &Latent) -> impl Iterator<Item = Vec<f64>> + '_ {
+    let channels = z.channels();
     (0..z.height).flat_map(move |y| {
         (0..z.width).map(move |x| {
-            let mut f = [1f64; CHANNELS + 1];
-            for (c, v) in f.iter_mut().enumerate().take(CHANNELS) {
+            let mut f = vec![1f64; channels + 1];
+            for (c, v) in f.iter_mut().enumerate().take(channels) {
                 *v = z.at(c, y, x) as f64;
             }
             f
@@ -223,26 +237,26 @@ fn features(z: &Latent) -> impl Iterator<Item = [f64; CHANNELS + 1]> + '_ {
     })
 }
 
-/// A smoothed random latent (1, 16, size, size) at unit variance.
-fn noise_latent(size: usize, rng: &mut SplitMix64) -> Result<Tensor> {
-    let raw = rng.normals(CHANNELS * size * size);
-    let z = Tensor::from_vec(raw, (1, CHANNELS, size, size), &Device::Cpu)?;
+/// A smoothed random latent (1, channels, size, size) at unit variance.
+fn noise_latent(channels: usize, size: usize, rng: &mut SplitMix64) -> Result<Tensor> {
+    let raw = rng.normals(channels * size * size);
+    let z = Tensor::from_vec(raw, (1, channels, size, size), &Device::Cpu)?;
     // 3x3 box blur (edges replicated) then back to unit variance.
     let z = z.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
-    let k = Tensor::ones((CHANNELS, 1, 3, 3), DType::F32, &Device::Cpu)?;
-    let z = z.conv2d(&k, 0, 1, 1, CHANNELS)?;
+    let k = Tensor::ones((channels, 1, 3, 3), DType::F32, &Device::Cpu)?;
+    let z = z.conv2d(&k, 0, 1, 1, channels)?;
     let std = z.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt().max(1e-6);
     Ok((z / std as f64)?)
 }
 
-/// A latent and the 8x8 block means of its decode (row-major RGB, [-1, 1]).
-fn decode_pair(vae: &AutoEncoder, device: &Device, z: &Tensor) -> Result<(Latent, Vec<f32>)> {
+/// A latent and the block means of its decode, a block per latent pixel (row-major RGB, [-1, 1]).
+fn decode_pair(vae: &dyn LatentCodec, device: &Device, z: &Tensor) -> Result<(Latent, Vec<f32>)> {
     let dtype = crate::pipeline::autoencoder_dtype(vae.dtype(), device);
     let img = vae
-        .decode(&z.to_device(device)?.to_dtype(dtype)?)?
+        .decode_latent(&z.to_device(device)?.to_dtype(dtype)?)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
-    let f = vae.config().downscale_factor();
+    let f = vae.latent_spec().downscale;
     // Block means: (1, 3, H, W) -> (3, h, w) -> row-major RGB.
     let pooled = img
         .avg_pool2d(f)?
@@ -253,20 +267,22 @@ fn decode_pair(vae: &AutoEncoder, device: &Device, z: &Tensor) -> Result<(Latent
 }
 
 #[allow(clippy::needless_range_loop)]
-/// Solve `a · x = b` for a small dense system by Gaussian elimination with partial pivoting.
-fn solve<const D: usize>(mut a: [[f64; D]; D], mut b: [[f64; 3]; D]) -> Option<[[f64; 3]; D]> {
-    for col in 0..D {
-        let pivot = (col..D).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+/// Solve `a · x = b` for a small dense system (a D x D, b D x 3) by Gaussian elimination with
+/// partial pivoting.
+fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<[f64; 3]>) -> Option<Vec<[f64; 3]>> {
+    let d = a.len();
+    for col in 0..d {
+        let pivot = (col..d).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
         if a[pivot][col].abs() < 1e-12 {
             return None;
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        for row in 0..D {
+        for row in 0..d {
             if row != col {
                 let f = a[row][col] / a[col][col];
                 if f != 0.0 {
-                    for k in col..D {
+                    for k in col..d {
                         a[row][k] -= f * a[col][k];
                     }
                     for k in 0..3 {
@@ -276,8 +292,8 @@ fn solve<const D: usize>(mut a: [[f64; D]; D], mut b: [[f64; 3]; D]) -> Option<[
             }
         }
     }
-    let mut x = [[0f64; 3]; D];
-    for i in 0..D {
+    let mut x = vec![[0f64; 3]; d];
+    for i in 0..d {
         for k in 0..3 {
             x[i][k] = b[i][k] / a[i][i];
         }
@@ -299,19 +315,24 @@ mod tests {
                 b[i][k] = (0..3).map(|j| a[i][j] * x_true[j][k]).sum();
             }
         }
-        let x = solve(a, b).expect("solvable");
+        let x = solve(a.map(Vec::from).to_vec(), b.to_vec()).expect("solvable");
         for i in 0..3 {
             for k in 0..3 {
                 assert!((x[i][k] - x_true[i][k]).abs() < 1e-9);
             }
         }
-        assert!(solve([[1.0, 2.0], [2.0, 4.0]], [[1.0; 3], [2.0; 3]]).is_none());
+        assert!(solve(
+            vec![vec![1.0, 2.0], vec![2.0, 4.0]],
+            vec![[1.0; 3], [2.0; 3]]
+        )
+        .is_none());
     }
 
     #[test]
     fn apply_is_the_affine_map() {
+        const CHANNELS: usize = 16;
         let mut f = PreviewFactors {
-            weights: [[0.0; CHANNELS]; 3],
+            weights: vec![vec![0.0; CHANNELS]; 3],
             bias: [0.1, -0.2, 0.0],
             r2: 1.0,
         };

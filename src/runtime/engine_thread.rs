@@ -232,6 +232,8 @@ impl EngineThread {
             .as_ref()
             .ok_or_else(|| Error::runtime("cannot run the job", "no model is loaded"))?
             .engine;
+        // How the sampler's packed latents unpack, for the previews.
+        let latent_spec = engine.primary().latent_spec();
 
         if let JobSpec::Compare { .. } = spec {
             // Every speed-up is measured against the sweep's first image: warm each group up
@@ -319,7 +321,8 @@ impl EngineThread {
                     }
                     Progress::Step(info) => {
                         let at = std::time::Instant::now();
-                        let preview = Arc::new(Latent::from_packed(info.latent, w, h)?);
+                        let preview =
+                            Arc::new(Latent::from_packed(info.latent, &latent_spec, w, h)?);
                         emit.emit(Event::Step {
                             job,
                             image: i,

@@ -128,7 +128,7 @@ pub fn pipefusion(m: &Arc<dyn Denoiser>, warmup: usize) -> Vec<f64> {
     let j = job(m.as_ref(), 1, 1.0);
     let want = one_device(m.as_ref(), &j);
     run_local(2, |_, comm| {
-        let stage = PipeFusion::replica_of(
+        let stage = PipeFusion::replica_in(
             m.as_ref(),
             Arc::new(comm),
             None,

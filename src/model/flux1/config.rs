@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::family::ParamCounts;
+
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FluxConfig {
@@ -136,24 +138,72 @@ impl FluxConfig {
     }
 
     /// Parameters of each block in the unified numbering (double blocks first): products,
-    /// modulations, biases and norms.
+    /// modulations, biases and norms ([`FluxConfig::block_param_counts`] totalled).
     pub fn block_params(&self) -> Vec<u64> {
+        self.block_param_counts()
+            .iter()
+            .map(ParamCounts::total)
+            .collect()
+    }
+
+    /// FLUX.1's parameter formula, by kind, for each block in the unified numbering (double
+    /// blocks first).
+    pub fn block_param_counts(&self) -> Vec<ParamCounts> {
         let h = self.hidden_size as u64;
         let mlp = self.mlp_hidden() as u64;
         let head = (self.hidden_size / self.num_heads.max(1)) as u64;
-        // Per stream: qkv, proj, fc1, fc2 with biases, a 6-way modulation, two QK norms.
-        let stream = h * 3 * h
-            + h * h
-            + h * mlp
-            + mlp * h
-            + (3 * h + h + mlp + h)
-            + (h * 6 * h + 6 * h)
-            + 2 * head;
-        let double = 2 * stream;
-        let single =
-            h * (3 * h + mlp) + (h + mlp) * h + (3 * h + mlp + h) + (h * 3 * h + 3 * h) + 2 * head;
+        // A double block, per stream: qkv, proj, fc1, fc2 (with biases), a 6-way modulation,
+        // two QK norms.
+        let double_rows = 2 * (3 * h + h + mlp + h);
+        let double = ParamCounts {
+            products: 2 * (h * 3 * h + h * h + h * mlp + mlp * h),
+            product_rows: double_rows,
+            modulations: 2 * h * 6 * h,
+            modulation_rows: 2 * 6 * h,
+            other: double_rows + 4 * head + 2 * 6 * h,
+        };
+        // A single block: linear1 (qkv and MLP in), linear2, a 3-way modulation, QK norms.
+        let single_rows = 3 * h + mlp + h;
+        let single = ParamCounts {
+            products: h * (3 * h + mlp) + (h + mlp) * h,
+            product_rows: single_rows,
+            modulations: h * 3 * h,
+            modulation_rows: 3 * h,
+            other: single_rows + 2 * head + 3 * h,
+        };
         std::iter::repeat_n(double, self.depth)
             .chain(std::iter::repeat_n(single, self.depth_single_blocks))
             .collect()
+    }
+
+    /// Parameters outside the blocks (input, timestep, guidance and text embedders, the final
+    /// layer): every pipeline stage holds them.
+    pub fn outside_param_counts(&self) -> ParamCounts {
+        let h = self.hidden_size as u64;
+        let embed = |i: u64| i * h + h + h * h + h;
+        let channels = self.in_channels as u64;
+        ParamCounts {
+            other: (channels * h + h)
+                + (self.context_in_dim as u64 * h + h)
+                + embed(256)
+                + embed(self.vec_in_dim as u64)
+                + if self.guidance_embed { embed(256) } else { 0 }
+                + (h * channels + channels)
+                + (h * 2 * h + 2 * h),
+            ..Default::default()
+        }
+    }
+
+    /// The parameters a device holding only `blocks` (of the unified numbering) keeps: those
+    /// blocks and everything outside the blocks.
+    pub fn param_counts_of(&self, blocks: std::ops::Range<usize>) -> ParamCounts {
+        let held: ParamCounts = self
+            .block_param_counts()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| blocks.contains(i))
+            .map(|(_, p)| p)
+            .sum();
+        held + self.outside_param_counts()
     }
 }

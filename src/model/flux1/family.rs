@@ -128,6 +128,9 @@ impl LatentCodec for AutoEncoder {
     fn device(&self) -> &Device {
         AutoEncoder::device(self)
     }
+    fn dtype(&self) -> DType {
+        AutoEncoder::dtype(self)
+    }
 }
 
 /// FLUX.1 (dev, schnell and their fine-tunes) in the family registry.

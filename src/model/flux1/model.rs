@@ -4,11 +4,11 @@
 //! Tensor names are Black Forest Labs' (`double_blocks.0.img_attn.qkv.weight`, ...); other layouts
 //! are mapped onto them by [`crate::model::layout`]. The forward pass is split into stages
 //! ([`Flux::embed`], [`Flux::run_blocks`], [`Flux::final_layer`]) so that a cache policy can run the
-//! first block alone and a pipeline-parallel strategy can run a range of blocks. Attention goes
-//! through the [`Attention`] trait object the model holds.
+//! first block alone and a pipeline-parallel strategy can run a range of blocks. The model holds
+//! only itself: attention is its one-device [`LocalAttention`] unless the block context carries a
+//! parallel strategy's ([`BlockCtx::attention`], set by the replicas of `crate::parallel::replica`).
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
@@ -18,8 +18,6 @@ use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
-pub use crate::model::family::ForwardPlan;
-use crate::model::shard::{Shard, ShardLayout};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Sinusoidal embedding of `t` (shape (B,)), scaled by `time_factor` first, cos half first.
@@ -346,9 +344,8 @@ pub struct Flux {
     single_blocks: Vec<Option<SingleBlock>>,
     final_linear: Linear,
     final_mod: Linear,
-    attention: Arc<dyn Attention>,
-    /// A strategy that runs whole forwards itself (PipeFusion; [`Flux::with_plan`]).
-    plan: Option<Arc<dyn ForwardPlan>>,
+    /// Attention on this device (blocks use the context's where a parallel replica set one).
+    attention: LocalAttention,
     cfg: FluxConfig,
     dtype: DType,
     device: Device,
@@ -427,8 +424,7 @@ impl Flux {
             single_blocks,
             final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
             final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
-            attention: Arc::new(LocalAttention::default()),
-            plan: None,
+            attention: LocalAttention::default(),
             cfg: cfg.clone(),
             dtype,
             device,
@@ -564,20 +560,8 @@ impl Flux {
         }
     }
 
-    /// Let `plan` run every [`Flux::forward`] of this replica (it calls the stage API itself:
-    /// [`Flux::embed_patch`], [`Flux::run_blocks`], [`Flux::final_layer`]).
-    pub fn with_plan(mut self, plan: Arc<dyn ForwardPlan>) -> Self {
-        self.plan = Some(plan);
-        self
-    }
-
-    /// Replace the attention implementation (for parallel strategies).
-    pub fn with_attention(mut self, attention: Arc<dyn Attention>) -> Self {
-        self.attention = attention;
-        self
-    }
-
-    pub fn attention(&self) -> &Arc<dyn Attention> {
+    /// The attention the blocks use on this device.
+    pub fn attention(&self) -> &dyn Attention {
         &self.attention
     }
 
@@ -600,37 +584,16 @@ impl Flux {
     }
 
     /// Input projections and the conditioning vector, for every token of `input` (a
-    /// sequence-parallel replica hands in its shard: [`crate::parallel::replica`]).
+    /// sequence-parallel replica hands in its shard: `crate::parallel::replica`).
     pub fn embed(&self, input: &FluxInput) -> Result<(Streams, BlockCtx)> {
         let vec = self.conditioning(input)?;
-        Ok((self.embed_streams(input)?, self.ctx(vec, input.pe, None)))
-    }
-
-    /// [`Flux::embed`] of patch `patch` of `patches`: its shard of the text and image tokens
-    /// (padded as [`Shard`] says), whatever group this replica belongs to.
-    pub fn embed_patch(
-        &self,
-        input: &FluxInput,
-        patches: usize,
-        patch: usize,
-    ) -> Result<(Streams, BlockCtx)> {
-        let shard = Shard::new(input, patches, patch)?;
-        let local = shard.input(input);
-        let vec = self.conditioning(&local)?;
-        Ok((
-            self.embed_streams(&local)?,
-            self.ctx(vec, &shard.pe, Some(shard.layout)),
-        ))
-    }
-
-    /// What every block needs besides the tokens, from a conditioning vector and RoPE rows.
-    pub fn ctx(&self, vec: Tensor, pe: &PosEmbed, shards: Option<ShardLayout>) -> BlockCtx {
-        BlockCtx {
+        let ctx = BlockCtx {
             vec,
-            pe: pe.clone(),
-            shards,
+            pe: input.pe.clone(),
+            shards: None,
             attention: None,
-        }
+        };
+        Ok((self.embed_streams(input)?, ctx))
     }
 
     /// The input projections of the token streams.
@@ -660,7 +623,7 @@ impl Flux {
     /// Run blocks `range` of the unified numbering (double blocks first, then single blocks).
     pub fn run_blocks(&self, s: Streams, ctx: &BlockCtx, range: Range<usize>) -> Result<Streams> {
         let Streams { mut img, mut txt } = s;
-        let attn = self.attention.as_ref();
+        let attn = &self.attention;
         let depth = self.cfg.depth;
         let absent = |i: usize| {
             candle_core::Error::Msg(format!(
@@ -699,9 +662,6 @@ impl Flux {
 
     /// The whole transformer: predicted velocity (B, N, 64).
     pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
-        if let Some(plan) = &self.plan {
-            return plan.forward(self, input);
-        }
         let (s, ctx) = self.embed(input)?;
         let s = self.run_blocks(s, &ctx, 0..self.cfg.num_blocks())?;
         self.final_layer(&s.img, &ctx)

@@ -298,7 +298,7 @@ pub fn load_vae(path: &Path, dtype: DType, device: &Device) -> crate::Result<Kle
             let cfg = VaeConfig {
                 scaling_factor: 1.0,
                 shift_factor: 0.0,
-                ..crate::model::layout::infer_vae_config(&set)?
+                ..crate::model::vae::infer_vae_config(&set)?
             };
             let map = Identity {
                 prefix: String::new(),

@@ -155,6 +155,9 @@ impl LatentCodec for KleinVae {
     fn device(&self) -> &Device {
         KleinVae::device(self)
     }
+    fn dtype(&self) -> DType {
+        KleinVae::dtype(self)
+    }
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //! [`VaeConfig`] ([`vae_config_from_diffusers_json`]) and writing one
 //! ([`VaeConfig::to_diffusers_json`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::VaeConfig;
 use crate::error::{Error, Result};
+use crate::model::weights::SafetensorsSet;
 
 impl VaeConfig {
     /// This configuration as a diffusers `AutoencoderKL` `config.json` (what
@@ -123,6 +124,58 @@ pub fn vae_config_from_diffusers_str(text: &str, path: &Path) -> Result<VaeConfi
         shift_factor: raw.shift_factor.unwrap_or(0.0),
     };
     cfg.validate().map_err(bad)?;
+    Ok(cfg)
+}
+
+/// Infer the autoencoder config of a BFL-layout `ae.safetensors` from tensor shapes (the file
+/// carries no config). GroupNorm's group count is not stored in weights: Parallax uses 32 (FLUX's)
+/// when the base width is at least 64, else half the base width (the tiny demo/test models).
+pub fn infer_vae_config(set: &SafetensorsSet) -> Result<VaeConfig> {
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        set.meta(name)
+            .map(|m| m.shape.clone())
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: name.to_string(),
+                location: set.label().to_string(),
+            })
+    };
+    let conv_in = shape("decoder.conv_in.weight")?;
+    let conv_out = shape("decoder.conv_out.weight")?;
+    if conv_in.len() != 4 || conv_out.len() != 4 {
+        return Err(Error::UnknownLayout {
+            path: PathBuf::from(set.label()),
+            reason: "decoder convolutions are not 4-dimensional".into(),
+        });
+    }
+    let ch = conv_out[1];
+    let mut ch_mult = Vec::new();
+    while let Some(m) = set.meta(&format!(
+        "decoder.up.{}.block.0.conv2.weight",
+        ch_mult.len()
+    )) {
+        ch_mult.push(m.shape.first().copied().unwrap_or(0) / ch.max(1));
+    }
+    let blocks = (0..)
+        .take_while(|j| set.contains(&format!("decoder.up.0.block.{j}.conv1.weight")))
+        .count();
+    let flux = VaeConfig::flux();
+    let cfg = VaeConfig {
+        in_channels: set
+            .meta("encoder.conv_in.weight")
+            .and_then(|m| m.shape.get(1).copied())
+            .unwrap_or(flux.in_channels),
+        out_channels: conv_out[0],
+        ch,
+        ch_mult,
+        num_res_blocks: blocks.saturating_sub(1),
+        z_channels: conv_in[1],
+        norm_groups: if ch >= 64 { 32 } else { (ch / 2).max(1) },
+        ..flux
+    };
+    cfg.validate().map_err(|reason| Error::UnknownLayout {
+        path: PathBuf::from(set.label()),
+        reason: format!("cannot infer the autoencoder config: {reason}"),
+    })?;
     Ok(cfg)
 }
 

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 mod config;
 mod keys;
 
-pub use config::{vae_config_from_diffusers_json, vae_config_from_diffusers_str};
+pub use config::{infer_vae_config, vae_config_from_diffusers_json, vae_config_from_diffusers_str};
 pub use keys::VaeDiffusersMap;
 
 /// The epsilon of every GroupNorm in the autoencoder.

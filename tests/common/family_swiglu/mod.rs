@@ -1,7 +1,8 @@
 //! A second model family, for tests only: FLUX.1's double- and single-stream layout with SwiGLU
 //! MLPs, no biases, modulation shared across blocks (one set for the double blocks' image
 //! stream, one for their text stream, one for the single blocks), fused single-block input
-//! projections, a 4-axis RoPE (theta 2000) and no pooled text vector: the shape of the next
+//! projections, a 4-axis RoPE (theta 2000), no pooled text vector and a 32-channel latent
+//! ([`LATENT`], decoded by [`SwigluCodec`]): the shape of the next
 //! family, at a tiny size, enough to exercise the seams of [`parallax::model::family`]. Nothing
 //! outside this folder knows it; tests register it at run time ([`register`]).
 
@@ -13,16 +14,26 @@ use candle_nn::{linear_no_bias, Linear, RmsNorm, VarBuilder};
 use parallax::collective::Communicator;
 use parallax::model::attention::{Attention, LocalAttention};
 use parallax::model::demo_weights::DemoWeights;
-use parallax::model::family::{BlockCtx, Denoiser, Family, PosEmbed, StepInput, Streams, TextSpec};
+use parallax::model::family::{
+    BlockCtx, Denoiser, Family, LatentCodec, LatentSpec, PosEmbed, StepInput, Streams, TextSpec,
+};
 use parallax::model::step::apply_rope;
 
 /// The family's registry name.
 pub const NAME: &str = "swiglu-tiny";
 
+/// Its latent: 32 channels (FLUX.2's count, twice FLUX.1's), 2x2 patches, 8 pixels a latent
+/// pixel.
+pub const LATENT: LatentSpec = LatentSpec {
+    channels: 32,
+    patch: 2,
+    downscale: 8,
+};
+
 /// Sizes of the tiny model.
 #[derive(Debug, Clone)]
 pub struct SwigluConfig {
-    /// Packed latent token width (16 channels x 2x2, like FLUX.1's latent).
+    /// Packed latent token width ([`LATENT`]: 32 channels x 2x2).
     pub in_channels: usize,
     /// Text hidden-state width (a decoder LM's joined layers, here made up).
     pub txt_dim: usize,
@@ -39,7 +50,7 @@ pub struct SwigluConfig {
 impl SwigluConfig {
     pub fn tiny() -> Self {
         Self {
-            in_channels: 64,
+            in_channels: LATENT.token_channels(),
             txt_dim: 48,
             hidden: 64,
             heads: 2,
@@ -408,6 +419,45 @@ impl Family for SwigluFamily {
     ) -> Result<Arc<dyn Denoiser>> {
         let vb = DemoWeights::new(seed).var_builder(dtype, device);
         Ok(Arc::new(SwigluModel::new(&SwigluConfig::tiny(), vb)?))
+    }
+}
+
+/// The family's tiny autoencoder, decode only: each latent pixel's 32 channels mapped to RGB by
+/// a made-up linear layer, squashed by tanh into [-1, 1], drawn as an 8x8 block.
+pub struct SwigluCodec {
+    to_rgb: Linear,
+    device: Device,
+}
+
+impl SwigluCodec {
+    pub fn new(seed: u64, device: &Device) -> Result<Self> {
+        let vb = DemoWeights::new(seed).var_builder(DType::F32, device);
+        Ok(Self {
+            to_rgb: linear_no_bias(LATENT.channels, 3, vb.pp("to_rgb"))?,
+            device: device.clone(),
+        })
+    }
+}
+
+impl LatentCodec for SwigluCodec {
+    fn latent_spec(&self) -> LatentSpec {
+        LATENT
+    }
+    fn decode_latent(&self, z: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        let f = LATENT.downscale;
+        let rgb = self
+            .to_rgb
+            .forward(&z.permute((0, 2, 3, 1))?)?
+            .tanh()?
+            .permute((0, 3, 1, 2))?;
+        rgb.upsample_nearest2d(h * f, w * f)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
     }
 }
 
