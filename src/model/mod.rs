@@ -11,6 +11,7 @@ pub mod family;
 pub mod flux1;
 pub mod hub;
 pub mod layout;
+pub mod lora;
 pub mod rng;
 pub mod shard;
 pub mod step;
