@@ -392,3 +392,142 @@ fn with_fp8_products_the_lora_runs_beside_them_unrounded() {
     assert!(weight_loss > 0.1, "{weight_loss}");
     assert!(beside_err < merged_err, "{beside_err} vs {merged_err}");
 }
+
+/// A LoRA for the built-in demo model (PEFT names, no prefix), written to `path`: two attention
+/// projections and a single block's MLP rows, made-up values.
+fn demo_lora(path: &Path, extra: &[&str]) {
+    let cfg = FluxConfig::demo();
+    let h = cfg.hidden_size;
+    let made = |rows: usize, cols: usize, k: f32| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.13 + k).sin() * 0.5)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("made")
+    };
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (m, out, k) in [
+        ("transformer_blocks.0.attn.to_q", h, 0.1),
+        ("transformer_blocks.1.attn.to_out.0", h, 0.2),
+        (
+            "single_transformer_blocks.0.proj_mlp",
+            cfg.mlp_hidden(),
+            0.3,
+        ),
+    ] {
+        t.insert(format!("{m}.lora_A.weight"), made(4, h, k));
+        t.insert(format!("{m}.lora_B.weight"), made(out, 4, k + 1.0));
+    }
+    for name in extra {
+        t.insert(name.to_string(), made(4, h, 0.5));
+    }
+    candle_core::safetensors::save(&t, path).expect("write lora");
+}
+
+fn parallax(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax")
+}
+
+#[test]
+fn generate_takes_loras_and_the_png_restores_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("shapes.safetensors");
+    demo_lora(&file, &[]);
+    let run = |name: &str,
+               loras: &[String]|
+     -> (parallax::pipeline::image::RgbImage, Vec<(String, String)>) {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "5",
+        ];
+        args.extend(["--steps", "3", "--width", "64", "--height", "64", "--quiet"]);
+        let out_s = out.to_str().expect("utf-8 path").to_string();
+        args.extend(["--out", &out_s]);
+        for l in loras {
+            args.extend(["--lora", l]);
+        }
+        let o = parallax(&args);
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{loras:?}: {msg}");
+        parallax::pipeline::image::read_png(&out).expect("png")
+    };
+    let f = file.to_str().expect("utf-8").to_string();
+    let (plain, _) = run("plain.png", &[]);
+    let (with, text) = run("with.png", &[format!("{f}:0.8"), format!("{f}:-0.3")]);
+    let (off, _) = run("off.png", &[format!("{f}:0")]);
+    assert_ne!(plain.data, with.data, "the LoRA changes the image");
+    assert_eq!(
+        plain.data, off.data,
+        "strength 0 leaves the model as it was"
+    );
+    // The PNG records the LoRAs; its settings reproduce the image.
+    let settings = parallax::pipeline::GenerationSettings::from_png_text(&text).expect("settings");
+    let strengths: Vec<f64> = settings.loras.iter().map(|l| l.strength).collect();
+    assert_eq!(strengths, vec![0.8, -0.3]);
+    assert!(settings.loras.iter().all(|l| l.path == file));
+    let params = &text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters")
+        .1;
+    assert!(params.contains("Parallax LoRAs"), "{params}");
+    let p = parallax::pipeline::Pipeline::demo(&Device::Cpu).expect("demo");
+    let again = p
+        .generate(&settings.to_request(), &mut |_| Ok(()))
+        .expect("restored");
+    assert_eq!(
+        again.image.data, with.data,
+        "the restored settings give the same image"
+    );
+}
+
+#[test]
+fn a_lora_with_parts_parallax_cannot_apply_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("with-te.safetensors");
+    demo_lora(
+        &file,
+        &["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
+    );
+    let out = dir.path().join("refused.png");
+    let lora = format!("{}:0.7", file.display());
+    let o = parallax(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--quiet",
+        "--lora",
+        &lora,
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    let msg = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{msg}");
+    assert!(
+        msg.contains("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+        "{msg}"
+    );
+    assert!(!msg.contains("panicked"), "{msg}");
+    assert!(!out.exists());
+}

@@ -323,6 +323,57 @@ impl LoraFile {
     }
 }
 
+/// A LoRA as a request names it: its file and strength (`FILE[:STRENGTH]` on the command line).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraChoice {
+    pub path: std::path::PathBuf,
+    pub strength: f64,
+}
+
+impl std::str::FromStr for LoraChoice {
+    type Err = String;
+
+    /// `FILE` (strength 1) or `FILE:STRENGTH`; a colon not followed by a number belongs to the
+    /// file's name.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (path, strength) = match s.rsplit_once(':') {
+            Some((p, v)) => match v.trim().parse::<f64>() {
+                Ok(v) => (p, v),
+                Err(_) => (s, 1.0),
+            },
+            None => (s, 1.0),
+        };
+        if path.trim().is_empty() {
+            return Err("name a LoRA file, as FILE or FILE:STRENGTH".into());
+        }
+        if !strength.is_finite() {
+            return Err(format!("the strength of {path} must be a number"));
+        }
+        Ok(Self {
+            path: path.into(),
+            strength,
+        })
+    }
+}
+
+impl std::fmt::Display for LoraChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.strength)
+    }
+}
+
+/// Files read already, by path, size, modification time and the transformer's shape, so that a
+/// new strength or set reads no file again.
+type FileKey = (
+    std::path::PathBuf,
+    u64,
+    Option<std::time::SystemTime>,
+    String,
+);
+static READ: std::sync::Mutex<Vec<(FileKey, Arc<LoraFile>)>> = std::sync::Mutex::new(Vec::new());
+/// How many read files are kept.
+const KEEP: usize = 16;
+
 /// Several LoRA files with their strengths (negative allowed; 0 leaves a file out).
 #[derive(Debug, Clone, Default)]
 pub struct LoraSet {
@@ -332,6 +383,41 @@ pub struct LoraSet {
 impl LoraSet {
     pub fn new(entries: Vec<(Arc<LoraFile>, f64)>) -> Self {
         Self { entries }
+    }
+
+    /// The files of `choices` for a transformer of `cfg` (each read once while unchanged on
+    /// disk; those at strength 0 not read at all).
+    pub fn load(choices: &[LoraChoice], cfg: &FluxConfig) -> Result<Self> {
+        let mut entries = Vec::new();
+        for c in choices.iter().filter(|c| c.strength != 0.0) {
+            let meta = std::fs::metadata(&c.path).map_err(|e| Error::io(&c.path, e))?;
+            let key: FileKey = (
+                c.path.clone(),
+                meta.len(),
+                meta.modified().ok(),
+                format!("{cfg:?}"),
+            );
+            let cached = READ
+                .lock()
+                .ok()
+                .and_then(|r| r.iter().find(|(k, _)| *k == key).map(|(_, f)| f.clone()));
+            let file = match cached {
+                Some(f) => f,
+                None => {
+                    let f = Arc::new(LoraFile::open(&c.path, cfg)?);
+                    if let Ok(mut r) = READ.lock() {
+                        r.retain(|(k, _)| k.0 != key.0);
+                        if r.len() >= KEEP {
+                            r.remove(0);
+                        }
+                        r.push((key, f.clone()));
+                    }
+                    f
+                }
+            };
+            entries.push((file, c.strength));
+        }
+        Ok(Self { entries })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -495,6 +581,24 @@ mod tests {
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         Ok(())
+    }
+
+    #[test]
+    fn a_choice_reads_file_and_strength() {
+        let c: LoraChoice = "styles/ink.safetensors:-0.5".parse().expect("choice");
+        assert_eq!(
+            (c.path.to_str(), c.strength),
+            (Some("styles/ink.safetensors"), -0.5)
+        );
+        let c: LoraChoice = "ink.safetensors".parse().expect("choice");
+        assert_eq!(c.strength, 1.0);
+        let c: LoraChoice = r"C:\loras\ink.safetensors".parse().expect("choice");
+        assert_eq!(
+            (c.path.to_str(), c.strength),
+            (Some(r"C:\loras\ink.safetensors"), 1.0)
+        );
+        assert_eq!(c.to_string().parse::<LoraChoice>(), Ok(c));
+        assert!(":0.5".parse::<LoraChoice>().is_err());
     }
 
     #[test]

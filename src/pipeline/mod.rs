@@ -24,6 +24,7 @@ use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
 use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig, Fp8Groups};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
+use crate::model::lora::{LoraChoice, LoraSet};
 use crate::model::rng;
 use crate::model::text::{T5Residency, TextEncoders};
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
@@ -53,6 +54,9 @@ pub struct GenerateRequest {
     /// Cache spelt out); when set it replaces `cache_threshold`.
     #[serde(default)]
     pub cache: Option<CacheSpec>,
+    /// LoRAs with their strengths, beside the transformer's layers for this request only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
 }
 
 impl GenerateRequest {
@@ -78,6 +82,7 @@ impl Default for GenerateRequest {
             guidance: None,
             cache_threshold: 0.0,
             cache: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -101,6 +106,9 @@ pub struct GenerationSettings {
     pub cache: Option<CacheSpec>,
     /// The model as the user named it (path, repo id or `demo`).
     pub model: String,
+    /// The LoRAs on, with their strengths (files as the user named them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
     pub variant: Variant,
     /// Made-up weights (demo or random model): the image is not FLUX.1's.
     #[serde(default)]
@@ -160,6 +168,7 @@ impl GenerationSettings {
             guidance: Some(self.guidance),
             cache_threshold: self.cache_threshold,
             cache: self.cache.clone(),
+            loras: self.loras.clone(),
         }
     }
 
@@ -569,6 +578,7 @@ impl Pipeline {
             cache_threshold,
             cache,
             model: self.label.clone(),
+            loras: req.loras.clone(),
             variant: self.variant,
             synthetic: self.is_demo(),
             dtype: format!(
@@ -609,12 +619,23 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let prep = self.prepare(req, progress)?;
+        let flux = self.flux_for(req)?;
         let mut log = StepLog::default();
-        let (x, stats) = denoise(&self.flux, &prep.job, None, &mut |info| {
+        let (x, stats) = denoise(flux.as_ref(), &prep.job, None, &mut |info| {
             log.record(info);
             progress(Progress::Step(info))
         })?;
         self.finish(prep, x, stats, log, &|vae, z| Ok(vae.decode(z)?), progress)
+    }
+
+    /// The transformer `req` runs: this pipeline's, with the request's LoRAs beside its layers
+    /// when it names any (the base weights shared, the files read once while unchanged).
+    pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
+        if req.loras.iter().all(|l| l.strength == 0.0) {
+            return Ok(std::borrow::Cow::Borrowed(&self.flux));
+        }
+        let set = LoraSet::load(&req.loras, self.flux.config())?;
+        Ok(std::borrow::Cow::Owned(self.flux.with_loras(&set)?))
     }
 
     /// The first stage of a generation: settings checked, text encoded, noise and schedule made.
