@@ -492,6 +492,47 @@ fn generate_takes_loras_and_the_png_restores_them() {
         again.image.data, with.data,
         "the restored settings give the same image"
     );
+
+    // `compare` takes the same flag: every row runs with the LoRAs and records them.
+    let saved = dir.path().join("compare");
+    let lora = format!("{f}:0.8");
+    let o = parallax(&[
+        "compare",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        "5",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--thresholds",
+        "0.1",
+        "--lora",
+        &lora,
+        "--save",
+        saved.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pngs: Vec<_> = std::fs::read_dir(&saved)
+        .expect("saved")
+        .flatten()
+        .collect();
+    assert!(pngs.len() >= 2, "{pngs:?}");
+    for e in pngs {
+        let (_, text) = parallax::pipeline::image::read_png(&e.path()).expect("png");
+        let s = parallax::pipeline::GenerationSettings::from_png_text(&text).expect("settings");
+        assert_eq!(
+            s.loras,
+            vec![lora.parse().expect("choice")],
+            "{:?}",
+            e.path()
+        );
+    }
 }
 
 #[test]

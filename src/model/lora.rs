@@ -390,7 +390,10 @@ impl LoraSet {
     pub fn load(choices: &[LoraChoice], cfg: &FluxConfig) -> Result<Self> {
         let mut entries = Vec::new();
         for c in choices.iter().filter(|c| c.strength != 0.0) {
-            let meta = std::fs::metadata(&c.path).map_err(|e| Error::io(&c.path, e))?;
+            let meta = std::fs::metadata(&c.path).map_err(|e| Error::Lora {
+                path: c.path.display().to_string(),
+                reason: format!("cannot read the file ({e}); check its path"),
+            })?;
             let key: FileKey = (
                 c.path.clone(),
                 meta.len(),
