@@ -19,7 +19,7 @@ use parallax::model::weights::{MappedWeights, Recorder, SafetensorsSet};
 use parallax::parallel::mesh::ParallelLayout;
 use parallax::parallel::ranks;
 use parallax::pipeline::cache::CacheSpec;
-use parallax::pipeline::sampler::{self, Conditioning, TrueCfg};
+use parallax::pipeline::sampler::Conditioning;
 use parallax::pipeline::{schedule, DenoiseJob};
 
 fn dir() -> PathBuf {
@@ -45,11 +45,12 @@ fn lora(name: &str, cfg: &FluxConfig) -> Arc<LoraFile> {
     Arc::new(LoraFile::open(&dir().join(name), cfg).expect(name))
 }
 
-fn velocity(m: &Flux, io: &HashMap<String, Tensor>) -> Tensor {
+/// `f` on the fixture's input (t = 0.6, guidance 3.5, a 4 x 4 grid, 3 text tokens).
+fn on_input<R>(m: &Flux, io: &HashMap<String, Tensor>, f: impl FnOnce(&FluxInput) -> R) -> R {
     let pe = m.pos_embed(3, 4, 4).expect("pe");
     let t = Tensor::new(&[0.6f32], &Device::Cpu).expect("t");
     let g = Tensor::new(&[3.5f32], &Device::Cpu).expect("g");
-    m.forward(&FluxInput {
+    f(&FluxInput {
         img: &io["x"],
         txt: &io["txt"],
         y: &io["y"],
@@ -57,7 +58,10 @@ fn velocity(m: &Flux, io: &HashMap<String, Tensor>) -> Tensor {
         guidance: Some(&g),
         pe: &pe,
     })
-    .expect("forward")
+}
+
+fn velocity(m: &Flux, io: &HashMap<String, Tensor>) -> Tensor {
+    on_input(m, io, |input| m.forward(input).expect("forward"))
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -170,26 +174,9 @@ fn job(m: &Flux, seed: u64) -> DenoiseJob {
 
 /// `job` on one device, both branches of true CFG here.
 fn one_device(m: &Flux, job: &DenoiseJob) -> Tensor {
-    let mut neg_policy = CacheSpec::None.policy(None).expect("policy");
-    let cfg = job.neg.as_ref().map(|neg| TrueCfg::Local {
-        neg,
-        policy: neg_policy.as_mut(),
-        scale: job.true_cfg,
-    });
-    let mut policy = CacheSpec::None.policy(None).expect("policy");
-    sampler::denoise_cfg(
-        m,
-        &job.cond,
-        &job.pe,
-        job.x.clone(),
-        &job.timesteps,
-        None,
-        policy.as_mut(),
-        cfg,
-        &mut |_| Ok(()),
-    )
-    .expect("one device")
-    .0
+    parallax::pipeline::denoise(m, job, None, &mut |_| Ok(()))
+        .expect("one device")
+        .0
 }
 
 /// The fixture's model with both LoRAs on (0.8 and -0.5).
@@ -271,19 +258,7 @@ fn a_pipeline_stage_takes_its_blocks_share_of_the_loras() {
     let base = base();
     let full = with_both(&base);
     let n = base.config().num_blocks();
-    let io = io();
-    let pe = base.pos_embed(3, 4, 4).expect("pe");
-    let t = Tensor::new(&[0.6f32], &Device::Cpu).expect("t");
-    let g = Tensor::new(&[3.5f32], &Device::Cpu).expect("g");
-    let input = FluxInput {
-        img: &io["x"],
-        txt: &io["txt"],
-        y: &io["y"],
-        timesteps: &t,
-        guidance: Some(&g),
-        pe: &pe,
-    };
-    let (s, ctx) = full.embed(&input).expect("embed");
+    let (s, ctx) = on_input(&base, &io(), |input| full.embed(input).expect("embed"));
     let mut want = s.clone();
     let mut got = s;
     for blocks in [0..1, 1..n] {
@@ -431,6 +406,22 @@ fn parallax(args: &[&str]) -> std::process::Output {
         .expect("run parallax")
 }
 
+/// One small demo image's settings on the command line.
+const DEMO_JOB: [&str; 12] = [
+    "--model",
+    "demo",
+    "--prompt",
+    "a red circle",
+    "--seed",
+    "5",
+    "--steps",
+    "3",
+    "--width",
+    "64",
+    "--height",
+    "64",
+];
+
 #[test]
 fn generate_takes_loras_and_the_png_restores_them() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -440,16 +431,8 @@ fn generate_takes_loras_and_the_png_restores_them() {
                loras: &[String]|
      -> (parallax::pipeline::image::RgbImage, Vec<(String, String)>) {
         let out = dir.path().join(name);
-        let mut args = vec![
-            "generate",
-            "--model",
-            "demo",
-            "--prompt",
-            "a red circle",
-            "--seed",
-            "5",
-        ];
-        args.extend(["--steps", "3", "--width", "64", "--height", "64", "--quiet"]);
+        let mut args = vec!["generate", "--quiet"];
+        args.extend(DEMO_JOB);
         let out_s = out.to_str().expect("utf-8 path").to_string();
         args.extend(["--out", &out_s]);
         for l in loras {
@@ -496,27 +479,10 @@ fn generate_takes_loras_and_the_png_restores_them() {
     // `compare` takes the same flag: every row runs with the LoRAs and records them.
     let saved = dir.path().join("compare");
     let lora = format!("{f}:0.8");
-    let o = parallax(&[
-        "compare",
-        "--model",
-        "demo",
-        "--prompt",
-        "a red circle",
-        "--seed",
-        "5",
-        "--steps",
-        "3",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--thresholds",
-        "0.1",
-        "--lora",
-        &lora,
-        "--save",
-        saved.to_str().expect("utf-8"),
-    ]);
+    let mut args = vec!["compare", "--thresholds", "0.1", "--lora", &lora];
+    args.extend(DEMO_JOB);
+    args.extend(["--save", saved.to_str().expect("utf-8")]);
+    let o = parallax(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let pngs: Vec<_> = std::fs::read_dir(&saved)
         .expect("saved")
