@@ -5,7 +5,8 @@ and the velocities diffusers computes with them applied through its PEFT integra
 (`FluxPipeline.lora_state_dict` + `load_lora_into_transformer` + `set_adapters`), in f32.
 
 Writes tests/fixtures/lora/: config.json, transformer.safetensors (diffusers names),
-peft.safetensors, kohya.safetensors, bfl.safetensors, second.safetensors, io.safetensors.
+peft.safetensors, kohya.safetensors, bfl.safetensors, second.safetensors, peft-metadata.safetensors
+(the first LoRA saved by diffusers itself, alpha in the header), io.safetensors.
 
 Run: OMP_NUM_THREADS=1 nice -n 10 /work/pyref/bin/python scripts/lora-reference.py
 """
@@ -216,6 +217,25 @@ def main():
             return merged(hidden_states=x, encoder_hidden_states=txt, pooled_projections=y,
                           timestep=torch.tensor([0.6]), guidance=torch.tensor([3.5]),
                           img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+
+    # The first LoRA as diffusers saves one itself: no alpha tensors, alpha and rank in the
+    # file's `lora_adapter_metadata` header.
+    layers = {}
+    for m, (dn, up, _) in peft.items():
+        layers[f"{m}.lora_A.weight"] = dn.clone()
+        layers[f"{m}.lora_B.weight"] = up.clone()
+    FluxPipeline.save_lora_weights(
+        OUT, transformer_lora_layers=layers, weight_name="peft-metadata.safetensors",
+        transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA,
+                                           "target_modules": sorted(peft)})
+    sd, alphas, meta = FluxPipeline.lora_state_dict(
+        os.path.join(OUT, "peft-metadata.safetensors"), return_alphas=True, return_lora_metadata=True)
+    FluxPipeline.load_lora_into_transformer(sd, network_alphas=alphas, transformer=model,
+                                            adapter_name="meta", metadata=meta)
+    model.set_adapters(["meta"], weights=[1.0])
+    err = (velocity() - io["first"]).abs().max() / io["first"].abs().max()
+    print(f"metadata alpha: rel {err:.2e}")
+    assert err < 1e-5, err
 
     for key, s1, s2 in [("first", 1.0, 0.0), ("first_neg", -0.7, 0.0), ("both", 0.8, -0.5)]:
         want = merged_velocity(s1, s2)

@@ -2,7 +2,8 @@
 //! LoRA written three ways (PEFT, kohya, Black Forest Labs/ComfyUI names: fused q/k/v and
 //! single-block `linear1` joined, alpha beside) and a second PEFT LoRA, and saved the velocities
 //! diffusers computes with them (`load_lora_into_transformer` + `set_adapters`, f32) in
-//! `tests/fixtures/lora/`. Each layout must load to the same effective weights, and the velocity
+//! `tests/fixtures/lora/` (and the first LoRA once more as diffusers saves one, alpha in the
+//! header). Each layout must load to the same effective weights, and the velocity
 //! with the LoRAs on must match diffusers'.
 
 use std::collections::HashMap;
@@ -116,7 +117,12 @@ fn the_velocity_with_loras_matches_diffusers() {
     let r = rel(&velocity(&m, &io), &io["base"]);
     assert!(r < 1e-4, "base model differs from diffusers: {r}");
     let second = lora("second.safetensors", &cfg);
-    for name in ["peft.safetensors", "kohya.safetensors", "bfl.safetensors"] {
+    for name in [
+        "peft.safetensors",
+        "kohya.safetensors",
+        "bfl.safetensors",
+        "peft-metadata.safetensors",
+    ] {
         let first = lora(name, &cfg);
         for (key, set) in [
             ("first", vec![(first.clone(), 1.0)]),

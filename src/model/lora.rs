@@ -162,6 +162,64 @@ struct Part {
     scale: f64,
 }
 
+/// The alpha a file saved by diffusers keeps in its header instead of alpha tensors: PEFT's
+/// config as JSON under `lora_adapter_metadata`, keys prefixed `transformer.` (`lora_alpha`, and
+/// `alpha_pattern` for modules that differ).
+#[derive(Debug, Clone, Default)]
+struct HeaderAlpha {
+    alpha: Option<f64>,
+    patterns: Vec<(String, f64)>,
+}
+
+impl HeaderAlpha {
+    fn read(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|e| Error::io(path, e))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 {
+            return Ok(Self::default());
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+        let json: serde_json::Value = serde_json::from_slice(&header).unwrap_or_default();
+        let Some(meta) = json
+            .pointer("/__metadata__/lora_adapter_metadata")
+            .and_then(|v| v.as_str())
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        else {
+            return Ok(Self::default());
+        };
+        let get = |k: &str| {
+            meta.get(format!("transformer.{k}"))
+                .or_else(|| meta.get(k))
+                .cloned()
+        };
+        let patterns = get("alpha_pattern")
+            .and_then(|p| p.as_object().cloned())
+            .map(|o| {
+                o.into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            alpha: get("lora_alpha").and_then(|v| v.as_f64()),
+            patterns,
+        })
+    }
+
+    /// The alpha of `module` (a pattern naming it or its tail, else the file's).
+    fn alpha_of(&self, module: &str) -> Option<f64> {
+        self.patterns
+            .iter()
+            .find(|(k, _)| module == k || module.ends_with(&format!(".{k}")))
+            .map(|(_, a)| *a)
+            .or(self.alpha)
+    }
+}
+
 /// A LoRA file read and mapped onto a FLUX.1 transformer's layers.
 #[derive(Debug, Clone)]
 pub struct LoraFile {
@@ -177,7 +235,8 @@ impl LoraFile {
         let set = SafetensorsSet::open(path)?;
         let names: Vec<String> = set.names().map(str::to_string).collect();
         let label = path.display().to_string();
-        Self::from_tensors(&label, &names, cfg, |n| {
+        let header = HeaderAlpha::read(path)?;
+        Self::from_tensors(&label, &names, cfg, &header, |n| {
             set.load(n, DType::F32, &Device::Cpu)
         })
     }
@@ -185,7 +244,7 @@ impl LoraFile {
     /// [`LoraFile::open`] over tensors in memory (name, tensor).
     pub fn from_named(label: &str, tensors: &[(String, Tensor)], cfg: &FluxConfig) -> Result<Self> {
         let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-        Self::from_tensors(label, &names, cfg, |n| {
+        Self::from_tensors(label, &names, cfg, &HeaderAlpha::default(), |n| {
             let t = tensors
                 .iter()
                 .find(|(k, _)| k == n)
@@ -202,6 +261,7 @@ impl LoraFile {
         label: &str,
         names: &[String],
         cfg: &FluxConfig,
+        header: &HeaderAlpha,
         load: impl Fn(&str) -> Result<Tensor>,
     ) -> Result<Self> {
         let bad = |reason: String| Error::Lora {
@@ -288,7 +348,7 @@ impl LoraFile {
                         _ => return Err(bad(format!("`{module}`'s alpha is not one number"))),
                     }
                 }
-                None => 1.0,
+                None => header.alpha_of(&module).map_or(1.0, |a| a / rank as f64),
             };
             parts.push(Part {
                 module,
