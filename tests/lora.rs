@@ -544,3 +544,44 @@ fn a_lora_with_parts_parallax_cannot_apply_is_refused_by_name() {
     assert!(!msg.contains("panicked"), "{msg}");
     assert!(!out.exists());
 }
+
+/// One loaded pipeline, LoRA strengths changed between requests: each request gets its own
+/// strengths (the base model is not reloaded, and a LoRA'd transformer kept for the last set is
+/// not reused for another).
+#[test]
+fn strengths_change_between_requests_on_one_pipeline() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("shapes.safetensors");
+    demo_lora(&file, &[]);
+    let p = parallax::pipeline::Pipeline::demo(&Device::Cpu).expect("demo");
+    let image = |loras: &[(f64, &Path)]| {
+        let req = parallax::pipeline::GenerateRequest {
+            prompt: "a red circle".into(),
+            width: 64,
+            height: 64,
+            steps: Some(2),
+            seed: 5,
+            loras: loras
+                .iter()
+                .map(|(s, f)| parallax::model::lora::LoraChoice {
+                    path: f.to_path_buf(),
+                    strength: *s,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        p.generate(&req, &mut |_| Ok(()))
+            .expect("generate")
+            .image
+            .data
+    };
+    let plain = image(&[]);
+    let a = image(&[(0.8, &file)]);
+    let b = image(&[(-0.4, &file)]);
+    let a_again = image(&[(0.8, &file)]);
+    let off = image(&[]);
+    assert_ne!(a, plain);
+    assert_ne!(b, a);
+    assert_eq!(a_again, a);
+    assert_eq!(off, plain);
+}

@@ -290,7 +290,13 @@ pub struct Pipeline {
     pub label: String,
     /// Random weights (`random:dev`): labelled like the demo model.
     pub synthetic: bool,
+    /// The transformer with the last request's LoRAs, reused while they stay the same.
+    pub lora_cache: LoraCache,
 }
+
+/// A transformer with LoRAs on, by the LoRAs (files with their size and time, strengths).
+#[derive(Default)]
+pub struct LoraCache(std::sync::Mutex<Option<(String, Flux)>>);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -316,6 +322,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "demo".into(),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -341,6 +348,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "random:tiny".into(),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -414,6 +422,7 @@ impl Pipeline {
             variant,
             label: format!("random:{}", variant.name()),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -497,6 +506,7 @@ impl Pipeline {
             variant,
             label: label.to_string(),
             synthetic: files.demo,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -634,8 +644,35 @@ impl Pipeline {
         if req.loras.iter().all(|l| l.strength == 0.0) {
             return Ok(std::borrow::Cow::Borrowed(&self.flux));
         }
+        let key = req
+            .loras
+            .iter()
+            .map(|l| {
+                let meta = std::fs::metadata(&l.path).ok();
+                let stamp = meta.map(|m| (m.len(), m.modified().ok()));
+                format!("{l} {stamp:?}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        // The base as it is now (a pipeline's transformer may be converted or cut after load).
+        let f = &self.flux;
+        let key = format!(
+            "{key}\n{:?} {:?} {} {}",
+            f.held_blocks(),
+            f.dtype(),
+            f.fp8_products(),
+            f.attention().name()
+        );
+        let mut cache = self.lora_cache.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, flux)) = cache.as_ref() {
+            if *k == key {
+                return Ok(std::borrow::Cow::Owned(flux.clone()));
+            }
+        }
         let set = LoraSet::load(&req.loras, self.flux.config())?;
-        Ok(std::borrow::Cow::Owned(self.flux.with_loras(&set)?))
+        let flux = self.flux.with_loras(&set)?;
+        *cache = Some((key, flux.clone()));
+        Ok(std::borrow::Cow::Owned(flux))
     }
 
     /// The first stage of a generation: settings checked, text encoded, noise and schedule made.
