@@ -121,6 +121,7 @@ fn default_request() -> GenerateRequest {
         guidance: Some(1.0),
         cache_threshold: 0.0,
         cache: None,
+        init: None,
     }
 }
 
@@ -802,6 +803,7 @@ mod tests {
             schedule: "x".into(),
             noise: "y".into(),
             parallax_version: "0".into(),
+            init: None,
         };
         t.restore(&g);
         assert_eq!(t.request(), g.to_request());
@@ -856,6 +858,7 @@ mod tests {
                 guidance: Some(4.0),
                 cache_threshold: 0.08,
                 cache: None,
+                init: None,
             }
         );
         assert_eq!(old.workers, 2);

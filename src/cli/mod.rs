@@ -364,6 +364,17 @@ pub struct SampleArgs {
     /// one, `parallax calibrate-magcache` makes one).
     #[arg(long)]
     pub cache: Option<crate::pipeline::cache::CacheSpec>,
+    /// Image-to-image from this source (PNG, JPEG or WebP); the size defaults to the source's,
+    /// rounded down to a multiple of 16 (a source of another size is resized).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// How much of the schedule image-to-image runs, above 0 and at most 1 (default 0.6, as
+    /// diffusers): 1 repaints from noise, lower keeps more of the source.
+    #[arg(long, requires = "image", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// Inpainting mask, the source's size: white is repainted, black kept.
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
 }
 
 /// How to spread one image over workers.
@@ -757,18 +768,33 @@ fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
+    use crate::pipeline::img2img;
     let default_size = if demo { 256 } else { 1024 };
+    let init = s.image.as_ref().map(|image| img2img::InitImage {
+        image: image.clone(),
+        strength: s.strength.unwrap_or(0.6),
+        mask: s.mask.clone(),
+    });
+    // Image-to-image defaults to the source's size (an unreadable source is reported by the
+    // request's check).
+    let (default_w, default_h) = init
+        .as_ref()
+        .and_then(|i| img2img::image_size(&i.image, "source image").ok())
+        .map_or((default_size, default_size), |(w, h)| {
+            img2img::default_size(w, h)
+        });
     GenerateRequest {
         prompt: s.prompt.clone(),
         negative_prompt: s.negative_prompt.clone(),
         true_cfg: s.true_cfg,
-        width: s.width.unwrap_or(default_size),
-        height: s.height.unwrap_or(default_size),
+        width: s.width.unwrap_or(default_w),
+        height: s.height.unwrap_or(default_h),
         steps: s.steps,
         seed: s.seed.unwrap_or_else(crate::model::rng::fresh_seed),
         guidance: s.guidance,
         cache_threshold: s.cache_threshold,
         cache: s.cache.clone(),
+        init,
     }
 }
 

@@ -425,6 +425,7 @@ mod tests {
             guidance: None,
             cache_threshold: 0.0,
             cache: None,
+            init: None,
         }
     }
 

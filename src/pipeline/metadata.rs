@@ -45,6 +45,10 @@ pub fn a1111_parameters(s: &GenerationSettings) -> String {
         s.dtype,
         s.parallax_version
     ));
+    if let Some(init) = &s.init {
+        // A1111's key for image-to-image's strength.
+        out.push_str(&format!(", Denoising strength: {}", init.strength));
+    }
     out
 }
 
@@ -666,6 +670,7 @@ mod tests {
             schedule: "flux, shifted".into(),
             noise: "x".into(),
             parallax_version: "0.1.0".into(),
+            init: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod image;
+pub mod img2img;
 pub mod metadata;
 pub mod metrics;
 pub mod preview;
@@ -53,6 +54,9 @@ pub struct GenerateRequest {
     /// Cache spelt out); when set it replaces `cache_threshold`.
     #[serde(default)]
     pub cache: Option<CacheSpec>,
+    /// Image-to-image (and inpainting, with a mask) from a source image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<img2img::InitImage>,
 }
 
 impl GenerateRequest {
@@ -78,6 +82,7 @@ impl Default for GenerateRequest {
             guidance: None,
             cache_threshold: 0.0,
             cache: None,
+            init: None,
         }
     }
 }
@@ -110,6 +115,9 @@ pub struct GenerationSettings {
     pub schedule: String,
     pub noise: String,
     pub parallax_version: String,
+    /// The source image, strength and mask of image-to-image or inpainting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<img2img::InitImage>,
 }
 
 impl GenerationSettings {
@@ -160,6 +168,7 @@ impl GenerationSettings {
             guidance: Some(self.guidance),
             cache_threshold: self.cache_threshold,
             cache: self.cache.clone(),
+            init: self.init.clone(),
         }
     }
 
@@ -221,6 +230,8 @@ pub struct DenoiseJob {
     pub cache: CacheSpec,
     /// The model's MagCache calibration, where it has one.
     pub magcache: Option<Arc<MagCalibration>>,
+    /// Inpainting's blend after each step (the source kept outside the mask).
+    pub blend: Option<img2img::Blend>,
 }
 
 impl DenoiseJob {
@@ -591,6 +602,7 @@ impl Pipeline {
             },
             noise: "splitmix64+box-muller f32, (16, H/8, W/8) order".into(),
             parallax_version: env!("CARGO_PKG_VERSION").into(),
+            init: req.init.clone(),
         })
     }
 
@@ -660,9 +672,15 @@ impl Pipeline {
 
         let (lh, lw) = (settings.height / 8, settings.width / 8);
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
-        let x = pack_latent(&noise)?;
         let seq_len = (lh / 2) * (lw / 2);
         let ts = schedule::timesteps(settings.steps, seq_len, self.variant.shifted_schedule());
+        let (x, ts, blend) = match &settings.init {
+            None => (pack_latent(&noise)?, ts, None),
+            Some(init) => {
+                let e = self.enter_source(init, &noise, &ts, &settings, &mut notes)?;
+                (e.x, e.timesteps, e.blend)
+            }
+        };
         let pe = self.flux.pos_embed(enc.txt.dim(1)?, lh / 2, lw / 2)?;
         let cond = Conditioning {
             txt: enc.txt,
@@ -695,6 +713,7 @@ impl Pipeline {
             guidance: settings.guidance,
             cache,
             magcache,
+            blend,
         };
         Ok(Prepared {
             job,
@@ -704,6 +723,46 @@ impl Pipeline {
             latent_hw: (lh, lw),
             started,
         })
+    }
+
+    /// Image-to-image's start: `init`'s source (and mask) read at the settings' size, encoded
+    /// to its posterior mean, and the schedule `ts` entered at the strength from `noise`.
+    fn enter_source(
+        &self,
+        init: &img2img::InitImage,
+        noise: &Tensor,
+        ts: &[f64],
+        settings: &GenerationSettings,
+        notes: &mut Vec<String>,
+    ) -> Result<img2img::Entered> {
+        if !self.vae.has_encoder() {
+            return Err(Error::Image(format!(
+                "image-to-image needs the autoencoder's encoder, and {}'s autoencoder file holds only the decoder: use an autoencoder file with both (FLUX.1's ae.safetensors has them)",
+                self.label
+            )));
+        }
+        let e = img2img::start(
+            &self.vae,
+            self.device(),
+            init,
+            (settings.width, settings.height),
+            noise,
+            ts,
+            notes,
+        )?;
+        notes.push(format!(
+            "{} from {} at strength {}: {} of {} steps run",
+            if init.mask.is_some() {
+                "inpainting"
+            } else {
+                "image-to-image"
+            },
+            init.image.display(),
+            init.strength,
+            e.timesteps.len() - 1,
+            settings.steps
+        ));
+        Ok(e)
     }
 
     /// The last stage: the denoised packed latent `x` decoded by `decode` (one device, or row
@@ -817,6 +876,9 @@ pub fn check_request(req: &GenerateRequest) -> Result<()> {
     if let Some(spec) = &req.cache {
         spec.validate()?;
     }
+    if let Some(init) = &req.init {
+        init.check()?;
+    }
     Ok(())
 }
 
@@ -850,7 +912,7 @@ pub fn denoise(
         ),
         (None, _) => (&job.cond, None),
     };
-    sampler::denoise_cfg(
+    sampler::denoise_blended(
         flux,
         cond,
         &job.pe,
@@ -859,6 +921,7 @@ pub fn denoise(
         Some(job.guidance),
         policy.as_mut(),
         cfg,
+        job.blend.as_ref(),
         on_step,
     )
 }
