@@ -543,3 +543,119 @@ fn every_cache_policy_and_fp8_keep_the_unmasked_source() {
     eprintln!("fp8 (simulated): latent relative difference {rel:.4} against f32");
     assert!(rel < 0.2, "fp8: {rel}");
 }
+
+// ---- The command line ----
+
+fn parallax_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax")
+}
+
+fn all_output(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `generate --image --strength --mask`: a source of 100x70 px gives a 96x64 image (with a
+/// note), the settings in the PNG name the source, strength and mask and give them back; bad
+/// input is refused with a plain error before anything loads.
+#[test]
+fn generate_from_an_image_on_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("photo.png");
+    let mask = dir.path().join("photo-mask.png");
+    image::RgbImage::from_fn(100, 70, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])
+    })
+    .save(&src)
+    .expect("save");
+    image::GrayImage::from_fn(100, 70, |x, _| image::Luma([if x > 50 { 255 } else { 0 }]))
+        .save(&mask)
+        .expect("save");
+    let out = dir.path().join("out.png");
+    let o = parallax_cli(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle, night sky",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "--image",
+        s(&src),
+        "--strength",
+        "0.5",
+        "--mask",
+        s(&mask),
+        "--quiet",
+        "--out",
+        s(&out),
+    ]);
+    let said = all_output(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(said.contains("resized to 96x64"), "{said}");
+    assert!(
+        said.contains("inpainting") && said.contains("2 of 4 steps run"),
+        "{said}"
+    );
+    let (img, text) = parallax::pipeline::image::read_png(&out).expect("read");
+    assert_eq!((img.width, img.height), (96, 64));
+    let settings = parallax::pipeline::GenerationSettings::from_png_text(&text).expect("settings");
+    let want = InitImage {
+        image: src.clone(),
+        strength: 0.5,
+        mask: Some(mask.clone()),
+    };
+    assert_eq!(settings.init.as_ref(), Some(&want));
+    assert_eq!(settings.to_request().init, Some(want));
+    let params = &text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters")
+        .1;
+    assert!(params.contains("Denoising strength: 0.5"), "{params}");
+
+    // Refusals, each naming what is wrong.
+    let small = dir.path().join("small.png");
+    image::GrayImage::new(32, 32).save(&small).expect("save");
+    let missing = dir.path().join("missing.png");
+    for (args, needle) in [
+        (vec!["--image", s(&missing)], "does not exist"),
+        (vec!["--image", s(&src), "--strength", "0"], "strength"),
+        (vec!["--image", s(&src), "--strength", "1.5"], "strength"),
+        (vec!["--image", s(&src), "--mask", s(&small)], "32x32"),
+        (vec!["--strength", "0.5"], "--image"),
+        (vec!["--mask", s(&mask)], "--image"),
+    ] {
+        let refused = dir.path().join("refused.png");
+        let mut all = vec![
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "x",
+            "--quiet",
+            "--out",
+            s(&refused),
+        ];
+        all.extend(args.iter().copied());
+        let o = parallax_cli(&all);
+        let said = all_output(&o);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(said.contains(needle), "{args:?}: {said}");
+        assert!(!said.contains("panicked"), "{said}");
+        assert!(!refused.exists());
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
