@@ -64,6 +64,7 @@ fn init(strength: f64, mask: bool) -> InitImage {
         image: fixture_dir().join("source.png"),
         strength,
         mask: mask.then(|| fixture_dir().join("mask.png")),
+        extend: None,
     }
 }
 
@@ -162,6 +163,7 @@ fn bad_sources_and_masks_are_named() {
         image: dir.path().join("nope.png"),
         strength: 0.5,
         mask: None,
+        extend: None,
     };
     let e = missing.check().expect_err("missing file").to_string();
     assert!(
@@ -279,6 +281,7 @@ fn repainting_one_object_of_a_demo_scene() {
         image: src_path,
         strength: 1.0,
         mask: Some(mask_path),
+        extend: None,
     };
     let (d_new, d_old) = (parse(new).expect("parse"), parse(old).expect("parse"));
     assert_eq!(score(&src, &d_old).accuracy(), 1.0);
@@ -287,7 +290,8 @@ fn repainting_one_object_of_a_demo_scene() {
         let (x0, y0) = (x.saturating_sub(8), y.saturating_sub(8));
         (y0..(y + 9).min(size)).any(|yy| (x0..(x + 9).min(size)).any(|xx| repaint[yy * size + xx]))
     };
-    let outside = |x: usize, y: usize| !(x < 60 && y < 26) && !near_mask(x, y);
+    let in_label = |x: usize, y: usize| x < 60 && y < 26;
+    let outside = |x: usize, y: usize| !(in_label(x, y) || near_mask(x, y));
     let inside = |x: usize, y: usize| repaint[y * size + x];
     // What the autoencoder's round trip alone (encode, decode) changes there.
     let round = {
@@ -372,6 +376,7 @@ fn small_inpaint(dir: &Path) -> GenerateRequest {
             image: src,
             strength: 0.8,
             mask: Some(mask),
+            extend: None,
         }),
         ..GenerateRequest::default()
     }
@@ -613,9 +618,33 @@ fn generate_from_an_image_on_the_command_line() {
         image: src.clone(),
         strength: 0.5,
         mask: Some(mask.clone()),
+        extend: None,
     };
     assert_eq!(settings.init.as_ref(), Some(&want));
     assert_eq!(settings.to_request().init, Some(want));
+    // Outpainting: 28 px on the right make a 128x70 canvas, 128x64 out.
+    let wide = dir.path().join("wide.png");
+    let o = parallax_cli(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle, night sky",
+        "--steps",
+        "2",
+        "--image",
+        s(&src),
+        "--extend",
+        "0,0,28,0",
+        "--quiet",
+        "--out",
+        s(&wide),
+    ]);
+    assert!(o.status.success(), "{}", all_output(&o));
+    let (img, text2) = parallax::pipeline::image::read_png(&wide).expect("read");
+    assert_eq!((img.width, img.height), (128, 64));
+    let back = parallax::pipeline::GenerationSettings::from_png_text(&text2).expect("settings");
+    assert_eq!(back.init.and_then(|i| i.extend), Some([0, 0, 28, 0]));
     let params = &text
         .iter()
         .find(|(k, _)| k == "parameters")
@@ -634,6 +663,10 @@ fn generate_from_an_image_on_the_command_line() {
         (vec!["--image", s(&src), "--mask", s(&small)], "32x32"),
         (vec!["--strength", "0.5"], "--image"),
         (vec!["--mask", s(&mask)], "--image"),
+        (
+            vec!["--image", s(&src), "--extend", "1,2"],
+            "LEFT,TOP,RIGHT,BOTTOM",
+        ),
     ] {
         let refused = dir.path().join("refused.png");
         let mut all = vec![
@@ -658,4 +691,88 @@ fn generate_from_an_image_on_the_command_line() {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// Outpainting: a 192x256 night scene with 64 px added on the right (256x256). The source
+/// area stays (no further from the source than the autoencoder's round trip, plus one level),
+/// the added strip is night sky, and the scorer still finds the scene's object and background.
+#[test]
+fn outpainting_extends_a_demo_scene() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompt = "a red square, night sky";
+    let d = parse(prompt).expect("parse");
+    let scene = Sampler::new(5).layout(&d);
+    let (w, h) = (192, 256);
+    let src = render(&scene, w, h);
+    let path = dir.path().join("narrow.png");
+    image::RgbImage::from_raw(w as u32, h as u32, src.data.clone())
+        .expect("rgb")
+        .save(&path)
+        .expect("save");
+    let init = InitImage {
+        image: path,
+        strength: 1.0,
+        mask: None,
+        extend: Some([0, 0, 64, 0]),
+    };
+    assert_eq!(init.canvas_size().expect("size"), (256, 256));
+    let req = GenerateRequest {
+        prompt: prompt.into(),
+        width: 256,
+        height: 256,
+        seed: 4,
+        init: Some(init.clone()),
+        ..GenerateRequest::default()
+    };
+    let g = p.generate(&req, &mut |_| Ok(())).expect("outpaint");
+    assert_eq!((g.image.width, g.image.height), (256, 256));
+    // The source area (8 px from the seam, away from the DEMO label) against the source, and
+    // the autoencoder's round trip of the extended canvas there.
+    let canvas = img2img::load_source(&init, 256, 256).expect("canvas");
+    let round = RgbImage::from_tensor(
+        &p.vae
+            .decode(&p.vae.encode(&canvas.image).expect("encode"))
+            .expect("decode"),
+    )
+    .expect("rgb");
+    let padded = RgbImage {
+        width: 256,
+        height: 256,
+        data: (0..256 * 256)
+            .flat_map(|i| {
+                let (x, y) = (i % 256, i / 256);
+                if x < w {
+                    src.pixel(x, y)
+                } else {
+                    [0, 0, 0]
+                }
+            })
+            .collect(),
+    };
+    let kept = |x: usize, y: usize| x + 8 < w && !(x < 60 && y < 26);
+    let kept_diff = mean_diff_where(&g.image, &padded, &kept);
+    let round_diff = mean_diff_where(&round, &padded, &kept);
+    // The new strip against the night sky's colour.
+    let night = parallax::scenes::spec::NIGHT;
+    let night_img = RgbImage {
+        width: 256,
+        height: 256,
+        data: (0..256 * 256).flat_map(|_| night).collect(),
+    };
+    let strip = mean_diff_where(&g.image, &night_img, &|x, _| x >= w);
+    let s = score(&g.image, &d);
+    eprintln!(
+        "outpainting: source area mean |diff| {kept_diff:.2} (round trip {round_diff:.2}); new strip {strip:.1} from the night colour; score {}/{} {:?}",
+        s.passed(),
+        s.total(),
+        s.checks
+    );
+    assert!(kept_diff <= round_diff + 1.0, "{kept_diff} vs {round_diff}");
+    assert!(strip < 30.0, "{strip}");
+    assert_eq!(s.accuracy(), 1.0, "{:?}", s.checks);
+    if std::env::var_os("IMG2IMG_SAVE").is_some() {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/img2img-outpaint.png");
+        parallax::pipeline::image::save_png(&out, &g.image, &[]).expect("save");
+    }
 }

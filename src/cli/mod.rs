@@ -375,6 +375,23 @@ pub struct SampleArgs {
     /// Inpainting mask, the source's size: white is repainted, black kept.
     #[arg(long, requires = "image")]
     pub mask: Option<PathBuf>,
+    /// Outpainting: pixels added to the canvas LEFT,TOP,RIGHT,BOTTOM of the source (e.g.
+    /// `0,0,256,0`), repainted from the prompt; the source's edges start them.
+    #[arg(long, requires = "image", value_parser = parse_extend)]
+    pub extend: Option<[usize; 4]>,
+}
+
+/// `--extend LEFT,TOP,RIGHT,BOTTOM` in pixels.
+fn parse_extend(v: &str) -> Result<[usize; 4], String> {
+    let sides: Vec<usize> = v
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            format!("{v}: give four whole pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,256,0")
+        })?;
+    <[usize; 4]>::try_from(sides)
+        .map_err(|_| format!("{v}: give four pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,256,0"))
 }
 
 /// How to spread one image over workers.
@@ -774,12 +791,13 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
         image: image.clone(),
         strength: s.strength.unwrap_or(0.6),
         mask: s.mask.clone(),
+        extend: s.extend,
     });
     // Image-to-image defaults to the source's size (an unreadable source is reported by the
     // request's check).
     let (default_w, default_h) = init
         .as_ref()
-        .and_then(|i| img2img::image_size(&i.image, "source image").ok())
+        .and_then(|i| i.canvas_size().ok())
         .map_or((default_size, default_size), |(w, h)| {
             img2img::default_size(w, h)
         });

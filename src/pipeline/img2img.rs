@@ -44,6 +44,11 @@ pub struct InitImage {
     /// from one half up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<PathBuf>,
+    /// Outpainting: pixels added to the canvas left, above, right and below the source. The
+    /// added area is repainted (with or without a mask), the source's edge pixels stretched
+    /// into it as the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend: Option<[usize; 4]>,
 }
 
 impl InitImage {
@@ -58,6 +63,19 @@ impl InitImage {
             ));
         }
         let (w, h) = image_size(&self.image, "source image")?;
+        if w == 0 || h == 0 {
+            return Err(Error::Image(format!(
+                "the source image {} is empty ({w}x{h})",
+                self.image.display()
+            )));
+        }
+        if let Some(e) = self.extend.filter(|e| e.iter().any(|&v| v > 16384)) {
+            return Err(Error::setting(
+                "extend",
+                format!("{},{},{},{}", e[0], e[1], e[2], e[3]),
+                "each side adds at most 16384 pixels",
+            ));
+        }
         if let Some(mask) = &self.mask {
             let (mw, mh) = image_size(mask, "mask")?;
             if (mw, mh) != (w, h) {
@@ -69,6 +87,13 @@ impl InitImage {
             }
         }
         Ok(())
+    }
+
+    /// The canvas's size: the source file's, plus the outpainting's extension.
+    pub fn canvas_size(&self) -> Result<(usize, usize)> {
+        let (w, h) = image_size(&self.image, "source image")?;
+        let [l, t, r, b] = self.extend.unwrap_or_default();
+        Ok((w + l + r, h + t + b))
     }
 }
 
@@ -119,59 +144,49 @@ pub struct Source {
 pub fn load_source(init: &InitImage, width: usize, height: usize) -> Result<Source> {
     init.check()?;
     let mut notes = Vec::new();
-    let rgb = open(&init.image, "source image")?.to_rgb8();
+    let ext = init.extend.unwrap_or_default();
+    let rgb = extend(&open(&init.image, "source image")?.to_rgb8(), ext, None);
     let (sw, sh) = (rgb.width() as usize, rgb.height() as usize);
-    let resize = (sw, sh) != (width, height);
-    if resize {
+    if (sw, sh) != (width, height) {
         notes.push(format!(
-            "source image {} is {sw}x{sh}: resized to {width}x{height} (sizes are multiples of 16; give --width and --height to choose)",
-            init.image.display()
+            "source image {}{} is {sw}x{sh}: resized to {width}x{height} (sizes are multiples of 16; give --width and --height to choose)",
+            init.image.display(),
+            if init.extend.is_some() { " on its extended canvas" } else { "" }
         ));
     }
-    let rgb = if resize {
-        image::imageops::resize(
-            &rgb,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        )
-    } else {
-        rgb
-    };
-    let image = to_tensor(&rgb)?;
-    let mask = match &init.mask {
-        None => None,
+    let image = to_tensor(&to_size(rgb, width, height))?;
+    let grey = match &init.mask {
         Some(path) => {
             let m = open(path, "mask")?.to_rgb8();
             // PIL's "L" conversion (ITU-R 601-2 luma, fixed point), as diffusers' mask
             // processor converts to grey.
-            let grey = image::GrayImage::from_fn(m.width(), m.height(), |x, y| {
+            Some(image::GrayImage::from_fn(m.width(), m.height(), |x, y| {
                 let [r, g, b] = m.get_pixel(x, y).0;
                 let l =
                     (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000)
                         >> 16;
                 image::Luma([l.min(255) as u8])
-            });
-            let grey = if resize {
-                image::imageops::resize(
-                    &grey,
-                    width as u32,
-                    height as u32,
-                    image::imageops::FilterType::Lanczos3,
-                )
-            } else {
-                grey
-            };
+            }))
+        }
+        // Outpainting without a mask keeps the whole source.
+        None if init.extend.is_some() => {
+            let (w, h) = (sw - ext[0] - ext[2], sh - ext[1] - ext[3]);
+            Some(image::GrayImage::new(w as u32, h as u32))
+        }
+        None => None,
+    };
+    let mask = match grey {
+        None => None,
+        Some(grey) => {
+            // The added canvas is white: repainted.
+            let grey = to_size(extend(&grey, ext, Some(image::Luma([255]))), width, height);
             // Binarised at one half: v / 255 >= 0.5.
             let values: Vec<f32> = grey
                 .pixels()
                 .map(|p| if p.0[0] >= 128 { 1.0 } else { 0.0 })
                 .collect();
             if values.iter().all(|&v| v == 0.0) {
-                notes.push(format!(
-                    "the mask {} is all black: nothing is repainted",
-                    path.display()
-                ));
+                notes.push("the mask is all black: nothing is repainted".to_string());
             }
             Some(Tensor::from_vec(
                 values,
@@ -181,6 +196,53 @@ pub fn load_source(init: &InitImage, width: usize, height: usize) -> Result<Sour
         }
     };
     Ok(Source { image, mask, notes })
+}
+
+/// `img` with `[left, top, right, bottom]` pixels added around it, filled with `fill`, or with
+/// the nearest edge pixel when `fill` is `None`.
+fn extend<P>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    [l, t, r, b]: [usize; 4],
+    fill: Option<P>,
+) -> image::ImageBuffer<P, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u8> + 'static,
+{
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    image::ImageBuffer::from_fn((w + l + r) as u32, (h + t + b) as u32, |x, y| {
+        let (x, y) = (x as usize, y as usize);
+        let inside = (l..l + w).contains(&x) && (t..t + h).contains(&y);
+        match fill {
+            Some(f) if !inside => f,
+            _ => {
+                let sx = x.saturating_sub(l).min(w - 1);
+                let sy = y.saturating_sub(t).min(h - 1);
+                *img.get_pixel(sx as u32, sy as u32)
+            }
+        }
+    })
+}
+
+/// `img` at `width` x `height`: itself when it has that size, else resized (Lanczos, as
+/// diffusers' image processor resizes).
+fn to_size<P>(
+    img: image::ImageBuffer<P, Vec<u8>>,
+    width: usize,
+    height: usize,
+) -> image::ImageBuffer<P, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u8> + 'static,
+{
+    if (img.width() as usize, img.height() as usize) == (width, height) {
+        img
+    } else {
+        image::imageops::resize(
+            &img,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
+    }
 }
 
 fn open(path: &Path, what: &str) -> Result<image::DynamicImage> {
