@@ -129,29 +129,30 @@ fn the_source_latent_is_diffusers_posterior_mean() {
     assert!(d < 1e-4, "{d}");
 }
 
+/// The fixture's run of `steps` from `init` against diffusers' image `key`, within 1/255.
+fn matches_reference(key: &str, steps: usize, init: &InitImage) -> Tensor {
+    let got = run_fixture(steps, init);
+    let d = max_abs_diff(&got, &reference()[key]);
+    eprintln!("{key}: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
+    assert!(d <= 1.0 / 255.0, "{key}: {d}");
+    got
+}
+
 #[test]
 fn image_to_image_matches_diffusers() {
     // 4 steps at strength 0.6: diffusers skips int(4 - 2.4) = 1 step and runs 3.
-    let got = run_fixture(4, &init(0.6, false));
-    let want = &reference()["img2img"];
-    let d = max_abs_diff(&got, want);
-    eprintln!("img2img: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
-    assert!(d <= 1.0 / 255.0, "{d}");
-    // The comparison means something: the image is far from a plain decode of the source.
+    let got = matches_reference("img2img", 4, &init(0.6, false));
+    // The two references differ by far more than the bound.
     assert!(max_abs_diff(&got, &reference()["inpaint"]) > 0.05);
 }
 
 #[test]
 fn inpainting_matches_diffusers() {
     // 6 steps at strength 0.7: 5 run, each followed by the blend with the re-noised source.
-    let got = run_fixture(6, &init(0.7, true));
-    let want = &reference()["inpaint"];
-    let d = max_abs_diff(&got, want);
-    eprintln!("inpaint: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
-    assert!(d <= 1.0 / 255.0, "{d}");
+    matches_reference("inpaint", 6, &init(0.7, true));
     // Without the blend the same run is far off: the test sees the blend.
     let plain = run_fixture(6, &init(0.7, false));
-    let off = max_abs_diff(&plain, want);
+    let off = max_abs_diff(&plain, &reference()["inpaint"]);
     eprintln!("the same run without the mask: max |diff| {off:e}");
     assert!(off > 20.0 / 255.0, "{off}");
 }

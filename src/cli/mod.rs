@@ -189,6 +189,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub sample: SampleArgs,
     #[command(flatten)]
+    pub source: InitArgs,
+    #[command(flatten)]
     pub degrees: DegreeArgs,
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
@@ -364,6 +366,11 @@ pub struct SampleArgs {
     /// one, `parallax calibrate-magcache` makes one).
     #[arg(long)]
     pub cache: Option<crate::pipeline::cache::CacheSpec>,
+}
+
+/// Image-to-image, inpainting and outpainting (on `generate` and `worker`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct InitArgs {
     /// Image-to-image from this source (PNG, JPEG or WebP); the size defaults to the source's,
     /// rounded down to a multiple of 16 (a source of another size is resized).
     #[arg(long)]
@@ -535,6 +542,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
+    #[command(flatten)]
+    pub init: InitArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Output image, .png, .jpg or .webp (default: parallax-<seed>.png); with several images,
@@ -784,35 +793,39 @@ fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
+/// [`request_for`] with `init`'s image-to-image, whose size defaults to the source's canvas
+/// (an unreadable source is reported by the request's check).
+fn request_with(demo: bool, s: &SampleArgs, init: &InitArgs) -> GenerateRequest {
     use crate::pipeline::img2img;
-    let default_size = if demo { 256 } else { 1024 };
-    let init = s.image.as_ref().map(|image| img2img::InitImage {
+    let mut req = request_for(demo, s);
+    req.init = init.image.as_ref().map(|image| img2img::InitImage {
         image: image.clone(),
-        strength: s.strength.unwrap_or(0.6),
-        mask: s.mask.clone(),
-        extend: s.extend,
+        strength: init.strength.unwrap_or(0.6),
+        mask: init.mask.clone(),
+        extend: init.extend,
     });
-    // Image-to-image defaults to the source's size (an unreadable source is reported by the
-    // request's check).
-    let (default_w, default_h) = init
-        .as_ref()
-        .and_then(|i| i.canvas_size().ok())
-        .map_or((default_size, default_size), |(w, h)| {
-            img2img::default_size(w, h)
-        });
+    if let Some(Ok((w, h))) = req.init.as_ref().map(|i| i.canvas_size()) {
+        let (w, h) = img2img::default_size(w, h);
+        req.width = s.width.unwrap_or(w);
+        req.height = s.height.unwrap_or(h);
+    }
+    req
+}
+
+fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
+    let default_size = if demo { 256 } else { 1024 };
     GenerateRequest {
         prompt: s.prompt.clone(),
         negative_prompt: s.negative_prompt.clone(),
         true_cfg: s.true_cfg,
-        width: s.width.unwrap_or(default_w),
-        height: s.height.unwrap_or(default_h),
+        width: s.width.unwrap_or(default_size),
+        height: s.height.unwrap_or(default_size),
         steps: s.steps,
         seed: s.seed.unwrap_or_else(crate::model::rng::fresh_seed),
         guidance: s.guidance,
         cache_threshold: s.cache_threshold,
         cache: s.cache.clone(),
-        init,
+        init: None,
     }
 }
 
@@ -902,7 +915,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
         seed: Some(seed),
         ..a.sample.clone()
     };
-    let req = request_for(p.is_demo(), &sample);
+    let req = request_with(p.is_demo(), &sample, &a.source);
     p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
     let (layout, _) = LayoutChoice::Degrees(a.degrees.degrees()).resolve(
@@ -1033,16 +1046,17 @@ fn one_cache(sample: &SampleArgs) -> anyhow::Result<()> {
 fn checked_job(
     model: &ModelArgs,
     sample: &SampleArgs,
+    init: &InitArgs,
     parallel: &ParallelArgs,
 ) -> anyhow::Result<Checked> {
     one_cache(sample)?;
     // The values that need no model first: a bad size is reported as such, even beside a
     // damaged model.
-    crate::pipeline::check_request(&request_for(false, sample))?;
+    crate::pipeline::check_request(&request_with(false, sample, init))?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
     let cfg = model_config(&resolved)?;
-    let req = request_for(is_demo(&resolved), sample);
+    let req = request_with(is_demo(&resolved), sample, init);
     let placement = parallel.placement(&model.device)?;
     let plan = placement.plan_with(
         cfg.num_heads,
@@ -1069,7 +1083,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let Checked {
         choice, req, plan, ..
-    } = checked_job(&a.model, &a.sample, &a.parallel)?;
+    } = checked_job(&a.model, &a.sample, &a.init, &a.parallel)?;
     let dp = plan.layout.dp;
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
@@ -1332,7 +1346,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         req: mut base,
         placement,
         ..
-    } = checked_job(&a.model, &a.sample, &a.parallel)?;
+    } = checked_job(&a.model, &a.sample, &InitArgs::default(), &a.parallel)?;
     if a.sample.seed.is_none() {
         base.seed = 0;
     }
