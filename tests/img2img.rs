@@ -777,3 +777,83 @@ fn outpainting_extends_a_demo_scene() {
         parallax::pipeline::image::save_png(&out, &g.image, &[]).expect("save");
     }
 }
+
+/// Two `parallax worker` processes (Ulysses 2) inpaint the same image as `generate` on one
+/// worker: each process reads the source and mask itself.
+#[test]
+fn two_worker_processes_inpaint_as_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, src, mask, _) = demo_scene(
+        dir.path(),
+        "a green triangle below a white heart, sea",
+        0,
+        64,
+    );
+    let common = [
+        "--model",
+        "demo",
+        "--prompt",
+        "an orange star below a white heart, sea",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--image",
+        s(&src),
+        "--mask",
+        s(&mask),
+        "--strength",
+        "0.8",
+    ];
+    let init = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        format!("tcp://127.0.0.1:{port}")
+    };
+    let multi = dir.path().join("multi.png");
+    let unused = dir.path().join("unused.png");
+    let spawn = |rank: &str, out: &Path| {
+        let mut all = vec![
+            "worker",
+            "--rank",
+            rank,
+            "--world",
+            "2",
+            "--init",
+            &init,
+            "--ulysses",
+            "2",
+        ];
+        all.extend(common.iter().copied());
+        all.extend(["--out", s(out)]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&all)
+            .output()
+            .expect("run worker")
+    };
+    let (r0, r1) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| spawn("1", &unused));
+        let h0 = sc.spawn(|| spawn("0", &multi));
+        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+    });
+    assert!(r0.status.success(), "rank 0: {}", all_output(&r0));
+    assert!(r1.status.success(), "rank 1: {}", all_output(&r1));
+    let one = dir.path().join("one.png");
+    let mut args = vec!["generate", "--quiet", "--out", s(&one)];
+    args.extend(common.iter().copied());
+    let o = parallax_cli(&args);
+    assert!(o.status.success(), "{}", all_output(&o));
+    let (a, _) = parallax::pipeline::image::read_png(&multi).expect("multi-process image");
+    let (b, _) = parallax::pipeline::image::read_png(&one).expect("one-worker image");
+    let d = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(255);
+    eprintln!("two worker processes against one worker: largest pixel difference {d}");
+    assert!(d <= 1, "{d}");
+}
