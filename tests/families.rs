@@ -401,6 +401,7 @@ fn job(m: &dyn Denoiser, seed: u64) -> DenoiseJob {
         guidance: 3.5,
         cache: CacheSpec::None,
         magcache: None,
+        blend: None,
     }
 }
 

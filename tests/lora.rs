@@ -176,6 +176,7 @@ fn job(m: &Flux, seed: u64) -> DenoiseJob {
         guidance: 3.5,
         cache: CacheSpec::None,
         magcache: None,
+        blend: None,
     }
 }
 

@@ -573,6 +573,9 @@ impl Settings {
     /// Take the settings an image was made with (gallery "restore").
     pub fn restore(&mut self, s: &GenerationSettings) {
         self.request = s.to_request();
+        // The studio has no source-image control yet: an image-to-image's settings come back
+        // as text-to-image rather than a hidden source the artist cannot see or clear.
+        self.request.init = None;
         self.request.negative_prompt = Some(s.negative_prompt.clone().unwrap_or_default());
         self.random_seed = false;
         self.model = s.model.clone();
@@ -791,6 +794,7 @@ mod tests {
             schedule: "x".into(),
             noise: "y".into(),
             parallax_version: "0".into(),
+            init: None,
         };
         t.restore(&g);
         assert_eq!(t.request(), g.to_request());

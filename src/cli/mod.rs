@@ -203,6 +203,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub sample: SampleArgs,
     #[command(flatten)]
+    pub source: InitArgs,
+    #[command(flatten)]
     pub degrees: Degrees,
     /// Output PNG, written by rank 0 (default: parallax-<seed>.png).
     #[arg(long, short)]
@@ -388,6 +390,39 @@ pub struct SampleArgs {
     pub lora: Vec<crate::model::lora::LoraChoice>,
 }
 
+/// Image-to-image, inpainting and outpainting (on `generate` and `worker`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct InitArgs {
+    /// Image-to-image from this source (PNG, JPEG or WebP); the size defaults to the source's,
+    /// rounded down to a multiple of 16 (a source of another size is resized).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// How much of the schedule image-to-image runs, above 0 and at most 1 (default 0.6, as
+    /// diffusers): 1 repaints from noise, lower keeps more of the source.
+    #[arg(long, requires = "image", allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// Inpainting mask, the source's size: white is repainted, black kept.
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
+    /// Outpainting: pixels added to the canvas LEFT,TOP,RIGHT,BOTTOM of the source (e.g.
+    /// `0,0,256,0`), repainted from the prompt; the source's edges start them.
+    #[arg(long, requires = "image", value_parser = parse_extend)]
+    pub extend: Option<[usize; 4]>,
+}
+
+/// `--extend LEFT,TOP,RIGHT,BOTTOM` in pixels.
+fn parse_extend(v: &str) -> Result<[usize; 4], String> {
+    let sides: Vec<usize> = v
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            format!("{v}: give four whole pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,256,0")
+        })?;
+    <[usize; 4]>::try_from(sides)
+        .map_err(|_| format!("{v}: give four pixel counts LEFT,TOP,RIGHT,BOTTOM, e.g. 0,0,256,0"))
+}
+
 /// How to spread one image over workers.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ParallelArgs {
@@ -457,6 +492,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
+    #[command(flatten)]
+    pub init: InitArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Output image, .png, .jpg or .webp (default: parallax-<seed>.png); with several images,
@@ -710,6 +747,25 @@ fn check_writable(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`request_for`] with `init`'s image-to-image, whose size defaults to the source's canvas
+/// (an unreadable source is reported by the request's check).
+fn request_with(demo: bool, s: &SampleArgs, init: &InitArgs) -> GenerateRequest {
+    use crate::pipeline::img2img;
+    let mut req = request_for(demo, s);
+    req.init = init.image.as_ref().map(|image| img2img::InitImage {
+        image: image.clone(),
+        strength: init.strength.unwrap_or(0.6),
+        mask: init.mask.clone(),
+        extend: init.extend,
+    });
+    if let Some(Ok((w, h))) = req.init.as_ref().map(|i| i.canvas_size()) {
+        let (w, h) = img2img::default_size(w, h);
+        req.width = s.width.unwrap_or(w);
+        req.height = s.height.unwrap_or(h);
+    }
+    req
+}
+
 fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
     let default_size = if demo { 256 } else { 1024 };
     GenerateRequest {
@@ -724,6 +780,7 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
         cache_threshold: s.cache_threshold,
         cache: s.cache.clone(),
         loras: s.lora.clone(),
+        init: None,
     }
 }
 
@@ -813,7 +870,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
         seed: Some(seed),
         ..a.sample.clone()
     };
-    let req = request_for(p.is_demo(), &sample);
+    let req = request_with(p.is_demo(), &sample, &a.source);
     p.settings_for(&req)?;
     let heads = p.flux.config().num_heads;
     let (layout, _) = LayoutChoice::Degrees(a.degrees).resolve(
@@ -945,16 +1002,17 @@ fn one_cache(sample: &SampleArgs) -> anyhow::Result<()> {
 fn checked_job(
     model: &ModelArgs,
     sample: &SampleArgs,
+    init: &InitArgs,
     parallel: &ParallelArgs,
 ) -> anyhow::Result<Checked> {
     one_cache(sample)?;
     // The values that need no model first: a bad size is reported as such, even beside a
     // damaged model.
-    crate::pipeline::check_request(&request_for(false, sample))?;
+    crate::pipeline::check_request(&request_with(false, sample, init))?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
     let cfg = model_config(&resolved)?;
-    let req = request_for(is_demo(&resolved), sample);
+    let req = request_with(is_demo(&resolved), sample, init);
     let placement = parallel.placement(&model.device)?;
     let plan = placement.plan_with(
         cfg.num_heads,
@@ -981,7 +1039,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let Checked {
         choice, req, plan, ..
-    } = checked_job(&a.model, &a.sample, &a.parallel)?;
+    } = checked_job(&a.model, &a.sample, &a.init, &a.parallel)?;
     let dp = plan.layout.dp;
     let images = a.images.unwrap_or(dp);
     if !(1..=MAX_IMAGES).contains(&images) {
@@ -1244,7 +1302,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         req: mut base,
         placement,
         ..
-    } = checked_job(&a.model, &a.sample, &a.parallel)?;
+    } = checked_job(&a.model, &a.sample, &InitArgs::default(), &a.parallel)?;
     if a.sample.seed.is_none() {
         base.seed = 0;
     }

@@ -52,6 +52,10 @@ pub fn a1111_parameters(s: &GenerationSettings) -> String {
         let loras: Vec<String> = s.loras.iter().map(|l| l.to_string()).collect();
         out.push_str(&format!(", Parallax LoRAs: {}", quote(&loras.join("; "))));
     }
+    if let Some(init) = &s.init {
+        // A1111's key for image-to-image's strength.
+        out.push_str(&format!(", Denoising strength: {}", init.strength));
+    }
     out
 }
 
@@ -335,6 +339,7 @@ mod tests {
             schedule: "flux, shifted".into(),
             noise: "x".into(),
             parallax_version: "0.1.0".into(),
+            init: None,
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod exif;
 pub mod image;
+pub mod img2img;
 pub mod metadata;
 pub mod metrics;
 pub mod preview;
@@ -61,6 +62,9 @@ pub struct GenerateRequest {
     /// LoRAs with their strengths, beside the transformer's layers for this request only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraChoice>,
+    /// Image-to-image (and inpainting, with a mask) from a source image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<img2img::InitImage>,
 }
 
 impl GenerateRequest {
@@ -87,6 +91,7 @@ impl Default for GenerateRequest {
             cache_threshold: 0.0,
             cache: None,
             loras: Vec::new(),
+            init: None,
         }
     }
 }
@@ -122,6 +127,9 @@ pub struct GenerationSettings {
     pub schedule: String,
     pub noise: String,
     pub parallax_version: String,
+    /// The source image, strength and mask of image-to-image or inpainting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<img2img::InitImage>,
 }
 
 impl GenerationSettings {
@@ -173,6 +181,7 @@ impl GenerationSettings {
             cache_threshold: self.cache_threshold,
             cache: self.cache.clone(),
             loras: self.loras.clone(),
+            init: self.init.clone(),
         }
     }
 
@@ -234,6 +243,8 @@ pub struct DenoiseJob {
     pub cache: CacheSpec,
     /// The model's MagCache calibration, where it has one.
     pub magcache: Option<Arc<MagCalibration>>,
+    /// Inpainting's blend after each step (the source kept outside the mask).
+    pub blend: Option<img2img::Blend>,
 }
 
 impl DenoiseJob {
@@ -596,6 +607,7 @@ impl Pipeline {
             },
             noise: "splitmix64+box-muller f32, (16, H/8, W/8) order".into(),
             parallax_version: env!("CARGO_PKG_VERSION").into(),
+            init: req.init.clone(),
         })
     }
 
@@ -737,9 +749,15 @@ impl Pipeline {
             settings.width / spec.downscale,
         );
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
-        let x = spec.pack(&noise)?;
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
         let ts = schedule::timesteps(settings.steps, gh * gw, self.variant.shifted_schedule());
+        let (x, ts, blend) = match &settings.init {
+            None => (spec.pack(&noise)?, ts, None),
+            Some(init) => {
+                let e = self.enter_source(init, &noise, &ts, &settings, &mut notes)?;
+                (e.x, e.timesteps, e.blend)
+            }
+        };
         let pe = self.denoiser().pos_embed(cond.txt.dim(1)?, gh, gw)?;
         let neg = if use_cfg {
             let neg = settings.negative_prompt.as_deref().unwrap_or("");
@@ -763,6 +781,7 @@ impl Pipeline {
             guidance: settings.guidance,
             cache,
             magcache,
+            blend,
         };
         Ok(Prepared {
             job,
@@ -772,6 +791,46 @@ impl Pipeline {
             latent_hw: (lh, lw),
             started,
         })
+    }
+
+    /// Image-to-image's start: `init`'s source (and mask) read at the settings' size, encoded
+    /// to its posterior mean, and the schedule `ts` entered at the strength from `noise`.
+    fn enter_source(
+        &self,
+        init: &img2img::InitImage,
+        noise: &Tensor,
+        ts: &[f64],
+        settings: &GenerationSettings,
+        notes: &mut Vec<String>,
+    ) -> Result<img2img::Entered> {
+        if !self.vae.has_encoder() {
+            return Err(Error::Image(format!(
+                "image-to-image needs the autoencoder's encoder, and {}'s autoencoder file holds only the decoder: use an autoencoder file with both (FLUX.1's ae.safetensors has them)",
+                self.label
+            )));
+        }
+        let e = img2img::start(
+            &self.vae,
+            self.device(),
+            init,
+            (settings.width, settings.height),
+            noise,
+            ts,
+            notes,
+        )?;
+        notes.push(format!(
+            "{} from {} at strength {}: {} of {} steps run",
+            if init.mask.is_some() {
+                "inpainting"
+            } else {
+                "image-to-image"
+            },
+            init.image.display(),
+            init.strength,
+            e.timesteps.len() - 1,
+            settings.steps
+        ));
+        Ok(e)
     }
 
     /// The last stage: the denoised packed latent `x` decoded by `decode` (one device, or row
@@ -885,6 +944,9 @@ pub fn check_request(req: &GenerateRequest) -> Result<()> {
     if let Some(spec) = &req.cache {
         spec.validate()?;
     }
+    if let Some(init) = &req.init {
+        init.check()?;
+    }
     Ok(())
 }
 
@@ -918,7 +980,7 @@ pub fn denoise(
         ),
         (None, _) => (&job.cond, None),
     };
-    sampler::denoise_cfg(
+    sampler::denoise_blended(
         flux,
         cond,
         &job.pe,
@@ -927,6 +989,7 @@ pub fn denoise(
         Some(job.guidance),
         policy.as_mut(),
         cfg,
+        job.blend.as_ref(),
         on_step,
     )
 }

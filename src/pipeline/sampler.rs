@@ -103,11 +103,30 @@ pub fn denoise_cfg(
     model: &dyn Denoiser,
     cond: &Conditioning,
     pe: &PosEmbed,
+    x: Tensor,
+    timesteps: &[f64],
+    guidance: Option<f64>,
+    policy: &mut dyn CachePolicy,
+    cfg: Option<TrueCfg>,
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<(Tensor, CacheStats)> {
+    denoise_blended(
+        model, cond, pe, x, timesteps, guidance, policy, cfg, None, on_step,
+    )
+}
+
+/// [`denoise_cfg`] with inpainting's blend after every step (see [`super::img2img::Blend`]).
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_blended(
+    model: &dyn Denoiser,
+    cond: &Conditioning,
+    pe: &PosEmbed,
     mut x: Tensor,
     timesteps: &[f64],
     guidance: Option<f64>,
     policy: &mut dyn CachePolicy,
     mut cfg: Option<TrueCfg>,
+    blend: Option<&super::img2img::Blend>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let dev = model.device();
@@ -168,6 +187,9 @@ pub fn denoise_cfg(
             _ => v,
         };
         x = (&x + (v.to_dtype(DType::F32)? * (t_next - t))?)?;
+        if let Some(b) = blend {
+            x = b.apply(&x, t_next)?;
+        }
         let queued = start.elapsed();
         // Between steps, not inside one: so the reported step time is the device's, and the
         // latent handed to `on_step` is ready.

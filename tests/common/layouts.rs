@@ -58,6 +58,7 @@ pub fn job(m: &dyn Denoiser, seed: u64, true_cfg: f64) -> DenoiseJob {
         guidance: 3.5,
         cache: CacheSpec::None,
         magcache: None,
+        blend: None,
     }
 }
 

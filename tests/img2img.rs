@@ -1,0 +1,874 @@
+//! Image-to-image and inpainting (issue 29 part 2).
+//!
+//! Against diffusers: `scripts/img2img-reference.py` built a tiny FLUX.1 transformer and
+//! autoencoder in diffusers' layouts with seeded weights, ran `FluxImg2ImgPipeline` and
+//! `FluxInpaintPipeline` in f32 on the CPU from given prompt embeddings and noise (the posterior
+//! mean as the source latent), and stored weights, inputs and images in
+//! `tests/fixtures/img2img/`. The same weights and noise here give the same images within 1/255.
+//!
+//! On the demo model: every parallel layout, cache policy and the simulated FP8 path, and a
+//! repaint of one object of a demo scene checked with the scorer.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use parallax::model::flux::{unpack_latent, Flux};
+use parallax::model::layout::{ModelFiles, TransformerLayout, VaeLayout};
+use parallax::model::vae::AutoEncoder;
+use parallax::pipeline::img2img::{self, InitImage};
+use parallax::pipeline::sampler::Conditioning;
+use parallax::pipeline::{self, cache::CacheSpec, schedule, DenoiseJob};
+
+const WIDTH: usize = 80;
+const HEIGHT: usize = 48;
+const GUIDANCE: f64 = 3.5;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/img2img")
+}
+
+fn reference() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_dir().join("reference.safetensors"), &Device::Cpu)
+        .expect("reference fixture")
+}
+
+/// The fixture's transformer and autoencoder, read as a diffusers folder is.
+fn tiny_models() -> (Flux, AutoEncoder) {
+    let dir = fixture_dir();
+    let files = ModelFiles {
+        transformer: dir.join("transformer"),
+        transformer_layout: TransformerLayout::Diffusers,
+        vae: dir.join("vae"),
+        vae_layout: VaeLayout::Diffusers,
+        text: parallax::model::text::TextEncoderPaths::diffusers(&dir),
+        demo: false,
+    };
+    let (flux, _) =
+        pipeline::load_transformer(&files, DType::F32, &Device::Cpu).expect("transformer");
+    let vae = pipeline::load_vae(&files, DType::F32, &Device::Cpu).expect("autoencoder");
+    assert!(vae.has_encoder());
+    (flux, vae)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("max |a - b|")
+}
+
+fn init(strength: f64, mask: bool) -> InitImage {
+    InitImage {
+        image: fixture_dir().join("source.png"),
+        strength,
+        mask: mask.then(|| fixture_dir().join("mask.png")),
+        extend: None,
+    }
+}
+
+/// The fixture's run through Parallax's image-to-image: the image in [0, 1], (1, 3, H, W).
+fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
+    let (flux, vae) = tiny_models();
+    let f = reference();
+    let (lh, lw) = (HEIGHT / 8, WIDTH / 8);
+    let ts = schedule::timesteps(steps, (lh / 2) * (lw / 2), true);
+    let mut notes = Vec::new();
+    let entered = img2img::start(
+        &vae,
+        &Device::Cpu,
+        init,
+        (WIDTH, HEIGHT),
+        &f["noise"],
+        &ts,
+        &mut notes,
+    )
+    .expect("enter");
+    assert!(notes.is_empty(), "{notes:?}");
+    let txt = &f["prompt_embeds"];
+    let job = DenoiseJob {
+        cond: Conditioning {
+            txt: txt.clone(),
+            y: f["pooled_prompt_embeds"].clone(),
+        },
+        neg: None,
+        true_cfg: 1.0,
+        pe: flux
+            .pos_embed(txt.dim(1).expect("len"), lh / 2, lw / 2)
+            .expect("rope"),
+        x: entered.x,
+        timesteps: entered.timesteps,
+        guidance: GUIDANCE,
+        cache: CacheSpec::None,
+        magcache: None,
+        blend: entered.blend,
+    };
+    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
+    assert_eq!(
+        stats.computed,
+        steps - img2img::start_step(steps, init.strength)
+    );
+    let image = vae
+        .decode(&unpack_latent(&x, lh, lw).expect("unpack"))
+        .expect("decode");
+    ((image / 2.0).expect("half") + 0.5)
+        .expect("shift")
+        .clamp(0f32, 1f32)
+        .expect("clamp")
+}
+
+#[test]
+fn the_source_latent_is_diffusers_posterior_mean() {
+    let (_, vae) = tiny_models();
+    let src = img2img::load_source(&init(0.5, false), WIDTH, HEIGHT).expect("source");
+    let latent = vae.encode(&src.image).expect("encode");
+    let want = &reference()["source_latent"];
+    let d = max_abs_diff(&latent, want);
+    eprintln!("source latent: max |diff| {d:e}");
+    assert!(d < 1e-4, "{d}");
+}
+
+/// The fixture's run of `steps` from `init` against diffusers' image `key`, within 1/255.
+fn matches_reference(key: &str, steps: usize, init: &InitImage) -> Tensor {
+    let got = run_fixture(steps, init);
+    let d = max_abs_diff(&got, &reference()[key]);
+    eprintln!("{key}: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
+    assert!(d <= 1.0 / 255.0, "{key}: {d}");
+    got
+}
+
+#[test]
+fn image_to_image_matches_diffusers() {
+    // 4 steps at strength 0.6: diffusers skips int(4 - 2.4) = 1 step and runs 3.
+    let got = matches_reference("img2img", 4, &init(0.6, false));
+    // The two references differ by far more than the bound.
+    assert!(max_abs_diff(&got, &reference()["inpaint"]) > 0.05);
+}
+
+#[test]
+fn inpainting_matches_diffusers() {
+    // 6 steps at strength 0.7: 5 run, each followed by the blend with the re-noised source.
+    matches_reference("inpaint", 6, &init(0.7, true));
+    // Without the blend the same run is far off: the test sees the blend.
+    let plain = run_fixture(6, &init(0.7, false));
+    let off = max_abs_diff(&plain, &reference()["inpaint"]);
+    eprintln!("the same run without the mask: max |diff| {off:e}");
+    assert!(off > 20.0 / 255.0, "{off}");
+}
+
+#[test]
+fn bad_sources_and_masks_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = InitImage {
+        image: dir.path().join("nope.png"),
+        strength: 0.5,
+        mask: None,
+        extend: None,
+    };
+    let e = missing.check().expect_err("missing file").to_string();
+    assert!(
+        e.contains("nope.png") && e.contains("does not exist"),
+        "{e}"
+    );
+    for s in [0.0, -0.2, 1.5, f64::NAN] {
+        let e = init(s, false).check().expect_err("strength").to_string();
+        assert!(e.contains("strength"), "{e}");
+    }
+    assert!(init(1.0, true).check().is_ok());
+    // A mask of another size.
+    let small = dir.path().join("small.png");
+    image::GrayImage::new(16, 16).save(&small).expect("save");
+    let e = InitImage {
+        mask: Some(small),
+        ..init(0.5, false)
+    }
+    .check()
+    .expect_err("size")
+    .to_string();
+    assert!(e.contains("16x16") && e.contains("80x48"), "{e}");
+    // Not an image.
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, "hello").expect("write");
+    let e = InitImage {
+        image: text,
+        ..init(0.5, false)
+    }
+    .check()
+    .expect_err("not an image")
+    .to_string();
+    assert!(e.contains("cannot be read as an image"), "{e}");
+}
+
+// ---- The demo model: a demo scene, a mask over one of its objects ----
+
+use parallax::pipeline::image::RgbImage;
+use parallax::pipeline::{GenerateRequest, Generated, Pipeline};
+use parallax::scenes::{parse::parse, render::render, sample::Sampler, score::score};
+
+/// The demo scene of `prompt` (drawn by the scorer's renderer) at `size` px, saved as PNG in
+/// `dir`, and a mask over its object `object` (its bounding square, 1.4 half-sizes out), saved
+/// beside it; returns the source, its path and the mask's path.
+fn demo_scene(
+    dir: &Path,
+    prompt: &str,
+    object: usize,
+    size: usize,
+) -> (RgbImage, PathBuf, PathBuf, Vec<bool>) {
+    let d = parse(prompt).expect("a demo prompt");
+    let scene = Sampler::new(5).layout(&d);
+    let src = render(&scene, size, size);
+    let o = &scene.objects[object];
+    let repaint: Vec<bool> = (0..size * size)
+        .map(|i| {
+            let (x, y) = ((i % size) as f32 + 0.5, (i / size) as f32 + 0.5);
+            let (u, v) = (x / size as f32 - o.x, y / size as f32 - o.y);
+            u.abs() <= 1.4 * o.r && v.abs() <= 1.4 * o.r
+        })
+        .collect();
+    let src_path = dir.join("scene.png");
+    let mask_path = dir.join("mask.png");
+    image::RgbImage::from_raw(size as u32, size as u32, src.data.clone())
+        .expect("rgb")
+        .save(&src_path)
+        .expect("save source");
+    let m: Vec<u8> = repaint.iter().map(|&r| if r { 255 } else { 0 }).collect();
+    image::GrayImage::from_raw(size as u32, size as u32, m)
+        .expect("grey")
+        .save(&mask_path)
+        .expect("save mask");
+    (src, src_path, mask_path, repaint)
+}
+
+/// Mean absolute difference (0-255) between `a` and `b` over the pixels where `keep` holds.
+fn mean_diff_where(a: &RgbImage, b: &RgbImage, keep: &dyn Fn(usize, usize) -> bool) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for y in 0..a.height {
+        for x in 0..a.width {
+            if keep(x, y) {
+                let (p, q) = (a.pixel(x, y), b.pixel(x, y));
+                sum += (0..3).map(|c| f64::from(p[c].abs_diff(q[c]))).sum::<f64>() / 3.0;
+                n += 1;
+            }
+        }
+    }
+    sum / n.max(1) as f64
+}
+
+fn max_pixel_diff(a: &Generated, b: &Generated) -> u8 {
+    a.image
+        .data
+        .iter()
+        .zip(&b.image.data)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(255)
+}
+
+/// Repaint the blue circle of a demo scene as a yellow heart (the mask over the circle, strength
+/// 1), over four seeds: the scorer finds the new object's colour and shape and the kept square,
+/// not the circle (a heart: the demo draws hearts well; its yellow stars fail the shape check in
+/// text-to-image too); outside the mask the image differs from the source no more than the autoencoder's
+/// own round trip does (the demo autoencoder loses the night sky's small dots).
+#[test]
+fn repainting_one_object_of_a_demo_scene() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 256;
+    let old = "a red square to the left of a blue circle, night sky";
+    let new = "a red square to the left of a yellow heart, night sky";
+    let (src, src_path, mask_path, repaint) = demo_scene(dir.path(), old, 1, size);
+    let init = InitImage {
+        image: src_path,
+        strength: 1.0,
+        mask: Some(mask_path),
+        extend: None,
+    };
+    let (d_new, d_old) = (parse(new).expect("parse"), parse(old).expect("parse"));
+    assert_eq!(score(&src, &d_old).accuracy(), 1.0);
+    // Outside the mask, 8 px away from its edge, and away from the DEMO label.
+    let near_mask = |x: usize, y: usize| {
+        let (x0, y0) = (x.saturating_sub(8), y.saturating_sub(8));
+        (y0..(y + 9).min(size)).any(|yy| (x0..(x + 9).min(size)).any(|xx| repaint[yy * size + xx]))
+    };
+    let in_label = |x: usize, y: usize| x < 60 && y < 26;
+    let outside = |x: usize, y: usize| !(in_label(x, y) || near_mask(x, y));
+    let inside = |x: usize, y: usize| repaint[y * size + x];
+    // What the autoencoder's round trip alone (encode, decode) changes there.
+    let round = {
+        let x = img2img::load_source(
+            &InitImage {
+                mask: None,
+                ..init.clone()
+            },
+            size,
+            size,
+        )
+        .expect("source");
+        let z = p.vae.encode(&x.image).expect("encode");
+        RgbImage::from_tensor(&p.vae.decode(&z).expect("decode")).expect("rgb")
+    };
+    let round_kept = mean_diff_where(&round, &src, &outside);
+    let passed = |s: &parallax::scenes::score::Score, kind: &str, expected: &str| {
+        s.checks
+            .iter()
+            .any(|c| c.kind == kind && c.expected == expected && c.passed)
+    };
+    for seed in 1..=4u64 {
+        let req = GenerateRequest {
+            prompt: new.into(),
+            width: size,
+            height: size,
+            seed,
+            init: Some(init.clone()),
+            ..GenerateRequest::default()
+        };
+        let g = p.generate(&req, &mut |_| Ok(())).expect("inpaint");
+        let (s_new, s_old) = (score(&g.image, &d_new), score(&g.image, &d_old));
+        let kept = mean_diff_where(&g.image, &src, &outside);
+        let changed = mean_diff_where(&g.image, &src, &inside);
+        eprintln!(
+            "seed {seed}: new prompt {}/{} (yellow {}, heart {}), old prompt {}/{} (blue {}); mean |diff| outside the mask {kept:.2} (autoencoder round trip {round_kept:.2}), inside {changed:.1}",
+            s_new.passed(),
+            s_new.total(),
+            passed(&s_new, "colour", "yellow"),
+            passed(&s_new, "shape", "yellow heart"),
+            s_old.passed(),
+            s_old.total(),
+            passed(&s_old, "colour", "blue"),
+        );
+        assert!(passed(&s_new, "colour", "yellow"), "seed {seed}: {s_new:?}");
+        assert!(
+            passed(&s_new, "shape", "red square"),
+            "seed {seed}: {s_new:?}"
+        );
+        assert!(passed(&s_new, "background", "night sky"), "seed {seed}");
+        assert!(
+            !passed(&s_old, "colour", "blue"),
+            "seed {seed}: the circle is still there"
+        );
+        assert!(
+            kept <= round_kept + 1.0,
+            "seed {seed}: {kept} vs {round_kept}"
+        );
+        assert!(changed > 20.0, "seed {seed}: {changed}");
+        assert!(
+            passed(&s_new, "shape", "yellow heart"),
+            "seed {seed}: {s_new:?}"
+        );
+        if std::env::var_os("IMG2IMG_SAVE").is_some() {
+            let out = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("target/img2img-demo-{seed}.png"));
+            parallax::pipeline::image::save_png(&out, &g.image, &[]).expect("save");
+        }
+    }
+}
+
+/// A small inpainting request on the demo (64 px, 4 steps) over a scene saved in `dir`.
+fn small_inpaint(dir: &Path) -> GenerateRequest {
+    let (_, src, mask, _) = demo_scene(dir, "a green triangle below a white heart, sea", 0, 64);
+    GenerateRequest {
+        prompt: "an orange star below a white heart, sea".into(),
+        width: 64,
+        height: 64,
+        steps: Some(4),
+        seed: 11,
+        init: Some(InitImage {
+            image: src,
+            strength: 0.8,
+            mask: Some(mask),
+            extend: None,
+        }),
+        ..GenerateRequest::default()
+    }
+}
+
+#[test]
+fn inpainting_on_every_layout_matches_one_worker() {
+    use parallax::parallel::layout::{ParallelLayout, Stale};
+    use parallax::parallel::pipefusion::StageBalance;
+    use parallax::parallel::ranks;
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = small_inpaint(dir.path());
+    let one = p.generate(&r, &mut |_| Ok(())).expect("one worker");
+    let l = ParallelLayout::default;
+    // Exact layouts (and the stale ones with every step a warm-up step): within one level.
+    let exact = [
+        ("ulysses 2", ParallelLayout { ulysses: 2, ..l() }),
+        ("ring 2", ParallelLayout { ring: 2, ..l() }),
+        (
+            "ulysses 2 x ring 2",
+            ParallelLayout {
+                ulysses: 2,
+                ring: 2,
+                ..l()
+            },
+        ),
+        (
+            "displaced 2, all warm-up",
+            ParallelLayout {
+                ring: 2,
+                stale: Stale::Displaced {
+                    warmup: 4,
+                    rotate: false,
+                },
+                ..l()
+            },
+        ),
+        (
+            "pipefusion 2, all warm-up",
+            ParallelLayout {
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 2,
+                    warmup: 4,
+                    balance: StageBalance::Work,
+                },
+                ..l()
+            },
+        ),
+    ];
+    for (name, layout) in exact {
+        let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
+        let d = max_pixel_diff(&g, &one);
+        eprintln!("{name}: largest pixel difference {d}");
+        assert!(d <= 1, "{name}: {d}");
+    }
+    // Stale keys and values after one warm-up step: approximate, as for text-to-image.
+    for (name, layout) in [
+        (
+            "displaced 2, warm-up 1",
+            ParallelLayout {
+                ring: 2,
+                stale: Stale::Displaced {
+                    warmup: 1,
+                    rotate: false,
+                },
+                ..l()
+            },
+        ),
+        (
+            "pipefusion 2, warm-up 1",
+            ParallelLayout {
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 2,
+                    warmup: 1,
+                    balance: StageBalance::Work,
+                },
+                ..l()
+            },
+        ),
+    ] {
+        let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
+        let psnr = parallax::pipeline::metrics::psnr(&g.image, &one.image).expect("psnr");
+        eprintln!("{name}: PSNR {psnr:.1} dB against one worker");
+        assert!(psnr > 25.0, "{name}: {psnr:.1} dB");
+    }
+    // True CFG split over a CFG pair.
+    let cfg = GenerateRequest {
+        negative_prompt: Some("blurry".into()),
+        true_cfg: Some(2.0),
+        ..r.clone()
+    };
+    let one_cfg = p.generate(&cfg, &mut |_| Ok(())).expect("cfg on one");
+    let g = ranks::generate(&p, ParallelLayout { cfg: 2, ..l() }, &cfg, &mut |_| Ok(()))
+        .expect("cfg 2");
+    let d = max_pixel_diff(&g, &one_cfg);
+    eprintln!("cfg 2: largest pixel difference {d}");
+    assert!(d <= 1, "cfg 2: {d}");
+    // Data parallelism: two seeds on two groups of two ring workers.
+    let reqs = [
+        r.clone(),
+        GenerateRequest {
+            seed: 12,
+            ..r.clone()
+        },
+    ];
+    let many = ranks::generate_many(
+        &p,
+        ParallelLayout {
+            dp: 2,
+            ring: 2,
+            ..l()
+        },
+        &reqs,
+    );
+    for (req, got) in reqs.iter().zip(many) {
+        let got = got.expect("dp 2");
+        let alone = p.generate(req, &mut |_| Ok(())).expect("alone");
+        let d = max_pixel_diff(&got, &alone);
+        eprintln!(
+            "dp 2 x ring 2, seed {}: largest pixel difference {d}",
+            req.seed
+        );
+        assert!(d <= 1, "dp seed {}: {d}", req.seed);
+    }
+}
+
+/// The kept region's latent after the last step is the source's latent exactly (the last
+/// blend is at time 0), whatever the cache policy; the policies' images stay near the uncached.
+#[test]
+fn every_cache_policy_and_fp8_keep_the_unmasked_source() {
+    let mut p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = GenerateRequest {
+        steps: Some(8),
+        ..small_inpaint(dir.path())
+    };
+    let run = |p: &Pipeline, cache: Option<CacheSpec>| -> (Tensor, Tensor, Tensor, usize) {
+        let req = GenerateRequest { cache, ..r.clone() };
+        let prep = p.prepare(&req, &mut |_| Ok(())).expect("prepare");
+        let blend = prep.job.blend.clone().expect("a blend");
+        let (x, stats) =
+            pipeline::denoise(&p.flux, &prep.job, None, &mut |_| Ok(())).expect("denoise");
+        (x, blend.source, blend.mask, stats.reused)
+    };
+    let (reference, _, _, _) = run(&p, None);
+    let kept_exactly = |x: &Tensor, source: &Tensor, mask: &Tensor| -> f32 {
+        let keep = mask.affine(-1.0, 1.0).expect("1 - m");
+        max_abs_diff(
+            &(x * &keep).expect("x kept"),
+            &(source * &keep).expect("source kept"),
+        )
+    };
+    for spec in [
+        "none",
+        "fbcache:t=0.5",
+        "dbcache:t=0.5,taylor=1",
+        "taylorseer:n=2",
+        "magcache:t=0.3",
+    ] {
+        let spec: CacheSpec = spec.parse().expect("spec");
+        let (x, source, mask, reused) = run(&p, Some(spec.clone()));
+        assert_eq!(kept_exactly(&x, &source, &mask), 0.0, "{spec}");
+        let rel = parallax::pipeline::metrics::relative_error(&x, &reference).expect("rel");
+        eprintln!(
+            "{spec}: {reused} of 8 steps reused, latent relative difference {rel:.4} against no cache"
+        );
+        assert!(rel.is_finite() && rel < 0.2, "{spec}: {rel}");
+        assert!(
+            (reused > 0) == (spec != CacheSpec::None),
+            "{spec}: {reused} steps reused"
+        );
+    }
+    // FP8 products (simulated on the CPU).
+    p.flux = p
+        .flux
+        .with_fp8_in(parallax::model::flux::Fp8Groups::ALL)
+        .expect("fp8");
+    let (x, source, mask, _) = run(&p, None);
+    assert_eq!(kept_exactly(&x, &source, &mask), 0.0, "fp8");
+    let rel = parallax::pipeline::metrics::relative_error(&x, &reference).expect("rel");
+    eprintln!("fp8 (simulated): latent relative difference {rel:.4} against f32");
+    assert!(rel < 0.2, "fp8: {rel}");
+}
+
+// ---- The command line ----
+
+fn parallax_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax")
+}
+
+fn all_output(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `generate --image --strength --mask`: a source of 100x70 px gives a 96x64 image (with a
+/// note), the settings in the PNG name the source, strength and mask and give them back; bad
+/// input is refused with a plain error before anything loads.
+#[test]
+fn generate_from_an_image_on_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("photo.png");
+    let mask = dir.path().join("photo-mask.png");
+    image::RgbImage::from_fn(100, 70, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])
+    })
+    .save(&src)
+    .expect("save");
+    image::GrayImage::from_fn(100, 70, |x, _| image::Luma([if x > 50 { 255 } else { 0 }]))
+        .save(&mask)
+        .expect("save");
+    let out = dir.path().join("out.png");
+    let o = parallax_cli(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle, night sky",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "--image",
+        s(&src),
+        "--strength",
+        "0.5",
+        "--mask",
+        s(&mask),
+        "--quiet",
+        "--out",
+        s(&out),
+    ]);
+    let said = all_output(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(said.contains("resized to 96x64"), "{said}");
+    assert!(
+        said.contains("inpainting") && said.contains("2 of 4 steps run"),
+        "{said}"
+    );
+    let (img, text) = parallax::pipeline::image::read_png(&out).expect("read");
+    assert_eq!((img.width, img.height), (96, 64));
+    let settings = parallax::pipeline::GenerationSettings::from_png_text(&text).expect("settings");
+    let want = InitImage {
+        image: src.clone(),
+        strength: 0.5,
+        mask: Some(mask.clone()),
+        extend: None,
+    };
+    assert_eq!(settings.init.as_ref(), Some(&want));
+    assert_eq!(settings.to_request().init, Some(want));
+    // Outpainting: 28 px on the right make a 128x70 canvas, 128x64 out.
+    let wide = dir.path().join("wide.png");
+    let o = parallax_cli(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle, night sky",
+        "--steps",
+        "2",
+        "--image",
+        s(&src),
+        "--extend",
+        "0,0,28,0",
+        "--quiet",
+        "--out",
+        s(&wide),
+    ]);
+    assert!(o.status.success(), "{}", all_output(&o));
+    let (img, text2) = parallax::pipeline::image::read_png(&wide).expect("read");
+    assert_eq!((img.width, img.height), (128, 64));
+    let back = parallax::pipeline::GenerationSettings::from_png_text(&text2).expect("settings");
+    assert_eq!(back.init.and_then(|i| i.extend), Some([0, 0, 28, 0]));
+    let params = &text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters")
+        .1;
+    assert!(params.contains("Denoising strength: 0.5"), "{params}");
+
+    // Refusals, each naming what is wrong.
+    let small = dir.path().join("small.png");
+    image::GrayImage::new(32, 32).save(&small).expect("save");
+    let missing = dir.path().join("missing.png");
+    for (args, needle) in [
+        (vec!["--image", s(&missing)], "does not exist"),
+        (vec!["--image", s(&src), "--strength", "0"], "strength"),
+        (vec!["--image", s(&src), "--strength", "1.5"], "strength"),
+        (vec!["--image", s(&src), "--mask", s(&small)], "32x32"),
+        (vec!["--strength", "0.5"], "--image"),
+        (vec!["--mask", s(&mask)], "--image"),
+        (
+            vec!["--image", s(&src), "--extend", "1,2"],
+            "LEFT,TOP,RIGHT,BOTTOM",
+        ),
+    ] {
+        let refused = dir.path().join("refused.png");
+        let mut all = vec![
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "x",
+            "--quiet",
+            "--out",
+            s(&refused),
+        ];
+        all.extend(args.iter().copied());
+        let o = parallax_cli(&all);
+        let said = all_output(&o);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(said.contains(needle), "{args:?}: {said}");
+        assert!(!said.contains("panicked"), "{said}");
+        assert!(!refused.exists());
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Outpainting: a 192x256 night scene with 64 px added on the right (256x256). The source
+/// area stays (no further from the source than the autoencoder's round trip, plus one level),
+/// the added strip is night sky, and the scorer still finds the scene's object and background.
+#[test]
+fn outpainting_extends_a_demo_scene() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompt = "a red square, night sky";
+    let d = parse(prompt).expect("parse");
+    let scene = Sampler::new(5).layout(&d);
+    let (w, h) = (192, 256);
+    let src = render(&scene, w, h);
+    let path = dir.path().join("narrow.png");
+    image::RgbImage::from_raw(w as u32, h as u32, src.data.clone())
+        .expect("rgb")
+        .save(&path)
+        .expect("save");
+    let init = InitImage {
+        image: path,
+        strength: 1.0,
+        mask: None,
+        extend: Some([0, 0, 64, 0]),
+    };
+    assert_eq!(init.canvas_size().expect("size"), (256, 256));
+    let req = GenerateRequest {
+        prompt: prompt.into(),
+        width: 256,
+        height: 256,
+        seed: 4,
+        init: Some(init.clone()),
+        ..GenerateRequest::default()
+    };
+    let g = p.generate(&req, &mut |_| Ok(())).expect("outpaint");
+    assert_eq!((g.image.width, g.image.height), (256, 256));
+    // The source area (8 px from the seam, away from the DEMO label) against the source, and
+    // the autoencoder's round trip of the extended canvas there.
+    let canvas = img2img::load_source(&init, 256, 256).expect("canvas");
+    let round = RgbImage::from_tensor(
+        &p.vae
+            .decode(&p.vae.encode(&canvas.image).expect("encode"))
+            .expect("decode"),
+    )
+    .expect("rgb");
+    let padded = RgbImage {
+        width: 256,
+        height: 256,
+        data: (0..256 * 256)
+            .flat_map(|i| {
+                let (x, y) = (i % 256, i / 256);
+                if x < w {
+                    src.pixel(x, y)
+                } else {
+                    [0, 0, 0]
+                }
+            })
+            .collect(),
+    };
+    let kept = |x: usize, y: usize| x + 8 < w && !(x < 60 && y < 26);
+    let kept_diff = mean_diff_where(&g.image, &padded, &kept);
+    let round_diff = mean_diff_where(&round, &padded, &kept);
+    // The new strip against the night sky's colour.
+    let night = parallax::scenes::spec::NIGHT;
+    let night_img = RgbImage {
+        width: 256,
+        height: 256,
+        data: (0..256 * 256).flat_map(|_| night).collect(),
+    };
+    let strip = mean_diff_where(&g.image, &night_img, &|x, _| x >= w);
+    let s = score(&g.image, &d);
+    eprintln!(
+        "outpainting: source area mean |diff| {kept_diff:.2} (round trip {round_diff:.2}); new strip {strip:.1} from the night colour; score {}/{} {:?}",
+        s.passed(),
+        s.total(),
+        s.checks
+    );
+    assert!(kept_diff <= round_diff + 1.0, "{kept_diff} vs {round_diff}");
+    assert!(strip < 30.0, "{strip}");
+    assert_eq!(s.accuracy(), 1.0, "{:?}", s.checks);
+    if std::env::var_os("IMG2IMG_SAVE").is_some() {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/img2img-outpaint.png");
+        parallax::pipeline::image::save_png(&out, &g.image, &[]).expect("save");
+    }
+}
+
+/// Two `parallax worker` processes (Ulysses 2) inpaint the same image as `generate` on one
+/// worker: each process reads the source and mask itself.
+#[test]
+fn two_worker_processes_inpaint_as_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, src, mask, _) = demo_scene(
+        dir.path(),
+        "a green triangle below a white heart, sea",
+        0,
+        64,
+    );
+    let common = [
+        "--model",
+        "demo",
+        "--prompt",
+        "an orange star below a white heart, sea",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--image",
+        s(&src),
+        "--mask",
+        s(&mask),
+        "--strength",
+        "0.8",
+    ];
+    let init = {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        format!("tcp://127.0.0.1:{port}")
+    };
+    let multi = dir.path().join("multi.png");
+    let unused = dir.path().join("unused.png");
+    let spawn = |rank: &str, out: &Path| {
+        let mut all = vec![
+            "worker",
+            "--rank",
+            rank,
+            "--world",
+            "2",
+            "--init",
+            &init,
+            "--ulysses",
+            "2",
+        ];
+        all.extend(common.iter().copied());
+        all.extend(["--out", s(out)]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&all)
+            .output()
+            .expect("run worker")
+    };
+    let (r0, r1) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| spawn("1", &unused));
+        let h0 = sc.spawn(|| spawn("0", &multi));
+        (h0.join().expect("rank 0"), h1.join().expect("rank 1"))
+    });
+    assert!(r0.status.success(), "rank 0: {}", all_output(&r0));
+    assert!(r1.status.success(), "rank 1: {}", all_output(&r1));
+    let one = dir.path().join("one.png");
+    let mut args = vec!["generate", "--quiet", "--out", s(&one)];
+    args.extend(common.iter().copied());
+    let o = parallax_cli(&args);
+    assert!(o.status.success(), "{}", all_output(&o));
+    let (a, _) = parallax::pipeline::image::read_png(&multi).expect("multi-process image");
+    let (b, _) = parallax::pipeline::image::read_png(&one).expect("one-worker image");
+    let d = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(255);
+    eprintln!("two worker processes against one worker: largest pixel difference {d}");
+    assert!(d <= 1, "{d}");
+}
