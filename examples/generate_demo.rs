@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use parallax::parallel::mesh::ParallelLayout;
+use parallax::parallel::layout::{ParallelLayout, Stale};
 use parallax::parallel::ranks;
 use parallax::pipeline::cache::CacheSpec;
 use parallax::pipeline::image::save_png;
@@ -43,7 +43,10 @@ fn main() -> anyhow::Result<()> {
     // Two CPU worker threads standing in for GPUs, displaced patches after one exact step.
     let layout = ParallelLayout {
         ring: 2,
-        displaced_warmup: Some(1),
+        stale: Stale::Displaced {
+            warmup: 1,
+            rotate: false,
+        },
         ..Default::default()
     };
     let uncached = GenerateRequest {

@@ -15,7 +15,7 @@ use parallax::kernels::fp8::round_rows;
 use parallax::model::family::Denoiser;
 use parallax::model::flux::{Flux, FluxConfig, FluxInput};
 use parallax::model::layout::{self, FluxDiffusersMap};
-use parallax::model::lora::{flux_linear_layers, LoraFile, LoraSet};
+use parallax::model::lora::{flux_linear_layers, LoraFile, LoraSet, LowRankSource};
 use parallax::model::weights::{MappedWeights, Recorder, SafetensorsSet};
 use parallax::parallel::layout::{ParallelLayout, Stale};
 use parallax::parallel::pipefusion::StageBalance;

@@ -15,11 +15,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{DType, Device, Tensor};
 
 use super::flux1::FluxConfig;
 use super::layout::FluxDiffusersMap;
+pub use super::lowrank::{AdaptedLinear, LowRank, LowRankSource};
 use super::weights::{KeyMap, SafetensorsSet, Source};
 use crate::error::{Error, Result};
 
@@ -486,12 +486,14 @@ impl LoraSet {
     pub fn is_empty(&self) -> bool {
         self.entries.iter().all(|(_, s)| *s == 0.0)
     }
+}
 
+impl LowRankSource for LoraSet {
     /// The low-rank path for rows `rows` of layer `layer` (BFL name), in `dtype` on `device`:
     /// every part of every file aimed there, stacked (`A` (Σr, in), `B` (rows, Σr) with the
     /// strength and `alpha / rank` folded in, zero where a part covers other rows). `None` when
     /// nothing is aimed there.
-    pub fn low_rank(
+    fn low_rank(
         &self,
         layer: &str,
         rows: Range<usize>,
@@ -530,61 +532,6 @@ impl LoraSet {
         let a = Tensor::cat(&downs, 0)?.to_dtype(dtype)?.to_device(device)?;
         let b = Tensor::cat(&ups, 1)?.to_dtype(dtype)?.to_device(device)?;
         Ok(Some(LowRank { a, b }))
-    }
-}
-
-/// A low-rank path beside a linear layer: adds `(x Aᵀ) Bᵀ`.
-#[derive(Debug, Clone)]
-pub struct LowRank {
-    /// (rank, in)
-    pub a: Tensor,
-    /// (out, rank), strengths folded in.
-    pub b: Tensor,
-}
-
-impl LowRank {
-    /// `(x Aᵀ) Bᵀ` over the last axis of `x`.
-    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.contiguous()?;
-        x.broadcast_matmul(&self.a.t()?)?
-            .broadcast_matmul(&self.b.t()?)
-    }
-
-    /// The weight it adds, `B A` (out, in).
-    pub fn weight(&self) -> candle_core::Result<Tensor> {
-        self.b.matmul(&self.a)
-    }
-
-    /// Bytes it holds.
-    pub fn bytes(&self) -> usize {
-        [&self.a, &self.b]
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
-    }
-}
-
-/// A `candle_nn::Linear` with an optional low-rank path (the transformer's embedders and final
-/// layer; the blocks' layers carry theirs in their own linear type).
-#[derive(Debug, Clone)]
-pub struct AdaptedLinear {
-    pub base: Linear,
-    pub lora: Option<LowRank>,
-}
-
-impl AdaptedLinear {
-    pub fn new(base: Linear) -> Self {
-        Self { base, lora: None }
-    }
-}
-
-impl Module for AdaptedLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
-        match &self.lora {
-            Some(l) => y + l.delta(x)?,
-            None => Ok(y),
-        }
     }
 }
 

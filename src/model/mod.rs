@@ -14,6 +14,7 @@ pub mod hub;
 pub mod klein;
 pub mod layout;
 pub mod lora;
+pub mod lowrank;
 pub mod qwen3;
 pub mod rng;
 pub mod shard;

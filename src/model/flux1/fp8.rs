@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear_b, VarBuilder};
 
 use crate::kernels::gemm;
-use crate::model::lora::LowRank;
+use crate::model::lowrank::LowRank;
 
 /// How a [`Lin`] uses FP8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

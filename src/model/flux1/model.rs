@@ -18,7 +18,7 @@ use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::lora::{AdaptedLinear, LoraSet};
+use crate::model::lowrank::{AdaptedLinear, LowRankSource};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Sinusoidal embedding of `t` (shape (B,)), scaled by `time_factor` first, cos half first.
@@ -518,7 +518,7 @@ impl Flux {
     /// a pipeline stage takes its blocks' share), in place of any it had: the base weights are
     /// shared, not reloaded, so a new strength or set costs only the low-rank paths. An empty set
     /// gives the base model back. The paths stay in the run's dtype beside FP8 products.
-    pub fn with_loras(&self, set: &LoraSet) -> Result<Self> {
+    pub fn with_loras(&self, set: &dyn LowRankSource) -> Result<Self> {
         let mut m = self.clone();
         let (dtype, dev) = (self.dtype, self.device.clone());
         let h = self.cfg.hidden_size;
