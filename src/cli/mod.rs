@@ -29,6 +29,7 @@ mod launcher;
 mod memory;
 pub mod plan;
 mod profile;
+mod random_lora;
 mod score;
 mod selfcheck;
 mod worker_job;
@@ -136,10 +137,13 @@ pub enum DevCommand {
     /// FLUX.2 klein's whole image with random weights on one device (text, steps, decode), timed
     /// by phase with the peak memory, as JSON lines.
     BenchKlein(bench_klein::BenchKleinArgs),
+    /// A LoRA file with random weights for a FLUX.1 size (rank as asked, on the blocks'
+    /// products): what LoRA overhead is timed with.
+    RandomLora(random_lora::RandomLoraArgs),
 }
 
 /// The instruments' names, as `parallax dev` lists them.
-const DEV_COMMANDS: [&str; 12] = [
+const DEV_COMMANDS: [&str; 13] = [
     "selfcheck",
     "profile",
     "bench-vae",
@@ -152,6 +156,7 @@ const DEV_COMMANDS: [&str; 12] = [
     "export-gguf",
     "gguf-error",
     "bench-klein",
+    "random-lora",
 ];
 
 /// The command line with an instrument's old top-level spelling (`parallax score ...`) routed to
@@ -651,6 +656,7 @@ fn dev(c: DevCommand) -> anyhow::Result<()> {
         DevCommand::ExportGguf(a) => gguf::export(a),
         DevCommand::GgufError(a) => gguf::error(a),
         DevCommand::BenchKlein(a) => bench_klein::run(a),
+        DevCommand::RandomLora(a) => random_lora::run(a),
         DevCommand::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         DevCommand::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
