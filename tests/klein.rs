@@ -299,10 +299,21 @@ fn random_klein_models_resolve_and_the_tiny_one_runs() {
         assert_eq!(kind.config().num_heads, heads);
     }
     assert!(resolve("random:klein-2b", None).is_err());
-    // The image pipeline (FLUX.1 only so far) says so rather than running something else.
+    // The image pipeline loads klein now (it refused it before klein ran through the family
+    // traits): its denoiser, text encoder and codec are klein's. FLUX.1-only load options (FP8)
+    // still say so rather than running something else.
+    use parallax::pipeline::{LoadOptions, Pipeline};
     let r = resolve("random:klein-tiny", None).unwrap();
-    let err = parallax::pipeline::Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu)
-        .expect_err("not FLUX.1");
+    let p = Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu).expect("klein");
+    assert_eq!(p.denoiser().family(), klein::NAME);
+    assert_eq!(p.latent_spec(), klein::LATENT);
+    assert_eq!(p.text_encoder().text_spec().pooled_dim, None);
+    let fp8 = LoadOptions {
+        fp8: parallax::model::flux::Fp8Groups::ALL,
+        ..Default::default()
+    };
+    let err = Pipeline::load_with(&r, "random:klein-tiny", DType::F32, &Device::Cpu, fp8)
+        .expect_err("FP8 is FLUX.1's");
     assert!(err.to_string().contains("FLUX.1 models only"), "{err}");
 
     // The tiny one: the same weights every time, a finite velocity and image.

@@ -1011,14 +1011,14 @@ fn checked_job(
     crate::pipeline::check_request(&request_with(false, sample, init))?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
-    let cfg = model_config(&resolved)?;
     let req = request_with(is_demo(&resolved), sample, init);
     let placement = parallel.placement(&model.device)?;
+    let (heads, hints) = crate::engine::layout_facts(&resolved, &placement)?;
     let plan = placement.plan_with(
-        cfg.num_heads,
+        heads,
         crate::engine::wants_true_cfg(&req),
         gpus_present(),
-        crate::engine::auto_hints(&cfg, &placement).for_size(req.width, req.height),
+        hints.for_size(req.width, req.height),
     )?;
     Ok(Checked {
         choice,
