@@ -1531,8 +1531,16 @@ fn generate_runs_a_tiny_klein_through_the_pipeline() {
     assert_eq!((a.width, a.height), (64, 64));
     assert_eq!(settings.model, "random:klein-tiny");
     assert_eq!(settings.steps, 2);
-    assert!(settings.schedule.starts_with("flux2"), "{}", settings.schedule);
-    assert!(settings.noise.contains("(32, H/8, W/8)"), "{}", settings.noise);
+    assert!(
+        settings.schedule.starts_with("flux2"),
+        "{}",
+        settings.schedule
+    );
+    assert!(
+        settings.noise.contains("(32, H/8, W/8)"),
+        "{}",
+        settings.noise
+    );
     assert!(settings.synthetic);
     let (b, _) = run("b.png", &[]);
     assert_eq!(a.data, b.data, "the same seed gives the same image");

@@ -866,6 +866,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     read.context("agreeing on the job")?;
     let seed = seed.ok_or_else(|| anyhow::anyhow!("rank 0 sent no seed"))?;
     let p = load_pipeline(&a.model.choice(), &a.model.device).context("loading the model")?;
+    p.flux1("`parallax worker` processes")?;
     let sample = SampleArgs {
         seed: Some(seed),
         ..a.sample.clone()
@@ -1055,7 +1056,12 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("loading the model on {d} too")
     })?;
     let p = engine.primary();
-    if p.is_demo() {
+    if p.family.is_some() {
+        eprintln!(
+            "DEMO model: {}'s structure with made-up weights; its images are noise.",
+            p.label
+        );
+    } else if p.is_demo() {
         eprintln!("DEMO model: FLUX.1's structure at a tiny size, trained on coloured shapes; not FLUX.1. Point --model at real weights for real images.");
     }
     // Several images: consecutive seeds, each written as NAME-<seed>.png.
@@ -1188,6 +1194,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
+    p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
     let mut req = request_for(p.is_demo(), &a.sample);

@@ -107,7 +107,11 @@ impl Engine {
 
     /// Whether `plan`'s ranks hold shares of the transformer (PipeFusion on GPUs).
     fn staged(plan: &Plan) -> bool {
-        plan.is_gpu() && matches!(plan.layout.stale, crate::parallel::layout::Stale::PipeFusion { .. })
+        plan.is_gpu()
+            && matches!(
+                plan.layout.stale,
+                crate::parallel::layout::Stale::PipeFusion { .. }
+            )
     }
 
     /// The blocks rank `r` of `plan` holds: its PipeFusion stage's on GPUs, else all (`None`;
@@ -152,7 +156,10 @@ impl Engine {
     pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
         let p = self.primary();
         let (heads, hints) = match &p.family {
-            Some(f) => (f.denoiser.num_heads(), family_hints(f.denoiser.num_blocks())),
+            Some(f) => (
+                f.denoiser.num_heads(),
+                family_hints(f.denoiser.num_blocks()),
+            ),
             None => (
                 p.flux.config().num_heads,
                 auto_hints(p.flux.config(), placement),

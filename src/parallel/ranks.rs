@@ -217,7 +217,11 @@ pub fn job_on(
             sin: job.pe.sin.to_device(device)?,
         },
         x: job.x.to_device(device)?,
-        blend: job.blend.as_ref().map(|b| b.to_device(device)).transpose()?,
+        blend: job
+            .blend
+            .as_ref()
+            .map(|b| b.to_device(device))
+            .transpose()?,
         ..job.clone()
     })
 }

@@ -360,10 +360,7 @@ impl std::fmt::Debug for Pipeline {
             .field("label", &self.label)
             .field("variant", &self.variant)
             .field("flux", &self.flux)
-            .field(
-                "family",
-                &self.family.as_ref().map(|f| f.denoiser.family()),
-            )
+            .field("family", &self.family.as_ref().map(|f| f.denoiser.family()))
             .finish()
     }
 }
@@ -531,7 +528,9 @@ impl Pipeline {
             return Err(kind.unsupported("FP8 (--precision fp8)"));
         }
         if opts.blocks.is_some() {
-            return Err(kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)"));
+            return Err(
+                kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)")
+            );
         }
         let family = FamilyModel::random_klein(kind, dtype, device)?;
         Ok(Self {
@@ -633,7 +632,10 @@ impl Pipeline {
         check_request(req)?;
         let (steps, guidance) = match &self.family {
             // No guidance embedding: 0 records that none was used.
-            Some(f) => (req.steps.unwrap_or(f.default_steps), req.guidance.unwrap_or(0.0)),
+            Some(f) => (
+                req.steps.unwrap_or(f.default_steps),
+                req.guidance.unwrap_or(0.0),
+            ),
             None => (
                 req.steps.unwrap_or(self.variant.default_steps()),
                 req.guidance.unwrap_or(self.variant.default_guidance()),
@@ -744,6 +746,15 @@ impl Pipeline {
                 self.label,
                 self.denoiser().family()
             ),
+        }
+    }
+
+    /// FLUX.1's transformer, for a tool that runs FLUX.1 only (`what` it is); a model of another
+    /// family is refused.
+    pub fn flux1(&self, what: &str) -> Result<&Flux> {
+        match &self.family {
+            Some(_) => Err(self.flux1_only(what)),
+            None => Ok(&self.flux),
         }
     }
 

@@ -170,8 +170,8 @@ impl RandomKlein {
             name: "model".into(),
             value: format!("random:{}", self.name()),
             reason: format!(
-                "{what} runs FLUX.1 models only so far; FLUX.2 klein's transformer and \
-                 autoencoder load, but not yet through it. Use a FLUX.1 model here"
+                "{what} runs FLUX.1 models only so far; FLUX.2 klein runs through \
+                 `parallax generate` without it. Use a FLUX.1 model here"
             ),
         }
     }
@@ -226,7 +226,11 @@ pub fn random_text(
         RandomKlein::FourB => Qwen3Config::qwen3_4b(),
         RandomKlein::NineB => Qwen3Config::qwen3_8b(),
     };
-    KleinTextEncoder::made_up(&cfg, RandomWeights.var_builder(dtype, device), KLEIN_MAX_LEN)
+    KleinTextEncoder::made_up(
+        &cfg,
+        RandomWeights.var_builder(dtype, device),
+        KLEIN_MAX_LEN,
+    )
 }
 
 /// `path`, or its `sub` folder when it has one (a model folder holding `transformer/`, `vae/`).
