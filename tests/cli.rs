@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{free_init, s, text};
+use common::{free_init, max_pixel_diff, s, text};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -330,13 +330,7 @@ fn uneven_token_counts_match_one_worker_on_threads_and_processes() {
     let one = run("one.png", &[]);
     let threads = run("threads.png", &["--devices", "cpu:2", "--ring", "2"]);
     assert_eq!((threads.width, threads.height), (48, 80));
-    let worst = one
-        .data
-        .iter()
-        .zip(&threads.data)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(255);
+    let worst = max_pixel_diff(&one, &threads);
     assert!(worst <= 1, "threads differ from one worker by {worst}");
 
     let multi = dir.path().join("multi.png");
@@ -1550,13 +1544,7 @@ fn generate_runs_a_tiny_klein_through_the_pipeline() {
     // Two CPU workers splitting the heads (Ulysses): the one-worker image, up to rounding of
     // the attention's all-to-all order (at most 2 of 255 in any channel).
     let (u, _) = run("u.png", &["--devices", "cpu:2", "--ulysses", "2"]);
-    let d = a
-        .data
-        .iter()
-        .zip(&u.data)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0);
+    let d = max_pixel_diff(&a, &u);
     eprintln!("klein tiny, ulysses 2 against one worker: largest difference {d} of 255");
     assert!(d <= 2, "ulysses 2: {d}");
 }
