@@ -1490,7 +1490,7 @@ fn bench_klein_times_a_whole_tiny_klein_image() {
 
 /// FLUX.2 klein through the image pipeline (`random:klein-tiny`, made-up weights, on the CPU):
 /// a PNG whose settings name the model and FLUX.2's schedule, the same pixels for the same seed,
-/// true CFG, and two Ulysses workers giving the one-worker image.
+/// true CFG, and two workers (Ulysses, CFG parallel) giving the one-worker image.
 #[test]
 fn generate_runs_a_tiny_klein_through_the_pipeline() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -1541,6 +1541,23 @@ fn generate_runs_a_tiny_klein_through_the_pipeline() {
     let (cfg, cfg_settings) = run("cfg.png", &["--true-cfg", "4", "--negative-prompt", "blur"]);
     assert_eq!(cfg_settings.true_cfg, 4.0);
     assert_ne!(a.data, cfg.data, "true CFG changes the image");
+    // CFG parallelism (each branch on its own worker) gives the one-worker true-CFG image.
+    let (cfg2, _) = run(
+        "cfg2.png",
+        &[
+            "--true-cfg",
+            "4",
+            "--negative-prompt",
+            "blur",
+            "--devices",
+            "cpu:2",
+            "--cfg",
+            "2",
+        ],
+    );
+    let d = max_pixel_diff(&cfg, &cfg2);
+    eprintln!("klein tiny, cfg 2 against one worker: largest difference {d} of 255");
+    assert!(d <= 2, "cfg 2: {d}");
     // Two CPU workers splitting the heads (Ulysses): the one-worker image, up to rounding of
     // the attention's all-to-all order (at most 2 of 255 in any channel).
     let (u, _) = run("u.png", &["--devices", "cpu:2", "--ulysses", "2"]);
