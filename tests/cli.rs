@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{free_init, s, text};
+use common::{free_init, max_pixel_diff, s, text};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -330,13 +330,7 @@ fn uneven_token_counts_match_one_worker_on_threads_and_processes() {
     let one = run("one.png", &[]);
     let threads = run("threads.png", &["--devices", "cpu:2", "--ring", "2"]);
     assert_eq!((threads.width, threads.height), (48, 80));
-    let worst = one
-        .data
-        .iter()
-        .zip(&threads.data)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(255);
+    let worst = max_pixel_diff(&one, &threads);
     assert!(worst <= 1, "threads differ from one worker by {worst}");
 
     let multi = dir.path().join("multi.png");
@@ -1492,4 +1486,82 @@ fn bench_klein_times_a_whole_tiny_klein_image() {
     ]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("multiple of 16"));
+}
+
+/// FLUX.2 klein through the image pipeline (`random:klein-tiny`, made-up weights, on the CPU):
+/// a PNG whose settings name the model and FLUX.2's schedule, the same pixels for the same seed,
+/// true CFG, and two workers (Ulysses, CFG parallel) giving the one-worker image.
+#[test]
+fn generate_runs_a_tiny_klein_through_the_pipeline() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            "random:klein-tiny",
+            "--prompt",
+            "a red fox",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--quiet",
+            "--out",
+            s(&out),
+        ];
+        args.extend(extra.iter().copied());
+        let o = parallax(&args);
+        assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        let (img, chunks) = read_png(&out).expect("png");
+        let settings = GenerationSettings::from_png_text(&chunks).expect("settings");
+        (img, settings)
+    };
+    let (a, settings) = run("a.png", &[]);
+    assert_eq!((a.width, a.height), (64, 64));
+    assert_eq!(settings.model, "random:klein-tiny");
+    assert_eq!(settings.steps, 2);
+    assert!(
+        settings.schedule.starts_with("flux2"),
+        "{}",
+        settings.schedule
+    );
+    assert!(
+        settings.noise.contains("(32, H/8, W/8)"),
+        "{}",
+        settings.noise
+    );
+    assert!(settings.synthetic);
+    let (b, _) = run("b.png", &[]);
+    assert_eq!(a.data, b.data, "the same seed gives the same image");
+    let (cfg, cfg_settings) = run("cfg.png", &["--true-cfg", "4", "--negative-prompt", "blur"]);
+    assert_eq!(cfg_settings.true_cfg, 4.0);
+    assert_ne!(a.data, cfg.data, "true CFG changes the image");
+    // CFG parallelism (each branch on its own worker) gives the one-worker true-CFG image.
+    let (cfg2, _) = run(
+        "cfg2.png",
+        &[
+            "--true-cfg",
+            "4",
+            "--negative-prompt",
+            "blur",
+            "--devices",
+            "cpu:2",
+            "--cfg",
+            "2",
+        ],
+    );
+    let d = max_pixel_diff(&cfg, &cfg2);
+    eprintln!("klein tiny, cfg 2 against one worker: largest difference {d} of 255");
+    assert!(d <= 2, "cfg 2: {d}");
+    // Two CPU workers splitting the heads (Ulysses): the one-worker image, up to rounding of
+    // the attention's all-to-all order (at most 2 of 255 in any channel).
+    let (u, _) = run("u.png", &["--devices", "cpu:2", "--ulysses", "2"]);
+    let d = max_pixel_diff(&a, &u);
+    eprintln!("klein tiny, ulysses 2 against one worker: largest difference {d} of 255");
+    assert!(d <= 2, "ulysses 2: {d}");
 }

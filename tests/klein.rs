@@ -299,10 +299,21 @@ fn random_klein_models_resolve_and_the_tiny_one_runs() {
         assert_eq!(kind.config().num_heads, heads);
     }
     assert!(resolve("random:klein-2b", None).is_err());
-    // The image pipeline (FLUX.1 only so far) says so rather than running something else.
+    // The image pipeline loads klein now (it refused it before klein ran through the family
+    // traits): its denoiser, text encoder and codec are klein's. FLUX.1-only load options (FP8)
+    // still say so rather than running something else.
+    use parallax::pipeline::{LoadOptions, Pipeline};
     let r = resolve("random:klein-tiny", None).unwrap();
-    let err = parallax::pipeline::Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu)
-        .expect_err("not FLUX.1");
+    let p = Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu).expect("klein");
+    assert_eq!(p.denoiser().family(), klein::NAME);
+    assert_eq!(p.latent_spec(), klein::LATENT);
+    assert_eq!(p.text_encoder().text_spec().pooled_dim, None);
+    let fp8 = LoadOptions {
+        fp8: parallax::model::flux::Fp8Groups::ALL,
+        ..Default::default()
+    };
+    let err = Pipeline::load_with(&r, "random:klein-tiny", DType::F32, &Device::Cpu, fp8)
+        .expect_err("FP8 is FLUX.1's");
     assert!(err.to_string().contains("FLUX.1 models only"), "{err}");
 
     // The tiny one: the same weights every time, a finite velocity and image.
@@ -318,4 +329,56 @@ fn random_klein_models_resolve_and_the_tiny_one_runs() {
     assert_eq!(image.dims(), &[1, 3, 64, 64]);
     let v: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
     assert!(v.iter().all(|x| x.is_finite()));
+}
+
+/// klein in the image pipeline: what only FLUX.1 has (LoRAs, image-to-image, FLUX.1's
+/// transformer for its measuring tools) is refused by name rather than run on something else,
+/// and the API's generate makes the same image twice for a seed.
+#[test]
+fn klein_in_the_pipeline_refuses_what_only_flux1_has() {
+    use parallax::model::layout::resolve;
+    use parallax::model::lora::LoraChoice;
+    use parallax::pipeline::img2img::InitImage;
+    use parallax::pipeline::{GenerateRequest, Pipeline};
+    let r = resolve("random:klein-tiny", None).unwrap();
+    let p = Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu).expect("klein");
+    let base = GenerateRequest {
+        prompt: "a fox".into(),
+        width: 32,
+        height: 32,
+        steps: Some(1),
+        seed: 3,
+        ..Default::default()
+    };
+    let a = p.generate(&base, &mut |_| Ok(())).expect("generate");
+    let b = p.generate(&base, &mut |_| Ok(())).expect("generate");
+    assert_eq!((a.image.width, a.image.height), (32, 32));
+    assert_eq!(a.image.data, b.image.data);
+    let lora = GenerateRequest {
+        loras: vec![LoraChoice {
+            path: "absent.safetensors".into(),
+            strength: 1.0,
+        }],
+        ..base.clone()
+    };
+    let e = p.generate(&lora, &mut |_| Ok(())).expect_err("LoRA");
+    assert!(
+        e.to_string().contains("LoRA works with FLUX.1 models only"),
+        "{e}"
+    );
+    let img2img = GenerateRequest {
+        init: Some(InitImage {
+            image: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/img2img/source.png"),
+            strength: 0.5,
+            mask: None,
+            extend: None,
+        }),
+        ..base
+    };
+    let e = p.generate(&img2img, &mut |_| Ok(())).expect_err("img2img");
+    assert!(e.to_string().contains("image-to-image"), "{e}");
+    let e = p
+        .flux1("MagCache calibration")
+        .expect_err("FLUX.1's transformer");
+    assert!(e.to_string().contains("klein model"), "{e}");
 }

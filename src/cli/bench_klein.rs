@@ -12,10 +12,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 
-use crate::model::demo_weights::RandomWeights;
-use crate::model::klein::text::KleinTextEncoder;
-use crate::model::klein::{random_model, RandomKlein, LATENT};
-use crate::model::qwen3::Qwen3Config;
+use crate::model::klein::{random_model, random_text, RandomKlein, LATENT};
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::sampler::{self, Conditioning, TrueCfg};
 use crate::pipeline::schedule;
@@ -71,21 +68,7 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let (model, vae) = random_model(kind, dtype, &dev)?;
-    let text = match kind {
-        RandomKlein::Tiny => KleinTextEncoder::tiny(0x6b6c_6e03, &dev)?,
-        RandomKlein::FourB | RandomKlein::NineB => {
-            let cfg = if kind == RandomKlein::FourB {
-                Qwen3Config::qwen3_4b()
-            } else {
-                Qwen3Config::qwen3_8b()
-            };
-            KleinTextEncoder::made_up(
-                &cfg,
-                RandomWeights.var_builder(dtype, &dev),
-                crate::model::klein::text::KLEIN_MAX_LEN,
-            )?
-        }
-    };
+    let text = random_text(kind, dtype, &dev)?;
     crate::device::synchronize(&dev)?;
     let build_ms = ms(started);
     let side = a.size / 16;

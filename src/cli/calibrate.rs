@@ -47,6 +47,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     }
     let choice = a.model.choice();
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    p.flux1("MagCache calibration")?;
     let demo = p.label == "demo";
     let prompts: Vec<String> = if demo {
         eval_samples(a.prompts, 11)

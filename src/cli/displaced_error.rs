@@ -65,7 +65,8 @@ fn flux_replica(
             Default::default(),
         )?);
     }
-    Ok(crate::engine::load_pipeline(&model.choice(), &model.device)?.flux)
+    let p = crate::engine::load_pipeline(&model.choice(), &model.device)?;
+    Ok(p.flux1("the displaced-patch error measure")?.clone())
 }
 
 pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
@@ -91,6 +92,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         )
         .collect::<anyhow::Result<Vec<_>>>()?;
     let p = crate::engine::load_pipeline(&a.model.choice(), &a.model.device)?;
+    p.flux1("the displaced-patch error measure")?;
     let req = request_for(p.is_demo(), &a.sample);
     let prep = p.prepare(&req, &mut |_| Ok(()))?;
     let job = &prep.job;

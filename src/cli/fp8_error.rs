@@ -73,6 +73,7 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     }
     choice.precision = Precision::Native;
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    p.flux1("the FP8 error measure")?;
     let req = request_for(p.is_demo(), &a.sample);
     let prep = p.prepare(&req, &mut |_| Ok(()))?;
     let job = &prep.job;

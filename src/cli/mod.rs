@@ -872,6 +872,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     read.context("agreeing on the job")?;
     let seed = seed.ok_or_else(|| anyhow::anyhow!("rank 0 sent no seed"))?;
     let p = load_pipeline(&a.model.choice(), &a.model.device).context("loading the model")?;
+    p.flux1("`parallax worker` processes")?;
     let sample = SampleArgs {
         seed: Some(seed),
         ..a.sample.clone()
@@ -1017,14 +1018,14 @@ fn checked_job(
     crate::pipeline::check_request(&request_with(false, sample, init))?;
     let choice = model.choice();
     let resolved = choice.resolve()?;
-    let cfg = model_config(&resolved)?;
     let req = request_with(is_demo(&resolved), sample, init);
     let placement = parallel.placement(&model.device)?;
+    let (heads, hints) = crate::engine::layout_facts(&resolved, &placement)?;
     let plan = placement.plan_with(
-        cfg.num_heads,
+        heads,
         crate::engine::wants_true_cfg(&req),
         gpus_present(),
-        crate::engine::auto_hints(&cfg, &placement).for_size(req.width, req.height),
+        hints.for_size(req.width, req.height),
     )?;
     Ok(Checked {
         choice,
@@ -1061,7 +1062,12 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("loading the model on {d} too")
     })?;
     let p = engine.primary();
-    if p.is_demo() {
+    if p.family.is_some() {
+        eprintln!(
+            "DEMO model: {}'s structure with made-up weights; its images are noise.",
+            p.label
+        );
+    } else if p.is_demo() {
         eprintln!("DEMO model: FLUX.1's structure at a tiny size, trained on coloured shapes; not FLUX.1. Point --model at real weights for real images.");
     }
     // Several images: consecutive seeds, each written as NAME-<seed>.png.
@@ -1194,6 +1200,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
+    p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
     let mut req = request_for(p.is_demo(), &a.sample);

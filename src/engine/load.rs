@@ -137,6 +137,9 @@ fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
     match (choice, spec) {
         (DTypeChoice::Auto, ModelSpec::Demo | ModelSpec::Random(Variant::Demo)) => DType::F32,
         (DTypeChoice::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
+        (DTypeChoice::Auto, ModelSpec::RandomKlein(crate::model::klein::RandomKlein::Tiny)) => {
+            DType::F32
+        }
         (DTypeChoice::Auto, _) => DType::BF16,
         (DTypeChoice::F32, _) => DType::F32,
         (DTypeChoice::Bf16, _) => DType::BF16,

@@ -85,8 +85,11 @@ impl Engine {
             .ranks
             .first()
             .ok_or_else(|| Error::setting("devices", "", "the plan has no ranks"))?;
-        let cfg = model_config(&choice.resolve()?)?;
-        let blocks = Self::stage_of(plan, 0, &cfg);
+        let blocks = if Self::staged(plan) {
+            Self::stage_of(plan, 0, &model_config(&choice.resolve()?)?)
+        } else {
+            None
+        };
         let p = load_pipeline_blocks(&choice, device, blocks)?;
         Ok(Self {
             choice,
@@ -100,6 +103,15 @@ impl Engine {
             )],
             tainted: Default::default(),
         })
+    }
+
+    /// Whether `plan`'s ranks hold shares of the transformer (PipeFusion on GPUs).
+    fn staged(plan: &Plan) -> bool {
+        plan.is_gpu()
+            && matches!(
+                plan.layout.stale,
+                crate::parallel::layout::Stale::PipeFusion { .. }
+            )
     }
 
     /// The blocks rank `r` of `plan` holds: its PipeFusion stage's on GPUs, else all (`None`;
@@ -142,19 +154,32 @@ impl Engine {
 
     /// Check `placement` for requests like `req` on this model and the GPUs present.
     pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
-        let cfg = self.primary().flux.config();
+        let p = self.primary();
+        let (heads, hints) = match &p.family {
+            Some(f) => (
+                f.denoiser.num_heads(),
+                family_hints(f.denoiser.num_blocks()),
+            ),
+            None => (
+                p.flux.config().num_heads,
+                auto_hints(p.flux.config(), placement),
+            ),
+        };
         placement.plan_with(
-            cfg.num_heads,
+            heads,
             wants_true_cfg(req),
             gpus_present(),
-            auto_hints(cfg, placement).for_size(req.width, req.height),
+            hints.for_size(req.width, req.height),
         )
     }
 
     /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k;
     /// under PipeFusion a GPU rank needs only its stage's blocks.
     fn slots(&self, plan: &Plan) -> Vec<Slot> {
-        let cfg = self.primary().flux.config();
+        // A family other than FLUX.1 loads whole (its loader refuses a share of blocks).
+        let p = self.primary();
+        let cfg = p.flux.config();
+        let staged = p.family.is_none();
         plan.ranks
             .iter()
             .enumerate()
@@ -165,7 +190,11 @@ impl Engine {
                 } else {
                     plan.ranks[..r].iter().filter(|e| *e == d).count()
                 },
-                blocks: Self::stage_of(plan, r, cfg),
+                blocks: if staged {
+                    Self::stage_of(plan, r, cfg)
+                } else {
+                    None
+                },
             })
             .collect()
     }
@@ -414,6 +443,30 @@ pub fn auto_hints(
         hardware,
         ..Default::default()
     }
+}
+
+/// The automatic layout's hints for a model of a family other than FLUX.1, of `blocks` blocks:
+/// the rule of thumb (the cost model and the memory check read FLUX.1's config).
+pub fn family_hints(blocks: usize) -> crate::parallel::mesh::AutoHints {
+    crate::parallel::mesh::AutoHints {
+        blocks,
+        ..Default::default()
+    }
+}
+
+/// The attention heads and automatic-layout hints of `resolved`'s transformer on `placement`,
+/// from its config alone (no weights read): FLUX.1's through [`auto_hints`], a `random:klein-*`
+/// model's through [`family_hints`].
+pub fn layout_facts(
+    resolved: &crate::model::layout::Resolved,
+    placement: &Placement,
+) -> Result<(usize, crate::parallel::mesh::AutoHints)> {
+    if let crate::model::layout::ModelSpec::RandomKlein(k) = &resolved.spec {
+        let c = k.config();
+        return Ok((c.num_heads, family_hints(c.num_blocks())));
+    }
+    let cfg = model_config(resolved)?;
+    Ok((cfg.num_heads, auto_hints(&cfg, placement)))
 }
 
 /// Whether `req` runs true CFG's negative branch (what CFG parallelism splits off).

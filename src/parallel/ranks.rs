@@ -124,7 +124,7 @@ pub fn generate(
         ));
     }
     let mesh = check_layout(p, layout, req)?;
-    let models = vec![Arc::new(p.flux_for(req)?.into_owned()) as Arc<dyn Denoiser>; mesh.world()];
+    let models = vec![p.denoiser_for(req)?; mesh.world()];
     let workers = mesh.world();
     generate_ranks(
         p,
@@ -145,8 +145,8 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
             "one image runs on one data-parallel group; use generate_many for several images",
         ));
     }
-    let mesh = Mesh::new(layout, layout.world(), p.flux.config().num_heads)?;
-    if let Some(r) = super::refusal::check(layout, req, p.flux.config().num_blocks()) {
+    let mesh = Mesh::new(layout, layout.world(), p.denoiser().num_heads())?;
+    if let Some(r) = super::refusal::check(layout, req, p.denoiser().num_blocks()) {
         return Err(r.into());
     }
     Ok(mesh)
@@ -217,7 +217,11 @@ pub fn job_on(
             sin: job.pe.sin.to_device(device)?,
         },
         x: job.x.to_device(device)?,
-        blend: job.blend.as_ref().map(|b| b.to_device(device)).transpose()?,
+        blend: job
+            .blend
+            .as_ref()
+            .map(|b| b.to_device(device))
+            .transpose()?,
         ..job.clone()
     })
 }

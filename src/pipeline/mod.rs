@@ -28,6 +28,7 @@ use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
 use crate::model::family::{Denoiser, Family, LatentCodec, LatentSpec, TextEncoder};
 use crate::model::flux::{Flux, FluxConfig, Fp8Groups};
+use crate::model::klein::RandomKlein;
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
 use crate::model::lora::{LoraChoice, LoraSet};
 use crate::model::rng;
@@ -295,11 +296,18 @@ impl LoadOptions {
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
 pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
 
-/// The three models of FLUX.1, loaded and ready.
+/// The three models of FLUX.1, loaded and ready; or another family's ([`Pipeline::family`]).
 pub struct Pipeline {
+    /// FLUX.1's transformer. For a model of another family ([`Pipeline::family`] set) this and
+    /// `vae`, `text` hold the tiny `random:tiny` parts, which nothing generates with: the
+    /// generate path runs [`Pipeline::denoiser`], [`Pipeline::text_encoder`] and
+    /// [`Pipeline::codec`], and the FLUX.1-only features refuse such a model.
     pub flux: Flux,
     pub vae: AutoEncoder,
     pub text: TextEncoders,
+    /// The model when it is of a family other than FLUX.1 (FLUX.2 klein), run through the family
+    /// traits.
+    pub family: Option<FamilyModel>,
     pub variant: Variant,
     /// How the user named the model.
     pub label: String,
@@ -307,6 +315,39 @@ pub struct Pipeline {
     pub synthetic: bool,
     /// The transformer with the last request's LoRAs, reused while they stay the same.
     pub lora_cache: LoraCache,
+}
+
+/// A model of a family other than FLUX.1 (FLUX.2 klein) as the generate path runs it: its
+/// transformer, text encoder and autoencoder behind the family traits.
+pub struct FamilyModel {
+    pub denoiser: Arc<dyn Denoiser>,
+    pub text: Box<dyn TextEncoder>,
+    pub codec: Box<dyn LatentCodec>,
+    /// Steps when the request names none.
+    pub default_steps: usize,
+}
+
+impl FamilyModel {
+    /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
+    /// [`crate::model::klein::random_text`]): 4 steps by default, as the distilled klein runs.
+    pub fn random_klein(kind: RandomKlein, dtype: DType, device: &Device) -> Result<Self> {
+        let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
+        let text = crate::model::klein::random_text(kind, dtype, device)?;
+        Ok(Self {
+            denoiser: Arc::new(t),
+            text: Box::new(text),
+            codec: Box::new(vae),
+            default_steps: 4,
+        })
+    }
+
+    /// The schedule's `steps + 1` times for `tokens` image tokens, and its description.
+    fn timesteps(&self, steps: usize, tokens: usize) -> (Vec<f64>, &'static str) {
+        (
+            schedule::flux2_timesteps(steps, tokens),
+            "flux2(empirical mu by tokens and steps)",
+        )
+    }
 }
 
 /// A transformer with LoRAs on, by the LoRAs (files with their size and time, strengths).
@@ -319,6 +360,7 @@ impl std::fmt::Debug for Pipeline {
             .field("label", &self.label)
             .field("variant", &self.variant)
             .field("flux", &self.flux)
+            .field("family", &self.family.as_ref().map(|f| f.denoiser.family()))
             .finish()
     }
 }
@@ -337,6 +379,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "demo".into(),
             synthetic: true,
+            family: None,
             lora_cache: LoraCache::default(),
         })
     }
@@ -363,6 +406,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "random:tiny".into(),
             synthetic: true,
+            family: None,
             lora_cache: LoraCache::default(),
         })
     }
@@ -437,6 +481,7 @@ impl Pipeline {
             variant,
             label: format!("random:{}", variant.name()),
             synthetic: true,
+            family: None,
             lora_cache: LoraCache::default(),
         })
     }
@@ -458,7 +503,7 @@ impl Pipeline {
         let mut p = match &resolved.spec {
             ModelSpec::Demo => Self::demo(device)?,
             ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
-            ModelSpec::RandomKlein(k) => return Err(k.unsupported("the image pipeline")),
+            ModelSpec::RandomKlein(k) => return Self::random_klein(*k, dtype, device, opts),
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
         if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {
@@ -469,6 +514,30 @@ impl Pipeline {
             p.flux = p.flux.only_blocks(blocks);
         }
         Ok(p)
+    }
+
+    /// A `random:klein-*` model (FLUX.2 klein's structure, made-up weights: labelled DEMO). FP8
+    /// and a transformer's share of blocks (PipeFusion stages on GPUs) are FLUX.1's only.
+    pub fn random_klein(
+        kind: RandomKlein,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        if opts.fp8 != Fp8Groups::NONE {
+            return Err(kind.unsupported("FP8 (--precision fp8)"));
+        }
+        if opts.blocks.is_some() {
+            return Err(
+                kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)")
+            );
+        }
+        let family = FamilyModel::random_klein(kind, dtype, device)?;
+        Ok(Self {
+            family: Some(family),
+            label: format!("random:{}", kind.name()),
+            ..Self::tiny_random(device)?
+        })
     }
 
     /// Load the transformer, autoencoder and text encoders from files.
@@ -522,6 +591,7 @@ impl Pipeline {
             variant,
             label: label.to_string(),
             synthetic: files.demo,
+            family: None,
             lora_cache: LoraCache::default(),
         })
     }
@@ -549,7 +619,7 @@ impl Pipeline {
     }
 
     pub fn device(&self) -> &Device {
-        self.flux.device()
+        self.denoiser().device()
     }
 
     /// How this model's latent looks and packs into tokens (its autoencoder's).
@@ -560,8 +630,17 @@ impl Pipeline {
     /// Check a request against this model and fill in defaults.
     pub fn settings_for(&self, req: &GenerateRequest) -> Result<GenerationSettings> {
         check_request(req)?;
-        let steps = req.steps.unwrap_or(self.variant.default_steps());
-        let guidance = req.guidance.unwrap_or(self.variant.default_guidance());
+        let (steps, guidance) = match &self.family {
+            // No guidance embedding: 0 records that none was used.
+            Some(f) => (
+                req.steps.unwrap_or(f.default_steps),
+                req.guidance.unwrap_or(0.0),
+            ),
+            None => (
+                req.steps.unwrap_or(self.variant.default_steps()),
+                req.guidance.unwrap_or(self.variant.default_guidance()),
+            ),
+        };
         let true_cfg = req.true_cfg.unwrap_or(1.0);
         // First Block Cache travels as its threshold (what older settings hold); other policies
         // as their spec.
@@ -589,8 +668,10 @@ impl Pipeline {
             synthetic: self.is_demo(),
             dtype: format!(
                 "{:?}{}",
-                self.flux.dtype(),
-                if self.flux.fp8_kernels() {
+                self.denoiser().dtype(),
+                if self.family.is_some() {
+                    ""
+                } else if self.flux.fp8_kernels() {
                     " + fp8 products"
                 } else if self.flux.fp8_products() {
                     " + fp8 products (simulated)"
@@ -600,12 +681,21 @@ impl Pipeline {
             )
             .to_lowercase(),
             sampler: "flow-match-euler".into(),
-            schedule: if self.variant.shifted_schedule() {
+            schedule: if let Some(f) = &self.family {
+                f.timesteps(1, 1).1.into()
+            } else if self.variant.shifted_schedule() {
                 "shifted(mu: 0.5@256 -> 1.15@4096 tokens)".into()
             } else {
                 "linear".into()
             },
-            noise: "splitmix64+box-muller f32, (16, H/8, W/8) order".into(),
+            noise: {
+                let s = self.latent_spec();
+                format!(
+                    "splitmix64+box-muller f32, ({}, H/{f}, W/{f}) order",
+                    s.channels,
+                    f = s.downscale
+                )
+            },
             parallax_version: env!("CARGO_PKG_VERSION").into(),
             init: req.init.clone(),
         })
@@ -623,17 +713,69 @@ impl Pipeline {
 
     /// The transformer as the generate path runs it (the family's [`Denoiser`]).
     pub fn denoiser(&self) -> &dyn Denoiser {
-        &self.flux
+        match &self.family {
+            Some(f) => f.denoiser.as_ref(),
+            None => &self.flux,
+        }
     }
 
     /// The text encoding as the generate path runs it (the family's [`TextEncoder`]).
     pub fn text_encoder(&self) -> &dyn TextEncoder {
-        &self.text
+        match &self.family {
+            Some(f) => f.text.as_ref(),
+            None => &self.text,
+        }
     }
 
     /// The autoencoder as the generate path decodes with it (the family's [`LatentCodec`]).
     pub fn codec(&self) -> &dyn LatentCodec {
-        &self.vae
+        match &self.family {
+            Some(f) => f.codec.as_ref(),
+            None => &self.vae,
+        }
+    }
+
+    /// The error for a FLUX.1-only feature (`what`) asked of a model of another family.
+    fn flux1_only(&self, what: &str) -> Error {
+        Error::InvalidSetting {
+            name: "model".into(),
+            value: self.label.clone(),
+            reason: format!(
+                "{what} works with FLUX.1 models only so far; {} is a {} model. Leave it out, \
+                 or use a FLUX.1 model",
+                self.label,
+                self.denoiser().family()
+            ),
+        }
+    }
+
+    /// FLUX.1's transformer, for a tool that runs FLUX.1 only (`what` it is); a model of another
+    /// family is refused.
+    pub fn flux1(&self, what: &str) -> Result<&Flux> {
+        match &self.family {
+            Some(_) => Err(self.flux1_only(what)),
+            None => Ok(&self.flux),
+        }
+    }
+
+    /// The transformer `req` runs, as the parallel workers share it: this family's, or
+    /// FLUX.1's with the request's LoRAs ([`Pipeline::flux_for`]).
+    pub fn denoiser_for(&self, req: &GenerateRequest) -> Result<Arc<dyn Denoiser>> {
+        match &self.family {
+            Some(f) => {
+                self.no_loras(req)?;
+                Ok(f.denoiser.clone())
+            }
+            None => Ok(Arc::new(self.flux_for(req)?.into_owned())),
+        }
+    }
+
+    /// Refuse LoRAs for a model of another family than FLUX.1.
+    fn no_loras(&self, req: &GenerateRequest) -> Result<()> {
+        if self.family.is_some() && req.loras.iter().any(|l| l.strength != 0.0) {
+            return Err(self.flux1_only("LoRA"));
+        }
+        Ok(())
     }
 
     /// `prompt` as the transformer takes it: hidden states and the pooled vector, or a (1, 0)
@@ -656,9 +798,16 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let prep = self.prepare(req, progress)?;
-        let flux = self.flux_for(req)?;
+        let flux = match &self.family {
+            Some(_) => None,
+            None => Some(self.flux_for(req)?),
+        };
+        let model: &dyn Denoiser = match &flux {
+            Some(f) => f.as_ref(),
+            None => self.denoiser(),
+        };
         let mut log = StepLog::default();
-        let (x, stats) = denoise(flux.as_ref(), &prep.job, None, &mut |info| {
+        let (x, stats) = denoise(model, &prep.job, None, &mut |info| {
             log.record(info);
             progress(Progress::Step(info))
         })?;
@@ -668,6 +817,9 @@ impl Pipeline {
     /// The transformer `req` runs: this pipeline's, with the request's LoRAs beside its layers
     /// when it names any (the base weights shared, the files read once while unchanged).
     pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
+        if self.family.is_some() {
+            return Err(self.flux1_only("this way of running (LoRAs, or ranks on GPUs)"));
+        }
         if req.loras.iter().all(|l| l.strength == 0.0) {
             return Ok(std::borrow::Cow::Borrowed(&self.flux));
         }
@@ -711,6 +863,7 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Prepared> {
         let started = Instant::now();
+        self.no_loras(req)?;
         let settings = self.settings_for(req)?;
         let mut notes = Vec::new();
         let use_cfg = settings.true_cfg > 1.0;
@@ -750,7 +903,10 @@ impl Pipeline {
         );
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
-        let ts = schedule::timesteps(settings.steps, gh * gw, self.variant.shifted_schedule());
+        let ts = match &self.family {
+            Some(f) => f.timesteps(settings.steps, gh * gw).0,
+            None => schedule::timesteps(settings.steps, gh * gw, self.variant.shifted_schedule()),
+        };
         let (x, ts, blend) = match &settings.init {
             None => (spec.pack(&noise)?, ts, None),
             Some(init) => {
@@ -803,6 +959,9 @@ impl Pipeline {
         settings: &GenerationSettings,
         notes: &mut Vec<String>,
     ) -> Result<img2img::Entered> {
+        if self.family.is_some() {
+            return Err(self.flux1_only("image-to-image and inpainting"));
+        }
         if !self.vae.has_encoder() {
             return Err(Error::Image(format!(
                 "image-to-image needs the autoencoder's encoder, and {}'s autoencoder file holds only the decoder: use an autoencoder file with both (FLUX.1's ae.safetensors has them)",
@@ -847,7 +1006,11 @@ impl Pipeline {
         let t0 = Instant::now();
         let (lh, lw) = prep.latent_hw;
         let latent = self.latent_spec().unpack(&x, lh, lw)?;
-        let decoded = decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?;
+        let decoded = match &self.family {
+            // On one worker: the row-band decode over workers is FLUX.1's autoencoder's.
+            Some(f) => f.codec.decode_latent(&latent.to_dtype(f.codec.dtype())?)?,
+            None => decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?,
+        };
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {
             image.stamp_demo_label();

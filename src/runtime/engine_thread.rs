@@ -164,20 +164,31 @@ impl EngineThread {
             }
         };
         let pipeline = engine.primary();
-        let summary = format!(
-            "{} ({}), {} double + {} single blocks, on {}",
-            pipeline.label,
-            pipeline.variant.name(),
-            pipeline.flux.config().depth,
-            pipeline.flux.config().depth_single_blocks,
-            crate::device::describe(pipeline.device()),
-        );
+        let d = pipeline.denoiser();
+        let summary = if pipeline.family.is_some() {
+            format!(
+                "{} ({}), {} blocks, on {}",
+                pipeline.label,
+                d.family(),
+                d.num_blocks(),
+                crate::device::describe(pipeline.device()),
+            )
+        } else {
+            format!(
+                "{} ({}), {} double + {} single blocks, on {}",
+                pipeline.label,
+                pipeline.variant.name(),
+                pipeline.flux.config().depth,
+                pipeline.flux.config().depth_single_blocks,
+                crate::device::describe(pipeline.device()),
+            )
+        };
         self.emit.emit(Event::ModelLoaded {
             spec: spec.clone(),
             summary,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
-            heads: pipeline.flux.config().num_heads,
-            blocks: pipeline.flux.config().num_blocks(),
+            heads: d.num_heads(),
+            blocks: d.num_blocks(),
             magcache: pipeline.magcache_calibration().is_some(),
         });
         let magcache = pipeline.magcache_calibration();

@@ -24,11 +24,11 @@ impl Pipeline {
     /// Fit the preview map to this model's autoencoder: on the demo's own scenes where it has
     /// an encoder, else on decoded noise latents.
     pub fn fit_preview_factors(&self) -> Result<PreviewFactors> {
-        if self.variant == Variant::Demo && self.vae.has_encoder() {
+        if self.family.is_none() && self.variant == Variant::Demo && self.vae.has_encoder() {
             let images = super::render::scene_tensors(6, 128, 0x5eed)?;
             PreviewFactors::fit_images(&self.vae, self.device(), &images)
         } else {
-            PreviewFactors::fit(&self.vae, self.device(), 3, 24, 0x5eed)
+            PreviewFactors::fit(self.codec(), self.device(), 3, 24, 0x5eed)
         }
     }
 }

@@ -51,3 +51,19 @@ pub fn text(o: &Output) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// The largest difference between two images' channel values (255 when their sizes differ).
+pub fn max_pixel_diff(
+    a: &parallax::pipeline::image::RgbImage,
+    b: &parallax::pipeline::image::RgbImage,
+) -> u8 {
+    if (a.width, a.height) != (b.width, b.height) {
+        return 255;
+    }
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}

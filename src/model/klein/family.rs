@@ -12,10 +12,12 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::config::KleinConfig;
 use super::keys::{self, KleinVaeDiffusersMap};
 use super::model::Klein;
+use super::text::{KleinTextEncoder, KLEIN_MAX_LEN};
 use super::vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS};
 use crate::collective::Communicator;
 use crate::model::demo_weights::{DemoWeights, RandomWeights};
 use crate::model::family::{Denoiser, Family, TextSpec};
+use crate::model::qwen3::Qwen3Config;
 use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
 use crate::model::vae::{vae_config_from_diffusers_str, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
@@ -168,8 +170,8 @@ impl RandomKlein {
             name: "model".into(),
             value: format!("random:{}", self.name()),
             reason: format!(
-                "{what} runs FLUX.1 models only so far; FLUX.2 klein's transformer and \
-                 autoencoder load, but not yet through it. Use a FLUX.1 model here"
+                "{what} runs FLUX.1 models only so far; FLUX.2 klein runs through \
+                 `parallax generate` without it. Use a FLUX.1 model here"
             ),
         }
     }
@@ -206,6 +208,29 @@ pub fn random_model(kind: RandomKlein, dtype: DType, device: &Device) -> Result<
             Ok((t, KleinVae::new_unnormalised(&vae_config(), vb)?))
         }
     }
+}
+
+/// Seed of `random:klein-tiny`'s text encoder.
+const TINY_TEXT_SEED: u64 = 0x6b6c_6e03;
+
+/// A `random:klein-*` model's text encoder: Qwen3 at the size the model takes (tiny: from a
+/// fixed seed in f32; 4B: Qwen3-4B's; 9B: Qwen3-8B's, random weights drawn on `device`) and a
+/// byte tokenizer with Qwen's chat tokens ([`KleinTextEncoder::made_up`]).
+pub fn random_text(
+    kind: RandomKlein,
+    dtype: DType,
+    device: &Device,
+) -> crate::Result<KleinTextEncoder> {
+    let cfg = match kind {
+        RandomKlein::Tiny => return KleinTextEncoder::tiny(TINY_TEXT_SEED, device),
+        RandomKlein::FourB => Qwen3Config::qwen3_4b(),
+        RandomKlein::NineB => Qwen3Config::qwen3_8b(),
+    };
+    KleinTextEncoder::made_up(
+        &cfg,
+        RandomWeights.var_builder(dtype, device),
+        KLEIN_MAX_LEN,
+    )
 }
 
 /// `path`, or its `sub` folder when it has one (a model folder holding `transformer/`, `vae/`).

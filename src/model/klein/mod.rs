@@ -12,6 +12,8 @@ pub mod text;
 mod vae;
 
 pub use config::KleinConfig;
-pub use family::{load_transformer, load_vae, random_model, KleinFamily, RandomKlein, NAME};
+pub use family::{
+    load_transformer, load_vae, random_model, random_text, KleinFamily, RandomKlein, NAME,
+};
 pub use model::Klein;
 pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};
