@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
-use super::sp::real_keys;
+use super::shard::real_keys;
 use crate::model::attention::{Attention, LocalAttention};
 use crate::model::shard::ShardLayout;
 

@@ -52,4 +52,7 @@ pub(crate) mod test_steps;
 #[cfg(test)]
 pub(crate) mod traffic;
 pub mod ulysses;
+pub mod usp;
+#[cfg(test)]
+mod exactness;
 pub mod vae;

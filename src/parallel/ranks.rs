@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use super::comm::{Communicator, LocalComm};
 use super::mesh::{Axis, Mesh, ParallelLayout, Stale};
-use super::ulysses::UspAttention;
+use super::usp::UspAttention;
 use crate::error::{Error, Result};
 use crate::model::family::Denoiser;
 use crate::pipeline::cache::{CacheStats, StepKind};

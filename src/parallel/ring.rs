@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
-use super::sp::{real_keys, ShardLayout};
+use super::shard::{real_keys, ShardLayout};
 use crate::kernels::flash_attn::attention_with_lse;
 #[cfg(test)]
 use crate::kernels::flash_attn::online_softmax_reference;
@@ -124,9 +124,6 @@ impl Attention for RingAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::attention::sdpa_chunked;
-    use crate::parallel::comm::{run_local, LocalComm};
-    use crate::parallel::ulysses::{UlyssesAttention, UspAttention};
     use candle_core::{DType, Device};
 
     fn inputs(l: usize) -> Result<(Tensor, Tensor, Tensor)> {
@@ -140,110 +137,6 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-    }
-
-    /// Shard along the sequence, run `make(comm)` on every rank, gather, compare with one device.
-    fn check(
-        n: usize,
-        make: impl Fn(Arc<dyn Communicator>) -> Box<dyn Attention> + Sync,
-    ) -> Result<f32> {
-        let l = 24 * n;
-        let (q, k, v) = inputs(l)?;
-        let want = sdpa_chunked(&q, &k, &v, 1 << 20)?;
-        let shard = l / n;
-        let outs = run_local(n, |rank, comm| {
-            let comm: Arc<dyn Communicator> = Arc::new(comm);
-            let attn = make(comm.clone());
-            let part = |t: &Tensor| t.narrow(2, rank * shard, shard);
-            let o = attn.attend(&part(&q)?, &part(&k)?, &part(&v)?)?;
-            comm.all_gather(&o, 2)
-        })?;
-        let mut worst = 0f32;
-        for o in &outs {
-            worst = worst.max(max_diff(o, &want)?);
-        }
-        Ok(worst)
-    }
-
-    #[test]
-    fn ring_attention_matches_one_device() -> Result<()> {
-        for n in [2, 4] {
-            let d = check(n, |c| Box::new(RingAttention::new(c)))?;
-            assert!(d < 1e-5, "ring {n}: {d}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn ulysses_attention_matches_one_device() -> Result<()> {
-        for n in [2, 4] {
-            let d = check(n, |c| Box::new(UlyssesAttention::new(c)))?;
-            assert!(d < 1e-5, "ulysses {n}: {d}");
-        }
-        Ok(())
-    }
-
-    /// `real` (B, H, L, D), rows in the order [`ShardLayout::real_runs`] lists them, spread over
-    /// the group's padded local sequences end to end, with NaN in every padding row.
-    fn with_padding(real: &Tensor, l: &ShardLayout) -> Result<Tensor> {
-        let (b, h, _, d) = real.dims4()?;
-        let nan = Tensor::full(f32::NAN, (b, h, 1, d), real.device())?;
-        let mut rows = Vec::new();
-        let mut next = 0;
-        let mut at = 0;
-        for (start, len) in l.real_runs(0..l.ranks) {
-            rows.extend(std::iter::repeat_n(nan.clone(), start - at));
-            rows.push(real.narrow(2, next, len)?);
-            next += len;
-            at = start + len;
-        }
-        rows.extend(std::iter::repeat_n(nan, l.ranks * l.local_len() - at));
-        Tensor::cat(&rows, 2)
-    }
-
-    #[test]
-    fn padded_keys_take_no_part_in_any_strategy() -> Result<()> {
-        // 5 text and 6 image tokens over 4 ranks: shards of 2 + 2, rank 3 all padding. Padding
-        // rows are NaN: one that reached a real token would show.
-        let (q, k, v) = inputs(11)?;
-        let want = sdpa_chunked(&q, &k, &v, 1 << 20)?;
-        let layout = ShardLayout::new(5, 6, 4, 0)?;
-        let (qp, kp, vp) = (
-            with_padding(&q, &layout)?,
-            with_padding(&k, &layout)?,
-            with_padding(&v, &layout)?,
-        );
-        let len = layout.local_len();
-        let uly: Vec<Vec<LocalComm>> = (0..2).map(|_| LocalComm::group(2)).collect();
-        let ring: Vec<Vec<LocalComm>> = (0..2).map(|_| LocalComm::group(2)).collect();
-        for strategy in ["ring", "ulysses", "usp"] {
-            let outs = run_local(4, |rank, comm| {
-                let comm: Arc<dyn Communicator> = Arc::new(comm);
-                let attn: Box<dyn Attention> = match strategy {
-                    "ring" => Box::new(RingAttention::new(comm.clone())),
-                    "usp" => Box::new(UspAttention::new(
-                        Arc::new(uly[rank / 2][rank % 2].clone()),
-                        Arc::new(ring[rank % 2][rank / 2].clone()),
-                    )),
-                    _ => Box::new(UlyssesAttention::new(comm.clone())),
-                };
-                let part = |t: &Tensor| t.narrow(2, rank * len, len);
-                let l = ShardLayout { rank, ..layout };
-                let o = attn.attend_shards(&part(&qp)?, &part(&kp)?, &part(&vp)?, &l)?;
-                comm.all_gather(&o, 2)
-            })?;
-            for o in &outs {
-                let real = layout
-                    .real_rows(o, 2, 0..4)?
-                    .ok_or_else(|| candle_core::Error::Msg("no real rows".into()))?;
-                let d = max_diff(&real, &want)?;
-                assert!(d < 1e-5, "{strategy}: {d}");
-            }
-        }
-        // Plain attention cannot skip padding, and says so rather than attending to it.
-        let local = crate::model::attention::LocalAttention::default();
-        assert!(local.attend_shards(&qp, &kp, &vp, &layout).is_err());
-        Ok(())
     }
 
     #[test]

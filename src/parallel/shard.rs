@@ -3,6 +3,8 @@
 //! what a sequence-parallel replica ([`super::replica::SpReplica`]) and a PipeFusion stage cut
 //! and gather around any family's transformer.
 
+use std::ops::Range;
+
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
@@ -21,6 +23,25 @@ fn padded_rows(t: &Tensor, dim: usize, start: usize, real: usize, shard: usize) 
         Ok(rows)
     } else {
         rows.pad_with_zeros(dim, 0, shard - real)
+    }
+}
+
+/// Keys and values (B, H, L, D) holding the local sequences of `ranks` end to end, without their
+/// padding rows when `layout` has some; `None` when every row is padding.
+pub(crate) fn real_keys(
+    k: &Tensor,
+    v: &Tensor,
+    layout: Option<&ShardLayout>,
+    ranks: Range<usize>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    match layout {
+        Some(l) if l.is_padded() => {
+            match (l.real_rows(k, 2, ranks.clone())?, l.real_rows(v, 2, ranks)?) {
+                (Some(k), Some(v)) => Ok(Some((k, v))),
+                _ => Ok(None),
+            }
+        }
+        _ => Ok(Some((k.clone(), v.clone()))),
     }
 }
 

@@ -17,34 +17,15 @@
 //! [`crate::model::shard`] (the block context carries it), [`Shard`] in [`super::shard`]; both
 //! are re-exported here.
 
-use std::ops::Range;
 use std::sync::Arc;
 
+#[cfg(test)]
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
 use super::replica::SpReplica;
 pub use super::shard::{Shard, ShardLayout};
 use crate::model::flux::Flux;
-
-/// Keys and values (B, H, L, D) holding the local sequences of `ranks` end to end, without their
-/// padding rows when `layout` has some; `None` when every row is padding.
-pub(crate) fn real_keys(
-    k: &Tensor,
-    v: &Tensor,
-    layout: Option<&ShardLayout>,
-    ranks: Range<usize>,
-) -> Result<Option<(Tensor, Tensor)>> {
-    match layout {
-        Some(l) if l.is_padded() => {
-            match (l.real_rows(k, 2, ranks.clone())?, l.real_rows(v, 2, ranks)?) {
-                (Some(k), Some(v)) => Ok(Some((k, v))),
-                _ => Ok(None),
-            }
-        }
-        _ => Ok(Some((k.clone(), v.clone()))),
-    }
-}
 
 /// A replica of `model` as rank `comm.rank()` of a sequence-parallel group using `attention`
 /// (the hooks held by [`SpReplica`], not by the model).
@@ -64,7 +45,8 @@ mod tests {
     use crate::model::flux::{FluxConfig, FluxInput};
     use crate::parallel::comm::{run_local, LocalComm};
     use crate::parallel::ring::RingAttention;
-    use crate::parallel::ulysses::{UlyssesAttention, UspAttention};
+    use crate::parallel::ulysses::UlyssesAttention;
+    use crate::parallel::usp::UspAttention;
     use candle_core::{DType, Device};
 
     /// A tiny transformer with `heads` heads of 32 and inputs for `txt` text tokens and an

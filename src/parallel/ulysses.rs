@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
-use super::sp::ShardLayout;
+use super::shard::ShardLayout;
 use crate::model::attention::Attention;
 
 pub struct UlyssesAttention {
@@ -28,7 +28,7 @@ impl UlyssesAttention {
 /// q, k and v traded from sequence shards to head shards in one all-to-all (not three: at 4-8
 /// GPUs a collective's per-call latency, not its bytes, sets its cost): stacked along the batch
 /// dimension, which the exchange leaves alone, then split again. The same values move.
-fn all_to_all_qkv(
+pub(crate) fn all_to_all_qkv(
     comm: &dyn Communicator,
     q: &Tensor,
     k: &Tensor,
@@ -53,7 +53,7 @@ fn attend_real(
     layout: Option<&ShardLayout>,
     ranks: std::ops::Range<usize>,
 ) -> Result<Tensor> {
-    match super::sp::real_keys(k, v, layout, ranks)? {
+    match super::shard::real_keys(k, v, layout, ranks)? {
         Some((k, v)) => crate::kernels::flash_attn::attention(q, &k, &v),
         None => candle_core::bail!("sequence parallelism: every key is padding"),
     }
@@ -101,60 +101,5 @@ impl Attention for UlyssesAttention {
 
     fn name(&self) -> &str {
         "ulysses"
-    }
-}
-
-/// USP: Ulysses inside a group, Ring across groups (ulysses x ring = sequence-parallel degree).
-/// Queries, keys and values are traded for head shards within the Ulysses group, the Ring passes
-/// key/value blocks between groups, and a last all-to-all trades back. Sequence-parallel rank
-/// `ring_rank * ulysses + ulysses_rank` (the mesh numbers Ulysses innermost), so ring member j's
-/// block is the local sequences of sequence-parallel ranks `j * ulysses ..`.
-pub struct UspAttention {
-    ulysses: Arc<dyn Communicator>,
-    ring: super::ring::RingAttention,
-}
-
-impl UspAttention {
-    pub fn new(ulysses: Arc<dyn Communicator>, ring: Arc<dyn Communicator>) -> Self {
-        Self {
-            ulysses,
-            ring: super::ring::RingAttention::new(ring),
-        }
-    }
-
-    fn run(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        layout: Option<&ShardLayout>,
-    ) -> Result<Tensor> {
-        let n = self.ulysses.size();
-        if n == 1 {
-            return self.ring.run(q, k, v, layout, 1);
-        }
-        let (q, k, v) = all_to_all_qkv(self.ulysses.as_ref(), q, k, v)?;
-        let out = self.ring.run(&q, &k, &v, layout, n)?;
-        self.ulysses.all_to_all(&out, 2, 1)
-    }
-}
-
-impl Attention for UspAttention {
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        self.run(q, k, v, None)
-    }
-
-    fn attend_shards(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        layout: &ShardLayout,
-    ) -> Result<Tensor> {
-        self.run(q, k, v, Some(layout))
-    }
-
-    fn name(&self) -> &str {
-        "usp"
     }
 }
