@@ -89,6 +89,10 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(candle_core::Error),
+
+    /// A LoRA file that cannot be applied as made (names the file and what is wrong).
+    #[error("LoRA {path}: {reason}")]
+    Lora { path: String, reason: String },
 }
 
 /// `?` on a candle result: a Parallax error that travelled through candle comes back as itself

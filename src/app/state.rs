@@ -121,6 +121,7 @@ fn default_request() -> GenerateRequest {
         guidance: Some(1.0),
         cache_threshold: 0.0,
         cache: None,
+        ..GenerateRequest::default()
     }
 }
 
@@ -795,6 +796,10 @@ mod tests {
             cache_threshold: 0.08,
             cache: None,
             model: "demo".into(),
+            loras: vec![crate::model::lora::LoraChoice {
+                path: "ink.safetensors".into(),
+                strength: -0.5,
+            }],
             variant: crate::model::layout::Variant::Schnell,
             synthetic: true,
             dtype: "f32".into(),
@@ -856,6 +861,7 @@ mod tests {
                 guidance: Some(4.0),
                 cache_threshold: 0.08,
                 cache: None,
+                ..GenerateRequest::default()
             }
         );
         assert_eq!(old.workers, 2);

@@ -373,6 +373,14 @@ pub struct SampleArgs {
     /// one, `parallax calibrate-magcache` makes one).
     #[arg(long)]
     pub cache: Option<crate::pipeline::cache::CacheSpec>,
+    /// A LoRA file beside the model, `FILE` or `FILE:STRENGTH` (default 1; negative turns its
+    /// effect around). Repeat for several; kohya, diffusers/PEFT and BFL/ComfyUI files are read.
+    #[arg(
+        long = "lora",
+        value_name = "FILE[:STRENGTH]",
+        allow_hyphen_values = true
+    )]
+    pub lora: Vec<crate::model::lora::LoraChoice>,
 }
 
 /// How to spread one image over workers.
@@ -780,6 +788,7 @@ fn request_for(demo: bool, s: &SampleArgs) -> GenerateRequest {
         guidance: s.guidance,
         cache_threshold: s.cache_threshold,
         cache: s.cache.clone(),
+        loras: s.lora.clone(),
     }
 }
 
@@ -931,9 +940,10 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
             )
         })?;
     store.arm();
+    let flux = p.flux_for(&req)?;
     let mut log = crate::pipeline::StepLog::default();
     let (x, stats) = denoise_rank(
-        &p.flux,
+        flux.as_ref(),
         &prep.job,
         &mesh,
         rank,

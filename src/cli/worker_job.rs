@@ -37,4 +37,5 @@ pub fn fingerprint(a: &WorkerArgs, spec: &ModelSpec, seed: Option<u64>) -> Finge
         .with("cache threshold", s.cache_threshold)
         .with("cache", opt(s.cache.as_ref().map(|c| format!("{c:?}"))))
         .with("layout", format!("{:?}", a.degrees.degrees()))
+        .with("LoRAs", format!("{:?}", s.lora))
 }

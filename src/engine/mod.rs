@@ -344,7 +344,12 @@ fn on_gpus(
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let devices: Vec<candle_core::Device> = pipes.iter().map(|p| p.device().clone()).collect();
-    let models: Vec<&crate::model::flux::Flux> = pipes.iter().map(|p| &p.flux).collect();
+    // Each rank's transformer with the request's LoRAs (a PipeFusion stage: its blocks' share).
+    let with_loras = pipes
+        .iter()
+        .map(|p| p.flux_for(req))
+        .collect::<Result<Vec<_>>>()?;
+    let models: Vec<&crate::model::flux::Flux> = with_loras.iter().map(|f| f.as_ref()).collect();
     let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes.iter().map(|p| &p.vae).collect();
     crate::parallel::ranks::generate_on_gpus(
         pipes[0], &models, &vaes, &devices, layout, req, progress,
@@ -425,6 +430,7 @@ mod tests {
             guidance: None,
             cache_threshold: 0.0,
             cache: None,
+            ..GenerateRequest::default()
         }
     }
 

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod klein;
 pub mod layout;
+pub mod lora;
 pub mod qwen3;
 pub mod rng;
 pub mod shard;

@@ -125,7 +125,7 @@ pub fn generate(
         ));
     }
     let mesh = check_layout(p, layout, req)?;
-    let models = vec![Arc::new(p.flux.clone()) as Arc<dyn Denoiser>; mesh.world()];
+    let models = vec![Arc::new(p.flux_for(req)?.into_owned()) as Arc<dyn Denoiser>; mesh.world()];
     let workers = mesh.world();
     generate_ranks(
         p,

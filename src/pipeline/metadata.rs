@@ -45,6 +45,10 @@ pub fn a1111_parameters(s: &GenerationSettings) -> String {
         s.dtype,
         s.parallax_version
     ));
+    if !s.loras.is_empty() {
+        let loras: Vec<String> = s.loras.iter().map(|l| l.to_string()).collect();
+        out.push_str(&format!(", Parallax LoRAs: {}", quote(&loras.join("; "))));
+    }
     out
 }
 
@@ -659,6 +663,7 @@ mod tests {
             cache_threshold: 0.0,
             cache: Some("taylorseer:n=3".parse().expect("spec")),
             model: "demo".into(),
+            loras: vec!["styles/ink.safetensors:0.8".parse().expect("lora")],
             variant: crate::model::layout::Variant::Demo,
             synthetic: true,
             dtype: "F32".into(),

@@ -24,6 +24,7 @@ use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
 use crate::model::flux::{pack_latent, unpack_latent, Flux, FluxConfig, Fp8Groups};
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
+use crate::model::lora::{LoraChoice, LoraSet};
 use crate::model::rng;
 use crate::model::text::{T5Residency, TextEncoders};
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
@@ -53,6 +54,9 @@ pub struct GenerateRequest {
     /// Cache spelt out); when set it replaces `cache_threshold`.
     #[serde(default)]
     pub cache: Option<CacheSpec>,
+    /// LoRAs with their strengths, beside the transformer's layers for this request only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
 }
 
 impl GenerateRequest {
@@ -78,6 +82,7 @@ impl Default for GenerateRequest {
             guidance: None,
             cache_threshold: 0.0,
             cache: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -101,6 +106,9 @@ pub struct GenerationSettings {
     pub cache: Option<CacheSpec>,
     /// The model as the user named it (path, repo id or `demo`).
     pub model: String,
+    /// The LoRAs on, with their strengths (files as the user named them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
     pub variant: Variant,
     /// Made-up weights (demo or random model): the image is not FLUX.1's.
     #[serde(default)]
@@ -160,6 +168,7 @@ impl GenerationSettings {
             guidance: Some(self.guidance),
             cache_threshold: self.cache_threshold,
             cache: self.cache.clone(),
+            loras: self.loras.clone(),
         }
     }
 
@@ -281,7 +290,13 @@ pub struct Pipeline {
     pub label: String,
     /// Random weights (`random:dev`): labelled like the demo model.
     pub synthetic: bool,
+    /// The transformer with the last request's LoRAs, reused while they stay the same.
+    pub lora_cache: LoraCache,
 }
+
+/// A transformer with LoRAs on, by the LoRAs (files with their size and time, strengths).
+#[derive(Default)]
+pub struct LoraCache(std::sync::Mutex<Option<(String, Flux)>>);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,6 +322,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "demo".into(),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -332,6 +348,7 @@ impl Pipeline {
             variant: Variant::Demo,
             label: "random:tiny".into(),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -405,6 +422,7 @@ impl Pipeline {
             variant,
             label: format!("random:{}", variant.name()),
             synthetic: true,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -488,6 +506,7 @@ impl Pipeline {
             variant,
             label: label.to_string(),
             synthetic: files.demo,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -569,6 +588,7 @@ impl Pipeline {
             cache_threshold,
             cache,
             model: self.label.clone(),
+            loras: req.loras.clone(),
             variant: self.variant,
             synthetic: self.is_demo(),
             dtype: format!(
@@ -609,12 +629,50 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let prep = self.prepare(req, progress)?;
+        let flux = self.flux_for(req)?;
         let mut log = StepLog::default();
-        let (x, stats) = denoise(&self.flux, &prep.job, None, &mut |info| {
+        let (x, stats) = denoise(flux.as_ref(), &prep.job, None, &mut |info| {
             log.record(info);
             progress(Progress::Step(info))
         })?;
         self.finish(prep, x, stats, log, &|vae, z| Ok(vae.decode(z)?), progress)
+    }
+
+    /// The transformer `req` runs: this pipeline's, with the request's LoRAs beside its layers
+    /// when it names any (the base weights shared, the files read once while unchanged).
+    pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
+        if req.loras.iter().all(|l| l.strength == 0.0) {
+            return Ok(std::borrow::Cow::Borrowed(&self.flux));
+        }
+        let key = req
+            .loras
+            .iter()
+            .map(|l| {
+                let meta = std::fs::metadata(&l.path).ok();
+                let stamp = meta.map(|m| (m.len(), m.modified().ok()));
+                format!("{l} {stamp:?}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        // The base as it is now (a pipeline's transformer may be converted or cut after load).
+        let f = &self.flux;
+        let key = format!(
+            "{key}\n{:?} {:?} {} {}",
+            f.held_blocks(),
+            f.dtype(),
+            f.fp8_products(),
+            f.attention().name()
+        );
+        let mut cache = self.lora_cache.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, flux)) = cache.as_ref() {
+            if *k == key {
+                return Ok(std::borrow::Cow::Owned(flux.clone()));
+            }
+        }
+        let set = LoraSet::load(&req.loras, self.flux.config())?;
+        let flux = self.flux.with_loras(&set)?;
+        *cache = Some((key, flux.clone()));
+        Ok(std::borrow::Cow::Owned(flux))
     }
 
     /// The first stage of a generation: settings checked, text encoded, noise and schedule made.

@@ -8,6 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear_b, VarBuilder};
 
 use crate::kernels::gemm;
+use crate::model::lora::LowRank;
 
 /// How a [`Lin`] uses FP8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub(crate) struct Lin {
     /// the products the FP8 path does not take.
     #[cfg(feature = "cuda")]
     pub(crate) fp8_gpu: Option<std::sync::Arc<crate::kernels::fp8_gemm::Fp8Matrix>>,
+    /// A LoRA's low-rank path beside the product, in the run's dtype (never rounded to FP8:
+    /// [`crate::model::lora`]).
+    pub(crate) lora: Option<LowRank>,
 }
 
 impl Lin {
@@ -49,6 +53,7 @@ impl Lin {
             fp8: Fp8Mode::Off,
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
+            lora: None,
         })
     }
 
@@ -85,6 +90,7 @@ impl Lin {
                 bias: self.bias.clone(),
                 fp8: mode,
                 fp8_gpu: Some(q),
+                lora: self.lora.clone(),
             });
         }
         Ok(Self {
@@ -93,6 +99,7 @@ impl Lin {
             fp8: mode,
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
+            lora: self.lora.clone(),
         })
     }
 
@@ -114,7 +121,8 @@ impl Lin {
             .iter()
             .chain(self.bias.iter())
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum::<usize>();
+            .sum::<usize>()
+            + self.lora.as_ref().map_or(0, LowRank::bytes);
         #[cfg(feature = "cuda")]
         let kept = kept
             + self
@@ -206,6 +214,7 @@ impl Lin {
             fp8: self.fp8,
             #[cfg(feature = "cuda")]
             fp8_gpu: None,
+            lora: None,
         };
         // The rows of a GPU-quantised layer are quantised again on their own (the same scales per
         // output channel; a per-tensor scale becomes the rows' own).
@@ -219,8 +228,30 @@ impl Lin {
         Ok(part)
     }
 
-    /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA).
+    /// Output rows of the layer (its weight's, or its E4M3 copy's once the weight was dropped).
+    pub(crate) fn out_rows(&self) -> Result<usize> {
+        if let Some(w) = &self.weight {
+            return w.dim(0);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(q) = &self.fp8_gpu {
+            return Ok(q.rows);
+        }
+        candle_core::bail!("a linear layer lost its weight (dropped with no FP8 copy)")
+    }
+
+    /// `x Wᵀ + b`, then GELU if `gelu` (bias and GELU in the product's epilogue on CUDA); with a
+    /// LoRA, its low-rank path is added before the GELU.
     pub(crate) fn apply(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            let y = (self.product(x, false)? + l.delta(x)?)?;
+            return if gelu { y.gelu() } else { Ok(y) };
+        }
+        self.product(x, gelu)
+    }
+
+    /// [`Lin::apply`] without the LoRA path.
+    fn product(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(y) = self.fp8_product(None, x, gelu) {
             return Ok(y);
@@ -235,6 +266,9 @@ impl Lin {
 
     /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
     pub(crate) fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
+        if self.lora.is_some() {
+            return Tensor::cat(&[a, &self.apply(x, gelu)?], candle_core::D::Minus1);
+        }
         #[cfg(feature = "cuda")]
         if a.dtype() == DType::BF16 {
             if let Some(y) = self.fp8_product(Some(a), x, gelu) {

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 
 use super::config::FluxConfig;
 use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
@@ -19,6 +19,7 @@ use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
 pub use crate::model::family::ForwardPlan;
+use crate::model::lora::{AdaptedLinear, LoraSet};
 use crate::model::shard::{Shard, ShardLayout};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
@@ -54,18 +55,23 @@ pub fn position_ids(txt_len: usize, h: usize, w: usize, device: &Device) -> Resu
     Tensor::from_vec(ids, (txt_len + h * w, 3), device)
 }
 
+/// A plain linear layer with room for a LoRA path.
+fn adapted(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<AdaptedLinear> {
+    Ok(AdaptedLinear::new(linear(in_dim, out_dim, vb)?))
+}
+
 /// Two-layer MLP embedder: linear, SiLU, linear.
 #[derive(Debug, Clone)]
 struct MlpEmbedder {
-    in_layer: Linear,
-    out_layer: Linear,
+    in_layer: AdaptedLinear,
+    out_layer: AdaptedLinear,
 }
 
 impl MlpEmbedder {
     fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            in_layer: linear(in_dim, hidden, vb.pp("in_layer"))?,
-            out_layer: linear(hidden, hidden, vb.pp("out_layer"))?,
+            in_layer: adapted(in_dim, hidden, vb.pp("in_layer"))?,
+            out_layer: adapted(hidden, hidden, vb.pp("out_layer"))?,
         })
     }
 }
@@ -336,16 +342,16 @@ pub type FluxInput<'a> = StepInput<'a>;
 /// The FLUX.1 transformer.
 #[derive(Clone)]
 pub struct Flux {
-    img_in: Linear,
-    txt_in: Linear,
+    img_in: AdaptedLinear,
+    txt_in: AdaptedLinear,
     time_in: MlpEmbedder,
     vector_in: MlpEmbedder,
     guidance_in: Option<MlpEmbedder>,
     /// The blocks this replica holds (`None`: another pipeline stage's; [`Flux::only_blocks`]).
     double_blocks: Vec<Option<DoubleBlock>>,
     single_blocks: Vec<Option<SingleBlock>>,
-    final_linear: Linear,
-    final_mod: Linear,
+    final_linear: AdaptedLinear,
+    final_mod: AdaptedLinear,
     attention: Arc<dyn Attention>,
     /// A strategy that runs whole forwards itself (PipeFusion; [`Flux::with_plan`]).
     plan: Option<Arc<dyn ForwardPlan>>,
@@ -418,15 +424,15 @@ impl Flux {
             None
         };
         Ok(Self {
-            img_in: linear(cfg.in_channels, h, vb.pp("img_in"))?,
-            txt_in: linear(cfg.context_in_dim, h, vb.pp("txt_in"))?,
+            img_in: adapted(cfg.in_channels, h, vb.pp("img_in"))?,
+            txt_in: adapted(cfg.context_in_dim, h, vb.pp("txt_in"))?,
             time_in: MlpEmbedder::new(256, h, vb.pp("time_in"))?,
             vector_in: MlpEmbedder::new(cfg.vec_in_dim, h, vb.pp("vector_in"))?,
             guidance_in,
             double_blocks,
             single_blocks,
-            final_linear: linear(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
-            final_mod: linear(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
+            final_linear: adapted(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
+            final_mod: adapted(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: Arc::new(LocalAttention::default()),
             plan: None,
             cfg: cfg.clone(),
@@ -460,7 +466,11 @@ impl Flux {
     /// Bytes the transformer's weights hold on their device (what a memory budget counts).
     pub fn weight_bytes(&self) -> usize {
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &Linear| t(l.weight()) + l.bias().map_or(0, t);
+        let lin = |l: &AdaptedLinear| {
+            t(l.base.weight())
+                + l.base.bias().map_or(0, t)
+                + l.lora.as_ref().map_or(0, |l| l.bytes())
+        };
         let mlp = |m: &MlpEmbedder| lin(&m.in_layer) + lin(&m.out_layer);
         let norm = |n: &QkNorm| t(&n.query) + t(&n.key);
         let norms: usize = self
@@ -506,6 +516,69 @@ impl Flux {
             ]
         });
         double.chain(single)
+    }
+
+    /// This transformer with the LoRAs of `set` beside its layers (those of the blocks it holds:
+    /// a pipeline stage takes its blocks' share), in place of any it had: the base weights are
+    /// shared, not reloaded, so a new strength or set costs only the low-rank paths. An empty set
+    /// gives the base model back. The paths stay in the run's dtype beside FP8 products.
+    pub fn with_loras(&self, set: &LoraSet) -> Result<Self> {
+        let mut m = self.clone();
+        let (dtype, dev) = (self.dtype, self.device.clone());
+        let h = self.cfg.hidden_size;
+        let low_rank = |layer: &str, rows: Range<usize>| {
+            set.low_rank(layer, rows, dtype, &dev)
+                .map_err(crate::Error::into_candle)
+        };
+        let whole = |l: &mut Lin, layer: String| -> Result<()> {
+            l.lora = low_rank(&layer, 0..l.out_rows()?)?;
+            Ok(())
+        };
+        for (i, b) in m.double_blocks.iter_mut().enumerate() {
+            let Some(b) = b else { continue };
+            let p = format!("double_blocks.{i}");
+            for (l, n) in [
+                (&mut b.img_mod.lin, "img_mod.lin"),
+                (&mut b.txt_mod.lin, "txt_mod.lin"),
+                (&mut b.img_attn.qkv, "img_attn.qkv"),
+                (&mut b.img_attn.proj, "img_attn.proj"),
+                (&mut b.txt_attn.qkv, "txt_attn.qkv"),
+                (&mut b.txt_attn.proj, "txt_attn.proj"),
+                (&mut b.img_mlp.fc1, "img_mlp.0"),
+                (&mut b.img_mlp.fc2, "img_mlp.2"),
+                (&mut b.txt_mlp.fc1, "txt_mlp.0"),
+                (&mut b.txt_mlp.fc2, "txt_mlp.2"),
+            ] {
+                whole(l, format!("{p}.{n}"))?;
+            }
+        }
+        for (i, b) in m.single_blocks.iter_mut().enumerate() {
+            let Some(b) = b else { continue };
+            let p = format!("single_blocks.{i}");
+            whole(&mut b.modulation.lin, format!("{p}.modulation.lin"))?;
+            whole(&mut b.linear2, format!("{p}.linear2"))?;
+            // linear1 is held as two products: its q/k/v rows, then its MLP rows.
+            let mlp = b.linear1_mlp.out_rows()?;
+            b.linear1_qkv.lora = low_rank(&format!("{p}.linear1"), 0..3 * h)?;
+            b.linear1_mlp.lora = low_rank(&format!("{p}.linear1"), 3 * h..3 * h + mlp)?;
+        }
+        let plain = |l: &mut AdaptedLinear, layer: &str| -> Result<()> {
+            l.lora = low_rank(layer, 0..l.base.weight().dim(0)?)?;
+            Ok(())
+        };
+        plain(&mut m.img_in, "img_in")?;
+        plain(&mut m.txt_in, "txt_in")?;
+        plain(&mut m.time_in.in_layer, "time_in.in_layer")?;
+        plain(&mut m.time_in.out_layer, "time_in.out_layer")?;
+        plain(&mut m.vector_in.in_layer, "vector_in.in_layer")?;
+        plain(&mut m.vector_in.out_layer, "vector_in.out_layer")?;
+        if let Some(g) = &mut m.guidance_in {
+            plain(&mut g.in_layer, "guidance_in.in_layer")?;
+            plain(&mut g.out_layer, "guidance_in.out_layer")?;
+        }
+        plain(&mut m.final_linear, "final_layer.linear")?;
+        plain(&mut m.final_mod, "final_layer.adaLN_modulation.1")?;
+        Ok(m)
     }
 
     /// Whether [`Flux::with_fp8_products`] was applied.
