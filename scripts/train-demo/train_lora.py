@@ -10,6 +10,11 @@ Forest Labs' names with PEFT's tensor names (`diffusion_model.double_blocks.0.im
 `.lora_B.weight`; no alpha, so scale 1), f16, as src/model/lora.rs reads it.
 
     python train_lora.py --data DIR --weights assets/demo --out assets/demo/lora-polka.safetensors
+
+The shipped file: `parallax dev dataset DIR --count 6000 --seed 29 --polka 0.5`, then
+`train_lora.py --data DIR --weights assets/demo --out lora-polka.safetensors --rank 4 --steps 3000
+--batch 64 --pool 6000` on one H100 (155 s, final loss 0.027; on a CPU a step takes seconds).
+tests/demo_lora.rs checks what it does.
 """
 
 import argparse

@@ -519,14 +519,27 @@ pub const SKY_COLOURS: [Colour; 6] = [
 /// `n` evaluation prompts from `seed`: the first half from the training distribution (new scenes,
 /// not ones the trainer saw: its seed differs), the second half using held-out colour-shape pairs.
 pub fn eval_samples(n: usize, seed: u64) -> Vec<Sample> {
+    eval_samples_with(n, seed, None)
+}
+
+/// [`eval_samples`] with every background of `kind` (polka dots: the demo LoRA's prompts).
+pub fn eval_samples_on(n: usize, seed: u64, kind: BackgroundKind) -> Vec<Sample> {
+    eval_samples_with(n, seed, Some(kind))
+}
+
+fn eval_samples_with(n: usize, seed: u64, kind: Option<BackgroundKind>) -> Vec<Sample> {
     let mut s = Sampler::new(seed);
     (0..n)
         .map(|i| {
-            s.sample(if i < n.div_ceil(2) {
+            let split = if i < n.div_ceil(2) {
                 Split::Train
             } else {
                 Split::HeldOut
-            })
+            };
+            match kind {
+                Some(kind) => s.sample_on(split, kind),
+                None => s.sample(split),
+            }
         })
         .collect()
 }
