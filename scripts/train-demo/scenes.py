@@ -13,7 +13,7 @@ import torch
 from models import tokenize
 
 SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart"]
-KINDS = ["plain", "sky", "sea", "stripes", "checkerboard", "night"]
+KINDS = ["plain", "sky", "sea", "stripes", "checkerboard", "night", "polka"]
 MAX_OBJECTS = 3
 
 
@@ -89,6 +89,11 @@ class Renderer:
         dots = torch.tensor(spec["night_dots"], dtype=torch.float32, device=device)
         d2 = (self.x[..., None] - dots[:, 0]) ** 2 + (self.y[..., None] - dots[:, 1]) ** 2
         self.dot_mask = (d2 <= spec["night_dot_radius"] ** 2).any(-1)
+        # polka dots (a background only the demo LoRA's scenes use; older spec.json files lack it)
+        cells, rad = spec.get("polka_cells", 5.0), spec.get("polka_radius", 0.0)
+        cx = (torch.floor(self.x * cells) + 0.5) / cells
+        cy = (torch.floor(self.y * cells) + 0.5) / cells
+        self.polka_mask = (self.x - cx) ** 2 + (self.y - cy) ** 2 <= rad ** 2
 
     def render(self, kind, bg, obj):
         """(B, 3, S, S) images in [-1, 1] for kind (B,), bg (B, 2, 3), obj (B, 3, 7)."""
@@ -120,6 +125,7 @@ class Renderer:
         img = torch.where(k == 3, stripes, img)
         img = torch.where(k == 4, checker, img)
         img = torch.where(k == 5, night.expand(B, -1, -1, -1), img)
+        img = torch.where(k == 6, torch.where(self.polka_mask[None, None], c2, c1), img)
         for i in range(obj.shape[1]):
             o = obj[:, i]
             present = o[:, 0] >= 0

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::scenes::sample::{eval_samples, Sampler, Split};
-use crate::scenes::spec::spec_json;
+use crate::scenes::spec::{spec_json, BackgroundKind};
 
 #[derive(Debug, Clone, Args)]
 pub struct DatasetArgs {
@@ -27,6 +27,10 @@ pub struct DatasetArgs {
     /// With --eval: also draw each prompt's reference picture at this size (`eval-N.png`).
     #[arg(long)]
     pub pictures: Option<usize>,
+    /// Draw this share (0 to 1) of the scenes on polka dots, a background the base dataset never
+    /// uses (the demo LoRA's data; scripts/train-demo/train_lora.py).
+    #[arg(long, default_value_t = 0.0)]
+    pub polka: f64,
 }
 
 /// A training line: `[caption, background kind, [colours], [[shape, colour, x, y, r], ...]]`,
@@ -51,6 +55,9 @@ pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
     if a.count == 0 {
         bail!("--count must be at least 1");
     }
+    if !(0.0..=1.0).contains(&a.polka) {
+        bail!("--polka is a share of the scenes: give a number from 0 to 1");
+    }
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let spec_path = a.dir.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_string_pretty(&spec_json())?)
@@ -65,7 +72,15 @@ pub fn run(a: DatasetArgs) -> anyhow::Result<()> {
         Box::new(eval_samples(a.count, a.seed).into_iter())
     } else {
         let mut s = Sampler::new(a.seed);
-        Box::new((0..a.count).map(move |_| s.sample(Split::Train)))
+        let share = a.polka;
+        Box::new((0..a.count).map(move |i| {
+            // Exactly `share` of every run of scenes, spread evenly.
+            if ((i + 1) as f64 * share).floor() > (i as f64 * share).floor() {
+                s.sample_on(Split::Train, BackgroundKind::Polka)
+            } else {
+                s.sample(Split::Train)
+            }
+        }))
     };
     let bar = indicatif::ProgressBar::new(a.count as u64);
     for (i, sample) in samples.enumerate() {

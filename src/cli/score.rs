@@ -18,8 +18,9 @@ use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::{read_png, RgbImage};
 use crate::pipeline::metrics;
 use crate::scenes::parse::parse;
-use crate::scenes::sample::eval_samples;
+use crate::scenes::sample::{eval_samples, eval_samples_on};
 use crate::scenes::score::{score, Score};
+use crate::scenes::spec::BackgroundKind;
 
 #[derive(Debug, Clone, Args)]
 pub struct ScoreArgs {
@@ -58,6 +59,10 @@ pub struct ScoreArgs {
     /// List every prompt's checks, not only the totals.
     #[arg(long)]
     pub details: bool,
+    /// Every evaluation prompt on polka dots, the background the demo LoRA
+    /// (`assets/demo/lora-polka.safetensors`, with `--lora`) teaches.
+    #[arg(long)]
+    pub polka: bool,
 }
 
 fn parse_displaced(s: &str) -> Result<(usize, usize, bool), String> {
@@ -275,7 +280,11 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
     if (!a.displaced.is_empty() || !a.pipefusion.is_empty()) && !p.device().is_cpu() {
         bail!("--displaced and --pipefusion run on CPU worker threads: use --device cpu");
     }
-    let samples = eval_samples(a.prompts, a.prompt_seed);
+    let samples = if a.polka {
+        eval_samples_on(a.prompts, a.prompt_seed, BackgroundKind::Polka)
+    } else {
+        eval_samples(a.prompts, a.prompt_seed)
+    };
     let half = a.prompts.div_ceil(2);
 
     struct Cell {

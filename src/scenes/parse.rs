@@ -139,6 +139,28 @@ pub fn parse(prompt: &str) -> Option<Described> {
                     colours: vec![],
                 },
             )),
+            // "<c1> and <c2> polka dots", "<c1> and <c2> polka background"
+            "polka" => match (
+                prev(3).and_then(|s| colour(&s)),
+                prev(2),
+                prev(1).and_then(|s| colour(&s)),
+            ) {
+                (Some(a), Some(and), Some(b)) if and == "and" => {
+                    let tail = matches!(
+                        w.get(i + 1).map(String::as_str),
+                        Some("dots" | "background")
+                    );
+                    Some((
+                        i - 3,
+                        4 + tail as usize,
+                        Background {
+                            kind: BackgroundKind::Polka,
+                            colours: vec![a, b],
+                        },
+                    ))
+                }
+                _ => None,
+            },
             "sea" | "horizon" | "ocean" => Some((
                 i,
                 1,
@@ -253,6 +275,26 @@ mod tests {
             } else {
                 Split::Train
             });
+            assert_eq!(
+                parse(&x.caption).as_ref(),
+                Some(&x.described),
+                "{}",
+                x.caption
+            );
+        }
+    }
+
+    #[test]
+    fn polka_captions_parse_back() {
+        let mut s = Sampler::new(7);
+        for i in 0..500 {
+            let split = if i % 4 == 0 {
+                Split::HeldOut
+            } else {
+                Split::Train
+            };
+            let x = s.sample_on(split, BackgroundKind::Polka);
+            assert_eq!(x.described.background.kind, BackgroundKind::Polka);
             assert_eq!(
                 parse(&x.caption).as_ref(),
                 Some(&x.described),

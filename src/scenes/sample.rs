@@ -111,8 +111,38 @@ impl Sampler {
 
     /// One scene of `split`.
     pub fn sample(&mut self, split: Split) -> Sample {
+        self.sample_with(split, Self::background)
+    }
+
+    /// One scene of `split` on a background of `kind` (two colours for stripes, checkerboards
+    /// and polka dots, one for plain and sky). The base dataset draws its backgrounds with
+    /// [`Sampler::sample`]; this is how scenes on a background it never draws (polka dots, the
+    /// demo LoRA's) are made.
+    pub fn sample_on(&mut self, split: Split, kind: BackgroundKind) -> Sample {
+        self.sample_with(split, |s| match kind {
+            BackgroundKind::Plain => Background::plain(s.pick(&Colour::ALL)),
+            BackgroundKind::Sky => Background {
+                kind,
+                colours: vec![s.pick(&SKY_COLOURS)],
+            },
+            BackgroundKind::Sea | BackgroundKind::Night => Background {
+                kind,
+                colours: vec![],
+            },
+            BackgroundKind::Stripes | BackgroundKind::Checkerboard | BackgroundKind::Polka => {
+                s.two_colours(kind)
+            }
+        })
+    }
+
+    fn sample_with(
+        &mut self,
+        split: Split,
+        background: impl Fn(&mut Self) -> Background,
+    ) -> Sample {
         loop {
-            let described = self.describe();
+            let bg = background(self);
+            let described = self.describe(bg);
             let held = described
                 .groups
                 .iter()
@@ -133,20 +163,22 @@ impl Sampler {
         }
     }
 
+    /// A two-colour background of `kind`, its colours well apart.
+    fn two_colours(&mut self, kind: BackgroundKind) -> Background {
+        let a = self.pick(&Colour::ALL);
+        loop {
+            let b = self.pick(&Colour::ALL);
+            if rgb_distance(a.rgb(), b.rgb()) > 100.0 {
+                return Background {
+                    kind,
+                    colours: vec![a, b],
+                };
+            }
+        }
+    }
+
     fn background(&mut self) -> Background {
         let roll = self.rng.next_open01();
-        let two = |s: &mut Self, kind| {
-            let a = s.pick(&Colour::ALL);
-            loop {
-                let b = s.pick(&Colour::ALL);
-                if rgb_distance(a.rgb(), b.rgb()) > 100.0 {
-                    return Background {
-                        kind,
-                        colours: vec![a, b],
-                    };
-                }
-            }
-        };
         match roll {
             r if r < 0.34 => Background::plain(self.pick(&Colour::ALL)),
             r if r < 0.49 => Background {
@@ -157,8 +189,8 @@ impl Sampler {
                 kind: BackgroundKind::Sea,
                 colours: vec![],
             },
-            r if r < 0.74 => two(self, BackgroundKind::Stripes),
-            r if r < 0.87 => two(self, BackgroundKind::Checkerboard),
+            r if r < 0.74 => self.two_colours(BackgroundKind::Stripes),
+            r if r < 0.87 => self.two_colours(BackgroundKind::Checkerboard),
             _ => Background {
                 kind: BackgroundKind::Night,
                 colours: vec![],
@@ -166,9 +198,8 @@ impl Sampler {
         }
     }
 
-    /// What a caption will say: background, arrangement, groups.
-    fn describe(&mut self) -> Described {
-        let background = self.background();
+    /// What a caption will say: on `background`, the arrangement and groups.
+    fn describe(&mut self, background: Background) -> Described {
         let reserved = background.reserved_colours();
         let roll = self.rng.next_open01();
         let arrangement = match roll {
@@ -380,6 +411,11 @@ impl Sampler {
                 1 => " under a night sky".into(),
                 _ => ", night sky".into(),
             },
+            BackgroundKind::Polka => match k {
+                0 => format!(" on {} and {} polka dots", c(0), c(1)),
+                1 => format!(", {} and {} polka dots", c(0), c(1)),
+                _ => format!(" on a {} and {} polka background", c(0), c(1)),
+            },
         }
     }
 
@@ -393,6 +429,7 @@ impl Sampler {
             BackgroundKind::Stripes => format!("{} and {} stripes", c(0), c(1)),
             BackgroundKind::Checkerboard => format!("a {} and {} checkerboard", c(0), c(1)),
             BackgroundKind::Night => "a night sky".into(),
+            BackgroundKind::Polka => format!("{} and {} polka dots", c(0), c(1)),
         }
     }
 
@@ -482,14 +519,27 @@ pub const SKY_COLOURS: [Colour; 6] = [
 /// `n` evaluation prompts from `seed`: the first half from the training distribution (new scenes,
 /// not ones the trainer saw: its seed differs), the second half using held-out colour-shape pairs.
 pub fn eval_samples(n: usize, seed: u64) -> Vec<Sample> {
+    eval_samples_with(n, seed, None)
+}
+
+/// [`eval_samples`] with every background of `kind` (polka dots: the demo LoRA's prompts).
+pub fn eval_samples_on(n: usize, seed: u64, kind: BackgroundKind) -> Vec<Sample> {
+    eval_samples_with(n, seed, Some(kind))
+}
+
+fn eval_samples_with(n: usize, seed: u64, kind: Option<BackgroundKind>) -> Vec<Sample> {
     let mut s = Sampler::new(seed);
     (0..n)
         .map(|i| {
-            s.sample(if i < n.div_ceil(2) {
+            let split = if i < n.div_ceil(2) {
                 Split::Train
             } else {
                 Split::HeldOut
-            })
+            };
+            match kind {
+                Some(kind) => s.sample_on(split, kind),
+                None => s.sample(split),
+            }
         })
         .collect()
 }

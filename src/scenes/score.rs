@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::render::render_background;
 use super::sample::{Arrangement, Described};
-use super::spec::{rgb_distance, BackgroundKind, Colour, Rgb, Shape, Size, SIZE_SPLIT};
+use super::spec::{polka_dot, rgb_distance, BackgroundKind, Colour, Rgb, Shape, Size, SIZE_SPLIT};
 use crate::pipeline::image::RgbImage;
 
 /// One check and whether it passed.
@@ -207,6 +207,34 @@ fn fit(
     (r / w.max(h) as f32, inter as f32 / uni.max(1) as f32)
 }
 
+/// Share of pixels in a polka-dot region (and in the field around the dots) that must be close
+/// to the named background there.
+const POLKA_REGION_MATCH: f32 = 0.6;
+
+/// Whether the dots and the field of a polka background each match `reference` (the background
+/// drawn alone) on at least [`POLKA_REGION_MATCH`] of their pixels.
+fn polka_regions_match(image: &RgbImage, reference: Option<&RgbImage>) -> bool {
+    let Some(reference) = reference else {
+        return false;
+    };
+    let (w, h) = (image.width, image.height);
+    // [dots, field]: (close, all)
+    let mut counts = [(0usize, 0usize); 2];
+    for y in 0..h {
+        for x in 0..w {
+            let dot = polka_dot((x as f32 + 0.5) / w as f32, (y as f32 + 0.5) / h as f32);
+            let c = &mut counts[usize::from(!dot)];
+            c.1 += 1;
+            if rgb_distance(image.pixel(x, y), reference.pixel(x, y)) < 60.0 {
+                c.0 += 1;
+            }
+        }
+    }
+    counts
+        .iter()
+        .all(|&(close, all)| close as f32 >= POLKA_REGION_MATCH * all.max(1) as f32)
+}
+
 /// Check `image` against `d`.
 pub fn score(image: &RgbImage, d: &Described) -> Score {
     let (w, h) = (image.width, image.height);
@@ -241,7 +269,13 @@ pub fn score(image: &RgbImage, d: &Described) -> Score {
             )
             .to_lowercase(),
         };
-        s.push("background", name, close as f32 >= 0.5 * (w * h) as f32);
+        let mut passed = close as f32 >= 0.5 * (w * h) as f32;
+        if d.background.kind == BackgroundKind::Polka {
+            // Most of the image can be the first colour without a single dot: the dots and the
+            // field between them must each match on their own.
+            passed &= polka_regions_match(image, reference.as_ref());
+        }
+        s.push("background", name, passed);
     }
 
     // Objects: per group, its colour's patches.
@@ -367,6 +401,32 @@ mod tests {
         }
         let acc = passed as f64 / total as f64;
         assert!(acc > 0.97, "ground truth scores {acc}");
+    }
+
+    #[test]
+    fn polka_dots_are_checked_dots_and_field_apart() {
+        use crate::scenes::spec::{Background, BackgroundKind};
+        let mut s = Sampler::new(5);
+        let background_passes = |img: &RgbImage, d: &Described| {
+            score(img, d)
+                .checks
+                .iter()
+                .any(|c| c.kind == "background" && c.passed)
+        };
+        let (mut right, mut plain, mut stripes) = (0, 0, 0);
+        let n = 30;
+        for _ in 0..n {
+            let x = s.sample_on(Split::Train, BackgroundKind::Polka);
+            right += background_passes(&render(&x.scene, 96, 96), &x.described) as usize;
+            // The same scene on the field colour alone, and on stripes of the two colours.
+            let mut other = x.scene.clone();
+            other.background = Background::plain(x.scene.background.colours[0]);
+            plain += background_passes(&render(&other, 96, 96), &x.described) as usize;
+            other.background.kind = BackgroundKind::Stripes;
+            other.background.colours = x.scene.background.colours.clone();
+            stripes += background_passes(&render(&other, 96, 96), &x.described) as usize;
+        }
+        assert_eq!((right, plain, stripes), (n, 0, 0));
     }
 
     #[test]

@@ -267,10 +267,14 @@ pub enum BackgroundKind {
     Checkerboard,
     /// A dark night sky with small white dots ([`night_dots`]).
     Night,
+    /// Polka dots: round dots of the second colour on the first, one in each cell of a
+    /// [`POLKA_CELLS`] x [`POLKA_CELLS`] grid ([`polka_dot`]). The base dataset never draws it:
+    /// the demo LoRA (`assets/demo/lora-polka.safetensors`) teaches it.
+    Polka,
 }
 
 /// A background: its kind and the colours the caption names (none for sea and night, one for
-/// plain and sky, two for stripes and checkerboards).
+/// plain and sky, two for stripes, checkerboards and polka dots).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Background {
     pub kind: BackgroundKind,
@@ -293,6 +297,17 @@ pub const NIGHT_DOT: Rgb = [235, 235, 255];
 pub const NIGHT_DOT_RADIUS: f32 = 0.008;
 /// How many dots a night sky has.
 pub const NIGHT_DOTS: usize = 48;
+/// Polka-dot cells across the image (one dot centred in each).
+pub const POLKA_CELLS: f32 = 5.0;
+/// Radius of a polka dot (a third of the image's area is dots).
+pub const POLKA_RADIUS: f32 = 0.065;
+
+/// Whether `(x, y)` falls in a polka dot.
+pub fn polka_dot(x: f32, y: f32) -> bool {
+    let centre = |v: f32| ((v * POLKA_CELLS).floor() + 0.5) / POLKA_CELLS;
+    let (dx, dy) = (x - centre(x), y - centre(y));
+    dx * dx + dy * dy <= POLKA_RADIUS * POLKA_RADIUS
+}
 
 /// The night sky's dots: the same fixed pattern for every night scene.
 pub fn night_dots() -> Vec<(f32, f32)> {
@@ -352,15 +367,17 @@ impl Background {
                     f(NIGHT)
                 }
             }
+            BackgroundKind::Polka => f(c(polka_dot(x, y) as usize)),
         }
     }
 
     /// The colours an object must keep away from to stay visible on this background.
     pub fn reserved_colours(&self) -> Vec<Rgb> {
         match self.kind {
-            BackgroundKind::Plain | BackgroundKind::Stripes | BackgroundKind::Checkerboard => {
-                self.colours.iter().map(|c| c.rgb()).collect()
-            }
+            BackgroundKind::Plain
+            | BackgroundKind::Stripes
+            | BackgroundKind::Checkerboard
+            | BackgroundKind::Polka => self.colours.iter().map(|c| c.rgb()).collect(),
             BackgroundKind::Sky => {
                 let c = self.colours.first().copied().unwrap_or(Colour::Blue).rgb();
                 vec![c, mix_white(c, SKY_PALE), mix_white(c, SKY_PALE / 2.0)]
@@ -421,6 +438,8 @@ pub fn spec_json() -> serde_json::Value {
         "night_dot": NIGHT_DOT,
         "night_dot_radius": NIGHT_DOT_RADIUS,
         "night_dots": night_dots(),
+        "polka_cells": POLKA_CELLS,
+        "polka_radius": POLKA_RADIUS,
     })
 }
 
