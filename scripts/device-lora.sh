@@ -35,12 +35,12 @@ v.update({"case": name, "precision": prec, "rc": int(rc)})
 print(json.dumps(v))
 PY
 }
-for prec in native fp8; do
-    run none $prec
-    run r16 $prec --lora $d/r16a.safetensors
-    run r64 $prec --lora $d/r64.safetensors
-    run 3xr16 $prec --lora $d/r16a.safetensors --lora $d/r16b.safetensors:0.7 --lora $d/r16c.safetensors:-0.5
-done
+run none native
+run r16 native --lora $d/r16a.safetensors
+run r64 native --lora $d/r64.safetensors
+run 3xr16 native --lora $d/r16a.safetensors --lora $d/r16b.safetensors:0.7 --lora $d/r16c.safetensors:-0.5
+run none fp8
+run r16 fp8 --lora $d/r16a.safetensors
 python3 - "$out/lora.jsonl" <<'PY' | tee -a "$log"
 import json, sys
 for l in open(sys.argv[1]):
@@ -48,3 +48,32 @@ for l in open(sys.argv[1]):
     s = v.get("step_ms", {})
     print(v["case"], v["precision"], "rc", v["rc"], "step median", s.get("median"), "min", s.get("min"), "max", s.get("max"))
 PY
+# The same FLUX.1-dev step with the build from before the model-family refactor (issue 27), when
+# carried as .device/parallax-before.xz: beside the `none` rows above, in the same lease.
+if [[ -f .device/parallax-before.xz ]]; then
+    xz -dc .device/parallax-before.xz > /tmp/pbin/parallax-before && chmod +x /tmp/pbin/parallax-before
+    for round in 1; do
+        for which in before; do
+            b=$bin
+            [[ $which == before ]] && b=/tmp/pbin/parallax-before
+            for prec in native fp8; do
+                timeout 200 "$b" bench --device cuda --model random:dev --width 1024 --height 1024 \
+                    --steps 8 --runs 3 --warmup 1 --precision "$prec" --seed 1 > /tmp/ba.json 2>> "$log"
+                python3 - "$which" "$prec" "$round" <<'PY' | tee -a "$out/before-after.jsonl"
+import json, sys
+which, prec, rnd = sys.argv[1:4]
+try:
+    v = json.load(open("/tmp/ba.json"))
+    s = v["step_ms"]
+    print(json.dumps({"build": which, "precision": prec, "round": int(rnd), "step_median": s["median"], "step_min": s["min"], "step_max": s.get("max")}))
+except Exception as e:
+    print(json.dumps({"build": which, "precision": prec, "round": int(rnd), "error": str(e)}))
+PY
+            done
+        done
+    done
+fi
+# FLUX.2 klein 4B through the image pipeline (`generate`), 1024 px, 4 steps.
+timeout 120 "$bin" generate --model random:klein-4b --device cuda --width 1024 --height 1024 \
+    --steps 4 --seed 1 --prompt "a red fox in fresh snow" --out "$out/klein-4b.png" >> "$log" 2>&1
+echo "klein-4b generate rc=$?" | tee -a "$log"
