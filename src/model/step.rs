@@ -2,6 +2,7 @@
 //! one step's input ([`StepInput`]), the two token streams between blocks ([`Streams`]), what every
 //! block needs besides them ([`BlockCtx`]) and the RoPE tables ([`PosEmbed`], any number of axes).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};
@@ -145,4 +146,38 @@ pub struct StepInput<'a> {
     /// Guidance strength (B,), used when the model embeds guidance.
     pub guidance: Option<&'a Tensor>,
     pub pe: &'a PosEmbed,
+}
+
+/// Drop the blocks outside `keep` from a family's two kinds of blocks (`first` numbered from 0,
+/// `second` after them, as [`crate::model::family::Denoiser::run_blocks`] numbers them): what a
+/// pipeline stage keeps.
+pub fn keep_blocks<A, B>(first: &mut [Option<A>], second: &mut [Option<B>], keep: &Range<usize>) {
+    let depth = first.len();
+    for (i, b) in first.iter_mut().enumerate() {
+        if !keep.contains(&i) {
+            *b = None;
+        }
+    }
+    for (i, b) in second.iter_mut().enumerate() {
+        if !keep.contains(&(depth + i)) {
+            *b = None;
+        }
+    }
+}
+
+/// The blocks still held among a family's two kinds (numbered as [`keep_blocks`] numbers them), as
+/// one range; empty when none.
+pub fn held_blocks<A, B>(first: &[Option<A>], second: &[Option<B>]) -> Range<usize> {
+    let held: Vec<usize> = first
+        .iter()
+        .map(Option::is_some)
+        .chain(second.iter().map(Option::is_some))
+        .enumerate()
+        .filter(|(_, h)| *h)
+        .map(|(i, _)| i)
+        .collect();
+    match (held.first(), held.last()) {
+        (Some(&a), Some(&b)) => a..b + 1,
+        _ => 0..0,
+    }
 }

@@ -596,41 +596,13 @@ impl Flux {
     /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share; the
     /// others are dropped from this replica, and running them is an error).
     pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
-        let depth = self.cfg.depth;
-        for (i, b) in self.double_blocks.iter_mut().enumerate() {
-            if !blocks.contains(&i) {
-                *b = None;
-            }
-        }
-        for (i, b) in self.single_blocks.iter_mut().enumerate() {
-            if !blocks.contains(&(depth + i)) {
-                *b = None;
-            }
-        }
+        crate::model::step::keep_blocks(&mut self.double_blocks, &mut self.single_blocks, &blocks);
         self
     }
 
     /// The blocks this replica holds, as a range of the unified numbering (empty when none).
     pub fn held_blocks(&self) -> Range<usize> {
-        let depth = self.cfg.depth;
-        let held: Vec<usize> = self
-            .double_blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.is_some())
-            .map(|(i, _)| i)
-            .chain(
-                self.single_blocks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.is_some())
-                    .map(|(i, _)| depth + i),
-            )
-            .collect();
-        match (held.first(), held.last()) {
-            (Some(&a), Some(&b)) => a..b + 1,
-            _ => 0..0,
-        }
+        crate::model::step::held_blocks(&self.double_blocks, &self.single_blocks)
     }
 
     /// The attention the blocks use on this device.

@@ -316,36 +316,13 @@ impl Klein {
 
     /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share).
     pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
-        let depth = self.cfg.depth;
-        for (i, b) in self.double_blocks.iter_mut().enumerate() {
-            if !blocks.contains(&i) {
-                *b = None;
-            }
-        }
-        for (i, b) in self.single_blocks.iter_mut().enumerate() {
-            if !blocks.contains(&(depth + i)) {
-                *b = None;
-            }
-        }
+        crate::model::step::keep_blocks(&mut self.double_blocks, &mut self.single_blocks, &blocks);
         self
     }
 
     /// The blocks this replica holds, as a range of the unified numbering (empty when none).
     pub fn held_blocks(&self) -> Range<usize> {
-        let held = self
-            .double_blocks
-            .iter()
-            .map(Option::is_some)
-            .chain(self.single_blocks.iter().map(Option::is_some));
-        let idx: Vec<usize> = held
-            .enumerate()
-            .filter(|(_, h)| *h)
-            .map(|(i, _)| i)
-            .collect();
-        match (idx.first(), idx.last()) {
-            (Some(&a), Some(&b)) => a..b + 1,
-            _ => 0..0,
-        }
+        crate::model::step::held_blocks(&self.double_blocks, &self.single_blocks)
     }
 
     /// Bytes the weights hold on their device.
