@@ -148,15 +148,15 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
         }
     }
     if !rows.is_empty() {
-        let mut total: Vec<f64> = rows.iter().map(|r| r.0).collect();
-        let mut step: Vec<f64> = rows.iter().map(|r| r.1).collect();
+        let total: Vec<f64> = rows.iter().map(|r| r.0).collect();
+        let step: Vec<f64> = rows.iter().map(|r| r.1).collect();
         println!(
             "{}",
             serde_json::json!({
                 "model": a.model, "size": a.size, "steps": a.steps, "cfg": a.cfg,
                 "runs": rows.len(),
-                "total_ms_median": super::median(&mut total),
-                "step_ms_median": super::median(&mut step),
+                "total_ms_median": super::median(&total),
+                "step_ms_median": super::median(&step),
             })
         );
     }
