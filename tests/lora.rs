@@ -130,9 +130,14 @@ fn the_velocity_with_loras_matches_diffusers() {
             ("first_neg", vec![(first.clone(), -0.7)]),
             ("both", vec![(first.clone(), 0.8), (second.clone(), -0.5)]),
         ] {
-            let with = m.with_loras(&LoraSet::new(set)).expect("with loras");
+            let set = LoraSet::new(set);
+            let with = m.with_loras(&set).expect("with loras");
             let r = rel(&velocity(&with, &io), &io[key]);
             assert!(r < 1e-4, "{name}, {key}: differs from diffusers by {r}");
+            // Merged into the weights (W + B A): the same velocity up to f32 rounding.
+            let merged = m.with_loras_merged(&set).expect("merged");
+            let r = rel(&velocity(&merged, &io), &io[key]);
+            assert!(r < 1e-4, "{name}, {key} merged: differs from diffusers by {r}");
         }
     }
     // The base model is untouched, and an empty set gives it back.

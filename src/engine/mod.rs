@@ -142,6 +142,14 @@ impl Engine {
         &self.choice
     }
 
+    /// Merge LoRAs into the weights on every pipeline loaded, or run them beside the products
+    /// ([`Pipeline::set_lora_merge`]).
+    pub fn set_lora_merge(&self, on: bool) {
+        for (_, p) in &self.loaded {
+            p.set_lora_merge(on);
+        }
+    }
+
     /// The pipeline loaded first (its label, variant, config and text encoders speak for all).
     pub fn primary(&self) -> &Pipeline {
         &self.loaded[0].1

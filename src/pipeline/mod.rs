@@ -352,7 +352,11 @@ impl FamilyModel {
 
 /// A transformer with LoRAs on, by the LoRAs (files with their size and time, strengths).
 #[derive(Default)]
-pub struct LoraCache(std::sync::Mutex<Option<(String, Flux)>>);
+pub struct LoraCache(
+    std::sync::Mutex<Option<(String, Flux)>>,
+    /// Merge the LoRAs into the weights ([`Pipeline::set_lora_merge`]).
+    std::sync::atomic::AtomicBool,
+);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -814,8 +818,21 @@ impl Pipeline {
         self.finish(prep, x, stats, log, &|vae, z| Ok(vae.decode(z)?), progress)
     }
 
+    /// Merge LoRAs into the weights of the layers that run in the model's dtype (`W + B A`, a copy
+    /// of each adapted weight; no cost a step) instead of running their low-rank paths beside the
+    /// products (no copy; two more products a layer). Off by default.
+    pub fn set_lora_merge(&self, on: bool) {
+        self.lora_cache.1.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether LoRAs are merged into the weights ([`Pipeline::set_lora_merge`]).
+    pub fn lora_merge(&self) -> bool {
+        self.lora_cache.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The transformer `req` runs: this pipeline's, with the request's LoRAs beside its layers
-    /// when it names any (the base weights shared, the files read once while unchanged).
+    /// (or merged into them: [`Pipeline::set_lora_merge`]) when it names any (the base weights
+    /// shared, the files read once while unchanged).
     pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
         if self.family.is_some() {
             return Err(self.flux1_only("this way of running (LoRAs, or ranks on GPUs)"));
@@ -835,8 +852,9 @@ impl Pipeline {
             .join("\n");
         // The base as it is now (a pipeline's transformer may be converted or cut after load).
         let f = &self.flux;
+        let merge = self.lora_merge();
         let key = format!(
-            "{key}\n{:?} {:?} {} {}",
+            "{key}\n{merge} {:?} {:?} {} {}",
             f.held_blocks(),
             f.dtype(),
             f.fp8_products(),
@@ -849,7 +867,11 @@ impl Pipeline {
             }
         }
         let set = LoraSet::load(&req.loras, self.flux.config())?;
-        let flux = self.flux.with_loras(&set)?;
+        let flux = if merge {
+            self.flux.with_loras_merged(&set)?
+        } else {
+            self.flux.with_loras(&set)?
+        };
         *cache = Some((key, flux.clone()));
         Ok(std::borrow::Cow::Owned(flux))
     }

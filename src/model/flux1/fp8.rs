@@ -2,9 +2,7 @@
 //! cuBLASLt kernels on sm_89+ GPUs, simulated by rounding elsewhere), and the groups of layers
 //! ([`Fp8Groups`]) a run converts.
 
-#[cfg(feature = "cuda")]
-use candle_core::DType;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear_b, VarBuilder};
 
 use crate::kernels::gemm;
@@ -229,6 +227,25 @@ impl Lin {
     }
 
     /// Output rows of the layer (its weight's, or its E4M3 copy's once the weight was dropped).
+    /// Take a LoRA's low-rank path: merged into the weight (`W + B A`, summed in f32) where the
+    /// layer runs in its own dtype, so its products cost nothing more; beside the product where
+    /// it runs in FP8 (rounding would swallow the LoRA's change: [`crate::model::lora`]).
+    pub(crate) fn merge_low_rank(&mut self, lr: LowRank) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        let on_gpu_fp8 = self.fp8_gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        let on_gpu_fp8 = false;
+        match &self.weight {
+            Some(w) if self.fp8 == Fp8Mode::Off && !on_gpu_fp8 => {
+                let merged = (w.to_dtype(DType::F32)? + lr.weight()?.to_dtype(DType::F32)?)?;
+                self.weight = Some(merged.to_dtype(w.dtype())?);
+                self.lora = None;
+            }
+            _ => self.lora = Some(lr),
+        }
+        Ok(())
+    }
+
     pub(crate) fn out_rows(&self) -> Result<usize> {
         if let Some(w) = &self.weight {
             return w.dim(0);

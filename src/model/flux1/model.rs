@@ -519,6 +519,18 @@ impl Flux {
     /// shared, not reloaded, so a new strength or set costs only the low-rank paths. An empty set
     /// gives the base model back. The paths stay in the run's dtype beside FP8 products.
     pub fn with_loras(&self, set: &dyn LowRankSource) -> Result<Self> {
+        self.adapted(set, false)
+    }
+
+    /// [`Flux::with_loras`] with each path merged into its layer's weight (`W + B A`) where the
+    /// layer runs in its own dtype (FP8 products keep theirs beside): no cost a step, but the
+    /// adapted layers' weights are copied (the base stays shared and unchanged, so the merge is
+    /// undone by taking the base again).
+    pub fn with_loras_merged(&self, set: &dyn LowRankSource) -> Result<Self> {
+        self.adapted(set, true)
+    }
+
+    fn adapted(&self, set: &dyn LowRankSource, merge: bool) -> Result<Self> {
         let mut m = self.clone();
         let (dtype, dev) = (self.dtype, self.device.clone());
         let h = self.cfg.hidden_size;
@@ -526,9 +538,18 @@ impl Flux {
             set.low_rank(layer, rows, dtype, &dev)
                 .map_err(crate::Error::into_candle)
         };
+        let take = |l: &mut Lin, lr: Option<crate::model::lowrank::LowRank>| -> Result<()> {
+            match lr {
+                Some(lr) if merge => l.merge_low_rank(lr),
+                other => {
+                    l.lora = other;
+                    Ok(())
+                }
+            }
+        };
         let whole = |l: &mut Lin, layer: String| -> Result<()> {
-            l.lora = low_rank(&layer, 0..l.out_rows()?)?;
-            Ok(())
+            let lr = low_rank(&layer, 0..l.out_rows()?)?;
+            take(l, lr)
         };
         for (i, b) in m.double_blocks.iter_mut().enumerate() {
             let Some(b) = b else { continue };
@@ -555,11 +576,26 @@ impl Flux {
             whole(&mut b.linear2, format!("{p}.linear2"))?;
             // linear1 is held as two products: its q/k/v rows, then its MLP rows.
             let mlp = b.linear1_mlp.out_rows()?;
-            b.linear1_qkv.lora = low_rank(&format!("{p}.linear1"), 0..3 * h)?;
-            b.linear1_mlp.lora = low_rank(&format!("{p}.linear1"), 3 * h..3 * h + mlp)?;
+            take(
+                &mut b.linear1_qkv,
+                low_rank(&format!("{p}.linear1"), 0..3 * h)?,
+            )?;
+            take(
+                &mut b.linear1_mlp,
+                low_rank(&format!("{p}.linear1"), 3 * h..3 * h + mlp)?,
+            )?;
         }
         let plain = |l: &mut AdaptedLinear, layer: &str| -> Result<()> {
-            l.lora = low_rank(layer, 0..l.base.weight().dim(0)?)?;
+            match low_rank(layer, 0..l.base.weight().dim(0)?)? {
+                Some(lr) if merge => {
+                    let w = l.base.weight();
+                    let merged = (w.to_dtype(DType::F32)? + lr.weight()?.to_dtype(DType::F32)?)?
+                        .to_dtype(w.dtype())?;
+                    l.base = candle_nn::Linear::new(merged, l.base.bias().cloned());
+                    l.lora = None;
+                }
+                other => l.lora = other,
+            }
             Ok(())
         };
         plain(&mut m.img_in, "img_in")?;
