@@ -1565,3 +1565,37 @@ fn generate_runs_a_tiny_klein_through_the_pipeline() {
     eprintln!("klein tiny, ulysses 2 against one worker: largest difference {d} of 255");
     assert!(d <= 2, "ulysses 2: {d}");
 }
+
+/// `--lora-merge` merges the demo's LoRA into the weights: the image is the one with the LoRA
+/// beside the products, up to rounding (one step of 255 at most).
+#[test]
+fn a_merged_lora_draws_what_the_lora_beside_draws() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lora = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/lora-polka.safetensors");
+    let run = |name: &str, merge: bool| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate", "--prompt", "a yellow star, on a red and blue polka background", "--seed",
+            "3", "--steps", "4", "--width", "64", "--height", "64", "--quiet", "--lora", lora,
+            "--out",
+        ];
+        let path = out.to_str().expect("utf8").to_string();
+        args.push(&path);
+        if merge {
+            args.push("--lora-merge");
+        }
+        let o = parallax(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_png(&out).expect("png").0
+    };
+    let beside = run("beside.png", false);
+    let merged = run("merged.png", true);
+    let worst = beside
+        .data
+        .iter()
+        .zip(&merged.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .expect("pixels");
+    assert!(worst <= 1, "largest difference {worst} of 255");
+}

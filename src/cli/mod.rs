@@ -393,11 +393,6 @@ pub struct SampleArgs {
         allow_hyphen_values = true
     )]
     pub lora: Vec<crate::model::lora::LoraChoice>,
-    /// Merge the LoRAs into the weights (W + B A) instead of running them beside each product:
-    /// no cost a step, but a copy of every adapted weight in memory. FP8 products keep theirs
-    /// beside.
-    #[arg(long)]
-    pub lora_merge: bool,
 }
 
 /// Image-to-image, inpainting and outpainting (on `generate` and `worker`).
@@ -506,6 +501,11 @@ pub struct GenerateArgs {
     pub init: InitArgs,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    /// Merge the LoRAs into the weights (W + B A) instead of running them beside each product:
+    /// no cost a step, but a copy of every adapted weight in memory. FP8 products keep theirs
+    /// beside.
+    #[arg(long)]
+    pub lora_merge: bool,
     /// Output image, .png, .jpg or .webp (default: parallax-<seed>.png); with several images,
     /// NAME-<seed>.EXT each.
     #[arg(long, short)]
@@ -525,6 +525,11 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
+    /// Merge the LoRAs into the weights (W + B A) instead of running them beside each product:
+    /// no cost a step, but a copy of every adapted weight in memory. FP8 products keep theirs
+    /// beside.
+    #[arg(long)]
+    pub lora_merge: bool,
     /// Timed runs (after the warm-up).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -1066,7 +1071,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     engine.prepare(&plan, images, &mut |d| {
         eprintln!("loading the model on {d} too")
     })?;
-    engine.set_lora_merge(a.sample.lora_merge);
+    engine.set_lora_merge(a.lora_merge);
     let p = engine.primary();
     if p.family.is_some() {
         eprintln!(
@@ -1207,7 +1212,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
     p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
-    p.set_lora_merge(a.sample.lora_merge);
+    p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
     let mut req = request_for(p.is_demo(), &a.sample);
