@@ -1571,12 +1571,27 @@ fn generate_runs_a_tiny_klein_through_the_pipeline() {
 #[test]
 fn a_merged_lora_draws_what_the_lora_beside_draws() {
     let dir = tempfile::tempdir().expect("tmp");
-    let lora = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo/lora-polka.safetensors");
+    let lora = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/demo/lora-polka.safetensors"
+    );
     let run = |name: &str, merge: bool| {
         let out = dir.path().join(name);
         let mut args = vec![
-            "generate", "--prompt", "a yellow star, on a red and blue polka background", "--seed",
-            "3", "--steps", "4", "--width", "64", "--height", "64", "--quiet", "--lora", lora,
+            "generate",
+            "--prompt",
+            "a yellow star, on a red and blue polka background",
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--quiet",
+            "--lora",
+            lora,
             "--out",
         ];
         let path = out.to_str().expect("utf8").to_string();
@@ -1590,12 +1605,6 @@ fn a_merged_lora_draws_what_the_lora_beside_draws() {
     };
     let beside = run("beside.png", false);
     let merged = run("merged.png", true);
-    let worst = beside
-        .data
-        .iter()
-        .zip(&merged.data)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .expect("pixels");
+    let worst = max_pixel_diff(&beside, &merged);
     assert!(worst <= 1, "largest difference {worst} of 255");
 }

@@ -9,9 +9,12 @@
 //! On the demo model: every parallel layout, cache policy and the simulated FP8 path, and a
 //! repaint of one object of a demo scene checked with the scorer.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::max_pixel_diff;
 use parallax::model::flux::{unpack_latent, Flux};
 use parallax::model::layout::{ModelFiles, TransformerLayout, VaeLayout};
 use parallax::model::vae::AutoEncoder;
@@ -203,7 +206,7 @@ fn bad_sources_and_masks_are_named() {
 // ---- The demo model: a demo scene, a mask over one of its objects ----
 
 use parallax::pipeline::image::RgbImage;
-use parallax::pipeline::{GenerateRequest, Generated, Pipeline};
+use parallax::pipeline::{GenerateRequest, Pipeline};
 use parallax::scenes::{parse::parse, render::render, sample::Sampler, score::score};
 
 /// The demo scene of `prompt` (drawn by the scorer's renderer) at `size` px, saved as PNG in
@@ -253,16 +256,6 @@ fn mean_diff_where(a: &RgbImage, b: &RgbImage, keep: &dyn Fn(usize, usize) -> bo
         }
     }
     sum / n.max(1) as f64
-}
-
-fn max_pixel_diff(a: &Generated, b: &Generated) -> u8 {
-    a.image
-        .data
-        .iter()
-        .zip(&b.image.data)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(255)
 }
 
 /// Repaint the blue circle of a demo scene as a yellow heart (the mask over the circle, strength
@@ -431,7 +424,7 @@ fn inpainting_on_every_layout_matches_one_worker() {
     ];
     for (name, layout) in exact {
         let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
-        let d = max_pixel_diff(&g, &one);
+        let d = max_pixel_diff(&g.image, &one.image);
         eprintln!("{name}: largest pixel difference {d}");
         assert!(d <= 1, "{name}: {d}");
     }
@@ -475,7 +468,7 @@ fn inpainting_on_every_layout_matches_one_worker() {
     let one_cfg = p.generate(&cfg, &mut |_| Ok(())).expect("cfg on one");
     let g = ranks::generate(&p, ParallelLayout { cfg: 2, ..l() }, &cfg, &mut |_| Ok(()))
         .expect("cfg 2");
-    let d = max_pixel_diff(&g, &one_cfg);
+    let d = max_pixel_diff(&g.image, &one_cfg.image);
     eprintln!("cfg 2: largest pixel difference {d}");
     assert!(d <= 1, "cfg 2: {d}");
     // Data parallelism: two seeds on two groups of two ring workers.
@@ -498,7 +491,7 @@ fn inpainting_on_every_layout_matches_one_worker() {
     for (req, got) in reqs.iter().zip(many) {
         let got = got.expect("dp 2");
         let alone = p.generate(req, &mut |_| Ok(())).expect("alone");
-        let d = max_pixel_diff(&got, &alone);
+        let d = max_pixel_diff(&got.image, &alone.image);
         eprintln!(
             "dp 2 x ring 2, seed {}: largest pixel difference {d}",
             req.seed

@@ -43,6 +43,11 @@ impl LowRank {
         self.b.matmul(&self.a)
     }
 
+    /// `w + B A`, summed in f32 and returned in `w`'s dtype: the path merged into the weight.
+    pub fn merged_into(&self, w: &Tensor) -> Result<Tensor> {
+        (w.to_dtype(DType::F32)? + self.weight()?.to_dtype(DType::F32)?)?.to_dtype(w.dtype())
+    }
+
     /// Bytes it holds.
     pub fn bytes(&self) -> usize {
         [&self.a, &self.b]

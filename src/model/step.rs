@@ -181,3 +181,25 @@ pub fn held_blocks<A, B>(first: &[Option<A>], second: &[Option<B>]) -> Range<usi
         _ => 0..0,
     }
 }
+
+/// The checks every family's config shares: the heads divide the hidden width, and the RoPE axes
+/// are even and sum to the head dimension.
+pub fn check_heads_and_rope(
+    hidden: usize,
+    heads: usize,
+    axes_dim: &[usize],
+) -> std::result::Result<(), String> {
+    if heads == 0 || hidden % heads != 0 {
+        return Err(format!(
+            "hidden size {hidden} is not divisible by {heads} heads"
+        ));
+    }
+    let head_dim = hidden / heads;
+    let sum: usize = axes_dim.iter().sum();
+    if sum != head_dim || axes_dim.iter().any(|a| a % 2 != 0) {
+        return Err(format!(
+            "RoPE axes {axes_dim:?} must be even and sum to the head dim {head_dim}"
+        ));
+    }
+    Ok(())
+}

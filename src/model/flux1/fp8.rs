@@ -2,7 +2,9 @@
 //! cuBLASLt kernels on sm_89+ GPUs, simulated by rounding elsewhere), and the groups of layers
 //! ([`Fp8Groups`]) a run converts.
 
-use candle_core::{DType, Module, Result, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::DType;
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear_b, VarBuilder};
 
 use crate::kernels::gemm;
@@ -237,8 +239,7 @@ impl Lin {
         let on_gpu_fp8 = false;
         match &self.weight {
             Some(w) if self.fp8 == Fp8Mode::Off && !on_gpu_fp8 => {
-                let merged = (w.to_dtype(DType::F32)? + lr.weight()?.to_dtype(DType::F32)?)?;
-                self.weight = Some(merged.to_dtype(w.dtype())?);
+                self.weight = Some(lr.merged_into(w)?);
                 self.lora = None;
             }
             _ => self.lora = Some(lr),

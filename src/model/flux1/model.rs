@@ -588,9 +588,7 @@ impl Flux {
         let plain = |l: &mut AdaptedLinear, layer: &str| -> Result<()> {
             match low_rank(layer, 0..l.base.weight().dim(0)?)? {
                 Some(lr) if merge => {
-                    let w = l.base.weight();
-                    let merged = (w.to_dtype(DType::F32)? + lr.weight()?.to_dtype(DType::F32)?)?
-                        .to_dtype(w.dtype())?;
+                    let merged = lr.merged_into(l.base.weight())?;
                     l.base = candle_nn::Linear::new(merged, l.base.bias().cloned());
                     l.lora = None;
                 }

@@ -96,20 +96,7 @@ impl KleinConfig {
 
     /// Check internal consistency (used on configs read from files).
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
-            return Err(format!(
-                "hidden size {} is not divisible by {} heads",
-                self.hidden_size, self.num_heads
-            ));
-        }
-        let sum: usize = self.axes_dim.iter().sum();
-        if sum != self.head_dim() || self.axes_dim.iter().any(|a| a % 2 != 0) {
-            return Err(format!(
-                "RoPE axes {:?} must be even and sum to the head dim {}",
-                self.axes_dim,
-                self.head_dim()
-            ));
-        }
+        crate::model::step::check_heads_and_rope(self.hidden_size, self.num_heads, &self.axes_dim)?;
         if self.in_channels == 0 || self.num_blocks() == 0 || self.mlp_hidden() == 0 {
             return Err("model has no input channels, no blocks or no MLP".into());
         }
