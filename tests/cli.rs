@@ -142,6 +142,28 @@ fn bench_prints_json_with_step_times_and_memory() {
 }
 
 #[test]
+fn bench_from_an_image_runs_the_steps_its_strength_leaves() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("src.png");
+    let o = parallax(&[
+        "generate", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2",
+        "--quiet", "--out", s(&src),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = parallax(&[
+        "bench", "--model", "demo", "--steps", "8", "--runs", "1", "--warmup", "0", "--image",
+        s(&src), "--strength", "0.5",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+    assert_eq!(v["steps"], 8);
+    assert_eq!(v["steps_run"], 4, "{v}");
+    assert_eq!(v["strength"], 0.5);
+    // The size follows the source image.
+    assert_eq!(v["width"], 32);
+}
+
+#[test]
 fn export_demo_then_info_and_generate_from_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let model = dir.path().join("flux-demo");

@@ -525,6 +525,9 @@ pub struct BenchArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
+    /// Image-to-image or inpainting timings (`--image`, `--strength`, `--mask`, `--extend`).
+    #[command(flatten)]
+    pub init: InitArgs,
     /// Merge the LoRAs into the weights (W + B A) instead of running them beside each product:
     /// no cost a step, but a copy of every adapted weight in memory. FP8 products keep theirs
     /// beside.
@@ -1215,7 +1218,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
-    let mut req = request_for(p.is_demo(), &a.sample);
+    let mut req = request_with(p.is_demo(), &a.sample, &a.init);
     if a.sample.seed.is_none() {
         req.seed = 0;
     }
@@ -1280,6 +1283,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "width": settings.width,
         "height": settings.height,
         "steps": settings.steps,
+        // Steps a run denoised (fewer than `steps` from an image at strength below 1).
+        "steps_run": all_steps.len() / a.runs,
+        "strength": req.init.as_ref().map(|i| i.strength),
         "cache_threshold": settings.cache_threshold,
         "cache": settings.cache_spec().to_string(),
         "warmup": a.warmup,
