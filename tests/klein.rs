@@ -6,7 +6,8 @@
 //! autoencoder layouts); the registry tells klein's files apart. Then klein's transformer on
 //! every CPU-worker layout against one device: Ulysses 2, Ring 2, displaced patches 2 (in
 //! warm-up), PipeFusion 2 (in warm-up), true CFG split over 2, data parallel 2 and dp 2 x
-//! Ulysses 2. Last, Flux2KleinPipeline end to end (prompt embeddings and initial noise given):
+//! Ulysses 2; every cache policy (MagCache calibrated on klein's own runs). Last,
+//! Flux2KleinPipeline end to end (prompt embeddings and initial noise given):
 //! FLUX.2's schedule, the sampler, true CFG on the Base pipeline and the decode, the image within
 //! 1/255.
 
@@ -198,6 +199,12 @@ fn klein_runs_pipefusion_and_cfg_on_cpu_workers() {
     let d = layouts::cfg_split(&m);
     eprintln!("true CFG split over 2: relative difference {d:e}");
     assert!(d < 1e-5, "cfg 2: {d}");
+}
+
+#[test]
+fn klein_runs_every_cache_policy() {
+    let m = model();
+    layouts::every_cache_policy(m.as_ref(), "klein");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! denoised for a few steps on one worker ([`one_device`]), then through the sequence-parallel
 //! replica with a strategy's attention ([`sequence_parallel`]), PipeFusion's stage replica
 //! ([`pipefusion`]), true CFG split over two workers ([`cfg_split`]) and the engine's rank loop
-//! ([`engine`]: data parallel and meshes). Test binaries include it by path.
+//! ([`engine`]: data parallel and meshes); and every cache policy on one worker
+//! ([`every_cache_policy`]). Test binaries include it by path.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use parallax::parallel::mesh::ParallelLayout;
 use parallax::parallel::pipefusion::{PipeFusion, StageBalance};
 use parallax::parallel::ranks;
 use parallax::parallel::replica::SpReplica;
-use parallax::pipeline::cache::CacheSpec;
+use parallax::pipeline::cache::{CachePolicy, CacheSpec, CacheStats, MagCalibrator};
 use parallax::pipeline::sampler::{self, Conditioning, TrueCfg};
 use parallax::pipeline::schedule;
 use parallax::pipeline::DenoiseJob;
@@ -192,4 +193,90 @@ pub fn engine(m: &Arc<dyn Denoiser>, layout: ParallelLayout, jobs: &[DenoiseJob]
             rel(&x, &one_device(m.as_ref(), j))
         })
         .fold(0f64, f64::max)
+}
+
+/// Seed `seed`'s job on one worker under `policy` (no true CFG): the latent and what the cache
+/// did.
+pub fn denoise_cached(
+    m: &dyn Denoiser,
+    seed: u64,
+    policy: &mut dyn CachePolicy,
+) -> (Tensor, CacheStats) {
+    let j = job(m, seed, 1.0);
+    let guidance = m.text_spec().guidance_embed.then_some(j.guidance);
+    sampler::denoise_cfg(
+        m,
+        &j.cond,
+        &j.pe,
+        j.x,
+        &j.timesteps,
+        guidance,
+        policy,
+        None,
+        &mut |_| Ok(()),
+    )
+    .expect("denoise")
+}
+
+/// Every cache policy on `m`, whose family is named `family`: each exact (bit for bit) at its
+/// "off" setting, and each reusing steps, finitely, when let. MagCache is refused without a
+/// calibration and then calibrated on `m`'s own runs (seeds 2 and 3). The thresholds that let
+/// the policies reuse are far above what a made-up model's changes measure: random weights move
+/// the velocity too much from step to step for the presets to reuse, and how close a reused
+/// image stays says nothing about a trained model (the demo model's figures do).
+pub fn every_cache_policy(m: &dyn Denoiser, family: &str) {
+    let run = |spec: &str, cal: Option<&Arc<parallax::pipeline::cache::MagCalibration>>| {
+        let spec: CacheSpec = spec.parse().expect("spec");
+        let mut policy = spec.policy(cal).expect("policy");
+        denoise_cached(m, 1, policy.as_mut())
+    };
+    let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let (reference, stats) = run("none", None);
+    assert_eq!(stats.computed, STEPS);
+    assert!(values(&reference).iter().all(|x| x.is_finite()));
+
+    let magcache: CacheSpec = "magcache:t=0.3,k=3,warmup=2".parse().unwrap();
+    assert!(
+        magcache.policy(None).is_err(),
+        "MagCache without a calibration is refused"
+    );
+    let mut calibrator = MagCalibrator::new();
+    for seed in [2, 3] {
+        denoise_cached(m, seed, &mut calibrator);
+    }
+    let cal = Arc::new(calibrator.finish(family).expect("calibration"));
+
+    for off in [
+        "fbcache:t=0",
+        "dbcache:f=2,b=1,t=0,taylor=2",
+        "taylorseer:n=1,order=2",
+        "magcache:t=0",
+    ] {
+        let (x, s) = run(off, Some(&cal));
+        assert_eq!(s.reused, 0, "{off}");
+        assert!(
+            values(&x) == values(&reference),
+            "{off}: differs from no cache"
+        );
+    }
+    for spec in [
+        "fbcache:t=100",
+        "dbcache:f=1,b=1,t=100,max=3,warmup=2",
+        "taylorseer:n=3,order=1,warmup=2",
+        "magcache:t=100,k=3,warmup=2",
+    ] {
+        let (x, s) = run(spec, Some(&cal));
+        eprintln!(
+            "{family} {spec}: {} reused of {STEPS}, relative change {:.4}",
+            s.reused,
+            rel(&x, &reference)
+        );
+        assert_eq!(s.computed + s.reused, STEPS, "{spec}");
+        assert!(s.reused > 0 && s.computed > 0, "{spec}: {s:?}");
+        assert!(values(&x).iter().all(|v| v.is_finite()), "{spec}");
+        assert!(
+            values(&x) != values(&reference),
+            "{spec}: reused steps left the latent unchanged"
+        );
+    }
 }
