@@ -326,10 +326,10 @@ impl Klein {
     }
 
     /// FP8 in the chosen groups of the blocks' layers, as FLUX.1's
-    /// [`crate::model::flux::Flux::with_fp8_in`] converts them ([`Fp8Groups::ALL`] is what `--precision fp8` runs): E4M3 products with
-    /// cuBLASLt on sm_89+ GPUs in bf16, simulated by rounding elsewhere; the modulations
-    /// weight-only when `g.modulations`. The embedders, the final layer and attention stay in
-    /// the run's dtype.
+    /// [`crate::model::flux::Flux::with_fp8_in`] converts them ([`Fp8Groups::ALL`] is what
+    /// `--precision fp8` runs): E4M3 products with cuBLASLt on sm_89+ GPUs in bf16, simulated
+    /// by rounding elsewhere; the modulations weight-only when `g.modulations`. The embedders,
+    /// the final layer and attention stay in the run's dtype.
     pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
         for b in self.double_blocks.iter_mut().flatten() {
             b.img.convert_fp8(g)?;
@@ -511,24 +511,47 @@ mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
 
+    /// One step's input for a model on the CPU: 5 random text tokens and a 4x4 grid of random
+    /// image tokens at t = 0.7.
+    struct Inputs {
+        img: Tensor,
+        txt: Tensor,
+        y: Tensor,
+        t: Tensor,
+        pe: PosEmbed,
+    }
+
+    impl Inputs {
+        fn new(m: &Klein) -> Result<Self> {
+            let (cfg, dev) = (m.config(), &Device::Cpu);
+            Ok(Self {
+                img: Tensor::randn(0f32, 1.0, (1, 16, cfg.in_channels), dev)?,
+                txt: Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), dev)?,
+                y: Tensor::zeros((1, 0), DType::F32, dev)?,
+                t: Tensor::new(&[0.7f32], dev)?,
+                pe: m.pos_embed(5, 4, 4)?,
+            })
+        }
+
+        fn step(&self) -> StepInput<'_> {
+            StepInput {
+                img: &self.img,
+                txt: &self.txt,
+                y: &self.y,
+                timesteps: &self.t,
+                guidance: None,
+                pe: &self.pe,
+            }
+        }
+    }
+
     #[test]
     fn blocks_in_pieces_equal_forward() -> Result<()> {
         let dev = Device::Cpu;
         let cfg = KleinConfig::tiny();
         let m = Klein::new(&cfg, DemoWeights::new(3).var_builder(DType::F32, &dev))?;
-        let img = Tensor::randn(0f32, 1.0, (1, 16, cfg.in_channels), &dev)?;
-        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
-        let y = Tensor::zeros((1, 0), DType::F32, &dev)?;
-        let t = Tensor::new(&[0.7f32], &dev)?;
-        let pe = m.pos_embed(5, 4, 4)?;
-        let input = StepInput {
-            img: &img,
-            txt: &txt,
-            y: &y,
-            timesteps: &t,
-            guidance: None,
-            pe: &pe,
-        };
+        let inputs = Inputs::new(&m)?;
+        let (input, pe) = (inputs.step(), &inputs.pe);
         let full = m.forward(&input)?;
         assert_eq!(full.dims(), &[1, 16, cfg.in_channels]);
         let vec = m.conditioning(&input)?;
@@ -564,20 +587,8 @@ mod tests {
             DType::F32,
             &dev,
         )?;
-        let cfg = m.config().clone();
-        let img = Tensor::randn(0f32, 1.0, (1, 16, cfg.in_channels), &dev)?;
-        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
-        let y = Tensor::zeros((1, 0), DType::F32, &dev)?;
-        let t = Tensor::new(&[0.7f32], &dev)?;
-        let pe = m.pos_embed(5, 4, 4)?;
-        let input = StepInput {
-            img: &img,
-            txt: &txt,
-            y: &y,
-            timesteps: &t,
-            guidance: None,
-            pe: &pe,
-        };
+        let inputs = Inputs::new(&m)?;
+        let input = inputs.step();
         let base = m.forward(&input)?;
         let norm = |t: &Tensor| -> Result<f32> { t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>() };
         for (name, g) in Fp8Groups::each() {
