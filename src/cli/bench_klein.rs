@@ -4,7 +4,9 @@
 //! run), and the autoencoder's decode, with the device's peak memory, as JSON lines. Random
 //! weights are drawn on the device at klein 4B's or 9B's sizes (`random:klein-4b`, `-9b`), or
 //! made from fixed seeds at the tiny size (`random:klein-tiny`, for a CPU run). Until klein runs
-//! through the image pipeline this is how its speed is measured.
+//! through the image pipeline this is how its speed is measured. `--precision fp8` runs the
+//! blocks' products in FP8; `--swiglu plain` times the MLPs' SwiGLU as separate candle ops
+//! instead of the fused kernel (before/after in one lease).
 
 use std::time::Instant;
 
@@ -12,7 +14,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 
+use super::PrecisionArg;
 use crate::model::klein::{random_model, random_text, RandomKlein, LATENT};
+use crate::model::linear::Fp8Groups;
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::sampler::{self, Conditioning, TrueCfg};
 use crate::pipeline::schedule;
@@ -37,6 +41,20 @@ pub struct BenchKleinArgs {
     /// Timed images after one warm-up image.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// The transformer blocks' products: `native` (bf16 on a GPU) or `fp8` (E4M3 products,
+    /// cuBLASLt on sm_89+ GPUs, simulated elsewhere), as `--precision` runs them elsewhere.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
+    pub precision: PrecisionArg,
+    /// The MLPs' SwiGLU (transformer and Qwen3): `fused` (one kernel on CUDA in bf16) or `plain`
+    /// (candle's silu, multiply and copies: the speed before the kernel).
+    #[arg(long, value_enum, default_value_t = SwigluArg::Fused)]
+    pub swiglu: SwigluArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwigluArg {
+    Fused,
+    Plain,
 }
 
 fn ms(t: Instant) -> f64 {
@@ -66,8 +84,13 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
     } else {
         DType::BF16
     };
+    crate::kernels::elementwise::set_swiglu_fused(a.swiglu == SwigluArg::Fused);
     let started = Instant::now();
     let (model, vae) = random_model(kind, dtype, &dev)?;
+    let model = match a.precision {
+        PrecisionArg::Fp8 => model.with_fp8_in(Fp8Groups::ALL)?,
+        PrecisionArg::Native => model,
+    };
     let text = random_text(kind, dtype, &dev)?;
     crate::device::synchronize(&dev)?;
     let build_ms = ms(started);
@@ -136,6 +159,8 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
             "model": a.model, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(),
             "size": a.size, "image_tokens": tokens, "text_tokens": cond.txt.dim(1)?,
             "steps": a.steps, "cfg": a.cfg, "run": run, "warmup": run == 0,
+            "precision": format!("{:?}", a.precision).to_lowercase(),
+            "swiglu": format!("{:?}", a.swiglu).to_lowercase(),
             "text_ms": text_ms, "denoise_ms": denoise_ms,
             "step_ms": denoise_ms / a.steps as f64, "decode_ms": decode_ms, "total_ms": total_ms,
             "peak_allocated_gib": peak.map(|p| p.allocated as f64 / (1u64 << 30) as f64),
@@ -144,19 +169,20 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
         });
         println!("{row}");
         if run > 0 {
-            rows.push((total_ms, denoise_ms / a.steps as f64));
+            rows.push([total_ms, text_ms, denoise_ms / a.steps as f64, decode_ms]);
         }
     }
     if !rows.is_empty() {
-        let total: Vec<f64> = rows.iter().map(|r| r.0).collect();
-        let step: Vec<f64> = rows.iter().map(|r| r.1).collect();
+        let median = |i: usize| super::median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>());
         println!(
             "{}",
             serde_json::json!({
                 "model": a.model, "size": a.size, "steps": a.steps, "cfg": a.cfg,
+                "precision": format!("{:?}", a.precision).to_lowercase(),
+                "swiglu": format!("{:?}", a.swiglu).to_lowercase(),
                 "runs": rows.len(),
-                "total_ms_median": super::median(&total),
-                "step_ms_median": super::median(&step),
+                "total_ms_median": median(0), "text_ms_median": median(1),
+                "step_ms_median": median(2), "decode_ms_median": median(3),
             })
         );
     }

@@ -5,7 +5,8 @@
 //! 2. The demo-sized transformer in bf16 on the device against f32 on the CPU (same weights).
 //! 3. The whole demo pipeline in f32 on the device against the CPU, pixel by pixel.
 //!
-//! Also the fused element-wise and QKV kernels, and the autoencoder's convolution pieces.
+//! Also the fused element-wise (SwiGLU among them) and QKV kernels, and the autoencoder's
+//! convolution pieces.
 //!
 //! Errors are relative: ‖out − ref‖ / ‖ref‖. Exits non-zero if any check fails.
 
@@ -242,6 +243,44 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                 rel_err(
                     &ln_modulate(&x, &sh, &g)?,
                     &ln_modulate(&cpu32(&x)?, &cpu32(&sh)?, &cpu32(&g)?)?,
+                )?,
+                1e-2,
+            );
+        }
+    }
+
+    // 1c+. The fused SwiGLU (FLUX.2 klein's MLPs and Qwen3's): silu(gate) * up with the halves
+    //      read in place from the product (also a column range of a single block's wider
+    //      product, joined after the attention output), and from two separate products.
+    {
+        use crate::kernels::elementwise::{cat_swiglu, swiglu, swiglu_pair};
+        let rnd = |shape: &[usize]| bf16_randn(shape, 2.0, &dev);
+        for &(b, l, f) in &[(1usize, 4096usize, 9216usize), (2, 77, 64), (1, 5, 24)] {
+            let x = rnd(&[b, l, 2 * f])?;
+            report.check(
+                format!("swiglu {b}x{l}x(2*{f})"),
+                rel_err(&swiglu(&x)?, &swiglu(&cpu32(&x)?)?)?,
+                1e-2,
+            );
+            let (g, u) = (rnd(&[b, l, f])?, rnd(&[b, l, f])?);
+            report.check(
+                format!("swiglu of two products {b}x{l}x{f}"),
+                rel_err(
+                    &swiglu_pair(&g, &u)?,
+                    &swiglu_pair(&cpu32(&g)?, &cpu32(&u)?)?,
+                )?,
+                1e-2,
+            );
+            // A single block's linear1 output: q, k, v (3a columns) then gate and up.
+            let a_w = if f == 9216 { 3072 } else { 40 };
+            let y = rnd(&[b, l, 3 * a_w + 2 * f])?;
+            let a = rnd(&[b, l, a_w])?;
+            let tail = y.narrow(2, 3 * a_w, 2 * f)?;
+            report.check(
+                format!("[attention, swiglu(columns past qkv)] {b}x{l}x({a_w}+{f})"),
+                rel_err(
+                    &cat_swiglu(&a, &tail)?,
+                    &cat_swiglu(&cpu32(&a)?, &cpu32(&y)?.narrow(2, 3 * a_w, 2 * f)?)?,
                 )?,
                 1e-2,
             );

@@ -4,6 +4,8 @@
 // - gated residual: y = x + gate[b, col] * u over (B, L, C) with a per-sample gate.
 // - LayerNorm + modulation: y = LN(x) * (1 + scale[b, col]) + shift[b, col], LN without affine
 //   parameters (eps 1e-6), one block per row.
+// - SwiGLU: silu(gate) * up, the halves read in place from a wider product, optionally written
+//   beside another tensor.
 // All vectorised 8 values (16 bytes) at a time; N and C must be multiples of 8.
 
 struct __align__(16) U4 { unsigned x, y, z, w; };
@@ -330,5 +332,31 @@ extern "C" __global__ void parallax_softmax_rows_bf16(const unsigned short* __re
 #pragma unroll
         for (int j = 0; j < 8; ++j) a.v[j] = __expf(a.v[j] - gm) * inv;
         store8(yr + off, a);
+    }
+}
+
+// SwiGLU, optionally joined after another tensor: out (rows, A + F) = [a, silu(g) * u], with a
+// (rows, A) contiguous, and row r of g and u starting at g + r * S and u + r * S (the two halves
+// of a wider product read in place: u = g + F for FLUX.2's [gate | up] rows, S the product's
+// row length). A = 0 writes the SwiGLU alone (a is not read). A, F and S multiples of 8.
+extern "C" __global__ void parallax_cat_swiglu_bf16(const unsigned short* __restrict__ a,
+                                                    const unsigned short* __restrict__ g,
+                                                    const unsigned short* __restrict__ u,
+                                                    unsigned short* __restrict__ out, u64 n8,
+                                                    int A, int F, u64 S) {
+    const u64 W8 = (u64)(A + F) / 8;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / W8;
+        const int c = (int)(i - r * W8) * 8;
+        if (c < A) {
+            *(U4*)(out + i * 8) = *(const U4*)(a + r * A + c);
+        } else {
+            const u64 off = r * S + (u64)(c - A);
+            V8 x = load8(g + off);
+            const V8 y = load8(u + off);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) x.v[j] = x.v[j] / (1.f + __expf(-x.v[j])) * y.v[j];
+            store8(out + i * 8, x);
+        }
     }
 }

@@ -233,6 +233,106 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(x)
 }
 
+static SWIGLU_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turn the fused SwiGLU off (or back on) for this process, to time the plain ops beside it
+/// (`parallax dev bench-klein --swiglu plain`).
+pub fn set_swiglu_fused(on: bool) {
+    SWIGLU_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused SwiGLU may be used: the fused element-wise kernels are on and neither
+/// `PARALLAX_NO_FUSED_SWIGLU` nor [`set_swiglu_fused`] turned it off.
+pub fn swiglu_fused() -> bool {
+    !SWIGLU_OFF.load(std::sync::atomic::Ordering::Relaxed)
+        && std::env::var_os("PARALLAX_NO_FUSED_SWIGLU").is_none()
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// `(rows, row stride)` of `x` read as rows of its last axis, where those rows lie at one fixed
+/// stride with the last axis contiguous: a contiguous tensor, or a column range of one (FLUX.2's
+/// single blocks take their SwiGLU input from the columns past q, k and v). `None` otherwise.
+fn strided_rows(x: &Tensor) -> Option<(usize, usize)> {
+    let (dims, stride) = (x.dims(), x.stride());
+    let (&w, lead) = dims.split_last()?;
+    if w > 1 && stride[lead.len()] != 1 {
+        return None;
+    }
+    // From the innermost leading axis out: each steps by the row stride times the rows inside it.
+    let mut row_stride = None;
+    let mut inner = 1;
+    for (&d, &st) in lead.iter().zip(stride).rev() {
+        if d == 1 {
+            continue;
+        }
+        match row_stride {
+            None => row_stride = Some(st),
+            Some(rs) if st != rs * inner => return None,
+            Some(_) => {}
+        }
+        inner *= d;
+    }
+    Some((lead.iter().product(), row_stride.unwrap_or(w)))
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// Whether the fused SwiGLU takes these tensors: bf16 on CUDA, the SwiGLU's width `f` and the
+/// joined tensor's `a` a multiple of 8, something to compute.
+fn swiglu_fusable(ts: &[&Tensor], f: usize, a: usize) -> bool {
+    swiglu_fused() && fusable(ts, f) && a % 8 == 0 && f > 0 && ts[0].elem_count() > 0
+}
+
+/// `silu(gate) * up` for `gate` and `up` the first and second halves of `x`'s last axis (FLUX.2's
+/// order, as diffusers' `Flux2SwiGLU` splits it): (.., 2F) -> (.., F). On CUDA in bf16 one pass
+/// that reads the halves where they lie (`x` may be a column range of a wider product) and
+/// computes in f32; candle's ops elsewhere.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let f = x.dim(candle_core::D::Minus1)? / 2;
+    #[cfg(feature = "cuda")]
+    if swiglu_fusable(&[x], f, 0) && x.dim(candle_core::D::Minus1)? == 2 * f {
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        dims.push(f);
+        return cuda::swiglu(None, x, None, f, &dims);
+    }
+    x.narrow(candle_core::D::Minus1, 0, f)?.silu()? * x.narrow(candle_core::D::Minus1, f, f)?
+}
+
+/// `silu(gate) * up` for two tensors of one shape (Qwen3's MLP, whose gate and up products are
+/// separate): one pass on CUDA in bf16, candle's ops elsewhere.
+pub fn swiglu_pair(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let f = gate.dim(candle_core::D::Minus1)?;
+    #[cfg(feature = "cuda")]
+    if swiglu_fusable(&[gate, up], f, 0) && gate.dims() == up.dims() {
+        return cuda::swiglu(None, gate, Some(up), f, gate.dims());
+    }
+    let _ = f;
+    gate.silu()? * up
+}
+
+/// `[a, swiglu(x)]` along the last axis, `a` (.., A) and `x` (.., 2F) with the same leading axes:
+/// a single-stream block's attention output beside its SwiGLU activation, joined for the output
+/// product in the same pass (no separate concatenation copy) on CUDA in bf16.
+pub fn cat_swiglu(a: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (wa, w) = (
+        a.dim(candle_core::D::Minus1)?,
+        x.dim(candle_core::D::Minus1)?,
+    );
+    let f = w / 2;
+    #[cfg(feature = "cuda")]
+    {
+        let lead_a = &a.dims()[..a.rank() - 1];
+        let lead_x = &x.dims()[..x.rank() - 1];
+        if swiglu_fusable(&[x, a], f, wa) && w == 2 * f && lead_a == lead_x {
+            let mut dims = lead_x.to_vec();
+            dims.push(wa + f);
+            return cuda::swiglu(Some(a), x, None, f, &dims);
+        }
+    }
+    let _ = (wa, w, f);
+    Tensor::cat(&[a, &swiglu(x)?], candle_core::D::Minus1)
+}
+
 /// [`channel_bias_add`]'s in-place kernels (CUDA only; callers fall back before the CPU).
 #[derive(Debug, Clone, Copy)]
 struct ChannelBias;
@@ -359,6 +459,111 @@ mod cuda {
             }
             // SAFETY: the callers pass the kernel's arguments in order, with sizes from the
             // checked shapes.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, &dev, dims))
+    }
+
+    /// `x` as rows at one stride with 16-byte aligned starts (itself where it already is, a
+    /// contiguous copy elsewhere): `(tensor, rows, row stride)`.
+    fn aligned_rows(x: &Tensor) -> Result<(Tensor, usize, usize)> {
+        if let Some((rows, s)) = strided_rows(x) {
+            if s % 8 == 0 && x.layout().start_offset() % 8 == 0 {
+                return Ok((x.clone(), rows, s));
+            }
+        }
+        let c = x.force_contiguous()?;
+        let w = c.dim(candle_core::D::Minus1)?.max(1);
+        let rows = c.elem_count() / w;
+        Ok((c, rows, w))
+    }
+
+    /// A device view of a tensor's storage from `extra` values past its start.
+    fn view_at<'a>(
+        s: &'a candle_core::Storage,
+        l: &candle_core::Layout,
+        extra: usize,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, bf16>> {
+        match s {
+            candle_core::Storage::Cuda(c) => {
+                Ok(c.as_cuda_slice::<bf16>()?.slice(l.start_offset() + extra..))
+            }
+            _ => candle_core::bail!("expected a CUDA tensor"),
+        }
+    }
+
+    /// `[a, silu(gate) * up]` (just the SwiGLU without `a`) of `elementwise.cu`'s
+    /// `parallax_cat_swiglu_bf16`: `gate` the first `f` columns of `x`'s rows and `up` the next
+    /// `f` (or `up`'s rows when given); a fresh bf16 output of `dims`. Shapes were checked by the
+    /// caller (`f` and `a`'s width multiples of 8, the same rows throughout).
+    pub(super) fn swiglu(
+        a: Option<&Tensor>,
+        x: &Tensor,
+        up: Option<&Tensor>,
+        f: usize,
+        dims: &[usize],
+    ) -> Result<Tensor> {
+        let dev = device(x)?;
+        let (mut x, rows, mut s) = aligned_rows(x)?;
+        let mut up = up.map(aligned_rows).transpose()?;
+        if let Some((u, urows, us)) = &mut up {
+            if *urows != rows {
+                candle_core::bail!("swiglu: gate has {rows} rows, up {urows}");
+            }
+            if *us != s {
+                // One stride serves both: lay both out contiguously.
+                *u = u.force_contiguous()?;
+                x = x.force_contiguous()?;
+                (*us, s) = (f, f);
+            }
+        }
+        let a = match a {
+            Some(a) if a.is_contiguous() && a.layout().start_offset() % 8 == 0 => Some(a.clone()),
+            Some(a) => Some(a.force_contiguous()?),
+            None => None,
+        };
+        let wa = a
+            .as_ref()
+            .map_or(Ok(0), |a| a.dim(candle_core::D::Minus1))?;
+        if a.as_ref().is_some_and(|a| a.elem_count() != rows * wa) {
+            candle_core::bail!("swiglu: the joined tensor's rows differ from the input's");
+        }
+        let count = rows * (wa + f);
+        // SAFETY: the kernel writes every element of its output.
+        let out = unsafe { dev.alloc::<bf16>(count)? };
+        let func = crate::kernels::nvrtc::function(
+            &dev,
+            "elementwise",
+            SOURCE,
+            false,
+            "parallax_cat_swiglu_bf16",
+        )?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let gv = view_at(&xs, xl, 0)?;
+            let ug = up.as_ref().map(|(u, _, _)| u.storage_and_layout());
+            let uv = match &ug {
+                Some((us, ul)) => view_at(us, ul, 0)?,
+                None => view_at(&xs, xl, f)?,
+            };
+            let ag = a.as_ref().map(|a| a.storage_and_layout());
+            let av = match &ag {
+                Some((as_, al)) => view_at(as_, al, 0)?,
+                None => view_at(&xs, xl, 0)?,
+            };
+            let (n8, wa_i, f_i, s_u) = ((count / 8) as u64, wa as i32, f as i32, s as u64);
+            let mut b = func.builder();
+            b.arg(&av);
+            b.arg(&gv);
+            b.arg(&uv);
+            b.arg(&out);
+            b.arg(&n8);
+            b.arg(&wa_i);
+            b.arg(&f_i);
+            b.arg(&s_u);
+            let cfg = crate::kernels::cuda_util::grid_stride(n8);
+            // SAFETY: arguments match the kernel; every row read lies inside its tensor (rows at
+            // stride `s`, `f` values from each start, the up half `f` past the gate's).
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(wrap(out, &dev, dims))
@@ -544,6 +749,56 @@ mod tests {
         let var = n.sqr()?.mean_keepdim(2)?;
         let var_err = (var - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(mean < 1e-5 && var_err < 1e-3, "{mean} {var_err}");
+        Ok(())
+    }
+
+    /// silu(g) * u, one value at a time.
+    fn swiglu_at(g: f32, u: f32) -> f32 {
+        g / (1.0 + (-g).exp()) * u
+    }
+
+    #[test]
+    fn swiglu_takes_the_first_half_as_the_gate() -> Result<()> {
+        let dev = Device::Cpu;
+        // A wider product (2 x 3 rows of 5 + 2*8 columns) whose last 16 columns are the input,
+        // as a single block's SwiGLU input follows its q, k and v.
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 21), &dev)?;
+        let x = y.narrow(2, 5, 16)?;
+        let ys: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let got: Vec<f32> = swiglu(&x)?.flatten_all()?.to_vec1()?;
+        assert_eq!(got.len(), 6 * 8);
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?;
+        let as_: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        let joined: Vec<f32> = cat_swiglu(&a, &x)?.flatten_all()?.to_vec1()?;
+        let (gate, up) = (x.narrow(2, 0, 8)?, x.narrow(2, 8, 8)?);
+        let pair: Vec<f32> = swiglu_pair(&gate.contiguous()?, &up.contiguous()?)?
+            .flatten_all()?
+            .to_vec1()?;
+        for r in 0..6 {
+            for c in 0..8 {
+                let want = swiglu_at(ys[r * 21 + 5 + c], ys[r * 21 + 13 + c]);
+                assert!((got[r * 8 + c] - want).abs() < 1e-6, "{r} {c}");
+                assert!((pair[r * 8 + c] - want).abs() < 1e-6, "{r} {c}");
+                assert!((joined[r * 12 + 4 + c] - want).abs() < 1e-6, "{r} {c}");
+            }
+            assert_eq!(joined[r * 12..r * 12 + 4], as_[r * 4..r * 4 + 4]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rows_at_one_stride_are_found() -> Result<()> {
+        let dev = Device::Cpu;
+        let y = Tensor::zeros((2, 3, 40), DType::F32, &dev)?;
+        assert_eq!(strided_rows(&y), Some((6, 40)));
+        assert_eq!(strided_rows(&y.narrow(2, 24, 16)?), Some((6, 40)));
+        assert_eq!(
+            strided_rows(&y.narrow(0, 1, 1)?.narrow(2, 8, 16)?),
+            Some((3, 40))
+        );
+        // Rows of a sliced middle axis are not at one stride; a transposed view has no unit step.
+        assert_eq!(strided_rows(&y.narrow(1, 0, 2)?), None);
+        assert_eq!(strided_rows(&y.transpose(1, 2)?), None);
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hub;
 pub mod klein;
 pub mod layout;
+pub mod linear;
 pub mod lora;
 pub mod lowrank;
 pub mod qwen3;

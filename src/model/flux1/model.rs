@@ -14,10 +14,10 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, VarBuilder};
 
 use super::config::FluxConfig;
-use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
+use crate::model::linear::{convert, Fp8Groups, Fp8Mode, Lin};
 use crate::model::lowrank::{AdaptedLinear, LowRankSource};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 

@@ -106,9 +106,12 @@ impl Mlp {
         })
     }
 
+    /// `down(silu(gate(x)) * up(x))`, the SwiGLU one fused pass on CUDA in bf16.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj
+            .forward(&crate::kernels::elementwise::swiglu_pair(&gate, &up)?)
     }
 }
 

@@ -1,6 +1,7 @@
-//! FLUX.1's linear layer ([`Lin`]) with its FP8 modes (W8A8 products, W8A16 weight-only; real
-//! cuBLASLt kernels on sm_89+ GPUs, simulated by rounding elsewhere), and the groups of layers
-//! ([`Fp8Groups`]) a run converts.
+//! The linear layer of the FLUX transformers' blocks ([`Lin`], FLUX.1's and FLUX.2 klein's) with
+//! its FP8 modes (W8A8 products, W8A16 weight-only; real cuBLASLt kernels on sm_89+ GPUs,
+//! simulated by rounding elsewhere), and the groups of layers ([`Fp8Groups`]) a run converts
+//! (the two families' blocks have the same groups).
 
 #[cfg(feature = "cuda")]
 use candle_core::DType;
@@ -23,8 +24,9 @@ pub(crate) enum Fp8Mode {
     WeightOnly,
 }
 
-/// A linear layer over token rows whose bias add (and GELU, when asked) runs inside the product on
-/// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
+/// A linear layer over token rows (with or without a bias) whose bias add (and GELU, when asked)
+/// runs inside the product on CUDA ([`crate::kernels::gemm::linear`]); same function as
+/// `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub(crate) struct Lin {
     /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
@@ -319,7 +321,8 @@ impl Module for Lin {
     }
 }
 
-/// Which groups of the blocks' linear layers run in FP8 ([`super::Flux::with_fp8_in`]).
+/// Which groups of the blocks' linear layers run in FP8
+/// ([`crate::model::flux::Flux::with_fp8_in`], [`crate::model::klein::Klein::with_fp8_in`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Groups {
     /// The double blocks' attention projections (qkv and output, both streams).
