@@ -889,7 +889,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     };
     let req = request_with(p.is_demo(), &sample, &a.source);
     p.settings_for(&req)?;
-    let heads = p.flux.config().num_heads;
+    let heads = p.denoiser().num_heads();
     let (layout, _) = LayoutChoice::Degrees(a.degrees).resolve(
         world,
         heads,
@@ -1073,7 +1073,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     engine.set_lora_merge(a.lora_merge);
     let p = engine.primary();
-    if p.family.is_some() {
+    if p.model.as_flux1().is_none() {
         eprintln!(
             "DEMO model: {}'s structure with made-up weights; its images are noise.",
             p.label
@@ -1211,7 +1211,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
-    p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
+    let f1 = p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
@@ -1264,10 +1264,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let pool_peak = crate::device::memory_peak(&dev)?;
     let stats = last.map(|g| g.stats).unwrap_or_default();
     let img_tokens = (settings.width / 16) * (settings.height / 16);
-    let flops = p
+    let flops = f1
         .flux
         .config()
-        .flops_per_step(p.text.t5_max_len(), img_tokens);
+        .flops_per_step(f1.text.t5_max_len(), img_tokens);
     let step_median = median(&all_steps);
     let floor_ms = flops / (a.peak_tflops * 1e12) * 1e3;
     let report = serde_json::json!({
@@ -1285,19 +1285,19 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "warmup": a.warmup,
         "runs": a.runs,
         "load_ms": load_ms,
-        "tokens": { "text": p.text.t5_max_len(), "image": img_tokens },
+        "tokens": { "text": f1.text.t5_max_len(), "image": img_tokens },
         "tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / (step_median * 1e-3) / 1e12,
         "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
-        "attention": p.flux.attention().name(),
+        "attention": f1.flux.attention().name(),
         "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         "gpu_pool_peak_mib": pool_peak.map(|p| serde_json::json!({
             "allocated": p.allocated as f64 / (1024.0 * 1024.0),
             "reserved": p.reserved as f64 / (1024.0 * 1024.0),
         })),
         "memory_budget_mib": a.model.choice().memory_budget_mib,
-        "t5": format!("{:?}", p.text.t5_residency()),
-        "transformer_weights_mib": p.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
+        "t5": format!("{:?}", f1.text.t5_residency()),
+        "transformer_weights_mib": f1.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
         "step_ms": {
             "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),

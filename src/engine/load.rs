@@ -204,7 +204,8 @@ pub fn load_pipeline_blocks(
     let t0 = Instant::now();
     let p = Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts)
         .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
-    if p.flux.fp8_products() && !dev.is_cpu() && !p.flux.fp8_kernels() {
+    let fp8 = p.model.as_flux1().map(|f| f.flux);
+    if fp8.is_some_and(|f| f.fp8_products() && !dev.is_cpu() && !f.fp8_kernels()) {
         tracing::warn!(
             "--precision fp8: FP8 products need bf16 on an sm_89 or newer GPU; here they are \
              simulated (rounding in {dtype:?}): FP8's quality, not its speed"
