@@ -720,6 +720,7 @@ fn is_demo(resolved: &Resolved) -> bool {
         ModelSpec::Files(f) => f.demo,
         ModelSpec::Random(_) => false,
         ModelSpec::RandomKlein(k) => *k == crate::model::klein::RandomKlein::Tiny,
+        ModelSpec::Klein(f) => f.demo,
     }
 }
 
@@ -1548,6 +1549,25 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.context_in_dim
             );
         }
+        ModelSpec::Klein(f) => {
+            let c = f.config()?;
+            println!(
+                "  kind: FLUX.2 klein, {}",
+                if f.distilled { "distilled" } else { "Base" }
+            );
+            println!(
+                "  transformer: {}; hidden {}, {} heads, {} double + {} single blocks, text width {}",
+                f.transformer.display(),
+                c.hidden_size,
+                c.num_heads,
+                c.depth,
+                c.depth_single_blocks,
+                c.context_in_dim
+            );
+            println!("  autoencoder: {}", f.vae.display());
+            println!("  text encoder: Qwen3 at {}", f.text_encoder.display());
+            println!("  tokenizer: {}", f.tokenizer.display());
+        }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::demo();
             println!(
@@ -1610,6 +1630,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     }
     let heads = match &resolved.spec {
         ModelSpec::RandomKlein(k) => k.config().num_heads,
+        ModelSpec::Klein(f) => f.config()?.num_heads,
         _ => model_config(&resolved)?.num_heads,
     };
     // A placement this machine cannot run is reported, and the rest still printed.

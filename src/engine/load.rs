@@ -137,6 +137,7 @@ fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
     match (choice, spec) {
         (DTypeChoice::Auto, ModelSpec::Demo | ModelSpec::Random(Variant::Demo)) => DType::F32,
         (DTypeChoice::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
+        (DTypeChoice::Auto, ModelSpec::Klein(f)) if f.demo => DType::F32,
         (DTypeChoice::Auto, ModelSpec::RandomKlein(crate::model::klein::RandomKlein::Tiny)) => {
             DType::F32
         }
@@ -291,6 +292,12 @@ pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
         ModelSpec::Random(Variant::Schnell) => Ok(FluxConfig::schnell()),
         ModelSpec::Random(_) => Ok(FluxConfig::dev()),
         ModelSpec::RandomKlein(k) => Err(k.unsupported("memory planning")),
+        ModelSpec::Klein(f) => Err(crate::Error::setting(
+            "model",
+            f.transformer.display(),
+            "memory planning runs FLUX.1 models only so far; FLUX.2 klein runs through \
+             `parallax generate` without it",
+        )),
         ModelSpec::Files(f) => match &f.transformer_layout {
             TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
                 layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))

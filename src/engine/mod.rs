@@ -468,8 +468,13 @@ pub fn layout_facts(
     resolved: &crate::model::layout::Resolved,
     placement: &Placement,
 ) -> Result<(usize, crate::parallel::mesh::AutoHints)> {
-    if let crate::model::layout::ModelSpec::RandomKlein(k) = &resolved.spec {
-        let c = k.config();
+    use crate::model::layout::ModelSpec;
+    let klein = match &resolved.spec {
+        ModelSpec::RandomKlein(k) => Some(k.config()),
+        ModelSpec::Klein(f) => Some(f.config()?),
+        _ => None,
+    };
+    if let Some(c) = klein {
         return Ok((c.num_heads, family_hints(c.num_blocks())));
     }
     let cfg = model_config(resolved)?;

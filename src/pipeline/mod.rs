@@ -581,6 +581,7 @@ impl Pipeline {
             ModelSpec::Demo => Self::demo(device)?,
             ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
             ModelSpec::RandomKlein(k) => return Self::random_klein(*k, dtype, device, opts),
+            ModelSpec::Klein(files) => return Self::load_klein(files, label, dtype, device, opts),
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
         let flux = p.flux1("FP8 and a share of the transformer's blocks")?.flux;
@@ -620,6 +621,59 @@ impl Pipeline {
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
+            lora_cache: LoraCache::default(),
+        })
+    }
+
+    /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
+    /// in `dtype`, the autoencoder in [`autoencoder_dtype`]. FP8 and a transformer's share of
+    /// blocks (PipeFusion stages on GPUs) are FLUX.1's only.
+    pub fn load_klein(
+        files: &crate::model::klein::files::KleinFiles,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let refuse = |what: &str| Error::InvalidSetting {
+            name: "model".into(),
+            value: label.to_string(),
+            reason: format!(
+                "{what} works with FLUX.1 models only so far; {label} is a FLUX.2 klein model. \
+                 Leave it out, or use a FLUX.1 model"
+            ),
+        };
+        if opts.fp8 != Fp8Groups::NONE {
+            return Err(refuse("FP8 (--precision fp8)"));
+        }
+        if opts.blocks.is_some() {
+            return Err(refuse(
+                "a share of the transformer's blocks (PipeFusion on GPUs)",
+            ));
+        }
+        let (t, vae, text) = crate::model::klein::files::load(
+            files,
+            dtype,
+            autoencoder_dtype(dtype, device),
+            device,
+        )?;
+        let model = FamilyModel {
+            default_steps: files.default_steps(),
+            ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))
+        };
+        Ok(Self {
+            model,
+            // What an image's settings record: FLUX.1's kind nearest to it (the distilled klein
+            // runs few steps without guidance, as schnell does); made-up weights say demo.
+            variant: if files.demo {
+                Variant::Demo
+            } else if files.distilled {
+                Variant::Schnell
+            } else {
+                Variant::Dev
+            },
+            label: label.to_string(),
+            synthetic: files.demo,
             lora_cache: LoraCache::default(),
         })
     }

@@ -1,11 +1,14 @@
 //! FLUX.2 klein (4B and 9B), a model family behind [`crate::model::family`]'s traits: its
 //! transformer ([`Klein`], configured by [`KleinConfig`]), its autoencoder's decoding half
 //! ([`KleinVae`], 32 latent channels normalised by batch-norm statistics), the two layouts its
-//! files come in ([`keys`]), the registry entry ([`KleinFamily`]) and its Qwen3 text encoder
-//! ([`text`]).
+//! files come in ([`keys`]), the registry entry ([`KleinFamily`]), its Qwen3 text encoder
+//! ([`text`]), a model's files on disk ([`files`]) and `random:klein-tiny` written to them
+//! ([`export`]).
 
 mod config;
+pub mod export;
 mod family;
+pub mod files;
 pub mod keys;
 mod model;
 pub mod text;
