@@ -1,5 +1,5 @@
 //! FLUX.2 klein from files: `random:klein-tiny` written to disk in both of klein's layouts
-//! (`parallax::model::klein::export::write_tiny`: a diffusers folder with a Qwen3 `text_encoder/`
+//! (`parallax::model::klein_export::write_tiny`: a diffusers folder with a Qwen3 `text_encoder/`
 //! and a `tokenizer/tokenizer.json`, and Black Forest Labs' single transformer file with its parts
 //! beside it or named apart) runs through `parallax generate --model <dir or file>` on the CPU,
 //! on one worker and on two (Ulysses), and makes the image the built-in `random:klein-tiny` makes
@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device};
 use common::{max_pixel_diff, s, text};
 use parallax::model::export::ExportLayout;
-use parallax::model::klein::export::{write_tiny, TINY_BFL_FILE};
+use parallax::model::klein_export::{write_tiny, TINY_BFL_FILE};
 use parallax::model::layout::{self, ModelSpec};
 use parallax::pipeline::image::{read_png, RgbImage};
 use parallax::pipeline::{GenerateRequest, GenerationSettings, Pipeline};

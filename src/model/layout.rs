@@ -218,7 +218,19 @@ pub fn resolve_parts(name: &str, parts: &PartPaths) -> Result<Resolved> {
             vae: parts.vae.as_deref(),
             text: parts.text_encoders.as_deref(),
         };
-        let files = super::klein::files::resolve(&path, named, &mut reasons)?;
+        let mut files = super::klein::files::resolve(&path, named, &mut reasons)?;
+        let root = if path.is_dir() {
+            path.as_path()
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        files.demo = root.join(DEMO_MARKER).is_file();
+        if files.demo {
+            reasons.push(format!(
+                "{} holds {DEMO_MARKER}: made-up weights, not FLUX.2 klein",
+                root.display()
+            ));
+        }
         return Ok(Resolved {
             spec: ModelSpec::Klein(files),
             reasons,

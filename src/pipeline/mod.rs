@@ -932,7 +932,7 @@ impl Pipeline {
     /// (or merged into them: [`Pipeline::set_lora_merge`]) when it names any (the base weights
     /// shared, the files read once while unchanged).
     pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
-        let base = self.flux1("LoRAs")?.flux;
+        let base = self.flux1("LoRA")?.flux;
         if !has_loras(req) {
             return Ok(std::borrow::Cow::Borrowed(base));
         }

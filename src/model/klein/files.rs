@@ -31,7 +31,8 @@ pub struct KleinFiles {
     pub tokenizer: PathBuf,
     /// A distilled checkpoint (4 steps, no CFG) rather than a Base one (50 steps, true CFG).
     pub distilled: bool,
-    /// The folder is marked as holding made-up weights ([`crate::model::layout::DEMO_MARKER`]).
+    /// The folder is marked as holding made-up weights (Parallax's demo marker file: the
+    /// resolver sets it, [`resolve`] leaves it false).
     pub demo: bool,
 }
 
@@ -171,21 +172,13 @@ pub fn resolve(path: &Path, named: NamedParts, reasons: &mut Vec<String>) -> Res
         tokenizer.display()
     ));
     let distilled = is_distilled(&root, &transformer, reasons);
-    let demo = root.join(crate::model::layout::DEMO_MARKER).is_file();
-    if demo {
-        reasons.push(format!(
-            "{} holds {}: made-up weights, not FLUX.2 klein",
-            root.display(),
-            crate::model::layout::DEMO_MARKER
-        ));
-    }
     Ok(KleinFiles {
         transformer,
         vae,
         text_encoder,
         tokenizer,
         distilled,
-        demo,
+        demo: false,
     })
 }
 

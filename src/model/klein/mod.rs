@@ -2,11 +2,10 @@
 //! transformer ([`Klein`], configured by [`KleinConfig`]), its autoencoder's decoding half
 //! ([`KleinVae`], 32 latent channels normalised by batch-norm statistics), the two layouts its
 //! files come in ([`keys`]), the registry entry ([`KleinFamily`]), its Qwen3 text encoder
-//! ([`text`]), a model's files on disk ([`files`]) and `random:klein-tiny` written to them
-//! ([`export`]).
+//! ([`text`]) and a model's files on disk ([`files`]). `random:klein-tiny` is written to disk by
+//! [`crate::model::klein_export`].
 
 mod config;
-pub mod export;
 mod family;
 pub mod files;
 pub mod keys;
@@ -17,6 +16,7 @@ mod vae;
 pub use config::KleinConfig;
 pub use family::{
     load_transformer, load_vae, random_model, random_text, KleinFamily, RandomKlein, NAME,
+    TINY_SEEDS, TINY_TEXT_SEED,
 };
 pub use model::Klein;
 pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};

@@ -8,15 +8,15 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::KleinConfig;
-use super::family::{TINY_SEEDS, TINY_TEXT_SEED};
-use super::keys::{KleinDiffusersMap, KleinVaeDiffusersMap};
-use super::model::Klein;
-use super::text::{KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS, QWEN_CHAT_TOKENS};
-use super::vae::{tiny_vae_config, KleinVae, BATCH_NORM_EPS, LATENT};
 use crate::error::{Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::export::{capture, mkdir, write_json, ExportLayout};
+use crate::model::klein::keys::{KleinDiffusersMap, KleinVaeDiffusersMap};
+use crate::model::klein::text::{KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS, QWEN_CHAT_TOKENS};
+use crate::model::klein::{
+    tiny_vae_config, Klein, KleinConfig, KleinVae, BATCH_NORM_EPS, LATENT, TINY_SEEDS,
+    TINY_TEXT_SEED,
+};
 use crate::model::layout::DEMO_MARKER;
 use crate::model::qwen3::{Qwen3, Qwen3Config};
 use crate::model::tokenizer::{PromptTokenizer, TOKENIZER_JSON};
@@ -63,7 +63,8 @@ fn qwen3_json(cfg: &Qwen3Config) -> serde_json::Value {
 }
 
 /// Write `random:klein-tiny` (its transformer, autoencoder, Qwen3 and byte tokenizer, the same
-/// weights [`super::random_model`] and [`super::random_text`] make) to `dir`:
+/// weights [`crate::model::klein::random_model`] and [`crate::model::klein::random_text`] make)
+/// to `dir`:
 /// - [`ExportLayout::Diffusers`]: a klein repo's folder (`transformer/`, `vae/`,
 ///   `text_encoder/`, `tokenizer/`, `model_index.json` of a distilled checkpoint);
 /// - [`ExportLayout::Bfl`]: Black Forest Labs' [`TINY_BFL_FILE`] and `ae.safetensors`, with
