@@ -298,20 +298,9 @@ fn repainting_one_object_of_a_demo_scene() {
             size,
         )
         .expect("source");
-        let z = p
-            .flux1("test")
-            .expect("FLUX.1")
-            .vae
-            .encode(&x.image)
-            .expect("encode");
-        RgbImage::from_tensor(
-            &p.flux1("test")
-                .expect("FLUX.1")
-                .vae
-                .decode(&z)
-                .expect("decode"),
-        )
-        .expect("rgb")
+        let vae = p.flux1("test").expect("FLUX.1").vae;
+        let z = vae.encode(&x.image).expect("encode");
+        RgbImage::from_tensor(&vae.decode(&z).expect("decode")).expect("rgb")
     };
     let round_kept = mean_diff_where(&round, &src, &outside);
     let passed = |s: &parallax::scenes::score::Score, kind: &str, expected: &str| {
@@ -755,17 +744,9 @@ fn outpainting_extends_a_demo_scene() {
     // The source area (8 px from the seam, away from the DEMO label) against the source, and
     // the autoencoder's round trip of the extended canvas there.
     let canvas = img2img::load_source(&init, 256, 256).expect("canvas");
+    let vae = p.flux1("test").expect("FLUX.1").vae;
     let round = RgbImage::from_tensor(
-        &p.flux1("test")
-            .expect("FLUX.1")
-            .vae
-            .decode(
-                &p.flux1("test")
-                    .expect("FLUX.1")
-                    .vae
-                    .encode(&canvas.image)
-                    .expect("encode"),
-            )
+        &vae.decode(&vae.encode(&canvas.image).expect("encode"))
             .expect("decode"),
     )
     .expect("rgb");

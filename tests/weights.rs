@@ -595,8 +595,9 @@ fn bf16_model_from_files_generates_on_the_cpu() {
     write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     let p = Pipeline::load(&resolved, "bf16", DType::BF16, &Device::Cpu).expect("load");
-    assert_eq!(p.flux1("test").expect("FLUX.1").flux.dtype(), DType::BF16);
-    assert_eq!(p.flux1("test").expect("FLUX.1").vae.dtype(), DType::F32);
+    let f1 = p.flux1("test").expect("FLUX.1");
+    assert_eq!(f1.flux.dtype(), DType::BF16);
+    assert_eq!(f1.vae.dtype(), DType::F32);
     let g = p
         .generate(
             &GenerateRequest {
@@ -761,11 +762,9 @@ fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
     };
     let lean =
         Pipeline::load_with(&resolved, "lean", DType::F32, &Device::Cpu, opts).expect("lean");
-    assert_eq!(
-        lean.flux1("test").expect("FLUX.1").text.t5_residency(),
-        T5Residency::OnDemand
-    );
-    assert!(lean.flux1("test").expect("FLUX.1").flux.fp8_products());
+    let f1 = lean.flux1("test").expect("FLUX.1");
+    assert_eq!(f1.text.t5_residency(), T5Residency::OnDemand);
+    assert!(f1.flux.fp8_products());
     for prompt in ["a red circle on the left", "two blue squares"] {
         let req = GenerateRequest {
             prompt: prompt.into(),
@@ -1080,9 +1079,7 @@ fn community_gguf_file_reads_to_the_reference_values() {
     }
     for name in want.names() {
         let w = want.load(name, DType::F32, &Device::Cpu).expect("expected");
-        let got = set
-            .load(name, DType::F32, &Device::Cpu)
-            .expect("gguf tensor");
+        let got = set.load(name, DType::F32, &Device::Cpu).expect("gguf tensor");
         assert_eq!(got.dims(), w.dims(), "{name}");
         assert_eq!(max_diff(&got, &w), 0.0, "{name}");
     }
@@ -1147,11 +1144,8 @@ fn demo_model_as_gguf_generates_like_its_safetensors() {
             std::fs::create_dir_all(models.join("unet")).expect("unet");
             std::fs::create_dir_all(models.join("vae")).expect("vae");
             std::fs::copy(&file, models.join("unet").join("flux1-dev-Q8_0.gguf")).expect("cp");
-            std::fs::copy(
-                dir.path().join("ae.safetensors"),
-                models.join("vae/ae.safetensors"),
-            )
-            .expect("cp ae");
+            std::fs::copy(dir.path().join("ae.safetensors"), models.join("vae/ae.safetensors"))
+                .expect("cp ae");
             let r = layout::resolve(comfy.path().to_str().expect("utf8"), None).expect("resolve");
             match r.spec {
                 layout::ModelSpec::Files(f) => {
@@ -1161,12 +1155,7 @@ fn demo_model_as_gguf_generates_like_its_safetensors() {
             }
         }
         if min_psnr.is_infinite() {
-            assert_eq!(
-                got,
-                want,
-                "{}: an F32 GGUF holds the same numbers",
-                kind.name()
-            );
+            assert_eq!(got, want, "{}: an F32 GGUF holds the same numbers", kind.name());
         } else {
             assert!(psnr >= min_psnr, "{}: PSNR {psnr:.1} dB", kind.name());
         }
