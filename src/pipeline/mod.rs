@@ -1342,9 +1342,10 @@ pub fn load_transformer_with(
 }
 
 /// The family the registry recognises in a transformer checkpoint's tensor names
-/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's is refused by name
-/// (its loader is not in this pipeline yet) rather than read as a broken FLUX.1 file. Names no
-/// family recognises go on to FLUX.1's layout inference, which says what it misses.
+/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's (reached through a
+/// path FLUX.1's resolution took, such as a ComfyUI folder) is refused by name rather than read
+/// as a broken FLUX.1 file. Names no family recognises go on to FLUX.1's layout inference, which
+/// says what it misses.
 fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
     let names: Vec<&str> = set.names().collect();
     match crate::model::family::detect(&names) {
@@ -1352,11 +1353,11 @@ fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
             Err(Error::UnknownLayout {
                 path: path.to_path_buf(),
                 reason: format!(
-                "a {} transformer: Parallax loads FLUX.1 checkpoints from files (the {} family \
-                 runs from the registry, not yet from files)",
-                f.name(),
-                f.name()
-            ),
+                    "a {} transformer, read here as FLUX.1's: name its file or folder itself \
+                 with --model (its autoencoder and text encoder with --vae and \
+                 --text-encoders)",
+                    f.name()
+                ),
             })
         }
         _ => Ok(()),
