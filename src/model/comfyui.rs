@@ -83,9 +83,7 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
 
 /// A weight file: `.safetensors`, or `.gguf` (ComfyUI-GGUF keeps its quantised files in `unet/`).
 fn is_safetensors(p: &Path) -> bool {
-    p.is_file()
-        && p.extension()
-            .is_some_and(|e| e == "safetensors" || e == "gguf")
+    p.is_file() && p.extension().is_some_and(|e| e == "safetensors" || e == "gguf")
 }
 
 /// The FLUX transformers in a `models` folder's `diffusion_models/` and `unet/` (files whose

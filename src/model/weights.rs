@@ -362,9 +362,7 @@ impl SafetensorsSet {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for m in self.tensors.values() {
             if let Some(g) = m.gguf.as_deref() {
-                *counts
-                    .entry(crate::model::gguf::ggml_name(g.ggml))
-                    .or_default() += 1;
+                *counts.entry(crate::model::gguf::ggml_name(g.ggml)).or_default() += 1;
             }
         }
         if counts.is_empty() {

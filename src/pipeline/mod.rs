@@ -918,9 +918,7 @@ impl Pipeline {
     /// of each adapted weight; no cost a step) instead of running their low-rank paths beside the
     /// products (no copy; two more products a layer). Off by default.
     pub fn set_lora_merge(&self, on: bool) {
-        self.lora_cache
-            .1
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.lora_cache.1.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether LoRAs are merged into the weights ([`Pipeline::set_lora_merge`]).
