@@ -59,9 +59,11 @@ fn the_demo_model_computes_what_the_trainer_computed() {
     let f = fixture();
     let p = Pipeline::demo(&Device::Cpu).expect("demo");
 
+    let f1 = p.flux1("test").expect("FLUX.1");
+
     // Tokenizers: the same ids (lower case, bytes + 1, end token, padding).
-    let t5 = p.text.t5_tokenizer().encode(CAPTION).expect("t5 ids");
-    let clip = p.text.clip_tokenizer().encode(CAPTION).expect("clip ids");
+    let t5 = f1.text.t5_tokenizer().encode(CAPTION).expect("t5 ids");
+    let clip = f1.text.clip_tokenizer().encode(CAPTION).expect("clip ids");
     let want = |k: &str| -> Vec<u32> {
         f[k].flatten_all()
             .expect("flat")
@@ -75,20 +77,20 @@ fn the_demo_model_computes_what_the_trainer_computed() {
     assert_eq!(clip.ids, want("clip_ids"), "CLIP token ids");
 
     // Text encoders.
-    let enc = p.text.encode(CAPTION).expect("encode");
+    let enc = f1.text.encode(CAPTION).expect("encode");
     let r = rel(&enc.txt, &f["txt"]);
     assert!(r < 1e-4, "T5 hidden states differ: {r}");
     let r = rel(&enc.vec, &f["y"]);
     assert!(r < 1e-4, "CLIP pooled output differs: {r}");
 
     // Transformer: one velocity on a fixed latent, t = 0.7, guidance 2.5, an 8x8 patch grid.
-    let r = rel(&velocity(&p.flux, &f), &f["v"]);
+    let r = rel(&velocity(f1.flux, &f), &f["v"]);
     assert!(r < 1e-4, "transformer output differs: {r}");
 
     // Autoencoder, both ways.
-    let r = rel(&p.vae.decode(&f["z"]).expect("decode"), &f["decoded"]);
+    let r = rel(&f1.vae.decode(&f["z"]).expect("decode"), &f["decoded"]);
     assert!(r < 1e-4, "decoded image differs: {r}");
-    let r = rel(&p.vae.encode(&f["image"]).expect("encode"), &f["encoded"]);
+    let r = rel(&f1.vae.encode(&f["image"]).expect("encode"), &f["encoded"]);
     assert!(r < 1e-4, "encoded latent differs: {r}");
 }
 
@@ -167,9 +169,10 @@ fn the_cache_reuses_steps_and_stays_close() {
 fn fp8_products_move_the_velocity_a_little() {
     let f = fixture();
     let p = Pipeline::demo(&Device::Cpu).expect("demo");
-    let fp8 = p.flux.clone().with_fp8_products().expect("fp8");
-    assert!(fp8.fp8_products() && !p.flux.fp8_products());
-    let r = rel(&velocity(&fp8, &f), &velocity(&p.flux, &f));
+    let base = p.flux1("test").expect("FLUX.1").flux;
+    let fp8 = base.clone().with_fp8_products().expect("fp8");
+    assert!(fp8.fp8_products() && !base.fp8_products());
+    let r = rel(&velocity(&fp8, &f), &velocity(base, &f));
     assert!(r > 1e-4 && r < 0.1, "relative change {r}");
 }
 

@@ -298,8 +298,9 @@ fn repainting_one_object_of_a_demo_scene() {
             size,
         )
         .expect("source");
-        let z = p.vae.encode(&x.image).expect("encode");
-        RgbImage::from_tensor(&p.vae.decode(&z).expect("decode")).expect("rgb")
+        let vae = p.flux1("test").expect("FLUX.1").vae;
+        let z = vae.encode(&x.image).expect("encode");
+        RgbImage::from_tensor(&vae.decode(&z).expect("decode")).expect("rgb")
     };
     let round_kept = mean_diff_where(&round, &src, &outside);
     let passed = |s: &parallax::scenes::score::Score, kind: &str, expected: &str| {
@@ -515,7 +516,7 @@ fn every_cache_policy_and_fp8_keep_the_unmasked_source() {
         let prep = p.prepare(&req, &mut |_| Ok(())).expect("prepare");
         let blend = prep.job.blend.clone().expect("a blend");
         let (x, stats) =
-            pipeline::denoise(&p.flux, &prep.job, None, &mut |_| Ok(())).expect("denoise");
+            pipeline::denoise(p.denoiser(), &prep.job, None, &mut |_| Ok(())).expect("denoise");
         (x, blend.source, blend.mask, stats.reused)
     };
     let (reference, _, _, _) = run(&p, None);
@@ -547,10 +548,14 @@ fn every_cache_policy_and_fp8_keep_the_unmasked_source() {
         );
     }
     // FP8 products (simulated on the CPU).
-    p.flux = p
+    let fp8 = p
+        .flux1("test")
+        .expect("FLUX.1")
         .flux
+        .clone()
         .with_fp8_in(parallax::model::flux::Fp8Groups::ALL)
         .expect("fp8");
+    p.set_flux1(fp8).expect("FLUX.1");
     let (x, source, mask, _) = run(&p, None);
     assert_eq!(kept_exactly(&x, &source, &mask), 0.0, "fp8");
     let rel = parallax::pipeline::metrics::relative_error(&x, &reference).expect("rel");
@@ -739,9 +744,9 @@ fn outpainting_extends_a_demo_scene() {
     // The source area (8 px from the seam, away from the DEMO label) against the source, and
     // the autoencoder's round trip of the extended canvas there.
     let canvas = img2img::load_source(&init, 256, 256).expect("canvas");
+    let vae = p.flux1("test").expect("FLUX.1").vae;
     let round = RgbImage::from_tensor(
-        &p.vae
-            .decode(&p.vae.encode(&canvas.image).expect("encode"))
+        &vae.decode(&vae.encode(&canvas.image).expect("encode"))
             .expect("decode"),
     )
     .expect("rgb");

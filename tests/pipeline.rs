@@ -111,10 +111,11 @@ fn cache_threshold_zero_equals_plain_loop_exactly() {
     assert_eq!((g.stats.computed, g.stats.reused), (6, 0));
 
     // The First Block Cache machinery with threshold 0 gives bit-identical latents to no cache.
-    let enc = p.text.encode("a red fox").expect("enc");
+    let f1 = p.flux1("test").expect("FLUX.1");
+    let enc = f1.text.encode("a red fox").expect("enc");
     let noise = p.noise(9, 64, 64).expect("noise");
     let x = pack_latent(&noise).expect("pack");
-    let pe = p
+    let pe = f1
         .flux
         .pos_embed(enc.txt.dim(1).expect("dim"), 4, 4)
         .expect("pe");
@@ -125,7 +126,7 @@ fn cache_threshold_zero_equals_plain_loop_exactly() {
     let ts = parallax::pipeline::schedule::timesteps(6, 16, true);
     let run = |policy: &mut dyn CachePolicy| {
         sampler::denoise(
-            &p.flux,
+            f1.flux,
             &cond,
             &pe,
             x.clone(),

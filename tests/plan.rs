@@ -100,7 +100,7 @@ fn the_model_ranks_cpu_layouts_as_measured() -> anyhow::Result<()> {
     let (cal, link) = measure_cpu()?;
     eprintln!("{}\n{}", cal.source, link.source);
     let engine = Engine::load(ModelChoice::named("random:tiny"), "cpu")?;
-    let cfg = engine.primary().flux.config().clone();
+    let cfg = engine.primary().flux1("test")?.flux.config().clone();
     let size = 128;
     let r = req(size);
     let shape = Shape::of_model(&cfg, (size, size), 4);

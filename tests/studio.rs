@@ -1442,3 +1442,70 @@ fn a_dropped_image_gives_its_settings() {
         "{said:?}"
     );
 }
+
+/// A FLUX.2 klein folder picked as the model (`random:klein-tiny` written in the diffusers
+/// layout) loads and generates in the studio: the image on screen is the one `random:klein-tiny`
+/// makes in process with the same settings.
+#[test]
+fn a_klein_folder_loads_and_generates() {
+    use parallax::model::export::ExportLayout;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("klein");
+    parallax::model::klein_export::write_tiny(&model, ExportLayout::Diffusers).expect("write");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    h.state_mut().settings.model = model.display().to_string();
+    h.get_by_label("Load").click();
+    step_until(&mut h, "the klein model", |a| match &a.view.model {
+        ModelStatus::Ready(s) => s.contains("(klein)"),
+        ModelStatus::Failed { .. } => true,
+        _ => false,
+    });
+    assert!(
+        matches!(&h.state().view.model, ModelStatus::Ready(_)),
+        "{:?}",
+        h.state().view.model
+    );
+    {
+        let r = &mut h.state_mut().settings.request;
+        (r.width, r.height, r.steps, r.seed) = (64, 64, Some(2), 7);
+        r.prompt = "a red fox".into();
+    }
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    let shown = h.state().view.result.as_ref().expect("an image on screen");
+    let settings = shown.result.generated.settings.clone();
+    assert_eq!(settings.model, model.display().to_string());
+    assert!(
+        settings.schedule.starts_with("flux2"),
+        "{}",
+        settings.schedule
+    );
+    let r = parallax::model::layout::resolve("random:klein-tiny", None).expect("resolve");
+    let p = Pipeline::load(
+        &r,
+        "random:klein-tiny",
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .expect("random:klein-tiny");
+    let want = p
+        .generate(&settings.to_request(), &mut |_| Ok(()))
+        .expect("generate")
+        .image;
+    assert_eq!((want.width, want.height), (64, 64));
+    let d = want
+        .data
+        .iter()
+        .zip(&shown.image.data)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(255);
+    // The studio may split the run over CPU workers (its automatic layout): up to rounding of
+    // the attention's all-to-all order.
+    assert!(
+        d <= 2,
+        "studio's klein image against random:klein-tiny: {d} of 255"
+    );
+}

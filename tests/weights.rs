@@ -595,8 +595,9 @@ fn bf16_model_from_files_generates_on_the_cpu() {
     write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     let p = Pipeline::load(&resolved, "bf16", DType::BF16, &Device::Cpu).expect("load");
-    assert_eq!(p.flux.dtype(), DType::BF16);
-    assert_eq!(p.vae.dtype(), DType::F32);
+    let f1 = p.flux1("test").expect("FLUX.1");
+    assert_eq!(f1.flux.dtype(), DType::BF16);
+    assert_eq!(f1.vae.dtype(), DType::F32);
     let g = p
         .generate(
             &GenerateRequest {
@@ -745,10 +746,14 @@ fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
     write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
     let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
     let mut whole = Pipeline::load(&resolved, "whole", DType::F32, &Device::Cpu).expect("load");
-    whole.flux = whole
+    let fp8 = whole
+        .flux1("test")
+        .expect("FLUX.1")
         .flux
+        .clone()
         .with_fp8_in(Fp8Groups::ALL_AND_MODULATIONS)
         .expect("convert");
+    whole.set_flux1(fp8).expect("FLUX.1");
     let opts = LoadOptions {
         fp8: Fp8Groups::ALL_AND_MODULATIONS,
         lean: true,
@@ -757,8 +762,9 @@ fn memory_budget_loading_gives_the_image_of_converting_after_loading() {
     };
     let lean =
         Pipeline::load_with(&resolved, "lean", DType::F32, &Device::Cpu, opts).expect("lean");
-    assert_eq!(lean.text.t5_residency(), T5Residency::OnDemand);
-    assert!(lean.flux.fp8_products());
+    let f1 = lean.flux1("test").expect("FLUX.1");
+    assert_eq!(f1.text.t5_residency(), T5Residency::OnDemand);
+    assert!(f1.flux.fp8_products());
     for prompt in ["a red circle on the left", "two blue squares"] {
         let req = GenerateRequest {
             prompt: prompt.into(),

@@ -75,7 +75,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
             prep.settings.width,
             prep.settings.height,
         );
-        job.denoise_with(&p.flux, &mut cal, &mut |_| Ok(()))?;
+        job.denoise_with(p.denoiser(), &mut cal, &mut |_| Ok(()))?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -58,15 +58,16 @@ fn flux_replica(
 ) -> anyhow::Result<crate::model::flux::Flux> {
     if p.synthetic && p.variant != crate::model::layout::Variant::Demo {
         let dev = crate::device::parse(&model.device)?;
+        let flux = p.flux1("the displaced-patch error measure")?.flux;
         return Ok(crate::pipeline::random_transformer(
-            p.flux.config(),
-            p.flux.dtype(),
+            flux.config(),
+            flux.dtype(),
             &dev,
             Default::default(),
         )?);
     }
     let p = crate::engine::load_pipeline(&model.choice(), &model.device)?;
-    Ok(p.flux1("the displaced-patch error measure")?.clone())
+    Ok(p.flux1("the displaced-patch error measure")?.flux.clone())
 }
 
 pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
@@ -92,12 +93,12 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         )
         .collect::<anyhow::Result<Vec<_>>>()?;
     let p = crate::engine::load_pipeline(&a.model.choice(), &a.model.device)?;
-    p.flux1("the displaced-patch error measure")?;
+    let flux = p.flux1("the displaced-patch error measure")?.flux;
     let req = request_for(p.is_demo(), &a.sample);
     let prep = p.prepare(&req, &mut |_| Ok(()))?;
     let job = &prep.job;
     let t0 = std::time::Instant::now();
-    let (reference, _) = crate::pipeline::denoise(&p.flux, job, None, &mut |_| Ok(()))?;
+    let (reference, _) = crate::pipeline::denoise(flux, job, None, &mut |_| Ok(()))?;
     let one_ms = t0.elapsed().as_secs_f64() * 1e3;
     // The ranks' threads queue on streams of their own: the job must be written first.
     crate::device::synchronize(p.device())?;
@@ -143,7 +144,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         let stages: Vec<(crate::model::flux::Flux, crate::pipeline::DenoiseJob)> = match cell {
             Cell::PipeFusion(..) if !p.device().is_cpu() => (0..world)
                 .map(|r| {
-                    let blocks = stage_blocks(p.flux.config().num_blocks(), n, r / uly);
+                    let blocks = stage_blocks(flux.config().num_blocks(), n, r / uly);
                     let flux = flux_replica(&p, &a.model)?.only_blocks(blocks);
                     let sjob = crate::parallel::ranks::job_on(job, flux.device())?;
                     crate::device::synchronize(flux.device())?;
@@ -157,7 +158,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                 Cell::PipeFusion(..) => stages.get(rank),
                 Cell::Displaced(..) => replicas.get(rank),
             };
-            let (flux, job) = own.map_or((&p.flux, job), |(f, j)| (f, j));
+            let (flux, job) = own.map_or((flux, job), |(f, j)| (f, j));
             crate::device::bind_thread(flux.device())
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             tracing::debug!(rank, "rank bound to its device");
@@ -221,7 +222,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
                 "ms": ms,
                 "stage_blocks": outs.iter().map(|(_, _, b)| format!("{}..{}", b.start, b.end)).collect::<Vec<_>>(),
                 "stage_weight_bytes": outs.iter().map(|(_, b, _)| *b).collect::<Vec<_>>(),
-                "one_device_weight_bytes": p.flux.weight_bytes(),
+                "one_device_weight_bytes": flux.weight_bytes(),
             }),
         });
     }
@@ -230,7 +231,7 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "model": p.label,
             "device": crate::device::describe(p.device()),
-            "dtype": format!("{:?}", p.flux.dtype()),
+            "dtype": format!("{:?}", flux.dtype()),
             "width": prep.settings.width,
             "height": prep.settings.height,
             "steps": prep.settings.steps,

@@ -73,20 +73,20 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     }
     choice.precision = Precision::Native;
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
-    p.flux1("the FP8 error measure")?;
+    let flux = p.flux1("the FP8 error measure")?.flux;
     let req = request_for(p.is_demo(), &a.sample);
     let prep = p.prepare(&req, &mut |_| Ok(()))?;
     let job = &prep.job;
-    let inputs = three_step_inputs(&p.flux, job)?;
-    let dtype = p.flux.dtype();
+    let inputs = three_step_inputs(flux, job)?;
+    let dtype = flux.dtype();
     let velocity = |f: &Flux, t: f64, x: &candle_core::Tensor| velocity_at(f, job, t, x);
     let reference: Vec<_> = inputs
         .iter()
-        .map(|(t, x)| velocity(&p.flux, *t, x))
+        .map(|(t, x)| velocity(flux, *t, x))
         .collect::<anyhow::Result<_>>()?;
     let mut rows = Vec::new();
     for (name, groups) in Fp8Groups::each() {
-        let f = p.flux.clone().with_fp8_in(groups)?;
+        let f = flux.clone().with_fp8_in(groups)?;
         let errs = inputs
             .iter()
             .zip(&reference)

@@ -173,10 +173,11 @@ pub fn error(a: GgufErrorArgs) -> anyhow::Result<()> {
     };
     let reference_images = generate_all(&native)?;
     let prep = native.prepare(&requests[0], &mut |_| Ok(()))?;
-    let inputs = super::fp8_error::three_step_inputs(&native.flux, &prep.job)?;
+    let native_flux = native.flux1("the GGUF error table")?.flux;
+    let inputs = super::fp8_error::three_step_inputs(native_flux, &prep.job)?;
     let reference_v = inputs
         .iter()
-        .map(|(t, x)| super::fp8_error::velocity_at(&native.flux, &prep.job, *t, x))
+        .map(|(t, x)| super::fp8_error::velocity_at(native_flux, &prep.job, *t, x))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let source_bytes = std::fs::metadata(&source)?.len();
     let mut rows = Vec::new();
@@ -189,7 +190,12 @@ pub fn error(a: GgufErrorArgs) -> anyhow::Result<()> {
             .iter()
             .zip(&reference_v)
             .map(|((t, x), v)| {
-                let q = super::fp8_error::velocity_at(&p.flux, &prep.job, *t, x)?;
+                let q = super::fp8_error::velocity_at(
+                    p.flux1("the GGUF error table")?.flux,
+                    &prep.job,
+                    *t,
+                    x,
+                )?;
                 Ok(metrics::relative_error(&q, v)?)
             })
             .collect::<anyhow::Result<Vec<f64>>>()?;

@@ -723,6 +723,7 @@ fn is_demo(resolved: &Resolved) -> bool {
         ModelSpec::Files(f) => f.demo,
         ModelSpec::Random(_) => false,
         ModelSpec::RandomKlein(k) => *k == crate::model::klein::RandomKlein::Tiny,
+        ModelSpec::Klein(f) => f.demo,
     }
 }
 
@@ -892,7 +893,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     };
     let req = request_with(p.is_demo(), &sample, &a.source);
     p.settings_for(&req)?;
-    let heads = p.flux.config().num_heads;
+    let heads = p.denoiser().num_heads();
     let (layout, _) = LayoutChoice::Degrees(a.degrees).resolve(
         world,
         heads,
@@ -1076,7 +1077,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     engine.set_lora_merge(a.lora_merge);
     let p = engine.primary();
-    if p.family.is_some() {
+    if p.model.as_flux1().is_none() {
         eprintln!(
             "DEMO model: {}'s structure with made-up weights; its images are noise.",
             p.label
@@ -1214,7 +1215,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     let load_start = Instant::now();
     let p = load_pipeline(&a.model.choice(), &a.model.device)?;
-    p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
+    let f1 = p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     one_cache(&a.sample)?;
@@ -1267,10 +1268,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let pool_peak = crate::device::memory_peak(&dev)?;
     let stats = last.map(|g| g.stats).unwrap_or_default();
     let img_tokens = (settings.width / 16) * (settings.height / 16);
-    let flops = p
+    let flops = f1
         .flux
         .config()
-        .flops_per_step(p.text.t5_max_len(), img_tokens);
+        .flops_per_step(f1.text.t5_max_len(), img_tokens);
     let step_median = median(&all_steps);
     let floor_ms = flops / (a.peak_tflops * 1e12) * 1e3;
     let report = serde_json::json!({
@@ -1291,19 +1292,19 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "warmup": a.warmup,
         "runs": a.runs,
         "load_ms": load_ms,
-        "tokens": { "text": p.text.t5_max_len(), "image": img_tokens },
+        "tokens": { "text": f1.text.t5_max_len(), "image": img_tokens },
         "tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / (step_median * 1e-3) / 1e12,
         "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
-        "attention": p.flux.attention().name(),
+        "attention": f1.flux.attention().name(),
         "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         "gpu_pool_peak_mib": pool_peak.map(|p| serde_json::json!({
             "allocated": p.allocated as f64 / (1024.0 * 1024.0),
             "reserved": p.reserved as f64 / (1024.0 * 1024.0),
         })),
         "memory_budget_mib": a.model.choice().memory_budget_mib,
-        "t5": format!("{:?}", p.text.t5_residency()),
-        "transformer_weights_mib": p.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
+        "t5": format!("{:?}", f1.text.t5_residency()),
+        "transformer_weights_mib": f1.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
         "step_ms": {
             "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),
@@ -1554,6 +1555,25 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 c.hidden_size, c.num_heads, c.depth, c.depth_single_blocks, c.context_in_dim
             );
         }
+        ModelSpec::Klein(f) => {
+            let c = f.config()?;
+            println!(
+                "  kind: FLUX.2 klein, {}",
+                if f.distilled { "distilled" } else { "Base" }
+            );
+            println!(
+                "  transformer: {}; hidden {}, {} heads, {} double + {} single blocks, text width {}",
+                f.transformer.display(),
+                c.hidden_size,
+                c.num_heads,
+                c.depth,
+                c.depth_single_blocks,
+                c.context_in_dim
+            );
+            println!("  autoencoder: {}", f.vae.display());
+            println!("  text encoder: Qwen3 at {}", f.text_encoder.display());
+            println!("  tokenizer: {}", f.tokenizer.display());
+        }
         ModelSpec::Demo => {
             let cfg = crate::model::flux::FluxConfig::demo();
             println!(
@@ -1616,6 +1636,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     }
     let heads = match &resolved.spec {
         ModelSpec::RandomKlein(k) => k.config().num_heads,
+        ModelSpec::Klein(f) => f.config()?.num_heads,
         _ => model_config(&resolved)?.num_heads,
     };
     // A placement this machine cannot run is reported, and the rest still printed.

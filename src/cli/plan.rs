@@ -211,7 +211,12 @@ pub fn measure_step(
 pub fn measure_cpu() -> anyhow::Result<(Calibration, Link)> {
     let link = measure_cpu_link()?;
     let engine = Engine::load(ModelChoice::named("random:tiny"), "cpu")?;
-    let cfg = engine.primary().flux.config().clone();
+    let cfg = engine
+        .primary()
+        .flux1("the CPU calibration")?
+        .flux
+        .config()
+        .clone();
     let mut samples = Vec::new();
     let mut seen = Vec::new();
     // One worker on the whole sequence at two sizes, and two PipeFusion stages on 16 patches

@@ -137,6 +137,7 @@ fn dtype_for(choice: DTypeChoice, spec: &ModelSpec) -> DType {
     match (choice, spec) {
         (DTypeChoice::Auto, ModelSpec::Demo | ModelSpec::Random(Variant::Demo)) => DType::F32,
         (DTypeChoice::Auto, ModelSpec::Files(f)) if f.demo => DType::F32,
+        (DTypeChoice::Auto, ModelSpec::Klein(f)) if f.demo => DType::F32,
         (DTypeChoice::Auto, ModelSpec::RandomKlein(crate::model::klein::RandomKlein::Tiny)) => {
             DType::F32
         }
@@ -204,7 +205,8 @@ pub fn load_pipeline_blocks(
     let t0 = Instant::now();
     let p = Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts)
         .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
-    if p.flux.fp8_products() && !dev.is_cpu() && !p.flux.fp8_kernels() {
+    let fp8 = p.model.as_flux1().map(|f| f.flux);
+    if fp8.is_some_and(|f| f.fp8_products() && !dev.is_cpu() && !f.fp8_kernels()) {
         tracing::warn!(
             "--precision fp8: FP8 products need bf16 on an sm_89 or newer GPU; here they are \
              simulated (rounding in {dtype:?}): FP8's quality, not its speed"
@@ -290,6 +292,12 @@ pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
         ModelSpec::Random(Variant::Schnell) => Ok(FluxConfig::schnell()),
         ModelSpec::Random(_) => Ok(FluxConfig::dev()),
         ModelSpec::RandomKlein(k) => Err(k.unsupported("memory planning")),
+        ModelSpec::Klein(f) => Err(crate::Error::setting(
+            "model",
+            f.transformer.display(),
+            "memory planning runs FLUX.1 models only so far; FLUX.2 klein runs through \
+             `parallax generate` without it",
+        )),
         ModelSpec::Files(f) => match &f.transformer_layout {
             TransformerLayout::Diffusers if f.transformer.join("config.json").is_file() => {
                 layout::flux_config_from_diffusers_json(&f.transformer.join("config.json"))

@@ -163,14 +163,14 @@ impl Engine {
     /// Check `placement` for requests like `req` on this model and the GPUs present.
     pub fn plan(&self, placement: &Placement, req: &GenerateRequest) -> Result<Plan> {
         let p = self.primary();
-        let (heads, hints) = match &p.family {
+        let (heads, hints) = match p.model.as_flux1() {
             Some(f) => (
-                f.denoiser.num_heads(),
-                family_hints(f.denoiser.num_blocks()),
+                f.flux.config().num_heads,
+                auto_hints(f.flux.config(), placement),
             ),
             None => (
-                p.flux.config().num_heads,
-                auto_hints(p.flux.config(), placement),
+                p.denoiser().num_heads(),
+                family_hints(p.denoiser().num_blocks()),
             ),
         };
         placement.plan_with(
@@ -185,9 +185,7 @@ impl Engine {
     /// under PipeFusion a GPU rank needs only its stage's blocks.
     fn slots(&self, plan: &Plan) -> Vec<Slot> {
         // A family other than FLUX.1 loads whole (its loader refuses a share of blocks).
-        let p = self.primary();
-        let cfg = p.flux.config();
-        let staged = p.family.is_none();
+        let cfg = self.primary().model.as_flux1().map(|f| f.flux.config());
         plan.ranks
             .iter()
             .enumerate()
@@ -198,11 +196,7 @@ impl Engine {
                 } else {
                     plan.ranks[..r].iter().filter(|e| *e == d).count()
                 },
-                blocks: if staged {
-                    Self::stage_of(plan, r, cfg)
-                } else {
-                    None
-                },
+                blocks: cfg.and_then(|cfg| Self::stage_of(plan, r, cfg)),
             })
             .collect()
     }
@@ -389,12 +383,17 @@ fn on_gpus(
 ) -> Result<Generated> {
     let devices: Vec<candle_core::Device> = pipes.iter().map(|p| p.device().clone()).collect();
     // Each rank's transformer with the request's LoRAs (a PipeFusion stage: its blocks' share).
-    let with_loras = pipes
+    let models = pipes
         .iter()
-        .map(|p| p.flux_for(req))
+        .map(|p| p.denoiser_for(req))
         .collect::<Result<Vec<_>>>()?;
-    let models: Vec<&crate::model::flux::Flux> = with_loras.iter().map(|f| f.as_ref()).collect();
-    let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes.iter().map(|p| &p.vae).collect();
+    // FLUX.1's autoencoders decode in row bands over the GPUs; another family's decodes on
+    // rank 0's.
+    let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes
+        .iter()
+        .map(|p| p.model.as_flux1().map(|f| f.vae))
+        .collect::<Option<_>>()
+        .unwrap_or_default();
     crate::parallel::ranks::generate_on_gpus(
         pipes[0], &models, &vaes, &devices, layout, req, progress,
     )
@@ -469,8 +468,13 @@ pub fn layout_facts(
     resolved: &crate::model::layout::Resolved,
     placement: &Placement,
 ) -> Result<(usize, crate::parallel::mesh::AutoHints)> {
-    if let crate::model::layout::ModelSpec::RandomKlein(k) = &resolved.spec {
-        let c = k.config();
+    use crate::model::layout::ModelSpec;
+    let klein = match &resolved.spec {
+        ModelSpec::RandomKlein(k) => Some(k.config()),
+        ModelSpec::Klein(f) => Some(f.config()?),
+        _ => None,
+    };
+    if let Some(c) = klein {
         return Ok((c.num_heads, family_hints(c.num_blocks())));
     }
     let cfg = model_config(resolved)?;

@@ -112,7 +112,7 @@ impl DemoSource {
 }
 
 /// Capture the canonical tensors a model asks for when built from `backend`.
-fn capture<T>(
+pub(crate) fn capture<T>(
     backend: Box<dyn SimpleBackend>,
     build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
 ) -> Result<Vec<(String, Tensor)>> {
@@ -129,13 +129,13 @@ fn capture<T>(
     Ok(tensors)
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::Image(format!("serialising {}: {e}", path.display())))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-fn mkdir(path: &Path) -> Result<()> {
+pub(crate) fn mkdir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))
 }
 

@@ -86,6 +86,11 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     fn keep_blocks(&self, blocks: Range<usize>) -> Arc<dyn Denoiser>;
     /// Bytes the weights hold on their device.
     fn weight_bytes(&self) -> usize;
+    /// The model as its own type, for a family's own features (FLUX.1's FP8 groups and LoRAs);
+    /// `None` where the family offers none.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A transformer's parameters by kind: what a memory estimate counts (and FP8 converts). A
@@ -158,6 +163,10 @@ pub trait TextEncoder: Send + Sync {
     /// `prompt` encoded, in `dtype`.
     fn encode_prompt(&self, prompt: &str, dtype: DType) -> crate::Result<PromptEmbedding>;
     fn device(&self) -> &Device;
+    /// The encoder as its own type, for a family's own features; `None` where it offers none.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// How a family's latent looks and packs into tokens.
@@ -208,6 +217,11 @@ pub trait LatentCodec: Send + Sync {
     fn device(&self) -> &Device;
     /// The dtype its weights hold.
     fn dtype(&self) -> DType;
+    /// The autoencoder as its own type, for a family's own features (FLUX.1's split decode and
+    /// image-to-image encoder); `None` where it offers none.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A model family in the registry: its name, how its checkpoints are told apart, and its tiny

@@ -115,6 +115,9 @@ pub enum ModelSpec {
     /// `random:klein-9b`): [`super::klein::random_model`] makes it.
     RandomKlein(super::klein::RandomKlein),
     Files(ModelFiles),
+    /// FLUX.2 klein from files (a diffusers folder, or Black Forest Labs' transformer file with
+    /// its parts): [`super::klein::files`].
+    Klein(super::klein::files::KleinFiles),
 }
 
 /// Where the user put a model's parts, when not beside the transformer: `--text-encoders` (a
@@ -210,6 +213,29 @@ pub fn resolve_parts(name: &str, parts: &PartPaths) -> Result<Resolved> {
             reason: "no such file or folder; give a path, `demo`, `dev`, `schnell` or a Hugging Face repo id".into(),
         });
     };
+    if super::klein::files::is_klein(&path) {
+        let named = super::klein::files::NamedParts {
+            vae: parts.vae.as_deref(),
+            text: parts.text_encoders.as_deref(),
+        };
+        let mut files = super::klein::files::resolve(&path, named, &mut reasons)?;
+        let root = if path.is_dir() {
+            path.as_path()
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        files.demo = root.join(DEMO_MARKER).is_file();
+        if files.demo {
+            reasons.push(format!(
+                "{} holds {DEMO_MARKER}: made-up weights, not FLUX.2 klein",
+                root.display()
+            ));
+        }
+        return Ok(Resolved {
+            spec: ModelSpec::Klein(files),
+            reasons,
+        });
+    }
     let files = if path.is_dir() {
         resolve_dir(&path, parts, &mut reasons)?
     } else {

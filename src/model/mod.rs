@@ -12,6 +12,7 @@ pub mod flux1;
 pub mod gguf;
 pub mod hub;
 pub mod klein;
+pub mod klein_export;
 pub mod layout;
 pub mod linear;
 pub mod lora;

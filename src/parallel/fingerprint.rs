@@ -90,6 +90,12 @@ pub fn model_identity(spec: &ModelSpec) -> String {
         ModelSpec::Demo => "demo".into(),
         ModelSpec::Random(v) => format!("random:{v:?}"),
         ModelSpec::RandomKlein(k) => format!("random:{}", k.name()),
+        ModelSpec::Klein(f) => format!(
+            "klein transformer {}, autoencoder {}, text encoder {}",
+            identity(&f.transformer),
+            identity(&f.vae),
+            identity(&f.text_encoder)
+        ),
         ModelSpec::Files(f) => format!(
             "transformer {}, autoencoder {}",
             identity(&f.transformer),

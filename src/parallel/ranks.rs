@@ -154,12 +154,13 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
 
 /// One GPU per rank, one worker thread per GPU, NCCL between them. Rank r runs `models[r]` and
 /// `vaes[r]` on `devices[r]`; rank 0's are the pipeline's own (on its device). Text encoding
-/// stays on rank 0's GPU; the decode is split in row bands over every GPU (halo rows and
-/// GroupNorm statistics through NCCL), the image gathered on rank 0's.
+/// stays on rank 0's GPU; FLUX.1's decode is split in row bands over every GPU (halo rows and
+/// GroupNorm statistics through NCCL), the image gathered on rank 0's. `vaes` is empty for a
+/// family other than FLUX.1: its autoencoder decodes on rank 0's GPU.
 #[cfg(feature = "cuda")]
 pub fn generate_on_gpus(
     p: &Pipeline,
-    models: &[&crate::model::flux::Flux],
+    models: &[Arc<dyn Denoiser>],
     vaes: &[&crate::model::vae::AutoEncoder],
     devices: &[Device],
     layout: ParallelLayout,
@@ -167,7 +168,11 @@ pub fn generate_on_gpus(
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let mesh = check_layout(p, layout, req)?;
-    if devices.len() != mesh.world() || models.len() != mesh.world() || vaes.len() != mesh.world() {
+    let flux1 = p.model.as_flux1().is_some();
+    if devices.len() != mesh.world()
+        || models.len() != mesh.world()
+        || (flux1 && vaes.len() != mesh.world())
+    {
         return Err(Error::setting(
             "devices",
             format!("{} GPUs", devices.len()),
@@ -188,11 +193,7 @@ pub fn generate_on_gpus(
         let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
         Ok(super::vae::decode_across(vaes, &comms, z)?)
     };
-    let models: Vec<Arc<dyn Denoiser>> = models
-        .iter()
-        .map(|m| Arc::new((*m).clone()) as Arc<dyn Denoiser>)
-        .collect();
-    generate_ranks(p, &mesh, &models, groups, req, progress, &decode)
+    generate_ranks(p, &mesh, models, groups, req, progress, &decode)
 }
 
 /// A copy of `job` on `device` (every rank's inputs live on its own GPU).

@@ -253,7 +253,7 @@ impl DenoiseJob {
     /// watch or measure the loop: calibration, FP8 error).
     pub fn denoise_with(
         &self,
-        flux: &Flux,
+        flux: &dyn Denoiser,
         policy: &mut dyn cache::CachePolicy,
         on_step: &mut dyn FnMut(&sampler::StepInfo) -> Result<()>,
     ) -> Result<(Tensor, CacheStats)> {
@@ -296,18 +296,12 @@ impl LoadOptions {
 /// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
 pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
 
-/// The three models of FLUX.1, loaded and ready; or another family's ([`Pipeline::family`]).
+/// A model loaded and ready: its transformer, text encoding and autoencoder behind the family
+/// traits ([`Pipeline::model`]), whatever its family. FLUX.1's own features (FP8 groups, LoRAs,
+/// the split decode, image-to-image) reach its parts through [`Pipeline::flux1`].
 pub struct Pipeline {
-    /// FLUX.1's transformer. For a model of another family ([`Pipeline::family`] set) this and
-    /// `vae`, `text` hold the tiny `random:tiny` parts, which nothing generates with: the
-    /// generate path runs [`Pipeline::denoiser`], [`Pipeline::text_encoder`] and
-    /// [`Pipeline::codec`], and the FLUX.1-only features refuse such a model.
-    pub flux: Flux,
-    pub vae: AutoEncoder,
-    pub text: TextEncoders,
-    /// The model when it is of a family other than FLUX.1 (FLUX.2 klein), run through the family
-    /// traits.
-    pub family: Option<FamilyModel>,
+    /// The model's parts behind the family traits.
+    pub model: FamilyModel,
     pub variant: Variant,
     /// How the user named the model.
     pub label: String,
@@ -317,36 +311,103 @@ pub struct Pipeline {
     pub lora_cache: LoraCache,
 }
 
-/// A model of a family other than FLUX.1 (FLUX.2 klein) as the generate path runs it: its
-/// transformer, text encoder and autoencoder behind the family traits.
+/// A model as the generate path runs it, whatever its family: its transformer, text encoder and
+/// autoencoder behind the family traits, and the defaults of its sampling.
 pub struct FamilyModel {
     pub denoiser: Arc<dyn Denoiser>,
     pub text: Box<dyn TextEncoder>,
     pub codec: Box<dyn LatentCodec>,
     /// Steps when the request names none.
     pub default_steps: usize,
+    /// Distilled guidance when the request names none (0 for a family without it).
+    pub default_guidance: f64,
+    /// The family's timestep schedule.
+    pub schedule: Schedule,
+}
+
+/// A family's flow-matching timestep schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// FLUX.1's: dev's shifted one (`true`), schnell's linear one (`false`).
+    Flux1 { shifted: bool },
+    /// FLUX.2's: mu fitted by image tokens and steps.
+    Flux2,
+}
+
+impl Schedule {
+    /// The `steps + 1` times for `tokens` image tokens.
+    pub fn timesteps(&self, steps: usize, tokens: usize) -> Vec<f64> {
+        match self {
+            Self::Flux1 { shifted } => schedule::timesteps(steps, tokens, *shifted),
+            Self::Flux2 => schedule::flux2_timesteps(steps, tokens),
+        }
+    }
+
+    /// What an image's settings record of it.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Flux1 { shifted: true } => "shifted(mu: 0.5@256 -> 1.15@4096 tokens)",
+            Self::Flux1 { shifted: false } => "linear",
+            Self::Flux2 => "flux2(empirical mu by tokens and steps)",
+        }
+    }
+}
+
+/// FLUX.1's parts as their own types: what FLUX.1's own features use ([`Pipeline::flux1`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Flux1<'a> {
+    pub flux: &'a Flux,
+    pub vae: &'a AutoEncoder,
+    pub text: &'a TextEncoders,
 }
 
 impl FamilyModel {
+    /// FLUX.1's transformer, autoencoder and T5 + CLIP, with `variant`'s defaults.
+    pub fn flux1(flux: Flux, vae: AutoEncoder, text: TextEncoders, variant: Variant) -> Self {
+        Self {
+            denoiser: Arc::new(flux),
+            text: Box::new(text),
+            codec: Box::new(vae),
+            default_steps: variant.default_steps(),
+            default_guidance: variant.default_guidance(),
+            schedule: Schedule::Flux1 {
+                shifted: variant.shifted_schedule(),
+            },
+        }
+    }
+
     /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
     /// [`crate::model::klein::random_text`]): 4 steps by default, as the distilled klein runs.
     pub fn random_klein(kind: RandomKlein, dtype: DType, device: &Device) -> Result<Self> {
         let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
         let text = crate::model::klein::random_text(kind, dtype, device)?;
-        Ok(Self {
-            denoiser: Arc::new(t),
-            text: Box::new(text),
-            codec: Box::new(vae),
-            default_steps: 4,
-        })
+        Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }
 
-    /// The schedule's `steps + 1` times for `tokens` image tokens, and its description.
-    fn timesteps(&self, steps: usize, tokens: usize) -> (Vec<f64>, &'static str) {
-        (
-            schedule::flux2_timesteps(steps, tokens),
-            "flux2(empirical mu by tokens and steps)",
-        )
+    /// A FLUX.2 klein model from its parts: the distilled klein's defaults (4 steps, no
+    /// guidance embedding), FLUX.2's schedule.
+    pub fn klein(
+        denoiser: Arc<dyn Denoiser>,
+        text: Box<dyn TextEncoder>,
+        codec: Box<dyn LatentCodec>,
+    ) -> Self {
+        Self {
+            denoiser,
+            text,
+            codec,
+            default_steps: 4,
+            default_guidance: 0.0,
+            schedule: Schedule::Flux2,
+        }
+    }
+
+    /// FLUX.1's parts as their own types, when this model is FLUX.1's.
+    pub fn as_flux1(&self) -> Option<Flux1<'_>> {
+        Some(Flux1 {
+            flux: self.denoiser.as_any()?.downcast_ref()?,
+            vae: self.codec.as_any()?.downcast_ref()?,
+            text: self.text.as_any()?.downcast_ref()?,
+        })
     }
 }
 
@@ -363,8 +424,8 @@ impl std::fmt::Debug for Pipeline {
         f.debug_struct("Pipeline")
             .field("label", &self.label)
             .field("variant", &self.variant)
-            .field("flux", &self.flux)
-            .field("family", &self.family.as_ref().map(|f| f.denoiser.family()))
+            .field("family", &self.model.denoiser.family())
+            .field("denoiser", &self.model.denoiser)
             .finish()
     }
 }
@@ -376,16 +437,14 @@ impl Pipeline {
     pub fn demo(device: &Device) -> Result<Self> {
         use crate::model::demo;
         let dtype = DType::F32;
-        Ok(Self {
-            flux: demo::transformer(dtype, device)?,
-            vae: demo::autoencoder(dtype, device)?,
-            text: demo::text_encoders(dtype, device)?,
-            variant: Variant::Demo,
-            label: "demo".into(),
-            synthetic: true,
-            family: None,
-            lora_cache: LoraCache::default(),
-        })
+        Ok(Self::of_flux1(
+            demo::transformer(dtype, device)?,
+            demo::autoencoder(dtype, device)?,
+            demo::text_encoders(dtype, device)?,
+            Variant::Demo,
+            "demo",
+            true,
+        ))
     }
 
     /// A tiny model with FLUX's structure and made-up weights generated from fixed seeds
@@ -403,16 +462,14 @@ impl Pipeline {
             DemoWeights::new(seeds.vae).var_builder(dtype, device),
         )?;
         let text = TextEncoders::demo(seeds.text, device)?;
-        Ok(Self {
+        Ok(Self::of_flux1(
             flux,
             vae,
             text,
-            variant: Variant::Demo,
-            label: "random:tiny".into(),
-            synthetic: true,
-            family: None,
-            lora_cache: LoraCache::default(),
-        })
+            Variant::Demo,
+            "random:tiny",
+            true,
+        ))
     }
 
     /// FLUX.1's real architecture and sizes (transformer, autoencoder, T5-XXL, CLIP-L) with random
@@ -478,16 +535,32 @@ impl Pipeline {
                 )?
             }
         };
-        Ok(Self {
+        Ok(Self::of_flux1(
             flux,
             vae,
             text,
             variant,
-            label: format!("random:{}", variant.name()),
-            synthetic: true,
-            family: None,
+            &format!("random:{}", variant.name()),
+            true,
+        ))
+    }
+
+    /// A pipeline of FLUX.1's parts.
+    fn of_flux1(
+        flux: Flux,
+        vae: AutoEncoder,
+        text: TextEncoders,
+        variant: Variant,
+        label: &str,
+        synthetic: bool,
+    ) -> Self {
+        Self {
+            model: FamilyModel::flux1(flux, vae, text, variant),
+            variant,
+            label: label.to_string(),
+            synthetic,
             lora_cache: LoraCache::default(),
-        })
+        }
     }
 
     /// Load a resolved model.
@@ -508,14 +581,21 @@ impl Pipeline {
             ModelSpec::Demo => Self::demo(device)?,
             ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
             ModelSpec::RandomKlein(k) => return Self::random_klein(*k, dtype, device, opts),
+            ModelSpec::Klein(files) => return Self::load_klein(files, label, dtype, device, opts),
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
-        if opts.fp8 != Fp8Groups::NONE && !p.flux.fp8_products() {
-            p.flux = p.flux.with_fp8_in(opts.fp8)?;
+        let flux = p.flux1("FP8 and a share of the transformer's blocks")?.flux;
+        let mut changed = None;
+        if opts.fp8 != Fp8Groups::NONE && !flux.fp8_products() {
+            changed = Some(flux.clone().with_fp8_in(opts.fp8)?);
         }
-        let blocks = opts.block_range(p.flux.config().num_blocks());
-        if p.flux.held_blocks() != blocks {
-            p.flux = p.flux.only_blocks(blocks);
+        let flux = changed.as_ref().unwrap_or(flux);
+        let blocks = opts.block_range(flux.config().num_blocks());
+        if flux.held_blocks() != blocks {
+            changed = Some(flux.clone().only_blocks(blocks));
+        }
+        if let Some(f) = changed {
+            p.set_flux1(f)?;
         }
         Ok(p)
     }
@@ -536,11 +616,65 @@ impl Pipeline {
                 kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)")
             );
         }
-        let family = FamilyModel::random_klein(kind, dtype, device)?;
         Ok(Self {
-            family: Some(family),
+            model: FamilyModel::random_klein(kind, dtype, device)?,
+            variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
-            ..Self::tiny_random(device)?
+            synthetic: true,
+            lora_cache: LoraCache::default(),
+        })
+    }
+
+    /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
+    /// in `dtype`, the autoencoder in [`autoencoder_dtype`]. FP8 and a transformer's share of
+    /// blocks (PipeFusion stages on GPUs) are FLUX.1's only.
+    pub fn load_klein(
+        files: &crate::model::klein::files::KleinFiles,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let refuse = |what: &str| Error::InvalidSetting {
+            name: "model".into(),
+            value: label.to_string(),
+            reason: format!(
+                "{what} works with FLUX.1 models only so far; {label} is a FLUX.2 klein model. \
+                 Leave it out, or use a FLUX.1 model"
+            ),
+        };
+        if opts.fp8 != Fp8Groups::NONE {
+            return Err(refuse("FP8 (--precision fp8)"));
+        }
+        if opts.blocks.is_some() {
+            return Err(refuse(
+                "a share of the transformer's blocks (PipeFusion on GPUs)",
+            ));
+        }
+        let (t, vae, text) = crate::model::klein::files::load(
+            files,
+            dtype,
+            autoencoder_dtype(dtype, device),
+            device,
+        )?;
+        let model = FamilyModel {
+            default_steps: files.default_steps(),
+            ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))
+        };
+        Ok(Self {
+            model,
+            // What an image's settings record: FLUX.1's kind nearest to it (the distilled klein
+            // runs few steps without guidance, as schnell does); made-up weights say demo.
+            variant: if files.demo {
+                Variant::Demo
+            } else if files.distilled {
+                Variant::Schnell
+            } else {
+                Variant::Dev
+            },
+            label: label.to_string(),
+            synthetic: files.demo,
+            lora_cache: LoraCache::default(),
         })
     }
 
@@ -588,16 +722,7 @@ impl Pipeline {
                 ),
             });
         }
-        Ok(Self {
-            flux,
-            vae,
-            text,
-            variant,
-            label: label.to_string(),
-            synthetic: files.demo,
-            family: None,
-            lora_cache: LoraCache::default(),
-        })
+        Ok(Self::of_flux1(flux, vae, text, variant, label, files.demo))
     }
 
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
@@ -634,17 +759,11 @@ impl Pipeline {
     /// Check a request against this model and fill in defaults.
     pub fn settings_for(&self, req: &GenerateRequest) -> Result<GenerationSettings> {
         check_request(req)?;
-        let (steps, guidance) = match &self.family {
-            // No guidance embedding: 0 records that none was used.
-            Some(f) => (
-                req.steps.unwrap_or(f.default_steps),
-                req.guidance.unwrap_or(0.0),
-            ),
-            None => (
-                req.steps.unwrap_or(self.variant.default_steps()),
-                req.guidance.unwrap_or(self.variant.default_guidance()),
-            ),
-        };
+        // A family without a guidance embedding: 0 records that none was used.
+        let (steps, guidance) = (
+            req.steps.unwrap_or(self.model.default_steps),
+            req.guidance.unwrap_or(self.model.default_guidance),
+        );
         let true_cfg = req.true_cfg.unwrap_or(1.0);
         // First Block Cache travels as its threshold (what older settings hold); other policies
         // as their spec.
@@ -673,25 +792,15 @@ impl Pipeline {
             dtype: format!(
                 "{:?}{}",
                 self.denoiser().dtype(),
-                if self.family.is_some() {
-                    ""
-                } else if self.flux.fp8_kernels() {
-                    " + fp8 products"
-                } else if self.flux.fp8_products() {
-                    " + fp8 products (simulated)"
-                } else {
-                    ""
+                match self.model.as_flux1() {
+                    Some(f) if f.flux.fp8_kernels() => " + fp8 products",
+                    Some(f) if f.flux.fp8_products() => " + fp8 products (simulated)",
+                    _ => "",
                 }
             )
             .to_lowercase(),
             sampler: "flow-match-euler".into(),
-            schedule: if let Some(f) = &self.family {
-                f.timesteps(1, 1).1.into()
-            } else if self.variant.shifted_schedule() {
-                "shifted(mu: 0.5@256 -> 1.15@4096 tokens)".into()
-            } else {
-                "linear".into()
-            },
+            schedule: self.model.schedule.describe().into(),
             noise: {
                 let s = self.latent_spec();
                 format!(
@@ -717,26 +826,17 @@ impl Pipeline {
 
     /// The transformer as the generate path runs it (the family's [`Denoiser`]).
     pub fn denoiser(&self) -> &dyn Denoiser {
-        match &self.family {
-            Some(f) => f.denoiser.as_ref(),
-            None => &self.flux,
-        }
+        self.model.denoiser.as_ref()
     }
 
     /// The text encoding as the generate path runs it (the family's [`TextEncoder`]).
     pub fn text_encoder(&self) -> &dyn TextEncoder {
-        match &self.family {
-            Some(f) => f.text.as_ref(),
-            None => &self.text,
-        }
+        self.model.text.as_ref()
     }
 
     /// The autoencoder as the generate path decodes with it (the family's [`LatentCodec`]).
     pub fn codec(&self) -> &dyn LatentCodec {
-        match &self.family {
-            Some(f) => f.codec.as_ref(),
-            None => &self.vae,
-        }
+        self.model.codec.as_ref()
     }
 
     /// The error for a FLUX.1-only feature (`what`) asked of a model of another family.
@@ -753,31 +853,34 @@ impl Pipeline {
         }
     }
 
-    /// FLUX.1's transformer, for a tool that runs FLUX.1 only (`what` it is); a model of another
-    /// family is refused.
-    pub fn flux1(&self, what: &str) -> Result<&Flux> {
-        match &self.family {
-            Some(_) => Err(self.flux1_only(what)),
-            None => Ok(&self.flux),
-        }
+    /// FLUX.1's parts (transformer, autoencoder, T5 + CLIP), for a feature that only FLUX.1
+    /// has (`what` it is: FP8 groups, LoRAs, the split decode, image-to-image, the tools that
+    /// measure FLUX.1); a model of another family is refused, saying so.
+    pub fn flux1(&self, what: &str) -> Result<Flux1<'_>> {
+        self.model.as_flux1().ok_or_else(|| self.flux1_only(what))
     }
 
-    /// The transformer `req` runs, as the parallel workers share it: this family's, or
-    /// FLUX.1's with the request's LoRAs ([`Pipeline::flux_for`]).
+    /// Put `flux` in place of FLUX.1's transformer (converted to FP8, cut to a stage's blocks);
+    /// a model of another family is refused.
+    pub fn set_flux1(&mut self, flux: Flux) -> Result<()> {
+        self.flux1("replacing FLUX.1's transformer")?;
+        self.model.denoiser = Arc::new(flux);
+        Ok(())
+    }
+
+    /// The transformer `req` runs, as the parallel workers share it: the model's, or FLUX.1's
+    /// with the request's LoRAs ([`Pipeline::flux_for`]).
     pub fn denoiser_for(&self, req: &GenerateRequest) -> Result<Arc<dyn Denoiser>> {
-        match &self.family {
-            Some(f) => {
-                self.no_loras(req)?;
-                Ok(f.denoiser.clone())
-            }
-            None => Ok(Arc::new(self.flux_for(req)?.into_owned())),
+        if !has_loras(req) {
+            return Ok(self.model.denoiser.clone());
         }
+        Ok(Arc::new(self.flux_for(req)?.into_owned()))
     }
 
     /// Refuse LoRAs for a model of another family than FLUX.1.
     fn no_loras(&self, req: &GenerateRequest) -> Result<()> {
-        if self.family.is_some() && req.loras.iter().any(|l| l.strength != 0.0) {
-            return Err(self.flux1_only("LoRA"));
+        if has_loras(req) {
+            self.flux1("LoRA")?;
         }
         Ok(())
     }
@@ -802,16 +905,9 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress) -> Result<()>,
     ) -> Result<Generated> {
         let prep = self.prepare(req, progress)?;
-        let flux = match &self.family {
-            Some(_) => None,
-            None => Some(self.flux_for(req)?),
-        };
-        let model: &dyn Denoiser = match &flux {
-            Some(f) => f.as_ref(),
-            None => self.denoiser(),
-        };
+        let model = self.denoiser_for(req)?;
         let mut log = StepLog::default();
-        let (x, stats) = denoise(model, &prep.job, None, &mut |info| {
+        let (x, stats) = denoise(model.as_ref(), &prep.job, None, &mut |info| {
             log.record(info);
             progress(Progress::Step(info))
         })?;
@@ -834,11 +930,9 @@ impl Pipeline {
     /// (or merged into them: [`Pipeline::set_lora_merge`]) when it names any (the base weights
     /// shared, the files read once while unchanged).
     pub fn flux_for(&self, req: &GenerateRequest) -> Result<std::borrow::Cow<'_, Flux>> {
-        if self.family.is_some() {
-            return Err(self.flux1_only("this way of running (LoRAs, or ranks on GPUs)"));
-        }
-        if req.loras.iter().all(|l| l.strength == 0.0) {
-            return Ok(std::borrow::Cow::Borrowed(&self.flux));
+        let base = self.flux1("LoRA")?.flux;
+        if !has_loras(req) {
+            return Ok(std::borrow::Cow::Borrowed(base));
         }
         let key = req
             .loras
@@ -851,7 +945,7 @@ impl Pipeline {
             .collect::<Vec<_>>()
             .join("\n");
         // The base as it is now (a pipeline's transformer may be converted or cut after load).
-        let f = &self.flux;
+        let f = base;
         let merge = self.lora_merge();
         let key = format!(
             "{key}\n{merge} {:?} {:?} {} {}",
@@ -866,11 +960,11 @@ impl Pipeline {
                 return Ok(std::borrow::Cow::Owned(flux.clone()));
             }
         }
-        let set = LoraSet::load(&req.loras, self.flux.config())?;
+        let set = LoraSet::load(&req.loras, base.config())?;
         let flux = if merge {
-            self.flux.with_loras_merged(&set)?
+            base.with_loras_merged(&set)?
         } else {
-            self.flux.with_loras(&set)?
+            base.with_loras(&set)?
         };
         *cache = Some((key, flux.clone()));
         Ok(std::borrow::Cow::Owned(flux))
@@ -925,10 +1019,7 @@ impl Pipeline {
         );
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
-        let ts = match &self.family {
-            Some(f) => f.timesteps(settings.steps, gh * gw).0,
-            None => schedule::timesteps(settings.steps, gh * gw, self.variant.shifted_schedule()),
-        };
+        let ts = self.model.schedule.timesteps(settings.steps, gh * gw);
         let (x, ts, blend) = match &settings.init {
             None => (spec.pack(&noise)?, ts, None),
             Some(init) => {
@@ -981,17 +1072,15 @@ impl Pipeline {
         settings: &GenerationSettings,
         notes: &mut Vec<String>,
     ) -> Result<img2img::Entered> {
-        if self.family.is_some() {
-            return Err(self.flux1_only("image-to-image and inpainting"));
-        }
-        if !self.vae.has_encoder() {
+        let vae = self.flux1("image-to-image and inpainting")?.vae;
+        if !vae.has_encoder() {
             return Err(Error::Image(format!(
                 "image-to-image needs the autoencoder's encoder, and {}'s autoencoder file holds only the decoder: use an autoencoder file with both (FLUX.1's ae.safetensors has them)",
                 self.label
             )));
         }
         let e = img2img::start(
-            &self.vae,
+            vae,
             self.device(),
             init,
             (settings.width, settings.height),
@@ -1028,10 +1117,13 @@ impl Pipeline {
         let t0 = Instant::now();
         let (lh, lw) = prep.latent_hw;
         let latent = self.latent_spec().unpack(&x, lh, lw)?;
-        let decoded = match &self.family {
+        let decoded = match self.model.as_flux1() {
+            Some(f) => decode(f.vae, &latent.to_dtype(f.vae.dtype())?)?,
             // On one worker: the row-band decode over workers is FLUX.1's autoencoder's.
-            Some(f) => f.codec.decode_latent(&latent.to_dtype(f.codec.dtype())?)?,
-            None => decode(&self.vae, &latent.to_dtype(self.vae.dtype())?)?,
+            None => {
+                let codec = self.codec();
+                codec.decode_latent(&latent.to_dtype(codec.dtype())?)?
+            }
         };
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {
@@ -1179,6 +1271,11 @@ pub fn denoise(
     )
 }
 
+/// Whether `req` turns any LoRA on.
+fn has_loras(req: &GenerateRequest) -> bool {
+    req.loras.iter().any(|l| l.strength != 0.0)
+}
+
 /// Count of steps a cache skipped, as a short human string.
 pub fn describe_cache(stats: &CacheStats) -> String {
     format!(
@@ -1243,9 +1340,10 @@ pub fn load_transformer_with(
 }
 
 /// The family the registry recognises in a transformer checkpoint's tensor names
-/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's is refused by name
-/// (its loader is not in this pipeline yet) rather than read as a broken FLUX.1 file. Names no
-/// family recognises go on to FLUX.1's layout inference, which says what it misses.
+/// ([`crate::model::family::detect`]): FLUX.1's loads here; another family's (reached through a
+/// path FLUX.1's resolution took, such as a ComfyUI folder) is refused by name rather than read
+/// as a broken FLUX.1 file. Names no family recognises go on to FLUX.1's layout inference, which
+/// says what it misses.
 fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
     let names: Vec<&str> = set.names().collect();
     match crate::model::family::detect(&names) {
@@ -1253,11 +1351,11 @@ fn check_family(set: &SafetensorsSet, path: &std::path::Path) -> Result<()> {
             Err(Error::UnknownLayout {
                 path: path.to_path_buf(),
                 reason: format!(
-                "a {} transformer: Parallax loads FLUX.1 checkpoints from files (the {} family \
-                 runs from the registry, not yet from files)",
-                f.name(),
-                f.name()
-            ),
+                    "a {} transformer, read here as FLUX.1's: name its file or folder itself \
+                 with --model (its autoencoder and text encoder with --vae and \
+                 --text-encoders)",
+                    f.name()
+                ),
             })
         }
         _ => Ok(()),

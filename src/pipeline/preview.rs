@@ -371,7 +371,8 @@ mod tests {
     #[test]
     fn fit_explains_the_demo_autoencoder() {
         let p = crate::pipeline::Pipeline::demo(&Device::Cpu).expect("demo model");
-        let f = PreviewFactors::fit(&p.vae, &Device::Cpu, 4, 32, 7).expect("fit");
+        let f = PreviewFactors::fit(p.flux1("test").expect("FLUX.1").vae, &Device::Cpu, 4, 32, 7)
+            .expect("fit");
         // Smoothed noise is not what the trained autoencoder was made for (measured R² 0.64 on a
         // noise latent the fit never saw); the fit must still clearly beat predicting the mean
         // colour (R² 0). Real FLUX checkpoints, loaded without an encoder, are fitted this way.

@@ -165,23 +165,22 @@ impl EngineThread {
         };
         let pipeline = engine.primary();
         let d = pipeline.denoiser();
-        let summary = if pipeline.family.is_some() {
-            format!(
+        let summary = match pipeline.model.as_flux1() {
+            Some(f) => format!(
+                "{} ({}), {} double + {} single blocks, on {}",
+                pipeline.label,
+                pipeline.variant.name(),
+                f.flux.config().depth,
+                f.flux.config().depth_single_blocks,
+                crate::device::describe(pipeline.device()),
+            ),
+            None => format!(
                 "{} ({}), {} blocks, on {}",
                 pipeline.label,
                 d.family(),
                 d.num_blocks(),
                 crate::device::describe(pipeline.device()),
-            )
-        } else {
-            format!(
-                "{} ({}), {} double + {} single blocks, on {}",
-                pipeline.label,
-                pipeline.variant.name(),
-                pipeline.flux.config().depth,
-                pipeline.flux.config().depth_single_blocks,
-                crate::device::describe(pipeline.device()),
-            )
+            ),
         };
         self.emit.emit(Event::ModelLoaded {
             spec: spec.clone(),

@@ -24,9 +24,10 @@ impl Pipeline {
     /// Fit the preview map to this model's autoencoder: on the demo's own scenes where it has
     /// an encoder, else on decoded noise latents.
     pub fn fit_preview_factors(&self) -> Result<PreviewFactors> {
-        if self.family.is_none() && self.variant == Variant::Demo && self.vae.has_encoder() {
+        let vae = self.model.as_flux1().map(|f| f.vae);
+        if let Some(vae) = vae.filter(|v| self.variant == Variant::Demo && v.has_encoder()) {
             let images = super::render::scene_tensors(6, 128, 0x5eed)?;
-            PreviewFactors::fit_images(&self.vae, self.device(), &images)
+            PreviewFactors::fit_images(vae, self.device(), &images)
         } else {
             PreviewFactors::fit(self.codec(), self.device(), 3, 24, 0x5eed)
         }

@@ -92,6 +92,9 @@ impl Denoiser for Flux {
     fn weight_bytes(&self) -> usize {
         Flux::weight_bytes(self)
     }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 impl TextEncoder for TextEncoders {
@@ -113,6 +116,9 @@ impl TextEncoder for TextEncoders {
     fn device(&self) -> &Device {
         TextEncoders::device(self)
     }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 impl LatentCodec for AutoEncoder {
@@ -130,6 +136,9 @@ impl LatentCodec for AutoEncoder {
     }
     fn dtype(&self) -> DType {
         AutoEncoder::dtype(self)
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 

@@ -186,7 +186,7 @@ impl RandomKlein {
 }
 
 /// Seeds of `random:klein-tiny`'s transformer and autoencoder.
-const TINY_SEEDS: (u64, u64) = (0x6b6c_6e01, 0x6b6c_6e02);
+pub const TINY_SEEDS: (u64, u64) = (0x6b6c_6e01, 0x6b6c_6e02);
 
 /// A `random:klein-*` transformer and autoencoder. The tiny one is the same on every device
 /// (weights from fixed seeds, made on the CPU); the real sizes are drawn on `device` by its own
@@ -211,7 +211,7 @@ pub fn random_model(kind: RandomKlein, dtype: DType, device: &Device) -> Result<
 }
 
 /// Seed of `random:klein-tiny`'s text encoder.
-const TINY_TEXT_SEED: u64 = 0x6b6c_6e03;
+pub const TINY_TEXT_SEED: u64 = 0x6b6c_6e03;
 
 /// A `random:klein-*` model's text encoder: Qwen3 at the size the model takes (tiny: from a
 /// fixed seed in f32; 4B: Qwen3-4B's; 9B: Qwen3-8B's, random weights drawn on `device`) and a

@@ -1,11 +1,13 @@
 //! FLUX.2 klein (4B and 9B), a model family behind [`crate::model::family`]'s traits: its
 //! transformer ([`Klein`], configured by [`KleinConfig`]), its autoencoder's decoding half
 //! ([`KleinVae`], 32 latent channels normalised by batch-norm statistics), the two layouts its
-//! files come in ([`keys`]), the registry entry ([`KleinFamily`]) and its Qwen3 text encoder
-//! ([`text`]).
+//! files come in ([`keys`]), the registry entry ([`KleinFamily`]), its Qwen3 text encoder
+//! ([`text`]) and a model's files on disk ([`files`]). `random:klein-tiny` is written to disk by
+//! [`crate::model::klein_export`].
 
 mod config;
 mod family;
+pub mod files;
 pub mod keys;
 mod model;
 pub mod text;
@@ -14,6 +16,7 @@ mod vae;
 pub use config::KleinConfig;
 pub use family::{
     load_transformer, load_vae, random_model, random_text, KleinFamily, RandomKlein, NAME,
+    TINY_SEEDS, TINY_TEXT_SEED,
 };
 pub use model::Klein;
 pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};

@@ -1,0 +1,265 @@
+//! FLUX.2 klein from files: `random:klein-tiny` written to disk in both of klein's layouts
+//! (`parallax::model::klein_export::write_tiny`: a diffusers folder with a Qwen3 `text_encoder/`
+//! and a `tokenizer/tokenizer.json`, and Black Forest Labs' single transformer file with its parts
+//! beside it or named apart) runs through `parallax generate --model <dir or file>` on the CPU,
+//! on one worker and on two (Ulysses), and makes the image the built-in `random:klein-tiny` makes
+//! in process; a missing part is named with the option that supplies it; the Hugging Face cache
+//! lists and resolves klein's repos.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use common::{max_pixel_diff, s, text};
+use parallax::model::export::ExportLayout;
+use parallax::model::klein_export::{write_tiny, TINY_BFL_FILE};
+use parallax::model::layout::{self, ModelSpec};
+use parallax::pipeline::image::{read_png, RgbImage};
+use parallax::pipeline::{GenerateRequest, GenerationSettings, Pipeline};
+
+fn parallax(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(args)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("run parallax")
+}
+
+const PROMPT: &str = "a red fox";
+
+/// `random:klein-tiny`'s image in this process: 64 px, 2 steps, seed 7.
+fn in_process() -> RgbImage {
+    let r = layout::resolve("random:klein-tiny", None).expect("resolve");
+    let p = Pipeline::load(&r, "random:klein-tiny", DType::F32, &Device::Cpu).expect("load");
+    let req = GenerateRequest {
+        prompt: PROMPT.into(),
+        width: 64,
+        height: 64,
+        steps: Some(2),
+        seed: 7,
+        ..GenerateRequest::default()
+    };
+    p.generate(&req, &mut |_| Ok(())).expect("generate").image
+}
+
+/// `parallax generate` on `model` with the in-process run's settings and `extra` options.
+fn generate(
+    out: &Path,
+    model: &str,
+    extra: &[&str],
+) -> Result<(RgbImage, GenerationSettings), String> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        PROMPT,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--quiet",
+        "--out",
+        s(out),
+    ];
+    args.extend(extra.iter().copied());
+    let o = parallax(&args);
+    if !o.status.success() {
+        return Err(text(&o));
+    }
+    let (img, chunks) = read_png(out).map_err(|e| e.to_string())?;
+    let settings = GenerationSettings::from_png_text(&chunks).map_err(|e| e.to_string())?;
+    Ok((img, settings))
+}
+
+#[test]
+fn klein_from_a_diffusers_folder_makes_the_random_klein_tiny_image() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("klein");
+    write_tiny(&model, ExportLayout::Diffusers).expect("write");
+    let r = layout::resolve(s(&model), None).expect("resolve");
+    let ModelSpec::Klein(f) = &r.spec else {
+        panic!("not resolved as klein: {:?}", r.spec)
+    };
+    assert!(f.distilled && f.demo, "{f:?}");
+    assert_eq!(
+        f.config().expect("config"),
+        parallax::model::klein::KleinConfig::tiny()
+    );
+
+    let want = in_process();
+    let (lo, hi) = (want.data.iter().min(), want.data.iter().max());
+    assert!(lo < hi, "a flat image would match anything");
+    let (one, settings) =
+        generate(&dir.path().join("one.png"), s(&model), &[]).expect("one worker");
+    assert_eq!(settings.model, s(&model));
+    assert!(
+        settings.schedule.starts_with("flux2"),
+        "{}",
+        settings.schedule
+    );
+    assert!(settings.synthetic, "made-up weights are labelled");
+    let d = max_pixel_diff(&want, &one);
+    eprintln!("klein diffusers folder against random:klein-tiny in process: {d} of 255");
+    // The same weights; the autoencoder's deviation is sqrt((1 - eps) + eps) read back from
+    // the file rather than 1 made in code.
+    assert!(d <= 1, "diffusers folder: {d}");
+
+    // Two CPU workers splitting the heads (Ulysses).
+    let (two, _) = generate(
+        &dir.path().join("two.png"),
+        s(&model),
+        &["--devices", "cpu:2", "--ulysses", "2"],
+    )
+    .expect("two workers");
+    let d = max_pixel_diff(&one, &two);
+    eprintln!("klein diffusers folder, ulysses 2 against one worker: {d} of 255");
+    assert!(d <= 2, "ulysses 2: {d}");
+
+    // `parallax info` describes it as klein.
+    let o = parallax(&["info", "--model", s(&model)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("FLUX.2 klein, distilled"), "{}", text(&o));
+}
+
+#[test]
+fn klein_from_a_bfl_file_finds_or_is_told_its_parts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("bfl");
+    write_tiny(&model, ExportLayout::Bfl).expect("write");
+    let file = model.join(TINY_BFL_FILE);
+    let want = in_process();
+
+    // Parts beside the file: found.
+    let (img, _) = generate(&dir.path().join("beside.png"), s(&file), &[]).expect("beside");
+    let d = max_pixel_diff(&want, &img);
+    eprintln!("klein BFL file against random:klein-tiny in process: {d} of 255");
+    assert!(d <= 1, "BFL file: {d}");
+
+    // The text encoder and the autoencoder moved away: each missing part is named with the
+    // option that supplies it.
+    let qwen = dir.path().join("qwen");
+    std::fs::create_dir_all(&qwen).expect("mkdir");
+    for part in ["text_encoder", "tokenizer"] {
+        std::fs::rename(model.join(part), qwen.join(part)).expect("move");
+    }
+    let err = generate(&dir.path().join("x.png"), s(&file), &[]).expect_err("no text encoder");
+    assert!(
+        err.contains("FLUX.2 klein transformer; it needs a Qwen3 text encoder")
+            && err.contains("--text-encoders"),
+        "{err}"
+    );
+    let ae = dir.path().join("ae-elsewhere.safetensors");
+    std::fs::rename(model.join("ae.safetensors"), &ae).expect("move");
+    let err = generate(
+        &dir.path().join("x.png"),
+        s(&file),
+        &["--text-encoders", s(&qwen)],
+    )
+    .expect_err("no autoencoder");
+    assert!(err.contains("--vae"), "{err}");
+
+    // Named apart: the folder holding text_encoder/ and tokenizer/, or Qwen3's own folder
+    // (its tokenizer/ beside it).
+    let (img, _) = generate(
+        &dir.path().join("named.png"),
+        s(&file),
+        &["--text-encoders", s(&qwen), "--vae", s(&ae)],
+    )
+    .expect("named");
+    let d = max_pixel_diff(&want, &img);
+    assert!(d <= 1, "named apart: {d}");
+    let (own, _) = generate(
+        &dir.path().join("own.png"),
+        s(&file),
+        &[
+            "--text-encoders",
+            s(&qwen.join("text_encoder")),
+            "--vae",
+            s(&ae),
+        ],
+    )
+    .expect("Qwen3's own folder");
+    assert_eq!(img.data, own.data);
+
+    // A FLUX.1 autoencoder where klein's belongs is refused by name.
+    let flux1 = dir.path().join("flux1");
+    parallax::model::export::write_demo_model(
+        &flux1,
+        ExportLayout::Bfl,
+        parallax::model::export::DemoSource::Trained,
+    )
+    .expect("demo");
+    let err = generate(
+        &dir.path().join("x.png"),
+        s(&file),
+        &[
+            "--text-encoders",
+            s(&qwen),
+            "--vae",
+            s(&flux1.join("ae.safetensors")),
+        ],
+    )
+    .expect_err("FLUX.1's autoencoder");
+    assert!(err.contains("not a FLUX.2 autoencoder"), "{err}");
+}
+
+#[test]
+fn the_hugging_face_cache_lists_and_resolves_klein_repos() {
+    let cache = tempfile::tempdir().expect("tmp");
+    let repos = [
+        "black-forest-labs/FLUX.2-klein-4B",
+        "black-forest-labs/FLUX.2-klein-9B",
+        "black-forest-labs/FLUX.2-klein-base-4B",
+        "black-forest-labs/FLUX.2-klein-base-9B",
+    ];
+    for repo in repos {
+        let folder = layout::hf_cache_repo_dir(cache.path(), repo);
+        let snap = folder.join("snapshots").join("abc123");
+        write_tiny(&snap, ExportLayout::Diffusers).expect("write");
+        std::fs::create_dir_all(folder.join("refs")).expect("refs");
+        std::fs::write(folder.join("refs").join("main"), "abc123\n").expect("ref");
+        if repo.contains("base") {
+            // A Base checkpoint's model_index.json says it is not distilled.
+            let index = snap.join("model_index.json");
+            let text = std::fs::read_to_string(&index).expect("index");
+            std::fs::write(
+                &index,
+                text.replace("\"is_distilled\": true", "\"is_distilled\": false"),
+            )
+            .expect("index");
+        }
+    }
+    // The env var is process-wide: this is the only test of this binary that sets it.
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let listed: Vec<String> = layout::list_hf_cache()
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    let mut want: Vec<String> = repos.iter().map(|r| r.to_string()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    for repo in repos {
+        let r = layout::resolve(repo, None).expect(repo);
+        let ModelSpec::Klein(f) = &r.spec else {
+            panic!("{repo}: not resolved as klein: {:?}", r.spec)
+        };
+        assert_eq!(f.distilled, !repo.contains("base"), "{repo}");
+        assert_eq!(
+            f.default_steps(),
+            if f.distilled { 4 } else { 50 },
+            "{repo}"
+        );
+        assert!(
+            f.transformer.ends_with("snapshots/abc123/transformer"),
+            "{repo}"
+        );
+    }
+    std::env::remove_var("HF_HUB_CACHE");
+}
