@@ -379,7 +379,22 @@ impl FamilyModel {
     /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
     /// [`crate::model::klein::random_text`]): 4 steps by default, as the distilled klein runs.
     pub fn random_klein(kind: RandomKlein, dtype: DType, device: &Device) -> Result<Self> {
+        Self::random_klein_fp8(kind, dtype, device, Fp8Groups::NONE)
+    }
+
+    /// [`FamilyModel::random_klein`] with the transformer's `fp8` product groups in E4M3.
+    pub fn random_klein_fp8(
+        kind: RandomKlein,
+        dtype: DType,
+        device: &Device,
+        fp8: Fp8Groups,
+    ) -> Result<Self> {
         let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
+        let t = if fp8 == Fp8Groups::NONE {
+            t
+        } else {
+            t.with_fp8_in(fp8)?
+        };
         let text = crate::model::klein::random_text(kind, dtype, device)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }
@@ -600,24 +615,22 @@ impl Pipeline {
         Ok(p)
     }
 
-    /// A `random:klein-*` model (FLUX.2 klein's structure, made-up weights: labelled DEMO). FP8
-    /// and a transformer's share of blocks (PipeFusion stages on GPUs) are FLUX.1's only.
+    /// A `random:klein-*` model (FLUX.2 klein's structure, made-up weights: labelled DEMO), its
+    /// block products in FP8 when asked. A transformer's share of blocks (PipeFusion stages on
+    /// GPUs) is FLUX.1's only.
     pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        if opts.fp8 != Fp8Groups::NONE {
-            return Err(kind.unsupported("FP8 (--precision fp8)"));
-        }
         if opts.blocks.is_some() {
             return Err(
                 kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)")
             );
         }
         Ok(Self {
-            model: FamilyModel::random_klein(kind, dtype, device)?,
+            model: FamilyModel::random_klein_fp8(kind, dtype, device, opts.fp8)?,
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
@@ -626,8 +639,9 @@ impl Pipeline {
     }
 
     /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
-    /// in `dtype`, the autoencoder in [`autoencoder_dtype`]. FP8 and a transformer's share of
-    /// blocks (PipeFusion stages on GPUs) are FLUX.1's only.
+    /// in `dtype` (the transformer's block products in FP8 when asked), the autoencoder in
+    /// [`autoencoder_dtype`]. A transformer's share of blocks (PipeFusion stages on GPUs) is
+    /// FLUX.1's only.
     pub fn load_klein(
         files: &crate::model::klein::files::KleinFiles,
         label: &str,
@@ -643,9 +657,6 @@ impl Pipeline {
                  Leave it out, or use a FLUX.1 model"
             ),
         };
-        if opts.fp8 != Fp8Groups::NONE {
-            return Err(refuse("FP8 (--precision fp8)"));
-        }
         if opts.blocks.is_some() {
             return Err(refuse(
                 "a share of the transformer's blocks (PipeFusion on GPUs)",
@@ -657,6 +668,11 @@ impl Pipeline {
             autoencoder_dtype(dtype, device),
             device,
         )?;
+        let t = if opts.fp8 == Fp8Groups::NONE {
+            t
+        } else {
+            t.with_fp8_in(opts.fp8)?
+        };
         let model = FamilyModel {
             default_steps: files.default_steps(),
             ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))
