@@ -12,6 +12,9 @@ impl StudioApp {
         while let Ok(a) = self.dialog_rx.try_recv() {
             self.on_dialog(ctx, a);
         }
+        for (_, why) in self.lora_checks.poll(&self.settings.loras) {
+            self.say(why, true);
+        }
     }
 
     pub(super) fn on_model_event(&mut self, ev: &Event) {
@@ -20,13 +23,16 @@ impl StudioApp {
                 self.view.model = ModelStatus::Loading(spec.model.model.clone())
             }
             Event::ModelLoaded {
+                spec,
                 summary,
                 load_ms,
                 heads,
                 blocks,
                 magcache,
-                ..
+                lora_config,
             } => {
+                self.lora_checks
+                    .model_loaded(&spec.model.model, lora_config.clone());
                 self.view.model =
                     ModelStatus::Ready(format!("{summary} — loaded in {:.1} s", load_ms / 1e3));
                 self.view.model_shape = ModelShape {
