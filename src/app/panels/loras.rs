@@ -105,7 +105,7 @@ fn rows(ui: &mut egui::Ui, settings: &mut Settings, checks: &LoraChecks) {
                 "strength: 1 as trained, 0 off, negative pushes away from what it learnt",
             );
             if ui
-                .small_button("✕")
+                .small_button("Remove")
                 .on_hover_text(format!("remove {name} from the list"))
                 .clicked()
             {

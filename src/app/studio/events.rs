@@ -12,8 +12,11 @@ impl StudioApp {
         while let Ok(a) = self.dialog_rx.try_recv() {
             self.on_dialog(ctx, a);
         }
-        for (_, why) in self.lora_checks.poll(&self.settings.loras) {
-            self.say(why, true);
+        // Said for the LoRAs that are on (an unused one's row says it too).
+        for (path, why) in self.lora_checks.poll(&self.settings.loras) {
+            if self.settings.loras.iter().any(|e| e.on && e.path == path) {
+                self.say(why, true);
+            }
         }
     }
 
