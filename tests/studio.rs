@@ -159,11 +159,7 @@ fn tooltip_of(h: &mut Harness<'static, StudioApp>, label: &str, says: &str) -> S
 }
 
 fn demo_image(s: &GenerationSettings) -> RgbImage {
-    Pipeline::demo(&Device::Cpu)
-        .expect("demo")
-        .generate(&s.to_request(), &mut |_| Ok(()))
-        .expect("generate")
-        .image
+    engine_image(&s.to_request())
 }
 
 #[test]
@@ -324,6 +320,16 @@ fn compare_sweep_with_wipe_and_heatmap() {
     );
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
+}
+
+/// The message log's lines.
+fn messages(h: &Harness<'static, StudioApp>) -> Vec<String> {
+    h.state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect()
 }
 
 /// The demo's polka LoRA, as the panel's one-click button adds it.
@@ -490,13 +496,7 @@ fn a_lora_that_does_not_fit_is_said_and_blocks_generate() {
     step_until(&mut h, "random:tiny and the check", |a| {
         !a.blockers().is_empty()
     });
-    let said: Vec<String> = h
-        .state()
-        .view
-        .messages
-        .iter()
-        .map(|m| m.text.clone())
-        .collect();
+    let said = messages(&h);
     assert!(
         said.iter()
             .any(|m| m.contains("lora-polka") && m.ends_with("(model random:tiny)")),
@@ -522,7 +522,7 @@ fn compare_sweeps_lora_strengths_against_each_strengths_reference() {
     h.state_mut().settings.compare_repeats = 1;
     h.state_mut().settings.request.steps = Some(6);
     h.state_mut().settings.compare_lora_strengths =
-        parallax::app::lora::parse_strengths("0, 1").expect("strengths");
+        parallax::app::state::parse_strengths("0, 1").expect("strengths");
     h.run_steps(2);
     let field = h.get_by_role_and_label(
         egui::accesskit::Role::TextInput,

@@ -248,41 +248,6 @@ impl LoraChecks {
     }
 }
 
-/// A LoRA strength in the compare sweep's list (typed as `0, 0.5, 1`; -2 to 2).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Strength(pub f64);
-
-/// The sweep's strengths as typed (`0, 0.5, 1`), separated by commas or spaces. On error, says
-/// which entry is wrong.
-pub fn parse_strengths(text: &str) -> Result<Vec<Strength>, String> {
-    let mut out = Vec::new();
-    for part in text
-        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
-        .filter(|p| !p.is_empty())
-    {
-        let v: f64 = part
-            .parse()
-            .map_err(|_| format!("`{part}` is not a number"))?;
-        if !STRENGTHS.contains(&v) {
-            return Err(format!("{part} is outside -2..=2"));
-        }
-        out.push(Strength(v));
-    }
-    if out.is_empty() {
-        return Err("give at least one strength (e.g. 0, 0.5, 1)".into());
-    }
-    Ok(out)
-}
-
-/// How the strengths are shown in the field.
-pub fn format_strengths(v: &[Strength]) -> String {
-    v.iter()
-        .map(|s| s.0.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,86 +289,6 @@ mod tests {
         assert_eq!(list.len(), 3);
         assert!(list[1].on && list[1].strength == 0.7);
         assert_eq!(list[2].name(), "c");
-    }
-
-    #[test]
-    fn the_list_is_saved_with_the_settings_and_restored_from_an_image() {
-        use crate::app::state::Settings;
-        let mut s = Settings::default();
-        add(
-            &mut s.loras,
-            ["/l/ink.safetensors".into(), "/l/dots.safetensors".into()],
-        );
-        s.loras[0].strength = -1.5;
-        s.loras[1].on = false;
-        let req = s.request();
-        assert_eq!(req.loras, choices(&s.loras));
-        assert_eq!(req.loras.len(), 1);
-        assert_eq!(s.lora_sweep(), vec![0.0, 0.5, 1.0]);
-        let text = serde_json::to_string(&s).expect("serialise");
-        let back: Settings = serde_json::from_str(&text).expect("parse");
-        assert_eq!(back, s);
-        // Settings saved before the list: no LoRAs, the default sweep strengths.
-        let old: Settings =
-            serde_json::from_str(r#"{"model": "demo", "workers": 2}"#).expect("parse an old file");
-        assert!(old.loras.is_empty() && old.request().loras.is_empty());
-        assert!(old.lora_sweep().is_empty(), "no LoRA on: nothing to sweep");
-        // A request that kept LoRAs (a restored image's, saved before the list) gives them to
-        // the list, on.
-        let kept = r#"{"request": {"prompt": "p", "negative_prompt": "", "width": 256,
-            "height": 256, "steps": 12, "seed": 1, "guidance": 1.0, "cache_threshold": 0.0,
-            "loras": [{"path": "/l/ink.safetensors", "strength": 0.75}]}}"#;
-        let kept: Settings = serde_json::from_str(kept).expect("parse");
-        assert!(kept.request.loras.is_empty());
-        assert_eq!(
-            kept.loras,
-            vec![LoraEntry {
-                path: "/l/ink.safetensors".into(),
-                strength: 0.75,
-                on: true
-            }]
-        );
-        // Restoring an image: its LoRAs on at its strengths, the others off.
-        let mut t = s.clone();
-        let mut g = crate::pipeline::Pipeline::demo(&candle_core::Device::Cpu)
-            .expect("demo")
-            .settings_for(&crate::pipeline::GenerateRequest {
-                loras: vec![LoraChoice {
-                    path: "/l/dots.safetensors".into(),
-                    strength: 0.25,
-                }],
-                ..Settings::default().request()
-            })
-            .expect("settings");
-        t.restore(&g);
-        assert_eq!(t.request().loras, g.loras);
-        assert!(t.request.loras.is_empty());
-        assert!(!t.loras[0].on && t.loras[1].on && t.loras[1].strength == 0.25);
-        g.loras.clear();
-        t.restore(&g);
-        assert!(
-            t.request().loras.is_empty(),
-            "an image without LoRAs turns them off"
-        );
-        assert_eq!(t.loras.len(), 2, "and keeps them listed");
-    }
-
-    #[test]
-    fn strengths_are_parsed_with_their_range() {
-        assert_eq!(
-            parse_strengths("0, 0.5 1,-1"),
-            Ok(vec![
-                Strength(0.0),
-                Strength(0.5),
-                Strength(1.0),
-                Strength(-1.0)
-            ])
-        );
-        assert_eq!(parse_strengths("3"), Err("3 is outside -2..=2".into()));
-        assert!(parse_strengths("x").unwrap_err().contains("`x`"));
-        assert!(parse_strengths(" ").is_err());
-        let v = vec![Strength(0.0), Strength(0.5)];
-        assert_eq!(parse_strengths(&format_strengths(&v)), Ok(v));
     }
 
     #[test]

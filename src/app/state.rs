@@ -11,7 +11,7 @@ use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
 use crate::runtime::EngineSpec;
 
-use super::lora::{self, LoraEntry, Strength};
+use super::lora::{self, LoraEntry};
 
 /// Resolution presets (width, height).
 pub const PRESETS: &[(&str, usize, usize)] = &[
@@ -323,6 +323,20 @@ pub fn format_caches(list: &[CacheSpec]) -> String {
 /// The compare sweep's thresholds as typed (`0, 0.06, 0.08`): numbers from 0 to 1, separated by
 /// commas or spaces. On error, says which entry is wrong.
 pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
+    parse_numbers(
+        text,
+        0.0..=1.0,
+        "give at least one threshold (e.g. 0, 0.06, 0.1)",
+    )
+}
+
+/// Numbers as typed, separated by commas or spaces, each within `range`; on error, says which
+/// entry is wrong (`empty`: what to say when there is none).
+fn parse_numbers(
+    text: &str,
+    range: std::ops::RangeInclusive<f64>,
+    empty: &str,
+) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     for part in text
         .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
@@ -331,15 +345,39 @@ pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
         let v: f64 = part
             .parse()
             .map_err(|_| format!("`{part}` is not a number"))?;
-        if !(0.0..=1.0).contains(&v) {
-            return Err(format!("{part} is outside 0..=1"));
+        if !range.contains(&v) {
+            return Err(format!(
+                "{part} is outside {}..={}",
+                range.start(),
+                range.end()
+            ));
         }
         out.push(v);
     }
     if out.is_empty() {
-        return Err("give at least one threshold (e.g. 0, 0.06, 0.1)".into());
+        return Err(empty.into());
     }
     Ok(out)
+}
+
+/// A LoRA strength in the compare sweep's list (typed as `0, 0.5, 1`; -2 to 2).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Strength(pub f64);
+
+/// The sweep's LoRA strengths as typed (`0, 0.5, 1`), as [`parse_thresholds`] reads its list.
+pub fn parse_strengths(text: &str) -> Result<Vec<Strength>, String> {
+    parse_numbers(
+        text,
+        lora::STRENGTHS,
+        "give at least one strength (e.g. 0, 0.5, 1)",
+    )
+    .map(|v| v.into_iter().map(Strength).collect())
+}
+
+/// How the strengths are shown in the field.
+pub fn format_strengths(v: &[Strength]) -> String {
+    format_thresholds(&v.iter().map(|s| s.0).collect::<Vec<_>>())
 }
 
 /// How a threshold list is shown in the field.
@@ -1050,5 +1088,23 @@ mod tests {
         assert!(!w.contains("x the time"), "{w}");
         let w = size_warning(4096, 512, 12).expect("wider than 2048");
         assert!(w.contains("for 12 steps"), "{w}");
+    }
+
+    #[test]
+    fn strengths_are_parsed_with_their_range() {
+        assert_eq!(
+            parse_strengths("0, 0.5 1,-1"),
+            Ok(vec![
+                Strength(0.0),
+                Strength(0.5),
+                Strength(1.0),
+                Strength(-1.0)
+            ])
+        );
+        assert_eq!(parse_strengths("3"), Err("3 is outside -2..=2".into()));
+        assert!(parse_strengths("x").unwrap_err().contains("`x`"));
+        assert!(parse_strengths(" ").is_err());
+        let v = vec![Strength(0.0), Strength(0.5)];
+        assert_eq!(parse_strengths(&format_strengths(&v)), Ok(v));
     }
 }

@@ -324,12 +324,12 @@ impl ListItem for CacheSpec {
     }
 }
 
-impl ListItem for super::lora::Strength {
+impl ListItem for super::state::Strength {
     fn format(list: &[Self]) -> String {
-        super::lora::format_strengths(list)
+        super::state::format_strengths(list)
     }
     fn parse(text: &str) -> Result<Vec<Self>, String> {
-        super::lora::parse_strengths(text)
+        super::state::parse_strengths(text)
     }
 }
 
@@ -384,7 +384,7 @@ pub struct CompareView {
     pub thresholds: ThresholdField,
     pub caches: CacheListField,
     /// The LoRA strengths the sweep crosses with its cells.
-    pub lora_strengths: ListField<super::lora::Strength>,
+    pub lora_strengths: ListField<super::state::Strength>,
 }
 
 impl Default for CompareView {

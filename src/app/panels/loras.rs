@@ -7,8 +7,8 @@ use egui::{Color32, RichText};
 
 use super::settings::list_edit;
 use crate::app::action::{Action, Actions};
-use crate::app::lora::{Fit, LoraChecks, Strength, STRENGTHS};
-use crate::app::state::Settings;
+use crate::app::lora::{Fit, LoraChecks, STRENGTHS};
+use crate::app::state::{Settings, Strength};
 use crate::app::view::ListField;
 
 /// What the section reads and edits.
