@@ -85,3 +85,67 @@ fn the_polka_lora_teaches_polka_dots_and_keeps_the_rest() {
         "base prompts score {base_with} with the LoRA, {base_without} without"
     );
 }
+
+/// `parallax compare --lora-strengths`: every cell at each strength, each strength's cells
+/// measured against its own uncached image; without exactly one `--lora` it is refused.
+#[test]
+fn compare_sweeps_the_lora_strength() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = lora_file();
+    let save = dir.path().to_str().expect("utf-8 path");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "compare",
+            "--model",
+            "demo",
+            "--prompt",
+            "a yellow star, on a red and blue polka background",
+            "--seed",
+            "42",
+            "--steps",
+            "4",
+            "--thresholds",
+            "0,5",
+            "--repeats",
+            "1",
+            "--lora-strengths",
+            "0,1",
+        ];
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run parallax")
+    };
+    let o = run(&[]);
+    assert!(!o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(said.contains("name it with one --lora FILE"), "{said}");
+
+    let o = run(&["--lora", &file, "--save", save]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("compare's JSON");
+    let rows = v["images"].as_array().expect("rows");
+    let strengths: Vec<f64> = rows
+        .iter()
+        .map(|r| r["lora_strength"].as_f64().expect("a strength"))
+        .collect();
+    assert_eq!(strengths, [0.0, 0.0, 1.0, 1.0]);
+    // Cells 0 and 2 are their strength's references; 1 and 3 are measured against them.
+    for (i, reference) in [(0, true), (1, false), (2, true), (3, false)] {
+        assert_eq!(rows[i]["psnr_db"].is_null(), reference, "{}", rows[i]);
+        assert_eq!(rows[i]["speedup"].is_null(), reference, "{}", rows[i]);
+    }
+    let image = |name: &str| {
+        parallax::pipeline::image::read_png(&dir.path().join(name))
+            .expect("saved")
+            .0
+    };
+    let uncached = parallax::pipeline::cache::CacheSpec::from_threshold(0.0).file_stem();
+    let (off, on) = (
+        image(&format!("compare-lora0-{uncached}.png")),
+        image(&format!("compare-lora1-{uncached}.png")),
+    );
+    assert_ne!(off, on, "the LoRA at 1 changes the image");
+}

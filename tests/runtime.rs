@@ -195,6 +195,7 @@ fn compare_sweep_measures_each_threshold_against_the_uncached_image() {
         thresholds: vec![0.12, 5.0],
         caches: vec![],
         repeats: 3,
+        lora_strengths: Vec::new(),
     });
     let events = until_done(&rt, job);
     // Rounds 2 and 3 time every cell again, each starting one cell further on; then every
@@ -310,6 +311,7 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
             "taylorseer:n=2,order=1,warmup=1".parse().expect("spec"),
         ],
         repeats: 2,
+        lora_strengths: Vec::new(),
     };
     let images = |rt: &Runtime| -> Vec<parallax::pipeline::image::RgbImage> {
         let job = rt.submit(sweep.clone());

@@ -1,8 +1,9 @@
 //! The studio's main flows through egui_kittest, rendered by wgpu (lavapipe in CI): generate,
 //! cancel, compare with the heatmap, export, restore and delete from the gallery; what a new user
 //! ran into (threshold field, gallery grid, missing file dialog, failed model, large sizes,
-//! stale caption, unwritable gallery); saving the settings to their own file; and the two WGSL
-//! shaders against their CPU twins.
+//! stale caption, unwritable gallery); saving the settings to their own file; the LoRA list
+//! (the demo's polka LoRA added, its strength set, its concept drawn; a file that does not fit)
+//! and the compare sweep over LoRA strengths; and the two WGSL shaders against their CPU twins.
 #![cfg(feature = "studio")]
 
 use std::path::Path;
@@ -158,11 +159,7 @@ fn tooltip_of(h: &mut Harness<'static, StudioApp>, label: &str, says: &str) -> S
 }
 
 fn demo_image(s: &GenerationSettings) -> RgbImage {
-    Pipeline::demo(&Device::Cpu)
-        .expect("demo")
-        .generate(&s.to_request(), &mut |_| Ok(()))
-        .expect("generate")
-        .image
+    engine_image(&s.to_request())
 }
 
 #[test]
@@ -323,6 +320,260 @@ fn compare_sweep_with_wipe_and_heatmap() {
     );
     mask_timings(&mut h);
     h.snapshot("studio_compare_heatmap");
+}
+
+/// The message log's lines.
+fn messages(h: &Harness<'static, StudioApp>) -> Vec<String> {
+    h.state()
+        .view
+        .messages
+        .iter()
+        .map(|m| m.text.clone())
+        .collect()
+}
+
+/// The demo's polka LoRA, as the panel's one-click button adds it.
+fn polka_lora() -> std::path::PathBuf {
+    parallax::app::lora::demo_lora_path().expect("the demo LoRA")
+}
+
+/// The demo's image of `req`, through the engine directly (no studio).
+fn engine_image(req: &parallax::pipeline::GenerateRequest) -> RgbImage {
+    Pipeline::demo(&Device::Cpu)
+        .expect("demo")
+        .generate(req, &mut |_| Ok(()))
+        .expect("generate")
+        .image
+}
+
+/// The demo LoRA added in the panel, its strength set on the slider, Generate: the image is the
+/// engine's with that LoRA, it draws the polka background the prompt asks for where the same
+/// image without the LoRA does not (the scorer's background check, as tests/demo_lora.rs reads
+/// it), and its PNG names the LoRA; turned off, the image is the one without it. Then the list
+/// is saved with the settings.
+#[test]
+fn a_lora_added_in_the_panel_draws_its_concept_and_goes_into_the_png() {
+    use egui::accesskit::Role;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    let polka = "a yellow star, on a red and blue polka background";
+    h.state_mut().settings.request.prompt = polka.into();
+    h.get_by_label("Polka dots (demo)").click();
+    h.run_steps(2);
+    assert_eq!(h.state().settings.loras.len(), 1);
+    step_until(&mut h, "the LoRA's check", |a| {
+        matches!(
+            a.lora_checks.fit(&a.settings.loras[0].path),
+            Some(parallax::app::lora::Fit::Fits(_))
+        )
+    });
+    assert_eq!(labels_with(&h, "fits the model: adapts").len(), 1);
+    assert!(
+        h.query_by_label("Polka dots (demo)").is_none(),
+        "offered only while not listed"
+    );
+    h.get_by_role_and_label(Role::Slider, "lora-polka")
+        .set_value_accesskit(1.25);
+    h.run_steps(2);
+    assert_eq!(h.state().settings.loras[0].strength, 1.25);
+    assert_eq!(labels_with(&h, "LoRAs (1 of 1 on)").len(), 1);
+    mask_timings(&mut h);
+    h.snapshot("studio_lora_list");
+
+    // Below the list, scrolled out of the panel: clicked as a screen reader would.
+    h.get_by_label("Generate").click_accesskit();
+    h.step();
+    assert!(h.state().is_busy());
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    let shown = h
+        .state()
+        .view
+        .result
+        .as_ref()
+        .expect("an image")
+        .result
+        .clone();
+    let g = &shown.generated;
+    let lora = parallax::model::lora::LoraChoice {
+        path: polka_lora(),
+        strength: 1.25,
+    };
+    assert_eq!(
+        g.settings.loras,
+        vec![lora.clone()],
+        "the PNG names the LoRA"
+    );
+    let with = g.image.clone();
+    assert_eq!(with, engine_image(&g.settings.to_request()));
+    let without_req = parallax::pipeline::GenerateRequest {
+        loras: vec![],
+        ..g.settings.to_request()
+    };
+    let without = engine_image(&without_req);
+    assert_ne!(with, without);
+    let asked = parallax::scenes::parse::parse(polka).expect("the scorer reads the prompt");
+    let background = |img: &RgbImage| {
+        parallax::scenes::score::score(img, &asked)
+            .checks
+            .iter()
+            .find(|c| c.kind == "background")
+            .expect("a background check")
+            .passed
+    };
+    assert!(background(&with), "polka dots drawn with the LoRA");
+    assert!(!background(&without), "and not without it");
+    let saved = shown.saved.clone().expect("kept in the gallery");
+    let (_, text) = read_png(&saved).expect("read the PNG");
+    assert!(
+        text.iter()
+            .any(|(k, v)| k == "parallax" && v.contains("lora-polka.safetensors")),
+        "{text:?}"
+    );
+
+    // Off: the image without it.
+    h.get_by_role_and_label(Role::CheckBox, "lora-polka")
+        .click();
+    h.run_steps(2);
+    assert!(!h.state().settings.loras[0].on);
+    h.get_by_label("Generate").click_accesskit();
+    h.step();
+    assert!(h.state().is_busy());
+    step_until(&mut h, "the image", |a| !a.is_busy());
+    let off = &h.state().view.result.as_ref().expect("an image").result;
+    assert!(off.generated.settings.loras.is_empty());
+    assert_eq!(off.generated.image, without);
+
+    // Dropping the first image back: its LoRA on again at its strength.
+    h.state_mut()
+        .queue(parallax::app::action::Action::RecallFrom(saved));
+    h.run_steps(2);
+    assert_eq!(h.state().settings.loras.len(), 1);
+    assert!(h.state().settings.loras[0].on);
+    assert_eq!(h.state().settings.request().loras, vec![lora]);
+    // Saved with the settings (when the window closes, or the auto-save).
+    let file = dir.path().join("settings.json");
+    let s = h.state().settings.clone();
+    parallax::app::settings_file::save(&file, &s).expect("save");
+    match parallax::app::settings_file::load(&file) {
+        parallax::app::settings_file::Loaded::Read(back) => assert_eq!(back.loras, s.loras),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A file that is no LoRA of this model: the engine's words under its row and in the log, and
+/// Generate refused while it is on. A model it does not fit (random:tiny has 4 single blocks,
+/// the demo LoRA adapts 6): said when that model loads, not dropped.
+#[test]
+fn a_lora_that_does_not_fit_is_said_and_blocks_generate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    let not_a_lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/clip.safetensors");
+    h.state_mut()
+        .queue(parallax::app::action::Action::AddLoras(vec![not_a_lora]));
+    h.run_steps(2);
+    step_until(&mut h, "the check", |a| !a.blockers().is_empty());
+    let said = labels_with(&h, "are not LoRA weights of this FLUX.1 transformer");
+    assert!(!said.is_empty(), "the engine's words on screen");
+    assert!(disabled(&h, "Generate"));
+    assert!(h
+        .state()
+        .blockers()
+        .iter()
+        .any(|b| b.contains("the LoRA clip does not fit this model")));
+    h.get_by_label("Remove").click();
+    h.run_steps(2);
+    assert!(h.state().settings.loras.is_empty());
+    assert!(!disabled(&h, "Generate"));
+
+    h.state_mut()
+        .queue(parallax::app::action::Action::AddLoras(vec![polka_lora()]));
+    h.state_mut().queue(parallax::app::action::Action::UseModel(
+        "random:tiny".into(),
+    ));
+    h.run_steps(2);
+    step_until(&mut h, "random:tiny and the check", |a| {
+        !a.blockers().is_empty()
+    });
+    let said = messages(&h);
+    assert!(
+        said.iter()
+            .any(|m| m.contains("lora-polka") && m.ends_with("(model random:tiny)")),
+        "{said:?}"
+    );
+    assert_eq!(h.state().settings.loras.len(), 1, "kept in the list");
+}
+
+/// The compare sweep at two LoRA strengths crossed with a cache threshold: four cells, each
+/// strength's cached cell measured against that strength's uncached one, shown by strength.
+#[test]
+fn compare_sweeps_lora_strengths_against_each_strengths_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    wait_for_model(&mut h);
+    h.state_mut().settings.request.prompt =
+        "a yellow star, on a red and blue polka background".into();
+    h.state_mut()
+        .queue(parallax::app::action::Action::AddDemoLora);
+    h.run_steps(2);
+    h.state_mut().settings.compare_thresholds = vec![0.0, 5.0];
+    h.state_mut().settings.compare_caches = vec![];
+    h.state_mut().settings.compare_repeats = 1;
+    h.state_mut().settings.request.steps = Some(6);
+    h.state_mut().settings.compare_lora_strengths =
+        parallax::app::state::parse_strengths("0, 1").expect("strengths");
+    h.run_steps(2);
+    let field = h.get_by_role_and_label(
+        egui::accesskit::Role::TextInput,
+        "Compare at strengths (-2 to 2)",
+    );
+    assert_eq!(
+        field.value().as_deref(),
+        Some("0, 1"),
+        "the field shows the strengths"
+    );
+    h.state_mut().start_compare();
+    h.step();
+    step_until(&mut h, "the sweep", |a| !a.is_busy());
+    let cells = &h.state().view.compare;
+    assert_eq!(cells.len(), 4);
+    let strength = |i: usize| cells[i].result.generated.settings.loras[0].strength;
+    assert_eq!(
+        (strength(0), strength(1), strength(2), strength(3)),
+        (0.0, 0.0, 1.0, 1.0)
+    );
+    assert!(cells[3].result.generated.stats.reused > 0);
+    // Each cached cell against its own strength's uncached image.
+    for (cell, reference) in [(1, 0), (3, 2)] {
+        let q = parallax::pipeline::metrics::quality(&cells[cell].image, &cells[reference].image)
+            .expect("quality");
+        assert_eq!(cells[cell].result.quality, Some(q));
+    }
+    assert!(cells[2].result.quality.is_none(), "strength 1's reference");
+    // Strength 0 is the image without the LoRA; strength 1 the engine's with it.
+    let base = cells[0].result.generated.settings.to_request();
+    assert_eq!(
+        *cells[0].image,
+        engine_image(&parallax::pipeline::GenerateRequest {
+            loras: vec![],
+            ..base.clone()
+        })
+    );
+    assert_eq!(
+        *cells[2].image,
+        engine_image(&cells[2].result.generated.settings.to_request())
+    );
+    assert_ne!(cells[0].image, cells[2].image);
+    // Shown by strength: under the thumbnails and in the table's LoRA column, two references.
+    assert_eq!(labels_with(&h, "LoRA 1 · First Block Cache · 5").len(), 1);
+    assert!(!labels_with(&h, "LoRA 0 · No cache").is_empty());
+    assert_eq!(h.query_all_by_label("reference").count(), 2);
+    h.get_by_label("LoRA");
+    h.hover_at(egui::pos2(1090.0, 750.0));
+    h.run_steps(4);
+    mask_timings(&mut h);
+    h.snapshot("studio_compare_lora");
 }
 
 #[test]

@@ -41,6 +41,13 @@ pub enum Action {
     /// The user confirmed: delete it.
     Delete(PathBuf),
     KeepImage,
+    /// Add a LoRA file (the file dialog), or every `.safetensors` file of a folder.
+    AddLoraFile,
+    AddLoraFolder,
+    /// Add these LoRA files to the list (the demo's, a script's).
+    AddLoras(Vec<PathBuf>),
+    /// Add the demo model's built-in LoRA.
+    AddDemoLora,
     /// The in-window path field was submitted.
     SubmitPath,
     ClosePathPrompt,

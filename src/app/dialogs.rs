@@ -21,6 +21,9 @@ pub enum PathRequest {
     Screenshot,
     /// Open a model file or folder.
     OpenModel,
+    /// Add a LoRA file, or every LoRA file in a folder.
+    AddLora,
+    AddLoraFolder,
 }
 
 impl PathRequest {
@@ -29,19 +32,24 @@ impl PathRequest {
             PathRequest::ExportImage { .. } => "Export image",
             PathRequest::Screenshot => "Save screenshot",
             PathRequest::OpenModel => "Open a model (.safetensors file or folder)",
+            PathRequest::AddLora => "Add a LoRA (.safetensors file)",
+            PathRequest::AddLoraFolder => "Add every LoRA (.safetensors) in a folder",
         }
     }
 
     /// Saving (the folder must be writable) rather than opening.
     pub fn saves(&self) -> bool {
-        !matches!(self, PathRequest::OpenModel)
+        !matches!(
+            self,
+            PathRequest::OpenModel | PathRequest::AddLora | PathRequest::AddLoraFolder
+        )
     }
 
     fn suggested_name(&self) -> Option<&str> {
         match self {
             PathRequest::ExportImage { name, .. } => Some(name),
             PathRequest::Screenshot => Some("parallax-screenshot.png"),
-            PathRequest::OpenModel => None,
+            PathRequest::OpenModel | PathRequest::AddLora | PathRequest::AddLoraFolder => None,
         }
     }
 }
@@ -155,6 +163,13 @@ async fn native(request: &PathRequest) -> Option<PathBuf> {
                 }
             }
         }
+        PathRequest::AddLora => {
+            dialog
+                .add_filter("safetensors", &["safetensors"])
+                .pick_file()
+                .await
+        }
+        PathRequest::AddLoraFolder => dialog.pick_folder().await,
         _ => {
             let dialog = dialog.add_filter("PNG image", &["png"]);
             let dialog = match request {

@@ -7,6 +7,7 @@
 //!   compare and gallery view state). [`action`]: the UI actions panels queue.
 //! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
 //! - [`tabs`]: the Image, Compare and Gallery views.
+//! - [`lora`]: the LoRA list and each file's check against the loaded model.
 //! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
 //!   heatmap as egui paint callbacks; [`heatmap`]: the heatmap's CPU twin.
 //! - [`dialogs`]: where paths come from (desktop dialog, fixed folder, in-window field);
@@ -21,6 +22,7 @@ pub mod download;
 pub mod export;
 pub mod gpu;
 pub mod heatmap;
+pub mod lora;
 pub mod messages;
 pub mod panels;
 pub mod preview;

@@ -164,4 +164,65 @@ mod tests {
             assert!(p.ends_with("parallax/settings.json"), "{}", p.display());
         }
     }
+
+    #[test]
+    fn the_list_is_saved_with_the_settings_and_restored_from_an_image() {
+        let mut s = Settings::default();
+        crate::app::lora::add(
+            &mut s.loras,
+            ["/l/ink.safetensors".into(), "/l/dots.safetensors".into()],
+        );
+        s.loras[0].strength = -1.5;
+        s.loras[1].on = false;
+        let req = s.request();
+        assert_eq!(req.loras, crate::app::lora::choices(&s.loras));
+        assert_eq!(req.loras.len(), 1);
+        assert_eq!(s.lora_sweep(), vec![0.0, 0.5, 1.0]);
+        let text = serde_json::to_string(&s).expect("serialise");
+        let back: Settings = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, s);
+        // Settings saved before the list: no LoRAs, the default sweep strengths.
+        let old: Settings =
+            serde_json::from_str(r#"{"model": "demo", "workers": 2}"#).expect("parse an old file");
+        assert!(old.loras.is_empty() && old.request().loras.is_empty());
+        assert!(old.lora_sweep().is_empty(), "no LoRA on: nothing to sweep");
+        // A request that kept LoRAs (a restored image's, saved before the list) gives them to
+        // the list, on.
+        let kept = r#"{"request": {"prompt": "p", "negative_prompt": "", "width": 256,
+            "height": 256, "steps": 12, "seed": 1, "guidance": 1.0, "cache_threshold": 0.0,
+            "loras": [{"path": "/l/ink.safetensors", "strength": 0.75}]}}"#;
+        let kept: Settings = serde_json::from_str(kept).expect("parse");
+        assert!(kept.request.loras.is_empty());
+        assert_eq!(
+            kept.loras,
+            vec![crate::app::lora::LoraEntry {
+                path: "/l/ink.safetensors".into(),
+                strength: 0.75,
+                on: true
+            }]
+        );
+        // Restoring an image: its LoRAs on at its strengths, the others off.
+        let mut t = s.clone();
+        let mut g = crate::pipeline::Pipeline::demo(&candle_core::Device::Cpu)
+            .expect("demo")
+            .settings_for(&crate::pipeline::GenerateRequest {
+                loras: vec![crate::model::lora::LoraChoice {
+                    path: "/l/dots.safetensors".into(),
+                    strength: 0.25,
+                }],
+                ..Settings::default().request()
+            })
+            .expect("settings");
+        t.restore(&g);
+        assert_eq!(t.request().loras, g.loras);
+        assert!(t.request.loras.is_empty());
+        assert!(!t.loras[0].on && t.loras[1].on && t.loras[1].strength == 0.25);
+        g.loras.clear();
+        t.restore(&g);
+        assert!(
+            t.request().loras.is_empty(),
+            "an image without LoRAs turns them off"
+        );
+        assert_eq!(t.loras.len(), 2, "and keeps them listed");
+    }
 }

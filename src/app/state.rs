@@ -11,6 +11,8 @@ use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::{GenerateRequest, GenerationSettings};
 use crate::runtime::EngineSpec;
 
+use super::lora::{self, LoraEntry};
+
 /// Resolution presets (width, height).
 pub const PRESETS: &[(&str, usize, usize)] = &[
     ("256 x 256 (demo)", 256, 256),
@@ -57,6 +59,11 @@ pub struct Settings {
     pub memory_budget_gib: Option<u32>,
     /// The model's parts named apart from it (`--vae`, `--clip`, `--t5`).
     pub parts: ModelParts,
+    /// The LoRA list: every file added, on or off, at its strength (the ones on go into each
+    /// request; `request.loras` stays empty here).
+    pub loras: Vec<LoraEntry>,
+    /// LoRA strengths the compare sweep crosses with its cache cells (empty: none).
+    pub compare_lora_strengths: Vec<Strength>,
 }
 
 impl Default for Settings {
@@ -78,6 +85,8 @@ impl Default for Settings {
             fp8: false,
             memory_budget_gib: None,
             parts: ModelParts::default(),
+            loras: Vec::new(),
+            compare_lora_strengths: vec![Strength(0.0), Strength(0.5), Strength(1.0)],
         }
     }
 }
@@ -124,6 +133,8 @@ struct SettingsFile {
     fp8: bool,
     memory_budget_gib: Option<u32>,
     parts: ModelParts,
+    loras: Vec<LoraEntry>,
+    compare_lora_strengths: Vec<Strength>,
     #[serde(flatten)]
     flat: FlatSampling,
     #[serde(flatten)]
@@ -212,6 +223,8 @@ impl Default for SettingsFile {
             fp8: d.fp8,
             memory_budget_gib: d.memory_budget_gib,
             parts: d.parts,
+            loras: d.loras,
+            compare_lora_strengths: d.compare_lora_strengths,
             flat: FlatSampling::default(),
             flat_layout: FlatLayout::default(),
         }
@@ -246,6 +259,9 @@ impl From<SettingsFile> for Settings {
         r.steps = old.steps.or(r.steps).or(base.steps);
         r.guidance = old.guidance.or(r.guidance).or(base.guidance);
         r.negative_prompt.get_or_insert_with(String::new);
+        // LoRAs a request kept (a restored image's) join the list, on.
+        let mut loras = f.loras;
+        lora::add_choices(&mut loras, std::mem::take(&mut r.loras));
         Settings {
             model: f.model,
             device: f.device,
@@ -262,6 +278,8 @@ impl From<SettingsFile> for Settings {
             fp8: f.fp8,
             memory_budget_gib: f.memory_budget_gib,
             parts: f.parts,
+            loras,
+            compare_lora_strengths: f.compare_lora_strengths,
         }
     }
 }
@@ -305,6 +323,20 @@ pub fn format_caches(list: &[CacheSpec]) -> String {
 /// The compare sweep's thresholds as typed (`0, 0.06, 0.08`): numbers from 0 to 1, separated by
 /// commas or spaces. On error, says which entry is wrong.
 pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
+    parse_numbers(
+        text,
+        0.0..=1.0,
+        "give at least one threshold (e.g. 0, 0.06, 0.1)",
+    )
+}
+
+/// Numbers as typed, separated by commas or spaces, each within `range`; on error, says which
+/// entry is wrong (`empty`: what to say when there is none).
+fn parse_numbers(
+    text: &str,
+    range: std::ops::RangeInclusive<f64>,
+    empty: &str,
+) -> Result<Vec<f64>, String> {
     let mut out = Vec::new();
     for part in text
         .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
@@ -313,15 +345,39 @@ pub fn parse_thresholds(text: &str) -> Result<Vec<f64>, String> {
         let v: f64 = part
             .parse()
             .map_err(|_| format!("`{part}` is not a number"))?;
-        if !(0.0..=1.0).contains(&v) {
-            return Err(format!("{part} is outside 0..=1"));
+        if !range.contains(&v) {
+            return Err(format!(
+                "{part} is outside {}..={}",
+                range.start(),
+                range.end()
+            ));
         }
         out.push(v);
     }
     if out.is_empty() {
-        return Err("give at least one threshold (e.g. 0, 0.06, 0.1)".into());
+        return Err(empty.into());
     }
     Ok(out)
+}
+
+/// A LoRA strength in the compare sweep's list (typed as `0, 0.5, 1`; -2 to 2).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Strength(pub f64);
+
+/// The sweep's LoRA strengths as typed (`0, 0.5, 1`), as [`parse_thresholds`] reads its list.
+pub fn parse_strengths(text: &str) -> Result<Vec<Strength>, String> {
+    parse_numbers(
+        text,
+        lora::STRENGTHS,
+        "give at least one strength (e.g. 0, 0.5, 1)",
+    )
+    .map(|v| v.into_iter().map(Strength).collect())
+}
+
+/// How the strengths are shown in the field.
+pub fn format_strengths(v: &[Strength]) -> String {
+    format_thresholds(&v.iter().map(|s| s.0).collect::<Vec<_>>())
 }
 
 /// How a threshold list is shown in the field.
@@ -383,6 +439,7 @@ impl Settings {
     /// The request for the current settings (the seed as shown; a blank negative prompt is none).
     pub fn request(&self) -> GenerateRequest {
         let mut r = self.request.clone();
+        r.loras = lora::choices(&self.loras);
         if r.negative_prompt
             .as_deref()
             .is_none_or(|n| n.trim().is_empty())
@@ -542,6 +599,7 @@ impl Settings {
             thresholds: self.compare_thresholds.clone(),
             caches: self.compare_caches.clone(),
             repeats: self.compare_repeats,
+            lora_strengths: self.lora_sweep(),
         };
         for r in sweep.requests() {
             self.refusal_for(&plan, &r, model)
@@ -579,6 +637,21 @@ impl Settings {
         self.request.negative_prompt = Some(s.negative_prompt.clone().unwrap_or_default());
         self.random_seed = false;
         self.model = s.model.clone();
+        // The image's LoRAs, and only them, are on (others in the list stay, turned off).
+        for e in &mut self.loras {
+            e.on = false;
+        }
+        lora::add_choices(&mut self.loras, std::mem::take(&mut self.request.loras));
+    }
+
+    /// The strengths a compare sweep crosses with its cells: the list when a LoRA is on, else
+    /// none (a sweep without LoRAs has nothing to vary).
+    pub fn lora_sweep(&self) -> Vec<f64> {
+        if self.loras.iter().any(|l| l.on) {
+            self.compare_lora_strengths.iter().map(|s| s.0).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Take what another tool's image states (prompt, size, steps, seed, guidance, ...), leaving
@@ -1015,5 +1088,23 @@ mod tests {
         assert!(!w.contains("x the time"), "{w}");
         let w = size_warning(4096, 512, 12).expect("wider than 2048");
         assert!(w.contains("for 12 steps"), "{w}");
+    }
+
+    #[test]
+    fn strengths_are_parsed_with_their_range() {
+        assert_eq!(
+            parse_strengths("0, 0.5 1,-1"),
+            Ok(vec![
+                Strength(0.0),
+                Strength(0.5),
+                Strength(1.0),
+                Strength(-1.0)
+            ])
+        );
+        assert_eq!(parse_strengths("3"), Err("3 is outside -2..=2".into()));
+        assert!(parse_strengths("x").unwrap_err().contains("`x`"));
+        assert!(parse_strengths(" ").is_err());
+        let v = vec![Strength(0.0), Strength(0.5)];
+        assert_eq!(parse_strengths(&format_strengths(&v)), Ok(v));
     }
 }

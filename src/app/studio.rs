@@ -88,6 +88,8 @@ pub struct StudioApp {
     script: Script,
     cmds: Actions,
     next_id: u64,
+    /// Each listed LoRA file checked against the loaded model.
+    pub lora_checks: super::lora::LoraChecks,
 }
 
 const SETTINGS_KEY: &str = "parallax-settings";
@@ -278,6 +280,7 @@ impl StudioApp {
             script: Script::new(&opts),
             cmds: Actions::default(),
             next_id: 1,
+            lora_checks: Default::default(),
         };
         if let Some(why) = damaged {
             tracing::warn!("saved settings unusable: {why}");
@@ -322,6 +325,7 @@ impl StudioApp {
     pub fn blockers(&self) -> Vec<String> {
         let mut out = self.settings.problems(self.view.model_shape);
         out.extend(self.view.model.refusal(&self.settings.model));
+        out.extend(self.lora_checks.blockers(&self.settings.loras));
         out
     }
 

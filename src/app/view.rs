@@ -324,6 +324,15 @@ impl ListItem for CacheSpec {
     }
 }
 
+impl ListItem for super::state::Strength {
+    fn format(list: &[Self]) -> String {
+        super::state::format_strengths(list)
+    }
+    fn parse(text: &str) -> Result<Vec<Self>, String> {
+        super::state::parse_strengths(text)
+    }
+}
+
 /// The compare sweep's threshold field.
 pub type ThresholdField = ListField<f64>;
 /// The compare sweep's policy field.
@@ -374,6 +383,8 @@ pub struct CompareView {
     pub show_heatmap: bool,
     pub thresholds: ThresholdField,
     pub caches: CacheListField,
+    /// The LoRA strengths the sweep crosses with its cells.
+    pub lora_strengths: ListField<super::state::Strength>,
 }
 
 impl Default for CompareView {
@@ -385,6 +396,7 @@ impl Default for CompareView {
             show_heatmap: false,
             thresholds: ThresholdField::default(),
             caches: CacheListField::default(),
+            lora_strengths: ListField::default(),
         }
     }
 }

@@ -569,7 +569,12 @@ pub struct CompareArgs {
     /// lowest and highest in `speedup_range`.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub repeats: u64,
-    /// Save each image here as compare-<threshold or policy>.png (with its settings).
+    /// With one `--lora`: every cell at each of these LoRA strengths, separated by `,` (e.g.
+    /// `0,0.5,1`); each strength's cells are measured against its own uncached image.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub lora_strengths: Vec<f64>,
+    /// Save each image here as compare-<threshold or policy>.png (with its settings;
+    /// compare-lora<strength>-... in a strength sweep).
     #[arg(long)]
     pub save: Option<PathBuf>,
     /// Print every runtime event as it arrives (to standard error).
@@ -1328,6 +1333,15 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
     if let Some(bad) = a.thresholds.iter().find(|t| !(t.is_finite() && **t >= 0.0)) {
         bail!("--thresholds: {bad} is not a threshold (give numbers of 0 or more)");
     }
+    if !a.lora_strengths.is_empty() && a.sample.lora.len() != 1 {
+        bail!(
+            "--lora-strengths sweeps one LoRA's strength: name it with one --lora FILE (given {})",
+            a.sample.lora.len()
+        );
+    }
+    if let Some(bad) = a.lora_strengths.iter().find(|s| !s.is_finite()) {
+        bail!("--lora-strengths: {bad} is not a strength");
+    }
     // The same checks as `generate`, before the weights load.
     let Checked {
         choice,
@@ -1351,6 +1365,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
         thresholds: a.thresholds.clone(),
         caches: a.caches.clone(),
         repeats: a.repeats as usize,
+        lora_strengths: a.lora_strengths.clone(),
     });
     // Prompts in the demo model's world are also scored (colours, shapes, places, background).
     let asked = crate::scenes::parse::parse(&a.sample.prompt);
@@ -1381,10 +1396,15 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
             }
             Event::ImageDone { image, result, .. } => {
                 let g = &result.generated;
+                // In a strength sweep, the cell's strength (the one LoRA's).
+                let strength = (!a.lora_strengths.is_empty())
+                    .then(|| g.settings.loras.first().map(|l| l.strength))
+                    .flatten();
                 let saved = match &a.save {
                     Some(dir) => {
+                        let lora = strength.map_or(String::new(), |s| format!("lora{s}-"));
                         let out = dir.join(format!(
-                            "compare-{}.png",
+                            "compare-{lora}{}.png",
                             g.settings.cache_spec().file_stem()
                         ));
                         image::save_image(&out, &g.image, &g.settings.png_text()?)
@@ -1395,6 +1415,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 };
                 bar.set_message(format!("{} images done", image + 1));
                 rows.push(serde_json::json!({
+                    "lora_strength": strength,
                     "threshold": g.settings.cache_threshold,
                     "cache": g.settings.cache_spec().to_string(),
                     "steps_computed": g.stats.computed,

@@ -189,6 +189,10 @@ impl EngineThread {
             heads: d.num_heads(),
             blocks: d.num_blocks(),
             magcache: pipeline.magcache_calibration().is_some(),
+            lora_config: pipeline
+                .family
+                .is_none()
+                .then(|| pipeline.flux.config().clone()),
         });
         let magcache = pipeline.magcache_calibration();
         // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;
@@ -279,6 +283,10 @@ impl EngineThread {
         };
         let compare = rounds.is_some();
         let mut record = Recorder::new(reqs.len());
+        // What each cell is measured against (a LoRA strength sweep: its strength's uncached
+        // cell; otherwise the first cell).
+        let refs = super::events::compare_references(&reqs);
+        let mut references: Vec<Option<Generated>> = vec![None; reqs.len()];
         // A sweep's images stay together in the gallery.
         let group = rounds.map(|_| format!("sweep-{}-{}", super::gallery::now_ms(), job.0));
         if plan.layout.dp > 1 && reqs.len() > 1 {
@@ -290,7 +298,6 @@ impl EngineThread {
             } else {
                 1
             };
-            let mut reference: Option<Generated> = None;
             for round in 0..rounds {
                 let order = round_order(reqs.len(), round);
                 if round > 0 {
@@ -303,7 +310,11 @@ impl EngineThread {
                         record.record(i, &g.image, g.timings.total_ms);
                     }
                     if round == 0 {
-                        let reference = if compare { &mut reference } else { &mut None };
+                        let reference = if compare {
+                            &mut references[refs[i]]
+                        } else {
+                            &mut None
+                        };
                         self.finish_image(job, i, g, reference, timed, group.as_deref());
                     }
                 }
@@ -312,12 +323,11 @@ impl EngineThread {
                 }
             }
             if compare && timed {
-                self.emit_timings(job, &record);
+                self.emit_timings(job, &record, &refs);
             }
             return Ok(t0.elapsed().as_secs_f64() * 1e3);
         }
 
-        let mut reference: Option<Generated> = None;
         for (i, req) in reqs.iter().enumerate() {
             let (w, h) = (req.width, req.height);
             let emit = self.emit.clone();
@@ -351,7 +361,8 @@ impl EngineThread {
             let g = engine.generate(&plan, req, &mut progress)?;
             if compare {
                 record.record(i, &g.image, g.timings.total_ms);
-                self.finish_image(job, i, g, &mut reference, true, group.as_deref());
+                let reference = &mut references[refs[i]];
+                self.finish_image(job, i, g, reference, true, group.as_deref());
             } else {
                 self.finish_image(job, i, g, &mut None, true, group.as_deref());
             }
@@ -371,7 +382,7 @@ impl EngineThread {
                     record.record(i, &g.image, g.timings.total_ms);
                 }
             }
-            self.emit_timings(job, &record);
+            self.emit_timings(job, &record, &refs);
         }
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
@@ -388,8 +399,8 @@ impl EngineThread {
     }
 
     /// Every cell's timing over the rounds, after the last one.
-    fn emit_timings(&self, job: JobId, record: &Recorder) {
-        for (image, timing) in record.finish().into_iter().enumerate() {
+    fn emit_timings(&self, job: JobId, record: &Recorder, references: &[usize]) {
+        for (image, timing) in record.finish(references).into_iter().enumerate() {
             if !timing.identical {
                 tracing::warn!("{job}: cell {image} made a different image in a later round");
             }

@@ -32,11 +32,17 @@ pub enum JobSpec {
     /// policies (`caches`). The first image is the reference the others are measured against; a
     /// threshold of 0 (no cache) is put first if the list lacks it. Every cell is timed in
     /// `repeats` rounds (see [`super::repeats`]; 0 counts as 1).
+    ///
+    /// With `lora_strengths`, every cell runs at each strength in turn (every LoRA of `base` set
+    /// to it), strength by strength; each cell is then measured against the uncached cell of its
+    /// own strength ([`compare_references`]), so a row says what the cache costs with the LoRA
+    /// at that strength. Empty: `base`'s LoRAs as they are.
     Compare {
         base: GenerateRequest,
         thresholds: Vec<f64>,
         caches: Vec<crate::pipeline::cache::CacheSpec>,
         repeats: usize,
+        lora_strengths: Vec<f64>,
     },
 }
 
@@ -50,6 +56,7 @@ impl JobSpec {
                 base,
                 thresholds,
                 caches,
+                lora_strengths,
                 ..
             } => {
                 // First Block Cache entries in the policy list are thresholds: they join the
@@ -78,10 +85,47 @@ impl JobSpec {
                         });
                     }
                 }
-                reqs
+                if lora_strengths.is_empty() {
+                    return reqs;
+                }
+                let mut strengths: Vec<f64> = Vec::new();
+                for &s in lora_strengths.iter().filter(|s| s.is_finite()) {
+                    if !strengths.contains(&s) {
+                        strengths.push(s);
+                    }
+                }
+                strengths
+                    .iter()
+                    .flat_map(|&s| {
+                        reqs.iter().map(move |r| {
+                            let mut r = r.clone();
+                            for l in &mut r.loras {
+                                l.strength = s;
+                            }
+                            r
+                        })
+                    })
+                    .collect()
             }
         }
     }
+}
+
+/// For each cell of a compare sweep, the cell it is measured against: the first cell with the
+/// same LoRAs at the same strengths (the sweep's uncached cell of that strength; cell 0 for a
+/// sweep without a strength list).
+pub fn compare_references(reqs: &[GenerateRequest]) -> Vec<usize> {
+    let loras: Vec<&[crate::model::lora::LoraChoice]> =
+        reqs.iter().map(|r| r.loras.as_slice()).collect();
+    first_alike(&loras)
+}
+
+/// For each item, the index of the first item equal to it.
+pub fn first_alike<T: PartialEq>(items: &[T]) -> Vec<usize> {
+    items
+        .iter()
+        .map(|r| items.iter().position(|o| o == r).unwrap_or(0))
+        .collect()
 }
 
 /// The thresholds a compare sweep runs: the uncached reference first, then the others in the
@@ -153,6 +197,9 @@ pub enum Event {
         blocks: usize,
         /// Whether it has a MagCache calibration (without one, MagCache cannot run on it).
         magcache: bool,
+        /// The FLUX.1 transformer's shape, what a LoRA file must fit (`None`: a model of another
+        /// family, which takes no LoRAs).
+        lora_config: Option<crate::model::flux::FluxConfig>,
     },
     /// The latent preview map for the loaded model (fitted to its autoencoder).
     PreviewFactors(Arc<PreviewFactors>),
@@ -271,6 +318,7 @@ mod tests {
                 CacheSpec::from_threshold(0.12),
             ],
             repeats: 1,
+            lora_strengths: Vec::new(),
         };
         let cells: Vec<(f64, Option<String>)> = job
             .requests()
@@ -286,5 +334,44 @@ mod tests {
             .1
             .as_deref()
             .is_some_and(|c| c.starts_with("magcache")));
+        assert_eq!(compare_references(&job.requests()), vec![0; 4]);
+    }
+
+    #[test]
+    fn a_strength_sweep_crosses_the_cells_and_measures_each_strength_on_its_own() {
+        let lora = |strength| crate::model::lora::LoraChoice {
+            path: "polka.safetensors".into(),
+            strength,
+        };
+        let job = JobSpec::Compare {
+            base: GenerateRequest {
+                loras: vec![lora(1.0)],
+                ..GenerateRequest::default()
+            },
+            thresholds: vec![0.0, 0.2],
+            caches: vec![CacheSpec::preset("magcache", "balanced").expect("preset")],
+            repeats: 1,
+            lora_strengths: vec![0.0, 0.5, 0.5, -1.0],
+        };
+        let reqs = job.requests();
+        let cells: Vec<(f64, f64, bool)> = reqs
+            .iter()
+            .map(|r| (r.loras[0].strength, r.cache_threshold, r.cache.is_some()))
+            .collect();
+        assert_eq!(
+            cells,
+            vec![
+                (0.0, 0.0, false),
+                (0.0, 0.2, false),
+                (0.0, 0.0, true),
+                (0.5, 0.0, false),
+                (0.5, 0.2, false),
+                (0.5, 0.0, true),
+                (-1.0, 0.0, false),
+                (-1.0, 0.2, false),
+                (-1.0, 0.0, true),
+            ]
+        );
+        assert_eq!(compare_references(&reqs), vec![0, 0, 0, 3, 3, 3, 6, 6, 6]);
     }
 }

@@ -42,20 +42,32 @@ impl CellTiming {
     /// The timings of every cell from their per-round wall times (`wall_ms[cell][round]`, the
     /// reference first) and whether each cell's rounds made the same image.
     pub fn of_sweep(wall_ms: &[Vec<f64>], identical: &[bool]) -> Vec<CellTiming> {
-        let reference = wall_ms.first().cloned().unwrap_or_default();
+        Self::of_sweep_against(wall_ms, identical, &vec![0; wall_ms.len()])
+    }
+
+    /// [`CellTiming::of_sweep`] with each cell measured against its own reference
+    /// (`references[cell]`, a cell's own index for a reference: a LoRA strength sweep's uncached
+    /// cell of each strength).
+    pub fn of_sweep_against(
+        wall_ms: &[Vec<f64>],
+        identical: &[bool],
+        references: &[usize],
+    ) -> Vec<CellTiming> {
         wall_ms
             .iter()
             .enumerate()
             .map(|(i, times)| CellTiming {
                 wall_ms: times.clone(),
-                speedups: if i == 0 {
-                    Vec::new()
-                } else {
-                    reference
+                speedups: match references.get(i).copied().unwrap_or(0) {
+                    r if r == i => Vec::new(),
+                    r => wall_ms
+                        .get(r)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
                         .iter()
                         .zip(times)
                         .map(|(r, t)| r / t.max(1e-9))
-                        .collect()
+                        .collect(),
                 },
                 identical: identical.get(i).copied().unwrap_or(true),
             })
@@ -107,9 +119,10 @@ impl Recorder {
         times.push(wall_ms);
     }
 
-    /// Every cell's timing, the reference (cell 0) first.
-    pub fn finish(&self) -> Vec<CellTiming> {
-        CellTiming::of_sweep(&self.wall_ms, &self.identical)
+    /// Every cell's timing, each against its reference (`references[cell]`; see
+    /// [`CellTiming::of_sweep_against`]).
+    pub fn finish(&self, references: &[usize]) -> Vec<CellTiming> {
+        CellTiming::of_sweep_against(&self.wall_ms, &self.identical, references)
     }
 }
 
@@ -270,7 +283,7 @@ mod tests {
         }
         r.record(1, &img(9), 5.0);
         r.record(7, &img(0), 1.0); // no such cell: ignored
-        let t = r.finish();
+        let t = r.finish(&[0, 0]);
         assert_eq!(t[0].wall_ms, [10.0, 12.0]);
         assert_eq!(t[1].wall_ms, [5.0, 6.0, 5.0]);
         assert_eq!(

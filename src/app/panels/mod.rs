@@ -1,8 +1,10 @@
 //! The panels around the tabs: [`settings`] on the left (model, prompt, sampling, Generate and
-//! Compare) with [`devices`] (GPUs, device list, layout), [`progress`] above the tabs. The message log at the bottom is
+//! Compare) with [`devices`] (GPUs, device list, layout) and [`loras`] (the LoRA list),
+//! [`progress`] above the tabs. The message log at the bottom is
 //! [`super::messages::MessageLog::show`]. Panels edit the settings and queue
 //! [`super::action::Action`]s; they never act on the runtime.
 
 pub mod devices;
+pub mod loras;
 pub mod progress;
 pub mod settings;

@@ -563,7 +563,7 @@ fn cache_choice(r: &crate::pipeline::GenerateRequest) -> (bool, String) {
 
 /// A labelled one-line field for a list (`field` keeps the text; `list` gets what parses), with
 /// what is wrong with the text, prefixed by `what`, under it.
-fn list_edit<T: ListItem>(
+pub(super) fn list_edit<T: ListItem>(
     ui: &mut egui::Ui,
     label: &str,
     hint: &str,

@@ -49,6 +49,15 @@ impl StudioApp {
         ui.separator();
         panels::settings::prompts(ui, &mut p);
         panels::settings::sampling(ui, &mut p);
+        panels::loras::show(
+            ui,
+            panels::loras::LorasPanel {
+                settings: &mut self.settings,
+                checks: &self.lora_checks,
+                strengths: &mut self.view.compare_view.lora_strengths,
+                cmds: &mut self.cmds,
+            },
+        );
         ui.separator();
         panels::devices::show(
             ui,

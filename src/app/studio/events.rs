@@ -12,6 +12,12 @@ impl StudioApp {
         while let Ok(a) = self.dialog_rx.try_recv() {
             self.on_dialog(ctx, a);
         }
+        // Said for the LoRAs that are on (an unused one's row says it too).
+        for (path, why) in self.lora_checks.poll(&self.settings.loras) {
+            if self.settings.loras.iter().any(|e| e.on && e.path == path) {
+                self.say(why, true);
+            }
+        }
     }
 
     pub(super) fn on_model_event(&mut self, ev: &Event) {
@@ -20,13 +26,16 @@ impl StudioApp {
                 self.view.model = ModelStatus::Loading(spec.model.model.clone())
             }
             Event::ModelLoaded {
+                spec,
                 summary,
                 load_ms,
                 heads,
                 blocks,
                 magcache,
-                ..
+                lora_config,
             } => {
+                self.lora_checks
+                    .model_loaded(&spec.model.model, lora_config.clone());
                 self.view.model =
                     ModelStatus::Ready(format!("{summary} — loaded in {:.1} s", load_ms / 1e3));
                 self.view.model_shape = ModelShape {

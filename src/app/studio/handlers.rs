@@ -26,6 +26,11 @@ impl StudioApp {
             if let Some(e) = &self.view.compare_view.caches.error {
                 blockers.push(format!("compare policies: {e}"));
             }
+            if let Some(e) = &self.view.compare_view.lora_strengths.error {
+                if !self.settings.lora_sweep().is_empty() {
+                    blockers.push(format!("compare LoRA strengths: {e}"));
+                }
+            }
             if blockers.is_empty() {
                 blockers.extend(self.settings.compare_check(self.view.model_shape).err());
             }
@@ -91,6 +96,7 @@ impl StudioApp {
                     thresholds: self.settings.compare_thresholds.clone(),
                     caches: self.settings.compare_caches.clone(),
                     repeats: self.settings.compare_repeats,
+                    lora_strengths: self.settings.lora_sweep(),
                 },
                 (false, 1) => JobSpec::Generate(reqs[0].clone()),
                 (false, _) => JobSpec::Images(reqs),
@@ -202,7 +208,35 @@ impl StudioApp {
                 self.settings.model = path.display().to_string();
                 self.runtime.configure(self.settings.engine_spec());
             }
+            PathRequest::AddLora => self.add_loras(vec![path])?,
+            PathRequest::AddLoraFolder => {
+                let files = crate::app::lora::in_folder(&path)?;
+                if files.is_empty() {
+                    return Err(format!("no .safetensors files in {}", path.display()));
+                }
+                self.add_loras(files)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Add LoRA files to the list (on, at strength 1), and say how many; a file that is not there
+    /// is refused here, the rest is checked against the model as it is listed.
+    pub(super) fn add_loras(&mut self, files: Vec<PathBuf>) -> Result<(), String> {
+        if let Some(gone) = files.iter().find(|p| !p.is_file()) {
+            return Err(format!(
+                "cannot add the LoRA {}: no such file",
+                gone.display()
+            ));
+        }
+        let n = files.len();
+        let new = crate::app::lora::add(&mut self.settings.loras, files);
+        let listed = if new < n {
+            format!(" ({} listed already)", n - new)
+        } else {
+            String::new()
+        };
+        self.say(format!("added {new} LoRA file(s){listed}"), false);
         Ok(())
     }
 
@@ -268,6 +302,25 @@ impl StudioApp {
             Action::SubmitPath => self.submit_path(ctx),
             Action::ClosePathPrompt => self.view.path_prompt = None,
             Action::ToggleDownload => self.download.toggle(),
+            Action::AddLoraFile => {
+                self.dialogs
+                    .ask(&self.runtime, PathRequest::AddLora, self.dialog_tx.clone());
+            }
+            Action::AddLoraFolder => {
+                let req = PathRequest::AddLoraFolder;
+                self.dialogs.ask(&self.runtime, req, self.dialog_tx.clone());
+            }
+            Action::AddLoras(files) => {
+                if let Err(e) = self.add_loras(files) {
+                    self.say(e, true);
+                }
+            }
+            Action::AddDemoLora => {
+                match crate::app::lora::demo_lora_path().and_then(|p| self.add_loras(vec![p])) {
+                    Ok(()) => {}
+                    Err(e) => self.say(e, true),
+                }
+            }
         }
     }
 

@@ -3,7 +3,8 @@
 //! over the timing rounds, PSNR and SSIM against the reference, and the prompt score for prompts
 //! in the demo model's world; every header says what its number means), a wipe between any two
 //! of them (the reference on the left unless another is picked), and their difference heatmap
-//! (WGSL, or its CPU twin) with its colour scale.
+//! (WGSL, or its CPU twin) with its colour scale. A sweep over LoRA strengths names each cell's
+//! strength, and measures it against the uncached cell of its own strength.
 
 use std::collections::HashMap;
 
@@ -53,9 +54,9 @@ pub struct CompareTab<'a> {
 /// equal amounts of work is timing noise), the median with its range over the timing rounds
 /// ("1.42x (1.35-1.50)", or "no measurable gain" when the range reaches 1.0), "timing…" while
 /// later rounds run, else the one ratio measured.
-pub fn speedup_text(s: &Shown, index: usize, running: bool) -> String {
+pub fn speedup_text(s: &Shown, reference: bool, running: bool) -> String {
     let r: &ImageResult = &s.result;
-    if index == 0 {
+    if reference {
         return "reference".into();
     }
     if r.generated.stats.reused == 0 {
@@ -102,8 +103,15 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
         }
         return;
     }
-    thumbnails(ui, t.results, t.view);
-    table(ui, t.results, t.view, t.job.is_some_and(|j| j.compare));
+    let sweep = Sweep::of(t.results);
+    thumbnails(ui, t.results, t.view, &sweep);
+    table(
+        ui,
+        t.results,
+        t.view,
+        t.job.is_some_and(|j| j.compare),
+        &sweep,
+    );
     if let Some(j) = t.job {
         ui.label(format!("running image {} of {}…", j.image + 1, j.images));
     }
@@ -136,19 +144,15 @@ pub fn show(ui: &mut egui::Ui, t: CompareTab<'_>) {
     } else {
         wipe(ui, rect, reference, sel, t.view.wipe);
     }
+    let left = t.view.left.min(t.results.len() - 1);
     ui.label(format!(
         "left: {} · right: {}",
-        if t.view.left == 0 {
+        if sweep.references[left] == left && !sweep.strengths {
             "reference (no cache)".to_string()
         } else {
-            reference
-                .result
-                .generated
-                .settings
-                .cache_spec()
-                .display_name()
+            sweep.name(reference)
         },
-        sel.result.generated.settings.cache_spec().display_name()
+        sweep.name(sel)
     ));
     if t.view.show_heatmap {
         legend(ui, *t.gain);
@@ -218,7 +222,7 @@ fn legend(ui: &mut egui::Ui, gain: f32) {
 
 /// Every cell as a small picture under its cache: a click shows it on the right of the wipe,
 /// a secondary click on the left.
-fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
+fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, sweep: &Sweep) {
     const SIDE: f32 = 72.0;
     egui::ScrollArea::horizontal()
         .id_salt("compare-cells")
@@ -253,7 +257,7 @@ fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
                         }
                         ui.set_max_width(SIDE + 68.0);
                         let spec = s.result.generated.settings.cache_spec();
-                        ui.add(egui::Label::new(spec.display_name()).truncate())
+                        ui.add(egui::Label::new(sweep.name(s)).truncate())
                             .on_hover_text(spec.to_string());
                     });
                 }
@@ -261,11 +265,20 @@ fn thumbnails(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView) {
         });
 }
 
-fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: bool) {
+fn table(
+    ui: &mut egui::Ui,
+    results: &[Shown],
+    view: &mut CompareView,
+    running: bool,
+    sweep: &Sweep,
+) {
     egui::Grid::new("compare-table")
         .striped(true)
-        .num_columns(9)
+        .num_columns(9 + usize::from(sweep.strengths))
         .show(ui, |ui| {
+            if sweep.strengths {
+                ui.strong("LoRA").on_hover_text(LORA_HELP);
+            }
             for (h, help) in [
                 (
                     "cache",
@@ -285,6 +298,9 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
             ui.end_row();
             for (i, s) in results.iter().enumerate() {
                 let g = &s.result.generated;
+                if sweep.strengths {
+                    ui.label(strengths(s)).on_hover_text(LORA_HELP);
+                }
                 let spec = g.settings.cache_spec();
                 ui.label(spec.display_name())
                     .on_hover_text(spec.to_string());
@@ -300,7 +316,7 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
                     egui::Layout::left_to_right(egui::Align::Center),
                     |ui| {
                         ui.set_min_width(SPEEDUP_W);
-                        ui.label(speedup_text(s, i, running))
+                        ui.label(speedup_text(s, sweep.references[i] == i, running))
                             .on_hover_text(speedup_help(s));
                     },
                 );
@@ -340,6 +356,55 @@ fn table(ui: &mut egui::Ui, results: &[Shown], view: &mut CompareView, running: 
                 ui.end_row();
             }
         });
+}
+
+const LORA_HELP: &str = "The LoRA strength of this cell (the sweep's \"Compare at strengths\"): \
+     each strength's cells are measured against the uncached image at the same strength, so \
+     PSNR, SSIM and the speed-up say what the cache costs with the LoRA at that strength.";
+
+/// How a sweep's cells relate: what each is measured against (the first cell with the same
+/// LoRAs: the runtime's rule, [`crate::runtime::events::compare_references`]), and whether it
+/// swept LoRA strengths.
+struct Sweep {
+    references: Vec<usize>,
+    strengths: bool,
+}
+
+impl Sweep {
+    fn of(results: &[Shown]) -> Self {
+        let loras: Vec<&[crate::model::lora::LoraChoice]> = results
+            .iter()
+            .map(|s| s.result.generated.settings.loras.as_slice())
+            .collect();
+        let references = crate::runtime::events::first_alike(&loras);
+        let strengths = references.iter().any(|&r| r != 0);
+        Self {
+            references,
+            strengths,
+        }
+    }
+
+    /// A cell's name: its policy and preset, after its LoRA strength in a strength sweep.
+    fn name(&self, s: &Shown) -> String {
+        let cache = s.result.generated.settings.cache_spec().display_name();
+        if self.strengths {
+            format!("LoRA {} · {cache}", strengths(s))
+        } else {
+            cache
+        }
+    }
+}
+
+/// A cell's LoRA strengths ("0.5"; "1, -0.5" with two LoRAs on).
+fn strengths(s: &Shown) -> String {
+    let l = &s.result.generated.settings.loras;
+    if l.is_empty() {
+        return "none".into();
+    }
+    l.iter()
+        .map(|c| c.strength.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The speed-up column's width in points (its longest label fits).
