@@ -997,18 +997,7 @@ fn memory_answers_without_weights() {
     use parallax::parallel::pipefusion::{stage_split, StageBalance};
     use parallax::pipeline::LoadOptions;
     let empty = tempfile::tempdir().expect("tmp");
-    let memory = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
-            .arg("memory")
-            .args(args)
-            .env_remove("HF_HUB_CACHE")
-            .env("HF_HOME", empty.path())
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run parallax memory");
-        assert!(o.status.success(), "{}", text(&o));
-        o
-    };
+    let memory = |args: &[&str]| memory_with_empty_cache(empty.path(), args);
     const GIB: f64 = (1u64 << 30) as f64;
     // A budget of dev's where one GPU is not enough and several are.
     let mut split_budget = None;
@@ -1101,6 +1090,20 @@ fn memory_answers_without_weights() {
     assert!(out.contains("--pipefusion-balance memory"), "{out}");
 }
 
+/// `parallax memory ARGS` with an empty Hugging Face cache at `hf_home` (it must succeed).
+fn memory_with_empty_cache(hf_home: &std::path::Path, args: &[&str]) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .arg("memory")
+        .args(args)
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", hf_home)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax memory");
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
 /// `parallax memory --model klein-4b|klein-9b` with nothing downloaded plans from klein's built-in
 /// configs (and `random:klein-*` from the same): Qwen3 named where FLUX.1 names T5, the 12, 16 and
 /// 24 GiB budgets answered as the library plans them, no FLUX.1-only measure (modulations in FP8)
@@ -1114,18 +1117,7 @@ fn memory_plans_klein_from_its_built_in_configs() {
     use parallax::model::layout::{ModelSpec, Resolved};
     use parallax::pipeline::LoadOptions;
     let empty = tempfile::tempdir().expect("tmp");
-    let memory = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
-            .arg("memory")
-            .args(args)
-            .env_remove("HF_HUB_CACHE")
-            .env("HF_HOME", empty.path())
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run parallax memory");
-        assert!(o.status.success(), "{}", text(&o));
-        o
-    };
+    let memory = |args: &[&str]| memory_with_empty_cache(empty.path(), args);
     const GIB: f64 = (1u64 << 30) as f64;
     for (name, kind) in [
         ("klein-4b", RandomKlein::FourB),

@@ -162,16 +162,6 @@ impl KleinConfig {
         }
     }
 
-    /// The parameters a device holding only `blocks` (of the unified numbering) keeps: those
-    /// blocks and everything outside the blocks.
-    pub fn param_counts_of(&self, blocks: std::ops::Range<usize>) -> ParamCounts {
-        ParamCounts::held(
-            &self.block_param_counts(),
-            self.outside_param_counts(),
-            blocks,
-        )
-    }
-
     /// Read a diffusers `transformer/config.json` (a `Flux2Transformer2DModel` config).
     pub fn from_diffusers_json(path: &Path) -> Result<Self> {
         let text = crate::files::read_regular_text(path)?;
