@@ -137,9 +137,8 @@ rooms() {
     fi
 }
 
-# Floors whose rooms are still in a circle (printed, not yet refused): parallel's mesh and cost
-# (the automatic layout in mesh asks the cost model, which checks its candidates with Mesh).
-known_circles='parallel'
+# Floors whose rooms are still in a circle (printed, not yet refused): none left.
+known_circles=''
 for floor in kernels model pipeline scenes parallel engine runtime cli app; do
     rooms "$floor"
 done

@@ -75,6 +75,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A collective of a parallel group that gave up (its group was aborted: a rank failed, did
+    /// not reach a collective or send within the timeout, or panicked), as rank `rank` saw it
+    /// while `doing` it (`"all_gather"`, `"receiving from rank 1"`, ...).
+    #[error("collective aborted: {why} (rank {rank}, {doing})")]
+    Collective {
+        rank: usize,
+        doing: String,
+        why: String,
+    },
+
+    /// A fault injected on purpose (`PARALLAX_FAULT`, [`crate::parallel::fault`]) struck rank
+    /// `rank` `when` (`"after step 1"`, `"after loading"`).
+    #[error("injected fault: rank {rank} {when}")]
+    Injected { rank: usize, when: String },
+
     /// The runtime (its engine thread and job queue, the gallery it writes) could not do
     /// `what`.
     #[error("{what}: {reason}")]
@@ -180,7 +195,8 @@ impl Error {
     }
 
     /// Wrap into a candle error (for code that must return `candle_core::Result`, such as a
-    /// `VarBuilder` backend); [`Error::from_candle`] recovers it.
+    /// `VarBuilder` backend or a [`crate::collective::Communicator`]); [`Error::from_candle`]
+    /// recovers it, and [`shown`] says it in its own words while it is a candle error.
     pub fn into_candle(self) -> candle_core::Error {
         candle_core::Error::WrappedContext {
             wrapped: Box::new(self),
@@ -211,6 +227,21 @@ impl Error {
             },
             other => Error::Candle(other),
         }
+    }
+}
+
+/// A candle error in words: a Parallax error it carries ([`Error::into_candle`]) as itself (candle
+/// prints a carried error with `{:?}`), anything else as candle says it.
+pub fn shown(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WrappedContext { wrapped, .. } => match wrapped.downcast_ref::<Error>()
+        {
+            Some(ours) => ours.to_string(),
+            None => e.to_string(),
+        },
+        candle_core::Error::WithBacktrace { inner, .. } => shown(inner),
+        candle_core::Error::Context { inner, context } => format!("{context}\n{}", shown(inner)),
+        other => other.to_string(),
     }
 }
 

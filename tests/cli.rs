@@ -1019,18 +1019,7 @@ fn memory_answers_without_weights() {
     use parallax::parallel::pipefusion::{stage_split, StageBalance};
     use parallax::pipeline::LoadOptions;
     let empty = tempfile::tempdir().expect("tmp");
-    let memory = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
-            .arg("memory")
-            .args(args)
-            .env_remove("HF_HUB_CACHE")
-            .env("HF_HOME", empty.path())
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run parallax memory");
-        assert!(o.status.success(), "{}", text(&o));
-        o
-    };
+    let memory = |args: &[&str]| memory_with_empty_cache(empty.path(), args);
     const GIB: f64 = (1u64 << 30) as f64;
     // A budget of dev's where one GPU is not enough and several are.
     let mut split_budget = None;
@@ -1048,7 +1037,7 @@ fn memory_answers_without_weights() {
         };
         let w = workload(&planned, candle_core::DType::BF16, Some((1024, 1024)), true)
             .expect("workload");
-        let flux = w.flux.clone();
+        let flux = parallax::engine::load::model_config(&planned).expect("config");
         let rows = v["budgets"].as_array().expect("budgets");
         let budgets: Vec<f64> = rows
             .iter()
@@ -1121,6 +1110,85 @@ fn memory_answers_without_weights() {
     let answer = format!("GPUs of {split:.1} GiB would, as PipeFusion stages split by memory");
     assert!(out.contains(&answer), "{out}");
     assert!(out.contains("--pipefusion-balance memory"), "{out}");
+}
+
+/// `parallax memory ARGS` with an empty Hugging Face cache at `hf_home` (it must succeed).
+fn memory_with_empty_cache(hf_home: &std::path::Path, args: &[&str]) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .arg("memory")
+        .args(args)
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", hf_home)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run parallax memory");
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+/// `parallax memory --model klein-4b|klein-9b` with nothing downloaded plans from klein's built-in
+/// configs (and `random:klein-*` from the same): Qwen3 named where FLUX.1 names T5, the 12, 16 and
+/// 24 GiB budgets answered as the library plans them, no FLUX.1-only measure (modulations in FP8)
+/// taken, every measure klein's loader does not build yet said so, and the work space said to be
+/// an estimate.
+#[test]
+fn memory_plans_klein_from_its_built_in_configs() {
+    use parallax::engine::load::workload;
+    use parallax::engine::memory::{plan, FP8_MODULATIONS};
+    use parallax::model::klein::RandomKlein;
+    use parallax::model::layout::{ModelSpec, Resolved};
+    use parallax::pipeline::LoadOptions;
+    let empty = tempfile::tempdir().expect("tmp");
+    let memory = |args: &[&str]| memory_with_empty_cache(empty.path(), args);
+    const GIB: f64 = (1u64 << 30) as f64;
+    for (name, kind) in [
+        ("klein-4b", RandomKlein::FourB),
+        ("klein-9b", RandomKlein::NineB),
+        ("random:klein-4b", RandomKlein::FourB),
+    ] {
+        let out = text(&memory(&["--model", name, "--budgets", "12,16,24"]));
+        if !name.starts_with("random:") {
+            assert!(out.contains("built-in configs"), "{out}");
+        }
+        assert!(out.contains("Qwen3") && !out.contains("T5"), "{out}");
+        assert!(out.contains("estimated, not measured"), "{out}");
+        assert!(!out.contains(FP8_MODULATIONS), "{out}");
+        let planned = Resolved {
+            spec: ModelSpec::RandomKlein(kind),
+            reasons: Vec::new(),
+        };
+        let w = workload(&planned, candle_core::DType::BF16, Some((1024, 1024)), true)
+            .expect("workload");
+        for b in [12.0, 16.0, 24.0] {
+            let line = out
+                .lines()
+                .find(|l| l.contains(&format!("budget {b:.1} GiB")))
+                .unwrap_or_else(|| panic!("no {b} GiB line: {out}"));
+            match plan(&w, b * GIB, LoadOptions::default(), true) {
+                Ok(p) if p.measures.is_empty() => assert!(line.contains("fits as asked"), "{line}"),
+                Ok(p) => {
+                    assert!(line.contains(&p.measures.join(", ")), "{line}");
+                    assert!(line.contains("not built for FLUX.2 klein yet"), "{line}");
+                }
+                Err(_) => assert!(line.contains("one GPU is not enough"), "{line}"),
+            }
+        }
+        // 4B: a 24 GiB card holds it as asked, a 16 GiB one with Qwen3 built for each prompt.
+        if kind == RandomKlein::FourB {
+            assert!(out.contains("budget 24.0 GiB: peak about") && out.contains("fits as asked"));
+            assert!(
+                out.contains("measures: Qwen3 built for each prompt"),
+                "{out}"
+            );
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&memory(&["--model", "klein-9b", "--json"]).stdout).expect("json");
+    assert_eq!(v["family"], "FLUX.2 klein", "{v:#}");
+    assert!(
+        v["notes"].as_array().is_some_and(|n| !n.is_empty()),
+        "{v:#}"
+    );
 }
 
 /// Run `parallax args` with `env`, killing it if it outlasts `limit`: its output and how long it

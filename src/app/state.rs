@@ -549,18 +549,9 @@ impl Settings {
     /// Problems with the settings as typed, shown next to the fields and blocking Generate.
     pub fn problems(&self, model: ModelShape) -> Vec<String> {
         let mut out = Vec::new();
-        let r = &self.request;
-        if r.width == 0 || r.height == 0 || r.width % 16 != 0 || r.height % 16 != 0 {
-            out.push(format!(
-                "size {}x{}: width and height must be positive multiples of 16",
-                r.width, r.height
-            ));
-        }
-        if self.steps() == 0 {
-            out.push("steps must be at least 1".into());
-        }
-        if !(r.cache_threshold.is_finite() && r.cache_threshold >= 0.0) {
-            out.push("cache threshold must be 0 or more".into());
+        // The request's own values, in the words the CLI and the pipeline refuse them with.
+        for e in crate::pipeline::request_problems(&self.request()) {
+            out.push(in_studio_words(&e));
         }
         if self.model.trim().is_empty() {
             out.push("choose a model (demo, a file, a folder or a Hugging Face repo id)".into());
@@ -830,7 +821,10 @@ mod tests {
         };
         let p = bad.problems(ModelShape::default());
         assert_eq!(p.len(), 3, "{p:?}");
-        assert!(p[0].contains("multiples of 16"));
+        assert!(
+            p[0].contains("width 100: must be a positive multiple of 16"),
+            "{p:?}"
+        );
     }
 
     #[test]

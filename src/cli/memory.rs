@@ -1,7 +1,9 @@
 //! `parallax memory`: what one image of a model needs on one GPU under each memory budget, which
 //! measures each budget takes, and where one GPU is not enough, how many GPUs of that size would
 //! do as PipeFusion stages split by memory (estimated from the configs; no weights are read, and
-//! `dev`/`schnell` need not be downloaded: their built-in configs stand in).
+//! `dev`/`schnell`/`klein-4b`/`klein-9b` need not be downloaded: their built-in configs stand
+//! in). Measures a family's loader does not build yet, and estimates not measured for it, are
+//! said so.
 
 use clap::Args;
 
@@ -55,15 +57,19 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
             println!("{r}");
         }
         println!(
-            "{} at {}x{} px, {:?}: as asked, peak about {:.1} GiB (transformer {:.1}, T5 {:.1})",
+            "{} at {}x{} px, {:?}: as asked, peak about {:.1} GiB (transformer {:.1}, {} {:.1})",
             a.model.model,
             a.width,
             a.height,
             dtype,
             gib(whole.peak()),
             gib(whole.transformer),
-            gib(whole.t5)
+            w.text.name,
+            gib(whole.text)
         );
+        for n in &w.notes {
+            println!("note: {n}");
+        }
     }
     for &b in &a.budgets {
         match memory::plan(&w, b, asked, !a.no_fp8) {
@@ -78,6 +84,7 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
                     "transformer_gib": gib(p.estimate.transformer),
                     "phases_gib": p.estimate.phases.iter().map(|ph| (ph.name, gib(ph.bytes))).collect::<std::collections::BTreeMap<_, _>>(),
                     "measures": p.measures,
+                    "not_built": p.unbuilt,
                 }));
             }
             Err(e) => {
@@ -102,6 +109,7 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
                     Ok(s) => serde_json::json!({
                         "gpus": s.gpus(),
                         "balance": "memory",
+                        "not_built": s.unbuilt,
                         "stages": s.stages.iter().map(|((start, end), p)| serde_json::json!({
                             "blocks": [start, end],
                             "peak_gib": gib(p.peak()),
@@ -124,7 +132,9 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": a.model.model,
+                "family": w.family,
                 "source": resolved.reasons,
+                "notes": w.notes,
                 "width": a.width,
                 "height": a.height,
                 "fp8_products": !a.no_fp8,

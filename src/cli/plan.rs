@@ -83,7 +83,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         candle_core::DType::F32
     };
     let w = load::workload(&resolved, dtype, Some(a.size), gpu)?;
-    let shape = Shape::of(&cfg, w.t5_tokens, a.size, dtype.size_in_bytes());
+    let shape = Shape::of(&cfg, w.text.tokens, a.size, dtype.size_in_bytes());
     let (cal, mut link) = if a.calibrate {
         measure_cpu().context("measuring this machine's CPU")?
     } else if gpu {

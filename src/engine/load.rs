@@ -95,7 +95,8 @@ impl ModelChoice {
 impl ModelChoice {
     /// [`ModelChoice::resolve`] for a memory estimate: `dev`/`schnell` (or their repo ids) that
     /// are not downloaded stand in as FLUX.1's built-in configs ([`ModelSpec::Random`]; no
-    /// weights are read to plan), the reason saying so.
+    /// weights are read to plan), `klein-4b`/`klein-9b` (or theirs) as klein's
+    /// ([`ModelSpec::RandomKlein`]), the reason saying so.
     pub fn resolve_for_planning(&self) -> Result<Resolved> {
         match self.resolve() {
             Ok(r) => Ok(r),
@@ -109,10 +110,33 @@ impl ModelChoice {
                         v.name()
                     )],
                 }),
-                None => Err(e),
+                None => match planned_klein(&self.model) {
+                    Some(k) => Ok(Resolved {
+                        spec: ModelSpec::RandomKlein(k),
+                        reasons: vec![format!(
+                            "{} is not here ({e}): planned from FLUX.2 {}'s built-in configs \
+                             (transformer, Qwen3 text encoder, autoencoder)",
+                            self.model,
+                            k.name()
+                        )],
+                    }),
+                    None => Err(e),
+                },
             },
         }
     }
+}
+
+/// The klein size a name stands for when planning: `klein-4b`/`klein-9b`, or Black Forest Labs'
+/// repo ids (`black-forest-labs/FLUX.2-klein-4B`, its `-base-` twin).
+fn planned_klein(name: &str) -> Option<crate::model::klein::RandomKlein> {
+    use crate::model::klein::RandomKlein;
+    let lower = name.to_ascii_lowercase();
+    let short = lower
+        .strip_prefix("black-forest-labs/flux.2-")
+        .unwrap_or(&lower)
+        .replace("klein-base-", "klein-");
+    RandomKlein::parse(&short).filter(|k| *k != RandomKlein::Tiny)
 }
 
 impl From<&str> for ModelChoice {
@@ -191,6 +215,18 @@ pub fn load_pipeline_blocks(
                 fp8_products_run(&dev, dtype),
             )?;
             tracing::info!("memory plan for {} px: {plan}", w.width);
+            if !plan.unbuilt.is_empty() {
+                return Err(crate::Error::setting(
+                    "memory budget",
+                    format!("{mib} MiB"),
+                    format!(
+                        "{} fits it only with {}, not built for {} yet: give a larger budget",
+                        choice.model,
+                        plan.unbuilt.join(", "),
+                        w.family
+                    ),
+                ));
+            }
             if asked.fp8 == Fp8Groups::NONE && plan.options.fp8 != Fp8Groups::NONE {
                 tracing::warn!(
                     "--memory-budget: FP8 products chosen to fit (FP8's error applies: see BENCHMARKS.md)"
@@ -246,9 +282,17 @@ pub fn workload(
     gpu: bool,
 ) -> Result<memory::Workload> {
     use crate::model::text;
+    if let ModelSpec::RandomKlein(k) = &resolved.spec {
+        return Ok(klein_workload(
+            *k,
+            dtype,
+            size.unwrap_or((PLAN_SIZE, PLAN_SIZE)),
+            gpu,
+        ));
+    }
     let flux = model_config(resolved)?;
     let demo = flux.context_in_dim == text::DEMO_T5_DIM;
-    let (width, height) = size.unwrap_or(if demo {
+    let size = size.unwrap_or(if demo {
         (256, 256)
     } else {
         (PLAN_SIZE, PLAN_SIZE)
@@ -258,30 +302,57 @@ pub fn workload(
     } else {
         Variant::Schnell
     };
-    Ok(memory::Workload {
-        t5: if demo {
-            text::t5_demo_config()
-        } else {
-            text::t5_xxl_config()
-        },
-        clip: if demo {
-            text::clip_demo_config()
-        } else {
-            text::clip_l_config()
-        },
-        t5_tokens: if demo {
-            text::DEMO_T5_MAX_LEN
-        } else {
-            variant.t5_max_len()
-        },
-        flux,
-        width,
-        height,
-        batch: 1,
-        dtype_bytes: dtype.size_in_bytes() as u64,
-        flux_vae: !demo,
+    let (t5, clip, t5_tokens) = if demo {
+        (
+            text::t5_demo_config(),
+            text::clip_demo_config(),
+            text::DEMO_T5_MAX_LEN,
+        )
+    } else {
+        (
+            text::t5_xxl_config(),
+            text::clip_l_config(),
+            variant.t5_max_len(),
+        )
+    };
+    Ok(memory::Workload::flux1(
+        &flux,
+        &t5,
+        &clip,
+        t5_tokens,
+        size,
+        dtype.size_in_bytes() as u64,
+        !demo,
         gpu,
-    })
+    ))
+}
+
+/// A `random:klein-*` model's workload from its built-in configs (4B: Qwen3-4B, 9B: Qwen3-8B,
+/// each read through the last layer klein joins; the tiny one's own small parts).
+fn klein_workload(
+    k: crate::model::klein::RandomKlein,
+    dtype: DType,
+    size: (usize, usize),
+    gpu: bool,
+) -> memory::Workload {
+    use crate::model::klein::{self, text::KLEIN_MAX_LEN, text::KLEIN_TEXT_LAYERS, RandomKlein};
+    use crate::model::qwen3::Qwen3Config;
+    let (text, vae) = match k {
+        RandomKlein::Tiny => (Qwen3Config::tiny(), klein::tiny_vae_config()),
+        RandomKlein::FourB => (Qwen3Config::qwen3_4b(), klein::vae_config()),
+        RandomKlein::NineB => (Qwen3Config::qwen3_8b(), klein::vae_config()),
+    };
+    let layers = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1];
+    memory::Workload::klein(
+        &k.config(),
+        &text,
+        layers,
+        KLEIN_MAX_LEN,
+        &vae,
+        size,
+        dtype.size_in_bytes() as u64,
+        gpu,
+    )
 }
 
 /// The transformer config of a resolved model, from the files' headers alone (no weights read).

@@ -1,22 +1,31 @@
 //! Memory budgets: what a generation holds on one GPU, phase by phase, and which measures
-//! (`--memory-budget`) bring FLUX.1 within a card's memory.
+//! (`--memory-budget`) bring a model within a card's memory, for any family whose parts are
+//! counted here ([`Workload::flux1`], [`Workload::klein`]).
 //!
-//! The estimate counts the weights from the model's configs (exact up to biases and norms) and
-//! the work space of each phase from this project's own measurements on an H200 (the decode's
-//! peak from `bench-vae`, the denoising activations per token from `bench`); BENCHMARKS.md sets
-//! the estimate beside the peak a device run measured. The measures, in the order they are
-//! taken (least cost to the image first):
+//! The estimate counts the weights from the family's configs (FLUX.1: exact up to biases and
+//! norms; klein: exact, checked against the built models) and the work space of each phase
+//! from this project's own measurements of FLUX.1 on an H200 (the decode's peak from
+//! `bench-vae`, the denoising activations per token from `bench`); BENCHMARKS.md sets the
+//! estimate beside the peak a device run measured. klein's work space is an estimate until a
+//! GPU run measures it ([`Workload::notes`]): its decoder has FLUX.1's widths (the same decode
+//! fit), its transformer's activations scale with its width and tokens as FLUX.1's do, with a
+//! wider fused projection. The measures, in the order they are taken (least cost to the image
+//! first):
 //!
 //! 1. **FP8 without the bf16 copies** when `--precision fp8` was asked: the E4M3 weights stand
 //!    alone (no cost beyond FP8's own).
-//! 2. **T5 on demand**: T5-XXL (9.5 GB in bf16) is built for each prompt and freed after it. No
-//!    cost to the image; each prompt reads T5's weights again (seconds, from the page cache).
+//! 2. **The large text encoder on demand** (FLUX.1's T5-XXL, 9.5 GB in bf16; klein's Qwen3):
+//!    built for each prompt and freed after it. No cost to the image; each prompt reads its
+//!    weights again (seconds, from the page cache).
 //! 3. **FP8 products** (when not asked): the blocks' products in E4M3 and the bf16 copies
 //!    dropped. Costs FP8's error (BENCHMARKS.md: about 2 % of the velocity on the demo model).
-//! 4. **Modulations in FP8, weight-only**: the adaLN modulations are a quarter of the
-//!    transformer's weights; stored in E4M3 they halve, and their input stays bf16.
+//! 4. **Modulations in FP8, weight-only** (FLUX.1 only): the adaLN modulations are a quarter of
+//!    FLUX.1's weights; stored in E4M3 they halve, and their input stays bf16. klein shares three
+//!    modulations across its blocks (4 % of its weights): the measure does not apply.
 //!
-//! FP8 needs an sm_89 or newer GPU in bf16; elsewhere only measure 2 applies.
+//! FP8 needs an sm_89 or newer GPU in bf16; elsewhere only measure 2 applies. A family whose
+//! loader does not build a measure yet ([`Workload::unbuilt`]) is still planned with it, and
+//! the plan says which of its measures are not built ([`MemoryPlan::unbuilt`]).
 
 use std::fmt;
 
@@ -26,8 +35,11 @@ use candle_transformers::models::t5;
 use crate::error::{Error, Result};
 use crate::model::family::ParamCounts;
 use crate::model::flux::{FluxConfig, Fp8Groups};
+use crate::model::klein::KleinConfig;
+use crate::model::qwen3::Qwen3Config;
 use crate::model::text::T5Residency;
-use crate::parallel::pipefusion::{stage_split, StageBalance};
+use crate::model::vae::VaeConfig;
+use crate::parallel::pipefusion::{split_blocks, StageBalance};
 use crate::pipeline::LoadOptions;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -41,11 +53,13 @@ pub const FLUX_DECODER_PARAMS: u64 = 49_545_475;
 /// the bf16 copies kept (BENCHMARKS.md): 2.5 GiB sits between, good to about 1 GiB.
 const OVERHEAD: f64 = 2.5 * GIB;
 
-/// The denoising activations per image token and image in the batch, in bytes of bf16 (the
-/// widest block keeps about 16 hidden-sized rows per token alive).
-fn activations(cfg: &FluxConfig, tokens: usize, batch: usize) -> f64 {
-    (tokens * batch * cfg.hidden_size * 16 * 2) as f64
-}
+/// Hidden-sized bf16 rows a token keeps alive in FLUX.1's widest block (measured: the
+/// denoising activations per token and image in the batch).
+const FLUX1_ACTIVATION_ROWS: usize = 16;
+
+/// klein's estimate of the same: FLUX.1's 16 scaled by the widest product's output, its fused
+/// single-block projection (`3h + 2m` = 9 widths against FLUX.1's `3h + m` = 7), rounded up.
+const KLEIN_ACTIVATION_ROWS: usize = 21;
 
 /// The decode's peak for `pixels` (width × height) in bf16: 1.90 / 5.65 / 20.66 GiB at 1024 /
 /// 2048 / 4096 px on one GPU (BENCHMARKS.md), fitted as 0.55 GiB + 1.26 GiB per megapixel.
@@ -112,24 +126,208 @@ impl ParamCounts {
     }
 }
 
-/// What a generation is: the model's parts and the image.
+/// A transformer as the estimate counts it: each block's parameters by kind (the unified
+/// numbering, double blocks first), what every stage holds outside the blocks, and its width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerCounts {
+    pub blocks: Vec<ParamCounts>,
+    pub outside: ParamCounts,
+    pub hidden: usize,
+}
+
+impl TransformerCounts {
+    /// FLUX.1's, from its config.
+    pub fn flux1(c: &FluxConfig) -> Self {
+        Self {
+            blocks: c.block_param_counts(),
+            outside: c.outside_param_counts(),
+            hidden: c.hidden_size,
+        }
+    }
+
+    /// klein's, from its config.
+    pub fn klein(c: &KleinConfig) -> Self {
+        Self {
+            blocks: c.block_param_counts(),
+            outside: c.outside_param_counts(),
+            hidden: c.hidden_size,
+        }
+    }
+
+    /// What a device holding `blocks` keeps.
+    pub fn held(&self, blocks: std::ops::Range<usize>) -> ParamCounts {
+        ParamCounts::held(&self.blocks, self.outside, blocks)
+    }
+
+    /// Every parameter, each block's and outside them.
+    pub fn total(&self) -> u64 {
+        self.held(0..self.blocks.len()).total()
+    }
+}
+
+/// The text encoder a prompt needs that may be built for each prompt and freed after it
+/// (FLUX.1's T5, klein's Qwen3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextCounts {
+    /// Its name in messages (`T5`, `Qwen3`).
+    pub name: &'static str,
+    /// The parameters it loads.
+    pub params: u64,
+    /// Tokens a prompt takes (the joint sequence's text part).
+    pub tokens: usize,
+    /// Its work space while encoding, in bytes: a few hidden-sized rows per token in bf16 and
+    /// the attention scores in f32.
+    pub work: f64,
+    /// The measure that builds it for each prompt ([`MemoryPlan::measures`]' words).
+    pub on_demand: &'static str,
+}
+
+impl TextCounts {
+    fn new(
+        name: &'static str,
+        params: u64,
+        tokens: usize,
+        (width, heads): (usize, usize),
+        on_demand: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            params,
+            tokens,
+            work: (tokens * width * 2 * 8 + heads * tokens * tokens * 4) as f64,
+            on_demand,
+        }
+    }
+}
+
+/// The measures' names (as [`MemoryPlan::measures`] lists them).
+pub const LEAN_FP8: &str = "FP8 weights without their bf16 copies";
+pub const T5_ON_DEMAND: &str = "T5 built for each prompt and freed after it";
+pub const QWEN3_ON_DEMAND: &str = "Qwen3 built for each prompt and freed after it";
+pub const FP8_PRODUCTS: &str = "FP8 products (bf16 copies dropped)";
+pub const FP8_MODULATIONS: &str = "adaLN modulations stored in FP8 (weight-only)";
+
+/// What a generation is: the model's parts, counted from its family's configs, and the image.
 #[derive(Debug, Clone)]
 pub struct Workload {
-    pub flux: FluxConfig,
-    pub t5: t5::Config,
-    pub clip: ClipTextConfig,
-    /// T5 tokens (512 for dev).
-    pub t5_tokens: usize,
+    /// The family, in messages (`FLUX.1`, `FLUX.2 klein`).
+    pub family: &'static str,
+    pub transformer: TransformerCounts,
+    pub text: TextCounts,
+    /// Parameters held throughout besides the transformer and `text`: FLUX.1's CLIP and the
+    /// autoencoder's decoder.
+    pub resident_params: u64,
+    /// What `resident_params` are, in messages (`CLIP + VAE`).
+    pub resident_name: &'static str,
     pub width: usize,
     pub height: usize,
     /// Images through the transformer at once (2 with true CFG on one device).
     pub batch: usize,
     /// Bytes per weight value in the run's dtype.
     pub dtype_bytes: u64,
-    /// FLUX.1's autoencoder (the decode's measured peak applies); else the demo's small one.
+    /// An autoencoder of FLUX.1's widths (the decode's measured peak applies); else the demo's
+    /// small one.
     pub flux_vae: bool,
     /// On a GPU (the CUDA context and workspaces count).
     pub gpu: bool,
+    /// Hidden-sized bf16 rows a token keeps alive in the widest block.
+    pub activation_rows: usize,
+    /// Whether the modulations-in-FP8 measure applies (FLUX.1's per-block modulations).
+    pub fp8_modulations: bool,
+    /// Measures that apply to the family but that its loader does not build yet (their names),
+    /// and whether PipeFusion stages split by memory are not built for it yet.
+    pub unbuilt: Vec<&'static str>,
+    pub stages_unbuilt: bool,
+    /// What in the estimate is not measured for this family (empty: measured).
+    pub notes: Vec<&'static str>,
+}
+
+impl Workload {
+    /// FLUX.1 (`cfg`, its T5 and CLIP with `t5_tokens` prompt tokens) on a `width` x `height`
+    /// image in a dtype of `dtype_bytes`; `flux_vae`: FLUX.1's autoencoder (else the demo's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flux1(
+        cfg: &FluxConfig,
+        t5: &t5::Config,
+        clip: &ClipTextConfig,
+        t5_tokens: usize,
+        (width, height): (usize, usize),
+        dtype_bytes: u64,
+        flux_vae: bool,
+        gpu: bool,
+    ) -> Self {
+        Self {
+            family: "FLUX.1",
+            transformer: TransformerCounts::flux1(cfg),
+            text: TextCounts::new(
+                "T5",
+                t5_params(t5),
+                t5_tokens,
+                (t5.d_model, t5.num_heads),
+                T5_ON_DEMAND,
+            ),
+            resident_params: clip_params(clip) + FLUX_DECODER_PARAMS,
+            resident_name: "CLIP + VAE",
+            width,
+            height,
+            batch: 1,
+            dtype_bytes,
+            flux_vae,
+            gpu,
+            activation_rows: FLUX1_ACTIVATION_ROWS,
+            fp8_modulations: true,
+            unbuilt: Vec::new(),
+            stages_unbuilt: false,
+            notes: Vec::new(),
+        }
+    }
+
+    /// FLUX.2 klein (`cfg`, its Qwen3 `text` read through the last of `text_layers`, `tokens`
+    /// prompt tokens, its autoencoder `vae`) on a `width` x `height` image. Its FP8, Qwen3 on
+    /// demand and PipeFusion stages are not built yet: planned, and said so.
+    #[allow(clippy::too_many_arguments)]
+    pub fn klein(
+        cfg: &KleinConfig,
+        text: &Qwen3Config,
+        text_layers: usize,
+        tokens: usize,
+        vae: &VaeConfig,
+        (width, height): (usize, usize),
+        dtype_bytes: u64,
+        gpu: bool,
+    ) -> Self {
+        // The decoder and the 1x1 `post_quant_conv` before it.
+        let z = vae.z_channels as u64;
+        let flux_vae = vae.ch == VaeConfig::flux().ch && vae.ch_mult == VaeConfig::flux().ch_mult;
+        Self {
+            family: "FLUX.2 klein",
+            transformer: TransformerCounts::klein(cfg),
+            text: TextCounts::new(
+                "Qwen3",
+                text.params_through(text_layers),
+                tokens,
+                (text.hidden_size, text.num_attention_heads),
+                QWEN3_ON_DEMAND,
+            ),
+            resident_params: vae.decoder_params() + z * z + z,
+            resident_name: "VAE",
+            width,
+            height,
+            batch: 1,
+            dtype_bytes,
+            flux_vae,
+            gpu,
+            activation_rows: KLEIN_ACTIVATION_ROWS,
+            fp8_modulations: false,
+            unbuilt: vec![LEAN_FP8, QWEN3_ON_DEMAND, FP8_PRODUCTS],
+            stages_unbuilt: true,
+            notes: vec![
+                "klein's work space is estimated, not measured: the decode as FLUX.1's (the \
+                 same decoder widths), the denoising activations as FLUX.1's per token and \
+                 width with its wider fused projection (21 rows a token against FLUX.1's 16)",
+            ],
+        }
+    }
 }
 
 /// One phase's estimate.
@@ -144,8 +342,10 @@ pub struct Phase {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Estimate {
     pub transformer: f64,
-    pub t5: f64,
-    pub clip_and_vae: f64,
+    /// The text encoder that may be built on demand ([`Workload::text`]).
+    pub text: f64,
+    /// What stays besides ([`Workload::resident_params`]).
+    pub resident: f64,
     pub phases: Vec<Phase>,
 }
 
@@ -158,43 +358,44 @@ impl Estimate {
 
 /// Each phase's peak device memory for `w` loaded as `opts`.
 pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
-    let blocks = opts.block_range(w.flux.num_blocks());
-    let transformer =
-        FluxParams::of_blocks(&w.flux, blocks.clone()).bytes(opts, w.dtype_bytes) as f64;
-    let t5 = (t5_params(&w.t5) * w.dtype_bytes) as f64;
-    let clip_and_vae = ((clip_params(&w.clip) + FLUX_DECODER_PARAMS) * w.dtype_bytes) as f64;
-    let resident_t5 = match opts.t5 {
-        T5Residency::Resident => t5,
+    let blocks = opts.block_range(w.transformer.blocks.len());
+    let transformer = w
+        .transformer
+        .held(blocks.clone())
+        .bytes(opts, w.dtype_bytes) as f64;
+    let text = (w.text.params * w.dtype_bytes) as f64;
+    let resident = (w.resident_params * w.dtype_bytes) as f64;
+    let resident_text = match opts.t5 {
+        T5Residency::Resident => text,
         T5Residency::OnDemand => 0.0,
     };
     let overhead = if w.gpu { OVERHEAD } else { 0.0 };
-    let held = transformer + resident_t5 + clip_and_vae + overhead;
+    let held = transformer + resident_text + resident + overhead;
     let decode_bytes = if w.flux_vae {
         decode(w.width * w.height)
     } else {
         // The demo's autoencoder: a few 128-channel f32 maps at full size.
         (w.width * w.height * 128 * 4 * 4) as f64
     };
-    // T5's own work space: a few hidden-sized rows per token and the attention scores in f32.
-    let t5_work = (w.t5_tokens * w.t5.d_model * 2 * 8
-        + w.t5.num_heads * w.t5_tokens * w.t5_tokens * 4) as f64;
     let image_tokens = (w.width / 16) * (w.height / 16);
+    let tokens = image_tokens + w.text.tokens;
     // A PipeFusion stage keeps every one of its blocks' keys and values for the whole sequence
     // (the patches' one-step-stale K/V).
     let stage_kv = if opts.blocks.is_some() {
-        (2 * blocks.len() * (image_tokens + w.t5_tokens) * w.flux.hidden_size * w.batch) as f64
-            * w.dtype_bytes as f64
+        (2 * blocks.len() * tokens * w.transformer.hidden * w.batch) as f64 * w.dtype_bytes as f64
     } else {
         0.0
     };
+    // The denoising activations per token and image in the batch, in bf16.
+    let activations = (tokens * w.batch * w.transformer.hidden * w.activation_rows * 2) as f64;
     let phases = vec![
         Phase {
             name: "text encoders",
-            bytes: held - resident_t5 + t5 + t5_work,
+            bytes: held - resident_text + text + w.text.work,
         },
         Phase {
             name: "denoising",
-            bytes: held + activations(&w.flux, image_tokens + w.t5_tokens, w.batch) + stage_kv,
+            bytes: held + activations + stage_kv,
         },
         Phase {
             name: "decode",
@@ -203,8 +404,8 @@ pub fn estimate(w: &Workload, opts: &LoadOptions) -> Estimate {
     ];
     Estimate {
         transformer,
-        t5,
-        clip_and_vae,
+        text,
+        resident,
         phases,
     }
 }
@@ -216,6 +417,11 @@ pub struct MemoryPlan {
     pub options: LoadOptions,
     /// The measures taken, in order (empty when everything fits as asked).
     pub measures: Vec<&'static str>,
+    /// Those of `measures` the family's loader does not build yet ([`Workload::unbuilt`]).
+    pub unbuilt: Vec<&'static str>,
+    /// The family planned for (`FLUX.1`, ...), and what its encoder and the rest are called.
+    pub family: &'static str,
+    pub names: (&'static str, &'static str),
     pub estimate: Estimate,
 }
 
@@ -233,26 +439,26 @@ pub fn plan(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> Resu
     let mut measures = Vec::new();
     type Step = (&'static str, fn(&mut LoadOptions, bool) -> bool);
     let steps: [Step; 4] = [
-        ("FP8 weights without their bf16 copies", |o, ok| {
+        (LEAN_FP8, |o, ok| {
             ok && o.fp8 != Fp8Groups::NONE && !o.lean && {
                 o.lean = true;
                 true
             }
         }),
-        ("T5 built for each prompt and freed after it", |o, _| {
+        (w.text.on_demand, |o, _| {
             o.t5 == T5Residency::Resident && {
                 o.t5 = T5Residency::OnDemand;
                 true
             }
         }),
-        ("FP8 products (bf16 copies dropped)", |o, ok| {
+        (FP8_PRODUCTS, |o, ok| {
             ok && o.fp8 == Fp8Groups::NONE && {
                 o.fp8 = Fp8Groups::ALL;
                 o.lean = true;
                 true
             }
         }),
-        ("adaLN modulations stored in FP8 (weight-only)", |o, ok| {
+        (FP8_MODULATIONS, |o, ok| {
             ok && o.fp8 != Fp8Groups::NONE && !o.fp8.modulations && {
                 o.fp8.modulations = true;
                 o.lean = true;
@@ -264,6 +470,9 @@ pub fn plan(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> Resu
     for (name, step) in steps {
         if est.peak() <= budget {
             break;
+        }
+        if name == FP8_MODULATIONS && !w.fp8_modulations {
+            continue;
         }
         if step(&mut opts, fp8_ok) {
             measures.push(name);
@@ -287,20 +496,29 @@ pub fn plan(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> Resu
             format!("{:.1} GiB", budget / GIB),
             format!(
                 "{}x{} px needs about {:.1} GiB at its peak even with every measure ({}): \
-                 transformer {:.1} GiB, T5 {:.1} GiB{fp8}; try a smaller image or a larger budget",
+                 transformer {:.1} GiB, {} {:.1} GiB{fp8}; try a smaller image or a larger budget",
                 w.width,
                 w.height,
                 est.peak() / GIB,
                 phases,
                 est.transformer / GIB,
-                est.t5 / GIB,
+                w.text.name,
+                est.text / GIB,
             ),
         ));
     }
+    let unbuilt = measures
+        .iter()
+        .copied()
+        .filter(|m| w.unbuilt.contains(m))
+        .collect();
     Ok(MemoryPlan {
         budget,
         options: opts,
         measures,
+        unbuilt,
+        family: w.family,
+        names: (w.text.name, w.resident_name),
         estimate: est,
     })
 }
@@ -311,6 +529,8 @@ pub fn plan(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool) -> Resu
 pub struct StagePlans {
     /// Each stage's blocks (`start`, `end`) and plan; as many stages as GPUs.
     pub stages: Vec<((usize, usize), MemoryPlan)>,
+    /// The family's loader does not build PipeFusion stages yet (a plan, said so).
+    pub unbuilt: bool,
 }
 
 impl StagePlans {
@@ -329,11 +549,17 @@ pub fn plan_stages(
     asked: LoadOptions,
     fp8_ok: bool,
 ) -> Result<StagePlans> {
-    let n = w.flux.num_blocks();
+    let params: Vec<u64> = w
+        .transformer
+        .blocks
+        .iter()
+        .map(ParamCounts::total)
+        .collect();
+    let n = params.len();
     for gpus in 2..=n {
         let stages: Result<Vec<_>> = (0..gpus)
             .map(|s| {
-                let r = stage_split(&w.flux, gpus, s, StageBalance::Memory);
+                let r = split_blocks(&params, gpus, s, StageBalance::Memory);
                 let opts = LoadOptions {
                     blocks: Some((r.start, r.end)),
                     ..asked
@@ -342,7 +568,10 @@ pub fn plan_stages(
             })
             .collect();
         if let Ok(stages) = stages {
-            return Ok(StagePlans { stages });
+            return Ok(StagePlans {
+                stages,
+                unbuilt: w.stages_unbuilt,
+            });
         }
     }
     // One block per GPU (or as few as there are) still does not fit: say why.
@@ -367,19 +596,40 @@ pub fn budget_answer(w: &Workload, budget: f64, asked: LoadOptions, fp8_ok: bool
             p.peak() / GIB
         ),
         Ok(p) => format!(
-            "fits on one GPU (peak about {:.1} GiB) with {}",
+            "fits on one GPU (peak about {:.1} GiB) with {}{}",
             p.peak() / GIB,
-            p.measures.join(", ")
+            p.measures.join(", "),
+            unbuilt_note(p.family, &p.measures, &p.unbuilt)
         ),
         Err(_) => match plan_stages(w, budget, asked, fp8_ok) {
             Ok(s) => format!(
                 "one GPU is not enough; {} GPUs of {:.0} GiB would, as PipeFusion stages split by \
-                 memory",
+                 memory{}",
                 s.gpus(),
-                budget / GIB
+                budget / GIB,
+                if s.unbuilt {
+                    unbuilt_note(w.family, &[], &["PipeFusion stages"])
+                } else {
+                    String::new()
+                }
             ),
             Err(e) => format!("no number of {:.0} GiB GPUs would: {e}", budget / GIB),
         },
+    }
+}
+
+/// ` (not built for FLUX.2 klein yet: ...; planned as if they were)` for the `unbuilt` of
+/// `measures` (all of them: not named again), or nothing when every measure is built.
+fn unbuilt_note(family: &str, measures: &[&str], unbuilt: &[&str]) -> String {
+    if unbuilt.is_empty() {
+        String::new()
+    } else if unbuilt == measures {
+        format!(" (not built for {family} yet: planned as if they were)")
+    } else {
+        format!(
+            " (not built for {family} yet: {}; planned as if they were)",
+            unbuilt.join(", ")
+        )
     }
 }
 
@@ -405,6 +655,16 @@ impl fmt::Display for StagePlans {
                 write!(f, " ({})", p.measures.join(", "))?;
             }
         }
+        if self.unbuilt {
+            let family = self.stages.first().map_or("", |(_, p)| p.family);
+            let mut unbuilt = vec!["PipeFusion stages"];
+            for m in self.stages.iter().flat_map(|(_, p)| &p.unbuilt) {
+                if !unbuilt.contains(m) {
+                    unbuilt.push(m);
+                }
+            }
+            write!(f, "{}", unbuilt_note(family, &[], &unbuilt))?;
+        }
         Ok(())
     }
 }
@@ -414,16 +674,18 @@ impl fmt::Display for MemoryPlan {
         let e = &self.estimate;
         write!(
             f,
-            "budget {:.1} GiB: peak about {:.1} GiB (transformer {:.1}, T5 {:.1}{}, CLIP + VAE {:.2});",
+            "budget {:.1} GiB: peak about {:.1} GiB (transformer {:.1}, {} {:.1}{}, {} {:.2});",
             self.budget / GIB,
             self.peak() / GIB,
             e.transformer / GIB,
-            e.t5 / GIB,
+            self.names.0,
+            e.text / GIB,
             match self.options.t5 {
                 T5Residency::OnDemand => " while encoding",
                 T5Residency::Resident => "",
             },
-            e.clip_and_vae / GIB,
+            self.names.1,
+            e.resident / GIB,
         )?;
         for p in &e.phases {
             write!(f, " {} {:.1}", p.name, p.bytes / GIB)?;
@@ -431,7 +693,12 @@ impl fmt::Display for MemoryPlan {
         if self.measures.is_empty() {
             write!(f, "; fits as asked")
         } else {
-            write!(f, "; measures: {}", self.measures.join(", "))
+            write!(
+                f,
+                "; measures: {}{}",
+                self.measures.join(", "),
+                unbuilt_note(self.family, &self.measures, &self.unbuilt)
+            )
         }
     }
 }
@@ -465,18 +732,16 @@ mod tests {
     use crate::model::text::{clip_l_config, t5_xxl_config};
 
     fn dev_1024() -> Workload {
-        Workload {
-            flux: FluxConfig::dev(),
-            t5: t5_xxl_config(),
-            clip: clip_l_config(),
-            t5_tokens: 512,
-            width: 1024,
-            height: 1024,
-            batch: 1,
-            dtype_bytes: 2,
-            flux_vae: true,
-            gpu: true,
-        }
+        Workload::flux1(
+            &FluxConfig::dev(),
+            &t5_xxl_config(),
+            &clip_l_config(),
+            512,
+            (1024, 1024),
+            2,
+            true,
+            true,
+        )
     }
 
     #[test]
@@ -498,7 +763,7 @@ mod tests {
 
     #[test]
     fn decoder_parameter_count_is_the_built_decoder() -> candle_core::Result<()> {
-        use crate::model::vae::{AutoEncoder, VaeConfig};
+        use crate::model::vae::AutoEncoder;
         use candle_nn::VarMap;
         let map = VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(
@@ -509,7 +774,129 @@ mod tests {
         AutoEncoder::new_decoder_only(&VaeConfig::flux(), vb)?;
         let n: usize = map.all_vars().iter().map(|v| v.elem_count()).sum();
         assert_eq!(n as u64, FLUX_DECODER_PARAMS);
+        assert_eq!(VaeConfig::flux().decoder_params(), FLUX_DECODER_PARAMS);
         Ok(())
+    }
+
+    /// Parameters a model built on `map` holds.
+    fn built(map: &candle_nn::VarMap) -> u64 {
+        map.all_vars().iter().map(|v| v.elem_count() as u64).sum()
+    }
+
+    fn var_builder(map: &candle_nn::VarMap) -> candle_nn::VarBuilder<'_> {
+        candle_nn::VarBuilder::from_varmap(map, candle_core::DType::F32, &candle_core::Device::Cpu)
+    }
+
+    /// klein's counted parts are the built models' parameters: the transformer (tiny, with and
+    /// without a guidance embedder, and one of its stages), the Qwen3 read through klein's last
+    /// layer, the autoencoder's decoding half (`random:klein-tiny`'s and the real size's).
+    #[test]
+    fn klein_counts_are_the_built_models() -> candle_core::Result<()> {
+        use crate::model::klein::{self, text::KLEIN_TEXT_LAYERS, Klein, KleinVae};
+        use crate::model::qwen3::Qwen3;
+        for cfg in [
+            KleinConfig::tiny(),
+            KleinConfig {
+                guidance_embed: true,
+                depth: 3,
+                ..KleinConfig::tiny()
+            },
+        ] {
+            let map = candle_nn::VarMap::new();
+            Klein::new(&cfg, var_builder(&map))?;
+            let counts = TransformerCounts::klein(&cfg);
+            assert_eq!(built(&map), counts.total(), "{cfg:?}");
+            let map = candle_nn::VarMap::new();
+            Klein::new_stage(&cfg, var_builder(&map), 1..4)?;
+            assert_eq!(built(&map), counts.held(1..4).total(), "{cfg:?}");
+        }
+        let last = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1];
+        let q = Qwen3Config::tiny();
+        let map = candle_nn::VarMap::new();
+        Qwen3::new_partial(&q, var_builder(&map), last)?;
+        for vae in [klein::tiny_vae_config(), klein::vae_config()] {
+            let w = Workload::klein(
+                &KleinConfig::tiny(),
+                &q,
+                last,
+                512,
+                &vae,
+                (256, 256),
+                4,
+                false,
+            );
+            assert_eq!(w.text.params, built(&map));
+            let vmap = candle_nn::VarMap::new();
+            KleinVae::new_unnormalised(&vae, var_builder(&vmap))?;
+            assert_eq!(w.resident_params, built(&vmap), "{vae:?}");
+        }
+        // The published sizes: about 3.9 and 9.1 billion parameters in the transformers.
+        for (cfg, range) in [
+            (KleinConfig::klein_4b(), 3.8e9..4.0e9),
+            (KleinConfig::klein_9b(), 8.9e9..9.3e9),
+        ] {
+            let t = TransformerCounts::klein(&cfg).total() as f64;
+            assert!(range.contains(&t), "{t}");
+        }
+        Ok(())
+    }
+
+    fn klein_1024(cfg: KleinConfig, text: Qwen3Config) -> Workload {
+        use crate::model::klein;
+        Workload::klein(
+            &cfg,
+            &text,
+            27,
+            512,
+            &klein::vae_config(),
+            (1024, 1024),
+            2,
+            true,
+        )
+    }
+
+    /// klein's budgets: 4B fits a 24 GiB card as asked and 16 GiB with Qwen3 on demand; 13 GiB
+    /// takes FP8 products too, and 12 GiB is not enough; the modulations measure never applies;
+    /// every measure taken is one its loader does not build yet, and the plan says so.
+    #[test]
+    fn klein_budgets_take_the_measures_that_apply_to_it() {
+        let w4 = klein_1024(KleinConfig::klein_4b(), Qwen3Config::qwen3_4b());
+        let w9 = klein_1024(KleinConfig::klein_9b(), Qwen3Config::qwen3_8b());
+        let asked = LoadOptions::default();
+        let p24 = plan(&w4, 24.0 * GIB, asked, true).expect("24 GiB");
+        assert!(p24.measures.is_empty(), "{p24}");
+        let p16 = plan(&w4, 16.0 * GIB, asked, true).expect("16 GiB");
+        assert_eq!(p16.measures, vec![QWEN3_ON_DEMAND], "{p16}");
+        assert!(
+            p16.to_string().contains("not built for FLUX.2 klein yet"),
+            "{p16}"
+        );
+        assert!(p16.to_string().contains("Qwen3"), "{p16}");
+        // 12 GiB: with FP8 products too, encoding still holds the transformer beside Qwen3.
+        let e12 = plan(&w4, 12.0 * GIB, asked, true).expect_err("12 GiB");
+        assert!(e12.to_string().contains("text encoders"), "{e12}");
+        assert!(e12.to_string().contains("Qwen3"), "{e12}");
+        let p13 = plan(&w4, 13.0 * GIB, asked, true).expect("13 GiB");
+        assert_eq!(p13.measures, vec![QWEN3_ON_DEMAND, FP8_PRODUCTS], "{p13}");
+        assert!(p13.peak() <= 13.0 * GIB);
+        for w in [&w4, &w9] {
+            for b in [8.0, 10.0, 12.0, 16.0, 24.0] {
+                if let Ok(p) = plan(w, b * GIB, asked, true) {
+                    assert!(!p.measures.contains(&FP8_MODULATIONS), "{p}");
+                    assert_eq!(p.unbuilt, p.measures, "{p}");
+                }
+            }
+        }
+        // 9B: more than a 24 GiB card holds as asked; without FP8 not even with Qwen3 on demand.
+        assert!(!plan(&w9, 24.0 * GIB, asked, true)
+            .expect("24 GiB")
+            .measures
+            .is_empty());
+        let err = plan(&w9, 16.0 * GIB, asked, false).expect_err("no FP8");
+        assert!(err.to_string().contains("Qwen3"), "{err}");
+        // Its stages split by memory are planned, and not built yet.
+        let s = plan_stages(&w9, 20.0 * GIB, asked, false).expect("stages");
+        assert!(s.unbuilt && s.to_string().contains("not built for FLUX.2 klein yet"));
     }
 
     #[test]
@@ -551,10 +938,7 @@ mod tests {
             ..Default::default()
         };
         let p = plan(&w, 36.0 * GIB, asked, true).expect("36 GiB");
-        assert_eq!(
-            p.measures.first(),
-            Some(&"FP8 weights without their bf16 copies")
-        );
+        assert_eq!(p.measures.first(), Some(&LEAN_FP8));
         // Nothing fits in 4 GiB.
         assert!(plan(&w, 4.0 * GIB, LoadOptions::default(), true).is_err());
     }
@@ -568,7 +952,12 @@ mod tests {
         // Three stages split by memory: the blocks' parameters add up to the whole model's, and
         // what is outside the blocks is on every stage.
         let parts: Vec<FluxParams> = (0..3)
-            .map(|s| FluxParams::of_blocks(&c, stage_split(&c, 3, s, StageBalance::Memory)))
+            .map(|s| {
+                FluxParams::of_blocks(
+                    &c,
+                    crate::parallel::pipefusion::stage_split(&c, 3, s, StageBalance::Memory),
+                )
+            })
             .collect();
         let sum = |f: fn(&FluxParams) -> u64| parts.iter().map(f).sum::<u64>();
         assert_eq!(sum(|p| p.products), whole.products);

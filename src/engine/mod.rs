@@ -420,7 +420,7 @@ fn on_gpus(
 pub fn auto_hints(
     cfg: &crate::model::flux::FluxConfig,
     placement: &Placement,
-) -> crate::parallel::mesh::AutoHints {
+) -> crate::parallel::auto::AutoHints {
     let gpus = crate::device::gpus();
     let smallest = placement
         .devices
@@ -443,7 +443,7 @@ pub fn auto_hints(
     } else {
         (Hardware::Cpu, 4)
     };
-    crate::parallel::mesh::AutoHints {
+    crate::parallel::auto::AutoHints {
         model_fits_one: smallest.is_none_or(|m| weights as f64 * 1.1 < m as f64),
         blocks: cfg.num_blocks(),
         shape: Some(Shape::of_model(cfg, (1024, 1024), elem)),
@@ -454,8 +454,8 @@ pub fn auto_hints(
 
 /// The automatic layout's hints for a model of a family other than FLUX.1, of `blocks` blocks:
 /// the rule of thumb (the cost model and the memory check read FLUX.1's config).
-pub fn family_hints(blocks: usize) -> crate::parallel::mesh::AutoHints {
-    crate::parallel::mesh::AutoHints {
+pub fn family_hints(blocks: usize) -> crate::parallel::auto::AutoHints {
+    crate::parallel::auto::AutoHints {
         blocks,
         ..Default::default()
     }
@@ -467,7 +467,7 @@ pub fn family_hints(blocks: usize) -> crate::parallel::mesh::AutoHints {
 pub fn layout_facts(
     resolved: &crate::model::layout::Resolved,
     placement: &Placement,
-) -> Result<(usize, crate::parallel::mesh::AutoHints)> {
+) -> Result<(usize, crate::parallel::auto::AutoHints)> {
     use crate::model::layout::ModelSpec;
     let klein = match &resolved.spec {
         ModelSpec::RandomKlein(k) => Some(k.config()),

@@ -22,9 +22,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::parallel::auto::AutoHints;
 pub use crate::parallel::layout::Degrees;
 use crate::parallel::layout::Stale;
-use crate::parallel::mesh::{AutoHints, Link, Mesh, ParallelLayout};
+use crate::parallel::mesh::{Link, Mesh, ParallelLayout};
 
 /// The most CPU worker threads a placement takes.
 pub const MAX_CPU_WORKERS: usize = 64;

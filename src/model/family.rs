@@ -115,6 +115,14 @@ impl ParamCounts {
     pub fn total(&self) -> u64 {
         self.products + self.modulations + self.other
     }
+
+    /// What a device holding only `held` of the blocks (`blocks[i]`: block i's counts, the
+    /// unified numbering) keeps: those blocks and everything `outside` them.
+    pub fn held(blocks: &[Self], outside: Self, held: std::ops::Range<usize>) -> Self {
+        let start = held.start.min(blocks.len());
+        let end = held.end.clamp(start, blocks.len());
+        blocks[start..end].iter().copied().sum::<Self>() + outside
+    }
 }
 
 impl std::ops::Add for ParamCounts {

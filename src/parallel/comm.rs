@@ -100,12 +100,13 @@ impl Shared {
         self.mail_cv.notify_all();
     }
 
-    /// Wait until every rank has arrived, the group is aborted, or the timeout passes.
-    fn wait_all(&self, rank: usize) -> Result<()> {
+    /// Wait until every rank has arrived, the group is aborted, or the timeout passes (`rank`
+    /// waits while `doing` a collective).
+    fn wait_all(&self, rank: usize, doing: &str) -> Result<()> {
         let n = self.size;
         let mut g = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &g.aborted {
-            return Err(aborted_err(why));
+            return Err(aborted_err(rank, doing, why));
         }
         if g.arrived.len() != n {
             g.arrived = vec![false; n];
@@ -121,7 +122,7 @@ impl Shared {
         let deadline = Instant::now() + self.timeout;
         while g.round == round {
             if let Some(why) = &g.aborted {
-                return Err(aborted_err(why));
+                return Err(aborted_err(rank, doing, why));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -139,7 +140,7 @@ impl Shared {
                 );
                 g.aborted = Some(why.clone());
                 self.gate.cv.notify_all();
-                return Err(aborted_err(&why));
+                return Err(aborted_err(rank, doing, &why));
             }
             g = self
                 .gate
@@ -152,8 +153,14 @@ impl Shared {
     }
 }
 
-fn aborted_err(why: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!("collective aborted: {why}"))
+/// Rank `rank`'s `doing` gave up: its group was aborted for `why`.
+fn aborted_err(rank: usize, doing: &str, why: &str) -> candle_core::Error {
+    crate::Error::Collective {
+        rank,
+        doing: doing.to_string(),
+        why: why.to_string(),
+    }
+    .into_candle()
 }
 
 /// An in-process communicator: one per worker thread, all made by [`LocalComm::group`].
@@ -184,8 +191,9 @@ fn handoff(ts: &[Tensor]) -> Result<Vec<Tensor>> {
     }
 }
 
-fn poisoned() -> candle_core::Error {
-    candle_core::Error::Msg("a worker panicked during a collective".into())
+/// A lock of the group poisoned: another worker panicked inside a collective.
+fn poisoned(rank: usize, doing: &str) -> candle_core::Error {
+    aborted_err(rank, doing, "a worker panicked during a collective")
 }
 
 impl LocalComm {
@@ -215,29 +223,37 @@ impl LocalComm {
             .collect()
     }
 
-    /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us.
-    fn swap_all(&self, outgoing: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    /// Post `outgoing[j]` for every rank j, wait for everyone, take what was posted to us
+    /// (`doing`: the collective, for errors).
+    fn swap_all(&self, outgoing: Vec<Tensor>, doing: &str) -> Result<Vec<Tensor>> {
         let n = self.shared.size;
         let mine = outgoing.first().map(|t| t.device().clone());
         let outgoing = handoff(&outgoing)?;
         {
-            let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
+            let mut slots = self
+                .shared
+                .slots
+                .lock()
+                .map_err(|_| poisoned(self.rank, doing))?;
             for (to, t) in outgoing.into_iter().enumerate() {
                 slots[self.rank * n + to] = Some(t);
             }
         }
-        self.shared.wait_all(self.rank)?;
+        self.shared.wait_all(self.rank, doing)?;
         let incoming = {
-            let mut slots = self.shared.slots.lock().map_err(|_| poisoned())?;
+            let mut slots = self
+                .shared
+                .slots
+                .lock()
+                .map_err(|_| poisoned(self.rank, doing))?;
             (0..n)
                 .map(|from| slots[from * n + self.rank].take())
                 .collect::<Option<Vec<_>>>()
         };
         // Nobody posts again until everyone has taken their share.
-        self.shared.wait_all(self.rank)?;
-        let incoming = incoming.ok_or_else(|| {
-            candle_core::Error::Msg("collective called by only some ranks".into())
-        })?;
+        self.shared.wait_all(self.rank, doing)?;
+        let incoming =
+            incoming.ok_or_else(|| aborted_err(self.rank, doing, "called by only some ranks"))?;
         // Ranks sharing one GPU through handles of their own: each takes its parts onto its
         // own handle (a no-op on the CPU and when the handles are the same).
         match mine {
@@ -257,7 +273,7 @@ impl Communicator for LocalComm {
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        let parts = self.swap_all(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()], "all_gather")?;
         Tensor::cat(&parts, dim)
     }
 
@@ -274,12 +290,12 @@ impl Communicator for LocalComm {
         let outgoing = (0..n)
             .map(|j| t.narrow(scatter_dim, j * chunk, chunk)?.contiguous())
             .collect::<Result<Vec<_>>>()?;
-        let parts = self.swap_all(outgoing)?;
+        let parts = self.swap_all(outgoing, "all_to_all")?;
         Tensor::cat(&parts, gather_dim)
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let parts = self.swap_all(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()], "all_reduce")?;
         // Sum in rank order so every rank gets bit-identical results.
         let mut acc = parts[0].clone();
         for p in &parts[1..] {
@@ -289,7 +305,7 @@ impl Communicator for LocalComm {
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let parts = self.swap_all(vec![t.clone(); self.size()])?;
+        let parts = self.swap_all(vec![t.clone(); self.size()], "broadcast")?;
         parts
             .into_iter()
             .nth(root)
@@ -298,7 +314,12 @@ impl Communicator for LocalComm {
 
     fn send(&self, t: &Tensor, to: usize) -> Result<()> {
         let t = handoff(std::slice::from_ref(t))?.swap_remove(0);
-        let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
+        let doing = || format!("sending to rank {to}");
+        let mut mail = self
+            .shared
+            .mail
+            .lock()
+            .map_err(|_| poisoned(self.rank, &doing()))?;
         mail.entry((self.rank, to)).or_default().push_back(t);
         self.shared.mail_cv.notify_all();
         Ok(())
@@ -306,13 +327,18 @@ impl Communicator for LocalComm {
 
     fn recv(&self, from: usize) -> Result<Tensor> {
         let deadline = Instant::now() + self.shared.timeout;
-        let mut mail = self.shared.mail.lock().map_err(|_| poisoned())?;
+        let doing = || format!("receiving from rank {from}");
+        let mut mail = self
+            .shared
+            .mail
+            .lock()
+            .map_err(|_| poisoned(self.rank, &doing()))?;
         loop {
             if let Some(t) = mail.get_mut(&(from, self.rank)).and_then(|q| q.pop_front()) {
                 return Ok(t);
             }
             if let Some(why) = self.shared.aborted() {
-                return Err(aborted_err(&why));
+                return Err(aborted_err(self.rank, &doing(), &why));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -323,13 +349,13 @@ impl Communicator for LocalComm {
                 );
                 drop(mail);
                 self.shared.abort(why.clone());
-                return Err(aborted_err(&why));
+                return Err(aborted_err(self.rank, &doing(), &why));
             }
             mail = self
                 .shared
                 .mail_cv
                 .wait_timeout(mail, deadline - now)
-                .map_err(|_| poisoned())?
+                .map_err(|_| poisoned(self.rank, &doing()))?
                 .0;
         }
     }
@@ -439,7 +465,7 @@ pub fn run_local<T: Send>(
         let handle = comm.clone();
         let r = f(rank, comm);
         if let Err(e) = &r {
-            handle.abort(&format!("failed: {e}"));
+            handle.abort(&format!("failed: {}", crate::error::shown(e)));
         }
         r
     })
@@ -462,9 +488,11 @@ pub fn run_each<C: Send, T: Send>(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| candle_core::Error::Msg("a worker thread panicked".into()))?
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().map_err(|_| {
+                    crate::Error::rank(rank, "in its worker thread", "it panicked").into_candle()
+                })?
             })
             .collect()
     })
@@ -555,15 +583,33 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(900));
             }
             comm.all_gather(&Tensor::ones(2, candle_core::DType::F32, &Device::Cpu)?, 0)
-                .map_err(|e| candle_core::Error::Msg(format!("rank {rank}: {e}")))
         });
-        let e = out.expect_err("a stalled rank").to_string();
-        assert!(e.contains("rank 2 of 3 did not reach"), "{e}");
+        // Rank 0's error comes first: its all-gather gave up, naming the rank that stalled.
+        let e = crate::Error::from_candle(out.expect_err("a stalled rank"));
+        assert!(e.to_string().contains("rank 2 of 3 did not reach"), "{e}");
+        assert!(
+            matches!(&e, crate::Error::Collective { rank: 0, doing, .. } if doing == "all_gather"),
+            "{e:?}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
         // A receive from a rank that never sends gives up too.
         let comms = LocalComm::group_with_timeout(2, Duration::from_millis(200));
-        let e = comms[0].recv(1).expect_err("nothing sent").to_string();
-        assert!(e.contains("rank 1 sent nothing"), "{e}");
+        let e = crate::Error::from_candle(comms[0].recv(1).expect_err("nothing sent"));
+        assert!(e.to_string().contains("rank 1 sent nothing"), "{e}");
+        assert!(
+            matches!(&e, crate::Error::Collective { rank: 0, doing, .. } if doing == "receiving from rank 1"),
+            "{e:?}"
+        );
+        // While still a candle error, it is said in its own words.
+        let e = comms[1].all_gather(
+            &Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).expect("t"),
+            0,
+        );
+        let said = crate::error::shown(&e.expect_err("aborted"));
+        assert!(
+            said.starts_with("collective aborted: rank 1 sent nothing"),
+            "{said}"
+        );
     }
 
     /// A stand-in for a GPU communicator: operations that finish when their flag is set.

@@ -700,56 +700,6 @@ pub fn best(
         .find(|p| approximate || p.exact)
 }
 
-/// Steps the automatic layout plans for (FLUX.1-dev's default; the warm-up share of the
-/// approximate layouts depends on it a little).
-pub const AUTO_STEPS: usize = 28;
-
-/// How much faster than the best exact layout PipeFusion must be predicted before the automatic
-/// layout takes it (it changes the image after its warm-up step).
-pub const APPROXIMATE_MARGIN: f64 = 1.25;
-
-/// The automatic layout by the cost model: the fastest exact layout, or PipeFusion where it is
-/// predicted [`APPROXIMATE_MARGIN`] times faster still (displaced patches are never picked for
-/// the user: ask for them). `None` when `hints` lack the shape or the hardware has no
-/// calibration (the caller keeps its rule of thumb).
-pub fn auto_layout(
-    devices: usize,
-    heads: usize,
-    true_cfg: bool,
-    hints: &super::mesh::AutoHints,
-) -> Option<(ParallelLayout, String)> {
-    let shape = Shape {
-        heads,
-        ..hints.shape?
-    };
-    let (cal, link) = hints.hardware.model(hints.link)?;
-    let ranked = rank_layouts(devices, &shape, &cal, &link, AUTO_STEPS, true_cfg);
-    let exact = ranked.iter().find(|p| p.exact)?;
-    let pipe = ranked
-        .iter()
-        .find(|p| matches!(p.layout.stale, Stale::PipeFusion { .. }));
-    let chosen = match pipe {
-        Some(p) if p.step_s * APPROXIMATE_MARGIN < exact.step_s => p,
-        _ => exact,
-    };
-    let why = format!(
-        "{devices} device(s): {} (cost model, {} link: {:.1} ms a step predicted, {:.0}% communication{}; `parallax plan` shows every layout)",
-        describe(&chosen.layout),
-        link.name,
-        chosen.step_s * 1e3,
-        chosen.comm_share() * 100.0,
-        if chosen.exact {
-            String::new()
-        } else {
-            format!(
-                "; approximate after 1 exact warm-up step, {:.1}x the best exact layout's speed",
-                exact.step_s / chosen.step_s
-            )
-        }
-    );
-    Some((chosen.layout, why))
-}
-
 /// `543 TFLOP/s`, or `12.3 GFLOP/s` below a TFLOP/s.
 fn flops(per_s: f64) -> String {
     if per_s >= 1e12 {
@@ -946,68 +896,6 @@ mod tests {
         );
         let b = best_exact(&big, &Link::nvlink());
         assert!(b.step_s < one.step_s / 4.0 * 1.2, "{b:?} against {one:?}");
-    }
-
-    #[test]
-    fn auto_uses_the_model_where_it_has_a_calibration_and_the_rule_elsewhere() {
-        use crate::parallel::mesh::{AutoHints, Link as Topo};
-        let hints = AutoHints {
-            link: Topo::NvLink,
-            blocks: 57,
-            shape: Some(dev(1024)),
-            hardware: Hardware::Hopper,
-            ..AutoHints::default()
-        };
-        for n in 1..=8 {
-            let (a, why) = ParallelLayout::auto_with(n, 24, false, hints);
-            assert!(why.contains("cost model"), "{why}");
-            assert!(Mesh::new(a, n, 24).is_ok(), "{a:?}");
-            let want = best(
-                n,
-                &dev(1024),
-                &Calibration::hopper_bf16(),
-                &Link::nvlink(),
-                AUTO_STEPS,
-                false,
-                false,
-            )
-            .expect("a layout");
-            // The fastest exact layout, or PipeFusion by the margin.
-            assert!(a == want.layout || (a.pipeline() > 1), "{a:?} vs {want:?}");
-        }
-        // No calibration for the link or the GPU: the rule of thumb.
-        for h in [
-            AutoHints {
-                link: Topo::Unknown,
-                ..hints
-            },
-            AutoHints {
-                hardware: Hardware::Unknown,
-                ..hints
-            },
-            AutoHints {
-                shape: None,
-                ..hints
-            },
-        ] {
-            let (_, why) = ParallelLayout::auto_with(4, 24, false, h);
-            assert!(!why.contains("cost model"), "{why}");
-        }
-        // A model no device holds: PipeFusion by memory, whatever the model says.
-        let big = AutoHints {
-            model_fits_one: false,
-            ..hints
-        };
-        assert_eq!(ParallelLayout::auto_with(2, 24, false, big).0.pipeline(), 2);
-        // CPU workers: the built-in CPU calibration.
-        let cpu = AutoHints {
-            hardware: Hardware::Cpu,
-            link: Topo::Unknown,
-            ..hints
-        };
-        assert!(ParallelLayout::auto_with(4, 24, true, cpu)
-            .1
-            .contains("cost model"));
     }
 
     fn best_exact(s: &Shape, link: &Link) -> Prediction {

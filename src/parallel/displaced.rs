@@ -133,7 +133,7 @@ impl DisplacedAttention {
                         Ok((k, v)) => {
                             r.layers.insert(job.layer, Gathered { k, v });
                         }
-                        Err(e) => r.failed = Some(e.to_string()),
+                        Err(e) => r.failed = Some(crate::error::shown(&e)),
                     }
                     if let Some(p) = r.pending.get_mut(&job.layer) {
                         *p = p.saturating_sub(1);

@@ -109,13 +109,19 @@ impl Fault {
         if rank != self.rank || step != self.step {
             return Ok(());
         }
-        let what = if step == LOAD_STEP {
-            format!("injected fault: rank {rank} after loading")
-        } else {
-            format!("injected fault: rank {rank} after step {step}")
+        let injected = crate::Error::Injected {
+            rank,
+            when: if step == LOAD_STEP {
+                "after loading".into()
+            } else {
+                format!("after step {step}")
+            },
         };
+        let what = injected.to_string();
         match self.kind {
-            FaultKind::Fail => Err(crate::Error::Candle(candle_core::Error::Msg(what))),
+            FaultKind::Fail => Err(injected),
+            // Said as candle says a failed CUDA allocation, so that what reads errors for an
+            // out-of-memory (the advice, the CLI's hint) is tried on the real words.
             FaultKind::Oom => Err(crate::Error::Candle(candle_core::Error::Msg(format!(
                 "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") ({what})"
             )))),
@@ -138,6 +144,18 @@ impl Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_fault_is_typed_and_named() {
+        let f = Fault::parse("rank=1,step=2,kind=fail").expect("fault");
+        assert!(f.strike(0, 2).is_ok() && f.strike(1, 1).is_ok());
+        let e = f.strike(1, 2).expect_err("struck");
+        assert!(
+            matches!(&e, crate::Error::Injected { rank: 1, when } if when == "after step 2"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "injected fault: rank 1 after step 2");
+    }
 
     #[test]
     fn faults_parse() {

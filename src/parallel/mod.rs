@@ -16,7 +16,9 @@
 //! - [`store`]: the multi-process rendezvous (`parallax worker --init tcp://...`) and a
 //!   communicator over it for CPU ranks.
 //! - [`cost`]: the predicted step time of every layout (compute measured on one device, each
-//!   link's per-call latency and bandwidth); `parallax plan` prints it, `--parallel auto` uses it.
+//!   link's per-call latency and bandwidth); `parallax plan` prints it.
+//! - [`auto`]: the automatic layout (`--parallel auto`): the cost model's choice, or a rule of
+//!   thumb where it has no calibration.
 //! - `traffic` (tests only): the bytes each rank sends, counted on a live group and predicted
 //!   for FLUX's shapes.
 //! - [`displaced`]: displaced patch parallelism (stale K/V from the previous step).
@@ -28,9 +30,12 @@
 //!   bands differ by a row where the rows do not divide).
 
 pub mod abandoned;
+pub mod auto;
 pub mod comm;
 pub mod cost;
 pub mod displaced;
+#[cfg(test)]
+mod exactness;
 pub mod fault;
 pub mod fingerprint;
 pub mod layout;
@@ -53,6 +58,4 @@ pub(crate) mod test_steps;
 pub(crate) mod traffic;
 pub mod ulysses;
 pub mod usp;
-#[cfg(test)]
-mod exactness;
 pub mod vae;

@@ -541,7 +541,7 @@ impl StoreComm {
     fn put(&self, key: &str, readers: usize, t: &Tensor) -> candle_core::Result<()> {
         self.store
             .set(key, readers as u32, &encode(t)?)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            .map_err(crate::Error::into_candle)
     }
 
     /// The tensor under `key`, which group member `from` puts there.
@@ -552,7 +552,7 @@ impl StoreComm {
         let b = self
             .store
             .get(key, rank)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            .map_err(crate::Error::into_candle)?;
         decode(&b, &self.device)
     }
 

@@ -934,7 +934,9 @@ impl Pipeline {
     /// of each adapted weight; no cost a step) instead of running their low-rank paths beside the
     /// products (no copy; two more products a layer). Off by default.
     pub fn set_lora_merge(&self, on: bool) {
-        self.lora_cache.1.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.lora_cache
+            .1
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether LoRAs are merged into the weights ([`Pipeline::set_lora_merge`]).
@@ -1192,27 +1194,36 @@ impl StepLog {
 
 /// Check the values of `req` that do not depend on the model (sizes, steps, guidance, true CFG,
 /// the cache), before anything loads: what [`Pipeline::settings_for`] refuses, whatever the
-/// model (a value left out takes the model's default, always valid).
+/// model (a value left out takes the model's default, always valid). The first of
+/// [`request_problems`].
 pub fn check_request(req: &GenerateRequest) -> Result<()> {
+    match request_problems(req).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every value of `req` [`check_request`] refuses, in the order it checks them (the studio shows
+/// them all beside its fields, in the CLI's words).
+pub fn request_problems(req: &GenerateRequest) -> Vec<Error> {
+    let mut out = Vec::new();
     for (name, v) in [("width", req.width), ("height", req.height)] {
         if v == 0 || v % 16 != 0 {
-            return Err(Error::setting(name, v, "must be a positive multiple of 16"));
-        }
-        if v > 16384 {
-            return Err(Error::setting(name, v, "must be at most 16384"));
+            out.push(Error::setting(name, v, "must be a positive multiple of 16"));
+        } else if v > 16384 {
+            out.push(Error::setting(name, v, "must be at most 16384"));
         }
     }
     if let Some(steps) = req.steps {
         if steps == 0 {
-            return Err(Error::setting("steps", steps, "must be at least 1"));
-        }
-        if steps > 1000 {
-            return Err(Error::setting("steps", steps, "must be at most 1000"));
+            out.push(Error::setting("steps", steps, "must be at least 1"));
+        } else if steps > 1000 {
+            out.push(Error::setting("steps", steps, "must be at most 1000"));
         }
     }
     if let Some(guidance) = req.guidance {
         if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Error::setting(
+            out.push(Error::setting(
                 "guidance",
                 guidance,
                 "must be a finite number >= 0",
@@ -1221,26 +1232,26 @@ pub fn check_request(req: &GenerateRequest) -> Result<()> {
     }
     let true_cfg = req.true_cfg.unwrap_or(1.0);
     if !true_cfg.is_finite() || true_cfg < 1.0 {
-        return Err(Error::setting(
+        out.push(Error::setting(
             "true-cfg",
             true_cfg,
             "must be a finite number >= 1 (1 turns true CFG off)",
         ));
     }
     if !req.cache_threshold.is_finite() || req.cache_threshold < 0.0 {
-        return Err(Error::setting(
+        out.push(Error::setting(
             "cache-threshold",
             req.cache_threshold,
             "must be a finite number >= 0 (0 turns the cache off)",
         ));
     }
-    if let Some(spec) = &req.cache {
-        spec.validate()?;
+    if let Some(Err(e)) = req.cache.as_ref().map(|spec| spec.validate()) {
+        out.push(e);
     }
-    if let Some(init) = &req.init {
-        init.check()?;
+    if let Some(Err(e)) = req.init.as_ref().map(|init| init.check()) {
+        out.push(e);
     }
-    Ok(())
+    out
 }
 
 /// The denoising loop of `job` on `flux`, with its cache policies and true CFG set up once for

@@ -190,9 +190,9 @@ impl EngineThread {
             blocks: d.num_blocks(),
             magcache: pipeline.magcache_calibration().is_some(),
             lora_config: pipeline
-                .family
-                .is_none()
-                .then(|| pipeline.flux.config().clone()),
+                .flux1("LoRAs")
+                .ok()
+                .map(|f| f.flux.config().clone()),
         });
         let magcache = pipeline.magcache_calibration();
         // The preview map is fitted to this model's own autoencoder (on the demo, its own scenes;

@@ -184,13 +184,10 @@ impl FluxConfig {
     /// The parameters a device holding only `blocks` (of the unified numbering) keeps: those
     /// blocks and everything outside the blocks.
     pub fn param_counts_of(&self, blocks: std::ops::Range<usize>) -> ParamCounts {
-        let held: ParamCounts = self
-            .block_param_counts()
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| blocks.contains(i))
-            .map(|(_, p)| p)
-            .sum();
-        held + self.outside_param_counts()
+        ParamCounts::held(
+            &self.block_param_counts(),
+            self.outside_param_counts(),
+            blocks,
+        )
     }
 }

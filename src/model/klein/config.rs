@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::family::ParamCounts;
 
 /// Architecture hyper-parameters of a FLUX.2 transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,15 +107,59 @@ impl KleinConfig {
     /// Parameters of each block in the unified numbering (double blocks first): products and
     /// QK-norm scales (no biases; the shared modulations are outside the blocks).
     pub fn block_params(&self) -> Vec<u64> {
+        self.block_param_counts()
+            .iter()
+            .map(ParamCounts::total)
+            .collect()
+    }
+
+    /// klein's parameter formula, by kind, for each block in the unified numbering (double
+    /// blocks first): products and their rows, QK-norm scales as the rest (no biases, no
+    /// modulations: those are shared, outside the blocks).
+    pub fn block_param_counts(&self) -> Vec<ParamCounts> {
         let h = self.hidden_size as u64;
         let m = self.mlp_hidden() as u64;
         let d = self.head_dim() as u64;
-        // Per stream: qkv, proj, SwiGLU in (2m) and out, two QK norms.
-        let stream = 3 * h * h + h * h + h * 2 * m + m * h + 2 * d;
-        let single = h * (3 * h + 2 * m) + (h + m) * h + 2 * d;
-        std::iter::repeat_n(2 * stream, self.depth)
+        // Per stream: qkv, proj, the SwiGLU's input (2m rows) and output; two QK norms.
+        let stream_rows = 3 * h + h + 2 * m + h;
+        let double = ParamCounts {
+            products: 2 * (3 * h * h + h * h + h * 2 * m + m * h),
+            product_rows: 2 * stream_rows,
+            other: 2 * 2 * d,
+            ..Default::default()
+        };
+        // A single block: linear1 (qkv and the SwiGLU's input), linear2 (attention and MLP out).
+        let single = ParamCounts {
+            products: h * (3 * h + 2 * m) + (h + m) * h,
+            product_rows: 3 * h + 2 * m + h,
+            other: 2 * d,
+            ..Default::default()
+        };
+        std::iter::repeat_n(double, self.depth)
             .chain(std::iter::repeat_n(single, self.depth_single_blocks))
             .collect()
+    }
+
+    /// Parameters outside the blocks, which every pipeline stage holds: the shared modulations
+    /// (double blocks' image and text streams, 6 rows of the width each; the single blocks', 3),
+    /// the image, text, timestep (and guidance) embedders and the final layer (its modulation
+    /// counted with the rest, as FLUX.1's is).
+    pub fn outside_param_counts(&self) -> ParamCounts {
+        let h = self.hidden_size as u64;
+        let channels = self.in_channels as u64;
+        // Timestep and guidance embedders: 256 sinusoid channels in, two products, no biases.
+        let embed = 256 * h + h * h;
+        ParamCounts {
+            modulations: (6 + 6 + 3) * h * h,
+            modulation_rows: (6 + 6 + 3) * h,
+            other: channels * h
+                + self.context_in_dim as u64 * h
+                + embed
+                + if self.guidance_embed { embed } else { 0 }
+                + h * 2 * h
+                + h * channels,
+            ..Default::default()
+        }
     }
 
     /// Read a diffusers `transformer/config.json` (a `Flux2Transformer2DModel` config).

@@ -111,6 +111,34 @@ impl VaeConfig {
         self.ch * self.ch_mult.get(level).copied().unwrap_or(0)
     }
 
+    /// Parameters of the decoder [`Decoder::new`] builds for this config (convolutions with
+    /// biases, GroupNorm scales and shifts, the middle attention's four 1x1 projections).
+    pub fn decoder_params(&self) -> u64 {
+        let conv = |i: usize, o: usize, k: usize| (i * o * k * k + o) as u64;
+        let norm = |c: usize| 2 * c as u64;
+        let resnet = |i: usize, o: usize| {
+            norm(i)
+                + conv(i, o, 3)
+                + norm(o)
+                + conv(o, o, 3)
+                + if i != o { conv(i, o, 1) } else { 0 }
+        };
+        let levels = self.ch_mult.len();
+        let mut c = self.level_channels(levels.saturating_sub(1));
+        let mut n = conv(self.z_channels, c, 3) + 2 * resnet(c, c) + norm(c) + 4 * conv(c, c, 1);
+        for i in (0..levels).rev() {
+            let out = self.level_channels(i);
+            for _ in 0..=self.num_res_blocks {
+                n += resnet(c, out);
+                c = out;
+            }
+            if i != 0 {
+                n += conv(c, c, 3);
+            }
+        }
+        n + norm(c) + conv(c, self.out_channels, 3)
+    }
+
     /// Check that the numbers describe a network that can be built.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.ch_mult.is_empty() {
