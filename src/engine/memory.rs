@@ -7,8 +7,10 @@
 //! the estimate beside the peak a device run measured. The measures, in the order they are
 //! taken (least cost to the image first):
 //!
-//! 1. **FP8 without the bf16 copies** when `--precision fp8` was asked: the E4M3 weights stand
-//!    alone (no cost beyond FP8's own).
+//! 1. **FP8 without the bf16 copies** when `--precision fp8` was asked with the copies kept
+//!    (`PARALLAX_FP8_KEEP_BF16=1`; since issue 30 FP8 drops them by default:
+//!    [`crate::engine::Precision::load_options`]): the E4M3 weights stand alone (no cost
+//!    beyond FP8's own).
 //! 2. **T5 on demand**: T5-XXL (9.5 GB in bf16) is built for each prompt and freed after it. No
 //!    cost to the image; each prompt reads T5's weights again (seconds, from the page cache).
 //! 3. **FP8 products** (when not asked): the blocks' products in E4M3 and the bf16 copies
@@ -555,6 +557,23 @@ mod tests {
             p.measures.first(),
             Some(&"FP8 weights without their bf16 copies")
         );
+        // FP8 as `--precision fp8` asks it: the copies are already gone, so that measure is
+        // never taken, and the transformer is the lean one.
+        let default_fp8 = crate::engine::Precision::Fp8.load_options();
+        if !crate::engine::load::keep_bf16_copies() {
+            assert!(default_fp8.lean && default_fp8.fp8 == Fp8Groups::ALL);
+            let p = plan(&w, 36.0 * GIB, default_fp8, true).expect("36 GiB");
+            assert!(
+                !p.measures
+                    .contains(&"FP8 weights without their bf16 copies"),
+                "{p}"
+            );
+            let (lean, kept) = (estimate(&w, &default_fp8), estimate(&w, &asked));
+            assert!(
+                lean.transformer < kept.transformer / 2.0,
+                "{lean:?} {kept:?}"
+            );
+        }
         // Nothing fits in 4 GiB.
         assert!(plan(&w, 4.0 * GIB, LoadOptions::default(), true).is_err());
     }

@@ -27,8 +27,10 @@ pub(crate) enum Fp8Mode {
 /// CUDA ([`crate::kernels::gemm::linear`]); same function as `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub(crate) struct Lin {
-    /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
-    /// when the GPU's E4M3 copy stands for it.
+    /// The weight in the run's dtype; `None` once dropped ([`Lin::lean`]: the default of an FP8
+    /// run since issue 30, see `crate::engine::Precision::load_options`), when the GPU's E4M3
+    /// copy stands for it. Where FP8 is simulated it holds the rounded weight the simulation
+    /// multiplies by (never the original).
     pub(crate) weight: Option<Tensor>,
     pub(crate) bias: Option<Tensor>,
     /// FP8 use. Simulated (where no GPU copy exists): the weight was rounded per output channel
@@ -112,6 +114,17 @@ impl Lin {
             self.weight = None;
         }
         self
+    }
+
+    /// Whether this layer holds its weight in the run's dtype beside an E4M3 copy on the GPU
+    /// (the copy an FP8 run drops unless asked to keep it).
+    pub(crate) fn holds_copy(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.fp8_gpu.is_some() && self.weight.is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Bytes this layer's weights hold on their device (the run's dtype and any E4M3 copy).

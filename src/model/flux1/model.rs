@@ -627,6 +627,15 @@ impl Flux {
         false
     }
 
+    /// The block layers in FP8 that still hold their weight in the run's dtype beside the GPU's
+    /// E4M3 copy: none unless the run kept the copies (`PARALLAX_FP8_KEEP_BF16`, or a model
+    /// converted after loading by [`Flux::with_fp8_in`], which shares the originals with the
+    /// model it came from). The CPU's simulated FP8 holds only the rounded weights it multiplies
+    /// by.
+    pub fn fp8_copies_kept(&self) -> usize {
+        self.block_linears().filter(|l| l.holds_copy()).count()
+    }
+
     /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share; the
     /// others are dropped from this replica, and running them is an error).
     pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
@@ -824,6 +833,46 @@ mod tests {
             assert!((e[i] as f64 - a.cos()).abs() < 1e-3);
             assert!((e[i + 4] as f64 - a.sin()).abs() < 1e-3);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn lean_fp8_keeps_only_the_rounded_weights_and_the_same_velocity() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = FluxConfig::tiny();
+        let vb = || DemoWeights::new(3).var_builder(DType::F32, &dev);
+        let lean = Flux::new_fp8(&cfg, vb(), Fp8Groups::ALL, true)?;
+        let kept = Flux::new_fp8(&cfg, vb(), Fp8Groups::ALL, false)?;
+        assert_eq!(lean.fp8_copies_kept(), 0);
+        // Every product layer holds one weight, already rounded to E4M3 per output channel: the
+        // simulation's, not the original beside it.
+        let mut products = 0;
+        for l in lean.block_linears().filter(|l| l.fp8 == Fp8Mode::Products) {
+            let w = l.weight()?;
+            let r = crate::kernels::fp8::round_rows(&w)?;
+            assert_eq!((w.as_ref() - r)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            products += 1;
+        }
+        assert_eq!(products, 8 * cfg.depth + 3 * cfg.depth_single_blocks);
+        assert_eq!(lean.weight_bytes(), kept.weight_bytes());
+        let img = Tensor::randn(0f32, 1.0, (1, 16, 64), &dev)?;
+        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
+        let (t, g) = (Tensor::new(&[0.7f32], &dev)?, Tensor::new(&[3.5f32], &dev)?);
+        let pe = lean.pos_embed(5, 4, 4)?;
+        let input = FluxInput {
+            img: &img,
+            txt: &txt,
+            y: &y,
+            timesteps: &t,
+            guidance: Some(&g),
+            pe: &pe,
+        };
+        let d = (lean.forward(&input)? - kept.forward(&input)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
         Ok(())
     }
 
