@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, VarBuilder};
 
 use super::config::FluxConfig;
-use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin};
+use super::fp8::{convert, Fp8Groups, Fp8Mode, Lin, Normed};
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
@@ -92,6 +92,12 @@ impl ModulationOut {
     /// LayerNorm(x) * (1 + scale) + shift
     pub fn norm_modulate(&self, x: &Tensor) -> Result<Tensor> {
         ln_modulate(x, &self.shift, &self.scale)
+    }
+
+    /// [`ModulationOut::norm_modulate`] for the layers `readers`, in E4M3 where they all run FP8
+    /// products on the GPU (the norm's kernel quantises its rows: [`Normed::for_layers`]).
+    pub(crate) fn norm_for(&self, x: &Tensor, readers: &[&Lin]) -> Result<Normed> {
+        Normed::for_layers(x, &self.shift, &self.scale, readers)
     }
 
     /// x + gate * u
@@ -189,9 +195,10 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.apply(x, true)?)
+impl Mlp {
+    /// fc2(GELU(fc1(x))) on the norm's output.
+    fn forward_normed(&self, x: &Normed) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.apply_normed(x, true)?)
     }
 }
 
@@ -247,8 +254,9 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let img_m = self.img_mod.forward(&ctx.vec)?;
         let txt_m = self.txt_mod.forward(&ctx.vec)?;
-        let img_qkv = self.img_attn.qkv.forward(&img_m[0].norm_modulate(img)?)?;
-        let txt_qkv = self.txt_attn.qkv.forward(&txt_m[0].norm_modulate(txt)?)?;
+        let (img_qkv, txt_qkv) = (&self.img_attn.qkv, &self.txt_attn.qkv);
+        let img_qkv = img_qkv.apply_normed(&img_m[0].norm_for(img, &[img_qkv])?, false)?;
+        let txt_qkv = txt_qkv.apply_normed(&txt_m[0].norm_for(txt, &[txt_qkv])?, false)?;
         let (q, k, v) = qkv_prep(
             &[
                 self.txt_attn.norm.stream(&txt_qkv),
@@ -263,11 +271,15 @@ impl DoubleBlock {
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
 
         let img = img_m[0].gated_add(img, &self.img_attn.proj.forward(&img_out)?)?;
-        let img_ff = self.img_mlp.forward(&img_m[1].norm_modulate(&img)?)?;
+        let img_ff = self
+            .img_mlp
+            .forward_normed(&img_m[1].norm_for(&img, &[&self.img_mlp.fc1])?)?;
         let img = img_m[1].gated_add(&img, &img_ff)?;
 
         let txt = txt_m[0].gated_add(txt, &self.txt_attn.proj.forward(&txt_out)?)?;
-        let txt_ff = self.txt_mlp.forward(&txt_m[1].norm_modulate(&txt)?)?;
+        let txt_ff = self
+            .txt_mlp
+            .forward_normed(&txt_m[1].norm_for(&txt, &[&self.txt_mlp.fc1])?)?;
         let txt = txt_m[1].gated_add(&txt, &txt_ff)?;
         Ok((img, txt))
     }
@@ -322,13 +334,15 @@ impl SingleBlock {
         layer: usize,
     ) -> Result<Tensor> {
         let m = &self.modulation.forward(&ctx.vec)?[0];
-        let xm = m.norm_modulate(x)?;
-        let qkv = self.linear1_qkv.forward(&xm)?;
+        // Both halves of linear1 read the norm's rows: quantised once, in the norm's pass, when
+        // both run FP8 products on the GPU.
+        let xm = m.norm_for(x, &[&self.linear1_qkv, &self.linear1_mlp])?;
+        let qkv = self.linear1_qkv.apply_normed(&xm, false)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
         let a = ctx.attend_merged(attn, layer, &q, &k, &v)?;
         // linear2's input: the attention output beside GELU(MLP half), which the product writes
         // straight into the joined buffer (bias and GELU in its epilogue).
-        let joined = self.linear1_mlp.apply_beside(&a, &xm, true)?;
+        let joined = self.linear1_mlp.apply_beside_normed(&a, &xm, true)?;
         let out = self.linear2.forward(&joined)?;
         m.gated_add(x, &out)
     }
