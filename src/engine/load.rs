@@ -325,3 +325,43 @@ pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layout::Variant;
+
+    /// `--precision fp8` drops the bf16 copies by default: a budget never needs to, and the
+    /// transformer is under half the size of one that keeps them.
+    #[test]
+    fn fp8_asks_for_the_lean_transformer() {
+        let resolved = Resolved {
+            spec: ModelSpec::Random(Variant::Dev),
+            reasons: vec![],
+        };
+        let w = workload(&resolved, DType::BF16, None, true).expect("workload");
+        let gib = (1u64 << 30) as f64;
+        let asked = Precision::Fp8.load_options();
+        if keep_bf16_copies() {
+            assert!(!asked.lean);
+            return;
+        }
+        assert!(asked.lean && asked.fp8 == Fp8Groups::ALL);
+        let p = memory::plan(&w, 36.0 * gib, asked, true).expect("36 GiB");
+        assert!(
+            !p.measures
+                .contains(&"FP8 weights without their bf16 copies"),
+            "{p}"
+        );
+        let kept = LoadOptions {
+            lean: false,
+            ..asked
+        };
+        let (lean, kept) = (memory::estimate(&w, &asked), memory::estimate(&w, &kept));
+        assert!(
+            lean.transformer < kept.transformer / 2.0,
+            "{lean:?} {kept:?}"
+        );
+        assert_eq!(Precision::Native.load_options(), LoadOptions::default());
+    }
+}

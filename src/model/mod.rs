@@ -3,6 +3,7 @@
 //! the built-in demo model, and how a sequence-parallel group shards a step's tokens.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod comfyui;
 pub mod demo;
 pub mod demo_weights;
@@ -13,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod klein;
 pub mod layout;
+pub mod load_clock;
 pub mod lora;
 pub mod lowrank;
 pub mod qwen3;

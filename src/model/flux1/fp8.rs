@@ -158,7 +158,15 @@ impl Lin {
         if !f::enabled() || !f::supported(dev) || weight.dtype() != DType::BF16 {
             return None;
         }
-        match f::quantize_rows(weight, f::per_tensor_weights()) {
+        let start = std::time::Instant::now();
+        // Waited for, so that the load's timing tells the quantisation apart from the next copy.
+        let q = f::quantize_rows(weight, f::per_tensor_weights())
+            .and_then(|m| weight.device().synchronize().map(|_| m));
+        crate::model::load_clock::add(
+            crate::model::load_clock::LoadPhase::Fp8Quantise,
+            start.elapsed(),
+        );
+        match q {
             Ok(m) => Some(std::sync::Arc::new(m)),
             Err(e) => {
                 tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
