@@ -850,6 +850,41 @@ mod tests {
         Ok(())
     }
 
+    /// Random inputs of one step of a tiny model: 16 image tokens (a 4x4 grid), 5 text tokens.
+    struct TinyStep {
+        img: Tensor,
+        txt: Tensor,
+        y: Tensor,
+        t: Tensor,
+        g: Tensor,
+        pe: PosEmbed,
+    }
+
+    impl TinyStep {
+        fn new(m: &Flux) -> Result<Self> {
+            let (cfg, dev) = (m.config(), &Device::Cpu);
+            Ok(Self {
+                img: Tensor::randn(0f32, 1.0, (1, 16, 64), dev)?,
+                txt: Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), dev)?,
+                y: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), dev)?,
+                t: Tensor::new(&[0.7f32], dev)?,
+                g: Tensor::new(&[3.5f32], dev)?,
+                pe: m.pos_embed(5, 4, 4)?,
+            })
+        }
+
+        fn input(&self) -> FluxInput<'_> {
+            FluxInput {
+                img: &self.img,
+                txt: &self.txt,
+                y: &self.y,
+                timesteps: &self.t,
+                guidance: Some(&self.g),
+                pe: &self.pe,
+            }
+        }
+    }
+
     #[test]
     fn lean_fp8_keeps_only_the_rounded_weights_and_the_same_velocity() -> Result<()> {
         let dev = Device::Cpu;
@@ -869,19 +904,8 @@ mod tests {
         }
         assert_eq!(products, 8 * cfg.depth + 3 * cfg.depth_single_blocks);
         assert_eq!(lean.weight_bytes(), kept.weight_bytes());
-        let img = Tensor::randn(0f32, 1.0, (1, 16, 64), &dev)?;
-        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
-        let (t, g) = (Tensor::new(&[0.7f32], &dev)?, Tensor::new(&[3.5f32], &dev)?);
-        let pe = lean.pos_embed(5, 4, 4)?;
-        let input = FluxInput {
-            img: &img,
-            txt: &txt,
-            y: &y,
-            timesteps: &t,
-            guidance: Some(&g),
-            pe: &pe,
-        };
+        let step = TinyStep::new(&lean)?;
+        let input = step.input();
         let d = (lean.forward(&input)? - kept.forward(&input)?)?
             .abs()?
             .max_all()?
@@ -895,20 +919,8 @@ mod tests {
         let dev = Device::Cpu;
         let cfg = FluxConfig::tiny();
         let m = Flux::new(&cfg, DemoWeights::new(3).var_builder(DType::F32, &dev))?;
-        let img = Tensor::randn(0f32, 1.0, (1, 16, 64), &dev)?;
-        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
-        let t = Tensor::new(&[0.7f32], &dev)?;
-        let g = Tensor::new(&[3.5f32], &dev)?;
-        let pe = m.pos_embed(5, 4, 4)?;
-        let input = FluxInput {
-            img: &img,
-            txt: &txt,
-            y: &y,
-            timesteps: &t,
-            guidance: Some(&g),
-            pe: &pe,
-        };
+        let step = TinyStep::new(&m)?;
+        let input = step.input();
         let full = m.forward(&input)?;
         assert_eq!(full.dims(), &[1, 16, 64]);
         let (s, ctx) = m.embed(&input)?;
