@@ -386,7 +386,7 @@ pub(crate) enum Normed {
     Rows(Tensor),
     #[cfg(feature = "cuda")]
     Fp8 {
-        q: crate::kernels::fp8_gemm::Fp8Matrix,
+        q: Box<crate::kernels::fp8_gemm::Fp8Matrix>,
         /// The shape of the rows' tensor (B, L, C).
         dims: Vec<usize>,
     },
@@ -410,7 +410,7 @@ impl Normed {
             match crate::kernels::ln_fp8::ln_modulate_fp8(x, shift, scale, false) {
                 Ok(Some((_, q))) => {
                     return Ok(Normed::Fp8 {
-                        q,
+                        q: Box::new(q),
                         dims: x.dims().to_vec(),
                     })
                 }
