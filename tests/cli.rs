@@ -141,6 +141,93 @@ fn bench_prints_json_with_step_times_and_memory() {
     }
 }
 
+/// A cold start from a written checkpoint: `dev write-checkpoint` writes a random transformer in
+/// BFL's single-file layout (bf16 and FP8), `bench` loads it with random text encoders and
+/// reports where loading went and the first image's timings, and `generate` draws from it.
+#[test]
+fn written_checkpoints_load_cold_and_report_their_phases() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for dtype in ["bf16", "fp8"] {
+        let file = dir.path().join(format!("tiny-{dtype}.safetensors"));
+        let o = parallax(&[
+            "dev",
+            "write-checkpoint",
+            "--model",
+            "random:tiny",
+            "--dtype",
+            dtype,
+            "--out",
+            s(&file),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let w: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let size = std::fs::metadata(&file).expect("written").len();
+        assert_eq!(w["bytes"].as_u64(), Some(size));
+        let o = parallax(&[
+            "bench",
+            "--model",
+            s(&file),
+            "--text-encoders",
+            "random",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+        assert_eq!(v["demo"], true, "random text encoders label the output");
+        let cold = &v["cold_start"];
+        // Every tensor was read from the file: its bytes less the header.
+        let read = cold["bytes_read"].as_u64().expect("bytes read");
+        assert!(read > size * 9 / 10 && read < size, "{read} of {size}");
+        let phases = &cold["load_phases_ms"];
+        for phase in [
+            "open_index",
+            "read_tensors",
+            "host_to_device",
+            "text_encoders",
+        ] {
+            assert!(
+                phases[phase].as_f64().expect(phase) > 0.0,
+                "{phase}: {cold}"
+            );
+        }
+        assert!(cold["first_image"]["first_step_ms"].as_f64().expect("step") > 0.0);
+        assert!(
+            cold["first_image"]["from_load_start_ms"]
+                .as_f64()
+                .expect("image")
+                >= cold["load_ms"].as_f64().expect("load")
+        );
+    }
+    let out = dir.path().join("x.png");
+    let o = parallax(&[
+        "generate",
+        "--model",
+        s(&dir.path().join("tiny-fp8.safetensors")),
+        "--text-encoders",
+        "random",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(read_png(&out).expect("png").0.width, 32);
+}
+
 #[test]
 fn bench_from_an_image_runs_the_steps_its_strength_leaves() {
     let dir = tempfile::tempdir().expect("tmp");

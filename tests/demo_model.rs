@@ -176,6 +176,49 @@ fn fp8_products_move_the_velocity_a_little() {
     assert!(r > 1e-4 && r < 0.1, "relative change {r}");
 }
 
+/// `--precision fp8` through the engine (the bf16 copies dropped by default, issue 30) draws the
+/// image the simulated FP8 model drew before: on the CPU the simulation keeps the rounded weights
+/// it multiplies by, and no layer holds an original beside them.
+#[test]
+fn fp8_by_default_holds_no_copies_and_draws_the_same_image() {
+    use parallax::engine::{load_pipeline, ModelChoice, Precision};
+    use parallax::pipeline::GenerateRequest;
+    let opts = Precision::Fp8.load_options();
+    if !parallax::engine::load::keep_bf16_copies() {
+        assert!(opts.lean, "FP8 drops the bf16 copies by default");
+    }
+    let choice = ModelChoice {
+        precision: Precision::Fp8,
+        ..ModelChoice::named("demo")
+    };
+    let engine = load_pipeline(&choice, "cpu").expect("fp8 demo");
+    let f1 = engine.flux1("test").expect("FLUX.1");
+    assert!(f1.flux.fp8_products());
+    assert_eq!(f1.flux.fp8_copies_kept(), 0);
+    let mut before = Pipeline::demo(&Device::Cpu).expect("demo");
+    let fp8 = before
+        .flux1("test")
+        .expect("FLUX.1")
+        .flux
+        .clone()
+        .with_fp8_products()
+        .expect("fp8");
+    before.set_flux1(fp8).expect("set");
+    let req = GenerateRequest {
+        prompt: CAPTION.into(),
+        width: 64,
+        height: 64,
+        steps: Some(3),
+        seed: 5,
+        ..Default::default()
+    };
+    let a = engine
+        .generate(&req, &mut |_| Ok(()))
+        .expect("engine image");
+    let b = before.generate(&req, &mut |_| Ok(())).expect("image");
+    assert_eq!(a.image.data, b.image.data);
+}
+
 /// The demo's shipped preview map (`assets/demo/preview.json`, read at start-up so the first
 /// preview does not wait for a fit) is what fitting it afresh gives.
 /// `UPDATE_DEMO_PREVIEW=1` rewrites the file from the fresh fit.
@@ -199,7 +242,14 @@ fn shipped_preview_map_is_the_fitted_one() {
         .chain(shipped.bias.iter().zip(fresh.bias.iter()))
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(worst < 1e-3, "shipped map differs from a fresh fit by {worst}");
+    assert!(
+        worst < 1e-3,
+        "shipped map differs from a fresh fit by {worst}"
+    );
     assert!((shipped.r2 - fresh.r2).abs() < 1e-3);
-    assert!(shipped.r2 > 0.5, "the map explains little: R² {}", shipped.r2);
+    assert!(
+        shipped.r2 > 0.5,
+        "the map explains little: R² {}",
+        shipped.r2
+    );
 }

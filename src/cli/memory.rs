@@ -9,9 +9,8 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::memory::{self, parse_budget};
-use crate::engine::{load, DTypeChoice, Precision};
+use crate::engine::{load, DTypeChoice};
 use crate::model::flux::Fp8Groups;
-use crate::pipeline::LoadOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct MemoryArgs {
@@ -42,15 +41,11 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
         _ => candle_core::DType::BF16,
     };
     let w = load::workload(&resolved, dtype, Some((a.width, a.height)), true)?;
-    let asked = LoadOptions {
-        fp8: match choice.precision {
-            Precision::Fp8 => Fp8Groups::ALL,
-            Precision::Native => Fp8Groups::NONE,
-        },
-        ..Default::default()
-    };
+    let asked = choice.precision.load_options();
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let whole = memory::estimate(&w, &asked);
+    // What the bf16 copies of the FP8 products would add (the products' weights in the dtype).
+    let copies_bytes = (w.transformer.held(0..w.transformer.blocks.len()).products * w.dtype_bytes) as f64;
     let mut rows = Vec::new();
     if !a.json {
         for r in &resolved.reasons {
@@ -69,6 +64,9 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
         );
         for n in &w.notes {
             println!("note: {n}");
+        }
+        if let Some(line) = fp8_copies_line(&asked, gib(copies_bytes)) {
+            println!("{line}");
         }
     }
     for &b in &a.budgets {
@@ -138,6 +136,11 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
                 "width": a.width,
                 "height": a.height,
                 "fp8_products": !a.no_fp8,
+                "fp8_bf16_copies": match (asked.fp8 == Fp8Groups::NONE, asked.lean) {
+                    (true, _) => serde_json::Value::Null,
+                    (false, true) => "dropped".into(),
+                    (false, false) => "kept".into(),
+                },
                 "as_asked_peak_gib": gib(whole.peak()),
                 "budgets": rows,
             }))?
@@ -153,4 +156,23 @@ fn reason(e: &crate::error::Error) -> String {
         crate::error::Error::InvalidSetting { reason, .. } => reason.clone(),
         other => other.to_string(),
     }
+}
+
+/// What an FP8 run does with the bf16 copies of its products' weights (none without FP8).
+fn fp8_copies_line(asked: &crate::pipeline::LoadOptions, copies_gib: f64) -> Option<String> {
+    if asked.fp8 == Fp8Groups::NONE {
+        return None;
+    }
+    Some(if asked.lean {
+        format!(
+            "  FP8: the blocks' product weights are held in E4M3 alone on GPUs with FP8 products \
+             (their bf16 copies, {copies_gib:.1} GiB, are dropped; no feature needs them; \
+             PARALLAX_FP8_KEEP_BF16=1 keeps them)"
+        )
+    } else {
+        format!(
+            "  FP8: the bf16 copies of the blocks' product weights are kept \
+             (PARALLAX_FP8_KEEP_BF16: {copies_gib:.1} GiB more, dropped first under a budget)"
+        )
+    })
 }

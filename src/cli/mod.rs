@@ -33,6 +33,7 @@ mod random_lora;
 mod score;
 mod selfcheck;
 mod worker_job;
+mod write_checkpoint;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -140,10 +141,13 @@ pub enum DevCommand {
     /// A LoRA file with random weights for a FLUX.1 size (rank as asked, on the blocks'
     /// products): what LoRA overhead is timed with.
     RandomLora(random_lora::RandomLoraArgs),
+    /// A FLUX.1 transformer of real size with random weights written in Black Forest Labs'
+    /// single-file layout, bf16 or FP8, tensor by tensor (for timing a cold start from disk).
+    WriteCheckpoint(write_checkpoint::WriteCheckpointArgs),
 }
 
 /// The instruments' names, as `parallax dev` lists them.
-const DEV_COMMANDS: [&str; 13] = [
+const DEV_COMMANDS: [&str; 14] = [
     "selfcheck",
     "profile",
     "bench-vae",
@@ -157,6 +161,7 @@ const DEV_COMMANDS: [&str; 13] = [
     "gguf-error",
     "bench-klein",
     "random-lora",
+    "write-checkpoint",
 ];
 
 /// The command line with an instrument's old top-level spelling (`parallax score ...`) routed to
@@ -316,7 +321,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "demo")]
     pub model: String,
     /// Folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (defaults to the
-    /// model's folder).
+    /// model's folder). `random` beside a transformer file: random text encoders and
+    /// autoencoder made on the device (for timing a transformer read from disk; images are noise).
     #[arg(long)]
     pub text_encoders: Option<PathBuf>,
     /// The autoencoder, anywhere: `ae.safetensors` or a diffusers `vae/` folder (default: beside
@@ -675,6 +681,7 @@ fn dev(c: DevCommand) -> anyhow::Result<()> {
         DevCommand::GgufError(a) => gguf::error(a),
         DevCommand::BenchKlein(a) => bench_klein::run(a),
         DevCommand::RandomLora(a) => random_lora::run(a),
+        DevCommand::WriteCheckpoint(a) => write_checkpoint::run(a),
         DevCommand::Selfcheck(a) => crate::cli::selfcheck::run(&a.device),
         DevCommand::Profile(a) => crate::cli::profile::run(&a.device, a.width),
     }
@@ -1241,11 +1248,24 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             *gpu_peak = Some(gpu_peak.map_or(used, |p| p.max(used)));
         }
     };
+    // The first image's timings (a cold start: kernels compiled and tuned on first use).
+    let mut first: Option<serde_json::Value> = None;
+    let mut note_first = |g: &crate::pipeline::Generated| {
+        if first.is_none() {
+            first = Some(serde_json::json!({
+                "text_encode_ms": g.timings.text_ms,
+                "first_step_ms": g.timings.steps_ms.first(),
+                "image_ms": g.timings.total_ms,
+                "from_load_start_ms": load_start.elapsed().as_secs_f64() * 1e3,
+            }));
+        }
+    };
     for _ in 0..a.warmup {
-        p.generate(&req, &mut |_| {
+        let g = p.generate(&req, &mut |_| {
             sample(&mut gpu_peak);
             Ok(())
         })?;
+        note_first(&g);
         bar.inc(1);
     }
     let mut totals = Vec::new();
@@ -1259,6 +1279,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             sample(&mut gpu_peak);
             Ok(())
         })?;
+        note_first(&g);
         totals.push(g.timings.total_ms);
         all_steps.extend(g.timings.steps_ms.iter().copied());
         all_queued.extend(g.timings.steps_queued_ms.iter().copied());
@@ -1322,9 +1343,30 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "vae_decode_ms_median": median(&vae),
         "cache_steps": { "computed": stats.computed, "reused": stats.reused, "pattern": step_pattern(&stats.steps) },
         "peak_rss_mib": peak_rss_mib(),
+        "cold_start": cold_start_json(load_ms, first),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Where loading went (the phases summed by [`crate::model::load_clock`]) and the first image's
+/// timings, for `bench`'s JSON.
+fn cold_start_json(load_ms: f64, first: Option<serde_json::Value>) -> serde_json::Value {
+    let (phases, bytes) = crate::model::load_clock::snapshot();
+    let read_ms = phases
+        .iter()
+        .find(|(p, _)| *p == crate::model::load_clock::LoadPhase::Read)
+        .map_or(0.0, |(_, ms)| *ms);
+    serde_json::json!({
+        "load_ms": load_ms,
+        "load_phases_ms": phases
+            .iter()
+            .map(|(p, ms)| (p.name(), *ms))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        "bytes_read": bytes,
+        "read_gb_per_s": if read_ms > 0.0 { bytes as f64 / 1e6 / read_ms } else { 0.0 },
+        "first_image": first,
+    })
 }
 
 fn compare(a: CompareArgs) -> anyhow::Result<()> {

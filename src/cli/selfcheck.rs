@@ -589,6 +589,7 @@ fn fp8_checks(
         )?,
         1e-3,
     );
+    ln_fp8_checks(dev, report, &decoded)?;
     // The weight-only pieces a memory budget uses: the dequantised matrix, and the modulations'
     // matrix-vector product (FLUX.1's double-block modulation: 3072 -> 18432).
     let w = rnd(&[18432, 3072], 1.0 / 3072f64.sqrt())?;
@@ -643,6 +644,55 @@ fn fp8_checks(
                 &Tensor::cat(&[&cpu32(&a)?, &linear(&x32, &w32, Some(&bias32), true)?], 2)?,
             )?,
             1e-2,
+        );
+    }
+    Ok(())
+}
+
+/// The modulated LayerNorm writing its rows in E4M3 in the same pass (`ln_fp8.cu`) against the
+/// norm then the quantiser (two kernels), and against the CPU reference.
+#[cfg(feature = "cuda")]
+fn ln_fp8_checks(
+    dev: &Device,
+    report: &mut Report,
+    decoded: &dyn Fn(&crate::kernels::fp8_gemm::Fp8Matrix) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<()> {
+    use crate::kernels::elementwise::ln_modulate;
+    use crate::kernels::fp8_gemm::quantize_rows;
+    use crate::kernels::ln_fp8::{ln_modulate_fp8, reference};
+    for &(b, l, c) in &[(1usize, 1024usize, 3072usize), (2, 77, 3072), (1, 33, 128)] {
+        let x = bf16_randn(&[b, l, c], 2.0, dev)?;
+        let shift = bf16_randn(&[b, 1, c], 0.5, dev)?;
+        let scale = bf16_randn(&[b, 1, c], 0.5, dev)?;
+        let Some((Some(y), q)) = ln_modulate_fp8(&x, &shift, &scale, true)? else {
+            bail!("the fused norm + FP8 kernel refused {b}x{l}x{c} bf16");
+        };
+        let y_two = ln_modulate(&x, &shift, &scale)?;
+        let name = |what: &str| format!("ln_modulate + fp8 rows {b}x{l}x{c}: {what}");
+        report.check(name("bf16 rows vs ln_modulate"), rel_err(&y, &y_two)?, 1e-3);
+        let two = decoded(&quantize_rows(&y_two, false)?)?;
+        report.check(
+            name("E4M3 vs norm, then quantise"),
+            rel_err(&decoded(&q)?, &two)?,
+            1e-3,
+        );
+        let cpu = reference(
+            &cpu32(&x)?.to_dtype(DType::BF16)?,
+            &cpu32(&shift)?.to_dtype(DType::BF16)?,
+            &cpu32(&scale)?.to_dtype(DType::BF16)?,
+        )?;
+        report.check(
+            name("E4M3 vs CPU reference"),
+            rel_err(&decoded(&q)?, &cpu.decoded()?)?,
+            1e-2,
+        );
+        let Some((None, q2)) = ln_modulate_fp8(&x, &shift, &scale, false)? else {
+            bail!("the fused norm + FP8 kernel wrote bf16 rows it was not asked for");
+        };
+        report.check(
+            name("without the bf16 rows"),
+            rel_err(&decoded(&q2)?, &decoded(&q)?)?,
+            0.0,
         );
     }
     Ok(())

@@ -65,6 +65,37 @@ pub enum Precision {
     Fp8,
 }
 
+impl Precision {
+    /// The load options this precision asks for, before any memory budget: under FP8 the
+    /// transformer keeps its E4M3 weights alone wherever the GPU multiplies FP8 ([`LoadOptions::lean`],
+    /// the default since issue 30), unless [`keep_bf16_copies`] asks otherwise. No feature of a
+    /// generation needs the copies: LoRAs (beside or merged) run their low-rank path beside an FP8
+    /// product in the run's dtype; a product the FP8 kernels do not take dequantises the E4M3
+    /// weight for that call ([`crate::model::flux::Flux`]'s `Lin::weight`); PipeFusion stages and
+    /// the sequence-parallel splits run the same products on their share; the CPU and GPUs
+    /// without FP8 products simulate FP8 with the rounded weights, which they keep (no GPU copy
+    /// stands for them, so nothing is dropped there). `parallax dev fp8-error` converts a bf16
+    /// model after loading and keeps its originals to compare against.
+    pub fn load_options(self) -> LoadOptions {
+        match self {
+            Precision::Native => LoadOptions::default(),
+            Precision::Fp8 => LoadOptions {
+                fp8: Fp8Groups::ALL,
+                lean: !keep_bf16_copies(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Whether an FP8 run keeps the bf16 copies of its weights beside the E4M3 ones
+/// (`PARALLAX_FP8_KEEP_BF16=1`: the behaviour before issue 30, twice the products' memory; for
+/// measuring, or where many products fall back to the unrounded path and the per-call
+/// dequantisation would cost more than the memory).
+pub fn keep_bf16_copies() -> bool {
+    std::env::var_os("PARALLAX_FP8_KEEP_BF16").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
 impl ModelChoice {
     pub fn named(model: impl Into<String>) -> Self {
         Self {
@@ -197,12 +228,8 @@ pub fn load_pipeline_blocks(
         tracing::warn!("the demo model always runs in f32");
     }
     let asked = LoadOptions {
-        fp8: match choice.precision {
-            Precision::Fp8 => Fp8Groups::ALL,
-            Precision::Native => Fp8Groups::NONE,
-        },
         blocks,
-        ..Default::default()
+        ..choice.precision.load_options()
     };
     let opts = match choice.memory_budget_mib {
         None => asked,
@@ -375,5 +402,45 @@ pub fn model_config(resolved: &Resolved) -> Result<FluxConfig> {
             }
             l => layout::infer_flux_config(&SafetensorsSet::open(&f.transformer)?, l),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layout::Variant;
+
+    /// `--precision fp8` drops the bf16 copies by default: a budget never needs to, and the
+    /// transformer is under half the size of one that keeps them.
+    #[test]
+    fn fp8_asks_for_the_lean_transformer() {
+        let resolved = Resolved {
+            spec: ModelSpec::Random(Variant::Dev),
+            reasons: vec![],
+        };
+        let w = workload(&resolved, DType::BF16, None, true).expect("workload");
+        let gib = (1u64 << 30) as f64;
+        let asked = Precision::Fp8.load_options();
+        if keep_bf16_copies() {
+            assert!(!asked.lean);
+            return;
+        }
+        assert!(asked.lean && asked.fp8 == Fp8Groups::ALL);
+        let p = memory::plan(&w, 36.0 * gib, asked, true).expect("36 GiB");
+        assert!(
+            !p.measures
+                .contains(&"FP8 weights without their bf16 copies"),
+            "{p}"
+        );
+        let kept = LoadOptions {
+            lean: false,
+            ..asked
+        };
+        let (lean, kept) = (memory::estimate(&w, &asked), memory::estimate(&w, &kept));
+        assert!(
+            lean.transformer < kept.transformer / 2.0,
+            "{lean:?} {kept:?}"
+        );
+        assert_eq!(Precision::Native.load_options(), LoadOptions::default());
     }
 }

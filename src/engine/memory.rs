@@ -12,8 +12,10 @@
 //! wider fused projection. The measures, in the order they are taken (least cost to the image
 //! first):
 //!
-//! 1. **FP8 without the bf16 copies** when `--precision fp8` was asked: the E4M3 weights stand
-//!    alone (no cost beyond FP8's own).
+//! 1. **FP8 without the bf16 copies** when `--precision fp8` was asked with the copies kept
+//!    (`PARALLAX_FP8_KEEP_BF16=1`; since issue 30 FP8 drops them by default:
+//!    [`crate::engine::Precision::load_options`]): the E4M3 weights stand alone (no cost
+//!    beyond FP8's own).
 //! 2. **The large text encoder on demand** (FLUX.1's T5-XXL, 9.5 GB in bf16; klein's Qwen3):
 //!    built for each prompt and freed after it. No cost to the image; each prompt reads its
 //!    weights again (seconds, from the page cache).

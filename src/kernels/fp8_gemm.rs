@@ -29,7 +29,9 @@ pub fn per_tensor_weights() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::{dequantize, gemv, linear_cat, quantize_rows, supported, Fp8Matrix, GEMV_MAX_ROWS};
+pub use cuda::{
+    dequantize, gemv, linear_cat, linear_cat_q, quantize_rows, supported, Fp8Matrix, GEMV_MAX_ROWS,
+};
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -317,13 +319,27 @@ mod cuda {
         gelu: bool,
     ) -> Result<Tensor> {
         let xq = quantize_rows(x, false)?;
-        match product(a, x, &xq, w, bias, gelu) {
+        linear_cat_q(a, &xq, x.dims(), w, bias, gelu)
+    }
+
+    /// [`linear_cat`] for an input already in E4M3 (`xq`, one row per token, its tensor's shape
+    /// `dims`): written so by the kernel that made it ([`crate::kernels::ln_fp8`]), so no
+    /// quantisation runs here.
+    pub fn linear_cat_q(
+        a: Option<&Tensor>,
+        xq: &Fp8Matrix,
+        dims: &[usize],
+        w: &Fp8Matrix,
+        bias: Option<&Tensor>,
+        gelu: bool,
+    ) -> Result<Tensor> {
+        match product(a, dims, xq, w, bias, gelu) {
             Err(e) if bias.is_some() || gelu => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
                 ONCE.call_once(|| {
                     tracing::warn!("FP8 product with its epilogue failed ({e}); adding bias/GELU in a separate pass")
                 });
-                let y = product(None, x, &xq, w, None, false)?;
+                let y = product(None, dims, xq, w, None, false)?;
                 let y = match bias {
                     Some(b) => {
                         crate::kernels::elementwise::bias_act(&y, &b.to_dtype(DType::BF16)?, gelu)?
@@ -341,23 +357,23 @@ mod cuda {
 
     fn product(
         a: Option<&Tensor>,
-        x: &Tensor,
+        dims: &[usize],
         xq: &Fp8Matrix,
         w: &Fp8Matrix,
         bias: Option<&Tensor>,
         gelu: bool,
     ) -> Result<Tensor> {
-        let dev = device(x)?;
+        let dev = xq.dev.clone();
         let (n, k) = (w.rows, w.k);
-        if x.dim(D::Minus1)? != k || n % 16 != 0 {
-            candle_core::bail!("FP8 product: shapes {:?} x ({n}, {k})", x.dims());
+        if dims.last() != Some(&k) || xq.k != k || n % 16 != 0 {
+            candle_core::bail!("FP8 product: shapes {dims:?} x ({n}, {k})");
         }
         let col0 = a.map_or(Ok(0), |a| a.dim(D::Minus1))?;
         let ld = col0 + n;
         if ld % 8 != 0 {
             candle_core::bail!("FP8 product: output rows of {ld} values are not 16-byte aligned");
         }
-        let mut dims = x.dims().to_vec();
+        let mut dims = dims.to_vec();
         if let Some(last) = dims.last_mut() {
             *last = ld;
         }

@@ -13,6 +13,7 @@ pub mod flash_attn;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod gemm;
+pub mod ln_fp8;
 pub mod nvrtc;
 pub mod qkv_prep;
 pub mod reference;

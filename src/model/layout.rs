@@ -104,6 +104,18 @@ pub struct ModelFiles {
     pub demo: bool,
 }
 
+/// `--text-encoders random` beside a transformer file: the text encoders and the autoencoder are
+/// made with random weights on the device, as `random:dev`'s are (for timing a transformer read
+/// from disk without the other parts' files: [`ModelFiles::random_parts`]).
+pub const RANDOM_PARTS: &str = "random";
+
+impl ModelFiles {
+    /// Whether the text encoders and the autoencoder are random ([`RANDOM_PARTS`]).
+    pub fn random_parts(&self) -> bool {
+        self.vae.as_os_str() == RANDOM_PARTS
+    }
+}
+
 /// What the user asked for, resolved.
 #[derive(Debug, Clone)]
 pub enum ModelSpec {
@@ -470,6 +482,22 @@ fn resolve_file(file: &Path, parts: &PartPaths, reasons: &mut Vec<String>) -> Re
         "{}: transformer tensors in {layout:?} layout",
         file.display()
     ));
+    if parts.text_encoders.as_deref() == Some(Path::new(RANDOM_PARTS)) {
+        reasons.push(
+            "--text-encoders random: text encoders and autoencoder with random weights made on \
+             the device (as random:dev's; the images are noise, labelled DEMO)"
+                .into(),
+        );
+        let random = PathBuf::from(RANDOM_PARTS);
+        return Ok(ModelFiles {
+            transformer: file.to_path_buf(),
+            transformer_layout: layout,
+            vae: random.clone(),
+            vae_layout: VaeLayout::Bfl,
+            text: TextEncoderPaths::diffusers(&random),
+            demo: false,
+        });
+    }
     let dir = file.parent().unwrap_or(Path::new("."));
     let models = comfyui::models_dir_of(file);
     let comfy_vae = models.as_deref().and_then(comfyui::vae);

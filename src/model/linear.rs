@@ -29,8 +29,10 @@ pub(crate) enum Fp8Mode {
 /// `candle_nn::Linear`.
 #[derive(Debug, Clone)]
 pub(crate) struct Lin {
-    /// The weight in the run's dtype; `None` once dropped under a memory budget ([`Lin::lean`]),
-    /// when the GPU's E4M3 copy stands for it.
+    /// The weight in the run's dtype; `None` once dropped ([`Lin::lean`]: the default of an FP8
+    /// run since issue 30, see `crate::engine::Precision::load_options`), when the GPU's E4M3
+    /// copy stands for it. Where FP8 is simulated it holds the rounded weight the simulation
+    /// multiplies by (never the original).
     pub(crate) weight: Option<Tensor>,
     pub(crate) bias: Option<Tensor>,
     /// FP8 use. Simulated (where no GPU copy exists): the weight was rounded per output channel
@@ -116,6 +118,17 @@ impl Lin {
         self
     }
 
+    /// Whether this layer holds its weight in the run's dtype beside an E4M3 copy on the GPU
+    /// (the copy an FP8 run drops unless asked to keep it).
+    pub(crate) fn holds_copy(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.fp8_gpu.is_some() && self.weight.is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
     /// Bytes this layer's weights hold on their device (the run's dtype and any E4M3 copy).
     pub(crate) fn weight_bytes(&self) -> usize {
         let kept = self
@@ -147,7 +160,15 @@ impl Lin {
         if !f::enabled() || !f::supported(dev) || weight.dtype() != DType::BF16 {
             return None;
         }
-        match f::quantize_rows(weight, f::per_tensor_weights()) {
+        let start = std::time::Instant::now();
+        // Waited for, so that the load's timing tells the quantisation apart from the next copy.
+        let q = f::quantize_rows(weight, f::per_tensor_weights())
+            .and_then(|m| weight.device().synchronize().map(|_| m));
+        crate::model::load_clock::add(
+            crate::model::load_clock::LoadPhase::Fp8Quantise,
+            start.elapsed(),
+        );
+        match q {
             Ok(m) => Some(std::sync::Arc::new(m)),
             Err(e) => {
                 tracing::warn!("FP8 weight quantisation failed ({e}); simulating FP8 rounding");
@@ -284,6 +305,60 @@ impl Lin {
         )
     }
 
+    /// Whether this layer takes its input in E4M3 rows ([`Normed::Fp8`]): FP8 products on the
+    /// GPU and no LoRA path (which reads the bf16 rows).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn takes_fp8_rows(&self) -> bool {
+        self.fp8 == Fp8Mode::Products && self.fp8_gpu.is_some() && self.lora.is_none()
+    }
+
+    /// [`Lin::apply`] on a norm's output.
+    pub(crate) fn apply_normed(&self, x: &Normed, gelu: bool) -> Result<Tensor> {
+        match x {
+            Normed::Rows(x) => self.apply(x, gelu),
+            #[cfg(feature = "cuda")]
+            Normed::Fp8 { q, dims } => self.apply_fp8_rows(None, q, dims, gelu),
+        }
+    }
+
+    /// [`Lin::apply_beside`] on a norm's output.
+    pub(crate) fn apply_beside_normed(&self, a: &Tensor, x: &Normed, gelu: bool) -> Result<Tensor> {
+        match x {
+            Normed::Rows(x) => self.apply_beside(a, x, gelu),
+            #[cfg(feature = "cuda")]
+            Normed::Fp8 { q, dims } => self.apply_fp8_rows(Some(a), q, dims, gelu),
+        }
+    }
+
+    /// The FP8 product on rows already in E4M3; where it fails, the rows decoded (the input
+    /// FP8 rounded, as the simulation sees it) through the plain path.
+    #[cfg(feature = "cuda")]
+    fn apply_fp8_rows(
+        &self,
+        a: Option<&Tensor>,
+        q: &crate::kernels::fp8_gemm::Fp8Matrix,
+        dims: &[usize],
+        gelu: bool,
+    ) -> Result<Tensor> {
+        use crate::kernels::fp8_gemm as f;
+        if let (Some(w), true) = (&self.fp8_gpu, self.takes_fp8_rows()) {
+            match f::linear_cat_q(a, q, dims, w, self.bias.as_ref(), gelu) {
+                Ok(y) => return Ok(y),
+                Err(e) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        tracing::warn!("FP8 product on quantised rows failed ({e}); decoding them")
+                    });
+                }
+            }
+        }
+        let x = f::dequantize(q)?.reshape(dims)?;
+        match a {
+            Some(a) => self.apply_beside(a, &x, gelu),
+            None => self.apply(&x, gelu),
+        }
+    }
+
     /// `[a, self.apply(x, gelu)]` along the last axis, the product written in place beside `a`.
     pub(crate) fn apply_beside(&self, a: &Tensor, x: &Tensor, gelu: bool) -> Result<Tensor> {
         if self.lora.is_some() {
@@ -302,6 +377,61 @@ impl Lin {
             self.bias.as_ref(),
             gelu,
         )
+    }
+}
+
+/// A product's input as the modulated LayerNorm made it: bf16 rows, or, where every layer that
+/// reads it runs FP8 products on the GPU, the rows already in E4M3 with their per-token scales,
+/// written by the norm's own kernel ([`crate::kernels::ln_fp8`]) so that no product quantises
+/// them again and no bf16 rows are written at all.
+pub(crate) enum Normed {
+    Rows(Tensor),
+    #[cfg(feature = "cuda")]
+    Fp8 {
+        q: Box<crate::kernels::fp8_gemm::Fp8Matrix>,
+        /// The shape of the rows' tensor (B, L, C).
+        dims: Vec<usize>,
+    },
+}
+
+impl Normed {
+    /// `LayerNorm(x) · (1 + scale) + shift` for the layers `readers`: in E4M3 where each of them
+    /// would quantise it for an FP8 product anyway (and the fused kernel takes the shapes), in
+    /// the run's dtype otherwise.
+    pub(crate) fn for_layers(
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        readers: &[&Lin],
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if crate::kernels::ln_fp8::enabled()
+            && !readers.is_empty()
+            && readers.iter().all(|l| l.takes_fp8_rows())
+        {
+            match crate::kernels::ln_fp8::ln_modulate_fp8(x, shift, scale, false) {
+                Ok(Some((_, q))) => {
+                    return Ok(Normed::Fp8 {
+                        q: Box::new(q),
+                        dims: x.dims().to_vec(),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        tracing::warn!(
+                            "the fused norm + FP8 quantisation failed ({e}); quantising each \
+                             product's input separately"
+                        )
+                    });
+                }
+            }
+        }
+        let _ = readers;
+        Ok(Normed::Rows(crate::kernels::elementwise::ln_modulate(
+            x, shift, scale,
+        )?))
     }
 }
 

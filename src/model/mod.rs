@@ -3,6 +3,7 @@
 //! the built-in demo model, and how a sequence-parallel group shards a step's tokens.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod comfyui;
 pub mod demo;
 pub mod demo_weights;
@@ -15,6 +16,7 @@ pub mod klein;
 pub mod klein_export;
 pub mod layout;
 pub mod linear;
+pub mod load_clock;
 pub mod lora;
 pub mod lowrank;
 pub mod qwen3;

@@ -65,6 +65,12 @@ impl SafetensorsSet {
     /// Open `path`: a `.safetensors` file, a `*.safetensors.index.json`, or a folder holding
     /// either (an index is preferred; otherwise every `*.safetensors` file in the folder).
     pub fn open(path: &Path) -> Result<Self> {
+        crate::model::load_clock::time(crate::model::load_clock::LoadPhase::OpenIndex, || {
+            Self::open_untimed(path)
+        })
+    }
+
+    fn open_untimed(path: &Path) -> Result<Self> {
         if path.is_dir() {
             let mut index = None;
             let mut files = Vec::new();
@@ -273,6 +279,8 @@ impl SafetensorsSet {
         if let Some(format) = fp8 {
             return self.load_fp8(name, format, dtype, device);
         }
+        use crate::model::load_clock::{time, LoadPhase};
+        let read = std::time::Instant::now();
         let src_dtype = match meta.dtype {
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
@@ -286,13 +294,15 @@ impl SafetensorsSet {
             }
         };
         let bytes = self.bytes(name, meta)?;
+        crate::model::load_clock::read_bytes(bytes.len());
         let t = Tensor::from_raw_buffer(bytes, src_dtype, &meta.shape, &Device::Cpu)?;
         let t = if src_dtype == dtype {
             t
         } else {
             t.to_dtype(dtype)?
         };
-        Ok(t.to_device(device)?)
+        crate::model::load_clock::add(LoadPhase::Read, read.elapsed());
+        Ok(time(LoadPhase::HostToDevice, || t.to_device(device))?)
     }
 }
 
@@ -327,7 +337,11 @@ impl SafetensorsSet {
             tensor: name.to_string(),
             location: self.label.clone(),
         })?;
-        let values = crate::kernels::fp8::decode_all(format, self.bytes(name, meta)?);
+        use crate::model::load_clock::{time, LoadPhase};
+        let read = std::time::Instant::now();
+        let bytes = self.bytes(name, meta)?;
+        crate::model::load_clock::read_bytes(bytes.len());
+        let values = crate::kernels::fp8::decode_all(format, bytes);
         let mut t = Tensor::from_vec(values, meta.shape.as_slice(), &Device::Cpu)?;
         if let Some(scale_name) = self.fp8_scale_name(name) {
             let scale = self.load(&scale_name, DType::F32, &Device::Cpu)?;
@@ -353,7 +367,9 @@ impl SafetensorsSet {
                 }
             };
         }
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
+        let t = t.to_dtype(dtype)?;
+        crate::model::load_clock::add(LoadPhase::Read, read.elapsed());
+        Ok(time(LoadPhase::HostToDevice, || t.to_device(device))?)
     }
 
     /// How many tensors a GGUF set holds in each GGML type (`Q8_0: 304, F32: 476`), for
@@ -362,7 +378,9 @@ impl SafetensorsSet {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for m in self.tensors.values() {
             if let Some(g) = m.gguf.as_deref() {
-                *counts.entry(crate::model::gguf::ggml_name(g.ggml)).or_default() += 1;
+                *counts
+                    .entry(crate::model::gguf::ggml_name(g.ggml))
+                    .or_default() += 1;
             }
         }
         if counts.is_empty() {

@@ -501,9 +501,6 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        use crate::model::demo_weights::RandomWeights;
-        use crate::model::text;
-        use crate::model::tokenizer::PromptTokenizer;
         if variant == Variant::Demo {
             return Self::tiny_random(device);
         }
@@ -512,44 +509,7 @@ impl Pipeline {
             _ => FluxConfig::dev(),
         };
         let flux = random_transformer(&cfg, dtype, device, opts)?;
-        let vae_dtype = autoencoder_dtype(dtype, device);
-        let vae = AutoEncoder::new(
-            &VaeConfig::flux(),
-            RandomWeights.var_builder(vae_dtype, device),
-        )?;
-        let vb = RandomWeights.var_builder(dtype, device);
-        let t5_tokenizer = PromptTokenizer::demo(variant.t5_max_len(), "t5")?;
-        let clip_tokenizer = PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?;
-        let text = match opts.t5 {
-            T5Residency::Resident => TextEncoders::new(
-                vb.clone(),
-                &text::t5_xxl_config(),
-                vb.pp("text_model"),
-                &text::clip_l_config(),
-                t5_tokenizer,
-                clip_tokenizer,
-            )?,
-            T5Residency::OnDemand => {
-                // Drawn again for each prompt from the same seed: the same T5 every time.
-                let dev = device.clone();
-                let build: crate::model::text::T5Builder = Arc::new(move || {
-                    dev.set_seed(0x5435_5435)?;
-                    candle_transformers::models::t5::T5EncoderModel::load(
-                        RandomWeights.var_builder(dtype, &dev),
-                        &text::t5_xxl_config(),
-                    )
-                    .px()
-                });
-                TextEncoders::with_t5_builder(
-                    build,
-                    (&text::t5_xxl_config(), dtype, device),
-                    vb.pp("text_model"),
-                    &text::clip_l_config(),
-                    t5_tokenizer,
-                    clip_tokenizer,
-                )?
-            }
-        };
+        let (vae, text) = random_parts(&cfg, variant, dtype, device, opts)?;
         Ok(Self::of_flux1(
             flux,
             vae,
@@ -716,14 +676,22 @@ impl Pipeline {
         if files.demo {
             variant = Variant::Demo;
         }
-        let vae = load_vae(files, dtype, device)?;
-        let text = TextEncoders::load_parts_with(
-            &files.text,
-            variant.t5_max_len(),
-            dtype,
-            device,
-            opts.t5,
-        )?;
+        use crate::model::load_clock::{time, LoadPhase};
+        let (vae, text) = if files.random_parts() {
+            random_parts(flux.config(), variant, dtype, device, opts)?
+        } else {
+            let vae = time(LoadPhase::Autoencoder, || load_vae(files, dtype, device))?;
+            let text = time(LoadPhase::TextEncoders, || {
+                TextEncoders::load_parts_with(
+                    &files.text,
+                    variant.t5_max_len(),
+                    dtype,
+                    device,
+                    opts.t5,
+                )
+            })?;
+            (vae, text)
+        };
         if text.t5_dim() != flux.config().context_in_dim
             || text.clip_dim() != flux.config().vec_in_dim
         {
@@ -738,7 +706,14 @@ impl Pipeline {
                 ),
             });
         }
-        Ok(Self::of_flux1(flux, vae, text, variant, label, files.demo))
+        Ok(Self::of_flux1(
+            flux,
+            vae,
+            text,
+            variant,
+            label,
+            files.demo || files.random_parts(),
+        ))
     }
 
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
@@ -1309,6 +1284,79 @@ pub fn describe_cache(stats: &CacheStats) -> String {
         "{} steps computed, {} reused from the cache",
         stats.computed, stats.reused
     )
+}
+
+/// The autoencoder and text encoders of [`Pipeline::random_with`] for `variant` (FLUX.1's sizes,
+/// random weights drawn on `device`, the demo byte tokenizers); also what a transformer file
+/// loaded with `--text-encoders random` gets ([`ModelFiles::random_parts`]). A transformer `cfg`
+/// that takes the demo's embedding widths gets the small made-up parts of `random:tiny`.
+fn random_parts(
+    cfg: &FluxConfig,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<(AutoEncoder, TextEncoders)> {
+    use crate::model::demo_weights::RandomWeights;
+    use crate::model::load_clock::{time, LoadPhase};
+    use crate::model::text;
+    use crate::model::tokenizer::PromptTokenizer;
+    if cfg.context_in_dim == text::DEMO_T5_DIM {
+        let seeds = DemoSeeds::BUILTIN;
+        let vae = time(LoadPhase::Autoencoder, || {
+            AutoEncoder::new(
+                &VaeConfig::tiny(),
+                DemoWeights::new(seeds.vae).var_builder(autoencoder_dtype(dtype, device), device),
+            )
+        })?;
+        let text = time(LoadPhase::TextEncoders, || {
+            TextEncoders::demo(seeds.text, device)
+        })?;
+        return Ok((vae, text));
+    }
+    let vae_dtype = autoencoder_dtype(dtype, device);
+    let vae = time(LoadPhase::Autoencoder, || {
+        AutoEncoder::new(
+            &VaeConfig::flux(),
+            RandomWeights.var_builder(vae_dtype, device),
+        )
+    })?;
+    let vb = RandomWeights.var_builder(dtype, device);
+    let t5_tokenizer = PromptTokenizer::demo(variant.t5_max_len(), "t5")?;
+    let clip_tokenizer = PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?;
+    let text = time(LoadPhase::TextEncoders, || -> Result<TextEncoders> {
+        Ok(match opts.t5 {
+            T5Residency::Resident => TextEncoders::new(
+                vb.clone(),
+                &text::t5_xxl_config(),
+                vb.pp("text_model"),
+                &text::clip_l_config(),
+                t5_tokenizer,
+                clip_tokenizer,
+            )?,
+            T5Residency::OnDemand => {
+                // Drawn again for each prompt from the same seed: the same T5 every time.
+                let dev = device.clone();
+                let build: crate::model::text::T5Builder = Arc::new(move || {
+                    dev.set_seed(0x5435_5435)?;
+                    candle_transformers::models::t5::T5EncoderModel::load(
+                        RandomWeights.var_builder(dtype, &dev),
+                        &text::t5_xxl_config(),
+                    )
+                    .px()
+                });
+                TextEncoders::with_t5_builder(
+                    build,
+                    (&text::t5_xxl_config(), dtype, device),
+                    vb.pp("text_model"),
+                    &text::clip_l_config(),
+                    t5_tokenizer,
+                    clip_tokenizer,
+                )?
+            }
+        })
+    })?;
+    Ok((vae, text))
 }
 
 /// A random model's transformer ([`Pipeline::random`]): drawn on `device` from a fixed seed, so

@@ -358,14 +358,7 @@ fn budget_answer(ctx: &egui::Context, model: &str, gib: u32, fp8: bool) -> Strin
         },
         ..ModelChoice::named(model)
     };
-    let asked = crate::pipeline::LoadOptions {
-        fp8: if fp8 {
-            crate::model::flux::Fp8Groups::ALL
-        } else {
-            crate::model::flux::Fp8Groups::NONE
-        },
-        ..Default::default()
-    };
+    let asked = choice.precision.load_options();
     let answer = choice
         .resolve_for_planning()
         .and_then(|r| load::workload(&r, candle_core::DType::BF16, None, true))

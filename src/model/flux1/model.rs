@@ -17,7 +17,7 @@ use super::config::FluxConfig;
 use crate::kernels::elementwise::{gated_residual, ln_modulate};
 use crate::kernels::qkv_prep::{qkv_prep, QkvStream};
 use crate::model::attention::{Attention, LocalAttention};
-use crate::model::linear::{convert, Fp8Groups, Fp8Mode, Lin};
+use crate::model::linear::{convert, Fp8Groups, Fp8Mode, Lin, Normed};
 use crate::model::lowrank::{AdaptedLinear, LowRankSource};
 pub use crate::model::step::{apply_rope, BlockCtx, PosEmbed, StepInput, Streams};
 
@@ -92,6 +92,12 @@ impl ModulationOut {
     /// LayerNorm(x) * (1 + scale) + shift
     pub fn norm_modulate(&self, x: &Tensor) -> Result<Tensor> {
         ln_modulate(x, &self.shift, &self.scale)
+    }
+
+    /// [`ModulationOut::norm_modulate`] for the layers `readers`, in E4M3 where they all run FP8
+    /// products on the GPU (the norm's kernel quantises its rows: [`Normed::for_layers`]).
+    pub(crate) fn norm_for(&self, x: &Tensor, readers: &[&Lin]) -> Result<Normed> {
+        Normed::for_layers(x, &self.shift, &self.scale, readers)
     }
 
     /// x + gate * u
@@ -189,9 +195,10 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.apply(x, true)?)
+impl Mlp {
+    /// fc2(GELU(fc1(x))) on the norm's output.
+    fn forward_normed(&self, x: &Normed) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.apply_normed(x, true)?)
     }
 }
 
@@ -247,8 +254,9 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let img_m = self.img_mod.forward(&ctx.vec)?;
         let txt_m = self.txt_mod.forward(&ctx.vec)?;
-        let img_qkv = self.img_attn.qkv.forward(&img_m[0].norm_modulate(img)?)?;
-        let txt_qkv = self.txt_attn.qkv.forward(&txt_m[0].norm_modulate(txt)?)?;
+        let (img_qkv, txt_qkv) = (&self.img_attn.qkv, &self.txt_attn.qkv);
+        let img_qkv = img_qkv.apply_normed(&img_m[0].norm_for(img, &[img_qkv])?, false)?;
+        let txt_qkv = txt_qkv.apply_normed(&txt_m[0].norm_for(txt, &[txt_qkv])?, false)?;
         let (q, k, v) = qkv_prep(
             &[
                 self.txt_attn.norm.stream(&txt_qkv),
@@ -263,11 +271,15 @@ impl DoubleBlock {
         let img_out = out.narrow(1, txt_len, out.dim(1)? - txt_len)?;
 
         let img = img_m[0].gated_add(img, &self.img_attn.proj.forward(&img_out)?)?;
-        let img_ff = self.img_mlp.forward(&img_m[1].norm_modulate(&img)?)?;
+        let img_ff = self
+            .img_mlp
+            .forward_normed(&img_m[1].norm_for(&img, &[&self.img_mlp.fc1])?)?;
         let img = img_m[1].gated_add(&img, &img_ff)?;
 
         let txt = txt_m[0].gated_add(txt, &self.txt_attn.proj.forward(&txt_out)?)?;
-        let txt_ff = self.txt_mlp.forward(&txt_m[1].norm_modulate(&txt)?)?;
+        let txt_ff = self
+            .txt_mlp
+            .forward_normed(&txt_m[1].norm_for(&txt, &[&self.txt_mlp.fc1])?)?;
         let txt = txt_m[1].gated_add(&txt, &txt_ff)?;
         Ok((img, txt))
     }
@@ -322,13 +334,15 @@ impl SingleBlock {
         layer: usize,
     ) -> Result<Tensor> {
         let m = &self.modulation.forward(&ctx.vec)?[0];
-        let xm = m.norm_modulate(x)?;
-        let qkv = self.linear1_qkv.forward(&xm)?;
+        // Both halves of linear1 read the norm's rows: quantised once, in the norm's pass, when
+        // both run FP8 products on the GPU.
+        let xm = m.norm_for(x, &[&self.linear1_qkv, &self.linear1_mlp])?;
+        let qkv = self.linear1_qkv.apply_normed(&xm, false)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
         let a = ctx.attend_merged(attn, layer, &q, &k, &v)?;
         // linear2's input: the attention output beside GELU(MLP half), which the product writes
         // straight into the joined buffer (bias and GELU in its epilogue).
-        let joined = self.linear1_mlp.apply_beside(&a, &xm, true)?;
+        let joined = self.linear1_mlp.apply_beside_normed(&a, &xm, true)?;
         let out = self.linear2.forward(&joined)?;
         m.gated_add(x, &out)
     }
@@ -627,6 +641,15 @@ impl Flux {
         false
     }
 
+    /// The block layers in FP8 that still hold their weight in the run's dtype beside the GPU's
+    /// E4M3 copy: none unless the run kept the copies (`PARALLAX_FP8_KEEP_BF16`, or a model
+    /// converted after loading by [`Flux::with_fp8_in`], which shares the originals with the
+    /// model it came from). The CPU's simulated FP8 holds only the rounded weights it multiplies
+    /// by.
+    pub fn fp8_copies_kept(&self) -> usize {
+        self.block_linears().filter(|l| l.holds_copy()).count()
+    }
+
     /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share; the
     /// others are dropped from this replica, and running them is an error).
     pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
@@ -827,25 +850,77 @@ mod tests {
         Ok(())
     }
 
+    /// Random inputs of one step of a tiny model: 16 image tokens (a 4x4 grid), 5 text tokens.
+    struct TinyStep {
+        img: Tensor,
+        txt: Tensor,
+        y: Tensor,
+        t: Tensor,
+        g: Tensor,
+        pe: PosEmbed,
+    }
+
+    impl TinyStep {
+        fn new(m: &Flux) -> Result<Self> {
+            let (cfg, dev) = (m.config(), &Device::Cpu);
+            Ok(Self {
+                img: Tensor::randn(0f32, 1.0, (1, 16, 64), dev)?,
+                txt: Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), dev)?,
+                y: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), dev)?,
+                t: Tensor::new(&[0.7f32], dev)?,
+                g: Tensor::new(&[3.5f32], dev)?,
+                pe: m.pos_embed(5, 4, 4)?,
+            })
+        }
+
+        fn input(&self) -> FluxInput<'_> {
+            FluxInput {
+                img: &self.img,
+                txt: &self.txt,
+                y: &self.y,
+                timesteps: &self.t,
+                guidance: Some(&self.g),
+                pe: &self.pe,
+            }
+        }
+    }
+
+    #[test]
+    fn lean_fp8_keeps_only_the_rounded_weights_and_the_same_velocity() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = FluxConfig::tiny();
+        let vb = || DemoWeights::new(3).var_builder(DType::F32, &dev);
+        let lean = Flux::new_fp8(&cfg, vb(), Fp8Groups::ALL, true)?;
+        let kept = Flux::new_fp8(&cfg, vb(), Fp8Groups::ALL, false)?;
+        assert_eq!(lean.fp8_copies_kept(), 0);
+        // Every product layer holds one weight, already rounded to E4M3 per output channel: the
+        // simulation's, not the original beside it.
+        let mut products = 0;
+        for l in lean.block_linears().filter(|l| l.fp8 == Fp8Mode::Products) {
+            let w = l.weight()?;
+            let r = crate::kernels::fp8::round_rows(&w)?;
+            assert_eq!((w.as_ref() - r)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            products += 1;
+        }
+        assert_eq!(products, 8 * cfg.depth + 3 * cfg.depth_single_blocks);
+        assert_eq!(lean.weight_bytes(), kept.weight_bytes());
+        let step = TinyStep::new(&lean)?;
+        let input = step.input();
+        let d = (lean.forward(&input)? - kept.forward(&input)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    }
+
     #[test]
     fn blocks_in_pieces_equal_forward() -> Result<()> {
         let dev = Device::Cpu;
         let cfg = FluxConfig::tiny();
         let m = Flux::new(&cfg, DemoWeights::new(3).var_builder(DType::F32, &dev))?;
-        let img = Tensor::randn(0f32, 1.0, (1, 16, 64), &dev)?;
-        let txt = Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
-        let t = Tensor::new(&[0.7f32], &dev)?;
-        let g = Tensor::new(&[3.5f32], &dev)?;
-        let pe = m.pos_embed(5, 4, 4)?;
-        let input = FluxInput {
-            img: &img,
-            txt: &txt,
-            y: &y,
-            timesteps: &t,
-            guidance: Some(&g),
-            pe: &pe,
-        };
+        let step = TinyStep::new(&m)?;
+        let input = step.input();
         let full = m.forward(&input)?;
         assert_eq!(full.dims(), &[1, 16, 64]);
         let (s, ctx) = m.embed(&input)?;

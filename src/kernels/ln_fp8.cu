@@ -1,0 +1,113 @@
+// LayerNorm + adaLN modulation whose output rows are quantised to E4M3 in the same pass, for a
+// FLUX block's FP8 products (qkv, linear1, the MLP's first layer). Compiled after fp8_quant.cu
+// (its Q4/Q2 words and f32x2_to_e4m3x2).
+//
+// Row by row it computes what parallax_ln_modulate_bf16 computes (y = LN(x) * (1 + scale[b]) +
+// shift[b], LN without affine parameters, eps 1e-6, f32 arithmetic, y rounded to bf16) and then
+// what parallax_fp8_quant_rows_bf16 does to those bf16 values: the row's largest magnitude m,
+// its scale m / 448 (1 for a row of zeros or a non-finite maximum) in qscale[row], and every value
+// divided by it and converted with the hardware's round-to-nearest-even, saturating conversion.
+// The bf16 rows are written to `y` only when `y` is not null (nothing else reads them when every
+// consumer is an FP8 product). One block per row, C/8 threads (eight values each); C a multiple
+// of 16.
+
+extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* __restrict__ x,
+                                                         const unsigned short* __restrict__ shift,
+                                                         const unsigned short* __restrict__ scale,
+                                                         unsigned short* __restrict__ y,
+                                                         unsigned char* __restrict__ q,
+                                                         float* __restrict__ qscale, int L, int C) {
+    __shared__ float red[32];
+    const u64 row = blockIdx.x;
+    const u64 b = row / L;
+    const int col = threadIdx.x * 8;
+    const bool active = col < C;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    float v[8];
+    float s = 0.f;
+    if (active) {
+        const Q4 w = *(const Q4*)(x + row * C + col);
+        const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[2 * i] = bf2f(ws[i] & 0xffff);
+            v[2 * i + 1] = bf2f(ws[i] >> 16);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += v[j];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    float tot = 0.f;
+    for (int w = 0; w < nw; ++w) tot += red[w];
+    const float mean = tot / C;
+    __syncthreads();
+    float sq = 0.f;
+    if (active) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float d = v[j] - mean;
+            sq += d * d;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+    if (lane == 0) red[warp] = sq;
+    __syncthreads();
+    float var = 0.f;
+    for (int w = 0; w < nw; ++w) var += red[w];
+    const float rstd = rsqrtf(var / C + 1e-6f);
+    __syncthreads();
+    // The modulated values rounded to bf16 (what the unfused norm writes), and their largest
+    // magnitude.
+    float m = 0.f;
+    if (active) {
+        const Q4 hw = *(const Q4*)(shift + b * C + col);
+        const Q4 cw = *(const Q4*)(scale + b * C + col);
+        const unsigned hs[4] = {hw.x, hw.y, hw.z, hw.w};
+        const unsigned cs[4] = {cw.x, cw.y, cw.z, cw.w};
+        unsigned out[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            unsigned short o2[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = 2 * i + h;
+                const float sh = bf2f(h ? (hs[i] >> 16) : (hs[i] & 0xffff));
+                const float sc = bf2f(h ? (cs[i] >> 16) : (cs[i] & 0xffff));
+                o2[h] = f2bf((v[j] - mean) * rstd * (1.f + sc) + sh);
+                v[j] = bf2f(o2[h]);
+                m = fmaxf(m, fabsf(v[j]));
+            }
+            out[i] = (unsigned)o2[0] | ((unsigned)o2[1] << 16);
+        }
+        if (y) {
+            Q4 o;
+            o.x = out[0];
+            o.y = out[1];
+            o.z = out[2];
+            o.w = out[3];
+            *(Q4*)(y + row * C + col) = o;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    float mm = 0.f;
+    for (int w = 0; w < nw; ++w) mm = fmaxf(mm, red[w]);
+    const float qs = (mm > 0.f && mm < 3.0e38f) ? mm / 448.f : 1.f;
+    if (threadIdx.x == 0) qscale[row] = qs;
+    if (active) {
+        unsigned short o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            o[i] = f32x2_to_e4m3x2(__fdiv_rn(v[2 * i], qs), __fdiv_rn(v[2 * i + 1], qs));
+        Q2 w;
+        w.x = (unsigned)o[0] | ((unsigned)o[1] << 16);
+        w.y = (unsigned)o[2] | ((unsigned)o[3] << 16);
+        *(Q2*)(q + row * C + col) = w;
+    }
+}
