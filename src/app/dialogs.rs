@@ -21,6 +21,8 @@ pub enum PathRequest {
     Screenshot,
     /// Open a model file or folder.
     OpenModel,
+    /// Open a source image (image-to-image, inpainting).
+    OpenSource,
 }
 
 impl PathRequest {
@@ -29,19 +31,20 @@ impl PathRequest {
             PathRequest::ExportImage { .. } => "Export image",
             PathRequest::Screenshot => "Save screenshot",
             PathRequest::OpenModel => "Open a model (.safetensors file or folder)",
+            PathRequest::OpenSource => "Start from an image (PNG, JPEG or WebP)",
         }
     }
 
     /// Saving (the folder must be writable) rather than opening.
     pub fn saves(&self) -> bool {
-        !matches!(self, PathRequest::OpenModel)
+        !matches!(self, PathRequest::OpenModel | PathRequest::OpenSource)
     }
 
     fn suggested_name(&self) -> Option<&str> {
         match self {
             PathRequest::ExportImage { name, .. } => Some(name),
             PathRequest::Screenshot => Some("parallax-screenshot.png"),
-            PathRequest::OpenModel => None,
+            PathRequest::OpenModel | PathRequest::OpenSource => None,
         }
     }
 }
@@ -154,6 +157,12 @@ async fn native(request: &PathRequest) -> Option<PathBuf> {
                         .await
                 }
             }
+        }
+        PathRequest::OpenSource => {
+            dialog
+                .add_filter("Image", &["png", "jpg", "jpeg", "webp"])
+                .pick_file()
+                .await
         }
         _ => {
             let dialog = dialog.add_filter("PNG image", &["png"]);

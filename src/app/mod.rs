@@ -7,6 +7,7 @@
 //!   compare and gallery view state). [`action`]: the UI actions panels queue.
 //! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
 //! - [`tabs`]: the Image, Compare and Gallery views.
+//! - [`mask`]: the inpainting mask painted over a source image (its buffer, strokes, feather).
 //! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
 //!   heatmap as egui paint callbacks; [`heatmap`]: the heatmap's CPU twin.
 //! - [`dialogs`]: where paths come from (desktop dialog, fixed folder, in-window field);
@@ -21,6 +22,7 @@ pub mod download;
 pub mod export;
 pub mod gpu;
 pub mod heatmap;
+pub mod mask;
 pub mod messages;
 pub mod panels;
 pub mod preview;

@@ -39,6 +39,8 @@ pub struct View {
     pub comfy_models: Vec<PathBuf>,
     /// The GPUs found at start-up (name, memory), for the devices panel.
     pub gpus: Vec<crate::device::GpuInfo>,
+    /// The source image's mask painter (image-to-image, inpainting).
+    pub edit: super::tabs::edit::EditView,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

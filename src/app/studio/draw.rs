@@ -50,6 +50,16 @@ impl StudioApp {
         panels::settings::prompts(ui, &mut p);
         panels::settings::sampling(ui, &mut p);
         ui.separator();
+        panels::source::show(
+            ui,
+            panels::source::SourcePanel {
+                settings: &mut self.settings,
+                edit: &mut self.view.edit,
+                has_current: self.view.result.is_some(),
+                cmds: &mut self.cmds,
+            },
+        );
+        ui.separator();
         panels::devices::show(
             ui,
             panels::devices::DevicesPanel {
@@ -105,6 +115,7 @@ impl StudioApp {
                     job: self.view.job.as_ref(),
                     settings: &self.settings,
                     stats: &mut self.stats,
+                    edit: &mut self.view.edit,
                 },
             ),
             Tab::Compare => tabs::compare::show(

@@ -30,6 +30,10 @@ impl StudioApp {
                 blockers.extend(self.settings.compare_check(self.view.model_shape).err());
             }
         }
+        if blockers.is_empty() {
+            // The painted mask into the request (image-to-image and inpainting).
+            blockers.extend(self.prepare_source().err());
+        }
         if !blockers.is_empty() {
             for b in blockers {
                 self.say(b, true);
@@ -61,7 +65,7 @@ impl StudioApp {
         }
         let engine = self.settings.engine_spec();
         let base = self.settings.request();
-        let steps = self.settings.steps();
+        let steps = self.settings.steps_run();
         let mut seed = base.seed;
         for k in 0..jobs {
             if k > 0 {
@@ -202,6 +206,7 @@ impl StudioApp {
                 self.settings.model = path.display().to_string();
                 self.runtime.configure(self.settings.engine_spec());
             }
+            PathRequest::OpenSource => self.set_source(path)?,
         }
         Ok(())
     }
@@ -268,6 +273,24 @@ impl StudioApp {
             Action::SubmitPath => self.submit_path(ctx),
             Action::ClosePathPrompt => self.view.path_prompt = None,
             Action::ToggleDownload => self.download.toggle(),
+            Action::PickSource => {
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::OpenSource,
+                    self.dialog_tx.clone(),
+                );
+            }
+            Action::UseAsSource(path) => {
+                if let Err(e) = self.set_source(path) {
+                    self.say(format!("cannot start from it: {e}"), true);
+                }
+            }
+            Action::UseCurrentAsSource => self.use_current_as_source(),
+            Action::ClearSource => self.clear_source(),
+            Action::EditMask => {
+                self.view.edit.mask.editing = true;
+                self.view.tab = Tab::Image;
+            }
         }
     }
 
