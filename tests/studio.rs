@@ -1445,6 +1445,17 @@ fn a_dropped_image_gives_its_settings() {
     );
 }
 
+/// The studio with the demo's default image made and on screen.
+fn studio_with_an_image(dir: &Path) -> Harness<'static, StudioApp> {
+    let mut h = studio(dir);
+    wait_for_model(&mut h);
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the first image", |a| {
+        !a.is_busy() && a.view.result.is_some()
+    });
+    h
+}
+
 /// Drag the simulated pointer over the mask canvas along `points` (fractions of its size).
 fn paint_stroke(h: &mut Harness<'static, StudioApp>, points: &[(f32, f32)]) {
     let r = h.get_by_label("mask canvas").rect();
@@ -1462,18 +1473,14 @@ fn paint_stroke(h: &mut Harness<'static, StudioApp>, points: &[(f32, f32)]) {
 }
 
 /// Inpainting from the studio: the image on screen as the source, a stroke painted over it with
-/// the pointer, Generate: the painted band is redrawn, the rest of the image stays (no further
-/// from the source than the demo autoencoder's round trip allows, away from the mask's edge and
-/// the DEMO label), and the image's settings name the source, the mask file and the strength.
+/// the pointer, Generate: the painted area is redrawn (the red square, as the prompt's blue
+/// circle), the rest of the image stays (within 6 levels on average, 8 px away from the mask's
+/// edge and off the DEMO label: the demo autoencoder's round trip is what moves it), and the
+/// image's settings name the source, the mask file and the strength.
 #[test]
 fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut h = studio(dir.path());
-    wait_for_model(&mut h);
-    h.get_by_label("Generate").click();
-    step_until(&mut h, "the first image", |a| {
-        !a.is_busy() && a.view.result.is_some()
-    });
+    let mut h = studio_with_an_image(dir.path());
     let source = h.state().view.result.as_ref().expect("image").image.clone();
     assert!(!disabled(&h, "Current image"));
     h.get_by_label("Current image").click();
@@ -1579,12 +1586,7 @@ fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
 #[test]
 fn strength_sets_the_steps_run_and_invert_and_clear_work() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut h = studio(dir.path());
-    wait_for_model(&mut h);
-    h.get_by_label("Generate").click();
-    step_until(&mut h, "the first image", |a| {
-        !a.is_busy() && a.view.result.is_some()
-    });
+    let mut h = studio_with_an_image(dir.path());
     h.get_by_label("Gallery").click();
     step_until(&mut h, "the gallery listing", |a| {
         a.view.gallery.entries.len() == 1
