@@ -1565,7 +1565,8 @@ fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
         let (x0, y0) = (x.saturating_sub(8), y.saturating_sub(8));
         (y0..(y + 9).min(hh)).any(|yy| (x0..(x + 9).min(w)).any(|xx| mask.at(xx, yy) >= 128))
     };
-    let outside = |x: usize, y: usize| !(x < 60 && y < 26) && !near_mask(x, y);
+    let in_label = |x: usize, y: usize| x < 60 && y < 26;
+    let outside = |x: usize, y: usize| !(in_label(x, y) || near_mask(x, y));
     let inside = |x: usize, y: usize| mask.at(x, y) >= 128;
     let kept = common::mean_diff_where(&g.image, &source, &outside);
     let changed = common::mean_diff_where(&g.image, &source, &inside);
@@ -1717,4 +1718,61 @@ fn strength_sets_the_steps_run_and_invert_and_clear_work() {
     h.run_steps(2);
     assert_eq!(h.state().settings.request.init, None);
     assert!(h.state().view.edit.mask.mask.is_none());
+}
+
+/// "Open image…" without a desktop dialog: the path field; a file that is not an image is
+/// refused with its name, a JPEG is taken as the source (its size shown, a blank mask of it).
+#[test]
+fn a_source_file_is_opened_through_the_path_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().dialogs = Dialogs::InWindow("no desktop file dialog here".into());
+    h.get_by_label("Open image…").click();
+    h.run_steps(3);
+    let typed = |h: &mut Harness<'static, StudioApp>, p: &Path| {
+        h.state_mut()
+            .view
+            .path_prompt
+            .as_mut()
+            .expect("the path field")
+            .text = p.display().to_string();
+        h.get_by_label("Open").click();
+        h.run_steps(3);
+    };
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"not an image").expect("write");
+    typed(&mut h, &not_image);
+    let err = h
+        .state()
+        .view
+        .path_prompt
+        .as_ref()
+        .and_then(|p| p.error.clone())
+        .expect("refused");
+    assert!(err.contains("notes.png"), "{err}");
+    assert_eq!(h.state().settings.request.init, None);
+    let jpeg = dir.path().join("photo.jpg");
+    image::RgbImage::from_pixel(320, 200, image::Rgb([90, 140, 200]))
+        .save(&jpeg)
+        .expect("write a JPEG");
+    typed(&mut h, &jpeg);
+    assert!(h.state().view.path_prompt.is_none());
+    let init = h.state().settings.request.init.clone().expect("a source");
+    assert_eq!((init.image.as_path(), init.strength), (jpeg.as_path(), 0.6));
+    let m = h
+        .state()
+        .view
+        .edit
+        .mask
+        .mask
+        .as_ref()
+        .expect("a blank mask");
+    assert_eq!((m.width(), m.height(), m.painted()), (320, 200, 0));
+    assert!(labels_with(&h, "320x200").contains(&"320x200".to_string()));
+    // The demo draws at 256 x 256: the source is resized, and its own size is offered.
+    assert_eq!(labels_with(&h, "the source is resized to 256x256").len(), 1);
+    h.get_by_label("Use 320x192").click();
+    h.run_steps(2);
+    let r = &h.state().settings.request;
+    assert_eq!((r.width, r.height), (320, 192));
 }

@@ -102,9 +102,17 @@ pub fn show(ui: &mut egui::Ui, p: SourcePanel<'_>) {
     }
     ui.horizontal(|ui| {
         let l = ui.label("Strength");
-        ui.add(egui::Slider::new(&mut init.strength, 0.05..=1.0).step_by(0.05))
+        // A copy, taken back only when moved and rounded to the slider's steps: the slider's
+        // stepping would turn 0.6 into 0.6000000000000001 in the image's settings.
+        let mut strength = init.strength;
+        let moved = ui
+            .add(egui::Slider::new(&mut strength, 0.05..=1.0).step_by(0.05))
             .labelled_by(l.id)
-            .on_hover_text(STRENGTH_HELP);
+            .on_hover_text(STRENGTH_HELP)
+            .changed();
+        if moved {
+            init.strength = (strength * 100.0).round() / 100.0;
+        }
     });
     let run = steps - start_step(steps, init.strength).min(steps);
     let text = format!("{run} of {steps} steps run");
