@@ -7,7 +7,7 @@ use egui::{Color32, RichText};
 
 use crate::app::action::{Action, Actions};
 use crate::app::state::Settings;
-use crate::app::tabs::edit::EditView;
+use crate::app::view::EditView;
 use crate::pipeline::img2img::{default_size, start_step};
 
 pub struct SourcePanel<'a> {

@@ -1,30 +1,21 @@
 //! Drawing the source image and its inpainting mask: the brush row (paint or erase, size,
 //! feather, invert, clear, the overlay), the source on its canvas (with the outpainting's added
 //! strips) under the mask's red overlay, the brush's outline under the pointer, and the pointer
-//! handed to the [`MaskEditor`] (the state and its logic are in [`crate::app::mask`]).
+//! handed to the [`MaskEditor`] (the state and its logic are in [`crate::app::mask`], the
+//! textures in [`EditView`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use egui::{Color32, RichText, TextureHandle, TextureOptions};
 
 use super::fit;
 use crate::app::mask::MaskEditor;
-use crate::app::view::full_uv;
+use crate::app::view::{full_uv, EditView};
 use crate::pipeline::img2img::InitImage;
 use crate::runtime::gallery::OPEN_MAX_PIXELS;
 
 /// The mask's overlay colour (alpha at full repaint).
 const OVERLAY: [u8; 4] = [255, 40, 60, 150];
-
-/// The painter's state and the textures it draws with.
-#[derive(Default)]
-pub struct EditView {
-    pub mask: MaskEditor,
-    /// The source's texture, or why it has none, for the file named.
-    source: Option<(PathBuf, Result<TextureHandle, String>)>,
-    /// The overlay's texture and the mask version it shows.
-    overlay: Option<(u64, TextureHandle)>,
-}
 
 impl EditView {
     /// The source's texture (read once per file; a file too large or unreadable says why).

@@ -18,7 +18,7 @@ pub struct ImageTab<'a> {
     pub settings: &'a Settings,
     pub stats: &'a mut UiStats,
     /// The source image's mask painter.
-    pub edit: &'a mut super::edit::EditView,
+    pub edit: &'a mut crate::app::view::EditView,
 }
 
 pub fn show(ui: &mut egui::Ui, t: ImageTab<'_>) {
