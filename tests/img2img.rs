@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::max_pixel_diff;
+use common::{max_pixel_diff, mean_diff_where};
 use parallax::model::flux::{unpack_latent, Flux};
 use parallax::model::layout::{ModelFiles, TransformerLayout, VaeLayout};
 use parallax::model::vae::AutoEncoder;
@@ -241,21 +241,6 @@ fn demo_scene(
         .save(&mask_path)
         .expect("save mask");
     (src, src_path, mask_path, repaint)
-}
-
-/// Mean absolute difference (0-255) between `a` and `b` over the pixels where `keep` holds.
-fn mean_diff_where(a: &RgbImage, b: &RgbImage, keep: &dyn Fn(usize, usize) -> bool) -> f64 {
-    let (mut sum, mut n) = (0f64, 0usize);
-    for y in 0..a.height {
-        for x in 0..a.width {
-            if keep(x, y) {
-                let (p, q) = (a.pixel(x, y), b.pixel(x, y));
-                sum += (0..3).map(|c| f64::from(p[c].abs_diff(q[c]))).sum::<f64>() / 3.0;
-                n += 1;
-            }
-        }
-    }
-    sum / n.max(1) as f64
 }
 
 /// Repaint the blue circle of a demo scene as a yellow heart (the mask over the circle, strength

@@ -6,6 +6,8 @@
 //! and the compare sweep over LoRA strengths; and the two WGSL shaders against their CPU twins.
 #![cfg(feature = "studio")]
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -1759,4 +1761,336 @@ fn a_klein_folder_loads_and_generates() {
         d <= 2,
         "studio's klein image against random:klein-tiny: {d} of 255"
     );
+}
+
+/// The studio with the demo's default image made and on screen.
+fn studio_with_an_image(dir: &Path) -> Harness<'static, StudioApp> {
+    let mut h = studio(dir);
+    wait_for_model(&mut h);
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the first image", |a| {
+        !a.is_busy() && a.view.result.is_some()
+    });
+    h
+}
+
+/// Drag the simulated pointer over the mask canvas along `points` (fractions of its size).
+fn paint_stroke(h: &mut Harness<'static, StudioApp>, points: &[(f32, f32)]) {
+    let r = h.get_by_label("mask canvas").rect();
+    let at = |(u, v): (f32, f32)| r.min + egui::vec2(u * r.width(), v * r.height());
+    h.hover_at(at(points[0]));
+    h.step();
+    h.drag_at(at(points[0]));
+    h.step();
+    for &p in &points[1..] {
+        h.hover_at(at(p));
+        h.step();
+    }
+    h.drop_at(at(points[points.len() - 1]));
+    h.run_steps(2);
+}
+
+/// Inpainting from the studio: the image on screen as the source, a stroke painted over it with
+/// the pointer, Generate: the painted area is redrawn (the red square, as the prompt's blue
+/// circle), the rest of the image stays (within 6 levels on average, 8 px away from the mask's
+/// edge and off the DEMO label: the demo autoencoder's round trip is what moves it), and the
+/// image's settings name the source, the mask file and the strength.
+#[test]
+fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio_with_an_image(dir.path());
+    let source = h.state().view.result.as_ref().expect("image").image.clone();
+    assert!(!disabled(&h, "Current image"));
+    h.get_by_label("Current image").click();
+    h.run_steps(3);
+    let init = h.state().settings.request.init.clone().expect("a source");
+    assert_eq!(
+        Some(&init.image),
+        h.state()
+            .view
+            .result
+            .as_ref()
+            .and_then(|r| r.result.saved.as_ref())
+    );
+    assert!(
+        h.state().view.edit.mask.editing,
+        "the Image tab shows the source to paint on"
+    );
+    // Strength 1: the square is redrawn from noise, as a blue circle.
+    h.get_by_role_and_label(egui::accesskit::Role::Slider, "Strength")
+        .set_value_accesskit(1.0);
+    h.state_mut().settings.request.prompt =
+        "two yellow stars above a blue circle, night sky".into();
+    h.state_mut().view.edit.mask.brush = 36.0;
+    h.run_steps(2);
+    assert_eq!(labels_with(&h, "12 of 12 steps run").len(), 1);
+    // Over the red square (the lower middle of the seed-42 image).
+    paint_stroke(&mut h, &[(0.38, 0.72), (0.5, 0.74), (0.63, 0.72)]);
+    let mask = h.state().view.edit.mask.mask.clone().expect("a mask");
+    assert_eq!((mask.width(), mask.height()), (256, 256));
+    let cover = mask.coverage();
+    assert!((0.05..0.4).contains(&cover), "{cover}");
+    // Under the stroke's points painted, the top of the image not.
+    assert_eq!(mask.at(128, 189), 255);
+    assert_eq!(mask.at(97, 184), 255);
+    assert_eq!(mask.at(128, 40), 0);
+    assert_eq!(
+        labels_with(&h, "of the image redrawn").len(),
+        1,
+        "the panel says what share is redrawn"
+    );
+    // The brush's outline under the pointer; the gallery file's name (it holds the time) masked.
+    let r = h.get_by_label("mask canvas").rect();
+    h.hover_at(r.min + egui::vec2(0.3 * r.width(), 0.45 * r.height()));
+    h.run_steps(2);
+    // The README's screenshot, before the snapshot's masks.
+    if let Some(out) = std::env::var_os("STUDIO_MASK_SHOT") {
+        h.render()
+            .expect("render")
+            .save(out)
+            .expect("save the README screenshot");
+    }
+    mask_timings(&mut h);
+    let named: Vec<egui::Rect> = h
+        .query_all_by(|n| n.value().is_some_and(|v| v.contains("-seed42-")))
+        .map(|n| n.rect())
+        .collect();
+    for r in named {
+        h.mask(r);
+    }
+    h.snapshot("studio_mask_painted");
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the inpainted image", |a| !a.is_busy());
+    let shown = h.state().view.result.as_ref().expect("the inpainted image");
+    let g = &shown.result.generated;
+    let used = g.settings.init.clone().expect("settings keep the source");
+    assert_eq!(
+        (used.image.as_path(), used.strength),
+        (init.image.as_path(), 1.0)
+    );
+    let mask_file = used
+        .mask
+        .clone()
+        .expect("the painted mask went with the request");
+    assert!(
+        mask_file.starts_with(dir.path().join("gallery/masks")),
+        "{}",
+        mask_file.display()
+    );
+    let (w, hh) = (256usize, 256usize);
+    let near_mask = |x: usize, y: usize| {
+        let (x0, y0) = (x.saturating_sub(8), y.saturating_sub(8));
+        (y0..(y + 9).min(hh)).any(|yy| (x0..(x + 9).min(w)).any(|xx| mask.at(xx, yy) >= 128))
+    };
+    let in_label = |x: usize, y: usize| x < 60 && y < 26;
+    let outside = |x: usize, y: usize| !(in_label(x, y) || near_mask(x, y));
+    let inside = |x: usize, y: usize| mask.at(x, y) >= 128;
+    let kept = common::mean_diff_where(&g.image, &source, &outside);
+    let changed = common::mean_diff_where(&g.image, &source, &inside);
+    eprintln!("studio inpainting: mean |diff| outside the mask {kept:.2}, inside {changed:.1}");
+    assert!(kept < 6.0, "outside the mask: {kept}");
+    assert!(changed > 20.0, "inside the mask: {changed}");
+    // The PNG says it, in A1111's words too.
+    let (_, text) = read_png(shown.result.saved.as_ref().expect("in the gallery")).expect("png");
+    let params = text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .map(|(_, v)| v.clone());
+    assert!(params.is_some_and(|p| p.contains("Denoising strength: 1")));
+}
+
+/// The strength slider sets how many steps run (and the job runs that many); a gallery image's
+/// "Use as source"; Invert and Clear on the mask; Clear on the source returns to text-to-image.
+#[test]
+fn strength_sets_the_steps_run_and_invert_and_clear_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio_with_an_image(dir.path());
+    h.get_by_label("Gallery").click();
+    step_until(&mut h, "the gallery listing", |a| {
+        a.view.gallery.entries.len() == 1
+    });
+    let entry = h.state().view.gallery.entries[0].path.clone();
+    h.get_by_label("Use as source").click();
+    h.run_steps(3);
+    assert_eq!(h.state().view.tab, Tab::Image);
+    assert_eq!(
+        h.state()
+            .settings
+            .request
+            .init
+            .as_ref()
+            .map(|i| i.image.clone()),
+        Some(entry)
+    );
+    // 0.6 by default: int(12 - 7.2) = 4 skipped, 8 run.
+    assert_eq!(labels_with(&h, "8 of 12 steps run").len(), 1);
+    let slider = |h: &Harness<'static, StudioApp>| {
+        h.get_by_role_and_label(egui::accesskit::Role::Slider, "Strength")
+            .rect()
+            .center()
+    };
+    h.hover_at(slider(&h));
+    h.run_steps(12);
+    let help = labels_with(&h, "Lower keeps more of the source")
+        .pop()
+        .expect("the strength's tooltip");
+    assert!(help.contains("fewer steps"), "{help}");
+    h.get_by_role_and_label(egui::accesskit::Role::Slider, "Strength")
+        .set_value_accesskit(0.5);
+    h.run_steps(2);
+    assert_eq!(labels_with(&h, "6 of 12 steps run").len(), 1);
+    // Kept at its size (the source is 256 x 256, as chosen).
+    assert_eq!(labels_with(&h, "the source is kept at its size").len(), 1);
+    // Invert paints everything; Clear nothing.
+    h.get_by_label("Invert").click();
+    h.run_steps(2);
+    let m = h.state().view.edit.mask.mask.as_ref().expect("mask");
+    assert_eq!(m.coverage(), 1.0);
+    assert_eq!(labels_with(&h, "100% of the image redrawn").len(), 1);
+    h.get_by_label("Clear mask").click();
+    h.run_steps(2);
+    assert!(!h.state().view.edit.mask.has_mask());
+    assert_eq!(
+        labels_with(&h, "no mask: the whole image is changed").len(),
+        1
+    );
+    let before = h.state().stats.steps_seen;
+    h.get_by_label("Generate").click();
+    h.step();
+    step_until(&mut h, "the image-to-image", |a| !a.is_busy());
+    let g = &h
+        .state()
+        .view
+        .result
+        .as_ref()
+        .expect("image")
+        .result
+        .generated;
+    assert_eq!(h.state().stats.steps_seen - before, 6, "six steps ran");
+    assert!(
+        g.notes
+            .iter()
+            .any(|n| n.contains("image-to-image") && n.contains("6 of 12 steps run")),
+        "{:?}",
+        g.notes
+    );
+    assert_eq!(
+        g.settings.init.as_ref().and_then(|i| i.mask.clone()),
+        None,
+        "no mask painted: none sent"
+    );
+    // A compare sweep keeps the source: every cell starts from it at the same strength.
+    {
+        let s = &mut h.state_mut().settings;
+        s.compare_thresholds = vec![0.0, 5.0];
+        s.compare_caches = vec![CacheSpec::preset("magcache", "balanced").expect("preset")];
+        s.compare_repeats = 1;
+    }
+    // Below the window's edge now that the source is in the panel.
+    h.get_by_label("Run compare").scroll_to_me();
+    h.run_steps(3);
+    h.get_by_label("Run compare").click();
+    h.step();
+    step_until(&mut h, "the sweep", |a| !a.is_busy());
+    let cells = &h.state().view.compare;
+    assert_eq!(cells.len(), 3);
+    for c in cells {
+        let s = &c.result.generated.settings;
+        assert_eq!(s.init.as_ref().map(|i| i.strength), Some(0.5));
+        assert!(c
+            .result
+            .generated
+            .notes
+            .iter()
+            .any(|n| n.contains("6 of 12 steps run")));
+    }
+    assert!(cells[1].result.quality.is_some());
+    h.get_by_label("Image").click();
+    h.run_steps(2);
+    // Outpainting: 64 px on the right makes a 320 x 256 canvas, resized to the size chosen
+    // unless its own size is taken.
+    h.state_mut()
+        .settings
+        .request
+        .init
+        .as_mut()
+        .expect("source")
+        .extend = Some([0, 0, 64, 0]);
+    h.run_steps(2);
+    assert_eq!(
+        labels_with(&h, "the extended canvas (320x256) is resized to 256x256").len(),
+        1
+    );
+    h.get_by_label("Use 320x256").click();
+    h.run_steps(2);
+    assert_eq!(
+        (
+            h.state().settings.request.width,
+            h.state().settings.request.height
+        ),
+        (320, 256)
+    );
+    assert_eq!(labels_with(&h, "is kept at its size").len(), 1);
+    h.get_by_label("Clear").click();
+    h.run_steps(2);
+    assert_eq!(h.state().settings.request.init, None);
+    assert!(h.state().view.edit.mask.mask.is_none());
+}
+
+/// "Open image…" without a desktop dialog: the path field; a file that is not an image is
+/// refused with its name, a JPEG is taken as the source (its size shown, a blank mask of it).
+#[test]
+fn a_source_file_is_opened_through_the_path_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    h.state_mut().dialogs = Dialogs::InWindow("no desktop file dialog here".into());
+    h.get_by_label("Open image…").click();
+    h.run_steps(3);
+    let typed = |h: &mut Harness<'static, StudioApp>, p: &Path| {
+        h.state_mut()
+            .view
+            .path_prompt
+            .as_mut()
+            .expect("the path field")
+            .text = p.display().to_string();
+        h.get_by_label("Open").click();
+        h.run_steps(3);
+    };
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"not an image").expect("write");
+    typed(&mut h, &not_image);
+    let err = h
+        .state()
+        .view
+        .path_prompt
+        .as_ref()
+        .and_then(|p| p.error.clone())
+        .expect("refused");
+    assert!(err.contains("notes.png"), "{err}");
+    assert_eq!(h.state().settings.request.init, None);
+    let jpeg = dir.path().join("photo.jpg");
+    image::RgbImage::from_pixel(320, 200, image::Rgb([90, 140, 200]))
+        .save(&jpeg)
+        .expect("write a JPEG");
+    typed(&mut h, &jpeg);
+    assert!(h.state().view.path_prompt.is_none());
+    let init = h.state().settings.request.init.clone().expect("a source");
+    assert_eq!((init.image.as_path(), init.strength), (jpeg.as_path(), 0.6));
+    let m = h
+        .state()
+        .view
+        .edit
+        .mask
+        .mask
+        .as_ref()
+        .expect("a blank mask");
+    assert_eq!((m.width(), m.height(), m.painted()), (320, 200, 0));
+    assert!(labels_with(&h, "320x200").contains(&"320x200".to_string()));
+    // The demo draws at 256 x 256: the source is resized, and its own size is offered.
+    assert_eq!(labels_with(&h, "the source is resized to 256x256").len(), 1);
+    h.get_by_label("Use 320x192").click();
+    h.run_steps(2);
+    let r = &h.state().settings.request;
+    assert_eq!((r.width, r.height), (320, 192));
 }

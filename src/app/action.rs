@@ -51,6 +51,16 @@ pub enum Action {
     /// The in-window path field was submitted.
     SubmitPath,
     ClosePathPrompt,
+    /// Ask for a source image file (image-to-image, inpainting).
+    PickSource,
+    /// Start from this gallery image.
+    UseAsSource(PathBuf),
+    /// Start from the image on screen.
+    UseCurrentAsSource,
+    /// No source image: text-to-image again.
+    ClearSource,
+    /// Show the source in the Image tab to paint its mask.
+    EditMask,
 }
 
 /// The queue of one frame.

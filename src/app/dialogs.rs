@@ -24,6 +24,8 @@ pub enum PathRequest {
     /// Add a LoRA file, or every LoRA file in a folder.
     AddLora,
     AddLoraFolder,
+    /// Open a source image (image-to-image, inpainting).
+    OpenSource,
 }
 
 impl PathRequest {
@@ -34,6 +36,7 @@ impl PathRequest {
             PathRequest::OpenModel => "Open a model (.safetensors file or folder)",
             PathRequest::AddLora => "Add a LoRA (.safetensors file)",
             PathRequest::AddLoraFolder => "Add every LoRA (.safetensors) in a folder",
+            PathRequest::OpenSource => "Start from an image (PNG, JPEG or WebP)",
         }
     }
 
@@ -41,7 +44,10 @@ impl PathRequest {
     pub fn saves(&self) -> bool {
         !matches!(
             self,
-            PathRequest::OpenModel | PathRequest::AddLora | PathRequest::AddLoraFolder
+            PathRequest::OpenModel
+                | PathRequest::AddLora
+                | PathRequest::AddLoraFolder
+                | PathRequest::OpenSource
         )
     }
 
@@ -49,7 +55,10 @@ impl PathRequest {
         match self {
             PathRequest::ExportImage { name, .. } => Some(name),
             PathRequest::Screenshot => Some("parallax-screenshot.png"),
-            PathRequest::OpenModel | PathRequest::AddLora | PathRequest::AddLoraFolder => None,
+            PathRequest::OpenModel
+            | PathRequest::AddLora
+            | PathRequest::AddLoraFolder
+            | PathRequest::OpenSource => None,
         }
     }
 }
@@ -170,6 +179,12 @@ async fn native(request: &PathRequest) -> Option<PathBuf> {
                 .await
         }
         PathRequest::AddLoraFolder => dialog.pick_folder().await,
+        PathRequest::OpenSource => {
+            dialog
+                .add_filter("Image", &["png", "jpg", "jpeg", "webp"])
+                .pick_file()
+                .await
+        }
         _ => {
             let dialog = dialog.add_filter("PNG image", &["png"]);
             let dialog = match request {

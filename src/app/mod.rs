@@ -8,6 +8,7 @@
 //! - [`panels`]: the settings panel and the progress bar; [`messages`]: the message log.
 //! - [`tabs`]: the Image, Compare and Gallery views.
 //! - [`lora`]: the LoRA list and each file's check against the loaded model.
+//! - [`mask`]: the inpainting mask painted over a source image (its buffer, strokes, feather).
 //! - [`preview`]: the live latent preview; [`gpu`]: the WGSL latent preview and difference
 //!   heatmap as egui paint callbacks; [`heatmap`]: the heatmap's CPU twin.
 //! - [`dialogs`]: where paths come from (desktop dialog, fixed folder, in-window field);
@@ -23,6 +24,7 @@ pub mod export;
 pub mod gpu;
 pub mod heatmap;
 pub mod lora;
+pub mod mask;
 pub mod messages;
 pub mod panels;
 pub mod preview;

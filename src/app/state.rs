@@ -471,6 +471,15 @@ impl Settings {
         self.request.steps.unwrap_or(DEFAULT_STEPS)
     }
 
+    /// Steps a job runs: all of them, or with a source image the part its strength leaves.
+    pub fn steps_run(&self) -> usize {
+        let n = self.steps();
+        match &self.request.init {
+            Some(i) => n - crate::pipeline::img2img::start_step(n, i.strength).min(n),
+            None => n,
+        }
+    }
+
     /// The layout set by hand, or `None` for the automatic one.
     pub fn hand_layout(&self) -> Option<ParallelLayout> {
         (!self.layout_auto).then_some(self.layout)
@@ -559,7 +568,26 @@ impl Settings {
         if let Err(e) = self.layout_check(model) {
             out.push(e);
         }
+        out.extend(self.source_problem());
         out
+    }
+
+    /// What is wrong with the source image (gone, or a strength that leaves no step).
+    fn source_problem(&self) -> Option<String> {
+        let init = self.request.init.as_ref()?;
+        if !init.image.is_file() {
+            return Some(format!(
+                "the source image {} is not there any more: open another, or Clear it",
+                init.image.display()
+            ));
+        }
+        (self.steps_run() == 0).then(|| {
+            format!(
+                "strength {} leaves none of the {} steps to run: raise the strength or the steps",
+                init.strength,
+                self.steps()
+            )
+        })
     }
 
     /// The engine's plan for these settings (what a job will run with).
@@ -621,10 +649,9 @@ impl Settings {
 
     /// Take the settings an image was made with (gallery "restore").
     pub fn restore(&mut self, s: &GenerationSettings) {
+        // An image-to-image's source, strength, mask and outpainting come back with it (shown
+        // under "Start from an image", where they can be cleared).
         self.request = s.to_request();
-        // The studio has no source-image control yet: an image-to-image's settings come back
-        // as text-to-image rather than a hidden source the artist cannot see or clear.
-        self.request.init = None;
         self.request.negative_prompt = Some(s.negative_prompt.clone().unwrap_or_default());
         self.random_seed = false;
         self.model = s.model.clone();

@@ -26,6 +26,7 @@ use crate::runtime::gallery;
 use crate::runtime::{Event, ImageResult, JobId, JobSpec, Runtime, RuntimeOptions};
 
 mod draw;
+mod edit;
 mod events;
 mod handlers;
 
@@ -265,6 +266,7 @@ impl StudioApp {
                 hf_models,
                 comfy_models,
                 gpus: crate::device::gpus(),
+                edit: Default::default(),
             },
             stats: UiStats::default(),
             dialogs: Dialogs::detect(),

@@ -39,6 +39,19 @@ pub struct View {
     pub comfy_models: Vec<PathBuf>,
     /// The GPUs found at start-up (name, memory), for the devices panel.
     pub gpus: Vec<crate::device::GpuInfo>,
+    /// The source image's mask painter (image-to-image, inpainting).
+    pub edit: EditView,
+}
+
+/// The source image's mask painter and the textures it draws with ([`super::tabs::edit`] draws
+/// them; the state and its logic are [`super::mask`]'s).
+#[derive(Default)]
+pub struct EditView {
+    pub mask: super::mask::MaskEditor,
+    /// The source's texture, or why it has none, for the file named.
+    pub source: Option<(PathBuf, Result<TextureHandle, String>)>,
+    /// The overlay's texture and the mask version it shows.
+    pub overlay: Option<(u64, TextureHandle)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -67,3 +67,22 @@ pub fn max_pixel_diff(
         .max()
         .unwrap_or(0)
 }
+
+/// Mean absolute difference (0-255) between `a` and `b` over the pixels where `keep` holds.
+pub fn mean_diff_where(
+    a: &parallax::pipeline::image::RgbImage,
+    b: &parallax::pipeline::image::RgbImage,
+    keep: &dyn Fn(usize, usize) -> bool,
+) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for y in 0..a.height {
+        for x in 0..a.width {
+            if keep(x, y) {
+                let (p, q) = (a.pixel(x, y), b.pixel(x, y));
+                sum += (0..3).map(|c| f64::from(p[c].abs_diff(q[c]))).sum::<f64>() / 3.0;
+                n += 1;
+            }
+        }
+    }
+    sum / n.max(1) as f64
+}

@@ -59,6 +59,16 @@ impl StudioApp {
             },
         );
         ui.separator();
+        panels::source::show(
+            ui,
+            panels::source::SourcePanel {
+                settings: &mut self.settings,
+                edit: &mut self.view.edit,
+                has_current: self.view.result.is_some(),
+                cmds: &mut self.cmds,
+            },
+        );
+        ui.separator();
         panels::devices::show(
             ui,
             panels::devices::DevicesPanel {
@@ -114,6 +124,7 @@ impl StudioApp {
                     job: self.view.job.as_ref(),
                     settings: &self.settings,
                     stats: &mut self.stats,
+                    edit: &mut self.view.edit,
                 },
             ),
             Tab::Compare => tabs::compare::show(

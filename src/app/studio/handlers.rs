@@ -35,6 +35,10 @@ impl StudioApp {
                 blockers.extend(self.settings.compare_check(self.view.model_shape).err());
             }
         }
+        if blockers.is_empty() {
+            // The painted mask into the request (image-to-image and inpainting).
+            blockers.extend(self.prepare_source().err());
+        }
         if !blockers.is_empty() {
             for b in blockers {
                 self.say(b, true);
@@ -66,7 +70,7 @@ impl StudioApp {
         }
         let engine = self.settings.engine_spec();
         let base = self.settings.request();
-        let steps = self.settings.steps();
+        let steps = self.settings.steps_run();
         let mut seed = base.seed;
         for k in 0..jobs {
             if k > 0 {
@@ -216,6 +220,7 @@ impl StudioApp {
                 }
                 self.add_loras(files)?;
             }
+            PathRequest::OpenSource => self.set_source(path)?,
         }
         Ok(())
     }
@@ -320,6 +325,24 @@ impl StudioApp {
                     Ok(()) => {}
                     Err(e) => self.say(e, true),
                 }
+            }
+            Action::PickSource => {
+                self.dialogs.ask(
+                    &self.runtime,
+                    PathRequest::OpenSource,
+                    self.dialog_tx.clone(),
+                );
+            }
+            Action::UseAsSource(path) => {
+                if let Err(e) = self.set_source(path) {
+                    self.say(format!("cannot start from it: {e}"), true);
+                }
+            }
+            Action::UseCurrentAsSource => self.use_current_as_source(),
+            Action::ClearSource => self.clear_source(),
+            Action::EditMask => {
+                self.view.edit.mask.editing = true;
+                self.view.tab = Tab::Image;
             }
         }
     }

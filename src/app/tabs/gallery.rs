@@ -1,6 +1,6 @@
 //! The Gallery tab: every image in the gallery folder as a grid of thumbnails that wraps to the
 //! window's width and scrolls; a compare sweep's images stay together in one framed group. Clicking a thumbnail opens the image large; Restore puts its
-//! settings back; Delete asks first ("Delete this image?"), and only the confirmation removes
+//! settings back; Use as source starts image-to-image from it; Delete asks first ("Delete this image?"), and only the confirmation removes
 //! the file.
 
 use std::collections::HashMap;
@@ -201,6 +201,13 @@ fn buttons(ui: &mut egui::Ui, e: &Entry, view: &GalleryView, cmds: &mut Actions)
             cmds.push(Action::AskDelete(e.path.clone()));
         }
     });
+    if ui
+        .small_button("Use as source")
+        .on_hover_text("start from this image: image-to-image, or paint a mask to redraw a part")
+        .clicked()
+    {
+        cmds.push(Action::UseAsSource(e.path.clone()));
+    }
 }
 
 /// One image large, with its settings and the same actions.

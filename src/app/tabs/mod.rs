@@ -3,6 +3,7 @@
 //! image kept on disk).
 
 pub mod compare;
+pub mod edit;
 pub mod gallery;
 pub mod image;
 
