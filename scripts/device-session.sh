@@ -4,9 +4,10 @@
 # wheel in .device/wheels/. One part per call (each fits the device tool's 10 minutes):
 #   bash scripts/device-session.sh klein   selfcheck; klein 4B with SwiGLU fused and as separate
 #                                          ops, FP8; 9B; one step kernel by kernel; diffusers peer
-#   bash scripts/device-session.sh flux    FLUX.1-dev before/after (bf16, FP8, alternating), the
-#                                          FP8 step kernel by kernel, image-to-image at three
-#                                          strengths, cold start (scripts/device-cold.sh)
+#   bash scripts/device-session.sh flux    FLUX.1-dev before/after (bf16, FP8, alternating), FP8
+#                                          with its quantisation apart and with bf16 copies kept,
+#                                          image-to-image at three strengths, cold start
+#                                          (scripts/device-cold.sh, REPEATS=1)
 # Logs and JSON lines in $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
@@ -66,24 +67,28 @@ klein)
     ;;
 flux)
     xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before
+    bench() { # name, binary, extra args: random:dev 1024 px, 8 steps, 3 runs after a warm-up
+        local name=$1 bin=$2
+        shift 2
+        timeout 100 "$bin" bench --device cuda --model random:dev --width 1024 --height 1024 \
+            --steps 8 --runs 3 --warmup 1 "$@" > /tmp/r.json 2>> "$log"
+        tag "$name"
+    }
     for round in 1 2; do
-        for which in before parallax; do
-            for prec in native fp8; do
-                timeout 150 /tmp/pbin/$which bench --device cuda --model random:dev --width 1024 \
-                    --height 1024 --steps 8 --runs 3 --warmup 1 --precision $prec > /tmp/r.json 2>> "$log"
-                tag "dev-$which-$prec-r$round"
-            done
+        for prec in native fp8; do
+            bench "dev-before-$prec-r$round" /tmp/pbin/before --precision $prec
+            bench "dev-after-$prec-r$round" $b --precision $prec
         done
     done
-    STEPS=1 NCU_CLOCK=none OUT=$out/fp8 bash scripts/device-ncu.sh fp8 1024 > /dev/null 2>&1
-    python3 scripts/ncu-step.py "$out/fp8/ncu-fp8-1024.csv" | tee -a "$log"
-    timeout 100 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 4 \
+    PARALLAX_NO_FUSED_FP8_QUANT=1 bench dev-after-fp8-quant-apart $b --precision fp8
+    PARALLAX_FP8_KEEP_BF16=1 bench dev-after-fp8-keep-bf16 $b --precision fp8
+    timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 2 \
         --quiet --out /tmp/src.png >> "$log" 2>&1
     for s in 1.0 0.6 0.3; do
-        timeout 150 $b bench --device cuda --model random:dev --steps 28 --runs 2 --warmup 1 \
+        timeout 80 $b bench --device cuda --model random:dev --steps 28 --runs 2 --warmup 1 \
             --image /tmp/src.png --strength $s > /tmp/r.json 2>> "$log"
         tag "img2img-dev-28-strength-$s"
     done
-    if [[ -f scripts/device-cold.sh ]]; then bash scripts/device-cold.sh 2>&1 | tail -30 | tee -a "$log"; fi
+    REPEATS=${REPEATS:-1} timeout 280 bash scripts/device-cold.sh bf16 fp8 2>&1 | tail -30 | tee -a "$log"
     ;;
 esac
