@@ -173,7 +173,7 @@ fn generate_export_restore_and_delete() {
         h.state().uses_gpu_shaders(),
         "the test renderer gives the app a wgpu device"
     );
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     assert!(h.state().is_busy());
     step_until(&mut h, "the image", |a| !a.is_busy());
@@ -234,7 +234,7 @@ fn cancel_with_escape() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = studio(dir.path());
     h.state_mut().settings.request.steps = Some(60);
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     step_until(&mut h, "the first step", |a| {
         a.view.job.as_ref().is_some_and(|j| j.step >= 1)
     });
@@ -1112,7 +1112,7 @@ fn devices_and_layout_set_in_the_panel_run_the_job() {
     h.get_by_label("ring").set_value_accesskit(2.0);
     h.step();
 
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     step_until(&mut h, "the image", |a| !a.is_busy());
     let app = h.state();
@@ -1240,7 +1240,7 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
     let mut h = studio(dir.path());
     wait_for_model(&mut h);
     h.state_mut().settings.request.steps = Some(100);
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     step_until(&mut h, "the first step", |a| {
         a.view.job.as_ref().is_some_and(|j| j.step >= 1)
     });
@@ -1258,12 +1258,12 @@ fn generate_while_busy_queues_jobs_to_reorder_and_cancel() {
         !disabled(&h, "Generate"),
         "Generate stays on while a job runs"
     );
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.run_steps(2);
     h.state_mut().settings.request.seed = 200;
     h.state_mut().settings.batch = 1;
     h.run_steps(2);
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.run_steps(2);
     let waiting = |h: &Harness<'static, StudioApp>| -> Vec<String> {
         h.state()
@@ -1357,7 +1357,7 @@ fn dp_two_makes_two_images_with_consecutive_seeds() {
         h.query_by_label_contains("2 images at once").is_some(),
         "the plan says so"
     );
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     assert_eq!(
         h.state().view.job.as_ref().map(|j| j.summary.clone()),
@@ -1724,7 +1724,7 @@ fn a_klein_folder_loads_and_generates() {
         (r.width, r.height, r.steps, r.seed) = (64, 64, Some(2), 7);
         r.prompt = "a red fox".into();
     }
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     step_until(&mut h, "the image", |a| !a.is_busy());
     let shown = h.state().view.result.as_ref().expect("an image on screen");
@@ -1767,7 +1767,7 @@ fn a_klein_folder_loads_and_generates() {
 fn studio_with_an_image(dir: &Path) -> Harness<'static, StudioApp> {
     let mut h = studio(dir);
     wait_for_model(&mut h);
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     step_until(&mut h, "the first image", |a| {
         !a.is_busy() && a.view.result.is_some()
     });
@@ -1859,7 +1859,7 @@ fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
         h.mask(r);
     }
     h.snapshot("studio_mask_painted");
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     step_until(&mut h, "the inpainted image", |a| !a.is_busy());
     let shown = h.state().view.result.as_ref().expect("the inpainted image");
@@ -1956,7 +1956,7 @@ fn strength_sets_the_steps_run_and_invert_and_clear_work() {
         1
     );
     let before = h.state().stats.steps_seen;
-    h.get_by_label("Generate").click();
+    h.get_by_label("Generate").click_accesskit();
     h.step();
     step_until(&mut h, "the image-to-image", |a| !a.is_busy());
     let g = &h
@@ -2089,7 +2089,7 @@ fn a_source_file_is_opened_through_the_path_field() {
     assert!(labels_with(&h, "320x200").contains(&"320x200".to_string()));
     // The demo draws at 256 x 256: the source is resized, and its own size is offered.
     assert_eq!(labels_with(&h, "the source is resized to 256x256").len(), 1);
-    h.get_by_label("Use 320x192").click();
+    h.get_by_label("Use 320x192").click_accesskit();
     h.run_steps(2);
     let r = &h.state().settings.request;
     assert_eq!((r.width, r.height), (320, 192));
