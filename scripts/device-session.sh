@@ -4,7 +4,7 @@
 # wheel in .device/wheels/. One part per call (each fits the device tool's 10 minutes):
 #   bash scripts/device-session.sh klein   selfcheck; klein 4B with SwiGLU fused and as separate
 #                                          ops, FP8; 9B; one step kernel by kernel; diffusers peer
-#   bash scripts/device-session.sh flux    FLUX.1-dev before/after (bf16, FP8, alternating), FP8
+#   bash scripts/device-session.sh flux    selfcheck; FLUX.1-dev before/after (bf16, FP8, alternating), FP8
 #                                          with its quantisation apart and with bf16 copies kept,
 #                                          image-to-image at three strengths, cold start
 #                                          (scripts/device-cold.sh, REPEATS=1)
@@ -66,6 +66,9 @@ klein)
     cat "$out/peer.jsonl" | tee -a "$log"
     ;;
 flux)
+    timeout 120 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
+    echo "selfcheck rc=$?" | tee -a "$log"
+    grep -Ei "ln_modulate|FAIL|passed" "$out/selfcheck.log" | tail -12 | tee -a "$log"
     xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before
     bench() { # name, binary, extra args: random:dev 1024 px, 8 steps, 3 runs after a warm-up
         local name=$1 bin=$2
