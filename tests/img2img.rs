@@ -106,6 +106,7 @@ fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
         cache: CacheSpec::None,
         magcache: None,
         blend: entered.blend,
+        fill: entered.fill,
     };
     let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
     assert_eq!(
@@ -854,4 +855,147 @@ fn two_worker_processes_inpaint_as_one() {
         .unwrap_or(255);
     eprintln!("two worker processes against one worker: largest pixel difference {d}");
     assert!(d <= 1, "{d}");
+}
+
+// FLUX.1 Fill: `scripts/fill-reference.py` built a tiny Fill transformer (384 input channels) in
+// diffusers' layout beside the img2img fixture's autoencoder and ran `FluxFillPipeline` (4 steps,
+// strength 1, guidance 30) on the same source, mask, prompt and noise: tests/fixtures/img2img/fill/.
+
+const FILL_STEPS: usize = 4;
+const FILL_GUIDANCE: f64 = 30.0;
+
+fn fill_reference() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture_dir().join("fill/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("fill reference fixture")
+}
+
+/// The Fill fixture's transformer, read as a diffusers folder is (its `config.json` says 384
+/// input channels).
+fn fill_transformer() -> Flux {
+    let dir = fixture_dir();
+    let files = ModelFiles {
+        transformer: dir.join("fill/transformer"),
+        transformer_layout: TransformerLayout::Diffusers,
+        vae: dir.join("vae"),
+        vae_layout: VaeLayout::Diffusers,
+        text: parallax::model::text::TextEncoderPaths::diffusers(&dir),
+        demo: false,
+    };
+    pipeline::load_transformer(&files, DType::F32, &Device::Cpu)
+        .expect("fill transformer")
+        .0
+}
+
+/// The Fill fixture's denoising job (source, mask and noise through [`img2img::start_fill`]).
+fn fill_job(flux: &Flux, vae: &AutoEncoder) -> DenoiseJob {
+    let f = reference();
+    let (lh, lw) = (HEIGHT / 8, WIDTH / 8);
+    let ts = schedule::timesteps(FILL_STEPS, (lh / 2) * (lw / 2), true);
+    let mut notes = Vec::new();
+    let e = img2img::start_fill(
+        vae,
+        &Device::Cpu,
+        &init(1.0, true),
+        (WIDTH, HEIGHT),
+        &f["noise"],
+        &ts,
+        &mut notes,
+    )
+    .expect("enter");
+    assert!(e.blend.is_none(), "Fill runs without the latent blend");
+    let txt = &f["prompt_embeds"];
+    DenoiseJob {
+        cond: Conditioning {
+            txt: txt.clone(),
+            y: f["pooled_prompt_embeds"].clone(),
+        },
+        neg: None,
+        true_cfg: 1.0,
+        pe: flux
+            .pos_embed(txt.dim(1).expect("len"), lh / 2, lw / 2)
+            .expect("rope"),
+        x: e.x,
+        timesteps: e.timesteps,
+        guidance: FILL_GUIDANCE,
+        cache: CacheSpec::None,
+        magcache: None,
+        blend: None,
+        fill: e.fill,
+    }
+}
+
+/// A denoised packed latent decoded to [0, 1].
+fn decode01(vae: &AutoEncoder, x: &Tensor) -> Tensor {
+    let image = vae
+        .decode(&unpack_latent(x, HEIGHT / 8, WIDTH / 8).expect("unpack"))
+        .expect("decode");
+    ((image / 2.0).expect("half") + 0.5)
+        .expect("shift")
+        .clamp(0f32, 1f32)
+        .expect("clamp")
+}
+
+#[test]
+fn flux_fill_matches_diffusers() {
+    use parallax::model::family::Denoiser;
+    let flux = fill_transformer();
+    assert!(flux.config().is_fill());
+    assert_eq!((flux.token_channels(), flux.cond_channels()), (64, 320));
+    let (_, vae) = tiny_models();
+    let want = fill_reference();
+    let job = fill_job(&flux, &vae);
+    // The conditioning as diffusers built it: masked source latent and mask blocks.
+    let cond = job.fill.as_ref().expect("fill conditioning");
+    let d = max_abs_diff(cond, &want["masked_image_latents"]);
+    eprintln!("fill conditioning: max |diff| {d:e}");
+    assert!(d < 1e-4, "{d}");
+    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
+    assert_eq!(stats.computed, FILL_STEPS);
+    let got = decode01(&vae, &x);
+    let d = max_abs_diff(&got, &want["fill"]);
+    eprintln!("fill: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
+    assert!(d <= 1.0 / 255.0, "fill: {d}");
+    // The conditioning matters: without the mask's channels the image is far off.
+    let blank = DenoiseJob {
+        fill: Some(cond.zeros_like().expect("zeros")),
+        ..job
+    };
+    let (x, _) = pipeline::denoise(&flux, &blank, None, &mut |_| Ok(())).expect("denoise");
+    let off = max_abs_diff(&decode01(&vae, &x), &want["fill"]);
+    eprintln!("the same run with zero conditioning: max |diff| {off:e}");
+    assert!(off > 20.0 / 255.0, "{off}");
+}
+
+#[test]
+fn flux_fill_on_ulysses_2_matches_one_worker() {
+    use parallax::model::family::Denoiser;
+    use parallax::parallel::comm::{run_local, Communicator};
+    use parallax::parallel::replica::SpReplica;
+    use parallax::parallel::ulysses::UlyssesAttention;
+    use std::sync::Arc;
+    let flux: Arc<dyn Denoiser> = Arc::new(fill_transformer());
+    let (_, vae) = tiny_models();
+    let flux_ref = fill_transformer();
+    let job = fill_job(&flux_ref, &vae);
+    let (one, _) = pipeline::denoise(flux.as_ref(), &job, None, &mut |_| Ok(())).expect("one");
+    let outs = run_local(2, |_, comm| {
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let r = SpReplica::new(
+            flux.clone(),
+            comm.clone(),
+            Arc::new(UlyssesAttention::new(comm)),
+        );
+        Ok(pipeline::denoise(&r, &job, None, &mut |_| Ok(()))
+            .expect("rank")
+            .0)
+    })
+    .expect("ranks");
+    for (rank, x) in outs.iter().enumerate() {
+        let d = max_abs_diff(x, &one);
+        eprintln!("ulysses 2, rank {rank}: max |latent diff| {d:e}");
+        assert!(d < 1e-4, "rank {rank}: {d}");
+    }
 }

@@ -246,6 +246,9 @@ pub struct DenoiseJob {
     pub magcache: Option<Arc<MagCalibration>>,
     /// Inpainting's blend after each step (the source kept outside the mask).
     pub blend: Option<img2img::Blend>,
+    /// A FLUX.1 Fill checkpoint's conditioning (1, N, 320), joined after the latent in every
+    /// step's input ([`img2img::fill_conditioning`]).
+    pub fill: Option<Tensor>,
 }
 
 impl DenoiseJob {
@@ -1013,11 +1016,14 @@ impl Pipeline {
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
         let ts = self.model.schedule.timesteps(settings.steps, gh * gw);
-        let (x, ts, blend) = match &settings.init {
-            None => (spec.pack(&noise)?, ts, None),
+        let (x, ts, blend, fill) = match &settings.init {
+            None if self.denoiser().cond_channels() > 0 => {
+                return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()))
+            }
+            None => (spec.pack(&noise)?, ts, None, None),
             Some(init) => {
                 let e = self.enter_source(init, &noise, &ts, &settings, &mut notes)?;
-                (e.x, e.timesteps, e.blend)
+                (e.x, e.timesteps, e.blend, e.fill)
             }
         };
         let pe = self.denoiser().pos_embed(cond.txt.dim(1)?, gh, gw)?;
@@ -1044,6 +1050,7 @@ impl Pipeline {
             cache,
             magcache,
             blend,
+            fill,
         };
         Ok(Prepared {
             job,
@@ -1072,7 +1079,28 @@ impl Pipeline {
                 self.label
             )));
         }
-        let e = img2img::start(
+        let start = match self.denoiser().cond_channels() {
+            0 => img2img::start,
+            c if c + crate::model::flux::LATENT_CHANNELS == crate::model::flux::FILL_IN_CHANNELS => {
+                if init.mask.is_none() && init.extend.is_none() {
+                    return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()));
+                }
+                if settings.guidance < 10.0 {
+                    notes.push(format!(
+                        "guidance {}: FLUX.1 Fill is made for guidance about 30",
+                        settings.guidance
+                    ));
+                }
+                img2img::start_fill
+            }
+            c => {
+                return Err(Error::Image(format!(
+                    "{} takes {c} input channels beside the latent's: only FLUX.1 Fill checkpoints (320) are supported, not control (Depth, Canny) checkpoints",
+                    self.label
+                )))
+            }
+        };
+        let e = start(
             vae,
             self.device(),
             init,
@@ -1083,7 +1111,9 @@ impl Pipeline {
         )?;
         notes.push(format!(
             "{} from {} at strength {}: {} of {} steps run",
-            if init.mask.is_some() {
+            if e.fill.is_some() {
+                "FLUX.1 Fill inpainting"
+            } else if init.mask.is_some() {
                 "inpainting"
             } else {
                 "image-to-image"
@@ -1269,6 +1299,7 @@ pub fn denoise(
         policy.as_mut(),
         cfg,
         job.blend.as_ref(),
+        job.fill.as_ref(),
         on_step,
     )
 }
