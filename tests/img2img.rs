@@ -999,3 +999,52 @@ fn flux_fill_on_ulysses_2_matches_one_worker() {
         assert!(d < 1e-4, "rank {rank}: {d}");
     }
 }
+
+/// A Fill-shaped tiny model (made-up weights) through the whole pipeline: refused without an
+/// image and a mask, and on the engine's Ulysses 2 and Ring 2 layouts the one-worker image.
+#[test]
+fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_every_sequence_layout() {
+    use parallax::model::flux::{FluxConfig, FILL_IN_CHANNELS};
+    use parallax::parallel::layout::ParallelLayout;
+    use parallax::parallel::ranks;
+    let cfg = FluxConfig {
+        in_channels: FILL_IN_CHANNELS,
+        ..FluxConfig::tiny()
+    };
+    let p = Pipeline::tiny_random_as(&cfg, &Device::Cpu).expect("tiny fill");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = small_inpaint(dir.path());
+    let plain = GenerateRequest {
+        init: None,
+        ..r.clone()
+    };
+    let e = p.generate(&plain, &mut |_| Ok(())).expect_err("no image");
+    assert!(
+        e.to_string().contains("FLUX.1 Fill model") && e.to_string().contains("--mask"),
+        "{e}"
+    );
+    let no_mask = GenerateRequest {
+        init: r.init.clone().map(|i| InitImage { mask: None, ..i }),
+        ..r.clone()
+    };
+    let e = p.generate(&no_mask, &mut |_| Ok(())).expect_err("no mask");
+    assert!(e.to_string().contains("FLUX.1 Fill model"), "{e}");
+    let one = p.generate(&r, &mut |_| Ok(())).expect("one worker");
+    assert!(
+        one.notes
+            .iter()
+            .any(|n| n.contains("FLUX.1 Fill inpainting")),
+        "{:?}",
+        one.notes
+    );
+    let l = ParallelLayout::default;
+    for (name, layout) in [
+        ("ulysses 2", ParallelLayout { ulysses: 2, ..l() }),
+        ("ring 2", ParallelLayout { ring: 2, ..l() }),
+    ] {
+        let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
+        let d = max_pixel_diff(&g.image, &one.image);
+        eprintln!("fill, {name}: largest pixel difference {d}");
+        assert!(d <= 1, "{name}: {d}");
+    }
+}

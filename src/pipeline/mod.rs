@@ -469,12 +469,15 @@ impl Pipeline {
     /// (`random:tiny`): for tests that need a small model whose output is noise. Its images are
     /// labelled DEMO.
     pub fn tiny_random(device: &Device) -> Result<Self> {
+        Self::tiny_random_as(&FluxConfig::tiny(), device)
+    }
+
+    /// [`Pipeline::tiny_random`] with the transformer of `cfg` (say a FLUX.1 Fill checkpoint's
+    /// input channels on [`FluxConfig::tiny`]).
+    pub fn tiny_random_as(cfg: &FluxConfig, device: &Device) -> Result<Self> {
         let dtype = DType::F32;
         let seeds = DemoSeeds::BUILTIN;
-        let flux = Flux::new(
-            &FluxConfig::tiny(),
-            DemoWeights::new(seeds.flux).var_builder(dtype, device),
-        )?;
+        let flux = Flux::new(cfg, DemoWeights::new(seeds.flux).var_builder(dtype, device))?;
         let vae = AutoEncoder::new(
             &VaeConfig::tiny(),
             DemoWeights::new(seeds.vae).var_builder(dtype, device),
@@ -1002,6 +1005,9 @@ impl Pipeline {
             ));
         }
 
+        if settings.init.is_none() && self.denoiser().cond_channels() > 0 {
+            return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()));
+        }
         let t0 = Instant::now();
         let (cond, enc_notes) = self.encode(&settings.prompt)?;
         notes.extend(enc_notes);
@@ -1017,9 +1023,6 @@ impl Pipeline {
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
         let ts = self.model.schedule.timesteps(settings.steps, gh * gw);
         let (x, ts, blend, fill) = match &settings.init {
-            None if self.denoiser().cond_channels() > 0 => {
-                return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()))
-            }
             None => (spec.pack(&noise)?, ts, None, None),
             Some(init) => {
                 let e = self.enter_source(init, &noise, &ts, &settings, &mut notes)?;
