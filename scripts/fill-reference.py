@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from diffusers import AutoencoderKL, FluxFillPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxFillPipeline
 from diffusers.pipelines.flux import pipeline_flux_fill
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,35 +42,9 @@ GUIDANCE = 30.0
 torch.set_grad_enabled(False)
 
 
-def tiny_fill_transformer():
-    torch.manual_seed(5)
-    m = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=384,
-        out_channels=64,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
-    g = torch.Generator().manual_seed(6)
-    for name, p in m.named_parameters():
-        fan_in = p.shape[-1] if p.dim() > 1 else 1
-        scale = 1.0 / np.sqrt(fan_in) if p.dim() > 1 else 0.1
-        if name.startswith("x_embedder.weight"):
-            # The conditioning's 320 columns as strong as the latent's 64.
-            scale = 1.0 / np.sqrt(64)
-        p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and p.dim() == 1 and "weight" in name else 0.0))
-    return m.eval()
-
-
 def main():
     os.makedirs(os.path.join(OUT, "transformer"), exist_ok=True)
-    transformer = tiny_fill_transformer()
+    transformer = ref.tiny_transformer(in_channels=384, seeds=(5, 6))
     transformer.save_pretrained(os.path.join(OUT, "transformer"), safe_serialization=True)
     vae = AutoencoderKL.from_pretrained(os.path.join(ref.OUT, "vae")).eval()
     f = load_file(os.path.join(ref.OUT, "reference.safetensors"))

@@ -35,17 +35,22 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
         .expect("reference fixture")
 }
 
-/// The fixture's transformer and autoencoder, read as a diffusers folder is.
-fn tiny_models() -> (Flux, AutoEncoder) {
+/// The fixture's files as a diffusers folder names them, the transformer in `transformer`.
+fn fixture_files(transformer: &str) -> ModelFiles {
     let dir = fixture_dir();
-    let files = ModelFiles {
-        transformer: dir.join("transformer"),
+    ModelFiles {
+        transformer: dir.join(transformer),
         transformer_layout: TransformerLayout::Diffusers,
         vae: dir.join("vae"),
         vae_layout: VaeLayout::Diffusers,
         text: parallax::model::text::TextEncoderPaths::diffusers(&dir),
         demo: false,
-    };
+    }
+}
+
+/// The fixture's transformer and autoencoder, read as a diffusers folder is.
+fn tiny_models() -> (Flux, AutoEncoder) {
+    let files = fixture_files("transformer");
     let (flux, _) =
         pipeline::load_transformer(&files, DType::F32, &Device::Cpu).expect("transformer");
     let vae = pipeline::load_vae(&files, DType::F32, &Device::Cpu).expect("autoencoder");
@@ -74,23 +79,43 @@ fn init(strength: f64, mask: bool) -> InitImage {
 /// The fixture's run through Parallax's image-to-image: the image in [0, 1], (1, 3, H, W).
 fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
     let (flux, vae) = tiny_models();
+    let job = fixture_job(&flux, &vae, steps, init, GUIDANCE, false);
+    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
+    assert_eq!(
+        stats.computed,
+        steps - img2img::start_step(steps, init.strength)
+    );
+    decode01(&vae, &x)
+}
+
+/// The fixture's denoising job on `flux`: its prompt and noise, `init` entered through
+/// [`img2img::start_with`] (`fill`: as a FLUX.1 Fill checkpoint takes it).
+fn fixture_job(
+    flux: &Flux,
+    vae: &AutoEncoder,
+    steps: usize,
+    init: &InitImage,
+    guidance: f64,
+    fill: bool,
+) -> DenoiseJob {
     let f = reference();
     let (lh, lw) = (HEIGHT / 8, WIDTH / 8);
     let ts = schedule::timesteps(steps, (lh / 2) * (lw / 2), true);
     let mut notes = Vec::new();
-    let entered = img2img::start(
-        &vae,
+    let entered = img2img::start_with(
+        vae,
         &Device::Cpu,
         init,
         (WIDTH, HEIGHT),
         &f["noise"],
         &ts,
         &mut notes,
+        fill,
     )
     .expect("enter");
     assert!(notes.is_empty(), "{notes:?}");
     let txt = &f["prompt_embeds"];
-    let job = DenoiseJob {
+    DenoiseJob {
         cond: Conditioning {
             txt: txt.clone(),
             y: f["pooled_prompt_embeds"].clone(),
@@ -102,19 +127,18 @@ fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
             .expect("rope"),
         x: entered.x,
         timesteps: entered.timesteps,
-        guidance: GUIDANCE,
+        guidance,
         cache: CacheSpec::None,
         magcache: None,
         blend: entered.blend,
         fill: entered.fill,
-    };
-    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
-    assert_eq!(
-        stats.computed,
-        steps - img2img::start_step(steps, init.strength)
-    );
+    }
+}
+
+/// A denoised packed latent decoded to [0, 1].
+fn decode01(vae: &AutoEncoder, x: &Tensor) -> Tensor {
     let image = vae
-        .decode(&unpack_latent(&x, lh, lw).expect("unpack"))
+        .decode(&unpack_latent(x, HEIGHT / 8, WIDTH / 8).expect("unpack"))
         .expect("decode");
     ((image / 2.0).expect("half") + 0.5)
         .expect("shift")
@@ -875,67 +899,16 @@ fn fill_reference() -> std::collections::HashMap<String, Tensor> {
 /// The Fill fixture's transformer, read as a diffusers folder is (its `config.json` says 384
 /// input channels).
 fn fill_transformer() -> Flux {
-    let dir = fixture_dir();
-    let files = ModelFiles {
-        transformer: dir.join("fill/transformer"),
-        transformer_layout: TransformerLayout::Diffusers,
-        vae: dir.join("vae"),
-        vae_layout: VaeLayout::Diffusers,
-        text: parallax::model::text::TextEncoderPaths::diffusers(&dir),
-        demo: false,
-    };
-    pipeline::load_transformer(&files, DType::F32, &Device::Cpu)
+    pipeline::load_transformer(&fixture_files("fill/transformer"), DType::F32, &Device::Cpu)
         .expect("fill transformer")
         .0
 }
 
-/// The Fill fixture's denoising job (source, mask and noise through [`img2img::start_fill`]).
+/// The Fill fixture's denoising job.
 fn fill_job(flux: &Flux, vae: &AutoEncoder) -> DenoiseJob {
-    let f = reference();
-    let (lh, lw) = (HEIGHT / 8, WIDTH / 8);
-    let ts = schedule::timesteps(FILL_STEPS, (lh / 2) * (lw / 2), true);
-    let mut notes = Vec::new();
-    let e = img2img::start_fill(
-        vae,
-        &Device::Cpu,
-        &init(1.0, true),
-        (WIDTH, HEIGHT),
-        &f["noise"],
-        &ts,
-        &mut notes,
-    )
-    .expect("enter");
-    assert!(e.blend.is_none(), "Fill runs without the latent blend");
-    let txt = &f["prompt_embeds"];
-    DenoiseJob {
-        cond: Conditioning {
-            txt: txt.clone(),
-            y: f["pooled_prompt_embeds"].clone(),
-        },
-        neg: None,
-        true_cfg: 1.0,
-        pe: flux
-            .pos_embed(txt.dim(1).expect("len"), lh / 2, lw / 2)
-            .expect("rope"),
-        x: e.x,
-        timesteps: e.timesteps,
-        guidance: FILL_GUIDANCE,
-        cache: CacheSpec::None,
-        magcache: None,
-        blend: None,
-        fill: e.fill,
-    }
-}
-
-/// A denoised packed latent decoded to [0, 1].
-fn decode01(vae: &AutoEncoder, x: &Tensor) -> Tensor {
-    let image = vae
-        .decode(&unpack_latent(x, HEIGHT / 8, WIDTH / 8).expect("unpack"))
-        .expect("decode");
-    ((image / 2.0).expect("half") + 0.5)
-        .expect("shift")
-        .clamp(0f32, 1f32)
-        .expect("clamp")
+    let job = fixture_job(flux, vae, FILL_STEPS, &init(1.0, true), FILL_GUIDANCE, true);
+    assert!(job.blend.is_none(), "Fill runs without the latent blend");
+    job
 }
 
 #[test]

@@ -337,26 +337,14 @@ pub fn start(
     timesteps: &[f64],
     notes: &mut Vec<String>,
 ) -> Result<Entered> {
-    start_as(vae, device, init, size, noise, timesteps, notes, false)
+    start_with(vae, device, init, size, noise, timesteps, notes, false)
 }
 
-/// [`start`] for a FLUX.1 Fill checkpoint: the mask goes into the transformer
-/// ([`Entered::fill`], see [`fill_conditioning`]) instead of the blend. `init` must have a mask
-/// (or an extended canvas).
-pub fn start_fill(
-    vae: &AutoEncoder,
-    device: &Device,
-    init: &InitImage,
-    size: (usize, usize),
-    noise: &Tensor,
-    timesteps: &[f64],
-    notes: &mut Vec<String>,
-) -> Result<Entered> {
-    start_as(vae, device, init, size, noise, timesteps, notes, true)
-}
-
+/// [`start`], or with `fill` as a FLUX.1 Fill checkpoint takes it: the mask goes into the
+/// transformer ([`Entered::fill`], see [`fill_conditioning`]) instead of the blend, and `init`
+/// must have a mask (or an extended canvas).
 #[allow(clippy::too_many_arguments)]
-fn start_as(
+pub fn start_with(
     vae: &AutoEncoder,
     device: &Device,
     init: &InitImage,

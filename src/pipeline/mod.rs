@@ -1082,8 +1082,8 @@ impl Pipeline {
                 self.label
             )));
         }
-        let start = match self.denoiser().cond_channels() {
-            0 => img2img::start,
+        let fill = match self.denoiser().cond_channels() {
+            0 => false,
             c if c + crate::model::flux::LATENT_CHANNELS == crate::model::flux::FILL_IN_CHANNELS => {
                 if init.mask.is_none() && init.extend.is_none() {
                     return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()));
@@ -1094,7 +1094,7 @@ impl Pipeline {
                         settings.guidance
                     ));
                 }
-                img2img::start_fill
+                true
             }
             c => {
                 return Err(Error::Image(format!(
@@ -1103,7 +1103,7 @@ impl Pipeline {
                 )))
             }
         };
-        let e = start(
+        let e = img2img::start_with(
             vae,
             self.device(),
             init,
@@ -1111,6 +1111,7 @@ impl Pipeline {
             noise,
             ts,
             notes,
+            fill,
         )?;
         notes.push(format!(
             "{} from {} at strength {}: {} of {} steps run",
