@@ -974,11 +974,13 @@ fn flux_fill_on_ulysses_2_matches_one_worker() {
 }
 
 /// A Fill-shaped tiny model (made-up weights) through the whole pipeline: refused without an
-/// image and a mask, and on the engine's Ulysses 2 and Ring 2 layouts the one-worker image.
+/// image and a mask, and on the engine's Ulysses 2, Ring 2 and PipeFusion 2 (all warm-up)
+/// layouts the one-worker image.
 #[test]
-fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_every_sequence_layout() {
+fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
     use parallax::model::flux::{FluxConfig, FILL_IN_CHANNELS};
-    use parallax::parallel::layout::ParallelLayout;
+    use parallax::parallel::layout::{ParallelLayout, Stale};
+    use parallax::parallel::pipefusion::StageBalance;
     use parallax::parallel::ranks;
     let cfg = FluxConfig {
         in_channels: FILL_IN_CHANNELS,
@@ -1014,6 +1016,18 @@ fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_every_sequence_layout() {
     for (name, layout) in [
         ("ulysses 2", ParallelLayout { ulysses: 2, ..l() }),
         ("ring 2", ParallelLayout { ring: 2, ..l() }),
+        (
+            "pipefusion 2, all warm-up",
+            ParallelLayout {
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 2,
+                    warmup: 4,
+                    balance: StageBalance::Work,
+                },
+                ..l()
+            },
+        ),
     ] {
         let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
         let d = max_pixel_diff(&g.image, &one.image);
