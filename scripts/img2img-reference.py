@@ -52,11 +52,13 @@ torch.manual_seed(0)
 torch.set_grad_enabled(False)
 
 
-def tiny_transformer():
-    torch.manual_seed(1)
+def tiny_transformer(in_channels=64, seeds=(1, 2)):
+    """The tiny transformer; `in_channels` 384 makes it a FLUX.1 Fill one (scripts/fill-reference.py)."""
+    torch.manual_seed(seeds[0])
     m = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=in_channels,
+        out_channels=64,
         num_layers=1,
         num_single_layers=2,
         attention_head_dim=16,
@@ -68,7 +70,7 @@ def tiny_transformer():
     )
     # The default initialisation leaves some layers near zero; seeded normal weights make every
     # path matter.
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seeds[1])
     for name, p in m.named_parameters():
         fan_in = p.shape[-1] if p.dim() > 1 else 1
         scale = 1.0 / np.sqrt(fan_in) if p.dim() > 1 else 0.1

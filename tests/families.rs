@@ -347,6 +347,7 @@ fn job(m: &dyn Denoiser, seed: u64) -> DenoiseJob {
         cache: CacheSpec::None,
         magcache: None,
         blend: None,
+        fill: None,
     }
 }
 

@@ -35,17 +35,22 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
         .expect("reference fixture")
 }
 
-/// The fixture's transformer and autoencoder, read as a diffusers folder is.
-fn tiny_models() -> (Flux, AutoEncoder) {
+/// The fixture's files as a diffusers folder names them, the transformer in `transformer`.
+fn fixture_files(transformer: &str) -> ModelFiles {
     let dir = fixture_dir();
-    let files = ModelFiles {
-        transformer: dir.join("transformer"),
+    ModelFiles {
+        transformer: dir.join(transformer),
         transformer_layout: TransformerLayout::Diffusers,
         vae: dir.join("vae"),
         vae_layout: VaeLayout::Diffusers,
         text: parallax::model::text::TextEncoderPaths::diffusers(&dir),
         demo: false,
-    };
+    }
+}
+
+/// The fixture's transformer and autoencoder, read as a diffusers folder is.
+fn tiny_models() -> (Flux, AutoEncoder) {
+    let files = fixture_files("transformer");
     let (flux, _) =
         pipeline::load_transformer(&files, DType::F32, &Device::Cpu).expect("transformer");
     let vae = pipeline::load_vae(&files, DType::F32, &Device::Cpu).expect("autoencoder");
@@ -74,23 +79,43 @@ fn init(strength: f64, mask: bool) -> InitImage {
 /// The fixture's run through Parallax's image-to-image: the image in [0, 1], (1, 3, H, W).
 fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
     let (flux, vae) = tiny_models();
+    let job = fixture_job(&flux, &vae, steps, init, GUIDANCE, false);
+    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
+    assert_eq!(
+        stats.computed,
+        steps - img2img::start_step(steps, init.strength)
+    );
+    decode01(&vae, &x)
+}
+
+/// The fixture's denoising job on `flux`: its prompt and noise, `init` entered through
+/// [`img2img::start_with`] (`fill`: as a FLUX.1 Fill checkpoint takes it).
+fn fixture_job(
+    flux: &Flux,
+    vae: &AutoEncoder,
+    steps: usize,
+    init: &InitImage,
+    guidance: f64,
+    fill: bool,
+) -> DenoiseJob {
     let f = reference();
     let (lh, lw) = (HEIGHT / 8, WIDTH / 8);
     let ts = schedule::timesteps(steps, (lh / 2) * (lw / 2), true);
     let mut notes = Vec::new();
-    let entered = img2img::start(
-        &vae,
+    let entered = img2img::start_with(
+        vae,
         &Device::Cpu,
         init,
         (WIDTH, HEIGHT),
         &f["noise"],
         &ts,
         &mut notes,
+        fill,
     )
     .expect("enter");
     assert!(notes.is_empty(), "{notes:?}");
     let txt = &f["prompt_embeds"];
-    let job = DenoiseJob {
+    DenoiseJob {
         cond: Conditioning {
             txt: txt.clone(),
             y: f["pooled_prompt_embeds"].clone(),
@@ -102,18 +127,18 @@ fn run_fixture(steps: usize, init: &InitImage) -> Tensor {
             .expect("rope"),
         x: entered.x,
         timesteps: entered.timesteps,
-        guidance: GUIDANCE,
+        guidance,
         cache: CacheSpec::None,
         magcache: None,
         blend: entered.blend,
-    };
-    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
-    assert_eq!(
-        stats.computed,
-        steps - img2img::start_step(steps, init.strength)
-    );
+        fill: entered.fill,
+    }
+}
+
+/// A denoised packed latent decoded to [0, 1].
+fn decode01(vae: &AutoEncoder, x: &Tensor) -> Tensor {
     let image = vae
-        .decode(&unpack_latent(&x, lh, lw).expect("unpack"))
+        .decode(&unpack_latent(x, HEIGHT / 8, WIDTH / 8).expect("unpack"))
         .expect("decode");
     ((image / 2.0).expect("half") + 0.5)
         .expect("shift")
@@ -854,4 +879,159 @@ fn two_worker_processes_inpaint_as_one() {
         .unwrap_or(255);
     eprintln!("two worker processes against one worker: largest pixel difference {d}");
     assert!(d <= 1, "{d}");
+}
+
+// FLUX.1 Fill: `scripts/fill-reference.py` built a tiny Fill transformer (384 input channels) in
+// diffusers' layout beside the img2img fixture's autoencoder and ran `FluxFillPipeline` (4 steps,
+// strength 1, guidance 30) on the same source, mask, prompt and noise: tests/fixtures/img2img/fill/.
+
+const FILL_STEPS: usize = 4;
+const FILL_GUIDANCE: f64 = 30.0;
+
+fn fill_reference() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture_dir().join("fill/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("fill reference fixture")
+}
+
+/// The Fill fixture's transformer, read as a diffusers folder is (its `config.json` says 384
+/// input channels).
+fn fill_transformer() -> Flux {
+    pipeline::load_transformer(&fixture_files("fill/transformer"), DType::F32, &Device::Cpu)
+        .expect("fill transformer")
+        .0
+}
+
+/// The Fill fixture's denoising job.
+fn fill_job(flux: &Flux, vae: &AutoEncoder) -> DenoiseJob {
+    let job = fixture_job(flux, vae, FILL_STEPS, &init(1.0, true), FILL_GUIDANCE, true);
+    assert!(job.blend.is_none(), "Fill runs without the latent blend");
+    job
+}
+
+#[test]
+fn flux_fill_matches_diffusers() {
+    use parallax::model::family::Denoiser;
+    let flux = fill_transformer();
+    assert!(flux.config().is_fill());
+    assert_eq!((flux.token_channels(), flux.cond_channels()), (64, 320));
+    let (_, vae) = tiny_models();
+    let want = fill_reference();
+    let job = fill_job(&flux, &vae);
+    // The conditioning as diffusers built it: masked source latent and mask blocks.
+    let cond = job.fill.as_ref().expect("fill conditioning");
+    let d = max_abs_diff(cond, &want["masked_image_latents"]);
+    eprintln!("fill conditioning: max |diff| {d:e}");
+    assert!(d < 1e-4, "{d}");
+    let (x, stats) = pipeline::denoise(&flux, &job, None, &mut |_| Ok(())).expect("denoise");
+    assert_eq!(stats.computed, FILL_STEPS);
+    let got = decode01(&vae, &x);
+    let d = max_abs_diff(&got, &want["fill"]);
+    eprintln!("fill: max |diff| {d:e} (1/255 = {:e})", 1.0 / 255.0);
+    assert!(d <= 1.0 / 255.0, "fill: {d}");
+    // The conditioning matters: without the mask's channels the image is far off.
+    let blank = DenoiseJob {
+        fill: Some(cond.zeros_like().expect("zeros")),
+        ..job
+    };
+    let (x, _) = pipeline::denoise(&flux, &blank, None, &mut |_| Ok(())).expect("denoise");
+    let off = max_abs_diff(&decode01(&vae, &x), &want["fill"]);
+    eprintln!("the same run with zero conditioning: max |diff| {off:e}");
+    assert!(off > 20.0 / 255.0, "{off}");
+}
+
+#[test]
+fn flux_fill_on_ulysses_2_matches_one_worker() {
+    use parallax::model::family::Denoiser;
+    use parallax::parallel::comm::{run_local, Communicator};
+    use parallax::parallel::replica::SpReplica;
+    use parallax::parallel::ulysses::UlyssesAttention;
+    use std::sync::Arc;
+    let flux: Arc<dyn Denoiser> = Arc::new(fill_transformer());
+    let (_, vae) = tiny_models();
+    let flux_ref = fill_transformer();
+    let job = fill_job(&flux_ref, &vae);
+    let (one, _) = pipeline::denoise(flux.as_ref(), &job, None, &mut |_| Ok(())).expect("one");
+    let outs = run_local(2, |_, comm| {
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let r = SpReplica::new(
+            flux.clone(),
+            comm.clone(),
+            Arc::new(UlyssesAttention::new(comm)),
+        );
+        Ok(pipeline::denoise(&r, &job, None, &mut |_| Ok(()))
+            .expect("rank")
+            .0)
+    })
+    .expect("ranks");
+    for (rank, x) in outs.iter().enumerate() {
+        let d = max_abs_diff(x, &one);
+        eprintln!("ulysses 2, rank {rank}: max |latent diff| {d:e}");
+        assert!(d < 1e-4, "rank {rank}: {d}");
+    }
+}
+
+/// A Fill-shaped tiny model (made-up weights) through the whole pipeline: refused without an
+/// image and a mask, and on the engine's Ulysses 2, Ring 2 and PipeFusion 2 (all warm-up)
+/// layouts the one-worker image.
+#[test]
+fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
+    use parallax::model::flux::{FluxConfig, FILL_IN_CHANNELS};
+    use parallax::parallel::layout::{ParallelLayout, Stale};
+    use parallax::parallel::pipefusion::StageBalance;
+    use parallax::parallel::ranks;
+    let cfg = FluxConfig {
+        in_channels: FILL_IN_CHANNELS,
+        ..FluxConfig::tiny()
+    };
+    let p = Pipeline::tiny_random_as(&cfg, &Device::Cpu).expect("tiny fill");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = small_inpaint(dir.path());
+    let plain = GenerateRequest {
+        init: None,
+        ..r.clone()
+    };
+    let e = p.generate(&plain, &mut |_| Ok(())).expect_err("no image");
+    assert!(
+        e.to_string().contains("FLUX.1 Fill model") && e.to_string().contains("--mask"),
+        "{e}"
+    );
+    let no_mask = GenerateRequest {
+        init: r.init.clone().map(|i| InitImage { mask: None, ..i }),
+        ..r.clone()
+    };
+    let e = p.generate(&no_mask, &mut |_| Ok(())).expect_err("no mask");
+    assert!(e.to_string().contains("FLUX.1 Fill model"), "{e}");
+    let one = p.generate(&r, &mut |_| Ok(())).expect("one worker");
+    assert!(
+        one.notes
+            .iter()
+            .any(|n| n.contains("FLUX.1 Fill inpainting")),
+        "{:?}",
+        one.notes
+    );
+    let l = ParallelLayout::default;
+    for (name, layout) in [
+        ("ulysses 2", ParallelLayout { ulysses: 2, ..l() }),
+        ("ring 2", ParallelLayout { ring: 2, ..l() }),
+        (
+            "pipefusion 2, all warm-up",
+            ParallelLayout {
+                stale: Stale::PipeFusion {
+                    stages: 2,
+                    patches: 2,
+                    warmup: 4,
+                    balance: StageBalance::Work,
+                },
+                ..l()
+            },
+        ),
+    ] {
+        let g = ranks::generate(&p, layout, &r, &mut |_| Ok(())).expect(name);
+        let d = max_pixel_diff(&g.image, &one.image);
+        eprintln!("fill, {name}: largest pixel difference {d}");
+        assert!(d <= 1, "{name}: {d}");
+    }
 }

@@ -182,6 +182,7 @@ fn job(m: &Flux, seed: u64) -> DenoiseJob {
         cache: CacheSpec::None,
         magcache: None,
         blend: None,
+        fill: None,
     }
 }
 

@@ -1161,3 +1161,42 @@ fn demo_model_as_gguf_generates_like_its_safetensors() {
         }
     }
 }
+
+/// A FLUX.1 Fill checkpoint is told by `img_in`'s 384 input channels in either layout, from the
+/// shapes alone (made-up weights: a BFL single file and the same tensors in diffusers' names).
+#[test]
+fn fill_checkpoints_are_detected_in_both_layouts() {
+    use parallax::model::flux::FILL_IN_CHANNELS;
+    let cfg = FluxConfig {
+        in_channels: FILL_IN_CHANNELS,
+        ..FluxConfig::tiny()
+    };
+    assert!(cfg.is_fill() && !FluxConfig::tiny().is_fill());
+    assert_eq!((cfg.out_channels(), cfg.cond_channels()), (64, 320));
+    assert_eq!(FluxConfig::tiny().cond_channels(), 0);
+    let (_, tensors) = tiny_tensors(&cfg);
+    let (_dir, loaded) = load_bfl_file(&tensors, "flux1-fill-dev.safetensors");
+    let (flux, _) = loaded.expect("load fill");
+    assert_eq!(flux.config(), &cfg);
+    assert_eq!((flux.token_channels(), flux.cond_channels()), (64, 320));
+
+    let map = FluxDiffusersMap {
+        hidden: cfg.hidden_size,
+        mlp_hidden: cfg.mlp_hidden(),
+    };
+    let diff = export(&map, &tensors).expect("export");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("diffusion_pytorch_model.safetensors");
+    save_safetensors(&diff, &path).expect("save");
+    let set = SafetensorsSet::open(&path).expect("open");
+    assert_eq!(
+        layout::infer_flux_config(&set, &TransformerLayout::Diffusers).expect("infer"),
+        cfg
+    );
+    // And a diffusers config.json says so with out_channels 64.
+    let json = layout::flux_config_to_diffusers_json(&cfg);
+    assert_eq!(
+        (json["in_channels"].as_u64(), json["out_channels"].as_u64()),
+        (Some(384), Some(64))
+    );
+}

@@ -50,6 +50,11 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     fn text_spec(&self) -> TextSpec;
     /// Width of a packed latent token, in and out.
     fn token_channels(&self) -> usize;
+    /// Channels of fixed conditioning joined after the latent's in every step's input (a FLUX.1
+    /// Fill checkpoint's masked source and mask); 0 for most models.
+    fn cond_channels(&self) -> usize {
+        0
+    }
     /// RoPE tables for `txt_len` text tokens and an `h` x `w` grid of image tokens (the family's
     /// axes and theta).
     fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed>;

@@ -778,6 +778,7 @@ pub fn flux_config_to_diffusers_json(cfg: &FluxConfig) -> serde_json::Value {
         "num_layers": cfg.depth,
         "num_single_layers": cfg.depth_single_blocks,
         "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels(),
         "joint_attention_dim": cfg.context_in_dim,
         "pooled_projection_dim": cfg.vec_in_dim,
         "guidance_embeds": cfg.guidance_embed,

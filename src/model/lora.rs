@@ -45,7 +45,7 @@ pub fn flux_linear_layers(cfg: &FluxConfig) -> Vec<(String, usize, usize)> {
         ("time_in.out_layer".into(), h, h),
         ("vector_in.in_layer".into(), h, cfg.vec_in_dim),
         ("vector_in.out_layer".into(), h, h),
-        ("final_layer.linear".into(), cfg.in_channels, h),
+        ("final_layer.linear".into(), cfg.out_channels(), h),
         ("final_layer.adaLN_modulation.1".into(), 2 * h, h),
     ];
     if cfg.guidance_embed {

@@ -223,6 +223,7 @@ pub fn job_on(
             .as_ref()
             .map(|b| b.to_device(device))
             .transpose()?,
+        fill: job.fill.as_ref().map(|f| f.to_device(device)).transpose()?,
         ..job.clone()
     })
 }

@@ -95,6 +95,9 @@ macro_rules! pass_to_model {
         fn token_channels(&self) -> usize {
             self.model.token_channels()
         }
+        fn cond_channels(&self) -> usize {
+            self.model.cond_channels()
+        }
         fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed> {
             self.model.pos_embed(txt_len, h, w)
         }

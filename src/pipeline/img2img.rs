@@ -13,6 +13,12 @@
 //!   time with the same noise: `x = (1 - m) * (t * noise + (1 - t) * source) + m * x` (the last
 //!   step's time is 0, the source itself).
 //!
+//! - **FLUX.1 Fill** ([`fill_conditioning`]), as diffusers' `FluxFillPipeline`: no blend; the
+//!   transformer takes, after the noisy latent, the packed latent of the source with the masked
+//!   area zeroed (`image * (1 - mask)`, encoded like the source) and the binarised mask at image
+//!   resolution, each 8x8 pixel block made 64 channels (row within the block, then column) and
+//!   packed 2x2: 64 + 256 channels, the same every step.
+//!
 //! The blend works on whole latents: every rank of a parallel layout holds the whole latent
 //! between steps (a sequence-parallel replica gathers each step's velocity), so the source, the
 //! noise and the mask travel with the job as the noise does.
@@ -331,18 +337,77 @@ pub fn start(
     timesteps: &[f64],
     notes: &mut Vec<String>,
 ) -> Result<Entered> {
+    start_with(vae, device, init, size, noise, timesteps, notes, false)
+}
+
+/// [`start`], or with `fill` as a FLUX.1 Fill checkpoint takes it: the mask goes into the
+/// transformer ([`Entered::fill`], see [`fill_conditioning`]) instead of the blend, and `init`
+/// must have a mask (or an extended canvas).
+#[allow(clippy::too_many_arguments)]
+pub fn start_with(
+    vae: &AutoEncoder,
+    device: &Device,
+    init: &InitImage,
+    size: (usize, usize),
+    noise: &Tensor,
+    timesteps: &[f64],
+    notes: &mut Vec<String>,
+    fill: bool,
+) -> Result<Entered> {
     let src = load_source(init, size.0, size.1)?;
     notes.extend(src.notes.iter().cloned());
-    let latent = vae
-        .encode(&src.image.to_device(vae.device())?)?
-        .to_dtype(DType::F32)?
-        .to_device(device)?;
+    let encode = |image: &Tensor| -> Result<Tensor> {
+        Ok(vae
+            .encode(&image.to_device(vae.device())?)?
+            .to_dtype(DType::F32)?
+            .to_device(device)?)
+    };
+    let latent = encode(&src.image)?;
     let (_, c, lh, lw) = latent.dims4()?;
+    if fill {
+        let Some(mask) = &src.mask else {
+            return Err(Error::Image(FILL_NEEDS_MASK.to_string()));
+        };
+        let masked = src.image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+        let cond = fill_conditioning(&encode(&masked)?, &mask.to_device(device)?)?;
+        let mut e = enter(&latent, noise, None, timesteps, init.strength)?;
+        e.fill = Some(cond);
+        return Ok(e);
+    }
     let mask = match &src.mask {
         Some(m) => Some(mask_to_latent(&m.to_device(device)?, lh, lw, c)?),
         None => None,
     };
     enter(&latent, noise, mask.as_ref(), timesteps, init.strength)
+}
+
+/// What a FLUX.1 Fill checkpoint asked to run without a source image and a mask is told.
+pub const FILL_NEEDS_MASK: &str = "this is a FLUX.1 Fill model: it repaints the white area of a mask over a source image, so it needs both (on the command line --image and --mask; in the studio a start image with a painted mask)";
+
+/// FLUX.1 Fill's conditioning (1, N, 320), f32, as diffusers' `FluxFillPipeline` builds it:
+/// `masked_latent` ((1, 16, h, w): the source with the masked area zeroed, encoded and
+/// normalised) packed, then `mask` ((1, 1, 8h, 8w) of 0 and 1, 1 = repaint) with each 8x8 pixel
+/// block made 64 channels (row within the block, then column) and packed 2x2.
+pub fn fill_conditioning(masked_latent: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (_, _, lh, lw) = masked_latent.dims4()?;
+    let (b, _, h, w) = mask.dims4()?;
+    if (h, w) != (lh * 8, lw * 8) {
+        return Err(Error::Image(format!(
+            "the mask is {w}x{h} but the latent {lw}x{lh}: the mask must be 8 times the latent's size"
+        )));
+    }
+    let blocks = mask
+        .to_dtype(DType::F32)?
+        .reshape((b, lh, 8, lw, 8))?
+        .permute((0, 2, 4, 1, 3))?
+        .reshape((b, 64, lh, lw))?;
+    Ok(Tensor::cat(
+        &[
+            pack_latent(&masked_latent.to_dtype(DType::F32)?)?,
+            pack_latent(&blocks)?,
+        ],
+        2,
+    )?)
 }
 
 /// Where an image-to-image run starts.
@@ -354,8 +419,10 @@ pub struct Entered {
     pub timesteps: Vec<f64>,
     /// Steps skipped.
     pub skipped: usize,
-    /// Inpainting's blend, when there is a mask.
+    /// Inpainting's blend, when there is a mask (and the model is not a Fill checkpoint).
     pub blend: Option<Blend>,
+    /// A FLUX.1 Fill checkpoint's conditioning (1, N, 320), f32 ([`fill_conditioning`]).
+    pub fill: Option<Tensor>,
 }
 
 /// Enter the schedule `timesteps` (`steps + 1` times from 1 to 0) at `strength` from the scaled
@@ -395,6 +462,7 @@ pub fn enter(
         timesteps,
         skipped,
         blend,
+        fill: None,
     })
 }
 
@@ -455,6 +523,25 @@ mod tests {
         let end = crate::model::flux::unpack_latent(&blend.apply(&x, 0.0)?, 4, 4)?;
         let v = end.get(0)?.get(0)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!((v[5], v[0]), (7.0, 2.0));
+        Ok(())
+    }
+
+    #[test]
+    fn fill_conditioning_packs_each_8x8_block_into_channels() -> Result<()> {
+        let dev = Device::Cpu;
+        // A 2x2 latent (one token) over a 16x16 mask; white only at pixel (row 9, column 3):
+        // latent pixel (1, 0) = packed position 2, block channel 1 * 8 + 3 = 11.
+        let mut m = vec![0f32; 256];
+        m[9 * 16 + 3] = 1.0;
+        let mask = Tensor::from_vec(m, (1, 1, 16, 16), &dev)?;
+        let latent = Tensor::full(0.5f32, (1, 16, 2, 2), &dev)?;
+        let c = fill_conditioning(&latent, &mask)?;
+        assert_eq!(c.dims(), &[1, 1, 320]);
+        let v = c.flatten_all()?.to_vec1::<f32>()?;
+        assert!(v[..64].iter().all(|&x| x == 0.5));
+        let ones: Vec<usize> = (64..320).filter(|&i| v[i] == 1.0).collect();
+        assert_eq!(ones, vec![64 + 11 * 4 + 2]);
+        assert!(fill_conditioning(&latent, &mask.narrow(2, 0, 8)?).is_err());
         Ok(())
     }
 

@@ -246,6 +246,9 @@ pub struct DenoiseJob {
     pub magcache: Option<Arc<MagCalibration>>,
     /// Inpainting's blend after each step (the source kept outside the mask).
     pub blend: Option<img2img::Blend>,
+    /// A FLUX.1 Fill checkpoint's conditioning (1, N, 320), joined after the latent in every
+    /// step's input ([`img2img::fill_conditioning`]).
+    pub fill: Option<Tensor>,
 }
 
 impl DenoiseJob {
@@ -466,12 +469,15 @@ impl Pipeline {
     /// (`random:tiny`): for tests that need a small model whose output is noise. Its images are
     /// labelled DEMO.
     pub fn tiny_random(device: &Device) -> Result<Self> {
+        Self::tiny_random_as(&FluxConfig::tiny(), device)
+    }
+
+    /// [`Pipeline::tiny_random`] with the transformer of `cfg` (say a FLUX.1 Fill checkpoint's
+    /// input channels on [`FluxConfig::tiny`]).
+    pub fn tiny_random_as(cfg: &FluxConfig, device: &Device) -> Result<Self> {
         let dtype = DType::F32;
         let seeds = DemoSeeds::BUILTIN;
-        let flux = Flux::new(
-            &FluxConfig::tiny(),
-            DemoWeights::new(seeds.flux).var_builder(dtype, device),
-        )?;
+        let flux = Flux::new(cfg, DemoWeights::new(seeds.flux).var_builder(dtype, device))?;
         let vae = AutoEncoder::new(
             &VaeConfig::tiny(),
             DemoWeights::new(seeds.vae).var_builder(dtype, device),
@@ -999,6 +1005,9 @@ impl Pipeline {
             ));
         }
 
+        if settings.init.is_none() && self.denoiser().cond_channels() > 0 {
+            return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()));
+        }
         let t0 = Instant::now();
         let (cond, enc_notes) = self.encode(&settings.prompt)?;
         notes.extend(enc_notes);
@@ -1013,11 +1022,11 @@ impl Pipeline {
         let noise = self.noise(settings.seed, settings.width, settings.height)?;
         let (gh, gw) = (lh / spec.patch, lw / spec.patch);
         let ts = self.model.schedule.timesteps(settings.steps, gh * gw);
-        let (x, ts, blend) = match &settings.init {
-            None => (spec.pack(&noise)?, ts, None),
+        let (x, ts, blend, fill) = match &settings.init {
+            None => (spec.pack(&noise)?, ts, None, None),
             Some(init) => {
                 let e = self.enter_source(init, &noise, &ts, &settings, &mut notes)?;
-                (e.x, e.timesteps, e.blend)
+                (e.x, e.timesteps, e.blend, e.fill)
             }
         };
         let pe = self.denoiser().pos_embed(cond.txt.dim(1)?, gh, gw)?;
@@ -1044,6 +1053,7 @@ impl Pipeline {
             cache,
             magcache,
             blend,
+            fill,
         };
         Ok(Prepared {
             job,
@@ -1072,7 +1082,28 @@ impl Pipeline {
                 self.label
             )));
         }
-        let e = img2img::start(
+        let fill = match self.denoiser().cond_channels() {
+            0 => false,
+            c if c + crate::model::flux::LATENT_CHANNELS == crate::model::flux::FILL_IN_CHANNELS => {
+                if init.mask.is_none() && init.extend.is_none() {
+                    return Err(Error::Image(img2img::FILL_NEEDS_MASK.to_string()));
+                }
+                if settings.guidance < 10.0 {
+                    notes.push(format!(
+                        "guidance {}: FLUX.1 Fill is made for guidance about 30",
+                        settings.guidance
+                    ));
+                }
+                true
+            }
+            c => {
+                return Err(Error::Image(format!(
+                    "{} takes {c} input channels beside the latent's: only FLUX.1 Fill checkpoints (320) are supported, not control (Depth, Canny) checkpoints",
+                    self.label
+                )))
+            }
+        };
+        let e = img2img::start_with(
             vae,
             self.device(),
             init,
@@ -1080,10 +1111,13 @@ impl Pipeline {
             noise,
             ts,
             notes,
+            fill,
         )?;
         notes.push(format!(
             "{} from {} at strength {}: {} of {} steps run",
-            if init.mask.is_some() {
+            if e.fill.is_some() {
+                "FLUX.1 Fill inpainting"
+            } else if init.mask.is_some() {
                 "inpainting"
             } else {
                 "image-to-image"
@@ -1269,6 +1303,7 @@ pub fn denoise(
         policy.as_mut(),
         cfg,
         job.blend.as_ref(),
+        job.fill.as_ref(),
         on_step,
     )
 }

@@ -111,11 +111,13 @@ pub fn denoise_cfg(
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     denoise_blended(
-        model, cond, pe, x, timesteps, guidance, policy, cfg, None, on_step,
+        model, cond, pe, x, timesteps, guidance, policy, cfg, None, None, on_step,
     )
 }
 
-/// [`denoise_cfg`] with inpainting's blend after every step (see [`super::img2img::Blend`]).
+/// [`denoise_cfg`] with inpainting's blend after every step (see [`super::img2img::Blend`]),
+/// and a FLUX.1 Fill checkpoint's conditioning `fill` ((B, N, C), the same every step) joined
+/// after the latent's channels in every step's input.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_blended(
     model: &dyn Denoiser,
@@ -127,6 +129,7 @@ pub fn denoise_blended(
     policy: &mut dyn CachePolicy,
     mut cfg: Option<TrueCfg>,
     blend: Option<&super::img2img::Blend>,
+    fill: Option<&Tensor>,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, CacheStats)> {
     let dev = model.device();
@@ -148,13 +151,20 @@ pub fn denoise_blended(
         }
         _ => None,
     };
+    let fill = match fill {
+        Some(f) => Some(f.to_device(dev)?.to_dtype(dtype)?),
+        None => None,
+    };
     let total = timesteps.len().saturating_sub(1);
     x = x.to_dtype(DType::F32)?;
     for i in 0..total {
         let start = Instant::now();
         let (t, t_next) = (timesteps[i], timesteps[i + 1]);
         let tt = Tensor::full(t as f32, b, dev)?;
-        let xin = x.to_dtype(dtype)?;
+        let xin = match &fill {
+            Some(f) => Tensor::cat(&[&x.to_dtype(dtype)?, f], 2)?,
+            None => x.to_dtype(dtype)?,
+        };
         let input = StepInput {
             img: &xin,
             txt: &txt,

@@ -60,6 +60,7 @@ pub fn job(m: &dyn Denoiser, seed: u64, true_cfg: f64) -> DenoiseJob {
         cache: CacheSpec::None,
         magcache: None,
         blend: None,
+        fill: None,
     }
 }
 

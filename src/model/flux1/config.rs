@@ -5,10 +5,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::family::ParamCounts;
 
+/// Channels of a packed FLUX.1 latent token (16 latent channels x 2x2), what the transformer
+/// predicts.
+pub const LATENT_CHANNELS: usize = 64;
+
+/// A FLUX.1 Fill transformer's input channels: the packed noisy latent (64), the packed latent
+/// of the source with the masked area zeroed (64) and the mask, each 8x8 pixel block made 64
+/// channels, packed 2x2 (256).
+pub const FILL_IN_CHANNELS: usize = 384;
+
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FluxConfig {
-    /// Packed latent channels: 16 latent channels x 2x2 patches.
+    /// Input channels of a packed token: the latent's 16 channels x 2x2 patches (64), and for a
+    /// FLUX.1 Fill checkpoint the conditioning after them ([`FILL_IN_CHANNELS`]).
     pub in_channels: usize,
     /// Pooled CLIP embedding width.
     pub vec_in_dim: usize,
@@ -88,6 +98,23 @@ impl FluxConfig {
 
     pub fn mlp_hidden(&self) -> usize {
         (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Channels the transformer predicts per token: the latent's (a Fill checkpoint's extra
+    /// input channels are conditioning only).
+    pub fn out_channels(&self) -> usize {
+        self.in_channels.min(LATENT_CHANNELS)
+    }
+
+    /// Input channels after the latent's: the conditioning a Fill checkpoint takes (0 for a
+    /// plain text-to-image checkpoint).
+    pub fn cond_channels(&self) -> usize {
+        self.in_channels - self.out_channels()
+    }
+
+    /// Whether this is a FLUX.1 Fill checkpoint (inpainting with the mask as an input).
+    pub fn is_fill(&self) -> bool {
+        self.in_channels == FILL_IN_CHANNELS
     }
 
     /// Total blocks, double then single, as indexed by [`super::Flux::run_blocks`].

@@ -55,7 +55,10 @@ impl Denoiser for Flux {
         }
     }
     fn token_channels(&self) -> usize {
-        self.config().in_channels
+        self.config().out_channels()
+    }
+    fn cond_channels(&self) -> usize {
+        self.config().cond_channels()
     }
     fn pos_embed(&self, txt_len: usize, h: usize, w: usize) -> Result<PosEmbed> {
         Flux::pos_embed(self, txt_len, h, w)

@@ -8,6 +8,6 @@ mod family;
 mod model;
 
 pub use crate::model::linear::Fp8Groups;
-pub use config::FluxConfig;
+pub use config::{FluxConfig, FILL_IN_CHANNELS, LATENT_CHANNELS};
 pub use family::{Flux1Family, LATENT};
 pub use model::*;

@@ -442,7 +442,7 @@ impl Flux {
             guidance_in,
             double_blocks,
             single_blocks,
-            final_linear: adapted(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
+            final_linear: adapted(h, cfg.out_channels(), vb.pp("final_layer.linear"))?,
             final_mod: adapted(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
             attention: LocalAttention::default(),
             cfg: cfg.clone(),
