@@ -8,7 +8,8 @@
 #                                          with its quantisation apart and with bf16 copies kept,
 #                                          image-to-image at three strengths, cold start
 #                                          (scripts/device-cold.sh, REPEATS=1)
-# Logs and JSON lines in $OUT.
+# ROUNDS=1 SHORT=1 (flux): one before/after round and the FP8 variants only. Logs and JSON lines
+# in $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out" /tmp/pbin
@@ -77,7 +78,7 @@ flux)
             --steps 8 --runs 3 --warmup 1 "$@" > /tmp/r.json 2>> "$log"
         tag "$name"
     }
-    for round in 1 2; do
+    for round in $(seq 1 ${ROUNDS:-2}); do
         for prec in native fp8; do
             bench "dev-before-$prec-r$round" /tmp/pbin/before --precision $prec
             bench "dev-after-$prec-r$round" $b --precision $prec
@@ -85,6 +86,7 @@ flux)
     done
     PARALLAX_NO_FUSED_FP8_QUANT=1 bench dev-after-fp8-quant-apart $b --precision fp8
     PARALLAX_FP8_KEEP_BF16=1 bench dev-after-fp8-keep-bf16 $b --precision fp8
+    [[ ${SHORT:-0} == 1 ]] && exit 0
     timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 2 \
         --quiet --out /tmp/src.png >> "$log" 2>&1
     for s in 1.0 0.6 0.3; do
