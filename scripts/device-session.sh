@@ -82,9 +82,9 @@ flux)
         for prec in native fp8; do
             bench "dev-before-$prec-r$round" /tmp/pbin/before --precision $prec
             bench "dev-after-$prec-r$round" $b --precision $prec
+            [[ $prec == fp8 ]] && PARALLAX_FUSED_FP8_QUANT=1 bench "dev-after-fp8-fused-quant-r$round" $b --precision fp8
         done
     done
-    PARALLAX_NO_FUSED_FP8_QUANT=1 bench dev-after-fp8-quant-apart $b --precision fp8
     PARALLAX_FP8_KEEP_BF16=1 bench dev-after-fp8-keep-bf16 $b --precision fp8
     [[ ${SHORT:-0} == 1 ]] && exit 0
     timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 2 \

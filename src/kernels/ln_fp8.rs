@@ -12,11 +12,16 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::fp8::Fp8;
 
-/// Whether the fused norm + quantisation may be used (`PARALLAX_NO_FUSED_FP8_QUANT` turns it off:
-/// the norm then writes bf16 rows and each FP8 product quantises them itself).
+/// Whether the fused norm + quantisation may be used. Opt-in (`PARALLAX_FUSED_FP8_QUANT=1`) until
+/// its `dev selfcheck` entry and a before/after have run on a GPU (written without one; its CPU
+/// reference is unit-tested): otherwise the norm writes bf16 rows and each FP8 product quantises
+/// them itself, as measured before. `PARALLAX_NO_FUSED_FP8_QUANT` keeps it off either way.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("PARALLAX_NO_FUSED_FP8_QUANT").is_none())
+    *ON.get_or_init(|| {
+        std::env::var_os("PARALLAX_FUSED_FP8_QUANT").is_some_and(|v| v == "1")
+            && std::env::var_os("PARALLAX_NO_FUSED_FP8_QUANT").is_none()
+    })
 }
 
 /// Rows in E4M3 with one f32 scale each, on the host: row `r` holds `q[r, :] · scale[r]`.
