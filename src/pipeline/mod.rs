@@ -380,24 +380,16 @@ impl FamilyModel {
     }
 
     /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
-    /// [`crate::model::klein::random_text`]): 4 steps by default, as the distilled klein runs.
-    pub fn random_klein(kind: RandomKlein, dtype: DType, device: &Device) -> Result<Self> {
-        Self::random_klein_fp8(kind, dtype, device, Fp8Groups::NONE)
-    }
-
-    /// [`FamilyModel::random_klein`] with the transformer's `fp8` product groups in E4M3.
-    pub fn random_klein_fp8(
+    /// [`crate::model::klein::random_text`]), the transformer's `fp8` product groups in E4M3
+    /// (none: as drawn): 4 steps by default, as the distilled klein runs.
+    pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
         fp8: Fp8Groups,
     ) -> Result<Self> {
         let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
-        let t = if fp8 == Fp8Groups::NONE {
-            t
-        } else {
-            t.with_fp8_in(fp8)?
-        };
+        let t = t.with_fp8_in(fp8)?;
         let text = crate::model::klein::random_text(kind, dtype, device)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }
@@ -596,7 +588,7 @@ impl Pipeline {
             );
         }
         Ok(Self {
-            model: FamilyModel::random_klein_fp8(kind, dtype, device, opts.fp8)?,
+            model: FamilyModel::random_klein(kind, dtype, device, opts.fp8)?,
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
@@ -634,11 +626,7 @@ impl Pipeline {
             autoencoder_dtype(dtype, device),
             device,
         )?;
-        let t = if opts.fp8 == Fp8Groups::NONE {
-            t
-        } else {
-            t.with_fp8_in(opts.fp8)?
-        };
+        let t = t.with_fp8_in(opts.fp8)?;
         let model = FamilyModel {
             default_steps: files.default_steps(),
             ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))

@@ -329,7 +329,8 @@ impl Klein {
     /// [`crate::model::flux::Flux::with_fp8_in`] converts them ([`Fp8Groups::ALL`] is what
     /// `--precision fp8` runs): E4M3 products with cuBLASLt on sm_89+ GPUs in bf16, simulated
     /// by rounding elsewhere; the modulations weight-only when `g.modulations`. The embedders,
-    /// the final layer and attention stay in the run's dtype.
+    /// the final layer and attention stay in the run's dtype; groups not chosen are left as they
+    /// are ([`Fp8Groups::NONE`] changes nothing).
     pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
         for b in self.double_blocks.iter_mut().flatten() {
             b.img.convert_fp8(g)?;
