@@ -327,22 +327,10 @@ impl Blend {
 
 /// Image-to-image's start on `device`: `init`'s source (and mask) read at `size` (width,
 /// height), encoded by `vae` to its posterior mean, and the schedule `timesteps` entered at the
-/// strength from `noise` ((1, C, H/8, W/8)). Notes for the user go to `notes`.
-pub fn start(
-    vae: &AutoEncoder,
-    device: &Device,
-    init: &InitImage,
-    size: (usize, usize),
-    noise: &Tensor,
-    timesteps: &[f64],
-    notes: &mut Vec<String>,
-) -> Result<Entered> {
-    start_with(vae, device, init, size, noise, timesteps, notes, false)
-}
-
-/// [`start`], or with `fill` as a FLUX.1 Fill checkpoint takes it: the mask goes into the
-/// transformer ([`Entered::fill`], see [`fill_conditioning`]) instead of the blend, and `init`
-/// must have a mask (or an extended canvas).
+/// strength from `noise` ((1, C, H/8, W/8)). Notes for the user go to `notes`. With `fill`, as a
+/// FLUX.1 Fill checkpoint takes it: the mask goes into the transformer ([`Entered::fill`], see
+/// [`fill_conditioning`]) instead of the blend, and `init` must have a mask (or an extended
+/// canvas).
 #[allow(clippy::too_many_arguments)]
 pub fn start_with(
     vae: &AutoEncoder,
