@@ -6,7 +6,8 @@
 //! autoencoder layouts); the registry tells klein's files apart. Then klein's transformer on
 //! every CPU-worker layout against one device: Ulysses 2, Ring 2, displaced patches 2 (in
 //! warm-up), PipeFusion 2 (in warm-up), true CFG split over 2, data parallel 2 and dp 2 x
-//! Ulysses 2; every cache policy (MagCache calibrated on klein's own runs). Last,
+//! Ulysses 2; every cache policy (MagCache calibrated on klein's own runs); the decode in row
+//! bands over 2-4 workers against the whole decode. Last,
 //! Flux2KleinPipeline end to end (prompt embeddings and initial noise given):
 //! FLUX.2's schedule, the sampler, true CFG on the Base pipeline and the decode, the image within
 //! 1/255.
@@ -156,6 +157,31 @@ fn decoded_image_matches_diffusers_in_both_layouts() {
             d / 2.0
         );
         assert!(d / 2.0 < 1.0 / 255.0, "{}: {d}", path.display());
+    }
+}
+
+/// klein's decode split into row bands over 2, 3 and 4 CPU workers (halo rows, GroupNorm
+/// statistics summed over the bands), with the fixture's autoencoder and diffusers' batch-norm
+/// statistics: within 1e-4 of its whole decode (largest difference, as FLUX.1's split decode is
+/// held to), so within diffusers' image as the whole decode is.
+#[test]
+fn klein_decodes_in_row_bands_over_cpu_workers() {
+    use parallax::model::family::LatentCodec;
+    let vae = klein::load_vae(&fixtures(), DType::F32, &Device::Cpu).expect("autoencoder");
+    // What the pipeline asks of an autoencoder before it splits the decode.
+    assert!(vae.band_decoder().is_some());
+    let z = reference("z");
+    let whole = vae.decode(&z).expect("decode");
+    for workers in [2, 3, 4] {
+        let bands = parallax::parallel::comm::run_local(workers, |_, comm| {
+            parallax::parallel::vae::decode(&vae, &z, &comm)
+        })
+        .expect("band decode");
+        for image in bands {
+            let d = max_abs((image - &whole).unwrap());
+            eprintln!("klein decode in {workers} bands: largest difference {d:.2e}");
+            assert!(d < 1e-4, "{workers} workers: {d}");
+        }
     }
 }
 

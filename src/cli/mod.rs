@@ -981,12 +981,12 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     )?;
     // Row bands over every process (unequal when the rows do not divide); one process decodes
     // tiny latents whole.
-    let decode = |vae: &crate::model::vae::AutoEncoder, z: &candle_core::Tensor| {
+    let decode = |vae: &dyn crate::model::family::BandDecoder, z: &candle_core::Tensor| {
         let w = groups.world.size();
         if w > 1 && z.dim(2)? >= w {
             Ok(crate::parallel::vae::decode(vae, z, groups.world.as_ref())?)
         } else {
-            Ok(vae.decode(z)?)
+            Ok(vae.decode_latent(z)?)
         }
     };
     let g = p.finish(prep, x, stats, log, &decode, &mut progress)?;

@@ -387,11 +387,11 @@ fn on_gpus(
         .iter()
         .map(|p| p.denoiser_for(req))
         .collect::<Result<Vec<_>>>()?;
-    // FLUX.1's autoencoders decode in row bands over the GPUs; another family's decodes on
-    // rank 0's.
-    let vaes: Vec<&crate::model::vae::AutoEncoder> = pipes
+    // Autoencoders with FLUX.1's kind of decoder (FLUX.1's, klein's) decode in row bands over
+    // the GPUs; another decodes on rank 0's.
+    let vaes: Vec<&dyn crate::model::family::BandDecoder> = pipes
         .iter()
-        .map(|p| p.model.as_flux1().map(|f| f.vae))
+        .map(|p| p.codec().band_decoder())
         .collect::<Option<_>>()
         .unwrap_or_default();
     crate::parallel::ranks::generate_on_gpus(

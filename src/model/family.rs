@@ -1,7 +1,8 @@
 //! Model families behind traits: what the pipeline, the cache policies and the parallel strategies
 //! use of a family's transformer ([`Denoiser`]), of its text encoders ([`TextEncoder`]) and of its
-//! latent autoencoder ([`LatentCodec`]), and the registry that maps a name or a checkpoint's
-//! tensor names to a family ([`Family`], [`families`], [`register`]).
+//! latent autoencoder ([`LatentCodec`], and [`BandDecoder`] where its decoder can be split into
+//! row bands), and the registry that maps a name or a checkpoint's tensor names to a family
+//! ([`Family`], [`families`], [`register`]).
 //!
 //! FLUX.1 ([`crate::model::flux1`]) is the built-in family. What differs between families is the
 //! family's own: RoPE axes and theta, the latent's channels and patching, whether the text
@@ -230,11 +231,35 @@ pub trait LatentCodec: Send + Sync {
     fn device(&self) -> &Device;
     /// The dtype its weights hold.
     fn dtype(&self) -> DType;
-    /// The autoencoder as its own type, for a family's own features (FLUX.1's split decode and
-    /// image-to-image encoder); `None` where it offers none.
+    /// The autoencoder as its own type, for a family's own features (FLUX.1's image-to-image
+    /// encoder); `None` where it offers none.
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// The autoencoder as a [`BandDecoder`], where its decoder is FLUX.1's kind (the parallel
+    /// layouts then decode it in row bands over their workers); `None`: it decodes on one.
+    fn band_decoder(&self) -> Option<&dyn BandDecoder> {
+        None
+    }
+}
+
+/// A latent autoencoder whose decoder is FLUX.1's convolutional decoder
+/// ([`crate::model::vae::Decoder`]: 3x3 convolutions, GroupNorm, one middle attention,
+/// nearest-neighbour upsampling), whatever comes before it. The parallel layouts split such a
+/// decode into row bands over their workers ([`crate::parallel::vae`]); a family whose
+/// autoencoder has this decoder implements the trait (and returns itself from
+/// [`LatentCodec::band_decoder`]) and gets the split decode on every layout.
+pub trait BandDecoder: LatentCodec {
+    /// The latent as the transformer denoises it (B, C, H, W), whole, to the decoder's input
+    /// (B, z, H, W) in the weights' dtype: the family's de-normalisation (FLUX.1's shift and
+    /// scale, FLUX.2's batch-norm statistics over 2x2 patches) and any per-pixel layer before the
+    /// decoder (FLUX.2's post-quant convolution). Every worker of a split decode runs it on the
+    /// whole latent (work at the latent's resolution, small beside the decoder's) and takes its
+    /// band of the result. [`LatentCodec::decode_latent`] must equal
+    /// `decoder().forward(decoder_input(z))`.
+    fn decoder_input(&self, z: &Tensor) -> Result<Tensor>;
+    /// The decoder the bands run through.
+    fn decoder(&self) -> &crate::model::vae::Decoder;
 }
 
 /// A model family in the registry: its name, how its checkpoints are told apart, and its tiny

@@ -12,7 +12,7 @@ use super::comm::{Communicator, LocalComm};
 use super::mesh::{Axis, Mesh, ParallelLayout, Stale};
 use super::usp::UspAttention;
 use crate::error::{Error, Result};
-use crate::model::family::Denoiser;
+use crate::model::family::{BandDecoder, Denoiser};
 use crate::pipeline::cache::{CacheStats, StepKind};
 use crate::pipeline::sampler::{self, StepInfo};
 use crate::pipeline::{GenerateRequest, Generated, Pipeline, Progress};
@@ -154,24 +154,25 @@ fn check_layout(p: &Pipeline, layout: ParallelLayout, req: &GenerateRequest) -> 
 
 /// One GPU per rank, one worker thread per GPU, NCCL between them. Rank r runs `models[r]` and
 /// `vaes[r]` on `devices[r]`; rank 0's are the pipeline's own (on its device). Text encoding
-/// stays on rank 0's GPU; FLUX.1's decode is split in row bands over every GPU (halo rows and
-/// GroupNorm statistics through NCCL), the image gathered on rank 0's. `vaes` is empty for a
-/// family other than FLUX.1: its autoencoder decodes on rank 0's GPU.
+/// stays on rank 0's GPU; an autoencoder with FLUX.1's kind of decoder (a [`BandDecoder`]:
+/// FLUX.1's, klein's) decodes in row bands over every GPU (halo rows and GroupNorm statistics
+/// through NCCL), the image gathered on rank 0's. `vaes` is empty for an autoencoder that is
+/// none: it decodes on rank 0's GPU.
 #[cfg(feature = "cuda")]
 pub fn generate_on_gpus(
     p: &Pipeline,
     models: &[Arc<dyn Denoiser>],
-    vaes: &[&crate::model::vae::AutoEncoder],
+    vaes: &[&dyn BandDecoder],
     devices: &[Device],
     layout: ParallelLayout,
     req: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Generated> {
     let mesh = check_layout(p, layout, req)?;
-    let flux1 = p.model.as_flux1().is_some();
+    let banded = p.codec().band_decoder().is_some();
     if devices.len() != mesh.world()
         || models.len() != mesh.world()
-        || (flux1 && vaes.len() != mesh.world())
+        || (banded && vaes.len() != mesh.world())
     {
         return Err(Error::setting(
             "devices",
@@ -189,7 +190,7 @@ pub fn generate_on_gpus(
     })?;
     // The world communicators outlive the denoising loop: the decode uses them.
     let worlds: Vec<Arc<dyn Communicator>> = groups.iter().map(|g| g.world.clone()).collect();
-    let decode = |_: &crate::model::vae::AutoEncoder, z: &Tensor| -> Result<Tensor> {
+    let decode = |_: &dyn BandDecoder, z: &Tensor| -> Result<Tensor> {
         let comms: Vec<&dyn Communicator> = worlds.iter().map(|c| c.as_ref()).collect();
         Ok(super::vae::decode_across(vaes, &comms, z)?)
     };
@@ -229,8 +230,8 @@ pub fn job_on(
 }
 
 /// The denoising loop of one image over `mesh`: rank r runs `models[r]` with `groups[r]` on a
-/// thread of its own; rank 0 reports progress; the image is decoded in row bands on CPU workers
-/// (on one GPU otherwise).
+/// thread of its own; rank 0 reports progress; the image is decoded by `decode` (in row bands
+/// over the workers where the autoencoder is a [`BandDecoder`]).
 fn generate_ranks(
     p: &Pipeline,
     mesh: &Mesh,
@@ -620,11 +621,7 @@ fn sequence_replica(
 
 /// Decode on `workers` CPU workers in row bands (unequal when the latent's rows do not divide),
 /// or on one when there are fewer rows than workers.
-fn decode_parallel(
-    vae: &crate::model::vae::AutoEncoder,
-    z: &Tensor,
-    workers: usize,
-) -> Result<Tensor> {
+fn decode_parallel(vae: &dyn BandDecoder, z: &Tensor, workers: usize) -> Result<Tensor> {
     let comms = LocalComm::group(workers);
     let comms: Vec<&dyn Communicator> = comms.iter().map(|c| c as &dyn Communicator).collect();
     Ok(super::vae::decode_across(&vec![vae; workers], &comms, z)?)

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CandleResultExt, Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::export::DemoSeeds;
-use crate::model::family::{Denoiser, Family, LatentCodec, LatentSpec, TextEncoder};
+use crate::model::family::{BandDecoder, Denoiser, Family, LatentCodec, LatentSpec, TextEncoder};
 use crate::model::flux::{Flux, FluxConfig, Fp8Groups};
 use crate::model::klein::RandomKlein;
 use crate::model::layout::{self, ModelFiles, ModelSpec, Resolved, VaeLayout, Variant};
@@ -296,12 +296,13 @@ impl LoadOptions {
     }
 }
 
-/// Decodes a scaled latent (B, 16, H/8, W/8) into an image tensor (B, 3, H, W).
-pub type LatentDecoder<'a> = dyn Fn(&AutoEncoder, &Tensor) -> Result<Tensor> + 'a;
+/// Decodes a latent as the transformer denoises it (B, C, H/8, W/8) with the model's
+/// autoencoder into an image tensor (B, 3, H, W): on one device, or in row bands over workers.
+pub type LatentDecoder<'a> = dyn Fn(&dyn BandDecoder, &Tensor) -> Result<Tensor> + 'a;
 
 /// A model loaded and ready: its transformer, text encoding and autoencoder behind the family
 /// traits ([`Pipeline::model`]), whatever its family. FLUX.1's own features (FP8 groups, LoRAs,
-/// the split decode, image-to-image) reach its parts through [`Pipeline::flux1`].
+/// image-to-image) reach its parts through [`Pipeline::flux1`].
 pub struct Pipeline {
     /// The model's parts behind the family traits.
     pub model: FamilyModel,
@@ -839,8 +840,8 @@ impl Pipeline {
     }
 
     /// FLUX.1's parts (transformer, autoencoder, T5 + CLIP), for a feature that only FLUX.1
-    /// has (`what` it is: FP8 groups, LoRAs, the split decode, image-to-image, the tools that
-    /// measure FLUX.1); a model of another family is refused, saying so.
+    /// has (`what` it is: FP8 groups, LoRAs, image-to-image, the tools that measure FLUX.1); a
+    /// model of another family is refused, saying so.
     pub fn flux1(&self, what: &str) -> Result<Flux1<'_>> {
         self.model.as_flux1().ok_or_else(|| self.flux1_only(what))
     }
@@ -896,7 +897,14 @@ impl Pipeline {
             log.record(info);
             progress(Progress::Step(info))
         })?;
-        self.finish(prep, x, stats, log, &|vae, z| Ok(vae.decode(z)?), progress)
+        self.finish(
+            prep,
+            x,
+            stats,
+            log,
+            &|vae, z| Ok(vae.decode_latent(z)?),
+            progress,
+        )
     }
 
     /// Merge LoRAs into the weights of the layers that run in the model's dtype (`W + B A`, a copy
@@ -1132,13 +1140,11 @@ impl Pipeline {
         let t0 = Instant::now();
         let (lh, lw) = prep.latent_hw;
         let latent = self.latent_spec().unpack(&x, lh, lw)?;
-        let decoded = match self.model.as_flux1() {
-            Some(f) => decode(f.vae, &latent.to_dtype(f.vae.dtype())?)?,
-            // On one worker: the row-band decode over workers is FLUX.1's autoencoder's.
-            None => {
-                let codec = self.codec();
-                codec.decode_latent(&latent.to_dtype(codec.dtype())?)?
-            }
+        let codec = self.codec();
+        let decoded = match codec.band_decoder() {
+            Some(d) => decode(d, &latent.to_dtype(d.dtype())?)?,
+            // An autoencoder without FLUX.1's kind of decoder decodes on one worker.
+            None => codec.decode_latent(&latent.to_dtype(codec.dtype())?)?,
         };
         let mut image = RgbImage::from_tensor(&decoded)?;
         if self.is_demo() {

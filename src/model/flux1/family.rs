@@ -1,6 +1,6 @@
 //! FLUX.1 behind the family traits: [`Flux`] as a [`Denoiser`], [`TextEncoders`] (T5 + CLIP) as
-//! a [`TextEncoder`], [`AutoEncoder`] (16 channels, 2x2 patches) as a [`LatentCodec`], and the
-//! registry entry [`Flux1Family`].
+//! a [`TextEncoder`], [`AutoEncoder`] (16 channels, 2x2 patches) as a [`LatentCodec`] and a
+//! [`BandDecoder`], and the registry entry [`Flux1Family`].
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -11,11 +11,11 @@ use super::{Flux, FluxConfig};
 use crate::collective::Communicator;
 use crate::model::demo_weights::DemoWeights;
 use crate::model::family::{
-    Denoiser, Family, LatentCodec, LatentSpec, PromptEmbedding, TextEncoder, TextSpec,
+    BandDecoder, Denoiser, Family, LatentCodec, LatentSpec, PromptEmbedding, TextEncoder, TextSpec,
 };
 use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
 use crate::model::text::TextEncoders;
-use crate::model::vae::AutoEncoder;
+use crate::model::vae::{AutoEncoder, Decoder};
 
 /// FLUX.1's latent: 16 channels, 2x2 patches into 64-channel tokens, 8 pixels a latent pixel.
 pub const LATENT: LatentSpec = LatentSpec {
@@ -142,6 +142,20 @@ impl LatentCodec for AutoEncoder {
     }
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+    fn band_decoder(&self) -> Option<&dyn BandDecoder> {
+        Some(self)
+    }
+}
+
+/// FLUX.1's autoencoder: its shift and scale undone, then the decoder.
+impl BandDecoder for AutoEncoder {
+    fn decoder_input(&self, z: &Tensor) -> Result<Tensor> {
+        self.check_latent(z)?;
+        self.unscale_latent(&z.to_dtype(self.dtype())?)
+    }
+    fn decoder(&self) -> &Decoder {
+        AutoEncoder::decoder(self)
     }
 }
 

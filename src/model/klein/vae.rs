@@ -2,7 +2,7 @@
 //! same convolution widths, so the split decode carries over), a 1x1 post-quant convolution
 //! before it, and batch-norm statistics over the 2x2-patched latent (128 channels) that the
 //! transformer's latent is normalised by. [`KleinVae::decode`] undoes that normalisation and
-//! decodes.
+//! decodes; as a [`BandDecoder`] it decodes in row bands over parallel workers, as FLUX.1's does.
 //!
 //! Names are Black Forest Labs' (`decoder.post_quant_conv.weight`, `bn.running_mean`,
 //! `decoder.up.0.block.0.conv1.weight`, ...); [`super::keys::KleinVaeDiffusersMap`] finds them in
@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::family::{LatentCodec, LatentSpec};
+use crate::model::family::{BandDecoder, LatentCodec, LatentSpec};
 use crate::model::vae::{Conv2d, Decoder, VaeConfig};
 
 /// klein's latent: 32 channels, 2x2 patches into 128-channel tokens, 8 pixels a latent pixel.
@@ -139,9 +139,15 @@ impl KleinVae {
     /// A latent (B, 32, H, W) as the transformer denoises it, to pixels (B, 3, 8H, 8W) in about
     /// [-1, 1] (not clamped), in the weights' dtype.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(&self.decoder_input(z)?)
+    }
+
+    /// The latent as the transformer denoises it (B, 32, H, W) -> the decoder's input: the
+    /// statistics undone ([`KleinVae::denormalize`]), then the post-quant convolution, in the
+    /// weights' dtype.
+    pub fn decoder_input(&self, z: &Tensor) -> Result<Tensor> {
         let z = self.denormalize(z)?.to_dtype(self.dtype)?;
-        let z = self.post_quant_conv.forward(&z)?;
-        self.decoder.forward(&z)
+        self.post_quant_conv.forward(&z)
     }
 }
 
@@ -157,6 +163,20 @@ impl LatentCodec for KleinVae {
     }
     fn dtype(&self) -> DType {
         KleinVae::dtype(self)
+    }
+    fn band_decoder(&self) -> Option<&dyn BandDecoder> {
+        Some(self)
+    }
+}
+
+/// FLUX.1's decoder after the statistics and the post-quant convolution: the row-band decode
+/// carries over.
+impl BandDecoder for KleinVae {
+    fn decoder_input(&self, z: &Tensor) -> Result<Tensor> {
+        KleinVae::decoder_input(self, z)
+    }
+    fn decoder(&self) -> &Decoder {
+        KleinVae::decoder(self)
     }
 }
 

@@ -1118,6 +1118,13 @@ impl AutoEncoder {
     /// image (B, out_channels, 8h, 8w) with values roughly in [-1, 1] (not clamped), in the
     /// weights' dtype.
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_latent(z)?;
+        let z = self.unscale_latent(&z.to_dtype(self.dtype)?)?;
+        self.decoder.forward(&z)
+    }
+
+    /// Refuse a latent that is not (B, z_channels, h, w).
+    pub fn check_latent(&self, z: &Tensor) -> candle_core::Result<()> {
         let (_, c, _, _) = z.dims4()?;
         if c != self.cfg.z_channels {
             candle_core::bail!(
@@ -1126,8 +1133,7 @@ impl AutoEncoder {
                 z.dims()
             );
         }
-        let z = self.unscale_latent(&z.to_dtype(self.dtype)?)?;
-        self.decoder.forward(&z)
+        Ok(())
     }
 
     /// Encode an image (B, in_channels, H, W) with values in [-1, 1] into the scaled latent
