@@ -25,6 +25,7 @@ use parallax::model::weights::SafetensorsSet;
 use parallax::parallel::comm::{Communicator, LocalComm};
 use parallax::parallel::displaced::DisplacedAttention;
 use parallax::parallel::mesh::ParallelLayout;
+use parallax::parallel::pipefusion::{split_blocks, PipeFusion, StageBalance};
 use parallax::parallel::ring::RingAttention;
 use parallax::parallel::ulysses::UlyssesAttention;
 use parallax::pipeline::cache::CacheSpec;
@@ -256,6 +257,98 @@ fn klein_runs_data_parallel_and_a_mesh_through_the_engine() {
     let a = layouts::one_device(m.as_ref(), &jobs[0]);
     let b = layouts::one_device(m.as_ref(), &jobs[1]);
     assert!(layouts::rel(&a, &b) > 1e-2);
+}
+
+/// The transformer's PipeFusion stage `stage` of 2 (blocks split by work over `whole`'s, the
+/// same model whole) as a GPU rank loads it: from the fixture's diffusers folder, or
+/// `random:klein-tiny` through the engine's loader.
+fn klein_stage(random: bool, stage: usize, whole: &dyn Denoiser) -> Arc<dyn Denoiser> {
+    let b = split_blocks(&whole.block_params(), 2, stage, StageBalance::Work);
+    if !random {
+        let m = klein::load_transformer_stage(&fixtures(), DType::F32, &Device::Cpu, Some(b))
+            .expect("a stage of the fixture");
+        return Arc::new(m);
+    }
+    let choice = parallax::engine::ModelChoice::named("random:klein-tiny");
+    let p = parallax::engine::load_pipeline_blocks(&choice, "cpu", Some((b.start, b.end)))
+        .expect("a stage of random:klein-tiny");
+    p.model.denoiser.clone()
+}
+
+/// PipeFusion stages that load only their blocks (what each GPU of a PipeFusion layout loads):
+/// each holds its blocks and, outside them, only what it uses (the first stage the input
+/// projections and the double blocks' modulations, the last one the single blocks' modulation
+/// and the final layer; both the timestep embedder), so the two stages' bytes add up to the
+/// whole model's plus one timestep embedder. Run as PipeFusion over 2 CPU workers they give
+/// what stages cut from whole models give, within 1e-6 (relative, summed over the latent), in
+/// warm-up (equal to one device within 1e-5, as the whole models' stages are) and patched.
+#[test]
+fn klein_pipefusion_stages_load_only_their_blocks() {
+    let whole = model();
+    let cfg = klein::load_transformer(&fixtures(), DType::F32, &Device::Cpu)
+        .expect("klein")
+        .config()
+        .clone();
+    let (s0, s1) = (
+        klein_stage(false, 0, whole.as_ref()),
+        klein_stage(false, 1, whole.as_ref()),
+    );
+    assert_eq!((s0.held_blocks(), s1.held_blocks()), (0..2, 2..4));
+    let time_embedder = cfg.outside_param_counts().total() as usize * 4;
+    assert_eq!(
+        s0.weight_bytes() + s1.weight_bytes(),
+        whole.weight_bytes() + time_embedder
+    );
+    for s in [&s0, &s1] {
+        assert!(s.weight_bytes() < whole.weight_bytes());
+        // What a stage cut from the whole model keeps (on the CPU, where the workers share it).
+        let cut = whole.keep_blocks(s.held_blocks());
+        assert_eq!(s.weight_bytes(), cut.weight_bytes());
+    }
+    let tiny_whole = klein::random_model(klein::RandomKlein::Tiny, DType::F32, &Device::Cpu)
+        .expect("tiny")
+        .0;
+    for random in [false, true] {
+        let whole: Arc<dyn Denoiser> = if random {
+            Arc::new(tiny_whole.clone())
+        } else {
+            whole.clone()
+        };
+        let j = layouts::job(whole.as_ref(), 1, 1.0);
+        let want = layouts::one_device(whole.as_ref(), &j);
+        for warmup in [layouts::STEPS * 2, 1] {
+            let run = |stage_only: bool| {
+                parallax::parallel::comm::run_local(2, |rank, comm| {
+                    let m = if stage_only {
+                        klein_stage(random, rank, whole.as_ref())
+                    } else {
+                        whole.clone()
+                    };
+                    let stage = PipeFusion::replica_in(
+                        m.as_ref(),
+                        Arc::new(comm),
+                        None,
+                        2,
+                        warmup,
+                        StageBalance::Work,
+                    )?;
+                    Ok(layouts::one_device(&stage, &j))
+                })
+                .expect("stages")
+            };
+            let (cut, loaded) = (run(false), run(true));
+            for (a, b) in loaded.iter().zip(&cut) {
+                let d = layouts::rel(a, b);
+                eprintln!(
+                    "stage-only against cut stages (random {random}, warm-up {warmup}): {d:e}"
+                );
+                assert!(d < 1e-6, "random {random}, warm-up {warmup}: {d}");
+                if warmup > 1 {
+                    assert!(layouts::rel(a, &want) < 1e-5);
+                }
+            }
+        }
+    }
 }
 
 /// Flux2KleinPipeline's image for the stored prompt, noise and `steps`, through Parallax's

@@ -129,11 +129,15 @@ impl ParamCounts {
 }
 
 /// A transformer as the estimate counts it: each block's parameters by kind (the unified
-/// numbering, double blocks first), what every stage holds outside the blocks, and its width.
+/// numbering, double blocks first), what every stage holds outside the blocks, the parts outside
+/// them that only some stages hold, and its width.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransformerCounts {
     pub blocks: Vec<ParamCounts>,
     pub outside: ParamCounts,
+    /// Parts outside the blocks held by a stage holding any of the blocks beside them (klein's
+    /// shared modulations, input projections, final layer); none for FLUX.1.
+    pub parts: Vec<(ParamCounts, std::ops::Range<usize>)>,
     pub hidden: usize,
 }
 
@@ -143,6 +147,7 @@ impl TransformerCounts {
         Self {
             blocks: c.block_param_counts(),
             outside: c.outside_param_counts(),
+            parts: Vec::new(),
             hidden: c.hidden_size,
         }
     }
@@ -152,13 +157,23 @@ impl TransformerCounts {
         Self {
             blocks: c.block_param_counts(),
             outside: c.outside_param_counts(),
+            parts: crate::model::klein::StagePart::ALL
+                .iter()
+                .map(|&p| (c.part_param_counts(p), c.part_users(p)))
+                .collect(),
             hidden: c.hidden_size,
         }
     }
 
     /// What a device holding `blocks` keeps.
     pub fn held(&self, blocks: std::ops::Range<usize>) -> ParamCounts {
-        ParamCounts::held(&self.blocks, self.outside, blocks)
+        let parts = self
+            .parts
+            .iter()
+            .filter(|(_, users)| crate::model::step::shares_blocks(&blocks, users))
+            .map(|(c, _)| *c)
+            .sum::<ParamCounts>();
+        ParamCounts::held(&self.blocks, self.outside, blocks) + parts
     }
 
     /// Every parameter, each block's and outside them.
@@ -285,8 +300,8 @@ impl Workload {
     }
 
     /// FLUX.2 klein (`cfg`, its Qwen3 `text` read through the last of `text_layers`, `tokens`
-    /// prompt tokens, its autoencoder `vae`) on a `width` x `height` image. Its FP8, Qwen3 on
-    /// demand and PipeFusion stages are not built yet: planned, and said so.
+    /// prompt tokens, its autoencoder `vae`) on a `width` x `height` image. Its FP8 and Qwen3
+    /// on demand are not built yet: planned, and said so.
     #[allow(clippy::too_many_arguments)]
     pub fn klein(
         cfg: &KleinConfig,
@@ -322,7 +337,7 @@ impl Workload {
             activation_rows: KLEIN_ACTIVATION_ROWS,
             fp8_modulations: false,
             unbuilt: vec![LEAN_FP8, QWEN3_ON_DEMAND, FP8_PRODUCTS],
-            stages_unbuilt: true,
+            stages_unbuilt: false,
             notes: vec![
                 "klein's work space is estimated, not measured: the decode as FLUX.1's (the \
                  same decoder widths), the denoising activations as FLUX.1's per token and \
@@ -808,9 +823,15 @@ mod tests {
             Klein::new(&cfg, var_builder(&map))?;
             let counts = TransformerCounts::klein(&cfg);
             assert_eq!(built(&map), counts.total(), "{cfg:?}");
-            let map = candle_nn::VarMap::new();
-            Klein::new_stage(&cfg, var_builder(&map), 1..4)?;
-            assert_eq!(built(&map), counts.held(1..4).total(), "{cfg:?}");
+            // A stage: its blocks and what it uses outside them (the first stage's input
+            // projections, the shared modulations of its kinds of block, the last stage's final
+            // layer).
+            for blocks in [1..4, 0..2, 2..3, 4..cfg.num_blocks()] {
+                let map = candle_nn::VarMap::new();
+                Klein::new_stage(&cfg, var_builder(&map), blocks.clone())?;
+                let held = counts.held(blocks.clone()).total();
+                assert_eq!(built(&map), held, "{blocks:?} of {cfg:?}");
+            }
         }
         let last = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1];
         let q = Qwen3Config::tiny();
@@ -896,9 +917,12 @@ mod tests {
             .is_empty());
         let err = plan(&w9, 16.0 * GIB, asked, false).expect_err("no FP8");
         assert!(err.to_string().contains("Qwen3"), "{err}");
-        // Its stages split by memory are planned, and not built yet.
+        // Its stages split by memory are planned, and built (each GPU loads its stage only).
         let s = plan_stages(&w9, 20.0 * GIB, asked, false).expect("stages");
-        assert!(s.unbuilt && s.to_string().contains("not built for FLUX.2 klein yet"));
+        assert!(
+            !s.unbuilt && !s.to_string().contains("PipeFusion stages;"),
+            "{s}"
+        );
     }
 
     #[test]

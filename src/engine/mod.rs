@@ -86,7 +86,8 @@ impl Engine {
             .first()
             .ok_or_else(|| Error::setting("devices", "", "the plan has no ranks"))?;
         let blocks = if Self::staged(plan) {
-            Self::stage_of(plan, 0, &model_config(&choice.resolve()?)?)
+            let (params, heads) = block_facts(&choice.resolve()?)?;
+            Self::stage_of(plan, 0, &params, heads)
         } else {
             None
         };
@@ -114,13 +115,10 @@ impl Engine {
             )
     }
 
-    /// The blocks rank `r` of `plan` holds: its PipeFusion stage's on GPUs, else all (`None`;
-    /// CPU workers share one whole model).
-    fn stage_of(
-        plan: &Plan,
-        r: usize,
-        cfg: &crate::model::flux::FluxConfig,
-    ) -> Option<(usize, usize)> {
+    /// The blocks rank `r` of `plan` holds of a transformer whose blocks have `params`
+    /// parameters each (the unified numbering) and whose attention has `heads` heads: its
+    /// PipeFusion stage's on GPUs, else all (`None`; CPU workers share one whole model).
+    fn stage_of(plan: &Plan, r: usize, params: &[u64], heads: usize) -> Option<(usize, usize)> {
         let l = plan.layout;
         let crate::parallel::layout::Stale::PipeFusion {
             stages, balance, ..
@@ -132,9 +130,9 @@ impl Engine {
             return None;
         }
         // The stage is the rank's pipeline coordinate (the plan's layout is checked already).
-        let mesh = crate::parallel::mesh::Mesh::new(l, plan.world(), cfg.num_heads).ok()?;
+        let mesh = crate::parallel::mesh::Mesh::new(l, plan.world(), heads).ok()?;
         let stage = mesh.coords(r).pipeline;
-        let b = crate::parallel::pipefusion::stage_split(cfg, stages, stage, balance);
+        let b = crate::parallel::pipefusion::split_blocks(params, stages, stage, balance);
         Some((b.start, b.end))
     }
 
@@ -184,8 +182,9 @@ impl Engine {
     /// Each rank's slot: CPU ranks share the CPU model; the k-th mention of a GPU is its copy k;
     /// under PipeFusion a GPU rank needs only its stage's blocks.
     fn slots(&self, plan: &Plan) -> Vec<Slot> {
-        // A family other than FLUX.1 loads whole (its loader refuses a share of blocks).
-        let cfg = self.primary().model.as_flux1().map(|f| f.flux.config());
+        // The whole transformer's blocks, whatever share the first copy holds.
+        let model = self.primary().denoiser();
+        let (params, heads) = (model.block_params(), model.num_heads());
         plan.ranks
             .iter()
             .enumerate()
@@ -196,7 +195,7 @@ impl Engine {
                 } else {
                     plan.ranks[..r].iter().filter(|e| *e == d).count()
                 },
-                blocks: cfg.and_then(|cfg| Self::stage_of(plan, r, cfg)),
+                blocks: Self::stage_of(plan, r, &params, heads),
             })
             .collect()
     }
@@ -468,17 +467,35 @@ pub fn layout_facts(
     resolved: &crate::model::layout::Resolved,
     placement: &Placement,
 ) -> Result<(usize, crate::parallel::auto::AutoHints)> {
-    use crate::model::layout::ModelSpec;
-    let klein = match &resolved.spec {
-        ModelSpec::RandomKlein(k) => Some(k.config()),
-        ModelSpec::Klein(f) => Some(f.config()?),
-        _ => None,
-    };
-    if let Some(c) = klein {
+    if let Some(c) = klein_config(resolved)? {
         return Ok((c.num_heads, family_hints(c.num_blocks())));
     }
     let cfg = model_config(resolved)?;
     Ok((cfg.num_heads, auto_hints(&cfg, placement)))
+}
+
+/// The transformer config of `resolved` when it is a FLUX.2 klein model (files or
+/// `random:klein-*`), from its config alone.
+fn klein_config(
+    resolved: &crate::model::layout::Resolved,
+) -> Result<Option<crate::model::klein::KleinConfig>> {
+    use crate::model::layout::ModelSpec;
+    Ok(match &resolved.spec {
+        ModelSpec::RandomKlein(k) => Some(k.config()),
+        ModelSpec::Klein(f) => Some(f.config()?),
+        _ => None,
+    })
+}
+
+/// Each block's parameters (the unified numbering) and the attention heads of `resolved`'s
+/// transformer, from its config alone (no weights read): what PipeFusion splits its stages by,
+/// before any copy is loaded.
+pub fn block_facts(resolved: &crate::model::layout::Resolved) -> Result<(Vec<u64>, usize)> {
+    if let Some(c) = klein_config(resolved)? {
+        return Ok((c.block_params(), c.num_heads));
+    }
+    let cfg = model_config(resolved)?;
+    Ok((cfg.block_params(), cfg.num_heads))
 }
 
 /// Whether `req` runs true CFG's negative branch (what CFG parallelism splits off).
@@ -521,12 +538,23 @@ mod tests {
         };
         let gpus = plan(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"], pipe);
         // CFG outermost: ranks 0, 1 are one branch's stages 0, 1; ranks 2, 3 the other's.
-        let dev = crate::model::flux::FluxConfig::dev();
-        let stages: Vec<_> = (0..4).map(|r| Engine::stage_of(&gpus, r, &dev)).collect();
+        let cfg = crate::model::flux::FluxConfig::dev();
+        let dev = (cfg.block_params(), cfg.num_heads);
+        let stage_of = |plan: &Plan, r, (params, heads): &(Vec<u64>, usize)| {
+            Engine::stage_of(plan, r, params, *heads)
+        };
+        let stages: Vec<_> = (0..4).map(|r| stage_of(&gpus, r, &dev)).collect();
         assert_eq!(
             stages,
             vec![Some((0, 29)), Some((29, 57)), Some((0, 29)), Some((29, 57))]
         );
+        // klein 4B (5 double and 20 single blocks, 24 heads) from its built-in config, before
+        // any copy loads: its stages too.
+        let r = crate::model::layout::resolve("random:klein-4b", None).expect("klein 4B");
+        let klein = block_facts(&r).expect("klein's blocks");
+        assert_eq!((klein.0.len(), klein.1), (25, 24));
+        let stages: Vec<_> = (0..2).map(|r| stage_of(&gpus, r, &klein)).collect();
+        assert_eq!(stages, vec![Some((0, 13)), Some((13, 25))]);
         // Balanced by memory: 17 double blocks on the first stage, the other 40 blocks on the
         // second.
         let mem = plan(
@@ -541,10 +569,10 @@ mod tests {
                 ..ParallelLayout::default()
             },
         );
-        assert_eq!(Engine::stage_of(&mem, 1, &dev), Some((17, 57)));
+        assert_eq!(stage_of(&mem, 1, &dev), Some((17, 57)));
         // CPU workers share one whole model; other layouts need every block.
         let cpu = plan(&["cpu", "cpu"], pipe);
-        assert_eq!(Engine::stage_of(&cpu, 1, &dev), None);
+        assert_eq!(stage_of(&cpu, 1, &dev), None);
         let uly = plan(
             &["cuda:0", "cuda:1"],
             ParallelLayout {
@@ -552,7 +580,7 @@ mod tests {
                 ..ParallelLayout::default()
             },
         );
-        assert_eq!(Engine::stage_of(&uly, 1, &dev), None);
+        assert_eq!(stage_of(&uly, 1, &dev), None);
         // A whole model serves a stage on its device; a stage serves only itself.
         let slot = |blocks| Slot {
             device: "cuda:1".into(),

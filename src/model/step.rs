@@ -165,6 +165,12 @@ pub fn keep_blocks<A, B>(first: &mut [Option<A>], second: &mut [Option<B>], keep
     }
 }
 
+/// Whether two ranges of blocks have a block in common (a part outside the blocks used by
+/// `users` is needed by a replica holding `held`).
+pub fn shares_blocks(held: &Range<usize>, users: &Range<usize>) -> bool {
+    held.start.max(users.start) < held.end.min(users.end)
+}
+
 /// The blocks still held among a family's two kinds (numbered as [`keep_blocks`] numbers them), as
 /// one range; empty when none.
 pub fn held_blocks<A, B>(first: &[Option<A>], second: &[Option<B>]) -> Range<usize> {

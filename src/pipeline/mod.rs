@@ -380,16 +380,18 @@ impl FamilyModel {
         }
     }
 
-    /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
-    /// [`crate::model::klein::random_text`]), the transformer's `fp8` product groups in E4M3
+    /// A `random:klein-*` model ([`crate::model::klein::random_stage`] and
+    /// [`crate::model::klein::random_text`]), the transformer holding the blocks `blocks` (a
+    /// pipeline stage's share; all of them for a whole model), its `fp8` product groups in E4M3
     /// (none: as drawn): 4 steps by default, as the distilled klein runs.
     pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
         fp8: Fp8Groups,
+        blocks: std::ops::Range<usize>,
     ) -> Result<Self> {
-        let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
+        let (t, vae) = crate::model::klein::random_stage(kind, dtype, device, blocks)?;
         let t = t.with_fp8_in(fp8)?;
         let text = crate::model::klein::random_text(kind, dtype, device)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
@@ -575,21 +577,17 @@ impl Pipeline {
     }
 
     /// A `random:klein-*` model (FLUX.2 klein's structure, made-up weights: labelled DEMO), its
-    /// block products in FP8 when asked. A transformer's share of blocks (PipeFusion stages on
-    /// GPUs) is FLUX.1's only.
+    /// block products in FP8 when asked, holding only `opts.blocks` of the transformer when
+    /// asked (a PipeFusion stage on a GPU; the other blocks are never made).
     pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        if opts.blocks.is_some() {
-            return Err(
-                kind.unsupported("a share of the transformer's blocks (PipeFusion on GPUs)")
-            );
-        }
+        let blocks = opts.block_range(kind.config().num_blocks());
         Ok(Self {
-            model: FamilyModel::random_klein(kind, dtype, device, opts.fp8)?,
+            model: FamilyModel::random_klein(kind, dtype, device, opts.fp8, blocks)?,
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
@@ -598,9 +596,8 @@ impl Pipeline {
     }
 
     /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
-    /// in `dtype` (the transformer's block products in FP8 when asked), the autoencoder in
-    /// [`autoencoder_dtype`]. A transformer's share of blocks (PipeFusion stages on GPUs) is
-    /// FLUX.1's only.
+    /// in `dtype` (the transformer's block products in FP8 when asked; only `opts.blocks` of it
+    /// read when asked, a PipeFusion stage on a GPU), the autoencoder in [`autoencoder_dtype`].
     pub fn load_klein(
         files: &crate::model::klein::files::KleinFiles,
         label: &str,
@@ -608,24 +605,12 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        let refuse = |what: &str| Error::InvalidSetting {
-            name: "model".into(),
-            value: label.to_string(),
-            reason: format!(
-                "{what} works with FLUX.1 models only so far; {label} is a FLUX.2 klein model. \
-                 Leave it out, or use a FLUX.1 model"
-            ),
-        };
-        if opts.blocks.is_some() {
-            return Err(refuse(
-                "a share of the transformer's blocks (PipeFusion on GPUs)",
-            ));
-        }
         let (t, vae, text) = crate::model::klein::files::load(
             files,
             dtype,
             autoencoder_dtype(dtype, device),
             device,
+            opts.blocks.map(|(a, b)| a..b),
         )?;
         let t = t.with_fp8_in(opts.fp8)?;
         let model = FamilyModel {

@@ -137,13 +137,9 @@ impl EngineThread {
             // Under PipeFusion on GPUs the first copy holds only rank 0's stage (a later plan
             // that needs more reloads it): plan with the model's config before loading.
             let planned = spec.model.resolve().and_then(|r| {
-                let cfg = crate::engine::model_config(&r)?;
-                spec.placement.plan_with(
-                    cfg.num_heads,
-                    false,
-                    gpus_present(),
-                    crate::engine::auto_hints(&cfg, &spec.placement),
-                )
+                let (heads, hints) = crate::engine::layout_facts(&r, &spec.placement)?;
+                spec.placement
+                    .plan_with(heads, false, gpus_present(), hints)
             });
             match planned {
                 Ok(plan) if plan.ranks.first() == Some(&first) => {

@@ -1,13 +1,38 @@
 //! FLUX.2 klein's transformer hyper-parameters ([`KleinConfig`]): the 4B and 9B checkpoints, the
 //! tiny size the tests and `random:klein-tiny` use, and a diffusers `transformer/config.json`
-//! read into one.
+//! read into one; its parameter counts, and which parts outside the blocks a pipeline stage
+//! needs ([`StagePart`]).
 
+use std::ops::Range;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::family::ParamCounts;
+
+/// A part of the transformer outside its blocks that only the pipeline stages using it hold
+/// ([`KleinConfig::part_users`]); the timestep and guidance embedders are on every stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagePart {
+    /// The image and text input projections (the first stage embeds the tokens).
+    Inputs,
+    /// The double blocks' shared modulations (image and text streams).
+    DoubleModulations,
+    /// The single blocks' shared modulation.
+    SingleModulation,
+    /// The final adaLN and projection (the last stage).
+    FinalLayer,
+}
+
+impl StagePart {
+    pub const ALL: [Self; 4] = [
+        Self::Inputs,
+        Self::DoubleModulations,
+        Self::SingleModulation,
+        Self::FinalLayer,
+    ];
+}
 
 /// Architecture hyper-parameters of a FLUX.2 transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,26 +165,59 @@ impl KleinConfig {
             .collect()
     }
 
-    /// Parameters outside the blocks, which every pipeline stage holds: the shared modulations
-    /// (double blocks' image and text streams, 6 rows of the width each; the single blocks', 3),
-    /// the image, text, timestep (and guidance) embedders and the final layer (its modulation
-    /// counted with the rest, as FLUX.1's is).
+    /// Parameters outside the blocks that every pipeline stage holds: the timestep (and
+    /// guidance) embedders, since every stage computes the conditioning vector. The other parts
+    /// outside the blocks ([`StagePart`]) are held only by the stages that need them.
     pub fn outside_param_counts(&self) -> ParamCounts {
         let h = self.hidden_size as u64;
-        let channels = self.in_channels as u64;
         // Timestep and guidance embedders: 256 sinusoid channels in, two products, no biases.
         let embed = 256 * h + h * h;
         ParamCounts {
-            modulations: (6 + 6 + 3) * h * h,
-            modulation_rows: (6 + 6 + 3) * h,
-            other: channels * h
-                + self.context_in_dim as u64 * h
-                + embed
-                + if self.guidance_embed { embed } else { 0 }
-                + h * 2 * h
-                + h * channels,
+            other: embed + if self.guidance_embed { embed } else { 0 },
             ..Default::default()
         }
+    }
+
+    /// Parameters of `part` (its modulations counted as modulations, the rest as other; the
+    /// final layer's adaLN as the rest, as FLUX.1's is).
+    pub fn part_param_counts(&self, part: StagePart) -> ParamCounts {
+        let h = self.hidden_size as u64;
+        let channels = self.in_channels as u64;
+        let shared_mod = |sets: u64| ParamCounts {
+            modulations: 3 * sets * h * h,
+            modulation_rows: 3 * sets * h,
+            ..Default::default()
+        };
+        match part {
+            StagePart::Inputs => ParamCounts {
+                other: channels * h + self.context_in_dim as u64 * h,
+                ..Default::default()
+            },
+            // Two (shift, scale, gate) sets for each of the image and text streams.
+            StagePart::DoubleModulations => shared_mod(4),
+            StagePart::SingleModulation => shared_mod(1),
+            StagePart::FinalLayer => ParamCounts {
+                other: h * 2 * h + h * channels,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The blocks of the unified numbering that use `part` (the first block embeds the
+    /// tokens, the last one's stream goes through the final layer).
+    pub fn part_users(&self, part: StagePart) -> Range<usize> {
+        let n = self.num_blocks();
+        match part {
+            StagePart::Inputs => 0..n.min(1),
+            StagePart::DoubleModulations => 0..self.depth,
+            StagePart::SingleModulation => self.depth..n,
+            StagePart::FinalLayer => n.saturating_sub(1)..n,
+        }
+    }
+
+    /// Whether a replica holding the blocks `held` needs `part` (holds one of its users).
+    pub fn needs(&self, held: &Range<usize>, part: StagePart) -> bool {
+        crate::model::step::shares_blocks(held, &self.part_users(part))
     }
 
     /// Read a diffusers `transformer/config.json` (a `Flux2Transformer2DModel` config).

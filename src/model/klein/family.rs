@@ -1,7 +1,8 @@
 //! klein behind the family traits: [`Klein`] as a [`Denoiser`], the registry entry
 //! [`KleinFamily`] (told apart by its shared single-block modulation), loading a transformer or
 //! an autoencoder from either layout ([`load_transformer`], [`load_vae`]), and the `random:klein-*`
-//! models ([`random_model`]).
+//! models ([`random_model`]); a transformer's pipeline-stage share of either
+//! ([`load_transformer_stage`], [`random_stage`]).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -192,18 +193,29 @@ pub const TINY_SEEDS: (u64, u64) = (0x6b6c_6e01, 0x6b6c_6e02);
 /// (weights from fixed seeds, made on the CPU); the real sizes are drawn on `device` by its own
 /// generator. The autoencoder's statistics are mean 0, deviation 1.
 pub fn random_model(kind: RandomKlein, dtype: DType, device: &Device) -> Result<(Klein, KleinVae)> {
+    random_stage(kind, dtype, device, 0..kind.config().num_blocks())
+}
+
+/// [`random_model`] holding only the blocks `blocks` (a pipeline stage's share,
+/// [`Klein::new_stage`]); the rest is never made. The tiny one's weights are those of the whole
+/// model (each tensor is drawn from its name).
+pub fn random_stage(
+    kind: RandomKlein,
+    dtype: DType,
+    device: &Device,
+    blocks: Range<usize>,
+) -> Result<(Klein, KleinVae)> {
     let cfg = kind.config();
     match kind {
         RandomKlein::Tiny => {
-            let t = Klein::new(
-                &cfg,
-                DemoWeights::new(TINY_SEEDS.0).var_builder(dtype, device),
-            )?;
+            let vb = DemoWeights::new(TINY_SEEDS.0).var_builder(dtype, device);
+            let t = Klein::new_stage(&cfg, vb, blocks)?;
             let vb = DemoWeights::new(TINY_SEEDS.1).var_builder(dtype, device);
             Ok((t, KleinVae::new_unnormalised(&tiny_vae_config(), vb)?))
         }
         RandomKlein::FourB | RandomKlein::NineB => {
-            let t = Klein::new(&cfg, RandomWeights.var_builder(dtype, device))?;
+            let vb = RandomWeights.var_builder(dtype, device);
+            let t = Klein::new_stage(&cfg, vb, blocks)?;
             let vb = RandomWeights.var_builder(dtype, device);
             Ok((t, KleinVae::new_unnormalised(&vae_config(), vb)?))
         }
@@ -246,6 +258,17 @@ fn part_dir(path: &Path, sub: &str) -> PathBuf {
 /// Load a FLUX.2 transformer: a Black Forest Labs single file (config read from its shapes), a
 /// diffusers `transformer/` folder (its `config.json`), or a model folder holding one.
 pub fn load_transformer(path: &Path, dtype: DType, device: &Device) -> crate::Result<Klein> {
+    load_transformer_stage(path, dtype, device, None)
+}
+
+/// [`load_transformer`] reading only the blocks `blocks` of the unified numbering and the parts
+/// outside them that they use (a pipeline stage's share, [`Klein::new_stage`]); `None`: all.
+pub fn load_transformer_stage(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    blocks: Option<Range<usize>>,
+) -> crate::Result<Klein> {
     let dir = part_dir(path, "transformer");
     let set = SafetensorsSet::open(&dir)?;
     let layout = keys::detect_layout(set.names()).ok_or_else(|| crate::Error::UnknownLayout {
@@ -264,7 +287,8 @@ pub fn load_transformer(path: &Path, dtype: DType, device: &Device) -> crate::Re
     };
     let map: Arc<dyn KeyMap> = Arc::from(keys::key_map(&layout, &cfg));
     let vb = MappedWeights::new(Arc::new(set), map).var_builder(dtype, device);
-    Ok(Klein::new(&cfg, vb)?)
+    let blocks = blocks.unwrap_or(0..cfg.num_blocks());
+    Ok(Klein::new_stage(&cfg, vb, blocks)?)
 }
 
 /// FLUX.2's autoencoder config from a diffusers `vae/config.json` (an `AutoencoderKLFlux2`

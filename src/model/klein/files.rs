@@ -4,12 +4,13 @@
 //! named apart ([`resolve`]); told apart from FLUX.1 by the transformer's tensor names
 //! ([`super::keys::detect_layout`]). [`load`] reads the three parts.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use super::config::KleinConfig;
-use super::family::{load_transformer, load_vae};
+use super::family::{load_transformer_stage, load_vae};
 use super::keys;
 use super::model::Klein;
 use super::text::{KleinTextEncoder, KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS};
@@ -260,14 +261,16 @@ fn is_distilled(root: &Path, transformer: &Path, reasons: &mut Vec<String>) -> b
 }
 
 /// The three parts of `files`: the transformer and Qwen3 in `dtype`, the autoencoder in
-/// `vae_dtype`, on `device`.
+/// `vae_dtype`, on `device`; of the transformer only the blocks `blocks` and what they use
+/// (a pipeline stage's share, [`load_transformer_stage`]), or all (`None`).
 pub fn load(
     files: &KleinFiles,
     dtype: DType,
     vae_dtype: DType,
     device: &Device,
+    blocks: Option<Range<usize>>,
 ) -> Result<(Klein, KleinVae, KleinTextEncoder)> {
-    let transformer = load_transformer(&files.transformer, dtype, device)?;
+    let transformer = load_transformer_stage(&files.transformer, dtype, device, blocks)?;
     let vae = load_vae(&files.vae, vae_dtype, device)?;
     let text = KleinTextEncoder::load(
         &files.text_encoder,

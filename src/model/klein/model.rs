@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::config::KleinConfig;
+use super::config::{KleinConfig, StagePart};
 use crate::kernels::elementwise::{cat_swiglu, gated_residual, ln_modulate, swiglu};
 use crate::kernels::gemm;
 use crate::kernels::qkv_prep::qkv_prep;
@@ -31,6 +31,14 @@ use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
 
 /// Width of the sinusoidal timestep (and guidance) embedding.
 const TIME_CHANNELS: usize = 256;
+
+/// The error for a part outside the blocks (`what`) that this replica, a pipeline stage, does
+/// not hold (`whose`: which stage does).
+fn not_held(what: &str, whose: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{what}: not held by this replica, a pipeline stage ({whose})"
+    ))
+}
 
 /// A linear layer without bias, `x Wᵀ`.
 #[derive(Debug, Clone)]
@@ -224,22 +232,42 @@ impl SingleBlock {
     }
 }
 
-/// The FLUX.2 transformer (klein's sizes, or any other FLUX.2 config).
-#[derive(Clone)]
-pub struct Klein {
+/// The token streams' input projections.
+#[derive(Debug, Clone)]
+struct Inputs {
     img_in: Proj,
     txt_in: Proj,
+}
+
+/// The double blocks' shared modulations, one per stream.
+#[derive(Debug, Clone)]
+struct DoubleMods {
+    img: SharedMod,
+    txt: SharedMod,
+}
+
+/// The final adaLN ((shift, scale) in Black Forest Labs' order) and projection.
+#[derive(Debug, Clone)]
+struct FinalLayer {
+    modulation: Proj,
+    linear: Proj,
+}
+
+/// The FLUX.2 transformer (klein's sizes, or any other FLUX.2 config). A pipeline stage holds
+/// its blocks and, outside them, only the parts it uses ([`StagePart`]): the input projections
+/// on the first stage, each kind of block's shared modulation where its blocks are, the final
+/// layer on the last stage; the timestep (and guidance) embedders on every stage.
+#[derive(Clone)]
+pub struct Klein {
+    inputs: Option<Inputs>,
     time_in: Embedder,
     guidance_in: Option<Embedder>,
-    double_mod_img: SharedMod,
-    double_mod_txt: SharedMod,
-    single_mod: SharedMod,
+    double_mods: Option<DoubleMods>,
+    single_mod: Option<SharedMod>,
     /// The blocks this replica holds (`None`: another pipeline stage's).
     double_blocks: Vec<Option<DoubleBlock>>,
     single_blocks: Vec<Option<SingleBlock>>,
-    /// Final adaLN, (shift, scale) in Black Forest Labs' order.
-    final_mod: Proj,
-    final_linear: Proj,
+    final_layer: Option<FinalLayer>,
     attention: Arc<dyn Attention>,
     cfg: KleinConfig,
     dtype: DType,
@@ -263,8 +291,8 @@ impl Klein {
     }
 
     /// [`Klein::new`] reading only the blocks `blocks` of the unified numbering (double blocks
-    /// first): one pipeline stage's share. Embedders, shared modulations and the final layer are
-    /// loaded on every stage.
+    /// first): one pipeline stage's share, with the parts outside the blocks that it uses
+    /// ([`KleinConfig::needs`]); nothing else is read.
     pub fn new_stage(cfg: &KleinConfig, vb: VarBuilder, blocks: Range<usize>) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let h = cfg.hidden_size;
@@ -288,18 +316,43 @@ impl Klein {
             .guidance_embed
             .then(|| Embedder::new(TIME_CHANNELS, h, vb.pp("guidance_in")))
             .transpose()?;
+        let needs = |part| cfg.needs(&blocks, part);
+        let inputs = needs(StagePart::Inputs)
+            .then(|| -> Result<Inputs> {
+                Ok(Inputs {
+                    img_in: Proj::new(cfg.in_channels, h, vb.pp("img_in"))?,
+                    txt_in: Proj::new(cfg.context_in_dim, h, vb.pp("txt_in"))?,
+                })
+            })
+            .transpose()?;
+        let double_mods = needs(StagePart::DoubleModulations)
+            .then(|| -> Result<DoubleMods> {
+                Ok(DoubleMods {
+                    img: SharedMod::new(h, 2, vb.pp("double_stream_modulation_img"))?,
+                    txt: SharedMod::new(h, 2, vb.pp("double_stream_modulation_txt"))?,
+                })
+            })
+            .transpose()?;
+        let single_mod = needs(StagePart::SingleModulation)
+            .then(|| SharedMod::new(h, 1, vb.pp("single_stream_modulation")))
+            .transpose()?;
+        let final_layer = needs(StagePart::FinalLayer)
+            .then(|| -> Result<FinalLayer> {
+                Ok(FinalLayer {
+                    modulation: Proj::new(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
+                    linear: Proj::new(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
+                })
+            })
+            .transpose()?;
         Ok(Self {
-            img_in: Proj::new(cfg.in_channels, h, vb.pp("img_in"))?,
-            txt_in: Proj::new(cfg.context_in_dim, h, vb.pp("txt_in"))?,
+            inputs,
             time_in: Embedder::new(TIME_CHANNELS, h, vb.pp("time_in"))?,
             guidance_in,
-            double_mod_img: SharedMod::new(h, 2, vb.pp("double_stream_modulation_img"))?,
-            double_mod_txt: SharedMod::new(h, 2, vb.pp("double_stream_modulation_txt"))?,
-            single_mod: SharedMod::new(h, 1, vb.pp("single_stream_modulation"))?,
+            double_mods,
+            single_mod,
             double_blocks,
             single_blocks,
-            final_mod: Proj::new(h, 2 * h, vb.pp("final_layer.adaLN_modulation.1"))?,
-            final_linear: Proj::new(h, cfg.in_channels, vb.pp("final_layer.linear"))?,
+            final_layer,
             attention: Arc::new(LocalAttention::default()),
             cfg: cfg.clone(),
             dtype: vb.dtype(),
@@ -339,19 +392,32 @@ impl Klein {
         for b in self.single_blocks.iter_mut().flatten() {
             b.convert_fp8(g)?;
         }
-        for m in [
-            &mut self.double_mod_img,
-            &mut self.double_mod_txt,
-            &mut self.single_mod,
-        ] {
+        let double = self
+            .double_mods
+            .iter_mut()
+            .flat_map(|m| [&mut m.img, &mut m.txt]);
+        for m in double.chain(self.single_mod.as_mut()) {
             convert(&mut m.lin, g.modulations, Fp8Mode::WeightOnly, false)?;
         }
         Ok(self)
     }
 
-    /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share).
+    /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share), and
+    /// of the parts outside them those the stage uses (as [`Klein::new_stage`] builds them).
     pub fn only_blocks(mut self, blocks: Range<usize>) -> Self {
         crate::model::step::keep_blocks(&mut self.double_blocks, &mut self.single_blocks, &blocks);
+        let held = self.held_blocks();
+        let needs = |part| self.cfg.needs(&held, part);
+        let (inputs, double, single, last) = (
+            needs(StagePart::Inputs),
+            needs(StagePart::DoubleModulations),
+            needs(StagePart::SingleModulation),
+            needs(StagePart::FinalLayer),
+        );
+        self.inputs = self.inputs.filter(|_| inputs);
+        self.double_mods = self.double_mods.filter(|_| double);
+        self.single_mod = self.single_mod.filter(|_| single);
+        self.final_layer = self.final_layer.filter(|_| last);
         self
     }
 
@@ -374,17 +440,26 @@ impl Klein {
             .flatten()
             .map(|b| b.linear1.weight_bytes() + b.linear2.weight_bytes() + norm_bytes(&b.norm))
             .sum();
+        let mods: usize = self
+            .double_mods
+            .iter()
+            .flat_map(|m| [&m.img, &m.txt])
+            .chain(self.single_mod.as_ref())
+            .map(|m| m.lin.weight_bytes())
+            .sum();
         double
             + single
-            + self.img_in.bytes()
-            + self.txt_in.bytes()
+            + mods
+            + self
+                .inputs
+                .as_ref()
+                .map_or(0, |i| i.img_in.bytes() + i.txt_in.bytes())
             + self.time_in.bytes()
             + self.guidance_in.as_ref().map_or(0, Embedder::bytes)
-            + self.double_mod_img.lin.weight_bytes()
-            + self.double_mod_txt.lin.weight_bytes()
-            + self.single_mod.lin.weight_bytes()
-            + self.final_mod.bytes()
-            + self.final_linear.bytes()
+            + self
+                .final_layer
+                .as_ref()
+                .map_or(0, |f| f.modulation.bytes() + f.linear.bytes())
     }
 
     /// Position ids of the joint sequence: `txt_len` text tokens at (0, 0, 0, i), then the
@@ -430,8 +505,14 @@ impl Klein {
 
     /// The input projections of the token streams.
     pub fn embed_streams(&self, input: &StepInput) -> Result<Streams> {
-        let img = self.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
-        let txt = self.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
+        let i = self.inputs.as_ref().ok_or_else(|| {
+            not_held(
+                "the input projections",
+                "the first pipeline stage embeds the tokens",
+            )
+        })?;
+        let img = i.img_in.forward(&input.img.to_dtype(self.dtype)?)?;
+        let txt = i.txt_in.forward(&input.txt.to_dtype(self.dtype)?)?;
         Ok(Streams { img, txt })
     }
 
@@ -446,9 +527,13 @@ impl Klein {
                 "block {i} is not held by this replica (another pipeline stage's)"
             ))
         };
-        if range.start < depth {
-            let mi = self.double_mod_img.forward(&ctx.vec)?;
-            let mt = self.double_mod_txt.forward(&ctx.vec)?;
+        if range.start < depth.min(range.end) {
+            let mods = self
+                .double_mods
+                .as_ref()
+                .ok_or_else(|| absent(range.start))?;
+            let mi = mods.img.forward(&ctx.vec)?;
+            let mt = mods.txt.forward(&ctx.vec)?;
             for i in range.start..range.end.min(depth) {
                 let b = self.double_blocks[i].as_ref().ok_or_else(|| absent(i))?;
                 let img_qkv = b.img.qkv.forward(&mi[0].norm(&img)?)?;
@@ -469,7 +554,8 @@ impl Klein {
         let start = range.start.max(depth);
         let end = range.end.min(self.cfg.num_blocks());
         if start < end {
-            let m = &self.single_mod.forward(&ctx.vec)?[0];
+            let single_mod = self.single_mod.as_ref().ok_or_else(|| absent(start))?;
+            let m = &single_mod.forward(&ctx.vec)?[0];
             let (h, mlp) = (self.cfg.hidden_size, self.cfg.mlp_hidden());
             let l = txt.dim(1)?;
             let mut x = Tensor::cat(&[&txt, &img], 1)?;
@@ -494,9 +580,13 @@ impl Klein {
 
     /// The final adaLN and projection back to packed latent channels, for the tokens of `img`.
     pub fn final_layer(&self, img: &Tensor, ctx: &BlockCtx) -> Result<Tensor> {
-        let m = self.final_mod.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
+        let f = self
+            .final_layer
+            .as_ref()
+            .ok_or_else(|| not_held("the final layer", "the last pipeline stage applies it"))?;
+        let m = f.modulation.forward(&ctx.vec.silu()?)?.unsqueeze(1)?;
         let c = m.chunk(2, D::Minus1)?;
-        self.final_linear.forward(&ln_modulate(img, &c[0], &c[1])?)
+        f.linear.forward(&ln_modulate(img, &c[0], &c[1])?)
     }
 
     /// The whole transformer: predicted velocity (B, N, packed latent channels).
@@ -569,11 +659,24 @@ mod tests {
         let pieces = m.final_layer(&s.img, &ctx)?;
         let d = (full - pieces)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(d, 0.0);
-        // A stage holding blocks 1..3 says so and refuses the others.
+        // A stage holding blocks 1..3 says so and refuses the others, and what only the first
+        // and last stages hold (the input projections, the final layer); its blocks run as the
+        // whole model's.
         let stage = m.clone().only_blocks(1..3);
         assert_eq!(stage.held_blocks(), 1..3);
-        let s = stage.embed_streams(&input)?;
-        assert!(stage.run_blocks(s, &ctx, 0..1).is_err());
+        assert!(stage.embed_streams(&input).is_err());
+        let s = m.run_blocks(m.embed_streams(&input)?, &ctx, 0..1)?;
+        assert!(stage.run_blocks(s.clone(), &ctx, 0..1).is_err());
+        assert!(stage.final_layer(&s.img, &ctx).is_err());
+        let (a, b) = (
+            stage.run_blocks(s.clone(), &ctx, 1..3)?,
+            m.run_blocks(s, &ctx, 1..3)?,
+        );
+        assert_eq!((a.img - b.img)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        // Built as a stage, it is the same model, holding the same.
+        let vb = DemoWeights::new(3).var_builder(DType::F32, &dev);
+        let built = Klein::new_stage(&cfg, vb, 1..3)?;
+        assert_eq!(built.weight_bytes(), stage.weight_bytes());
         Ok(())
     }
 
