@@ -6,8 +6,9 @@
 //! autoencoder layouts); the registry tells klein's files apart. Then klein's transformer on
 //! every CPU-worker layout against one device: Ulysses 2, Ring 2, displaced patches 2 (in
 //! warm-up), PipeFusion 2 (in warm-up), true CFG split over 2, data parallel 2 and dp 2 x
-//! Ulysses 2; every cache policy (MagCache calibrated on klein's own runs); the decode in row
-//! bands over 2-4 workers against the whole decode. Last,
+//! Ulysses 2; Ulysses 3 and 6 (and beside Ring) on a 6-head config; PipeFusion stages that
+//! load only their blocks; every cache policy (MagCache calibrated on klein's own runs); the
+//! decode in row bands over 2-4 workers against the whole decode. Last,
 //! Flux2KleinPipeline end to end (prompt embeddings and initial noise given):
 //! FLUX.2's schedule, the sampler, true CFG on the Base pipeline and the decode, the image within
 //! 1/255.
@@ -349,6 +350,55 @@ fn klein_pipefusion_stages_load_only_their_blocks() {
             }
         }
     }
+}
+
+/// klein's architecture with 6 heads (klein 4B has 24: Ulysses degrees 2, 3, 4, 6 and 8 divide
+/// them; `random:klein-tiny` has 2): heads of 16 (RoPE axes 4 x 4), one double and two single
+/// blocks, made-up weights. A test config only; the public tiny model is unchanged.
+fn six_heads() -> Arc<dyn Denoiser> {
+    let cfg = klein::KleinConfig {
+        context_in_dim: 24,
+        hidden_size: 6 * 16,
+        num_heads: 6,
+        depth: 1,
+        depth_single_blocks: 2,
+        axes_dim: vec![4, 4, 4, 4],
+        ..klein::KleinConfig::tiny()
+    };
+    let vb = parallax::model::demo_weights::DemoWeights::new(0x6b36)
+        .var_builder(DType::F32, &Device::Cpu);
+    Arc::new(Klein::new(&cfg, vb).expect("six-head klein"))
+}
+
+/// Ulysses degrees that divide 24 heads but not 2 or 4 (3 and 6), alone and beside ring
+/// attention (Ulysses 3 x Ring 2, Ulysses 2 x Ring 3: 6 workers), through the engine's rank
+/// loop on CPU workers: each within 1e-5 of one worker (relative, summed over the latent), as
+/// the other klein layouts are held; 6 text and 16 image tokens, which 3 and 6 workers shard
+/// with padding.
+#[test]
+fn klein_runs_ulysses_three_and_six_on_cpu_workers() {
+    let m = six_heads();
+    let jobs = [layouts::job(m.as_ref(), 1, 1.0)];
+    for (ulysses, ring) in [(3, 1), (6, 1), (3, 2), (2, 3)] {
+        let layout = ParallelLayout {
+            ulysses,
+            ring,
+            ..ParallelLayout::default()
+        };
+        let d = layouts::engine(&m, layout, &jobs);
+        eprintln!("6 heads, ulysses {ulysses} x ring {ring}: relative difference {d:e}");
+        assert!(d < 1e-5, "ulysses {ulysses} x ring {ring}: {d}");
+    }
+    // A degree that does not divide the heads is refused, not run.
+    let four = ParallelLayout {
+        ulysses: 4,
+        ..ParallelLayout::default()
+    };
+    let refused = parallax::parallel::ranks::denoise_many(&m, four, &jobs);
+    assert!(
+        refused.iter().all(|r| r.is_err()),
+        "ulysses 4 of 6 heads ran"
+    );
 }
 
 /// Flux2KleinPipeline's image for the stored prompt, noise and `steps`, through Parallax's
