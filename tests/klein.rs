@@ -26,7 +26,7 @@ use parallax::model::weights::SafetensorsSet;
 use parallax::parallel::comm::{Communicator, LocalComm};
 use parallax::parallel::displaced::DisplacedAttention;
 use parallax::parallel::mesh::ParallelLayout;
-use parallax::parallel::pipefusion::{split_blocks, PipeFusion, StageBalance};
+use parallax::parallel::pipefusion::{split_blocks, StageBalance};
 use parallax::parallel::ring::RingAttention;
 use parallax::parallel::ulysses::UlyssesAttention;
 use parallax::pipeline::cache::CacheSpec;
@@ -318,26 +318,12 @@ fn klein_pipefusion_stages_load_only_their_blocks() {
         let j = layouts::job(whole.as_ref(), 1, 1.0);
         let want = layouts::one_device(whole.as_ref(), &j);
         for warmup in [layouts::STEPS * 2, 1] {
-            let run = |stage_only: bool| {
-                parallax::parallel::comm::run_local(2, |rank, comm| {
-                    let m = if stage_only {
-                        klein_stage(random, rank, whole.as_ref())
-                    } else {
-                        whole.clone()
-                    };
-                    let stage = PipeFusion::replica_in(
-                        m.as_ref(),
-                        Arc::new(comm),
-                        None,
-                        2,
-                        warmup,
-                        StageBalance::Work,
-                    )?;
-                    Ok(layouts::one_device(&stage, &j))
-                })
-                .expect("stages")
-            };
-            let (cut, loaded) = (run(false), run(true));
+            let cut = layouts::pipefusion_latents(&|_| whole.clone(), &j, warmup);
+            let loaded = layouts::pipefusion_latents(
+                &|rank| klein_stage(random, rank, whole.as_ref()),
+                &j,
+                warmup,
+            );
             for (a, b) in loaded.iter().zip(&cut) {
                 let d = layouts::rel(a, b);
                 eprintln!(

@@ -130,7 +130,22 @@ pub fn sequence_parallel(
 pub fn pipefusion(m: &Arc<dyn Denoiser>, warmup: usize) -> Vec<f64> {
     let j = job(m.as_ref(), 1, 1.0);
     let want = one_device(m.as_ref(), &j);
-    run_local(2, |_, comm| {
+    pipefusion_latents(&|_| m.clone(), &j, warmup)
+        .iter()
+        .map(|x| rel(x, &want))
+        .collect()
+}
+
+/// `j` through PipeFusion over 2 stages (blocks split by work) with `warmup` exact steps, stage
+/// s running `model(s)` (a whole model it cuts its share from, or its share alone): each stage's
+/// final latent.
+pub fn pipefusion_latents(
+    model: &(dyn Fn(usize) -> Arc<dyn Denoiser> + Sync),
+    j: &DenoiseJob,
+    warmup: usize,
+) -> Vec<Tensor> {
+    run_local(2, |rank, comm| {
+        let m = model(rank);
         let stage = PipeFusion::replica_in(
             m.as_ref(),
             Arc::new(comm),
@@ -139,12 +154,9 @@ pub fn pipefusion(m: &Arc<dyn Denoiser>, warmup: usize) -> Vec<f64> {
             warmup,
             StageBalance::Work,
         )?;
-        Ok(one_device(&stage, &j))
+        Ok(one_device(&stage, j))
     })
     .expect("stages")
-    .iter()
-    .map(|x| rel(x, &want))
-    .collect()
 }
 
 /// Seed 1's true CFG at scale 3, the two branches split over 2 workers, against both on one.
