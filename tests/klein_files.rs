@@ -14,10 +14,14 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device};
 use common::{max_pixel_diff, s, text};
 use parallax::model::export::ExportLayout;
+use parallax::model::klein::text::KleinTextEncoder;
+use parallax::model::klein::Klein;
 use parallax::model::klein_export::{write_tiny, TINY_BFL_FILE};
 use parallax::model::layout::{self, ModelSpec};
+use parallax::model::linear::Fp8Groups;
+use parallax::model::text::T5Residency;
 use parallax::pipeline::image::{read_png, RgbImage};
-use parallax::pipeline::{GenerateRequest, GenerationSettings, Pipeline};
+use parallax::pipeline::{GenerateRequest, GenerationSettings, LoadOptions, Pipeline};
 
 fn parallax(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_parallax"))
@@ -262,4 +266,113 @@ fn the_hugging_face_cache_lists_and_resolves_klein_repos() {
         );
     }
     std::env::remove_var("HF_HUB_CACHE");
+}
+
+/// `req` at 64 px, 2 steps, seed 7 for `prompt`.
+fn request(prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        width: 64,
+        height: 64,
+        steps: Some(2),
+        seed: 7,
+        ..GenerateRequest::default()
+    }
+}
+
+/// klein's files loaded as `opts` say.
+fn load_with(model: &Path, opts: LoadOptions) -> Pipeline {
+    let r = layout::resolve(s(model), None).expect("resolve");
+    Pipeline::load_with(&r, "klein", DType::F32, &Device::Cpu, opts).expect("load")
+}
+
+fn qwen3(p: &Pipeline) -> &KleinTextEncoder {
+    p.model
+        .text
+        .as_any()
+        .and_then(|a| a.downcast_ref())
+        .expect("klein's text encoder")
+}
+
+fn transformer(p: &Pipeline) -> &Klein {
+    p.model
+        .denoiser
+        .as_any()
+        .and_then(|a| a.downcast_ref())
+        .expect("klein's transformer")
+}
+
+/// What a memory budget asks of klein's loader, from the tiny files: Qwen3 built for each prompt
+/// and freed after it gives the images of Qwen3 kept, prompt after prompt, and is built once per
+/// job (never kept between them: the loader's count of builds); FP8 without the bf16 copies
+/// (every block converted as it loads) holds no copy beside an E4M3 weight and gives the image of
+/// FP8 with the copies kept, to the byte. On the CPU no copy exists either way (the simulation
+/// holds the rounded weights only); on a GPU the same `Lin::lean` FLUX.1 uses drops them.
+#[test]
+fn klein_files_load_qwen3_on_demand_and_lean_fp8_with_the_same_images() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("klein");
+    write_tiny(&model, ExportLayout::Diffusers).expect("write");
+
+    let kept = load_with(&model, LoadOptions::default());
+    let lazy = load_with(
+        &model,
+        LoadOptions {
+            t5: T5Residency::OnDemand,
+            ..Default::default()
+        },
+    );
+    assert_eq!(qwen3(&kept).residency(), T5Residency::Resident);
+    assert_eq!(qwen3(&lazy).residency(), T5Residency::OnDemand);
+    assert_eq!(
+        qwen3(&lazy).builds(),
+        0,
+        "nothing built before the first prompt"
+    );
+    for (job, prompt) in [PROMPT, "a hare in the snow", PROMPT].iter().enumerate() {
+        let a = kept
+            .generate(&request(prompt), &mut |_| Ok(()))
+            .expect("kept");
+        let b = lazy
+            .generate(&request(prompt), &mut |_| Ok(()))
+            .expect("on demand");
+        assert_eq!(a.image.data, b.image.data, "{prompt}");
+        // One build for each job: the Qwen3 of the last job was not kept for this one.
+        assert_eq!(qwen3(&lazy).builds(), job + 1);
+        assert_eq!(qwen3(&kept).builds(), 0);
+    }
+
+    let fp8 = |lean| {
+        load_with(
+            &model,
+            LoadOptions {
+                fp8: Fp8Groups::ALL,
+                lean,
+                ..Default::default()
+            },
+        )
+    };
+    let (copies, lean) = (fp8(false), fp8(true));
+    let cfg = transformer(&lean).config().clone();
+    assert_eq!(
+        transformer(&lean).fp8_layers(),
+        8 * cfg.depth + 2 * cfg.depth_single_blocks
+    );
+    assert_eq!(transformer(&lean).fp8_copies_kept(), 0);
+    assert_eq!(
+        transformer(&lean).weight_bytes(),
+        transformer(&copies).weight_bytes()
+    );
+    let a = copies
+        .generate(&request(PROMPT), &mut |_| Ok(()))
+        .expect("copies");
+    let b = lean
+        .generate(&request(PROMPT), &mut |_| Ok(()))
+        .expect("lean");
+    assert_eq!(a.image.data, b.image.data);
+    // FP8 changed the image (the products were converted), within FP8's error.
+    let bf16 = kept
+        .generate(&request(PROMPT), &mut |_| Ok(()))
+        .expect("kept");
+    assert_ne!(a.image.data, bf16.image.data);
 }

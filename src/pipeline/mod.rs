@@ -380,17 +380,18 @@ impl FamilyModel {
     }
 
     /// A `random:klein-*` model ([`crate::model::klein::random_model`] and
-    /// [`crate::model::klein::random_text`]), the transformer's `fp8` product groups in E4M3
-    /// (none: as drawn): 4 steps by default, as the distilled klein runs.
+    /// [`crate::model::klein::random_text_as`]), the transformer's `opts.fp8` product groups in
+    /// E4M3 (none: as drawn; lean as `opts.lean` says) and Qwen3 kept or built for each prompt
+    /// as `opts.t5` says: 4 steps by default, as the distilled klein runs.
     pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
-        fp8: Fp8Groups,
+        opts: LoadOptions,
     ) -> Result<Self> {
         let (t, vae) = crate::model::klein::random_model(kind, dtype, device)?;
-        let t = t.with_fp8_in(fp8)?;
-        let text = crate::model::klein::random_text(kind, dtype, device)?;
+        let t = t.with_fp8(opts.fp8, opts.lean)?;
+        let text = crate::model::klein::random_text_as(kind, dtype, device, opts.t5)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }
 
@@ -588,7 +589,7 @@ impl Pipeline {
             );
         }
         Ok(Self {
-            model: FamilyModel::random_klein(kind, dtype, device, opts.fp8)?,
+            model: FamilyModel::random_klein(kind, dtype, device, opts)?,
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
@@ -597,8 +598,9 @@ impl Pipeline {
     }
 
     /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
-    /// in `dtype` (the transformer's block products in FP8 when asked), the autoencoder in
-    /// [`autoencoder_dtype`]. A transformer's share of blocks (PipeFusion stages on GPUs) is
+    /// in `dtype` (the transformer's block products in FP8 when asked, converted as each block
+    /// loads and lean as `opts.lean` says; Qwen3 built for each prompt under `opts.t5`), the
+    /// autoencoder in [`autoencoder_dtype`]. A transformer's share of blocks (PipeFusion stages on GPUs) is
     /// FLUX.1's only.
     pub fn load_klein(
         files: &crate::model::klein::files::KleinFiles,
@@ -620,13 +622,18 @@ impl Pipeline {
                 "a share of the transformer's blocks (PipeFusion on GPUs)",
             ));
         }
+        let how = crate::model::klein::files::LoadAs {
+            fp8: opts.fp8,
+            lean: opts.lean,
+            text: opts.t5,
+        };
         let (t, vae, text) = crate::model::klein::files::load(
             files,
             dtype,
             autoencoder_dtype(dtype, device),
             device,
+            how,
         )?;
-        let t = t.with_fp8_in(opts.fp8)?;
         let model = FamilyModel {
             default_steps: files.default_steps(),
             ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))

@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use super::config::KleinConfig;
-use super::family::{load_transformer, load_vae};
+use super::family::{load_transformer_fp8, load_vae};
 use super::keys;
 use super::model::Klein;
 use super::text::{KleinTextEncoder, KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS};
 use super::vae::KleinVae;
 use crate::error::{Error, Result};
+use crate::model::linear::Fp8Groups;
+use crate::model::text::T5Residency;
 use crate::model::tokenizer::TOKENIZER_JSON;
 use crate::model::weights::SafetensorsSet;
 
@@ -259,25 +261,38 @@ fn is_distilled(root: &Path, transformer: &Path, reasons: &mut Vec<String>) -> b
     !name.contains("base")
 }
 
+/// How klein's parts load besides their dtype and device (what a run's load options ask of
+/// klein: `crate::pipeline::LoadOptions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadAs {
+    /// The transformer's layers in FP8, converted as each block loads.
+    pub fp8: Fp8Groups,
+    /// Without the bf16 copies beside the GPU's E4M3 weights ([`Klein::with_fp8`]).
+    pub lean: bool,
+    /// Qwen3 kept, or built for each prompt and freed after it.
+    pub text: T5Residency,
+}
+
 /// The three parts of `files`: the transformer and Qwen3 in `dtype`, the autoencoder in
-/// `vae_dtype`, on `device`.
+/// `vae_dtype`, on `device`, as `how` says.
 pub fn load(
     files: &KleinFiles,
     dtype: DType,
     vae_dtype: DType,
     device: &Device,
+    how: LoadAs,
 ) -> Result<(Klein, KleinVae, KleinTextEncoder)> {
-    let transformer = load_transformer(&files.transformer, dtype, device)?;
+    let transformer = load_transformer_fp8(&files.transformer, dtype, device, how.fp8, how.lean)?;
     let vae = load_vae(&files.vae, vae_dtype, device)?;
-    let text = KleinTextEncoder::load(
+    let text = KleinTextEncoder::load_as(
         &files.text_encoder,
         &files.tokenizer,
         &KLEIN_TEXT_LAYERS,
         KLEIN_MAX_LEN,
-        dtype,
-        device,
+        (dtype, device),
+        how.text,
     )?;
-    let width = text.model().config().hidden_size * KLEIN_TEXT_LAYERS.len();
+    let width = text.config().hidden_size * KLEIN_TEXT_LAYERS.len();
     let wants = transformer.config().context_in_dim;
     if width != wants {
         return Err(Error::UnknownLayout {
@@ -285,7 +300,7 @@ pub fn load(
             reason: format!(
                 "this Qwen3 gives {width}-wide text states (three layers of {}); the transformer \
                  takes {wants}: klein 4B takes Qwen3-4B, klein 9B Qwen3-8B",
-                text.model().config().hidden_size
+                text.config().hidden_size
             ),
         });
     }

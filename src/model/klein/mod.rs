@@ -15,8 +15,8 @@ mod vae;
 
 pub use config::KleinConfig;
 pub use family::{
-    load_transformer, load_vae, random_model, random_text, KleinFamily, RandomKlein, NAME,
-    TINY_SEEDS, TINY_TEXT_SEED,
+    load_transformer, load_transformer_fp8, load_vae, random_model, random_text, random_text_as,
+    KleinFamily, RandomKlein, NAME, TINY_SEEDS, TINY_TEXT_SEED,
 };
 pub use model::Klein;
 pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};

@@ -691,7 +691,10 @@ mod tests {
         let at_load = Klein::new_stage_fp8(&cfg, vb(), 0..cfg.num_blocks(), g, true)?;
         for m in [&lean, &at_load] {
             assert_eq!(m.fp8_copies_kept(), 0);
-            assert_eq!(m.fp8_layers(), 3 + 8 * cfg.depth + 2 * cfg.depth_single_blocks);
+            assert_eq!(
+                m.fp8_layers(),
+                3 + 8 * cfg.depth + 2 * cfg.depth_single_blocks
+            );
             for l in m.block_linears() {
                 let w = l.weight()?;
                 let r = crate::kernels::fp8::round_rows(&w)?;
