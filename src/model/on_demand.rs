@@ -1,13 +1,26 @@
 //! A large part of a model (FLUX.1's T5, klein's Qwen3) either kept on the device or built for
-//! each use and freed after it ([`Slot`]), as a memory budget chooses
-//! ([`crate::model::text::T5Residency`]). The slot counts the builds, so a caller (a test, a
-//! report) can tell that an on-demand part was not kept between uses.
+//! each use and freed after it ([`Slot`]), as a memory budget chooses ([`Residency`], named
+//! `T5Residency` where FLUX.1's text encoders and the load options take it). The slot counts the
+//! builds, so a caller (a test, a report) can tell that an on-demand part was not kept between
+//! uses.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::model::text::T5Residency;
+
+/// Where the large text encoder stays between prompts: FLUX.1's T5 (9.5 GB in bf16 for
+/// T5-XXL), klein's Qwen3 ([`crate::model::klein::text::KleinTextEncoder`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Residency {
+    /// Loaded once and kept on the device.
+    #[default]
+    Resident,
+    /// Built on the device for each prompt and freed after it: the device holds it only while
+    /// it encodes (a memory budget's choice; each prompt then reads its weights again, from the
+    /// page cache after the first).
+    OnDemand,
+}
 
 /// Builds the part from its weights, the same part each time.
 pub type Builder<T> = Arc<dyn Fn() -> Result<T> + Send + Sync>;
@@ -23,7 +36,7 @@ pub enum Slot<T> {
 }
 
 impl<T> Slot<T> {
-    /// Built for each use ([`T5Residency::OnDemand`]).
+    /// Built for each use ([`Residency::OnDemand`]).
     pub fn on_demand(build: Builder<T>) -> Self {
         Self::OnDemand {
             build,
@@ -31,19 +44,19 @@ impl<T> Slot<T> {
         }
     }
 
-    /// Kept ([`T5Residency::Resident`]), or built for each use, as `residency` says: the part is
+    /// Kept ([`Residency::Resident`]), or built for each use, as `residency` says: the part is
     /// built once now when kept.
-    pub fn with_residency(residency: T5Residency, build: Builder<T>) -> Result<Self> {
+    pub fn with_residency(residency: Residency, build: Builder<T>) -> Result<Self> {
         Ok(match residency {
-            T5Residency::Resident => Self::Resident(build()?),
-            T5Residency::OnDemand => Self::on_demand(build),
+            Residency::Resident => Self::Resident(build()?),
+            Residency::OnDemand => Self::on_demand(build),
         })
     }
 
-    pub fn residency(&self) -> T5Residency {
+    pub fn residency(&self) -> Residency {
         match self {
-            Self::Resident(_) => T5Residency::Resident,
-            Self::OnDemand { .. } => T5Residency::OnDemand,
+            Self::Resident(_) => Residency::Resident,
+            Self::OnDemand { .. } => Residency::OnDemand,
         }
     }
 
@@ -88,8 +101,8 @@ mod tests {
             m.fetch_add(1, Ordering::Relaxed);
             Ok(Arc::new(()))
         });
-        let kept = Slot::with_residency(T5Residency::Resident, build.clone())?;
-        let lazy = Slot::with_residency(T5Residency::OnDemand, build)?;
+        let kept = Slot::with_residency(Residency::Resident, build.clone())?;
+        let lazy = Slot::with_residency(Residency::OnDemand, build)?;
         assert_eq!(made.load(Ordering::Relaxed), 1);
         let mut weak = None;
         for _ in 0..2 {
@@ -103,7 +116,7 @@ mod tests {
         }
         assert_eq!((kept.builds(), lazy.builds()), (0, 2));
         assert_eq!(made.load(Ordering::Relaxed), 3);
-        assert_eq!(lazy.residency(), T5Residency::OnDemand);
+        assert_eq!(lazy.residency(), Residency::OnDemand);
         Ok(())
     }
 }

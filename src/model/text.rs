@@ -82,18 +82,8 @@ impl TextEncoderPaths {
 /// Builds T5 from its weights (for [`T5Residency::OnDemand`]).
 pub type T5Builder = Arc<dyn Fn() -> Result<T5EncoderModel> + Send + Sync>;
 
-/// Where the large text encoder stays between prompts: FLUX.1's T5 (9.5 GB in bf16 for
-/// T5-XXL), klein's Qwen3 ([`crate::model::klein::text::KleinTextEncoder`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum T5Residency {
-    /// Loaded once and kept on the device.
-    #[default]
-    Resident,
-    /// Built on the device for each prompt and freed after it: the device holds T5 only while
-    /// it encodes (a memory budget's choice; each prompt then reads T5's weights again, from the
-    /// page cache after the first).
-    OnDemand,
-}
+/// Where T5 (or klein's Qwen3) stays between prompts.
+pub use super::on_demand::Residency as T5Residency;
 
 /// T5 itself, or how to build it for each prompt (behind a mutex: its forward pass needs `&mut`).
 type T5Slot = Slot<Mutex<T5EncoderModel>>;
