@@ -266,8 +266,15 @@ fn klein_runs_data_parallel_and_a_mesh_through_the_engine() {
 fn klein_stage(random: bool, stage: usize, whole: &dyn Denoiser) -> Arc<dyn Denoiser> {
     let b = split_blocks(&whole.block_params(), 2, stage, StageBalance::Work);
     if !random {
-        let m = klein::load_transformer_stage(&fixtures(), DType::F32, &Device::Cpu, Some(b))
-            .expect("a stage of the fixture");
+        let m = klein::load_transformer_stage(
+            &fixtures(),
+            DType::F32,
+            &Device::Cpu,
+            Some(b),
+            parallax::model::linear::Fp8Groups::NONE,
+            false,
+        )
+        .expect("a stage of the fixture");
         return Arc::new(m);
     }
     let choice = parallax::engine::ModelChoice::named("random:klein-tiny");

@@ -93,7 +93,7 @@ fn prompt_embeddings_match_the_pipeline() -> TestResult {
     let want = tensors();
     let enc = KleinTextEncoder::load_diffusers(&root(), DType::F32, &Device::Cpu)?;
     // Only the layers up to the last one read are loaded.
-    assert_eq!(enc.model().max_output(), 27);
+    assert_eq!(enc.max_output(), 27);
     let spec = enc.text_spec();
     assert_eq!(spec.txt_dim, 3 * 24);
     assert_eq!(spec.pooled_dim, None);

@@ -16,7 +16,6 @@ use clap::Args;
 
 use super::PrecisionArg;
 use crate::model::klein::{random_model, random_text, RandomKlein, LATENT};
-use crate::model::linear::Fp8Groups;
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::sampler::{self, Conditioning, TrueCfg};
 use crate::pipeline::schedule;
@@ -88,7 +87,11 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (model, vae) = random_model(kind, dtype, &dev)?;
     let model = match a.precision {
-        PrecisionArg::Fp8 => model.with_fp8_in(Fp8Groups::ALL)?,
+        PrecisionArg::Fp8 => {
+            // As `--precision fp8` loads: without the bf16 copies unless PARALLAX_FP8_KEEP_BF16.
+            let o = crate::engine::Precision::Fp8.load_options();
+            model.with_fp8(o.fp8, o.lean)?
+        }
         PrecisionArg::Native => model,
     };
     let text = random_text(kind, dtype, &dev)?;

@@ -4,13 +4,13 @@
 //! `parallax generate --model DIR`). The folder is marked as holding made-up weights
 //! ([`DEMO_MARKER`]), so images made from it are labelled.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::demo_weights::DemoWeights;
-use crate::model::export::{capture, mkdir, write_json, ExportLayout};
+use crate::model::export::{capture, mkdir, write_fp8, write_json, ExportLayout};
 use crate::model::klein::keys::{KleinDiffusersMap, KleinVaeDiffusersMap};
 use crate::model::klein::text::{KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS, QWEN_CHAT_TOKENS};
 use crate::model::klein::{
@@ -24,6 +24,8 @@ use crate::model::weights::{export, save_safetensors};
 
 /// The name of the single transformer file in the Black Forest Labs layout.
 pub const TINY_BFL_FILE: &str = "flux-2-klein-tiny.safetensors";
+/// The name of the FP8 single transformer file [`write_tiny_fp8`] writes.
+pub const TINY_FP8_FILE: &str = "flux-2-klein-tiny-fp8.safetensors";
 
 /// A transformer config as diffusers' `Flux2Transformer2DModel` writes it.
 fn transformer_json(cfg: &KleinConfig) -> serde_json::Value {
@@ -75,9 +77,7 @@ fn qwen3_json(cfg: &Qwen3Config) -> serde_json::Value {
 pub fn write_tiny(dir: &Path, layout: ExportLayout) -> Result<()> {
     mkdir(dir)?;
     let cfg = KleinConfig::tiny();
-    let transformer = capture(Box::new(DemoWeights::new(TINY_SEEDS.0)), |vb| {
-        Ok(Klein::new(&cfg, vb)?)
-    })?;
+    let transformer = tiny_transformer(&cfg)?;
     let vae_cfg = tiny_vae_config();
     let mut vae = capture(Box::new(DemoWeights::new(TINY_SEEDS.1)), |vb| {
         Ok(KleinVae::new_unnormalised(&vae_cfg, vb)?)
@@ -150,6 +150,32 @@ pub fn write_tiny(dir: &Path, layout: ExportLayout) -> Result<()> {
         path: dir.join(DEMO_MARKER),
         source,
     })
+}
+
+/// `random:klein-tiny`'s transformer, in Black Forest Labs' names.
+fn tiny_transformer(cfg: &KleinConfig) -> Result<Vec<(String, Tensor)>> {
+    capture(Box::new(DemoWeights::new(TINY_SEEDS.0)), |vb| {
+        Ok(Klein::new(cfg, vb)?)
+    })
+}
+
+/// `random:klein-tiny`'s transformer as an FP8 single file, [`TINY_FP8_FILE`] in `dir` (beside
+/// what [`write_tiny`] writes in the Black Forest Labs layout, which it needs to run), written as
+/// FLUX.1's FP8 files are ([`crate::model::export::write_fp8`]): every matrix in E4M3, the rest
+/// in f32; `scaled`: ComfyUI's scaled-fp8 form below `model.diffusion_model.` (a scale per
+/// matrix, an input scale of 1, the `scaled_fp8` marker), else a plain cast under BFL's names.
+/// Returns the file's path.
+pub fn write_tiny_fp8(dir: &Path, scaled: bool) -> Result<PathBuf> {
+    mkdir(dir)?;
+    let path = dir.join(TINY_FP8_FILE);
+    let prefix = if scaled { "model.diffusion_model." } else { "" };
+    write_fp8(
+        &tiny_transformer(&KleinConfig::tiny())?,
+        prefix,
+        scaled,
+        &path,
+    )?;
+    Ok(path)
 }
 
 /// The tiny Qwen3 (`text_encoder/`, the layers klein reads) and its byte tokenizer

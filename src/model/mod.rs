@@ -19,6 +19,7 @@ pub mod linear;
 pub mod load_clock;
 pub mod lora;
 pub mod lowrank;
+pub mod on_demand;
 pub mod qwen3;
 pub mod rng;
 pub mod shard;

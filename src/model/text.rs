@@ -24,6 +24,7 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::t5::{self, T5EncoderModel};
 
 use super::demo_weights::DemoWeights;
+use super::on_demand::Slot;
 use super::tokenizer::PromptTokenizer;
 use super::weights::{Identity, MappedWeights, SafetensorsSet};
 use crate::error::{CandleResultExt, Error, Result};
@@ -81,23 +82,11 @@ impl TextEncoderPaths {
 /// Builds T5 from its weights (for [`T5Residency::OnDemand`]).
 pub type T5Builder = Arc<dyn Fn() -> Result<T5EncoderModel> + Send + Sync>;
 
-/// Where T5 (9.5 GB in bf16 for T5-XXL) stays between prompts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum T5Residency {
-    /// Loaded once and kept on the device.
-    #[default]
-    Resident,
-    /// Built on the device for each prompt and freed after it: the device holds T5 only while
-    /// it encodes (a memory budget's choice; each prompt then reads T5's weights again, from the
-    /// page cache after the first).
-    OnDemand,
-}
+/// Where T5 (or klein's Qwen3) stays between prompts.
+pub use super::on_demand::Residency as T5Residency;
 
-/// T5 itself, or how to build it for each prompt.
-enum T5Slot {
-    Resident(Mutex<T5EncoderModel>),
-    OnDemand(T5Builder),
-}
+/// T5 itself, or how to build it for each prompt (behind a mutex: its forward pass needs `&mut`).
+type T5Slot = Slot<Mutex<T5EncoderModel>>;
 
 /// T5 and CLIP with their tokenizers. `Send + Sync`: T5's forward pass needs `&mut`, so it sits
 /// behind a mutex and concurrent [`TextEncoders::encode`] calls take turns on it.
@@ -115,13 +104,7 @@ pub struct TextEncoders {
 impl std::fmt::Debug for TextEncoders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextEncoders")
-            .field(
-                "t5",
-                &match self.t5 {
-                    T5Slot::Resident(_) => T5Residency::Resident,
-                    T5Slot::OnDemand(_) => T5Residency::OnDemand,
-                },
-            )
+            .field("t5", &self.t5.residency())
             .field("t5_tokenizer", &self.t5_tokenizer)
             .field("clip_tokenizer", &self.clip_tokenizer)
             .field("t5_dim", &self.t5_dim)
@@ -563,7 +546,7 @@ impl TextEncoders {
         let device = t5_vb.device().clone();
         let t5 = T5EncoderModel::load(t5_vb, t5_cfg)?;
         Self::assemble(
-            T5Slot::Resident(Mutex::new(t5)),
+            Slot::Resident(Mutex::new(t5)),
             (t5_cfg, dtype, device),
             clip_vb,
             clip_cfg,
@@ -583,7 +566,7 @@ impl TextEncoders {
         clip_tokenizer: PromptTokenizer,
     ) -> Result<Self> {
         Self::assemble(
-            T5Slot::OnDemand(build),
+            Slot::on_demand(Arc::new(move || Ok(Mutex::new(build()?)))),
             (t5_cfg, dtype, device.clone()),
             clip_vb,
             clip_cfg,
@@ -782,10 +765,7 @@ impl TextEncoders {
 
     /// Where T5 stays between prompts.
     pub fn t5_residency(&self) -> T5Residency {
-        match self.t5 {
-            T5Slot::Resident(_) => T5Residency::Resident,
-            T5Slot::OnDemand(_) => T5Residency::OnDemand,
-        }
+        self.t5.residency()
     }
 
     /// Tiny encoders with made-up weights ([`t5_demo_config`], [`clip_demo_config`], the demo
@@ -828,26 +808,12 @@ impl TextEncoders {
         }
 
         let t5_ids = Tensor::new(t5_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let txt = match &self.t5 {
-            T5Slot::Resident(t5) => {
-                // A panic elsewhere while holding the lock leaves the encoder unchanged (it
-                // keeps no state between calls), so a poisoned lock is still usable.
-                let mut t5 = t5.lock().unwrap_or_else(|p| p.into_inner());
-                t5.forward(&t5_ids)?
-            }
-            T5Slot::OnDemand(build) => {
-                let t0 = std::time::Instant::now();
-                let mut t5 = build()?;
-                tracing::debug!(
-                    "T5 built for this prompt in {:.2}s",
-                    t0.elapsed().as_secs_f64()
-                );
-                let txt = t5.forward(&t5_ids)?;
-                // The output is a new tensor: T5's weights go when `t5` does, here.
-                drop(t5);
-                txt
-            }
-        };
+        let txt = self.t5.run("T5", |t5| {
+            // A panic elsewhere while holding the lock leaves the encoder unchanged (it keeps no
+            // state between calls), so a poisoned lock is still usable.
+            let mut t5 = t5.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(t5.forward(&t5_ids)?)
+        })?;
 
         let clip_ids = Tensor::new(clip_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let hidden = self.clip.forward_with_mask(&clip_ids, usize::MAX)?;

@@ -21,6 +21,12 @@ use memmap2::Mmap;
 use crate::error::{Error, Result};
 use crate::kernels::fp8::Fp8;
 
+/// The names of an FP8 weight `X.weight`'s scale, `X.{name}`: ComfyUI's and the newer one.
+const FP8_WEIGHT_SCALES: [&str; 2] = ["scale_weight", "weight_scale"];
+/// The names of the static scale of an FP8 product's input, `X.{name}`, which a run quantising
+/// each token's input itself does not use.
+const FP8_INPUT_SCALES: [&str; 2] = ["scale_input", "input_scale"];
+
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
@@ -322,21 +328,58 @@ impl SafetensorsSet {
     /// (its "scaled fp8" files) or `X.weight_scale` (newer quantised files).
     pub fn fp8_scale_name(&self, name: &str) -> Option<String> {
         let base = name.strip_suffix(".weight")?;
-        [
-            format!("{base}.scale_weight"),
-            format!("{base}.weight_scale"),
-        ]
-        .into_iter()
-        .find(|n| self.contains(n))
+        FP8_WEIGHT_SCALES
+            .iter()
+            .map(|s| format!("{base}.{s}"))
+            .find(|n| self.contains(n))
+    }
+
+    /// Refuses an FP8 weight `X.weight` with a scale beside it this loader does not read: any
+    /// `X.*scale*` tensor other than its weight's scale ([`FP8_WEIGHT_SCALES`]) and its input's
+    /// static scale ([`FP8_INPUT_SCALES`], which a run that quantises each token's input itself
+    /// leaves alone) — say a block-wise `weight_scale_inv` or a second-level `weight_scale_2` —
+    /// rather than load the weight without it.
+    fn check_fp8_companions(&self, name: &str) -> Result<()> {
+        let Some(base) = name.strip_suffix(".weight") else {
+            return Ok(());
+        };
+        let prefix = format!("{base}.");
+        let unknown = self.names().find(|n| {
+            n.strip_prefix(&prefix).is_some_and(|rest| {
+                rest.contains("scale")
+                    && !FP8_WEIGHT_SCALES.contains(&rest)
+                    && !FP8_INPUT_SCALES.contains(&rest)
+            })
+        });
+        match unknown {
+            None => Ok(()),
+            Some(other) => Err(self.fp8_not_understood(
+                name,
+                format!("`{other}` scales it in a way Parallax does not read"),
+            )),
+        }
+    }
+
+    /// The error for an FP8 weight whose scales are laid out in a way not read here.
+    fn fp8_not_understood(&self, name: &str, what: String) -> Error {
+        Error::UnknownLayout {
+            path: PathBuf::from(self.location_of(name)),
+            reason: format!(
+                "the FP8 weight `{name}`: {what}. Parallax reads FP8 weights with no scale, one                  scale per tensor or one per output row (`….scale_weight` or `….weight_scale`);                  use a bf16 or a per-tensor scaled FP8 file of this model"
+            ),
+        }
     }
 
     /// An FP8 tensor dequantised: decoded exactly, multiplied by its scale (one number, or one
-    /// per output row), then converted to `dtype` on `device`.
+    /// per output row: a `[rows]` or `[rows, 1]` tensor), then converted to `dtype` on `device`.
+    /// Scales laid out otherwise (block-wise, or under names not read here) are refused in words
+    /// ([`SafetensorsSet::check_fp8_companions`]).
     fn load_fp8(&self, name: &str, format: Fp8, dtype: DType, device: &Device) -> Result<Tensor> {
         let meta = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             tensor: name.to_string(),
             location: self.label.clone(),
         })?;
+        self.check_fp8_companions(name)?;
         use crate::model::load_clock::{time, LoadPhase};
         let read = std::time::Instant::now();
         let bytes = self.bytes(name, meta)?;
@@ -346,24 +389,27 @@ impl SafetensorsSet {
         if let Some(scale_name) = self.fp8_scale_name(name) {
             let scale = self.load(&scale_name, DType::F32, &Device::Cpu)?;
             let rows = meta.shape.first().copied().unwrap_or(1);
+            let per_row =
+                !meta.shape.is_empty() && (scale.dims() == [rows] || scale.dims() == [rows, 1]);
             t = match scale.elem_count() {
                 1 => {
                     let s = scale.flatten_all()?.to_vec1::<f32>()?[0];
                     (t * s as f64)?
                 }
-                n if n == rows && !meta.shape.is_empty() => {
+                _ if per_row => {
                     let mut shape = vec![1usize; meta.shape.len()];
                     shape[0] = rows;
                     t.broadcast_mul(&scale.flatten_all()?.reshape(shape)?)?
                 }
-                n => {
-                    return Err(Error::CorruptSafetensors {
-                        path: PathBuf::from(self.location_of(name)),
-                        reason: format!(
-                            "`{scale_name}` holds {n} scales; `{name}` {:?} needs 1 or {rows}",
+                _ => {
+                    return Err(self.fp8_not_understood(
+                        name,
+                        format!(
+                            "its scale `{scale_name}` has shape {:?} for a weight of shape {:?}                              (block-wise scales are not read)",
+                            scale.dims(),
                             meta.shape
                         ),
-                    })
+                    ))
                 }
             };
         }

@@ -381,19 +381,20 @@ impl FamilyModel {
     }
 
     /// A `random:klein-*` model ([`crate::model::klein::random_stage`] and
-    /// [`crate::model::klein::random_text`]), the transformer holding the blocks `blocks` (a
-    /// pipeline stage's share; all of them for a whole model), its `fp8` product groups in E4M3
-    /// (none: as drawn): 4 steps by default, as the distilled klein runs.
+    /// [`crate::model::klein::random_text_as`]), the transformer holding the blocks
+    /// `opts.blocks` (a pipeline stage's share; all of them for a whole model), its `opts.fp8`
+    /// product groups in E4M3 (none: as drawn; lean as `opts.lean` says) and Qwen3 kept or built
+    /// for each prompt as `opts.t5` says: 4 steps by default, as the distilled klein runs.
     pub fn random_klein(
         kind: RandomKlein,
         dtype: DType,
         device: &Device,
-        fp8: Fp8Groups,
-        blocks: std::ops::Range<usize>,
+        opts: LoadOptions,
     ) -> Result<Self> {
+        let blocks = opts.block_range(kind.config().num_blocks());
         let (t, vae) = crate::model::klein::random_stage(kind, dtype, device, blocks)?;
-        let t = t.with_fp8_in(fp8)?;
-        let text = crate::model::klein::random_text(kind, dtype, device)?;
+        let t = t.with_fp8(opts.fp8, opts.lean)?;
+        let text = crate::model::klein::random_text_as(kind, dtype, device, opts.t5)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }
 
@@ -585,9 +586,8 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        let blocks = opts.block_range(kind.config().num_blocks());
         Ok(Self {
-            model: FamilyModel::random_klein(kind, dtype, device, opts.fp8, blocks)?,
+            model: FamilyModel::random_klein(kind, dtype, device, opts)?,
             variant: Variant::Demo,
             label: format!("random:{}", kind.name()),
             synthetic: true,
@@ -596,8 +596,10 @@ impl Pipeline {
     }
 
     /// FLUX.2 klein from its files ([`crate::model::klein::files`]): the transformer and Qwen3
-    /// in `dtype` (the transformer's block products in FP8 when asked; only `opts.blocks` of it
-    /// read when asked, a PipeFusion stage on a GPU), the autoencoder in [`autoencoder_dtype`].
+    /// in `dtype` (the transformer's block products in FP8 when asked, converted as each block
+    /// loads and lean as `opts.lean` says; only `opts.blocks` of it read when asked, a PipeFusion
+    /// stage on a GPU; Qwen3 built for each prompt under `opts.t5`), the autoencoder in
+    /// [`autoencoder_dtype`].
     pub fn load_klein(
         files: &crate::model::klein::files::KleinFiles,
         label: &str,
@@ -605,14 +607,19 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
+        let how = crate::model::klein::files::LoadAs {
+            fp8: opts.fp8,
+            lean: opts.lean,
+            text: opts.t5,
+        };
         let (t, vae, text) = crate::model::klein::files::load(
             files,
             dtype,
             autoencoder_dtype(dtype, device),
             device,
             opts.blocks.map(|(a, b)| a..b),
+            how,
         )?;
-        let t = t.with_fp8_in(opts.fp8)?;
         let model = FamilyModel {
             default_steps: files.default_steps(),
             ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))

@@ -18,8 +18,10 @@ use super::vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS};
 use crate::collective::Communicator;
 use crate::model::demo_weights::{DemoWeights, RandomWeights};
 use crate::model::family::{Denoiser, Family, TextSpec};
+use crate::model::linear::Fp8Groups;
 use crate::model::qwen3::Qwen3Config;
 use crate::model::step::{BlockCtx, PosEmbed, StepInput, Streams};
+use crate::model::text::T5Residency;
 use crate::model::vae::{vae_config_from_diffusers_str, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
 
@@ -88,6 +90,9 @@ impl Denoiser for Klein {
     }
     fn weight_bytes(&self) -> usize {
         Klein::weight_bytes(self)
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
@@ -233,15 +238,38 @@ pub fn random_text(
     dtype: DType,
     device: &Device,
 ) -> crate::Result<KleinTextEncoder> {
+    random_text_as(kind, dtype, device, T5Residency::Resident)
+}
+
+/// Seed of the real sizes' Qwen3, drawn on a GPU.
+const RANDOM_TEXT_SEED: u64 = 0x5157_454e;
+
+/// [`random_text`], Qwen3 kept or built for each prompt as `residency` says. Each build draws
+/// the same weights: the tiny one from its fixed seed, the real sizes from the device's generator
+/// seeded again before each draw (on a GPU; candle cannot seed the CPU's, so there each build of
+/// a real-size random Qwen3 draws new weights).
+pub fn random_text_as(
+    kind: RandomKlein,
+    dtype: DType,
+    device: &Device,
+    residency: T5Residency,
+) -> crate::Result<KleinTextEncoder> {
     let cfg = match kind {
-        RandomKlein::Tiny => return KleinTextEncoder::tiny(TINY_TEXT_SEED, device),
+        RandomKlein::Tiny => return KleinTextEncoder::tiny_as(TINY_TEXT_SEED, device, residency),
         RandomKlein::FourB => Qwen3Config::qwen3_4b(),
         RandomKlein::NineB => Qwen3Config::qwen3_8b(),
     };
-    KleinTextEncoder::made_up(
+    let dev = device.clone();
+    KleinTextEncoder::made_up_as(
         &cfg,
-        RandomWeights.var_builder(dtype, device),
+        Arc::new(move || {
+            if !dev.is_cpu() {
+                dev.set_seed(RANDOM_TEXT_SEED)?;
+            }
+            Ok(RandomWeights.var_builder(dtype, &dev))
+        }),
         KLEIN_MAX_LEN,
+        residency,
     )
 }
 
@@ -256,18 +284,24 @@ fn part_dir(path: &Path, sub: &str) -> PathBuf {
 }
 
 /// Load a FLUX.2 transformer: a Black Forest Labs single file (config read from its shapes), a
-/// diffusers `transformer/` folder (its `config.json`), or a model folder holding one.
+/// diffusers `transformer/` folder (its `config.json`), or a model folder holding one. FP8
+/// files (E4M3 or E5M2 weights, with or without their scales) load dequantised
+/// ([`crate::model::weights::SafetensorsSet::load`]).
 pub fn load_transformer(path: &Path, dtype: DType, device: &Device) -> crate::Result<Klein> {
-    load_transformer_stage(path, dtype, device, None)
+    load_transformer_stage(path, dtype, device, None, Fp8Groups::NONE, false)
 }
 
 /// [`load_transformer`] reading only the blocks `blocks` of the unified numbering and the parts
-/// outside them that they use (a pipeline stage's share, [`Klein::new_stage`]); `None`: all.
+/// outside them that they use (a pipeline stage's share, [`Klein::new_stage`]; `None`: all),
+/// with FP8 in the groups `g`, each block converted as it loads ([`Klein::new_stage_fp8`];
+/// `lean` as [`Klein::with_fp8`]).
 pub fn load_transformer_stage(
     path: &Path,
     dtype: DType,
     device: &Device,
     blocks: Option<Range<usize>>,
+    g: Fp8Groups,
+    lean: bool,
 ) -> crate::Result<Klein> {
     let dir = part_dir(path, "transformer");
     let set = SafetensorsSet::open(&dir)?;
@@ -288,7 +322,7 @@ pub fn load_transformer_stage(
     let map: Arc<dyn KeyMap> = Arc::from(keys::key_map(&layout, &cfg));
     let vb = MappedWeights::new(Arc::new(set), map).var_builder(dtype, device);
     let blocks = blocks.unwrap_or(0..cfg.num_blocks());
-    Ok(Klein::new_stage(&cfg, vb, blocks)?)
+    Ok(Klein::new_stage_fp8(&cfg, vb, blocks, g, lean)?)
 }
 
 /// FLUX.2's autoencoder config from a diffusers `vae/config.json` (an `AutoencoderKLFlux2`

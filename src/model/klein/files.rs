@@ -16,6 +16,8 @@ use super::model::Klein;
 use super::text::{KleinTextEncoder, KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS};
 use super::vae::KleinVae;
 use crate::error::{Error, Result};
+use crate::model::linear::Fp8Groups;
+use crate::model::text::T5Residency;
 use crate::model::tokenizer::TOKENIZER_JSON;
 use crate::model::weights::SafetensorsSet;
 
@@ -260,27 +262,41 @@ fn is_distilled(root: &Path, transformer: &Path, reasons: &mut Vec<String>) -> b
     !name.contains("base")
 }
 
+/// How klein's parts load besides their dtype and device (what a run's load options ask of
+/// klein: `crate::pipeline::LoadOptions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadAs {
+    /// The transformer's layers in FP8, converted as each block loads.
+    pub fp8: Fp8Groups,
+    /// Without the bf16 copies beside the GPU's E4M3 weights ([`Klein::with_fp8`]).
+    pub lean: bool,
+    /// Qwen3 kept, or built for each prompt and freed after it.
+    pub text: T5Residency,
+}
+
 /// The three parts of `files`: the transformer and Qwen3 in `dtype`, the autoencoder in
-/// `vae_dtype`, on `device`; of the transformer only the blocks `blocks` and what they use
-/// (a pipeline stage's share, [`load_transformer_stage`]), or all (`None`).
+/// `vae_dtype`, on `device`, as `how` says; of the transformer only the blocks `blocks` and
+/// what they use (a pipeline stage's share, [`load_transformer_stage`]), or all (`None`).
 pub fn load(
     files: &KleinFiles,
     dtype: DType,
     vae_dtype: DType,
     device: &Device,
     blocks: Option<Range<usize>>,
+    how: LoadAs,
 ) -> Result<(Klein, KleinVae, KleinTextEncoder)> {
-    let transformer = load_transformer_stage(&files.transformer, dtype, device, blocks)?;
+    let transformer =
+        load_transformer_stage(&files.transformer, dtype, device, blocks, how.fp8, how.lean)?;
     let vae = load_vae(&files.vae, vae_dtype, device)?;
-    let text = KleinTextEncoder::load(
+    let text = KleinTextEncoder::load_as(
         &files.text_encoder,
         &files.tokenizer,
         &KLEIN_TEXT_LAYERS,
         KLEIN_MAX_LEN,
-        dtype,
-        device,
+        (dtype, device),
+        how.text,
     )?;
-    let width = text.model().config().hidden_size * KLEIN_TEXT_LAYERS.len();
+    let width = text.config().hidden_size * KLEIN_TEXT_LAYERS.len();
     let wants = transformer.config().context_in_dim;
     if width != wants {
         return Err(Error::UnknownLayout {
@@ -288,7 +304,7 @@ pub fn load(
             reason: format!(
                 "this Qwen3 gives {width}-wide text states (three layers of {}); the transformer \
                  takes {wants}: klein 4B takes Qwen3-4B, klein 9B Qwen3-8B",
-                text.model().config().hidden_size
+                text.config().hidden_size
             ),
         });
     }

@@ -16,7 +16,7 @@ mod vae;
 pub use config::{KleinConfig, StagePart};
 pub use family::{
     load_transformer, load_transformer_stage, load_vae, random_model, random_stage, random_text,
-    KleinFamily, RandomKlein, NAME, TINY_SEEDS, TINY_TEXT_SEED,
+    random_text_as, KleinFamily, RandomKlein, NAME, TINY_SEEDS, TINY_TEXT_SEED,
 };
 pub use model::Klein;
 pub use vae::{tiny_vae_config, vae_config, KleinVae, BATCH_NORM_EPS, LATENT};

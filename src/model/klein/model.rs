@@ -163,12 +163,13 @@ impl Stream {
         })
     }
 
-    /// FP8 products in the groups `g` (attention projections, MLP).
-    fn convert_fp8(&mut self, g: Fp8Groups) -> Result<()> {
-        convert(&mut self.qkv, g.double_attention, Fp8Mode::Products, false)?;
-        convert(&mut self.proj, g.double_attention, Fp8Mode::Products, false)?;
-        convert(&mut self.mlp_in, g.double_mlp, Fp8Mode::Products, false)?;
-        convert(&mut self.mlp_out, g.double_mlp, Fp8Mode::Products, false)
+    /// FP8 products in the groups `g` (attention projections, MLP); `lean` as
+    /// [`Klein::with_fp8`] says.
+    fn convert_fp8(&mut self, g: Fp8Groups, lean: bool) -> Result<()> {
+        convert(&mut self.qkv, g.double_attention, Fp8Mode::Products, lean)?;
+        convert(&mut self.proj, g.double_attention, Fp8Mode::Products, lean)?;
+        convert(&mut self.mlp_in, g.double_mlp, Fp8Mode::Products, lean)?;
+        convert(&mut self.mlp_out, g.double_mlp, Fp8Mode::Products, lean)
     }
 
     /// The residual stream after attention output `a` and the MLP, modulated by `m`.
@@ -225,10 +226,10 @@ impl SingleBlock {
         })
     }
 
-    /// FP8 products in the groups `g` (linear1, linear2).
-    fn convert_fp8(&mut self, g: Fp8Groups) -> Result<()> {
-        convert(&mut self.linear1, g.single_in, Fp8Mode::Products, false)?;
-        convert(&mut self.linear2, g.single_out, Fp8Mode::Products, false)
+    /// FP8 products in the groups `g` (linear1, linear2); `lean` as [`Klein::with_fp8`] says.
+    fn convert_fp8(&mut self, g: Fp8Groups, lean: bool) -> Result<()> {
+        convert(&mut self.linear1, g.single_in, Fp8Mode::Products, lean)?;
+        convert(&mut self.linear2, g.single_out, Fp8Mode::Products, lean)
     }
 }
 
@@ -294,22 +295,40 @@ impl Klein {
     /// first): one pipeline stage's share, with the parts outside the blocks that it uses
     /// ([`KleinConfig::needs`]); nothing else is read.
     pub fn new_stage(cfg: &KleinConfig, vb: VarBuilder, blocks: Range<usize>) -> Result<Self> {
+        Self::new_stage_fp8(cfg, vb, blocks, Fp8Groups::NONE, false)
+    }
+
+    /// [`Klein::new_stage`] with FP8 in the groups `g`, each block converted as soon as it is
+    /// loaded (so loading never holds more than one block beyond the converted model, as
+    /// FLUX.1's [`crate::model::flux::Flux::new_fp8`] loads); `lean` as [`Klein::with_fp8`].
+    pub fn new_stage_fp8(
+        cfg: &KleinConfig,
+        vb: VarBuilder,
+        blocks: Range<usize>,
+        g: Fp8Groups,
+        lean: bool,
+    ) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let h = cfg.hidden_size;
         let double_blocks = (0..cfg.depth)
             .map(|i| {
-                blocks
-                    .contains(&i)
-                    .then(|| DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}"))))
-                    .transpose()
+                if !blocks.contains(&i) {
+                    return Ok(None);
+                }
+                let mut b = DoubleBlock::new(cfg, vb.pp(format!("double_blocks.{i}")))?;
+                b.img.convert_fp8(g, lean)?;
+                b.txt.convert_fp8(g, lean)?;
+                Ok(Some(b))
             })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..cfg.depth_single_blocks)
             .map(|i| {
-                blocks
-                    .contains(&(cfg.depth + i))
-                    .then(|| SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}"))))
-                    .transpose()
+                if !blocks.contains(&(cfg.depth + i)) {
+                    return Ok(None);
+                }
+                let mut b = SingleBlock::new(cfg, vb.pp(format!("single_blocks.{i}")))?;
+                b.convert_fp8(g, lean)?;
+                Ok(Some(b))
             })
             .collect::<Result<Vec<_>>>()?;
         let guidance_in = cfg
@@ -344,7 +363,7 @@ impl Klein {
                 })
             })
             .transpose()?;
-        Ok(Self {
+        let mut m = Self {
             inputs,
             time_in: Embedder::new(TIME_CHANNELS, h, vb.pp("time_in"))?,
             guidance_in,
@@ -357,7 +376,9 @@ impl Klein {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
-        })
+        };
+        m.convert_modulations(g, lean)?;
+        Ok(m)
     }
 
     pub fn config(&self) -> &KleinConfig {
@@ -383,23 +404,75 @@ impl Klein {
     /// `--precision fp8` runs): E4M3 products with cuBLASLt on sm_89+ GPUs in bf16, simulated
     /// by rounding elsewhere; the modulations weight-only when `g.modulations`. The embedders,
     /// the final layer and attention stay in the run's dtype; groups not chosen are left as they
-    /// are ([`Fp8Groups::NONE`] changes nothing).
-    pub fn with_fp8_in(mut self, g: Fp8Groups) -> Result<Self> {
+    /// are ([`Fp8Groups::NONE`] changes nothing). The weights in the run's dtype stay beside the
+    /// GPU's E4M3 copies (to compare against, as `parallax dev fp8-error` does): [`Klein::with_fp8`]
+    /// with `lean` drops them.
+    pub fn with_fp8_in(self, g: Fp8Groups) -> Result<Self> {
+        self.with_fp8(g, false)
+    }
+
+    /// [`Klein::with_fp8_in`]; with `lean`, each converted layer's weight in the run's dtype is
+    /// dropped wherever a GPU E4M3 copy stands for it ([`crate::pipeline::LoadOptions::lean`],
+    /// the default of `--precision fp8` unless `PARALLAX_FP8_KEEP_BF16=1`: FLUX.1's switch). A
+    /// layer is dropped as soon as it is converted, so the copies never all exist at once. On the
+    /// CPU and GPUs without FP8 products nothing is dropped: the simulation holds only the
+    /// rounded weights it multiplies by.
+    pub fn with_fp8(mut self, g: Fp8Groups, lean: bool) -> Result<Self> {
         for b in self.double_blocks.iter_mut().flatten() {
-            b.img.convert_fp8(g)?;
-            b.txt.convert_fp8(g)?;
+            b.img.convert_fp8(g, lean)?;
+            b.txt.convert_fp8(g, lean)?;
         }
         for b in self.single_blocks.iter_mut().flatten() {
-            b.convert_fp8(g)?;
+            b.convert_fp8(g, lean)?;
         }
+        self.convert_modulations(g, lean)?;
+        Ok(self)
+    }
+
+    /// The shared modulations (those this model holds) weight-only in FP8 when `g.modulations`.
+    fn convert_modulations(&mut self, g: Fp8Groups, lean: bool) -> Result<()> {
         let double = self
             .double_mods
             .iter_mut()
             .flat_map(|m| [&mut m.img, &mut m.txt]);
         for m in double.chain(self.single_mod.as_mut()) {
-            convert(&mut m.lin, g.modulations, Fp8Mode::WeightOnly, false)?;
+            convert(&mut m.lin, g.modulations, Fp8Mode::WeightOnly, lean)?;
         }
-        Ok(self)
+        Ok(())
+    }
+
+    /// Every linear layer of the blocks and the shared modulations, in block order.
+    fn block_linears(&self) -> impl Iterator<Item = &Lin> {
+        let double = self.double_blocks.iter().flatten().flat_map(|b| {
+            [&b.img, &b.txt]
+                .into_iter()
+                .flat_map(|s| [&s.qkv, &s.proj, &s.mlp_in, &s.mlp_out])
+        });
+        let single = self
+            .single_blocks
+            .iter()
+            .flatten()
+            .flat_map(|b| [&b.linear1, &b.linear2]);
+        let mods = self
+            .double_mods
+            .iter()
+            .flat_map(|m| [&m.img.lin, &m.txt.lin])
+            .chain(self.single_mod.iter().map(|m| &m.lin));
+        mods.chain(double).chain(single)
+    }
+
+    /// The layers in FP8 that still hold their weight in the run's dtype beside the GPU's E4M3
+    /// copy: none after a lean conversion ([`Klein::with_fp8`]); the CPU's simulated FP8 never
+    /// holds any.
+    pub fn fp8_copies_kept(&self) -> usize {
+        self.block_linears().filter(|l| l.holds_copy()).count()
+    }
+
+    /// The layers converted to FP8 (products or weight-only).
+    pub fn fp8_layers(&self) -> usize {
+        self.block_linears()
+            .filter(|l| l.fp8 != Fp8Mode::Off)
+            .count()
     }
 
     /// Keep only the blocks `blocks` of the unified numbering (a pipeline stage's share), and
@@ -699,6 +772,46 @@ mod tests {
             let v = m.clone().with_fp8_in(g)?.forward(&input)?;
             let r = norm(&(v - &base)?)? / norm(&base)?;
             assert!(r > 1e-5 && r < 0.05, "{name}: relative change {r}");
+        }
+        Ok(())
+    }
+
+    /// A lean FP8 klein (every product and the modulations) holds no weight in the run's dtype
+    /// beside an E4M3 copy, each converted layer's one weight being the rounded one the products
+    /// use; it has the bytes and gives the velocity of the conversion that keeps the copies, to
+    /// the bit. On the CPU both hold only the rounded weights (nothing is dropped: the GPU's
+    /// E4M3 copies are what `lean` drops), and converting at load equals converting after.
+    #[test]
+    fn lean_fp8_holds_no_copies_and_gives_the_same_velocity() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = KleinConfig::tiny();
+        let vb = || DemoWeights::new(3).var_builder(DType::F32, &dev);
+        let g = Fp8Groups::ALL_AND_MODULATIONS;
+        let kept = Klein::new(&cfg, vb())?.with_fp8(g, false)?;
+        let lean = Klein::new(&cfg, vb())?.with_fp8(g, true)?;
+        let at_load = Klein::new_stage_fp8(&cfg, vb(), 0..cfg.num_blocks(), g, true)?;
+        for m in [&lean, &at_load] {
+            assert_eq!(m.fp8_copies_kept(), 0);
+            assert_eq!(
+                m.fp8_layers(),
+                3 + 8 * cfg.depth + 2 * cfg.depth_single_blocks
+            );
+            for l in m.block_linears() {
+                let w = l.weight()?;
+                let r = crate::kernels::fp8::round_rows(&w)?;
+                assert_eq!((w.as_ref() - r)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            }
+            assert_eq!(m.weight_bytes(), kept.weight_bytes());
+        }
+        let inputs = Inputs::new(&kept)?;
+        let input = inputs.step();
+        let want = kept.forward(&input)?;
+        for m in [&lean, &at_load] {
+            let d = (m.forward(&input)? - &want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0);
         }
         Ok(())
     }

@@ -12,6 +12,10 @@
 //! Padding positions are encoded too and handed on, as the reference does.
 //!
 //! Only the first 27 of Qwen3's 36 layers are loaded: the others never touch the output.
+//!
+//! Qwen3 is kept on the device, or, under a memory budget ([`T5Residency::OnDemand`], the
+//! setting FLUX.1's T5 follows), built for each prompt and freed after it
+//! ([`crate::model::on_demand::Slot`]); the tokenizer stays either way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +27,9 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::model::demo_weights::DemoWeights;
 use crate::model::family::{PromptEmbedding, TextEncoder, TextSpec};
+use crate::model::on_demand::{Builder, Slot};
 use crate::model::qwen3::{Qwen3, Qwen3Config};
-use crate::model::text::{find_prefix, open_weights};
+use crate::model::text::{find_prefix, open_weights, T5Residency};
 use crate::model::tokenizer::{PromptTokenizer, Tokens, TOKENIZER_JSON};
 use crate::model::weights::{Identity, MappedWeights};
 
@@ -48,9 +53,20 @@ pub fn chat_prompt(prompt: &str) -> String {
     format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
 }
 
-/// Qwen3 and its tokenizer, producing klein's text tokens.
+/// What a Qwen3 is without its weights: its config, how many layers it holds, its dtype and
+/// device (known before an on-demand one is built).
+#[derive(Debug, Clone)]
+struct QwenShape {
+    config: Qwen3Config,
+    held: usize,
+    dtype: DType,
+    device: Device,
+}
+
+/// Qwen3 (kept, or built for each prompt) and its tokenizer, producing klein's text tokens.
 pub struct KleinTextEncoder {
-    model: Qwen3,
+    qwen: Slot<Qwen3>,
+    shape: QwenShape,
     tokenizer: PromptTokenizer,
     layers: Vec<usize>,
 }
@@ -58,10 +74,11 @@ pub struct KleinTextEncoder {
 impl std::fmt::Debug for KleinTextEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KleinTextEncoder")
-            .field("config", self.model.config())
+            .field("config", &self.shape.config)
             .field("layers", &self.layers)
             .field("tokenizer", &self.tokenizer)
-            .field("dtype", &self.model.dtype())
+            .field("dtype", &self.shape.dtype)
+            .field("residency", &self.qwen.residency())
             .finish()
     }
 }
@@ -70,29 +87,57 @@ impl KleinTextEncoder {
     /// From ready parts. `layers` are the hidden states joined (klein: [`KLEIN_TEXT_LAYERS`]);
     /// the model must hold the layers up to the highest of them.
     pub fn new(model: Qwen3, tokenizer: PromptTokenizer, layers: &[usize]) -> Result<Self> {
+        let shape = QwenShape {
+            config: model.config().clone(),
+            held: model.max_output(),
+            dtype: model.dtype(),
+            device: model.device().clone(),
+        };
+        Self::assemble(Slot::Resident(model), shape, tokenizer, layers)
+    }
+
+    /// Qwen3 built by `build` (which makes a Qwen3 of `shape`), kept or for each prompt as
+    /// `residency` says.
+    fn built(
+        build: Builder<Qwen3>,
+        shape: QwenShape,
+        residency: T5Residency,
+        tokenizer: PromptTokenizer,
+        layers: &[usize],
+    ) -> Result<Self> {
+        let slot = Slot::with_residency(residency, build)?;
+        Self::assemble(slot, shape, tokenizer, layers)
+    }
+
+    fn assemble(
+        qwen: Slot<Qwen3>,
+        shape: QwenShape,
+        tokenizer: PromptTokenizer,
+        layers: &[usize],
+    ) -> Result<Self> {
         let highest = layers.iter().copied().max().ok_or_else(|| {
             Error::setting("klein text layers", "none", "at least one layer is read")
         })?;
-        if highest > model.max_output() {
+        if highest > shape.held {
             return Err(Error::setting(
                 "klein text layers",
                 format!("{layers:?}"),
                 format!(
                     "the text encoder holds {} layers, so hidden states up to {} only",
-                    model.max_output(),
-                    model.max_output()
+                    shape.held, shape.held
                 ),
             ));
         }
-        if tokenizer.vocab_size() > model.config().vocab_size {
+        if tokenizer.vocab_size() > shape.config.vocab_size {
             return Err(Error::Tokenizer(format!(
                 "the Qwen3 tokenizer has {} tokens but the text encoder only {} (vocab_size)",
                 tokenizer.vocab_size(),
-                model.config().vocab_size
+                shape.config.vocab_size
             )));
         }
         Ok(Self {
-            model,
+            qwen,
+            shape,
             tokenizer,
             layers: layers.to_vec(),
         })
@@ -110,10 +155,7 @@ impl KleinTextEncoder {
         )
     }
 
-    /// Load Qwen3 from `weights` (a folder with `config.json` and `model.safetensors` or its
-    /// shards, or one `.safetensors` file of Qwen3-4B or Qwen3-8B, told apart by their width)
-    /// and the tokenizer from the folder `tokenizer` (its `tokenizer.json`). Only the layers up
-    /// to the highest of `layers` are read.
+    /// [`KleinTextEncoder::load_as`], Qwen3 kept on the device.
     pub fn load(
         weights: &Path,
         tokenizer: &Path,
@@ -121,6 +163,29 @@ impl KleinTextEncoder {
         max_len: usize,
         dtype: DType,
         device: &Device,
+    ) -> Result<Self> {
+        Self::load_as(
+            weights,
+            tokenizer,
+            layers,
+            max_len,
+            (dtype, device),
+            T5Residency::Resident,
+        )
+    }
+
+    /// Load Qwen3 from `weights` (a folder with `config.json` and `model.safetensors` or its
+    /// shards, or one `.safetensors` file of Qwen3-4B or Qwen3-8B, told apart by their width)
+    /// and the tokenizer from the folder `tokenizer` (its `tokenizer.json`). Only the layers up
+    /// to the highest of `layers` are read: once, kept on the device, or for each prompt, as
+    /// `residency` says (the file is opened and its config read once either way).
+    pub fn load_as(
+        weights: &Path,
+        tokenizer: &Path,
+        layers: &[usize],
+        max_len: usize,
+        (dtype, device): (DType, &Device),
+        residency: T5Residency,
     ) -> Result<Self> {
         if !weights.exists() {
             return Err(Error::UnknownLayout {
@@ -162,28 +227,77 @@ impl KleinTextEncoder {
                 format!("the text encoder has {} layers", cfg.num_hidden_layers),
             ));
         }
-        let vb = MappedWeights::new(set, Arc::new(Identity { prefix })).var_builder(dtype, device);
-        let model = Qwen3::new_partial(&cfg, vb, highest)?;
         let tokenizer = qwen_tokenizer(tokenizer, max_len)?;
-        Self::new(model, tokenizer, layers)
+        let shape = QwenShape {
+            config: cfg.clone(),
+            held: highest,
+            dtype,
+            device: device.clone(),
+        };
+        let dev = device.clone();
+        let build: Builder<Qwen3> = Arc::new(move || {
+            let map = Arc::new(Identity {
+                prefix: prefix.clone(),
+            });
+            let vb = MappedWeights::new(set.clone(), map).var_builder(dtype, &dev);
+            Ok(Qwen3::new_partial(&cfg, vb, highest)?)
+        });
+        Self::built(build, shape, residency, tokenizer, layers)
     }
 
     /// Qwen3 of `cfg` with weights from `vb` (made-up ones: [`DemoWeights`] on the CPU,
     /// [`crate::model::demo_weights::RandomWeights`] on a GPU) and a byte tokenizer with Qwen's
     /// chat tokens built in code ([`PromptTokenizer::byte_level_chat`]): klein's text encoding at
     /// any size without files, for `random:` models and tests. Reads [`KLEIN_TEXT_LAYERS`].
-    pub fn made_up(cfg: &Qwen3Config, vb: VarBuilder, max_len: usize) -> Result<Self> {
-        let highest = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1];
-        let model = Qwen3::new_partial(cfg, vb, highest.min(cfg.num_hidden_layers))?;
+    pub fn made_up(cfg: &Qwen3Config, vb: VarBuilder<'static>, max_len: usize) -> Result<Self> {
+        let vb = vb.clone();
+        Self::made_up_as(
+            cfg,
+            Arc::new(move || Ok(vb.clone())),
+            max_len,
+            T5Residency::Resident,
+        )
+    }
+
+    /// [`KleinTextEncoder::made_up`] with Qwen3's weights from `weights` (called for each build:
+    /// it must give the same weights each time), kept or built for each prompt as `residency`
+    /// says.
+    pub fn made_up_as(
+        cfg: &Qwen3Config,
+        weights: Arc<dyn Fn() -> Result<VarBuilder<'static>> + Send + Sync>,
+        max_len: usize,
+        residency: T5Residency,
+    ) -> Result<Self> {
+        let highest = KLEIN_TEXT_LAYERS[KLEIN_TEXT_LAYERS.len() - 1].min(cfg.num_hidden_layers);
         let tokenizer = PromptTokenizer::byte_level_chat(max_len, "qwen3", &QWEN_CHAT_TOKENS, 0)?;
-        Self::new(model, tokenizer, &KLEIN_TEXT_LAYERS)
+        let first = weights()?;
+        let shape = QwenShape {
+            config: cfg.clone(),
+            held: highest,
+            dtype: first.dtype(),
+            device: first.device().clone(),
+        };
+        let c = cfg.clone();
+        let build: Builder<Qwen3> =
+            Arc::new(move || Ok(Qwen3::new_partial(&c, weights()?, highest)?));
+        Self::built(build, shape, residency, tokenizer, &KLEIN_TEXT_LAYERS)
     }
 
     /// [`KleinTextEncoder::made_up`] at [`Qwen3Config::tiny`]'s size with [`DemoWeights`] from
     /// `seed`, in f32 (the text encoder of a tiny klein for tests and CPU runs).
     pub fn tiny(seed: u64, device: &Device) -> Result<Self> {
-        let vb = DemoWeights::new(seed).var_builder(DType::F32, device);
-        Self::made_up(&Qwen3Config::tiny(), vb, KLEIN_MAX_LEN)
+        Self::tiny_as(seed, device, T5Residency::Resident)
+    }
+
+    /// [`KleinTextEncoder::tiny`], kept or built for each prompt as `residency` says.
+    pub fn tiny_as(seed: u64, device: &Device, residency: T5Residency) -> Result<Self> {
+        let device = device.clone();
+        Self::made_up_as(
+            &Qwen3Config::tiny(),
+            Arc::new(move || Ok(DemoWeights::new(seed).var_builder(DType::F32, &device))),
+            KLEIN_MAX_LEN,
+            residency,
+        )
     }
 
     /// The prompt, wrapped in the chat template, as exactly `max_len` ids.
@@ -194,13 +308,15 @@ impl KleinTextEncoder {
     /// The joined hidden states (1, max_len, layers x hidden) of tokenized text, in the model's
     /// dtype.
     pub fn encode_tokens(&self, tokens: &Tokens) -> Result<Tensor> {
-        let device = self.model.device();
+        let device = &self.shape.device;
         let ids = Tensor::new(tokens.ids.as_slice(), device)?.unsqueeze(0)?;
         let mask: Vec<u32> = (0..tokens.ids.len())
             .map(|i| u32::from(i < tokens.used))
             .collect();
         let mask = Tensor::new(mask.as_slice(), device)?.unsqueeze(0)?;
-        let states = self.model.forward(&ids, Some(&mask), &self.layers)?;
+        let states = self.qwen.run("Qwen3", |m| {
+            Ok(m.forward(&ids, Some(&mask), &self.layers)?)
+        })?;
         Ok(Tensor::cat(&states, D::Minus1)?)
     }
 
@@ -214,15 +330,31 @@ impl KleinTextEncoder {
         &self.layers
     }
 
-    pub fn model(&self) -> &Qwen3 {
-        &self.model
+    /// Qwen3's config.
+    pub fn config(&self) -> &Qwen3Config {
+        &self.shape.config
+    }
+
+    /// The highest hidden-state index the loaded (or on-demand) Qwen3 gives: the layers it holds.
+    pub fn max_output(&self) -> usize {
+        self.shape.held
+    }
+
+    /// Where Qwen3 stays between prompts.
+    pub fn residency(&self) -> T5Residency {
+        self.qwen.residency()
+    }
+
+    /// How many times an on-demand Qwen3 was built (once for each prompt encoded; 0 when kept).
+    pub fn builds(&self) -> usize {
+        self.qwen.builds()
     }
 }
 
 impl TextEncoder for KleinTextEncoder {
     fn text_spec(&self) -> TextSpec {
         TextSpec {
-            txt_dim: self.layers.len() * self.model.config().hidden_size,
+            txt_dim: self.layers.len() * self.shape.config.hidden_size,
             pooled_dim: None,
             guidance_embed: false,
         }
@@ -249,7 +381,10 @@ impl TextEncoder for KleinTextEncoder {
     }
 
     fn device(&self) -> &Device {
-        self.model.device()
+        &self.shape.device
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
