@@ -74,6 +74,7 @@ fn init(strength: f64, mask: bool) -> InitImage {
         image: fixture_dir().join("source.png"),
         strength,
         mask: mask.then(|| fixture_dir().join("mask.png")),
+        soft_mask: false,
         extend: None,
     }
 }
@@ -194,6 +195,7 @@ fn bad_sources_and_masks_are_named() {
         image: dir.path().join("nope.png"),
         strength: 0.5,
         mask: None,
+        soft_mask: false,
         extend: None,
     };
     let e = missing.check().expect_err("missing file").to_string();
@@ -287,6 +289,7 @@ fn repainting_one_object_of_a_demo_scene() {
         image: src_path,
         strength: 1.0,
         mask: Some(mask_path),
+        soft_mask: false,
         extend: None,
     };
     let (d_new, d_old) = (parse(new).expect("parse"), parse(old).expect("parse"));
@@ -383,10 +386,112 @@ fn small_inpaint(dir: &Path) -> GenerateRequest {
             image: src,
             strength: 0.8,
             mask: Some(mask),
+            soft_mask: false,
             extend: None,
         }),
         ..GenerateRequest::default()
     }
+}
+
+/// A soft mask of only black and white is the hard mask: the same image, bit for bit; the
+/// image's settings say the mask was soft.
+#[test]
+fn a_binary_soft_mask_gives_the_hard_masks_image() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hard = small_inpaint(dir.path());
+    let soft = GenerateRequest {
+        init: hard.init.clone().map(|i| InitImage {
+            soft_mask: true,
+            ..i
+        }),
+        ..hard.clone()
+    };
+    let a = p.generate(&hard, &mut |_| Ok(())).expect("hard");
+    let b = p.generate(&soft, &mut |_| Ok(())).expect("soft");
+    assert_eq!(a.image, b.image);
+    assert!(b.settings.init.as_ref().is_some_and(|i| i.soft_mask));
+    assert!(a.settings.init.as_ref().is_some_and(|i| !i.soft_mask));
+}
+
+/// A feathered mask (the demo scene's square mask blurred, sigma 6 px at 128 px) blended soft
+/// against the same file thresholded, on the final latent's cells by the soft mask's value `m`
+/// there: where `m` is 0 both keep the source exactly; where `0 < m < 0.5` the hard run keeps the
+/// source exactly and the soft run moves off it towards its repaint (by `m`); where
+/// `0.5 <= m < 1` the hard run repaints fully and the soft run stays nearer the source (its mean
+/// distance from the source there is below the hard run's). Decoded, the soft image differs
+/// from the hard one.
+#[test]
+fn a_soft_mask_blends_the_feathered_band_between_source_and_repaint() {
+    let p = Pipeline::demo(&Device::Cpu).expect("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 128;
+    let (_, src, mask, _) = demo_scene(
+        dir.path(),
+        "a green triangle below a white heart, sea",
+        0,
+        size,
+    );
+    let grey = image::open(&mask).expect("mask").to_luma8();
+    let feathered = dir.path().join("feathered.png");
+    image::imageops::blur(&grey, 6.0)
+        .save(&feathered)
+        .expect("save");
+    let run = |soft_mask: bool| {
+        let req = GenerateRequest {
+            prompt: "an orange star below a white heart, sea".into(),
+            width: size,
+            height: size,
+            steps: Some(4),
+            seed: 11,
+            init: Some(InitImage {
+                image: src.clone(),
+                strength: 0.8,
+                mask: Some(feathered.clone()),
+                soft_mask,
+                extend: None,
+            }),
+            ..GenerateRequest::default()
+        };
+        let prep = p.prepare(&req, &mut |_| Ok(())).expect("prepare");
+        let blend = prep.job.blend.clone().expect("a blend");
+        let (x, _) =
+            pipeline::denoise(p.denoiser(), &prep.job, None, &mut |_| Ok(())).expect("denoise");
+        let values = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        (values(&x), values(&blend.source), values(&blend.mask))
+    };
+    let (soft, source, m) = run(true);
+    let (hard, source_h, m_hard) = run(false);
+    assert_eq!(source, source_h);
+    let mean_dist = |x: &[f32], keep: &dyn Fn(f32) -> bool| -> (f64, usize) {
+        let cells: Vec<usize> = (0..m.len()).filter(|&i| keep(m[i])).collect();
+        let sum: f64 = cells
+            .iter()
+            .map(|&i| f64::from((x[i] - source[i]).abs()))
+            .sum();
+        (sum / cells.len().max(1) as f64, cells.len())
+    };
+    // The soft mask holds fractions; the hard one is the same values thresholded.
+    for (s, h) in m.iter().zip(&m_hard) {
+        assert_eq!(*h, f32::from(u8::from(*s >= 0.5)), "soft {s}, hard {h}");
+    }
+    let zero = |v: f32| v == 0.0;
+    let low = |v: f32| v > 0.0 && v < 0.5;
+    let high = |v: f32| (0.5..1.0).contains(&v);
+    assert_eq!(mean_dist(&soft, &zero).0, 0.0);
+    assert_eq!(mean_dist(&hard, &zero).0, 0.0);
+    let (soft_low, n_low) = mean_dist(&soft, &low);
+    let (hard_low, _) = mean_dist(&hard, &low);
+    let (soft_high, n_high) = mean_dist(&soft, &high);
+    let (hard_high, _) = mean_dist(&hard, &high);
+    eprintln!(
+        "feathered band: {n_low} latent values at 0 < m < 0.5 (from the source: soft {soft_low:.4}, \
+         hard {hard_low:.4}), {n_high} at 0.5 <= m < 1 (soft {soft_high:.4}, hard {hard_high:.4})"
+    );
+    assert!(n_low > 0 && n_high > 0, "the blur made no band");
+    assert_eq!(hard_low, 0.0);
+    assert!(soft_low > 0.0);
+    assert!(soft_high < hard_high, "{soft_high} >= {hard_high}");
 }
 
 #[test]
@@ -644,10 +749,34 @@ fn generate_from_an_image_on_the_command_line() {
         image: src.clone(),
         strength: 0.5,
         mask: Some(mask.clone()),
+        soft_mask: false,
         extend: None,
     };
     assert_eq!(settings.init.as_ref(), Some(&want));
-    assert_eq!(settings.to_request().init, Some(want));
+    assert_eq!(settings.to_request().init, Some(want.clone()));
+    // `--soft-mask` reaches the request and the image's settings.
+    let soft_out = dir.path().join("soft.png");
+    let o = parallax_cli(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "a red circle, night sky",
+        "--steps",
+        "2",
+        "--image",
+        s(&src),
+        "--mask",
+        s(&mask),
+        "--soft-mask",
+        "--quiet",
+        "--out",
+        s(&soft_out),
+    ]);
+    assert!(o.status.success(), "{}", all_output(&o));
+    let (_, text3) = parallax::pipeline::image::read_png(&soft_out).expect("read");
+    let back = parallax::pipeline::GenerationSettings::from_png_text(&text3).expect("settings");
+    assert!(back.init.is_some_and(|i| i.soft_mask));
     // Outpainting: 28 px on the right make a 128x70 canvas, 128x64 out.
     let wide = dir.path().join("wide.png");
     let o = parallax_cli(&[
@@ -689,6 +818,7 @@ fn generate_from_an_image_on_the_command_line() {
         (vec!["--image", s(&src), "--mask", s(&small)], "32x32"),
         (vec!["--strength", "0.5"], "--image"),
         (vec!["--mask", s(&mask)], "--image"),
+        (vec!["--image", s(&src), "--soft-mask"], "--mask"),
         (
             vec!["--image", s(&src), "--extend", "1,2"],
             "LEFT,TOP,RIGHT,BOTTOM",
@@ -740,6 +870,7 @@ fn outpainting_extends_a_demo_scene() {
         image: path,
         strength: 1.0,
         mask: None,
+        soft_mask: false,
         extend: Some([0, 0, 64, 0]),
     };
     assert_eq!(init.canvas_size().expect("size"), (256, 256));
@@ -977,7 +1108,8 @@ fn flux_fill_on_ulysses_2_matches_one_worker() {
 
 /// A Fill-shaped tiny model (made-up weights) through the whole pipeline: refused without an
 /// image and a mask, and on the engine's Ulysses 2, Ring 2 and PipeFusion 2 (all warm-up)
-/// layouts the one-worker image; with FP8 products and a cache, too.
+/// layouts the one-worker image; with FP8 products and a cache, too. A soft mask is taken
+/// thresholded.
 #[test]
 fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
     use parallax::model::flux::{FluxConfig, FILL_IN_CHANNELS};
@@ -1014,6 +1146,29 @@ fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
         "{:?}",
         one.notes
     );
+    // A soft mask is thresholded for Fill (a note says so): a feathered mask gives the image
+    // of the same file without the option.
+    let feathered = dir.path().join("feathered.png");
+    let mask = r.init.as_ref().and_then(|i| i.mask.clone()).expect("mask");
+    image::imageops::blur(&image::open(&mask).expect("mask").to_luma8(), 4.0)
+        .save(&feathered)
+        .expect("save");
+    let with = |soft_mask: bool| GenerateRequest {
+        init: r.init.clone().map(|i| InitImage {
+            mask: Some(feathered.clone()),
+            soft_mask,
+            ..i
+        }),
+        ..r.clone()
+    };
+    let hard = p.generate(&with(false), &mut |_| Ok(())).expect("hard");
+    let soft = p.generate(&with(true), &mut |_| Ok(())).expect("soft");
+    assert!(
+        soft.notes.iter().any(|n| n == img2img::FILL_HARD_MASK),
+        "{:?}",
+        soft.notes
+    );
+    assert_eq!(soft.image, hard.image);
     let l = ParallelLayout::default;
     for (name, layout) in [
         ("ulysses 2", ParallelLayout { ulysses: 2, ..l() }),
