@@ -12,7 +12,7 @@ impl StudioApp {
     /// Where painted masks (and an image on screen that is not in the gallery) are written.
     fn edit_dir(&self) -> PathBuf {
         match self.runtime.gallery() {
-            Some(g) => g.dir().join("masks"),
+            Some(g) => g.side_dir(),
             None => std::env::temp_dir().join("parallax-masks"),
         }
     }
