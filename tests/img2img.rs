@@ -1109,7 +1109,7 @@ fn flux_fill_on_ulysses_2_matches_one_worker() {
 /// A Fill-shaped tiny model (made-up weights) through the whole pipeline: refused without an
 /// image and a mask, and on the engine's Ulysses 2, Ring 2 and PipeFusion 2 (all warm-up)
 /// layouts the one-worker image; with FP8 products and a cache, too. A soft mask is taken
-/// thresholded.
+/// thresholded; no guidance asked for is Fill's 30.
 #[test]
 fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
     use parallax::model::flux::{FluxConfig, FILL_IN_CHANNELS};
@@ -1139,6 +1139,12 @@ fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
     let e = p.generate(&no_mask, &mut |_| Ok(())).expect_err("no mask");
     assert!(e.to_string().contains("FLUX.1 Fill model"), "{e}");
     let one = p.generate(&r, &mut |_| Ok(())).expect("one worker");
+    assert_eq!(r.guidance, None);
+    assert_eq!(
+        one.settings.guidance,
+        img2img::FILL_GUIDANCE,
+        "a Fill model's default guidance"
+    );
     assert!(
         one.notes
             .iter()

@@ -392,6 +392,10 @@ pub fn start_with(
     enter(&latent, noise, mask.as_ref(), timesteps, init.strength)
 }
 
+/// The guidance a FLUX.1 Fill model runs at when none is asked for: the value diffusers'
+/// `FluxFillPipeline` example uses (Fill is made for far more guidance than FLUX.1 dev's 3.5).
+pub const FILL_GUIDANCE: f64 = 30.0;
+
 /// What a FLUX.1 Fill checkpoint asked to run without a source image and a mask is told.
 pub const FILL_NEEDS_MASK: &str = "this is a FLUX.1 Fill model: it repaints the white area of a mask over a source image, so it needs both (on the command line --image and --mask; in the studio a start image with a painted mask)";
 
