@@ -618,6 +618,18 @@ fn inpainting_on_every_layout_matches_one_worker() {
     }
 }
 
+/// `p`'s FLUX.1 transformer with every product group in FP8 (simulated on the CPU).
+fn to_fp8(p: &mut Pipeline) {
+    let fp8 = p
+        .flux1("test")
+        .expect("FLUX.1")
+        .flux
+        .clone()
+        .with_fp8_in(parallax::model::flux::Fp8Groups::ALL)
+        .expect("fp8");
+    p.set_flux1(fp8).expect("FLUX.1");
+}
+
 /// The kept region's latent after the last step is the source's latent exactly (the last
 /// blend is at time 0), whatever the cache policy; the policies' images stay near the uncached.
 #[test]
@@ -665,14 +677,7 @@ fn every_cache_policy_and_fp8_keep_the_unmasked_source() {
         );
     }
     // FP8 products (simulated on the CPU).
-    let fp8 = p
-        .flux1("test")
-        .expect("FLUX.1")
-        .flux
-        .clone()
-        .with_fp8_in(parallax::model::flux::Fp8Groups::ALL)
-        .expect("fp8");
-    p.set_flux1(fp8).expect("FLUX.1");
+    to_fp8(&mut p);
     let (x, source, mask, _) = run(&p, None);
     assert_eq!(kept_exactly(&x, &source, &mask), 0.0, "fp8");
     let rel = parallax::pipeline::metrics::relative_error(&x, &reference).expect("rel");
@@ -714,27 +719,37 @@ fn generate_from_an_image_on_the_command_line() {
     image::GrayImage::from_fn(100, 70, |x, _| image::Luma([if x > 50 { 255 } else { 0 }]))
         .save(&mask)
         .expect("save");
+    // `generate` on the demo from the source with `extra` flags, written to `out`.
+    let from_source = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "a red circle, night sky",
+            "--image",
+            s(&src),
+            "--quiet",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        parallax_cli(&args)
+    };
     let out = dir.path().join("out.png");
-    let o = parallax_cli(&[
-        "generate",
-        "--model",
-        "demo",
-        "--prompt",
-        "a red circle, night sky",
-        "--steps",
-        "4",
-        "--seed",
-        "2",
-        "--image",
-        s(&src),
-        "--strength",
-        "0.5",
-        "--mask",
-        s(&mask),
-        "--quiet",
-        "--out",
-        s(&out),
-    ]);
+    let o = from_source(
+        &[
+            "--steps",
+            "4",
+            "--seed",
+            "2",
+            "--strength",
+            "0.5",
+            "--mask",
+            s(&mask),
+        ],
+        &out,
+    );
     let said = all_output(&o);
     assert!(o.status.success(), "{said}");
     assert!(said.contains("resized to 96x64"), "{said}");
@@ -754,49 +769,21 @@ fn generate_from_an_image_on_the_command_line() {
     };
     assert_eq!(settings.init.as_ref(), Some(&want));
     assert_eq!(settings.to_request().init, Some(want.clone()));
+    // Two steps from the source with `extra` flags, written to `out`: the image and its text.
+    let two_steps = |extra: &[&str], out: &Path| {
+        let o = from_source(&[&["--steps", "2"], extra].concat(), out);
+        assert!(o.status.success(), "{extra:?}: {}", all_output(&o));
+        parallax::pipeline::image::read_png(out).expect("read")
+    };
     // `--soft-mask` reaches the request and the image's settings.
-    let soft_out = dir.path().join("soft.png");
-    let o = parallax_cli(&[
-        "generate",
-        "--model",
-        "demo",
-        "--prompt",
-        "a red circle, night sky",
-        "--steps",
-        "2",
-        "--image",
-        s(&src),
-        "--mask",
-        s(&mask),
-        "--soft-mask",
-        "--quiet",
-        "--out",
-        s(&soft_out),
-    ]);
-    assert!(o.status.success(), "{}", all_output(&o));
-    let (_, text3) = parallax::pipeline::image::read_png(&soft_out).expect("read");
+    let (_, text3) = two_steps(
+        &["--mask", s(&mask), "--soft-mask"],
+        &dir.path().join("soft.png"),
+    );
     let back = parallax::pipeline::GenerationSettings::from_png_text(&text3).expect("settings");
     assert!(back.init.is_some_and(|i| i.soft_mask));
     // Outpainting: 28 px on the right make a 128x70 canvas, 128x64 out.
-    let wide = dir.path().join("wide.png");
-    let o = parallax_cli(&[
-        "generate",
-        "--model",
-        "demo",
-        "--prompt",
-        "a red circle, night sky",
-        "--steps",
-        "2",
-        "--image",
-        s(&src),
-        "--extend",
-        "0,0,28,0",
-        "--quiet",
-        "--out",
-        s(&wide),
-    ]);
-    assert!(o.status.success(), "{}", all_output(&o));
-    let (img, text2) = parallax::pipeline::image::read_png(&wide).expect("read");
+    let (img, text2) = two_steps(&["--extend", "0,0,28,0"], &dir.path().join("wide.png"));
     assert_eq!((img.width, img.height), (128, 64));
     let back = parallax::pipeline::GenerationSettings::from_png_text(&text2).expect("settings");
     assert_eq!(back.init.and_then(|i| i.extend), Some([0, 0, 28, 0]));
@@ -1209,14 +1196,7 @@ fn a_fill_model_needs_an_image_and_a_mask_and_runs_on_the_engines_layouts() {
     let mut p = p;
     for fp8 in [false, true] {
         if fp8 {
-            let f = p
-                .flux1("test")
-                .expect("FLUX.1")
-                .flux
-                .clone()
-                .with_fp8_in(parallax::model::flux::Fp8Groups::ALL)
-                .expect("fp8");
-            p.set_flux1(f).expect("FLUX.1");
+            to_fp8(&mut p);
         }
         let one = p.generate(&cached, &mut |_| Ok(())).expect("cached");
         let g = ranks::generate(&p, ulysses, &cached, &mut |_| Ok(())).expect("ulysses 2");

@@ -455,7 +455,9 @@ mod tests {
         assert!(!a.exists() && !own.exists() && !source.exists());
         gal.delete(&b).expect("delete b");
         assert!(shared.exists(), "c still names it");
-        let kept = gal.delete_keeping(&c, &[shared.clone()]).expect("delete c");
+        let kept = gal
+            .delete_keeping(&c, std::slice::from_ref(&shared))
+            .expect("delete c");
         assert!(kept.is_empty() && shared.exists(), "the caller keeps it");
         gal.delete(&d).expect("delete d");
         assert!(users.exists(), "a file outside the side folder stays");
