@@ -227,7 +227,15 @@ impl Gallery {
             return Ok(Vec::new());
         }
         let mut named: Vec<PathBuf> = keep.iter().filter_map(|p| p.canonicalize().ok()).collect();
-        for e in self.list()? {
+        // Without the listing no one can tell what other images name: all is kept.
+        let entries = match self.list() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!("gallery: side files kept, the folder cannot be listed: {e}");
+                return Ok(Vec::new());
+            }
+        };
+        for e in entries {
             named.extend(self.side_files(&e.settings));
         }
         let mut removed = Vec::new();
