@@ -548,6 +548,7 @@ fn klein_in_the_pipeline_refuses_what_only_flux1_has() {
             image: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/img2img/source.png"),
             strength: 0.5,
             mask: None,
+            soft_mask: false,
             extend: None,
         }),
         ..base

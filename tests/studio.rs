@@ -1873,6 +1873,7 @@ fn inpainting_a_painted_stroke_redraws_it_and_keeps_the_rest() {
         .mask
         .clone()
         .expect("the painted mask went with the request");
+    assert!(!used.soft_mask, "no feather: the mask is thresholded");
     assert!(
         mask_file.starts_with(dir.path().join("gallery/masks")),
         "{}",

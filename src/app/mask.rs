@@ -311,6 +311,14 @@ impl MaskEditor {
         self.version += 1;
     }
 
+    /// Whether the request `init`, about to name the mask file `file`, blends by the mask's
+    /// grey values ([`InitImage::soft_mask`]): with a feather above 0, and for a restored
+    /// image's mask file taken unchanged, as it was made.
+    pub fn soft_for(&self, file: Option<&Path>, init: &InitImage) -> bool {
+        let unchanged = file.is_some() && file == init.mask.as_deref();
+        file.is_some() && (self.feather > 0 || (unchanged && init.soft_mask))
+    }
+
     /// Whether anything is painted.
     pub fn has_mask(&self) -> bool {
         self.mask.as_ref().is_some_and(|m| m.painted() > 0)
@@ -396,6 +404,27 @@ mod tests {
     }
 
     #[test]
+    fn a_feather_makes_the_mask_soft() {
+        let (a, b) = (PathBuf::from("a.png"), PathBuf::from("b.png"));
+        let init = |mask: Option<&PathBuf>, soft_mask| InitImage {
+            image: "src.png".into(),
+            strength: 1.0,
+            mask: mask.cloned(),
+            soft_mask,
+            extend: None,
+        };
+        let mut ed = MaskEditor::default();
+        assert!(!ed.soft_for(Some(&a), &init(None, false)));
+        // A restored soft image's mask, unchanged, stays soft; another file follows the feather.
+        assert!(ed.soft_for(Some(&a), &init(Some(&a), true)));
+        assert!(!ed.soft_for(Some(&b), &init(Some(&a), true)));
+        ed.feather = 8;
+        assert!(ed.soft_for(Some(&b), &init(None, false)));
+        // Nothing painted: no mask, nothing soft.
+        assert!(!ed.soft_for(None, &init(Some(&a), true)));
+    }
+
+    #[test]
     fn the_editor_paints_writes_once_and_follows_the_source() {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src.png");
@@ -404,6 +433,7 @@ mod tests {
             image: src.clone(),
             strength: 0.6,
             mask: None,
+            soft_mask: false,
             extend: None,
         };
         let mut ed = MaskEditor::default();

@@ -76,6 +76,9 @@ pub struct StudioApp {
     pub dialogs: Dialogs,
     /// The saved settings' model, until it loads: if it fails, the studio falls back to the demo.
     remembered_model: Option<String>,
+    /// The guidance a FLUX.1 Fill model's 30 replaced (`model_guidance` in `studio/events.rs`),
+    /// until a model of another kind loads.
+    fill_guidance: Option<Option<f64>>,
     /// The "Download…" widget beside the model picker.
     pub download: super::download::Downloader,
     // Handles.
@@ -271,6 +274,7 @@ impl StudioApp {
             stats: UiStats::default(),
             dialogs: Dialogs::detect(),
             remembered_model,
+            fill_guidance: None,
             download: Default::default(),
             runtime,
             preview: LivePreview::new(gpu),

@@ -415,6 +415,11 @@ pub struct InitArgs {
     /// Inpainting mask, the source's size: white is repainted, black kept.
     #[arg(long, requires = "image")]
     pub mask: Option<PathBuf>,
+    /// Blend by the mask's grey values, so a feathered edge mixes the repainted and the kept,
+    /// instead of repainting where the mask is at least half white (diffusers' way). A FLUX.1
+    /// Fill model thresholds its mask anyway.
+    #[arg(long, requires = "mask")]
+    pub soft_mask: bool,
     /// Outpainting: pixels added to the canvas LEFT,TOP,RIGHT,BOTTOM of the source (e.g.
     /// `0,0,256,0`), repainted from the prompt; the source's edges start them.
     #[arg(long, requires = "image", value_parser = parse_extend)]
@@ -788,6 +793,7 @@ fn request_with(demo: bool, s: &SampleArgs, init: &InitArgs) -> GenerateRequest 
         image: image.clone(),
         strength: init.strength.unwrap_or(0.6),
         mask: init.mask.clone(),
+        soft_mask: init.soft_mask,
         extend: init.extend,
     });
     if let Some(Ok((w, h))) = req.init.as_ref().map(|i| i.canvas_size()) {

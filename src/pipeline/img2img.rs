@@ -12,6 +12,12 @@
 //!   and after every step the kept region is replaced by the source noised to the step's new
 //!   time with the same noise: `x = (1 - m) * (t * noise + (1 - t) * source) + m * x` (the last
 //!   step's time is 0, the source itself).
+//! - **Soft mask** ([`InitImage::soft_mask`], not diffusers'): the mask's grey values are kept
+//!   (`v / 255`, no threshold) and sampled at the same latent points, so a feathered edge blends
+//!   the model's latent and the noised source by the fraction `m` in the same formula; a mask of
+//!   only black and white gives the thresholded run's image exactly. FLUX.1 Fill was trained on
+//!   hard masks given as input channels: there the mask is thresholded at one half as without the
+//!   option, and the run's notes say so.
 //!
 //! - **FLUX.1 Fill** ([`fill_conditioning`]), as diffusers' `FluxFillPipeline`: no blend; the
 //!   transformer takes, after the noisy latent, the packed latent of the source with the masked
@@ -47,9 +53,14 @@ pub struct InitImage {
     /// the kept region of a mask), lower keeps more of the source.
     pub strength: f64,
     /// The mask file, the source's size: white is repainted, black kept (grey counts as white
-    /// from one half up).
+    /// from one half up, unless `soft_mask`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<PathBuf>,
+    /// Blend by the mask's grey values (a feathered edge mixes the repainted and the kept)
+    /// instead of thresholding it at one half as diffusers does. Not for FLUX.1 Fill, which
+    /// takes the mask thresholded (a note says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub soft_mask: bool,
     /// Outpainting: pixels added to the canvas left, above, right and below the source. The
     /// added area is repainted (with or without a mask), the source's edge pixels stretched
     /// into it as the start.
@@ -140,7 +151,8 @@ pub fn start_step(steps: usize, strength: f64) -> usize {
 pub struct Source {
     /// (1, 3, H, W) in [-1, 1], f32 on the CPU.
     pub image: Tensor,
-    /// (1, 1, H, W) of 0 (keep) and 1 (repaint), f32 on the CPU.
+    /// (1, 1, H, W) of 0 (keep) and 1 (repaint), f32 on the CPU; with
+    /// [`InitImage::soft_mask`] the grey values between (`v / 255`).
     pub mask: Option<Tensor>,
     /// What the user should know (a resize).
     pub notes: Vec<String>,
@@ -186,10 +198,13 @@ pub fn load_source(init: &InitImage, width: usize, height: usize) -> Result<Sour
         Some(grey) => {
             // The added canvas is white: repainted.
             let grey = to_size(extend(&grey, ext, Some(image::Luma([255]))), width, height);
-            // Binarised at one half: v / 255 >= 0.5.
+            // Binarised at one half (v / 255 >= 0.5), or kept as it is for a soft mask.
             let values: Vec<f32> = grey
                 .pixels()
-                .map(|p| if p.0[0] >= 128 { 1.0 } else { 0.0 })
+                .map(|p| match (init.soft_mask, p.0[0]) {
+                    (true, v) => f32::from(v) / 255.0,
+                    (false, v) => f32::from(u8::from(v >= 128)),
+                })
                 .collect();
             if values.iter().all(|&v| v == 0.0) {
                 notes.push("the mask is all black: nothing is repainted".to_string());
@@ -356,6 +371,14 @@ pub fn start_with(
         let Some(mask) = &src.mask else {
             return Err(Error::Image(FILL_NEEDS_MASK.to_string()));
         };
+        let hard;
+        let mask = if init.soft_mask {
+            notes.push(FILL_HARD_MASK.to_string());
+            hard = mask.ge(0.5)?.to_dtype(DType::F32)?;
+            &hard
+        } else {
+            mask
+        };
         let masked = src.image.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
         let cond = fill_conditioning(&encode(&masked)?, &mask.to_device(device)?)?;
         let mut e = enter(&latent, noise, None, timesteps, init.strength)?;
@@ -369,8 +392,15 @@ pub fn start_with(
     enter(&latent, noise, mask.as_ref(), timesteps, init.strength)
 }
 
+/// The guidance a FLUX.1 Fill model runs at when none is asked for: the value diffusers'
+/// `FluxFillPipeline` example uses (Fill is made for far more guidance than FLUX.1 dev's 3.5).
+pub const FILL_GUIDANCE: f64 = 30.0;
+
 /// What a FLUX.1 Fill checkpoint asked to run without a source image and a mask is told.
 pub const FILL_NEEDS_MASK: &str = "this is a FLUX.1 Fill model: it repaints the white area of a mask over a source image, so it needs both (on the command line --image and --mask; in the studio a start image with a painted mask)";
+
+/// What a FLUX.1 Fill run asked for a soft mask is told.
+pub const FILL_HARD_MASK: &str = "soft mask: FLUX.1 Fill takes the mask as input channels and was trained on hard masks, so the mask is thresholded at half grey (a feather only rounds the outline)";
 
 /// FLUX.1 Fill's conditioning (1, N, 320), f32, as diffusers' `FluxFillPipeline` builds it:
 /// `masked_latent` ((1, 16, h, w): the source with the masked area zeroed, encoded and

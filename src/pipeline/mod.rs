@@ -366,14 +366,20 @@ pub struct Flux1<'a> {
 }
 
 impl FamilyModel {
-    /// FLUX.1's transformer, autoencoder and T5 + CLIP, with `variant`'s defaults.
+    /// FLUX.1's transformer, autoencoder and T5 + CLIP, with `variant`'s defaults (a FLUX.1
+    /// Fill transformer's guidance: [`img2img::FILL_GUIDANCE`]).
     pub fn flux1(flux: Flux, vae: AutoEncoder, text: TextEncoders, variant: Variant) -> Self {
+        let default_guidance = if flux.config().is_fill() {
+            img2img::FILL_GUIDANCE
+        } else {
+            variant.default_guidance()
+        };
         Self {
             denoiser: Arc::new(flux),
             text: Box::new(text),
             codec: Box::new(vae),
             default_steps: variant.default_steps(),
-            default_guidance: variant.default_guidance(),
+            default_guidance,
             schedule: Schedule::Flux1 {
                 shifted: variant.shifted_schedule(),
             },

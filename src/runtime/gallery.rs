@@ -2,7 +2,9 @@
 //! atomically (temporary file, then rename) so a crash never leaves a half-written entry. The
 //! folder is the whole database: listing it reads the settings back from each PNG's text chunks
 //! (the header alone: no pixels are decoded), and a thumbnail is made row by row, so a huge
-//! image never lands in memory whole ([`read_thumbnail`]).
+//! image never lands in memory whole ([`read_thumbnail`]). Files an image's settings name beside
+//! it (a painted mask, a copied source) live in [`SIDE_DIR`] and go when the last image naming
+//! them is deleted.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,6 +64,10 @@ pub(crate) fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The folder inside the gallery for the files images' settings name beside them: the studio's
+/// painted masks and the copies of sources that were not in the gallery.
+pub const SIDE_DIR: &str = "masks";
 
 /// A file the gallery listing passed over, and why.
 pub type Skipped = (PathBuf, String);
@@ -188,18 +194,74 @@ impl Gallery {
         Ok(read_png(&entry.path)?.0)
     }
 
-    /// Remove an entry (only files inside this gallery's folder).
+    /// Where the files images' settings name beside them are kept ([`SIDE_DIR`]).
+    pub fn side_dir(&self) -> PathBuf {
+        self.dir.join(SIDE_DIR)
+    }
+
+    /// Remove an entry (only files inside this gallery's folder), and its side files that no
+    /// other entry names ([`Gallery::delete_keeping`]).
     pub fn delete(&self, path: &Path) -> Result<()> {
+        self.delete_keeping(path, &[]).map(drop)
+    }
+
+    /// Remove an entry (only files inside this gallery's folder), then the files in
+    /// [`Gallery::side_dir`] its settings name (its mask, a copied source) unless another entry
+    /// or `keep` (say the request being edited) names them. Returns the side files removed; one
+    /// that cannot be removed is logged, not an error (the image is gone).
+    pub fn delete_keeping(&self, path: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
         if path.parent() != Some(self.dir.as_path()) {
             return Err(Error::runtime(
                 format!("cannot delete {}", path.display()),
                 format!("it is not in the gallery folder {}", self.dir.display()),
             ));
         }
+        let side = Self::read_entry(path)
+            .map(|e| self.side_files(&e.settings))
+            .unwrap_or_default();
         std::fs::remove_file(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: e,
-        })
+        })?;
+        if side.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut named: Vec<PathBuf> = keep.iter().filter_map(|p| p.canonicalize().ok()).collect();
+        // Without the listing no one can tell what other images name: all is kept.
+        let entries = match self.list() {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!("gallery: side files kept, the folder cannot be listed: {e}");
+                return Ok(Vec::new());
+            }
+        };
+        for e in entries {
+            named.extend(self.side_files(&e.settings));
+        }
+        let mut removed = Vec::new();
+        for f in side.into_iter().filter(|f| !named.contains(f)) {
+            match std::fs::remove_file(&f) {
+                Ok(()) => removed.push(f),
+                Err(e) => tracing::warn!("gallery: cannot remove {}: {e}", f.display()),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The files `s` names that live in [`Gallery::side_dir`], as canonical paths.
+    fn side_files(&self, s: &GenerationSettings) -> Vec<PathBuf> {
+        let Ok(side) = self.side_dir().canonicalize() else {
+            return Vec::new();
+        };
+        let Some(init) = &s.init else {
+            return Vec::new();
+        };
+        [Some(&init.image), init.mask.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.canonicalize().ok())
+            .filter(|p| p.parent() == Some(side.as_path()))
+            .collect()
     }
 }
 
@@ -352,6 +414,65 @@ mod tests {
         assert!(pair
             .iter()
             .all(|e| e.run.group.as_deref() == Some("sweep-1")));
+    }
+
+    /// Deleting an image removes the mask and the copied source its settings name in the side
+    /// folder, but not a mask another image still names (until that one goes too), not one
+    /// the caller keeps, and never a file outside the side folder.
+    #[test]
+    fn deleting_an_image_removes_its_side_files_no_one_else_names() {
+        use crate::pipeline::img2img::InitImage;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let gal = Gallery::open(tmp.path().join("gallery")).expect("open");
+        let side = gal.side_dir();
+        std::fs::create_dir_all(&side).expect("side dir");
+        let file = |p: PathBuf| {
+            std::fs::write(&p, b"png").expect("write");
+            p
+        };
+        let (shared, own, source) = (
+            file(side.join("mask-1.png")),
+            file(side.join("mask-2.png")),
+            file(side.join("source-3.png")),
+        );
+        let users = file(tmp.path().join("my-mask.png"));
+        let g = demo(&crate::pipeline::GenerateRequest {
+            prompt: "x".into(),
+            width: 32,
+            height: 32,
+            steps: Some(1),
+            ..Default::default()
+        });
+        let save = |image: &PathBuf, mask: &PathBuf| {
+            let mut g = g.clone();
+            g.settings.init = Some(InitImage {
+                image: image.clone(),
+                strength: 0.6,
+                mask: Some(mask.clone()),
+                soft_mask: false,
+                extend: None,
+            });
+            gal.save(&g).expect("save")
+        };
+        let a = save(&source, &own);
+        let b = save(&users, &shared);
+        let c = save(&users, &shared);
+        let d = save(&users, &users);
+        let removed = gal.delete_keeping(&a, &[]).expect("delete a");
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!a.exists() && !own.exists() && !source.exists());
+        gal.delete(&b).expect("delete b");
+        assert!(shared.exists(), "c still names it");
+        let kept = gal
+            .delete_keeping(&c, std::slice::from_ref(&shared))
+            .expect("delete c");
+        assert!(kept.is_empty() && shared.exists(), "the caller keeps it");
+        gal.delete(&d).expect("delete d");
+        assert!(users.exists(), "a file outside the side folder stays");
+        let e = save(&users, &shared);
+        gal.delete(&e).expect("delete e");
+        assert!(!shared.exists(), "the last image naming it is gone");
+        assert!(gal.list().expect("list").is_empty());
     }
 
     #[test]

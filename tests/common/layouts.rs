@@ -48,6 +48,8 @@ pub fn conditioning(m: &dyn Denoiser, seed: u64) -> Conditioning {
 }
 
 /// Seed `seed`'s denoising job, no cache; true CFG against seed 9's prompt at `true_cfg` > 1.
+/// A model with input channels beside the latent's (a FLUX.1 Fill checkpoint) gets made-up
+/// conditioning for them, the same every step.
 pub fn job(m: &dyn Denoiser, seed: u64, true_cfg: f64) -> DenoiseJob {
     DenoiseJob {
         cond: conditioning(m, seed),
@@ -60,7 +62,8 @@ pub fn job(m: &dyn Denoiser, seed: u64, true_cfg: f64) -> DenoiseJob {
         cache: CacheSpec::None,
         magcache: None,
         blend: None,
-        fill: None,
+        fill: (m.cond_channels() > 0)
+            .then(|| made(seed, "fill", (1, GRID * GRID, m.cond_channels()))),
     }
 }
 
@@ -74,7 +77,7 @@ pub fn one_device(m: &dyn Denoiser, job: &DenoiseJob) -> Tensor {
     });
     let mut policy = CacheSpec::None.policy(None).unwrap();
     let guidance = m.text_spec().guidance_embed.then_some(job.guidance);
-    sampler::denoise_cfg(
+    sampler::denoise_blended(
         m,
         &job.cond,
         &job.pe,
@@ -83,6 +86,8 @@ pub fn one_device(m: &dyn Denoiser, job: &DenoiseJob) -> Tensor {
         guidance,
         policy.as_mut(),
         cfg,
+        None,
+        job.fill.as_ref(),
         &mut |_| Ok(()),
     )
     .expect("denoise")
@@ -217,7 +222,7 @@ pub fn denoise_cached(
 ) -> (Tensor, CacheStats) {
     let j = job(m, seed, 1.0);
     let guidance = m.text_spec().guidance_embed.then_some(j.guidance);
-    sampler::denoise_cfg(
+    sampler::denoise_blended(
         m,
         &j.cond,
         &j.pe,
@@ -226,6 +231,8 @@ pub fn denoise_cached(
         guidance,
         policy,
         None,
+        None,
+        j.fill.as_ref(),
         &mut |_| Ok(()),
     )
     .expect("denoise")

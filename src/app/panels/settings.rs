@@ -256,8 +256,9 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ui.end_row();
         let l = ui.label("Guidance");
         ui.add(
+            // Up to 100: FLUX.1 Fill runs at 30 (a narrower range would clamp it on display).
             egui::DragValue::new(r.guidance.get_or_insert(3.5))
-                .range(0.0..=20.0)
+                .range(0.0..=100.0)
                 .speed(0.1),
         )
         .labelled_by(l.id);

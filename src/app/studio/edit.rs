@@ -12,7 +12,7 @@ impl StudioApp {
     /// Where painted masks (and an image on screen that is not in the gallery) are written.
     fn edit_dir(&self) -> PathBuf {
         match self.runtime.gallery() {
-            Some(g) => g.dir().join("masks"),
+            Some(g) => g.side_dir(),
             None => std::env::temp_dir().join("parallax-masks"),
         }
     }
@@ -26,6 +26,7 @@ impl StudioApp {
             image: path.clone(),
             strength: old.as_ref().map_or(DEFAULT_STRENGTH, |i| i.strength),
             mask: None,
+            soft_mask: false,
             extend: old.and_then(|i| i.extend),
         });
         self.view
@@ -101,6 +102,7 @@ impl StudioApp {
             .file_for_request(&dir)
             .map_err(|e| format!("the mask: {e}"))?;
         if let Some(init) = &mut self.settings.request.init {
+            init.soft_mask = self.view.edit.mask.soft_for(file.as_deref(), init);
             init.mask = file;
         }
         Ok(())

@@ -44,6 +44,11 @@ impl StudioApp {
                     magcache: *magcache,
                 };
                 self.remembered_model = None;
+                let fill = lora_config.as_ref().is_some_and(|c| c.is_fill());
+                let g = &mut self.settings.request.guidance;
+                if let Some(said) = model_guidance(g, fill, &mut self.fill_guidance) {
+                    self.say(said, false);
+                }
             }
             Event::ModelFailed { spec, error } => {
                 if self.remembered_model.as_deref() == Some(spec.model.model.trim()) {
@@ -287,5 +292,74 @@ impl StudioApp {
             }
             self.script.shot_saved();
         }
+    }
+}
+
+/// The guidance as a model loads: a FLUX.1 Fill model (`fill`) gets
+/// [`crate::pipeline::img2img::FILL_GUIDANCE`] when the guidance is still the studio's default
+/// (the user set none), `replaced` remembering what it replaced; a model of another kind gets
+/// that back while the guidance is still Fill's. Returns what to tell the user.
+fn model_guidance(
+    guidance: &mut Option<f64>,
+    fill: bool,
+    replaced: &mut Option<Option<f64>>,
+) -> Option<String> {
+    use crate::pipeline::img2img::FILL_GUIDANCE;
+    let unset = guidance.is_none() || *guidance == Settings::default().request.guidance;
+    if fill && unset && replaced.is_none() {
+        *replaced = Some(*guidance);
+        *guidance = Some(FILL_GUIDANCE);
+        return Some(format!(
+            "FLUX.1 Fill model: guidance set to {FILL_GUIDANCE}, the value it is made for (change it under Guidance)"
+        ));
+    }
+    if fill {
+        return None;
+    }
+    let old = replaced.take()?;
+    if *guidance != Some(FILL_GUIDANCE) {
+        return None;
+    }
+    *guidance = old;
+    Some(format!(
+        "guidance back to {} for this model (30 was for FLUX.1 Fill)",
+        old.map_or_else(|| "its default".to_string(), |g| g.to_string())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::img2img::FILL_GUIDANCE;
+
+    #[test]
+    fn a_fill_model_takes_guidance_30_unless_the_user_set_one() {
+        let default = Settings::default().request.guidance;
+        let mut replaced = None;
+        // The studio's default guidance: Fill takes 30, said; another model gets it back.
+        let mut g = default;
+        assert!(model_guidance(&mut g, true, &mut replaced).is_some());
+        assert_eq!(g, Some(FILL_GUIDANCE));
+        assert!(
+            model_guidance(&mut g, true, &mut replaced).is_none(),
+            "once"
+        );
+        assert!(model_guidance(&mut g, false, &mut replaced).is_some());
+        assert_eq!((g, replaced), (default, None));
+        // A guidance the user chose stays, for Fill and after it.
+        let mut g = Some(4.0);
+        assert!(model_guidance(&mut g, true, &mut replaced).is_none());
+        assert!(model_guidance(&mut g, false, &mut replaced).is_none());
+        assert_eq!(g, Some(4.0));
+        // Changed while Fill was loaded: kept when another model comes.
+        let mut g = None;
+        model_guidance(&mut g, true, &mut replaced);
+        g = Some(25.0);
+        assert!(model_guidance(&mut g, false, &mut replaced).is_none());
+        assert_eq!((g, replaced), (Some(25.0), None));
+        // Other models leave the guidance alone.
+        let mut g = default;
+        assert!(model_guidance(&mut g, false, &mut replaced).is_none());
+        assert_eq!(g, default);
     }
 }

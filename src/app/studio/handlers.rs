@@ -396,9 +396,19 @@ impl StudioApp {
 
     pub(super) fn delete_image(&mut self, path: &Path) {
         self.view.gallery.confirm_delete = None;
-        let res = self.runtime.gallery().map(|g| g.delete(path));
+        // The request being edited may name the image's mask or source copy: those stay.
+        let init = self.settings.request.init.as_ref();
+        let keep: Vec<PathBuf> = init
+            .into_iter()
+            .flat_map(|i| [Some(i.image.clone()), i.mask.clone()])
+            .flatten()
+            .collect();
+        let res = self
+            .runtime
+            .gallery()
+            .map(|g| g.delete_keeping(path, &keep));
         match res {
-            Some(Ok(())) => {
+            Some(Ok(side)) => {
                 self.thumbs.forget(path);
                 if self
                     .view
@@ -410,7 +420,15 @@ impl StudioApp {
                     self.view.gallery.opened = None;
                 }
                 self.view.gallery.dirty = true;
-                self.say(format!("deleted {}", path.display()), false);
+                let names: Vec<String> = side
+                    .iter()
+                    .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+                    .collect();
+                let also = match names.len() {
+                    0 => String::new(),
+                    _ => format!(", and {} (no other image uses it)", names.join(", ")),
+                };
+                self.say(format!("deleted {}{also}", path.display()), false);
             }
             Some(Err(err)) => self.say(format!("cannot delete: {err}"), true),
             None => {}

@@ -96,10 +96,10 @@ pub fn tools(ui: &mut egui::Ui, ed: &mut MaskEditor) {
             .add(egui::Slider::new(&mut ed.feather, 0..=64).suffix(" px"))
             .labelled_by(l.id)
             .on_hover_text(
-                "A soft edge this many pixels wide on each side of the painted outline. The \
-                 engine redraws where the mask is at least half white (as diffusers does), so \
-                 feather rounds and smooths the outline; the blend between redrawn and kept \
-                 happens on the model's 8-pixel grid.",
+                "A soft edge this many pixels wide on each side of the painted outline. With a \
+                 feather the engine blends redrawn and kept by the mask's grey (a soft mask), on \
+                 the model's 8-pixel grid; at 0 it redraws where the mask is at least half white \
+                 (as diffusers does). FLUX.1 Fill models always take the mask at half white.",
             );
         if f.changed() {
             ed.changed();
