@@ -1081,7 +1081,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if plan.world() > 1 {
         eprintln!("{}", plan.describe());
     }
-    let mut engine = Engine::load_for(choice, &plan)?;
+    // The prompt is encoded while the transformer loads (crate::engine::overlap).
+    let ahead = crate::engine::overlap::prompts_for(&req);
+    let mut engine = Engine::load_for_ahead(choice, &plan, &ahead)?;
     // The request is checked on the first copy, before the replicas load.
     let settings = engine.primary().settings_for(&req)?;
     engine.prepare(&plan, images, &mut |d| {
@@ -1226,7 +1228,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let load_start = Instant::now();
-    let p = load_pipeline(&a.model.choice(), &a.model.device)?;
+    // The first run's prompt is encoded while the transformer loads (crate::engine::overlap);
+    // the prompts do not depend on the model.
+    let ahead = crate::engine::overlap::prompts_for(&request_with(false, &a.sample, &a.init));
+    let p =
+        crate::engine::load::load_pipeline_ahead(&a.model.choice(), &a.model.device, None, &ahead)?;
     let f1 = p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
@@ -1366,6 +1372,18 @@ fn cold_start_json(load_ms: f64, first: Option<serde_json::Value>) -> serde_json
         "bytes_read": bytes,
         "read_gb_per_s": if read_ms > 0.0 { bytes as f64 / 1e6 / read_ms } else { 0.0 },
         "first_image": first,
+        // The first prompt encoded while the transformer loaded (crate::engine::overlap): the
+        // encoding's time, the load's wait for it after the transformer, and so the time
+        // hidden behind the reading. `null`: not overlapped (PARALLAX_NO_LOAD_OVERLAP=1, T5
+        // built per prompt, or a model not read from files).
+        "load_overlap": crate::model::load_clock::ahead_snapshot().map(|(prompts, enc, waited)| {
+            serde_json::json!({
+                "prompts": prompts,
+                "text_encode_ms": enc,
+                "waited_ms": waited,
+                "hidden_ms": (enc - waited).max(0.0),
+            })
+        }),
     })
 }
 

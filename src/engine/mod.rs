@@ -14,6 +14,7 @@
 
 pub mod load;
 pub mod memory;
+pub mod overlap;
 pub mod placement;
 
 use crate::error::{Error, Result};
@@ -81,6 +82,12 @@ impl Engine {
     /// 0's stage (so a model no single GPU holds still loads, a stage per GPU); otherwise the
     /// whole model on rank 0's device.
     pub fn load_for(choice: ModelChoice, plan: &Plan) -> Result<Self> {
+        Self::load_for_ahead(choice, plan, &[])
+    }
+
+    /// [`Engine::load_for`] for a first job whose prompts are `ahead` ([`overlap::prompts_for`]):
+    /// encoded while the transformer loads, where the model is FLUX.1 from files.
+    pub fn load_for_ahead(choice: ModelChoice, plan: &Plan, ahead: &[String]) -> Result<Self> {
         let device = plan
             .ranks
             .first()
@@ -90,7 +97,7 @@ impl Engine {
         } else {
             None
         };
-        let p = load_pipeline_blocks(&choice, device, blocks)?;
+        let p = load::load_pipeline_ahead(&choice, device, blocks, ahead)?;
         Ok(Self {
             choice,
             loaded: vec![(
