@@ -208,7 +208,10 @@ fn written_checkpoints_load_cold_and_report_their_phases() {
                 .expect("image")
                 >= cold["load_ms"].as_f64().expect("load")
         );
-        // The prompt was encoded while the transformer loaded (issue 30's cold start).
+        // The prompt was encoded while the transformer loaded (issue 30's cold start), and
+        // was ready once the load was.
+        let ready = cold["first_image"]["text_ready_from_load_start_ms"].as_f64();
+        assert!(ready.expect("ready") >= cold["load_ms"].as_f64().expect("load"));
         let overlap = &cold["load_overlap"];
         assert_eq!(overlap["prompts"].as_u64(), Some(1), "{cold}");
         assert!(overlap["text_encode_ms"].as_f64().expect("encode") > 0.0);

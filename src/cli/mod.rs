@@ -1254,12 +1254,20 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             *gpu_peak = Some(gpu_peak.map_or(used, |p| p.max(used)));
         }
     };
-    // The first image's timings (a cold start: kernels compiled and tuned on first use).
+    // The first image's timings (a cold start: kernels compiled and tuned on first use), and
+    // when its prompt was ready (encoded in the job, or while the model loaded).
+    let text_ready = std::cell::Cell::new(None::<f64>);
+    let note_text = |ev: &Progress| {
+        if matches!(ev, Progress::TextEncoded { .. }) && text_ready.get().is_none() {
+            text_ready.set(Some(load_start.elapsed().as_secs_f64() * 1e3));
+        }
+    };
     let mut first: Option<serde_json::Value> = None;
     let mut note_first = |g: &crate::pipeline::Generated| {
         if first.is_none() {
             first = Some(serde_json::json!({
                 "text_encode_ms": g.timings.text_ms,
+                "text_ready_from_load_start_ms": text_ready.get(),
                 "first_step_ms": g.timings.steps_ms.first(),
                 "image_ms": g.timings.total_ms,
                 "from_load_start_ms": load_start.elapsed().as_secs_f64() * 1e3,
@@ -1267,8 +1275,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     for _ in 0..a.warmup {
-        let g = p.generate(&req, &mut |_| {
+        let g = p.generate(&req, &mut |ev| {
             sample(&mut gpu_peak);
+            note_text(&ev);
             Ok(())
         })?;
         note_first(&g);
@@ -1281,8 +1290,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut vae = Vec::new();
     let mut last = None;
     for _ in 0..a.runs {
-        let g = p.generate(&req, &mut |_| {
+        let g = p.generate(&req, &mut |ev| {
             sample(&mut gpu_peak);
+            note_text(&ev);
             Ok(())
         })?;
         note_first(&g);
