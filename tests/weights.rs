@@ -1293,3 +1293,47 @@ fn a_damaged_text_encoder_fails_the_overlapped_load_clearly() {
         .to_string();
     assert!(e.to_string().contains(&name), "{e}");
 }
+
+/// Where a memory plan builds T5 for each prompt (so that T5 and the transformer are never on the
+/// device together), nothing is encoded while the transformer loads: that promise holds, and the
+/// job encodes its prompt itself.
+#[test]
+fn t5_built_per_prompt_is_not_encoded_during_the_load() {
+    use parallax::engine::overlap::load_files;
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::model::text::T5Residency;
+    use parallax::pipeline::{GenerateRequest, LoadOptions};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
+    let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+    let layout::ModelSpec::Files(files) = resolved.spec else {
+        panic!("a FLUX.1 folder")
+    };
+    let prompts = ["a red circle".to_string()];
+    let load = |t5| {
+        let opts = LoadOptions {
+            t5,
+            ..Default::default()
+        };
+        load_files(&files, "x", DType::F32, &Device::Cpu, opts, &prompts).expect("load")
+    };
+    let (resident, on_demand) = (load(T5Residency::Resident), load(T5Residency::OnDemand));
+    assert_eq!(resident.ahead.len(), 1);
+    assert!(
+        on_demand.ahead.is_empty(),
+        "T5 built per prompt: nothing ahead"
+    );
+    let req = GenerateRequest {
+        prompt: prompts[0].clone(),
+        width: 64,
+        height: 64,
+        steps: Some(2),
+        seed: 5,
+        ..Default::default()
+    };
+    let a = resident.generate(&req, &mut |_| Ok(())).expect("resident");
+    let b = on_demand
+        .generate(&req, &mut |_| Ok(()))
+        .expect("on demand");
+    assert_eq!(a.image, b.image);
+}
