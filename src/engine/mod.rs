@@ -6,6 +6,7 @@
 //!
 //! - [`placement`]: the device-list grammar, the degrees, the layout choice, [`Plan`].
 //! - [`load`]: loading a model on a device; its config from the file headers.
+//! - [`overlap`]: the first job's prompt encoded while the transformer loads.
 //!
 //! Loaded pipelines are kept by slot (device, copy) and reused by later plans: CPU ranks share
 //! one model on the CPU; each GPU rank gets a pipeline on its GPU; a GPU named twice (data-parallel
