@@ -144,6 +144,22 @@ fn bench_prints_json_with_step_times_and_memory() {
 /// A cold start from a written checkpoint: `dev write-checkpoint` writes a random transformer in
 /// BFL's single-file layout (bf16 and FP8), `bench` loads it with random text encoders and
 /// reports where loading went and the first image's timings, and `generate` draws from it.
+/// A written tiny checkpoint with random text encoders and autoencoder, 32 px, 2 steps.
+fn tiny_cold(file: &Path) -> Vec<&str> {
+    vec![
+        "--model",
+        s(file),
+        "--text-encoders",
+        "random",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+    ]
+}
+
 #[test]
 fn written_checkpoints_load_cold_and_report_their_phases() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -163,23 +179,9 @@ fn written_checkpoints_load_cold_and_report_their_phases() {
         let w: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
         let size = std::fs::metadata(&file).expect("written").len();
         assert_eq!(w["bytes"].as_u64(), Some(size));
-        let o = parallax(&[
-            "bench",
-            "--model",
-            s(&file),
-            "--text-encoders",
-            "random",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--steps",
-            "2",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-        ]);
+        let mut args = vec!["bench", "--runs", "1", "--warmup", "0"];
+        args.extend(tiny_cold(&file));
+        let o = parallax(&args);
         assert!(o.status.success(), "{}", text(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
         assert_eq!(v["demo"], true, "random text encoders label the output");
@@ -206,24 +208,47 @@ fn written_checkpoints_load_cold_and_report_their_phases() {
                 .expect("image")
                 >= cold["load_ms"].as_f64().expect("load")
         );
+        // The prompt was encoded while the transformer loaded (issue 30's cold start), and
+        // was ready once the load was.
+        let ready = cold["first_image"]["text_ready_from_load_start_ms"].as_f64();
+        assert!(ready.expect("ready") >= cold["load_ms"].as_f64().expect("load"));
+        let overlap = &cold["load_overlap"];
+        assert_eq!(overlap["prompts"].as_u64(), Some(1), "{cold}");
+        assert!(overlap["text_encode_ms"].as_f64().expect("encode") > 0.0);
+        assert!(overlap["hidden_ms"].as_f64().expect("hidden") >= 0.0);
     }
+    // With the overlap off the block says so, and `generate` draws the very same image.
+    let bf16 = dir.path().join("tiny-bf16.safetensors");
+    let mut tiny = tiny_cold(&bf16);
+    tiny.extend(["--seed", "3"]);
+    let off = [("PARALLAX_NO_LOAD_OVERLAP", "1")];
+    let limit = std::time::Duration::from_secs(300);
+    let mut args = vec!["bench", "--runs", "1", "--warmup", "0"];
+    args.extend(&tiny);
+    let (o, _) = parallax_within(&args, &off, limit);
+    let o = o.expect("bench ends");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+    assert!(v["cold_start"]["load_overlap"].is_null(), "{v}");
+    let mut pngs = Vec::new();
+    for (name, env) in [("on.png", &[][..]), ("off.png", &off[..])] {
+        let png = dir.path().join(name);
+        let mut args = vec!["generate", "--quiet", "--out", s(&png)];
+        args.extend(&tiny);
+        let (o, _) = parallax_within(&args, env, limit);
+        let o = o.expect("generate ends");
+        assert!(o.status.success(), "{}", text(&o));
+        pngs.push(read_png(&png).expect("png").0);
+    }
+    assert_eq!(
+        pngs[0], pngs[1],
+        "the same image with and without the overlap"
+    );
     let out = dir.path().join("x.png");
-    let o = parallax(&[
-        "generate",
-        "--model",
-        s(&dir.path().join("tiny-fp8.safetensors")),
-        "--text-encoders",
-        "random",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "2",
-        "--out",
-        s(&out),
-        "--quiet",
-    ]);
+    let fp8 = dir.path().join("tiny-fp8.safetensors");
+    let mut args = vec!["generate", "--out", s(&out), "--quiet"];
+    args.extend(tiny_cold(&fp8));
+    let o = parallax(&args);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(read_png(&out).expect("png").0.width, 32);
 }

@@ -58,6 +58,17 @@ fn until_done(rt: &Runtime, job: JobId) -> Vec<Event> {
     }
 }
 
+/// The first image among `events`.
+fn image_done(events: &[Event]) -> std::sync::Arc<parallax::runtime::ImageResult> {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::ImageDone { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .expect("an image")
+}
+
 #[test]
 fn a_job_streams_steps_with_previews_and_lands_in_the_gallery() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -112,13 +123,7 @@ fn a_job_streams_steps_with_previews_and_lands_in_the_gallery() {
         .expect("demo")
         .generate(&req(3, 0.0), &mut |_| Ok(()))
         .expect("direct");
-    let result = events
-        .iter()
-        .find_map(|e| match e {
-            Event::ImageDone { result, .. } => Some(result.clone()),
-            _ => None,
-        })
-        .expect("an image");
+    let result = image_done(&events);
     assert_eq!(result.generated.image, direct.image);
     let saved = result.saved.clone().expect("saved to the gallery");
     let gallery = rt.gallery().expect("gallery");
@@ -334,4 +339,39 @@ fn compare_sweep_over_data_parallel_groups_equals_the_sequential_one() {
         "reference, threshold 5, DBCache, TaylorSeer"
     );
     assert_eq!(sequential, parallel);
+}
+
+/// The studio's way in: a job queued with a model from files that is not loaded yet loads it as
+/// it starts, its prompt encoded while the transformer loads (issue 30's cold start), and draws
+/// the image of a plain load.
+#[test]
+fn a_job_queued_on_a_model_from_files_loads_it_with_its_prompt_encoded_alongside() {
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
+    let model = dir.path().to_str().expect("utf8").to_string();
+    let rt = start(None);
+    let job = rt.submit_on(
+        JobSpec::Generate(req(2, 0.0)),
+        EngineSpec::new(model.as_str(), placement("cpu", None)),
+    );
+    let events = until_done(&rt, job);
+    let loads = events
+        .iter()
+        .filter(|e| matches!(e, Event::ModelLoading { .. }))
+        .count();
+    assert_eq!(loads, 1, "one load, with the job");
+    let result = image_done(&events);
+    // Only this test loads a model from files in this binary.
+    assert!(
+        parallax::model::load_clock::ahead_snapshot().is_some(),
+        "the prompt was encoded while the model loaded"
+    );
+    let plain =
+        parallax::engine::load_pipeline(&parallax::engine::ModelChoice::named(model), "cpu")
+            .expect("plain load");
+    let direct = plain
+        .generate(&req(2, 0.0), &mut |_| Ok(()))
+        .expect("direct");
+    assert_eq!(result.generated.image, direct.image);
 }

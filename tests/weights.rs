@@ -1200,3 +1200,140 @@ fn fill_checkpoints_are_detected_in_both_layouts() {
         (Some(384), Some(64))
     );
 }
+
+/// Issue 30's cold start: a model from files with the first job's prompts (here with true CFG,
+/// so a negative prompt too) encoded while the transformer loads makes the very image of a load
+/// that encodes them in the job; the job takes the encodings made ahead, and later jobs encode
+/// their own.
+#[test]
+fn prompts_encoded_while_loading_give_the_same_image() {
+    use parallax::engine::load::load_pipeline_ahead;
+    use parallax::engine::ModelChoice;
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::pipeline::ahead::prompts_of;
+    use parallax::pipeline::GenerateRequest;
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
+    let choice = ModelChoice::named(dir.path().to_str().expect("utf8"));
+    let req = GenerateRequest {
+        prompt: "a red circle on a blue square".into(),
+        negative_prompt: Some("green".into()),
+        true_cfg: Some(2.0),
+        width: 64,
+        height: 64,
+        steps: Some(3),
+        seed: 7,
+        ..Default::default()
+    };
+    let ahead = prompts_of(&req);
+    assert_eq!(ahead.len(), 2);
+    let overlapped = load_pipeline_ahead(&choice, "cpu", None, &ahead).expect("load ahead");
+    assert_eq!(
+        overlapped.ahead.len(),
+        2,
+        "both prompts encoded during the load"
+    );
+    let plain = load_pipeline_ahead(&choice, "cpu", None, &[]).expect("load");
+    assert!(plain.ahead.is_empty());
+    let (sums, _) = parallax::model::load_clock::snapshot();
+    assert!(!sums.is_empty());
+    assert!(
+        parallax::model::load_clock::ahead_snapshot().is_some_and(|(n, ms, _)| n >= 2 && ms > 0.0)
+    );
+
+    let g1 = overlapped
+        .generate(&req, &mut |_| Ok(()))
+        .expect("overlapped");
+    assert!(overlapped.ahead.is_empty(), "the job took them");
+    let g2 = plain.generate(&req, &mut |_| Ok(())).expect("plain");
+    assert_eq!(g1.image.data, g2.image.data, "identical images");
+    assert_eq!(g1.notes, g2.notes);
+    // The next job encodes for itself, and still draws the same image.
+    let g3 = overlapped.generate(&req, &mut |_| Ok(())).expect("again");
+    assert_eq!(g3.image.data, g2.image.data);
+    // A first job with another prompt: what was encoded ahead is dropped, not used.
+    let other = load_pipeline_ahead(&choice, "cpu", None, &["a yellow star".to_string()])
+        .expect("load ahead");
+    let g4 = other.generate(&req, &mut |_| Ok(())).expect("other prompt");
+    assert!(other.ahead.is_empty());
+    assert_eq!(g4.image.data, g2.image.data);
+}
+
+/// A damaged text encoder file, with a prompt to encode while the transformer loads: the load
+/// fails at once with an error naming the file (the text encoders load first), not a hang or a
+/// panic.
+#[test]
+fn a_damaged_text_encoder_fails_the_overlapped_load_clearly() {
+    use parallax::engine::load::load_pipeline_ahead;
+    use parallax::engine::ModelChoice;
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Diffusers, DemoSource::Trained).expect("export");
+    let t5_dir = dir.path().join("text_encoder_2");
+    let shard = std::fs::read_dir(&t5_dir)
+        .expect("t5 folder")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a T5 shard");
+    std::fs::write(&shard, b"not a safetensors file at all").expect("damage");
+    let choice = ModelChoice::named(dir.path().to_str().expect("utf8"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = load_pipeline_ahead(&choice, "cpu", None, &["a red circle".to_string()]);
+        let _ = tx.send(r.map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the load came back (no hang)");
+    let e = r.expect_err("a damaged T5 shard fails the load");
+    let name = shard
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .to_string();
+    assert!(e.to_string().contains(&name), "{e}");
+}
+
+/// Where a memory plan builds T5 for each prompt (so that T5 and the transformer are never on the
+/// device together), nothing is encoded while the transformer loads: that promise holds, and the
+/// job encodes its prompt itself.
+#[test]
+fn t5_built_per_prompt_is_not_encoded_during_the_load() {
+    use parallax::engine::overlap::load_files;
+    use parallax::model::export::{write_demo_model, DemoSource, ExportLayout};
+    use parallax::model::text::T5Residency;
+    use parallax::pipeline::{GenerateRequest, LoadOptions};
+    let dir = tempfile::tempdir().expect("tmp");
+    write_demo_model(dir.path(), ExportLayout::Bfl, DemoSource::Trained).expect("export");
+    let resolved = layout::resolve(dir.path().to_str().expect("utf8"), None).expect("resolve");
+    let layout::ModelSpec::Files(files) = resolved.spec else {
+        panic!("a FLUX.1 folder")
+    };
+    let prompts = ["a red circle".to_string()];
+    let load = |t5| {
+        let opts = LoadOptions {
+            t5,
+            ..Default::default()
+        };
+        load_files(&files, "x", DType::F32, &Device::Cpu, opts, &prompts).expect("load")
+    };
+    let (resident, on_demand) = (load(T5Residency::Resident), load(T5Residency::OnDemand));
+    assert_eq!(resident.ahead.len(), 1);
+    assert!(
+        on_demand.ahead.is_empty(),
+        "T5 built per prompt: nothing ahead"
+    );
+    let req = GenerateRequest {
+        prompt: prompts[0].clone(),
+        width: 64,
+        height: 64,
+        steps: Some(2),
+        seed: 5,
+        ..Default::default()
+    };
+    let a = resident.generate(&req, &mut |_| Ok(())).expect("resident");
+    let b = on_demand
+        .generate(&req, &mut |_| Ok(()))
+        .expect("on demand");
+    assert_eq!(a.image, b.image);
+}

@@ -1087,7 +1087,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if plan.world() > 1 {
         eprintln!("{}", plan.describe());
     }
-    let mut engine = Engine::load_for(choice, &plan)?;
+    // The prompt is encoded while the transformer loads (crate::engine::overlap).
+    let ahead = crate::engine::overlap::prompts_for(&req);
+    let mut engine = Engine::load_for_ahead(choice, &plan, &ahead)?;
     // The request is checked on the first copy, before the replicas load.
     let settings = engine.primary().settings_for(&req)?;
     engine.prepare(&plan, images, &mut |d| {
@@ -1232,7 +1234,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let load_start = Instant::now();
-    let p = load_pipeline(&a.model.choice(), &a.model.device)?;
+    // The first run's prompt is encoded while the transformer loads (crate::engine::overlap);
+    // the prompts do not depend on the model.
+    let ahead = crate::engine::overlap::prompts_for(&request_with(false, &a.sample, &a.init));
+    let p =
+        crate::engine::load::load_pipeline_ahead(&a.model.choice(), &a.model.device, None, &ahead)?;
     let f1 = p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
@@ -1254,12 +1260,20 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             *gpu_peak = Some(gpu_peak.map_or(used, |p| p.max(used)));
         }
     };
-    // The first image's timings (a cold start: kernels compiled and tuned on first use).
+    // The first image's timings (a cold start: kernels compiled and tuned on first use), and
+    // when its prompt was ready (encoded in the job, or while the model loaded).
+    let text_ready = std::cell::Cell::new(None::<f64>);
+    let note_text = |ev: &Progress| {
+        if matches!(ev, Progress::TextEncoded { .. }) && text_ready.get().is_none() {
+            text_ready.set(Some(load_start.elapsed().as_secs_f64() * 1e3));
+        }
+    };
     let mut first: Option<serde_json::Value> = None;
     let mut note_first = |g: &crate::pipeline::Generated| {
         if first.is_none() {
             first = Some(serde_json::json!({
                 "text_encode_ms": g.timings.text_ms,
+                "text_ready_from_load_start_ms": text_ready.get(),
                 "first_step_ms": g.timings.steps_ms.first(),
                 "image_ms": g.timings.total_ms,
                 "from_load_start_ms": load_start.elapsed().as_secs_f64() * 1e3,
@@ -1267,8 +1281,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     for _ in 0..a.warmup {
-        let g = p.generate(&req, &mut |_| {
+        let g = p.generate(&req, &mut |ev| {
             sample(&mut gpu_peak);
+            note_text(&ev);
             Ok(())
         })?;
         note_first(&g);
@@ -1281,8 +1296,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut vae = Vec::new();
     let mut last = None;
     for _ in 0..a.runs {
-        let g = p.generate(&req, &mut |_| {
+        let g = p.generate(&req, &mut |ev| {
             sample(&mut gpu_peak);
+            note_text(&ev);
             Ok(())
         })?;
         note_first(&g);
@@ -1372,6 +1388,18 @@ fn cold_start_json(load_ms: f64, first: Option<serde_json::Value>) -> serde_json
         "bytes_read": bytes,
         "read_gb_per_s": if read_ms > 0.0 { bytes as f64 / 1e6 / read_ms } else { 0.0 },
         "first_image": first,
+        // The first prompt encoded while the transformer loaded (crate::engine::overlap): the
+        // encoding's time, the load's wait for it after the transformer, and so the time
+        // hidden behind the reading. `null`: not overlapped (PARALLAX_NO_LOAD_OVERLAP=1, T5
+        // built per prompt, or a model not read from files).
+        "load_overlap": crate::model::load_clock::ahead_snapshot().map(|(prompts, enc, waited)| {
+            serde_json::json!({
+                "prompts": prompts,
+                "text_encode_ms": enc,
+                "waited_ms": waited,
+                "hidden_ms": (enc - waited).max(0.0),
+            })
+        }),
     })
 }
 

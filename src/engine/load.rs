@@ -215,6 +215,19 @@ pub fn load_pipeline_blocks(
     device: &str,
     blocks: Option<(usize, usize)>,
 ) -> Result<Pipeline> {
+    load_pipeline_ahead(choice, device, blocks, &[])
+}
+
+/// [`load_pipeline_blocks`] for a first job whose prompts are `ahead`
+/// ([`super::overlap::prompts_for`]): a FLUX.1 model from files encodes them while its
+/// transformer loads ([`super::overlap`]), the job then finds them encoded. Other models (the
+/// built-in ones, random ones, klein's files) load as without them.
+pub fn load_pipeline_ahead(
+    choice: &ModelChoice,
+    device: &str,
+    blocks: Option<(usize, usize)>,
+    ahead: &[String],
+) -> Result<Pipeline> {
     let dev = crate::device::parse(device)?;
     let resolved = choice.resolve()?;
     for r in &resolved.reasons {
@@ -266,8 +279,18 @@ pub fn load_pipeline_blocks(
         }
     };
     let t0 = Instant::now();
-    let p = Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts)
-        .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
+    let p = match &resolved.spec {
+        ModelSpec::Files(files) => {
+            super::overlap::load_files(files, &choice.model, dtype, &dev, opts, ahead).and_then(
+                |mut p| {
+                    p.apply_load_options(opts)?;
+                    Ok(p)
+                },
+            )
+        }
+        _ => Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts),
+    }
+    .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
     let fp8 = p.model.as_flux1().map(|f| f.flux);
     if fp8.is_some_and(|f| f.fp8_products() && !dev.is_cpu() && !f.fp8_kernels()) {
         tracing::warn!(

@@ -6,6 +6,7 @@
 //!
 //! - [`placement`]: the device-list grammar, the degrees, the layout choice, [`Plan`].
 //! - [`load`]: loading a model on a device; its config from the file headers.
+//! - [`overlap`]: the first job's prompt encoded while the transformer loads.
 //!
 //! Loaded pipelines are kept by slot (device, copy) and reused by later plans: CPU ranks share
 //! one model on the CPU; each GPU rank gets a pipeline on its GPU; a GPU named twice (data-parallel
@@ -14,6 +15,7 @@
 
 pub mod load;
 pub mod memory;
+pub mod overlap;
 pub mod placement;
 
 use crate::error::{Error, Result};
@@ -81,6 +83,12 @@ impl Engine {
     /// 0's stage (so a model no single GPU holds still loads, a stage per GPU); otherwise the
     /// whole model on rank 0's device.
     pub fn load_for(choice: ModelChoice, plan: &Plan) -> Result<Self> {
+        Self::load_for_ahead(choice, plan, &[])
+    }
+
+    /// [`Engine::load_for`] for a first job whose prompts are `ahead` ([`overlap::prompts_for`]):
+    /// encoded while the transformer loads, where the model is FLUX.1 from files.
+    pub fn load_for_ahead(choice: ModelChoice, plan: &Plan, ahead: &[String]) -> Result<Self> {
         let device = plan
             .ranks
             .first()
@@ -91,7 +99,7 @@ impl Engine {
         } else {
             None
         };
-        let p = load_pipeline_blocks(&choice, device, blocks)?;
+        let p = load::load_pipeline_ahead(&choice, device, blocks, ahead)?;
         Ok(Self {
             choice,
             loaded: vec![(

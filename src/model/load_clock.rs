@@ -4,7 +4,9 @@
 //! quantising weights to FP8 on the device, and building the text encoders and the autoencoder.
 //! `parallax bench` prints the sums. The phases nest only where a part's own build includes its
 //! reads (the text encoders' and the autoencoder's times contain their files' reads and copies);
-//! with several ranks loading at once the sums add their threads' times.
+//! with several ranks loading at once the sums add their threads' times. Prompts encoded while a
+//! transformer loads ([`encoded_ahead`]) are counted apart: not a phase of loading, but what
+//! the load hid behind its reading.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -68,6 +70,32 @@ pub fn time<T>(phase: LoadPhase, f: impl FnOnce() -> T) -> T {
 /// Count `n` bytes read from weight files.
 pub fn read_bytes(n: usize) {
     BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+static AHEAD_NANOS: AtomicU64 = AtomicU64::new(0);
+static AHEAD_WAIT_NANOS: AtomicU64 = AtomicU64::new(0);
+static AHEAD_PROMPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Count prompts encoded while a transformer loaded (the engine's overlap): `prompts` of them in
+/// `encode` on their own thread, and the load `waited` for them after the transformer (and
+/// autoencoder) were read: `encode - waited` was hidden behind the reading.
+pub fn encoded_ahead(prompts: usize, encode: Duration, waited: Duration) {
+    AHEAD_PROMPTS.fetch_add(prompts as u64, Ordering::Relaxed);
+    AHEAD_NANOS.fetch_add(encode.as_nanos() as u64, Ordering::Relaxed);
+    AHEAD_WAIT_NANOS.fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// The sums of [`encoded_ahead`] so far: (prompts, encoding ms, waited ms); `None` when no
+/// load encoded ahead.
+pub fn ahead_snapshot() -> Option<(u64, f64, f64)> {
+    let n = AHEAD_PROMPTS.load(Ordering::Relaxed);
+    (n > 0).then(|| {
+        (
+            n,
+            AHEAD_NANOS.load(Ordering::Relaxed) as f64 / 1e6,
+            AHEAD_WAIT_NANOS.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    })
 }
 
 /// The sums so far: (phase, milliseconds) for every phase, and the bytes read.

@@ -7,6 +7,7 @@
 //! - [`exif`]: settings in JPEG and WebP files (an EXIF block).
 //! - [`metadata`]: settings as Automatic1111 and ComfyUI write them, read back from any file.
 
+pub mod ahead;
 pub mod cache;
 pub mod exif;
 pub mod image;
@@ -313,6 +314,8 @@ pub struct Pipeline {
     pub synthetic: bool,
     /// The transformer with the last request's LoRAs, reused while they stay the same.
     pub lora_cache: LoraCache,
+    /// The first job's prompts, encoded while the model loaded ([`ahead`]).
+    pub ahead: ahead::AheadPrompts,
 }
 
 /// A model as the generate path runs it, whatever its family: its transformer, text encoder and
@@ -543,6 +546,7 @@ impl Pipeline {
             label: label.to_string(),
             synthetic,
             lora_cache: LoraCache::default(),
+            ahead: Default::default(),
         }
     }
 
@@ -567,6 +571,14 @@ impl Pipeline {
             ModelSpec::Klein(files) => return Self::load_klein(files, label, dtype, device, opts),
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
+        p.apply_load_options(opts)?;
+        Ok(p)
+    }
+
+    /// Convert FLUX.1's transformer to `opts`' FP8 groups and cut it to its share of blocks,
+    /// where loading did not already (the demo model, built whole).
+    pub fn apply_load_options(&mut self, opts: LoadOptions) -> Result<()> {
+        let p = self;
         let flux = p.flux1("FP8 and a share of the transformer's blocks")?.flux;
         let mut changed = None;
         if opts.fp8 != Fp8Groups::NONE && !flux.fp8_products() {
@@ -580,7 +592,7 @@ impl Pipeline {
         if let Some(f) = changed {
             p.set_flux1(f)?;
         }
-        Ok(p)
+        Ok(())
     }
 
     /// A `random:klein-*` model (FLUX.2 klein's structure, made-up weights: labelled DEMO), its
@@ -598,6 +610,7 @@ impl Pipeline {
             label: format!("random:{}", kind.name()),
             synthetic: true,
             lora_cache: LoraCache::default(),
+            ahead: Default::default(),
         })
     }
 
@@ -644,6 +657,7 @@ impl Pipeline {
             label: label.to_string(),
             synthetic: files.demo,
             lora_cache: LoraCache::default(),
+            ahead: Default::default(),
         })
     }
 
@@ -665,48 +679,12 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        let (flux, mut variant) = load_transformer_with(files, dtype, device, opts)?;
-        if files.demo {
-            variant = Variant::Demo;
-        }
-        use crate::model::load_clock::{time, LoadPhase};
-        let (vae, text) = if files.random_parts() {
-            random_parts(flux.config(), variant, dtype, device, opts)?
-        } else {
-            let vae = time(LoadPhase::Autoencoder, || load_vae(files, dtype, device))?;
-            let text = time(LoadPhase::TextEncoders, || {
-                TextEncoders::load_parts_with(
-                    &files.text,
-                    variant.t5_max_len(),
-                    dtype,
-                    device,
-                    opts.t5,
-                )
-            })?;
-            (vae, text)
-        };
-        if text.t5_dim() != flux.config().context_in_dim
-            || text.clip_dim() != flux.config().vec_in_dim
-        {
-            return Err(Error::UnknownLayout {
-                path: files.text.t5.clone(),
-                reason: format!(
-                    "text encoders give {} (T5) and {} (CLIP) wide embeddings; the transformer takes {} and {}",
-                    text.t5_dim(),
-                    text.clip_dim(),
-                    flux.config().context_in_dim,
-                    flux.config().vec_in_dim
-                ),
-            });
-        }
-        Ok(Self::of_flux1(
-            flux,
-            vae,
-            text,
-            variant,
-            label,
-            files.demo || files.random_parts(),
-        ))
+        // The text encoders first, then the transformer and the autoencoder: the order the
+        // engine keeps when it encodes the first prompt while the transformer loads.
+        let first = ahead::TextFirst::load(files, label, dtype, device, opts)?;
+        let flux = first.transformer()?;
+        let vae = first.autoencoder()?;
+        Ok(first.assemble(flux, vae))
     }
 
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.
@@ -871,14 +849,16 @@ impl Pipeline {
 
     /// `prompt` as the transformer takes it: hidden states and the pooled vector, or a (1, 0)
     /// tensor for a family without one.
+    /// Taken from [`Pipeline::ahead`] when it was encoded while the model loaded.
     fn encode(&self, prompt: &str) -> Result<(Conditioning, Vec<String>)> {
         let model = self.denoiser();
-        let e = self.text_encoder().encode_prompt(prompt, model.dtype())?;
-        let y = match e.pooled {
-            Some(y) => y,
-            None => Tensor::zeros((1, 0), model.dtype(), model.device())?,
+        let e = match self.ahead.take(prompt, model.dtype()) {
+            Some(e) => e,
+            None => {
+                ahead::encode_prompt(self.text_encoder(), prompt, model.dtype(), model.device())?
+            }
         };
-        Ok((Conditioning { txt: e.txt, y }, e.notes))
+        Ok((e.cond, e.notes))
     }
 
     /// Generate one image. `progress` sees each stage and step; an error from it (such as
@@ -1030,6 +1010,8 @@ impl Pipeline {
         } else {
             None
         };
+        // Encodings made ahead serve the first job only.
+        self.ahead.clear();
         let cache = settings.cache_spec();
         // Read only for the policy that uses it (a file read for models other than the demo).
         let magcache = match cache {
@@ -1314,9 +1296,10 @@ pub fn describe_cache(stats: &CacheStats) -> String {
 }
 
 /// The autoencoder and text encoders of [`Pipeline::random_with`] for `variant` (FLUX.1's sizes,
-/// random weights drawn on `device`, the demo byte tokenizers); also what a transformer file
-/// loaded with `--text-encoders random` gets ([`ModelFiles::random_parts`]). A transformer `cfg`
-/// that takes the demo's embedding widths gets the small made-up parts of `random:tiny`.
+/// random weights drawn on `device`, the demo byte tokenizers), drawn in that order; a
+/// transformer file loaded with `--text-encoders random` ([`ModelFiles::random_parts`]) gets
+/// the same parts from [`random_text`] and [`random_vae`], text encoders first. A transformer
+/// `cfg` that takes the demo's embedding widths gets the small made-up parts of `random:tiny`.
 fn random_parts(
     cfg: &FluxConfig,
     variant: Variant,
@@ -1324,34 +1307,53 @@ fn random_parts(
     device: &Device,
     opts: LoadOptions,
 ) -> Result<(AutoEncoder, TextEncoders)> {
+    let vae = random_vae(cfg, dtype, device)?;
+    let text = random_text(cfg, variant, dtype, device, opts)?;
+    Ok((vae, text))
+}
+
+/// The autoencoder of [`random_parts`].
+fn random_vae(cfg: &FluxConfig, dtype: DType, device: &Device) -> Result<AutoEncoder> {
+    use crate::model::demo_weights::RandomWeights;
+    use crate::model::load_clock::{time, LoadPhase};
+    let vae_dtype = autoencoder_dtype(dtype, device);
+    time(LoadPhase::Autoencoder, || {
+        if cfg.context_in_dim == crate::model::text::DEMO_T5_DIM {
+            AutoEncoder::new(
+                &VaeConfig::tiny(),
+                DemoWeights::new(DemoSeeds::BUILTIN.vae).var_builder(vae_dtype, device),
+            )
+        } else {
+            AutoEncoder::new(
+                &VaeConfig::flux(),
+                RandomWeights.var_builder(vae_dtype, device),
+            )
+        }
+    })
+    .px()
+}
+
+/// The text encoders of [`random_parts`].
+fn random_text(
+    cfg: &FluxConfig,
+    variant: Variant,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<TextEncoders> {
     use crate::model::demo_weights::RandomWeights;
     use crate::model::load_clock::{time, LoadPhase};
     use crate::model::text;
     use crate::model::tokenizer::PromptTokenizer;
     if cfg.context_in_dim == text::DEMO_T5_DIM {
-        let seeds = DemoSeeds::BUILTIN;
-        let vae = time(LoadPhase::Autoencoder, || {
-            AutoEncoder::new(
-                &VaeConfig::tiny(),
-                DemoWeights::new(seeds.vae).var_builder(autoencoder_dtype(dtype, device), device),
-            )
-        })?;
-        let text = time(LoadPhase::TextEncoders, || {
-            TextEncoders::demo(seeds.text, device)
-        })?;
-        return Ok((vae, text));
+        return time(LoadPhase::TextEncoders, || {
+            TextEncoders::demo(DemoSeeds::BUILTIN.text, device)
+        });
     }
-    let vae_dtype = autoencoder_dtype(dtype, device);
-    let vae = time(LoadPhase::Autoencoder, || {
-        AutoEncoder::new(
-            &VaeConfig::flux(),
-            RandomWeights.var_builder(vae_dtype, device),
-        )
-    })?;
     let vb = RandomWeights.var_builder(dtype, device);
     let t5_tokenizer = PromptTokenizer::demo(variant.t5_max_len(), "t5")?;
     let clip_tokenizer = PromptTokenizer::demo(text::CLIP_MAX_LEN, "clip")?;
-    let text = time(LoadPhase::TextEncoders, || -> Result<TextEncoders> {
+    time(LoadPhase::TextEncoders, || -> Result<TextEncoders> {
         Ok(match opts.t5 {
             T5Residency::Resident => TextEncoders::new(
                 vb.clone(),
@@ -1382,8 +1384,7 @@ fn random_parts(
                 )?
             }
         })
-    })?;
-    Ok((vae, text))
+    })
 }
 
 /// A random model's transformer ([`Pipeline::random`]): drawn on `device` from a fixed seed, so
@@ -1420,6 +1421,19 @@ pub fn load_transformer_with(
     device: &Device,
     opts: LoadOptions,
 ) -> Result<(Flux, Variant)> {
+    let (set, cfg) = transformer_header(files)?;
+    let variant = if cfg.guidance_embed {
+        Variant::Dev
+    } else {
+        Variant::Schnell
+    };
+    let flux = build_transformer(files, set, &cfg, dtype, device, opts)?;
+    Ok((flux, variant))
+}
+
+/// A FLUX.1 transformer's file opened (its header and index read, its family checked) and its
+/// config, from the header or a diffusers `config.json`: no weights read.
+fn transformer_header(files: &ModelFiles) -> Result<(Arc<SafetensorsSet>, FluxConfig)> {
     let set = Arc::new(SafetensorsSet::open(&files.transformer)?);
     check_family(&set, &files.transformer)?;
     let cfg = match &files.transformer_layout {
@@ -1428,17 +1442,23 @@ pub fn load_transformer_with(
         }
         other => layout::infer_flux_config(&set, other)?,
     };
-    let variant = if cfg.guidance_embed {
-        Variant::Dev
-    } else {
-        Variant::Schnell
-    };
+    Ok((set, cfg))
+}
+
+/// The transformer of `cfg` read from `set` (the blocks and FP8 groups `opts` asks for).
+fn build_transformer(
+    files: &ModelFiles,
+    set: Arc<SafetensorsSet>,
+    cfg: &FluxConfig,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+) -> Result<Flux> {
     let map: Arc<dyn KeyMap> =
-        Arc::from(layout::transformer_key_map(&files.transformer_layout, &cfg));
+        Arc::from(layout::transformer_key_map(&files.transformer_layout, cfg));
     let vb = MappedWeights::new(set, map).var_builder(dtype, device);
     let blocks = opts.block_range(cfg.num_blocks());
-    let flux = Flux::new_stage(&cfg, vb, opts.fp8, opts.lean, blocks)?;
-    Ok((flux, variant))
+    Ok(Flux::new_stage(cfg, vb, opts.fp8, opts.lean, blocks)?)
 }
 
 /// The family the registry recognises in a transformer checkpoint's tensor names

@@ -25,6 +25,9 @@ pub(crate) enum EngineMsg {
         job: JobId,
         spec: JobSpec,
         cancel: Arc<AtomicBool>,
+        /// The model and workers it runs on, configured as it starts (so that a model it
+        /// loads encodes its prompt while the transformer loads); `None`: whatever is then.
+        engine: Option<Box<EngineSpec>>,
     },
 }
 
@@ -80,9 +83,17 @@ impl EngineThread {
                 EngineMsg::Configure(spec) => {
                     self.spec = spec;
                     // Load now so the user sees errors at once, not at the next Generate.
-                    let _ = self.ensure_loaded();
+                    let _ = self.ensure_loaded(None);
                 }
-                EngineMsg::Run { job, spec, cancel } => {
+                EngineMsg::Run {
+                    job,
+                    spec,
+                    cancel,
+                    engine,
+                } => {
+                    if let Some(on) = engine {
+                        self.spec = *on;
+                    }
                     let outcome = catch_unwind(AssertUnwindSafe(|| self.run(job, &spec, &cancel)));
                     match outcome {
                         Ok(Ok(wall_ms)) => self.emit.emit(Event::Finished { job, wall_ms }),
@@ -115,7 +126,9 @@ impl EngineThread {
         }
     }
 
-    fn ensure_loaded(&mut self) -> crate::Result<()> {
+    /// Load the configured model unless it is loaded; `first`: the job it loads for, whose
+    /// prompt is encoded while the transformer loads ([`crate::engine::overlap`]).
+    fn ensure_loaded(&mut self, first_job: Option<&GenerateRequest>) -> crate::Result<()> {
         let spec = self.spec.clone();
         // The model loads where rank 0 of this placement runs; a new model or a new rank-0
         // device reloads (freeing the old copies), other placement changes reuse what is loaded.
@@ -143,7 +156,10 @@ impl EngineThread {
             });
             match planned {
                 Ok(plan) if plan.ranks.first() == Some(&first) => {
-                    Engine::load_for(spec.model.clone(), &plan)
+                    let ahead = first_job
+                        .map(crate::engine::overlap::prompts_for)
+                        .unwrap_or_default();
+                    Engine::load_for_ahead(spec.model.clone(), &plan, &ahead)
                 }
                 _ => Engine::load(spec.model.clone(), &first),
             }
@@ -215,13 +231,13 @@ impl EngineThread {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        self.ensure_loaded()?;
+        let reqs = spec.requests();
+        self.ensure_loaded(reqs.first())?;
         let placement = self.spec.placement.clone();
         let loaded = self
             .loaded
             .as_mut()
             .ok_or_else(|| Error::runtime("cannot run the job", "no model is loaded"))?;
-        let reqs = spec.requests();
         // Every image's cache policy is checked before the first is made: a sweep that cannot
         // make its MagCache cell (no calibration for this model) is refused whole, not after
         // its other cells ran.

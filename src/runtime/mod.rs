@@ -190,14 +190,12 @@ async fn schedule(
         if running.is_none() {
             if let Some((job, spec, on)) = queue.pop_front() {
                 let cancel = Arc::new(AtomicBool::new(false));
-                if let Some(on) = on {
-                    let _ = engine.send(EngineMsg::Configure(*on));
-                }
                 if engine
                     .send(EngineMsg::Run {
                         job,
                         spec,
                         cancel: cancel.clone(),
+                        engine: on,
                     })
                     .is_err()
                 {
