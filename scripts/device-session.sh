@@ -8,7 +8,7 @@
 #                                          with its quantisation apart and with bf16 copies kept,
 #                                          image-to-image at three strengths, cold start
 #                                          (scripts/device-cold.sh, REPEATS=1)
-# ROUNDS=1 SHORT=1 (flux): one before/after round and the FP8 variants only. Logs and JSON lines
+# ROUNDS=1 SHORT=1 (flux): one before/after round and the FP8 variants only; COLD=0: no cold start. Logs and JSON lines
 # in $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
@@ -94,6 +94,6 @@ flux)
             --image /tmp/src.png --strength $s > /tmp/r.json 2>> "$log"
         tag "img2img-dev-28-strength-$s"
     done
-    REPEATS=${REPEATS:-1} timeout 280 bash scripts/device-cold.sh bf16 fp8 2>&1 | tail -30 | tee -a "$log"
+    [[ ${COLD:-1} == 1 ]] && REPEATS=${REPEATS:-1} timeout 280 bash scripts/device-cold.sh bf16 fp8 2>&1 | tail -30 | tee -a "$log"
     ;;
 esac
