@@ -256,3 +256,13 @@ impl<T> CandleResultExt<T> for candle_core::Result<T> {
         self.map_err(Error::from_candle)
     }
 }
+
+/// What a caught panic said (its `&str` or `String` payload), or "a panic" when it said nothing
+/// readable: for the error or log line that replaces it.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}

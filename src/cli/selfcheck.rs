@@ -659,7 +659,7 @@ fn ln_fp8_checks(
 ) -> anyhow::Result<()> {
     use crate::kernels::elementwise::ln_modulate;
     use crate::kernels::fp8_gemm::quantize_rows;
-    use crate::kernels::ln_fp8::{ln_modulate_fp8, reference};
+    use crate::kernels::ln_fp8::{ln_modulate_fp8, quantise_rows};
     for &(b, l, c) in &[(1usize, 1024usize, 3072usize), (2, 77, 3072), (1, 33, 128)] {
         let x = bf16_randn(&[b, l, c], 2.0, dev)?;
         let shift = bf16_randn(&[b, 1, c], 0.5, dev)?;
@@ -676,15 +676,11 @@ fn ln_fp8_checks(
             rel_err(&decoded(&q)?, &two)?,
             1e-3,
         );
-        let cpu = reference(
-            &cpu32(&x)?.to_dtype(DType::BF16)?,
-            &cpu32(&shift)?.to_dtype(DType::BF16)?,
-            &cpu32(&scale)?.to_dtype(DType::BF16)?,
-        )?;
+        let cpu = quantise_rows(&y)?;
         report.check(
-            name("E4M3 vs CPU reference"),
+            name("E4M3 vs its rows quantised on the CPU"),
             rel_err(&decoded(&q)?, &cpu.decoded()?)?,
-            1e-2,
+            1e-3,
         );
         let Some((None, q2)) = ln_modulate_fp8(&x, &shift, &scale, false)? else {
             bail!("the fused norm + FP8 kernel wrote bf16 rows it was not asked for");

@@ -123,7 +123,7 @@ fn beside<A, B: Send>(
         let side = handle.join().unwrap_or_else(|panic| {
             Err(Error::runtime(
                 "encoding the prompt while the model loaded",
-                format!("the encoder stopped: {}", panic_text(&panic)),
+                format!("the encoder stopped: {}", crate::error::panic_text(panic.as_ref())),
             ))
         });
         let waited = t.elapsed();
@@ -137,15 +137,6 @@ fn beside<A, B: Send>(
             }
         }
     })
-}
-
-/// A panic's message, as far as it has one.
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic".into())
 }
 
 #[cfg(test)]

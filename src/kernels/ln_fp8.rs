@@ -6,15 +6,17 @@
 //! written too only when asked (something besides an FP8 product reads them).
 //!
 //! [`reference`] is the same function on the CPU (the plain composition then the per-row E4M3
-//! rounding of [`crate::kernels::fp8`]), which `parallax selfcheck` compares the kernel against.
+//! rounding of [`crate::kernels::fp8`]); `parallax selfcheck` compares the kernel's E4M3 rows with
+//! [`quantise_rows`] of its own bf16 rows, and with the two-kernel path (measured on an H100:
+//! identical).
 
 use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::fp8::Fp8;
 
-/// Whether the fused norm + quantisation may be used. Opt-in (`PARALLAX_FUSED_FP8_QUANT=1`) until
-/// its `dev selfcheck` entry and a before/after have run on a GPU (written without one; its CPU
-/// reference is unit-tested): otherwise the norm writes bf16 rows and each FP8 product quantises
+/// Whether the fused norm + quantisation may be used. Opt-in (`PARALLAX_FUSED_FP8_QUANT=1`): on
+/// an H100 (2026-12-06) its rows equal the two-kernel path's exactly, but FLUX.1-dev's FP8 step
+/// took 102.5-102.6 ms with it against 102.4-102.5 without (BENCHMARKS.md), no gain: otherwise the norm writes bf16 rows and each FP8 product quantises
 /// them itself, as measured before. `PARALLAX_NO_FUSED_FP8_QUANT` keeps it off either way.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -48,11 +50,18 @@ impl HostFp8Rows {
 }
 
 /// The kernel's function on the CPU: `ln_modulate(x, shift, scale)` in `x`'s dtype (bf16 rows,
-/// as the kernel rounds them), then each row's largest magnitude `m`, its scale `m / 448` (1 for
-/// a row of zeros or a non-finite maximum) and its values divided by the scale, rounded to
-/// E4M3 (nearest, ties to even, saturating).
+/// as the kernel rounds them), then [`quantise_rows`].
 pub fn reference(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<HostFp8Rows> {
-    let y = crate::kernels::elementwise::ln_modulate(x, shift, scale)?;
+    quantise_rows(&crate::kernels::elementwise::ln_modulate(x, shift, scale)?)
+}
+
+/// The kernel's quantisation on the CPU, for rows `y` (.., k) already normed: each row's largest
+/// magnitude `m`, its scale `m / 448` (1 for a row of zeros or a non-finite maximum) and its
+/// values divided by the scale, rounded to E4M3 (nearest, ties to even, saturating). The GPU's
+/// self-check feeds it the kernel's own bf16 rows: the CPU's bf16 norm rounds some values the
+/// other way, and one bf16 step flips an E4M3 rounding (a 1.7 % relative difference measured on
+/// an H100), which says nothing about the quantisation.
+pub fn quantise_rows(y: &Tensor) -> Result<HostFp8Rows> {
     let k = y.dim(candle_core::D::Minus1)?;
     let v = y
         .to_device(&candle_core::Device::Cpu)?

@@ -464,11 +464,7 @@ fn spawn_rank(
                 )
             }))
             .unwrap_or_else(|p| {
-                let what = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic".into());
+                let what = crate::error::panic_text(p.as_ref());
                 Err(Error::rank(
                     rank,
                     "while denoising",

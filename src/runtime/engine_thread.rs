@@ -108,11 +108,7 @@ impl EngineThread {
                             })
                         }
                         Err(panic) => {
-                            let what = panic
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_else(|| "unknown panic".into());
+                            let what = crate::error::panic_text(panic.as_ref());
                             tracing::error!("{job} panicked: {what}");
                             self.emit.emit(Event::Failed {
                                 job,
