@@ -482,3 +482,164 @@ fn klein_fp8_files_load_dequantised_or_as_fp8_products() {
     let e = refused(format!("{w}.weight_scale"), vec![2, 3]);
     assert!(e.contains("block-wise scales are not read"), "{e}");
 }
+
+/// Issue 30's cold start for klein: the first job's prompts (here with true CFG, so a negative
+/// prompt too) encoded by Qwen3 while the transformer and the autoencoder load make the very
+/// image of a load that encodes them in the job, in process through the loader `generate` uses
+/// and through `parallax generate` with the overlap on and off; later jobs encode their own.
+#[test]
+fn klein_prompts_encoded_while_loading_give_the_same_image() {
+    use parallax::engine::load::load_pipeline_ahead;
+    use parallax::engine::ModelChoice;
+    use parallax::pipeline::ahead::prompts_of;
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("klein");
+    write_tiny(&model, ExportLayout::Diffusers).expect("write");
+    let choice = ModelChoice::named(s(&model));
+    let req = GenerateRequest {
+        negative_prompt: Some("green".into()),
+        true_cfg: Some(2.0),
+        ..request(PROMPT)
+    };
+    let ahead = prompts_of(&req);
+    assert_eq!(ahead.len(), 2);
+    let overlapped = load_pipeline_ahead(&choice, "cpu", None, &ahead).expect("load ahead");
+    assert_eq!(
+        overlapped.ahead.len(),
+        2,
+        "both prompts encoded during the load"
+    );
+    let plain = load_pipeline_ahead(&choice, "cpu", None, &[]).expect("load");
+    assert!(plain.ahead.is_empty());
+    assert_eq!(qwen3(&overlapped).residency(), T5Residency::Resident);
+
+    let g1 = overlapped
+        .generate(&req, &mut |_| Ok(()))
+        .expect("overlapped");
+    assert!(overlapped.ahead.is_empty(), "the job took them");
+    let g2 = plain.generate(&req, &mut |_| Ok(())).expect("plain");
+    let (lo, hi) = (g2.image.data.iter().min(), g2.image.data.iter().max());
+    assert!(lo < hi, "a flat image would match anything");
+    assert_eq!(g1.image.data, g2.image.data, "identical images");
+    assert_eq!(g1.notes, g2.notes);
+    let g3 = overlapped.generate(&req, &mut |_| Ok(())).expect("again");
+    assert_eq!(g3.image.data, g2.image.data);
+
+    // `parallax generate`, the overlap on (the default) and off: the same PNG pixels.
+    let on = dir.path().join("on.png");
+    let (img_on, _) = generate(&on, s(&model), &[]).expect("overlap on");
+    let off = dir.path().join("off.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args([
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            PROMPT,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--quiet",
+            "--out",
+            s(&off),
+        ])
+        .env_remove("HF_HUB_CACHE")
+        .env("PARALLAX_NO_LOAD_OVERLAP", "1")
+        .output()
+        .expect("run parallax");
+    assert!(o.status.success(), "{}", text(&o));
+    let (img_off, _) = read_png(&off).expect("png");
+    assert_eq!(img_on.data, img_off.data, "the overlap changes no pixel");
+    let (lo, hi) = (img_on.data.iter().min(), img_on.data.iter().max());
+    assert!(lo < hi, "a flat image would match anything");
+}
+
+/// Qwen3 built for each prompt (a memory plan's choice, so Qwen3 and the transformer are never
+/// on the device together): nothing is encoded, nor Qwen3 built, while the transformer loads;
+/// the job encodes its prompt itself, to the same image.
+#[test]
+fn klein_qwen3_built_per_prompt_is_not_encoded_during_the_load() {
+    use parallax::engine::overlap::load_klein;
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("klein");
+    write_tiny(&model, ExportLayout::Diffusers).expect("write");
+    let r = layout::resolve(s(&model), None).expect("resolve");
+    let ModelSpec::Klein(files) = &r.spec else {
+        panic!("not resolved as klein: {:?}", r.spec)
+    };
+    let prompts = [PROMPT.to_string()];
+    let load = |t5| {
+        let opts = LoadOptions {
+            t5,
+            ..Default::default()
+        };
+        load_klein(files, "klein", DType::F32, &Device::Cpu, opts, &prompts).expect("load")
+    };
+    let (resident, on_demand) = (load(T5Residency::Resident), load(T5Residency::OnDemand));
+    assert_eq!(resident.ahead.len(), 1);
+    assert!(
+        on_demand.ahead.is_empty(),
+        "Qwen3 built per prompt: nothing ahead"
+    );
+    assert_eq!(
+        qwen3(&on_demand).builds(),
+        0,
+        "Qwen3 not built during the load"
+    );
+    let a = resident
+        .generate(&request(PROMPT), &mut |_| Ok(()))
+        .expect("resident");
+    let b = on_demand
+        .generate(&request(PROMPT), &mut |_| Ok(()))
+        .expect("on demand");
+    assert_eq!(qwen3(&on_demand).builds(), 1);
+    assert_eq!(a.image.data, b.image.data);
+}
+
+/// `load_pipeline_ahead` on `model` with a prompt to encode while it loads, on a thread of its
+/// own: its result, or a failure if it does not come back within two minutes (a hang).
+fn load_ahead_within_a_bound(model: &Path) -> parallax::Result<()> {
+    use parallax::engine::load::load_pipeline_ahead;
+    let choice = parallax::engine::ModelChoice::named(s(model));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = load_pipeline_ahead(&choice, "cpu", None, &[PROMPT.to_string()]);
+        let _ = tx.send(r.map(|_| ()));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the load came back (no hang)")
+}
+
+/// A damaged Qwen3 file, with a prompt to encode while the transformer loads: the load fails at
+/// once with an error naming the file (Qwen3 loads first), not a hang or a panic. A damaged
+/// autoencoder, read while Qwen3 encodes on the other thread, fails the load the same way once
+/// the encoding thread has stopped.
+#[test]
+fn a_damaged_qwen3_fails_the_overlapped_klein_load_clearly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("klein");
+    write_tiny(&model, ExportLayout::Diffusers).expect("write");
+    let qwen = model.join("text_encoder").join("model.safetensors");
+    let good = std::fs::read(&qwen).expect("read");
+    std::fs::write(&qwen, b"not a safetensors file at all").expect("damage");
+    let e = load_ahead_within_a_bound(&model).expect_err("a damaged Qwen3 fails the load");
+    eprintln!("damaged Qwen3: {e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+    assert!(e.to_string().contains("text_encoder"), "{e}");
+
+    std::fs::write(&qwen, good).expect("mend");
+    let vae = std::fs::read_dir(model.join("vae"))
+        .expect("vae folder")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("the autoencoder's file");
+    std::fs::write(&vae, b"not a safetensors file either").expect("damage");
+    let e = load_ahead_within_a_bound(&model).expect_err("a damaged autoencoder fails the load");
+    eprintln!("damaged autoencoder: {e}");
+    assert!(e.to_string().contains("vae"), "{e}");
+}

@@ -219,9 +219,9 @@ pub fn load_pipeline_blocks(
 }
 
 /// [`load_pipeline_blocks`] for a first job whose prompts are `ahead`
-/// ([`super::overlap::prompts_for`]): a FLUX.1 model from files encodes them while its
-/// transformer loads ([`super::overlap`]), the job then finds them encoded. Other models (the
-/// built-in ones, random ones, klein's files) load as without them.
+/// ([`super::overlap::prompts_for`]): a FLUX.1 or FLUX.2 klein model from files encodes them
+/// while its transformer loads ([`super::overlap`]), the job then finds them encoded. Other
+/// models (the built-in ones, random ones) load as without them.
 pub fn load_pipeline_ahead(
     choice: &ModelChoice,
     device: &str,
@@ -287,6 +287,9 @@ pub fn load_pipeline_ahead(
                     Ok(p)
                 },
             )
+        }
+        ModelSpec::Klein(files) => {
+            super::overlap::load_klein(files, &choice.model, dtype, &dev, opts, ahead)
         }
         _ => Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts),
     }

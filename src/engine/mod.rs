@@ -87,7 +87,7 @@ impl Engine {
     }
 
     /// [`Engine::load_for`] for a first job whose prompts are `ahead` ([`overlap::prompts_for`]):
-    /// encoded while the transformer loads, where the model is FLUX.1 from files.
+    /// encoded while the transformer loads, where the model is FLUX.1 or FLUX.2 klein from files.
     pub fn load_for_ahead(choice: ModelChoice, plan: &Plan, ahead: &[String]) -> Result<Self> {
         let device = plan
             .ranks

@@ -1,17 +1,17 @@
 //! The first job's prompt encoded while the transformer loads (issue 30's cold start). A FLUX.1
-//! model from files loads its text encoders first ([`TextFirst`]); then one thread encodes the
-//! prompts of the job that asked for the load while this thread reads the transformer's file
-//! (and the autoencoder's) onto the device, and the load returns once both are done, the
-//! encodings waiting in the pipeline ([`crate::pipeline::ahead::AheadPrompts`]) for the job's
-//! first step. The encoders, prompt and dtype are those the job would use itself, so the image
+//! or FLUX.2 klein model from files loads its text encoder first ([`TextFirst`]: FLUX.1's CLIP
+//! and T5, klein's Qwen3); then one thread encodes the prompts of the job that asked for the
+//! load while this thread reads the transformer's file (and the autoencoder's) onto the device,
+//! and the load returns once both are done, the encodings waiting in the pipeline
+//! ([`crate::pipeline::ahead::AheadPrompts`]) for the job's first step. The encoders, prompt and dtype are those the job would use itself, so the image
 //! is the very one made without the overlap. `PARALLAX_NO_LOAD_OVERLAP=1` turns it off (one
 //! part after the other, the prompt encoded by the job), to time the difference.
 //!
 //! Memory at the peak: the text encoders, the transformer and the autoencoder at once, with one
 //! prompt's encoder activations: what a load without the overlap holds when its job encodes,
-//! since the encoders stay loaded. Where T5 is built for each prompt and freed after it
-//! ([`T5Residency::OnDemand`], a memory budget's choice so that T5 and the transformer are never
-//! on the device together) nothing is encoded ahead: that promise holds.
+//! since the encoders stay loaded. Where T5 (klein: Qwen3) is built for each prompt and freed
+//! after it ([`T5Residency::OnDemand`], a memory budget's choice so that it and the transformer
+//! are never on the device together) nothing is encoded ahead: that promise holds.
 //!
 //! On a GPU the encoding thread queues on its own stream (candle's per-thread streams); the text
 //! encoders' weights are waited for before it starts, its results before it returns. The
@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
+use crate::model::klein::files::KleinFiles;
 use crate::model::layout::ModelFiles;
 use crate::model::text::T5Residency;
-use crate::pipeline::ahead::{self, EncodedPrompt, TextFirst};
+use crate::pipeline::ahead::{self, EncodedPrompt, Flux1TextFirst, KleinTextFirst, TextFirst};
 use crate::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 
 /// Whether loads encode the first job's prompt beside the transformer's reading (on unless
@@ -56,31 +57,55 @@ pub fn load_files(
     opts: LoadOptions,
     prompts: &[String],
 ) -> Result<Pipeline> {
-    let first = TextFirst::load(files, label, dtype, device, opts)?;
-    let read_rest = || -> Result<_> { Ok((first.transformer()?, first.autoencoder()?)) };
-    if prompts.is_empty() || first.t5_residency() == T5Residency::OnDemand {
+    load_text_first(
+        Flux1TextFirst::load(files, label, dtype, device, opts)?,
+        prompts,
+    )
+}
+
+/// FLUX.2 klein from `files` with `prompts` encoded (by Qwen3) while the transformer and the
+/// autoencoder load; with no prompts, or Qwen3 built for each prompt, the parts one after the
+/// other.
+pub fn load_klein(
+    files: &KleinFiles,
+    label: &str,
+    dtype: DType,
+    device: &Device,
+    opts: LoadOptions,
+    prompts: &[String],
+) -> Result<Pipeline> {
+    load_text_first(
+        KleinTextFirst::load(files, label, dtype, device, opts)?,
+        prompts,
+    )
+}
+
+/// The second half of `first` read while `prompts` are encoded with its text encoder, or after
+/// nothing is (no prompts, or the encoder's large part built for each prompt).
+fn load_text_first(first: impl TextFirst, prompts: &[String]) -> Result<Pipeline> {
+    if prompts.is_empty() || first.text_residency() == T5Residency::OnDemand {
         if !prompts.is_empty() {
             tracing::info!(
-                "T5 is built for each prompt under this memory plan: the prompt is encoded \
-                 after the transformer loads, not beside it"
+                "the text encoder is built for each prompt under this memory plan: the prompt is \
+                 encoded after the transformer loads, not beside it"
             );
         }
-        let (flux, vae) = read_rest()?;
-        return Ok(first.assemble(flux, vae));
+        return first.finish();
     }
-    // The encoders' weights are written by this thread's stream: done before another reads them.
-    crate::device::synchronize(device)?;
+    let (dtype, device) = (first.dtype(), first.device().clone());
+    // The encoder's weights are written by this thread's stream: done before another reads them.
+    crate::device::synchronize(&device)?;
     let encode = || -> Result<Vec<EncodedPrompt>> {
         let out = prompts
             .iter()
-            .map(|p| ahead::encode_prompt(first.text(), p, dtype, device))
+            .map(|p| ahead::encode_prompt(first.text(), p, dtype, &device))
             .collect::<Result<Vec<_>>>()?;
         // This thread's stream: the tensors are written before the loading thread takes them.
-        crate::device::synchronize(device)?;
+        crate::device::synchronize(&device)?;
         Ok(out)
     };
     let t0 = Instant::now();
-    let ((flux, vae), encoded, waited) = beside(encode, read_rest)?;
+    let (rest, encoded, waited) = beside(encode, || first.rest())?;
     let encode_ms: f64 = encoded.iter().map(|e| e.ms).sum();
     crate::model::load_clock::encoded_ahead(
         encoded.len(),
@@ -94,7 +119,7 @@ pub fn load_files(
         waited.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3,
     );
-    let p = first.assemble(flux, vae);
+    let p = first.assemble(rest);
     for e in encoded {
         p.ahead.put(e);
     }
@@ -123,7 +148,10 @@ fn beside<A, B: Send>(
         let side = handle.join().unwrap_or_else(|panic| {
             Err(Error::runtime(
                 "encoding the prompt while the model loaded",
-                format!("the encoder stopped: {}", crate::error::panic_text(panic.as_ref())),
+                format!(
+                    "the encoder stopped: {}",
+                    crate::error::panic_text(panic.as_ref())
+                ),
             ))
         });
         let waited = t.elapsed();

@@ -1,9 +1,10 @@
-//! Prompts encoded ahead of their job, and FLUX.1 from files loaded in two halves so they can be:
-//! [`TextFirst`] builds the text encoders first and the transformer and autoencoder after, and
-//! the engine ([`crate::engine::load`], which may run threads) encodes the first job's prompt
-//! between the two, on a thread of its own while the transformer's file is read. The encodings
-//! wait in the pipeline's [`AheadPrompts`] until [`super::Pipeline::prepare`] takes them in
-//! place of encoding again: the same encoders, prompt and dtype, so the same tensors.
+//! Prompts encoded ahead of their job, and a model from files loaded in two halves so they can
+//! be ([`TextFirst`]): the text encoder first, the transformer and autoencoder after (FLUX.1:
+//! [`Flux1TextFirst`]; FLUX.2 klein: [`KleinTextFirst`]). The engine
+//! ([`crate::engine::load`], which may run threads) encodes the first job's prompt between the
+//! two, on a thread of its own while the transformer's file is read. The encodings wait in the
+//! pipeline's [`AheadPrompts`] until [`super::Pipeline::prepare`] takes them in place of encoding
+//! again: the same encoder, prompt and dtype, so the same tensors.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -13,9 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::family::TextEncoder;
 use crate::model::flux::{Flux, FluxConfig};
+use crate::model::klein::files::{self as klein_files, KleinFiles};
+use crate::model::klein::text::KleinTextEncoder;
+use crate::model::klein::{Klein, KleinVae};
 use crate::model::layout::{ModelFiles, Variant};
 use crate::model::load_clock::{time, LoadPhase};
-use crate::model::text::TextEncoders;
+use crate::model::text::{T5Residency, TextEncoders};
+use crate::model::vae::AutoEncoder;
 use crate::model::weights::SafetensorsSet;
 
 use super::sampler::Conditioning;
@@ -107,12 +112,44 @@ impl AheadPrompts {
     }
 }
 
+/// A model from files loaded in two halves, its text encoder first: the engine encodes a prompt
+/// with [`TextFirst::text`] while [`TextFirst::rest`] reads the transformer and the autoencoder
+/// (both borrow `self`, from two threads), then [`TextFirst::assemble`] makes the pipeline;
+/// [`TextFirst::finish`] runs the second half alone, as a load without the overlap does.
+pub trait TextFirst: Sync + Sized {
+    /// The second half: the transformer and the autoencoder.
+    type Rest;
+
+    /// The text encoder, built.
+    fn text(&self) -> &dyn TextEncoder;
+
+    /// Where the text encoder's large part (T5, Qwen3) stays between prompts: a prompt is
+    /// encoded ahead only while it stays loaded.
+    fn text_residency(&self) -> T5Residency;
+
+    /// The dtype the transformer runs in (what a prompt is encoded to).
+    fn dtype(&self) -> DType;
+
+    fn device(&self) -> &Device;
+
+    /// Read the transformer (its share of blocks, FP8 groups converted block by block as the
+    /// load options say) and the autoencoder. Runs no matrix products: reads, host-to-device
+    /// copies, conversions.
+    fn rest(&self) -> Result<Self::Rest>;
+
+    /// The pipeline of the second half read and this text encoder.
+    fn assemble(self, rest: Self::Rest) -> Pipeline;
+
+    /// The second half read, then the pipeline assembled.
+    fn finish(self) -> Result<Pipeline> {
+        let rest = self.rest()?;
+        Ok(self.assemble(rest))
+    }
+}
+
 /// FLUX.1 from files, half loaded: the transformer's config read from its file's header, the
-/// text encoders built ([`TextFirst::text`]); [`TextFirst::transformer`] and
-/// [`TextFirst::autoencoder`] read the rest, [`TextFirst::assemble`] makes the pipeline.
-/// [`Pipeline::load_files_with`] runs the halves one after the other; the engine encodes a
-/// prompt with [`TextFirst::text`] while the second half reads (both borrow `self`).
-pub struct TextFirst<'a> {
+/// text encoders built; [`Pipeline::load_files_with`] runs the halves one after the other.
+pub struct Flux1TextFirst<'a> {
     files: &'a ModelFiles,
     label: String,
     dtype: DType,
@@ -124,7 +161,7 @@ pub struct TextFirst<'a> {
     text: TextEncoders,
 }
 
-impl<'a> TextFirst<'a> {
+impl<'a> Flux1TextFirst<'a> {
     /// Read the transformer's header (its config, whether it is FLUX.1's) and build the text
     /// encoders (from their files, or drawn at random beside a transformer file loaded with
     /// `--text-encoders random`), checked against the transformer's widths.
@@ -180,53 +217,121 @@ impl<'a> TextFirst<'a> {
             text,
         })
     }
+}
 
-    /// The text encoders, built.
-    pub fn text(&self) -> &TextEncoders {
+impl TextFirst for Flux1TextFirst<'_> {
+    type Rest = (Flux, AutoEncoder);
+
+    fn text(&self) -> &dyn TextEncoder {
         &self.text
     }
 
-    /// The dtype the transformer runs in (what a prompt is encoded to).
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Where T5 stays between prompts (the engine encodes ahead only while it stays loaded).
-    pub fn t5_residency(&self) -> crate::model::text::T5Residency {
+    fn text_residency(&self) -> T5Residency {
         self.text.t5_residency()
     }
 
-    /// Read the transformer (its share of blocks, FP8 groups converted block by block as the
-    /// load options say). Runs no matrix products: reads, host-to-device copies, conversions.
-    pub fn transformer(&self) -> Result<Flux> {
-        super::build_transformer(
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rest(&self) -> Result<Self::Rest> {
+        let flux = super::build_transformer(
             self.files,
             self.set.clone(),
             &self.cfg,
             self.dtype,
             &self.device,
             self.opts,
-        )
-    }
-
-    /// Read (or draw) the autoencoder.
-    pub fn autoencoder(&self) -> Result<crate::model::vae::AutoEncoder> {
-        if self.files.random_parts() {
-            super::random_vae(&self.cfg, self.dtype, &self.device)
+        )?;
+        // The autoencoder, read or drawn.
+        let vae = if self.files.random_parts() {
+            super::random_vae(&self.cfg, self.dtype, &self.device)?
         } else {
             time(LoadPhase::Autoencoder, || {
                 super::load_vae(self.files, self.dtype, &self.device)
-            })
-        }
+            })?
+        };
+        Ok((flux, vae))
     }
 
-    /// The pipeline of the transformer and autoencoder read and these text encoders.
-    pub fn assemble(self, flux: Flux, vae: crate::model::vae::AutoEncoder) -> Pipeline {
+    fn assemble(self, (flux, vae): Self::Rest) -> Pipeline {
         let synthetic = self.files.demo || self.files.random_parts();
         Pipeline::of_flux1(flux, vae, self.text, self.variant, &self.label, synthetic)
+    }
+}
+
+/// FLUX.2 klein from files, half loaded: Qwen3 and its tokenizer built (kept, or built for each
+/// prompt as the load options say) and checked against the transformer's text width
+/// ([`klein_files::load_text`]); [`Pipeline::load_klein`] runs the halves one after the other.
+pub struct KleinTextFirst<'a> {
+    files: &'a KleinFiles,
+    label: String,
+    dtype: DType,
+    device: Device,
+    opts: LoadOptions,
+    text: KleinTextEncoder,
+}
+
+impl<'a> KleinTextFirst<'a> {
+    /// Build Qwen3 (in `dtype`, Qwen3 on demand where `opts.t5` says) from `files`.
+    pub fn load(
+        files: &'a KleinFiles,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self> {
+        let text = klein_files::load_text(files, (dtype, device), opts.t5)?;
+        Ok(Self {
+            files,
+            label: label.to_string(),
+            dtype,
+            device: device.clone(),
+            opts,
+            text,
+        })
+    }
+}
+
+impl TextFirst for KleinTextFirst<'_> {
+    type Rest = (Klein, KleinVae);
+
+    fn text(&self) -> &dyn TextEncoder {
+        &self.text
+    }
+
+    fn text_residency(&self) -> T5Residency {
+        self.text.residency()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rest(&self) -> Result<Self::Rest> {
+        let how = klein_files::LoadAs {
+            fp8: self.opts.fp8,
+            lean: self.opts.lean,
+        };
+        klein_files::load_rest(
+            self.files,
+            self.dtype,
+            super::autoencoder_dtype(self.dtype, &self.device),
+            &self.device,
+            self.opts.blocks.map(|(a, b)| a..b),
+            how,
+        )
+    }
+
+    fn assemble(self, (transformer, vae): Self::Rest) -> Pipeline {
+        Pipeline::of_klein(self.files, transformer, vae, self.text, &self.label)
     }
 }

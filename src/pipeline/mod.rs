@@ -37,6 +37,7 @@ use crate::model::text::{T5Residency, TextEncoders};
 use crate::model::vae::{self, AutoEncoder, VaeConfig};
 use crate::model::weights::{Identity, KeyMap, MappedWeights, SafetensorsSet};
 
+use self::ahead::TextFirst as _;
 use self::cache::{CacheSpec, CacheStats, MagCalibration, StepKind};
 use self::image::RgbImage;
 use self::sampler::{Conditioning, StepInfo};
@@ -626,24 +627,24 @@ impl Pipeline {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self> {
-        let how = crate::model::klein::files::LoadAs {
-            fp8: opts.fp8,
-            lean: opts.lean,
-            text: opts.t5,
-        };
-        let (t, vae, text) = crate::model::klein::files::load(
-            files,
-            dtype,
-            autoencoder_dtype(dtype, device),
-            device,
-            opts.blocks.map(|(a, b)| a..b),
-            how,
-        )?;
+        // Qwen3 first, then the transformer and the autoencoder: the order the engine keeps
+        // when it encodes the first prompt while the transformer loads.
+        ahead::KleinTextFirst::load(files, label, dtype, device, opts)?.finish()
+    }
+
+    /// A pipeline of klein's parts read from `files`.
+    fn of_klein(
+        files: &crate::model::klein::files::KleinFiles,
+        transformer: crate::model::klein::Klein,
+        vae: crate::model::klein::KleinVae,
+        text: crate::model::klein::text::KleinTextEncoder,
+        label: &str,
+    ) -> Self {
         let model = FamilyModel {
             default_steps: files.default_steps(),
-            ..FamilyModel::klein(Arc::new(t), Box::new(text), Box::new(vae))
+            ..FamilyModel::klein(Arc::new(transformer), Box::new(text), Box::new(vae))
         };
-        Ok(Self {
+        Self {
             model,
             // What an image's settings record: FLUX.1's kind nearest to it (the distilled klein
             // runs few steps without guidance, as schnell does); made-up weights say demo.
@@ -658,7 +659,7 @@ impl Pipeline {
             synthetic: files.demo,
             lora_cache: LoraCache::default(),
             ahead: Default::default(),
-        })
+        }
     }
 
     /// Load the transformer, autoencoder and text encoders from files.
@@ -681,10 +682,7 @@ impl Pipeline {
     ) -> Result<Self> {
         // The text encoders first, then the transformer and the autoencoder: the order the
         // engine keeps when it encodes the first prompt while the transformer loads.
-        let first = ahead::TextFirst::load(files, label, dtype, device, opts)?;
-        let flux = first.transformer()?;
-        let vae = first.autoencoder()?;
-        Ok(first.assemble(flux, vae))
+        ahead::Flux1TextFirst::load(files, label, dtype, device, opts)?.finish()
     }
 
     /// Made-up weights (the demo model, a demo folder, or `random:*`): outputs are labelled.

@@ -2,7 +2,9 @@
 //! (`transformer/`, `vae/`, `text_encoder/` (Qwen3), `tokenizer/`, `model_index.json`) or from
 //! Black Forest Labs' single transformer file with the autoencoder and the Qwen3 text encoder
 //! named apart ([`resolve`]); told apart from FLUX.1 by the transformer's tensor names
-//! ([`super::keys::detect_layout`]). [`load`] reads the three parts.
+//! ([`super::keys::detect_layout`]). [`load_text`] reads Qwen3 and its tokenizer, [`load_rest`]
+//! the transformer and the autoencoder (the text first, so a prompt can be encoded while the
+//! rest is read).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use super::text::{KleinTextEncoder, KLEIN_MAX_LEN, KLEIN_TEXT_LAYERS};
 use super::vae::KleinVae;
 use crate::error::{Error, Result};
 use crate::model::linear::Fp8Groups;
+use crate::model::load_clock::{time, LoadPhase};
 use crate::model::text::T5Residency;
 use crate::model::tokenizer::TOKENIZER_JSON;
 use crate::model::weights::SafetensorsSet;
@@ -262,42 +265,37 @@ fn is_distilled(root: &Path, transformer: &Path, reasons: &mut Vec<String>) -> b
     !name.contains("base")
 }
 
-/// How klein's parts load besides their dtype and device (what a run's load options ask of
-/// klein: `crate::pipeline::LoadOptions`).
+/// How klein's transformer loads besides its dtype and device (what a run's load options ask of
+/// it: `crate::pipeline::LoadOptions`; Qwen3's residency goes to [`load_text`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadAs {
     /// The transformer's layers in FP8, converted as each block loads.
     pub fp8: Fp8Groups,
     /// Without the bf16 copies beside the GPU's E4M3 weights ([`Klein::with_fp8`]).
     pub lean: bool,
-    /// Qwen3 kept, or built for each prompt and freed after it.
-    pub text: T5Residency,
 }
 
-/// The three parts of `files`: the transformer and Qwen3 in `dtype`, the autoencoder in
-/// `vae_dtype`, on `device`, as `how` says; of the transformer only the blocks `blocks` and
-/// what they use (a pipeline stage's share, [`load_transformer_stage`]), or all (`None`).
-pub fn load(
+/// The text half of `files`: Qwen3 in `dtype` on `device` (kept, or built for each prompt as
+/// `residency` says) and its tokenizer, checked against the transformer's text width (read from
+/// the transformer's config or header, no weights), so a prompt can be encoded before the
+/// transformer is read.
+pub fn load_text(
     files: &KleinFiles,
-    dtype: DType,
-    vae_dtype: DType,
-    device: &Device,
-    blocks: Option<Range<usize>>,
-    how: LoadAs,
-) -> Result<(Klein, KleinVae, KleinTextEncoder)> {
-    let transformer =
-        load_transformer_stage(&files.transformer, dtype, device, blocks, how.fp8, how.lean)?;
-    let vae = load_vae(&files.vae, vae_dtype, device)?;
-    let text = KleinTextEncoder::load_as(
-        &files.text_encoder,
-        &files.tokenizer,
-        &KLEIN_TEXT_LAYERS,
-        KLEIN_MAX_LEN,
-        (dtype, device),
-        how.text,
-    )?;
+    (dtype, device): (DType, &Device),
+    residency: T5Residency,
+) -> Result<KleinTextEncoder> {
+    let wants = files.config()?.context_in_dim;
+    let text = time(LoadPhase::TextEncoders, || {
+        KleinTextEncoder::load_as(
+            &files.text_encoder,
+            &files.tokenizer,
+            &KLEIN_TEXT_LAYERS,
+            KLEIN_MAX_LEN,
+            (dtype, device),
+            residency,
+        )
+    })?;
     let width = text.config().hidden_size * KLEIN_TEXT_LAYERS.len();
-    let wants = transformer.config().context_in_dim;
     if width != wants {
         return Err(Error::UnknownLayout {
             path: files.text_encoder.clone(),
@@ -308,5 +306,24 @@ pub fn load(
             ),
         });
     }
-    Ok((transformer, vae, text))
+    Ok(text)
+}
+
+/// The rest of `files`: the transformer in `dtype`, the autoencoder in `vae_dtype`, on `device`,
+/// as `how` says (FP8, lean); of the transformer only the blocks `blocks` and what they use (a
+/// pipeline stage's share, [`load_transformer_stage`]), or all (`None`).
+pub fn load_rest(
+    files: &KleinFiles,
+    dtype: DType,
+    vae_dtype: DType,
+    device: &Device,
+    blocks: Option<Range<usize>>,
+    how: LoadAs,
+) -> Result<(Klein, KleinVae)> {
+    let transformer =
+        load_transformer_stage(&files.transformer, dtype, device, blocks, how.fp8, how.lean)?;
+    let vae = time(LoadPhase::Autoencoder, || {
+        load_vae(&files.vae, vae_dtype, device)
+    })?;
+    Ok((transformer, vae))
 }
