@@ -24,9 +24,15 @@ use parallax::pipeline::image::{read_png, RgbImage};
 use parallax::pipeline::{GenerateRequest, GenerationSettings, LoadOptions, Pipeline};
 
 fn parallax(args: &[&str]) -> Output {
+    parallax_with(args, &[])
+}
+
+/// `parallax args` with the variables `env` set.
+fn parallax_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_parallax"))
         .args(args)
         .env_remove("HF_HUB_CACHE")
+        .envs(env.iter().copied())
         .output()
         .expect("run parallax")
 }
@@ -54,6 +60,16 @@ fn generate(
     model: &str,
     extra: &[&str],
 ) -> Result<(RgbImage, GenerationSettings), String> {
+    generate_with(out, model, extra, &[])
+}
+
+/// [`generate`] with the variables `env` set.
+fn generate_with(
+    out: &Path,
+    model: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(RgbImage, GenerationSettings), String> {
     let mut args = vec![
         "generate",
         "--model",
@@ -73,7 +89,7 @@ fn generate(
         s(out),
     ];
     args.extend(extra.iter().copied());
-    let o = parallax(&args);
+    let o = parallax_with(&args, env);
     if !o.status.success() {
         return Err(text(&o));
     }
@@ -526,34 +542,12 @@ fn klein_prompts_encoded_while_loading_give_the_same_image() {
     assert_eq!(g3.image.data, g2.image.data);
 
     // `parallax generate`, the overlap on (the default) and off: the same PNG pixels.
-    let on = dir.path().join("on.png");
-    let (img_on, _) = generate(&on, s(&model), &[]).expect("overlap on");
-    let off = dir.path().join("off.png");
-    let o = Command::new(env!("CARGO_BIN_EXE_parallax"))
-        .args([
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            PROMPT,
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "2",
-            "--seed",
-            "7",
-            "--quiet",
-            "--out",
-            s(&off),
-        ])
-        .env_remove("HF_HUB_CACHE")
-        .env("PARALLAX_NO_LOAD_OVERLAP", "1")
-        .output()
-        .expect("run parallax");
-    assert!(o.status.success(), "{}", text(&o));
-    let (img_off, _) = read_png(&off).expect("png");
+    let run = |name: &str, overlap_off: &str| {
+        let env = [("PARALLAX_NO_LOAD_OVERLAP", overlap_off)];
+        generate_with(&dir.path().join(name), s(&model), &[], &env)
+    };
+    let (img_on, _) = run("on.png", "0").expect("overlap on");
+    let (img_off, _) = run("off.png", "1").expect("overlap off");
     assert_eq!(img_on.data, img_off.data, "the overlap changes no pixel");
     let (lo, hi) = (img_on.data.iter().min(), img_on.data.iter().max());
     assert!(lo < hi, "a flat image would match anything");
@@ -564,7 +558,8 @@ fn klein_prompts_encoded_while_loading_give_the_same_image() {
 /// the job encodes its prompt itself, to the same image.
 #[test]
 fn klein_qwen3_built_per_prompt_is_not_encoded_during_the_load() {
-    use parallax::engine::overlap::load_klein;
+    use parallax::engine::overlap::load_text_first;
+    use parallax::pipeline::ahead::KleinTextFirst;
     let dir = tempfile::tempdir().expect("tmp");
     let model = dir.path().join("klein");
     write_tiny(&model, ExportLayout::Diffusers).expect("write");
@@ -578,7 +573,9 @@ fn klein_qwen3_built_per_prompt_is_not_encoded_during_the_load() {
             t5,
             ..Default::default()
         };
-        load_klein(files, "klein", DType::F32, &Device::Cpu, opts, &prompts).expect("load")
+        let first =
+            KleinTextFirst::load(files, "klein", DType::F32, &Device::Cpu, opts).expect("Qwen3");
+        load_text_first(first, &prompts).expect("load")
     };
     let (resident, on_demand) = (load(T5Residency::Resident), load(T5Residency::OnDemand));
     assert_eq!(resident.ahead.len(), 1);

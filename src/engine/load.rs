@@ -14,6 +14,7 @@ use crate::model::flux::FluxConfig;
 use crate::model::flux::Fp8Groups;
 use crate::model::layout::{self, ModelSpec, Resolved, TransformerLayout, Variant};
 use crate::model::weights::SafetensorsSet;
+use crate::pipeline::ahead::KleinTextFirst;
 use crate::pipeline::{LoadOptions, Pipeline};
 
 /// The dtype the weights run in.
@@ -288,9 +289,8 @@ pub fn load_pipeline_ahead(
                 },
             )
         }
-        ModelSpec::Klein(files) => {
-            super::overlap::load_klein(files, &choice.model, dtype, &dev, opts, ahead)
-        }
+        ModelSpec::Klein(files) => KleinTextFirst::load(files, &choice.model, dtype, &dev, opts)
+            .and_then(|first| super::overlap::load_text_first(first, ahead)),
         _ => Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts),
     }
     .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;

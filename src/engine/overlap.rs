@@ -25,10 +25,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::model::klein::files::KleinFiles;
 use crate::model::layout::ModelFiles;
 use crate::model::text::T5Residency;
-use crate::pipeline::ahead::{self, EncodedPrompt, Flux1TextFirst, KleinTextFirst, TextFirst};
+use crate::pipeline::ahead::{self, EncodedPrompt, Flux1TextFirst, TextFirst};
 use crate::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 
 /// Whether loads encode the first job's prompt beside the transformer's reading (on unless
@@ -63,26 +62,10 @@ pub fn load_files(
     )
 }
 
-/// FLUX.2 klein from `files` with `prompts` encoded (by Qwen3) while the transformer and the
-/// autoencoder load; with no prompts, or Qwen3 built for each prompt, the parts one after the
-/// other.
-pub fn load_klein(
-    files: &KleinFiles,
-    label: &str,
-    dtype: DType,
-    device: &Device,
-    opts: LoadOptions,
-    prompts: &[String],
-) -> Result<Pipeline> {
-    load_text_first(
-        KleinTextFirst::load(files, label, dtype, device, opts)?,
-        prompts,
-    )
-}
-
-/// The second half of `first` read while `prompts` are encoded with its text encoder, or after
-/// nothing is (no prompts, or the encoder's large part built for each prompt).
-fn load_text_first(first: impl TextFirst, prompts: &[String]) -> Result<Pipeline> {
+/// The second half of `first` (FLUX.1's [`Flux1TextFirst`], klein's
+/// [`crate::pipeline::ahead::KleinTextFirst`]) read while `prompts` are encoded with its text
+/// encoder, or after nothing is (no prompts, or the encoder's large part built for each prompt).
+pub fn load_text_first(first: impl TextFirst, prompts: &[String]) -> Result<Pipeline> {
     if prompts.is_empty() || first.text_residency() == T5Residency::OnDemand {
         if !prompts.is_empty() {
             tracing::info!(
@@ -92,7 +75,7 @@ fn load_text_first(first: impl TextFirst, prompts: &[String]) -> Result<Pipeline
         }
         return first.finish();
     }
-    let (dtype, device) = (first.dtype(), first.device().clone());
+    let (dtype, device) = (first.dtype(), first.text().device().clone());
     // The encoder's weights are written by this thread's stream: done before another reads them.
     crate::device::synchronize(&device)?;
     let encode = || -> Result<Vec<EncodedPrompt>> {

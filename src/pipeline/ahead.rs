@@ -130,8 +130,6 @@ pub trait TextFirst: Sync + Sized {
     /// The dtype the transformer runs in (what a prompt is encoded to).
     fn dtype(&self) -> DType;
 
-    fn device(&self) -> &Device;
-
     /// Read the transformer (its share of blocks, FP8 groups converted block by block as the
     /// load options say) and the autoencoder. Runs no matrix products: reads, host-to-device
     /// copies, conversions.
@@ -234,10 +232,6 @@ impl TextFirst for Flux1TextFirst<'_> {
         self.dtype
     }
 
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
     fn rest(&self) -> Result<Self::Rest> {
         let flux = super::build_transformer(
             self.files,
@@ -310,10 +304,6 @@ impl TextFirst for KleinTextFirst<'_> {
 
     fn dtype(&self) -> DType {
         self.dtype
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
     }
 
     fn rest(&self) -> Result<Self::Rest> {
