@@ -39,13 +39,16 @@ def compile_source(name, text, arch):
 
 kernels = os.path.join(root, "src/kernels")
 common = open(os.path.join(kernels, "common.cuh")).read()
+# Sources compiled after another one, as their `SOURCE` constant joins them (ln_fp8.rs).
+before = {"ln_fp8.cu": ["fp8_quant.cu"]}
 failed = 0
 for path in sorted(glob.glob(os.path.join(kernels, "*.cu"))):
     name = os.path.basename(path)
-    text = common + open(path).read()
+    text = common + "".join(open(os.path.join(kernels, b)).read() for b in before.get(name, []))
+    text += open(path).read()
     if name.endswith("_sm90.cu"):
         archs = ["sm_90a"]
-    elif name.startswith("fp8"):  # used only where FP8 products exist (sm_89+)
+    elif name.startswith("fp8") or name == "ln_fp8.cu":  # only where FP8 products exist (sm_89+)
         archs = ["sm_89", "sm_90"]
     else:
         archs = ["sm_80", "sm_90"]
