@@ -130,16 +130,7 @@ extern "C" __global__ void parallax_ln_modulate_bf16(const unsigned short* __res
 #pragma unroll
         for (int j = 0; j < 8; ++j) s += a.v[j];
     }
-    // Block sum of s.
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    float tot = 0.f;
-    for (int w = 0; w < nw; ++w) tot += red[w];
-    const float mean = tot / C;
-    __syncthreads();
+    const float mean = block_sum(s, red) / C;
     float q = 0.f;
     if (active) {
 #pragma unroll
@@ -148,13 +139,7 @@ extern "C" __global__ void parallax_ln_modulate_bf16(const unsigned short* __res
             q += d * d;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffff, q, o);
-    if (lane == 0) red[warp] = q;
-    __syncthreads();
-    float var = 0.f;
-    for (int w = 0; w < nw; ++w) var += red[w];
-    const float rstd = rsqrtf(var / C + 1e-6f);
+    const float rstd = rsqrtf(block_sum(q, red) / C + 1e-6f);
     if (active) {
         const V8 sh = load8(shift + b * C + col);
         const V8 sc = load8(scale + b * C + col);

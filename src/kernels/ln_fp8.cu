@@ -36,14 +36,7 @@ extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* _
 #pragma unroll
         for (int j = 0; j < 8; ++j) s += v[j];
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    float tot = 0.f;
-    for (int w = 0; w < nw; ++w) tot += red[w];
-    const float mean = tot / C;
-    __syncthreads();
+    const float mean = block_sum(s, red) / C;
     float sq = 0.f;
     if (active) {
 #pragma unroll
@@ -52,14 +45,7 @@ extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* _
             sq += d * d;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
-    if (lane == 0) red[warp] = sq;
-    __syncthreads();
-    float var = 0.f;
-    for (int w = 0; w < nw; ++w) var += red[w];
-    const float rstd = rsqrtf(var / C + 1e-6f);
-    __syncthreads();
+    const float rstd = rsqrtf(block_sum(sq, red) / C + 1e-6f);
     // The modulated values rounded to bf16 (what the unfused norm writes), and their largest
     // magnitude.
     float m = 0.f;
