@@ -1697,31 +1697,8 @@ fn bench_klein_times_a_whole_tiny_klein_image() {
 fn generate_runs_a_tiny_klein_through_the_pipeline() {
     let dir = tempfile::tempdir().expect("tmp");
     let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let mut args = vec![
-            "generate",
-            "--model",
-            "random:klein-tiny",
-            "--prompt",
-            "a red fox",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "2",
-            "--seed",
-            "7",
-            "--quiet",
-            "--out",
-            s(&out),
-        ];
-        args.extend(extra.iter().copied());
-        let o = parallax(&args);
-        assert!(o.status.success(), "{extra:?}: {}", text(&o));
-        let (img, chunks) = read_png(&out).expect("png");
-        let settings = GenerationSettings::from_png_text(&chunks).expect("settings");
-        (img, settings)
+        common::generate_small(&dir.path().join(name), "random:klein-tiny", extra, &[])
+            .unwrap_or_else(|e| panic!("{extra:?}: {e}"))
     };
     let (a, settings) = run("a.png", &[]);
     assert_eq!((a.width, a.height), (64, 64));

@@ -20,19 +20,13 @@ use parallax::model::klein_export::{write_tiny, TINY_BFL_FILE};
 use parallax::model::layout::{self, ModelSpec};
 use parallax::model::linear::Fp8Groups;
 use parallax::model::text::T5Residency;
-use parallax::pipeline::image::{read_png, RgbImage};
+use parallax::pipeline::image::RgbImage;
 use parallax::pipeline::{GenerateRequest, GenerationSettings, LoadOptions, Pipeline};
 
 fn parallax(args: &[&str]) -> Output {
-    parallax_with(args, &[])
-}
-
-/// `parallax args` with the variables `env` set.
-fn parallax_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_parallax"))
         .args(args)
         .env_remove("HF_HUB_CACHE")
-        .envs(env.iter().copied())
         .output()
         .expect("run parallax")
 }
@@ -60,42 +54,7 @@ fn generate(
     model: &str,
     extra: &[&str],
 ) -> Result<(RgbImage, GenerationSettings), String> {
-    generate_with(out, model, extra, &[])
-}
-
-/// [`generate`] with the variables `env` set.
-fn generate_with(
-    out: &Path,
-    model: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Result<(RgbImage, GenerationSettings), String> {
-    let mut args = vec![
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        PROMPT,
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "7",
-        "--quiet",
-        "--out",
-        s(out),
-    ];
-    args.extend(extra.iter().copied());
-    let o = parallax_with(&args, env);
-    if !o.status.success() {
-        return Err(text(&o));
-    }
-    let (img, chunks) = read_png(out).map_err(|e| e.to_string())?;
-    let settings = GenerationSettings::from_png_text(&chunks).map_err(|e| e.to_string())?;
-    Ok((img, settings))
+    common::generate_small(out, model, extra, &[])
 }
 
 #[test]
@@ -544,7 +503,7 @@ fn klein_prompts_encoded_while_loading_give_the_same_image() {
     // `parallax generate`, the overlap on (the default) and off: the same PNG pixels.
     let run = |name: &str, overlap_off: &str| {
         let env = [("PARALLAX_NO_LOAD_OVERLAP", overlap_off)];
-        generate_with(&dir.path().join(name), s(&model), &[], &env)
+        common::generate_small(&dir.path().join(name), s(&model), &[], &env)
     };
     let (img_on, _) = run("on.png", "0").expect("overlap on");
     let (img_off, _) = run("off.png", "1").expect("overlap off");

@@ -38,6 +38,57 @@ pub fn free_init() -> String {
     format!("tcp://127.0.0.1:{port}")
 }
 
+/// `parallax generate` of `model` at the tests' small settings ("a red fox", 64 px, 2 steps,
+/// seed 7, quiet) to `out`, with `extra` arguments and the variables `env`: the image and the
+/// settings its PNG carries, or the command's output when it fails. The Hugging Face cache and
+/// `RUST_LOG` of the machine running the tests are left out.
+pub fn generate_small(
+    out: &Path,
+    model: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<
+    (
+        parallax::pipeline::image::RgbImage,
+        parallax::pipeline::GenerationSettings,
+    ),
+    String,
+> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--quiet",
+        "--out",
+        s(out),
+    ];
+    args.extend(extra.iter().copied());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_parallax"))
+        .args(&args)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run parallax");
+    if !o.status.success() {
+        return Err(text(&o));
+    }
+    let (img, chunks) = parallax::pipeline::image::read_png(out).map_err(|e| e.to_string())?;
+    let settings = parallax::pipeline::GenerationSettings::from_png_text(&chunks)
+        .map_err(|e| e.to_string())?;
+    Ok((img, settings))
+}
+
 /// A finished command's stdout and stderr, together.
 pub fn text(o: &Output) -> String {
     format!(
