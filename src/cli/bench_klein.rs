@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 
 use super::PrecisionArg;
-use crate::model::klein::{random_model, random_text, RandomKlein, LATENT};
+use crate::model::klein::{random_stage, random_text, RandomKlein, LATENT};
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::sampler::{self, Conditioning, TrueCfg};
 use crate::pipeline::schedule;
@@ -85,15 +85,10 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
     };
     crate::kernels::elementwise::set_swiglu_fused(a.swiglu == SwigluArg::Fused);
     let started = Instant::now();
-    let (model, vae) = random_model(kind, dtype, &dev)?;
-    let model = match a.precision {
-        PrecisionArg::Fp8 => {
-            // As `--precision fp8` loads: without the bf16 copies unless PARALLAX_FP8_KEEP_BF16.
-            let o = crate::engine::Precision::Fp8.load_options();
-            model.with_fp8(o.fp8, o.lean)?
-        }
-        PrecisionArg::Native => model,
-    };
+    // As `--precision` loads: FP8 without the bf16 copies unless PARALLAX_FP8_KEEP_BF16.
+    let o = crate::engine::Precision::from(a.precision).load_options();
+    let blocks = 0..kind.config().num_blocks();
+    let (model, vae) = random_stage(kind, dtype, &dev, blocks, o.fp8, o.lean)?;
     let text = random_text(kind, dtype, &dev)?;
     crate::device::synchronize(&dev)?;
     let build_ms = ms(started);

@@ -305,6 +305,15 @@ pub enum PrecisionArg {
     Fp8,
 }
 
+impl From<PrecisionArg> for crate::engine::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Native => Self::Native,
+            PrecisionArg::Fp8 => Self::Fp8,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     /// f32 for the demo model, bf16 for real weights.
@@ -469,10 +478,7 @@ impl ModelArgs {
                 DTypeArg::Bf16 => DTypeChoice::Bf16,
                 DTypeArg::F16 => DTypeChoice::F16,
             },
-            precision: match self.precision {
-                PrecisionArg::Native => crate::engine::Precision::Native,
-                PrecisionArg::Fp8 => crate::engine::Precision::Fp8,
-            },
+            precision: self.precision.into(),
             memory_budget_mib: self.memory_budget.map(|b| (b / (1u64 << 20) as f64) as u64),
         }
     }

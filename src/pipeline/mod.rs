@@ -402,8 +402,8 @@ impl FamilyModel {
         opts: LoadOptions,
     ) -> Result<Self> {
         let blocks = opts.block_range(kind.config().num_blocks());
-        let (t, vae) = crate::model::klein::random_stage(kind, dtype, device, blocks)?;
-        let t = t.with_fp8(opts.fp8, opts.lean)?;
+        let (t, vae) =
+            crate::model::klein::random_stage(kind, dtype, device, blocks, opts.fp8, opts.lean)?;
         let text = crate::model::klein::random_text_as(kind, dtype, device, opts.t5)?;
         Ok(Self::klein(Arc::new(t), Box::new(text), Box::new(vae)))
     }

@@ -198,29 +198,39 @@ pub const TINY_SEEDS: (u64, u64) = (0x6b6c_6e01, 0x6b6c_6e02);
 /// (weights from fixed seeds, made on the CPU); the real sizes are drawn on `device` by its own
 /// generator. The autoencoder's statistics are mean 0, deviation 1.
 pub fn random_model(kind: RandomKlein, dtype: DType, device: &Device) -> Result<(Klein, KleinVae)> {
-    random_stage(kind, dtype, device, 0..kind.config().num_blocks())
+    random_stage(
+        kind,
+        dtype,
+        device,
+        0..kind.config().num_blocks(),
+        Fp8Groups::NONE,
+        false,
+    )
 }
 
 /// [`random_model`] holding only the blocks `blocks` (a pipeline stage's share,
 /// [`Klein::new_stage`]); the rest is never made. The tiny one's weights are those of the whole
-/// model (each tensor is drawn from its name).
+/// model (each tensor is drawn from its name). FP8 in the groups `g`, each block converted as it
+/// is made, as klein's files load ([`Klein::new_stage_fp8`]; `lean` as [`Klein::with_fp8`]).
 pub fn random_stage(
     kind: RandomKlein,
     dtype: DType,
     device: &Device,
     blocks: Range<usize>,
+    g: Fp8Groups,
+    lean: bool,
 ) -> Result<(Klein, KleinVae)> {
     let cfg = kind.config();
     match kind {
         RandomKlein::Tiny => {
             let vb = DemoWeights::new(TINY_SEEDS.0).var_builder(dtype, device);
-            let t = Klein::new_stage(&cfg, vb, blocks)?;
+            let t = Klein::new_stage_fp8(&cfg, vb, blocks, g, lean)?;
             let vb = DemoWeights::new(TINY_SEEDS.1).var_builder(dtype, device);
             Ok((t, KleinVae::new_unnormalised(&tiny_vae_config(), vb)?))
         }
         RandomKlein::FourB | RandomKlein::NineB => {
             let vb = RandomWeights.var_builder(dtype, device);
-            let t = Klein::new_stage(&cfg, vb, blocks)?;
+            let t = Klein::new_stage_fp8(&cfg, vb, blocks, g, lean)?;
             let vb = RandomWeights.var_builder(dtype, device);
             Ok((t, KleinVae::new_unnormalised(&vae_config(), vb)?))
         }
