@@ -1298,6 +1298,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut totals = Vec::new();
     let mut all_steps = Vec::new();
     let mut all_queued = Vec::new();
+    let mut loops = Vec::new();
     let mut text = Vec::new();
     let mut vae = Vec::new();
     let mut last = None;
@@ -1311,6 +1312,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         totals.push(g.timings.total_ms);
         all_steps.extend(g.timings.steps_ms.iter().copied());
         all_queued.extend(g.timings.steps_queued_ms.iter().copied());
+        loops.push(g.timings.steps_ms.iter().sum::<f64>());
         text.push(g.timings.text_ms);
         vae.push(g.timings.vae_ms);
         bar.inc(1);
@@ -1365,6 +1367,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             "max": all_steps.iter().copied().fold(0.0, f64::max),
             // Host time to queue a step's work before waiting for the device (median).
             "queued_median": median(&all_queued),
+            // The denoising loop of a run, start to end (its steps' sum; median of the runs).
+            "loop_median": median(&loops),
         },
         "total_ms": { "median": median(&totals), "all": totals },
         "text_encode_ms_median": median(&text),

@@ -84,6 +84,16 @@ fn combine(pos: &Tensor, neg: &Tensor, scale: f64) -> candle_core::Result<Tensor
 /// Fail with [`crate::Error::NonFinite`] when the latent after step `index` holds a NaN or an
 /// infinity (`x - x` sums to exactly 0 over finite numbers only): such a latent decodes to a
 /// black image, and every later step stays non-finite.
+/// Whether each step is waited for and checked before the next is queued (the default).
+/// `PARALLAX_BENCH_NO_STEP_SYNC=1` is a measurement switch for `bench` (issue 30: what the GPU
+/// loses between steps, which a CUDA graph could not win back either): steps are queued back to
+/// back and only the last is waited for and checked, so previews and per-step times are not
+/// meaningful (a step's time is then its queueing time; the steps' sum is the loop's time).
+fn step_sync() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PARALLAX_BENCH_NO_STEP_SYNC").is_none())
+}
+
 fn check_finite(x: &Tensor, index: usize, total: usize) -> Result<()> {
     #[allow(clippy::eq_op)] // `x - x` is the point: exactly 0 over finite numbers only
     let zero = (x - x)?.sum_all()?.to_scalar::<f32>()?;
@@ -202,9 +212,12 @@ pub fn denoise_blended(
         }
         let queued = start.elapsed();
         // Between steps, not inside one: so the reported step time is the device's, and the
-        // latent handed to `on_step` is ready.
-        crate::device::synchronize(dev)?;
-        check_finite(&x, i, total)?;
+        // latent handed to `on_step` is ready. `bench` can leave all but the last step unwaited
+        // (see [`step_sync`]) to measure what the wait costs.
+        if step_sync() || i + 1 == total {
+            crate::device::synchronize(dev)?;
+            check_finite(&x, i, total)?;
+        }
         stats.record(kind);
         on_step(&StepInfo {
             index: i,

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (the `device` tool) from the repository root, with the CUDA build in
+# .device/parallax.xz (scripts/device-pack.sh). Issue 30's targets and what stands between the
+# wall step and the GPU's work, in one call:
+#   - `dev selfcheck` (every kernel against its CPU reference);
+#   - FLUX.1-dev 1024 px, 8 steps, bf16 and FP8, each with the usual wait between steps and with
+#     PARALLAX_BENCH_NO_STEP_SYNC=1 (steps queued back to back: what the wait, the finite check
+#     and the host's start of a step cost, the part of launch overhead a CUDA graph of a step
+#     could not remove either), ROUNDS rounds alternating;
+#   - the whole-image targets: FLUX.1-dev 28 steps FP8 + text + decode, FLUX.1-schnell 4 steps
+#     FP8 (and bf16);
+#   - the SM clock, power and throttle reasons sampled by nvidia-smi every 100 ms, summarised per
+#     run (is a step power-bound?).
+# Logs, JSON lines (session.jsonl) and smi.csv in $OUT.
+#   bash scripts/device-targets.sh [ROUNDS=2]
+set -uo pipefail
+out=${OUT:-/tmp/parallax-out}
+mkdir -p "$out" /tmp/pbin
+source .device/gpu-env.sh
+xz -dc .device/parallax.xz > /tmp/pbin/parallax && chmod +x /tmp/pbin/parallax
+b=/tmp/pbin/parallax
+log="$out/targets.log"
+marks="$out/marks.tsv"
+nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee -a "$log"
+timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
+echo "selfcheck rc=$?" | tee -a "$log"
+grep -Ei "ln_modulate|ln_fp8|fused|FAIL|passed" "$out/selfcheck.log" | tail -12 | tee -a "$log"
+
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
+    --format=csv,noheader,nounits -lms 100 > "$out/smi.csv" 2>/dev/null &
+smi=$!
+# run NAME TIMEOUT ARGS...: one bench, its JSON tagged NAME in session.jsonl, its start and end
+# (epoch seconds) in marks.tsv for the clock summary.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local t0; t0=$(date +%s.%N)
+    timeout "$limit" "$@" > /tmp/r.json 2>> "$log"
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$t0" "$(date +%s.%N)" >> "$marks"
+    python3 - "$name" "$rc" "$out/session.jsonl" <<'PY' | tee -a "$log"
+import json, sys
+name, rc, path = sys.argv[1:4]
+txt = open("/tmp/r.json").read().strip()
+try:
+    v = json.loads(txt)
+except Exception:
+    v = {"error": txt[-300:]}
+v["name"] = name
+v["rc"] = int(rc)
+open(path, "a").write(json.dumps(v) + "\n")
+s = v.get("step_ms", {})
+print(name, "rc", rc, "step", s.get("median"), "loop", s.get("loop_median"), "queued", s.get("queued_median"),
+      "total", v.get("total_ms", {}).get("median"), "text", v.get("text_encode_ms_median"),
+      "decode", v.get("vae_decode_ms_median"), "steps", v.get("steps_run"))
+PY
+}
+dev() { # name, precision, extra env...
+    local name=$1 prec=$2
+    shift 2
+    run "$name" 120 env "$@" $b bench --device cuda --model random:dev --width 1024 --height 1024 \
+        --steps 8 --runs 3 --warmup 1 --precision "$prec"
+}
+for round in $(seq 1 ${ROUNDS:-2}); do
+    for prec in native fp8; do
+        dev "dev-$prec-sync-r$round" $prec
+        dev "dev-$prec-nosync-r$round" $prec PARALLAX_BENCH_NO_STEP_SYNC=1
+    done
+done
+run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
+    --runs 3 --warmup 1 --precision fp8
+for prec in fp8 native; do
+    run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+        --steps 4 --runs 5 --warmup 1 --precision $prec
+done
+kill $smi 2>/dev/null
+python3 - "$out/smi.csv" "$marks" <<'PY' | tee -a "$log"
+import sys, datetime, statistics as st
+smi, marks = sys.argv[1:3]
+rows = []
+for line in open(smi):
+    p = [x.strip() for x in line.split(",")]
+    try:
+        t = datetime.datetime.strptime(p[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        rows.append((t, float(p[1]), float(p[2]), p[3]))
+    except Exception:
+        continue
+print("clocks while each run's GPU was busy (samples drawing over 300 W): SM MHz median, power W median, throttle reasons")
+for line in open(marks):
+    name, a, b = line.split("\t")
+    sel = [r for r in rows if float(a) <= r[0] <= float(b) and r[2] > 300]
+    if sel:
+        reasons = sorted({r[3] for r in sel})
+        print(f"{name:28s} n={len(sel):4d} sm={st.median(r[1] for r in sel):6.0f} MHz  power={st.median(r[2] for r in sel):5.0f} W  {reasons}")
+PY
