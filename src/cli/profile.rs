@@ -93,6 +93,18 @@ pub fn run(device: &str, width: usize) -> anyhow::Result<()> {
             0.0,
         );
     }
+    if crate::kernels::flash_attn_fp8::kernel_takes(&q, &k, &v) {
+        // FP8 scores: the two quantisations and the kernel, heads merged (as the model calls it).
+        let ms = time_ms(&dev, runs, || {
+            Ok(crate::kernels::flash_attn_fp8::attention_merged(&q, &k, &v).map(|_| ())?)
+        })?;
+        row(
+            "attention, FP8 scores (quantise Q and K + kernel, heads merged)",
+            ms,
+            attn_flop,
+            0.0,
+        );
+    }
     let ms = time_ms(&dev, 3, || Ok(sdpa_chunked(&q, &k, &v, 1024).map(|_| ())?))?;
     row(
         &format!("attention plain (chunked) 1x{h}x{l}x{d}"),

@@ -13,7 +13,7 @@
 use anyhow::bail;
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::flash_attn;
+use crate::kernels::{flash_attn, flash_attn_fp8};
 use crate::model::attention::sdpa_chunked;
 use crate::model::demo_weights::DemoWeights;
 use crate::model::flux::{Flux, FluxConfig, FluxInput};
@@ -133,6 +133,29 @@ pub fn run(device: &str) -> anyhow::Result<()> {
             report.check(
                 format!("attention merged heads {b}x{lq}x{}x{lk} bf16", h * d),
                 rel_err(&out, &flash_attn::merge_heads(&reference)?)?,
+                1e-2,
+            );
+        }
+        if flash_attn_fp8::kernel_takes(&qb, &kb, &vb) {
+            // FP8 scores: the kernel against its f32 simulation (same E4M3 groups), and how far
+            // both are from exact attention on these random inputs (about 4 %: near-uniform
+            // weights over random values; see the module's test).
+            let sim = flash_attn_fp8::reference(&qb, &kb, &vb)?.to_dtype(DType::F32)?;
+            let out = flash_attn_fp8::attention(&qb, &kb, &vb)?;
+            report.check(
+                format!("attention fp8 scores {b}x{h}x{lq}x{lk}x{d} vs its simulation"),
+                rel_err(&out, &sim)?,
+                1e-2,
+            );
+            report.check(
+                format!("attention fp8 scores {b}x{h}x{lq}x{lk}x{d} vs exact"),
+                rel_err(&out, &reference)?,
+                8e-2,
+            );
+            let merged = flash_attn_fp8::attention_merged(&qb, &kb, &vb)?;
+            report.check(
+                format!("attention fp8 scores merged heads {b}x{lq}x{}x{lk}", h * d),
+                rel_err(&merged, &flash_attn::merge_heads(&sim)?)?,
                 1e-2,
             );
         }

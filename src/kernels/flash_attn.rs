@@ -491,7 +491,7 @@ impl candle_core::CustomOp3 for FlashAttn {
 
 /// Tensor maps for the tensor memory accelerator (TMA variants of the Hopper kernel).
 #[cfg(feature = "cuda")]
-mod tma {
+pub(crate) mod tma {
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 
@@ -511,16 +511,55 @@ mod tma {
         bh: usize,
         box_rows: usize,
     ) -> candle_core::Result<TensorMap> {
+        encode(
+            ptr,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            rows,
+            bh,
+            box_rows,
+        )
+    }
+
+    /// The same for a (bh, rows, 128) tensor of bytes (E4M3), in boxes of all 128 columns (one
+    /// 128-byte line a row).
+    pub fn map_u8(
+        ptr: sys::CUdeviceptr,
+        rows: usize,
+        bh: usize,
+        box_rows: usize,
+    ) -> candle_core::Result<TensorMap> {
+        encode(
+            ptr,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            1,
+            rows,
+            bh,
+            box_rows,
+        )
+    }
+
+    /// A (bh, rows, 128) tensor of `elem_bytes`-byte values, boxes of 128 bytes' worth of
+    /// columns x `box_rows` rows.
+    fn encode(
+        ptr: sys::CUdeviceptr,
+        dtype: sys::CUtensorMapDataType,
+        elem_bytes: usize,
+        rows: usize,
+        bh: usize,
+        box_rows: usize,
+    ) -> candle_core::Result<TensorMap> {
+        let row = (128 * elem_bytes) as u64;
         let dims = [128u64, rows as u64, bh as u64];
-        let strides = [256u64, (rows * 256) as u64];
-        let boxes = [64u32, box_rows as u32, 1];
+        let strides = [row, rows as u64 * row];
+        let boxes = [(128 / elem_bytes) as u32, box_rows as u32, 1];
         let elem = [1u32; 3];
         let mut out = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
         // SAFETY: the arrays have the lengths the rank (3) asks for; `out` is written on success.
         unsafe {
             sys::cuTensorMapEncodeTiled(
                 out.as_mut_ptr(),
-                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                dtype,
                 3,
                 ptr as *mut std::ffi::c_void,
                 dims.as_ptr(),

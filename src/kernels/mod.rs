@@ -10,6 +10,7 @@ pub mod conv;
 pub mod cuda_util;
 pub mod elementwise;
 pub mod flash_attn;
+pub mod flash_attn_fp8;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod gemm;

@@ -70,6 +70,9 @@ pub struct LocalAttention {
     pub query_chunk: usize,
     /// Use the fused kernel when it applies (on by default; off to compare).
     pub fused: bool,
+    /// Scores from E4M3 queries and keys ([`crate::kernels::flash_attn_fp8`]): an approximation,
+    /// off by default (`PARALLAX_FP8_ATTENTION=1` turns it on for a run).
+    pub fp8_scores: bool,
 }
 
 impl Default for LocalAttention {
@@ -77,25 +80,35 @@ impl Default for LocalAttention {
         Self {
             query_chunk: 1024,
             fused: std::env::var_os("PARALLAX_NO_FUSED_ATTENTION").is_none(),
+            fp8_scores: std::env::var_os("PARALLAX_FP8_ATTENTION")
+                .is_some_and(|v| v != "0" && !v.is_empty()),
         }
     }
 }
 
 impl Attention for LocalAttention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.fp8_scores {
+            return crate::kernels::flash_attn_fp8::attention(q, k, v);
+        }
         if self.fused && crate::kernels::flash_attn::kernel_supports(q) {
             return crate::kernels::flash_attn::attention(q, k, v);
         }
         sdpa_chunked(q, k, v, self.query_chunk)
     }
     fn attend_merged(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.fp8_scores {
+            return crate::kernels::flash_attn_fp8::attention_merged(q, k, v);
+        }
         if self.fused && crate::kernels::flash_attn::kernel_supports(q) {
             return crate::kernels::flash_attn::attention_merged(q, k, v);
         }
         crate::kernels::flash_attn::merge_heads(&sdpa_chunked(q, k, v, self.query_chunk)?)
     }
     fn name(&self) -> &str {
-        if self.fused {
+        if self.fp8_scores {
+            "local (FP8 scores)"
+        } else if self.fused {
             "local (fused kernel on CUDA bf16)"
         } else {
             "local"
