@@ -13,8 +13,9 @@ timestep / 1000 and dev's guidance 3.5), in up to four modes:
 
 Each mode builds its own model (freed, with the compile caches reset, before the next), is timed
 with CUDA events (median of --repeats after --warmup calls) and prints one JSON line: model, mode,
-size, step times, the memory the model holds before its first call (weights_gib) and the peak from
-then to the end of timing (peak_gib), the first call's wall time (compile time under compile), and
+size, step times, the memory the model holds before its first call (weights_gib), the peak while it
+was built and quantised (build_peak_gib) and the peak from its first call to the end of timing
+(peak_gib), the first call's wall time (compile time under compile), and
 the torch, diffusers and torchao versions. A mode that fails prints a JSON line with its error.
 torchao's float8 config switches on inductor's coordinate-descent tuning for the whole process, so
 for clean `compile` figures run each mode in its own process (scripts/device-peers.sh does).
@@ -163,6 +164,8 @@ def run_mode(a, mode, cfg, dtype, versions):
         rec["compile_mode"] = a.compile_mode or "default"
         rec["fullgraph"] = a.fullgraph
     m = f = None
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     try:
         t0 = time.perf_counter()
         m = build(cfg, dev, dtype, a.seed)
@@ -186,6 +189,7 @@ def run_mode(a, mode, cfg, dtype, versions):
             torch.cuda.empty_cache()
             torch.cuda.synchronize()
             rec["weights_gib"] = torch.cuda.memory_allocated() / 2**30
+            rec["build_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # fp8: the bf16 too
             torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             first_s, ms = time_it(lambda: f(**kw), a.repeats, a.warmup, dev)
