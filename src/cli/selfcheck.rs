@@ -152,6 +152,23 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                 rel_err(&out, &reference)?,
                 8e-2,
             );
+            let (with_lse, lse) = flash_attn_fp8::attention_with_lse(&qb, &kb, &vb)?;
+            let (_, sim_lse) = flash_attn::online_softmax_reference(
+                &flash_attn_fp8::round_row_groups(&qb, flash_attn_fp8::Q_GROUP)?,
+                &flash_attn_fp8::round_row_groups(&kb, flash_attn_fp8::K_GROUP)?,
+                &vb.to_dtype(DType::F32)?,
+                512,
+            )?;
+            report.check(
+                format!("attention fp8 scores {b}x{h}x{lq}x{lk}x{d} with lse: output"),
+                rel_err(&with_lse, &sim)?,
+                1e-2,
+            );
+            report.check(
+                format!("attention fp8 scores {b}x{h}x{lq}x{lk}x{d} with lse: lse"),
+                rel_err(&lse, &sim_lse)?,
+                1e-3,
+            );
             let merged = flash_attn_fp8::attention_merged(&qb, &kb, &vb)?;
             report.check(
                 format!("attention fp8 scores merged heads {b}x{lq}x{}x{lk}", h * d),

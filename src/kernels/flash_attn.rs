@@ -249,23 +249,28 @@ pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor,
     if takes(q, k, v) {
         let (b, h, lq, _) = q.dims4()?;
         let lse = Tensor::zeros((b, h, lq), DType::F32, q.device())?;
-        let ptr = {
-            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-            let (storage, layout) = lse.storage_and_layout();
-            let candle_core::Storage::Cuda(cs) = &*storage else {
-                candle_core::bail!("attention_with_lse: the buffer is not on the GPU");
-            };
-            let slice = cs.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-            let stream = cs.device.cuda_stream();
-            let (ptr, _sync) = slice.device_ptr(&stream);
-            ptr
-        };
+        let ptr = device_address(&lse)?;
         // The kernel writes `lse` on the same stream it is read on afterwards; `lse` lives
         // until the end of this function, past the launch.
         let out = run_kernel(q, k, v, false, ptr)?;
         return Ok((out.to_dtype(DType::F32)?, lse));
     }
     online_softmax_reference(q, k, v, usize::MAX)
+}
+
+/// The device address of an f32 CUDA tensor's first element (for a kernel that writes into it
+/// while the tensor is held past the launch).
+#[cfg(feature = "cuda")]
+pub(crate) fn device_address(t: &Tensor) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*storage else {
+        candle_core::bail!("expected a GPU buffer");
+    };
+    let slice = cs.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
+    let stream = cs.device.cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr)
 }
 
 /// Whether the fused kernel takes these inputs (and all three share a dtype).

@@ -100,11 +100,44 @@ pub fn attention_merged(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     merge_heads(&out)
 }
 
+/// The same with each query's natural-log log-sum-exp of its scaled scores, (B, H, Lq), both in
+/// f32: what ring attention merges partial results with (see
+/// [`super::flash_attn::attention_with_lse`]).
+pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if kernel_takes(q, k, v) {
+        let (b, h, lq, _) = q.dims4()?;
+        let lse = Tensor::zeros((b, h, lq), DType::F32, q.device())?;
+        let ptr = super::flash_attn::device_address(&lse)?;
+        // The kernel writes `lse` on the stream it is read on afterwards; `lse` lives past the
+        // launch.
+        let op = cuda::FlashAttnFp8 {
+            merged: false,
+            lse: ptr,
+        };
+        let out = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        return Ok((out.to_dtype(DType::F32)?, lse));
+    }
+    if q.device().is_cpu() {
+        let qr = round_row_groups(q, Q_GROUP)?;
+        let kr = round_row_groups(k, K_GROUP)?;
+        return super::flash_attn::online_softmax_reference(
+            &qr,
+            &kr,
+            &v.to_dtype(DType::F32)?,
+            1024,
+        );
+    }
+    super::flash_attn::attention_with_lse(q, k, v)
+}
+
 /// (output, whether it is already (B, L, H, D)).
 fn run(q: &Tensor, k: &Tensor, v: &Tensor, merged: bool) -> Result<(Tensor, bool)> {
     #[cfg(feature = "cuda")]
     if kernel_takes(q, k, v) {
-        let op = cuda::FlashAttnFp8 { merged };
+        let op = cuda::FlashAttnFp8 { merged, lse: 0 };
         let out = q
             .contiguous()?
             .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
@@ -143,6 +176,8 @@ mod cuda {
     pub struct FlashAttnFp8 {
         /// Write (B, L, H, D) instead of (B, H, L, D).
         pub merged: bool,
+        /// Device address of a contiguous f32 (B, H, Lq) buffer for the log-sum-exp, or 0.
+        pub lse: u64,
     }
 
     impl candle_core::CustomOp3 for FlashAttnFp8 {
@@ -240,7 +275,7 @@ mod cuda {
                 tma::map_u8(kp, lk, bh, 128)?,
                 tma::map(vp, lk, bh, 128)?,
             ];
-            let null: u64 = 0;
+            let lse = self.lse;
             let (lq_i, lk_i, h_i, merged_i) = (lq as i32, lk as i32, h as i32, self.merged as i32);
             let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
             let cfg = LaunchConfig {
@@ -253,7 +288,7 @@ mod cuda {
                 bld.arg(m);
             }
             bld.arg(&out);
-            bld.arg(&null);
+            bld.arg(&lse);
             bld.arg(&lq_i);
             bld.arg(&lk_i);
             bld.arg(&scale_log2);
