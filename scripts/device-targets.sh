@@ -12,8 +12,12 @@
 #   - the SM clock, power and throttle reasons sampled by nvidia-smi every 100 ms, summarised per
 #     run (is a step power-bound?).
 # Logs, JSON lines (session.jsonl) and smi.csv in $OUT.
-#   bash scripts/device-targets.sh [ROUNDS=2]
+# `attention` instead: the FP8 attention scores (PARALLAX_FP8_ATTENTION=1) against bf16 attention:
+# per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
+# whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
+#   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention]
 set -uo pipefail
+part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out" /tmp/pbin
 source .device/gpu-env.sh
@@ -24,7 +28,7 @@ marks="$out/marks.tsv"
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee -a "$log"
 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
 echo "selfcheck rc=$?" | tee -a "$log"
-grep -Ei "ln_modulate|ln_fp8|fused|FAIL|passed" "$out/selfcheck.log" | tail -12 | tee -a "$log"
+grep -Ei "ln_modulate|ln_fp8|fused|fp8 scores|FAIL|passed" "$out/selfcheck.log" | tail -40 | tee -a "$log"
 
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
     --format=csv,noheader,nounits -lms 100 > "$out/smi.csv" 2>/dev/null &
@@ -61,18 +65,42 @@ dev() { # name, precision, extra env...
     run "$name" 120 env "$@" $b bench --device cuda --model random:dev --width 1024 --height 1024 \
         --steps 8 --runs 3 --warmup 1 --precision "$prec"
 }
-for round in $(seq 1 ${ROUNDS:-2}); do
-    for prec in native fp8; do
-        dev "dev-$prec-sync-r$round" $prec
-        dev "dev-$prec-nosync-r$round" $prec PARALLAX_BENCH_NO_STEP_SYNC=1
+if [[ $part == targets ]]; then
+    for round in $(seq 1 ${ROUNDS:-2}); do
+        for prec in native fp8; do
+            dev "dev-$prec-sync-r$round" $prec
+            dev "dev-$prec-nosync-r$round" $prec PARALLAX_BENCH_NO_STEP_SYNC=1
+        done
     done
-done
-run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
-    --runs 3 --warmup 1 --precision fp8
-for prec in fp8 native; do
-    run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
-        --steps 4 --runs 5 --warmup 1 --precision $prec
-done
+    run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
+        --runs 3 --warmup 1 --precision fp8
+    for prec in fp8 native; do
+        run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+            --steps 4 --runs 5 --warmup 1 --precision $prec
+    done
+else
+    # FP8 attention scores (PARALLAX_FP8_ATTENTION=1) against bf16 attention, alternating.
+    for w in 1024 2048; do
+        timeout 120 $b dev profile --device cuda --width $w 2>&1 | grep -E "attention" | tee -a "$log"
+    done
+    for round in $(seq 1 ${ROUNDS:-2}); do
+        for prec in fp8 native; do
+            dev "dev-$prec-r$round" $prec
+            dev "dev-$prec-fp8attn-r$round" $prec PARALLAX_FP8_ATTENTION=1
+        done
+    done
+    run dev-fp8-fp8attn-28 150 env PARALLAX_FP8_ATTENTION=1 $b bench --device cuda --model random:dev \
+        --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 --precision fp8
+    for a in 0 1; do
+        run "schnell-fp8-4-fp8attn$a" 120 env PARALLAX_FP8_ATTENTION=$a $b bench --device cuda \
+            --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 --precision fp8
+    done
+    PARALLAX_FP8_ATTENTION=1 timeout 60 $b generate --device cuda --model random:dev --width 1024 \
+        --height 1024 --steps 4 --precision fp8 --seed 3 --out "$out/dev-fp8attn.png" >> "$log" 2>&1
+    timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 4 \
+        --precision fp8 --seed 3 --out "$out/dev-fp8.png" >> "$log" 2>&1
+    echo "generate rc=$?" | tee -a "$log"
+fi
 kill $smi 2>/dev/null
 python3 - "$out/smi.csv" "$marks" <<'PY' | tee -a "$log"
 import sys, datetime, statistics as st
