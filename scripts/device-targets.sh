@@ -83,10 +83,20 @@ else
     for w in 1024 2048; do
         timeout 120 $b dev profile --device cuda --width $w 2>&1 | grep -E "attention" | tee -a "$log"
     done
+    # .device/before/parallax.xz, when carried: the build before the last kernel change, timed in
+    # FP8 beside this one.
+    before=""
+    if [[ -f .device/before/parallax.xz ]]; then
+        xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
+    fi
     for round in $(seq 1 ${ROUNDS:-2}); do
         for prec in fp8 native; do
             dev "dev-$prec-r$round" $prec
             dev "dev-$prec-fp8attn-r$round" $prec PARALLAX_FP8_ATTENTION=1
+            if [[ $prec == fp8 && -n $before ]]; then
+                run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
+                    --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
+            fi
         done
     done
     run dev-fp8-fp8attn-28 150 env PARALLAX_FP8_ATTENTION=1 $b bench --device cuda --model random:dev \

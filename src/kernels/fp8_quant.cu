@@ -1,7 +1,7 @@
 // FP8 (E4M3) quantisation of bf16 rows, compiled with NVRTC for sm_89 and newer.
 //
-// One block per row: the row's largest magnitude (read once, kept in L1/L2 for the second read),
-// its scale amax / 448 written to `scale[row]`, then every value divided by the scale (a true
+// One block per row: the row's largest magnitude (its values kept in registers for the second
+// pass, see KEEP), its scale amax / 448 written to `scale[row]`, then every value divided by the scale (a true
 // division, so the result matches the CPU's rounding in `fp8.rs` bit for bit) and
 // converted with the hardware's round-to-nearest-even, saturating conversion. With `fixed`
 // non-null every row uses `*fixed` as its scale instead (per-tensor quantisation; the caller
@@ -16,6 +16,34 @@ __device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
     return r;
 }
 
+// Eight bf16 values divided by `s` and written as eight E4M3 bytes at `dst`.
+__device__ __forceinline__ void quantise8(const Q4 w, float s, unsigned char* dst) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+    unsigned short o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        o[i] = f32x2_to_e4m3x2(__fdiv_rn(bf2f(ws[i] & 0xffff), s), __fdiv_rn(bf2f(ws[i] >> 16), s));
+    Q2 out;
+    out.x = (unsigned)o[0] | ((unsigned)o[1] << 16);
+    out.y = (unsigned)o[2] | ((unsigned)o[3] << 16);
+    *(Q2*)dst = out;
+}
+
+__device__ __forceinline__ float max8(const Q4 w, float m) {
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        m = fmaxf(m, fabsf(bf2f(ws[i] & 0xffff)));
+        m = fmaxf(m, fabsf(bf2f(ws[i] >> 16)));
+    }
+    return m;
+}
+
+// Chunks of 8 values a thread keeps in registers between the maximum and the quantisation: rows
+// of up to KEEP * 8 * blockDim.x values (16,384 with 256 threads, every FLUX/klein activation)
+// are read from memory once; longer rows are read twice.
+#define KEEP 8
+
 extern "C" __global__ void parallax_fp8_quant_rows_bf16(
     const unsigned short* __restrict__ x,
     unsigned char* __restrict__ q,
@@ -27,20 +55,28 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
     unsigned char* qr = q + row * (long long)k;
     __shared__ float warp_max[32];
     __shared__ float row_scale;
+    const int step = blockDim.x * 8;
+    const bool kept = k <= KEEP * step;
+    Q4 keep[KEEP];
+    if (kept) {
+#pragma unroll
+        for (int i = 0; i < KEEP; ++i) {
+            const int c = threadIdx.x * 8 + i * step;
+            if (c < k) keep[i] = *(const Q4*)(xr + c);
+        }
+    }
 
     float s;
     if (fixed) {
         s = *fixed;
     } else {
         float m = 0.f;
-        for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
-            const Q4 w = *(const Q4*)(xr + c);
-            const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+        if (kept) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                m = fmaxf(m, fabsf(bf2f(ws[i] & 0xffff)));
-                m = fmaxf(m, fabsf(bf2f(ws[i] >> 16)));
-            }
+            for (int i = 0; i < KEEP; ++i)
+                if (threadIdx.x * 8 + i * step < k) m = max8(keep[i], m);
+        } else {
+            for (int c = threadIdx.x * 8; c < k; c += step) m = max8(*(const Q4*)(xr + c), m);
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
@@ -56,17 +92,14 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
         __syncthreads();
         s = row_scale;
     }
-    for (int c = threadIdx.x * 8; c < k; c += blockDim.x * 8) {
-        const Q4 w = *(const Q4*)(xr + c);
-        const unsigned ws[4] = {w.x, w.y, w.z, w.w};
-        unsigned short o[4];
+    if (kept) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            o[i] = f32x2_to_e4m3x2(__fdiv_rn(bf2f(ws[i] & 0xffff), s), __fdiv_rn(bf2f(ws[i] >> 16), s));
-        Q2 out;
-        out.x = (unsigned)o[0] | ((unsigned)o[1] << 16);
-        out.y = (unsigned)o[2] | ((unsigned)o[3] << 16);
-        *(Q2*)(qr + c) = out;
+        for (int i = 0; i < KEEP; ++i) {
+            const int c = threadIdx.x * 8 + i * step;
+            if (c < k) quantise8(keep[i], s, qr + c);
+        }
+    } else {
+        for (int c = threadIdx.x * 8; c < k; c += step) quantise8(*(const Q4*)(xr + c), s, qr + c);
     }
     if (fixed && threadIdx.x == 0) scale[row] = s;
 }
