@@ -354,6 +354,11 @@ pub struct ModelArgs {
     /// modulations and the output layer stay native).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
     pub precision: PrecisionArg,
+    /// FP8 attention: the scores Q Kᵀ from E4M3 queries and keys (per head, a scale for each 64
+    /// query rows and each 128 keys), the rest in the run's dtype. Faster on H100/H200 in bf16,
+    /// approximate; simulated on the CPU (its quality, not its speed). Any layout.
+    #[arg(long)]
+    pub fp8_attention: bool,
     /// Fit each GPU's share of the model within this much memory (`24`, `24G`, `20000M`; GiB
     /// without a unit), planned for 1024 px: T5 built for each prompt and freed after it, then
     /// FP8 products without bf16 copies, then the modulations stored in FP8 (weight-only), as
@@ -480,6 +485,7 @@ impl ModelArgs {
             },
             precision: self.precision.into(),
             memory_budget_mib: self.memory_budget.map(|b| (b / (1u64 << 20) as f64) as u64),
+            fp8_attention: self.fp8_attention,
         }
     }
 }
