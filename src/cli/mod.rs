@@ -1359,6 +1359,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "achieved_tflops": flops / (step_median * 1e-3) / 1e12,
         "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
         "attention": f1.flux.attention().name(),
+        "fp8_attention": f1.flux.attention().fp8_scores(),
         "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         "gpu_pool_peak_mib": pool_peak.map(|p| serde_json::json!({
             "allocated": p.allocated as f64 / (1024.0 * 1024.0),
@@ -1761,6 +1762,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         Ok(plan) => println!("parallel layout: {}", plan.describe()),
         Err(e) => println!("parallel layout: refused: {e}"),
     }
+    println!(
+        "precision: {} products, {} attention",
+        match a.model.precision {
+            PrecisionArg::Native => "native",
+            PrecisionArg::Fp8 => "FP8",
+        },
+        if a.model.fp8_attention {
+            "FP8 (scores from E4M3 queries and keys, --fp8-attention)"
+        } else {
+            "exact"
+        }
+    );
     let gpus = crate::device::gpus();
     if gpus.is_empty() {
         println!("GPUs: none found (or this build has no `cuda` feature)");
