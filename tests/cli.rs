@@ -258,13 +258,34 @@ fn bench_from_an_image_runs_the_steps_its_strength_leaves() {
     let dir = tempfile::tempdir().expect("tmp");
     let src = dir.path().join("src.png");
     let o = parallax(&[
-        "generate", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2",
-        "--quiet", "--out", s(&src),
+        "generate",
+        "--model",
+        "demo",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        s(&src),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let o = parallax(&[
-        "bench", "--model", "demo", "--steps", "8", "--runs", "1", "--warmup", "0", "--image",
-        s(&src), "--strength", "0.5",
+        "bench",
+        "--model",
+        "demo",
+        "--steps",
+        "8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--image",
+        s(&src),
+        "--strength",
+        "0.5",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
@@ -1106,8 +1127,10 @@ fn fp8_error_reports_every_group() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let groups = v["groups"].as_array().expect("groups");
-    // Four groups of products, the modulations (weight-only), all products, all + modulations.
-    assert_eq!(groups.len(), 7);
+    // Four groups of products, the modulations (weight-only), all products, all + modulations,
+    // FP8 attention alone and beside all products.
+    assert_eq!(groups.len(), 9);
+    assert_eq!(groups[7]["fp8_attention"], true, "{}", groups[7]);
     for g in groups {
         let e = g["relative_error"].as_f64().expect("error");
         // E4M3 keeps 3 mantissa bits: a few percent at most on the demo's velocity, never 0.
