@@ -1763,13 +1763,13 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         Err(e) => println!("parallel layout: refused: {e}"),
     }
     println!(
-        "precision: {} products, {} attention",
+        "precision: {} products; attention {}",
         match a.model.precision {
             PrecisionArg::Native => "native",
             PrecisionArg::Fp8 => "FP8",
         },
         if a.model.fp8_attention {
-            "FP8 (scores from E4M3 queries and keys, --fp8-attention)"
+            "with FP8 scores (E4M3 queries and keys, --fp8-attention)"
         } else {
             "exact"
         }

@@ -460,6 +460,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 "median_image_ms": ms,
                 "speedup": if ms > 0.0 { base_ms / ms } else { 0.0 },
                 "mean_psnr_db": mean(&c.psnr),
+                "median_psnr_db": (!c.psnr.is_empty()).then(|| median(&c.psnr)),
+                "min_psnr_db": c.psnr.iter().copied().reduce(f64::min),
                 "mean_ssim": mean(&c.ssim),
             })
         })
