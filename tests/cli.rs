@@ -139,6 +139,34 @@ fn bench_prints_json_with_step_times_and_memory() {
     if cfg!(target_os = "linux") {
         assert!(v["peak_rss_mib"].as_f64().expect("rss") > 1.0);
     }
+    assert_eq!(v["fp8_attention"], false);
+    // `--fp8-attention` reaches the model, and the report says so.
+    let o = parallax(&[
+        "bench",
+        "--model",
+        "demo",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--fp8-attention",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+    assert_eq!(v["fp8_attention"], true);
+    assert!(
+        v["dtype"]
+            .as_str()
+            .expect("dtype")
+            .contains("fp8 attention"),
+        "{v}"
+    );
 }
 
 /// A cold start from a written checkpoint: `dev write-checkpoint` writes a random transformer in
