@@ -141,22 +141,11 @@ fn bench_prints_json_with_step_times_and_memory() {
     }
     assert_eq!(v["fp8_attention"], false);
     // `--fp8-attention` reaches the model, and the report says so.
-    let o = parallax(&[
-        "bench",
-        "--model",
-        "demo",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "1",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--fp8-attention",
-    ]);
+    let args: Vec<&str> = "bench --model demo --width 32 --height 32 --steps 1 --runs 1 --warmup 0"
+        .split(' ')
+        .chain(["--fp8-attention"])
+        .collect();
+    let o = parallax(&args);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
     assert_eq!(v["fp8_attention"], true);
@@ -286,34 +275,13 @@ fn bench_from_an_image_runs_the_steps_its_strength_leaves() {
     let dir = tempfile::tempdir().expect("tmp");
     let src = dir.path().join("src.png");
     let o = parallax(&[
-        "generate",
-        "--model",
-        "demo",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "2",
-        "--quiet",
-        "--out",
-        s(&src),
+        "generate", "--model", "demo", "--width", "32", "--height", "32", "--steps", "2",
+        "--quiet", "--out", s(&src),
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let o = parallax(&[
-        "bench",
-        "--model",
-        "demo",
-        "--steps",
-        "8",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--image",
-        s(&src),
-        "--strength",
-        "0.5",
+        "bench", "--model", "demo", "--steps", "8", "--runs", "1", "--warmup", "0", "--image",
+        s(&src), "--strength", "0.5",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");

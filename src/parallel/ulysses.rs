@@ -30,9 +30,11 @@ impl UlyssesAttention {
     }
 
     /// With FP8 attention's scores (the model's load option) or exact.
-    pub fn with_fp8_scores(mut self, on: bool) -> Self {
-        self.fp8_scores = on;
-        self
+    pub fn with_fp8_scores(self, on: bool) -> Self {
+        Self {
+            fp8_scores: on,
+            ..self
+        }
     }
 }
 
