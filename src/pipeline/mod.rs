@@ -605,6 +605,25 @@ impl Pipeline {
         Ok(())
     }
 
+    /// What an image's settings say of FP8 attention: nothing when off; the kernel's, the CPU's
+    /// simulation, or exact attention where neither runs (a GPU other than sm_90, or not bf16:
+    /// [`crate::kernels::flash_attn_fp8::attention`] falls back, and says so once).
+    fn fp8_attention_label(&self) -> &'static str {
+        let d = self.denoiser();
+        if !d.fp8_attention() {
+            return "";
+        }
+        if d.device().is_cpu() {
+            return " + fp8 attention (simulated)";
+        }
+        // The kernel's own test, on a probe of one row with the model's head width.
+        let head_dim = d.hidden_size() / d.num_heads().max(1);
+        match Tensor::zeros((1, 1, 1, head_dim), d.dtype(), d.device()) {
+            Ok(t) if crate::kernels::flash_attn_fp8::kernel_takes(&t, &t, &t) => " + fp8 attention",
+            _ => " (fp8 attention asked, exact on this gpu)",
+        }
+    }
+
     /// Turn FP8 attention on or off in the transformer, whatever its family (refused for a
     /// family whose model cannot).
     pub fn set_fp8_attention(&mut self, on: bool) -> Result<()> {
@@ -786,11 +805,7 @@ impl Pipeline {
                     Some(f) if f.flux.fp8_products() => " + fp8 products (simulated)",
                     _ => "",
                 },
-                if self.denoiser().fp8_attention() {
-                    " + fp8 attention"
-                } else {
-                    ""
-                }
+                self.fp8_attention_label()
             )
             .to_lowercase(),
             sampler: "flow-match-euler".into(),
