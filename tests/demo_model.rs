@@ -303,15 +303,15 @@ fn fp8_attention_reaches_the_demo_and_stays_close() {
     );
 }
 
-/// FP8 attention on CPU workers: every layout draws one device's FP8 image, within a tolerance,
-/// and nearer to it than to the exact image (so the layouts' own attention uses FP8 too).
-/// Not bit-exact: the FP8 groups (64 query rows, 128 keys per head) are taken along the sequence
-/// each call holds, and the demo's shards at 128 px (a few dozen rows of text and image each) cut
-/// them elsewhere than one device does. Measured (2026-12-06): one device's FP8 is 39.9 dB from
-/// exact; Ulysses 2 is 51.8 dB from one device's FP8 (its gathered sequence interleaves the
-/// ranks' text and image rows), Ring 2 41.0 and Ulysses 2 x Ring 2 40.7 (query shards and key
-/// blocks rounded apart), PipeFusion with every step a warm-up step 95 (whole sequences). The
-/// floors leave about 4 dB.
+/// FP8 attention on CPU workers: every layout draws one device's FP8 image within a tolerance,
+/// and far from the exact image (which every exact layout draws to ~95 dB), so the layouts' own
+/// attention rounds too. Not bit-exact: the FP8 groups (64 query rows, 128 keys per head) are
+/// taken along the sequence each call holds, and the demo's shards (a few dozen rows of text and
+/// image each) cut them elsewhere than one device does, so a layout's FP8 image differs from one
+/// device's by about as much as FP8 differs from exact (BENCHMARKS.md, "FP8 attention on the
+/// trained demo"). Measured here (128 px, 6 steps, 2026-12-06): one device's FP8 is 39.9 dB from
+/// exact; Ulysses 2 is 51.8 dB from one device's FP8, Ring 2 41.0, Ulysses 2 x Ring 2 40.7,
+/// PipeFusion with every step a warm-up step 95 (whole sequences). The floors leave about 4 dB.
 #[test]
 fn fp8_attention_on_every_layout_stays_near_one_device() {
     use parallax::parallel::layout::{ParallelLayout, Stale};
@@ -365,8 +365,8 @@ fn fp8_attention_on_every_layout_stays_near_one_device() {
             "{name}: {to_fp8:.1} dB from one device's FP8"
         );
         assert!(
-            to_fp8 > to_exact,
-            "{name}: nearer exact ({to_exact:.1} dB) than FP8"
+            to_exact < 60.0,
+            "{name}: {to_exact:.1} dB from exact: FP8 not used"
         );
     }
 }
