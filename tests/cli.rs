@@ -139,6 +139,23 @@ fn bench_prints_json_with_step_times_and_memory() {
     if cfg!(target_os = "linux") {
         assert!(v["peak_rss_mib"].as_f64().expect("rss") > 1.0);
     }
+    assert_eq!(v["fp8_attention"], false);
+    // `--fp8-attention` reaches the model, and the report says so.
+    let args: Vec<&str> = "bench --model demo --width 32 --height 32 --steps 1 --runs 1 --warmup 0"
+        .split(' ')
+        .chain(["--fp8-attention"])
+        .collect();
+    let o = parallax(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+    assert_eq!(v["fp8_attention"], true);
+    assert!(
+        v["dtype"]
+            .as_str()
+            .expect("dtype")
+            .contains("fp8 attention"),
+        "{v}"
+    );
 }
 
 /// A cold start from a written checkpoint: `dev write-checkpoint` writes a random transformer in
@@ -1106,8 +1123,10 @@ fn fp8_error_reports_every_group() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let groups = v["groups"].as_array().expect("groups");
-    // Four groups of products, the modulations (weight-only), all products, all + modulations.
-    assert_eq!(groups.len(), 7);
+    // Four groups of products, the modulations (weight-only), all products, all + modulations,
+    // FP8 attention alone and beside all products.
+    assert_eq!(groups.len(), 9);
+    assert_eq!(groups[7]["fp8_attention"], true, "{}", groups[7]);
     for g in groups {
         let e = g["relative_error"].as_f64().expect("error");
         // E4M3 keeps 3 mantissa bits: a few percent at most on the demo's velocity, never 0.

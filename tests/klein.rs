@@ -492,6 +492,16 @@ fn random_klein_models_resolve_and_the_tiny_one_runs() {
     );
     let d = layouts::rel(&b, &a);
     assert!(d > 0.0 && d < 1.0, "FP8 against bf16: {d}");
+    // FP8 attention (`--fp8-attention`) reaches klein's attention as well: the latent moves.
+    let attention = LoadOptions {
+        fp8_attention: true,
+        ..Default::default()
+    };
+    let fa = Pipeline::load_with(&r, "random:klein-tiny", DType::F32, &Device::Cpu, attention)
+        .expect("klein with FP8 attention");
+    assert!(fa.denoiser().fp8_attention() && !p.denoiser().fp8_attention());
+    let d = layouts::rel(&layouts::one_device(fa.denoiser(), &j), &a);
+    assert!(d > 0.0 && d < 1.0, "FP8 attention against exact: {d}");
 
     // The tiny one: the same weights every time, a finite velocity and image.
     let dev = Device::Cpu;

@@ -375,3 +375,25 @@ fn a_job_queued_on_a_model_from_files_loads_it_with_its_prompt_encoded_alongside
         .expect("direct");
     assert_eq!(result.generated.image, direct.image);
 }
+
+/// Turning FP8 attention on changes the model (as a precision change does): the runtime loads it
+/// again, and the next image says it ran with FP8 attention.
+#[test]
+fn fp8_attention_reloads_the_model() {
+    let rt = start(None);
+    let loads = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::ModelLoading { .. }))
+            .count()
+    };
+    let first = until_done(&rt, rt.submit(JobSpec::Generate(req(1, 0.0))));
+    assert!(!image_done(&first).generated.settings.dtype.contains("fp8"));
+    let mut spec = EngineSpec::default();
+    spec.model.fp8_attention = true;
+    rt.configure(spec);
+    let events = until_done(&rt, rt.submit(JobSpec::Generate(req(1, 0.0))));
+    assert_eq!(loads(&events), 1, "FP8 attention did not reload the model");
+    let dtype = image_done(&events).generated.settings.dtype.clone();
+    assert!(dtype.contains("fp8 attention"), "{dtype}");
+}

@@ -2095,3 +2095,25 @@ fn a_source_file_is_opened_through_the_path_field() {
     let r = &h.state().settings.request;
     assert_eq!((r.width, r.height), (320, 192));
 }
+
+/// The "FP8 attention" checkbox beside the precision: the engine's model choice asks for it (a
+/// changed choice reloads the model), and the settings file keeps it.
+#[test]
+fn fp8_attention_checkbox_reaches_the_engine_choice_and_the_settings_file() {
+    use parallax::app::settings_file::{load, Loaded};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut h = studio(dir.path());
+    assert!(!h.state().settings.fp8_attention);
+    assert!(!h.state().settings.engine_spec().model.fp8_attention);
+    h.get_by_label("FP8 attention").click();
+    h.step();
+    assert!(h.state().settings.fp8_attention);
+    assert!(h.state().settings.engine_spec().model.fp8_attention);
+    let file = dir.path().join("home").join("studio-settings.json");
+    h.state_mut().settings_file = Some(file.clone());
+    eframe::App::save(h.state_mut(), &mut Kv::default());
+    match load(&file) {
+        Loaded::Read(s) => assert!(s.fp8_attention, "not saved"),
+        other => panic!("the saved settings read back as {other:?}"),
+    }
+}

@@ -55,6 +55,9 @@ pub struct Settings {
     /// FP8 products in the transformer blocks (`--precision fp8`: real on sm_89+ GPUs in bf16,
     /// simulated by rounding elsewhere).
     pub fp8: bool,
+    /// FP8 attention (`--fp8-attention`: the scores from E4M3 queries and keys; real on H100/H200
+    /// in bf16, simulated elsewhere).
+    pub fp8_attention: bool,
     /// GPU memory to fit the model within, in GiB (`--memory-budget`); none: load as asked.
     pub memory_budget_gib: Option<u32>,
     /// The model's parts named apart from it (`--vae`, `--clip`, `--t5`).
@@ -83,6 +86,7 @@ impl Default for Settings {
             compare_repeats: 3,
             heatmap_gain: 4.0,
             fp8: false,
+            fp8_attention: false,
             memory_budget_gib: None,
             parts: ModelParts::default(),
             loras: Vec::new(),
@@ -131,6 +135,7 @@ struct SettingsFile {
     compare_repeats: usize,
     heatmap_gain: f32,
     fp8: bool,
+    fp8_attention: bool,
     memory_budget_gib: Option<u32>,
     parts: ModelParts,
     loras: Vec<LoraEntry>,
@@ -221,6 +226,7 @@ impl Default for SettingsFile {
             compare_repeats: d.compare_repeats,
             heatmap_gain: d.heatmap_gain,
             fp8: d.fp8,
+            fp8_attention: d.fp8_attention,
             memory_budget_gib: d.memory_budget_gib,
             parts: d.parts,
             loras: d.loras,
@@ -276,6 +282,7 @@ impl From<SettingsFile> for Settings {
             compare_repeats: f.compare_repeats.clamp(1, 20),
             heatmap_gain: f.heatmap_gain,
             fp8: f.fp8,
+            fp8_attention: f.fp8_attention,
             memory_budget_gib: f.memory_budget_gib,
             parts: f.parts,
             loras,
@@ -547,6 +554,7 @@ impl Settings {
         if self.fp8 {
             spec.model.precision = crate::engine::Precision::Fp8;
         }
+        spec.model.fp8_attention = self.fp8_attention;
         spec.model.memory_budget_mib = self.memory_budget_gib.map(|g| u64::from(g) * 1024);
         let path = |s: &str| (!s.trim().is_empty()).then(|| std::path::PathBuf::from(s.trim()));
         spec.model.vae = path(&self.parts.vae);
@@ -982,6 +990,13 @@ mod tests {
             fp8.engine_spec().model.precision,
             crate::engine::Precision::Fp8
         );
+        // Nor FP8 attention, which reaches the engine's model choice when on.
+        assert!(!old.fp8_attention && !old.engine_spec().model.fp8_attention);
+        let attention = Settings {
+            fp8_attention: true,
+            ..old.clone()
+        };
+        assert!(attention.engine_spec().model.fp8_attention);
         // Nor a memory budget or displaced patches.
         assert_eq!(old.memory_budget_gib, None);
         assert_eq!(old.layout.stale, Stale::Exact);

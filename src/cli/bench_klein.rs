@@ -48,6 +48,10 @@ pub struct BenchKleinArgs {
     /// (candle's silu, multiply and copies: the speed before the kernel).
     #[arg(long, value_enum, default_value_t = SwigluArg::Fused)]
     pub swiglu: SwigluArg,
+    /// FP8 attention (E4M3 queries and keys for the scores), as `--fp8-attention` runs it
+    /// elsewhere.
+    #[arg(long)]
+    pub fp8_attention: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,6 +93,7 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
     let o = crate::engine::Precision::from(a.precision).load_options();
     let blocks = 0..kind.config().num_blocks();
     let (model, vae) = random_stage(kind, dtype, &dev, blocks, o.fp8, o.lean)?;
+    let model = model.with_fp8_attention(a.fp8_attention);
     let text = random_text(kind, dtype, &dev)?;
     crate::device::synchronize(&dev)?;
     let build_ms = ms(started);
@@ -159,6 +164,7 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
             "steps": a.steps, "cfg": a.cfg, "run": run, "warmup": run == 0,
             "precision": format!("{:?}", a.precision).to_lowercase(),
             "swiglu": format!("{:?}", a.swiglu).to_lowercase(),
+            "fp8_attention": a.fp8_attention,
             "text_ms": text_ms, "denoise_ms": denoise_ms,
             "step_ms": denoise_ms / a.steps as f64, "decode_ms": decode_ms, "total_ms": total_ms,
             "peak_allocated_gib": peak.map(|p| p.allocated as f64 / (1u64 << 30) as f64),
@@ -178,6 +184,7 @@ pub fn run(a: BenchKleinArgs) -> anyhow::Result<()> {
                 "model": a.model, "size": a.size, "steps": a.steps, "cfg": a.cfg,
                 "precision": format!("{:?}", a.precision).to_lowercase(),
                 "swiglu": format!("{:?}", a.swiglu).to_lowercase(),
+                "fp8_attention": a.fp8_attention,
                 "runs": rows.len(),
                 "total_ms_median": median(0), "text_ms_median": median(1),
                 "step_ms_median": median(2), "decode_ms_median": median(3),

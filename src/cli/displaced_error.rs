@@ -166,11 +166,10 @@ pub fn run(a: DisplacedErrorArgs) -> anyhow::Result<()> {
             let mut displaced = None;
             let model: Box<dyn crate::model::family::Denoiser> = match cell {
                 Cell::Displaced(_, w) => {
-                    let attn = Arc::new(DisplacedAttention::new(
-                        comm.clone(),
-                        Arc::new(refresh[rank].clone()),
-                        w,
-                    )?);
+                    let attn = Arc::new(
+                        DisplacedAttention::new(comm.clone(), Arc::new(refresh[rank].clone()), w)?
+                            .with_fp8_scores(flux.attention().fp8_scores()),
+                    );
                     displaced = Some(attn.clone());
                     Box::new(crate::parallel::sp::replica(flux, comm, attn))
                 }

@@ -2,7 +2,9 @@
 //! denoised in the model's own precision; at three of its steps (first, middle, last) the velocity
 //! is computed again with FP8 products in one group of layers at a time (the double blocks'
 //! attention projections, their MLPs, the single blocks' linear1, their linear2) and in all of
-//! them, and the relative error `|v_fp8 - v| / |v|` is reported per group, as JSON.
+//! them, then with FP8 attention (scores from E4M3 queries and keys, `--fp8-attention`) alone and
+//! beside all the products, and the relative error `|v_fp8 - v| / |v|` is reported per group,
+//! as JSON.
 
 use clap::Args;
 
@@ -68,8 +70,11 @@ pub(crate) fn three_step_inputs(
 pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
     use crate::engine::Precision;
     let mut choice = a.model.choice();
-    if choice.precision != Precision::Native {
-        anyhow::bail!("fp8-error compares FP8 against the native precision: leave out --precision");
+    if choice.precision != Precision::Native || choice.fp8_attention {
+        anyhow::bail!(
+            "fp8-error compares FP8 against the native precision: leave out --precision and \
+             --fp8-attention"
+        );
     }
     choice.precision = Precision::Native;
     let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
@@ -85,8 +90,20 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
         .map(|(t, x)| velocity(flux, *t, x))
         .collect::<anyhow::Result<_>>()?;
     let mut rows = Vec::new();
-    for (name, groups) in Fp8Groups::each() {
-        let f = flux.clone().with_fp8_in(groups)?;
+    let attention = [
+        ("attention scores (--fp8-attention)", Fp8Groups::NONE, true),
+        (
+            "all products + attention scores (--precision fp8 --fp8-attention)",
+            Fp8Groups::ALL,
+            true,
+        ),
+    ];
+    let each = Fp8Groups::each().into_iter().map(|(n, g)| (n, g, false));
+    for (name, groups, fp8_attention) in each.chain(attention) {
+        let f = flux
+            .clone()
+            .with_fp8_in(groups)?
+            .with_fp8_attention(fp8_attention);
         let errs = inputs
             .iter()
             .zip(&reference)
@@ -98,6 +115,7 @@ pub fn run(a: Fp8ErrorArgs) -> anyhow::Result<()> {
             "per_step": inputs.iter().map(|(t, _)| t).zip(&errs)
                 .map(|(t, e)| serde_json::json!({"t": t, "relative_error": e})).collect::<Vec<_>>(),
             "fp8_kernels": f.fp8_kernels(),
+            "fp8_attention": fp8_attention,
         }));
     }
     let report = serde_json::json!({

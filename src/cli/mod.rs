@@ -354,6 +354,11 @@ pub struct ModelArgs {
     /// modulations and the output layer stay native).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
     pub precision: PrecisionArg,
+    /// FP8 attention: the scores Q Kᵀ from E4M3 queries and keys (per head, a scale for each 64
+    /// query rows and each 128 keys), the rest in the run's dtype. Faster on H100/H200 in bf16,
+    /// approximate; simulated on the CPU (its quality, not its speed). Any layout.
+    #[arg(long)]
+    pub fp8_attention: bool,
     /// Fit each GPU's share of the model within this much memory (`24`, `24G`, `20000M`; GiB
     /// without a unit), planned for 1024 px: T5 built for each prompt and freed after it, then
     /// FP8 products without bf16 copies, then the modulations stored in FP8 (weight-only), as
@@ -480,6 +485,7 @@ impl ModelArgs {
             },
             precision: self.precision.into(),
             memory_budget_mib: self.memory_budget.map(|b| (b / (1u64 << 20) as f64) as u64),
+            fp8_attention: self.fp8_attention,
         }
     }
 }
@@ -1353,6 +1359,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "achieved_tflops": flops / (step_median * 1e-3) / 1e12,
         "floor": { "peak_tflops": a.peak_tflops, "floor_ms": floor_ms, "ratio": step_median / floor_ms },
         "attention": f1.flux.attention().name(),
+        "fp8_attention": f1.flux.attention().fp8_scores(),
         "gpu_memory_used_max_mib": gpu_peak.map(|b| b as f64 / (1024.0 * 1024.0)),
         "gpu_pool_peak_mib": pool_peak.map(|p| serde_json::json!({
             "allocated": p.allocated as f64 / (1024.0 * 1024.0),
@@ -1755,6 +1762,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         Ok(plan) => println!("parallel layout: {}", plan.describe()),
         Err(e) => println!("parallel layout: refused: {e}"),
     }
+    println!(
+        "precision: {} products; attention {}",
+        match a.model.precision {
+            PrecisionArg::Native => "native",
+            PrecisionArg::Fp8 => "FP8",
+        },
+        if a.model.fp8_attention {
+            "with FP8 scores (E4M3 queries and keys, --fp8-attention)"
+        } else {
+            "exact"
+        }
+    );
     let gpus = crate::device::gpus();
     if gpus.is_empty() {
         println!("GPUs: none found (or this build has no `cuda` feature)");

@@ -2,17 +2,19 @@
 //! ([`crate::scenes::score`]). Either one image (`--image PNG --prompt TEXT`), or the evaluation
 //! set: `--prompts N` prompts from [`crate::scenes::sample::eval_samples`] (the first half like
 //! the training scenes, the second half with held-out colour-shape pairs), each generated at every
-//! `--thresholds` value and every `--caches` policy, reported per cell: prompt accuracy (all,
-//! in-distribution, held-out, per kind of check), steps computed, time, speedup and PSNR/SSIM
-//! against the uncached image.
+//! `--thresholds` value, every `--caches` policy, every parallel layout and every `--precisions`
+//! cell, reported per cell: prompt accuracy (all, in-distribution, held-out, per kind of check),
+//! steps computed, time, speedup and PSNR/SSIM against the uncached image.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{median, request_for, ModelArgs, SampleArgs};
+use crate::model::family::Denoiser;
 use crate::parallel::mesh::Stale;
 use crate::pipeline::cache::CacheSpec;
 use crate::pipeline::image::{read_png, RgbImage};
@@ -53,6 +55,12 @@ pub struct ScoreArgs {
     /// patches, W exact warm-up steps), separated by `,` (e.g. `2:2:1,4:4:1,4:8:2`).
     #[arg(long, value_delimiter = ',', value_parser = parse_pipefusion)]
     pub pipefusion: Vec<(usize, usize, usize)>,
+    /// More cells, uncached on one device: the model in other precisions, separated by `,`:
+    /// `fp8` (FP8 products, as `--precision fp8`), `fp8-attention` (as `--fp8-attention`),
+    /// `fp8+fp8-attention` (both), `native` (neither); each against the model as loaded (the
+    /// first cell). FLUX.1 models.
+    #[arg(long, value_delimiter = ',', value_parser = parse_precision_cell)]
+    pub precisions: Vec<PrecisionCell>,
     /// Save every image here as eval-<prompt>-<threshold>.png.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -108,10 +116,60 @@ pub(crate) fn parse_pipefusion(s: &str) -> Result<(usize, usize, usize), String>
     Ok((n, m, w))
 }
 
-/// One cell of the sweep: a cache setting on one device, or a parallel layout uncached.
+/// A `--precisions` cell: FP8 in the transformer's products, in its attention, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrecisionCell {
+    products: bool,
+    attention: bool,
+}
+
+impl PrecisionCell {
+    fn name(&self) -> &'static str {
+        match (self.products, self.attention) {
+            (false, false) => "native",
+            (true, false) => "fp8",
+            (false, true) => "fp8-attention",
+            (true, true) => "fp8+fp8-attention",
+        }
+    }
+
+    /// The transformer of `p` (loaded native or as this cell asks) in this cell's precision.
+    fn model(&self, p: &crate::pipeline::Pipeline) -> anyhow::Result<Arc<dyn Denoiser>> {
+        let f = p.flux1("--precisions")?.flux;
+        if f.fp8_products() && !self.products {
+            bail!("--precisions {}: the model was loaded with FP8 products; leave out --precision fp8", self.name());
+        }
+        let f = if self.products && !f.fp8_products() {
+            f.clone().with_fp8_products()?
+        } else {
+            f.clone()
+        };
+        Ok(Arc::new(f.with_fp8_attention(self.attention)))
+    }
+}
+
+fn parse_precision_cell(s: &str) -> Result<PrecisionCell, String> {
+    let cell = |products, attention| PrecisionCell {
+        products,
+        attention,
+    };
+    match s.trim() {
+        "native" => Ok(cell(false, false)),
+        "fp8" => Ok(cell(true, false)),
+        "fp8-attention" => Ok(cell(false, true)),
+        "fp8+fp8-attention" => Ok(cell(true, true)),
+        other => Err(format!(
+            "`{other}`: give native, fp8, fp8-attention or fp8+fp8-attention"
+        )),
+    }
+}
+
+/// One cell of the sweep: a cache setting on one device, a parallel layout uncached, or the
+/// model in another precision uncached.
 enum Sweep {
     Cache(CacheSpec),
     Layout(crate::parallel::mesh::ParallelLayout),
+    Precision(PrecisionCell),
 }
 
 impl Sweep {
@@ -150,6 +208,7 @@ impl Sweep {
                 } => format!("pipefusion:{stages},patches={patches},warmup={warmup}"),
                 Stale::Exact => crate::parallel::cost::describe(l),
             },
+            Sweep::Precision(c) => format!("precision:{}", c.name()),
         }
     }
     fn file_stem(&self) -> String {
@@ -169,6 +228,7 @@ impl Sweep {
                 } => format!("pipefusion{stages}-m{patches}-w{warmup}"),
                 Stale::Exact => crate::parallel::cost::describe(l).replace(' ', ""),
             },
+            Sweep::Precision(c) => c.name().replace('+', "-"),
         }
     }
 }
@@ -271,12 +331,22 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|&(n, m, w)| Sweep::pipefusion(n, m, w)),
         )
+        .chain(a.precisions.iter().map(|&c| Sweep::Precision(c)))
         .collect();
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let choice = a.model.choice();
-    let p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    let mut p = crate::engine::load_pipeline(&choice, &a.model.device)?;
+    // The transformer of each --precisions cell, made once; the loaded one goes back after each.
+    let loaded = p.model.denoiser.clone();
+    let models = specs
+        .iter()
+        .map(|s| match s {
+            Sweep::Precision(c) => c.model(&p).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if (!a.displaced.is_empty() || !a.pipefusion.is_empty()) && !p.device().is_cpu() {
         bail!("--displaced and --pipefusion run on CPU worker threads: use --device cpu");
     }
@@ -317,12 +387,20 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
             s.cache_threshold = 0.0;
             s.cache = Some(match spec {
                 Sweep::Cache(c) => c.clone(),
-                Sweep::Layout(_) => CacheSpec::None,
+                Sweep::Layout(_) | Sweep::Precision(_) => CacheSpec::None,
             });
             s.seed = Some(a.sample.seed.unwrap_or(0) + i as u64);
             let req = request_for(true, &s);
             let g = match spec {
                 Sweep::Cache(_) => p.generate(&req, &mut |_| Ok(()))?,
+                Sweep::Precision(_) => {
+                    if let Some(m) = &models[k] {
+                        p.model.denoiser = m.clone();
+                    }
+                    let g = p.generate(&req, &mut |_| Ok(()));
+                    p.model.denoiser = loaded.clone();
+                    g?
+                }
                 &Sweep::Layout(layout) => {
                     crate::parallel::ranks::generate(&p, layout, &req, &mut |_| Ok(()))?
                 }
@@ -374,7 +452,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
         .map(|(spec, c)| {
             let ms = median(&c.ms);
             serde_json::json!({
-                "threshold": match spec { Sweep::Cache(c) => c.fb_threshold(), Sweep::Layout(_) => None },
+                "threshold": match spec { Sweep::Cache(c) => c.fb_threshold(), _ => None },
                 "cache": spec.name(),
                 "prompt_score": c.tally.json(),
                 "steps_computed": c.computed,
@@ -382,6 +460,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<()> {
                 "median_image_ms": ms,
                 "speedup": if ms > 0.0 { base_ms / ms } else { 0.0 },
                 "mean_psnr_db": mean(&c.psnr),
+                "median_psnr_db": (!c.psnr.is_empty()).then(|| median(&c.psnr)),
+                "min_psnr_db": c.psnr.iter().copied().reduce(f64::min),
                 "mean_ssim": mean(&c.ssim),
             })
         })

@@ -21,6 +21,7 @@ pub fn fingerprint(a: &WorkerArgs, spec: &ModelSpec, seed: Option<u64>) -> Finge
         .with("model", model_identity(spec))
         .with("dtype", format!("{:?}", a.model.dtype))
         .with("precision", format!("{:?}", a.model.precision))
+        .with("FP8 attention", a.model.fp8_attention)
         .with(
             "memory budget",
             opt(a.model.memory_budget.map(|b| b.to_string())),

@@ -52,6 +52,10 @@ pub struct ModelChoice {
     /// Device memory to fit within, in MiB ([`crate::engine::memory`]); none: load as asked.
     #[serde(default)]
     pub memory_budget_mib: Option<u64>,
+    /// Attention's scores from E4M3 queries and keys (`--fp8-attention`; see
+    /// [`LoadOptions::fp8_attention`]): faster on H100/H200, approximate.
+    #[serde(default)]
+    pub fp8_attention: bool,
 }
 
 /// How the transformer blocks' matrix products are computed.
@@ -108,6 +112,7 @@ impl ModelChoice {
             dtype: DTypeChoice::Auto,
             precision: Precision::Native,
             memory_budget_mib: None,
+            fp8_attention: false,
         }
     }
 
@@ -243,6 +248,7 @@ pub fn load_pipeline_ahead(
     }
     let asked = LoadOptions {
         blocks,
+        fp8_attention: choice.fp8_attention,
         ..choice.precision.load_options()
     };
     let opts = match choice.memory_budget_mib {
@@ -275,6 +281,7 @@ pub fn load_pipeline_ahead(
             }
             LoadOptions {
                 blocks,
+                fp8_attention: choice.fp8_attention,
                 ..plan.options
             }
         }
@@ -293,6 +300,11 @@ pub fn load_pipeline_ahead(
             .and_then(|first| super::overlap::load_text_first(first, ahead)),
         _ => Pipeline::load_with(&resolved, &choice.model, dtype, &dev, opts),
     }
+    .and_then(|mut p| {
+        // Every family's loading path (files, text first, built-in) ends here.
+        p.set_fp8_attention(opts.fp8_attention)?;
+        Ok(p)
+    })
     .map_err(|e| e.loading(format!("model `{}` on {device}", choice.model)))?;
     let fp8 = p.model.as_flux1().map(|f| f.flux);
     if fp8.is_some_and(|f| f.fp8_products() && !dev.is_cpu() && !f.fp8_kernels()) {

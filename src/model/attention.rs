@@ -60,6 +60,36 @@ pub trait Attention: Send + Sync {
     }
     /// A short name for logs and `info`.
     fn name(&self) -> &str;
+    /// Whether the scores come from E4M3 queries and keys (FP8 attention,
+    /// [`crate::kernels::flash_attn_fp8`]); exact attention says no.
+    fn fp8_scores(&self) -> bool {
+        false
+    }
+}
+
+/// The fused attention kernel over a shard's (B, H, L, D) tensors, with FP8 scores or exact:
+/// what the sequence-parallel strategies call on their share (each rank's groups of 64 query
+/// rows and 128 keys are taken along the sequence it holds; see `crate::parallel::ulysses`).
+pub fn kernel(fp8_scores: bool, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fp8_scores {
+        crate::kernels::flash_attn_fp8::attention(q, k, v)
+    } else {
+        crate::kernels::flash_attn::attention(q, k, v)
+    }
+}
+
+/// [`kernel`] with each query's log-sum-exp, both in f32 (what ring attention merges with).
+pub fn kernel_with_lse(
+    fp8_scores: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if fp8_scores {
+        crate::kernels::flash_attn_fp8::attention_with_lse(q, k, v)
+    } else {
+        crate::kernels::flash_attn::attention_with_lse(q, k, v)
+    }
 }
 
 /// Attention on one device: Parallax's fused kernel where it applies (CUDA, bf16; see
@@ -71,7 +101,7 @@ pub struct LocalAttention {
     /// Use the fused kernel when it applies (on by default; off to compare).
     pub fused: bool,
     /// Scores from E4M3 queries and keys ([`crate::kernels::flash_attn_fp8`]): an approximation,
-    /// off by default (`PARALLAX_FP8_ATTENTION=1` turns it on for a run).
+    /// off by default (the load option `fp8_attention`, `--fp8-attention`, turns it on).
     pub fp8_scores: bool,
 }
 
@@ -80,8 +110,7 @@ impl Default for LocalAttention {
         Self {
             query_chunk: 1024,
             fused: std::env::var_os("PARALLAX_NO_FUSED_ATTENTION").is_none(),
-            fp8_scores: std::env::var_os("PARALLAX_FP8_ATTENTION")
-                .is_some_and(|v| v != "0" && !v.is_empty()),
+            fp8_scores: false,
         }
     }
 }
@@ -113,5 +142,8 @@ impl Attention for LocalAttention {
         } else {
             "local"
         }
+    }
+    fn fp8_scores(&self) -> bool {
+        self.fp8_scores
     }
 }

@@ -97,6 +97,18 @@ pub trait Denoiser: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// Whether attention's scores come from E4M3 queries and keys (the load option
+    /// `fp8_attention`): the parallel strategies, which call the attention kernels themselves,
+    /// ask the model they run.
+    fn fp8_attention(&self) -> bool {
+        false
+    }
+    /// This model with FP8 attention on or off (a shallow copy of its weights' handles); `None`
+    /// where the family cannot.
+    fn with_fp8_attention(&self, on: bool) -> Option<Arc<dyn Denoiser>> {
+        let _ = on;
+        None
+    }
 }
 
 /// A transformer's parameters by kind: what a memory estimate counts (and FP8 converts). A

@@ -161,6 +161,13 @@ impl DisplacedAttention {
         self
     }
 
+    /// With FP8 attention's scores (the model's load option) or exact: each rank's queries
+    /// against the gathered keys, rounded in groups along them as one device rounds.
+    pub fn with_fp8_scores(mut self, on: bool) -> Self {
+        self.local.fp8_scores = on;
+        self
+    }
+
     /// The latest K/V of `layer` gathered from every rank (waiting for the refresh thread if it
     /// is still at this layer): those of the last forward that computed the layer (a cache
     /// policy may have skipped it since). `None` before the layer's first forward.
@@ -343,6 +350,9 @@ impl Attention for DisplacedAttention {
         } else {
             "displaced patches (stale K/V from the previous step)"
         }
+    }
+    fn fp8_scores(&self) -> bool {
+        self.local.fp8_scores
     }
 }
 

@@ -394,6 +394,9 @@ impl Attention for PatchKv {
     fn name(&self) -> &str {
         "PipeFusion (this step's K/V for patches done, the previous step's for the rest)"
     }
+    fn fp8_scores(&self) -> bool {
+        self.local.fp8_scores
+    }
 }
 
 /// One rank's stage of a PipeFusion pipeline: runs every forward of its replica
@@ -479,6 +482,8 @@ impl PipeFusion {
     ) -> Result<Arc<Self>> {
         let blocks = split_blocks(&model.block_params(), group.size(), group.rank(), balance);
         let mut kv = PatchKv::new(patches);
+        // FP8 attention as the model was loaded (each patch's queries rounded in their groups).
+        kv.local.fp8_scores = model.fp8_attention();
         if let Some(u) = ulysses {
             if model.num_heads() % u.size() != 0 {
                 candle_core::bail!(

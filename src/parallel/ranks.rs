@@ -592,6 +592,8 @@ fn sequence_replica(
     groups: &RankGroups,
 ) -> Result<super::replica::SpReplica> {
     let rotate = matches!(mesh.layout().stale, Stale::Displaced { rotate: true, .. });
+    // FP8 attention as the model was loaded: the strategies call the kernels themselves.
+    let fp8 = model.fp8_attention();
     let attn: Arc<dyn crate::model::attention::Attention> = match mesh.layout().stale {
         Stale::Displaced { warmup, .. } => {
             let refresh = groups.refresh.clone().ok_or_else(|| {
@@ -600,13 +602,13 @@ fn sequence_replica(
                     "no refresh communicator was made",
                 )
             })?;
-            let d = super::displaced::DisplacedAttention::new(groups.sp.clone(), refresh, warmup)?;
+            let d = super::displaced::DisplacedAttention::new(groups.sp.clone(), refresh, warmup)?
+                .with_fp8_scores(fp8);
             Arc::new(if rotate { d.rotating() } else { d })
         }
-        Stale::Exact | Stale::PipeFusion { .. } => Arc::new(UspAttention::new(
-            groups.ulysses.clone(),
-            groups.ring.clone(),
-        )),
+        Stale::Exact | Stale::PipeFusion { .. } => Arc::new(
+            UspAttention::new(groups.ulysses.clone(), groups.ring.clone()).with_fp8_scores(fp8),
+        ),
     };
     let mut replica = super::replica::SpReplica::new(model, groups.sp.clone(), attn);
     if rotate {

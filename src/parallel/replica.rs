@@ -119,6 +119,9 @@ macro_rules! pass_to_model {
         fn weight_bytes(&self) -> usize {
             self.model.weight_bytes()
         }
+        fn fp8_attention(&self) -> bool {
+            self.model.fp8_attention()
+        }
     };
 }
 

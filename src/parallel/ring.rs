@@ -16,18 +16,29 @@ use candle_core::{Result, Tensor};
 
 use super::comm::Communicator;
 use super::shard::{real_keys, ShardLayout};
-use crate::kernels::flash_attn::attention_with_lse;
 #[cfg(test)]
 use crate::kernels::flash_attn::online_softmax_reference;
-use crate::model::attention::Attention;
+use crate::model::attention::{kernel_with_lse, Attention};
 
 pub struct RingAttention {
     comm: Arc<dyn Communicator>,
+    /// FP8 scores ([`crate::kernels::flash_attn_fp8`]), as the model was loaded: each rank's
+    /// query shard and each key block are rounded in their own groups of 64 rows / 128 keys.
+    fp8_scores: bool,
 }
 
 impl RingAttention {
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self {
+            comm,
+            fp8_scores: false,
+        }
+    }
+
+    /// With FP8 attention's scores (the model's load option) or exact.
+    pub fn with_fp8_scores(mut self, on: bool) -> Self {
+        self.fp8_scores = on;
+        self
     }
 }
 
@@ -81,7 +92,7 @@ impl RingAttention {
             let block = real_keys(&k, &v, layout, from * span..(from + 1) * span)?;
             if let Some((kb, vb)) = block {
                 // The fused kernel (with its log-sum-exp) on CUDA in bf16, else the f32 reference.
-                let (o_b, lse_b) = attention_with_lse(q, &kb, &vb)?;
+                let (o_b, lse_b) = kernel_with_lse(self.fp8_scores, q, &kb, &vb)?;
                 acc = Some(match acc {
                     None => (o_b, lse_b),
                     Some((o, lse)) => merge(&o, &lse, &o_b, &lse_b)?,
@@ -117,7 +128,14 @@ impl Attention for RingAttention {
     }
 
     fn name(&self) -> &str {
-        "ring"
+        if self.fp8_scores {
+            "ring (FP8 scores)"
+        } else {
+            "ring"
+        }
+    }
+    fn fp8_scores(&self) -> bool {
+        self.fp8_scores
     }
 }
 

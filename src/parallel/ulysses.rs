@@ -17,11 +17,24 @@ use crate::model::attention::Attention;
 
 pub struct UlyssesAttention {
     comm: Arc<dyn Communicator>,
+    /// FP8 scores ([`crate::kernels::flash_attn_fp8`]), as the model was loaded.
+    fp8_scores: bool,
 }
 
 impl UlyssesAttention {
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self {
+            comm,
+            fp8_scores: false,
+        }
+    }
+
+    /// With FP8 attention's scores (the model's load option) or exact.
+    pub fn with_fp8_scores(self, on: bool) -> Self {
+        Self {
+            fp8_scores: on,
+            ..self
+        }
     }
 }
 
@@ -45,16 +58,25 @@ pub(crate) fn all_to_all_qkv(
 }
 
 /// Attention of `q` to the real keys of the local sequences of `ranks` (all of `k` without a
-/// padded layout).
+/// padded layout), with FP8 scores when `fp8` says.
+///
+/// FP8 scores round Q and K in groups of 64 query rows and 128 keys along the sequence each
+/// call holds (per batch and head). Here that sequence is the group's local sequences end to
+/// end, `[text shard; image shard]` of rank 0, then rank 1's, ..., padding left out of the keys:
+/// where each shard's text and image rows are whole multiples of 128 (FLUX.1 at 1024 px over 2
+/// or 4 ranks) the groups hold the same rows as one device's and only the summation order
+/// differs; elsewhere some groups mix other rows, so their scales and roundings differ from one
+/// device's by FP8's own rounding (`crate::parallel::exactness` measures both).
 fn attend_real(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     layout: Option<&ShardLayout>,
     ranks: std::ops::Range<usize>,
+    fp8: bool,
 ) -> Result<Tensor> {
     match super::shard::real_keys(k, v, layout, ranks)? {
-        Some((k, v)) => crate::kernels::flash_attn::attention(q, &k, &v),
+        Some((k, v)) => crate::model::attention::kernel(fp8, q, &k, &v),
         None => candle_core::bail!("sequence parallelism: every key is padding"),
     }
 }
@@ -69,7 +91,7 @@ impl UlyssesAttention {
     ) -> Result<Tensor> {
         let n = self.comm.size();
         if n == 1 {
-            return attend_real(q, k, v, layout, 0..1);
+            return attend_real(q, k, v, layout, 0..1, self.fp8_scores);
         }
         let heads = q.dim(1)?;
         if heads % n != 0 {
@@ -78,7 +100,7 @@ impl UlyssesAttention {
         // (B, H, L/N, D) -> (B, H/N, L, D): scatter heads, gather sequence.
         let (q, k, v) = all_to_all_qkv(self.comm.as_ref(), q, k, v)?;
         // The whole group's sequence: its real keys only.
-        let out = attend_real(&q, &k, &v, layout, 0..n)?;
+        let out = attend_real(&q, &k, &v, layout, 0..n, self.fp8_scores)?;
         // Back: scatter sequence, gather heads.
         self.comm.all_to_all(&out, 2, 1)
     }
@@ -100,6 +122,13 @@ impl Attention for UlyssesAttention {
     }
 
     fn name(&self) -> &str {
-        "ulysses"
+        if self.fp8_scores {
+            "ulysses (FP8 scores)"
+        } else {
+            "ulysses"
+        }
+    }
+    fn fp8_scores(&self) -> bool {
+        self.fp8_scores
     }
 }

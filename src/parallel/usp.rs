@@ -30,6 +30,14 @@ impl UspAttention {
         }
     }
 
+    /// With FP8 attention's scores (the model's load option) or exact: the ring's blocks are
+    /// what each call rounds (the Ulysses group's sequences end to end, see
+    /// [`super::ring::RingAttention::with_fp8_scores`]).
+    pub fn with_fp8_scores(mut self, on: bool) -> Self {
+        self.ring = self.ring.with_fp8_scores(on);
+        self
+    }
+
     fn run(
         &self,
         q: &Tensor,
@@ -63,6 +71,13 @@ impl Attention for UspAttention {
     }
 
     fn name(&self) -> &str {
-        "usp"
+        if self.ring.fp8_scores() {
+            "usp (FP8 scores)"
+        } else {
+            "usp"
+        }
+    }
+    fn fp8_scores(&self) -> bool {
+        self.ring.fp8_scores()
     }
 }

@@ -289,6 +289,9 @@ pub struct LoadOptions {
     /// PipeFusion stage's share); `None`: all of them. Read from files, only they are read;
     /// random and demo models are made whole (the same weights) and the rest dropped.
     pub blocks: Option<(usize, usize)>,
+    /// Attention's scores from E4M3 queries and keys ([`crate::kernels::flash_attn_fp8`]; the
+    /// kernel on sm_90 GPUs in bf16, simulated on the CPU): on every device and every layout.
+    pub fp8_attention: bool,
 }
 
 impl LoadOptions {
@@ -568,11 +571,17 @@ impl Pipeline {
         let mut p = match &resolved.spec {
             ModelSpec::Demo => Self::demo(device)?,
             ModelSpec::Random(variant) => Self::random_with(*variant, dtype, device, opts)?,
-            ModelSpec::RandomKlein(k) => return Self::random_klein(*k, dtype, device, opts),
-            ModelSpec::Klein(files) => return Self::load_klein(files, label, dtype, device, opts),
+            ModelSpec::RandomKlein(k) => Self::random_klein(*k, dtype, device, opts)?,
+            ModelSpec::Klein(files) => Self::load_klein(files, label, dtype, device, opts)?,
             ModelSpec::Files(files) => Self::load_files_with(files, label, dtype, device, opts)?,
         };
-        p.apply_load_options(opts)?;
+        if !matches!(
+            resolved.spec,
+            ModelSpec::RandomKlein(_) | ModelSpec::Klein(_)
+        ) {
+            p.apply_load_options(opts)?;
+        }
+        p.set_fp8_attention(opts.fp8_attention)?;
         Ok(p)
     }
 
@@ -593,6 +602,45 @@ impl Pipeline {
         if let Some(f) = changed {
             p.set_flux1(f)?;
         }
+        Ok(())
+    }
+
+    /// What an image's settings say of FP8 attention: nothing when off; the kernel's, the CPU's
+    /// simulation, or exact attention where neither runs (a GPU other than sm_90, or not bf16:
+    /// [`crate::kernels::flash_attn_fp8::attention`] falls back, and says so once).
+    fn fp8_attention_label(&self) -> &'static str {
+        let d = self.denoiser();
+        if !d.fp8_attention() {
+            return "";
+        }
+        if d.device().is_cpu() {
+            return " + fp8 attention (simulated)";
+        }
+        // The kernel's own test, on a probe of one row with the model's head width.
+        let head_dim = d.hidden_size() / d.num_heads().max(1);
+        match Tensor::zeros((1, 1, 1, head_dim), d.dtype(), d.device()) {
+            Ok(t) if crate::kernels::flash_attn_fp8::kernel_takes(&t, &t, &t) => " + fp8 attention",
+            _ => " (fp8 attention asked, exact on this gpu)",
+        }
+    }
+
+    /// Turn FP8 attention on or off in the transformer, whatever its family (refused for a
+    /// family whose model cannot).
+    pub fn set_fp8_attention(&mut self, on: bool) -> Result<()> {
+        let d = &self.model.denoiser;
+        if d.fp8_attention() == on {
+            return Ok(());
+        }
+        self.model.denoiser = d.with_fp8_attention(on).ok_or_else(|| {
+            crate::Error::setting(
+                "FP8 attention",
+                "on",
+                format!(
+                    "the {} family's transformer has no FP8 attention: turn it off",
+                    d.family()
+                ),
+            )
+        })?;
         Ok(())
     }
 
@@ -750,13 +798,14 @@ impl Pipeline {
             variant: self.variant,
             synthetic: self.is_demo(),
             dtype: format!(
-                "{:?}{}",
+                "{:?}{}{}",
                 self.denoiser().dtype(),
                 match self.model.as_flux1() {
                     Some(f) if f.flux.fp8_kernels() => " + fp8 products",
                     Some(f) if f.flux.fp8_products() => " + fp8 products (simulated)",
                     _ => "",
-                }
+                },
+                self.fp8_attention_label()
             )
             .to_lowercase(),
             sampler: "flow-match-euler".into(),

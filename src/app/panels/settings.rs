@@ -195,6 +195,7 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     let demo = p.settings.is_demo();
     let random_seed = &mut p.settings.random_seed;
     let fp8 = &mut p.settings.fp8;
+    let fp8_attention = &mut p.settings.fp8_attention;
     let budget = &mut p.settings.memory_budget_gib;
     let model = p.settings.model.trim();
     let r = &mut p.settings.request;
@@ -294,14 +295,19 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
         ui.end_row();
         let l = ui.label("Precision");
         ui.horizontal(|ui| {
-            ui.checkbox(fp8, "FP8 (faster, slightly different)")
-                .labelled_by(l.id)
-                .on_hover_text(
-                    "The transformer multiplies in 8-bit floating point: faster and half the \
-                     weights' memory on newer NVIDIA GPUs (sm_89 and later, in bf16), with \
-                     small differences in the image. Elsewhere it is only simulated (FP8's \
-                     look, not its speed). E4M3 weights and activations; the model reloads.",
-                );
+            ui.checkbox(fp8, "FP8").labelled_by(l.id).on_hover_text(
+                "FP8 products (faster, slightly different): the transformer multiplies in \
+                     8-bit floating point: faster and half the weights' memory on newer NVIDIA \
+                     GPUs (sm_89 and later, in bf16), with small differences in the image. \
+                     Elsewhere it is only simulated (FP8's look, not its speed). E4M3 weights \
+                     and activations; the model reloads.",
+            );
+            ui.checkbox(fp8_attention, "FP8 attention").on_hover_text(
+                "FP8 attention (faster on H100/H200, approximate): attention compares queries \
+                 and keys in 8-bit floating point (a scale for each 64 queries and 128 keys of \
+                 every head), with small differences in the image; elsewhere it is only \
+                 simulated (its look, not its speed). Any layout; the model reloads.",
+            );
             let name = |b: Option<u32>| {
                 b.map_or("no memory budget".to_string(), |g| {
                     format!("{g} GiB budget")

@@ -98,6 +98,12 @@ impl Denoiser for Flux {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
+    fn fp8_attention(&self) -> bool {
+        self.attention().fp8_scores()
+    }
+    fn with_fp8_attention(&self, on: bool) -> Option<Arc<dyn Denoiser>> {
+        Some(Arc::new(self.clone().with_fp8_attention(on)))
+    }
 }
 
 impl TextEncoder for TextEncoders {

@@ -667,6 +667,13 @@ impl Flux {
         &self.attention
     }
 
+    /// The same model with attention's scores from E4M3 queries and keys (`on`) or exact: the
+    /// load option `fp8_attention` ([`crate::kernels::flash_attn_fp8`]).
+    pub fn with_fp8_attention(mut self, on: bool) -> Self {
+        self.attention.fp8_scores = on;
+        self
+    }
+
     pub fn config(&self) -> &FluxConfig {
         &self.cfg
     }

@@ -94,6 +94,12 @@ impl Denoiser for Klein {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
+    fn fp8_attention(&self) -> bool {
+        self.attention().fp8_scores()
+    }
+    fn with_fp8_attention(&self, on: bool) -> Option<Arc<dyn Denoiser>> {
+        Some(Arc::new(self.clone().with_fp8_attention(on)))
+    }
 }
 
 /// FLUX.2 (klein 4B and 9B, distilled and Base) in the family registry.

@@ -399,6 +399,20 @@ impl Klein {
         self
     }
 
+    /// Attention on this device (blocks use the context's where a parallel replica set one).
+    pub fn attention(&self) -> &dyn Attention {
+        self.attention.as_ref()
+    }
+
+    /// The same model with one-device attention whose scores come from E4M3 queries and keys
+    /// (`on`) or exact: the load option `fp8_attention` ([`crate::kernels::flash_attn_fp8`]).
+    pub fn with_fp8_attention(self, on: bool) -> Self {
+        self.with_attention(Arc::new(LocalAttention {
+            fp8_scores: on,
+            ..LocalAttention::default()
+        }))
+    }
+
     /// FP8 in the chosen groups of the blocks' layers, as FLUX.1's
     /// [`crate::model::flux::Flux::with_fp8_in`] converts them ([`Fp8Groups::ALL`] is what
     /// `--precision fp8` runs): E4M3 products with cuBLASLt on sm_89+ GPUs in bf16, simulated
