@@ -12,7 +12,7 @@
 #   - the SM clock, power and throttle reasons sampled by nvidia-smi every 100 ms, summarised per
 #     run (is a step power-bound?).
 # Logs, JSON lines (session.jsonl) and smi.csv in $OUT.
-# `attention` instead: the FP8 attention scores (PARALLAX_FP8_ATTENTION=1) against bf16 attention:
+# `attention` instead: the FP8 attention scores (`--fp8-attention`) against bf16 attention:
 # per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
 # whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
 #   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention]
@@ -59,11 +59,14 @@ print(name, "rc", rc, "step", s.get("median"), "loop", s.get("loop_median"), "qu
       "decode", v.get("vae_decode_ms_median"), "steps", v.get("steps_run"))
 PY
 }
-dev() { # name, precision, extra env...
+dev() { # name, precision, extra env... [-- extra bench arguments...]
     local name=$1 prec=$2
     shift 2
-    run "$name" 120 env "$@" $b bench --device cuda --model random:dev --width 1024 --height 1024 \
-        --steps 8 --runs 3 --warmup 1 --precision "$prec"
+    local envs=() args=()
+    while [[ $# -gt 0 && $1 != -- ]]; do envs+=("$1"); shift; done
+    [[ ${1:-} == -- ]] && shift && args=("$@")
+    run "$name" 120 env "${envs[@]}" $b bench --device cuda --model random:dev --width 1024 --height 1024 \
+        --steps 8 --runs 3 --warmup 1 --precision "$prec" "${args[@]}"
 }
 if [[ $part == targets ]]; then
     for round in $(seq 1 ${ROUNDS:-2}); do
@@ -79,7 +82,7 @@ if [[ $part == targets ]]; then
             --steps 4 --runs 5 --warmup 1 --precision $prec
     done
 else
-    # FP8 attention scores (PARALLAX_FP8_ATTENTION=1) against bf16 attention, alternating.
+    # FP8 attention scores (--fp8-attention) against bf16 attention, alternating.
     for w in 1024 2048; do
         timeout 120 $b dev profile --device cuda --width $w 2>&1 | grep -E "attention" | tee -a "$log"
     done
@@ -94,20 +97,20 @@ else
         [[ $round -gt 1 ]] && precs=fp8  # bf16 once: the FP8 pairs are what is compared
         for prec in $precs; do
             dev "dev-$prec-r$round" $prec
-            dev "dev-$prec-fp8attn-r$round" $prec PARALLAX_FP8_ATTENTION=1
+            dev "dev-$prec-fp8attn-r$round" $prec -- --fp8-attention
             if [[ $prec == fp8 && -n $before ]]; then
                 run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
                     --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
             fi
         done
     done
-    run dev-fp8-fp8attn-28 150 env PARALLAX_FP8_ATTENTION=1 $b bench --device cuda --model random:dev \
+    run dev-fp8-fp8attn-28 150 $b bench --device cuda --model random:dev --fp8-attention \
         --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 --precision fp8
-    for a in 0 1; do
-        run "schnell-fp8-4-fp8attn$a" 120 env PARALLAX_FP8_ATTENTION=$a $b bench --device cuda \
-            --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 --precision fp8
+    for a in "" --fp8-attention; do
+        run "schnell-fp8-4${a}" 120 $b bench --device cuda --model random:schnell $a \
+            --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 --precision fp8
     done
-    PARALLAX_FP8_ATTENTION=1 timeout 60 $b generate --device cuda --model random:dev --width 1024 \
+    timeout 60 $b generate --device cuda --model random:dev --fp8-attention --width 1024 \
         --height 1024 --steps 4 --precision fp8 --seed 3 --out "$out/dev-fp8attn.png" >> "$log" 2>&1
     timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 4 \
         --precision fp8 --seed 3 --out "$out/dev-fp8.png" >> "$log" 2>&1
