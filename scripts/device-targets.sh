@@ -83,7 +83,7 @@ if [[ $part == targets ]]; then
     done
 else
     # FP8 attention scores (--fp8-attention) against bf16 attention, alternating.
-    for w in 1024 2048; do
+    for w in ${PROFILE_WIDTHS:-1024 2048}; do
         timeout 120 $b dev profile --device cuda --width $w 2>&1 | grep -E "attention" | tee -a "$log"
     done
     # .device/before/parallax.xz, when carried: the build before the last kernel change, timed in
