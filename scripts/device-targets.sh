@@ -92,20 +92,16 @@ else
     if [[ -f .device/before/parallax.xz ]]; then
         xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
     fi
+    # Most telling first (a lease can end early): FP8 with and without FP8 attention and the build
+    # before, the whole-image targets, the two images; then bf16 with and without.
     for round in $(seq 1 ${ROUNDS:-2}); do
-        precs="fp8 native"
-        [[ $round -gt 1 ]] && precs=fp8  # bf16 once: the FP8 pairs are what is compared
-        for prec in $precs; do
-            dev "dev-$prec-r$round" $prec
-            dev "dev-$prec-fp8attn-r$round" $prec -- --fp8-attention
-            if [[ $prec == fp8 && -n $before ]]; then
-                run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
-                    --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
-            fi
-        done
+        dev "dev-fp8-r$round" fp8
+        dev "dev-fp8-fp8attn-r$round" fp8 -- --fp8-attention
+        if [[ -n $before ]]; then
+            run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
+                --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
+        fi
     done
-    run dev-fp8-fp8attn-28 150 $b bench --device cuda --model random:dev --fp8-attention \
-        --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 --precision fp8
     for a in "" --fp8-attention; do
         run "schnell-fp8-4${a}" 120 $b bench --device cuda --model random:schnell $a \
             --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 --precision fp8
@@ -115,6 +111,10 @@ else
     timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 4 \
         --precision fp8 --seed 3 --out "$out/dev-fp8.png" >> "$log" 2>&1
     echo "generate rc=$?" | tee -a "$log"
+    run dev-fp8-fp8attn-28 150 $b bench --device cuda --model random:dev --fp8-attention \
+        --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 --precision fp8
+    dev dev-native native
+    dev dev-native-fp8attn native -- --fp8-attention
 fi
 kill $smi 2>/dev/null
 python3 - "$out/smi.csv" "$marks" <<'PY' | tee -a "$log"
