@@ -35,6 +35,24 @@ __device__ __forceinline__ float block_sum(float s, float* red) {
     return tot;
 }
 
+// The largest of every thread's `m` (a magnitude, >= 0) over the block, returned to every thread;
+// `red` and the closing barrier as block_sum's.
+__device__ __forceinline__ float block_max(float m, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    float r = 0.f;
+    for (int w = 0; w < nw; ++w) r = fmaxf(r, red[w]);
+    __syncthreads();
+    return r;
+}
+
+// The E4M3 scale of values whose largest magnitude is `m`: m / 448 (448 is E4M3's largest value),
+// or 1 where m is 0 or not finite (the values then saturate rather than poison the scale).
+__device__ __forceinline__ float e4m3_scale(float m) { return (m > 0.f && m < 3.0e38f) ? m / 448.f : 1.f; }
+
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));

@@ -642,24 +642,13 @@ extern "C" __global__ void parallax_fp8_row_groups_d128(const unsigned short* __
     unsigned short* qs = (unsigned short*)(q + base);
     const int n2 = rows * 64;  // bf16 pairs
     __shared__ float red[32];
-    __shared__ float group_scale;
     float m = 0.f;
     for (int i = threadIdx.x; i < n2; i += blockDim.x) {
         const unsigned w = xs[i];
         m = fmaxf(m, fmaxf(fabsf(bf2f(w & 0xffff)), fabsf(bf2f(w >> 16))));
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float mm = 0.f;
-        for (int i = 0; i < (int)(blockDim.x >> 5); ++i) mm = fmaxf(mm, red[i]);
-        group_scale = (mm > 0.f && mm < 3.0e38f) ? mm / 448.f : 1.f;
-        scale[(u64)bh * gridDim.x + g] = group_scale;
-    }
-    __syncthreads();
-    const float sc = group_scale;
+    const float sc = e4m3_scale(block_max(m, red));
+    if (threadIdx.x == 0) scale[(u64)bh * gridDim.x + g] = sc;
     for (int i = threadIdx.x; i < n2; i += blockDim.x) {
         const unsigned w = xs[i];
         unsigned short r;

@@ -54,7 +54,6 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
     const unsigned short* xr = x + row * (long long)k;
     unsigned char* qr = q + row * (long long)k;
     __shared__ float warp_max[32];
-    __shared__ float row_scale;
     const int step = blockDim.x * 8;
     const bool kept = k <= KEEP * step;
     Q4 keep[KEEP];
@@ -78,19 +77,8 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
         } else {
             for (int c = threadIdx.x * 8; c < k; c += step) m = max8(*(const Q4*)(xr + c), m);
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-        if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float mm = 0.f;
-            for (int i = 0; i < (int)(blockDim.x >> 5); ++i) mm = fmaxf(mm, warp_max[i]);
-            // Non-finite rows keep scale 1 (their values saturate) rather than poisoning the row.
-            row_scale = (mm > 0.f && mm < 3.0e38f) ? mm / 448.f : 1.f;
-            scale[row] = row_scale;
-        }
-        __syncthreads();
-        s = row_scale;
+        s = e4m3_scale(block_max(m, warp_max));
+        if (threadIdx.x == 0) scale[row] = s;
     }
     if (kept) {
 #pragma unroll

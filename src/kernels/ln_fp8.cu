@@ -22,7 +22,6 @@ extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* _
     const u64 b = row / L;
     const int col = threadIdx.x * 8;
     const bool active = col < C;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     float v[8];
     float s = 0.f;
     if (active) {
@@ -78,13 +77,7 @@ extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* _
             *(Q4*)(y + row * C + col) = o;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    float mm = 0.f;
-    for (int w = 0; w < nw; ++w) mm = fmaxf(mm, red[w]);
-    const float qs = (mm > 0.f && mm < 3.0e38f) ? mm / 448.f : 1.f;
+    const float qs = e4m3_scale(block_max(m, red));
     if (threadIdx.x == 0) qscale[row] = qs;
     if (active) {
         unsigned short o[4];
