@@ -355,8 +355,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = PrecisionArg::Native)]
     pub precision: PrecisionArg,
     /// FP8 attention: the scores Q Kᵀ from E4M3 queries and keys (per head, a scale for each 64
-    /// query rows and each 128 keys), the rest in the run's dtype. Faster on H100/H200 in bf16,
-    /// approximate; simulated on the CPU (its quality, not its speed). Any layout.
+    /// query rows and each 128 keys), the rest in the run's dtype. Experimental: runs on H100/H200
+    /// in bf16 but is not faster yet (a step takes as long); simulated on the CPU (its quality, not
+    /// its speed). Any layout.
     #[arg(long)]
     pub fp8_attention: bool,
     /// Fit each GPU's share of the model within this much memory (`24`, `24G`, `20000M`; GiB

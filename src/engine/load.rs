@@ -53,7 +53,7 @@ pub struct ModelChoice {
     #[serde(default)]
     pub memory_budget_mib: Option<u64>,
     /// Attention's scores from E4M3 queries and keys (`--fp8-attention`; see
-    /// [`LoadOptions::fp8_attention`]): faster on H100/H200, approximate.
+    /// [`LoadOptions::fp8_attention`]): approximate, and not faster yet on an H100 (BENCHMARKS.md).
     #[serde(default)]
     pub fp8_attention: bool,
 }

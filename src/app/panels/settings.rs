@@ -303,10 +303,11 @@ pub fn sampling(ui: &mut egui::Ui, p: &mut Panel<'_>) {
                      and activations; the model reloads.",
             );
             ui.checkbox(fp8_attention, "FP8 attention").on_hover_text(
-                "FP8 attention (faster on H100/H200, approximate): attention compares queries \
-                 and keys in 8-bit floating point (a scale for each 64 queries and 128 keys of \
-                 every head), with small differences in the image; elsewhere it is only \
-                 simulated (its look, not its speed). Any layout; the model reloads.",
+                "FP8 attention (experimental, approximate): attention compares queries and \
+                 keys in 8-bit floating point (a scale for each 64 queries and 128 keys of \
+                 every head), with small differences in the image. Not faster yet: on an H100 \
+                 a step takes as long as without it. Runs on H100/H200 in bf16; elsewhere it \
+                 is only simulated (its look, not its speed). Any layout; the model reloads.",
             );
             let name = |b: Option<u32>| {
                 b.map_or("no memory budget".to_string(), |g| {
