@@ -65,26 +65,26 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     sdpa_chunked(&qr, &kr, &v.to_dtype(DType::F32)?, 1024)?.to_dtype(q.dtype())
 }
 
-/// Whether the FP8-scores kernel takes these inputs (else [`attention`] simulates or falls back).
-pub fn kernel_takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        let aligned = [q, k, v]
+/// Whether the FP8-scores kernel runs on `device` for `dtype` and head width `head_dim`: it is
+/// the FP8 twin of the Hopper kernel [`super::flash_attn::SM90_DEFAULT`], so wherever that
+/// variant runs, in bf16.
+pub fn kernel_runs_on(device: &candle_core::Device, dtype: DType, head_dim: usize) -> bool {
+    dtype == DType::BF16
+        && super::flash_attn::variants_on(device, head_dim)
             .iter()
-            .all(|t| t.dtype() == DType::BF16 && t.layout().start_offset() % 8 == 0);
-        let hopper = match q.device() {
-            candle_core::Device::Cuda(d) => {
-                matches!(super::nvrtc::compute_capability(d), Ok((9, 0)))
-            }
-            _ => false,
-        };
-        hopper && aligned && q.rank() == 4 && q.dim(3).is_ok_and(|d| d == 128)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (q, k, v);
-        false
-    }
+            .any(|v| v.name() == super::flash_attn::SM90_DEFAULT)
+}
+
+/// Whether the FP8-scores kernel takes these inputs (else [`attention`] simulates or falls back):
+/// where it runs ([`kernel_runs_on`]), all three bf16 (B, H, L, D) with rows 16-byte aligned for
+/// the tensor memory accelerator.
+pub fn kernel_takes(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    q.rank() == 4
+        && q.dim(3)
+            .is_ok_and(|d| kernel_runs_on(q.device(), q.dtype(), d))
+        && [q, k, v]
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.layout().start_offset() % 8 == 0)
 }
 
 /// softmax(Q Kᵀ / √d) V over (B, H, L, D) with the scores from E4M3 Q and K: the kernel on an

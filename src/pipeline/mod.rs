@@ -616,11 +616,11 @@ impl Pipeline {
         if d.device().is_cpu() {
             return " + fp8 attention (simulated)";
         }
-        // The kernel's own test, on a probe of one row with the model's head width.
         let head_dim = d.hidden_size() / d.num_heads().max(1);
-        match Tensor::zeros((1, 1, 1, head_dim), d.dtype(), d.device()) {
-            Ok(t) if crate::kernels::flash_attn_fp8::kernel_takes(&t, &t, &t) => " + fp8 attention",
-            _ => " (fp8 attention asked, exact on this gpu)",
+        if crate::kernels::flash_attn_fp8::kernel_runs_on(d.device(), d.dtype(), head_dim) {
+            " + fp8 attention"
+        } else {
+            " (fp8 attention asked, exact on this gpu)"
         }
     }
 
