@@ -124,13 +124,26 @@ pub struct PrecisionCell {
 }
 
 impl PrecisionCell {
-    fn name(&self) -> &'static str {
-        match (self.products, self.attention) {
-            (false, false) => "native",
-            (true, false) => "fp8",
-            (false, true) => "fp8-attention",
-            (true, true) => "fp8+fp8-attention",
+    const fn new(products: bool, attention: bool) -> Self {
+        Self {
+            products,
+            attention,
         }
+    }
+
+    /// Every cell under its `--precisions` name.
+    const ALL: [(&'static str, PrecisionCell); 4] = [
+        ("native", PrecisionCell::new(false, false)),
+        ("fp8", PrecisionCell::new(true, false)),
+        ("fp8-attention", PrecisionCell::new(false, true)),
+        ("fp8+fp8-attention", PrecisionCell::new(true, true)),
+    ];
+
+    fn name(&self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, c)| c == self)
+            .map_or("native", |(n, _)| n)
     }
 
     /// The transformer of `p` (loaded native or as this cell asks) in this cell's precision.
@@ -149,19 +162,12 @@ impl PrecisionCell {
 }
 
 fn parse_precision_cell(s: &str) -> Result<PrecisionCell, String> {
-    let cell = |products, attention| PrecisionCell {
-        products,
-        attention,
-    };
-    match s.trim() {
-        "native" => Ok(cell(false, false)),
-        "fp8" => Ok(cell(true, false)),
-        "fp8-attention" => Ok(cell(false, true)),
-        "fp8+fp8-attention" => Ok(cell(true, true)),
-        other => Err(format!(
-            "`{other}`: give native, fp8, fp8-attention or fp8+fp8-attention"
-        )),
-    }
+    let s = s.trim();
+    PrecisionCell::ALL
+        .iter()
+        .find(|(n, _)| *n == s)
+        .map(|&(_, c)| c)
+        .ok_or_else(|| format!("`{s}`: give native, fp8, fp8-attention or fp8+fp8-attention"))
 }
 
 /// One cell of the sweep: a cache setting on one device, a parallel layout uncached, or the
