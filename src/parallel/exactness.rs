@@ -12,14 +12,18 @@ use super::shard::ShardLayout;
 use super::ulysses::UlyssesAttention;
 use super::usp::UspAttention;
 use crate::model::attention::{sdpa_chunked, Attention};
+use crate::model::rng::SplitMix64;
 
+/// Q, K, V of shape (1, 4, `l`, 16), standard normal from a fixed seed (the same on every run and
+/// machine, so a tolerance measured here holds in CI).
 fn inputs(l: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let dev = Device::Cpu;
-    Ok((
-        Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
-        Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
-        Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
-    ))
+    let mut rng = SplitMix64::new(0x5eed ^ l as u64);
+    let mut one = || Tensor::from_vec(rng.normals(4 * l * 16), (1, 4, l, 16), &Device::Cpu);
+    Ok((one()?, one()?, one()?))
+}
+
+fn rms_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a - b)?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -30,9 +34,20 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// the largest difference of any rank's gathered output from `want`.
 fn sharded_diff(
     n: usize,
+    qkv: &(Tensor, Tensor, Tensor),
+    want: &Tensor,
+    make: impl Fn(Arc<dyn Communicator>) -> Box<dyn Attention> + Sync,
+) -> Result<f32> {
+    sharded_diff_by(n, qkv, want, make, max_diff)
+}
+
+/// [`sharded_diff`] with `metric` (largest or root-mean-square difference) in place of the largest.
+fn sharded_diff_by(
+    n: usize,
     (q, k, v): &(Tensor, Tensor, Tensor),
     want: &Tensor,
     make: impl Fn(Arc<dyn Communicator>) -> Box<dyn Attention> + Sync,
+    metric: fn(&Tensor, &Tensor) -> Result<f32>,
 ) -> Result<f32> {
     let shard = q.dim(2)? / n;
     let outs = run_local(n, |rank, comm| {
@@ -44,7 +59,7 @@ fn sharded_diff(
     })?;
     let mut worst = 0f32;
     for o in &outs {
-        worst = worst.max(max_diff(o, want)?);
+        worst = worst.max(metric(o, want)?);
     }
     Ok(worst)
 }
@@ -105,13 +120,15 @@ fn ulysses_attention_matches_one_device() -> Result<()> {
 
 /// FP8 attention under Ring and Ulysses against one device's FP8 attention: shards of 256 rows
 /// (whole groups of 64 query rows and 128 keys) round the same rows together as one device, so
-/// only the summation order differs (measured: 4e-7). Shards of 24 rows put other rows in Ring's
-/// groups (its query shards and key blocks are rounded apart), and the difference is then of
-/// FP8's own size, not bit-exact: measured at 4 heads of 16 (random inputs), Ring 2 differs from
-/// one device's FP8 by 0.042 and Ring 4 by 0.099 where FP8 differs from exact by 0.057 and 0.072,
-/// and each is as close to exact as one device's FP8: the test allows twice FP8's own error.
-/// Ulysses gathers whole sequences in order here and stays exact. And the strategies do use
-/// FP8: far from exact attention.
+/// only the summation order differs (measured: 4e-7), and the largest difference is checked.
+/// Shards of 24 rows put other rows in Ring's groups (its query shards and key blocks are rounded
+/// apart), and the difference is then of FP8's own size, not bit-exact. There the root-mean-square
+/// difference is checked, because the largest one of a few thousand values swings with the inputs
+/// (over 12 seeds at 4 heads of 16, Ring's largest difference from one device's FP8 ran from 0.8
+/// to 2.0 times FP8's own largest error): its RMS difference from one device's FP8 measured 0.9
+/// to 1.25 times FP8's own RMS error from exact, and its RMS error from exact 0.9 to 1.05 times
+/// it, so the test allows 2 and 1.25 times. Ulysses gathers whole sequences in order here and stays
+/// exact. And the strategies do use FP8: far from exact attention.
 #[test]
 fn fp8_strategies_round_as_one_device_where_their_groups_align() -> Result<()> {
     use crate::kernels::flash_attn_fp8;
@@ -123,24 +140,29 @@ fn fp8_strategies_round_as_one_device_where_their_groups_align() -> Result<()> {
             let qkv = inputs(rows * n)?;
             let one = flash_attn_fp8::attention(&qkv.0, &qkv.1, &qkv.2)?;
             let exact = sdpa_chunked(&qkv.0, &qkv.1, &qkv.2, 1 << 20)?;
-            let fp8_error = max_diff(&one, &exact)?;
             for (name, make) in [("ring", ring), ("ulysses", ulysses)] {
-                let d = sharded_diff(n, &qkv, &one, make)?;
-                let e = sharded_diff(n, &qkv, &exact, make)?;
-                let tol = if rows % 128 == 0 {
-                    1e-5
-                } else {
-                    2.0 * fp8_error
-                };
-                assert!(
-                    d < tol,
-                    "{name} {n}, shards of {rows}: {d} from one device's FP8"
-                );
-                assert!(
-                    e < 2.0 * fp8_error,
-                    "{name} {n}, shards of {rows}: {e} from exact"
-                );
+                let e = sharded_diff_by(n, &qkv, &exact, make, rms_diff)?;
                 assert!(e > 1e-3, "{name} {n}: FP8 scores not used ({e} from exact)");
+                if rows % 128 == 0 {
+                    let d = sharded_diff(n, &qkv, &one, make)?;
+                    assert!(
+                        d < 1e-5,
+                        "{name} {n}, shards of {rows}: {d} from one device's FP8"
+                    );
+                } else {
+                    let fp8_error = rms_diff(&one, &exact)?;
+                    let d = sharded_diff_by(n, &qkv, &one, make, rms_diff)?;
+                    assert!(
+                        d < 2.0 * fp8_error,
+                        "{name} {n}, shards of {rows}: RMS {d} from one device's FP8 \
+                         (its own RMS error {fp8_error})"
+                    );
+                    assert!(
+                        e < 1.25 * fp8_error,
+                        "{name} {n}, shards of {rows}: RMS {e} from exact (one device's FP8: \
+                         {fp8_error})"
+                    );
+                }
             }
         }
     }
