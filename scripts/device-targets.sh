@@ -15,7 +15,10 @@
 # `attention` instead: the FP8 attention scores (`--fp8-attention`) against bf16 attention:
 # per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
 # whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
-#   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention]
+# `gemm`: the FP8 products' cuBLASLt switches (PARALLAX_FP8_FAST_ACCUM, PARALLAX_GEMM_AUTOTUNE;
+# src/kernels/lt_algo.rs) against the default, alternating, with the selfcheck and fp8-error under
+# fast accumulation, and schnell's whole image with both.
+#   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -81,6 +84,30 @@ if [[ $part == targets ]]; then
         run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
             --steps 4 --runs 5 --warmup 1 --precision $prec
     done
+elif [[ $part == gemm ]]; then
+    # FP8 products (kernels/lt_algo.rs): cuBLASLt's fast accumulation and the per-shape autotune
+    # against the heuristic's first choice, alternating; the selfcheck and fp8-error with fast
+    # accumulation (is it still within the FP8 products' tolerances, and how much error it adds).
+    PARALLAX_FP8_FAST_ACCUM=1 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck-fast.log" 2>&1
+    echo "selfcheck with fast accumulation rc=$?" | tee -a "$log"
+    grep -Ei "fp8|FAIL|passed" "$out/selfcheck-fast.log" | tail -30 | tee -a "$log"
+    for round in $(seq 1 ${ROUNDS:-2}); do
+        dev "dev-fp8-r$round" fp8
+        dev "dev-fp8-fast-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1
+        dev "dev-fp8-tuned-r$round" fp8 PARALLAX_GEMM_AUTOTUNE=1 RUST_LOG=parallax=info
+        dev "dev-fp8-fast-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1
+    done
+    for fast in 0 1; do
+        PARALLAX_FP8_FAST_ACCUM=$fast timeout 120 $b dev fp8-error --device cuda --model random:dev \
+            --width 1024 --height 1024 --steps 4 --seed 3 > "$out/fp8-error-fast$fast.json" 2>> "$log"
+        echo "fp8-error fast accumulation=$fast rc=$?" | tee -a "$log"
+        tail -c 1500 "$out/fp8-error-fast$fast.json" | tee -a "$log"
+    done
+    run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+        --steps 4 --runs 5 --warmup 1 --precision fp8
+    run schnell-fp8-4-fast-tuned 120 env PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1 $b bench \
+        --device cuda --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 \
+        --precision fp8
 else
     # FP8 attention scores (--fp8-attention) against bf16 attention, alternating.
     for w in ${PROFILE_WIDTHS:-1024 2048}; do

@@ -1369,6 +1369,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "memory_budget_mib": a.model.choice().memory_budget_mib,
         "t5": format!("{:?}", f1.text.t5_residency()),
         "transformer_weights_mib": f1.flux.weight_bytes() as f64 / (1024.0 * 1024.0),
+        // FP8 products: the cuBLASLt switches and each shape's algorithm (kernels::lt_algo).
+        "gemm_tuning": crate::kernels::lt_algo::report(),
         "step_ms": {
             "median": step_median,
             "min": all_steps.iter().copied().fold(f64::INFINITY, f64::min),

@@ -355,6 +355,43 @@ mod cuda {
         }
     }
 
+    /// cuBLASLt's first `count` algorithms for the described product (best first; C and D share
+    /// a layout), only those it says can run.
+    ///
+    /// # Safety
+    /// The descriptors must be live.
+    unsafe fn heuristics(
+        handle: sys::cublasLtHandle_t,
+        desc: sys::cublasLtMatmulDesc_t,
+        [la, lb, lc]: [sys::cublasLtMatrixLayout_t; 3],
+        pref: sys::cublasLtMatmulPreference_t,
+        count: usize,
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![std::mem::zeroed(); count.max(1)];
+        let mut returned = 0i32;
+        sys::cublasLtMatmulAlgoGetHeuristic(
+            handle,
+            desc,
+            la,
+            lb,
+            lc,
+            lc,
+            pref,
+            results.len() as i32,
+            results.as_mut_ptr(),
+            &mut returned,
+        )
+        .result()
+        .map_err(|e| err("cuBLASLt FP8 heuristic", e))?;
+        results.truncate(returned.max(0) as usize);
+        Ok(results
+            .into_iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect())
+    }
+
     fn product(
         a: Option<&Tensor>,
         dims: &[usize],
@@ -453,33 +490,49 @@ mod cuda {
                     std::mem::size_of::<usize>(),
                 )
                 .map_err(|e| err("cuBLASLt preference", e))?;
-                let heuristic = lt::get_matmul_algo_heuristic(h.handle, desc, la, lb, lc, lc, pref)
-                    .map_err(|e| err("cuBLASLt FP8 heuristic", e))?;
+                let tuning = crate::kernels::lt_algo::tuning();
+                if tuning.fast_accum {
+                    set(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+                }
                 let (alpha, beta) = (1f32, 0f32);
                 let mut ov = out.slice_mut(col0..);
                 let (op, _g6) =
                     candle_core::cuda_backend::cudarc::driver::DevicePtrMut::device_ptr_mut(
                         &mut ov, &stream,
                     );
-                lt::matmul(
-                    h.handle,
-                    desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    wq as *const c_void,
-                    la,
-                    xqp as *const c_void,
-                    lb,
-                    op as *const c_void,
-                    lc,
-                    op as *mut c_void,
-                    lc,
-                    &heuristic.algo,
-                    wk as *mut c_void,
-                    WORKSPACE,
-                    stream.cu_stream() as *mut _,
-                )
-                .map_err(|e| err("cuBLASLt FP8 matmul", e))?;
+                let run = |algo: &sys::cublasLtMatmulAlgo_t| {
+                    lt::matmul(
+                        h.handle,
+                        desc,
+                        &alpha as *const f32 as *const c_void,
+                        &beta as *const f32 as *const c_void,
+                        wq as *const c_void,
+                        la,
+                        xqp as *const c_void,
+                        lb,
+                        op as *const c_void,
+                        lc,
+                        op as *mut c_void,
+                        lc,
+                        algo,
+                        wk as *mut c_void,
+                        WORKSPACE,
+                        stream.cu_stream() as *mut _,
+                    )
+                    .map_err(|e| err("cuBLASLt FP8 matmul", e))
+                };
+                let key = crate::kernels::lt_algo::Key {
+                    device: dev.id(),
+                    rows,
+                    k,
+                    n,
+                    ld,
+                    epilogue: epilogue as u32,
+                    fast_accum: tuning.fast_accum,
+                };
+                let offered = |count: usize| heuristics(h.handle, desc, [la, lb, lc], pref, count);
+                let algo = crate::kernels::lt_algo::choose(key, &stream, offered, &run)?;
+                run(&algo)?;
                 drop(d);
             }
         }

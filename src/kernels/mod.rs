@@ -15,6 +15,7 @@ pub mod fp8;
 pub mod fp8_gemm;
 pub mod gemm;
 pub mod ln_fp8;
+pub mod lt_algo;
 pub mod nvrtc;
 pub mod qkv_prep;
 pub mod reference;
