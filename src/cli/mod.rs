@@ -361,7 +361,8 @@ pub struct ModelArgs {
     #[arg(long)]
     pub fp8_attention: bool,
     /// Fit each GPU's share of the model within this much memory (`24`, `24G`, `20000M`; GiB
-    /// without a unit), planned for 1024 px: T5 built for each prompt and freed after it, then
+    /// without a unit), planned for the command's --width and --height (1024 px when it names
+    /// none; the studio: 1024 px): T5 built for each prompt and freed after it, then
     /// FP8 products without bf16 copies, then the modulations stored in FP8 (weight-only), as
     /// far as needed; refused with the estimate when even that does not fit. See `parallax
     /// memory` for what fits where.
@@ -487,6 +488,18 @@ impl ModelArgs {
             precision: self.precision.into(),
             memory_budget_mib: self.memory_budget.map(|b| (b / (1u64 << 20) as f64) as u64),
             fp8_attention: self.fp8_attention,
+            plan_size: None,
+        }
+    }
+
+    /// [`Self::choice`] with a memory budget planned for the size `sample` asks (where it names
+    /// one; the model's default size otherwise).
+    pub fn choice_at(&self, sample: &SampleArgs) -> ModelChoice {
+        let d = crate::engine::load::PLAN_SIZE;
+        ModelChoice {
+            plan_size: (sample.width.is_some() || sample.height.is_some())
+                .then(|| (sample.width.unwrap_or(d), sample.height.unwrap_or(d))),
+            ..self.choice()
         }
     }
 }
@@ -916,7 +929,8 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     }
     read.context("agreeing on the job")?;
     let seed = seed.ok_or_else(|| anyhow::anyhow!("rank 0 sent no seed"))?;
-    let p = load_pipeline(&a.model.choice(), &a.model.device).context("loading the model")?;
+    let p = load_pipeline(&a.model.choice_at(&a.sample), &a.model.device)
+        .context("loading the model")?;
     p.flux1("`parallax worker` processes")?;
     let sample = SampleArgs {
         seed: Some(seed),
@@ -1061,9 +1075,11 @@ fn checked_job(
     // The values that need no model first: a bad size is reported as such, even beside a
     // damaged model.
     crate::pipeline::check_request(&request_with(false, sample, init))?;
-    let choice = model.choice();
+    let mut choice = model.choice();
     let resolved = choice.resolve()?;
     let req = request_with(is_demo(&resolved), sample, init);
+    // A memory budget is planned for the size this request asks.
+    choice.plan_size = Some((req.width, req.height));
     let placement = parallel.placement(&model.device)?;
     let (heads, hints) = crate::engine::layout_facts(&resolved, &placement)?;
     let plan = placement.plan_with(
@@ -1251,7 +1267,12 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     // the prompts do not depend on the model.
     let ahead = crate::engine::overlap::prompts_for(&request_with(false, &a.sample, &a.init));
     let p =
-        crate::engine::load::load_pipeline_ahead(&a.model.choice(), &a.model.device, None, &ahead)?;
+        crate::engine::load::load_pipeline_ahead(
+        &a.model.choice_at(&a.sample),
+        &a.model.device,
+        None,
+        &ahead,
+    )?;
     let f1 = p.flux1("`parallax bench` (use `parallax dev bench-klein` for klein)")?;
     p.set_lora_merge(a.lora_merge);
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
@@ -1844,6 +1865,29 @@ mod tests {
             let e = args.placement("cpu").expect_err(needle).to_string();
             assert!(e.contains(needle), "{e}");
         }
+        Ok(())
+    }
+
+    /// A memory budget is planned for the size the command asks, not the default 1024 px.
+    #[test]
+    fn the_memory_plan_takes_the_requested_size() -> anyhow::Result<()> {
+        let parse = |args: &[&str]| -> anyhow::Result<GenerateArgs> {
+            let mut all = vec!["parallax", "generate", "--model", "random:dev"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all)?.command {
+                Some(Command::Generate(g)) => Ok(g),
+                other => anyhow::bail!("parsed as {other:?}"),
+            }
+        };
+        let g = parse(&["--width", "2048", "--height", "512", "--memory-budget", "24G"])?;
+        let checked = checked_job(&g.model, &g.sample, &g.init, &g.parallel)?;
+        assert_eq!(checked.choice.plan_size, Some((2048, 512)));
+        assert_eq!(g.model.choice_at(&g.sample).plan_size, Some((2048, 512)));
+        // Nothing asked: the model's default size, as before (checked when it loads).
+        let g = parse(&[])?;
+        assert_eq!(g.model.choice_at(&g.sample).plan_size, None);
+        let g = parse(&["--width", "768"])?;
+        assert_eq!(g.model.choice_at(&g.sample).plan_size, Some((768, 1024)));
         Ok(())
     }
 }

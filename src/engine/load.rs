@@ -56,6 +56,11 @@ pub struct ModelChoice {
     /// [`LoadOptions::fp8_attention`]): approximate, and not faster yet on an H100 (BENCHMARKS.md).
     #[serde(default)]
     pub fp8_attention: bool,
+    /// The image size (width, height) a memory budget is planned for: the activations grow with
+    /// it. None: [`PLAN_SIZE`] square (256 px for the demo). The CLI passes its request's size;
+    /// the studio leaves it out (a new size would otherwise reload the model).
+    #[serde(default)]
+    pub plan_size: Option<(usize, usize)>,
 }
 
 /// How the transformer blocks' matrix products are computed.
@@ -113,6 +118,7 @@ impl ModelChoice {
             precision: Precision::Native,
             memory_budget_mib: None,
             fp8_attention: false,
+            plan_size: None,
         }
     }
 
@@ -254,7 +260,7 @@ pub fn load_pipeline_ahead(
     let opts = match choice.memory_budget_mib {
         None => asked,
         Some(mib) => {
-            let w = workload(&resolved, dtype, None, !dev.is_cpu())?;
+            let w = workload(&resolved, dtype, choice.plan_size, !dev.is_cpu())?;
             let plan = memory::plan(
                 &w,
                 (mib as f64) * (1u64 << 20) as f64,
