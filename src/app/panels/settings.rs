@@ -34,7 +34,7 @@ const WARN: Color32 = Color32::from_rgb(230, 180, 60);
 /// The model field, its shortcuts and its status.
 pub fn model(ui: &mut egui::Ui, p: &mut Panel<'_>) {
     ui.heading("Parallax");
-    ui.label(RichText::new("FLUX.1 over many GPUs").weak());
+    ui.label(RichText::new("FLUX models over many GPUs").weak());
     ui.separator();
     let model_label = ui.label("Model");
     ui.horizontal(|ui| {
