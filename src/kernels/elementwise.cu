@@ -6,6 +6,7 @@
 //   parameters (eps 1e-6), one block per row.
 // - SwiGLU: silu(gate) * up, the halves read in place from a wider product, optionally written
 //   beside another tensor.
+// - column copy: a tensor written into the first columns of a wider buffer (rows at a stride).
 // All vectorised 8 values (16 bytes) at a time; N and C must be multiples of 8.
 
 struct __align__(16) U4 { unsigned x, y, z, w; };
@@ -91,6 +92,19 @@ extern "C" __global__ void parallax_cat_bias_gelu_bf16(const unsigned short* __r
             for (int j = 0; j < 8; ++j) v.v[j] = gelu_tanh(v.v[j] + b.v[j]);
             store8(out + i * 8, v);
         }
+    }
+}
+
+// out[r, 0:A] = a[r, :] for rows r of out at stride LD (a contiguous, rows of A values): the
+// tensor a product is joined to, copied into the wider buffer the product wrote its columns of.
+extern "C" __global__ void parallax_copy_columns_bf16(const unsigned short* __restrict__ a,
+                                                      unsigned short* __restrict__ out, u64 n8,
+                                                      int A, u64 LD) {
+    const int A8 = A / 8;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n8; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / A8;
+        const int c = (int)(i % A8) * 8;
+        *(U4*)(out + r * LD + c) = *(const U4*)(a + i * 8);
     }
 }
 

@@ -92,6 +92,59 @@ pub fn cat_bias_gelu(a: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[a, &bias_act(y, bias, true)?], candle_core::D::Minus1)
 }
 
+/// Writes `a` (bf16, its last axis `wa` wide, `rows` rows in all) into columns `0..wa` of `out`,
+/// a bf16 buffer of `rows` rows at stride `ld`: the tensor a product is joined to, beside the
+/// columns the product wrote (the single blocks' attention output before their MLP activation).
+/// One vectorised pass (16 bytes a thread) where `wa` and `ld` are multiples of 8; returns
+/// `false` and writes nothing otherwise, for the caller's `slice_set`.
+#[cfg(feature = "cuda")]
+pub fn copy_columns_into(
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>,
+    rows: usize,
+    ld: usize,
+    a: &Tensor,
+) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    let wa = a.dim(candle_core::D::Minus1)?;
+    if a.dtype() != DType::BF16
+        || !a.device().is_cuda()
+        || wa % 8 != 0
+        || ld % 8 != 0
+        || wa > ld
+        || a.elem_count() != rows * wa
+        || out.len() < rows * ld
+    {
+        return Ok(false);
+    }
+    let a = if a.is_contiguous() && a.layout().start_offset() % 8 == 0 {
+        a.clone()
+    } else {
+        a.force_contiguous()?
+    };
+    let dev = crate::kernels::cuda_util::device(&a)?;
+    let func = crate::kernels::nvrtc::function(
+        &dev,
+        "elementwise",
+        SOURCE,
+        false,
+        "parallax_copy_columns_bf16",
+    )?;
+    let (s, l) = a.storage_and_layout();
+    let av = crate::kernels::cuda_util::view::<half::bf16>(&s, l)?;
+    let (n8, wa_i, ld_u) = ((rows * wa / 8) as u64, wa as i32, ld as u64);
+    let mut b = func.builder();
+    b.arg(&av);
+    b.arg(out);
+    b.arg(&n8);
+    b.arg(&wa_i);
+    b.arg(&ld_u);
+    // SAFETY: `a` holds rows·wa values from its (16-byte aligned) start; `out` holds rows·ld,
+    // each row written at columns 0..wa <= ld.
+    unsafe { b.launch(crate::kernels::cuda_util::grid_stride(n8)) }.w()?;
+    Ok(true)
+}
+
 /// `LayerNorm(x) * (1 + scale) + shift`, LayerNorm without affine parameters (eps 1e-6), `x`
 /// (B, L, C), `shift` and `scale` (B, 1, C).
 pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
