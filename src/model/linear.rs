@@ -396,8 +396,9 @@ pub(crate) enum Normed {
 
 impl Normed {
     /// `LayerNorm(x) · (1 + scale) + shift` for the layers `readers`: in E4M3 where each of them
-    /// would quantise it for an FP8 product anyway (and the fused kernel takes the shapes), in
-    /// the run's dtype otherwise.
+    /// would quantise it for an FP8 product anyway and the fused kernel takes the shapes (or,
+    /// without the fused kernel, where more than one reads it: quantised once by the products'
+    /// own quantiser), in the run's dtype otherwise.
     pub(crate) fn for_layers(
         x: &Tensor,
         shift: &Tensor,
@@ -428,10 +429,35 @@ impl Normed {
                 }
             }
         }
+        let rows = crate::kernels::elementwise::ln_modulate(x, shift, scale)?;
+        // Several FP8 readers (the single blocks' two halves of linear1) would each quantise the
+        // same rows: quantise them once here (the same per-token rounding each would do).
+        #[cfg(feature = "cuda")]
+        if readers.len() > 1
+            && readers.iter().all(|l| l.takes_fp8_rows())
+            && rows.dtype() == candle_core::DType::BF16
+            && rows.device().is_cuda()
+        {
+            match crate::kernels::fp8_gemm::quantize_rows(&rows, false) {
+                Ok(q) => {
+                    return Ok(Normed::Fp8 {
+                        q: Box::new(q),
+                        dims: rows.dims().to_vec(),
+                    })
+                }
+                Err(e) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        tracing::warn!(
+                            "quantising the norm's rows once for its FP8 readers failed ({e}); \
+                             each product quantises them"
+                        )
+                    });
+                }
+            }
+        }
         let _ = readers;
-        Ok(Normed::Rows(crate::kernels::elementwise::ln_modulate(
-            x, shift, scale,
-        )?))
+        Ok(Normed::Rows(rows))
     }
 }
 

@@ -334,8 +334,8 @@ impl SingleBlock {
         layer: usize,
     ) -> Result<Tensor> {
         let m = &self.modulation.forward(&ctx.vec)?[0];
-        // Both halves of linear1 read the norm's rows: quantised once, in the norm's pass, when
-        // both run FP8 products on the GPU.
+        // Both halves of linear1 read the norm's rows: quantised once when both run FP8 products
+        // on the GPU (in the norm's pass with the fused kernel, right after it otherwise).
         let xm = m.norm_for(x, &[&self.linear1_qkv, &self.linear1_mlp])?;
         let qkv = self.linear1_qkv.apply_normed(&xm, false)?;
         let (q, k, v) = qkv_prep(&[self.norm.stream(&qkv)], &ctx.pe, self.heads)?;
