@@ -16,8 +16,9 @@
 # per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
 # whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
 # `gemm`: the FP8 products' cuBLASLt switches (PARALLAX_FP8_FAST_ACCUM, PARALLAX_GEMM_AUTOTUNE;
-# src/kernels/lt_algo.rs) against the default, alternating, with the selfcheck and fp8-error under
-# fast accumulation, and schnell's whole image with both.
+# src/kernels/lt_algo.rs) and the fused norm + quantisation (PARALLAX_FUSED_FP8_QUANT) against the
+# default, and against the build in .device/before/ (FP8 and bf16), alternating; the selfcheck
+# and fp8-error under fast accumulation; schnell's whole image with both switches.
 #   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
@@ -91,11 +92,24 @@ elif [[ $part == gemm ]]; then
     PARALLAX_FP8_FAST_ACCUM=1 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck-fast.log" 2>&1
     echo "selfcheck with fast accumulation rc=$?" | tee -a "$log"
     grep -Ei "fp8|FAIL|passed" "$out/selfcheck-fast.log" | tail -30 | tee -a "$log"
+    # .device/before/parallax.xz, when carried: the build before this change, in the same rounds.
+    before=""
+    if [[ -f .device/before/parallax.xz ]]; then
+        xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
+    fi
     for round in $(seq 1 ${ROUNDS:-2}); do
         dev "dev-fp8-r$round" fp8
         dev "dev-fp8-fast-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1
         dev "dev-fp8-tuned-r$round" fp8 PARALLAX_GEMM_AUTOTUNE=1 RUST_LOG=parallax=info
         dev "dev-fp8-fast-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1
+        dev "dev-fp8-fusedq-r$round" fp8 PARALLAX_FUSED_FP8_QUANT=1
+        if [[ -n $before ]]; then
+            run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
+                --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
+            run "dev-native-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
+                --height 1024 --steps 8 --runs 3 --warmup 1 --precision native
+        fi
+        dev "dev-native-r$round" native
     done
     for fast in 0 1; do
         PARALLAX_FP8_FAST_ACCUM=$fast timeout 120 $b dev fp8-error --device cuda --model random:dev \

@@ -607,11 +607,26 @@ fn fp8_checks(
             .unsqueeze(1)?),
     )?;
     let want = round_rows(&cpu32(&x)?)?;
+    let xq = quantize_rows(&x, false)?;
     report.check(
         "fp8 e4m3 quantise per row 1024x3072 vs CPU rounding".into(),
-        rel_err(&decoded(&quantize_rows(&x, false)?)?, &want)?,
+        rel_err(&decoded(&xq)?, &want)?,
         1e-3,
     );
+    // The same bytes and scales as the CPU's quantiser (both multiply by the scale's correctly
+    // rounded reciprocal): the share that differ, which must be none.
+    {
+        let host = crate::kernels::ln_fp8::quantise_rows(&cpu32(&x)?)?;
+        let q = cdev.cuda_stream().clone_dtoh(&xq.q)?;
+        let sc = cdev.cuda_stream().clone_dtoh(&xq.scale)?;
+        let differ = q.iter().zip(&host.q).filter(|(a, b)| a != b).count()
+            + sc.iter().zip(&host.scale).filter(|(a, b)| a != b).count();
+        report.check(
+            "fp8 e4m3 quantise per row: bytes and scales equal the CPU's".into(),
+            differ as f64 / (q.len() + sc.len()) as f64,
+            0.0,
+        );
+    }
     let xc = cpu32(&x)?;
     let amax = xc.abs()?.max_all()?.to_scalar::<f32>()?;
     let s = amax / Fp8::E4M3.max();

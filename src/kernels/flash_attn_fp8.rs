@@ -49,8 +49,9 @@ pub fn round_row_groups(x: &Tensor, group: usize) -> Result<Tensor> {
             } else {
                 1.0
             };
+            let inv = 1.0 / scale;
             for x in g.iter_mut() {
-                *x = Fp8::E4M3.round(*x / scale) * scale;
+                *x = Fp8::E4M3.round(*x * inv) * scale;
             }
         }
     }

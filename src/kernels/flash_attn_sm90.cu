@@ -629,8 +629,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) parallax_flash_sm90_g2n128t
 // Quantisation for FP8 scores: x (BH, L, 128) bf16 to E4M3 in groups of G consecutive rows of each
 // (batch, head), one block per (group, bh): the group's largest magnitude m gives the scale
 // m / 448 (1 for a group of zeros or non-finite values, which then saturate), written to
-// scale[bh * gridDim.x + group]; every value is divided by it (a true division, as the CPU's
-// simulation does) and converted with round-to-nearest-even, saturating. q has x's layout.
+// scale[bh * gridDim.x + group]; every value is multiplied by its correctly rounded reciprocal
+// (`e4m3_inv`, as the CPU's simulation does) and converted with round-to-nearest-even,
+// saturating. q has x's layout.
 extern "C" __global__ void parallax_fp8_row_groups_d128(const unsigned short* __restrict__ x,
                                                        unsigned char* __restrict__ q,
                                                        float* __restrict__ scale, int L, int G) {
@@ -649,12 +650,13 @@ extern "C" __global__ void parallax_fp8_row_groups_d128(const unsigned short* __
     }
     const float sc = e4m3_scale(block_max(m, red));
     if (threadIdx.x == 0) scale[(u64)bh * gridDim.x + g] = sc;
+    const float inv = e4m3_inv(sc);
     for (int i = threadIdx.x; i < n2; i += blockDim.x) {
         const unsigned w = xs[i];
         unsigned short r;
         asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;"
             : "=h"(r)
-            : "f"(__fdiv_rn(bf2f(w >> 16), sc)), "f"(__fdiv_rn(bf2f(w & 0xffff), sc)));
+            : "f"(__fmul_rn(bf2f(w >> 16), inv)), "f"(__fmul_rn(bf2f(w & 0xffff), inv)));
         qs[i] = r;
     }
 }

@@ -137,8 +137,9 @@ pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::T
             continue;
         }
         let scale = m / Fp8::E4M3.max();
+        let inv = 1.0 / scale;
         for x in row.iter_mut() {
-            *x = Fp8::E4M3.round(*x / scale) * scale;
+            *x = Fp8::E4M3.round(*x * inv) * scale;
         }
     }
     candle_core::Tensor::from_vec(v, shape, &Device::Cpu)?

@@ -1,9 +1,10 @@
 // FP8 (E4M3) quantisation of bf16 rows, compiled with NVRTC for sm_89 and newer.
 //
 // One block per row: the row's largest magnitude (its values kept in registers for the second
-// pass, see KEEP), its scale amax / 448 written to `scale[row]`, then every value divided by the scale (a true
-// division, so the result matches the CPU's rounding in `fp8.rs` bit for bit) and
-// converted with the hardware's round-to-nearest-even, saturating conversion. With `fixed`
+// pass, see KEEP), its scale amax / 448 written to `scale[row]`, then every value multiplied by
+// the scale's correctly rounded reciprocal (`e4m3_inv`: the CPU's rounding in `fp8.rs` computes
+// the same products, so the two match bit for bit) and converted with the hardware's
+// round-to-nearest-even, saturating conversion. With `fixed`
 // non-null every row uses `*fixed` as its scale instead (per-tensor quantisation; the caller
 // computed it). Rows of zeros get scale 1. `k` must be a multiple of 8.
 
@@ -16,13 +17,14 @@ __device__ __forceinline__ unsigned short f32x2_to_e4m3x2(float lo, float hi) {
     return r;
 }
 
-// Eight bf16 values divided by `s` and written as eight E4M3 bytes at `dst`.
-__device__ __forceinline__ void quantise8(const Q4 w, float s, unsigned char* dst) {
+// Eight bf16 values times `inv` (a scale's reciprocal) written as eight E4M3 bytes at `dst`.
+__device__ __forceinline__ void quantise8(const Q4 w, float inv, unsigned char* dst) {
     const unsigned ws[4] = {w.x, w.y, w.z, w.w};
     unsigned short o[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-        o[i] = f32x2_to_e4m3x2(__fdiv_rn(bf2f(ws[i] & 0xffff), s), __fdiv_rn(bf2f(ws[i] >> 16), s));
+        o[i] = f32x2_to_e4m3x2(__fmul_rn(bf2f(ws[i] & 0xffff), inv),
+                               __fmul_rn(bf2f(ws[i] >> 16), inv));
     Q2 out;
     out.x = (unsigned)o[0] | ((unsigned)o[1] << 16);
     out.y = (unsigned)o[2] | ((unsigned)o[3] << 16);
@@ -80,14 +82,15 @@ extern "C" __global__ void parallax_fp8_quant_rows_bf16(
         s = e4m3_scale(block_max(m, warp_max));
         if (threadIdx.x == 0) scale[row] = s;
     }
+    const float inv = e4m3_inv(s);
     if (kept) {
 #pragma unroll
         for (int i = 0; i < KEEP; ++i) {
             const int c = threadIdx.x * 8 + i * step;
-            if (c < k) quantise8(keep[i], s, qr + c);
+            if (c < k) quantise8(keep[i], inv, qr + c);
         }
     } else {
-        for (int c = threadIdx.x * 8; c < k; c += step) quantise8(*(const Q4*)(xr + c), s, qr + c);
+        for (int c = threadIdx.x * 8; c < k; c += step) quantise8(*(const Q4*)(xr + c), inv, qr + c);
     }
     if (fixed && threadIdx.x == 0) scale[row] = s;
 }

@@ -6,7 +6,7 @@
 // shift[b], LN without affine parameters, eps 1e-6, f32 arithmetic, y rounded to bf16) and then
 // what parallax_fp8_quant_rows_bf16 does to those bf16 values: the row's largest magnitude m,
 // its scale m / 448 (1 for a row of zeros or a non-finite maximum) in qscale[row], and every value
-// divided by it and converted with the hardware's round-to-nearest-even, saturating conversion.
+// multiplied by its reciprocal (e4m3_inv) and converted with the hardware's round-to-nearest-even, saturating conversion.
 // The bf16 rows are written to `y` only when `y` is not null (nothing else reads them when every
 // consumer is an FP8 product). One block per row, C/8 threads (eight values each); C a multiple
 // of 16.
@@ -80,10 +80,11 @@ extern "C" __global__ void parallax_ln_modulate_fp8_bf16(const unsigned short* _
     const float qs = e4m3_scale(block_max(m, red));
     if (threadIdx.x == 0) qscale[row] = qs;
     if (active) {
+        const float inv = e4m3_inv(qs);
         unsigned short o[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-            o[i] = f32x2_to_e4m3x2(__fdiv_rn(v[2 * i], qs), __fdiv_rn(v[2 * i + 1], qs));
+            o[i] = f32x2_to_e4m3x2(__fmul_rn(v[2 * i], inv), __fmul_rn(v[2 * i + 1], inv));
         Q2 w;
         w.x = (unsigned)o[0] | ((unsigned)o[1] << 16);
         w.y = (unsigned)o[2] | ((unsigned)o[3] << 16);
