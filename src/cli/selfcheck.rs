@@ -424,6 +424,25 @@ pub fn run(device: &str) -> anyhow::Result<()> {
                 1e-2,
             );
         }
+        // Whole convolutions by bands of output rows written into one output (the autoencoder's
+        // large maps), the last band shorter; batch 1 and 2.
+        for &(b, cin, cout, h, w, band) in &[
+            (1usize, 16usize, 24usize, 40usize, 64usize, 8usize),
+            (2, 16, 24, 40, 64, 6),
+        ] {
+            let x = rnd(&[b, cin, h, w], 1.0)?;
+            let wt = rnd(&[cout, cin, 3, 3], 1.0 / ((cin * 9) as f64).sqrt())?;
+            report.check(
+                format!(
+                    "conv 3x3/1 {b}x{cin}->{cout} {h}x{w} in bands of {band} rows into one output"
+                ),
+                rel_err(
+                    &crate::kernels::conv::conv2d_banded(&x, &wt, 1, 1, band)?,
+                    &cpu32(&x)?.conv2d(&cpu32(&wt)?, 1, 1, 1, 1)?,
+                )?,
+                1e-2,
+            );
+        }
         let x = rnd(&[2, 24, 16, 20], 1.0)?;
         let bias = rnd(&[24], 1.0)?;
         report.check(

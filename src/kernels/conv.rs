@@ -97,6 +97,46 @@ pub fn conv2d_rows(
     band.conv2d(w, 0, stride, 1, 1)
 }
 
+/// The whole convolution of `x` with `w` (no bias) computed in bands of at most `band` output
+/// rows (each band's im2col matrix is what bounds the memory), the bands written into one output.
+/// On Parallax's kernel each band's product writes its rows of the NCHW output in place (the
+/// product's output leading dimension is the map's size), so no zeroed output, band tensor or copy
+/// is made; elsewhere, or where the band's start is not 256-byte aligned, band by band into a
+/// zeroed output.
+pub fn conv2d_banded(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    pad: usize,
+    band: usize,
+) -> Result<Tensor> {
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, _, k, _) = w.dims4()?;
+    let (ho, wo) = (out_len(h, k, stride, pad)?, out_len(wd, k, stride, pad)?);
+    let band = band.max(1);
+    #[cfg(feature = "cuda")]
+    if own_kernel(x)
+        && cin * k * k <= 65_535
+        && b <= 65_535
+        && w.dims4()? == (cout, cin, k, k)
+        && (band * wo) % 128 == 0
+        && (cout * ho * wo) % 128 == 0
+        && (ho * wo) % 8 == 0
+    {
+        return cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), band);
+    }
+    let x = &x.contiguous()?;
+    let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
+    let mut r0 = 0;
+    while r0 < ho {
+        let r1 = (r0 + band).min(ho);
+        out.slice_set(&conv2d_rows(x, w, stride, pad, r0, r1)?, 2, r0)?;
+        r0 = r1;
+    }
+    let _ = cin;
+    Ok(out)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -105,30 +145,22 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use half::bf16;
 
+    /// The column matrix of output rows `r0..r0 + rows` of `x` (contiguous): (B, taps, rows·Wo),
+    /// one row per kernel tap and one column per output position, zeros outside the map.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn conv_rows(
+    fn im2col(
         x: &Tensor,
-        w: &Tensor,
-        (b, cin, cout, k): (usize, usize, usize, usize),
+        (b, cin, k): (usize, usize, usize),
         stride: usize,
         pad: usize,
         r0: usize,
         rows: usize,
         wo: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>> {
+        let (_, _, h, wd) = x.dims4()?;
+        let dev = device(x)?;
         let taps = cin * k * k;
         let m = rows * wo;
-        let wmat = w
-            .contiguous()?
-            .reshape((1, cout, taps))?
-            .broadcast_as((b, cout, taps))?;
-        if k == 1 && stride == 1 && pad == 0 {
-            let xs = x.narrow(2, r0, rows)?.contiguous()?.reshape((b, cin, m))?;
-            return wmat.matmul(&xs)?.reshape((b, cout, rows, wo));
-        }
-        let x = x.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let dev = device(&x)?;
         let count = b * taps * m;
         // SAFETY: the kernel writes every element of the column matrix.
         let col = unsafe { dev.alloc::<bf16>(count)? };
@@ -175,6 +207,98 @@ mod cuda {
             // y and z within the checked limits.
             unsafe { bld.launch(cfg) }.w()?;
         }
+        Ok(col)
+    }
+
+    /// [`super::conv2d_banded`] on Parallax's kernel: per band, the column matrix, then per batch
+    /// item one cuBLASLt product written straight into the band's rows of every output channel.
+    /// Column-major, the band's output is (positions × Cout) with leading dimension Ho·Wo (a
+    /// channel's map), equal to col (positions × taps, leading dimension positions) times the
+    /// weight (taps × Cout, leading dimension taps): no transposes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_banded(
+        x: &Tensor,
+        w: &Tensor,
+        (b, cin, cout, k): (usize, usize, usize, usize),
+        stride: usize,
+        pad: usize,
+        (ho, wo): (usize, usize),
+        band: usize,
+    ) -> Result<Tensor> {
+        use candle_core::cuda_backend::cudarc::cublaslt::{Matmul, MatmulConfig};
+        let x = x.contiguous()?;
+        let dev = device(&x)?;
+        let taps = cin * k * k;
+        let wmat = w.to_dtype(DType::BF16)?.contiguous()?;
+        let map = ho * wo;
+        // SAFETY: the bands together write every output row of every channel.
+        let mut out = unsafe { dev.alloc::<bf16>(b * cout * map)? };
+        let h = crate::kernels::gemm::lt_handle(&dev)?;
+        let (ws, wl) = wmat.storage_and_layout();
+        let wv = view::<bf16>(&ws, wl)?;
+        let mut r0 = 0;
+        while r0 < ho {
+            let rows = band.min(ho - r0);
+            let m = rows * wo;
+            let col = im2col(&x, (b, cin, k), stride, pad, r0, rows, wo)?;
+            for bi in 0..b {
+                let cfg = MatmulConfig {
+                    transa: false,
+                    transb: false,
+                    transc: false,
+                    m: m as u64,
+                    n: cout as u64,
+                    k: taps as u64,
+                    alpha: 1.0,
+                    lda: m as i64,
+                    ldb: taps as i64,
+                    beta: 0.0,
+                    ldc: map as i64,
+                    stride_a: None,
+                    stride_b: None,
+                    stride_c: None,
+                    stride_bias: None,
+                    batch_size: None,
+                };
+                let a = col.slice(bi * taps * m..(bi + 1) * taps * m);
+                let at = bi * cout * map + r0 * wo;
+                let mut c = out.slice_mut(at..at + (cout - 1) * map + m);
+                // SAFETY: `a` holds m·taps values, the weight taps·Cout; the output view holds
+                // (Cout - 1)·Ho·Wo + m values from the band's first position of channel 0, the
+                // last channel's band ending at its end.
+                unsafe { h.matmul(cfg, &a, &wv, &mut c, None, None) }.map_err(|e| {
+                    candle_core::Error::Cuda(format!("cuBLASLt convolution product: {e:?}").into())
+                })?;
+            }
+            r0 += rows;
+        }
+        Ok(wrap(out, &dev, &[b, cout, ho, wo]))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_rows(
+        x: &Tensor,
+        w: &Tensor,
+        (b, cin, cout, k): (usize, usize, usize, usize),
+        stride: usize,
+        pad: usize,
+        r0: usize,
+        rows: usize,
+        wo: usize,
+    ) -> Result<Tensor> {
+        let taps = cin * k * k;
+        let m = rows * wo;
+        let wmat = w
+            .contiguous()?
+            .reshape((1, cout, taps))?
+            .broadcast_as((b, cout, taps))?;
+        if k == 1 && stride == 1 && pad == 0 {
+            let xs = x.narrow(2, r0, rows)?.contiguous()?.reshape((b, cin, m))?;
+            return wmat.matmul(&xs)?.reshape((b, cout, rows, wo));
+        }
+        let x = x.contiguous()?;
+        let dev = device(&x)?;
+        let col = im2col(&x, (b, cin, k), stride, pad, r0, rows, wo)?;
         let col = wrap(col, &dev, &[b, taps, m]);
         wmat.matmul(&col)?.reshape((b, cout, rows, wo))
     }

@@ -110,6 +110,11 @@ pub fn linear_cat(
     }
 }
 
+/// The device's cuBLASLt handle (bf16 products elsewhere in the kernels: the autoencoder's
+/// banded convolutions).
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::handle as lt_handle;
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -123,7 +128,7 @@ mod cuda {
     use std::sync::{Arc, Mutex};
 
     /// One cuBLASLt handle (and its workspace) per device, on the device's stream.
-    fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    pub(crate) fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
         static HANDLES: Mutex<
             Option<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>>>,
         > = Mutex::new(None);

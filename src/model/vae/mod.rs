@@ -464,7 +464,7 @@ impl Conv2d {
     ) -> candle_core::Result<Tensor> {
         use crate::kernels::conv::conv2d_rows;
         let (b, cin, h, w) = x.dims4()?;
-        let (cout, k) = (self.weight.dim(0)?, self.kernel_size());
+        let k = self.kernel_size();
         let s = self.stride;
         if h + 2 * padding < k || w + 2 * padding < k {
             candle_core::bail!("convolution: a {h}x{w} map is smaller than its {k}x{k} kernel");
@@ -472,20 +472,16 @@ impl Conv2d {
         let (ho, wo) = ((h + 2 * padding - k) / s + 1, (w + 2 * padding - k) / s + 1);
         let per_row = b * cin * k * k * wo;
         let rows = (max_values / per_row.max(1)).max(1);
+        // Bands whose rows start 128 values apart in the output: each band's product can then
+        // write straight into the output (kernels::conv::conv2d_banded).
+        let q = 128 / gcd(wo, 128);
+        let rows = if rows >= q { rows - rows % q } else { rows };
         // Parallax's kernel needs no column matrix for a 1x1 convolution; candle's builds one.
         let no_matrix = k == 1 && crate::kernels::conv::own_kernel(x);
         if no_matrix || rows >= ho {
             return conv2d_rows(x, &self.weight, s, padding, 0, ho);
         }
-        let x = &x.contiguous()?;
-        let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
-        let mut r0 = 0;
-        while r0 < ho {
-            let r1 = (r0 + rows).min(ho);
-            out.slice_set(&conv2d_rows(x, &self.weight, s, padding, r0, r1)?, 2, r0)?;
-            r0 = r1;
-        }
-        Ok(out)
+        crate::kernels::conv::conv2d_banded(x, &self.weight, s, padding, rows)
     }
 
     /// [`Conv2d::forward`] in bands of output rows, each band's im2col matrix at most
@@ -1153,6 +1149,15 @@ impl AutoEncoder {
         let moments = encoder.forward(&x.to_dtype(self.dtype)?)?;
         let mean = moments.narrow(1, 0, self.cfg.z_channels)?;
         self.scale_latent(&mean)
+    }
+}
+
+/// Greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
     }
 }
 
