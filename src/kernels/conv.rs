@@ -101,8 +101,8 @@ pub fn conv2d_rows(
 /// rows (each band's im2col matrix is what bounds the memory), the bands written into one output.
 /// On Parallax's kernel each band's product writes its rows of the NCHW output in place (the
 /// product's output leading dimension is the map's size), so no zeroed output, band tensor or copy
-/// is made; elsewhere, or where the band's start is not 256-byte aligned, band by band into a
-/// zeroed output.
+/// is made; elsewhere, where the band's start is not 256-byte aligned, or with
+/// `PARALLAX_NO_CONV_BANDS_IN_PLACE`, band by band into a zeroed output.
 pub fn conv2d_banded(
     x: &Tensor,
     w: &Tensor,
@@ -116,6 +116,7 @@ pub fn conv2d_banded(
     let band = band.max(1);
     #[cfg(feature = "cuda")]
     if own_kernel(x)
+        && std::env::var_os("PARALLAX_NO_CONV_BANDS_IN_PLACE").is_none()
         && cin * k * k <= 65_535
         && b <= 65_535
         && w.dims4()? == (cout, cin, k, k)

@@ -96,7 +96,8 @@ pub fn cat_bias_gelu(a: &Tensor, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// a bf16 buffer of `rows` rows at stride `ld`: the tensor a product is joined to, beside the
 /// columns the product wrote (the single blocks' attention output before their MLP activation).
 /// One vectorised pass (16 bytes a thread) where `wa` and `ld` are multiples of 8; returns
-/// `false` and writes nothing otherwise, for the caller's `slice_set`.
+/// `false` and writes nothing otherwise or with `PARALLAX_NO_FUSED_ELEMENTWISE`, for the
+/// caller's `slice_set`.
 #[cfg(feature = "cuda")]
 pub fn copy_columns_into(
     out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>,
@@ -107,7 +108,8 @@ pub fn copy_columns_into(
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::WrapErr;
     let wa = a.dim(candle_core::D::Minus1)?;
-    if a.dtype() != DType::BF16
+    if !fused_enabled()
+        || a.dtype() != DType::BF16
         || !a.device().is_cuda()
         || wa % 8 != 0
         || ld % 8 != 0

@@ -16,14 +16,24 @@ use crate::kernels::fp8::Fp8;
 
 /// Whether the fused norm + quantisation may be used. Opt-in (`PARALLAX_FUSED_FP8_QUANT=1`): on
 /// an H100 (2026-12-06) its rows equal the two-kernel path's exactly, but FLUX.1-dev's FP8 step
-/// took 102.5-102.6 ms with it against 102.4-102.5 without (BENCHMARKS.md), no gain: otherwise the norm writes bf16 rows and each FP8 product quantises
-/// them itself, as measured before. `PARALLAX_NO_FUSED_FP8_QUANT` keeps it off either way.
+/// took 102.5-102.6 ms with it against 102.4-102.5 without (BENCHMARKS.md), no gain (each value
+/// then cost a true division; now a product with the scale's reciprocal, not yet timed): otherwise
+/// the norm writes bf16 rows and each FP8 product quantises them itself, as measured before.
+/// `PARALLAX_NO_FUSED_FP8_QUANT` keeps it off either way, and also turns off [`shared_rows`].
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var_os("PARALLAX_FUSED_FP8_QUANT").is_some_and(|v| v == "1")
             && std::env::var_os("PARALLAX_NO_FUSED_FP8_QUANT").is_none()
     })
+}
+
+/// Whether a norm's bf16 rows read by several FP8 products are quantised once for all of them
+/// (`crate::model::linear::Normed`); off with `PARALLAX_NO_FUSED_FP8_QUANT`, where each product
+/// quantises its input itself.
+pub fn shared_rows() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PARALLAX_NO_FUSED_FP8_QUANT").is_none())
 }
 
 /// Rows in E4M3 with one f32 scale each, on the host: row `r` holds `q[r, :] · scale[r]`.

@@ -434,6 +434,7 @@ impl Normed {
         // same rows: quantise them once here (the same per-token rounding each would do).
         #[cfg(feature = "cuda")]
         if readers.len() > 1
+            && crate::kernels::ln_fp8::shared_rows()
             && readers.iter().all(|l| l.takes_fp8_rows())
             && rows.dtype() == candle_core::DType::BF16
             && rows.device().is_cuda()
