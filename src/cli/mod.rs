@@ -492,15 +492,16 @@ impl ModelArgs {
         }
     }
 
-    /// [`Self::choice`] with a memory budget planned for the size `sample` asks (where it names
-    /// one; the model's default size otherwise).
-    pub fn choice_at(&self, sample: &SampleArgs) -> ModelChoice {
-        let d = crate::engine::load::PLAN_SIZE;
-        ModelChoice {
-            plan_size: (sample.width.is_some() || sample.height.is_some())
-                .then(|| (sample.width.unwrap_or(d), sample.height.unwrap_or(d))),
-            ..self.choice()
+    /// [`Self::choice`] with a memory budget planned for the size the request will have (its
+    /// --width/--height, else the source image's or the model's default, as [`request_with`]
+    /// sizes it); without a budget, [`Self::choice`] as it is (nothing to plan).
+    pub fn choice_at(&self, sample: &SampleArgs, init: &InitArgs) -> anyhow::Result<ModelChoice> {
+        let mut choice = self.choice();
+        if choice.memory_budget_mib.is_some() {
+            let req = request_with(is_demo(&choice.resolve()?), sample, init);
+            choice.plan_size = Some((req.width, req.height));
         }
+        Ok(choice)
     }
 }
 
@@ -929,7 +930,7 @@ fn worker(a: WorkerArgs, launch: launcher::Launch) -> anyhow::Result<()> {
     }
     read.context("agreeing on the job")?;
     let seed = seed.ok_or_else(|| anyhow::anyhow!("rank 0 sent no seed"))?;
-    let p = load_pipeline(&a.model.choice_at(&a.sample), &a.model.device)
+    let p = load_pipeline(&a.model.choice_at(&a.sample, &a.source)?, &a.model.device)
         .context("loading the model")?;
     p.flux1("`parallax worker` processes")?;
     let sample = SampleArgs {
@@ -1266,9 +1267,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     // The first run's prompt is encoded while the transformer loads (crate::engine::overlap);
     // the prompts do not depend on the model.
     let ahead = crate::engine::overlap::prompts_for(&request_with(false, &a.sample, &a.init));
-    let p =
-        crate::engine::load::load_pipeline_ahead(
-        &a.model.choice_at(&a.sample),
+    let p = crate::engine::load::load_pipeline_ahead(
+        &a.model.choice_at(&a.sample, &a.init)?,
         &a.model.device,
         None,
         &ahead,
@@ -1879,15 +1879,37 @@ mod tests {
                 other => anyhow::bail!("parsed as {other:?}"),
             }
         };
-        let g = parse(&["--width", "2048", "--height", "512", "--memory-budget", "24G"])?;
+        let g = parse(&[
+            "--width",
+            "2048",
+            "--height",
+            "512",
+            "--memory-budget",
+            "24G",
+        ])?;
         let checked = checked_job(&g.model, &g.sample, &g.init, &g.parallel)?;
         assert_eq!(checked.choice.plan_size, Some((2048, 512)));
-        assert_eq!(g.model.choice_at(&g.sample).plan_size, Some((2048, 512)));
-        // Nothing asked: the model's default size, as before (checked when it loads).
-        let g = parse(&[])?;
-        assert_eq!(g.model.choice_at(&g.sample).plan_size, None);
-        let g = parse(&["--width", "768"])?;
-        assert_eq!(g.model.choice_at(&g.sample).plan_size, Some((768, 1024)));
+        let at = |g: &GenerateArgs| -> anyhow::Result<_> {
+            Ok(g.model.choice_at(&g.sample, &g.init)?.plan_size)
+        };
+        assert_eq!(at(&g)?, Some((2048, 512)));
+        // The model's default size where none is named (the demo's is 256 px); no budget, no plan.
+        let g = parse(&["--width", "768", "--memory-budget", "24"])?;
+        assert_eq!(at(&g)?, Some((768, 1024)));
+        let g = parse(&["--memory-budget", "24"])?;
+        assert_eq!(at(&g)?, Some((1024, 1024)));
+        assert_eq!(at(&parse(&["--width", "768"])?)?, None);
+        let demo = Cli::try_parse_from([
+            "parallax",
+            "generate",
+            "--model",
+            "demo",
+            "--memory-budget",
+            "2",
+        ])?;
+        if let Some(Command::Generate(g)) = demo.command {
+            assert_eq!(at(&g)?, Some((256, 256)));
+        }
         Ok(())
     }
 }

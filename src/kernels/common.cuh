@@ -50,8 +50,12 @@ __device__ __forceinline__ float block_max(float m, float* red) {
 }
 
 // The E4M3 scale of values whose largest magnitude is `m`: m / 448 (448 is E4M3's largest value),
-// or 1 where m is 0 or not finite (the values then saturate rather than poison the scale).
-__device__ __forceinline__ float e4m3_scale(float m) { return (m > 0.f && m < 3.0e38f) ? m / 448.f : 1.f; }
+// at least the smallest normal f32 (so its reciprocal is finite: rows of tiny values would
+// otherwise get an infinite one, and their zeros 0 * inf = NaN), or 1 where m is 0 or not finite
+// (the values then saturate rather than poison the scale). `fp8::e4m3_scale` on the CPU.
+__device__ __forceinline__ float e4m3_scale(float m) {
+    return (m > 0.f && m < 3.0e38f) ? fmaxf(m / 448.f, 1.17549435e-38f) : 1.f;
+}
 
 // What values are multiplied by before the E4M3 conversion: the scale's correctly rounded
 // reciprocal (one per row or group), each product rounded to nearest (`__fmul_rn`, never fused),

@@ -123,8 +123,21 @@ pub fn conv2d_banded(
         && (band * wo) % 128 == 0
         && (cout * ho * wo) % 128 == 0
         && (ho * wo) % 8 == 0
+        // Batch items past the first read the last, shorter band's column matrix from 256-byte
+        // aligned starts too.
+        && (b == 1 || (cin * k * k * ((ho - 1) % band + 1) * wo) % 128 == 0)
     {
-        return cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), band);
+        match cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), band) {
+            Ok(y) => return Ok(y),
+            Err(e) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "convolution bands written in place failed ({e}); copying each band"
+                    )
+                });
+            }
+        }
     }
     let x = &x.contiguous()?;
     let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;

@@ -44,11 +44,7 @@ pub fn round_row_groups(x: &Tensor, group: usize) -> Result<Tensor> {
     for head in v.chunks_mut((l * d).max(1)) {
         for g in head.chunks_mut(group * d.max(1)) {
             let m = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let scale = if m > 0.0 && m.is_finite() {
-                m / Fp8::E4M3.max()
-            } else {
-                1.0
-            };
+            let scale = crate::kernels::fp8::e4m3_scale(m);
             let inv = 1.0 / scale;
             for x in g.iter_mut() {
                 *x = Fp8::E4M3.round(*x * inv) * scale;

@@ -118,6 +118,18 @@ impl Fp8 {
     }
 }
 
+/// The E4M3 scale of values whose largest magnitude is `m`, as every GPU quantiser computes it
+/// (`e4m3_scale` in `common.cuh`): `m / 448`, at least the smallest normal f32 (its reciprocal
+/// stays finite), or 1 where `m` is 0, not finite or past 3e38 (the values then saturate). The
+/// values are then multiplied by `1 / scale` and rounded.
+pub fn e4m3_scale(m: f32) -> f32 {
+    if m > 0.0 && m < 3.0e38 {
+        (m / Fp8::E4M3.max()).max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    }
+}
+
 /// `t` rounded to E4M3 with one scale per row of its last axis (the row's largest magnitude maps
 /// to 448): FP8's rounding simulated in `t`'s dtype, quantise then dequantise. Weights (out, in)
 /// get a scale per output channel; activations (.., tokens, width) a scale per token, as dynamic
@@ -133,10 +145,7 @@ pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::T
         .to_vec1::<f32>()?;
     for row in v.chunks_mut(width) {
         let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        if m == 0.0 || !m.is_finite() {
-            continue;
-        }
-        let scale = m / Fp8::E4M3.max();
+        let scale = e4m3_scale(m);
         let inv = 1.0 / scale;
         for x in row.iter_mut() {
             *x = Fp8::E4M3.round(*x * inv) * scale;

@@ -77,7 +77,8 @@ mod cuda {
     }
 
     /// `x` (…, k) bf16 quantised per row of its last axis; with `per_tensor`, every row shares
-    /// the largest row scale (the whole tensor's amax / 448).
+    /// one scale, the whole tensor's ([`crate::kernels::fp8::e4m3_scale`] of its largest
+    /// magnitude).
     pub fn quantize_rows(x: &Tensor, per_tensor: bool) -> Result<Fp8Matrix> {
         let dev = device(x)?;
         if x.dtype() != DType::BF16 {
@@ -130,12 +131,21 @@ mod cuda {
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         };
-        launch(&mut q, &mut scale, None)?;
         if per_tensor && rows > 0 {
-            let host = dev.cuda_stream().clone_dtoh(&scale).w()?;
-            let m = host.iter().copied().fold(0f32, f32::max);
-            let fixed = dev.cuda_stream().clone_htod(&[m]).w()?;
+            // The whole tensor's largest magnitude (not the rows' scales: a row of zeros or of
+            // non-finite values reports scale 1, which would take over).
+            let amax = x
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            let fixed = dev
+                .cuda_stream()
+                .clone_htod(&[crate::kernels::fp8::e4m3_scale(amax)])
+                .w()?;
             launch(&mut q, &mut scale, Some(&fixed))?;
+        } else {
+            launch(&mut q, &mut scale, None)?;
         }
         Ok(Fp8Matrix {
             q,

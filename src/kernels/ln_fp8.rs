@@ -83,11 +83,7 @@ pub fn quantise_rows(y: &Tensor) -> Result<HostFp8Rows> {
     let mut scales = Vec::with_capacity(v.len() / k.max(1));
     for row in v.chunks(k.max(1)) {
         let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let s = if m > 0.0 && m.is_finite() {
-            m / Fp8::E4M3.max()
-        } else {
-            1.0
-        };
+        let s = crate::kernels::fp8::e4m3_scale(m);
         scales.push(s);
         let inv = 1.0 / s;
         q.extend(row.iter().map(|x| Fp8::E4M3.encode(x * inv)));

@@ -472,15 +472,15 @@ impl Conv2d {
         let (ho, wo) = ((h + 2 * padding - k) / s + 1, (w + 2 * padding - k) / s + 1);
         let per_row = b * cin * k * k * wo;
         let rows = (max_values / per_row.max(1)).max(1);
-        // Bands whose rows start 128 values apart in the output: each band's product can then
-        // write straight into the output (kernels::conv::conv2d_banded).
-        let q = 128 / gcd(wo, 128);
-        let rows = if rows >= q { rows - rows % q } else { rows };
         // Parallax's kernel needs no column matrix for a 1x1 convolution; candle's builds one.
         let no_matrix = k == 1 && crate::kernels::conv::own_kernel(x);
         if no_matrix || rows >= ho {
             return conv2d_rows(x, &self.weight, s, padding, 0, ho);
         }
+        // Bands whose rows start 128 values apart in the output: each band's product can then
+        // write straight into the output (kernels::conv::conv2d_banded).
+        let q = 128 / gcd(wo, 128);
+        let rows = if rows >= q { rows - rows % q } else { rows };
         crate::kernels::conv::conv2d_banded(x, &self.weight, s, padding, rows)
     }
 
