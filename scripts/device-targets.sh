@@ -117,6 +117,22 @@ elif [[ $part == gemm ]]; then
         echo "fp8-error fast accumulation=$fast rc=$?" | tee -a "$log"
         tail -c 1500 "$out/fp8-error-fast$fast.json" | tee -a "$log"
     done
+    # The autoencoder's banded convolutions written in place, against copying each band, and the
+    # build before (decode median and image mean, which must agree).
+    vae() { # tag, binary, env...
+        local tag=$1 bin=$2
+        shift 2
+        timeout 120 env "$@" $bin bench-vae --device cuda --width 1024 --runs 3 --warmup 1 \
+            > "$out/vae-$tag.json" 2>> "$log"
+        python3 -c "import json,sys; v=json.load(open(sys.argv[1])); print(sys.argv[2], 'decode', \
+v['decode_ms']['median'], 'all', v['decode_ms']['all'], 'mean', v.get('image_mean_abs'))" \
+            "$out/vae-$tag.json" "vae-1024-$tag" 2>&1 | tail -1 | tee -a "$log"
+    }
+    for r in 1 2; do
+        vae "in-place-r$r" $b
+        vae "copied-r$r" $b PARALLAX_NO_CONV_BANDS_IN_PLACE=1
+        [[ -n $before ]] && vae "before-r$r" $before
+    done
     run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
         --steps 4 --runs 5 --warmup 1 --precision fp8
     run schnell-fp8-4-fast-tuned 120 env PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1 $b bench \
