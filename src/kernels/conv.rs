@@ -97,6 +97,66 @@ pub fn conv2d_rows(
     band.conv2d(w, 0, stride, 1, 1)
 }
 
+/// One band's product on [`conv2d_banded`]'s in-place path, column-major as cuBLASLt takes it:
+/// C (m × Cout, leading dimension `ldc`) starting `c_offset` values into the NCHW output equals
+/// A (m × taps, leading dimension m) starting `a_offset` values into the band's column matrix
+/// (taps × m per batch item, row-major) times the weight (taps × Cout, leading dimension taps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandProduct {
+    pub r0: usize,
+    pub rows: usize,
+    pub batch: usize,
+    /// Output positions of the band (rows · Wo).
+    pub m: usize,
+    pub a_offset: usize,
+    pub c_offset: usize,
+    pub ldc: usize,
+}
+
+/// The products of a convolution with output (B, Cout, Ho, Wo) and `taps` = Cin·k·k in bands of
+/// `band` rows: band by band, each band's batch items in turn.
+pub fn band_products(
+    (b, taps, cout): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    band: usize,
+) -> Vec<BandProduct> {
+    let band = band.max(1);
+    let map = ho * wo;
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    while r0 < ho {
+        let rows = band.min(ho - r0);
+        let m = rows * wo;
+        for batch in 0..b {
+            out.push(BandProduct {
+                r0,
+                rows,
+                batch,
+                m,
+                a_offset: batch * taps * m,
+                c_offset: batch * cout * map + r0 * wo,
+                ldc: map,
+            });
+        }
+        r0 += rows;
+    }
+    out
+}
+
+/// Whether every band product starts its A and C 256 bytes into alignment (bf16: 128 values),
+/// with 16-byte aligned output columns: what cuBLASLt's default heuristics assume.
+pub fn bands_in_place(
+    (b, taps, cout): (usize, usize, usize),
+    (ho, wo): (usize, usize),
+    band: usize,
+) -> bool {
+    ho > 0
+        && (ho * wo) % 8 == 0
+        && band_products((b, taps, cout), (ho, wo), band)
+            .iter()
+            .all(|p| p.a_offset % 128 == 0 && p.c_offset % 128 == 0)
+}
+
 /// The whole convolution of `x` with `w` (no bias) computed in bands of at most `band` output
 /// rows (each band's im2col matrix is what bounds the memory), the bands written into one output.
 /// On Parallax's kernel each band's product writes its rows of the NCHW output in place (the
@@ -120,12 +180,7 @@ pub fn conv2d_banded(
         && cin * k * k <= 65_535
         && b <= 65_535
         && w.dims4()? == (cout, cin, k, k)
-        && (band * wo) % 128 == 0
-        && (cout * ho * wo) % 128 == 0
-        && (ho * wo) % 8 == 0
-        // Batch items past the first read the last, shorter band's column matrix from 256-byte
-        // aligned starts too.
-        && (b == 1 || (cin * k * k * ((ho - 1) % band + 1) * wo) % 128 == 0)
+        && bands_in_place((b, cin * k * k, cout), (ho, wo), band)
     {
         match cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), band) {
             Ok(y) => return Ok(y),
@@ -250,41 +305,43 @@ mod cuda {
         let h = crate::kernels::gemm::lt_handle(&dev)?;
         let (ws, wl) = wmat.storage_and_layout();
         let wv = view::<bf16>(&ws, wl)?;
-        let mut r0 = 0;
-        while r0 < ho {
-            let rows = band.min(ho - r0);
-            let m = rows * wo;
-            let col = im2col(&x, (b, cin, k), stride, pad, r0, rows, wo)?;
-            for bi in 0..b {
-                let cfg = MatmulConfig {
-                    transa: false,
-                    transb: false,
-                    transc: false,
-                    m: m as u64,
-                    n: cout as u64,
-                    k: taps as u64,
-                    alpha: 1.0,
-                    lda: m as i64,
-                    ldb: taps as i64,
-                    beta: 0.0,
-                    ldc: map as i64,
-                    stride_a: None,
-                    stride_b: None,
-                    stride_c: None,
-                    stride_bias: None,
-                    batch_size: None,
-                };
-                let a = col.slice(bi * taps * m..(bi + 1) * taps * m);
-                let at = bi * cout * map + r0 * wo;
-                let mut c = out.slice_mut(at..at + (cout - 1) * map + m);
-                // SAFETY: `a` holds m·taps values, the weight taps·Cout; the output view holds
-                // (Cout - 1)·Ho·Wo + m values from the band's first position of channel 0, the
-                // last channel's band ending at its end.
-                unsafe { h.matmul(cfg, &a, &wv, &mut c, None, None) }.map_err(|e| {
-                    candle_core::Error::Cuda(format!("cuBLASLt convolution product: {e:?}").into())
-                })?;
+        let products = super::band_products((b, taps, cout), (ho, wo), band);
+        let mut col = None;
+        for p in &products {
+            // One column matrix per band, made when its first batch item comes.
+            if p.batch == 0 {
+                col = Some(im2col(&x, (b, cin, k), stride, pad, p.r0, p.rows, wo)?);
             }
-            r0 += rows;
+            let Some(col) = col.as_ref() else {
+                candle_core::bail!("convolution bands: a band without its column matrix");
+            };
+            let m = p.m;
+            let cfg = MatmulConfig {
+                transa: false,
+                transb: false,
+                transc: false,
+                m: m as u64,
+                n: cout as u64,
+                k: taps as u64,
+                alpha: 1.0,
+                lda: m as i64,
+                ldb: taps as i64,
+                beta: 0.0,
+                ldc: p.ldc as i64,
+                stride_a: None,
+                stride_b: None,
+                stride_c: None,
+                stride_bias: None,
+                batch_size: None,
+            };
+            let a = col.slice(p.a_offset..p.a_offset + taps * m);
+            let mut c = out.slice_mut(p.c_offset..p.c_offset + (cout - 1) * p.ldc + m);
+            // SAFETY: `a` holds m·taps values, the weight taps·Cout; the output view holds
+            // (Cout - 1)·Ho·Wo + m values from the band's first position of channel 0, the
+            // last channel's band ending at its end.
+            unsafe { h.matmul(cfg, &a, &wv, &mut c, None, None) }.map_err(|e| {
+                candle_core::Error::Cuda(format!("cuBLASLt convolution product: {e:?}").into())
+            })?;
         }
         Ok(wrap(out, &dev, &[b, cout, ho, wo]))
     }
@@ -322,6 +379,97 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The column matrix of output rows `r0..r0 + rows` as the im2col kernel lays it out:
+    /// (B, taps, rows·Wo) row-major, taps in (channel, ky, kx) order (the weight's), zeros
+    /// outside the map.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_cpu(
+        x: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        k: usize,
+        (stride, pad): (usize, usize),
+        r0: usize,
+        rows: usize,
+        wo: usize,
+    ) -> Vec<f32> {
+        let (taps, m) = (cin * k * k, rows * wo);
+        let mut col = vec![0f32; b * taps * m];
+        for bi in 0..b {
+            for ci in 0..cin {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let t = (ci * k + ky) * k + kx;
+                        for r in 0..rows {
+                            for cx in 0..wo {
+                                let y = ((r0 + r) * stride + ky) as isize - pad as isize;
+                                let xx = (cx * stride + kx) as isize - pad as isize;
+                                if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                                    col[(bi * taps + t) * m + r * wo + cx] =
+                                        x[((bi * cin + ci) * h + y as usize) * w + xx as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        col
+    }
+
+    /// The in-place path's products (`band_products`: offsets and leading dimensions), run here
+    /// as plain column-major products over the column matrix, write every output value once and
+    /// equal candle's convolution, for bands of several heights (the last one shorter) and two
+    /// batch items; and the alignment test accepts the autoencoder's shapes.
+    #[test]
+    fn band_products_compute_the_convolution_in_place() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, cin, cout, k, h, w) = (2usize, 3usize, 5usize, 3usize, 7usize, 6usize);
+        let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev)?;
+        let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let ws = wt.flatten_all()?.to_vec1::<f32>()?;
+        let taps = cin * k * k;
+        for (stride, pad) in [(1usize, 1usize), (2, 0)] {
+            let want = x.conv2d(&wt, pad, stride, 1, 1)?;
+            let (ho, wo) = (want.dim(2)?, want.dim(3)?);
+            let want = want.flatten_all()?.to_vec1::<f32>()?;
+            for band in [1, 2, 3, ho] {
+                let mut out = vec![f32::NAN; b * cout * ho * wo];
+                let mut col = Vec::new();
+                for p in band_products((b, taps, cout), (ho, wo), band) {
+                    if p.batch == 0 {
+                        col = im2col_cpu(&xs, (b, cin, h, w), k, (stride, pad), p.r0, p.rows, wo);
+                    }
+                    for c in 0..cout {
+                        for i in 0..p.m {
+                            let s: f32 = (0..taps)
+                                .map(|t| col[p.a_offset + t * p.m + i] * ws[c * taps + t])
+                                .sum();
+                            let at = p.c_offset + c * p.ldc + i;
+                            assert!(out[at].is_nan(), "output {at} written twice");
+                            out[at] = s;
+                        }
+                    }
+                }
+                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() < 1e-4,
+                        "stride {stride} band {band} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+        // The autoencoder at 1024 px: 128 channels at full size in bands of 224 rows (a multiple
+        // of 128 values apart), and 512 channels at 256 px; a batch of two with a last band whose
+        // column matrix would start unaligned is refused.
+        assert!(bands_in_place((1, 128 * 9, 128), (1024, 1024), 224));
+        assert!(bands_in_place((2, 512 * 9, 512), (256, 256), 50));
+        assert!(bands_in_place((1, 27, 16), (20, 8), 16));
+        assert!(!bands_in_place((2, 27, 16), (20, 8), 16));
+        assert!(!bands_in_place((1, 9, 8), (10, 20), 3));
+        Ok(())
+    }
 
     #[test]
     fn row_bands_equal_the_whole_convolution() -> Result<()> {
