@@ -187,6 +187,28 @@ mod tests {
         Ok(())
     }
 
+    /// Rows whose largest value is so small that `m / 448` would have no finite reciprocal keep
+    /// a finite scale (the smallest normal f32): no NaN for their zeros, no infinities; zero,
+    /// non-finite and huge maxima take scale 1, as the GPU's quantisers do.
+    #[test]
+    fn tiny_rows_get_a_scale_with_a_finite_reciprocal() -> candle_core::Result<()> {
+        for m in [1e-38f32, 1e-40, 2e-45] {
+            let s = e4m3_scale(m);
+            assert!(s >= f32::MIN_POSITIVE && (1.0 / s).is_finite(), "{m}: scale {s}");
+        }
+        assert_eq!(e4m3_scale(0.0), 1.0);
+        assert_eq!(e4m3_scale(f32::INFINITY), 1.0);
+        assert_eq!(e4m3_scale(f32::NAN), 1.0);
+        assert_eq!(e4m3_scale(3.2e38), 1.0);
+        assert_eq!(e4m3_scale(448.0), 1.0);
+        let dev = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::new(&[[1e-39f32, 0.0, -5e-40, 0.0]], &dev)?;
+        let r = round_rows(&t)?.to_vec2::<f32>()?;
+        assert!(r[0].iter().all(|v| v.is_finite()), "{r:?}");
+        assert_eq!((r[0][1], r[0][3]), (0.0, 0.0));
+        Ok(())
+    }
+
     #[test]
     fn known_values() {
         let f = Fp8::E4M3;
