@@ -1498,12 +1498,27 @@ fn bad_inputs_are_refused_early_and_said_once() {
     }
 }
 
+/// Whether process `pid` catches SIGINT: bit 2 of `SigCgt` in /proc/PID/status (Linux; elsewhere
+/// taken as caught).
+fn catches_sigint(pid: u32) -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|m| m & (1 << 1) != 0)
+}
+
 /// Ctrl-C ends `generate` with status 130, leaving no temporary file behind.
 #[test]
 fn an_interrupt_ends_generate_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("big.png");
-    let child = Command::new(env!("CARGO_BIN_EXE_parallax"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parallax"))
         .args([
             "generate",
             "--prompt",
@@ -1523,6 +1538,19 @@ fn an_interrupt_ends_generate_and_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
+    // Signal only once the process catches SIGINT (it sets its handler as it starts, which on a
+    // busy machine may come later than a fixed sleep), then 1.5 s into the generation.
+    let t0 = std::time::Instant::now();
+    while !catches_sigint(child.id()) {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("generate ended before it was interrupted: {status}");
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no Ctrl-C handler after a minute"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -336,6 +336,7 @@ pub fn write_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::rng::SplitMix64;
 
     fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
         let norm = |t: &Tensor| {
@@ -378,10 +379,11 @@ mod tests {
 
     #[test]
     fn written_files_read_back_within_each_types_error() {
+        let mut rng = SplitMix64::new(41);
         let dir = tempfile::tempdir().expect("tempdir");
         let dev = Device::Cpu;
-        let a = Tensor::randn(0f32, 1.0, (64, 256), &dev).expect("randn");
-        let b = Tensor::randn(0f32, 1.0, (64,), &dev).expect("randn");
+        let a = rng.normal_tensor((64, 256), &dev).expect("randn");
+        let b = rng.normal_tensor((64,), &dev).expect("randn");
         let tensors = vec![
             ("m.weight".to_string(), a.clone()),
             ("m.bias".to_string(), b.clone()),
@@ -432,9 +434,10 @@ mod tests {
 
     #[test]
     fn a_cut_file_is_refused_by_name() {
+        let mut rng = SplitMix64::new(42);
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.gguf");
-        let a = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu).expect("randn");
+        let a = rng.normal_tensor((64, 256), &Device::Cpu).expect("randn");
         write(&path, &[("m.weight".into(), a)], GgufType::Q8_0, "flux").expect("write");
         let bytes = std::fs::read(&path).expect("read");
         let cut = &bytes[..bytes.len() - 100];

@@ -57,6 +57,21 @@ impl SplitMix64 {
     }
 }
 
+/// Test inputs: tensors of standard normal values from this generator, the same on every run and
+/// machine, so a tolerance measured on them holds in CI (candle's `Tensor::randn` on the CPU
+/// draws from the operating system and cannot be seeded).
+#[cfg(test)]
+impl SplitMix64 {
+    pub(crate) fn normal_tensor(
+        &mut self,
+        shape: impl Into<candle_core::Shape>,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let shape = shape.into();
+        candle_core::Tensor::from_vec(self.normals(shape.elem_count()), shape, dev)
+    }
+}
+
 /// FNV-1a hash of a string, to derive independent streams from names.
 pub fn hash_str(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

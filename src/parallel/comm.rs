@@ -591,7 +591,9 @@ mod tests {
             matches!(&e, crate::Error::Collective { rank: 0, doing, .. } if doing == "all_gather"),
             "{e:?}"
         );
-        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        // Rank 2's 0.9 s sleep, then it finds the group aborted: a hang bound, generous for a
+        // busy machine.
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
         // A receive from a rank that never sends gives up too.
         let comms = LocalComm::group_with_timeout(2, Duration::from_millis(200));
         let e = crate::Error::from_candle(comms[0].recv(1).expect_err("nothing sent"));
@@ -691,18 +693,22 @@ mod tests {
         assert!(took < Duration::from_secs(5), "{took:?}");
 
         // Busy but moving: operations that each finish within the timeout are left alone,
-        // however long the group runs.
+        // however long the group runs (12 operations of a tenth of the timeout each). A timeout
+        // of 2 s here (still polled every 30 ms): with 300 ms, an operation's 100 ms sleep
+        // overrunning by 200 ms on a busy machine (CI's 2 cores under the whole suite) read as
+        // a stall; now an overrun must pass 1.8 s.
+        let timeout = Duration::from_secs(2);
         let gpu = Arc::new(FakeGpu::default());
         let h =
             spawn_watchdog("test-watchdog", Arc::downgrade(&gpu), timeout, poll).expect("thread");
-        for _ in 0..8 {
+        for _ in 0..12 {
             let f = op(false);
             gpu.ops.push(f.clone());
-            std::thread::sleep(timeout / 3);
+            std::thread::sleep(timeout / 10);
             f.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         assert!(gpu.aborted.lock().expect("lock").is_empty());
-        // A peer's error: given up at once, without waiting for the timeout.
+        // A peer's error: given up at once (the next poll), without waiting for the timeout.
         let t0 = Instant::now();
         *gpu.peer_error.lock().expect("lock") = Some("remote error on a peer".into());
         h.join().expect("ends");

@@ -359,6 +359,7 @@ impl Attention for DisplacedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::rng::SplitMix64;
     use crate::parallel::comm::{run_local, LocalComm};
     use candle_core::Device;
 
@@ -393,8 +394,9 @@ mod tests {
 
     #[test]
     fn rotating_sends_no_keys_or_values_after_warm_up() -> Result<()> {
+        let mut rng = SplitMix64::new(5);
         use crate::parallel::traffic::Counting;
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 16, 8), &Device::Cpu)?;
+        let q = rng.normal_tensor((1, 2, 16, 8), &Device::Cpu)?;
         let refresh = LocalComm::group(2);
         let sent = run_local(2, |rank, comm| {
             let main = Arc::new(Counting::new(Arc::new(comm)));

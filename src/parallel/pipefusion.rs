@@ -619,6 +619,7 @@ mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
     use crate::model::flux::{Flux, FluxConfig};
+    use crate::model::rng::SplitMix64;
     use crate::parallel::comm::{run_local, LocalComm};
     use candle_core::{DType, Device};
 
@@ -815,15 +816,16 @@ mod tests {
     /// [`crate::parallel::traffic::pipefusion_bytes_per_step`] predicts.
     #[test]
     fn counted_traffic_matches_the_prediction() -> Result<()> {
+        let mut rng = SplitMix64::new(6);
         use crate::parallel::traffic::{pipefusion_bytes_per_step, Counting};
         let dev = Device::Cpu;
         let cfg = FluxConfig::tiny();
         let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
         // 7 text and 5 x 7 image tokens in 3 patches: padded to 3 x (3 + 12) rows.
         let (txt, h, w, patches) = (7, 5, 7, 3);
-        let img = Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?;
-        let txt_t = Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?;
-        let y = Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?;
+        let img = rng.normal_tensor((1, h * w, 64), &dev)?;
+        let txt_t = rng.normal_tensor((1, txt, cfg.context_in_dim), &dev)?;
+        let y = rng.normal_tensor((1, cfg.vec_in_dim), &dev)?;
         let t = Tensor::new(&[0.5f32], &dev)?;
         let g = Tensor::new(&[3.5f32], &dev)?;
         let pe = m.pos_embed(txt, h, w)?;

@@ -142,14 +142,16 @@ impl Attention for RingAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::rng::SplitMix64;
     use candle_core::{DType, Device};
 
     fn inputs(l: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut rng = SplitMix64::new(1);
         let dev = Device::Cpu;
         Ok((
-            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
-            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
-            Tensor::randn(0f32, 1.0, (1, 4, l, 16), &dev)?,
+            rng.normal_tensor((1, 4, l, 16), &dev)?,
+            rng.normal_tensor((1, 4, l, 16), &dev)?,
+            rng.normal_tensor((1, 4, l, 16), &dev)?,
         ))
     }
 

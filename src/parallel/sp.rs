@@ -43,6 +43,7 @@ mod tests {
     use crate::model::demo_weights::DemoWeights;
     use crate::model::family::Denoiser;
     use crate::model::flux::{FluxConfig, FluxInput};
+    use crate::model::rng::SplitMix64;
     use crate::parallel::comm::{run_local, LocalComm};
     use crate::parallel::ring::RingAttention;
     use crate::parallel::ulysses::UlyssesAttention;
@@ -52,6 +53,7 @@ mod tests {
     /// A tiny transformer with `heads` heads of 32 and inputs for `txt` text tokens and an
     /// `h` x `w` grid of image tokens.
     fn setup(heads: usize, txt: usize, h: usize, w: usize) -> Result<(Flux, Vec<Tensor>)> {
+        let mut rng = SplitMix64::new(2);
         let dev = Device::Cpu;
         let cfg = FluxConfig {
             num_heads: heads,
@@ -61,9 +63,9 @@ mod tests {
         };
         let m = Flux::new(&cfg, DemoWeights::new(5).var_builder(DType::F32, &dev))?;
         let t = vec![
-            Tensor::randn(0f32, 1.0, (1, h * w, 64), &dev)?,
-            Tensor::randn(0f32, 1.0, (1, txt, cfg.context_in_dim), &dev)?,
-            Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?,
+            rng.normal_tensor((1, h * w, 64), &dev)?,
+            rng.normal_tensor((1, txt, cfg.context_in_dim), &dev)?,
+            rng.normal_tensor((1, cfg.vec_in_dim), &dev)?,
             Tensor::new(&[0.4f32], &dev)?,
             Tensor::new(&[3.5f32], &dev)?,
         ];

@@ -791,6 +791,7 @@ pub fn unpack_latent(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
+    use crate::model::rng::SplitMix64;
 
     #[test]
     fn pack_unpack_round_trip() -> Result<()> {
@@ -809,10 +810,11 @@ mod tests {
 
     #[test]
     fn rope_matches_explicit_rotation() -> Result<()> {
+        let mut rng = SplitMix64::new(21);
         let dev = Device::Cpu;
         let ids = position_ids(2, 3, 2, &dev)?;
         let pe = PosEmbed::new(&ids, &[4, 6, 6], 10_000.0, DType::F32)?;
-        let x = Tensor::randn(0f32, 1.0, (1, 1, 8, 16), &dev)?;
+        let x = rng.normal_tensor((1, 1, 8, 16), &dev)?;
         let got = apply_rope(&x, &pe)?;
         // Explicit: pair (2i, 2i+1) rotated by angle a_i.
         let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
@@ -869,11 +871,12 @@ mod tests {
 
     impl TinyStep {
         fn new(m: &Flux) -> Result<Self> {
+            let mut rng = SplitMix64::new(22);
             let (cfg, dev) = (m.config(), &Device::Cpu);
             Ok(Self {
-                img: Tensor::randn(0f32, 1.0, (1, 16, 64), dev)?,
-                txt: Tensor::randn(0f32, 1.0, (1, 5, cfg.context_in_dim), dev)?,
-                y: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), dev)?,
+                img: rng.normal_tensor((1, 16, 64), dev)?,
+                txt: rng.normal_tensor((1, 5, cfg.context_in_dim), dev)?,
+                y: rng.normal_tensor((1, cfg.vec_in_dim), dev)?,
                 t: Tensor::new(&[0.7f32], dev)?,
                 g: Tensor::new(&[3.5f32], dev)?,
                 pe: m.pos_embed(5, 4, 4)?,

@@ -1165,6 +1165,7 @@ fn gcd(a: usize, b: usize) -> usize {
 mod tests {
     use super::*;
     use crate::model::demo_weights::DemoWeights;
+    use crate::model::rng::SplitMix64;
     use candle_core::{Device, D};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -1183,12 +1184,13 @@ mod tests {
 
     #[test]
     fn two_step_group_norm_matches_candle() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(11);
         let dev = Device::Cpu;
         let (c, g) = (24, 6);
         // An offset and scale so that mean and variance are far from 0 and 1.
-        let x = ((Tensor::randn(0f32, 1.0, (2, c, 5, 7), &dev)? * 3.0)? + 1.5)?;
-        let w = Tensor::randn(1f32, 0.3, c, &dev)?;
-        let b = Tensor::randn(0f32, 0.3, c, &dev)?;
+        let x = ((rng.normal_tensor((2, c, 5, 7), &dev)? * 3.0)? + 1.5)?;
+        let w = rng.normal_tensor(c, &dev)?.affine(0.3, 1.0)?;
+        let b = rng.normal_tensor(c, &dev)?.affine(0.3, 0.0)?;
         let ours = GroupNorm::from_tensors(w.clone(), b.clone(), g, 1e-6)?;
         let theirs = candle_nn::GroupNorm::new(w, b, c, g, 1e-6)?;
         let expected = theirs.forward(&x)?;
@@ -1217,10 +1219,11 @@ mod tests {
 
     #[test]
     fn chunked_attention_matches_unchunked() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(12);
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 37, 16), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 37, 16), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 37, 16), &dev)?;
+        let q = rng.normal_tensor((2, 37, 16), &dev)?;
+        let k = rng.normal_tensor((2, 37, 16), &dev)?;
+        let v = rng.normal_tensor((2, 37, 16), &dev)?;
         let full = attention(&q, &k, &v, 37)?;
         // Reference written out directly.
         let scores = (q.matmul(&k.t()?)? / 4.0)?;
@@ -1236,9 +1239,10 @@ mod tests {
 
     #[test]
     fn attn_block_chunking_does_not_change_output() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(13);
         let vb = DemoWeights::new(3).var_builder(DType::F32, &Device::Cpu);
         let mut block = AttnBlock::new(16, 4, vb)?;
-        let x = Tensor::randn(0f32, 1.0, (1, 16, 6, 5), &Device::Cpu)?;
+        let x = rng.normal_tensor((1, 16, 6, 5), &Device::Cpu)?;
         let whole = block.forward(&x)?;
         block.set_query_rows(Some(7));
         let chunked = block.forward(&x)?;
@@ -1248,11 +1252,12 @@ mod tests {
 
     #[test]
     fn banded_convolution_equals_whole() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(14);
         let dev = Device::Cpu;
         for (k, pad, stride) in [(3usize, 1usize, 1usize), (1, 0, 1), (3, 0, 2)] {
             let vb = DemoWeights::new(11).var_builder(DType::F32, &dev);
             let conv = Conv2d::new(6, 5, k, stride, pad, vb.pp("c"))?;
-            let x = Tensor::randn(0f32, 1.0, (2, 6, 13, 9), &dev)?;
+            let x = rng.normal_tensor((2, 6, 13, 9), &dev)?;
             let whole = conv.forward(&x)?;
             // Limits from one output row per band up to a few rows (a row's im2col matrix holds
             // batch x channels x taps x width values).
@@ -1272,10 +1277,11 @@ mod tests {
 
     #[test]
     fn conv_epilogue_and_upsampling_on_the_cpu() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(15);
         use crate::kernels::elementwise::{channel_bias_add, upsample_nearest2x};
         let dev = Device::Cpu;
-        let y = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
-        let r = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?;
+        let y = rng.normal_tensor((2, 3, 4, 5), &dev)?;
+        let r = rng.normal_tensor((2, 3, 4, 5), &dev)?;
         let bias = Tensor::new(&[1f32, -2.0, 0.5], &dev)?;
         let got = channel_bias_add(y.clone(), &bias, Some(&r))?;
         let want = ((&y + &r)? + bias.reshape((1, 3, 1, 1))?.broadcast_as(y.dims())?)?;
@@ -1301,8 +1307,9 @@ mod tests {
 
     #[test]
     fn decode_tiny_latent() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(16);
         let vae = tiny_vae();
-        let z = Tensor::randn(0f32, 1.0, (1, 16, 8, 8), &Device::Cpu)?;
+        let z = rng.normal_tensor((1, 16, 8, 8), &Device::Cpu)?;
         let img = vae.decode(&z)?;
         assert_eq!(img.dims(), &[1, 3, 64, 64]);
         let values = img.flatten_all()?.to_vec1::<f32>()?;
@@ -1312,8 +1319,9 @@ mod tests {
 
     #[test]
     fn encode_decode_round_trip_shapes() -> candle_core::Result<()> {
+        let mut rng = SplitMix64::new(17);
         let vae = tiny_vae();
-        let z = Tensor::randn(0f32, 1.0, (2, 16, 4, 6), &Device::Cpu)?;
+        let z = rng.normal_tensor((2, 16, 4, 6), &Device::Cpu)?;
         let img = vae.decode(&z)?;
         assert_eq!(img.dims(), &[2, 3, 32, 48]);
         let z2 = vae.encode(&img)?;
