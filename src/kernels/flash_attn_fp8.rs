@@ -21,7 +21,6 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::flash_attn::merge_heads;
-use super::fp8::Fp8;
 use super::reference::sdpa_chunked;
 
 /// Query rows sharing one E4M3 scale (per batch and head): a warpgroup's rows.
@@ -30,8 +29,8 @@ pub const Q_GROUP: usize = 64;
 pub const K_GROUP: usize = 128;
 
 /// `x` (B, H, L, D) rounded to E4M3 in groups of `group` consecutive rows of each (batch, head),
-/// each group's largest magnitude mapping to 448 (scale 1 for a group of zeros): quantise, then
-/// dequantise, in f32 (the division and round-to-nearest-even the GPU quantiser does).
+/// each group with its own scale ([`crate::kernels::fp8::round_group`]): quantise, then
+/// dequantise, in f32 (the reciprocal product and round-to-nearest-even the GPU quantiser does).
 pub fn round_row_groups(x: &Tensor, group: usize) -> Result<Tensor> {
     let (b, h, l, d) = x.dims4()?;
     let device = x.device().clone();
@@ -43,12 +42,7 @@ pub fn round_row_groups(x: &Tensor, group: usize) -> Result<Tensor> {
     let group = group.max(1);
     for head in v.chunks_mut((l * d).max(1)) {
         for g in head.chunks_mut(group * d.max(1)) {
-            let m = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let scale = crate::kernels::fp8::e4m3_scale(m);
-            let inv = 1.0 / scale;
-            for x in g.iter_mut() {
-                *x = Fp8::E4M3.round(*x * inv) * scale;
-            }
+            crate::kernels::fp8::round_group(g);
         }
     }
     Tensor::from_vec(v, (b, h, l, d), &candle_core::Device::Cpu)?.to_device(&device)

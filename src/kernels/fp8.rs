@@ -130,6 +130,27 @@ pub fn e4m3_scale(m: f32) -> f32 {
     }
 }
 
+/// One group of values (a row, or a group of rows) quantised to E4M3 with a scale of its own, as
+/// every quantiser here and on the GPU does it: [`e4m3_scale`] of the group's largest magnitude,
+/// each value multiplied by the scale's reciprocal and rounded. The bytes are appended to `out`;
+/// returns the scale.
+pub fn encode_group(values: &[f32], out: &mut Vec<u8>) -> f32 {
+    let scale = e4m3_scale(values.iter().fold(0f32, |m, x| m.max(x.abs())));
+    let inv = 1.0 / scale;
+    out.extend(values.iter().map(|x| Fp8::E4M3.encode(x * inv)));
+    scale
+}
+
+/// [`encode_group`] then decoded in place: the values as FP8 leaves them. Returns the scale.
+pub fn round_group(values: &mut [f32]) -> f32 {
+    let scale = e4m3_scale(values.iter().fold(0f32, |m, x| m.max(x.abs())));
+    let inv = 1.0 / scale;
+    for x in values.iter_mut() {
+        *x = Fp8::E4M3.round(*x * inv) * scale;
+    }
+    scale
+}
+
 /// `t` rounded to E4M3 with one scale per row of its last axis (the row's largest magnitude maps
 /// to 448): FP8's rounding simulated in `t`'s dtype, quantise then dequantise. Weights (out, in)
 /// get a scale per output channel; activations (.., tokens, width) a scale per token, as dynamic
@@ -144,12 +165,7 @@ pub fn round_rows(t: &candle_core::Tensor) -> candle_core::Result<candle_core::T
         .flatten_all()?
         .to_vec1::<f32>()?;
     for row in v.chunks_mut(width) {
-        let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let scale = e4m3_scale(m);
-        let inv = 1.0 / scale;
-        for x in row.iter_mut() {
-            *x = Fp8::E4M3.round(*x * inv) * scale;
-        }
+        round_group(row);
     }
     candle_core::Tensor::from_vec(v, shape, &Device::Cpu)?
         .to_dtype(dtype)?

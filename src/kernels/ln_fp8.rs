@@ -65,10 +65,8 @@ pub fn reference(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<HostFp8Ro
     quantise_rows(&crate::kernels::elementwise::ln_modulate(x, shift, scale)?)
 }
 
-/// The kernel's quantisation on the CPU, for rows `y` (.., k) already normed: each row's largest
-/// magnitude `m`, its scale `m / 448` (1 for a row of zeros or a non-finite maximum) and its
-/// values multiplied by the scale's reciprocal (`x * (1 / s)`, as the kernels compute it),
-/// rounded to E4M3 (nearest, ties to even, saturating). The GPU's
+/// The kernel's quantisation on the CPU, for rows `y` (.., k) already normed: each row in E4M3
+/// with its own scale ([`crate::kernels::fp8::encode_group`]). The GPU's
 /// self-check feeds it the kernel's own bf16 rows: the CPU's bf16 norm rounds some values the
 /// other way, and one bf16 step flips an E4M3 rounding (a 1.7 % relative difference measured on
 /// an H100), which says nothing about the quantisation.
@@ -82,11 +80,7 @@ pub fn quantise_rows(y: &Tensor) -> Result<HostFp8Rows> {
     let mut q = Vec::with_capacity(v.len());
     let mut scales = Vec::with_capacity(v.len() / k.max(1));
     for row in v.chunks(k.max(1)) {
-        let m = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let s = crate::kernels::fp8::e4m3_scale(m);
-        scales.push(s);
-        let inv = 1.0 / s;
-        q.extend(row.iter().map(|x| Fp8::E4M3.encode(x * inv)));
+        scales.push(crate::kernels::fp8::encode_group(row, &mut q));
     }
     Ok(HostFp8Rows {
         q,

@@ -18,7 +18,7 @@ use crate::model::rng::SplitMix64;
 /// machine, so a tolerance measured here holds in CI).
 fn inputs(l: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let mut rng = SplitMix64::new(0x5eed ^ l as u64);
-    let mut one = || Tensor::from_vec(rng.normals(4 * l * 16), (1, 4, l, 16), &Device::Cpu);
+    let mut one = || rng.normal_tensor((1, 4, l, 16), &Device::Cpu);
     Ok((one()?, one()?, one()?))
 }
 
