@@ -210,7 +210,10 @@ mod tests {
     fn tiny_rows_get_a_scale_with_a_finite_reciprocal() -> candle_core::Result<()> {
         for m in [1e-38f32, 1e-40, 2e-45] {
             let s = e4m3_scale(m);
-            assert!(s >= f32::MIN_POSITIVE && (1.0 / s).is_finite(), "{m}: scale {s}");
+            assert!(
+                s >= f32::MIN_POSITIVE && (1.0 / s).is_finite(),
+                "{m}: scale {s}"
+            );
         }
         assert_eq!(e4m3_scale(0.0), 1.0);
         assert_eq!(e4m3_scale(f32::INFINITY), 1.0);
