@@ -145,24 +145,21 @@ pub fn band_products(
 
 /// Whether every band product starts its A and C 256 bytes into alignment (bf16: 128 values),
 /// with 16-byte aligned output columns: what cuBLASLt's default heuristics assume.
-pub fn bands_in_place(
-    (b, taps, cout): (usize, usize, usize),
-    (ho, wo): (usize, usize),
-    band: usize,
-) -> bool {
+pub fn aligned_in_place(products: &[BandProduct], (ho, wo): (usize, usize)) -> bool {
     ho > 0
         && (ho * wo) % 8 == 0
-        && band_products((b, taps, cout), (ho, wo), band)
+        && products
             .iter()
             .all(|p| p.a_offset % 128 == 0 && p.c_offset % 128 == 0)
 }
 
 /// The whole convolution of `x` with `w` (no bias) computed in bands of at most `band` output
 /// rows (each band's im2col matrix is what bounds the memory), the bands written into one output.
-/// On Parallax's kernel each band's product writes its rows of the NCHW output in place (the
-/// product's output leading dimension is the map's size), so no zeroed output, band tensor or copy
-/// is made; elsewhere, where the band's start is not 256-byte aligned, or with
-/// `PARALLAX_NO_CONV_BANDS_IN_PLACE`, band by band into a zeroed output.
+/// Bands are made as tall as allowed with each starting a multiple of 128 values into a channel's
+/// map (where `band` leaves room for that). On Parallax's kernel each band's product writes its
+/// rows of the NCHW output in place (the product's output leading dimension is the map's size),
+/// so no zeroed output, band tensor or copy is made; elsewhere, where a band's start is still not
+/// 256-byte aligned, or with `PARALLAX_NO_CONV_BANDS_IN_PLACE`, band by band into a zeroed output.
 pub fn conv2d_banded(
     x: &Tensor,
     w: &Tensor,
@@ -173,16 +170,23 @@ pub fn conv2d_banded(
     let (b, cin, h, wd) = x.dims4()?;
     let (cout, _, k, _) = w.dims4()?;
     let (ho, wo) = (out_len(h, k, stride, pad)?, out_len(wd, k, stride, pad)?);
-    let band = band.max(1);
+    // Rows that start 128 values apart: a multiple of 128 / gcd(Wo, 128).
+    let q = 128 / gcd(wo, 128);
+    let band = if band >= q {
+        band - band % q
+    } else {
+        band.max(1)
+    };
+    let products = band_products((b, cin * k * k, cout), (ho, wo), band);
     #[cfg(feature = "cuda")]
     if own_kernel(x)
         && std::env::var_os("PARALLAX_NO_CONV_BANDS_IN_PLACE").is_none()
         && cin * k * k <= 65_535
         && b <= 65_535
         && w.dims4()? == (cout, cin, k, k)
-        && bands_in_place((b, cin * k * k, cout), (ho, wo), band)
+        && aligned_in_place(&products, (ho, wo))
     {
-        match cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), band) {
+        match cuda::conv_banded(x, w, (b, cin, cout, k), stride, pad, (ho, wo), &products) {
             Ok(y) => return Ok(y),
             Err(e) => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
@@ -196,14 +200,28 @@ pub fn conv2d_banded(
     }
     let x = &x.contiguous()?;
     let out = Tensor::zeros((b, cout, ho, wo), x.dtype(), x.device())?;
-    let mut r0 = 0;
-    while r0 < ho {
-        let r1 = (r0 + band).min(ho);
-        out.slice_set(&conv2d_rows(x, w, stride, pad, r0, r1)?, 2, r0)?;
-        r0 = r1;
+    for p in bands(&products).filter_map(|band| band.first()) {
+        out.slice_set(
+            &conv2d_rows(x, w, stride, pad, p.r0, p.r0 + p.rows)?,
+            2,
+            p.r0,
+        )?;
     }
-    let _ = cin;
     Ok(out)
+}
+
+/// [`band_products`] band by band, top to bottom: each band's products, one per batch item.
+fn bands(products: &[BandProduct]) -> impl Iterator<Item = &[BandProduct]> {
+    products.chunk_by(|a, b| a.r0 == b.r0)
+}
+
+/// Greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -292,7 +310,7 @@ mod cuda {
         stride: usize,
         pad: usize,
         (ho, wo): (usize, usize),
-        band: usize,
+        products: &[super::BandProduct],
     ) -> Result<Tensor> {
         use candle_core::cuda_backend::cudarc::cublaslt::{Matmul, MatmulConfig};
         let x = x.contiguous()?;
@@ -305,43 +323,38 @@ mod cuda {
         let h = crate::kernels::gemm::lt_handle(&dev)?;
         let (ws, wl) = wmat.storage_and_layout();
         let wv = view::<bf16>(&ws, wl)?;
-        let products = super::band_products((b, taps, cout), (ho, wo), band);
-        let mut col = None;
-        for p in &products {
-            // One column matrix per band, made when its first batch item comes.
-            if p.batch == 0 {
-                col = Some(im2col(&x, (b, cin, k), stride, pad, p.r0, p.rows, wo)?);
+        for band in super::bands(products) {
+            let Some(first) = band.first() else { continue };
+            let col = im2col(&x, (b, cin, k), stride, pad, first.r0, first.rows, wo)?;
+            for p in band {
+                let m = p.m;
+                let cfg = MatmulConfig {
+                    transa: false,
+                    transb: false,
+                    transc: false,
+                    m: m as u64,
+                    n: cout as u64,
+                    k: taps as u64,
+                    alpha: 1.0,
+                    lda: m as i64,
+                    ldb: taps as i64,
+                    beta: 0.0,
+                    ldc: p.ldc as i64,
+                    stride_a: None,
+                    stride_b: None,
+                    stride_c: None,
+                    stride_bias: None,
+                    batch_size: None,
+                };
+                let a = col.slice(p.a_offset..p.a_offset + taps * m);
+                let mut c = out.slice_mut(p.c_offset..p.c_offset + (cout - 1) * p.ldc + m);
+                // SAFETY: `a` holds m·taps values, the weight taps·Cout; the output view holds
+                // (Cout - 1)·Ho·Wo + m values from the band's first position of channel 0, the
+                // last channel's band ending at its end.
+                unsafe { h.matmul(cfg, &a, &wv, &mut c, None, None) }.map_err(|e| {
+                    candle_core::Error::Cuda(format!("cuBLASLt convolution product: {e:?}").into())
+                })?;
             }
-            let Some(col) = col.as_ref() else {
-                candle_core::bail!("convolution bands: a band without its column matrix");
-            };
-            let m = p.m;
-            let cfg = MatmulConfig {
-                transa: false,
-                transb: false,
-                transc: false,
-                m: m as u64,
-                n: cout as u64,
-                k: taps as u64,
-                alpha: 1.0,
-                lda: m as i64,
-                ldb: taps as i64,
-                beta: 0.0,
-                ldc: p.ldc as i64,
-                stride_a: None,
-                stride_b: None,
-                stride_c: None,
-                stride_bias: None,
-                batch_size: None,
-            };
-            let a = col.slice(p.a_offset..p.a_offset + taps * m);
-            let mut c = out.slice_mut(p.c_offset..p.c_offset + (cout - 1) * p.ldc + m);
-            // SAFETY: `a` holds m·taps values, the weight taps·Cout; the output view holds
-            // (Cout - 1)·Ho·Wo + m values from the band's first position of channel 0, the
-            // last channel's band ending at its end.
-            unsafe { h.matmul(cfg, &a, &wv, &mut c, None, None) }.map_err(|e| {
-                candle_core::Error::Cuda(format!("cuBLASLt convolution product: {e:?}").into())
-            })?;
         }
         Ok(wrap(out, &dev, &[b, cout, ho, wo]))
     }
@@ -436,11 +449,9 @@ mod tests {
             let want = want.flatten_all()?.to_vec1::<f32>()?;
             for band in [1, 2, 3, ho] {
                 let mut out = vec![f32::NAN; b * cout * ho * wo];
-                let mut col = Vec::new();
-                for p in band_products((b, taps, cout), (ho, wo), band) {
-                    if p.batch == 0 {
-                        col = im2col_cpu(&xs, (b, cin, h, w), k, (stride, pad), p.r0, p.rows, wo);
-                    }
+                let products = band_products((b, taps, cout), (ho, wo), band);
+                for p in &products {
+                    let col = im2col_cpu(&xs, (b, cin, h, w), k, (stride, pad), p.r0, p.rows, wo);
                     for c in 0..cout {
                         for i in 0..p.m {
                             let s: f32 = (0..taps)
@@ -463,11 +474,14 @@ mod tests {
         // The autoencoder at 1024 px: 128 channels at full size in bands of 224 rows (a multiple
         // of 128 values apart), and 512 channels at 256 px; a batch of two with a last band whose
         // column matrix would start unaligned is refused.
-        assert!(bands_in_place((1, 128 * 9, 128), (1024, 1024), 224));
-        assert!(bands_in_place((2, 512 * 9, 512), (256, 256), 50));
-        assert!(bands_in_place((1, 27, 16), (20, 8), 16));
-        assert!(!bands_in_place((2, 27, 16), (20, 8), 16));
-        assert!(!bands_in_place((1, 9, 8), (10, 20), 3));
+        let in_place = |(b, taps, cout), (ho, wo), band| {
+            aligned_in_place(&band_products((b, taps, cout), (ho, wo), band), (ho, wo))
+        };
+        assert!(in_place((1, 128 * 9, 128), (1024, 1024), 224));
+        assert!(in_place((2, 512 * 9, 512), (256, 256), 50));
+        assert!(in_place((1, 27, 16), (20, 8), 16));
+        assert!(!in_place((2, 27, 16), (20, 8), 16));
+        assert!(!in_place((1, 9, 8), (10, 20), 3));
         Ok(())
     }
 

@@ -477,10 +477,6 @@ impl Conv2d {
         if no_matrix || rows >= ho {
             return conv2d_rows(x, &self.weight, s, padding, 0, ho);
         }
-        // Bands whose rows start 128 values apart in the output: each band's product can then
-        // write straight into the output (kernels::conv::conv2d_banded).
-        let q = 128 / gcd(wo, 128);
-        let rows = if rows >= q { rows - rows % q } else { rows };
         crate::kernels::conv::conv2d_banded(x, &self.weight, s, padding, rows)
     }
 
@@ -1149,15 +1145,6 @@ impl AutoEncoder {
         let moments = encoder.forward(&x.to_dtype(self.dtype)?)?;
         let mean = moments.narrow(1, 0, self.cfg.z_channels)?;
         self.scale_latent(&mean)
-    }
-}
-
-/// Greatest common divisor.
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a.max(1)
-    } else {
-        gcd(b, a % b)
     }
 }
 
