@@ -118,7 +118,7 @@ pub(crate) use cuda::handle as lt_handle;
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use crate::kernels::cuda_util::{device, view, wrap};
+    use crate::kernels::cuda_util::{device, view};
     use candle_core::cuda_backend::cudarc::cublaslt::{
         Activation, CudaBlasLT, Matmul, MatmulConfig,
     };
@@ -211,17 +211,7 @@ mod cuda {
             unsafe { h.matmul(cfg, &wv, &xv, &mut ov, bv.as_ref(), act.as_ref()) }
                 .map_err(|e| candle_core::Error::Cuda(format!("cuBLASLt matmul: {e:?}").into()))?;
         }
-        // `a` into the first columns: one vectorised pass (candle's strided copy ran at a third
-        // of the memory's rate: 2 ms a FLUX.1 step), or slice_set where its widths do not allow.
-        let copied = match a {
-            Some(a) => crate::kernels::elementwise::copy_columns_into(&mut out, rows, ld, a)?,
-            None => true,
-        };
-        let out = wrap(out, &dev, &dims);
-        if let (Some(a), false) = (a, copied) {
-            out.slice_set(&a.contiguous()?, dims.len() - 1, 0)?;
-        }
-        Ok(out)
+        crate::kernels::elementwise::wrap_beside(out, &dev, &dims, a)
     }
 }
 
