@@ -499,9 +499,16 @@ impl ModelArgs {
         let mut choice = self.choice();
         if choice.memory_budget_mib.is_some() {
             let req = request_with(is_demo(&choice.resolve()?), sample, init);
-            choice.plan_size = Some((req.width, req.height));
+            plan_for(&mut choice, &req);
         }
         Ok(choice)
+    }
+}
+
+/// A memory budget in `choice` planned for `req`'s size (nothing to plan without a budget).
+fn plan_for(choice: &mut ModelChoice, req: &GenerateRequest) {
+    if choice.memory_budget_mib.is_some() {
+        choice.plan_size = Some((req.width, req.height));
     }
 }
 
@@ -1079,8 +1086,7 @@ fn checked_job(
     let mut choice = model.choice();
     let resolved = choice.resolve()?;
     let req = request_with(is_demo(&resolved), sample, init);
-    // A memory budget is planned for the size this request asks.
-    choice.plan_size = Some((req.width, req.height));
+    plan_for(&mut choice, &req);
     let placement = parallel.placement(&model.device)?;
     let (heads, hints) = crate::engine::layout_facts(&resolved, &placement)?;
     let plan = placement.plan_with(
@@ -1871,14 +1877,15 @@ mod tests {
     /// A memory budget is planned for the size the command asks, not the default 1024 px.
     #[test]
     fn the_memory_plan_takes_the_requested_size() -> anyhow::Result<()> {
-        let parse = |args: &[&str]| -> anyhow::Result<GenerateArgs> {
-            let mut all = vec!["parallax", "generate", "--model", "random:dev"];
+        let parse_model = |model: &str, args: &[&str]| -> anyhow::Result<GenerateArgs> {
+            let mut all = vec!["parallax", "generate", "--model", model];
             all.extend_from_slice(args);
             match Cli::try_parse_from(all)?.command {
                 Some(Command::Generate(g)) => Ok(g),
                 other => anyhow::bail!("parsed as {other:?}"),
             }
         };
+        let parse = |args: &[&str]| parse_model("random:dev", args);
         let g = parse(&[
             "--width",
             "2048",
@@ -1899,17 +1906,10 @@ mod tests {
         let g = parse(&["--memory-budget", "24"])?;
         assert_eq!(at(&g)?, Some((1024, 1024)));
         assert_eq!(at(&parse(&["--width", "768"])?)?, None);
-        let demo = Cli::try_parse_from([
-            "parallax",
-            "generate",
-            "--model",
-            "demo",
-            "--memory-budget",
-            "2",
-        ])?;
-        if let Some(Command::Generate(g)) = demo.command {
-            assert_eq!(at(&g)?, Some((256, 256)));
-        }
+        assert_eq!(
+            at(&parse_model("demo", &["--memory-budget", "2"])?)?,
+            Some((256, 256))
+        );
         Ok(())
     }
 }
