@@ -27,6 +27,12 @@ mkdir -p "$out" /tmp/pbin
 source .device/gpu-env.sh
 xz -dc .device/parallax.xz > /tmp/pbin/parallax && chmod +x /tmp/pbin/parallax
 b=/tmp/pbin/parallax
+# .device/before/parallax.xz, when carried: the build before the latest change, timed beside
+# this one by the `gemm` and `attention` parts.
+before=""
+if [[ -f .device/before/parallax.xz ]]; then
+    xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
+fi
 log="$out/targets.log"
 marks="$out/marks.tsv"
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee -a "$log"
@@ -92,11 +98,6 @@ elif [[ $part == gemm ]]; then
     PARALLAX_FP8_FAST_ACCUM=1 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck-fast.log" 2>&1
     echo "selfcheck with fast accumulation rc=$?" | tee -a "$log"
     grep -Ei "fp8|FAIL|passed" "$out/selfcheck-fast.log" | tail -30 | tee -a "$log"
-    # .device/before/parallax.xz, when carried: the build before this change, in the same rounds.
-    before=""
-    if [[ -f .device/before/parallax.xz ]]; then
-        xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
-    fi
     for round in $(seq 1 ${ROUNDS:-2}); do
         dev "dev-fp8-r$round" fp8
         dev "dev-fp8-fast-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1
@@ -143,12 +144,6 @@ else
     for w in ${PROFILE_WIDTHS:-1024 2048}; do
         timeout 120 $b dev profile --device cuda --width $w 2>&1 | grep -E "attention" | tee -a "$log"
     done
-    # .device/before/parallax.xz, when carried: the build before the last kernel change, timed in
-    # FP8 beside this one.
-    before=""
-    if [[ -f .device/before/parallax.xz ]]; then
-        xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
-    fi
     # Most telling first (a lease can end early): FP8 with and without FP8 attention and the build
     # before, the whole-image targets, the two images; then bf16 with and without.
     for round in $(seq 1 ${ROUNDS:-2}); do
