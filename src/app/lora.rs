@@ -105,7 +105,7 @@ pub fn in_folder(dir: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// The demo model's LoRA (polka dots, `scripts/train-demo/train_lora.py`), built in.
-const DEMO_LORA: &[u8] = include_bytes!("../../assets/demo/lora-polka.safetensors");
+static DEMO_LORA: &[u8] = include_bytes!("../../assets/demo/lora-polka.safetensors");
 /// Its name in the source tree and when written out.
 const DEMO_LORA_NAME: &str = "lora-polka.safetensors";
 

@@ -18,14 +18,16 @@ use super::tokenizer::PromptTokenizer;
 use super::vae::{AutoEncoder, VaeConfig};
 use crate::error::{CandleResultExt, Result};
 
+// Statics, not consts: a const's bytes are copied into each place that uses it (the release
+// build held the 5.7 MB transformer twice), a static's once.
 /// The transformer's weights (BFL names).
-pub const TRANSFORMER: &[u8] = include_bytes!("../../assets/demo/transformer.safetensors");
+pub static TRANSFORMER: &[u8] = include_bytes!("../../assets/demo/transformer.safetensors");
 /// The autoencoder's weights (BFL names).
-pub const AUTOENCODER: &[u8] = include_bytes!("../../assets/demo/ae.safetensors");
+pub static AUTOENCODER: &[u8] = include_bytes!("../../assets/demo/ae.safetensors");
 /// The T5 encoder's weights (transformers' names).
-pub const T5: &[u8] = include_bytes!("../../assets/demo/t5.safetensors");
+pub static T5: &[u8] = include_bytes!("../../assets/demo/t5.safetensors");
 /// The CLIP text model's weights (transformers' names, under `text_model.`).
-pub const CLIP: &[u8] = include_bytes!("../../assets/demo/clip.safetensors");
+pub static CLIP: &[u8] = include_bytes!("../../assets/demo/clip.safetensors");
 /// What the trainer recorded: configurations and steps of each phase.
 pub const TRAINING: &str = include_str!("../../assets/demo/demo.json");
 
