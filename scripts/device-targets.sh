@@ -19,7 +19,9 @@
 # src/kernels/lt_algo.rs) and the fused norm + quantisation (PARALLAX_FUSED_FP8_QUANT) against the
 # default, and against the build in .device/before/ (FP8 and bf16), alternating; the selfcheck
 # and fp8-error under fast accumulation; schnell's whole image with both switches.
-#   [ROUNDS=2] bash scripts/device-targets.sh [targets|attention|gemm]
+# TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
+# `gemm`, timed again in `targets` without a rebuild).
+#   [ROUNDS=2] [TARGET_ENV=...] bash scripts/device-targets.sh [targets|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -33,7 +35,9 @@ before=""
 if [[ -f .device/before/parallax.xz ]]; then
     xz -dc .device/before/parallax.xz > /tmp/pbin/before && chmod +x /tmp/pbin/before && before=/tmp/pbin/before
 fi
+read -ra tenv <<< "${TARGET_ENV:-}"
 log="$out/targets.log"
+echo "TARGET_ENV=${TARGET_ENV:-}" | tee -a "$log"
 marks="$out/marks.tsv"
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee -a "$log"
 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
@@ -49,10 +53,10 @@ run() {
     local name=$1 limit=$2
     shift 2
     local t0; t0=$(date +%s.%N)
-    timeout "$limit" "$@" > /tmp/r.json 2>> "$log"
+    timeout "$limit" env "${tenv[@]}" "$@" > /tmp/r.json 2>> "$log"
     local rc=$?
     printf '%s\t%s\t%s\n' "$name" "$t0" "$(date +%s.%N)" >> "$marks"
-    python3 - "$name" "$rc" "$out/session.jsonl" <<'PY' | tee -a "$log"
+    python3 - "$name" "$rc" "$out/session.jsonl" "${TARGET_ENV:-}" <<'PY' | tee -a "$log"
 import json, sys
 name, rc, path = sys.argv[1:4]
 txt = open("/tmp/r.json").read().strip()
@@ -62,6 +66,7 @@ except Exception:
     v = {"error": txt[-300:]}
 v["name"] = name
 v["rc"] = int(rc)
+v["target_env"] = sys.argv[4]
 open(path, "a").write(json.dumps(v) + "\n")
 s = v.get("step_ms", {})
 print(name, "rc", rc, "step", s.get("median"), "loop", s.get("loop_median"), "queued", s.get("queued_median"),
@@ -104,6 +109,8 @@ elif [[ $part == gemm ]]; then
         dev "dev-fp8-tuned-r$round" fp8 PARALLAX_GEMM_AUTOTUNE=1 RUST_LOG=parallax=info
         dev "dev-fp8-fast-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1
         dev "dev-fp8-fusedq-r$round" fp8 PARALLAX_FUSED_FP8_QUANT=1
+        # The single blocks' linear1 halves each quantising the norm's rows again (as before).
+        dev "dev-fp8-noshared-r$round" fp8 PARALLAX_NO_FUSED_FP8_QUANT=1
         if [[ -n $before ]]; then
             run "dev-fp8-before-r$round" 120 $before bench --device cuda --model random:dev --width 1024 \
                 --height 1024 --steps 8 --runs 3 --warmup 1 --precision fp8
