@@ -21,7 +21,10 @@
 # and fp8-error under fast accumulation; schnell's whole image with both switches.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
-#   [ROUNDS=2] [TARGET_ENV=...] bash scripts/device-targets.sh [targets|attention|gemm]
+# `fp8targets`: only the FP8 rows of `targets`. SKIP_SELFCHECK=1 leaves out the selfcheck (a
+# second part in the same call).
+#   [ROUNDS=2] [TARGET_ENV=...] [SKIP_SELFCHECK=1] bash scripts/device-targets.sh \
+#       [targets|fp8targets|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -40,9 +43,11 @@ log="$out/targets.log"
 echo "TARGET_ENV=${TARGET_ENV:-}" | tee -a "$log"
 marks="$out/marks.tsv"
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv | tee -a "$log"
-timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
-echo "selfcheck rc=$?" | tee -a "$log"
-grep -Ei "ln_modulate|ln_fp8|fused|fp8 scores|FAIL|passed" "$out/selfcheck.log" | tail -40 | tee -a "$log"
+if [[ -z ${SKIP_SELFCHECK:-} ]]; then
+    timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck.log" 2>&1
+    echo "selfcheck rc=$?" | tee -a "$log"
+    grep -Ei "ln_modulate|ln_fp8|fused|fp8 scores|FAIL|passed" "$out/selfcheck.log" | tail -40 | tee -a "$log"
+fi
 
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
     --format=csv,noheader,nounits -lms 100 > "$out/smi.csv" 2>/dev/null &
@@ -96,6 +101,14 @@ if [[ $part == targets ]]; then
         run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
             --steps 4 --runs 5 --warmup 1 --precision $prec
     done
+elif [[ $part == fp8targets ]]; then
+    # Only the FP8 rows of `targets` (a step, 28 steps whole, schnell whole), for a switch in
+    # TARGET_ENV that touches FP8 products only.
+    dev "dev-fp8-sync-env" fp8
+    run dev-fp8-28-env 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
+        --runs 3 --warmup 1 --precision fp8
+    run schnell-fp8-4-env 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+        --steps 4 --runs 5 --warmup 1 --precision fp8
 elif [[ $part == gemm ]]; then
     # FP8 products (kernels/lt_algo.rs): cuBLASLt's fast accumulation and the per-shape autotune
     # against the heuristic's first choice, alternating; the selfcheck and fp8-error with fast
