@@ -45,7 +45,8 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let whole = memory::estimate(&w, &asked);
     // What the bf16 copies of the FP8 products would add (the products' weights in the dtype).
-    let copies_bytes = (w.transformer.held(0..w.transformer.blocks.len()).products * w.dtype_bytes) as f64;
+    let copies_bytes =
+        (w.transformer.held(0..w.transformer.blocks.len()).products * w.dtype_bytes) as f64;
     let mut rows = Vec::new();
     if !a.json {
         for r in &resolved.reasons {

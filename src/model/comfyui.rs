@@ -70,10 +70,10 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
                 out.extend(
                     sub.flatten()
                         .map(|e| e.path())
-                        .filter(|p| is_safetensors(p)),
+                        .filter(|p| is_weight_file(p)),
                 );
             }
-        } else if is_safetensors(&p) {
+        } else if is_weight_file(&p) {
             out.push(p);
         }
     }
@@ -82,8 +82,10 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A weight file: `.safetensors`, or `.gguf` (ComfyUI-GGUF keeps its quantised files in `unet/`).
-fn is_safetensors(p: &Path) -> bool {
-    p.is_file() && p.extension().is_some_and(|e| e == "safetensors" || e == "gguf")
+fn is_weight_file(p: &Path) -> bool {
+    p.is_file()
+        && p.extension()
+            .is_some_and(|e| e == "safetensors" || e == "gguf")
 }
 
 /// The FLUX transformers in a `models` folder's `diffusion_models/` and `unet/` (files whose
