@@ -171,7 +171,8 @@ fn generate_export_restore_and_delete() {
     wait_for_model(&mut h);
     assert!(
         h.state().uses_gpu_shaders(),
-        "the test renderer gives the app a wgpu device"
+        "the test renderer gives the app a wgpu device that runs the WGSL passes \
+         (Mesa's Vulkan driver, lavapipe: .ci/run installs mesa-vulkan-drivers)"
     );
     h.get_by_label("Generate").click_accesskit();
     h.step();

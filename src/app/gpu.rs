@@ -96,9 +96,28 @@ pub struct GpuResources {
     textures: HashMap<u64, wgpu::TextureView>,
 }
 
-/// Register the passes with the window's renderer; returns false when there is none (glow).
-pub fn install(rs: &egui_wgpu::RenderState) {
+/// Storage buffers the preview pass reads in its fragment stage (the latent and the map).
+const PREVIEW_STORAGE_BUFFERS: u32 = 2;
+
+/// Whether a device with these limits can run both passes. The preview reads its latent and map
+/// from storage buffers in the fragment stage, which OpenGL backends (wgpu's GL, WebGL2-level
+/// limits) may not offer at all: there the studio draws both on the CPU.
+pub fn supported(limits: &wgpu::Limits) -> bool {
+    limits.max_storage_buffers_per_shader_stage >= PREVIEW_STORAGE_BUFFERS
+}
+
+/// Register the passes with the window's renderer; false (nothing registered, the CPU twins
+/// draw) when its device cannot run them ([`supported`]).
+pub fn install(rs: &egui_wgpu::RenderState) -> bool {
     let device = &rs.device;
+    if !supported(&device.limits()) {
+        tracing::info!(
+            backend = ?rs.adapter.get_info().backend,
+            "the window's renderer offers no storage buffers to fragment shaders: \
+             previews and difference heatmaps are drawn on the CPU"
+        );
+        return false;
+    }
     let uniform = |binding| wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::FRAGMENT,
@@ -155,6 +174,7 @@ pub fn install(rs: &egui_wgpu::RenderState) {
         textures: HashMap::new(),
     };
     rs.renderer.write().callback_resources.insert(res);
+    true
 }
 
 /// Draws one latent through the preview map.
@@ -379,5 +399,20 @@ impl egui_wgpu::CallbackTrait for HeatmapCallback {
                 pass.draw(0..3, 0..1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_passes_need_fragment_storage_buffers() {
+        assert!(supported(&wgpu::Limits::default()));
+        assert!(supported(&wgpu::Limits::downlevel_defaults()));
+        // WebGL2-level limits (what a GL backend may report): no storage buffers, CPU twins.
+        let gl = wgpu::Limits::downlevel_webgl2_defaults();
+        assert_eq!(gl.max_storage_buffers_per_shader_stage, 0);
+        assert!(!supported(&gl));
     }
 }

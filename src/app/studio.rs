@@ -212,13 +212,7 @@ impl StudioApp {
             && !opts.fresh_settings
             && !settings.model.trim().eq_ignore_ascii_case("demo"))
         .then(|| settings.model.trim().to_string());
-        let gpu = match &cc.wgpu_render_state {
-            Some(rs) => {
-                gpu::install(rs);
-                true
-            }
-            None => false,
-        };
+        let gpu = cc.wgpu_render_state.as_ref().is_some_and(gpu::install);
         let ctx = cc.egui_ctx.clone();
         let runtime = Runtime::start(RuntimeOptions {
             engine: settings.engine_spec(),
