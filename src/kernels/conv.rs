@@ -450,16 +450,28 @@ mod tests {
             for band in [1, 2, 3, ho] {
                 let mut out = vec![f32::NAN; b * cout * ho * wo];
                 let products = band_products((b, taps, cout), (ho, wo), band);
-                for p in &products {
-                    let col = im2col_cpu(&xs, (b, cin, h, w), k, (stride, pad), p.r0, p.rows, wo);
-                    for c in 0..cout {
-                        for i in 0..p.m {
-                            let s: f32 = (0..taps)
-                                .map(|t| col[p.a_offset + t * p.m + i] * ws[c * taps + t])
-                                .sum();
-                            let at = p.c_offset + c * p.ldc + i;
-                            assert!(out[at].is_nan(), "output {at} written twice");
-                            out[at] = s;
+                // As the CUDA path walks them: one column matrix a band, a product a batch item.
+                for band in bands(&products) {
+                    let Some(first) = band.first() else { continue };
+                    let col = im2col_cpu(
+                        &xs,
+                        (b, cin, h, w),
+                        k,
+                        (stride, pad),
+                        first.r0,
+                        first.rows,
+                        wo,
+                    );
+                    for p in band {
+                        for c in 0..cout {
+                            for i in 0..p.m {
+                                let s: f32 = (0..taps)
+                                    .map(|t| col[p.a_offset + t * p.m + i] * ws[c * taps + t])
+                                    .sum();
+                                let at = p.c_offset + c * p.ldc + i;
+                                assert!(out[at].is_nan(), "output {at} written twice");
+                                out[at] = s;
+                            }
                         }
                     }
                 }

@@ -135,7 +135,7 @@ pub fn e4m3_scale(m: f32) -> f32 {
 /// each value multiplied by the scale's reciprocal and rounded. The bytes are appended to `out`;
 /// returns the scale.
 pub fn encode_group(values: &[f32], out: &mut Vec<u8>) -> f32 {
-    let scale = e4m3_scale(values.iter().fold(0f32, |m, x| m.max(x.abs())));
+    let scale = group_scale(values);
     let inv = 1.0 / scale;
     out.extend(values.iter().map(|x| Fp8::E4M3.encode(x * inv)));
     scale
@@ -143,12 +143,17 @@ pub fn encode_group(values: &[f32], out: &mut Vec<u8>) -> f32 {
 
 /// [`encode_group`] then decoded in place: the values as FP8 leaves them. Returns the scale.
 pub fn round_group(values: &mut [f32]) -> f32 {
-    let scale = e4m3_scale(values.iter().fold(0f32, |m, x| m.max(x.abs())));
+    let scale = group_scale(values);
     let inv = 1.0 / scale;
     for x in values.iter_mut() {
         *x = Fp8::E4M3.round(*x * inv) * scale;
     }
     scale
+}
+
+/// A group's E4M3 scale: [`e4m3_scale`] of its largest magnitude.
+fn group_scale(values: &[f32]) -> f32 {
+    e4m3_scale(values.iter().fold(0f32, |m, x| m.max(x.abs())))
 }
 
 /// `t` rounded to E4M3 with one scale per row of its last axis (the row's largest magnitude maps
