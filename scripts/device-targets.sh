@@ -15,10 +15,11 @@
 # `attention` instead: the FP8 attention scores (`--fp8-attention`) against bf16 attention:
 # per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
 # whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
-# `gemm`: the FP8 products' cuBLASLt switches (PARALLAX_FP8_FAST_ACCUM, PARALLAX_GEMM_AUTOTUNE;
-# src/kernels/lt_algo.rs) and the fused norm + quantisation (PARALLAX_FUSED_FP8_QUANT) against the
-# default, and against the build in .device/before/ (FP8 and bf16), alternating; the selfcheck
-# and fp8-error under fast accumulation; schnell's whole image with both switches.
+# `gemm`: the FP8 products' cuBLASLt switches (PARALLAX_FP8_FAST_ACCUM=0, the f32-promoted
+# accumulation; PARALLAX_GEMM_AUTOTUNE=1; src/kernels/lt_algo.rs) and the fused norm +
+# quantisation (PARALLAX_FUSED_FP8_QUANT) against the default, and against the build in
+# .device/before/ (FP8 and bf16), alternating; the selfcheck and fp8-error with each
+# accumulation; schnell's whole image with the autotune.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
 # `fp8targets`: only the FP8 rows of `targets`. SKIP_SELFCHECK=1 leaves out the selfcheck (a
@@ -110,17 +111,17 @@ elif [[ $part == fp8targets ]]; then
     run schnell-fp8-4-env 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
         --steps 4 --runs 5 --warmup 1 --precision fp8
 elif [[ $part == gemm ]]; then
-    # FP8 products (kernels/lt_algo.rs): cuBLASLt's fast accumulation and the per-shape autotune
-    # against the heuristic's first choice, alternating; the selfcheck and fp8-error with fast
-    # accumulation (is it still within the FP8 products' tolerances, and how much error it adds).
-    PARALLAX_FP8_FAST_ACCUM=1 timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck-fast.log" 2>&1
+    # FP8 products (kernels/lt_algo.rs): the default fast accumulation against the f32-promoted
+    # one, and the per-shape autotune against the heuristic's first choice, alternating; the
+    # selfcheck (default: fast) and fp8-error with each accumulation (how much error fast adds).
+    timeout 150 $b dev selfcheck --device cuda > "$out/selfcheck-fast.log" 2>&1
     echo "selfcheck with fast accumulation rc=$?" | tee -a "$log"
     grep -Ei "fp8|FAIL|passed" "$out/selfcheck-fast.log" | tail -30 | tee -a "$log"
     for round in $(seq 1 ${ROUNDS:-2}); do
         dev "dev-fp8-r$round" fp8
-        dev "dev-fp8-fast-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1
+        dev "dev-fp8-promoted-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=0
         dev "dev-fp8-tuned-r$round" fp8 PARALLAX_GEMM_AUTOTUNE=1 RUST_LOG=parallax=info
-        dev "dev-fp8-fast-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1
+        dev "dev-fp8-promoted-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=0 PARALLAX_GEMM_AUTOTUNE=1
         dev "dev-fp8-fusedq-r$round" fp8 PARALLAX_FUSED_FP8_QUANT=1
         # The single blocks' linear1 halves each quantising the norm's rows again (as before).
         dev "dev-fp8-noshared-r$round" fp8 PARALLAX_NO_FUSED_FP8_QUANT=1
@@ -156,7 +157,7 @@ v['decode_ms']['median'], 'all', v['decode_ms']['all'], 'mean', v.get('image_mea
     done
     run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
         --steps 4 --runs 5 --warmup 1 --precision fp8
-    run schnell-fp8-4-fast-tuned 120 env PARALLAX_FP8_FAST_ACCUM=1 PARALLAX_GEMM_AUTOTUNE=1 $b bench \
+    run schnell-fp8-4-tuned 120 env PARALLAX_GEMM_AUTOTUNE=1 $b bench \
         --device cuda --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 \
         --precision fp8
 else

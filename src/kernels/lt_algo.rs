@@ -2,13 +2,16 @@
 //!
 //! By default a product shape takes cuBLASLt's heuristic first choice, asked once per shape and
 //! device and kept (asking costs host time at every one of a step's ~270 FP8 products
-//! otherwise). Two switches, off by default until a GPU run has measured them (BENCHMARKS.md):
-//! - `PARALLAX_GEMM_AUTOTUNE=1`: the first time a shape runs, the heuristic's first
-//!   [`CANDIDATES`] algorithms are each timed on the GPU (on the call's own buffers,
-//!   [`ROUNDS`] rounds of [`REPEATS`] calls) and the fastest by median is kept for the shape;
-//! - `PARALLAX_FP8_FAST_ACCUM=1`: FP8 products accumulate in the tensor cores' fast mode
-//!   (cuBLASLt's `FAST_ACCUM`: partial sums are not promoted to f32 registers along the inner
-//!   dimension, as torchao's float8 inference products do), faster and slightly less exact.
+//! otherwise), and accumulates in the tensor cores' fast mode. Two switches:
+//! - `PARALLAX_GEMM_AUTOTUNE=1` (off by default: unmeasured): the first time a shape runs, the
+//!   heuristic's first [`CANDIDATES`] algorithms are each timed on the GPU (on the call's own
+//!   buffers, [`ROUNDS`] rounds of [`REPEATS`] calls) and the fastest by median is kept for the
+//!   shape;
+//! - `PARALLAX_FP8_FAST_ACCUM=0` turns fast accumulation off (cuBLASLt's `FAST_ACCUM`: partial
+//!   sums are not promoted to f32 registers along the inner dimension, as torchao's float8
+//!   inference products do). On by default since an H200 run measured it (BENCHMARKS.md, "Issue
+//!   30 in one H200 lease"): a FLUX.1-dev FP8 step 95.2 -> 89.6 ms, the FP8 error on random:dev
+//!   0.0832 -> 0.0835 relative.
 //!
 //! [`report`] lists what was chosen, for `bench`'s JSON.
 
@@ -22,28 +25,35 @@ pub const ROUNDS: usize = 3;
 pub const REPEATS: usize = 4;
 
 /// The switches, read once from the environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Time the heuristic's candidates and keep the fastest (`PARALLAX_GEMM_AUTOTUNE`).
     pub autotune: bool,
-    /// FP8 products in fast accumulation (`PARALLAX_FP8_FAST_ACCUM`).
+    /// FP8 products in fast accumulation (on unless `PARALLAX_FP8_FAST_ACCUM` says off).
     pub fast_accum: bool,
 }
 
+impl Default for Tuning {
+    /// The heuristic's first algorithm, fast accumulation.
+    fn default() -> Self {
+        Self {
+            autotune: false,
+            fast_accum: true,
+        }
+    }
+}
+
 impl Tuning {
-    /// From the two variables' values: on for `1`, `true`, `yes` or `on` (any case), off when
-    /// unset or anything else.
+    /// From the two variables' values: autotuning on for `1`, `true`, `yes` or `on` (any case),
+    /// off when unset or anything else; fast accumulation off for `0`, `false`, `no` or `off`,
+    /// on when unset or anything else.
     pub fn parse(autotune: Option<&str>, fast_accum: Option<&str>) -> Self {
-        let on = |v: Option<&str>| {
-            v.is_some_and(|v| {
-                ["1", "true", "yes", "on"]
-                    .iter()
-                    .any(|w| v.trim().eq_ignore_ascii_case(w))
-            })
+        let is = |v: Option<&str>, words: [&str; 4]| {
+            v.is_some_and(|v| words.iter().any(|w| v.trim().eq_ignore_ascii_case(w)))
         };
         Self {
-            autotune: on(autotune),
-            fast_accum: on(fast_accum),
+            autotune: is(autotune, ["1", "true", "yes", "on"]),
+            fast_accum: !is(fast_accum, ["0", "false", "no", "off"]),
         }
     }
 }
@@ -251,21 +261,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn switches_read_the_usual_words_for_on() {
-        assert_eq!(Tuning::parse(None, None), Tuning::default());
+    fn switches_read_the_usual_words() {
+        let default = Tuning::parse(None, None);
+        assert_eq!(default, Tuning::default());
+        assert!(default.fast_accum && !default.autotune);
         for on in ["1", "true", "YES", " on "] {
             let t = Tuning::parse(Some(on), Some(on));
             assert!(t.autotune && t.fast_accum, "{on:?}");
         }
-        for off in ["0", "false", "", "fast"] {
+        for off in ["0", "false", "No", " OFF "] {
+            let t = Tuning::parse(Some(off), Some(off));
+            assert!(!t.autotune && !t.fast_accum, "{off:?}");
+        }
+        // Anything else leaves each switch at its default.
+        for other in ["", "fast", "2"] {
             assert_eq!(
-                Tuning::parse(Some(off), Some(off)),
+                Tuning::parse(Some(other), Some(other)),
                 Tuning::default(),
-                "{off:?}"
+                "{other:?}"
             );
         }
-        let t = Tuning::parse(None, Some("1"));
-        assert!(t.fast_accum && !t.autotune);
+        let t = Tuning::parse(Some("1"), None);
+        assert!(t.fast_accum && t.autotune);
+        let t = Tuning::parse(None, Some("0"));
+        assert!(!t.fast_accum && !t.autotune);
     }
 
     #[test]
