@@ -14,6 +14,7 @@
 #   SIZES="1024 2048" bash scripts/device-peers.sh   # adds 2048 px (about 6 more minutes)
 #   PEER_ARGS=--schnell bash scripts/device-peers.sh # schnell's config (256 text tokens)
 #   LIMITS="60 150 260"                           # seconds for eager, compile, fp8 (the default)
+#   MODES="fp8"                                   # only these modes, in this order
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out"
@@ -60,7 +61,12 @@ PY
 }
 read -r l_eager l_compile l_fp8 <<< "${LIMITS:-60 150 260}"  # seconds per mode
 for size in ${SIZES:-1024}; do
-    peer "$size" eager "$l_eager"
-    peer "$size" compile "$l_compile"
-    peer "$size" fp8 "$l_fp8"
+    for mode in ${MODES:-eager compile fp8}; do
+        case $mode in
+            eager) peer "$size" eager "$l_eager" ;;
+            compile) peer "$size" compile "$l_compile" ;;
+            fp8) peer "$size" fp8 "$l_fp8" ;;
+            *) echo "unknown mode $mode (eager, compile, fp8)" | tee -a "$log" ;;
+        esac
+    done
 done
