@@ -22,10 +22,10 @@
 # accumulation; schnell's whole image with the autotune.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
-# `fp8targets`: only the FP8 rows of `targets`. SKIP_SELFCHECK=1 leaves out the selfcheck (a
+# `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images. SKIP_SELFCHECK=1 leaves out the selfcheck (a
 # second part in the same call).
 #   [ROUNDS=2] [TARGET_ENV=...] [SKIP_SELFCHECK=1] bash scripts/device-targets.sh \
-#       [targets|fp8targets|attention|gemm]
+#       [targets|fp8targets|wholefp8|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -102,6 +102,13 @@ if [[ $part == targets ]]; then
         run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
             --steps 4 --runs 5 --warmup 1 --precision $prec
     done
+elif [[ $part == wholefp8 ]]; then
+    # Only the two FP8 whole-image targets (the 28-step run's loop gives the step too), for a
+    # lease with little device time left.
+    run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
+        --runs 3 --warmup 1 --precision fp8
+    run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+        --steps 4 --runs 5 --warmup 1 --precision fp8
 elif [[ $part == fp8targets ]]; then
     # Only the FP8 rows of `targets` (a step, 28 steps whole, schnell whole), for a switch in
     # TARGET_ENV that touches FP8 products only.
