@@ -22,8 +22,8 @@
 # accumulation; schnell's whole image with the autotune.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
-# `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images. SKIP_SELFCHECK=1 leaves out the selfcheck (a
-# second part in the same call).
+# `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images.
+# SKIP_SELFCHECK=1 leaves out the selfcheck (a second part in the same call).
 #   [ROUNDS=2] [TARGET_ENV=...] [SKIP_SELFCHECK=1] bash scripts/device-targets.sh \
 #       [targets|fp8targets|wholefp8|attention|gemm]
 set -uo pipefail
