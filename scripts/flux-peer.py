@@ -20,8 +20,12 @@ the torch, diffusers and torchao versions. A mode that fails prints a JSON line 
 torchao's float8 config switches on inductor's coordinate-descent tuning for the whole process, so
 for clean `compile` figures run each mode in its own process (scripts/device-peers.sh does).
 
+With --regional, `compile` and `fp8` compile only the repeated blocks (diffusers'
+compile_repeated_blocks: each double and single block class once, the rest eager), which takes a
+fraction of the whole model's compile time; each line says which (compile_scope).
+
     python flux-peer.py [--size 1024] [--modes eager,compile,fp8] [--repeats 10] [--schnell]
-                        [--compile-mode max-autotune-no-cudagraphs] [--fullgraph]
+                        [--compile-mode max-autotune-no-cudagraphs] [--fullgraph] [--regional]
     python flux-peer.py --device cpu --tiny --modes eager --repeats 2 --size 128   # a CPU check
 """
 
@@ -163,6 +167,7 @@ def run_mode(a, mode, cfg, dtype, versions):
     if mode in ("compile", "fp8"):
         rec["compile_mode"] = a.compile_mode or "default"
         rec["fullgraph"] = a.fullgraph
+        rec["compile_scope"] = "repeated blocks" if a.regional else "whole model"
     m = f = None
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -180,7 +185,10 @@ def run_mode(a, mode, cfg, dtype, versions):
         kw, rec["img_ids_from"] = inputs(cfg, a.size, a.txt, a.schnell, dev, dtype)
         f = m
         if mode in ("compile", "fp8"):
-            f = torch.compile(m, mode=a.compile_mode, fullgraph=a.fullgraph)
+            if a.regional:
+                m.compile_repeated_blocks(mode=a.compile_mode, fullgraph=a.fullgraph)
+            else:
+                f = torch.compile(m, mode=a.compile_mode, fullgraph=a.fullgraph)
             # torchao's config turns this on for the whole process (set_inductor_config=True): a
             # `compile` run after `fp8` in one process inherits it, so each line says.
             rec["inductor_coordinate_descent"] = torch._inductor.config.coordinate_descent_tuning
@@ -222,6 +230,8 @@ def main():
                     help="torch.compile mode (default, reduce-overhead, max-autotune, "
                          "max-autotune-no-cudagraphs)")
     ap.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
+    ap.add_argument("--regional", action="store_true",
+                    help="compile only the repeated blocks (diffusers' compile_repeated_blocks)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny config (for a check on the CPU)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
