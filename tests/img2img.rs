@@ -948,13 +948,7 @@ fn two_worker_processes_inpaint_as_one() {
         "--strength",
         "0.8",
     ];
-    let init = {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        format!("tcp://127.0.0.1:{port}")
-    };
+    let init = common::free_init();
     let multi = dir.path().join("multi.png");
     let unused = dir.path().join("unused.png");
     let spawn = |rank: &str, out: &Path| {
