@@ -89,6 +89,21 @@ dev() { # name, precision, extra env... [-- extra bench arguments...]
     run "$name" 120 env "${envs[@]}" $b bench --device cuda --model random:dev --width 1024 --height 1024 \
         --steps 8 --runs 3 --warmup 1 --precision "$prec" "${args[@]}"
 }
+# dev28 NAME [bench arguments...]: FLUX.1-dev 28 steps FP8, text + steps + decode (a target).
+dev28() {
+    local name=$1
+    shift
+    run "$name" 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
+        --runs 3 --warmup 1 --precision fp8 "$@"
+}
+# schnell4 NAME PRECISION [bench arguments...]: FLUX.1-schnell 4 steps, the whole image (a
+# variable set before the call, as for any command, reaches the bench).
+schnell4() {
+    local name=$1 prec=$2
+    shift 2
+    run "$name" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
+        --steps 4 --runs 5 --warmup 1 --precision "$prec" "$@"
+}
 if [[ $part == targets ]]; then
     for round in $(seq 1 ${ROUNDS:-2}); do
         for prec in native fp8; do
@@ -96,27 +111,21 @@ if [[ $part == targets ]]; then
             dev "dev-$prec-nosync-r$round" $prec PARALLAX_BENCH_NO_STEP_SYNC=1
         done
     done
-    run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
-        --runs 3 --warmup 1 --precision fp8
+    dev28 dev-fp8-28
     for prec in fp8 native; do
-        run "schnell-$prec-4" 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
-            --steps 4 --runs 5 --warmup 1 --precision $prec
+        schnell4 "schnell-$prec-4" $prec
     done
 elif [[ $part == wholefp8 ]]; then
     # Only the two FP8 whole-image targets (the 28-step run's loop gives the step too), for a
     # lease with little device time left.
-    run dev-fp8-28 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
-        --runs 3 --warmup 1 --precision fp8
-    run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
-        --steps 4 --runs 5 --warmup 1 --precision fp8
+    dev28 dev-fp8-28
+    schnell4 schnell-fp8-4 fp8
 elif [[ $part == fp8targets ]]; then
     # Only the FP8 rows of `targets` (a step, 28 steps whole, schnell whole), for a switch in
     # TARGET_ENV that touches FP8 products only.
     dev "dev-fp8-sync-env" fp8
-    run dev-fp8-28-env 150 $b bench --device cuda --model random:dev --width 1024 --height 1024 --steps 28 \
-        --runs 3 --warmup 1 --precision fp8
-    run schnell-fp8-4-env 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
-        --steps 4 --runs 5 --warmup 1 --precision fp8
+    dev28 dev-fp8-28-env
+    schnell4 schnell-fp8-4-env fp8
 elif [[ $part == gemm ]]; then
     # FP8 products (kernels/lt_algo.rs): the default fast accumulation against the f32-promoted
     # one, and the per-shape autotune against the heuristic's first choice, alternating; the
@@ -162,11 +171,8 @@ v['decode_ms']['median'], 'all', v['decode_ms']['all'], 'mean', v.get('image_mea
         vae "copied-r$r" $b PARALLAX_NO_CONV_BANDS_IN_PLACE=1
         [[ -n $before ]] && vae "before-r$r" $before
     done
-    run schnell-fp8-4 120 $b bench --device cuda --model random:schnell --width 1024 --height 1024 \
-        --steps 4 --runs 5 --warmup 1 --precision fp8
-    run schnell-fp8-4-tuned 120 env PARALLAX_GEMM_AUTOTUNE=1 $b bench \
-        --device cuda --model random:schnell --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 \
-        --precision fp8
+    schnell4 schnell-fp8-4 fp8
+    PARALLAX_GEMM_AUTOTUNE=1 schnell4 schnell-fp8-4-tuned fp8
 else
     # FP8 attention scores (--fp8-attention) against bf16 attention, alternating.
     for w in ${PROFILE_WIDTHS:-1024 2048}; do
@@ -183,16 +189,14 @@ else
         fi
     done
     for a in "" --fp8-attention; do
-        run "schnell-fp8-4${a}" 120 $b bench --device cuda --model random:schnell $a \
-            --width 1024 --height 1024 --steps 4 --runs 5 --warmup 1 --precision fp8
+        schnell4 "schnell-fp8-4${a}" fp8 $a
     done
     timeout 60 $b generate --device cuda --model random:dev --fp8-attention --width 1024 \
         --height 1024 --steps 4 --precision fp8 --seed 3 --out "$out/dev-fp8attn.png" >> "$log" 2>&1
     timeout 60 $b generate --device cuda --model random:dev --width 1024 --height 1024 --steps 4 \
         --precision fp8 --seed 3 --out "$out/dev-fp8.png" >> "$log" 2>&1
     echo "generate rc=$?" | tee -a "$log"
-    run dev-fp8-fp8attn-28 150 $b bench --device cuda --model random:dev --fp8-attention \
-        --width 1024 --height 1024 --steps 28 --runs 3 --warmup 1 --precision fp8
+    dev28 dev-fp8-fp8attn-28 --fp8-attention
     dev dev-native native
     dev dev-native-fp8attn native -- --fp8-attention
 fi
