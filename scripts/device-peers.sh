@@ -5,9 +5,10 @@
 # runs (scripts/device-targets.sh): diffusers' FluxTransformer2DModel at FLUX.1-dev's config with
 # random bf16 weights, one denoising step (scripts/flux-peer.py), eager, under torch.compile, and
 # with torchao's float8 dynamic rowwise quantisation + torch.compile. Each mode in its own python
-# process under its own timeout (a compile of the 12B model takes 1-2 minutes; torchao's config
-# also changes inductor's settings process-wide; on an H200 on 2026-12-07 the FP8 mode had not
-# finished in 160 s), about 8 minutes at most for 1024 px.
+# process under its own timeout (torchao's config also changes inductor's settings process-wide).
+# Compile times: the whole bf16 model 1-2 minutes (earlier leases); on an H100 (2026-12-07) the
+# whole FP8 model 375 s to its first step (coordinate-descent tuning), past the default limits;
+# with PEER_ARGS=--regional the FP8 mode's first step came after 139 s, bf16's after 8.5 s.
 # Output: $OUT/peers.jsonl (one JSON line per size and mode, an error line for a mode that died or
 # ran out of time), $OUT/peers.log.
 #   bash scripts/device-peers.sh                 # dev, 1024 px
@@ -16,8 +17,9 @@
 #   LIMITS="60 150 260"                           # seconds for eager, compile, fp8 (the default)
 #   MODES="fp8"                                   # only these modes, in this order
 #   PEER_ARGS=--regional                          # compile the repeated blocks only: a short
-#                                                 # compile (the whole FP8 model's took over 250 s
-#                                                 # on an H100 and 160 s on an H200 on 2026-12-07)
+#                                                 # compile, and on 2026-12-07 the faster FP8 peer
+#                                                 # (103.3 ms a step against 111.3 whole-model)
+#   MODES=fp8 LIMITS="10 10 560"                  # the whole FP8 model's compile, alone in a call
 set -uo pipefail
 out=${OUT:-/tmp/parallax-out}
 mkdir -p "$out"

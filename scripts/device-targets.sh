@@ -22,10 +22,11 @@
 # accumulation; schnell's whole image with the autotune.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
-# `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images.
+# `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images; `steps`:
+# only the dev step in FP8 and bf16, alternating.
 # SKIP_SELFCHECK=1 leaves out the selfcheck (a second part in the same call).
 #   [ROUNDS=2] [TARGET_ENV=...] [SKIP_SELFCHECK=1] bash scripts/device-targets.sh \
-#       [targets|fp8targets|wholefp8|attention|gemm]
+#       [targets|fp8targets|wholefp8|steps|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -126,6 +127,13 @@ elif [[ $part == fp8targets ]]; then
     dev "dev-fp8-sync-env" fp8
     dev28 dev-fp8-28-env
     schnell4 schnell-fp8-4-env fp8
+elif [[ $part == steps ]]; then
+    # Only the two dev steps, FP8 and bf16 alternating ROUNDS times: Parallax's side of a peer
+    # comparison (scripts/device-peers.sh) in the same lease.
+    for round in $(seq 1 ${ROUNDS:-2}); do
+        dev "dev-fp8-r$round" fp8
+        dev "dev-native-r$round" native
+    done
 elif [[ $part == gemm ]]; then
     # FP8 products (kernels/lt_algo.rs): the default fast accumulation against the f32-promoted
     # one, and the per-shape autotune against the heuristic's first choice, alternating; the
