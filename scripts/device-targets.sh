@@ -16,17 +16,17 @@
 # per call (dev profile, 1024 and 2048 px), FLUX.1-dev steps in FP8 and bf16 alternating, the
 # whole-image targets with it, and two 4-step random:dev images (with and without) for the error.
 # `gemm`: the FP8 products' cuBLASLt switches (PARALLAX_FP8_FAST_ACCUM=0, the f32-promoted
-# accumulation; PARALLAX_GEMM_AUTOTUNE=1; src/kernels/lt_algo.rs) and the fused norm +
-# quantisation (PARALLAX_FUSED_FP8_QUANT) against the default, and against the build in
+# accumulation; PARALLAX_GEMM_AUTOTUNE=1; src/kernels/lt_algo.rs) and the norm + quantisation
+# unfused (PARALLAX_FUSED_FP8_QUANT=0) against the default, and against the build in
 # .device/before/ (FP8 and bf16), alternating; the selfcheck and fp8-error with each
 # accumulation; schnell's whole image with the autotune.
 # TARGET_ENV="NAME=V ..." puts those variables in every bench of the call (a switch that paid in
 # `gemm`, timed again in `targets` without a rebuild).
 # `fp8targets`: only the FP8 rows of `targets`; `wholefp8`: only its two whole images; `steps`:
-# only the dev step in FP8 and bf16, alternating.
+# only the dev step in FP8 and bf16, alternating; `ab`: a switch (AB_ENV) against the default.
 # SKIP_SELFCHECK=1 leaves out the selfcheck (a second part in the same call).
 #   [ROUNDS=2] [TARGET_ENV=...] [SKIP_SELFCHECK=1] bash scripts/device-targets.sh \
-#       [targets|fp8targets|wholefp8|steps|attention|gemm]
+#       [targets|fp8targets|wholefp8|steps|ab|attention|gemm]
 set -uo pipefail
 part=${1:-targets}
 out=${OUT:-/tmp/parallax-out}
@@ -134,6 +134,27 @@ elif [[ $part == steps ]]; then
         dev "dev-fp8-r$round" fp8
         dev "dev-native-r$round" native
     done
+elif [[ $part == ab ]]; then
+    # A switch against the default, FP8: AB_ENV="NAME=V ..." in one bench of each pair, the dev
+    # step alternating ROUNDS times (the switch first in odd rounds, last in even ones), then the
+    # two FP8 whole-image targets each way.
+    read -ra abenv <<< "${AB_ENV:?AB_ENV=\"NAME=V ...\" names the switch}"
+    for round in $(seq 1 ${ROUNDS:-2}); do
+        if (( round % 2 )); then
+            dev "dev-fp8-ab-r$round" fp8 "${abenv[@]}"
+            dev "dev-fp8-r$round" fp8
+        else
+            dev "dev-fp8-r$round" fp8
+            dev "dev-fp8-ab-r$round" fp8 "${abenv[@]}"
+        fi
+    done
+    dev28 dev-fp8-28
+    plain=("${tenv[@]}")
+    tenv+=("${abenv[@]}")
+    dev28 dev-fp8-28-ab
+    schnell4 schnell-fp8-4-ab fp8
+    tenv=("${plain[@]}")
+    schnell4 schnell-fp8-4 fp8
 elif [[ $part == gemm ]]; then
     # FP8 products (kernels/lt_algo.rs): the default fast accumulation against the f32-promoted
     # one, and the per-shape autotune against the heuristic's first choice, alternating; the
@@ -146,7 +167,7 @@ elif [[ $part == gemm ]]; then
         dev "dev-fp8-promoted-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=0
         dev "dev-fp8-tuned-r$round" fp8 PARALLAX_GEMM_AUTOTUNE=1 RUST_LOG=parallax=info
         dev "dev-fp8-promoted-tuned-r$round" fp8 PARALLAX_FP8_FAST_ACCUM=0 PARALLAX_GEMM_AUTOTUNE=1
-        dev "dev-fp8-fusedq-r$round" fp8 PARALLAX_FUSED_FP8_QUANT=1
+        dev "dev-fp8-unfusedq-r$round" fp8 PARALLAX_FUSED_FP8_QUANT=0
         # The single blocks' linear1 halves each quantising the norm's rows again (as before).
         dev "dev-fp8-noshared-r$round" fp8 PARALLAX_NO_FUSED_FP8_QUANT=1
         if [[ -n $before ]]; then

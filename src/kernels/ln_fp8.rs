@@ -14,16 +14,17 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::fp8::Fp8;
 
-/// Whether the fused norm + quantisation may be used. Opt-in (`PARALLAX_FUSED_FP8_QUANT=1`): on
-/// an H100 (2026-12-06) its rows equal the two-kernel path's exactly, but FLUX.1-dev's FP8 step
-/// took 102.5-102.6 ms with it against 102.4-102.5 without (BENCHMARKS.md), no gain (each value
-/// then cost a true division; now a product with the scale's reciprocal, not yet timed): otherwise
-/// the norm writes bf16 rows and each FP8 product quantises them itself, as measured before.
-/// `PARALLAX_NO_FUSED_FP8_QUANT` keeps it off either way, and also turns off [`shared_rows`].
+/// Whether the fused norm + quantisation may be used: on by default since 2026-12-07, when on an
+/// H100 FLUX.1-dev's FP8 step took 90.7-91.2 ms with it against 91.8-92.1 without in four
+/// alternating rounds (and 91.1/90.9 against 92.5/92.0 in two more; BENCHMARKS.md), its rows
+/// equal to the two-kernel path's (`parallax dev selfcheck`). An earlier version, which divided
+/// each value by the scale where this multiplies by its reciprocal, had measured no gain.
+/// `PARALLAX_FUSED_FP8_QUANT=0` turns it off (the norm writes bf16 rows and the FP8 products
+/// quantise them); `PARALLAX_NO_FUSED_FP8_QUANT` also turns off [`shared_rows`].
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        std::env::var_os("PARALLAX_FUSED_FP8_QUANT").is_some_and(|v| v == "1")
+        std::env::var_os("PARALLAX_FUSED_FP8_QUANT").is_none_or(|v| v != "0")
             && std::env::var_os("PARALLAX_NO_FUSED_FP8_QUANT").is_none()
     })
 }

@@ -3,10 +3,11 @@
 //! By default a product shape takes cuBLASLt's heuristic first choice, asked once per shape and
 //! device and kept (asking costs host time at every one of a step's ~270 FP8 products
 //! otherwise), and accumulates in the tensor cores' fast mode. Two switches:
-//! - `PARALLAX_GEMM_AUTOTUNE=1` (off by default: unmeasured): the first time a shape runs, the
-//!   heuristic's first [`CANDIDATES`] algorithms are each timed on the GPU (on the call's own
-//!   buffers, [`ROUNDS`] rounds of [`REPEATS`] calls) and the fastest by median is kept for the
-//!   shape;
+//! - `PARALLAX_GEMM_AUTOTUNE=1` (off by default): the first time a shape runs, the heuristic's
+//!   first [`CANDIDATES`] algorithms are each timed on the GPU (on the call's own buffers,
+//!   [`ROUNDS`] rounds of [`REPEATS`] calls) and the fastest by median is kept for the shape. On
+//!   an H100 (2026-12-07) cuBLASLt offered one algorithm for each of FLUX.1's FP8 shapes, so it
+//!   had nothing to choose among (the step 92.6/92.1 ms with it, 92.5/92.0 without);
 //! - `PARALLAX_FP8_FAST_ACCUM=0` turns fast accumulation off (cuBLASLt's `FAST_ACCUM`: partial
 //!   sums are not promoted to f32 registers along the inner dimension, as torchao's float8
 //!   inference products do). On by default since an H200 run measured it (BENCHMARKS.md, "Issue
