@@ -82,7 +82,7 @@ flux)
         for prec in native fp8; do
             bench "dev-before-$prec-r$round" /tmp/pbin/before --precision $prec
             bench "dev-after-$prec-r$round" $b --precision $prec
-            [[ $prec == fp8 ]] && PARALLAX_FUSED_FP8_QUANT=1 bench "dev-after-fp8-fused-quant-r$round" $b --precision fp8
+            [[ $prec == fp8 ]] && PARALLAX_FUSED_FP8_QUANT=0 bench "dev-after-fp8-unfused-quant-r$round" $b --precision fp8
         done
     done
     PARALLAX_FP8_KEEP_BF16=1 bench dev-after-fp8-keep-bf16 $b --precision fp8
