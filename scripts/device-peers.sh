@@ -64,14 +64,14 @@ with open(path, "a") as f:
               "first_call_s", v.get("first_call_s"), "error", v.get("error"))
 PY
 }
-read -r l_eager l_compile l_fp8 <<< "${LIMITS:-60 150 260}"  # seconds per mode
+declare -A limit # seconds per mode
+read -r 'limit[eager]' 'limit[compile]' 'limit[fp8]' <<< "${LIMITS:-60 150 260}"
 for size in ${SIZES:-1024}; do
     for mode in ${MODES:-eager compile fp8}; do
-        case $mode in
-            eager) peer "$size" eager "$l_eager" ;;
-            compile) peer "$size" compile "$l_compile" ;;
-            fp8) peer "$size" fp8 "$l_fp8" ;;
-            *) echo "unknown mode $mode (eager, compile, fp8)" | tee -a "$log" ;;
-        esac
+        if [[ -n ${limit[$mode]:-} ]]; then
+            peer "$size" "$mode" "${limit[$mode]}"
+        else
+            echo "unknown mode $mode (eager, compile, fp8)" | tee -a "$log"
+        fi
     done
 done

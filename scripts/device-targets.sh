@@ -149,11 +149,11 @@ elif [[ $part == ab ]]; then
         fi
     done
     dev28 dev-fp8-28
-    plain=("${tenv[@]}")
-    tenv+=("${abenv[@]}")
-    dev28 dev-fp8-28-ab
-    schnell4 schnell-fp8-4-ab fp8
-    tenv=("${plain[@]}")
+    (
+        tenv+=("${abenv[@]}") # every bench of this subshell, as TARGET_ENV's are
+        dev28 dev-fp8-28-ab
+        schnell4 schnell-fp8-4-ab fp8
+    )
     schnell4 schnell-fp8-4 fp8
 elif [[ $part == gemm ]]; then
     # FP8 products (kernels/lt_algo.rs): the default fast accumulation against the f32-promoted

@@ -16,10 +16,10 @@ use crate::kernels::fp8::Fp8;
 
 /// Whether the fused norm + quantisation may be used: on by default since 2026-12-07, when on an
 /// H100 FLUX.1-dev's FP8 step took 90.7-91.2 ms with it against 91.8-92.1 without in four
-/// alternating rounds (91.1/90.9 against 92.5/92.0 in two more; the build with it as the
-/// default 89.8/90.0 against 91.3/91.6 off; BENCHMARKS.md), its rows
-/// equal to the two-kernel path's (`parallax dev selfcheck`). An earlier version, which divided
-/// each value by the scale where this multiplies by its reciprocal, had measured no gain.
+/// alternating rounds (91.1/90.9 against 92.5/92.0 in two more; the build with it as the default
+/// 89.8/90.0 against 91.3/91.6 off; BENCHMARKS.md), its rows equal to the two-kernel path's
+/// (`parallax dev selfcheck`). An earlier version, which divided each value by the scale where
+/// this multiplies by its reciprocal, had measured no gain.
 /// `PARALLAX_FUSED_FP8_QUANT=0` turns it off (the norm writes bf16 rows and the FP8 products
 /// quantise them); `PARALLAX_NO_FUSED_FP8_QUANT` also turns off [`shared_rows`].
 pub fn enabled() -> bool {
